@@ -1,0 +1,79 @@
+"""The embedded default run and the full config schema: a small CNN on scikit-learn's digits.
+
+The data ships inside scikit-learn (no download, ever). Every key is commented; other configs start
+from ``default.get_config()`` and change what differs.
+
+Command:
+  python -m imgcls_jax.main --config=configs/default.py --workdir=/tmp/imgcls_digits
+Expected: about 99% top-1 on the 450-image held-out test split (sklearn's SVC(gamma=0.001): 99.1%),
+in well under 120 s on 2 CPU cores, start-up included.
+"""
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0                              # seeds init, data order, augmentation and dropout
+
+  # ---- data (imgcls_jax/data) ----
+  c.data = ml_collections.ConfigDict()
+  c.data.name = 'sklearn_digits'          # any tfds image-classification dataset name
+  c.data.data_dir = config_dict.placeholder(str)    # tfds data_dir (None: tfds default)
+  c.data.manual_dir = config_dict.placeholder(str)  # manually downloaded files (e.g. imagenet2012)
+  c.data.train_split = 'train'            # tfds split spec, e.g. 'train[:90%]'
+  c.data.eval_split = 'test'              # evaluated exactly once per evaluation
+  # Preprocessing ops joined by '|' (imgcls_jax/data/ops.py); images stay uint8 until the device.
+  c.data.train_preprocess = 'pad_crop(pad=1)'     # never flip digits: it changes their meaning
+  c.data.eval_preprocess = ''             # e.g. 'center_crop(size=224)' for large images
+  c.data.mean = (0.5,)                    # per-channel mean / std in [0, 1] units, applied on device
+  c.data.std = (0.5,)
+  c.data.cache = True                     # cache decoded examples in memory (small datasets)
+  c.data.shuffle_buffer = 50_000          # examples; the whole split when smaller
+  c.data.prefetch = 4                     # host-side batches prepared ahead
+
+  # ---- model (imgcls_jax/models: every key but 'name' goes to the constructor) ----
+  c.model = ml_collections.ConfigDict()
+  c.model.name = 'cnn'                    # see imgcls_jax.models.names()
+  c.model.widths = (32, 64, 128)          # channels per stage
+  c.model.convs_per_stage = 2
+  c.model.dropout = 0.0                   # before the linear head
+
+  c.dtype = 'float32'                     # compute dtype: 'float32' or 'bfloat16' (params stay f32)
+
+  # ---- optimisation (imgcls_jax/optim.py) ----
+  c.batch_size = 128                      # global, over all devices and processes
+  c.eval_batch_size = 500                 # global; the last batch is padded and masked
+  c.num_epochs = 40.0                     # training length in epochs ...
+  c.num_train_steps = -1                  # ... or in steps (> 0 overrides num_epochs)
+  c.label_smoothing = 0.0
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = 'sgd'                    # 'sgd' or 'adamw'
+  c.optim.learning_rate = 0.1             # peak learning rate ...
+  c.optim.lr_batch_reference = 0          # ... times batch_size / this, when > 0 (e.g. 256)
+  c.optim.schedule = 'cosine'             # 'cosine', 'linear' or 'constant' after warmup
+  c.optim.warmup_epochs = 2.0             # linear warmup from 0 ...
+  c.optim.warmup_steps = -1               # ... or in steps (> 0 overrides warmup_epochs)
+  c.optim.end_lr_factor = 0.0             # final learning rate as a fraction of the peak
+  c.optim.momentum = 0.9                  # sgd
+  c.optim.nesterov = True                 # sgd
+  c.optim.b1 = 0.9                        # adamw
+  c.optim.b2 = 0.999                      # adamw
+  c.optim.eps = 1e-8                      # adamw
+  c.optim.weight_decay = 5e-4             # on kernels only (not biases or norm parameters)
+  c.optim.grad_clip_norm = 0.0            # global-norm clipping when > 0
+
+  # ---- loop, logging, checkpoints (imgcls_jax/train.py) ----
+  c.log_every_steps = 50                  # train metrics to metrics.jsonl / TensorBoard
+  c.eval_every_epochs = 10.0              # evaluation period in epochs ...
+  c.eval_every_steps = -1                 # ... or in steps (> 0 overrides); always at the end
+  c.checkpoint_every_epochs = 10.0        # checkpoint period in epochs ...
+  c.checkpoint_every_steps = -1           # ... or in steps (> 0 overrides); always at the end
+  c.keep_checkpoints = 3                  # newest checkpoints kept
+  c.progress_bar = True                   # tqdm bar with img/s and ETA (process 0, a terminal)
+  c.tensorboard = True                    # TensorBoard event files in <workdir>/tensorboard
+
+  # ---- devices (imgcls_jax/sharding.py) ----
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.num_devices = 0                  # devices in the data-parallel mesh; 0 = all
+  return c

@@ -1,0 +1,114 @@
+"""Command line: ``python -m imgcls_jax.main --config=configs/default.py --workdir=DIR``.
+
+Override any config key with ``--config.key=value`` (e.g. ``--config.optim.learning_rate=0.05``).
+Mistakes a user can fix end in one line naming the problem and the fix (exit status 2).
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import sys
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before anything imports TensorFlow
+
+from absl import flags
+from ml_collections import config_flags
+
+MODES = ('train',)
+
+FLAGS = flags.FlagValues()
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py), '
+                                          'optionally followed by :ARG.', flag_values=FLAGS,
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, metrics, summaries.',
+                               flag_values=FLAGS)
+_MODE = flags.DEFINE_enum('mode', 'train', MODES, 'What to do.', flag_values=FLAGS)
+
+
+class _CliError(Exception):
+  pass
+
+
+def _load_config_file(path: str):
+  spec = importlib.util.spec_from_file_location('_imgcls_config', path.split(':')[0])
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def _explain_override_error(argv: list[str], err: Exception) -> str:
+  """Names the --config.X flag that does not exist in the config, if that is the problem."""
+  config_path = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+  if config_path:
+    try:
+      config = _load_config_file(config_path)
+    except Exception:  # reported by the caller as a config-file problem
+      config = None
+    for arg in argv:
+      if not arg.startswith('--config.'):
+        continue
+      key = arg[len('--config.'):].split('=', 1)[0]
+      node, parts = config, key.split('.')
+      for i, part in enumerate(parts):
+        if node is None or not hasattr(node, 'keys'):
+          break
+        if part not in node:
+          parent = '.'.join(parts[:i]) or '(top level)'
+          valid = ', '.join(sorted(node.keys()))
+          return (f"Unknown config key '{key}' (from {arg}); valid keys under {parent}: {valid}. "
+                  'See configs/default.py for the documented schema.')
+        node = node[part]
+  return f'Bad command-line flag: {err}'
+
+
+def parse(argv: list[str]):
+  """Parses flags; returns (config, workdir, mode) or raises _CliError with one clear line."""
+  try:
+    FLAGS(argv)
+  except flags.Error as e:
+    msg = str(e).splitlines()[0]
+    if 'could not convert' in msg or 'Could not parse' in msg or 'flag --config.' in msg:
+      raise _CliError(f'Bad config value: {msg}.') from None
+    raise _CliError(f'{msg} (see --helpfull).') from None
+  except (AttributeError, KeyError) as e:
+    raise _CliError(_explain_override_error(argv, e)) from None
+  if FLAGS['config'].value is None or not FLAGS['config'].present:
+    raise _CliError('Missing --config: pass a config file, e.g. --config=configs/default.py.')
+  config = FLAGS['config'].value
+  try:
+    config.keys()
+  except Exception as e:  # config_flags defers errors loading the file until first use
+    raise _CliError(f'Cannot load the config file given to --config ({type(e).__name__}: {e}); '
+                    'check the path and that it defines get_config().') from None
+  if not _WORKDIR.value:
+    raise _CliError('Missing --workdir: pass a directory for checkpoints and logs, e.g. '
+                    '--workdir=/tmp/run1.')
+  return config, _WORKDIR.value, _MODE.value
+
+
+def _configure_logging() -> None:
+  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s',
+                      datefmt='%H:%M:%S', force=True)
+  for noisy in ('absl', 'jax._src', 'orbax', 'tensorflow', 'tensorflow_datasets', 'etils'):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run(argv: list[str] | None = None) -> int:
+  """Entry point; returns the process exit status."""
+  argv = list(sys.argv if argv is None else argv)
+  _configure_logging()
+  from imgcls_jax.errors import UserError
+  try:
+    config, workdir, mode = parse(argv)
+    if mode == 'train':
+      from imgcls_jax import train
+      train.train_and_evaluate(config, workdir)
+  except (_CliError, UserError) as e:
+    print(f'error: {e}', file=sys.stderr, flush=True)
+    return 2
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(run())

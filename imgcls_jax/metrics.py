@@ -1,0 +1,74 @@
+"""Metric accumulation, ``metrics.jsonl`` and TensorBoard summaries (written by process 0 only)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Mapping
+
+import numpy as np
+
+
+def summarize_eval(sums: Mapping[str, float]) -> dict[str, float]:
+  """Masked eval sums -> mean loss, top-1 / top-5 accuracy and the example count."""
+  n = float(sums['count'])
+  if n == 0:
+    return {'loss': float('nan'), 'accuracy': float('nan'), 'accuracy_top5': float('nan'),
+            'count': 0}
+  return {'loss': float(sums['loss']) / n, 'accuracy': float(sums['correct']) / n,
+          'accuracy_top5': float(sums['correct_top5']) / n, 'count': int(n)}
+
+
+def mean_train(history: list[Mapping[str, Any]]) -> dict[str, float]:
+  """Means of per-step train metrics fetched from the device."""
+  keys = history[0].keys()
+  return {k: float(np.mean([float(h[k]) for h in history])) for k in keys}
+
+
+def all_finite(values: Mapping[str, float]) -> bool:
+  return all(math.isfinite(float(v)) for v in values.values())
+
+
+class MetricWriter:
+  """Appends ``{"step": s, "split": ..., **metrics}`` lines to ``metrics.jsonl`` and TensorBoard."""
+
+  def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self._tb = None
+    if enabled:
+      os.makedirs(workdir, exist_ok=True)
+      if tensorboard:
+        from tensorboardX import SummaryWriter
+        self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+
+  def write(self, step: int, split: str, values: Mapping[str, float]) -> None:
+    if not self.enabled:
+      return
+    record = {'step': int(step), 'split': split}
+    record.update({k: (float(v) if isinstance(v, (float, np.floating)) else v)
+                   for k, v in values.items()})
+    with open(self.path, 'a') as f:
+      f.write(json.dumps(record) + '\n')
+    if self._tb is not None:
+      for k, v in values.items():
+        if isinstance(v, (int, float, np.number)):
+          self._tb.add_scalar(f'{split}/{k}', float(v), int(step))
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+  """The records of a ``metrics.jsonl`` (a run still writing it is fine)."""
+  records = []
+  with open(path) as f:
+    for line in f:
+      line = line.strip()
+      if line:
+        try:
+          records.append(json.loads(line))
+        except json.JSONDecodeError:
+          pass  # a line being written right now
+  return records

@@ -1,0 +1,112 @@
+"""ResNet v1.5 (torchvision layout): stride on the 3x3 conv, last BN of each block zero-initialised.
+
+Attribute names follow torchvision (conv1, bn1, layer1..layer4, downsample, fc) so that weights
+published in that layout map one to one. ``small_inputs=True`` swaps the 7x7/2 stem and max-pool for
+a 3x3/1 stem, for 8-32 px images.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from imgcls_jax.models import layers
+
+
+class Downsample(nnx.Module):
+  """Projection shortcut: 1x1 conv (strided) + BN."""
+
+  def __init__(self, in_ch: int, out_ch: int, stride: int, *, dtype: Any, rngs: nnx.Rngs):
+    self.conv = layers.conv(in_ch, out_ch, 1, stride=stride, dtype=dtype, rngs=rngs)
+    self.bn = layers.batch_norm(out_ch, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    return self.bn(self.conv(x), use_running_average=not train)
+
+
+class BasicBlock(nnx.Module):
+  """Two 3x3 convs (ResNet-18/34)."""
+  expansion = 1
+
+  def __init__(self, in_ch: int, width: int, stride: int, *, dtype: Any, rngs: nnx.Rngs):
+    out_ch = width * self.expansion
+    self.conv1 = layers.conv(in_ch, width, 3, stride=stride, dtype=dtype, rngs=rngs)
+    self.bn1 = layers.batch_norm(width, dtype=dtype, rngs=rngs)
+    self.conv2 = layers.conv(width, out_ch, 3, dtype=dtype, rngs=rngs)
+    self.bn2 = layers.batch_norm(out_ch, dtype=dtype, rngs=rngs, zero_scale=True)
+    self.downsample = (Downsample(in_ch, out_ch, stride, dtype=dtype, rngs=rngs)
+                       if stride != 1 or in_ch != out_ch else None)
+
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    ura = not train
+    y = nnx.relu(self.bn1(self.conv1(x), use_running_average=ura))
+    y = self.bn2(self.conv2(y), use_running_average=ura)
+    shortcut = x if self.downsample is None else self.downsample(x, train)
+    return nnx.relu(y + shortcut)
+
+
+class Bottleneck(nnx.Module):
+  """1x1 reduce, 3x3 (strided: v1.5), 1x1 expand x4 (ResNet-50 and deeper)."""
+  expansion = 4
+
+  def __init__(self, in_ch: int, width: int, stride: int, *, dtype: Any, rngs: nnx.Rngs):
+    out_ch = width * self.expansion
+    self.conv1 = layers.conv(in_ch, width, 1, dtype=dtype, rngs=rngs)
+    self.bn1 = layers.batch_norm(width, dtype=dtype, rngs=rngs)
+    self.conv2 = layers.conv(width, width, 3, stride=stride, dtype=dtype, rngs=rngs)
+    self.bn2 = layers.batch_norm(width, dtype=dtype, rngs=rngs)
+    self.conv3 = layers.conv(width, out_ch, 1, dtype=dtype, rngs=rngs)
+    self.bn3 = layers.batch_norm(out_ch, dtype=dtype, rngs=rngs, zero_scale=True)
+    self.downsample = (Downsample(in_ch, out_ch, stride, dtype=dtype, rngs=rngs)
+                       if stride != 1 or in_ch != out_ch else None)
+
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    ura = not train
+    y = nnx.relu(self.bn1(self.conv1(x), use_running_average=ura))
+    y = nnx.relu(self.bn2(self.conv2(y), use_running_average=ura))
+    y = self.bn3(self.conv3(y), use_running_average=ura)
+    shortcut = x if self.downsample is None else self.downsample(x, train)
+    return nnx.relu(y + shortcut)
+
+
+_BLOCKS = {'basic': BasicBlock, 'bottleneck': Bottleneck}
+
+
+class ResNet(nnx.Module):
+  """ResNet v1.5 with ``stage_sizes`` blocks per stage at widths ``width * 2**i``."""
+
+  def __init__(self, *, num_classes: int, in_channels: int, rngs: nnx.Rngs,
+               stage_sizes: Sequence[int], block: str, width: int = 64,
+               small_inputs: bool = False, dtype: Any = 'float32'):
+    dtype = layers.as_dtype(dtype)
+    block_cls = _BLOCKS[block]
+    self.small_inputs = small_inputs
+    stem_kernel, stem_stride = (3, 1) if small_inputs else (7, 2)
+    self.conv1 = layers.conv(in_channels, width, stem_kernel, stride=stem_stride, dtype=dtype,
+                             rngs=rngs)
+    self.bn1 = layers.batch_norm(width, dtype=dtype, rngs=rngs)
+    ch = width
+    for i, n in enumerate(stage_sizes):
+      blocks = []
+      for j in range(n):
+        stride = 2 if (i > 0 and j == 0) else 1
+        blocks.append(block_cls(ch, width * 2**i, stride, dtype=dtype, rngs=rngs))
+        ch = width * 2**i * block_cls.expansion
+      setattr(self, f'layer{i + 1}', nnx.List(blocks))
+    self.num_stages = len(stage_sizes)
+    self.fc = layers.dense(ch, num_classes, dtype=dtype, rngs=rngs)
+
+  def features(self, x_BxHxWxC: jax.Array, *, train: bool = False) -> jax.Array:
+    """Pooled penultimate features ``feat_BxD``."""
+    x = nnx.relu(self.bn1(self.conv1(x_BxHxWxC), use_running_average=not train))
+    if not self.small_inputs:
+      x = layers.max_pool_3x3_s2(x)
+    for i in range(self.num_stages):
+      for blk in getattr(self, f'layer{i + 1}'):
+        x = blk(x, train)
+    return layers.global_avg_pool(x)
+
+  def __call__(self, x_BxHxWxC: jax.Array, *, train: bool = False) -> jax.Array:
+    return self.fc(self.features(x_BxHxWxC, train=train)).astype(jnp.float32)

@@ -1,0 +1,102 @@
+"""The train state pytree, created directly with its shardings.
+
+The NNX model is split once into a static ``graphdef`` and pure-dict pytrees of parameters and
+batch statistics; steps are pure functions of those (no graph traversal per step). The state is
+built by ``jax.jit(init, out_shardings=...)`` so no full copy ever lands on one device first.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from imgcls_jax import sharding
+
+ModelFn = Callable[[nnx.Rngs], nnx.Module]
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """Everything that changes during training (and is checkpointed)."""
+  step: jax.Array          # int32 scalar: optimizer steps taken
+  params: Any              # pure dict of nnx.Param values
+  batch_stats: Any         # pure dict of nnx.BatchStat values (BN running mean/var)
+  opt_state: Any           # optax state
+  rng: jax.Array           # uint32[2] raw key; per-step keys are fold_in(rng, step)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDef:
+  """The static half of a split model: its graph and the shapes of its RNG state."""
+  graphdef: Any
+  rng_template: Any        # pure dict of ShapeDtypeStruct for dropout RNG streams (often empty)
+
+  def merge(self, params: Any, batch_stats: Any, key: jax.Array | None = None) -> nnx.Module:
+    """A live model from state; ``key`` seeds its dropout streams (fixed key when None)."""
+    key = jax.random.key(0) if key is None else key
+    leaves, treedef = jax.tree.flatten(self.rng_template)
+    fresh = [jax.random.fold_in(key, i) if jnp.issubdtype(s.dtype, jax.dtypes.prng_key)
+             else jnp.zeros(s.shape, s.dtype) for i, s in enumerate(leaves)]
+    return nnx.merge(self.graphdef, params, batch_stats, jax.tree.unflatten(treedef, fresh))
+
+  def __hash__(self) -> int:
+    return hash(self.graphdef)
+
+  def __eq__(self, other: object) -> bool:
+    return isinstance(other, ModelDef) and self.graphdef == other.graphdef
+
+
+def _split(model: nnx.Module) -> tuple[Any, Any, Any, Any]:
+  graphdef, params, batch_stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+  return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats), rest
+
+
+def model_def(model_fn: ModelFn) -> ModelDef:
+  """Splits an abstract (shape-only) instance of the model; allocates nothing."""
+  abstract = nnx.eval_shape(lambda: model_fn(rngs=nnx.Rngs(0)))
+  graphdef, _, _, rest = _split(abstract)
+  template = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype),
+                          nnx.to_pure_dict(rest))
+  return ModelDef(graphdef=graphdef, rng_template=template)
+
+
+def init_fn(model_fn: ModelFn, tx: optax.GradientTransformation,
+            seed: int) -> Callable[[], TrainState]:
+  """A pure function building the initial state from ``seed``."""
+  def init() -> TrainState:
+    key = jax.random.key(seed)
+    model = model_fn(rngs=nnx.Rngs(params=jax.random.fold_in(key, 0),
+                              dropout=jax.random.fold_in(key, 1)))
+    _, params, batch_stats, _ = _split(model)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                      opt_state=tx.init(params),
+                      rng=jax.random.key_data(jax.random.fold_in(key, 2)))
+  return init
+
+
+def create(model_fn: ModelFn, tx: optax.GradientTransformation, seed: int,
+           mesh: Mesh) -> tuple[TrainState, Any]:
+  """(initial state placed with its shardings, the shardings pytree)."""
+  init = init_fn(model_fn, tx, seed)
+  abstract = jax.eval_shape(init)
+  shardings = sharding.state_shardings(abstract, mesh)
+  return jax.jit(init, out_shardings=shardings)(), shardings
+
+
+def abstract_state(model_fn: ModelFn, tx: optax.GradientTransformation, seed: int,
+                   mesh: Mesh) -> tuple[TrainState, Any]:
+  """(ShapeDtypeStruct state carrying shardings, the shardings): a restore target."""
+  abstract = jax.eval_shape(init_fn(model_fn, tx, seed))
+  shardings = sharding.state_shardings(abstract, mesh)
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, shardings)
+  return target, shardings
+
+
+def param_count(params: Any) -> int:
+  return int(sum(x.size for x in jax.tree.leaves(params)))

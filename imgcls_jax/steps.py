@@ -1,0 +1,99 @@
+"""Pure train / eval / predict steps and the loss. No I/O, no globals, no device logic.
+
+``train.py`` binds the static arguments with ``functools.partial`` and jits these with explicit
+shardings and a donated state.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from imgcls_jax.state import ModelDef, TrainState
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  """The numbers a step needs (all from the config; hashable so jit treats them as static)."""
+  num_classes: int
+  label_smoothing: float = 0.0
+  mean: tuple[float, ...] = (0.5,)          # per channel, in [0, 1] units
+  std: tuple[float, ...] = (0.5,)
+  compute_dtype: str = 'float32'
+
+
+def normalize(images_BxHxWxC: jax.Array, cfg: StepConfig) -> jax.Array:
+  """uint8 images -> ``(x / 255 - mean) / std`` in the compute dtype (done on the device)."""
+  x = images_BxHxWxC.astype(jnp.float32) / 255.0
+  x = (x - jnp.asarray(cfg.mean, jnp.float32)) / jnp.asarray(cfg.std, jnp.float32)
+  return x.astype(cfg.compute_dtype)
+
+
+def targets(labels_B: jax.Array, cfg: StepConfig) -> jax.Array:
+  """Smoothed one-hot targets ``targets_BxK``."""
+  onehot = jax.nn.one_hot(labels_B, cfg.num_classes, dtype=jnp.float32)
+  return optax.smooth_labels(onehot, cfg.label_smoothing) if cfg.label_smoothing else onehot
+
+
+def cross_entropy(logits_BxK: jax.Array, targets_BxK: jax.Array) -> jax.Array:
+  """Per-example softmax cross-entropy ``loss_B`` in f32."""
+  return optax.softmax_cross_entropy(logits_BxK.astype(jnp.float32), targets_BxK)
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, model_def: ModelDef,
+               tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
+               cfg: StepConfig) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step on a global batch; BN statistics are taken over the whole global batch."""
+  x = normalize(batch['image'], cfg)
+  y = targets(batch['label'], cfg)
+  key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+  def loss_fn(params):
+    model = model_def.merge(params, state.batch_stats, key)
+    logits = model(x, train=True)
+    new_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+    return cross_entropy(logits, y).mean(), (logits, new_stats)
+
+  (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {
+      'loss': loss,
+      'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
+      'learning_rate': lr_schedule(state.step),
+      'grad_norm': optax.global_norm(grads),
+  }
+  new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
+                            opt_state=opt_state)
+  return new_state, metrics
+
+
+def logits_fn(state: TrainState, images: jax.Array, *, model_def: ModelDef,
+              cfg: StepConfig) -> jax.Array:
+  """Inference logits ``logits_BxK`` (running BN statistics, no dropout)."""
+  model = model_def.merge(state.params, state.batch_stats)
+  return model(normalize(images, cfg), train=False)
+
+
+def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model_def: ModelDef,
+              cfg: StepConfig) -> dict[str, jax.Array]:
+  """Masked sums over a padded batch: loss, top-1 and top-5 correct, example count."""
+  logits = logits_fn(state, batch['image'], model_def=model_def, cfg=cfg)
+  labels, mask = batch['label'], batch['mask'].astype(jnp.float32)
+  loss = cross_entropy(logits, jax.nn.one_hot(labels, cfg.num_classes))
+  top1 = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+  k = min(5, cfg.num_classes)
+  topk = jnp.any(jax.lax.top_k(logits, k)[1] == labels[:, None], axis=-1).astype(jnp.float32)
+  return {'loss': jnp.sum(loss * mask), 'correct': jnp.sum(top1 * mask),
+          'correct_top5': jnp.sum(topk * mask), 'count': jnp.sum(mask)}
+
+
+def predict_step(state: TrainState, batch: dict[str, jax.Array], *, model_def: ModelDef,
+                 cfg: StepConfig) -> dict[str, Any]:
+  """Per-example class probabilities ``probs_BxK`` (for reports and prediction)."""
+  logits = logits_fn(state, batch['image'], model_def=model_def, cfg=cfg)
+  return {'probs': jax.nn.softmax(logits, -1), 'logits': logits}
