@@ -43,7 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---- optimisation (imgcls_jax/optim.py) ----
   c.batch_size = 128                      # global, over all devices and processes
-  c.eval_batch_size = 500                 # global; the last batch is padded and masked
+  c.eval_batch_size = 512                 # global; the last batch is padded and masked
   c.num_epochs = 40.0                     # training length in epochs ...
   c.num_train_steps = -1                  # ... or in steps (> 0 overrides num_epochs)
   c.label_smoothing = 0.0

@@ -5,17 +5,23 @@ Mistakes a user can fix end in one line naming the problem and the fix (exit sta
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
 import os
 import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before anything imports TensorFlow
+os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')  # quieter, and deterministic TF CPU kernels
 
 from absl import flags
 from ml_collections import config_flags
 
-MODES = ('train',)
+# --mode name -> (module, function); each function is called as fn(config, workdir).
+# Mode-specific options are config keys (e.g. config.evaluate.*), documented in configs/default.py.
+MODES: dict[str, tuple[str, str]] = {
+    'train': ('imgcls_jax.train', 'train_and_evaluate'),
+}
 
 FLAGS = flags.FlagValues()
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py), '
@@ -23,7 +29,7 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, metrics, summaries.',
                                flag_values=FLAGS)
-_MODE = flags.DEFINE_enum('mode', 'train', MODES, 'What to do.', flag_values=FLAGS)
+_MODE = flags.DEFINE_enum('mode', 'train', list(MODES), 'What to do.', flag_values=FLAGS)
 
 
 class _CliError(Exception):
@@ -101,9 +107,8 @@ def run(argv: list[str] | None = None) -> int:
   from imgcls_jax.errors import UserError
   try:
     config, workdir, mode = parse(argv)
-    if mode == 'train':
-      from imgcls_jax import train
-      train.train_and_evaluate(config, workdir)
+    module_name, fn_name = MODES[mode]
+    getattr(importlib.import_module(module_name), fn_name)(config, workdir)
   except (_CliError, UserError) as e:
     print(f'error: {e}', file=sys.stderr, flush=True)
     return 2

@@ -1,0 +1,1 @@
+"""Config files: ``python -m imgcls_jax.main --config=configs/<name>.py``."""
