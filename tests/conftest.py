@@ -1,0 +1,64 @@
+"""Shared test set-up.
+
+In-process tests see 8 fake CPU devices (so every in-process run is sharded over a real Mesh, and a
+test can compare a 1-device mesh with an 8-device one via config.mesh.num_devices). Global batch
+sizes in tests must therefore be multiples of 8 (or set config.mesh.num_devices).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                           ' --xla_force_host_platform_device_count=8').strip()
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_FAKE_DEVICES = 8
+
+
+@pytest.fixture(scope='session')
+def tfds_dir(tmp_path_factory) -> str:
+  """A session-wide tfds data_dir (the digits builder prepares itself there on first use)."""
+  return str(tmp_path_factory.mktemp('tfds'))
+
+
+@pytest.fixture
+def digits_config(tfds_dir):
+  """The default config, shrunk for tests: a narrow CNN, few steps, no progress bar."""
+  sys.path.insert(0, REPO)
+  from configs import default
+  c = default.get_config()
+  c.data.data_dir = tfds_dir
+  c.model.widths = (16, 32)
+  c.batch_size = 64
+  c.eval_batch_size = 64
+  c.num_train_steps = 40
+  c.log_every_steps = 10
+  c.eval_every_steps = -1
+  c.eval_every_epochs = -1.0
+  c.checkpoint_every_epochs = -1.0
+  c.checkpoint_every_steps = -1
+  c.progress_bar = False
+  c.tensorboard = False
+  return c
+
+
+def subprocess_env(num_devices: int | None = None) -> dict[str, str]:
+  """Environment for a child ``python -m imgcls_jax.main`` (fake device count when given)."""
+  env = dict(os.environ)
+  flags = ' '.join(f for f in env.get('XLA_FLAGS', '').split()
+                   if not f.startswith('--xla_force_host_platform_device_count'))
+  if num_devices:
+    flags += f' --xla_force_host_platform_device_count={num_devices}'
+  env['XLA_FLAGS'] = flags.strip()
+  env['PYTHONPATH'] = REPO + os.pathsep + env.get('PYTHONPATH', '')
+  return env
+
+
+def pytest_report_header(config):
+  return f'jax {jax.__version__}; fake CPU devices for in-process tests: {NUM_FAKE_DEVICES}'

@@ -1,0 +1,88 @@
+"""Model table: parameter counts against torchvision's, output shapes, init details."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from imgcls_jax import models
+from imgcls_jax.errors import UserError
+
+
+def _abstract(name, **kw):
+  kw.setdefault('num_classes', 1000)
+  kw.setdefault('in_channels', 3)
+  return nnx.eval_shape(lambda: models.get(name, rngs=nnx.Rngs(0), **kw))
+
+
+def _count(model):
+  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+# torchvision.models.resnetXX(num_classes=1000) parameter counts (BN running stats excluded).
+@pytest.mark.parametrize('name,expected', [
+    ('resnet18', 11_689_512), ('resnet34', 21_797_672), ('resnet50', 25_557_032),
+    ('resnet101', 44_549_160), ('resnet152', 60_192_808), ('resnet200', 64_673_832),
+])
+def test_resnet_parameter_counts_match_torchvision(name, expected):
+  assert _count(_abstract(name)) == expected
+
+
+def test_wide_resnet_28_10_parameter_count():
+  # WRN-28-10 for 10 classes: 36.5M in the paper; 36,479,194 with BN affine params and conv biases off.
+  assert _count(_abstract('wide_resnet', num_classes=10, depth=28, width=10)) == 36_479_194
+
+
+def test_wide_resnet_rejects_bad_depth():
+  with pytest.raises(UserError, match='6n\\+4'):
+    _abstract('wide_resnet', depth=27)
+
+
+@pytest.mark.parametrize('name,kw,shape', [
+    ('cnn', {}, (2, 8, 8, 1)),
+    ('cnn', {'widths': (8, 16, 32)}, (2, 28, 28, 3)),
+    ('resnet18', {'small_inputs': True}, (2, 32, 32, 3)),
+    ('resnet50', {}, (2, 64, 64, 3)),
+    ('wide_resnet', {'depth': 10, 'width': 1, 'dropout': 0.3}, (2, 32, 32, 3)),
+])
+def test_forward_shapes_train_and_eval(name, kw, shape):
+  model = models.get(name, num_classes=7, in_channels=shape[-1], rngs=nnx.Rngs(0), **kw)
+  x = jnp.ones(shape)
+  for train in (True, False):
+    out = model(x, train=train)
+    assert out.shape == (2, 7) and out.dtype == jnp.float32
+    assert np.all(np.isfinite(out))
+
+
+def test_small_input_stem_keeps_resolution():
+  small = models.get('resnet18', num_classes=10, in_channels=3, small_inputs=True,
+                     rngs=nnx.Rngs(0))
+  large = models.get('resnet18', num_classes=10, in_channels=3, rngs=nnx.Rngs(0))
+  assert small.conv1.kernel.shape == (3, 3, 3, 64)
+  assert large.conv1.kernel.shape == (7, 7, 3, 64)
+
+
+def test_last_bn_scale_of_each_residual_block_is_zero():
+  model = _abstract('resnet50')
+  m = models.get('resnet18', num_classes=10, in_channels=3, rngs=nnx.Rngs(0))
+  for layer in (m.layer1, m.layer2, m.layer3, m.layer4):
+    for blk in layer:
+      np.testing.assert_array_equal(blk.bn2.scale[...], 0.0)
+      np.testing.assert_array_equal(blk.bn1.scale[...], 1.0)
+  assert model.layer1[0].bn3.scale.shape == (256,)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+  m = models.get('cnn', num_classes=10, in_channels=1, dtype='bfloat16', rngs=nnx.Rngs(0))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
+  assert m(jnp.ones((2, 8, 8, 1))).dtype == jnp.float32
+
+
+def test_unknown_model_is_a_clear_error():
+  with pytest.raises(UserError, match="Unknown model 'resnet51'.*resnet50"):
+    models.get('resnet51', num_classes=10, in_channels=3, rngs=nnx.Rngs(0))
+
+
+def test_bad_model_argument_names_the_model():
+  with pytest.raises(UserError, match="Bad arguments for model 'cnn'"):
+    models.get('cnn', num_classes=10, in_channels=3, rngs=nnx.Rngs(0), depth=3)
