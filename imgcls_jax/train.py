@@ -41,14 +41,6 @@ class Setup:
   local_eval_batch_size: int
 
 
-def model_fn_from_config(config: ml_collections.ConfigDict, num_classes: int,
-                         in_channels: int) -> state_lib.ModelFn:
-  """``rngs -> model`` for ``config.model`` (every key but ``name`` goes to the constructor)."""
-  kwargs = {k: v for k, v in config.model.items() if k != 'name'}
-  return functools.partial(models.get, config.model.name, num_classes=num_classes,
-                           in_channels=in_channels, dtype=config.dtype, **kwargs)
-
-
 def setup(config: ml_collections.ConfigDict) -> Setup:
   """Validates the config and builds mesh, dataset info, model definition and optimizer."""
   configlib.validate(config)
@@ -67,7 +59,7 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
   lr = optim.schedule(config.optim, batch_size=config.batch_size, total_steps=total,
                       warmup_steps=warmup)
   tx = optim.build(config.optim, lr)
-  model_fn = model_fn_from_config(config, info.num_classes, info.channels)
+  model_fn = models.from_config(config, info.num_classes, info.channels)
   step_cfg = steps.StepConfig(num_classes=info.num_classes,
                               label_smoothing=float(config.label_smoothing),
                               mean=tuple(float(m) for m in config.data.mean),

@@ -8,12 +8,15 @@ on ``x_BxHxWxC`` float images, returning ``logits_BxK``.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from flax import nnx
 
 from imgcls_jax.errors import UserError
 from imgcls_jax.models import cnn, resnet, wide_resnet
+
+if TYPE_CHECKING:
+  import ml_collections
 
 _TABLE: dict[str, Callable[..., nnx.Module]] = {
     'cnn': cnn.CNN,
@@ -40,3 +43,11 @@ def get(name: str, **kwargs: Any) -> nnx.Module:
     return _TABLE[name](**kwargs)
   except TypeError as e:
     raise UserError(f"Bad arguments for model '{name}' ({e}); check the config.model keys.") from None
+
+
+def from_config(config: ml_collections.ConfigDict, num_classes: int,
+                in_channels: int) -> Callable[..., nnx.Module]:
+  """``rngs -> model`` for ``config.model`` (every key but ``name`` goes to the constructor)."""
+  kwargs = {k: v for k, v in config.model.items() if k != 'name'}
+  return functools.partial(get, config.model.name, num_classes=num_classes,
+                           in_channels=in_channels, dtype=config.dtype, **kwargs)
