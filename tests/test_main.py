@@ -1,0 +1,59 @@
+"""The command line: clear one-line errors, and the embedded default run end to end."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, subprocess_env
+
+
+def _main(*args, num_devices=1, timeout=600):
+  return subprocess.run([sys.executable, '-m', 'imgcls_jax.main', *args], cwd=REPO,
+                        env=subprocess_env(num_devices), capture_output=True, text=True,
+                        timeout=timeout)
+
+
+def _one_error_line(proc):
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = [l for l in proc.stderr.splitlines() if l.startswith('error:')]
+  assert len(lines) == 1, proc.stderr[-2000:]
+  assert 'Traceback' not in proc.stderr
+  return lines[0]
+
+
+@pytest.mark.parametrize('override,pattern', [
+    ('--config.optim.learning_rat=0.1', r"Unknown config key 'optim.learning_rat'.*learning_rate"),
+    ('--config.nonsense=1', r"Unknown config key 'nonsense'"),
+    ('--config.batch_size=abc', r'Bad config value.*batch_size'),
+    ('--config.batch_size=-4', r'config.batch_size must be positive'),
+    ('--config.model.name=resnet51', r"Unknown model 'resnet51'"),
+    ('--config.data.name=no_such_set', r"'no_such_set' is not a tfds dataset"),
+    ('--config.optim.name=lamb', r"Unknown config.optim.name 'lamb'"),
+])
+def test_bad_config_fails_with_one_clear_line(tmp_path, override, pattern):
+  proc = _main('--config=configs/default.py', f'--workdir={tmp_path}', override,
+               f'--config.data.data_dir={tmp_path}/tfds', timeout=300)
+  assert re.search(pattern, _one_error_line(proc)), proc.stderr[-1000:]
+
+
+def test_missing_config_file_and_workdir(tmp_path):
+  line = _one_error_line(_main('--config=configs/nope.py', f'--workdir={tmp_path}'))
+  assert 'config file' in line
+  line = _one_error_line(_main('--config=configs/default.py'))
+  assert 'Missing --workdir' in line
+
+
+@pytest.mark.slow
+def test_default_config_trains_digits_to_98_5_percent(tmp_path):
+  """The README's main command: the embedded default run, as a user runs it (1 CPU device)."""
+  workdir = tmp_path / 'run'
+  proc = _main('--config=configs/default.py', f'--workdir={workdir}',
+               f'--config.data.data_dir={tmp_path}/tfds', num_devices=None)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  m = re.search(r'Final eval on test \(450 examples\): top-1 ([\d.]+)%', proc.stdout)
+  assert m, proc.stdout[-2000:]
+  assert float(m.group(1)) >= 98.5
+  assert f'Checkpoints: {workdir}/checkpoints' in proc.stdout
+  assert os.path.exists(workdir / 'metrics.jsonl')

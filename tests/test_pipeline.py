@@ -1,0 +1,121 @@
+"""The core tfds pipeline: the embedded digits builder, batches, exact-once eval, mock ImageNet."""
+import collections
+
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from imgcls_jax.data import digits, pipeline
+from imgcls_jax.errors import UserError
+
+
+def test_digits_split_is_sklearns_stratified_holdout(digits_config):
+  from sklearn.datasets import load_digits
+  from sklearn.model_selection import train_test_split
+  x = load_digits()
+  _, _, y_tr, y_te = train_test_split(x.images, x.target, test_size=0.25, stratify=x.target,
+                                      random_state=0)
+  info = pipeline.info(digits_config.data)
+  assert info.num_examples == {'train': 1347, 'test': 450}
+  assert info.num_classes == 10 and info.channels == 1
+  ev = pipeline.EvalData(digits_config.data, 'test', local_batch_size=450)
+  (batch,) = list(ev.batches())
+  # tfds stores examples in its own (hashed) order: compare (image, label) multisets.
+  served = collections.Counter((im.tobytes(), int(l)) for im, l in zip(batch['image'], batch['label']))
+  x_te, y_te_arr = digits.load_arrays('test')
+  expected = collections.Counter((im.tobytes(), int(l)) for im, l in zip(x_te, y_te_arr))
+  assert served == expected
+  np.testing.assert_array_equal(y_te_arr, y_te)
+  np.testing.assert_array_equal(digits.load_arrays('train')[1], y_tr)
+
+
+def test_train_batches_shapes_dtypes_and_value_range(digits_config):
+  ds, n = pipeline.train_dataset(digits_config.data, seed=0, local_batch_size=32)
+  assert n == 1347
+  batch = next(ds.as_numpy_iterator())
+  assert batch['image'].shape == (32, 8, 8, 1) and batch['image'].dtype == np.uint8
+  assert batch['label'].shape == (32,) and batch['label'].dtype == np.int32
+  assert batch['image'].max() == 255 and batch['image'].min() == 0
+  assert set(batch['label']) <= set(range(10))
+
+
+def test_training_order_is_a_function_of_seed_and_step(digits_config):
+  def batches(seed, start, k):
+    ds, _ = pipeline.train_dataset(digits_config.data, seed=seed, local_batch_size=100,
+                                   start_step=start)
+    return [b for _, b in zip(range(k), ds.as_numpy_iterator())]
+  full = batches(0, 0, 30)          # 3000 examples: crosses two epoch boundaries (1347 each)
+  resumed = batches(0, 25, 5)
+  for a, b in zip(full[25:], resumed):
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['label'], b['label'])
+  other = batches(1, 0, 1)[0]
+  assert not np.array_equal(other['label'], full[0]['label'])
+  # Each epoch is a permutation of the split: epoch 0 sees every example once.
+  epoch0 = np.concatenate([b['label'] for b in full])[:1347]
+  assert collections.Counter(epoch0) == collections.Counter(digits.load_arrays('train')[1])
+
+
+@pytest.mark.parametrize('batch', [64, 450, 512])
+def test_eval_covers_every_example_exactly_once(digits_config, batch):
+  ev = pipeline.EvalData(digits_config.data, 'test', local_batch_size=batch, split_size=450)
+  out = list(ev.batches())
+  assert len(out) == -(-450 // batch)
+  assert all(b['image'].shape[0] == batch for b in out)
+  masked = np.concatenate([b['mask'] for b in out])
+  assert masked.sum() == 450 and masked[:450].all()
+  images = np.concatenate([b['image'][b['mask']] for b in out]).reshape(450, -1)
+  assert len({im.tobytes() for im in images}) == len({im.tobytes() for im in
+                                                      digits.load_arrays('test')[0]})
+
+
+def test_eval_pads_to_the_same_batch_count_on_every_process(digits_config):
+  # 450 examples over 4 processes: slices of 113/113/112/112 -> 2 batches of 64 each.
+  counts = []
+  for p in range(4):
+    ev = pipeline.EvalData(digits_config.data, 'test', local_batch_size=64, process_index=p,
+                           process_count=4, split_size=450)
+    out = list(ev.batches())
+    counts.append((len(out), int(sum(b['mask'].sum() for b in out))))
+  assert [c[0] for c in counts] == [2, 2, 2, 2]
+  assert sum(c[1] for c in counts) == 450
+
+
+def test_flip_is_refused_for_digits(digits_config):
+  digits_config.data.train_preprocess = 'pad_crop(pad=1)|flip_lr'
+  with pytest.raises(UserError, match='flip'):
+    pipeline.train_dataset(digits_config.data, seed=0, local_batch_size=8)
+
+
+def test_missing_dataset_and_split_are_clear_errors(digits_config):
+  digits_config.data.name = 'no_such_dataset_xyz'
+  with pytest.raises(UserError, match="'no_such_dataset_xyz' is not a tfds dataset"):
+    pipeline.info(digits_config.data)
+  digits_config.data.name = 'sklearn_digits'
+  with pytest.raises(UserError, match="Split 'validation' does not exist.*test, train"):
+    pipeline.EvalData(digits_config.data, 'validation', local_batch_size=8)
+
+
+def _mock_imagenet_config(tmp_path) -> ml_collections.ConfigDict:
+  from configs import imagenet_resnet50
+  c = imagenet_resnet50.get_config()
+  c.data.data_dir = str(tmp_path)
+  c.data.train_preprocess = 'random_resized_crop(size=32)|flip_lr'
+  c.data.eval_preprocess = 'center_crop(size=32)'
+  return c
+
+
+def test_mock_imagenet_batches_have_fixed_size(tmp_path):
+  c = _mock_imagenet_config(tmp_path)
+  with tfds.testing.mock_data(num_examples=20):
+    info = pipeline.info(c.data)
+    assert info.num_classes == 1000 and info.num_examples['train'] is None
+    ds, n = pipeline.train_dataset(c.data, seed=0, local_batch_size=8)
+    assert n == 20
+    batch = next(ds.as_numpy_iterator())
+    assert batch['image'].shape == (8, 32, 32, 3) and batch['image'].dtype == np.uint8
+    ev = pipeline.EvalData(c.data, 'validation', local_batch_size=8)
+    out = list(ev.batches())
+    assert sum(b['mask'].sum() for b in out) == 20
+    assert all(b['image'].shape == (8, 32, 32, 3) for b in out)

@@ -1,0 +1,60 @@
+"""The training loop end to end (in-process, 8 fake devices)."""
+import json
+import os
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from imgcls_jax import train
+
+
+def _records(workdir, split):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [r for r in map(json.loads, f) if r['split'] == split]
+
+
+def test_loss_decreases_on_digits_and_outputs_are_written(digits_config, tmp_path):
+  digits_config.num_train_steps = 60
+  digits_config.eval_every_steps = 30
+  result = train.train_and_evaluate(digits_config, str(tmp_path))
+  tr = _records(tmp_path, 'train')
+  assert tr[0]['loss'] > 1.5 and tr[-1]['loss'] < 0.6 * tr[0]['loss']
+  ev = _records(tmp_path, 'eval')
+  assert [r['step'] for r in ev] == [30, 60]
+  assert ev[-1]['count'] == 450 and result['count'] == 450
+  assert result['accuracy'] > 0.8
+  assert all(0 < r['learning_rate'] <= 0.1 and r['images_per_sec'] > 0 for r in tr)
+  assert os.path.isdir(tmp_path / 'checkpoints' / '60')
+  saved = json.loads((tmp_path / 'config.json').read_text())
+  assert saved['model']['name'] == 'cnn' and saved['num_train_steps'] == 60
+
+
+def test_rerun_resumes_from_the_latest_checkpoint(digits_config, tmp_path):
+  digits_config.num_train_steps = 20
+  train.train_and_evaluate(digits_config, str(tmp_path))
+  first = _records(tmp_path, 'train')
+  digits_config.num_train_steps = 40
+  train.train_and_evaluate(digits_config, str(tmp_path))
+  second = _records(tmp_path, 'train')[len(first):]
+  assert first[-1]['step'] <= 20
+  assert second and min(r['step'] for r in second) > 20  # continued, did not start over
+  assert sorted(os.listdir(tmp_path / 'checkpoints'))[-1] == '40'
+
+
+def test_one_resnet_step_on_mock_imagenet(tmp_path):
+  from configs import imagenet_resnet50
+  c = imagenet_resnet50.get_config()
+  c.data.data_dir = str(tmp_path / 'tfds')
+  c.data.train_preprocess = 'random_resized_crop(size=32)|flip_lr'
+  c.data.eval_preprocess = 'center_crop(size=32)'
+  c.batch_size = 8
+  c.eval_batch_size = 8
+  c.num_train_steps = 1
+  c.progress_bar = False
+  c.tensorboard = False
+  with tfds.testing.mock_data(num_examples=16):
+    result = train.train_and_evaluate(c, str(tmp_path / 'run'))
+  assert result['count'] == 16
+  assert np.isfinite(result['loss'])
+  (rec,) = _records(tmp_path / 'run', 'train')
+  assert rec['step'] == 1 and np.isfinite(rec['loss'])
