@@ -1,0 +1,1 @@
+"""Throughput harnesses (not timed tests): see benchmarks/NOTES.md."""

@@ -1,0 +1,162 @@
+"""Throughput harness: runs on CPU in CI-sized settings without TensorFlow; counts FLOPs right.
+
+Smoke tests, not timed tests: they assert the records are complete and consistent, never a speed.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, subprocess_env
+
+# Runs a script with every import of tensorflow / tensorflow_datasets failing, as on the GPU image.
+_WITHOUT_TF = '''
+import runpy, sys
+class _NoTensorFlow:
+  def find_spec(self, name, path=None, target=None):
+    if name.split('.')[0] in ('tensorflow', 'tensorflow_datasets'):
+      raise ImportError(f'{name} is blocked in this test')
+    return None
+sys.meta_path.insert(0, _NoTensorFlow())
+sys.argv = sys.argv[1:]
+if sys.argv[0] == '--import':
+  __import__(sys.argv[1])
+else:
+  runpy.run_path(sys.argv[0], run_name='__main__')
+'''
+
+
+def _run_without_tf(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, '-c', _WITHOUT_TF, *args], cwd=REPO,
+                        env=subprocess_env(1), capture_output=True, text=True, timeout=timeout)
+
+
+def _check_record(r: dict, *, name: str, batch_size: int, image_size: int, timed_steps: int):
+  assert r['name'] == name
+  assert (r['batch_size'], r['image_size'], r['timed_steps']) == (batch_size, image_size,
+                                                                  timed_steps)
+  assert r['platform'] == 'cpu' and r['num_devices'] == 1
+  assert r['compile_s'] > 0 and r['lower_s'] > 0
+  assert 0 < r['step_time_min_s'] <= r['step_time_median_s'] <= r['step_time_max_s']
+  assert math.isclose(r['images_per_sec'], batch_size / r['step_time_median_s'], rel_tol=1e-9)
+  assert r['flops_per_step'] > 0
+  assert math.isclose(r['gflops_per_image'], r['flops_per_step'] / batch_size / 1e9, rel_tol=1e-9)
+  assert math.isclose(r['tflops_per_sec'], r['flops_per_step'] / r['step_time_median_s'] / 1e12,
+                      rel_tol=1e-9)
+  assert r['loss_finite'] and r['loss_first'] > 0
+
+
+def test_throughput_runs_on_cpu_without_tensorflow():
+  proc = _run_without_tf('benchmarks/throughput.py', '--config=configs/default.py',
+                         '--config.batch_size=16', '--config.model.widths=(8, 16)', '--steps=4',
+                         '--window=2', '--warmup=1', '--peak_tflops=2.5', '--json')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  r = json.loads(proc.stdout.strip().splitlines()[-1])
+  _check_record(r, name='imgcls_jax', batch_size=16, image_size=8, timed_steps=4)
+  assert (r['model'], r['channels'], r['num_classes'], r['dtype']) == ('cnn', 1, 10, 'float32')
+  assert r['peak_tflops'] == 2.5
+  assert math.isclose(r['peak_fraction'], r['tflops_per_sec'] / 2.5, rel_tol=1e-9)
+  assert r['config'].endswith('configs/default.py')
+  assert 'images/s' in proc.stderr  # the readable summary goes to stderr with --json
+
+
+def test_reference_runs_on_cpu_without_tensorflow():
+  proc = _run_without_tf('benchmarks/reference_flax.py', '--batch_size=4', '--image_size=16',
+                         '--num_classes=10', '--stage_sizes=1', '--dtype=float32', '--steps=2',
+                         '--window=1', '--warmup=1', '--json')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  r = json.loads(proc.stdout.strip().splitlines()[-1])
+  _check_record(r, name='flax_reference', batch_size=4, image_size=16, timed_steps=2)
+  assert r['peak_fraction'] is None  # no --peak_tflops given
+
+
+def test_tensorflow_blocker_is_effective():
+  """The control for the tests above: training code does import TF, and the blocker stops it."""
+  proc = _run_without_tf('--import', 'imgcls_jax.train')
+  assert proc.returncode != 0
+  assert 'tensorflow is blocked in this test' in proc.stderr
+
+
+def test_bad_flags_end_in_one_line():
+  proc = _run_without_tf('benchmarks/throughput.py', '--config=configs/default.py',
+                         '--config.no_such_key=1')
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1].startswith('error: a --config.KEY=VALUE override')
+  proc = _run_without_tf('benchmarks/throughput.py', '--config=configs/default.py', '--steps=5',
+                         '--window=2')
+  assert proc.returncode == 2
+  assert 'must be a positive multiple of window' in proc.stderr
+
+
+def test_synthetic_shape_follows_the_config():
+  from benchmarks import throughput
+  from configs import default, imagenet_resnet50
+  from imgcls_jax.errors import UserError
+  assert throughput.synthetic_shape(imagenet_resnet50.get_config()) == throughput.Shape(224, 3, 1000)
+  assert throughput.synthetic_shape(default.get_config()) == throughput.Shape(8, 1, 10)
+  c = default.get_config()
+  c.data.name = 'fashion_mnist'
+  c.data.train_preprocess = 'pad_crop(pad=2)|flip_lr'
+  assert throughput.synthetic_shape(c) == throughput.Shape(28, 1, 10)
+  c.data.train_preprocess = 'resize(size=40)|random_resized_crop(size=32)'
+  assert throughput.synthetic_shape(c) == throughput.Shape(32, 1, 10)
+  assert throughput.synthetic_shape(c, image_size=20, num_classes=7) == throughput.Shape(20, 1, 7)
+  c.data.name = 'my_folder_dataset'
+  with pytest.raises(UserError, match='--image_size, --channels and --num_classes'):
+    throughput.synthetic_shape(c)
+  assert throughput.synthetic_shape(c, 64, 3, 5) == throughput.Shape(64, 3, 5)
+
+
+def test_resnet50_flops_match_the_published_cost_and_the_reference():
+  """~24.6 GFLOP per 224 px image (3 x 8.2 GFLOP forward); both steps count the same model."""
+  import functools
+
+  import jax
+  import jax.numpy as jnp
+
+  from benchmarks import measure, reference_flax, throughput
+  from configs import imagenet_resnet50
+  c = imagenet_resnet50.get_config()
+  c.batch_size = 8
+  project = throughput.flops_per_step(throughput.build(c, throughput.synthetic_shape(c))) / 8e9
+  assert 23.0 < project < 25.5, project
+
+  model = reference_flax.ResNet(stage_sizes=(3, 4, 6, 3), num_classes=1000)
+  sched = reference_flax.lr_schedule()
+  state = jax.eval_shape(lambda: reference_flax.create_state(model, 224, sched))
+  batch = {'image': jax.ShapeDtypeStruct((8, 224, 224, 3), jnp.bfloat16),
+           'label': jax.ShapeDtypeStruct((8,), jnp.int32)}
+  step = jax.jit(functools.partial(reference_flax.train_step, num_classes=1000, schedule=sched))
+  reference = measure.flops(step.lower(state, batch), None)['flops_per_step'] / 8e9
+  assert abs(project - reference) / reference < 0.03, (project, reference)
+
+
+def test_time_steps_counts_windows_and_rejects_uneven_ones():
+  import jax.numpy as jnp
+
+  from benchmarks import measure
+  calls = []
+
+  def step(state, batch):
+    calls.append(1)
+    return state + batch, {'loss': state}
+  state, times, metrics = measure.time_steps(step, jnp.float32(0), jnp.float32(1), warmup=2,
+                                             steps=6, window=3)
+  assert len(calls) == 8 and float(state) == 8.0
+  assert len(times) == 2 and [float(m['loss']) for m in metrics] == [4.0, 7.0]
+  with pytest.raises(ValueError, match='positive multiple'):
+    measure.time_steps(step, state, 1.0, warmup=0, steps=5, window=2)
+
+
+def test_compare_table(tmp_path):
+  from benchmarks import measure
+  base = {'images_per_sec': 100.0, 'step_time_median_s': 0.5, 'tflops_per_sec': 1.0,
+          'peak_fraction': 0.1, 'compile_s': 3.0, 'device_kind': 'cpu'}
+  (tmp_path / 'a.json').write_text('readable line\n' + json.dumps(base))
+  (tmp_path / 'b.json').write_text(json.dumps({**base, 'images_per_sec': 150.0}))
+  table = measure.compare([str(tmp_path / n) for n in ('a.json', 'b.json', 'missing.json')])
+  lines = table.splitlines()
+  assert 'x1.000' in lines[0] and 'x1.500' in lines[1] and 'no result' in lines[2]
