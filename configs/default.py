@@ -31,6 +31,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.cache = True                     # cache decoded examples in memory (small datasets)
   c.data.shuffle_buffer = 50_000          # examples; the whole split when smaller
   c.data.prefetch = 4                     # host-side batches prepared ahead
+  # Training stream = this many equally sized, separately shuffled slices of the split, each
+  # filling a fixed block of rows of every global batch. Batches do not depend on the process
+  # count; a process reads only the slices its rows come from. Multi-host on large data: set it
+  # to the host count (or a multiple) so each host reads only its own part of the files.
+  c.data.read_shards = 1
 
   # ---- model (imgcls_jax/models: every key but 'name' goes to the constructor) ----
   c.model = ml_collections.ConfigDict()
@@ -76,4 +81,20 @@ def get_config() -> ml_collections.ConfigDict:
   # ---- devices (imgcls_jax/sharding.py) ----
   c.mesh = ml_collections.ConfigDict()
   c.mesh.num_devices = 0                  # devices in the data-parallel mesh; 0 = all
+  # 'replicated': every device holds the whole train state. 'fsdp': parameters and optimizer
+  # state are split along the data axis (each device ~1/num_devices; same maths), for models
+  # larger than one device's memory.
+  c.mesh.param_sharding = 'replicated'
+  c.mesh.fsdp_min_size = 2**14            # fsdp: arrays with fewer elements stay replicated
+
+  # ---- multi-process runs (imgcls_jax/distributed.py; launch/ scripts set these) ----
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.enabled = False           # call jax.distributed.initialize() before the mode runs
+  # Unset (None) values are auto-detected on Cloud TPU VMs, under SLURM srun and Open MPI.
+  c.distributed.coordinator_address = config_dict.placeholder(str)  # 'host:port' of process 0
+  c.distributed.num_processes = config_dict.placeholder(int)        # processes in the run
+  c.distributed.process_id = config_dict.placeholder(int)           # this process: 0..n-1
+  c.distributed.local_device_ids = ''     # e.g. '0,1,2,3': GPUs this process drives ('' = JAX's
+                                          # default: all; under SLURM, one per task)
+  c.distributed.initialization_timeout = 300  # seconds to wait for every process to join
   return c

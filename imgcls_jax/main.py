@@ -107,6 +107,9 @@ def run(argv: list[str] | None = None) -> int:
   from imgcls_jax.errors import UserError
   try:
     config, workdir, mode = parse(argv)
+    from imgcls_jax import distributed
+    if distributed.requested(config):  # before anything touches a device
+      distributed.initialize(config.distributed)
     module_name, fn_name = MODES[mode]
     getattr(importlib.import_module(module_name), fn_name)(config, workdir)
   except (_CliError, UserError) as e:

@@ -1,12 +1,18 @@
 """The device mesh, the shardings of batches and state, and host -> device batch placement.
 
 One data-parallel path: a 1-D Mesh over all devices (axis ``data``); batches are split along their
-leading dimension; the train state is replicated. Model code never sees any of this.
+leading dimension. The train state is either replicated on every device, or (``fsdp``) each large
+array of it (parameters, optimizer moments) is split along its largest dimension that the device
+count divides, so each device holds ~1/num_devices of it; XLA gathers the parameters for the
+forward/backward pass and reduce-scatters the gradients. The step's maths are identical in both
+modes. Model code never sees any of this.
 """
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
+import math
 from typing import Any, Iterable, Iterator
 
 import jax
@@ -19,8 +25,12 @@ DATA_AXIS = 'data'
 
 
 def make_mesh(num_devices: int = 0) -> Mesh:
-  """A 1-D mesh over the first ``num_devices`` devices (0 = all devices of all processes)."""
-  devices = jax.devices()
+  """A 1-D mesh over the first ``num_devices`` devices (0 = all devices of all processes).
+
+  Devices are grouped by process, in process order, so process ``p`` holds rows
+  ``[p * B / P, (p + 1) * B / P)`` of every batch: the rows its input pipeline builds.
+  """
+  devices = sorted(jax.devices(), key=lambda d: d.process_index)  # stable: keeps jax's order within
   if num_devices:
     if num_devices > len(devices):
       raise UserError(f'config.mesh.num_devices={num_devices} but only {len(devices)} devices '
@@ -41,9 +51,64 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def state_shardings(abstract_state: Any, mesh: Mesh) -> Any:
-  """Shardings for every leaf of the train state: replicated (data parallelism)."""
-  return jax.tree.map(lambda _: replicated(mesh), abstract_state)
+PARAM_SHARDING_MODES = ('replicated', 'fsdp')
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSharding:
+  """How the train state is placed: ``'replicated'``, or ``'fsdp'`` (split along the data axis).
+
+  Under ``fsdp`` arrays with fewer than ``min_size`` elements (biases, norm scales, scalars) stay
+  replicated: splitting them saves little memory and costs a collective each.
+  """
+  mode: str = 'replicated'
+  min_size: int = 2**14
+
+  @classmethod
+  def from_config(cls, mesh_config: Any) -> 'ParamSharding':
+    """From ``config.mesh`` (keys ``param_sharding``, ``fsdp_min_size``; absent = replicated)."""
+    mode = mesh_config.get('param_sharding', 'replicated') or 'replicated'
+    if mode not in PARAM_SHARDING_MODES:
+      raise UserError(f"config.mesh.param_sharding='{mode}' is not one of "
+                      f"{', '.join(PARAM_SHARDING_MODES)}; use 'replicated' (default) or 'fsdp'.")
+    min_size = int(mesh_config.get('fsdp_min_size', cls.min_size))
+    if min_size < 0:
+      raise UserError(f'config.mesh.fsdp_min_size={min_size} must be >= 0 (elements).')
+    return cls(mode=mode, min_size=min_size)
+
+
+def fsdp_spec(shape: tuple[int, ...], num_shards: int, min_size: int) -> P:
+  """The FSDP rule for one array: split its largest dimension divisible by ``num_shards``.
+
+  Replicated (``P()``) when the array is smaller than ``min_size`` elements, there is one device,
+  or no dimension divides evenly. Ties go to the last such dimension (output features).
+  """
+  if num_shards <= 1 or not shape or math.prod(shape) < max(min_size, 1):
+    return P()
+  divisible = [i for i, d in enumerate(shape) if d % num_shards == 0]
+  if not divisible:
+    return P()
+  axis = max(divisible, key=lambda i: (shape[i], i))
+  return P(*(DATA_AXIS if i == axis else None for i in range(len(shape))))
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh,
+                    rules: ParamSharding = ParamSharding()) -> Any:
+  """Shardings for every leaf of the train state, by ``rules`` (per array shape)."""
+  if rules.mode == 'replicated':
+    return jax.tree.map(lambda _: replicated(mesh), abstract_state)
+  n = mesh.shape[DATA_AXIS]
+  return jax.tree.map(lambda a: NamedSharding(mesh, fsdp_spec(tuple(a.shape), n, rules.min_size)),
+                      abstract_state)
+
+
+def bytes_per_device(tree: Any) -> dict[Any, int]:
+  """Bytes of ``tree``'s arrays held on each addressable device (shards counted where they live)."""
+  total: dict[Any, int] = collections.defaultdict(int)
+  for leaf in jax.tree.leaves(tree):
+    for shard in leaf.addressable_shards:
+      total[shard.device] += shard.data.nbytes
+  return dict(total)
 
 
 def local_batch_size(global_batch_size: int, mesh: Mesh, what: str = 'config.batch_size') -> int:

@@ -79,20 +79,25 @@ def init_fn(model_fn: ModelFn, tx: optax.GradientTransformation,
   return init
 
 
-def create(model_fn: ModelFn, tx: optax.GradientTransformation, seed: int,
-           mesh: Mesh) -> tuple[TrainState, Any]:
-  """(initial state placed with its shardings, the shardings pytree)."""
+def create(model_fn: ModelFn, tx: optax.GradientTransformation, seed: int, mesh: Mesh,
+           param_sharding: sharding.ParamSharding = sharding.ParamSharding()
+           ) -> tuple[TrainState, Any]:
+  """(initial state placed with its shardings, the shardings pytree).
+
+  ``param_sharding`` picks replicated or FSDP placement (``sharding.ParamSharding.from_config``).
+  """
   init = init_fn(model_fn, tx, seed)
   abstract = jax.eval_shape(init)
-  shardings = sharding.state_shardings(abstract, mesh)
+  shardings = sharding.state_shardings(abstract, mesh, param_sharding)
   return jax.jit(init, out_shardings=shardings)(), shardings
 
 
-def abstract_state(model_fn: ModelFn, tx: optax.GradientTransformation, seed: int,
-                   mesh: Mesh) -> tuple[TrainState, Any]:
+def abstract_state(model_fn: ModelFn, tx: optax.GradientTransformation, seed: int, mesh: Mesh,
+                   param_sharding: sharding.ParamSharding = sharding.ParamSharding()
+                   ) -> tuple[TrainState, Any]:
   """(ShapeDtypeStruct state carrying shardings, the shardings): a restore target."""
   abstract = jax.eval_shape(init_fn(model_fn, tx, seed))
-  shardings = sharding.state_shardings(abstract, mesh)
+  shardings = sharding.state_shardings(abstract, mesh, param_sharding)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract, shardings)
   return target, shardings

@@ -85,12 +85,14 @@ def jit_steps(s: Setup, state_shardings: Any) -> tuple[Any, Any]:
 
 def restore_or_init(s: Setup, ckpt: checkpoint.Checkpointer) -> tuple[Any, Any]:
   """(state, shardings): the latest checkpoint in the workdir if any, else a fresh init."""
+  placement = sharding.ParamSharding.from_config(s.config.mesh)
   if ckpt.latest_step() is not None:
-    target, shardings = state_lib.abstract_state(s.model_fn, s.tx, s.config.seed, s.mesh)
+    target, shardings = state_lib.abstract_state(s.model_fn, s.tx, s.config.seed, s.mesh,
+                                                 placement)
     state, _ = ckpt.restore(target)
     logging.info('Resuming from step %d.', int(state.step))
     return state, shardings
-  return state_lib.create(s.model_fn, s.tx, s.config.seed, s.mesh)
+  return state_lib.create(s.model_fn, s.tx, s.config.seed, s.mesh, placement)
 
 
 def evaluate(eval_step: Any, state: Any, data: pipeline.EvalData, mesh: jax.sharding.Mesh) -> dict:

@@ -1,9 +1,16 @@
 """tfds -> tf.data pipelines for training and exact-once evaluation.
 
-Training order is a pure function of ``(seed, step)``: epoch ``e`` is the process's slice of the
-split shuffled with seed ``(seed, e)``; each example's augmentation seed is ``(seed, e, position)``.
-So a run resumed at step ``s`` rebuilds the stream from step ``s`` (no iterator state to save) and
-sees exactly the batches an uninterrupted run would.
+Training order is a pure function of ``(seed, step)``: epoch ``e`` is the split shuffled with seed
+``(seed, e)``; each example's augmentation seed is ``(seed, e, position)``. So a run resumed at step
+``s`` rebuilds the stream from step ``s`` (no iterator state to save) and sees exactly the batches an
+uninterrupted run would.
+
+The global batch is defined once, independently of the number of processes: the split is cut into
+``data.read_shards`` equal slices (default 1), each shuffled on its own and feeding a fixed block of
+rows of every global batch. A process builds only its own rows of each global batch (the rows its
+devices hold) and reads only the slices those rows come from. So 1 process x 4 devices and 2
+processes x 2 devices train on identical global batches; with ``read_shards`` a multiple of the
+process count, each process also reads only its own ``1/process_count`` of the files.
 
 Evaluation covers every example of a split exactly once: the last partial batch is padded and its
 ``mask`` marks the real examples.
@@ -11,6 +18,7 @@ Evaluation covers every example of a split exactly once: the last partial batch 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from typing import Any, Iterator
 
@@ -124,13 +132,27 @@ def count(ds: tf.data.Dataset) -> int:
   return int(ds.reduce(np.int64(0), lambda c, _: c + 1))
 
 
+def read_shards(data: ml_collections.ConfigDict) -> int:
+  """``data.read_shards`` (absent = 1): slices of the split that the training stream reads."""
+  shards = data.get('read_shards', 1)
+  shards = 1 if shards is None else int(shards)
+  if shards < 1:
+    raise UserError(f'config.data.read_shards={shards} must be >= 1.')
+  return shards
+
+
 def examples_per_process(data: ml_collections.ConfigDict, split: str, process_index: int,
                          process_count: int) -> int:
-  """Training examples this process sees per epoch (each process gets an equal share)."""
+  """Training examples this process sees per epoch: an equal share of the global epoch.
+
+  The global epoch is ``read_shards`` equal slices of the split (any remainder is dropped), so
+  ``examples_per_process // local_batch`` (steps per epoch) does not depend on the process count.
+  """
+  shards = read_shards(data)
   size = info(data).num_examples.get(split)
-  if size is not None:
-    return size // process_count
-  return count(_read(data, split, process_index, process_count, drop_remainder=True))
+  per_shard = (size // shards if size is not None else
+               count(_read(data, split, 0, shards, drop_remainder=True)))
+  return per_shard * shards // process_count
 
 
 def check_flip(data: ml_collections.ConfigDict) -> None:
@@ -144,34 +166,76 @@ def train_dataset(data: ml_collections.ConfigDict, *, seed: int, local_batch_siz
                   process_count: int = 1) -> tuple[tf.data.Dataset, int]:
   """The endless training stream from ``start_step`` on, and the process's examples per epoch.
 
-  Yields ``{'image': uint8 BxHxWxC, 'label': int32 B}`` with B = ``local_batch_size``.
+  Yields ``{'image': uint8 BxHxWxC, 'label': int32 B}`` with B = ``local_batch_size``: rows
+  ``[process_index * B, (process_index + 1) * B)`` of each global batch of
+  ``B * process_count`` rows, which is the same whatever ``process_count`` is.
   """
   check_flip(data)
-  base = _read(data, data.train_split, process_index, process_count, drop_remainder=True)
-  n = count(base)
-  if n < local_batch_size:
-    raise UserError(f'The training split has {n} examples per process, fewer than the per-process '
-                    f'batch of {local_batch_size}; lower config.batch_size.')
-  buffer = int(min(n, data.shuffle_buffer))
+  global_batch = local_batch_size * process_count
+  shards = read_shards(data)
+  if global_batch % shards or (shards % process_count and process_count % shards):
+    raise UserError(
+        f'config.data.read_shards={shards} must divide the global batch ({global_batch}) and '
+        f'divide or be a multiple of the process count ({process_count}); e.g. set it to '
+        f'{process_count}.')
+  if shards < process_count and not data.cache:
+    logging.warning('Each of the %d processes reads 1/%d of the training split to build its '
+                    '1/%d of every batch; set config.data.read_shards=%d (or a multiple) so each '
+                    'reads only its own part.', process_count, shards, process_count,
+                    process_count)
+  chunk = global_batch // shards  # rows of every global batch that come from one slice
+  lo, hi = process_index * local_batch_size, (process_index + 1) * local_batch_size
   augment = ops.compose(data.train_preprocess)
-  seed = int(seed)
+  parts, per_epoch = [], 0
+  for shard in range(lo // chunk, (hi - 1) // chunk + 1):
+    rows = (max(lo, shard * chunk) - shard * chunk, min(hi, (shard + 1) * chunk) - shard * chunk)
+    part, n = _slice_stream(data, augment, seed=int(seed), shard=shard, shards=shards,
+                            chunk=chunk, rows=rows, start_step=start_step)
+    parts.append(part)
+    per_epoch = n * shards // process_count
+  if len(parts) == 1:
+    ds = parts[0]
+  else:
+    ds = tf.data.Dataset.zip(tuple(parts)).map(
+        lambda *bs: {k: tf.concat([b[k] for b in bs], 0) for k in bs[0]})
+  ds = ds.prefetch(data.prefetch)
+  return ds.with_options(_options()), per_epoch
+
+
+def _slice_stream(data: ml_collections.ConfigDict, augment: Any, *, seed: int, shard: int,
+                  shards: int, chunk: int, rows: tuple[int, int],
+                  start_step: int) -> tuple[tf.data.Dataset, int]:
+  """Rows ``[rows[0], rows[1])`` of slice ``shard``'s ``chunk`` of each global batch, batched."""
+  base = _read(data, data.train_split, shard, shards, drop_remainder=True)
+  n = count(base)
+  if n < chunk:
+    raise UserError(f'The training split has {n * shards} examples, fewer than the global batch '
+                    f'of {chunk * shards}; lower config.batch_size.')
+  buffer = int(max(1, min(n, data.shuffle_buffer // shards)))
 
   def epoch(e):
-    d = base.shuffle(buffer, seed=tf.cast(seed * 1_000_003 + e, tf.int64),
+    d = base.shuffle(buffer, seed=(tf.cast(seed * 1_000_003, tf.int64) + e) * shards + shard,
                      reshuffle_each_iteration=False)
     return d.enumerate().map(lambda i, ex: (e, i, ex))
 
-  consumed = start_step * local_batch_size
-  start_epoch, offset = divmod(consumed, n)
+  start_epoch, offset = divmod(start_step * chunk, n)
   ds = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch).skip(offset)
+  first, last = rows
+  if (first, last) != (0, chunk):  # keep only this process's rows before any augmentation work
+    def mine(j, _):
+      return tf.logical_and(j % chunk >= first, j % chunk < last)
+
+    def drop_index(_, item):
+      return item
+
+    ds = ds.enumerate().filter(mine).map(drop_index)
 
   def preprocess(e, i, ex):
-    ex_seed = tf.stack([tf.cast(seed, tf.int64), e * n + i])
+    ex_seed = tf.stack([tf.cast(seed, tf.int64), (e * n + i) * shards + shard])
     return {'image': augment(ex['image'], ex_seed), 'label': ex['label']}
 
   ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.batch(local_batch_size, drop_remainder=True).prefetch(data.prefetch)
-  return ds.with_options(_options()), n
+  return ds.batch(last - first, drop_remainder=True), n
 
 
 class EvalData:
