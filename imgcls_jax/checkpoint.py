@@ -1,25 +1,192 @@
-"""Orbax checkpoints: periodic async saves, keep-last-N, and restore-or-init of the train state."""
+"""Orbax checkpoints: async saves, keep-last-N plus best-N, config checks, restore with fallback.
+
+A checkpoint holds everything needed to continue a run exactly:
+- ``state``: the ``TrainState`` (params, batch_stats, opt_state, step, rng as raw key data);
+- ``meta`` (JSON): dataset name and class names, model name, the full config that wrote it, and the
+  input pipeline's position.
+
+The input pipeline keeps no iterator state: its order is a pure function of ``(seed, step)``
+(``imgcls_jax/data/pipeline.py``), so a run resumed at step ``s`` rebuilds exactly the batches an
+uninterrupted run would see from ``s`` on. ``meta['data_position']`` records that position for readers;
+nothing else is needed to restore it. (tf.data iterator checkpoints were the alternative; they tie a
+checkpoint to one process layout and grow with shuffle buffers.)
+
+Restoring walks the checkpoints newest first. One whose files are truncated or unreadable is moved to
+``<workdir>/corrupt_checkpoints/`` with a warning and the previous one is used. One that is readable
+but was written by a different model or dataset is a ``UserError`` that says what differs.
+"""
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import math
 import os
-from typing import Any
+import shutil
+from typing import Any, Mapping
 
+import jax
+import ml_collections
 import orbax.checkpoint as ocp
 
 from imgcls_jax.errors import UserError
 
+# Config keys that define the state or the data it was trained on: resuming with other values is an
+# error. Keys ending in '.' are prefixes.
+MUST_MATCH = ('model.', 'data.name')
+# Config keys that change the training trajectory but not the state's shapes: resuming with other
+# values works, with a warning that the run no longer matches an uninterrupted one.
+TRAJECTORY = ('seed', 'batch_size', 'dtype', 'label_smoothing', 'num_train_steps', 'num_epochs',
+              'optim.', 'data.train_split', 'data.train_preprocess', 'data.shuffle_buffer',
+              'data.mean', 'data.std')
+CORRUPT_DIR = 'corrupt_checkpoints'
+
+
+class _NoMissingMetricsWarning(logging.Filter):
+  """Orbax warns on every save without metrics when best-tracking is on; ours omit them on purpose
+  (only checkpoints taken right after an evaluation carry metrics)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return 'did not provide metrics' not in record.getMessage()
+
+
+logging.getLogger('absl').addFilter(_NoMissingMetricsWarning())
+
+
+@dataclasses.dataclass
+class Restored:
+  """A restored checkpoint: its step, the state, its meta, and the newer steps found unreadable."""
+  step: int
+  state: Any
+  meta: dict[str, Any]
+  skipped: list[int]
+
+
+def config_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The config as plain JSON types (what checkpoints and ``config.json`` hold)."""
+  return json.loads(config.to_json_best_effort(sort_keys=True))
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+  out: dict[str, Any] = {}
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      out.update(_flatten(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
+                       keys: tuple[str, ...]) -> list[str]:
+  """``'key: <saved> in the checkpoint, <current> now'`` for every differing key under ``keys``."""
+  a, b = _flatten(saved), _flatten(current)
+  def selected(k: str) -> bool:
+    return any(k.startswith(p) if p.endswith('.') else k == p for p in keys)
+  missing = object()
+  diffs = []
+  for k in sorted(set(a) | set(b)):
+    va, vb = a.get(k, missing), b.get(k, missing)
+    if selected(k) and va != vb:
+      show = lambda v: 'unset' if v is missing else json.dumps(v)
+      diffs.append(f'{k}: {show(va)} in the checkpoint, {show(vb)} now')
+  return diffs
+
+
+def check_config(saved: Mapping[str, Any] | None, config: ml_collections.ConfigDict,
+                 where: str) -> None:
+  """Raises UserError if ``config`` differs from the checkpoint's in a state-defining key.
+
+  Warns when it differs in a key that changes the training trajectory.
+  """
+  if not saved:
+    return
+  current = config_dict(config)
+  bad = config_differences(saved, current, MUST_MATCH)
+  if bad:
+    raise UserError(f'{where} was written by a different model or dataset ({"; ".join(bad)}); '
+                    'resume it with the config that wrote it (config.json beside it) or start the '
+                    'new run in a new --workdir.')
+  changed = config_differences(saved, current, TRAJECTORY)
+  if changed:
+    logging.warning('Resuming %s with a changed config (%s): the run will not match an '
+                    'uninterrupted one.', where, '; '.join(changed))
+
+
+def _key(k: Any) -> str:
+  for attr in ('key', 'name', 'idx'):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
+def _leaves(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+  flat, _ = jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=lambda x: hasattr(x, 'shape') and hasattr(x, 'dtype'))
+  return {'/'.join(_key(k) for k in path): (tuple(leaf.shape), str(leaf.dtype))
+          for path, leaf in flat}
+
+
+def structure_differences(saved_metadata: Any, target: Any) -> list[str]:
+  """Differences in paths, shapes and dtypes between a checkpoint's tree and a target state."""
+  saved, want = _leaves(saved_metadata), _leaves(target)
+  diffs = []
+  for path in sorted(set(saved) | set(want)):
+    if path not in want:
+      diffs.append(f'{path} is only in the checkpoint')
+    elif path not in saved:
+      diffs.append(f'{path} is missing from the checkpoint')
+    elif saved[path] != want[path]:
+      (s_shape, s_dtype), (w_shape, w_dtype) = saved[path], want[path]
+      diffs.append(f'{path} is {s_shape} {s_dtype} in the checkpoint, {w_shape} {w_dtype} now')
+  return diffs
+
+
+def _first_line(err: BaseException, limit: int = 160) -> str:
+  text = str(err).strip().splitlines()[0] if str(err).strip() else ''
+  return f'{type(err).__name__}: {text[:limit]}'
+
 
 class Checkpointer:
-  """Wraps an Orbax ``CheckpointManager`` in ``<workdir>/checkpoints``; use as a context manager."""
+  """An Orbax ``CheckpointManager`` over ``<workdir>/checkpoints``; use it as a context manager.
 
-  def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
-    self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  Keeps the newest ``keep`` checkpoints, plus the ``keep_best`` best by the evaluation metric
+  ``best_metric`` (``best_mode`` 'max' or 'min') among checkpoints saved with metrics.
+  """
+
+  def __init__(self, workdir: str, *, keep: int = 3, keep_best: int = 0,
+               best_metric: str = 'accuracy', best_mode: str = 'max', async_save: bool = True):
+    if best_mode not in ('max', 'min'):
+      raise UserError(f"config.checkpoint.best_mode must be 'max' or 'min', got '{best_mode}'.")
+    if keep < 1 or keep_best < 0:
+      raise UserError(f'Keep at least one checkpoint (config.keep_checkpoints={keep}) and a '
+                      f'non-negative number of best ones (config.checkpoint.keep_best={keep_best}).')
+    self.workdir = os.path.abspath(workdir)
+    self.directory = os.path.join(self.workdir, 'checkpoints')
+    self.best_metric = best_metric
+    self.best_mode = best_mode
+    worst = -math.inf if best_mode == 'max' else math.inf
+    metric = lambda m: float(m.get(best_metric, worst))
+    policies: list[Any] = [ocp.checkpoint_managers.LatestN(keep)]
+    if keep_best:
+      policies.append(ocp.checkpoint_managers.BestN(
+          get_metric_fn=metric, reverse=best_mode == 'min', n=keep_best,
+          keep_checkpoints_without_metrics=False))
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=ocp.checkpoint_managers.LatestN(keep),
-        enable_async_checkpointing=async_save,
-        create=True)
-    self._manager = ocp.CheckpointManager(self.directory, options=options)
+        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+        best_fn=metric if keep_best else None, best_mode=best_mode,
+        enable_async_checkpointing=async_save, cleanup_tmp_directories=True, create=True)
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={'state': ocp.StandardCheckpointHandler(),
+                       'meta': ocp.JsonCheckpointHandler()})
+
+  @classmethod
+  def from_config(cls, workdir: str, config: ml_collections.ConfigDict) -> 'Checkpointer':
+    """The keep / best / async policy of ``config.keep_checkpoints`` and ``config.checkpoint``."""
+    c = config.checkpoint
+    return cls(workdir, keep=config.keep_checkpoints, keep_best=c.keep_best,
+               best_metric=c.best_metric, best_mode=c.best_mode, async_save=c.async_save)
 
   def __enter__(self) -> 'Checkpointer':
     return self
@@ -28,37 +195,140 @@ class Checkpointer:
     self.close()
 
   def close(self) -> None:
+    """Waits for pending saves, then releases the manager."""
     self._manager.wait_until_finished()
     self._manager.close()
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def all_steps(self) -> list[int]:
-    return list(self._manager.all_steps())
+  def best_step(self) -> int | None:
+    """The saved step with the best ``best_metric`` (None when none was saved with metrics)."""
+    if self._manager._options.best_fn is None:  # pylint: disable=protected-access
+      return None
+    steps = [s for s in self.all_steps() if self.metrics(s)]
+    return self._manager.best_step() if steps else None
 
-  def save(self, step: int, state: Any, meta: dict[str, Any] | None = None) -> None:
-    """Starts an (async) save of ``state`` at ``step``; no-op when that step is already saved."""
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def metrics(self, step: int) -> dict[str, Any] | None:
+    """The evaluation metrics saved with ``step``, if any."""
+    m = self._manager.metrics(step)
+    return dict(m) if m else None
+
+  def save(self, step: int, state: Any, meta: Mapping[str, Any] | None = None,
+           metrics: Mapping[str, Any] | None = None) -> bool:
+    """Starts an (async) save of ``state`` at ``step``; False when that step is already saved.
+
+    ``metrics`` (evaluation results) rank the checkpoint for keep-best; the state is copied off the
+    devices before this returns, so the caller may donate it to the next step right away.
+    """
     if step in self._manager.all_steps():
-      return
+      return False
+    if metrics is not None and self._manager._options.best_fn is not None:  # pylint: disable=protected-access
+      if self.best_metric not in metrics:
+        raise UserError(f"config.checkpoint.best_metric='{self.best_metric}' is not an evaluation "
+                        f"metric; use one of: {', '.join(sorted(metrics))}.")
+      metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
     self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta or {})), force=True)
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta or {}))),
+        metrics=dict(metrics) if metrics is not None else None, force=True)
+    return True
 
   def wait(self) -> None:
+    """Blocks until every started save is on disk."""
     self._manager.wait_until_finished()
 
+  def read_meta(self, step: int) -> dict[str, Any]:
+    """The JSON meta saved with ``step``."""
+    restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return dict(restored['meta'] or {})
+
+  def _check_fits(self, step: int, target: Any) -> None:
+    diffs = structure_differences(self._manager.metadata(step).item_metadata['state'].tree, target)
+    if diffs:
+      more = f' (and {len(diffs) - 1} more differences)' if len(diffs) > 1 else ''
+      raise UserError(f'Checkpoint {step} in {self.directory} does not fit this model/config: '
+                      f'{diffs[0]}{more}; resume with the config that wrote it (config.json in '
+                      'the workdir) or use a new --workdir.')
+
   def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
-    """(state placed as ``abstract_state``'s shardings say, meta) at ``step`` (default latest)."""
+    """(state placed as ``abstract_state``'s shardings say, meta) at ``step`` (default latest).
+
+    Strict: a missing, unreadable or mismatched checkpoint is a UserError (no fallback).
+    """
     step = self.latest_step() if step is None else step
     if step is None:
       raise UserError(f'No checkpoint in {self.directory}; train first or point --workdir at a '
                       'run directory.')
+    if step not in self._manager.all_steps():
+      raise UserError(f'No checkpoint of step {step} in {self.directory}; it holds steps '
+                      f'{self.all_steps()}.')
     try:
+      self._check_fits(step, abstract_state)
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-    except (ValueError, KeyError, TypeError) as e:
-      raise UserError(f'Checkpoint {step} in {self.directory} does not match this model/config '
-                      f'({str(e).splitlines()[0][:300]}); use the config that wrote it or a new '
-                      '--workdir.') from None
+    except UserError:
+      raise
+    except Exception as e:  # tensorstore / json / OS errors on a damaged checkpoint
+      raise UserError(f'Checkpoint {step} in {self.directory} is unreadable ({_first_line(e)}); '
+                      'use another step or a new --workdir.') from None
     logging.info('Restored checkpoint %d from %s', step, self.directory)
     return restored['state'], dict(restored['meta'] or {})
+
+  def restore_latest(self, abstract_state: Any,
+                     config: ml_collections.ConfigDict | None = None) -> Restored | None:
+    """The newest readable checkpoint that fits ``abstract_state``; None when there is none.
+
+    Unreadable (truncated, partly deleted) checkpoints are moved to ``<workdir>/corrupt_checkpoints``
+    with a warning, and the previous one is tried. A readable checkpoint written by a different
+    model/dataset (``config``'s state-defining keys, or the state's tree) raises UserError.
+    """
+    skipped: list[int] = []
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        meta = self.read_meta(step)
+        self._manager.metadata(step).item_metadata['state'].tree  # pylint: disable=expression-not-assigned
+      except Exception as e:  # unreadable meta or tree metadata
+        self._quarantine(step, e)
+        skipped.append(step)
+        continue
+      where = f'The checkpoint of step {step} in {self.directory}'
+      if config is not None:
+        check_config(meta.get('config'), config, where)
+      self._check_fits(step, abstract_state)
+      try:
+        state = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state)))['state']
+      except Exception as e:  # truncated or missing array data
+        self._quarantine(step, e)
+        skipped.append(step)
+        continue
+      if skipped:
+        logging.warning('Resuming from the previous good checkpoint, step %d (newer unreadable: '
+                        '%s).', step, ', '.join(map(str, skipped)))
+      return Restored(step=step, state=state, meta=meta, skipped=skipped)
+    if skipped:
+      raise UserError(f'No readable checkpoint in {self.directory}: steps '
+                      f'{", ".join(map(str, skipped))} were damaged and moved to '
+                      f'{os.path.join(self.workdir, CORRUPT_DIR)}; run again to start from scratch '
+                      'or put back a good copy.')
+    return None
+
+  def _quarantine(self, step: int, err: BaseException) -> None:
+    """Moves an unreadable checkpoint out of the manager's directory (kept for inspection)."""
+    src = os.path.join(self.directory, str(step))
+    root = os.path.join(self.workdir, CORRUPT_DIR)
+    dest, n = os.path.join(root, str(step)), 1
+    while os.path.exists(dest):
+      dest, n = os.path.join(root, f'{step}.{n}'), n + 1
+    if jax.process_index() == 0:
+      os.makedirs(root, exist_ok=True)
+      shutil.move(src, dest)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f'imgcls_jax_quarantine_{step}')
+    self._manager.reload()
+    logging.warning('Checkpoint %d in %s is unreadable (%s); moved it to %s and falling back to '
+                    'the previous checkpoint.', step, self.directory, _first_line(err), dest)

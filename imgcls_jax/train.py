@@ -10,11 +10,12 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
 
-from imgcls_jax import checkpoint, configlib, metrics, models, optim, report, sharding, steps
+from imgcls_jax import checkpoint, configlib, metrics, models, optim, preemption, sharding, steps
 from imgcls_jax import state as state_lib
 from imgcls_jax.data import pipeline
 from imgcls_jax.errors import UserError
@@ -84,26 +85,29 @@ def jit_steps(s: Setup, state_shardings: Any) -> tuple[Any, Any]:
 
 
 def restore_or_init(s: Setup, ckpt: checkpoint.Checkpointer) -> tuple[Any, Any]:
-  """(state, shardings): the latest checkpoint in the workdir if any, else a fresh init."""
+  """(state, shardings): the newest readable checkpoint in the workdir if any, else a fresh init.
+
+  Damaged checkpoints are skipped with a warning (previous one used); one written by another
+  model/dataset is a UserError naming what differs.
+  """
   placement = sharding.ParamSharding.from_config(s.config.mesh)
-  if ckpt.latest_step() is not None:
-    target, shardings = state_lib.abstract_state(s.model_fn, s.tx, s.config.seed, s.mesh,
-                                                 placement)
-    state, _ = ckpt.restore(target)
-    logging.info('Resuming from step %d.', int(state.step))
-    return state, shardings
+  target, shardings = state_lib.abstract_state(s.model_fn, s.tx, s.config.seed, s.mesh, placement)
+  restored = ckpt.restore_latest(target, config=s.config)
+  if restored is not None:
+    logging.info('Resuming from step %d.', restored.step)
+    return restored.state, shardings
   return state_lib.create(s.model_fn, s.tx, s.config.seed, s.mesh, placement)
 
 
 def evaluate(eval_step: Any, state: Any, data: pipeline.EvalData, mesh: jax.sharding.Mesh) -> dict:
-  """Every example of the split exactly once: loss, top-1 / top-5, macro and weighted precision /
-  recall / F1, and expected calibration error (``report.training_eval_metrics``)."""
+  """Mean loss / top-1 / top-5 over every example of the split exactly once."""
   totals = None
   for batch in sharding.device_prefetch(data.batches(), sharding.batch_sharding(mesh)):
-    totals = report.add(totals, eval_step(state, batch))
+    out = eval_step(state, batch)
+    totals = out if totals is None else jax.tree.map(lambda a, b: a + b, totals, out)
   if totals is None:
     raise UserError(f"The evaluation split '{data.split}' is empty.")
-  return report.training_eval_metrics(totals)
+  return metrics.summarize_eval(jax.device_get(totals))
 
 
 def _write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -111,22 +115,50 @@ def _write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint) and evaluates.
+def _rewind_metrics(path: str, step: int) -> None:
+  """Drops ``metrics.jsonl`` records after ``step``: a resumed run writes them again."""
+  if not os.path.exists(path):
+    return
+  records = metrics.read_jsonl(path)
+  kept = [r for r in records if r.get('step', 0) <= step]
+  if len(kept) < len(records):
+    with open(path + '.tmp', 'w') as f:
+      f.writelines(json.dumps(r) + '\n' for r in kept)
+    os.replace(path + '.tmp', path)
+    logging.info('Dropped %d metrics.jsonl records after step %d (they are redone on resume).',
+                 len(records) - len(kept), step)
 
-  Returns the final evaluation metrics.
-  With ``config.cross_validation.folds`` > 0 it runs k-fold cross-validation instead
-  (``cross_validation.py``, which calls this function once per fold) and returns its summary.
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+  """True when every float in ``tree`` is finite."""
+  flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+           if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
+
+
+def _checkpoint_meta(s: Setup, step: int) -> dict[str, Any]:
+  """JSON saved beside the state: dataset, model, the config, and the input pipeline's position."""
+  c = s.config
+  return {'dataset': s.info.name, 'class_names': list(s.info.class_names),
+          'num_classes': s.info.num_classes, 'model': c.model.name,
+          'config': checkpoint.config_dict(c),
+          # The training order is a pure function of (seed, step) (data/pipeline.py): the step
+          # is the whole position; resuming rebuilds the stream from it.
+          'data_position': {'step': step, 'seed': c.seed, 'examples_seen': step * c.batch_size}}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains ``config`` in ``workdir`` (resuming from its newest good checkpoint) and evaluates.
+
+  Returns the final evaluation metrics, or ``{'interrupted_at_step': n}`` after a SIGTERM / SIGINT
+  (the loop finishes the current step, saves a checkpoint and returns; rerunning resumes there).
   """
-  if config.get('cross_validation') and config.cross_validation.folds > 0:
-    from imgcls_jax import cross_validation
-    return cross_validation.cross_validate(config, workdir)
   workdir = os.path.abspath(workdir)
   s = setup(config)
   is_main = jax.process_index() == 0
   if is_main:
     os.makedirs(workdir, exist_ok=True)
-    _write_config(workdir, config)
   pidx, pcount = jax.process_index(), jax.process_count()
   eval_data = pipeline.EvalData(config.data, config.data.eval_split,
                                 local_batch_size=s.local_eval_batch_size, process_index=pidx,
@@ -134,13 +166,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                 split_size=s.info.num_examples.get(config.data.eval_split))
   eval_every = configlib.steps_from(config, 'eval_every', s.steps_per_epoch) or s.total_steps
   ckpt_every = configlib.steps_from(config, 'checkpoint_every', s.steps_per_epoch) or s.total_steps
-  writer = metrics.MetricWriter(workdir, enabled=is_main, tensorboard=config.tensorboard)
-  meta = {'dataset': s.info.name, 'class_names': list(s.info.class_names),
-          'num_classes': s.info.num_classes, 'model': config.model.name}
+  ckpt_on_eval = config.checkpoint.keep_best > 0  # best-N needs a checkpoint at every evaluation
 
-  with checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints) as ckpt:
-    state, state_sh = restore_or_init(s, ckpt)
+  with checkpoint.Checkpointer.from_config(workdir, config) as ckpt, \
+       preemption.StopWatcher() as stop:
+    state, state_sh = restore_or_init(s, ckpt)  # checks the workdir's config first
     start = int(jax.device_get(state.step))
+    if is_main:
+      _write_config(workdir, config)
+      _rewind_metrics(os.path.join(workdir, 'metrics.jsonl'), start)
+    writer = metrics.MetricWriter(workdir, enabled=is_main, tensorboard=config.tensorboard)
     train_step, eval_step = jit_steps(s, state_sh)
     logging.info('Model %s: %s parameters; %d devices; %d steps (%d per epoch), global batch %d.',
                  config.model.name, f'{state_lib.param_count(state.params):,}', s.mesh.devices.size,
@@ -157,6 +192,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     disable=(None if config.progress_bar else True) if is_main else True)
     t_log, n_log = time.perf_counter(), 0
 
+    def diverged(what: str, step: int) -> TrainingDiverged:
+      return TrainingDiverged(
+          f'Training diverged: {what} at step {step}; the last good checkpoint is step {last_good} '
+          f'in {ckpt.directory}. Lower config.optim.learning_rate or set '
+          'config.optim.grad_clip_norm.')
+
     def flush(step: int, keep_last: bool) -> None:
       """Fetches pending train metrics (all but the newest when ``keep_last``) and logs them."""
       nonlocal history, t_log, n_log
@@ -165,12 +206,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         return
       values = jax.device_get(fetch)
       for i, v in enumerate(values):
-        if not metrics.all_finite({'loss': v['loss']}):
+        if not metrics.all_finite({'loss': v['loss'], 'grad_norm': v['grad_norm']}):
           bad = step - len(history) - len(values) + i + 1
-          raise TrainingDiverged(
-              f'Training diverged: the loss is {float(v["loss"])} at step {bad}; the last good '
-              f'checkpoint is step {last_good} in {ckpt.directory}. Lower '
-              'config.optim.learning_rate or set config.optim.grad_clip_norm.')
+          raise diverged(f'the loss is {float(v["loss"])} (gradient norm '
+                         f'{float(v["grad_norm"])})', bad)
       elapsed = time.perf_counter() - t_log
       summary = metrics.mean_train(values)
       summary['images_per_sec'] = n_log * config.batch_size / max(elapsed, 1e-9)
@@ -178,13 +217,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       bar.set_postfix(loss=f"{summary['loss']:.4f}", img_s=f"{summary['images_per_sec']:.0f}")
       t_log, n_log = time.perf_counter(), len(history)
 
+    def save(step: int, eval_result: dict[str, Any] | None = None) -> None:
+      """Starts an async save once every step up to ``step`` is known to be finite."""
+      nonlocal last_good
+      flush(step, keep_last=False)  # raises on a non-finite loss: never save after one
+      if not bool(_all_finite(state)):
+        raise diverged('the train state holds NaN/Inf values', step)
+      ckpt.save(step, state, _checkpoint_meta(s, step), metrics=eval_result)
+      last_good = step
+
+    stopped_at = None
     for step in range(start, s.total_steps):
+      if stop.requested(step):
+        stopped_at = step
+        break
       state, step_metrics = train_step(state, next(batches))
       history.append(step_metrics)
       n_log += 1
       done = step + 1
       do_eval = done % eval_every == 0 or done == s.total_steps
-      do_ckpt = done % ckpt_every == 0 or done == s.total_steps
+      do_ckpt = done % ckpt_every == 0 or done == s.total_steps or (do_eval and ckpt_on_eval)
       if do_eval or do_ckpt:
         flush(done, keep_last=False)
       elif done % config.log_every_steps == 0:
@@ -196,13 +248,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                   f'{eval_metrics["accuracy"]:.2%}, top-5 {eval_metrics["accuracy_top5"]:.2%} '
                   f'on {eval_metrics["count"]} examples') if is_main else None
       if do_ckpt:
-        ckpt.save(done, state, meta)
-        last_good = done
+        save(done, eval_metrics if do_eval else None)
       bar.update(1)
     bar.close()
-    if not eval_metrics:  # resumed a finished run: evaluate what is there
+    if stopped_at is not None:
+      save(stopped_at)
+      ckpt.wait()
+    elif not eval_metrics:  # resumed a finished run: evaluate what is there
       eval_metrics = evaluate(eval_step, state, eval_data, s.mesh)
   writer.close()
+  if stopped_at is not None:
+    if is_main:
+      print(f'Stopped by {stop.signal_name} at step {stopped_at} of {s.total_steps}; checkpoint '
+            f'saved in {ckpt.directory}. To resume, {preemption.resume_hint(workdir)}', flush=True)
+    return {'interrupted_at_step': stopped_at}
   if is_main:
     print(f'Final eval on {config.data.eval_split} ({eval_metrics["count"]} examples): top-1 '
           f'{eval_metrics["accuracy"]:.2%}, top-5 {eval_metrics["accuracy_top5"]:.2%}, loss '

@@ -1,0 +1,144 @@
+"""Checkpointer: keep-last-N + best-N, damaged checkpoints, config and structure checks, re-meshing."""
+import glob
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from imgcls_jax import checkpoint
+from imgcls_jax.errors import UserError
+
+
+def _state(value: float) -> dict:
+  return {'w': jnp.full((4, 3), value, jnp.float32), 'b': jnp.arange(3, dtype=jnp.int32),
+          'step': jnp.asarray(int(value), jnp.int32)}
+
+
+def _target(state: dict, sharding=None) -> dict:
+  sharding = sharding or NamedSharding(Mesh(np.asarray(jax.devices()[:1]), ('data',)), P())
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)
+
+
+def damage(step_dir: str) -> None:
+  """Truncates every array-data file of a saved state to half its size (a torn write)."""
+  files = [f for f in glob.glob(os.path.join(step_dir, 'state', '**', 'd', '*'), recursive=True)
+           if os.path.isfile(f)]
+  assert files, f'no array data under {step_dir}'
+  for f in files:
+    os.truncate(f, os.path.getsize(f) // 2)
+
+
+def test_keeps_the_newest_n_and_the_best_by_metric(tmp_path):
+  accuracy = {2: 0.9, 4: 0.5, 6: 0.7}  # evaluated steps; the others carry no metrics
+  with checkpoint.Checkpointer(str(tmp_path), keep=2, keep_best=1, best_metric='accuracy') as ckpt:
+    for step in range(1, 8):
+      m = {'accuracy': accuracy[step], 'loss': 1 - accuracy[step]} if step in accuracy else None
+      assert ckpt.save(step, _state(step), {'step': step}, metrics=m)
+    assert not ckpt.save(7, _state(7))  # already saved: no-op
+    ckpt.wait()
+    assert ckpt.all_steps() == [2, 6, 7]
+    assert ckpt.best_step() == 2
+    assert ckpt.metrics(6)['accuracy'] == 0.7 and ckpt.metrics(7) is None
+    state, meta = ckpt.restore(_target(_state(0)), step=2)
+  np.testing.assert_array_equal(state['w'], np.full((4, 3), 2.0))
+  assert meta == {'step': 2}
+
+
+def test_best_by_lowest_loss_and_synchronous_saves(tmp_path):
+  with checkpoint.Checkpointer(str(tmp_path), keep=1, keep_best=2, best_metric='loss',
+                               best_mode='min', async_save=False) as ckpt:
+    for step, loss in [(1, 0.3), (2, 0.9), (3, 0.1), (4, 0.5)]:
+      ckpt.save(step, _state(step), metrics={'loss': loss})
+      assert step in ckpt.all_steps()  # on disk when save() returns
+    assert ckpt.all_steps() == [1, 3, 4] and ckpt.best_step() == 3
+
+
+def test_best_metric_must_be_an_evaluation_metric(tmp_path):
+  with checkpoint.Checkpointer(str(tmp_path), keep_best=1, best_metric='f1') as ckpt:
+    with pytest.raises(UserError, match=r"best_metric='f1'.*accuracy, loss"):
+      ckpt.save(1, _state(1), metrics={'accuracy': 0.5, 'loss': 1.0})
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
+  with checkpoint.Checkpointer(str(tmp_path), keep=5) as ckpt:
+    for step in (1, 2, 3):
+      ckpt.save(step, _state(step), {'step': step})
+  damage(str(tmp_path / 'checkpoints' / '3'))
+  with caplog.at_level(logging.WARNING), checkpoint.Checkpointer(str(tmp_path), keep=5) as ckpt:
+    with pytest.raises(UserError, match='Checkpoint 3 .* is unreadable'):
+      ckpt.restore(_target(_state(0)))  # the strict restore names the damage
+    restored = ckpt.restore_latest(_target(_state(0)))
+    assert restored.step == 2 and restored.skipped == [3] and restored.meta == {'step': 2}
+    np.testing.assert_array_equal(restored.state['w'], np.full((4, 3), 2.0))
+    assert ckpt.all_steps() == [1, 2]
+    assert ckpt.save(3, _state(3))  # the step can be written again
+  assert 'Checkpoint 3' in caplog.text and 'unreadable' in caplog.text
+  assert 'previous good checkpoint, step 2' in caplog.text
+  assert os.path.isdir(tmp_path / checkpoint.CORRUPT_DIR / '3')  # kept for inspection
+
+
+def test_no_readable_checkpoint_is_a_user_error(tmp_path):
+  with checkpoint.Checkpointer(str(tmp_path)) as ckpt:
+    assert ckpt.restore_latest(_target(_state(0))) is None  # empty workdir: fresh start
+    ckpt.save(1, _state(1))
+  damage(str(tmp_path / 'checkpoints' / '1'))
+  with checkpoint.Checkpointer(str(tmp_path)) as ckpt:
+    with pytest.raises(UserError, match='No readable checkpoint .* steps 1 were damaged'):
+      ckpt.restore_latest(_target(_state(0)))
+
+
+def test_state_that_does_not_fit_is_one_clear_line(tmp_path):
+  with checkpoint.Checkpointer(str(tmp_path)) as ckpt:
+    ckpt.save(1, _state(1))
+  other = dict(_state(0), w=jnp.zeros((4, 5)))
+  with checkpoint.Checkpointer(str(tmp_path)) as ckpt:
+    with pytest.raises(UserError) as e:
+      ckpt.restore_latest(_target(other))
+  msg = str(e.value)
+  assert '\n' not in msg
+  assert 'w is (4, 3) float32 in the checkpoint, (4, 5) float32 now' in msg
+  assert os.path.isdir(tmp_path / 'checkpoints' / '1')  # a mismatch is not damage: left in place
+
+
+def test_config_of_another_model_or_dataset_is_refused(digits_config, tmp_path):
+  saved = checkpoint.config_dict(digits_config)
+  digits_config.model.widths = (32, 64)
+  digits_config.data.name = 'mnist'
+  with pytest.raises(UserError) as e:
+    checkpoint.check_config(saved, digits_config, 'The checkpoint')
+  msg = str(e.value)
+  assert '\n' not in msg
+  assert 'data.name: "sklearn_digits" in the checkpoint, "mnist" now' in msg
+  assert 'model.widths: [16, 32] in the checkpoint, [32, 64] now' in msg
+
+
+def test_trajectory_changes_warn_and_bookkeeping_changes_do_not(digits_config, caplog):
+  saved = checkpoint.config_dict(digits_config)
+  digits_config.mesh.num_devices = 1
+  digits_config.log_every_steps = 7
+  with caplog.at_level(logging.WARNING):
+    checkpoint.check_config(saved, digits_config, 'ckpt')
+  assert not caplog.records
+  digits_config.optim.learning_rate = 0.01
+  with caplog.at_level(logging.WARNING):
+    checkpoint.check_config(saved, digits_config, 'ckpt')
+  assert 'optim.learning_rate: 0.1 in the checkpoint, 0.01 now' in caplog.text
+  assert 'will not match an uninterrupted one' in caplog.text
+
+
+def test_restore_onto_a_different_mesh(tmp_path):
+  mesh8 = Mesh(np.asarray(jax.devices()), ('data',))
+  state = jax.device_put(_state(5), NamedSharding(mesh8, P()))
+  state['x'] = jax.device_put(jnp.arange(16.0), NamedSharding(mesh8, P('data')))  # split over 8
+  with checkpoint.Checkpointer(str(tmp_path)) as ckpt:
+    ckpt.save(5, state)
+  one = NamedSharding(Mesh(np.asarray(jax.devices()[-1:]), ('data',)), P())
+  with checkpoint.Checkpointer(str(tmp_path)) as ckpt:
+    restored = ckpt.restore_latest(_target(state, one)).state
+  assert restored['x'].sharding == one and restored['w'].sharding == one
+  for k in state:
+    np.testing.assert_array_equal(restored[k], state[k])
