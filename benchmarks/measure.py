@@ -9,9 +9,9 @@ step). Imports neither TensorFlow nor ``imgcls_jax``. The method:
   independent of backend rewrites (a GPU's compiled module hides cuDNN convolutions inside
   custom calls). The compiled module's count is recorded next to it.
 * time: ``warmup`` untimed steps, then windows of ``window`` steps dispatched back to back (each
-  step's state feeds the next; nothing is read back inside a window) and one block at the window's
-  end; step time = window time / window. The median over windows is the reported step time, so a
-  slow first window or a hiccup does not move it.
+  step's state feeds the next; a transfer guard fails any host <-> device transfer inside a window)
+  and one block at the window's end; step time = window time / window. The median over windows
+  is the reported step time, so a slow first window or a hiccup does not move it.
 """
 from __future__ import annotations
 
@@ -114,13 +114,16 @@ def time_steps(step: Callable[[Any, Any], tuple[Any, Any]], state: Any, batch: A
     state, metrics = step(state, batch)
   jax.block_until_ready((state, metrics))
   per_step, kept = [], []
-  for _ in range(steps // window):
-    t0 = time.perf_counter()
-    for _ in range(window):
-      state, metrics = step(state, batch)
-    jax.block_until_ready((state, metrics))
-    per_step.append((time.perf_counter() - t0) / window)
-    kept.append(metrics)
+  # Inside a window nothing may move between host and device: a step fed host data (or, on an
+  # accelerator, one that reads a value back) fails here instead of being timed with a hidden sync.
+  with jax.transfer_guard('disallow'):
+    for _ in range(steps // window):
+      t0 = time.perf_counter()
+      for _ in range(window):
+        state, metrics = step(state, batch)
+      jax.block_until_ready((state, metrics))
+      per_step.append((time.perf_counter() - t0) / window)
+      kept.append(metrics)
   return state, per_step, jax.device_get(kept)
 
 

@@ -4,10 +4,11 @@
       --peak_tflops=790 [--json] [--xla_flags='--xla_gpu_...']
 
 Builds exactly what training builds (``models.from_config``, ``optim``, ``state.create`` over the
-``sharding`` mesh, ``steps.train_step`` jitted with the state's shardings and donated) and times it
-with ``benchmarks/measure.py``: compile time, median step time, images/s, TFLOP/s from XLA's cost
-analysis, and the fraction of ``--peak_tflops``. Never imports TensorFlow, so it runs where only
-JAX is installed (ml_collections is needed for the config; see benchmarks/gpu_run.sh).
+``sharding`` mesh with the configured parameter placement, ``steps.train_step`` jitted with the
+state's shardings and donated) and times it with ``benchmarks/measure.py``: compile time, median
+step time, images/s, TFLOP/s from XLA's cost analysis, and the fraction of ``--peak_tflops``.
+Never imports TensorFlow, so it runs where only JAX is installed (ml_collections is needed for the
+config; see benchmarks/gpu_run.sh).
 
 The synthetic images have the shape the config's training pipeline produces: the ``size=`` of the
 last sizing op in ``config.data.train_preprocess`` (e.g. ``random_resized_crop(size=224)``), else
@@ -98,6 +99,7 @@ class Bench:
   seed: int
   batch_size: int
   shape: Shape
+  placement: sharding.ParamSharding
 
 
 def step_config(config: ml_collections.ConfigDict, num_classes: int) -> steps.StepConfig:
@@ -118,16 +120,17 @@ def build(config: ml_collections.ConfigDict, shape: Shape) -> Bench:
   total = config.num_train_steps if config.num_train_steps > 0 else 10_000
   lr = optim.schedule(config.optim, batch_size=config.batch_size, total_steps=total,
                       warmup_steps=configlib.steps_from(config, 'optim.warmup', 100))
-  tx = optim.build(config.optim, lr)
+  tx = optim.build(config.optim, lr, config.get('transfer'))
   model_fn = models.from_config(config, shape.num_classes, shape.channels)
   model_def = state_lib.model_def(model_fn)
-  _, state_sh = state_lib.abstract_state(model_fn, tx, config.seed, mesh)
+  placement = sharding.ParamSharding.from_config(config.mesh)
+  _, state_sh = state_lib.abstract_state(model_fn, tx, config.seed, mesh, placement)
   jitted = jax.jit(functools.partial(steps.train_step, model_def=model_def, tx=tx,
                                      lr_schedule=lr, cfg=step_config(config, shape.num_classes)),
                    in_shardings=(state_sh, sharding.batch_sharding(mesh)),
                    out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
   return Bench(jitted=jitted, mesh=mesh, model_fn=model_fn, tx=tx, seed=config.seed,
-               batch_size=config.batch_size, shape=shape)
+               batch_size=config.batch_size, shape=shape, placement=placement)
 
 
 def batch_spec(bench: Bench) -> dict[str, jax.ShapeDtypeStruct]:
@@ -153,7 +156,8 @@ def synthetic_batch(bench: Bench) -> dict[str, jax.Array]:
 
 def flops_per_step(bench: Bench) -> float | None:
   """XLA's FLOP count of one step, from shapes alone (no state allocated, nothing compiled)."""
-  abstract, _ = state_lib.abstract_state(bench.model_fn, bench.tx, bench.seed, bench.mesh)
+  abstract, _ = state_lib.abstract_state(bench.model_fn, bench.tx, bench.seed, bench.mesh,
+                                         bench.placement)
   return measure.flops(bench.jitted.lower(abstract, batch_spec(bench)), None)['flops_per_step']
 
 
@@ -161,7 +165,7 @@ def run(config: ml_collections.ConfigDict, shape: Shape, *, num_steps: int, warm
         window: int, peak_tflops: float, config_path: str = '') -> dict[str, Any]:
   """Compiles and times the step; returns the JSON record (see ``measure.result``)."""
   bench = build(config, shape)
-  state, _ = state_lib.create(bench.model_fn, bench.tx, bench.seed, bench.mesh)
+  state, _ = state_lib.create(bench.model_fn, bench.tx, bench.seed, bench.mesh, bench.placement)
   batch = synthetic_batch(bench)
   params = state_lib.param_count(state.params)
   compiled, info = measure.compile_step(bench.jitted, state, batch)

@@ -98,6 +98,25 @@ def get_config() -> ml_collections.ConfigDict:
                                           # default: all; under SLURM, one per task)
   c.distributed.initialization_timeout = 300  # seconds to wait for every process to join
 
+  # ---- evaluation report (--mode=evaluate, imgcls_jax/evaluate.py; also cross-validation) ----
+  c.evaluate = ml_collections.ConfigDict()
+  c.evaluate.checkpoint = 'best'          # 'best' (by config.checkpoint.best_metric; runs saved
+                                          # without metrics: highest eval top-1 in metrics.jsonl;
+                                          # else the latest), 'latest', or a step number
+  c.evaluate.split = ''                   # tfds split to evaluate; '' = data.eval_split
+  c.evaluate.tta = ''                     # test-time augmentation: '' (none) or 'flip' (average
+                                          # the probabilities of the image and its mirror image)
+  c.evaluate.calibration_bins = 15        # equal-width confidence bins of the ECE / reliability plot
+  c.evaluate.top_confused = 10            # most confused class pairs listed in the report
+  c.evaluate.output_dir = ''              # report files; '' = the workdir
+
+  # ---- k-fold cross-validation (imgcls_jax/cross_validation.py) ----
+  c.cross_validation = ml_collections.ConfigDict()
+  # 0 = off. K >= 2: the train command trains K models on stratified folds of data.train_split
+  # (folds fixed by `seed`), each in <workdir>/fold_<i> (resumable), evaluates each on its
+  # held-out fold and reports every fold and the mean +- std (e.g. data.train_split='train+test').
+  c.cross_validation.folds = 0
+
   # ---- checkpoint policy, fault tolerance (imgcls_jax/checkpoint.py, imgcls_jax/preemption.py)
   # Periods are checkpoint_every_* above; keep_checkpoints newest are kept. A rerun of the same
   # command resumes from the newest readable checkpoint (damaged ones are moved to

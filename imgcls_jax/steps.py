@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from imgcls_jax import report
 from imgcls_jax.state import ModelDef, TrainState
 
 
@@ -81,15 +82,10 @@ def logits_fn(state: TrainState, images: jax.Array, *, model_def: ModelDef,
 
 def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model_def: ModelDef,
               cfg: StepConfig) -> dict[str, jax.Array]:
-  """Masked sums over a padded batch: loss, top-1 and top-5 correct, example count."""
+  """Masked sums over a padded batch: loss, top-1 and top-5 correct, example count, and the
+  confusion-matrix and calibration sums of the evaluation report (``report.batch_stats``)."""
   logits = logits_fn(state, batch['image'], model_def=model_def, cfg=cfg)
-  labels, mask = batch['label'], batch['mask'].astype(jnp.float32)
-  loss = cross_entropy(logits, jax.nn.one_hot(labels, cfg.num_classes))
-  top1 = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-  k = min(5, cfg.num_classes)
-  topk = jnp.any(jax.lax.top_k(logits, k)[1] == labels[:, None], axis=-1).astype(jnp.float32)
-  return {'loss': jnp.sum(loss * mask), 'correct': jnp.sum(top1 * mask),
-          'correct_top5': jnp.sum(topk * mask), 'count': jnp.sum(mask)}
+  return report.batch_stats(logits, batch['label'], batch['mask'])
 
 
 def predict_step(state: TrainState, batch: dict[str, jax.Array], *, model_def: ModelDef,

@@ -15,7 +15,8 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from imgcls_jax import checkpoint, configlib, metrics, models, optim, preemption, sharding, steps
+from imgcls_jax import (checkpoint, configlib, metrics, models, optim, preemption, report,
+                        sharding, steps)
 from imgcls_jax import state as state_lib
 from imgcls_jax.data import pipeline
 from imgcls_jax.errors import UserError
@@ -100,14 +101,14 @@ def restore_or_init(s: Setup, ckpt: checkpoint.Checkpointer) -> tuple[Any, Any]:
 
 
 def evaluate(eval_step: Any, state: Any, data: pipeline.EvalData, mesh: jax.sharding.Mesh) -> dict:
-  """Mean loss / top-1 / top-5 over every example of the split exactly once."""
+  """Every example of the split exactly once: loss, top-1 / top-5, macro and weighted precision /
+  recall / F1, and expected calibration error (``report.training_eval_metrics``)."""
   totals = None
   for batch in sharding.device_prefetch(data.batches(), sharding.batch_sharding(mesh)):
-    out = eval_step(state, batch)
-    totals = out if totals is None else jax.tree.map(lambda a, b: a + b, totals, out)
+    totals = report.add(totals, eval_step(state, batch))
   if totals is None:
     raise UserError(f"The evaluation split '{data.split}' is empty.")
-  return metrics.summarize_eval(jax.device_get(totals))
+  return report.training_eval_metrics(totals)
 
 
 def _write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -153,7 +154,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   Returns the final evaluation metrics, or ``{'interrupted_at_step': n}`` after a SIGTERM / SIGINT
   (the loop finishes the current step, saves a checkpoint and returns; rerunning resumes there).
+  With ``config.cross_validation.folds`` > 0 it runs k-fold cross-validation instead
+  (``cross_validation.py``, which calls this function once per fold) and returns its summary.
   """
+  if config.get('cross_validation') and config.cross_validation.folds > 0:
+    from imgcls_jax import cross_validation
+    return cross_validation.cross_validate(config, workdir)
   workdir = os.path.abspath(workdir)
   s = setup(config)
   is_main = jax.process_index() == 0

@@ -95,7 +95,8 @@ def test_synthetic_shape_follows_the_config():
   from benchmarks import throughput
   from configs import default, imagenet_resnet50
   from imgcls_jax.errors import UserError
-  assert throughput.synthetic_shape(imagenet_resnet50.get_config()) == throughput.Shape(224, 3, 1000)
+  imagenet = imagenet_resnet50.get_config()
+  assert throughput.synthetic_shape(imagenet) == throughput.Shape(224, 3, 1000)
   assert throughput.synthetic_shape(default.get_config()) == throughput.Shape(8, 1, 10)
   c = default.get_config()
   c.data.name = 'fashion_mnist'
@@ -149,6 +150,18 @@ def test_time_steps_counts_windows_and_rejects_uneven_ones():
   assert len(times) == 2 and [float(m['loss']) for m in metrics] == [4.0, 7.0]
   with pytest.raises(ValueError, match='positive multiple'):
     measure.time_steps(step, state, 1.0, warmup=0, steps=5, window=2)
+
+
+def test_time_steps_fails_a_step_fed_from_the_host():
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from benchmarks import measure
+  step = jax.jit(lambda state, batch: (state + batch.sum(), {'loss': state}))
+  measure.time_steps(step, jnp.float32(0), jnp.ones(3), warmup=1, steps=2, window=1)
+  with pytest.raises(Exception, match='Disallowed host-to-device transfer'):
+    measure.time_steps(step, jnp.float32(0), np.ones(3), warmup=1, steps=2, window=1)
 
 
 def test_compare_table(tmp_path):

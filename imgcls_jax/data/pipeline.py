@@ -106,13 +106,34 @@ def _select(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
   return {'image': example['image'], 'label': tf.cast(example['label'], tf.int32)}
 
 
+def _only_ids(ids_file: str) -> Any:
+  """Predicate keeping the examples whose tfds id is listed (one per line) in ``ids_file``."""
+  try:
+    with tf.io.gfile.GFile(ids_file) as f:
+      ids = [line.strip() for line in f if line.strip()]
+  except tf.errors.NotFoundError:
+    ids = []
+  if not ids:
+    raise UserError(f"The example-id file '{ids_file}' (split '...@{ids_file}') is missing or "
+                    'empty; give a file of tfds ids, one per line (see imgcls_jax/data/folds.py).')
+  table = tf.lookup.StaticHashTable(
+      tf.lookup.KeyValueTensorInitializer(tf.constant(ids), tf.ones([len(ids)], tf.int32)), 0)
+  return lambda ex: table.lookup(ex['tfds_id']) > 0
+
+
 def _read(data: ml_collections.ConfigDict, split: str, process_index: int, process_count: int,
           drop_remainder: bool) -> tf.data.Dataset:
   b = builder(data)
+  # 'SPLIT@IDS_FILE' reads only the examples of SPLIT whose tfds ids IDS_FILE lists, in their
+  # usual order (cross-validation folds: imgcls_jax/data/folds.py).
+  split, ids_file = split.split('@', 1) if '@' in split else (split, None)
   check_split(b, split, data.name)
   subsplit = tfds.even_splits(split, n=process_count, drop_remainder=drop_remainder)[process_index]
   ds = b.as_dataset(split=subsplit, shuffle_files=False,
-                    read_config=tfds.ReadConfig(try_autocache=False, shuffle_seed=0))
+                    read_config=tfds.ReadConfig(try_autocache=False, shuffle_seed=0,
+                                                add_tfds_id=ids_file is not None))
+  if ids_file is not None:
+    ds = ds.filter(_only_ids(ids_file))
   ds = ds.map(_select, num_parallel_calls=tf.data.AUTOTUNE)
   return ds.cache() if data.cache else ds
 

@@ -1,0 +1,96 @@
+"""Stratified k-fold membership of a tfds split, deterministic for a seed.
+
+Examples are named by their tfds id (``ReadConfig(add_tfds_id=True)``), sorted, and assigned to
+folds by ``sklearn.model_selection.StratifiedKFold(k, shuffle=True, random_state=seed)`` on their
+labels: the same split, ``k`` and seed always give the same folds, however the files are read.
+A fold is handed to the input pipeline as the split ``'SPLIT@IDS_FILE'`` (see
+``pipeline._read``): the examples of SPLIT whose ids the file lists, one per line.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+
+from imgcls_jax.data import pipeline
+from imgcls_jax.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class Folds:
+  """``fold[i]`` is the held-out fold of example ``ids[i]`` (label ``labels[i]``)."""
+  split: str
+  ids: tuple[str, ...]
+  labels: np.ndarray
+  fold: np.ndarray
+  k: int
+
+  def held_out(self, i: int) -> list[str]:
+    """Ids evaluated in fold ``i``."""
+    return [x for x, f in zip(self.ids, self.fold) if f == i]
+
+  def training(self, i: int) -> list[str]:
+    """Ids trained on in fold ``i`` (every other fold)."""
+    return [x for x, f in zip(self.ids, self.fold) if f != i]
+
+
+def read_ids_and_labels(data: ml_collections.ConfigDict, split: str) -> tuple[list[str], np.ndarray]:
+  """(tfds ids, labels) of every example of ``split``, sorted by id; images are not decoded."""
+  b = pipeline.builder(data)
+  pipeline.check_split(b, split, data.name)
+  ds = b.as_dataset(split=split, shuffle_files=False,
+                    read_config=tfds.ReadConfig(try_autocache=False, add_tfds_id=True),
+                    decoders={'image': tfds.decode.SkipDecoding()})
+  ds = ds.map(lambda ex: (ex['tfds_id'], ex['label']))
+  pairs = sorted((i.decode(), int(y)) for i, y in tfds.as_numpy(ds))
+  if len({i for i, _ in pairs}) != len(pairs):
+    raise UserError(f"Split '{split}' of '{data.name}' lists some examples twice (overlapping "
+                    'parts?); give each example once in config.data.train_split.')
+  return [i for i, _ in pairs], np.array([y for _, y in pairs], np.int64)
+
+
+def assign(data: ml_collections.ConfigDict, split: str, k: int, seed: int) -> Folds:
+  """Stratified ``k``-fold membership of ``split``, shuffled with ``seed``."""
+  from sklearn.model_selection import StratifiedKFold
+  if k < 2:
+    raise UserError(f'config.cross_validation.folds={k}: use 0 (off) or at least 2 folds.')
+  ids, labels = read_ids_and_labels(data, split)
+  counts = np.bincount(labels)
+  smallest = int(counts[counts > 0].min()) if len(labels) else 0
+  if smallest < k:
+    raise UserError(f"Split '{split}' has a class with only {smallest} examples, fewer than "
+                    f'config.cross_validation.folds={k}; use fewer folds.')
+  fold = np.full(len(ids), -1, np.int64)
+  splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=int(seed))
+  for i, (_, held_out) in enumerate(splitter.split(np.zeros(len(labels)), labels)):
+    fold[held_out] = i
+  return Folds(split=split, ids=tuple(ids), labels=labels, fold=fold, k=k)
+
+
+def subset_split(split: str, ids_file: str) -> str:
+  """The split spec that reads only the examples of ``split`` listed in ``ids_file``."""
+  return f'{split}@{ids_file}'
+
+
+def write_ids(path: str, ids: list[str]) -> None:
+  """Writes ``ids`` one per line; if ``path`` exists it must hold exactly these ids.
+
+  A mismatch means the folds changed under an existing run (another seed, fold count or split),
+  which would silently resume a model trained on different data.
+  """
+  text = ''.join(f'{i}\n' for i in ids)
+  if os.path.exists(path):
+    with open(path) as f:
+      if f.read() == text:
+        return
+    raise UserError(f'{path} lists other examples than this config assigns to the fold (were '
+                    'config.seed, config.cross_validation.folds or config.data.train_split '
+                    'changed?); use a new --workdir.')
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    f.write(text)
+  os.replace(tmp, path)

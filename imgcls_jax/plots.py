@@ -1,0 +1,114 @@
+"""PNG figures of a report and of a run: confusion matrix, reliability diagram, training curves.
+
+matplotlib with the non-interactive Agg backend (no display needed); each function writes one PNG.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+_MAX_TICK_LABELS = 40     # beyond this many classes the axes are not labelled per class
+_MAX_ANNOTATED = 20       # beyond this many classes the cells carry no numbers
+
+
+def confusion_matrix(confusion_KxK: Sequence[Sequence[int]], class_names: Sequence[str],
+                     path: str, title: str = 'Confusion matrix') -> None:
+  """Row-normalised heat map (colour = share of the true class) with counts in the cells."""
+  cm = np.asarray(confusion_KxK, np.int64)
+  k = cm.shape[0]
+  support = cm.sum(axis=1, keepdims=True)
+  share = np.divide(cm, support, out=np.zeros(cm.shape, np.float64), where=support > 0)
+  size = min(4 + 0.45 * k, 24)
+  fig, ax = plt.subplots(figsize=(size + 1.5, size))
+  im = ax.imshow(share, cmap='Blues', vmin=0.0, vmax=1.0, interpolation='nearest')
+  fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label='share of true class')
+  if k <= _MAX_TICK_LABELS:
+    ax.set_xticks(range(k), labels=list(class_names), rotation=90 if k > 10 else 0)
+    ax.set_yticks(range(k), labels=list(class_names))
+  if k <= _MAX_ANNOTATED:
+    for t in range(k):
+      for p in range(k):
+        if cm[t, p]:
+          ax.text(p, t, str(cm[t, p]), ha='center', va='center', fontsize=8,
+                  color='white' if share[t, p] > 0.5 else 'black')
+  ax.set_xlabel('predicted class')
+  ax.set_ylabel('true class')
+  ax.set_title(f'{title} ({int(cm.sum())} examples)')
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def reliability_diagram(bins: Sequence[Mapping[str, Any]], ece: float, path: str,
+                        title: str = 'Reliability diagram') -> None:
+  """Accuracy per confidence bin against the diagonal, with the example count per bin below."""
+  lower = np.array([b['lower'] for b in bins])
+  upper = np.array([b['upper'] for b in bins])
+  counts = np.array([b['count'] for b in bins], np.float64)
+  acc = np.array([b['accuracy'] if b['count'] else np.nan for b in bins], np.float64)
+  conf = np.array([b['confidence'] if b['count'] else np.nan for b in bins], np.float64)
+  width = upper - lower
+  fig, (ax, ax_n) = plt.subplots(2, 1, figsize=(6, 7), sharex=True,
+                                 gridspec_kw={'height_ratios': [3, 1]})
+  filled = counts > 0
+  ax.bar(lower[filled], acc[filled], width=width[filled], align='edge', color='tab:blue',
+         edgecolor='black', label='accuracy')
+  ax.bar(lower[filled], (conf - acc)[filled], bottom=acc[filled], width=width[filled],
+         align='edge', color='tab:red', alpha=0.3, edgecolor='tab:red', label='gap to confidence')
+  ax.plot([0, 1], [0, 1], 'k--', linewidth=1, label='perfect calibration')
+  ax.set_xlim(0, 1)
+  ax.set_ylim(0, 1)
+  ax.set_ylabel('accuracy')
+  ax.set_title(f'{title}: ECE {ece:.4f}')
+  ax.legend(loc='upper left')
+  ax_n.bar(lower, counts, width=width, align='edge', color='gray', edgecolor='black')
+  ax_n.set_yscale('log' if counts.max(initial=0) > 100 else 'linear')
+  ax_n.set_xlabel('confidence (top-1 probability)')
+  ax_n.set_ylabel('examples')
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def _latest_per_step(records: Sequence[Mapping[str, Any]], split: str,
+                     key: str) -> tuple[np.ndarray, np.ndarray]:
+  """(steps, values) of ``key`` for ``split``; a step logged twice (a resumed run) keeps its last
+  value."""
+  by_step: dict[int, float] = {}
+  for r in records:
+    if r.get('split') == split and key in r and r[key] is not None:
+      value = float(r[key])
+      if math.isfinite(value):
+        by_step[int(r['step'])] = value
+  steps = np.array(sorted(by_step), np.int64)
+  return steps, np.array([by_step[s] for s in steps], np.float64)
+
+
+def training_curves(records: Sequence[Mapping[str, Any]], path: str,
+                    title: str = 'Training curves') -> None:
+  """Loss and top-1 accuracy against steps, train and eval, from ``metrics.jsonl`` records."""
+  fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5))
+  for ax, key, label in ((ax_loss, 'loss', 'loss'), (ax_acc, 'accuracy', 'top-1 accuracy')):
+    for split, style in (('train', '-'), ('eval', 'o-')):
+      steps, values = _latest_per_step(records, split, key)
+      if len(steps):
+        ax.plot(steps, values, style, label=split, markersize=4)
+    ax.set_xlabel('step')
+    ax.set_ylabel(label)
+    ax.grid(True, alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend()
+  steps, loss = _latest_per_step(records, 'train', 'loss')
+  if len(loss) and loss.min() > 0 and loss.max() / loss.min() > 20:
+    ax_loss.set_yscale('log')
+  last = max([int(r['step']) for r in records if 'step' in r], default=0)
+  fig.suptitle(f'{title} (up to step {last})')
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)

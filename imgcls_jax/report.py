@@ -1,0 +1,305 @@
+"""The evaluation report: additive statistics on the device, every metric derived from them on the host.
+
+``batch_stats`` turns a batch of logits into masked *sums* (loss, top-1 / top-5 hits, the confusion
+matrix, calibration-bin sums). Sums add across batches, devices and processes, so a split of any
+size is reduced on the device and only ``K x K + 3 x bins`` numbers reach the host; padded rows
+(``mask`` False) add nothing. ``summarize`` derives the report from the summed statistics:
+
+* top-1, top-5 (reported when there are more than 5 classes), mean cross-entropy loss;
+* per-class precision, recall, F1 and support, and their macro and support-weighted averages (as
+  ``sklearn.metrics.precision_recall_fscore_support(..., zero_division=0)``: the averages run over
+  the classes that occur in the labels or the predictions);
+* the confusion matrix (rows: true class, columns: predicted class) and the most confused pairs;
+* expected calibration error of the top-1 confidence over equal-width bins (sklearn's
+  ``calibration_curve`` binning: bin ``b`` holds confidences in ``(b/n, (b+1)/n]``, the first also 0).
+
+No TensorFlow, no plotting here (``plots.py`` draws the report).
+"""
+from __future__ import annotations
+
+import io
+import math
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+DEFAULT_CALIBRATION_BINS = 15
+STAT_KEYS = ('loss', 'correct', 'correct_top5', 'count', 'confusion', 'bin_count',
+             'bin_confidence', 'bin_correct')
+
+
+def batch_stats(logits_BxK: jax.Array, labels_B: jax.Array, mask_B: jax.Array,
+                num_bins: int = DEFAULT_CALIBRATION_BINS) -> dict[str, jax.Array]:
+  """Masked sums over one (padded) batch; jit-friendly, no host work.
+
+  ``logits_BxK`` may be any log-probabilities up to a per-row constant (e.g. averaged TTA
+  log-probabilities). Counts are int32 (exact); loss and confidence sums are float32.
+  """
+  num_classes = logits_BxK.shape[-1]
+  log_probs = jax.nn.log_softmax(logits_BxK.astype(jnp.float32), axis=-1)
+  labels = labels_B.astype(jnp.int32)
+  w_int = mask_B.astype(jnp.int32)
+  w = mask_B.astype(jnp.float32)
+  loss_B = -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
+  pred_B = jnp.argmax(log_probs, axis=-1).astype(jnp.int32)
+  hit_B = (pred_B == labels)
+  k = min(5, num_classes)
+  hit5_B = jnp.any(jax.lax.top_k(log_probs, k)[1] == labels[:, None], axis=-1)
+  conf_B = jnp.exp(jnp.max(log_probs, axis=-1))
+  edges = jnp.linspace(0.0, 1.0, num_bins + 1, dtype=jnp.float32)
+  bin_B = jnp.searchsorted(edges[1:-1], conf_B, side='left')
+  return {
+      'loss': jnp.sum(loss_B * w),
+      'correct': jnp.sum(hit_B * w_int),
+      'correct_top5': jnp.sum(hit5_B * w_int),
+      'count': jnp.sum(w_int),
+      'confusion': jnp.zeros((num_classes, num_classes), jnp.int32).at[labels, pred_B].add(w_int),
+      'bin_count': jnp.zeros((num_bins,), jnp.int32).at[bin_B].add(w_int),
+      'bin_confidence': jnp.zeros((num_bins,), jnp.float32).at[bin_B].add(conf_B * w),
+      'bin_correct': jnp.zeros((num_bins,), jnp.int32).at[bin_B].add(hit_B * w_int),
+  }
+
+
+def add(a: Mapping[str, Any] | None, b: Mapping[str, Any]) -> dict[str, Any]:
+  """``a + b`` key by key (``a`` may be None: the first batch)."""
+  if a is None:
+    return dict(b)
+  return {k: a[k] + b[k] for k in b}
+
+
+def stats_to_numpy(stats: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """Fetched statistics as float64 / int64 numpy arrays (sums of several runs stay exact)."""
+  out = {}
+  for k in STAT_KEYS:
+    v = np.asarray(jax.device_get(stats[k]))
+    out[k] = v.astype(np.int64) if np.issubdtype(v.dtype, np.integer) else v.astype(np.float64)
+  return out
+
+
+def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+  num, den = np.asarray(num, np.float64), np.asarray(den, np.float64)
+  return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
+
+
+def per_class(confusion_KxK: np.ndarray) -> dict[str, np.ndarray]:
+  """precision, recall, f1, support (each length K) from a confusion matrix (zero_division=0)."""
+  cm = np.asarray(confusion_KxK, np.int64)
+  tp = np.diag(cm).astype(np.float64)
+  support = cm.sum(axis=1)
+  predicted = cm.sum(axis=0)
+  precision = _safe_div(tp, predicted)
+  recall = _safe_div(tp, support)
+  f1 = _safe_div(2 * tp, support + predicted)  # == 2PR / (P + R), and 0 where undefined
+  return {'precision': precision, 'recall': recall, 'f1': f1, 'support': support}
+
+
+def averages(confusion_KxK: np.ndarray) -> dict[str, dict[str, float]]:
+  """Macro and support-weighted precision / recall / F1 over the classes seen in labels or
+  predictions (sklearn's default label set)."""
+  pc = per_class(confusion_KxK)
+  cm = np.asarray(confusion_KxK)
+  present = (cm.sum(axis=1) + cm.sum(axis=0)) > 0
+  support = pc['support'].astype(np.float64)
+  out: dict[str, dict[str, float]] = {'macro': {}, 'weighted': {}}
+  for name in ('precision', 'recall', 'f1'):
+    values = pc[name]
+    out['macro'][name] = float(values[present].mean()) if present.any() else 0.0
+    out['weighted'][name] = (float(np.sum(values * support) / support.sum())
+                             if support.sum() > 0 else 0.0)
+  return out
+
+
+def calibration(stats: Mapping[str, np.ndarray]) -> tuple[float, list[dict[str, float]]]:
+  """(expected calibration error, per-bin rows: lower, upper, count, confidence, accuracy)."""
+  count = np.asarray(stats['bin_count'], np.float64)
+  conf_sum = np.asarray(stats['bin_confidence'], np.float64)
+  hit_sum = np.asarray(stats['bin_correct'], np.float64)
+  n = count.sum()
+  ece = float(np.sum(np.abs(hit_sum - conf_sum)) / n) if n > 0 else float('nan')
+  edges = np.linspace(0.0, 1.0, len(count) + 1)
+  rows = []
+  for b in range(len(count)):
+    rows.append({'lower': float(edges[b]), 'upper': float(edges[b + 1]), 'count': int(count[b]),
+                 'confidence': float(conf_sum[b] / count[b]) if count[b] else None,
+                 'accuracy': float(hit_sum[b] / count[b]) if count[b] else None})
+  return ece, rows
+
+
+def most_confused(confusion_KxK: np.ndarray, class_names: Sequence[str],
+                  top: int = 10) -> list[dict[str, Any]]:
+  """The ``top`` largest off-diagonal cells: true class, predicted class, count, share of the true
+  class's examples. Ties go to the lower (true, predicted) index."""
+  cm = np.asarray(confusion_KxK, np.int64)
+  off = cm.copy()
+  np.fill_diagonal(off, 0)
+  flat = np.argsort(-off.ravel(), kind='stable')[:max(top, 0)]
+  support = cm.sum(axis=1)
+  pairs = []
+  for idx in flat:
+    t, p = divmod(int(idx), cm.shape[1])
+    if off[t, p] == 0:
+      break
+    pairs.append({'true': class_names[t], 'predicted': class_names[p], 'true_index': t,
+                  'predicted_index': p, 'count': int(off[t, p]),
+                  'rate': float(off[t, p] / support[t])})
+  return pairs
+
+
+def summarize(stats: Mapping[str, Any], class_names: Sequence[str],
+              top_confused: int = 10) -> dict[str, Any]:
+  """The full report (JSON-ready) from summed ``batch_stats``."""
+  s = stats_to_numpy(stats)
+  cm = s['confusion']
+  num_classes = cm.shape[0]
+  names = [str(c) for c in class_names]
+  if len(names) != num_classes:
+    names = [str(i) for i in range(num_classes)]
+  n = int(s['count'])
+  if n == 0:
+    raise ValueError('No examples were evaluated (count is 0).')
+  pc = per_class(cm)
+  avg = averages(cm)
+  ece, bins = calibration(s)
+  report: dict[str, Any] = {
+      'num_examples': n,
+      'num_classes': num_classes,
+      'accuracy': float(s['correct']) / n,
+      'loss': float(s['loss']) / n,
+  }
+  if num_classes > 5:
+    report['accuracy_top5'] = float(s['correct_top5']) / n
+  report.update({
+      'macro_avg': avg['macro'],
+      'weighted_avg': avg['weighted'],
+      'ece': ece,
+      'per_class': [{'class': names[i], 'precision': float(pc['precision'][i]),
+                     'recall': float(pc['recall'][i]), 'f1': float(pc['f1'][i]),
+                     'support': int(pc['support'][i])} for i in range(num_classes)],
+      'most_confused': most_confused(cm, names, top_confused),
+      'calibration_bins': bins,
+      'class_names': names,
+      'confusion_matrix': cm.tolist(),
+  })
+  return report
+
+
+SCALAR_KEYS = ('accuracy', 'accuracy_top5', 'loss', 'ece', 'precision_macro', 'recall_macro',
+               'f1_macro', 'precision_weighted', 'recall_weighted', 'f1_weighted')
+
+
+def scalars(report: Mapping[str, Any]) -> dict[str, float]:
+  """The report's headline numbers as flat scalars (for metrics.jsonl, TensorBoard, CV means)."""
+  out = {k: float(report[k]) for k in ('accuracy', 'accuracy_top5', 'loss', 'ece') if k in report}
+  for avg in ('macro', 'weighted'):
+    for name, value in report[f'{avg}_avg'].items():
+      out[f'{name}_{avg}'] = float(value)
+  return out
+
+
+def training_eval_metrics(stats: Mapping[str, Any]) -> dict[str, Any]:
+  """What the training loop logs at each evaluation: the report's scalars plus ``count``.
+
+  ``accuracy_top5`` is always present here (1.0 when there are 5 classes or fewer), as the loop
+  prints it.
+  """
+  s = stats_to_numpy(stats)
+  n = int(s['count'])
+  if n == 0:
+    return {'loss': float('nan'), 'accuracy': float('nan'), 'accuracy_top5': float('nan'),
+            'count': 0}
+  rep = summarize(s, [str(i) for i in range(s['confusion'].shape[0])], top_confused=0)
+  out: dict[str, Any] = scalars(rep)
+  out['accuracy_top5'] = float(s['correct_top5']) / n
+  out['count'] = n
+  return out
+
+
+# ---- text renderings ----
+
+def _pct(x: float | None) -> str:
+  return '-' if x is None or (isinstance(x, float) and math.isnan(x)) else f'{100 * x:.2f}%'
+
+
+def headline(report: Mapping[str, Any]) -> list[str]:
+  """Two or three lines: top-1 / top-5 / loss / ECE and the averages."""
+  top5 = f", top-5 {_pct(report['accuracy_top5'])}" if 'accuracy_top5' in report else ''
+  lines = [f"top-1 {_pct(report['accuracy'])}{top5}, loss {report['loss']:.4f}, "
+           f"ECE {report['ece']:.4f} ({report['num_examples']} examples)"]
+  for avg in ('macro', 'weighted'):
+    a = report[f'{avg}_avg']
+    lines.append(f"{avg + ' avg':<13} precision {a['precision']:.4f}  recall {a['recall']:.4f}  "
+                 f"F1 {a['f1']:.4f}")
+  return lines
+
+
+def class_table(report: Mapping[str, Any], max_rows: int | None = None) -> list[str]:
+  """Per-class rows; with ``max_rows``, only the classes with the lowest F1 (worst first)."""
+  rows = list(report['per_class'])
+  title = 'class'
+  if max_rows is not None and len(rows) > max_rows:
+    rows = sorted(rows, key=lambda r: (r['f1'], r['class']))[:max_rows]
+    title = f'class ({max_rows} lowest F1 of {len(report["per_class"])})'
+  width = max([len(title)] + [len(r['class']) for r in rows])
+  out = [f"{title:<{width}}  precision  recall      f1  support"]
+  for r in rows:
+    out.append(f"{r['class']:<{width}}  {r['precision']:9.4f}  {r['recall']:6.4f}  {r['f1']:6.4f}  "
+               f"{r['support']:7d}")
+  return out
+
+
+def confused_lines(report: Mapping[str, Any], top: int = 5) -> list[str]:
+  pairs = report['most_confused'][:top]
+  if not pairs:
+    return ['most confused: none (no off-diagonal errors)']
+  return ['most confused (true -> predicted): ' + ', '.join(
+      f"{p['true']} -> {p['predicted']} ({p['count']})" for p in pairs)]
+
+
+def to_markdown(report: Mapping[str, Any], title: str, context: Mapping[str, Any]) -> str:
+  """The readable ``report.md``: context, headline, per-class table, confusions, calibration."""
+  md = [f'# {title}', '']
+  md += [f'- {k}: {v}' for k, v in context.items()]
+  md += ['', '## Summary', '', '| metric | value |', '|---|---|',
+         f"| top-1 accuracy | {_pct(report['accuracy'])} |"]
+  if 'accuracy_top5' in report:
+    md.append(f"| top-5 accuracy | {_pct(report['accuracy_top5'])} |")
+  md += [f"| loss (cross-entropy) | {report['loss']:.4f} |",
+         f"| expected calibration error | {report['ece']:.4f} |",
+         f"| examples | {report['num_examples']} |", '',
+         '| average | precision | recall | F1 |', '|---|---|---|---|']
+  for avg in ('macro', 'weighted'):
+    a = report[f'{avg}_avg']
+    md.append(f"| {avg} | {a['precision']:.4f} | {a['recall']:.4f} | {a['f1']:.4f} |")
+  md += ['', '## Per class', '', '| class | precision | recall | F1 | support |',
+         '|---|---|---|---|---|']
+  for r in report['per_class']:
+    md.append(f"| {r['class']} | {r['precision']:.4f} | {r['recall']:.4f} | {r['f1']:.4f} | "
+              f"{r['support']} |")
+  md += ['', '## Most confused pairs', '']
+  if report['most_confused']:
+    md += ['| true | predicted | count | share of true class |', '|---|---|---|---|']
+    md += [f"| {p['true']} | {p['predicted']} | {p['count']} | {_pct(p['rate'])} |"
+           for p in report['most_confused']]
+  else:
+    md.append('No misclassified examples.')
+  md += ['', '## Calibration', '', f"Expected calibration error: {report['ece']:.4f} over "
+         f"{len(report['calibration_bins'])} equal-width confidence bins.", '',
+         '| confidence bin | examples | mean confidence | accuracy |', '|---|---|---|---|']
+  for b in report['calibration_bins']:
+    if b['count']:
+      md.append(f"| {b['lower']:.3f}-{b['upper']:.3f} | {b['count']} | {b['confidence']:.4f} | "
+                f"{b['accuracy']:.4f} |")
+  return '\n'.join(md) + '\n'
+
+
+def confusion_csv(report: Mapping[str, Any]) -> str:
+  """The confusion matrix as CSV with class names on both axes (rows true, columns predicted)."""
+  import csv
+  buf = io.StringIO()
+  w = csv.writer(buf)
+  w.writerow(['true \\ predicted'] + list(report['class_names']))
+  for name, row in zip(report['class_names'], report['confusion_matrix']):
+    w.writerow([name] + list(row))
+  return buf.getvalue()

@@ -1,0 +1,138 @@
+"""k-fold cross-validation: deterministic stratified folds, the subset-split hook, the CV run."""
+import collections
+import json
+import os
+
+import numpy as np
+import pytest
+
+from imgcls_jax import cross_validation, metrics, train
+from imgcls_jax.data import folds, pipeline
+from imgcls_jax.errors import UserError
+
+
+def test_folds_are_stratified_disjoint_complete_and_fixed_by_the_seed(digits_config):
+  data = digits_config.data
+  a = folds.assign(data, 'train+test', 5, seed=0)
+  b = folds.assign(data, 'train+test', 5, seed=0)
+  c = folds.assign(data, 'train+test', 5, seed=1)
+  assert len(a.ids) == len(set(a.ids)) == 1797
+  np.testing.assert_array_equal(a.fold, b.fold)
+  assert a.ids == b.ids
+  assert (a.fold != c.fold).mean() > 0.5
+  held = [set(a.held_out(i)) for i in range(5)]
+  assert sum(len(h) for h in held) == 1797 and set().union(*held) == set(a.ids)
+  for i in range(5):
+    assert set(a.training(i)) == set(a.ids) - held[i]
+    per_class = np.bincount(a.labels[a.fold == i], minlength=10)
+    overall = np.bincount(a.labels, minlength=10)
+    # Stratified: each fold holds 1/5 of every class (to within one example).
+    assert np.all(np.abs(per_class - overall / 5) <= 1), per_class
+  with pytest.raises(UserError, match='at least 2 folds'):
+    folds.assign(data, 'train', 1, seed=0)
+  with pytest.raises(UserError, match="Split 'validation' does not exist"):
+    folds.assign(data, 'validation', 5, seed=0)
+
+
+def test_a_subset_split_reads_exactly_the_listed_examples(digits_config, tmp_path):
+  data = digits_config.data
+  ids, labels = folds.read_ids_and_labels(data, 'train')
+  keep = ids[::7]
+  path = str(tmp_path / 'ids.txt')
+  folds.write_ids(path, keep)
+  split = folds.subset_split('train', path)
+  ev = pipeline.EvalData(data, split, local_batch_size=64)
+  got = np.concatenate([b['label'][b['mask']] for b in ev.batches()])
+  assert len(got) == len(keep)
+  assert collections.Counter(got.tolist()) == collections.Counter(labels[::7].tolist())
+  n = pipeline.examples_per_process(data, split, 0, 1)
+  assert n == len(keep)
+  data.train_split = split
+  _, per_epoch = pipeline.train_dataset(data, seed=0, local_batch_size=32)
+  assert per_epoch == len(keep)
+  folds.write_ids(path, keep)  # same ids again: fine
+  with pytest.raises(UserError, match='use a new --workdir'):
+    folds.write_ids(path, keep[1:])
+  with pytest.raises(UserError, match='missing or empty'):
+    pipeline.EvalData(data, folds.subset_split('train', str(tmp_path / 'nope.txt')),
+                      local_batch_size=64)
+
+
+def _cv_config(digits_config, k):
+  c = digits_config
+  c.data.train_split = 'train+test'
+  c.cross_validation.folds = k
+  c.num_train_steps = 15
+  c.optim.warmup_steps = 3
+  c.batch_size = 64
+  c.eval_batch_size = 128
+  return c
+
+
+@pytest.mark.slow
+def test_cross_validation_end_to_end_and_resume(digits_config, tmp_path, monkeypatch, capsys):
+  config = _cv_config(digits_config, 3)
+  workdir = str(tmp_path / 'cv')
+
+  # An interrupted run: fold 1 dies after fold 0 finished.
+  real = train.train_and_evaluate
+  calls = []
+
+  def dies_on_fold_1(cfg, wd):
+    calls.append(os.path.basename(wd))
+    if os.path.basename(wd) == 'fold_1':
+      raise KeyboardInterrupt
+    return real(cfg, wd)
+
+  monkeypatch.setattr(train, 'train_and_evaluate', dies_on_fold_1)
+  with pytest.raises(KeyboardInterrupt):
+    cross_validation.cross_validate(config, workdir)
+  monkeypatch.setattr(train, 'train_and_evaluate', real)
+  fold0_metrics = open(os.path.join(workdir, 'fold_0', 'metrics.jsonl')).read()
+  with open(os.path.join(workdir, 'fold_0', 'report.json')) as f:
+    fold0_report = json.load(f)
+
+  # Resuming through the normal train entry point (folds > 0 dispatches to cross-validation).
+  summary = train.train_and_evaluate(config, workdir)
+  assert calls == ['fold_0', 'fold_1']
+  # Fold 0 was finished: it was not trained again (no new metrics records).
+  assert open(os.path.join(workdir, 'fold_0', 'metrics.jsonl')).read() == fold0_metrics
+  assert summary['per_fold'][0]['accuracy'] == fold0_report['accuracy']
+  assert summary['per_fold'][0]['loss'] == fold0_report['loss']
+
+  assert summary['folds'] == 3 and summary['num_examples'] == 1797
+  rows = summary['per_fold']
+  assert [r['fold'] for r in rows] == [0, 1, 2]
+  assert sum(r['eval_examples'] for r in rows) == 1797
+  assert all(r['train_examples'] + r['eval_examples'] == 1797 for r in rows)
+  assert all(r['checkpoint_step'] == 15 for r in rows)
+  for key in ('accuracy', 'f1_macro', 'ece', 'loss', 'accuracy_top5'):
+    values = [r[key] for r in rows]
+    assert summary['mean'][key] == pytest.approx(np.mean(values))
+    assert summary['std'][key] == pytest.approx(np.std(values))
+  pooled = summary['pooled_out_of_fold']
+  # Every example of the split was predicted exactly once, by the model that did not train on it.
+  assert pooled['num_examples'] == 1797 and np.sum(pooled['confusion_matrix']) == 1797
+  expected_pooled = sum(r['accuracy'] * r['eval_examples'] for r in rows) / 1797
+  assert pooled['accuracy'] == pytest.approx(expected_pooled)
+  assert summary['mean']['accuracy'] > 0.15  # above chance (0.1) after 15 steps
+  for i in range(3):
+    fold_dir = os.path.join(workdir, f'fold_{i}')
+    with open(os.path.join(fold_dir, 'report.json')) as f:
+      rep = json.load(f)
+    assert rep['num_examples'] == rows[i]['eval_examples']
+    assert rep['accuracy'] == pytest.approx(rows[i]['accuracy'])
+    for png in ('confusion_matrix.png', 'reliability.png', 'training_curves.png'):
+      assert os.path.getsize(os.path.join(fold_dir, png)) > 1000
+    evals = [r for r in metrics.read_jsonl(os.path.join(fold_dir, 'metrics.jsonl'))
+             if r['split'] == 'eval']
+    assert evals[-1]['count'] == rows[i]['eval_examples']
+  for name in ('cv_report.json', 'cv_report.md', 'cv_confusion_matrix.png', 'cv_reliability.png'):
+    assert os.path.exists(os.path.join(workdir, name))
+  printed = capsys.readouterr().out
+  assert '3-fold cross-validation of sklearn_digits:train+test' in printed and '+-std' in printed
+
+  # Another seed in the same workdir is refused (its folds would differ).
+  config.seed = 1
+  with pytest.raises(UserError, match='use a new --workdir'):
+    train.train_and_evaluate(config, workdir)

@@ -1,0 +1,178 @@
+"""The evaluation report: every metric against sklearn.metrics on the same predictions."""
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+from sklearn.calibration import calibration_curve
+
+from imgcls_jax import report, sharding
+
+
+def _predictions(n, k, seed, missing_class=None, sharpness=3.0):
+  """Random logits with a signal (so accuracy is neither 0 nor 1) and their labels."""
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, k, n)
+  if missing_class is not None:
+    labels[labels == missing_class] = (missing_class + 1) % k
+  logits = rng.normal(size=(n, k)).astype(np.float32)
+  logits[np.arange(n), labels] += sharpness * rng.random(n).astype(np.float32)
+  return logits, labels
+
+
+def _softmax64(logits):
+  z = logits.astype(np.float64)
+  z = np.exp(z - z.max(axis=1, keepdims=True))
+  return z / z.sum(axis=1, keepdims=True)
+
+
+def _stats_in_padded_sharded_batches(logits, labels, batch, num_bins=15):
+  """batch_stats jitted over an 8-device mesh, on padded + masked batches, summed."""
+  mesh = sharding.make_mesh(0)
+  fn = jax.jit(functools.partial(report.batch_stats, num_bins=num_bins),
+               in_shardings=(sharding.batch_sharding(mesh),) * 3,
+               out_shardings=sharding.replicated(mesh))
+  rng = np.random.default_rng(1)
+  totals = None
+  for start in range(0, len(labels), batch):
+    lg, lb = logits[start:start + batch], labels[start:start + batch]
+    real = len(lb)
+    pad = batch - real  # padded rows hold garbage: they must add nothing
+    lg = np.concatenate([lg, rng.normal(size=(pad, lg.shape[1])).astype(np.float32) * 10])
+    lb = np.concatenate([lb, rng.integers(0, lg.shape[1], pad)]).astype(np.int32)
+    mask = np.arange(batch) < real
+    totals = report.add(totals, fn(lg, lb, mask))
+  return report.stats_to_numpy(totals)
+
+
+@pytest.mark.parametrize('k,missing', [(10, None), (7, 3), (4, None)])
+def test_every_metric_matches_sklearn(k, missing):
+  n = 301
+  logits, labels = _predictions(n, k, seed=k, missing_class=missing)
+  stats = _stats_in_padded_sharded_batches(logits, labels, batch=64)
+  names = [f'class_{i}' for i in range(k)]
+  rep = report.summarize(stats, names, top_confused=5)
+  probs = _softmax64(logits)
+  pred = probs.argmax(axis=1)
+  all_labels = list(range(k))
+
+  assert rep['num_examples'] == n
+  assert rep['accuracy'] == pytest.approx(skm.accuracy_score(labels, pred), abs=1e-12)
+  assert rep['loss'] == pytest.approx(skm.log_loss(labels, probs, labels=all_labels), rel=1e-5)
+  if k > 5:
+    assert rep['accuracy_top5'] == pytest.approx(
+        skm.top_k_accuracy_score(labels, probs, k=5, labels=all_labels), abs=1e-12)
+  else:
+    assert 'accuracy_top5' not in rep  # trivially 1 with <= 5 classes
+
+  cm = skm.confusion_matrix(labels, pred, labels=all_labels)
+  np.testing.assert_array_equal(np.array(rep['confusion_matrix']), cm)
+
+  p, r, f, s = skm.precision_recall_fscore_support(labels, pred, labels=all_labels,
+                                                   zero_division=0)
+  got = {key: np.array([row[key] for row in rep['per_class']])
+         for key in ('precision', 'recall', 'f1', 'support')}
+  np.testing.assert_allclose(got['precision'], p, atol=1e-12)
+  np.testing.assert_allclose(got['recall'], r, atol=1e-12)
+  np.testing.assert_allclose(got['f1'], f, atol=1e-12)
+  np.testing.assert_array_equal(got['support'], s)
+  assert [row['class'] for row in rep['per_class']] == names
+  for avg in ('macro', 'weighted'):
+    ap, ar, af, _ = skm.precision_recall_fscore_support(labels, pred, average=avg,
+                                                        zero_division=0)
+    assert rep[f'{avg}_avg']['precision'] == pytest.approx(ap, abs=1e-12)
+    assert rep[f'{avg}_avg']['recall'] == pytest.approx(ar, abs=1e-12)
+    assert rep[f'{avg}_avg']['f1'] == pytest.approx(af, abs=1e-12)
+    assert rep[f'{avg}_avg']['f1'] == pytest.approx(skm.f1_score(labels, pred, average=avg,
+                                                                 zero_division=0), abs=1e-12)
+  if missing is not None:
+    assert rep['per_class'][missing]['support'] == 0
+
+  # Calibration: sklearn's binning of the top-1 confidence against top-1 correctness.
+  conf, correct = probs.max(axis=1), (pred == labels).astype(int)
+  prob_true, prob_pred = calibration_curve(correct, conf, n_bins=15, strategy='uniform')
+  counts, _ = np.histogram(conf, bins=np.linspace(0, 1, 16))
+  filled = [b for b in rep['calibration_bins'] if b['count']]
+  assert [b['count'] for b in filled] == [int(c) for c in counts if c]
+  np.testing.assert_allclose([b['accuracy'] for b in filled], prob_true, atol=1e-12)
+  np.testing.assert_allclose([b['confidence'] for b in filled], prob_pred, rtol=1e-5)
+  ece = np.sum(counts[counts > 0] / n * np.abs(prob_true - prob_pred))
+  assert rep['ece'] == pytest.approx(ece, abs=1e-5)
+  assert 0 < rep['ece'] < 1
+
+  # Most confused pairs: the largest off-diagonal cells of sklearn's matrix, in order.
+  off = cm.copy()
+  np.fill_diagonal(off, 0)
+  expected = sorted(((-off[t, q], t, q) for t in range(k) for q in range(k) if off[t, q]))[:5]
+  assert [(p['true_index'], p['predicted_index'], p['count']) for p in rep['most_confused']] == [
+      (t, q, -c) for c, t, q in expected]
+  assert rep['most_confused'][0]['true'] == names[expected[0][1]]
+  json.dumps(rep)  # JSON-ready
+
+
+def test_batches_and_devices_do_not_change_the_statistics():
+  logits, labels = _predictions(200, 10, seed=3)
+  one = report.stats_to_numpy(report.batch_stats(jnp.asarray(logits), jnp.asarray(labels),
+                                                 jnp.ones(200, bool)))
+  many = _stats_in_padded_sharded_batches(logits, labels, batch=24)
+  for key in report.STAT_KEYS:
+    np.testing.assert_allclose(one[key], many[key], rtol=1e-5, err_msg=key)
+  assert one['confusion'].sum() == 200 and one['bin_count'].sum() == 200
+
+
+def test_confidence_of_one_falls_in_the_last_bin_like_sklearn():
+  logits = jnp.array([[100.0, 0.0], [0.0, 0.0]])  # confidences 1.0 and 0.5
+  s = report.stats_to_numpy(report.batch_stats(logits, jnp.array([0, 1]), jnp.ones(2, bool), 10))
+  assert s['bin_count'][-1] == 1 and s['bin_count'][4] == 1  # 0.5 is in (0.4, 0.5]
+  _, prob_pred = calibration_curve([1, 0], [1.0, 0.5], n_bins=10)
+  np.testing.assert_allclose(sorted(prob_pred), [0.5, 1.0])
+
+
+def test_scalars_and_training_metrics_agree_with_the_report():
+  logits, labels = _predictions(150, 12, seed=5)
+  stats = report.stats_to_numpy(report.batch_stats(jnp.asarray(logits), jnp.asarray(labels),
+                                                   jnp.ones(150, bool)))
+  rep = report.summarize(stats, [str(i) for i in range(12)])
+  flat = report.scalars(rep)
+  assert set(flat) == set(report.SCALAR_KEYS)
+  assert flat['f1_macro'] == rep['macro_avg']['f1']
+  assert flat['recall_weighted'] == pytest.approx(rep['accuracy'])  # weighted recall == accuracy
+  logged = report.training_eval_metrics(stats)
+  assert logged['count'] == 150
+  for key, value in flat.items():
+    assert logged[key] == pytest.approx(value)
+
+
+def test_text_renderings_name_every_class():
+  logits, labels = _predictions(90, 3, seed=7, sharpness=0.5)
+  names = ['cat', 'dog', 'bird']
+  rep = report.summarize(report.batch_stats(jnp.asarray(logits), jnp.asarray(labels),
+                                            jnp.ones(90, bool)), names)
+  md = report.to_markdown(rep, 'Title', {'split': 'test'})
+  csv_text = report.confusion_csv(rep)
+  for name in names:
+    assert f'| {name} |' in md
+  rows = [line.split(',') for line in csv_text.strip().splitlines()]
+  assert rows[0][1:] == names and [r[0] for r in rows[1:]] == names
+  assert sum(int(v) for r in rows[1:] for v in r[1:]) == 90
+  table = report.class_table(rep)
+  assert len(table) == 4 and table[1].startswith('cat')
+  worst = report.class_table(rep, max_rows=2)
+  assert len(worst) == 3 and '2 lowest F1 of 3' in worst[0]
+
+
+def test_a_class_absent_from_labels_and_predictions_is_left_out_of_the_averages():
+  labels = np.array([0, 0, 1, 2, 2, 2])
+  pred = np.array([0, 1, 1, 2, 2, 0])
+  logits = np.eye(4, dtype=np.float32)[pred] * 5  # class 3: never true, never predicted
+  rep = report.summarize(report.batch_stats(jnp.asarray(logits), jnp.asarray(labels),
+                                            jnp.ones(6, bool)), ['a', 'b', 'c', 'd'])
+  for avg in ('macro', 'weighted'):
+    p, r, f, _ = skm.precision_recall_fscore_support(labels, pred, average=avg, zero_division=0)
+    assert (rep[f'{avg}_avg']['precision'], rep[f'{avg}_avg']['recall'],
+            rep[f'{avg}_avg']['f1']) == pytest.approx((p, r, f), abs=1e-12)
+  assert rep['per_class'][3] == {'class': 'd', 'precision': 0.0, 'recall': 0.0, 'f1': 0.0,
+                                 'support': 0}
