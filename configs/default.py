@@ -127,4 +127,48 @@ def get_config() -> ml_collections.ConfigDict:
                                           # when > 0, every evaluation also saves a checkpoint
   c.checkpoint.best_metric = 'accuracy'   # eval metric that ranks them ('accuracy', 'loss', ...)
   c.checkpoint.best_mode = 'max'          # 'max' or 'min' ('min' for 'loss')
+
+  # ---- transfer learning (imgcls_jax/transfer.py, imgcls_jax/torch_import.py) ----
+  c.transfer = ml_collections.ConfigDict()
+  # Weights to start from when the workdir has no checkpoint yet: a run directory of this project
+  # (or its checkpoints/<step>), or a local .safetensors / .pt / .pth file of a torchvision- or
+  # timm-layout ResNet (model.name must be the matching resnetNN). '' = train from scratch.
+  c.transfer.init_from = ''
+  c.transfer.init_step = -1               # checkpoint step of init_from; -1 = its latest
+  c.transfer.mode = 'finetune'            # 'finetune' (all parameters train) or 'linear_probe'
+                                          # (only the head trains; the rest is frozen by optax masking)
+  c.transfer.layer_decay = 1.0            # layer-wise lr decay: depth d trains at lr * decay**(L-d)
+                                          # (stem 0, +1 per block / conv layer, head L); 1.0 = off
+  c.transfer.head = ''                    # top-level attribute of the head; '' = fc / head / classifier
+  c.transfer.keep_head = False            # True: load the head too (same classes); False: new head
+
+  # ---- --mode=predict (imgcls_jax/predict.py): top-k classes of image files ----
+  c.predict = ml_collections.ConfigDict()
+  c.predict.inputs = ''                   # comma-separated image files and/or folders (recursive)
+  c.predict.output = ''                   # file to write; '' = stdout
+  c.predict.format = 'jsonl'              # 'jsonl' (one JSON object per image) or 'csv'
+  c.predict.top_k = 5                     # classes reported per image
+  c.predict.batch_size = 64               # images per forward pass
+  c.predict.step = -1                     # checkpoint step in the workdir; -1 = latest
+
+  # ---- --mode=export (imgcls_jax/export.py): TF SavedModel (uint8 images in) + TFLite ----
+  c.export = ml_collections.ConfigDict()
+  c.export.output_dir = ''                # '' = <workdir>/export
+  c.export.tflite = True                  # also write model.tflite (converted from the SavedModel)
+  c.export.dtype = 'float32'              # compute dtype of the exported model ('' = the run's)
+  c.export.verify_examples = 256          # eval-split images the export is checked on against JAX
+  c.export.tolerance = 1e-4               # max |probability difference| allowed, else export fails
+  c.export.step = -1                      # checkpoint step in the workdir; -1 = latest
+
+  # ---- --mode=serve (imgcls_jax/serve.py): HTTP classification service ----
+  c.serve = ml_collections.ConfigDict()
+  c.serve.host = '127.0.0.1'              # loopback by default; '0.0.0.0' exposes it to the network
+  c.serve.port = 8080                     # 0 = any free port (printed at start)
+  c.serve.max_batch_size = 32             # concurrent requests batched into one forward pass
+  c.serve.batch_timeout_ms = 5.0          # how long a batch waits to fill after its first request
+  c.serve.max_upload_bytes = 10 * 2**20   # larger bodies get 413
+  c.serve.max_pixels = 40_000_000         # larger decoded images (width x height) get 413
+  c.serve.max_queue = 1024                # requests waiting for the model; beyond it, 503
+  c.serve.top_k = 5                       # default classes per answer (?top_k=N overrides)
+  c.serve.step = -1                       # checkpoint step in the workdir; -1 = latest
   return c

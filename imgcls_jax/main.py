@@ -21,6 +21,9 @@ from ml_collections import config_flags
 # Mode-specific options are config keys (e.g. config.evaluate.*), documented in configs/default.py.
 MODES: dict[str, tuple[str, str]] = {
     'train': ('imgcls_jax.train', 'train_and_evaluate'),
+    'predict': ('imgcls_jax.predict', 'predict'),
+    'export': ('imgcls_jax.export', 'export'),
+    'serve': ('imgcls_jax.serve', 'serve'),
     'evaluate': ('imgcls_jax.evaluate', 'evaluate'),
     'curves': ('imgcls_jax.evaluate', 'curves'),
 }

@@ -7,6 +7,7 @@ import jax
 import ml_collections
 import optax
 
+from imgcls_jax import transfer as transfer_lib
 from imgcls_jax.errors import UserError
 
 OPTIMIZERS = ('sgd', 'adamw')
@@ -46,8 +47,18 @@ def decay_mask(params: Any) -> Any:
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def build(cfg: ml_collections.ConfigDict, lr: optax.Schedule) -> optax.GradientTransformation:
-  """SGD (momentum, Nesterov; coupled L2 decay) or AdamW (decoupled decay), masked decay."""
+def build(cfg: ml_collections.ConfigDict, lr: optax.Schedule,
+          transfer: ml_collections.ConfigDict | None = None) -> optax.GradientTransformation:
+  """SGD (momentum, Nesterov; coupled L2 decay) or AdamW (decoupled decay), masked decay.
+
+  ``transfer`` (``config.transfer``) adds layer-wise learning-rate decay and, for a linear probe,
+  freezes everything but the head (see ``imgcls_jax.transfer``); without it, or with its defaults,
+  the optimizer is unchanged.
+  """
+  return transfer_lib.wrap_optimizer(_base(cfg, lr), transfer)
+
+
+def _base(cfg: ml_collections.ConfigDict, lr: optax.Schedule) -> optax.GradientTransformation:
   parts = []
   if cfg.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(cfg.grad_clip_norm))

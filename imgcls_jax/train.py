@@ -60,7 +60,7 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
   warmup = configlib.steps_from(config, 'optim.warmup', steps_per_epoch)
   lr = optim.schedule(config.optim, batch_size=config.batch_size, total_steps=total,
                       warmup_steps=warmup)
-  tx = optim.build(config.optim, lr)
+  tx = optim.build(config.optim, lr, config.get('transfer'))
   model_fn = models.from_config(config, info.num_classes, info.channels)
   step_cfg = steps.StepConfig(num_classes=info.num_classes,
                               label_smoothing=float(config.label_smoothing),
@@ -97,7 +97,11 @@ def restore_or_init(s: Setup, ckpt: checkpoint.Checkpointer) -> tuple[Any, Any]:
   if restored is not None:
     logging.info('Resuming from step %d.', restored.step)
     return restored.state, shardings
-  return state_lib.create(s.model_fn, s.tx, s.config.seed, s.mesh, placement)
+  state, shardings = state_lib.create(s.model_fn, s.tx, s.config.seed, s.mesh, placement)
+  if s.config.get('transfer') and s.config.transfer.init_from:
+    from imgcls_jax import transfer  # weights from another run or a torch file; new head
+    state = transfer.init_state(state, shardings, s.config.transfer, s.tx)
+  return state, shardings
 
 
 def evaluate(eval_step: Any, state: Any, data: pipeline.EvalData, mesh: jax.sharding.Mesh) -> dict:

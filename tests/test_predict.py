@@ -1,0 +1,174 @@
+"""--mode=predict: image files / folders in, top-k class names out; unreadable files skipped.
+
+``trained_run`` (one tiny digits training per test session) is shared with test_export / test_serve.
+"""
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imgcls_jax import predict, train
+from imgcls_jax.data import digits
+from imgcls_jax.errors import UserError
+from tests.conftest import REPO, subprocess_env
+
+_RUNS: dict = {}
+
+
+def small_config(tfds_dir):
+  """The default digits config, shrunk: a narrow CNN trained for 30 steps."""
+  if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+  from configs import default
+  c = default.get_config()
+  c.data.data_dir = tfds_dir
+  c.model.widths = (8, 16)
+  c.batch_size = c.eval_batch_size = 64
+  c.num_train_steps = 30
+  c.optim.warmup_steps = 3
+  c.eval_every_epochs = c.checkpoint_every_epochs = -1.0
+  c.progress_bar = c.tensorboard = False
+  return c
+
+
+def trained_run(tmp_path_factory, tfds_dir):
+  """(config, workdir) of a digits run trained once per session (and per tfds_dir)."""
+  if tfds_dir not in _RUNS:
+    config = small_config(tfds_dir)
+    workdir = str(tmp_path_factory.mktemp('trained_run'))
+    metrics = train.train_and_evaluate(config, workdir)
+    _RUNS[tfds_dir] = (config, workdir, metrics)
+  return _RUNS[tfds_dir]
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory, tfds_dir):
+  return trained_run(tmp_path_factory, tfds_dir)
+
+
+@pytest.fixture(scope='module')
+def clf(run):
+  config, workdir, _ = run
+  return predict.load_classifier(config, workdir)
+
+
+@pytest.fixture(scope='module')
+def image_folder(tmp_path_factory):
+  """Digits test images saved in assorted modes, sizes and formats, plus two unreadable files."""
+  root = tmp_path_factory.mktemp('images')
+  (root / 'nested').mkdir()
+  x, y = digits.load_arrays('test')
+  expected = {}
+  for i in range(12):
+    p = root / f'grey_{i}.png'
+    Image.fromarray(x[i, :, :, 0]).save(p)
+    expected[str(p)] = ('exact', i)
+  big = Image.fromarray(x[12, :, :, 0]).resize((96, 96), Image.NEAREST)
+  big.convert('RGB').save(root / 'nested' / 'rgb_96px.jpg', quality=98)
+  big.convert('RGBA').save(root / 'nested' / 'rgba_96px.png')
+  Image.fromarray(x[13, :, :, 0]).convert('P').save(root / 'palette.gif')
+  good = (root / 'grey_0.png').read_bytes()
+  (root / 'truncated.png').write_bytes(good[:len(good) // 2])
+  (root / 'not_an_image.png').write_text('just text')
+  (root / 'README.txt').write_text('ignored: not an image extension')
+  return str(root), expected, x, y
+
+
+def test_prepare_any_size_and_mode(clf, image_folder):
+  root, _, x, _ = image_folder
+  assert clf.image_shape == (8, 8, 1) and clf.native_hw == (8, 8)
+  np.testing.assert_array_equal(clf.prepare(os.path.join(root, 'grey_3.png')), x[3])
+  for name in ('nested/rgb_96px.jpg', 'nested/rgba_96px.png', 'palette.gif'):
+    arr = clf.prepare(os.path.join(root, name))
+    assert arr.shape == (8, 8, 1) and arr.dtype == np.uint8
+  # A 96 px upscale of an 8 px digit comes back close to the original digit.
+  assert np.abs(clf.prepare(os.path.join(root, 'nested/rgba_96px.png')).astype(int) -
+                x[12].astype(int)).mean() < 12
+  with pytest.raises(predict.UnreadableImage, match='not a readable image'):
+    clf.prepare(b'\x89PNG\r\n\x1a\n broken')
+  with pytest.raises(predict.ImageTooLarge):
+    buf = io.BytesIO()
+    Image.new('L', (300, 300)).save(buf, 'PNG')
+    clf.prepare(buf.getvalue(), max_pixels=10_000)
+
+
+def test_predict_folder_jsonl_matches_model_and_skips_bad_files(run, clf, image_folder, caplog):
+  config, workdir, _ = run
+  root, expected, x, _ = image_folder
+  config = config.copy_and_resolve_references()
+  config.predict.inputs = root
+  config.predict.top_k = 3
+  config.predict.batch_size = 4           # several batches, the last one partial
+  config.predict.output = os.path.join(root, '..', 'out', 'preds.jsonl')
+  results = predict.predict(config, workdir)
+  with open(config.predict.output) as f:
+    lines = [json.loads(line) for line in f]
+  assert lines == results
+  files = [r['file'] for r in results]
+  assert len(files) == 15 and files == sorted(files)          # 12 grey + jpg + rgba + gif
+  assert not any('truncated' in f or 'not_an_image' in f or 'README' in f for f in files)
+  skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith('Skipped')]
+  assert len(skipped) == 2 and any('truncated.png' in m for m in skipped)
+  # The probabilities are the model's on exactly those pixels.
+  probs = clf.predict_arrays(x[:12])['probabilities']
+  for r in results:
+    if r['file'] in expected:
+      p = probs[expected[r['file']][1]]
+      top = r['predictions']
+      assert [t['index'] for t in top] == list(np.argsort(-p)[:3])
+      assert top[0]['class'] == clf.class_names[top[0]['index']]
+      np.testing.assert_allclose([t['probability'] for t in top], np.sort(p)[::-1][:3], rtol=1e-5)
+
+
+def test_predict_csv(run, image_folder, tmp_path):
+  config, workdir, _ = run
+  root = image_folder[0]
+  config = config.copy_and_resolve_references()
+  config.predict.inputs = f'{root}/grey_0.png,{root}/grey_1.png'
+  config.predict.format = 'csv'
+  config.predict.top_k = 2
+  config.predict.output = str(tmp_path / 'p.csv')
+  predict.predict(config, workdir)
+  rows = list(csv.DictReader(open(config.predict.output)))
+  assert [(r['file'].endswith('grey_0.png'), r['rank']) for r in rows] == [
+      (True, '1'), (True, '2'), (False, '1'), (False, '2')]
+  assert all(r['class'] in [str(i) for i in range(10)] and 0 <= float(r['probability']) <= 1
+             for r in rows)
+
+
+def test_predict_user_errors(run, tmp_path):
+  config, workdir, _ = run
+  config = config.copy_and_resolve_references()
+  with pytest.raises(UserError, match='Nothing to predict'):
+    predict.predict(config, workdir)
+  config.predict.inputs = str(tmp_path / 'nope')
+  with pytest.raises(UserError, match='does not exist'):
+    predict.predict(config, workdir)
+  config.predict.format = 'xml'
+  with pytest.raises(UserError, match='format must be one of'):
+    predict.predict(config, workdir)
+  config.predict.format = 'jsonl'
+  config.predict.inputs = str(tmp_path)
+  with pytest.raises(UserError, match='No checkpoint|No finished checkpoint'):
+    predict.predict(config, str(tmp_path / 'empty_run'))
+
+
+def test_cli_predict_on_a_folder_prints_class_names(run, image_folder):
+  config, workdir, _ = run
+  root = image_folder[0]
+  out = subprocess.run(
+      [sys.executable, '-m', 'imgcls_jax.main', '--mode=predict',
+       f'--config={REPO}/configs/default.py', f'--workdir={workdir}',
+       f'--config.predict.inputs={root}', '--config.predict.top_k=1'],
+      capture_output=True, text=True, env=subprocess_env(1), timeout=300, cwd=REPO)
+  assert out.returncode == 0, out.stderr[-2000:]
+  lines = [json.loads(line) for line in out.stdout.splitlines()]
+  assert len(lines) == 15
+  assert all(line['predictions'][0]['class'] in [str(i) for i in range(10)] for line in lines)
+  assert 'Skipped' in out.stderr and 'not_an_image.png' in out.stderr
