@@ -51,7 +51,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_batch_size = 512                 # global; the last batch is padded and masked
   c.num_epochs = 40.0                     # training length in epochs ...
   c.num_train_steps = -1                  # ... or in steps (> 0 overrides num_epochs)
-  c.label_smoothing = 0.1                 # 0.1 on digits: 99.33 / 99.56 / 100.0% (seeds 0/1/2) vs 99.11 / 99.78 / 99.33% without
+  # Digits hold-out, seeds 0/1/2: 99.33 / 99.56 / 100.0% with 0.1; 99.11 / 99.78 / 99.33% with 0.
+  c.label_smoothing = 0.1
   c.optim = ml_collections.ConfigDict()
   c.optim.name = 'sgd'                    # 'sgd' or 'adamw'
   c.optim.learning_rate = 0.1             # peak learning rate ...
