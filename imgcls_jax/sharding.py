@@ -102,6 +102,12 @@ def state_shardings(abstract_state: Any, mesh: Mesh,
                       abstract_state)
 
 
+def planned_bytes_per_device(abstract_state: Any, shardings: Any) -> int:
+  """Bytes of the state that each device will hold under ``shardings`` (from shapes only)."""
+  return int(sum(math.prod(sh.shard_shape(tuple(a.shape))) * np.dtype(a.dtype).itemsize
+                 for a, sh in zip(jax.tree.leaves(abstract_state), jax.tree.leaves(shardings))))
+
+
 def bytes_per_device(tree: Any) -> dict[Any, int]:
   """Bytes of ``tree``'s arrays held on each addressable device (shards counted where they live)."""
   total: dict[Any, int] = collections.defaultdict(int)

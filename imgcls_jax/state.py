@@ -7,6 +7,7 @@ built by ``jax.jit(init, out_shardings=...)`` so no full copy ever lands on one 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Callable
 
 import flax.struct
@@ -79,6 +80,14 @@ def init_fn(model_fn: ModelFn, tx: optax.GradientTransformation,
   return init
 
 
+def _shardings(abstract: Any, mesh: Mesh, param_sharding: sharding.ParamSharding) -> Any:
+  shardings = sharding.state_shardings(abstract, mesh, param_sharding)
+  logging.info('Train state: %.2f MiB per device (%s placement over %d devices).',
+               sharding.planned_bytes_per_device(abstract, shardings) / 2**20,
+               param_sharding.mode, mesh.devices.size)
+  return shardings
+
+
 def create(model_fn: ModelFn, tx: optax.GradientTransformation, seed: int, mesh: Mesh,
            param_sharding: sharding.ParamSharding = sharding.ParamSharding()
            ) -> tuple[TrainState, Any]:
@@ -88,7 +97,7 @@ def create(model_fn: ModelFn, tx: optax.GradientTransformation, seed: int, mesh:
   """
   init = init_fn(model_fn, tx, seed)
   abstract = jax.eval_shape(init)
-  shardings = sharding.state_shardings(abstract, mesh, param_sharding)
+  shardings = _shardings(abstract, mesh, param_sharding)
   return jax.jit(init, out_shardings=shardings)(), shardings
 
 
@@ -97,7 +106,7 @@ def abstract_state(model_fn: ModelFn, tx: optax.GradientTransformation, seed: in
                    ) -> tuple[TrainState, Any]:
   """(ShapeDtypeStruct state carrying shardings, the shardings): a restore target."""
   abstract = jax.eval_shape(init_fn(model_fn, tx, seed))
-  shardings = sharding.state_shardings(abstract, mesh, param_sharding)
+  shardings = _shardings(abstract, mesh, param_sharding)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract, shardings)
   return target, shardings

@@ -146,8 +146,11 @@ def test_two_processes_train_like_one_and_their_checkpoint_resumes_in_one(digits
   single = str(tmp_path / 'single')
   train.train_and_evaluate(digits_config, single)  # also prepares the dataset for the children
 
+  # The 2-process run also shards parameters and optimizer state over its 4 devices (FSDP, where
+  # it matters: the state then spans processes); the maths, and so the result, are the same.
   multi = str(tmp_path / 'multi')
   flags = [f for f in _overrides(digits_config) if not f.startswith('--config.mesh.num_devices')]
+  flags += ['--config.mesh.param_sharding=fsdp', '--config.mesh.fsdp_min_size=256']
   cmd = ['bash', os.path.join(REPO, 'launch', 'local.sh'), '-n', '2', '--cpu-devices', '2',
          '--port', str(_free_port()), '--timeout', '400', '--python', sys.executable, '--',
          '--config=configs/default.py', *flags, f'--workdir={multi}']
@@ -156,6 +159,7 @@ def test_two_processes_train_like_one_and_their_checkpoint_resumes_in_one(digits
   assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
   assert '[p0] ' in r.stdout and '[p1] ' in r.stdout
   assert 'Process 1 of 2: 2 local devices, 4 in all' in r.stdout
+  assert 'fsdp placement over 4 devices' in r.stdout
 
   # Only process 0 wrote metrics: each (step, split) record appears once.
   records = metrics.read_jsonl(os.path.join(multi, 'metrics.jsonl'))
@@ -168,12 +172,13 @@ def test_two_processes_train_like_one_and_their_checkpoint_resumes_in_one(digits
   s = train.setup(digits_config)
   init = jax.device_get(state_lib.create(s.model_fn, s.tx, digits_config.seed, s.mesh)[0])
   moved = _max_diff(a, init)
-  print(f'2 processes x 2 devices vs 1 process x 4 devices after {steps} steps: max |diff| = '
+  print(f'2 processes x 2 devices (fsdp) vs 1 process x 4 devices after {steps} steps: max |diff| = '
         f'{diff:.2e} (tolerance {TOLERANCE:.0e}; the state moved up to {moved:.2e} from init)')
   assert moved > 100 * TOLERANCE
   assert diff <= TOLERANCE
 
-  # The 2-process checkpoint resumes in one process and continues like the 1-process run.
+  # The 2-process (FSDP) checkpoint resumes in one process (replicated) and continues like the
+  # 1-process run.
   digits_config.num_train_steps = steps + more
   train.train_and_evaluate(digits_config, multi)
   train.train_and_evaluate(digits_config, single)

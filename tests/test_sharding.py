@@ -117,6 +117,7 @@ def test_fsdp_state_holds_about_one_over_n_bytes_per_device(digits_config):
     state, _ = train_step(state, batch)
     counts = sharding.bytes_per_device(state)
     assert len(counts) == n
+    assert sharding.planned_bytes_per_device(state, shardings) == max(counts.values())
     per_device[rules.mode] = max(counts.values())
   rep, fsdp = per_device['replicated'], per_device['fsdp']
   print(f'train state bytes per device on {n} devices: replicated {rep:,}, fsdp {fsdp:,} '
