@@ -127,6 +127,18 @@ class _Handler(http.server.BaseHTTPRequestHandler):
   def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (base-class signature)
     logging.debug('%s %s', self.address_string(), format % args)
 
+  def log_error(self, format: str, *args: Any) -> None:  # noqa: A002
+    logging.info('%s %s', self.address_string(), format % args)
+
+  def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+    """http.server's own refusals (malformed request line, huge headers, unknown method), as JSON."""
+    if code == 501:  # a method http.server has no handler for: a client error here
+      code, message = 405, f'{self.command} is not supported; use POST /v1/classify or GET /v1/model'
+    if self.request_version == 'HTTP/0.9':  # unparseable request line: still send a status line
+      self.request_version = 'HTTP/1.0'
+    self.log_error('code %d, message %s', code, message)
+    self._send(code, {'error': f"{message or self.responses.get(code, ('Error',))[0]}."}, close=True)
+
   def _send(self, status: int, payload: dict[str, Any], close: bool = False) -> None:
     body = json.dumps(payload).encode()
     self.send_response(status)
@@ -190,6 +202,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     except ValueError:
       raise _HttpError(400, f'Bad Content-Length {length!r}.', True) from None
     if n > self.server.max_upload_bytes:
+      self._discard(n)
       raise _HttpError(413, f'Upload of {n} bytes is larger than the limit of '
                        f'{self.server.max_upload_bytes} bytes.', True)
     body = self.rfile.read(n)
@@ -230,6 +243,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     except Overloaded:
       raise _HttpError(503, 'The service is overloaded; retry shortly.') from None
     return 200, {'predictions': top_k(probs, clf.class_names, k), 'checkpoint_step': clf.step}
+
+  def _discard(self, n: int) -> None:
+    """Reads and drops a refused body (up to 8x the limit), so the client sees our answer instead
+    of a connection reset."""
+    if n > 8 * self.server.max_upload_bytes:
+      return
+    while n > 0:
+      chunk = self.rfile.read(min(n, 1 << 16))
+      if not chunk:
+        return
+      n -= len(chunk)
 
   def _drain(self) -> bool:
     """Reads and drops a small body so the connection can be reused; False if it cannot."""
