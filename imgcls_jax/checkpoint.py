@@ -7,13 +7,13 @@ A checkpoint holds everything needed to continue a run exactly:
 
 The input pipeline keeps no iterator state: its order is a pure function of ``(seed, step)``
 (``imgcls_jax/data/pipeline.py``), so a run resumed at step ``s`` rebuilds exactly the batches an
-uninterrupted run would see from ``s`` on. ``meta['data_position']`` records that position for readers;
-nothing else is needed to restore it. (tf.data iterator checkpoints were the alternative; they tie a
-checkpoint to one process layout and grow with shuffle buffers.)
+uninterrupted run would see from ``s`` on. ``meta['data_position']`` records that position for
+readers; nothing else is needed to restore it. (tf.data iterator checkpoints were the alternative;
+they tie a checkpoint to one process layout and grow with shuffle buffers.)
 
-Restoring walks the checkpoints newest first. One whose files are truncated or unreadable is moved to
-``<workdir>/corrupt_checkpoints/`` with a warning and the previous one is used. One that is readable
-but was written by a different model or dataset is a ``UserError`` that says what differs.
+Restoring walks the checkpoints newest first. One whose files are truncated or unreadable is moved
+to ``<workdir>/corrupt_checkpoints/`` with a warning and the previous one is used. One that is
+readable but was written by a different model or dataset is a ``UserError`` that says what differs.
 """
 from __future__ import annotations
 
@@ -97,16 +97,17 @@ def check_config(saved: Mapping[str, Any] | None, config: ml_collections.ConfigD
                  where: str) -> None:
   """Raises UserError if ``config`` differs from the checkpoint's in a state-defining key.
 
-  Warns when it differs in a key that changes the training trajectory.
+  Warns when it differs in a key that changes the training trajectory. ``where`` names the
+  checkpoint, e.g. 'checkpoint 30 in /runs/a/checkpoints'.
   """
   if not saved:
     return
   current = config_dict(config)
   bad = config_differences(saved, current, MUST_MATCH)
   if bad:
-    raise UserError(f'{where} was written by a different model or dataset ({"; ".join(bad)}); '
-                    'resume it with the config that wrote it (config.json beside it) or start the '
-                    'new run in a new --workdir.')
+    raise UserError(f'Cannot resume {where}: it was written by a different model or dataset '
+                    f'({"; ".join(bad)}); resume it with the config that wrote it (config.json in '
+                    'the workdir) or start the new run in a new --workdir.')
   changed = config_differences(saved, current, TRAJECTORY)
   if changed:
     logging.warning('Resuming %s with a changed config (%s): the run will not match an '
@@ -160,11 +161,13 @@ class Checkpointer:
       raise UserError(f"config.checkpoint.best_mode must be 'max' or 'min', got '{best_mode}'.")
     if keep < 1 or keep_best < 0:
       raise UserError(f'Keep at least one checkpoint (config.keep_checkpoints={keep}) and a '
-                      f'non-negative number of best ones (config.checkpoint.keep_best={keep_best}).')
+                      'non-negative number of best ones '
+                      f'(config.checkpoint.keep_best={keep_best}).')
     self.workdir = os.path.abspath(workdir)
     self.directory = os.path.join(self.workdir, 'checkpoints')
     self.best_metric = best_metric
     self.best_mode = best_mode
+    self._track_best = keep_best > 0
     worst = -math.inf if best_mode == 'max' else math.inf
     metric = lambda m: float(m.get(best_metric, worst))
     policies: list[Any] = [ocp.checkpoint_managers.LatestN(keep)]
@@ -204,7 +207,7 @@ class Checkpointer:
 
   def best_step(self) -> int | None:
     """The saved step with the best ``best_metric`` (None when none was saved with metrics)."""
-    if self._manager._options.best_fn is None:  # pylint: disable=protected-access
+    if not self._track_best:
       return None
     steps = [s for s in self.all_steps() if self.metrics(s)]
     return self._manager.best_step() if steps else None
@@ -226,7 +229,7 @@ class Checkpointer:
     """
     if step in self._manager.all_steps():
       return False
-    if metrics is not None and self._manager._options.best_fn is not None:  # pylint: disable=protected-access
+    if metrics is not None and self._track_best:
       if self.best_metric not in metrics:
         raise UserError(f"config.checkpoint.best_metric='{self.best_metric}' is not an evaluation "
                         f"metric; use one of: {', '.join(sorted(metrics))}.")
@@ -281,20 +284,21 @@ class Checkpointer:
                      config: ml_collections.ConfigDict | None = None) -> Restored | None:
     """The newest readable checkpoint that fits ``abstract_state``; None when there is none.
 
-    Unreadable (truncated, partly deleted) checkpoints are moved to ``<workdir>/corrupt_checkpoints``
-    with a warning, and the previous one is tried. A readable checkpoint written by a different
-    model/dataset (``config``'s state-defining keys, or the state's tree) raises UserError.
+    Unreadable (truncated, partly deleted) checkpoints are moved to
+    ``<workdir>/corrupt_checkpoints`` with a warning, and the previous one is tried. A readable
+    checkpoint written by a different model/dataset (``config``'s state-defining keys, or the
+    state's tree) raises UserError.
     """
     skipped: list[int] = []
     for step in sorted(self._manager.all_steps(), reverse=True):
       try:
         meta = self.read_meta(step)
-        self._manager.metadata(step).item_metadata['state'].tree  # pylint: disable=expression-not-assigned
+        _ = self._manager.metadata(step).item_metadata['state'].tree  # readable tree metadata
       except Exception as e:  # unreadable meta or tree metadata
         self._quarantine(step, e)
         skipped.append(step)
         continue
-      where = f'The checkpoint of step {step} in {self.directory}'
+      where = f'checkpoint {step} in {self.directory}'
       if config is not None:
         check_config(meta.get('config'), config, where)
       self._check_fits(step, abstract_state)

@@ -61,6 +61,9 @@ class StopWatcher:
 
 def resume_hint(workdir: str) -> str:
   """How to resume: the command line that started this process, when it was the CLI."""
+  if jax.process_count() > 1:
+    return (f'rerun the same launch command on every host (same --workdir={shlex.quote(workdir)}); '
+            'all processes resume from that checkpoint')
   argv = sys.argv
   if argv and os.path.basename(argv[0]) == 'main.py' and 'imgcls_jax' in argv[0]:
     return 'rerun: python -m imgcls_jax.main ' + ' '.join(shlex.quote(a) for a in argv[1:])

@@ -1,4 +1,4 @@
-"""Checkpointer: keep-last-N + best-N, damaged checkpoints, config and structure checks, re-meshing."""
+"""Checkpointer: keep-last-N + best-N, damaged checkpoints, config / structure checks, meshes."""
 import glob
 import logging
 import os
@@ -109,9 +109,11 @@ def test_config_of_another_model_or_dataset_is_refused(digits_config, tmp_path):
   digits_config.model.widths = (32, 64)
   digits_config.data.name = 'mnist'
   with pytest.raises(UserError) as e:
-    checkpoint.check_config(saved, digits_config, 'The checkpoint')
+    checkpoint.check_config(saved, digits_config, 'checkpoint 7 in /runs/a/checkpoints')
   msg = str(e.value)
   assert '\n' not in msg
+  assert msg.startswith('Cannot resume checkpoint 7 in /runs/a/checkpoints: it was written by a '
+                        'different model or dataset (')
   assert 'data.name: "sklearn_digits" in the checkpoint, "mnist" now' in msg
   assert 'model.widths: [16, 32] in the checkpoint, [32, 64] now' in msg
 
@@ -126,7 +128,8 @@ def test_trajectory_changes_warn_and_bookkeeping_changes_do_not(digits_config, c
   digits_config.optim.learning_rate = 0.01
   with caplog.at_level(logging.WARNING):
     checkpoint.check_config(saved, digits_config, 'ckpt')
-  assert 'optim.learning_rate: 0.1 in the checkpoint, 0.01 now' in caplog.text
+  assert 'Resuming ckpt with a changed config (optim.learning_rate: 0.1 in the checkpoint, 0.01 now)' \
+      in caplog.text
   assert 'will not match an uninterrupted one' in caplog.text
 
 

@@ -5,12 +5,12 @@ Every run is the same tiny CNN on digits for 40 steps (checkpoints every 10, eva
 in-process run on 8 fake devices; the other runs are compared with it. Child processes run the real
 command line (``python -m imgcls_jax.main``) and are killed with real signals.
 """
-import glob
 import json
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -66,9 +66,13 @@ def cli(workdir, tfds_dir):
 def start(args, log_path, num_devices=8, code=None):
   """A child process running the command line (or ``python -c code``) with output to a file."""
   prog = ['-c', code] if code else ['-m', 'imgcls_jax.main']
+  env = subprocess_env(num_devices)
+  for k in [k for k in env if k.startswith(('SLURM_', 'OMPI_', 'JAX_COORDINATOR'))]:
+    del env[k]  # no cluster environment may leak into these runs
+  env['JAX_PLATFORMS'] = 'cpu'
   log = open(log_path, 'w')
-  return subprocess.Popen([sys.executable, *prog, *args], cwd=REPO, env=subprocess_env(num_devices),
-                          stdout=log, stderr=subprocess.STDOUT, text=True)
+  return subprocess.Popen([sys.executable, *prog, *args], cwd=REPO, env=env, stdout=log,
+                          stderr=subprocess.STDOUT, text=True)
 
 
 def finish(proc, log_path, timeout=300):
@@ -159,7 +163,7 @@ def test_sigkill_then_the_same_command_ends_bitwise_equal(reference, tfds_dir, t
   resumed = re.search(r'Resuming from step (\d+)\.', out)  # the newest committed async save
   assert resumed and 10 <= int(resumed[1]) <= 27, out[-3000:]
   assert_bitwise_equal(load_state(workdir, TOTAL), load_state(reference, TOTAL))
-  assert metric_records(workdir) == metric_records(reference)  # records after the resume point redone
+  assert metric_records(workdir) == metric_records(reference)  # records after the resume redone
 
 
 def test_sigterm_saves_exits_0_and_resume_continues(reference, tfds_dir, tmp_path):
@@ -184,6 +188,31 @@ def test_sigterm_saves_exits_0_and_resume_continues(reference, tfds_dir, tmp_pat
   assert metric_records(workdir) == metric_records(reference)
 
 
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(reference, tmp_path,
+                                                                      tfds_dir):
+  """Multi-host: JAX's preemption service passes a SIGTERM on one process to all of them; every
+  process stops at the same step, they save that checkpoint together and all exit 0."""
+  del reference  # (prepared the dataset before the children start)
+  workdir = str(tmp_path / 'run')
+  with socket.socket() as sock:
+    sock.bind(('127.0.0.1', 0))
+    port = sock.getsockname()[1]
+  procs, logs = [], [str(tmp_path / f'p{i}.log') for i in range(2)]
+  for i in range(2):
+    flags = ['--config.num_train_steps=200', '--config.distributed.enabled=True',
+             f'--config.distributed.coordinator_address=127.0.0.1:{port}',
+             '--config.distributed.num_processes=2', f'--config.distributed.process_id={i}']
+    procs.append(start(cli(workdir, tfds_dir) + flags, logs[i], num_devices=2))
+  wait_for_step(procs[0], workdir, logs[0], 5)
+  procs[1].send_signal(signal.SIGTERM)
+  (rc0, out0), (rc1, out1) = [finish(p, log) for p, log in zip(procs, logs)]
+  assert rc0 == 0 and rc1 == 0, out0[-2000:] + out1[-2000:]
+  m = re.search(r'Stopped by SIGTERM \(preemption notice\) at step (\d+) of 200; checkpoint saved '
+                r'in \S+\. To resume, rerun the same launch command on every host', out0)
+  assert m, out0[-3000:]
+  assert checkpoint_steps(workdir)[-1] == int(m[1]) >= 5
+
+
 def test_damaged_newest_checkpoint_resumes_from_the_previous_one(reference, tfds_dir, tmp_path,
                                                                 caplog):
   """Must-show 3: a truncated newest checkpoint -> resume from the previous one, and say so."""
@@ -194,6 +223,30 @@ def test_damaged_newest_checkpoint_resumes_from_the_previous_one(reference, tfds
   assert 'Resuming from the previous good checkpoint, step 30' in caplog.text
   assert os.path.isdir(os.path.join(workdir, 'corrupt_checkpoints', str(TOTAL)))
   assert_bitwise_equal(load_state(workdir, TOTAL), load_state(reference, TOTAL))
+
+
+@pytest.mark.parametrize('key, value, message', [
+    ('model.widths', (16, 48), r'^Cannot resume checkpoint 40 in \S+: it was written by a different '
+     r'model or dataset \(model\.widths: \[16, 32\] in the checkpoint, \[16, 48\] now\); resume it '
+     r'with the config that wrote it'),
+    ('optim.grad_clip_norm', 1.0, r'^Checkpoint 40 in \S+ does not fit this model/config: '
+     r'opt_state/\S+ (is only in|is missing from) the checkpoint \(and \d+ more differences\)'),
+])
+def test_resuming_with_an_incompatible_config_fails_with_one_line(reference, tfds_dir, tmp_path,
+                                                                   key, value, message):
+  workdir = copy_run(reference, tmp_path / 'run', up_to_step=TOTAL)
+  saved_config = open(os.path.join(workdir, 'config.json')).read()
+  config = make_config(tfds_dir)
+  *parents, leaf = key.split('.')
+  node = config
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+  with pytest.raises(UserError) as e:
+    train.train_and_evaluate(config, workdir)
+  assert '\n' not in str(e.value) and re.search(message, str(e.value)), str(e.value)
+  assert open(os.path.join(workdir, 'config.json')).read() == saved_config  # left as it was
+  assert checkpoint_steps(workdir) == [10, 20, 30, 40]  # a mismatch is not damage
 
 
 def test_nan_loss_exits_nonzero_and_keeps_the_last_finite_checkpoint(reference, tfds_dir,
