@@ -44,15 +44,20 @@ def define_flags(fv: flags.FlagValues) -> None:
 
 def parse_flags(fv: flags.FlagValues, argv: list[str]) -> None:
   """Parses ``argv`` into ``fv``; a bad flag ends the program with one line (exit status 2)."""
+  override = ('a --config.KEY=VALUE override names a key the config does not have ({}); see '
+              'configs/default.py for the keys.')
   try:
     rest = fv(argv)
   except flags.Error as e:
-    fail(f'bad flag: {str(e).splitlines()[0]}')
+    msg = str(e).splitlines()[0]
+    fail(override.format(msg) if "flag 'config." in msg else f'bad flag: {msg}')
   except (AttributeError, KeyError) as e:  # ml_collections: --config.X names no key of the config
-    fail(f'a --config.KEY=VALUE override names a key the config does not have ({e}); see '
-         'configs/default.py for the keys.')
+    fail(override.format(e))
   if len(rest) > 1:
     fail(f'unexpected arguments: {rest[1:]}')
+  if fv.steps < 1 or fv.window < 1 or fv.steps % fv.window or fv.warmup < 0:
+    fail(f'--steps ({fv.steps}) must be a positive multiple of --window ({fv.window}), and '
+         f'--warmup ({fv.warmup}) >= 0.')
   extend_xla_flags(fv.xla_flags)  # before the first call that starts the backend
 
 

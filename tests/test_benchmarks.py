@@ -80,15 +80,21 @@ def test_tensorflow_blocker_is_effective():
   assert 'tensorflow is blocked in this test' in proc.stderr
 
 
-def test_bad_flags_end_in_one_line():
-  proc = _run_without_tf('benchmarks/throughput.py', '--config=configs/default.py',
-                         '--config.no_such_key=1')
-  assert proc.returncode == 2
-  assert proc.stderr.strip().splitlines()[-1].startswith('error: a --config.KEY=VALUE override')
-  proc = _run_without_tf('benchmarks/throughput.py', '--config=configs/default.py', '--steps=5',
-                         '--window=2')
-  assert proc.returncode == 2
-  assert 'must be a positive multiple of window' in proc.stderr
+@pytest.mark.parametrize('args,message', [
+    (['--config.no_such_key=1'], 'error: a --config.KEY=VALUE override names a key'),
+    (['--steps=5', '--window=2'], 'error: --steps (5) must be a positive multiple of --window'),
+    (['--no_such_flag'], 'error: bad flag: Unknown command line flag'),
+])
+def test_bad_flags_end_in_one_line(args, message, capsys):
+  from benchmarks import throughput
+  try:
+    with pytest.raises(SystemExit) as exit_info:
+      throughput.main(['throughput.py', '--config=configs/default.py', *args])
+  finally:
+    throughput.FLAGS.unparse_flags()
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith(message), err
 
 
 def test_synthetic_shape_follows_the_config():
