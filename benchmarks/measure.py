@@ -40,6 +40,9 @@ def define_flags(fv: flags.FlagValues) -> None:
                     flag_values=fv)
   flags.DEFINE_string('xla_flags', '', 'Appended to $XLA_FLAGS before the backend starts '
                       '(GPU flags: see benchmarks/NOTES.md).', flag_values=fv)
+  flags.DEFINE_enum('transfer_guard', 'disallow', ['disallow', 'log', 'allow'],
+                    'Host <-> device transfers inside the timing windows: fail, log, or allow.',
+                    flag_values=fv)
 
 
 def parse_flags(fv: flags.FlagValues, argv: list[str]) -> None:
@@ -107,10 +110,12 @@ def compile_step(jitted: Callable[..., Any], *args: Any) -> tuple[Any, dict[str,
 
 
 def time_steps(step: Callable[[Any, Any], tuple[Any, Any]], state: Any, batch: Any, *,
-               warmup: int, steps: int, window: int) -> tuple[Any, list[float], list[Any]]:
+               warmup: int, steps: int, window: int,
+               guard: str = 'disallow') -> tuple[Any, list[float], list[Any]]:
   """Runs ``warmup`` then ``steps`` steps; returns (state, seconds per step per window, metrics).
 
-  ``metrics`` holds each window's last metrics, fetched to the host after the timing.
+  ``metrics`` holds each window's last metrics, fetched to the host after the timing. ``guard``
+  is the ``jax.transfer_guard`` level inside the windows.
   """
   if steps < 1 or window < 1 or steps % window:
     raise ValueError(f'steps ({steps}) must be a positive multiple of window ({window}).')
@@ -121,7 +126,7 @@ def time_steps(step: Callable[[Any, Any], tuple[Any, Any]], state: Any, batch: A
   per_step, kept = [], []
   # Inside a window nothing may move between host and device: a step fed host data (or, on an
   # accelerator, one that reads a value back) fails here instead of being timed with a hidden sync.
-  with jax.transfer_guard('disallow'):
+  with jax.transfer_guard(guard):
     for _ in range(steps // window):
       t0 = time.perf_counter()
       for _ in range(window):
