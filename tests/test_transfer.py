@@ -139,17 +139,22 @@ def _demo():
 
 @pytest.mark.slow
 def test_transfer_beats_scratch_on_digits_5_to_9(tmp_path):
-  """Digits 0-4 -> 5-9 from 60 labelled images: fine-tuning beats scratch at the same steps."""
+  """Digits 0-4 -> 5-9 from 60 labelled images: fine-tuning beats scratch at the same steps.
+
+  Measured (2-core CPU): scratch 87.1% (lr 0.1; 84.8% at 0.3), fine-tune 94.2%, linear probe 54.9%.
+  The probe is weak on digits: a 2-stage CNN trained on five digits keeps little that separates the
+  other five (a converged logistic regression on its features reaches ~83% from 100 images).
+  """
   work = str(tmp_path)
   r = _demo().run('sklearn_digits', work, target_images=60, source_steps=80, target_steps=24,
-                  batch_size=64, target_batch_size=16, scratch_lrs=(0.1,), finetune_lr=0.03,
-                  probe_lr=0.3, widths=(16, 32))
+                  batch_size=64, target_batch_size=16, scratch_lrs=(0.1,), finetune_lrs=(0.1,),
+                  probe_lrs=(0.3,), widths=(16, 32))
   assert r['source_accuracy_0to4'] > 0.9
-  assert r['finetune'] > r['scratch_best'] + 0.05, r
-  assert r['linear_probe'] > 0.5, r          # chance is 0.2; the frozen 0-4 features carry over
+  assert r['finetune_best'] > r['scratch_best'] + 0.03, r
+  assert r['linear_probe_best'] > 0.4, r     # chance is 0.2: the frozen 0-4 features carry over
   # The probe changed the head only: every backbone parameter is the source's, bit for bit.
   src = transfer.read_checkpoint(os.path.join(work, 'source'))
-  probe = transfer.read_checkpoint(os.path.join(work, 'linear_probe'))
+  probe = transfer.read_checkpoint(os.path.join(work, 'linear_probe_lr0.3'))
   for name, value in probe.params.items():
     if name.startswith('head.'):
       assert not np.allclose(value, src.params[name]), name
