@@ -172,4 +172,19 @@ def get_config() -> ml_collections.ConfigDict:
   c.serve.max_queue = 1024                # requests waiting for the model; beyond it, 503
   c.serve.top_k = 5                       # default classes per answer (?top_k=N overrides)
   c.serve.step = -1                       # checkpoint step in the workdir; -1 = latest
+
+  # ---- the user's image folders (imgcls_jax/data/image_folder.py) ----
+  # With data.name = 'image_folder': images in <folder>/<split>/<class>/*.{jpg,jpeg,png,bmp,gif},
+  # splits named by data.train_split / data.eval_split; unreadable files are skipped and listed.
+  # Mixed sizes need a size-fixing op, e.g. train_preprocess='random_resized_crop(size=224)|flip_lr'
+  # and eval_preprocess='center_crop(size=224)'.
+  c.data.folder = config_dict.placeholder(str)
+
+  # ---- mixup / cutmix on the device (imgcls_jax/mixup.py); both alphas 0 = off ----
+  c.mixup = ml_collections.ConfigDict()
+  c.mixup.mixup_alpha = 0.0               # Beta(a, a) mixing weight of whole images (e.g. 0.2-0.8)
+  c.mixup.cutmix_alpha = 0.0              # Beta(a, a) kept area of cutmix boxes (e.g. 1.0)
+  c.mixup.prob = 1.0                      # probability that a batch / example is mixed at all
+  c.mixup.switch_prob = 0.5               # with both alphas > 0: probability of cutmix vs mixup
+  c.mixup.mode = 'batch'                  # 'batch': one weight per batch; 'example': one per example
   return c

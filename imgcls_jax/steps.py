@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from imgcls_jax import report
+from imgcls_jax import mixup, report
 from imgcls_jax.state import ModelDef, TrainState
 
 
@@ -25,6 +25,10 @@ class StepConfig:
   mean: tuple[float, ...] = (0.5,)          # per channel, in [0, 1] units
   std: tuple[float, ...] = (0.5,)
   compute_dtype: str = 'float32'
+  mix: mixup.MixConfig | None = None        # mixup / cutmix on the device (None: off)
+
+# fold_in data for the mixup / cutmix key; the dropout streams use fold_in(key, 0..n) instead.
+MIX_STREAM = 0x6D1C
 
 
 def normalize(images_BxHxWxC: jax.Array, cfg: StepConfig) -> jax.Array:
@@ -52,6 +56,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model_def: Mod
   x = normalize(batch['image'], cfg)
   y = targets(batch['label'], cfg)
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  if cfg.mix is not None:  # soft targets from mixed pairs of the global batch
+    x, y = mixup.apply(jax.random.fold_in(key, MIX_STREAM), x, y, cfg.mix)
 
   def loss_fn(params):
     model = model_def.merge(params, state.batch_stats, key)

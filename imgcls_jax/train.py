@@ -18,6 +18,7 @@ import tqdm
 from imgcls_jax import (checkpoint, configlib, metrics, models, optim, preemption, report,
                         sharding, steps)
 from imgcls_jax import state as state_lib
+from imgcls_jax import mixup
 from imgcls_jax.data import pipeline
 from imgcls_jax.errors import UserError
 
@@ -66,7 +67,8 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
                               label_smoothing=float(config.label_smoothing),
                               mean=tuple(float(m) for m in config.data.mean),
                               std=tuple(float(s) for s in config.data.std),
-                              compute_dtype=config.dtype)
+                              compute_dtype=config.dtype,
+                              mix=mixup.from_config(config.get('mixup')))
   return Setup(config=config, mesh=mesh, info=info, model_fn=model_fn,
                model_def=state_lib.model_def(model_fn), tx=tx, lr_schedule=lr, step_cfg=step_cfg,
                steps_per_epoch=steps_per_epoch, total_steps=total, local_batch_size=local_bs,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 from typing import Any, Iterator
 
 import ml_collections
@@ -28,7 +29,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from imgcls_jax.data import digits as _digits  # noqa: F401  (registers sklearn_digits)
-from imgcls_jax.data import ops
+from imgcls_jax.data import image_folder, ops, prepare_fashion_mnist
 from imgcls_jax.errors import UserError
 
 # Datasets whose classes are not mirror-symmetric: a horizontal flip changes the label's meaning.
@@ -64,6 +65,8 @@ def builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
                     "registered name (e.g. sklearn_digits, fashion_mnist, imagenet2012).") from None
   if not b.is_prepared():
     manual_dir = data.get('manual_dir') or None
+    if manual_dir is None and data.name in LOCAL_SOURCES:
+      manual_dir = LOCAL_SOURCES[data.name](b)
     try:
       b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
     except Exception as e:  # tfds raises many types (network, checksum, manual-dir) here.
@@ -75,21 +78,62 @@ def builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   return b
 
 
+def _local_fashion_mnist(b: tfds.core.DatasetBuilder) -> str | None:
+  """Debian's Fashion-MNIST files as a tfds manual_dir, when they are installed."""
+  if not os.path.isdir(prepare_fashion_mnist.DEBIAN_DIR):
+    return None
+  manual_dir = os.path.join(os.path.dirname(os.path.dirname(str(b.data_dir))), 'downloads',
+                            'manual', 'fashion_mnist')
+  prepare_fashion_mnist.write_manual_dir(prepare_fashion_mnist.DEBIAN_DIR, manual_dir)
+  return manual_dir
+
+
+# tfds name -> function giving a manual_dir of local files that prepares it (None: none here).
+LOCAL_SOURCES = {'fashion_mnist': _local_fashion_mnist}
+
+
+def supervised_keys(b: tfds.core.DatasetBuilder, name: str) -> tuple[str, str]:
+  """(image feature, label feature): tfds's supervised_keys when they name an Image and a
+  ClassLabel, else ('image', 'label')."""
+  features = b.info.features
+  keys = b.info.supervised_keys
+  if not (isinstance(keys, tuple) and len(keys) == 2 and all(isinstance(k, str) for k in keys)):
+    keys = ('image', 'label')
+  image, label = keys
+  if (image not in features or label not in features
+      or not isinstance(features[image], tfds.features.Image)
+      or not isinstance(features[label], tfds.features.ClassLabel)):
+    raise UserError(f"Dataset '{name}' has no image feature with a class label (features: "
+                    f"{', '.join(features.keys())}); it is not an image classification dataset.")
+  return image, label
+
+
+def _folder_info(data: ml_collections.ConfigDict) -> DatasetInfo:
+  root = image_folder.root_of(data)
+  names = image_folder.class_names(root, data.train_split)
+  train = image_folder.scan(root, data.train_split, names)
+  sizes: dict[str, int | None] = {}
+  for split in (data.train_split, data.eval_split):
+    sizes[split] = len(image_folder.scan(root, split, names))
+  return DatasetInfo(name=f'{image_folder.NAME}:{root}', num_classes=len(names), class_names=names,
+                     channels=image_folder.channels(train), num_examples=sizes)
+
+
 def info(data: ml_collections.ConfigDict) -> DatasetInfo:
   """Class count, class names, channels and split sizes of ``data.name``."""
+  if image_folder.is_folder(data):
+    return _folder_info(data)
   b = builder(data)
   features = b.info.features
-  if 'label' not in features or 'image' not in features:
-    raise UserError(f"Dataset '{data.name}' has no 'image'/'label' features; it is not an image "
-                    'classification dataset.')
-  label = features['label']
+  image_key, label_key = supervised_keys(b, data.name)
+  label = features[label_key]
   sizes: dict[str, int | None] = {}
   for split in (data.train_split, data.eval_split):
     try:
       sizes[split] = int(b.info.splits[split].num_examples)
     except (KeyError, ValueError, TypeError):
       sizes[split] = None  # mock_data leaves info.splits empty.
-  channels = features['image'].shape[-1] or 3
+  channels = features[image_key].shape[-1] or 3
   return DatasetInfo(name=data.name, num_classes=int(label.num_classes),
                      class_names=tuple(label.names), channels=int(channels), num_examples=sizes)
 
@@ -102,8 +146,20 @@ def check_split(b: tfds.core.DatasetBuilder, split: str, name: str) -> None:
                     f"{', '.join(sorted(known))}.")
 
 
-def _select(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-  return {'image': example['image'], 'label': tf.cast(example['label'], tf.int32)}
+def _selector(image_key: str, label_key: str) -> Any:
+  def select(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    return {'image': example[image_key], 'label': tf.cast(example[label_key], tf.int32)}
+  return select
+
+
+def _folder_read(data: ml_collections.ConfigDict, split: str, process_index: int,
+                 process_count: int, drop_remainder: bool) -> tf.data.Dataset:
+  root = image_folder.root_of(data)
+  names = image_folder.class_names(root, data.train_split)
+  channels = image_folder.channels(image_folder.scan(root, data.train_split, names))
+  return image_folder.dataset(image_folder.scan(root, split, names), channels,
+                              process_index=process_index, process_count=process_count,
+                              drop_remainder=drop_remainder)
 
 
 def _only_ids(ids_file: str) -> Any:
@@ -123,18 +179,26 @@ def _only_ids(ids_file: str) -> Any:
 
 def _read(data: ml_collections.ConfigDict, split: str, process_index: int, process_count: int,
           drop_remainder: bool) -> tf.data.Dataset:
-  b = builder(data)
+  """This process's part of ``split`` as ``{'image': uint8 HxWxC, 'label': int32}``, in a fixed
+  order (a tfds dataset, or an image folder when ``data.name == 'image_folder'``)."""
   # 'SPLIT@IDS_FILE' reads only the examples of SPLIT whose tfds ids IDS_FILE lists, in their
   # usual order (cross-validation folds: imgcls_jax/data/folds.py).
   split, ids_file = split.split('@', 1) if '@' in split else (split, None)
-  check_split(b, split, data.name)
-  subsplit = tfds.even_splits(split, n=process_count, drop_remainder=drop_remainder)[process_index]
-  ds = b.as_dataset(split=subsplit, shuffle_files=False,
-                    read_config=tfds.ReadConfig(try_autocache=False, shuffle_seed=0,
-                                                add_tfds_id=ids_file is not None))
+  if image_folder.is_folder(data):  # its examples always carry 'tfds_id' (the relative path)
+    ds = _folder_read(data, split, process_index, process_count, drop_remainder)
+    keys = ('image', 'label')
+  else:
+    b = builder(data)
+    check_split(b, split, data.name)
+    keys = supervised_keys(b, data.name)
+    subsplit = tfds.even_splits(split, n=process_count,
+                                drop_remainder=drop_remainder)[process_index]
+    ds = b.as_dataset(split=subsplit, shuffle_files=False,
+                      read_config=tfds.ReadConfig(try_autocache=False, shuffle_seed=0,
+                                                  add_tfds_id=ids_file is not None))
   if ids_file is not None:
     ds = ds.filter(_only_ids(ids_file))
-  ds = ds.map(_select, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.map(_selector(*keys), num_parallel_calls=tf.data.AUTOTUNE)
   return ds.cache() if data.cache else ds
 
 
@@ -256,7 +320,18 @@ def _slice_stream(data: ml_collections.ConfigDict, augment: Any, *, seed: int, s
     return {'image': augment(ex['image'], ex_seed), 'label': ex['label']}
 
   ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  check_fixed_size(ds, data, 'train_preprocess')
   return ds.batch(last - first, drop_remainder=True), n
+
+
+def check_fixed_size(ds: tf.data.Dataset, data: ml_collections.ConfigDict, key: str) -> None:
+  """Batching needs one image size: a preprocessing spec must end images at a fixed size."""
+  shape = ds.element_spec['image'].shape
+  if not shape.is_fully_defined():
+    raise UserError(f"Images of '{data.name}' differ in size after config.data.{key}="
+                    f"'{data.get(key)}'; add an op that fixes the size, e.g. "
+                    "'random_resized_crop(size=224)' for training or 'center_crop(size=224)' / "
+                    "'resize(size=224)' for evaluation.")
 
 
 class EvalData:
@@ -272,6 +347,7 @@ class EvalData:
     seed0 = tf.zeros([2], tf.int64)
     ds = ds.map(lambda ex: {'image': preprocess(ex['image'], seed0), 'label': ex['label']},
                 num_parallel_calls=tf.data.AUTOTUNE)
+    check_fixed_size(ds, data, 'eval_preprocess')
     self._ds = ds.batch(local_batch_size).prefetch(data.prefetch).with_options(_options())
     # Every process must run the same number of eval steps: pad with empty batches up to the
     # largest process's count (known from the split size, when tfds knows it).

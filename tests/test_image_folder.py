@@ -1,0 +1,185 @@
+"""The user's image folders: mixed sizes and modes, skipped files reported by count and name,
+clear errors for missing splits and empty classes, and a real training run whose checkpoint
+carries the class names."""
+import glob
+import json
+import logging
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imgcls_jax.data import image_folder, pipeline
+from imgcls_jax.errors import UserError
+
+
+def _save(path, mode, size, seed, fmt=None):
+  rng = np.random.RandomState(seed)
+  w, h = size
+  channels = {'L': 1, 'RGB': 3, 'RGBA': 4}[mode]
+  pixels = rng.randint(0, 256, (h, w, channels)).astype(np.uint8)
+  image = Image.fromarray(pixels[..., 0] if channels == 1 else pixels, mode)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  image.save(path, format=fmt)
+
+
+def make_folder(root, *, bad_files=True):
+  """train/{cat,dog} and test/{cat,dog}: JPEG, PNG (RGB, RGBA, grey), GIF, BMP of mixed sizes."""
+  sizes = [(20, 30), (40, 25), (33, 33), (17, 48)]
+  for k in range(4):
+    _save(f'{root}/train/cat/rgb_{k}.jpg', 'RGB', sizes[k], k)
+    _save(f'{root}/train/dog/rgb_{k}.JPEG', 'RGB', sizes[3 - k], 10 + k, 'JPEG')
+  _save(f'{root}/train/cat/alpha.png', 'RGBA', (24, 24), 20)
+  _save(f'{root}/train/cat/grey.png', 'L', (31, 29), 21)
+  _save(f'{root}/train/dog/sub/deeper.bmp', 'RGB', (16, 16), 22)
+  _save(f'{root}/train/dog/anim.gif', 'RGB', (18, 18), 23)
+  if bad_files:
+    with open(f'{root}/train/cat/rgb_0.jpg', 'rb') as f:
+      head = f.read(200)
+    with open(f'{root}/train/cat/corrupt.jpg', 'wb') as f:   # a truncated JPEG
+      f.write(head)
+    with open(f'{root}/train/dog/notes.txt', 'w') as f:
+      f.write('not an image\n')
+    with open(f'{root}/train/dog/.DS_Store', 'wb') as f:       # hidden files are ignored
+      f.write(b'\0\1')
+  for k in range(3):
+    _save(f'{root}/test/cat/t{k}.png', 'RGB', (25 + k, 22), 30 + k)
+    _save(f'{root}/test/dog/t{k}.jpg', 'L', (21, 26 + k), 40 + k)
+
+
+@pytest.fixture
+def folder(tmp_path):
+  root = str(tmp_path / 'images')
+  make_folder(root)
+  return root
+
+
+@pytest.fixture
+def folder_config(digits_config, folder):
+  c = digits_config
+  c.data.name = 'image_folder'
+  c.data.folder = folder
+  c.data.train_preprocess = 'random_resized_crop(size=16, area_min=0.5)|flip_lr'
+  c.data.eval_preprocess = 'resize(size=16)'
+  c.data.mean = (0.5, 0.5, 0.5)
+  c.data.std = (0.25, 0.25, 0.25)
+  c.batch_size = 8
+  c.eval_batch_size = 8
+  return c
+
+
+def test_scan_skips_and_reports_unreadable_and_non_image_files(folder, caplog):
+  image_folder._CACHE.clear()
+  names = image_folder.class_names(folder, 'train')
+  assert names == ('cat', 'dog')
+  with caplog.at_level(logging.WARNING):
+    train = image_folder.scan(folder, 'train', names)
+  assert sorted(train.skipped) == [('train/cat/corrupt.jpg', 'cannot be decoded'),
+                                   ('train/dog/notes.txt', 'not an image file')]
+  message = ' '.join(r.getMessage() for r in caplog.records)
+  assert 'skipped 2 file(s)' in message
+  assert 'train/cat/corrupt.jpg' in message and 'train/dog/notes.txt' in message
+  assert len(train) == 12 and sorted(np.bincount(train.labels)) == [6, 6]
+  assert train.channels_found == {1, 3, 4}
+  assert image_folder.channels(train) == 3
+  rel = sorted(os.path.relpath(p, folder) for p in train.paths)
+  assert 'train/dog/sub/deeper.bmp' in rel and 'train/cat/grey.png' in rel
+
+
+def test_info_and_exact_once_evaluation(folder_config):
+  info = pipeline.info(folder_config.data)
+  assert info.class_names == ('cat', 'dog') and info.num_classes == 2 and info.channels == 3
+  assert info.num_examples == {'train': 12, 'test': 6}
+  ev = pipeline.EvalData(folder_config.data, 'test', local_batch_size=4, split_size=6)
+  batches = list(ev.batches())
+  assert len(batches) == 2
+  images = np.concatenate([b['image'][b['mask']] for b in batches])
+  labels = np.concatenate([b['label'][b['mask']] for b in batches])
+  assert images.shape == (6, 16, 16, 3) and images.dtype == np.uint8
+  assert sorted(labels) == [0, 0, 0, 1, 1, 1]
+  grey = images[labels == 1]  # the test dogs are grey JPEGs: replicated to 3 equal channels
+  assert (grey[..., 0] == grey[..., 1]).all() and (grey[..., 1] == grey[..., 2]).all()
+
+
+def test_train_stream_mixes_sizes_and_modes(folder_config):
+  ds, n = pipeline.train_dataset(folder_config.data, seed=0, local_batch_size=6)
+  assert n == 12
+  batch = next(ds.as_numpy_iterator())
+  assert batch['image'].shape == (6, 16, 16, 3)
+
+
+def test_all_grey_folder_gives_one_channel(tmp_path, digits_config):
+  root = str(tmp_path / 'grey')
+  for split in ('train', 'test'):
+    for k in range(2):
+      _save(f'{root}/{split}/a/{k}.png', 'L', (12, 12), k)
+      _save(f'{root}/{split}/b/{k}.jpg', 'L', (12, 14), 5 + k)
+  digits_config.data.name = 'image_folder'
+  digits_config.data.folder = root
+  assert pipeline.info(digits_config.data).channels == 1
+
+
+def test_different_sizes_without_a_resize_op_is_a_user_error(folder_config):
+  folder_config.data.eval_preprocess = ''
+  with pytest.raises(UserError, match="differ in size after config.data.eval_preprocess=''"):
+    pipeline.EvalData(folder_config.data, 'test', local_batch_size=4)
+
+
+def test_folder_errors(tmp_path, folder_config, folder):
+  c = folder_config
+  c.data.eval_split = 'validation'
+  with pytest.raises(UserError, match="Split 'validation' does not exist .*found: test, train"):
+    pipeline.info(c.data)
+  c.data.eval_split = 'test'
+  c.data.folder = str(tmp_path / 'nowhere')
+  with pytest.raises(UserError, match='does not exist; point config.data.folder'):
+    pipeline.info(c.data)
+  c.data.folder = None
+  with pytest.raises(UserError, match='config.data.folder is not set'):
+    pipeline.info(c.data)
+
+  empty = str(tmp_path / 'empty_class')
+  make_folder(empty, bad_files=False)
+  os.makedirs(f'{empty}/train/bird')
+  with open(f'{empty}/train/bird/readme.txt', 'w') as f:
+    f.write('no images yet')
+  c.data.folder = empty
+  with pytest.raises(UserError, match='bird of split .train. .* hold no readable images'):
+    pipeline.info(c.data)
+
+  extra = str(tmp_path / 'extra_class')
+  make_folder(extra, bad_files=False)
+  _save(f'{extra}/test/fox/0.png', 'RGB', (9, 9), 0)
+  c.data.folder = extra
+  with pytest.raises(UserError, match='classes the training split lacks \\(fox\\)'):
+    pipeline.info(c.data)
+
+  no_classes = str(tmp_path / 'flat')
+  _save(f'{no_classes}/train/0.png', 'RGB', (9, 9), 0)
+  c.data.folder = no_classes
+  with pytest.raises(UserError, match='has no class sub-directories'):
+    pipeline.info(c.data)
+
+
+def test_even_slices_match_tfds_semantics():
+  assert [image_folder.even_slice(10, i, 3, True) for i in range(3)] == [(0, 3), (3, 6), (6, 9)]
+  assert [image_folder.even_slice(10, i, 3, False) for i in range(3)] == [(0, 4), (4, 7), (7, 10)]
+
+
+@pytest.mark.slow
+def test_training_from_a_folder_with_bad_files_keeps_class_names(folder_config, tmp_path, caplog):
+  from imgcls_jax import train
+  image_folder._CACHE.clear()
+  c = folder_config
+  c.num_train_steps = 6
+  workdir = str(tmp_path / 'run')
+  with caplog.at_level(logging.WARNING):
+    result = train.train_and_evaluate(c, workdir)
+  assert result['count'] == 6
+  assert any('skipped 2 file(s)' in r.getMessage() for r in caplog.records)
+  metas = glob.glob(os.path.join(workdir, 'checkpoints', '*', 'meta', 'metadata'))
+  assert metas
+  with open(metas[0]) as f:
+    meta = json.load(f)
+  assert meta['class_names'] == ['cat', 'dog'] and meta['num_classes'] == 2

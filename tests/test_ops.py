@@ -1,0 +1,231 @@
+"""Preprocessing ops: every op eagerly and inside tf.data, seed determinism, PIL-equivalence of the
+RandAugment ops, random erasing geometry, and spec parsing errors."""
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image, ImageEnhance, ImageOps
+
+from imgcls_jax.data import ops
+from imgcls_jax.errors import UserError
+
+# One spec per registered op, with arguments that make it do visible work.
+SPECS = {
+    'pad_crop': 'pad_crop(pad=4)',
+    'flip_lr': 'flip_lr',
+    'random_resized_crop': 'random_resized_crop(size=20, area_min=0.3)',
+    'resize': 'resize(size=20)',
+    'center_crop': 'center_crop(size=20)',
+    'randaugment': 'randaugment(num_ops=2, magnitude=15)',
+    'random_erasing': 'random_erasing(prob=1.0)',
+}
+RANDOM = {'pad_crop', 'flip_lr', 'random_resized_crop', 'randaugment', 'random_erasing'}
+
+
+def _image(h=28, w=32, c=3, seed=0):
+  """A smooth image with texture (so crops, flips and enhancements all change it)."""
+  rng = np.random.RandomState(seed)
+  yy, xx = np.mgrid[0:h, 0:w]
+  base = 128 + 60 * np.sin(xx / 3.0 + yy / 5.0)[..., None] + rng.randint(-40, 40, (h, w, c))
+  return np.clip(base, 0, 255).astype(np.uint8)
+
+
+def test_every_registered_op_is_covered():
+  assert set(SPECS) == set(ops.names())
+
+
+@pytest.mark.parametrize('name', sorted(SPECS))
+@pytest.mark.parametrize('channels', [1, 3])
+def test_op_is_seed_deterministic_eagerly_and_in_tf_data(name, channels):
+  op = ops.compose(SPECS[name])
+  image = tf.constant(_image(c=channels))
+  seeds = [tf.constant([7, k], tf.int64) for k in range(8)]
+  eager = [op(image, s).numpy() for s in seeds]
+  again = [op(image, s).numpy() for s in seeds]
+  for a, b in zip(eager, again):
+    np.testing.assert_array_equal(a, b)
+  ds = tf.data.Dataset.from_tensor_slices(tf.stack(seeds)).map(
+      lambda s: op(image, s), num_parallel_calls=4, deterministic=True)
+  for a, b in zip(eager, ds.as_numpy_iterator()):
+    np.testing.assert_array_equal(a, b)
+  out = eager[0]
+  assert out.dtype == np.uint8 and out.ndim == 3 and out.shape[-1] == channels
+  if name in RANDOM:  # different seeds give different outputs
+    assert len({e.tobytes() for e in eager}) > 1
+  if name not in ('resize', 'center_crop', 'random_resized_crop'):
+    assert out.shape == image.shape
+
+
+@pytest.mark.parametrize('name', sorted(SPECS))
+def test_op_keeps_a_static_shape_in_graphs(name):
+  op = ops.compose(SPECS[name])
+  fn = tf.function(lambda x: op(x, tf.constant([1, 2], tf.int64)),
+                   input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)])
+  shape = fn.get_concrete_function().structured_outputs.shape
+  assert shape[-1] == 3
+  if name in ('resize', 'center_crop', 'random_resized_crop'):
+    assert shape.as_list() == [20, 20, 3]
+
+
+def test_pad_crop_is_a_shift_with_zero_fill():
+  image = _image(c=1)
+  for k in range(6):
+    out = ops.compose('pad_crop(pad=3)')(tf.constant(image), tf.constant([0, k])).numpy()
+    padded = np.pad(image, ((3, 3), (3, 3), (0, 0)))
+    hits = [(dy, dx) for dy in range(7) for dx in range(7)
+            if np.array_equal(padded[dy:dy + 28, dx:dx + 32], out)]
+    assert hits
+
+
+def test_flip_is_mirror_or_identity():
+  image = _image()
+  outs = [ops.compose('flip_lr')(tf.constant(image), tf.constant([0, k])).numpy() for k in range(16)]
+  assert all(np.array_equal(o, image) or np.array_equal(o, image[:, ::-1]) for o in outs)
+  assert any(np.array_equal(o, image[:, ::-1]) for o in outs)
+  assert any(np.array_equal(o, image) for o in outs)
+
+
+# ---- RandAugment: each op against PIL (the reference its definition comes from) ----
+
+def _ra(name, image, m, fill=128.0):
+  fn, _ = ops.RANDAUGMENT_OPS[name]
+  out = fn(tf.constant(image, tf.float32), tf.constant(m, tf.float32), fill)
+  return np.clip(np.round(out.numpy()), 0, 255).astype(np.int32)
+
+
+def _pil(image):
+  return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+
+
+def _arr(pil_image, channels):
+  a = np.asarray(pil_image).astype(np.int32)
+  return a[..., None] if channels == 1 else a
+
+
+@pytest.mark.parametrize('channels', [1, 3])
+def test_randaugment_pointwise_ops_match_pil(channels):
+  image = _image(c=channels, seed=3)
+  pil = _pil(image)
+  np.testing.assert_array_equal(_ra('equalize', image, 0.0), _arr(ImageOps.equalize(pil), channels))
+  np.testing.assert_array_equal(_ra('posterize', image, 0.5),   # 8 - round(4 * 0.5) = 6 bits
+                                _arr(ImageOps.posterize(pil, 6), channels))
+  np.testing.assert_array_equal(_ra('solarize', image, 0.25),   # threshold 255 * 0.75
+                                _arr(ImageOps.solarize(pil, 191.25), channels))
+  auto = _ra('auto_contrast', image, 0.0)
+  assert np.abs(auto - _arr(ImageOps.autocontrast(pil), channels)).max() <= 1
+  assert auto.min() == 0 and auto.max() == 255
+  np.testing.assert_array_equal(_ra('identity', image, 0.7), image.astype(np.int32))
+
+
+@pytest.mark.parametrize('channels', [1, 3])
+@pytest.mark.parametrize('m', [-0.8, 0.5])
+def test_randaugment_enhance_ops_match_pil(channels, m):
+  image = _image(c=channels, seed=4)
+  pil = _pil(image)
+  factor = 1.0 + 0.9 * m
+  for name, enhancer, tol in [('brightness', ImageEnhance.Brightness, 1),
+                              ('color', ImageEnhance.Color, 2),
+                              ('contrast', ImageEnhance.Contrast, 2),
+                              ('sharpness', ImageEnhance.Sharpness, 1)]:
+    ours = _ra(name, image, m)
+    ref = _arr(enhancer(pil).enhance(factor), channels)
+    assert np.abs(ours - ref).max() <= tol, name
+
+
+def test_randaugment_geometry():
+  image = _image(h=15, w=15, c=1, seed=5)
+  # 3 x 30 degrees about the centre is an exact quarter turn (counter-clockwise).
+  np.testing.assert_array_equal(_ra('rotate', image, 3.0), np.rot90(image, 1).astype(np.int32))
+  np.testing.assert_array_equal(_ra('rotate', image, 0.0), image.astype(np.int32))
+  # Translations move content by m * 150/331 of the size and fill the rest.
+  shift = 331 / 150 * 4 / 15            # m for exactly 4 pixels on a 15-pixel image
+  moved = _ra('translate_x', image, shift, fill=7.0)
+  np.testing.assert_array_equal(moved[:, :11], image[:, 4:].astype(np.int32))
+  assert (moved[:, 11:] == 7).all()
+  moved = _ra('translate_y', image, -shift, fill=7.0)
+  np.testing.assert_array_equal(moved[4:], image[:11].astype(np.int32))
+  assert (moved[:4] == 7).all()
+  sheared = _ra('shear_x', image, 1 / 0.3)  # output (x, y) samples input (x + y, y)
+  for y in range(15):
+    np.testing.assert_array_equal(sheared[y, :15 - y], image[y, y:].astype(np.int32))
+
+
+def test_randaugment_with_one_op_applies_exactly_that_op():
+  image = tf.constant(_image(seed=6))
+  out = ops.compose("randaugment(num_ops=1, magnitude=30, ops='solarize')")(image, tf.constant([1, 1]))
+  np.testing.assert_array_equal(out.numpy(), 255 - _image(seed=6))  # threshold 0: all inverted
+  out = ops.compose("randaugment(num_ops=3, magnitude=9, ops='identity')")(image, tf.constant([1, 1]))
+  np.testing.assert_array_equal(out.numpy(), _image(seed=6))
+
+
+def test_randaugment_uses_every_op():
+  image = tf.constant(_image(seed=7))
+  outs = set()
+  op = ops.compose('randaugment(num_ops=1, magnitude=20)')
+  for k in range(120):
+    outs.add(op(image, tf.constant([3, k])).numpy().tobytes())
+  # 14 ops, 9 of them signed: well over 14 distinct results, identity among them.
+  assert len(outs) >= 14
+  assert _image(seed=7).tobytes() in outs
+
+
+def test_randaugment_bad_arguments_are_user_errors():
+  with pytest.raises(UserError, match='randaugment'):
+    ops.parse('randaugment(magnitude=40)')
+  with pytest.raises(UserError, match='unknown RandAugment ops'):
+    ops.parse("randaugment(ops='blur')")
+
+
+# ---- random erasing ----
+
+def test_random_erasing_erases_one_rectangle_of_bounded_area():
+  image = np.full((40, 30, 3), 255, np.uint8)
+  op = ops.compose('random_erasing(prob=1.0, value=0)')
+  areas = []
+  for k in range(40):
+    out = op(tf.constant(image), tf.constant([5, k])).numpy()
+    erased = np.argwhere((out == 0).all(-1))
+    assert len(erased)
+    (y0, x0), (y1, x1) = erased.min(0), erased.max(0)
+    assert (out[y0:y1 + 1, x0:x1 + 1] == 0).all()  # a filled rectangle ...
+    assert (out == 0).all(-1).sum() == (y1 - y0 + 1) * (x1 - x0 + 1)  # ... and nothing else
+    areas.append(len(erased) / (40 * 30))
+  assert 0.01 < min(areas) and max(areas) < 0.40
+  assert len(set(areas)) > 10
+
+
+def test_random_erasing_probability_and_noise_fill():
+  image = np.full((32, 32, 1), 200, np.uint8)
+  never = ops.compose('random_erasing(prob=0.0)')
+  assert all(np.array_equal(never(tf.constant(image), tf.constant([0, k])).numpy(), image)
+             for k in range(10))
+  noisy = ops.compose('random_erasing(prob=1.0)')(tf.constant(image), tf.constant([0, 1])).numpy()
+  changed = noisy != image
+  assert changed.sum() > 10 and len(np.unique(noisy[changed])) > 10
+
+
+def test_random_erasing_rate_follows_prob():
+  image = tf.constant(np.full((16, 16, 1), 9, np.uint8))
+  op = ops.compose('random_erasing(prob=0.5, value=0)')
+  hits = sum(bool((op(image, tf.constant([2, k])).numpy() == 0).any()) for k in range(200))
+  assert 70 < hits < 130
+
+
+# ---- spec parsing ----
+
+def test_compose_chains_ops_with_independent_seeds():
+  image = tf.constant(_image())
+  both = ops.compose('pad_crop(pad=2)|flip_lr')
+  a = both(image, tf.constant([1, 2])).numpy()
+  np.testing.assert_array_equal(a, both(image, tf.constant([1, 2])).numpy())
+  assert ops.compose('')(image, tf.constant([0, 0])) is image
+
+
+@pytest.mark.parametrize('spec, match', [
+    ('flip_lr|no_such_op', "Unknown preprocessing op 'no_such_op'"),
+    ('pad_crop(pad=4', 'Cannot parse'),
+    ('pad_crop(padding=4)', "Bad arguments for preprocessing op 'pad_crop"),
+    ("random_erasing(value='blue')", 'Bad arguments'),
+])
+def test_bad_specs_are_user_errors(spec, match):
+  with pytest.raises(UserError, match=match):
+    ops.parse(spec)
