@@ -205,10 +205,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     t_log, n_log = time.perf_counter(), 0
 
     def diverged(what: str, step: int) -> TrainingDiverged:
+      good = (f'the last good checkpoint is step {last_good} in {ckpt.directory}'
+              if last_good is not None else 'no checkpoint was saved before it')
       return TrainingDiverged(
-          f'Training diverged: {what} at step {step}; the last good checkpoint is step {last_good} '
-          f'in {ckpt.directory}. Lower config.optim.learning_rate or set '
-          'config.optim.grad_clip_norm.')
+          f'Training diverged: {what} at step {step}; {good}. Lower config.optim.learning_rate or '
+          'set config.optim.grad_clip_norm.')
 
     def flush(step: int, keep_last: bool) -> None:
       """Fetches pending train metrics (all but the newest when ``keep_last``) and logs them."""
