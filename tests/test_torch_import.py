@@ -176,3 +176,42 @@ def test_unknown_layout_and_bad_files_are_user_errors(tmp_path):
     torch_import.load(str(module))
   with pytest.raises(UserError, match='does not exist'):
     torch_import.load(str(tmp_path / 'missing.pt'))
+
+
+@pytest.mark.parametrize('placement', ['replicated', 'fsdp'])
+def test_init_state_from_a_torch_file_keeps_backbone_and_makes_a_new_head(tmp_path, placement):
+  """The training path (transfer.init_state): 1000-class torch weights -> a 10-class model."""
+  import functools
+
+  import ml_collections
+  import optax
+  from safetensors.torch import save_file
+
+  from imgcls_jax import optim, sharding
+  from configs import default
+  ref = _reference('resnet18')
+  path = str(tmp_path / 'resnet18.safetensors')
+  save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, path)
+  cfg = default.get_config()
+  cfg.transfer.init_from = path
+  model_fn = functools.partial(models.get, 'resnet18', num_classes=10, in_channels=3)
+  tx = optim.build(cfg.optim, optax.constant_schedule(0.1), cfg.transfer)
+  mesh = sharding.make_mesh(0)
+  param_sharding = sharding.ParamSharding.from_config(
+      ml_collections.ConfigDict({'param_sharding': placement, 'fsdp_min_size': 1024}))
+  fresh, shardings = state_lib.create(model_fn, tx, 0, mesh, param_sharding)
+  fresh_head = np.asarray(fresh.params['fc']['kernel'])
+  state = transfer.init_state(fresh, shardings, cfg.transfer, tx)
+  sd = {k: v.numpy() for k, v in ref.state_dict().items()}
+  np.testing.assert_array_equal(np.asarray(state.params['layer3'][1]['conv2']['kernel']),
+                                sd['layer3.1.conv2.weight'].transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(np.asarray(state.batch_stats['bn1']['var']), sd['bn1.running_var'])
+  np.testing.assert_array_equal(np.asarray(state.params['fc']['kernel']), fresh_head)  # new head
+  assert state.params['fc']['kernel'].shape == (512, 10)
+  # Every array keeps the placement the trainer gave it (FSDP-split or replicated).
+  split = not state.params['layer4'][1]['conv2']['kernel'].sharding.is_fully_replicated
+  assert split == (placement == 'fsdp')
+  jax.tree.map(lambda a, s: a.sharding.is_equivalent_to(s, a.ndim) or pytest.fail(str(s)),
+               state.params, shardings.params)
+  jax.tree.map(lambda a, s: a.sharding.is_equivalent_to(s, a.ndim) or pytest.fail(str(s)),
+               state.opt_state, shardings.opt_state)
