@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 
 from imgcls_jax.errors import UserError
-from imgcls_jax.predict import Classifier, load_classifier, run_config
+from imgcls_jax.predict import Classifier, load_classifier
 
 
 class ExportMismatch(UserError):
@@ -143,7 +143,7 @@ def export(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     raise UserError('config.export.verify_examples must be >= 1: the export is always verified.')
   out_dir = os.path.abspath(cfg.output_dir or os.path.join(workdir, 'export'))
   clf = load_classifier(config, workdir, step=cfg.step, dtype=cfg.dtype)
-  images = eval_images(run_config(config, workdir).data, cfg.verify_examples)
+  images = eval_images(clf.run.data, cfg.verify_examples)
   reference = clf.predict_arrays(images)
 
   staging = out_dir + '.incomplete'

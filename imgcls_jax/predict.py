@@ -4,7 +4,7 @@
       --config.predict.inputs=photos/,extra.png [--config.predict.format=csv]
 
 The model, its dataset (class names, input size, eval preprocessing) and its dtype come from the
-run in ``--workdir`` (its ``config.json`` and checkpoint); ``config.predict`` says what to predict.
+run in ``--workdir`` (the config saved with its checkpoint); ``config.predict`` says what to do.
 Images of any size and mode are decoded with PIL, converted to the model's channels, resized to the
 dataset's image size, then put through the run's ``data.eval_preprocess``, exactly as evaluation
 sees them. Unreadable files are reported and skipped. ``Classifier`` is also what ``export`` and
@@ -47,8 +47,12 @@ class ImageTooLarge(UnreadableImage):
   """An image with more pixels than allowed."""
 
 
-def run_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
-  """The config the run in ``workdir`` was trained with (its config.json), else ``config``."""
+def run_config(config: ml_collections.ConfigDict, workdir: str,
+               meta: dict[str, Any] | None = None) -> ml_collections.ConfigDict:
+  """The config the run in ``workdir`` was trained with: from the checkpoint's ``meta`` if it holds
+  one, else the run's config.json, else ``config``."""
+  if meta and isinstance(meta.get('config'), dict):
+    return ml_collections.ConfigDict(meta['config'])
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     logging.warning('%s has no config.json; assuming the run used the given --config.', workdir)
@@ -94,6 +98,7 @@ class Classifier:
   model_def: state_lib.ModelDef
   step_cfg: steps.StepConfig
   step: int
+  run: ml_collections.ConfigDict               # the config the checkpoint was trained with
   max_batch: int = 64
 
   def apply(self, params: Any, batch_stats: Any, images_BxHxWxC: jax.Array) -> dict[str, jax.Array]:
@@ -167,8 +172,8 @@ def load_classifier(config: ml_collections.ConfigDict, workdir: str, *, step: in
                     dtype: str = '', max_batch: int = 64) -> Classifier:
   """The run in ``workdir`` at checkpoint ``step`` (-1: latest), computing in ``dtype`` ('' = the
   run's), on the default device."""
-  run = run_config(config, workdir)
   weights = transfer.read_checkpoint(workdir, step)
+  run = run_config(config, workdir, weights.meta)
   from imgcls_jax.data import pipeline
   info = pipeline.info(run.data)
   class_names = tuple(weights.meta.get('class_names') or info.class_names)
@@ -194,7 +199,7 @@ def load_classifier(config: ml_collections.ConfigDict, workdir: str, *, step: in
                     eval_preprocess=run.data.eval_preprocess or '',
                     params=jax.device_put(params), batch_stats=jax.device_put(stats),
                     model_def=state_lib.model_def(model_fn), step_cfg=step_cfg,
-                    step=int(weights.meta['step']), max_batch=max_batch)
+                    step=int(weights.meta['step']), run=run, max_batch=max_batch)
 
 
 def top_k(probs_K: np.ndarray, class_names: Sequence[str], k: int) -> list[dict[str, Any]]:
