@@ -1,4 +1,4 @@
-"""Does transfer help? Classes 0-4 -> classes 5-9 of one dataset, from a few hundred labelled images.
+"""Does transfer help? Classes 0-4 -> classes 5-9 of a dataset, from a few hundred labelled images.
 
 1. Trains a source model on classes 0-4 (all their training images).
 2. On ``--target_images`` labelled images of classes 5-9 (balanced), trains the same architecture
@@ -75,7 +75,8 @@ def make_datasets(dataset: str, tfds_dir: str, target_images: int, *, data_dir: 
         idx = np.concatenate([rng.permutation(np.flatnonzero(y == c))[:per_class]
                               for c in range(len(classes))])
         x, y = x[idx], y[idx]
-      per_split[split] = tf.data.Dataset.from_tensor_slices({'image': x, 'label': y.astype(np.int64)})
+      per_split[split] = tf.data.Dataset.from_tensor_slices({'image': x,
+                                                             'label': y.astype(np.int64)})
     features = tfds.features.FeaturesDict({
         'image': tfds.features.Image(shape=splits['train'][0].shape[1:]),
         'label': tfds.features.ClassLabel(names=[names[c] for c in classes])})

@@ -1,4 +1,4 @@
-"""``--mode=export``: a TF SavedModel taking uint8 images, and a TFLite model, both checked against JAX.
+"""``--mode=export``: a TF SavedModel taking uint8 images and a TFLite model, checked against JAX.
 
   python -m imgcls_jax.main --mode=export --config=configs/default.py --workdir=RUN
 
@@ -79,9 +79,10 @@ def save_tflite(saved_model_dir: str, path: str) -> None:
   try:
     model = tf.lite.TFLiteConverter.from_saved_model(saved_model_dir).convert()
   except Exception as e:  # the converter raises ConverterError and friends
-    raise UserError(f'TFLite conversion failed ({type(e).__name__}: {str(e).splitlines()[0][:300]}); '
-                    'export with --config.export.tflite=False for the SavedModel only, or with '
-                    "--config.export.dtype=float32.") from None
+    first = (str(e).splitlines() or [''])[0][:300]
+    raise UserError(f'TFLite conversion failed ({type(e).__name__}: {first}); export with '
+                    '--config.export.tflite=False for the SavedModel only, or with '
+                    '--config.export.dtype=float32.') from None
   with open(path, 'wb') as f:
     f.write(model)
 
@@ -157,9 +158,9 @@ def export(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     save_tflite(saved_model_dir, tflite_path)
     checks['tflite'] = compare(reference, run_tflite(tflite_path, images))
   for fmt, c in checks.items():
-    logging.info('%s vs JAX on %d eval images: max |dprob| %.2e, max |dlogit| %.2e, top-1 agreement '
-                 '%.2f%%.', fmt, len(images), c['max_abs_prob_diff'], c['max_abs_logit_diff'],
-                 100 * c['top1_agreement'])
+    logging.info('%s vs JAX on %d eval images: max |dprob| %.2e, max |dlogit| %.2e, top-1 '
+                 'agreement %.2f%%.', fmt, len(images), c['max_abs_prob_diff'],
+                 c['max_abs_logit_diff'], 100 * c['top1_agreement'])
     if c['max_abs_prob_diff'] > cfg.tolerance or c['top1_agreement'] < 1.0:
       shutil.rmtree(staging, ignore_errors=True)
       raise ExportMismatch(

@@ -67,7 +67,7 @@ def run_config(config: ml_collections.ConfigDict, workdir: str,
 
 def _input_spec(data: ml_collections.ConfigDict) -> tuple[tuple[int, int] | None,
                                                           tuple[int, int, int]]:
-  """(the dataset's fixed image size or None, the H x W x C the model gets after eval preprocess)."""
+  """(the dataset's fixed image size or None, the HxWxC the model gets after eval preprocess)."""
   import tensorflow as tf
   from imgcls_jax.data import ops, pipeline
 
@@ -164,7 +164,8 @@ class Classifier:
       import tensorflow as tf
       array = self._eval_op(tf.convert_to_tensor(array), tf.zeros([2], tf.int64)).numpy()
     if array.shape != self.image_shape:
-      raise UnreadableImage(f'preprocessed to {array.shape}, not the model input {self.image_shape}')
+      raise UnreadableImage(f'preprocessed to {array.shape}, not the model input '
+                            f'{self.image_shape}')
     return array
 
 
@@ -210,7 +211,7 @@ def top_k(probs_K: np.ndarray, class_names: Sequence[str], k: int) -> list[dict[
 
 
 def list_inputs(spec: str) -> list[str]:
-  """Files named in the comma-separated ``spec``; folders contribute their image files, recursively."""
+  """Files named in the comma-separated ``spec``; folders give their image files, recursively."""
   paths = [p.strip() for p in (spec or '').split(',') if p.strip()]
   if not paths:
     raise UserError('Nothing to predict: set config.predict.inputs to image files and/or folders, '
@@ -218,8 +219,9 @@ def list_inputs(spec: str) -> list[str]:
   files = []
   for p in paths:
     if os.path.isdir(p):
-      found = sorted(os.path.join(root, f) for root, dirs, names in os.walk(p) for f in names
-                     if not f.startswith('.') and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
+      found = sorted(os.path.join(root, f) for root, _, names in os.walk(p) for f in names
+                     if not f.startswith('.')
+                     and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
       if not found:
         logging.warning('No image files in folder %s.', p)
       files.extend(found)
@@ -286,7 +288,8 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, A
   """The ``predict`` mode: classifies ``config.predict.inputs`` and writes the top-k of each."""
   cfg = config.predict
   if cfg.format not in FORMATS:
-    raise UserError(f"config.predict.format must be one of {', '.join(FORMATS)}, got '{cfg.format}'.")
+    raise UserError(f"config.predict.format must be one of {', '.join(FORMATS)}, got "
+                    f"'{cfg.format}'.")
   if cfg.top_k < 1 or cfg.batch_size < 1:
     raise UserError('config.predict.top_k and config.predict.batch_size must be positive.')
   files = list_inputs(cfg.inputs)

@@ -5,9 +5,9 @@
   curl --data-binary @photo.jpg 'http://127.0.0.1:8080/v1/classify?top_k=3'
 
 Endpoints:
-  POST /v1/classify[?top_k=N]   body: the raw bytes of one image (any format PIL reads, any size or
-                                mode) -> 200 {"predictions": [{"class", "index", "probability"}, ...],
-                                "checkpoint_step": S}
+  POST /v1/classify[?top_k=N]   body: the raw bytes of one image (any format PIL reads, any size
+                                or mode) -> 200 {"predictions": [{"class", "index", "probability"},
+                                ...], "checkpoint_step": S}
   GET  /v1/model                class names, input shape, checkpoint step
   GET  /healthz                 {"status": "ok"}
 Bad requests get a 4xx with {"error": "<one sentence>"}: 400 (empty body, bad top_k, short body),
@@ -131,13 +131,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     logging.info('%s %s', self.address_string(), format % args)
 
   def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-    """http.server's own refusals (malformed request line, huge headers, unknown method), as JSON."""
+    """http.server's own refusals (bad request line, huge headers, unknown method), as JSON."""
     if code == 501:  # a method http.server has no handler for: a client error here
-      code, message = 405, f'{self.command} is not supported; use POST /v1/classify or GET /v1/model'
+      code = 405
+      message = f'{self.command} is not supported; use POST /v1/classify or GET /v1/model'
     if self.request_version == 'HTTP/0.9':  # unparseable request line: still send a status line
       self.request_version = 'HTTP/1.0'
     self.log_error('code %d, message %s', code, message)
-    self._send(code, {'error': f"{message or self.responses.get(code, ('Error',))[0]}."}, close=True)
+    text = message or self.responses.get(code, ('Error',))[0]
+    self._send(code, {'error': f'{text}.'}, close=True)
 
   def _send(self, status: int, payload: dict[str, Any], close: bool = False) -> None:
     body = json.dumps(payload).encode()
@@ -194,7 +196,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
       raise _HttpError(411, 'Chunked uploads are not accepted; send a Content-Length.', True)
     length = self.headers.get('Content-Length')
     if length is None:
-      raise _HttpError(411, 'Missing Content-Length header; send the image bytes as the body.', True)
+      raise _HttpError(411, 'Missing Content-Length header; send the image bytes as the body.',
+                       True)
     try:
       n = int(length)
       if n < 0:
@@ -230,8 +233,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     if not body:
       raise _HttpError(400, 'Empty body; send the bytes of one image.')
     if self.headers.get('Content-Type', '').lower().startswith('multipart/'):
-      raise _HttpError(415, 'Multipart forms are not accepted; send the raw image bytes as the body '
-                       '(e.g. curl --data-binary @photo.jpg).')
+      raise _HttpError(415, 'Multipart forms are not accepted; send the raw image bytes as the '
+                       'body (e.g. curl --data-binary @photo.jpg).')
     try:
       image = clf.prepare(body, max_pixels=self.server.max_pixels)
     except ImageTooLarge as e:
@@ -343,4 +346,5 @@ def serve(config: ml_collections.ConfigDict, workdir: str) -> None:
   finally:
     server.server_close()
     server.batcher.close()
-    logging.info('Stopped. Batches run, by size: %s', dict(sorted(server.batcher.batch_sizes.items())))
+    logging.info('Stopped. Batches run, by size: %s',
+                 dict(sorted(server.batcher.batch_sizes.items())))

@@ -1,10 +1,11 @@
-"""ResNet weights in torchvision / timm layout (``.safetensors`` or a PyTorch state dict) -> this project.
+"""ResNet weights in torchvision / timm layout (``.safetensors`` or a torch state dict) -> Flax.
 
 Both libraries name ResNet tensors the same way: ``conv1.weight``, ``bn1.{weight,bias,running_mean,
 running_var}``, ``layer2.0.conv1.weight``, ``layer2.0.downsample.{0,1}.*``, ``fc.{weight,bias}``.
-``imgcls_jax.models.resnet`` uses the same attribute names (``downsample.conv`` / ``downsample.bn``),
-so the mapping is by name, with layouts converted: conv OIHW -> HWIO, linear (out, in) -> (in, out),
-BN weight/bias -> scale/bias (parameters) and running_mean/var -> mean/var (batch statistics).
+``imgcls_jax.models.resnet`` uses the same attribute names (``downsample.conv`` /
+``downsample.bn``), so the mapping is by name, with layouts converted: conv OIHW -> HWIO, linear
+(out, in) -> (in, out), BN weight/bias -> scale/bias (parameters) and running_mean/var -> mean/var
+(batch statistics).
 
 ``.safetensors`` files are read without torch; ``.pt`` / ``.pth`` / ``.bin`` state dicts need torch
 (``pip install 'imgcls_jax[torch]'``). Nothing is downloaded: the file must be local.
@@ -54,8 +55,8 @@ def _read_torch(path: str) -> Mapping[str, Any]:
   try:
     import torch
   except ImportError:
-    raise UserError(f'Reading {path} needs PyTorch; install it (pip install "imgcls_jax[torch]") or '
-                    'convert the file to .safetensors.') from None
+    raise UserError(f'Reading {path} needs PyTorch; install it (pip install "imgcls_jax[torch]") '
+                    'or convert the file to .safetensors.') from None
   try:
     obj = torch.load(path, map_location='cpu', weights_only=True)
   except Exception as e:  # torch raises many types for corrupt files and pickled modules
@@ -82,7 +83,8 @@ def convert(state_dict: Mapping[str, np.ndarray], origin: str = 'the weights fil
   stats: dict[str, np.ndarray] = {}
   for key, value in state_dict.items():
     module, _, leaf = key.rpartition('.')
-    ours = module.replace('downsample.0', 'downsample.conv').replace('downsample.1', 'downsample.bn')
+    ours = (module.replace('downsample.0', 'downsample.conv')
+            .replace('downsample.1', 'downsample.bn'))
     if leaf == 'num_batches_tracked':
       continue
     value = np.asarray(value, np.float32)
@@ -100,7 +102,8 @@ def convert(state_dict: Mapping[str, np.ndarray], origin: str = 'the weights fil
                       'torchvision/timm ResNet (v1.5: conv1, bn1, layer1-4, fc); only that layout '
                       'can be imported.')
   if 'conv1.kernel' not in params:
-    raise UserError(f'{origin} has no conv1.weight: it is not a torchvision/timm ResNet state dict.')
+    raise UserError(f'{origin} has no conv1.weight: it is not a torchvision/timm ResNet state '
+                    'dict.')
   return Weights(params=params, batch_stats=stats, origin=origin)
 
 

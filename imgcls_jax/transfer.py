@@ -192,8 +192,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     raise UserError(f'config.transfer.layer_decay must be in (0, 1] (1.0 = off), got '
                     f'{cfg.layer_decay}.')
   if cfg.mode == 'linear_probe' and not cfg.init_from:
-    raise UserError("config.transfer.mode='linear_probe' trains only the head on a frozen backbone, "
-                    'which is random without weights; set config.transfer.init_from.')
+    raise UserError("config.transfer.mode='linear_probe' trains only the head on a frozen "
+                    'backbone, which is random without weights; set config.transfer.init_from.')
 
 
 # ------------------------------------------------------------------------------ weight sources
@@ -261,12 +261,13 @@ def read_checkpoint(path: str, step: int | None = None) -> Weights:
 def load_weights(path: str, step: int | None = None) -> Weights:
   """Weights from a checkpoint of this project or a torchvision/timm-layout ResNet file."""
   if not os.path.exists(path):
-    raise UserError(f'config.transfer.init_from={path} does not exist; give a run directory of this '
-                    'project or a .safetensors / .pt file.')
+    raise UserError(f'config.transfer.init_from={path} does not exist; give a run directory of '
+                    'this project or a .safetensors / .pt file.')
   if os.path.isfile(path):
     if not path.endswith(TORCH_SUFFIXES):
-      raise UserError(f"Cannot load weights from {path}: expected a .safetensors, .pt, .pth or .bin "
-                      'file (torchvision / timm ResNet layout) or a run directory of this project.')
+      raise UserError(f'Cannot load weights from {path}: expected a .safetensors, .pt, .pth or '
+                      '.bin file (torchvision / timm ResNet layout) or a run directory of this '
+                      'project.')
     from imgcls_jax import torch_import
     return torch_import.load(path)
   return read_checkpoint(path, step)

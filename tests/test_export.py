@@ -41,8 +41,9 @@ def test_saved_model_and_tflite_match_jax_on_new_inputs(exported):
   for n in (1, 7):
     images = rng.integers(0, 256, (n, 8, 8, 1), dtype=np.uint8)
     want = clf.predict_arrays(images)
-    for got in (export.run_saved_model(os.path.join(config.export.output_dir, 'saved_model'), images),
-                export.run_tflite(os.path.join(config.export.output_dir, 'model.tflite'), images)):
+    out = config.export.output_dir
+    for got in (export.run_saved_model(os.path.join(out, 'saved_model'), images),
+                export.run_tflite(os.path.join(out, 'model.tflite'), images)):
       assert got['probabilities'].shape == (n, 10)
       np.testing.assert_allclose(got['probabilities'], want['probabilities'], atol=1e-5)
       np.testing.assert_allclose(got['logits'], want['logits'], atol=1e-4, rtol=1e-4)
@@ -62,7 +63,8 @@ def test_export_fails_and_writes_nothing_when_outputs_disagree(exported, monkeyp
     out['probabilities'] = out['probabilities'] + 1e-3   # e.g. a wrong normalisation constant
     return out
   monkeypatch.setattr(export, 'run_saved_model', off_by_a_little)
-  with pytest.raises(export.ExportMismatch, match=r'saved_model disagrees .* 1\.00e-03 > tolerance'):
+  with pytest.raises(export.ExportMismatch,
+                     match=r'saved_model disagrees .* 1\.00e-03 > tolerance'):
     export.export(config, workdir)
   assert not os.path.exists(config.export.output_dir)
   assert not os.path.exists(config.export.output_dir + '.incomplete')

@@ -3,7 +3,6 @@ import concurrent.futures
 import http.client
 import io
 import json
-import os
 import re
 import signal
 import socket
@@ -104,7 +103,8 @@ def test_bounded_load_test_with_malformed_requests(server):
   good, bad = _cases(clf)
   rng = np.random.default_rng(0)
   # 500 requests: ~80% well-formed, ~20% malformed, shuffled, 16 at a time.
-  plan = [good[i] for i in rng.integers(0, len(good), 400)] + [bad[i % len(bad)] for i in range(100)]
+  plan = ([good[i] for i in rng.integers(0, len(good), 400)] +
+          [bad[i % len(bad)] for i in range(100)])
   plan = [plan[i] for i in rng.permutation(len(plan))]
   raw_bad = [
       (b'POST /v1/classify HTTP/1.1\r\nHost: x\r\n\r\n', 411),                     # no length
@@ -156,8 +156,9 @@ def test_model_endpoint(server):
 def test_serve_mode_cli_starts_answers_and_stops_on_sigterm(tmp_path_factory, tfds_dir):
   config, workdir, _ = trained_run(tmp_path_factory, tfds_dir)
   proc = subprocess.Popen(
-      [sys.executable, '-m', 'imgcls_jax.main', '--mode=serve', f'--config={REPO}/configs/default.py',
-       f'--workdir={workdir}', '--config.serve.port=0', '--config.serve.max_batch_size=4'],
+      [sys.executable, '-m', 'imgcls_jax.main', '--mode=serve',
+       f'--config={REPO}/configs/default.py', f'--workdir={workdir}', '--config.serve.port=0',
+       '--config.serve.max_batch_size=4'],
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(1), cwd=REPO)
   try:
     line, deadline = '', time.monotonic() + 240

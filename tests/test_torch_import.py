@@ -1,7 +1,8 @@
-"""torchvision / timm-layout ResNet weights -> the Flax ResNet: same logits as PyTorch (rel. err < 1e-4).
+"""torchvision / timm-layout ResNet weights -> the Flax ResNet: PyTorch's logits within 1e-4 rel.
 
-torchvision cannot be installed beside the pinned torch, so the reference ResNet v1.5 is defined here
-with torchvision's module names and defaults (BN eps 1e-5, MaxPool 3/2/1, stride on the 3x3 conv).
+torchvision cannot be installed beside the pinned torch, so the reference ResNet v1.5 is defined
+here with torchvision's module names and defaults (BN eps 1e-5, MaxPool 3/2/1, stride on the 3x3
+conv).
 """
 import numpy as np
 import pytest
@@ -89,7 +90,8 @@ class TorchResNet(nn.Module):
 
 def _reference(name, num_classes=1000, seed=0):
   torch.manual_seed(seed)
-  block, layers = {'resnet18': (_Basic, [2, 2, 2, 2]), 'resnet50': (_Bottleneck, [3, 4, 6, 3])}[name]
+  block, layers = {'resnet18': (_Basic, [2, 2, 2, 2]),
+                   'resnet50': (_Bottleneck, [3, 4, 6, 3])}[name]
   model = TorchResNet(block, layers, num_classes)
   with torch.no_grad():  # non-trivial BN: random affine parameters and running statistics
     for m in model.modules():

@@ -1,4 +1,4 @@
-"""Transfer learning: linear-probe masking, layer-wise lr decay, init from a run, and that it helps."""
+"""Transfer learning: linear-probe masking, layer-wise lr decay, init from a run; does it help."""
 import importlib.util
 import os
 
@@ -120,8 +120,8 @@ def test_init_from_another_architecture_names_the_parameter(tmp_path_factory, tf
                                       r'checkpoint 30 of .* but \(3, 3, 8, 24\) in this model'):
     train.train_and_evaluate(c, str(tmp_path / 'a'))
   c.model.widths = (8, 16, 32)
-  with pytest.raises(UserError, match=r"Parameter 'convs\.4\.kernel' \(and 5 more\) of this model is "
-                                      'not in checkpoint 30'):
+  with pytest.raises(UserError, match=r"Parameter 'convs\.4\.kernel' \(and 5 more\) of this "
+                                      'model is not in checkpoint 30'):
     train.train_and_evaluate(c, str(tmp_path / 'b'))
   c.model.widths = (8, 16)
   c.transfer.init_from = str(tmp_path / 'missing')
@@ -130,8 +130,8 @@ def test_init_from_another_architecture_names_the_parameter(tmp_path_factory, tf
 
 
 def _demo():
-  spec = importlib.util.spec_from_file_location('transfer_demo',
-                                                os.path.join(REPO, 'benchmarks', 'transfer_demo.py'))
+  path = os.path.join(REPO, 'benchmarks', 'transfer_demo.py')
+  spec = importlib.util.spec_from_file_location('transfer_demo', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
