@@ -101,7 +101,7 @@ def trainable_labels(tree: Any, cfg: ml_collections.ConfigDict) -> Any:
 _RESNET_STAGE = re.compile(r'^layer(\d+)$')
 
 
-def layer_depths(names: list[str], head: str) -> tuple[dict[str, int], int]:
+def layer_depths(names: list[str]) -> tuple[dict[str, int], int]:
   """(depth per parameter name, depth of the head) for the model families of ``imgcls_jax.models``.
 
   Depth 0 is the stem; each residual block (ResNet, WideResNet) or conv layer (CNN) adds one; the
@@ -148,8 +148,7 @@ def layer_depths(names: list[str], head: str) -> tuple[dict[str, int], int]:
 
 def lr_factors(tree: Any, cfg: ml_collections.ConfigDict) -> Any:
   """Per-leaf learning-rate multipliers ``layer_decay ** (L - depth)``."""
-  names = list(flatten(tree))
-  depths, top = layer_depths(names, head_name(names, cfg))
+  depths, top = layer_depths(list(flatten(tree)))
   decay = float(cfg.layer_decay)
   return _map_named(lambda n, _: decay ** (top - depths[n]), tree)
 
@@ -191,6 +190,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   if not 0.0 < cfg.layer_decay <= 1.0:
     raise UserError(f'config.transfer.layer_decay must be in (0, 1] (1.0 = off), got '
                     f'{cfg.layer_decay}.')
+  if cfg.mode == 'linear_probe' and cfg.layer_decay != 1.0:
+    raise UserError('config.transfer.layer_decay applies to fine-tuning; a linear probe trains only '
+                    'the head, so set layer_decay=1.0 (or mode=finetune).')
   if cfg.mode == 'linear_probe' and not cfg.init_from:
     raise UserError("config.transfer.mode='linear_probe' trains only the head on a frozen "
                     'backbone, which is random without weights; set config.transfer.init_from.')

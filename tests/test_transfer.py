@@ -79,15 +79,15 @@ def test_layer_decay_scales_each_depth():
 
 def test_layer_depths_of_every_family():
   names = list(transfer.flatten(_params('cnn', widths=(8, 16))))
-  depths, top = transfer.layer_depths(names, 'head')
+  depths, top = transfer.layer_depths(names)
   assert top == 5 and depths['convs.0.kernel'] == depths['norms.0.scale'] == 1
   assert depths['convs.3.kernel'] == 4 and depths['head.kernel'] == 5
   wrn = list(transfer.flatten(_params('wide_resnet', depth=10, width=1)))
-  depths, top = transfer.layer_depths(wrn, 'fc')
+  depths, top = transfer.layer_depths(wrn)
   assert top == 4 and depths['stem.kernel'] == 0 and depths['blocks.2.conv2.kernel'] == 3
   assert depths['bn.scale'] == depths['fc.kernel'] == 4
   with pytest.raises(UserError, match='does not know the layer order'):
-    transfer.layer_depths(['encoder.kernel', 'fc.kernel'], 'fc')
+    transfer.layer_depths(['encoder.kernel', 'fc.kernel'])
 
 
 def test_defaults_leave_the_optimizer_unchanged():
@@ -103,6 +103,7 @@ def test_defaults_leave_the_optimizer_unchanged():
     ({'mode': 'linear_probe'}, 'random without weights'),
     ({'mode': 'probe'}, "Unknown config.transfer.mode 'probe'"),
     ({'layer_decay': 0.0}, 'layer_decay must be in'),
+    ({'layer_decay': 0.8, 'mode': 'linear_probe', 'init_from': 'x'}, 'applies to fine-tuning'),
     ({'head': 'classifier_head', 'init_from': 'x', 'mode': 'linear_probe'}, 'is not a top-level'),
 ])
 def test_bad_transfer_config(kw, match):
