@@ -183,3 +183,17 @@ def test_training_from_a_folder_with_bad_files_keeps_class_names(folder_config, 
   with open(metas[0]) as f:
     meta = json.load(f)
   assert meta['class_names'] == ['cat', 'dog'] and meta['num_classes'] == 2
+
+
+def test_uncached_stream_decodes_fused_and_is_deterministic(folder_config):
+  folder_config.data.cache = False  # decoding happens in the stream, fused with the crop
+  def first_batches():
+    ds, _ = pipeline.train_dataset(folder_config.data, seed=3, local_batch_size=6)
+    return [b for _, b in zip(range(3), ds.as_numpy_iterator())]
+  a, b = first_batches(), first_batches()
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x['image'], y['image'])
+    assert x['image'].shape == (6, 16, 16, 3)
+  folder_config.data.cache = True
+  cached, _ = pipeline.train_dataset(folder_config.data, seed=3, local_batch_size=6)
+  np.testing.assert_array_equal(next(cached.as_numpy_iterator())['label'], a[0]['label'])

@@ -229,3 +229,24 @@ def test_compose_chains_ops_with_independent_seeds():
 def test_bad_specs_are_user_errors(spec, match):
   with pytest.raises(UserError, match=match):
     ops.parse(spec)
+
+
+# ---- decoding fused with the first op (uncached training streams) ----
+
+def test_random_resized_crop_fuses_with_decoding_to_the_same_crop():
+  image = _image(h=75, w=100, seed=8)
+  spec = 'random_resized_crop(size=24, area_min=0.2)|flip_lr'
+  assert ops.fuses_with_decoding(spec) and not ops.fuses_with_decoding('flip_lr|resize(size=9)')
+  fused, plain = ops.compose(spec, decode_channels=3), ops.compose(spec)
+  for encoded, exact in [(tf.io.encode_png(image), True), (tf.io.encode_jpeg(image, quality=95), False)]:
+    decoded = ops.decode_image(encoded, 3)
+    for k in range(6):
+      a = fused(encoded, tf.constant([4, k])).numpy()
+      b = plain(decoded, tf.constant([4, k])).numpy()
+      assert a.shape == (24, 24, 3)
+      if exact:
+        np.testing.assert_array_equal(a, b)
+      else:  # the same window; JPEG's block-aligned crop decoding differs at the window's edge
+        assert np.abs(a.astype(int) - b).mean() < 1.5
+  grey = ops.compose('flip_lr', decode_channels=1)(tf.io.encode_png(image[..., :1]), tf.constant([0, 0]))
+  assert grey.shape[-1] == 1

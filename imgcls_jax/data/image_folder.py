@@ -173,8 +173,9 @@ def even_slice(n: int, index: int, count: int, drop_remainder: bool) -> tuple[in
 
 
 def dataset(split: Split, num_channels: int, *, process_index: int = 0, process_count: int = 1,
-            drop_remainder: bool = False) -> tf.data.Dataset:
-  """``{'image': uint8 HxWxC, 'label': int64, 'tfds_id': path relative to root}`` per image."""
+            drop_remainder: bool = False, decode: bool = True) -> tf.data.Dataset:
+  """``{'image': uint8 HxWxC, 'label': int64, 'tfds_id': path relative to root}`` per image
+  (with ``decode=False``, 'image' is the file's encoded bytes)."""
   lo, hi = even_slice(len(split), process_index, process_count, drop_remainder)
   paths = list(split.paths[lo:hi])
   ids = [os.path.relpath(p, split.root) for p in paths]
@@ -182,9 +183,11 @@ def dataset(split: Split, num_channels: int, *, process_index: int = 0, process_
       'path': tf.constant(paths, tf.string), 'tfds_id': tf.constant(ids, tf.string),
       'label': tf.constant(np.asarray(split.labels[lo:hi], np.int64))})
 
-  def decode(ex):
-    image = tf.io.decode_image(tf.io.read_file(ex['path']), channels=num_channels,
-                               expand_animations=False, dtype=tf.uint8)
-    image.set_shape([None, None, num_channels])
+  def load(ex):
+    image = tf.io.read_file(ex['path'])
+    if decode:
+      image = tf.io.decode_image(image, channels=num_channels, expand_animations=False,
+                                 dtype=tf.uint8)
+      image.set_shape([None, None, num_channels])
     return {'image': image, 'label': ex['label'], 'tfds_id': ex['tfds_id']}
-  return ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  return ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

@@ -63,15 +63,37 @@ def flip_lr() -> Op:
 def random_resized_crop(size: int = 224, area_min: float = 0.08, area_max: float = 1.0,
                         ratio_min: float = 3 / 4, ratio_max: float = 4 / 3,
                         method: str = 'bilinear') -> Op:
-  """Inception-style crop: random area fraction and aspect ratio, resized to size x size."""
-  def op(image, seed):
+  """Inception-style crop: random area fraction and aspect ratio, resized to size x size.
+
+  As the first op of a training spec over encoded images it is fused into the decoding
+  (``compose(..., decode_channels=C)``): JPEGs decode only the crop window.
+  """
+  def window(shape, seed):
     begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        tf.shape(image), bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], shape=[1, 1, 4]),
+        shape, bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], shape=[1, 1, 4]),
         seed=seed, min_object_covered=0.0, aspect_ratio_range=(ratio_min, ratio_max),
         area_range=(area_min, area_max), max_attempts=10, use_image_if_no_bounding_boxes=True)
-    crop = tf.slice(image, begin, crop_size)
+    return begin, crop_size
+
+  def finish(crop, channels):
     out = _to_uint8(tf.image.resize(crop, (size, size), method=method))
-    return tf.ensure_shape(out, [size, size, image.shape[-1]])
+    return tf.ensure_shape(out, [size, size, channels])
+
+  def op(image, seed):
+    begin, crop_size = window(tf.shape(image), seed)
+    return finish(tf.slice(image, begin, crop_size), image.shape[-1])
+
+  def fused(encoded, seed, channels):
+    is_jpeg = tf.io.is_jpeg(encoded)
+
+    def jpeg():
+      begin, crop_size = window(tf.image.extract_jpeg_shape(encoded), seed)
+      crop = tf.image.decode_and_crop_jpeg(
+          encoded, tf.stack([begin[0], begin[1], crop_size[0], crop_size[1]]), channels=channels)
+      return finish(crop, channels)
+    return tf.cond(is_jpeg, jpeg, lambda: op(decode_image(encoded, channels), seed))
+
+  op.decode = fused
   return op
 
 
@@ -355,15 +377,40 @@ def parse(spec: str) -> list[tuple[str, Op]]:
   return result
 
 
-def compose(spec: str) -> Op:
-  """One op applying every op of ``spec`` in order, each with its own sub-seed of ``seed``."""
+def decode_image(encoded: tf.Tensor, channels: int) -> tf.Tensor:
+  """Encoded JPEG / PNG / GIF / BMP bytes -> uint8 HxWx``channels`` (first frame of a GIF)."""
+  image = tf.io.decode_image(encoded, channels=channels, expand_animations=False, dtype=tf.uint8)
+  image.set_shape([None, None, channels])
+  return image
+
+
+def compose(spec: str, *, decode_channels: int | None = None) -> Op:
+  """One op applying every op of ``spec`` in order, each with its own sub-seed of ``seed``.
+
+  With ``decode_channels`` the op takes encoded image bytes and decodes them first; a leading
+  op that can fuse with decoding (``random_resized_crop``: crop-window JPEG decoding) does so,
+  with the same sub-seed, so the result is the same crop as decoding then cropping.
+  """
   chain = parse(spec)
 
   def op(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
     if not chain:
-      return image
+      return image if decode_channels is None else decode_image(image, decode_channels)
     seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=len(chain))
-    for i, (_, fn) in enumerate(chain):
-      image = fn(image, seeds[i])
+    first = 0
+    if decode_channels is not None:
+      fused = getattr(chain[0][1], 'decode', None)
+      if fused is not None:
+        image, first = fused(image, seeds[0], decode_channels), 1
+      else:
+        image = decode_image(image, decode_channels)
+    for i in range(first, len(chain)):
+      image = chain[i][1](image, seeds[i])
     return image
   return op
+
+
+def fuses_with_decoding(spec: str) -> bool:
+  """True when the first op of ``spec`` decodes faster fused (crop-window JPEG decoding)."""
+  chain = parse(spec)
+  return bool(chain) and hasattr(chain[0][1], 'decode')

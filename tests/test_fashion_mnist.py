@@ -1,0 +1,111 @@
+"""Offline Fashion-MNIST through the standard tfds builder (Debian's dataset-fashion-mnist files),
+and the configs of this dataset family."""
+import gzip
+import hashlib
+import importlib
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from imgcls_jax.data import pipeline, prepare_fashion_mnist
+from imgcls_jax.errors import UserError
+from tests.conftest import REPO, subprocess_env
+
+HAVE_DEBIAN_FILES = all(os.path.isfile(os.path.join(prepare_fashion_mnist.DEBIAN_DIR, f))
+                        for f in prepare_fashion_mnist.FILES)
+needs_files = pytest.mark.skipif(not HAVE_DEBIAN_FILES,
+                                 reason='apt-get install -y dataset-fashion-mnist (.ci/run does)')
+CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker',
+           'Bag', 'Ankle boot')
+
+
+@needs_files
+def test_restored_files_match_the_checksums_tfds_registers():
+  sums = prepare_fashion_mnist._registered_sha256()
+  assert set(sums) == set(prepare_fashion_mnist.FILES)
+  for name in prepare_fashion_mnist.FILES:
+    with open(os.path.join(prepare_fashion_mnist.DEBIAN_DIR, name), 'rb') as f:
+      debian = f.read()
+    assert hashlib.sha256(debian).hexdigest() != sums[name]  # Debian's copy differs ...
+    upstream = prepare_fashion_mnist.upstream_bytes(debian, name)
+    assert hashlib.sha256(upstream).hexdigest() == sums[name]  # ... the restored one is upstream's
+    assert gzip.decompress(upstream) == gzip.decompress(debian)
+
+
+def test_upstream_bytes_rejects_other_files(tmp_path):
+  with pytest.raises(UserError, match='not a gzip'):
+    prepare_fashion_mnist.upstream_bytes(b'hello world', 'train-images-idx3-ubyte.gz')
+  named = gzip.compress(b'x')[:3] + b'\x08' + gzip.compress(b'x')[4:]
+  with pytest.raises(UserError, match='unexpected gzip header flags'):
+    prepare_fashion_mnist.upstream_bytes(named, 'train-images-idx3-ubyte.gz')
+  with pytest.raises(UserError, match='missing from'):
+    prepare_fashion_mnist.write_manual_dir(str(tmp_path), str(tmp_path / 'out'))
+
+
+@pytest.fixture(scope='module')
+def fmnist_dir(tmp_path_factory):
+  """A tfds data_dir prepared by the documented command (once for this module)."""
+  if not HAVE_DEBIAN_FILES:
+    pytest.skip('apt-get install -y dataset-fashion-mnist (.ci/run does)')
+  data_dir = str(tmp_path_factory.mktemp('fmnist_tfds'))
+  out = subprocess.run([sys.executable, '-m', 'imgcls_jax.data.prepare_fashion_mnist',
+                        f'--data_dir={data_dir}'], capture_output=True, text=True,
+                       env=subprocess_env(), cwd=REPO, timeout=600)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert 'fashion_mnist is prepared in' in out.stdout
+  return data_dir
+
+
+def test_documented_command_prepares_the_standard_builder(fmnist_dir):
+  from configs import fashion_mnist_quick
+  c = fashion_mnist_quick.get_config()
+  c.data.data_dir = fmnist_dir
+  info = pipeline.info(c.data)
+  assert info.num_examples == {'train': 60000, 'test': 10000}
+  assert info.class_names == CLASSES and info.channels == 1
+  ev = pipeline.EvalData(c.data, 'test', local_batch_size=2500, split_size=10000)
+  labels = np.concatenate([b['label'][b['mask']] for b in ev.batches()])
+  assert np.bincount(labels).tolist() == [1000] * 10
+
+
+@needs_files
+def test_pipeline_prepares_fashion_mnist_from_the_local_files_on_first_use(tmp_path):
+  from configs import fashion_mnist_quick
+  c = fashion_mnist_quick.get_config()
+  c.data.data_dir = str(tmp_path / 'auto')
+  assert pipeline.info(c.data).num_examples == {'train': 60000, 'test': 10000}
+
+
+@pytest.mark.parametrize('name', ['fashion_mnist_quick', 'fashion_mnist_wrn', 'cifar10_resnet18',
+                                  'imagenet_resnet50'])
+def test_configs_document_command_and_expected_result(name):
+  module = importlib.import_module(f'configs.{name}')
+  doc = module.__doc__ or ''
+  assert f'--config=configs/{name}.py' in doc and 'Expected' in doc
+  c = module.get_config()
+  from configs import default
+  assert set(default.get_config().keys()) <= set(c.keys())  # builds on the default schema
+  from imgcls_jax import configlib, mixup
+  from imgcls_jax.data import ops
+  configlib.validate(c)
+  ops.parse(c.data.train_preprocess)
+  ops.parse(c.data.eval_preprocess)
+  mixup.from_config(c.mixup)
+
+
+@pytest.mark.slow
+def test_quick_config_learns(tmp_path, fmnist_dir):
+  """60 steps of the real quick recipe (the full run is the README's 5-minute measurement)."""
+  from configs import fashion_mnist_quick
+  from imgcls_jax import train
+  c = fashion_mnist_quick.get_config()
+  c.data.data_dir = fmnist_dir
+  c.num_train_steps = 60
+  c.optim.warmup_steps = 10
+  c.eval_every_epochs = -1.0
+  result = train.train_and_evaluate(c, str(tmp_path / 'run'))
+  assert result['count'] == 10000
+  assert result['accuracy'] > 0.75
