@@ -2,6 +2,8 @@
 import collections
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ import pytest
 from imgcls_jax import cross_validation, metrics, train
 from imgcls_jax.data import folds, pipeline
 from imgcls_jax.errors import UserError
+from tests.conftest import REPO, subprocess_env
 
 
 def test_folds_are_stratified_disjoint_complete_and_fixed_by_the_seed(digits_config):
@@ -32,6 +35,20 @@ def test_folds_are_stratified_disjoint_complete_and_fixed_by_the_seed(digits_con
     folds.assign(data, 'train', 1, seed=0)
   with pytest.raises(UserError, match="Split 'validation' does not exist"):
     folds.assign(data, 'validation', 5, seed=0)
+  data.name = 'image_folder'
+  with pytest.raises(UserError, match='tfds datasets only'):
+    folds.assign(data, 'train', 5, seed=0)
+
+
+def test_the_train_command_takes_the_fold_count(tmp_path, tfds_dir):
+  proc = subprocess.run(
+      [sys.executable, '-m', 'imgcls_jax.main', '--config=configs/default.py',
+       f'--workdir={tmp_path}', f'--config.data.data_dir={tfds_dir}',
+       '--config.cross_validation.folds=1'],
+      cwd=REPO, env=subprocess_env(1), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr
+  assert proc.stderr.strip().splitlines() == [
+      'error: config.cross_validation.folds=1: use 0 (off) or at least 2 folds.']
 
 
 def test_a_subset_split_reads_exactly_the_listed_examples(digits_config, tmp_path):

@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from imgcls_jax.data import pipeline
+from imgcls_jax.data import image_folder, pipeline
 from imgcls_jax.errors import UserError
 
 
@@ -39,12 +39,16 @@ class Folds:
 
 def read_ids_and_labels(data: ml_collections.ConfigDict, split: str) -> tuple[list[str], np.ndarray]:
   """(tfds ids, labels) of every example of ``split``, sorted by id; images are not decoded."""
+  if image_folder.is_folder(data):
+    raise UserError('Cross-validation reads tfds datasets only; for an image folder, set '
+                    'config.cross_validation.folds=0 and make the folds as split directories.')
   b = pipeline.builder(data)
   pipeline.check_split(b, split, data.name)
+  image_key, label_key = pipeline.supervised_keys(b, data.name)
   ds = b.as_dataset(split=split, shuffle_files=False,
                     read_config=tfds.ReadConfig(try_autocache=False, add_tfds_id=True),
-                    decoders={'image': tfds.decode.SkipDecoding()})
-  ds = ds.map(lambda ex: (ex['tfds_id'], ex['label']))
+                    decoders={image_key: tfds.decode.SkipDecoding()})
+  ds = ds.map(lambda ex: (ex['tfds_id'], ex[label_key]))
   pairs = sorted((i.decode(), int(y)) for i, y in tfds.as_numpy(ds))
   if len({i for i, _ in pairs}) != len(pairs):
     raise UserError(f"Split '{split}' of '{data.name}' lists some examples twice (overlapping "
