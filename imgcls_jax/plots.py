@@ -59,8 +59,11 @@ def reliability_diagram(bins: Sequence[Mapping[str, Any]], ece: float, path: str
   filled = counts > 0
   ax.bar(lower[filled], acc[filled], width=width[filled], align='edge', color='tab:blue',
          edgecolor='black', label='accuracy')
-  ax.bar(lower[filled], (conf - acc)[filled], bottom=acc[filled], width=width[filled],
-         align='edge', color='tab:red', alpha=0.3, edgecolor='tab:red', label='gap to confidence')
+  # The gap between accuracy and mean confidence, hatched over or above the bar: above the bar the
+  # model is over-confident in that bin, inside it under-confident.
+  ax.bar(lower[filled], np.abs(conf - acc)[filled], bottom=np.minimum(acc, conf)[filled],
+         width=width[filled], align='edge', fill=False, hatch='//', edgecolor='tab:red',
+         linewidth=0.8, label='gap to mean confidence')
   ax.plot([0, 1], [0, 1], 'k--', linewidth=1, label='perfect calibration')
   ax.set_xlim(0, 1)
   ax.set_ylim(0, 1)
