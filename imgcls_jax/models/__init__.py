@@ -13,13 +13,14 @@ from typing import TYPE_CHECKING, Any, Callable
 from flax import nnx
 
 from imgcls_jax.errors import UserError
-from imgcls_jax.models import cnn, resnet, wide_resnet
+from imgcls_jax.models import cnn, fast_cnn, resnet, wide_resnet
 
 if TYPE_CHECKING:
   import ml_collections
 
 _TABLE: dict[str, Callable[..., nnx.Module]] = {
     'cnn': cnn.CNN,
+    'fast_cnn': fast_cnn.FastCNN,
     'resnet18': functools.partial(resnet.ResNet, stage_sizes=(2, 2, 2, 2), block='basic'),
     'resnet34': functools.partial(resnet.ResNet, stage_sizes=(3, 4, 6, 3), block='basic'),
     'resnet50': functools.partial(resnet.ResNet, stage_sizes=(3, 4, 6, 3), block='bottleneck'),

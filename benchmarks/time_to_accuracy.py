@@ -1,0 +1,78 @@
+"""Wall-clock time to a test accuracy, start-up included: runs one training command and times it.
+
+  python benchmarks/time_to_accuracy.py --target=0.93 -- \
+      --config=configs/fashion_mnist_quick.py --workdir=/tmp/fmnist_quick
+
+Everything after ``--`` goes to ``python -m imgcls_jax.main`` (run as a child process, so Python,
+JAX and TensorFlow start-up, dataset loading and compilation all count). Each evaluation line the
+run prints is stamped with the seconds since the child started; at the end it prints the time of
+the first evaluation at or above ``--target``, the best accuracy within ``--budget`` seconds, and
+the whole run's wall time and CPU time. Use a fresh ``--workdir`` (an existing one resumes).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import resource
+import subprocess
+import sys
+import time
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_EVAL = re.compile(r'step (\d+): eval loss [\d.]+, top-1 ([\d.]+)%')
+
+
+def main(argv: list[str]) -> int:
+  target, budget, as_json, args = 0.93, 300.0, False, []
+  rest = argv[1:]
+  if '--' in rest:
+    own, args = rest[:rest.index('--')], rest[rest.index('--') + 1:]
+  else:
+    own, args = [], rest
+  for a in own:
+    if a.startswith('--target='):
+      target = float(a.split('=', 1)[1])
+    elif a.startswith('--budget='):
+      budget = float(a.split('=', 1)[1])
+    elif a == '--json':
+      as_json = True
+    else:
+      print(f'unknown option {a}; usage: {__doc__}', file=sys.stderr)
+      return 2
+  env = dict(os.environ, PYTHONUNBUFFERED='1')
+  env['PYTHONPATH'] = _REPO + os.pathsep + env.get('PYTHONPATH', '')
+  t0 = time.perf_counter()
+  proc = subprocess.Popen([sys.executable, '-m', 'imgcls_jax.main', *args], cwd=_REPO, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  evals: list[tuple[float, int, float]] = []
+  for line in proc.stdout:
+    elapsed = time.perf_counter() - t0
+    match = _EVAL.search(line)
+    if match:
+      evals.append((elapsed, int(match.group(1)), float(match.group(2)) / 100.0))
+    sys.stdout.write(f'[{elapsed:7.1f}s] {line}')
+    sys.stdout.flush()
+  rc = proc.wait()
+  wall = time.perf_counter() - t0
+  usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+  reached = next(((t, s, a) for t, s, a in evals if a >= target), None)
+  within = [a for t, s, a in evals if t <= budget]
+  record = {'exit_status': rc, 'wall_seconds': wall, 'cpu_seconds': usage.ru_utime + usage.ru_stime,
+            'target': target, 'seconds_to_target': reached[0] if reached else None,
+            'step_at_target': reached[1] if reached else None, 'budget_seconds': budget,
+            'best_accuracy_within_budget': max(within) if within else None,
+            'final_accuracy': evals[-1][2] if evals else None,
+            'evals': [{'seconds': t, 'step': s, 'accuracy': a} for t, s, a in evals]}
+  if as_json:
+    print(json.dumps(record))
+  else:
+    to_target = (f'{reached[0]:.1f} s (step {reached[1]})' if reached else 'not reached')
+    best = f'{max(within):.2%}' if within else 'no evaluation'
+    print(f'time to {target:.1%}: {to_target}; best within {budget:.0f} s: {best}; '
+          f'whole run: {wall:.1f} s wall, {record["cpu_seconds"]:.1f} s CPU; exit status {rc}.')
+  return rc
+
+
+if __name__ == '__main__':
+  sys.exit(main(sys.argv))

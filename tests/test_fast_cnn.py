@@ -1,0 +1,59 @@
+"""fast_cnn: its CPU-cheap pieces compute what the standard ones compute."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from imgcls_jax import models
+from imgcls_jax.errors import UserError
+from imgcls_jax.models import fast_cnn
+
+
+def test_affine_batch_norm_matches_flax_batch_norm():
+  x = jnp.asarray(np.random.default_rng(0).normal(2.0, 3.0, (16, 5, 5, 6)), jnp.float32)
+  ours, ref = fast_cnn.AffineBatchNorm(6), nnx.BatchNorm(6, momentum=0.9, epsilon=1e-5,
+                                                         rngs=nnx.Rngs(0))
+  for m in (ours, ref):
+    m.scale[...] = jnp.linspace(0.5, 2.0, 6)
+    m.bias[...] = jnp.linspace(-1.0, 1.0, 6)
+
+  def loss(model, x):
+    return jnp.sum(jnp.sin(model(x, use_running_average=False)))
+
+  (lo, go), (lr, gr) = [nnx.value_and_grad(loss, argnums=(0, 1))(m, x) for m in (ours, ref)]
+  np.testing.assert_allclose(lo, lr, rtol=1e-5)
+  np.testing.assert_allclose(go[1], gr[1], atol=1e-4)                  # d/dx
+  np.testing.assert_allclose(go[0]['scale'][...], gr[0]['scale'][...], rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(go[0]['bias'][...], gr[0]['bias'][...], rtol=1e-4, atol=1e-4)
+  ours(x, use_running_average=False)
+  ref(x, use_running_average=False)
+  np.testing.assert_allclose(ours.mean[...], ref.mean[...], rtol=1e-5)
+  np.testing.assert_allclose(ours.var[...], ref.var[...], rtol=1e-4)
+  np.testing.assert_allclose(ours(x, use_running_average=True), ref(x, use_running_average=True),
+                             atol=1e-5)
+
+
+def test_pooling_and_space_to_depth():
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 7, 9, 3)), jnp.float32)
+  np.testing.assert_array_equal(fast_cnn.max_pool_2x2(x), nnx.max_pool(x, (2, 2), strides=(2, 2)))
+  x = jnp.arange(2 * 4 * 4 * 1, dtype=jnp.float32).reshape(2, 4, 4, 1)
+  s = fast_cnn.space_to_depth(x)
+  assert s.shape == (2, 2, 2, 4)
+  np.testing.assert_array_equal(s[0, 0, 1], [x[0, 0, 2, 0], x[0, 0, 3, 0], x[0, 1, 2, 0],
+                                             x[0, 1, 3, 0]])
+
+
+def test_registered_model_shapes_and_parameter_count():
+  m = models.get('fast_cnn', num_classes=10, in_channels=1, rngs=nnx.Rngs(0))
+  # s2d stem: conv 4->32 (1152), 32->64 (18432), 64->128 (73728) + 2 x (32+64+128) BN
+  # + flatten 7*7*128 -> 10 (62720 + 10).
+  n = sum(p.size for p in jax.tree.leaves(nnx.state(m, nnx.Param)))
+  assert n == 1152 + 18432 + 73728 + 2 * (32 + 64 + 128) + 62720 + 10
+  out = m(jnp.zeros((3, 28, 28, 1)), train=True)
+  assert out.shape == (3, 10) and out.dtype == jnp.float32
+  gap = models.get('fast_cnn', num_classes=4, in_channels=3, rngs=nnx.Rngs(0), stem='none',
+                   widths=((8,), (16,)), head='gap', image_size=12)
+  assert gap(jnp.zeros((2, 12, 12, 3))).shape == (2, 4)
+  with pytest.raises(UserError, match='stem'):
+    models.get('fast_cnn', num_classes=4, in_channels=1, rngs=nnx.Rngs(0), stem='conv7')
