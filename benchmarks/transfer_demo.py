@@ -14,6 +14,16 @@
 Fashion-MNIST must be prepared first (python -m imgcls_jax.data.prepare_fashion_mnist). The class
 subsets are written as small tfds datasets into ``<workdir>/tfds``; every run is an ordinary
 ``train_and_evaluate`` run directory under ``<workdir>`` (rerunning resumes / reuses them).
+
+Measured (default CNN 32-64-128; source 400 steps of 128 = 92.8% on the 5,000 test images of
+classes 0-4; test top-1 on the 5,000 test images of classes 5-9; best lr of each arm's list):
+  300 images, 100 steps of 32:  scratch 92.0%  fine-tune 93.4%  linear probe 88.3%
+   50 images,  50 steps of 16:  scratch 86.3%  fine-tune 89.2%  linear probe 80.3%
+  (--target_images=50 --target_steps=50 --target_batch_size=16 for the second line.)
+Fine-tuning beats scratch; the linear probe does not: features learned from tops, trousers, dresses
+and coats do not separate sandals, shirts, sneakers, bags and boots linearly any better than a CNN
+trained from scratch does (a converged logistic regression on the frozen features reaches 85.5% /
+92.0%, about scratch's numbers).
 """
 from __future__ import annotations
 
@@ -149,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument('--workdir', required=True)
   p.add_argument('--data_dir', default=None, help='tfds data_dir holding the prepared dataset')
   p.add_argument('--target_images', type=int, default=300)
-  p.add_argument('--source_steps', type=int, default=1500)
+  p.add_argument('--source_steps', type=int, default=400)
   p.add_argument('--target_steps', type=int, default=100)
   p.add_argument('--batch_size', type=int, default=128)
   p.add_argument('--target_batch_size', type=int, default=32)
