@@ -86,3 +86,22 @@ def test_unknown_model_is_a_clear_error():
 def test_bad_model_argument_names_the_model():
   with pytest.raises(UserError, match="Bad arguments for model 'cnn'"):
     models.get('cnn', num_classes=10, in_channels=3, rngs=nnx.Rngs(0), depth=3)
+
+
+def test_small_input_conv_matches_lax_in_value_and_gradient():
+  """The shift-and-matmul path (inputs smaller than the kernel) computes the same convolution."""
+  from imgcls_jax.models import layers
+  x = jax.random.normal(jax.random.key(0), (4, 2, 2, 5))
+  k = jax.random.normal(jax.random.key(1), (3, 3, 5, 7))
+  pad = ((1, 1), (1, 1))
+  dn = jax.lax.conv_dimension_numbers(x.shape, k.shape, ('NHWC', 'HWIO', 'NHWC'))
+  ref = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), pad, dimension_numbers=dn)
+  ours = lambda x, k: layers.conv_general_dilated(x, k, (1, 1), pad, dimension_numbers=dn)
+  np.testing.assert_allclose(ours(x, k), ref(x, k), rtol=1e-5, atol=1e-5)
+  g_ref = jax.grad(lambda x, k: (ref(x, k) ** 2).sum(), argnums=(0, 1))(x, k)
+  g_ours = jax.grad(lambda x, k: (ours(x, k) ** 2).sum(), argnums=(0, 1))(x, k)
+  for a, b in zip(g_ours, g_ref):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  # Inputs at least as large as the kernel go to lax unchanged (bitwise).
+  big = jax.random.normal(jax.random.key(2), (2, 6, 6, 5))
+  np.testing.assert_array_equal(ours(big, k), ref(big, k))
