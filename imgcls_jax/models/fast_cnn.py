@@ -12,8 +12,9 @@ cheaper on XLA:CPU than ``cnn.CNN`` at equal width (measured on 2 cores, see REA
   ``reduce_window``'s select-and-scatter (ties split the gradient instead of routing it to one).
 
 ``widths`` lists stages of conv widths, e.g. ``((32, 64), (128,))``: a 2x2 max-pool follows every
-stage but the last (and the last too with ``final_pool``); the head flattens and applies dropout
-and a linear layer (``head='flatten'``) or averages globally (``head='gap'``).
+stage but the last (and the last too with ``final_pool``); the head flattens (``head='flatten'``)
+or averages globally (``head='gap'``), then applies an optional ``hidden``-unit ReLU layer,
+dropout and the linear classifier.
 """
 from __future__ import annotations
 
@@ -78,8 +79,8 @@ class FastCNN(nnx.Module):
 
   def __init__(self, *, num_classes: int, in_channels: int, rngs: nnx.Rngs,
                widths: Sequence[Sequence[int]] = ((32, 64), (128,)), stem: str = 's2d',
-               final_pool: bool = False, head: str = 'flatten', dropout: float = 0.0,
-               image_size: int = 28, dtype: Any = 'float32'):
+               final_pool: bool = False, head: str = 'flatten', hidden: int = 0,
+               dropout: float = 0.0, image_size: int = 28, dtype: Any = 'float32'):
     if stem not in ('s2d', 'none'):
       raise UserError(f"fast_cnn stem must be 's2d' or 'none', got '{stem}'; set "
                       'config.model.stem.')
@@ -107,7 +108,8 @@ class FastCNN(nnx.Module):
     self.norms = nnx.List(norms)
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
     features = ch * size * size if head == 'flatten' else ch
-    self.fc = layers.dense(features, num_classes, dtype=dtype, rngs=rngs)
+    self.hidden = layers.dense(features, hidden, dtype=dtype, rngs=rngs) if hidden else None
+    self.fc = layers.dense(hidden or features, num_classes, dtype=dtype, rngs=rngs)
 
   def __call__(self, x_BxHxWxC: jax.Array, *, train: bool = False) -> jax.Array:
     x = space_to_depth(x_BxHxWxC) if self.stem == 's2d' else x_BxHxWxC
@@ -119,5 +121,7 @@ class FastCNN(nnx.Module):
       else:
         x = max_pool_2x2(x)
     x = x.reshape(x.shape[0], -1) if self.head_kind == 'flatten' else layers.global_avg_pool(x)
+    if self.hidden is not None:
+      x = nnx.relu(self.hidden(x))
     x = self.dropout(x, deterministic=not train)
     return self.fc(x).astype(jnp.float32)
