@@ -102,15 +102,6 @@ class Bench:
   placement: sharding.ParamSharding
 
 
-def step_config(config: ml_collections.ConfigDict, num_classes: int) -> steps.StepConfig:
-  """The step's numbers, as ``train.setup`` builds them from the config."""
-  return steps.StepConfig(num_classes=num_classes,
-                          label_smoothing=float(config.label_smoothing),
-                          mean=tuple(float(m) for m in config.data.mean),
-                          std=tuple(float(s) for s in config.data.std),
-                          compute_dtype=config.dtype)
-
-
 def build(config: ml_collections.ConfigDict, shape: Shape) -> Bench:
   """Mesh, optimizer, model and the jitted, state-donating train step (nothing allocated yet)."""
   configlib.validate(config)
@@ -125,8 +116,9 @@ def build(config: ml_collections.ConfigDict, shape: Shape) -> Bench:
   model_def = state_lib.model_def(model_fn)
   placement = sharding.ParamSharding.from_config(config.mesh)
   _, state_sh = state_lib.abstract_state(model_fn, tx, config.seed, mesh, placement)
+  step_cfg = steps.step_config(config, shape.num_classes)
   jitted = jax.jit(functools.partial(steps.train_step, model_def=model_def, tx=tx,
-                                     lr_schedule=lr, cfg=step_config(config, shape.num_classes)),
+                                     lr_schedule=lr, cfg=step_cfg),
                    in_shardings=(state_sh, sharding.batch_sharding(mesh)),
                    out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
   return Bench(jitted=jitted, mesh=mesh, model_fn=model_fn, tx=tx, seed=config.seed,
@@ -188,6 +180,7 @@ def main(argv: list[str]) -> None:
   if config is None:
     measure.fail('pass --config=configs/<name>.py')
   try:
+    sharding.request_cpu_devices(int(config.mesh.get('cpu_devices', 0)))
     shape = synthetic_shape(config, FLAGS.image_size, FLAGS.channels, FLAGS.num_classes)
     record = run(config, shape, num_steps=FLAGS.steps, warmup=FLAGS.warmup, window=FLAGS.window,
                  peak_tflops=FLAGS.peak_tflops, config_path=FLAGS['config'].config_filename,

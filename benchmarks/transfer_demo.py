@@ -112,8 +112,13 @@ def base_config(dataset: str, tfds_dir: str) -> Any:
 def run(dataset: str, workdir: str, *, target_images: int, source_steps: int, target_steps: int,
         batch_size: int, target_batch_size: int, scratch_lrs: tuple[float, ...],
         finetune_lrs: tuple[float, ...], probe_lrs: tuple[float, ...],
-        widths: tuple[int, ...] | None = None, data_dir: str | None = None) -> dict[str, Any]:
-  """Runs the source run and the three target arms; returns their test accuracies."""
+        widths: tuple[int, ...] | None = None, data_dir: str | None = None,
+        model: str = 'cnn', source_lr: float = 0.1) -> dict[str, Any]:
+  """Runs the source run and the three target arms; returns their test accuracies.
+
+  ``model``: ``'cnn'`` (configs/default.py's CNN, ``widths`` optional) or ``'fast_cnn'`` (the model
+  of configs/fashion_mnist_quick.py: three conv stages and a linear head on the flattened 7x7 map).
+  """
   from imgcls_jax import train
 
   tfds_dir = os.path.join(workdir, 'tfds')
@@ -127,13 +132,19 @@ def run(dataset: str, workdir: str, *, target_images: int, source_steps: int, ta
     c.num_train_steps, c.batch_size, c.eval_batch_size = steps, bs, 256
     c.optim.learning_rate = lr
     c.optim.warmup_steps = max(1, steps // 20)
+    if model == 'fast_cnn':
+      from configs import fashion_mnist_quick
+      c.model = fashion_mnist_quick.get_config().model
+    elif model != 'cnn':
+      raise ValueError(f"model must be 'cnn' or 'fast_cnn', got {model!r}")
     if widths:
       c.model.widths = tuple(widths)
     return c
 
   t = time.perf_counter()
   src_dir = os.path.join(workdir, 'source')
-  src = train.train_and_evaluate(config(names['source'], source_steps, batch_size, 0.1), src_dir)
+  src = train.train_and_evaluate(config(names['source'], source_steps, batch_size, source_lr),
+                                 src_dir)
   results['source_accuracy_0to4'] = src['accuracy']
   results['source_seconds'] = round(time.perf_counter() - t, 1)
 
@@ -166,13 +177,16 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument('--scratch_lrs', default='0.03,0.1,0.3')
   p.add_argument('--finetune_lrs', default='0.03,0.1,0.3')
   p.add_argument('--probe_lrs', default='0.1,0.3,1.0')
+  p.add_argument('--model', default='cnn', choices=('cnn', 'fast_cnn'))
+  p.add_argument('--source_lr', type=float, default=0.1)
   p.add_argument('--json', action='store_true')
   a = p.parse_args(argv)
   r = run(a.dataset, a.workdir, target_images=a.target_images, source_steps=a.source_steps,
           target_steps=a.target_steps, batch_size=a.batch_size,
           target_batch_size=a.target_batch_size,
           scratch_lrs=_floats(a.scratch_lrs), finetune_lrs=_floats(a.finetune_lrs),
-          probe_lrs=_floats(a.probe_lrs), data_dir=a.data_dir)
+          probe_lrs=_floats(a.probe_lrs), data_dir=a.data_dir, model=a.model,
+          source_lr=a.source_lr)
   if a.json:
     print(json.dumps(r))
     return

@@ -26,6 +26,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Preprocessing ops joined by '|' (imgcls_jax/data/ops.py); images stay uint8 until the device.
   c.data.train_preprocess = 'pad_crop(pad=1)'     # never flip digits: it changes their meaning
   c.data.eval_preprocess = ''             # e.g. 'center_crop(size=224)' for large images
+  # Augmentation inside the jitted train step, after train_preprocess: '' or 'flip_lr' (a random
+  # horizontal flip per example, keyed by (seed, step)); saves the host the per-example work.
+  c.data.device_preprocess = ''
   c.data.mean = (0.5,)                    # per-channel mean / std in [0, 1] units, applied on device
   c.data.std = (0.5,)
   c.data.cache = True                     # cache decoded examples in memory (small datasets)
@@ -82,6 +85,9 @@ def get_config() -> ml_collections.ConfigDict:
   # ---- devices (imgcls_jax/sharding.py) ----
   c.mesh = ml_collections.ConfigDict()
   c.mesh.num_devices = 0                  # devices in the data-parallel mesh; 0 = all
+  # CPU only: split the host CPU into this many XLA devices, each running its share of the batch
+  # on its own thread (about the core count; faster for small models). 0 = JAX's default.
+  c.mesh.cpu_devices = 0
   # 'replicated': every device holds the whole train state. 'fsdp': parameters and optimizer
   # state are split along the data axis (each device ~1/num_devices; same maths), for models
   # larger than one device's memory.
@@ -106,7 +112,8 @@ def get_config() -> ml_collections.ConfigDict:
                                           # else the latest), 'latest', or a step number
   c.evaluate.split = ''                   # tfds split to evaluate; '' = data.eval_split
   c.evaluate.tta = ''                     # test-time augmentation: '' (none) or 'flip' (average
-                                          # the probabilities of the image and its mirror image)
+                                          # the probabilities of the image and its mirror image);
+                                          # applies to the evaluations during training too
   c.evaluate.calibration_bins = 15        # equal-width confidence bins of the ECE / reliability plot
   c.evaluate.top_confused = 10            # most confused class pairs listed in the report
   c.evaluate.output_dir = ''              # report files; '' = the workdir

@@ -1,10 +1,24 @@
-"""Fashion-MNIST in under 5 minutes on 2 CPU cores: a small fast CNN (being tuned).
+"""Fashion-MNIST to 93% in under 4 minutes on 2 CPU cores, start-up included.
 
-Prepare the data once (Debian's dataset-fashion-mnist through the standard tfds builder):
+``fast_cnn``: conv3x3(16) -> pool -> conv3x3(64) -> pool -> conv3x3(128) -> flatten -> linear
+(each conv with BatchNorm and ReLU; 146k parameters), built for XLA:CPU (see
+imgcls_jax/models/fast_cnn.py). Batch 32 (on XLA:CPU a small batch is cheaper per image than 128:
+its activations stay in cache), SGD with Nesterov momentum, lr 0.05 with a half-epoch linear warmup
+and linear decay to 0, weight decay 5e-4, label smoothing 0.1, horizontal flips only (pad-and-crop
+slowed convergence in runs this short), the data cached in memory, 7 epochs, and flip test-time
+augmentation (``evaluate.tta='flip'``: +0.2-0.3 points) at the evaluations, which run every 2
+epochs and at the end.
+
+Prepare the data once (Debian's dataset-fashion-mnist through the standard tfds builder; the
+pipeline also does it by itself on first use):
   python -m imgcls_jax.data.prepare_fashion_mnist
-Command:
+Command (and timed, start-up included, with benchmarks/time_to_accuracy.py):
   python -m imgcls_jax.main --config=configs/fashion_mnist_quick.py --workdir=/tmp/fmnist_quick
-Expected: to be measured.
+  python benchmarks/time_to_accuracy.py --target=0.93 -- \
+      --config=configs/fashion_mnist_quick.py --workdir=/tmp/fmnist_quick_timed
+Expected: 93.05% / 93.16% / 93.38% top-1 on the 10k test split (seeds 0 / 1 / 2) at the end of
+epoch 7, ~3.5 minutes wall on the project's 2-core CPU VM (measured figures: README, "Fashion-MNIST
+in 5 minutes"). ``--config.num_epochs=10`` spends the whole 5 minutes for ~93.6%.
 """
 import ml_collections
 
@@ -16,23 +30,44 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.name = 'fashion_mnist'
   c.data.train_split = 'train'
   c.data.eval_split = 'test'
-  c.data.train_preprocess = 'flip_lr'
+  c.data.train_preprocess = ''
+  c.data.device_preprocess = 'flip_lr'    # the flip in the jitted step: the host only batches
+  c.data.eval_preprocess = ''
   c.data.mean = (0.286,)
   c.data.std = (0.353,)
-  c.model.widths = (32, 64, 128)
-  c.model.convs_per_stage = 1
-  c.batch_size = 256
-  c.eval_batch_size = 1000
-  c.num_epochs = 6.0
+  c.data.cache = True
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = 'fast_cnn'
+  c.model.widths = ((16,), (64,), (128,))
+  c.model.stem = 'none'
+  c.model.final_pool = False
+  c.model.head = 'flatten'
+  c.model.hidden = 0
+  c.model.dropout = 0.0
+  c.model.image_size = 28
+  c.dtype = 'float32'                     # bfloat16 is not faster on XLA:CPU (measured)
+
+  c.batch_size = 32
+  c.eval_batch_size = 250
+  c.num_epochs = 7.0
   c.label_smoothing = 0.1
-  c.optim.learning_rate = 0.2
-  c.optim.warmup_epochs = 1.0
+  c.optim.name = 'sgd'
+  c.optim.learning_rate = 0.05
+  c.optim.momentum = 0.9
+  c.optim.nesterov = True
   c.optim.weight_decay = 5e-4
-  c.eval_every_epochs = 1.0
-  c.checkpoint_every_epochs = 100.0
+  c.optim.schedule = 'linear'
+  c.optim.warmup_epochs = 0.5
+  c.optim.end_lr_factor = 0.0
+
+  c.log_every_steps = 200
+  c.eval_every_epochs = 2.0
+  c.evaluate.tta = 'flip'                 # flip test-time augmentation at every evaluation
+  c.checkpoint_every_epochs = 100.0       # only at the end: checkpoints cost time here
   c.progress_bar = False
   c.tensorboard = False
-  if 'checkpoint' in c and 'keep_best' in c.checkpoint:
-    c.checkpoint.keep_best = 0
-  c.mesh.num_devices = 1
+  c.checkpoint.keep_best = 0              # no extra checkpoint per evaluation
+  c.mesh.num_devices = 0                  # all devices: on a CPU, the cpu_devices below
+  c.mesh.cpu_devices = 2                  # 2 CPU devices on 2 cores: step 13.1 -> 10.1 ms
   return c

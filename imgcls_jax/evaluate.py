@@ -18,7 +18,6 @@ import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 
 from imgcls_jax import checkpoint, metrics, plots, report, sharding, steps
@@ -27,7 +26,6 @@ from imgcls_jax import train
 from imgcls_jax.data import pipeline
 from imgcls_jax.errors import UserError
 
-TTA_MODES = ('', 'flip')
 REPORT_FILES = ('report.json', 'report.md', 'confusion_matrix.csv', 'confusion_matrix.png',
                 'reliability.png')
 CURVES_FILE = 'training_curves.png'
@@ -85,27 +83,6 @@ def choose_step(ckpt: checkpoint.Checkpointer, spec: str, metrics_path: str) -> 
                   'number.')
 
 
-def tta_log_probs(state: Any, images: jax.Array, *, model_def: state_lib.ModelDef,
-                  cfg: steps.StepConfig, tta: str) -> jax.Array:
-  """Log-probabilities ``BxK``; with ``tta='flip'`` the mean of the probabilities of the images and
-  their horizontal mirror images."""
-  logits = steps.logits_fn(state, images, model_def=model_def, cfg=cfg)
-  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  if tta == 'flip':
-    mirrored = steps.logits_fn(state, images[:, :, ::-1, :], model_def=model_def, cfg=cfg)
-    log_probs = jnp.logaddexp(log_probs,
-                              jax.nn.log_softmax(mirrored.astype(jnp.float32), axis=-1))
-    log_probs = log_probs - jnp.log(2.0)
-  return log_probs
-
-
-def stats_step(state: Any, batch: dict[str, jax.Array], *, model_def: state_lib.ModelDef,
-               cfg: steps.StepConfig, tta: str, num_bins: int) -> dict[str, jax.Array]:
-  """The report's additive statistics over one padded batch (see ``report.batch_stats``)."""
-  log_probs = tta_log_probs(state, batch['image'], model_def=model_def, cfg=cfg, tta=tta)
-  return report.batch_stats(log_probs, batch['label'], batch['mask'], num_bins)
-
-
 def sum_stats(step_fn: Any, state: Any, data: pipeline.EvalData,
               mesh: jax.sharding.Mesh) -> dict[str, Any]:
   """``step_fn`` summed over every batch of ``data`` (each example exactly once), on the host."""
@@ -118,11 +95,7 @@ def sum_stats(step_fn: Any, state: Any, data: pipeline.EvalData,
 
 
 def _check_options(config: ml_collections.ConfigDict, tta: str, num_bins: int) -> None:
-  if tta not in TTA_MODES:
-    raise UserError(f"config.evaluate.tta='{tta}' must be '' (none) or 'flip'.")
-  if tta == 'flip' and config.data.name in pipeline.NO_FLIP_DATASETS:
-    raise UserError(f"Horizontal flips change the meaning of '{config.data.name}' images; leave "
-                    'config.evaluate.tta empty for this dataset.')
+  pipeline.check_tta(config.data, tta)
   if num_bins < 1:
     raise UserError(f'config.evaluate.calibration_bins={num_bins} must be at least 1.')
 
@@ -154,7 +127,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, spli
     step, chosen = choose_step(ckpt, checkpoint_spec, metrics_path)
     target, state_sh = state_lib.abstract_state(s.model_fn, s.tx, s.config.seed, s.mesh)
     state, meta = ckpt.restore(target, step)
-  step_fn = jax.jit(functools.partial(stats_step, model_def=s.model_def, cfg=s.step_cfg, tta=tta,
+  step_fn = jax.jit(functools.partial(steps.eval_step, model_def=s.model_def, cfg=s.step_cfg, tta=tta,
                                       num_bins=num_bins),
                     in_shardings=(state_sh, sharding.batch_sharding(s.mesh)),
                     out_shardings=sharding.replicated(s.mesh))

@@ -112,7 +112,8 @@ def run(argv: list[str] | None = None) -> int:
   from imgcls_jax.errors import UserError
   try:
     config, workdir, mode = parse(argv)
-    from imgcls_jax import distributed
+    from imgcls_jax import distributed, sharding
+    sharding.request_cpu_devices(int(config.mesh.get('cpu_devices', 0)))  # before any JAX op
     if distributed.requested(config):  # before anything touches a device
       distributed.initialize(config.distributed)
     module_name, fn_name = MODES[mode]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import logging
 import math
 from typing import Any, Iterable, Iterator
 
@@ -22,6 +23,28 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from imgcls_jax.errors import UserError
 
 DATA_AXIS = 'data'
+
+
+def request_cpu_devices(num: int) -> None:
+  """Splits the host CPU into ``num`` XLA devices (``config.mesh.cpu_devices``; 0 = leave as is).
+
+  Each CPU device runs its share of every batch on its own thread, so a data-parallel mesh over
+  them uses the cores better than one device's intra-op threads do for small models (2 devices on
+  2 cores: the Fashion-MNIST CNN's step 13.1 -> 10.1 ms). It only affects the CPU backend and must
+  run before JAX starts its backends (``main.py`` calls it first); later it changes nothing and
+  says so.
+  """
+  if num < 0 or num > 1024:
+    raise UserError(f'config.mesh.cpu_devices={num} is not a sensible number of CPU devices; use '
+                    "about the number of cores, or 0 to leave JAX's default.")
+  if num == 0:
+    return
+  try:
+    jax.config.update('jax_num_cpu_devices', int(num))
+  except RuntimeError:
+    logging.warning('config.mesh.cpu_devices=%d ignored: JAX had already started its backends '
+                    '(%d CPU devices). Set it before any JAX operation, as main.py does.', num,
+                    len(jax.devices('cpu')))
 
 
 def make_mesh(num_devices: int = 0) -> Mesh:

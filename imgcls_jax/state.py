@@ -7,7 +7,6 @@ built by ``jax.jit(init, out_shardings=...)`` so no full copy ever lands on one 
 from __future__ import annotations
 
 import dataclasses
-import logging
 from typing import Any, Callable
 
 import flax.struct
@@ -66,6 +65,13 @@ def model_def(model_fn: ModelFn) -> ModelDef:
   return ModelDef(graphdef=graphdef, rng_template=template)
 
 
+def param_names(model_fn: ModelFn) -> list[str]:
+  """Dotted names of the model's parameters (``layer1.0.conv1.kernel``); allocates nothing."""
+  abstract = nnx.eval_shape(lambda: model_fn(rngs=nnx.Rngs(0)))
+  flat = nnx.to_flat_state(nnx.state(abstract, nnx.Param))
+  return ['.'.join(str(k) for k in path) for path, _ in flat]
+
+
 def init_fn(model_fn: ModelFn, tx: optax.GradientTransformation,
             seed: int) -> Callable[[], TrainState]:
   """A pure function building the initial state from ``seed``."""
@@ -81,11 +87,7 @@ def init_fn(model_fn: ModelFn, tx: optax.GradientTransformation,
 
 
 def _shardings(abstract: Any, mesh: Mesh, param_sharding: sharding.ParamSharding) -> Any:
-  shardings = sharding.state_shardings(abstract, mesh, param_sharding)
-  logging.info('Train state: %.2f MiB per device (%s placement over %d devices).',
-               sharding.planned_bytes_per_device(abstract, shardings) / 2**20,
-               param_sharding.mode, mesh.devices.size)
-  return shardings
+  return sharding.state_shardings(abstract, mesh, param_sharding)
 
 
 def create(model_fn: ModelFn, tx: optax.GradientTransformation, seed: int, mesh: Mesh,

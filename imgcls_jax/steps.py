@@ -26,9 +26,33 @@ class StepConfig:
   std: tuple[float, ...] = (0.5,)
   compute_dtype: str = 'float32'
   mix: mixup.MixConfig | None = None        # mixup / cutmix on the device (None: off)
+  # Linear probe: the name of the head's top-level parameter group; every other parameter is
+  # frozen and the model runs in inference mode (running BN statistics, no dropout). '' = off.
+  probe_head: str = ''
+  device_flip: bool = False                 # random horizontal flip per example, in the step
+
+def step_config(config: Any, num_classes: int, *, probe_head: str = '') -> StepConfig:
+  """The step's numbers from a run's config (``train.setup`` and ``benchmarks/throughput.py``)."""
+  return StepConfig(num_classes=num_classes,
+                    label_smoothing=float(config.label_smoothing),
+                    mean=tuple(float(m) for m in config.data.mean),
+                    std=tuple(float(s) for s in config.data.std),
+                    compute_dtype=config.dtype,
+                    mix=mixup.from_config(config.get('mixup')),
+                    probe_head=probe_head,
+                    device_flip=config.data.get('device_preprocess', '') == 'flip_lr')
+
 
 # fold_in data for the mixup / cutmix key; the dropout streams use fold_in(key, 0..n) instead.
 MIX_STREAM = 0x6D1C
+FLIP_STREAM = 0x0F11
+DEVICE_PREPROCESS = ('', 'flip_lr')   # config.data.device_preprocess values
+
+
+def random_flip(key: jax.Array, images_BxHxWxC: jax.Array) -> jax.Array:
+  """Each image mirrored left-right with probability 1/2 (one draw per example from ``key``)."""
+  flip_B = jax.random.bernoulli(key, 0.5, images_BxHxWxC.shape[:1])
+  return jnp.where(flip_B[:, None, None, None], images_BxHxWxC[:, :, ::-1, :], images_BxHxWxC)
 
 
 def normalize(images_BxHxWxC: jax.Array, cfg: StepConfig) -> jax.Array:
@@ -52,16 +76,23 @@ def cross_entropy(logits_BxK: jax.Array, targets_BxK: jax.Array) -> jax.Array:
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model_def: ModelDef,
                tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
                cfg: StepConfig) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer step on a global batch; BN statistics are taken over the whole global batch."""
-  x = normalize(batch['image'], cfg)
-  y = targets(batch['label'], cfg)
+  """One optimizer step on a global batch; BN statistics are taken over the whole global batch
+  (a linear probe, ``cfg.probe_head``, keeps the source model's statistics instead)."""
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  images = batch['image']
+  if cfg.device_flip:
+    images = random_flip(jax.random.fold_in(key, FLIP_STREAM), images)
+  x = normalize(images, cfg)
+  y = targets(batch['label'], cfg)
   if cfg.mix is not None:  # soft targets from mixed pairs of the global batch
     x, y = mixup.apply(jax.random.fold_in(key, MIX_STREAM), x, y, cfg.mix)
 
   def loss_fn(params):
+    if cfg.probe_head:  # frozen backbone: no gradient flows into it, so XLA drops its backward
+      params = {k: v if k == cfg.probe_head else jax.lax.stop_gradient(v)
+                for k, v in params.items()}
     model = model_def.merge(params, state.batch_stats, key)
-    logits = model(x, train=True)
+    logits = model(x, train=not cfg.probe_head)
     new_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
     return cross_entropy(logits, y).mean(), (logits, new_stats)
 
@@ -86,12 +117,28 @@ def logits_fn(state: TrainState, images: jax.Array, *, model_def: ModelDef,
   return model(normalize(images, cfg), train=False)
 
 
+def log_probs_fn(state: TrainState, images: jax.Array, *, model_def: ModelDef, cfg: StepConfig,
+                 tta: str = '') -> jax.Array:
+  """Inference log-probabilities ``BxK``; with ``tta='flip'`` the mean of the probabilities of the
+  images and of their horizontal mirror images (test-time augmentation)."""
+  log_probs = jax.nn.log_softmax(
+      logits_fn(state, images, model_def=model_def, cfg=cfg).astype(jnp.float32), axis=-1)
+  if tta == 'flip':
+    mirrored = logits_fn(state, images[:, :, ::-1, :], model_def=model_def, cfg=cfg)
+    log_probs = jnp.logaddexp(log_probs,
+                              jax.nn.log_softmax(mirrored.astype(jnp.float32), axis=-1))
+    log_probs = log_probs - jnp.log(2.0)
+  return log_probs
+
+
 def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model_def: ModelDef,
-              cfg: StepConfig) -> dict[str, jax.Array]:
+              cfg: StepConfig, tta: str = '',
+              num_bins: int = report.DEFAULT_CALIBRATION_BINS) -> dict[str, jax.Array]:
   """Masked sums over a padded batch: loss, top-1 and top-5 correct, example count, and the
-  confusion-matrix and calibration sums of the evaluation report (``report.batch_stats``)."""
-  logits = logits_fn(state, batch['image'], model_def=model_def, cfg=cfg)
-  return report.batch_stats(logits, batch['label'], batch['mask'])
+  confusion-matrix and calibration sums of the evaluation report (``report.batch_stats``), of the
+  predictions ``log_probs_fn`` makes with test-time augmentation ``tta``."""
+  log_probs = log_probs_fn(state, batch['image'], model_def=model_def, cfg=cfg, tta=tta)
+  return report.batch_stats(log_probs, batch['label'], batch['mask'], num_bins)
 
 
 def predict_step(state: TrainState, batch: dict[str, jax.Array], *, model_def: ModelDef,

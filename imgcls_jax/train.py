@@ -18,7 +18,6 @@ import tqdm
 from imgcls_jax import (checkpoint, configlib, metrics, models, optim, preemption, report,
                         sharding, steps)
 from imgcls_jax import state as state_lib
-from imgcls_jax import mixup
 from imgcls_jax.data import pipeline
 from imgcls_jax.errors import UserError
 
@@ -49,6 +48,8 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
   configlib.validate(config)
   mesh = sharding.make_mesh(config.mesh.num_devices)
   info = pipeline.info(config.data)
+  if 'evaluate' in config:
+    pipeline.check_tta(config.data, config.evaluate.tta)
   if len(config.data.mean) not in (1, info.channels):
     raise UserError(f"config.data.mean has {len(config.data.mean)} values but '{info.name}' "
                     f'images have {info.channels} channels; give 1 or {info.channels} values.')
@@ -63,16 +64,20 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
                       warmup_steps=warmup)
   tx = optim.build(config.optim, lr, config.get('transfer'))
   model_fn = models.from_config(config, info.num_classes, info.channels)
-  step_cfg = steps.StepConfig(num_classes=info.num_classes,
-                              label_smoothing=float(config.label_smoothing),
-                              mean=tuple(float(m) for m in config.data.mean),
-                              std=tuple(float(s) for s in config.data.std),
-                              compute_dtype=config.dtype,
-                              mix=mixup.from_config(config.get('mixup')))
+  step_cfg = steps.step_config(config, info.num_classes,
+                              probe_head=_probe_head(config, model_fn))
   return Setup(config=config, mesh=mesh, info=info, model_fn=model_fn,
                model_def=state_lib.model_def(model_fn), tx=tx, lr_schedule=lr, step_cfg=step_cfg,
                steps_per_epoch=steps_per_epoch, total_steps=total, local_batch_size=local_bs,
                local_eval_batch_size=local_eval_bs)
+
+
+def _probe_head(config: ml_collections.ConfigDict, model_fn: Any) -> str:
+  """The head's parameter group when ``config.transfer.mode`` is a linear probe, else ''."""
+  if not (config.get('transfer') and config.transfer.mode == 'linear_probe'):
+    return ''
+  from imgcls_jax import transfer
+  return transfer.head_name(state_lib.param_names(model_fn), config.transfer)
 
 
 def jit_steps(s: Setup, state_shardings: Any) -> tuple[Any, Any]:
@@ -82,7 +87,9 @@ def jit_steps(s: Setup, state_shardings: Any) -> tuple[Any, Any]:
                                     lr_schedule=s.lr_schedule, cfg=s.step_cfg),
                   in_shardings=(state_shardings, batch_sh), out_shardings=(state_shardings, repl),
                   donate_argnums=0)
-  evaluate = jax.jit(functools.partial(steps.eval_step, model_def=s.model_def, cfg=s.step_cfg),
+  tta = s.config.evaluate.tta if 'evaluate' in s.config else ''
+  evaluate = jax.jit(functools.partial(steps.eval_step, model_def=s.model_def, cfg=s.step_cfg,
+                                       tta=tta),
                      in_shardings=(state_shardings, batch_sh), out_shardings=repl)
   return train, evaluate
 
@@ -95,6 +102,9 @@ def restore_or_init(s: Setup, ckpt: checkpoint.Checkpointer) -> tuple[Any, Any]:
   """
   placement = sharding.ParamSharding.from_config(s.config.mesh)
   target, shardings = state_lib.abstract_state(s.model_fn, s.tx, s.config.seed, s.mesh, placement)
+  logging.info('Train state: %.2f MiB per device (%s placement over %d devices).',
+               sharding.planned_bytes_per_device(target, shardings) / 2**20, placement.mode,
+               s.mesh.devices.size)
   restored = ckpt.restore_latest(target, config=s.config)
   if restored is not None:
     logging.info('Resuming from step %d.', restored.step)

@@ -96,7 +96,7 @@ def test_flip_tta_averages_the_probabilities_of_image_and_mirror_image():
   mdef = state_lib.model_def(model_fn)
   cfg = steps.StepConfig(num_classes=10)
   images = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 1), dtype=np.uint8)
-  fn = functools.partial(evaluate.tta_log_probs, model_def=mdef, cfg=cfg)
+  fn = functools.partial(steps.log_probs_fn, model_def=mdef, cfg=cfg)
   plain = np.exp(np.asarray(fn(state, images, tta='')))
   mirrored = np.exp(np.asarray(fn(state, images[:, :, ::-1], tta='')))
   tta = np.exp(np.asarray(fn(state, images, tta='flip')))

@@ -31,11 +31,23 @@ def _one_error_line(proc):
     ('--config.model.name=resnet51', r"Unknown model 'resnet51'"),
     ('--config.data.name=no_such_set', r"'no_such_set' is not a tfds dataset"),
     ('--config.optim.name=lamb', r"Unknown config.optim.name 'lamb'"),
+    ('--config.mesh.cpu_devices=-2', r'config.mesh.cpu_devices=-2 is not a sensible'),
+    ('--config.data.device_preprocess=randaugment', r'device_preprocess.*not a device-side op'),
 ])
 def test_bad_config_fails_with_one_clear_line(tmp_path, override, pattern):
   proc = _main('--config=configs/default.py', f'--workdir={tmp_path}', override,
                f'--config.data.data_dir={tmp_path}/tfds', timeout=300)
   assert re.search(pattern, _one_error_line(proc)), proc.stderr[-1000:]
+
+
+def test_cpu_devices_split_the_host_for_data_parallel_training(tmp_path):
+  """config.mesh.cpu_devices=3 gives a 3-device mesh on the CPU (it overrides XLA_FLAGS' 8)."""
+  proc = _main('--config=configs/default.py', f'--workdir={tmp_path}/run',
+               f'--config.data.data_dir={tmp_path}/tfds', '--config.mesh.cpu_devices=3',
+               '--config.batch_size=48', '--config.eval_batch_size=48',
+               '--config.num_train_steps=3', '--config.progress_bar=false', num_devices=8)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert '3 devices; 3 steps' in proc.stderr, proc.stderr[-3000:]
 
 
 def test_missing_config_file_and_workdir(tmp_path):

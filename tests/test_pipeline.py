@@ -88,6 +88,29 @@ def test_flip_is_refused_for_digits(digits_config):
     pipeline.train_dataset(digits_config.data, seed=0, local_batch_size=8)
 
 
+def test_device_preprocess_is_checked(digits_config):
+  digits_config.data.device_preprocess = 'flip_lr'
+  with pytest.raises(UserError, match='device_preprocess'):   # digits: a flip changes the label
+    pipeline.train_dataset(digits_config.data, seed=0, local_batch_size=8)
+  digits_config.data.device_preprocess = 'pad_crop'
+  with pytest.raises(UserError, match="not a device-side op"):
+    pipeline.train_dataset(digits_config.data, seed=0, local_batch_size=8)
+
+
+def test_without_train_preprocess_batches_hold_the_raw_images_in_the_same_order(digits_config):
+  """No per-example op: the stream batches first (cheap), in the order the augmented one uses."""
+  def first(spec, k=3):
+    digits_config.data.train_preprocess = spec
+    ds, _ = pipeline.train_dataset(digits_config.data, seed=0, local_batch_size=500)
+    return [b for _, b in zip(range(k), ds.as_numpy_iterator())]
+  plain, padded = first(''), first('pad_crop(pad=1)')
+  raw = {im.tobytes() for im in digits.load_arrays('train')[0]}
+  for a, b in zip(plain, padded):           # 1500 examples: crosses the epoch boundary (1347)
+    np.testing.assert_array_equal(a['label'], b['label'])
+    assert a['image'].shape == b['image'].shape == (500, 8, 8, 1)
+    assert all(im.tobytes() in raw for im in a['image'])
+
+
 def test_missing_dataset_and_split_are_clear_errors(digits_config):
   digits_config.data.name = 'no_such_dataset_xyz'
   with pytest.raises(UserError, match="'no_such_dataset_xyz' is not a tfds dataset"):

@@ -104,3 +104,61 @@ def test_eval_step_ignores_masked_examples():
     np.testing.assert_allclose(out1[k], out2[k], rtol=1e-6)
   assert 0 <= out1['correct'] <= out1['correct_top5'] <= 20
   assert np.isfinite(out1['loss']) and out1['loss'] > 0
+
+
+def test_random_flip_mirrors_about_half_the_images_reproducibly():
+  images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (64, 5, 7, 3), dtype=np.uint8))
+  out = np.asarray(steps.random_flip(jax.random.key(3), images))
+  x = np.asarray(images)
+  same = np.all(out == x, axis=(1, 2, 3))
+  mirrored = np.all(out == x[:, :, ::-1], axis=(1, 2, 3))
+  assert np.all(same ^ mirrored)               # each image is itself or its mirror image
+  assert 20 <= mirrored.sum() <= 44            # p = 1/2 (binomial(64, 0.5): 99.9% within)
+  np.testing.assert_array_equal(out, steps.random_flip(jax.random.key(3), images))
+  assert not np.array_equal(out, steps.random_flip(jax.random.key(4), images))
+
+
+@pytest.mark.parametrize('symmetric', [True, False])
+def test_device_flip_is_applied_in_the_train_step(symmetric):
+  """device_flip changes the step exactly when mirroring changes the images."""
+  batch = _batches(1)[0]
+  if symmetric:  # left-right symmetric images: a flip is the identity
+    batch['image'][:, :, 4:] = batch['image'][:, :, 3::-1]
+  results = []
+  for flip in (False, True):
+    state, _, _, batch_sh = _setup(1)
+    cfg = default.get_config()
+    lr = optim.schedule(cfg.optim, batch_size=32, total_steps=10, warmup_steps=2)
+    tx = optim.build(cfg.optim, lr)
+    model_fn = functools.partial(models.get, 'cnn', num_classes=10, in_channels=1,
+                                 widths=(8, 16), dropout=0.0)
+    train = jax.jit(functools.partial(
+        steps.train_step, model_def=state_lib.model_def(model_fn), tx=tx, lr_schedule=lr,
+        cfg=steps.StepConfig(num_classes=10, device_flip=flip)))
+    _, m = train(state, sharding.put_batch(batch, batch_sh))
+    results.append(float(m['loss']))
+  if symmetric:
+    assert results[0] == pytest.approx(results[1], rel=1e-6)
+  else:
+    assert results[0] != pytest.approx(results[1], rel=1e-4)
+
+
+def test_linear_probe_step_trains_only_the_head_in_inference_mode():
+  """probe_head: with a plain optimizer (no freezing mask) the backbone still does not move, so no
+  gradient reached it; the BN statistics stay the source's; the head trains."""
+  state, _, _, batch_sh = _setup(1)
+  model_fn = functools.partial(models.get, 'cnn', num_classes=10, in_channels=1,
+                               widths=(8, 16), dropout=0.0)
+  before = jax.device_get((state.params, state.batch_stats))
+  train = jax.jit(functools.partial(steps.train_step, model_def=state_lib.model_def(model_fn),
+                                    tx=optax.sgd(0.1), lr_schedule=optax.constant_schedule(0.1),
+                                    cfg=steps.StepConfig(num_classes=10, probe_head='head')))
+  for b in _batches(2):
+    state, m = train(state, sharding.put_batch(b, batch_sh))
+  params, stats = jax.device_get((state.params, state.batch_stats))
+  for name in params:
+    moved = jax.tree.leaves(jax.tree.map(lambda a, b: not np.array_equal(a, b), params[name],
+                                         before[0][name]))
+    assert all(moved) if name == 'head' else not any(moved), name
+  jax.tree.map(np.testing.assert_array_equal, stats, before[1])
+  assert float(m['grad_norm']) > 0

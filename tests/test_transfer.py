@@ -161,3 +161,7 @@ def test_transfer_beats_scratch_on_digits_5_to_9(tmp_path):
       assert not np.allclose(value, src.params[name]), name
     else:
       np.testing.assert_array_equal(value, src.params[name], err_msg=name)
+  # ... and it ran the backbone in inference mode: the source's BN statistics are kept as they were.
+  assert probe.batch_stats.keys() == src.batch_stats.keys()
+  for name, value in probe.batch_stats.items():
+    np.testing.assert_array_equal(value, src.batch_stats[name], err_msg=name)

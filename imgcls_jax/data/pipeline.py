@@ -243,9 +243,23 @@ def examples_per_process(data: ml_collections.ConfigDict, split: str, process_in
 
 
 def check_flip(data: ml_collections.ConfigDict) -> None:
-  if data.name in NO_FLIP_DATASETS and 'flip_lr' in (data.train_preprocess or ''):
-    raise UserError(f"Horizontal flips change the meaning of '{data.name}' images; remove flip_lr "
-                    'from config.data.train_preprocess.')
+  device = data.get('device_preprocess', '') or ''
+  if device not in ('', 'flip_lr'):
+    raise UserError(f"config.data.device_preprocess='{device}' is not a device-side op; use '' or "
+                    "'flip_lr' (other augmentations go in config.data.train_preprocess).")
+  for key, spec in (('train_preprocess', data.train_preprocess or ''), ('device_preprocess', device)):
+    if data.name in NO_FLIP_DATASETS and 'flip_lr' in spec:
+      raise UserError(f"Horizontal flips change the meaning of '{data.name}' images; remove "
+                      f'flip_lr from config.data.{key}.')
+
+
+def check_tta(data: ml_collections.ConfigDict, tta: str) -> None:
+  """``config.evaluate.tta`` is a known mode, and flips only datasets whose meaning survives them."""
+  if tta not in ('', 'flip'):
+    raise UserError(f"config.evaluate.tta='{tta}' must be '' (none) or 'flip'.")
+  if tta == 'flip' and data.name in NO_FLIP_DATASETS:
+    raise UserError(f"Horizontal flips change the meaning of '{data.name}' images; leave "
+                    'config.evaluate.tta empty for this dataset.')
 
 
 def train_dataset(data: ml_collections.ConfigDict, *, seed: int, local_batch_size: int,
@@ -275,8 +289,9 @@ def train_dataset(data: ml_collections.ConfigDict, *, seed: int, local_batch_siz
   # Without a cache, images are decoded in the stream; a leading random_resized_crop then fuses
   # with decoding (JPEGs decode only the crop window): the same crops, less work.
   fuse = not data.cache and ops.fuses_with_decoding(data.train_preprocess)
-  augment = ops.compose(data.train_preprocess,
-                        decode_channels=info(data).channels if fuse else None)
+  augment = (ops.compose(data.train_preprocess,
+                         decode_channels=info(data).channels if fuse else None)
+             if data.train_preprocess or fuse else None)
   parts, per_epoch = [], 0
   for shard in range(lo // chunk, (hi - 1) // chunk + 1):
     rows = (max(lo, shard * chunk) - shard * chunk, min(hi, (shard + 1) * chunk) - shard * chunk)
@@ -320,6 +335,12 @@ def _slice_stream(data: ml_collections.ConfigDict, augment: Any, *, decode: bool
       return item
 
     ds = ds.enumerate().filter(mine).map(drop_index)
+
+  if augment is None:  # nothing to do per example: batch first, then drop the indices per batch
+    check_fixed_size(ds.map(lambda e, i, ex: ex), data, 'train_preprocess')
+    ds = ds.batch(last - first, drop_remainder=True).map(
+        lambda e, i, ex: {'image': ex['image'], 'label': ex['label']})
+    return ds, n
 
   def preprocess(e, i, ex):
     ex_seed = tf.stack([tf.cast(seed, tf.int64), (e * n + i) * shards + shard])
