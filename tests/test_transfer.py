@@ -1,6 +1,5 @@
-"""Transfer learning: linear-probe masking, layer-wise lr decay, init from a run; does it help."""
-import importlib.util
-import os
+"""Transfer learning: linear-probe masking, layer-wise lr decay, init from a run (whether transfer
+helps: tests/test_fashion_mnist.py::test_transfer_beats_scratch_on_fashion_mnist_5_to_9)."""
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +11,6 @@ from flax import nnx
 
 from imgcls_jax import models, optim, train, transfer
 from imgcls_jax.errors import UserError
-from tests.conftest import REPO
 from tests.test_predict import trained_run
 
 
@@ -128,40 +126,3 @@ def test_init_from_another_architecture_names_the_parameter(tmp_path_factory, tf
   c.transfer.init_from = str(tmp_path / 'missing')
   with pytest.raises(UserError, match='does not exist'):
     train.train_and_evaluate(c, str(tmp_path / 'c'))
-
-
-def _demo():
-  path = os.path.join(REPO, 'benchmarks', 'transfer_demo.py')
-  spec = importlib.util.spec_from_file_location('transfer_demo', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-@pytest.mark.slow
-def test_transfer_beats_scratch_on_digits_5_to_9(tmp_path):
-  """Digits 0-4 -> 5-9 from 60 labelled images: fine-tuning beats scratch at the same steps.
-
-  Measured (2-core CPU): scratch 87.1% (lr 0.1; 84.8% at 0.3), fine-tune 94.2%, linear probe 54.9%.
-  The probe is weak on digits: a 2-stage CNN trained on five digits keeps little that separates the
-  other five (a converged logistic regression on its features reaches ~83% from 100 images).
-  """
-  work = str(tmp_path)
-  r = _demo().run('sklearn_digits', work, target_images=60, source_steps=80, target_steps=24,
-                  batch_size=64, target_batch_size=16, scratch_lrs=(0.1,), finetune_lrs=(0.1,),
-                  probe_lrs=(0.3,), widths=(16, 32))
-  assert r['source_accuracy_0to4'] > 0.9
-  assert r['finetune_best'] > r['scratch_best'] + 0.03, r
-  assert r['linear_probe_best'] > 0.4, r     # chance is 0.2: the frozen 0-4 features carry over
-  # The probe changed the head only: every backbone parameter is the source's, bit for bit.
-  src = transfer.read_checkpoint(os.path.join(work, 'source'))
-  probe = transfer.read_checkpoint(os.path.join(work, 'linear_probe_lr0.3'))
-  for name, value in probe.params.items():
-    if name.startswith('head.'):
-      assert not np.allclose(value, src.params[name]), name
-    else:
-      np.testing.assert_array_equal(value, src.params[name], err_msg=name)
-  # ... and it ran the backbone in inference mode: the source's BN statistics are kept as they were.
-  assert probe.batch_stats.keys() == src.batch_stats.keys()
-  for name, value in probe.batch_stats.items():
-    np.testing.assert_array_equal(value, src.batch_stats[name], err_msg=name)
