@@ -31,6 +31,7 @@ class StepConfig:
   probe_head: str = ''
   device_flip: bool = False                 # random horizontal flip per example, in the step
 
+
 def step_config(config: Any, num_classes: int, *, probe_head: str = '') -> StepConfig:
   """The step's numbers from a run's config (``train.setup`` and ``benchmarks/throughput.py``)."""
   return StepConfig(num_classes=num_classes,
@@ -46,7 +47,6 @@ def step_config(config: Any, num_classes: int, *, probe_head: str = '') -> StepC
 # fold_in data for the mixup / cutmix key; the dropout streams use fold_in(key, 0..n) instead.
 MIX_STREAM = 0x6D1C
 FLIP_STREAM = 0x0F11
-DEVICE_PREPROCESS = ('', 'flip_lr')   # config.data.device_preprocess values
 
 
 def random_flip(key: jax.Array, images_BxHxWxC: jax.Array) -> jax.Array:
