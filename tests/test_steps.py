@@ -31,7 +31,7 @@ def test_normalize_maps_uint8_to_unit_range():
   np.testing.assert_allclose(x.ravel(), [-1.0, 1.0, 128 / 127.5 - 1], atol=1e-6)
 
 
-def _setup(num_devices, batch=32, wd=5e-4, model='cnn', total_steps=10):
+def _setup(num_devices, batch=32, wd=5e-4, model='cnn', total_steps=10, device_flip=False):
   cfg = default.get_config()
   cfg.optim.weight_decay = wd
   mesh = sharding.make_mesh(num_devices)
@@ -41,7 +41,7 @@ def _setup(num_devices, batch=32, wd=5e-4, model='cnn', total_steps=10):
                                widths=(8, 16), dropout=0.0)
   mdef = state_lib.model_def(model_fn)
   state, shardings = state_lib.create(model_fn, tx, 0, mesh)
-  scfg = steps.StepConfig(num_classes=10)
+  scfg = steps.StepConfig(num_classes=10, device_flip=device_flip)
   batch_sh = sharding.batch_sharding(mesh)
   train = jax.jit(functools.partial(steps.train_step, model_def=mdef, tx=tx, lr_schedule=lr,
                                     cfg=scfg),
@@ -58,15 +58,17 @@ def _batches(n, batch=32, seed=0):
            'label': rng.integers(0, 10, (batch,), dtype=np.int32)} for _ in range(n)]
 
 
-def test_eight_devices_give_the_same_parameters_as_one():
+@pytest.mark.parametrize('device_flip', [False, True])
+def test_eight_devices_give_the_same_parameters_as_one(device_flip):
   """Same global batch, 5 SGD steps: 8-way data parallel == 1 device within float32 rounding.
 
   Tolerance: atol 2e-5 / rtol 1e-4. Only the reduction order of the batch mean (per-device partial
-  sums, then an all-reduce) differs, which moves float32 results by ~1e-6 relative.
+  sums, then an all-reduce) differs, which moves float32 results by ~1e-6 relative. With the flip
+  on the device, each example's draw does not depend on how the batch is split.
   """
   results = []
   for n in (1, 8):
-    state, train, _, batch_sh = _setup(n)
+    state, train, _, batch_sh = _setup(n, device_flip=device_flip)
     for b in _batches(5):
       state, m = train(state, sharding.put_batch(b, batch_sh))
     results.append((jax.device_get(state.params), jax.device_get(state.batch_stats), float(m['loss'])))
