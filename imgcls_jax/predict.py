@@ -68,15 +68,12 @@ def run_config(config: ml_collections.ConfigDict, workdir: str,
 def _input_spec(data: ml_collections.ConfigDict) -> tuple[tuple[int, int] | None,
                                                           tuple[int, int, int]]:
   """(the dataset's fixed image size or None, the HxWxC the model gets after eval preprocess)."""
-  import tensorflow as tf
   from imgcls_jax.data import ops, pipeline
 
   shape = tuple(pipeline.builder(data).info.features['image'].shape)
   channels = int(shape[-1] or 3)
   native = (int(shape[0]), int(shape[1])) if shape[0] and shape[1] else None
-  op = ops.compose(data.eval_preprocess)
-  seed = tf.zeros([2], tf.int64)
-  sizes = {tuple(op(tf.zeros(hw + (channels,), tf.uint8), seed).shape)
+  sizes = {ops.output_shape(data.eval_preprocess, hw, channels)
            for hw in ([native] if native else [(240, 320), (333, 250)])}
   if len(sizes) != 1:
     raise UserError(f"Images of '{data.name}' vary in size and config.data.eval_preprocess "
@@ -129,7 +126,7 @@ class Classifier:
   @functools.cached_property
   def _eval_op(self) -> Any:
     from imgcls_jax.data import ops
-    return ops.compose(self.eval_preprocess) if self.eval_preprocess else None
+    return ops.numpy_op(self.eval_preprocess)
 
   def prepare(self, data: bytes | str, *, max_pixels: int = 0) -> np.ndarray:
     """Image bytes or a file path -> the uint8 HxWxC array the model takes.
@@ -161,8 +158,7 @@ class Classifier:
     if array.ndim == 2:
       array = array[..., None]
     if self._eval_op is not None:
-      import tensorflow as tf
-      array = self._eval_op(tf.convert_to_tensor(array), tf.zeros([2], tf.int64)).numpy()
+      array = self._eval_op(array)
     if array.shape != self.image_shape:
       raise UnreadableImage(f'preprocessed to {array.shape}, not the model input '
                             f'{self.image_shape}')

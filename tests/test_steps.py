@@ -128,15 +128,7 @@ def test_device_flip_is_applied_in_the_train_step(symmetric):
     batch['image'][:, :, 4:] = batch['image'][:, :, 3::-1]
   results = []
   for flip in (False, True):
-    state, _, _, batch_sh = _setup(1)
-    cfg = default.get_config()
-    lr = optim.schedule(cfg.optim, batch_size=32, total_steps=10, warmup_steps=2)
-    tx = optim.build(cfg.optim, lr)
-    model_fn = functools.partial(models.get, 'cnn', num_classes=10, in_channels=1,
-                                 widths=(8, 16), dropout=0.0)
-    train = jax.jit(functools.partial(
-        steps.train_step, model_def=state_lib.model_def(model_fn), tx=tx, lr_schedule=lr,
-        cfg=steps.StepConfig(num_classes=10, device_flip=flip)))
+    state, train, _, batch_sh = _setup(1, device_flip=flip)
     _, m = train(state, sharding.put_batch(batch, batch_sh))
     results.append(float(m['loss']))
   if symmetric:

@@ -14,6 +14,7 @@ import ast
 import math
 from typing import Any, Callable
 
+import numpy as np
 import tensorflow as tf
 
 from imgcls_jax.errors import UserError
@@ -414,3 +415,19 @@ def fuses_with_decoding(spec: str) -> bool:
   """True when the first op of ``spec`` decodes faster fused (crop-window JPEG decoding)."""
   chain = parse(spec)
   return bool(chain) and hasattr(chain[0][1], 'decode')
+
+
+def numpy_op(spec: str) -> Callable[[np.ndarray], np.ndarray] | None:
+  """``spec`` as a function on one uint8 HxWxC numpy image (fixed seed: for evaluation-style,
+  deterministic ops); None when ``spec`` is empty. Prediction and serving use it."""
+  if not spec:
+    return None
+  op = compose(spec)
+  return lambda image: op(tf.convert_to_tensor(image), tf.zeros([2], tf.int64)).numpy()
+
+
+def output_shape(spec: str, hw: tuple[int, int], channels: int) -> tuple[int, int, int]:
+  """The HxWxC that ``spec`` makes of an ``hw`` image with ``channels`` channels."""
+  out = compose(spec)(tf.zeros(tuple(hw) + (channels,), tf.uint8), tf.zeros([2], tf.int64))
+  return tuple(int(d) for d in out.shape)
+
