@@ -3,9 +3,8 @@
   python benchmarks/throughput.py --config=configs/imagenet_resnet50.py --config.batch_size=256 \
       --peak_tflops=790 [--json] [--xla_flags='--xla_gpu_...']
 
-Builds exactly what training builds (``models.from_config``, ``optim``, ``state.create`` over the
-``sharding`` mesh with the configured parameter placement, ``steps.train_step`` jitted with the
-state's shardings and donated) and times it with ``benchmarks/measure.py``: compile time, median
+Builds exactly what training builds (``run.setup`` with a synthetic ``DatasetInfo``, the state
+created over the mesh with the configured parameter placement, ``run.jit_train_step``) and times it with ``benchmarks/measure.py``: compile time, median
 step time, images/s, TFLOP/s from XLA's cost analysis, and the fraction of ``--peak_tflops``.
 Never imports TensorFlow, so it runs where only JAX is installed (ml_collections is needed for the
 config; see benchmarks/gpu_run.sh).
@@ -17,7 +16,6 @@ the dataset's native size; override with ``--image_size / --channels / --num_cla
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import re
 import sys
@@ -34,8 +32,10 @@ from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from benchmarks import measure  # noqa: E402
-from imgcls_jax import configlib, models, optim, sharding, steps  # noqa: E402
+from imgcls_jax import run as run_lib  # noqa: E402
+from imgcls_jax import sharding  # noqa: E402
 from imgcls_jax import state as state_lib  # noqa: E402
+from imgcls_jax.data.info import DatasetInfo  # noqa: E402
 from imgcls_jax.errors import UserError  # noqa: E402
 
 # Native (size, channels, classes) of datasets, for synthetic data without tfds.
@@ -91,7 +91,7 @@ def synthetic_shape(config: ml_collections.ConfigDict, image_size: int = 0, chan
 
 @dataclasses.dataclass
 class Bench:
-  """The project's train step jitted as ``train.py`` jits it, and what its arguments are made of."""
+  """The project's train step jitted as training jits it, and what its arguments are made of."""
   jitted: Any
   mesh: jax.sharding.Mesh
   model_fn: state_lib.ModelFn
@@ -103,26 +103,18 @@ class Bench:
 
 
 def build(config: ml_collections.ConfigDict, shape: Shape) -> Bench:
-  """Mesh, optimizer, model and the jitted, state-donating train step (nothing allocated yet)."""
-  configlib.validate(config)
-  mesh = sharding.make_mesh(config.mesh.num_devices)
-  sharding.local_batch_size(config.batch_size, mesh)  # the same divisibility check as training
+  """Mesh, optimizer, model and the jitted, state-donating train step (nothing allocated yet):
+  ``run.setup`` and ``run.jit_train_step``, exactly as training builds them."""
+  info = DatasetInfo(name=config.data.name, num_classes=shape.num_classes,
+                     class_names=tuple(str(i) for i in range(shape.num_classes)),
+                     image_shape=(shape.image_size, shape.image_size, shape.channels),
+                     num_examples={})
   # The schedule's length changes a scalar, not the step's cost: 100 steps per epoch stand in.
-  total = config.num_train_steps if config.num_train_steps > 0 else 10_000
-  lr = optim.schedule(config.optim, batch_size=config.batch_size, total_steps=total,
-                      warmup_steps=configlib.steps_from(config, 'optim.warmup', 100))
-  tx = optim.build(config.optim, lr, config.get('transfer'))
-  model_fn = models.from_config(config, shape.num_classes, shape.channels)
-  model_def = state_lib.model_def(model_fn)
-  placement = sharding.ParamSharding.from_config(config.mesh)
-  _, state_sh = state_lib.abstract_state(model_fn, tx, config.seed, mesh, placement)
-  step_cfg = steps.step_config(config, shape.num_classes)
-  jitted = jax.jit(functools.partial(steps.train_step, model_def=model_def, tx=tx,
-                                     lr_schedule=lr, cfg=step_cfg),
-                   in_shardings=(state_sh, sharding.batch_sharding(mesh)),
-                   out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
-  return Bench(jitted=jitted, mesh=mesh, model_fn=model_fn, tx=tx, seed=config.seed,
-               batch_size=config.batch_size, shape=shape, placement=placement)
+  s = run_lib.setup(config, info, steps_per_epoch=100)
+  _, state_sh = state_lib.abstract_state(s.model_fn, s.tx, config.seed, s.mesh, s.placement)
+  return Bench(jitted=run_lib.jit_train_step(s, state_sh), mesh=s.mesh, model_fn=s.model_fn,
+               tx=s.tx, seed=config.seed, batch_size=config.batch_size, shape=shape,
+               placement=s.placement)
 
 
 def batch_spec(bench: Bench) -> dict[str, jax.ShapeDtypeStruct]:

@@ -27,19 +27,16 @@ from typing import Any, Mapping
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
+from imgcls_jax import configlib
 from imgcls_jax.errors import UserError
+from imgcls_jax.weights import Weights, flatten
 
-# Config keys that define the state or the data it was trained on: resuming with other values is an
-# error. Keys ending in '.' are prefixes.
-MUST_MATCH = ('model.', 'data.name')
-# Config keys that change the training trajectory but not the state's shapes: resuming with other
-# values works, with a warning that the run no longer matches an uninterrupted one.
-TRAJECTORY = ('seed', 'batch_size', 'dtype', 'label_smoothing', 'num_train_steps', 'num_epochs',
-              'optim.', 'data.train_split', 'data.train_preprocess', 'data.shuffle_buffer',
-              'data.mean', 'data.std')
+CHECKPOINTS_DIR = 'checkpoints'
 CORRUPT_DIR = 'corrupt_checkpoints'
+CONFIG_FILE = 'config.json'
 
 
 class _NoMissingMetricsWarning(logging.Filter):
@@ -60,58 +57,6 @@ class Restored:
   state: Any
   meta: dict[str, Any]
   skipped: list[int]
-
-
-def config_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The config as plain JSON types (what checkpoints and ``config.json`` hold)."""
-  return json.loads(config.to_json_best_effort(sort_keys=True))
-
-
-def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
-  out: dict[str, Any] = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      out.update(_flatten(v, f'{prefix}{k}.'))
-    else:
-      out[f'{prefix}{k}'] = v
-  return out
-
-
-def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
-                       keys: tuple[str, ...]) -> list[str]:
-  """``'key: <saved> in the checkpoint, <current> now'`` for every differing key under ``keys``."""
-  a, b = _flatten(saved), _flatten(current)
-  def selected(k: str) -> bool:
-    return any(k.startswith(p) if p.endswith('.') else k == p for p in keys)
-  missing = object()
-  diffs = []
-  for k in sorted(set(a) | set(b)):
-    va, vb = a.get(k, missing), b.get(k, missing)
-    if selected(k) and va != vb:
-      show = lambda v: 'unset' if v is missing else json.dumps(v)
-      diffs.append(f'{k}: {show(va)} in the checkpoint, {show(vb)} now')
-  return diffs
-
-
-def check_config(saved: Mapping[str, Any] | None, config: ml_collections.ConfigDict,
-                 where: str) -> None:
-  """Raises UserError if ``config`` differs from the checkpoint's in a state-defining key.
-
-  Warns when it differs in a key that changes the training trajectory. ``where`` names the
-  checkpoint, e.g. 'checkpoint 30 in /runs/a/checkpoints'.
-  """
-  if not saved:
-    return
-  current = config_dict(config)
-  bad = config_differences(saved, current, MUST_MATCH)
-  if bad:
-    raise UserError(f'Cannot resume {where}: it was written by a different model or dataset '
-                    f'({"; ".join(bad)}); resume it with the config that wrote it (config.json in '
-                    'the workdir) or start the new run in a new --workdir.')
-  changed = config_differences(saved, current, TRAJECTORY)
-  if changed:
-    logging.warning('Resuming %s with a changed config (%s): the run will not match an '
-                    'uninterrupted one.', where, '; '.join(changed))
 
 
 def _key(k: Any) -> str:
@@ -164,7 +109,7 @@ class Checkpointer:
                       'non-negative number of best ones '
                       f'(config.checkpoint.keep_best={keep_best}).')
     self.workdir = os.path.abspath(workdir)
-    self.directory = os.path.join(self.workdir, 'checkpoints')
+    self.directory = os.path.join(self.workdir, CHECKPOINTS_DIR)
     self.best_metric = best_metric
     self.best_mode = best_mode
     self._track_best = keep_best > 0
@@ -300,7 +245,7 @@ class Checkpointer:
         continue
       where = f'checkpoint {step} in {self.directory}'
       if config is not None:
-        check_config(meta.get('config'), config, where)
+        configlib.check_config(meta.get('config'), config, where)
       self._check_fits(step, abstract_state)
       try:
         state = self._manager.restore(step, args=ocp.args.Composite(
@@ -336,3 +281,98 @@ class Checkpointer:
     self._manager.reload()
     logging.warning('Checkpoint %d in %s is unreadable (%s); moved it to %s and falling back to '
                     'the previous checkpoint.', step, self.directory, _first_line(err), dest)
+
+
+# ------------------------------------------------------------------ the run directory, read-only
+
+def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """``<workdir>/config.json``: the config of the run (human-readable; checkpoints hold it too)."""
+  with open(os.path.join(workdir, CONFIG_FILE), 'w') as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def read_config(workdir: str) -> dict[str, Any] | None:
+  """The run's ``config.json`` as a dict; None when there is none."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise UserError(f'Cannot read {path} ({e}); restore it or delete it.') from None
+
+
+def require_checkpoint(workdir: str) -> None:
+  """Raises UserError (one line) unless ``workdir`` holds at least one checkpoint."""
+  ckpt_dir = os.path.join(workdir, CHECKPOINTS_DIR)
+  if os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir)):
+    return
+  folds = sorted(n for n in os.listdir(workdir) if n.startswith('fold_')) if os.path.isdir(
+      workdir) else []
+  hint = (f' This is a cross-validation run: use one fold, e.g. '
+          f'--workdir={os.path.join(workdir, folds[0])}.' if folds else
+          ' Train first (--mode=train) or point --workdir at a run directory.')
+  raise UserError(f'No checkpoint in {ckpt_dir}.{hint}')
+
+
+def _locate(path: str) -> tuple[str, int | None]:
+  """(checkpoints directory, explicit step or None) for a run dir, checkpoints dir or step dir."""
+  path = os.path.abspath(path)
+  if os.path.isdir(os.path.join(path, CHECKPOINTS_DIR)):
+    return os.path.join(path, CHECKPOINTS_DIR), None
+  base = os.path.basename(path.rstrip('/'))
+  if base.isdigit() and os.path.isdir(os.path.join(path, 'state')):
+    return os.path.dirname(path), int(base)
+  if os.path.isdir(path) and any(d.isdigit() for d in os.listdir(path)):
+    return path, None
+  raise UserError(f'No checkpoint of this project at {path}; point at a run directory (with '
+                  'checkpoints/) or one checkpoint step directory.')
+
+
+def finished_steps(directory: str) -> list[int]:
+  """The steps of ``directory`` (a checkpoints directory) whose state was written completely."""
+  return sorted(int(d) for d in os.listdir(directory)
+                if d.isdigit() and os.path.isdir(os.path.join(directory, d, 'state')))
+
+
+def read_weights(path: str, step: int | None = None) -> Weights:
+  """Parameters, batch statistics and meta of a checkpoint, as numpy (no optimizer state).
+
+  ``path`` is a run directory, its ``checkpoints`` directory or one step directory; ``step``
+  (default: the one in ``path``, else the latest) picks the checkpoint. Any device layout works.
+  ``meta`` is the checkpoint's JSON meta plus ``'step'``.
+  """
+  from etils import epath
+
+  directory, path_step = _locate(path)
+  steps = finished_steps(directory)
+  step = path_step if step is None or step < 0 else step
+  if step is None:
+    if not steps:
+      raise UserError(f'No finished checkpoint in {directory}; train that run first.')
+    step = steps[-1]
+  if step not in steps:
+    raise UserError(f'Checkpoint step {step} is not in {directory} (it has: '
+                    f"{', '.join(map(str, steps)) or 'none'}); pick one of those.")
+  step_dir = epath.Path(directory) / str(step)
+  origin = f'checkpoint {step} of {directory}'
+  try:
+    tree = ocp.PyTreeCheckpointHandler().metadata(step_dir / 'state').tree
+    item = {k: tree[k] for k in ('params', 'batch_stats') if k in tree}
+    if 'params' not in item:
+      raise KeyError('params')
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    restored = ocp.PyTreeCheckpointer().restore(step_dir / 'state', args=ocp.args.PyTreeRestore(
+        item=item, restore_args=restore_args, partial_restore=True))
+    meta = {}
+    if (step_dir / 'meta').exists():
+      meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
+          step_dir / 'meta', args=ocp.args.JsonRestore()) or {}
+  except (ValueError, KeyError, TypeError, OSError) as e:
+    raise UserError(f'Cannot read {origin} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); '
+                    'it is incomplete or not a checkpoint of this project.') from None
+  meta = dict(meta)
+  meta['step'] = step
+  return Weights(params=flatten(restored['params']),
+                 batch_stats=flatten(restored.get('batch_stats', {})), origin=origin, meta=meta)

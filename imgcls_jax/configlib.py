@@ -1,11 +1,77 @@
-"""Config checks and the one helper that turns ``*_steps`` / ``*_epochs`` keys into steps."""
+"""Config checks, the one helper that turns ``*_steps`` / ``*_epochs`` keys into steps, and the
+comparison of a config with the one a checkpoint was written by."""
 from __future__ import annotations
 
+import json
+import logging
 import math
+from typing import Any, Mapping
 
 import ml_collections
 
 from imgcls_jax.errors import UserError
+
+# Config keys that define the state or the data it was trained on: resuming with other values is an
+# error. Keys ending in '.' are prefixes.
+MUST_MATCH = ('model.', 'data.name')
+# Config keys that change the training trajectory but not the state's shapes: resuming with other
+# values works, with a warning that the run no longer matches an uninterrupted one.
+TRAJECTORY = ('seed', 'batch_size', 'dtype', 'label_smoothing', 'num_train_steps', 'num_epochs',
+              'optim.', 'data.train_split', 'data.train_preprocess', 'data.shuffle_buffer',
+              'data.mean', 'data.std')
+
+
+def config_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The config as plain JSON types (what checkpoints and ``config.json`` hold)."""
+  return json.loads(config.to_json_best_effort(sort_keys=True))
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+  out: dict[str, Any] = {}
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      out.update(_flatten(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
+                       keys: tuple[str, ...]) -> list[str]:
+  """``'key: <saved> in the checkpoint, <current> now'`` for every differing key under ``keys``."""
+  a, b = _flatten(saved), _flatten(current)
+  def selected(k: str) -> bool:
+    return any(k.startswith(p) if p.endswith('.') else k == p for p in keys)
+  missing = object()
+  diffs = []
+  for k in sorted(set(a) | set(b)):
+    va, vb = a.get(k, missing), b.get(k, missing)
+    if selected(k) and va != vb:
+      show = lambda v: 'unset' if v is missing else json.dumps(v)
+      diffs.append(f'{k}: {show(va)} in the checkpoint, {show(vb)} now')
+  return diffs
+
+
+def check_config(saved: Mapping[str, Any] | None, config: ml_collections.ConfigDict,
+                 where: str) -> None:
+  """Raises UserError if ``config`` differs from the checkpoint's in a state-defining key.
+
+  Warns when it differs in a key that changes the training trajectory. ``where`` names the
+  checkpoint, e.g. 'checkpoint 30 in /runs/a/checkpoints'.
+  """
+  if not saved:
+    return
+  current = config_dict(config)
+  bad = config_differences(saved, current, MUST_MATCH)
+  if bad:
+    raise UserError(f'Cannot resume {where}: it was written by a different model or dataset '
+                    f'({"; ".join(bad)}); resume it with the config that wrote it (config.json in '
+                    'the workdir) or start the new run in a new --workdir.')
+  changed = config_differences(saved, current, TRAJECTORY)
+  if changed:
+    logging.warning('Resuming %s with a changed config (%s): the run will not match an '
+                    'uninterrupted one.', where, '; '.join(changed))
+
 
 _DTYPES = ('float32', 'bfloat16', 'float16')
 

@@ -22,8 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from imgcls_jax import evaluate as evaluate_lib
-from imgcls_jax import plots, report, train
+from imgcls_jax import plots, report, report_files, run, train
 from imgcls_jax.data import folds as folds_lib
 from imgcls_jax.errors import UserError
 
@@ -79,10 +78,13 @@ def cross_validate(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
       logging.warning('Cross-validation stopped in fold %d at step %d; run the same command '
                       'again to resume.', i, result['interrupted_at_step'])
       return {'interrupted_in_fold': i, **result}
-    rep, stats = evaluate_lib.evaluate_checkpoint(
-        fc, fold_dir, split=fc.data.eval_split, checkpoint_spec='latest',
-        tta=config.evaluate.tta or '', title=f'Fold {i + 1}/{k} of {config.data.name}:{split}',
-        print_table=False)
+    ev = run.evaluate_checkpoint(fold_dir, fc, split=fc.data.eval_split, checkpoint_spec='latest',
+                                 tta=config.evaluate.tta or '',
+                                 num_bins=int(config.evaluate.calibration_bins))
+    stats = ev.stats
+    rep = ev.report(int(config.evaluate.top_confused))
+    report_files.write(rep, fold_dir, f'Fold {i + 1}/{k} of {config.data.name}:{split}',
+                       os.path.join(fold_dir, 'metrics.jsonl'))
     if rep['num_examples'] != len(held_out):
       raise RuntimeError(f'Fold {i} evaluated {rep["num_examples"]} examples, expected '
                          f'{len(held_out)}.')

@@ -1,6 +1,6 @@
 """``--mode=export``: a TF SavedModel taking uint8 images and a TFLite model, checked against JAX.
 
-  python -m imgcls_jax.main --mode=export --config=configs/default.py --workdir=RUN
+  python -m imgcls_jax.main --mode=export --workdir=RUN
 
 Writes ``<workdir>/export`` (or ``config.export.output_dir``):
   * ``saved_model/``: signature ``serving_default``: ``images`` uint8 ``[batch, H, W, C]`` (the
@@ -29,8 +29,8 @@ import jax
 import ml_collections
 import numpy as np
 
+from imgcls_jax import inference
 from imgcls_jax.errors import UserError
-from imgcls_jax.predict import Classifier, load_classifier
 
 
 class ExportMismatch(UserError):
@@ -46,17 +46,16 @@ def _tf():
   return tf
 
 
-def save_saved_model(clf: Classifier, directory: str) -> None:
+def save_saved_model(clf: inference.Classifier, directory: str) -> None:
   """Writes ``clf`` as a SavedModel with a uint8 ``serving_default`` signature."""
   tf = _tf()
   from jax.experimental import jax2tf
 
-  leaves, treedef = jax.tree.flatten((clf.params, clf.batch_stats))
+  leaves, treedef = jax.tree.flatten(clf.variables)
   h, w, c = clf.image_shape
 
   def fn(weights, images):
-    params, batch_stats = jax.tree.unflatten(treedef, weights)
-    return clf.apply(params, batch_stats, images)
+    return clf.apply(jax.tree.unflatten(treedef, weights), images)
 
   converted = jax2tf.convert(fn, polymorphic_shapes=[None, f'(b, {h}, {w}, {c})'],
                              with_gradient=False)
@@ -137,13 +136,16 @@ def compare(reference: dict[str, np.ndarray], other: dict[str, np.ndarray]) -> d
                                           other['probabilities'].argmax(-1)))}
 
 
-def export(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def export(config: ml_collections.ConfigDict | None, workdir: str,
+           overrides: dict[str, Any] | None = None) -> dict[str, Any]:
   """The ``export`` mode; returns what it wrote into ``export.json``."""
-  cfg = config.export
+  step = int(overrides.get('export.step', -1)) if overrides is not None else config.export.step
+  trained = inference.load(workdir, config, step=step, overrides=overrides)
+  cfg = trained.run.export
   if cfg.verify_examples < 1:
     raise UserError('config.export.verify_examples must be >= 1: the export is always verified.')
   out_dir = os.path.abspath(cfg.output_dir or os.path.join(workdir, 'export'))
-  clf = load_classifier(config, workdir, step=cfg.step, dtype=cfg.dtype)
+  clf = inference.classifier(trained, dtype=cfg.dtype)
   images = eval_images(clf.run.data, cfg.verify_examples)
   reference = clf.predict_arrays(images)
 
@@ -171,7 +173,7 @@ def export(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                                    'shape': [None, *clf.image_shape]},
             'outputs': ['probabilities', 'logits'], 'class_names': list(clf.class_names),
             'compute_dtype': clf.step_cfg.compute_dtype,
-            'preprocessing_before_input': clf.eval_preprocess or 'none',
+            'preprocessing_before_input': clf.run.data.eval_preprocess or 'none',
             'verification': {'examples': len(images), 'tolerance': cfg.tolerance, **checks}}
   with open(os.path.join(staging, 'labels.txt'), 'w') as f:
     f.write('\n'.join(clf.class_names) + '\n')

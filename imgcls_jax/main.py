@@ -1,7 +1,10 @@
 """Command line: ``python -m imgcls_jax.main --config=configs/default.py --workdir=DIR``.
 
 Override any config key with ``--config.key=value`` (e.g. ``--config.optim.learning_rate=0.05``).
-Mistakes a user can fix end in one line naming the problem and the fix (exit status 2).
+The modes that use a trained run (evaluate, predict, export, serve) take the model from
+``--workdir`` alone: ``--config`` is optional for them, and only their own keys (and where the
+evaluation data lives) may be given. Mistakes a user can fix end in one line naming the problem and
+the fix (exit status 2).
 """
 from __future__ import annotations
 
@@ -17,16 +20,20 @@ os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')  # quieter, and deterministi
 from absl import flags
 from ml_collections import config_flags
 
-# --mode name -> (module, function); each function is called as fn(config, workdir).
-# Mode-specific options are config keys (e.g. config.evaluate.*), documented in configs/default.py.
+# --mode name -> (module, function). 'train' runs k-fold cross-validation when
+# config.cross_validation.folds > 0, else one run. The modes of a trained run are called as
+# fn(config, workdir, overrides=...) with the keys given on the command line; train as
+# fn(config, workdir). Mode options are config keys (config.evaluate.*, ...; configs/default.py).
 MODES: dict[str, tuple[str, str]] = {
     'train': ('imgcls_jax.train', 'train_and_evaluate'),
+    'cross_validation': ('imgcls_jax.cross_validation', 'cross_validate'),
     'predict': ('imgcls_jax.predict', 'predict'),
     'export': ('imgcls_jax.export', 'export'),
     'serve': ('imgcls_jax.serve', 'serve'),
     'evaluate': ('imgcls_jax.evaluate', 'evaluate'),
     'curves': ('imgcls_jax.evaluate', 'curves'),
 }
+TRAINED_RUN_MODES = ('predict', 'export', 'serve', 'evaluate', 'curves')
 
 FLAGS = flags.FlagValues()
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py), '
@@ -34,7 +41,8 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, metrics, summaries.',
                                flag_values=FLAGS)
-_MODE = flags.DEFINE_enum('mode', 'train', list(MODES), 'What to do.', flag_values=FLAGS)
+_MODE = flags.DEFINE_enum('mode', 'train', [m for m in MODES if m != 'cross_validation'],
+                          'What to do.', flag_values=FLAGS)
 
 
 class _CliError(Exception):
@@ -73,8 +81,25 @@ def _explain_override_error(argv: list[str], err: Exception) -> str:
   return f'Bad command-line flag: {err}'
 
 
+def _default_config_path() -> str:
+  """configs/default.py (the schema), wherever the project is installed."""
+  spec = importlib.util.find_spec('configs.default')
+  if spec is not None and spec.origin:
+    return spec.origin
+  return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs',
+                      'default.py')
+
+
 def parse(argv: list[str]):
-  """Parses flags; returns (config, workdir, mode) or raises _CliError with one clear line."""
+  """Parses flags; returns (config, workdir, mode) or raises _CliError with one clear line.
+
+  A mode of a trained run without ``--config`` parses its ``--config.*`` flags against the schema
+  (configs/default.py); the run's own config comes from its checkpoint.
+  """
+  mode_arg = next((a.split('=', 1)[1] for a in argv if a.startswith('--mode=')), 'train')
+  if mode_arg in TRAINED_RUN_MODES and not any(a.startswith('--config=') for a in argv):
+    argv = [argv[0], f'--config={_default_config_path()}', *argv[1:]]
+    sys.argv = argv  # config_flags reads the override flags' names from sys.argv
   try:
     FLAGS(argv)
   except flags.Error as e:
@@ -116,8 +141,14 @@ def run(argv: list[str] | None = None) -> int:
     sharding.request_cpu_devices(int(config.mesh.get('cpu_devices', 0)))  # before any JAX op
     if distributed.requested(config):  # before anything touches a device
       distributed.initialize(config.distributed)
+    if mode == 'train' and config.get('cross_validation') and config.cross_validation.folds > 0:
+      mode = 'cross_validation'
     module_name, fn_name = MODES[mode]
-    getattr(importlib.import_module(module_name), fn_name)(config, workdir)
+    fn = getattr(importlib.import_module(module_name), fn_name)
+    if mode in TRAINED_RUN_MODES:
+      fn(config, workdir, overrides=dict(config_flags.get_override_values(FLAGS['config'])))
+    else:
+      fn(config, workdir)
   except (_CliError, UserError) as e:
     print(f'error: {e}', file=sys.stderr, flush=True)
     return 2

@@ -9,23 +9,14 @@ from typing import Any, Mapping
 import numpy as np
 
 
-def summarize_eval(sums: Mapping[str, float]) -> dict[str, float]:
-  """Masked eval sums -> mean loss, top-1 / top-5 accuracy and the example count."""
-  n = float(sums['count'])
-  if n == 0:
-    return {'loss': float('nan'), 'accuracy': float('nan'), 'accuracy_top5': float('nan'),
-            'count': 0}
-  return {'loss': float(sums['loss']) / n, 'accuracy': float(sums['correct']) / n,
-          'accuracy_top5': float(sums['correct_top5']) / n, 'count': int(n)}
-
-
 def mean_train(history: list[Mapping[str, Any]]) -> dict[str, float]:
   """Means of per-step train metrics fetched from the device."""
   keys = history[0].keys()
   return {k: float(np.mean([float(h[k]) for h in history])) for k in keys}
 
 
-def all_finite(values: Mapping[str, float]) -> bool:
+def values_finite(values: Mapping[str, float]) -> bool:
+  """True when every host-side scalar in ``values`` is finite."""
   return all(math.isfinite(float(v)) for v in values.values())
 
 

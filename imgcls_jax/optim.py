@@ -1,17 +1,31 @@
-"""The optax optimizer and learning-rate schedule from ``config.optim``."""
+"""The optax optimizer and learning-rate schedule from ``config.optim``, and the transfer masks.
+
+``config.transfer`` (documented in configs/default.py) shapes the optimizer two ways:
+  * ``mode='linear_probe'`` freezes every parameter but the head through optax masking (frozen
+    parameters get zero updates, no weight decay and no optimizer state);
+  * ``layer_decay`` < 1 trains a parameter at depth ``d`` at ``layer_decay ** (L - d)`` x the rate
+    (stem 0, each block +1, head ``L``); each model family gives its depths
+    (``imgcls_jax.models.layer_depths``).
+"""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
 import optax
 
-from imgcls_jax import transfer as transfer_lib
+from imgcls_jax import weights
 from imgcls_jax.errors import UserError
 
 OPTIMIZERS = ('sgd', 'adamw')
 SCHEDULES = ('cosine', 'constant', 'linear')
+TRANSFER_MODES = ('finetune', 'linear_probe')
+# Top-level attribute names that hold a model's classifier head, in order of preference.
+HEAD_NAMES = ('fc', 'head', 'classifier')
+
+# (parameter names) -> (depth per name, depth of the head): a model family's layer-depth rule.
+LayerDepths = Callable[[list[str]], tuple[dict[str, int], int]]
 
 
 def peak_learning_rate(cfg: ml_collections.ConfigDict, batch_size: int) -> float:
@@ -48,14 +62,30 @@ def decay_mask(params: Any) -> Any:
 
 
 def build(cfg: ml_collections.ConfigDict, lr: optax.Schedule,
-          transfer: ml_collections.ConfigDict | None = None) -> optax.GradientTransformation:
+          transfer: ml_collections.ConfigDict | None = None, *,
+          layer_depths: LayerDepths | None = None) -> optax.GradientTransformation:
   """SGD (momentum, Nesterov; coupled L2 decay) or AdamW (decoupled decay), masked decay.
 
-  ``transfer`` (``config.transfer``) adds layer-wise learning-rate decay and, for a linear probe,
-  freezes everything but the head (see ``imgcls_jax.transfer``); without it, or with its defaults,
-  the optimizer is unchanged.
+  ``transfer`` (``config.transfer``) adds layer-wise learning-rate decay (by the model family's
+  ``layer_depths`` rule) and, for a linear probe, freezes everything but the head; without it, or
+  with its defaults, the optimizer is unchanged.
   """
-  return transfer_lib.wrap_optimizer(_base(cfg, lr), transfer)
+  tx = _base(cfg, lr)
+  if transfer is None:
+    return tx
+  validate_transfer(transfer)
+  if transfer.layer_decay != 1.0:
+    if layer_depths is None:
+      raise UserError('config.transfer.layer_decay needs the model family\'s layer-depth rule; '
+                      'set layer_decay=1.0 for this model.')
+    # The update is linear in the learning rate for sgd and adamw, so scaling the final update of
+    # a leaf is exactly training that leaf at a scaled learning rate.
+    decay = float(transfer.layer_decay)
+    tx = optax.chain(tx, scale_by_tree(lambda t: lr_factors(t, decay, layer_depths)))
+  if transfer.mode == 'linear_probe':
+    tx = optax.partition({'trainable': tx, 'frozen': optax.set_to_zero()},
+                         lambda t: trainable_labels(t, transfer))
+  return tx
 
 
 def _base(cfg: ml_collections.ConfigDict, lr: optax.Schedule) -> optax.GradientTransformation:
@@ -72,3 +102,71 @@ def _base(cfg: ml_collections.ConfigDict, lr: optax.Schedule) -> optax.GradientT
   else:
     raise UserError(f"Unknown config.optim.name '{cfg.name}'; use one of {', '.join(OPTIMIZERS)}.")
   return optax.chain(*parts)
+
+
+# ------------------------------------------------------------------------ transfer masks
+
+def validate_transfer(cfg: ml_collections.ConfigDict) -> None:
+  """Raises UserError for a bad ``config.transfer`` value."""
+  if cfg.mode not in TRANSFER_MODES:
+    raise UserError(f"Unknown config.transfer.mode '{cfg.mode}'; use one of "
+                    f"{', '.join(TRANSFER_MODES)}.")
+  if not 0.0 < cfg.layer_decay <= 1.0:
+    raise UserError(f'config.transfer.layer_decay must be in (0, 1] (1.0 = off), got '
+                    f'{cfg.layer_decay}.')
+  if cfg.mode == 'linear_probe' and cfg.layer_decay != 1.0:
+    raise UserError('config.transfer.layer_decay applies to fine-tuning; a linear probe trains only '
+                    'the head, so set layer_decay=1.0 (or mode=finetune).')
+  if cfg.mode == 'linear_probe' and not cfg.init_from:
+    raise UserError("config.transfer.mode='linear_probe' trains only the head on a frozen "
+                    'backbone, which is random without weights; set config.transfer.init_from.')
+
+
+def head_name(names: Any, cfg: ml_collections.ConfigDict | None = None) -> str:
+  """The top-level attribute holding the head: ``cfg.head`` if set, else fc / head / classifier."""
+  tops = {n.split('.')[0] for n in names}
+  wanted = (cfg.get('head') if cfg is not None else '') or ''
+  if wanted:
+    if wanted not in tops:
+      raise UserError(f"config.transfer.head='{wanted}' is not a top-level parameter group of this "
+                      f"model ({', '.join(sorted(tops))}); set it to the head's attribute name.")
+    return wanted
+  for name in HEAD_NAMES:
+    if name in tops:
+      return name
+  raise UserError(f"Cannot tell which parameters form this model's head (none of "
+                  f"{', '.join(HEAD_NAMES)} among {', '.join(sorted(tops))}); set "
+                  'config.transfer.head.')
+
+
+def in_head(name: str, head: str) -> bool:
+  """Whether the dotted parameter ``name`` belongs to the top-level group ``head``."""
+  return name == head or name.startswith(head + '.')
+
+
+def trainable_labels(tree: Any, cfg: ml_collections.ConfigDict) -> Any:
+  """``'trainable'`` / ``'frozen'`` per leaf: in linear_probe only the head trains."""
+  head = head_name(weights.flatten(tree), cfg)
+  probe = cfg.mode == 'linear_probe'
+  return weights.map_named(
+      lambda n, _: 'trainable' if not probe or in_head(n, head) else 'frozen', tree)
+
+
+def lr_factors(tree: Any, decay: float, layer_depths: LayerDepths) -> Any:
+  """Per-leaf learning-rate multipliers ``decay ** (L - depth)``."""
+  depths, top = layer_depths(list(weights.flatten(tree)))
+  return weights.map_named(lambda n, _: decay ** (top - depths[n]), tree)
+
+
+def scale_by_tree(factors_fn: Callable[[Any], Any]) -> optax.GradientTransformation:
+  """Multiplies each update by a per-leaf constant computed from the tree's names (stateless)."""
+  def init(params):
+    del params
+    return optax.EmptyState()
+
+  def update(updates, state, params=None):
+    del params
+    factors = factors_fn(updates)
+    return jax.tree.map(lambda u, f: u * f, updates, factors), state
+
+  return optax.GradientTransformation(init, update)

@@ -1,6 +1,6 @@
 """The evaluation report: additive statistics on the device, every metric derived from them on the host.
 
-``batch_stats`` turns a batch of logits into masked *sums* (loss, top-1 / top-5 hits, the confusion
+``eval_sums`` turns a batch of logits into masked *sums* (loss, top-1 / top-5 hits, the confusion
 matrix, calibration-bin sums). Sums add across batches, devices and processes, so a split of any
 size is reduced on the device and only ``K x K + 3 x bins`` numbers reach the host; padded rows
 (``mask`` False) add nothing. ``summarize`` derives the report from the summed statistics:
@@ -30,7 +30,7 @@ STAT_KEYS = ('loss', 'correct', 'correct_top5', 'count', 'confusion', 'bin_count
              'bin_confidence', 'bin_correct')
 
 
-def batch_stats(logits_BxK: jax.Array, labels_B: jax.Array, mask_B: jax.Array,
+def eval_sums(logits_BxK: jax.Array, labels_B: jax.Array, mask_B: jax.Array,
                 num_bins: int = DEFAULT_CALIBRATION_BINS) -> dict[str, jax.Array]:
   """Masked sums over one (padded) batch; jit-friendly, no host work.
 
@@ -149,7 +149,7 @@ def most_confused(confusion_KxK: np.ndarray, class_names: Sequence[str],
 
 def summarize(stats: Mapping[str, Any], class_names: Sequence[str],
               top_confused: int = 10) -> dict[str, Any]:
-  """The full report (JSON-ready) from summed ``batch_stats``."""
+  """The full report (JSON-ready) from summed ``eval_sums``."""
   s = stats_to_numpy(stats)
   cm = s['confusion']
   num_classes = cm.shape[0]

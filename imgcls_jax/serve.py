@@ -1,6 +1,6 @@
 """``--mode=serve``: a small HTTP classification service that batches concurrent requests.
 
-  python -m imgcls_jax.main --mode=serve --config=configs/default.py --workdir=RUN \
+  python -m imgcls_jax.main --mode=serve --workdir=RUN \
       [--config.serve.port=8080] [--config.serve.host=127.0.0.1]
   curl --data-binary @photo.jpg 'http://127.0.0.1:8080/v1/classify?top_k=3'
 
@@ -38,9 +38,9 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from imgcls_jax import inference
+from imgcls_jax.data.images import ImageTooLarge, UnreadableImage
 from imgcls_jax.errors import UserError
-from imgcls_jax.predict import (Classifier, ImageTooLarge, UnreadableImage, load_classifier,
-                                top_k)
 
 _LOOPBACK = ('127.0.0.1', 'localhost', '::1')
 
@@ -58,7 +58,7 @@ class _Item:
 class Batcher:
   """Gathers images submitted from many threads into batches for one model-running thread."""
 
-  def __init__(self, clf: Classifier, *, max_batch_size: int, timeout_s: float, max_queue: int):
+  def __init__(self, clf: inference.Classifier, *, max_batch_size: int, timeout_s: float, max_queue: int):
     self.clf = clf
     self.max_batch_size = max_batch_size
     self.timeout_s = timeout_s
@@ -245,7 +245,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
       probs = self.server.batcher.submit(image).result(timeout=120)
     except Overloaded:
       raise _HttpError(503, 'The service is overloaded; retry shortly.') from None
-    return 200, {'predictions': top_k(probs, clf.class_names, k), 'checkpoint_step': clf.step}
+    return 200, {'predictions': inference.top_k(probs, clf.class_names, k), 'checkpoint_step': clf.step}
 
   def _discard(self, n: int) -> None:
     """Reads and drops a refused body (up to 8x the limit), so the client sees our answer instead
@@ -275,7 +275,7 @@ class Server(http.server.ThreadingHTTPServer):
   daemon_threads = True
   request_queue_size = 128
 
-  def __init__(self, clf: Classifier, cfg: ml_collections.ConfigDict):
+  def __init__(self, clf: inference.Classifier, cfg: ml_collections.ConfigDict):
     self.batcher = Batcher(clf, max_batch_size=cfg.max_batch_size,
                            timeout_s=cfg.batch_timeout_ms / 1000.0, max_queue=cfg.max_queue)
     self.max_upload_bytes = int(cfg.max_upload_bytes)
@@ -313,7 +313,7 @@ def _validate(cfg: ml_collections.ConfigDict) -> None:
     raise UserError('config.serve.batch_timeout_ms and config.serve.port must be >= 0.')
 
 
-def make_server(clf: Classifier, cfg: ml_collections.ConfigDict, *, warm_up: bool = True) -> Server:
+def make_server(clf: inference.Classifier, cfg: ml_collections.ConfigDict, *, warm_up: bool = True) -> Server:
   """A server for ``clf`` (not yet serving); ``warm_up`` compiles every batch size first."""
   _validate(cfg)
   clf.max_batch = cfg.max_batch_size
@@ -327,11 +327,14 @@ def make_server(clf: Classifier, cfg: ml_collections.ConfigDict, *, warm_up: boo
   return Server(clf, cfg)
 
 
-def serve(config: ml_collections.ConfigDict, workdir: str) -> None:
+def serve(config: ml_collections.ConfigDict | None, workdir: str,
+          overrides: dict[str, Any] | None = None) -> None:
   """The ``serve`` mode: serves until SIGINT / SIGTERM."""
-  cfg = config.serve
+  step = int(overrides.get('serve.step', -1)) if overrides is not None else config.serve.step
+  trained = inference.load(workdir, config, step=step, overrides=overrides)
+  cfg = trained.run.serve
   _validate(cfg)
-  clf = load_classifier(config, workdir, step=cfg.step, max_batch=cfg.max_batch_size)
+  clf = inference.classifier(trained, max_batch=cfg.max_batch_size)
   server = make_server(clf, cfg)
   if cfg.host not in _LOOPBACK:
     logging.warning('Serving on %s: reachable from the network, with no authentication.', cfg.host)

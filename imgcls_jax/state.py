@@ -30,6 +30,12 @@ class TrainState(flax.struct.PyTreeNode):
   rng: jax.Array           # uint32[2] raw key; per-step keys are fold_in(rng, step)
 
 
+class InferenceState(flax.struct.PyTreeNode):
+  """What inference needs of a trained model: its parameters and BN statistics (pure dicts)."""
+  params: Any
+  batch_stats: Any
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelDef:
   """The static half of a split model: its graph and the shapes of its RNG state."""
@@ -63,6 +69,15 @@ def model_def(model_fn: ModelFn) -> ModelDef:
   template = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype),
                           nnx.to_pure_dict(rest))
   return ModelDef(graphdef=graphdef, rng_template=template)
+
+
+def abstract_variables(model_fn: ModelFn) -> InferenceState:
+  """Shapes and dtypes (``ShapeDtypeStruct``) of the model's parameters and statistics."""
+  abstract = nnx.eval_shape(lambda: model_fn(rngs=nnx.Rngs(0)))
+  _, params, batch_stats, _ = _split(abstract)
+  as_struct = lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype)  # noqa: E731
+  return InferenceState(params=jax.tree.map(as_struct, params),
+                        batch_stats=jax.tree.map(as_struct, batch_stats))
 
 
 def param_names(model_fn: ModelFn) -> list[str]:
@@ -116,3 +131,11 @@ def abstract_state(model_fn: ModelFn, tx: optax.GradientTransformation, seed: in
 
 def param_count(params: Any) -> int:
   return int(sum(x.size for x in jax.tree.leaves(params)))
+
+
+@jax.jit
+def is_finite(tree: Any) -> jax.Array:
+  """True when every float in ``tree`` (e.g. a train state) is finite; computed on the devices."""
+  flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+           if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)

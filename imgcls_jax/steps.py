@@ -1,7 +1,8 @@
-"""Pure train / eval / predict steps and the loss. No I/O, no globals, no device logic.
+"""Pure train / eval steps, the one inference forward pass, and the loss. No I/O, no globals, no
+device logic.
 
-``train.py`` binds the static arguments with ``functools.partial`` and jits these with explicit
-shardings and a donated state.
+``run.py`` binds the static arguments with ``functools.partial`` and jits these with explicit
+shardings (and a donated state for training).
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ class StepConfig:
 
 
 def step_config(config: Any, num_classes: int, *, probe_head: str = '') -> StepConfig:
-  """The step's numbers from a run's config (``train.setup`` and ``benchmarks/throughput.py``)."""
+  """The step's numbers from a run's config (``run.setup``)."""
   return StepConfig(num_classes=num_classes,
                     label_smoothing=float(config.label_smoothing),
                     mean=tuple(float(m) for m in config.data.mean),
@@ -110,39 +111,42 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model_def: Mod
   return new_state, metrics
 
 
-def logits_fn(state: TrainState, images: jax.Array, *, model_def: ModelDef,
-              cfg: StepConfig) -> jax.Array:
-  """Inference logits ``logits_BxK`` (running BN statistics, no dropout)."""
-  model = model_def.merge(state.params, state.batch_stats)
-  return model(normalize(images, cfg), train=False)
+def forward(params: Any, batch_stats: Any, images_BxHxWxC: jax.Array, *, model_def: ModelDef,
+            cfg: StepConfig) -> jax.Array:
+  """The one inference forward pass: uint8 images -> ``logits_BxK`` (running BN statistics, no
+  dropout). Evaluation, prediction, export and serving all run it."""
+  model = model_def.merge(params, batch_stats)
+  return model(normalize(images_BxHxWxC, cfg), train=False)
 
 
-def log_probs_fn(state: TrainState, images: jax.Array, *, model_def: ModelDef, cfg: StepConfig,
+def log_probs_fn(variables: Any, images: jax.Array, *, model_def: ModelDef, cfg: StepConfig,
                  tta: str = '') -> jax.Array:
-  """Inference log-probabilities ``BxK``; with ``tta='flip'`` the mean of the probabilities of the
-  images and of their horizontal mirror images (test-time augmentation)."""
-  log_probs = jax.nn.log_softmax(
-      logits_fn(state, images, model_def=model_def, cfg=cfg).astype(jnp.float32), axis=-1)
+  """Inference log-probabilities ``BxK`` of ``variables`` (anything with ``params`` and
+  ``batch_stats``: a TrainState or an InferenceState); with ``tta='flip'`` the mean of the
+  probabilities of the images and of their horizontal mirror images (test-time augmentation)."""
+  def log_softmax(x):
+    logits = forward(variables.params, variables.batch_stats, x, model_def=model_def, cfg=cfg)
+    return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+
+  log_probs = log_softmax(images)
   if tta == 'flip':
-    mirrored = logits_fn(state, images[:, :, ::-1, :], model_def=model_def, cfg=cfg)
-    log_probs = jnp.logaddexp(log_probs,
-                              jax.nn.log_softmax(mirrored.astype(jnp.float32), axis=-1))
-    log_probs = log_probs - jnp.log(2.0)
+    log_probs = jnp.logaddexp(log_probs, log_softmax(images[:, :, ::-1, :])) - jnp.log(2.0)
   return log_probs
 
 
-def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model_def: ModelDef,
+def eval_step(variables: Any, batch: dict[str, jax.Array], *, model_def: ModelDef,
               cfg: StepConfig, tta: str = '',
               num_bins: int = report.DEFAULT_CALIBRATION_BINS) -> dict[str, jax.Array]:
   """Masked sums over a padded batch: loss, top-1 and top-5 correct, example count, and the
-  confusion-matrix and calibration sums of the evaluation report (``report.batch_stats``), of the
+  confusion-matrix and calibration sums of the evaluation report (``report.eval_sums``), of the
   predictions ``log_probs_fn`` makes with test-time augmentation ``tta``."""
-  log_probs = log_probs_fn(state, batch['image'], model_def=model_def, cfg=cfg, tta=tta)
-  return report.batch_stats(log_probs, batch['label'], batch['mask'], num_bins)
+  log_probs = log_probs_fn(variables, batch['image'], model_def=model_def, cfg=cfg, tta=tta)
+  return report.eval_sums(log_probs, batch['label'], batch['mask'], num_bins)
 
 
-def predict_step(state: TrainState, batch: dict[str, jax.Array], *, model_def: ModelDef,
-                 cfg: StepConfig) -> dict[str, Any]:
-  """Per-example class probabilities ``probs_BxK`` (for reports and prediction)."""
-  logits = logits_fn(state, batch['image'], model_def=model_def, cfg=cfg)
-  return {'probs': jax.nn.softmax(logits, -1), 'logits': logits}
+def probabilities(variables: Any, images_BxHxWxC: jax.Array, *, model_def: ModelDef,
+                  cfg: StepConfig) -> dict[str, jax.Array]:
+  """``{'probabilities', 'logits'}`` (BxK float32) of uint8 images: what prediction returns."""
+  logits = forward(variables.params, variables.batch_stats, images_BxHxWxC, model_def=model_def,
+                   cfg=cfg).astype(jnp.float32)
+  return {'probabilities': jax.nn.softmax(logits, -1), 'logits': logits}

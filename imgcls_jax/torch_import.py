@@ -19,7 +19,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from imgcls_jax.errors import UserError
-from imgcls_jax.transfer import Weights
+from imgcls_jax.weights import Weights
 
 # torch BN parameter name -> (collection, our name)
 _BN = {'weight': ('params', 'scale'), 'bias': ('params', 'bias'),

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from imgcls_jax import checkpoint
+from imgcls_jax import checkpoint, configlib
 from imgcls_jax.errors import UserError
 
 
@@ -107,11 +107,11 @@ def test_state_that_does_not_fit_is_one_clear_line(tmp_path):
 
 
 def test_config_of_another_model_or_dataset_is_refused(digits_config, tmp_path):
-  saved = checkpoint.config_dict(digits_config)
+  saved = configlib.config_dict(digits_config)
   digits_config.model.widths = (32, 64)
   digits_config.data.name = 'mnist'
   with pytest.raises(UserError) as e:
-    checkpoint.check_config(saved, digits_config, 'checkpoint 7 in /runs/a/checkpoints')
+    configlib.check_config(saved, digits_config, 'checkpoint 7 in /runs/a/checkpoints')
   msg = str(e.value)
   assert '\n' not in msg
   assert msg.startswith('Cannot resume checkpoint 7 in /runs/a/checkpoints: it was written by a '
@@ -121,15 +121,15 @@ def test_config_of_another_model_or_dataset_is_refused(digits_config, tmp_path):
 
 
 def test_trajectory_changes_warn_and_bookkeeping_changes_do_not(digits_config, caplog):
-  saved = checkpoint.config_dict(digits_config)
+  saved = configlib.config_dict(digits_config)
   digits_config.mesh.num_devices = 1
   digits_config.log_every_steps = 7
   with caplog.at_level(logging.WARNING):
-    checkpoint.check_config(saved, digits_config, 'ckpt')
+    configlib.check_config(saved, digits_config, 'ckpt')
   assert not caplog.records
   digits_config.optim.learning_rate = 0.01
   with caplog.at_level(logging.WARNING):
-    checkpoint.check_config(saved, digits_config, 'ckpt')
+    configlib.check_config(saved, digits_config, 'ckpt')
   assert 'Resuming ckpt with a changed config (optim.learning_rate: 0.1 in the checkpoint, 0.01 now)' \
       in caplog.text
   assert 'will not match an uninterrupted one' in caplog.text

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from sklearn import metrics as skm
 
-from imgcls_jax import checkpoint, evaluate, metrics, models, plots, sharding, steps
+from imgcls_jax import checkpoint, evaluate, metrics, models, plots, report_files, run, sharding, steps
 from imgcls_jax import state as state_lib
 from imgcls_jax import train
 from imgcls_jax.errors import UserError
@@ -136,7 +136,7 @@ def test_evaluating_a_digits_checkpoint_writes_the_report_and_three_pngs(trained
   config.evaluate.checkpoint = 'latest'
   rep = evaluate.evaluate(config, workdir)
   out = str(tmp_path / 'out')
-  for name in evaluate.REPORT_FILES + (evaluate.CURVES_FILE,):
+  for name in report_files.REPORT_FILES + (report_files.CURVES_FILE,):
     assert os.path.exists(os.path.join(out, name)), name
   for png in ('confusion_matrix.png', 'reliability.png', 'training_curves.png'):
     _assert_png(os.path.join(out, png))
@@ -162,12 +162,12 @@ def test_evaluating_a_digits_checkpoint_writes_the_report_and_three_pngs(trained
   # pipeline) with the restored checkpoint; sklearn's metrics must match the report.
   from imgcls_jax.data import digits
   images, labels = digits.load_arrays('test')
-  s = train.setup(config)
+  s = run.setup(config)
   with checkpoint.Checkpointer(workdir, async_save=False) as ckpt:
     target, _ = state_lib.abstract_state(s.model_fn, s.tx, config.seed, s.mesh)
     state, meta = ckpt.restore(target, 40)
-  predict = jax.jit(functools.partial(steps.predict_step, model_def=s.model_def, cfg=s.step_cfg))
-  probs = np.asarray(predict(state, {'image': images})['probs'], np.float64)
+  predict = jax.jit(functools.partial(steps.probabilities, model_def=s.model_def, cfg=s.step_cfg))
+  probs = np.asarray(predict(state, images)['probabilities'], np.float64)
   probs /= probs.sum(axis=1, keepdims=True)
   pred = probs.argmax(axis=1)
   assert meta['class_names'] == saved['class_names']
@@ -191,20 +191,20 @@ def test_checkpoint_choice(trained, tmp_path):
            if r['split'] == 'eval'}
   with checkpoint.Checkpointer(workdir, keep_best=1, async_save=False) as ckpt:
     # Checkpoints saved with their evaluation metrics: the Checkpointer's own ranking.
-    step, how = evaluate.choose_step(ckpt, 'best', str(fake))
+    step, how = run.choose_step(ckpt, 'best', str(fake))
     assert evals[step] == max(evals.values()) and 'accuracy' in how
   with checkpoint.Checkpointer(workdir, keep_best=0, async_save=False) as ckpt:
     # Without that ranking: the highest eval top-1 in metrics.jsonl among the kept checkpoints.
     assert ckpt.all_steps() == [20, 40]
-    assert evaluate.choose_step(ckpt, 'best', str(fake))[0] == 20
-    assert evaluate.choose_step(ckpt, 'latest', str(fake))[0] == 40
-    assert evaluate.choose_step(ckpt, '20', str(fake)) == (20, 'step 20')
-    step, how = evaluate.choose_step(ckpt, 'best', str(tmp_path / 'none.jsonl'))
+    assert run.choose_step(ckpt, 'best', str(fake))[0] == 20
+    assert run.choose_step(ckpt, 'latest', str(fake))[0] == 40
+    assert run.choose_step(ckpt, '20', str(fake)) == (20, 'step 20')
+    step, how = run.choose_step(ckpt, 'best', str(tmp_path / 'none.jsonl'))
     assert step == 40 and how.startswith('latest')
     with pytest.raises(UserError, match='kept steps: 20, 40'):
-      evaluate.choose_step(ckpt, '30', str(fake))
+      run.choose_step(ckpt, '30', str(fake))
     with pytest.raises(UserError, match="'best', 'latest' or a step"):
-      evaluate.choose_step(ckpt, 'newest', str(fake))
+      run.choose_step(ckpt, 'newest', str(fake))
 
 
 def _run_cli(*args):

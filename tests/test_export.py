@@ -5,7 +5,8 @@ import os
 import numpy as np
 import pytest
 
-from imgcls_jax import export, predict
+from imgcls_jax import export, inference
+from imgcls_jax.data import digits
 from tests.test_predict import trained_run
 
 
@@ -36,7 +37,7 @@ def test_export_writes_and_records_its_verification(exported):
 def test_saved_model_and_tflite_match_jax_on_new_inputs(exported):
   """Independent of the built-in check: other images, batch sizes 1 and 7, both formats."""
   config, workdir, _ = exported
-  clf = predict.load_classifier(config, workdir)
+  clf = inference.classifier(inference.load(workdir, config))
   rng = np.random.default_rng(0)
   for n in (1, 7):
     images = rng.integers(0, 256, (n, 8, 8, 1), dtype=np.uint8)
@@ -68,3 +69,17 @@ def test_export_fails_and_writes_nothing_when_outputs_disagree(exported, monkeyp
     export.export(config, workdir)
   assert not os.path.exists(config.export.output_dir)
   assert not os.path.exists(config.export.output_dir + '.incomplete')
+
+
+def test_exported_models_reproduce_the_trainers_accuracy(exported, tmp_path_factory, tfds_dir):
+  """Independent oracle: the run's own final evaluation. Both formats, on every test image,
+  must give exactly the accuracy the trainer measured on that split."""
+  config, _, _ = exported
+  _, _, final = trained_run(tmp_path_factory, tfds_dir)
+  x, y = digits.load_arrays('test')
+  out = config.export.output_dir
+  for got in (export.run_saved_model(os.path.join(out, 'saved_model'), x),
+              export.run_tflite(os.path.join(out, 'model.tflite'), x)):
+    accuracy = float(np.mean(got['probabilities'].argmax(-1) == y))
+    assert len(y) == final['count']
+    assert accuracy == pytest.approx(final['accuracy'], abs=1e-9)

@@ -1,16 +1,18 @@
 """Offline Fashion-MNIST through the standard tfds builder (Debian's dataset-fashion-mnist files),
-and the configs of this dataset family."""
+and every config of configs/ (documented command, expected figure, the default schema)."""
 import gzip
 import hashlib
 import importlib
 import os
+import re
 import subprocess
 import sys
 
+import ml_collections
 import numpy as np
 import pytest
 
-from imgcls_jax.data import pipeline, prepare_fashion_mnist
+from imgcls_jax.data import pipeline, prepare_fashion_mnist, sources
 from imgcls_jax.errors import UserError
 from tests.conftest import REPO, subprocess_env
 
@@ -63,7 +65,7 @@ def test_documented_command_prepares_the_standard_builder(fmnist_dir):
   from configs import fashion_mnist_quick
   c = fashion_mnist_quick.get_config()
   c.data.data_dir = fmnist_dir
-  info = pipeline.info(c.data)
+  info = sources.describe(c.data)
   assert info.num_examples == {'train': 60000, 'test': 10000}
   assert info.class_names == CLASSES and info.channels == 1
   ev = pipeline.EvalData(c.data, 'test', local_batch_size=2500, split_size=10000)
@@ -76,23 +78,52 @@ def test_pipeline_prepares_fashion_mnist_from_the_local_files_on_first_use(tmp_p
   from configs import fashion_mnist_quick
   c = fashion_mnist_quick.get_config()
   c.data.data_dir = str(tmp_path / 'auto')
-  assert pipeline.info(c.data).num_examples == {'train': 60000, 'test': 10000}
+  assert sources.describe(c.data).num_examples == {'train': 60000, 'test': 10000}
 
 
-@pytest.mark.parametrize('name', ['fashion_mnist_quick', 'fashion_mnist_wrn', 'cifar10_resnet18',
-                                  'imagenet_resnet50'])
+def _key_paths(c, prefix=''):
+  """Dotted paths of every leaf key of a ConfigDict, e.g. {'data.name', 'seed', ...}."""
+  paths = set()
+  for k, v in c.items():
+    if isinstance(v, ml_collections.ConfigDict):
+      paths |= _key_paths(v, f'{prefix}{k}.')
+    else:
+      paths.add(prefix + k)
+  return paths
+
+
+CONFIGS = sorted(os.path.splitext(f)[0] for f in os.listdir(os.path.join(REPO, 'configs'))
+                 if f.endswith('.py') and f != '__init__.py')
+
+
+def test_every_named_config_is_checked():
+  assert {'default', 'fashion_mnist_quick', 'fashion_mnist_wrn', 'cifar10_resnet18',
+          'imagenet_resnet50'} <= set(CONFIGS)
+
+
+@pytest.mark.parametrize('name', CONFIGS)
 def test_configs_document_command_and_expected_result(name):
+  """Each config's docstring gives its command and an expected figure; its keys are exactly the
+  default schema's (config.model holds the model family's own constructor arguments)."""
   module = importlib.import_module(f'configs.{name}')
   doc = module.__doc__ or ''
-  assert f'--config=configs/{name}.py' in doc and 'Expected' in doc
+  assert f'python -m imgcls_jax.main --config=configs/{name}.py' in doc
+  assert re.search(r'^Expected\b[^\n]*?\d+(\.\d+)?%', doc, re.M), 'no expected top-1 figure'
   c = module.get_config()
   from configs import default
-  assert set(default.get_config().keys()) <= set(c.keys())  # builds on the default schema
-  from imgcls_jax import configlib, mixup
-  from imgcls_jax.data import ops
+  schema = {p for p in _key_paths(default.get_config()) if not p.startswith('model.')}
+  keys = {p for p in _key_paths(c) if not p.startswith('model.')}
+  assert keys - schema == set(), 'keys not in configs/default.py'
+  assert schema - keys == set(), 'keys of configs/default.py missing'
+  from flax import nnx
+  from imgcls_jax import configlib, mixup, models
+  from imgcls_jax.data import pp
+  kwargs = {k: v for k, v in c.model.items() if k != 'name'}
+  nnx.eval_shape(lambda: models.get(c.model.name, num_classes=10, in_channels=3, dtype=c.dtype,
+                                    rngs=nnx.Rngs(0), **kwargs))  # unknown / missing keys raise
   configlib.validate(c)
-  ops.parse(c.data.train_preprocess)
-  ops.parse(c.data.eval_preprocess)
+  pp.parse(c.data.train_preprocess)
+  pp.parse(c.data.eval_preprocess)
   mixup.from_config(c.mixup)
 
 

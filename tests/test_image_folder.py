@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgcls_jax.data import image_folder, pipeline
+from imgcls_jax.data import image_folder, pipeline, sources
 from imgcls_jax.errors import UserError
 
 
@@ -82,15 +82,20 @@ def test_scan_skips_and_reports_unreadable_and_non_image_files(folder, caplog):
   assert 'train/cat/corrupt.jpg' in message and 'train/dog/notes.txt' in message
   assert len(train) == 12 and sorted(np.bincount(train.labels)) == [6, 6]
   assert train.channels_found == {1, 3, 4}
+  # (height, width) of every readable image as saved above (PIL sizes are (width, height)).
+  assert train.sizes_found == {(30, 20), (25, 40), (33, 33), (48, 17), (24, 24), (29, 31),
+                               (16, 16), (18, 18)}
   assert image_folder.channels(train) == 3
   rel = sorted(os.path.relpath(p, folder) for p in train.paths)
   assert 'train/dog/sub/deeper.bmp' in rel and 'train/cat/grey.png' in rel
 
 
 def test_info_and_exact_once_evaluation(folder_config):
-  info = pipeline.info(folder_config.data)
+  info = sources.describe(folder_config.data)
   assert info.class_names == ('cat', 'dog') and info.num_classes == 2 and info.channels == 3
   assert info.num_examples == {'train': 12, 'test': 6}
+  assert info.name == f'image_folder:{folder_config.data.folder}'
+  assert info.image_shape == (None, None, 3) and info.mirror_safe  # mixed sizes
   ev = pipeline.EvalData(folder_config.data, 'test', local_batch_size=4, split_size=6)
   batches = list(ev.batches())
   assert len(batches) == 2
@@ -117,7 +122,36 @@ def test_all_grey_folder_gives_one_channel(tmp_path, digits_config):
       _save(f'{root}/{split}/b/{k}.jpg', 'L', (12, 14), 5 + k)
   digits_config.data.name = 'image_folder'
   digits_config.data.folder = root
-  assert pipeline.info(digits_config.data).channels == 1
+  info = sources.describe(digits_config.data)
+  assert info.channels == 1 and info.image_shape == (None, None, 1)  # 12x12 and 14x12
+
+
+def test_image_shape_is_known_when_every_image_has_one_size(tmp_path, digits_config):
+  root = str(tmp_path / 'same')
+  for split in ('train', 'test'):
+    for k in range(2):
+      _save(f'{root}/{split}/a/{k}.png', 'RGB', (10, 7), k)
+      _save(f'{root}/{split}/b/{k}.jpg', 'L', (10, 7), 5 + k)
+  digits_config.data.name = 'image_folder'
+  digits_config.data.folder = root
+  assert sources.describe(digits_config.data).image_shape == (7, 10, 3)
+  image_folder._CACHE.clear()
+  _save(f'{root}/test/b/odd.png', 'RGB', (10, 8), 9)    # one test image of another size
+  assert sources.describe(digits_config.data).image_shape == (None, None, 3)
+
+
+def test_every_image_extension_is_tried_and_undecodable_ones_are_reported(tmp_path):
+  root = str(tmp_path / 'formats')
+  for k in range(2):
+    _save(f'{root}/train/a/{k}.png', 'RGB', (9, 9), k)
+  _save(f'{root}/train/a/photo.webp', 'RGB', (9, 9), 3, 'WEBP')   # TensorFlow decodes WebP
+  _save(f'{root}/train/a/scan.TIFF', 'RGB', (9, 9), 4, 'TIFF')    # ... but not TIFF
+  with open(f'{root}/train/a/notes.md', 'w') as f:
+    f.write('# not an image\n')
+  train = image_folder.scan(root, 'train', ('a',))
+  assert sorted(os.path.basename(p) for p in train.paths) == ['0.png', '1.png', 'photo.webp']
+  assert sorted(train.skipped) == [('train/a/notes.md', 'not an image file'),
+                                   ('train/a/scan.TIFF', 'cannot be decoded')]
 
 
 def test_different_sizes_without_a_resize_op_is_a_user_error(folder_config):
@@ -130,14 +164,14 @@ def test_folder_errors(tmp_path, folder_config, folder):
   c = folder_config
   c.data.eval_split = 'validation'
   with pytest.raises(UserError, match="Split 'validation' does not exist .*found: test, train"):
-    pipeline.info(c.data)
+    sources.describe(c.data)
   c.data.eval_split = 'test'
   c.data.folder = str(tmp_path / 'nowhere')
   with pytest.raises(UserError, match='does not exist; point config.data.folder'):
-    pipeline.info(c.data)
+    sources.describe(c.data)
   c.data.folder = None
   with pytest.raises(UserError, match='config.data.folder is not set'):
-    pipeline.info(c.data)
+    sources.describe(c.data)
 
   empty = str(tmp_path / 'empty_class')
   make_folder(empty, bad_files=False)
@@ -146,20 +180,20 @@ def test_folder_errors(tmp_path, folder_config, folder):
     f.write('no images yet')
   c.data.folder = empty
   with pytest.raises(UserError, match='bird of split .train. .* hold no readable images'):
-    pipeline.info(c.data)
+    sources.describe(c.data)
 
   extra = str(tmp_path / 'extra_class')
   make_folder(extra, bad_files=False)
   _save(f'{extra}/test/fox/0.png', 'RGB', (9, 9), 0)
   c.data.folder = extra
   with pytest.raises(UserError, match='classes the training split lacks \\(fox\\)'):
-    pipeline.info(c.data)
+    sources.describe(c.data)
 
   no_classes = str(tmp_path / 'flat')
   _save(f'{no_classes}/train/0.png', 'RGB', (9, 9), 0)
   c.data.folder = no_classes
   with pytest.raises(UserError, match='has no class sub-directories'):
-    pipeline.info(c.data)
+    sources.describe(c.data)
 
 
 def test_even_slices_match_tfds_semantics():

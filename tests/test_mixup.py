@@ -6,7 +6,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
+from flax import nnx
 
 from configs import default
 from imgcls_jax import mixup, models, optim, sharding, steps
@@ -122,25 +124,74 @@ def test_from_config():
       mixup.from_config(bad)
 
 
-def _train_setup(mix, num_devices=8):
+def _train_setup(mix, num_devices=8, scfg=None, warmup_steps=2):
+  """(initial state, the jitted donating train step, model def, optimizer, schedule)."""
   cfg = default.get_config()
   mesh = sharding.make_mesh(num_devices)
-  lr = optim.schedule(cfg.optim, batch_size=32, total_steps=10, warmup_steps=2)
+  lr = optim.schedule(cfg.optim, batch_size=32, total_steps=10, warmup_steps=warmup_steps)
   tx = optim.build(cfg.optim, lr)
   model_fn = functools.partial(models.get, 'cnn', num_classes=10, in_channels=1, widths=(8, 16))
   mdef = state_lib.model_def(model_fn)
   state, shardings = state_lib.create(model_fn, tx, 0, mesh)
-  scfg = steps.StepConfig(num_classes=10, mix=mix)
+  scfg = scfg or steps.StepConfig(num_classes=10, mix=mix)
   train = jax.jit(functools.partial(steps.train_step, model_def=mdef, tx=tx, lr_schedule=lr,
                                     cfg=scfg),
                   in_shardings=(shardings, sharding.batch_sharding(mesh)),
                   out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
-  return state, train
+  return state, train, mdef, tx, lr
 
 
-def test_mixing_off_leaves_the_step_config_as_without_mixing():
-  off = mixup.from_config(default.get_config().mixup)
-  assert steps.StepConfig(num_classes=10, mix=off) == steps.StepConfig(num_classes=10)
+def _plain_step(state, batch, mdef, tx, *, mean, std, smoothing, num_classes):
+  """An unmixed SGD step written out by hand: normalise, smoothed one-hot, softmax cross-entropy."""
+  x = (jnp.asarray(batch['image'], jnp.float32) / 255.0 - jnp.asarray(mean)) / jnp.asarray(std)
+  y = jax.nn.one_hot(batch['label'], num_classes) * (1.0 - smoothing) + smoothing / num_classes
+
+  def loss_fn(params):
+    model = mdef.merge(params, state.batch_stats)
+    logits = model(x, train=True)
+    loss = -jnp.mean(jnp.sum(y * jax.nn.log_softmax(logits), -1))
+    return loss, (logits, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)))
+
+  (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                      batch_stats=stats, opt_state=opt_state)
+  return new, {'loss': loss, 'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label'])}
+
+
+def test_mixing_off_is_the_plain_step_and_mixing_on_is_not():
+  """Both alphas 0: the step from the config is a plain cross-entropy step; alpha > 0 mixes."""
+  c = default.get_config()
+  c.mixup.mixup_alpha, c.mixup.cutmix_alpha, c.mixup.prob = 0.0, 0.0, 1.0
+  assert mixup.from_config(c.mixup) is None
+  rng = np.random.default_rng(2)
+  batch = {'image': rng.integers(0, 256, (16, 8, 8, 1), dtype=np.uint8),
+           'label': rng.integers(0, 10, (16,), dtype=np.int32)}
+  state, _, mdef, tx, _ = _train_setup(None, num_devices=1, warmup_steps=0)  # lr(0) > 0
+  ref_state, ref_metrics = jax.jit(functools.partial(
+      _plain_step, mdef=mdef, tx=tx, mean=c.data.mean, std=c.data.std,
+      smoothing=c.label_smoothing, num_classes=10))(state, batch)
+  results = {}
+  for alpha in (0.0, 0.4):
+    c.mixup.mixup_alpha = alpha
+    scfg = steps.step_config(c, 10)
+    assert (scfg.mix is None) == (alpha == 0.0)
+    if alpha:
+      assert scfg.mix == mixup.MixConfig(mixup_alpha=alpha)
+    fresh, train, _, _, _ = _train_setup(None, num_devices=1, scfg=scfg, warmup_steps=0)
+    results[alpha] = train(fresh, batch)
+  off_state, off_metrics = results[0.0]
+  # Tolerance: two separately compiled f32 programs may reduce in a different order.
+  np.testing.assert_allclose(off_metrics['loss'], ref_metrics['loss'], rtol=1e-6)
+  np.testing.assert_array_equal(off_metrics['accuracy'], ref_metrics['accuracy'])
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6),
+               (off_state.params, off_state.batch_stats, off_state.opt_state),
+               (ref_state.params, ref_state.batch_stats, ref_state.opt_state))
+  head = lambda s: np.asarray(s.params['head']['kernel'])  # noqa: E731
+  assert np.max(np.abs(head(ref_state) - head(state))) > 1e-3    # the step did move the weights
+  on_state, on_metrics = results[0.4]
+  assert abs(float(on_metrics['loss']) - float(ref_metrics['loss'])) > 1e-3
+  assert np.max(np.abs(head(on_state) - head(ref_state))) > 1e-4
 
 
 def test_train_step_mixes_on_the_device_over_8_devices_like_on_1():
@@ -150,9 +201,9 @@ def test_train_step_mixes_on_the_device_over_8_devices_like_on_1():
   mix = mixup.MixConfig(mixup_alpha=0.4, cutmix_alpha=1.0, mode='example')
   losses = {}
   for n in (1, 8):
-    state, train = _train_setup(mix, num_devices=n)
+    state, train, *_ = _train_setup(mix, num_devices=n)
     losses[n] = float(train(state, batch)[1]['loss'])
-  plain_state, plain = _train_setup(None, num_devices=1)
+  plain_state, plain, *_ = _train_setup(None, num_devices=1)
   plain_loss = float(plain(plain_state, batch)[1]['loss'])
   np.testing.assert_allclose(losses[1], losses[8], rtol=1e-4)
   assert np.isfinite(losses[1]) and abs(losses[1] - plain_loss) > 1e-3

@@ -1,11 +1,15 @@
-"""Model table: parameter counts against torchvision's, output shapes, init details."""
+"""Model table: parameter counts against torchvision's, output shapes, init details, the
+layer-depth rule of each family."""
+import functools
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from imgcls_jax import models
+from imgcls_jax import models, state
 from imgcls_jax.errors import UserError
 
 
@@ -62,14 +66,16 @@ def test_small_input_stem_keeps_resolution():
   assert large.conv1.kernel.shape == (7, 7, 3, 64)
 
 
-def test_last_bn_scale_of_each_residual_block_is_zero():
-  model = _abstract('resnet50')
-  m = models.get('resnet18', num_classes=10, in_channels=3, rngs=nnx.Rngs(0))
-  for layer in (m.layer1, m.layer2, m.layer3, m.layer4):
-    for blk in layer:
-      np.testing.assert_array_equal(blk.bn2.scale[...], 0.0)
-      np.testing.assert_array_equal(blk.bn1.scale[...], 1.0)
-  assert model.layer1[0].bn3.scale.shape == (256,)
+@pytest.mark.parametrize('name,last_bn,blocks', [('resnet18', 'bn2', 8), ('resnet50', 'bn3', 16)])
+def test_last_bn_scale_of_each_residual_block_is_zero(name, last_bn, blocks):
+  m = models.get(name, num_classes=10, in_channels=3, width=8, rngs=nnx.Rngs(0))
+  scales = {'.'.join(map(str, k)): np.asarray(v[...])
+            for k, v in nnx.to_flat_state(nnx.state(m, nnx.Param)) if k[-1] == 'scale'}
+  zero = {n for n in scales if re.fullmatch(rf'layer\d\.\d+\.{last_bn}\.scale', n)}
+  assert len(zero) == blocks
+  for n, scale in scales.items():
+    np.testing.assert_array_equal(scale, 0.0 if n in zero else 1.0, err_msg=n)
+  assert len(scales) > 2 * blocks  # stem bn1, the other BNs of each block, downsample BNs: ones
 
 
 def test_bfloat16_compute_keeps_float32_params_and_logits():
@@ -105,3 +111,76 @@ def test_small_input_conv_matches_lax_in_value_and_gradient():
   # Inputs at least as large as the kernel go to lax unchanged (bitwise).
   big = jax.random.normal(jax.random.key(2), (2, 6, 6, 5))
   np.testing.assert_array_equal(ours(big, k), ref(big, k))
+
+
+def _depths(name, **kw):
+  """(depth of each parameter, top depth) by the table's rule for ``name`` on its real names."""
+  names = state.param_names(functools.partial(models.get, name, num_classes=10, in_channels=3, **kw))
+  depths, top = models.layer_depths(name, names)
+  assert sorted(depths) == sorted(names)
+  return depths, top
+
+
+def _by_group(depths, group_of):
+  """{group: depth} for the groups ``group_of(name)`` (each group must hold exactly one depth)."""
+  out = {}
+  for n, d in depths.items():
+    out.setdefault(group_of(n), set()).add(d)
+  assert all(len(v) == 1 for v in out.values()), out
+  return {g: v.pop() for g, v in out.items()}
+
+
+def _block(n, lists=('layer1', 'layer2', 'layer3', 'layer4', 'convs', 'norms', 'blocks')):
+  parts = n.split('.')
+  return '.'.join(parts[:2]) if parts[0] in lists else parts[0]
+
+
+def test_resnet_layer_depths():
+  depths, top = _depths('resnet18')
+  assert top == 9
+  assert _by_group(depths, _block) == {
+      'conv1': 0, 'bn1': 0, 'layer1.0': 1, 'layer1.1': 2, 'layer2.0': 3, 'layer2.1': 4,
+      'layer3.0': 5, 'layer3.1': 6, 'layer4.0': 7, 'layer4.1': 8, 'fc': 9}
+  assert depths['layer2.0.downsample.conv.kernel'] == 3
+  depths, top = _depths('resnet50')  # 3 + 4 + 6 + 3 bottleneck blocks
+  groups = _by_group(depths, _block)
+  assert top == 17 and groups['fc'] == 17 and groups['conv1'] == 0
+  assert (groups['layer1.2'], groups['layer2.0'], groups['layer3.5'], groups['layer4.2']) == (
+      3, 4, 13, 16)
+
+
+def test_cnn_layer_depths():
+  depths, top = _depths('cnn', widths=(16, 32), convs_per_stage=2)
+  assert top == 5
+  assert _by_group(depths, _block) == {
+      'convs.0': 1, 'norms.0': 1, 'convs.1': 2, 'norms.1': 2, 'convs.2': 3, 'norms.2': 3,
+      'convs.3': 4, 'norms.3': 4, 'head': 5}
+
+
+def test_fast_cnn_layer_depths_put_the_hidden_layer_with_the_head():
+  depths, top = _depths('fast_cnn', hidden=16)  # widths ((32, 64), (128,)): three conv layers
+  assert top == 4
+  assert _by_group(depths, _block) == {
+      'convs.0': 1, 'norms.0': 1, 'convs.1': 2, 'norms.1': 2, 'convs.2': 3, 'norms.2': 3,
+      'hidden': 4, 'fc': 4}
+
+
+def test_wide_resnet_layer_depths_put_the_final_norm_with_the_head():
+  depths, top = _depths('wide_resnet', depth=16, width=1)  # 3 groups of 2 blocks
+  assert top == 7
+  assert _by_group(depths, _block) == {
+      'stem': 0, 'blocks.0': 1, 'blocks.1': 2, 'blocks.2': 3, 'blocks.3': 4, 'blocks.4': 5,
+      'blocks.5': 6, 'bn': 7, 'fc': 7}
+  assert depths['blocks.3.shortcut.kernel'] == 4
+
+
+def test_every_registered_family_has_a_layer_depth_rule():
+  for name in models.names():
+    kw = {'depth': 10, 'width': 1} if name == 'wide_resnet' else {}
+    depths, top = _depths(name, **kw)
+    assert min(depths.values()) in (0, 1) and max(depths.values()) == top, name
+
+
+def test_layer_depths_of_an_unknown_model_is_a_clear_error():
+  with pytest.raises(UserError, match="Unknown model 'resnet51'"):
+    models.layer_depths('resnet51', ['fc.kernel'])

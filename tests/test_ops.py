@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image, ImageEnhance, ImageOps
 
-from imgcls_jax.data import ops
+from imgcls_jax.data import pp
 from imgcls_jax.errors import UserError
 
 # One spec per registered op, with arguments that make it do visible work.
@@ -30,13 +30,13 @@ def _image(h=28, w=32, c=3, seed=0):
 
 
 def test_every_registered_op_is_covered():
-  assert set(SPECS) == set(ops.names())
+  assert set(SPECS) == set(pp.names())
 
 
 @pytest.mark.parametrize('name', sorted(SPECS))
 @pytest.mark.parametrize('channels', [1, 3])
 def test_op_is_seed_deterministic_eagerly_and_in_tf_data(name, channels):
-  op = ops.compose(SPECS[name])
+  op = pp.compose(SPECS[name])
   image = tf.constant(_image(c=channels))
   seeds = [tf.constant([7, k], tf.int64) for k in range(8)]
   eager = [op(image, s).numpy() for s in seeds]
@@ -57,7 +57,7 @@ def test_op_is_seed_deterministic_eagerly_and_in_tf_data(name, channels):
 
 @pytest.mark.parametrize('name', sorted(SPECS))
 def test_op_keeps_a_static_shape_in_graphs(name):
-  op = ops.compose(SPECS[name])
+  op = pp.compose(SPECS[name])
   fn = tf.function(lambda x: op(x, tf.constant([1, 2], tf.int64)),
                    input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)])
   shape = fn.get_concrete_function().structured_outputs.shape
@@ -69,7 +69,7 @@ def test_op_keeps_a_static_shape_in_graphs(name):
 def test_pad_crop_is_a_shift_with_zero_fill():
   image = _image(c=1)
   for k in range(6):
-    out = ops.compose('pad_crop(pad=3)')(tf.constant(image), tf.constant([0, k])).numpy()
+    out = pp.compose('pad_crop(pad=3)')(tf.constant(image), tf.constant([0, k])).numpy()
     padded = np.pad(image, ((3, 3), (3, 3), (0, 0)))
     hits = [(dy, dx) for dy in range(7) for dx in range(7)
             if np.array_equal(padded[dy:dy + 28, dx:dx + 32], out)]
@@ -78,7 +78,7 @@ def test_pad_crop_is_a_shift_with_zero_fill():
 
 def test_flip_is_mirror_or_identity():
   image = _image()
-  outs = [ops.compose('flip_lr')(tf.constant(image), tf.constant([0, k])).numpy() for k in range(16)]
+  outs = [pp.compose('flip_lr')(tf.constant(image), tf.constant([0, k])).numpy() for k in range(16)]
   assert all(np.array_equal(o, image) or np.array_equal(o, image[:, ::-1]) for o in outs)
   assert any(np.array_equal(o, image[:, ::-1]) for o in outs)
   assert any(np.array_equal(o, image) for o in outs)
@@ -87,7 +87,7 @@ def test_flip_is_mirror_or_identity():
 # ---- RandAugment: each op against PIL (the reference its definition comes from) ----
 
 def _ra(name, image, m, fill=128.0):
-  fn, _ = ops.RANDAUGMENT_OPS[name]
+  fn, _ = pp.RANDAUGMENT_OPS[name]
   out = fn(tf.constant(image, tf.float32), tf.constant(m, tf.float32), fill)
   return np.clip(np.round(out.numpy()), 0, 255).astype(np.int32)
 
@@ -151,16 +151,16 @@ def test_randaugment_geometry():
 
 def test_randaugment_with_one_op_applies_exactly_that_op():
   image = tf.constant(_image(seed=6))
-  out = ops.compose("randaugment(num_ops=1, magnitude=30, ops='solarize')")(image, tf.constant([1, 1]))
+  out = pp.compose("randaugment(num_ops=1, magnitude=30, ops='solarize')")(image, tf.constant([1, 1]))
   np.testing.assert_array_equal(out.numpy(), 255 - _image(seed=6))  # threshold 0: all inverted
-  out = ops.compose("randaugment(num_ops=3, magnitude=9, ops='identity')")(image, tf.constant([1, 1]))
+  out = pp.compose("randaugment(num_ops=3, magnitude=9, ops='identity')")(image, tf.constant([1, 1]))
   np.testing.assert_array_equal(out.numpy(), _image(seed=6))
 
 
 def test_randaugment_uses_every_op():
   image = tf.constant(_image(seed=7))
   outs = set()
-  op = ops.compose('randaugment(num_ops=1, magnitude=20)')
+  op = pp.compose('randaugment(num_ops=1, magnitude=20)')
   for k in range(120):
     outs.add(op(image, tf.constant([3, k])).numpy().tobytes())
   # 14 ops, 9 of them signed: well over 14 distinct results, identity among them.
@@ -170,16 +170,16 @@ def test_randaugment_uses_every_op():
 
 def test_randaugment_bad_arguments_are_user_errors():
   with pytest.raises(UserError, match='randaugment'):
-    ops.parse('randaugment(magnitude=40)')
+    pp.parse('randaugment(magnitude=40)')
   with pytest.raises(UserError, match='unknown RandAugment ops'):
-    ops.parse("randaugment(ops='blur')")
+    pp.parse("randaugment(ops='blur')")
 
 
 # ---- random erasing ----
 
 def test_random_erasing_erases_one_rectangle_of_bounded_area():
   image = np.full((40, 30, 3), 255, np.uint8)
-  op = ops.compose('random_erasing(prob=1.0, value=0)')
+  op = pp.compose('random_erasing(prob=1.0, value=0)')
   areas = []
   for k in range(40):
     out = op(tf.constant(image), tf.constant([5, k])).numpy()
@@ -195,17 +195,17 @@ def test_random_erasing_erases_one_rectangle_of_bounded_area():
 
 def test_random_erasing_probability_and_noise_fill():
   image = np.full((32, 32, 1), 200, np.uint8)
-  never = ops.compose('random_erasing(prob=0.0)')
+  never = pp.compose('random_erasing(prob=0.0)')
   assert all(np.array_equal(never(tf.constant(image), tf.constant([0, k])).numpy(), image)
              for k in range(10))
-  noisy = ops.compose('random_erasing(prob=1.0)')(tf.constant(image), tf.constant([0, 1])).numpy()
+  noisy = pp.compose('random_erasing(prob=1.0)')(tf.constant(image), tf.constant([0, 1])).numpy()
   changed = noisy != image
   assert changed.sum() > 10 and len(np.unique(noisy[changed])) > 10
 
 
 def test_random_erasing_rate_follows_prob():
   image = tf.constant(np.full((16, 16, 1), 9, np.uint8))
-  op = ops.compose('random_erasing(prob=0.5, value=0)')
+  op = pp.compose('random_erasing(prob=0.5, value=0)')
   hits = sum(bool((op(image, tf.constant([2, k])).numpy() == 0).any()) for k in range(200))
   assert 70 < hits < 130
 
@@ -214,10 +214,10 @@ def test_random_erasing_rate_follows_prob():
 
 def test_compose_chains_ops_with_independent_seeds():
   image = tf.constant(_image())
-  both = ops.compose('pad_crop(pad=2)|flip_lr')
+  both = pp.compose('pad_crop(pad=2)|flip_lr')
   a = both(image, tf.constant([1, 2])).numpy()
   np.testing.assert_array_equal(a, both(image, tf.constant([1, 2])).numpy())
-  assert ops.compose('')(image, tf.constant([0, 0])) is image
+  assert pp.compose('')(image, tf.constant([0, 0])) is image
 
 
 @pytest.mark.parametrize('spec, match', [
@@ -228,7 +228,7 @@ def test_compose_chains_ops_with_independent_seeds():
 ])
 def test_bad_specs_are_user_errors(spec, match):
   with pytest.raises(UserError, match=match):
-    ops.parse(spec)
+    pp.parse(spec)
 
 
 # ---- decoding fused with the first op (uncached training streams) ----
@@ -236,10 +236,10 @@ def test_bad_specs_are_user_errors(spec, match):
 def test_random_resized_crop_fuses_with_decoding_to_the_same_crop():
   image = _image(h=75, w=100, seed=8)
   spec = 'random_resized_crop(size=24, area_min=0.2)|flip_lr'
-  assert ops.fuses_with_decoding(spec) and not ops.fuses_with_decoding('flip_lr|resize(size=9)')
-  fused, plain = ops.compose(spec, decode_channels=3), ops.compose(spec)
+  assert pp.fuses_with_decoding(spec) and not pp.fuses_with_decoding('flip_lr|resize(size=9)')
+  fused, plain = pp.compose(spec, decode_channels=3), pp.compose(spec)
   for encoded, exact in [(tf.io.encode_png(image), True), (tf.io.encode_jpeg(image, quality=95), False)]:
-    decoded = ops.decode_image(encoded, 3)
+    decoded = pp.decode_image(encoded, 3)
     for k in range(6):
       a = fused(encoded, tf.constant([4, k])).numpy()
       b = plain(decoded, tf.constant([4, k])).numpy()
@@ -248,5 +248,5 @@ def test_random_resized_crop_fuses_with_decoding_to_the_same_crop():
         np.testing.assert_array_equal(a, b)
       else:  # the same window; JPEG's block-aligned crop decoding differs at the window's edge
         assert np.abs(a.astype(int) - b).mean() < 1.5
-  grey = ops.compose('flip_lr', decode_channels=1)(tf.io.encode_png(image[..., :1]), tf.constant([0, 0]))
+  grey = pp.compose('flip_lr', decode_channels=1)(tf.io.encode_png(image[..., :1]), tf.constant([0, 0]))
   assert grey.shape[-1] == 1

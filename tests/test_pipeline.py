@@ -1,13 +1,17 @@
 """The core tfds pipeline: the embedded digits builder, batches, exact-once eval, mock ImageNet."""
 import collections
+import json
+import subprocess
+import sys
 
 import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from imgcls_jax.data import digits, pipeline
+from imgcls_jax.data import digits, info as info_lib, pipeline, sources
 from imgcls_jax.errors import UserError
+from tests.conftest import REPO, subprocess_env
 
 
 def test_digits_split_is_sklearns_stratified_holdout(digits_config):
@@ -16,9 +20,10 @@ def test_digits_split_is_sklearns_stratified_holdout(digits_config):
   x = load_digits()
   _, _, y_tr, y_te = train_test_split(x.images, x.target, test_size=0.25, stratify=x.target,
                                       random_state=0)
-  info = pipeline.info(digits_config.data)
+  info = sources.describe(digits_config.data)
   assert info.num_examples == {'train': 1347, 'test': 450}
   assert info.num_classes == 10 and info.channels == 1
+  assert info.image_shape == (8, 8, 1) and not info.mirror_safe  # a flipped digit is another digit
   ev = pipeline.EvalData(digits_config.data, 'test', local_batch_size=450)
   (batch,) = list(ev.batches())
   # tfds stores examples in its own (hashed) order: compare (image, label) multisets.
@@ -114,7 +119,7 @@ def test_without_train_preprocess_batches_hold_the_raw_images_in_the_same_order(
 def test_missing_dataset_and_split_are_clear_errors(digits_config):
   digits_config.data.name = 'no_such_dataset_xyz'
   with pytest.raises(UserError, match="'no_such_dataset_xyz' is not a tfds dataset"):
-    pipeline.info(digits_config.data)
+    sources.describe(digits_config.data)
   digits_config.data.name = 'sklearn_digits'
   with pytest.raises(UserError, match="Split 'validation' does not exist.*test, train"):
     pipeline.EvalData(digits_config.data, 'validation', local_batch_size=8)
@@ -132,8 +137,9 @@ def _mock_imagenet_config(tmp_path) -> ml_collections.ConfigDict:
 def test_mock_imagenet_batches_have_fixed_size(tmp_path):
   c = _mock_imagenet_config(tmp_path)
   with tfds.testing.mock_data(num_examples=20):
-    info = pipeline.info(c.data)
+    info = sources.describe(c.data)
     assert info.num_classes == 1000 and info.num_examples['train'] is None
+    assert info.image_shape == (None, None, 3) and info.mirror_safe  # JPEGs of any size
     ds, n = pipeline.train_dataset(c.data, seed=0, local_batch_size=8)
     assert n == 20
     batch = next(ds.as_numpy_iterator())
@@ -142,3 +148,48 @@ def test_mock_imagenet_batches_have_fixed_size(tmp_path):
     out = list(ev.batches())
     assert sum(b['mask'].sum() for b in out) == 20
     assert all(b['image'].shape == (8, 32, 32, 3) for b in out)
+
+
+def test_dataset_info_round_trips_through_plain_json(digits_config):
+  described = sources.describe(digits_config.data)
+  folder = info_lib.DatasetInfo(name='image_folder:/data/pets', num_classes=2,
+                                class_names=('cat', 'dog'), image_shape=(None, None, 3),
+                                num_examples={'train': 12, 'test': None})
+  for original in (described, folder):
+    text = json.dumps(original.to_json())   # only plain JSON types, or this raises
+    back = info_lib.DatasetInfo.from_json(json.loads(text))
+    assert back == original
+    assert isinstance(back.class_names, tuple) and isinstance(back.image_shape, tuple)
+  assert json.loads(json.dumps(described.to_json())) == {
+      'name': 'sklearn_digits', 'num_classes': 10, 'class_names': [str(i) for i in range(10)],
+      'image_shape': [8, 8, 1], 'num_examples': {'train': 1347, 'test': 450},
+      'mirror_safe': False}
+  assert folder.channels == 3 and folder.mirror_safe
+
+
+def test_check_flips_refuses_flips_that_change_the_label(digits_config):
+  data = digits_config.data
+  info_lib.check_flips(data)                 # the default digits config: no flip anywhere
+  with pytest.raises(UserError, match=r"^config\.evaluate\.tta='mirror' must be '' \(none\) or "
+                                      r"'flip'\.$"):
+    info_lib.check_flips(data, 'mirror')
+  with pytest.raises(UserError, match="change the meaning of 'sklearn_digits' images; leave "
+                                      'config.evaluate.tta empty'):
+    info_lib.check_flips(data, 'flip')
+  data.train_preprocess = 'pad_crop(pad=1)|flip_lr'
+  with pytest.raises(UserError, match='remove flip_lr from config.data.train_preprocess'):
+    info_lib.check_flips(data)
+  data.name = 'fashion_mnist'                # mirror-safe: every flip is allowed
+  data.device_preprocess = 'flip_lr'
+  info_lib.check_flips(data, 'flip')
+  data.device_preprocess = 'flip_lr|pad_crop'
+  with pytest.raises(UserError, match="device_preprocess='flip_lr\\|pad_crop' is not a device-side"):
+    info_lib.check_flips(data)
+
+
+def test_dataset_info_module_does_not_import_tensorflow():
+  code = "import sys, imgcls_jax.data.info; print(sorted(m for m in sys.modules if 'tensorflow' in m))"
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=REPO,
+                       env=subprocess_env(), timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip() == '[]'

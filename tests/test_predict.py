@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgcls_jax import predict, train
-from imgcls_jax.data import digits
+from imgcls_jax import inference, predict, train
+from imgcls_jax.data import digits, images
 from imgcls_jax.errors import UserError
 from tests.conftest import REPO, subprocess_env
 
@@ -47,6 +47,25 @@ def trained_run(tmp_path_factory, tfds_dir):
   return _RUNS[tfds_dir]
 
 
+def trainer_probabilities(config, workdir, images_NxHxWxC):
+  """Class probabilities computed the way the trainer evaluates: the full train state restored by
+  the trainer's Checkpointer, then ``steps.log_probs_fn`` (the eval step's own prediction). An
+  oracle independent of ``inference`` (its loading, merging and jitting)."""
+  import jax
+  from imgcls_jax import checkpoint, run as run_lib, steps
+  from imgcls_jax import state as state_lib
+  s = run_lib.setup(config)
+  target, _ = state_lib.abstract_state(s.model_fn, s.tx, config.seed, s.mesh, s.placement)
+  with checkpoint.Checkpointer(workdir) as ckpt:
+    state, _ = ckpt.restore(target)
+  log_probs = jax.jit(lambda st, x: steps.log_probs_fn(st, x, model_def=s.model_def,
+                                                        cfg=s.step_cfg))
+  n = len(images_NxHxWxC)
+  padded = np.zeros((-(-n // 8) * 8,) + images_NxHxWxC.shape[1:], np.uint8)  # 8 fake devices
+  padded[:n] = images_NxHxWxC
+  return np.exp(np.asarray(jax.device_get(log_probs(state, padded))))[:n]
+
+
 @pytest.fixture(scope='module')
 def run(tmp_path_factory, tfds_dir):
   return trained_run(tmp_path_factory, tfds_dir)
@@ -55,7 +74,7 @@ def run(tmp_path_factory, tfds_dir):
 @pytest.fixture(scope='module')
 def clf(run):
   config, workdir, _ = run
-  return predict.load_classifier(config, workdir)
+  return inference.classifier(inference.load(workdir, config))
 
 
 @pytest.fixture(scope='module')
@@ -82,7 +101,7 @@ def image_folder(tmp_path_factory):
 
 def test_prepare_any_size_and_mode(clf, image_folder):
   root, _, x, _ = image_folder
-  assert clf.image_shape == (8, 8, 1) and clf.native_hw == (8, 8)
+  assert clf.image_shape == (8, 8, 1) and clf.trained.native_hw == (8, 8)
   np.testing.assert_array_equal(clf.prepare(os.path.join(root, 'grey_3.png')), x[3])
   for name in ('nested/rgb_96px.jpg', 'nested/rgba_96px.png', 'palette.gif'):
     arr = clf.prepare(os.path.join(root, name))
@@ -90,9 +109,9 @@ def test_prepare_any_size_and_mode(clf, image_folder):
   # A 96 px upscale of an 8 px digit comes back close to the original digit.
   assert np.abs(clf.prepare(os.path.join(root, 'nested/rgba_96px.png')).astype(int) -
                 x[12].astype(int)).mean() < 12
-  with pytest.raises(predict.UnreadableImage, match='not a readable image'):
+  with pytest.raises(images.UnreadableImage, match='not a readable image'):
     clf.prepare(b'\x89PNG\r\n\x1a\n broken')
-  with pytest.raises(predict.ImageTooLarge):
+  with pytest.raises(images.ImageTooLarge):
     buf = io.BytesIO()
     Image.new('L', (300, 300)).save(buf, 'PNG')
     clf.prepare(buf.getvalue(), max_pixels=10_000)
@@ -115,8 +134,8 @@ def test_predict_folder_jsonl_matches_model_and_skips_bad_files(run, clf, image_
   assert not any('truncated' in f or 'not_an_image' in f or 'README' in f for f in files)
   skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith('Skipped')]
   assert len(skipped) == 2 and any('truncated.png' in m for m in skipped)
-  # The probabilities are the model's on exactly those pixels.
-  probs = clf.predict_arrays(x[:12])['probabilities']
+  # The probabilities are the trained model's on exactly those pixels (trainer-side oracle).
+  probs = trainer_probabilities(config, workdir, x[:12])
   for r in results:
     if r['file'] in expected:
       p = probs[expected[r['file']][1]]
@@ -172,3 +191,22 @@ def test_cli_predict_on_a_folder_prints_class_names(run, image_folder):
   assert len(lines) == 15
   assert all(line['predictions'][0]['class'] in [str(i) for i in range(10)] for line in lines)
   assert 'Skipped' in out.stderr and 'not_an_image.png' in out.stderr
+
+
+def test_predictions_on_the_eval_split_give_the_trainers_accuracy(run, tmp_path):
+  """The oracle is the trainer's own final evaluation, not the classifier: every test image saved
+  as a PNG and predicted from files must give the accuracy the run reported on the same split."""
+  config, workdir, final = run
+  x, y = digits.load_arrays('test')
+  for i in range(len(x)):
+    Image.fromarray(x[i, :, :, 0]).save(tmp_path / f'{i:04d}.png')
+  c = config.copy_and_resolve_references()
+  c.predict.inputs = str(tmp_path)
+  c.predict.top_k = 1
+  c.predict.output = str(tmp_path.parent / f'{tmp_path.name}.jsonl')
+  results = predict.predict(c, workdir)
+  assert len(results) == final['count'] == len(y)
+  top1 = np.array([int(r['predictions'][0]['class']) for r in results])
+  index = np.array([int(os.path.basename(r['file'])[:4]) for r in results])
+  accuracy = float(np.mean(top1 == y[index]))
+  assert accuracy == pytest.approx(final['accuracy'], abs=1e-9), (accuracy, final['accuracy'])

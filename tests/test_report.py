@@ -32,7 +32,7 @@ def _softmax64(logits):
 def _stats_in_padded_sharded_batches(logits, labels, batch, num_bins=15):
   """batch_stats jitted over an 8-device mesh, on padded + masked batches, summed."""
   mesh = sharding.make_mesh(0)
-  fn = jax.jit(functools.partial(report.batch_stats, num_bins=num_bins),
+  fn = jax.jit(functools.partial(report.eval_sums, num_bins=num_bins),
                in_shardings=(sharding.batch_sharding(mesh),) * 3,
                out_shardings=sharding.replicated(mesh))
   rng = np.random.default_rng(1)
@@ -115,7 +115,7 @@ def test_every_metric_matches_sklearn(k, missing):
 
 def test_batches_and_devices_do_not_change_the_statistics():
   logits, labels = _predictions(200, 10, seed=3)
-  one = report.stats_to_numpy(report.batch_stats(jnp.asarray(logits), jnp.asarray(labels),
+  one = report.stats_to_numpy(report.eval_sums(jnp.asarray(logits), jnp.asarray(labels),
                                                  jnp.ones(200, bool)))
   many = _stats_in_padded_sharded_batches(logits, labels, batch=24)
   for key in report.STAT_KEYS:
@@ -125,7 +125,7 @@ def test_batches_and_devices_do_not_change_the_statistics():
 
 def test_confidence_of_one_falls_in_the_last_bin_like_sklearn():
   logits = jnp.array([[100.0, 0.0], [0.0, 0.0]])  # confidences 1.0 and 0.5
-  s = report.stats_to_numpy(report.batch_stats(logits, jnp.array([0, 1]), jnp.ones(2, bool), 10))
+  s = report.stats_to_numpy(report.eval_sums(logits, jnp.array([0, 1]), jnp.ones(2, bool), 10))
   assert s['bin_count'][-1] == 1 and s['bin_count'][4] == 1  # 0.5 is in (0.4, 0.5]
   _, prob_pred = calibration_curve([1, 0], [1.0, 0.5], n_bins=10)
   np.testing.assert_allclose(sorted(prob_pred), [0.5, 1.0])
@@ -133,7 +133,7 @@ def test_confidence_of_one_falls_in_the_last_bin_like_sklearn():
 
 def test_scalars_and_training_metrics_agree_with_the_report():
   logits, labels = _predictions(150, 12, seed=5)
-  stats = report.stats_to_numpy(report.batch_stats(jnp.asarray(logits), jnp.asarray(labels),
+  stats = report.stats_to_numpy(report.eval_sums(jnp.asarray(logits), jnp.asarray(labels),
                                                    jnp.ones(150, bool)))
   rep = report.summarize(stats, [str(i) for i in range(12)])
   flat = report.scalars(rep)
@@ -149,7 +149,7 @@ def test_scalars_and_training_metrics_agree_with_the_report():
 def test_text_renderings_name_every_class():
   logits, labels = _predictions(90, 3, seed=7, sharpness=0.5)
   names = ['cat', 'dog', 'bird']
-  rep = report.summarize(report.batch_stats(jnp.asarray(logits), jnp.asarray(labels),
+  rep = report.summarize(report.eval_sums(jnp.asarray(logits), jnp.asarray(labels),
                                             jnp.ones(90, bool)), names)
   md = report.to_markdown(rep, 'Title', {'split': 'test'})
   csv_text = report.confusion_csv(rep)
@@ -168,7 +168,7 @@ def test_a_class_absent_from_labels_and_predictions_is_left_out_of_the_averages(
   labels = np.array([0, 0, 1, 2, 2, 2])
   pred = np.array([0, 1, 1, 2, 2, 0])
   logits = np.eye(4, dtype=np.float32)[pred] * 5  # class 3: never true, never predicted
-  rep = report.summarize(report.batch_stats(jnp.asarray(logits), jnp.asarray(labels),
+  rep = report.summarize(report.eval_sums(jnp.asarray(logits), jnp.asarray(labels),
                                             jnp.ones(6, bool)), ['a', 'b', 'c', 'd'])
   for avg in ('macro', 'weighted'):
     p, r, f, _ = skm.precision_recall_fscore_support(labels, pred, average=avg, zero_division=0)

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgcls_jax import predict, serve
+from imgcls_jax import inference, serve
 from imgcls_jax.data import digits
 from tests.conftest import REPO, subprocess_env
-from tests.test_predict import trained_run
+from tests.test_predict import trained_run, trainer_probabilities
 
 NUM_REQUESTS, CONCURRENCY, DEADLINE_S = 500, 16, 240
 
@@ -40,8 +40,9 @@ def server(tmp_path_factory, tfds_dir):
   cfg.max_pixels = 1_000_000
   cfg.max_batch_size = 8
   cfg.batch_timeout_ms = 20.0
-  clf = predict.load_classifier(config, workdir)
+  clf = inference.classifier(inference.load(workdir, config))
   srv = serve.make_server(clf, cfg).start()
+  srv.trainer_probs = trainer_probabilities(config, workdir, digits.load_arrays('test')[0][:40])
   yield srv, clf
   srv.close()
 
@@ -66,10 +67,11 @@ def _raw(url, data: bytes, timeout=30.0) -> int:
   return int(reply.split()[1])
 
 
-def _cases(clf):
-  """(name, method, path, body, headers, expected status, expected probs or None) x many."""
+def _cases(clf, probs):
+  """(name, method, path, body, headers, expected status, expected probs or None) x many.
+
+  ``probs``: the trainer-side probabilities of the first 40 test digits (the exact PNGs)."""
   x, _ = digits.load_arrays('test')
-  probs = clf.predict_arrays(x[:40])['probabilities']
   good = []
   for i in range(40):  # exact 8x8 PNGs (expected probabilities known exactly) ...
     good.append(('png', 'POST', '/v1/classify?top_k=3', _png(x[i, :, :, 0]), {}, 200, probs[i]))
@@ -100,7 +102,7 @@ def _cases(clf):
 
 def test_bounded_load_test_with_malformed_requests(server):
   srv, clf = server
-  good, bad = _cases(clf)
+  good, bad = _cases(clf, srv.trainer_probs)
   rng = np.random.default_rng(0)
   # 500 requests: ~80% well-formed, ~20% malformed, shuffled, 16 at a time.
   plan = ([good[i] for i in rng.integers(0, len(good), 400)] +

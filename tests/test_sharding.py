@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from imgcls_jax import checkpoint, sharding, train
+from imgcls_jax import checkpoint, run, sharding, train
 from imgcls_jax import state as state_lib
 from imgcls_jax.data import pipeline
 from imgcls_jax.errors import UserError
@@ -44,7 +44,7 @@ def test_param_sharding_from_config():
 
 def test_fsdp_shards_parameters_and_optimizer_state_alike(digits_config):
   digits_config.model.widths = (32, 64)
-  s = train.setup(digits_config)
+  s = run.setup(digits_config)
   rules = sharding.ParamSharding('fsdp', min_size=1024)
   target, shardings = state_lib.abstract_state(s.model_fn, s.tx, 0, s.mesh, rules)
   n = s.mesh.devices.size
@@ -71,9 +71,9 @@ def _train_and_restore(config: ml_collections.ConfigDict,
                        workdir: str) -> tuple[state_lib.TrainState, int]:
   """Trains, then restores the way a resumed run does; (state on the host, max bytes/device)."""
   train.train_and_evaluate(config, workdir)
-  s = train.setup(config)
+  s = run.setup(config)
   with checkpoint.Checkpointer(workdir) as ckpt:
-    state, _ = train.restore_or_init(s, ckpt)  # placed by config.mesh.param_sharding
+    state, _ = run.restore_or_init(s, ckpt)  # placed by config.mesh.param_sharding
   return jax.device_get(state), max(sharding.bytes_per_device(state).values())
 
 
@@ -92,7 +92,7 @@ def test_fsdp_trains_to_the_same_parameters_as_replicated(digits_config, tmp_pat
                        (rep.params, rep.batch_stats, rep.opt_state),
                        (fsdp.params, fsdp.batch_stats, fsdp.opt_state))
   worst = max(jax.tree.leaves(diffs))
-  s = train.setup(digits_config)
+  s = run.setup(digits_config)
   init = jax.device_get(state_lib.create(s.model_fn, s.tx, digits_config.seed, s.mesh)[0])
   moved = max(jax.tree.leaves(jax.tree.map(
       lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))), rep.params, init.params)))
@@ -106,14 +106,14 @@ def test_fsdp_trains_to_the_same_parameters_as_replicated(digits_config, tmp_pat
 def test_fsdp_state_holds_about_one_over_n_bytes_per_device(digits_config):
   """Measured on the state a jitted train step returns (the loop keeps it sharded)."""
   digits_config.model.widths = (32, 64)
-  s = train.setup(digits_config)
+  s = run.setup(digits_config)
   n = s.mesh.devices.size
   ds, _ = pipeline.train_dataset(digits_config.data, seed=0, local_batch_size=s.local_batch_size)
   batch = sharding.put_batch(next(ds.as_numpy_iterator()), sharding.batch_sharding(s.mesh))
   per_device = {}
   for rules in (sharding.ParamSharding('replicated'), sharding.ParamSharding('fsdp', 1024)):
     state, shardings = state_lib.create(s.model_fn, s.tx, 0, s.mesh, rules)
-    train_step, _ = train.jit_steps(s, shardings)
+    train_step = run.jit_train_step(s, shardings)
     state, _ = train_step(state, batch)
     counts = sharding.bytes_per_device(state)
     assert len(counts) == n

@@ -14,6 +14,7 @@ import jax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from imgcls_jax import models, torch_import, transfer  # noqa: E402
+from imgcls_jax import weights as weights_lib  # noqa: E402
 from imgcls_jax import state as state_lib  # noqa: E402
 from imgcls_jax.errors import UserError  # noqa: E402
 
@@ -110,8 +111,8 @@ def _flax_logits(name, weights, x_NHWC, num_classes=1000):
   params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
   stats = nnx.to_pure_dict(nnx.state(abstract, nnx.BatchStat))
   keep_all = lambda _: False
-  params, n = transfer.merge(params, weights.params, origin=weights.origin, skip=keep_all)
-  stats, _ = transfer.merge(stats, weights.batch_stats, origin=weights.origin, skip=keep_all)
+  params, n = weights_lib.merge(params, weights.params, origin=weights.origin, skip=keep_all)
+  stats, _ = weights_lib.merge(stats, weights.batch_stats, origin=weights.origin, skip=keep_all)
   assert n == len(weights.params)
   model = model_def.merge(jax.tree.map(np.asarray, params), stats)
   return np.asarray(model(x_NHWC, train=False))

@@ -9,7 +9,9 @@ import optax
 import pytest
 from flax import nnx
 
-from imgcls_jax import models, optim, train, transfer
+import functools
+
+from imgcls_jax import models, optim, train, weights
 from imgcls_jax.errors import UserError
 from tests.test_predict import trained_run
 
@@ -50,8 +52,8 @@ def test_linear_probe_freezes_everything_but_the_head():
   tx = optim.build(_optim_cfg(weight_decay=5e-3, momentum=0.9), optax.constant_schedule(0.1),
                    _transfer_cfg(mode='linear_probe', init_from='somewhere'))
   p1, opt_state = _steps(tx, p0)
-  for name, before in transfer.flatten(p0).items():
-    after = transfer.flatten(p1)[name]
+  for name, before in weights.flatten(p0).items():
+    after = weights.flatten(p1)[name]
     if name.startswith('head.'):
       assert not np.allclose(before, after), name
     else:
@@ -64,9 +66,10 @@ def test_linear_probe_freezes_everything_but_the_head():
 def test_layer_decay_scales_each_depth():
   p0 = _params('resnet18', width=8, small_inputs=True)
   tx = optim.build(_optim_cfg(momentum=0.0, weight_decay=0.0, nesterov=False),
-                   optax.constant_schedule(1.0), _transfer_cfg(layer_decay=0.5))
+                   optax.constant_schedule(1.0), _transfer_cfg(layer_decay=0.5),
+                   layer_depths=functools.partial(models.layer_depths, 'resnet18'))
   updates, _ = tx.update(jax.tree.map(jnp.ones_like, p0), tx.init(p0), p0)
-  u = {k: float(v.reshape(-1)[0]) for k, v in transfer.flatten(updates).items()}
+  u = {k: float(v.reshape(-1)[0]) for k, v in weights.flatten(updates).items()}
   # ResNet-18: stem depth 0, blocks 1..8, head 9.
   assert u['fc.kernel'] == u['fc.bias'] == -1.0
   assert u['layer4.1.conv2.kernel'] == -0.5
@@ -75,17 +78,9 @@ def test_layer_decay_scales_each_depth():
   assert u['conv1.kernel'] == u['bn1.bias'] == pytest.approx(-0.5**9)
 
 
-def test_layer_depths_of_every_family():
-  names = list(transfer.flatten(_params('cnn', widths=(8, 16))))
-  depths, top = transfer.layer_depths(names)
-  assert top == 5 and depths['convs.0.kernel'] == depths['norms.0.scale'] == 1
-  assert depths['convs.3.kernel'] == 4 and depths['head.kernel'] == 5
-  wrn = list(transfer.flatten(_params('wide_resnet', depth=10, width=1)))
-  depths, top = transfer.layer_depths(wrn)
-  assert top == 4 and depths['stem.kernel'] == 0 and depths['blocks.2.conv2.kernel'] == 3
-  assert depths['bn.scale'] == depths['fc.kernel'] == 4
-  with pytest.raises(UserError, match='does not know the layer order'):
-    transfer.layer_depths(['encoder.kernel', 'fc.kernel'])
+def test_layer_decay_without_a_depth_rule_is_one_line():
+  with pytest.raises(UserError, match='layer-depth rule'):
+    optim.build(_optim_cfg(), optax.constant_schedule(0.1), _transfer_cfg(layer_decay=0.5))
 
 
 def test_defaults_leave_the_optimizer_unchanged():

@@ -4,7 +4,7 @@ Examples are named by their tfds id (``ReadConfig(add_tfds_id=True)``), sorted, 
 folds by ``sklearn.model_selection.StratifiedKFold(k, shuffle=True, random_state=seed)`` on their
 labels: the same split, ``k`` and seed always give the same folds, however the files are read.
 A fold is handed to the input pipeline as the split ``'SPLIT@IDS_FILE'`` (see
-``pipeline._read``): the examples of SPLIT whose ids the file lists, one per line.
+``sources.read``): the examples of SPLIT whose ids the file lists, one per line.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from imgcls_jax.data import image_folder, pipeline
+from imgcls_jax.data import image_folder, sources
 from imgcls_jax.errors import UserError
 
 
@@ -42,9 +42,9 @@ def read_ids_and_labels(data: ml_collections.ConfigDict, split: str) -> tuple[li
   if image_folder.is_folder(data):
     raise UserError('Cross-validation reads tfds datasets only; for an image folder, set '
                     'config.cross_validation.folds=0 and make the folds as split directories.')
-  b = pipeline.builder(data)
-  pipeline.check_split(b, split, data.name)
-  image_key, label_key = pipeline.supervised_keys(b, data.name)
+  b = sources.builder(data)
+  sources.check_split(b, split, data.name)
+  image_key, label_key = sources.supervised_keys(b, data.name)
   ds = b.as_dataset(split=split, shuffle_files=False,
                     read_config=tfds.ReadConfig(try_autocache=False, add_tfds_id=True),
                     decoders={image_key: tfds.decode.SkipDecoding()})

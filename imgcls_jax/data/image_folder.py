@@ -1,4 +1,5 @@
-"""The user's own images: ``root/<split>/<class>/*.{jpg,jpeg,png,bmp,gif}`` as a tf.data source.
+"""The user's own images: ``root/<split>/<class>/*.jpg`` (any of ``images.IMAGE_EXTENSIONS``) as a
+tf.data source.
 
 Selected with ``config.data.name = 'image_folder'`` and ``config.data.folder = root``. Classes are
 the sub-directories of the training split, sorted by name (their names travel with checkpoints).
@@ -6,8 +7,8 @@ Images of any size and mode (grey, RGB, RGBA, palette) are decoded by TensorFlow
 count for the whole dataset: 1 when every image is grey, else 3 (grey is replicated, alpha dropped).
 
 Every file is decoded once when a split is first scanned (in parallel, by the same decoder that
-training uses); files that are not images or cannot be decoded are skipped and reported by count
-and name, never a crash. A missing split, a split without class folders and a class without
+training uses); files that are not images or cannot be decoded (e.g. WebP and TIFF, which
+TensorFlow does not read) are skipped and reported by count and name, never a crash. A missing split, a split without class folders and a class without
 readable images are clear errors. Examples are listed in a fixed shuffled order (so even a small
 shuffle buffer mixes classes) and carry their path relative to ``root`` as ``tfds_id``.
 """
@@ -21,10 +22,10 @@ import threading
 import numpy as np
 import tensorflow as tf
 
+from imgcls_jax.data.images import is_image_file
 from imgcls_jax.errors import UserError
 
 NAME = 'image_folder'
-EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
 _SHOWN = 10  # skipped file names listed in the warning
 
 
@@ -36,6 +37,7 @@ class Split:
   paths: tuple[str, ...]                    # absolute, in the fixed shuffled order
   labels: tuple[int, ...]
   channels_found: frozenset[int]            # channel counts of the decoded images
+  sizes_found: frozenset[tuple[int, int]]   # (height, width) of the decoded images
   skipped: tuple[tuple[str, str], ...]      # (path relative to root, reason)
 
   def __len__(self) -> int:
@@ -87,18 +89,19 @@ def class_names(root: str, train_split: str) -> tuple[str, ...]:
   return tuple(names)
 
 
-def _decodable(paths: list[str]) -> dict[int, int]:
-  """index -> channel count, for every path TensorFlow decodes (others are absent)."""
+def _decodable(paths: list[str]) -> dict[int, tuple[int, int, int]]:
+  """index -> decoded (height, width, channels), for every path TensorFlow decodes (others are
+  absent)."""
   if not paths:
     return {}
 
   def probe(i, path):
     image = tf.io.decode_image(tf.io.read_file(path), expand_animations=False)
-    return i, tf.shape(image)[2]
+    return i, tf.shape(image)
 
   ds = tf.data.Dataset.from_tensor_slices(paths).enumerate()
   ds = ds.map(probe, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors(log_warning=False)
-  return {int(i): int(c) for i, c in ds.as_numpy_iterator()}
+  return {int(i): tuple(int(d) for d in shape) for i, shape in ds.as_numpy_iterator()}
 
 
 def scan(root: str, split: str, names: tuple[str, ...]) -> Split:
@@ -124,7 +127,7 @@ def scan(root: str, split: str, names: tuple[str, ...]) -> Split:
         path = os.path.join(dirpath, f)
         if f.startswith('.'):
           continue
-        if not f.lower().endswith(EXTENSIONS):
+        if not is_image_file(f):
           skipped.append((os.path.relpath(path, root), 'not an image file'))
           continue
         candidates.append(path)
@@ -151,7 +154,8 @@ def scan(root: str, split: str, names: tuple[str, ...]) -> Split:
                     len(skipped), shown, more)
   result = Split(root=root, split=split, paths=tuple(candidates[i] for i in keep),
                  labels=tuple(labels[i] for i in keep),
-                 channels_found=frozenset(ok[i] for i in keep), skipped=tuple(skipped))
+                 channels_found=frozenset(ok[i][2] for i in keep),
+                 sizes_found=frozenset(ok[i][:2] for i in keep), skipped=tuple(skipped))
   with _LOCK:
     _CACHE[key] = result
   return result
@@ -160,6 +164,15 @@ def scan(root: str, split: str, names: tuple[str, ...]) -> Split:
 def channels(train: Split) -> int:
   """1 when every training image is grey (1 or 2 channels), else 3."""
   return 1 if train.channels_found <= {1, 2} else 3
+
+
+def image_shape(splits: list[Split], num_channels: int) -> tuple[int | None, int | None, int]:
+  """H, W, C of the decoded images of ``splits``: (None, None, C) unless all share one size."""
+  sizes = set().union(*(s.sizes_found for s in splits))
+  if len(sizes) != 1:
+    return None, None, num_channels
+  (h, w), = sizes
+  return h, w, num_channels
 
 
 def even_slice(n: int, index: int, count: int, drop_remainder: bool) -> tuple[int, int]:

@@ -1,12 +1,20 @@
-"""The model table: name -> constructor.
+"""The model table: name -> ``Family(constructor, layer_depths)``.
 
-Adding a model family is one new file in this package and one line per name in ``_TABLE``.
-Every constructor takes ``num_classes``, ``in_channels``, ``dtype``, ``rngs`` plus its own keyword
-arguments (from ``config.model``), and returns an ``nnx.Module`` called as ``model(x, train=...)``
-on ``x_BxHxWxC`` float images, returning ``logits_BxK``.
+Adding a model family is one new file in this package and one line per name in ``_TABLE`` (or one
+``register`` call, for a family defined outside the package). Every constructor takes
+``num_classes``, ``in_channels``, ``dtype``, ``rngs`` plus its own keyword arguments (from
+``config.model``), and returns an ``nnx.Module`` called as ``model(x, train=...)`` on
+``x_BxHxWxC`` float images, returning ``logits_BxK``.
+
+A family's ``layer_depths(param_names) -> (depth per name, top depth L)`` orders its parameters for
+layer-wise learning-rate decay (``config.transfer.layer_decay``: depth ``d`` trains at
+``decay ** (L - d)`` x the rate): the stem at 0, each block or layer one deeper, the head at ``L``.
+Names are dotted parameter paths (``layer1.0.conv1.kernel``, see ``imgcls_jax.state.param_names``);
+``layers.block_depths`` builds such a rule from "which block holds this parameter".
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -18,16 +26,32 @@ from imgcls_jax.models import cnn, fast_cnn, resnet, wide_resnet
 if TYPE_CHECKING:
   import ml_collections
 
-_TABLE: dict[str, Callable[..., nnx.Module]] = {
-    'cnn': cnn.CNN,
-    'fast_cnn': fast_cnn.FastCNN,
-    'resnet18': functools.partial(resnet.ResNet, stage_sizes=(2, 2, 2, 2), block='basic'),
-    'resnet34': functools.partial(resnet.ResNet, stage_sizes=(3, 4, 6, 3), block='basic'),
-    'resnet50': functools.partial(resnet.ResNet, stage_sizes=(3, 4, 6, 3), block='bottleneck'),
-    'resnet101': functools.partial(resnet.ResNet, stage_sizes=(3, 4, 23, 3), block='bottleneck'),
-    'resnet152': functools.partial(resnet.ResNet, stage_sizes=(3, 8, 36, 3), block='bottleneck'),
-    'resnet200': functools.partial(resnet.ResNet, stage_sizes=(3, 24, 36, 3), block='bottleneck'),
-    'wide_resnet': wide_resnet.WideResNet,
+# (parameter names) -> (depth per name, depth L of the head).
+LayerDepths = Callable[[list[str]], tuple[dict[str, int], int]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """A registered model: its constructor and its layer-depth rule (None: no layer decay)."""
+  constructor: Callable[..., nnx.Module]
+  layer_depths: LayerDepths | None = None
+
+
+def _resnet(stage_sizes: tuple[int, ...], block: str) -> Family:
+  return Family(functools.partial(resnet.ResNet, stage_sizes=stage_sizes, block=block),
+                resnet.layer_depths)
+
+
+_TABLE: dict[str, Family] = {
+    'cnn': Family(cnn.CNN, cnn.layer_depths),
+    'fast_cnn': Family(fast_cnn.FastCNN, fast_cnn.layer_depths),
+    'resnet18': _resnet((2, 2, 2, 2), 'basic'),
+    'resnet34': _resnet((3, 4, 6, 3), 'basic'),
+    'resnet50': _resnet((3, 4, 6, 3), 'bottleneck'),
+    'resnet101': _resnet((3, 4, 23, 3), 'bottleneck'),
+    'resnet152': _resnet((3, 8, 36, 3), 'bottleneck'),
+    'resnet200': _resnet((3, 24, 36, 3), 'bottleneck'),
+    'wide_resnet': Family(wide_resnet.WideResNet, wide_resnet.layer_depths),
 }
 
 
@@ -36,12 +60,31 @@ def names() -> list[str]:
   return sorted(_TABLE)
 
 
-def get(name: str, **kwargs: Any) -> nnx.Module:
-  """Builds the model registered as ``name`` with constructor ``kwargs``."""
+def register(name: str, constructor: Callable[..., nnx.Module], *,
+             layer_depths: LayerDepths | None = None, replace: bool = False) -> None:
+  """Adds a model family defined outside this package (same constructor contract as the table)."""
+  if name in _TABLE and not replace:
+    raise UserError(f"Model '{name}' is already registered; pick another name or pass "
+                    'replace=True.')
+  _TABLE[name] = Family(constructor, layer_depths)
+
+
+def unregister(name: str) -> None:
+  """Removes ``name`` from the table (nothing happens when it is not there)."""
+  _TABLE.pop(name, None)
+
+
+def _family(name: str) -> Family:
   if name not in _TABLE:
     raise UserError(f"Unknown model '{name}'; set config.model.name to one of: {', '.join(names())}.")
+  return _TABLE[name]
+
+
+def get(name: str, **kwargs: Any) -> nnx.Module:
+  """Builds the model registered as ``name`` with constructor ``kwargs``."""
+  constructor = _family(name).constructor
   try:
-    return _TABLE[name](**kwargs)
+    return constructor(**kwargs)
   except TypeError as e:
     raise UserError(f"Bad arguments for model '{name}' ({e}); check the config.model keys.") from None
 
@@ -52,3 +95,18 @@ def from_config(config: ml_collections.ConfigDict, num_classes: int,
   kwargs = {k: v for k, v in config.model.items() if k != 'name'}
   return functools.partial(get, config.model.name, num_classes=num_classes,
                            in_channels=in_channels, dtype=config.dtype, **kwargs)
+
+
+def layer_depths(model_name: str, param_names: list[str]) -> tuple[dict[str, int], int]:
+  """(depth per parameter name, top depth ``L``) from the family of ``model_name``."""
+  rule = _family(model_name).layer_depths
+  if rule is None:
+    raise UserError(f"The model '{model_name}' has no layer-depth rule; give its family a "
+                    'layer_depths function (see imgcls_jax/models/__init__.py) or set '
+                    'config.transfer.layer_decay=1.0.')
+  depths, top = rule(list(param_names))
+  bad = [n for n in param_names if not 0 <= depths.get(n, -1) <= top]
+  if bad:
+    raise UserError(f"The layer_depths rule of model '{model_name}' gives parameter '{bad[0]}' "
+                    f'no depth in 0..{top}; fix the rule or set config.transfer.layer_decay=1.0.')
+  return depths, top

@@ -42,3 +42,8 @@ class CNN(nnx.Module):
     x = layers.global_avg_pool(x)
     x = self.dropout(x, deterministic=not train)
     return self.head(x).astype(jnp.float32)
+
+
+def layer_depths(names: list[str]) -> tuple[dict[str, int], int]:
+  """Layer-decay depths: conv layer ``i`` (``convs.i``, ``norms.i``) at ``i + 1``, the head on top."""
+  return layers.block_depths(names, lambda n: layers.list_index(n, ('convs', 'norms')))

@@ -125,3 +125,9 @@ class FastCNN(nnx.Module):
       x = nnx.relu(self.hidden(x))
     x = self.dropout(x, deterministic=not train)
     return self.fc(x).astype(jnp.float32)
+
+
+def layer_depths(names: list[str]) -> tuple[dict[str, int], int]:
+  """Layer-decay depths: conv layer ``i`` (``convs.i``, ``norms.i``) at ``i + 1``; the ``hidden``
+  layer and ``fc`` at the top depth (the s2d stem has no parameters)."""
+  return layers.block_depths(names, lambda n: layers.list_index(n, ('convs', 'norms')))

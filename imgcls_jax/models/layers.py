@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable, Collection
 
 import jax
 import jax.numpy as jnp
@@ -77,3 +77,24 @@ def as_dtype(name: str | Any) -> Any:
 
 
 global_avg_pool = functools.partial(jnp.mean, axis=(1, 2))
+
+
+def block_depths(names: list[str], block_of: Callable[[str], Any],
+                 stem: Collection[str] = ()) -> tuple[dict[str, int], int]:
+  """(depth per parameter name, top depth ``L``) for a stem -> blocks -> head layout.
+
+  ``block_of(name)`` is the sortable key of the block holding a parameter (None outside blocks);
+  blocks take depths 1..n in key order, parameters under a top-level attribute in ``stem`` take 0,
+  and the rest (the head and any norm right before it) the top depth ``L = n + 1``.
+  """
+  keys = {n: block_of(n) for n in names}
+  depth_of = {k: i + 1 for i, k in enumerate(sorted({k for k in keys.values() if k is not None}))}
+  top = len(depth_of) + 1
+  return {n: depth_of[k] if k is not None else (0 if n.split('.')[0] in stem else top)
+          for n, k in keys.items()}, top
+
+
+def list_index(name: str, lists: Collection[str]) -> int | None:
+  """``i`` for a parameter ``<list>.<i>...`` of one of the ``nnx.List`` attributes ``lists``."""
+  parts = name.split('.')
+  return int(parts[1]) if len(parts) > 1 and parts[0] in lists else None

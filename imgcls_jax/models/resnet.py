@@ -6,6 +6,7 @@ a 3x3/1 stem, for 8-32 px images.
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Sequence
 
 import jax
@@ -26,49 +27,56 @@ class Downsample(nnx.Module):
     return self.bn(self.conv(x), use_running_average=not train)
 
 
-class BasicBlock(nnx.Module):
+class _ResidualBlock(nnx.Module):
+  """``relu(layers(x) + shortcut(x))``: conv-BN layers ``conv1, bn1, conv2, bn2, ...`` with a ReLU
+  between them; the last BN's scale starts at zero, so a new block starts as its shortcut."""
+  expansion = 1
+
+  @staticmethod
+  def layer_specs(in_ch: int, width: int, out_ch: int,
+                  stride: int) -> list[tuple[int, int, int, int]]:
+    """(in channels, out channels, kernel, stride) of each conv layer."""
+    raise NotImplementedError
+
+  def __init__(self, in_ch: int, width: int, stride: int, *, dtype: Any, rngs: nnx.Rngs):
+    out_ch = width * self.expansion
+    specs = self.layer_specs(in_ch, width, out_ch, stride)
+    for i, (cin, cout, kernel, s) in enumerate(specs, start=1):
+      setattr(self, f'conv{i}', layers.conv(cin, cout, kernel, stride=s, dtype=dtype, rngs=rngs))
+      setattr(self, f'bn{i}', layers.batch_norm(cout, dtype=dtype, rngs=rngs,
+                                                zero_scale=i == len(specs)))
+    self.num_layers = len(specs)
+    self.downsample = (Downsample(in_ch, out_ch, stride, dtype=dtype, rngs=rngs)
+                       if stride != 1 or in_ch != out_ch else None)
+
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    y = x
+    for i in range(1, self.num_layers + 1):
+      y = getattr(self, f'bn{i}')(getattr(self, f'conv{i}')(y), use_running_average=not train)
+      if i < self.num_layers:
+        y = nnx.relu(y)
+    shortcut = x if self.downsample is None else self.downsample(x, train)
+    return nnx.relu(y + shortcut)
+
+
+class BasicBlock(_ResidualBlock):
   """Two 3x3 convs (ResNet-18/34)."""
   expansion = 1
 
-  def __init__(self, in_ch: int, width: int, stride: int, *, dtype: Any, rngs: nnx.Rngs):
-    out_ch = width * self.expansion
-    self.conv1 = layers.conv(in_ch, width, 3, stride=stride, dtype=dtype, rngs=rngs)
-    self.bn1 = layers.batch_norm(width, dtype=dtype, rngs=rngs)
-    self.conv2 = layers.conv(width, out_ch, 3, dtype=dtype, rngs=rngs)
-    self.bn2 = layers.batch_norm(out_ch, dtype=dtype, rngs=rngs, zero_scale=True)
-    self.downsample = (Downsample(in_ch, out_ch, stride, dtype=dtype, rngs=rngs)
-                       if stride != 1 or in_ch != out_ch else None)
-
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    ura = not train
-    y = nnx.relu(self.bn1(self.conv1(x), use_running_average=ura))
-    y = self.bn2(self.conv2(y), use_running_average=ura)
-    shortcut = x if self.downsample is None else self.downsample(x, train)
-    return nnx.relu(y + shortcut)
+  @staticmethod
+  def layer_specs(in_ch: int, width: int, out_ch: int,
+                  stride: int) -> list[tuple[int, int, int, int]]:
+    return [(in_ch, width, 3, stride), (width, out_ch, 3, 1)]
 
 
-class Bottleneck(nnx.Module):
+class Bottleneck(_ResidualBlock):
   """1x1 reduce, 3x3 (strided: v1.5), 1x1 expand x4 (ResNet-50 and deeper)."""
   expansion = 4
 
-  def __init__(self, in_ch: int, width: int, stride: int, *, dtype: Any, rngs: nnx.Rngs):
-    out_ch = width * self.expansion
-    self.conv1 = layers.conv(in_ch, width, 1, dtype=dtype, rngs=rngs)
-    self.bn1 = layers.batch_norm(width, dtype=dtype, rngs=rngs)
-    self.conv2 = layers.conv(width, width, 3, stride=stride, dtype=dtype, rngs=rngs)
-    self.bn2 = layers.batch_norm(width, dtype=dtype, rngs=rngs)
-    self.conv3 = layers.conv(width, out_ch, 1, dtype=dtype, rngs=rngs)
-    self.bn3 = layers.batch_norm(out_ch, dtype=dtype, rngs=rngs, zero_scale=True)
-    self.downsample = (Downsample(in_ch, out_ch, stride, dtype=dtype, rngs=rngs)
-                       if stride != 1 or in_ch != out_ch else None)
-
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    ura = not train
-    y = nnx.relu(self.bn1(self.conv1(x), use_running_average=ura))
-    y = nnx.relu(self.bn2(self.conv2(y), use_running_average=ura))
-    y = self.bn3(self.conv3(y), use_running_average=ura)
-    shortcut = x if self.downsample is None else self.downsample(x, train)
-    return nnx.relu(y + shortcut)
+  @staticmethod
+  def layer_specs(in_ch: int, width: int, out_ch: int,
+                  stride: int) -> list[tuple[int, int, int, int]]:
+    return [(in_ch, width, 1, 1), (width, width, 3, stride), (width, out_ch, 1, 1)]
 
 
 _BLOCKS = {'basic': BasicBlock, 'bottleneck': Bottleneck}
@@ -110,3 +118,15 @@ class ResNet(nnx.Module):
 
   def __call__(self, x_BxHxWxC: jax.Array, *, train: bool = False) -> jax.Array:
     return self.fc(self.features(x_BxHxWxC, train=train)).astype(jnp.float32)
+
+
+_BLOCK_PARAM = re.compile(r'^layer(\d+)\.(\d+)\.')
+
+
+def layer_depths(names: list[str]) -> tuple[dict[str, int], int]:
+  """Layer-decay depths: stem (``conv1``, ``bn1``) 0, the blocks of ``layer1..4`` 1..n in order,
+  ``fc`` at the top depth n + 1."""
+  def block_of(name: str) -> tuple[int, int] | None:
+    m = _BLOCK_PARAM.match(name)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+  return layers.block_depths(names, block_of, stem=('conv1', 'bn1'))

@@ -64,3 +64,8 @@ class WideResNet(nnx.Module):
       x = blk(x, train)
     x = nnx.relu(self.bn(x, use_running_average=not train))
     return self.fc(layers.global_avg_pool(x)).astype(jnp.float32)
+
+
+def layer_depths(names: list[str]) -> tuple[dict[str, int], int]:
+  """Layer-decay depths: ``stem`` 0, block ``i`` at ``i + 1``; the final ``bn`` and ``fc`` on top."""
+  return layers.block_depths(names, lambda n: layers.list_index(n, ('blocks',)), stem=('stem',))

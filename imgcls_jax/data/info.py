@@ -1,0 +1,69 @@
+"""What the rest of the program knows about a dataset, and the horizontal-flip policy.
+
+TensorFlow-free: checkpoints, prediction and serving read a ``DatasetInfo`` back from JSON without
+importing the input pipeline. ``sources.describe`` builds one from ``config.data``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+from imgcls_jax.errors import UserError
+
+if TYPE_CHECKING:
+  import ml_collections
+
+# Datasets whose classes are not mirror-symmetric: a horizontal flip changes the label's meaning.
+NO_FLIP_DATASETS = frozenset({'sklearn_digits', 'mnist', 'emnist', 'kmnist', 'svhn_cropped'})
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """One complete description of a dataset: classes, decoded image shape, split sizes."""
+  name: str                                         # 'sklearn_digits', or 'image_folder:/abs/root'
+  num_classes: int
+  class_names: tuple[str, ...]
+  image_shape: tuple[int | None, int | None, int]   # H, W, C of decoded images; None where sizes vary
+  num_examples: dict[str, int | None]               # per split; None where unknown (mock_data)
+  mirror_safe: bool = True                          # False when a horizontal flip changes the label
+
+  @property
+  def channels(self) -> int:
+    """Channels of the decoded images."""
+    return self.image_shape[-1]
+
+  def to_json(self) -> dict[str, Any]:
+    """This description as plain JSON types (lists for tuples)."""
+    return {'name': self.name, 'num_classes': self.num_classes,
+            'class_names': list(self.class_names), 'image_shape': list(self.image_shape),
+            'num_examples': dict(self.num_examples), 'mirror_safe': self.mirror_safe}
+
+  @classmethod
+  def from_json(cls, d: dict[str, Any]) -> DatasetInfo:
+    """The description ``to_json`` wrote."""
+    def opt_int(v: Any) -> int | None:
+      return None if v is None else int(v)
+    h, w, c = d['image_shape']
+    return cls(name=str(d['name']), num_classes=int(d['num_classes']),
+               class_names=tuple(str(n) for n in d['class_names']),
+               image_shape=(opt_int(h), opt_int(w), int(c)),
+               num_examples={str(k): opt_int(v) for k, v in d['num_examples'].items()},
+               mirror_safe=bool(d.get('mirror_safe', True)))
+
+
+def check_flips(data: ml_collections.ConfigDict, tta: str = '') -> None:
+  """``config.data.device_preprocess`` and ``tta`` are known modes, and no flip (in training,
+  on the device or at test time) touches a dataset whose meaning a flip changes."""
+  device = data.get('device_preprocess', '') or ''
+  if device not in ('', 'flip_lr'):
+    raise UserError(f"config.data.device_preprocess='{device}' is not a device-side op; use '' or "
+                    "'flip_lr' (other augmentations go in config.data.train_preprocess).")
+  for key, spec in (('train_preprocess', data.train_preprocess or ''), ('device_preprocess', device)):
+    if data.name in NO_FLIP_DATASETS and 'flip_lr' in spec:
+      raise UserError(f"Horizontal flips change the meaning of '{data.name}' images; remove "
+                      f'flip_lr from config.data.{key}.')
+  if tta not in ('', 'flip'):
+    raise UserError(f"config.evaluate.tta='{tta}' must be '' (none) or 'flip'.")
+  if tta == 'flip' and data.name in NO_FLIP_DATASETS:
+    raise UserError(f"Horizontal flips change the meaning of '{data.name}' images; leave "
+                    'config.evaluate.tta empty for this dataset.')

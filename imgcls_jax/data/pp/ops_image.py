@@ -1,0 +1,125 @@
+"""Geometric and erasing ops: pad_crop, flip_lr, random_resized_crop, resize, center_crop,
+random_erasing. Each maps ``(image_HxWxC uint8, seed) -> image uint8`` (see registry.py)."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import tensorflow as tf
+
+from imgcls_jax.data.pp.registry import (Op, decode_image, image_hw, register, split_seed,
+                                         to_uint8, uniform)
+
+
+@register('pad_crop')
+def pad_crop(pad: int = 4, mode: str = 'constant') -> Op:
+  """Zero- (or reflect-) pad by ``pad`` pixels on each side, then randomly crop back to H x W."""
+  def op(image, seed):
+    h, w = image_hw(image)
+    padded = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]], mode=mode.upper())
+    return tf.image.stateless_random_crop(padded, tf.stack([h, w, tf.shape(image)[2]]), seed=seed)
+  return op
+
+
+@register('flip_lr')
+def flip_lr() -> Op:
+  """Horizontal flip with probability 1/2."""
+  return lambda image, seed: tf.image.stateless_random_flip_left_right(image, seed=seed)
+
+
+@register('random_resized_crop')
+def random_resized_crop(size: int = 224, area_min: float = 0.08, area_max: float = 1.0,
+                        ratio_min: float = 3 / 4, ratio_max: float = 4 / 3,
+                        method: str = 'bilinear') -> Op:
+  """Inception-style crop: random area fraction and aspect ratio, resized to size x size.
+
+  As the first op of a training spec over encoded images it is fused into the decoding
+  (``compose(..., decode_channels=C)``): JPEGs decode only the crop window.
+  """
+  def window(shape, seed):
+    begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        shape, bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], shape=[1, 1, 4]),
+        seed=seed, min_object_covered=0.0, aspect_ratio_range=(ratio_min, ratio_max),
+        area_range=(area_min, area_max), max_attempts=10, use_image_if_no_bounding_boxes=True)
+    return begin, crop_size
+
+  def finish(crop, channels):
+    out = to_uint8(tf.image.resize(crop, (size, size), method=method))
+    return tf.ensure_shape(out, [size, size, channels])
+
+  def op(image, seed):
+    begin, crop_size = window(tf.shape(image), seed)
+    return finish(tf.slice(image, begin, crop_size), image.shape[-1])
+
+  def fused(encoded, seed, channels):
+    is_jpeg = tf.io.is_jpeg(encoded)
+
+    def jpeg():
+      begin, crop_size = window(tf.image.extract_jpeg_shape(encoded), seed)
+      crop = tf.image.decode_and_crop_jpeg(
+          encoded, tf.stack([begin[0], begin[1], crop_size[0], crop_size[1]]), channels=channels)
+      return finish(crop, channels)
+    return tf.cond(is_jpeg, jpeg, lambda: op(decode_image(encoded, channels), seed))
+
+  op.decode = fused
+  return op
+
+
+@register('resize')
+def resize(size: int = 224, method: str = 'bilinear') -> Op:
+  """Resize to size x size (aspect ratio not kept)."""
+  def op(image, seed):
+    del seed
+    return to_uint8(tf.image.resize(image, (size, size), method=method))
+  return op
+
+
+@register('center_crop')
+def center_crop(size: int = 224, crop_fraction: float = 0.875, method: str = 'bilinear') -> Op:
+  """Resize the shorter side to size / crop_fraction, then take the central size x size crop."""
+  def op(image, seed):
+    del seed
+    h, w = image_hw(image)
+    scale = (size / crop_fraction) / tf.cast(tf.minimum(h, w), tf.float32)
+    new_h = tf.maximum(size, tf.cast(tf.round(tf.cast(h, tf.float32) * scale), tf.int32))
+    new_w = tf.maximum(size, tf.cast(tf.round(tf.cast(w, tf.float32) * scale), tf.int32))
+    resized = tf.image.resize(image, tf.stack([new_h, new_w]), method=method)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    out = to_uint8(resized[top:top + size, left:left + size, :])
+    return tf.ensure_shape(out, [size, size, image.shape[-1]])
+  return op
+
+
+@register('random_erasing')
+def random_erasing(prob: float = 0.5, area_min: float = 0.02, area_max: float = 1 / 3,
+                   ratio_min: float = 0.3, ratio_max: float = 1 / 0.3, value: Any = 'random',
+                   attempts: int = 10) -> Op:
+  """Random Erasing (Zhong et al. 2020): with probability ``prob`` one rectangle of random area
+  fraction and (log-uniform) aspect ratio is filled with per-pixel noise (``value='random'``) or
+  the constant ``value``. Of ``attempts`` candidate rectangles the first that fits is used."""
+  if value != 'random' and not isinstance(value, (int, float)):
+    raise TypeError(f"value must be 'random' or a number, got {value!r}")
+
+  def op(image, seed):
+    s_apply, s_area, s_ratio, s_top, s_left, s_noise = tf.unstack(split_seed(seed, 6))
+    h, w = image_hw(image)
+    hf, wf = tf.cast(h, tf.float32), tf.cast(w, tf.float32)
+    area = uniform(s_area, area_min, area_max, (attempts,)) * hf * wf
+    ratio = tf.exp(uniform(s_ratio, math.log(ratio_min), math.log(ratio_max), (attempts,)))
+    eh = tf.cast(tf.round(tf.sqrt(area * ratio)), tf.int32)
+    ew = tf.cast(tf.round(tf.sqrt(area / ratio)), tf.int32)
+    fits = (eh < h) & (ew < w) & (eh > 0) & (ew > 0)
+    first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)
+    eh, ew = eh[first], ew[first]
+    apply = (uniform(s_apply) < prob) & tf.reduce_any(fits)
+    top = tf.cast(tf.floor(uniform(s_top) * tf.cast(h - eh + 1, tf.float32)), tf.int32)
+    left = tf.cast(tf.floor(uniform(s_left) * tf.cast(w - ew + 1, tf.float32)), tf.int32)
+    rows = tf.range(h)[:, None, None]
+    cols = tf.range(w)[None, :, None]
+    inside = (rows >= top) & (rows < top + eh) & (cols >= left) & (cols < left + ew) & apply
+    if value == 'random':
+      fill = tf.random.stateless_uniform(tf.shape(image), s_noise, 0, 256, dtype=tf.int32)
+    else:
+      fill = tf.fill(tf.shape(image), tf.constant(int(value), tf.int32))
+    return tf.where(inside, tf.cast(fill, image.dtype), image)
+  return op

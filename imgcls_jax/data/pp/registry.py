@@ -1,0 +1,148 @@
+"""The preprocessing-op registry: register ops by name, parse spec strings, compose them.
+
+A pipeline is a spec string of ops joined by ``|``, each with optional keyword (or positional)
+literal arguments, e.g. ``'random_resized_crop(size=224)|flip_lr'`` or ``'pad_crop(pad=4)|flip_lr'``.
+Every op maps ``(image_HxWxC uint8, seed int32[2]) -> image uint8`` with stateless TF random ops,
+so the same seed always gives the same output, eagerly or inside tf.data. Normalisation to float
+happens on the accelerator (see ``steps.normalize``), so the host ships uint8.
+
+Add an op with ``@register('name')`` on a factory ``(**kwargs) -> op``.
+"""
+from __future__ import annotations
+
+import ast
+from typing import Any, Callable
+
+import numpy as np
+import tensorflow as tf
+
+from imgcls_jax.errors import UserError
+
+Op = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
+_OPS: dict[str, Callable[..., Op]] = {}
+
+
+def register(name: str) -> Callable[[Callable[..., Op]], Callable[..., Op]]:
+  """Decorator registering an op factory under ``name``."""
+  def wrap(factory):
+    _OPS[name] = factory
+    return factory
+  return wrap
+
+
+def names() -> list[str]:
+  """All registered op names, sorted."""
+  return sorted(_OPS)
+
+
+# ---- helpers shared by the op files ----
+
+def to_uint8(image: tf.Tensor) -> tf.Tensor:
+  """Rounds and clips a float image to uint8."""
+  return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+
+def image_hw(image: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+  """Dynamic (height, width) of an HxWxC image."""
+  shape = tf.shape(image)
+  return shape[0], shape[1]
+
+
+def split_seed(seed: tf.Tensor, num: int) -> tf.Tensor:
+  """``num`` independent stateless seeds (int64[num, 2]) derived from ``seed``."""
+  return tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=num)
+
+
+def uniform(seed: tf.Tensor, minval: float = 0.0, maxval: float = 1.0,
+            shape: tuple[int, ...] = ()) -> tf.Tensor:
+  """Stateless float32 uniform samples in [minval, maxval)."""
+  return tf.random.stateless_uniform(shape, seed=seed, minval=minval, maxval=maxval)
+
+
+# ---- specs ----
+
+def _parse_one(text: str) -> tuple[str, list[Any], dict[str, Any]]:
+  text = text.strip()
+  name, _, rest = text.partition('(')
+  name = name.strip()
+  if not rest:
+    return name, [], {}
+  if not rest.endswith(')'):
+    raise ValueError('missing closing parenthesis')
+  call = ast.parse(f'f({rest}', mode='eval').body
+  args = [ast.literal_eval(a) for a in call.args]
+  kwargs = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+  return name, args, kwargs
+
+
+def parse(spec: str) -> list[tuple[str, Op]]:
+  """Parses ``'op1(k=v)|op2'`` into ``[(name, op), ...]``; an empty spec is no ops."""
+  result = []
+  for part in filter(None, (p.strip() for p in (spec or '').split('|'))):
+    try:
+      name, args, kwargs = _parse_one(part)
+    except (SyntaxError, ValueError) as e:
+      raise UserError(f"Cannot parse preprocessing op '{part}' ({e}); write ops as "
+                      "name(key=value)|name2, e.g. 'pad_crop(pad=4)|flip_lr'.") from None
+    if name not in _OPS:
+      raise UserError(f"Unknown preprocessing op '{name}' in '{spec}'; known ops: "
+                      f"{', '.join(names())}.")
+    try:
+      result.append((name, _OPS[name](*args, **kwargs)))
+    except TypeError as e:
+      raise UserError(f"Bad arguments for preprocessing op '{part}': {e}.") from None
+  return result
+
+
+def decode_image(encoded: tf.Tensor, channels: int) -> tf.Tensor:
+  """Encoded JPEG / PNG / GIF / BMP bytes -> uint8 HxWx``channels`` (first frame of a GIF)."""
+  image = tf.io.decode_image(encoded, channels=channels, expand_animations=False, dtype=tf.uint8)
+  image.set_shape([None, None, channels])
+  return image
+
+
+def compose(spec: str, *, decode_channels: int | None = None) -> Op:
+  """One op applying every op of ``spec`` in order, each with its own sub-seed of ``seed``.
+
+  With ``decode_channels`` the op takes encoded image bytes and decodes them first; a leading
+  op that can fuse with decoding (``random_resized_crop``: crop-window JPEG decoding) does so,
+  with the same sub-seed, so the result is the same crop as decoding then cropping.
+  """
+  chain = parse(spec)
+
+  def op(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    if not chain:
+      return image if decode_channels is None else decode_image(image, decode_channels)
+    seeds = split_seed(seed, len(chain))
+    first = 0
+    if decode_channels is not None:
+      fused = getattr(chain[0][1], 'decode', None)
+      if fused is not None:
+        image, first = fused(image, seeds[0], decode_channels), 1
+      else:
+        image = decode_image(image, decode_channels)
+    for i in range(first, len(chain)):
+      image = chain[i][1](image, seeds[i])
+    return image
+  return op
+
+
+def fuses_with_decoding(spec: str) -> bool:
+  """True when the first op of ``spec`` decodes faster fused (crop-window JPEG decoding)."""
+  chain = parse(spec)
+  return bool(chain) and hasattr(chain[0][1], 'decode')
+
+
+def numpy_op(spec: str) -> Callable[[np.ndarray], np.ndarray] | None:
+  """``spec`` as a function on one uint8 HxWxC numpy image (fixed seed: for evaluation-style,
+  deterministic ops); None when ``spec`` is empty. Prediction and serving use it."""
+  if not spec:
+    return None
+  op = compose(spec)
+  return lambda image: op(tf.convert_to_tensor(image), tf.zeros([2], tf.int64)).numpy()
+
+
+def output_shape(spec: str, hw: tuple[int, int], channels: int) -> tuple[int, int, int]:
+  """The HxWxC that ``spec`` makes of an ``hw`` image with ``channels`` channels."""
+  out = compose(spec)(tf.zeros(tuple(hw) + (channels,), tf.uint8), tf.zeros([2], tf.int64))
+  return tuple(int(d) for d in out.shape)

@@ -1,0 +1,188 @@
+"""Where examples come from: tfds datasets (prepared locally when needed) and image folders.
+
+``describe`` gives the one complete ``DatasetInfo`` of ``config.data``; ``read`` gives this
+process's part of a split as ``{'image': uint8 HxWxC, 'label': int32}`` in a fixed order, for the
+streams of ``pipeline.py`` to shuffle, augment and batch.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from imgcls_jax.data import digits as _digits  # noqa: F401  (registers sklearn_digits)
+from imgcls_jax.data import image_folder, prepare_fashion_mnist
+from imgcls_jax.data.info import NO_FLIP_DATASETS, DatasetInfo
+from imgcls_jax.errors import UserError
+
+
+def _hide_gpus_from_tf() -> None:
+  try:  # TF must never grab accelerator memory that JAX needs.
+    tf.config.set_visible_devices([], 'GPU')
+  except RuntimeError:
+    pass
+
+
+def builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+  """The prepared tfds builder for ``data.name`` (prepares it locally when needed)."""
+  _hide_gpus_from_tf()
+  try:
+    b = tfds.builder(data.name, data_dir=data.get('data_dir') or None)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise UserError(f"Dataset '{data.name}' is not a tfds dataset; set config.data.name to a "
+                    "registered name (e.g. sklearn_digits, fashion_mnist, imagenet2012).") from None
+  if not b.is_prepared():
+    manual_dir = data.get('manual_dir') or None
+    if manual_dir is None and data.name in LOCAL_SOURCES:
+      manual_dir = LOCAL_SOURCES[data.name](b)
+    try:
+      b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    except Exception as e:  # tfds raises many types (network, checksum, manual-dir) here.
+      first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      raise UserError(
+          f"Dataset '{data.name}' is not prepared in {b.data_dir} and preparing it failed "
+          f"({type(e).__name__}: {first[:300]}); prepare it first (see README) or point "
+          "config.data.data_dir / config.data.manual_dir at the files.") from None
+  return b
+
+
+def _local_fashion_mnist(b: tfds.core.DatasetBuilder) -> str | None:
+  """Debian's Fashion-MNIST files as a tfds manual_dir, when they are installed."""
+  if not os.path.isdir(prepare_fashion_mnist.DEBIAN_DIR):
+    return None
+  manual_dir = os.path.join(os.path.dirname(os.path.dirname(str(b.data_dir))), 'downloads',
+                            'manual', 'fashion_mnist')
+  prepare_fashion_mnist.write_manual_dir(prepare_fashion_mnist.DEBIAN_DIR, manual_dir)
+  return manual_dir
+
+
+# tfds name -> function giving a manual_dir of local files that prepares it (None: none here).
+LOCAL_SOURCES: dict[str, Callable[[tfds.core.DatasetBuilder], str | None]] = {
+    'fashion_mnist': _local_fashion_mnist}
+
+
+def supervised_keys(b: tfds.core.DatasetBuilder, name: str) -> tuple[str, str]:
+  """(image feature, label feature): tfds's supervised_keys when they name an Image and a
+  ClassLabel, else ('image', 'label')."""
+  features = b.info.features
+  keys = b.info.supervised_keys
+  if not (isinstance(keys, tuple) and len(keys) == 2 and all(isinstance(k, str) for k in keys)):
+    keys = ('image', 'label')
+  image, label = keys
+  if (image not in features or label not in features
+      or not isinstance(features[image], tfds.features.Image)
+      or not isinstance(features[label], tfds.features.ClassLabel)):
+    raise UserError(f"Dataset '{name}' has no image feature with a class label (features: "
+                    f"{', '.join(features.keys())}); it is not an image classification dataset.")
+  return image, label
+
+
+def check_split(b: tfds.core.DatasetBuilder, split: str, name: str) -> None:
+  """Raises UserError when ``split`` names no split of the dataset."""
+  known = list(b.info.splits.keys())
+  base = split.split('[')[0].split('+')[0]
+  if known and base not in known:
+    raise UserError(f"Split '{split}' does not exist in dataset '{name}'; its splits are: "
+                    f"{', '.join(sorted(known))}.")
+
+
+def _describe_folder(data: ml_collections.ConfigDict) -> DatasetInfo:
+  root = image_folder.root_of(data)
+  names = image_folder.class_names(root, data.train_split)
+  splits = [image_folder.scan(root, split, names) for split in (data.train_split, data.eval_split)]
+  channels = image_folder.channels(splits[0])  # decided by the training split
+  return DatasetInfo(name=f'{image_folder.NAME}:{root}', num_classes=len(names), class_names=names,
+                     image_shape=image_folder.image_shape(splits, channels),
+                     num_examples={s.split: len(s) for s in splits},
+                     mirror_safe=data.name not in NO_FLIP_DATASETS)
+
+
+def describe(data: ml_collections.ConfigDict) -> DatasetInfo:
+  """Classes, decoded image shape, split sizes and flip safety of ``config.data``."""
+  if image_folder.is_folder(data):
+    return _describe_folder(data)
+  b = builder(data)
+  features = b.info.features
+  image_key, label_key = supervised_keys(b, data.name)
+  label = features[label_key]
+  sizes: dict[str, int | None] = {}
+  for split in (data.train_split, data.eval_split):
+    try:
+      sizes[split] = int(b.info.splits[split].num_examples)
+    except (KeyError, ValueError, TypeError):
+      sizes[split] = None  # mock_data leaves info.splits empty.
+  shape = features[image_key].shape
+  h, w = (None if d is None else int(d) for d in shape[:2])
+  return DatasetInfo(name=data.name, num_classes=int(label.num_classes),
+                     class_names=tuple(label.names), image_shape=(h, w, int(shape[-1] or 3)),
+                     num_examples=sizes, mirror_safe=data.name not in NO_FLIP_DATASETS)
+
+
+def _selector(image_key: str, label_key: str) -> Any:
+  def select(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    return {'image': example[image_key], 'label': tf.cast(example[label_key], tf.int32)}
+  return select
+
+
+def _read_folder(data: ml_collections.ConfigDict, split: str, process_index: int,
+                 process_count: int, drop_remainder: bool, decode: bool) -> tf.data.Dataset:
+  root = image_folder.root_of(data)
+  names = image_folder.class_names(root, data.train_split)
+  channels = image_folder.channels(image_folder.scan(root, data.train_split, names))
+  return image_folder.dataset(image_folder.scan(root, split, names), channels,
+                              process_index=process_index, process_count=process_count,
+                              drop_remainder=drop_remainder, decode=decode)
+
+
+def _only_ids(ids_file: str) -> Any:
+  """Predicate keeping the examples whose tfds id is listed (one per line) in ``ids_file``."""
+  try:
+    with tf.io.gfile.GFile(ids_file) as f:
+      ids = [line.strip() for line in f if line.strip()]
+  except tf.errors.NotFoundError:
+    ids = []
+  if not ids:
+    raise UserError(f"The example-id file '{ids_file}' (split '...@{ids_file}') is missing or "
+                    'empty; give a file of tfds ids, one per line (see imgcls_jax/data/folds.py).')
+  table = tf.lookup.StaticHashTable(
+      tf.lookup.KeyValueTensorInitializer(tf.constant(ids), tf.ones([len(ids)], tf.int32)), 0)
+  return lambda ex: table.lookup(ex['tfds_id']) > 0
+
+
+def read(data: ml_collections.ConfigDict, split: str, process_index: int, process_count: int,
+         drop_remainder: bool, decode: bool = True) -> tf.data.Dataset:
+  """This process's part of ``split`` as ``{'image': uint8 HxWxC, 'label': int32}``, in a fixed
+  order (a tfds dataset, or an image folder when ``data.name == 'image_folder'``). With
+  ``decode=False`` 'image' holds the encoded bytes (decoded later, fused with cropping)."""
+  # 'SPLIT@IDS_FILE' reads only the examples of SPLIT whose tfds ids IDS_FILE lists, in their
+  # usual order (cross-validation folds: imgcls_jax/data/folds.py).
+  split, ids_file = split.split('@', 1) if '@' in split else (split, None)
+  if image_folder.is_folder(data):  # its examples always carry 'tfds_id' (the relative path)
+    ds = _read_folder(data, split, process_index, process_count, drop_remainder, decode)
+    keys = ('image', 'label')
+  else:
+    b = builder(data)
+    check_split(b, split, data.name)
+    keys = supervised_keys(b, data.name)
+    subsplit = tfds.even_splits(split, n=process_count,
+                                drop_remainder=drop_remainder)[process_index]
+    ds = b.as_dataset(split=subsplit, shuffle_files=False,
+                      read_config=tfds.ReadConfig(try_autocache=False, shuffle_seed=0,
+                                                  add_tfds_id=ids_file is not None),
+                      decoders=None if decode else {keys[0]: tfds.decode.SkipDecoding()})
+  if ids_file is not None:
+    ds = ds.filter(_only_ids(ids_file))
+  ds = ds.map(_selector(*keys), num_parallel_calls=tf.data.AUTOTUNE)
+  return ds.cache() if data.cache else ds
+
+
+def count(ds: tf.data.Dataset) -> int:
+  """Number of elements of a finite dataset (iterates it once when its cardinality is unknown)."""
+  n = int(ds.cardinality())
+  if n >= 0:
+    return n
+  return int(ds.reduce(np.int64(0), lambda c, _: c + 1))

@@ -1,0 +1,256 @@
+"""A trained model loaded from its run directory alone, ready for inference.
+
+Every checkpoint's meta holds what inference needs: the config the run was trained with (model,
+dtype, mean/std, eval preprocessing), the dataset description (``DatasetInfo``: class names, image
+shape, where it came from) and the model's input shape. ``load`` reads them with the parameters
+and BN statistics, so ``evaluate``, ``predict``, ``export`` and ``serve`` need nothing but
+``--workdir`` (checkpoints written before the description was saved fall back to reading the
+dataset). ``Classifier`` runs ``steps.probabilities`` (the one inference forward pass) on uint8
+images prepared exactly as evaluation prepares them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+from typing import Any, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+
+from imgcls_jax import checkpoint, models, steps
+from imgcls_jax import state as state_lib
+from imgcls_jax import weights as weights_lib
+from imgcls_jax.data import images
+from imgcls_jax.data.info import DatasetInfo
+from imgcls_jax.errors import UserError
+
+# Sections of the config that each mode owns: set freely on the command line of that mode.
+MODE_SECTIONS = ('evaluate', 'predict', 'export', 'serve')
+# Keys that say where the evaluation data lives now (the run's may have moved), or how to lay the
+# work out on this machine: they may differ from the run's without changing the model.
+LOCATION_KEYS = ('data.data_dir', 'data.manual_dir', 'data.folder', 'data.eval_split',
+                 'data.holdout_fraction', 'data.manifest', 'eval_batch_size', 'mesh.')
+
+
+def effective_config(saved: dict[str, Any] | None, given: ml_collections.ConfigDict | None,
+                     overrides: dict[str, Any] | None = None) -> ml_collections.ConfigDict:
+  """The config a mode runs with: the run's own (``saved``), plus the mode sections and data
+  locations of ``given``.
+
+  With ``overrides`` (the keys given on the command line, ``{'evaluate.split': 'val', ...}``) only
+  those are applied, and one that would change the trained model is a UserError naming it.
+  """
+  if not saved:
+    if given is None:
+      raise UserError('This run directory holds no config; pass the --config it was trained with.')
+    logging.warning('The checkpoint holds no config; assuming the run used the given --config.')
+    return given
+  run = ml_collections.ConfigDict(saved)
+  if overrides is None:
+    for section in MODE_SECTIONS:
+      if given is not None and section in given:
+        run[section] = given[section]
+    for key in LOCATION_KEYS:
+      value = _get(given, key) if given is not None and not key.endswith('.') else None
+      if value not in (None, ''):
+        _set(run, key, value)
+    if given is not None:
+      run.mesh = given.mesh
+    return run
+  for key, value in sorted(overrides.items()):
+    allowed = key.split('.')[0] in MODE_SECTIONS or any(
+        key.startswith(p) if p.endswith('.') else key == p for p in LOCATION_KEYS)
+    if not allowed and _get(run, key) != value:
+      raise UserError(f'--config.{key}={value} conflicts with the trained run (which has '
+                      f'{_get(run, key)!r}); evaluate/predict/export/serve take the model from '
+                      f'--workdir: drop that flag, or train a new run with it.')
+    _set(run, key, value)
+  return run
+
+
+def _get(config: Any, dotted: str) -> Any:
+  node = config
+  for part in dotted.split('.'):
+    if node is None or not hasattr(node, 'keys') or part not in node:
+      return None
+    node = node[part]
+  return node
+
+
+def _set(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
+  *parents, leaf = dotted.split('.')
+  node = config
+  for part in parents:
+    if part not in node:
+      node[part] = ml_collections.ConfigDict()
+    node = node[part]
+  with node.unlocked():
+    node[leaf] = value
+
+
+def input_spec(data: ml_collections.ConfigDict, info: DatasetInfo
+               ) -> tuple[tuple[int, int] | None, tuple[int, int, int]]:
+  """(the dataset's fixed image size or None, the HxWxC the model takes after eval preprocess)."""
+  from imgcls_jax.data import pp
+  h, w, channels = info.image_shape
+  native = (int(h), int(w)) if h and w else None
+  sizes = {pp.output_shape(data.eval_preprocess, hw, channels)
+           for hw in ([native] if native else [(240, 320), (333, 250)])}
+  if len(sizes) != 1:
+    raise UserError(f"Images of '{info.name}' vary in size and config.data.eval_preprocess "
+                    f"('{data.eval_preprocess}') does not give them one size; add e.g. "
+                    "'center_crop(size=224)' to it.")
+  out = sizes.pop()
+  return native, (int(out[0]), int(out[1]), int(out[2]))
+
+
+def inference_meta(data: ml_collections.ConfigDict, info: DatasetInfo) -> dict[str, Any]:
+  """What a checkpoint's meta carries for inference (saved by the trainer with every checkpoint)."""
+  native, shape = input_spec(data, info)
+  return {'dataset_info': info.to_json(), 'input_shape': list(shape),
+          'native_hw': list(native) if native else None,
+          'eval_preprocess': data.eval_preprocess or ''}
+
+
+@dataclasses.dataclass
+class Trained:
+  """A checkpoint of a run, as inference needs it (weights as numpy, on no device yet)."""
+  run: ml_collections.ConfigDict      # the config the run was trained with (+ mode keys)
+  info: DatasetInfo
+  image_shape: tuple[int, int, int]   # H, W, C of the uint8 images the model takes
+  native_hw: tuple[int, int] | None   # the dataset's fixed size (inputs are resized to it)
+  variables: state_lib.InferenceState
+  step: int
+  origin: str
+
+  @property
+  def class_names(self) -> tuple[str, ...]:
+    return self.info.class_names
+
+
+def load(workdir: str, config: ml_collections.ConfigDict | None = None, *, step: int = -1,
+         overrides: dict[str, Any] | None = None) -> Trained:
+  """The run in ``workdir`` at checkpoint ``step`` (-1: latest), with its effective config."""
+  workdir = os.path.abspath(workdir)
+  checkpoint.require_checkpoint(workdir)
+  source = checkpoint.read_weights(workdir, step)
+  meta = source.meta
+  saved = meta.get('config') if isinstance(meta.get('config'), dict) else checkpoint.read_config(
+      workdir)
+  run = effective_config(saved, config, overrides)
+  if meta.get('dataset_info'):
+    info = DatasetInfo.from_json(meta['dataset_info'])
+    native = tuple(meta['native_hw']) if meta.get('native_hw') else None
+    shape = tuple(int(d) for d in meta['input_shape'])
+  else:  # written before the run directory was self-contained: describe the dataset again
+    from imgcls_jax.data import sources
+    try:
+      info = sources.describe(run.data)
+    except UserError as e:
+      raise UserError(f'{source.origin} predates self-contained checkpoints and its dataset is '
+                      f'not readable ({e}); make the dataset available again (config.data.*) '
+                      'or retrain.') from None
+    if meta.get('class_names'):
+      info = dataclasses.replace(info, class_names=tuple(meta['class_names']))
+    native, shape = input_spec(run.data, info)
+  model_fn = models.from_config(run, info.num_classes, shape[2])
+  abstract = state_lib.abstract_variables(model_fn)
+  params, _ = weights_lib.merge(abstract.params, source.params, origin=source.origin)
+  stats, _ = weights_lib.merge(abstract.batch_stats, source.batch_stats, origin=source.origin,
+                               kind='Batch statistic')
+  logging.info('Loaded %s: %s on %s (%d classes), input %s.', source.origin, run.model.name,
+               info.name, info.num_classes, 'x'.join(map(str, shape)))
+  return Trained(run=run, info=info, image_shape=shape, native_hw=native,
+                 variables=state_lib.InferenceState(params=params, batch_stats=stats),
+                 step=int(meta['step']), origin=source.origin)
+
+
+@dataclasses.dataclass
+class Classifier:
+  """A trained model on the default device: uint8 images (or image files) in, probabilities out."""
+  trained: Trained
+  model_def: state_lib.ModelDef
+  step_cfg: steps.StepConfig
+  variables: state_lib.InferenceState   # on the device
+  max_batch: int = 64
+
+  @property
+  def class_names(self) -> tuple[str, ...]:
+    return self.trained.class_names
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    return self.trained.image_shape
+
+  @property
+  def step(self) -> int:
+    return self.trained.step
+
+  @property
+  def run(self) -> ml_collections.ConfigDict:
+    return self.trained.run
+
+  def apply(self, variables: state_lib.InferenceState, images_BxHxWxC: jax.Array
+            ) -> dict[str, jax.Array]:
+    """Pure inference: uint8 images -> ``{'probabilities', 'logits'}`` (BxK float32)."""
+    return steps.probabilities(variables, images_BxHxWxC, model_def=self.model_def,
+                               cfg=self.step_cfg)
+
+  @functools.cached_property
+  def _jitted(self) -> Any:
+    return jax.jit(self.apply)
+
+  def predict_arrays(self, images_BxHxWxC: np.ndarray) -> dict[str, np.ndarray]:
+    """``apply`` on a batch of any size (padded to a power of two, so few shapes compile)."""
+    n = len(images_BxHxWxC)
+    out: dict[str, list[np.ndarray]] = {'probabilities': [], 'logits': []}
+    for start in range(0, n, self.max_batch):
+      chunk = np.asarray(images_BxHxWxC[start:start + self.max_batch], np.uint8)
+      size = min(self.max_batch, 1 << max(0, len(chunk) - 1).bit_length())
+      padded = np.zeros((size,) + self.image_shape, np.uint8)
+      padded[:len(chunk)] = chunk
+      res = jax.device_get(self._jitted(self.variables, padded))
+      for k in out:
+        out[k].append(res[k][:len(chunk)])
+    return {k: np.concatenate(v) if v else np.zeros((0, len(self.class_names)), np.float32)
+            for k, v in out.items()}
+
+  @functools.cached_property
+  def _eval_op(self) -> Any:
+    from imgcls_jax.data import pp
+    return pp.numpy_op(self.run.data.eval_preprocess or '')
+
+  def prepare(self, data: bytes | str, *, max_pixels: int = 0) -> np.ndarray:
+    """Image bytes or a file path -> the uint8 HxWxC array the model takes.
+
+    Raises ``images.UnreadableImage`` when it is not a decodable image (or has more than
+    ``max_pixels``).
+    """
+    array = images.decode(data, channels=self.image_shape[2], size_hw=self.trained.native_hw,
+                          max_pixels=max_pixels)
+    if self._eval_op is not None:
+      array = self._eval_op(array)
+    if array.shape != self.image_shape:
+      raise images.UnreadableImage(f'preprocessed to {array.shape}, not the model input '
+                                   f'{self.image_shape}')
+    return array
+
+
+def classifier(trained: Trained, *, dtype: str = '', max_batch: int = 64) -> Classifier:
+  """``trained`` on the default device, computing in ``dtype`` ('' = the run's)."""
+  run = ml_collections.ConfigDict(trained.run.to_dict())
+  run.dtype = dtype or run.dtype
+  model_fn = models.from_config(run, trained.info.num_classes, trained.image_shape[2])
+  return Classifier(trained=trained, model_def=state_lib.model_def(model_fn),
+                    step_cfg=steps.step_config(run, trained.info.num_classes),
+                    variables=jax.device_put(trained.variables), max_batch=max_batch)
+
+
+def top_k(probs_K: np.ndarray, class_names: Sequence[str], k: int) -> list[dict[str, Any]]:
+  """The ``k`` most probable classes, best first, as ``{'class', 'index', 'probability'}``."""
+  order = np.argsort(-probs_K, kind='stable')[:max(1, min(k, len(probs_K)))]
+  return [{'class': class_names[i], 'index': int(i), 'probability': float(probs_K[i])}
+          for i in order]

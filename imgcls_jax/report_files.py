@@ -1,0 +1,46 @@
+"""The evaluation report on disk and on the terminal: report.json / .md, the confusion matrix as
+CSV and PNG, the reliability diagram, training curves, and the short printed table."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+from imgcls_jax import metrics, plots, report
+
+REPORT_FILES = ('report.json', 'report.md', 'confusion_matrix.csv', 'confusion_matrix.png',
+                'reliability.png')
+CURVES_FILE = 'training_curves.png'
+
+
+def write(rep: dict[str, Any], out_dir: str, title: str, metrics_path: str | None) -> None:
+  """report.json / .md, confusion CSV + PNG, reliability PNG, and training curves when available."""
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, 'report.json'), 'w') as f:
+    json.dump(rep, f, indent=1)
+  with open(os.path.join(out_dir, 'report.md'), 'w') as f:
+    f.write(report.to_markdown(rep, title, rep.get('context', {})))
+  with open(os.path.join(out_dir, 'confusion_matrix.csv'), 'w') as f:
+    f.write(report.confusion_csv(rep))
+  plots.confusion_matrix(rep['confusion_matrix'], rep['class_names'],
+                         os.path.join(out_dir, 'confusion_matrix.png'))
+  plots.reliability_diagram(rep['calibration_bins'], rep['ece'],
+                            os.path.join(out_dir, 'reliability.png'))
+  if metrics_path and os.path.exists(metrics_path):
+    plots.training_curves(metrics.read_jsonl(metrics_path), os.path.join(out_dir, CURVES_FILE))
+  else:
+    logging.info('No metrics.jsonl next to the checkpoints: no training-curve plot.')
+
+
+def table_lines(rep: dict[str, Any], title: str, out_dir: str) -> list[str]:
+  """The short printed summary."""
+  ctx = rep.get('context', {})
+  lines = [f"{title} (checkpoint {ctx.get('checkpoint_step')}: {ctx.get('checkpoint')}, TTA "
+           f"{ctx.get('tta', 'none')})"]
+  lines += ['  ' + line for line in report.headline(rep)]
+  lines += ['  ' + line for line in report.class_table(rep, max_rows=20)]
+  lines += ['  ' + line for line in report.confused_lines(rep)]
+  lines.append(f'Report: {os.path.join(out_dir, "report.md")} (+ report.json, '
+               'confusion_matrix.csv/.png, reliability.png, training_curves.png)')
+  return lines

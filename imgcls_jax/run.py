@@ -1,0 +1,244 @@
+"""The layer under every mode: setup from a config, jitted steps with shardings, restore-or-init,
+and evaluation of a split.
+
+Modes (``train``, ``evaluate``, ``cross_validation``, ``predict``, ``export``, ``serve``) build on
+this module and ``inference.py``, never on each other. Nothing here imports TensorFlow at module
+level: the dataset is described by a ``DatasetInfo`` (read from the data source only when none is
+given), so steps, state and shardings run where only JAX is installed (e.g. the throughput
+benchmark on synthetic data).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+from typing import Any, Iterable
+
+import jax
+import ml_collections
+import numpy as np
+
+from imgcls_jax import (checkpoint, configlib, inference, metrics, models, optim, report, sharding,
+                        steps, weights)
+from imgcls_jax import state as state_lib
+from imgcls_jax.data.info import DatasetInfo, check_flips
+from imgcls_jax.errors import UserError
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything built from the config before any step runs.
+
+  The training fields (optimizer, schedule, step counts, train batch) are None in a setup made
+  with ``training=False`` (evaluation): it builds no optimizer and reads no training split.
+  """
+  config: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
+  info: DatasetInfo
+  model_fn: state_lib.ModelFn
+  model_def: state_lib.ModelDef
+  step_cfg: steps.StepConfig
+  placement: sharding.ParamSharding
+  local_eval_batch_size: int
+  tx: Any = None
+  lr_schedule: Any = None
+  steps_per_epoch: int | None = None
+  total_steps: int | None = None
+  local_batch_size: int | None = None
+
+
+def setup(config: ml_collections.ConfigDict, info: DatasetInfo | None = None, *,
+          training: bool = True, steps_per_epoch: int | None = None) -> Setup:
+  """Validates ``config`` and builds mesh, model definition, step numbers and (when ``training``)
+  the optimizer and schedule.
+
+  ``info`` describes the dataset (read from ``config.data`` when None); ``steps_per_epoch``
+  overrides the count derived from the training split (synthetic-data benchmarks).
+  """
+  configlib.validate(config)
+  mesh = sharding.make_mesh(config.mesh.num_devices)
+  if info is None:
+    from imgcls_jax.data import sources
+    info = sources.describe(config.data)
+  check_flips(config.data, config.evaluate.tta if 'evaluate' in config else '')
+  if len(config.data.mean) not in (1, info.channels):
+    raise UserError(f"config.data.mean has {len(config.data.mean)} values but '{info.name}' "
+                    f'images have {info.channels} channels; give 1 or {info.channels} values.')
+  placement = sharding.ParamSharding.from_config(config.mesh)
+  local_eval_bs = sharding.local_batch_size(config.eval_batch_size, mesh, 'config.eval_batch_size')
+  model_fn = models.from_config(config, info.num_classes, info.channels)
+  s = Setup(config=config, mesh=mesh, info=info, model_fn=model_fn,
+            model_def=state_lib.model_def(model_fn), step_cfg=steps.step_config(
+                config, info.num_classes, probe_head=_probe_head(config, model_fn)),
+            placement=placement, local_eval_batch_size=local_eval_bs)
+  if not training:
+    return s
+  s.local_batch_size = sharding.local_batch_size(config.batch_size, mesh)
+  if steps_per_epoch is None:
+    from imgcls_jax.data import pipeline
+    n_local = pipeline.examples_per_process(config.data, config.data.train_split,
+                                            jax.process_index(), jax.process_count())
+    steps_per_epoch = max(1, n_local // s.local_batch_size)
+  s.steps_per_epoch = steps_per_epoch
+  s.total_steps = configlib.train_steps(config, steps_per_epoch)
+  warmup = configlib.steps_from(config, 'optim.warmup', steps_per_epoch)
+  s.lr_schedule = optim.schedule(config.optim, batch_size=config.batch_size,
+                                 total_steps=s.total_steps, warmup_steps=warmup)
+  s.tx = optim.build(config.optim, s.lr_schedule, config.get('transfer'),
+                     layer_depths=functools.partial(models.layer_depths, config.model.name))
+  return s
+
+
+def _probe_head(config: ml_collections.ConfigDict, model_fn: state_lib.ModelFn) -> str:
+  """The head's parameter group when ``config.transfer.mode`` is a linear probe, else ''."""
+  if not (config.get('transfer') and config.transfer.mode == 'linear_probe'):
+    return ''
+  return optim.head_name(state_lib.param_names(model_fn), config.transfer)
+
+
+def jit_train_step(s: Setup, state_shardings: Any) -> Any:
+  """``train_step(state, batch) -> (state, metrics)`` jitted over the mesh; donates the state."""
+  return jax.jit(functools.partial(steps.train_step, model_def=s.model_def, tx=s.tx,
+                                   lr_schedule=s.lr_schedule, cfg=s.step_cfg),
+                 in_shardings=(state_shardings, sharding.batch_sharding(s.mesh)),
+                 out_shardings=(state_shardings, sharding.replicated(s.mesh)), donate_argnums=0)
+
+
+def jit_eval_step(s: Setup, variables_shardings: Any, *, tta: str = '',
+                  num_bins: int = report.DEFAULT_CALIBRATION_BINS) -> Any:
+  """``eval_step(variables, batch) -> sums`` jitted over the mesh (``variables``: a TrainState or
+  an InferenceState, with matching shardings)."""
+  return jax.jit(functools.partial(steps.eval_step, model_def=s.model_def, cfg=s.step_cfg, tta=tta,
+                                   num_bins=num_bins),
+                 in_shardings=(variables_shardings, sharding.batch_sharding(s.mesh)),
+                 out_shardings=sharding.replicated(s.mesh))
+
+
+def restore_or_init(s: Setup, ckpt: checkpoint.Checkpointer) -> tuple[Any, Any]:
+  """(state, shardings): the newest readable checkpoint in the workdir if any, else a fresh init
+  (with weights from ``config.transfer.init_from`` when set).
+
+  Damaged checkpoints are skipped with a warning (previous one used); one written by another
+  model/dataset is a UserError naming what differs.
+  """
+  target, shardings = state_lib.abstract_state(s.model_fn, s.tx, s.config.seed, s.mesh,
+                                               s.placement)
+  logging.info('Train state: %.2f MiB per device (%s placement over %d devices).',
+               sharding.planned_bytes_per_device(target, shardings) / 2**20, s.placement.mode,
+               s.mesh.devices.size)
+  restored = ckpt.restore_latest(target, config=s.config)
+  if restored is not None:
+    logging.info('Resuming from step %d.', restored.step)
+    return restored.state, shardings
+  state, shardings = state_lib.create(s.model_fn, s.tx, s.config.seed, s.mesh, s.placement)
+  if s.config.get('transfer') and s.config.transfer.init_from:
+    from imgcls_jax import transfer  # weights from another run or a torch file; new head
+    state = transfer.init_state(state, shardings, s.config.transfer, s.tx)
+  return state, shardings
+
+
+def place_variables(s: Setup, variables: state_lib.InferenceState) -> tuple[Any, Any]:
+  """(numpy ``variables`` placed on the mesh by the config's placement rules, their shardings)."""
+  abstract = state_lib.abstract_variables(s.model_fn)
+  shardings = sharding.state_shardings(abstract, s.mesh, s.placement)
+  target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                        abstract, shardings)
+  return state_lib.InferenceState(
+      params=weights.place(variables.params, target.params),
+      batch_stats=weights.place(variables.batch_stats, target.batch_stats)), shardings
+
+
+def eval_sums(eval_step: Any, variables: Any, batches: Iterable[dict[str, np.ndarray]],
+              mesh: jax.sharding.Mesh, split: str) -> dict[str, Any]:
+  """``eval_step`` summed over every (padded, masked) batch: each example exactly once."""
+  totals = None
+  for batch in sharding.device_prefetch(batches, sharding.batch_sharding(mesh)):
+    totals = report.add(totals, eval_step(variables, batch))
+  if totals is None:
+    raise UserError(f"The split '{split}' is empty; evaluate a split with examples.")
+  return totals
+
+
+def choose_step(ckpt: checkpoint.Checkpointer, spec: str, metrics_path: str) -> tuple[int, str]:
+  """(step, how it was chosen) for ``config.evaluate.checkpoint``: 'best', 'latest' or a step.
+
+  'best' is the checkpoint the Checkpointer ranks best (``config.checkpoint.best_metric``); for a
+  run saved without evaluation metrics, the kept checkpoint with the highest eval top-1 in
+  ``metrics.jsonl`` (ties: the later step); failing both, the latest.
+  """
+  available = sorted(ckpt.all_steps())
+  spec = str(spec).strip().lower()
+  if spec == 'latest':
+    return available[-1], 'latest'
+  if spec == 'best':
+    best = ckpt.best_step()
+    if best is not None:
+      return best, f'best by eval {ckpt.best_metric} ({ckpt.best_mode})'
+    records = metrics.read_jsonl(metrics_path) if os.path.exists(metrics_path) else []
+    acc = {int(r['step']): float(r['accuracy']) for r in records
+           if r.get('split') == 'eval' and r.get('accuracy') is not None}
+    scored = [(acc[s], s) for s in available if s in acc]
+    if scored:
+      best_acc, best = max(scored)
+      return best, f'best (eval top-1 {best_acc:.4f} in metrics.jsonl)'
+    logging.warning('No kept checkpoint has an eval record in %s; using the latest.', metrics_path)
+    return available[-1], 'latest (no evaluated checkpoint to pick the best from)'
+  if spec.isdigit():
+    step = int(spec)
+    if step not in available:
+      raise UserError(f"Checkpoint step {step} is not in {ckpt.directory}; kept steps: "
+                      f"{', '.join(map(str, available))}.")
+    return step, f'step {step}'
+  raise UserError(f"config.evaluate.checkpoint='{spec}' must be 'best', 'latest' or a step "
+                  'number.')
+
+
+@dataclasses.dataclass
+class Evaluation:
+  """Summed statistics of one checkpoint on one split, and what was evaluated."""
+  stats: dict[str, np.ndarray]
+  trained: inference.Trained
+  split: str
+  step: int
+  chosen: str
+  tta: str
+  workdir: str
+
+  def report(self, top_confused: int = 10) -> dict[str, Any]:
+    """The full report (``report.summarize``) with what was evaluated as its ``context``."""
+    info, cfg = self.trained.info, self.trained.run
+    rep = report.summarize(self.stats, info.class_names, top_confused=top_confused)
+    rep['context'] = {'dataset': info.name, 'split': self.split, 'checkpoint_step': self.step,
+                      'checkpoint': self.chosen, 'tta': self.tta or 'none',
+                      'model': cfg.model.name, 'workdir': self.workdir}
+    return rep
+
+
+def evaluate_checkpoint(workdir: str, config: ml_collections.ConfigDict | None, *, split: str = '',
+                        checkpoint_spec: str = 'latest', tta: str = '',
+                        num_bins: int = report.DEFAULT_CALIBRATION_BINS,
+                        overrides: dict[str, Any] | None = None) -> Evaluation:
+  """Evaluates one checkpoint of ``workdir`` on ``split`` ('' = the run's eval split), every
+  example exactly once, on the mesh with the run's parameter placement."""
+  from imgcls_jax.data import pipeline
+  workdir = os.path.abspath(workdir)
+  checkpoint.require_checkpoint(workdir)
+  if num_bins < 1:
+    raise UserError(f'config.evaluate.calibration_bins={num_bins} must be at least 1.')
+  keep = config if config is not None else ml_collections.ConfigDict(checkpoint.read_config(workdir))
+  with checkpoint.Checkpointer.from_config(workdir, keep) as ckpt:
+    step, chosen = choose_step(ckpt, checkpoint_spec, os.path.join(workdir, 'metrics.jsonl'))
+  trained = inference.load(workdir, config, step=step, overrides=overrides)
+  cfg = trained.run
+  split = split or cfg.data.eval_split
+  check_flips(cfg.data, tta)
+  s = setup(cfg, trained.info, training=False)
+  variables, shardings = place_variables(s, trained.variables)
+  eval_step = jit_eval_step(s, shardings, tta=tta, num_bins=num_bins)
+  data = pipeline.EvalData(cfg.data, split, local_batch_size=s.local_eval_batch_size,
+                           process_index=jax.process_index(), process_count=jax.process_count(),
+                           split_size=None if '@' in split else trained.info.num_examples.get(split))
+  sums = eval_sums(eval_step, variables, data.batches(), s.mesh, split)
+  return Evaluation(stats=report.stats_to_numpy(sums), trained=trained, split=split, step=step,
+                    chosen=chosen, tta=tta, workdir=workdir)

@@ -1,0 +1,90 @@
+"""Named weight arrays: a model's parameters and statistics as ``{dotted name: array}``.
+
+Checkpoints of this project (``checkpoint.read_weights``) and torchvision/timm files
+(``torch_import.load``) both produce a ``Weights``; ``merge`` puts such arrays into a model's tree
+by name, naming the first parameter that is missing, extra, or of another shape.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from imgcls_jax.errors import UserError
+
+FlatArrays = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass
+class Weights:
+  """Named arrays from some source, in this project's naming (``layer1.0.conv1.kernel``)."""
+  params: FlatArrays
+  batch_stats: FlatArrays
+  origin: str                              # for messages: 'checkpoint 300 of /runs/a'
+  meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def path_name(path: tuple[Any, ...]) -> str:
+  """``(DictKey('layer1'), DictKey(0), DictKey('conv1'), ...)`` -> ``'layer1.0.conv1...'``."""
+  parts = []
+  for k in path:
+    for attr in ('key', 'idx', 'name'):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return '.'.join(parts)
+
+
+def flatten(tree: Any) -> dict[str, Any]:
+  """A pytree of arrays as ``{dotted name: leaf}``."""
+  return {path_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def map_named(fn: Callable[[str, Any], Any], tree: Any) -> Any:
+  """``tree`` with each leaf replaced by ``fn(dotted name, leaf)``."""
+  return jax.tree_util.tree_map_with_path(lambda p, v: fn(path_name(p), v), tree)
+
+
+def merge(target: Any, source: FlatArrays, *, origin: str,
+          skip: Callable[[str], bool] = lambda _: False, kind: str = 'Parameter',
+          hint: str = '') -> tuple[Any, int]:
+  """``target`` with every leaf that is not ``skip``-ped replaced by the same-named numpy array.
+
+  ``target`` is a pytree of arrays or ``ShapeDtypeStruct``s; skipped leaves are kept as they are.
+  Returns (the pytree, how many leaves came from ``source``). Raises UserError naming the first
+  parameter that is missing from ``source``, extra in it, or of another shape.
+  """
+  names = flatten(target)
+  wanted = {n for n in names if not skip(n)}
+  missing = sorted(wanted - set(source))
+  if missing:
+    more = f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''
+    raise UserError(f"{kind} '{missing[0]}'{more} of this model is not in {origin}; the weights "
+                    'are from another architecture: match config.model to the run that wrote them.')
+  extra = sorted(n for n in source if n not in names and not skip(n))
+  if extra:
+    more = f' (and {len(extra) - 1} more)' if len(extra) > 1 else ''
+    raise UserError(f"{kind} '{extra[0]}'{more} in {origin} does not exist in this model; the "
+                    'weights are from another architecture: match config.model to them.')
+  for n in sorted(wanted):
+    want, got = tuple(names[n].shape), tuple(np.shape(source[n]))
+    if want != got:
+      raise UserError(f"{kind} '{n}' has shape {got} in {origin} but {want} in this model; match "
+                      f'config.model (and the image channels) to the weights{hint}.')
+  merged = map_named(lambda n, leaf: np.asarray(source[n], dtype=leaf.dtype) if n in wanted
+                     else leaf, target)
+  return merged, len(wanted)
+
+
+def place(values: Any, like: Any) -> Any:
+  """Numpy leaves as global arrays with the shardings of ``like`` (works across processes)."""
+  def put(v, ref):
+    if isinstance(v, jax.Array):
+      return v
+    v = np.asarray(v)
+    return jax.make_array_from_callback(v.shape, ref.sharding, lambda idx: v[idx])
+  return jax.tree.map(put, values, like)
