@@ -50,7 +50,7 @@ NATIVE_SHAPES: dict[str, tuple[int, int, int]] = {
     'imagenet2012': (224, 3, 1000),
     'imagenette': (224, 3, 10),
 }
-# Ops whose output is size x size (imgcls_jax/data/ops.py); pad_crop keeps the input size.
+# Ops whose output is size x size (imgcls_jax/data/pp/); pad_crop keeps the input size.
 _SIZING_OPS = ('random_resized_crop', 'resize', 'center_crop')
 
 FLAGS = flags.FlagValues()

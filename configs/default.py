@@ -23,7 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.manual_dir = config_dict.placeholder(str)  # manually downloaded files (e.g. imagenet2012)
   c.data.train_split = 'train'            # tfds split spec, e.g. 'train[:90%]'
   c.data.eval_split = 'test'              # evaluated exactly once per evaluation
-  # Preprocessing ops joined by '|' (imgcls_jax/data/ops.py); images stay uint8 until the device.
+  # Preprocessing ops joined by '|' (imgcls_jax/data/pp/); images stay uint8 until the device.
   c.data.train_preprocess = 'pad_crop(pad=1)'     # never flip digits: it changes their meaning
   c.data.eval_preprocess = ''             # e.g. 'center_crop(size=224)' for large images
   # Augmentation inside the jitted train step, after train_preprocess: '' or 'flip_lr' (a random

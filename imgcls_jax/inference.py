@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import os
 from typing import Any, Sequence
@@ -63,12 +64,17 @@ def effective_config(saved: dict[str, Any] | None, given: ml_collections.ConfigD
   for key, value in sorted(overrides.items()):
     allowed = key.split('.')[0] in MODE_SECTIONS or any(
         key.startswith(p) if p.endswith('.') else key == p for p in LOCATION_KEYS)
-    if not allowed and _get(run, key) != value:
+    if not allowed and not _same(_get(run, key), value):
       raise UserError(f'--config.{key}={value} conflicts with the trained run (which has '
                       f'{_get(run, key)!r}); evaluate/predict/export/serve take the model from '
                       f'--workdir: drop that flag, or train a new run with it.')
     _set(run, key, value)
   return run
+
+
+def _same(a: Any, b: Any) -> bool:
+  """Equal as JSON values (a tuple given on the command line equals the list a run saved)."""
+  return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
 
 
 def _get(config: Any, dotted: str) -> Any:

@@ -143,14 +143,13 @@ def test_quick_config_learns(tmp_path, fmnist_dir):
   assert result['accuracy'] > 0.75
   # The recipe evaluates with flip test-time augmentation (config.evaluate.tta), during training as
   # in --mode=evaluate: the training's figure is the report's, and differs from the plain one.
-  from imgcls_jax import evaluate
+  from imgcls_jax import run
   assert c.evaluate.tta == 'flip'
-  with_tta, _ = evaluate.evaluate_checkpoint(c, str(tmp_path / 'run'), split='test',
-                                             checkpoint_spec='latest', tta='flip',
-                                             print_table=False)
-  plain, _ = evaluate.evaluate_checkpoint(c, str(tmp_path / 'run'), split='test',
-                                          checkpoint_spec='latest', tta='', print_table=False,
-                                          output_dir=str(tmp_path / 'plain'))
+  workdir = str(tmp_path / 'run')
+  with_tta = run.evaluate_checkpoint(workdir, c, split='test', checkpoint_spec='latest',
+                                     tta='flip').report()
+  plain = run.evaluate_checkpoint(workdir, c, split='test', checkpoint_spec='latest',
+                                  tta='').report()
   assert with_tta['accuracy'] == pytest.approx(result['accuracy'], abs=1e-9)
   assert with_tta['loss'] == pytest.approx(result['loss'], rel=1e-5)
   assert abs(plain['loss'] - result['loss']) > 1e-3
@@ -181,8 +180,8 @@ def test_transfer_beats_scratch_on_fashion_mnist_5_to_9(tmp_path, fmnist_dir):
   # The probe changed the head only: every backbone parameter is the source's, bit for bit, and so
   # are the BN statistics (the frozen backbone runs in inference mode).
   from imgcls_jax import transfer
-  src = transfer.read_checkpoint(os.path.join(work, 'source'))
-  probe = transfer.read_checkpoint(os.path.join(work, 'linear_probe_lr0.1'))
+  src = transfer.load_weights(os.path.join(work, 'source'))
+  probe = transfer.load_weights(os.path.join(work, 'linear_probe_lr0.1'))
   for name, value in probe.params.items():
     if name.startswith('fc.'):
       assert not np.allclose(value, src.params[name]), name
