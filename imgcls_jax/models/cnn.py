@@ -45,5 +45,5 @@ class CNN(nnx.Module):
 
 
 def layer_depths(names: list[str]) -> tuple[dict[str, int], int]:
-  """Layer-decay depths: conv layer ``i`` (``convs.i``, ``norms.i``) at ``i + 1``, the head on top."""
+  """Layer-decay depths: conv layer ``i`` (``convs.i``, ``norms.i``) at ``i + 1``; head on top."""
   return layers.block_depths(names, lambda n: layers.list_index(n, ('convs', 'norms')))

@@ -29,7 +29,7 @@ class Downsample(nnx.Module):
 
 class _ResidualBlock(nnx.Module):
   """``relu(layers(x) + shortcut(x))``: conv-BN layers ``conv1, bn1, conv2, bn2, ...`` with a ReLU
-  between them; the last BN's scale starts at zero, so a new block starts as its shortcut."""
+  between them; the last BN's scale starts at zero, so a new block computes relu(shortcut(x))."""
   expansion = 1
 
   @staticmethod

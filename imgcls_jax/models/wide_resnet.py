@@ -67,5 +67,5 @@ class WideResNet(nnx.Module):
 
 
 def layer_depths(names: list[str]) -> tuple[dict[str, int], int]:
-  """Layer-decay depths: ``stem`` 0, block ``i`` at ``i + 1``; the final ``bn`` and ``fc`` on top."""
+  """Layer-decay depths: ``stem`` 0, block ``i`` at ``i + 1``; final ``bn`` and ``fc`` on top."""
   return layers.block_depths(names, lambda n: layers.list_index(n, ('blocks',)), stem=('stem',))
