@@ -167,7 +167,7 @@ def load(workdir: str, config: ml_collections.ConfigDict | None = None, *, step:
   params, _ = weights_lib.merge(abstract.params, source.params, origin=source.origin)
   stats, _ = weights_lib.merge(abstract.batch_stats, source.batch_stats, origin=source.origin,
                                kind='Batch statistic')
-  logging.info('Loaded %s: %s on %s (%d classes), input %s.', source.origin, run.model.name,
+  logging.debug('Loaded %s: %s on %s (%d classes), input %s.', source.origin, run.model.name,
                info.name, info.num_classes, 'x'.join(map(str, shape)))
   return Trained(run=run, info=info, image_shape=shape, native_hw=native,
                  variables=state_lib.InferenceState(params=params, batch_stats=stats),

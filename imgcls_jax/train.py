@@ -167,6 +167,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Returns the final evaluation metrics, or ``{'interrupted_at_step': n}`` after a SIGTERM / SIGINT
   (the loop finishes the current step, saves a checkpoint and returns; rerunning resumes there).
   """
+  if config.get('cross_validation') and config.cross_validation.folds > 0:
+    raise UserError(f'config.cross_validation.folds={config.cross_validation.folds}: k-fold '
+                    'cross-validation is its own entry point; run python -m imgcls_jax.main '
+                    '(--mode=train picks it) or imgcls_jax.cross_validation.cross_validate.')
   workdir = os.path.abspath(workdir)
   s = run.setup(config)
   is_main = jax.process_index() == 0

@@ -109,8 +109,10 @@ def test_cross_validation_end_to_end_and_resume(digits_config, tmp_path, monkeyp
   with open(os.path.join(workdir, 'fold_0', 'report.json')) as f:
     fold0_report = json.load(f)
 
-  # Resuming through the normal train entry point (folds > 0 dispatches to cross-validation).
-  summary = train.train_and_evaluate(config, workdir)
+  # The training loop alone refuses k-fold configs (main's 'train' mode dispatches them).
+  with pytest.raises(UserError, match='k-fold cross-validation is its own entry point'):
+    train.train_and_evaluate(config, workdir)
+  summary = cross_validation.cross_validate(config, workdir)
   assert calls == ['fold_0', 'fold_1']
   # Fold 0 was finished: it was not trained again (no new metrics records).
   assert open(os.path.join(workdir, 'fold_0', 'metrics.jsonl')).read() == fold0_metrics

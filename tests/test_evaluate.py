@@ -239,11 +239,13 @@ def test_a_split_that_does_not_exist_fails_with_one_line(trained, tfds_dir):
   _assert_one_line_error(proc, "Split 'validation' does not exist", 'test, train')
 
 
-def test_flip_tta_is_refused_for_digits(digits_config, tmp_path):
-  os.makedirs(tmp_path / 'checkpoints' / '10')
-  digits_config.evaluate.tta = 'flip'
+@pytest.mark.slow
+def test_flip_tta_is_refused_for_digits(trained):
+  config, workdir, _ = trained
+  config = config.copy_and_resolve_references()
+  config.evaluate.tta = 'flip'
   with pytest.raises(UserError, match='Horizontal flips change the meaning'):
-    evaluate.evaluate(digits_config, str(tmp_path))
+    evaluate.evaluate(config, workdir)
 
 
 def test_curves_mode_needs_metrics(digits_config, tmp_path):

@@ -183,3 +183,21 @@ def test_every_table_entry_has_a_layer_depth_rule():
 def test_layer_depths_of_an_unknown_model_is_a_clear_error():
   with pytest.raises(UserError, match="Unknown model 'resnet51'"):
     models.layer_depths('resnet51', ['fc.kernel'])
+
+
+def test_small_input_conv_exports_without_gathers_and_matches_under_a_symbolic_batch():
+  """A batch-polymorphic export (the exporter's) takes the selection-matmul path: no gather in the
+  StableHLO (TFLite cannot convert one), and the same outputs as the concrete-batch path."""
+  from jax import export as jax_export
+  from imgcls_jax.models import layers
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(3, 2, 2, 4)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(3, 3, 4, 5)), jnp.float32)
+  conv = lambda a: layers.conv_general_dilated(a, kernel, (1, 1), ((1, 1), (1, 1)))  # noqa: E731
+  b, = jax_export.symbolic_shape('b')
+  exported = jax_export.export(jax.jit(conv))(jax.ShapeDtypeStruct((b, 2, 2, 4), jnp.float32))
+  assert not re.search(r'stablehlo\.(dynamic_)?gather', exported.mlir_module())
+  want = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
+                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  np.testing.assert_allclose(exported.call(x), want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(conv(x), want, rtol=1e-5, atol=1e-5)

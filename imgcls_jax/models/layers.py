@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import Any, Callable, Collection
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 # He (Kaiming) normal on fan_out, as torchvision initialises ResNet convolutions.
@@ -16,7 +18,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                          dimension_numbers=None, feature_group_count=1, precision=None,
                          **kwargs) -> jax.Array:
   """``lax.conv_general_dilated``, but a plain stride-1 NHWC conv whose input is spatially smaller
-  than its kernel (e.g. 3x3 on a 2x2 map) is computed as shifted slices + one matmul.
+  than its kernel (e.g. 3x3 on a 2x2 map) is computed as im2col patches + one matmul.
 
   Same maths (only the summation order differs). XLA:CPU otherwise takes a slow path for these
   (58-65 ms vs 1.3 ms per layer measured on 2 cores; benchmarks/NOTES.md); larger inputs, strided,
@@ -33,14 +35,33 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                                         rhs_dilation, dimension_numbers, feature_group_count,
                                         precision=precision, **kwargs)
   (pt, pb), (pl, pr) = padding
-  xp = jnp.pad(lhs, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-  ho, wo = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
-  patches = jnp.concatenate([xp[:, i:i + ho, j:j + wo, :] for i in range(kh) for j in range(kw)],
-                            axis=-1)
+  if isinstance(lhs.shape[0], int):
+    xp = jnp.pad(lhs, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    ho, wo = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
+    patches = jnp.concatenate([xp[:, i:i + ho, j:j + wo, :] for i in range(kh)
+                               for j in range(kw)], axis=-1)
+  else:  # a symbolic (export-polymorphic) batch: slicing it lowers to gathers TFLite lacks
+    patches = _patches_by_selection(lhs, kh, kw, (pt, pb), (pl, pr))
   out_sharding = kwargs.pop('out_sharding', None)
   del out_sharding  # single-device layout detail; the batch dim keeps its sharding through matmul
   return jnp.matmul(patches, rhs.reshape(kh * kw * cin, cout), precision=precision,
                     preferred_element_type=kwargs.get('preferred_element_type'))
+
+
+def _patches_by_selection(lhs: jax.Array, kh: int, kw: int, pad_h: tuple[int, int],
+                          pad_w: tuple[int, int]) -> jax.Array:
+  """The same im2col patches as a 0/1 selection matmul (each entry is one input pixel or a zero
+  pad), free of slices of the batch dimension."""
+  h, w, cin = lhs.shape[1:]
+  ho, wo = h + sum(pad_h) - kh + 1, w + sum(pad_w) - kw + 1
+  select = np.zeros((h * w, ho * wo * kh * kw), np.float32)
+  for oh, ow, i, j in itertools.product(range(ho), range(wo), range(kh), range(kw)):
+    y, x = oh + i - pad_h[0], ow + j - pad_w[0]
+    if 0 <= y < h and 0 <= x < w:
+      select[y * w + x, ((oh * wo + ow) * kh + i) * kw + j] = 1.0
+  patches = jnp.einsum('bpc,pq->bqc', lhs.reshape(lhs.shape[0], h * w, cin),
+                       jnp.asarray(select, lhs.dtype), precision=jax.lax.Precision.HIGHEST)
+  return patches.reshape(lhs.shape[0], ho, wo, kh * kw * cin)
 
 
 def conv(in_ch: int, out_ch: int, kernel: int, *, stride: int = 1, dtype: Any, rngs: nnx.Rngs,
