@@ -154,4 +154,4 @@ def test_cross_validation_end_to_end_and_resume(digits_config, tmp_path, monkeyp
   # Another seed in the same workdir is refused (its folds would differ).
   config.seed = 1
   with pytest.raises(UserError, match='use a new --workdir'):
-    train.train_and_evaluate(config, workdir)
+    cross_validation.cross_validate(config, workdir)
