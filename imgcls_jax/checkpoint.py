@@ -37,6 +37,7 @@ from imgcls_jax.weights import Weights, flatten
 CHECKPOINTS_DIR = 'checkpoints'
 CORRUPT_DIR = 'corrupt_checkpoints'
 CONFIG_FILE = 'config.json'
+SAMPLES_FILE = 'samples.npz'  # a few eval-preprocessed images of each split (export checks, int8)
 
 
 class _NoMissingMetricsWarning(logging.Filter):
@@ -301,6 +302,25 @@ def read_config(workdir: str) -> dict[str, Any] | None:
       return json.load(f)
   except (OSError, ValueError) as e:
     raise UserError(f'Cannot read {path} ({e}); restore it or delete it.') from None
+
+
+def write_samples(workdir: str, arrays: Mapping[str, np.ndarray]) -> None:
+  """``<workdir>/samples.npz``: a few images of the run's data (``eval_images``, ``eval_labels``,
+  ``train_images``, ``train_labels``), so an export can be checked after the data is gone."""
+  path = os.path.join(workdir, SAMPLES_FILE)
+  tmp = path + '.tmp.npz'
+  np.savez_compressed(tmp, **arrays)
+  os.replace(tmp, path)
+
+
+def read_samples(workdir: str) -> dict[str, np.ndarray] | None:
+  """What ``write_samples`` stored; None when the run has none (or it is unreadable)."""
+  path = os.path.join(workdir, SAMPLES_FILE)
+  try:
+    with np.load(path) as f:
+      return {k: f[k] for k in f.files}
+  except (OSError, ValueError, EOFError):
+    return None
 
 
 def require_checkpoint(workdir: str) -> None:

@@ -33,7 +33,8 @@ MODE_SECTIONS = ('evaluate', 'predict', 'export', 'serve')
 # Keys that say where the evaluation data lives now (the run's may have moved), or how to lay the
 # work out on this machine: they may differ from the run's without changing the model.
 LOCATION_KEYS = ('data.data_dir', 'data.manual_dir', 'data.folder', 'data.eval_split',
-                 'data.holdout_fraction', 'data.manifest', 'eval_batch_size', 'mesh.')
+                 'data.holdout_fraction', 'data.holdout_seed', 'data.manifest', 'data.index_cache',
+                 'eval_batch_size', 'mesh.')
 
 
 def effective_config(saved: dict[str, Any] | None, given: ml_collections.ConfigDict | None,

@@ -215,13 +215,21 @@ class Evaluation:
     return rep
 
 
+def _new_image_location(saved: dict[str, Any], overrides: dict[str, Any]) -> bool:
+  """True when the command line points an image-folder run at another folder or manifest."""
+  def where(v: Any) -> str:
+    return os.path.abspath(os.path.expanduser(v)) if v else ''
+  return any(where(overrides[f'data.{k}']) != where(saved.get('data', {}).get(k))
+             for k in ('folder', 'manifest') if f'data.{k}' in overrides)
+
+
 def evaluate_checkpoint(workdir: str, config: ml_collections.ConfigDict | None, *, split: str = '',
                         checkpoint_spec: str = 'latest', tta: str = '',
                         num_bins: int = report.DEFAULT_CALIBRATION_BINS,
                         overrides: dict[str, Any] | None = None) -> Evaluation:
   """Evaluates one checkpoint of ``workdir`` on ``split`` ('' = the run's eval split), every
   example exactly once, on the mesh with the run's parameter placement."""
-  from imgcls_jax.data import pipeline
+  from imgcls_jax.data import pipeline, sources
   workdir = os.path.abspath(workdir)
   checkpoint.require_checkpoint(workdir)
   if num_bins < 1:
@@ -231,14 +239,16 @@ def evaluate_checkpoint(workdir: str, config: ml_collections.ConfigDict | None, 
     step, chosen = choose_step(ckpt, checkpoint_spec, os.path.join(workdir, 'metrics.jsonl'))
   trained = inference.load(workdir, config, step=step, overrides=overrides)
   cfg = trained.run
-  split = split or cfg.data.eval_split
+  new_images = _new_image_location(checkpoint.read_config(workdir) or {}, overrides or {})
+  split = split or (sources.default_eval_split(cfg.data) if new_images else cfg.data.eval_split)
   check_flips(cfg.data, tta)
   s = setup(cfg, trained.info, training=False)
   variables, shardings = place_variables(s, trained.variables)
   eval_step = jit_eval_step(s, shardings, tta=tta, num_bins=num_bins)
   data = pipeline.EvalData(cfg.data, split, local_batch_size=s.local_eval_batch_size,
                            process_index=jax.process_index(), process_count=jax.process_count(),
-                           split_size=None if '@' in split else trained.info.num_examples.get(split))
+                           split_size=sources.split_size(cfg.data, split, trained.info),
+                           info=trained.info)
   sums = eval_sums(eval_step, variables, data.batches(), s.mesh, split)
   return Evaluation(stats=report.stats_to_numpy(sums), trained=trained, split=split, step=step,
                     chosen=chosen, tta=tta, workdir=workdir)

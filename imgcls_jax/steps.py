@@ -95,14 +95,20 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model_def: Mod
     model = model_def.merge(params, state.batch_stats, key)
     logits = model(x, train=not cfg.probe_head)
     new_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
-    return cross_entropy(logits, y).mean(), (logits, new_stats)
+    if weights_B is None:
+      return cross_entropy(logits, y).mean(), (logits, new_stats)
+    return (cross_entropy(logits, y) * weights_B).sum() / count, (logits, new_stats)
 
+  # Image folders mark rows whose file failed to decode (mask False): they add nothing to the loss.
+  weights_B = batch['mask'].astype(jnp.float32) if 'mask' in batch else None
+  count = jnp.maximum(weights_B.sum(), 1.0) if weights_B is not None else None
   (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  correct_B = (jnp.argmax(logits, -1) == batch['label']).astype(jnp.float32)
   metrics = {
       'loss': loss,
-      'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
+      'accuracy': (correct_B.mean() if weights_B is None else (correct_B * weights_B).sum() / count),
       'learning_rate': lr_schedule(state.step),
       'grad_norm': optax.global_norm(grads),
   }

@@ -183,6 +183,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if is_main:
       checkpoint.write_config(workdir, config)
       _rewind_metrics(os.path.join(workdir, 'metrics.jsonl'), start)
+      if checkpoint.read_samples(workdir) is None:  # export checks once the data is gone
+        checkpoint.write_samples(workdir, pipeline.samples(config.data, s.info))
     writer = metrics.MetricWriter(workdir, enabled=is_main, tensorboard=config.tensorboard)
     logging.info('Model %s: %s parameters; %d devices; %d steps (%d per epoch), global batch %d.',
                  config.model.name, f'{state_lib.param_count(state.params):,}', s.mesh.devices.size,

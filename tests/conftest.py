@@ -62,3 +62,10 @@ def subprocess_env(num_devices: int | None = None) -> dict[str, str]:
 
 def pytest_report_header(config):
   return f'jax {jax.__version__}; fake CPU devices for in-process tests: {NUM_FAKE_DEVICES}'
+
+
+# Image-folder indexes are cached per folder (imgcls_jax/data/folder_index.py); keep the tests'
+# out of the user's ~/.cache (children inherit it).
+if 'IMGCLS_JAX_CACHE_DIR' not in os.environ:
+  import tempfile
+  os.environ['IMGCLS_JAX_CACHE_DIR'] = tempfile.mkdtemp(prefix='imgcls_jax_cache_')

@@ -1,6 +1,6 @@
 """The user's image folders: mixed sizes and modes, skipped files reported by count and name,
 clear errors for missing splits and empty classes, and a real training run whose checkpoint
-carries the class names."""
+carries the class names. (Hold-out, manifests, the index cache and masking: test_folder_index.py.)"""
 import glob
 import json
 import logging
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgcls_jax.data import image_folder, pipeline, sources
+from imgcls_jax.data import folder_index, image_folder, pipeline, sources
 from imgcls_jax.errors import UserError
 
 
@@ -69,25 +69,30 @@ def folder_config(digits_config, folder):
   return c
 
 
+def _index(root, split, names=None):
+  src = folder_index.Source(kind='splits', location=root, root=root, train_split='train',
+                            eval_split='test', holdout_fraction=0.0, holdout_seed=0, cache_dir='')
+  folder_index.clear_memo()
+  return folder_index.index(src, split, names or folder_index.class_names(src))
+
+
 def test_scan_skips_and_reports_unreadable_and_non_image_files(folder, caplog):
-  image_folder._CACHE.clear()
-  names = image_folder.class_names(folder, 'train')
-  assert names == ('cat', 'dog')
   with caplog.at_level(logging.WARNING):
-    train = image_folder.scan(folder, 'train', names)
+    train = _index(folder, 'train')
   assert sorted(train.skipped) == [('train/cat/corrupt.jpg', 'cannot be decoded'),
                                    ('train/dog/notes.txt', 'not an image file')]
   message = ' '.join(r.getMessage() for r in caplog.records)
   assert 'skipped 2 file(s)' in message
   assert 'train/cat/corrupt.jpg' in message and 'train/dog/notes.txt' in message
   assert len(train) == 12 and sorted(np.bincount(train.labels)) == [6, 6]
+  assert train.counts == (6, 6)
   assert train.channels_found == {1, 3, 4}
   # (height, width) of every readable image as saved above (PIL sizes are (width, height)).
   assert train.sizes_found == {(30, 20), (25, 40), (33, 33), (48, 17), (24, 24), (29, 31),
                                (16, 16), (18, 18)}
   assert image_folder.channels(train) == 3
-  rel = sorted(os.path.relpath(p, folder) for p in train.paths)
-  assert 'train/dog/sub/deeper.bmp' in rel and 'train/cat/grey.png' in rel
+  assert 'train/dog/sub/deeper.bmp' in train.ids and 'train/cat/grey.png' in train.ids
+  assert sorted(os.path.relpath(p, folder) for p in train.paths) == sorted(train.ids)
 
 
 def test_info_and_exact_once_evaluation(folder_config):
@@ -135,23 +140,33 @@ def test_image_shape_is_known_when_every_image_has_one_size(tmp_path, digits_con
   digits_config.data.name = 'image_folder'
   digits_config.data.folder = root
   assert sources.describe(digits_config.data).image_shape == (7, 10, 3)
-  image_folder._CACHE.clear()
+  folder_index.clear_memo()
   _save(f'{root}/test/b/odd.png', 'RGB', (10, 8), 9)    # one test image of another size
   assert sources.describe(digits_config.data).image_shape == (None, None, 3)
 
 
-def test_every_image_extension_is_tried_and_undecodable_ones_are_reported(tmp_path):
+def test_every_image_extension_in_any_case_trains_and_non_images_are_reported(tmp_path):
   root = str(tmp_path / 'formats')
   for k in range(2):
     _save(f'{root}/train/a/{k}.png', 'RGB', (9, 9), k)
-  _save(f'{root}/train/a/photo.webp', 'RGB', (9, 9), 3, 'WEBP')   # TensorFlow decodes WebP
-  _save(f'{root}/train/a/scan.TIFF', 'RGB', (9, 9), 4, 'TIFF')    # ... but not TIFF
+  _save(f'{root}/train/a/photo.webp', 'RGB', (9, 9), 3, 'WEBP')
+  _save(f'{root}/train/a/scan.TIFF', 'RGB', (9, 9), 4, 'TIFF')   # PIL decodes what TF cannot
+  deep = (np.arange(81, dtype=np.uint16).reshape(9, 9) * 800)    # 16-bit grey, full range
+  Image.fromarray(deep).save(f'{root}/train/a/grey16.tif')
+  _save(f'{root}/train/a/frame.PPM', 'RGB', (9, 9), 6, 'PPM')
   with open(f'{root}/train/a/notes.md', 'w') as f:
     f.write('# not an image\n')
-  train = image_folder.scan(root, 'train', ('a',))
-  assert sorted(os.path.basename(p) for p in train.paths) == ['0.png', '1.png', 'photo.webp']
-  assert sorted(train.skipped) == [('train/a/notes.md', 'not an image file'),
-                                   ('train/a/scan.TIFF', 'cannot be decoded')]
+  train = _index(root, 'train', ('a',))
+  assert sorted(os.path.basename(p) for p in train.paths) == [
+      '0.png', '1.png', 'frame.PPM', 'grey16.tif', 'photo.webp', 'scan.TIFF']
+  assert train.skipped == (('train/a/notes.md', 'not an image file'),)
+  decoded = {os.path.basename(p): ex['image'] for p, ex in zip(
+      train.paths, image_folder.dataset(train, 3).as_numpy_iterator())}
+  for name in ('scan.TIFF', 'photo.webp', 'frame.PPM'):
+    assert decoded[name].shape == (9, 9, 3)
+  np.testing.assert_array_equal(decoded['grey16.tif'][..., 0], deep // 257)
+  np.testing.assert_array_equal(decoded['scan.TIFF'],
+                                np.asarray(Image.open(f'{root}/train/a/scan.TIFF').convert('RGB')))
 
 
 def test_different_sizes_without_a_resize_op_is_a_user_error(folder_config):
@@ -170,7 +185,7 @@ def test_folder_errors(tmp_path, folder_config, folder):
   with pytest.raises(UserError, match='does not exist; point config.data.folder'):
     sources.describe(c.data)
   c.data.folder = None
-  with pytest.raises(UserError, match='config.data.folder is not set'):
+  with pytest.raises(UserError, match='neither config.data.folder nor config.data.manifest is set'):
     sources.describe(c.data)
 
   empty = str(tmp_path / 'empty_class')
@@ -179,20 +194,27 @@ def test_folder_errors(tmp_path, folder_config, folder):
   with open(f'{empty}/train/bird/readme.txt', 'w') as f:
     f.write('no images yet')
   c.data.folder = empty
-  with pytest.raises(UserError, match='bird of split .train. .* hold no readable images'):
+  with pytest.raises(UserError, match='bird of split .train. .* have no readable images'):
     sources.describe(c.data)
 
   extra = str(tmp_path / 'extra_class')
   make_folder(extra, bad_files=False)
   _save(f'{extra}/test/fox/0.png', 'RGB', (9, 9), 0)
   c.data.folder = extra
-  with pytest.raises(UserError, match='classes the training split lacks \\(fox\\)'):
+  with pytest.raises(UserError, match='classes the model does not know \\(fox\\)'):
     sources.describe(c.data)
 
   no_classes = str(tmp_path / 'flat')
   _save(f'{no_classes}/train/0.png', 'RGB', (9, 9), 0)
   c.data.folder = no_classes
   with pytest.raises(UserError, match='has no class sub-directories'):
+    sources.describe(c.data)
+
+  no_splits = str(tmp_path / 'classes_only')   # <class>/* without hold-out: no eval split
+  _save(f'{no_splits}/a/0.png', 'RGB', (9, 9), 0)
+  _save(f'{no_splits}/b/0.png', 'RGB', (9, 9), 1)
+  c.data.folder = no_splits
+  with pytest.raises(UserError, match='set config.data.holdout_fraction'):
     sources.describe(c.data)
 
 
@@ -204,7 +226,7 @@ def test_even_slices_match_tfds_semantics():
 @pytest.mark.slow
 def test_training_from_a_folder_with_bad_files_keeps_class_names(folder_config, tmp_path, caplog):
   from imgcls_jax import train
-  image_folder._CACHE.clear()
+  folder_index.clear_memo()
   c = folder_config
   c.num_train_steps = 6
   workdir = str(tmp_path / 'run')
@@ -219,15 +241,17 @@ def test_training_from_a_folder_with_bad_files_keeps_class_names(folder_config, 
   assert meta['class_names'] == ['cat', 'dog'] and meta['num_classes'] == 2
 
 
-def test_uncached_stream_decodes_fused_and_is_deterministic(folder_config):
-  folder_config.data.cache = False  # decoding happens in the stream, fused with the crop
+def test_uncached_stream_is_deterministic_and_equals_the_cached_one(folder_config):
+  folder_config.data.cache = False  # decoding happens in the stream
   def first_batches():
     ds, _ = pipeline.train_dataset(folder_config.data, seed=3, local_batch_size=6)
     return [b for _, b in zip(range(3), ds.as_numpy_iterator())]
   a, b = first_batches(), first_batches()
   for x, y in zip(a, b):
     np.testing.assert_array_equal(x['image'], y['image'])
-    assert x['image'].shape == (6, 16, 16, 3)
+    assert x['image'].shape == (6, 16, 16, 3) and x['mask'].all()
   folder_config.data.cache = True
   cached, _ = pipeline.train_dataset(folder_config.data, seed=3, local_batch_size=6)
-  np.testing.assert_array_equal(next(cached.as_numpy_iterator())['label'], a[0]['label'])
+  first = next(cached.as_numpy_iterator())
+  np.testing.assert_array_equal(first['label'], a[0]['label'])
+  np.testing.assert_array_equal(first['image'], a[0]['image'])

@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from imgcls_jax.data import image_folder, sources
+from imgcls_jax.data import folder_index, image_folder, sources
 from imgcls_jax.errors import UserError
 
 
@@ -39,9 +39,11 @@ class Folds:
 
 def read_ids_and_labels(data: ml_collections.ConfigDict, split: str) -> tuple[list[str], np.ndarray]:
   """(tfds ids, labels) of every example of ``split``, sorted by id; images are not decoded."""
-  if image_folder.is_folder(data):
-    raise UserError('Cross-validation reads tfds datasets only; for an image folder, set '
-                    'config.cross_validation.folds=0 and make the folds as split directories.')
+  if image_folder.is_folder(data):  # ids are paths relative to the folder / manifest
+    src = folder_index.source_of(data)
+    indexed = folder_index.index(src, split, folder_index.class_names(src))
+    pairs = sorted(zip(indexed.ids, indexed.labels))
+    return [i for i, _ in pairs], np.array([y for _, y in pairs], np.int64)
   b = sources.builder(data)
   sources.check_split(b, split, data.name)
   image_key, label_key = sources.supervised_keys(b, data.name)

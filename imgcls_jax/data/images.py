@@ -44,6 +44,8 @@ def decode(data: bytes | str, *, channels: int, size_hw: tuple[int, int] | None 
         raise ImageTooLarge(f'an image of {img.width}x{img.height} pixels, more than the limit '
                             f'of {max_pixels}')
       img = ImageOps.exif_transpose(img)
+      if img.mode.startswith('I;16'):  # 16-bit grey (scans, medical): full range to 8 bits
+        img = Image.fromarray((np.asarray(img, np.uint32) // 257).astype(np.uint8))
       mode = 'L' if channels == 1 else 'RGB'
       if img.mode in ('P', 'PA', 'LA') and mode == 'RGB':
         img = img.convert('RGBA')

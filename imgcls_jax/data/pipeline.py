@@ -27,6 +27,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from imgcls_jax.data import info, pp, sources
+from imgcls_jax.data import info as info_lib
 from imgcls_jax.errors import UserError
 
 Batch = dict[str, np.ndarray]
@@ -88,7 +89,8 @@ def train_dataset(data: ml_collections.ConfigDict, *, seed: int, local_batch_siz
   lo, hi = process_index * local_batch_size, (process_index + 1) * local_batch_size
   # Without a cache, images are decoded in the stream; a leading random_resized_crop then fuses
   # with decoding (JPEGs decode only the crop window): the same crops, less work.
-  fuse = not data.cache and pp.fuses_with_decoding(data.train_preprocess)
+  fuse = (not data.cache and pp.fuses_with_decoding(data.train_preprocess)
+          and sources.can_defer_decoding(data))
   augment = (pp.compose(data.train_preprocess,
                         decode_channels=sources.describe(data).channels if fuse else None)
              if data.train_preprocess or fuse else None)
@@ -138,17 +140,25 @@ def _slice_stream(data: ml_collections.ConfigDict, augment: Any, *, decode: bool
 
   if augment is None:  # nothing to do per example: batch first, then drop the indices per batch
     check_fixed_size(ds.map(lambda e, i, ex: ex), data, 'train_preprocess')
-    ds = ds.batch(last - first, drop_remainder=True).map(
-        lambda e, i, ex: {'image': ex['image'], 'label': ex['label']})
+    ds = ds.batch(last - first, drop_remainder=True).map(lambda e, i, ex: _train_row(ex))
     return ds, n
 
   def preprocess(e, i, ex):
     ex_seed = tf.stack([tf.cast(seed, tf.int64), (e * n + i) * shards + shard])
-    return {'image': augment(ex['image'], ex_seed), 'label': ex['label']}
+    return _train_row(ex, augment(ex['image'], ex_seed))
 
   ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   check_fixed_size(ds, data, 'train_preprocess')
   return ds.batch(last - first, drop_remainder=True), n
+
+
+def _train_row(ex: dict[str, tf.Tensor], image: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
+  """What the train step gets: image, label, and (image folders) ``mask``: False for a file that
+  failed to decode, whose row the loss ignores."""
+  row = {'image': ex['image'] if image is None else image, 'label': ex['label']}
+  if 'valid' in ex:
+    row['mask'] = ex['valid']
+  return row
 
 
 def check_fixed_size(ds: tf.data.Dataset, data: ml_collections.ConfigDict, key: str) -> None:
@@ -166,14 +176,19 @@ class EvalData:
 
   def __init__(self, data: ml_collections.ConfigDict, split: str, *, local_batch_size: int,
                process_index: int = 0, process_count: int = 1,
-               split_size: int | None = None):
+               split_size: int | None = None, info: info_lib.DatasetInfo | None = None):
     self.split = split
     self.local_batch_size = local_batch_size
-    ds = sources.read(data, split, process_index, process_count, drop_remainder=False)
+    # ``info``: a trained run's classes and channels (evaluating it on another image folder).
+    ds = sources.read(data, split, process_index, process_count, drop_remainder=False, info=info)
     preprocess = pp.compose(data.eval_preprocess)
     seed0 = tf.zeros([2], tf.int64)
-    ds = ds.map(lambda ex: {'image': preprocess(ex['image'], seed0), 'label': ex['label']},
-                num_parallel_calls=tf.data.AUTOTUNE)
+    def row(ex):
+      out = {'image': preprocess(ex['image'], seed0), 'label': ex['label']}
+      if 'valid' in ex:  # image folders: False for a file that failed to decode
+        out['valid'] = ex['valid']
+      return out
+    ds = ds.map(row, num_parallel_calls=tf.data.AUTOTUNE)
     check_fixed_size(ds, data, 'eval_preprocess')
     self._ds = ds.batch(local_batch_size).prefetch(data.prefetch).with_options(_options())
     # Every process must run the same number of eval steps: pad with empty batches up to the
@@ -195,6 +210,27 @@ class EvalData:
       emitted += 1
 
 
+def samples(data: ml_collections.ConfigDict, info: info_lib.DatasetInfo, *, eval_count: int = 64,
+            train_count: int = 256) -> dict[str, np.ndarray]:
+  """The first images of the eval and train splits, eval-preprocessed (uint8 NxHxWxC), with their
+  labels: what a run directory keeps so its export can be checked (and int8-calibrated) after the
+  data is gone."""
+  data = ml_collections.ConfigDict(data.to_dict())
+  data.cache = False  # a partial pass over a cached dataset would only be thrown away
+  out: dict[str, np.ndarray] = {}
+  for name, split, n in (('eval', data.eval_split, eval_count), ('train', data.train_split,
+                                                                  train_count)):
+    images, labels = [], []
+    for batch in EvalData(data, split, local_batch_size=min(n, 64), info=info).batches():
+      images.append(batch['image'][batch['mask']])
+      labels.append(batch['label'][batch['mask']])
+      if sum(map(len, labels)) >= n:
+        break
+    out[f'{name}_images'] = np.concatenate(images)[:n]
+    out[f'{name}_labels'] = np.concatenate(labels)[:n].astype(np.int32)
+  return out
+
+
 def _pad(batch: Batch, size: int, real: int) -> Batch:
   out: dict[str, Any] = {}
   for k, v in batch.items():
@@ -202,4 +238,6 @@ def _pad(batch: Batch, size: int, real: int) -> Batch:
     pad = np.zeros((size - real,) + v.shape[1:], v.dtype)
     out[k] = np.concatenate([v, pad]) if real < size else v
   out['mask'] = np.arange(size) < real
+  if 'valid' in out:  # a file that failed to decode is not an example
+    out['mask'] &= out.pop('valid').astype(bool)
   return out

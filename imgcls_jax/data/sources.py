@@ -15,7 +15,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from imgcls_jax.data import digits as _digits  # noqa: F401  (registers sklearn_digits)
-from imgcls_jax.data import image_folder, prepare_fashion_mnist
+from imgcls_jax.data import folder_index, image_folder, prepare_fashion_mnist
 from imgcls_jax.data.info import NO_FLIP_DATASETS, DatasetInfo
 from imgcls_jax.errors import UserError
 
@@ -91,14 +91,18 @@ def check_split(b: tfds.core.DatasetBuilder, split: str, name: str) -> None:
 
 
 def _describe_folder(data: ml_collections.ConfigDict) -> DatasetInfo:
-  root = image_folder.root_of(data)
-  names = image_folder.class_names(root, data.train_split)
-  splits = [image_folder.scan(root, split, names) for split in (data.train_split, data.eval_split)]
+  src = folder_index.source_of(data)
+  names = folder_index.class_names(src)
+  specs = (data.train_split, data.eval_split)
+  splits = [folder_index.index(src, spec.split('@')[0], names) for spec in specs]
   channels = image_folder.channels(splits[0])  # decided by the training split
-  return DatasetInfo(name=f'{image_folder.NAME}:{root}', num_classes=len(names), class_names=names,
-                     image_shape=image_folder.image_shape(splits, channels),
-                     num_examples={s.split: len(s) for s in splits},
-                     mirror_safe=data.name not in NO_FLIP_DATASETS)
+  sizes = {}
+  for spec, s in zip(specs, splits):
+    # 'SPLIT@IDS_FILE' (a cross-validation fold): the listed images of SPLIT.
+    sizes[spec] = len(s) if '@' not in spec else len(set(s.ids) & set(_ids(spec.split('@', 1)[1])))
+  return DatasetInfo(name=f'{image_folder.NAME}:{src.location}', num_classes=len(names),
+                     class_names=names, image_shape=image_folder.image_shape(splits, channels),
+                     num_examples=sizes, mirror_safe=data.name not in NO_FLIP_DATASETS)
 
 
 def describe(data: ml_collections.ConfigDict) -> DatasetInfo:
@@ -122,24 +126,58 @@ def describe(data: ml_collections.ConfigDict) -> DatasetInfo:
                      num_examples=sizes, mirror_safe=data.name not in NO_FLIP_DATASETS)
 
 
+def default_eval_split(data: ml_collections.ConfigDict) -> str:
+  """The split to evaluate a model on when ``data`` points at new images: ``data.eval_split``,
+  except for an image folder without split directories (or a manifest without a split column),
+  where it is every image (``'all'``)."""
+  if image_folder.is_folder(data) and not folder_index.has_splits(folder_index.source_of(data)):
+    return folder_index.ALL
+  return data.eval_split
+
+
+def split_size(data: ml_collections.ConfigDict, split: str,
+               info: DatasetInfo | None = None) -> int | None:
+  """Examples in ``split`` of ``data`` (None when the dataset does not say), with ``info`` (a
+  trained run's) fixing an image folder's classes."""
+  if image_folder.is_folder(data):
+    src = folder_index.source_of(data)
+    names = info.class_names if info is not None else folder_index.class_names(src)
+    base, _, ids_file = split.partition('@')
+    indexed = folder_index.index(src, base, names)
+    return len(indexed) if not ids_file else len(set(indexed.ids) & set(_ids(ids_file)))
+  if '@' in split:
+    return None
+  try:
+    return int(builder(data).info.splits[split].num_examples)
+  except (KeyError, ValueError, TypeError):
+    return None
+
+
 def _selector(image_key: str, label_key: str) -> Any:
   def select(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-    return {'image': example[image_key], 'label': tf.cast(example[label_key], tf.int32)}
+    out = {'image': example[image_key], 'label': tf.cast(example[label_key], tf.int32)}
+    if 'valid' in example:  # image folders: False where a file failed to decode
+      out['valid'] = example['valid']
+    return out
   return select
 
 
 def _read_folder(data: ml_collections.ConfigDict, split: str, process_index: int,
-                 process_count: int, drop_remainder: bool, decode: bool) -> tf.data.Dataset:
-  root = image_folder.root_of(data)
-  names = image_folder.class_names(root, data.train_split)
-  channels = image_folder.channels(image_folder.scan(root, data.train_split, names))
-  return image_folder.dataset(image_folder.scan(root, split, names), channels,
+                 process_count: int, drop_remainder: bool,
+                 info: DatasetInfo | None) -> tf.data.Dataset:
+  src = folder_index.source_of(data)
+  if info is not None:  # a trained model's classes and channels, whatever this folder holds
+    names, channels = info.class_names, info.channels
+  else:
+    names = folder_index.class_names(src)
+    channels = image_folder.channels(folder_index.index(src, data.train_split, names))
+  return image_folder.dataset(folder_index.index(src, split, names), channels,
                               process_index=process_index, process_count=process_count,
-                              drop_remainder=drop_remainder, decode=decode)
+                              drop_remainder=drop_remainder)
 
 
-def _only_ids(ids_file: str) -> Any:
-  """Predicate keeping the examples whose tfds id is listed (one per line) in ``ids_file``."""
+def _ids(ids_file: str) -> list[str]:
+  """The example ids listed (one per line) in ``ids_file``."""
   try:
     with tf.io.gfile.GFile(ids_file) as f:
       ids = [line.strip() for line in f if line.strip()]
@@ -148,21 +186,36 @@ def _only_ids(ids_file: str) -> Any:
   if not ids:
     raise UserError(f"The example-id file '{ids_file}' (split '...@{ids_file}') is missing or "
                     'empty; give a file of tfds ids, one per line (see imgcls_jax/data/folds.py).')
+  return ids
+
+
+def _only_ids(ids_file: str) -> Any:
+  """Predicate keeping the examples whose tfds id is listed (one per line) in ``ids_file``."""
+  ids = _ids(ids_file)
   table = tf.lookup.StaticHashTable(
       tf.lookup.KeyValueTensorInitializer(tf.constant(ids), tf.ones([len(ids)], tf.int32)), 0)
   return lambda ex: table.lookup(ex['tfds_id']) > 0
 
 
+def can_defer_decoding(data: ml_collections.ConfigDict) -> bool:
+  """True when ``read(..., decode=False)`` gives encoded bytes (tfds); image folders always
+  decode with PIL (EXIF orientation, every format), so their crops never fuse with decoding."""
+  return not image_folder.is_folder(data)
+
+
 def read(data: ml_collections.ConfigDict, split: str, process_index: int, process_count: int,
-         drop_remainder: bool, decode: bool = True) -> tf.data.Dataset:
-  """This process's part of ``split`` as ``{'image': uint8 HxWxC, 'label': int32}``, in a fixed
-  order (a tfds dataset, or an image folder when ``data.name == 'image_folder'``). With
-  ``decode=False`` 'image' holds the encoded bytes (decoded later, fused with cropping)."""
+         drop_remainder: bool, decode: bool = True,
+         info: DatasetInfo | None = None) -> tf.data.Dataset:
+  """This process's part of ``split`` as ``{'image': uint8 HxWxC, 'label': int32}`` (image
+  folders add ``'valid'``: False for a file that failed to decode), in a fixed order. With
+  ``decode=False`` (only where ``can_defer_decoding``) 'image' holds the encoded bytes (decoded
+  later, fused with cropping). ``info`` (a trained run's) fixes an image folder's class names and
+  channels, e.g. to evaluate a model on a second folder."""
   # 'SPLIT@IDS_FILE' reads only the examples of SPLIT whose tfds ids IDS_FILE lists, in their
   # usual order (cross-validation folds: imgcls_jax/data/folds.py).
   split, ids_file = split.split('@', 1) if '@' in split else (split, None)
   if image_folder.is_folder(data):  # its examples always carry 'tfds_id' (the relative path)
-    ds = _read_folder(data, split, process_index, process_count, drop_remainder, decode)
+    ds = _read_folder(data, split, process_index, process_count, drop_remainder, info)
     keys = ('image', 'label')
   else:
     b = builder(data)
