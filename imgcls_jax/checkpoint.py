@@ -356,8 +356,9 @@ def finished_steps(directory: str) -> list[int]:
                 if d.isdigit() and os.path.isdir(os.path.join(directory, d, 'state')))
 
 
-def read_weights(path: str, step: int | None = None) -> Weights:
-  """Parameters, batch statistics and meta of a checkpoint, as numpy (no optimizer state).
+def read_weights(path: str, step: int | None = None, *, ema: bool = False) -> Weights:
+  """Parameters, batch statistics and meta of a checkpoint, as numpy (no optimizer state); with
+  ``ema`` the weight EMA's (a UserError when the run kept none).
 
   ``path`` is a run directory, its ``checkpoints`` directory or one step directory; ``step``
   (default: the one in ``path``, else the latest) picks the checkpoint. Any device layout works.
@@ -379,12 +380,18 @@ def read_weights(path: str, step: int | None = None) -> Weights:
   origin = f'checkpoint {step} of {directory}'
   try:
     tree = ocp.PyTreeCheckpointHandler().metadata(step_dir / 'state').tree
+    if ema and not tree.get('ema'):
+      raise UserError(f'{origin} holds no weight EMA (the run had config.ema.decay=0); use its '
+                      'weights (--config.ema.inference=False).')
     item = {k: tree[k] for k in ('params', 'batch_stats') if k in tree}
-    if 'params' not in item:
+    if ema:
+      item = {'ema': {k: v for k, v in tree['ema'].items() if k in ('params', 'batch_stats')}}
+    elif 'params' not in item:
       raise KeyError('params')
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
     restored = ocp.PyTreeCheckpointer().restore(step_dir / 'state', args=ocp.args.PyTreeRestore(
         item=item, restore_args=restore_args, partial_restore=True))
+    restored = restored['ema'] if ema else restored
     meta = {}
     if (step_dir / 'meta').exists():
       meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(

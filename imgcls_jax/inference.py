@@ -32,7 +32,7 @@ from imgcls_jax.errors import UserError
 MODE_SECTIONS = ('evaluate', 'predict', 'export', 'serve')
 # Keys that say where the evaluation data lives now (the run's may have moved), or how to lay the
 # work out on this machine: they may differ from the run's without changing the model.
-LOCATION_KEYS = ('data.data_dir', 'data.manual_dir', 'data.folder', 'data.eval_split',
+LOCATION_KEYS = ('ema.inference', 'data.data_dir', 'data.manual_dir', 'data.folder', 'data.eval_split',
                  'data.holdout_fraction', 'data.holdout_seed', 'data.manifest', 'data.index_cache',
                  'eval_batch_size', 'mesh.')
 
@@ -148,6 +148,8 @@ def load(workdir: str, config: ml_collections.ConfigDict | None = None, *, step:
   saved = meta.get('config') if isinstance(meta.get('config'), dict) else checkpoint.read_config(
       workdir)
   run = effective_config(saved, config, overrides)
+  if steps.ema_decay(run) > 0 and run.ema.get('inference', True):  # the averaged weights
+    source = dataclasses.replace(checkpoint.read_weights(workdir, step, ema=True), meta=meta)
   if meta.get('dataset_info'):
     info = DatasetInfo.from_json(meta['dataset_info'])
     native = tuple(meta['native_hw']) if meta.get('native_hw') else None

@@ -75,6 +75,7 @@ def setup(config: ml_collections.ConfigDict, info: DatasetInfo | None = None, *,
   if not training:
     return s
   s.local_batch_size = sharding.local_batch_size(config.batch_size, mesh)
+  _check_ema_and_accumulation(config, s.step_cfg, mesh.devices.size)
   if steps_per_epoch is None:
     from imgcls_jax.data import pipeline
     n_local = pipeline.examples_per_process(config.data, config.data.train_split,
@@ -88,6 +89,17 @@ def setup(config: ml_collections.ConfigDict, info: DatasetInfo | None = None, *,
   s.tx = optim.build(config.optim, s.lr_schedule, config.get('transfer'),
                      layer_depths=functools.partial(models.layer_depths, config.model.name))
   return s
+
+
+def _check_ema_and_accumulation(config: ml_collections.ConfigDict, cfg: steps.StepConfig,
+                                devices: int) -> None:
+  if not 0.0 <= cfg.ema_decay < 1.0:
+    raise UserError(f'config.ema.decay={cfg.ema_decay} must be in [0, 1) (0 = off; e.g. 0.999).')
+  k, per_device = cfg.accumulation, config.batch_size // devices
+  if k < 1 or per_device % k:
+    raise UserError(f'config.grad_accumulation_steps={k} must be >= 1 and divide the batch per '
+                    f'device ({per_device} = batch_size {config.batch_size} / {devices} devices); '
+                    'change one of them.')
 
 
 def _probe_head(config: ml_collections.ConfigDict, model_fn: state_lib.ModelFn) -> str:
@@ -122,8 +134,9 @@ def restore_or_init(s: Setup, ckpt: checkpoint.Checkpointer) -> tuple[Any, Any]:
   Damaged checkpoints are skipped with a warning (previous one used); one written by another
   model/dataset is a UserError naming what differs.
   """
+  ema = s.step_cfg.ema_decay > 0
   target, shardings = state_lib.abstract_state(s.model_fn, s.tx, s.config.seed, s.mesh,
-                                               s.placement)
+                                               s.placement, ema=ema)
   logging.info('Train state: %.2f MiB per device (%s placement over %d devices).',
                sharding.planned_bytes_per_device(target, shardings) / 2**20, s.placement.mode,
                s.mesh.devices.size)
@@ -131,7 +144,8 @@ def restore_or_init(s: Setup, ckpt: checkpoint.Checkpointer) -> tuple[Any, Any]:
   if restored is not None:
     logging.info('Resuming from step %d.', restored.step)
     return restored.state, shardings
-  state, shardings = state_lib.create(s.model_fn, s.tx, s.config.seed, s.mesh, s.placement)
+  state, shardings = state_lib.create(s.model_fn, s.tx, s.config.seed, s.mesh, s.placement,
+                                      ema=ema)
   if s.config.get('transfer') and s.config.transfer.init_from:
     from imgcls_jax import transfer  # weights from another run or a torch file; new head
     state = transfer.init_state(state, shardings, s.config.transfer, s.tx)
@@ -204,12 +218,13 @@ class Evaluation:
   chosen: str
   tta: str
   workdir: str
+  dataset: str = ''   # what was evaluated ('' = the run's own dataset)
 
   def report(self, top_confused: int = 10) -> dict[str, Any]:
     """The full report (``report.summarize``) with what was evaluated as its ``context``."""
     info, cfg = self.trained.info, self.trained.run
     rep = report.summarize(self.stats, info.class_names, top_confused=top_confused)
-    rep['context'] = {'dataset': info.name, 'split': self.split, 'checkpoint_step': self.step,
+    rep['context'] = {'dataset': self.dataset or info.name, 'split': self.split, 'checkpoint_step': self.step,
                       'checkpoint': self.chosen, 'tta': self.tta or 'none',
                       'model': cfg.model.name, 'workdir': self.workdir}
     return rep
@@ -251,4 +266,4 @@ def evaluate_checkpoint(workdir: str, config: ml_collections.ConfigDict | None, 
                            info=trained.info)
   sums = eval_sums(eval_step, variables, data.batches(), s.mesh, split)
   return Evaluation(stats=report.stats_to_numpy(sums), trained=trained, split=split, step=step,
-                    chosen=chosen, tta=tta, workdir=workdir)
+                    chosen=chosen, tta=tta, workdir=workdir, dataset=sources.dataset_name(cfg.data))

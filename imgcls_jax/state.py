@@ -28,6 +28,13 @@ class TrainState(flax.struct.PyTreeNode):
   batch_stats: Any         # pure dict of nnx.BatchStat values (BN running mean/var)
   opt_state: Any           # optax state
   rng: jax.Array           # uint32[2] raw key; per-step keys are fold_in(rng, step)
+  # Weight EMA (config.ema.decay > 0): {'params': ..., 'batch_stats': ...} averaged every step;
+  # None when off (no leaves: the checkpoint holds nothing for it).
+  ema: Any = None
+
+  def ema_variables(self) -> 'InferenceState':
+    """The EMA weights as an InferenceState (needs EMA on)."""
+    return InferenceState(params=self.ema['params'], batch_stats=self.ema['batch_stats'])
 
 
 class InferenceState(flax.struct.PyTreeNode):
@@ -88,8 +95,9 @@ def param_names(model_fn: ModelFn) -> list[str]:
 
 
 def init_fn(model_fn: ModelFn, tx: optax.GradientTransformation,
-            seed: int) -> Callable[[], TrainState]:
-  """A pure function building the initial state from ``seed``."""
+            seed: int, ema: bool = False) -> Callable[[], TrainState]:
+  """A pure function building the initial state from ``seed`` (with an EMA copy of the weights
+  when ``ema``)."""
   def init() -> TrainState:
     key = jax.random.key(seed)
     model = model_fn(rngs=nnx.Rngs(params=jax.random.fold_in(key, 0),
@@ -97,8 +105,15 @@ def init_fn(model_fn: ModelFn, tx: optax.GradientTransformation,
     _, params, batch_stats, _ = _split(model)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                       opt_state=tx.init(params),
-                      rng=jax.random.key_data(jax.random.fold_in(key, 2)))
+                      rng=jax.random.key_data(jax.random.fold_in(key, 2)),
+                      ema=ema_copy(params, batch_stats) if ema else None)
   return init
+
+
+def ema_copy(params: Any, batch_stats: Any) -> dict[str, Any]:
+  """The EMA's starting point: the weights themselves (as new arrays)."""
+  return {'params': jax.tree.map(jnp.copy, params),
+          'batch_stats': jax.tree.map(jnp.copy, batch_stats)}
 
 
 def _shardings(abstract: Any, mesh: Mesh, param_sharding: sharding.ParamSharding) -> Any:
@@ -106,23 +121,23 @@ def _shardings(abstract: Any, mesh: Mesh, param_sharding: sharding.ParamSharding
 
 
 def create(model_fn: ModelFn, tx: optax.GradientTransformation, seed: int, mesh: Mesh,
-           param_sharding: sharding.ParamSharding = sharding.ParamSharding()
+           param_sharding: sharding.ParamSharding = sharding.ParamSharding(), *, ema: bool = False
            ) -> tuple[TrainState, Any]:
   """(initial state placed with its shardings, the shardings pytree).
 
   ``param_sharding`` picks replicated or FSDP placement (``sharding.ParamSharding.from_config``).
   """
-  init = init_fn(model_fn, tx, seed)
+  init = init_fn(model_fn, tx, seed, ema)
   abstract = jax.eval_shape(init)
   shardings = _shardings(abstract, mesh, param_sharding)
   return jax.jit(init, out_shardings=shardings)(), shardings
 
 
 def abstract_state(model_fn: ModelFn, tx: optax.GradientTransformation, seed: int, mesh: Mesh,
-                   param_sharding: sharding.ParamSharding = sharding.ParamSharding()
-                   ) -> tuple[TrainState, Any]:
+                   param_sharding: sharding.ParamSharding = sharding.ParamSharding(), *,
+                   ema: bool = False) -> tuple[TrainState, Any]:
   """(ShapeDtypeStruct state carrying shardings, the shardings): a restore target."""
-  abstract = jax.eval_shape(init_fn(model_fn, tx, seed))
+  abstract = jax.eval_shape(init_fn(model_fn, tx, seed, ema))
   shardings = _shardings(abstract, mesh, param_sharding)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract, shardings)

@@ -31,6 +31,9 @@ class StepConfig:
   # frozen and the model runs in inference mode (running BN statistics, no dropout). '' = off.
   probe_head: str = ''
   device_flip: bool = False                 # random horizontal flip per example, in the step
+  ema_decay: float = 0.0                    # weight EMA after every step (0: off)
+  ema_warmup: bool = True                   # decay_t = min(decay, (1 + t) / (10 + t))
+  accumulation: int = 1                     # micro-batches per step (gradients summed)
 
 
 def step_config(config: Any, num_classes: int, *, probe_head: str = '') -> StepConfig:
@@ -42,7 +45,16 @@ def step_config(config: Any, num_classes: int, *, probe_head: str = '') -> StepC
                     compute_dtype=config.dtype,
                     mix=mixup.from_config(config.get('mixup')),
                     probe_head=probe_head,
-                    device_flip=config.data.get('device_preprocess', '') == 'flip_lr')
+                    device_flip=config.data.get('device_preprocess', '') == 'flip_lr',
+                    ema_decay=ema_decay(config), ema_warmup=bool(config.get('ema', {}).get(
+                        'warmup', True)),
+                    accumulation=int(config.get('grad_accumulation_steps', 1) or 1))
+
+
+def ema_decay(config: Any) -> float:
+  """``config.ema.decay`` (0.0 when the config has no EMA section: older runs)."""
+  ema = config.get('ema')
+  return float(ema.get('decay', 0.0)) if ema else 0.0
 
 
 # fold_in data for the mixup / cutmix key; the dropout streams use fold_in(key, 0..n) instead.
@@ -74,11 +86,18 @@ def cross_entropy(logits_BxK: jax.Array, targets_BxK: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy(logits_BxK.astype(jnp.float32), targets_BxK)
 
 
+def _micro_batches(tree: Any, k: int) -> Any:
+  """``B x ...`` arrays -> ``k x B/k x ...``: micro-batch j holds rows j, k + j, 2k + j, ... (each
+  device keeps its own rows: no data moves between devices)."""
+  return jax.tree.map(lambda a: a.reshape(a.shape[0] // k, k, *a.shape[1:]).swapaxes(0, 1), tree)
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model_def: ModelDef,
                tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
                cfg: StepConfig) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on a global batch; BN statistics are taken over the whole global batch
-  (a linear probe, ``cfg.probe_head``, keeps the source model's statistics instead)."""
+  (over each micro-batch with ``cfg.accumulation`` > 1; a linear probe, ``cfg.probe_head``, keeps
+  the source model's statistics instead)."""
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   images = batch['image']
   if cfg.device_flip:
@@ -87,34 +106,65 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model_def: Mod
   y = targets(batch['label'], cfg)
   if cfg.mix is not None:  # soft targets from mixed pairs of the global batch
     x, y = mixup.apply(jax.random.fold_in(key, MIX_STREAM), x, y, cfg.mix)
+  # Image folders mark rows whose file failed to decode (mask False): they add nothing to the loss.
+  weights_B = batch['mask'].astype(jnp.float32) if 'mask' in batch else jnp.ones(x.shape[:1])
+  count = jnp.maximum(weights_B.sum(), 1.0)
 
-  def loss_fn(params):
+  def loss_fn(params, batch_stats, x, y, w, micro):
     if cfg.probe_head:  # frozen backbone: no gradient flows into it, so XLA drops its backward
       params = {k: v if k == cfg.probe_head else jax.lax.stop_gradient(v)
                 for k, v in params.items()}
-    model = model_def.merge(params, state.batch_stats, key)
+    dropout_key = key if isinstance(micro, int) else jax.random.fold_in(key, micro)
+    model = model_def.merge(params, batch_stats, dropout_key)
     logits = model(x, train=not cfg.probe_head)
     new_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
-    if weights_B is None:
+    if 'mask' not in batch and cfg.accumulation == 1:
       return cross_entropy(logits, y).mean(), (logits, new_stats)
-    return (cross_entropy(logits, y) * weights_B).sum() / count, (logits, new_stats)
+    return (cross_entropy(logits, y) * w).sum() / count, (logits, new_stats)
 
-  # Image folders mark rows whose file failed to decode (mask False): they add nothing to the loss.
-  weights_B = batch['mask'].astype(jnp.float32) if 'mask' in batch else None
-  count = jnp.maximum(weights_B.sum(), 1.0) if weights_B is not None else None
-  (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if cfg.accumulation == 1:
+    (loss, (logits, new_stats)), grads = grad_fn(state.params, state.batch_stats, x, y, weights_B,
+                                                 0)
+  else:  # k micro-batches in sequence: summed gradients, BN statistics carried through
+    def micro_step(carry, xs):
+      grads, stats, loss = carry
+      (l, (logits, stats)), g = grad_fn(state.params, stats, *xs)
+      return (jax.tree.map(jnp.add, grads, g), stats, loss + l), logits
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    micro = (*_micro_batches((x, y, weights_B), cfg.accumulation),
+             jnp.arange(cfg.accumulation))
+    (grads, new_stats, loss), logits_k = jax.lax.scan(
+        micro_step, (zeros, state.batch_stats, jnp.zeros((), jnp.float32)), micro)
+    logits = logits_k.swapaxes(0, 1).reshape(-1, logits_k.shape[-1])  # back to batch order
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   correct_B = (jnp.argmax(logits, -1) == batch['label']).astype(jnp.float32)
   metrics = {
       'loss': loss,
-      'accuracy': (correct_B.mean() if weights_B is None else (correct_B * weights_B).sum() / count),
+      'accuracy': (correct_B * weights_B).sum() / count,
       'learning_rate': lr_schedule(state.step),
       'grad_norm': optax.global_norm(grads),
   }
+  ema = state.ema
+  if cfg.ema_decay > 0:
+    ema = update_ema(ema, params, new_stats, state.step, cfg)
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
-                            opt_state=opt_state)
+                            opt_state=opt_state, ema=ema)
   return new_state, metrics
+
+
+def update_ema(ema: dict[str, Any], params: Any, batch_stats: Any, step: jax.Array,
+               cfg: StepConfig) -> dict[str, Any]:
+  """``ema = d * ema + (1 - d) * new`` for parameters and BN statistics; with warmup
+  ``d = min(decay, (1 + t) / (10 + t))`` at step t (the step just taken)."""
+  d = jnp.asarray(cfg.ema_decay, jnp.float32)
+  if cfg.ema_warmup:
+    t = step.astype(jnp.float32)
+    d = jnp.minimum(d, (1.0 + t) / (10.0 + t))
+  mix = lambda e, v: (d * e.astype(jnp.float32) + (1 - d) * v.astype(jnp.float32)).astype(e.dtype)  # noqa: E731
+  return {'params': jax.tree.map(mix, ema['params'], params),
+          'batch_stats': jax.tree.map(mix, ema['batch_stats'], batch_stats)}
 
 
 def forward(params: Any, batch_stats: Any, images_BxHxWxC: jax.Array, *, model_def: ModelDef,

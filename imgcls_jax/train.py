@@ -81,7 +81,10 @@ class _Trainer:
     self.s, self.workdir, self.ckpt, self.state = s, workdir, ckpt, state
     self.train_step = run.jit_train_step(s, state_sh)
     tta = s.config.evaluate.tta if 'evaluate' in s.config else ''
-    self.eval_step = run.jit_eval_step(s, state_sh, tta=tta)
+    # With EMA on (and config.ema.inference), evaluations use the averaged weights.
+    self.eval_ema = s.step_cfg.ema_decay > 0 and bool(s.config.ema.get('inference', True))
+    self.eval_step = run.jit_eval_step(s, state_sh.ema_variables() if self.eval_ema else state_sh,
+                                       tta=tta)
     self.writer, self.bar = writer, bar
     self.last_good = ckpt.latest_step()
     self.log = _TrainLog(writer, bar, s.config.batch_size, self.diverged)
@@ -101,7 +104,8 @@ class _Trainer:
 
   def evaluate(self) -> dict[str, Any]:
     """Every example of the eval split once: the report's scalars plus ``count``."""
-    sums = run.eval_sums(self.eval_step, self.state, self.eval_data.batches(), self.s.mesh,
+    variables = self.state.ema_variables() if self.eval_ema else self.state
+    sums = run.eval_sums(self.eval_step, variables, self.eval_data.batches(), self.s.mesh,
                          self.eval_data.split)
     return report.training_eval_metrics(sums)
 

@@ -17,6 +17,7 @@ import jax
 import ml_collections
 import optax
 
+from imgcls_jax import state as state_lib
 from imgcls_jax import checkpoint, optim
 from imgcls_jax import weights as weights_lib
 from imgcls_jax.errors import UserError
@@ -60,4 +61,7 @@ def init_state(state: Any, shardings: Any, cfg: ml_collections.ConfigDict,
   logging.info('Initialised %d parameter and %d statistic arrays from %s; %s head %r; mode %s, '
                'layer_decay %g.', n_params, n_stats, source.origin,
                'kept the' if keep else 'new', head, cfg.mode, cfg.layer_decay)
-  return state.replace(params=params, batch_stats=batch_stats, opt_state=opt_state)
+  ema = state.ema
+  if ema is not None:  # the average starts from the loaded weights
+    ema = jax.jit(state_lib.ema_copy, out_shardings=shardings.ema)(params, batch_stats)
+  return state.replace(params=params, batch_stats=batch_stats, opt_state=opt_state, ema=ema)

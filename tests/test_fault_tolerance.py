@@ -35,6 +35,9 @@ OVERRIDES = {
     'log_every_steps': 1, 'eval_every_steps': 20, 'eval_every_epochs': -1.0,
     'checkpoint_every_steps': 10, 'checkpoint_every_epochs': -1.0, 'keep_checkpoints': 10,
     'progress_bar': False, 'tensorboard': False,
+    # A weight EMA rides along (state, checkpoints, evaluations): every exact-resume test below
+    # covers it too.
+    'ema.decay': 0.9,
 }
 # 8-device vs 1-device runs differ only in float summation order (BN statistics and gradient
 # means over the global batch); measured max |difference| after 20 steps: ~4e-7.
@@ -166,7 +169,9 @@ def test_sigkill_then_the_same_command_ends_bitwise_equal(reference, tfds_dir, t
   assert rc == 0, out[-3000:]
   resumed = re.search(r'Resuming from step (\d+)\.', out)  # the newest committed async save
   assert resumed and int(resumed[1]) in (20, 30), out[-3000:]
-  assert_bitwise_equal(load_state(workdir, TOTAL), load_state(reference, TOTAL))
+  final = load_state(workdir, TOTAL)
+  assert set(final['ema']) == {'params', 'batch_stats'}  # the EMA is resumed bit for bit too
+  assert_bitwise_equal(final, load_state(reference, TOTAL))
   assert metric_records(workdir) == metric_records(reference)  # records after the resume redone
 
 

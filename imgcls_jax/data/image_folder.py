@@ -82,10 +82,12 @@ def dataset(split: folder_index.Split, num_channels: int, *, process_index: int 
       'tfds_id': tf.constant(list(split.ids[lo:hi]), tf.string),
       'label': tf.constant(np.asarray(split.labels[lo:hi], np.int64))})
   load = _decoder(num_channels, split.typical_hw)
+  # One size for every image of the split (the index read it from each header): say so.
+  fixed_hw = next(iter(split.sizes_found)) if len(split.sizes_found) == 1 else (None, None)
 
   def read(ex):
     image, valid = tf.numpy_function(load, [ex['path']], [tf.uint8, tf.bool], stateful=False)
-    image.set_shape([None, None, num_channels])
+    image.set_shape([*fixed_hw, num_channels])
     valid.set_shape([])
     return {'image': image, 'label': ex['label'], 'tfds_id': ex['tfds_id'], 'valid': valid}
   return ds.map(read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

@@ -100,7 +100,7 @@ def _describe_folder(data: ml_collections.ConfigDict) -> DatasetInfo:
   for spec, s in zip(specs, splits):
     # 'SPLIT@IDS_FILE' (a cross-validation fold): the listed images of SPLIT.
     sizes[spec] = len(s) if '@' not in spec else len(set(s.ids) & set(_ids(spec.split('@', 1)[1])))
-  return DatasetInfo(name=f'{image_folder.NAME}:{src.location}', num_classes=len(names),
+  return DatasetInfo(name=dataset_name(data), num_classes=len(names),
                      class_names=names, image_shape=image_folder.image_shape(splits, channels),
                      num_examples=sizes, mirror_safe=data.name not in NO_FLIP_DATASETS)
 
@@ -124,6 +124,13 @@ def describe(data: ml_collections.ConfigDict) -> DatasetInfo:
   return DatasetInfo(name=data.name, num_classes=int(label.num_classes),
                      class_names=tuple(label.names), image_shape=(h, w, int(shape[-1] or 3)),
                      num_examples=sizes, mirror_safe=data.name not in NO_FLIP_DATASETS)
+
+
+def dataset_name(data: ml_collections.ConfigDict) -> str:
+  """``data.name``, or ``image_folder:<folder or manifest>`` for the user's images."""
+  if image_folder.is_folder(data):
+    return f'{image_folder.NAME}:{folder_index.source_of(data).location}'
+  return data.name
 
 
 def default_eval_split(data: ml_collections.ConfigDict) -> str:

@@ -1,0 +1,202 @@
+"""The image index: <class>/* with a stratified, seeded hold-out; CSV manifests; the on-disk cache;
+files that fail to decode after indexing are masked rows; per-class counts; another folder read
+with a trained run's classes; k-fold ids from a folder."""
+import collections
+import logging
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imgcls_jax.data import folder_index, folds, image_folder, info as info_lib, pipeline, sources
+from imgcls_jax.errors import UserError
+
+
+def _png(path, seed, size=(8, 8), mode='RGB'):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  rng = np.random.RandomState(seed)
+  w, h = size
+  pixels = rng.randint(0, 256, (h, w, 3)).astype(np.uint8)
+  Image.fromarray(pixels).convert(mode).save(path)
+  return path
+
+
+def _flat(root, counts):
+  """root/<class>/<k>.png with counts[class] images each."""
+  for c, n in counts.items():
+    for k in range(n):
+      _png(f'{root}/{c}/{k:03d}.png', hash((c, k)) % 1000)
+  return root
+
+
+@pytest.fixture(autouse=True)
+def _fresh():
+  folder_index.clear_memo()
+  yield
+  folder_index.clear_memo()
+
+
+def _data(digits_config, **kw):
+  d = digits_config.data
+  d.name = 'image_folder'
+  d.train_preprocess = ''
+  d.eval_preprocess = 'resize(size=8)'
+  d.mean, d.std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+  for k, v in kw.items():
+    setattr(d, k, v)
+  return d
+
+
+def _split(data, split):
+  src = folder_index.source_of(data)
+  return folder_index.index(src, split, folder_index.class_names(src))
+
+
+def test_holdout_is_stratified_seeded_and_disjoint(tmp_path, digits_config):
+  counts = {'ant': 10, 'bee': 21, 'cat': 3}
+  data = _data(digits_config, folder=_flat(str(tmp_path / 'flat'), counts), holdout_fraction=0.2)
+  train, test, every = (_split(data, s) for s in ('train', 'test', 'all'))
+  assert set(train.ids).isdisjoint(test.ids)
+  assert sorted(train.ids + test.ids) == sorted(every.ids) and len(every) == 34
+  # Per class round(0.2 n), at least one of a class with 2+ images: 2 of 10, 4 of 21, 1 of 3.
+  assert test.counts == (2, 4, 1) and train.counts == (8, 17, 2)
+  for ids, labels in ((test.ids, test.labels), (train.ids, train.labels)):
+    assert all(i.split('/')[0] == ('ant', 'bee', 'cat')[y] for i, y in zip(ids, labels))
+  assert sources.describe(data).num_examples == {'train': 27, 'test': 7}
+
+  folder_index.clear_memo()
+  assert _split(data, 'test').ids == test.ids           # same seed: same images
+  data.holdout_seed = 1
+  folder_index.clear_memo()
+  assert set(_split(data, 'test').ids) != set(test.ids)  # another seed: others
+
+  # The training stream reads exactly the kept images: none of the held-out ones ever trains.
+  data.holdout_seed = 0
+  folder_index.clear_memo()
+  ds = image_folder.dataset(_split(data, 'train'), 3)
+  assert {x['tfds_id'].decode() for x in ds.as_numpy_iterator()} == set(train.ids)
+  ds, n = pipeline.train_dataset(data, seed=0, local_batch_size=27)
+  assert n == 27
+
+
+def test_manifest_with_and_without_a_split_column(tmp_path, digits_config, caplog):
+  root = tmp_path / 'photos'
+  rows = []
+  for k in range(6):
+    rows.append((os.path.relpath(_png(f'{root}/a/x{k}.png', k), tmp_path), 'zebra'))
+    rows.append((os.path.relpath(_png(f'{root}/b/y{k}.jpg', 10 + k), tmp_path), 'aardvark'))
+  rows.append(('photos/missing.png', 'zebra'))
+  manifest = tmp_path / 'labels.csv'
+  manifest.write_text('path,label\n' + ''.join(f'{p},{c}\n' for p, c in rows))
+  data = _data(digits_config, manifest=str(manifest), holdout_fraction=0.5)
+  with caplog.at_level(logging.WARNING):
+    info = sources.describe(data)
+  assert info.class_names == ('aardvark', 'zebra')   # sorted class names
+  assert info.num_examples == {'train': 6, 'test': 6}
+  assert 'photos/missing.png (file not found)' in caplog.text
+  test = _split(data, 'test')
+  assert all(('zebra' if i.startswith('photos/a/') else 'aardvark') == info.class_names[y]
+             for i, y in zip(test.ids, test.labels))
+
+  # A split column instead of the hold-out; numeric labels sort as numbers.
+  split_csv = tmp_path / 'split.csv'
+  split_csv.write_text(''.join(f'{p},{10 if c == "zebra" else 9},{"val" if k % 3 == 0 else "tr"}\n'
+                               for k, (p, c) in enumerate(rows[:-1])))
+  data = _data(digits_config, manifest=str(split_csv), holdout_fraction=0.0, train_split='tr',
+               eval_split='val')
+  folder_index.clear_memo()
+  info = sources.describe(data)
+  assert info.class_names == ('9', '10') and info.num_examples == {'tr': 8, 'val': 4}
+  batches = list(pipeline.EvalData(data, 'val', local_batch_size=8).batches())
+  assert batches[0]['mask'].sum() == 4 and batches[0]['image'].shape == (8, 8, 8, 3)
+
+  bad = tmp_path / 'bad.csv'
+  bad.write_text('path,label\nphotos/a/x0.png,zebra\nphotos/a/x1.png\n')
+  data = _data(digits_config, manifest=str(bad), train_split='train', eval_split='test')
+  with pytest.raises(UserError, match='Line 3 of the manifest .* is not path,label'):
+    sources.describe(data)
+
+
+def test_index_is_cached_and_only_changed_files_are_probed_again(tmp_path, digits_config,
+                                                                  monkeypatch):
+  root = _flat(str(tmp_path / 'flat'), {'a': 4, 'b': 4})
+  data = _data(digits_config, folder=root, holdout_fraction=0.25,
+               index_cache=str(tmp_path / 'cache'))
+  probed = []
+  real = folder_index.probe
+  monkeypatch.setattr(folder_index, 'probe', lambda p: probed.append(p) or real(p))
+  first = _split(data, 'all')
+  assert len(probed) == 8 and os.listdir(tmp_path / 'cache')
+  folder_index.clear_memo()
+  probed.clear()
+  assert _split(data, 'all') == first and probed == []     # a restart reads the cache
+  folder_index.clear_memo()
+  _png(f'{root}/a/000.png', 99, size=(8, 5))                 # one file changes
+  assert _split(data, 'all').sizes_found == {(8, 8), (5, 8)}
+  assert probed == [f'{root}/a/000.png']
+  folder_index.clear_memo()
+  probed.clear()
+  data.index_cache = 'off'
+  _split(data, 'all')
+  assert len(probed) == 8
+
+
+def test_a_file_that_fails_to_decode_later_is_a_masked_row_and_the_others_keep_theirs(
+    tmp_path, digits_config, caplog):
+  root = _flat(str(tmp_path / 'flat'), {'a': 8, 'b': 8})
+  data = _data(digits_config, folder=root, holdout_fraction=0.25, cache=False)
+
+  def batches():
+    ds, _ = pipeline.train_dataset(data, seed=0, local_batch_size=4)
+    return [b for _, b in zip(range(3), ds.as_numpy_iterator())]
+  clean = batches()
+  assert all(b['mask'].all() for b in clean)
+  victim = _split(data, 'train').paths[0]
+  with open(victim, 'wb') as f:          # damaged after it was indexed (same process, same index)
+    f.write(b'\x89PNG\r\n\x1a\n' + b'\0' * 64)
+  with caplog.at_level(logging.WARNING):
+    damaged = batches()
+  assert f'{victim} is not a readable image' in caplog.text
+  masked = [(i, r) for i, b in enumerate(damaged) for r in np.flatnonzero(~b['mask'])]
+  assert len(masked) == 1
+  for i, (a, b) in enumerate(zip(clean, damaged)):
+    np.testing.assert_array_equal(a['label'], b['label'])
+    keep = b['mask']
+    np.testing.assert_array_equal(a['image'][keep], b['image'][keep])
+
+
+def test_class_counts_are_logged_and_imbalance_warned(tmp_path, digits_config, caplog):
+  data = _data(digits_config, folder=_flat(str(tmp_path / 'f'), {'many': 23, 'few': 2}),
+               holdout_fraction=0.05)
+  with caplog.at_level(logging.INFO):
+    sources.describe(data)
+  assert "split 'train': 23 images in 2 classes: few 1, many 22." in caplog.text
+  assert 'is imbalanced: class many has 22 images, 22x the 1 of class few' in caplog.text
+
+
+def test_another_folder_is_read_with_the_runs_classes(tmp_path, digits_config):
+  data = _data(digits_config, folder=_flat(str(tmp_path / 'other'), {'b': 2, 'd': 3}))
+  run_info = info_lib.DatasetInfo(name='image_folder:/gone', num_classes=4,
+                                  class_names=('a', 'b', 'c', 'd'), image_shape=(None, None, 1),
+                                  num_examples={})
+  assert sources.default_eval_split(data) == 'all'
+  assert sources.split_size(data, 'all', run_info) == 5
+  ev = pipeline.EvalData(data, 'all', local_batch_size=8, info=run_info)
+  batch, = list(ev.batches())
+  assert sorted(batch['label'][batch['mask']]) == [1, 1, 3, 3, 3]   # indices of the run's classes
+  assert batch['image'].shape[-1] == 1                              # the run's channel count
+  unknown = _data(digits_config, folder=_flat(str(tmp_path / 'unknown'), {'b': 1, 'zebra': 1}))
+  folder_index.clear_memo()
+  with pytest.raises(UserError, match=r'classes the model does not know \(zebra\)'):
+    sources.split_size(unknown, 'all', run_info)
+
+
+def test_kfold_ids_of_a_folder_are_its_relative_paths(tmp_path, digits_config):
+  data = _data(digits_config, folder=_flat(str(tmp_path / 'f'), {'a': 5, 'b': 5}))
+  ids, labels = folds.read_ids_and_labels(data, 'all')
+  assert ids == sorted(ids) and len(ids) == 10
+  assert collections.Counter(labels.tolist()) == {0: 5, 1: 5}
+  assert all(i.startswith('ab'[y] + '/') for i, y in zip(ids, labels))
+  assignment = folds.assign(data, 'all', 5, seed=0)
+  assert sorted(collections.Counter(assignment.fold.tolist()).values()) == [2] * 5
