@@ -45,6 +45,24 @@ def confusion_matrix(confusion_KxK: Sequence[Sequence[int]], class_names: Sequen
   plt.close(fig)
 
 
+def roc_curves(curves: Sequence[Mapping[str, Any]], macro_auc: float, path: str,
+               title: str = 'ROC curves (one-vs-rest)') -> None:
+  """True- against false-positive rate per class, each labelled with its AUC."""
+  fig, ax = plt.subplots(figsize=(6.5, 6))
+  for c in curves:
+    ax.plot(c['fpr'], c['tpr'], lw=1.4, label=f"{c['class']} (AUC {c['auc']:.3f})")
+  ax.plot([0, 1], [0, 1], ls='--', color='grey', lw=1)
+  ax.set_xlim(0, 1)
+  ax.set_ylim(0, 1.01)
+  ax.set_xlabel('false-positive rate (1 - specificity)')
+  ax.set_ylabel('true-positive rate (sensitivity)')
+  ax.set_title(f'{title}; macro AUC {macro_auc:.4f}')
+  ax.legend(fontsize=7, loc='lower right')
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
 def reliability_diagram(bins: Sequence[Mapping[str, Any]], ece: float, path: str,
                         title: str = 'Reliability diagram') -> None:
   """Accuracy per confidence bin against the diagonal, with the example count per bin below."""

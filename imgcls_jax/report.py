@@ -11,7 +11,10 @@ size is reduced on the device and only ``K x K + 3 x bins`` numbers reach the ho
   the classes that occur in the labels or the predictions);
 * the confusion matrix (rows: true class, columns: predicted class) and the most confused pairs;
 * expected calibration error of the top-1 confidence over equal-width bins (sklearn's
-  ``calibration_curve`` binning: bin ``b`` holds confidences in ``(b/n, (b+1)/n]``, the first also 0).
+  ``calibration_curve`` binning: bin ``b`` holds confidences in ``(b/n, (b+1)/n]``, the first also 0);
+* for rare classes (medical imaging): balanced accuracy (mean per-class recall), per-class
+  sensitivity and specificity, the confusion matrix normalised by true class, and one-vs-rest
+  ROC-AUC per class and macro-averaged (``roc.py``: from score histograms, no per-example scores).
 
 No TensorFlow, no plotting here (``plots.py`` draws the report).
 """
@@ -25,9 +28,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from imgcls_jax import roc
+
 DEFAULT_CALIBRATION_BINS = 15
 STAT_KEYS = ('loss', 'correct', 'correct_top5', 'count', 'confusion', 'bin_count',
              'bin_confidence', 'bin_correct')
+OPTIONAL_STAT_KEYS = ('roc_pos', 'roc_neg')   # absent from statistics summed elsewhere
 
 
 def eval_sums(logits_BxK: jax.Array, labels_B: jax.Array, mask_B: jax.Array,
@@ -59,6 +65,7 @@ def eval_sums(logits_BxK: jax.Array, labels_B: jax.Array, mask_B: jax.Array,
       'bin_count': jnp.zeros((num_bins,), jnp.int32).at[bin_B].add(w_int),
       'bin_confidence': jnp.zeros((num_bins,), jnp.float32).at[bin_B].add(conf_B * w),
       'bin_correct': jnp.zeros((num_bins,), jnp.int32).at[bin_B].add(hit_B * w_int),
+      **roc.sums(jnp.exp(log_probs), labels, mask_B),
   }
 
 
@@ -72,7 +79,7 @@ def add(a: Mapping[str, Any] | None, b: Mapping[str, Any]) -> dict[str, Any]:
 def stats_to_numpy(stats: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """Fetched statistics as float64 / int64 numpy arrays (sums of several runs stay exact)."""
   out = {}
-  for k in STAT_KEYS:
+  for k in STAT_KEYS + tuple(k for k in OPTIONAL_STAT_KEYS if k in stats):
     v = np.asarray(jax.device_get(stats[k]))
     out[k] = v.astype(np.int64) if np.issubdtype(v.dtype, np.integer) else v.astype(np.float64)
   return out
@@ -170,28 +177,65 @@ def summarize(stats: Mapping[str, Any], class_names: Sequence[str],
   }
   if num_classes > 5:
     report['accuracy_top5'] = float(s['correct_top5']) / n
+  specificity = _safe_div(n - cm.sum(axis=0) - cm.sum(axis=1) + np.diag(cm),
+                          n - cm.sum(axis=1))          # TN / (TN + FP) per class
+  present = pc['support'] > 0
+  aucs = (roc.auc(s['roc_pos'], s['roc_neg']) if 'roc_pos' in s
+          else np.full(num_classes, np.nan))
   report.update({
+      # Mean recall over the classes present in the labels (sklearn's balanced_accuracy_score).
+      'balanced_accuracy': float(pc['recall'][present].mean()),
       'macro_avg': avg['macro'],
       'weighted_avg': avg['weighted'],
       'ece': ece,
       'per_class': [{'class': names[i], 'precision': float(pc['precision'][i]),
                      'recall': float(pc['recall'][i]), 'f1': float(pc['f1'][i]),
-                     'support': int(pc['support'][i])} for i in range(num_classes)],
+                     'support': int(pc['support'][i]), 'sensitivity': float(pc['recall'][i]),
+                     'specificity': float(specificity[i]),
+                     'roc_auc': None if np.isnan(aucs[i]) else float(aucs[i])}
+                    for i in range(num_classes)],
       'most_confused': most_confused(cm, names, top_confused),
       'calibration_bins': bins,
       'class_names': names,
       'confusion_matrix': cm.tolist(),
+      'confusion_matrix_normalized': _safe_div(cm, cm.sum(axis=1, keepdims=True)).tolist(),
   })
+  if not np.isnan(aucs).all():
+    report['roc_auc_macro'] = float(np.nanmean(aucs))
+    report['roc_curves'] = _roc_curves(s, aucs, names)
   return report
 
 
-SCALAR_KEYS = ('accuracy', 'accuracy_top5', 'loss', 'ece', 'precision_macro', 'recall_macro',
-               'f1_macro', 'precision_weighted', 'recall_weighted', 'f1_weighted')
+_ROC_CLASSES = 10   # classes whose curves the report keeps (the lowest ROC-AUC first)
+
+
+def _roc_curves(s: Mapping[str, np.ndarray], aucs: np.ndarray,
+                names: Sequence[str]) -> list[dict[str, Any]]:
+  """One-vs-rest ROC curves of up to ``_ROC_CLASSES`` classes (lowest AUC first), as the points
+  where the curve turns."""
+  fpr, tpr = roc.curves(s['roc_pos'], s['roc_neg'])
+  order = [int(i) for i in np.argsort(np.where(np.isnan(aucs), np.inf, aucs), kind='stable')
+           if not np.isnan(aucs[i])][:_ROC_CLASSES]
+  out = []
+  for i in sorted(order):
+    pts = np.stack([fpr[i], tpr[i]], 1)
+    keep = np.ones(len(pts), bool)
+    keep[1:] = np.any(np.diff(pts, axis=0) != 0, axis=1)
+    out.append({'class': names[i], 'auc': float(aucs[i]),
+                'fpr': [round(float(x), 6) for x in pts[keep, 0]],
+                'tpr': [round(float(x), 6) for x in pts[keep, 1]]})
+  return out
+
+
+SCALAR_KEYS = ('accuracy', 'accuracy_top5', 'loss', 'ece', 'balanced_accuracy', 'roc_auc_macro',
+               'precision_macro', 'recall_macro', 'f1_macro', 'precision_weighted',
+               'recall_weighted', 'f1_weighted')
 
 
 def scalars(report: Mapping[str, Any]) -> dict[str, float]:
   """The report's headline numbers as flat scalars (for metrics.jsonl, TensorBoard, CV means)."""
-  out = {k: float(report[k]) for k in ('accuracy', 'accuracy_top5', 'loss', 'ece') if k in report}
+  out = {k: float(report[k]) for k in ('accuracy', 'accuracy_top5', 'loss', 'ece',
+                                       'balanced_accuracy', 'roc_auc_macro') if k in report}
   for avg in ('macro', 'weighted'):
     for name, value in report[f'{avg}_avg'].items():
       out[f'{name}_{avg}'] = float(value)
@@ -227,6 +271,10 @@ def headline(report: Mapping[str, Any]) -> list[str]:
   top5 = f", top-5 {_pct(report['accuracy_top5'])}" if 'accuracy_top5' in report else ''
   lines = [f"top-1 {_pct(report['accuracy'])}{top5}, loss {report['loss']:.4f}, "
            f"ECE {report['ece']:.4f} ({report['num_examples']} examples)"]
+  if 'balanced_accuracy' in report:
+    auc = (f", ROC-AUC (macro, one-vs-rest) {report['roc_auc_macro']:.4f}"
+           if 'roc_auc_macro' in report else '')
+    lines.append(f"balanced accuracy {_pct(report['balanced_accuracy'])}{auc}")
   for avg in ('macro', 'weighted'):
     a = report[f'{avg}_avg']
     lines.append(f"{avg + ' avg':<13} precision {a['precision']:.4f}  recall {a['recall']:.4f}  "
@@ -265,6 +313,10 @@ def to_markdown(report: Mapping[str, Any], title: str, context: Mapping[str, Any
          f"| top-1 accuracy | {_pct(report['accuracy'])} |"]
   if 'accuracy_top5' in report:
     md.append(f"| top-5 accuracy | {_pct(report['accuracy_top5'])} |")
+  if 'balanced_accuracy' in report:
+    md.append(f"| balanced accuracy | {_pct(report['balanced_accuracy'])} |")
+  if 'roc_auc_macro' in report:
+    md.append(f"| ROC-AUC (one-vs-rest, macro) | {report['roc_auc_macro']:.4f} |")
   md += [f"| loss (cross-entropy) | {report['loss']:.4f} |",
          f"| expected calibration error | {report['ece']:.4f} |",
          f"| examples | {report['num_examples']} |", '',
@@ -272,11 +324,13 @@ def to_markdown(report: Mapping[str, Any], title: str, context: Mapping[str, Any
   for avg in ('macro', 'weighted'):
     a = report[f'{avg}_avg']
     md.append(f"| {avg} | {a['precision']:.4f} | {a['recall']:.4f} | {a['f1']:.4f} |")
-  md += ['', '## Per class', '', '| class | precision | recall | F1 | support |',
-         '|---|---|---|---|---|']
+  md += ['', '## Per class', '', '| class | precision | recall (sensitivity) | specificity | F1 | '
+         'ROC-AUC | support |', '|---|---|---|---|---|---|---|']
   for r in report['per_class']:
-    md.append(f"| {r['class']} | {r['precision']:.4f} | {r['recall']:.4f} | {r['f1']:.4f} | "
-              f"{r['support']} |")
+    auc = '-' if r.get('roc_auc') is None else f"{r['roc_auc']:.4f}"
+    spec = '-' if r.get('specificity') is None else f"{r['specificity']:.4f}"
+    md.append(f"| {r['class']} | {r['precision']:.4f} | {r['recall']:.4f} | {spec} | "
+              f"{r['f1']:.4f} | {auc} | {r['support']} |")
   md += ['', '## Most confused pairs', '']
   if report['most_confused']:
     md += ['| true | predicted | count | share of true class |', '|---|---|---|---|']

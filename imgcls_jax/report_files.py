@@ -10,7 +10,7 @@ from typing import Any
 from imgcls_jax import metrics, plots, report
 
 REPORT_FILES = ('report.json', 'report.md', 'confusion_matrix.csv', 'confusion_matrix.png',
-                'reliability.png')
+                'reliability.png', 'roc_curves.png')
 CURVES_FILE = 'training_curves.png'
 
 
@@ -27,6 +27,9 @@ def write(rep: dict[str, Any], out_dir: str, title: str, metrics_path: str | Non
                          os.path.join(out_dir, 'confusion_matrix.png'))
   plots.reliability_diagram(rep['calibration_bins'], rep['ece'],
                             os.path.join(out_dir, 'reliability.png'))
+  if rep.get('roc_curves'):
+    plots.roc_curves(rep['roc_curves'], rep['roc_auc_macro'],
+                     os.path.join(out_dir, 'roc_curves.png'))
   if metrics_path and os.path.exists(metrics_path):
     plots.training_curves(metrics.read_jsonl(metrics_path), os.path.join(out_dir, CURVES_FILE))
   else:
@@ -42,5 +45,5 @@ def table_lines(rep: dict[str, Any], title: str, out_dir: str) -> list[str]:
   lines += ['  ' + line for line in report.class_table(rep, max_rows=20)]
   lines += ['  ' + line for line in report.confused_lines(rep)]
   lines.append(f'Report: {os.path.join(out_dir, "report.md")} (+ report.json, '
-               'confusion_matrix.csv/.png, reliability.png, training_curves.png)')
+               'confusion_matrix.csv/.png, reliability.png, roc_curves.png, training_curves.png)')
   return lines

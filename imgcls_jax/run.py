@@ -70,7 +70,8 @@ def setup(config: ml_collections.ConfigDict, info: DatasetInfo | None = None, *,
   model_fn = models.from_config(config, info.num_classes, info.channels)
   s = Setup(config=config, mesh=mesh, info=info, model_fn=model_fn,
             model_def=state_lib.model_def(model_fn), step_cfg=steps.step_config(
-                config, info.num_classes, probe_head=_probe_head(config, model_fn)),
+                config, info.num_classes, probe_head=_probe_head(config, model_fn),
+                class_weights=class_weights(config, info) if training else None),
             placement=placement, local_eval_batch_size=local_eval_bs)
   if not training:
     return s
@@ -91,8 +92,40 @@ def setup(config: ml_collections.ConfigDict, info: DatasetInfo | None = None, *,
   return s
 
 
+def class_weights(config: ml_collections.ConfigDict, info: DatasetInfo
+                  ) -> tuple[float, ...] | None:
+  """``config.loss.class_weights`` resolved to K numbers ('balanced': ``n / (K * n_k)`` from the
+  training split's counts, as ``sklearn.utils.class_weight.compute_class_weight``); None = off."""
+  spec = (config.get('loss') or {}).get('class_weights', '') or ''
+  k = info.num_classes
+  if isinstance(spec, str) and not spec.strip():
+    return None
+  if spec == 'balanced':
+    from imgcls_jax.data import sources
+    counts = sources.class_counts(config.data, config.data.train_split, k).astype(np.float64)
+    if (counts == 0).any():
+      missing = [info.class_names[i] for i in np.flatnonzero(counts == 0)[:5]]
+      raise UserError(f"class_weights='balanced' needs every class in the training split; "
+                      f"{', '.join(missing)} has none. Give explicit config.loss.class_weights.")
+    weights = counts.sum() / (k * counts)
+    logging.info('Class weights (balanced): %s.', ', '.join(
+        f'{n} {w:.3g}' for n, w in list(zip(info.class_names, weights))[:20]))
+    return tuple(float(w) for w in weights)
+  try:
+    values = ([float(v) for v in spec.split(',')] if isinstance(spec, str)
+              else [float(v) for v in spec])
+  except (TypeError, ValueError):
+    values = []
+  if len(values) != k or any(not v >= 0 for v in values) or not any(values):
+    raise UserError(f"config.loss.class_weights={spec!r} must be '', 'balanced' or {k} "
+                    'non-negative numbers (one per class, comma-separated), not all zero.')
+  return tuple(values)
+
+
 def _check_ema_and_accumulation(config: ml_collections.ConfigDict, cfg: steps.StepConfig,
                                 devices: int) -> None:
+  if cfg.focal_gamma < 0:
+    raise UserError(f'config.loss.focal_gamma={cfg.focal_gamma} must be >= 0 (0 = off; e.g. 2).')
   if not 0.0 <= cfg.ema_decay < 1.0:
     raise UserError(f'config.ema.decay={cfg.ema_decay} must be in [0, 1) (0 = off; e.g. 0.999).')
   k, per_device = cfg.accumulation, config.batch_size // devices

@@ -34,11 +34,17 @@ class StepConfig:
   ema_decay: float = 0.0                    # weight EMA after every step (0: off)
   ema_warmup: bool = True                   # decay_t = min(decay, (1 + t) / (10 + t))
   accumulation: int = 1                     # micro-batches per step (gradients summed)
+  class_weights: tuple[float, ...] | None = None   # per-class loss weights (None: all 1)
+  focal_gamma: float = 0.0                  # > 0: focal loss
 
 
-def step_config(config: Any, num_classes: int, *, probe_head: str = '') -> StepConfig:
-  """The step's numbers from a run's config (``run.setup``)."""
+def step_config(config: Any, num_classes: int, *, probe_head: str = '',
+                class_weights: tuple[float, ...] | None = None) -> StepConfig:
+  """The step's numbers from a run's config (``run.setup``; ``class_weights`` resolved there)."""
+  loss = config.get('loss') or {}
   return StepConfig(num_classes=num_classes,
+                    class_weights=class_weights,
+                    focal_gamma=float(loss.get('focal_gamma', 0.0) or 0.0),
                     label_smoothing=float(config.label_smoothing),
                     mean=tuple(float(m) for m in config.data.mean),
                     std=tuple(float(s) for s in config.data.std),
@@ -86,6 +92,18 @@ def cross_entropy(logits_BxK: jax.Array, targets_BxK: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy(logits_BxK.astype(jnp.float32), targets_BxK)
 
 
+def weighted_loss_terms(logits_BxK: jax.Array, targets_BxK: jax.Array,
+                        cfg: StepConfig) -> tuple[jax.Array, jax.Array]:
+  """(per-example loss ``l_B``, per-example weight ``w_B``) with class weights and / or focal
+  scaling: ``l = -sum_k c_k t_k (1 - p_k)^gamma log p_k`` and ``w = sum_k c_k t_k``, so that
+  ``sum(l) / sum(w)`` is PyTorch's weighted cross-entropy for one-hot targets."""
+  log_p = jax.nn.log_softmax(logits_BxK.astype(jnp.float32), axis=-1)
+  c_K = (jnp.asarray(cfg.class_weights, jnp.float32) if cfg.class_weights is not None
+         else jnp.ones(logits_BxK.shape[-1], jnp.float32))
+  scale = (1.0 - jnp.exp(log_p)) ** cfg.focal_gamma if cfg.focal_gamma > 0 else 1.0
+  return -jnp.sum(c_K * targets_BxK * scale * log_p, axis=-1), jnp.sum(c_K * targets_BxK, axis=-1)
+
+
 def _micro_batches(tree: Any, k: int) -> Any:
   """``B x ...`` arrays -> ``k x B/k x ...``: micro-batch j holds rows j, k + j, 2k + j, ... (each
   device keeps its own rows: no data moves between devices)."""
@@ -109,6 +127,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model_def: Mod
   # Image folders mark rows whose file failed to decode (mask False): they add nothing to the loss.
   weights_B = batch['mask'].astype(jnp.float32) if 'mask' in batch else jnp.ones(x.shape[:1])
   count = jnp.maximum(weights_B.sum(), 1.0)
+  plain = cfg.class_weights is None and cfg.focal_gamma == 0
+  if not plain:  # the loss divides by the summed class weights of the batch's (real) targets
+    class_w_B = weighted_loss_terms(jnp.zeros(y.shape), y, cfg)[1]
+    loss_norm = jnp.maximum((class_w_B * weights_B).sum(), 1e-12)
 
   def loss_fn(params, batch_stats, x, y, w, micro):
     if cfg.probe_head:  # frozen backbone: no gradient flows into it, so XLA drops its backward
@@ -118,6 +140,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model_def: Mod
     model = model_def.merge(params, batch_stats, dropout_key)
     logits = model(x, train=not cfg.probe_head)
     new_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+    if not plain:
+      return (weighted_loss_terms(logits, y, cfg)[0] * w).sum() / loss_norm, (logits, new_stats)
     if 'mask' not in batch and cfg.accumulation == 1:
       return cross_entropy(logits, y).mean(), (logits, new_stats)
     return (cross_entropy(logits, y) * w).sum() / count, (logits, new_stats)

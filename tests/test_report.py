@@ -112,6 +112,43 @@ def test_every_metric_matches_sklearn(k, missing):
   assert rep['most_confused'][0]['true'] == names[expected[0][1]]
   json.dumps(rep)  # JSON-ready
 
+  # Rare-class metrics: balanced accuracy, sensitivity / specificity, normalised confusion.
+  assert rep['balanced_accuracy'] == pytest.approx(skm.balanced_accuracy_score(labels, pred),
+                                                   abs=1e-12)
+  for i in range(k):
+    if missing == i:
+      continue
+    row = rep['per_class'][i]
+    assert row['sensitivity'] == pytest.approx(skm.recall_score(labels == i, pred == i), abs=1e-12)
+    assert row['specificity'] == pytest.approx(
+        skm.recall_score(labels == i, pred == i, pos_label=False), abs=1e-12)
+  np.testing.assert_allclose(
+      rep['confusion_matrix_normalized'],
+      np.nan_to_num(skm.confusion_matrix(labels, pred, labels=all_labels, normalize='true')),
+      atol=1e-12)
+  # One-vs-rest ROC-AUC: exactly sklearn's on the binned scores, and close to it on the raw ones.
+  binned = np.clip(np.floor(probs.astype(np.float32) * 1000), 0, 999)
+  raw_gap = []
+  for i in range(k):
+    if missing == i:
+      assert rep['per_class'][i]['roc_auc'] is None
+      continue
+    exact = skm.roc_auc_score(labels == i, binned[:, i])
+    assert rep['per_class'][i]['roc_auc'] == pytest.approx(exact, abs=1e-12)
+    raw_gap.append(abs(rep['per_class'][i]['roc_auc'] - skm.roc_auc_score(labels == i, probs[:, i])))
+  assert max(raw_gap) < 5e-3
+  present = [i for i in range(k) if i != missing]
+  assert rep['roc_auc_macro'] == pytest.approx(
+      np.mean([skm.roc_auc_score(labels == i, binned[:, i]) for i in present]), abs=1e-12)
+  if missing is None:  # sklearn's own one-vs-rest macro average, on the raw scores
+    assert rep['roc_auc_macro'] == pytest.approx(skm.roc_auc_score(labels, probs,
+                                                                   multi_class='ovr'), abs=5e-3)
+  curve = rep['roc_curves'][0]
+  fpr, tpr, _ = skm.roc_curve(labels == rep['class_names'].index(curve['class']),
+                              binned[:, rep['class_names'].index(curve['class'])])
+  assert curve['fpr'][0] == 0 and curve['tpr'][-1] == 1
+  assert np.trapezoid(curve['tpr'], curve['fpr']) == pytest.approx(np.trapezoid(tpr, fpr), abs=1e-5)
+
 
 def test_batches_and_devices_do_not_change_the_statistics():
   logits, labels = _predictions(200, 10, seed=3)
@@ -175,4 +212,6 @@ def test_a_class_absent_from_labels_and_predictions_is_left_out_of_the_averages(
     assert (rep[f'{avg}_avg']['precision'], rep[f'{avg}_avg']['recall'],
             rep[f'{avg}_avg']['f1']) == pytest.approx((p, r, f), abs=1e-12)
   assert rep['per_class'][3] == {'class': 'd', 'precision': 0.0, 'recall': 0.0, 'f1': 0.0,
-                                 'support': 0}
+                                 'support': 0, 'sensitivity': 0.0, 'specificity': 1.0,
+                                 'roc_auc': None}   # no positives: no ROC curve
+  assert rep['balanced_accuracy'] == pytest.approx(skm.balanced_accuracy_score(labels, pred))

@@ -160,6 +160,19 @@ def split_size(data: ml_collections.ConfigDict, split: str,
     return None
 
 
+def class_counts(data: ml_collections.ConfigDict, split: str, num_classes: int) -> np.ndarray:
+  """Examples per class in ``split`` (int64, length ``num_classes``); reads labels only."""
+  if image_folder.is_folder(data) and '@' not in split:
+    src = folder_index.source_of(data)
+    return np.asarray(folder_index.index(src, split, folder_index.class_names(src)).counts,
+                      np.int64)
+  ds = read(data, split, 0, 1, drop_remainder=False, decode=not can_defer_decoding(data))
+  counts = np.zeros(num_classes, np.int64)
+  for labels in ds.map(lambda ex: ex['label']).batch(4096).as_numpy_iterator():
+    counts += np.bincount(labels, minlength=num_classes)[:num_classes]
+  return counts
+
+
 def _selector(image_key: str, label_key: str) -> Any:
   def select(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     out = {'image': example[image_key], 'label': tf.cast(example[label_key], tf.int32)}
