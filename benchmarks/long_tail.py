@@ -27,6 +27,7 @@ VARIANTS = {
     'balanced': ['--config.loss.class_weights=balanced'],
     'focal': ['--config.loss.focal_gamma=2.0'],
     'balanced_focal': ['--config.loss.class_weights=balanced', '--config.loss.focal_gamma=2.0'],
+    'logit_adjusted': ['--config.loss.logit_adjustment=1.0'],
 }
 
 
@@ -50,7 +51,7 @@ def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--epochs', type=float, default=20.0)
   p.add_argument('--seed', type=int, default=0)
-  p.add_argument('--variants', default='plain,balanced,focal')
+  p.add_argument('--variants', default='plain,balanced,focal,logit_adjusted')
   p.add_argument('--out', default=os.path.join(tempfile.gettempdir(), 'long_tail'))
   args = p.parse_args()
   os.makedirs(args.out, exist_ok=True)
@@ -67,7 +68,10 @@ def main() -> None:
            f'--config.num_epochs={args.epochs}', f'--config.seed={args.seed}',
            '--config.eval_every_epochs=100', *VARIANTS[name]]
     t = time.perf_counter()
-    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if proc.returncode:
+      raise SystemExit(f'{name} failed (exit {proc.returncode}); rerun resumes it:\n'
+                       f'{proc.stderr[-3000:]}')
     train_s = time.perf_counter() - t
     subprocess.run([sys.executable, '-m', 'imgcls_jax.main', '--mode=evaluate',
                     f'--workdir={workdir}', '--config.evaluate.checkpoint=latest'], cwd=REPO,

@@ -24,6 +24,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.train_split = 'train'            # tfds split spec, e.g. 'train[:90%]'
   c.data.eval_split = 'test'              # evaluated exactly once per evaluation
   # Preprocessing ops joined by '|' (imgcls_jax/data/pp/); images stay uint8 until the device.
+  # Ops: pad_crop(pad, mode), flip_lr, rotate(degrees, fill, interpolation), random_resized_crop
+  # (size, ...), resize(size), center_crop(size), random_erasing(prob, ...), randaugment(num_ops,
+  # magnitude, ...), trivial_augment_wide(num_bins, fill, ops); e.g. 'rotate(degrees=15)'.
   c.data.train_preprocess = 'pad_crop(pad=1)'     # never flip digits: it changes their meaning
   c.data.eval_preprocess = ''             # e.g. 'center_crop(size=224)' for large images
   # Augmentation inside the jitted train step, after train_preprocess: '' or 'flip_lr' (a random
@@ -46,31 +49,70 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.widths = (32, 64, 128)          # channels per stage
   c.model.convs_per_stage = 2
   c.model.dropout = 0.0                   # before the linear head
+  # Keys of the other families (set c.model anew when you pick one: every key but 'name' goes to
+  # the constructor). Sizes (vit_ti16, convnext_tiny, efficientnet_b0, mobilenet_v3_large, ...)
+  # fix the architecture; these keys override it:
+  #   resnet*:        width, small_inputs (3x3/1 stem for 8-32 px), drop_path_rate
+  #   vit_*:          image_size (the input size, 224), patch_size (16; must divide image_size),
+  #                   pool ('token': class token, or 'gap': mean of the tokens), dropout,
+  #                   drop_path_rate (stochastic depth, 0 -> rate linearly over the blocks)
+  #   convnext_*:     drop_path_rate (torchvision's 0.1 / 0.4 / 0.5), stem_patch (4; 1-2 for
+  #                   28-32 px), layer_scale (1e-6), depths / widths
+  #   efficientnet_*: drop_path_rate (0.2), dropout (0.2-0.3), small_inputs, width_mult / depth_mult
+  #   mobilenet_v3_*: dropout (0.2), small_inputs, width_mult
 
   c.dtype = 'float32'                     # compute dtype: 'float32' or 'bfloat16' (params stay f32)
 
   # ---- optimisation (imgcls_jax/optim.py) ----
   c.batch_size = 128                      # global, over all devices and processes
+  c.grad_accumulation_steps = 1           # k > 1: each step runs the batch as k micro-batches of
+                                          # batch_size / k (less activation memory) and applies one
+                                          # update of their summed gradients: the same update as
+                                          # one batch (exactly so without BatchNorm; BN sees b/k)
   c.eval_batch_size = 512                 # global; the last batch is padded and masked
   c.num_epochs = 40.0                     # training length in epochs ...
   c.num_train_steps = -1                  # ... or in steps (> 0 overrides num_epochs)
   # Digits hold-out, seeds 0/1/2: 99.56 / 99.33 / 100.0% with 0.1; 99.11 / 99.56 / 99.56% with 0.
   c.label_smoothing = 0.1
+  # ---- the loss (imgcls_jax/steps.py): rare classes ----
+  c.loss = ml_collections.ConfigDict()
+  c.loss.class_weights = ''               # '' (every class 1), 'balanced' (n / (K * n_k) from the
+                                          # training split's counts, as sklearn's
+                                          # compute_class_weight) or K comma-separated weights;
+                                          # the loss is sum(w_y * CE) / sum(w_y), as PyTorch's
+  c.loss.focal_gamma = 0.0                # > 0: focal loss, CE scaled by (1 - p_true)^gamma
+                                          # (Lin et al. 2017; e.g. 2.0)
+  c.loss.logit_adjustment = 0.0           # tau > 0: train on logits + tau * log(class prior of the
+                                          # training split), predict with the plain logits (Menon et
+                                          # al. 2021: aims at balanced accuracy; e.g. 1.0)
   c.optim = ml_collections.ConfigDict()
-  c.optim.name = 'sgd'                    # 'sgd' or 'adamw'
+  # 'sgd', 'adamw', 'lamb' / 'lars' (large batches), 'muon' (Newton-Schulz-orthogonalised momentum
+  # for kernels, Adam for the rest) or 'schedule_free_adamw' (use schedule='constant'; evaluate
+  # optim.eval_params(opt_state, params)). Weight decay acts on kernels only in all of them.
+  c.optim.name = 'sgd'
   c.optim.learning_rate = 0.1             # peak learning rate ...
   c.optim.lr_batch_reference = 0          # ... times batch_size / this, when > 0 (e.g. 256)
   c.optim.schedule = 'cosine'             # 'cosine', 'linear' or 'constant' after warmup
   c.optim.warmup_epochs = 2.0             # linear warmup from 0 ...
   c.optim.warmup_steps = -1               # ... or in steps (> 0 overrides warmup_epochs)
   c.optim.end_lr_factor = 0.0             # final learning rate as a fraction of the peak
-  c.optim.momentum = 0.9                  # sgd
-  c.optim.nesterov = True                 # sgd
-  c.optim.b1 = 0.9                        # adamw
-  c.optim.b2 = 0.999                      # adamw
-  c.optim.eps = 1e-8                      # adamw
+  c.optim.momentum = 0.9                  # sgd, lars
+  c.optim.nesterov = True                 # sgd, lars
+  c.optim.b1 = 0.9                        # adamw, lamb, schedule_free_adamw; muon's Adam part
+  c.optim.b2 = 0.999                      # adamw, lamb, schedule_free_adamw; muon's Adam part
+  c.optim.eps = 1e-8                      # adamw, lamb, muon, schedule_free_adamw
+  c.optim.trust_coefficient = 0.001       # lars: update norm = this x parameter norm per kernel
+  c.optim.muon_beta = 0.95                # muon: momentum of the orthogonalised kernels
   c.optim.weight_decay = 5e-4             # on kernels only (not biases or norm parameters)
   c.optim.grad_clip_norm = 0.0            # global-norm clipping when > 0
+
+  # ---- weight EMA (imgcls_jax/steps.py): an exponential moving average of the weights ----
+  c.ema = ml_collections.ConfigDict()
+  c.ema.decay = 0.0                       # 0 = off; e.g. 0.999: ema = d * ema + (1 - d) * weights
+                                          # after every step (BN statistics too); checkpointed
+  c.ema.warmup = True                     # d_t = min(decay, (1 + t) / (10 + t)): early steps count
+  c.ema.inference = True                  # with EMA on: evaluations (in training and --mode=
+                                          # evaluate), predict, export and serve use the EMA weights
 
   # ---- loop, logging, checkpoints (imgcls_jax/train.py) ----
   c.log_every_steps = 50                  # train metrics to metrics.jsonl / TensorBoard
@@ -158,17 +200,36 @@ def get_config() -> ml_collections.ConfigDict:
   c.predict.top_k = 5                     # classes reported per image
   c.predict.batch_size = 64               # images per forward pass
   c.predict.step = -1                     # checkpoint step in the workdir; -1 = latest
+  # Heat-map overlay PNG per image (imgcls_jax/explain.py): '' (off), 'gradcam' (convolutional
+  # models) or 'integrated_gradients' (any model); written to predict.explain_dir.
+  c.predict.explain = ''
+  c.predict.explain_dir = ''              # '' = 'explanations/' next to predict.output (or in the
+                                          # current directory when printing to stdout)
+  c.predict.ig_steps = 32                 # integrated gradients: points on the path from black
 
-  # ---- --mode=export (imgcls_jax/export.py): TF SavedModel (uint8 images in) + TFLite ----
+  # ---- --mode=export (imgcls_jax/export/): SavedModel (uint8 images in), TFLite, int8, ONNX ----
   c.export = ml_collections.ConfigDict()
   c.export.output_dir = ''                # '' = <workdir>/export
   c.export.tflite = True                  # also write model.tflite (converted from the SavedModel)
   c.export.dtype = 'float32'              # compute dtype of the exported model ('' = the run's)
   c.export.verify_examples = 256          # eval-split images the export is checked on against JAX
+                                          # (without the dataset: images the run directory
+                                          # stores, else seeded synthetic ones)
   c.export.tolerance = 1e-4               # max |probability difference| allowed, else export fails
   c.export.step = -1                      # checkpoint step in the workdir; -1 = latest
+  c.export.onnx = False                   # also write model.onnx (from the float TFLite model via
+                                          # tf2onnx; needs pip install 'imgcls_jax[export]'),
+                                          # checked under onnxruntime against JAX (tolerance above)
+  c.export.quantize = ''                  # also write a quantised TFLite model: '' (none), 'int8'
+                                          # (weights + activations, calibrated on training images)
+                                          # or 'float16' (weights): model_<quantize>.tflite
+  c.export.calibration_examples = 256     # int8: training images the activation ranges come from
+  c.export.quantize_examples = -1         # eval images the quantised model is compared with the
+                                          # float one on (agreement, accuracy drop); -1 = all
+  c.export.max_accuracy_drop = 0.01       # quantised top-1 accuracy may fall this much (0.01 = one
+                                          # point) below the float model's, else the export fails
 
-  # ---- --mode=serve (imgcls_jax/serve.py): HTTP classification service ----
+  # ---- --mode=serve (imgcls_jax/serve/): HTTP service, web page at / (FastAPI, uvicorn) ----
   c.serve = ml_collections.ConfigDict()
   c.serve.host = '127.0.0.1'              # loopback by default; '0.0.0.0' exposes it to the network
   c.serve.port = 8080                     # 0 = any free port (printed at start)
@@ -179,13 +240,26 @@ def get_config() -> ml_collections.ConfigDict:
   c.serve.max_queue = 1024                # requests waiting for the model; beyond it, 503
   c.serve.top_k = 5                       # default classes per answer (?top_k=N overrides)
   c.serve.step = -1                       # checkpoint step in the workdir; -1 = latest
+  c.serve.model_name = 'imgcls'           # <name> in the TF-Serving / KServe v2 URLs
+                                          # (/v1/models/<name>:predict, /v2/models/<name>/infer)
+  c.serve.keep_alive_s = 5                # idle seconds before a kept-alive connection is closed
 
-  # ---- the user's image folders (imgcls_jax/data/image_folder.py) ----
-  # With data.name = 'image_folder': images in <folder>/<split>/<class>/*.{jpg,jpeg,png,bmp,gif},
-  # splits named by data.train_split / data.eval_split; unreadable files are skipped and listed.
-  # Mixed sizes need a size-fixing op, e.g. train_preprocess='random_resized_crop(size=224)|flip_lr'
-  # and eval_preprocess='center_crop(size=224)'.
+  # ---- the user's images (imgcls_jax/data/folder_index.py, image_folder.py) ----
+  # With data.name = 'image_folder', one of:
+  #   data.folder = ROOT holding <split>/<class>/* (splits named by data.train_split / eval_split),
+  #     or <class>/* without split folders (then data.holdout_fraction > 0 picks the eval split);
+  #   data.manifest = a CSV of path,label (or path,label,split) rows, paths relative to the CSV.
+  # Any file of images.IMAGE_EXTENSIONS (jpg, png, gif, bmp, webp, tif(f), pnm; any case), decoded
+  # with EXIF orientation applied; unreadable files are skipped and listed. Split 'all' is every
+  # image. Mixed sizes need a size-fixing op, e.g.
+  # train_preprocess='random_resized_crop(size=224)|flip_lr', eval_preprocess='center_crop(size=224)'.
   c.data.folder = config_dict.placeholder(str)
+  c.data.manifest = config_dict.placeholder(str)
+  c.data.holdout_fraction = 0.0           # without split folders / split column: this fraction of
+                                          # every class (stratified) is the eval split, never trained
+  c.data.holdout_seed = 0                 # which images are held out (fixed per seed)
+  c.data.index_cache = ''                 # where the file index is cached ('' = ~/.cache/imgcls_jax;
+                                          # 'off' = rebuild at every start)
 
   # ---- mixup / cutmix on the device (imgcls_jax/mixup.py); both alphas 0 = off ----
   c.mixup = ml_collections.ConfigDict()
@@ -194,4 +268,37 @@ def get_config() -> ml_collections.ConfigDict:
   c.mixup.prob = 1.0                      # probability that a batch / example is mixed at all
   c.mixup.switch_prob = 0.5               # with both alphas > 0: probability of cutmix vs mixup
   c.mixup.mode = 'batch'                  # 'batch': one weight per batch; 'example': one per example
+
+  # ---- classical features (imgcls_jax/features.py) and the baseline, --mode=classical
+  # (imgcls_jax/classical.py): scikit-image features -> scikit-learn linear classifier ----
+  c.classical = ml_collections.ConfigDict()
+  c.classical.features = 'hog,lbp,histogram,edges'  # blocks, concatenated in this order
+  c.classical.hog_orientations = 9        # HOG orientation bins
+  c.classical.hog_cell = 4                # HOG cell size in pixels (e.g. 2 for 8 px digits)
+  c.classical.hog_block = 2               # HOG block size in cells (L2-Hys normalised)
+  c.classical.lbp_points = 8              # LBP neighbours P (uniform codes: P + 2 bins)
+  c.classical.lbp_radius = 1.0            # LBP radius in pixels
+  c.classical.lbp_grid = 2                # LBP histograms over a grid x grid tiling
+  c.classical.histogram_bins = 16         # intensity / colour histogram bins per channel
+  c.classical.edge_sigma = 1.0            # Canny Gaussian sigma
+  c.classical.edge_grid = 4               # edge density over a grid x grid tiling (+ whole image)
+  c.classical.classifier = 'logistic'     # 'logistic' (multinomial) or 'linear_svm' (LinearSVC)
+  c.classical.C = 1.0                     # inverse regularisation strength of the classifier
+  c.classical.max_iter = 1000             # solver iterations
+  c.classical.workers = 0                 # feature-extraction threads; 0 = CPU count
+
+  # ---- --mode=embed (imgcls_jax/embed.py): features + k-NN evaluation + 2-D projection ----
+  c.embed = ml_collections.ConfigDict()
+  c.embed.extractor = 'model'             # 'model' (penultimate layer of the run in --workdir) or
+                                          # 'classical' (config.classical features of config.data)
+  c.embed.split = ''                      # split to embed; '' = data.eval_split
+  c.embed.inputs = ''                     # image files / folders to embed instead (unlabelled)
+  c.embed.reference_split = ''            # k-NN neighbours come from this split; '' =
+                                          # data.train_split; 'none' = no k-NN evaluation
+  c.embed.knn_k = 10                      # neighbours (distance-weighted vote)
+  c.embed.knn_metric = 'cosine'           # sklearn metric: 'cosine', 'euclidean', ...
+  c.embed.tsne_max = 2000                 # t-SNE panel on at most this many points (a random
+                                          # subset of larger sets); 0 = PCA only
+  c.embed.batch_size = 256                # images per forward pass
+  c.embed.output_dir = ''                 # '' = <workdir>/embed_<split> (or embed_inputs)
   return c

@@ -71,7 +71,8 @@ def setup(config: ml_collections.ConfigDict, info: DatasetInfo | None = None, *,
   s = Setup(config=config, mesh=mesh, info=info, model_fn=model_fn,
             model_def=state_lib.model_def(model_fn), step_cfg=steps.step_config(
                 config, info.num_classes, probe_head=_probe_head(config, model_fn),
-                class_weights=class_weights(config, info) if training else None),
+                class_weights=class_weights(config, info) if training else None,
+                logit_offsets=logit_offsets(config, info) if training else None),
             placement=placement, local_eval_batch_size=local_eval_bs)
   if not training:
     return s
@@ -120,6 +121,21 @@ def class_weights(config: ml_collections.ConfigDict, info: DatasetInfo
     raise UserError(f"config.loss.class_weights={spec!r} must be '', 'balanced' or {k} "
                     'non-negative numbers (one per class, comma-separated), not all zero.')
   return tuple(values)
+
+
+def logit_offsets(config: ml_collections.ConfigDict, info: DatasetInfo
+                  ) -> tuple[float, ...] | None:
+  """``tau * log(prior_k)`` for ``config.loss.logit_adjustment = tau > 0`` (the priors from the
+  training split's class counts); None = off."""
+  tau = float((config.get('loss') or {}).get('logit_adjustment', 0.0) or 0.0)
+  if tau == 0:
+    return None
+  if tau < 0:
+    raise UserError(f'config.loss.logit_adjustment={tau} must be >= 0 (0 = off; e.g. 1.0).')
+  from imgcls_jax.data import sources
+  counts = sources.class_counts(config.data, config.data.train_split, info.num_classes)
+  prior = np.maximum(counts, 1) / max(counts.sum(), 1)   # a class without images: one, not zero
+  return tuple(float(tau * np.log(p)) for p in prior)
 
 
 def _check_ema_and_accumulation(config: ml_collections.ConfigDict, cfg: steps.StepConfig,

@@ -36,14 +36,17 @@ class StepConfig:
   accumulation: int = 1                     # micro-batches per step (gradients summed)
   class_weights: tuple[float, ...] | None = None   # per-class loss weights (None: all 1)
   focal_gamma: float = 0.0                  # > 0: focal loss
+  logit_offsets: tuple[float, ...] | None = None   # added to the logits in the training loss only
 
 
 def step_config(config: Any, num_classes: int, *, probe_head: str = '',
-                class_weights: tuple[float, ...] | None = None) -> StepConfig:
-  """The step's numbers from a run's config (``run.setup``; ``class_weights`` resolved there)."""
+                class_weights: tuple[float, ...] | None = None,
+                logit_offsets: tuple[float, ...] | None = None) -> StepConfig:
+  """The step's numbers from a run's config (``run.setup``; ``class_weights`` and
+  ``logit_offsets`` are resolved there from the training split's class counts)."""
   loss = config.get('loss') or {}
   return StepConfig(num_classes=num_classes,
-                    class_weights=class_weights,
+                    class_weights=class_weights, logit_offsets=logit_offsets,
                     focal_gamma=float(loss.get('focal_gamma', 0.0) or 0.0),
                     label_smoothing=float(config.label_smoothing),
                     mean=tuple(float(m) for m in config.data.mean),
@@ -127,7 +130,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model_def: Mod
   # Image folders mark rows whose file failed to decode (mask False): they add nothing to the loss.
   weights_B = batch['mask'].astype(jnp.float32) if 'mask' in batch else jnp.ones(x.shape[:1])
   count = jnp.maximum(weights_B.sum(), 1.0)
-  plain = cfg.class_weights is None and cfg.focal_gamma == 0
+  plain = cfg.class_weights is None and cfg.focal_gamma == 0 and cfg.logit_offsets is None
   if not plain:  # the loss divides by the summed class weights of the batch's (real) targets
     class_w_B = weighted_loss_terms(jnp.zeros(y.shape), y, cfg)[1]
     loss_norm = jnp.maximum((class_w_B * weights_B).sum(), 1e-12)
@@ -141,7 +144,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model_def: Mod
     logits = model(x, train=not cfg.probe_head)
     new_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
     if not plain:
-      return (weighted_loss_terms(logits, y, cfg)[0] * w).sum() / loss_norm, (logits, new_stats)
+      shifted = logits if cfg.logit_offsets is None else (
+          logits.astype(jnp.float32) + jnp.asarray(cfg.logit_offsets, jnp.float32))
+      return (weighted_loss_terms(shifted, y, cfg)[0] * w).sum() / loss_norm, (logits, new_stats)
     if 'mask' not in batch and cfg.accumulation == 1:
       return cross_entropy(logits, y).mean(), (logits, new_stats)
     return (cross_entropy(logits, y) * w).sum() / count, (logits, new_stats)

@@ -62,6 +62,26 @@ def test_train_step_loss_uses_the_weights(mlp):  # noqa: F811
   assert float(metrics['loss']) == pytest.approx(expected, rel=1e-5)
 
 
+def test_logit_adjustment_shifts_the_training_logits_by_tau_log_prior(mlp):  # noqa: F811
+  batch = _batch()
+  mlp.loss.logit_adjustment = 1.5
+  mlp.label_smoothing = 0.0
+  s = run.setup(mlp)
+  _, y = digits.load_arrays('train')
+  prior = np.bincount(y, minlength=10) / len(y)
+  np.testing.assert_allclose(s.step_cfg.logit_offsets, 1.5 * np.log(prior), rtol=1e-12)
+  state, shardings = state_lib.create(s.model_fn, s.tx, mlp.seed, s.mesh, s.placement)
+  model = s.model_def.merge(jax.device_get(state.params), jax.device_get(state.batch_stats))
+  _, metrics = run.jit_train_step(s, shardings)(state, batch)
+  logits = np.asarray(model(steps.normalize(jnp.asarray(batch['image']), s.step_cfg), train=True),
+                      np.float64) + 1.5 * np.log(prior)
+  log_p = logits - logits.max(1, keepdims=True)
+  log_p -= np.log(np.exp(log_p).sum(1, keepdims=True))
+  expected = -log_p[np.arange(len(log_p)), batch['label']].mean()
+  assert float(metrics['loss']) == pytest.approx(expected, rel=1e-5)
+  assert run.setup(mlp, training=False).step_cfg.logit_offsets is None  # inference: plain logits
+
+
 def test_balanced_weights_are_sklearns(digits_config):
   from sklearn.utils.class_weight import compute_class_weight
   digits_config.loss.class_weights = 'balanced'
