@@ -179,3 +179,22 @@ def test_compare_table(tmp_path):
   table = measure.compare([str(tmp_path / n) for n in ('a.json', 'b.json', 'missing.json')])
   lines = table.splitlines()
   assert 'x1.000' in lines[0] and 'x1.500' in lines[1] and 'no result' in lines[2]
+
+
+def test_latency_benchmark_smoke():
+  """benchmarks/latency.py end to end on tiny settings: every (runtime, batch) cell timed, and the
+  server load test answered every request."""
+  proc = subprocess.run(
+      [sys.executable, 'benchmarks/latency.py', '--models=digits_cnn', '--runtimes=jax',
+       '--batches=1,3', '--seconds=0', '--min_iters=3', '--max_iters=3', '--clients=1,2',
+       '--load_requests=8', '--load_max_batch=2', '--json'],
+      cwd=REPO, env=subprocess_env(1), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  r = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert r['cpu'] and r['weights'] == 'random (seed 0)'
+  assert [(c['runtime'], c['batch']) for c in r['latency']] == [('jax', 1), ('jax', 3)]
+  for c in r['latency']:
+    assert c['calls'] == 3 and 0 < c['p50_ms'] <= c['p99_ms'] and c['images_per_s'] > 0
+  assert [(x['clients'], x['requests'], x['errors']) for x in r['load_test']] == [(1, 8, 0),
+                                                                                  (2, 8, 0)]
+  assert all(0 < x['p50_ms'] <= x['p99_ms'] and x['requests_per_s'] > 0 for x in r['load_test'])

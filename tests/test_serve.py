@@ -1,13 +1,18 @@
-"""--mode=serve: a bounded loopback load test (good requests answered right, bad ones a 4xx)."""
+"""--mode=serve: a bounded loopback load test (good requests answered right, bad ones a 4xx), the
+TF-Serving and KServe v2 endpoints, multipart uploads, 503 on a full queue, request IDs and
+/metrics, and the server's memory over 5,000 requests."""
+import base64
 import concurrent.futures
 import http.client
 import io
 import json
+import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -31,46 +36,67 @@ def _png(array_HxW, size=None, mode='L', fmt='PNG'):
   return buf.getvalue()
 
 
-@pytest.fixture(scope='module')
-def server(tmp_path_factory, tfds_dir):
-  config, workdir, _ = trained_run(tmp_path_factory, tfds_dir)
+def _serve_cfg(config, **changes):
   cfg = config.serve.copy_and_resolve_references()
   cfg.port = 0
   cfg.max_upload_bytes = 64 * 1024
   cfg.max_pixels = 1_000_000
   cfg.max_batch_size = 8
   cfg.batch_timeout_ms = 20.0
+  for k, v in changes.items():
+    cfg[k] = v
+  return cfg
+
+
+@pytest.fixture(scope='module')
+def server(tmp_path_factory, tfds_dir):
+  config, workdir, _ = trained_run(tmp_path_factory, tfds_dir)
   clf = inference.classifier(inference.load(workdir, config))
-  srv = serve.make_server(clf, cfg).start()
-  srv.trainer_probs = trainer_probabilities(config, workdir, digits.load_arrays('test')[0][:40])
+  srv = serve.make_server(clf, _serve_cfg(config)).start()
+  srv.trainer_probs = trainer_probabilities(config, workdir, digits.load_arrays('test')[0][:45])
   yield srv, clf
   srv.close()
 
 
-def _request(url, method, path, body=None, headers=None, timeout=30.0):
-  host, port = url.split('//')[1].split(':')
-  conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+def _split(url):
+  host, port = url.split('//')[1].rsplit(':', 1)
+  return host, int(port)
+
+
+def _request(url, method, path, body=None, headers=None, timeout=30.0, conn=None):
+  own = conn is None
+  conn = conn or http.client.HTTPConnection(*_split(url), timeout=timeout)
   try:
     conn.request(method, path, body=body, headers=headers or {})
     resp = conn.getresponse()
-    return resp.status, json.loads(resp.read() or b'{}')
+    data = resp.read()
+    payload = json.loads(data) if data and 'json' in resp.getheader('Content-Type', '') else {}
+    return resp.status, payload
   finally:
-    conn.close()
+    if own:
+      conn.close()
 
 
 def _raw(url, data: bytes, timeout=30.0) -> int:
   """Sends raw bytes (a request http.client would refuse to build); returns the status code."""
-  host, port = url.split('//')[1].split(':')
-  with socket.create_connection((host, int(port)), timeout=timeout) as s:
+  with socket.create_connection(_split(url), timeout=timeout) as s:
     s.sendall(data)
     reply = s.recv(4096).decode('latin-1')
   return int(reply.split()[1])
 
 
+def _multipart(field, filename, data, content_type='image/png'):
+  boundary = 'imgclsboundary7MA4YWxk'
+  body = (f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{filename}"'
+          f'\r\nContent-Type: {content_type}\r\n\r\n').encode() + data + \
+      f'\r\n--{boundary}--\r\n'.encode()
+  return body, {'Content-Type': f'multipart/form-data; boundary={boundary}'}
+
+
 def _cases(clf, probs):
   """(name, method, path, body, headers, expected status, expected probs or None) x many.
 
-  ``probs``: the trainer-side probabilities of the first 40 test digits (the exact PNGs)."""
+  ``probs``: the trainer-side probabilities of the first 45 test digits (the exact PNGs)."""
   x, _ = digits.load_arrays('test')
   good = []
   for i in range(40):  # exact 8x8 PNGs (expected probabilities known exactly) ...
@@ -80,6 +106,9 @@ def _cases(clf, probs):
     body = _png(x[i, :, :, 0], size=40 + i, mode=mode, fmt=fmt)
     good.append(('other', 'POST', '/v1/classify', body, {'Content-Type': 'image/png'}, 200,
                  clf.predict_arrays(clf.prepare(body)[None])['probabilities'][0]))
+  for i in range(40, 45):  # ... and multipart uploads, as `curl -F image=@x.png` sends them
+    good.append(('multipart', 'POST', '/v1/classify?top_k=3',
+                 *_multipart('image', f'{i}.png', _png(x[i, :, :, 0])), 200, probs[i]))
   big = io.BytesIO()
   Image.new('L', (1200, 1200)).save(big, 'PNG')     # small file, too many pixels
   truncated = good[0][3][:30]
@@ -91,11 +120,15 @@ def _cases(clf, probs):
       ('pixels', 'POST', '/v1/classify', big.getvalue(), {}, 413),
       ('top_k', 'POST', '/v1/classify?top_k=zero', good[1][3], {}, 400),
       ('top_k_range', 'POST', '/v1/classify?top_k=11', good[1][3], {}, 400),
-      ('multipart', 'POST', '/v1/classify', good[2][3],
-       {'Content-Type': 'multipart/form-data; boundary=x'}, 415),
+      ('form_garbage', 'POST', '/v1/classify', good[2][3],
+       {'Content-Type': 'multipart/form-data; boundary=x'}, 400),
+      ('form_not_image', 'POST', '/v1/classify', *_multipart('image', 'a.txt', b'hi', 'text/plain'),
+       415),
       ('path', 'POST', '/v2/predict', good[3][3], {}, 404),
       ('get_classify', 'GET', '/v1/classify', None, {}, 405),
       ('delete', 'DELETE', '/v1/model', None, {}, 405),
+      ('tfs_not_json', 'POST', '/v1/models/imgcls:predict', b'{nope', {}, 400),
+      ('tfs_no_model', 'POST', '/v1/models/other:predict', b'{}', {}, 404),
   ]
   return good, [b + (None,) for b in bad]
 
@@ -114,7 +147,9 @@ def test_bounded_load_test_with_malformed_requests(server):
       (b'POST /v1/classify HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n', 411),
       (b'BREW /pot HTCPCP/1.0\r\n\r\n', 400),                                        # bad version
       (b'HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n', 405),                           # no handler
+      (b'garbage\r\n\r\n', 400),
   ]
+  before = sum(n * c for n, c in srv.batcher.batch_sizes.items())
   start = time.monotonic()
 
   def one(case):
@@ -129,30 +164,226 @@ def test_bounded_load_test_with_malformed_requests(server):
     done, pending = concurrent.futures.wait(futures, timeout=DEADLINE_S)
   elapsed = time.monotonic() - start
   assert not pending, f'{len(pending)} requests unanswered after {DEADLINE_S} s'
+  ok = 0
   for f in done:
     name, status, expected, got_status, payload, path = f.result()
     assert got_status == status, (name, got_status, payload)
     if status == 200:
+      ok += 1
       k = 3 if 'top_k=3' in path else 5
       preds = payload['predictions']
       assert [p['index'] for p in preds] == list(np.argsort(-expected, kind='stable')[:k]), name
       assert all(p['class'] == clf.class_names[p['index']] for p in preds)
       np.testing.assert_allclose([p['probability'] for p in preds],
                                  expected[[p['index'] for p in preds]], rtol=1e-5, atol=1e-7)
-    elif status != 200 and name != 'raw':
-      assert isinstance(payload.get('error'), str) and payload['error'], name
+    elif name != 'raw':
+      error = payload.get('error')
+      assert isinstance(error, str) and error.endswith('.') and '\n' not in error, (name, payload)
   # Concurrent requests were batched, and the service is still healthy.
   assert max(srv.batcher.batch_sizes) > 1, srv.batcher.batch_sizes
-  assert sum(n * c for n, c in srv.batcher.batch_sizes.items()) == 400
+  assert sum(n * c for n, c in srv.batcher.batch_sizes.items()) - before == ok == 400
   assert _request(srv.url, 'GET', '/healthz') == (200, {'status': 'ok'})
   print(f'{len(futures)} requests in {elapsed:.1f} s; batch sizes {dict(srv.batcher.batch_sizes)}')
 
 
-def test_model_endpoint(server):
+def test_tf_serving_rest_api(server):
+  """TF-Serving's REST shapes; predictions equal the trainer's probabilities (independent oracle)."""
+  srv, clf = server
+  x, _ = digits.load_arrays('test')
+  status, info = _request(srv.url, 'GET', '/v1/models/imgcls')
+  assert status == 200 and info == {'model_version_status': [{
+      'version': str(clf.step), 'state': 'AVAILABLE',
+      'status': {'error_code': 'OK', 'error_message': ''}}]}
+  status, meta = _request(srv.url, 'GET', '/v1/models/imgcls/metadata')
+  sig = meta['metadata']['signature_def']['signature_def']['serving_default']
+  assert status == 200 and sig['inputs']['images']['dtype'] == 'DT_UINT8'
+  assert [d['size'] for d in sig['inputs']['images']['tensor_shape']['dim']] == ['-1', '8', '8',
+                                                                                 '1']
+  b64 = [base64.b64encode(_png(x[i, :, :, 0])).decode() for i in range(3)]
+  body = {'instances': [{'b64': b64[0]}, {'images': {'b64': b64[1]}}, {'b64': b64[2]}]}
+  status, out = _request(srv.url, 'POST', '/v1/models/imgcls:predict', json.dumps(body),
+                         {'Content-Type': 'application/json'})
+  assert status == 200 and len(out['predictions']) == 3
+  got = np.array([p['probabilities'] for p in out['predictions']])
+  np.testing.assert_allclose(got, srv.trainer_probs[:3], rtol=1e-5, atol=1e-7)
+  logits = np.array([p['logits'] for p in out['predictions']])  # softmax(logits) == probabilities
+  np.testing.assert_allclose(np.exp(logits) / np.exp(logits).sum(-1, keepdims=True), got,
+                             rtol=1e-5, atol=1e-7)
+  for body, status, words in [
+      ({'instances': []}, 400, 'no non-empty "instances"'),
+      ({'inputs': {'b64': b64[0]}}, 400, 'no non-empty "instances"'),
+      ({'instances': [{'b64': '***'}]}, 400, 'Instance 0 is not valid base64'),
+      ({'instances': [{'b64': b64[0]}, 'x']}, 400, 'Instance 1 is not {"b64"'),
+      ({'instances': [{'b64': base64.b64encode(b'text').decode()}]}, 415, 'Instance 0 is not a'),
+      ({'instances': [{'b64': b64[0]}], 'signature_name': 'other'}, 400, 'signature_name')]:
+    got_status, payload = _request(srv.url, 'POST', '/v1/models/imgcls:predict',
+                                   json.dumps(body))
+    assert got_status == status and words in payload['error'], (body, payload)
+  assert _request(srv.url, 'GET', '/v1/models/other')[0] == 404
+
+
+def test_kserve_v2_endpoints(server):
+  srv, clf = server
+  x, _ = digits.load_arrays('test')
+  assert _request(srv.url, 'GET', '/v2/health/live') == (200, {'live': True})
+  assert _request(srv.url, 'GET', '/v2/health/ready') == (200, {'ready': True})
+  assert _request(srv.url, 'GET', '/v2/models/imgcls/ready') == (200, {'name': 'imgcls',
+                                                                         'ready': True})
+  status, meta = _request(srv.url, 'GET', '/v2/models/imgcls')
+  assert status == 200 and meta['inputs'] == [{'name': 'images', 'datatype': 'UINT8',
+                                               'shape': [-1, 8, 8, 1]}]
+  tensor = {'name': 'images', 'datatype': 'UINT8', 'shape': [5, 8, 8, 1],
+            'data': x[:5].ravel().tolist()}
+  status, out = _request(srv.url, 'POST', '/v2/models/imgcls/infer',
+                         json.dumps({'id': 'r1', 'inputs': [tensor]}))
+  assert status == 200 and out['id'] == 'r1'
+  probs = next(o for o in out['outputs'] if o['name'] == 'probabilities')
+  assert probs['shape'] == [5, 10] and probs['datatype'] == 'FP32'
+  np.testing.assert_allclose(np.reshape(probs['data'], (5, 10)), srv.trainer_probs[:5],
+                             rtol=1e-5, atol=1e-7)
+  for change in ({'shape': [5, 9, 8, 1]}, {'datatype': 'FP32'}, {'data': [1, 2, 3]},
+                 {'data': [300] * 320}):
+    status, payload = _request(srv.url, 'POST', '/v2/models/imgcls/infer',
+                               json.dumps({'inputs': [{**tensor, **change}]}))
+    assert status == 400 and payload['error'].startswith('The input tensor'), (change, payload)
+
+
+def test_model_endpoint_and_page(server):
   srv, clf = server
   status, info = _request(srv.url, 'GET', '/v1/model')
   assert status == 200 and info['class_names'] == list(clf.class_names)
   assert info['input_shape'] == [8, 8, 1] and info['checkpoint_step'] == clf.step
+  conn = http.client.HTTPConnection(*_split(srv.url), timeout=30)
+  conn.request('GET', '/')
+  resp = conn.getresponse()
+  page = resp.read().decode()
+  conn.close()
+  assert resp.status == 200 and resp.getheader('Content-Type').startswith('text/html')
+  assert '<input id="file" type="file"' in page
+  # Offline: nothing is fetched from another host (no CDN, no absolute URLs).
+  assert not re.search(r'''(src|href)\s*=\s*["']?(https?:)?//''', page), 'page loads a remote file'
+  assert not re.search(r'''fetch\(\s*["'`](https?:)?//''', page)
+  assert _request(srv.url, 'GET', '/openapi.json')[0] == 200
+  assert _request(srv.url, 'GET', '/docs')[0] == 200
+
+
+def test_request_ids_and_metrics(server):
+  srv, _ = server
+  x, _ = digits.load_arrays('test')
+
+  def get(path, headers=None, body=None, method='GET'):
+    conn = http.client.HTTPConnection(*_split(srv.url), timeout=30)
+    conn.request(method, path, body=body, headers=headers or {})
+    resp = conn.getresponse()
+    data = resp.read()
+    conn.close()
+    return resp, data
+
+  resp, _ = get('/healthz', {'X-Request-ID': 'client-id-42'})
+  assert resp.getheader('X-Request-ID') == 'client-id-42'
+  ids = {get('/healthz')[0].getheader('X-Request-ID') for _ in range(5)}
+  assert len(ids) == 5 and all(re.fullmatch(r'[0-9a-f]{16}', i) for i in ids)
+
+  def counters():
+    text = get('/metrics')[1].decode()
+    found = dict(re.findall(r'^(imgcls_\w+(?:\{[^}]*\})?) (\S+)$', text, re.M))
+    return {k: float(v) for k, v in found.items()}
+
+  before = counters()
+  for i in range(7):
+    assert get('/v1/classify', body=_png(x[i, :, :, 0]), method='POST')[0].status == 200
+  assert get('/v1/classify', body=b'nope', method='POST')[0].status == 415
+  after = counters()
+  key = 'imgcls_requests_total{endpoint="/v1/classify",code="%d"}'
+  assert after[key % 200] - before.get(key % 200, 0) == 7
+  assert after[key % 415] - before.get(key % 415, 0) == 1
+  count = 'imgcls_request_duration_seconds_count{endpoint="/v1/classify"}'
+  assert after[count] - before.get(count, 0) == 8
+  inf = 'imgcls_request_duration_seconds_bucket{endpoint="/v1/classify",le="+Inf"}'
+  assert after[inf] == after[count]
+  images = sum(n * c for n, c in srv.batcher.batch_sizes.items())
+  assert after['imgcls_images_total'] == images
+  assert after['imgcls_batch_size_count'] == sum(srv.batcher.batch_sizes.values())
+  assert after['imgcls_batch_size_sum'] == images
+
+
+def test_full_queue_is_503_and_the_service_recovers(tmp_path_factory, tfds_dir):
+  """The model thread is held inside a batch; one request waits in the queue (max_queue=1);
+  the next is refused with 503 and Retry-After; once the model is released both finish."""
+  config, workdir, _ = trained_run(tmp_path_factory, tfds_dir)
+  clf = inference.classifier(inference.load(workdir, config))
+  srv = serve.make_server(clf, _serve_cfg(config, max_queue=1, max_batch_size=1,
+                                          batch_timeout_ms=0.0)).start()
+  entered, release = threading.Event(), threading.Event()
+  real = clf.predict_arrays
+
+  def held(images):
+    entered.set()
+    release.wait(60)
+    return real(images)
+  clf.predict_arrays = held
+  x, _ = digits.load_arrays('test')
+  try:
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+      first = pool.submit(_request, srv.url, 'POST', '/v1/classify', _png(x[0, :, :, 0]))
+      assert entered.wait(30)
+      second = pool.submit(_request, srv.url, 'POST', '/v1/classify', _png(x[1, :, :, 0]))
+      deadline = time.monotonic() + 30
+      while srv.batcher.queue_depth < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+      conn = http.client.HTTPConnection(*_split(srv.url), timeout=30)
+      conn.request('POST', '/v1/classify', body=_png(x[2, :, :, 0]))
+      resp = conn.getresponse()
+      payload = json.loads(resp.read())
+      conn.close()
+      assert resp.status == 503 and resp.getheader('Retry-After') == '1'
+      assert payload == {'error': 'The service is overloaded; retry shortly.'}
+      release.set()
+      assert first.result(60)[0] == 200 and second.result(60)[0] == 200
+    assert _request(srv.url, 'POST', '/v1/classify', _png(x[3, :, :, 0]))[0] == 200
+  finally:
+    release.set()
+    srv.close()
+
+
+def _rss_bytes() -> int:
+  with open('/proc/self/statm') as f:
+    return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+
+
+@pytest.mark.skipif(not os.path.exists('/proc/self/statm'), reason='reads RSS from Linux /proc')
+def test_memory_does_not_grow_over_5000_requests(server):
+  """RSS of the process (server and clients) after 5,000 more requests grows <= 50 MiB. Each
+  request uploads a ~48 KB image, so keeping any per-request buffer would exceed that."""
+  srv, _ = server
+  rng = np.random.default_rng(0)
+  bodies = [_png(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8), mode='RGB')
+            for _ in range(8)]
+  assert min(map(len, bodies)) > 40_000
+
+  def client(n, offset):
+    conn = http.client.HTTPConnection(*_split(srv.url), timeout=30)
+    try:
+      for i in range(n):
+        status, _ = _request(srv.url, 'POST', '/v1/classify?top_k=1',
+                             bodies[(i + offset) % len(bodies)], conn=conn)
+        assert status == 200
+    finally:
+      conn.close()
+
+  def run(total, workers=8):
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+      for f in [pool.submit(client, total // workers, w) for w in range(workers)]:
+        f.result()
+
+  run(400)  # warm up: thread pools, allocator arenas, connection buffers
+  before, start = _rss_bytes(), time.monotonic()
+  run(5000)
+  grown = (_rss_bytes() - before) / 2**20
+  print(f'5000 requests in {time.monotonic() - start:.1f} s; RSS {before / 2**20:.0f} MiB, '
+        f'+{grown:.1f} MiB')
+  assert grown <= 50, f'RSS grew by {grown:.1f} MiB over 5000 requests'
+  assert _request(srv.url, 'GET', '/healthz')[0] == 200
 
 
 def test_serve_mode_cli_starts_answers_and_stops_on_sigterm(tmp_path_factory, tfds_dir):
@@ -172,6 +403,7 @@ def test_serve_mode_cli_starts_answers_and_stops_on_sigterm(tmp_path_factory, tf
     status, payload = _request(url.group(1), 'POST', '/v1/classify?top_k=2', _png(x[0, :, :, 0]))
     assert status == 200 and len(payload['predictions']) == 2
     assert _request(url.group(1), 'POST', '/v1/classify', b'nope')[0] == 415
+    assert _request(url.group(1), 'GET', '/v2/health/ready') == (200, {'ready': True})
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0
   finally:

@@ -1,0 +1,239 @@
+"""``--mode=export``: SavedModel, TFLite (float, and int8 / float16), ONNX, checked against JAX.
+
+  python -m imgcls_jax.main --mode=export --workdir=RUN \
+      [--config.export.quantize=int8] [--config.export.onnx=True]
+
+Writes ``<workdir>/export`` (or ``config.export.output_dir``):
+  * ``saved_model/``: signature ``serving_default``: ``images`` uint8 ``[batch, H, W, C]`` (the
+    model's input size, already eval-preprocessed, e.g. center-cropped) -> ``probabilities`` and
+    ``logits`` float32 ``[batch, num_classes]``. Normalisation is inside. The JAX function is
+    converted with ``jax.experimental.jax2tf`` (native serialization: StableHLO inside an
+    ``XlaCallModule`` op; weights are ``tf.Variable``s), batch size polymorphic.
+  * ``model.tflite``: the SavedModel converted by ``tf.lite.TFLiteConverter`` (same signature).
+  * ``model_int8.tflite`` / ``model_float16.tflite`` (``config.export.quantize``): post-training
+    quantisation; int8 is calibrated on ``calibration_examples`` training images. Same signature.
+  * ``model.onnx`` (``config.export.onnx``): the float TFLite model converted by tf2onnx; input
+    ``images`` uint8, outputs ``probabilities``, ``logits``.
+  * ``labels.txt`` (one class name per line, index order) and ``export.json`` (input spec, class
+    names, checkpoint step, file sizes and the verification numbers).
+
+The export verifies itself on eval images (the eval split; without the dataset, the samples the
+run directory stores, else seeded synthetic images; it prints which): SavedModel, TFLite and ONNX
+outputs must match the JAX model within ``config.export.tolerance`` (max absolute probability
+difference) and agree on every top-1 class; a quantised model's top-1 accuracy may fall at most
+``config.export.max_accuracy_drop`` below the float model's. Otherwise nothing is written and the
+mode fails. TFLite models are run under the standalone LiteRT runtime (``ai-edge-litert``) when it
+is installed, ONNX under onnxruntime.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from imgcls_jax import inference
+from imgcls_jax.errors import UserError
+from imgcls_jax.export.formats import (probe_tflite, run_onnx, run_saved_model, run_tflite,
+                                       save_onnx, save_saved_model, save_tflite, tflite_runtime)
+from imgcls_jax.export.samples import Samples, calibration_images, eval_samples
+
+__all__ = ['ExportMismatch', 'QuantizationTooLossy', 'Samples', 'calibration_images', 'compare',
+           'eval_samples', 'export', 'probe_tflite', 'run_onnx', 'run_saved_model', 'run_tflite',
+           'save_onnx', 'save_saved_model', 'save_tflite']
+
+
+class ExportMismatch(UserError):
+  """An exported model's outputs differ from the JAX model's beyond the tolerance."""
+
+
+class QuantizationTooLossy(UserError):
+  """A quantised model loses more top-1 accuracy than ``config.export.max_accuracy_drop``."""
+
+
+def compare(reference: dict[str, np.ndarray], other: dict[str, np.ndarray]) -> dict[str, float]:
+  """Max |difference| of probabilities and logits, and the top-1 agreement."""
+  return {'max_abs_prob_diff': float(np.abs(reference['probabilities'] -
+                                            other['probabilities']).max()),
+          'max_abs_logit_diff': float(np.abs(reference['logits'] - other['logits']).max()),
+          'top1_agreement': float(np.mean(reference['probabilities'].argmax(-1) ==
+                                          other['probabilities'].argmax(-1)))}
+
+
+def quantization_report(reference: dict[str, np.ndarray], quantized: dict[str, np.ndarray],
+                        labels: np.ndarray | None) -> dict[str, Any]:
+  """Agreement of a quantised model with the float one, and the accuracy drop when labels exist."""
+  ref, got = reference['probabilities'].argmax(-1), quantized['probabilities'].argmax(-1)
+  out: dict[str, Any] = {'examples': int(len(ref)), 'top1_agreement': float(np.mean(ref == got)),
+                         'max_abs_prob_diff': float(np.abs(reference['probabilities'] -
+                                                           quantized['probabilities']).max())}
+  if labels is not None:
+    out['float_accuracy'] = float(np.mean(ref == labels))
+    out['quantized_accuracy'] = float(np.mean(got == labels))
+    out['accuracy_drop'] = out['float_accuracy'] - out['quantized_accuracy']
+  return out
+
+
+def _validate(cfg: ml_collections.ConfigDict) -> None:
+  if cfg.verify_examples < 1:
+    raise UserError('config.export.verify_examples must be >= 1: the export is always verified.')
+  if cfg.get('quantize', '') not in ('', 'int8', 'float16'):
+    raise UserError(f"config.export.quantize must be '', 'int8' or 'float16', not "
+                    f'{cfg.quantize!r}.')
+  if cfg.get('quantize', '') == 'int8' and cfg.get('calibration_examples', 256) < 1:
+    raise UserError('config.export.calibration_examples must be >= 1 for int8 quantisation.')
+
+
+def export(config: ml_collections.ConfigDict | None, workdir: str,
+           overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+  """The ``export`` mode; returns what it wrote into ``export.json``."""
+  step = int(overrides.get('export.step', -1)) if overrides is not None else config.export.step
+  trained = inference.load(workdir, config, step=step, overrides=overrides)
+  cfg = trained.run.export
+  _validate(cfg)
+  quantize = cfg.get('quantize', '')
+  out_dir = os.path.abspath(cfg.output_dir or os.path.join(workdir, 'export'))
+  clf = inference.classifier(trained, dtype=cfg.dtype)
+  data, shape = clf.run.data, clf.image_shape
+  q_examples = int(cfg.get('quantize_examples', -1))
+  n = -1 if quantize and q_examples < 0 else max(cfg.verify_examples,
+                                                  q_examples if quantize else 0)
+  samples = eval_samples(data, workdir, shape, n, seed=int(trained.run.seed))
+  images = samples.images[:cfg.verify_examples]
+  reference = clf.predict_arrays(images)
+  calibration = (calibration_images(data, workdir, shape, int(cfg.calibration_examples))
+                 if quantize == 'int8' else None)
+
+  staging = out_dir + '.incomplete'
+  shutil.rmtree(staging, ignore_errors=True)
+  os.makedirs(staging)
+  try:
+    record = _write_and_verify(clf, cfg, staging, samples, images, reference, calibration)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+  shutil.rmtree(out_dir, ignore_errors=True)
+  os.replace(staging, out_dir)
+  checks = record['verification']
+  q = checks.get('quantized')
+  print(f'Exported checkpoint {clf.step} to {out_dir} ({", ".join(record["files"])}); verified '
+        f'on {len(images)} of {samples.source}: ' +
+        '; '.join(f"{k} max |dprob| {checks[k]['max_abs_prob_diff']:.1e}"
+                  for k in ('saved_model', 'tflite', 'onnx') if k in checks) +
+        (f"; {quantize} top-1 agreement {q['top1_agreement']:.2%} on {q['examples']}" +
+         (f", accuracy drop {100 * q['accuracy_drop']:.2f} points" if 'accuracy_drop' in q
+          else '') if q else ''), flush=True)
+  return record
+
+
+def _write_and_verify(clf: inference.Classifier, cfg: ml_collections.ConfigDict, staging: str,
+                      samples: Samples, images: np.ndarray, reference: dict[str, np.ndarray],
+                      calibration: Samples | None) -> dict[str, Any]:
+  """Writes every format into ``staging`` and checks it; raises when one is off."""
+  quantize, want_onnx = cfg.get('quantize', ''), bool(cfg.get('onnx', False))
+  saved_model_dir = os.path.join(staging, 'saved_model')
+  save_saved_model(clf, saved_model_dir)
+  checks: dict[str, Any] = {
+      'saved_model': _check(run_saved_model, saved_model_dir, images, reference, 'saved_model')}
+  tflite_path = os.path.join(staging, 'model.tflite')
+  if cfg.tflite or want_onnx:
+    save_tflite(saved_model_dir, tflite_path)
+    checks['tflite'] = _check(run_tflite, tflite_path, images, reference, 'tflite')
+  if want_onnx:
+    onnx_path = os.path.join(staging, 'model.onnx')
+    save_onnx(tflite_path, onnx_path)
+    checks['onnx'] = _check(run_onnx, onnx_path, images, reference, 'onnx')
+  if not cfg.tflite and os.path.exists(tflite_path):
+    os.remove(tflite_path)
+    del checks['tflite']
+  for fmt, c in checks.items():
+    logging.info('%s vs JAX on %d images: max |dprob| %.2e, max |dlogit| %.2e, top-1 '
+                 'agreement %.2f%%.', fmt, len(images), c['max_abs_prob_diff'],
+                 c['max_abs_logit_diff'], 100 * c['top1_agreement'])
+    if c['max_abs_prob_diff'] > cfg.tolerance or c['top1_agreement'] < 1.0:
+      raise ExportMismatch(
+          f"The exported {fmt} disagrees with the JAX model on {len(images)} images (max "
+          f"|probability difference| {c['max_abs_prob_diff']:.2e} > tolerance {cfg.tolerance:g}, "
+          f"or top-1 agreement {c['top1_agreement']:.2%} < 100%); nothing was written.")
+  quant: dict[str, Any] = {}
+  if quantize:
+    quant = _quantize_and_verify(clf, cfg, staging, saved_model_dir, samples, reference,
+                                 calibration)
+    checks['quantized'] = quant['verification']
+  files = sorted(os.listdir(staging))
+  record = {'checkpoint_step': clf.step, 'input': {'name': 'images', 'dtype': 'uint8',
+                                                   'shape': [None, *clf.image_shape]},
+            'outputs': ['probabilities', 'logits'], 'class_names': list(clf.class_names),
+            'compute_dtype': clf.step_cfg.compute_dtype,
+            'preprocessing_before_input': clf.run.data.eval_preprocess or 'none',
+            'files': files, 'bytes': {f: _size(os.path.join(staging, f)) for f in files},
+            'tflite_runtime': tflite_runtime() if cfg.tflite or quantize else None,
+            'quantization': {k: v for k, v in quant.items() if k != 'verification'} or None,
+            'verification': {'examples': len(images), 'source': samples.source,
+                             'tolerance': cfg.tolerance, **checks}}
+  with open(os.path.join(staging, 'labels.txt'), 'w') as f:
+    f.write('\n'.join(clf.class_names) + '\n')
+  with open(os.path.join(staging, 'export.json'), 'w') as f:
+    json.dump(record, f, indent=2)
+  return record
+
+
+def _check(run: Any, path: str, images: np.ndarray, reference: dict[str, np.ndarray],
+           fmt: str) -> dict[str, float]:
+  """``compare`` of the format's outputs in batches of 64 and, as batch size is dynamic, of 7
+  and 1; a format its runtime cannot run is an ExportMismatch."""
+  try:
+    full, small = run(path, images), run(path, images[:8], 7)
+  except Exception as e:  # e.g. onnxruntime refusing a mis-converted shape computation
+    flag = {'saved_model': 'dtype=float32', 'tflite': 'tflite=False', 'onnx': 'onnx=False'}[fmt]
+    raise ExportMismatch(f"The exported {fmt} fails under its runtime ({type(e).__name__}: "
+                         f"{(str(e).strip().splitlines() or [''])[-1][:200]}); nothing was "
+                         f'written: export with --config.export.{flag}.') from None
+  n = len(small['probabilities'])
+  c, c_small = compare(reference, full), compare({k: v[:n] for k, v in reference.items()}, small)
+  return {k: max(c[k], c_small[k]) if k.startswith('max') else min(c[k], c_small[k]) for k in c}
+
+
+def _quantize_and_verify(clf: inference.Classifier, cfg: ml_collections.ConfigDict, staging: str,
+                         saved_model_dir: str, samples: Samples, reference: dict[str, np.ndarray],
+                         calibration: Samples | None) -> dict[str, Any]:
+  quantize = cfg.quantize
+  path = os.path.join(staging, f'model_{quantize}.tflite')
+  info = save_tflite(saved_model_dir, path, quantize=quantize,
+                     calibration_NxHxWxC=None if calibration is None else calibration.images)
+  if calibration is not None:
+    info['calibration_source'] = calibration.source
+  failure = probe_tflite(path, clf.image_shape)
+  if failure:
+    raise ExportMismatch(f'The {quantize} TFLite model does not run under '
+                         f'{tflite_runtime()} ({failure}); nothing was written: export with '
+                         "--config.export.quantize=float16 or ''.")
+  n = len(samples.images) if cfg.get('quantize_examples', -1) < 0 else cfg.quantize_examples
+  images = samples.images[:n]
+  labels = None if samples.labels is None else samples.labels[:n]
+  float_out = (reference if len(images) == len(reference['probabilities'])
+               else clf.predict_arrays(images))
+  report = quantization_report(float_out, run_tflite(path, images), labels)
+  report['source'] = samples.source
+  logging.info('%s TFLite vs the float model on %d images: top-1 agreement %.2f%%%s.', quantize,
+               len(images), 100 * report['top1_agreement'],
+               f", accuracy {100 * report['float_accuracy']:.2f}% -> "
+               f"{100 * report['quantized_accuracy']:.2f}%" if labels is not None else '')
+  limit = float(cfg.get('max_accuracy_drop', 0.01))
+  if labels is not None and report['accuracy_drop'] > limit:
+    raise QuantizationTooLossy(
+        f"The {quantize} TFLite model's top-1 accuracy is {100 * report['accuracy_drop']:.2f} "
+        f"points below the float model's on {len(images)} images (limit "
+        f'{100 * limit:.2f}, config.export.max_accuracy_drop); nothing was written: calibrate on '
+        "more images (config.export.calibration_examples) or use quantize='float16'.")
+  return {**info, 'verification': report}
+
+
+def _size(path: str) -> int:
+  if os.path.isdir(path):
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+  return os.path.getsize(path)

@@ -1,0 +1,244 @@
+"""The exported formats: SavedModel, TFLite (float, int8, float16) and ONNX; writers and runners.
+
+Every runner takes the uint8 ``[batch, H, W, C]`` images the exported signature takes and returns
+``{'probabilities', 'logits'}`` as numpy, so the exporter checks each format the same way.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import warnings
+from typing import Any, Callable, Iterable
+
+import jax
+import numpy as np
+
+from imgcls_jax import inference
+from imgcls_jax.errors import UserError
+
+OUTPUTS = ('probabilities', 'logits')
+
+
+def _tf() -> Any:
+  import tensorflow as tf
+  try:
+    tf.config.set_visible_devices([], 'GPU')  # TF must not take accelerator memory from JAX
+  except RuntimeError:
+    pass
+  return tf
+
+
+def save_saved_model(clf: inference.Classifier, directory: str) -> None:
+  """Writes ``clf`` as a SavedModel with a uint8 ``serving_default`` signature."""
+  tf = _tf()
+  from jax.experimental import jax2tf
+
+  leaves, treedef = jax.tree.flatten(clf.variables)
+  h, w, c = clf.image_shape
+
+  def fn(weights, images):
+    return clf.apply(jax.tree.unflatten(treedef, weights), images)
+
+  converted = jax2tf.convert(fn, polymorphic_shapes=[None, f'(b, {h}, {w}, {c})'],
+                             with_gradient=False)
+  module = tf.Module()
+  module.weights = [tf.Variable(np.asarray(x), trainable=False) for x in leaves]
+
+  @tf.function(input_signature=[tf.TensorSpec([None, h, w, c], tf.uint8, name='images')],
+               autograph=False)
+  def serve(images):
+    out = converted(module.weights, images)
+    return {'probabilities': out['probabilities'], 'logits': out['logits']}
+
+  module.serve = serve
+  tf.saved_model.save(module, directory, signatures={'serving_default': serve})
+
+
+def save_tflite(saved_model_dir: str, path: str, *, quantize: str = '',
+                calibration_NxHxWxC: np.ndarray | None = None) -> dict[str, Any]:
+  """Converts the SavedModel to a TFLite flatbuffer at ``path``; returns how it was quantised.
+
+  ``quantize``: '' (float32), 'float16' (float16 weights) or 'int8' (post-training full-integer
+  quantisation of weights and activations, calibrated on ``calibration_NxHxWxC``; the signature
+  keeps uint8 images in and float32 probabilities out).
+  """
+  tf = _tf()
+  converter = tf.lite.TFLiteConverter.from_saved_model(saved_model_dir)
+  info: dict[str, Any] = {'quantize': quantize or 'none'}
+  if quantize == 'float16':
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.target_spec.supported_types = [tf.float16]
+  elif quantize == 'int8':
+    if calibration_NxHxWxC is None or not len(calibration_NxHxWxC):
+      raise UserError('int8 quantisation needs calibration images; none were given.')
+    images = calibration_NxHxWxC
+
+    def representative() -> Iterable[list[np.ndarray]]:
+      for i in range(len(images)):
+        yield [images[i:i + 1]]
+
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = representative
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    info['calibration_examples'] = int(len(images))
+  elif quantize:
+    raise UserError(f"config.export.quantize must be '', 'int8' or 'float16', not {quantize!r}.")
+  try:
+    model = converter.convert()
+  except Exception as e:  # the converter raises ConverterError and friends
+    if quantize == 'int8':  # an op without an int8 kernel: let it stay float
+      logging.warning('Full-integer conversion failed (%s); keeping float kernels where int8 '
+                      'ones are missing.', _first_line(e))
+      converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8,
+                                             tf.lite.OpsSet.TFLITE_BUILTINS]
+      info['float_fallback'] = True
+      try:
+        model = converter.convert()
+      except Exception as e2:
+        raise _conversion_error(e2) from None
+    else:
+      raise _conversion_error(e) from None
+  with open(path, 'wb') as f:
+    f.write(model)
+  return info
+
+
+def _first_line(e: BaseException) -> str:
+  return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+
+
+def _conversion_error(e: BaseException) -> UserError:
+  return UserError(f'TFLite conversion failed ({_first_line(e)}); export with '
+                   '--config.export.tflite=False --config.export.quantize= --config.export.onnx='
+                   'False for the SavedModel only, or with --config.export.dtype=float32.')
+
+
+def tflite_runtime() -> str:
+  """The TFLite runtime the runners use: the standalone LiteRT package when installed."""
+  try:
+    import ai_edge_litert.interpreter  # noqa: F401
+    return f"ai_edge_litert {importlib.metadata.version('ai-edge-litert')}"
+  except ImportError:
+    return f'tf.lite {_tf().__version__}'
+
+
+def _tflite_interpreter(path: str) -> Any:
+  try:
+    from ai_edge_litert.interpreter import Interpreter
+  except ImportError:
+    Interpreter = _tf().lite.Interpreter
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore')  # tf.lite.Interpreter's deprecation notice
+    return Interpreter(model_path=path)
+
+
+def _batched(fn: Callable[[np.ndarray], dict[str, np.ndarray]], images: np.ndarray,
+             batch: int) -> dict[str, np.ndarray]:
+  outs = [fn(images[i:i + batch]) for i in range(0, len(images), batch)]
+  return {k: np.concatenate([np.asarray(o[k]) for o in outs]) for k in OUTPUTS}
+
+
+def run_saved_model(directory: str, images: np.ndarray, batch: int = 64) -> dict[str, np.ndarray]:
+  """Outputs of the SavedModel's ``serving_default`` signature (loaded from disk)."""
+  tf = _tf()
+  fn = tf.saved_model.load(directory).signatures['serving_default']
+  return _batched(lambda x: {k: v.numpy() for k, v in fn(images=tf.constant(x)).items()},
+                  images, batch)
+
+
+def tflite_runner(path: str) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+  """The TFLite model's ``serving_default`` signature as a function (batch size is dynamic)."""
+  runner = _tflite_interpreter(path).get_signature_runner('serving_default')
+  return lambda images: runner(images=images)
+
+
+_PROBE = """
+import sys, numpy as np
+try:
+  from ai_edge_litert.interpreter import Interpreter
+except ImportError:
+  import tensorflow as tf
+  Interpreter = tf.lite.Interpreter
+runner = Interpreter(model_path=sys.argv[1]).get_signature_runner('serving_default')
+shape = tuple(int(d) for d in sys.argv[2].split(','))
+for n in (1, 7):
+  runner(images=np.zeros((n,) + shape, np.uint8))
+"""
+
+
+def probe_tflite(path: str, image_shape: tuple[int, int, int], timeout_s: float = 600) -> str:
+  """Runs the TFLite model once (batches of 1 and 7) in a child process: '' when it ran, else
+  why not. Some models crash the runtime itself (an abort, no Python error): e.g. ResNet-18 at
+  224 px quantised to int8, under LiteRT 2.3, with or without XNNPACK."""
+  import subprocess
+  import sys
+  try:
+    proc = subprocess.run([sys.executable, '-c', _PROBE, path, ','.join(map(str, image_shape))],
+                          capture_output=True, text=True, timeout=timeout_s)
+  except subprocess.TimeoutExpired:
+    return f'no answer within {timeout_s:g} s'
+  if proc.returncode == 0:
+    return ''
+  lines = [ln for ln in proc.stderr.strip().splitlines() if not ln.startswith('INFO:')]
+  last = (lines or [''])[-1][:200]
+  return (f'the runtime was killed by signal {-proc.returncode}' if proc.returncode < 0 else
+          f'exit status {proc.returncode}') + (f': {last}' if last else '')
+
+
+def run_tflite(path: str, images: np.ndarray, batch: int = 32) -> dict[str, np.ndarray]:
+  """Outputs of the TFLite model's ``serving_default`` signature."""
+  return _batched(tflite_runner(path), images, batch)
+
+
+def save_onnx(tflite_path: str, path: str, opset: int = 17) -> None:
+  """Converts the float TFLite model to ONNX with tf2onnx (input ``images`` uint8, outputs
+  ``probabilities`` and ``logits``).
+
+  The route goes through TFLite because tf2onnx cannot convert the ``XlaCallModule`` op of a
+  jax2tf SavedModel, while the TFLite converter lowers it to builtin ops that tf2onnx knows.
+  """
+  try:
+    import onnx
+    import tf2onnx
+  except ImportError:
+    raise UserError("ONNX export needs tf2onnx, onnx and onnxruntime: pip install "
+                    "'imgcls_jax[export]', or export with --config.export.onnx=False.") from None
+  # The signature's names for the TFLite tensors (e.g. 'StatefulPartitionedCall:1').
+  runner = _tflite_interpreter(tflite_path).get_signature_runner('serving_default')
+  rename = {d['name']: k for k, d in {**runner.get_input_details(),
+                                      **runner.get_output_details()}.items()}
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore')
+    try:
+      model, _ = tf2onnx.convert.from_tflite(tflite_path, opset=opset)
+    except Exception as e:
+      raise UserError(f'ONNX conversion failed ({_first_line(e)}); export with '
+                      '--config.export.onnx=False.') from None
+  graph = model.graph
+  for node in graph.node:
+    node.input[:] = [rename.get(n, n) for n in node.input]
+    node.output[:] = [rename.get(n, n) for n in node.output]
+  for value in list(graph.input) + list(graph.output):
+    value.name = rename.get(value.name, value.name)
+  if {v.name for v in graph.input} != {'images'} or {v.name for v in graph.output} != set(OUTPUTS):
+    raise UserError('The ONNX model lost its input or output names in conversion; export with '
+                    '--config.export.onnx=False.')
+  onnx.checker.check_model(model)
+  onnx.save(model, path)
+
+
+def onnx_runner(path: str, threads: int = 0) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+  """The ONNX model under onnxruntime's CPU provider as a function (``threads`` 0: its default)."""
+  import onnxruntime as ort
+  opts = ort.SessionOptions()
+  opts.log_severity_level = 4  # a failing run raises (and the exporter reports it); no log line
+  if threads:
+    opts.intra_op_num_threads = threads
+  session = ort.InferenceSession(path, opts, providers=['CPUExecutionProvider'])
+  names = [o.name for o in session.get_outputs()]
+  return lambda images: dict(zip(names, session.run(names, {'images': images})))
+
+
+def run_onnx(path: str, images: np.ndarray, batch: int = 64) -> dict[str, np.ndarray]:
+  """Outputs of the ONNX model under onnxruntime."""
+  return _batched(onnx_runner(path), images, batch)

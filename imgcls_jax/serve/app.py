@@ -1,0 +1,374 @@
+"""The ASGI application (FastAPI on Starlette): the endpoints, their limits and one-line errors."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import dataclasses
+import functools
+import importlib.resources
+import json
+import logging
+import time
+import uuid
+from typing import Any, Awaitable, Callable
+
+import fastapi
+import ml_collections
+import numpy as np
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+
+from imgcls_jax import inference
+from imgcls_jax.data.images import ImageTooLarge, UnreadableImage
+from imgcls_jax.serve.batcher import Batcher, Overloaded
+from imgcls_jax.serve.metrics import Metrics
+
+log = logging.getLogger('imgcls_jax.serve')
+_IMAGE_BODY = {'requestBody': {'required': True, 'content': {
+    'image/*': {'schema': {'type': 'string', 'format': 'binary'}},
+    'multipart/form-data': {'schema': {'type': 'object', 'properties': {
+        'image': {'type': 'string', 'format': 'binary'}}}}}}}
+
+
+class ApiError(Exception):
+  """A request the service refuses: HTTP ``status`` and a one-sentence ``message``."""
+
+  def __init__(self, status: int, message: str):
+    super().__init__(message)
+    self.status, self.message = status, message
+
+
+@dataclasses.dataclass
+class Service:
+  """What the endpoints share."""
+  batcher: Batcher
+  cfg: ml_collections.ConfigDict      # config.serve
+  metrics: Metrics
+  model_name: str
+  ready: bool = True
+
+  @property
+  def clf(self) -> inference.Classifier:
+    return self.batcher.clf
+
+
+def _error(status: int, message: str) -> JSONResponse:
+  headers = {'Retry-After': '1'} if status == 503 else None
+  return JSONResponse({'error': message}, status_code=status, headers=headers)
+
+
+def guarded(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+  """Turns ApiError into its 4xx/503 and any other failure into a 500 for this request only."""
+  @functools.wraps(fn)
+  async def wrapper(request: Request, *args: Any, **kwargs: Any) -> Any:
+    try:
+      return await fn(request, *args, **kwargs)
+    except ApiError as e:
+      return _error(e.status, e.message)
+    except Exception:  # never let one request take the service down
+      log.exception('[%s] Unexpected error serving %s %s', request.scope.get('request_id'),
+                    request.method, request.url.path)
+      return _error(500, 'Internal error while classifying; see the server log.')
+  return wrapper
+
+
+def _top_k(request: Request, svc: Service) -> int:
+  value = request.query_params.get('top_k')
+  if value is None:
+    return int(svc.cfg.top_k)
+  n = len(svc.clf.class_names)
+  try:
+    k = int(value)
+  except ValueError:
+    k = 0
+  if not 1 <= k <= n:
+    raise ApiError(400, f'top_k must be an integer from 1 to {n}.')
+  return k
+
+
+async def _check_length(request: Request, limit: int) -> None:
+  """Refuses chunked uploads, a missing Content-Length and more than ``limit`` bytes."""
+  if 'chunked' in request.headers.get('transfer-encoding', '').lower():
+    raise ApiError(411, 'Chunked uploads are not accepted; send a Content-Length.')
+  length = request.headers.get('content-length')
+  if length is None:
+    raise ApiError(411, 'Missing Content-Length header; send the image bytes as the body.')
+  n = int(length)  # the HTTP parser has already refused a malformed length
+  if n > limit:
+    if n <= 8 * limit:  # read and drop it, so the client sees this answer, not a reset
+      async for _ in request.stream():
+        pass
+    raise ApiError(413, f'Upload of {n} bytes is larger than the limit of {limit} bytes.')
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+  """The whole body, after ``_check_length``."""
+  await _check_length(request, limit)
+  return await request.body()
+
+
+async def _upload(request: Request, svc: Service) -> bytes:
+  """The image bytes of a raw-body or multipart (``image`` file field) upload."""
+  limit = int(svc.cfg.max_upload_bytes)
+  if not request.headers.get('content-type', '').lower().startswith('multipart/'):
+    return await _read_body(request, limit)
+  await _check_length(request, limit)  # the form parser streams the body itself
+  try:
+    form = await request.form(max_files=4, max_fields=16, max_part_size=limit)
+  except Exception as e:
+    detail = getattr(e, 'detail', None) or str(e) or type(e).__name__
+    raise ApiError(400, f'The multipart form could not be parsed ({str(detail).rstrip(".")}); '
+                   'send one file field named image (curl -F image=@photo.jpg).') from None
+  try:
+    files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
+    chosen = [f for k, f in form.multi_items() if k == 'image' and isinstance(f, UploadFile)]
+    if len(chosen or files) != 1:
+      raise ApiError(400, f'The form has {len(chosen or files)} files; send exactly one file '
+                     'field named image (curl -F image=@photo.jpg).')
+    return await (chosen or files)[0].read()
+  finally:
+    await form.close()
+
+
+async def _prepare(svc: Service, data: bytes, what: str = 'The body') -> np.ndarray:
+  if not data:
+    raise ApiError(400, f'{what} is empty; send the bytes of one image.')
+  try:
+    return await run_in_threadpool(svc.clf.prepare, data, max_pixels=int(svc.cfg.max_pixels))
+  except ImageTooLarge as e:
+    raise ApiError(413, f'{what} is {e}; send a smaller image.') from None
+  except UnreadableImage as e:
+    raise ApiError(415, f'{what} is {e}; send one image (JPEG, PNG, ...).') from None
+
+
+async def _classify(svc: Service, images: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+  """Model outputs for each image, through the batcher; 503 when its queue is full."""
+  try:
+    futures = [svc.batcher.submit(x) for x in images]
+  except Overloaded:
+    raise ApiError(503, 'The service is overloaded; retry shortly.') from None
+  return list(await asyncio.wait_for(
+      asyncio.gather(*(asyncio.wrap_future(f) for f in futures)), timeout=120))
+
+
+def _model(svc: Service, name: str) -> None:
+  if name != svc.model_name:
+    raise ApiError(404, f"No model named '{name}'; this service serves '{svc.model_name}'.")
+
+
+def create_app(svc: Service) -> fastapi.FastAPI:
+  """The application serving ``svc``."""
+  app = fastapi.FastAPI(title='imgcls_jax', version='1', summary=(
+      'Image classification: raw or multipart uploads, TF-Serving and KServe v2 endpoints.'))
+  app.state.service = svc
+  page = (importlib.resources.files('imgcls_jax.serve') / 'static' / 'index.html').read_text()
+
+  @app.exception_handler(HTTPException)
+  async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    if exc.status_code == 404:
+      return _error(404, f'No such endpoint {request.url.path}; see /docs for the API.')
+    if exc.status_code == 405:
+      return _error(405, f'{request.method} is not supported on {request.url.path}; see /docs.')
+    return _error(exc.status_code, f'{str(exc.detail).rstrip(".")}.')
+
+  @app.get('/', response_class=HTMLResponse, include_in_schema=False)
+  async def index() -> HTMLResponse:
+    return HTMLResponse(page)
+
+  @app.get('/healthz', summary='Liveness')
+  async def healthz() -> dict[str, str]:
+    return {'status': 'ok'}
+
+  @app.get('/v1/model', summary='Class names, input shape, checkpoint step')
+  async def model_info() -> dict[str, Any]:
+    c = svc.clf
+    return {'name': svc.model_name, 'class_names': list(c.class_names),
+            'input_shape': list(c.image_shape), 'checkpoint_step': c.step,
+            'max_upload_bytes': int(svc.cfg.max_upload_bytes), 'top_k': int(svc.cfg.top_k)}
+
+  @app.post('/v1/classify', openapi_extra=_IMAGE_BODY,
+            summary='Classify one image: the raw bytes as the body, or a multipart file "image"')
+  @guarded
+  async def classify(request: Request) -> Any:
+    k = _top_k(request, svc)
+    multipart = request.headers.get('content-type', '').lower().startswith('multipart/')
+    image = await _prepare(svc, await _upload(request, svc),
+                           'The uploaded file' if multipart else 'The body')
+    (out,) = await _classify(svc, [image])
+    return {'predictions': inference.top_k(out['probabilities'], svc.clf.class_names, k),
+            'checkpoint_step': svc.clf.step}
+
+  # ---- TF-Serving REST API ----
+  @app.get('/v1/models/{name}', summary='TF-Serving: model status')
+  @guarded
+  async def tfs_status(request: Request, name: str) -> Any:
+    _model(svc, name)
+    return {'model_version_status': [{'version': str(svc.clf.step), 'state': 'AVAILABLE',
+                                      'status': {'error_code': 'OK', 'error_message': ''}}]}
+
+  @app.get('/v1/models/{name}/metadata', summary='TF-Serving: signature')
+  @guarded
+  async def tfs_metadata(request: Request, name: str) -> Any:
+    _model(svc, name)
+    return {'model_spec': {'name': name, 'signature_name': '', 'version': str(svc.clf.step)},
+            'metadata': {'signature_def': {'signature_def': {'serving_default': _signature(svc)}}}}
+
+  @app.post('/v1/models/{name}:predict', summary='TF-Serving: predict (row format, b64 images)',
+            openapi_extra={'requestBody': {'required': True, 'content': {'application/json': {
+                'example': {'instances': [{'b64': '<base64 of a JPEG/PNG file>'}]}}}}})
+  @guarded
+  async def tfs_predict(request: Request, name: str) -> Any:
+    _model(svc, name)
+    payload = _json(await _read_body(request, int(svc.cfg.max_upload_bytes)))
+    blobs = _instances(payload)
+    images = [await _prepare(svc, b, f'Instance {i}') for i, b in enumerate(blobs)]
+    outs = await _classify(svc, images)
+    return {'predictions': [{k: o[k].tolist() for k in ('probabilities', 'logits')}
+                            for o in outs]}
+
+  # ---- KServe v2 (Open Inference Protocol) ----
+  @app.get('/v2/health/live', summary='KServe v2: live')
+  async def live() -> dict[str, bool]:
+    return {'live': True}
+
+  @app.get('/v2/health/ready', summary='KServe v2: ready')
+  async def ready() -> Response:
+    return JSONResponse({'ready': svc.ready}, status_code=200 if svc.ready else 503)
+
+  @app.get('/v2/models/{name}', summary='KServe v2: model metadata')
+  @guarded
+  async def v2_metadata(request: Request, name: str) -> Any:
+    _model(svc, name)
+    h, w, c = svc.clf.image_shape
+    k = len(svc.clf.class_names)
+    return {'name': name, 'versions': [str(svc.clf.step)], 'platform': 'jax',
+            'inputs': [{'name': 'images', 'datatype': 'UINT8', 'shape': [-1, h, w, c]}],
+            'outputs': [{'name': o, 'datatype': 'FP32', 'shape': [-1, k]}
+                        for o in ('probabilities', 'logits')]}
+
+  @app.get('/v2/models/{name}/ready', summary='KServe v2: model ready')
+  @guarded
+  async def v2_model_ready(request: Request, name: str) -> Any:
+    _model(svc, name)
+    return JSONResponse({'name': name, 'ready': svc.ready}, status_code=200 if svc.ready else 503)
+
+  @app.post('/v2/models/{name}/infer', summary='KServe v2: infer (UINT8 images tensor)')
+  @guarded
+  async def v2_infer(request: Request, name: str) -> Any:
+    _model(svc, name)
+    payload = _json(await _read_body(request, int(svc.cfg.max_upload_bytes)))
+    images = _v2_images(payload, svc.clf.image_shape)
+    outs = await _classify(svc, list(images))
+    k = len(svc.clf.class_names)
+    result = {'model_name': name, 'model_version': str(svc.clf.step),
+              'outputs': [{'name': o, 'datatype': 'FP32', 'shape': [len(outs), k],
+                           'data': np.stack([x[o] for x in outs]).ravel().tolist()}
+                          for o in ('probabilities', 'logits')]}
+    if isinstance(payload.get('id'), str):
+      result['id'] = payload['id']
+    return result
+
+  @app.get('/metrics', response_class=PlainTextResponse, summary='Prometheus metrics')
+  async def metrics() -> PlainTextResponse:
+    text = svc.metrics.render(svc.batcher.batch_sizes, svc.batcher.max_batch_size,
+                              svc.batcher.queue_depth, svc.clf.step)
+    return PlainTextResponse(text, media_type='text/plain; version=0.0.4')
+
+  return app
+
+
+def _signature(svc: Service) -> dict[str, Any]:
+  h, w, c = svc.clf.image_shape
+  k = len(svc.clf.class_names)
+  dims = lambda *d: {'dim': [{'size': str(x)} for x in d]}  # noqa: E731
+  return {'inputs': {'images': {'dtype': 'DT_UINT8', 'tensor_shape': dims(-1, h, w, c),
+                                'name': 'images'}},
+          'outputs': {o: {'dtype': 'DT_FLOAT', 'tensor_shape': dims(-1, k), 'name': o}
+                      for o in ('probabilities', 'logits')},
+          'method_name': 'tensorflow/serving/predict'}
+
+
+def _json(body: bytes) -> Any:
+  try:
+    return json.loads(body)
+  except (ValueError, UnicodeDecodeError):
+    raise ApiError(400, 'The body is not valid JSON.') from None
+
+
+def _instances(payload: Any) -> list[bytes]:
+  """The image bytes of ``{"instances": [{"b64": ...} | {"<input>": {"b64": ...}}, ...]}``."""
+  usage = 'send {"instances": [{"b64": "<base64 image>"}, ...]}'
+  if not isinstance(payload, dict) or not isinstance(payload.get('instances'), list) or \
+      not payload['instances']:
+    raise ApiError(400, f'The body has no non-empty "instances" list; {usage}.')
+  if payload.get('signature_name', 'serving_default') != 'serving_default':
+    raise ApiError(400, f"Unknown signature_name {payload['signature_name']!r}; use "
+                   "'serving_default'.")
+  out = []
+  for i, inst in enumerate(payload['instances']):
+    if isinstance(inst, dict) and len(inst) == 1 and 'b64' not in inst:
+      inst = next(iter(inst.values()))     # the named-input form {"images": {"b64": ...}}
+    if not isinstance(inst, dict) or not isinstance(inst.get('b64'), str):
+      raise ApiError(400, f'Instance {i} is not {{"b64": "<base64 image>"}}; {usage}.')
+    try:
+      out.append(base64.b64decode(inst['b64'], validate=True))
+    except (binascii.Error, ValueError):
+      raise ApiError(400, f'Instance {i} is not valid base64.') from None
+  return out
+
+
+def _v2_images(payload: Any, shape: tuple[int, int, int]) -> np.ndarray:
+  """The uint8 NxHxWxC images of a KServe v2 request's one ``UINT8`` input tensor."""
+  want = f'one input {{"name": "images", "datatype": "UINT8", "shape": [N, {", ".join(map(str, shape))}], "data": [...]}}'
+  inputs = payload.get('inputs') if isinstance(payload, dict) else None
+  if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+    raise ApiError(400, f'The body must have {want}.')
+  tensor = inputs[0]
+  dims = tensor.get('shape')
+  if (tensor.get('datatype') != 'UINT8' or not isinstance(dims, list) or len(dims) != 4 or
+      tuple(dims[1:]) != tuple(shape) or not isinstance(dims[0], int) or dims[0] < 1):
+    raise ApiError(400, f'The input tensor must be {want} (images already resized to the '
+                   'model input).')
+  try:
+    data = np.asarray(tensor.get('data'), dtype=np.int64)
+  except (TypeError, ValueError):
+    raise ApiError(400, 'The input tensor data must be a list of integers 0..255.') from None
+  if data.size != int(np.prod(dims)) or (data.size and (data.min() < 0 or data.max() > 255)):
+    raise ApiError(400, f'The input tensor data must hold {int(np.prod(dims))} integers 0..255.')
+  return data.astype(np.uint8).reshape(dims)
+
+
+class RequestLog:
+  """ASGI middleware: a request ID (``X-Request-ID``, kept from the client or made here) on every
+  response and log line, and each request's status and latency in the metrics."""
+
+  def __init__(self, app: Any, metrics: Metrics):
+    self.app, self.metrics = app, metrics
+
+  async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope['type'] != 'http':
+      return await self.app(scope, receive, send)
+    given = dict(scope['headers']).get(b'x-request-id', b'').decode('latin-1')[:64]
+    rid = given if given and given.isprintable() else uuid.uuid4().hex[:16]
+    scope['request_id'] = rid
+    start, status = time.perf_counter(), [500]
+
+    async def send_with_id(message: dict[str, Any]) -> None:
+      if message['type'] == 'http.response.start':
+        status[0] = message['status']
+        message.setdefault('headers', [])
+        message['headers'] = list(message['headers']) + [(b'x-request-id', rid.encode())]
+        route = scope.get('route')
+        endpoint = getattr(route, 'path', None) or (scope['path'] if status[0] < 400
+                                                    else 'unmatched')  # bounded label set
+        elapsed = time.perf_counter() - start
+        self.metrics.observe(endpoint, status[0], elapsed)
+        log.info('[%s] %s %s -> %d in %.1f ms', rid, scope['method'], scope['path'], status[0],
+                 1000 * elapsed)
+      await send(message)
+
+    await self.app(scope, receive, send_with_id)

@@ -1,0 +1,132 @@
+"""The web page in a real browser: headless Chromium (selenium) uploads image files through the
+page's file input; the top-1 class and probabilities it shows must equal the JSON API's answer
+for the same files. A screenshot is saved into the test's tmp dir on failure."""
+import contextlib
+import http.client
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imgcls_jax import inference, serve
+from imgcls_jax.data import digits
+from tests.test_predict import trained_run, trainer_probabilities
+
+CHROMIUM = os.environ.get('CHROMIUM_BINARY', '/usr/bin/chromium')
+CHROMEDRIVER = os.environ.get('CHROMEDRIVER', '/usr/bin/chromedriver')
+selenium = pytest.importorskip('selenium', reason='the browser test needs selenium (test extra)')
+if not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)):
+  pytest.skip(f'the browser test needs Chromium and chromedriver ({CHROMIUM}, {CHROMEDRIVER}; '
+              'Debian packages chromium and chromium-driver)', allow_module_level=True)
+
+from selenium import webdriver  # noqa: E402
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+
+@pytest.fixture(scope='module')
+def served(tmp_path_factory, tfds_dir):
+  config, workdir, _ = trained_run(tmp_path_factory, tfds_dir)
+  cfg = config.serve.copy_and_resolve_references()
+  cfg.port = 0
+  cfg.max_batch_size = 8
+  clf = inference.classifier(inference.load(workdir, config))
+  srv = serve.make_server(clf, cfg).start()
+  yield srv, config, workdir
+  srv.close()
+
+
+@pytest.fixture
+def browser():
+  opts = webdriver.ChromeOptions()
+  opts.binary_location = CHROMIUM
+  for flag in ('--headless=new', '--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage',
+               '--window-size=1200,900'):
+    opts.add_argument(flag)
+  driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+  yield driver
+  driver.quit()
+
+
+@contextlib.contextmanager
+def screenshot_on_failure(driver, tmp_path):
+  """Saves what the page showed when the block fails (path printed with the failure)."""
+  try:
+    yield
+  except BaseException:
+    path = tmp_path / 'page_on_failure.png'
+    driver.save_screenshot(str(path))
+    print(f'screenshot of the page: {path}')
+    raise
+
+
+def _api(url, data: bytes) -> tuple[int, dict]:
+  host, port = url.split('//')[1].rsplit(':', 1)
+  conn = http.client.HTTPConnection(host, int(port), timeout=30)
+  conn.request('POST', '/v1/classify?top_k=5', body=data)
+  resp = conn.getresponse()
+  out = resp.status, json.loads(resp.read())
+  conn.close()
+  return out
+
+
+def test_page_shows_the_apis_top_classes_for_uploaded_files(served, browser, tmp_path):
+  srv, config, workdir = served
+  x, _ = digits.load_arrays('test')
+  files = {}
+  for i, (size, fmt) in enumerate([(8, 'PNG'), (64, 'PNG'), (96, 'JPEG')]):
+    img = Image.fromarray(x[i, :, :, 0]).resize((size, size), Image.NEAREST)
+    path = tmp_path / f'digit_{i}.{fmt.lower()}'
+    img.convert('RGB' if fmt == 'JPEG' else 'L').save(path, fmt)
+    files[path.name] = path
+  (tmp_path / 'notes.txt').write_text('not an image')
+  files['notes.txt'] = tmp_path / 'notes.txt'
+
+  with screenshot_on_failure(browser, tmp_path):
+    _check_page(srv, config, workdir, browser, files)
+
+
+def _check_page(srv, config, workdir, browser, files):
+  x, _ = digits.load_arrays('test')
+  browser.get(srv.url + '/')
+  wait = WebDriverWait(browser, 60)
+  wait.until(lambda d: 'classes' in d.find_element(By.ID, 'model').text)
+  assert '10 classes' in browser.find_element(By.ID, 'model').text
+  # One selection of several files through the file input, as a person choosing photos.
+  browser.find_element(By.ID, 'file').send_keys('\n'.join(str(p) for p in files.values()))
+  wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, '.card')) == len(files) and not
+             d.find_elements(By.CSS_SELECTOR, '.card[data-state="pending"]'))
+
+  shown = {}
+  for card in browser.find_elements(By.CSS_SELECTOR, '.card'):
+    name = card.find_element(By.CSS_SELECTOR, '.name').text
+    rows = card.find_elements(By.CSS_SELECTOR, 'li')
+    shown[name] = {'state': card.get_attribute('data-state'),
+                   'status': card.find_element(By.CSS_SELECTOR, '.status').text,
+                   'labels': [r.find_element(By.CSS_SELECTOR, '.label').text for r in rows],
+                   'pcts': [r.find_element(By.CSS_SELECTOR, '.pct').text for r in rows],
+                   'image_loaded': browser.execute_script(
+                       'return arguments[0].complete && arguments[0].naturalWidth > 0',
+                       card.find_element(By.TAG_NAME, 'img'))}
+  assert set(shown) == set(files)
+  for name, path in files.items():
+    status, answer = _api(srv.url, path.read_bytes())
+    page = shown[name]
+    if status != 200:  # the page shows the API's one-sentence error
+      assert name == 'notes.txt' and status == 415
+      assert page['state'] == 'error' and page['status'] == answer['error'].replace(
+          'The body', 'The uploaded file')
+      continue
+    assert page['state'] == 'done' and page['image_loaded'], page
+    assert page['labels'][0] == answer['predictions'][0]['class'], (name, page, answer)
+    assert page['labels'] == [p['class'] for p in answer['predictions']]
+    shown_pct = [float(t.rstrip('%')) for t in page['pcts']]  # one decimal, as the page rounds
+    np.testing.assert_allclose(shown_pct, [100 * p['probability'] for p in answer['predictions']],
+                               rtol=0, atol=0.05 + 1e-9)
+  # And the API agrees with the trainer's own prediction for the exact 8x8 file.
+  want = trainer_probabilities(config, workdir, x[:1])[0]
+  assert shown['digit_0.png']['labels'][0] == str(int(np.argmax(want)))
