@@ -27,7 +27,7 @@ VARIANTS = {
     'balanced': ['--config.loss.class_weights=balanced'],
     'focal': ['--config.loss.focal_gamma=2.0'],
     'balanced_focal': ['--config.loss.class_weights=balanced', '--config.loss.focal_gamma=2.0'],
-    'logit_adjusted': ['--config.loss.logit_adjustment=1.0'],
+    'logit_adjusted': ['--config.loss.logit_adjustment=1.0', '--config.label_smoothing=0'],
 }
 
 

@@ -132,6 +132,10 @@ def logit_offsets(config: ml_collections.ConfigDict, info: DatasetInfo
     return None
   if tau < 0:
     raise UserError(f'config.loss.logit_adjustment={tau} must be >= 0 (0 = off; e.g. 1.0).')
+  if config.label_smoothing:
+    raise UserError(f'config.loss.logit_adjustment={tau} needs config.label_smoothing=0: '
+                    'smoothing puts target mass on the rare classes, which the prior offsets '
+                    'turn into predicting them everywhere.')
   from imgcls_jax.data import sources
   counts = sources.class_counts(config.data, config.data.train_split, info.num_classes)
   prior = np.maximum(counts, 1) / max(counts.sum(), 1)   # a class without images: one, not zero

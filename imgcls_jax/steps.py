@@ -97,14 +97,19 @@ def cross_entropy(logits_BxK: jax.Array, targets_BxK: jax.Array) -> jax.Array:
 
 def weighted_loss_terms(logits_BxK: jax.Array, targets_BxK: jax.Array,
                         cfg: StepConfig) -> tuple[jax.Array, jax.Array]:
-  """(per-example loss ``l_B``, per-example weight ``w_B``) with class weights and / or focal
-  scaling: ``l = -sum_k c_k t_k (1 - p_k)^gamma log p_k`` and ``w = sum_k c_k t_k``, so that
-  ``sum(l) / sum(w)`` is PyTorch's weighted cross-entropy for one-hot targets."""
+  """(per-example loss ``l_B``, per-example class weight ``w_B``): ``l = -sum_k t_k (1 - p_k)^gamma
+  log p_k`` (focal scaling when ``gamma > 0``) and ``w = sum_k c_k h_k`` over the targets before
+  label smoothing ``h`` (the example's own class, or its mixup pair), so ``sum(w l) / sum(w)`` is
+  PyTorch's weighted cross-entropy, and smoothing mass never carries a rare class's weight."""
   log_p = jax.nn.log_softmax(logits_BxK.astype(jnp.float32), axis=-1)
-  c_K = (jnp.asarray(cfg.class_weights, jnp.float32) if cfg.class_weights is not None
-         else jnp.ones(logits_BxK.shape[-1], jnp.float32))
   scale = (1.0 - jnp.exp(log_p)) ** cfg.focal_gamma if cfg.focal_gamma > 0 else 1.0
-  return -jnp.sum(c_K * targets_BxK * scale * log_p, axis=-1), jnp.sum(c_K * targets_BxK, axis=-1)
+  loss_B = -jnp.sum(targets_BxK * scale * log_p, axis=-1)
+  if cfg.class_weights is None:
+    return loss_B, jnp.ones(loss_B.shape, jnp.float32)
+  k = logits_BxK.shape[-1]
+  hard = ((targets_BxK - cfg.label_smoothing / k) / (1.0 - cfg.label_smoothing)
+          if cfg.label_smoothing else targets_BxK)      # optax.smooth_labels, undone (linear)
+  return loss_B, hard @ jnp.asarray(cfg.class_weights, jnp.float32)
 
 
 def _micro_batches(tree: Any, k: int) -> Any:
@@ -131,9 +136,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model_def: Mod
   weights_B = batch['mask'].astype(jnp.float32) if 'mask' in batch else jnp.ones(x.shape[:1])
   count = jnp.maximum(weights_B.sum(), 1.0)
   plain = cfg.class_weights is None and cfg.focal_gamma == 0 and cfg.logit_offsets is None
-  if not plain:  # the loss divides by the summed class weights of the batch's (real) targets
-    class_w_B = weighted_loss_terms(jnp.zeros(y.shape), y, cfg)[1]
-    loss_norm = jnp.maximum((class_w_B * weights_B).sum(), 1e-12)
+  if not plain:  # the loss divides by the summed class weights of the batch's (real) examples
+    weights_B = weights_B * weighted_loss_terms(jnp.zeros(y.shape), y, cfg)[1]
+    loss_norm = jnp.maximum(weights_B.sum(), 1e-12)
 
   def loss_fn(params, batch_stats, x, y, w, micro):
     if cfg.probe_head:  # frozen backbone: no gradient flows into it, so XLA drops its backward

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from imgcls_jax import run, state as state_lib, steps
@@ -25,7 +26,13 @@ def test_weighted_loss_equals_pytorch_weighted_cross_entropy():
   loss_B, w_B = steps.weighted_loss_terms(jnp.asarray(logits), jax.nn.one_hot(labels, 5), cfg)
   expected = torch.nn.functional.cross_entropy(torch.tensor(logits), torch.tensor(labels),
                                                weight=torch.tensor(weights))
-  assert float(loss_B.sum() / w_B.sum()) == pytest.approx(float(expected), rel=1e-6)
+  assert float((loss_B * w_B).sum() / w_B.sum()) == pytest.approx(float(expected), rel=1e-6)
+  # Label smoothing spreads target mass, not weight: an example weighs its own class's weight.
+  smoothed = optax.smooth_labels(jax.nn.one_hot(labels, 5), 0.1)
+  _, w_smooth = steps.weighted_loss_terms(jnp.asarray(logits), smoothed,
+                                          steps.StepConfig(num_classes=5, class_weights=weights,
+                                                           label_smoothing=0.1))
+  np.testing.assert_allclose(w_smooth, np.asarray(weights)[labels], rtol=1e-5)
   plain, ones = steps.weighted_loss_terms(jnp.asarray(logits), jax.nn.one_hot(labels, 5),
                                           steps.StepConfig(num_classes=5))
   np.testing.assert_allclose(plain, steps.cross_entropy(jnp.asarray(logits),
@@ -65,6 +72,8 @@ def test_train_step_loss_uses_the_weights(mlp):  # noqa: F811
 def test_logit_adjustment_shifts_the_training_logits_by_tau_log_prior(mlp):  # noqa: F811
   batch = _batch()
   mlp.loss.logit_adjustment = 1.5
+  with pytest.raises(UserError, match='logit_adjustment=1.5 needs config.label_smoothing=0'):
+    run.setup(mlp)
   mlp.label_smoothing = 0.0
   s = run.setup(mlp)
   _, y = digits.load_arrays('train')
