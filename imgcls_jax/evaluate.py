@@ -18,15 +18,15 @@ from typing import Any
 import jax
 import ml_collections
 
-from imgcls_jax import metrics, plots, report_files, run
+from imgcls_jax import inference, metrics, plots, report_files, run
 from imgcls_jax.errors import UserError
 
 
 def evaluate(config: ml_collections.ConfigDict | None, workdir: str,
              overrides: dict[str, Any] | None = None) -> dict[str, Any]:
   """The ``evaluate`` mode: ``config.evaluate`` picks checkpoint, split, TTA and output dir."""
-  e = config.evaluate
   workdir = os.path.abspath(workdir)
+  e = inference.mode_settings(workdir, config, overrides, 'evaluate')  # the run's, plus flags
   ev = run.evaluate_checkpoint(workdir, config, split=e.split, checkpoint_spec=e.checkpoint,
                                tta=e.tta or '', num_bins=int(e.calibration_bins),
                                overrides=overrides)
@@ -34,7 +34,7 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str,
   rep = ev.report(int(e.top_confused))
   out_dir = os.path.abspath(e.output_dir or workdir)
   if jax.process_index() == 0:
-    title = f"Evaluation of {cfg.model.name} on {info.name} '{ev.split}'"
+    title = f"Evaluation of {cfg.model.name} on {ev.dataset or info.name} '{ev.split}'"
     report_files.write(rep, out_dir, title, os.path.join(workdir, 'metrics.jsonl'))
     print('\n'.join(report_files.table_lines(rep, title, out_dir)), flush=True)
   return rep

@@ -29,7 +29,7 @@ from imgcls_jax.data.info import DatasetInfo
 from imgcls_jax.errors import UserError
 
 # Sections of the config that each mode owns: set freely on the command line of that mode.
-MODE_SECTIONS = ('evaluate', 'predict', 'export', 'serve')
+MODE_SECTIONS = ('evaluate', 'predict', 'export', 'serve', 'embed')
 # Keys that say where the evaluation data lives now (the run's may have moved), or how to lay the
 # work out on this machine: they may differ from the run's without changing the model.
 LOCATION_KEYS = ('ema.inference', 'data.data_dir', 'data.manual_dir', 'data.folder', 'data.eval_split',
@@ -71,6 +71,23 @@ def effective_config(saved: dict[str, Any] | None, given: ml_collections.ConfigD
                       f'--workdir: drop that flag, or train a new run with it.')
     _set(run, key, value)
   return run
+
+
+def mode_settings(workdir: str, config: ml_collections.ConfigDict | None,
+                  overrides: dict[str, Any] | None, section: str) -> ml_collections.ConfigDict:
+  """A mode's own settings (``config.<section>``): from the command line (``overrides`` given),
+  the run's saved section with the flags applied, so ``--config`` can be left out; else the
+  given config's."""
+  base = ml_collections.ConfigDict(config[section].to_dict()) if (
+      config is not None and section in config) else ml_collections.ConfigDict()
+  if overrides is None:
+    return base
+  saved = (checkpoint.read_config(workdir) or {}).get(section) or {}
+  with base.unlocked():
+    for key, value in {**saved, **{k.split('.', 1)[1]: v for k, v in overrides.items()
+                                   if k.startswith(section + '.')}}.items():
+      base[key] = value
+  return base
 
 
 def _same(a: Any, b: Any) -> bool:

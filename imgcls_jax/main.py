@@ -32,8 +32,10 @@ MODES: dict[str, tuple[str, str]] = {
     'serve': ('imgcls_jax.serve', 'serve'),
     'evaluate': ('imgcls_jax.evaluate', 'evaluate'),
     'curves': ('imgcls_jax.evaluate', 'curves'),
+    'classical': ('imgcls_jax.classical', 'classical'),
+    'embed': ('imgcls_jax.embed', 'embed'),
 }
-TRAINED_RUN_MODES = ('predict', 'export', 'serve', 'evaluate', 'curves')
+TRAINED_RUN_MODES = ('predict', 'export', 'serve', 'evaluate', 'curves', 'embed')
 
 FLAGS = flags.FlagValues()
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py), '

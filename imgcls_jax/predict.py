@@ -8,6 +8,11 @@ run in ``--workdir`` alone (``inference.load``); ``config.predict`` says what to
 size and mode are decoded with PIL (EXIF orientation applied), converted to the model's channels,
 resized to the dataset's image size, then put through the run's ``data.eval_preprocess``, exactly
 as evaluation sees them. Unreadable files are reported and skipped.
+
+With ``--config.predict.explain=gradcam`` (convolutional models) or ``integrated_gradients`` (any
+model), a heat-map overlay PNG of the top-1 class is written per image to
+``config.predict.explain_dir`` (default: ``explanations/`` next to the output file) and named in
+the JSON lines' ``explanation`` field (``imgcls_jax/explain.py``).
 """
 from __future__ import annotations
 
@@ -77,16 +82,40 @@ def _batches(files: list[str], clf: inference.Classifier, batch_size: int,
         yield good, np.stack(arrays)
 
 
-def predict_files(clf: inference.Classifier, files: list[str], *, top: int = 5, batch_size: int = 64
+def predict_files(clf: inference.Classifier, files: list[str], *, top: int = 5,
+                  batch_size: int = 64, explainer: Any = None, explain_dir: str = ''
                   ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
-  """(one ``{'file', 'predictions'}`` per readable file in order, [(skipped file, reason)])."""
+  """(one ``{'file', 'predictions'}`` per readable file in order, [(skipped file, reason)]).
+
+  With an ``explain.Explainer``, each image's heat map of its top-1 class is written to
+  ``explain_dir`` as an overlay PNG, named in the result's ``'explanation'``.
+  """
   skipped: list[tuple[str, str]] = []
   results = []
+  used: set[str] = set()
   for paths, arrays in _batches(files, clf, batch_size, skipped):
     probs = clf.predict_arrays(arrays)['probabilities']
-    results.extend({'file': p, 'predictions': inference.top_k(pr, clf.class_names, top)}
-                   for p, pr in zip(paths, probs))
+    batch = [{'file': p, 'predictions': inference.top_k(pr, clf.class_names, top)}
+             for p, pr in zip(paths, probs)]
+    if explainer is not None:
+      from imgcls_jax import explain
+      os.makedirs(explain_dir, exist_ok=True)
+      heat = explainer(arrays, np.argmax(probs, axis=-1))['heatmap']
+      for r, image, h in zip(batch, arrays, heat):
+        r['explanation'] = _unique_png(explain_dir, r['file'], explainer.method, used)
+        explain.overlay_png(image, h, r['explanation'])
+    results.extend(batch)
   return results, skipped
+
+
+def _unique_png(folder: str, source: str, method: str, used: set[str]) -> str:
+  """``folder/<file name>.<method>.png``, with ``_<n>`` added when two inputs share a name."""
+  stem = os.path.splitext(os.path.basename(source))[0]
+  name, n = f'{stem}.{method}.png', 1
+  while name in used:
+    name, n = f'{stem}_{n}.{method}.png', n + 1
+  used.add(name)
+  return os.path.join(folder, name)
 
 
 def write(results: Iterable[dict[str, Any]], out: TextIO, fmt: str) -> None:
@@ -115,7 +144,14 @@ def predict(config: ml_collections.ConfigDict | None, workdir: str,
     raise UserError('config.predict.top_k and config.predict.batch_size must be positive.')
   files = list_inputs(cfg.inputs)
   clf = inference.classifier(trained, max_batch=cfg.batch_size)
-  results, skipped = predict_files(clf, files, top=cfg.top_k, batch_size=cfg.batch_size)
+  explainer, explain_dir = None, ''
+  if cfg.get('explain'):
+    from imgcls_jax import explain
+    explainer = explain.explainer(clf, cfg.explain, ig_steps=int(cfg.get('ig_steps', 32)))
+    beside = os.path.dirname(os.path.abspath(cfg.output)) if cfg.output else os.getcwd()
+    explain_dir = os.path.abspath(cfg.get('explain_dir') or os.path.join(beside, 'explanations'))
+  results, skipped = predict_files(clf, files, top=cfg.top_k, batch_size=cfg.batch_size,
+                                   explainer=explainer, explain_dir=explain_dir)
   if cfg.output:
     os.makedirs(os.path.dirname(os.path.abspath(cfg.output)), exist_ok=True)
     with open(cfg.output, 'w', newline='') as f:
@@ -127,4 +163,6 @@ def predict(config: ml_collections.ConfigDict | None, workdir: str,
                f' into {cfg.output}' if cfg.output else '', len(skipped),
                ': ' + ', '.join(p for p, _ in skipped[:10]) + (' ...' if len(skipped) > 10 else '')
                if skipped else '')
+  if explainer is not None:
+    logging.info('%s overlays of %d image(s) in %s.', cfg.explain, len(results), explain_dir)
   return results

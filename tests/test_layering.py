@@ -28,7 +28,8 @@ from tests.conftest import REPO, subprocess_env
 
 PACKAGE = 'imgcls_jax'
 MODES = ('imgcls_jax.train', 'imgcls_jax.evaluate', 'imgcls_jax.cross_validation',
-         'imgcls_jax.predict', 'imgcls_jax.export', 'imgcls_jax.serve')
+         'imgcls_jax.predict', 'imgcls_jax.export', 'imgcls_jax.serve', 'imgcls_jax.classical',
+         'imgcls_jax.embed')
 MODE_TABLE = 'imgcls_jax.main'                     # may reference every mode
 ALLOWED_MODE_EDGES = {('imgcls_jax.cross_validation', 'imgcls_jax.train')}  # k-fold trains
 TF_MODULES = ('tensorflow', 'tensorflow_datasets', 'tf2onnx', 'jax.experimental.jax2tf')

@@ -210,3 +210,40 @@ def test_predictions_on_the_eval_split_give_the_trainers_accuracy(run, tmp_path)
   index = np.array([int(os.path.basename(r['file'])[:4]) for r in results])
   accuracy = float(np.mean(top1 == y[index]))
   assert accuracy == pytest.approx(final['accuracy'], abs=1e-9), (accuracy, final['accuracy'])
+
+
+def test_predict_writes_one_explanation_overlay_per_readable_image(run, clf, image_folder,
+                                                                  tmp_path):
+  """Each overlay is the Grad-CAM of that very file's top-1 class (recomputed here from the
+  classifier's weights, outside predict's batching)."""
+  import jax
+  from imgcls_jax import explain
+  config, workdir, _ = run
+  root = image_folder[0]
+  c = config.copy_and_resolve_references()
+  c.predict.inputs = root
+  c.predict.batch_size = 4
+  c.predict.explain = 'gradcam'
+  c.predict.output = str(tmp_path / 'preds.jsonl')
+  results = predict.predict(c, workdir)
+  pngs = sorted(os.listdir(tmp_path / 'explanations'))
+  assert len(results) == len(pngs) == 15                    # the 2 unreadable files: none
+  assert sorted(os.path.basename(r['explanation']) for r in results) == pngs
+  for r in results[:3]:
+    image = clf.prepare(r['file'])
+    top1 = np.array([r['predictions'][0]['index']])
+    heat = jax.device_get(explain.gradcam(clf.variables, image[None], top1,
+                                          model_def=clf.model_def, cfg=clf.step_cfg))['heatmap']
+    with Image.open(r['explanation']) as im:
+      got = np.asarray(im)
+    assert got.shape == (224, 224, 3)  # 8 px digits upscaled 28x
+    np.testing.assert_allclose(got.astype(int), explain.overlay(image, heat[0]).astype(int), atol=2)
+  c.predict.explain = 'integrated_gradients'
+  c.predict.inputs = f'{root}/grey_0.png,{root}/grey_1.png'
+  c.predict.explain_dir = str(tmp_path / 'ig')
+  predict.predict(c, workdir)
+  assert sorted(os.listdir(tmp_path / 'ig')) == ['grey_0.integrated_gradients.png',
+                                                 'grey_1.integrated_gradients.png']
+  c.predict.explain = 'lime'
+  with pytest.raises(UserError, match="Unknown explanation method 'lime'; use one of gradcam"):
+    predict.predict(c, workdir)

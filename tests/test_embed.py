@@ -1,0 +1,148 @@
+"""--mode=embed: penultimate features of a trained run (the head's input: logits = features @ W
++ b), classical features of an image folder, unlabelled files, the k-NN evaluation against a
+brute-force oracle, and the projection plot."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imgcls_jax import embed, features, inference
+from imgcls_jax.data import digits
+from imgcls_jax.errors import UserError
+from tests.conftest import REPO, subprocess_env
+from tests.test_classical import digits_folder
+from tests.test_predict import trained_run
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory, tfds_dir):
+  return trained_run(tmp_path_factory, tfds_dir)
+
+
+def test_model_embeddings_of_a_tfds_split_are_the_heads_input(run, tmp_path):
+  config, workdir, final = run
+  c = config.copy_and_resolve_references()
+  c.embed.output_dir = str(tmp_path)
+  c.embed.tsne_max = 100
+  summary = embed.embed(c, workdir)
+  with np.load(tmp_path / 'embeddings.npz') as z:
+    feats, labels, paths = z['features'], z['labels'], list(z['paths'])
+    names = list(z['class_names'])
+  _, y = digits.load_arrays('test')
+  assert feats.shape == (450, 16)  # widths (8, 16): the last stage's 16 channels, pooled
+  np.testing.assert_array_equal(np.bincount(labels), np.bincount(y))  # tfds reads its own order
+  x, labels_again, _ = features.split_arrays(config.data, 'test')
+  np.testing.assert_array_equal(labels, labels_again)
+  assert paths[:2] == ['sklearn_digits:test[0]', 'sklearn_digits:test[1]']
+  assert names == [str(i) for i in range(10)]
+  # Oracle: the classifier's own logits are the head applied to these features.
+  clf = inference.classifier(inference.load(workdir, config))
+  head = clf.trained.variables.params['head']
+  np.testing.assert_allclose(feats @ np.asarray(head['kernel']) + np.asarray(head['bias']),
+                             clf.predict_arrays(x)['logits'], rtol=1e-4, atol=1e-4)
+  knn = summary['knn']
+  assert knn['reference_split'] == 'train' and knn['reference_examples'] == 1347
+  with open(tmp_path / 'knn' / 'report.json') as f:
+    assert json.load(f)['accuracy'] == knn['accuracy']
+  # Features the trained head separates are far better than chance for k-NN too.
+  assert knn['accuracy'] > 0.5 * final['accuracy'] + 0.05
+  assert summary['projection'] == {'pca_points': 450, 'tsne_points': 100}
+  with Image.open(tmp_path / 'projection.png') as im:
+    assert im.size[0] > 600
+
+
+def _brute_force_knn(ref, ref_y, x, k, num_classes):
+  """Distance-weighted k-NN by hand: cosine distance, the k nearest, votes 1 / distance."""
+  a = x / np.linalg.norm(x, axis=1, keepdims=True)
+  b = ref / np.linalg.norm(ref, axis=1, keepdims=True)
+  dist = 1 - a @ b.T
+  votes = np.zeros((len(x), num_classes))
+  for i, row in enumerate(dist):
+    for j in np.argsort(row, kind='stable')[:k]:
+      votes[i, ref_y[j]] += 1 / row[j]
+  return votes / votes.sum(axis=1, keepdims=True)
+
+
+def test_knn_matches_a_brute_force_oracle():
+  rng = np.random.RandomState(0)
+  centres = rng.normal(size=(3, 5)) * 3
+  ref_y = np.repeat(np.arange(3), 20)
+  ref = centres[ref_y] + rng.normal(size=(60, 5))
+  y = np.repeat(np.arange(3), 5)
+  x = centres[y] + rng.normal(size=(15, 5))
+  probs, classes = embed.knn_evaluate(ref, ref_y, x, k=7, metric='cosine')
+  np.testing.assert_array_equal(classes, [0, 1, 2])
+  np.testing.assert_allclose(probs, _brute_force_knn(ref, ref_y, x, 7, 3), rtol=1e-6, atol=1e-9)
+  with pytest.raises(UserError, match='knn_k=0 must be at least 1'):
+    embed.knn_evaluate(ref, ref_y, x, k=0, metric='cosine')
+
+
+def test_classical_embeddings_of_an_image_folder(digits_config, tmp_path, caplog):
+  root = digits_folder(str(tmp_path / 'images'))
+  c = digits_config
+  c.data.name = 'image_folder'
+  c.data.folder = root
+  c.classical.hog_cell = 2
+  c.embed.extractor = 'classical'
+  c.embed.split = 'test'
+  c.embed.knn_k = 3
+  c.embed.tsne_max = 0
+  summary = embed.embed(c, str(tmp_path / 'out'))
+  out = tmp_path / 'out' / 'embed_test'
+  with np.load(out / 'embeddings.npz') as z:
+    feats, labels, paths = z['features'], z['labels'], list(z['paths'])
+  assert len(paths) == 18 and all(p.startswith(root) and p.endswith('.png') for p in paths)
+  # Each label is the class folder the file lies in; the features are the file's own.
+  names = summary['class_names']
+  assert [names[i] for i in labels] == [os.path.basename(os.path.dirname(p)) for p in paths]
+  spec = features.spec_from_config(c.classical)
+  image = np.asarray(Image.open(paths[5]))[..., None]
+  np.testing.assert_allclose(feats[5], features.extract(image[None], spec)[0], rtol=1e-6)
+  assert summary['knn']['reference_examples'] == 60     # broken.png skipped
+  assert summary['knn']['accuracy'] > 0.8
+  assert any('broken.png' in r.getMessage() for r in caplog.records)
+
+
+def test_unlabelled_files_skip_unreadable_ones_and_need_one_readable(run, tmp_path, caplog):
+  config, workdir, _ = run
+  x, _ = digits.load_arrays('test')
+  folder = tmp_path / 'files'
+  folder.mkdir()
+  for i in range(4):
+    Image.fromarray(x[i, :, :, 0]).save(folder / f'{i}.png')
+  (folder / 'bad.png').write_text('not an image')
+  c = config.copy_and_resolve_references()
+  c.embed.inputs = str(folder)
+  c.embed.output_dir = str(tmp_path / 'out')
+  summary = embed.embed(c, workdir)
+  assert summary['num_examples'] == 4 and 'knn' not in summary
+  with np.load(tmp_path / 'out' / 'embeddings.npz') as z:
+    assert list(z['labels']) == [-1] * 4
+    assert [os.path.basename(p) for p in z['paths']] == ['0.png', '1.png', '2.png', '3.png']
+  assert any('bad.png' in r.getMessage() for r in caplog.records)
+  c.embed.inputs = str(folder / 'bad.png')
+  with pytest.raises(UserError, match='None of the 1 input file.*is a readable image'):
+    embed.embed(c, workdir)
+  c.embed.inputs = str(folder / 'missing.png')
+  with pytest.raises(UserError, match='does not exist'):
+    embed.embed(c, workdir)
+  c.embed.inputs = ''
+  c.embed.extractor = 'pixels'
+  with pytest.raises(UserError, match="extractor='pixels' must be one of model, classical"):
+    embed.embed(c, workdir)
+
+
+def test_cli_embed_takes_the_model_from_the_workdir(run, tmp_path):
+  config, workdir, _ = run
+  out = subprocess.run(
+      [sys.executable, '-m', 'imgcls_jax.main', '--mode=embed', f'--workdir={workdir}',
+       f'--config.data.data_dir={config.data.data_dir}', '--config.embed.tsne_max=0',
+       f'--config.embed.output_dir={tmp_path}', '--config.embed.knn_k=5'],
+      capture_output=True, text=True, env=subprocess_env(1), timeout=300, cwd=REPO)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert '5-NN (cosine' in out.stdout and '450 examples x 16 dimensions' in out.stdout
+  assert os.path.exists(tmp_path / 'projection.png')
