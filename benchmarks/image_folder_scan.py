@@ -5,7 +5,7 @@
 Generates N JPEGs at ImageNet-like sizes (300-500 x 250-500 px, 10 classes, in train/<class>/; a
 fixed 200-image test/ split) once per N under --root, then runs the real command
 (``python -m imgcls_jax.main``, one training step of a small CNN on 64 px crops, one evaluation of
-the 200 test images) twice per N: with an empty index cache (first start) and again with a fresh
+the 200 test images; uncached stream, shuffle buffer 10,000) twice per N: with an empty index cache (first start) and again with a fresh
 workdir (restart: a new process; the index cache, where the code has one, is warm). Prints the wall
 time of each command; ``--code`` runs another checkout's code (e.g. the commit before the cached
 index) on the same folders for a side-by-side "before". The page cache is warm after generation
@@ -75,6 +75,8 @@ def time_first_step(code: str, folder: str, cache_dir: str) -> float:
          '--config.data.eval_preprocess=resize(size=64)', '--config.data.mean=(0.5,0.5,0.5)',
          '--config.data.std=(0.5,0.5,0.5)', '--config.model.widths=(16,32)',
          '--config.batch_size=32', '--config.eval_batch_size=200', '--config.num_train_steps=1',
+         # A large folder is streamed, not cached in memory; a 10k-example shuffle buffer.
+         '--config.data.cache=False', '--config.data.shuffle_buffer=10000',
          '--config.progress_bar=False', '--config.tensorboard=False']
   t = time.perf_counter()
   proc = subprocess.run(cmd, cwd=code, env=env, capture_output=True, text=True)

@@ -30,7 +30,7 @@ def _one_error_line(proc):
     ('--config.batch_size=-4', r'config.batch_size must be positive'),
     ('--config.model.name=resnet51', r"Unknown model 'resnet51'"),
     ('--config.data.name=no_such_set', r"'no_such_set' is not a tfds dataset"),
-    ('--config.optim.name=lamb', r"Unknown config.optim.name 'lamb'"),
+    ('--config.optim.name=adagrad', r"Unknown config.optim.name 'adagrad'"),
     ('--config.mesh.cpu_devices=-2', r'config.mesh.cpu_devices=-2 is not a sensible'),
     ('--config.data.device_preprocess=randaugment', r'device_preprocess.*not a device-side op'),
 ])

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import Callable
 
 import numpy as np
 import tensorflow as tf
@@ -72,22 +73,32 @@ def _decoder(num_channels: int, blank_hw: tuple[int, int]):
   return load
 
 
-def dataset(split: folder_index.Split, num_channels: int, *, process_index: int = 0,
-            process_count: int = 1, drop_remainder: bool = False) -> tf.data.Dataset:
-  """``{'image': uint8 HxWxC, 'label': int64, 'tfds_id': id, 'valid': bool}`` per image of this
-  process's contiguous part of ``split``."""
-  lo, hi = even_slice(len(split), process_index, process_count, drop_remainder)
-  ds = tf.data.Dataset.from_tensor_slices({
-      'path': tf.constant(list(split.paths[lo:hi]), tf.string),
-      'tfds_id': tf.constant(list(split.ids[lo:hi]), tf.string),
-      'label': tf.constant(np.asarray(split.labels[lo:hi], np.int64))})
+def decoder(split: folder_index.Split, num_channels: int) -> Callable[[dict], dict]:
+  """A tf.data map: ``'image'`` (a file path) -> the decoded uint8 image, plus ``'valid'``."""
   load = _decoder(num_channels, split.typical_hw)
   # One size for every image of the split (the index read it from each header): say so.
   fixed_hw = next(iter(split.sizes_found)) if len(split.sizes_found) == 1 else (None, None)
 
-  def read(ex):
-    image, valid = tf.numpy_function(load, [ex['path']], [tf.uint8, tf.bool], stateful=False)
+  def read(ex: dict) -> dict:
+    image, valid = tf.numpy_function(load, [ex['image']], [tf.uint8, tf.bool], stateful=False)
     image.set_shape([*fixed_hw, num_channels])
     valid.set_shape([])
-    return {'image': image, 'label': ex['label'], 'tfds_id': ex['tfds_id'], 'valid': valid}
-  return ds.map(read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return {**ex, 'image': image, 'valid': valid}
+  return read
+
+
+def dataset(split: folder_index.Split, num_channels: int, *, process_index: int = 0,
+            process_count: int = 1, drop_remainder: bool = False,
+            decode: bool = True) -> tf.data.Dataset:
+  """``{'image': uint8 HxWxC, 'label': int64, 'tfds_id': id, 'valid': bool}`` per image of this
+  process's contiguous part of ``split``; with ``decode=False`` 'image' is the file's path (decode
+  later with ``decoder``: after shuffling, a training stream then shuffles paths, not images)."""
+  lo, hi = even_slice(len(split), process_index, process_count, drop_remainder)
+  ds = tf.data.Dataset.from_tensor_slices({
+      'image': tf.constant(list(split.paths[lo:hi]), tf.string),
+      'tfds_id': tf.constant(list(split.ids[lo:hi]), tf.string),
+      'label': tf.constant(np.asarray(split.labels[lo:hi], np.int64))})
+  if not decode:
+    return ds
+  return ds.map(decoder(split, num_channels), num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=True)

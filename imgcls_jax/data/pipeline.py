@@ -91,14 +91,18 @@ def train_dataset(data: ml_collections.ConfigDict, *, seed: int, local_batch_siz
   # with decoding (JPEGs decode only the crop window): the same crops, less work.
   fuse = (not data.cache and pp.fuses_with_decoding(data.train_preprocess)
           and sources.can_defer_decoding(data))
+  # Uncached image folders shuffle file paths and decode after: no shuffle buffer of images to
+  # fill before the first step (decoded images only where cached).
+  late = None if data.cache else sources.path_decoder(data, data.train_split)
   augment = (pp.compose(data.train_preprocess,
                         decode_channels=sources.describe(data).channels if fuse else None)
              if data.train_preprocess or fuse else None)
   parts, per_epoch = [], 0
   for shard in range(lo // chunk, (hi - 1) // chunk + 1):
     rows = (max(lo, shard * chunk) - shard * chunk, min(hi, (shard + 1) * chunk) - shard * chunk)
-    part, n = _slice_stream(data, augment, decode=not fuse, seed=int(seed), shard=shard,
-                            shards=shards, chunk=chunk, rows=rows, start_step=start_step)
+    part, n = _slice_stream(data, augment, decode=not fuse and late is None, late=late,
+                            seed=int(seed), shard=shard, shards=shards, chunk=chunk, rows=rows,
+                            start_step=start_step)
     parts.append(part)
     per_epoch = n * shards // process_count
   if len(parts) == 1:
@@ -110,8 +114,8 @@ def train_dataset(data: ml_collections.ConfigDict, *, seed: int, local_batch_siz
   return ds.with_options(_options()), per_epoch
 
 
-def _slice_stream(data: ml_collections.ConfigDict, augment: Any, *, decode: bool, seed: int,
-                  shard: int, shards: int, chunk: int, rows: tuple[int, int],
+def _slice_stream(data: ml_collections.ConfigDict, augment: Any, *, decode: bool, late: Any,
+                  seed: int, shard: int, shards: int, chunk: int, rows: tuple[int, int],
                   start_step: int) -> tuple[tf.data.Dataset, int]:
   """Rows ``[rows[0], rows[1])`` of slice ``shard``'s ``chunk`` of each global batch, batched."""
   base = sources.read(data, data.train_split, shard, shards, drop_remainder=True, decode=decode)
@@ -137,6 +141,9 @@ def _slice_stream(data: ml_collections.ConfigDict, augment: Any, *, decode: bool
       return item
 
     ds = ds.enumerate().filter(mine).map(drop_index)
+  if late is not None:  # paths were shuffled: decode the rows this process keeps
+    ds = ds.map(lambda e, i, ex: (e, i, late(ex)), num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=True)
 
   if augment is None:  # nothing to do per example: batch first, then drop the indices per batch
     check_fixed_size(ds.map(lambda e, i, ex: ex), data, 'train_preprocess')

@@ -183,17 +183,33 @@ def _selector(image_key: str, label_key: str) -> Any:
 
 
 def _read_folder(data: ml_collections.ConfigDict, split: str, process_index: int,
-                 process_count: int, drop_remainder: bool,
-                 info: DatasetInfo | None) -> tf.data.Dataset:
+                 process_count: int, drop_remainder: bool, info: DatasetInfo | None,
+                 decode: bool = True) -> tf.data.Dataset:
+  indexed, channels = _folder_split(data, split, info)
+  return image_folder.dataset(indexed, channels, process_index=process_index,
+                              process_count=process_count, drop_remainder=drop_remainder,
+                              decode=decode)
+
+
+def _folder_split(data: ml_collections.ConfigDict, split: str, info: DatasetInfo | None
+                  ) -> tuple[folder_index.Split, int]:
+  """The index of ``split`` and the channel count to decode to (``info``: a trained model's
+  classes and channels, whatever this folder holds)."""
   src = folder_index.source_of(data)
-  if info is not None:  # a trained model's classes and channels, whatever this folder holds
+  if info is not None:
     names, channels = info.class_names, info.channels
   else:
     names = folder_index.class_names(src)
     channels = image_folder.channels(folder_index.index(src, data.train_split, names))
-  return image_folder.dataset(folder_index.index(src, split, names), channels,
-                              process_index=process_index, process_count=process_count,
-                              drop_remainder=drop_remainder)
+  return folder_index.index(src, split.split('@')[0], names), channels
+
+
+def path_decoder(data: ml_collections.ConfigDict, split: str) -> Any:
+  """For an image folder read with ``decode=False`` (file paths, cheap to shuffle): the tf.data
+  map that decodes them (adding ``'valid'``); None for tfds datasets."""
+  if not image_folder.is_folder(data):
+    return None
+  return image_folder.decoder(*_folder_split(data, split, None))
 
 
 def _ids(ids_file: str) -> list[str]:
@@ -218,8 +234,9 @@ def _only_ids(ids_file: str) -> Any:
 
 
 def can_defer_decoding(data: ml_collections.ConfigDict) -> bool:
-  """True when ``read(..., decode=False)`` gives encoded bytes (tfds); image folders always
-  decode with PIL (EXIF orientation, every format), so their crops never fuse with decoding."""
+  """True when ``read(..., decode=False)`` gives encoded bytes (tfds); image folders give file
+  paths instead (decoded by PIL, EXIF orientation applied, through ``path_decoder``), so their
+  crops never fuse with decoding."""
   return not image_folder.is_folder(data)
 
 
@@ -228,14 +245,14 @@ def read(data: ml_collections.ConfigDict, split: str, process_index: int, proces
          info: DatasetInfo | None = None) -> tf.data.Dataset:
   """This process's part of ``split`` as ``{'image': uint8 HxWxC, 'label': int32}`` (image
   folders add ``'valid'``: False for a file that failed to decode), in a fixed order. With
-  ``decode=False`` (only where ``can_defer_decoding``) 'image' holds the encoded bytes (decoded
-  later, fused with cropping). ``info`` (a trained run's) fixes an image folder's class names and
+  ``decode=False`` 'image' holds the encoded bytes (tfds: decoded later, fused with cropping) or
+  the file path (image folders: see ``path_decoder``). ``info`` (a trained run's) fixes an image folder's class names and
   channels, e.g. to evaluate a model on a second folder."""
   # 'SPLIT@IDS_FILE' reads only the examples of SPLIT whose tfds ids IDS_FILE lists, in their
   # usual order (cross-validation folds: imgcls_jax/data/folds.py).
   split, ids_file = split.split('@', 1) if '@' in split else (split, None)
   if image_folder.is_folder(data):  # its examples always carry 'tfds_id' (the relative path)
-    ds = _read_folder(data, split, process_index, process_count, drop_remainder, info)
+    ds = _read_folder(data, split, process_index, process_count, drop_remainder, info, decode)
     keys = ('image', 'label')
   else:
     b = builder(data)
