@@ -14,18 +14,17 @@ from typing import Any, Callable
 import jax
 import ml_collections
 import optax
+import optax.contrib
 
 from imgcls_jax import weights
 from imgcls_jax.errors import UserError
+from imgcls_jax.models import LayerDepths
 
-OPTIMIZERS = ('sgd', 'adamw')
+OPTIMIZERS = ('sgd', 'adamw', 'lamb', 'lars', 'muon', 'schedule_free_adamw')
 SCHEDULES = ('cosine', 'constant', 'linear')
 TRANSFER_MODES = ('finetune', 'linear_probe')
 # Top-level attribute names that hold a model's classifier head, in order of preference.
 HEAD_NAMES = ('fc', 'head', 'classifier')
-
-# (parameter names) -> (depth per name, depth of the head): a model family's layer-depth rule.
-LayerDepths = Callable[[list[str]], tuple[dict[str, int], int]]
 
 
 def peak_learning_rate(cfg: ml_collections.ConfigDict, batch_size: int) -> float:
@@ -64,7 +63,7 @@ def decay_mask(params: Any) -> Any:
 def build(cfg: ml_collections.ConfigDict, lr: optax.Schedule,
           transfer: ml_collections.ConfigDict | None = None, *,
           layer_depths: LayerDepths | None = None) -> optax.GradientTransformation:
-  """SGD (momentum, Nesterov; coupled L2 decay) or AdamW (decoupled decay), masked decay.
+  """The optimizer ``cfg.name`` (see ``_base``) with weight decay on kernels only.
 
   ``transfer`` (``config.transfer``) adds layer-wise learning-rate decay (by the model family's
   ``layer_depths`` rule) and, for a linear probe, freezes everything but the head; without it, or
@@ -75,11 +74,14 @@ def build(cfg: ml_collections.ConfigDict, lr: optax.Schedule,
     return tx
   validate_transfer(transfer)
   if transfer.layer_decay != 1.0:
+    if cfg.name == 'schedule_free_adamw':
+      raise UserError('config.transfer.layer_decay cannot be combined with schedule_free_adamw '
+                      '(its update is not linear in the learning rate); set layer_decay=1.0.')
     if layer_depths is None:
       raise UserError('config.transfer.layer_decay needs the model family\'s layer-depth rule; '
                       'set layer_decay=1.0 for this model.')
-    # The update is linear in the learning rate for sgd and adamw, so scaling the final update of
-    # a leaf is exactly training that leaf at a scaled learning rate.
+    # The update is linear in the learning rate (all but schedule-free), so scaling the final
+    # update of a leaf is exactly training that leaf at a scaled learning rate.
     decay = float(transfer.layer_decay)
     tx = optax.chain(tx, scale_by_tree(lambda t: lr_factors(t, decay, layer_depths)))
   if transfer.mode == 'linear_probe':
@@ -89,6 +91,21 @@ def build(cfg: ml_collections.ConfigDict, lr: optax.Schedule,
 
 
 def _base(cfg: ml_collections.ConfigDict, lr: optax.Schedule) -> optax.GradientTransformation:
+  """Global-norm clipping (when set), then the optimizer:
+
+  * ``sgd``: (Nesterov) momentum, L2 decay added to the gradient of kernels;
+  * ``adamw``: Adam with decoupled weight decay;
+  * ``lamb``: Adam direction + decoupled decay, scaled per tensor by ||w|| / ||update|| (You et al.
+    2020; large batches);
+  * ``lars``: SGD momentum on the gradient + decay, scaled per kernel by ``trust_coefficient *
+    ||w|| / ||g + wd w||`` (You et al. 2017; large batches); biases and norms are not scaled;
+  * ``muon``: momentum orthogonalised by Newton-Schulz per kernel (conv kernels as
+    (kh kw cin) x cout matrices; Jordan et al. 2024), Adam for biases and norm parameters;
+  * ``schedule_free_adamw``: schedule-free AdamW (Defazio et al. 2024); its evaluation weights
+    are ``eval_params(opt_state, params)``, not ``params``.
+
+  Weight decay goes to kernels only (``decay_mask``) in every case.
+  """
   parts = []
   if cfg.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
@@ -99,9 +116,50 @@ def _base(cfg: ml_collections.ConfigDict, lr: optax.Schedule) -> optax.GradientT
   elif cfg.name == 'adamw':
     parts.append(optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                              weight_decay=cfg.weight_decay, mask=decay_mask))
+  elif cfg.name == 'lamb':
+    parts.append(optax.lamb(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                            weight_decay=cfg.weight_decay, mask=decay_mask))
+  elif cfg.name == 'lars':
+    parts.append(optax.lars(lr, weight_decay=cfg.weight_decay, weight_decay_mask=decay_mask,
+                            trust_coefficient=cfg.trust_coefficient,
+                            trust_ratio_mask=decay_mask, momentum=cfg.momentum,
+                            nesterov=cfg.nesterov))
+  elif cfg.name == 'muon':
+    parts.append(optax.contrib.muon(
+        lr, beta=cfg.muon_beta, weight_decay=cfg.weight_decay,
+        weight_decay_mask=decay_mask, adam_b1=cfg.b1, adam_b2=cfg.b2, eps=cfg.eps,
+        muon_weight_dimension_numbers=muon_dimensions))
+  elif cfg.name == 'schedule_free_adamw':
+    adam = optax.chain(optax.scale_by_rms(decay=cfg.b2, eps=cfg.eps, eps_in_sqrt=False,
+                                          bias_correction=True),
+                       optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
+                       optax.scale_by_learning_rate(lr))
+    parts.append(optax.contrib.schedule_free(adam, lr, b1=cfg.b1))
   else:
     raise UserError(f"Unknown config.optim.name '{cfg.name}'; use one of {', '.join(OPTIMIZERS)}.")
   return optax.chain(*parts)
+
+
+def muon_dimensions(params: Any) -> Any:
+  """Muon's matrix view of each kernel: inputs (all but the last axis) x outputs (the last axis);
+  None (Adam) for biases and norm parameters."""
+  return jax.tree.map(
+      lambda p: optax.contrib.MuonDimensionNumbers(tuple(range(p.ndim - 1)), p.ndim - 1)
+      if p.ndim >= 2 else None, params)
+
+
+def eval_params(opt_state: Any, params: Any) -> Any:
+  """The weights to evaluate: for schedule-free optimizers the averaged sequence ``x`` (from the
+  optimizer state), else ``params`` themselves."""
+  found = [s for s in jax.tree.leaves(opt_state, is_leaf=_is_schedule_free)
+           if _is_schedule_free(s)]
+  if not found:
+    return params
+  return optax.contrib.schedule_free_eval_params(found[0], params)
+
+
+def _is_schedule_free(x: Any) -> bool:
+  return isinstance(x, optax.contrib.ScheduleFreeState)
 
 
 # ------------------------------------------------------------------------ transfer masks

@@ -1,5 +1,6 @@
 """Preprocessing ops: every op eagerly and inside tf.data, seed determinism, PIL-equivalence of the
-RandAugment ops, random erasing geometry, and spec parsing errors."""
+RandAugment ops, rotation against PIL and scipy, TrivialAugment-Wide's ranges, random erasing
+geometry, and spec parsing errors."""
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -17,8 +18,11 @@ SPECS = {
     'center_crop': 'center_crop(size=20)',
     'randaugment': 'randaugment(num_ops=2, magnitude=15)',
     'random_erasing': 'random_erasing(prob=1.0)',
+    'rotate': 'rotate(degrees=30)',
+    'trivial_augment_wide': 'trivial_augment_wide',
 }
-RANDOM = {'pad_crop', 'flip_lr', 'random_resized_crop', 'randaugment', 'random_erasing'}
+RANDOM = {'pad_crop', 'flip_lr', 'random_resized_crop', 'randaugment', 'random_erasing', 'rotate',
+          'trivial_augment_wide'}
 
 
 def _image(h=28, w=32, c=3, seed=0):
@@ -250,3 +254,112 @@ def test_random_resized_crop_fuses_with_decoding_to_the_same_crop():
         assert np.abs(a.astype(int) - b).mean() < 1.5
   grey = pp.compose('flip_lr', decode_channels=1)(tf.io.encode_png(image[..., :1]), tf.constant([0, 0]))
   assert grey.shape[-1] == 1
+
+
+# ---- rotation: against PIL's Image.rotate and scipy.ndimage.rotate ----
+
+def _inside(shape_hw, degrees):
+  """Output pixels at least 2 pixels away from any that samples outside the image (where the
+  libraries' edge handling differs): PIL's nearest rotation of a white image, eroded."""
+  import scipy.ndimage
+  white = Image.fromarray(np.full(shape_hw, 255, np.uint8))
+  inside = np.asarray(white.rotate(degrees, resample=Image.NEAREST)) == 255
+  return scipy.ndimage.binary_erosion(inside, iterations=2)
+
+
+@pytest.mark.parametrize('degrees', [17.0, -40.0, 123.4])
+@pytest.mark.parametrize('hw', [(23, 30), (16, 16)])
+def test_rotate_image_matches_pil_and_scipy(degrees, hw):
+  import scipy.ndimage
+  image = _image(h=hw[0], w=hw[1], seed=9)
+  nearest = pp.rotate_image(tf.constant(image), degrees, 7.0, 'nearest').numpy()
+  pil = np.asarray(Image.fromarray(image).rotate(degrees, resample=Image.NEAREST,
+                                                 fillcolor=(7, 7, 7)))
+  # Same sampling points as PIL; only a source point exactly between two pixels (a tie) may
+  # round the other way.
+  assert (nearest != pil).any(-1).mean() <= 0.01
+  assert (nearest == 7).all(-1).mean() > 0.05  # corners came from outside: filled
+  bilinear = pp.rotate_image(tf.constant(image), degrees, 0.0, 'bilinear').numpy()
+  ref = scipy.ndimage.rotate(image.astype(np.float64), degrees, axes=(1, 0), reshape=False,
+                             order=1, mode='constant', cval=0.0)
+  inside = _inside(hw, degrees)
+  assert inside.mean() > 0.3
+  # float32 against float64 bilinear weights on values <= 255.
+  np.testing.assert_allclose(bilinear[inside], ref[inside], atol=1e-3)
+
+
+def test_rotate_op_draws_angles_in_range_and_fixed_angle_equals_pil():
+  image = _image(h=21, w=21, seed=10)
+  fixed = pp.compose('rotate(degrees=(25, 25), fill=3)')(tf.constant(image), tf.constant([0, 1]))
+  pil = Image.fromarray(image).rotate(25, resample=Image.NEAREST, fillcolor=(3, 3, 3))
+  assert (fixed.numpy() != np.asarray(pil)).any(-1).mean() <= 0.01
+  # Random angles in [-10, 10]: each output is the rotation by one of them (searched on a grid).
+  op = pp.compose('rotate(degrees=10)')
+  grid = np.arange(-10.0, 10.01, 0.05)
+  rotations = np.stack([pp.rotate_image(tf.constant(image), a).numpy() for a in grid])
+  found = []
+  for k in range(6):
+    out = op(tf.constant(image), tf.constant([2, k])).numpy()
+    err = np.abs(rotations - out).reshape(len(grid), -1).mean(1)
+    assert err.min() < 3.0, err.min()  # a neighbour on the 0.05-degree grid
+    found.append(grid[err.argmin()])
+  assert len(set(found)) > 3 and max(found) - min(found) > 5
+
+
+def test_bad_rotate_arguments_are_user_errors():
+  with pytest.raises(UserError, match='degrees must be'):
+    pp.parse('rotate(degrees=(10, -10))')
+  with pytest.raises(UserError, match='interpolation must be one of nearest, bilinear'):
+    pp.parse("rotate(interpolation='cubic')")
+
+
+# ---- TrivialAugment-Wide: torchvision's wide ranges, one op per image ----
+
+def test_trivial_augment_wide_solarize_uses_all_31_thresholds():
+  image = np.arange(256, dtype=np.uint8).reshape(16, 16, 1)
+  op = pp.compose("trivial_augment_wide(ops='solarize')")
+  thresholds = set()
+  for k in range(150):
+    out = op(tf.constant(image), tf.constant([4, k])).numpy()
+    # PIL solarize(threshold) inverts every value >= threshold; find the threshold used.
+    matches = [t for t in np.linspace(255.0, 0.0, 31)
+               if np.array_equal(out, np.asarray(ImageOps.solarize(Image.fromarray(image[..., 0]),
+                                                                   t))[..., None])]
+    assert matches, k
+    thresholds.add(float(matches[0]))
+  assert len(thresholds) >= 26  # 150 draws of 31 bins: each bin missed with p ~ 0.007
+
+
+def test_trivial_augment_wide_rotates_up_to_135_degrees_both_ways():
+  image = _image(h=15, w=15, c=1, seed=11)
+  op = pp.compose("trivial_augment_wide(ops='rotate', fill=5)")
+  candidates = {a: pp.rotate_image(tf.constant(image), a, 5.0).numpy().astype(np.uint8)
+                for a in np.linspace(-135.0, 135.0, 61)}
+  seen = set()
+  for k in range(60):
+    out = op(tf.constant(image), tf.constant([6, k])).numpy()
+    hits = [a for a, c in candidates.items() if np.array_equal(c, out)]
+    assert hits, k  # always a multiple of 135 / 30 degrees
+    seen.update(hits)
+  assert min(seen) <= -90 and max(seen) >= 90
+
+
+def test_trivial_augment_wide_posterize_reaches_2_bits():
+  image = _image(seed=12)
+  op = pp.compose("trivial_augment_wide(ops='posterize')")
+  bits = set()
+  for k in range(80):
+    out = op(tf.constant(image), tf.constant([8, k])).numpy()
+    bits.add(next(b for b in range(8, 0, -1)
+                  if np.array_equal(out, np.asarray(ImageOps.posterize(Image.fromarray(image), b)))))
+  assert bits == {2, 3, 4, 5, 6, 7, 8}
+
+
+def test_trivial_augment_wide_applies_one_op_and_uses_them_all():
+  image = tf.constant(_image(seed=13))
+  op = pp.compose('trivial_augment_wide')
+  outs = {op(image, tf.constant([9, k])).numpy().tobytes() for k in range(100)}
+  assert len(outs) >= 40
+  assert _image(seed=13).tobytes() in outs  # identity (or magnitude 0) among them
+  with pytest.raises(UserError, match='unknown TrivialAugment ops'):
+    pp.parse("trivial_augment_wide(ops='blur')")

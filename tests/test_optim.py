@@ -141,10 +141,144 @@ def test_clipping_rescales_a_large_gradient_to_the_clip_norm(name):
   assert np.max(np.abs(got[1]['head']['kernel'] - plain)) > 1e-3
 
 
-@pytest.mark.parametrize('key,value,match', [('name', 'lamb', 'optim.name'),
+@pytest.mark.parametrize('key,value,match', [('name', 'adagrad', 'optim.name'),
                                              ('schedule', 'step', 'optim.schedule')])
 def test_unknown_optimizer_or_schedule(key, value, match):
   cfg = default.get_config().optim
   cfg[key] = value
   with pytest.raises(UserError, match=match):
     optim.build(cfg, optim.schedule(cfg, batch_size=8, total_steps=10, warmup_steps=0))
+
+
+# ---- large-batch and optax.contrib optimizers ----
+
+def _trust(w, u, coefficient=1.0):
+  """The trust ratio ``c ||w|| / ||u||`` (1 where either norm is 0), as LAMB / LARS define it."""
+  wn, un = np.linalg.norm(w), np.linalg.norm(u)
+  return 1.0 if wn == 0 or un == 0 else coefficient * wn / un
+
+
+def _reference_large_batch(cfg, lr, params, grads):
+  """LAMB / LARS updates from the papers' formulas in float64. LAMB: the bias-corrected Adam
+  direction plus ``wd * w`` (kernels), times ``||w|| / ||that||`` for every tensor. LARS: ``g +
+  wd * w`` (kernels), times ``trust_coefficient * ||w|| / ||that||`` for kernels only, times the
+  rate, then (Nesterov) momentum."""
+  leaves, treedef = jax.tree.flatten(params)
+  w = [np.asarray(x, np.float64) for x in leaves]
+  m = [np.zeros_like(x) for x in w]
+  v = [np.zeros_like(x) for x in w]
+  out = []
+  for t, grad in enumerate(grads):
+    g = [np.asarray(x, np.float64) for x in jax.tree.leaves(grad)]
+    rate = float(lr(t))
+    decay = [cfg.weight_decay * x if x.ndim >= 2 else 0.0 * x for x in w]
+    if cfg.name == 'lamb':
+      m = [cfg.b1 * mi + (1 - cfg.b1) * gi for gi, mi in zip(g, m)]
+      v = [cfg.b2 * vi + (1 - cfg.b2) * gi ** 2 for gi, vi in zip(g, v)]
+      d = [(mi / (1 - cfg.b1 ** (t + 1))) / (np.sqrt(vi / (1 - cfg.b2 ** (t + 1))) + cfg.eps) + di
+           for mi, vi, di in zip(m, v, decay)]
+      u = [-rate * _trust(wi, di) * di for wi, di in zip(w, d)]
+    else:
+      d = [gi + di for gi, di in zip(g, decay)]
+      d = [di * (_trust(wi, di, cfg.trust_coefficient) if wi.ndim >= 2 else 1.0)
+           for wi, di in zip(w, d)]
+      step = [-rate * di for di in d]
+      m = [si + cfg.momentum * mi for si, mi in zip(step, m)]
+      u = [si + cfg.momentum * mi for si, mi in zip(step, m)] if cfg.nesterov else m
+    w = [wi + ui for wi, ui in zip(w, u)]
+    out.append(jax.tree.unflatten(treedef, u))
+  return out
+
+
+@pytest.mark.parametrize('name,nesterov', [('lamb', False), ('lars', False), ('lars', True)])
+def test_lamb_and_lars_follow_the_formulas(name, nesterov):
+  cfg = default.get_config().optim
+  cfg.name, cfg.nesterov, cfg.weight_decay = name, nesterov, 0.05
+  lr = lambda count: 0.1 / (1.0 + count)  # noqa: E731
+  params, grads = _params_and_grads(3, scales=[3.0, 0.3, 10.0])
+  got = _run(optim.build(cfg, lr), params, grads)
+  want = _reference_large_batch(cfg, lr, params, grads)
+  for t, (g, w) in enumerate(zip(got, want)):
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=2e-5, atol=1e-7,
+                                   err_msg=f'step {t}'), g, w)
+
+
+@pytest.mark.parametrize('name', optim.OPTIMIZERS)
+def test_every_optimizer_decays_kernels_only(name):
+  """Zero gradients: only weight decay acts, and only on kernels (ndim >= 2)."""
+  cfg = default.get_config().optim
+  cfg.name, cfg.weight_decay = name, 0.1
+  tx = optim.build(cfg, optax.constant_schedule(0.1))
+  params, _ = _params_and_grads(1, scales=[1.0])
+  zero = jax.tree.map(np.zeros_like, params)
+  updates, _ = tx.update(zero, tx.init(params), params)
+  for group in ('conv', 'head'):
+    assert np.all(np.sign(updates[group]['kernel']) == -np.sign(params[group]['kernel'])), group
+  # Zero up to float32 rounding (schedule-free re-derives y from its averages); kernels move by
+  # lr * wd * |w| ~ 1e-2 |w|.
+  np.testing.assert_allclose(updates['conv']['bias'], 0.0, atol=1e-7)
+  np.testing.assert_allclose(updates['bn']['scale'], 0.0, atol=1e-7)
+
+
+def test_muon_orthogonalises_conv_kernels_as_inputs_by_outputs():
+  """A 3x3x4x8 conv kernel is updated as the 36x8 matrix of its reshape (Newton-Schulz brings its
+  singular values close together); biases and norm scales get Adam's update."""
+  cfg = default.get_config().optim
+  cfg.name, cfg.weight_decay = 'muon', 0.0
+  rng = np.random.default_rng(1)
+  scales = np.array([10.0, 3.0, 1.0, 0.3, 0.1, 0.05, 0.02, 0.01])
+  grad_2d = (rng.normal(size=(36, 8)) * scales).astype(np.float32)  # singular values far apart
+  params = {'conv': {'kernel': rng.normal(size=(3, 3, 4, 8)).astype(np.float32),
+                     'bias': rng.normal(size=(8,)).astype(np.float32)}}
+  grads = {'conv': {'kernel': grad_2d.reshape(3, 3, 4, 8),
+                    'bias': rng.normal(size=(8,)).astype(np.float32)}}
+  tx = optim.build(cfg, optax.constant_schedule(0.1))
+  updates, _ = tx.update(grads, tx.init(params), params)
+  flat = np.asarray(updates['conv']['kernel']).reshape(36, 8)
+  as_matrix = optax.contrib.muon(0.1, beta=cfg.muon_beta)
+  want, _ = as_matrix.update({'k': grad_2d}, as_matrix.init({'k': params['conv']['kernel'].reshape(
+      36, 8)}), {'k': params['conv']['kernel'].reshape(36, 8)})
+  np.testing.assert_allclose(flat, want['k'], rtol=1e-5, atol=1e-7)
+  # Singular values 1000x apart in the gradient end within a few x of each other (5 Newton-Schulz
+  # steps with Muon's coefficients only approximate the orthogonal factor).
+  sv, sv_grad = (np.linalg.svd(m, compute_uv=False) for m in (flat, grad_2d))
+  assert sv.max() / sv.min() < 4.0 and sv_grad.max() / sv_grad.min() > 100
+  adam = optax.adam(0.1, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, nesterov=True)  # Muon's Adam part
+  want_bias, _ = adam.update(grads['conv']['bias'], adam.init(params['conv']['bias']))
+  np.testing.assert_allclose(updates['conv']['bias'], want_bias, rtol=1e-6)
+
+
+def test_schedule_free_adamw_matches_optax_and_evaluates_the_average():
+  cfg = default.get_config().optim
+  cfg.name, cfg.weight_decay, cfg.grad_clip_norm = 'schedule_free_adamw', 0.0, 1.0
+  params, grads = _params_and_grads(4, scales=[3.0, 0.5, 2.0, 0.3])
+  tx = optim.build(cfg, optax.constant_schedule(0.01))
+  ref = optax.chain(optax.clip_by_global_norm(1.0), optax.contrib.schedule_free_adamw(
+      0.01, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps))
+  state, ref_state = tx.init(params), ref.init(params)
+  ours_p, ref_p = params, params
+  for g in grads:
+    u, state = tx.update(g, state, ours_p)
+    ru, ref_state = ref.update(g, ref_state, ref_p)
+    ours_p, ref_p = optax.apply_updates(ours_p, u), optax.apply_updates(ref_p, ru)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-6), ours_p, ref_p)
+  evaluated = optim.eval_params(state, ours_p)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-6), evaluated,
+               optax.contrib.schedule_free_eval_params(ref_state[1], ref_p))
+  assert not np.allclose(evaluated['head']['kernel'], ours_p['head']['kernel'])  # x != y
+  sgd_state = optim.build(default.get_config().optim, optax.constant_schedule(0.1)).init(params)
+  assert optim.eval_params(sgd_state, params) is params
+
+
+def test_schedule_free_refuses_layer_decay():
+  cfg = default.get_config()
+  cfg.optim.name = 'schedule_free_adamw'
+  cfg.transfer.layer_decay = 0.7
+  with pytest.raises(UserError, match='layer_decay cannot be combined with schedule_free_adamw'):
+    optim.build(cfg.optim, optax.constant_schedule(0.1), cfg.transfer,
+                layer_depths=lambda names: ({n: 0 for n in names}, 1))
+
+
+def test_layer_depths_type_is_the_models_one():
+  from imgcls_jax import models
+  assert optim.LayerDepths is models.LayerDepths

@@ -1,8 +1,8 @@
-"""torchvision / timm-layout ResNet weights -> the Flax ResNet: PyTorch's logits within 1e-4 rel.
+"""torchvision / timm-layout weights -> the Flax models: PyTorch's logits within 1e-4 rel.
 
-torchvision cannot be installed beside the pinned torch, so the reference ResNet v1.5 is defined
-here with torchvision's module names and defaults (BN eps 1e-5, MaxPool 3/2/1, stride on the 3x3
-conv).
+The reference ResNet v1.5 is defined here with torchvision's module names and defaults (BN eps
+1e-5, MaxPool 3/2/1, stride on the 3x3 conv); ViT, ConvNeXt, EfficientNet and MobileNetV3 are
+torchvision's and timm's own models (``tests/torch_reference.py`` imports them on a CPU torch).
 """
 import numpy as np
 import pytest
@@ -17,6 +17,7 @@ from imgcls_jax import models, torch_import, transfer  # noqa: E402
 from imgcls_jax import weights as weights_lib  # noqa: E402
 from imgcls_jax import state as state_lib  # noqa: E402
 from imgcls_jax.errors import UserError  # noqa: E402
+from tests import torch_reference  # noqa: E402
 
 
 class _Basic(nn.Module):
@@ -179,6 +180,9 @@ def test_unknown_layout_and_bad_files_are_user_errors(tmp_path):
     torch_import.load(str(module))
   with pytest.raises(UserError, match='does not exist'):
     torch_import.load(str(tmp_path / 'missing.pt'))
+  with pytest.raises(UserError, match=r'Cannot tell which model family x\.pt holds.*ResNet, ViT, '
+                                      'ConvNeXt, EfficientNet, MobileNetV3'):
+    torch_import.convert({'encoder.weight': np.zeros((3, 3), np.float32)}, origin='x.pt')
 
 
 @pytest.mark.parametrize('placement', ['replicated', 'fsdp'])
@@ -218,3 +222,124 @@ def test_init_state_from_a_torch_file_keeps_backbone_and_makes_a_new_head(tmp_pa
                state.params, shardings.params)
   jax.tree.map(lambda a, s: a.sharding.is_equivalent_to(s, a.ndim) or pytest.fail(str(s)),
                state.opt_state, shardings.opt_state)
+
+
+# ---- ViT, ConvNeXt, EfficientNet, MobileNetV3 from torchvision's and timm's own models ----
+
+def _randomized(model, seed=0):
+  """Every norm weight / bias, layer scale and running statistic random, and the zero-initialised
+  tensors (ViT's head and class token) too, so each tensor's mapping shows in the logits."""
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith('bias'):
+        p.copy_(torch.rand(p.shape, generator=g) * 0.4 - 0.2)
+      elif p.ndim <= 1 or name.endswith(('layer_scale', 'gamma')):
+        p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+      elif torch.all(p == 0) or 'token' in name or 'pos' in name:
+        p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    for m in model.modules():
+      if isinstance(m, nn.BatchNorm2d):
+        m.running_mean.uniform_(-0.2, 0.2, generator=g)
+        m.running_var.uniform_(0.5, 2.0, generator=g)
+  return model.eval()
+
+
+def _jit_logits(name, weights, x_NHWC, **model_kw):
+  """The Flax model of ``name`` with ``weights`` (all of them used), jitted, on ``x_NHWC``."""
+  model_fn = lambda rngs: models.get(name, num_classes=1000, in_channels=3, rngs=rngs,  # noqa: E731
+                                     **model_kw)
+  model_def = state_lib.model_def(model_fn)
+  shapes = state_lib.abstract_variables(model_fn)
+  keep_all = lambda _: False  # noqa: E731
+  params, n = weights_lib.merge(shapes.params, weights.params, origin=weights.origin,
+                                skip=keep_all)
+  stats, _ = weights_lib.merge(shapes.batch_stats, weights.batch_stats, origin=weights.origin,
+                               skip=keep_all)
+  assert n == len(weights.params)
+  fn = jax.jit(lambda p, s, x: model_def.merge(p, s)(x, train=False))
+  return np.asarray(fn(params, stats, x_NHWC))
+
+
+def _tv(name, **kw):
+  tv = torch_reference.torchvision()
+  if tv is None:
+    pytest.skip('torchvision is not installed')
+  return getattr(tv.models, name)(**kw)
+
+
+def _timm(name, **kw):
+  timm = torch_reference.timm()
+  if timm is None:
+    pytest.skip('timm is not installed')
+  return timm.create_model(name, pretrained=False, **kw)
+
+
+# (our name, our extra model keys, the PyTorch model, file format). Real architectures at 32 px
+# (ViT-B/16 at image_size 32: a 2x2 patch grid); timm's convnext_atto is ConvNeXt at depths
+# (2, 2, 6, 2), widths (40, 80, 160, 320).
+IMPORTS = {
+    'torchvision_vit_b16': ('vit_b16', dict(image_size=32),
+                            lambda: _tv('vit_b_16', image_size=32), 'safetensors'),
+    'timm_vit_ti16': ('vit_ti16', dict(image_size=32),
+                      lambda: _timm('vit_tiny_patch16_224', img_size=32), 'pt'),
+    'torchvision_convnext_tiny': ('convnext_tiny', {}, lambda: _tv('convnext_tiny'), 'pt'),
+    'timm_convnext_atto': ('convnext_tiny', dict(depths=(2, 2, 6, 2), widths=(40, 80, 160, 320)),
+                           lambda: _timm('convnext_atto'), 'safetensors'),
+    'torchvision_efficientnet_b0': ('efficientnet_b0', {}, lambda: _tv('efficientnet_b0'),
+                                    'safetensors'),
+    'torchvision_mobilenet_v3_large': ('mobilenet_v3_large', {}, lambda: _tv('mobilenet_v3_large'),
+                                       'pt'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(IMPORTS))
+def test_imported_family_matches_pytorch_logits(tmp_path, case):
+  name, model_kw, make, fmt = IMPORTS[case]
+  ref = _randomized(make())
+  path = str(tmp_path / f'{case}.{fmt}')
+  if fmt == 'pt':
+    torch.save({'model': ref.state_dict()}, path)
+  else:
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, path)
+  x_NCHW = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+  with torch.no_grad():
+    want = ref(x_NCHW).numpy()
+  got = _jit_logits(name, torch_import.load(path), x_NCHW.permute(0, 2, 3, 1).numpy(), **model_kw)
+  rel = np.abs(got - want).max() / np.abs(want).max()
+  print(f'{case}: max |logit diff| / max |logit| = {rel:.2e}')
+  assert got.shape == want.shape == (2, 1000)
+  assert np.abs(want).max() > 0.1 and np.ptp(want) > 0.1  # logits that carry the weights
+  assert rel < 1e-4, rel
+
+
+def test_imported_layouts_of_the_new_families():
+  vit = _tv('vit_b_16', image_size=32)
+  w = torch_import.convert({k: v.numpy() for k, v in vit.state_dict().items()})
+  qkv = vit.encoder.layers.encoder_layer_3.self_attention.in_proj_weight.detach().numpy()
+  np.testing.assert_array_equal(w.params['blocks.3.self_attention.in_proj.kernel'], qkv.T)
+  assert w.params['pos_embedding'].shape == (1, 5, 768)
+  convnext = _tv('convnext_tiny')
+  w = torch_import.convert({k: v.numpy() for k, v in convnext.state_dict().items()})
+  np.testing.assert_array_equal(w.params['stages.2.4.layer_scale'],
+                                convnext.features[5][4].layer_scale.detach().numpy().ravel())
+  down = convnext.features[4][1].weight.detach().numpy()
+  np.testing.assert_array_equal(w.params['downsample.1.conv.kernel'], down.transpose(2, 3, 1, 0))
+  mobile = _tv('mobilenet_v3_small')
+  w = torch_import.convert({k: v.numpy() for k, v in mobile.state_dict().items()})
+  se = mobile.features[1].block[1].fc1.weight.detach().numpy()   # block 0: no expansion
+  np.testing.assert_array_equal(w.params['blocks.0.se.fc1.kernel'], se[:, :, 0, 0].T)
+  assert 'blocks.0.expand.conv.kernel' not in w.params
+  np.testing.assert_array_equal(w.batch_stats['blocks.10.project.bn.var'],
+                                mobile.features[11].block[3][1].running_var.numpy())
+  assert {'last_conv.conv.kernel', 'pre_logits.kernel', 'head.kernel'} <= set(w.params)
+
+
+def test_a_file_of_another_family_names_the_missing_parameter(tmp_path):
+  path = str(tmp_path / 'mnv3.safetensors')
+  from safetensors.torch import save_file
+  save_file({k: v.contiguous() for k, v in _tv('mobilenet_v3_small').state_dict().items()}, path)
+  with pytest.raises(UserError, match=r"Parameter '(blocks|head_conv)\.[\w.]+' .*of this model is "
+                                      r'not in mnv3\.safetensors'):
+    _jit_logits('efficientnet_b0', torch_import.load(path), np.zeros((1, 32, 32, 3), np.float32))

@@ -4,7 +4,9 @@ Adding a model family is one new file in this package and one line per name in `
 ``register`` call, for a family defined outside the package). Every constructor takes
 ``num_classes``, ``in_channels``, ``dtype``, ``rngs`` plus its own keyword arguments (from
 ``config.model``), and returns an ``nnx.Module`` called as ``model(x, train=...)`` on
-``x_BxHxWxC`` float images, returning ``logits_BxK``.
+``x_BxHxWxC`` float images, returning ``logits_BxK``. A sized name (``vit_b16``, ``convnext_tiny``,
+``efficientnet_b0``, ...) binds its architecture's keywords with ``functools.partial``; config keys
+of the same name override them (e.g. small widths in tests).
 
 A family's ``layer_depths(param_names) -> (depth per name, top depth L)`` orders its parameters for
 layer-wise learning-rate decay (``config.transfer.layer_decay``: depth ``d`` trains at
@@ -21,7 +23,8 @@ from typing import TYPE_CHECKING, Any, Callable
 from flax import nnx
 
 from imgcls_jax.errors import UserError
-from imgcls_jax.models import cnn, fast_cnn, resnet, wide_resnet
+from imgcls_jax.models import (cnn, convnext, efficientnet, fast_cnn, mobilenet, resnet, vit,
+                               wide_resnet)
 
 if TYPE_CHECKING:
   import ml_collections
@@ -42,6 +45,11 @@ def _resnet(stage_sizes: tuple[int, ...], block: str) -> Family:
                 resnet.layer_depths)
 
 
+def _sized(constructor: Callable[..., nnx.Module], rule: LayerDepths, **size: Any) -> Family:
+  """A family member: ``size`` fixes its architecture; config keys may override the defaults."""
+  return Family(functools.partial(constructor, **size), rule)
+
+
 _TABLE: dict[str, Family] = {
     'cnn': Family(cnn.CNN, cnn.layer_depths),
     'fast_cnn': Family(fast_cnn.FastCNN, fast_cnn.layer_depths),
@@ -53,6 +61,15 @@ _TABLE: dict[str, Family] = {
     'resnet200': _resnet((3, 24, 36, 3), 'bottleneck'),
     'wide_resnet': Family(wide_resnet.WideResNet, wide_resnet.layer_depths),
 }
+_TABLE.update({name: _sized(vit.ViT, vit.layer_depths, width=w, depth=d, num_heads=h, mlp_dim=m)
+               for name, (w, d, h, m) in vit.SIZES.items()})
+_TABLE.update({name: _sized(convnext.ConvNeXt, convnext.layer_depths, depths=d, widths=w,
+                            drop_path_rate=r) for name, (d, w, r) in convnext.SIZES.items()})
+_TABLE.update({name: _sized(efficientnet.EfficientNet, efficientnet.layer_depths, width_mult=w,
+                            depth_mult=d, dropout=p)
+               for name, (w, d, p) in efficientnet.SIZES.items()})
+_TABLE.update({name: _sized(mobilenet.MobileNetV3, mobilenet.layer_depths, arch=a, last_channel=c)
+               for name, (a, c) in mobilenet.SIZES.items()})
 
 
 def names() -> list[str]:
@@ -74,7 +91,8 @@ def unregister(name: str) -> None:
   _TABLE.pop(name, None)
 
 
-def _family(name: str) -> Family:
+def family(name: str) -> Family:
+  """The registered family of ``name`` (UserError for an unknown name)."""
   if name not in _TABLE:
     raise UserError(f"Unknown model '{name}'; set config.model.name to one of: {', '.join(names())}.")
   return _TABLE[name]
@@ -82,7 +100,7 @@ def _family(name: str) -> Family:
 
 def get(name: str, **kwargs: Any) -> nnx.Module:
   """Builds the model registered as ``name`` with constructor ``kwargs``."""
-  constructor = _family(name).constructor
+  constructor = family(name).constructor
   try:
     return constructor(**kwargs)
   except TypeError as e:
@@ -99,7 +117,7 @@ def from_config(config: ml_collections.ConfigDict, num_classes: int,
 
 def layer_depths(model_name: str, param_names: list[str]) -> tuple[dict[str, int], int]:
   """(depth per parameter name, top depth ``L``) from the family of ``model_name``."""
-  rule = _family(model_name).layer_depths
+  rule = family(model_name).layer_depths
   if rule is None:
     raise UserError(f"The model '{model_name}' has no layer-depth rule; give its family a "
                     'layer_depths function (see imgcls_jax/models/__init__.py) or set '

@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from imgcls_jax.errors import UserError
+
 # He (Kaiming) normal on fan_out, as torchvision initialises ResNet convolutions.
 conv_init = nnx.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
@@ -119,3 +121,115 @@ def list_index(name: str, lists: Collection[str]) -> int | None:
   """``i`` for a parameter ``<list>.<i>...`` of one of the ``nnx.List`` attributes ``lists``."""
   parts = name.split('.')
   return int(parts[1]) if len(parts) > 1 and parts[0] in lists else None
+
+
+# ------------------------------------------------------------------ blocks of the modern families
+
+def make_divisible(value: float, divisor: int = 8) -> int:
+  """torchvision's ``_make_divisible``: the nearest multiple of ``divisor`` (at least ``divisor``)
+  that is not more than 10% below ``value``."""
+  new = max(divisor, int(value + divisor / 2) // divisor * divisor)
+  return new + divisor if new < 0.9 * value else new
+
+
+def drop_path_rates(rate: float, num_blocks: int) -> list[float]:
+  """Stochastic-depth rate per block, increasing linearly from 0 to ``rate`` (timm's rule)."""
+  if num_blocks <= 1:
+    return [0.0] * num_blocks
+  return [rate * i / (num_blocks - 1) for i in range(num_blocks)]
+
+
+class DropPath(nnx.Module):
+  """Stochastic depth: in training, each example's residual branch is zeroed with probability
+  ``rate`` and scaled by ``1 / (1 - rate)`` otherwise (RNG stream 'dropout'); identity at eval."""
+
+  def __init__(self, rate: float, *, ndim: int, rngs: nnx.Rngs):
+    self.rate = float(rate)
+    # One draw per example: the noise broadcasts over every axis but the batch.
+    self.dropout = nnx.Dropout(self.rate, broadcast_dims=tuple(range(1, ndim)), rngs=rngs)
+
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    return self.dropout(x, deterministic=not train)
+
+
+def drop_path(rate: float, *, ndim: int, rngs: nnx.Rngs) -> DropPath | None:
+  """A DropPath module, or None when ``rate`` is 0 (no RNG state kept for it)."""
+  if not 0.0 <= rate < 1.0:
+    raise UserError(f'config.model.drop_path_rate must be in [0, 1), got {rate}.')
+  return DropPath(rate, ndim=ndim, rngs=rngs) if rate > 0 else None
+
+
+def apply_drop_path(module: DropPath | None, x: jax.Array, train: bool) -> jax.Array:
+  """``module(x)``, or ``x`` when there is no module."""
+  return x if module is None else module(x, train)
+
+
+def layer_norm(ch: int, *, dtype: Any, rngs: nnx.Rngs, epsilon: float = 1e-6) -> nnx.LayerNorm:
+  """LayerNorm over the last axis with f32 parameters (two-pass variance, as PyTorch)."""
+  return nnx.LayerNorm(ch, epsilon=epsilon, dtype=dtype, param_dtype=jnp.float32,
+                       use_fast_variance=False, rngs=rngs)
+
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    'relu': nnx.relu, 'silu': nnx.silu, 'hardswish': jax.nn.hard_swish,
+    'sigmoid': nnx.sigmoid, 'hardsigmoid': jax.nn.hard_sigmoid, 'none': lambda x: x,
+}
+
+
+class ConvNormAct(nnx.Module):
+  """conv (no bias) -> BatchNorm -> activation: torchvision's ``Conv2dNormActivation``."""
+
+  def __init__(self, in_ch: int, out_ch: int, kernel: int, *, stride: int = 1, groups: int = 1,
+               act: str = 'relu', bn_eps: float = 1e-5, bn_momentum: float = 0.9, dtype: Any,
+               rngs: nnx.Rngs):
+    pad = (kernel - 1) // 2
+    self.conv = nnx.Conv(in_ch, out_ch, (kernel, kernel), strides=(stride, stride),
+                         padding=((pad, pad), (pad, pad)), feature_group_count=groups,
+                         use_bias=False, kernel_init=conv_init, dtype=dtype,
+                         param_dtype=jnp.float32, conv_general_dilated=conv_general_dilated,
+                         rngs=rngs)
+    self.bn = batch_norm(out_ch, dtype=dtype, rngs=rngs, momentum=bn_momentum, epsilon=bn_eps)
+    self.act = act
+
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    return ACTIVATIONS[self.act](self.bn(self.conv(x), use_running_average=not train))
+
+
+class SqueezeExcitation(nnx.Module):
+  """Channel gate ``x * gate(fc2(act(fc1(mean_hw(x)))))`` (torchvision's SqueezeExcitation)."""
+
+  def __init__(self, ch: int, squeeze: int, *, act: str, gate: str, dtype: Any, rngs: nnx.Rngs):
+    self.fc1 = nnx.Linear(ch, squeeze, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+    self.fc2 = nnx.Linear(squeeze, ch, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+    self.act, self.gate = act, gate
+
+  def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
+    s_BxC = self.fc2(ACTIVATIONS[self.act](self.fc1(global_avg_pool(x_BxHxWxC))))
+    return x_BxHxWxC * ACTIVATIONS[self.gate](s_BxC)[:, None, None, :]
+
+
+class InvertedResidual(nnx.Module):
+  """MBConv / MobileNetV3 block: [1x1 expand] -> depthwise kxk -> [squeeze-excite] -> 1x1 project,
+  with a (drop-path) residual when stride is 1 and the channels match."""
+
+  def __init__(self, in_ch: int, expanded: int, out_ch: int, kernel: int, stride: int, *,
+               act: str, se_ch: int, se_act: str, se_gate: str, bn_eps: float, bn_momentum: float,
+               drop_path_rate: float, dtype: Any, rngs: nnx.Rngs):
+    norm = dict(bn_eps=bn_eps, bn_momentum=bn_momentum, dtype=dtype, rngs=rngs)
+    self.expand = (ConvNormAct(in_ch, expanded, 1, act=act, **norm) if expanded != in_ch
+                   else None)
+    self.dwconv = ConvNormAct(expanded, expanded, kernel, stride=stride, groups=expanded, act=act,
+                              **norm)
+    self.se = (SqueezeExcitation(expanded, se_ch, act=se_act, gate=se_gate, dtype=dtype, rngs=rngs)
+               if se_ch else None)
+    self.project = ConvNormAct(expanded, out_ch, 1, act='none', **norm)
+    self.residual = stride == 1 and in_ch == out_ch
+    self.drop_path = drop_path(drop_path_rate, ndim=4, rngs=rngs) if self.residual else None
+
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    y = x if self.expand is None else self.expand(x, train)
+    y = self.dwconv(y, train)
+    if self.se is not None:
+      y = self.se(y)
+    y = self.project(y, train)
+    return x + apply_drop_path(self.drop_path, y, train) if self.residual else y

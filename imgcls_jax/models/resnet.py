@@ -38,7 +38,8 @@ class _ResidualBlock(nnx.Module):
     """(in channels, out channels, kernel, stride) of each conv layer."""
     raise NotImplementedError
 
-  def __init__(self, in_ch: int, width: int, stride: int, *, dtype: Any, rngs: nnx.Rngs):
+  def __init__(self, in_ch: int, width: int, stride: int, *, dtype: Any, rngs: nnx.Rngs,
+               drop_path_rate: float = 0.0):
     out_ch = width * self.expansion
     specs = self.layer_specs(in_ch, width, out_ch, stride)
     for i, (cin, cout, kernel, s) in enumerate(specs, start=1):
@@ -48,6 +49,7 @@ class _ResidualBlock(nnx.Module):
     self.num_layers = len(specs)
     self.downsample = (Downsample(in_ch, out_ch, stride, dtype=dtype, rngs=rngs)
                        if stride != 1 or in_ch != out_ch else None)
+    self.drop_path = layers.drop_path(drop_path_rate, ndim=4, rngs=rngs)
 
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     y = x
@@ -56,7 +58,7 @@ class _ResidualBlock(nnx.Module):
       if i < self.num_layers:
         y = nnx.relu(y)
     shortcut = x if self.downsample is None else self.downsample(x, train)
-    return nnx.relu(y + shortcut)
+    return nnx.relu(layers.apply_drop_path(self.drop_path, y, train) + shortcut)
 
 
 class BasicBlock(_ResidualBlock):
@@ -83,13 +85,16 @@ _BLOCKS = {'basic': BasicBlock, 'bottleneck': Bottleneck}
 
 
 class ResNet(nnx.Module):
-  """ResNet v1.5 with ``stage_sizes`` blocks per stage at widths ``width * 2**i``."""
+  """ResNet v1.5 with ``stage_sizes`` blocks per stage at widths ``width * 2**i``; stochastic
+  depth on each residual branch rising linearly from 0 to ``drop_path_rate`` over the blocks."""
 
   def __init__(self, *, num_classes: int, in_channels: int, rngs: nnx.Rngs,
                stage_sizes: Sequence[int], block: str, width: int = 64,
-               small_inputs: bool = False, dtype: Any = 'float32'):
+               small_inputs: bool = False, drop_path_rate: float = 0.0,
+               dtype: Any = 'float32'):
     dtype = layers.as_dtype(dtype)
     block_cls = _BLOCKS[block]
+    rates = iter(layers.drop_path_rates(drop_path_rate, sum(stage_sizes)))
     self.small_inputs = small_inputs
     stem_kernel, stem_stride = (3, 1) if small_inputs else (7, 2)
     self.conv1 = layers.conv(in_channels, width, stem_kernel, stride=stem_stride, dtype=dtype,
@@ -100,7 +105,8 @@ class ResNet(nnx.Module):
       blocks = []
       for j in range(n):
         stride = 2 if (i > 0 and j == 0) else 1
-        blocks.append(block_cls(ch, width * 2**i, stride, dtype=dtype, rngs=rngs))
+        blocks.append(block_cls(ch, width * 2**i, stride, dtype=dtype, rngs=rngs,
+                                drop_path_rate=next(rates)))
         ch = width * 2**i * block_cls.expansion
       setattr(self, f'layer{i + 1}', nnx.List(blocks))
     self.num_stages = len(stage_sizes)

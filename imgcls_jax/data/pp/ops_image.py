@@ -1,4 +1,4 @@
-"""Geometric and erasing ops: pad_crop, flip_lr, random_resized_crop, resize, center_crop,
+"""Geometric and erasing ops: pad_crop, flip_lr, rotate, random_resized_crop, resize, center_crop,
 random_erasing. Each maps ``(image_HxWxC uint8, seed) -> image uint8`` (see registry.py)."""
 from __future__ import annotations
 
@@ -122,4 +122,45 @@ def random_erasing(prob: float = 0.5, area_min: float = 0.02, area_max: float = 
     else:
       fill = tf.fill(tf.shape(image), tf.constant(int(value), tf.int32))
     return tf.where(inside, tf.cast(fill, image.dtype), image)
+  return op
+
+
+INTERPOLATIONS = ('nearest', 'bilinear')
+
+
+def rotate_image(image: tf.Tensor, degrees: tf.Tensor | float, fill: float = 0.0,
+                 interpolation: str = 'nearest') -> tf.Tensor:
+  """``image`` rotated counter-clockwise by ``degrees`` about its centre, same size (PIL's
+  ``Image.rotate``); pixels from outside the image are ``fill``. Returns float32."""
+  h, w = image_hw(image)
+  hf, wf = tf.cast(h, tf.float32) - 1.0, tf.cast(w, tf.float32) - 1.0
+  angle = tf.cast(degrees, tf.float32) * (math.pi / 180.0)
+  c, s = tf.cos(angle), tf.sin(angle)
+  # Output pixel (x, y) samples the input at R (x, y) + t; t keeps the centre fixed.
+  dx = (wf - (c * wf - s * hf)) / 2.0
+  dy = (hf - (s * wf + c * hf)) / 2.0
+  out = tf.raw_ops.ImageProjectiveTransformV3(
+      images=tf.cast(image, tf.float32)[None],
+      transforms=tf.reshape(tf.stack([c, -s, dx, s, c, dy, 0.0, 0.0]), [1, 8]),
+      output_shape=tf.stack([h, w]), fill_value=tf.constant(fill, tf.float32),
+      interpolation=interpolation.upper(), fill_mode='CONSTANT')
+  return tf.ensure_shape(out[0], image.shape)
+
+
+@register('rotate')
+def rotate(degrees: Any = 15, fill: int = 0, interpolation: str = 'nearest') -> Op:
+  """Rotation by an angle drawn uniformly from [-degrees, degrees] (or from [lo, hi] for a pair),
+  counter-clockwise about the centre, as torchvision's RandomRotation (pixels from outside are
+  ``fill``; ``interpolation`` 'nearest' or 'bilinear')."""
+  lo, hi = ((-float(degrees), float(degrees)) if isinstance(degrees, (int, float))
+            else tuple(float(d) for d in degrees))
+  if lo > hi:
+    raise TypeError(f'degrees must be a number >= 0 or a pair lo <= hi, got {degrees!r}')
+  if interpolation not in INTERPOLATIONS:
+    raise TypeError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got "
+                    f'{interpolation!r}')
+
+  def op(image, seed):
+    out = rotate_image(image, uniform(seed, lo, hi), float(fill), interpolation)
+    return tf.cast(tf.clip_by_value(tf.round(out), 0.0, 255.0), image.dtype)
   return op

@@ -1,16 +1,19 @@
-"""RandAugment (Cubuk et al. 2020), with torchvision's magnitude scale.
+"""RandAugment (Cubuk et al. 2020) and TrivialAugment-Wide (Mueller & Hutter 2021), with
+torchvision's magnitude scales.
 
-Each op of ``RANDAUGMENT_OPS`` maps (image float32 HxWxC in [0, 255], signed magnitude fraction m in
-[-1, 1], fill) -> image; the fraction is magnitude / (num_bins - 1), negated with probability 1/2
-for signed ops. The registered op ``randaugment`` applies ``num_ops`` of them drawn uniformly.
+Each op of ``RANDAUGMENT_OPS`` / ``TRIVIAL_AUGMENT_WIDE_OPS`` maps (image float32 HxWxC in
+[0, 255], signed magnitude fraction m in [-1, 1], fill) -> image; the fraction is
+bin / (num_bins - 1), negated with probability 1/2 for signed ops. The registered op
+``randaugment`` applies ``num_ops`` ops drawn uniformly at one fixed magnitude;
+``trivial_augment_wide`` applies one op drawn uniformly at a magnitude bin drawn uniformly.
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import tensorflow as tf
 
+from imgcls_jax.data.pp.ops_image import rotate_image
 from imgcls_jax.data.pp.registry import Op, image_hw, register, split_seed, uniform
 
 
@@ -37,13 +40,7 @@ def _affine(image: tf.Tensor, transform: tf.Tensor, fill: float) -> tf.Tensor:
 
 
 def _ra_rotate(image, m, fill):
-  angle = m * (30.0 * math.pi / 180.0)
-  h, w = image_hw(image)
-  hf, wf = tf.cast(h, tf.float32) - 1.0, tf.cast(w, tf.float32) - 1.0
-  c, s = tf.cos(angle), tf.sin(angle)
-  dx = (wf - (c * wf - s * hf)) / 2.0
-  dy = (hf - (s * wf + c * hf)) / 2.0
-  return _affine(image, tf.stack([c, -s, dx, s, c, dy, 0.0, 0.0]), fill)
+  return rotate_image(image, m * 30.0, fill, 'nearest')
 
 
 def _ra_shear_x(image, m, fill):
@@ -184,4 +181,68 @@ def randaugment(num_ops: int = 2, magnitude: float = 9, num_bins: int = 31, fill
       x = tf.switch_case(index, [branch(fn, signed) for fn, signed in table])
       x = tf.ensure_shape(x, image.shape)
     return tf.cast(tf.clip_by_value(tf.round(x), 0, 255), dtype)
+  return op
+
+
+def _scaled(fn: Callable[..., tf.Tensor], factor: float) -> Callable[..., tf.Tensor]:
+  """``fn`` with its magnitude fraction multiplied by ``factor`` (a wider range)."""
+  return lambda image, m, fill: fn(image, m * factor, fill)
+
+
+def _ta_translate_x(image, m, fill):
+  return _affine(image, tf.stack([1.0, 0.0, 32.0 * m, 0.0, 1.0, 0.0, 0.0, 0.0]), fill)
+
+
+def _ta_translate_y(image, m, fill):
+  return _affine(image, tf.stack([1.0, 0.0, 0.0, 0.0, 1.0, 32.0 * m, 0.0, 0.0]), fill)
+
+
+# torchvision's TrivialAugmentWide ranges: shear 0.99, translate 32 px, rotate 135 degrees,
+# enhance factors 1 +- 0.99, posterize 8 -> 2 bits, solarize 255 -> 0. name -> (op, signed).
+TRIVIAL_AUGMENT_WIDE_OPS: dict[str, tuple[Callable[..., tf.Tensor], bool]] = {
+    'identity': (_ra_identity, False),
+    'shear_x': (_scaled(_ra_shear_x, 0.99 / 0.3), True),
+    'shear_y': (_scaled(_ra_shear_y, 0.99 / 0.3), True),
+    'translate_x': (_ta_translate_x, True),
+    'translate_y': (_ta_translate_y, True),
+    'rotate': (_scaled(_ra_rotate, 135.0 / 30.0), True),
+    'brightness': (_scaled(_ra_brightness, 0.99 / 0.9), True),
+    'color': (_scaled(_ra_color, 0.99 / 0.9), True),
+    'contrast': (_scaled(_ra_contrast, 0.99 / 0.9), True),
+    'sharpness': (_scaled(_ra_sharpness, 0.99 / 0.9), True),
+    'posterize': (_scaled(_ra_posterize, 1.5), False),   # 8 - round(6 m) bits
+    'solarize': (_ra_solarize, False),
+    'auto_contrast': (_ra_auto_contrast, False),
+    'equalize': (_ra_equalize, False),
+}
+
+
+@register('trivial_augment_wide')
+def trivial_augment_wide(num_bins: int = 31, fill: int = 0, ops: str = '') -> Op:
+  """TrivialAugment-Wide: one op drawn uniformly from ``TRIVIAL_AUGMENT_WIDE_OPS`` at a magnitude
+  bin drawn uniformly from 0..``num_bins - 1`` (sign random for signed ops), as torchvision's
+  ``TrivialAugmentWide``; ``fill`` fills pixels moved in from outside; ``ops`` (comma-separated
+  names) restricts the set."""
+  names_ = [n.strip() for n in ops.split(',') if n.strip()] or list(TRIVIAL_AUGMENT_WIDE_OPS)
+  unknown = [n for n in names_ if n not in TRIVIAL_AUGMENT_WIDE_OPS]
+  if unknown:
+    raise TypeError(f"unknown TrivialAugment ops {unknown}; known: "
+                    f"{', '.join(TRIVIAL_AUGMENT_WIDE_OPS)}")
+  if num_bins < 2:
+    raise TypeError(f'num_bins must be at least 2, got {num_bins}')
+  table = [TRIVIAL_AUGMENT_WIDE_OPS[n] for n in names_]
+
+  def op(image, seed):
+    pick_seed, bin_seed, sign_seed = tf.unstack(split_seed(seed, 3))
+    index = tf.random.stateless_uniform([], pick_seed, 0, len(table), dtype=tf.int32)
+    level = tf.random.stateless_uniform([], bin_seed, 0, num_bins, dtype=tf.int32)
+    m = tf.cast(level, tf.float32) / float(num_bins - 1)
+    signed_m = tf.where(uniform(sign_seed) < 0.5, -m, m)
+    x = tf.cast(image, tf.float32)
+
+    def branch(fn, signed):
+      return lambda: fn(x, signed_m if signed else m, float(fill))
+    x = tf.switch_case(index, [branch(fn, signed) for fn, signed in table])
+    x = tf.ensure_shape(x, image.shape)
+    return tf.cast(tf.clip_by_value(tf.round(x), 0, 255), image.dtype)
   return op

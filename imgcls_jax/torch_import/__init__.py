@@ -1,11 +1,10 @@
-"""ResNet weights in torchvision / timm layout (``.safetensors`` or a torch state dict) -> Flax.
+"""Weights in torchvision / timm layout (``.safetensors`` or a torch state dict) -> Flax.
 
-Both libraries name ResNet tensors the same way: ``conv1.weight``, ``bn1.{weight,bias,running_mean,
-running_var}``, ``layer2.0.conv1.weight``, ``layer2.0.downsample.{0,1}.*``, ``fc.{weight,bias}``.
-``imgcls_jax.models.resnet`` uses the same attribute names (``downsample.conv`` /
-``downsample.bn``), so the mapping is by name, with layouts converted: conv OIHW -> HWIO, linear
-(out, in) -> (in, out), BN weight/bias -> scale/bias (parameters) and running_mean/var -> mean/var
-(batch statistics).
+The family is recognised from the tensor names: ResNet (torchvision / timm), ViT (torchvision /
+timm), ConvNeXt (torchvision / timm), EfficientNet B0-B7 and MobileNetV3 (torchvision). One module
+per family maps names to this project's (``imgcls_jax.models``), with layouts converted: conv OIHW
+-> HWIO, linear (out, in) -> (in, out), norm weight/bias -> scale/bias (parameters) and BatchNorm
+running_mean/var -> mean/var (batch statistics).
 
 ``.safetensors`` files are read without torch; ``.pt`` / ``.pth`` / ``.bin`` state dicts need torch
 (``pip install 'imgcls_jax[torch]'``). Nothing is downloaded: the file must be local.
@@ -13,20 +12,16 @@ running_var}``, ``layer2.0.conv1.weight``, ``layer2.0.downsample.{0,1}.*``, ``fc
 from __future__ import annotations
 
 import os
-import re
 from typing import Any, Mapping
 
 import numpy as np
 
 from imgcls_jax.errors import UserError
+from imgcls_jax.torch_import import convnext, mobile, resnet, vit
 from imgcls_jax.weights import Weights
 
-# torch BN parameter name -> (collection, our name)
-_BN = {'weight': ('params', 'scale'), 'bias': ('params', 'bias'),
-       'running_mean': ('batch_stats', 'mean'), 'running_var': ('batch_stats', 'var')}
-_BN_MODULE = re.compile(r'^(bn\d|layer\d+\.\d+\.bn\d|layer\d+\.\d+\.downsample\.1)$')
-_CONV_MODULE = re.compile(r'^(conv1|layer\d+\.\d+\.conv\d|layer\d+\.\d+\.downsample\.0)$')
 _WRAPPER_KEYS = ('state_dict', 'model', 'model_state', 'model_state_dict', 'module')
+FAMILIES = ('ResNet', 'ViT', 'ConvNeXt', 'EfficientNet', 'MobileNetV3')
 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
@@ -78,35 +73,22 @@ def _read_torch(path: str) -> Mapping[str, Any]:
 
 
 def convert(state_dict: Mapping[str, np.ndarray], origin: str = 'the weights file') -> Weights:
-  """Renames and re-lays-out a torchvision/timm ResNet state dict into this project's naming."""
-  params: dict[str, np.ndarray] = {}
-  stats: dict[str, np.ndarray] = {}
-  for key, value in state_dict.items():
-    module, _, leaf = key.rpartition('.')
-    ours = (module.replace('downsample.0', 'downsample.conv')
-            .replace('downsample.1', 'downsample.bn'))
-    if leaf == 'num_batches_tracked':
-      continue
-    value = np.asarray(value, np.float32)
-    if _CONV_MODULE.match(module) and leaf == 'weight' and value.ndim == 4:
-      params[f'{ours}.kernel'] = np.transpose(value, (2, 3, 1, 0))      # OIHW -> HWIO
-    elif _BN_MODULE.match(module) and leaf in _BN:
-      collection, name = _BN[leaf]
-      (params if collection == 'params' else stats)[f'{ours}.{name}'] = value
-    elif module == 'fc' and leaf == 'weight' and value.ndim == 2:
-      params['fc.kernel'] = value.T                                      # (out, in) -> (in, out)
-    elif module == 'fc' and leaf == 'bias':
-      params['fc.bias'] = value
-    else:
-      raise UserError(f"Tensor '{key}' {tuple(value.shape)} in {origin} is not part of a "
-                      'torchvision/timm ResNet (v1.5: conv1, bn1, layer1-4, fc); only that layout '
-                      'can be imported.')
-  if 'conv1.kernel' not in params:
-    raise UserError(f'{origin} has no conv1.weight: it is not a torchvision/timm ResNet state '
-                    'dict.')
-  return Weights(params=params, batch_stats=stats, origin=origin)
+  """Renames and re-lays-out a torchvision/timm state dict of a known family into this project's
+  naming."""
+  keys = set(state_dict)
+  if vit.detect(keys):
+    return vit.convert(state_dict, origin)
+  if convnext.detect(keys):
+    return convnext.convert(state_dict, origin)
+  if family := mobile.detect(keys):
+    return mobile.convert(state_dict, origin, family)
+  if resnet.detect(keys):
+    return resnet.convert(state_dict, origin)
+  sample = ', '.join(sorted(keys)[:3])
+  raise UserError(f'Cannot tell which model family {origin} holds (tensors {sample}, ...); only '
+                  f"torchvision/timm {', '.join(FAMILIES)} state dicts can be imported.")
 
 
 def load(path: str) -> Weights:
-  """Weights from a local torchvision/timm-layout ResNet file, in this project's naming."""
+  """Weights from a local torchvision/timm-layout file, in this project's naming."""
   return convert(read_state_dict(path), origin=os.path.basename(path))

@@ -1,0 +1,64 @@
+"""ConvNeXt from torchvision (``features.<2i>`` stem / downsampling, ``features.<2i+1>.<j>`` blocks
+with ``block.{0,2,3,5}`` and ``layer_scale``, ``classifier.{0,2}``) or timm (``stem.{0,1}``,
+``stages.<i>.downsample.{0,1}``, ``stages.<i>.blocks.<j>.{conv_dw, norm, mlp.fc1, mlp.fc2,
+gamma}``, ``head.{norm, fc}``) into ``imgcls_jax.models.convnext``."""
+from __future__ import annotations
+
+import re
+from typing import Mapping
+
+import numpy as np
+
+from imgcls_jax.torch_import._layout import Builder, split
+from imgcls_jax.weights import Weights
+
+_TV_BLOCK = re.compile(r'^features\.(\d+)\.(\d+)\.(block\.\d+|layer_scale)$')
+_TV_OTHER = re.compile(r'^features\.(\d+)\.([01])$')
+_TIMM_BLOCK = re.compile(r'^stages\.(\d+)\.blocks\.(\d+)\.(conv_dw|norm|mlp\.fc1|mlp\.fc2|gamma)$')
+_TIMM_DOWN = re.compile(r'^stages\.(\d+)\.downsample\.([01])$')
+_BLOCK_PARTS = {'block.0': 'dwconv', 'block.2': 'norm', 'block.3': 'pwconv1', 'block.5': 'pwconv2',
+                'conv_dw': 'dwconv', 'norm': 'norm', 'mlp.fc1': 'pwconv1', 'mlp.fc2': 'pwconv2'}
+_FIXED = {'classifier.0': 'norm', 'classifier.2': 'head', 'head.norm': 'norm', 'head.fc': 'head',
+          'stem.0': 'stem.conv', 'stem.1': 'stem.norm'}
+
+
+def detect(keys: set[str]) -> bool:
+  """Whether the state dict looks like a ConvNeXt."""
+  return any(k.endswith('.layer_scale') or k.endswith('.gamma') and k.startswith('stages.')
+             for k in keys)
+
+
+def _module(module: str) -> str | None:
+  """Our module name for a torch module name (None: not a ConvNeXt module)."""
+  if module in _FIXED:
+    return _FIXED[module]
+  if m := _TV_BLOCK.match(module) or _TIMM_BLOCK.match(module):
+    stage = int(m.group(1)) // 2 if module.startswith('features.') else int(m.group(1))
+    return f'stages.{stage}.{m.group(2)}.{_BLOCK_PARTS.get(m.group(3), m.group(3))}'
+  if m := _TV_OTHER.match(module):
+    index, part = int(m.group(1)), int(m.group(2))
+    if index == 0:
+      return ('stem.conv', 'stem.norm')[part]
+    return f'downsample.{index // 2 - 1}.' + ('norm', 'conv')[part] if index % 2 == 0 else None
+  if m := _TIMM_DOWN.match(module):
+    return f'downsample.{int(m.group(1)) - 1}.' + ('norm', 'conv')[int(m.group(2))]
+  return None
+
+
+def convert(state_dict: Mapping[str, np.ndarray], origin: str) -> Weights:
+  """A torchvision/timm ConvNeXt state dict in this project's naming."""
+  out = Builder('ConvNeXt', origin)
+  for key, value in state_dict.items():
+    if key.endswith('.layer_scale') or key.endswith('.gamma'):
+      ours = _module(key)
+      if ours is None:
+        out.reject(key, value)
+      out.param(ours.replace('.gamma', '.layer_scale'), np.reshape(value, (-1,)))  # (C, 1, 1)
+      continue
+    module, leaf = split(key)
+    ours = _module(module)
+    if ours is None:
+      out.reject(key, value)
+    # timm's small ConvNeXts (conv_mlp=True) hold the MLP as 1x1 convs.
+    out.module(ours, leaf, value, key, linear_from_1x1=ours.endswith(('pwconv1', 'pwconv2')))
+  return out.weights('stem.conv.kernel')

@@ -1,0 +1,80 @@
+"""Every model family in the table exports to a SavedModel and a TFLite model (small widths) whose
+outputs match the JAX model's (issues 13 and 14). Families come from the model table itself, so a
+newly registered one is covered without editing this file (at its default size unless
+``tests/test_families.SMALL_BY_CLASS`` lists small widths for it)."""
+from __future__ import annotations
+
+import itertools
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from configs import default
+from imgcls_jax import export, inference, models
+from imgcls_jax import state as state_lib
+from imgcls_jax.data.info import DatasetInfo
+from tests.test_families import family_class, small
+
+INFO = DatasetInfo(name='synthetic', num_classes=5, class_names=tuple('abcde'),
+                   image_shape=(16, 16, 3), num_examples={'train': 8, 'test': 8})
+
+
+def _one_name_per_family() -> list[str]:
+  """The shortest (then alphabetically first) registered name of each family class."""
+  by_class = itertools.groupby(sorted(models.names(), key=family_class), key=family_class)
+  return [min(names, key=lambda n: (len(n), n)) for _, names in by_class]
+
+
+def _randomized(tree, key, positive=False):
+  """Values moved off their initial ones (zero heads, zero last-BN scales, unit variances), so
+  every logit depends on every part of the model; ``positive`` for variances."""
+  leaves, treedef = jax.tree.flatten(tree)
+  keys = jax.random.split(key, max(len(leaves), 1))
+  new = [np.abs(x) + 0.5 if positive else x
+         for x in (np.asarray(p) + 0.1 * np.asarray(jax.random.normal(k, p.shape))
+                   for p, k in zip(leaves, keys))]
+  return jax.tree.unflatten(treedef, [n.astype(np.float32) for n in new])
+
+
+def _classifier(name: str) -> inference.Classifier:
+  run = default.get_config()
+  run.model = ml_collections.ConfigDict({'name': name, **small(name)})
+  run.data.mean, run.data.std = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
+  model_fn = models.from_config(run, INFO.num_classes, 3)
+  state = jax.device_get(jax.jit(state_lib.init_fn(model_fn, optax.identity(), 0))())
+  batch_stats = jax.tree_util.tree_map_with_path(  # BN means around 0, variances around 1
+      lambda path, v: _randomized(v, jax.random.key(len(path) + v.size),
+                                  positive=path[-1].key == 'var'), state.batch_stats)
+  variables = state_lib.InferenceState(params=_randomized(state.params, jax.random.key(1)),
+                                       batch_stats=batch_stats)
+  trained = inference.Trained(run=run, info=INFO, image_shape=INFO.image_shape, native_hw=None,
+                              variables=variables, step=0, origin=f'test {name}')
+  return inference.classifier(trained, max_batch=8)
+
+
+def test_every_family_of_the_table_is_exported():
+  classes = {family_class(n) for n in _one_name_per_family()}
+  assert classes >= {'CNN', 'FastCNN', 'ResNet', 'WideResNet', 'ViT', 'ConvNeXt', 'EfficientNet',
+                     'MobileNetV3'}
+
+
+@pytest.mark.parametrize('name', _one_name_per_family())
+def test_family_exports_to_saved_model_and_tflite_with_the_same_outputs(name, tmp_path):
+  clf = _classifier(name)
+  images = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+  want = clf.predict_arrays(images)
+  assert np.ptp(want['logits']) > 1e-2  # the outputs depend on the input: a real comparison
+  saved = str(tmp_path / 'saved_model')
+  export.save_saved_model(clf, saved)
+  export.save_tflite(saved, str(tmp_path / 'model.tflite'))
+  tflite = str(tmp_path / 'model.tflite')
+  for got in (export.run_saved_model(saved, images), export.run_tflite(tflite, images)):
+    diff = export.compare(want, got)
+    # The same float32 graph run by another runtime: only the summation order differs.
+    scale = float(np.abs(want['logits']).max())
+    assert diff['max_abs_logit_diff'] <= 1e-4 * max(scale, 1.0), (name, diff)
+    assert diff['max_abs_prob_diff'] <= 1e-4, (name, diff)
+    assert diff['top1_agreement'] == 1.0
