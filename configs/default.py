@@ -182,7 +182,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.transfer = ml_collections.ConfigDict()
   # Weights to start from when the workdir has no checkpoint yet: a run directory of this project
   # (or its checkpoints/<step>), or a local .safetensors / .pt / .pth file of a torchvision- or
-  # timm-layout ResNet (model.name must be the matching resnetNN). '' = train from scratch.
+  # timm-layout ResNet, ViT, ConvNeXt, EfficientNet or MobileNetV3 (model.name must be the
+  # matching size). '' = train from scratch.
   c.transfer.init_from = ''
   c.transfer.init_step = -1               # checkpoint step of init_from; -1 = its latest
   c.transfer.mode = 'finetune'            # 'finetune' (all parameters train) or 'linear_probe'

@@ -2,7 +2,8 @@
 
 ``config.transfer.init_from`` is a run directory / checkpoint of this project
 (``checkpoint.read_weights``) or a ``.safetensors`` / ``.pt`` / ``.pth`` file of a torchvision- or
-timm-layout ResNet (``torch_import``). It is used only when the workdir has no checkpoint yet (a
+timm-layout ResNet, ViT, ConvNeXt, EfficientNet or MobileNetV3 (``torch_import``). It is used only
+when the workdir has no checkpoint yet (a
 resumed run continues from its own checkpoints). Weights are matched by name
 (``layer1.0.conv1.kernel``); everything but the head must exist with the same shape, and a mismatch
 names the parameter. Freezing and layer-wise decay are optimizer masks (``optim.py``).
@@ -26,7 +27,7 @@ TORCH_SUFFIXES = ('.safetensors', '.pt', '.pth', '.bin')
 
 
 def load_weights(path: str, step: int | None = None) -> weights_lib.Weights:
-  """Weights from a checkpoint of this project or a torchvision/timm-layout ResNet file."""
+  """Weights from a checkpoint of this project or a torchvision/timm-layout weights file."""
   if not os.path.exists(path):
     raise UserError(f'config.transfer.init_from={path} does not exist; give a run directory of '
                     'this project or a .safetensors / .pt file.')
