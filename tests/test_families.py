@@ -234,7 +234,9 @@ def test_train_step_on_8_devices_equals_1_device_replicated_and_fsdp(name):
   moved = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(one[0]),
                                                            jax.tree.leaves(init.params)))
   assert moved > 1e-3  # the step changed the parameters
-  for placement in ('replicated', 'fsdp'):
+  # FSDP on 8 devices covers "8 == 1" for every family; the replicated 8-device step (another
+  # minute of compilation per family on 2 cores) runs for the first family only.
+  for placement in ('replicated', 'fsdp') if name == NEW_FAMILIES[0] else ('fsdp',):
     eight, loss8, split = _one_step(name, 8, placement, batch, init)
     assert split == (placement == 'fsdp')
     # float32 sums in another order (per-device partial sums, then across devices) only.
