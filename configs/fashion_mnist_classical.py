@@ -14,18 +14,13 @@ wall for reading, features (161 s for 60k images) and the lbfgs fit (1313 s, the
 """
 import ml_collections
 
-from configs import default
+from configs import default, fashion_mnist_quick
 
 
 def get_config() -> ml_collections.ConfigDict:
   c = default.get_config()
-  c.data.name = 'fashion_mnist'
-  c.data.train_split = 'train'
-  c.data.eval_split = 'test'
-  c.data.train_preprocess = ''
-  c.data.eval_preprocess = ''
-  c.data.mean = (0.286,)
-  c.data.std = (0.353,)
+  c.data = fashion_mnist_quick.get_config().data   # the same data as the CNN it is compared with
+  c.data.device_preprocess = ''
   c.eval_batch_size = 500
   c.classical.hog_cell = 4                # 28 px images: 7x7 cells, 6x6 blocks
   c.classical.lbp_grid = 2
