@@ -14,7 +14,6 @@ import dataclasses
 import itertools
 import logging
 import math
-import os
 from typing import Any, Iterable, Iterator
 
 import jax
@@ -40,26 +39,12 @@ def request_cpu_devices(num: int) -> None:
                     "about the number of cores, or 0 to leave JAX's default.")
   if num == 0:
     return
-  allow_slow_collectives()
   try:
     jax.config.update('jax_num_cpu_devices', int(num))
   except RuntimeError:
     logging.warning('config.mesh.cpu_devices=%d ignored: JAX had already started its backends '
                     '(%d CPU devices). Set it before any JAX operation, as main.py does.', num,
                     len(jax.devices('cpu')))
-
-
-# XLA:CPU aborts the process when one device waits over 40 s for the others in a collective; on a
-# loaded machine (other jobs on the cores) a device thread can be descheduled that long. Measured:
-# fashion_mnist_quick with 2 CPU devices aborted at step ~3750 on a 2-core machine at load 10.
-_CPU_COLLECTIVE_TIMEOUT_FLAG = '--xla_cpu_collective_call_terminate_timeout_seconds=3600'
-
-
-def allow_slow_collectives() -> None:
-  """Lets CPU collectives wait up to an hour (set before JAX starts its backends)."""
-  flags = os.environ.get('XLA_FLAGS', '')
-  if 'xla_cpu_collective_call_terminate_timeout_seconds' not in flags:
-    os.environ['XLA_FLAGS'] = f'{flags} {_CPU_COLLECTIVE_TIMEOUT_FLAG}'.strip()
 
 
 def make_mesh(num_devices: int = 0) -> Mesh:

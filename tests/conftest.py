@@ -12,9 +12,7 @@ import sys
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           ' --xla_force_host_platform_device_count=8'
-                           # a loaded CI machine must not abort 8-device collectives after 40 s
-                           ' --xla_cpu_collective_call_terminate_timeout_seconds=3600').strip()
+                           ' --xla_force_host_platform_device_count=8').strip()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
