@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgcls_jax.data import folder_index, folds, image_folder, info as info_lib, pipeline, sources
+from imgcls_jax.data import file_probe, folder_index, folds, image_folder, info as info_lib, pipeline, sources
 from imgcls_jax.errors import UserError
 
 
@@ -124,8 +124,8 @@ def test_index_is_cached_and_only_changed_files_are_probed_again(tmp_path, digit
   data = _data(digits_config, folder=root, holdout_fraction=0.25,
                index_cache=str(tmp_path / 'cache'))
   probed = []
-  real = folder_index.probe
-  monkeypatch.setattr(folder_index, 'probe', lambda p: probed.append(p) or real(p))
+  real = file_probe.probe
+  monkeypatch.setattr(file_probe, 'probe', lambda p: probed.append(p) or real(p))
   first = _split(data, 'all')
   assert len(probed) == 8 and os.listdir(tmp_path / 'cache')
   folder_index.clear_memo()

@@ -177,8 +177,8 @@ def test_an_exif_rotated_photo_decodes_and_predicts_as_the_upright_one(tmp_path,
     b = images.decode(str(tmp_path / 'phone.png'), channels=channels)
     np.testing.assert_array_equal(a, b)
   assert images.decode(str(tmp_path / 'phone.png'), channels=3).shape == (30, 20, 3)
-  from imgcls_jax.data import folder_index
-  assert folder_index.probe(str(tmp_path / 'phone.png'))[:2] == (30, 20)  # the index sees it upright
+  from imgcls_jax.data import file_probe
+  assert file_probe.probe(str(tmp_path / 'phone.png'))[:2] == (30, 20)  # the index sees it upright
   _, workdir, _ = trained_run(tmp_path_factory, tfds_dir)
   clf = inference.classifier(inference.load(workdir))
   batch = np.stack([clf.prepare(str(tmp_path / name)) for name in ('upright.png', 'phone.png')])

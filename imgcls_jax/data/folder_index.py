@@ -9,7 +9,7 @@ Three layouts, chosen by ``config.data``:
     header naming the columns), paths relative to the CSV; without a split column, the hold-out
     above. Labels are class names (sorted; numerically when all are integers).
 
-Building the index reads only file headers (PIL: size, mode, EXIF orientation): ~9,000-25,000
+Building the index reads only file headers (``file_probe.py``; PIL: size, mode, EXIF orientation): ~9,000-25,000
 files/s per core from the page cache (one process per core past 20,000 files), where decoding
 every file ran at ~570 files/s on 2 cores. A truncated file (no JPEG/PNG end marker) is decoded once to tell. The result is cached per
 folder or manifest (``data.index_cache``; one JSON file, keyed by each file's size and mtime), so a
@@ -18,29 +18,24 @@ decode during training is reported and masked out of its batch (``image_folder.d
 """
 from __future__ import annotations
 
-import concurrent.futures
 import csv
 import dataclasses
-import hashlib
-import json
 import logging
 import os
-import sys
 import threading
 import zlib
-from typing import Any, Iterable
+from typing import Iterable
 
 import ml_collections
 import numpy as np
 
+from imgcls_jax.data import file_probe
 from imgcls_jax.data.images import is_image_file
 from imgcls_jax.errors import UserError
 
 ALL = 'all'            # the split of every image of a folder without split directories / a manifest
 _SHOWN = 10            # skipped file names listed in the warning
 _IMBALANCE = 10.0      # warn when the largest class has more than this many times the smallest's images
-_PARALLEL_FROM = 20_000     # files to probe before it pays to start worker processes (~0.5 s)
-_MAX_PROBE_PROCESSES = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,130 +282,6 @@ def _candidates(src: Source, split: str, names: tuple[str, ...],
   return ids, labels, skipped
 
 
-# ---- probing file headers, with the on-disk cache ----
-
-_BANDS = {'1': 1, 'L': 1, 'I': 1, 'F': 1, 'LA': 2, 'La': 2, 'RGB': 3, 'YCbCr': 3, 'LAB': 3,
-          'HSV': 3, 'RGBA': 4, 'RGBa': 4, 'RGBX': 4, 'CMYK': 4, 'P': 3, 'PA': 3}
-
-
-def _band_count(mode: str) -> int:
-  """Bands of a PIL mode ('I;16' -> 1); palette images count as colour."""
-  return _BANDS.get(mode.split(';')[0], 3)
-
-
-def _complete(path: str, fmt: str) -> bool:
-  """False when a JPEG or PNG lacks its end marker (a truncated download, the usual corruption)."""
-  marker = {'JPEG': b'\xff\xd9', 'PNG': b'IEND\xaeB`\x82'}.get(fmt)
-  if marker is None:
-    return True
-  with open(path, 'rb') as f:
-    f.seek(0, os.SEEK_END)
-    size = f.tell()
-    f.seek(max(0, size - 64))
-    return marker in f.read()
-
-
-def probe(path: str) -> tuple[int, int, int] | str:
-  """Upright (height, width, bands) of an image file from its header, or why it is unreadable."""
-  from PIL import Image, UnidentifiedImageError
-  try:
-    with Image.open(path) as img:
-      w, h = img.size
-      bands = _band_count(img.mode)
-      raw = img.info.get('exif') if img.format == 'PNG' else None
-      exif = Image.Exif() if img.format == 'PNG' else img.getexif()
-      if raw:
-        exif.load(raw)
-      if exif.get(0x0112) in (5, 6, 7, 8):  # rotated by 90 degrees: height and width swap
-        h, w = w, h
-      if not _complete(path, img.format):
-        img.load()  # decodes it: raises when it really is truncated
-  except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError,
-          EOFError):
-    return 'cannot be decoded'
-  return h, w, bands
-
-
-class _Cache:
-  """``{id: [size, mtime_ns, probe result]}`` of one folder or manifest, as one JSON file."""
-
-  def __init__(self, src: Source):
-    self.path = ''
-    self.entries: dict[str, list[Any]] = {}
-    if not src.cache_dir:
-      return
-    key = hashlib.sha1(f'{src.kind}:{src.location}'.encode()).hexdigest()[:16]
-    self.path = os.path.join(src.cache_dir, f'{key}.json')
-    try:
-      with open(self.path) as f:
-        got = json.load(f)
-      if got.get('location') == src.location:
-        self.entries = got['files']
-    except (OSError, ValueError, KeyError, AttributeError):
-      self.entries = {}
-
-  def save(self, src: Source) -> None:
-    if not self.path:
-      return
-    try:
-      os.makedirs(os.path.dirname(self.path), exist_ok=True)
-      tmp = f'{self.path}.{os.getpid()}.tmp'
-      with open(tmp, 'w') as f:
-        json.dump({'location': src.location, 'files': self.entries}, f)
-      os.replace(tmp, self.path)
-    except OSError as e:  # a read-only cache directory costs only speed
-      logging.warning('Could not write the image index cache %s (%s); set config.data.index_cache '
-                      'to a writable directory.', self.path, e)
-
-
-def _probe_all(src: Source, ids: list[str]) -> list[tuple[int, int, int] | str]:
-  """Probe results for ``ids`` (missing files: 'file not found'), from the cache where the file's
-  size and mtime still match."""
-  cache = _Cache(src)
-  results: list[Any] = [None] * len(ids)
-  todo: list[int] = []
-  stats: list[tuple[int, int] | None] = []
-  for i, rel in enumerate(ids):
-    try:
-      st = os.stat(os.path.join(src.root, rel))
-      stats.append((st.st_size, st.st_mtime_ns))
-    except OSError:
-      stats.append(None)
-      results[i] = 'file not found'
-      continue
-    hit = cache.entries.get(rel)
-    if hit is not None and (hit[0], hit[1]) == stats[i]:
-      results[i] = hit[2] if isinstance(hit[2], str) else tuple(hit[2])
-    else:
-      todo.append(i)
-  if todo:
-    for i, got in zip(todo, _probe_many([os.path.join(src.root, ids[i]) for i in todo])):
-      results[i] = got
-      cache.entries[ids[i]] = [*stats[i], got if isinstance(got, str) else list(got)]
-    cache.save(src)
-  return results
-
-
-def _probe_many(paths: list[str]) -> list[tuple[int, int, int] | str]:
-  """``probe`` of every path: in this process for a few thousand files (header parsing holds the
-  GIL: threads were slower than one loop), in one spawned process per core for more."""
-  main = sys.modules.get('__main__')
-  spawnable = getattr(main, '__spec__', None) is not None or os.path.isfile(
-      getattr(main, '__file__', '') or '')   # a worker re-imports __main__ (not from stdin)
-  if len(paths) < _PARALLEL_FROM or not spawnable:
-    return [probe(p) for p in paths]
-  import multiprocessing
-  workers = min(os.cpu_count() or 1, _MAX_PROBE_PROCESSES)
-  try:
-    with concurrent.futures.ProcessPoolExecutor(
-        workers, mp_context=multiprocessing.get_context('spawn')) as pool:
-      return list(pool.map(probe, paths, chunksize=512))
-  except (OSError, concurrent.futures.process.BrokenProcessPool) as e:
-    logging.warning('Probing image headers in %d processes failed (%s); probing in this one.',
-                    workers, e)
-    return [probe(p) for p in paths]
-
-
 # ---- the index of a split ----
 
 _MEMO: dict[tuple[Source, str, tuple[str, ...]], Split] = {}
@@ -430,7 +301,7 @@ def index(src: Source, split: str, names: tuple[str, ...]) -> Split:
     if key in _MEMO:
       return _MEMO[key]
   ids, labels, skipped = _candidates(src, split, names)
-  probed = _probe_all(src, ids)
+  probed = file_probe.probe_all(src.root, src.kind, src.location, src.cache_dir, ids)
   keep = [i for i, p in enumerate(probed) if not isinstance(p, str)]
   skipped += [(ids[i], p) for i, p in enumerate(probed) if isinstance(p, str)]
   counts = np.bincount([labels[i] for i in keep], minlength=len(names))
