@@ -42,6 +42,15 @@ def get_config() -> ml_collections.ConfigDict:
   # count; a process reads only the slices its rows come from. Multi-host on large data: set it
   # to the host count (or a multiple) so each host reads only its own part of the files.
   c.data.read_shards = 1
+  # Multi-label (tagging): labels are sets of classes. A CSV manifest (config.data.manifest) with
+  # rows path,tag1;tag2[,split], or a tfds dataset whose label feature is a sequence of class
+  # labels. Training uses sigmoid binary cross-entropy; evaluation reports mAP, F1, exact match
+  # and Hamming loss (see config.evaluate.threshold_split and config.loss.pos_weight).
+  c.data.multilabel = False
+  # Class-balanced sampling (single-label): every training example is drawn with probability
+  # proportional to 1 / (its class's count), so each class fills ~1/K of every batch; an "epoch"
+  # stays len(split) examples. Seeded and exactly resumable like the plain stream.
+  c.data.balanced_sampling = False
 
   # ---- model (imgcls_jax/models: every key but 'name' goes to the constructor) ----
   c.model = ml_collections.ConfigDict()
@@ -85,6 +94,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.loss.logit_adjustment = 0.0           # tau > 0: train on logits + tau * log(class prior of the
                                           # training split), predict with the plain logits (Menon et
                                           # al. 2021: aims at balanced accuracy; e.g. 1.0)
+  c.loss.pos_weight = ''                  # multi-label: '' (1), 'balanced' (negatives / positives
+                                          # of each tag in the training split, at most 100) or K
+                                          # comma-separated weights of each tag's positive term,
+                                          # as PyTorch's BCEWithLogitsLoss(pos_weight)
   c.optim = ml_collections.ConfigDict()
   # 'sgd', 'adamw', 'lamb' / 'lars' (large batches), 'muon' (Newton-Schulz-orthogonalised momentum
   # for kernels, Adam for the rest) or 'schedule_free_adamw' (use schedule='constant'; evaluate
@@ -159,6 +172,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.evaluate.calibration_bins = 15        # equal-width confidence bins of the ECE / reliability plot
   c.evaluate.top_confused = 10            # most confused class pairs listed in the report
   c.evaluate.output_dir = ''              # report files; '' = the workdir
+  # Multi-label: the split on which per-class decision thresholds are chosen (best F1 per tag)
+  # at the end of training; saved with the checkpoint and used by evaluate, predict, export and
+  # serve. '' = 0.5 for every tag.
+  c.evaluate.threshold_split = ''
 
   # ---- k-fold cross-validation (imgcls_jax/cross_validation.py) ----
   c.cross_validation = ml_collections.ConfigDict()

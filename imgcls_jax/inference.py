@@ -149,10 +149,16 @@ class Trained:
   variables: state_lib.InferenceState
   step: int
   origin: str
+  thresholds: tuple[float, ...] | None = None   # multi-label: per-class decision thresholds
 
   @property
   def class_names(self) -> tuple[str, ...]:
     return self.info.class_names
+
+  @property
+  def decision_thresholds(self) -> tuple[float, ...]:
+    """Per-class thresholds of a multi-label model (0.5 where the run chose none)."""
+    return self.thresholds or (0.5,) * self.info.num_classes
 
 
 def load(workdir: str, config: ml_collections.ConfigDict | None = None, *, step: int = -1,
@@ -189,9 +195,11 @@ def load(workdir: str, config: ml_collections.ConfigDict | None = None, *, step:
                                kind='Batch statistic')
   logging.debug('Loaded %s: %s on %s (%d classes), input %s.', source.origin, run.model.name,
                info.name, info.num_classes, 'x'.join(map(str, shape)))
+  chosen = (meta.get('thresholds') or {}).get('values')
   return Trained(run=run, info=info, image_shape=shape, native_hw=native,
                  variables=state_lib.InferenceState(params=params, batch_stats=stats),
-                 step=int(meta['step']), origin=source.origin)
+                 step=int(meta['step']), origin=source.origin,
+                 thresholds=tuple(float(t) for t in chosen) if chosen else None)
 
 
 @dataclasses.dataclass
@@ -271,8 +279,19 @@ def classifier(trained: Trained, *, dtype: str = '', max_batch: int = 64) -> Cla
   run.dtype = dtype or run.dtype
   model_fn = models.from_config(run, trained.info.num_classes, trained.image_shape[2])
   return Classifier(trained=trained, model_def=state_lib.model_def(model_fn),
-                    step_cfg=steps.step_config(run, trained.info.num_classes),
+                    step_cfg=steps.step_config(run, trained.info.num_classes,
+                                               multilabel=trained.info.multilabel),
                     variables=jax.device_put(trained.variables), max_batch=max_batch)
+
+
+def tags(probs_K: np.ndarray, class_names: Sequence[str],
+         thresholds: Sequence[float]) -> list[dict[str, Any]]:
+  """A multi-label prediction: the classes whose probability reaches their threshold, most
+  probable first, as ``{'class', 'index', 'probability', 'threshold'}``."""
+  above = [i for i in np.argsort(-probs_K, kind='stable')
+           if np.float32(probs_K[i]) >= np.float32(thresholds[i])]   # the device's rule
+  return [{'class': class_names[i], 'index': int(i), 'probability': float(probs_K[i]),
+           'threshold': float(thresholds[i])} for i in above]
 
 
 def top_k(probs_K: np.ndarray, class_names: Sequence[str], k: int) -> list[dict[str, Any]]:

@@ -133,3 +133,35 @@ def training_curves(records: Sequence[Mapping[str, Any]], path: str,
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
+
+
+_MAX_PR_LABELLED = 20     # beyond this many classes the PR curves are thin and unlabelled
+
+
+def pr_curves(curves: Sequence[Mapping[str, Any]], mean_ap: float, path: str,
+              micro: Mapping[str, Any] | None = None,
+              title: str = 'Precision-recall curves') -> None:
+  """Precision against recall per class (``curves``: ``class``, ``ap``, ``precision``,
+  ``recall``), each labelled with its AP; beyond 20 classes thin unlabelled lines. ``micro`` (the
+  pooled curve, same keys less ``class``) is drawn bold."""
+  fig, ax = plt.subplots(figsize=(6.5, 6))
+  labelled = len(curves) <= _MAX_PR_LABELLED
+  for c in curves:
+    if labelled:
+      ax.step(c['recall'], c['precision'], where='post', lw=1.4,
+              label=f"{c['class']} (AP {c['ap']:.3f})")
+    else:
+      ax.step(c['recall'], c['precision'], where='post', lw=0.5, alpha=0.5, color='tab:blue')
+  if micro is not None:
+    ax.step(micro['recall'], micro['precision'], where='post', lw=2.8, color='black',
+            label=f"micro-average (AP {micro['ap']:.3f})")
+  ax.set_xlim(0, 1)
+  ax.set_ylim(0, 1.01)
+  ax.set_xlabel('recall')
+  ax.set_ylabel('precision')
+  ax.set_title(f'{title}; mAP {mean_ap:.4f}')
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend(fontsize=7, loc='lower left')
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)

@@ -1,4 +1,6 @@
-"""``--mode=predict``: top-k class names and probabilities for image files and folders.
+"""``--mode=predict``: top-k class names and probabilities for image files and folders; for a
+multi-label run also its ``tags``: every class whose probability reaches the threshold the run
+saved for it (chosen on its validation split; 0.5 where none was chosen).
 
   python -m imgcls_jax.main --mode=predict --workdir=RUN \
       --config.predict.inputs=photos/,extra.png [--config.predict.format=csv]
@@ -97,6 +99,9 @@ def predict_files(clf: inference.Classifier, files: list[str], *, top: int = 5,
     probs = clf.predict_arrays(arrays)['probabilities']
     batch = [{'file': p, 'predictions': inference.top_k(pr, clf.class_names, top)}
              for p, pr in zip(paths, probs)]
+    if clf.trained.info.multilabel:
+      for r, pr in zip(batch, probs):
+        r['tags'] = inference.tags(pr, clf.class_names, clf.trained.decision_thresholds)
     if explainer is not None:
       from imgcls_jax import explain
       os.makedirs(explain_dir, exist_ok=True)
@@ -119,10 +124,21 @@ def _unique_png(folder: str, source: str, method: str, used: set[str]) -> str:
 
 
 def write(results: Iterable[dict[str, Any]], out: TextIO, fmt: str) -> None:
-  """JSON lines (one object per image) or CSV (one row per image and rank)."""
+  """JSON lines (one object per image) or CSV (one row per image and rank; multi-label: per
+  image and tag above its threshold, or one row with an empty tag)."""
+  results = list(results)
   if fmt == 'jsonl':
     for r in results:
       out.write(json.dumps(r) + '\n')
+  elif results and 'tags' in results[0]:
+    w = csv.writer(out)
+    w.writerow(['file', 'rank', 'tag', 'index', 'probability', 'threshold'])
+    for r in results:
+      for rank, t in enumerate(r['tags'], 1):
+        w.writerow([r['file'], rank, t['class'], t['index'], f"{t['probability']:.6f}",
+                    f"{t['threshold']:.4f}"])
+      if not r['tags']:
+        w.writerow([r['file'], 0, '', '', '', ''])
   else:
     w = csv.writer(out)
     w.writerow(['file', 'rank', 'class', 'index', 'probability'])

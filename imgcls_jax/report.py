@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from imgcls_jax import roc
+from imgcls_jax import report_multilabel, roc
 
 DEFAULT_CALIBRATION_BINS = 15
 STAT_KEYS = ('loss', 'correct', 'correct_top5', 'count', 'confusion', 'bin_count',
@@ -79,7 +79,7 @@ def add(a: Mapping[str, Any] | None, b: Mapping[str, Any]) -> dict[str, Any]:
 def stats_to_numpy(stats: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """Fetched statistics as float64 / int64 numpy arrays (sums of several runs stay exact)."""
   out = {}
-  for k in STAT_KEYS + tuple(k for k in OPTIONAL_STAT_KEYS if k in stats):
+  for k in stats:
     v = np.asarray(jax.device_get(stats[k]))
     out[k] = v.astype(np.int64) if np.issubdtype(v.dtype, np.integer) else v.astype(np.float64)
   return out
@@ -155,9 +155,12 @@ def most_confused(confusion_KxK: np.ndarray, class_names: Sequence[str],
 
 
 def summarize(stats: Mapping[str, Any], class_names: Sequence[str],
-              top_confused: int = 10) -> dict[str, Any]:
-  """The full report (JSON-ready) from summed ``eval_sums``."""
+              top_confused: int = 10, thresholds: Sequence[float] | None = None) -> dict[str, Any]:
+  """The full report (JSON-ready) from summed ``eval_sums`` (multi-label statistics:
+  ``report_multilabel.summarize`` at ``thresholds``)."""
   s = stats_to_numpy(stats)
+  if 'ml_pos' in s:
+    return report_multilabel.summarize(s, class_names, thresholds)
   cm = s['confusion']
   num_classes = cm.shape[0]
   names = [str(c) for c in class_names]
@@ -242,13 +245,17 @@ def scalars(report: Mapping[str, Any]) -> dict[str, float]:
   return out
 
 
-def training_eval_metrics(stats: Mapping[str, Any]) -> dict[str, Any]:
+def training_eval_metrics(stats: Mapping[str, Any],
+                          thresholds: Sequence[float] | None = None) -> dict[str, Any]:
   """What the training loop logs at each evaluation: the report's scalars plus ``count``.
 
   ``accuracy_top5`` is always present here (1.0 when there are 5 classes or fewer), as the loop
-  prints it.
+  prints it. Multi-label statistics give ``report_multilabel.training_metrics`` instead (at the
+  per-class ``thresholds`` the eval step used; None = 0.5).
   """
   s = stats_to_numpy(stats)
+  if 'ml_pos' in s:
+    return report_multilabel.training_metrics(s, thresholds)
   n = int(s['count'])
   if n == 0:
     return {'loss': float('nan'), 'accuracy': float('nan'), 'accuracy_top5': float('nan'),
@@ -261,6 +268,14 @@ def training_eval_metrics(stats: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # ---- text renderings ----
+
+def eval_line(m: Mapping[str, Any]) -> str:
+  """The training loop's line for one evaluation's metrics (``training_eval_metrics``)."""
+  if 'map' in m:
+    return report_multilabel.eval_line(m)
+  return (f'eval loss {m["loss"]:.4f}, top-1 {m["accuracy"]:.2%}, top-5 '
+          f'{m["accuracy_top5"]:.2%} on {m["count"]} examples')
+
 
 def _pct(x: float | None) -> str:
   return '-' if x is None or (isinstance(x, float) and math.isnan(x)) else f'{100 * x:.2f}%'

@@ -7,10 +7,11 @@ import logging
 import os
 from typing import Any
 
-from imgcls_jax import metrics, plots, report
+from imgcls_jax import metrics, plots, report, report_multilabel
 
 REPORT_FILES = ('report.json', 'report.md', 'confusion_matrix.csv', 'confusion_matrix.png',
                 'reliability.png', 'roc_curves.png')
+MULTILABEL_REPORT_FILES = ('report.json', 'report.md', 'pr_curves.png')
 CURVES_FILE = 'training_curves.png'
 
 
@@ -19,6 +20,24 @@ def write(rep: dict[str, Any], out_dir: str, title: str, metrics_path: str | Non
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, 'report.json'), 'w') as f:
     json.dump(rep, f, indent=1)
+  if rep.get('task') == 'multilabel':
+    _write_multilabel(rep, out_dir, title)
+  else:
+    _write_single_label(rep, out_dir, title)
+  if metrics_path and os.path.exists(metrics_path):
+    plots.training_curves(metrics.read_jsonl(metrics_path), os.path.join(out_dir, CURVES_FILE))
+  else:
+    logging.info('No metrics.jsonl next to the checkpoints: no training-curve plot.')
+
+
+def _write_multilabel(rep: dict[str, Any], out_dir: str, title: str) -> None:
+  with open(os.path.join(out_dir, 'report.md'), 'w') as f:
+    f.write(report_multilabel.to_markdown(rep, title, rep.get('context', {})))
+  plots.pr_curves(rep['pr_curves'], rep['mean_average_precision'] or 0.0,
+                  os.path.join(out_dir, 'pr_curves.png'), micro=rep.get('pr_curve_micro'))
+
+
+def _write_single_label(rep: dict[str, Any], out_dir: str, title: str) -> None:
   with open(os.path.join(out_dir, 'report.md'), 'w') as f:
     f.write(report.to_markdown(rep, title, rep.get('context', {})))
   with open(os.path.join(out_dir, 'confusion_matrix.csv'), 'w') as f:
@@ -30,10 +49,6 @@ def write(rep: dict[str, Any], out_dir: str, title: str, metrics_path: str | Non
   if rep.get('roc_curves'):
     plots.roc_curves(rep['roc_curves'], rep['roc_auc_macro'],
                      os.path.join(out_dir, 'roc_curves.png'))
-  if metrics_path and os.path.exists(metrics_path):
-    plots.training_curves(metrics.read_jsonl(metrics_path), os.path.join(out_dir, CURVES_FILE))
-  else:
-    logging.info('No metrics.jsonl next to the checkpoints: no training-curve plot.')
 
 
 def table_lines(rep: dict[str, Any], title: str, out_dir: str) -> list[str]:
@@ -41,6 +56,12 @@ def table_lines(rep: dict[str, Any], title: str, out_dir: str) -> list[str]:
   ctx = rep.get('context', {})
   lines = [f"{title} (checkpoint {ctx.get('checkpoint_step')}: {ctx.get('checkpoint')}, TTA "
            f"{ctx.get('tta', 'none')})"]
+  if rep.get('task') == 'multilabel':
+    lines += ['  ' + line for line in report_multilabel.headline(rep)]
+    lines += ['  ' + line for line in report_multilabel.class_table(rep, max_rows=20)]
+    lines.append(f'Report: {os.path.join(out_dir, "report.md")} (+ report.json, pr_curves.png, '
+                 'training_curves.png)')
+    return lines
   lines += ['  ' + line for line in report.headline(rep)]
   lines += ['  ' + line for line in report.class_table(rep, max_rows=20)]
   lines += ['  ' + line for line in report.confused_lines(rep)]

@@ -49,12 +49,14 @@ class Setup:
 
 
 def setup(config: ml_collections.ConfigDict, info: DatasetInfo | None = None, *,
-          training: bool = True, steps_per_epoch: int | None = None) -> Setup:
+          training: bool = True, steps_per_epoch: int | None = None,
+          thresholds: tuple[float, ...] | None = None) -> Setup:
   """Validates ``config`` and builds mesh, model definition, step numbers and (when ``training``)
   the optimizer and schedule.
 
   ``info`` describes the dataset (read from ``config.data`` when None); ``steps_per_epoch``
-  overrides the count derived from the training split (synthetic-data benchmarks).
+  overrides the count derived from the training split (synthetic-data benchmarks);
+  ``thresholds`` are a multi-label model's per-class decision thresholds (evaluation).
   """
   configlib.validate(config)
   mesh = sharding.make_mesh(config.mesh.num_devices)
@@ -68,11 +70,15 @@ def setup(config: ml_collections.ConfigDict, info: DatasetInfo | None = None, *,
   placement = sharding.ParamSharding.from_config(config.mesh)
   local_eval_bs = sharding.local_batch_size(config.eval_batch_size, mesh, 'config.eval_batch_size')
   model_fn = models.from_config(config, info.num_classes, info.channels)
+  if info.multilabel:
+    _check_multilabel(config)
   s = Setup(config=config, mesh=mesh, info=info, model_fn=model_fn,
             model_def=state_lib.model_def(model_fn), step_cfg=steps.step_config(
                 config, info.num_classes, probe_head=_probe_head(config, model_fn),
                 class_weights=class_weights(config, info) if training else None,
-                logit_offsets=logit_offsets(config, info) if training else None),
+                logit_offsets=logit_offsets(config, info) if training else None,
+                multilabel=info.multilabel, thresholds=thresholds,
+                pos_weight=pos_weight(config, info) if training else None),
             placement=placement, local_eval_batch_size=local_eval_bs)
   if not training:
     return s
@@ -120,6 +126,50 @@ def class_weights(config: ml_collections.ConfigDict, info: DatasetInfo
   if len(values) != k or any(not v >= 0 for v in values) or not any(values):
     raise UserError(f"config.loss.class_weights={spec!r} must be '', 'balanced' or {k} "
                     'non-negative numbers (one per class, comma-separated), not all zero.')
+  return tuple(values)
+
+
+def _check_multilabel(config: ml_collections.ConfigDict) -> None:
+  """The single-label loss options a multi-label (sigmoid) run cannot use, named."""
+  loss = config.get('loss') or {}
+  for key, off in (('class_weights', ''), ('focal_gamma', 0.0), ('logit_adjustment', 0.0)):
+    value = loss.get(key, off)
+    if value not in (off, None, 0, ''):
+      raise UserError(f'config.loss.{key}={value!r} is a single-label (softmax) option; a '
+                      'multi-label run (config.data.multilabel=True) weighs rare tags with '
+                      "config.loss.pos_weight ('balanced' or one number per tag) instead.")
+
+
+def pos_weight(config: ml_collections.ConfigDict, info: DatasetInfo
+               ) -> tuple[float, ...] | None:
+  """``config.loss.pos_weight`` of a multi-label run resolved to K numbers ('balanced': each
+  tag's negatives / positives in the training split, capped at 100, as PyTorch's BCE
+  ``pos_weight`` is usually set); None = off."""
+  spec = (config.get('loss') or {}).get('pos_weight', '') or ''
+  if isinstance(spec, str) and not spec.strip():
+    return None
+  k = info.num_classes
+  if not info.multilabel:
+    raise UserError(f'config.loss.pos_weight={spec!r} is for multi-label runs '
+                    '(config.data.multilabel=True); use config.loss.class_weights here.')
+  if spec == 'balanced':
+    from imgcls_jax.data import sources
+    split = config.data.train_split
+    counts = sources.class_counts(config.data, split, k).astype(np.float64)
+    n = sources.split_size(config.data, split)
+    if n is None:
+      n = sources.count(sources.read(config.data, split, 0, 1, drop_remainder=False,
+                                     decode=False))
+    weights = np.minimum((n - counts) / np.maximum(counts, 1), 100.0)
+    return tuple(float(w) for w in weights)
+  try:
+    values = ([float(v) for v in spec.split(',')] if isinstance(spec, str)
+              else [float(v) for v in spec])
+  except (TypeError, ValueError):
+    values = []
+  if len(values) != k or any(not v > 0 for v in values):
+    raise UserError(f"config.loss.pos_weight={spec!r} must be '', 'balanced' or {k} positive "
+                    'numbers (one per tag, comma-separated).')
   return tuple(values)
 
 
@@ -276,7 +326,8 @@ class Evaluation:
   def report(self, top_confused: int = 10) -> dict[str, Any]:
     """The full report (``report.summarize``) with what was evaluated as its ``context``."""
     info, cfg = self.trained.info, self.trained.run
-    rep = report.summarize(self.stats, info.class_names, top_confused=top_confused)
+    rep = report.summarize(self.stats, info.class_names, top_confused=top_confused,
+                           thresholds=self.trained.thresholds)
     rep['context'] = {'dataset': self.dataset or info.name, 'split': self.split, 'checkpoint_step': self.step,
                       'checkpoint': self.chosen, 'tta': self.tta or 'none',
                       'model': cfg.model.name, 'workdir': self.workdir}
@@ -310,7 +361,7 @@ def evaluate_checkpoint(workdir: str, config: ml_collections.ConfigDict | None, 
   new_images = _new_image_location(checkpoint.read_config(workdir) or {}, overrides or {})
   split = split or (sources.default_eval_split(cfg.data) if new_images else cfg.data.eval_split)
   check_flips(cfg.data, tta)
-  s = setup(cfg, trained.info, training=False)
+  s = setup(cfg, trained.info, training=False, thresholds=trained.thresholds)
   variables, shardings = place_variables(s, trained.variables)
   eval_step = jit_eval_step(s, shardings, tta=tta, num_bins=num_bins)
   data = pipeline.EvalData(cfg.data, split, local_batch_size=s.local_eval_batch_size,

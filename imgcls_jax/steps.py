@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from imgcls_jax import mixup, report
+from imgcls_jax import mixup, multilabel, report
 from imgcls_jax.state import ModelDef, TrainState
 
 
@@ -37,15 +37,21 @@ class StepConfig:
   class_weights: tuple[float, ...] | None = None   # per-class loss weights (None: all 1)
   focal_gamma: float = 0.0                  # > 0: focal loss
   logit_offsets: tuple[float, ...] | None = None   # added to the logits in the training loss only
+  multilabel: bool = False                  # labels are multi-hot rows: sigmoid + binary CE
+  pos_weight: tuple[float, ...] | None = None      # multi-label: weight of each class's positives
+  thresholds: tuple[float, ...] | None = None      # multi-label: per-class decision thresholds
 
 
 def step_config(config: Any, num_classes: int, *, probe_head: str = '',
                 class_weights: tuple[float, ...] | None = None,
-                logit_offsets: tuple[float, ...] | None = None) -> StepConfig:
-  """The step's numbers from a run's config (``run.setup``; ``class_weights`` and
-  ``logit_offsets`` are resolved there from the training split's class counts)."""
+                logit_offsets: tuple[float, ...] | None = None, multilabel: bool = False,
+                pos_weight: tuple[float, ...] | None = None,
+                thresholds: tuple[float, ...] | None = None) -> StepConfig:
+  """The step's numbers from a run's config (``run.setup``; ``class_weights``, ``logit_offsets``
+  and ``pos_weight`` are resolved there from the training split's class counts)."""
   loss = config.get('loss') or {}
-  return StepConfig(num_classes=num_classes,
+  return StepConfig(num_classes=num_classes, multilabel=multilabel, pos_weight=pos_weight,
+                    thresholds=thresholds,
                     class_weights=class_weights, logit_offsets=logit_offsets,
                     focal_gamma=float(loss.get('focal_gamma', 0.0) or 0.0),
                     label_smoothing=float(config.label_smoothing),
@@ -85,7 +91,11 @@ def normalize(images_BxHxWxC: jax.Array, cfg: StepConfig) -> jax.Array:
 
 
 def targets(labels_B: jax.Array, cfg: StepConfig) -> jax.Array:
-  """Smoothed one-hot targets ``targets_BxK``."""
+  """Smoothed one-hot targets ``targets_BxK`` (multi-label: the multi-hot rows, smoothed as
+  timm's BinaryCrossEntropy does: ``y (1 - s) + s / K``)."""
+  if cfg.multilabel:
+    hot = labels_B.astype(jnp.float32)
+    return hot * (1.0 - cfg.label_smoothing) + cfg.label_smoothing / cfg.num_classes
   onehot = jax.nn.one_hot(labels_B, cfg.num_classes, dtype=jnp.float32)
   return optax.smooth_labels(onehot, cfg.label_smoothing) if cfg.label_smoothing else onehot
 
@@ -93,6 +103,16 @@ def targets(labels_B: jax.Array, cfg: StepConfig) -> jax.Array:
 def cross_entropy(logits_BxK: jax.Array, targets_BxK: jax.Array) -> jax.Array:
   """Per-example softmax cross-entropy ``loss_B`` in f32."""
   return optax.softmax_cross_entropy(logits_BxK.astype(jnp.float32), targets_BxK)
+
+
+def sigmoid_cross_entropy(logits_BxK: jax.Array, targets_BxK: jax.Array,
+                          pos_weight: tuple[float, ...] | None = None) -> jax.Array:
+  """Per-example binary cross-entropy ``loss_B``, the mean over the K classes of
+  ``-(w_k y log s(x) + (1 - y) log s(-x))`` (PyTorch's ``BCEWithLogitsLoss(pos_weight=w)``)."""
+  x = logits_BxK.astype(jnp.float32)
+  w = 1.0 if pos_weight is None else jnp.asarray(pos_weight, jnp.float32)
+  loss = -(w * targets_BxK * jax.nn.log_sigmoid(x) + (1.0 - targets_BxK) * jax.nn.log_sigmoid(-x))
+  return loss.mean(axis=-1)
 
 
 def weighted_loss_terms(logits_BxK: jax.Array, targets_BxK: jax.Array,
@@ -152,9 +172,13 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model_def: Mod
       shifted = logits if cfg.logit_offsets is None else (
           logits.astype(jnp.float32) + jnp.asarray(cfg.logit_offsets, jnp.float32))
       return (weighted_loss_terms(shifted, y, cfg)[0] * w).sum() / loss_norm, (logits, new_stats)
+    if cfg.multilabel:
+      per_example = sigmoid_cross_entropy(logits, y, cfg.pos_weight)
+    else:
+      per_example = cross_entropy(logits, y)
     if 'mask' not in batch and cfg.accumulation == 1:
-      return cross_entropy(logits, y).mean(), (logits, new_stats)
-    return (cross_entropy(logits, y) * w).sum() / count, (logits, new_stats)
+      return per_example.mean(), (logits, new_stats)
+    return (per_example * w).sum() / count, (logits, new_stats)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if cfg.accumulation == 1:
@@ -173,7 +197,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model_def: Mod
     logits = logits_k.swapaxes(0, 1).reshape(-1, logits_k.shape[-1])  # back to batch order
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  correct_B = (jnp.argmax(logits, -1) == batch['label']).astype(jnp.float32)
+  if cfg.multilabel:  # exact match of the tag set at threshold 0.5 (sklearn's subset accuracy)
+    correct_B = jnp.all((logits >= 0) == (batch['label'] > 0), axis=-1).astype(jnp.float32)
+  else:
+    correct_B = (jnp.argmax(logits, -1) == batch['label']).astype(jnp.float32)
   metrics = {
       'loss': loss,
       'accuracy': (correct_B * weights_B).sum() / count,
@@ -230,13 +257,43 @@ def eval_step(variables: Any, batch: dict[str, jax.Array], *, model_def: ModelDe
   """Masked sums over a padded batch: loss, top-1 and top-5 correct, example count, and the
   confusion-matrix and calibration sums of the evaluation report (``report.eval_sums``), of the
   predictions ``log_probs_fn`` makes with test-time augmentation ``tta``."""
+  if cfg.multilabel:
+    return multilabel_eval_sums(variables, batch, model_def=model_def, cfg=cfg, tta=tta)
   log_probs = log_probs_fn(variables, batch['image'], model_def=model_def, cfg=cfg, tta=tta)
   return report.eval_sums(log_probs, batch['label'], batch['mask'], num_bins)
 
 
+def multilabel_eval_sums(variables: Any, batch: dict[str, jax.Array], *, model_def: ModelDef,
+                         cfg: StepConfig, tta: str = '') -> dict[str, jax.Array]:
+  """Multi-label masked sums: binary cross-entropy, count, and ``multilabel.sums`` (per-class
+  score histograms, exact matches at 0.5 and at ``cfg.thresholds``) of the sigmoid
+  probabilities (with ``tta='flip'``: their mean over the image and its mirror image)."""
+  def logits_of(x):
+    return forward(variables.params, variables.batch_stats, x, model_def=model_def,
+                   cfg=cfg).astype(jnp.float32)
+
+  logits = logits_of(batch['image'])
+  y = batch['label'].astype(jnp.float32)
+  mask = batch['mask']
+  if tta == 'flip':
+    probs = 0.5 * (jax.nn.sigmoid(logits) + jax.nn.sigmoid(logits_of(batch['image'][:, :, ::-1])))
+    p = jnp.clip(probs, 1e-7, 1 - 1e-7)
+    loss_B = -(y * jnp.log(p) + (1 - y) * jnp.log1p(-p)).mean(-1)
+  else:
+    probs = jax.nn.sigmoid(logits)
+    loss_B = sigmoid_cross_entropy(logits, y)
+  thresholds = jnp.asarray(cfg.thresholds if cfg.thresholds is not None
+                           else (0.5,) * cfg.num_classes, jnp.float32)
+  return {'loss': jnp.sum(loss_B * mask.astype(jnp.float32)),
+          'count': jnp.sum(mask.astype(jnp.int32)),
+          **multilabel.sums(probs, y, mask, thresholds)}
+
+
 def probabilities(variables: Any, images_BxHxWxC: jax.Array, *, model_def: ModelDef,
                   cfg: StepConfig) -> dict[str, jax.Array]:
-  """``{'probabilities', 'logits'}`` (BxK float32) of uint8 images: what prediction returns."""
+  """``{'probabilities', 'logits'}`` (BxK float32) of uint8 images: what prediction returns
+  (softmax over the classes; multi-label: each class's sigmoid)."""
   logits = forward(variables.params, variables.batch_stats, images_BxHxWxC, model_def=model_def,
                    cfg=cfg).astype(jnp.float32)
-  return {'probabilities': jax.nn.softmax(logits, -1), 'logits': logits}
+  probs = jax.nn.sigmoid(logits) if cfg.multilabel else jax.nn.softmax(logits, -1)
+  return {'probabilities': probs, 'logits': logits}

@@ -6,6 +6,7 @@ steps, logs, evaluates and saves. The loop never blocks on a step: metrics are f
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -16,7 +17,8 @@ import jax
 import ml_collections
 import tqdm
 
-from imgcls_jax import checkpoint, configlib, inference, metrics, preemption, report, run, sharding
+from imgcls_jax import (checkpoint, configlib, inference, metrics, multilabel, preemption, report,
+                        report_multilabel, run, sharding)
 from imgcls_jax import state as state_lib
 from imgcls_jax.data import pipeline
 from imgcls_jax.errors import UserError
@@ -83,8 +85,13 @@ class _Trainer:
     tta = s.config.evaluate.tta if 'evaluate' in s.config else ''
     # With EMA on (and config.ema.inference), evaluations use the averaged weights.
     self.eval_ema = s.step_cfg.ema_decay > 0 and bool(s.config.ema.get('inference', True))
-    self.eval_step = run.jit_eval_step(s, state_sh.ema_variables() if self.eval_ema else state_sh,
-                                       tta=tta)
+    self.eval_sh = state_sh.ema_variables() if self.eval_ema else state_sh
+    self.tta = tta
+    self.eval_step = run.jit_eval_step(s, self.eval_sh, tta=tta)
+    # Multi-label: per-class thresholds chosen on config.evaluate.threshold_split at the end.
+    self.threshold_split = (s.config.evaluate.get('threshold_split', '') or ''
+                            if s.info.multilabel and 'evaluate' in s.config else '')
+    self.thresholds: tuple[float, ...] | None = None
     self.writer, self.bar = writer, bar
     self.last_good = ckpt.latest_step()
     self.log = _TrainLog(writer, bar, s.config.batch_size, self.diverged)
@@ -102,12 +109,33 @@ class _Trainer:
         f'Training diverged: {what} at step {step}; {good}. Lower config.optim.learning_rate or '
         'set config.optim.grad_clip_norm.')
 
-  def evaluate(self) -> dict[str, Any]:
-    """Every example of the eval split once: the report's scalars plus ``count``."""
+  def evaluate(self, final: bool = False) -> dict[str, Any]:
+    """Every example of the eval split once: the report's scalars plus ``count``. At the end of
+    a multi-label run with ``config.evaluate.threshold_split``, the per-class thresholds are
+    first chosen there (best F1 per class) and the eval split is scored with them."""
     variables = self.state.ema_variables() if self.eval_ema else self.state
+    if final and self.threshold_split:
+      self.choose_thresholds(variables)
     sums = run.eval_sums(self.eval_step, variables, self.eval_data.batches(), self.s.mesh,
                          self.eval_data.split)
-    return report.training_eval_metrics(sums)
+    return report.training_eval_metrics(sums, self.thresholds)
+
+  def choose_thresholds(self, variables: Any) -> None:
+    """Per-class thresholds maximising F1 on the threshold split; the eval step then uses them."""
+    c, split = self.s.config, self.threshold_split
+    data = pipeline.EvalData(c.data, split, local_batch_size=self.s.local_eval_batch_size,
+                             process_index=jax.process_index(),
+                             process_count=jax.process_count(),
+                             split_size=self.s.info.num_examples.get(split))
+    sums = report.stats_to_numpy(run.eval_sums(self.eval_step, variables, data.batches(),
+                                               self.s.mesh, split))
+    self.thresholds = tuple(float(t) for t in multilabel.choose_thresholds(sums['ml_pos'],
+                                                                           sums['ml_neg']))
+    logging.info("Per-class thresholds (best F1 on split '%s'): %s.", split, ', '.join(
+        f'{n} {t:.3f}' for n, t in list(zip(self.s.info.class_names, self.thresholds))[:20]))
+    s = dataclasses.replace(self.s, step_cfg=dataclasses.replace(self.s.step_cfg,
+                                                                  thresholds=self.thresholds))
+    self.eval_step = run.jit_eval_step(s, self.eval_sh, tta=self.tta)
 
   def meta(self, step: int) -> dict[str, Any]:
     """JSON saved beside the state: the config, what inference needs, the pipeline's position."""
@@ -117,7 +145,9 @@ class _Trainer:
             'config': configlib.config_dict(c), **self.inference_meta,
             # The training order is a pure function of (seed, step) (data/pipeline.py): the step
             # is the whole position; resuming rebuilds the stream from it.
-            'data_position': {'step': step, 'seed': c.seed, 'examples_seen': step * c.batch_size}}
+            'data_position': {'step': step, 'seed': c.seed, 'examples_seen': step * c.batch_size},
+            **({'thresholds': {'values': list(self.thresholds), 'split': self.threshold_split}}
+               if self.thresholds is not None else {})}
 
   def save(self, step: int, eval_result: dict[str, Any] | None = None) -> None:
     """Starts an async save once every step up to ``step`` is known to be finite."""
@@ -152,13 +182,10 @@ class _Trainer:
       elif done % c.log_every_steps == 0:
         self.log.flush(done, keep_last=True)  # step `done` is still running: read the one before
       if do_eval:
-        eval_metrics = self.evaluate()
+        eval_metrics = self.evaluate(final=done == s.total_steps)
         self.writer.write(done, 'eval', eval_metrics)
         if self.is_main:
-          self.bar.write(f'step {done}: eval loss {eval_metrics["loss"]:.4f}, top-1 '
-                         f'{eval_metrics["accuracy"]:.2%}, top-5 '
-                         f'{eval_metrics["accuracy_top5"]:.2%} on {eval_metrics["count"]} '
-                         'examples')
+          self.bar.write(f'step {done}: {report.eval_line(eval_metrics)}')
       if do_ckpt:
         self.save(done, eval_metrics if do_eval else None)
       self.bar.update(1)
@@ -202,7 +229,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       trainer.save(stopped_at)
       ckpt.wait()
     elif not eval_metrics:  # resumed a finished run: evaluate what is there
-      eval_metrics = trainer.evaluate()
+      eval_metrics = trainer.evaluate(final=True)
   writer.close()
   if stopped_at is not None:
     if is_main:
@@ -210,8 +237,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             f'saved in {ckpt.directory}. To resume, {preemption.resume_hint(workdir)}', flush=True)
     return {'interrupted_at_step': stopped_at}
   if is_main:
-    print(f'Final eval on {config.data.eval_split} ({eval_metrics["count"]} examples): top-1 '
-          f'{eval_metrics["accuracy"]:.2%}, top-5 {eval_metrics["accuracy_top5"]:.2%}, loss '
-          f'{eval_metrics["loss"]:.4f}.\nMetrics: {writer.path}\nTensorBoard: '
+    if 'map' in eval_metrics:  # multi-label
+      headline = report_multilabel.final_line(eval_metrics)
+    else:
+      headline = (f'({eval_metrics["count"]} examples): top-1 {eval_metrics["accuracy"]:.2%}, '
+                  f'top-5 {eval_metrics["accuracy_top5"]:.2%}, loss {eval_metrics["loss"]:.4f}')
+    print(f'Final eval on {config.data.eval_split} {headline}.'
+          f'\nMetrics: {writer.path}\nTensorBoard: '
           f'{os.path.join(workdir, "tensorboard")}\nCheckpoints: {ckpt.directory}', flush=True)
   return eval_metrics

@@ -7,7 +7,9 @@ Three layouts, chosen by ``config.data``:
     split (as Keras' ``validation_split``, but per class); split ``all`` is every image;
   * a CSV manifest (``data.manifest``): rows ``path,label`` or ``path,label,split`` (an optional
     header naming the columns), paths relative to the CSV; without a split column, the hold-out
-    above. Labels are class names (sorted; numerically when all are integers).
+    above. Labels are class names (sorted; numerically when all are integers). With
+    ``data.multilabel`` a row's label is a set of tags, ``tag1;tag2`` (possibly empty; column
+    ``labels`` or ``label``), and the hold-out is stratified by each image's first tag.
 
 Building the index reads only file headers (``file_probe.py``; PIL: size, mode, EXIF orientation): ~9,000-25,000
 files/s per core from the page cache (one process per core past 20,000 files), where decoding
@@ -49,6 +51,7 @@ class Source:
   holdout_fraction: float
   holdout_seed: int
   cache_dir: str             # '' = no cache
+  multilabel: bool = False   # manifest labels are ';'-separated tag sets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,12 +60,12 @@ class Split:
   root: str
   split: str
   paths: tuple[str, ...]                    # absolute, in a fixed shuffled order
-  labels: tuple[int, ...]
+  labels: tuple                            # class index per image; multi-label: a tuple of them
   ids: tuple[str, ...]                      # example ids: paths relative to ``root``
   channels_found: frozenset[int]            # band counts of the images (1 grey ... 4 RGBA)
   sizes_found: frozenset[tuple[int, int]]   # upright (height, width) of the images
   skipped: tuple[tuple[str, str], ...]      # (id, reason)
-  counts: tuple[int, ...]                   # images per class
+  counts: tuple[int, ...]                   # images per class (multi-label: images tagged with it)
 
   def __len__(self) -> int:
     return len(self.paths)
@@ -94,7 +97,7 @@ def source_of(data: ml_collections.ConfigDict) -> Source:
                                                                            _default_cache_dir()))
   common = dict(train_split=data.train_split, eval_split=data.eval_split,
                 holdout_fraction=fraction, holdout_seed=int(data.get('holdout_seed', 0) or 0),
-                cache_dir=cache_dir)
+                cache_dir=cache_dir, multilabel=bool(data.get('multilabel', False)))
   if folder and manifest:
     raise UserError('Both config.data.folder and config.data.manifest are set; set one of them.')
   if manifest:
@@ -103,6 +106,10 @@ def source_of(data: ml_collections.ConfigDict) -> Source:
       raise UserError(f'The manifest {path} (config.data.manifest) does not exist; point it at a '
                       'CSV file of path,label rows.')
     return Source(kind='manifest', location=path, root=os.path.dirname(path), **common)
+  if common['multilabel']:
+    raise UserError('config.data.multilabel=True needs a manifest: set config.data.manifest to a '
+                    'CSV of path,labels rows with the tags separated by ";" (a folder of class '
+                    'directories gives one label per image).')
   if not folder:
     raise UserError("config.data.name is 'image_folder' but neither config.data.folder nor "
                     'config.data.manifest is set; set config.data.folder to the directory holding '
@@ -164,22 +171,28 @@ def _read_manifest(src: Source) -> list[tuple[str, str, str | None]]:
   if not rows:
     raise UserError(f'The manifest {src.location} is empty; write one path,label row per image.')
   header = [x.strip().lower() for x in rows[0]]
-  if 'path' in header and 'label' in header:
-    cols = (header.index('path'), header.index('label'),
+  label_col = 'label' if 'label' in header else 'labels'
+  if 'path' in header and label_col in header:
+    cols = (header.index('path'), header.index(label_col),
             header.index('split') if 'split' in header else None)
     rows, first_line = rows[1:], 2
   else:
     cols, first_line = (0, 1, 2 if len(rows[0]) > 2 else None), 1
   out = []
   for n, row in enumerate(rows, first_line):
-    if len(row) <= max(c for c in cols if c is not None) or not row[cols[0]].strip() or \
-        not row[cols[1]].strip():
+    if len(row) <= max(c for c in cols if c is not None) or not row[cols[0]].strip() or (
+        not row[cols[1]].strip() and not src.multilabel):
       raise UserError(f'Line {n} of the manifest {src.location} is not path,label'
                       f"{',split' if cols[2] is not None else ''} ({','.join(row)[:80]!r}); fix "
                       'or remove it.')
     out.append((row[cols[0]].strip(), row[cols[1]].strip(),
                  row[cols[2]].strip() if cols[2] is not None else None))
   return out
+
+
+def _tags(label: str) -> tuple[str, ...]:
+  """The tags of a multi-label manifest cell ``'a;b'`` (stripped, each once, in order)."""
+  return tuple(dict.fromkeys(t.strip() for t in label.split(';') if t.strip()))
 
 
 def _sort_labels(labels: Iterable[str]) -> tuple[str, ...]:
@@ -194,6 +207,11 @@ def class_names(src: Source) -> tuple[str, ...]:
   if src.kind == 'manifest':
     rows = _read_manifest(src)
     train = [r for r in rows if r[2] in (None, src.train_split) or src.train_split == ALL]
+    if src.multilabel:
+      names = _sort_labels(t for _, label, _ in (train or rows) for t in _tags(label))
+      if not names:
+        raise UserError(f'The manifest {src.location} tags no image; write path,tag1;tag2 rows.')
+      return names
     return _sort_labels(label for _, label, _ in (train or rows))
   where = src.root if src.kind == 'flat' else _split_dir(src, src.train_split)
   names = tuple(_subdirs(where))
@@ -215,7 +233,8 @@ def _holdout(ids: list[str], labels: list[int], src: Source, names: tuple[str, .
     k = int(round(src.holdout_fraction * n))
     if src.holdout_fraction > 0 and n >= 2:
       k = min(max(k, 1), n - 1)
-    rng = np.random.default_rng([src.holdout_seed, zlib.crc32(names[y].encode())])
+    name = names[y] if y >= 0 else ''   # multi-label images without tags form one stratum
+    rng = np.random.default_rng([src.holdout_seed, zlib.crc32(name.encode())])
     held.update(members[j] for j in rng.permutation(n)[:k])
   return held
 
@@ -255,18 +274,22 @@ def _candidates(src: Source, split: str, names: tuple[str, ...],
     for name in _subdirs(split_dir):
       pairs.extend((rel, name) for rel in _walk(os.path.join(split_dir, name),
                                                 os.path.join(split, name)))
-  unknown = sorted({label for _, label in pairs} - set(names))
+  if src.multilabel:
+    tag_pairs = [(rel, _tags(label)) for rel, label in pairs]
+    unknown = sorted({t for _, tags in tag_pairs for t in tags} - set(names))
+  else:
+    unknown = sorted({label for _, label in pairs} - set(names))
   if unknown:
     raise UserError(f"Split '{split}' of {src.location} has classes the model does not know "
                     f"({', '.join(unknown[:5])}); every class must exist in the training data "
                     f"({', '.join(names[:10])}{', ...' if len(names) > 10 else ''}).")
   ids, labels = [], []
-  for rel, label in pairs:
+  for j, (rel, label) in enumerate(pairs):
     if not is_image_file(rel):
       skipped.append((rel, 'not an image file'))
       continue
     ids.append(rel)
-    labels.append(index[label])
+    labels.append(tuple(index[t] for t in tag_pairs[j][1]) if src.multilabel else index[label])
   if needs_holdout and split != ALL:
     if split not in (src.train_split, src.eval_split):
       raise UserError(f"Split '{split}' is neither config.data.train_split "
@@ -276,7 +299,8 @@ def _candidates(src: Source, split: str, names: tuple[str, ...],
       raise UserError(f'{src.location} has no split directories (no {src.root}/{split}/); set '
                       'config.data.holdout_fraction (e.g. 0.2) to hold out part of every class '
                       f"for evaluation, or use split '{ALL}' for every image.")
-    held = _holdout(ids, labels, src, names)
+    strata = [(y[0] if y else -1) if src.multilabel else y for y in labels]
+    held = _holdout(ids, strata, src, names)
     keep = [i for i in range(len(ids)) if (i in held) == (split == src.eval_split)]
     ids, labels = [ids[i] for i in keep], [labels[i] for i in keep]
   return ids, labels, skipped
@@ -304,7 +328,10 @@ def index(src: Source, split: str, names: tuple[str, ...]) -> Split:
   probed = file_probe.probe_all(src.root, src.kind, src.location, src.cache_dir, ids)
   keep = [i for i, p in enumerate(probed) if not isinstance(p, str)]
   skipped += [(ids[i], p) for i, p in enumerate(probed) if isinstance(p, str)]
-  counts = np.bincount([labels[i] for i in keep], minlength=len(names))
+  if src.multilabel:
+    counts = np.bincount([t for i in keep for t in labels[i]], minlength=len(names))
+  else:
+    counts = np.bincount([labels[i] for i in keep], minlength=len(names))
   if not keep:
     raise UserError(f"Split '{split}' of {src.location} has no readable images.")
   if split == src.train_split:
@@ -319,7 +346,7 @@ def index(src: Source, split: str, names: tuple[str, ...]) -> Split:
     more = f' and {len(skipped) - _SHOWN} more' if len(skipped) > _SHOWN else ''
     logging.warning("Image folder %s, split '%s': skipped %d file(s): %s%s.", src.location, split,
                     len(skipped), shown, more)
-  _report_counts(src, split, names, counts)
+  _report_counts(src, split, names, counts, len(keep))
   result = Split(root=src.root, split=split,
                  paths=tuple(os.path.join(src.root, ids[i]) for i in keep),
                  labels=tuple(labels[i] for i in keep), ids=tuple(ids[i] for i in keep),
@@ -331,11 +358,12 @@ def index(src: Source, split: str, names: tuple[str, ...]) -> Split:
   return result
 
 
-def _report_counts(src: Source, split: str, names: tuple[str, ...], counts: np.ndarray) -> None:
+def _report_counts(src: Source, split: str, names: tuple[str, ...], counts: np.ndarray,
+                   images: int) -> None:
   listed = ', '.join(f'{n} {c}' for n, c in zip(names[:20], counts[:20]))
   more = f', ... ({len(names) - 20} more classes)' if len(names) > 20 else ''
-  logging.info("Image folder %s, split '%s': %d images in %d classes: %s%s.", src.location, split,
-               int(counts.sum()), len(names), listed, more)
+  logging.info("Image folder %s, split '%s': %d images in %d %s: %s%s.", src.location, split,
+               images, len(names), 'tags' if src.multilabel else 'classes', listed, more)
   present = counts[counts > 0]
   if split == src.train_split and len(present) > 1 and present.max() > _IMBALANCE * present.min():
     big, small = int(np.argmax(counts)), int(np.argmin(np.where(counts > 0, counts, counts.max())))

@@ -1,5 +1,9 @@
 """Stratified k-fold membership of a tfds split, deterministic for a seed.
 
+Multi-label splits get plain shuffled ``KFold`` folds (documented choice: iterative
+stratification is not in scikit-learn; with thousands of images per tag plain folds keep each
+tag's share within a few per cent).
+
 Examples are named by their tfds id (``ReadConfig(add_tfds_id=True)``), sorted, and assigned to
 folds by ``sklearn.model_selection.StratifiedKFold(k, shuffle=True, random_state=seed)`` on their
 labels: the same split, ``k`` and seed always give the same folds, however the files are read.
@@ -42,20 +46,27 @@ def read_ids_and_labels(data: ml_collections.ConfigDict, split: str) -> tuple[li
   if image_folder.is_folder(data):  # ids are paths relative to the folder / manifest
     src = folder_index.source_of(data)
     indexed = folder_index.index(src, split, folder_index.class_names(src))
-    pairs = sorted(zip(indexed.ids, indexed.labels))
-    return [i for i, _ in pairs], np.array([y for _, y in pairs], np.int64)
+    order = sorted(range(len(indexed)), key=lambda j: indexed.ids[j])
+    labels = image_folder.labels_array(indexed)
+    return [indexed.ids[j] for j in order], labels[order]
   b = sources.builder(data)
   sources.check_split(b, split, data.name)
-  image_key, label_key = sources.supervised_keys(b, data.name)
+  image_key, label_key = sources.supervised_keys(b, data.name, bool(data.get('multilabel', False)))
   ds = b.as_dataset(split=split, shuffle_files=False,
                     read_config=tfds.ReadConfig(try_autocache=False, add_tfds_id=True),
                     decoders={image_key: tfds.decode.SkipDecoding()})
   ds = ds.map(lambda ex: (ex['tfds_id'], ex[label_key]))
-  pairs = sorted((i.decode(), int(y)) for i, y in tfds.as_numpy(ds))
+  pairs = sorted(((i.decode(), np.asarray(y)) for i, y in tfds.as_numpy(ds)), key=lambda p: p[0])
   if len({i for i, _ in pairs}) != len(pairs):
     raise UserError(f"Split '{split}' of '{data.name}' lists some examples twice (overlapping "
                     'parts?); give each example once in config.data.train_split.')
-  return [i for i, _ in pairs], np.array([y for _, y in pairs], np.int64)
+  if data.get('multilabel', False):
+    k = int(sources.label_feature(b, label_key).num_classes)
+    hot = np.zeros((len(pairs), k), np.uint8)
+    for row, (_, tags) in enumerate(pairs):
+      hot[row, np.asarray(tags, np.int64).ravel()] = 1
+    return [i for i, _ in pairs], hot
+  return [i for i, _ in pairs], np.array([int(y) for _, y in pairs], np.int64)
 
 
 def assign(data: ml_collections.ConfigDict, split: str, k: int, seed: int) -> Folds:
@@ -64,6 +75,15 @@ def assign(data: ml_collections.ConfigDict, split: str, k: int, seed: int) -> Fo
   if k < 2:
     raise UserError(f'config.cross_validation.folds={k}: use 0 (off) or at least 2 folds.')
   ids, labels = read_ids_and_labels(data, split)
+  if labels.ndim == 2:  # multi-label: plain shuffled folds (sklearn has no multi-label stratifier)
+    from sklearn.model_selection import KFold
+    if len(ids) < k:
+      raise UserError(f"Split '{split}' has {len(ids)} examples, fewer than "
+                      f'config.cross_validation.folds={k}; use fewer folds.')
+    fold = np.full(len(ids), -1, np.int64)
+    for i, (_, held_out) in enumerate(KFold(k, shuffle=True, random_state=int(seed)).split(ids)):
+      fold[held_out] = i
+    return Folds(split=split, ids=tuple(ids), labels=labels, fold=fold, k=k)
   counts = np.bincount(labels)
   smallest = int(counts[counts > 0].min()) if len(labels) else 0
   if smallest < k:

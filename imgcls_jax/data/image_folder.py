@@ -87,6 +87,20 @@ def decoder(split: folder_index.Split, num_channels: int) -> Callable[[dict], di
   return read
 
 
+def labels_array(split: folder_index.Split, lo: int = 0, hi: int | None = None) -> np.ndarray:
+  """Labels of images ``lo:hi``: int64 class indices, or (multi-label: tuples of tags) uint8
+  multi-hot rows of width K."""
+  labels = split.labels[lo:hi]
+  if labels and isinstance(labels[0], tuple):
+    out = np.zeros((len(labels), len(split.counts)), np.uint8)
+    for row, tags in enumerate(labels):
+      out[row, list(tags)] = 1
+    return out
+  if not labels and split.labels and isinstance(split.labels[0], tuple):
+    return np.zeros((0, len(split.counts)), np.uint8)
+  return np.asarray(labels, np.int64)
+
+
 def dataset(split: folder_index.Split, num_channels: int, *, process_index: int = 0,
             process_count: int = 1, drop_remainder: bool = False,
             decode: bool = True) -> tf.data.Dataset:
@@ -97,7 +111,7 @@ def dataset(split: folder_index.Split, num_channels: int, *, process_index: int 
   ds = tf.data.Dataset.from_tensor_slices({
       'image': tf.constant(list(split.paths[lo:hi]), tf.string),
       'tfds_id': tf.constant(list(split.ids[lo:hi]), tf.string),
-      'label': tf.constant(np.asarray(split.labels[lo:hi], np.int64))})
+      'label': tf.constant(labels_array(split, lo, hi))})
   if not decode:
     return ds
   return ds.map(decoder(split, num_channels), num_parallel_calls=tf.data.AUTOTUNE,

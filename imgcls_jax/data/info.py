@@ -26,6 +26,7 @@ class DatasetInfo:
   image_shape: tuple[int | None, int | None, int]   # H, W, C of decoded images; None where sizes vary
   num_examples: dict[str, int | None]               # per split; None where unknown (mock_data)
   mirror_safe: bool = True                          # False when a horizontal flip changes the label
+  multilabel: bool = False                          # labels are sets of classes (tags), multi-hot
 
   @property
   def channels(self) -> int:
@@ -36,7 +37,8 @@ class DatasetInfo:
     """This description as plain JSON types (lists for tuples)."""
     return {'name': self.name, 'num_classes': self.num_classes,
             'class_names': list(self.class_names), 'image_shape': list(self.image_shape),
-            'num_examples': dict(self.num_examples), 'mirror_safe': self.mirror_safe}
+            'num_examples': dict(self.num_examples), 'mirror_safe': self.mirror_safe,
+            'multilabel': self.multilabel}
 
   @classmethod
   def from_json(cls, d: dict[str, Any]) -> DatasetInfo:
@@ -48,7 +50,8 @@ class DatasetInfo:
                class_names=tuple(str(n) for n in d['class_names']),
                image_shape=(opt_int(h), opt_int(w), int(c)),
                num_examples={str(k): opt_int(v) for k, v in d['num_examples'].items()},
-               mirror_safe=bool(d.get('mirror_safe', True)))
+               mirror_safe=bool(d.get('mirror_safe', True)),
+               multilabel=bool(d.get('multilabel', False)))
 
 
 def check_flips(data: ml_collections.ConfigDict, tta: str = '') -> None:

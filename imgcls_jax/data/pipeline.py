@@ -130,8 +130,12 @@ def _slice_stream(data: ml_collections.ConfigDict, augment: Any, *, decode: bool
                      reshuffle_each_iteration=False)
     return d.enumerate().map(lambda i, ex: (e, i, ex))
 
-  start_epoch, offset = divmod(start_step * chunk, n)
-  ds = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch).skip(offset)
+  if data.get('balanced_sampling', False):
+    ds = _balanced_stream(base, n, seed=seed, shard=shard, buffer=int(data.shuffle_buffer)
+                          ).skip(start_step * chunk)
+  else:
+    start_epoch, offset = divmod(start_step * chunk, n)
+    ds = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch).skip(offset)
   first, last = rows
   if (first, last) != (0, chunk):  # keep only this process's rows before any augmentation work
     def mine(j, _):
@@ -157,6 +161,33 @@ def _slice_stream(data: ml_collections.ConfigDict, augment: Any, *, decode: bool
   ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   check_fixed_size(ds, data, 'train_preprocess')
   return ds.batch(last - first, drop_remainder=True), n
+
+
+def _balanced_stream(base: tf.data.Dataset, n: int, *, seed: int, shard: int,
+                     buffer: int) -> tf.data.Dataset:
+  """Class-balanced ``(epoch, index, example)`` stream: position j draws a class uniformly
+  (stateless, seeded by ``(seed, shard, j)``) and takes the next example of that class's own
+  endless shuffled stream. Positions count "epochs" of ``n`` examples for the augmentation seeds.
+  A pure function of the seed, so a resumed run rebuilds it and skips to its step."""
+  labels = np.concatenate([b for b in base.map(lambda ex: ex['label']).batch(8192)
+                           .as_numpy_iterator()]) if n else np.zeros(0, np.int64)
+  if labels.ndim != 1:
+    raise UserError('config.data.balanced_sampling is for single-label data; for multi-label '
+                    'runs weigh rare tags with config.loss.pos_weight.')
+  present = sorted(int(k) for k in np.unique(labels))
+  streams = [base.filter(lambda ex, k=k: tf.equal(tf.cast(ex['label'], tf.int64), k)).repeat()
+             .shuffle(int(max(1, min(buffer, np.sum(labels == k)))),
+                      seed=(seed * 1_000_003 + k) * 7919 + shard, reshuffle_each_iteration=True)
+             for k in present]
+  key = tf.constant([seed, shard], tf.int64)
+
+  def pick(j):
+    return tf.random.stateless_uniform([], seed=tf.stack([key[0] * 1_000_003 + key[1], j]),
+                                       maxval=len(present), dtype=tf.int64)
+
+  choice = tf.data.Dataset.range(0, 2**62).map(pick)
+  chosen = tf.data.Dataset.choose_from_datasets(streams, choice)
+  return chosen.enumerate().map(lambda j, ex: (j // n, j % n, ex))
 
 
 def _train_row(ex: dict[str, tf.Tensor], image: tf.Tensor | None = None) -> dict[str, tf.Tensor]:

@@ -65,20 +65,49 @@ LOCAL_SOURCES: dict[str, Callable[[tfds.core.DatasetBuilder], str | None]] = {
     'fashion_mnist': _local_fashion_mnist}
 
 
-def supervised_keys(b: tfds.core.DatasetBuilder, name: str) -> tuple[str, str]:
+def _tag_sequence(feature: Any) -> Any:
+  """The ClassLabel inside a ``Sequence(ClassLabel)`` feature (a multi-label one), else None."""
+  inner = getattr(feature, 'feature', None)
+  return inner if (isinstance(feature, tfds.features.Sequence)
+                   and isinstance(inner, tfds.features.ClassLabel)) else None
+
+
+def supervised_keys(b: tfds.core.DatasetBuilder, name: str,
+                    multilabel: bool = False) -> tuple[str, str]:
   """(image feature, label feature): tfds's supervised_keys when they name an Image and a
-  ClassLabel, else ('image', 'label')."""
+  ClassLabel (``multilabel``: a sequence of ClassLabels, e.g. ``labels``), else ('image',
+  'label') / ('image', 'labels')."""
   features = b.info.features
   keys = b.info.supervised_keys
   if not (isinstance(keys, tuple) and len(keys) == 2 and all(isinstance(k, str) for k in keys)):
-    keys = ('image', 'label')
+    keys = ('image', 'labels' if multilabel and 'labels' in features else 'label')
   image, label = keys
-  if (image not in features or label not in features
-      or not isinstance(features[image], tfds.features.Image)
-      or not isinstance(features[label], tfds.features.ClassLabel)):
+  if multilabel and (label not in features or _tag_sequence(features[label]) is None):
+    tagged = [k for k, f in features.items() if _tag_sequence(f) is not None]
+    if tagged:
+      label = tagged[0]
+  listed = ', '.join(features.keys())
+  if image not in features or not isinstance(features[image], tfds.features.Image):
+    raise UserError(f"Dataset '{name}' has no image feature '{image}' (features: {listed}); it is "
+                    'not an image classification dataset.')
+  if multilabel and (label not in features or _tag_sequence(features[label]) is None):
+    raise UserError(f"config.data.multilabel=True but dataset '{name}' has no label feature that "
+                    f'is a sequence of class labels (features: {listed}); set '
+                    'config.data.multilabel=False.')
+  if not multilabel and (label not in features
+                         or not isinstance(features[label], tfds.features.ClassLabel)):
+    if any(_tag_sequence(f) is not None for f in features.values()):
+      raise UserError(f"Dataset '{name}' labels each image with a sequence of classes (features: "
+                      f'{listed}): it is multi-label; set config.data.multilabel=True.')
     raise UserError(f"Dataset '{name}' has no image feature with a class label (features: "
-                    f"{', '.join(features.keys())}); it is not an image classification dataset.")
+                    f'{listed}); it is not an image classification dataset.')
   return image, label
+
+
+def label_feature(b: tfds.core.DatasetBuilder, label_key: str) -> Any:
+  """The ClassLabel of ``label_key`` (of its sequence, for a multi-label feature)."""
+  feature = b.info.features[label_key]
+  return _tag_sequence(feature) or feature
 
 
 def check_split(b: tfds.core.DatasetBuilder, split: str, name: str) -> None:
@@ -102,7 +131,8 @@ def _describe_folder(data: ml_collections.ConfigDict) -> DatasetInfo:
     sizes[spec] = len(s) if '@' not in spec else len(set(s.ids) & set(_ids(spec.split('@', 1)[1])))
   return DatasetInfo(name=dataset_name(data), num_classes=len(names),
                      class_names=names, image_shape=image_folder.image_shape(splits, channels),
-                     num_examples=sizes, mirror_safe=data.name not in NO_FLIP_DATASETS)
+                     num_examples=sizes, mirror_safe=data.name not in NO_FLIP_DATASETS,
+                     multilabel=src.multilabel)
 
 
 def describe(data: ml_collections.ConfigDict) -> DatasetInfo:
@@ -111,8 +141,9 @@ def describe(data: ml_collections.ConfigDict) -> DatasetInfo:
     return _describe_folder(data)
   b = builder(data)
   features = b.info.features
-  image_key, label_key = supervised_keys(b, data.name)
-  label = features[label_key]
+  multilabel = bool(data.get('multilabel', False))
+  image_key, label_key = supervised_keys(b, data.name, multilabel)
+  label = label_feature(b, label_key)
   sizes: dict[str, int | None] = {}
   for split in (data.train_split, data.eval_split):
     try:
@@ -123,7 +154,8 @@ def describe(data: ml_collections.ConfigDict) -> DatasetInfo:
   h, w = (None if d is None else int(d) for d in shape[:2])
   return DatasetInfo(name=data.name, num_classes=int(label.num_classes),
                      class_names=tuple(label.names), image_shape=(h, w, int(shape[-1] or 3)),
-                     num_examples=sizes, mirror_safe=data.name not in NO_FLIP_DATASETS)
+                     num_examples=sizes, mirror_safe=data.name not in NO_FLIP_DATASETS,
+                     multilabel=multilabel)
 
 
 def dataset_name(data: ml_collections.ConfigDict) -> str:
@@ -161,7 +193,8 @@ def split_size(data: ml_collections.ConfigDict, split: str,
 
 
 def class_counts(data: ml_collections.ConfigDict, split: str, num_classes: int) -> np.ndarray:
-  """Examples per class in ``split`` (int64, length ``num_classes``); reads labels only."""
+  """Examples per class in ``split`` (int64, length ``num_classes``; multi-label: examples tagged
+  with each class); reads labels only."""
   if image_folder.is_folder(data) and '@' not in split:
     src = folder_index.source_of(data)
     return np.asarray(folder_index.index(src, split, folder_index.class_names(src)).counts,
@@ -169,13 +202,24 @@ def class_counts(data: ml_collections.ConfigDict, split: str, num_classes: int) 
   ds = read(data, split, 0, 1, drop_remainder=False, decode=not can_defer_decoding(data))
   counts = np.zeros(num_classes, np.int64)
   for labels in ds.map(lambda ex: ex['label']).batch(4096).as_numpy_iterator():
-    counts += np.bincount(labels, minlength=num_classes)[:num_classes]
+    if labels.ndim == 2:  # multi-hot rows
+      counts += labels.astype(np.int64).sum(axis=0)[:num_classes]
+    else:
+      counts += np.bincount(labels, minlength=num_classes)[:num_classes]
   return counts
 
 
-def _selector(image_key: str, label_key: str) -> Any:
+def _selector(image_key: str, label_key: str, tags: int = 0) -> Any:
+  """Example -> ``{'image', 'label'}``; with ``tags`` = K (a tfds sequence of class labels), the
+  label becomes a uint8 multi-hot row of width K."""
   def select(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-    out = {'image': example[image_key], 'label': tf.cast(example[label_key], tf.int32)}
+    label = example[label_key]
+    if tags:
+      hot = tf.reduce_sum(tf.one_hot(tf.reshape(label, [-1]), tags, dtype=tf.int32), axis=0)
+      label = tf.ensure_shape(tf.cast(tf.minimum(hot, 1), tf.uint8), [tags])   # none: all 0
+    else:
+      label = tf.cast(label, tf.int32)
+    out = {'image': example[image_key], 'label': label}
     if 'valid' in example:  # image folders: False where a file failed to decode
       out['valid'] = example['valid']
     return out
@@ -253,11 +297,13 @@ def read(data: ml_collections.ConfigDict, split: str, process_index: int, proces
   split, ids_file = split.split('@', 1) if '@' in split else (split, None)
   if image_folder.is_folder(data):  # its examples always carry 'tfds_id' (the relative path)
     ds = _read_folder(data, split, process_index, process_count, drop_remainder, info, decode)
-    keys = ('image', 'label')
+    keys, tags = ('image', 'label'), 0
   else:
     b = builder(data)
     check_split(b, split, data.name)
-    keys = supervised_keys(b, data.name)
+    multilabel = bool(data.get('multilabel', False))
+    keys = supervised_keys(b, data.name, multilabel)
+    tags = int(label_feature(b, keys[1]).num_classes) if multilabel else 0
     subsplit = tfds.even_splits(split, n=process_count,
                                 drop_remainder=drop_remainder)[process_index]
     ds = b.as_dataset(split=subsplit, shuffle_files=False,
@@ -266,7 +312,7 @@ def read(data: ml_collections.ConfigDict, split: str, process_index: int, proces
                       decoders=None if decode else {keys[0]: tfds.decode.SkipDecoding()})
   if ids_file is not None:
     ds = ds.filter(_only_ids(ids_file))
-  ds = ds.map(_selector(*keys), num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.map(_selector(*keys, tags), num_parallel_calls=tf.data.AUTOTUNE)
   return ds.cache() if data.cache else ds
 
 

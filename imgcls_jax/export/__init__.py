@@ -65,12 +65,25 @@ def compare(reference: dict[str, np.ndarray], other: dict[str, np.ndarray]) -> d
 
 
 def quantization_report(reference: dict[str, np.ndarray], quantized: dict[str, np.ndarray],
-                        labels: np.ndarray | None) -> dict[str, Any]:
-  """Agreement of a quantised model with the float one, and the accuracy drop when labels exist."""
+                        labels: np.ndarray | None,
+                        thresholds: np.ndarray | None = None) -> dict[str, Any]:
+  """Agreement of a quantised model with the float one, and the accuracy drop when labels exist
+  (multi-label, ``thresholds`` given: tag-decision agreement, and accuracy = exact match of the
+  tag sets)."""
   ref, got = reference['probabilities'].argmax(-1), quantized['probabilities'].argmax(-1)
   out: dict[str, Any] = {'examples': int(len(ref)), 'top1_agreement': float(np.mean(ref == got)),
                          'max_abs_prob_diff': float(np.abs(reference['probabilities'] -
                                                            quantized['probabilities']).max())}
+  if thresholds is not None:
+    t = np.asarray(thresholds, np.float32)
+    ref_tags = reference['probabilities'] >= t
+    got_tags = quantized['probabilities'] >= t
+    out['tag_agreement'] = float(np.mean(ref_tags == got_tags))
+    if labels is not None:
+      out['float_accuracy'] = float(np.mean(np.all(ref_tags == (labels > 0), -1)))
+      out['quantized_accuracy'] = float(np.mean(np.all(got_tags == (labels > 0), -1)))
+      out['accuracy_drop'] = out['float_accuracy'] - out['quantized_accuracy']
+    return out
   if labels is not None:
     out['float_accuracy'] = float(np.mean(ref == labels))
     out['quantized_accuracy'] = float(np.mean(got == labels))
@@ -168,6 +181,11 @@ def _write_and_verify(clf: inference.Classifier, cfg: ml_collections.ConfigDict,
   record = {'checkpoint_step': clf.step, 'input': {'name': 'images', 'dtype': 'uint8',
                                                    'shape': [None, *clf.image_shape]},
             'outputs': ['probabilities', 'logits'], 'class_names': list(clf.class_names),
+            # Multi-label: 'probabilities' are per-class sigmoids; a tag applies when its
+            # probability reaches its threshold (chosen on the run's validation split).
+            'task': 'multilabel' if clf.trained.info.multilabel else 'single_label',
+            'thresholds': (list(clf.trained.decision_thresholds)
+                           if clf.trained.info.multilabel else None),
             'compute_dtype': clf.step_cfg.compute_dtype,
             'preprocessing_before_input': clf.run.data.eval_preprocess or 'none',
             'files': files, 'bytes': {f: _size(os.path.join(staging, f)) for f in files},
@@ -217,7 +235,9 @@ def _quantize_and_verify(clf: inference.Classifier, cfg: ml_collections.ConfigDi
   labels = None if samples.labels is None else samples.labels[:n]
   float_out = (reference if len(images) == len(reference['probabilities'])
                else clf.predict_arrays(images))
-  report = quantization_report(float_out, run_tflite(path, images), labels)
+  thresholds = (np.asarray(clf.trained.decision_thresholds) if clf.trained.info.multilabel
+                else None)
+  report = quantization_report(float_out, run_tflite(path, images), labels, thresholds)
   report['source'] = samples.source
   logging.info('%s TFLite vs the float model on %d images: top-1 agreement %.2f%%%s.', quantize,
                len(images), 100 * report['top1_agreement'],

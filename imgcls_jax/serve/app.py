@@ -186,9 +186,12 @@ def create_app(svc: Service) -> fastapi.FastAPI:
   @app.get('/v1/model', summary='Class names, input shape, checkpoint step')
   async def model_info() -> dict[str, Any]:
     c = svc.clf
+    multi = c.trained.info.multilabel
     return {'name': svc.model_name, 'class_names': list(c.class_names),
             'input_shape': list(c.image_shape), 'checkpoint_step': c.step,
-            'max_upload_bytes': int(svc.cfg.max_upload_bytes), 'top_k': int(svc.cfg.top_k)}
+            'max_upload_bytes': int(svc.cfg.max_upload_bytes), 'top_k': int(svc.cfg.top_k),
+            'task': 'multilabel' if multi else 'single_label',
+            'thresholds': list(c.trained.decision_thresholds) if multi else None}
 
   @app.post('/v1/classify', openapi_extra=_IMAGE_BODY,
             summary='Classify one image: the raw bytes as the body, or a multipart file "image"')
@@ -199,8 +202,12 @@ def create_app(svc: Service) -> fastapi.FastAPI:
     image = await _prepare(svc, await _upload(request, svc),
                            'The uploaded file' if multipart else 'The body')
     (out,) = await _classify(svc, [image])
-    return {'predictions': inference.top_k(out['probabilities'], svc.clf.class_names, k),
-            'checkpoint_step': svc.clf.step}
+    answer = {'predictions': inference.top_k(out['probabilities'], svc.clf.class_names, k),
+              'checkpoint_step': svc.clf.step}
+    if svc.clf.trained.info.multilabel:  # the tags above the run's per-class thresholds
+      answer['tags'] = inference.tags(out['probabilities'], svc.clf.class_names,
+                                      svc.clf.trained.decision_thresholds)
+    return answer
 
   # ---- TF-Serving REST API ----
   @app.get('/v1/models/{name}', summary='TF-Serving: model status')

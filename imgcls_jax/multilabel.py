@@ -1,0 +1,259 @@
+"""Multi-label (tagging) evaluation from additive score histograms (exact-once evaluation).
+
+The multi-hot counterpart of ``roc.py``. Per class k, ``sums`` counts the evaluated (example,
+class) pairs whose sigmoid probability falls in each of ``bins`` equal-width bins of [0, 1],
+separately for positive and negative pairs, plus the per-example counts that histograms cannot
+give (exact matches of the whole tag set). Everything adds across batches, devices and processes;
+no per-example scores are kept. The host functions derive from the summed counts:
+
+* average precision per class and its mean (mAP): exactly
+  ``sklearn.metrics.average_precision_score`` of the scores rounded down to their bin; against the
+  raw scores the difference comes only from pairs whose scores share a bin;
+* ROC-AUC (``roc.auc`` of the same histograms);
+* precision / recall / F1 (per class, micro, macro; ``zero_division=0`` as sklearn) and Hamming
+  loss at any per-class thresholds, and the per-class thresholds that maximise F1.
+
+Thresholds are bin edges ``t = j / bins`` (others are snapped to the nearest edge). Bin ``b`` of a
+probability ``p`` is the number of edges ``float32(j / bins)``, 0 < j < bins, with ``p >=`` edge:
+``floor(p * bins)`` corrected by one where float32 rounding of the product crosses an edge (with
+1000 bins it does at 22 edges, e.g. j = 17). So a host threshold ``j / bins``, which counts the
+bins ``>= j``, means exactly ``p >= float32(j / bins)`` on the device, where the exact-match
+counts use it; a threshold of 1 means "never positive" on both sides.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from imgcls_jax import roc
+from imgcls_jax.errors import UserError
+
+DEFAULT_BINS = roc.DEFAULT_BINS
+STAT_KEYS = ('ml_pos', 'ml_neg', 'ml_exact_05', 'ml_exact_thr', 'ml_count')
+_PR_CLASSES = 50   # classes whose precision-recall curves the report keeps (lowest AP first)
+
+
+def bin_index(probs: jax.Array, bins: int = DEFAULT_BINS) -> jax.Array:
+  """The bin (int32, 0 .. bins - 1) of each probability: how many inner edges it reaches."""
+  p = probs.astype(jnp.float32)
+  edges = jnp.asarray(np.arange(bins + 1) / bins, jnp.float32)    # float32(j / bins), j = 0..bins
+  b = jnp.clip(jnp.floor(p * bins), 0, bins - 1).astype(jnp.int32)
+  b = b - (p < edges[b]).astype(jnp.int32) + (p >= edges[b + 1]).astype(jnp.int32)
+  return jnp.clip(b, 0, bins - 1)
+
+
+def _edge_index_device(thresholds_K: jax.Array, bins: int) -> jax.Array:
+  return jnp.clip(jnp.round(thresholds_K.astype(jnp.float32) * bins), 0, bins).astype(jnp.int32)
+
+
+def sums(probs_BxK: jax.Array, targets_BxK: jax.Array, mask_B: jax.Array,
+         thresholds_K: jax.Array | None = None, bins: int = DEFAULT_BINS) -> dict[str, jax.Array]:
+  """Masked additive counts of one (padded) batch; jit-friendly.
+
+  ``targets_BxK`` is multi-hot (positive where > 0.5). ``ml_pos`` / ``ml_neg`` (int32 K x bins):
+  positive / negative pairs by the bin of their probability; ``ml_exact_05`` / ``ml_exact_thr``:
+  examples whose predicted tag set (``p >= threshold``) at 0.5 / at ``thresholds_K`` (default
+  0.5) equals the true set; ``ml_count``: masked examples.
+  """
+  k = probs_BxK.shape[-1]
+  bin_BxK = bin_index(probs_BxK, bins)
+  w_B = mask_B.astype(jnp.int32)
+  true_BxK = targets_BxK > 0.5
+  pos_BxK = true_BxK.astype(jnp.int32) * w_B[:, None]
+  neg_BxK = (~true_BxK).astype(jnp.int32) * w_B[:, None]
+  cls_BxK = jnp.broadcast_to(jnp.arange(k), bin_BxK.shape)
+  zero = jnp.zeros((k, bins), jnp.int32)
+  if thresholds_K is None:
+    thresholds_K = jnp.full((k,), 0.5, jnp.float32)
+  j_K = _edge_index_device(jnp.asarray(thresholds_K), bins)
+  j05 = _edge_index_device(jnp.float32(0.5), bins)
+  exact05_B = jnp.all((bin_BxK >= j05) == true_BxK, axis=-1)
+  exact_B = jnp.all((bin_BxK >= j_K[None, :]) == true_BxK, axis=-1)
+  return {'ml_pos': zero.at[cls_BxK, bin_BxK].add(pos_BxK),
+          'ml_neg': zero.at[cls_BxK, bin_BxK].add(neg_BxK),
+          'ml_exact_05': jnp.sum(exact05_B.astype(jnp.int32) * w_B),
+          'ml_exact_thr': jnp.sum(exact_B.astype(jnp.int32) * w_B),
+          'ml_count': jnp.sum(w_B)}
+
+
+# ----------------------------------------------------------------------------- host side (numpy)
+
+def _hist(pos_KxB: np.ndarray, neg_KxB: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  pos = np.asarray(pos_KxB, np.float64)
+  neg = np.asarray(neg_KxB, np.float64)
+  if pos.ndim != 2 or pos.shape != neg.shape:
+    raise ValueError(f'pos {pos.shape} and neg {neg.shape} must be equal K x bins histograms')
+  return pos, neg
+
+
+def edge_index(thresholds_K: Any, num_classes: int, bins: int) -> np.ndarray:
+  """The nearest bin edge ``j`` (0 .. bins) of each threshold (a scalar applies to every class)."""
+  t = np.asarray(thresholds_K, np.float64)
+  t = np.full(num_classes, t) if t.ndim == 0 else t
+  if t.shape != (num_classes,):
+    raise UserError(f'{t.size} thresholds were given for {num_classes} classes; give one '
+                    'threshold per class (in class order).')
+  if not np.all((t >= 0) & (t <= 1)):
+    raise UserError('Multi-label thresholds must lie in [0, 1]; fix the thresholds given.')
+  # In float32 as on the device, so that both snap even a midway threshold to the same edge.
+  return np.clip(np.rint(t.astype(np.float32) * np.float32(bins)), 0, bins).astype(np.int64)
+
+
+def _at_or_above(h: np.ndarray) -> np.ndarray:
+  """K x (bins + 1): column j = the count in bins >= j (column ``bins`` is 0)."""
+  tail = np.cumsum(h[:, ::-1], axis=1)[:, ::-1]
+  return np.concatenate([tail, np.zeros((len(h), 1))], axis=1)
+
+
+def _div(a: Any, b: Any) -> np.ndarray:
+  """a / b, 0 where b == 0 (sklearn's zero_division=0)."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.divide(a, b, out=np.zeros(np.broadcast(a, b).shape), where=b != 0)
+
+
+def average_precision(pos_KxB: np.ndarray, neg_KxB: np.ndarray) -> np.ndarray:
+  """Average precision per class (NaN where a class has no positives): the mean, over positives,
+  of the precision at the threshold of their bin (sklearn's step-wise AP, ties by bin)."""
+  pos, neg = _hist(pos_KxB, neg_KxB)
+  pos, neg = pos[:, ::-1], neg[:, ::-1]                     # highest bin first
+  tp, fp = np.cumsum(pos, axis=1), np.cumsum(neg, axis=1)
+  total = pos.sum(axis=1)
+  ap = np.sum(pos * _div(tp, tp + fp), axis=1)
+  return np.where(total > 0, ap / np.where(total > 0, total, 1), np.nan)
+
+
+def mean_average_precision(pos_KxB: np.ndarray, neg_KxB: np.ndarray) -> float:
+  """mAP: the mean AP over the classes that have positives (NaN if none has)."""
+  ap = average_precision(pos_KxB, neg_KxB)
+  return float(np.nanmean(ap)) if not np.isnan(ap).all() else float('nan')
+
+
+def at_thresholds(pos_KxB: np.ndarray, neg_KxB: np.ndarray, thresholds_K: Any) -> dict[str, Any]:
+  """Counts and metrics with class k predicted where its bin >= ``j_k`` (``thresholds_K`` snapped
+  to bin edges ``j_k / bins``): per-class ``tp/fp/fn/support/precision/recall/f1`` arrays, their
+  micro and macro averages (macro over all K classes), and the Hamming loss (FP + FN) / (N K)."""
+  pos, neg = _hist(pos_KxB, neg_KxB)
+  k, bins = pos.shape
+  j = edge_index(thresholds_K, k, bins)
+  tp = _at_or_above(pos)[np.arange(k), j]
+  fp = _at_or_above(neg)[np.arange(k), j]
+  support = pos.sum(axis=1)
+  fn = support - tp
+  n = float(pos[0].sum() + neg[0].sum()) if k else 0.0
+  precision, recall, f1 = _div(tp, tp + fp), _div(tp, support), _div(2 * tp, 2 * tp + fp + fn)
+  stp, sfp, sfn = tp.sum(), fp.sum(), fn.sum()
+  return {
+      'thresholds': j / bins, 'tp': tp, 'fp': fp, 'fn': fn, 'support': support,
+      'precision': precision, 'recall': recall, 'f1': f1,
+      'precision_micro': float(_div(stp, stp + sfp)), 'recall_micro': float(_div(stp, stp + sfn)),
+      'f1_micro': float(_div(2 * stp, 2 * stp + sfp + sfn)),
+      'precision_macro': float(precision.mean()), 'recall_macro': float(recall.mean()),
+      'f1_macro': float(f1.mean()),
+      'hamming_loss': float(_div(sfp + sfn, n * k)), 'num_examples': int(n),
+  }
+
+
+def f1_by_threshold(pos_KxB: np.ndarray, neg_KxB: np.ndarray) -> np.ndarray:
+  """K x (bins + 1): F1 of class k with threshold ``j / bins`` in column j (0 without positives)."""
+  pos, neg = _hist(pos_KxB, neg_KxB)
+  tp, fp = _at_or_above(pos), _at_or_above(neg)
+  return _div(2 * tp, tp + fp + pos.sum(axis=1, keepdims=True))   # 2TP / (2TP + FP + FN)
+
+
+def choose_thresholds(pos_KxB: np.ndarray, neg_KxB: np.ndarray) -> np.ndarray:
+  """Per class, the bin edge ``j / bins`` with the highest F1 on these counts (e.g. a validation
+  split); ties go to the edge closest to 0.5 (then the lower one); without positives, 0.5."""
+  pos, _ = _hist(pos_KxB, neg_KxB)
+  bins = pos.shape[1]
+  f1 = f1_by_threshold(pos_KxB, neg_KxB)        # equal rationals divide to equal floats: exact ties
+  j = np.arange(bins + 1)
+  out = np.full(len(f1), 0.5)
+  for c in range(len(f1)):
+    if pos[c].sum() == 0:
+      continue
+    best = j[f1[c] == f1[c].max()]
+    out[c] = best[np.lexsort((best, np.abs(2 * best - bins)))[0]] / bins
+  return out
+
+
+def pr_curves(pos_KxB: np.ndarray, neg_KxB: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(precision, recall), each K x (bins + 1), from the highest threshold (nothing predicted:
+  precision 1, recall 0) down to the lowest (everything predicted). Sum the histograms over
+  classes (``pos.sum(0, keepdims=True)``) for the micro-averaged curve."""
+  pos, neg = _hist(pos_KxB, neg_KxB)
+  tp = np.concatenate([np.zeros((len(pos), 1)), np.cumsum(pos[:, ::-1], axis=1)], axis=1)
+  fp = np.concatenate([np.zeros((len(neg), 1)), np.cumsum(neg[:, ::-1], axis=1)], axis=1)
+  precision = np.where(tp + fp > 0, _div(tp, tp + fp), 1.0)
+  return precision, _div(tp, tp[:, -1:])
+
+
+# ----------------------------------------------------------------------------- the report
+
+def _num(x: Any) -> float | None:
+  x = float(x)
+  return None if np.isnan(x) else x
+
+
+def _summary(m: Mapping[str, Any], exact: float | None) -> dict[str, Any]:
+  return {'precision_micro': m['precision_micro'], 'recall_micro': m['recall_micro'],
+          'f1_micro': m['f1_micro'], 'precision_macro': m['precision_macro'],
+          'recall_macro': m['recall_macro'], 'f1_macro': m['f1_macro'],
+          'exact_match': exact, 'hamming_loss': m['hamming_loss']}
+
+
+def _curve(precision: np.ndarray, recall: np.ndarray) -> dict[str, list[float]]:
+  """The points where a curve turns, rounded to 6 decimals."""
+  pts = np.stack([precision, recall], 1)
+  keep = np.ones(len(pts), bool)
+  keep[1:] = np.any(np.diff(pts, axis=0) != 0, axis=1)
+  return {'precision': [round(float(x), 6) for x in pts[keep, 0]],
+          'recall': [round(float(x), 6) for x in pts[keep, 1]]}
+
+
+def report(sums: Mapping[str, Any], class_names: Sequence[str],
+           thresholds: Any = None) -> dict[str, Any]:
+  """The multi-label report (JSON-ready; None for undefined values) from summed ``sums``.
+
+  ``thresholds`` (per class, default 0.5) must be those the device used for ``ml_exact_thr``.
+  """
+  s = {k: np.asarray(v) for k, v in sums.items()}
+  pos, neg = _hist(s['ml_pos'], s['ml_neg'])
+  k, bins = pos.shape
+  names = [str(c) for c in class_names]
+  if len(names) != k:
+    raise UserError(f'{len(names)} class names were given for {k} classes; give one name per '
+                    'class of the model.')
+  thresholds = 0.5 if thresholds is None else thresholds
+  count = int(s['ml_count'])
+  ap = average_precision(pos, neg)
+  aucs = roc.auc(pos, neg)
+  half, tuned = at_thresholds(pos, neg, 0.5), at_thresholds(pos, neg, thresholds)
+  micro_ap = average_precision(pos.sum(0, keepdims=True), neg.sum(0, keepdims=True))[0]
+  rows = []
+  for i in range(k):
+    rows.append({'class': names[i], 'support': int(half['support'][i]),
+                 'average_precision': _num(ap[i]), 'roc_auc': _num(aucs[i]),
+                 'threshold': float(tuned['thresholds'][i]),
+                 'at_0.5': {m: float(half[m][i]) for m in ('precision', 'recall', 'f1')},
+                 'at_thresholds': {m: float(tuned[m][i]) for m in ('precision', 'recall', 'f1')}})
+  precision, recall = pr_curves(pos, neg)
+  order = [int(i) for i in np.argsort(np.where(np.isnan(ap), np.inf, ap), kind='stable')
+           if not np.isnan(ap[i])][:_PR_CLASSES]
+  mp, mr = pr_curves(pos.sum(0, keepdims=True), neg.sum(0, keepdims=True))
+  return {
+      'num_examples': count, 'num_classes': k, 'class_names': names,
+      'mean_average_precision': _num(mean_average_precision(pos, neg)),
+      'average_precision_micro': _num(micro_ap),
+      'roc_auc_macro': None if np.isnan(aucs).all() else float(np.nanmean(aucs)),
+      'at_0.5': _summary(half, float(s['ml_exact_05']) / count if count else None),
+      'at_thresholds': _summary(tuned, float(s['ml_exact_thr']) / count if count else None),
+      'thresholds': [float(t) for t in tuned['thresholds']],
+      'per_class': rows,
+      'pr_curves': [{'class': names[i], 'ap': float(ap[i]), **_curve(precision[i], recall[i])}
+                    for i in sorted(order)],
+      'pr_curve_micro': ({'ap': float(micro_ap), **_curve(mp[0], mr[0])}
+                         if not np.isnan(micro_ap) else None),
+  }

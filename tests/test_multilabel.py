@@ -1,0 +1,262 @@
+"""Multi-label (tagging) runs: the sigmoid loss against PyTorch, labels from a manifest and from a
+tfds sequence feature, and one run through train -> thresholds -> evaluate -> predict -> export ->
+serve, checked against scikit-learn on the model's own probabilities. Also class-balanced sampling.
+"""
+import csv
+import io
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from imgcls_jax import inference, predict, run, steps, train
+from imgcls_jax.data import folder_index, image_folder, pipeline, sources
+from imgcls_jax.errors import UserError
+from tests.conftest import REPO
+
+TAGS = ('zero', 'one', 'two', 'three', 'four')
+
+
+def _digit_tiles(root, counts=(('train', 480), ('validation', 160), ('test', 160)), seed=0):
+  """16x16 images tiling 1-2 sklearn digits (classes 0-4) on a 2x2 grid; tags = the digits'
+  names. Returns {split: [(relative path, set of tags)]}, written with a manifest.csv."""
+  from sklearn.datasets import load_digits
+  d = load_digits()
+  x = (d.images * 255 / 16).astype(np.uint8)
+  pool = np.flatnonzero(d.target < 5)
+  rng = np.random.default_rng(seed)
+  out, rows = {}, []
+  for split, n in counts:
+    os.makedirs(os.path.join(root, split), exist_ok=True)
+    out[split] = []
+    for i in range(n):
+      img, tags = np.zeros((16, 16), np.uint8), set()
+      for cell in rng.choice(4, rng.integers(1, 3), replace=False):
+        j = rng.choice(pool)
+        r, q = divmod(int(cell), 2)
+        img[r * 8:(r + 1) * 8, q * 8:(q + 1) * 8] = x[j]
+        tags.add(TAGS[d.target[j]])
+      rel = f'{split}/{i:04d}.png'
+      Image.fromarray(img).save(os.path.join(root, rel))
+      out[split].append((rel, tags))
+      rows.append((rel, ';'.join(sorted(tags)), split))
+  with open(os.path.join(root, 'manifest.csv'), 'w', newline='') as f:
+    w = csv.writer(f)
+    w.writerow(['path', 'labels', 'split'])
+    w.writerows(rows)
+  return out
+
+
+def _config(manifest):
+  if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+  from configs import default
+  c = default.get_config()
+  c.data.name = 'image_folder'
+  c.data.manifest = manifest
+  c.data.multilabel = True
+  c.data.train_split, c.data.eval_split = 'train', 'test'
+  c.data.train_preprocess = ''
+  c.evaluate.threshold_split = 'validation'
+  c.label_smoothing = 0.0
+  c.batch_size = c.eval_batch_size = 64
+  c.num_epochs = 30.0
+  c.optim.learning_rate = 0.2
+  c.eval_every_epochs = c.checkpoint_every_epochs = -1.0
+  c.progress_bar = c.tensorboard = False
+  return c
+
+
+@pytest.fixture(scope='module')
+def tagged_run(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp('tiles'))
+  truth = _digit_tiles(root)
+  config = _config(os.path.join(root, 'manifest.csv'))
+  workdir = str(tmp_path_factory.mktemp('tagged_run'))
+  final = train.train_and_evaluate(config, workdir)
+  return config, workdir, root, truth, final
+
+
+def _multi_hot(tag_sets):
+  return np.array([[t in tags for t in TAGS] for tags in tag_sets], np.int64)
+
+
+def test_sigmoid_loss_and_gradient_match_pytorch():
+  torch = pytest.importorskip('torch')
+  rng = np.random.default_rng(0)
+  logits = rng.normal(0, 3, (6, 5)).astype(np.float32)
+  y = (rng.random((6, 5)) < 0.4).astype(np.float32)
+  w = (0.5, 1.0, 2.0, 4.0, 9.0)
+  for pos_weight in (None, w):
+    got = jax.value_and_grad(lambda x: steps.sigmoid_cross_entropy(x, jnp.asarray(y),
+                                                                    pos_weight).mean())(logits)
+    x = torch.tensor(logits, requires_grad=True)
+    ref = torch.nn.BCEWithLogitsLoss(
+        pos_weight=None if pos_weight is None else torch.tensor(w))(x, torch.tensor(y))
+    ref.backward()
+    np.testing.assert_allclose(float(got[0]), float(ref.detach()), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(got[1]), x.grad.numpy(), rtol=1e-5, atol=1e-7)
+  # Without weights the gradient is (sigmoid(x) - y) / (B K): checked against the formula too.
+  g = jax.grad(lambda x: steps.sigmoid_cross_entropy(x, jnp.asarray(y)).mean())(logits)
+  np.testing.assert_allclose(np.asarray(g), (1 / (1 + np.exp(-logits)) - y) / y.size, rtol=1e-5,
+                             atol=1e-7)
+
+
+def test_manifest_tags_become_multi_hot_rows(tmp_path):
+  truth = _digit_tiles(str(tmp_path), counts=(('train', 40), ('test', 12)))
+  c = _config(str(tmp_path / 'manifest.csv'))
+  info = sources.describe(c.data)
+  assert info.multilabel and info.class_names == tuple(sorted(TAGS))
+  names = info.class_names
+  indexed = folder_index.index(folder_index.source_of(c.data), 'test', names)
+  rows = {ex['tfds_id'].decode(): ex['label'] for ex in
+          image_folder.dataset(indexed, 1).as_numpy_iterator()}
+  for rel, tags in truth['test']:
+    assert rows[rel].tolist() == [int(n in tags) for n in names], rel
+  counts = sources.class_counts(c.data, 'train', len(names))
+  assert counts.tolist() == [sum(n in t for _, t in truth['train']) for n in names]
+  # pos_weight='balanced' = negatives / positives of each tag in the training split.
+  c.loss.pos_weight = 'balanced'
+  np.testing.assert_allclose(run.pos_weight(c, info), (40 - counts) / counts)
+  c.loss.pos_weight = ''
+  c.loss.class_weights = 'balanced'
+  with pytest.raises(UserError, match='pos_weight'):
+    run.setup(c, info)
+
+
+def test_a_tfds_sequence_label_is_read_as_multi_hot(tmp_path):
+  import tensorflow_datasets as tfds
+  c = _config('')
+  c.data.name, c.data.manifest = 'voc/2007', None
+  c.data.train_split, c.data.eval_split = 'train', 'test'
+  with tfds.testing.mock_data(num_examples=6):
+    info = sources.describe(c.data)
+    assert info.multilabel and info.num_classes == 20
+    raw = [sorted(set(ex['labels'].tolist())) for ex in
+           tfds.as_numpy(tfds.builder('voc/2007').as_dataset(split='train'))]
+    got = [np.flatnonzero(ex['label']).tolist() for ex in
+           sources.read(c.data, 'train', 0, 1, drop_remainder=False).as_numpy_iterator()]
+    assert got == raw
+    c.data.multilabel = False
+    with pytest.raises(UserError, match='multilabel=True'):
+      sources.describe(c.data)
+
+
+def test_tagged_run_metrics_equal_sklearn_on_the_models_probabilities(tagged_run):
+  from sklearn import metrics as skm
+  config, workdir, root, truth, final = tagged_run
+  trained = inference.load(workdir)
+  clf = inference.classifier(trained)
+  assert trained.thresholds is not None and len(trained.thresholds) == len(TAGS)
+  test = truth['test']
+  images = np.stack([clf.prepare(os.path.join(root, rel)) for rel, _ in test])
+  probs = clf.predict_arrays(images)['probabilities']
+  y = _multi_hot([t for _, t in test])
+  order = [TAGS.index(n) for n in trained.class_names]
+  y = y[:, order]
+  ap = skm.average_precision_score(y, probs, average='macro')
+  assert abs(final['map'] - ap) < 5e-3, (final['map'], ap)       # 1000-bin histograms vs raw
+  pred = (probs >= np.asarray(trained.thresholds, np.float32)).astype(int)
+  for avg in ('micro', 'macro'):
+    assert abs(final[f'f1_{avg}'] - skm.f1_score(y, pred, average=avg, zero_division=0)) < 0.01
+  assert abs(final['accuracy'] - skm.accuracy_score(y, pred)) <= 2 / len(test)
+  assert abs(final['hamming_loss'] - skm.hamming_loss(y, pred)) <= 2 / y.size
+  assert final['map'] > 0.9 and final['accuracy'] > 0.6, final   # it learned the tags
+
+
+def test_evaluate_predict_export_and_serve_a_tagged_run(tagged_run, tmp_path, capsys):
+  from imgcls_jax import evaluate, export, serve
+  config, workdir, root, truth, final = tagged_run
+  rep = evaluate.evaluate(None, workdir, overrides={'evaluate.output_dir': str(tmp_path)})
+  for name in ('report.json', 'report.md', 'pr_curves.png'):
+    assert os.path.getsize(tmp_path / name) > 0, name
+  saved = json.loads((tmp_path / 'report.json').read_text())
+  assert saved['task'] == 'multilabel'
+  for key in ('mean_average_precision', 'at_0.5', 'at_thresholds', 'thresholds', 'per_class'):
+    assert key in saved, key
+  assert abs(saved['mean_average_precision'] - final['map']) < 1e-9
+  assert saved['at_thresholds']['exact_match'] == pytest.approx(final['accuracy'])
+
+  trained = inference.load(workdir)
+  clf = inference.classifier(trained)
+  files = [os.path.join(root, rel) for rel, _ in truth['test'][:16]]
+  results, _ = predict.predict_files(clf, files, top=3)
+  probs = clf.predict_arrays(np.stack([clf.prepare(f) for f in files]))['probabilities']
+  right = 0
+  for r, p, (_, tags) in zip(results, probs, truth['test'][:16]):
+    listed = {t['class'] for t in r['tags']}
+    expected = {n for n, pk, t in zip(trained.class_names, p, trained.thresholds) if pk >= t}
+    assert listed == expected
+    right += listed == tags
+  assert right >= 10, right
+  out = io.StringIO()
+  predict.write(results, out, 'csv')
+  assert out.getvalue().splitlines()[0] == 'file,rank,tag,index,probability,threshold'
+
+  export_dir = str(tmp_path / 'export')
+  record = export.export(None, workdir, overrides={'export.output_dir': export_dir,
+                                                   'export.quantize': ''})
+  assert record['task'] == 'multilabel'
+  assert record['thresholds'] == pytest.approx(list(trained.thresholds))
+  assert record['verification']['saved_model']['max_abs_prob_diff'] < 1e-4
+
+  cfg = config.serve.copy_and_resolve_references()
+  cfg.port = 0
+  srv = serve.make_server(clf, cfg).start()
+  try:
+    import http.client
+    host, port = srv.url.split('//')[1].rsplit(':', 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    with open(files[0], 'rb') as f:
+      conn.request('POST', '/v1/classify', body=f.read())
+    answer = json.loads(conn.getresponse().read())
+    assert [t['class'] for t in answer['tags']] == [t['class'] for t in results[0]['tags']]
+  finally:
+    srv.close()
+
+
+def _imbalanced_folder(root):
+  """Digits PNGs of 3 classes, 120 / 30 / 6 images: a manifest for single-label runs."""
+  from sklearn.datasets import load_digits
+  d = load_digits()
+  x = (d.images * 255 / 16).astype(np.uint8)
+  rows = []
+  for k, n in ((0, 120), (1, 30), (2, 6)):
+    for i, j in enumerate(np.flatnonzero(d.target == k)[:n]):
+      rel = f'{k}_{i}.png'
+      Image.fromarray(x[j]).save(os.path.join(root, rel))
+      rows.append(f'{rel},c{k},train')
+  (root / 'm.csv').write_text('\n'.join(rows) + '\n')
+  return str(root / 'm.csv')
+
+
+def test_balanced_sampling_evens_the_classes_and_resumes_exactly(tmp_path):
+  c = _config(_imbalanced_folder(tmp_path))
+  c.data.multilabel = False
+  c.data.eval_split = 'train'
+  folder_index.clear_memo()
+  plain, _ = pipeline.train_dataset(c.data, seed=0, local_batch_size=32)
+  c.data.balanced_sampling = True
+  ds, per_epoch = pipeline.train_dataset(c.data, seed=0, local_batch_size=32)
+  assert per_epoch == 156
+  it = ds.as_numpy_iterator()
+  batches = [next(it) for _ in range(30)]
+  shares = np.bincount(np.concatenate([b['label'] for b in batches]), minlength=3) / (30 * 32)
+  assert np.all(np.abs(shares - 1 / 3) < 0.06), shares          # 120:30:6 drawn as ~1:1:1
+  it_plain = plain.as_numpy_iterator()
+  plain_shares = np.bincount(np.concatenate([next(it_plain)['label'] for _ in range(30)]),
+                             minlength=3) / (30 * 32)
+  assert plain_shares[0] > 0.7                                  # the plain stream keeps 77%
+  resumed, _ = pipeline.train_dataset(c.data, seed=0, local_batch_size=32, start_step=11)
+  it2 = resumed.as_numpy_iterator()
+  for step in range(11, 30):
+    b = next(it2)
+    np.testing.assert_array_equal(b['image'], batches[step]['image'])
+    np.testing.assert_array_equal(b['label'], batches[step]['label'])
+  other, _ = pipeline.train_dataset(c.data, seed=1, local_batch_size=32)
+  assert not np.array_equal(next(other.as_numpy_iterator())['label'], batches[0]['label'])
