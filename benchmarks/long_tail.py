@@ -1,6 +1,6 @@
 """Long-tailed Fashion-MNIST: does class balancing raise balanced accuracy?
 
-  python -m benchmarks.long_tail [--epochs=20] [--seed=0] [--variants=plain,balanced,focal]
+  python -m benchmarks.long_tail [--epochs=20] [--seed=0] [--variants=plain,balanced,sampling]
 
 The training split is subsampled so that class k keeps ``6000 * 0.5**k`` images (seeded; 6000,
 3000, ..., 11: 1:512 from the largest to the smallest class, 11,985 images), written as an id list
@@ -28,6 +28,7 @@ VARIANTS = {
     'focal': ['--config.loss.focal_gamma=2.0'],
     'balanced_focal': ['--config.loss.class_weights=balanced', '--config.loss.focal_gamma=2.0'],
     'logit_adjusted': ['--config.loss.logit_adjustment=1.0', '--config.label_smoothing=0'],
+    'sampling': ['--config.data.balanced_sampling=True'],
 }
 
 
@@ -51,7 +52,9 @@ def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--epochs', type=float, default=20.0)
   p.add_argument('--seed', type=int, default=0)
-  p.add_argument('--variants', default='plain,balanced,focal,logit_adjusted')
+  p.add_argument('--cpu_devices', type=int, default=1,
+                 help='CPU devices (1: immune to the 2-device collective hang seen under load)')
+  p.add_argument('--variants', default='plain,balanced,sampling,logit_adjusted,focal')
   p.add_argument('--out', default=os.path.join(tempfile.gettempdir(), 'long_tail'))
   args = p.parse_args()
   os.makedirs(args.out, exist_ok=True)
@@ -66,7 +69,8 @@ def main() -> None:
     cmd = [sys.executable, '-m', 'imgcls_jax.main', '--config=configs/fashion_mnist_quick.py',
            f'--workdir={workdir}', f'--config.data.train_split=train@{ids_file}',
            f'--config.num_epochs={args.epochs}', f'--config.seed={args.seed}',
-           '--config.eval_every_epochs=100', *VARIANTS[name]]
+           '--config.eval_every_epochs=100', f'--config.mesh.cpu_devices={args.cpu_devices}',
+           *VARIANTS[name]]
     t = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if proc.returncode:

@@ -6,7 +6,7 @@
 Everything after ``--`` goes to ``python -m imgcls_jax.main`` (run as a child process, so Python,
 JAX and TensorFlow start-up, dataset loading and compilation all count). Each evaluation line the
 run prints is stamped with the seconds since the child started; at the end it prints the time of
-the first evaluation at or above ``--target``, the best accuracy within ``--budget`` seconds, and
+the first evaluation at or above ``--target`` (top-1; for a multi-label run, mAP), the best accuracy within ``--budget`` seconds, and
 the whole run's wall time and CPU time. Use a fresh ``--workdir`` (an existing one resumes).
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ import time
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _EVAL = re.compile(r'step (\d+): eval loss [\d.]+, top-1 ([\d.]+)%')
+_EVAL_MAP = re.compile(r'step (\d+): eval loss [\d.]+, mAP ([\d.]+)')   # multi-label runs
 
 
 def main(argv: list[str]) -> int:
@@ -51,6 +52,9 @@ def main(argv: list[str]) -> int:
     match = _EVAL.search(line)
     if match:
       evals.append((elapsed, int(match.group(1)), float(match.group(2)) / 100.0))
+    elif _EVAL_MAP.search(line):  # the target is then a mAP
+      match = _EVAL_MAP.search(line)
+      evals.append((elapsed, int(match.group(1)), float(match.group(2))))
     sys.stdout.write(f'[{elapsed:7.1f}s] {line}')
     sys.stdout.flush()
   rc = proc.wait()

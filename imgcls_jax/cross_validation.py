@@ -106,18 +106,25 @@ def cross_validate(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
     json.dump(summary, f, indent=1)
   with open(os.path.join(workdir, 'cv_report.md'), 'w') as f:
     f.write(markdown(summary))
-  plots.confusion_matrix(pooled_report['confusion_matrix'], pooled_report['class_names'],
-                         os.path.join(workdir, 'cv_confusion_matrix.png'),
-                         title='Pooled out-of-fold confusion matrix')
-  plots.reliability_diagram(pooled_report['calibration_bins'], pooled_report['ece'],
-                            os.path.join(workdir, 'cv_reliability.png'),
-                            title='Pooled out-of-fold reliability')
+  if pooled_report.get('task') == 'multilabel':  # each fold's exact matches at its thresholds
+    plots.pr_curves(pooled_report['pr_curves'], pooled_report['mean_average_precision'] or 0.0,
+                    os.path.join(workdir, 'cv_pr_curves.png'),
+                    micro=pooled_report.get('pr_curve_micro'),
+                    title='Pooled out-of-fold precision-recall curves')
+  else:
+    plots.confusion_matrix(pooled_report['confusion_matrix'], pooled_report['class_names'],
+                           os.path.join(workdir, 'cv_confusion_matrix.png'),
+                           title='Pooled out-of-fold confusion matrix')
+    plots.reliability_diagram(pooled_report['calibration_bins'], pooled_report['ece'],
+                              os.path.join(workdir, 'cv_reliability.png'),
+                              title='Pooled out-of-fold reliability')
   print('\n'.join(table_lines(summary, workdir)), flush=True)
   return summary
 
 
-_SHOWN = (('accuracy', 'top-1'), ('accuracy_top5', 'top-5'), ('loss', 'loss'),
-          ('f1_macro', 'macro F1'), ('f1_weighted', 'weighted F1'), ('ece', 'ECE'))
+_SHOWN = (('map', 'mAP'), ('accuracy', 'top-1'), ('accuracy_top5', 'top-5'), ('loss', 'loss'),
+          ('f1_macro', 'macro F1'), ('f1_micro', 'micro F1'), ('f1_weighted', 'weighted F1'),
+          ('ece', 'ECE'))
 
 
 def _fmt(key: str, value: float) -> str:
@@ -126,7 +133,8 @@ def _fmt(key: str, value: float) -> str:
 
 def table_lines(summary: dict[str, Any], workdir: str) -> list[str]:
   """The printed summary: one row per fold, then mean +- std."""
-  shown = [(k, n) for k, n in _SHOWN if k in summary['mean']]
+  shown = [(k, 'exact match' if k == 'accuracy' and 'map' in summary['mean'] else n)
+           for k, n in _SHOWN if k in summary['mean']]
   lines = [f"{summary['folds']}-fold cross-validation of {summary['dataset']}:{summary['split']} "
            f"({summary['num_examples']} examples, seed {summary['seed']})",
            '  fold  ' + ''.join(f'{n:>13}' for _, n in shown)]
@@ -135,8 +143,12 @@ def table_lines(summary: dict[str, Any], workdir: str) -> list[str]:
   lines.append('  mean  ' + ''.join(f'{_fmt(k, summary["mean"][k]):>13}' for k, _ in shown))
   lines.append('  +-std ' + ''.join(f'{_fmt(k, summary["std"][k]):>13}' for k, _ in shown))
   p = summary['pooled_out_of_fold']
-  lines.append(f"  pooled out-of-fold: top-1 {100 * p['accuracy']:.2f}%, macro F1 "
-               f"{p['macro_avg']['f1']:.4f}, ECE {p['ece']:.4f} over {p['num_examples']} examples")
+  if p.get('task') == 'multilabel':
+    lines.append(f"  pooled out-of-fold: {report.headline(p)[0]}")
+  else:
+    lines.append(f"  pooled out-of-fold: top-1 {100 * p['accuracy']:.2f}%, macro F1 "
+                 f"{p['macro_avg']['f1']:.4f}, ECE {p['ece']:.4f} over {p['num_examples']} "
+                 'examples')
   lines.append(f"Summary: {os.path.join(workdir, 'cv_report.md')} (+ cv_report.json, "
                f"fold_*/report.md); {summary['wall_time_s']:.0f} s")
   return lines

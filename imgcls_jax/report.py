@@ -237,6 +237,8 @@ SCALAR_KEYS = ('accuracy', 'accuracy_top5', 'loss', 'ece', 'balanced_accuracy', 
 
 def scalars(report: Mapping[str, Any]) -> dict[str, float]:
   """The report's headline numbers as flat scalars (for metrics.jsonl, TensorBoard, CV means)."""
+  if report.get('task') == 'multilabel':
+    return report_multilabel.scalars(report)
   out = {k: float(report[k]) for k in ('accuracy', 'accuracy_top5', 'loss', 'ece',
                                        'balanced_accuracy', 'roc_auc_macro') if k in report}
   for avg in ('macro', 'weighted'):
@@ -283,6 +285,8 @@ def _pct(x: float | None) -> str:
 
 def headline(report: Mapping[str, Any]) -> list[str]:
   """Two or three lines: top-1 / top-5 / loss / ECE and the averages."""
+  if report.get('task') == 'multilabel':
+    return report_multilabel.headline(report)
   top5 = f", top-5 {_pct(report['accuracy_top5'])}" if 'accuracy_top5' in report else ''
   lines = [f"top-1 {_pct(report['accuracy'])}{top5}, loss {report['loss']:.4f}, "
            f"ECE {report['ece']:.4f} ({report['num_examples']} examples)"]

@@ -260,3 +260,24 @@ def test_balanced_sampling_evens_the_classes_and_resumes_exactly(tmp_path):
     np.testing.assert_array_equal(b['label'], batches[step]['label'])
   other, _ = pipeline.train_dataset(c.data, seed=1, local_batch_size=32)
   assert not np.array_equal(next(other.as_numpy_iterator())['label'], batches[0]['label'])
+
+
+def test_multilabel_cross_validation_uses_plain_folds_and_reports_map(tmp_path):
+  from sklearn.model_selection import KFold
+  from imgcls_jax import cross_validation
+  from imgcls_jax.data import folds
+  truth = _digit_tiles(str(tmp_path / 'd'), counts=(('train', 96),))
+  c = _config(str(tmp_path / 'd' / 'manifest.csv'))
+  c.data.eval_split = 'train'
+  c.evaluate.threshold_split = ''
+  c.num_epochs, c.batch_size, c.eval_batch_size = 2.0, 16, 16
+  c.cross_validation.folds = 2
+  assigned = folds.assign(c.data, 'train', 2, seed=0)
+  ids = sorted(rel for rel, _ in truth['train'])
+  assert list(assigned.ids) == ids
+  for i, (_, held) in enumerate(KFold(2, shuffle=True, random_state=0).split(ids)):
+    assert sorted(assigned.held_out(i)) == sorted(ids[j] for j in held)
+  summary = cross_validation.cross_validate(c, str(tmp_path / 'cv'))
+  assert summary['pooled_out_of_fold']['num_examples'] == 96
+  assert 0 < summary['mean']['map'] <= 1
+  assert os.path.getsize(tmp_path / 'cv' / 'cv_pr_curves.png') > 0

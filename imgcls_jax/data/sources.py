@@ -244,7 +244,8 @@ def _folder_split(data: ml_collections.ConfigDict, split: str, info: DatasetInfo
     names, channels = info.class_names, info.channels
   else:
     names = folder_index.class_names(src)
-    channels = image_folder.channels(folder_index.index(src, data.train_split, names))
+    channels = image_folder.channels(folder_index.index(src, data.train_split.split('@')[0],
+                                                        names))
   return folder_index.index(src, split.split('@')[0], names), channels
 
 
