@@ -131,8 +131,8 @@ def _slice_stream(data: ml_collections.ConfigDict, augment: Any, *, decode: bool
     return d.enumerate().map(lambda i, ex: (e, i, ex))
 
   if data.get('balanced_sampling', False):
-    ds = _balanced_stream(base, n, seed=seed, shard=shard, buffer=int(data.shuffle_buffer)
-                          ).skip(start_step * chunk)
+    ds = _balanced_stream(base, n, seed=seed, shard=shard, buffer=int(data.shuffle_buffer),
+                          cache=bool(data.cache)).skip(start_step * chunk)
   else:
     start_epoch, offset = divmod(start_step * chunk, n)
     ds = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch).skip(offset)
@@ -163,19 +163,27 @@ def _slice_stream(data: ml_collections.ConfigDict, augment: Any, *, decode: bool
   return ds.batch(last - first, drop_remainder=True), n
 
 
-def _balanced_stream(base: tf.data.Dataset, n: int, *, seed: int, shard: int,
-                     buffer: int) -> tf.data.Dataset:
+def _balanced_stream(base: tf.data.Dataset, n: int, *, seed: int, shard: int, buffer: int,
+                     cache: bool) -> tf.data.Dataset:
   """Class-balanced ``(epoch, index, example)`` stream: position j draws a class uniformly
   (stateless, seeded by ``(seed, shard, j)``) and takes the next example of that class's own
   endless shuffled stream. Positions count "epochs" of ``n`` examples for the augmentation seeds.
-  A pure function of the seed, so a resumed run rebuilds it and skips to its step."""
+  A pure function of the seed, so a resumed run rebuilds it and skips to its step.
+
+  Each class's stream is the split filtered to that class; with ``cache`` (``data.cache``) the
+  filtered examples are cached, so a rare class costs its own size per pass, not the split's
+  (uncached, a class of n_k examples re-reads the split every n_k draws)."""
   labels = np.concatenate([b for b in base.map(lambda ex: ex['label']).batch(8192)
                            .as_numpy_iterator()]) if n else np.zeros(0, np.int64)
   if labels.ndim != 1:
     raise UserError('config.data.balanced_sampling is for single-label data; for multi-label '
                     'runs weigh rare tags with config.loss.pos_weight.')
   present = sorted(int(k) for k in np.unique(labels))
-  streams = [base.filter(lambda ex, k=k: tf.equal(tf.cast(ex['label'], tf.int64), k)).repeat()
+  def only(k):
+    d = base.filter(lambda ex: tf.equal(tf.cast(ex['label'], tf.int64), k))
+    return d.cache() if cache else d
+
+  streams = [only(k).repeat()
              .shuffle(int(max(1, min(buffer, np.sum(labels == k)))),
                       seed=(seed * 1_000_003 + k) * 7919 + shard, reshuffle_each_iteration=True)
              for k in present]
