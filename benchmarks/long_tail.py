@@ -29,6 +29,8 @@ VARIANTS = {
     'balanced_focal': ['--config.loss.class_weights=balanced', '--config.loss.focal_gamma=2.0'],
     'logit_adjusted': ['--config.loss.logit_adjustment=1.0', '--config.label_smoothing=0'],
     'sampling': ['--config.data.balanced_sampling=True'],
+    'plain_ls0': ['--config.label_smoothing=0'],          # the baselines of logit_adjusted
+    'balanced_ls0': ['--config.loss.class_weights=balanced', '--config.label_smoothing=0'],
 }
 
 

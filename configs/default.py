@@ -29,8 +29,13 @@ def get_config() -> ml_collections.ConfigDict:
   # magnitude, ...), trivial_augment_wide(num_bins, fill, ops); e.g. 'rotate(degrees=15)'.
   c.data.train_preprocess = 'pad_crop(pad=1)'     # never flip digits: it changes their meaning
   c.data.eval_preprocess = ''             # e.g. 'center_crop(size=224)' for large images
-  # Augmentation inside the jitted train step, after train_preprocess: '' or 'flip_lr' (a random
-  # horizontal flip per example, keyed by (seed, step)); saves the host the per-example work.
+  # Augmentation inside the jitted train step, after train_preprocess (imgcls_jax/device_augment.py;
+  # saves the host the per-example work), ops joined by '|': 'flip_lr' (a random horizontal flip
+  # per example, keyed by (seed, step)), 'flip_alternate' (derandomized: each example mirrored in
+  # alternate epochs, from a per-example coin keyed by (seed, its pixels); use it with a
+  # deterministic train_preprocess), 'translate(pad=2)' (a random shift by -2..2 pixels per axis
+  # and example, keyed by (seed, step); the uncovered border black, or mirrored with
+  # mode=reflect). E.g. 'flip_alternate|translate(pad=2)'; '' = none.
   c.data.device_preprocess = ''
   c.data.mean = (0.5,)                    # per-channel mean / std in [0, 1] units, applied on device
   c.data.std = (0.5,)
@@ -118,6 +123,32 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.muon_beta = 0.95                # muon: momentum of the orthogonalised kernels
   c.optim.weight_decay = 5e-4             # on kernels only (not biases or norm parameters)
   c.optim.grad_clip_norm = 0.0            # global-norm clipping when > 0
+  # Per-group learning rates (all but schedule_free_adamw): the rate of the parameters of
+  # normalisation layers (BatchNorm / LayerNorm scale and bias) and of the other biases, as a
+  # multiple of the schedule's. Weight decay stays on kernels only. airbench trains BN biases at a
+  # higher rate. 1.0 = the same rate.
+  c.optim.norm_lr_factor = 1.0
+  c.optim.bias_lr_factor = 1.0
+  # Lookahead (Zhang et al. 2019; airbench): every sync_period steps the slow weights move alpha
+  # of the way to the fast (trained) ones and training continues from them; composes with every
+  # optimizer but schedule_free_adamw. The slow weights are checkpointed with the optimizer state;
+  # evaluations use the current weights (equal to the slow ones right after a sync).
+  c.optim.lookahead = ml_collections.ConfigDict()
+  c.optim.lookahead.sync_period = 0       # 0 = off; e.g. 5
+  c.optim.lookahead.alpha = 0.5           # slow step size in (0, 1]
+
+  # ---- initialisation (imgcls_jax/whitening.py) ----
+  c.init = ml_collections.ConfigDict()
+  # Patch whitening (airbench): the first convolution's filters are the eigenvectors of the
+  # covariance of its input patches in the first whitening_examples training images, scaled to
+  # whiten them (1 / sqrt(eigenvalue + whitening_eps)); with whitening_negatives also their
+  # negatives (v1, -v1, v2, -v2, ...; extra output channels keep their random init). Models cnn
+  # and fast_cnn; a fresh run only (a resumed run keeps its weights).
+  c.init.patch_whitening = False
+  c.init.whitening_examples = 5000
+  c.init.whitening_eps = 5e-4
+  c.init.whitening_negatives = True
+  c.init.freeze_whitening = False         # True: the whitening layer never trains (zero updates)
 
   # ---- weight EMA (imgcls_jax/steps.py): an exponential moving average of the weights ----
   c.ema = ml_collections.ConfigDict()
@@ -135,6 +166,18 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = -1           # ... or in steps (> 0 overrides); always at the end
   c.keep_checkpoints = 3                  # newest checkpoints kept
   c.progress_bar = True                   # tqdm bar with img/s and ETA (process 0, a terminal)
+  # Train steps per jitted call (imgcls_jax/dispatch.py): k > 1 places k batches at once and runs
+  # k steps with lax.scan: the same steps and per-step metrics, less Python / dispatch work per
+  # step (small models). Groups never cross an evaluation or checkpoint (choose k dividing their
+  # periods); train metrics may be logged up to k - 1 steps later than with 1.
+  c.steps_per_dispatch = 1
+  c.eval_subset = 0                       # > 0: evaluations before the final one use only the
+                                          # first N eval examples (rounded up to whole eval
+                                          # batches); the final evaluation is always complete
+  # JAX's persistent compilation cache: '' (off), 'default' ($IMGCLS_JAX_CACHE_DIR/jax_cache,
+  # else ~/.cache/imgcls_jax/jax_cache) or a directory. A rerun then loads its compiled programs
+  # instead of compiling them (seconds of start-up on a CPU); results are the same.
+  c.compilation_cache_dir = ''
   c.tensorboard = True                    # TensorBoard event files in <workdir>/tensorboard
 
   # ---- devices (imgcls_jax/sharding.py) ----
@@ -166,9 +209,12 @@ def get_config() -> ml_collections.ConfigDict:
                                           # without metrics: highest eval top-1 in metrics.jsonl;
                                           # else the latest), 'latest', or a step number
   c.evaluate.split = ''                   # tfds split to evaluate; '' = data.eval_split
-  c.evaluate.tta = ''                     # test-time augmentation: '' (none) or 'flip' (average
-                                          # the probabilities of the image and its mirror image);
-                                          # applies to the evaluations during training too
+  c.evaluate.tta = ''                     # test-time augmentation: '' (none), 'flip' (average
+                                          # the probabilities of the image and its mirror image)
+                                          # or 'flip_translate' (airbench, single-label: the image
+                                          # and its mirror 1/4 each, their 1-pixel shifts down-
+                                          # right and up-left 1/8 each); applies to the
+                                          # evaluations during training too
   c.evaluate.calibration_bins = 15        # equal-width confidence bins of the ECE / reliability plot
   c.evaluate.top_confused = 10            # most confused class pairs listed in the report
   c.evaluate.output_dir = ''              # report files; '' = the workdir

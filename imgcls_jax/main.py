@@ -20,6 +20,8 @@ os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')  # quieter, and deterministi
 from absl import flags
 from ml_collections import config_flags
 
+from imgcls_jax import startup
+
 # --mode name -> (module, function). 'train' runs k-fold cross-validation when
 # config.cross_validation.folds > 0, else one run. The modes of a trained run are called as
 # fn(config, workdir, overrides=...) with the keys given on the command line; train as
@@ -141,6 +143,7 @@ def run(argv: list[str] | None = None) -> int:
     config, workdir, mode = parse(argv)
     from imgcls_jax import distributed, sharding
     sharding.request_cpu_devices(int(config.mesh.get('cpu_devices', 0)))  # before any JAX op
+    startup.enable_compilation_cache(config.get('compilation_cache_dir', ''))  # before compiling
     if distributed.requested(config):  # before anything touches a device
       distributed.initialize(config.distributed)
     if mode == 'train' and config.get('cross_validation') and config.cross_validation.folds > 0:

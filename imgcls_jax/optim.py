@@ -6,12 +6,15 @@
   * ``layer_decay`` < 1 trains a parameter at depth ``d`` at ``layer_decay ** (L - d)`` x the rate
     (stem 0, each block +1, head ``L``); each model family gives its depths
     (``imgcls_jax.models.layer_depths``).
+Also per-group learning rates (normalisation parameters, biases), frozen parameters by name and
+Lookahead (``config.optim.lookahead``).
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 import optax.contrib
@@ -62,31 +65,57 @@ def decay_mask(params: Any) -> Any:
 
 def build(cfg: ml_collections.ConfigDict, lr: optax.Schedule,
           transfer: ml_collections.ConfigDict | None = None, *,
-          layer_depths: LayerDepths | None = None) -> optax.GradientTransformation:
+          layer_depths: LayerDepths | None = None, norm_names: frozenset[str] = frozenset(),
+          frozen: frozenset[str] = frozenset()) -> optax.GradientTransformation:
   """The optimizer ``cfg.name`` (see ``_base``) with weight decay on kernels only.
 
-  ``transfer`` (``config.transfer``) adds layer-wise learning-rate decay (by the model family's
-  ``layer_depths`` rule) and, for a linear probe, freezes everything but the head; without it, or
-  with its defaults, the optimizer is unchanged.
+  ``cfg.norm_lr_factor`` / ``cfg.bias_lr_factor`` scale the learning rate of normalisation-layer
+  parameters (``norm_names``) / of the other biases; ``transfer`` (``config.transfer``) adds
+  layer-wise learning-rate decay (by the model family's ``layer_depths`` rule) and, for a linear
+  probe, freezes everything but the head; the parameters named in ``frozen`` get zero updates
+  (e.g. a frozen patch-whitening layer); ``cfg.lookahead.sync_period`` > 0 wraps it all in
+  Lookahead. With the defaults the optimizer is ``_base`` unchanged.
   """
   tx = _base(cfg, lr)
-  if transfer is None:
-    return tx
-  validate_transfer(transfer)
-  if transfer.layer_decay != 1.0:
+  norm_f, bias_f = float(cfg.get('norm_lr_factor', 1.0)), float(cfg.get('bias_lr_factor', 1.0))
+  if norm_f != 1.0 or bias_f != 1.0:
+    if not (norm_f >= 0 and bias_f >= 0):
+      raise UserError(f'config.optim.norm_lr_factor={norm_f} and bias_lr_factor={bias_f} must be '
+                      '>= 0 (1.0 = the base learning rate).')
     if cfg.name == 'schedule_free_adamw':
-      raise UserError('config.transfer.layer_decay cannot be combined with schedule_free_adamw '
-                      '(its update is not linear in the learning rate); set layer_decay=1.0.')
-    if layer_depths is None:
-      raise UserError('config.transfer.layer_decay needs the model family\'s layer-depth rule; '
-                      'set layer_decay=1.0 for this model.')
-    # The update is linear in the learning rate (all but schedule-free), so scaling the final
-    # update of a leaf is exactly training that leaf at a scaled learning rate.
-    decay = float(transfer.layer_decay)
-    tx = optax.chain(tx, scale_by_tree(lambda t: lr_factors(t, decay, layer_depths)))
-  if transfer.mode == 'linear_probe':
+      raise UserError('config.optim.norm_lr_factor / bias_lr_factor cannot be combined with '
+                      'schedule_free_adamw (its update is not linear in the learning rate); set '
+                      'them to 1.0.')
+    # As for layer decay: scaling a leaf's final update = training it at a scaled learning rate.
+    tx = optax.chain(tx, scale_by_tree(lambda t: group_factors(t, norm_names, norm_f, bias_f)))
+  probe = False
+  if transfer is not None:
+    validate_transfer(transfer)
+    probe = transfer.mode == 'linear_probe'
+    if transfer.layer_decay != 1.0:
+      if cfg.name == 'schedule_free_adamw':
+        raise UserError('config.transfer.layer_decay cannot be combined with schedule_free_adamw '
+                        '(its update is not linear in the learning rate); set layer_decay=1.0.')
+      if layer_depths is None:
+        raise UserError('config.transfer.layer_decay needs the model family\'s layer-depth rule; '
+                        'set layer_decay=1.0 for this model.')
+      # The update is linear in the learning rate (all but schedule-free), so scaling the final
+      # update of a leaf is exactly training that leaf at a scaled learning rate.
+      decay = float(transfer.layer_decay)
+      tx = optax.chain(tx, scale_by_tree(lambda t: lr_factors(t, decay, layer_depths)))
+  if probe or frozen:
     tx = optax.partition({'trainable': tx, 'frozen': optax.set_to_zero()},
-                         lambda t: trainable_labels(t, transfer))
+                         lambda t: trainable_labels(t, transfer if probe else None, frozen))
+  la = cfg.get('lookahead')
+  if la is not None and int(la.get('sync_period', 0) or 0) > 0:
+    period, alpha = int(la.sync_period), float(la.alpha)
+    if not 0.0 < alpha <= 1.0:
+      raise UserError(f'config.optim.lookahead.alpha={alpha} must be in (0, 1] (the slow weights '
+                      'move this fraction of the way to the fast ones at every sync; e.g. 0.5).')
+    if cfg.name == 'schedule_free_adamw':
+      raise UserError('config.optim.lookahead cannot be combined with schedule_free_adamw (its '
+                      'weights are already an average); set lookahead.sync_period=0.')
+    tx = optax.chain(tx, lookahead(period, alpha))
   return tx
 
 
@@ -202,12 +231,26 @@ def in_head(name: str, head: str) -> bool:
   return name == head or name.startswith(head + '.')
 
 
-def trainable_labels(tree: Any, cfg: ml_collections.ConfigDict) -> Any:
-  """``'trainable'`` / ``'frozen'`` per leaf: in linear_probe only the head trains."""
-  head = head_name(weights.flatten(tree), cfg)
-  probe = cfg.mode == 'linear_probe'
+def trainable_labels(tree: Any, cfg: ml_collections.ConfigDict | None,
+                     frozen: frozenset[str] = frozenset()) -> Any:
+  """``'trainable'`` / ``'frozen'`` per leaf: in linear_probe (``cfg``) only the head trains; the
+  leaves named in ``frozen`` never do."""
+  probe = cfg is not None and cfg.mode == 'linear_probe'
+  head = head_name(weights.flatten(tree), cfg) if probe else ''
   return weights.map_named(
-      lambda n, _: 'trainable' if not probe or in_head(n, head) else 'frozen', tree)
+      lambda n, _: 'frozen' if n in frozen or (probe and not in_head(n, head)) else 'trainable',
+      tree)
+
+
+def group_factors(tree: Any, norm_names: frozenset[str], norm_factor: float,
+                  bias_factor: float) -> Any:
+  """Per-leaf learning-rate multipliers: ``norm_factor`` for normalisation-layer parameters,
+  ``bias_factor`` for the other biases, 1 elsewhere."""
+  def factor(name: str, _: Any) -> float:
+    if name in norm_names:
+      return norm_factor
+    return bias_factor if name.rsplit('.', 1)[-1] == 'bias' else 1.0
+  return weights.map_named(factor, tree)
 
 
 def lr_factors(tree: Any, decay: float, layer_depths: LayerDepths) -> Any:
@@ -226,5 +269,34 @@ def scale_by_tree(factors_fn: Callable[[Any], Any]) -> optax.GradientTransformat
     del params
     factors = factors_fn(updates)
     return jax.tree.map(lambda u, f: u * f, updates, factors), state
+
+  return optax.GradientTransformation(init, update)
+
+
+# ------------------------------------------------------------------------------- lookahead
+
+class LookaheadState(NamedTuple):
+  slow: Any                # the slow weights
+  count: jax.Array         # int32: steps since the last synchronisation
+
+
+def lookahead(sync_period: int, alpha: float) -> optax.GradientTransformation:
+  """Lookahead (Zhang et al. 2019; airbench's weight averaging with reset), chained after the
+  optimizer: every ``sync_period``-th step the slow weights move ``alpha`` of the way to the fast
+  ones (after that step's update) and the fast weights are set to them. Same arithmetic as
+  ``optax.lookahead``, but the parameters stay the fast weights (no ``LookaheadParams``) and the
+  slow ones live in the optimizer state (checkpointed with it). A leaf whose updates are zero
+  (frozen) stays bit-identical."""
+  def init(params):
+    return LookaheadState(slow=jax.tree.map(jnp.copy, params), count=jnp.zeros((), jnp.int32))
+
+  def update(updates, state, params=None):
+    if params is None:
+      raise ValueError('lookahead needs the parameters')
+    sync = state.count == sync_period - 1
+    diff = jax.tree.map(lambda f, u, s: f + u - s, params, updates, state.slow)
+    updates = jax.tree.map(lambda u, d: jnp.where(sync, u - (1 - alpha) * d, u), updates, diff)
+    slow = jax.tree.map(lambda s, d: jnp.where(sync, s + alpha * d, s), state.slow, diff)
+    return updates, LookaheadState(slow=slow, count=(state.count + 1) % sync_period)
 
   return optax.GradientTransformation(init, update)

@@ -19,8 +19,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from imgcls_jax import (checkpoint, configlib, inference, metrics, models, optim, report, sharding,
-                        steps, weights)
+from imgcls_jax import (checkpoint, configlib, device_augment, dispatch, inference, metrics, models,
+                        optim, report, sharding, steps, weights, whitening)
 from imgcls_jax import state as state_lib
 from imgcls_jax.data.info import DatasetInfo, check_flips
 from imgcls_jax.errors import UserError
@@ -46,6 +46,7 @@ class Setup:
   steps_per_epoch: int | None = None
   total_steps: int | None = None
   local_batch_size: int | None = None
+  steps_per_dispatch: int = 1         # train steps per jitted call (config.steps_per_dispatch)
 
 
 def setup(config: ml_collections.ConfigDict, info: DatasetInfo | None = None, *,
@@ -84,6 +85,7 @@ def setup(config: ml_collections.ConfigDict, info: DatasetInfo | None = None, *,
     return s
   s.local_batch_size = sharding.local_batch_size(config.batch_size, mesh)
   _check_ema_and_accumulation(config, s.step_cfg, mesh.devices.size)
+  n_local = None
   if steps_per_epoch is None:
     from imgcls_jax.data import pipeline
     n_local = pipeline.examples_per_process(config.data, config.data.train_split,
@@ -91,11 +93,21 @@ def setup(config: ml_collections.ConfigDict, info: DatasetInfo | None = None, *,
     steps_per_epoch = max(1, n_local // s.local_batch_size)
   s.steps_per_epoch = steps_per_epoch
   s.total_steps = configlib.train_steps(config, steps_per_epoch)
+  s.steps_per_dispatch = dispatch.steps_per_dispatch(config)
+  if any(op[0] == 'flip_alternate' for op in s.step_cfg.device_ops):  # rows -> epochs
+    from imgcls_jax.data import pipeline
+    s.step_cfg = dataclasses.replace(s.step_cfg, **device_augment.epoch_layout(
+        config.batch_size, pipeline.read_shards(config.data), jax.process_count(),
+        n_local if n_local is not None else s.steps_per_epoch * s.local_batch_size))
   warmup = configlib.steps_from(config, 'optim.warmup', steps_per_epoch)
   s.lr_schedule = optim.schedule(config.optim, batch_size=config.batch_size,
                                  total_steps=s.total_steps, warmup_steps=warmup)
+  groups = (config.optim.get('norm_lr_factor', 1.0), config.optim.get('bias_lr_factor', 1.0))
   s.tx = optim.build(config.optim, s.lr_schedule, config.get('transfer'),
-                     layer_depths=functools.partial(models.layer_depths, config.model.name))
+                     layer_depths=functools.partial(models.layer_depths, config.model.name),
+                     norm_names=(state_lib.norm_param_names(model_fn) if groups != (1.0, 1.0)
+                                 else frozenset()),
+                     frozen=whitening.frozen_names(config))
   return s
 
 
@@ -220,6 +232,17 @@ def jit_train_step(s: Setup, state_shardings: Any) -> Any:
                  out_shardings=(state_shardings, sharding.replicated(s.mesh)), donate_argnums=0)
 
 
+def jit_train_steps(s: Setup, state_shardings: Any) -> Any:
+  """``train_steps(state, batches_k) -> (state, metrics_k)``: ``steps_per_dispatch`` train steps
+  in one call (``dispatch.scan_steps``) over a ``k x B x ...`` stack of batches; donates the
+  state."""
+  step = functools.partial(steps.train_step, model_def=s.model_def, tx=s.tx,
+                           lr_schedule=s.lr_schedule, cfg=s.step_cfg)
+  return jax.jit(dispatch.scan_steps(step),
+                 in_shardings=(state_shardings, dispatch.stacked_sharding(s.mesh)),
+                 out_shardings=(state_shardings, sharding.replicated(s.mesh)), donate_argnums=0)
+
+
 def jit_eval_step(s: Setup, variables_shardings: Any, *, tta: str = '',
                   num_bins: int = report.DEFAULT_CALIBRATION_BINS) -> Any:
   """``eval_step(variables, batch) -> sums`` jitted over the mesh (``variables``: a TrainState or
@@ -247,8 +270,10 @@ def restore_or_init(s: Setup, ckpt: checkpoint.Checkpointer) -> tuple[Any, Any]:
   if restored is not None:
     logging.info('Resuming from step %d.', restored.step)
     return restored.state, shardings
+  override = (whitening.override(s.config, s.info, s.model_fn) if whitening.enabled(s.config)
+              else None)  # patch-whitening filters in the first conv (a fresh run only)
   state, shardings = state_lib.create(s.model_fn, s.tx, s.config.seed, s.mesh, s.placement,
-                                      ema=ema)
+                                      ema=ema, override=override)
   if s.config.get('transfer') and s.config.transfer.init_from:
     from imgcls_jax import transfer  # weights from another run or a torch file; new head
     state = transfer.init_state(state, shardings, s.config.transfer, s.tx)
@@ -270,8 +295,10 @@ def eval_sums(eval_step: Any, variables: Any, batches: Iterable[dict[str, np.nda
               mesh: jax.sharding.Mesh, split: str) -> dict[str, Any]:
   """``eval_step`` summed over every (padded, masked) batch: each example exactly once."""
   totals = None
+  guard = sharding.InFlightGuard(mesh, strict=True)   # eval batches are independent programs
   for batch in sharding.device_prefetch(batches, sharding.batch_sharding(mesh)):
     totals = report.add(totals, eval_step(variables, batch))
+    guard.after_dispatch(totals)
   if totals is None:
     raise UserError(f"The split '{split}' is empty; evaluate a split with examples.")
   return totals

@@ -166,3 +166,33 @@ def device_prefetch(batches: Iterable[dict[str, np.ndarray]], sharding: NamedSha
     yield queue.popleft()
     for b in itertools.islice(it, 1):
       queue.append(put_batch(b, sharding))
+
+
+class InFlightGuard:
+  """Bounds the programs in flight on a mesh of several XLA:CPU devices (a no-op elsewhere).
+
+  On 2 CPU devices, a train step's all-reduce can hang for good (XLA aborts it after 40 s) when
+  the next step is launched before this one's partitions have all started: the next program's
+  launch holds one device's execution semaphore while it waits for this step's outputs, and this
+  step's partition on that device waits for the semaphore (``benchmarks/cpu_devices_hang.py``
+  reproduces it under load). ``after_dispatch(out)`` of step n waits for step n-1, so at most two
+  steps are in flight; with ``strict`` (independent programs, e.g. evaluation batches) it waits for
+  step n itself.
+  """
+
+  def __init__(self, mesh: Mesh, strict: bool = False):
+    devices = list(mesh.devices.flat)
+    self.on = len(devices) > 1 and all(d.platform == 'cpu' for d in devices)
+    self.strict = strict
+    self._previous: Any = None
+
+  def after_dispatch(self, out: Any) -> None:
+    if not self.on:
+      return
+    if self.strict:
+      jax.block_until_ready(out)
+      return
+    if self._previous is not None:
+      jax.block_until_ready(self._previous)
+    self._previous = out
+

@@ -16,7 +16,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from imgcls_jax import sharding
+from imgcls_jax import sharding, weights
 
 ModelFn = Callable[[nnx.Rngs], nnx.Module]
 
@@ -94,15 +94,31 @@ def param_names(model_fn: ModelFn) -> list[str]:
   return ['.'.join(str(k) for k in path) for path, _ in flat]
 
 
+def norm_param_names(model_fn: ModelFn) -> frozenset[str]:
+  """Dotted names of the parameters of normalisation layers (modules whose class name contains
+  'Norm': BatchNorm, LayerNorm, GroupNorm, RMSNorm, fast_cnn's AffineBatchNorm)."""
+  abstract = nnx.eval_shape(lambda: model_fn(rngs=nnx.Rngs(0)))
+  norms = {'.'.join(str(k) for k in path) for path, m in nnx.iter_modules(abstract)
+           if 'Norm' in type(m).__name__}
+  return frozenset(n for n in param_names(model_fn) if n.rsplit('.', 1)[0] in norms)
+
+
 def init_fn(model_fn: ModelFn, tx: optax.GradientTransformation,
-            seed: int, ema: bool = False) -> Callable[[], TrainState]:
+            seed: int, ema: bool = False,
+            override: dict[str, Callable[[jax.Array], jax.Array]] | None = None
+            ) -> Callable[[], TrainState]:
   """A pure function building the initial state from ``seed`` (with an EMA copy of the weights
-  when ``ema``)."""
+  when ``ema``); ``override`` maps parameter names to functions of their initial value
+  (``{'convs.0.kernel': fn}``, e.g. patch-whitening filters), applied before the optimizer state
+  and the EMA are made from the parameters."""
   def init() -> TrainState:
     key = jax.random.key(seed)
     model = model_fn(rngs=nnx.Rngs(params=jax.random.fold_in(key, 0),
                               dropout=jax.random.fold_in(key, 1)))
     _, params, batch_stats, _ = _split(model)
+    if override:
+      params = weights.map_named(
+          lambda n, v: override[n](v).astype(v.dtype) if n in override else v, params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                       opt_state=tx.init(params),
                       rng=jax.random.key_data(jax.random.fold_in(key, 2)),
@@ -121,16 +137,28 @@ def _shardings(abstract: Any, mesh: Mesh, param_sharding: sharding.ParamSharding
 
 
 def create(model_fn: ModelFn, tx: optax.GradientTransformation, seed: int, mesh: Mesh,
-           param_sharding: sharding.ParamSharding = sharding.ParamSharding(), *, ema: bool = False
+           param_sharding: sharding.ParamSharding = sharding.ParamSharding(), *, ema: bool = False,
+           override: dict[str, Callable[[jax.Array], jax.Array]] | None = None
            ) -> tuple[TrainState, Any]:
   """(initial state placed with its shardings, the shardings pytree).
 
-  ``param_sharding`` picks replicated or FSDP placement (``sharding.ParamSharding.from_config``).
+  ``param_sharding`` picks replicated or FSDP placement (``sharding.ParamSharding.from_config``);
+  ``override`` replaces initial parameters by name (``init_fn``).
   """
-  init = init_fn(model_fn, tx, seed, ema)
+  init = init_fn(model_fn, tx, seed, ema, override)
   abstract = jax.eval_shape(init)
   shardings = _shardings(abstract, mesh, param_sharding)
-  return jax.jit(init, out_shardings=shardings)(), shardings
+  lowered = jax.jit(init, out_shardings=shardings).lower()
+  # The init runs once: on XLA:CPU, LLVM's -O1 compiles it ~3x faster than the default -O2 (e.g.
+  # 1.3 s vs 4.0 s for the digits CNN on 2 cores) with bitwise-equal results (no fast-math at
+  # either level). Other backends keep their defaults.
+  cpu = all(d.platform == 'cpu' for d in mesh.devices.flat)
+  compiled = lowered.compile(compiler_options=CPU_INIT_OPTIONS if cpu else None)
+  return compiled(), shardings
+
+
+# XLA:CPU options for compiling the (run-once) init function.
+CPU_INIT_OPTIONS = {'xla_backend_optimization_level': 1}
 
 
 def abstract_state(model_fn: ModelFn, tx: optax.GradientTransformation, seed: int, mesh: Mesh,

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from imgcls_jax import mixup, multilabel, report
+from imgcls_jax import device_augment, mixup, multilabel, report
 from imgcls_jax.state import ModelDef, TrainState
 
 
@@ -31,6 +31,11 @@ class StepConfig:
   # frozen and the model runs in inference mode (running BN statistics, no dropout). '' = off.
   probe_head: str = ''
   device_flip: bool = False                 # random horizontal flip per example, in the step
+  # config.data.device_preprocess parsed (device_augment.parse): ops run on the uint8 batch in the
+  # step, after device_flip; flip_alternate places rows in epochs by these two numbers.
+  device_ops: tuple[tuple[Any, ...], ...] = ()
+  epoch_chunk: int = 0                      # rows of each global batch one read slice fills
+  epoch_examples: int = 0                   # examples per epoch of one read slice
   ema_decay: float = 0.0                    # weight EMA after every step (0: off)
   ema_warmup: bool = True                   # decay_t = min(decay, (1 + t) / (10 + t))
   accumulation: int = 1                     # micro-batches per step (gradients summed)
@@ -48,8 +53,10 @@ def step_config(config: Any, num_classes: int, *, probe_head: str = '',
                 pos_weight: tuple[float, ...] | None = None,
                 thresholds: tuple[float, ...] | None = None) -> StepConfig:
   """The step's numbers from a run's config (``run.setup``; ``class_weights``, ``logit_offsets``
-  and ``pos_weight`` are resolved there from the training split's class counts)."""
+  and ``pos_weight`` are resolved there from the training split's class counts, and for
+  flip_alternate ``epoch_chunk`` / ``epoch_examples`` from the training stream's layout)."""
   loss = config.get('loss') or {}
+  device = config.data.get('device_preprocess', '') or ''
   return StepConfig(num_classes=num_classes, multilabel=multilabel, pos_weight=pos_weight,
                     thresholds=thresholds,
                     class_weights=class_weights, logit_offsets=logit_offsets,
@@ -60,7 +67,9 @@ def step_config(config: Any, num_classes: int, *, probe_head: str = '',
                     compute_dtype=config.dtype,
                     mix=mixup.from_config(config.get('mixup')),
                     probe_head=probe_head,
-                    device_flip=config.data.get('device_preprocess', '') == 'flip_lr',
+                    # 'flip_lr' alone keeps its own flag (the same draws as the op).
+                    device_flip=device == 'flip_lr',
+                    device_ops=() if device == 'flip_lr' else device_augment.parse(device),
                     ema_decay=ema_decay(config), ema_warmup=bool(config.get('ema', {}).get(
                         'warmup', True)),
                     accumulation=int(config.get('grad_accumulation_steps', 1) or 1))
@@ -74,13 +83,8 @@ def ema_decay(config: Any) -> float:
 
 # fold_in data for the mixup / cutmix key; the dropout streams use fold_in(key, 0..n) instead.
 MIX_STREAM = 0x6D1C
-FLIP_STREAM = 0x0F11
-
-
-def random_flip(key: jax.Array, images_BxHxWxC: jax.Array) -> jax.Array:
-  """Each image mirrored left-right with probability 1/2 (one draw per example from ``key``)."""
-  flip_B = jax.random.bernoulli(key, 0.5, images_BxHxWxC.shape[:1])
-  return jnp.where(flip_B[:, None, None, None], images_BxHxWxC[:, :, ::-1, :], images_BxHxWxC)
+FLIP_STREAM = device_augment.FLIP_STREAM
+random_flip = device_augment.random_flip  # each image mirrored with probability 1/2, from a key
 
 
 def normalize(images_BxHxWxC: jax.Array, cfg: StepConfig) -> jax.Array:
@@ -148,6 +152,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model_def: Mod
   images = batch['image']
   if cfg.device_flip:
     images = random_flip(jax.random.fold_in(key, FLIP_STREAM), images)
+  if cfg.device_ops:
+    images = device_augment.apply(cfg.device_ops, images, step_key=key,
+                                  run_key=jax.random.wrap_key_data(state.rng), step=state.step,
+                                  epoch_chunk=cfg.epoch_chunk, epoch_examples=cfg.epoch_examples)
   x = normalize(images, cfg)
   y = targets(batch['label'], cfg)
   if cfg.mix is not None:  # soft targets from mixed pairs of the global batch
@@ -240,11 +248,14 @@ def log_probs_fn(variables: Any, images: jax.Array, *, model_def: ModelDef, cfg:
                  tta: str = '') -> jax.Array:
   """Inference log-probabilities ``BxK`` of ``variables`` (anything with ``params`` and
   ``batch_stats``: a TrainState or an InferenceState); with ``tta='flip'`` the mean of the
-  probabilities of the images and of their horizontal mirror images (test-time augmentation)."""
+  probabilities of the images and of their horizontal mirror images, with ``'flip_translate'``
+  their weighted mean over the mirror and one-pixel shifts (``device_augment.tta_views``)."""
   def log_softmax(x):
     logits = forward(variables.params, variables.batch_stats, x, model_def=model_def, cfg=cfg)
     return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
 
+  if tta == 'flip_translate':
+    return device_augment.mean_log_probs(log_softmax, images, tta)
   log_probs = log_softmax(images)
   if tta == 'flip':
     log_probs = jnp.logaddexp(log_probs, log_softmax(images[:, :, ::-1, :])) - jnp.log(2.0)

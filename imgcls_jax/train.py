@@ -7,6 +7,7 @@ steps, logs, evaluates and saves. The loop never blocks on a step: metrics are f
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -17,8 +18,8 @@ import jax
 import ml_collections
 import tqdm
 
-from imgcls_jax import (checkpoint, configlib, inference, metrics, multilabel, preemption, report,
-                        report_multilabel, run, sharding)
+from imgcls_jax import (checkpoint, configlib, dispatch, inference, metrics, multilabel, preemption,
+                        report, report_multilabel, run, sharding, startup)
 from imgcls_jax import state as state_lib
 from imgcls_jax.data import pipeline
 from imgcls_jax.errors import UserError
@@ -43,36 +44,41 @@ def _rewind_metrics(path: str, step: int) -> None:
 
 
 class _TrainLog:
-  """Train metrics of dispatched steps, fetched lazily, checked for NaN and written."""
+  """Train metrics of dispatched steps, fetched lazily, checked for NaN and written. An entry is
+  one dispatch: the metrics of one step, or of ``n`` steps stacked
+  (``config.steps_per_dispatch``)."""
 
   def __init__(self, writer: metrics.MetricWriter, bar: tqdm.tqdm, batch_size: int,
                diverged: Any):
     self.writer, self.bar, self.batch_size, self.diverged = writer, bar, batch_size, diverged
-    self.pending: list[Any] = []
+    self.pending: list[tuple[Any, int]] = []
     self.t0, self.steps_timed = time.perf_counter(), 0
 
-  def add(self, step_metrics: Any) -> None:
-    self.pending.append(step_metrics)
-    self.steps_timed += 1
+  def add(self, step_metrics: Any, n: int = 1) -> None:
+    self.pending.append((step_metrics, n))
+    self.steps_timed += n
 
   def flush(self, step: int, keep_last: bool) -> None:
-    """Fetches pending metrics (all but the newest when ``keep_last``) and logs their mean."""
+    """Fetches pending metrics (all but the newest dispatch when ``keep_last``) and logs their
+    mean."""
     fetch, self.pending = ((self.pending[:-1], self.pending[-1:]) if keep_last
                            else (self.pending, []))
     if not fetch:
       return
-    values = jax.device_get(fetch)
+    later = sum(n for _, n in self.pending)  # steps still pending after the fetched ones
+    values = [v for fetched, (_, n) in zip(jax.device_get([m for m, _ in fetch]), fetch)
+              for v in dispatch.unstack(fetched, n)]
     for i, v in enumerate(values):
       if not metrics.values_finite({'loss': v['loss'], 'grad_norm': v['grad_norm']}):
-        bad = step - len(self.pending) - len(values) + i + 1
+        bad = step - later - len(values) + i + 1
         raise self.diverged(f'the loss is {float(v["loss"])} (gradient norm '
                             f'{float(v["grad_norm"])})', bad)
     elapsed = time.perf_counter() - self.t0
     summary = metrics.mean_train(values)
     summary['images_per_sec'] = self.steps_timed * self.batch_size / max(elapsed, 1e-9)
-    self.writer.write(step - len(self.pending), 'train', summary)
+    self.writer.write(step - later, 'train', summary)
     self.bar.set_postfix(loss=f"{summary['loss']:.4f}", img_s=f"{summary['images_per_sec']:.0f}")
-    self.t0, self.steps_timed = time.perf_counter(), len(self.pending)
+    self.t0, self.steps_timed = time.perf_counter(), later
 
 
 class _Trainer:
@@ -82,12 +88,16 @@ class _Trainer:
                state_sh: Any, writer: metrics.MetricWriter, bar: tqdm.tqdm):
     self.s, self.workdir, self.ckpt, self.state = s, workdir, ckpt, state
     self.train_step = run.jit_train_step(s, state_sh)
+    self.train_steps = (run.jit_train_steps(s, state_sh) if s.steps_per_dispatch > 1 else None)
     tta = s.config.evaluate.tta if 'evaluate' in s.config else ''
     # With EMA on (and config.ema.inference), evaluations use the averaged weights.
     self.eval_ema = s.step_cfg.ema_decay > 0 and bool(s.config.ema.get('inference', True))
     self.eval_sh = state_sh.ema_variables() if self.eval_ema else state_sh
     self.tta = tta
     self.eval_step = run.jit_eval_step(s, self.eval_sh, tta=tta)
+    self.eval_subset = int(s.config.get('eval_subset', 0) or 0)
+    if self.eval_subset < 0:
+      raise UserError(f'config.eval_subset={self.eval_subset} must be >= 0 (0 = every example).')
     # Multi-label: per-class thresholds chosen on config.evaluate.threshold_split at the end.
     self.threshold_split = (s.config.evaluate.get('threshold_split', '') or ''
                             if s.info.multilabel and 'evaluate' in s.config else '')
@@ -110,14 +120,18 @@ class _Trainer:
         'set config.optim.grad_clip_norm.')
 
   def evaluate(self, final: bool = False) -> dict[str, Any]:
-    """Every example of the eval split once: the report's scalars plus ``count``. At the end of
+    """Every example of the eval split once (with ``config.eval_subset`` = N > 0, the first N,
+    rounded up to whole eval batches, except at the final evaluation): the report's scalars plus
+    ``count``. At the end of
     a multi-label run with ``config.evaluate.threshold_split``, the per-class thresholds are
     first chosen there (best F1 per class) and the eval split is scored with them."""
     variables = self.state.ema_variables() if self.eval_ema else self.state
     if final and self.threshold_split:
       self.choose_thresholds(variables)
-    sums = run.eval_sums(self.eval_step, variables, self.eval_data.batches(), self.s.mesh,
-                         self.eval_data.split)
+    batches = self.eval_data.batches()
+    if self.eval_subset > 0 and not final:  # intermediate evaluations: the first N examples
+      batches = itertools.islice(batches, -(-self.eval_subset // self.s.config.eval_batch_size))
+    sums = run.eval_sums(self.eval_step, variables, batches, self.s.mesh, self.eval_data.split)
     return report.training_eval_metrics(sums, self.thresholds)
 
   def choose_thresholds(self, variables: Any) -> None:
@@ -158,7 +172,10 @@ class _Trainer:
     self.last_good = step
 
   def loop(self, start: int, stop: preemption.StopWatcher) -> tuple[dict[str, Any], int | None]:
-    """Steps ``start`` .. total; returns (the last eval metrics, the step stopped at or None)."""
+    """Steps ``start`` .. total; returns (the last eval metrics, the step stopped at or None).
+
+    Each dispatch runs one step, or ``config.steps_per_dispatch`` steps (``dispatch.plan``:
+    never across an evaluation or checkpoint)."""
     s, c = self.s, self.s.config
     eval_every = configlib.steps_from(c, 'eval_every', s.steps_per_epoch) or s.total_steps
     ckpt_every = configlib.steps_from(c, 'checkpoint_every', s.steps_per_epoch) or s.total_steps
@@ -166,20 +183,30 @@ class _Trainer:
     train_ds, _ = pipeline.train_dataset(c.data, seed=c.seed, local_batch_size=s.local_batch_size,
                                          start_step=start, process_index=jax.process_index(),
                                          process_count=jax.process_count())
-    batches = sharding.device_prefetch(train_ds.as_numpy_iterator(),
-                                       sharding.batch_sharding(s.mesh))
+    sizes = list(dispatch.plan(start, s.total_steps, s.steps_per_dispatch,
+                               (eval_every, ckpt_every)))
+    batches = dispatch.device_batches(train_ds.as_numpy_iterator(), sizes, s.mesh)
     eval_metrics: dict[str, Any] = {}
-    for step in range(start, s.total_steps):
-      if stop.requested(step):
+    guard = sharding.InFlightGuard(s.mesh)
+    step = start
+    for n in sizes:
+      # Every step of the group is asked (multi-process runs agree on a stop step this way).
+      if any(stop.requested(t) for t in range(step, step + n)):
         return eval_metrics, step
-      self.state, step_metrics = self.train_step(self.state, next(batches))
-      self.log.add(step_metrics)
-      done = step + 1
+      if n == 1:
+        self.state, step_metrics = self.train_step(self.state, next(batches))
+      else:
+        self.state, step_metrics = self.train_steps(self.state, next(batches))
+      self.log.add(step_metrics, n)
+      guard.after_dispatch(step_metrics)   # several CPU devices: at most 2 dispatches in flight
+      if step == start:
+        self.first_step_done(step_metrics)
+      done = step + n
       do_eval = done % eval_every == 0 or done == s.total_steps
       do_ckpt = done % ckpt_every == 0 or done == s.total_steps or (do_eval and ckpt_on_eval)
       if do_eval or do_ckpt:
         self.log.flush(done, keep_last=False)
-      elif done % c.log_every_steps == 0:
+      elif done // c.log_every_steps > step // c.log_every_steps:
         self.log.flush(done, keep_last=True)  # step `done` is still running: read the one before
       if do_eval:
         eval_metrics = self.evaluate(final=done == s.total_steps)
@@ -188,8 +215,16 @@ class _Trainer:
           self.bar.write(f'step {done}: {report.eval_line(eval_metrics)}')
       if do_ckpt:
         self.save(done, eval_metrics if do_eval else None)
-      self.bar.update(1)
+      self.bar.update(n)
+      step = done
     return eval_metrics, None
+
+  def first_step_done(self, step_metrics: Any) -> None:
+    """Waits for the first step of this process and logs the time since the process started
+    (imports, data, compilation: what ``config.compilation_cache_dir`` saves on a rerun)."""
+    jax.block_until_ready(step_metrics['loss'])
+    logging.info('First training step done %.1f s after the process started.',
+                 startup.seconds_since_start())
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

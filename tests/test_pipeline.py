@@ -163,15 +163,15 @@ def test_dataset_info_round_trips_through_plain_json(digits_config):
   assert json.loads(json.dumps(described.to_json())) == {
       'name': 'sklearn_digits', 'num_classes': 10, 'class_names': [str(i) for i in range(10)],
       'image_shape': [8, 8, 1], 'num_examples': {'train': 1347, 'test': 450},
-      'mirror_safe': False}
+      'mirror_safe': False, 'multilabel': False}
   assert folder.channels == 3 and folder.mirror_safe
 
 
 def test_check_flips_refuses_flips_that_change_the_label(digits_config):
   data = digits_config.data
   info_lib.check_flips(data)                 # the default digits config: no flip anywhere
-  with pytest.raises(UserError, match=r"^config\.evaluate\.tta='mirror' must be '' \(none\) or "
-                                      r"'flip'\.$"):
+  with pytest.raises(UserError, match=r"^config\.evaluate\.tta='mirror' must be '' \(none\), "
+                                      r"'flip' or 'flip_translate'\.$"):
     info_lib.check_flips(data, 'mirror')
   with pytest.raises(UserError, match="change the meaning of 'sklearn_digits' images; leave "
                                       'config.evaluate.tta empty'):

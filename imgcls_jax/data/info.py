@@ -57,16 +57,20 @@ class DatasetInfo:
 def check_flips(data: ml_collections.ConfigDict, tta: str = '') -> None:
   """``config.data.device_preprocess`` and ``tta`` are known modes, and no flip (in training,
   on the device or at test time) touches a dataset whose meaning a flip changes."""
+  from imgcls_jax import device_augment  # TensorFlow-free: parses specs only
   device = data.get('device_preprocess', '') or ''
-  if device not in ('', 'flip_lr'):
-    raise UserError(f"config.data.device_preprocess='{device}' is not a device-side op; use '' or "
-                    "'flip_lr' (other augmentations go in config.data.train_preprocess).")
-  for key, spec in (('train_preprocess', data.train_preprocess or ''), ('device_preprocess', device)):
-    if data.name in NO_FLIP_DATASETS and 'flip_lr' in spec:
+  device_flip = next((op[0] for op in device_augment.parse(device)
+                      if op[0] in ('flip_lr', 'flip_alternate')), '')
+  train_flip = 'flip_lr' if 'flip_lr' in (data.train_preprocess or '') else ''
+  for key, flip in (('train_preprocess', train_flip), ('device_preprocess', device_flip)):
+    if data.name in NO_FLIP_DATASETS and flip:
       raise UserError(f"Horizontal flips change the meaning of '{data.name}' images; remove "
-                      f'flip_lr from config.data.{key}.')
-  if tta not in ('', 'flip'):
-    raise UserError(f"config.evaluate.tta='{tta}' must be '' (none) or 'flip'.")
-  if tta == 'flip' and data.name in NO_FLIP_DATASETS:
+                      f'{flip} from config.data.{key}.')
+  if tta not in device_augment.TTA_MODES:
+    raise UserError(f"config.evaluate.tta='{tta}' must be '' (none), 'flip' or 'flip_translate'.")
+  if tta and data.name in NO_FLIP_DATASETS:
     raise UserError(f"Horizontal flips change the meaning of '{data.name}' images; leave "
                     'config.evaluate.tta empty for this dataset.')
+  if tta == 'flip_translate' and data.get('multilabel', False):
+    raise UserError("config.evaluate.tta='flip_translate' is for single-label runs; use 'flip' "
+                    'or none with config.data.multilabel=True.')

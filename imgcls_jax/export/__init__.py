@@ -237,7 +237,14 @@ def _quantize_and_verify(clf: inference.Classifier, cfg: ml_collections.ConfigDi
                else clf.predict_arrays(images))
   thresholds = (np.asarray(clf.trained.decision_thresholds) if clf.trained.info.multilabel
                 else None)
-  report = quantization_report(float_out, run_tflite(path, images), labels, thresholds)
+  try:
+    quantized_out = run_tflite(path, images)
+  except RuntimeError as e:  # e.g. an int8 kernel refusing a value on real images
+    raise ExportMismatch(f'The {quantize} TFLite model fails under {tflite_runtime()} on the '
+                         f"verification images ({(str(e).strip().splitlines() or [''])[0][:200]});"
+                         " nothing was written: export with --config.export.quantize=float16 or "
+                         "''.") from None
+  report = quantization_report(float_out, quantized_out, labels, thresholds)
   report['source'] = samples.source
   logging.info('%s TFLite vs the float model on %d images: top-1 agreement %.2f%%%s.', quantize,
                len(images), 100 * report['top1_agreement'],

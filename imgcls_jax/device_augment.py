@@ -1,0 +1,216 @@
+"""Augmentation inside the jitted train step (``config.data.device_preprocess``) and the
+translate + flip test-time views (``config.evaluate.tta='flip_translate'``).
+
+Ops act on the uint8 batch before normalisation, are joined by ``'|'`` and run in the order given:
+
+* ``flip_lr``: each example mirrored left-right with probability 1/2, keyed by (seed, step);
+* ``flip_alternate``: derandomized flips (airbench): each example is mirrored in alternate epochs;
+  whether it is in its first epoch is a per-example coin keyed by (seed, the example's pixels).
+  The epoch of each row is its position in the training stream (``data/pipeline.py``: every slice
+  of the split fills ``epoch_chunk`` rows of each global batch and has ``epoch_examples`` examples
+  per epoch). The pixels identify the example, so use it with a deterministic host pipeline
+  (random host ops change the pixels every epoch and the flips become random);
+* ``translate(pad=N, mode=constant|reflect)``: a random crop of the image padded by N pixels
+  (zeros = black, or reflected), i.e. a shift by -N..N pixels per axis and example, keyed by
+  (seed, step).
+
+Everything is per example and element-wise over the batch, so the result does not depend on how
+the batch is split over devices. No TensorFlow, no config objects: specs are parsed to hashable
+tuples that ``steps.StepConfig`` carries.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from imgcls_jax.errors import UserError
+
+# fold_in data of the per-step key (steps.py owns MIX_STREAM; FLIP_STREAM is shared with it).
+FLIP_STREAM = 0x0F11
+TRANSLATE_STREAM = 0x7A45
+ALTERNATE_STREAM = 0xA17E            # folded into the run key (not the step key): fixed per run
+OPS = ('flip_lr', 'flip_alternate', 'translate')
+PAD_MODES = ('constant', 'reflect')
+TTA_MODES = ('', 'flip', 'flip_translate')
+Op = tuple  # ('flip_lr',) | ('flip_alternate',) | ('translate', pad, mode)
+
+
+def _bad(spec: str, why: str) -> UserError:
+  return UserError(f"config.data.device_preprocess='{spec}' is not a device-side op spec ({why}); "
+                   "use '' or ops among flip_lr, flip_alternate, translate(pad=N, "
+                   "mode=constant|reflect) joined by '|' (other augmentations go in "
+                   'config.data.train_preprocess).')
+
+
+def parse(spec: str) -> tuple[Op, ...]:
+  """``'flip_alternate|translate(pad=2)'`` -> ``(('flip_alternate',), ('translate', 2,
+  'constant'))``; raises UserError naming what is wrong."""
+  ops: list[Op] = []
+  for part in [p.strip() for p in (spec or '').split('|') if p.strip()]:
+    m = re.fullmatch(r'(\w+)\s*(?:\((.*)\))?', part)
+    if not m or m.group(1) not in OPS:
+      raise _bad(spec, f"'{part}' is not one of {', '.join(OPS)}")
+    name, args = m.group(1), {}
+    for arg in [a.strip() for a in (m.group(2) or '').split(',') if a.strip()]:
+      key, _, value = arg.partition('=')
+      args[key.strip()] = value.strip().strip('\'"')
+    if name == 'translate':
+      unknown = set(args) - {'pad', 'mode'}
+      pad, mode = args.get('pad', '2'), args.get('mode', 'constant')
+      if unknown or not pad.isdigit() or not 1 <= int(pad) <= 64 or mode not in PAD_MODES:
+        raise _bad(spec, 'translate takes pad (1..64 pixels) and mode (constant or reflect)')
+      ops.append(('translate', int(pad), mode))
+    elif args:
+      raise _bad(spec, f'{name} takes no arguments')
+    else:
+      ops.append((name,))
+  names = [op[0] for op in ops]
+  if names.count('flip_lr') + names.count('flip_alternate') > 1:
+    raise _bad(spec, 'at most one of flip_lr and flip_alternate')
+  if names.count('translate') > 1:
+    raise _bad(spec, 'translate at most once')
+  return tuple(ops)
+
+
+# ---------------------------------------------------------------------------- the ops
+
+def random_flip(key: jax.Array, images_BxHxWxC: jax.Array) -> jax.Array:
+  """Each image mirrored left-right with probability 1/2 (one draw per example from ``key``)."""
+  flip_B = jax.random.bernoulli(key, 0.5, images_BxHxWxC.shape[:1])
+  return jnp.where(flip_B[:, None, None, None], images_BxHxWxC[:, :, ::-1, :], images_BxHxWxC)
+
+
+def _fmix32(h: jax.Array) -> jax.Array:
+  """MurmurHash3's 32-bit finaliser (uint32 in, uint32 out): every input bit moves every output
+  bit."""
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * jnp.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
+def example_coins(run_key: jax.Array, images_BxHxWxC: jax.Array) -> jax.Array:
+  """A fixed pseudo-random bit per example (bool ``B``): a hash of its pixels keyed by the run.
+
+  The hash is a sum of pixels times random odd uint32 weights, modulo 2^32 (exact in any order,
+  so on any device split), then mixed by ``_fmix32``.
+  """
+  weights = jax.random.bits(jax.random.fold_in(run_key, ALTERNATE_STREAM),
+                            images_BxHxWxC.shape[1:], jnp.uint32) | jnp.uint32(1)
+  h = jnp.sum(images_BxHxWxC.astype(jnp.uint32) * weights, axis=(1, 2, 3), dtype=jnp.uint32)
+  return (_fmix32(h) >> 31).astype(jnp.bool_)
+
+
+def row_epochs(step: jax.Array, batch: int, chunk: int, examples: int) -> jax.Array:
+  """The epoch (int32 ``B``) each row of global batch ``step`` comes from: row r is position
+  ``step * chunk + r % chunk`` of its slice's stream, whose epochs hold ``examples`` examples.
+  Computed without forming ``step * chunk`` (int32-safe for long runs)."""
+  step = jnp.asarray(step, jnp.int32)
+  within = jnp.arange(batch, dtype=jnp.int32) % chunk
+  return (step // examples) * chunk + ((step % examples) * chunk + within) // examples
+
+
+def alternate_flip(run_key: jax.Array, images_BxHxWxC: jax.Array, step: jax.Array, *, chunk: int,
+                   examples: int) -> jax.Array:
+  """Example i mirrored iff ``coin_i XOR (epoch_i is odd)``: flipped in every other epoch."""
+  b = images_BxHxWxC.shape[0]
+  odd_B = row_epochs(step, b, chunk, examples) % 2 == 1
+  flip_B = jnp.logical_xor(example_coins(run_key, images_BxHxWxC), odd_B)
+  return jnp.where(flip_B[:, None, None, None], images_BxHxWxC[:, :, ::-1, :], images_BxHxWxC)
+
+
+def translate_offsets(key: jax.Array, batch: int, pad: int) -> tuple[jax.Array, jax.Array]:
+  """(dy_B, dx_B): the crop corner in the padded image per example, each uniform in 0..2*pad."""
+  k_y, k_x = jax.random.split(key)
+  return (jax.random.randint(k_y, (batch,), 0, 2 * pad + 1),
+          jax.random.randint(k_x, (batch,), 0, 2 * pad + 1))
+
+
+def _select_window(x: jax.Array, offset_B: jax.Array, size: int, axis: int, pad: int) -> jax.Array:
+  """Per example, ``size`` entries of ``axis`` from ``offset``: a chain of selects over the
+  2 * pad + 1 possible windows (exact; cheaper than a gather on XLA:CPU for small pads)."""
+  def window(s):
+    return jax.lax.slice_in_dim(x, s, s + size, axis=axis)
+  out = window(0)
+  for s in range(1, 2 * pad + 1):
+    out = jnp.where((offset_B == s)[:, None, None, None], window(s), out)
+  return out
+
+
+def translate(key: jax.Array, images_BxHxWxC: jax.Array, pad: int,
+              mode: str = 'constant') -> jax.Array:
+  """Random crops (``translate_offsets``) of the images padded by ``pad`` pixels: the image
+  shifted by -pad..pad pixels on each axis, the uncovered border zero (black) or reflected."""
+  b, h, w, _ = images_BxHxWxC.shape
+  dy, dx = translate_offsets(key, b, pad)
+  padded = jnp.pad(images_BxHxWxC, ((0, 0), (pad, pad), (pad, pad), (0, 0)),
+                   mode='constant' if mode == 'constant' else 'reflect')
+  return _select_window(_select_window(padded, dy, h, 1, pad), dx, w, 2, pad)
+
+
+def epoch_layout(batch_size: int, read_shards: int, process_count: int,
+                 examples_per_process: int) -> dict[str, int]:
+  """``epoch_chunk`` / ``epoch_examples`` of the training stream (``data/pipeline.py``): each of
+  the ``read_shards`` slices fills ``batch_size / read_shards`` rows of every global batch and
+  holds ``examples_per_process * process_count / read_shards`` examples per epoch."""
+  return {'epoch_chunk': batch_size // read_shards,
+          'epoch_examples': max(1, examples_per_process * process_count // read_shards)}
+
+
+def apply(ops: tuple[Op, ...], images_BxHxWxC: jax.Array, *, step_key: jax.Array,
+          run_key: jax.Array, step: jax.Array, epoch_chunk: int = 0,
+          epoch_examples: int = 0) -> jax.Array:
+  """``ops`` in order on a uint8 batch. ``step_key`` = fold_in(run key, step); ``epoch_chunk``
+  and ``epoch_examples`` place rows in epochs (``flip_alternate``)."""
+  x = images_BxHxWxC
+  for op in ops:
+    if op[0] == 'flip_lr':
+      x = random_flip(jax.random.fold_in(step_key, FLIP_STREAM), x)
+    elif op[0] == 'flip_alternate':
+      if epoch_chunk <= 0 or epoch_examples <= 0:
+        raise ValueError('flip_alternate needs epoch_chunk and epoch_examples (run.setup).')
+      x = alternate_flip(run_key, x, step, chunk=epoch_chunk, examples=epoch_examples)
+    elif op[0] == 'translate':
+      x = translate(jax.random.fold_in(step_key, TRANSLATE_STREAM), x, op[1], op[2])
+    else:
+      raise ValueError(f'unknown device op {op!r}')
+  return x
+
+
+# ------------------------------------------------------------------- test-time views
+
+def shift_views(images_BxHxWxC: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The images shifted by one pixel down-right and up-left (crops at (0, 0) and (2, 2) of the
+  image reflect-padded by 1), as airbench's test-time augmentation."""
+  _, h, w, _ = images_BxHxWxC.shape
+  padded = jnp.pad(images_BxHxWxC, ((0, 0), (1, 1), (1, 1), (0, 0)), mode='reflect')
+  return padded[:, :h, :w], padded[:, 2:h + 2, 2:w + 2]
+
+
+def tta_views(images_BxHxWxC: jax.Array, tta: str) -> list[tuple[float, jax.Array]]:
+  """(weight, images) of each test-time view; the prediction is the weighted mean of their
+  probabilities. ``flip``: the image and its mirror, 1/2 each. ``flip_translate`` (airbench): the
+  image and its mirror 1/4 each, both one-pixel shifts and their mirrors 1/8 each."""
+  mirror = lambda x: x[:, :, ::-1, :]  # noqa: E731
+  x = images_BxHxWxC
+  if tta == '':
+    return [(1.0, x)]
+  if tta == 'flip':
+    return [(0.5, x), (0.5, mirror(x))]
+  if tta == 'flip_translate':
+    a, b = shift_views(x)
+    return [(0.25, x), (0.25, mirror(x)), (0.125, a), (0.125, mirror(a)), (0.125, b),
+            (0.125, mirror(b))]
+  raise ValueError(f'unknown test-time augmentation {tta!r}')
+
+
+def mean_log_probs(log_probs_fn: Any, images_BxHxWxC: jax.Array, tta: str) -> jax.Array:
+  """``log(sum_v w_v p_v)`` over ``tta_views``, from ``log_probs_fn(images) -> BxK``."""
+  views = tta_views(images_BxHxWxC, tta)
+  stacked = jnp.stack([log_probs_fn(v) for _, v in views])
+  log_w = jnp.log(jnp.asarray([w for w, _ in views], jnp.float32))
+  return jax.nn.logsumexp(stacked + log_w[:, None, None], axis=0)
