@@ -130,15 +130,20 @@ def class_weights(config: ml_collections.ConfigDict, info: DatasetInfo
     logging.info('Class weights (balanced): %s.', ', '.join(
         f'{n} {w:.3g}' for n, w in list(zip(info.class_names, weights))[:20]))
     return tuple(float(w) for w in weights)
-  try:
-    values = ([float(v) for v in spec.split(',')] if isinstance(spec, str)
-              else [float(v) for v in spec])
-  except (TypeError, ValueError):
-    values = []
+  values = _numbers(spec)
   if len(values) != k or any(not v >= 0 for v in values) or not any(values):
     raise UserError(f"config.loss.class_weights={spec!r} must be '', 'balanced' or {k} "
                     'non-negative numbers (one per class, comma-separated), not all zero.')
   return tuple(values)
+
+
+def _numbers(spec: Any) -> list[float]:
+  """K numbers from a comma-separated string or a sequence ([] when they are not numbers)."""
+  try:
+    return ([float(v) for v in spec.split(',')] if isinstance(spec, str)
+            else [float(v) for v in spec])
+  except (TypeError, ValueError):
+    return []
 
 
 def _check_multilabel(config: ml_collections.ConfigDict) -> None:
@@ -174,11 +179,7 @@ def pos_weight(config: ml_collections.ConfigDict, info: DatasetInfo
                                      decode=False))
     weights = np.minimum((n - counts) / np.maximum(counts, 1), 100.0)
     return tuple(float(w) for w in weights)
-  try:
-    values = ([float(v) for v in spec.split(',')] if isinstance(spec, str)
-              else [float(v) for v in spec])
-  except (TypeError, ValueError):
-    values = []
+  values = _numbers(spec)
   if len(values) != k or any(not v > 0 for v in values):
     raise UserError(f"config.loss.pos_weight={spec!r} must be '', 'balanced' or {k} positive "
                     'numbers (one per tag, comma-separated).')
