@@ -170,7 +170,8 @@ def get_config() -> ml_collections.ConfigDict:
   # k steps with lax.scan: the same steps and per-step metrics, less Python / dispatch work per
   # step (small models). Groups never cross an evaluation or checkpoint (choose k dividing their
   # periods); train metrics may be logged up to k - 1 steps later than with 1.
-  c.steps_per_dispatch = 1
+  c.steps_per_dispatch = 1                # > 1 is for accelerators: ~10x slower on XLA:CPU (a
+                                          # conv in a loop body; measured, see dispatch.py)
   c.eval_subset = 0                       # > 0: evaluations before the final one use only the
                                           # first N eval examples (rounded up to whole eval
                                           # batches); the final evaluation is always complete

@@ -396,6 +396,59 @@ def test_one_step_per_dispatch_and_one_device_give_the_same_run(reference, tmp_p
                  (ref['params'], ref['batch_stats']), (other['params'], other['batch_stats']))
 
 
+_CHILD = """
+import os, signal, sys, time
+import tensorflow_datasets as tfds
+from imgcls_jax import checkpoint, main
+kill_at = int(os.environ.get('KILL_AT_SAVE', '0'))
+if kill_at:
+  real_save = checkpoint.Checkpointer.save
+  def save(self, step, *args, **kwargs):
+    if step == kill_at:   # kill -9 before this save, once the previous one is committed
+      done = os.path.join(self.directory, str(step - 6))
+      while not os.path.isdir(done):
+        time.sleep(0.01)
+      os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(self, step, *args, **kwargs)
+  checkpoint.Checkpointer.save = save
+with tfds.testing.mock_data(num_examples=64):
+  sys.exit(main.run(['imgcls_jax.main', *sys.argv[1:]]))
+"""
+
+
+def test_kill_9_and_rerun_ends_with_the_same_state_and_metrics(tmp_path):
+  """Every feature on, 4 steps per dispatch, 2 devices, as the real command line: one run killed
+  with SIGKILL just before its step-18 save (step 12 committed), then the same command again,
+  against one uninterrupted run: bitwise-equal final state and the same metrics records."""
+  from tests import test_fault_tolerance as ft
+  config_file = tmp_path / 'cfg.py'
+  config_file.write_text(
+      'import pathlib, sys\n'
+      f'sys.path.insert(0, {REPO!r})\n'
+      'from tests.test_speed_features import _mock_config\n'
+      f'def get_config():\n  return _mock_config(pathlib.Path({str(tmp_path)!r}))\n')
+  runs = {}
+  for name, kill_at in (('whole', 0), ('killed', 18), ('killed', 0)):
+    workdir, log = tmp_path / name, str(tmp_path / f'{name}_{kill_at}.log')
+    os.environ['KILL_AT_SAVE'] = str(kill_at)
+    try:
+      proc = ft.start([f'--config={config_file}', f'--workdir={workdir}'], log, num_devices=2,
+                      code=_CHILD)
+    finally:
+      del os.environ['KILL_AT_SAVE']
+    rc, out = ft.finish(proc, log)
+    if kill_at:
+      assert rc == -9, out[-3000:]
+      assert ft.checkpoint_steps(workdir)[-1] == 12, ft.checkpoint_steps(workdir)
+    else:
+      assert rc == 0, out[-3000:]
+    runs[name] = workdir
+  assert 'Resuming from step 12.' in out, out[-3000:]
+  whole, resumed = (ft.load_state(str(runs[n]), 24) for n in ('whole', 'killed'))
+  ft.assert_bitwise_equal(whole, resumed)
+  assert _records(runs['whole']) == _records(runs['killed'])
+
+
 # ------------------------------------------------------------------------ compilation cache
 
 def test_a_second_process_loads_its_programs_from_the_cache(tmp_path, tfds_dir):
