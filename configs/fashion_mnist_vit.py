@@ -24,21 +24,11 @@ else running: ~665 training images/s, ~100 s per epoch with its evaluation.
 """
 import ml_collections
 
-from configs import default
+from configs import fashion_mnist_quick
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = default.get_config()
-  c.data.name = 'fashion_mnist'
-  c.data.train_split = 'train'
-  c.data.eval_split = 'test'
-  c.data.train_preprocess = ''
-  c.data.device_preprocess = 'flip_lr'    # the flip in the jitted step: the host only batches
-  c.data.eval_preprocess = ''
-  c.data.mean = (0.286,)
-  c.data.std = (0.353,)
-  c.data.cache = True
-
+  c = fashion_mnist_quick.get_config()   # the data, flips on the device, flip TTA, logging
   c.model = ml_collections.ConfigDict()
   c.model.name = 'vit_ti16'               # the ViT family; the keys below replace every size
   c.model.width = 128
@@ -51,27 +41,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.dropout = 0.0
   c.model.drop_path_rate = 0.0
 
-  c.dtype = 'float32'
-
   c.batch_size = 128
   c.eval_batch_size = 500
   c.num_epochs = 9.0
-  c.label_smoothing = 0.1
   c.optim.name = 'muon'
   c.optim.learning_rate = 0.02
   c.optim.weight_decay = 0.05
   c.optim.schedule = 'cosine'
   c.optim.warmup_epochs = 0.2
-  c.optim.grad_clip_norm = 0.0
-
-  c.log_every_steps = 200
   c.eval_every_epochs = 1.0
-  c.evaluate.tta = 'flip'
-  c.checkpoint_every_epochs = 100.0
-  c.progress_bar = False
-  c.tensorboard = False
-  c.checkpoint.keep_best = 0
-  c.mesh.num_devices = 0
   c.mesh.cpu_devices = 1                  # 1 device already uses both cores (Muon's Newton-Schulz
                                           # would run on every device)
   return c
