@@ -419,14 +419,16 @@ with tfds.testing.mock_data(num_examples=64):
 def test_kill_9_and_rerun_ends_with_the_same_state_and_metrics(tmp_path):
   """Every feature on, 4 steps per dispatch, 2 devices, as the real command line: one run killed
   with SIGKILL just before its step-18 save (step 12 committed), then the same command again,
-  against one uninterrupted run: bitwise-equal final state and the same metrics records."""
+  against one uninterrupted run: bitwise-equal final state and the same metrics records. The
+  three share a compilation cache (faster; and programs loaded from it must give the same bits)."""
   from tests import test_fault_tolerance as ft
   config_file = tmp_path / 'cfg.py'
   config_file.write_text(
       'import pathlib, sys\n'
       f'sys.path.insert(0, {REPO!r})\n'
       'from tests.test_speed_features import _mock_config\n'
-      f'def get_config():\n  return _mock_config(pathlib.Path({str(tmp_path)!r}))\n')
+      f'def get_config():\n  return _mock_config(pathlib.Path({str(tmp_path)!r}), '
+      f'compilation_cache_dir={str(tmp_path / "jax_cache")!r})\n')
   runs = {}
   for name, kill_at in (('whole', 0), ('killed', 18), ('killed', 0)):
     workdir, log = tmp_path / name, str(tmp_path / f'{name}_{kill_at}.log')
