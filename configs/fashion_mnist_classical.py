@@ -19,7 +19,7 @@ from configs import default, fashion_mnist_quick
 
 def get_config() -> ml_collections.ConfigDict:
   c = default.get_config()
-  c.data = fashion_mnist_quick.get_config().data   # the same data as the CNN it is compared with
+  c.data = fashion_mnist_quick.base_config().data   # the same data as the CNN it is compared with
   c.data.device_preprocess = ''
   c.eval_batch_size = 500
   c.classical.hog_cell = 4                # 28 px images: 7x7 cells, 6x6 blocks

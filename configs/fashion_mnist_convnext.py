@@ -25,7 +25,7 @@ from configs import fashion_mnist_quick
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = fashion_mnist_quick.get_config()   # the data, flips on the device, flip TTA, 2 CPU devices
+  c = fashion_mnist_quick.base_config()   # the data, flips on the device, flip TTA, 2 CPU devices
   c.model = ml_collections.ConfigDict()
   c.model.name = 'convnext_tiny'
   c.model.depths = (2, 2)

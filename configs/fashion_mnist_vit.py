@@ -28,7 +28,7 @@ from configs import fashion_mnist_quick
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = fashion_mnist_quick.get_config()   # the data, flips on the device, flip TTA, logging
+  c = fashion_mnist_quick.base_config()   # the data, flips on the device, flip TTA, logging
   c.model = ml_collections.ConfigDict()
   c.model.name = 'vit_ti16'               # the ViT family; the keys below replace every size
   c.model.width = 128
