@@ -1,26 +1,34 @@
-"""Fashion-MNIST to 93% in 3-4 minutes on 2 CPU cores, start-up included.
+"""Fashion-MNIST: the best accuracy in 5 minutes on 2 CPU cores, start-up included (issue 18).
 
 ``fast_cnn``: conv3x3(16) -> pool -> conv3x3(64) -> pool -> conv3x3(128) -> flatten -> linear
 (each conv with BatchNorm and ReLU; 146k parameters), built for XLA:CPU (see
-imgcls_jax/models/fast_cnn.py). Batch 32 (on XLA:CPU a small batch is cheaper per image than 128:
-its activations stay in cache), SGD with Nesterov momentum, lr 0.05 with a half-epoch linear warmup
-and linear decay to 0, weight decay 5e-4, label smoothing 0.1, horizontal flips only (pad-and-crop
-slowed convergence in runs this short) applied inside the jitted step (data.device_preprocess, so
-tf.data only batches the cached images), 7 epochs, data-parallel over 2 CPU devices
-(mesh.cpu_devices=2: one per core, step 13.1 -> 10.1 ms), and flip test-time augmentation
-(evaluate.tta='flip': +0.2-0.3 points) at the evaluations, which run every 2 epochs and at the end.
+imgcls_jax/models/fast_cnn.py), data-parallel over 2 CPU devices (mesh.cpu_devices=2, one per
+core). SGD with Nesterov momentum, batch 64, lr 0.1 with a half-epoch linear warmup and linear
+decay to 0, weight decay 5e-4, label smoothing 0.1, 12 epochs, plus the speed features that paid
+in the ablation (benchmarks/NOTES.md, "Fashion-MNIST speed features, measured"): a frozen
+patch-whitening first convolution (+0.7 points), flips on the device derandomized over epochs
+(data.device_preprocess='flip_alternate', +0.2), 2x the learning rate for BatchNorm parameters
+(+0.1), weight EMA 0.999 (evaluated), flip test-time augmentation at the evaluations (every 3
+epochs), and the persistent compilation cache. ``base_config()`` is the data / model / logging
+part the other Fashion-MNIST configs start from (batch 32, 7 epochs, no speed features: 93.3-93.5%).
 
 Prepare the data once (Debian's dataset-fashion-mnist through the standard tfds builder; the
 pipeline also does it by itself on first use):
   python -m imgcls_jax.data.prepare_fashion_mnist
 Command (and timed, start-up included, with benchmarks/time_to_accuracy.py):
   python -m imgcls_jax.main --config=configs/fashion_mnist_quick.py --workdir=/tmp/fmnist_quick
-  python benchmarks/time_to_accuracy.py --target=0.93 -- \
+  python benchmarks/time_to_accuracy.py --target=0.945 --budget=299 -- \
       --config=configs/fashion_mnist_quick.py --workdir=/tmp/fmnist_quick_timed
-Expected: 93.50% / 93.26% / 93.38% top-1 on the 10k test split (seeds 0 / 1 / 2) at the end of
-epoch 7; 93% first reached after 183 s / 220 s wall (seed 0, two runs an hour apart: the VM's
-speed drifts) on the project's 2-core CPU VM (README,
-"Fashion-MNIST in 5 minutes on 2 CPU cores").
+Expected (seeds 0 / 1 / 2): 93.90 / 93.90 / 94.02% top-1 on the 10k test split (mean 93.94%) at
+the end of epoch 12, evaluated after 207.1 / 244.0 / 267.8 s wall (whole runs 209.5 / 246.5 /
+270.0 s: the VM slowed during the half hour); 93% first seen at epoch 6 (115.3 / 127.9 / 132.1 s).
+Measured 2026-12-02 on the project's 2-core AMD EPYC VM (AVX-512), one run after the other,
+nothing else running. The PyTorch peer script (../shared/peers/torch_fmnist.py, seeds 0-2, 15
+epochs) took 294-305 s (mean 299.1 s; 258.6 s at a faster moment) and ended at 93.56-93.73% on the
+same machine within the hour (mean 93.63%): this recipe ends ~0.3 points higher in less time,
+but issue 18's 94.5% is NOT reached (15 epochs: 93.89%; 13 epochs, or a 2.2x wider network for 7:
+94.12% / 93.91% within 299 s; random shifts in training cost 0.7 points at this length:
+benchmarks/NOTES.md, "session 7").
 """
 import ml_collections
 
