@@ -89,8 +89,7 @@ def base_config() -> ml_collections.ConfigDict:
 def get_config() -> ml_collections.ConfigDict:
   c = base_config()
   # The speed features that paid in the ablation (benchmarks/NOTES.md).
-  c.data.device_preprocess = 'flip_alternate'   # derandomized flips: needs the deterministic host
-  c.data.train_preprocess = ''                  # pipeline (no host augmentation)
+  c.data.device_preprocess = 'flip_alternate'   # derandomized flips (base: no host augmentation)
   c.init.patch_whitening = True           # first conv = whitening filters of training patches,
   c.init.freeze_whitening = True          # frozen
   c.init.whitening_examples = 5000
@@ -102,7 +101,5 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.learning_rate = 0.1             # linear scaling from 0.05 at 32
   c.num_epochs = 12.0                     # what fits the PyTorch peer script's ~300 s
   c.eval_every_epochs = 3.0               # ~3 s each (10k images, flip TTA)
-  c.eval_subset = 0
-  c.steps_per_dispatch = 1                # > 1 runs ~10x slower on XLA:CPU (imgcls_jax/dispatch.py)
   c.compilation_cache_dir = 'default'     # ~/.cache/imgcls_jax/jax_cache: reruns skip compiling
   return c

@@ -39,8 +39,9 @@ def _options() -> tf.data.Options:
   options.experimental_optimization.map_parallelization = True
   # No autotuning thread: deleting an iterator waits for it to wake, up to ~60 s into a long run
   # (seen at the end of training and so on every stop and cross-validation fold: the process sat
-  # idle in RootDataset::Iterator::~Iterator). Parallel maps then use one call per core, and the
-  # prefetch depth is data.prefetch.
+  # idle in RootDataset::Iterator::~Iterator). Parallel maps then keep tf.data's default
+  # parallelism and the prefetch depth is data.prefetch (folder-pipeline throughput unchanged within
+  # noise: benchmarks/NOTES.md).
   options.autotune.enabled = False
   return options
 
