@@ -100,6 +100,7 @@ class Bench:
   batch_size: int
   shape: Shape
   placement: sharding.ParamSharding
+  ema: bool   # config.ema.decay > 0: the state carries the averaged copy, as in training
 
 
 def build(config: ml_collections.ConfigDict, shape: Shape) -> Bench:
@@ -111,10 +112,12 @@ def build(config: ml_collections.ConfigDict, shape: Shape) -> Bench:
                      num_examples={})
   # The schedule's length changes a scalar, not the step's cost: 100 steps per epoch stand in.
   s = run_lib.setup(config, info, steps_per_epoch=100)
-  _, state_sh = state_lib.abstract_state(s.model_fn, s.tx, config.seed, s.mesh, s.placement)
+  ema = s.step_cfg.ema_decay > 0
+  _, state_sh = state_lib.abstract_state(s.model_fn, s.tx, config.seed, s.mesh, s.placement,
+                                         ema=ema)
   return Bench(jitted=run_lib.jit_train_step(s, state_sh), mesh=s.mesh, model_fn=s.model_fn,
                tx=s.tx, seed=config.seed, batch_size=config.batch_size, shape=shape,
-               placement=s.placement)
+               placement=s.placement, ema=ema)
 
 
 def batch_spec(bench: Bench) -> dict[str, jax.ShapeDtypeStruct]:
@@ -141,7 +144,7 @@ def synthetic_batch(bench: Bench) -> dict[str, jax.Array]:
 def flops_per_step(bench: Bench) -> float | None:
   """XLA's FLOP count of one step, from shapes alone (no state allocated, nothing compiled)."""
   abstract, _ = state_lib.abstract_state(bench.model_fn, bench.tx, bench.seed, bench.mesh,
-                                         bench.placement)
+                                         bench.placement, ema=bench.ema)
   return measure.flops(bench.jitted.lower(abstract, batch_spec(bench)), None)['flops_per_step']
 
 
@@ -150,7 +153,8 @@ def run(config: ml_collections.ConfigDict, shape: Shape, *, num_steps: int, warm
         guard: str = 'disallow') -> dict[str, Any]:
   """Compiles and times the step; returns the JSON record (see ``measure.result``)."""
   bench = build(config, shape)
-  state, _ = state_lib.create(bench.model_fn, bench.tx, bench.seed, bench.mesh, bench.placement)
+  state, _ = state_lib.create(bench.model_fn, bench.tx, bench.seed, bench.mesh, bench.placement,
+                              ema=bench.ema)
   batch = synthetic_batch(bench)
   params = state_lib.param_count(state.params)
   compiled, info = measure.compile_step(bench.jitted, state, batch)

@@ -63,6 +63,18 @@ def test_throughput_runs_on_cpu_without_tensorflow():
   assert 'images/s' in proc.stderr  # the readable summary goes to stderr with --json
 
 
+def test_throughput_builds_the_ema_copy_an_ema_config_trains_with():
+  """A config with weight EMA (fashion_mnist_quick's) steps the averaged copy too: the benchmark's
+  state must carry it, as training's does (it failed with a TypeError before)."""
+  from benchmarks import throughput
+  from configs import default
+  c = default.get_config()
+  c.batch_size, c.model.widths, c.ema.decay = 8, (8,), 0.9
+  r = throughput.run(c, throughput.Shape(8, 1, 10), num_steps=2, warmup=1, window=1,
+                     peak_tflops=1.0)
+  assert r['loss_finite'] and r['step_time_median_s'] > 0
+
+
 def test_reference_runs_on_cpu_without_tensorflow():
   proc = _run_without_tf('benchmarks/reference_flax.py', '--batch_size=4', '--image_size=16',
                          '--num_classes=10', '--stage_sizes=1', '--dtype=float32', '--steps=2',
