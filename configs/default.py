@@ -56,6 +56,12 @@ def get_config() -> ml_collections.ConfigDict:
   # proportional to 1 / (its class's count), so each class fills ~1/K of every batch; an "epoch"
   # stays len(split) examples. Seeded and exactly resumable like the plain stream.
   c.data.balanced_sampling = False
+  # The training split held on the devices (imgcls_jax/data/resident.py): for small datasets, each
+  # step gathers its batch there from indices, in exactly the streamed order, and no host pipeline
+  # runs beside training. Needs one process, train_preprocess='' (augment with device_preprocess),
+  # read_shards=1, no balanced_sampling, and a split within device_resident_max_mb.
+  c.data.device_resident = False
+  c.data.device_resident_max_mb = 1024.0
 
   # ---- model (imgcls_jax/models: every key but 'name' goes to the constructor) ----
   c.model = ml_collections.ConfigDict()

@@ -91,6 +91,32 @@ def device_batches(batches: Iterator[dict[str, np.ndarray]], sizes: Iterable[int
       queue.append(place(n))
 
 
+def resident_batches(images: np.ndarray, labels: np.ndarray,
+                     indices: Callable[[int, int], np.ndarray], *, start_step: int,
+                     sizes: Iterable[int], batch_size: int, mesh: Mesh
+                     ) -> Iterator[dict[str, jax.Array]]:
+  """``device_batches`` for a training split held on the devices (``config.data.device_resident``):
+  ``images`` / ``labels`` are placed once, replicated over the mesh; each dispatch sends only the
+  ``n x batch_size`` split indices of its steps (``indices(first_position, count)``) and gathers
+  its batch (or stack of n batches) on the devices, already split over the data axis."""
+  replicated = sharding.replicated(mesh)
+  images_dev, labels_dev = jax.device_put(images, replicated), jax.device_put(labels, replicated)
+
+  def gather(im: jax.Array, lb: jax.Array, idx: jax.Array) -> dict[str, jax.Array]:
+    return {'image': im[idx], 'label': lb[idx]}
+
+  single = jax.jit(gather, out_shardings=sharding.batch_sharding(mesh))
+  stacked = jax.jit(gather, out_shardings=stacked_sharding(mesh))
+  step = start_step
+  for n in sizes:
+    idx = indices(step * batch_size, n * batch_size)
+    if n == 1:
+      yield single(images_dev, labels_dev, jax.device_put(idx, replicated))
+    else:
+      yield stacked(images_dev, labels_dev, jax.device_put(idx.reshape(n, batch_size), replicated))
+    step += n
+
+
 def scan_steps(train_step: Callable[..., tuple[Any, dict[str, jax.Array]]]
                ) -> Callable[..., tuple[Any, dict[str, jax.Array]]]:
   """``(state, batches_k) -> (state, metrics_k)``: ``train_step`` over the leading axis of a stack

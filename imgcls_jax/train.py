@@ -21,7 +21,7 @@ import tqdm
 from imgcls_jax import (checkpoint, configlib, dispatch, inference, metrics, multilabel, preemption,
                         report, report_multilabel, run, sharding, startup)
 from imgcls_jax import state as state_lib
-from imgcls_jax.data import pipeline
+from imgcls_jax.data import pipeline, resident
 from imgcls_jax.errors import UserError
 
 
@@ -111,6 +111,10 @@ class _Trainer:
         process_index=jax.process_index(), process_count=jax.process_count(),
         split_size=s.info.num_examples.get(s.config.data.eval_split))
     self.inference_meta = inference.inference_meta(s.config.data, s.info)
+    self.resident = None  # config.data.device_resident: the training split as arrays
+    if resident.enabled(s.config.data):
+      resident.check(s.config.data, jax.process_count())
+      self.resident = resident.load(s.config.data)
 
   def diverged(self, what: str, step: int) -> TrainingDiverged:
     good = (f'the last good checkpoint is step {self.last_good} in {self.ckpt.directory}'
@@ -180,12 +184,19 @@ class _Trainer:
     eval_every = configlib.steps_from(c, 'eval_every', s.steps_per_epoch) or s.total_steps
     ckpt_every = configlib.steps_from(c, 'checkpoint_every', s.steps_per_epoch) or s.total_steps
     ckpt_on_eval = c.checkpoint.keep_best > 0  # best-N needs a checkpoint at every evaluation
-    train_ds, _ = pipeline.train_dataset(c.data, seed=c.seed, local_batch_size=s.local_batch_size,
-                                         start_step=start, process_index=jax.process_index(),
-                                         process_count=jax.process_count())
     sizes = list(dispatch.plan(start, s.total_steps, s.steps_per_dispatch,
                                (eval_every, ckpt_every)))
-    batches = dispatch.device_batches(train_ds.as_numpy_iterator(), sizes, s.mesh)
+    if self.resident is not None:  # the split on the devices, in the stream's order
+      order = resident.Order(c.data, c.seed, self.resident.num_examples)
+      batches = dispatch.resident_batches(self.resident.images, self.resident.labels,
+                                          order.indices, start_step=start, sizes=sizes,
+                                          batch_size=s.local_batch_size, mesh=s.mesh)
+    else:
+      train_ds, _ = pipeline.train_dataset(c.data, seed=c.seed,
+                                           local_batch_size=s.local_batch_size, start_step=start,
+                                           process_index=jax.process_index(),
+                                           process_count=jax.process_count())
+      batches = dispatch.device_batches(train_ds.as_numpy_iterator(), sizes, s.mesh)
     eval_metrics: dict[str, Any] = {}
     guard = sharding.InFlightGuard(s.mesh)
     step = start
