@@ -7,7 +7,6 @@ steps, logs, evaluates and saves. The loop never blocks on a step: metrics are f
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import logging
 import os
@@ -132,9 +131,10 @@ class _Trainer:
     variables = self.state.ema_variables() if self.eval_ema else self.state
     if final and self.threshold_split:
       self.choose_thresholds(variables)
-    batches = self.eval_data.batches()
     if self.eval_subset > 0 and not final:  # intermediate evaluations: the first N examples
-      batches = itertools.islice(batches, -(-self.eval_subset // self.s.config.eval_batch_size))
+      batches = self.eval_data.head_batches(-(-self.eval_subset // self.s.config.eval_batch_size))
+    else:
+      batches = self.eval_data.batches()
     sums = run.eval_sums(self.eval_step, variables, batches, self.s.mesh, self.eval_data.split)
     return report.training_eval_metrics(sums, self.thresholds)
 

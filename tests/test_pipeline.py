@@ -75,6 +75,22 @@ def test_eval_covers_every_example_exactly_once(digits_config, batch):
                                                       digits.load_arrays('test')[0]})
 
 
+def test_partial_evaluations_leave_the_cached_split_whole(digits_config):
+  """config.eval_subset's first batches, then a full pass, several times over (as training
+  evaluates): every full pass still covers all 450 examples, and the head is the full pass's start.
+  (Reading a partial pass of the cached stream could leave tf.data a partial cache: a full pass
+  then counted 17 of 64 examples in one run.)"""
+  assert digits_config.data.cache
+  ev = pipeline.EvalData(digits_config.data, 'test', local_batch_size=64, split_size=450)
+  for _ in range(4):
+    head = list(ev.head_batches(2))
+    full = list(ev.batches())
+    assert len(head) == 2 and sum(int(b['mask'].sum()) for b in full) == 450
+    for h, f in zip(head, full):
+      np.testing.assert_array_equal(h['image'], f['image'])
+      np.testing.assert_array_equal(h['label'], f['label'])
+
+
 def test_eval_pads_to_the_same_batch_count_on_every_process(digits_config):
   # 450 examples over 4 processes: slices of 113/113/112/112 -> 2 batches of 64 each.
   counts = []

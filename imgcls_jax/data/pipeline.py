@@ -17,6 +17,7 @@ Evaluation covers every example of a split exactly once: the last partial batch 
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from typing import Any, Iterator
@@ -231,6 +232,8 @@ class EvalData:
                split_size: int | None = None, info: info_lib.DatasetInfo | None = None):
     self.split = split
     self.local_batch_size = local_batch_size
+    self._args = (data, split, local_batch_size, process_index, process_count, info)
+    self._head: EvalData | None = None
     # ``info``: a trained run's classes and channels (evaluating it on another image folder).
     ds = sources.read(data, split, process_index, process_count, drop_remainder=False, info=info)
     preprocess = pp.compose(data.eval_preprocess)
@@ -247,6 +250,18 @@ class EvalData:
     # largest process's count (known from the split size, when tfds knows it).
     self.num_batches = (math.ceil(math.ceil(split_size / process_count) / local_batch_size)
                         if split_size else None)
+
+  def head_batches(self, num_batches: int) -> Iterator[Batch]:
+    """The first ``num_batches`` of ``batches()`` (``config.eval_subset``), read without the cache:
+    a partial pass over a cached split must not touch the cache (tf.data can keep the partial
+    cache: a later full pass then saw 17 of 64 examples)."""
+    if self._head is None:
+      data, split, batch, index, count, info = self._args
+      uncached = ml_collections.ConfigDict(data.to_dict())
+      uncached.cache = False
+      self._head = EvalData(uncached, split, local_batch_size=batch, process_index=index,
+                            process_count=count, info=info)
+    return itertools.islice(self._head.batches(), num_batches)
 
   def batches(self) -> Iterator[Batch]:
     """Batches of exactly ``local_batch_size`` with a boolean ``mask`` of real examples."""
