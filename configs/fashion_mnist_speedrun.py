@@ -36,6 +36,9 @@ alternately in the same half hour: 93% after 250.4 / 238.0 / 234.5 s (mean 241.0
 after the other, nothing else running. With tf.data's autotuning off (the current pipeline; the
 same accuracies bit for bit), an hour later: 87.1 / 82.3 / 104.3 s (the VM slowed ~25% for the
 last); the PyTorch script, seed 0, at 206.4 s between them (0.42x).
+On an AVX2-only AMD EPYC (Zen 3, no AVX-512; same VM type, 2026-12-02 session 8): 93.54 / 93.47 /
+93.48% (other last bits), 93% after 237.2 / 233.0 / 233.8 s (mean 234.7 s) against the PyTorch
+script's 570.5 s (seed 0, just before): **0.41x** (benchmarks/NOTES.md, "real AVX2 machine").
 """
 import ml_collections
 
