@@ -108,7 +108,16 @@ class _Trainer:
     self.eval_data = pipeline.EvalData(
         s.config.data, s.config.data.eval_split, local_batch_size=s.local_eval_batch_size,
         process_index=jax.process_index(), process_count=jax.process_count(),
-        split_size=s.info.num_examples.get(s.config.data.eval_split))
+        split_size=s.info.num_examples.get(s.config.data.eval_split),
+        with_head=self.eval_subset > 0)
+    # Every dataset a run reads is built here, before its first step: a misnamed
+    # threshold_split fails now, not after training, and nothing is built while an async
+    # checkpoint is being written.
+    self.threshold_data = (pipeline.EvalData(
+        s.config.data, self.threshold_split, local_batch_size=s.local_eval_batch_size,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        split_size=s.info.num_examples.get(self.threshold_split))
+        if self.threshold_split else None)
     self.inference_meta = inference.inference_meta(s.config.data, s.info)
     self.resident = None  # config.data.device_resident: the training split as arrays
     if resident.enabled(s.config.data):
@@ -140,11 +149,7 @@ class _Trainer:
 
   def choose_thresholds(self, variables: Any) -> None:
     """Per-class thresholds maximising F1 on the threshold split; the eval step then uses them."""
-    c, split = self.s.config, self.threshold_split
-    data = pipeline.EvalData(c.data, split, local_batch_size=self.s.local_eval_batch_size,
-                             process_index=jax.process_index(),
-                             process_count=jax.process_count(),
-                             split_size=self.s.info.num_examples.get(split))
+    split, data = self.threshold_split, self.threshold_data
     sums = report.stats_to_numpy(run.eval_sums(self.eval_step, variables, data.batches(),
                                                self.s.mesh, split))
     self.thresholds = tuple(float(t) for t in multilabel.choose_thresholds(sums['ml_pos'],

@@ -281,3 +281,17 @@ def test_multilabel_cross_validation_uses_plain_folds_and_reports_map(tmp_path):
   assert summary['pooled_out_of_fold']['num_examples'] == 96
   assert 0 < summary['mean']['map'] <= 1
   assert os.path.getsize(tmp_path / 'cv' / 'cv_pr_curves.png') > 0
+
+
+def test_a_misnamed_threshold_split_fails_before_the_first_step(tmp_path):
+  """The threshold split is read at the end of training; its name is checked at the start, so a
+  typo costs no training time: one UserError naming it, and no checkpoint written."""
+  _digit_tiles(str(tmp_path / 'd'), counts=(('train', 32), ('validation', 16), ('test', 16)))
+  c = _config(str(tmp_path / 'd' / 'manifest.csv'))
+  c.evaluate.threshold_split = 'validaton'
+  c.num_epochs, c.batch_size, c.eval_batch_size = 2.0, 16, 16
+  c.checkpoint_every_epochs = 1.0  # a run that got as far as step 2 would leave a checkpoint
+  with pytest.raises(UserError, match='validaton'):
+    train.train_and_evaluate(c, str(tmp_path / 'run'))
+  assert not os.path.isdir(tmp_path / 'run' / 'checkpoints') or not [
+      d for d in os.listdir(tmp_path / 'run' / 'checkpoints') if d[0].isdigit()]

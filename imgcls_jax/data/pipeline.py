@@ -229,7 +229,8 @@ class EvalData:
 
   def __init__(self, data: ml_collections.ConfigDict, split: str, *, local_batch_size: int,
                process_index: int = 0, process_count: int = 1,
-               split_size: int | None = None, info: info_lib.DatasetInfo | None = None):
+               split_size: int | None = None, info: info_lib.DatasetInfo | None = None,
+               with_head: bool = False):
     self.split = split
     self.local_batch_size = local_batch_size
     self._args = (data, split, local_batch_size, process_index, process_count, info)
@@ -250,17 +251,26 @@ class EvalData:
     # largest process's count (known from the split size, when tfds knows it).
     self.num_batches = (math.ceil(math.ceil(split_size / process_count) / local_batch_size)
                         if split_size else None)
+    # ``with_head``: build head_batches' pipeline now, with the rest of a run's set-up, not at its
+    # first evaluation (a run builds no dataset while its checkpoints are being written).
+    if with_head:
+      self._head = self._uncached()
+
+  def _uncached(self) -> 'EvalData':
+    data, split, batch, index, count, info = self._args
+    if not data.get('cache', False):
+      return self
+    uncached = ml_collections.ConfigDict(data.to_dict())
+    uncached.cache = False
+    return EvalData(uncached, split, local_batch_size=batch, process_index=index,
+                    process_count=count, info=info)
 
   def head_batches(self, num_batches: int) -> Iterator[Batch]:
     """The first ``num_batches`` of ``batches()`` (``config.eval_subset``), read without the cache:
     a partial pass over a cached split must not touch the cache (tf.data can keep the partial
     cache: a later full pass then saw 17 of 64 examples)."""
     if self._head is None:
-      data, split, batch, index, count, info = self._args
-      uncached = ml_collections.ConfigDict(data.to_dict())
-      uncached.cache = False
-      self._head = EvalData(uncached, split, local_batch_size=batch, process_index=index,
-                            process_count=count, info=info)
+      self._head = self._uncached()
     return itertools.islice(self._head.batches(), num_batches)
 
   def batches(self) -> Iterator[Batch]:
