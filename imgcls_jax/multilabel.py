@@ -32,17 +32,9 @@ from imgcls_jax import roc
 from imgcls_jax.errors import UserError
 
 DEFAULT_BINS = roc.DEFAULT_BINS
+bin_index = roc.bin_index   # one binning for ROC and multi-label histograms (roc.py owns it)
 STAT_KEYS = ('ml_pos', 'ml_neg', 'ml_exact_05', 'ml_exact_thr', 'ml_count')
 _PR_CLASSES = 50   # classes whose precision-recall curves the report keeps (lowest AP first)
-
-
-def bin_index(probs: jax.Array, bins: int = DEFAULT_BINS) -> jax.Array:
-  """The bin (int32, 0 .. bins - 1) of each probability: how many inner edges it reaches."""
-  p = probs.astype(jnp.float32)
-  edges = jnp.asarray(np.arange(bins + 1) / bins, jnp.float32)    # float32(j / bins), j = 0..bins
-  b = jnp.clip(jnp.floor(p * bins), 0, bins - 1).astype(jnp.int32)
-  b = b - (p < edges[b]).astype(jnp.int32) + (p >= edges[b + 1]).astype(jnp.int32)
-  return jnp.clip(b, 0, bins - 1)
 
 
 def _edge_index_device(thresholds_K: jax.Array, bins: int) -> jax.Array:
@@ -59,7 +51,7 @@ def sums(probs_BxK: jax.Array, targets_BxK: jax.Array, mask_B: jax.Array,
   0.5) equals the true set; ``ml_count``: masked examples.
   """
   k = probs_BxK.shape[-1]
-  bin_BxK = bin_index(probs_BxK, bins)
+  bin_BxK = roc.bin_index(probs_BxK, bins)
   w_B = mask_B.astype(jnp.int32)
   true_BxK = targets_BxK > 0.5
   pos_BxK = true_BxK.astype(jnp.int32) * w_B[:, None]

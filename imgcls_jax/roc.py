@@ -17,12 +17,24 @@ import numpy as np
 DEFAULT_BINS = 1000
 
 
+def bin_index(probs: jax.Array, bins: int = DEFAULT_BINS) -> jax.Array:
+  """The bin (int32, 0 .. bins - 1) of each probability: how many of the edges
+  ``float32(j / bins)``, 0 < j < bins, it reaches. That is ``floor(p * bins)`` corrected by one
+  where float32 rounding of the product crosses an edge (with 1000 bins it does at 22 edges, e.g.
+  j = 17), so a threshold ``j / bins`` on the host means exactly ``p >= float32(j / bins)``."""
+  p = probs.astype(jnp.float32)
+  edges = jnp.asarray(np.arange(bins + 1) / bins, jnp.float32)    # float32(j / bins), j = 0..bins
+  b = jnp.clip(jnp.floor(p * bins), 0, bins - 1).astype(jnp.int32)
+  b = b - (p < edges[b]).astype(jnp.int32) + (p >= edges[b + 1]).astype(jnp.int32)
+  return jnp.clip(b, 0, bins - 1)
+
+
 def sums(probs_BxK: jax.Array, labels_B: jax.Array, mask_B: jax.Array,
          bins: int = DEFAULT_BINS) -> dict[str, jax.Array]:
   """``roc_pos`` / ``roc_neg`` (int32 K x bins): masked counts of positive / negative examples by
   the bin of their class-k probability."""
   k = probs_BxK.shape[-1]
-  bin_BxK = jnp.clip(jnp.floor(probs_BxK.astype(jnp.float32) * bins), 0, bins - 1).astype(jnp.int32)
+  bin_BxK = bin_index(probs_BxK, bins)
   pos_BxK = jax.nn.one_hot(labels_B, k, dtype=jnp.int32) * mask_B.astype(jnp.int32)[:, None]
   neg_BxK = (1 - jax.nn.one_hot(labels_B, k, dtype=jnp.int32)) * mask_B.astype(jnp.int32)[:, None]
   cls_BxK = jnp.broadcast_to(jnp.arange(k), bin_BxK.shape)

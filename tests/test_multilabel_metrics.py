@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import sklearn.metrics as skm
 
-from imgcls_jax import multilabel, plots
+from imgcls_jax import multilabel, plots, roc
 from imgcls_jax.errors import UserError
 
 K, N, BINS = 7, 500, 1000
@@ -162,8 +162,13 @@ def test_thresholds_at_bin_edges_mean_p_at_least_t_on_both_sides():
   probs = rng.choice(values, (n, K)).astype(np.float32)
   y = (rng.random((n, K)) < 0.4).astype(np.int32)
   y[:, NO_POSITIVES] = 0
-  np.testing.assert_array_equal(np.asarray(multilabel.bin_index(jnp.asarray(values))),
-                                _binned(values))
+  np.testing.assert_array_equal(np.asarray(roc.bin_index(jnp.asarray(values))), _binned(values))
+  # The single-label ROC histograms bin the same way (one binning for both reports).
+  labels = rng.integers(0, K, n)
+  single = roc.sums(jnp.asarray(probs), jnp.asarray(labels), jnp.ones(n, bool))
+  one_hot = np.eye(K, dtype=np.int32)[labels]
+  np.testing.assert_array_equal(single['roc_pos'], _oracle_hist(probs, one_hot)[0])
+  np.testing.assert_array_equal(single['roc_neg'], _oracle_hist(probs, one_hot)[1])
   for j in ([17, 34, 68, 79, 136, 251, 500], [1, 17, 999, 34, 500, 68, 79]):
     thresholds = np.array(j) / BINS
     s = _stats(probs, y, thresholds)
