@@ -2,9 +2,9 @@
 included: 0.39x the PyTorch peer script's time.
 
 ``fashion_mnist_quick`` with its earlier three-stage network, for 4 epochs instead of 10,
-evaluated at epochs 2 and 4: fast_cnn 16-64-128, SGD + Nesterov, linear decay, 2 CPU devices, batch 64 and lr 0.1, with the parts that
-earned their place in the ablation (benchmarks/NOTES.md, "Fashion-MNIST speed features, measured"
-and "session 7"):
+evaluated at epochs 2 and 4: fast_cnn 16-64-128, SGD + Nesterov, linear decay, 2 CPU devices,
+batch 64 and lr 0.1, with the parts that earned their place in the ablation (benchmarks/NOTES.md,
+"Fashion-MNIST speed features, measured" and "session 7"):
 
 - a frozen patch-whitening first convolution (``init.patch_whitening``, ``init.freeze_whitening``:
   the 3x3 conv's 16 filters are the top 8 whitening directions of 5000 training images and their

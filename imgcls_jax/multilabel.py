@@ -32,7 +32,6 @@ from imgcls_jax import roc
 from imgcls_jax.errors import UserError
 
 DEFAULT_BINS = roc.DEFAULT_BINS
-bin_index = roc.bin_index   # one binning for ROC and multi-label histograms (roc.py owns it)
 STAT_KEYS = ('ml_pos', 'ml_neg', 'ml_exact_05', 'ml_exact_thr', 'ml_count')
 _PR_CLASSES = 50   # classes whose precision-recall curves the report keeps (lowest AP first)
 
