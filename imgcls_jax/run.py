@@ -71,11 +71,13 @@ def setup(config: ml_collections.ConfigDict, info: DatasetInfo | None = None, *,
   placement = sharding.ParamSharding.from_config(config.mesh)
   local_eval_bs = sharding.local_batch_size(config.eval_batch_size, mesh, 'config.eval_batch_size')
   model_fn = models.from_config(config, info.num_classes, info.channels)
+  frozen = whitening.frozen_names(config)
   if info.multilabel:
     _check_multilabel(config)
   s = Setup(config=config, mesh=mesh, info=info, model_fn=model_fn,
             model_def=state_lib.model_def(model_fn), step_cfg=steps.step_config(
                 config, info.num_classes, probe_head=_probe_head(config, model_fn),
+                frozen=frozen,
                 class_weights=class_weights(config, info) if training else None,
                 logit_offsets=logit_offsets(config, info) if training else None,
                 multilabel=info.multilabel, thresholds=thresholds,
@@ -107,7 +109,7 @@ def setup(config: ml_collections.ConfigDict, info: DatasetInfo | None = None, *,
                      layer_depths=functools.partial(models.layer_depths, config.model.name),
                      norm_names=(state_lib.norm_param_names(model_fn) if groups != (1.0, 1.0)
                                  else frozenset()),
-                     frozen=whitening.frozen_names(config))
+                     frozen=frozen)
   return s
 
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from imgcls_jax import device_augment, mixup, multilabel, report
+from imgcls_jax import device_augment, mixup, multilabel, report, weights
 from imgcls_jax.state import ModelDef, TrainState
 
 
@@ -30,6 +30,9 @@ class StepConfig:
   # Linear probe: the name of the head's top-level parameter group; every other parameter is
   # frozen and the model runs in inference mode (running BN statistics, no dropout). '' = off.
   probe_head: str = ''
+  # Dotted names of frozen parameters (e.g. a frozen patch-whitening kernel): their gradient is
+  # stopped in the loss, so XLA never computes it (their optimizer updates are zero anyway).
+  frozen: tuple[str, ...] = ()
   device_flip: bool = False                 # random horizontal flip per example, in the step
   # config.data.device_preprocess parsed (device_augment.parse): ops run on the uint8 batch in the
   # step, after device_flip; flip_alternate places rows in epochs by these two numbers.
@@ -48,6 +51,7 @@ class StepConfig:
 
 
 def step_config(config: Any, num_classes: int, *, probe_head: str = '',
+                frozen: tuple[str, ...] = (),
                 class_weights: tuple[float, ...] | None = None,
                 logit_offsets: tuple[float, ...] | None = None, multilabel: bool = False,
                 pos_weight: tuple[float, ...] | None = None,
@@ -66,7 +70,7 @@ def step_config(config: Any, num_classes: int, *, probe_head: str = '',
                     std=tuple(float(s) for s in config.data.std),
                     compute_dtype=config.dtype,
                     mix=mixup.from_config(config.get('mixup')),
-                    probe_head=probe_head,
+                    probe_head=probe_head, frozen=tuple(sorted(frozen)),
                     # 'flip_lr' alone keeps its own flag (the same draws as the op).
                     device_flip=device == 'flip_lr',
                     device_ops=() if device == 'flip_lr' else device_augment.parse(device),
@@ -172,6 +176,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model_def: Mod
     if cfg.probe_head:  # frozen backbone: no gradient flows into it, so XLA drops its backward
       params = {k: v if k == cfg.probe_head else jax.lax.stop_gradient(v)
                 for k, v in params.items()}
+    if cfg.frozen:      # e.g. a frozen whitening conv: no filter-gradient convolution at all
+      params = weights.map_named(
+          lambda n, v: jax.lax.stop_gradient(v) if n in cfg.frozen else v, params)
     dropout_key = key if isinstance(micro, int) else jax.random.fold_in(key, micro)
     model = model_def.merge(params, batch_stats, dropout_key)
     logits = model(x, train=not cfg.probe_head)
