@@ -51,7 +51,7 @@ class StepConfig:
 
 
 def step_config(config: Any, num_classes: int, *, probe_head: str = '',
-                frozen: tuple[str, ...] = (),
+                frozen: frozenset[str] = frozenset(),
                 class_weights: tuple[float, ...] | None = None,
                 logit_offsets: tuple[float, ...] | None = None, multilabel: bool = False,
                 pos_weight: tuple[float, ...] | None = None,
