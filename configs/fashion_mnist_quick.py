@@ -24,12 +24,13 @@ Command (and timed, start-up included, with benchmarks/time_to_accuracy.py):
       --config=configs/fashion_mnist_quick.py --workdir=/tmp/fmnist_quick_timed
 Expected: 94.16 / 94.10 / 94.24% top-1 (seeds 0 / 1 / 2; mean 94.17%) on the 10k test split at
 the end of epoch 10, on a 2-core AVX2-only AMD EPYC (Zen 3) VM, one run after the other, nothing
-else running. 2026-12-03 morning (a slow hour): seed 0 with this config 94.16% in 500.7 s, beside
-the PyTorch peer script (../shared/peers/torch_fmnist.py, 15 epochs) at 563.1 / 550.5 s (seeds 0 / 1,
-best 93.73 / 93.65%); 12 epochs would end at 94.34 / 94.21% (seeds 0 / 1) but took 686.4 / 610.6 s,
-over that wall. 2026-12-02 night (a fast hour, before the gradient fix and the subset evaluations,
-the same arithmetic: seed 0 ended at the same 94.16%, loss 0.2496): 94.16 / 94.10 / 94.24% in 362.4 / 377.7 / 367.5 s
-beside the PyTorch script's 368.6 / 392.4 s. benchmarks/NOTES.md, "session 10" and "session 11".
+else running. 2026-12-03 morning (a slow hour): seeds 0 / 1 with this config 94.16 / 94.10% in
+500.7 / 527.6 s; the PyTorch peer script (../shared/peers/torch_fmnist.py, 15 epochs) in the hour
+before: 563.1 / 550.5 s (seeds 0 / 1, best 93.73 / 93.65%); 12 epochs would end at 94.34 / 94.21%
+(seeds 0 / 1) but took 686.4 / 610.6 s, over that wall. 2026-12-02 night (a fast hour, before the
+gradient fix and the subset evaluations; the same arithmetic: seeds 0 and 1 ended with the same
+accuracy and loss): 94.16 / 94.10 / 94.24% in 362.4 / 377.7 / 367.5 s beside the PyTorch script's
+368.6 / 392.4 s. benchmarks/NOTES.md, "session 10" and "session 11".
 Issue 18's 94.5% is NOT reached. Earlier, the three-stage recipe for 12 epochs: 93.90 / 93.90 /
 94.02% in 210-270 s on an AVX-512 EPYC (session 7).
 """
