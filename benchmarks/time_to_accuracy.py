@@ -8,8 +8,9 @@ JAX and TensorFlow start-up, dataset loading and compilation all count). Each ev
 run prints is stamped with the seconds since the child started; at the end it prints the time of
 the first evaluation at or above ``--target`` (top-1; for a multi-label run, mAP), the best accuracy within ``--budget`` seconds, and
 the whole run's wall time and CPU time. Use a fresh ``--workdir`` (an existing one resumes).
-Only evaluations of the whole split count: those on fewer examples (``config.eval_subset``'s
-cheaper intermediate ones) are listed in ``--json``'s record but never reach the target.
+Only evaluations of the whole split count: those on fewer examples than the run's largest one
+(``config.eval_subset``'s cheaper intermediate ones; the last evaluation always reads the whole
+split) are listed in ``--json``'s record but never reach the target.
 """
 from __future__ import annotations
 
