@@ -135,6 +135,11 @@ def get_config() -> ml_collections.ConfigDict:
   # higher rate. 1.0 = the same rate.
   c.optim.norm_lr_factor = 1.0
   c.optim.bias_lr_factor = 1.0
+  # Frozen parameters by name: dotted prefixes of parameter names (e.g. 'norms.0' for fast_cnn's
+  # first BatchNorm, 'layer1' for a ResNet stage). They keep their initial values, get no
+  # gradient (XLA drops the backward pass that only they needed) and no optimizer state updates;
+  # BatchNorm statistics still update. '' = none; several: 'norms.0,convs.1'.
+  c.optim.freeze = ''
   # Lookahead (Zhang et al. 2019; airbench): every sync_period steps the slow weights move alpha
   # of the way to the fast (trained) ones and training continues from them; composes with every
   # optimizer but schedule_free_adamw. The slow weights are checkpointed with the optimizer state;

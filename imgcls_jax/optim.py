@@ -73,7 +73,7 @@ def build(cfg: ml_collections.ConfigDict, lr: optax.Schedule,
   parameters (``norm_names``) / of the other biases; ``transfer`` (``config.transfer``) adds
   layer-wise learning-rate decay (by the model family's ``layer_depths`` rule) and, for a linear
   probe, freezes everything but the head; the parameters named in ``frozen`` get zero updates
-  (e.g. a frozen patch-whitening layer); ``cfg.lookahead.sync_period`` > 0 wraps it all in
+  (a frozen patch-whitening layer, ``cfg.freeze``); ``cfg.lookahead.sync_period`` > 0 wraps it all in
   Lookahead. With the defaults the optimizer is ``_base`` unchanged.
   """
   tx = _base(cfg, lr)
@@ -229,6 +229,24 @@ def head_name(names: Any, cfg: ml_collections.ConfigDict | None = None) -> str:
 def in_head(name: str, head: str) -> bool:
   """Whether the dotted parameter ``name`` belongs to the top-level group ``head``."""
   return name == head or name.startswith(head + '.')
+
+
+def frozen_by_name(cfg: ml_collections.ConfigDict, param_names: list[str]) -> frozenset[str]:
+  """The parameters ``cfg.freeze`` names: a comma-separated list of dotted prefixes (a parameter
+  ``norms.0.scale`` matches ``norms.0`` and ``norms``, not ``norm``); UserError for a prefix that
+  matches no parameter."""
+  spec = str(cfg.get('freeze', '') or '')
+  prefixes = [p.strip() for p in spec.split(',') if p.strip()]
+  frozen: set[str] = set()
+  for prefix in prefixes:
+    hits = {n for n in param_names if in_head(n, prefix)}
+    if not hits:
+      groups = sorted({n.rsplit('.', 1)[0] for n in param_names})
+      raise UserError(f"config.optim.freeze names '{prefix}', which matches no parameter of this "
+                      f"model; use dotted prefixes of its parameter names, e.g. "
+                      f"{', '.join(repr(g) for g in groups[:6])}.")
+    frozen |= hits
+  return frozenset(frozen)
 
 
 def trainable_labels(tree: Any, cfg: ml_collections.ConfigDict | None,

@@ -71,7 +71,9 @@ def setup(config: ml_collections.ConfigDict, info: DatasetInfo | None = None, *,
   placement = sharding.ParamSharding.from_config(config.mesh)
   local_eval_bs = sharding.local_batch_size(config.eval_batch_size, mesh, 'config.eval_batch_size')
   model_fn = models.from_config(config, info.num_classes, info.channels)
-  frozen = whitening.frozen_names(config)
+  frozen = whitening.frozen_names(config) | (
+      optim.frozen_by_name(config.optim, state_lib.param_names(model_fn))
+      if config.optim.get('freeze') else frozenset())
   if info.multilabel:
     _check_multilabel(config)
   s = Setup(config=config, mesh=mesh, info=info, model_fn=model_fn,

@@ -1,14 +1,18 @@
-"""A frozen parameter (config.init.freeze_whitening's kernel) has its gradient stopped in the train
-step: XLA never computes it, and the other parameters train exactly as before."""
+"""A frozen parameter (config.init.freeze_whitening's kernel, config.optim.freeze's names) has its
+gradient stopped in the train step: XLA never computes it, and the other parameters train exactly as
+before."""
 import functools
 
 import jax
+import ml_collections
 import numpy as np
 import optax
+import pytest
 
-from imgcls_jax import models, sharding, steps
+from imgcls_jax import models, optim, run, sharding, steps
 from imgcls_jax import state as state_lib
 from imgcls_jax import weights as weights_lib
+from imgcls_jax.errors import UserError
 
 
 def test_a_frozen_kernel_costs_no_gradient_and_changes_nothing_else():
@@ -46,3 +50,69 @@ def test_a_frozen_kernel_costs_no_gradient_and_changes_nothing_else():
   kernel_grad = (f0['convs.0.kernel'] - fa['convs.0.kernel']) / lr
   np.testing.assert_allclose(float(mb['grad_norm']) ** 2,
                              float(ma['grad_norm']) ** 2 - np.sum(kernel_grad ** 2), rtol=1e-4)
+
+
+def _fast_cnn_digits(freeze: str = ''):
+  from configs import default
+  c = default.get_config()                 # sklearn digits, 8x8, 10 classes
+  c.model = ml_collections.ConfigDict({'name': 'fast_cnn', 'widths': ((8,), (16,)),
+                                       'stem': 'none', 'image_size': 8})
+  c.batch_size = 16
+  c.mesh.num_devices = 1
+  c.optim.freeze = freeze
+  return c
+
+
+def test_optim_freeze_selects_by_dotted_prefix_and_rejects_a_prefix_that_matches_nothing():
+  names = ['convs.0.kernel', 'convs.1.kernel', 'norms.0.scale', 'norms.0.bias', 'norms.1.scale',
+           'fc.kernel', 'fc.bias']
+  cfg = ml_collections.ConfigDict({'freeze': 'norms.0, fc.bias'})
+  assert optim.frozen_by_name(cfg, names) == {'norms.0.scale', 'norms.0.bias', 'fc.bias'}
+  cfg.freeze = 'norms'
+  assert optim.frozen_by_name(cfg, names) == {'norms.0.scale', 'norms.0.bias', 'norms.1.scale'}
+  cfg.freeze = ''
+  assert optim.frozen_by_name(cfg, names) == frozenset()
+  cfg.freeze = 'norm'                      # a prefix of names, not of dotted components
+  with pytest.raises(UserError, match="config.optim.freeze names 'norm', which matches no"):
+    optim.frozen_by_name(cfg, names)
+
+
+def test_optim_freeze_keeps_the_named_parameters_and_drops_the_backward_pass_only_they_needed():
+  batch = {'image': np.random.default_rng(1).integers(0, 17, (16, 8, 8, 1), dtype=np.uint8),
+           'label': np.arange(16, dtype=np.int32) % 10}
+  runs = {}
+  for freeze in ('', 'norms.0', 'convs.0,norms.0'):
+    s = run.setup(_fast_cnn_digits(freeze))
+    state, sh = state_lib.create(s.model_fn, s.tx, 0, s.mesh, s.placement)
+    step = run.jit_train_step(s, sh)
+    convs = step.lower(state, batch).as_text().count('stablehlo.convolution')
+    start = weights_lib.flatten(jax.device_get(state.params))
+    state, _ = step(state, batch)
+    first = weights_lib.flatten(jax.device_get(state.params))
+    for _ in range(2):
+      state, _ = step(state, batch)
+    runs[freeze] = (s.step_cfg.frozen, convs, start, weights_lib.flatten(jax.device_get(state.params)),
+                    first)
+  assert runs['norms.0'][0] == ('norms.0.bias', 'norms.0.scale')
+  # 2 forward convolutions + 2 filter gradients + conv 1's input gradient, which only conv 0 and
+  # norms.0 need: freezing norms.0 alone keeps it (conv 0 still trains); freezing both drops it
+  # and conv 0's filter gradient.
+  assert [runs[f][1] for f in ('', 'norms.0', 'convs.0,norms.0')] == [5, 5, 3]
+  for freeze in ('norms.0', 'convs.0,norms.0'):
+    frozen, _, start, end, first = runs[freeze]
+    for name in frozen:
+      np.testing.assert_array_equal(end[name], start[name], err_msg=name)
+    # The first step's gradients of the other parameters do not depend on the freeze: the oracle
+    # is the unfrozen run's first step.
+    for name in set(first) - set(frozen):
+      np.testing.assert_allclose(first[name], runs[''][4][name], rtol=1e-6, atol=1e-7,
+                                 err_msg=name)
+    assert not np.allclose(end['convs.1.kernel'], start['convs.1.kernel'])
+    assert not np.allclose(end['fc.kernel'], runs[''][3]['fc.kernel'])  # training differs after
+  free_start, free_end = runs[''][2], runs[''][3]
+  assert not np.allclose(free_end['norms.0.scale'], free_start['norms.0.scale'])
+
+
+def test_optim_freeze_with_an_unknown_prefix_fails_at_setup_with_one_clear_sentence():
+  with pytest.raises(UserError, match=r"optim.freeze names 'layer1'.*e.g. 'convs.0'"):
+    run.setup(_fast_cnn_digits('layer1'))
