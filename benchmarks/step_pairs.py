@@ -51,7 +51,8 @@ def parse_overrides(spec: str) -> list[tuple[str, Any]]:
     if not part:
       continue
     if '=' not in part:
-      raise UserError(f"variant part '{part}' is not key=value; e.g. --variant='optim.freeze=norms.0'.")
+      raise UserError(f"variant part '{part}' is not key=value; e.g. "
+                      "--variant='optim.freeze=norms.0'.")
     key, value = (s.strip() for s in part.split('=', 1))
     try:
       parsed: Any = ast.literal_eval(value)
@@ -93,8 +94,8 @@ def main(argv: list[str]) -> None:
                                   bench.placement, ema=bench.ema)
       batch = throughput.synthetic_batch(bench)
       compiled, _ = measure.compile_step(bench.jitted, state, batch)
-      state, _, _ = measure.time_steps(compiled, state, batch, warmup=FLAGS.warmup, steps=FLAGS.window,
-                                       window=FLAGS.window)
+      state, _, _ = measure.time_steps(compiled, state, batch, warmup=FLAGS.warmup,
+                                       steps=FLAGS.window, window=FLAGS.window)
       runs.append({'name': spec or '(config)', 'step': compiled, 'state': state, 'batch': batch,
                    'batch_size': c.batch_size, 'ms': []})
   except (UserError, ValueError) as e:

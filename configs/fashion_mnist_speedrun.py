@@ -42,6 +42,10 @@ script's 570.5 s (seed 0, just before): **0.41x** (benchmarks/NOTES.md, "real AV
 2026-12-03 (AVX2, a slow hour; the frozen whitening layer now gets no gradient: ~22-25% off the
 step): seed 0 93.54% again, 93% after 154.4 s against the PyTorch script's 454.1 / 426.3 s
 (seeds 0 / 1, within the hour before): **0.34-0.36x** (benchmarks/NOTES.md, "session 11").
+2026-12-03 11:33 (AVX2; the whitening layer's BatchNorm frozen too, ``optim.freeze``, inherited
+from fashion_mnist_quick): seed 0 93.37%, 93% after 127.6 s against the PyTorch script's 387.6 /
+383.5 / 370.4 s (seeds 0 / 1 / 2, the hour around it): **0.33-0.34x** (benchmarks/NOTES.md,
+"session 12").
 """
 import ml_collections
 

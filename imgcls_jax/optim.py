@@ -73,8 +73,8 @@ def build(cfg: ml_collections.ConfigDict, lr: optax.Schedule,
   parameters (``norm_names``) / of the other biases; ``transfer`` (``config.transfer``) adds
   layer-wise learning-rate decay (by the model family's ``layer_depths`` rule) and, for a linear
   probe, freezes everything but the head; the parameters named in ``frozen`` get zero updates
-  (a frozen patch-whitening layer, ``cfg.freeze``); ``cfg.lookahead.sync_period`` > 0 wraps it all in
-  Lookahead. With the defaults the optimizer is ``_base`` unchanged.
+  (a frozen patch-whitening layer, ``cfg.freeze``); ``cfg.lookahead.sync_period`` > 0 wraps it
+  all in Lookahead. With the defaults the optimizer is ``_base`` unchanged.
   """
   tx = _base(cfg, lr)
   norm_f, bias_f = float(cfg.get('norm_lr_factor', 1.0)), float(cfg.get('bias_lr_factor', 1.0))

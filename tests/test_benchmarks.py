@@ -210,3 +210,33 @@ def test_latency_benchmark_smoke():
   assert [(x['clients'], x['requests'], x['errors']) for x in r['load_test']] == [(1, 8, 0),
                                                                                   (2, 8, 0)]
   assert all(0 < x['p50_ms'] <= x['p99_ms'] and x['requests_per_s'] > 0 for x in r['load_test'])
+
+
+def test_step_pairs_times_variants_interleaved_without_tensorflow():
+  proc = _run_without_tf('benchmarks/step_pairs.py', '--config=configs/default.py',
+                         '--config.batch_size=16', '--config.model.widths=(8, 16)',
+                         "--variant=", "--variant=batch_size=32; model.widths=(8, 32)",
+                         '--rounds=2', '--steps=4', '--window=2', '--warmup=1')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = [ln.split() for ln in proc.stdout.splitlines() if ln.strip()[:1].isdigit()]
+  assert len(rows) == 2 and rows[0][-1] == '(config)', proc.stdout
+  assert ' '.join(rows[1]).endswith('batch_size=32; model.widths=(8, 32)'), proc.stdout
+  ms = [float(r[0]) for r in rows]
+  images_s = [float(r[r.index('images/s') - 1]) for r in rows]
+  for m, ips, bs in zip(ms, images_s, (16, 32)):   # images/s is the variant's batch / its median
+    assert math.isclose(ips, 1e3 * bs / m, rel_tol=0.01)
+  assert rows[0][rows[0].index('images/s') + 1] == 'x1.000'
+
+
+def test_step_pairs_rejects_unknown_keys_and_malformed_overrides():
+  from benchmarks import step_pairs
+  from configs import default
+  from imgcls_jax.errors import UserError
+  assert step_pairs.parse_overrides(" a.b = 1 ; c=((16,), (32,)); d=norms.0") == [
+      ('a.b', 1), ('c', ((16,), (32,))), ('d', 'norms.0')]
+  c = step_pairs.apply(default.get_config(), [('optim.freeze', 'convs.0')])
+  assert c.optim.freeze == 'convs.0' and default.get_config().optim.freeze == ''
+  with pytest.raises(UserError, match="variant key 'optim.frezze' is not in the config"):
+    step_pairs.apply(default.get_config(), [('optim.frezze', 'x')])
+  with pytest.raises(UserError, match="is not key=value"):
+    step_pairs.parse_overrides('optim.freeze')

@@ -91,8 +91,8 @@ def test_optim_freeze_keeps_the_named_parameters_and_drops_the_backward_pass_onl
     first = weights_lib.flatten(jax.device_get(state.params))
     for _ in range(2):
       state, _ = step(state, batch)
-    runs[freeze] = (s.step_cfg.frozen, convs, start, weights_lib.flatten(jax.device_get(state.params)),
-                    first)
+    end = weights_lib.flatten(jax.device_get(state.params))
+    runs[freeze] = (s.step_cfg.frozen, convs, start, end, first)
   assert runs['norms.0'][0] == ('norms.0.bias', 'norms.0.scale')
   # 2 forward convolutions + 2 filter gradients + conv 1's input gradient, which only conv 0 and
   # norms.0 need: freezing norms.0 alone keeps it (conv 0 still trains); freezing both drops it
