@@ -14,6 +14,24 @@ os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 
+# One persistent compilation cache for the whole session (every xdist worker and every child
+# process inherits these variables): the suite compiles the same programs again and again (the
+# digits CNN in many tests and CLI children); the second compile of a program is a cache load,
+# which gives the same executable, so the same bits. A fresh directory per session, so every
+# program is still compiled for real once per run; the process that made it deletes it. The size
+# limit only turns on JAX's file lock (two workers may compile one program at once).
+# config.compilation_cache_dir (main.py) still points a child at its own cache when a test sets it.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  import atexit
+  import shutil
+  import tempfile
+  _jax_cache = tempfile.mkdtemp(prefix='imgcls_jax_test_jax_cache_')
+  atexit.register(shutil.rmtree, _jax_cache, ignore_errors=True)
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = _jax_cache
+  os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+  os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
+  os.environ['JAX_COMPILATION_CACHE_MAX_SIZE'] = str(16 << 30)
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
