@@ -87,3 +87,33 @@ def pytest_report_header(config):
 if 'IMGCLS_JAX_CACHE_DIR' not in os.environ:
   import tempfile
   os.environ['IMGCLS_JAX_CACHE_DIR'] = tempfile.mkdtemp(prefix='imgcls_jax_cache_')
+
+
+@pytest.fixture(scope='session')
+def fmnist_dir(tmp_path_factory) -> str:
+  """A tfds data_dir holding Fashion-MNIST, prepared by the documented command (in a child
+  process) once per test session: xdist workers share it (the first one prepares it under a file
+  lock, the others wait and read it). Tests only read it."""
+  import fcntl
+  import subprocess
+  from imgcls_jax.data import prepare_fashion_mnist
+  if not all(os.path.isfile(os.path.join(prepare_fashion_mnist.DEBIAN_DIR, f))
+             for f in prepare_fashion_mnist.FILES):
+    pytest.skip('apt-get install -y dataset-fashion-mnist (.ci/run does)')
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    base = base.parent  # this session's directory, shared by its workers
+  data_dir = str(base / 'fmnist_tfds_shared')
+  with open(str(base / 'fmnist_tfds_shared.lock'), 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      if not os.path.isfile(data_dir + '.done'):
+        out = subprocess.run([sys.executable, '-m', 'imgcls_jax.data.prepare_fashion_mnist',
+                              f'--data_dir={data_dir}'], capture_output=True, text=True,
+                             env=subprocess_env(), cwd=REPO, timeout=600)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert 'fashion_mnist is prepared in' in out.stdout
+        open(data_dir + '.done', 'w').close()
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+  return data_dir

@@ -5,8 +5,6 @@ import hashlib
 import importlib
 import os
 import re
-import subprocess
-import sys
 
 import ml_collections
 import numpy as np
@@ -14,7 +12,7 @@ import pytest
 
 from imgcls_jax.data import pipeline, prepare_fashion_mnist, sources
 from imgcls_jax.errors import UserError
-from tests.conftest import REPO, subprocess_env
+from tests.conftest import REPO
 
 HAVE_DEBIAN_FILES = all(os.path.isfile(os.path.join(prepare_fashion_mnist.DEBIAN_DIR, f))
                         for f in prepare_fashion_mnist.FILES)
@@ -47,18 +45,7 @@ def test_upstream_bytes_rejects_other_files(tmp_path):
     prepare_fashion_mnist.write_manual_dir(str(tmp_path), str(tmp_path / 'out'))
 
 
-@pytest.fixture(scope='module')
-def fmnist_dir(tmp_path_factory):
-  """A tfds data_dir prepared by the documented command (once for this module)."""
-  if not HAVE_DEBIAN_FILES:
-    pytest.skip('apt-get install -y dataset-fashion-mnist (.ci/run does)')
-  data_dir = str(tmp_path_factory.mktemp('fmnist_tfds'))
-  out = subprocess.run([sys.executable, '-m', 'imgcls_jax.data.prepare_fashion_mnist',
-                        f'--data_dir={data_dir}'], capture_output=True, text=True,
-                       env=subprocess_env(), cwd=REPO, timeout=600)
-  assert out.returncode == 0, out.stderr[-2000:]
-  assert 'fashion_mnist is prepared in' in out.stdout
-  return data_dir
+# fmnist_dir (tests/conftest.py): a data_dir prepared by the documented command, once per session.
 
 
 def test_documented_command_prepares_the_standard_builder(fmnist_dir):

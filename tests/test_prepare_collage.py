@@ -20,11 +20,11 @@ COUNTS = {'train': 64, 'validation': 16, 'test': 32}
 
 
 @pytest.fixture(scope='module')
-def fmnist(tmp_path_factory):
-  """(tfds data_dir, the oracle: Fashion-MNIST read straight through tfds)."""
+def fmnist(fmnist_dir):
+  """(tfds data_dir, the oracle: Fashion-MNIST read straight through tfds). The data_dir is the
+  session's, prepared once by the documented command (tests/conftest.py)."""
   import tensorflow_datasets as tfds
-  data_dir = str(tmp_path_factory.mktemp('fmnist_tfds'))
-  prepare_fashion_mnist.prepare(data_dir)
+  data_dir = fmnist_dir
   oracle = {}
   for split in ('train', 'test'):
     ds, info = tfds.load('fashion_mnist', split=split, batch_size=-1, data_dir=data_dir,
