@@ -111,8 +111,8 @@ def get_config() -> ml_collections.ConfigDict:
                                           # as PyTorch's BCEWithLogitsLoss(pos_weight)
   c.optim = ml_collections.ConfigDict()
   # 'sgd', 'adamw', 'lamb' / 'lars' (large batches), 'muon' (Newton-Schulz-orthogonalised momentum
-  # for kernels, Adam for the rest) or 'schedule_free_adamw' (use schedule='constant'; evaluate
-  # optim.eval_params(opt_state, params)). Weight decay acts on kernels only in all of them.
+  # for kernels, Adam for the rest) or 'schedule_free_adamw' (use schedule='constant'; evaluated
+  # and loaded at its averaged iterate x). Weight decay acts on kernels only in all of them.
   c.optim.name = 'sgd'
   c.optim.learning_rate = 0.1             # peak learning rate ...
   c.optim.lr_batch_reference = 0          # ... times batch_size / this, when > 0 (e.g. 256)

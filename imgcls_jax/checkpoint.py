@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from imgcls_jax import configlib
+from imgcls_jax import configlib, optim
 from imgcls_jax.errors import UserError
 from imgcls_jax.weights import Weights, flatten
 
@@ -358,7 +358,9 @@ def finished_steps(directory: str) -> list[int]:
 
 def read_weights(path: str, step: int | None = None, *, ema: bool = False) -> Weights:
   """Parameters, batch statistics and meta of a checkpoint, as numpy (no optimizer state); with
-  ``ema`` the weight EMA's (a UserError when the run kept none).
+  ``ema`` the weight EMA's (a UserError when the run kept none). A schedule-free run's parameters
+  are its evaluation weights, the averaged sequence x (``optax.contrib.schedule_free_eval_params``),
+  not the point y its gradients were taken at (what the state holds).
 
   ``path`` is a run directory, its ``checkpoints`` directory or one step directory; ``step``
   (default: the one in ``path``, else the latest) picks the checkpoint. Any device layout works.
@@ -384,14 +386,19 @@ def read_weights(path: str, step: int | None = None, *, ema: bool = False) -> We
       raise UserError(f'{origin} holds no weight EMA (the run had config.ema.decay=0); use its '
                       'weights (--config.ema.inference=False).')
     item = {k: tree[k] for k in ('params', 'batch_stats') if k in tree}
+    schedule_free = not ema and optim.restored_schedule_free(tree.get('opt_state')) is not None
     if ema:
       item = {'ema': {k: v for k, v in tree['ema'].items() if k in ('params', 'batch_stats')}}
     elif 'params' not in item:
       raise KeyError('params')
+    elif schedule_free:  # its b1 and z: the weights to use are x, not y (below)
+      item['opt_state'] = tree['opt_state']
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
     restored = ocp.PyTreeCheckpointer().restore(step_dir / 'state', args=ocp.args.PyTreeRestore(
         item=item, restore_args=restore_args, partial_restore=True))
     restored = restored['ema'] if ema else restored
+    if schedule_free:
+      restored['params'] = optim.restored_eval_params(restored['opt_state'], restored['params'])
     meta = {}
     if (step_dir / 'meta').exists():
       meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
@@ -403,3 +410,4 @@ def read_weights(path: str, step: int | None = None, *, ema: bool = False) -> We
   meta['step'] = step
   return Weights(params=flatten(restored['params']),
                  batch_stats=flatten(restored.get('batch_stats', {})), origin=origin, meta=meta)
+

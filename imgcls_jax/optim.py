@@ -11,11 +11,12 @@ Lookahead (``config.optim.lookahead``).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 import optax.contrib
 
@@ -184,7 +185,46 @@ def eval_params(opt_state: Any, params: Any) -> Any:
            if _is_schedule_free(s)]
   if not found:
     return params
-  return optax.contrib.schedule_free_eval_params(found[0], params)
+  return schedule_free_x(found[0].b1, found[0].z, params)
+
+
+def schedule_free_x(b1: Any, z: Any, y: Any) -> Any:
+  """Schedule-free's evaluation weights ``x = (y - (1 - b1) z) / b1`` from the training point
+  ``y`` (the state's params) and the state's ``z``, as ``optax.contrib.schedule_free_eval_params``;
+  leaves that ``z`` does not hold (frozen parameters under ``optax.partition``: a MaskedNode, or
+  None once restored from a checkpoint) never moved, so they are ``y`` itself."""
+  return jax.tree.map(lambda zi, yi: yi if _masked(zi) else (yi - (1.0 - b1) * zi) / b1, z, y,
+                      is_leaf=_masked)
+
+
+def _masked(x: Any) -> bool:
+  return x is None or isinstance(x, optax.MaskedNode)
+
+
+def restored_schedule_free(opt_state: Any) -> Any:
+  """The schedule-free state (a mapping with ``b1`` and ``z``) in an optimizer state read from a
+  checkpoint as plain nested mappings / lists (or its tree metadata), or None."""
+  if isinstance(opt_state, Mapping):
+    if 'b1' in opt_state and 'z' in opt_state:
+      return opt_state
+    children = list(opt_state.values())
+  elif isinstance(opt_state, (list, tuple)):
+    children = list(opt_state)
+  else:
+    return None
+  for child in children:
+    found = restored_schedule_free(child)
+    if found is not None:
+      return found
+  return None
+
+
+def restored_eval_params(opt_state: Any, params: Any) -> Any:
+  """``eval_params`` for an optimizer state read from a checkpoint as plain nested mappings."""
+  found = restored_schedule_free(opt_state)
+  if found is None:
+    return params
+  return jax.tree.map(np.asarray, schedule_free_x(found['b1'], found['z'], params))
 
 
 def _is_schedule_free(x: Any) -> bool:

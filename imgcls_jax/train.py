@@ -17,8 +17,8 @@ import jax
 import ml_collections
 import tqdm
 
-from imgcls_jax import (checkpoint, configlib, dispatch, inference, metrics, multilabel, preemption,
-                        report, report_multilabel, run, sharding, startup)
+from imgcls_jax import (checkpoint, configlib, dispatch, inference, metrics, multilabel, optim,
+                        preemption, report, report_multilabel, run, sharding, startup)
 from imgcls_jax import state as state_lib
 from imgcls_jax.data import pipeline, resident
 from imgcls_jax.errors import UserError
@@ -91,7 +91,8 @@ class _Trainer:
     tta = s.config.evaluate.tta if 'evaluate' in s.config else ''
     # With EMA on (and config.ema.inference), evaluations use the averaged weights.
     self.eval_ema = s.step_cfg.ema_decay > 0 and bool(s.config.ema.get('inference', True))
-    self.eval_sh = state_sh.ema_variables() if self.eval_ema else state_sh
+    self.eval_sh = (state_sh.ema_variables() if self.eval_ema else state_lib.InferenceState(
+        params=state_sh.params, batch_stats=state_sh.batch_stats))
     self.tta = tta
     self.eval_step = run.jit_eval_step(s, self.eval_sh, tta=tta)
     self.eval_subset = int(s.config.get('eval_subset', 0) or 0)
@@ -137,7 +138,7 @@ class _Trainer:
     ``count``. At the end of
     a multi-label run with ``config.evaluate.threshold_split``, the per-class thresholds are
     first chosen there (best F1 per class) and the eval split is scored with them."""
-    variables = self.state.ema_variables() if self.eval_ema else self.state
+    variables = self.eval_variables()
     if final and self.threshold_split:
       self.choose_thresholds(variables)
     if self.eval_subset > 0 and not final:  # intermediate evaluations: the first N examples
@@ -146,6 +147,16 @@ class _Trainer:
       batches = self.eval_data.batches()
     sums = run.eval_sums(self.eval_step, variables, batches, self.s.mesh, self.eval_data.split)
     return report.training_eval_metrics(sums, self.thresholds)
+
+  def eval_variables(self) -> state_lib.InferenceState:
+    """The weights evaluations use: the EMA's (with ``config.ema.inference``), else the
+    optimizer's evaluation weights (``optim.eval_params``: schedule-free's averaged sequence x,
+    not the gradient point y it trains at), with the batch statistics of training."""
+    if self.eval_ema:
+      return self.state.ema_variables()
+    return state_lib.InferenceState(
+        params=optim.eval_params(self.state.opt_state, self.state.params),
+        batch_stats=self.state.batch_stats)
 
   def choose_thresholds(self, variables: Any) -> None:
     """Per-class thresholds maximising F1 on the threshold split; the eval step then uses them."""
