@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from typing import Any, Mapping
 
 import numpy as np
@@ -20,6 +21,26 @@ def values_finite(values: Mapping[str, float]) -> bool:
   return all(math.isfinite(float(v)) for v in values.values())
 
 
+def summary_writer_class() -> type:
+  """tensorboardX's ``SummaryWriter``, imported without PyTorch when PyTorch is not loaded yet.
+
+  tensorboardX imports ``torch`` at module level, only to accept its tensors (``import torch``
+  inside ``try / except ImportError``); we write Python floats. With PyTorch installed that
+  import costs 5-10 s of every run's start-up on 2 CPU cores, so it is made to fail for the
+  duration of the tensorboardX import (``sys.modules['torch'] = None``) and PyTorch imports
+  normally afterwards.
+  """
+  if 'tensorboardX' in sys.modules or 'torch' in sys.modules:
+    from tensorboardX import SummaryWriter
+    return SummaryWriter
+  sys.modules['torch'] = None  # type: ignore[assignment]
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    del sys.modules['torch']
+  return SummaryWriter
+
+
 class MetricWriter:
   """Appends ``{"step": s, "split": ..., **metrics}`` lines to ``metrics.jsonl`` and TensorBoard."""
 
@@ -30,8 +51,7 @@ class MetricWriter:
     if enabled:
       os.makedirs(workdir, exist_ok=True)
       if tensorboard:
-        from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+        self._tb = summary_writer_class()(os.path.join(workdir, 'tensorboard'))
 
   def write(self, step: int, split: str, values: Mapping[str, float]) -> None:
     if not self.enabled:

@@ -1,0 +1,40 @@
+"""metrics.MetricWriter: TensorBoard scalars written without importing PyTorch at start-up."""
+import glob
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, subprocess_env
+
+_SCRIPT = """
+import sys, time
+t = time.perf_counter()
+from imgcls_jax import metrics
+w = metrics.MetricWriter({workdir!r}, tensorboard=True)
+w.write(7, 'eval', {{'accuracy': 0.25, 'loss': 1.5}})
+w.close()
+print('writer seconds', round(time.perf_counter() - t, 2))
+assert 'torch' not in sys.modules, 'the writer imported PyTorch'
+import torch                       # PyTorch itself still imports normally afterwards
+print('torch', torch.__version__, float(torch.ones(2).sum()))
+"""
+
+
+def test_tensorboard_scalars_without_importing_torch(tmp_path):
+  if importlib.util.find_spec('torch') is None:
+    pytest.skip('PyTorch is not installed: nothing to keep out of the import')
+  import tensorflow as tf
+  workdir = str(tmp_path / 'run')
+  r = subprocess.run([sys.executable, '-c', _SCRIPT.format(workdir=workdir)], cwd=REPO,
+                     env=subprocess_env(1), capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, f'stdout:\n{r.stdout}\nstderr:\n{r.stderr[-3000:]}'
+  assert 'torch 2.' in r.stdout and ' 2.0' in r.stdout
+  values = {}
+  for path in glob.glob(os.path.join(workdir, 'tensorboard', 'events.*')):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for v in event.summary.value:
+        values[(v.tag, event.step)] = v.simple_value
+  assert values == {('eval/accuracy', 7): 0.25, ('eval/loss', 7): 1.5}
