@@ -386,7 +386,7 @@ def read_weights(path: str, step: int | None = None, *, ema: bool = False) -> We
       raise UserError(f'{origin} holds no weight EMA (the run had config.ema.decay=0); use its '
                       'weights (--config.ema.inference=False).')
     item = {k: tree[k] for k in ('params', 'batch_stats') if k in tree}
-    schedule_free = not ema and optim.restored_schedule_free(tree.get('opt_state')) is not None
+    schedule_free = not ema and optim.schedule_free_parts(tree.get('opt_state')) is not None
     if ema:
       item = {'ema': {k: v for k, v in tree['ema'].items() if k in ('params', 'batch_stats')}}
     elif 'params' not in item:
@@ -398,7 +398,7 @@ def read_weights(path: str, step: int | None = None, *, ema: bool = False) -> We
         item=item, restore_args=restore_args, partial_restore=True))
     restored = restored['ema'] if ema else restored
     if schedule_free:
-      restored['params'] = optim.restored_eval_params(restored['opt_state'], restored['params'])
+      restored['params'] = optim.eval_params(restored['opt_state'], restored['params'])
     meta = {}
     if (step_dir / 'meta').exists():
       meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
@@ -410,4 +410,3 @@ def read_weights(path: str, step: int | None = None, *, ema: bool = False) -> We
   meta['step'] = step
   return Weights(params=flatten(restored['params']),
                  batch_stats=flatten(restored.get('batch_stats', {})), origin=origin, meta=meta)
-

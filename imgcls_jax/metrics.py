@@ -26,7 +26,8 @@ def summary_writer_class() -> type:
 
   tensorboardX imports ``torch`` at module level, only to accept its tensors (``import torch``
   inside ``try / except ImportError``); we write Python floats. With PyTorch installed that
-  import costs 5-10 s of every run's start-up on 2 CPU cores, so it is made to fail for the
+  import costs ~1.5 s of every run's start-up on a quiet 2-core CPU (~10 s on a busy one;
+  benchmarks/NOTES.md, session 13), so it is made to fail for the
   duration of the tensorboardX import (``sys.modules['torch'] = None``) and PyTorch imports
   normally afterwards.
   """

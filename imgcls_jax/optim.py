@@ -16,7 +16,6 @@ from typing import Any, Callable, Mapping, NamedTuple
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 import optax.contrib
 
@@ -180,12 +179,22 @@ def muon_dimensions(params: Any) -> Any:
 
 def eval_params(opt_state: Any, params: Any) -> Any:
   """The weights to evaluate: for schedule-free optimizers the averaged sequence ``x`` (from the
-  optimizer state), else ``params`` themselves."""
-  found = [s for s in jax.tree.leaves(opt_state, is_leaf=_is_schedule_free)
-           if _is_schedule_free(s)]
-  if not found:
-    return params
-  return schedule_free_x(found[0].b1, found[0].z, params)
+  optimizer state: a live optax state, or one read from a checkpoint as plain nested mappings),
+  else ``params`` themselves."""
+  parts = schedule_free_parts(opt_state)
+  return params if parts is None else schedule_free_x(*parts, params)
+
+
+def schedule_free_parts(opt_state: Any) -> tuple[Any, Any] | None:
+  """``(b1, z)`` of the schedule-free state inside ``opt_state`` (an
+  ``optax.contrib.ScheduleFreeState``, or a mapping with ``b1`` and ``z`` when read from a
+  checkpoint, or its tree metadata), or None."""
+  for node in jax.tree.leaves(opt_state, is_leaf=_is_schedule_free):
+    if isinstance(node, optax.contrib.ScheduleFreeState):
+      return node.b1, node.z
+    if isinstance(node, Mapping):
+      return node['b1'], node['z']
+  return None
 
 
 def schedule_free_x(b1: Any, z: Any, y: Any) -> Any:
@@ -201,34 +210,9 @@ def _masked(x: Any) -> bool:
   return x is None or isinstance(x, optax.MaskedNode)
 
 
-def restored_schedule_free(opt_state: Any) -> Any:
-  """The schedule-free state (a mapping with ``b1`` and ``z``) in an optimizer state read from a
-  checkpoint as plain nested mappings / lists (or its tree metadata), or None."""
-  if isinstance(opt_state, Mapping):
-    if 'b1' in opt_state and 'z' in opt_state:
-      return opt_state
-    children = list(opt_state.values())
-  elif isinstance(opt_state, (list, tuple)):
-    children = list(opt_state)
-  else:
-    return None
-  for child in children:
-    found = restored_schedule_free(child)
-    if found is not None:
-      return found
-  return None
-
-
-def restored_eval_params(opt_state: Any, params: Any) -> Any:
-  """``eval_params`` for an optimizer state read from a checkpoint as plain nested mappings."""
-  found = restored_schedule_free(opt_state)
-  if found is None:
-    return params
-  return jax.tree.map(np.asarray, schedule_free_x(found['b1'], found['z'], params))
-
-
 def _is_schedule_free(x: Any) -> bool:
-  return isinstance(x, optax.contrib.ScheduleFreeState)
+  return (isinstance(x, optax.contrib.ScheduleFreeState)
+          or (isinstance(x, Mapping) and 'b1' in x and 'z' in x))
 
 
 # ------------------------------------------------------------------------ transfer masks
