@@ -4,10 +4,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax import export as jax_export
 
 from imgcls_jax import models
 from imgcls_jax.errors import UserError
-from imgcls_jax.models import fast_cnn
+from imgcls_jax.models import fast_cnn, layers
 
 
 def test_affine_batch_norm_matches_flax_batch_norm():
@@ -57,3 +58,47 @@ def test_registered_model_shapes_and_parameter_count():
   assert gap(jnp.zeros((2, 12, 12, 3))).shape == (2, 4)
   with pytest.raises(UserError, match='stem'):
     models.get('fast_cnn', num_classes=4, in_channels=1, rngs=nnx.Rngs(0), stem='conv7')
+
+
+def test_im2col_convs_compute_what_lax_convs_compute():
+  """``conv='im2col'``: the same outputs and parameter gradients as XLA's convolutions (the
+  oracle), and no convolution left in the compiled training step."""
+  kw = dict(num_classes=10, in_channels=1, stem='none', widths=((8,), (16,), (32,)))
+  ref = models.get('fast_cnn', rngs=nnx.Rngs(0), **kw)
+  ours = models.get('fast_cnn', rngs=nnx.Rngs(0), conv='im2col', **kw)
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(4, 28, 28, 1)), jnp.float32)
+  labels = jnp.arange(4)
+
+  def loss(model, x):
+    logits = model(x, train=True)
+    return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), labels])
+
+  (lr, gr), (lo, go) = [nnx.value_and_grad(loss)(m, x) for m in (ref, ours)]
+  np.testing.assert_allclose(lo, lr, rtol=1e-5)
+  flat_r, flat_o = dict(nnx.to_flat_state(gr)), dict(nnx.to_flat_state(go))
+  assert flat_r.keys() == flat_o.keys() and any('convs' in k for k in flat_r)
+  for k in flat_r:
+    np.testing.assert_allclose(flat_o[k][...], flat_r[k][...], rtol=1e-4, atol=1e-5, err_msg=k)
+  graphdef, state = nnx.split(ours)
+  hlo = jax.jit(lambda s, x: nnx.value_and_grad(loss)(nnx.merge(graphdef, s), x)[0]).lower(
+      state, x).as_text()
+  assert 'convolution' not in hlo
+  assert 'convolution' in jax.jit(lambda s, x: loss(nnx.merge(*nnx.split(ref)[:1], s), x)).lower(
+      nnx.split(ref)[1], x).as_text()
+  with pytest.raises(UserError, match='conv'):
+    models.get('fast_cnn', rngs=nnx.Rngs(0), conv='winograd', **kw)
+
+
+def test_im2col_is_not_used_under_a_symbolic_batch():
+  """An export (symbolic batch) keeps XLA's convolution for ``im2col=True``: the im2col form there
+  would be a selection matmul of (h*w) x (h*w*9) constants in the exported model."""
+  kernel = jnp.asarray(np.random.default_rng(3).normal(size=(3, 3, 4, 5)), jnp.float32)
+  conv = lambda a: layers.conv_general_dilated(a, kernel, (1, 1), ((1, 1), (1, 1)),  # noqa: E731
+                                               dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                               im2col=True)
+  b, = jax_export.symbolic_shape('b')
+  exported = jax_export.export(jax.jit(conv))(jax.ShapeDtypeStruct((b, 6, 6, 4), jnp.float32))
+  assert 'convolution' in exported.mlir_module()
+  assert 'convolution' not in jax.jit(conv).lower(jnp.zeros((2, 6, 6, 4))).as_text()
+  x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 6, 6, 4)), jnp.float32)
+  np.testing.assert_allclose(exported.call(x), conv(x), rtol=1e-5, atol=1e-5)

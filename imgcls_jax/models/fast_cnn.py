@@ -1,6 +1,6 @@
 """A small CNN built to train fast on CPUs (XLA:CPU), for the Fashion-MNIST 5-minute recipe.
 
-Same maths as a plain conv-BN-ReLU network; three choices make its training step about 1.5x
+Same maths as a plain conv-BN-ReLU network; these choices make its training step about 1.5x
 cheaper on XLA:CPU than ``cnn.CNN`` at equal width (measured on 2 cores, see README "Real data"):
 
 - an optional space-to-depth stem (``stem='s2d'``): the 2x2 pixel blocks of the input become
@@ -10,6 +10,9 @@ cheaper on XLA:CPU than ``cnn.CNN`` at equal width (measured on 2 cores, see REA
   times faster than ``(x - mean) * rsqrt(var + eps)``;
 - 2x2 max-pooling as a reshape and max, whose gradient is much cheaper on XLA:CPU than
   ``reduce_window``'s select-and-scatter (ties split the gradient instead of routing it to one).
+- optionally (``conv='im2col'``) every 3x3 convolution as im2col patches + one matmul: XLA:CPU's
+  filter-gradient convolution is up to 2x slower than the matmul ``patches^T @ dy`` this form
+  differentiates into (``benchmarks/conv_paths.py``; benchmarks/NOTES.md, "session 14").
 
 ``widths`` lists stages of conv widths, e.g. ``((32, 64), (128,))``: a 2x2 max-pool follows every
 stage but the last (and the last too with ``final_pool``); the head flattens (``head='flatten'``)
@@ -80,13 +83,17 @@ class FastCNN(nnx.Module):
   def __init__(self, *, num_classes: int, in_channels: int, rngs: nnx.Rngs,
                widths: Sequence[Sequence[int]] = ((32, 64), (128,)), stem: str = 's2d',
                final_pool: bool = False, head: str = 'flatten', hidden: int = 0,
-               dropout: float = 0.0, image_size: int = 28, dtype: Any = 'float32'):
+               dropout: float = 0.0, image_size: int = 28, conv: str = 'xla',
+               dtype: Any = 'float32'):
     if stem not in ('s2d', 'none'):
       raise UserError(f"fast_cnn stem must be 's2d' or 'none', got '{stem}'; set "
                       'config.model.stem.')
     if head not in ('flatten', 'gap'):
       raise UserError(f"fast_cnn head must be 'flatten' or 'gap', got '{head}'; set "
                       'config.model.head.')
+    if conv not in ('xla', 'im2col'):
+      raise UserError(f"fast_cnn conv must be 'xla' or 'im2col', got '{conv}'; set "
+                      'config.model.conv.')
     dtype = layers.as_dtype(dtype)
     stages = [tuple(s) if isinstance(s, (tuple, list)) else (int(s),) for s in widths]
     self.stem, self.head_kind = stem, head
@@ -94,7 +101,7 @@ class FastCNN(nnx.Module):
     convs, norms, self.plan = [], [], []
     for i, stage in enumerate(stages):
       for width in stage:
-        convs.append(layers.conv(ch, width, 3, dtype=dtype, rngs=rngs))
+        convs.append(layers.conv(ch, width, 3, dtype=dtype, rngs=rngs, im2col=conv == 'im2col'))
         norms.append(AffineBatchNorm(width))
         self.plan.append('conv')
         ch = width

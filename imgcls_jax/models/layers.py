@@ -18,13 +18,16 @@ conv_init = nnx.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, precision=None,
-                         **kwargs) -> jax.Array:
-  """``lax.conv_general_dilated``, but a plain stride-1 NHWC conv whose input is spatially smaller
-  than its kernel (e.g. 3x3 on a 2x2 map) is computed as im2col patches + one matmul.
+                         *, im2col: bool = False, **kwargs) -> jax.Array:
+  """``lax.conv_general_dilated``, but a plain stride-1 NHWC conv is computed as im2col patches +
+  one matmul when its input is spatially smaller than its kernel (e.g. 3x3 on a 2x2 map), or
+  always with ``im2col=True`` (except under a symbolic batch dimension, i.e. in an export).
 
-  Same maths (only the summation order differs). XLA:CPU otherwise takes a slow path for these
-  (58-65 ms vs 1.3 ms per layer measured on 2 cores; benchmarks/NOTES.md); larger inputs, strided,
-  dilated or grouped convs are untouched.
+  Same maths (only the summation order differs). XLA:CPU otherwise takes a slow path for the small
+  inputs (58-65 ms vs 1.3 ms per layer measured on 2 cores; benchmarks/NOTES.md), and its
+  filter-gradient convolution is up to 2x slower than the matmul ``patches^T @ dy`` that the im2col
+  form differentiates into (benchmarks/NOTES.md, "session 14"). Strided, dilated or grouped convs
+  always go to ``lax``.
   """
   kh, kw, cin, cout = rhs.shape
   h, w = lhs.shape[1:3]
@@ -32,7 +35,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
            and not isinstance(padding, str)
            and all(d in (None, 1) or tuple(d) == (1, 1) for d in (lhs_dilation, rhs_dilation))
            and lhs.ndim == 4 and lhs.shape[-1] == cin)
-  if not plain or (h >= kh and w >= kw):
+  # A symbolic (export-polymorphic) batch keeps lax for inputs the kernel fits: its im2col would
+  # be a selection matmul as large as (h * w) x (h * w * kh * kw) in the exported model.
+  im2col = im2col and isinstance(lhs.shape[0], int)
+  if not plain or (not im2col and h >= kh and w >= kw):
     return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
                                         rhs_dilation, dimension_numbers, feature_group_count,
                                         precision=precision, **kwargs)
@@ -67,13 +73,14 @@ def _patches_by_selection(lhs: jax.Array, kh: int, kw: int, pad_h: tuple[int, in
 
 
 def conv(in_ch: int, out_ch: int, kernel: int, *, stride: int = 1, dtype: Any, rngs: nnx.Rngs,
-         use_bias: bool = False) -> nnx.Conv:
-  """A square convolution with torchvision-style symmetric padding (kernel // 2)."""
+         use_bias: bool = False, im2col: bool = False) -> nnx.Conv:
+  """A square convolution with torchvision-style symmetric padding (kernel // 2); ``im2col``: as
+  patches + matmul (see ``conv_general_dilated``)."""
   pad = kernel // 2
+  impl = functools.partial(conv_general_dilated, im2col=True) if im2col else conv_general_dilated
   return nnx.Conv(in_ch, out_ch, (kernel, kernel), strides=(stride, stride),
                   padding=((pad, pad), (pad, pad)), use_bias=use_bias, kernel_init=conv_init,
-                  dtype=dtype, param_dtype=jnp.float32, conv_general_dilated=conv_general_dilated,
-                  rngs=rngs)
+                  dtype=dtype, param_dtype=jnp.float32, conv_general_dilated=impl, rngs=rngs)
 
 
 def batch_norm(ch: int, *, dtype: Any, rngs: nnx.Rngs, zero_scale: bool = False,
