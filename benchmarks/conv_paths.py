@@ -75,8 +75,8 @@ def main() -> None:
     w = jnp.asarray(rng.normal(size=(3, 3, cin, cout)) / np.sqrt(9 * cin), jnp.float32)
     dy = jnp.asarray(rng.normal(size=(a.batch, size, size, cout)), jnp.float32)
     progs = {'xla': _programs(_xla), 'im2col': _programs(_im2col)}
-    gx, gi = progs['xla']['fwd + both grads'](x, w, dy), progs['im2col']['fwd + both grads'](x, w, dy)
-    for r, s in zip(gx, gi):  # same maths: only the summation order differs
+    grads = [progs[k]['fwd + both grads'](x, w, dy) for k in ('xla', 'im2col')]
+    for r, s in zip(*grads):  # same maths: only the summation order differs
       np.testing.assert_allclose(np.asarray(s), np.asarray(r), rtol=1e-3, atol=1e-3)
     times = {(k, what): [] for k in progs for what in progs[k]}
     for i in range(a.rounds):

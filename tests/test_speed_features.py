@@ -1,6 +1,7 @@
 """The speed features of issue 18, each against an oracle that does not share its code:
 steps per dispatch, device-side flips / translations, flip + translate test-time augmentation,
-Lookahead, per-group learning rates, patch whitening, cheaper evaluations, the compilation cache.
+Lookahead, per-group learning rates, patch whitening, im2col convolutions, cheaper evaluations, the
+compilation cache.
 
 The trainer-level runs use tfds's mock Fashion-MNIST (64 random 28x28 images, mirror-safe) and a
 tiny fast_cnn with every feature on at once; they compare k steps per dispatch with one, an
@@ -300,7 +301,7 @@ def _mock_config(tmp_path, **overrides):
   c.data.device_resident = True    # the split on the devices (4-batch stacks gathered there)
   c.model = ml_collections.ConfigDict({
       'name': 'fast_cnn', 'widths': ((8,), (16,)), 'stem': 'none', 'final_pool': False,
-      'head': 'flatten', 'hidden': 0, 'dropout': 0.0, 'image_size': 28})
+      'head': 'flatten', 'hidden': 0, 'dropout': 0.0, 'image_size': 28, 'conv': 'im2col'})
   c.batch_size = c.eval_batch_size = 16
   c.num_train_steps = 24           # 64 examples: 4 steps per epoch, 6 epochs
   c.log_every_steps = 6
