@@ -16,7 +16,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
@@ -26,6 +25,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks import measure  # noqa: E402
 from imgcls_jax.models import layers  # noqa: E402
 
 _PAD = ((1, 1), (1, 1))
@@ -49,13 +49,11 @@ def _programs(conv):
 
 
 def _time(fn, args, steps: int) -> float:
-  out = fn(*args)
-  jax.block_until_ready(out)
-  start = time.perf_counter()
-  for _ in range(steps):
-    out = fn(*args)
-  jax.block_until_ready(out)
-  return (time.perf_counter() - start) / steps * 1e3
+  """Milliseconds per call of ``fn(*args)``: one window of ``steps`` calls after one warm-up call,
+  timed as every benchmark here times a step (``measure.time_steps``)."""
+  _, per_step, _ = measure.time_steps(lambda state, batch: (state, fn(*batch)), None, args,
+                                      warmup=1, steps=steps, window=steps)
+  return per_step[0] * 1e3
 
 
 def main() -> None:
