@@ -19,8 +19,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from imgcls_jax import (checkpoint, configlib, device_augment, dispatch, inference, metrics, models,
-                        optim, report, sharding, steps, weights, whitening)
+from imgcls_jax import (checkpoint, configlib, device_augment, dispatch, inference, loss_weights,
+                        metrics, models, optim, report, sharding, steps, weights, whitening)
 from imgcls_jax import state as state_lib
 from imgcls_jax.data.info import DatasetInfo, check_flips
 from imgcls_jax.errors import UserError
@@ -75,15 +75,15 @@ def setup(config: ml_collections.ConfigDict, info: DatasetInfo | None = None, *,
       optim.frozen_by_name(config.optim, state_lib.param_names(model_fn))
       if config.optim.get('freeze') else frozenset())
   if info.multilabel:
-    _check_multilabel(config)
+    loss_weights.check_multilabel(config)
   s = Setup(config=config, mesh=mesh, info=info, model_fn=model_fn,
             model_def=state_lib.model_def(model_fn), step_cfg=steps.step_config(
                 config, info.num_classes, probe_head=_probe_head(config, model_fn),
                 frozen=frozen,
-                class_weights=class_weights(config, info) if training else None,
-                logit_offsets=logit_offsets(config, info) if training else None,
+                class_weights=loss_weights.class_weights(config, info) if training else None,
+                logit_offsets=loss_weights.logit_offsets(config, info) if training else None,
                 multilabel=info.multilabel, thresholds=thresholds,
-                pos_weight=pos_weight(config, info) if training else None),
+                pos_weight=loss_weights.pos_weight(config, info) if training else None),
             placement=placement, local_eval_batch_size=local_eval_bs)
   if not training:
     return s
@@ -113,100 +113,6 @@ def setup(config: ml_collections.ConfigDict, info: DatasetInfo | None = None, *,
                                  else frozenset()),
                      frozen=frozen)
   return s
-
-
-def class_weights(config: ml_collections.ConfigDict, info: DatasetInfo
-                  ) -> tuple[float, ...] | None:
-  """``config.loss.class_weights`` resolved to K numbers ('balanced': ``n / (K * n_k)`` from the
-  training split's counts, as ``sklearn.utils.class_weight.compute_class_weight``); None = off."""
-  spec = (config.get('loss') or {}).get('class_weights', '') or ''
-  k = info.num_classes
-  if isinstance(spec, str) and not spec.strip():
-    return None
-  if spec == 'balanced':
-    from imgcls_jax.data import sources
-    counts = sources.class_counts(config.data, config.data.train_split, k).astype(np.float64)
-    if (counts == 0).any():
-      missing = [info.class_names[i] for i in np.flatnonzero(counts == 0)[:5]]
-      raise UserError(f"class_weights='balanced' needs every class in the training split; "
-                      f"{', '.join(missing)} has none. Give explicit config.loss.class_weights.")
-    weights = counts.sum() / (k * counts)
-    logging.info('Class weights (balanced): %s.', ', '.join(
-        f'{n} {w:.3g}' for n, w in list(zip(info.class_names, weights))[:20]))
-    return tuple(float(w) for w in weights)
-  values = _numbers(spec)
-  if len(values) != k or any(not v >= 0 for v in values) or not any(values):
-    raise UserError(f"config.loss.class_weights={spec!r} must be '', 'balanced' or {k} "
-                    'non-negative numbers (one per class, comma-separated), not all zero.')
-  return tuple(values)
-
-
-def _numbers(spec: Any) -> list[float]:
-  """K numbers from a comma-separated string or a sequence ([] when they are not numbers)."""
-  try:
-    return ([float(v) for v in spec.split(',')] if isinstance(spec, str)
-            else [float(v) for v in spec])
-  except (TypeError, ValueError):
-    return []
-
-
-def _check_multilabel(config: ml_collections.ConfigDict) -> None:
-  """The single-label loss options a multi-label (sigmoid) run cannot use, named."""
-  loss = config.get('loss') or {}
-  for key, off in (('class_weights', ''), ('focal_gamma', 0.0), ('logit_adjustment', 0.0)):
-    value = loss.get(key, off)
-    if value not in (off, None, 0, ''):
-      raise UserError(f'config.loss.{key}={value!r} is a single-label (softmax) option; a '
-                      'multi-label run (config.data.multilabel=True) weighs rare tags with '
-                      "config.loss.pos_weight ('balanced' or one number per tag) instead.")
-
-
-def pos_weight(config: ml_collections.ConfigDict, info: DatasetInfo
-               ) -> tuple[float, ...] | None:
-  """``config.loss.pos_weight`` of a multi-label run resolved to K numbers ('balanced': each
-  tag's negatives / positives in the training split, capped at 100, as PyTorch's BCE
-  ``pos_weight`` is usually set); None = off."""
-  spec = (config.get('loss') or {}).get('pos_weight', '') or ''
-  if isinstance(spec, str) and not spec.strip():
-    return None
-  k = info.num_classes
-  if not info.multilabel:
-    raise UserError(f'config.loss.pos_weight={spec!r} is for multi-label runs '
-                    '(config.data.multilabel=True); use config.loss.class_weights here.')
-  if spec == 'balanced':
-    from imgcls_jax.data import sources
-    split = config.data.train_split
-    counts = sources.class_counts(config.data, split, k).astype(np.float64)
-    n = sources.split_size(config.data, split)
-    if n is None:
-      n = sources.count(sources.read(config.data, split, 0, 1, drop_remainder=False,
-                                     decode=False))
-    weights = np.minimum((n - counts) / np.maximum(counts, 1), 100.0)
-    return tuple(float(w) for w in weights)
-  values = _numbers(spec)
-  if len(values) != k or any(not v > 0 for v in values):
-    raise UserError(f"config.loss.pos_weight={spec!r} must be '', 'balanced' or {k} positive "
-                    'numbers (one per tag, comma-separated).')
-  return tuple(values)
-
-
-def logit_offsets(config: ml_collections.ConfigDict, info: DatasetInfo
-                  ) -> tuple[float, ...] | None:
-  """``tau * log(prior_k)`` for ``config.loss.logit_adjustment = tau > 0`` (the priors from the
-  training split's class counts); None = off."""
-  tau = float((config.get('loss') or {}).get('logit_adjustment', 0.0) or 0.0)
-  if tau == 0:
-    return None
-  if tau < 0:
-    raise UserError(f'config.loss.logit_adjustment={tau} must be >= 0 (0 = off; e.g. 1.0).')
-  if config.label_smoothing:
-    raise UserError(f'config.loss.logit_adjustment={tau} needs config.label_smoothing=0: '
-                    'smoothing puts target mass on the rare classes, which the prior offsets '
-                    'turn into predicting them everywhere.')
-  from imgcls_jax.data import sources
-  counts = sources.class_counts(config.data, config.data.train_split, info.num_classes)
-  prior = np.maximum(counts, 1) / max(counts.sum(), 1)   # a class without images: one, not zero
-  return tuple(float(tau * np.log(p)) for p in prior)
 
 
 def _check_ema_and_accumulation(config: ml_collections.ConfigDict, cfg: steps.StepConfig,

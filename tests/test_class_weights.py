@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from imgcls_jax import run, state as state_lib, steps
+from imgcls_jax import loss_weights, run, state as state_lib, steps
 from imgcls_jax.data import digits, info as info_lib
 from imgcls_jax.errors import UserError
 from tests.test_ema_accumulation import _batch, mlp  # noqa: F401  (fixture: a model without BN)
@@ -97,7 +97,7 @@ def test_balanced_weights_are_sklearns(digits_config):
   info = info_lib.DatasetInfo(name='sklearn_digits', num_classes=10,
                               class_names=tuple(map(str, range(10))), image_shape=(8, 8, 1),
                               num_examples={})
-  got = run.class_weights(digits_config, info)
+  got = loss_weights.class_weights(digits_config, info)
   _, y = digits.load_arrays('train')
   np.testing.assert_allclose(got, compute_class_weight('balanced', classes=np.arange(10), y=y),
                              rtol=1e-12)
@@ -109,7 +109,7 @@ def test_bad_loss_settings_are_one_line_errors(digits_config):
   for bad in ('1,2', 'heavy', '1,-1,1', '0,0,0'):
     digits_config.loss.class_weights = bad
     with pytest.raises(UserError, match='must be .., .balanced. or 3 non-negative numbers'):
-      run.class_weights(digits_config, info)
+      loss_weights.class_weights(digits_config, info)
   digits_config.loss.class_weights = ''
   digits_config.loss.focal_gamma = -1.0
   with pytest.raises(UserError, match='focal_gamma=-1.0 must be >= 0'):

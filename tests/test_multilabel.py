@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgcls_jax import inference, predict, run, steps, train
+from imgcls_jax import inference, loss_weights, predict, run, steps, train
 from imgcls_jax.data import folder_index, image_folder, pipeline, sources
 from imgcls_jax.errors import UserError
 from tests.conftest import REPO
@@ -122,7 +122,7 @@ def test_manifest_tags_become_multi_hot_rows(tmp_path):
   assert counts.tolist() == [sum(n in t for _, t in truth['train']) for n in names]
   # pos_weight='balanced' = negatives / positives of each tag in the training split.
   c.loss.pos_weight = 'balanced'
-  np.testing.assert_allclose(run.pos_weight(c, info), (40 - counts) / counts)
+  np.testing.assert_allclose(loss_weights.pos_weight(c, info), (40 - counts) / counts)
   c.loss.pos_weight = ''
   c.loss.class_weights = 'balanced'
   with pytest.raises(UserError, match='pos_weight'):
