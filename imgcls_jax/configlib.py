@@ -125,6 +125,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(len(config.data.mean) == len(config.data.std),
        'config.data.mean and config.data.std need one value per channel each.')
   need(all(s > 0 for s in config.data.std), 'config.data.std values must be positive.')
+  need(config.optim.get('schedule_free_bn_batches', 0) >= 0,
+       f"config.optim.schedule_free_bn_batches={config.optim.get('schedule_free_bn_batches')} "
+       'must be >= 0 (0 = keep the statistics collected at y; e.g. 16).')
   need(config.log_every_steps > 0,
        f'config.log_every_steps must be positive, got {config.log_every_steps}.')
   need(config.keep_checkpoints > 0,

@@ -164,6 +164,15 @@ def jit_eval_step(s: Setup, variables_shardings: Any, *, tta: str = '',
                  out_shardings=sharding.replicated(s.mesh))
 
 
+def jit_batch_statistics(s: Setup, state_shardings: Any) -> Any:
+  """``batch_statistics(params, batch_stats, batch) -> batch_stats`` of one batch at ``params``
+  (``steps.batch_statistics``), jitted over the mesh with the state's placement."""
+  return jax.jit(functools.partial(steps.batch_statistics, model_def=s.model_def, cfg=s.step_cfg),
+                 in_shardings=(state_shardings.params, state_shardings.batch_stats,
+                               sharding.batch_sharding(s.mesh)),
+                 out_shardings=state_shardings.batch_stats)
+
+
 def restore_or_init(s: Setup, ckpt: checkpoint.Checkpointer) -> tuple[Any, Any]:
   """(state, shardings): the newest readable checkpoint in the workdir if any, else a fresh init
   (with weights from ``config.transfer.init_from`` when set).

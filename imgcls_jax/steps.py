@@ -243,6 +243,20 @@ def update_ema(ema: dict[str, Any], params: Any, batch_stats: Any, step: jax.Arr
           'batch_stats': jax.tree.map(mix, ema['batch_stats'], batch_stats)}
 
 
+def batch_statistics(params: Any, batch_stats: Any, batch: dict[str, jax.Array], *,
+                     model_def: ModelDef, cfg: StepConfig) -> Any:
+  """The BatchNorm statistics of one batch at ``params``: the model in training mode with every
+  norm layer's momentum set to 0, so its running statistics become this batch's (mean and biased
+  variance of each layer's input, over the global batch). ``batch_stats`` gives the tree's shape
+  only. No loss, no gradient; device augmentation is not applied."""
+  model = model_def.merge(params, batch_stats)
+  for _, module in nnx.iter_modules(model):
+    if any(isinstance(v, nnx.BatchStat) for v in vars(module).values()):
+      module.momentum = 0.0
+  model(normalize(batch['image'], cfg), train=True)
+  return nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+
+
 def forward(params: Any, batch_stats: Any, images_BxHxWxC: jax.Array, *, model_def: ModelDef,
             cfg: StepConfig) -> jax.Array:
   """The one inference forward pass: uint8 images -> ``logits_BxK`` (running BN statistics, no

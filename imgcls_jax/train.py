@@ -7,6 +7,7 @@ steps, logs, evaluates and saves. The loop never blocks on a step: metrics are f
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -14,6 +15,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import tqdm
 
@@ -120,10 +122,51 @@ class _Trainer:
         split_size=s.info.num_examples.get(self.threshold_split))
         if self.threshold_split else None)
     self.inference_meta = inference.inference_meta(s.config.data, s.info)
+    self.state_sh = state_sh
+    self.bn_batches = self.x_statistics_batches()
+    self.bn_stats_step: int | None = None  # the step whose batch statistics are those of x
     self.resident = None  # config.data.device_resident: the training split as arrays
     if resident.enabled(s.config.data):
       resident.check(s.config.data, jax.process_count())
       self.resident = resident.load(s.config.data)
+
+  def x_statistics_batches(self) -> list[dict[str, Any]] | None:
+    """Schedule-free training of a model with BatchNorm: the first
+    ``config.optim.schedule_free_bn_batches`` batches of the training stream (host arrays, read
+    once here), whose statistics at x replace the running ones (``use_x_statistics``); else None."""
+    s = self.s
+    n = int(s.config.optim.get('schedule_free_bn_batches', 0) or 0)
+    if (n == 0 or optim.schedule_free_parts(self.state.opt_state) is None or s.step_cfg.probe_head
+        or not jax.tree.leaves(self.state.batch_stats)):
+      return None
+    self.batch_statistics = run.jit_batch_statistics(s, self.state_sh)
+    ds, _ = pipeline.train_dataset(s.config.data, seed=s.config.seed,
+                                   local_batch_size=s.local_batch_size,
+                                   process_index=jax.process_index(),
+                                   process_count=jax.process_count())
+    return [{'image': b['image']} for b in itertools.islice(ds.as_numpy_iterator(), n)]
+
+  def use_x_statistics(self) -> None:
+    """Schedule-free + BatchNorm: the running statistics, collected at the gradient point y, are
+    replaced by the mean of ``bn_batches``' statistics at the evaluated weights x (as torch's
+    ``swa_utils.update_bn``), so that evaluations, checkpoints and every reader of the run use x
+    with its own statistics. Training is unaffected (it normalises with batch statistics), and
+    the result does not depend on the statistics it replaces, so resumed runs end the same."""
+    if self.bn_batches is None:
+      return
+    step = int(jax.device_get(self.state.step))
+    if step == self.bn_stats_step:
+      return
+    x = optim.eval_params(self.state.opt_state, self.state.params)
+    total = None
+    for batch in self.bn_batches:
+      stats = self.batch_statistics(x, self.state.batch_stats,
+                                    sharding.put_batch(batch, sharding.batch_sharding(self.s.mesh)))
+      total = stats if total is None else jax.tree.map(jnp.add, total, stats)
+    n = len(self.bn_batches)
+    self.state = self.state.replace(batch_stats=jax.device_put(
+        jax.tree.map(lambda t: t / n, total), self.state_sh.batch_stats))
+    self.bn_stats_step = step
 
   def diverged(self, what: str, step: int) -> TrainingDiverged:
     good = (f'the last good checkpoint is step {self.last_good} in {self.ckpt.directory}'
@@ -138,6 +181,7 @@ class _Trainer:
     ``count``. At the end of
     a multi-label run with ``config.evaluate.threshold_split``, the per-class thresholds are
     first chosen there (best F1 per class) and the eval split is scored with them."""
+    self.use_x_statistics()
     variables = self.eval_variables()
     if final and self.threshold_split:
       self.choose_thresholds(variables)
@@ -151,7 +195,8 @@ class _Trainer:
   def eval_variables(self) -> state_lib.InferenceState:
     """The weights evaluations use: the EMA's (with ``config.ema.inference``), else the
     optimizer's evaluation weights (``optim.eval_params``: schedule-free's averaged sequence x,
-    not the gradient point y it trains at), with the batch statistics of training."""
+    not the gradient point y it trains at), with the running batch statistics (for x, those of
+    ``use_x_statistics``)."""
     if self.eval_ema:
       return self.state.ema_variables()
     return state_lib.InferenceState(
@@ -188,6 +233,7 @@ class _Trainer:
     self.log.flush(step, keep_last=False)  # raises on a non-finite loss: never save after one
     if not bool(state_lib.is_finite(self.state)):
       raise self.diverged('the train state holds NaN/Inf values', step)
+    self.use_x_statistics()
     self.ckpt.save(step, self.state, self.meta(step), metrics=eval_result)
     self.last_good = step
 

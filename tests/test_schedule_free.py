@@ -91,3 +91,60 @@ def test_schedule_free_run_is_evaluated_and_loaded_at_x(tmp_path, digits_config)
   rep = evaluate.evaluate(config, workdir)
   assert rep['accuracy'] == pytest.approx(acc_x)
   assert rep['loss'] == pytest.approx(loss_x, rel=1e-4)
+
+
+def _conv3x3(a_BxHxWxC, k_3x3xCxO):
+  """numpy 'SAME' 3x3 convolution (cross-correlation, as lax.conv), no bias."""
+  h, w = a_BxHxWxC.shape[1:3]
+  p = np.pad(a_BxHxWxC, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  return sum(p[:, i:i + h, j:j + w, :] @ k_3x3xCxO[i, j] for i in range(3) for j in range(3))
+
+
+def _second_norm_statistics(params, images, mean, std):
+  """The mean and biased variance of the second BatchNorm's input over ``images`` (numpy, the
+  model in training mode: the first BatchNorm normalises with the batch's own statistics)."""
+  x = (images.astype(np.float64) / 255.0 - mean) / std
+  a = _conv3x3(x, np.asarray(params['convs'][0]['kernel'], np.float64))
+  mu, var = a.mean(axis=(0, 1, 2)), a.var(axis=(0, 1, 2))
+  bn0 = params['norms'][0]
+  a = np.maximum((a - mu) / np.sqrt(var + 1e-5) * np.asarray(bn0['scale']) + np.asarray(bn0['bias']),
+                 0.0)
+  a = _conv3x3(a, np.asarray(params['convs'][1]['kernel'], np.float64))
+  return a.mean(axis=(0, 1, 2)), a.var(axis=(0, 1, 2))
+
+
+def test_batch_statistics_are_re_estimated_at_x(tmp_path, digits_config):
+  """BatchNorm's running statistics, collected at y, are replaced before each evaluation and save
+  by the mean over the first ``schedule_free_bn_batches`` training batches of each batch's
+  statistics at x; checked against numpy on the second BatchNorm layer (its input depends on x)."""
+  from imgcls_jax import configlib
+  from imgcls_jax.data import pipeline
+  from imgcls_jax.errors import UserError
+  config = _schedule_free(digits_config)
+  config.optim.schedule_free_bn_batches = 3
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(config, workdir)
+  s = run.setup(config)
+  with checkpoint.Checkpointer(workdir, async_save=False) as ckpt:
+    target, _ = state_lib.abstract_state(s.model_fn, s.tx, config.seed, s.mesh)
+    state, _ = ckpt.restore(target, 30)
+  y = jax.device_get(state.params)
+  x = jax.device_get(_x(state.opt_state, y))
+  ds, _ = pipeline.train_dataset(config.data, seed=config.seed, local_batch_size=config.batch_size)
+  batches = [b['image'] for _, b in zip(range(3), ds.as_numpy_iterator())]
+  mean, std = np.asarray(config.data.mean), np.asarray(config.data.std)
+  at_x = [_second_norm_statistics(x, b, mean, std) for b in batches]
+  at_y = [_second_norm_statistics(y, b, mean, std) for b in batches]
+  saved = jax.device_get(state.batch_stats)['norms'][1]
+  want_mean, want_var = np.mean([m for m, _ in at_x], 0), np.mean([v for _, v in at_x], 0)
+  np.testing.assert_allclose(saved['mean'], want_mean, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(saved['var'], want_var, rtol=1e-4, atol=1e-5)
+  # x and y really differ here: y's statistics would not pass the check above.
+  assert np.max(np.abs(np.mean([m for m, _ in at_y], 0) - want_mean)) > 1e-2
+  # What every reader of the run gets.
+  loaded = checkpoint.read_weights(workdir)
+  np.testing.assert_allclose(loaded.batch_stats['norms.1.mean'], want_mean, rtol=1e-4, atol=1e-5)
+
+  config.optim.schedule_free_bn_batches = -1
+  with pytest.raises(UserError, match='schedule_free_bn_batches=-1 must be >= 0'):
+    configlib.validate(config)
