@@ -36,8 +36,10 @@ during the last PyTorch run: its epochs 36 s against 45-49 s before), ~0.45 poin
 same mean as the 10-epoch config with XLA's convolutions before it (94.20 / 94.18 / 94.06% in
 420.5-477.1 s beside the PyTorch script's 479.2-508.8 s at a faster hour, session 12): the epoch
 the im2col step buys does not move the mean. 12 epochs end at 94.34 / 94.21% (seeds 0 / 1,
-session 11) and 15 at 94.25% (seed 0, session 13): this net levels off at ~94.2-94.35%.
-Issue 18's 94.5% is NOT reached. History of the figures: benchmarks/NOTES.md, sessions 7-14.
+session 11) and 15 at 94.25% (seed 0, session 13): this net levels off at ~94.2-94.35%. Muon
+(optim.name='muon', lr 0.01) costs 2x per step here and ends at 94.14% after the same 11 epochs;
+two half-length runs averaged end at 93.88-94.01% (session 16).
+Issue 18's 94.5% is NOT reached. History of the figures: benchmarks/NOTES.md, sessions 7-16.
 """
 import ml_collections
 
