@@ -113,10 +113,11 @@ def _second_norm_statistics(params, images, mean, std):
   return a.mean(axis=(0, 1, 2)), a.var(axis=(0, 1, 2))
 
 
-def test_batch_statistics_are_re_estimated_at_x(tmp_path, digits_config):
+def test_batch_statistics_are_re_estimated_at_x(tmp_path, digits_config, monkeypatch):
   """BatchNorm's running statistics, collected at y, are replaced before each evaluation and save
   by the mean over the first ``schedule_free_bn_batches`` training batches of each batch's
-  statistics at x; checked against numpy on the second BatchNorm layer (its input depends on x)."""
+  statistics at x; checked against numpy on the second BatchNorm layer (its input depends on x).
+  A run stopped and resumed ends bitwise equal to the whole run."""
   from imgcls_jax import configlib
   from imgcls_jax.data import pipeline
   from imgcls_jax.errors import UserError
@@ -144,6 +145,19 @@ def test_batch_statistics_are_re_estimated_at_x(tmp_path, digits_config):
   # What every reader of the run gets.
   loaded = checkpoint.read_weights(workdir)
   np.testing.assert_allclose(loaded.batch_stats['norms.1.mean'], want_mean, rtol=1e-4, atol=1e-5)
+
+  # Exact resume: the stopped run's save re-estimates the statistics at step 13, which the whole
+  # run never did; training does not read them, so both end the same.
+  from imgcls_jax import preemption
+  from tests import test_fault_tolerance as ft
+  stopped = str(tmp_path / 'stopped')
+  monkeypatch.setattr(preemption.StopWatcher, 'requested', lambda self, step: step >= 13)
+  assert train.train_and_evaluate(config, stopped) == {'interrupted_at_step': 13}
+  monkeypatch.undo()
+  train.train_and_evaluate(config, stopped)
+  ft.assert_bitwise_equal(ft.load_state(workdir, 30), ft.load_state(stopped, 30))
+  evals = lambda w: [r for r in ft.metric_records(w) if r['split'] == 'eval']  # noqa: E731
+  assert evals(workdir) == evals(stopped) and len(evals(workdir)) == 1
 
   config.optim.schedule_free_bn_batches = -1
   with pytest.raises(UserError, match='schedule_free_bn_batches=-1 must be >= 0'):
