@@ -247,14 +247,22 @@ def batch_statistics(params: Any, batch_stats: Any, batch: dict[str, jax.Array],
                      model_def: ModelDef, cfg: StepConfig) -> Any:
   """The BatchNorm statistics of one batch at ``params``: the model in training mode with every
   norm layer's momentum set to 0, so its running statistics become this batch's (mean and biased
-  variance of each layer's input, over the global batch). ``batch_stats`` gives the tree's shape
-  only. No loss, no gradient; device augmentation is not applied."""
-  model = model_def.merge(params, batch_stats)
-  for _, module in nnx.iter_modules(model):
-    if any(isinstance(v, nnx.BatchStat) for v in vars(module).values()):
-      module.momentum = 0.0
-  model(normalize(batch['image'], cfg), train=True)
-  return nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+  variance of each layer's input, over the global batch; with ``cfg.accumulation`` = k > 1, the
+  mean over the k micro-batches the train step normalises with, one at a time). ``batch_stats``
+  gives the tree's shape only. No loss, no gradient; device augmentation is not applied."""
+  def stats_of(x):
+    model = model_def.merge(params, batch_stats)
+    for _, module in nnx.iter_modules(model):
+      if any(isinstance(v, nnx.BatchStat) for v in vars(module).values()):
+        module.momentum = 0.0
+    model(x, train=True)
+    return nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+
+  x = normalize(batch['image'], cfg)
+  if cfg.accumulation == 1:
+    return stats_of(x)
+  per_micro = jax.lax.map(stats_of, _micro_batches(x, cfg.accumulation))
+  return jax.tree.map(lambda a: a.mean(axis=0), per_micro)
 
 
 def forward(params: Any, batch_stats: Any, images_BxHxWxC: jax.Array, *, model_def: ModelDef,

@@ -133,11 +133,13 @@ class _Trainer:
   def x_statistics_batches(self) -> list[dict[str, Any]] | None:
     """Schedule-free training of a model with BatchNorm: the first
     ``config.optim.schedule_free_bn_batches`` batches of the training stream (host arrays, read
-    once here), whose statistics at x replace the running ones (``use_x_statistics``); else None."""
+    once here), whose statistics at x replace the running ones (``use_x_statistics``); else None.
+    Not with a linear probe (the source's statistics stay) or a weight EMA (it mixes the running
+    statistics into its own at every step: they stay those of training)."""
     s = self.s
     n = int(s.config.optim.get('schedule_free_bn_batches', 0) or 0)
     if (n == 0 or optim.schedule_free_parts(self.state.opt_state) is None or s.step_cfg.probe_head
-        or not jax.tree.leaves(self.state.batch_stats)):
+        or s.step_cfg.ema_decay > 0 or not jax.tree.leaves(self.state.batch_stats)):
       return None
     self.batch_statistics = run.jit_batch_statistics(s, self.state_sh)
     ds, _ = pipeline.train_dataset(s.config.data, seed=s.config.seed,
@@ -159,9 +161,11 @@ class _Trainer:
       return
     x = optim.eval_params(self.state.opt_state, self.state.params)
     total = None
+    guard = sharding.InFlightGuard(self.s.mesh, strict=True)  # independent programs (see there)
     for batch in self.bn_batches:
       stats = self.batch_statistics(x, self.state.batch_stats,
                                     sharding.put_batch(batch, sharding.batch_sharding(self.s.mesh)))
+      guard.after_dispatch(stats)
       total = stats if total is None else jax.tree.map(jnp.add, total, stats)
     n = len(self.bn_batches)
     self.state = self.state.replace(batch_stats=jax.device_put(
@@ -231,9 +235,9 @@ class _Trainer:
   def save(self, step: int, eval_result: dict[str, Any] | None = None) -> None:
     """Starts an async save once every step up to ``step`` is known to be finite."""
     self.log.flush(step, keep_last=False)  # raises on a non-finite loss: never save after one
+    self.use_x_statistics()
     if not bool(state_lib.is_finite(self.state)):
       raise self.diverged('the train state holds NaN/Inf values', step)
-    self.use_x_statistics()
     self.ckpt.save(step, self.state, self.meta(step), metrics=eval_result)
     self.last_good = step
 

@@ -162,3 +162,26 @@ def test_batch_statistics_are_re_estimated_at_x(tmp_path, digits_config, monkeyp
   config.optim.schedule_free_bn_batches = -1
   with pytest.raises(UserError, match='schedule_free_bn_batches=-1 must be >= 0'):
     configlib.validate(config)
+
+
+def test_batch_statistics_with_gradient_accumulation_average_the_micro_batches():
+  """With k micro-batches per step the statistics are those the train step normalises with: the
+  mean over micro-batch j = rows j, k + j, ... of each one's statistics."""
+  import dataclasses
+  from flax import nnx
+  from imgcls_jax import models
+  model_fn = lambda rngs: models.get('cnn', num_classes=3, in_channels=1, rngs=rngs,  # noqa: E731
+                                     widths=(4, 8), convs_per_stage=1)
+  model = model_fn(nnx.Rngs(0))
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+  images = np.random.default_rng(0).integers(0, 256, (12, 8, 8, 1), dtype=np.uint8)
+  cfg = steps.StepConfig(num_classes=3)
+  stats_of = lambda c, x: jax.jit(functools.partial(  # noqa: E731
+      steps.batch_statistics, model_def=state_lib.model_def(model_fn), cfg=c))(
+          params, stats, {'image': x})
+  got = stats_of(dataclasses.replace(cfg, accumulation=3), images)
+  want = jax.tree.map(lambda *a: np.mean(a, axis=0), *(stats_of(cfg, images[j::3]) for j in range(3)))
+  whole = stats_of(cfg, images)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6), got, want)
+  assert not np.allclose(got['norms'][1]['var'], whole['norms'][1]['var'], rtol=1e-3)
