@@ -124,6 +124,8 @@ class _Trainer:
     self.inference_meta = inference.inference_meta(s.config.data, s.info)
     self.state_sh = state_sh
     self.bn_batches = self.x_statistics_batches()
+    self.batch_statistics = (run.jit_batch_statistics(s, state_sh) if self.bn_batches is not None
+                             else None)
     self.bn_stats_step: int | None = None  # the step whose batch statistics are those of x
     self.resident = None  # config.data.device_resident: the training split as arrays
     if resident.enabled(s.config.data):
@@ -141,7 +143,6 @@ class _Trainer:
     if (n == 0 or optim.schedule_free_parts(self.state.opt_state) is None or s.step_cfg.probe_head
         or s.step_cfg.ema_decay > 0 or not jax.tree.leaves(self.state.batch_stats)):
       return None
-    self.batch_statistics = run.jit_batch_statistics(s, self.state_sh)
     ds, _ = pipeline.train_dataset(s.config.data, seed=s.config.seed,
                                    local_batch_size=s.local_batch_size,
                                    process_index=jax.process_index(),

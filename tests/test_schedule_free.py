@@ -46,17 +46,21 @@ def _x(opt_state, params):
   return optax.contrib.schedule_free_eval_params(found[0]._replace(z=z), params)
 
 
-def test_schedule_free_run_is_evaluated_and_loaded_at_x(tmp_path, digits_config):
-  config = _schedule_free(digits_config)
-  workdir = str(tmp_path / 'run')
+def _train_and_restore(config, workdir):
+  """Trains ``config`` in ``workdir``; (setup, the train state of step 30, y, x as numpy)."""
   train.train_and_evaluate(config, workdir)
-
   s = run.setup(config)
   with checkpoint.Checkpointer(workdir, async_save=False) as ckpt:
     target, _ = state_lib.abstract_state(s.model_fn, s.tx, config.seed, s.mesh)
     state, _ = ckpt.restore(target, 30)
   y = jax.device_get(state.params)
-  x = jax.device_get(_x(state.opt_state, y))
+  return s, state, y, jax.device_get(_x(state.opt_state, y))
+
+
+def test_schedule_free_run_is_evaluated_and_loaded_at_x(tmp_path, digits_config):
+  config = _schedule_free(digits_config)
+  workdir = str(tmp_path / 'run')
+  s, state, y, x = _train_and_restore(config, workdir)
   kernel = lambda p: np.asarray(p['head']['kernel'])  # noqa: E731
   assert not np.allclose(kernel(x), kernel(y), rtol=1e-3)  # x and y really differ here
 
@@ -124,13 +128,7 @@ def test_batch_statistics_are_re_estimated_at_x(tmp_path, digits_config, monkeyp
   config = _schedule_free(digits_config)
   config.optim.schedule_free_bn_batches = 3
   workdir = str(tmp_path / 'run')
-  train.train_and_evaluate(config, workdir)
-  s = run.setup(config)
-  with checkpoint.Checkpointer(workdir, async_save=False) as ckpt:
-    target, _ = state_lib.abstract_state(s.model_fn, s.tx, config.seed, s.mesh)
-    state, _ = ckpt.restore(target, 30)
-  y = jax.device_get(state.params)
-  x = jax.device_get(_x(state.opt_state, y))
+  _, state, y, x = _train_and_restore(config, workdir)
   ds, _ = pipeline.train_dataset(config.data, seed=config.seed, local_batch_size=config.batch_size)
   batches = [b['image'] for _, b in zip(range(3), ds.as_numpy_iterator())]
   mean, std = np.asarray(config.data.mean), np.asarray(config.data.std)
