@@ -2,9 +2,13 @@
 comparison of a config with the one a checkpoint was written by."""
 from __future__ import annotations
 
+import functools
+import importlib.util
+import inspect
 import json
 import logging
 import math
+import os
 from typing import Any, Mapping
 
 import ml_collections
@@ -36,16 +40,68 @@ def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
   return out
 
 
+def default_config_path() -> str:
+  """configs/default.py (the schema), wherever the project is installed."""
+  spec = importlib.util.find_spec('configs.default')
+  if spec is not None and spec.origin:
+    return spec.origin
+  return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs',
+                      'default.py')
+
+
+@functools.lru_cache(maxsize=1)
+def _schema_defaults() -> dict[str, Any]:
+  """configs/default.py's values, flattened to dotted keys as JSON types ({} if it cannot load)."""
+  try:
+    spec = importlib.util.spec_from_file_location('_imgcls_jax_schema', default_config_path())
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return _flatten(config_dict(module.get_config()))
+  except Exception:  # no schema: every key missing from a checkpoint counts as changed
+    return {}
+
+
+def _model_defaults(name: Any) -> dict[str, Any]:
+  """``model.<arg>`` -> the keyword default of model ``name``'s constructor (JSON types)."""
+  from imgcls_jax import models  # here: the model table imports flax
+  try:
+    fn, bound = models.family(str(name)).constructor, {}
+    while isinstance(fn, functools.partial):  # a sized name binds its architecture's keywords
+      bound = {**fn.keywords, **bound}
+      fn = fn.func
+    # nnx.Module classes show their metaclass's (*args, **kwargs): read __init__ instead.
+    params = inspect.signature(fn.__init__ if inspect.isclass(fn) else fn).parameters.values()
+  except (UserError, TypeError, ValueError):
+    return {}
+  values = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+  return {f'model.{k}': json.loads(json.dumps(v, default=str))
+          for k, v in {**values, **bound}.items()}
+
+
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
                        keys: tuple[str, ...]) -> list[str]:
-  """``'key: <saved> in the checkpoint, <current> now'`` for every differing key under ``keys``."""
+  """``'key: <saved> in the checkpoint, <current> now'`` for every differing key under ``keys``.
+
+  A key the checkpoint's config lacks (one added to the project after the checkpoint was written)
+  is unchanged when its value now is its default: configs/default.py's, or for ``model.*`` keys
+  the model constructor's. Keys are added with the default that keeps the earlier behaviour, so
+  such a run continues as it would have.
+  """
   a, b = _flatten(saved), _flatten(current)
   def selected(k: str) -> bool:
     return any(k.startswith(p) if p.endswith('.') else k == p for p in keys)
   missing = object()
+  defaults: dict[str, Any] | None = None
   diffs = []
   for k in sorted(set(a) | set(b)):
     va, vb = a.get(k, missing), b.get(k, missing)
+    if selected(k) and va is missing and vb is not missing:
+      if defaults is None:
+        model = _model_defaults(b['model.name']) if 'model.name' in b else {}
+        defaults = {**{d: v for d, v in _schema_defaults().items() if not d.startswith('model.')},
+                    **model}
+      if k in defaults and defaults[k] == vb:
+        continue
     if selected(k) and va != vb:
       show = lambda v: 'unset' if v is missing else json.dumps(v)
       diffs.append(f'{k}: {show(va)} in the checkpoint, {show(vb)} now')

@@ -20,7 +20,7 @@ os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')  # quieter, and deterministi
 from absl import flags
 from ml_collections import config_flags
 
-from imgcls_jax import startup
+from imgcls_jax import configlib, startup
 
 # --mode name -> (module, function). 'train' runs k-fold cross-validation when
 # config.cross_validation.folds > 0, else one run. The modes of a trained run are called as
@@ -85,15 +85,6 @@ def _explain_override_error(argv: list[str], err: Exception) -> str:
   return f'Bad command-line flag: {err}'
 
 
-def _default_config_path() -> str:
-  """configs/default.py (the schema), wherever the project is installed."""
-  spec = importlib.util.find_spec('configs.default')
-  if spec is not None and spec.origin:
-    return spec.origin
-  return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs',
-                      'default.py')
-
-
 def parse(argv: list[str]):
   """Parses flags; returns (config, workdir, mode) or raises _CliError with one clear line.
 
@@ -102,7 +93,7 @@ def parse(argv: list[str]):
   """
   mode_arg = next((a.split('=', 1)[1] for a in argv if a.startswith('--mode=')), 'train')
   if mode_arg in TRAINED_RUN_MODES and not any(a.startswith('--config=') for a in argv):
-    argv = [argv[0], f'--config={_default_config_path()}', *argv[1:]]
+    argv = [argv[0], f'--config={configlib.default_config_path()}', *argv[1:]]
     sys.argv = argv  # config_flags reads the override flags' names from sys.argv
   try:
     FLAGS(argv)

@@ -4,6 +4,7 @@ import logging
 import os
 
 import jax
+import ml_collections
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -147,3 +148,24 @@ def test_restore_onto_a_different_mesh(tmp_path):
   assert restored['x'].sharding == one and restored['w'].sharding == one
   for k in state:
     np.testing.assert_array_equal(restored[k], state[k])
+
+
+def test_keys_added_since_the_checkpoint_count_as_unchanged_at_their_defaults(digits_config,
+                                                                               caplog):
+  # A checkpoint written before optim.schedule_free_bn_batches and fast_cnn's model.conv existed.
+  digits_config.model = ml_collections.ConfigDict(dict(name='fast_cnn', widths=((8,), (16,)),
+                                                       conv='xla'))
+  saved = configlib.config_dict(digits_config)
+  del saved['optim']['schedule_free_bn_batches']
+  del saved['model']['conv']
+  with caplog.at_level(logging.WARNING):
+    configlib.check_config(saved, digits_config, 'ckpt')  # both at their defaults: silent
+  assert not caplog.records
+  digits_config.optim.schedule_free_bn_batches = 4
+  with caplog.at_level(logging.WARNING):
+    configlib.check_config(saved, digits_config, 'ckpt')
+  assert ('optim.schedule_free_bn_batches: unset in the checkpoint, 4 now' in caplog.text)
+  digits_config.model.conv = 'im2col'  # not the constructor's default: another model
+  with pytest.raises(UserError) as e:
+    configlib.check_config(saved, digits_config, 'ckpt')
+  assert 'model.conv: unset in the checkpoint, "im2col" now' in str(e.value)
