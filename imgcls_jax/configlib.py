@@ -49,14 +49,19 @@ def default_config_path() -> str:
                       'default.py')
 
 
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+  """``get_config()`` of a config file (``path[:arg]``: the argument part is ignored)."""
+  spec = importlib.util.spec_from_file_location('_imgcls_config', path.split(':')[0])
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
 @functools.lru_cache(maxsize=1)
 def _schema_defaults() -> dict[str, Any]:
   """configs/default.py's values, flattened to dotted keys as JSON types ({} if it cannot load)."""
   try:
-    spec = importlib.util.spec_from_file_location('_imgcls_jax_schema', default_config_path())
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return _flatten(config_dict(module.get_config()))
+    return _flatten(config_dict(load_config_file(default_config_path())))
   except Exception:  # no schema: every key missing from a checkpoint counts as changed
     return {}
 

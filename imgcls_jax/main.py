@@ -53,19 +53,12 @@ class _CliError(Exception):
   pass
 
 
-def _load_config_file(path: str):
-  spec = importlib.util.spec_from_file_location('_imgcls_config', path.split(':')[0])
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def _explain_override_error(argv: list[str], err: Exception) -> str:
   """Names the --config.X flag that does not exist in the config, if that is the problem."""
   config_path = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
   if config_path:
     try:
-      config = _load_config_file(config_path)
+      config = configlib.load_config_file(config_path)
     except Exception:  # reported by the caller as a config-file problem
       config = None
     for arg in argv:
