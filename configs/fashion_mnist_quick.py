@@ -71,6 +71,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dropout = 0.0
   c.model.image_size = 28
   c.model.conv = 'xla'                    # 'im2col': convs as patches + one matmul
+  c.model.residual = False                # True: equal-width convs add their input back
   c.dtype = 'float32'                     # bfloat16 is not faster on XLA:CPU (measured)
 
   c.batch_size = 32

@@ -102,3 +102,31 @@ def test_im2col_is_not_used_under_a_symbolic_batch():
   assert 'convolution' not in jax.jit(conv).lower(jnp.zeros((2, 6, 6, 4))).as_text()
   x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 6, 6, 4)), jnp.float32)
   np.testing.assert_allclose(exported.call(x), conv(x), rtol=1e-5, atol=1e-5)
+
+
+def test_residual_adds_the_input_of_every_equal_width_conv():
+  """``residual=True``: the same parameters as the plain net; a conv whose input and output widths
+  match adds its input (x + relu(bn(conv(x)))), written out here with jax.lax and numpy."""
+  kw = dict(num_classes=3, in_channels=2, stem='none', widths=((6, 6), (6,)), head='gap',
+            image_size=8)
+  plain = models.get('fast_cnn', rngs=nnx.Rngs(0), **kw)
+  res = models.get('fast_cnn', rngs=nnx.Rngs(0), residual=True, **kw)
+  assert res.plan == ['conv', 'res', 'pool', 'res'] and plain.plan == ['conv', 'conv', 'pool', 'conv']
+  x = jnp.asarray(np.random.default_rng(5).normal(size=(4, 8, 8, 2)), jnp.float32)
+
+  def conv_bn_relu(i, a):  # batch statistics, as in training (scale 1, bias 0 at init)
+    y = jax.lax.conv_general_dilated(a, res.convs[i].kernel[...], (1, 1), 'SAME',  # no bias
+                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    y = np.asarray(y, np.float64)
+    y = (y - y.mean((0, 1, 2))) / np.sqrt(y.var((0, 1, 2)) + 1e-5)
+    return np.maximum(y, 0.0).astype(np.float32)
+
+  a = conv_bn_relu(0, x)
+  a = a + conv_bn_relu(1, a)
+  a = a.reshape(4, 4, 2, 4, 2, 6).max(axis=(2, 4))
+  a = a + conv_bn_relu(2, a)
+  want = a.mean((1, 2)) @ np.asarray(res.fc.kernel[...]) + np.asarray(res.fc.bias[...])
+  np.testing.assert_allclose(res(x, train=True), want, rtol=1e-4, atol=1e-4)
+  assert not np.allclose(plain(x, train=True), want, atol=1e-2)
+  count = lambda m: sum(p.size for p in jax.tree.leaves(nnx.state(m, nnx.Param)))  # noqa: E731
+  assert count(res) == count(plain)

@@ -17,7 +17,9 @@ cheaper on XLA:CPU than ``cnn.CNN`` at equal width (measured on 2 cores, see REA
 ``widths`` lists stages of conv widths, e.g. ``((32, 64), (128,))``: a 2x2 max-pool follows every
 stage but the last (and the last too with ``final_pool``); the head flattens (``head='flatten'``)
 or averages globally (``head='gap'``), then applies an optional ``hidden``-unit ReLU layer,
-dropout and the linear classifier.
+dropout and the linear classifier. With ``residual=True`` every conv whose input and output widths
+match adds its input back (``x + relu(bn(conv(x)))``, an identity skip), so e.g.
+``((16,), (48, 48), (96, 96), (192,))`` is a plain stem with one residual conv per stage after it.
 """
 from __future__ import annotations
 
@@ -84,7 +86,7 @@ class FastCNN(nnx.Module):
                widths: Sequence[Sequence[int]] = ((32, 64), (128,)), stem: str = 's2d',
                final_pool: bool = False, head: str = 'flatten', hidden: int = 0,
                dropout: float = 0.0, image_size: int = 28, conv: str = 'xla',
-               dtype: Any = 'float32'):
+               residual: bool = False, dtype: Any = 'float32'):
     if stem not in ('s2d', 'none'):
       raise UserError(f"fast_cnn stem must be 's2d' or 'none', got '{stem}'; set "
                       'config.model.stem.')
@@ -103,7 +105,7 @@ class FastCNN(nnx.Module):
       for width in stage:
         convs.append(layers.conv(ch, width, 3, dtype=dtype, rngs=rngs, im2col=conv == 'im2col'))
         norms.append(AffineBatchNorm(width))
-        self.plan.append('conv')
+        self.plan.append('res' if residual and ch == width else 'conv')
         ch = width
       if i < len(stages) - 1 or final_pool:
         self.plan.append('pool')
@@ -122,8 +124,9 @@ class FastCNN(nnx.Module):
     x = space_to_depth(x_BxHxWxC) if self.stem == 's2d' else x_BxHxWxC
     i = 0
     for step in self.plan:
-      if step == 'conv':
-        x = nnx.relu(self.norms[i](self.convs[i](x), use_running_average=not train))
+      if step in ('conv', 'res'):
+        y = nnx.relu(self.norms[i](self.convs[i](x), use_running_average=not train))
+        x = x + y if step == 'res' else y
         i += 1
       else:
         x = max_pool_2x2(x)
