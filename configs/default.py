@@ -130,8 +130,8 @@ def get_config() -> ml_collections.ConfigDict:
   # schedule_free_adamw with BatchNorm: before each evaluation and save, the running statistics
   # (collected at the gradient point y) are replaced by the average of this many training batches'
   # statistics at the evaluated x (the first batches of the training stream, held in host memory
-  # for the run; host preprocessing applied, device augmentation not; as torch's
-  # swa_utils.update_bn); 0 = keep those collected at y. Not with a weight EMA (config.ema).
+  # for the run, at most 1 GiB of them; host preprocessing applied, device augmentation not; as
+  # torch's swa_utils.update_bn); 0 = keep those collected at y. Not with a weight EMA (config.ema).
   c.optim.schedule_free_bn_batches = 16
   c.optim.weight_decay = 5e-4             # on kernels only (not biases or norm parameters)
   c.optim.grad_clip_norm = 0.0            # global-norm clipping when > 0

@@ -82,6 +82,26 @@ class _TrainLog:
     self.t0, self.steps_timed = time.perf_counter(), later
 
 
+# Host memory the schedule-free statistics batches may hold (uint8 images): 16 ImageNet batches
+# of 1024 would be ~2.4 GB per process; 1 GiB keeps 6 of them (6,144 images).
+BN_BATCHES_MAX_BYTES = 1 << 30
+
+
+def first_batches(batches: Any, n: int, max_bytes: int) -> list[dict[str, Any]]:
+  """The images of the first ``n`` batches of ``batches`` (host arrays), fewer if they would
+  hold more than ``max_bytes`` (at least one batch; a warning says how many were kept)."""
+  kept, size = [], 0
+  for b in itertools.islice(batches, n):
+    if kept and size + b['image'].nbytes > max_bytes:
+      logging.warning('Schedule-free BatchNorm statistics from %d of the %d batches of '
+                      'config.optim.schedule_free_bn_batches: %.0f MiB of images, at most %.0f '
+                      'MiB are held in memory.', len(kept), n, size / 2**20, max_bytes / 2**20)
+      break
+    kept.append({'image': b['image']})
+    size += b['image'].nbytes
+  return kept
+
+
 class _Trainer:
   """One run: the state, its steps and data, the checkpointer, the log."""
 
@@ -135,8 +155,8 @@ class _Trainer:
   def x_statistics_batches(self) -> list[dict[str, Any]] | None:
     """Schedule-free training of a model with BatchNorm: the first
     ``config.optim.schedule_free_bn_batches`` batches of the training stream (host arrays, read
-    once here), whose statistics at x replace the running ones (``use_x_statistics``); else None.
-    Not with a linear probe (the source's statistics stay) or a weight EMA (it mixes the running
+    once here, at most ``BN_BATCHES_MAX_BYTES`` of them), whose statistics at x replace the
+    running ones (``use_x_statistics``); else None. Not with a linear probe (the source's statistics stay) or a weight EMA (it mixes the running
     statistics into its own at every step: they stay those of training)."""
     s = self.s
     n = int(s.config.optim.get('schedule_free_bn_batches', 0) or 0)
@@ -147,7 +167,7 @@ class _Trainer:
                                    local_batch_size=s.local_batch_size,
                                    process_index=jax.process_index(),
                                    process_count=jax.process_count())
-    return [{'image': b['image']} for b in itertools.islice(ds.as_numpy_iterator(), n)]
+    return first_batches(ds.as_numpy_iterator(), n, BN_BATCHES_MAX_BYTES)
 
   def use_x_statistics(self) -> None:
     """Schedule-free + BatchNorm: the running statistics, collected at the gradient point y, are

@@ -183,3 +183,17 @@ def test_batch_statistics_with_gradient_accumulation_average_the_micro_batches()
   whole = stats_of(cfg, images)
   jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6), got, want)
   assert not np.allclose(got['norms'][1]['var'], whole['norms'][1]['var'], rtol=1e-3)
+
+
+def test_statistics_batches_are_capped_in_bytes(caplog):
+  """The batches held for the statistics at x stop at the byte cap (at least one is kept, and a
+  warning names how many), so 16 ImageNet-sized batches do not fill the host's memory."""
+  images = [np.full((4, 8, 8, 3), i, np.uint8) for i in range(10)]   # 768 bytes each
+  stream = iter([{'image': im, 'label': np.zeros(4, np.int32)} for im in images])
+  kept = train.first_batches(stream, 5, max_bytes=10_000)
+  assert [int(b['image'][0, 0, 0, 0]) for b in kept] == [0, 1, 2, 3, 4] and 'label' not in kept[0]
+  with caplog.at_level('WARNING'):
+    kept = train.first_batches(iter([{'image': im} for im in images]), 5, max_bytes=2_000)
+  assert [int(b['image'][0, 0, 0, 0]) for b in kept] == [0, 1]
+  assert '2 of the 5 batches' in caplog.text
+  assert len(train.first_batches(iter([{'image': im} for im in images]), 5, max_bytes=10)) == 1
