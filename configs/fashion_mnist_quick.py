@@ -38,7 +38,9 @@ same mean as the 10-epoch config with XLA's convolutions before it (94.20 / 94.1
 the im2col step buys does not move the mean. 12 epochs end at 94.34 / 94.21% (seeds 0 / 1,
 session 11) and 15 at 94.25% (seed 0, session 13): this net levels off at ~94.2-94.35%. Muon
 (optim.name='muon', lr 0.01) costs 2x per step here and ends at 94.14% after the same 11 epochs;
-two half-length runs averaged end at 93.88-94.01% (session 16).
+two half-length runs averaged end at 93.88-94.01% (session 16). CutMix ends at 93.74%
+(session 17), mixup 0.2 at 94.04%, a residual 256-256 last stage (``model.residual=True``, 1.42x
+the wall) at 94.18% (seed 0, session 18, where the config itself reran to 94.27%).
 Issue 18's 94.5% is NOT reached. History of the figures: benchmarks/NOTES.md, sessions 7-16.
 """
 import ml_collections
