@@ -156,8 +156,9 @@ class _Trainer:
     """Schedule-free training of a model with BatchNorm: the first
     ``config.optim.schedule_free_bn_batches`` batches of the training stream (host arrays, read
     once here, at most ``BN_BATCHES_MAX_BYTES`` of them), whose statistics at x replace the
-    running ones (``use_x_statistics``); else None. Not with a linear probe (the source's statistics stay) or a weight EMA (it mixes the running
-    statistics into its own at every step: they stay those of training)."""
+    running ones (``use_x_statistics``); else None. Not with a linear probe (the source's
+    statistics stay) or a weight EMA (it mixes the running statistics into its own at every step:
+    they stay those of training)."""
     s = self.s
     n = int(s.config.optim.get('schedule_free_bn_batches', 0) or 0)
     if (n == 0 or optim.schedule_free_parts(self.state.opt_state) is None or s.step_cfg.probe_head

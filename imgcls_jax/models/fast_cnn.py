@@ -19,7 +19,8 @@ stage but the last (and the last too with ``final_pool``); the head flattens (``
 or averages globally (``head='gap'``), then applies an optional ``hidden``-unit ReLU layer,
 dropout and the linear classifier. With ``residual=True`` every conv whose input and output widths
 match adds its input back (``x + relu(bn(conv(x)))``, an identity skip), so e.g.
-``((16,), (48, 48), (96, 96), (192,))`` is a plain stem with one residual conv per stage after it.
+``((16,), (48, 48), (96, 96), (192,))`` has a residual conv after the widening one in its second
+and third stages.
 """
 from __future__ import annotations
 
