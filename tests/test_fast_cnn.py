@@ -111,7 +111,8 @@ def test_residual_adds_the_input_of_every_equal_width_conv():
             image_size=8)
   plain = models.get('fast_cnn', rngs=nnx.Rngs(0), **kw)
   res = models.get('fast_cnn', rngs=nnx.Rngs(0), residual=True, **kw)
-  assert res.plan == ['conv', 'res', 'pool', 'res'] and plain.plan == ['conv', 'conv', 'pool', 'conv']
+  assert res.plan == ['conv', 'res', 'pool', 'res']
+  assert plain.plan == ['conv', 'conv', 'pool', 'conv']
   x = jnp.asarray(np.random.default_rng(5).normal(size=(4, 8, 8, 2)), jnp.float32)
 
   def conv_bn_relu(i, a):  # batch statistics, as in training (scale 1, bias 0 at init)
