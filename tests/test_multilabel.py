@@ -204,6 +204,14 @@ def test_evaluate_predict_export_and_serve_a_tagged_run(tagged_run, tmp_path, ca
   assert record['task'] == 'multilabel'
   assert record['thresholds'] == pytest.approx(list(trained.thresholds))
   assert record['verification']['saved_model']['max_abs_prob_diff'] < 1e-4
+  # int8: the sigmoid must not become 1 / (1 + exp(-x)), whose quantised divisor rounds to its
+  # zero point (LiteRT aborted, 'div.cc data[i] != zero_point'; tf.lite returned garbage).
+  record = export.export(None, workdir, overrides={'export.output_dir': str(tmp_path / 'int8'),
+                                                   'export.quantize': 'int8',
+                                                   'export.onnx': False})
+  q = record['verification']['quantized']
+  assert q['tag_agreement'] >= 0.97, q
+  assert q['accuracy_drop'] <= 0.05, q
 
   cfg = config.serve.copy_and_resolve_references()
   cfg.port = 0
