@@ -212,6 +212,9 @@ def test_evaluate_predict_export_and_serve_a_tagged_run(tagged_run, tmp_path, ca
   q = record['verification']['quantized']
   assert q['tag_agreement'] >= 0.97, q
   assert q['accuracy_drop'] <= 0.05, q
+  printed = capsys.readouterr().out
+  assert f"int8 tag agreement {q['tag_agreement']:.2%}" in printed, printed
+  assert 'exact match drop' in printed and 'top-1' not in printed.splitlines()[-1]
 
   cfg = config.serve.copy_and_resolve_references()
   cfg.port = 0

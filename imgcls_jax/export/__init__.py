@@ -91,6 +91,18 @@ def quantization_report(reference: dict[str, np.ndarray], quantized: dict[str, n
   return out
 
 
+def _agreement(q: dict[str, Any]) -> str:
+  """How often a quantised model decides as the float one: each tag (multi-label), else top-1."""
+  if 'tag_agreement' in q:
+    return f"tag agreement {q['tag_agreement']:.2%}"
+  return f"top-1 agreement {q['top1_agreement']:.2%}"
+
+
+def _accuracy_name(q: dict[str, Any]) -> str:
+  """What ``quantization_report``'s accuracy is: exact match of the tag sets, or top-1."""
+  return 'exact match' if 'tag_agreement' in q else 'top-1 accuracy'
+
+
 def _validate(cfg: ml_collections.ConfigDict) -> None:
   if cfg.verify_examples < 1:
     raise UserError('config.export.verify_examples must be >= 1: the export is always verified.')
@@ -137,9 +149,9 @@ def export(config: ml_collections.ConfigDict | None, workdir: str,
         f'on {len(images)} of {samples.source}: ' +
         '; '.join(f"{k} max |dprob| {checks[k]['max_abs_prob_diff']:.1e}"
                   for k in ('saved_model', 'tflite', 'onnx') if k in checks) +
-        (f"; {quantize} top-1 agreement {q['top1_agreement']:.2%} on {q['examples']}" +
-         (f", accuracy drop {100 * q['accuracy_drop']:.2f} points" if 'accuracy_drop' in q
-          else '') if q else ''), flush=True)
+        (f"; {quantize} {_agreement(q)} on {q['examples']}" +
+         (f", {_accuracy_name(q)} drop {100 * q['accuracy_drop']:.2f} points"
+          if 'accuracy_drop' in q else '') if q else ''), flush=True)
   return record
 
 
@@ -246,14 +258,15 @@ def _quantize_and_verify(clf: inference.Classifier, cfg: ml_collections.ConfigDi
                          "''.") from None
   report = quantization_report(float_out, quantized_out, labels, thresholds)
   report['source'] = samples.source
-  logging.info('%s TFLite vs the float model on %d images: top-1 agreement %.2f%%%s.', quantize,
-               len(images), 100 * report['top1_agreement'],
-               f", accuracy {100 * report['float_accuracy']:.2f}% -> "
+  logging.info('%s TFLite vs the float model on %d images: %s%s.', quantize, len(images),
+               _agreement(report),
+               f", {_accuracy_name(report)} {100 * report['float_accuracy']:.2f}% -> "
                f"{100 * report['quantized_accuracy']:.2f}%" if labels is not None else '')
   limit = float(cfg.get('max_accuracy_drop', 0.01))
   if labels is not None and report['accuracy_drop'] > limit:
     raise QuantizationTooLossy(
-        f"The {quantize} TFLite model's top-1 accuracy is {100 * report['accuracy_drop']:.2f} "
+        f"The {quantize} TFLite model's {_accuracy_name(report)} is "
+        f"{100 * report['accuracy_drop']:.2f} "
         f"points below the float model's on {len(images)} images (limit "
         f'{100 * limit:.2f}, config.export.max_accuracy_drop); nothing was written: calibrate on '
         "more images (config.export.calibration_examples) or use quantize='float16'.")
