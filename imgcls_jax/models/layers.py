@@ -97,8 +97,11 @@ def dense(in_f: int, out_f: int, *, dtype: Any, rngs: nnx.Rngs) -> nnx.Linear:
 
 
 def max_pool_3x3_s2(x_BxHxWxC: jnp.ndarray) -> jnp.ndarray:
-  """The ResNet stem max-pool: 3x3, stride 2, padding 1."""
-  return nnx.max_pool(x_BxHxWxC, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+  """The ResNet stem max-pool: 3x3, stride 2, padding 1, of a ReLU's output (>= 0), so padded
+  with zeros, which gives what -inf padding gives: -inf, as XLA pads a max-pool, becomes a
+  tensor of int8 scale ~1e36 in a quantised TFLite model, and LiteRT aborts on it."""
+  x = jnp.pad(x_BxHxWxC, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  return nnx.max_pool(x, (3, 3), strides=(2, 2), padding='VALID')
 
 
 def as_dtype(name: str | Any) -> Any:
