@@ -39,18 +39,19 @@ def _randomized(tree, key, positive=False):
   return jax.tree.unflatten(treedef, [n.astype(np.float32) for n in new])
 
 
-def _classifier(name: str, **model_kw) -> inference.Classifier:
+def _classifier(name: str, info: DatasetInfo = INFO, **model_kw) -> inference.Classifier:
   run = default.get_config()
   run.model = ml_collections.ConfigDict({'name': name, **small(name), **model_kw})
-  run.data.mean, run.data.std = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
-  model_fn = models.from_config(run, INFO.num_classes, 3)
+  c = info.image_shape[2]
+  run.data.mean, run.data.std = (0.5, 0.4, 0.3)[:c], (0.25, 0.2, 0.3)[:c]
+  model_fn = models.from_config(run, info.num_classes, info.image_shape[2])
   state = jax.device_get(jax.jit(state_lib.init_fn(model_fn, optax.identity(), 0))())
   batch_stats = jax.tree_util.tree_map_with_path(  # BN means around 0, variances around 1
       lambda path, v: _randomized(v, jax.random.key(len(path) + v.size),
                                   positive=path[-1].key == 'var'), state.batch_stats)
   variables = state_lib.InferenceState(params=_randomized(state.params, jax.random.key(1)),
                                        batch_stats=batch_stats)
-  trained = inference.Trained(run=run, info=INFO, image_shape=INFO.image_shape, native_hw=None,
+  trained = inference.Trained(run=run, info=info, image_shape=info.image_shape, native_hw=None,
                               variables=variables, step=0, origin=f'test {name}')
   return inference.classifier(trained, max_batch=8)
 
@@ -93,3 +94,19 @@ def test_resnet_with_its_max_pool_stem_runs_as_int8_tflite(tmp_path):
   assert export.probe_tflite(path, (16, 16, 3)) == ''
   diff = export.compare(clf.predict_arrays(images[:8]), export.run_tflite(path, images[:8]))
   assert diff['max_abs_prob_diff'] < 0.2, diff
+
+
+def test_fast_cnn_pooling_an_odd_map_exports_to_tflite(tmp_path):
+  """fashion_mnist_quick's network pools its 7x7 map to 3x3 (the last row and column dropped):
+  that crop exported as a dynamic gather, which the TFLite converter rejected, so the quick
+  config could not be exported at all."""
+  info = DatasetInfo(name='synthetic', num_classes=5, class_names=tuple('abcde'),
+                     image_shape=(28, 28, 1), num_examples={'train': 8, 'test': 8})
+  clf = _classifier('fast_cnn', info, widths=((4,), (8,), (8,), (8,)), stem='none',
+                    image_size=28, conv='im2col')
+  images = np.random.default_rng(2).integers(0, 256, (6, 28, 28, 1), dtype=np.uint8)
+  saved, path = str(tmp_path / 'saved_model'), str(tmp_path / 'model.tflite')
+  export.save_saved_model(clf, saved)
+  export.save_tflite(saved, path)
+  diff = export.compare(clf.predict_arrays(images), export.run_tflite(path, images))
+  assert diff['max_abs_prob_diff'] <= 1e-4 and diff['top1_agreement'] == 1.0, diff

@@ -110,7 +110,8 @@ def _first_line(e: BaseException) -> str:
 def _conversion_error(e: BaseException) -> UserError:
   return UserError(f'TFLite conversion failed ({_first_line(e)}); export with '
                    '--config.export.tflite=False --config.export.quantize= --config.export.onnx='
-                   'False for the SavedModel only, or with --config.export.dtype=float32.')
+                   'False for the SavedModel only (or, where config.export.dtype is not '
+                   'float32, with --config.export.dtype=float32).')
 
 
 def tflite_runtime() -> str:

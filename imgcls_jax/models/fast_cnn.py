@@ -69,7 +69,11 @@ class AffineBatchNorm(nnx.Module):
 def max_pool_2x2(x_BxHxWxC: jax.Array) -> jax.Array:
   """2x2 / stride-2 max-pool (a last odd row / column is dropped, as VALID pooling does)."""
   b, h, w, c = x_BxHxWxC.shape
-  x = x_BxHxWxC[:, :h // 2 * 2, :w // 2 * 2]
+  # lax.slice, not x[:, :h - 1]: under a symbolic batch (export) indexing becomes a dynamic
+  # gather, which the TFLite converter rejects ('vhlo.dynamic_gather_v1 ... not part of the vhlo
+  # support').
+  x = jax.lax.slice_in_dim(x_BxHxWxC, 0, h // 2 * 2, axis=1) if h % 2 else x_BxHxWxC
+  x = jax.lax.slice_in_dim(x, 0, w // 2 * 2, axis=2) if w % 2 else x
   return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
