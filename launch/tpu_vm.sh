@@ -41,6 +41,10 @@ usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; }
 die() { echo "tpu_vm.sh: $*" >&2; exit 2; }
 
 while [[ $# -gt 0 ]]; do
+  case "$1" in  # --opt=value is --opt value
+    --name=*|--zone=*|--project=*|--accelerator-type=*|--version=*)
+      set -- "${1%%=*}" "${1#*=}" "${@:2}" ;;
+  esac
   case "$1" in
     --name) name="${2:?}"; shift 2 ;;
     --zone) zone="${2:?}"; shift 2 ;;

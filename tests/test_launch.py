@@ -153,6 +153,12 @@ def test_tpu_vm_single_actions_and_errors():
   assert r.returncode == 2 and 'no arguments for imgcls_jax.main' in r.stderr
   r = _run('tpu_vm.sh', '--zone', 'z', 'launch')
   assert r.returncode == 2 and "unknown argument 'launch'" in r.stderr
+  # --opt=value, as the README and the script's own hint write it, is --opt value.
+  spaced = _run('tpu_vm.sh', '--zone', 'z', '--accelerator-type', 'v4-32', '--dry-run', 'create')
+  joined = _run('tpu_vm.sh', '--zone=z', '--accelerator-type=v4-32', '--dry-run', 'create')
+  assert joined.returncode == 0, joined.stderr
+  assert _commands(joined.stdout) == _commands(spaced.stdout)
+  assert '--accelerator-type=v4-32' in _commands(joined.stdout)[0]
 
 
 @pytest.mark.parametrize('script', ['local.sh', 'tpu_vm.sh'])
