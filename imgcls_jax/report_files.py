@@ -26,7 +26,7 @@ def write(rep: dict[str, Any], out_dir: str, title: str, metrics_path: str | Non
     _write_single_label(rep, out_dir, title)
   if metrics_path and os.path.exists(metrics_path):
     plots.training_curves(metrics.read_jsonl(metrics_path), os.path.join(out_dir, CURVES_FILE))
-  else:
+  elif metrics_path:  # None: a report with no training run behind it (k-NN, classical)
     logging.info('No metrics.jsonl next to the checkpoints: no training-curve plot.')
 
 
@@ -59,12 +59,17 @@ def table_lines(rep: dict[str, Any], title: str, out_dir: str) -> list[str]:
   if rep.get('task') == 'multilabel':
     lines += ['  ' + line for line in report_multilabel.headline(rep)]
     lines += ['  ' + line for line in report_multilabel.class_table(rep, max_rows=20)]
-    lines.append(f'Report: {os.path.join(out_dir, "report.md")} (+ report.json, pr_curves.png, '
-                 'training_curves.png)')
+    lines.append(_written(out_dir, ('report.json', 'pr_curves.png', CURVES_FILE)))
     return lines
   lines += ['  ' + line for line in report.headline(rep)]
   lines += ['  ' + line for line in report.class_table(rep, max_rows=20)]
   lines += ['  ' + line for line in report.confused_lines(rep)]
-  lines.append(f'Report: {os.path.join(out_dir, "report.md")} (+ report.json, '
-               'confusion_matrix.csv/.png, reliability.png, roc_curves.png, training_curves.png)')
+  lines.append(_written(out_dir, ('report.json', 'confusion_matrix.csv', 'confusion_matrix.png',
+                                  'reliability.png', 'roc_curves.png', CURVES_FILE)))
   return lines
+
+
+def _written(out_dir: str, names: tuple[str, ...]) -> str:
+  """'Report: <out_dir>/report.md (+ the files of ``names`` that ``write`` wrote there)'."""
+  there = [n for n in names if os.path.exists(os.path.join(out_dir, n))]
+  return f'Report: {os.path.join(out_dir, "report.md")} (+ {", ".join(there)})'

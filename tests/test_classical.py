@@ -44,9 +44,14 @@ def config(digits_config):
   return c
 
 
-def test_holdout_on_a_tfds_dataset_writes_the_evaluate_report(config, tmp_path):
+def test_holdout_on_a_tfds_dataset_writes_the_evaluate_report(config, tmp_path, capsys):
   out = str(tmp_path / 'run')
   rep = classical.classical(config, out)
+  # The summary names the files written: no training run, so no training curves.
+  report_line = capsys.readouterr().out.strip().splitlines()[-1]
+  assert report_line.startswith('Report: ') and 'reliability.png' in report_line
+  assert 'training_curves' not in report_line
+  assert not os.path.exists(os.path.join(out, report_files.CURVES_FILE))
   for name in report_files.REPORT_FILES + (classical.MODEL_FILE, classical.META_FILE):
     assert os.path.exists(os.path.join(out, name)), name
   with open(os.path.join(out, 'report.json')) as f:

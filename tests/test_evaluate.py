@@ -149,6 +149,7 @@ def test_evaluating_a_digits_checkpoint_writes_the_report_and_three_pngs(trained
   assert sum(r['support'] for r in saved['per_class']) == 450
   printed = capsys.readouterr().out
   assert 'top-1' in printed and 'macro avg' in printed and 'most confused' in printed
+  assert 'reliability.png' in printed and 'training_curves.png' in printed
   md = open(os.path.join(out, 'report.md')).read()
   assert '## Per class' in md and '| 9 |' in md
   # Same checkpoint, same split: the training-time evaluation at step 40 agrees.
