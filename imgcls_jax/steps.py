@@ -316,11 +316,11 @@ def multilabel_eval_sums(variables: Any, batch: dict[str, jax.Array], *, model_d
   y = batch['label'].astype(jnp.float32)
   mask = batch['mask']
   if tta == 'flip':
-    probs = 0.5 * (jax.nn.sigmoid(logits) + jax.nn.sigmoid(logits_of(batch['image'][:, :, ::-1])))
+    probs = 0.5 * (tanh_sigmoid(logits) + tanh_sigmoid(logits_of(batch['image'][:, :, ::-1])))
     p = jnp.clip(probs, 1e-7, 1 - 1e-7)
     loss_B = -(y * jnp.log(p) + (1 - y) * jnp.log1p(-p)).mean(-1)
   else:
-    probs = jax.nn.sigmoid(logits)
+    probs = tanh_sigmoid(logits)
     loss_B = sigmoid_cross_entropy(logits, y)
   thresholds = jnp.asarray(cfg.thresholds if cfg.thresholds is not None
                            else (0.5,) * cfg.num_classes, jnp.float32)
@@ -344,5 +344,6 @@ def tanh_sigmoid(x: jax.Array) -> jax.Array:
   0 below x ~ -17, where the sigmoid is < 4e-8), for the exported forward pass: the TFLite
   converter turns ``jax.nn.sigmoid`` into ``1 / (1 + exp(-x))``, and int8 quantisation of that
   divisor, whose range reaches exp(-min x), rounds values near 1 to its zero point (LiteRT aborts
-  in its DIV kernel); TANH has an int8 kernel."""
+  in its DIV kernel); TANH has an int8 kernel. Evaluation uses it too, so that its tag decisions
+  are those of prediction and the exported models."""
   return 0.5 * jnp.tanh(0.5 * x) + 0.5

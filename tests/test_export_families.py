@@ -44,7 +44,7 @@ def _classifier(name: str, info: DatasetInfo = INFO, **model_kw) -> inference.Cl
   run.model = ml_collections.ConfigDict({'name': name, **small(name), **model_kw})
   c = info.image_shape[2]
   run.data.mean, run.data.std = (0.5, 0.4, 0.3)[:c], (0.25, 0.2, 0.3)[:c]
-  model_fn = models.from_config(run, info.num_classes, info.image_shape[2])
+  model_fn = models.from_config(run, info.num_classes, c)
   state = jax.device_get(jax.jit(state_lib.init_fn(model_fn, optax.identity(), 0))())
   batch_stats = jax.tree_util.tree_map_with_path(  # BN means around 0, variances around 1
       lambda path, v: _randomized(v, jax.random.key(len(path) + v.size),
