@@ -155,6 +155,11 @@ def test_int8_model_is_quantized_and_its_report_is_right(exported):
   assert q['quantized_accuracy'] == pytest.approx(np.mean(got.argmax(-1) == y))
   assert q['float_accuracy'] == pytest.approx(np.mean(float_probs.argmax(-1) == y))
   assert q['accuracy_drop'] <= config.export.max_accuracy_drop
+  # Probabilities, not just a ranking: they sum to 1 (the int8 softmax's output step is 1/256)
+  # and stay near the float model's. The StableHLO softmax quantised to sums up to 2.04.
+  np.testing.assert_allclose(got.sum(-1), 1.0, atol=0.02)
+  assert np.abs(got - float_probs).max() < 0.1
+  assert q['max_abs_prob_diff'] == pytest.approx(np.abs(got - float_probs).max(), abs=1e-6)
   assert record['quantization'] == {'quantize': 'int8', 'calibration_examples': 64,
                                     'calibration_source': "the split 'train' of 'sklearn_digits'"}
   sizes = record['bytes']
