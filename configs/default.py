@@ -35,7 +35,9 @@ def get_config() -> ml_collections.ConfigDict:
   # alternate epochs, from a per-example coin keyed by (seed, its pixels); use it with a
   # deterministic train_preprocess), 'translate(pad=2)' (a random shift by -2..2 pixels per axis
   # and example, keyed by (seed, step); the uncovered border black, or mirrored with
-  # mode=reflect). E.g. 'flip_alternate|translate(pad=2)'; '' = none.
+  # mode=reflect), 'erase(prob=0.5, area_min=0.02, area_max=0.33, fill=noise)' (Random Erasing:
+  # one rectangle per example filled with noise or zeros, keyed by (seed, step); after
+  # flip_alternate). E.g. 'flip_alternate|translate(pad=2)'; '' = none.
   c.data.device_preprocess = ''
   c.data.mean = (0.5,)                    # per-channel mean / std in [0, 1] units, applied on device
   c.data.std = (0.5,)

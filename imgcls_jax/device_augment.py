@@ -12,7 +12,12 @@ Ops act on the uint8 batch before normalisation, are joined by ``'|'`` and run i
   (random host ops change the pixels every epoch and the flips become random);
 * ``translate(pad=N, mode=constant|reflect)``: a random crop of the image padded by N pixels
   (zeros = black, or reflected), i.e. a shift by -N..N pixels per axis and example, keyed by
-  (seed, step).
+  (seed, step);
+* ``erase(prob=P, area_min=A, area_max=B, fill=noise|zero)``: Random Erasing (Zhong et al.
+  2020, as the host op ``random_erasing``): with probability P one rectangle per example, of area
+  fraction uniform in A..B and log-uniform aspect ratio in 0.3..3.3 (clipped to the image), is
+  filled with uniform per-pixel noise or zeros, keyed by (seed, step). Put it after
+  ``flip_alternate``, which identifies examples by their pixels.
 
 Everything is per example and element-wise over the batch, so the result does not depend on how
 the batch is split over devices. No TensorFlow, no config objects: specs are parsed to hashable
@@ -20,6 +25,7 @@ tuples that ``steps.StepConfig`` carries.
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -32,17 +38,30 @@ from imgcls_jax.errors import UserError
 FLIP_STREAM = 0x0F11
 TRANSLATE_STREAM = 0x7A45
 ALTERNATE_STREAM = 0xA17E            # folded into the run key (not the step key): fixed per run
-OPS = ('flip_lr', 'flip_alternate', 'translate')
+ERASE_STREAM = 0xE7A5
+OPS = ('flip_lr', 'flip_alternate', 'translate', 'erase')
 PAD_MODES = ('constant', 'reflect')
+ERASE_FILLS = ('noise', 'zero')
+ERASE_RATIO = (0.3, 1 / 0.3)         # aspect ratio range (height / width), log-uniform
 TTA_MODES = ('', 'flip', 'flip_translate')
 Op = tuple  # ('flip_lr',) | ('flip_alternate',) | ('translate', pad, mode)
+#             | ('erase', prob, area_min, area_max, fill)
 
 
 def _bad(spec: str, why: str) -> UserError:
   return UserError(f"config.data.device_preprocess='{spec}' is not a device-side op spec ({why}); "
                    "use '' or ops among flip_lr, flip_alternate, translate(pad=N, "
-                   "mode=constant|reflect) joined by '|' (other augmentations go in "
+                   "mode=constant|reflect), erase(prob=P, area_min=A, area_max=B, "
+                   "fill=noise|zero) joined by '|' (other augmentations go in "
                    'config.data.train_preprocess).')
+
+
+def _fraction(text: str) -> float | None:
+  try:
+    v = float(text)
+  except ValueError:
+    return None
+  return v if 0.0 <= v <= 1.0 else None
 
 
 def parse(spec: str) -> tuple[Op, ...]:
@@ -63,6 +82,16 @@ def parse(spec: str) -> tuple[Op, ...]:
       if unknown or not pad.isdigit() or not 1 <= int(pad) <= 64 or mode not in PAD_MODES:
         raise _bad(spec, 'translate takes pad (1..64 pixels) and mode (constant or reflect)')
       ops.append(('translate', int(pad), mode))
+    elif name == 'erase':
+      unknown = set(args) - {'prob', 'area_min', 'area_max', 'fill'}
+      prob, lo, hi = (_fraction(args.get(k, d)) for k, d in
+                      (('prob', '0.5'), ('area_min', '0.02'), ('area_max', '0.33')))
+      fill = args.get('fill', 'noise')
+      if (unknown or prob is None or lo is None or hi is None or not 0 < lo <= hi
+          or fill not in ERASE_FILLS):
+        raise _bad(spec, 'erase takes prob (0..1), 0 < area_min <= area_max <= 1 and fill '
+                   '(noise or zero)')
+      ops.append(('erase', prob, lo, hi, fill))
     elif args:
       raise _bad(spec, f'{name} takes no arguments')
     else:
@@ -70,8 +99,9 @@ def parse(spec: str) -> tuple[Op, ...]:
   names = [op[0] for op in ops]
   if names.count('flip_lr') + names.count('flip_alternate') > 1:
     raise _bad(spec, 'at most one of flip_lr and flip_alternate')
-  if names.count('translate') > 1:
-    raise _bad(spec, 'translate at most once')
+  for once in ('translate', 'erase'):
+    if names.count(once) > 1:
+      raise _bad(spec, f'{once} at most once')
   return tuple(ops)
 
 
@@ -152,6 +182,34 @@ def translate(key: jax.Array, images_BxHxWxC: jax.Array, pad: int,
   return _select_window(_select_window(padded, dy, h, 1, pad), dx, w, 2, pad)
 
 
+def erase(key: jax.Array, images_BxHxWxC: jax.Array, prob: float, area_min: float,
+          area_max: float, fill: str = 'noise') -> jax.Array:
+  """Random Erasing on a uint8 batch: with probability ``prob`` per example, a rectangle of
+  area fraction uniform in ``area_min..area_max`` and aspect ratio log-uniform in
+  ``ERASE_RATIO`` (each side clipped to the image), placed uniformly, is filled with uniform
+  noise (0..255 per pixel and channel) or zeros."""
+  b, h, w, _ = images_BxHxWxC.shape
+  k_apply, k_area, k_ratio, k_top, k_left, k_noise = jax.random.split(key, 6)
+  area = jax.random.uniform(k_area, (b,), minval=area_min, maxval=area_max) * (h * w)
+  ratio = jnp.exp(jax.random.uniform(k_ratio, (b,), minval=math.log(ERASE_RATIO[0]),
+                                     maxval=math.log(ERASE_RATIO[1])))
+  eh = jnp.clip(jnp.round(jnp.sqrt(area * ratio)), 1, h).astype(jnp.int32)
+  ew = jnp.clip(jnp.round(jnp.sqrt(area / ratio)), 1, w).astype(jnp.int32)
+  top = jnp.floor(jax.random.uniform(k_top, (b,)) * (h - eh + 1)).astype(jnp.int32)
+  left = jnp.floor(jax.random.uniform(k_left, (b,)) * (w - ew + 1)).astype(jnp.int32)
+  apply_B = jax.random.bernoulli(k_apply, prob, (b,))
+  rows = jnp.arange(h)[None, :, None]
+  cols = jnp.arange(w)[None, None, :]
+  inside = ((rows >= top[:, None, None]) & (rows < (top + eh)[:, None, None])
+            & (cols >= left[:, None, None]) & (cols < (left + ew)[:, None, None])
+            & apply_B[:, None, None])[..., None]
+  if fill == 'noise':
+    value = jax.random.randint(k_noise, images_BxHxWxC.shape, 0, 256).astype(images_BxHxWxC.dtype)
+  else:
+    value = jnp.zeros_like(images_BxHxWxC)
+  return jnp.where(inside, value, images_BxHxWxC)
+
+
 def epoch_layout(batch_size: int, read_shards: int, process_count: int,
                  examples_per_process: int) -> dict[str, int]:
   """``epoch_chunk`` / ``epoch_examples`` of the training stream (``data/pipeline.py``): each of
@@ -176,6 +234,8 @@ def apply(ops: tuple[Op, ...], images_BxHxWxC: jax.Array, *, step_key: jax.Array
       x = alternate_flip(run_key, x, step, chunk=epoch_chunk, examples=epoch_examples)
     elif op[0] == 'translate':
       x = translate(jax.random.fold_in(step_key, TRANSLATE_STREAM), x, op[1], op[2])
+    elif op[0] == 'erase':
+      x = erase(jax.random.fold_in(step_key, ERASE_STREAM), x, *op[1:])
     else:
       raise ValueError(f'unknown device op {op!r}')
   return x

@@ -103,8 +103,12 @@ def test_parse_device_ops():
       ('flip_alternate',), ('translate', 2, 'constant'))
   assert device_augment.parse("translate(pad=3, mode='reflect')|flip_lr") == (
       ('translate', 3, 'reflect'), ('flip_lr',))
+  assert device_augment.parse('flip_alternate|erase(prob=0.3, area_max=0.25, fill=zero)') == (
+      ('flip_alternate',), ('erase', 0.3, 0.02, 0.25, 'zero'))
+  assert device_augment.parse('erase') == (('erase', 0.5, 0.02, 0.33, 'noise'),)
   for bad in ('pad_crop', 'translate(pad=0)', 'translate(pad=2,mode=wrap)',
-              'flip_lr|flip_alternate', 'flip_lr(p=1)'):
+              'flip_lr|flip_alternate', 'flip_lr(p=1)', 'erase(prob=2)', 'erase(p=0.5)',
+              'erase(area_min=0.5, area_max=0.2)', 'erase(fill=gray)', 'erase|erase'):
     with pytest.raises(Exception, match='not a device-side op'):
       device_augment.parse(bad)
 
@@ -121,6 +125,43 @@ def test_translate_is_a_numpy_pad_and_crop_at_the_drawn_offsets(mode):
   assert set(dy) == set(dx) == set(range(5))   # every shift -2..2 occurs (32 draws of 5 values)
   np.testing.assert_array_equal(out, device_augment.translate(key, jnp.asarray(images), 2, mode))
   assert not np.array_equal(out, device_augment.translate(jax.random.key(6), images, 2, mode))
+
+
+def test_erase_fills_one_rectangle_of_the_drawn_area_in_the_drawn_share_of_images():
+  """On white images with fill=zero every erased pixel shows: per image the changed pixels are
+  empty or exactly one axis-aligned rectangle whose area fraction is in range (up to rounding of
+  its sides) and whose aspect ratio is at most the clipped 0.3..3.3; about prob of the images
+  are erased, at every position; noise fills draw 0..255."""
+  h, w, n = 20, 24, 4000
+  white = jnp.full((n, h, w, 1), 255, jnp.uint8)
+  out = np.asarray(jax.jit(device_augment.erase, static_argnums=(2, 3, 4, 5))(
+      jax.random.key(0), white, 0.3, 0.05, 0.4, 'zero'))[..., 0]
+  erased, tops, lefts = 0, set(), set()
+  for img in out:
+    rows, cols = np.nonzero(img == 0)
+    if not len(rows):
+      continue
+    erased += 1
+    top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+    assert len(rows) == (bottom - top) * (right - left)          # one full rectangle
+    eh, ew = bottom - top, right - left
+    area = eh * ew / (h * w)
+    # each side is rounded (<= 0.5 px) and clipped to the image: bounds with that slack
+    assert 0.05 * 0.6 <= area <= (np.sqrt(0.4 * h * w * 3.34) + 0.5) * (np.sqrt(0.4 * h * w / 0.3) + 0.5) / (h * w)
+    if eh < h and ew < w:                                          # not clipped
+      assert (np.sqrt(0.05 * h * w) - 1) ** 2 <= eh * ew
+      assert eh * ew <= (np.sqrt(0.4 * h * w) + 1) ** 2 * 1.2
+      assert 0.3 * 0.6 <= eh / ew <= 3.34 / 0.6
+    tops.add(top)
+    lefts.add(left)
+  assert abs(erased / n - 0.3) < 0.03
+  assert 0 in tops and 0 in lefts and max(tops) >= h - 4 and max(lefts) >= w - 4
+  noisy = np.asarray(device_augment.erase(jax.random.key(0), white, 0.3, 0.05, 0.4, 'noise'))
+  changed = noisy != 255
+  assert 0.2 < changed.any(axis=(1, 2, 3)).mean() < 0.4
+  assert noisy[changed].min() < 20 and noisy.astype(int)[changed].mean() == pytest.approx(125, abs=10)
+  assert np.array_equal(np.asarray(device_augment.erase(jax.random.key(0), white, 0.0, 0.05, 0.4)),
+                        np.asarray(white))                          # prob 0: untouched
 
 
 @pytest.mark.parametrize('shards', [1, 2])
@@ -163,7 +204,7 @@ def test_flip_alternate_does_not_depend_on_the_device_count():
   outs = []
   for n in (1, 2):
     mesh = sharding.make_mesh(n)
-    ops = (('flip_alternate',), ('translate', 1, 'constant'))
+    ops = (('flip_alternate',), ('translate', 1, 'constant'), ('erase', 0.5, 0.02, 0.33, 'noise'))
     fn = jax.jit(lambda x, step: device_augment.apply(
         ops, x, step_key=jax.random.key(1), run_key=jax.random.key(2), step=step,
         epoch_chunk=16, epoch_examples=40),
@@ -297,7 +338,7 @@ def _mock_config(tmp_path, **overrides):
   c.data.name = 'fashion_mnist'
   c.data.data_dir = str(tmp_path / 'tfds')
   c.data.train_preprocess = ''
-  c.data.device_preprocess = 'flip_alternate|translate(pad=2)'
+  c.data.device_preprocess = 'flip_alternate|translate(pad=2)|erase(prob=0.5)'
   c.data.device_resident = True    # the split on the devices (4-batch stacks gathered there)
   c.model = ml_collections.ConfigDict({
       'name': 'fast_cnn', 'widths': ((8,), (16,)), 'stem': 'none', 'final_pool': False,
