@@ -1,12 +1,15 @@
 """Inference latency per runtime, and a bounded load test of the HTTP server, on this machine.
 
   python benchmarks/latency.py [--models=digits_cnn,fast_cnn,resnet18_224]
-      [--runtimes=jax,saved_model,tflite,tflite_int8,onnx] [--batches=1,32] [--seconds=2]
+      [--runtimes=jax,saved_model,tflite,tflite_int8,tflite_any,tflite_int8_any,onnx]
+      [--batches=1,32] [--seconds=2]
       [--clients=1,8,32 --load_requests=600] [--json]
 
 For each model (random weights: timing does not depend on the values; say so with the figures)
-the script exports what ``--mode=export`` writes (SavedModel via jax2tf, TFLite float, TFLite int8
-calibrated on random images, ONNX from the float TFLite) and times one call on a fixed batch:
+the script exports what ``--mode=export`` writes (SavedModel via jax2tf, TFLite float and int8 of
+batch 1 (``tflite``, ``tflite_int8``: a batch of 32 is 32 calls), the same of any batch
+(``tflite_any``, ``tflite_int8_any``: ``config.export.tflite_batch=0``), int8 calibrated on random
+images, ONNX from the any-batch float TFLite) and times one call on a fixed batch:
 one or two untimed calls, then calls until ``--seconds`` have passed (at least ``--min_iters``,
 at most ``--max_iters``; with few calls p99 is close to the slowest call); p50 / p99 of the per-call latency and images/s = images / total time.
 Models: the digits CNN of configs/default.py (8x8x1), fast_cnn of configs/fashion_mnist_quick.py
@@ -38,7 +41,7 @@ if _REPO not in sys.path:  # run as a script from anywhere
 import numpy as np  # noqa: E402
 
 MODELS = ('digits_cnn', 'fast_cnn', 'resnet18_224')
-RUNTIMES = ('jax', 'saved_model', 'tflite', 'tflite_int8', 'onnx')
+RUNTIMES = ('jax', 'saved_model', 'tflite', 'tflite_int8', 'tflite_any', 'tflite_int8_any', 'onnx')
 
 
 def cpu_model() -> str:
@@ -99,25 +102,32 @@ def runners(clf: Any, runtimes: list[str], workdir: str, threads: int
   if set(runtimes) == {'jax'}:
     return out
   saved = os.path.join(workdir, 'saved_model')
-  formats.save_saved_model(clf, saved)
+  formats.save_saved_model(clf, saved)                 # any batch: TF Serving's model
   if 'saved_model' in runtimes:
     import tensorflow as tf
     fn = tf.saved_model.load(saved).signatures['serving_default']
     out['saved_model'] = lambda x: {k: v.numpy() for k, v in fn(images=tf.constant(x)).items()}
-  float_path = os.path.join(workdir, 'model.tflite')
-  if {'tflite', 'onnx'} & set(runtimes):
-    formats.save_tflite(saved, float_path)
-  if 'tflite' in runtimes:
-    out['tflite'] = _tflite(float_path, threads)
-  if 'tflite_int8' in runtimes:
-    calibration = np.random.default_rng(1).integers(0, 256, (16, *clf.image_shape), np.uint8)
-    int8_path = os.path.join(workdir, 'model_int8.tflite')
-    formats.save_tflite(saved, int8_path, quantize='int8', calibration_NxHxWxC=calibration)
-    failure = formats.probe_tflite(int8_path, clf.image_shape)  # an abort would end the script
-    out['tflite_int8'] = _failed(failure) if failure else _tflite(int8_path, threads)
-  if 'onnx' in runtimes:
+  fixed = os.path.join(workdir, 'saved_model_1')        # batch 1: the exported TFLite models'
+  if {'tflite', 'tflite_int8'} & set(runtimes):
+    formats.save_saved_model(clf, fixed, batch=1)
+  calibration = np.random.default_rng(1).integers(0, 256, (16, *clf.image_shape), np.uint8)
+  any_path = os.path.join(workdir, 'model_any.tflite')
+  if {'tflite_any', 'onnx'} & set(runtimes):
+    formats.save_tflite(saved, any_path)
+  for runtime, source, batch, quantize in (('tflite', fixed, 1, ''), ('tflite_int8', fixed, 1, 'int8'),
+                                           ('tflite_any', saved, 0, ''),
+                                           ('tflite_int8_any', saved, 0, 'int8')):
+    if runtime not in runtimes:
+      continue
+    path = any_path if runtime == 'tflite_any' else os.path.join(workdir, f'{runtime}.tflite')
+    if path != any_path:
+      formats.save_tflite(source, path, quantize=quantize, batch=batch,
+                          calibration_NxHxWxC=calibration if quantize else None)
+    failure = formats.probe_tflite(path, clf.image_shape) if quantize else ''  # an abort would
+    out[runtime] = _failed(failure) if failure else _tflite(path, threads)     # end the script
+  if 'onnx' in runtimes:  # from the any-batch float TFLite model, as --mode=export does
     onnx_path = os.path.join(workdir, 'model.onnx')
-    formats.save_onnx(float_path, onnx_path)
+    formats.save_onnx(any_path, onnx_path)
     out['onnx'] = formats.onnx_runner(onnx_path, threads=threads)
   return out
 
@@ -129,11 +139,15 @@ def _failed(reason: str) -> Callable[[np.ndarray], Any]:
 
 
 def _tflite(path: str, threads: int) -> Callable[[np.ndarray], Any]:
-  """Invokes the LiteRT interpreter on a batch, resizing (and allocating) only on a new shape."""
+  """Invokes the LiteRT interpreter on a batch, resizing (and allocating) only on a new shape; a
+  model of fixed batch size (the exported ones: 1) is invoked once per group of that size."""
   from ai_edge_litert.interpreter import Interpreter
   interp = Interpreter(model_path=path, num_threads=threads or None)
   runner = interp.get_signature_runner('serving_default')
-  return lambda x: runner(images=x)
+  fixed = int(runner.get_input_details()['images']['shape_signature'][0])
+  if fixed <= 0:
+    return lambda x: runner(images=x)
+  return lambda x: [runner(images=x[i:i + fixed]) for i in range(0, len(x), fixed)]
 
 
 def time_calls(fn: Callable[[np.ndarray], Any], batch: np.ndarray, *, seconds: float,

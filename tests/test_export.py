@@ -146,7 +146,7 @@ def test_int8_model_is_quantized_and_its_report_is_right(exported):
     assert tensors[op['inputs'][1]]['dtype'] == np.int8, (op['op_name'], tensors[op['inputs'][1]])
   runner = interpreter.get_signature_runner('serving_default')
   x, y = digits.load_arrays('test')
-  got = np.concatenate([runner(images=x[i:i + 50])['probabilities'] for i in range(0, len(x), 50)])
+  got = np.concatenate([runner(images=x[i:i + 1])['probabilities'] for i in range(len(x))])
   float_probs = inference.classifier(inference.load(workdir, config)).predict_arrays(x)[
       'probabilities']
   q = record['verification']['quantized']
@@ -166,6 +166,39 @@ def test_int8_model_is_quantized_and_its_report_is_right(exported):
   print(f"int8 {sizes['model_int8.tflite']} B vs float {sizes['model.tflite']} B; agreement "
         f"{q['top1_agreement']:.4f}, accuracy {q['float_accuracy']:.4f} -> "
         f"{q['quantized_accuracy']:.4f}")
+
+
+def _ops(path):
+  from collections import Counter
+  return Counter(op['op_name'] for op in export.formats._tflite_interpreter(path)._get_ops_details())
+
+
+def test_tflite_models_take_one_image_and_have_batchnorm_folded(exported, tmp_path):
+  """By default (config.export.tflite_batch=1) both TFLite models are traced at batch 1, so the
+  converter folds each BatchNorm into its convolution: no BROADCAST_TO / SHAPE arithmetic, and
+  no SUB / MUL / ADD beyond the input normalisation. tflite_batch=0 keeps any batch (and those
+  ops); both agree with JAX; a bad value is one sentence."""
+  config, workdir, record = exported
+  out = config.export.output_dir
+  assert record['tflite_input_shape'] == [1, 8, 8, 1]
+  dynamic = export.export(_small(config, tmp_path, tflite=True, tflite_batch=0), workdir)
+  assert dynamic['tflite_input_shape'] == [None, 8, 8, 1]
+  fixed_ops, any_ops = _ops(os.path.join(out, 'model.tflite')), _ops(
+      os.path.join(tmp_path, 'model', 'model.tflite'))
+  int8_ops = _ops(os.path.join(out, 'model_int8.tflite'))
+  for ops in (fixed_ops, int8_ops):
+    assert ops['BROADCAST_TO'] == ops['SHAPE'] == 0, ops
+    assert ops['SUB'] + ops['MUL'] + ops['ADD'] + ops['DIV'] <= 2, ops   # (x - mean) / std
+  assert any_ops['BROADCAST_TO'] > 0 and any_ops['MUL'] + any_ops['ADD'] > 2, any_ops
+  x, _ = digits.load_arrays('test')
+  reference = inference.classifier(inference.load(workdir, config)).predict_arrays(x[:23])
+  for path, batch in ((os.path.join(out, 'model.tflite'), 1),
+                      (os.path.join(tmp_path, 'model', 'model.tflite'), 0)):
+    assert export.formats.tflite_batch(path) == batch
+    got = export.run_tflite(path, x[:23], batch=7)                       # 23 = 3 x 7 + 2
+    assert export.compare(reference, got)['max_abs_prob_diff'] < 1e-4
+  with pytest.raises(UserError, match=r'^config.export.tflite_batch must be an integer >= 0'):
+    export.export(_small(config, tmp_path / 'bad', tflite_batch=-1), workdir)
 
 
 def _small(config, tmp_path, **changes):

@@ -9,11 +9,13 @@ Writes ``<workdir>/export`` (or ``config.export.output_dir``):
     ``logits`` float32 ``[batch, num_classes]``. Normalisation is inside. The JAX function is
     converted with ``jax.experimental.jax2tf`` (native serialization: StableHLO inside an
     ``XlaCallModule`` op; weights are ``tf.Variable``s), batch size polymorphic.
-  * ``model.tflite``: the SavedModel converted by ``tf.lite.TFLiteConverter`` (same signature).
+  * ``model.tflite``: the same function traced at a fixed batch of ``config.export.tflite_batch``
+    images (1; 0 = any batch) and converted by ``tf.lite.TFLiteConverter`` (same names): with
+    static shapes the converter folds each BatchNorm into its convolution.
   * ``model_int8.tflite`` / ``model_float16.tflite`` (``config.export.quantize``): post-training
-    quantisation; int8 is calibrated on ``calibration_examples`` training images. Same signature.
-  * ``model.onnx`` (``config.export.onnx``): the float TFLite model converted by tf2onnx; input
-    ``images`` uint8, outputs ``probabilities``, ``logits``.
+    quantisation of that; int8 is calibrated on ``calibration_examples`` training images.
+  * ``model.onnx`` (``config.export.onnx``): an any-batch float TFLite model converted by tf2onnx;
+    input ``images`` uint8, outputs ``probabilities``, ``logits``.
   * ``labels.txt`` (one class name per line, index order) and ``export.json`` (input spec, class
     names, checkpoint step, file sizes and the verification numbers).
 
@@ -111,6 +113,10 @@ def _validate(cfg: ml_collections.ConfigDict) -> None:
                     f'{cfg.quantize!r}.')
   if cfg.get('quantize', '') == 'int8' and cfg.get('calibration_examples', 256) < 1:
     raise UserError('config.export.calibration_examples must be >= 1 for int8 quantisation.')
+  batch = cfg.get('tflite_batch', 1)
+  if isinstance(batch, bool) or not isinstance(batch, int) or batch < 0:
+    raise UserError(f'config.export.tflite_batch must be an integer >= 0 (1: one image per call, '
+                    f'as on a phone; 0: any batch), not {batch!r}.')
 
 
 def export(config: ml_collections.ConfigDict | None, workdir: str,
@@ -160,21 +166,31 @@ def _write_and_verify(clf: inference.Classifier, cfg: ml_collections.ConfigDict,
                       calibration: Samples | None) -> dict[str, Any]:
   """Writes every format into ``staging`` and checks it; raises when one is off."""
   quantize, want_onnx = cfg.get('quantize', ''), bool(cfg.get('onnx', False))
+  tflite_batch = int(cfg.get('tflite_batch', 1))
   saved_model_dir = os.path.join(staging, 'saved_model')
   save_saved_model(clf, saved_model_dir)
   checks: dict[str, Any] = {
       'saved_model': _check(run_saved_model, saved_model_dir, images, reference, 'saved_model')}
+  # The TFLite models take a fixed batch (config.export.tflite_batch) unless it is 0: they are
+  # converted from a SavedModel traced at that batch, which lets the converter fold BatchNorm.
+  tflite_source = saved_model_dir
+  if (cfg.tflite or quantize) and tflite_batch:
+    tflite_source = os.path.join(staging, 'tflite_source')
+    save_saved_model(clf, tflite_source, batch=tflite_batch)
   tflite_path = os.path.join(staging, 'model.tflite')
-  if cfg.tflite or want_onnx:
-    save_tflite(saved_model_dir, tflite_path)
+  if cfg.tflite:
+    save_tflite(tflite_source, tflite_path, batch=tflite_batch)
     checks['tflite'] = _check(run_tflite, tflite_path, images, reference, 'tflite')
-  if want_onnx:
+  if want_onnx:  # from a TFLite model of any batch (tf2onnx needs TFLite's builtin ops)
+    onnx_source = (tflite_path if cfg.tflite and not tflite_batch
+                   else os.path.join(staging, 'onnx_source.tflite'))
+    if onnx_source != tflite_path:
+      save_tflite(saved_model_dir, onnx_source)
     onnx_path = os.path.join(staging, 'model.onnx')
-    save_onnx(tflite_path, onnx_path)
+    save_onnx(onnx_source, onnx_path)
     checks['onnx'] = _check(run_onnx, onnx_path, images, reference, 'onnx')
-  if not cfg.tflite and os.path.exists(tflite_path):
-    os.remove(tflite_path)
-    del checks['tflite']
+    if onnx_source != tflite_path:
+      os.remove(onnx_source)
   for fmt, c in checks.items():
     logging.info('%s vs JAX on %d images: max |dprob| %.2e, max |dlogit| %.2e, top-1 '
                  'agreement %.2f%%.', fmt, len(images), c['max_abs_prob_diff'],
@@ -186,12 +202,16 @@ def _write_and_verify(clf: inference.Classifier, cfg: ml_collections.ConfigDict,
           f"or top-1 agreement {c['top1_agreement']:.2%} < 100%); nothing was written.")
   quant: dict[str, Any] = {}
   if quantize:
-    quant = _quantize_and_verify(clf, cfg, staging, saved_model_dir, samples, reference,
+    quant = _quantize_and_verify(clf, cfg, staging, tflite_source, samples, reference,
                                  calibration)
     checks['quantized'] = quant['verification']
+  if tflite_source != saved_model_dir:
+    shutil.rmtree(tflite_source)
   files = sorted(os.listdir(staging))
   record = {'checkpoint_step': clf.step, 'input': {'name': 'images', 'dtype': 'uint8',
                                                    'shape': [None, *clf.image_shape]},
+            'tflite_input_shape': ([tflite_batch or None, *clf.image_shape]
+                                   if cfg.tflite or quantize else None),
             'outputs': ['probabilities', 'logits'], 'class_names': list(clf.class_names),
             # Multi-label: 'probabilities' are per-class sigmoids; a tag applies when its
             # probability reaches its threshold (chosen on the run's validation split).
@@ -233,7 +253,7 @@ def _quantize_and_verify(clf: inference.Classifier, cfg: ml_collections.ConfigDi
                          calibration: Samples | None) -> dict[str, Any]:
   quantize = cfg.quantize
   path = os.path.join(staging, f'model_{quantize}.tflite')
-  info = save_tflite(saved_model_dir, path, quantize=quantize,
+  info = save_tflite(saved_model_dir, path, quantize=quantize, batch=int(cfg.get('tflite_batch', 1)),
                      calibration_NxHxWxC=None if calibration is None else calibration.images)
   if calibration is not None:
     info['calibration_source'] = calibration.source

@@ -15,6 +15,7 @@ import numpy as np
 
 from imgcls_jax import inference
 from imgcls_jax.errors import UserError
+from imgcls_jax.models import layers
 
 OUTPUTS = ('probabilities', 'logits')
 
@@ -28,8 +29,11 @@ def _tf() -> Any:
   return tf
 
 
-def save_saved_model(clf: inference.Classifier, directory: str) -> None:
-  """Writes ``clf`` as a SavedModel with a uint8 ``serving_default`` signature."""
+def save_saved_model(clf: inference.Classifier, directory: str, batch: int = 0) -> None:
+  """Writes ``clf`` as a SavedModel with a uint8 ``serving_default`` signature taking any batch
+  (``batch=0``) or exactly ``batch`` images (the source of the fixed-batch TFLite models: with
+  static shapes the converter folds each BatchNorm into its convolution and drops the shape
+  arithmetic a symbolic batch needs)."""
   tf = _tf()
   from jax.experimental import jax2tf
 
@@ -41,12 +45,12 @@ def save_saved_model(clf: inference.Classifier, directory: str) -> None:
     out = clf.apply(jax.tree.unflatten(treedef, weights), images)
     return out if multilabel else {'logits': out['logits']}
 
-  converted = jax2tf.convert(fn, polymorphic_shapes=[None, f'(b, {h}, {w}, {c})'],
+  converted = jax2tf.convert(fn, polymorphic_shapes=None if batch else [None, f'(b, {h}, {w}, {c})'],
                              with_gradient=False)
   module = tf.Module()
   module.weights = [tf.Variable(np.asarray(x), trainable=False) for x in leaves]
 
-  @tf.function(input_signature=[tf.TensorSpec([None, h, w, c], tf.uint8, name='images')],
+  @tf.function(input_signature=[tf.TensorSpec([batch or None, h, w, c], tf.uint8, name='images')],
                autograph=False)
   def serve(images):
     out = converted(module.weights, images)
@@ -59,12 +63,15 @@ def save_saved_model(clf: inference.Classifier, directory: str) -> None:
     return {'probabilities': tf.nn.softmax(out['logits'], axis=-1), 'logits': out['logits']}
 
   module.serve = serve
-  tf.saved_model.save(module, directory, signatures={'serving_default': serve})
+  with layers.lax_convolutions():  # JAX traces here: one conv op per layer, not im2col slices
+    tf.saved_model.save(module, directory, signatures={'serving_default': serve})
 
 
-def save_tflite(saved_model_dir: str, path: str, *, quantize: str = '',
+def save_tflite(saved_model_dir: str, path: str, *, quantize: str = '', batch: int = 0,
                 calibration_NxHxWxC: np.ndarray | None = None) -> dict[str, Any]:
   """Converts the SavedModel to a TFLite flatbuffer at ``path``; returns how it was quantised.
+  ``batch``: the SavedModel's fixed batch size (``save_saved_model``), 0 if any; calibration
+  images go in groups of it.
 
   ``quantize``: '' (float32), 'float16' (float16 weights) or 'int8' (post-training full-integer
   quantisation of weights and activations, calibrated on ``calibration_NxHxWxC``; the signature
@@ -79,11 +86,16 @@ def save_tflite(saved_model_dir: str, path: str, *, quantize: str = '',
   elif quantize == 'int8':
     if calibration_NxHxWxC is None or not len(calibration_NxHxWxC):
       raise UserError('int8 quantisation needs calibration images; none were given.')
-    images = calibration_NxHxWxC
+    group = max(1, batch)
+    images = calibration_NxHxWxC[:max(group, len(calibration_NxHxWxC) // group * group)]
+    if len(images) < group:
+      raise UserError(f'int8 quantisation of a TFLite model of batch {batch} needs at least '
+                      f'{batch} calibration images, not {len(images)}; set '
+                      'config.export.calibration_examples (or config.export.tflite_batch).')
 
     def representative() -> Iterable[list[np.ndarray]]:
-      for i in range(len(images)):
-        yield [images[i:i + 1]]
+      for i in range(0, len(images), group):
+        yield [images[i:i + group]]
 
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.representative_dataset = representative
@@ -155,10 +167,26 @@ def run_saved_model(directory: str, images: np.ndarray, batch: int = 64) -> dict
                   images, batch)
 
 
-def tflite_runner(path: str) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
-  """The TFLite model's ``serving_default`` signature as a function (batch size is dynamic)."""
+def tflite_batch(path: str) -> int:
+  """The batch size the TFLite model is fixed to (``config.export.tflite_batch``), 0 if any."""
   runner = _tflite_interpreter(path).get_signature_runner('serving_default')
-  return lambda images: runner(images=images)
+  return max(0, int(runner.get_input_details()['images']['shape_signature'][0]))
+
+
+def tflite_runner(path: str) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+  """The TFLite model's ``serving_default`` signature as a function of any number of images: a
+  fixed-batch model is run on consecutive groups of its batch size (the last one padded)."""
+  runner = _tflite_interpreter(path).get_signature_runner('serving_default')
+  fixed = max(0, int(runner.get_input_details()['images']['shape_signature'][0]))
+  if not fixed:
+    return lambda images: runner(images=images)
+
+  def run(images: np.ndarray) -> dict[str, np.ndarray]:
+    n = len(images)
+    padded = np.concatenate([images, np.zeros(((-n) % fixed,) + images.shape[1:], images.dtype)])
+    outs = [runner(images=padded[i:i + fixed]) for i in range(0, len(padded), fixed)]
+    return {k: np.concatenate([o[k] for o in outs])[:n] for k in OUTPUTS}
+  return run
 
 
 _PROBE = """
@@ -170,13 +198,14 @@ except ImportError:
   Interpreter = tf.lite.Interpreter
 runner = Interpreter(model_path=sys.argv[1]).get_signature_runner('serving_default')
 shape = tuple(int(d) for d in sys.argv[2].split(','))
-for n in (1, 7):
+fixed = int(runner.get_input_details()['images']['shape_signature'][0])
+for n in ((fixed,) if fixed > 0 else (1, 7)):
   runner(images=np.zeros((n,) + shape, np.uint8))
 """
 
 
 def probe_tflite(path: str, image_shape: tuple[int, int, int], timeout_s: float = 600) -> str:
-  """Runs the TFLite model once (batches of 1 and 7) in a child process: '' when it ran, else
+  """Runs the TFLite model once (batches of 1 and 7, or its fixed batch) in a child process: '' when it ran, else
   why not. Some models crash the runtime itself (an abort, no Python error): e.g. ResNet-18 at
   224 px quantised to int8, under LiteRT 2.3, with or without XNNPACK."""
   import subprocess
