@@ -142,10 +142,12 @@ def _tflite(path: str, threads: int) -> Callable[[np.ndarray], Any]:
   """Invokes the LiteRT interpreter on a batch, resizing (and allocating) only on a new shape; a
   model of fixed batch size (the exported ones: 1) is invoked once per group of that size."""
   from ai_edge_litert.interpreter import Interpreter
+
+  from imgcls_jax.export import formats
   interp = Interpreter(model_path=path, num_threads=threads or None)
   runner = interp.get_signature_runner('serving_default')
-  fixed = int(runner.get_input_details()['images']['shape_signature'][0])
-  if fixed <= 0:
+  fixed = formats.fixed_batch(runner)
+  if not fixed:
     return lambda x: runner(images=x)
   return lambda x: [runner(images=x[i:i + fixed]) for i in range(0, len(x), fixed)]
 

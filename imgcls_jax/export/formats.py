@@ -167,17 +167,21 @@ def run_saved_model(directory: str, images: np.ndarray, batch: int = 64) -> dict
                   images, batch)
 
 
+def fixed_batch(runner: Any) -> int:
+  """The batch size a TFLite ``serving_default`` signature runner is fixed to, 0 if any."""
+  return max(0, int(runner.get_input_details()['images']['shape_signature'][0]))
+
+
 def tflite_batch(path: str) -> int:
   """The batch size the TFLite model is fixed to (``config.export.tflite_batch``), 0 if any."""
-  runner = _tflite_interpreter(path).get_signature_runner('serving_default')
-  return max(0, int(runner.get_input_details()['images']['shape_signature'][0]))
+  return fixed_batch(_tflite_interpreter(path).get_signature_runner('serving_default'))
 
 
 def tflite_runner(path: str) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
   """The TFLite model's ``serving_default`` signature as a function of any number of images: a
   fixed-batch model is run on consecutive groups of its batch size (the last one padded)."""
   runner = _tflite_interpreter(path).get_signature_runner('serving_default')
-  fixed = max(0, int(runner.get_input_details()['images']['shape_signature'][0]))
+  fixed = fixed_batch(runner)
   if not fixed:
     return lambda images: runner(images=images)
 
