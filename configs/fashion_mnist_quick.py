@@ -41,7 +41,12 @@ session 11) and 15 at 94.25% (seed 0, session 13): this net levels off at ~94.2-
 two half-length runs averaged end at 93.88-94.01% (session 16). CutMix ends at 93.74%
 (session 17), mixup 0.2 at 94.04%, a residual 256-256 last stage (``model.residual=True``, 1.42x
 the wall) at 94.18% (seed 0, session 18, where the config itself reran to 94.27%).
-Issue 18's 94.5% is NOT reached. History of the figures: benchmarks/NOTES.md, sessions 7-16.
+On a Zen 4 AMD EPYC (family 25 model 17, AVX-512; 2026-12-04, session 19), one run after the
+other beside the PyTorch script: **94.27 / 94.18 / 94.20%** (seeds 0 / 1 / 2, mean 94.22%) in
+314.9 / 359.9 / 337.4 s against the script's 303.3 / 371.1 / 379.8 s (best 93.63 / 93.63 /
+93.73%): 1.04 / 0.97 / 0.89x its wall (on this CPU the 11 epochs are at the script's wall). Random
+Erasing (``data.device_preprocess='flip_alternate|erase(prob=0.5)'``) ends at 93.84% (seed 0).
+Issue 18's 94.5% is NOT reached. History of the figures: benchmarks/NOTES.md, sessions 7-19.
 """
 import ml_collections
 

@@ -50,6 +50,10 @@ from fashion_mnist_quick): seed 0 93.37%, 93% after 127.6 s against the PyTorch 
 seeds 0 / 1 93.23 / 93.28%, 93% after 127.2 / 112.9 s: **0.41 / 0.37x**; with the quick config's
 im2col convolutions (``--config.model.conv=im2col``) 125.0 / 122.1 s, no gain over 4 epochs
 (benchmarks/NOTES.md, "session 15").
+2026-12-04 14:16-14:40 on a Zen 4 AMD EPYC (family 25 model 17, AVX-512), one run after the other
+beside the PyTorch script: seeds 0 / 1 / 2 93.23 / 93.28 / 93.12%, 93% after 110.3 / 96.1 /
+103.2 s (mean 103.2 s) against the script's 243.4 / 299.0 / 310.4 s (mean 284.3 s): **0.36x**
+(benchmarks/NOTES.md, "session 19").
 """
 import ml_collections
 
