@@ -114,7 +114,8 @@ def runners(clf: Any, runtimes: list[str], workdir: str, threads: int
   any_path = os.path.join(workdir, 'model_any.tflite')
   if {'tflite_any', 'onnx'} & set(runtimes):
     formats.save_tflite(saved, any_path)
-  for runtime, source, batch, quantize in (('tflite', fixed, 1, ''), ('tflite_int8', fixed, 1, 'int8'),
+  for runtime, source, batch, quantize in (('tflite', fixed, 1, ''),
+                                           ('tflite_int8', fixed, 1, 'int8'),
                                            ('tflite_any', saved, 0, ''),
                                            ('tflite_int8_any', saved, 0, 'int8')):
     if runtime not in runtimes:

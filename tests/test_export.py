@@ -170,7 +170,8 @@ def test_int8_model_is_quantized_and_its_report_is_right(exported):
 
 def _ops(path):
   from collections import Counter
-  return Counter(op['op_name'] for op in export.formats._tflite_interpreter(path)._get_ops_details())
+  ops = export.formats._tflite_interpreter(path)._get_ops_details()
+  return Counter(op['op_name'] for op in ops)
 
 
 def test_tflite_models_take_one_image_and_have_batchnorm_folded(exported, tmp_path):

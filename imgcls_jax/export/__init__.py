@@ -253,7 +253,8 @@ def _quantize_and_verify(clf: inference.Classifier, cfg: ml_collections.ConfigDi
                          calibration: Samples | None) -> dict[str, Any]:
   quantize = cfg.quantize
   path = os.path.join(staging, f'model_{quantize}.tflite')
-  info = save_tflite(saved_model_dir, path, quantize=quantize, batch=int(cfg.get('tflite_batch', 1)),
+  info = save_tflite(saved_model_dir, path, quantize=quantize,
+                     batch=int(cfg.get('tflite_batch', 1)),
                      calibration_NxHxWxC=None if calibration is None else calibration.images)
   if calibration is not None:
     info['calibration_source'] = calibration.source

@@ -45,8 +45,8 @@ def save_saved_model(clf: inference.Classifier, directory: str, batch: int = 0) 
     out = clf.apply(jax.tree.unflatten(treedef, weights), images)
     return out if multilabel else {'logits': out['logits']}
 
-  converted = jax2tf.convert(fn, polymorphic_shapes=None if batch else [None, f'(b, {h}, {w}, {c})'],
-                             with_gradient=False)
+  polymorphic = None if batch else [None, f'(b, {h}, {w}, {c})']
+  converted = jax2tf.convert(fn, polymorphic_shapes=polymorphic, with_gradient=False)
   module = tf.Module()
   module.weights = [tf.Variable(np.asarray(x), trainable=False) for x in leaves]
 
@@ -209,9 +209,9 @@ for n in ((fixed,) if fixed > 0 else (1, 7)):
 
 
 def probe_tflite(path: str, image_shape: tuple[int, int, int], timeout_s: float = 600) -> str:
-  """Runs the TFLite model once (batches of 1 and 7, or its fixed batch) in a child process: '' when it ran, else
-  why not. Some models crash the runtime itself (an abort, no Python error): e.g. ResNet-18 at
-  224 px quantised to int8, under LiteRT 2.3, with or without XNNPACK."""
+  """Runs the TFLite model once (batches of 1 and 7, or its fixed batch) in a child process:
+  '' when it ran, else why not. Some models crash the runtime itself (an abort, no Python
+  error): e.g. ResNet-18 at 224 px quantised to int8, under LiteRT 2.3, with or without XNNPACK."""
   import subprocess
   import sys
   try:
