@@ -297,7 +297,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.export.tflite = True                  # also write model.tflite (converted from the SavedModel)
   c.export.tflite_batch = 1               # images per call the TFLite models are fixed to (1, as
                                           # on a phone: BatchNorm folded into the convolutions,
-                                          # 4-10x faster than any-batch); 0 = any batch
+                                          # 4-34x faster per image than any-batch, NOTES session
+                                          # 19); 0 = any batch
   c.export.dtype = 'float32'              # compute dtype of the exported model ('' = the run's)
   c.export.verify_examples = 256          # eval-split images the export is checked on against JAX
                                           # (without the dataset: images the run directory
