@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The GPU comparison of issue 8, in one call: the project's ResNet-50 step and the plain Flax
-# reference step, bf16, batch 256, synthetic 224 px data, one GPU, side by side; then two XLA
-# flag variants of the project's step. Prints a table; JSON records and logs go to $OUT.
+# reference step, bf16, batch 256, synthetic 224 px data, one GPU, side by side; the WRN-28-10
+# step of configs/fashion_mnist_wrn.py (issue 18); then two XLA flag variants of the project's
+# ResNet-50 step. Prints two tables; JSON records and logs go to $OUT (13 files: the device tool
+# returns 8, so point OUT elsewhere and tar it into the tool's $OUT). First results, one H200:
+# benchmarks/NOTES.md "Session 20".
 #
 # The GPU image has JAX and Flax but no TensorFlow and no ml_collections (STACK-NOTES.md).
 # ml_collections is pure Python: copy it from this machine into benchmarks/.vendor (git-ignored),
@@ -13,7 +16,8 @@
 # Environment: PEAK_TFLOPS (default 790: the measured bf16 matmul rate of an H200/H100 SXM, as in
 # STACK-NOTES.md), PYTHON (python3), OUT (where results go; the device tool sets it), BUDGET_S
 # (420: no new run starts after this many seconds, so the call ends inside its limit); and, only
-# to try the script on a CPU, BATCH (256), IMAGE (224), STEPS (100), WINDOW (20).
+# to try the script on a CPU, BATCH (256), IMAGE (224), STEPS (100), WINDOW (20) and WRN_BATCHES
+# ('128 512': the WRN-28-10 batch sizes timed).
 set -u
 cd "$(dirname "$0")/.."
 
@@ -84,11 +88,22 @@ bench() {  # name, then the command line
 bench project_default "${PROJECT[@]}"
 bench flax_reference benchmarks/reference_flax.py --batch_size="$BATCH" --image_size="$IMAGE" \
   --dtype=bfloat16 "${COMMON[@]}"
+# Issue 18: the step of configs/fashion_mnist_wrn.py (WRN-28-10, bf16, 28x28x1) at its batch, 128,
+# and at 512; its images/s gives the wall of the config's 200 epochs (12M images) on this card.
+WRN=(benchmarks/throughput.py --config=configs/fashion_mnist_wrn.py --config.mesh.num_devices=1
+     "${COMMON[@]}")
+WRN_JSON=()
+for b in ${WRN_BATCHES:-128 512}; do
+  bench "wrn_b$b" "${WRN[@]}" --config.batch_size="$b"
+  WRN_JSON+=("$OUT/wrn_b$b.json")
+done
 bench project_cmdbuf_conv "${PROJECT[@]}" --xla_flags="$CMDBUF_CONV"
 bench project_cmdbuf_off "${PROJECT[@]}" --xla_flags="$CMDBUF_OFF"
 
 echo "== images/s, ratios against the reference (t=${SECONDS}s)"
 "$PY" benchmarks/measure.py "$OUT/flax_reference.json" "$OUT/project_default.json" \
   "$OUT/project_cmdbuf_conv.json" "$OUT/project_cmdbuf_off.json" | tee "$OUT/table.txt"
+echo "== WRN-28-10 on Fashion-MNIST (configs/fashion_mnist_wrn.py), batch ${WRN_BATCHES:-128 512}"
+"$PY" benchmarks/measure.py "${WRN_JSON[@]}" | tee "$OUT/wrn_table.txt"
 echo "== host <-> device transfers logged inside the timing windows (expected: 0 everywhere)"
 grep -cE "(host-to-device|device-to-host|device-to-device) transfer" "$OUT"/*.log
