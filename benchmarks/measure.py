@@ -40,6 +40,12 @@ def define_flags(fv: flags.FlagValues) -> None:
                     flag_values=fv)
   flags.DEFINE_string('xla_flags', '', 'Appended to $XLA_FLAGS before the backend starts '
                       '(GPU flags: see benchmarks/NOTES.md).', flag_values=fv)
+  flags.DEFINE_string('profile_dir', '', 'After the timing, run --profile_steps more steps under '
+                      'jax.profiler.trace into this folder (a Perfetto trace *.trace.json.gz; '
+                      'summarise it with benchmarks/trace_summary.py); empty = no profile.',
+                      flag_values=fv)
+  flags.DEFINE_integer('profile_steps', 5, 'Steps traced when --profile_dir is set.',
+                       flag_values=fv)
   flags.DEFINE_enum('transfer_guard', 'disallow', ['disallow', 'log', 'allow'],
                     'Host <-> device transfers inside the timing windows: fail, log, or allow.',
                     flag_values=fv)
@@ -135,6 +141,23 @@ def time_steps(step: Callable[[Any, Any], tuple[Any, Any]], state: Any, batch: A
       per_step.append((time.perf_counter() - t0) / window)
       kept.append(metrics)
   return state, per_step, jax.device_get(kept)
+
+
+def profile_steps(step: Callable[[Any, Any], tuple[Any, Any]], state: Any, batch: Any,
+                  log_dir: str, steps: int) -> Any:
+  """Runs ``steps`` more steps under ``jax.profiler.trace(log_dir)``; returns the state.
+
+  Writes the TensorBoard profile and a Perfetto trace (``*.trace.json.gz``) under ``log_dir``;
+  ``benchmarks/trace_summary.py`` sums its device time per kernel. Runs after the timing windows,
+  so tracing costs the timed figures nothing.
+  """
+  jax.block_until_ready(state)
+  metrics = None
+  with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+    for _ in range(steps):
+      state, metrics = step(state, batch)
+    jax.block_until_ready((state, metrics))
+  return state
 
 
 def device_summary() -> dict[str, Any]:

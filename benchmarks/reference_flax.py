@@ -128,7 +128,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, num_classes: i
 
 def run(*, batch_size: int, image_size: int, num_classes: int, dtype: str,
         stage_sizes: Sequence[int], num_steps: int, warmup: int, window: int,
-        peak_tflops: float, guard: str = 'disallow') -> dict[str, Any]:
+        peak_tflops: float, guard: str = 'disallow', profile_dir: str = '',
+        profile_steps: int = 5) -> dict[str, Any]:
   """Builds, compiles and times the reference step; returns the JSON record."""
   model = ResNet(stage_sizes=tuple(stage_sizes), num_classes=num_classes, dtype=jnp.dtype(dtype))
   schedule = lr_schedule()
@@ -140,8 +141,10 @@ def run(*, batch_size: int, image_size: int, num_classes: int, dtype: str,
   jitted = jax.jit(functools.partial(train_step, num_classes=num_classes, schedule=schedule),
                    donate_argnums=0)
   compiled, info = measure.compile_step(jitted, state, batch)
-  _, times, metrics = measure.time_steps(compiled, state, batch, warmup=warmup, steps=num_steps,
-                                         window=window, guard=guard)
+  state, times, metrics = measure.time_steps(compiled, state, batch, warmup=warmup,
+                                             steps=num_steps, window=window, guard=guard)
+  if profile_dir:
+    state = measure.profile_steps(compiled, state, batch, profile_dir, profile_steps)
   params = sum(x.size for x in jax.tree.leaves(state.params))
   extra = {'model': 'resnet50' if tuple(stage_sizes) == (3, 4, 6, 3) else
            f'resnet_bottleneck{tuple(stage_sizes)}', 'dtype': dtype, 'image_size': image_size,
@@ -160,7 +163,8 @@ def main(argv: list[str]) -> None:
                  num_classes=FLAGS.num_classes, dtype=FLAGS.dtype,
                  stage_sizes=[int(s) for s in FLAGS.stage_sizes], num_steps=FLAGS.steps,
                  warmup=FLAGS.warmup, window=FLAGS.window, peak_tflops=FLAGS.peak_tflops,
-                 guard=FLAGS.transfer_guard)
+                 guard=FLAGS.transfer_guard, profile_dir=FLAGS.profile_dir,
+                 profile_steps=FLAGS.profile_steps)
   except ValueError as e:
     measure.fail(str(e))
   measure.emit(record, FLAGS.json)

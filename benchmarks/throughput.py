@@ -150,7 +150,8 @@ def flops_per_step(bench: Bench) -> float | None:
 
 def run(config: ml_collections.ConfigDict, shape: Shape, *, num_steps: int, warmup: int,
         window: int, peak_tflops: float, config_path: str = '',
-        guard: str = 'disallow') -> dict[str, Any]:
+        guard: str = 'disallow', profile_dir: str = '',
+        profile_steps: int = 5) -> dict[str, Any]:
   """Compiles and times the step; returns the JSON record (see ``measure.result``)."""
   bench = build(config, shape)
   state, _ = state_lib.create(bench.model_fn, bench.tx, bench.seed, bench.mesh, bench.placement,
@@ -158,8 +159,10 @@ def run(config: ml_collections.ConfigDict, shape: Shape, *, num_steps: int, warm
   batch = synthetic_batch(bench)
   params = state_lib.param_count(state.params)
   compiled, info = measure.compile_step(bench.jitted, state, batch)
-  _, times, metrics = measure.time_steps(compiled, state, batch, warmup=warmup, steps=num_steps,
-                                         window=window, guard=guard)
+  state, times, metrics = measure.time_steps(compiled, state, batch, warmup=warmup,
+                                             steps=num_steps, window=window, guard=guard)
+  if profile_dir:
+    state = measure.profile_steps(compiled, state, batch, profile_dir, profile_steps)
   extra = {'config': config_path, 'model': config.model.name, 'dtype': config.dtype,
            'image_size': shape.image_size, 'channels': shape.channels,
            'num_classes': shape.num_classes, 'params': params, 'window': window,
@@ -180,7 +183,8 @@ def main(argv: list[str]) -> None:
     shape = synthetic_shape(config, FLAGS.image_size, FLAGS.channels, FLAGS.num_classes)
     record = run(config, shape, num_steps=FLAGS.steps, warmup=FLAGS.warmup, window=FLAGS.window,
                  peak_tflops=FLAGS.peak_tflops, config_path=FLAGS['config'].config_filename,
-                 guard=FLAGS.transfer_guard)
+                 guard=FLAGS.transfer_guard, profile_dir=FLAGS.profile_dir,
+                 profile_steps=FLAGS.profile_steps)
   except (UserError, ValueError) as e:
     measure.fail(str(e))
   measure.emit(record, FLAGS.json)

@@ -49,10 +49,11 @@ def _check_record(r: dict, *, name: str, batch_size: int, image_size: int, timed
   assert r['loss_finite'] and r['loss_first'] > 0
 
 
-def test_throughput_runs_on_cpu_without_tensorflow():
+def test_throughput_runs_on_cpu_without_tensorflow(tmp_path):
   proc = _run_without_tf('benchmarks/throughput.py', '--config=configs/default.py',
                          '--config.batch_size=16', '--config.model.widths=(8, 16)', '--steps=4',
-                         '--window=2', '--warmup=1', '--peak_tflops=2.5', '--json')
+                         '--window=2', '--warmup=1', '--peak_tflops=2.5', '--json',
+                         f'--profile_dir={tmp_path}', '--profile_steps=2')
   assert proc.returncode == 0, proc.stderr[-3000:]
   r = json.loads(proc.stdout.strip().splitlines()[-1])
   _check_record(r, name='imgcls_jax', batch_size=16, image_size=8, timed_steps=4)
@@ -61,6 +62,39 @@ def test_throughput_runs_on_cpu_without_tensorflow():
   assert math.isclose(r['peak_fraction'], r['tflops_per_sec'] / 2.5, rel_tol=1e-9)
   assert r['config'].endswith('configs/default.py')
   assert 'images/s' in proc.stderr  # the readable summary goes to stderr with --json
+  # --profile_dir traced two more steps; the summary finds the XLA thunks that ran them.
+  from benchmarks import trace_summary
+  summary = subprocess.run([sys.executable, 'benchmarks/trace_summary.py', str(tmp_path),
+                            '--steps=2', '--json'], cwd=REPO, capture_output=True, text=True)
+  assert summary.returncode == 0, summary.stderr
+  t = json.loads(summary.stdout)
+  assert t['source'] == 'host XLA threads' and t['device_ms_per_step'] > 0 and t['top']
+  assert math.isclose(sum(k['share'] for k in t['kinds']), 1.0, rel_tol=1e-9)
+  assert not any(k['name'].startswith('ThunkExecutor') for k in t['top'])
+  with pytest.raises(FileNotFoundError, match='--profile_dir='):
+    trace_summary.newest_trace(str(tmp_path / 'nothing'))
+
+
+def test_trace_summary_sums_device_kernels_per_step_and_kind():
+  from benchmarks import trace_summary
+  meta = [{'ph': 'M', 'name': 'process_name', 'pid': 1, 'args': {'name': '/device:GPU:0'}},
+          {'ph': 'M', 'name': 'process_name', 'pid': 2, 'args': {'name': '/host:CPU'}},
+          {'ph': 'M', 'name': 'thread_name', 'pid': 2, 'tid': 7, 'args': {'name': 'tf_XLAEigen/1'}}]
+  kernels = [('sm90_xmma_fprop_implicit_gemm_bf16', 300.0), ('input_reduce_fusion_3', 50.0),
+             ('loop_add_fusion', 25.0), ('nvjet_hsh_128x256', 100.0),
+             ('sm90_xmma_fprop_implicit_gemm_bf16', 100.0), ('loop_add_fusion', 25.0)]
+  events = meta + [{'ph': 'X', 'pid': 1, 'tid': 3, 'ts': i, 'dur': d, 'name': n}
+                   for i, (n, d) in enumerate(kernels)]
+  events.append({'ph': 'X', 'pid': 2, 'tid': 7, 'ts': 0, 'dur': 1e6, 'name': 'host_only'})
+  s = trace_summary.summarise({'traceEvents': events}, steps=2, top=2)
+  assert s['source'] == '/device:GPU:0' and s['kernels'] == 4
+  assert math.isclose(s['device_ms_per_step'], 600 / 2 / 1e3)  # host events are not counted
+  kinds = {k['kind']: k['ms_per_step'] for k in s['kinds']}
+  assert kinds == pytest.approx({'convolution': 0.2, 'matmul': 0.05, 'reduction fusion': 0.025,
+                                 'other fusion': 0.025})
+  assert [t['name'] for t in s['top']] == ['sm90_xmma_fprop_implicit_gemm_bf16',
+                                           'nvjet_hsh_128x256']
+  assert s['top'][0]['calls_per_step'] == 1.0 and math.isclose(s['top'][0]['share'], 400 / 600)
 
 
 def test_throughput_builds_the_ema_copy_an_ema_config_trains_with():
