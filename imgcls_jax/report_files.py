@@ -15,29 +15,43 @@ MULTILABEL_REPORT_FILES = ('report.json', 'report.md', 'pr_curves.png')
 CURVES_FILE = 'training_curves.png'
 
 
-def write(rep: dict[str, Any], out_dir: str, title: str, metrics_path: str | None) -> None:
-  """report.json / .md, confusion CSV + PNG, reliability PNG, and training curves when available."""
+def write(rep: dict[str, Any], out_dir: str, title: str, metrics_path: str | None) -> list[str]:
+  """report.json / .md, confusion CSV + PNG, reliability PNG, and training curves when available;
+  returns the names written.
+
+  A report file of an earlier report in ``out_dir`` that this one does not write (a ROC plot, the
+  other task's files, training curves without a metrics log) is removed: left there it would sit
+  beside a report.json that no longer matches it.
+  """
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, 'report.json'), 'w') as f:
     json.dump(rep, f, indent=1)
   if rep.get('task') == 'multilabel':
-    _write_multilabel(rep, out_dir, title)
+    written = ['report.json', *_write_multilabel(rep, out_dir, title)]
   else:
-    _write_single_label(rep, out_dir, title)
+    written = ['report.json', *_write_single_label(rep, out_dir, title)]
   if metrics_path and os.path.exists(metrics_path):
     plots.training_curves(metrics.read_jsonl(metrics_path), os.path.join(out_dir, CURVES_FILE))
+    written.append(CURVES_FILE)
   elif metrics_path:  # None: a report with no training run behind it (k-NN, classical)
     logging.info('No metrics.jsonl next to the checkpoints: no training-curve plot.')
+  for name in sorted(set(REPORT_FILES + MULTILABEL_REPORT_FILES + (CURVES_FILE,)) - set(written)):
+    stale = os.path.join(out_dir, name)
+    if os.path.exists(stale):
+      os.remove(stale)
+      logging.info('Removed %s: left by an earlier report, not part of this one.', stale)
+  return written
 
 
-def _write_multilabel(rep: dict[str, Any], out_dir: str, title: str) -> None:
+def _write_multilabel(rep: dict[str, Any], out_dir: str, title: str) -> list[str]:
   with open(os.path.join(out_dir, 'report.md'), 'w') as f:
     f.write(report_multilabel.to_markdown(rep, title, rep.get('context', {})))
   plots.pr_curves(rep['pr_curves'], rep['mean_average_precision'] or 0.0,
                   os.path.join(out_dir, 'pr_curves.png'), micro=rep.get('pr_curve_micro'))
+  return ['report.md', 'pr_curves.png']
 
 
-def _write_single_label(rep: dict[str, Any], out_dir: str, title: str) -> None:
+def _write_single_label(rep: dict[str, Any], out_dir: str, title: str) -> list[str]:
   with open(os.path.join(out_dir, 'report.md'), 'w') as f:
     f.write(report.to_markdown(rep, title, rep.get('context', {})))
   with open(os.path.join(out_dir, 'confusion_matrix.csv'), 'w') as f:
@@ -46,9 +60,12 @@ def _write_single_label(rep: dict[str, Any], out_dir: str, title: str) -> None:
                          os.path.join(out_dir, 'confusion_matrix.png'))
   plots.reliability_diagram(rep['calibration_bins'], rep['ece'],
                             os.path.join(out_dir, 'reliability.png'))
+  written = ['report.md', 'confusion_matrix.csv', 'confusion_matrix.png', 'reliability.png']
   if rep.get('roc_curves'):
     plots.roc_curves(rep['roc_curves'], rep['roc_auc_macro'],
                      os.path.join(out_dir, 'roc_curves.png'))
+    written.append('roc_curves.png')
+  return written
 
 
 def table_lines(rep: dict[str, Any], title: str, out_dir: str) -> list[str]:

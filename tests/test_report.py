@@ -215,3 +215,27 @@ def test_a_class_absent_from_labels_and_predictions_is_left_out_of_the_averages(
                                  'support': 0, 'sensitivity': 0.0, 'specificity': 1.0,
                                  'roc_auc': None}   # no positives: no ROC curve
   assert rep['balanced_accuracy'] == pytest.approx(skm.balanced_accuracy_score(labels, pred))
+
+
+def test_a_report_written_over_an_earlier_one_leaves_none_of_its_files(tmp_path):
+  from imgcls_jax import report_files
+  logits, labels = _predictions(60, 3, seed=2)
+  rep = report.summarize(report.eval_sums(jnp.asarray(logits), jnp.asarray(labels),
+                                            jnp.ones(60, bool)), ['a', 'b', 'c'])
+  assert rep.get('roc_curves')
+  metrics_log = tmp_path / 'metrics.jsonl'
+  metrics_log.write_text(json.dumps({'step': 1, 'train_loss': 1.0}) + '\n'
+                         + json.dumps({'step': 2, 'train_loss': 0.5}) + '\n')
+  out = tmp_path / 'out'
+  written = report_files.write(rep, str(out), 'First', str(metrics_log))
+  assert set(written) == set(report_files.REPORT_FILES) | {report_files.CURVES_FILE}
+  assert sorted(p.name for p in out.iterdir()) == sorted(written)
+  (out / 'pr_curves.png').write_bytes(b'from a multi-label report')  # another task's file
+  # A second report without ROC curves and without a training log: their old plots must go.
+  second = {k: v for k, v in rep.items() if k not in ('roc_curves', 'roc_auc_macro')}
+  written = report_files.write(second, str(out), 'Second', str(tmp_path / 'none.jsonl'))
+  assert 'roc_curves.png' not in written and report_files.CURVES_FILE not in written
+  assert sorted(p.name for p in out.iterdir()) == sorted(written)
+  line = report_files.table_lines(second, 'Second', str(out))[-1]
+  assert 'roc_curves.png' not in line and report_files.CURVES_FILE not in line
+  assert 'reliability.png' in line
