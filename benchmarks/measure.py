@@ -7,7 +7,8 @@ step). Imports neither TensorFlow nor ``imgcls_jax``. The method:
   compiled executable (the first timed call pays no compilation).
 * FLOPs: XLA's cost analysis of the lowered (pre-optimisation) module, i.e. the maths as written,
   independent of backend rewrites (a GPU's compiled module hides cuDNN convolutions inside
-  custom calls). The compiled module's count is recorded next to it.
+  custom calls); where the accelerator's plugin cannot analyse a lowered module, the host's CPU
+  client counts the same HLO. The compiled module's count is recorded next to it.
 * time: ``warmup`` untimed steps, then windows of ``window`` steps dispatched back to back (each
   step's state feeds the next; a transfer guard fails any host <-> device transfer inside a window)
   and one block at the window's end; step time = window time / window. The median over windows
@@ -25,6 +26,7 @@ import time
 from typing import Any, Callable
 
 import jax
+import jax.extend
 from absl import flags
 
 
@@ -91,8 +93,20 @@ def _first_dict(analysis: Any) -> dict[str, float]:
   return dict(analysis or {})
 
 
+def _cpu_cost_analysis(lowered: Any) -> dict[str, float]:
+  """XLA:CPU's cost analysis of a lowered module built for another backend. A GPU or TPU plugin
+  (PJRT C API) does not analyse *lowered* modules (``NotImplementedError``, seen with jax 0.11.2
+  on an H200); the pre-optimisation HLO is backend-independent maths, so the host's CPU client
+  counts it. Uses jaxlib's ``hlo_module_cost_analysis``, the function ``Lowered.cost_analysis``
+  itself calls (not public API: any failure here means "no count")."""
+  from jax._src.lib import _jax  # the same module Lowered.cost_analysis uses
+  module = lowered.compiler_ir('hlo').as_hlo_module()
+  return _first_dict(_jax.hlo_module_cost_analysis(jax.extend.backend.get_backend('cpu'), module))
+
+
 def flops(lowered: Any, compiled: Any) -> dict[str, float | None]:
-  """FLOPs per call from XLA's cost analysis: of the lowered module, and of the compiled one."""
+  """FLOPs per call from XLA's cost analysis: of the lowered module (counted by the CPU client
+  when the accelerator's cannot), and of the compiled one."""
   out: dict[str, float | None] = {'flops_per_step': None, 'flops_per_step_compiled': None}
   for key, stage in (('flops_per_step', lowered), ('flops_per_step_compiled', compiled)):
     if stage is None:
@@ -101,6 +115,11 @@ def flops(lowered: Any, compiled: Any) -> dict[str, float | None]:
       value = _first_dict(stage.cost_analysis()).get('flops')
     except Exception:  # some backends do not implement cost analysis
       value = None
+    if value is None and stage is lowered:
+      try:
+        value = _cpu_cost_analysis(lowered).get('flops')
+      except Exception:  # no CPU client, or jaxlib moved the function: no count
+        value = None
     out[key] = float(value) if value is not None and value > 0 else None
   return out
 

@@ -187,6 +187,44 @@ def test_resnet50_flops_match_the_published_cost_and_the_reference():
   assert abs(project - reference) / reference < 0.03, (project, reference)
 
 
+def test_flops_are_counted_on_the_cpu_when_the_accelerator_cannot_analyse_a_lowered_module():
+  """A GPU plugin raises NotImplementedError for ``Lowered.cost_analysis`` (jax 0.11.2, H200): the
+  host's CPU client then counts the same module, here a matmul split over the 8 fake devices,
+  against the hand count 2 * M * K * N (+ the tanh and the sum)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  from benchmarks import measure
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ('data',))
+  rows = NamedSharding(mesh, PartitionSpec('data'))
+  step = jax.jit(lambda a, b: jnp.tanh(a @ b).sum(), in_shardings=(rows, None))
+  lowered = step.lower(jax.ShapeDtypeStruct((64, 128), jnp.float32, sharding=rows),
+                       jax.ShapeDtypeStruct((128, 32), jnp.float32))
+
+  class PluginLowered:  # what an accelerator plugin's Lowered does
+    def cost_analysis(self):
+      raise NotImplementedError('Lowered.cost_analysis not implemented on platform gpu')
+
+    def compiler_ir(self, dialect):
+      return lowered.compiler_ir(dialect)
+
+  direct = measure.flops(lowered, None)['flops_per_step']
+  fallback = measure.flops(PluginLowered(), None)['flops_per_step']
+  matmul = 2 * 64 * 128 * 32
+  assert fallback == direct
+  assert matmul <= fallback <= matmul + 2 * 64 * 32, fallback
+
+  class Nothing:  # neither the plugin nor a module to count: no figure, not a crash
+    def cost_analysis(self):
+      raise NotImplementedError
+
+    def compiler_ir(self, dialect):
+      raise ValueError('no module')
+  assert measure.flops(Nothing(), None)['flops_per_step'] is None
+
+
 def test_time_steps_counts_windows_and_rejects_uneven_ones():
   import jax.numpy as jnp
 
