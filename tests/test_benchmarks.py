@@ -188,7 +188,7 @@ def test_resnet50_flops_match_the_published_cost_and_the_reference():
 
 
 def test_flops_are_counted_on_the_cpu_when_the_accelerator_cannot_analyse_a_lowered_module():
-  """A GPU plugin raises NotImplementedError for ``Lowered.cost_analysis`` (jax 0.11.2, H200): the
+  """A GPU plugin raises NotImplementedError for ``Lowered.cost_analysis`` (jax, PJRT C API): the
   host's CPU client then counts the same module, here a matmul split over the 8 fake devices,
   against the hand count 2 * M * K * N (+ the tanh and the sum)."""
   import jax
