@@ -95,10 +95,10 @@ def _first_dict(analysis: Any) -> dict[str, float]:
 
 def _cpu_cost_analysis(lowered: Any) -> dict[str, float]:
   """XLA:CPU's cost analysis of a lowered module built for another backend. A GPU or TPU plugin
-  (PJRT C API) does not analyse *lowered* modules (jax raises ``NotImplementedError``; the H200 run
-  of jax 0.11.2 got no count); the pre-optimisation HLO is backend-independent maths, so the host's CPU client
-  counts it. Uses jaxlib's ``hlo_module_cost_analysis``, the function ``Lowered.cost_analysis``
-  itself calls (not public API: any failure here means "no count")."""
+  (PJRT C API) does not analyse *lowered* modules (jax raises ``NotImplementedError``; the H200
+  run of jax 0.11.2 got no count); the pre-optimisation HLO is backend-independent maths, so the
+  host's CPU client counts it. Uses jaxlib's ``hlo_module_cost_analysis``, the function
+  ``Lowered.cost_analysis`` itself calls (not public API: any failure means "no count")."""
   from jax._src.lib import _jax  # the same module Lowered.cost_analysis uses
   module = lowered.compiler_ir('hlo').as_hlo_module()
   return _first_dict(_jax.hlo_module_cost_analysis(jax.extend.backend.get_backend('cpu'), module))
