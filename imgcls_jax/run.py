@@ -22,7 +22,7 @@ import numpy as np
 from imgcls_jax import (checkpoint, configlib, device_augment, dispatch, inference, loss_weights,
                         metrics, models, optim, report, sharding, steps, weights, whitening)
 from imgcls_jax import state as state_lib
-from imgcls_jax.data.info import DatasetInfo, check_flips
+from imgcls_jax.data.info import DatasetInfo, check_flips, read_shards
 from imgcls_jax.errors import UserError
 
 
@@ -99,9 +99,8 @@ def setup(config: ml_collections.ConfigDict, info: DatasetInfo | None = None, *,
   s.total_steps = configlib.train_steps(config, steps_per_epoch)
   s.steps_per_dispatch = dispatch.steps_per_dispatch(config)
   if any(op[0] == 'flip_alternate' for op in s.step_cfg.device_ops):  # rows -> epochs
-    from imgcls_jax.data import pipeline
     s.step_cfg = dataclasses.replace(s.step_cfg, **device_augment.epoch_layout(
-        config.batch_size, pipeline.read_shards(config.data), jax.process_count(),
+        config.batch_size, read_shards(config.data), jax.process_count(),
         n_local if n_local is not None else s.steps_per_epoch * s.local_batch_size))
   warmup = configlib.steps_from(config, 'optim.warmup', steps_per_epoch)
   s.lr_schedule = optim.schedule(config.optim, batch_size=config.batch_size,

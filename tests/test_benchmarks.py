@@ -284,6 +284,20 @@ def test_latency_benchmark_smoke():
   assert all(0 < x['p50_ms'] <= x['p99_ms'] and x['requests_per_s'] > 0 for x in r['load_test'])
 
 
+def test_throughput_of_the_speed_recipes_runs_without_tensorflow():
+  """fashion_mnist_quick's step (derandomized flips laid out over epochs, patch whitening, EMA,
+  2 CPU devices) builds without TensorFlow: the flip layout read ``read_shards`` from the tf.data
+  pipeline module, so the run layer imported TensorFlow for such configs."""
+  proc = _run_without_tf('benchmarks/throughput.py', '--config=configs/fashion_mnist_quick.py',
+                         '--config.batch_size=16', '--config.model.widths=((8,), (16,))',
+                         "--config.compilation_cache_dir=", '--steps=4', '--window=2',
+                         '--warmup=1', '--json')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  r = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert (r['model'], r['mesh_devices'], r['timed_steps']) == ('fast_cnn', 2, 4)
+  assert r['loss_finite'] and r['images_per_sec'] > 0
+
+
 def test_step_pairs_times_variants_interleaved_without_tensorflow():
   proc = _run_without_tf('benchmarks/step_pairs.py', '--config=configs/default.py',
                          '--config.batch_size=16', '--config.model.widths=(8, 16)',

@@ -1,4 +1,5 @@
-"""What the rest of the program knows about a dataset, and the horizontal-flip policy.
+"""What the rest of the program knows about a dataset, the horizontal-flip policy, and how many
+slices the training stream reads the split as (``read_shards``).
 
 TensorFlow-free: checkpoints, prediction and serving read a ``DatasetInfo`` back from JSON without
 importing the input pipeline. ``sources.describe`` builds one from ``config.data``.
@@ -74,3 +75,12 @@ def check_flips(data: ml_collections.ConfigDict, tta: str = '') -> None:
   if tta == 'flip_translate' and data.get('multilabel', False):
     raise UserError("config.evaluate.tta='flip_translate' is for single-label runs; use 'flip' "
                     'or none with config.data.multilabel=True.')
+
+
+def read_shards(data: ml_collections.ConfigDict) -> int:
+  """``data.read_shards`` (absent = 1): slices of the split that the training stream reads."""
+  shards = data.get('read_shards', 1)
+  shards = 1 if shards is None else int(shards)
+  if shards < 1:
+    raise UserError(f'config.data.read_shards={shards} must be >= 1.')
+  return shards

@@ -47,15 +47,6 @@ def _options() -> tf.data.Options:
   return options
 
 
-def read_shards(data: ml_collections.ConfigDict) -> int:
-  """``data.read_shards`` (absent = 1): slices of the split that the training stream reads."""
-  shards = data.get('read_shards', 1)
-  shards = 1 if shards is None else int(shards)
-  if shards < 1:
-    raise UserError(f'config.data.read_shards={shards} must be >= 1.')
-  return shards
-
-
 def examples_per_process(data: ml_collections.ConfigDict, split: str, process_index: int,
                          process_count: int) -> int:
   """Training examples this process sees per epoch: an equal share of the global epoch.
@@ -63,7 +54,7 @@ def examples_per_process(data: ml_collections.ConfigDict, split: str, process_in
   The global epoch is ``read_shards`` equal slices of the split (any remainder is dropped), so
   ``examples_per_process // local_batch`` (steps per epoch) does not depend on the process count.
   """
-  shards = read_shards(data)
+  shards = info.read_shards(data)
   size = sources.describe(data).num_examples.get(split)
   per_shard = (size // shards if size is not None else
                sources.count(sources.read(data, split, 0, shards, drop_remainder=True)))
@@ -81,7 +72,7 @@ def train_dataset(data: ml_collections.ConfigDict, *, seed: int, local_batch_siz
   """
   info.check_flips(data)
   global_batch = local_batch_size * process_count
-  shards = read_shards(data)
+  shards = info.read_shards(data)
   if global_batch % shards or (shards % process_count and process_count % shards):
     raise UserError(
         f'config.data.read_shards={shards} must divide the global batch ({global_batch}) and '

@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from imgcls_jax.data import pipeline, sources
+from imgcls_jax.data import info, pipeline, sources
 from imgcls_jax.errors import UserError
 
 
@@ -37,7 +37,7 @@ def check(data: ml_collections.ConfigDict, process_count: int) -> None:
   if process_count != 1:
     raise UserError(f'config.data.device_resident=True runs in one process (this run has '
                     f'{process_count}); {fix}.')
-  if pipeline.read_shards(data) != 1:
+  if info.read_shards(data) != 1:
     raise UserError(f'config.data.device_resident=True reads the split as one slice; set '
                     f'config.data.read_shards=1 {fix}.')
   if data.get('balanced_sampling', False):
