@@ -4,6 +4,7 @@ newly registered one is covered without editing this file (at its default size u
 ``tests/test_families.SMALL_BY_CLASS`` lists small widths for it)."""
 from __future__ import annotations
 
+import collections
 import itertools
 
 import jax
@@ -99,7 +100,8 @@ def test_resnet_with_its_max_pool_stem_runs_as_int8_tflite(tmp_path):
 def test_fast_cnn_pooling_an_odd_map_exports_to_tflite(tmp_path):
   """fashion_mnist_quick's network pools its 7x7 map to 3x3 (the last row and column dropped):
   that crop exported as a dynamic gather, which the TFLite converter rejected, so the quick
-  config could not be exported at all."""
+  config could not be exported at all. Its pools export as TFLite's MAX_POOL_2D kernel, not the
+  training form's RESHAPE + REDUCE_MAX."""
   info = DatasetInfo(name='synthetic', num_classes=5, class_names=tuple('abcde'),
                      image_shape=(28, 28, 1), num_examples={'train': 8, 'test': 8})
   clf = _classifier('fast_cnn', info, widths=((4,), (8,), (8,), (8,)), stem='none',
@@ -110,3 +112,6 @@ def test_fast_cnn_pooling_an_odd_map_exports_to_tflite(tmp_path):
   export.save_tflite(saved, path)
   diff = export.compare(clf.predict_arrays(images), export.run_tflite(path, images))
   assert diff['max_abs_prob_diff'] <= 1e-4 and diff['top1_agreement'] == 1.0, diff
+  ops = collections.Counter(op['op_name'] for op in
+                            export.formats._tflite_interpreter(path)._get_ops_details())
+  assert ops['MAX_POOL_2D'] == 3 and ops['REDUCE_MAX'] == 0, ops

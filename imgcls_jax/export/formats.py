@@ -63,7 +63,7 @@ def save_saved_model(clf: inference.Classifier, directory: str, batch: int = 0) 
     return {'probabilities': tf.nn.softmax(out['logits'], axis=-1), 'logits': out['logits']}
 
   module.serve = serve
-  with layers.lax_convolutions():  # JAX traces here: one conv op per layer, not im2col slices
+  with layers.export_forms():  # JAX traces here: one conv / max-pool op per layer (TFLite kernels)
     tf.saved_model.save(module, directory, signatures={'serving_default': serve})
 
 

@@ -9,7 +9,8 @@ cheaper on XLA:CPU than ``cnn.CNN`` at equal width (measured on 2 cores, see REA
   statistics are the usual batch mean and variance, but XLA:CPU differentiates this form several
   times faster than ``(x - mean) * rsqrt(var + eps)``;
 - 2x2 max-pooling as a reshape and max, whose gradient is much cheaper on XLA:CPU than
-  ``reduce_window``'s select-and-scatter (ties split the gradient instead of routing it to one).
+  ``reduce_window``'s select-and-scatter (ties split the gradient instead of routing it to one);
+  exports trace the ``reduce_window`` form (``layers.export_forms``).
 - optionally (``conv='im2col'``) every 3x3 convolution as im2col patches + one matmul: XLA:CPU's
   filter-gradient convolution is up to 2x slower than the matmul ``patches^T @ dy`` this form
   differentiates into (``benchmarks/conv_paths.py``; benchmarks/NOTES.md, "session 14").
@@ -67,7 +68,11 @@ class AffineBatchNorm(nnx.Module):
 
 
 def max_pool_2x2(x_BxHxWxC: jax.Array) -> jax.Array:
-  """2x2 / stride-2 max-pool (a last odd row / column is dropped, as VALID pooling does)."""
+  """2x2 / stride-2 max-pool (a last odd row / column is dropped, as VALID pooling does). Within
+  ``layers.export_forms`` it is ``reduce_window`` (the same values), which converters map to their
+  max-pool kernel (TFLite's MAX_POOL_2D) rather than a RESHAPE + REDUCE_MAX."""
+  if layers.exporting():
+    return nnx.max_pool(x_BxHxWxC, (2, 2), strides=(2, 2), padding='VALID')
   b, h, w, c = x_BxHxWxC.shape
   # lax.slice, not x[:, :h - 1]: under a symbolic batch (export) indexing becomes a dynamic
   # gather, which the TFLite converter rejects ('vhlo.dynamic_gather_v1 ... not part of the vhlo

@@ -18,20 +18,27 @@ from imgcls_jax.errors import UserError
 conv_init = nnx.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
-_LAX_CONVOLUTIONS = contextvars.ContextVar('lax_convolutions', default=False)
+_EXPORT_FORMS = contextvars.ContextVar('export_forms', default=False)
 
 
 @contextlib.contextmanager
-def lax_convolutions() -> Iterator[None]:
-  """Within it, convolutions built with ``im2col=True`` (a training-speed choice) are traced as
-  ``lax`` convolutions (same parameters, same maths): exports trace inside it, so that the TFLite
-  converter sees one convolution per layer, into which it folds the BatchNorm that follows,
-  instead of tens of slices and a matmul."""
-  token = _LAX_CONVOLUTIONS.set(True)
+def export_forms() -> Iterator[None]:
+  """Within it, layers written in a form chosen for XLA:CPU training speed are traced in the
+  standard form other runtimes have kernels for (same parameters, same maths): convolutions built
+  with ``im2col=True`` as ``lax`` convolutions, and fast_cnn's reshape-and-max 2x2 pooling as a
+  ``reduce_window`` max-pool. Exports trace inside it, so that the TFLite converter sees one
+  CONV_2D per layer (into which it folds the BatchNorm that follows) instead of tens of slices and
+  a matmul, and one MAX_POOL_2D instead of RESHAPE + REDUCE_MAX."""
+  token = _EXPORT_FORMS.set(True)
   try:
     yield
   finally:
-    _LAX_CONVOLUTIONS.reset(token)
+    _EXPORT_FORMS.reset(token)
+
+
+def exporting() -> bool:
+  """Whether the caller traces inside ``export_forms``."""
+  return _EXPORT_FORMS.get()
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
@@ -40,7 +47,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   """``lax.conv_general_dilated``, but a plain stride-1 NHWC conv is computed as im2col patches +
   one matmul when its input is spatially smaller than its kernel (e.g. 3x3 on a 2x2 map), or
   always with ``im2col=True`` (except under a symbolic batch dimension or within
-  ``lax_convolutions``, i.e. in an export).
+  ``export_forms``, i.e. in an export).
 
   Same maths (only the summation order differs). XLA:CPU otherwise takes a slow path for the small
   inputs (58-65 ms vs 1.3 ms per layer measured on 2 cores; benchmarks/NOTES.md), and its
@@ -56,7 +63,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
            and lhs.ndim == 4 and lhs.shape[-1] == cin)
   # A symbolic (export-polymorphic) batch keeps lax for inputs the kernel fits: its im2col would
   # be a selection matmul as large as (h * w) x (h * w * kh * kw) in the exported model.
-  im2col = im2col and isinstance(lhs.shape[0], int) and not _LAX_CONVOLUTIONS.get()
+  im2col = im2col and isinstance(lhs.shape[0], int) and not exporting()
   if not plain or (not im2col and h >= kh and w >= kw):
     return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
                                         rhs_dilation, dimension_numbers, feature_group_count,
