@@ -134,7 +134,7 @@ def check_config(saved: Mapping[str, Any] | None, config: ml_collections.ConfigD
                     'uninterrupted one.', where, '; '.join(changed))
 
 
-_DTYPES = ('float32', 'bfloat16', 'float16')
+DTYPES = ('float32', 'bfloat16', 'float16')
 
 
 def steps_from(config: ml_collections.ConfigDict, prefix: str, steps_per_epoch: int) -> int:
@@ -173,7 +173,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(config.batch_size > 0, f'config.batch_size must be positive, got {config.batch_size}.')
   need(config.eval_batch_size > 0,
        f'config.eval_batch_size must be positive, got {config.eval_batch_size}.')
-  need(config.dtype in _DTYPES, f"config.dtype must be one of {', '.join(_DTYPES)}, got "
+  need(config.dtype in DTYPES, f"config.dtype must be one of {', '.join(DTYPES)}, got "
        f"'{config.dtype}'.")
   need(config.optim.learning_rate >= 0,
        f'config.optim.learning_rate must be >= 0, got {config.optim.learning_rate}.')

@@ -214,6 +214,45 @@ def _small(config, tmp_path, **changes):
   return config
 
 
+def test_export_never_replaces_a_folder_that_is_not_an_earlier_export(exported, tmp_path):
+  """The export replaces its output folder as a whole: pointed at the run directory, a folder
+  above it, a folder of other files or a file, it stops before any work, and deletes nothing
+  (it used to delete the run's checkpoints with export.output_dir=<workdir>)."""
+  config, workdir, _ = exported
+  precious = tmp_path / 'precious'
+  precious.mkdir()
+  (precious / 'notes.txt').write_text('keep me')
+  a_file = tmp_path / 'a_file'
+  a_file.write_text('keep me too')
+  before = sorted(os.listdir(workdir))
+  for target, match in ((workdir, 'holds the run directory'),
+                        (os.path.dirname(workdir), 'holds the run directory'),
+                        (str(precious), r'holds files that are not an export \(no export.json\)'),
+                        (str(a_file), 'is a file')):
+    c = _small(config, tmp_path)
+    c.export.output_dir = target
+    with pytest.raises(UserError, match=match):
+      export.export(c, workdir)
+  assert sorted(os.listdir(workdir)) == before
+  assert (precious / 'notes.txt').read_text() == 'keep me' and a_file.read_text() == 'keep me too'
+  # An earlier export is replaced, as before.
+  c = _small(config, tmp_path / 'again')
+  export.export(c, workdir)
+  export.export(c, workdir)
+  assert os.path.isfile(os.path.join(c.export.output_dir, 'export.json'))
+
+
+@pytest.mark.parametrize('key, value, match', [
+    ('dtype', 'int8', r"config.export.dtype must be '' \(the run's\) or one of float32"),
+    ('tolerance', -1.0, r'config.export.tolerance=-1.0 must be > 0')])
+def test_bad_export_settings_are_one_sentence_before_any_work(exported, tmp_path, key, value,
+                                                              match):
+  config, workdir, _ = exported
+  with pytest.raises(UserError, match=match):
+    export.export(_small(config, tmp_path, **{key: value}), workdir)
+  assert not os.path.exists(tmp_path / 'model')
+
+
 def test_export_fails_when_quantization_loses_too_much(exported, tmp_path):
   """A limit no model can meet (accuracy must rise by 2 points) fails the export, writing
   nothing."""

@@ -38,7 +38,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from imgcls_jax import inference
+from imgcls_jax import configlib, inference
 from imgcls_jax.errors import UserError
 from imgcls_jax.export.formats import (probe_tflite, run_onnx, run_saved_model, run_tflite,
                                        save_onnx, save_saved_model, save_tflite, tflite_runtime)
@@ -117,6 +117,30 @@ def _validate(cfg: ml_collections.ConfigDict) -> None:
   if isinstance(batch, bool) or not isinstance(batch, int) or batch < 0:
     raise UserError(f'config.export.tflite_batch must be an integer >= 0 (1: one image per call, '
                     f'as on a phone; 0: any batch), not {batch!r}.')
+  if cfg.get('dtype', '') not in ('',) + configlib.DTYPES:
+    raise UserError(f"config.export.dtype must be '' (the run's) or one of "
+                    f"{', '.join(configlib.DTYPES)}, not {cfg.dtype!r}; for an integer model use "
+                    "config.export.quantize='int8'.")
+  if float(cfg.get('tolerance', 1e-4)) <= 0:
+    raise UserError(f'config.export.tolerance={cfg.tolerance} must be > 0 (the largest |probability '
+                    'difference| allowed between JAX and an exported model; default 1e-4).')
+
+
+def _check_output_dir(out_dir: str, workdir: str) -> None:
+  """The export replaces ``out_dir`` as a whole: refuse a folder that is not an earlier export
+  (it would be deleted with everything in it), the run directory or a folder above it."""
+  fix = ('set config.export.output_dir to a new folder or to an earlier export '
+         '(default: <workdir>/export).')
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise UserError(f'config.export.output_dir {out_dir} is a file; {fix}')
+  run = os.path.abspath(workdir)
+  if run == out_dir or run.startswith(out_dir.rstrip(os.sep) + os.sep):
+    raise UserError(f'config.export.output_dir {out_dir} holds the run directory {run}, which an '
+                    f'export would replace; {fix}')
+  if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.isfile(
+      os.path.join(out_dir, 'export.json')):
+    raise UserError(f'config.export.output_dir {out_dir} holds files that are not an export '
+                    f'(no export.json), which an export would replace; {fix}')
 
 
 def export(config: ml_collections.ConfigDict | None, workdir: str,
@@ -128,6 +152,7 @@ def export(config: ml_collections.ConfigDict | None, workdir: str,
   _validate(cfg)
   quantize = cfg.get('quantize', '')
   out_dir = os.path.abspath(cfg.output_dir or os.path.join(workdir, 'export'))
+  _check_output_dir(out_dir, workdir)
   clf = inference.classifier(trained, dtype=cfg.dtype)
   data, shape = clf.run.data, clf.image_shape
   q_examples = int(cfg.get('quantize_examples', -1))
