@@ -53,6 +53,22 @@ class _CliError(Exception):
   pass
 
 
+def _config_file_error(argv: list[str]) -> str | None:
+  """One sentence when the file given to --config cannot be loaded (missing, a syntax error, no
+  ``get_config()``, or ``get_config()`` raising), else None."""
+  path = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+  if not path:
+    return None
+  try:
+    configlib.load_config_file(path)
+  except BaseException as e:  # whatever the user's file raises, SystemExit included
+    lines = str(e).strip().splitlines()
+    detail = f'{type(e).__name__}: {lines[0][:300]}' if lines else type(e).__name__
+    return (f'Cannot load the config file {path} ({detail}); check the path and that it runs and '
+            'defines get_config().')
+  return None
+
+
 def _explain_override_error(argv: list[str], err: Exception) -> str:
   """Names the --config.X flag that does not exist in the config, if that is the problem."""
   config_path = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
@@ -90,21 +106,27 @@ def parse(argv: list[str]):
     sys.argv = argv  # config_flags reads the override flags' names from sys.argv
   try:
     FLAGS(argv)
-  except flags.Error as e:
+  except Exception as e:  # a config file that does not load fails here when overrides are given
+    problem = _config_file_error(argv)
+    if problem:
+      raise _CliError(problem) from None
+    if not isinstance(e, (flags.Error, AttributeError, KeyError)):
+      raise
+    if isinstance(e, (AttributeError, KeyError)):
+      raise _CliError(_explain_override_error(argv, e)) from None
     msg = str(e).splitlines()[0]
     if 'could not convert' in msg or 'Could not parse' in msg or 'flag --config.' in msg:
       raise _CliError(f'Bad config value: {msg}.') from None
     raise _CliError(f'{msg} (see --helpfull).') from None
-  except (AttributeError, KeyError) as e:
-    raise _CliError(_explain_override_error(argv, e)) from None
   if FLAGS['config'].value is None or not FLAGS['config'].present:
     raise _CliError('Missing --config: pass a config file, e.g. --config=configs/default.py.')
   config = FLAGS['config'].value
   try:
     config.keys()
   except Exception as e:  # config_flags defers errors loading the file until first use
-    raise _CliError(f'Cannot load the config file given to --config ({type(e).__name__}: {e}); '
-                    'check the path and that it defines get_config().') from None
+    raise _CliError(_config_file_error(argv) or (
+        f'Cannot load the config file given to --config ({type(e).__name__}: {e}); check the '
+        'path and that it defines get_config().')) from None
   if not _WORKDIR.value:
     raise _CliError('Missing --workdir: pass a directory for checkpoints and logs, e.g. '
                     '--workdir=/tmp/run1.')
@@ -141,7 +163,21 @@ def run(argv: list[str] | None = None) -> int:
   except (_CliError, UserError) as e:
     print(f'error: {e}', file=sys.stderr, flush=True)
     return 2
+  except OSError as e:
+    if e.filename is None:  # not about a path the user gave: a bug to see in full
+      raise
+    print(f'error: {_path_problem(e)}', file=sys.stderr, flush=True)
+    return 2
   return 0
+
+
+def _path_problem(e: OSError) -> str:
+  """One sentence for a file or folder the run could not create, read or write (a --workdir or an
+  output path in /proc, a file where a folder is needed, no permission, a full disk)."""
+  path = f'{e.filename} -> {e.filename2}' if e.filename2 else str(e.filename)
+  return (f'Cannot use {path} ({e.strerror or type(e).__name__}); check --workdir and the '
+          "config's paths (output_dir, output, data_dir, compilation_cache_dir): each must be a "
+          'folder (or file) this user can create and write.')
 
 
 if __name__ == '__main__':

@@ -57,6 +57,36 @@ def test_missing_config_file_and_workdir(tmp_path):
   assert 'Missing --workdir' in line
 
 
+@pytest.mark.parametrize('body, detail', [
+    ('def get_config(:\n', 'SyntaxError'),
+    ('def get_config():\n  raise RuntimeError("no GPU here")\n', 'RuntimeError: no GPU here'),
+    ('x = 1\n', "AttributeError: module '_imgcls_config' has no attribute 'get_config'"),
+    (None, 'FileNotFoundError')])
+def test_a_config_file_that_does_not_load_is_one_line_with_overrides(tmp_path, body, detail):
+  """With a --config.X override, config_flags loads the file while parsing flags: its error was a
+  traceback (a missing file, a syntax error, get_config() raising or missing)."""
+  path = tmp_path / 'my_config.py'
+  if body is not None:
+    path.write_text(body)
+  line = _one_error_line(_main(f'--config={path}', f'--workdir={tmp_path}/run',
+                               '--config.batch_size=3'))
+  assert line.startswith(f'error: Cannot load the config file {path} ({detail}'), line
+
+
+def test_paths_that_cannot_be_created_are_one_line(tmp_path):
+  """A --workdir that is a file, or a compilation cache under /proc: one sentence naming the
+  path, not an os.makedirs traceback."""
+  a_file = tmp_path / 'a_file'
+  a_file.write_text('')
+  for args, path in (([f'--workdir={a_file}'], str(a_file)),
+                     ([f'--workdir={tmp_path}/run', '--config.compilation_cache_dir=/proc/nope'],
+                      '/proc/nope')):
+    line = _one_error_line(_main('--config=configs/default.py', *args,
+                                 '--config.num_train_steps=1'))
+    assert line.startswith(f'error: Cannot use {path}'), line
+    assert 'this user can create and write' in line
+
+
 @pytest.mark.slow
 def test_default_config_trains_digits_to_98_5_percent(tmp_path):
   """The README's main command: the embedded default run, as a user runs it (1 CPU device)."""
