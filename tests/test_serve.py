@@ -21,6 +21,7 @@ from PIL import Image
 
 from imgcls_jax import inference, serve
 from imgcls_jax.data import digits
+from imgcls_jax.errors import UserError
 from tests.conftest import REPO, subprocess_env
 from tests.test_predict import trained_run, trainer_probabilities
 
@@ -246,6 +247,63 @@ def test_kserve_v2_endpoints(server):
     status, payload = _request(srv.url, 'POST', '/v2/models/imgcls/infer',
                                json.dumps({'inputs': [{**tensor, **change}]}))
     assert status == 400 and payload['error'].startswith('The input tensor'), (change, payload)
+
+
+def test_deeply_nested_json_is_400(server):
+  """Nesting deeper than the JSON parser recurses is a 400 with a sentence, not a 500."""
+  srv, _ = server
+  for path in ('/v1/models/imgcls:predict', '/v2/models/imgcls/infer'):
+    status, payload = _request(srv.url, 'POST', path, b'[' * 20000)
+    assert status == 400 and 'nested too deeply' in payload['error'], (path, payload)
+
+
+def test_v2_numbers_out_of_range_and_non_integer_dimensions_are_400(server):
+  srv, _ = server
+  x, _ = digits.load_arrays('test')
+  tensor = {'name': 'images', 'datatype': 'UINT8', 'shape': [1, 8, 8, 1],
+            'data': x[:1].ravel().tolist()}
+  for change in ({'data': [2**70] * 64}, {'data': [1e300] * 64}, {'data': [1.5] * 64},
+                 {'shape': [True, 8, 8, 1]}, {'shape': [1, 8, 8, True]},
+                 {'shape': [1, 8.0, 8, 1]}, {'shape': [2**62, 8, 8, 1], 'data': []}):
+    status, payload = _request(srv.url, 'POST', '/v2/models/imgcls/infer',
+                               json.dumps({'inputs': [{**tensor, **change}]}))
+    assert status == 400 and payload['error'].startswith('The input tensor'), (change, payload)
+  assert _request(srv.url, 'POST', '/v2/models/imgcls/infer',
+                  json.dumps({'inputs': [tensor]}))[0] == 200
+
+
+def test_more_images_than_the_queue_holds_is_413_before_any_is_queued(server, tmp_path_factory,
+                                                                       tfds_dir):
+  """Such a request could never be queued whole (a retry cannot help): 413 naming the limit, and
+  none of its images reaches the model; a request of max_queue images is served."""
+  _, clf = server
+  config, _, _ = trained_run(tmp_path_factory, tfds_dir)
+  srv = serve.make_server(clf, _serve_cfg(config, max_queue=4), warm_up=False).start()
+  x, _ = digits.load_arrays('test')
+  instances = [{'b64': base64.b64encode(_png(x[i, :, :, 0])).decode()} for i in range(5)]
+  tensor = {'name': 'images', 'datatype': 'UINT8', 'shape': [5, 8, 8, 1],
+            'data': x[:5].ravel().tolist()}
+  try:
+    for path, body in [('/v1/models/imgcls:predict', {'instances': instances}),
+                       ('/v2/models/imgcls/infer', {'inputs': [tensor]})]:
+      status, payload = _request(srv.url, 'POST', path, json.dumps(body))
+      assert status == 413 and 'send at most 4 images' in payload['error'], (path, payload)
+    time.sleep(0.1)  # the model thread would have taken anything queued by now
+    assert not srv.batcher.batch_sizes
+    status, out = _request(srv.url, 'POST', '/v1/models/imgcls:predict',
+                           json.dumps({'instances': instances[:4]}))
+    assert status == 200 and len(out['predictions']) == 4
+  finally:
+    srv.close()
+
+
+def test_port_outside_0_to_65535_is_refused(server, tmp_path_factory, tfds_dir):
+  _, clf = server
+  config, _, _ = trained_run(tmp_path_factory, tfds_dir)
+  for port in (70000, 65536, -1):
+    with pytest.raises(UserError, match=rf'^config\.serve\.port must be from 0 to 65535 .*got '
+                       rf'{port}\.$'):
+      serve.make_server(clf, _serve_cfg(config, port=port), warm_up=False)
 
 
 def test_model_endpoint_and_page(server):

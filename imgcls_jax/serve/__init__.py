@@ -20,8 +20,9 @@ Endpoints (OpenAPI docs at ``/docs``, schema at ``/openapi.json``):
   GET  /metrics                       Prometheus: requests, latency histogram, batch sizes
 Bad requests get a 4xx with {"error": "<one sentence>"}: 400 (empty or malformed body, bad
 top_k), 404 (unknown path or model name), 405 (method), 411 (no Content-Length, chunked), 413
-(body or decoded image too large), 415 (not a decodable image); 503 when the queue is full. The
-service never exits on a bad request; an unexpected failure of one request is a 500 for it only.
+(body or decoded image too large, more images in one request than ``max_queue``), 415 (not a
+decodable image); 503 when the queue is full. The service never exits on a bad request; an
+unexpected failure of one request is a 500 for it only.
 Every response carries ``X-Request-ID`` (the client's, or a new one), also in the log lines.
 
 Images are decoded and preprocessed on worker threads (as ``--mode=predict`` does), then queued;
@@ -127,8 +128,11 @@ def _validate(cfg: ml_collections.ConfigDict) -> None:
   for key in ('max_batch_size', 'max_upload_bytes', 'max_queue', 'top_k'):
     if cfg[key] < 1:
       raise UserError(f'config.serve.{key} must be positive, got {cfg[key]}.')
-  if cfg.batch_timeout_ms < 0 or cfg.port < 0:
-    raise UserError('config.serve.batch_timeout_ms and config.serve.port must be >= 0.')
+  if cfg.batch_timeout_ms < 0:
+    raise UserError(f'config.serve.batch_timeout_ms must be >= 0, got {cfg.batch_timeout_ms}.')
+  if not 0 <= cfg.port <= 65535:
+    raise UserError(f'config.serve.port must be from 0 to 65535 (0 = any free port), got '
+                    f'{cfg.port}.')
 
 
 def make_server(clf: inference.Classifier, cfg: ml_collections.ConfigDict, *,

@@ -9,6 +9,7 @@ import functools
 import importlib.resources
 import json
 import logging
+import math
 import time
 import uuid
 from typing import Any, Awaitable, Callable
@@ -155,6 +156,14 @@ async def _classify(svc: Service, images: list[np.ndarray]) -> list[dict[str, np
       asyncio.gather(*(asyncio.wrap_future(f) for f in futures)), timeout=120))
 
 
+def _at_most_queue(svc: Service, n: int) -> None:
+  """413 for more images than the queue holds: such a request could never be queued whole."""
+  limit = int(svc.cfg.max_queue)
+  if n > limit:
+    raise ApiError(413, f'The request has {n} images, more than the {limit} this service queues '
+                   f'at once; send at most {limit} images per request.')
+
+
 def _model(svc: Service, name: str) -> None:
   if name != svc.model_name:
     raise ApiError(404, f"No model named '{name}'; this service serves '{svc.model_name}'.")
@@ -232,6 +241,7 @@ def create_app(svc: Service) -> fastapi.FastAPI:
     _model(svc, name)
     payload = _json(await _read_body(request, int(svc.cfg.max_upload_bytes)))
     blobs = _instances(payload)
+    _at_most_queue(svc, len(blobs))
     images = [await _prepare(svc, b, f'Instance {i}') for i, b in enumerate(blobs)]
     outs = await _classify(svc, images)
     return {'predictions': [{k: o[k].tolist() for k in ('probabilities', 'logits')}
@@ -269,6 +279,7 @@ def create_app(svc: Service) -> fastapi.FastAPI:
     _model(svc, name)
     payload = _json(await _read_body(request, int(svc.cfg.max_upload_bytes)))
     images = _v2_images(payload, svc.clf.image_shape)
+    _at_most_queue(svc, len(images))
     outs = await _classify(svc, list(images))
     k = len(svc.clf.class_names)
     result = {'model_name': name, 'model_version': str(svc.clf.step),
@@ -302,6 +313,9 @@ def _signature(svc: Service) -> dict[str, Any]:
 def _json(body: bytes) -> Any:
   try:
     return json.loads(body)
+  except RecursionError:
+    raise ApiError(400, "The body's JSON is nested too deeply; send the request shape shown at "
+                   '/docs.') from None
   except (ValueError, UnicodeDecodeError):
     raise ApiError(400, 'The body is not valid JSON.') from None
 
@@ -337,15 +351,18 @@ def _v2_images(payload: Any, shape: tuple[int, int, int]) -> np.ndarray:
   tensor = inputs[0]
   dims = tensor.get('shape')
   if (tensor.get('datatype') != 'UINT8' or not isinstance(dims, list) or len(dims) != 4 or
-      tuple(dims[1:]) != tuple(shape) or not isinstance(dims[0], int) or dims[0] < 1):
+      tuple(dims[1:]) != tuple(shape) or any(type(d) is not int for d in dims) or dims[0] < 1):
     raise ApiError(400, f'The input tensor must be {want} (images already resized to the '
                    'model input).')
-  try:
-    data = np.asarray(tensor.get('data'), dtype=np.int64)
-  except (TypeError, ValueError):
-    raise ApiError(400, 'The input tensor data must be a list of integers 0..255.') from None
-  if data.size != int(np.prod(dims)) or (data.size and (data.min() < 0 or data.max() > 255)):
-    raise ApiError(400, f'The input tensor data must hold {int(np.prod(dims))} integers 0..255.')
+  try:  # no dtype: floats, booleans, strings and huge integers keep a dtype refused below
+    data = np.asarray(tensor.get('data'))
+  except (TypeError, ValueError, OverflowError):
+    data = None
+  if data is None or (data.size and data.dtype.kind not in 'iu'):
+    raise ApiError(400, 'The input tensor data must be a list of integers 0..255.')
+  size = math.prod(dims)  # Python ints: np.prod wraps around for a huge N
+  if data.size != size or (data.size and (data.min() < 0 or data.max() > 255)):
+    raise ApiError(400, f'The input tensor data must hold {size} integers 0..255.')
   return data.astype(np.uint8).reshape(dims)
 
 
