@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from imgcls_jax import configlib, optim
+from imgcls_jax import configlib, failed_reads, optim
 from imgcls_jax.errors import UserError
 from imgcls_jax.weights import Weights, flatten
 
@@ -214,6 +214,7 @@ class Checkpointer:
     if step not in self._manager.all_steps():
       raise UserError(f'No checkpoint of step {step} in {self.directory}; it holds steps '
                       f'{self.all_steps()}.')
+    failed_reads.install()  # a damaged checkpoint: one line, not tensorstore's leftovers
     try:
       self._check_fits(step, abstract_state)
       restored = self._manager.restore(step, args=ocp.args.Composite(
@@ -236,6 +237,7 @@ class Checkpointer:
     state's tree) raises UserError.
     """
     skipped: list[int] = []
+    failed_reads.install()  # a damaged checkpoint: one warning, not tensorstore's leftovers
     for step in sorted(self._manager.all_steps(), reverse=True):
       try:
         meta = self.read_meta(step)
@@ -380,6 +382,7 @@ def read_weights(path: str, step: int | None = None, *, ema: bool = False) -> We
                     f"{', '.join(map(str, steps)) or 'none'}); pick one of those.")
   step_dir = epath.Path(directory) / str(step)
   origin = f'checkpoint {step} of {directory}'
+  failed_reads.install()  # a damaged checkpoint: one line, not tensorstore's leftovers
   try:
     tree = ocp.PyTreeCheckpointHandler().metadata(step_dir / 'state').tree
     if ema and not tree.get('ema'):
