@@ -193,3 +193,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
        f'config.log_every_steps must be positive, got {config.log_every_steps}.')
   need(config.keep_checkpoints > 0,
        f'config.keep_checkpoints must be positive, got {config.keep_checkpoints}.')
+  accumulation = config.get('grad_accumulation_steps', 1)
+  need(isinstance(accumulation, int) and accumulation >= 1,
+       f'config.grad_accumulation_steps must be an integer >= 1 (1 = off), got {accumulation!r}.')
+  folds = config.get('cross_validation', {}).get('folds', 0)
+  need(folds >= 0, f'config.cross_validation.folds must be >= 0 (0 = one plain run, k >= 2 = '
+       f'k-fold cross-validation), got {folds}.')
+  top = config.get('evaluate', {}).get('top_confused', 10)
+  need(top >= 0, f'config.evaluate.top_confused must be >= 0 (how many confused class pairs the '
+       f'report lists), got {top}.')
+  dropout = config.get('model', {}).get('dropout', 0.0)
+  need(isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0,
+       f'config.model.dropout must be in [0, 1) (the fraction of units dropped), got {dropout!r}.')

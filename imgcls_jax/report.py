@@ -235,6 +235,12 @@ SCALAR_KEYS = ('accuracy', 'accuracy_top5', 'loss', 'ece', 'balanced_accuracy', 
                'recall_weighted', 'f1_weighted')
 
 
+def eval_metric_names(multilabel: bool) -> tuple[str, ...]:
+  """The names ``training_eval_metrics`` gives each evaluation during training (what
+  ``config.checkpoint.best_metric`` may name)."""
+  return (report_multilabel.SCALAR_KEYS if multilabel else SCALAR_KEYS) + ('count',)
+
+
 def scalars(report: Mapping[str, Any]) -> dict[str, float]:
   """The report's headline numbers as flat scalars (for metrics.jsonl, TensorBoard, CV means)."""
   if report.get('task') == 'multilabel':

@@ -44,6 +44,11 @@ def training_metrics(s: Mapping[str, np.ndarray],
   return {**scalars(rep), 'count': n}
 
 
+SCALAR_KEYS = ('loss', 'map', 'roc_auc_macro', 'accuracy', 'exact_match_05', 'hamming_loss') + tuple(
+    f'{name}_{avg}{at}' for name in ('precision', 'recall', 'f1') for avg in ('micro', 'macro')
+    for at in ('', '_05'))
+
+
 def scalars(rep: Mapping[str, Any]) -> dict[str, float]:
   """The headline numbers as flat scalars (for metrics.jsonl, TensorBoard, CV means)."""
   def num(x: Any) -> float:

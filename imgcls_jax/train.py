@@ -326,6 +326,17 @@ class _Trainer:
                  startup.seconds_since_start())
 
 
+def _check_best_metric(config: ml_collections.ConfigDict, multilabel: bool) -> None:
+  """Before any step: a ``checkpoint.best_metric`` the evaluations never report was found only at
+  the first evaluation (epochs in, with no checkpoint saved)."""
+  c = config.checkpoint
+  names = report.eval_metric_names(multilabel)
+  if c.get('keep_best', 0) > 0 and c.best_metric not in names:
+    raise UserError(f"config.checkpoint.best_metric='{c.best_metric}' is not an evaluation metric "
+                    f"of this {'multi-label' if multilabel else 'single-label'} run; use one of: "
+                    f"{', '.join(sorted(names))}.")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains ``config`` in ``workdir`` (resuming from its newest good checkpoint) and evaluates.
 
@@ -338,6 +349,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     '(--mode=train picks it) or imgcls_jax.cross_validation.cross_validate.')
   workdir = os.path.abspath(workdir)
   s = run.setup(config)
+  _check_best_metric(config, s.info.multilabel)
   is_main = jax.process_index() == 0
   if is_main:
     os.makedirs(workdir, exist_ok=True)

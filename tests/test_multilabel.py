@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgcls_jax import inference, loss_weights, predict, run, steps, train
+from imgcls_jax import inference, loss_weights, predict, report, run, steps, train
 from imgcls_jax.data import folder_index, image_folder, pipeline, sources
 from imgcls_jax.errors import UserError
 from tests.conftest import REPO
@@ -167,6 +167,7 @@ def test_tagged_run_metrics_equal_sklearn_on_the_models_probabilities(tagged_run
   assert abs(final['accuracy'] - skm.accuracy_score(y, pred)) <= 2 / len(test)
   assert abs(final['hamming_loss'] - skm.hamming_loss(y, pred)) <= 2 / y.size
   assert final['map'] > 0.9 and final['accuracy'] > 0.6, final   # it learned the tags
+  assert set(final) == set(report.eval_metric_names(multilabel=True))   # best_metric's choices
 
 
 def test_evaluate_predict_export_and_serve_a_tagged_run(tagged_run, tmp_path, capsys):

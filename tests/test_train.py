@@ -3,9 +3,11 @@ import json
 import os
 
 import numpy as np
+import pytest
 import tensorflow_datasets as tfds
 
-from imgcls_jax import train
+from imgcls_jax import report, train
+from imgcls_jax.errors import UserError
 
 
 def _records(workdir, split):
@@ -27,6 +29,19 @@ def test_loss_decreases_on_digits_and_outputs_are_written(digits_config, tmp_pat
   assert os.path.isdir(tmp_path / 'checkpoints' / '60')
   saved = json.loads((tmp_path / 'config.json').read_text())
   assert saved['model']['name'] == 'cnn' and saved['num_train_steps'] == 60
+  # What config.checkpoint.best_metric may name is what the evaluations report.
+  assert set(result) == set(report.eval_metric_names(multilabel=False))
+
+
+def test_a_best_metric_no_evaluation_reports_fails_before_the_first_step(digits_config, tmp_path):
+  """It used to fail at the first evaluation (epochs in), with no checkpoint saved."""
+  digits_config.num_train_steps = 60
+  digits_config.checkpoint.keep_best = 1
+  digits_config.checkpoint.best_metric = 'f1'
+  with pytest.raises(UserError, match=r"best_metric='f1' is not an evaluation metric of this "
+                     r'single-label run; use one of: .*f1_macro'):
+    train.train_and_evaluate(digits_config, str(tmp_path))
+  assert not os.path.exists(tmp_path / 'metrics.jsonl')
 
 
 def test_rerun_resumes_from_the_latest_checkpoint(digits_config, tmp_path):
