@@ -306,6 +306,19 @@ def test_port_outside_0_to_65535_is_refused(server, tmp_path_factory, tfds_dir):
       serve.make_server(clf, _serve_cfg(config, port=port), warm_up=False)
 
 
+@pytest.mark.parametrize('key, value, match', [
+    ('keep_alive_s', -1, r'config\.serve\.keep_alive_s must be >= 0'),
+    ('model_name', 'a/b', r"config\.serve\.model_name='a/b' must be one URL path segment")])
+def test_keep_alive_and_model_name_are_checked(server, tmp_path_factory, tfds_dir, key, value,
+                                               match):
+  """Both were accepted: a negative keep-alive, and a name its own /v1/models/<name> routes could
+  never match."""
+  _, clf = server
+  config, _, _ = trained_run(tmp_path_factory, tfds_dir)
+  with pytest.raises(UserError, match=match):
+    serve.make_server(clf, _serve_cfg(config, **{key: value}), warm_up=False)
+
+
 def test_model_endpoint_and_page(server):
   srv, clf = server
   status, info = _request(srv.url, 'GET', '/v1/model')

@@ -33,6 +33,7 @@ there is no authentication.
 from __future__ import annotations
 
 import logging
+import re
 import signal
 import socket
 import threading
@@ -133,6 +134,14 @@ def _validate(cfg: ml_collections.ConfigDict) -> None:
   if not 0 <= cfg.port <= 65535:
     raise UserError(f'config.serve.port must be from 0 to 65535 (0 = any free port), got '
                     f'{cfg.port}.')
+  if cfg.get('keep_alive_s', 5) < 0:
+    raise UserError(f'config.serve.keep_alive_s must be >= 0 (idle seconds a kept-alive '
+                    f'connection stays open), got {cfg.keep_alive_s}.')
+  name = cfg.get('model_name', '') or 'imgcls'
+  if not re.fullmatch(r'[A-Za-z0-9._-]+', name):
+    raise UserError(f"config.serve.model_name='{name}' must be one URL path segment of letters, "
+                    "digits, '.', '_' or '-' (it names the model in /v1/models/<name> and "
+                    '/v2/models/<name>).')
 
 
 def make_server(clf: inference.Classifier, cfg: ml_collections.ConfigDict, *,
