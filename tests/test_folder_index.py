@@ -200,3 +200,41 @@ def test_kfold_ids_of_a_folder_are_its_relative_paths(tmp_path, digits_config):
   assert all(i.startswith('ab'[y] + '/') for i, y in zip(ids, labels))
   assignment = folds.assign(data, 'all', 5, seed=0)
   assert sorted(collections.Counter(assignment.fold.tolist()).values()) == [2] * 5
+
+
+def test_a_manifest_that_is_not_utf8_text_is_a_user_error(tmp_path, digits_config):
+  manifest = tmp_path / 'm.csv'
+  manifest.write_bytes(b'\xff\xfe\x00\x01')
+  data = _data(digits_config, manifest=str(manifest))
+  with pytest.raises(UserError, match=f'The manifest {manifest} is not UTF-8 text'):
+    sources.describe(data)
+
+
+def test_one_class_is_refused_but_one_tag_is_not(tmp_path, digits_config):
+  flat = _flat(str(tmp_path / 'flat'), {'cat': 4})
+  data = _data(digits_config, folder=flat, holdout_fraction=0.25)
+  with pytest.raises(UserError, match=f'The image folder {flat} has only one class, cat; a '
+                                      'classifier needs at least 2 classes'):
+    sources.describe(data)
+  for split in ('train', 'test'):
+    _flat(str(tmp_path / 'splits' / split), {'cat': 2})
+  data = _data(digits_config, folder=str(tmp_path / 'splits'), holdout_fraction=0.0)
+  with pytest.raises(UserError, match='splits/train has only one class, cat; a classifier'):
+    sources.describe(data)
+  # A manifest's training rows with one label, though another split has two.
+  manifest = tmp_path / 'one.csv'
+  manifest.write_text('flat/cat/000.png,cat,train\nflat/cat/001.png,cat,train\n'
+                      'flat/cat/002.png,dog,test\n')
+  data = _data(digits_config, folder=None, manifest=str(manifest), holdout_fraction=0.0)
+  with pytest.raises(UserError, match=f"The manifest {manifest} labels every training image "
+                                      "'cat'; a classifier needs at least 2 classes"):
+    sources.describe(data)
+  # Tagging is one yes/no decision per tag: one tag is a valid multi-label dataset.
+  tags = tmp_path / 'tags.csv'
+  tags.write_text('path,labels\n' + ''.join(f'flat/cat/{k:03d}.png,{"cat" if k % 2 else ""}\n'
+                                            for k in range(4)))
+  data = _data(digits_config, manifest=str(tags), multilabel=True, holdout_fraction=0.5)
+  folder_index.clear_memo()
+  info = sources.describe(data)
+  assert info.multilabel and info.class_names == ('cat',) and info.num_examples == {
+      'train': 2, 'test': 2}

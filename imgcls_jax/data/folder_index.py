@@ -166,8 +166,13 @@ def _walk(directory: str, prefix: str) -> Iterable[str]:
 
 def _read_manifest(src: Source) -> list[tuple[str, str, str | None]]:
   """(path as written, label, split or None) per row of the CSV."""
-  with open(src.location, newline='', encoding='utf-8-sig') as f:
-    rows = [r for r in csv.reader(f) if r and any(x.strip() for x in r)]
+  try:
+    with open(src.location, newline='', encoding='utf-8-sig') as f:
+      rows = [r for r in csv.reader(f) if r and any(x.strip() for x in r)]
+  except UnicodeDecodeError as e:
+    raise UserError(f'The manifest {src.location} is not UTF-8 text (byte {e.start}: '
+                    f'{e.object[e.start:e.start + 1]!r}); save it as a UTF-8 CSV of path,label '
+                    'rows.') from None
   if not rows:
     raise UserError(f'The manifest {src.location} is empty; write one path,label row per image.')
   header = [x.strip().lower() for x in rows[0]]
@@ -212,12 +217,19 @@ def class_names(src: Source) -> tuple[str, ...]:
       if not names:
         raise UserError(f'The manifest {src.location} tags no image; write path,tag1;tag2 rows.')
       return names
-    return _sort_labels(label for _, label, _ in (train or rows))
+    names = _sort_labels(label for _, label, _ in (train or rows))
+    if len(names) < 2:
+      raise UserError(f"The manifest {src.location} labels every training image '{names[0]}'; a "
+                      'classifier needs at least 2 classes: add rows of images of another class.')
+    return names
   where = src.root if src.kind == 'flat' else _split_dir(src, src.train_split)
   names = tuple(_subdirs(where))
   if not names:
     raise UserError(f'The image folder {where} has no class sub-directories; put the images in '
                     f'{where}/<class name>/ (or list them in a CSV set as config.data.manifest).')
+  if len(names) < 2:
+    raise UserError(f'The image folder {where} has only one class, {names[0]}; a classifier needs '
+                    f'at least 2 classes: add {where}/<another class>/ with its images.')
   return names
 
 

@@ -110,13 +110,37 @@ def label_feature(b: tfds.core.DatasetBuilder, label_key: str) -> Any:
   return _tag_sequence(feature) or feature
 
 
-def check_split(b: tfds.core.DatasetBuilder, split: str, name: str) -> None:
-  """Raises UserError when ``split`` names no split of the dataset."""
+def check_split(b: tfds.core.DatasetBuilder, split: str, name: str, key: str = '') -> None:
+  """Raises UserError when ``split`` names no split of the dataset, does not parse or selects no
+  examples; ``key`` (e.g. 'data.eval_split') is the config key it came from, named if given."""
   known = list(b.info.splits.keys())
+  if not known:
+    return  # mock_data leaves info.splits empty.
   base = split.split('[')[0].split('+')[0]
-  if known and base not in known:
-    raise UserError(f"Split '{split}' does not exist in dataset '{name}'; its splits are: "
+  if base not in known:
+    fix = f'set config.{key} to one of its splits:' if key else 'its splits are:'
+    raise UserError(f"Split '{split}' does not exist in dataset '{name}'; {fix} "
                     f"{', '.join(sorted(known))}.")
+  given = f"config.{key}='{split}'" if key else f"Split '{split}'"
+  try:
+    n = int(b.info.splits[split].num_examples)
+  except (KeyError, ValueError) as e:
+    why = str(e).strip().splitlines()[-1].split('. See format')[0].rstrip('.') if str(e) else ''
+    raise UserError(f"{given} is not a valid split of dataset '{name}' ({why}); write NAME, "
+                    "NAME[START:END] or NAME[A%:B%], parts joined by '+' (e.g. 'train[:80%]'), "
+                    f'with NAME one of {", ".join(sorted(known))}.') from None
+  if n <= 0:
+    sizes = ', '.join(f'{k} has {b.info.splits[k].num_examples}' for k in sorted(known))
+    raise UserError(f"{given} selects no examples of dataset '{name}' ({sizes}); give a slice "
+                    f"with examples, e.g. '{base}' or '{base}[:50%]'.")
+
+
+def _split_key(data: ml_collections.ConfigDict, split: str) -> str:
+  """'data.train_split' / 'data.eval_split' when ``split`` is that key's split, else ''."""
+  for key in ('train_split', 'eval_split'):
+    if split == (data.get(key) or '').split('@')[0]:
+      return f'data.{key}'
+  return ''
 
 
 def _describe_folder(data: ml_collections.ConfigDict) -> DatasetInfo:
@@ -145,7 +169,9 @@ def describe(data: ml_collections.ConfigDict) -> DatasetInfo:
   image_key, label_key = supervised_keys(b, data.name, multilabel)
   label = label_feature(b, label_key)
   sizes: dict[str, int | None] = {}
-  for split in (data.train_split, data.eval_split):
+  for key in ('train_split', 'eval_split'):
+    split = data[key]
+    check_split(b, split.split('@')[0], data.name, f'data.{key}')
     try:
       sizes[split] = int(b.info.splits[split].num_examples)
     except (KeyError, ValueError, TypeError):
@@ -301,7 +327,7 @@ def read(data: ml_collections.ConfigDict, split: str, process_index: int, proces
     keys, tags = ('image', 'label'), 0
   else:
     b = builder(data)
-    check_split(b, split, data.name)
+    check_split(b, split, data.name, _split_key(data, split))
     multilabel = bool(data.get('multilabel', False))
     keys = supervised_keys(b, data.name, multilabel)
     tags = int(label_feature(b, keys[1]).num_classes) if multilabel else 0

@@ -11,9 +11,17 @@ from imgcls_jax.data.pp.registry import (Op, decode_image, image_hw, register, s
                                          to_uint8, uniform)
 
 
+PAD_MODES = ('constant', 'reflect', 'symmetric')   # tf.pad's modes
+
+
 @register('pad_crop')
 def pad_crop(pad: int = 4, mode: str = 'constant') -> Op:
   """Zero- (or reflect-) pad by ``pad`` pixels on each side, then randomly crop back to H x W."""
+  if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0:
+    raise TypeError(f'pad must be a whole number of pixels >= 0, got {pad!r}')
+  if not isinstance(mode, str) or mode.lower() not in PAD_MODES:
+    raise TypeError(f"mode must be one of {', '.join(PAD_MODES)}, got {mode!r}")
+
   def op(image, seed):
     h, w = image_hw(image)
     padded = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]], mode=mode.upper())
