@@ -201,10 +201,32 @@ def _write_arrays(out_dir: str, feats: np.ndarray, labels: np.ndarray, paths: li
   return written
 
 
+def knn_metrics() -> list[str]:
+  """The metrics the k-NN evaluation takes: scikit-learn's for brute-force neighbours, less
+  'precomputed' (distances, not features), 'haversine' (2-D points only) and those that need
+  parameters no config key gives ('mahalanobis', 'seuclidean')."""
+  from sklearn.neighbors import VALID_METRICS
+  unusable = {'precomputed', 'haversine', 'mahalanobis', 'seuclidean'}
+  return sorted(set(VALID_METRICS['brute']) - unusable)
+
+
+def check_options(e: ml_collections.ConfigDict) -> None:
+  """Raises UserError for a ``config.embed`` value that cannot work, before any work is done."""
+  if int(e.batch_size) < 1:
+    raise UserError(f'config.embed.batch_size={e.batch_size} must be a positive number of images '
+                    'per forward pass (e.g. 256).')
+  if int(e.knn_k) < 1:
+    raise UserError(f'config.embed.knn_k={e.knn_k} must be at least 1.')
+  if e.knn_metric not in knn_metrics():
+    raise UserError(f"config.embed.knn_metric={e.knn_metric!r} is not a k-NN metric; use one of "
+                    f"{', '.join(knn_metrics())}.")
+
+
 def embed(config: ml_collections.ConfigDict, workdir: str,
           overrides: dict[str, Any] | None = None) -> dict[str, Any]:
   """The ``embed`` mode; returns the summary written to ``embed_report.json``."""
   e = config.embed
+  check_options(e)
   t0 = time.perf_counter()
   extractor = Extractor(config, workdir, overrides)
   data, names = extractor.data, extractor.class_names

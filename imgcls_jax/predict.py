@@ -42,18 +42,23 @@ def list_inputs(spec: str) -> list[str]:
   if not paths:
     raise UserError('Nothing to predict: set config.predict.inputs to image files and/or folders, '
                     'e.g. --config.predict.inputs=photos/.')
-  files = []
+  files, empty = [], []
   for p in paths:
     if os.path.isdir(p):
       found = sorted(os.path.join(root, f) for root, _, names in os.walk(p) for f in names
                      if not f.startswith('.') and images.is_image_file(f))
       if not found:
-        logging.warning('No image files in folder %s.', p)
+        empty.append(p)
       files.extend(found)
     elif os.path.exists(p):
       files.append(p)
     else:
       raise UserError(f'Input {p} (from config.predict.inputs) does not exist; check the path.')
+  if not files:
+    raise UserError(f'No image files in config.predict.inputs={spec}; give image files or '
+                    f"folders holding them ({', '.join(sorted(images.IMAGE_EXTENSIONS))}).")
+  for p in empty:
+    logging.warning('No image files in folder %s.', p)
   return files
 
 
@@ -168,6 +173,10 @@ def predict(config: ml_collections.ConfigDict | None, workdir: str,
     explain_dir = os.path.abspath(cfg.get('explain_dir') or os.path.join(beside, 'explanations'))
   results, skipped = predict_files(clf, files, top=cfg.top_k, batch_size=cfg.batch_size,
                                    explainer=explainer, explain_dir=explain_dir)
+  if not results:
+    raise UserError(f'None of the {len(files)} input file(s) in config.predict.inputs is a '
+                    f'readable image (e.g. {skipped[0][0]}: {skipped[0][1]}); give image files or '
+                    'folders.')
   if cfg.output:
     os.makedirs(os.path.dirname(os.path.abspath(cfg.output)), exist_ok=True)
     with open(cfg.output, 'w', newline='') as f:

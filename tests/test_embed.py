@@ -136,6 +136,20 @@ def test_unlabelled_files_skip_unreadable_ones_and_need_one_readable(run, tmp_pa
     embed.embed(c, workdir)
 
 
+@pytest.mark.parametrize('key, value, match', [
+    ('knn_metric', 'bogus', "config.embed.knn_metric='bogus' is not a k-NN metric; use one of "
+                            'braycurtis, .*cosine, .*euclidean'),
+    ('batch_size', 0, 'config.embed.batch_size=0 must be a positive number of images'),
+    ('knn_k', 0, 'config.embed.knn_k=0 must be at least 1'),
+])
+def test_bad_embed_options_fail_before_any_work(digits_config, tmp_path, key, value, match):
+  digits_config.embed[key] = value
+  # No run in the workdir: an option checked only after loading the model would say so instead.
+  with pytest.raises(UserError, match=match):
+    embed.embed(digits_config, str(tmp_path / 'no_run'))
+  assert not os.path.exists(tmp_path / 'no_run')
+
+
 def test_cli_embed_takes_the_model_from_the_workdir(run, tmp_path):
   config, workdir, _ = run
   out = subprocess.run(

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -176,6 +177,31 @@ def test_predict_user_errors(run, tmp_path):
   config.predict.inputs = str(tmp_path)
   with pytest.raises(UserError, match='No checkpoint|No finished checkpoint'):
     predict.predict(config, str(tmp_path / 'empty_run'))
+
+
+def test_inputs_without_image_files_are_a_user_error(tmp_path):
+  empty, notes = tmp_path / 'empty', tmp_path / 'notes'
+  empty.mkdir()
+  notes.mkdir()
+  (notes / 'README.txt').write_text('not an image extension')
+  for spec in (str(empty), f'{empty},{notes}'):
+    with pytest.raises(UserError, match=re.escape(f'No image files in config.predict.inputs='
+                                                  f'{spec}; give image files')):
+      predict.list_inputs(spec)
+
+
+def test_predict_fails_and_writes_nothing_when_no_input_image_can_be_read(run, image_folder,
+                                                                        tmp_path):
+  config, workdir, _ = run
+  root = image_folder[0]
+  c = config.copy_and_resolve_references()
+  c.predict.inputs = f'{root}/truncated.png,{root}/not_an_image.png'
+  c.predict.output = str(tmp_path / 'preds.jsonl')
+  (tmp_path / 'preds.jsonl').write_text('earlier predictions\n')
+  with pytest.raises(UserError, match='None of the 2 input file.s. in config.predict.inputs is a '
+                                      'readable image .e.g. .*truncated.png'):
+    predict.predict(c, workdir)
+  assert (tmp_path / 'preds.jsonl').read_text() == 'earlier predictions\n'   # nothing lost
 
 
 def test_cli_predict_on_a_folder_prints_class_names(run, image_folder):
