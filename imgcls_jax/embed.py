@@ -217,6 +217,9 @@ def check_options(e: ml_collections.ConfigDict) -> None:
                     'per forward pass (e.g. 256).')
   if int(e.knn_k) < 1:
     raise UserError(f'config.embed.knn_k={e.knn_k} must be at least 1.')
+  if int(e.get('tsne_max', 0)) < 0:
+    raise UserError(f'config.embed.tsne_max={e.tsne_max} must be >= 0 (the most points the t-SNE '
+                    'panel shows; 0 = PCA only).')
   if e.knn_metric not in knn_metrics():
     raise UserError(f"config.embed.knn_metric={e.knn_metric!r} is not a k-NN metric; use one of "
                     f"{', '.join(knn_metrics())}.")

@@ -182,6 +182,9 @@ class Explainer:
     if self.method not in METHODS:
       raise UserError(f"Unknown explanation method '{self.method}'; use one of "
                       f"{', '.join(METHODS)} (config.predict.explain).")
+    if self.method == 'integrated_gradients' and int(self.ig_steps) < 1:
+      raise UserError(f'config.predict.ig_steps={self.ig_steps} must be >= 1 (the number of '
+                      'steps of the path integral; e.g. 32).')
     if self.method == 'gradcam' and not conv_outputs(
         self.clf.variables, (1,) + tuple(self.clf.image_shape), model_def=self.clf.model_def):
       raise UserError(f"Grad-CAM needs a convolutional model, but '{self.clf.run.model.name}' "

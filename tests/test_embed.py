@@ -141,6 +141,7 @@ def test_unlabelled_files_skip_unreadable_ones_and_need_one_readable(run, tmp_pa
                             'braycurtis, .*cosine, .*euclidean'),
     ('batch_size', 0, 'config.embed.batch_size=0 must be a positive number of images'),
     ('knn_k', 0, 'config.embed.knn_k=0 must be at least 1'),
+    ('tsne_max', -5, r'config.embed.tsne_max=-5 must be >= 0'),
 ])
 def test_bad_embed_options_fail_before_any_work(digits_config, tmp_path, key, value, match):
   digits_config.embed[key] = value

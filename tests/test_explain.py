@@ -228,6 +228,8 @@ def test_gradcam_of_a_model_without_convolution_is_one_clear_line(tmp_path):
     explain.explainer(clf, 'gradcam')
   with pytest.raises(UserError, match="Unknown explanation method 'cam'"):
     explain.explainer(clf, 'cam')
+  with pytest.raises(UserError, match=r'config.predict.ig_steps=0 must be >= 1'):  # was a NaN map
+    explain.explainer(clf, 'integrated_gradients', ig_steps=0)
   # Integrated gradients and the penultimate features work for it.
   ig = jax.jit(functools.partial(explain.integrated_gradients, model_def=md, cfg=cfg, num_steps=4))
   assert ig(v, x)['heatmap'].shape == (2, 8, 8)
