@@ -325,7 +325,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.serve.batch_timeout_ms = 5.0          # how long a batch waits to fill after its first request
   c.serve.max_upload_bytes = 10 * 2**20   # larger bodies get 413
   c.serve.max_pixels = 40_000_000         # larger decoded images (width x height) get 413
-  c.serve.max_queue = 1024                # requests waiting for the model; beyond it, 503
+  c.serve.max_queue = 1024                # images waiting for the model; beyond it 503 (retry), and a
+                                          # request of more images than this is 413
   c.serve.top_k = 5                       # default classes per answer (?top_k=N overrides)
   c.serve.step = -1                       # checkpoint step in the workdir; -1 = latest
   c.serve.model_name = 'imgcls'           # <name> in the TF-Serving / KServe v2 URLs
