@@ -61,7 +61,7 @@ def _config_file_error(argv: list[str]) -> str | None:
     return None
   try:
     configlib.load_config_file(path)
-  except BaseException as e:  # whatever the user's file raises, SystemExit included
+  except (Exception, SystemExit) as e:  # whatever the user's file raises (not Ctrl-C)
     lines = str(e).strip().splitlines()
     detail = f'{type(e).__name__}: {lines[0][:300]}' if lines else type(e).__name__
     return (f'Cannot load the config file {path} ({detail}); check the path and that it runs and '
