@@ -110,10 +110,10 @@ def parse(argv: list[str]):
     problem = _config_file_error(argv)
     if problem:
       raise _CliError(problem) from None
-    if not isinstance(e, (flags.Error, AttributeError, KeyError)):
-      raise
     if isinstance(e, (AttributeError, KeyError)):
       raise _CliError(_explain_override_error(argv, e)) from None
+    if not isinstance(e, flags.Error):
+      raise
     msg = str(e).splitlines()[0]
     if 'could not convert' in msg or 'Could not parse' in msg or 'flag --config.' in msg:
       raise _CliError(f'Bad config value: {msg}.') from None
