@@ -417,6 +417,107 @@ def test_full_queue_is_503_and_the_service_recovers(tmp_path_factory, tfds_dir):
     srv.close()
 
 
+def _v2_body(images_NxHxWxC):
+  return json.dumps({'inputs': [{'name': 'images', 'datatype': 'UINT8',
+                                 'shape': list(images_NxHxWxC.shape),
+                                 'data': images_NxHxWxC.ravel().tolist()}]})
+
+
+def _v2_probs(payload):
+  out = next(o for o in payload['outputs'] if o['name'] == 'probabilities')
+  return np.reshape(out['data'], out['shape'])
+
+
+def test_a_request_refused_with_503_leaves_none_of_its_images_queued(server, tmp_path_factory,
+                                                                      tfds_dir):
+  """A request's images are queued all or none. The model is held inside a batch of image 0 and
+  images 1-2 wait in the queue (max_queue=3): a request of images 3-4 would fit only in part, so
+  it is refused with 503 and queues nothing (its first image used to be queued and computed for
+  no one). The model sees each accepted image exactly once, and the answers are the trainer's."""
+  srv0, _ = server
+  config, workdir, _ = trained_run(tmp_path_factory, tfds_dir)
+  clf = inference.classifier(inference.load(workdir, config))
+  srv = serve.make_server(clf, _serve_cfg(config, max_queue=3, max_batch_size=1,
+                                          batch_timeout_ms=0.0)).start()
+  entered, release, seen = threading.Event(), threading.Event(), []
+  real = clf.predict_arrays
+
+  def held(images):
+    seen.append(np.array(images))
+    entered.set()
+    release.wait(60)
+    return real(images)
+  clf.predict_arrays = held
+  x, _ = digits.load_arrays('test')
+  path = '/v2/models/imgcls/infer'
+  try:
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+      first = pool.submit(_request, srv.url, 'POST', path, _v2_body(x[0:1]))
+      assert entered.wait(30)
+      second = pool.submit(_request, srv.url, 'POST', path, _v2_body(x[1:3]))
+      deadline = time.monotonic() + 30
+      while srv.batcher.queue_depth < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+      assert srv.batcher.queue_depth == 2
+      status, payload = _request(srv.url, 'POST', path, _v2_body(x[3:5]))
+      assert (status, payload) == (503, {'error': 'The service is overloaded; retry shortly.'})
+      assert srv.batcher.queue_depth == 2  # nothing of the refused request was left queued
+      release.set()
+      for f, rows in ((first, slice(0, 1)), (second, slice(1, 3))):
+        status, payload = f.result(60)
+        assert status == 200, payload
+        np.testing.assert_allclose(_v2_probs(payload), srv0.trainer_probs[rows], rtol=1e-5,
+                                   atol=1e-7)
+    status, payload = _request(srv.url, 'POST', path, _v2_body(x[3:5]))  # the retry is served
+    assert status == 200, payload
+    np.testing.assert_allclose(_v2_probs(payload), srv0.trainer_probs[3:5], rtol=1e-5, atol=1e-7)
+  finally:
+    release.set()
+    srv.close()  # runs whatever is still queued, so `seen` is final
+  # Each accepted image reached the model once, in order; the refused request's never did.
+  np.testing.assert_array_equal(np.concatenate(seen), x[:5])
+  assert sum(n * c for n, c in srv.batcher.batch_sizes.items()) == 5
+
+
+def test_batcher_admits_a_request_all_or_none():
+  """Batcher.submit_all queues every image of a request or none (Overloaded), and while a batch
+  fills the queue takes new images; close() runs what is queued."""
+  class Model:  # held until released; 'probabilities' of an image = its pixel sum
+    def __init__(self):
+      self.entered, self.release, self.seen = threading.Event(), threading.Event(), []
+
+    def predict_arrays(self, images):
+      self.seen.append(images.copy())
+      self.entered.set()
+      self.release.wait(30)
+      return {'probabilities': images.reshape(len(images), -1).sum(1, dtype=np.float32),
+              'logits': np.zeros(len(images), np.float32)}
+
+  model = Model()
+  b = serve.Batcher(model, max_batch_size=2, timeout_s=0.0, max_queue=3)
+  img = [np.full((2, 2, 1), i, np.uint8) for i in range(8)]
+  try:
+    held = b.submit(img[0])
+    assert model.entered.wait(30)
+    queued = b.submit_all(img[1:3])
+    with pytest.raises(serve.Overloaded):
+      b.submit_all(img[3:5])                 # 2 + 2 > 3: neither image is queued
+    assert b.queue_depth == 2
+    last = b.submit_all(img[5:6])            # 2 + 1 <= 3 still fits
+    assert b.queue_depth == 3
+    with pytest.raises(serve.Overloaded):
+      b.submit(img[6])
+    model.release.set()
+    results = [f.result(30)['probabilities'] for f in [held, *queued, *last]]
+    assert results == [4 * i for i in (0, 1, 2, 5)]
+  finally:
+    model.release.set()
+    b.close()
+  assert [s[:, 0, 0, 0].tolist() for s in model.seen] == [[0], [1, 2], [5]]
+  with pytest.raises(serve.Overloaded):  # a closed batcher takes no more work
+    b.submit(img[7])
+
+
 def _rss_bytes() -> int:
   with open('/proc/self/statm') as f:
     return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')

@@ -147,9 +147,10 @@ async def _prepare(svc: Service, data: bytes, what: str = 'The body') -> np.ndar
 
 
 async def _classify(svc: Service, images: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
-  """Model outputs for each image, through the batcher; 503 when its queue is full."""
+  """Model outputs for each image, through the batcher; 503 when its queue has no room for all
+  of them (then none is queued, so a refused request costs the model nothing)."""
   try:
-    futures = [svc.batcher.submit(x) for x in images]
+    futures = svc.batcher.submit_all(images)
   except Overloaded:
     raise ApiError(503, 'The service is overloaded; retry shortly.') from None
   return list(await asyncio.wait_for(
