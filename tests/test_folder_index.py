@@ -4,6 +4,7 @@ with a trained run's classes; k-fold ids from a folder."""
 import collections
 import logging
 import os
+import re
 
 import numpy as np
 import pytest
@@ -204,9 +205,25 @@ def test_kfold_ids_of_a_folder_are_its_relative_paths(tmp_path, digits_config):
 
 def test_a_manifest_that_is_not_utf8_text_is_a_user_error(tmp_path, digits_config):
   manifest = tmp_path / 'm.csv'
-  manifest.write_bytes(b'\xff\xfe\x00\x01')
+  manifest.write_text('path,label\ncaf\xe9.png,a\n', encoding='latin-1')
   data = _data(digits_config, manifest=str(manifest))
-  with pytest.raises(UserError, match=f'The manifest {manifest} is not UTF-8 text'):
+  with pytest.raises(UserError, match=f'^The manifest {re.escape(str(manifest))} is not UTF-8 '
+                     r"text \(byte 14: b'\\xe9'\); save it as a UTF-8 CSV of path,label rows\.$"):
+    sources.describe(data)
+
+
+@pytest.mark.parametrize('encoding', ['utf-16', 'utf-16-le', 'utf-16-be'])
+def test_a_utf16_manifest_is_named_as_utf16(tmp_path, digits_config, encoding):
+  """Excel's "Unicode Text" and Notepad's "Unicode" save UTF-16 with a byte-order mark; the error
+  says so instead of pointing at a meaningless byte."""
+  manifest = tmp_path / 'm.csv'
+  bom = '' if encoding == 'utf-16' else '\ufeff'  # 'utf-16' writes its own, in native order
+  manifest.write_text(bom + 'path,label\na.png,cat\n', encoding=encoding)
+  assert manifest.read_bytes()[:2] in (b'\xff\xfe', b'\xfe\xff')
+  data = _data(digits_config, manifest=str(manifest))
+  with pytest.raises(UserError, match=f'^The manifest {re.escape(str(manifest))} is UTF-16 text; '
+                     r'save it as a UTF-8 CSV of path,label rows \(in Excel: Save As '
+                     r'"CSV UTF-8"\)\.$'):
     sources.describe(data)
 
 

@@ -170,6 +170,11 @@ def _read_manifest(src: Source) -> list[tuple[str, str, str | None]]:
     with open(src.location, newline='', encoding='utf-8-sig') as f:
       rows = [r for r in csv.reader(f) if r and any(x.strip() for x in r)]
   except UnicodeDecodeError as e:
+    with open(src.location, 'rb') as f:
+      utf16 = f.read(2) in (b'\xff\xfe', b'\xfe\xff')  # the byte-order mark of UTF-16 LE / BE
+    if utf16:  # what Excel's "Unicode Text" and Windows Notepad's "Unicode" save
+      raise UserError(f'The manifest {src.location} is UTF-16 text; save it as a UTF-8 CSV of '
+                      'path,label rows (in Excel: Save As "CSV UTF-8").') from None
     raise UserError(f'The manifest {src.location} is not UTF-8 text (byte {e.start}: '
                     f'{e.object[e.start:e.start + 1]!r}); save it as a UTF-8 CSV of path,label '
                     'rows.') from None
