@@ -86,10 +86,10 @@ def fit_and_evaluate(config: ml_collections.ConfigDict, out_dir: str, title: str
                      ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   """Fits on ``data.train_split``, evaluates ``data.eval_split``, writes the report files and the
   fitted model to ``out_dir``; returns (report, summed statistics)."""
-  from imgcls_jax.data import sources
+  from imgcls_jax.data import reader
   import joblib
   fitted = make_classifier(config.classical)  # bad settings fail before any work
-  info = sources.describe(config.data)
+  info = reader.describe(config.data)
   spec = features.spec_from_config(config.classical)
   workers = int(config.classical.workers)
   t0 = time.perf_counter()

@@ -60,9 +60,9 @@ class Extractor:
       self._fn = jax.jit(lambda v, x: explain.penultimate(v, x, model_def=self.clf.model_def,
                                                           cfg=self.clf.step_cfg))
     else:
-      from imgcls_jax.data import sources
+      from imgcls_jax.data import reader
       self.data = config.data
-      self.info = sources.describe(config.data)
+      self.info = reader.describe(config.data)
       self.class_names = list(self.info.class_names)
       self.spec = features.spec_from_config(config.classical)
       self.workers = int(config.classical.workers)

@@ -159,10 +159,9 @@ def split_arrays(data: Any, split: str, *, info: Any = None, batch_size: int = 5
   """(uint8 ``N x H x W x C`` images as evaluation sees them, after ``data.eval_preprocess``;
   int64 labels; each one's position in the split's reading order) of every readable example of
   ``split``, once. ``info``: a trained run's ``DatasetInfo`` (its classes and channels)."""
-  from imgcls_jax.data import pipeline  # the tf.data reader (this module stays TF-free)
-  kwargs = {} if info is None else {'info': info}
+  from imgcls_jax.data import reader  # (this module stays TF-free)
   images, labels, positions, seen = [], [], [], 0
-  for batch in pipeline.EvalData(data, split, local_batch_size=batch_size, **kwargs).batches():
+  for batch in reader.eval_data(data, split, local_batch_size=batch_size, info=info).batches():
     keep = batch['mask'] & batch.get('valid', np.ones_like(batch['mask']))
     images.append(batch['image'][keep])
     labels.append(batch['label'][keep])

@@ -118,9 +118,11 @@ def _set(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
 def input_spec(data: ml_collections.ConfigDict, info: DatasetInfo
                ) -> tuple[tuple[int, int] | None, tuple[int, int, int]]:
   """(the dataset's fixed image size or None, the HxWxC the model takes after eval preprocess)."""
-  from imgcls_jax.data import pp
   h, w, channels = info.image_shape
   native = (int(h), int(w)) if h and w else None
+  if native and not data.eval_preprocess:  # images as stored (no TensorFlow needed to say so)
+    return native, (native[0], native[1], int(channels))
+  from imgcls_jax.data import pp
   sizes = {pp.output_shape(data.eval_preprocess, hw, channels)
            for hw in ([native] if native else [(240, 320), (333, 250)])}
   if len(sizes) != 1:
@@ -178,9 +180,9 @@ def load(workdir: str, config: ml_collections.ConfigDict | None = None, *, step:
     native = tuple(meta['native_hw']) if meta.get('native_hw') else None
     shape = tuple(int(d) for d in meta['input_shape'])
   else:  # written before the run directory was self-contained: describe the dataset again
-    from imgcls_jax.data import sources
+    from imgcls_jax.data import reader
     try:
-      info = sources.describe(run.data)
+      info = reader.describe(run.data)
     except UserError as e:
       raise UserError(f'{source.origin} predates self-contained checkpoints and its dataset is '
                       f'not readable ({e}); make the dataset available again (config.data.*) '

@@ -27,8 +27,8 @@ def class_weights(config: ml_collections.ConfigDict, info: DatasetInfo
   if isinstance(spec, str) and not spec.strip():
     return None
   if spec == 'balanced':
-    from imgcls_jax.data import sources
-    counts = sources.class_counts(config.data, config.data.train_split, k).astype(np.float64)
+    from imgcls_jax.data import reader
+    counts = reader.class_counts(config.data, config.data.train_split, k).astype(np.float64)
     if (counts == 0).any():
       missing = [info.class_names[i] for i in np.flatnonzero(counts == 0)[:5]]
       raise UserError(f"class_weights='balanced' needs every class in the training split; "
@@ -77,11 +77,12 @@ def pos_weight(config: ml_collections.ConfigDict, info: DatasetInfo
     raise UserError(f'config.loss.pos_weight={spec!r} is for multi-label runs '
                     '(config.data.multilabel=True); use config.loss.class_weights here.')
   if spec == 'balanced':
-    from imgcls_jax.data import sources
+    from imgcls_jax.data import reader
     split = config.data.train_split
-    counts = sources.class_counts(config.data, split, k).astype(np.float64)
-    n = sources.split_size(config.data, split)
-    if n is None:
+    counts = reader.class_counts(config.data, split, k).astype(np.float64)
+    n = reader.split_size(config.data, split)
+    if n is None:  # mock_data: count the examples
+      from imgcls_jax.data import sources
       n = sources.count(sources.read(config.data, split, 0, 1, drop_remainder=False,
                                      decode=False))
     weights = np.minimum((n - counts) / np.maximum(counts, 1), 100.0)
@@ -106,7 +107,7 @@ def logit_offsets(config: ml_collections.ConfigDict, info: DatasetInfo
     raise UserError(f'config.loss.logit_adjustment={tau} needs config.label_smoothing=0: '
                     'smoothing puts target mass on the rare classes, which the prior offsets '
                     'turn into predicting them everywhere.')
-  from imgcls_jax.data import sources
-  counts = sources.class_counts(config.data, config.data.train_split, info.num_classes)
+  from imgcls_jax.data import reader
+  counts = reader.class_counts(config.data, config.data.train_split, info.num_classes)
   prior = np.maximum(counts, 1) / max(counts.sum(), 1)   # a class without images: one, not zero
   return tuple(float(tau * np.log(p)) for p in prior)

@@ -22,6 +22,7 @@ import numpy as np
 from imgcls_jax import (checkpoint, configlib, device_augment, dispatch, inference, loss_weights,
                         metrics, models, optim, report, sharding, steps, weights, whitening)
 from imgcls_jax import state as state_lib
+from imgcls_jax.data import reader
 from imgcls_jax.data.info import DatasetInfo, check_flips, read_shards
 from imgcls_jax.errors import UserError
 
@@ -62,9 +63,9 @@ def setup(config: ml_collections.ConfigDict, info: DatasetInfo | None = None, *,
   configlib.validate(config)
   mesh = sharding.make_mesh(config.mesh.num_devices)
   if info is None:
-    from imgcls_jax.data import sources
-    info = sources.describe(config.data)
-  check_flips(config.data, config.evaluate.tta if 'evaluate' in config else '')
+    info = reader.describe(config.data)
+  check_flips(config.data, config.evaluate.tta if 'evaluate' in config else '',
+              mirror_safe=info.mirror_safe)
   if len(config.data.mean) not in (1, info.channels):
     raise UserError(f"config.data.mean has {len(config.data.mean)} values but '{info.name}' "
                     f'images have {info.channels} channels; give 1 or {info.channels} values.')
@@ -91,9 +92,8 @@ def setup(config: ml_collections.ConfigDict, info: DatasetInfo | None = None, *,
   _check_ema_and_accumulation(config, s.step_cfg, mesh.devices.size)
   n_local = None
   if steps_per_epoch is None:
-    from imgcls_jax.data import pipeline
-    n_local = pipeline.examples_per_process(config.data, config.data.train_split,
-                                            jax.process_index(), jax.process_count())
+    n_local = reader.examples_per_process(config.data, config.data.train_split,
+                                          jax.process_index(), jax.process_count())
     steps_per_epoch = max(1, n_local // s.local_batch_size)
   s.steps_per_epoch = steps_per_epoch
   s.total_steps = configlib.train_steps(config, steps_per_epoch)
@@ -294,7 +294,6 @@ def evaluate_checkpoint(workdir: str, config: ml_collections.ConfigDict | None, 
                         overrides: dict[str, Any] | None = None) -> Evaluation:
   """Evaluates one checkpoint of ``workdir`` on ``split`` ('' = the run's eval split), every
   example exactly once, on the mesh with the run's parameter placement."""
-  from imgcls_jax.data import pipeline, sources
   workdir = os.path.abspath(workdir)
   checkpoint.require_checkpoint(workdir)
   if num_bins < 1:
@@ -305,15 +304,15 @@ def evaluate_checkpoint(workdir: str, config: ml_collections.ConfigDict | None, 
   trained = inference.load(workdir, config, step=step, overrides=overrides)
   cfg = trained.run
   new_images = _new_image_location(checkpoint.read_config(workdir) or {}, overrides or {})
-  split = split or (sources.default_eval_split(cfg.data) if new_images else cfg.data.eval_split)
-  check_flips(cfg.data, tta)
+  split = split or (reader.default_eval_split(cfg.data) if new_images else cfg.data.eval_split)
+  check_flips(cfg.data, tta, mirror_safe=trained.info.mirror_safe)
   s = setup(cfg, trained.info, training=False, thresholds=trained.thresholds)
   variables, shardings = place_variables(s, trained.variables)
   eval_step = jit_eval_step(s, shardings, tta=tta, num_bins=num_bins)
-  data = pipeline.EvalData(cfg.data, split, local_batch_size=s.local_eval_batch_size,
-                           process_index=jax.process_index(), process_count=jax.process_count(),
-                           split_size=sources.split_size(cfg.data, split, trained.info),
-                           info=trained.info)
+  data = reader.eval_data(cfg.data, split, local_batch_size=s.local_eval_batch_size,
+                          process_index=jax.process_index(), process_count=jax.process_count(),
+                          split_size=reader.split_size(cfg.data, split, trained.info),
+                          info=trained.info)
   sums = eval_sums(eval_step, variables, data.batches(), s.mesh, split)
   return Evaluation(stats=report.stats_to_numpy(sums), trained=trained, split=split, step=step,
-                    chosen=chosen, tta=tta, workdir=workdir, dataset=sources.dataset_name(cfg.data))
+                    chosen=chosen, tta=tta, workdir=workdir, dataset=reader.dataset_name(cfg.data))

@@ -22,7 +22,7 @@ import tqdm
 from imgcls_jax import (checkpoint, configlib, dispatch, inference, metrics, multilabel, optim,
                         preemption, report, report_multilabel, run, sharding, startup)
 from imgcls_jax import state as state_lib
-from imgcls_jax.data import pipeline, resident
+from imgcls_jax.data import reader
 from imgcls_jax.errors import UserError
 
 
@@ -128,7 +128,7 @@ class _Trainer:
     self.last_good = ckpt.latest_step()
     self.log = _TrainLog(writer, bar, s.config.batch_size, self.diverged)
     self.is_main = jax.process_index() == 0
-    self.eval_data = pipeline.EvalData(
+    self.eval_data = reader.eval_data(
         s.config.data, s.config.data.eval_split, local_batch_size=s.local_eval_batch_size,
         process_index=jax.process_index(), process_count=jax.process_count(),
         split_size=s.info.num_examples.get(s.config.data.eval_split),
@@ -136,7 +136,7 @@ class _Trainer:
     # Every dataset a run reads is built here, before its first step: a misnamed
     # threshold_split fails now, not after training, and nothing is built while an async
     # checkpoint is being written.
-    self.threshold_data = (pipeline.EvalData(
+    self.threshold_data = (reader.eval_data(
         s.config.data, self.threshold_split, local_batch_size=s.local_eval_batch_size,
         process_index=jax.process_index(), process_count=jax.process_count(),
         split_size=s.info.num_examples.get(self.threshold_split))
@@ -147,10 +147,8 @@ class _Trainer:
     self.batch_statistics = (run.jit_batch_statistics(s, state_sh) if self.bn_batches is not None
                              else None)
     self.bn_stats_step: int | None = None  # the step whose batch statistics are those of x
-    self.resident = None  # config.data.device_resident: the training split as arrays
-    if resident.enabled(s.config.data):
-      resident.check(s.config.data, jax.process_count())
-      self.resident = resident.load(s.config.data)
+    # config.data.device_resident: the training split as arrays, and the stream's order
+    self.resident = reader.resident_split(s.config.data, s.config.seed, jax.process_count())
 
   def x_statistics_batches(self) -> list[dict[str, Any]] | None:
     """Schedule-free training of a model with BatchNorm: the first
@@ -164,11 +162,11 @@ class _Trainer:
     if (n == 0 or optim.schedule_free_parts(self.state.opt_state) is None or s.step_cfg.probe_head
         or s.step_cfg.ema_decay > 0 or not jax.tree.leaves(self.state.batch_stats)):
       return None
-    ds, _ = pipeline.train_dataset(s.config.data, seed=s.config.seed,
-                                   local_batch_size=s.local_batch_size,
-                                   process_index=jax.process_index(),
-                                   process_count=jax.process_count())
-    return first_batches(ds.as_numpy_iterator(), n, BN_BATCHES_MAX_BYTES)
+    stream = reader.train_batches(s.config.data, seed=s.config.seed,
+                                  local_batch_size=s.local_batch_size,
+                                  process_index=jax.process_index(),
+                                  process_count=jax.process_count())
+    return first_batches(stream, n, BN_BATCHES_MAX_BYTES)
 
   def use_x_statistics(self) -> None:
     """Schedule-free + BatchNorm: the running statistics, collected at the gradient point y, are
@@ -275,16 +273,15 @@ class _Trainer:
     sizes = list(dispatch.plan(start, s.total_steps, s.steps_per_dispatch,
                                (eval_every, ckpt_every)))
     if self.resident is not None:  # the split on the devices, in the stream's order
-      order = resident.Order(c.data, c.seed, self.resident.num_examples)
-      batches = dispatch.resident_batches(self.resident.images, self.resident.labels,
-                                          order.indices, start_step=start, sizes=sizes,
+      split, order = self.resident
+      batches = dispatch.resident_batches(split.images, split.labels, order.indices,
+                                          start_step=start, sizes=sizes,
                                           batch_size=s.local_batch_size, mesh=s.mesh)
     else:
-      train_ds, _ = pipeline.train_dataset(c.data, seed=c.seed,
-                                           local_batch_size=s.local_batch_size, start_step=start,
-                                           process_index=jax.process_index(),
-                                           process_count=jax.process_count())
-      batches = dispatch.device_batches(train_ds.as_numpy_iterator(), sizes, s.mesh)
+      stream = reader.train_batches(c.data, seed=c.seed, local_batch_size=s.local_batch_size,
+                                    start_step=start, process_index=jax.process_index(),
+                                    process_count=jax.process_count())
+      batches = dispatch.device_batches(stream, sizes, s.mesh)
     eval_metrics: dict[str, Any] = {}
     guard = sharding.InFlightGuard(s.mesh)
     step = start
@@ -361,7 +358,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       checkpoint.write_config(workdir, config)
       _rewind_metrics(os.path.join(workdir, 'metrics.jsonl'), start)
       if checkpoint.read_samples(workdir) is None:  # export checks once the data is gone
-        checkpoint.write_samples(workdir, pipeline.samples(config.data, s.info))
+        checkpoint.write_samples(workdir, reader.samples(config.data, s.info))
     writer = metrics.MetricWriter(workdir, enabled=is_main, tensorboard=config.tensorboard)
     logging.info('Model %s: %s parameters; %d devices; %d steps (%d per epoch), global batch %d.',
                  config.model.name, f'{state_lib.param_count(state.params):,}', s.mesh.devices.size,

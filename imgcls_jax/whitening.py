@@ -128,7 +128,7 @@ def override(config: ml_collections.ConfigDict, info: Any,
   images (eval-preprocessed); the others keep the seed's random values."""
   from imgcls_jax import state as state_lib
   from imgcls_jax import weights
-  from imgcls_jax.data import pipeline
+  from imgcls_jax.data import reader
   name = first_conv(config)
   count = int(config.init.whitening_examples)
   if count < 1:
@@ -137,6 +137,6 @@ def override(config: ml_collections.ConfigDict, info: Any,
     raise UserError(f'config.init.whitening_eps={config.init.whitening_eps} must be > 0 (it bounds '
                     'the gain of low-variance directions; e.g. 5e-4).')
   shape = weights.flatten(state_lib.abstract_variables(model_fn).params)[name].shape
-  images = pipeline.samples(config.data, info, eval_count=1, train_count=count)['train_images']
+  images = reader.samples(config.data, info, eval_count=1, train_count=count)['train_images']
   filters = filters_for(config, images, tuple(shape))
   return {name: lambda kernel: kernel.at[..., :filters.shape[-1]].set(filters)}

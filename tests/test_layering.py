@@ -4,9 +4,11 @@
 - the modes are the top floor: no module imports a mode, except ``imgcls_jax.main`` (the mode
   table) and k-fold cross-validation, which calls the training loop;
 - TensorFlow is imported only under ``imgcls_jax/data/`` and by the exporter, and
-  ``data/info.py`` / ``data/images.py`` stay free of it;
-- the run layer (models, steps, sharding, state, run, inference) loads no TensorFlow, also not
-  through the imgcls_jax modules it imports at module level.
+  ``data/info.py``, ``data/images.py``, ``data/arrays.py``, ``data/resident.py`` and
+  ``data/reader.py`` stay free of it (at import; reader imports the tf.data modules lazily);
+- the run layer (models, steps, sharding, state, run, inference) and the training and evaluation
+  modes load no TensorFlow, also not through the imgcls_jax modules they import at module level
+  (an arrays file trains and evaluates without it: tests/test_arrays.py runs them).
 
 One runtime check backs the last point: with TensorFlow unimportable, the run layer imports and
 runs one real train step.
@@ -34,9 +36,11 @@ MODE_TABLE = 'imgcls_jax.main'                     # may reference every mode
 ALLOWED_MODE_EDGES = {('imgcls_jax.cross_validation', 'imgcls_jax.train')}  # k-fold trains
 TF_MODULES = ('tensorflow', 'tensorflow_datasets', 'tf2onnx', 'jax.experimental.jax2tf')
 TF_IMPORTERS = ('imgcls_jax.data', 'imgcls_jax.export')   # modules, or packages with everything
-TF_FREE_DATA = ('imgcls_jax.data.info', 'imgcls_jax.data.images')
+TF_FREE_DATA = ('imgcls_jax.data.info', 'imgcls_jax.data.images', 'imgcls_jax.data.arrays',
+                'imgcls_jax.data.resident', 'imgcls_jax.data.reader')
 RUN_LAYER = ('imgcls_jax.models', 'imgcls_jax.steps', 'imgcls_jax.sharding', 'imgcls_jax.state',
-             'imgcls_jax.run', 'imgcls_jax.inference')  # each with its submodules, if a package
+             'imgcls_jax.run', 'imgcls_jax.inference',  # each with its submodules, if a package
+             'imgcls_jax.train', 'imgcls_jax.evaluate')  # the modes that train on an arrays file
 
 
 # ---- the import graph ----

@@ -36,7 +36,7 @@ def test_resident_batches_are_the_streamed_batches(digits_config, start_step):
   assert n % c.batch_size  # some batch holds the end of one epoch and the start of the next
   steps = 2 * (n // c.batch_size) + 3        # into a third epoch
   mesh = sharding.make_mesh(0)              # all 8 test devices
-  order = resident.Order(c.data, c.seed, n)
+  order = resident.Order.of_stream(c.data, c.seed, n)
   got = list(dispatch.resident_batches(arrays.images, arrays.labels, order.indices,
                                        start_step=start_step, sizes=[1] * (steps - 3) + [3],
                                        batch_size=c.batch_size, mesh=mesh))

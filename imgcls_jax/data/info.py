@@ -55,21 +55,23 @@ class DatasetInfo:
                multilabel=bool(d.get('multilabel', False)))
 
 
-def check_flips(data: ml_collections.ConfigDict, tta: str = '') -> None:
+def check_flips(data: ml_collections.ConfigDict, tta: str = '', mirror_safe: bool = True) -> None:
   """``config.data.device_preprocess`` and ``tta`` are known modes, and no flip (in training,
-  on the device or at test time) touches a dataset whose meaning a flip changes."""
+  on the device or at test time) touches a dataset whose meaning a flip changes (named in
+  ``NO_FLIP_DATASETS``, or ``mirror_safe=False``: its ``DatasetInfo`` says so)."""
+  no_flip = data.name in NO_FLIP_DATASETS or not mirror_safe
   from imgcls_jax import device_augment  # TensorFlow-free: parses specs only
   device = data.get('device_preprocess', '') or ''
   device_flip = next((op[0] for op in device_augment.parse(device)
                       if op[0] in ('flip_lr', 'flip_alternate')), '')
   train_flip = 'flip_lr' if 'flip_lr' in (data.train_preprocess or '') else ''
   for key, flip in (('train_preprocess', train_flip), ('device_preprocess', device_flip)):
-    if data.name in NO_FLIP_DATASETS and flip:
+    if no_flip and flip:
       raise UserError(f"Horizontal flips change the meaning of '{data.name}' images; remove "
                       f'{flip} from config.data.{key}.')
   if tta not in device_augment.TTA_MODES:
     raise UserError(f"config.evaluate.tta='{tta}' must be '' (none), 'flip' or 'flip_translate'.")
-  if tta and data.name in NO_FLIP_DATASETS:
+  if tta and no_flip:
     raise UserError(f"Horizontal flips change the meaning of '{data.name}' images; leave "
                     'config.evaluate.tta empty for this dataset.')
   if tta == 'flip_translate' and data.get('multilabel', False):

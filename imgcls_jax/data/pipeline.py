@@ -161,6 +161,17 @@ def _slice_stream(data: ml_collections.ConfigDict, augment: Any, *, decode: bool
   return ds.batch(last - first, drop_remainder=True), n
 
 
+def epoch_order(data: ml_collections.ConfigDict, seed: int, epoch: int, n: int) -> np.ndarray:
+  """Positions of epoch ``epoch``: the permutation of ``0..n-1`` the plain stream applies (the same
+  tf.data shuffle, seed and buffer as ``_slice_stream`` with one read shard), for a split held as
+  arrays (``data/resident.py``)."""
+  buffer = int(max(1, min(n, data.shuffle_buffer)))
+  order = tf.data.Dataset.range(n).shuffle(
+      buffer, seed=tf.constant(seed * 1_000_003 + epoch, tf.int64),
+      reshuffle_each_iteration=False).batch(n)
+  return next(iter(order)).numpy()
+
+
 def _balanced_stream(base: tf.data.Dataset, n: int, *, seed: int, shard: int, buffer: int,
                      cache: bool) -> tf.data.Dataset:
   """Class-balanced ``(epoch, index, example)`` stream: position j draws a class uniformly

@@ -8,7 +8,8 @@ order is the plain stream's (``data/pipeline.py``): epoch ``e`` is the split shu
 tf.data shuffle with the same seed, buffer and size, applied here to the indices ``0..n-1`` (a
 shuffle's order depends on its seed, buffer and length, never on the elements). So a resident run
 trains on exactly the batches of a streamed one, resumes at any step like it, and can be checked
-against it bit for bit.
+against it bit for bit. An arrays file (``data/arrays.py``) is already arrays: its split and its
+numpy order come from there (``reader.resident_split``), without TensorFlow.
 
 What it needs: one process, one read shard, no host augmentation (``data.train_preprocess=''``:
 augment on the device with ``data.device_preprocess``), no class-balanced sampling, and a split of
@@ -17,12 +18,12 @@ fixed-size images whose arrays fit ``data.device_resident_max_mb``.
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import ml_collections
 import numpy as np
-import tensorflow as tf
 
-from imgcls_jax.data import info, pipeline, sources
+from imgcls_jax.data import info
 from imgcls_jax.errors import UserError
 
 
@@ -64,6 +65,7 @@ class TrainArrays:
 
 def load(data: ml_collections.ConfigDict) -> TrainArrays:
   """Reads the whole training split into arrays (the order ``pipeline.train_dataset`` shuffles)."""
+  from imgcls_jax.data import pipeline, sources  # tf.data sources (arrays files: data/arrays.py)
   check(data, 1)
   base = sources.read(data, data.train_split, 0, 1, drop_remainder=True)
   if set(base.element_spec) != {'image', 'label'}:
@@ -72,13 +74,7 @@ def load(data: ml_collections.ConfigDict) -> TrainArrays:
                     'set config.data.device_resident=False.')
   pipeline.check_fixed_size(base, data, 'train_preprocess')
   shape = base.element_spec['image'].shape
-  n = sources.count(base)
-  limit_mb = float(data.get('device_resident_max_mb', 1024))
-  size_mb = n * int(np.prod(shape)) / 2**20
-  if size_mb > limit_mb:
-    raise UserError(f"The training split of '{data.name}' takes {size_mb:.3g} MB as arrays, more "
-                    f'than config.data.device_resident_max_mb={limit_mb:g}; raise that limit if '
-                    'the devices hold it, or set config.data.device_resident=False.')
+  check_size(data, sources.count(base) * int(np.prod(shape)))
   images, labels = [], []
   for batch in base.batch(8192).as_numpy_iterator():
     images.append(batch['image'])
@@ -86,28 +82,36 @@ def load(data: ml_collections.ConfigDict) -> TrainArrays:
   return TrainArrays(images=np.concatenate(images), labels=np.concatenate(labels))
 
 
-def epoch_order(data: ml_collections.ConfigDict, seed: int, epoch: int, n: int) -> np.ndarray:
-  """Positions of epoch ``epoch``: the permutation of ``0..n-1`` the plain stream applies (the same
-  tf.data shuffle, seed and buffer as ``pipeline._slice_stream`` with one read shard)."""
-  buffer = int(max(1, min(n, data.shuffle_buffer)))
-  order = tf.data.Dataset.range(n).shuffle(
-      buffer, seed=tf.constant(seed * 1_000_003 + epoch, tf.int64),
-      reshuffle_each_iteration=False).batch(n)
-  return next(iter(order)).numpy()
+def check_size(data: ml_collections.ConfigDict, nbytes: int) -> None:
+  """Raises a UserError when ``nbytes`` of training images exceed
+  ``config.data.device_resident_max_mb``."""
+  limit_mb = float(data.get('device_resident_max_mb', 1024))
+  size_mb = nbytes / 2**20
+  if size_mb > limit_mb:
+    raise UserError(f"The training split of '{data.name}' takes {size_mb:.3g} MB as arrays, more "
+                    f'than config.data.device_resident_max_mb={limit_mb:g}; raise that limit if '
+                    'the devices hold it, or set config.data.device_resident=False.')
 
 
 class Order:
-  """Split indices for stream positions (examples counted from step 0), epoch orders cached."""
+  """Split indices for stream positions (examples counted from step 0), epoch orders cached;
+  ``epoch_order(e)`` is the permutation of ``0..n-1`` that epoch ``e`` reads."""
 
-  def __init__(self, data: ml_collections.ConfigDict, seed: int, n: int):
-    self.data, self.seed, self.n = data, int(seed), n
+  def __init__(self, epoch_order: Callable[[int], np.ndarray], n: int):
+    self.epoch_order, self.n = epoch_order, n
     self._epochs: dict[int, np.ndarray] = {}
+
+  @classmethod
+  def of_stream(cls, data: ml_collections.ConfigDict, seed: int, n: int) -> 'Order':
+    """The order of the tf.data stream (``pipeline.train_dataset``) of a tfds dataset or folder."""
+    from imgcls_jax.data import pipeline  # tf.data
+    return cls(lambda e: pipeline.epoch_order(data, int(seed), e, n), n)
 
   def epoch(self, e: int) -> np.ndarray:
     if e not in self._epochs:
       for old in [k for k in self._epochs if k < e - 1]:
         del self._epochs[old]
-      self._epochs[e] = epoch_order(self.data, self.seed, e, self.n)
+      self._epochs[e] = self.epoch_order(e)
     return self._epochs[e]
 
   def indices(self, first: int, count: int) -> np.ndarray:

@@ -27,9 +27,9 @@ class Samples:
 
 def read_split(data: ml_collections.ConfigDict, split: str, n: int) -> Samples:
   """The first ``n`` (all when ``n`` < 0) images and labels of ``split``, eval-preprocessed."""
-  from imgcls_jax.data import pipeline
+  from imgcls_jax.data import reader
   images, labels, total = [], [], 0
-  for batch in pipeline.EvalData(data, split, local_batch_size=256).batches():
+  for batch in reader.eval_data(data, split, local_batch_size=256).batches():
     mask = batch['mask']
     images.append(batch['image'][mask])
     labels.append(batch['label'][mask])

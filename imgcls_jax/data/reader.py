@@ -1,0 +1,123 @@
+"""The run layer's one door to a dataset: an arrays file (``data/arrays.py``, numpy only) or a
+tf.data source (tfds datasets and image folders: ``sources.py`` / ``pipeline.py``, imported only
+when one is used). So training, evaluation and the run directory's samples work where TensorFlow
+is not installed, for arrays files.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import ml_collections
+import numpy as np
+
+from imgcls_jax.data import arrays, resident
+from imgcls_jax.data.info import DatasetInfo
+
+Batch = dict[str, np.ndarray]
+
+
+def describe(data: ml_collections.ConfigDict) -> DatasetInfo:
+  """Classes, decoded image shape, split sizes and flip safety of ``config.data``."""
+  if arrays.is_arrays(data):
+    return arrays.describe(data)
+  from imgcls_jax.data import sources
+  return sources.describe(data)
+
+
+def examples_per_process(data: ml_collections.ConfigDict, split: str, process_index: int,
+                         process_count: int) -> int:
+  """Training examples this process sees per epoch (``pipeline.examples_per_process``)."""
+  if arrays.is_arrays(data):
+    return arrays.examples_per_process(data, split, process_count)
+  from imgcls_jax.data import pipeline
+  return pipeline.examples_per_process(data, split, process_index, process_count)
+
+
+def eval_data(data: ml_collections.ConfigDict, split: str, *, local_batch_size: int,
+              process_index: int = 0, process_count: int = 1, split_size: int | None = None,
+              info: DatasetInfo | None = None, with_head: bool = False) -> Any:
+  """``split`` for evaluation: ``batches()`` (every example once, padded, ``mask``ed),
+  ``head_batches(n)``, ``num_batches``, ``split`` (``pipeline.EvalData``'s interface)."""
+  if arrays.is_arrays(data):
+    return arrays.EvalData(data, split, local_batch_size=local_batch_size,
+                           process_index=process_index, process_count=process_count)
+  from imgcls_jax.data import pipeline
+  return pipeline.EvalData(data, split, local_batch_size=local_batch_size,
+                           process_index=process_index, process_count=process_count,
+                           split_size=split_size, info=info, with_head=with_head)
+
+
+def train_batches(data: ml_collections.ConfigDict, *, seed: int, local_batch_size: int,
+                  start_step: int = 0, process_index: int = 0,
+                  process_count: int = 1) -> Iterator[Batch]:
+  """The endless training stream from ``start_step`` as host batches: this process's rows of
+  each global batch, a pure function of ``(seed, step)``."""
+  if arrays.is_arrays(data):
+    n = arrays.split_size(data, data.train_split)
+    return arrays.train_batches(data, resident.Order(arrays.order(seed, n), n).indices,
+                                local_batch_size=local_batch_size, start_step=start_step,
+                                process_index=process_index, process_count=process_count)
+  from imgcls_jax.data import pipeline
+  ds, _ = pipeline.train_dataset(data, seed=seed, local_batch_size=local_batch_size,
+                                 start_step=start_step, process_index=process_index,
+                                 process_count=process_count)
+  return ds.as_numpy_iterator()
+
+
+def resident_split(data: ml_collections.ConfigDict, seed: int, process_count: int
+                   ) -> tuple[resident.TrainArrays, resident.Order] | None:
+  """With ``config.data.device_resident``: the training split as arrays and the order of the
+  stream ``train_batches`` gives, so a resident run trains on exactly its batches; else None."""
+  if not resident.enabled(data):
+    return None
+  resident.check(data, process_count)
+  if arrays.is_arrays(data):
+    images, labels = arrays.train_split(data)
+    split = resident.TrainArrays(images=images, labels=labels)
+    resident.check_size(data, split.images.nbytes)
+    return split, resident.Order(arrays.order(seed, split.num_examples), split.num_examples)
+  split = resident.load(data)
+  return split, resident.Order.of_stream(data, seed, split.num_examples)
+
+
+def samples(data: ml_collections.ConfigDict, info: DatasetInfo, *, eval_count: int = 64,
+            train_count: int = 256) -> dict[str, np.ndarray]:
+  """The first images (eval-preprocessed, uint8) and labels of the eval and train splits."""
+  if arrays.is_arrays(data):
+    return arrays.samples(data, eval_count, train_count)
+  from imgcls_jax.data import pipeline
+  return pipeline.samples(data, info, eval_count=eval_count, train_count=train_count)
+
+
+def split_size(data: ml_collections.ConfigDict, split: str,
+               info: DatasetInfo | None = None) -> int | None:
+  """Examples in ``split`` (None when the dataset does not say)."""
+  if arrays.is_arrays(data):
+    return arrays.split_size(data, split)
+  from imgcls_jax.data import sources
+  return sources.split_size(data, split, info)
+
+
+def class_counts(data: ml_collections.ConfigDict, split: str, num_classes: int) -> np.ndarray:
+  """Examples per class in ``split`` (int64; multi-label: examples tagged with each class)."""
+  if arrays.is_arrays(data):
+    return arrays.class_counts(data, split, num_classes)
+  from imgcls_jax.data import sources
+  return sources.class_counts(data, split, num_classes)
+
+
+def default_eval_split(data: ml_collections.ConfigDict) -> str:
+  """The split to evaluate on when ``data`` points at new images (``sources.default_eval_split``)."""
+  if arrays.is_arrays(data):
+    return data.eval_split
+  from imgcls_jax.data import sources
+  return sources.default_eval_split(data)
+
+
+def dataset_name(data: ml_collections.ConfigDict) -> str:
+  """The name reports give the dataset."""
+  if arrays.is_arrays(data):
+    return arrays.PREFIX + arrays.path_of(data)
+  from imgcls_jax.data import sources
+  return sources.dataset_name(data)
+

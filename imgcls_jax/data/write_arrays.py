@@ -1,0 +1,95 @@
+"""Writes a dataset's splits as one arrays file (``data/arrays.py``), to train where TensorFlow is
+not installed: ``--config.data.name=arrays:/path/to/file.npz``.
+
+Command (where TensorFlow is installed; reads the dataset as evaluation does, after
+``--data.eval_preprocess`` when given, so every image has the size the model reads):
+  python -m imgcls_jax.data.write_arrays --dataset=fashion_mnist --output=/tmp/fmnist.npz \\
+      [--splits=train,test] [--data_dir=DIR] [--eval_preprocess=''] [--compress]
+Fashion-MNIST: 60,000 + 10,000 images, 55 MB (29 MB with --compress, slower to load).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import ml_collections
+import numpy as np
+
+from imgcls_jax.data.info import NO_FLIP_DATASETS
+from imgcls_jax.errors import UserError
+
+
+def split_name(split: str) -> str:
+  """The arrays-file name of a tfds split spec ('train[:80%]' -> 'train__80')."""
+  safe = ''.join(ch if ch.isalnum() else '_' for ch in split).strip('_')
+  return safe or 'split'
+
+
+def write(data: ml_collections.ConfigDict, splits: list[str], output: str,
+          compress: bool = False) -> dict[str, int]:
+  """Reads every example of ``splits`` of ``data`` (eval-preprocessed) and writes them to
+  ``output``; returns examples per split name."""
+  from imgcls_jax.data import pipeline, sources
+  info = sources.describe(data)
+  if info.image_shape[0] is None or info.image_shape[1] is None:
+    if not data.eval_preprocess:
+      raise UserError(f"Images of '{info.name}' differ in size; give --eval_preprocess that fixes "
+                      "it (e.g. 'resize(size=224)').")
+  contents: dict[str, np.ndarray] = {}
+  sizes = {}
+  for split in splits:
+    name = split_name(split)
+    images, labels = [], []
+    for batch in pipeline.EvalData(data, split, local_batch_size=1024, info=info).batches():
+      images.append(batch['image'][batch['mask']])
+      labels.append(batch['label'][batch['mask']])
+    contents[f'{name}_images'] = np.concatenate(images).astype(np.uint8)
+    contents[f'{name}_labels'] = np.concatenate(labels)
+    sizes[name] = len(contents[f'{name}_labels'])
+  contents['class_names'] = np.asarray(info.class_names, dtype=str)
+  contents['mirror_safe'] = np.asarray(info.mirror_safe and data.name not in NO_FLIP_DATASETS)
+  os.makedirs(os.path.dirname(os.path.abspath(output)) or '.', exist_ok=True)
+  tmp = output + '.tmp.npz'
+  (np.savez_compressed if compress else np.savez)(tmp, **contents)
+  os.replace(tmp, output)
+  return sizes
+
+
+def main(argv: list[str]) -> int:
+  from absl import flags
+  fv = flags.FlagValues()
+  dataset = flags.DEFINE_string('dataset', None, 'tfds name, or image_folder:/path.',
+                                flag_values=fv)
+  output = flags.DEFINE_string('output', None, 'The .npz file to write.', flag_values=fv)
+  splits = flags.DEFINE_list('splits', ['train', 'test'], 'Splits to write.', flag_values=fv)
+  data_dir = flags.DEFINE_string('data_dir', None, 'tfds data_dir.', flag_values=fv)
+  eval_pp = flags.DEFINE_string('eval_preprocess', '', 'Preprocessing applied before writing.',
+                                flag_values=fv)
+  compress = flags.DEFINE_bool('compress', False, 'np.savez_compressed (smaller, slower to load).',
+                               flag_values=fv)
+  try:
+    fv(argv)
+    if not dataset.value or not output.value:
+      raise UserError('Give --dataset (e.g. fashion_mnist) and --output (a .npz path).')
+    if not output.value.endswith('.npz'):
+      raise UserError(f'--output={output.value} must end in .npz.')
+    from configs import default
+    c = default.get_config()
+    c.data.name = dataset.value
+    c.data.data_dir = data_dir.value
+    c.data.eval_preprocess = eval_pp.value
+    c.data.train_split, c.data.eval_split = splits.value[0], splits.value[-1]
+    c.data.cache = False
+    sizes = write(c.data, list(splits.value), output.value, compress.value)
+  except (UserError, flags.Error) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  listed = ', '.join(f'{k} {v}' for k, v in sizes.items())
+  print(f'wrote {output.value} ({listed}); train with '
+        f'--config.data.name=arrays:{os.path.abspath(output.value)}')
+  return 0
+
+
+if __name__ == '__main__':
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  sys.exit(main(sys.argv))
