@@ -24,7 +24,7 @@ import numpy as np
 from imgcls_jax import checkpoint, models, steps
 from imgcls_jax import state as state_lib
 from imgcls_jax import weights as weights_lib
-from imgcls_jax.data import images
+from imgcls_jax.data import arrays, images
 from imgcls_jax.data.info import DatasetInfo
 from imgcls_jax.errors import UserError
 
@@ -65,6 +65,9 @@ def effective_config(saved: dict[str, Any] | None, given: ml_collections.ConfigD
   for key, value in sorted(overrides.items()):
     allowed = key.split('.')[0] in MODE_SECTIONS or any(
         key.startswith(p) if p.endswith('.') else key == p for p in LOCATION_KEYS)
+    # An arrays file's path is its location: another arrays file (moved, or new images) is allowed.
+    allowed = allowed or (key == 'data.name' and all(
+        str(v).startswith(arrays.PREFIX) for v in (_get(run, key), value)))
     if not allowed and not _same(_get(run, key), value):
       raise UserError(f'--config.{key}={value} conflicts with the trained run (which has '
                       f'{_get(run, key)!r}); evaluate/predict/export/serve take the model from '

@@ -7,6 +7,7 @@ sizes in tests must therefore be multiples of 8 (or set config.mesh.num_devices)
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -76,6 +77,46 @@ def subprocess_env(num_devices: int | None = None) -> dict[str, str]:
   env['XLA_FLAGS'] = flags.strip()
   env['PYTHONPATH'] = REPO + os.pathsep + env.get('PYTHONPATH', '')
   return env
+
+
+# Child-process code after which tensorflow / tensorflow_datasets look not installed, as on the
+# GPU image: importing them raises ModuleNotFoundError and importlib.util.find_spec gives None
+# (libraries such as etils probe for TF that way). Prepend it to a child's own code, or use
+# run_without_tf.
+BLOCK_TF = '''
+import sys
+class _NotInstalled:
+  def __init__(self, finder):
+    self.finder = finder
+  def find_spec(self, name, path=None, target=None):
+    if name.split('.')[0] in ('tensorflow', 'tensorflow_datasets'):
+      return None
+    return self.finder.find_spec(name, path, target)
+  def __getattr__(self, attr):
+    return getattr(self.finder, attr)
+sys.meta_path[:] = [_NotInstalled(f) for f in sys.meta_path]
+'''
+
+_WITHOUT_TF = BLOCK_TF + '''
+import runpy
+sys.argv = sys.argv[1:]
+if sys.argv[0] == '--import':
+  __import__(sys.argv[1])
+elif sys.argv[0] == '-m':
+  sys.argv = sys.argv[1:]
+  runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)
+else:
+  runpy.run_path(sys.argv[0], run_name='__main__')
+'''
+
+
+def run_without_tf(*args: str, timeout: int = 300, num_devices: int = 1
+                   ) -> subprocess.CompletedProcess:
+  """``python SCRIPT ARGS`` / ``python -m MODULE ARGS`` / ``--import MODULE`` in a child process
+  where TensorFlow cannot be imported."""
+  return subprocess.run([sys.executable, '-c', _WITHOUT_TF, *args], cwd=REPO,
+                        env=subprocess_env(num_devices), capture_output=True, text=True,
+                        timeout=timeout)
 
 
 def pytest_report_header(config):

@@ -1,0 +1,324 @@
+"""Arrays files (``config.data.name='arrays:/x.npz'``, imgcls_jax/data/arrays.py): written from a
+tfds dataset they hold exactly its examples; slices select what tfds selects; the training stream
+is the same batches on the host, held on the devices, and split over processes; evaluation sees
+every example once; training and evaluation run with TensorFlow blocked and agree with the tf.data
+path's evaluation of the same model; a run killed with SIGKILL and rerun ends bit for bit as an
+uninterrupted one; bad files and settings are one-line errors."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from imgcls_jax.errors import UserError
+from tests.conftest import BLOCK_TF, REPO, run_without_tf, subprocess_env
+
+
+@pytest.fixture(scope='module')
+def digits_npz(tmp_path_factory, tfds_dir):
+  """sklearn_digits (train 1,347 / test 450) written as an arrays file by the documented command."""
+  path = str(tmp_path_factory.mktemp('arrays') / 'digits.npz')
+  proc = subprocess.run([sys.executable, '-m', 'imgcls_jax.data.write_arrays',
+                         '--dataset=sklearn_digits', f'--data_dir={tfds_dir}', f'--output={path}'],
+                        cwd=REPO, env=subprocess_env(1), capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f'--config.data.name=arrays:{path}' in proc.stdout
+  return path
+
+
+def _arrays_config(digits_config, path):
+  c = digits_config
+  c.data.name = f'arrays:{path}'
+  c.data.train_preprocess = ''                      # arrays are augmented on the device
+  c.data.device_preprocess = 'translate(pad=1)'
+  return c
+
+
+def _digits(tfds_dir):
+  from configs import default
+  c = default.get_config()
+  c.data.data_dir = tfds_dir
+  return c
+
+
+def _tfds_split(digits_config, split):
+  from imgcls_jax.data import pipeline
+  images, labels = [], []
+  for b in pipeline.EvalData(digits_config.data, split, local_batch_size=500).batches():
+    images.append(b['image'][b['mask']])
+    labels.append(b['label'][b['mask']])
+  return np.concatenate(images), np.concatenate(labels)
+
+
+# ------------------------------------------------------------------ the file and its splits
+
+def test_the_written_file_holds_the_tfds_examples(digits_npz, digits_config):
+  from imgcls_jax.data import arrays, sources
+  tfds_info = sources.describe(digits_config.data)
+  c = _arrays_config(digits_config.copy_and_resolve_references(), digits_npz)
+  info = arrays.describe(c.data)
+  assert info.name == f'arrays:{digits_npz}'
+  for field in ('num_classes', 'class_names', 'image_shape', 'num_examples', 'multilabel'):
+    assert getattr(info, field) == getattr(tfds_info, field), field
+  assert info.mirror_safe is False            # digits must not be flipped; the file says so
+  for split in ('train', 'test'):
+    want_images, want_labels = _tfds_split(digits_config, split)
+    images, labels = arrays.load(c.data).split(split)
+    np.testing.assert_array_equal(images, want_images)
+    np.testing.assert_array_equal(labels, want_labels)
+
+
+@pytest.mark.parametrize('spec', ['train[:50%]', 'train[33%:67%]', 'train[-10%:]',
+                                  'train[12.5%:]', 'train[-100:]', 'train[5:17]', 'test[:1%]'])
+def test_slices_select_what_tfds_selects(digits_npz, digits_config, spec):
+  from imgcls_jax.data import arrays
+  want_images, want_labels = _tfds_split(digits_config, spec)
+  c = _arrays_config(digits_config.copy_and_resolve_references(), digits_npz)
+  images, labels = arrays.load(c.data).split(spec)
+  np.testing.assert_array_equal(labels, want_labels)
+  np.testing.assert_array_equal(images, want_images)
+
+
+# ------------------------------------------------------------------ the training stream
+
+def test_host_resident_and_per_process_streams_are_the_same_batches(digits_npz, digits_config):
+  """Steps 0..47 (two epochs of 21 steps of 64 and a batch across each boundary): the host stream,
+  the split on an 8-device mesh, two processes' halves, and a stream resumed at step 20."""
+  from imgcls_jax import dispatch, sharding
+  from imgcls_jax.data import reader
+  c = _arrays_config(digits_config, digits_npz)
+  c.data.device_resident = True
+  n, steps = 1347, 48
+  host = list(zip(range(steps), reader.train_batches(c.data, seed=3, local_batch_size=64)))
+  rows = np.concatenate([b['label'] for _, b in host])
+  images = np.concatenate([b['image'] for _, b in host])
+  split, order = reader.resident_split(c.data, 3, process_count=1)
+  for e in range(2):  # each epoch reads every example once
+    idx = order.indices(e * n, n)
+    assert sorted(idx) == list(range(n))
+    np.testing.assert_array_equal(rows[e * n:(e + 1) * n], split.labels[idx])
+    np.testing.assert_array_equal(images[e * n:(e + 1) * n], split.images[idx])
+  assert not np.array_equal(order.indices(0, n), order.indices(n, n))     # reshuffled per epoch
+  mesh = sharding.make_mesh(8)
+  resident = dispatch.resident_batches(split.images, split.labels, order.indices, start_step=0,
+                                       sizes=[1] * steps, batch_size=64, mesh=mesh)
+  for (_, h), r in zip(host, resident):
+    np.testing.assert_array_equal(h['image'], np.asarray(r['image']))
+    np.testing.assert_array_equal(h['label'], np.asarray(r['label']))
+  halves = [reader.train_batches(c.data, seed=3, local_batch_size=32, process_index=p,
+                                 process_count=2) for p in (0, 1)]
+  resumed = reader.train_batches(c.data, seed=3, local_batch_size=64, start_step=20)
+  for step, h in host:
+    a, b = next(halves[0]), next(halves[1])
+    np.testing.assert_array_equal(np.concatenate([a['label'], b['label']]), h['label'])
+    if step >= 20:
+      np.testing.assert_array_equal(next(resumed)['image'], h['image'])
+  other = next(reader.train_batches(c.data, seed=4, local_batch_size=64))['label']
+  assert not np.array_equal(other, host[0][1]['label'])
+
+
+@pytest.mark.parametrize('processes', [1, 3])
+def test_evaluation_sees_every_example_once(digits_npz, digits_config, processes):
+  from imgcls_jax.data import reader
+  want_images, want_labels = _tfds_split(digits_config, 'test')
+  c = _arrays_config(digits_config, digits_npz)
+  shares = [reader.eval_data(c.data, 'test', local_batch_size=64, process_index=p,
+                             process_count=processes) for p in range(processes)]
+  batches = [list(s.batches()) for s in shares]
+  assert len({len(b) for b in batches}) == 1 == len({s.num_batches for s in shares})
+  assert len(batches[0]) == shares[0].num_batches
+  got_images = np.concatenate([b['image'][b['mask']] for bs in batches for b in bs])
+  got_labels = np.concatenate([b['label'][b['mask']] for bs in batches for b in bs])
+  assert all(b['image'].shape[0] == 64 for bs in batches for b in bs)
+  np.testing.assert_array_equal(got_labels, want_labels)
+  np.testing.assert_array_equal(got_images, want_images)
+  head = list(shares[0].head_batches(2))
+  assert len(head) == 2 and np.array_equal(head[1]['label'], batches[0][1]['label'])
+
+
+# ------------------------------------------------------------------ without TensorFlow
+
+def test_trains_and_evaluates_without_tensorflow_as_the_tf_path_scores_it(digits_npz, tfds_dir,
+                                                                          tmp_path):
+  """A run on the arrays file with TensorFlow blocked; its report (evaluate mode, also blocked)
+  against the same checkpoint evaluated through tfds's sklearn_digits with TensorFlow."""
+  workdir = str(tmp_path / 'run')
+  args = ['-m', 'imgcls_jax.main', '--config=configs/default.py', f'--workdir={workdir}',
+          f'--config.data.name=arrays:{digits_npz}', "--config.data.train_preprocess=",
+          '--config.data.device_preprocess=translate(pad=1)', '--config.num_train_steps=60',
+          '--config.model.widths=(16,32)', '--config.eval_every_steps=30',
+          '--config.progress_bar=False', '--config.tensorboard=False']
+  proc = run_without_tf(*args)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'First training step done' in proc.stderr
+  proc = run_without_tf('-m', 'imgcls_jax.main', '--mode=evaluate', f'--workdir={workdir}',
+                        '--config.evaluate.checkpoint=latest')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(os.path.join(workdir, 'report.json')) as f:
+    arrays_report = json.load(f)
+  assert arrays_report['num_examples'] == 450
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    final = [json.loads(line) for line in f if '"eval"' in line][-1]
+  assert final['step'] == 60 and final['accuracy'] == pytest.approx(arrays_report['accuracy'])
+  # The oracle: the trained model's predictions on tfds's sklearn_digits test split (tf.data),
+  # scored by scikit-learn.
+  from sklearn import metrics as skm
+  from imgcls_jax import inference
+  clf = inference.classifier(inference.load(workdir))
+  want_images, want_labels = _tfds_split(_digits(tfds_dir), 'test')
+  probs = clf.predict_arrays(want_images)['probabilities']
+  assert arrays_report['accuracy'] == pytest.approx(
+      skm.accuracy_score(want_labels, probs.argmax(-1)), abs=1e-12)
+  assert arrays_report['macro_avg']['f1'] == pytest.approx(
+      skm.f1_score(want_labels, probs.argmax(-1), average='macro'), abs=1e-9)
+  binned = np.minimum(np.floor(probs.astype(np.float64) * 1000), 999)  # imgcls_jax/roc.py's bins
+  ovr = np.mean([skm.roc_auc_score(want_labels == k, binned[:, k]) for k in range(10)])
+  assert arrays_report['roc_auc_macro'] == pytest.approx(ovr, abs=1e-6)
+  samples = np.load(os.path.join(workdir, 'samples.npz'))   # what the run directory keeps
+  n = len(samples['eval_labels'])
+  assert n == 64
+  np.testing.assert_array_equal(samples['eval_images'], want_images[:n])
+  np.testing.assert_array_equal(samples['eval_labels'], want_labels[:n])
+
+
+_KILLED_CHILD = BLOCK_TF + """
+import os, signal, time
+from imgcls_jax import checkpoint, main
+kill_at = int(os.environ.get('KILL_AT_SAVE', '0'))
+if kill_at:
+  real_save = checkpoint.Checkpointer.save
+  def save(self, step, *args, **kwargs):
+    if step == kill_at:   # kill -9 before this save, once the previous one is committed
+      while not os.path.isdir(os.path.join(self.directory, str(step - 10))):
+        time.sleep(0.01)
+      os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(self, step, *args, **kwargs)
+  checkpoint.Checkpointer.save = save
+sys.exit(main.run(['imgcls_jax.main', *sys.argv[1:]]))
+"""
+
+
+def test_killed_and_rerun_without_tensorflow_ends_bit_for_bit(digits_npz, tmp_path):
+  """Resident arrays, 2 devices, TensorFlow blocked: killed with SIGKILL before the step-20 save
+  (step 10 committed) and rerun, against an uninterrupted run: the same final state and metrics."""
+  from tests import test_fault_tolerance as ft
+  args = ['--config=configs/default.py', f'--config.data.name=arrays:{digits_npz}',
+          '--config.data.train_preprocess=', '--config.data.device_resident=True',
+          '--config.data.device_preprocess=translate(pad=1)', '--config.num_train_steps=30',
+          '--config.model.widths=(8,16)', '--config.checkpoint_every_steps=10',
+          '--config.eval_every_steps=10', '--config.mesh.num_devices=2',
+          '--config.progress_bar=False', '--config.tensorboard=False']
+  for name, kill_at in (('whole', 0), ('killed', 20), ('killed', 0)):
+    log = str(tmp_path / f'{name}_{kill_at}.log')
+    os.environ['KILL_AT_SAVE'] = str(kill_at)
+    try:
+      proc = ft.start([*args, f'--workdir={tmp_path / name}'], log, num_devices=2,
+                      code=_KILLED_CHILD)
+    finally:
+      del os.environ['KILL_AT_SAVE']
+    rc, out = ft.finish(proc, log)
+    assert rc == (-9 if kill_at else 0), out[-3000:]
+    if kill_at:
+      assert ft.checkpoint_steps(tmp_path / name)[-1] == 10
+  assert 'Resuming from step 10.' in out, out[-3000:]
+  ft.assert_bitwise_equal(ft.load_state(str(tmp_path / 'whole'), 30),
+                          ft.load_state(str(tmp_path / 'killed'), 30))
+  assert ft.metric_records(tmp_path / 'whole') == ft.metric_records(tmp_path / 'killed')
+
+
+# ------------------------------------------------------------------ bad files and settings
+
+def _write(path, **arrays):
+  np.savez(path, **arrays)
+  return str(path)
+
+
+_IM = np.zeros((6, 4, 4, 1), np.uint8)
+_LB = np.array([0, 1, 2, 0, 1, 2])
+
+
+@pytest.mark.parametrize('contents, message', [
+    (dict(train_labels=_LB), r"holds no 'NAME_images' array \(it holds: train_labels\)"),
+    (dict(train_images=_IM), r"has 'train_images' but no 'train_labels'; store both"),
+    (dict(train_images=_IM.astype(np.float32), train_labels=_LB),
+     r"'train_images' is float32; store uint8 pixels"),
+    (dict(train_images=_IM[..., 0][..., None, None], train_labels=_LB),
+     r"'train_images' has shape \(6, 4, 4, 1, 1\)"),
+    (dict(train_images=_IM, train_labels=_LB[:5]), r"'train_labels' has shape \(5,\) for 6"),
+    (dict(train_images=_IM, train_labels=_LB.astype(np.float64)), r'is float64; store integer'),
+    (dict(train_images=_IM, train_labels=_LB, class_names=np.array(['a', 'b'])),
+     r"split 'train' has labels outside the 2 classes"),
+    (dict(train_images=_IM, train_labels=np.zeros(6, int)), r'holds 1 class; a classifier needs'),
+    (dict(train_images=_IM, train_labels=_LB, test_images=np.zeros((2, 5, 5, 1), np.uint8),
+          test_labels=_LB[:2]), r'splits hold images of different shapes'),
+])
+def test_bad_files_are_one_line_errors(digits_config, tmp_path, contents, message):
+  from imgcls_jax.data import arrays
+  c = _arrays_config(digits_config, _write(tmp_path / 'x.npz', **contents))
+  with pytest.raises(UserError, match=message):
+    arrays.describe(c.data)
+
+
+def test_missing_and_unreadable_files_are_one_line_errors(digits_config, tmp_path):
+  from imgcls_jax.data import arrays
+  c = _arrays_config(digits_config, tmp_path / 'none.npz')
+  with pytest.raises(UserError, match=r'no such file; write one with `python -m imgcls_jax.data.'):
+    arrays.describe(c.data)
+  (tmp_path / 'text.npz').write_text('not a zip')
+  c.data.name = f'arrays:{tmp_path / "text.npz"}'
+  with pytest.raises(UserError, match=r'is not a readable .npz of arrays \('):
+    arrays.describe(c.data)
+
+
+def test_evaluate_reads_a_moved_arrays_file_but_no_other_dataset(digits_npz, tmp_path):
+  """The path of an arrays file is a location: evaluate takes another one; not a tfds name."""
+  import shutil
+  from imgcls_jax import inference
+  saved = {'data': {'name': f'arrays:{digits_npz}'}, 'mode': {}}
+  moved = shutil.copy(digits_npz, tmp_path / 'moved.npz')
+  run = inference.effective_config(saved, None, {'data.name': f'arrays:{moved}'})
+  assert run.data.name == f'arrays:{moved}'
+  with pytest.raises(UserError, match=r'--config.data.name=sklearn_digits conflicts with the '):
+    inference.effective_config(saved, None, {'data.name': 'sklearn_digits'})
+
+
+@pytest.mark.parametrize('change, message', [
+    (dict(train_preprocess='pad_crop(pad=1)'), r"set config.data.train_preprocess='' and use"),
+    (dict(eval_preprocess='resize(size=4)'), r"set config.data.eval_preprocess='' and store"),
+    (dict(balanced_sampling=True), r'set config.data.balanced_sampling=False'),
+    (dict(read_shards=2), r'held whole by every process; set config.data.read_shards=1'),
+    (dict(eval_split='test@/tmp/ids.txt'), r"config.data.eval_split='test@/tmp/ids.txt' lists "),
+    (dict(eval_split='val'), r"Split 'val' does not exist in .*; set config.data.eval_split to "
+                             r'one of: test, train'),
+    (dict(eval_split='test[40:10]'), r"config.data.eval_split='test\[40:10\]' selects no "),
+    (dict(eval_split='test[:9999]'), r"reaches past the 450 examples of 'test'"),
+    (dict(eval_split='test[a:b]'), r"config.data.eval_split='test\[a:b\]' does not parse"),
+    (dict(multilabel=True), r'stores one class per image; set config.data.multilabel=False'),
+])
+def test_settings_an_arrays_file_cannot_honour_are_one_line_errors(digits_npz, digits_config,
+                                                                   change, message):
+  from imgcls_jax.data import reader
+  c = _arrays_config(digits_config, digits_npz)
+  c.data.update(change)
+  with pytest.raises(UserError, match=message):
+    reader.describe(c.data)
+
+
+def test_flips_of_a_file_that_says_they_change_the_meaning_are_refused(digits_npz, digits_config):
+  from imgcls_jax import run
+  c = _arrays_config(digits_config, digits_npz)
+  c.data.device_preprocess = 'flip_lr'
+  with pytest.raises(UserError, match=r'Horizontal flips change the meaning of .* remove flip_lr'):
+    run.setup(c)
+
+
+def test_modes_that_read_tfds_ids_name_the_arrays_file(digits_npz, digits_config):
+  from imgcls_jax.data import folds
+  c = _arrays_config(digits_config, digits_npz)
+  with pytest.raises(UserError, match=r"is an arrays file, and this reads tfds datasets and "):
+    folds.read_ids_and_labels(c.data, 'train')
