@@ -7,8 +7,9 @@
 # benchmarks/NOTES.md "Session 20".
 #
 # The GPU image has JAX and Flax but no TensorFlow and no ml_collections (STACK-NOTES.md).
-# ml_collections is pure Python: copy it from this machine into benchmarks/.vendor (git-ignored),
-# then carry that folder with the device tool:
+# ml_collections is pure Python: copy it (and tqdm, for a training run) from this machine into
+# benchmarks/.vendor (git-ignored; --vendor also writes benchmarks/.data/fashion_mnist.npz for
+# configs/fashion_mnist_wrn_arrays.py), then carry that folder with the device tool:
 #   bash benchmarks/gpu_run.sh --vendor                       # here, once
 #   run(command="bash benchmarks/gpu_run.sh", carry=["benchmarks/.vendor"], timeout_s=570)
 # PyYAML, which ml_collections imports, is a Flax dependency and is there already.
@@ -26,11 +27,19 @@ if [ "${1:-}" = "--vendor" ]; then
   [ -x "$py" ] || py=python3
   src=$("$py" -c 'import ml_collections, os; print(os.path.dirname(ml_collections.__file__))') || {
     echo "error: $py cannot import ml_collections; pip install ml-collections first" >&2; exit 2; }
+  tq=$("$py" -c 'import tqdm, os; print(os.path.dirname(tqdm.__file__))') || {
+    echo "error: $py cannot import tqdm; pip install tqdm first" >&2; exit 2; }
   rm -rf benchmarks/.vendor && mkdir -p benchmarks/.vendor
   cp -r "$src" benchmarks/.vendor/ml_collections
+  cp -r "$tq" benchmarks/.vendor/tqdm   # the training loop's progress bar (pure Python)
   find benchmarks/.vendor -name __pycache__ -prune -exec rm -rf {} +
   echo '*' > benchmarks/.vendor/.gitignore
-  echo "copied $src -> benchmarks/.vendor ($(du -sh benchmarks/.vendor | cut -f1))"
+  echo "copied $src and $tq -> benchmarks/.vendor ($(du -sh benchmarks/.vendor | cut -f1))"
+  # Fashion-MNIST as an arrays file, for configs/fashion_mnist_wrn_arrays.py (needs TF here only).
+  if [ ! -f benchmarks/.data/fashion_mnist.npz ]; then
+    "$py" -m imgcls_jax.data.write_arrays --dataset=fashion_mnist --compress \
+      --output=benchmarks/.data/fashion_mnist.npz || exit 2
+  fi
   exit 0
 fi
 

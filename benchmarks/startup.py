@@ -2,6 +2,8 @@
 
   python benchmarks/startup.py --repeat=3 --before=/tmp/old_checkout \\
       configs/default.py configs/fashion_mnist_quick.py
+  python benchmarks/startup.py --also='--config.data.name=arrays:/tmp/fmnist.npz' \\
+      configs/fashion_mnist_quick.py
 
 For each config it runs a one-step training (``--config.num_train_steps=1``) as a child process in
 a fresh working directory and records when that step's metrics reach ``metrics.jsonl`` (the
@@ -10,7 +12,8 @@ dataset load and compilation all count, and every version of the code writes tha
 way, so an old checkout (``--before``, e.g. a ``git worktree``) is timed by the same clock. Runs
 alternate between the checkouts (paired, so the machine's drift hits both) and, for this checkout,
 between no compilation cache and a warm one (``--config.compilation_cache_dir``, warmed by one
-untimed run first). Prints each figure's runs and median.
+untimed run first). ``--also=FLAGS`` adds the same two runs of this checkout with FLAGS (e.g. the
+data as an arrays file), in the same alternation. Prints each figure's runs and median.
 """
 from __future__ import annotations
 
@@ -49,12 +52,14 @@ def first_step_seconds(repo: str, config: str, extra: list[str]) -> tuple[float,
 
 
 def main(argv: list[str]) -> int:
-  repeat, before, configs = 3, None, []
+  repeat, before, also, configs = 3, None, None, []
   for a in argv[1:]:
     if a.startswith('--repeat='):
       repeat = int(a.split('=', 1)[1])
     elif a.startswith('--before='):
       before = os.path.abspath(a.split('=', 1)[1])
+    elif a.startswith('--also='):
+      also = a.split('=', 1)[1].split()
     elif a.startswith('--'):
       print(f'unknown option {a}; usage: {__doc__}', file=sys.stderr)
       return 2
@@ -70,6 +75,10 @@ def main(argv: list[str]) -> int:
     warm = [f'--config.compilation_cache_dir={cache}']
     variants['now, warm cache'] = (_REPO, warm)
     first_step_seconds(_REPO, config, warm)      # fills the cache (untimed)
+    if also:
+      variants['also, no cache'] = (_REPO, also)
+      variants['also, warm cache'] = (_REPO, also + warm)
+      first_step_seconds(_REPO, config, also + warm)
     results = {name: [] for name in variants}
     for _ in range(repeat):
       for name, (repo, extra) in variants.items():

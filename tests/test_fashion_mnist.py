@@ -112,6 +112,11 @@ def test_configs_document_command_and_expected_result(name):
   pp.parse(c.data.train_preprocess)
   pp.parse(c.data.eval_preprocess)
   mixup.from_config(c.mixup)
+  from imgcls_jax import device_augment
+  from imgcls_jax.data import arrays
+  device_augment.parse(c.data.device_preprocess)
+  if arrays.is_arrays(c.data):  # an arrays file: only settings it honours (no host preprocessing)
+    arrays.check(c.data)
 
 
 @pytest.mark.slow
