@@ -35,6 +35,7 @@ from benchmarks import measure  # noqa: E402
 from imgcls_jax import run as run_lib  # noqa: E402
 from imgcls_jax import sharding  # noqa: E402
 from imgcls_jax import state as state_lib  # noqa: E402
+from imgcls_jax.data import arrays  # noqa: E402
 from imgcls_jax.data.info import DatasetInfo  # noqa: E402
 from imgcls_jax.errors import UserError  # noqa: E402
 
@@ -74,7 +75,7 @@ class Shape:
 def synthetic_shape(config: ml_collections.ConfigDict, image_size: int = 0, channels: int = 0,
                     num_classes: int = 0) -> Shape:
   """The image / label shape training on ``config`` would see (arguments > 0 override)."""
-  native = NATIVE_SHAPES.get(config.data.name)
+  native = NATIVE_SHAPES.get(arrays.tfds_name(config.data) or config.data.name)  # arrays:NAME
   if native is None and not (channels and num_classes and image_size):
     raise UserError(f"No synthetic shape is known for dataset '{config.data.name}'; pass "
                     '--image_size, --channels and --num_classes.')

@@ -73,6 +73,37 @@ def test_the_written_file_holds_the_tfds_examples(digits_npz, digits_config):
     np.testing.assert_array_equal(labels, want_labels)
 
 
+def test_a_bare_tfds_name_is_written_once_into_the_tfds_data_dir(digits_config, tmp_path,
+                                                                  digits_npz):
+  """'arrays:sklearn_digits': <data_dir>/arrays/sklearn_digits.npz, written from tfds on first
+  use (the same arrays as the documented command's), then read as it is."""
+  from imgcls_jax.data import arrays
+  c = _arrays_config(digits_config, 'x')
+  c.data.name = 'arrays:sklearn_digits'
+  path = os.path.join(c.data.data_dir, 'arrays', 'sklearn_digits.npz')
+  if os.path.exists(path):
+    os.remove(path)
+  info = arrays.describe(c.data)
+  assert info.name == f'arrays:{path}' and info.num_examples == {'train': 1347, 'test': 450}
+  with np.load(path) as got, np.load(digits_npz) as want:
+    assert sorted(got.files) == sorted(want.files)
+    for k in want.files:
+      np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+  stamp = os.stat(path).st_mtime_ns
+  arrays.describe(c.data)
+  assert os.stat(path).st_mtime_ns == stamp                 # not written again
+  proc = run_without_tf('--import', 'imgcls_jax.data.arrays')   # and without TensorFlow:
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  script = ('import ml_collections\nfrom imgcls_jax.data import arrays\n'
+            f"arrays.describe(ml_collections.ConfigDict({{'name': 'arrays:sklearn_digits', "
+            f"'data_dir': {str(tmp_path)!r}, 'train_split': 'train', 'eval_split': 'test'}}))\n")
+  (tmp_path / 'probe.py').write_text(script)
+  proc = run_without_tf(str(tmp_path / 'probe.py'))
+  assert proc.returncode != 0
+  assert ("is written from tfds 'sklearn_digits' on first use, which needs TensorFlow (not "
+          'installed here)') in proc.stderr
+
+
 @pytest.mark.parametrize('spec', ['train[:50%]', 'train[33%:67%]', 'train[-10%:]',
                                   'train[12.5%:]', 'train[-100:]', 'train[5:17]', 'test[:1%]'])
 def test_slices_select_what_tfds_selects(digits_npz, digits_config, spec):

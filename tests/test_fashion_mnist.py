@@ -50,7 +50,7 @@ def test_upstream_bytes_rejects_other_files(tmp_path):
 
 def test_documented_command_prepares_the_standard_builder(fmnist_dir):
   from configs import fashion_mnist_quick
-  c = fashion_mnist_quick.get_config()
+  c = fashion_mnist_quick.base_config()    # the tfds dataset (get_config reads it as arrays)
   c.data.data_dir = fmnist_dir
   info = sources.describe(c.data)
   assert info.num_examples == {'train': 60000, 'test': 10000}
@@ -63,7 +63,7 @@ def test_documented_command_prepares_the_standard_builder(fmnist_dir):
 @needs_files
 def test_pipeline_prepares_fashion_mnist_from_the_local_files_on_first_use(tmp_path):
   from configs import fashion_mnist_quick
-  c = fashion_mnist_quick.get_config()
+  c = fashion_mnist_quick.base_config()
   c.data.data_dir = str(tmp_path / 'auto')
   assert sources.describe(c.data).num_examples == {'train': 60000, 'test': 10000}
 

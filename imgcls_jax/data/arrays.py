@@ -11,7 +11,9 @@ brings it in. The file holds, per split NAME:
   mirror_safe   optional bool (default True): False when a horizontal flip changes the meaning
 
 ``python -m imgcls_jax.data.write_arrays`` writes one from any tfds dataset (TensorFlow needed
-there only). Splits are named ``NAME``, ``NAME[START:END]`` or ``NAME[A%:B%]``.
+there only); ``'arrays:NAME'`` (a bare tfds name, e.g. ``arrays:fashion_mnist``) is the file
+``<tfds data_dir>/arrays/NAME.npz``, written from tfds on first use. Splits are named ``NAME``,
+``NAME[START:END]`` or ``NAME[A%:B%]`` and select what tfds selects.
 
 Training order: epoch ``e`` is the split permuted by numpy's generator seeded with
 ``(seed, e)``; a process takes its rows of each global batch, so the global batches do not depend
@@ -31,10 +33,10 @@ from typing import Any, Callable, Iterator
 import ml_collections
 import numpy as np
 
-from imgcls_jax.data.info import DatasetInfo
+from imgcls_jax.data.info import ARRAYS_PREFIX, DatasetInfo
 from imgcls_jax.errors import UserError
 
-PREFIX = 'arrays:'
+PREFIX = ARRAYS_PREFIX
 Batch = dict[str, np.ndarray]
 _BOUND = r'(-?\d+(?:\.\d+)?%|-?\d+)?'
 _SLICE = re.compile(rf'^([A-Za-z0-9_\-]+)(?:\[{_BOUND}:{_BOUND}\])?$')
@@ -45,11 +47,27 @@ def is_arrays(data: ml_collections.ConfigDict) -> bool:
   return str(data.get('name', '')).startswith(PREFIX)
 
 
+def tfds_name(data: ml_collections.ConfigDict) -> str | None:
+  """The tfds dataset that ``'arrays:NAME'`` holds (a bare name: no '/', no '.npz'); None for an
+  explicit file."""
+  spec = str(data.name)[len(PREFIX):]
+  if not is_arrays(data) or not spec or spec.endswith('.npz') or '/' in spec or os.sep in spec or spec.startswith('~'):
+    return None
+  return spec
+
+
 def path_of(data: ml_collections.ConfigDict) -> str:
-  """The absolute path of the ``.npz`` file ``config.data.name`` names."""
+  """The absolute path of the ``.npz`` file ``config.data.name`` names: the path itself, or for
+  ``'arrays:NAME'`` (a tfds dataset) ``<data_dir>/arrays/NAME.npz`` in tfds's data directory
+  (``config.data.data_dir``, else $TFDS_DATA_DIR, else ~/tensorflow_datasets)."""
+  name = tfds_name(data)
+  if name is not None:
+    root = data.get('data_dir') or os.environ.get('TFDS_DATA_DIR') or '~/tensorflow_datasets'
+    return os.path.abspath(os.path.expanduser(os.path.join(root, 'arrays', f'{name}.npz')))
   path = str(data.name)[len(PREFIX):]
   if not path:
-    raise UserError("config.data.name='arrays:' names no file; write 'arrays:/path/to/data.npz'.")
+    raise UserError("config.data.name='arrays:' names no file; write 'arrays:/path/to/data.npz' "
+                    "or 'arrays:NAME' for a tfds dataset held as arrays (e.g. arrays:fashion_mnist).")
   return os.path.abspath(os.path.expanduser(path))
 
 
@@ -175,13 +193,29 @@ def _load(path: str, mtime: float, size: int) -> ArraysFile:
 
 
 def load(data: ml_collections.ConfigDict) -> ArraysFile:
-  """The arrays file of ``config.data`` (read once per process while it is unchanged)."""
+  """The arrays file of ``config.data`` (read once per process while it is unchanged); for
+  ``'arrays:NAME'`` written first from tfds when it does not exist yet (TensorFlow needed then)."""
   path = path_of(data)
+  if not os.path.exists(path) and tfds_name(data) is not None:
+    _write_from_tfds(data, tfds_name(data), path)
   try:
     st = os.stat(path)
   except OSError:
     return ArraysFile(path)  # raises the one-line error
   return _load(path, st.st_mtime, st.st_size)
+
+
+def _write_from_tfds(data: ml_collections.ConfigDict, name: str, path: str) -> None:
+  from imgcls_jax.data import write_arrays  # reads through tf.data, this once
+  try:
+    write_arrays.write_tfds(data, name, path)
+  except ModuleNotFoundError as e:
+    if (e.name or '').split('.')[0] not in ('tensorflow', 'tensorflow_datasets'):
+      raise
+    raise UserError(f"config.data.name='{data.name}' is written from tfds '{name}' on first use, "
+                    f'which needs TensorFlow (not installed here); write {path} where it is '
+                    f'(python -m imgcls_jax.data.write_arrays --dataset={name} --output={path}) '
+                    'and copy it here.') from None
 
 
 def check(data: ml_collections.ConfigDict) -> None:

@@ -14,6 +14,9 @@ from imgcls_jax.errors import UserError
 if TYPE_CHECKING:
   import ml_collections
 
+# config.data.name of a dataset held as numpy arrays in a .npz file (data/arrays.py).
+ARRAYS_PREFIX = 'arrays:'
+
 # Datasets whose classes are not mirror-symmetric: a horizontal flip changes the label's meaning.
 NO_FLIP_DATASETS = frozenset({'sklearn_digits', 'mnist', 'emnist', 'kmnist', 'svhn_cropped'})
 

@@ -49,10 +49,28 @@ def write(data: ml_collections.ConfigDict, splits: list[str], output: str,
   contents['class_names'] = np.asarray(info.class_names, dtype=str)
   contents['mirror_safe'] = np.asarray(info.mirror_safe and data.name not in NO_FLIP_DATASETS)
   os.makedirs(os.path.dirname(os.path.abspath(output)) or '.', exist_ok=True)
-  tmp = output + '.tmp.npz'
+  tmp = f'{output}.{os.getpid()}.tmp.npz'   # processes writing at once each replace it whole
   (np.savez_compressed if compress else np.savez)(tmp, **contents)
   os.replace(tmp, output)
   return sizes
+
+
+def write_tfds(data: ml_collections.ConfigDict, name: str, output: str) -> dict[str, int]:
+  """Every split of tfds dataset ``name`` (with ``data``'s data_dir / manual_dir) written to
+  ``output``, as stored (no preprocessing): what ``'arrays:NAME'`` reads."""
+  import logging
+  from imgcls_jax.data import sources
+  c = ml_collections.ConfigDict(data.to_dict())
+  c.name, c.eval_preprocess, c.cache = name, '', False
+  c.train_preprocess = ''
+  splits = sorted(sources.builder(c).info.splits.keys())
+  if not splits:
+    raise UserError(f"tfds dataset '{name}' lists no splits; write its arrays file with "
+                    'python -m imgcls_jax.data.write_arrays --splits=...')
+  c.train_split, c.eval_split = splits[0], splits[-1]
+  logging.info("Writing tfds '%s' (splits %s) as arrays to %s, once.", name, ', '.join(splits),
+               output)
+  return write(c, splits, output)
 
 
 def main(argv: list[str]) -> int:
