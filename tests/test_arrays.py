@@ -104,6 +104,32 @@ def test_a_bare_tfds_name_is_written_once_into_the_tfds_data_dir(digits_config, 
           'installed here)') in proc.stderr
 
 
+def test_an_image_folder_becomes_an_arrays_file(tmp_path):
+  """write_arrays --folder: the folder's classes and held-out split, the pixels PIL decodes."""
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  pixels = {}
+  for k, name in enumerate(('cat', 'dog', 'emu')):
+    os.makedirs(tmp_path / 'root' / name)
+    for i in range(6):
+      image = rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)
+      Image.fromarray(image).save(tmp_path / 'root' / name / f'{i}.png')
+      pixels[(k, image.tobytes())] = True
+  out = str(tmp_path / 'mine.npz')
+  proc = subprocess.run([sys.executable, '-m', 'imgcls_jax.data.write_arrays',
+                         f'--folder={tmp_path / "root"}', '--holdout_fraction=0.34',
+                         f'--output={out}'], cwd=REPO, env=subprocess_env(1),
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with np.load(out) as z:
+    assert list(z['class_names']) == ['cat', 'dog', 'emu']
+    assert (len(z['train_labels']), len(z['test_labels'])) == (12, 6)
+    assert np.bincount(z['test_labels']).tolist() == [2, 2, 2]     # stratified hold-out
+    seen = {(int(k), im.tobytes()) for split in ('train', 'test')
+            for im, k in zip(z[f'{split}_images'], z[f'{split}_labels'])}
+  assert seen == set(pixels)
+
+
 @pytest.mark.parametrize('spec', ['train[:50%]', 'train[33%:67%]', 'train[-10%:]',
                                   'train[12.5%:]', 'train[-100:]', 'train[5:17]', 'test[:1%]'])
 def test_slices_select_what_tfds_selects(digits_npz, digits_config, spec):
