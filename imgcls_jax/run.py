@@ -62,8 +62,9 @@ def setup(config: ml_collections.ConfigDict, info: DatasetInfo | None = None, *,
   """
   configlib.validate(config)
   mesh = sharding.make_mesh(config.mesh.num_devices)
-  if info is None:
+  if info is None:  # the data will be read: its preprocessing specs are checked now, too
     info = reader.describe(config.data)
+    reader.check_preprocess(config.data)
   check_flips(config.data, config.evaluate.tta if 'evaluate' in config else '',
               mirror_safe=info.mirror_safe)
   if len(config.data.mean) not in (1, info.channels):

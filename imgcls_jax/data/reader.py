@@ -12,6 +12,7 @@ import numpy as np
 
 from imgcls_jax.data import arrays, resident
 from imgcls_jax.data.info import DatasetInfo
+from imgcls_jax.errors import UserError
 
 Batch = dict[str, np.ndarray]
 
@@ -22,6 +23,20 @@ def describe(data: ml_collections.ConfigDict) -> DatasetInfo:
     return arrays.describe(data)
   from imgcls_jax.data import sources
   return sources.describe(data)
+
+
+def check_preprocess(data: ml_collections.ConfigDict) -> None:
+  """Raises a UserError for a ``data.train_preprocess`` / ``eval_preprocess`` spec that does not
+  parse or has bad arguments, before any work (the streams build their ops later)."""
+  if arrays.is_arrays(data):
+    arrays.check(data)
+    return
+  from imgcls_jax.data import pp
+  for key in ('train_preprocess', 'eval_preprocess'):
+    try:
+      pp.parse(data.get(key) or '')
+    except UserError as e:
+      raise UserError(f'config.data.{key}: {e}') from None
 
 
 def examples_per_process(data: ml_collections.ConfigDict, split: str, process_index: int,
