@@ -134,7 +134,9 @@ if 'IMGCLS_JAX_CACHE_DIR' not in os.environ:
 def fmnist_dir(tmp_path_factory) -> str:
   """A tfds data_dir holding Fashion-MNIST, prepared by the documented command (in a child
   process) once per test session: xdist workers share it (the first one prepares it under a file
-  lock, the others wait and read it). Tests only read it."""
+  lock, the others wait and read it). Tests only read it, except that the configs reading
+  ``arrays:fashion_mnist`` write ``arrays/fashion_mnist.npz`` into it on first use (each writer
+  replaces the file whole, so workers racing to write it are safe)."""
   import fcntl
   import subprocess
   from imgcls_jax.data import prepare_fashion_mnist
