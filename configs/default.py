@@ -242,6 +242,13 @@ def get_config() -> ml_collections.ConfigDict:
   # at the end of training; saved with the checkpoint and used by evaluate, predict, export and
   # serve. '' = 0.5 for every tag.
   c.evaluate.threshold_split = ''
+  # Single-label: the held-out split on which one temperature T is fitted at the end of training
+  # (temperature scaling: the NLL-minimising T of softmax(logits / T); imgcls_jax/temperature.py);
+  # saved with the checkpoint, and every probability the run gives afterwards (the final
+  # evaluation, evaluate, predict, serve, export) is softmax(logits / T). Never the eval split:
+  # hold part of training out, e.g. data.train_split='train[:90%]' and
+  # temperature_split='train[90%:]'. '' = no temperature scaling.
+  c.evaluate.temperature_split = ''
 
   # ---- k-fold cross-validation (imgcls_jax/cross_validation.py) ----
   c.cross_validation = ml_collections.ConfigDict()

@@ -155,6 +155,7 @@ class Trained:
   step: int
   origin: str
   thresholds: tuple[float, ...] | None = None   # multi-label: per-class decision thresholds
+  temperature: float = 1.0            # single-label: logits are divided by it (temperature.py)
 
   @property
   def class_names(self) -> tuple[str, ...]:
@@ -204,7 +205,8 @@ def load(workdir: str, config: ml_collections.ConfigDict | None = None, *, step:
   return Trained(run=run, info=info, image_shape=shape, native_hw=native,
                  variables=state_lib.InferenceState(params=params, batch_stats=stats),
                  step=int(meta['step']), origin=source.origin,
-                 thresholds=tuple(float(t) for t in chosen) if chosen else None)
+                 thresholds=tuple(float(t) for t in chosen) if chosen else None,
+                 temperature=float((meta.get('temperature') or {}).get('value', 1.0)))
 
 
 @dataclasses.dataclass
@@ -285,7 +287,8 @@ def classifier(trained: Trained, *, dtype: str = '', max_batch: int = 64) -> Cla
   model_fn = models.from_config(run, trained.info.num_classes, trained.image_shape[2])
   return Classifier(trained=trained, model_def=state_lib.model_def(model_fn),
                     step_cfg=steps.step_config(run, trained.info.num_classes,
-                                               multilabel=trained.info.multilabel),
+                                               multilabel=trained.info.multilabel,
+                                               temperature=trained.temperature),
                     variables=jax.device_put(trained.variables), max_batch=max_batch)
 
 

@@ -20,7 +20,8 @@ import ml_collections
 import numpy as np
 
 from imgcls_jax import (checkpoint, configlib, device_augment, dispatch, inference, loss_weights,
-                        metrics, models, optim, report, sharding, steps, weights, whitening)
+                        metrics, models, optim, report, sharding, steps, temperature, weights,
+                        whitening)
 from imgcls_jax import state as state_lib
 from imgcls_jax.data import reader
 from imgcls_jax.data.info import DatasetInfo, check_flips, read_shards
@@ -52,13 +53,14 @@ class Setup:
 
 def setup(config: ml_collections.ConfigDict, info: DatasetInfo | None = None, *,
           training: bool = True, steps_per_epoch: int | None = None,
-          thresholds: tuple[float, ...] | None = None) -> Setup:
+          thresholds: tuple[float, ...] | None = None, temperature: float = 1.0) -> Setup:
   """Validates ``config`` and builds mesh, model definition, step numbers and (when ``training``)
   the optimizer and schedule.
 
   ``info`` describes the dataset (read from ``config.data`` when None); ``steps_per_epoch``
   overrides the count derived from the training split (synthetic-data benchmarks);
-  ``thresholds`` are a multi-label model's per-class decision thresholds (evaluation).
+  ``thresholds`` are a multi-label model's per-class decision thresholds and ``temperature`` a
+  single-label model's fitted temperature (evaluation, inference).
   """
   configlib.validate(config)
   mesh = sharding.make_mesh(config.mesh.num_devices)
@@ -78,13 +80,15 @@ def setup(config: ml_collections.ConfigDict, info: DatasetInfo | None = None, *,
       if config.optim.get('freeze') else frozenset())
   if info.multilabel:
     loss_weights.check_multilabel(config)
+  if training:
+    check_temperature_split(config, info.multilabel)
   s = Setup(config=config, mesh=mesh, info=info, model_fn=model_fn,
             model_def=state_lib.model_def(model_fn), step_cfg=steps.step_config(
                 config, info.num_classes, probe_head=_probe_head(config, model_fn),
                 frozen=frozen,
                 class_weights=loss_weights.class_weights(config, info) if training else None,
                 logit_offsets=loss_weights.logit_offsets(config, info) if training else None,
-                multilabel=info.multilabel, thresholds=thresholds,
+                multilabel=info.multilabel, thresholds=thresholds, temperature=temperature,
                 pos_weight=loss_weights.pos_weight(config, info) if training else None),
             placement=placement, local_eval_batch_size=local_eval_bs)
   if not training:
@@ -162,6 +166,55 @@ def jit_eval_step(s: Setup, variables_shardings: Any, *, tta: str = '',
                                    num_bins=num_bins),
                  in_shardings=(variables_shardings, sharding.batch_sharding(s.mesh)),
                  out_shardings=sharding.replicated(s.mesh))
+
+
+def temperature_split(config: ml_collections.ConfigDict) -> str:
+  """``config.evaluate.temperature_split`` ('' = no temperature scaling)."""
+  return (config.evaluate.get('temperature_split', '') or '') if 'evaluate' in config else ''
+
+
+def check_temperature_split(config: ml_collections.ConfigDict, multilabel: bool) -> None:
+  """Before any step: a temperature split that cannot be used is found now, not after training."""
+  split = temperature_split(config)
+  if not split:
+    return
+  if multilabel:
+    raise UserError('config.evaluate.temperature_split is for single-label runs; a multi-label '
+                    "run's probabilities are per-class sigmoids with their own decision "
+                    'thresholds (config.evaluate.threshold_split). Unset temperature_split.')
+  if split.replace(' ', '') == str(config.data.eval_split).replace(' ', ''):
+    raise UserError(f"config.evaluate.temperature_split='{split}' is the eval split: a temperature "
+                    'fitted on the examples it is judged on reports a calibration no new image '
+                    "gets. Hold out part of training instead, e.g. data.train_split='train[:90%]' "
+                    "and evaluate.temperature_split='train[90%:]'.")
+
+
+def fit_temperature(s: Setup, variables: Any, variables_shardings: Any,
+                    data: Any, split: str) -> dict[str, Any]:
+  """Fits the temperature on ``split`` (``data``: its ``reader.eval_data``; ``temperature.py``)
+  and measures the
+  split's NLL and expected calibration error before and after (without test-time augmentation,
+  as prediction and serving run): the record the run's checkpoint keeps as ``temperature``."""
+  fit_step = jax.jit(functools.partial(steps.temperature_sums, model_def=s.model_def,
+                                       cfg=s.step_cfg),
+                     in_shardings=(variables_shardings, sharding.batch_sharding(s.mesh)),
+                     out_shardings=sharding.replicated(s.mesh))
+  sums = report.stats_to_numpy(eval_sums(fit_step, variables, data.batches(), s.mesh, split))
+  fit = temperature.choose(sums['nll_G'], sums['count'])
+  ece = []
+  for t in (1.0, fit.temperature):
+    at_t = dataclasses.replace(s, step_cfg=dataclasses.replace(s.step_cfg, temperature=t))
+    stats = report.stats_to_numpy(eval_sums(jit_eval_step(at_t, variables_shardings), variables,
+                                            data.batches(), s.mesh, split))
+    ece.append(report.calibration(stats)[0])
+  logging.info("Temperature %.4f fitted on split '%s' (%d examples): NLL %.4f -> %.4f, expected "
+               'calibration error %.4f -> %.4f.%s', fit.temperature, split, int(sums['count']),
+               fit.nll_before, fit.nll_after, ece[0], ece[1],
+               ' The minimum is at the end of the searched range '
+               f'[{temperature.T_MIN}, {temperature.T_MAX}]: the model is far from calibrated.'
+               if fit.at_edge else '')
+  return {'value': fit.temperature, 'split': split, 'examples': int(sums['count']),
+          'nll': [fit.nll_before, fit.nll_after], 'ece': [ece[0], ece[1]]}
 
 
 def jit_batch_statistics(s: Setup, state_shardings: Any) -> Any:
@@ -277,7 +330,8 @@ class Evaluation:
                            thresholds=self.trained.thresholds)
     rep['context'] = {'dataset': self.dataset or info.name, 'split': self.split, 'checkpoint_step': self.step,
                       'checkpoint': self.chosen, 'tta': self.tta or 'none',
-                      'model': cfg.model.name, 'workdir': self.workdir}
+                      'model': cfg.model.name, 'workdir': self.workdir,
+                      'temperature': self.trained.temperature}
     return rep
 
 
@@ -302,12 +356,21 @@ def evaluate_checkpoint(workdir: str, config: ml_collections.ConfigDict | None, 
   keep = config if config is not None else ml_collections.ConfigDict(checkpoint.read_config(workdir))
   with checkpoint.Checkpointer.from_config(workdir, keep) as ckpt:
     step, chosen = choose_step(ckpt, checkpoint_spec, os.path.join(workdir, 'metrics.jsonl'))
+    latest = ckpt.latest_step()
+    fitted = [k for k in ('temperature', 'thresholds') if step != latest and k in
+              ckpt.read_meta(latest) and k not in ckpt.read_meta(step)]
+  if fitted:  # chosen at the end of training, for the final weights only
+    logging.warning('Checkpoint %d (%s) has no %s: the run fitted %s on its final weights '
+                    '(step %d) only; --config.evaluate.checkpoint=latest evaluates with %s.',
+                    step, chosen, ' or '.join(fitted), 'them' if len(fitted) > 1 else 'it',
+                    latest, 'them' if len(fitted) > 1 else 'it')
   trained = inference.load(workdir, config, step=step, overrides=overrides)
   cfg = trained.run
   new_images = _new_image_location(checkpoint.read_config(workdir) or {}, overrides or {})
   split = split or (reader.default_eval_split(cfg.data) if new_images else cfg.data.eval_split)
   check_flips(cfg.data, tta, mirror_safe=trained.info.mirror_safe)
-  s = setup(cfg, trained.info, training=False, thresholds=trained.thresholds)
+  s = setup(cfg, trained.info, training=False, thresholds=trained.thresholds,
+            temperature=trained.temperature)
   variables, shardings = place_variables(s, trained.variables)
   eval_step = jit_eval_step(s, shardings, tta=tta, num_bins=num_bins)
   data = reader.eval_data(cfg.data, split, local_batch_size=s.local_eval_batch_size,

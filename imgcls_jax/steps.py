@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from imgcls_jax import device_augment, mixup, multilabel, report, weights
+from imgcls_jax import device_augment, mixup, multilabel, report, temperature, weights
 from imgcls_jax.state import ModelDef, TrainState
 
 
@@ -48,6 +48,7 @@ class StepConfig:
   multilabel: bool = False                  # labels are multi-hot rows: sigmoid + binary CE
   pos_weight: tuple[float, ...] | None = None      # multi-label: weight of each class's positives
   thresholds: tuple[float, ...] | None = None      # multi-label: per-class decision thresholds
+  temperature: float = 1.0                  # inference logits are divided by it (temperature.py)
 
 
 def step_config(config: Any, num_classes: int, *, probe_head: str = '',
@@ -55,14 +56,15 @@ def step_config(config: Any, num_classes: int, *, probe_head: str = '',
                 class_weights: tuple[float, ...] | None = None,
                 logit_offsets: tuple[float, ...] | None = None, multilabel: bool = False,
                 pos_weight: tuple[float, ...] | None = None,
-                thresholds: tuple[float, ...] | None = None) -> StepConfig:
+                thresholds: tuple[float, ...] | None = None,
+                temperature: float = 1.0) -> StepConfig:
   """The step's numbers from a run's config (``run.setup``; ``class_weights``, ``logit_offsets``
   and ``pos_weight`` are resolved there from the training split's class counts, and for
   flip_alternate ``epoch_chunk`` / ``epoch_examples`` from the training stream's layout)."""
   loss = config.get('loss') or {}
   device = config.data.get('device_preprocess', '') or ''
   return StepConfig(num_classes=num_classes, multilabel=multilabel, pos_weight=pos_weight,
-                    thresholds=thresholds,
+                    thresholds=thresholds, temperature=float(temperature),
                     class_weights=class_weights, logit_offsets=logit_offsets,
                     focal_gamma=float(loss.get('focal_gamma', 0.0) or 0.0),
                     label_smoothing=float(config.label_smoothing),
@@ -268,9 +270,23 @@ def batch_statistics(params: Any, batch_stats: Any, batch: dict[str, jax.Array],
 def forward(params: Any, batch_stats: Any, images_BxHxWxC: jax.Array, *, model_def: ModelDef,
             cfg: StepConfig) -> jax.Array:
   """The one inference forward pass: uint8 images -> ``logits_BxK`` (running BN statistics, no
-  dropout). Evaluation, prediction, export and serving all run it."""
+  dropout), divided by ``cfg.temperature`` when the run fitted one (then in float32).
+  Evaluation, prediction, export and serving all run it."""
   model = model_def.merge(params, batch_stats)
-  return model(normalize(images_BxHxWxC, cfg), train=False)
+  logits = model(normalize(images_BxHxWxC, cfg), train=False)
+  if cfg.temperature != 1.0:
+    logits = logits.astype(jnp.float32) / jnp.float32(cfg.temperature)
+  return logits
+
+
+def temperature_sums(variables: Any, batch: dict[str, jax.Array], *, model_def: ModelDef,
+                     cfg: StepConfig) -> dict[str, jax.Array]:
+  """``temperature.nll_sums`` of the model's own logits (no temperature, no test-time
+  augmentation: the forward pass prediction, serving and export run) over a padded batch."""
+  cfg = dataclasses.replace(cfg, temperature=1.0)
+  logits = forward(variables.params, variables.batch_stats, batch['image'], model_def=model_def,
+                   cfg=cfg)
+  return temperature.nll_sums(logits, batch['label'], batch['mask'])
 
 
 def log_probs_fn(variables: Any, images: jax.Array, *, model_def: ModelDef, cfg: StepConfig,
@@ -332,7 +348,8 @@ def multilabel_eval_sums(variables: Any, batch: dict[str, jax.Array], *, model_d
 def probabilities(variables: Any, images_BxHxWxC: jax.Array, *, model_def: ModelDef,
                   cfg: StepConfig) -> dict[str, jax.Array]:
   """``{'probabilities', 'logits'}`` (BxK float32) of uint8 images: what prediction returns
-  (softmax over the classes; multi-label: each class's sigmoid, as ``tanh_sigmoid``)."""
+  (softmax over the classes; multi-label: each class's sigmoid, as ``tanh_sigmoid``). With a
+  fitted temperature the logits are already divided by it: probabilities = softmax(logits)."""
   logits = forward(variables.params, variables.batch_stats, images_BxHxWxC, model_def=model_def,
                    cfg=cfg).astype(jnp.float32)
   probs = tanh_sigmoid(logits) if cfg.multilabel else jax.nn.softmax(logits, -1)

@@ -124,6 +124,9 @@ class _Trainer:
     self.threshold_split = (s.config.evaluate.get('threshold_split', '') or ''
                             if s.info.multilabel and 'evaluate' in s.config else '')
     self.thresholds: tuple[float, ...] | None = None
+    # Single-label: a temperature fitted on config.evaluate.temperature_split at the end.
+    self.temperature_split = run.temperature_split(s.config)
+    self.temperature: dict[str, Any] | None = None   # run.fit_temperature's record
     self.writer, self.bar = writer, bar
     self.last_good = ckpt.latest_step()
     self.log = _TrainLog(writer, bar, s.config.batch_size, self.diverged)
@@ -141,6 +144,11 @@ class _Trainer:
         process_index=jax.process_index(), process_count=jax.process_count(),
         split_size=s.info.num_examples.get(self.threshold_split))
         if self.threshold_split else None)
+    self.temperature_data = (reader.eval_data(
+        s.config.data, self.temperature_split, local_batch_size=s.local_eval_batch_size,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        split_size=s.info.num_examples.get(self.temperature_split))
+        if self.temperature_split else None)
     self.inference_meta = inference.inference_meta(s.config.data, s.info)
     self.state_sh = state_sh
     self.bn_batches = self.x_statistics_batches()
@@ -209,6 +217,8 @@ class _Trainer:
     variables = self.eval_variables()
     if final and self.threshold_split:
       self.choose_thresholds(variables)
+    if final and self.temperature_split:
+      self.fit_temperature(variables)
     if self.eval_subset > 0 and not final:  # intermediate evaluations: the first N examples
       batches = self.eval_data.head_batches(-(-self.eval_subset // self.s.config.eval_batch_size))
     else:
@@ -240,6 +250,14 @@ class _Trainer:
                                                                   thresholds=self.thresholds))
     self.eval_step = run.jit_eval_step(s, self.eval_sh, tta=self.tta)
 
+  def fit_temperature(self, variables: Any) -> None:
+    """The temperature of ``run.fit_temperature``; the final evaluation and the checkpoint use it."""
+    self.temperature = run.fit_temperature(self.s, variables, self.eval_sh, self.temperature_data,
+                                           self.temperature_split)
+    s = dataclasses.replace(self.s, step_cfg=dataclasses.replace(
+        self.s.step_cfg, temperature=self.temperature['value']))
+    self.eval_step = run.jit_eval_step(s, self.eval_sh, tta=self.tta)
+
   def meta(self, step: int) -> dict[str, Any]:
     """JSON saved beside the state: the config, what inference needs, the pipeline's position."""
     c, info = self.s.config, self.s.info
@@ -250,7 +268,8 @@ class _Trainer:
             # is the whole position; resuming rebuilds the stream from it.
             'data_position': {'step': step, 'seed': c.seed, 'examples_seen': step * c.batch_size},
             **({'thresholds': {'values': list(self.thresholds), 'split': self.threshold_split}}
-               if self.thresholds is not None else {})}
+               if self.thresholds is not None else {}),
+            **({'temperature': self.temperature} if self.temperature is not None else {})}
 
   def save(self, step: int, eval_result: dict[str, Any] | None = None) -> None:
     """Starts an async save once every step up to ``step`` is known to be finite."""

@@ -243,6 +243,8 @@ def _write_and_verify(clf: inference.Classifier, cfg: ml_collections.ConfigDict,
             'task': 'multilabel' if clf.trained.info.multilabel else 'single_label',
             'thresholds': (list(clf.trained.decision_thresholds)
                            if clf.trained.info.multilabel else None),
+            # Single-label: the fitted temperature the logits are already divided by (1.0: none).
+            'temperature': clf.trained.temperature,
             'compute_dtype': clf.step_cfg.compute_dtype,
             'preprocessing_before_input': clf.run.data.eval_preprocess or 'none',
             'files': files, 'bytes': {f: _size(os.path.join(staging, f)) for f in files},

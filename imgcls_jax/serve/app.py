@@ -201,7 +201,8 @@ def create_app(svc: Service) -> fastapi.FastAPI:
             'input_shape': list(c.image_shape), 'checkpoint_step': c.step,
             'max_upload_bytes': int(svc.cfg.max_upload_bytes), 'top_k': int(svc.cfg.top_k),
             'task': 'multilabel' if multi else 'single_label',
-            'thresholds': list(c.trained.decision_thresholds) if multi else None}
+            'thresholds': list(c.trained.decision_thresholds) if multi else None,
+            'temperature': c.trained.temperature}
 
   @app.post('/v1/classify', openapi_extra=_IMAGE_BODY,
             summary='Classify one image: the raw bytes as the body, or a multipart file "image"')

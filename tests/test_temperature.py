@@ -1,0 +1,178 @@
+"""Temperature scaling (``config.evaluate.temperature_split``, imgcls_jax/temperature.py): the
+fitted temperature against scipy's minimiser of scikit-learn's log loss, and a trained run whose
+checkpoint, evaluation report, predictions and export all use it."""
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import scipy.optimize
+import scipy.special
+from sklearn import metrics as skm
+
+from imgcls_jax import checkpoint, inference, run, temperature, train
+from imgcls_jax.errors import UserError
+from tests.conftest import REPO, subprocess_env
+
+
+def _oracle_temperature(logits_NxK, labels_N):
+  """scipy's bounded minimiser of scikit-learn's log loss of softmax(logits / T)."""
+  k = logits_NxK.shape[1]
+
+  def loss(t):
+    return skm.log_loss(labels_N, scipy.special.softmax(logits_NxK / t, axis=1), labels=range(k))
+
+  res = scipy.optimize.minimize_scalar(loss, bounds=(temperature.T_MIN, temperature.T_MAX),
+                                       method='bounded', options={'xatol': 1e-6})
+  return float(res.x), float(res.fun), loss(1.0)
+
+
+def _fit(logits_NxK, labels_N, batch=64):
+  """``temperature.nll_sums`` over padded, masked batches (garbage in the padding), summed."""
+  total = None
+  fn = jax.jit(temperature.nll_sums)
+  for start in range(0, len(labels_N), batch):
+    x = np.full((batch, logits_NxK.shape[1]), 1e4, np.float32)   # padding: huge, wrong logits
+    y = np.zeros((batch,), np.int32)
+    m = np.zeros((batch,), bool)
+    chunk = slice(start, start + batch)
+    n = len(labels_N[chunk])
+    x[:n], y[:n], m[:n] = logits_NxK[chunk], labels_N[chunk], True
+    sums = jax.device_get(fn(x, y, m))
+    total = sums if total is None else jax.tree.map(np.add, total, sums)
+  return temperature.choose(total['nll_G'], total['count'])
+
+
+@pytest.mark.parametrize('true_t', [0.4, 2.5])
+def test_fit_matches_scipy_on_log_loss(true_t):
+  rng = np.random.default_rng(int(true_t * 10))
+  z = rng.normal(size=(1500, 7)).astype(np.float32) * 3.0
+  # labels drawn from softmax(z / true_t): the NLL-optimal temperature is near true_t
+  cdf = np.cumsum(scipy.special.softmax(z.astype(np.float64) / true_t, axis=1), axis=1)
+  y = np.minimum((rng.random((len(z), 1)) > cdf).sum(1), 6)
+  fit = _fit(z, y)
+  t_ref, nll_ref, nll_one = _oracle_temperature(z.astype(np.float64), y)
+  assert abs(fit.temperature / t_ref - 1) < 0.005, (fit, t_ref)
+  assert abs(fit.temperature / true_t - 1) < 0.2
+  assert fit.nll_before == pytest.approx(nll_one, rel=1e-5)
+  assert fit.nll_after == pytest.approx(nll_ref, rel=2e-3)   # the grid point next to the minimum
+  assert not fit.at_edge
+
+
+def test_fit_at_the_grid_edge_and_non_finite():
+  z = np.eye(5, dtype=np.float32)[np.arange(200) % 5] * 4.0   # every example right: T -> 0 wins
+  fit = _fit(z, np.arange(200) % 5)
+  assert fit.at_edge and fit.temperature == pytest.approx(temperature.T_MIN, rel=1e-6)
+  bad = temperature.choose(np.full(temperature.GRID_SIZE, np.nan), 10)
+  assert bad.temperature == 1.0
+
+
+# ---- a trained run ----
+
+def _digits(tfds_dir, split):
+  import tensorflow_datasets as tfds
+  from imgcls_jax.data import digits  # noqa: F401  (registers the builder)
+  d = tfds.as_numpy(tfds.load('sklearn_digits', split=split, batch_size=-1, data_dir=tfds_dir))
+  return d['image'], d['label']
+
+
+@pytest.fixture(scope='module')
+def calibrated(tmp_path_factory, tfds_dir):
+  """A digits run trained with label smoothing 0.3 (under-confident) on 80% of the training
+  split, the temperature fitted on the other 20%."""
+  sys.path.insert(0, REPO)
+  from configs import default
+  c = default.get_config()
+  c.data.data_dir = tfds_dir
+  c.data.train_split = 'train[:80%]'
+  c.evaluate.temperature_split = 'train[80%:]'
+  c.label_smoothing = 0.3
+  c.model.widths = (16, 32)
+  c.batch_size = 64
+  c.eval_batch_size = 64
+  c.num_train_steps = 120
+  c.eval_every_steps = 60
+  c.checkpoint_every_steps = 60
+  c.progress_bar = False
+  c.tensorboard = False
+  workdir = str(tmp_path_factory.mktemp('calibrated'))
+  final = train.train_and_evaluate(c, workdir)
+  return c, workdir, final
+
+
+def _raw_logits(workdir, images):
+  trained = inference.load(workdir)
+  clf = inference.classifier(dataclasses.replace(trained, temperature=1.0))
+  return trained.temperature, clf.predict_arrays(images)['logits'].astype(np.float64)
+
+
+def test_run_fits_the_temperature_that_minimises_held_out_log_loss(calibrated, tfds_dir):
+  _, workdir, final = calibrated
+  with checkpoint.Checkpointer(workdir) as ckpt:
+    record = ckpt.read_meta(ckpt.latest_step())['temperature']
+  images, labels = _digits(tfds_dir, 'train[80%:]')
+  t, raw = _raw_logits(workdir, images)
+  assert record['value'] == t and record['split'] == 'train[80%:]'
+  assert record['examples'] == len(labels)
+  t_ref, nll_ref, nll_one = _oracle_temperature(raw, labels)
+  assert abs(t / t_ref - 1) < 0.005, (t, t_ref)
+  assert t < 0.9     # label smoothing 0.3 leaves the model under-confident: T sharpens it
+  assert record['nll'][0] == pytest.approx(nll_one, rel=1e-4)
+  assert record['nll'][1] == pytest.approx(nll_ref, rel=2e-3)
+  assert record['ece'][1] < record['ece'][0]
+
+
+def test_every_reader_of_the_run_uses_the_temperature(calibrated, tfds_dir, tmp_path):
+  _, workdir, final = calibrated
+  images, labels = _digits(tfds_dir, 'test')
+  t, raw = _raw_logits(workdir, images)
+  want = scipy.special.softmax(raw / t, axis=1)
+  # predict / serve: the Classifier of the run
+  got = inference.classifier(inference.load(workdir)).predict_arrays(images)
+  np.testing.assert_allclose(got['probabilities'], want, atol=2e-6)
+  np.testing.assert_allclose(got['logits'], raw / t, rtol=1e-5, atol=1e-5)
+  # the final evaluation of training and --mode=evaluate: the loss of the tempered probabilities
+  assert final['loss'] == pytest.approx(skm.log_loss(labels, want, labels=range(10)), rel=1e-4)
+  out = tmp_path / 'report'
+  res = subprocess.run([sys.executable, '-m', 'imgcls_jax.main', '--mode=evaluate',
+                        f'--workdir={workdir}', '--config.evaluate.checkpoint=latest',
+                        f'--config.evaluate.output_dir={out}'], cwd=REPO,
+                       env=subprocess_env(1), capture_output=True, text=True, timeout=300)
+  assert res.returncode == 0, res.stderr[-2000:]
+  rep = json.load(open(out / 'report.json'))
+  assert rep['context']['temperature'] == t
+  assert rep['loss'] == pytest.approx(skm.log_loss(labels, want, labels=range(10)), rel=1e-4)
+
+
+def test_export_records_and_applies_the_temperature(calibrated, tmp_path):
+  pytest.importorskip('tensorflow')
+  from imgcls_jax import export
+  config, workdir, _ = calibrated
+  config = config.copy_and_resolve_references()
+  config.export.output_dir = str(tmp_path / 'export')
+  config.export.verify_examples = 32
+  record = export.export(config, workdir)
+  t = inference.load(workdir).temperature
+  assert record['temperature'] == t != 1.0
+  assert json.load(open(tmp_path / 'export' / 'export.json'))['temperature'] == t
+  samples = checkpoint.read_samples(workdir)['eval_images'][:8]
+  _, raw = _raw_logits(workdir, samples)
+  got = export.run_tflite(str(tmp_path / 'export' / 'model.tflite'), samples)
+  np.testing.assert_allclose(got['probabilities'], scipy.special.softmax(raw / t, axis=1),
+                             atol=1e-5)
+
+
+def test_bad_temperature_splits_are_one_line(digits_config, tmp_path):
+  digits_config.evaluate.temperature_split = 'test'
+  with pytest.raises(UserError, match="is the eval split.*train\\[:90%\\]"):
+    run.setup(digits_config)
+  with pytest.raises(UserError, match='single-label runs'):
+    run.check_temperature_split(digits_config, multilabel=True)
+  digits_config.evaluate.temperature_split = 'nonexistent'
+  with pytest.raises(UserError, match='nonexistent'):
+    train.train_and_evaluate(digits_config, str(tmp_path))   # before the first step
+  assert checkpoint.finished_steps(str(tmp_path / 'checkpoints')) == []
