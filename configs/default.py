@@ -238,6 +238,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.evaluate.calibration_bins = 15        # equal-width confidence bins of the ECE / reliability plot
   c.evaluate.top_confused = 10            # most confused class pairs listed in the report
   c.evaluate.output_dir = ''              # report files; '' = the workdir
+  c.evaluate.confidence_level = 0.95      # the report's intervals (imgcls_jax/intervals.py): top-1
+                                          # exact (Clopper-Pearson); top-1, macro F1 and balanced
+  c.evaluate.bootstrap_resamples = 1000   # accuracy by bootstrapping the examples (0: exact only)
   # Multi-label: the split on which per-class decision thresholds are chosen (best F1 per tag)
   # at the end of training; saved with the checkpoint and used by evaluate, predict, export and
   # serve. '' = 0.5 for every tag.

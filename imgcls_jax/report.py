@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from imgcls_jax import report_multilabel, roc
+from imgcls_jax import intervals, report_multilabel, roc
 
 DEFAULT_CALIBRATION_BINS = 15
 STAT_KEYS = ('loss', 'correct', 'correct_top5', 'count', 'confusion', 'bin_count',
@@ -304,6 +304,8 @@ def headline(report: Mapping[str, Any]) -> list[str]:
     a = report[f'{avg}_avg']
     lines.append(f"{avg + ' avg':<13} precision {a['precision']:.4f}  recall {a['recall']:.4f}  "
                  f"F1 {a['f1']:.4f}")
+  if 'intervals' in report:
+    lines.append(intervals.headline(report['intervals']))
   return lines
 
 
@@ -349,6 +351,8 @@ def to_markdown(report: Mapping[str, Any], title: str, context: Mapping[str, Any
   for avg in ('macro', 'weighted'):
     a = report[f'{avg}_avg']
     md.append(f"| {avg} | {a['precision']:.4f} | {a['recall']:.4f} | {a['f1']:.4f} |")
+  if 'intervals' in report:
+    md += intervals.markdown(report['intervals'])
   md += ['', '## Per class', '', '| class | precision | recall (sensitivity) | specificity | F1 | '
          'ROC-AUC | support |', '|---|---|---|---|---|---|---|']
   for r in report['per_class']:

@@ -1,0 +1,98 @@
+"""Confidence intervals of the evaluation report's headline metrics (single-label).
+
+- top-1 accuracy: the exact (Clopper-Pearson) interval of a binomial proportion
+  (``scipy.stats.binomtest``);
+- top-1 accuracy, macro F1 and balanced accuracy: a percentile bootstrap over the examples
+  (``scipy.stats.bootstrap``). These metrics see an example only as its (true, predicted) pair,
+  and the confusion matrix counts exactly those pairs, so resampling the pairs it holds is
+  resampling the examples: no per-example record is needed, and the intervals come from the same
+  summed statistics as the report. The statistic is vectorised: one ``bincount`` turns a batch of
+  resamples into a batch of confusion matrices.
+
+The intervals describe the uncertainty from the finite eval split (another sample of images from
+the same distribution), not the run-to-run spread of training (seeds), which needs several runs.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import scipy.stats
+
+MAX_CELLS = 4_000_000   # resample-batch x max(examples, K x K): the statistic's working set
+
+
+def _metrics(confusion_BxKxK: np.ndarray) -> np.ndarray:
+  """``3 x B``: top-1 accuracy, macro F1 (over the classes present in labels or predictions, as
+  scikit-learn's default) and balanced accuracy (mean recall over the classes in the labels)."""
+  cm = confusion_BxKxK.astype(np.float64)
+  tp = np.diagonal(cm, axis1=1, axis2=2)
+  support, predicted = cm.sum(axis=2), cm.sum(axis=1)
+  n = cm.sum(axis=(1, 2))
+  f1 = np.divide(2 * tp, support + predicted, out=np.zeros_like(tp), where=support + predicted > 0)
+  recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
+  present, labelled = (support + predicted) > 0, support > 0
+  return np.stack([tp.sum(1) / n, (f1 * present).sum(1) / present.sum(1),
+                   (recall * labelled).sum(1) / labelled.sum(1)])
+
+
+def report_intervals(confusion_KxK: np.ndarray, *, level: float = 0.95, resamples: int = 1000,
+                     seed: int = 0) -> dict[str, Any]:
+  """The ``intervals`` entry of the report: ``[low, high]`` for each metric at ``level``."""
+  cm = np.asarray(confusion_KxK, np.int64)
+  k, n = cm.shape[0], int(cm.sum())
+  correct = int(np.trace(cm))
+  exact = scipy.stats.binomtest(correct, n).proportion_ci(confidence_level=level,
+                                                         method='exact')
+  out: dict[str, Any] = {'level': level, 'examples': n,
+                         'accuracy_exact': [float(exact.low), float(exact.high)]}
+  if resamples <= 0 or n < 2:
+    return out
+  true_N, pred_N = np.divmod(np.repeat(np.arange(k * k), cm.ravel()), k)
+
+  def statistic(t: np.ndarray, p: np.ndarray, axis: int = -1) -> np.ndarray:
+    codes = np.moveaxis(t * k + p, axis, -1)
+    batch_shape = codes.shape[:-1]
+    codes = codes.reshape(-1, codes.shape[-1])
+    b = len(codes)
+    counts = np.bincount((codes + (np.arange(b) * k * k)[:, None]).ravel(), minlength=b * k * k)
+    return _metrics(counts.reshape(b, k, k)).reshape((3,) + batch_shape)
+
+  res = scipy.stats.bootstrap((true_N, pred_N), statistic, paired=True, vectorized=True,
+                              n_resamples=resamples, confidence_level=level, method='percentile',
+                              batch=max(1, MAX_CELLS // max(n, k * k)),
+                              rng=np.random.default_rng(seed))
+  low, high = res.confidence_interval
+  out.update({'method': f'percentile bootstrap over the examples, {resamples} resamples, '
+                        f'seed {seed}',
+              'resamples': resamples})
+  for i, name in enumerate(('accuracy', 'f1_macro', 'balanced_accuracy')):
+    out[name] = [float(low[i]), float(high[i])]
+  return out
+
+
+def _span(name: str, iv: Any) -> str:
+  return f'{name} {100 * iv[0]:.2f}-{100 * iv[1]:.2f}%'
+
+
+def headline(intervals: dict[str, Any]) -> str:
+  """One line for the printed table."""
+  parts = [_span('top-1', intervals['accuracy_exact']) + ' (exact)']
+  parts += [_span(label, intervals[key]) for key, label in
+            (('f1_macro', 'macro F1'), ('balanced_accuracy', 'balanced accuracy'))
+            if key in intervals]
+  return f"{100 * intervals['level']:g}% intervals: " + ', '.join(parts)
+
+
+def markdown(intervals: dict[str, Any]) -> list[str]:
+  """The report.md section."""
+  rows = [('top-1 accuracy (Clopper-Pearson, exact)', intervals['accuracy_exact'])]
+  rows += [(label + ' (bootstrap)', intervals[key]) for key, label in
+           (('accuracy', 'top-1 accuracy'), ('f1_macro', 'macro F1'),
+            ('balanced_accuracy', 'balanced accuracy')) if key in intervals]
+  md = ['', '## Confidence intervals', '',
+        f"{100 * intervals['level']:g}% intervals from the {intervals['examples']} evaluated "
+        'examples' + (f" ({intervals['method']})" if 'method' in intervals else '') + '. They '
+        'cover the sampling of the eval split, not the spread between training runs (seeds).', '',
+        '| metric | low | high |', '|---|---|---|']
+  return md + [f'| {label} | {100 * lo:.2f}% | {100 * hi:.2f}% |' for label, (lo, hi) in rows]
