@@ -5,9 +5,10 @@ One number ``T > 0``, fitted after training on a held-out split
 ``softmax(logits / T)``. A run that has one gives ``softmax(logits / T)`` everywhere afterwards:
 its final evaluation and report, ``--mode=evaluate``, predict, serve and the exported models
 (``steps.forward``, the one inference forward pass, divides the logits by
-``StepConfig.temperature``). It never changes which
-class is predicted, only how confident the probabilities are: models trained with label smoothing
-are under-confident (``T < 1`` sharpens them), long-trained ones over-confident (``T > 1``).
+``StepConfig.temperature``). It changes how confident the probabilities are, not which class is
+predicted (with test-time augmentation each view is tempered before the views are averaged, which
+can move a near-tie). Models trained with label smoothing are under-confident (``T < 1`` sharpens
+them), long-trained ones over-confident (``T > 1``).
 
 The fit is one pass of masked sums, exact over padded batches, devices and processes like the
 report's: the split's NLL at each temperature of a log-spaced grid (``GRID``), then a parabola in
