@@ -253,6 +253,12 @@ def get_config() -> ml_collections.ConfigDict:
   # temperature_split='train[90%:]'. '' = no temperature scaling.
   c.evaluate.temperature_split = ''
 
+  # ---- --mode=compare (imgcls_jax/compare.py): the run in --workdir (A) against another (B) ----
+  # Both predict config.evaluate.split (checkpoint, TTA, intervals: config.evaluate.*); the report
+  # gives B - A with paired bootstrap intervals and McNemar's exact test.
+  c.compare = ml_collections.ConfigDict()
+  c.compare.workdir = ''                  # run B's directory (required)
+
   # ---- k-fold cross-validation (imgcls_jax/cross_validation.py) ----
   c.cross_validation = ml_collections.ConfigDict()
   # 0 = off. K >= 2: the train command trains K models on stratified folds of data.train_split

@@ -22,7 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from imgcls_jax import plots, report, report_files, run, train
+from imgcls_jax import evaluation, plots, report, report_files, train
 from imgcls_jax.data import folds as folds_lib
 from imgcls_jax.errors import UserError
 
@@ -78,7 +78,7 @@ def cross_validate(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
       logging.warning('Cross-validation stopped in fold %d at step %d; run the same command '
                       'again to resume.', i, result['interrupted_at_step'])
       return {'interrupted_in_fold': i, **result}
-    ev = run.evaluate_checkpoint(fold_dir, fc, split=fc.data.eval_split, checkpoint_spec='latest',
+    ev = evaluation.evaluate_checkpoint(fold_dir, fc, split=fc.data.eval_split, checkpoint_spec='latest',
                                  tta=config.evaluate.tta or '',
                                  num_bins=int(config.evaluate.calibration_bins))
     stats = ev.stats

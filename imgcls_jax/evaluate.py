@@ -19,7 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from imgcls_jax import inference, intervals, metrics, plots, report_files, run
+from imgcls_jax import evaluation, inference, intervals, metrics, plots, report_files
 from imgcls_jax.errors import UserError
 
 
@@ -36,7 +36,7 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str,
   if not isinstance(resamples, int) or resamples < 0:
     raise UserError(f'config.evaluate.bootstrap_resamples={resamples!r} must be a whole number '
                     '>= 0 (0: only the exact top-1 interval).')
-  ev = run.evaluate_checkpoint(workdir, config, split=e.split, checkpoint_spec=e.checkpoint,
+  ev = evaluation.evaluate_checkpoint(workdir, config, split=e.split, checkpoint_spec=e.checkpoint,
                                tta=e.tta or '', num_bins=int(e.calibration_bins),
                                overrides=overrides)
   cfg, info = ev.trained.run, ev.trained.info

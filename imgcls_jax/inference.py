@@ -29,7 +29,7 @@ from imgcls_jax.data.info import DatasetInfo
 from imgcls_jax.errors import UserError
 
 # Sections of the config that each mode owns: set freely on the command line of that mode.
-MODE_SECTIONS = ('evaluate', 'predict', 'export', 'serve', 'embed')
+MODE_SECTIONS = ('evaluate', 'predict', 'export', 'serve', 'embed', 'compare')
 # Keys that say where the evaluation data lives now (the run's may have moved), or how to lay the
 # work out on this machine: they may differ from the run's without changing the model.
 LOCATION_KEYS = ('ema.inference', 'data.data_dir', 'data.manual_dir', 'data.folder', 'data.eval_split',

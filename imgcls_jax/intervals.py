@@ -22,7 +22,7 @@ import scipy.stats
 MAX_CELLS = 4_000_000   # resample-batch x max(examples, K x K): the statistic's working set
 
 
-def _metrics(confusion_BxKxK: np.ndarray) -> np.ndarray:
+def confusion_metrics(confusion_BxKxK: np.ndarray) -> np.ndarray:
   """``3 x B``: top-1 accuracy, macro F1 (over the classes present in labels or predictions, as
   scikit-learn's default) and balanced accuracy (mean recall over the classes in the labels)."""
   cm = confusion_BxKxK.astype(np.float64)
@@ -56,7 +56,7 @@ def report_intervals(confusion_KxK: np.ndarray, *, level: float = 0.95, resample
     codes = codes.reshape(-1, codes.shape[-1])
     b = len(codes)
     counts = np.bincount((codes + (np.arange(b) * k * k)[:, None]).ravel(), minlength=b * k * k)
-    return _metrics(counts.reshape(b, k, k)).reshape((3,) + batch_shape)
+    return confusion_metrics(counts.reshape(b, k, k)).reshape((3,) + batch_shape)
 
   res = scipy.stats.bootstrap((true_N, pred_N), statistic, paired=True, vectorized=True,
                               n_resamples=resamples, confidence_level=level, method='percentile',
@@ -96,3 +96,32 @@ def markdown(intervals: dict[str, Any]) -> list[str]:
         'cover the sampling of the eval split, not the spread between training runs (seeds).', '',
         '| metric | low | high |', '|---|---|---|']
   return md + [f'| {label} | {100 * lo:.2f}% | {100 * hi:.2f}% |' for label, (lo, hi) in rows]
+
+
+def paired_differences(true_N: np.ndarray, pred_a_N: np.ndarray, pred_b_N: np.ndarray,
+                       num_classes: int, *, level: float = 0.95, resamples: int = 1000,
+                       seed: int = 0) -> dict[str, list[float]]:
+  """Percentile-bootstrap intervals of ``metric(B) - metric(A)`` for top-1 accuracy, macro F1 and
+  balanced accuracy, resampling the examples (each keeps its label and both predictions)."""
+  k = num_classes
+
+  def statistic(t: np.ndarray, a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
+    t, a, b = (np.moveaxis(x, axis, -1) for x in (t, a, b))
+    batch_shape = t.shape[:-1]
+    t, a, b = (x.reshape(-1, x.shape[-1]) for x in (t, a, b))
+    offsets = (np.arange(len(t)) * k * k)[:, None]
+
+    def metrics_of(p: np.ndarray) -> np.ndarray:
+      counts = np.bincount((t * k + p + offsets).ravel(), minlength=len(t) * k * k)
+      return confusion_metrics(counts.reshape(len(t), k, k))
+
+    return (metrics_of(b) - metrics_of(a)).reshape((3,) + batch_shape)
+
+  n = max(len(true_N), 1)
+  res = scipy.stats.bootstrap((true_N, pred_a_N, pred_b_N), statistic, paired=True,
+                              vectorized=True, n_resamples=resamples, confidence_level=level,
+                              method='percentile', batch=max(1, MAX_CELLS // max(2 * n, k * k)),
+                              rng=np.random.default_rng(seed))
+  low, high = res.confidence_interval
+  return {name: [float(low[i]), float(high[i])]
+          for i, name in enumerate(('accuracy', 'f1_macro', 'balanced_accuracy'))}

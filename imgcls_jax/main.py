@@ -33,11 +33,12 @@ MODES: dict[str, tuple[str, str]] = {
     'export': ('imgcls_jax.export', 'export'),
     'serve': ('imgcls_jax.serve', 'serve'),
     'evaluate': ('imgcls_jax.evaluate', 'evaluate'),
+    'compare': ('imgcls_jax.compare', 'compare'),
     'curves': ('imgcls_jax.evaluate', 'curves'),
     'classical': ('imgcls_jax.classical', 'classical'),
     'embed': ('imgcls_jax.embed', 'embed'),
 }
-TRAINED_RUN_MODES = ('predict', 'export', 'serve', 'evaluate', 'curves', 'embed')
+TRAINED_RUN_MODES = ('predict', 'export', 'serve', 'evaluate', 'compare', 'curves', 'embed')
 
 FLAGS = flags.FlagValues()
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py), '

@@ -1,8 +1,9 @@
 """The layer under every mode: setup from a config, jitted steps with shardings, restore-or-init,
-and evaluation of a split.
+the summed statistics of an evaluation, and the temperature fitted at the end of training
+(``evaluation.py`` restores a trained checkpoint for a split on top of it).
 
-Modes (``train``, ``evaluate``, ``cross_validation``, ``predict``, ``export``, ``serve``) build on
-this module and ``inference.py``, never on each other. Nothing here imports TensorFlow at module
+Modes (``train``, ``evaluate``, ``compare``, ``cross_validation``, ``predict``, ``export``,
+``serve``) build on this module, ``evaluation.py`` and ``inference.py``, never on each other. Nothing here imports TensorFlow at module
 level: the dataset is described by a ``DatasetInfo`` (read from the data source only when none is
 given), so steps, state and shardings run where only JAX is installed (e.g. the throughput
 benchmark on synthetic data).
@@ -12,16 +13,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import os
 from typing import Any, Iterable
 
 import jax
 import ml_collections
 import numpy as np
 
-from imgcls_jax import (checkpoint, configlib, device_augment, dispatch, inference, loss_weights,
-                        metrics, models, optim, report, sharding, steps, temperature, weights,
-                        whitening)
+from imgcls_jax import (checkpoint, configlib, device_augment, dispatch, loss_weights, models,
+                        optim, report, sharding, steps, temperature, weights, whitening)
 from imgcls_jax import state as state_lib
 from imgcls_jax.data import reader
 from imgcls_jax.data.info import DatasetInfo, check_flips, read_shards
@@ -275,108 +274,3 @@ def eval_sums(eval_step: Any, variables: Any, batches: Iterable[dict[str, np.nda
   if totals is None:
     raise UserError(f"The split '{split}' is empty; evaluate a split with examples.")
   return totals
-
-
-def choose_step(ckpt: checkpoint.Checkpointer, spec: str, metrics_path: str) -> tuple[int, str]:
-  """(step, how it was chosen) for ``config.evaluate.checkpoint``: 'best', 'latest' or a step.
-
-  'best' is the checkpoint the Checkpointer ranks best (``config.checkpoint.best_metric``); for a
-  run saved without evaluation metrics, the kept checkpoint with the highest eval top-1 in
-  ``metrics.jsonl`` (ties: the later step); failing both, the latest.
-  """
-  available = sorted(ckpt.all_steps())
-  spec = str(spec).strip().lower()
-  if spec == 'latest':
-    return available[-1], 'latest'
-  if spec == 'best':
-    best = ckpt.best_step()
-    if best is not None:
-      return best, f'best by eval {ckpt.best_metric} ({ckpt.best_mode})'
-    records = metrics.read_jsonl(metrics_path) if os.path.exists(metrics_path) else []
-    acc = {int(r['step']): float(r['accuracy']) for r in records
-           if r.get('split') == 'eval' and r.get('accuracy') is not None}
-    scored = [(acc[s], s) for s in available if s in acc]
-    if scored:
-      best_acc, best = max(scored)
-      return best, f'best (eval top-1 {best_acc:.4f} in metrics.jsonl)'
-    logging.warning('No kept checkpoint has an eval record in %s; using the latest.', metrics_path)
-    return available[-1], 'latest (no evaluated checkpoint to pick the best from)'
-  if spec.isdigit():
-    step = int(spec)
-    if step not in available:
-      raise UserError(f"Checkpoint step {step} is not in {ckpt.directory}; kept steps: "
-                      f"{', '.join(map(str, available))}.")
-    return step, f'step {step}'
-  raise UserError(f"config.evaluate.checkpoint='{spec}' must be 'best', 'latest' or a step "
-                  'number.')
-
-
-@dataclasses.dataclass
-class Evaluation:
-  """Summed statistics of one checkpoint on one split, and what was evaluated."""
-  stats: dict[str, np.ndarray]
-  trained: inference.Trained
-  split: str
-  step: int
-  chosen: str
-  tta: str
-  workdir: str
-  dataset: str = ''   # what was evaluated ('' = the run's own dataset)
-
-  def report(self, top_confused: int = 10) -> dict[str, Any]:
-    """The full report (``report.summarize``) with what was evaluated as its ``context``."""
-    info, cfg = self.trained.info, self.trained.run
-    rep = report.summarize(self.stats, info.class_names, top_confused=top_confused,
-                           thresholds=self.trained.thresholds)
-    rep['context'] = {'dataset': self.dataset or info.name, 'split': self.split, 'checkpoint_step': self.step,
-                      'checkpoint': self.chosen, 'tta': self.tta or 'none',
-                      'model': cfg.model.name, 'workdir': self.workdir,
-                      'temperature': self.trained.temperature}
-    return rep
-
-
-def _new_image_location(saved: dict[str, Any], overrides: dict[str, Any]) -> bool:
-  """True when the command line points an image-folder run at another folder or manifest."""
-  def where(v: Any) -> str:
-    return os.path.abspath(os.path.expanduser(v)) if v else ''
-  return any(where(overrides[f'data.{k}']) != where(saved.get('data', {}).get(k))
-             for k in ('folder', 'manifest') if f'data.{k}' in overrides)
-
-
-def evaluate_checkpoint(workdir: str, config: ml_collections.ConfigDict | None, *, split: str = '',
-                        checkpoint_spec: str = 'latest', tta: str = '',
-                        num_bins: int = report.DEFAULT_CALIBRATION_BINS,
-                        overrides: dict[str, Any] | None = None) -> Evaluation:
-  """Evaluates one checkpoint of ``workdir`` on ``split`` ('' = the run's eval split), every
-  example exactly once, on the mesh with the run's parameter placement."""
-  workdir = os.path.abspath(workdir)
-  checkpoint.require_checkpoint(workdir)
-  if num_bins < 1:
-    raise UserError(f'config.evaluate.calibration_bins={num_bins} must be at least 1.')
-  keep = config if config is not None else ml_collections.ConfigDict(checkpoint.read_config(workdir))
-  with checkpoint.Checkpointer.from_config(workdir, keep) as ckpt:
-    step, chosen = choose_step(ckpt, checkpoint_spec, os.path.join(workdir, 'metrics.jsonl'))
-    latest = ckpt.latest_step()
-    fitted = [k for k in ('temperature', 'thresholds') if step != latest and k in
-              ckpt.read_meta(latest) and k not in ckpt.read_meta(step)]
-  if fitted:  # chosen at the end of training, for the final weights only
-    logging.warning('Checkpoint %d (%s) has no %s: the run fitted %s on its final weights '
-                    '(step %d) only; --config.evaluate.checkpoint=latest evaluates with %s.',
-                    step, chosen, ' or '.join(fitted), 'them' if len(fitted) > 1 else 'it',
-                    latest, 'them' if len(fitted) > 1 else 'it')
-  trained = inference.load(workdir, config, step=step, overrides=overrides)
-  cfg = trained.run
-  new_images = _new_image_location(checkpoint.read_config(workdir) or {}, overrides or {})
-  split = split or (reader.default_eval_split(cfg.data) if new_images else cfg.data.eval_split)
-  check_flips(cfg.data, tta, mirror_safe=trained.info.mirror_safe)
-  s = setup(cfg, trained.info, training=False, thresholds=trained.thresholds,
-            temperature=trained.temperature)
-  variables, shardings = place_variables(s, trained.variables)
-  eval_step = jit_eval_step(s, shardings, tta=tta, num_bins=num_bins)
-  data = reader.eval_data(cfg.data, split, local_batch_size=s.local_eval_batch_size,
-                          process_index=jax.process_index(), process_count=jax.process_count(),
-                          split_size=reader.split_size(cfg.data, split, trained.info),
-                          info=trained.info)
-  sums = eval_sums(eval_step, variables, data.batches(), s.mesh, split)
-  return Evaluation(stats=report.stats_to_numpy(sums), trained=trained, split=split, step=step,
-                    chosen=chosen, tta=tta, workdir=workdir, dataset=reader.dataset_name(cfg.data))

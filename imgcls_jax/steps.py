@@ -319,6 +319,15 @@ def eval_step(variables: Any, batch: dict[str, jax.Array], *, model_def: ModelDe
   return report.eval_sums(log_probs, batch['label'], batch['mask'], num_bins)
 
 
+def predicted_classes(variables: Any, batch: dict[str, jax.Array], *, model_def: ModelDef,
+                      cfg: StepConfig, tta: str = '') -> jax.Array:
+  """The top-1 class of each row (``int32 B``, padded rows too), exactly as ``eval_step``
+  scores it."""
+  log_probs = log_probs_fn(variables, batch['image'], model_def=model_def, cfg=cfg, tta=tta)
+  return jnp.argmax(jax.nn.log_softmax(log_probs.astype(jnp.float32), axis=-1),
+                    axis=-1).astype(jnp.int32)
+
+
 def multilabel_eval_sums(variables: Any, batch: dict[str, jax.Array], *, model_def: ModelDef,
                          cfg: StepConfig, tta: str = '') -> dict[str, jax.Array]:
   """Multi-label masked sums: binary cross-entropy, count, and ``multilabel.sums`` (per-class

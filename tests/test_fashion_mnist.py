@@ -135,12 +135,12 @@ def test_quick_config_learns(tmp_path, fmnist_dir):
   assert result['accuracy'] > 0.75
   # The recipe evaluates with flip test-time augmentation (config.evaluate.tta), during training as
   # in --mode=evaluate: the training's figure is the report's, and differs from the plain one.
-  from imgcls_jax import run
+  from imgcls_jax import evaluation
   assert c.evaluate.tta == 'flip'
   workdir = str(tmp_path / 'run')
-  with_tta = run.evaluate_checkpoint(workdir, c, split='test', checkpoint_spec='latest',
+  with_tta = evaluation.evaluate_checkpoint(workdir, c, split='test', checkpoint_spec='latest',
                                      tta='flip').report()
-  plain = run.evaluate_checkpoint(workdir, c, split='test', checkpoint_spec='latest',
+  plain = evaluation.evaluate_checkpoint(workdir, c, split='test', checkpoint_spec='latest',
                                   tta='').report()
   assert with_tta['accuracy'] == pytest.approx(result['accuracy'], abs=1e-9)
   assert with_tta['loss'] == pytest.approx(result['loss'], rel=1e-5)

@@ -36,7 +36,7 @@ def _sklearn_scores(t, p):
 
 def test_point_metrics_equal_sklearn_on_the_pairs_the_confusion_matrix_counts():
   t, p = _pairs(CONFUSION)
-  ours = intervals._metrics(CONFUSION[None])[:, 0]
+  ours = intervals.confusion_metrics(CONFUSION[None])[:, 0]
   np.testing.assert_allclose(ours, _sklearn_scores(t, p), rtol=1e-12)
   assert ours[0] - ours[1] > 0.1   # the metrics differ: a mix-up of them would show
 

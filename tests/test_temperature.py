@@ -3,7 +3,6 @@ fitted temperature against scipy's minimiser of scikit-learn's log loss, and a t
 checkpoint, evaluation report, predictions and export all use it."""
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 

@@ -1,0 +1,134 @@
+"""``--mode=compare``: is run B better than run A on the same examples, beyond chance?
+
+  python -m imgcls_jax.main --mode=compare --workdir=runs/a --config.compare.workdir=runs/b \\
+      [--config.evaluate.split=test] [--config.evaluate.checkpoint=latest] \\
+      [--config.evaluate.tta=flip]
+
+Each run's checkpoint (``config.evaluate.checkpoint``, chosen in each run) predicts every example
+of the split once, read with its own preprocessing; the examples are paired by position and must
+carry the same labels. The comparison: each run's top-1, macro F1 and balanced accuracy; the
+differences B - A with paired percentile-bootstrap intervals over the examples
+(``intervals.paired_differences``); the 2 x 2 table of right / wrong; and McNemar's exact test of
+equal top-1 accuracy (the two-sided binomial test of the examples exactly one run gets right,
+``scipy.stats.binomtest``). Two runs that differ only in their seed show what "noise" looks like.
+Writes ``compare.json`` and ``compare.md`` to ``config.evaluate.output_dir`` (default: the
+workdir of A) and prints the table.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import scipy.stats
+
+from imgcls_jax import checkpoint, evaluation, inference, intervals
+from imgcls_jax.errors import UserError
+
+
+def _predictions(workdir: str, config: Any, e: ml_collections.ConfigDict, split: str,
+                 overrides: dict[str, Any] | None) -> tuple[evaluation.Restored, np.ndarray,
+                                                            np.ndarray]:
+  r = evaluation.restore_for_split(workdir, config, split=split, checkpoint_spec=e.checkpoint,
+                                   tta=e.tta or '', overrides=overrides)
+  if r.trained.info.multilabel:
+    raise UserError(f'{workdir} is a multi-label run; --mode=compare compares single-label runs.')
+  labels, preds = evaluation.predicted_classes(r, e.tta or '')
+  return r, labels, preds
+
+
+def _check_pairs(a: evaluation.Restored, b: evaluation.Restored, labels_a: np.ndarray,
+                 labels_b: np.ndarray) -> None:
+  names_a, names_b = a.trained.info.class_names, b.trained.info.class_names
+  if tuple(names_a) != tuple(names_b):
+    raise UserError(f'The two runs have different classes ({len(names_a)}: {list(names_a)[:5]}... '
+                    f'vs {len(names_b)}: {list(names_b)[:5]}...); compare runs of one dataset.')
+  if len(labels_a) != len(labels_b) or not np.array_equal(labels_a, labels_b):
+    where = (f'{len(labels_a)} vs {len(labels_b)} examples' if len(labels_a) != len(labels_b)
+             else f'their labels differ from example {int(np.argmax(labels_a != labels_b))} on')
+    raise UserError(f"The two runs do not read the same examples of split '{a.split}' ({where}); "
+                    'compare runs of the same dataset and split (config.data.* of each run).')
+
+
+def compare(config: ml_collections.ConfigDict | None, workdir: str,
+            overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+  """The ``compare`` mode: run ``workdir`` (A) against ``config.compare.workdir`` (B)."""
+  workdir = os.path.abspath(workdir)
+  c = inference.mode_settings(workdir, config, overrides, 'compare')
+  other = c.get('workdir', '') or ''
+  if not other:
+    raise UserError('--mode=compare needs the second run: --config.compare.workdir=DIR (the run '
+                    'to compare with the one in --workdir).')
+  other = os.path.abspath(os.path.expanduser(other))
+  if other == workdir:
+    raise UserError(f'--config.compare.workdir is --workdir itself ({workdir}); give another run.')
+  ckpts = os.path.join(other, 'checkpoints')
+  if not os.path.isdir(ckpts) or not checkpoint.finished_steps(ckpts):
+    raise UserError(f'--config.compare.workdir={other} holds no checkpoint; point it at the run '
+                    'directory of a trained run.')
+  e = inference.mode_settings(workdir, config, overrides, 'evaluate')
+  level = float(e.get('confidence_level', 0.95))
+  resamples = e.get('bootstrap_resamples', 1000)
+  if not 0 < level < 1 or not isinstance(resamples, int) or resamples < 1:
+    raise UserError(f'config.evaluate.confidence_level={level} must be between 0 and 1 and '
+                    f'config.evaluate.bootstrap_resamples={resamples!r} a whole number >= 1.')
+  ra, labels, pred_a = _predictions(workdir, config, e, e.split or '', overrides)
+  rb, labels_b, pred_b = _predictions(other, None, e, ra.split, {})
+  _check_pairs(ra, rb, labels, labels_b)
+  k = ra.trained.info.num_classes
+  hit_a, hit_b = pred_a == labels, pred_b == labels
+  only_a, only_b = int(np.sum(hit_a & ~hit_b)), int(np.sum(~hit_a & hit_b))
+  point = intervals.confusion_metrics(np.stack([
+      np.bincount(labels * k + p, minlength=k * k).reshape(k, k) for p in (pred_a, pred_b)]))
+  names = ('accuracy', 'f1_macro', 'balanced_accuracy')
+  diffs = intervals.paired_differences(labels, pred_a, pred_b, k, level=level,
+                                       resamples=resamples, seed=int(ra.trained.run.seed))
+  result = {
+      'split': ra.split, 'examples': int(len(labels)), 'tta': e.tta or 'none', 'level': level,
+      'runs': {tag: {'workdir': path, 'checkpoint_step': r.step, 'checkpoint': r.chosen,
+                     'model': r.trained.run.model.name,
+                     **{n: float(point[j, i]) for j, n in enumerate(names)}}
+               for i, (tag, r, path) in enumerate((('A', ra, workdir), ('B', rb, other)))},
+      'difference_b_minus_a': {n: {'value': float(point[j, 1] - point[j, 0]), 'interval': diffs[n]}
+                               for j, n in enumerate(names)},
+      'table': {'both_right': int(np.sum(hit_a & hit_b)), 'only_a_right': only_a,
+                'only_b_right': only_b, 'both_wrong': int(np.sum(~hit_a & ~hit_b))},
+      'mcnemar_exact_p': (float(scipy.stats.binomtest(only_a, only_a + only_b).pvalue)
+                          if only_a + only_b else 1.0),
+      'method': f'paired percentile bootstrap over the examples, {resamples} resamples; McNemar: '
+                'two-sided exact binomial test of the discordant examples',
+  }
+  if jax.process_index() == 0:
+    out_dir = os.path.abspath(e.output_dir or workdir)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, 'compare.json'), 'w') as f:
+      json.dump(result, f, indent=2)
+    lines = summary_lines(result)
+    with open(os.path.join(out_dir, 'compare.md'), 'w') as f:
+      f.write('# Comparison\n\n' + '\n'.join(f'    {line}' for line in lines) + '\n')
+    print('\n'.join(lines + [f"Written: {os.path.join(out_dir, 'compare.json')} (+ compare.md)"]),
+          flush=True)
+  return result
+
+
+def summary_lines(result: dict[str, Any]) -> list[str]:
+  """The printed table (also the body of compare.md)."""
+  a, b = result['runs']['A'], result['runs']['B']
+  pct = 100 * result['level']
+  out = [f"Split '{result['split']}', {result['examples']} examples, TTA {result['tta']}",
+         f"A: {a['workdir']} (step {a['checkpoint_step']}, {a['checkpoint']})",
+         f"B: {b['workdir']} (step {b['checkpoint_step']}, {b['checkpoint']})",
+         f"{'metric':<18} {'A':>8} {'B':>8} {'B - A':>8}  {pct:g}% interval of B - A"]
+  for name, label in (('accuracy', 'top-1'), ('f1_macro', 'macro F1'),
+                      ('balanced_accuracy', 'balanced accuracy')):
+    d = result['difference_b_minus_a'][name]
+    out.append(f"{label:<18} {100 * a[name]:7.2f}% {100 * b[name]:7.2f}% {100 * d['value']:+7.2f}"
+               f"  [{100 * d['interval'][0]:+.2f}, {100 * d['interval'][1]:+.2f}]")
+  t = result['table']
+  out += [f"right / wrong: both right {t['both_right']}, only A {t['only_a_right']}, only B "
+          f"{t['only_b_right']}, both wrong {t['both_wrong']}",
+          f"McNemar's exact test of equal top-1: p = {result['mcnemar_exact_p']:.4g}"]
+  return out
