@@ -24,7 +24,7 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Iterable, Iterator, Sequence, TextIO
+from typing import Any, Iterable, Iterator, TextIO
 
 import ml_collections
 import numpy as np

@@ -4,7 +4,6 @@ Smoke tests, not timed tests: they assert the records are complete and consisten
 """
 import json
 import math
-import os
 import subprocess
 import sys
 

@@ -2,7 +2,6 @@
 weight EMA (the recurrence, checked against numpy; evaluation and inference use it). Exact resume of
 the EMA after SIGKILL is checked in test_fault_tolerance.py, whose runs keep an EMA."""
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest

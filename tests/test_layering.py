@@ -24,7 +24,6 @@ import subprocess
 import sys
 import warnings
 
-import pytest
 
 from tests.conftest import REPO, subprocess_env
 

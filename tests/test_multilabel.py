@@ -173,7 +173,7 @@ def test_tagged_run_metrics_equal_sklearn_on_the_models_probabilities(tagged_run
 def test_evaluate_predict_export_and_serve_a_tagged_run(tagged_run, tmp_path, capsys):
   from imgcls_jax import evaluate, export, serve
   config, workdir, root, truth, final = tagged_run
-  rep = evaluate.evaluate(None, workdir, overrides={'evaluate.output_dir': str(tmp_path)})
+  evaluate.evaluate(None, workdir, overrides={'evaluate.output_dir': str(tmp_path)})
   for name in ('report.json', 'report.md', 'pr_curves.png'):
     assert os.path.getsize(tmp_path / name) > 0, name
   saved = json.loads((tmp_path / 'report.json').read_text())
