@@ -15,6 +15,30 @@ os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 
+
+def _session_dir(var: str, prefix: str) -> bool:
+  """Points ``var`` at a fresh temporary directory unless it is set already, and removes that
+  directory when the process that made it exits; True when it made one.
+
+  xdist workers and child processes inherit ``var`` from the process that started them, so they
+  make no directory and never remove the session's while others still use it; a forked child
+  inherits the exit handler, hence the process-id check.
+  """
+  if var in os.environ:
+    return False
+  import atexit
+  import shutil
+  import tempfile
+  path, owner = tempfile.mkdtemp(prefix=prefix), os.getpid()
+
+  def remove() -> None:
+    if os.getpid() == owner:
+      shutil.rmtree(path, ignore_errors=True)
+  atexit.register(remove)
+  os.environ[var] = path
+  return True
+
+
 # One persistent compilation cache for the whole session (every xdist worker and every child
 # process inherits these variables): the suite compiles the same programs again and again (the
 # digits CNN in many tests and CLI children); the second compile of a program is a cache load,
@@ -22,16 +46,14 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
 # program is still compiled for real once per run; the process that made it deletes it. The size
 # limit only turns on JAX's file lock (two workers may compile one program at once).
 # config.compilation_cache_dir (main.py) still points a child at its own cache when a test sets it.
-if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
-  import atexit
-  import shutil
-  import tempfile
-  _jax_cache = tempfile.mkdtemp(prefix='imgcls_jax_test_jax_cache_')
-  atexit.register(shutil.rmtree, _jax_cache, ignore_errors=True)
-  os.environ['JAX_COMPILATION_CACHE_DIR'] = _jax_cache
+if _session_dir('JAX_COMPILATION_CACHE_DIR', 'imgcls_jax_test_jax_cache_'):
   os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
   os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
   os.environ['JAX_COMPILATION_CACHE_MAX_SIZE'] = str(16 << 30)
+
+# Image-folder indexes are cached per folder (imgcls_jax/data/folder_index.py); keep the tests'
+# out of the user's ~/.cache (children inherit it), in a directory removed with the session.
+_session_dir('IMGCLS_JAX_CACHE_DIR', 'imgcls_jax_cache_')
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -121,13 +143,6 @@ def run_without_tf(*args: str, timeout: int = 300, num_devices: int = 1
 
 def pytest_report_header(config):
   return f'jax {jax.__version__}; fake CPU devices for in-process tests: {NUM_FAKE_DEVICES}'
-
-
-# Image-folder indexes are cached per folder (imgcls_jax/data/folder_index.py); keep the tests'
-# out of the user's ~/.cache (children inherit it).
-if 'IMGCLS_JAX_CACHE_DIR' not in os.environ:
-  import tempfile
-  os.environ['IMGCLS_JAX_CACHE_DIR'] = tempfile.mkdtemp(prefix='imgcls_jax_cache_')
 
 
 @pytest.fixture(scope='session')

@@ -7,8 +7,8 @@ from typing import Any
 
 import tensorflow as tf
 
-from imgcls_jax.data.pp.registry import (Op, decode_image, image_hw, register, split_seed,
-                                         to_uint8, uniform)
+from imgcls_jax.data.pp.registry import (Op, TracedUserError, decode_image, image_hw, register,
+                                         split_seed, to_uint8, uniform)
 
 
 PAD_MODES = ('constant', 'reflect', 'symmetric')   # tf.pad's modes
@@ -23,10 +23,25 @@ def pad_crop(pad: int = 4, mode: str = 'constant') -> Op:
     raise TypeError(f"mode must be one of {', '.join(PAD_MODES)}, got {mode!r}")
 
   def op(image, seed):
+    _check_mirror_pad(image.shape, pad, mode)
     h, w = image_hw(image)
     padded = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]], mode=mode.upper())
     return tf.image.stateless_random_crop(padded, tf.stack([h, w, tf.shape(image)[2]]), seed=seed)
   return op
+
+
+def _check_mirror_pad(shape: tf.TensorShape, pad: int, mode: str) -> None:
+  """Raises a UserError when tf.pad cannot mirror ``pad`` pixels of images whose height or width
+  is known when the pipeline is built ('reflect' mirrors at most size - 1, 'symmetric' size)."""
+  limit = {'reflect': -1, 'symmetric': 0}.get(mode.lower())
+  sizes = [int(d) for d in shape[:2] if d is not None]
+  if limit is None or not sizes or pad <= min(sizes) + limit:
+    return
+  hw = 'x'.join('?' if d is None else str(int(d)) for d in shape[:2])
+  most = min(sizes) + limit
+  raise TracedUserError(f"pad_crop(pad={pad}, mode='{mode}') cannot pad {hw} images by {pad} "
+                        f"pixels ('{mode.lower()}' padding mirrors at most {most}); set "
+                        f"pad <= {most} or use mode='constant'.")
 
 
 @register('flip_lr')
