@@ -65,7 +65,7 @@ def setup(config: ml_collections.ConfigDict, info: DatasetInfo | None = None, *,
   mesh = sharding.make_mesh(config.mesh.num_devices)
   if info is None:  # the data will be read: its preprocessing specs are checked now, too
     info = reader.describe(config.data)
-    reader.check_preprocess(config.data)
+    reader.check_preprocess(config.data, info)
   check_flips(config.data, config.evaluate.tta if 'evaluate' in config else '',
               mirror_safe=info.mirror_safe)
   if len(config.data.mean) not in (1, info.channels):

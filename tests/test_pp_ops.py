@@ -77,3 +77,13 @@ def test_the_training_stream_refuses_a_mirror_pad_wider_than_the_images(digits_c
   digits_config.data.train_preprocess = "pad_crop(pad=7, mode='reflect')"
   batch = next(reader.train_batches(digits_config.data, seed=0, local_batch_size=64))
   assert batch['image'].shape == (64, 8, 8, 1)
+
+
+def test_setup_refuses_a_mirror_pad_wider_than_the_images_before_any_model(digits_config):
+  from imgcls_jax import run
+  digits_config.data.eval_preprocess = "pad_crop(pad=9, mode='symmetric')"
+  with pytest.raises(UserError, match=re.escape(
+      "config.data.eval_preprocess: pad_crop(pad=9, mode='symmetric') cannot pad 8x8")):
+    run.setup(digits_config)
+  digits_config.data.eval_preprocess = "pad_crop(pad=8, mode='symmetric')"
+  assert run.setup(digits_config).info.image_shape == (8, 8, 1)

@@ -25,16 +25,22 @@ def describe(data: ml_collections.ConfigDict) -> DatasetInfo:
   return sources.describe(data)
 
 
-def check_preprocess(data: ml_collections.ConfigDict) -> None:
+def check_preprocess(data: ml_collections.ConfigDict, info: DatasetInfo | None = None) -> None:
   """Raises a UserError for a ``data.train_preprocess`` / ``eval_preprocess`` spec that does not
-  parse or has bad arguments, before any work (the streams build their ops later)."""
+  parse or has bad arguments, before any work (the streams build their ops later); with the
+  dataset's ``info`` and a fixed image size, also for one those images rule out (e.g. a mirror
+  pad wider than the image), by running the ops once on a blank image of that size."""
   if arrays.is_arrays(data):
     arrays.check(data)
     return
   from imgcls_jax.data import pp
+  h, w, c = info.image_shape if info is not None else (None, None, 0)
   for key in ('train_preprocess', 'eval_preprocess'):
+    spec = data.get(key) or ''
     try:
-      pp.parse(data.get(key) or '')
+      pp.parse(spec)
+      if spec and h is not None and w is not None:
+        pp.output_shape(spec, (h, w), c)
     except UserError as e:
       raise UserError(f'config.data.{key}: {e}') from None
 

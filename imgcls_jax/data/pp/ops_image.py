@@ -7,8 +7,9 @@ from typing import Any
 
 import tensorflow as tf
 
-from imgcls_jax.data.pp.registry import (Op, TracedUserError, decode_image, image_hw, register,
-                                         split_seed, to_uint8, uniform)
+from imgcls_jax.data.pp.registry import (Op, decode_image, image_hw, register, split_seed,
+                                         to_uint8, uniform)
+from imgcls_jax.errors import UserError
 
 
 PAD_MODES = ('constant', 'reflect', 'symmetric')   # tf.pad's modes
@@ -39,9 +40,9 @@ def _check_mirror_pad(shape: tf.TensorShape, pad: int, mode: str) -> None:
     return
   hw = 'x'.join('?' if d is None else str(int(d)) for d in shape[:2])
   most = min(sizes) + limit
-  raise TracedUserError(f"pad_crop(pad={pad}, mode='{mode}') cannot pad {hw} images by {pad} "
-                        f"pixels ('{mode.lower()}' padding mirrors at most {most}); set "
-                        f"pad <= {most} or use mode='constant'.")
+  raise UserError(f"pad_crop(pad={pad}, mode='{mode}') cannot pad {hw} images by {pad} pixels "
+                  f"('{mode.lower()}' padding mirrors at most {most}); set pad <= {most} or use "
+                  "mode='constant'.")
 
 
 @register('flip_lr')

@@ -22,12 +22,6 @@ Op = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
 _OPS: dict[str, Callable[..., Op]] = {}
 
 
-class TracedUserError(UserError):
-  """A UserError an op raises while tf.data traces it (e.g. an argument its input's static shape
-  rules out); AutoGraph re-raises it as it is, not as a multi-line 'in user code:' trace."""
-  ag_pass_through = True   # AutoGraph's marker for errors to pass on unchanged (TF uses it too)
-
-
 def register(name: str) -> Callable[[Callable[..., Op]], Callable[..., Op]]:
   """Decorator registering an op factory under ``name``."""
   def wrap(factory):
