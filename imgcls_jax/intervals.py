@@ -9,6 +9,9 @@
   summed statistics as the report. The statistic is vectorised: one ``bincount`` turns a batch of
   resamples into a batch of confusion matrices.
 
+``paired_differences`` bootstraps the difference between two runs' metrics on the same examples
+(``--mode=compare``), each example keeping its label and both predictions.
+
 The intervals describe the uncertainty from the finite eval split (another sample of images from
 the same distribution), not the run-to-run spread of training (seeds), which needs several runs.
 """
