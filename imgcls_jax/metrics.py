@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -84,3 +85,17 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
           pass  # a line being written right now
   return records
+
+
+def rewind_jsonl(path: str, step: int) -> None:
+  """Drops ``metrics.jsonl`` records after ``step``: a resumed run writes them again."""
+  if not os.path.exists(path):
+    return
+  records = read_jsonl(path)
+  kept = [r for r in records if r.get('step', 0) <= step]
+  if len(kept) < len(records):
+    with open(path + '.tmp', 'w') as f:
+      f.writelines(json.dumps(r) + '\n' for r in kept)
+    os.replace(path + '.tmp', path)
+    logging.info('Dropped %d metrics.jsonl records after step %d (they are redone on resume).',
+                 len(records) - len(kept), step)

@@ -3,10 +3,10 @@ the summed statistics of an evaluation, and the temperature fitted at the end of
 (``evaluation.py`` restores a trained checkpoint for a split on top of it).
 
 Modes (``train``, ``evaluate``, ``compare``, ``cross_validation``, ``predict``, ``export``,
-``serve``) build on this module, ``evaluation.py`` and ``inference.py``, never on each other. Nothing here imports TensorFlow at module
-level: the dataset is described by a ``DatasetInfo`` (read from the data source only when none is
-given), so steps, state and shardings run where only JAX is installed (e.g. the throughput
-benchmark on synthetic data).
+``serve``) build on this module, ``evaluation.py`` and ``inference.py``, never on each other.
+Nothing here imports TensorFlow at module level: the dataset is described by a ``DatasetInfo``
+(read from the data source only when none is given), so steps, state and shardings run where only
+JAX is installed (e.g. the throughput benchmark on synthetic data).
 """
 from __future__ import annotations
 
@@ -191,9 +191,9 @@ def check_temperature_split(config: ml_collections.ConfigDict, multilabel: bool)
 def fit_temperature(s: Setup, variables: Any, variables_shardings: Any,
                     data: Any, split: str) -> dict[str, Any]:
   """Fits the temperature on ``split`` (``data``: its ``reader.eval_data``; ``temperature.py``)
-  and measures the
-  split's NLL and expected calibration error before and after (without test-time augmentation,
-  as prediction and serving run): the record the run's checkpoint keeps as ``temperature``."""
+  and measures the split's NLL and expected calibration error before and after (without
+  test-time augmentation, as prediction and serving run): the record the run's checkpoint keeps
+  as ``temperature``."""
   fit_step = jax.jit(functools.partial(steps.temperature_sums, model_def=s.model_def,
                                        cfg=s.step_cfg),
                      in_shardings=(variables_shardings, sharding.batch_sharding(s.mesh)),

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import logging
 import os
 import time
@@ -28,20 +27,6 @@ from imgcls_jax.errors import UserError
 
 class TrainingDiverged(UserError):
   """The loss became NaN or Inf."""
-
-
-def _rewind_metrics(path: str, step: int) -> None:
-  """Drops ``metrics.jsonl`` records after ``step``: a resumed run writes them again."""
-  if not os.path.exists(path):
-    return
-  records = metrics.read_jsonl(path)
-  kept = [r for r in records if r.get('step', 0) <= step]
-  if len(kept) < len(records):
-    with open(path + '.tmp', 'w') as f:
-      f.writelines(json.dumps(r) + '\n' for r in kept)
-    os.replace(path + '.tmp', path)
-    logging.info('Dropped %d metrics.jsonl records after step %d (they are redone on resume).',
-                 len(records) - len(kept), step)
 
 
 class _TrainLog:
@@ -144,11 +129,15 @@ class _Trainer:
         process_index=jax.process_index(), process_count=jax.process_count(),
         split_size=s.info.num_examples.get(self.threshold_split))
         if self.threshold_split else None)
-    self.temperature_data = (reader.eval_data(
-        s.config.data, self.temperature_split, local_batch_size=s.local_eval_batch_size,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        split_size=s.info.num_examples.get(self.temperature_split))
-        if self.temperature_split else None)
+    self.temperature_data = None
+    if self.temperature_split:
+      size = reader.split_size(s.config.data, self.temperature_split, s.info)
+      if size == 0:
+        raise UserError(f"config.evaluate.temperature_split='{self.temperature_split}' holds no "
+                        'examples; give a held-out split with some, e.g. train[90%:].')
+      self.temperature_data = reader.eval_data(
+          s.config.data, self.temperature_split, local_batch_size=s.local_eval_batch_size,
+          process_index=jax.process_index(), process_count=jax.process_count(), split_size=size)
     self.inference_meta = inference.inference_meta(s.config.data, s.info)
     self.state_sh = state_sh
     self.bn_batches = self.x_statistics_batches()
@@ -251,9 +240,14 @@ class _Trainer:
     self.eval_step = run.jit_eval_step(s, self.eval_sh, tta=self.tta)
 
   def fit_temperature(self, variables: Any) -> None:
-    """The temperature of ``run.fit_temperature``; the final evaluation and the checkpoint use it."""
-    self.temperature = run.fit_temperature(self.s, variables, self.eval_sh, self.temperature_data,
-                                           self.temperature_split)
+    """The temperature of ``run.fit_temperature``; the final evaluation and the checkpoint use it.
+    It runs just before the final save: a failure is logged and the run saved without one."""
+    try:
+      self.temperature = run.fit_temperature(self.s, variables, self.eval_sh,
+                                             self.temperature_data, self.temperature_split)
+    except UserError as e:
+      logging.error('No temperature fitted (%s); the run is saved without one.', e)
+      return
     s = dataclasses.replace(self.s, step_cfg=dataclasses.replace(
         self.s.step_cfg, temperature=self.temperature['value']))
     self.eval_step = run.jit_eval_step(s, self.eval_sh, tta=self.tta)
@@ -375,7 +369,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     start = int(jax.device_get(state.step))
     if is_main:
       checkpoint.write_config(workdir, config)
-      _rewind_metrics(os.path.join(workdir, 'metrics.jsonl'), start)
+      metrics.rewind_jsonl(os.path.join(workdir, 'metrics.jsonl'), start)
       if checkpoint.read_samples(workdir) is None:  # export checks once the data is gone
         checkpoint.write_samples(workdir, reader.samples(config.data, s.info))
     writer = metrics.MetricWriter(workdir, enabled=is_main, tensorboard=config.tensorboard)

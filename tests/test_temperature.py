@@ -171,7 +171,26 @@ def test_bad_temperature_splits_are_one_line(digits_config, tmp_path):
     run.setup(digits_config)
   with pytest.raises(UserError, match='single-label runs'):
     run.check_temperature_split(digits_config, multilabel=True)
+  digits_config.evaluate.temperature_split = 'train[100%:]'
+  with pytest.raises(UserError, match='holds no examples'):
+    train.train_and_evaluate(digits_config, str(tmp_path))
   digits_config.evaluate.temperature_split = 'nonexistent'
   with pytest.raises(UserError, match='nonexistent'):
     train.train_and_evaluate(digits_config, str(tmp_path))   # before the first step
   assert checkpoint.finished_steps(str(tmp_path / 'checkpoints')) == []
+
+
+def test_a_failing_fit_costs_the_run_nothing(digits_config, tmp_path, monkeypatch, caplog):
+  """The fit runs just before the final save: if it fails, the trained weights are saved anyway."""
+  def broken(*args, **kwargs):
+    raise UserError('the split could not be read')
+  monkeypatch.setattr(run, 'fit_temperature', broken)
+  digits_config.data.train_split = 'train[:80%]'
+  digits_config.evaluate.temperature_split = 'train[80%:]'
+  digits_config.num_train_steps = 10
+  final = train.train_and_evaluate(digits_config, str(tmp_path))
+  assert final['count'] == 450
+  with checkpoint.Checkpointer(str(tmp_path)) as ckpt:
+    assert ckpt.latest_step() == 10 and 'temperature' not in ckpt.read_meta(10)
+  assert 'No temperature fitted (the split could not be read)' in caplog.text
+  assert inference.load(str(tmp_path)).temperature == 1.0
