@@ -20,7 +20,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import scipy.stats
 
 MAX_CELLS = 4_000_000   # resample-batch x max(examples, K x K): the statistic's working set
 
@@ -42,6 +41,7 @@ def confusion_metrics(confusion_BxKxK: np.ndarray) -> np.ndarray:
 def report_intervals(confusion_KxK: np.ndarray, *, level: float = 0.95, resamples: int = 1000,
                      seed: int = 0) -> dict[str, Any]:
   """The ``intervals`` entry of the report: ``[low, high]`` for each metric at ``level``."""
+  import scipy.stats  # here: ~1.6 s of imports every training run would otherwise pay at start-up
   cm = np.asarray(confusion_KxK, np.int64)
   k, n = cm.shape[0], int(cm.sum())
   correct = int(np.trace(cm))
@@ -106,6 +106,7 @@ def paired_differences(true_N: np.ndarray, pred_a_N: np.ndarray, pred_b_N: np.nd
                        seed: int = 0) -> dict[str, list[float]]:
   """Percentile-bootstrap intervals of ``metric(B) - metric(A)`` for top-1 accuracy, macro F1 and
   balanced accuracy, resampling the examples (each keeps its label and both predictions)."""
+  import scipy.stats
   k = num_classes
 
   def statistic(t: np.ndarray, a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:

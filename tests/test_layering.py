@@ -471,3 +471,15 @@ def test_graph_builder_on_a_small_package(tmp_path):
   assert tf_loaded_on_import(g, 'pkg.e.f') == [
       'pkg.e.f -> pkg.e [pkg/e/f.py: parent package, runs first]: '
       'imports tensorflow_datasets.core [pkg/e/__init__.py:1]']
+
+
+def test_training_loads_no_scipy_stats_or_sklearn_at_import():
+  """Start-up (issue 18): ``scipy.stats`` alone is ~1.6 s of imports on 2 cores, scikit-learn
+  more; the training mode and the run layer use neither, so they import neither (the report's
+  intervals import ``scipy.stats`` when they are computed)."""
+  code = ('import sys, imgcls_jax.main, imgcls_jax.train, imgcls_jax.run, imgcls_jax.report; '
+          "print(sorted(m for m in ('scipy.stats', 'sklearn') if m in sys.modules))")
+  res = subprocess.run([sys.executable, '-c', code], cwd=REPO, env=subprocess_env(1),
+                       capture_output=True, text=True, timeout=300)
+  assert res.returncode == 0, res.stderr[-2000:]
+  assert res.stdout.strip() == '[]', res.stdout
