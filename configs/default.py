@@ -248,9 +248,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Single-label: the held-out split on which one temperature T is fitted at the end of training
   # (temperature scaling: the NLL-minimising T of softmax(logits / T); imgcls_jax/temperature.py);
   # saved with the checkpoint, and every probability the run gives afterwards (the final
-  # evaluation, evaluate, predict, serve, export) is softmax(logits / T). Never the eval split:
-  # hold part of training out, e.g. data.train_split='train[:90%]' and
-  # temperature_split='train[90%:]'. '' = no temperature scaling.
+  # evaluation, evaluate, predict, serve, export) is softmax(logits / T). It must share no
+  # example with the training or eval split: hold part of training out, e.g.
+  # data.train_split='train[:90%]' and temperature_split='train[90%:]'. '' = none.
   c.evaluate.temperature_split = ''
 
   # ---- --mode=compare (imgcls_jax/compare.py): the run in --workdir (A) against another (B) ----

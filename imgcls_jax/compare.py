@@ -72,12 +72,21 @@ def compare(config: ml_collections.ConfigDict | None, workdir: str,
   e = inference.mode_settings(workdir, config, overrides, 'evaluate')
   level = float(e.get('confidence_level', 0.95))
   resamples = e.get('bootstrap_resamples', 1000)
-  if not 0 < level < 1 or not isinstance(resamples, int) or resamples < 1:
-    raise UserError(f'config.evaluate.confidence_level={level} must be between 0 and 1 and '
-                    f'config.evaluate.bootstrap_resamples={resamples!r} a whole number >= 1.')
+  if not 0 < level < 1:
+    raise UserError(f'config.evaluate.confidence_level={level} must be between 0 and 1 '
+                    '(e.g. 0.95).')
+  if not isinstance(resamples, int) or resamples < 1:
+    raise UserError(f'--mode=compare bootstraps the differences: '
+                    f'config.evaluate.bootstrap_resamples={resamples!r} must be a whole number '
+                    '>= 1 (e.g. 1000).')
   ra, labels, pred_a = _predictions(workdir, config, e, e.split or '', overrides)
-  rb, labels_b, pred_b = _predictions(other, None, e, ra.split, {})
+  # B's data may have moved with A's: the location flags given for A apply to B too.
+  rb, labels_b, pred_b = _predictions(other, None, e, ra.split, {
+      k: v for k, v in (overrides or {}).items() if not k.startswith(('compare.', 'evaluate.'))})
   _check_pairs(ra, rb, labels, labels_b)
+  if len(labels) < 2:
+    raise UserError(f"The split '{ra.split}' has {len(labels)} example; compare the runs on a "
+                    'split of at least 2.')
   k = ra.trained.info.num_classes
   hit_a, hit_b = pred_a == labels, pred_b == labels
   only_a, only_b = int(np.sum(hit_a & ~hit_b)), int(np.sum(~hit_a & hit_b))

@@ -78,9 +78,9 @@ def cross_validate(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
       logging.warning('Cross-validation stopped in fold %d at step %d; run the same command '
                       'again to resume.', i, result['interrupted_at_step'])
       return {'interrupted_in_fold': i, **result}
-    ev = evaluation.evaluate_checkpoint(fold_dir, fc, split=fc.data.eval_split, checkpoint_spec='latest',
-                                 tta=config.evaluate.tta or '',
-                                 num_bins=int(config.evaluate.calibration_bins))
+    ev = evaluation.evaluate_checkpoint(fold_dir, fc, split=fc.data.eval_split,
+                                        checkpoint_spec='latest', tta=config.evaluate.tta or '',
+                                        num_bins=int(config.evaluate.calibration_bins))
     stats = ev.stats
     rep = ev.report(int(config.evaluate.top_confused))
     report_files.write(rep, fold_dir, f'Fold {i + 1}/{k} of {config.data.name}:{split}',

@@ -36,9 +36,9 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str,
   if not isinstance(resamples, int) or resamples < 0:
     raise UserError(f'config.evaluate.bootstrap_resamples={resamples!r} must be a whole number '
                     '>= 0 (0: only the exact top-1 interval).')
-  ev = evaluation.evaluate_checkpoint(workdir, config, split=e.split, checkpoint_spec=e.checkpoint,
-                               tta=e.tta or '', num_bins=int(e.calibration_bins),
-                               overrides=overrides)
+  ev = evaluation.evaluate_checkpoint(workdir, config, split=e.split,
+                                      checkpoint_spec=e.checkpoint, tta=e.tta or '',
+                                      num_bins=int(e.calibration_bins), overrides=overrides)
   cfg, info = ev.trained.run, ev.trained.info
   rep = ev.report(int(e.top_confused))
   if not info.multilabel:

@@ -73,8 +73,9 @@ class Evaluation:
     info, cfg = self.trained.info, self.trained.run
     rep = report.summarize(self.stats, info.class_names, top_confused=top_confused,
                            thresholds=self.trained.thresholds)
-    rep['context'] = {'dataset': self.dataset or info.name, 'split': self.split, 'checkpoint_step': self.step,
-                      'checkpoint': self.chosen, 'tta': self.tta or 'none',
+    rep['context'] = {'dataset': self.dataset or info.name, 'split': self.split,
+                      'checkpoint_step': self.step, 'checkpoint': self.chosen,
+                      'tta': self.tta or 'none',
                       'model': cfg.model.name, 'workdir': self.workdir,
                       'temperature': self.trained.temperature}
     return rep
@@ -108,7 +109,8 @@ def restore_for_split(workdir: str, config: ml_collections.ConfigDict | None, *,
   placement, and the eval data of ``split`` ('' = the run's eval split)."""
   workdir = os.path.abspath(workdir)
   checkpoint.require_checkpoint(workdir)
-  keep = config if config is not None else ml_collections.ConfigDict(checkpoint.read_config(workdir))
+  keep = (config if config is not None
+          else ml_collections.ConfigDict(checkpoint.read_config(workdir)))
   with checkpoint.Checkpointer.from_config(workdir, keep) as ckpt:
     step, chosen = choose_step(ckpt, checkpoint_spec, os.path.join(workdir, 'metrics.jsonl'))
     latest = ckpt.latest_step()
@@ -125,7 +127,7 @@ def restore_for_split(workdir: str, config: ml_collections.ConfigDict | None, *,
   split = split or (reader.default_eval_split(cfg.data) if new_images else cfg.data.eval_split)
   check_flips(cfg.data, tta, mirror_safe=trained.info.mirror_safe)
   s = run.setup(cfg, trained.info, training=False, thresholds=trained.thresholds,
-            temperature=trained.temperature)
+                temperature=trained.temperature)
   variables, shardings = run.place_variables(s, trained.variables)
   data = reader.eval_data(cfg.data, split, local_batch_size=s.local_eval_batch_size,
                           process_index=jax.process_index(), process_count=jax.process_count(),

@@ -3,8 +3,8 @@
 Override any config key with ``--config.key=value`` (e.g. ``--config.optim.learning_rate=0.05``).
 The modes that use a trained run (evaluate, compare, predict, export, serve, embed) take the
 model from ``--workdir`` alone: ``--config`` is optional for them, and only their own keys (and
-where the evaluation data lives) may be given. Mistakes a user can fix end in one line naming the problem and
-the fix (exit status 2).
+where the evaluation data lives) may be given. Mistakes a user can fix end in one line naming the
+problem and the fix (exit status 2).
 """
 from __future__ import annotations
 

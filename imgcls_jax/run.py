@@ -80,7 +80,7 @@ def setup(config: ml_collections.ConfigDict, info: DatasetInfo | None = None, *,
   if info.multilabel:
     loss_weights.check_multilabel(config)
   if training:
-    check_temperature_split(config, info.multilabel)
+    check_temperature_split(config, info)
   s = Setup(config=config, mesh=mesh, info=info, model_fn=model_fn,
             model_def=state_lib.model_def(model_fn), step_cfg=steps.step_config(
                 config, info.num_classes, probe_head=_probe_head(config, model_fn),
@@ -172,20 +172,38 @@ def temperature_split(config: ml_collections.ConfigDict) -> str:
   return (config.evaluate.get('temperature_split', '') or '') if 'evaluate' in config else ''
 
 
-def check_temperature_split(config: ml_collections.ConfigDict, multilabel: bool) -> None:
+def check_temperature_split(config: ml_collections.ConfigDict, info: DatasetInfo) -> None:
   """Before any step: a temperature split that cannot be used is found now, not after training."""
   split = temperature_split(config)
   if not split:
     return
-  if multilabel:
-    raise UserError('config.evaluate.temperature_split is for single-label runs; a multi-label '
-                    "run's probabilities are per-class sigmoids with their own decision "
-                    'thresholds (config.evaluate.threshold_split). Unset temperature_split.')
-  if split.replace(' ', '') == str(config.data.eval_split).replace(' ', ''):
-    raise UserError(f"config.evaluate.temperature_split='{split}' is the eval split: a temperature "
-                    'fitted on the examples it is judged on reports a calibration no new image '
-                    "gets. Hold out part of training instead, e.g. data.train_split='train[:90%]' "
-                    "and evaluate.temperature_split='train[90%:]'.")
+  if info.multilabel:
+    raise UserError('config.evaluate.temperature_split is for single-label runs (a multi-label '
+                    "run's sigmoids get per-class thresholds from config.evaluate.threshold_split "
+                    'instead); unset temperature_split.')
+  for key in ('train_split', 'eval_split'):
+    shared = reader.shared_examples(config.data, split, config.data[key], info)
+    if shared:
+      why = ('the model trained on them, so the fitted temperature would make it over-confident'
+             if key == 'train_split' else 'a temperature fitted on the examples it is judged on '
+             'reports a calibration no new image gets')
+      raise UserError(f"config.evaluate.temperature_split='{split}' shares {shared} examples with "
+                      f"config.data.{key}='{config.data[key]}' ({why}); hold them out of "
+                      "training, e.g. data.train_split='train[:90%]' and "
+                      "evaluate.temperature_split='train[90%:]'.")
+
+
+def temperature_data(s: Setup) -> Any:
+  """``reader.eval_data`` of the run's temperature split (built with the run's other data,
+  before the first step; an empty split is refused then)."""
+  split = temperature_split(s.config)
+  size = reader.split_size(s.config.data, split, s.info)
+  if size == 0:
+    raise UserError(f"config.evaluate.temperature_split='{split}' holds no examples; give a "
+                    'held-out split with some, e.g. train[90%:].')
+  return reader.eval_data(s.config.data, split, local_batch_size=s.local_eval_batch_size,
+                          process_index=jax.process_index(), process_count=jax.process_count(),
+                          split_size=size)
 
 
 def fit_temperature(s: Setup, variables: Any, variables_shardings: Any,

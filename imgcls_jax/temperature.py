@@ -54,7 +54,9 @@ class Fit:
 
 def choose(nll_G: Any, count: Any) -> Fit:
   """The NLL-minimising temperature from ``nll_sums`` summed over a split. Never raises: it runs
-  after training, before the final checkpoint is saved (a non-finite NLL gives ``T = 1``)."""
+  after training, before the final checkpoint is saved. A non-finite NLL, or one still falling at
+  ``T_MIN`` (a split the model gets all right by a margin), gives ``T = 1``; a minimum beyond
+  ``T_MAX`` gives ``T_MAX``."""
   nll = np.asarray(nll_G, np.float64) / max(int(count), 1)
   before = float(np.interp(0.0, np.log(GRID), nll))
   if not np.all(np.isfinite(nll)):
@@ -62,6 +64,11 @@ def choose(nll_G: Any, count: Any) -> Fit:
     return Fit(1.0, before, before, at_edge=False)
   i = int(np.argmin(nll))
   u = np.log(GRID.astype(np.float64))
+  if i == 0:  # NLL still falling at T_MIN: every example right with a margin, nothing to fit
+    logging.warning('No temperature fitted: the NLL on the split still falls at T = %g (its '
+                    'examples are all classified right with a margin); use a larger or harder '
+                    'held-out split. T = 1.', T_MIN)
+    return Fit(1.0, before, before, at_edge=True)
   if 0 < i < len(GRID) - 1:
     a, b, c = nll[i - 1], nll[i], nll[i + 1]
     h = u[i + 1] - u[i]

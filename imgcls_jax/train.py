@@ -129,15 +129,7 @@ class _Trainer:
         process_index=jax.process_index(), process_count=jax.process_count(),
         split_size=s.info.num_examples.get(self.threshold_split))
         if self.threshold_split else None)
-    self.temperature_data = None
-    if self.temperature_split:
-      size = reader.split_size(s.config.data, self.temperature_split, s.info)
-      if size == 0:
-        raise UserError(f"config.evaluate.temperature_split='{self.temperature_split}' holds no "
-                        'examples; give a held-out split with some, e.g. train[90%:].')
-      self.temperature_data = reader.eval_data(
-          s.config.data, self.temperature_split, local_batch_size=s.local_eval_batch_size,
-          process_index=jax.process_index(), process_count=jax.process_count(), split_size=size)
+    self.temperature_data = run.temperature_data(s) if self.temperature_split else None
     self.inference_meta = inference.inference_meta(s.config.data, s.info)
     self.state_sh = state_sh
     self.bn_batches = self.x_statistics_batches()
@@ -213,7 +205,10 @@ class _Trainer:
     else:
       batches = self.eval_data.batches()
     sums = run.eval_sums(self.eval_step, variables, batches, self.s.mesh, self.eval_data.split)
-    return report.training_eval_metrics(sums, self.thresholds)
+    out = report.training_eval_metrics(sums, self.thresholds)
+    if self.temperature is not None:  # the final evaluation's probabilities are tempered
+      out['temperature'] = self.temperature['value']
+    return out
 
   def eval_variables(self) -> state_lib.InferenceState:
     """The weights evaluations use: the EMA's (with ``config.ema.inference``), else the
@@ -241,12 +236,12 @@ class _Trainer:
 
   def fit_temperature(self, variables: Any) -> None:
     """The temperature of ``run.fit_temperature``; the final evaluation and the checkpoint use it.
-    It runs just before the final save: a failure is logged and the run saved without one."""
+    It runs just before the final save: any failure is logged and the run saved without one."""
     try:
       self.temperature = run.fit_temperature(self.s, variables, self.eval_sh,
                                              self.temperature_data, self.temperature_split)
-    except UserError as e:
-      logging.error('No temperature fitted (%s); the run is saved without one.', e)
+    except Exception as e:  # noqa: BLE001  (a bad record, memory: never lose the trained weights)
+      logging.exception('No temperature fitted (%s); the run is saved without one.', e)
       return
     s = dataclasses.replace(self.s, step_cfg=dataclasses.replace(
         self.s.step_cfg, temperature=self.temperature['value']))
@@ -386,6 +381,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       ckpt.wait()
     elif not eval_metrics:  # resumed a finished run: evaluate what is there
       eval_metrics = trainer.evaluate(final=True)
+      saved = ckpt.read_meta(start)
+      if any(k not in saved for k, v in (('temperature', trainer.temperature),
+                                         ('thresholds', trainer.thresholds)) if v is not None):
+        logging.warning('The run had finished: the temperature / thresholds fitted now are used '
+                        'by this evaluation only, not saved (its final checkpoint exists).')
   writer.close()
   if stopped_at is not None:
     if is_main:

@@ -6,9 +6,9 @@
 - TensorFlow is imported only under ``imgcls_jax/data/`` and by the exporter, and
   ``data/info.py``, ``data/images.py``, ``data/arrays.py``, ``data/resident.py`` and
   ``data/reader.py`` stay free of it (at import; reader imports the tf.data modules lazily);
-- the run layer (models, steps, sharding, state, run, inference) and the training and evaluation
-  modes load no TensorFlow, also not through the imgcls_jax modules they import at module level
-  (an arrays file trains and evaluates without it: tests/test_arrays.py runs them).
+- the run layer (models, steps, sharding, state, run, evaluation, inference) and the training and
+  evaluation modes load no TensorFlow, also not through the imgcls_jax modules they import at
+  module level (an arrays file trains and evaluates without it: tests/test_arrays.py runs them).
 
 One runtime check backs the last point: with TensorFlow unimportable, the run layer imports and
 runs one real train step.

@@ -65,7 +65,9 @@ def test_fit_matches_scipy_on_log_loss(true_t):
 def test_fit_at_the_grid_edge_and_non_finite():
   z = np.eye(5, dtype=np.float32)[np.arange(200) % 5] * 4.0   # every example right: T -> 0 wins
   fit = _fit(z, np.arange(200) % 5)
-  assert fit.at_edge and fit.temperature == pytest.approx(temperature.T_MIN, rel=1e-6)
+  assert fit.at_edge and fit.temperature == 1.0        # nothing to fit: left as it is
+  fit = _fit(-z, np.arange(200) % 5)                   # every example confidently wrong
+  assert fit.at_edge and fit.temperature == pytest.approx(temperature.T_MAX, rel=1e-6)
   bad = temperature.choose(np.full(temperature.GRID_SIZE, np.nan), 10)
   assert bad.temperature == 1.0
 
@@ -116,6 +118,7 @@ def test_run_fits_the_temperature_that_minimises_held_out_log_loss(calibrated, t
   images, labels = _digits(tfds_dir, 'train[80%:]')
   t, raw = _raw_logits(workdir, images)
   assert record['value'] == t and record['split'] == 'train[80%:]'
+  assert final['temperature'] == t      # the final evaluation says its probabilities are tempered
   assert record['examples'] == len(labels)
   t_ref, nll_ref, nll_one = _oracle_temperature(raw, labels)
   assert abs(t / t_ref - 1) < 0.005, (t, t_ref)
@@ -167,10 +170,19 @@ def test_export_records_and_applies_the_temperature(calibrated, tmp_path):
 
 def test_bad_temperature_splits_are_one_line(digits_config, tmp_path):
   digits_config.evaluate.temperature_split = 'test'
-  with pytest.raises(UserError, match="is the eval split.*train\\[:90%\\]"):
+  with pytest.raises(UserError, match="shares 450 examples with config.data.eval_split='test'"):
     run.setup(digits_config)
+  digits_config.evaluate.temperature_split = 'train[90%:]'   # train_split is the whole 'train'
+  with pytest.raises(UserError, match="shares 135 examples with config.data.train_split='train'.*"
+                                      "train_split='train\\[:90%\\]'"):
+    run.setup(digits_config)
+  digits_config.data.train_split = 'train[:91%]'              # 14 examples still shared
+  with pytest.raises(UserError, match='shares 14 examples'):
+    run.setup(digits_config)
+  digits_config.data.train_split = 'train[:90%]'
+  info = run.setup(digits_config).info                        # disjoint: accepted
   with pytest.raises(UserError, match='single-label runs'):
-    run.check_temperature_split(digits_config, multilabel=True)
+    run.check_temperature_split(digits_config, dataclasses.replace(info, multilabel=True))
   digits_config.evaluate.temperature_split = 'train[100%:]'
   with pytest.raises(UserError, match='holds no examples'):
     train.train_and_evaluate(digits_config, str(tmp_path))
@@ -183,7 +195,7 @@ def test_bad_temperature_splits_are_one_line(digits_config, tmp_path):
 def test_a_failing_fit_costs_the_run_nothing(digits_config, tmp_path, monkeypatch, caplog):
   """The fit runs just before the final save: if it fails, the trained weights are saved anyway."""
   def broken(*args, **kwargs):
-    raise UserError('the split could not be read')
+    raise RuntimeError('the split could not be read')   # not a UserError: any failure
   monkeypatch.setattr(run, 'fit_temperature', broken)
   digits_config.data.train_split = 'train[:80%]'
   digits_config.evaluate.temperature_split = 'train[80%:]'
@@ -194,3 +206,19 @@ def test_a_failing_fit_costs_the_run_nothing(digits_config, tmp_path, monkeypatc
     assert ckpt.latest_step() == 10 and 'temperature' not in ckpt.read_meta(10)
   assert 'No temperature fitted (the split could not be read)' in caplog.text
   assert inference.load(str(tmp_path)).temperature == 1.0
+
+
+def test_test_time_views_are_each_tempered_then_averaged(calibrated):
+  """With flip TTA, log(mean over the image and its mirror of softmax(logits / T)): the eval
+  step's and compare's probabilities, against the same formula on the untempered logits."""
+  from imgcls_jax import steps
+  _, workdir, _ = calibrated
+  trained = inference.load(workdir)
+  clf = inference.classifier(trained)
+  images = checkpoint.read_samples(workdir)['eval_images'][:16]
+  got = np.exp(np.asarray(steps.log_probs_fn(clf.variables, images, model_def=clf.model_def,
+                                             cfg=clf.step_cfg, tta='flip'), np.float64))
+  t, raw = _raw_logits(workdir, images)
+  _, raw_mirror = _raw_logits(workdir, images[:, :, ::-1])
+  want = 0.5 * (scipy.special.softmax(raw / t, axis=1) + scipy.special.softmax(raw_mirror / t, 1))
+  np.testing.assert_allclose(got, want, atol=2e-6)

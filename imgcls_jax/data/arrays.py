@@ -39,7 +39,7 @@ from imgcls_jax.errors import UserError
 PREFIX = ARRAYS_PREFIX
 Batch = dict[str, np.ndarray]
 _BOUND = r'(-?\d+(?:\.\d+)?%|-?\d+)?'
-_SLICE = re.compile(rf'^([A-Za-z0-9_\-]+)(?:\[{_BOUND}:{_BOUND}\])?$')
+SLICE = re.compile(rf'^([A-Za-z0-9_\-]+)(?:\[{_BOUND}:{_BOUND}\])?$')
 
 
 def is_arrays(data: ml_collections.ConfigDict) -> bool:
@@ -126,7 +126,7 @@ class ArraysFile:
     ``key`` (e.g. 'data.eval_split') names the config key it came from in errors."""
     given = f"config.{key}='{spec}'" if key else f"Split '{spec}'"
     known = ', '.join(sorted(self.splits))
-    m = _SLICE.match(spec)
+    m = SLICE.match(spec)
     if m is None:
       raise UserError(f"{given} does not parse; write NAME, NAME[START:END] or NAME[A%:B%] with "
                       f'NAME one of {known}.')
@@ -136,7 +136,7 @@ class ArraysFile:
       raise UserError(f"Split '{name}' does not exist in {self.path}; {fix}: {known}.")
     images, labels = self.splits[name]
     n = len(labels)
-    start, stop = _bound(lo, n, 0), _bound(hi, n, n)
+    start, stop = slice_bound(lo, n, 0), slice_bound(hi, n, n)
     if start is None or stop is None:
       raise UserError(f"{given} reaches past the {n} examples of '{name}'; give bounds within "
                       f'-{n}..{n} (or percentages).')
@@ -146,7 +146,7 @@ class ArraysFile:
     return images[start:stop], labels[start:stop]
 
 
-def _bound(text: str | None, n: int, default: int) -> int | None:
+def slice_bound(text: str | None, n: int, default: int) -> int | None:
   """A slice bound as tfds reads one: none (``default``), an integer or a percentage of n rounded
   to the closest example, negative counting from the end; None when it is beyond the split."""
   if not text:

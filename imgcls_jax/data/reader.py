@@ -119,6 +119,31 @@ def split_size(data: ml_collections.ConfigDict, split: str,
   return sources.split_size(data, split, info)
 
 
+def shared_examples(data: ml_collections.ConfigDict, a: str, b: str,
+                    info: DatasetInfo | None = None) -> int | None:
+  """How many examples the split specs ``a`` and ``b`` have in common (tfds slice syntax: NAME,
+  NAME[lo:hi] with counts or percentages rounded as tfds does, parts joined by '+'); None when a
+  spec is not of that form (e.g. an id-listed cross-validation split) or a size is unknown."""
+  def ranges(spec: str) -> list[tuple[str, int, int]] | None:
+    out = []
+    for part in str(spec).replace(' ', '').split('+'):
+      m = arrays.SLICE.match(part)
+      n = split_size(data, m.group(1), info) if m else None
+      if n is None:
+        return None
+      start, stop = arrays.slice_bound(m.group(2), n, 0), arrays.slice_bound(m.group(3), n, n)
+      if start is None or stop is None:
+        return None
+      out.append((m.group(1), start, stop))
+    return out
+
+  ra, rb = ranges(a), ranges(b)
+  if ra is None or rb is None:
+    return None
+  return sum(max(0, min(s1, s2) - max(lo1, lo2))
+             for n1, lo1, s1 in ra for n2, lo2, s2 in rb if n1 == n2)
+
+
 def class_counts(data: ml_collections.ConfigDict, split: str, num_classes: int) -> np.ndarray:
   """Examples per class in ``split`` (int64; multi-label: examples tagged with each class)."""
   if arrays.is_arrays(data):

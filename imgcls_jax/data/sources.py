@@ -8,19 +8,16 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
-from typing import Any, Callable, Iterator
-from urllib.parse import urlsplit
+from typing import Any, Callable
 
 import ml_collections
 import numpy as np
 import requests
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from tensorflow_datasets.core.download import downloader as tfds_downloader
 
 from imgcls_jax.data import digits as _digits  # noqa: F401  (registers sklearn_digits)
-from imgcls_jax.data import folder_index, image_folder, prepare_fashion_mnist
+from imgcls_jax.data import download, folder_index, image_folder, prepare_fashion_mnist
 from imgcls_jax.data.info import ARRAYS_PREFIX, NO_FLIP_DATASETS, DatasetInfo
 from imgcls_jax.errors import UserError
 
@@ -48,9 +45,9 @@ def builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     manual_dir = data.get('manual_dir') or None
     if manual_dir is None and data.name in LOCAL_SOURCES:
       manual_dir = LOCAL_SOURCES[data.name](b)
-    offline = _unreachable_host(b)  # offline, tfds would retry each download for ~3.5 minutes
+    offline = download.unreachable_host(b)  # offline, tfds would retry each download for ~3.5 minutes
     try:
-      with _one_attempt_per_download() if offline else contextlib.nullcontext():
+      with download.one_attempt_each() if offline else contextlib.nullcontext():
         b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
     except Exception as e:  # tfds raises many types (network, checksum, manual-dir) here.
       if offline and isinstance(e, requests.ConnectionError):
@@ -64,36 +61,6 @@ def builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
           f"({type(e).__name__}: {first[:300]}); prepare it first (see README) or point "
           "config.data.data_dir / config.data.manual_dir at the files.") from None
   return b
-
-
-PROBE_TIMEOUT_S = 5.0  # for one connection attempt to a download host (_unreachable_host)
-
-
-def _unreachable_host(b: tfds.core.DatasetBuilder) -> str:
-  """'HOST (why)' of the first host of ``b``'s registered URLs that does not answer a HEAD request
-  (sent through requests, as tfds downloads: the same proxy and CA settings), else ''."""
-  hosts = {urlsplit(url).netloc: url for url in (b.url_infos or {})
-           if url.startswith(('http://', 'https://'))}
-  for host, url in hosts.items():
-    try:
-      requests.head(url, timeout=PROBE_TIMEOUT_S, allow_redirects=False).close()
-    except requests.ConnectionError as e:  # also DNS failures, refused and timed-out connections
-      why = re.search(r'\[Errno -?\d+\] [^)\'"]+', str(e))
-      return f'{host} ({why.group(0) if why else type(e).__name__})'
-  return ''
-
-
-@contextlib.contextmanager
-def _one_attempt_per_download() -> Iterator[None]:
-  """Inside the block tfds tries each download once (whether a file must be downloaded at all,
-  or is in the manual_dir or downloaded already, stays its call). It otherwise retries a failed
-  download 10 times with exponential backoff, ~3.5 minutes offline, and no DownloadConfig option
-  changes that: this sets the module constant its downloader reads on every download."""
-  saved, tfds_downloader.MAX_RETRIES = tfds_downloader.MAX_RETRIES, 0
-  try:
-    yield
-  finally:
-    tfds_downloader.MAX_RETRIES = saved
 
 
 def _local_fashion_mnist(b: tfds.core.DatasetBuilder) -> str | None:

@@ -35,6 +35,8 @@ def _check_mirror_pad(shape: tf.TensorShape, pad: int, mode: str) -> None:
   """Raises a UserError when tf.pad cannot mirror ``pad`` pixels of images whose height or width
   is known when the pipeline is built ('reflect' mirrors at most size - 1, 'symmetric' size)."""
   limit = {'reflect': -1, 'symmetric': 0}.get(mode.lower())
+  if shape.rank is None:
+    return
   sizes = [int(d) for d in shape[:2] if d is not None]
   if limit is None or not sizes or pad <= min(sizes) + limit:
     return
