@@ -70,15 +70,7 @@ def compare(config: ml_collections.ConfigDict | None, workdir: str,
     raise UserError(f'--config.compare.workdir={other} holds no checkpoint; point it at the run '
                     'directory of a trained run.')
   e = inference.mode_settings(workdir, config, overrides, 'evaluate')
-  level = float(e.get('confidence_level', 0.95))
-  resamples = e.get('bootstrap_resamples', 1000)
-  if not 0 < level < 1:
-    raise UserError(f'config.evaluate.confidence_level={level} must be between 0 and 1 '
-                    '(e.g. 0.95).')
-  if not isinstance(resamples, int) or resamples < 1:
-    raise UserError(f'--mode=compare bootstraps the differences: '
-                    f'config.evaluate.bootstrap_resamples={resamples!r} must be a whole number '
-                    '>= 1 (e.g. 1000).')
+  level, resamples = intervals.settings(e, 1, '--mode=compare bootstraps the differences: ')
   ra, labels, pred_a = _predictions(workdir, config, e, e.split or '', overrides)
   # B's data may have moved with A's: the location flags given for A apply to B too.
   rb, labels_b, pred_b = _predictions(other, None, e, ra.split, {

@@ -28,14 +28,7 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str,
   """The ``evaluate`` mode: ``config.evaluate`` picks checkpoint, split, TTA and output dir."""
   workdir = os.path.abspath(workdir)
   e = inference.mode_settings(workdir, config, overrides, 'evaluate')  # the run's, plus flags
-  level = float(e.get('confidence_level', 0.95))
-  resamples = e.get('bootstrap_resamples', 1000)
-  if not 0 < level < 1:
-    raise UserError(f'config.evaluate.confidence_level={level} must be between 0 and 1 '
-                    '(e.g. 0.95).')
-  if not isinstance(resamples, int) or resamples < 0:
-    raise UserError(f'config.evaluate.bootstrap_resamples={resamples!r} must be a whole number '
-                    '>= 0 (0: only the exact top-1 interval).')
+  level, resamples = intervals.settings(e)
   ev = evaluation.evaluate_checkpoint(workdir, config, split=e.split,
                                       checkpoint_spec=e.checkpoint, tta=e.tta or '',
                                       num_bins=int(e.calibration_bins), overrides=overrides)

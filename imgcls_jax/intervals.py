@@ -21,6 +21,22 @@ from typing import Any
 
 import numpy as np
 
+from imgcls_jax.errors import UserError
+
+def settings(evaluate: Any, min_resamples: int = 0, why: str = '') -> tuple[float, int]:
+  """(level, resamples) from a ``config.evaluate`` section, or a UserError naming the key."""
+  level = float(evaluate.get('confidence_level', 0.95))
+  resamples = evaluate.get('bootstrap_resamples', 1000)
+  if not 0 < level < 1:
+    raise UserError(f'config.evaluate.confidence_level={level} must be between 0 and 1 '
+                    '(e.g. 0.95).')
+  if not isinstance(resamples, int) or resamples < min_resamples:
+    raise UserError(f'{why}config.evaluate.bootstrap_resamples={resamples!r} must be a whole '
+                    f'number >= {min_resamples}' + (' (0: only the exact top-1 interval).'
+                                                    if min_resamples == 0 else ' (e.g. 1000).'))
+  return level, resamples
+
+
 MAX_CELLS = 4_000_000   # resample-batch x max(examples, K x K): the statistic's working set
 
 
