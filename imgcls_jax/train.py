@@ -230,8 +230,11 @@ class _Trainer:
                                                                            sums['ml_neg']))
     logging.info("Per-class thresholds (best F1 on split '%s'): %s.", split, ', '.join(
         f'{n} {t:.3f}' for n, t in list(zip(self.s.info.class_names, self.thresholds))[:20]))
-    s = dataclasses.replace(self.s, step_cfg=dataclasses.replace(self.s.step_cfg,
-                                                                  thresholds=self.thresholds))
+    self.use_in_evaluations(thresholds=self.thresholds)
+
+  def use_in_evaluations(self, **step_cfg: Any) -> None:
+    """Rebuilds the eval step with these ``StepConfig`` fields (a choice fitted at the end)."""
+    s = dataclasses.replace(self.s, step_cfg=dataclasses.replace(self.s.step_cfg, **step_cfg))
     self.eval_step = run.jit_eval_step(s, self.eval_sh, tta=self.tta)
 
   def fit_temperature(self, variables: Any) -> None:
@@ -243,9 +246,7 @@ class _Trainer:
     except Exception as e:  # noqa: BLE001  (a bad record, memory: never lose the trained weights)
       logging.exception('No temperature fitted (%s); the run is saved without one.', e)
       return
-    s = dataclasses.replace(self.s, step_cfg=dataclasses.replace(
-        self.s.step_cfg, temperature=self.temperature['value']))
-    self.eval_step = run.jit_eval_step(s, self.eval_sh, tta=self.tta)
+    self.use_in_evaluations(temperature=self.temperature['value'])
 
   def meta(self, step: int) -> dict[str, Any]:
     """JSON saved beside the state: the config, what inference needs, the pipeline's position."""
