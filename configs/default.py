@@ -243,14 +243,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.evaluate.bootstrap_resamples = 1000   # accuracy by bootstrapping the examples (0: exact only)
   # Multi-label: the split on which per-class decision thresholds are chosen (best F1 per tag)
   # at the end of training; saved with the checkpoint and used by evaluate, predict, export and
-  # serve. '' = 0.5 for every tag.
+  # serve. '' = 0.5 for every tag. For a run already trained: --mode=calibrate with this key.
   c.evaluate.threshold_split = ''
   # Single-label: the held-out split on which one temperature T is fitted at the end of training
   # (temperature scaling: the NLL-minimising T of softmax(logits / T); imgcls_jax/temperature.py);
   # saved with the checkpoint, and every probability the run gives afterwards (the final
   # evaluation, evaluate, predict, serve, export) is softmax(logits / T). It must share no
   # example with the training or eval split: hold part of training out, e.g.
-  # data.train_split='train[:90%]' and temperature_split='train[90%:]'. '' = none.
+  # data.train_split='train[:90%]' and temperature_split='train[90%:]'. '' = none. For a run
+  # already trained: --mode=calibrate --config.evaluate.temperature_split=SPLIT (calibrate.py).
   c.evaluate.temperature_split = ''
 
   # ---- --mode=compare (imgcls_jax/compare.py): the run in --workdir (A) against another (B) ----

@@ -37,6 +37,7 @@ from imgcls_jax.weights import Weights, flatten
 CHECKPOINTS_DIR = 'checkpoints'
 CORRUPT_DIR = 'corrupt_checkpoints'
 CONFIG_FILE = 'config.json'
+META_FILE = 'metadata'   # the meta item's one JSON file (ocp.JsonCheckpointHandler's default)
 SAMPLES_FILE = 'samples.npz'  # a few eval-preprocessed images of each split (export checks, int8)
 
 
@@ -323,6 +324,26 @@ def read_samples(workdir: str) -> dict[str, np.ndarray] | None:
       return {k: f[k] for k in f.files}
   except (OSError, ValueError, EOFError):
     return None
+
+
+def update_meta(workdir: str, step: int, fields: Mapping[str, Any]) -> dict[str, Any]:
+  """Sets ``fields`` in the JSON meta of checkpoint ``step`` of the run in ``workdir`` (a choice
+  fitted after training, ``--mode=calibrate``) and returns the new meta. The file is replaced in
+  one rename: a crash leaves the old meta or the new one, never a mix."""
+  from etils import epath
+
+  directory, _ = _locate(workdir)
+  if step not in finished_steps(directory):
+    raise UserError(f'Checkpoint step {step} is not in {directory}; pick one of its steps.')
+  item = epath.Path(directory) / str(step) / 'meta'
+  meta = dict(ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
+      item, args=ocp.args.JsonRestore()) or {})
+  meta.update(fields)
+  text = json.dumps(meta)   # fails here, before anything is written, on a value JSON cannot hold
+  tmp = item / f'{META_FILE}.tmp'
+  tmp.write_text(text)
+  tmp.replace(item / META_FILE)
+  return meta
 
 
 def require_checkpoint(workdir: str) -> None:

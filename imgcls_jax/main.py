@@ -1,9 +1,9 @@
 """Command line: ``python -m imgcls_jax.main --config=configs/default.py --workdir=DIR``.
 
 Override any config key with ``--config.key=value`` (e.g. ``--config.optim.learning_rate=0.05``).
-The modes that use a trained run (evaluate, compare, predict, export, serve, embed) take the
-model from ``--workdir`` alone: ``--config`` is optional for them, and only their own keys (and
-where the evaluation data lives) may be given. Mistakes a user can fix end in one line naming the
+The modes that use a trained run (evaluate, compare, calibrate, predict, export, serve, embed) take
+the model from ``--workdir`` alone: ``--config`` is optional for them, and only their own keys
+(and where the evaluation data lives) may be given. Mistakes a user can fix end in one line naming the
 problem and the fix (exit status 2).
 """
 from __future__ import annotations
@@ -34,11 +34,13 @@ MODES: dict[str, tuple[str, str]] = {
     'serve': ('imgcls_jax.serve', 'serve'),
     'evaluate': ('imgcls_jax.evaluate', 'evaluate'),
     'compare': ('imgcls_jax.compare', 'compare'),
+    'calibrate': ('imgcls_jax.calibrate', 'calibrate'),
     'curves': ('imgcls_jax.evaluate', 'curves'),
     'classical': ('imgcls_jax.classical', 'classical'),
     'embed': ('imgcls_jax.embed', 'embed'),
 }
-TRAINED_RUN_MODES = ('predict', 'export', 'serve', 'evaluate', 'compare', 'curves', 'embed')
+TRAINED_RUN_MODES = ('predict', 'export', 'serve', 'evaluate', 'compare', 'calibrate', 'curves',
+                     'embed')
 
 FLAGS = flags.FlagValues()
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py), '

@@ -20,7 +20,8 @@ import ml_collections
 import numpy as np
 
 from imgcls_jax import (checkpoint, configlib, device_augment, dispatch, loss_weights, models,
-                        optim, report, sharding, steps, temperature, weights, whitening)
+                        multilabel, optim, report, sharding, steps, temperature, weights,
+                        whitening)
 from imgcls_jax import state as state_lib
 from imgcls_jax.data import reader
 from imgcls_jax.data.info import DatasetInfo, check_flips, read_shards
@@ -80,7 +81,7 @@ def setup(config: ml_collections.ConfigDict, info: DatasetInfo | None = None, *,
   if info.multilabel:
     loss_weights.check_multilabel(config)
   if training:
-    check_temperature_split(config, info)
+    check_fit_splits(config, info)
   s = Setup(config=config, mesh=mesh, info=info, model_fn=model_fn,
             model_def=state_lib.model_def(model_fn), step_cfg=steps.step_config(
                 config, info.num_classes, probe_head=_probe_head(config, model_fn),
@@ -172,38 +173,72 @@ def temperature_split(config: ml_collections.ConfigDict) -> str:
   return (config.evaluate.get('temperature_split', '') or '') if 'evaluate' in config else ''
 
 
-def check_temperature_split(config: ml_collections.ConfigDict, info: DatasetInfo) -> None:
-  """Before any step: a temperature split that cannot be used is found now, not after training."""
-  split = temperature_split(config)
-  if not split:
-    return
-  if info.multilabel:
+def threshold_split(config: ml_collections.ConfigDict) -> str:
+  """``config.evaluate.threshold_split`` ('' = every class at 0.5)."""
+  return (config.evaluate.get('threshold_split', '') or '') if 'evaluate' in config else ''
+
+
+_FITTED = {  # key -> why a split it shares examples with (train, eval) with is refused
+    'temperature_split': ('the fitted temperature would make it over-confident',
+                          ('a temperature fitted on the examples it is judged on reports a '
+                           'calibration no new image gets')),
+    'threshold_split': ('thresholds chosen on its training scores do not fit new images',
+                        ('thresholds chosen on the examples they are judged on report an F1 no '
+                         'new image gets')),
+}
+
+
+def check_fit_splits(config: ml_collections.ConfigDict, info: DatasetInfo) -> None:
+  """Before any step (and before ``--mode=calibrate`` reads anything): the held-out splits a run
+  fits its temperature (single-label) or per-class thresholds (multi-label) on must suit the run
+  and share no example with its training or eval split."""
+  if temperature_split(config) and info.multilabel:
     raise UserError('config.evaluate.temperature_split is for single-label runs (a multi-label '
                     "run's sigmoids get per-class thresholds from config.evaluate.threshold_split "
                     'instead); unset temperature_split.')
-  for key in ('train_split', 'eval_split'):
-    shared = reader.shared_examples(config.data, split, config.data[key], info)
-    if shared:
-      why = ('the model trained on them, so the fitted temperature would make it over-confident'
-             if key == 'train_split' else 'a temperature fitted on the examples it is judged on '
-             'reports a calibration no new image gets')
-      raise UserError(f"config.evaluate.temperature_split='{split}' shares {shared} examples with "
-                      f"config.data.{key}='{config.data[key]}' ({why}); hold them out of "
-                      "training, e.g. data.train_split='train[:90%]' and "
-                      "evaluate.temperature_split='train[90%:]'.")
+  if threshold_split(config) and not info.multilabel:
+    raise UserError('config.evaluate.threshold_split is for multi-label runs (a single-label '
+                    "run's softmax can get a temperature from config.evaluate.temperature_split "
+                    'instead); unset threshold_split.')
+  splits = {'temperature_split': temperature_split(config),
+            'threshold_split': threshold_split(config)}
+  for fit_key, reasons in _FITTED.items():
+    split = splits[fit_key]
+    if not split:
+      continue
+    for key, why in zip(('train_split', 'eval_split'), reasons):
+      shared = reader.shared_examples(config.data, split, config.data[key], info)
+      if shared:
+        why = f'the model trained on them, so {why}' if key == 'train_split' else why
+        raise UserError(f"config.evaluate.{fit_key}='{split}' shares {shared} examples with "
+                        f"config.data.{key}='{config.data[key]}' ({why}); hold them out of "
+                        "training, e.g. data.train_split='train[:90%]' and "
+                        f"evaluate.{fit_key}='train[90%:]'.")
 
 
-def temperature_data(s: Setup) -> Any:
-  """``reader.eval_data`` of the run's temperature split (built with the run's other data,
-  before the first step; an empty split is refused then)."""
-  split = temperature_split(s.config)
+def held_out_data(s: Setup, key: str) -> Any:
+  """``reader.eval_data`` of the split ``config.evaluate.<key>`` a choice is fitted on
+  (``temperature_split``, ``threshold_split``); an empty split is refused."""
+  split = s.config.evaluate[key]
   size = reader.split_size(s.config.data, split, s.info)
   if size == 0:
-    raise UserError(f"config.evaluate.temperature_split='{split}' holds no examples; give a "
+    raise UserError(f"config.evaluate.{key}='{split}' holds no examples; give a "
                     'held-out split with some, e.g. train[90%:].')
   return reader.eval_data(s.config.data, split, local_batch_size=s.local_eval_batch_size,
                           process_index=jax.process_index(), process_count=jax.process_count(),
                           split_size=size)
+
+
+def fit_thresholds(s: Setup, eval_step: Any, variables: Any, data: Any,
+                   split: str) -> dict[str, Any]:
+  """Per-class decision thresholds of a multi-label model, each the best F1 on ``split``
+  (``data``: its ``reader.eval_data``; scores as ``eval_step`` gives them): the record the run's
+  checkpoint keeps as ``thresholds``."""
+  sums = report.stats_to_numpy(eval_sums(eval_step, variables, data.batches(), s.mesh, split))
+  values = [float(t) for t in multilabel.choose_thresholds(sums['ml_pos'], sums['ml_neg'])]
+  logging.info("Per-class thresholds (best F1 on split '%s'): %s.", split, ', '.join(
+      f'{n} {t:.3f}' for n, t in list(zip(s.info.class_names, values))[:20]))
+  return {'values': values, 'split': split}
 
 
 def fit_temperature(s: Setup, variables: Any, variables_shardings: Any,

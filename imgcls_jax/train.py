@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import tqdm
 
-from imgcls_jax import (checkpoint, configlib, dispatch, inference, metrics, multilabel, optim,
+from imgcls_jax import (checkpoint, configlib, dispatch, inference, metrics, optim,
                         preemption, report, report_multilabel, run, sharding, startup)
 from imgcls_jax import state as state_lib
 from imgcls_jax.data import reader
@@ -105,12 +105,11 @@ class _Trainer:
     self.eval_subset = int(s.config.get('eval_subset', 0) or 0)
     if self.eval_subset < 0:
       raise UserError(f'config.eval_subset={self.eval_subset} must be >= 0 (0 = every example).')
-    # Multi-label: per-class thresholds chosen on config.evaluate.threshold_split at the end.
-    self.threshold_split = (s.config.evaluate.get('threshold_split', '') or ''
-                            if s.info.multilabel and 'evaluate' in s.config else '')
+    # Chosen on a held-out split at the end: per-class thresholds (multi-label,
+    # config.evaluate.threshold_split), a temperature (single-label, temperature_split).
+    self.threshold_split, self.temperature_split = run.threshold_split(s.config), \
+        run.temperature_split(s.config)
     self.thresholds: tuple[float, ...] | None = None
-    # Single-label: a temperature fitted on config.evaluate.temperature_split at the end.
-    self.temperature_split = run.temperature_split(s.config)
     self.temperature: dict[str, Any] | None = None   # run.fit_temperature's record
     self.writer, self.bar = writer, bar
     self.last_good = ckpt.latest_step()
@@ -124,12 +123,10 @@ class _Trainer:
     # Every dataset a run reads is built here, before its first step: a misnamed
     # threshold_split fails now, not after training, and nothing is built while an async
     # checkpoint is being written.
-    self.threshold_data = (reader.eval_data(
-        s.config.data, self.threshold_split, local_batch_size=s.local_eval_batch_size,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        split_size=s.info.num_examples.get(self.threshold_split))
-        if self.threshold_split else None)
-    self.temperature_data = run.temperature_data(s) if self.temperature_split else None
+    self.threshold_data = (run.held_out_data(s, 'threshold_split') if self.threshold_split
+                           else None)
+    self.temperature_data = (run.held_out_data(s, 'temperature_split') if self.temperature_split
+                             else None)
     self.inference_meta = inference.inference_meta(s.config.data, s.info)
     self.state_sh = state_sh
     self.bn_batches = self.x_statistics_batches()
@@ -223,13 +220,9 @@ class _Trainer:
 
   def choose_thresholds(self, variables: Any) -> None:
     """Per-class thresholds maximising F1 on the threshold split; the eval step then uses them."""
-    split, data = self.threshold_split, self.threshold_data
-    sums = report.stats_to_numpy(run.eval_sums(self.eval_step, variables, data.batches(),
-                                               self.s.mesh, split))
-    self.thresholds = tuple(float(t) for t in multilabel.choose_thresholds(sums['ml_pos'],
-                                                                           sums['ml_neg']))
-    logging.info("Per-class thresholds (best F1 on split '%s'): %s.", split, ', '.join(
-        f'{n} {t:.3f}' for n, t in list(zip(self.s.info.class_names, self.thresholds))[:20]))
+    record = run.fit_thresholds(self.s, self.eval_step, variables, self.threshold_data,
+                                self.threshold_split)
+    self.thresholds = tuple(record['values'])
     self.use_in_evaluations(thresholds=self.thresholds)
 
   def use_in_evaluations(self, **step_cfg: Any) -> None:
@@ -386,7 +379,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if any(k not in saved for k, v in (('temperature', trainer.temperature),
                                          ('thresholds', trainer.thresholds)) if v is not None):
         logging.warning('The run had finished: the temperature / thresholds fitted now are used '
-                        'by this evaluation only, not saved (its final checkpoint exists).')
+                        'by this evaluation only, not saved (its final checkpoint exists); '
+                        '--mode=calibrate saves them into it.')
   writer.close()
   if stopped_at is not None:
     if is_main:

@@ -30,7 +30,7 @@ from tests.conftest import REPO, subprocess_env
 PACKAGE = 'imgcls_jax'
 MODES = ('imgcls_jax.train', 'imgcls_jax.evaluate', 'imgcls_jax.cross_validation',
          'imgcls_jax.predict', 'imgcls_jax.export', 'imgcls_jax.serve', 'imgcls_jax.classical',
-         'imgcls_jax.embed', 'imgcls_jax.compare')
+         'imgcls_jax.embed', 'imgcls_jax.compare', 'imgcls_jax.calibrate')
 MODE_TABLE = 'imgcls_jax.main'                     # may reference every mode
 ALLOWED_MODE_EDGES = {('imgcls_jax.cross_validation', 'imgcls_jax.train')}  # k-fold trains
 TF_MODULES = ('tensorflow', 'tensorflow_datasets', 'tf2onnx', 'jax.experimental.jax2tf')
@@ -39,7 +39,8 @@ TF_FREE_DATA = ('imgcls_jax.data.info', 'imgcls_jax.data.images', 'imgcls_jax.da
                 'imgcls_jax.data.resident', 'imgcls_jax.data.reader')
 RUN_LAYER = ('imgcls_jax.models', 'imgcls_jax.steps', 'imgcls_jax.sharding', 'imgcls_jax.state',
              'imgcls_jax.run', 'imgcls_jax.evaluation', 'imgcls_jax.inference',  # with submodules
-             'imgcls_jax.train', 'imgcls_jax.evaluate')  # the modes that train on an arrays file
+             'imgcls_jax.train', 'imgcls_jax.evaluate',  # the modes that train on an arrays file
+             'imgcls_jax.calibrate')
 
 
 # ---- the import graph ----

@@ -307,3 +307,26 @@ def test_a_misnamed_threshold_split_fails_before_the_first_step(tmp_path):
     train.train_and_evaluate(c, str(tmp_path / 'run'))
   assert not os.path.isdir(tmp_path / 'run' / 'checkpoints') or not [
       d for d in os.listdir(tmp_path / 'run' / 'checkpoints') if d[0].isdigit()]
+
+
+def test_calibrate_mode_chooses_the_thresholds_training_chose(tagged_run, tmp_path):
+  """On a copy of the tagged run whose thresholds were overwritten, ``--mode=calibrate`` brings
+  back exactly the ones the trainer chose at the end of training on the same split."""
+  import shutil
+  from imgcls_jax import calibrate, checkpoint
+  _, workdir, _, _, _ = tagged_run
+  copy = str(tmp_path / 'run')
+  shutil.copytree(workdir, copy)
+  chosen = inference.load(workdir).thresholds
+  with checkpoint.Checkpointer(copy) as ckpt:
+    step = ckpt.latest_step()
+  checkpoint.update_meta(copy, step, {'thresholds': {'values': [0.9] * len(TAGS), 'split': 'x'}})
+  assert inference.load(copy).thresholds == (0.9,) * len(TAGS)
+  out = calibrate.calibrate(None, copy, overrides={'evaluate.threshold_split': 'validation'})
+  assert out['step'] == step and out['thresholds']['split'] == 'validation'
+  assert inference.load(copy).thresholds == chosen
+  with pytest.raises(UserError, match='temperature_split is for single-label'):
+    calibrate.calibrate(None, copy, overrides={'evaluate.threshold_split': '',
+                                               'evaluate.temperature_split': 'validation'})
+  with pytest.raises(UserError, match="shares .* examples with config.data.eval_split='test'"):
+    calibrate.calibrate(None, copy, overrides={'evaluate.threshold_split': 'test'})

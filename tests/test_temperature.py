@@ -182,7 +182,7 @@ def test_bad_temperature_splits_are_one_line(digits_config, tmp_path):
   digits_config.data.train_split = 'train[:90%]'
   info = run.setup(digits_config).info                        # disjoint: accepted
   with pytest.raises(UserError, match='single-label runs'):
-    run.check_temperature_split(digits_config, dataclasses.replace(info, multilabel=True))
+    run.check_fit_splits(digits_config, dataclasses.replace(info, multilabel=True))
   digits_config.evaluate.temperature_split = 'train[100%:]'
   with pytest.raises(UserError, match='holds no examples'):
     train.train_and_evaluate(digits_config, str(tmp_path))
@@ -222,3 +222,68 @@ def test_test_time_views_are_each_tempered_then_averaged(calibrated):
   _, raw_mirror = _raw_logits(workdir, images[:, :, ::-1])
   want = 0.5 * (scipy.special.softmax(raw / t, axis=1) + scipy.special.softmax(raw_mirror / t, 1))
   np.testing.assert_allclose(got, want, atol=2e-6)
+
+
+# ---- --mode=calibrate: the same fit for a run trained without it ----
+
+@pytest.fixture(scope='module')
+def uncalibrated(calibrated, tmp_path_factory):
+  """The ``calibrated`` run's config, trained again without a temperature split."""
+  config = calibrated[0].copy_and_resolve_references()
+  config.evaluate.temperature_split = ''
+  workdir = str(tmp_path_factory.mktemp('uncalibrated'))
+  train.train_and_evaluate(config, workdir)
+  return workdir
+
+
+def _meta(workdir):
+  with checkpoint.Checkpointer(workdir) as ckpt:
+    return ckpt.latest_step(), ckpt.read_meta(ckpt.latest_step())
+
+
+def test_calibrate_mode_saves_the_temperature_training_would_have_fitted(calibrated, uncalibrated):
+  """The oracle is the trainer's own fit on the same weights (training is deterministic): the
+  temperature, its split's log loss and calibration error before and after."""
+  step, before = _meta(uncalibrated)
+  assert 'temperature' not in before and inference.load(uncalibrated).temperature == 1.0
+  res = subprocess.run([sys.executable, '-m', 'imgcls_jax.main', '--mode=calibrate',
+                        f'--workdir={uncalibrated}',
+                        '--config.evaluate.temperature_split=train[80%:]'], cwd=REPO,
+                       env=subprocess_env(1), capture_output=True, text=True, timeout=300)
+  assert res.returncode == 0, res.stderr[-2000:]
+  _, want = _meta(calibrated[1])
+  got_step, after = _meta(uncalibrated)
+  assert got_step == step
+  assert after['temperature']['value'] == pytest.approx(want['temperature']['value'], rel=1e-6)
+  for key in ('nll', 'ece'):
+    np.testing.assert_allclose(after['temperature'][key], want['temperature'][key], rtol=1e-5)
+  assert after['temperature']['split'] == 'train[80%:]'
+  assert after['temperature']['examples'] == want['temperature']['examples']
+  assert {k: v for k, v in after.items() if k != 'temperature'} == before  # nothing else changed
+  t = after['temperature']['value']
+  assert f'Temperature {t:.4f} fitted on' in res.stdout and f'checkpoint {step}' in res.stdout
+  assert inference.load(uncalibrated).temperature == t   # every reader of the run now uses it
+
+
+def test_calibrate_refuses_bad_splits_in_one_line(uncalibrated):
+  from imgcls_jax import calibrate
+  step, before = _meta(uncalibrated)
+  cases = [({}, 'Name the held-out split'),
+           ({'evaluate.temperature_split': 'train[70%:]'},
+            "shares 135 examples with config.data.train_split='train\\[:80%\\]'"),
+           ({'evaluate.temperature_split': 'test'}, "shares 450 examples with config.data.eval_"),
+           ({'evaluate.threshold_split': 'train[80%:]'}, 'threshold_split is for multi-label'),
+           ({'evaluate.temperature_split': 'train[100%:]'}, 'selects no examples')]
+  for overrides, message in cases:
+    with pytest.raises(UserError, match=message):
+      calibrate.calibrate(None, uncalibrated, overrides=overrides)
+  assert _meta(uncalibrated) == (step, before)
+
+
+def test_a_meta_update_that_cannot_be_written_leaves_the_old_one(uncalibrated):
+  step, before = _meta(uncalibrated)
+  with pytest.raises(TypeError):
+    checkpoint.update_meta(uncalibrated, step, {'temperature': {'value': object()}})
+  assert _meta(uncalibrated) == (step, before)
+  with pytest.raises(UserError, match='not in'):
+    checkpoint.update_meta(uncalibrated, step + 1, {'x': 1})

@@ -1,0 +1,85 @@
+"""``--mode=calibrate``: the choice a run makes on a held-out split at the end of training, made
+for a run that is already trained (without it, or again on another split):
+
+  python -m imgcls_jax.main --mode=calibrate --workdir=runs/a \\
+      --config.evaluate.temperature_split='train[90%:]'     # single-label: one temperature
+  python -m imgcls_jax.main --mode=calibrate --workdir=runs/tags \\
+      --config.evaluate.threshold_split=validation           # multi-label: per-class thresholds
+
+The latest checkpoint (the final weights, what evaluate / predict / serve / export load) is read
+on the split; the temperature that minimises its log loss (``run.fit_temperature``) or each
+class's best-F1 threshold (``run.fit_thresholds``) is fitted exactly as training fits it, and
+saved into that checkpoint's meta (``checkpoint.update_meta``), replacing an earlier one. The
+split must share no example with the run's training or eval split (``run.check_fit_splits``).
+Exports written before keep their old choice: export again.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import ml_collections
+
+from imgcls_jax import checkpoint, evaluation, inference, run
+from imgcls_jax.errors import UserError
+
+_KEYS = ('temperature_split', 'threshold_split')
+
+
+def _chosen_split(e: ml_collections.ConfigDict) -> tuple[str, str]:
+  """(key, split) of the one held-out split the evaluate settings name."""
+  named = [(k, str(e.get(k, '') or '')) for k in _KEYS if e.get(k, '')]
+  if not named:
+    raise UserError('Name the held-out split to fit on: --config.evaluate.temperature_split=SPLIT '
+                    '(single-label runs) or --config.evaluate.threshold_split=SPLIT (multi-label '
+                    "runs), with examples the run did not train on (e.g. 'train[90%:]' for a run "
+                    "trained on 'train[:90%]').")
+  if len(named) > 1:
+    raise UserError('Both config.evaluate.temperature_split and threshold_split are set; a run '
+                    "gets one of them: set the other to '' on the command line.")
+  return named[0]
+
+
+def calibrate(config: ml_collections.ConfigDict | None, workdir: str,
+              overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+  """The ``calibrate`` mode: fits and saves the temperature or thresholds of ``workdir``'s run.
+  Returns ``{'step': ..., 'temperature' | 'thresholds': the record the checkpoint now keeps}``."""
+  workdir = os.path.abspath(workdir)
+  e = inference.mode_settings(workdir, config, overrides, 'evaluate')
+  key, split = _chosen_split(e)
+  tta = (e.get('tta', '') or '') if key == 'threshold_split' else ''  # as training chooses them
+  r = evaluation.restore_for_split(workdir, config, split=split, checkpoint_spec='latest',
+                                   tta=tta, overrides=overrides)
+  cfg = r.trained.run
+  with cfg.unlocked():  # the split chosen here, whatever the run was trained with
+    for k in _KEYS:
+      cfg.evaluate[k] = split if k == key else ''
+  run.check_fit_splits(cfg, r.trained.info)
+  # Fitted on the model's own outputs: no earlier temperature or thresholds applied.
+  s = dataclasses.replace(r.setup, config=cfg, step_cfg=dataclasses.replace(
+      r.setup.step_cfg, temperature=1.0, thresholds=None))
+  if key == 'temperature_split':
+    record = run.fit_temperature(s, r.variables, r.shardings, run.held_out_data(s, key), split)
+    field, before = 'temperature', r.trained.temperature
+  else:
+    eval_step = run.jit_eval_step(s, r.shardings, tta=tta)
+    record = run.fit_thresholds(s, eval_step, r.variables, run.held_out_data(s, key), split)
+    field, before = 'thresholds', r.trained.thresholds
+  if jax.process_index() == 0:
+    checkpoint.update_meta(workdir, r.step, {field: record})
+    if field == 'temperature':
+      what = (f"Temperature {record['value']:.4f} fitted on '{split}' ({record['examples']} "
+              f"examples): log loss {record['nll'][0]:.4f} -> {record['nll'][1]:.4f}, expected "
+              f"calibration error {record['ece'][0]:.4f} -> {record['ece'][1]:.4f}")
+      was = f' (it replaces {before:.4f})' if before != 1.0 else ''
+    else:
+      names = r.trained.info.class_names
+      shown = ', '.join(f'{n} {t:.3f}' for n, t in list(zip(names, record['values']))[:10])
+      what = (f"Per-class thresholds fitted on '{split}' (best F1 each): {shown}"
+              f"{', ...' if len(names) > 10 else ''}")
+      was = ' (they replace the earlier ones)' if before is not None else ''
+    print(f'{what}.\nSaved in checkpoint {r.step} of {workdir}{was}: evaluate, predict, serve '
+          'and export use it from now on; export again to update an earlier export.', flush=True)
+  return {'step': r.step, field: record}
