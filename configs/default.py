@@ -364,6 +364,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.holdout_fraction = 0.0           # without split folders / split column: this fraction of
                                           # every class (stratified) is the eval split, never trained
   c.data.holdout_seed = 0                 # which images are held out (fixed per seed)
+  c.data.validation_fraction = 0.0        # any layout: this fraction of every class of the train
+                                          # split (stratified, holdout_seed) becomes split
+                                          # 'validation', never trained: fit a temperature or
+                                          # thresholds there (evaluate.temperature_split='validation')
   c.data.index_cache = ''                 # where the file index is cached ('' = ~/.cache/imgcls_jax;
                                           # 'off' = rebuild at every start)
 

@@ -23,7 +23,7 @@ from imgcls_jax import (checkpoint, configlib, device_augment, dispatch, loss_we
                         multilabel, optim, report, sharding, steps, temperature, weights,
                         whitening)
 from imgcls_jax import state as state_lib
-from imgcls_jax.data import reader
+from imgcls_jax.data import folder_index, reader
 from imgcls_jax.data.info import DatasetInfo, check_flips, read_shards
 from imgcls_jax.errors import UserError
 
@@ -210,10 +210,12 @@ def check_fit_splits(config: ml_collections.ConfigDict, info: DatasetInfo) -> No
       shared = reader.shared_examples(config.data, split, config.data[key], info)
       if shared:
         why = f'the model trained on them, so {why}' if key == 'train_split' else why
+        fix = (f"hold part of every class out of training: data.validation_fraction=0.1 and "
+               f"evaluate.{fit_key}='{folder_index.VALIDATION}'"
+               if folder_index.is_folder(config.data) else "hold them out of training, e.g. "
+               f"data.train_split='train[:90%]' and evaluate.{fit_key}='train[90%:]'")
         raise UserError(f"config.evaluate.{fit_key}='{split}' shares {shared} examples with "
-                        f"config.data.{key}='{config.data[key]}' ({why}); hold them out of "
-                        "training, e.g. data.train_split='train[:90%]' and "
-                        f"evaluate.{fit_key}='train[90%:]'.")
+                        f"config.data.{key}='{config.data[key]}' ({why}); {fix}.")
 
 
 def held_out_data(s: Setup, key: str) -> Any:

@@ -81,6 +81,39 @@ def test_holdout_is_stratified_seeded_and_disjoint(tmp_path, digits_config):
   assert n == 27
 
 
+def test_validation_fraction_carves_a_stratified_split_out_of_train_only(tmp_path, digits_config):
+  counts = {'ant': 10, 'bee': 21, 'cat': 3}
+  data = _data(digits_config, folder=_flat(str(tmp_path / 'flat'), counts), holdout_fraction=0.2)
+  train0, test0 = _split(data, 'train'), _split(data, 'test')
+  with pytest.raises(UserError, match="validation_fraction > 0 makes a split 'validation'"):
+    _split(data, 'validation')
+  folder_index.clear_memo()
+  data.validation_fraction = 0.25
+  train, val, test = (_split(data, s) for s in ('train', 'validation', 'test'))
+  assert test.ids == test0.ids                      # the eval split is left exactly as it was
+  assert set(train.ids).isdisjoint(val.ids)
+  assert sorted(train.ids + val.ids) == sorted(train0.ids)
+  # Per class of the train split (8, 17, 2): round(0.25 n), at least one of 2+: 2, 4, 1.
+  assert val.counts == (2, 4, 1) and train.counts == (6, 13, 1)
+  assert sources.describe(data).num_examples == {'train': 20, 'test': 7}
+  assert sources.split_size(data, 'validation') == 7
+  folder_index.clear_memo()
+  assert _split(data, 'validation').ids == val.ids   # seeded: the same images every time
+  # The training stream reads exactly the kept images: no validation image ever trains.
+  ds, n = pipeline.train_dataset(data, seed=0, local_batch_size=4)
+  assert n == 20
+
+  data.validation_fraction = 1.0
+  with pytest.raises(UserError, match='validation_fraction=1.0 must be in'):
+    folder_index.source_of(data)
+  splits = str(tmp_path / 'splits')   # a layout that names its own validation split
+  for split in ('train', 'test', 'validation'):
+    _flat(f'{splits}/{split}', {'ant': 2, 'bee': 2})
+  data = _data(digits_config, folder=splits, holdout_fraction=0.0, validation_fraction=0.5)
+  with pytest.raises(UserError, match="already has a split 'validation'"):
+    _split(data, 'train')
+
+
 def test_manifest_with_and_without_a_split_column(tmp_path, digits_config, caplog):
   root = tmp_path / 'photos'
   rows = []

@@ -3,6 +3,7 @@ fitted temperature against scipy's minimiser of scikit-learn's log loss, and a t
 checkpoint, evaluation report, predictions and export all use it."""
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 
@@ -287,3 +288,39 @@ def test_a_meta_update_that_cannot_be_written_leaves_the_old_one(uncalibrated):
   assert _meta(uncalibrated) == (step, before)
   with pytest.raises(UserError, match='not in'):
     checkpoint.update_meta(uncalibrated, step + 1, {'x': 1})
+
+
+def test_an_image_folder_run_is_calibrated_on_its_validation_fraction(digits_config, tmp_path,
+                                                                      tfds_dir):
+  """The user's photos in <class>/ folders: data.validation_fraction gives the held-out split
+  that training's fit and --mode=calibrate use, and the train split is refused with that fix."""
+  from PIL import Image
+  from imgcls_jax import calibrate
+  from imgcls_jax.data import folder_index
+  images, labels = _digits(tfds_dir, 'train[:400]')
+  for k, (x, y) in enumerate(zip(images, labels)):
+    os.makedirs(tmp_path / 'photos' / str(y), exist_ok=True)
+    Image.fromarray(x[..., 0]).save(tmp_path / 'photos' / str(y) / f'{k}.png')
+  c = digits_config
+  c.data.name, c.data.folder = 'image_folder', str(tmp_path / 'photos')
+  c.data.holdout_fraction, c.data.validation_fraction = 0.2, 0.15
+  c.data.train_preprocess = c.data.eval_preprocess = ''
+  # Per class: round(0.2 n) held out for evaluation, then round(0.15 n') of the rest validates.
+  per_class = np.bincount(labels, minlength=10)
+  kept = per_class - np.round(0.2 * per_class).astype(int)
+  held = np.round(0.15 * kept).astype(int)
+  c.evaluate.temperature_split = 'train'
+  with pytest.raises(UserError, match=f"shares {(kept - held).sum()} examples.*"
+                                      "data.validation_fraction=0.1 and "
+                                      "evaluate.temperature_split='validation'"):
+    run.setup(c)
+  c.evaluate.temperature_split = 'validation'
+  c.num_train_steps = 30
+  train.train_and_evaluate(c, str(tmp_path / 'run'))
+  folder_index.clear_memo()
+  val = folder_index.index(folder_index.source_of(c.data), 'validation',
+                           tuple(str(d) for d in range(10)))
+  _, trained = _meta(str(tmp_path / 'run'))
+  assert trained['temperature']['examples'] == len(val) == held.sum()
+  again = calibrate.calibrate(None, str(tmp_path / 'run'), overrides={})   # the saved split
+  assert again['temperature']['value'] == pytest.approx(trained['temperature']['value'], rel=1e-6)

@@ -11,6 +11,11 @@ Three layouts, chosen by ``config.data``:
     ``data.multilabel`` a row's label is a set of tags, ``tag1;tag2`` (possibly empty; column
     ``labels`` or ``label``), and the hold-out is stratified by each image's first tag.
 
+In any layout, ``data.validation_fraction`` > 0 carves a split named ``validation`` out of the
+train split the same way (seeded, stratified; the eval split is left as it was): held-out images
+to fit a temperature or thresholds on (``config.evaluate.temperature_split`` /
+``threshold_split``), which a folder of ``<class>/`` directories has no other way to give.
+
 Building the index reads only file headers (``file_probe.py``; PIL: size, mode, EXIF orientation): ~9,000-25,000
 files/s per core from the page cache (one process per core past 20,000 files), where decoding
 every file ran at ~570 files/s on 2 cores. A truncated file (no JPEG/PNG end marker) is decoded once to tell. The result is cached per
@@ -35,9 +40,16 @@ from imgcls_jax.data import file_probe
 from imgcls_jax.data.images import is_image_file
 from imgcls_jax.errors import UserError
 
+NAME = 'image_folder'  # config.data.name of the user's images (folders or a manifest)
 ALL = 'all'            # the split of every image of a folder without split directories / a manifest
+VALIDATION = 'validation'  # the split data.validation_fraction carves out of the train split
 _SHOWN = 10            # skipped file names listed in the warning
 _IMBALANCE = 10.0      # warn when the largest class has more than this many times the smallest's images
+
+
+def is_folder(data: ml_collections.ConfigDict) -> bool:
+  """True when ``config.data`` selects an image folder or manifest."""
+  return data.get('name') == NAME
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +64,7 @@ class Source:
   holdout_seed: int
   cache_dir: str             # '' = no cache
   multilabel: bool = False   # manifest labels are ';'-separated tag sets
+  validation_fraction: float = 0.0   # of every class of the train split, held out as VALIDATION
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,12 +105,17 @@ def source_of(data: ml_collections.ConfigDict) -> Source:
   if not 0.0 <= fraction < 1.0:
     raise UserError(f'config.data.holdout_fraction={fraction} must be in [0, 1); e.g. 0.2 holds '
                     'out a fifth of every class for evaluation.')
+  validation = float(data.get('validation_fraction', 0.0) or 0.0)
+  if not 0.0 <= validation < 1.0:
+    raise UserError(f'config.data.validation_fraction={validation} must be in [0, 1); e.g. 0.1 '
+                    f"holds out a tenth of every class of the train split as split '{VALIDATION}'.")
   cache = data.get('index_cache', '') or ''
   cache_dir = '' if cache == 'off' else os.path.abspath(os.path.expanduser(cache or
                                                                            _default_cache_dir()))
   common = dict(train_split=data.train_split, eval_split=data.eval_split,
                 holdout_fraction=fraction, holdout_seed=int(data.get('holdout_seed', 0) or 0),
-                cache_dir=cache_dir, multilabel=bool(data.get('multilabel', False)))
+                cache_dir=cache_dir, multilabel=bool(data.get('multilabel', False)),
+                validation_fraction=validation)
   if folder and manifest:
     raise UserError('Both config.data.folder and config.data.manifest are set; set one of them.')
   if manifest:
@@ -238,8 +256,10 @@ def class_names(src: Source) -> tuple[str, ...]:
   return names
 
 
-def _holdout(ids: list[str], labels: list[int], src: Source, names: tuple[str, ...]) -> set[int]:
-  """Indices held out: per class, ``round(fraction * n)`` (at least 1 of 2+) chosen by the seed."""
+def _holdout(ids: list[str], labels: list[int], names: tuple[str, ...], fraction: float,
+             seed: int, salt: int = 0) -> set[int]:
+  """Indices held out: per class, ``round(fraction * n)`` (at least 1 of 2+) chosen by the seed
+  (``salt`` makes another draw from the same seed: the validation split's)."""
   held: set[int] = set()
   by_class: dict[int, list[int]] = {}
   for i, y in enumerate(labels):
@@ -247,18 +267,50 @@ def _holdout(ids: list[str], labels: list[int], src: Source, names: tuple[str, .
   for y, members in by_class.items():
     members.sort(key=lambda i: ids[i])
     n = len(members)
-    k = int(round(src.holdout_fraction * n))
-    if src.holdout_fraction > 0 and n >= 2:
+    k = int(round(fraction * n))
+    if fraction > 0 and n >= 2:
       k = min(max(k, 1), n - 1)
     name = names[y] if y >= 0 else ''   # multi-label images without tags form one stratum
-    rng = np.random.default_rng([src.holdout_seed, zlib.crc32(name.encode())])
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode()), *([salt] if salt else [])])
     held.update(members[j] for j in rng.permutation(n)[:k])
   return held
 
 
+def _strata(labels: list, multilabel: bool) -> list[int]:
+  """The class each image is stratified by (multi-label: its first tag, -1 for none)."""
+  return [(y[0] if y else -1) if multilabel else y for y in labels]
+
+
 def _candidates(src: Source, split: str, names: tuple[str, ...],
                 ) -> tuple[list[str], list[int], list[tuple[str, str]]]:
-  """(ids, labels, skipped) of the files that claim to belong to ``split``."""
+  """(ids, labels, skipped) of the files that claim to belong to ``split``; with
+  ``validation_fraction``, the train split less its validation part, or that part."""
+  if src.validation_fraction <= 0 or split not in (src.train_split, VALIDATION):
+    return _listed(src, split, names)
+  if src.train_split in (VALIDATION, ALL) or VALIDATION in _named_splits(src):
+    raise UserError(f"config.data.validation_fraction={src.validation_fraction} carves a split "
+                    f"'{VALIDATION}' out of train_split '{src.train_split}', but {src.location} "
+                    f"already has a split '{VALIDATION}' or trains on it; use that split (set "
+                    'validation_fraction=0) or train on another split.')
+  ids, labels, skipped = _listed(src, src.train_split, names)
+  held = _holdout(ids, _strata(labels, src.multilabel), names, src.validation_fraction,
+                  src.holdout_seed, salt=1)
+  keep = [i for i in range(len(ids)) if (i in held) == (split == VALIDATION)]
+  return [ids[i] for i in keep], [labels[i] for i in keep], skipped
+
+
+def _named_splits(src: Source) -> set[str]:
+  """The splits the layout names itself: split directories, or a manifest's split column."""
+  if src.kind == 'splits':
+    return set(_subdirs(src.root))
+  if src.kind == 'manifest':
+    return {r[2] for r in _read_manifest(src) if r[2] is not None}
+  return set()
+
+
+def _listed(src: Source, split: str, names: tuple[str, ...],
+            ) -> tuple[list[str], list[int], list[tuple[str, str]]]:
+  """(ids, labels, skipped) of the files the layout puts in ``split``."""
   _check_split_name(src, split)
   index = {n: k for k, n in enumerate(names)}
   pairs: list[tuple[str, str]] = []
@@ -309,15 +361,17 @@ def _candidates(src: Source, split: str, names: tuple[str, ...],
     labels.append(tuple(index[t] for t in tag_pairs[j][1]) if src.multilabel else index[label])
   if needs_holdout and split != ALL:
     if split not in (src.train_split, src.eval_split):
+      hint = (f" (config.data.validation_fraction > 0 makes a split '{VALIDATION}')"
+              if split == VALIDATION else '')
       raise UserError(f"Split '{split}' is neither config.data.train_split "
-                      f"('{src.train_split}') nor eval_split ('{src.eval_split}') nor '{ALL}'; "
-                      f'{src.location} has no split directories to choose from.')
+                      f"('{src.train_split}') nor eval_split ('{src.eval_split}') nor '{ALL}'"
+                      f'{hint}; {src.location} has no split directories to choose from.')
     if src.holdout_fraction <= 0:
       raise UserError(f'{src.location} has no split directories (no {src.root}/{split}/); set '
                       'config.data.holdout_fraction (e.g. 0.2) to hold out part of every class '
                       f"for evaluation, or use split '{ALL}' for every image.")
-    strata = [(y[0] if y else -1) if src.multilabel else y for y in labels]
-    held = _holdout(ids, strata, src, names)
+    held = _holdout(ids, _strata(labels, src.multilabel), names, src.holdout_fraction,
+                    src.holdout_seed)
     keep = [i for i in range(len(ids)) if (i in held) == (split == src.eval_split)]
     ids, labels = [ids[i] for i in keep], [labels[i] for i in keep]
   return ids, labels, skipped

@@ -24,14 +24,12 @@ import tensorflow as tf
 from imgcls_jax.data import folder_index
 from imgcls_jax.data.images import UnreadableImage, decode
 
-NAME = 'image_folder'
+NAME = folder_index.NAME
 _FAILED: set[str] = set()
 _FAILED_LOCK = threading.Lock()
 
 
-def is_folder(data) -> bool:
-  """True when ``config.data`` selects an image folder or manifest."""
-  return data.name == NAME
+is_folder = folder_index.is_folder
 
 
 def channels(train: folder_index.Split) -> int:
