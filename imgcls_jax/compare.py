@@ -36,8 +36,8 @@ def _predictions(workdir: str, config: Any, e: ml_collections.ConfigDict, split:
                                    tta=e.tta or '', overrides=overrides)
   if r.trained.info.multilabel:
     raise UserError(f'{workdir} is a multi-label run; --mode=compare compares single-label runs.')
-  labels, preds = evaluation.predicted_classes(r, e.tta or '')
-  return r, labels, preds
+  outcomes, _ = evaluation.outcomes_pass(r, e.tta or '')
+  return r, outcomes.label, outcomes.predicted
 
 
 def _check_pairs(a: evaluation.Restored, b: evaluation.Restored, labels_a: np.ndarray,

@@ -6,12 +6,15 @@
 
 The model and dataset come from the run in ``--workdir``. Writes to ``config.evaluate.output_dir``
 (default: the workdir) ``report.json``, ``report.md``, ``confusion_matrix.csv``,
-``confusion_matrix.png``, ``reliability.png`` and, from the run's ``metrics.jsonl``,
-``training_curves.png``; prints a short table. ``--mode=curves`` draws only the training curves
+``confusion_matrix.png``, ``reliability.png``, ``errors.csv`` (every wrongly predicted example,
+the most confident first: likely label mistakes or hard cases; single-label, one process) with
+``errors.png`` (the first ``config.evaluate.errors`` of them as the model saw them) and, from the
+run's ``metrics.jsonl``, ``training_curves.png``; prints a short table. ``--mode=curves`` draws only the training curves
 (fine while the run is still going).
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -20,6 +23,7 @@ import ml_collections
 import numpy as np
 
 from imgcls_jax import evaluation, inference, intervals, metrics, plots, report_files
+from imgcls_jax.data import reader
 from imgcls_jax.errors import UserError
 
 
@@ -29,9 +33,18 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str,
   workdir = os.path.abspath(workdir)
   e = inference.mode_settings(workdir, config, overrides, 'evaluate')  # the run's, plus flags
   level, resamples = intervals.settings(e)
+  shown = int(e.get('errors', 0) or 0)
+  if shown < 0:
+    raise UserError(f'config.evaluate.errors={shown} must be >= 0 (the most confident errors '
+                    'shown in errors.png; 0 = no per-example listing).')
+  if shown and jax.process_count() > 1:
+    logging.warning('config.evaluate.errors: the per-example listing is gathered on one host; '
+                    'skipped with %d processes.', jax.process_count())
+    shown = 0
   ev = evaluation.evaluate_checkpoint(workdir, config, split=e.split,
                                       checkpoint_spec=e.checkpoint, tta=e.tta or '',
-                                      num_bins=int(e.calibration_bins), overrides=overrides)
+                                      num_bins=int(e.calibration_bins), overrides=overrides,
+                                      keep_errors=shown or None)
   cfg, info = ev.trained.run, ev.trained.info
   rep = ev.report(int(e.top_confused))
   if not info.multilabel:
@@ -40,9 +53,34 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str,
   out_dir = os.path.abspath(e.output_dir or workdir)
   if jax.process_index() == 0:
     title = f"Evaluation of {cfg.model.name} on {ev.dataset or info.name} '{ev.split}'"
-    report_files.write(rep, out_dir, title, os.path.join(workdir, 'metrics.jsonl'))
+    errors = _errors(ev) if ev.outcomes is not None else None
+    if errors is not None:
+      rep['errors'] = {'count': len(errors.rows), 'most_confident': errors.rows[:10]}
+    report_files.write(rep, out_dir, title, os.path.join(workdir, 'metrics.jsonl'), errors=errors)
     print('\n'.join(report_files.table_lines(rep, title, out_dir)), flush=True)
   return rep
+
+
+def _errors(ev: evaluation.Evaluation) -> report_files.Errors:
+  """The wrongly predicted examples of ``ev``, the most confident first, named by their ids
+  (image paths, tfds ids; an arrays file's by position) and class names."""
+  o, info = ev.outcomes, ev.trained.info
+  ids = reader.example_ids(ev.trained.run.data, ev.split, info)
+  if ids and len(ids) <= int(o.position.max(initial=-1)):
+    logging.warning("The ids of split '%s' (%d) do not cover its %d rows read; errors.csv gives "
+                    'positions only.', ev.split, len(ids), int(o.position.max()) + 1)
+    ids = []
+  names = info.class_names
+  rows, images = [], []
+  for rank, i in enumerate(o.errors(), 1):
+    pos = int(o.position[i])
+    rows.append({'rank': rank, 'position': pos, 'id': ids[pos] if ids else '',
+                 'label': names[o.label[i]], 'predicted': names[o.predicted[i]],
+                 'p_predicted': float(o.p_predicted[i]), 'p_label': float(o.p_label[i])})
+    if pos in o.images:
+      images.append((o.images[pos], f"#{rank} {names[o.label[i]]} -> {names[o.predicted[i]]} "
+                                    f"({float(o.p_predicted[i]):.2f})"))
+  return report_files.Errors(rows=rows, images=images)
 
 
 def curves(config: ml_collections.ConfigDict | None, workdir: str,

@@ -1,13 +1,14 @@
 """Evaluation of a trained run's checkpoint (the run layer under ``--mode=evaluate``,
 ``--mode=compare`` and k-fold cross-validation): choose the step, restore it on the mesh with the
 run's parameter placement, then sum the report's statistics over a split
-(``evaluate_checkpoint``) or gather its per-example predictions (``predicted_classes``).
+(``evaluate_checkpoint``) and / or gather its per-example predictions (``outcomes_pass``).
 No TensorFlow at import.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import heapq
 import logging
 import os
 from typing import Any
@@ -67,6 +68,7 @@ class Evaluation:
   tta: str
   workdir: str
   dataset: str = ''   # what was evaluated ('' = the run's own dataset)
+  outcomes: Outcomes | None = None   # per example (evaluate_checkpoint's keep_errors)
 
   def report(self, top_confused: int = 10) -> dict[str, Any]:
     """The full report (``report.summarize``) with what was evaluated as its ``context``."""
@@ -140,37 +142,90 @@ def restore_for_split(workdir: str, config: ml_collections.ConfigDict | None, *,
 def evaluate_checkpoint(workdir: str, config: ml_collections.ConfigDict | None, *, split: str = '',
                         checkpoint_spec: str = 'latest', tta: str = '',
                         num_bins: int = report.DEFAULT_CALIBRATION_BINS,
-                        overrides: dict[str, Any] | None = None) -> Evaluation:
+                        overrides: dict[str, Any] | None = None,
+                        keep_errors: int | None = None) -> Evaluation:
   """Evaluates one checkpoint of ``workdir`` on ``split`` ('' = the run's eval split), every
-  example exactly once, on the mesh with the run's parameter placement."""
+  example exactly once, on the mesh with the run's parameter placement. With ``keep_errors``
+  (single-label, one process) the same pass also gathers every example's ``Outcomes``, with the
+  images of that many of the most confident errors."""
   if num_bins < 1:
     raise UserError(f'config.evaluate.calibration_bins={num_bins} must be at least 1.')
   r = restore_for_split(workdir, config, split=split, checkpoint_spec=checkpoint_spec, tta=tta,
                         overrides=overrides)
-  eval_step = run.jit_eval_step(r.setup, r.shardings, tta=tta, num_bins=num_bins)
-  sums = run.eval_sums(eval_step, r.variables, r.data.batches(), r.setup.mesh, r.split)
-  return Evaluation(stats=report.stats_to_numpy(sums), trained=r.trained, split=r.split,
-                    step=r.step, chosen=r.chosen, tta=tta, workdir=os.path.abspath(workdir),
-                    dataset=reader.dataset_name(r.trained.run.data))
+  outcomes = None
+  if keep_errors is not None and not r.trained.info.multilabel:
+    outcomes, stats = outcomes_pass(r, tta, keep_images=keep_errors, num_bins=num_bins)
+  else:
+    eval_step = run.jit_eval_step(r.setup, r.shardings, tta=tta, num_bins=num_bins)
+    stats = report.stats_to_numpy(run.eval_sums(eval_step, r.variables, r.data.batches(),
+                                                r.setup.mesh, r.split))
+  return Evaluation(stats=stats, trained=r.trained, split=r.split, step=r.step, chosen=r.chosen,
+                    tta=tta, workdir=os.path.abspath(workdir),
+                    dataset=reader.dataset_name(r.trained.run.data), outcomes=outcomes)
 
 
-def predicted_classes(r: Restored, tta: str = '') -> tuple[np.ndarray, np.ndarray]:
-  """(labels, top-1 predicted classes) of every example of ``r.split``, in the split's order
-  (one process: the rows of every batch come back to the host)."""
+@dataclasses.dataclass
+class Outcomes:
+  """Every example of a split in its read order (``position``: 0-based in that order; rows of
+  image files that failed to decode are left out), as the eval step scores it."""
+  position: np.ndarray      # int64 N
+  label: np.ndarray         # int64 N
+  predicted: np.ndarray     # int64 N: the top-1 class
+  p_predicted: np.ndarray   # float32 N: its probability
+  p_label: np.ndarray       # float32 N: the labelled class's
+  images: dict[int, np.ndarray]   # position -> eval-preprocessed image of the kept errors
+
+  def errors(self) -> np.ndarray:
+    """Indices of the wrongly predicted examples, the most confident first (ties: position)."""
+    wrong = np.flatnonzero(self.predicted != self.label)
+    return wrong[np.lexsort((self.position[wrong], -self.p_predicted[wrong]))]
+
+
+def outcomes_pass(r: Restored, tta: str = '', *, keep_images: int = 0,
+                  num_bins: int | None = None) -> tuple[Outcomes, dict[str, np.ndarray] | None]:
+  """The ``Outcomes`` of every example of ``r.split`` (one process: every row comes back to the
+  host), keeping the images of the ``keep_images`` most confident errors; with ``num_bins``, also
+  the eval step's summed statistics, from the same pass."""
   if jax.process_count() > 1:
     raise UserError('Per-example predictions are gathered on one host; run this mode with a '
                     'single process.')
-  step = jax.jit(functools.partial(steps.predicted_classes, model_def=r.setup.model_def,
-                                   cfg=r.setup.step_cfg, tta=tta),
-                 in_shardings=(r.shardings, sharding.batch_sharding(r.setup.mesh)),
-                 out_shardings=sharding.replicated(r.setup.mesh))
-  labels, preds = [], []
+  mesh, batch_sh = r.setup.mesh, sharding.batch_sharding(r.setup.mesh)
+  outcome = functools.partial(steps.example_outcomes, model_def=r.setup.model_def,
+                              cfg=r.setup.step_cfg, tta=tta)
+  if num_bins is None:
+    fn = outcome
+  else:
+    sums_of = functools.partial(steps.eval_step, model_def=r.setup.model_def,
+                                cfg=r.setup.step_cfg, tta=tta, num_bins=num_bins)
+    fn = lambda v, b: (outcome(v, b), sums_of(v, b))  # noqa: E731  (one program, one pass)
+  step = jax.jit(fn, in_shardings=(r.shardings, batch_sh),
+                 out_shardings=sharding.replicated(mesh))
+  cols: dict[str, list[np.ndarray]] = {k: [] for k in ('position', 'label', 'predicted',
+                                                       'p_predicted', 'p_label')}
+  kept: list[tuple[float, int, np.ndarray]] = []   # a min-heap of (p_predicted, -position, image)
+  totals, offset = None, 0
   for batch in r.data.batches():
+    out = step(r.variables, sharding.put_batch(batch, batch_sh))
+    if num_bins is not None:
+      out, sums = out
+      totals = report.add(totals, sums)
+    out = jax.device_get(out)
     mask = np.asarray(batch['mask'], bool)
-    pred = np.asarray(jax.device_get(step(r.variables, sharding.put_batch(
-        batch, sharding.batch_sharding(r.setup.mesh)))))
-    labels.append(np.asarray(batch['label'])[mask])
-    preds.append(pred[mask])
-  if not labels:
+    rows = np.flatnonzero(mask)
+    label = np.asarray(batch['label'])
+    cols['position'].append(offset + rows)
+    cols['label'].append(label[rows])
+    for k in ('predicted', 'p_predicted', 'p_label'):
+      cols[k].append(np.asarray(out[k])[rows])
+    if keep_images:
+      for i in rows[np.asarray(out['predicted'])[rows] != label[rows]]:
+        item = (float(out['p_predicted'][i]), -(offset + int(i)), np.array(batch['image'][i]))
+        (heapq.heappush if len(kept) < keep_images else heapq.heappushpop)(kept, item)
+    offset += len(mask)
+  if not cols['label'] or not sum(map(len, cols['label'])):
     raise UserError(f"The split '{r.split}' is empty; evaluate a split with examples.")
-  return np.concatenate(labels).astype(np.int64), np.concatenate(preds).astype(np.int64)
+  c = {k: np.concatenate(v) for k, v in cols.items()}
+  outcomes = Outcomes(position=c['position'].astype(np.int64), label=c['label'].astype(np.int64),
+                      predicted=c['predicted'].astype(np.int64), p_predicted=c['p_predicted'],
+                      p_label=c['p_label'], images={-neg: img for _, neg, img in kept})
+  return outcomes, (report.stats_to_numpy(totals) if totals is not None else None)

@@ -165,3 +165,22 @@ def pr_curves(curves: Sequence[Mapping[str, Any]], mean_ap: float, path: str,
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
+
+
+def image_grid(images: Sequence[np.ndarray], captions: Sequence[str], path: str, title: str,
+               columns: int = 6) -> None:
+  """Images (uint8 HxWxC, as the model saw them) in a grid, each with its caption below."""
+  rows = max(1, -(-len(images) // columns))
+  fig, axes = plt.subplots(rows, columns, figsize=(2.1 * columns, 2.4 * rows + 0.4), squeeze=False)
+  for ax in axes.ravel():
+    ax.axis('off')
+  for ax, img, caption in zip(axes.ravel(), images, captions):
+    img = np.asarray(img)
+    grey = img.ndim == 2 or img.shape[-1] == 1
+    ax.imshow(img.reshape(img.shape[:2]) if grey else img[..., :3], cmap='gray' if grey else None,
+              vmin=0, vmax=255, interpolation='nearest')
+    ax.set_title(caption, fontsize=7)
+  fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)

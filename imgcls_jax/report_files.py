@@ -1,11 +1,16 @@
 """The evaluation report on disk and on the terminal: report.json / .md, the confusion matrix as
-CSV and PNG, the reliability diagram, training curves, and the short printed table."""
+CSV and PNG, the reliability diagram, training curves, the most confident errors (errors.csv /
+.png), and the short printed table."""
 from __future__ import annotations
 
+import csv
+import dataclasses
 import json
 import logging
 import os
 from typing import Any
+
+import numpy as np
 
 from imgcls_jax import metrics, plots, report, report_multilabel
 
@@ -13,11 +18,23 @@ REPORT_FILES = ('report.json', 'report.md', 'confusion_matrix.csv', 'confusion_m
                 'reliability.png', 'roc_curves.png')
 MULTILABEL_REPORT_FILES = ('report.json', 'report.md', 'pr_curves.png')
 CURVES_FILE = 'training_curves.png'
+ERROR_FILES = ('errors.csv', 'errors.png')
+ERROR_COLUMNS = ('rank', 'position', 'id', 'label', 'predicted', 'p_predicted', 'p_label')
+_ERRORS_IN_MD = 10
 
 
-def write(rep: dict[str, Any], out_dir: str, title: str, metrics_path: str | None) -> list[str]:
-  """report.json / .md, confusion CSV + PNG, reliability PNG, and training curves when available;
-  returns the names written.
+@dataclasses.dataclass
+class Errors:
+  """The wrongly predicted examples of an evaluation, the most confident first."""
+  rows: list[dict[str, Any]]                  # one per error, keyed by ERROR_COLUMNS
+  images: list[tuple[np.ndarray, str]]        # (image as the model saw it, caption), the first ones
+
+
+def write(rep: dict[str, Any], out_dir: str, title: str, metrics_path: str | None,
+          errors: Errors | None = None) -> list[str]:
+  """report.json / .md, confusion CSV + PNG, reliability PNG, training curves when available,
+  and with ``errors`` errors.csv (every error) and errors.png (those with images); returns the
+  names written.
 
   A report file of an earlier report in ``out_dir`` that this one does not write (a ROC plot, the
   other task's files, training curves without a metrics log) is removed: left there it would sit
@@ -30,12 +47,15 @@ def write(rep: dict[str, Any], out_dir: str, title: str, metrics_path: str | Non
     written = ['report.json', *_write_multilabel(rep, out_dir, title)]
   else:
     written = ['report.json', *_write_single_label(rep, out_dir, title)]
+    if errors is not None:
+      written += _write_errors(errors, out_dir, title)
   if metrics_path and os.path.exists(metrics_path):
     plots.training_curves(metrics.read_jsonl(metrics_path), os.path.join(out_dir, CURVES_FILE))
     written.append(CURVES_FILE)
   elif metrics_path:  # None: a report with no training run behind it (k-NN, classical)
     logging.info('No metrics.jsonl next to the checkpoints: no training-curve plot.')
-  for name in sorted(set(REPORT_FILES + MULTILABEL_REPORT_FILES + (CURVES_FILE,)) - set(written)):
+  for name in sorted(set(REPORT_FILES + MULTILABEL_REPORT_FILES + ERROR_FILES + (CURVES_FILE,))
+                     - set(written)):
     stale = os.path.join(out_dir, name)
     if os.path.exists(stale):
       os.remove(stale)
@@ -68,6 +88,29 @@ def _write_single_label(rep: dict[str, Any], out_dir: str, title: str) -> list[s
   return written
 
 
+def _write_errors(errors: Errors, out_dir: str, title: str) -> list[str]:
+  """errors.csv, errors.png (when there are images) and a table of the first ones in report.md."""
+  with open(os.path.join(out_dir, 'errors.csv'), 'w', newline='') as f:
+    w = csv.DictWriter(f, fieldnames=ERROR_COLUMNS)
+    w.writeheader()
+    w.writerows({k: (f'{v:.6f}' if isinstance(v, float) else v) for k, v in r.items()}
+                for r in errors.rows)
+  lines = ['', f'## The most confident errors ({len(errors.rows)} in all: errors.csv)', '',
+           '| rank | position | id | label | predicted | p(predicted) | p(label) |',
+           '|---|---|---|---|---|---|---|']
+  lines += [f"| {r['rank']} | {r['position']} | {r['id'] or '-'} | {r['label']} | "
+            f"{r['predicted']} | {r['p_predicted']:.4f} | {r['p_label']:.4f} |"
+            for r in errors.rows[:_ERRORS_IN_MD]]
+  with open(os.path.join(out_dir, 'report.md'), 'a') as f:
+    f.write('\n'.join(lines) + '\n')
+  if not errors.images:
+    return ['errors.csv']
+  plots.image_grid([img for img, _ in errors.images], [c for _, c in errors.images],
+                   os.path.join(out_dir, 'errors.png'),
+                   f'{title}: the {len(errors.images)} most confident errors')
+  return list(ERROR_FILES)
+
+
 def table_lines(rep: dict[str, Any], title: str, out_dir: str) -> list[str]:
   """The short printed summary."""
   ctx = rep.get('context', {})
@@ -82,7 +125,8 @@ def table_lines(rep: dict[str, Any], title: str, out_dir: str) -> list[str]:
   lines += ['  ' + line for line in report.class_table(rep, max_rows=20)]
   lines += ['  ' + line for line in report.confused_lines(rep)]
   lines.append(_written(out_dir, ('report.json', 'confusion_matrix.csv', 'confusion_matrix.png',
-                                  'reliability.png', 'roc_curves.png', CURVES_FILE)))
+                                  'reliability.png', 'roc_curves.png', *ERROR_FILES,
+                                  CURVES_FILE)))
   return lines
 
 

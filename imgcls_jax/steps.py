@@ -319,13 +319,18 @@ def eval_step(variables: Any, batch: dict[str, jax.Array], *, model_def: ModelDe
   return report.eval_sums(log_probs, batch['label'], batch['mask'], num_bins)
 
 
-def predicted_classes(variables: Any, batch: dict[str, jax.Array], *, model_def: ModelDef,
-                      cfg: StepConfig, tta: str = '') -> jax.Array:
-  """The top-1 class of each row (``int32 B``, padded rows too), exactly as ``eval_step``
-  scores it."""
-  log_probs = log_probs_fn(variables, batch['image'], model_def=model_def, cfg=cfg, tta=tta)
-  return jnp.argmax(jax.nn.log_softmax(log_probs.astype(jnp.float32), axis=-1),
-                    axis=-1).astype(jnp.int32)
+def example_outcomes(variables: Any, batch: dict[str, jax.Array], *, model_def: ModelDef,
+                     cfg: StepConfig, tta: str = '') -> dict[str, jax.Array]:
+  """Per row (padded rows too), exactly as ``eval_step`` scores it: the top-1 class
+  (``predicted``, int32 B), its probability (``p_predicted``) and the labelled class's
+  (``p_label``), float32 B."""
+  log_probs = jax.nn.log_softmax(log_probs_fn(variables, batch['image'], model_def=model_def,
+                                              cfg=cfg, tta=tta).astype(jnp.float32), axis=-1)
+  predicted = jnp.argmax(log_probs, axis=-1)
+  label = batch['label'].astype(jnp.int32)
+  return {'predicted': predicted.astype(jnp.int32),
+          'p_predicted': jnp.exp(jnp.take_along_axis(log_probs, predicted[:, None], -1)[:, 0]),
+          'p_label': jnp.exp(jnp.take_along_axis(log_probs, label[:, None], -1)[:, 0])}
 
 
 def multilabel_eval_sums(variables: Any, batch: dict[str, jax.Array], *, model_def: ModelDef,

@@ -1,5 +1,6 @@
 """--mode=evaluate: the report of a digits checkpoint, its PNGs, TensorBoard during training, TTA,
 checkpoint choice, and one-line errors."""
+import csv
 import functools
 import glob
 import json
@@ -178,6 +179,34 @@ def test_evaluating_a_digits_checkpoint_writes_the_report_and_three_pngs(trained
   assert rep['macro_avg']['f1'] == pytest.approx(skm.f1_score(labels, pred, average='macro'))
   assert rep['accuracy_top5'] == pytest.approx(skm.top_k_accuracy_score(labels, probs, k=5))
   assert rep['loss'] == pytest.approx(skm.log_loss(labels, probs), rel=1e-4)
+
+  # errors.csv: every mistake, the most confident first, named by its tfds id. The oracle reads
+  # the split with tfds itself, in file order, and predicts it as above.
+  import tensorflow_datasets as tfds
+  rows = list(tfds.as_numpy(tfds.load('sklearn_digits', split='test', shuffle_files=False,
+                                      data_dir=config.data.data_dir,
+                                      read_config=tfds.ReadConfig(add_tfds_id=True))))
+  p = np.asarray(predict(state, np.stack([r['image'] for r in rows]))['probabilities'], np.float64)
+  y = np.array([r['label'] for r in rows])
+  wrong = np.flatnonzero(p.argmax(1) != y)
+  with open(os.path.join(out, 'errors.csv'), newline='') as f:
+    listed = list(csv.DictReader(f))
+  assert len(listed) == len(wrong) == round((1 - rep['accuracy']) * 450) > 0
+  positions = [int(r['position']) for r in listed]
+  assert sorted(positions) == wrong.tolist()
+  for r, pos in zip(listed, positions):
+    assert r['id'] == rows[pos]['tfds_id'].decode()
+    assert (r['label'], r['predicted']) == (str(y[pos]), str(p[pos].argmax()))
+    assert float(r['p_predicted']) == pytest.approx(p[pos].max(), abs=1e-5)
+    assert float(r['p_label']) == pytest.approx(p[pos, y[pos]], abs=1e-5)
+  confidence = [float(r['p_predicted']) for r in listed]
+  assert confidence == sorted(confidence, reverse=True)
+  assert saved['errors']['count'] == len(wrong)
+  _assert_png(os.path.join(out, 'errors.png'))
+  assert '## The most confident errors' in md
+  config.evaluate.errors = 0       # no listing: an earlier one in the folder is removed
+  evaluate.evaluate(config, workdir)
+  assert not any(os.path.exists(os.path.join(out, n)) for n in report_files.ERROR_FILES)
 
 
 @pytest.mark.slow

@@ -144,6 +144,16 @@ def shared_examples(data: ml_collections.ConfigDict, a: str, b: str,
              for n1, lo1, s1 in ra for n2, lo2, s2 in rb if n1 == n2)
 
 
+def example_ids(data: ml_collections.ConfigDict, split: str,
+                info: DatasetInfo | None = None) -> list[str]:
+  """Ids of ``split``'s examples in evaluation order, one process (``sources.example_ids``: image
+  paths, tfds ids); an arrays file's examples have none (empty list: their position is the id)."""
+  if arrays.is_arrays(data):
+    return []
+  from imgcls_jax.data import sources
+  return sources.example_ids(data, split, info)
+
+
 def class_counts(data: ml_collections.ConfigDict, split: str, num_classes: int) -> np.ndarray:
   """Examples per class in ``split`` (int64; multi-label: examples tagged with each class)."""
   if arrays.is_arrays(data):

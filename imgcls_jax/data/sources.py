@@ -360,6 +360,29 @@ def read(data: ml_collections.ConfigDict, split: str, process_index: int, proces
   return ds.cache() if data.cache else ds
 
 
+def example_ids(data: ml_collections.ConfigDict, split: str,
+                info: DatasetInfo | None = None) -> list[str]:
+  """The ids of ``split``'s examples in the order one process reads them (``read``): an image
+  folder's paths relative to the folder or manifest, a tfds dataset's tfds ids. Decodes nothing."""
+  base, _, ids_file = split.partition('@')
+  if image_folder.is_folder(data):
+    ids = list(_folder_split(data, base, info)[0].ids)
+  else:
+    b = builder(data)
+    check_split(b, base, data.name, _split_key(data, base))
+    image_key, _ = supervised_keys(b, data.name, bool(data.get('multilabel', False)))
+    ds = b.as_dataset(split=tfds.even_splits(base, n=1, drop_remainder=False)[0],
+                      shuffle_files=False,
+                      read_config=tfds.ReadConfig(try_autocache=False, shuffle_seed=0,
+                                                  add_tfds_id=True),
+                      decoders={image_key: tfds.decode.SkipDecoding()})
+    ids = [i.decode() for i in tfds.as_numpy(ds.map(lambda ex: ex['tfds_id']))]
+  if ids_file:
+    listed = set(_ids(ids_file))
+    ids = [i for i in ids if i in listed]
+  return ids
+
+
 def count(ds: tf.data.Dataset) -> int:
   """Number of elements of a finite dataset (iterates it once when its cardinality is unknown)."""
   n = int(ds.cardinality())
