@@ -25,7 +25,6 @@ decode during training is reported and masked out of its batch (``image_folder.d
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import logging
 import os
@@ -36,7 +35,7 @@ from typing import Iterable
 import ml_collections
 import numpy as np
 
-from imgcls_jax.data import file_probe
+from imgcls_jax.data import file_probe, manifest
 from imgcls_jax.data.images import is_image_file
 from imgcls_jax.errors import UserError
 
@@ -166,7 +165,7 @@ def _split_dir(src: Source, split: str) -> str:
 def has_splits(src: Source) -> bool:
   """True when the images come in named splits (split directories, or a manifest's split column)."""
   if src.kind == 'manifest':
-    return _read_manifest(src)[0][2] is not None
+    return manifest.read_rows(src.location, src.multilabel)[0][2] is not None
   return src.kind == 'splits'
 
 
@@ -182,47 +181,6 @@ def _walk(directory: str, prefix: str) -> Iterable[str]:
         yield os.path.normpath(os.path.join(prefix, rel, f))
 
 
-def _read_manifest(src: Source) -> list[tuple[str, str, str | None]]:
-  """(path as written, label, split or None) per row of the CSV."""
-  try:
-    with open(src.location, newline='', encoding='utf-8-sig') as f:
-      rows = [r for r in csv.reader(f) if r and any(x.strip() for x in r)]
-  except UnicodeDecodeError as e:
-    with open(src.location, 'rb') as f:
-      utf16 = f.read(2) in (b'\xff\xfe', b'\xfe\xff')  # the byte-order mark of UTF-16 LE / BE
-    if utf16:  # what Excel's "Unicode Text" and Windows Notepad's "Unicode" save
-      raise UserError(f'The manifest {src.location} is UTF-16 text; save it as a UTF-8 CSV of '
-                      'path,label rows (in Excel: Save As "CSV UTF-8").') from None
-    raise UserError(f'The manifest {src.location} is not UTF-8 text (byte {e.start}: '
-                    f'{e.object[e.start:e.start + 1]!r}); save it as a UTF-8 CSV of path,label '
-                    'rows.') from None
-  if not rows:
-    raise UserError(f'The manifest {src.location} is empty; write one path,label row per image.')
-  header = [x.strip().lower() for x in rows[0]]
-  label_col = 'label' if 'label' in header else 'labels'
-  if 'path' in header and label_col in header:
-    cols = (header.index('path'), header.index(label_col),
-            header.index('split') if 'split' in header else None)
-    rows, first_line = rows[1:], 2
-  else:
-    cols, first_line = (0, 1, 2 if len(rows[0]) > 2 else None), 1
-  out = []
-  for n, row in enumerate(rows, first_line):
-    if len(row) <= max(c for c in cols if c is not None) or not row[cols[0]].strip() or (
-        not row[cols[1]].strip() and not src.multilabel):
-      raise UserError(f'Line {n} of the manifest {src.location} is not path,label'
-                      f"{',split' if cols[2] is not None else ''} ({','.join(row)[:80]!r}); fix "
-                      'or remove it.')
-    out.append((row[cols[0]].strip(), row[cols[1]].strip(),
-                 row[cols[2]].strip() if cols[2] is not None else None))
-  return out
-
-
-def _tags(label: str) -> tuple[str, ...]:
-  """The tags of a multi-label manifest cell ``'a;b'`` (stripped, each once, in order)."""
-  return tuple(dict.fromkeys(t.strip() for t in label.split(';') if t.strip()))
-
-
 def _sort_labels(labels: Iterable[str]) -> tuple[str, ...]:
   names = set(labels)
   if all(n.lstrip('-').isdigit() for n in names):
@@ -233,10 +191,10 @@ def _sort_labels(labels: Iterable[str]) -> tuple[str, ...]:
 def class_names(src: Source) -> tuple[str, ...]:
   """The classes of the training data, sorted: class directories, or the manifest's labels."""
   if src.kind == 'manifest':
-    rows = _read_manifest(src)
+    rows = manifest.read_rows(src.location, src.multilabel)
     train = [r for r in rows if r[2] in (None, src.train_split) or src.train_split == ALL]
     if src.multilabel:
-      names = _sort_labels(t for _, label, _ in (train or rows) for t in _tags(label))
+      names = _sort_labels(t for _, label, _ in (train or rows) for t in manifest.tags(label))
       if not names:
         raise UserError(f'The manifest {src.location} tags no image; write path,tag1;tag2 rows.')
       return names
@@ -304,7 +262,7 @@ def _named_splits(src: Source) -> set[str]:
   if src.kind == 'splits':
     return set(_subdirs(src.root))
   if src.kind == 'manifest':
-    return {r[2] for r in _read_manifest(src) if r[2] is not None}
+    return {r[2] for r in manifest.read_rows(src.location, src.multilabel) if r[2] is not None}
   return set()
 
 
@@ -317,7 +275,7 @@ def _listed(src: Source, split: str, names: tuple[str, ...],
   skipped: list[tuple[str, str]] = []
   needs_holdout = src.kind == 'flat'
   if src.kind == 'manifest':
-    rows = _read_manifest(src)
+    rows = manifest.read_rows(src.location, src.multilabel)
     has_split = rows[0][2] is not None
     needs_holdout = not has_split
     if has_split and split != ALL:
@@ -344,7 +302,7 @@ def _listed(src: Source, split: str, names: tuple[str, ...],
       pairs.extend((rel, name) for rel in _walk(os.path.join(split_dir, name),
                                                 os.path.join(split, name)))
   if src.multilabel:
-    tag_pairs = [(rel, _tags(label)) for rel, label in pairs]
+    tag_pairs = [(rel, manifest.tags(label)) for rel, label in pairs]
     unknown = sorted({t for _, tags in tag_pairs for t in tags} - set(names))
   else:
     unknown = sorted({label for _, label in pairs} - set(names))

@@ -1,0 +1,50 @@
+"""CSV manifests of the user's images: rows ``path,label`` or ``path,label,split`` (an optional
+header naming the columns ``path``, ``label`` / ``labels``, ``split``), paths relative to the CSV;
+a multi-label row's label is a set of tags, ``tag1;tag2``. Read by ``folder_index``."""
+from __future__ import annotations
+
+import csv
+
+from imgcls_jax.errors import UserError
+
+
+def read_rows(location: str, multilabel: bool = False) -> list[tuple[str, str, str | None]]:
+  """(path as written, label, split or None) per row of the CSV at ``location`` (with
+  ``multilabel`` a row's label may be empty: an image with no tag)."""
+  try:
+    with open(location, newline='', encoding='utf-8-sig') as f:
+      rows = [r for r in csv.reader(f) if r and any(x.strip() for x in r)]
+  except UnicodeDecodeError as e:
+    with open(location, 'rb') as f:
+      utf16 = f.read(2) in (b'\xff\xfe', b'\xfe\xff')  # the byte-order mark of UTF-16 LE / BE
+    if utf16:  # what Excel's "Unicode Text" and Windows Notepad's "Unicode" save
+      raise UserError(f'The manifest {location} is UTF-16 text; save it as a UTF-8 CSV of '
+                      'path,label rows (in Excel: Save As "CSV UTF-8").') from None
+    raise UserError(f'The manifest {location} is not UTF-8 text (byte {e.start}: '
+                    f'{e.object[e.start:e.start + 1]!r}); save it as a UTF-8 CSV of path,label '
+                    'rows.') from None
+  if not rows:
+    raise UserError(f'The manifest {location} is empty; write one path,label row per image.')
+  header = [x.strip().lower() for x in rows[0]]
+  label_col = 'label' if 'label' in header else 'labels'
+  if 'path' in header and label_col in header:
+    cols = (header.index('path'), header.index(label_col),
+            header.index('split') if 'split' in header else None)
+    rows, first_line = rows[1:], 2
+  else:
+    cols, first_line = (0, 1, 2 if len(rows[0]) > 2 else None), 1
+  out = []
+  for n, row in enumerate(rows, first_line):
+    if len(row) <= max(c for c in cols if c is not None) or not row[cols[0]].strip() or (
+        not row[cols[1]].strip() and not multilabel):
+      raise UserError(f'Line {n} of the manifest {location} is not path,label'
+                      f"{',split' if cols[2] is not None else ''} ({','.join(row)[:80]!r}); fix "
+                      'or remove it.')
+    out.append((row[cols[0]].strip(), row[cols[1]].strip(),
+                 row[cols[2]].strip() if cols[2] is not None else None))
+  return out
+
+
+def tags(label: str) -> tuple[str, ...]:
+  """The tags of a multi-label manifest cell ``'a;b'`` (stripped, each once, in order)."""
+  return tuple(dict.fromkeys(t.strip() for t in label.split(';') if t.strip()))
