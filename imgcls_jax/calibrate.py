@@ -61,11 +61,11 @@ def calibrate(config: ml_collections.ConfigDict | None, workdir: str,
   s = dataclasses.replace(r.setup, config=cfg, step_cfg=dataclasses.replace(
       r.setup.step_cfg, temperature=1.0, thresholds=None))
   if key == 'temperature_split':
-    record = run.fit_temperature(s, r.variables, r.shardings, run.held_out_data(s, key), split)
+    record = run.fit_temperature(s, r.variables, r.shardings, r.data, split)
     field, before = 'temperature', r.trained.temperature
   else:
     eval_step = run.jit_eval_step(s, r.shardings, tta=tta)
-    record = run.fit_thresholds(s, eval_step, r.variables, run.held_out_data(s, key), split)
+    record = run.fit_thresholds(s, eval_step, r.variables, r.data, split)
     field, before = 'thresholds', r.trained.thresholds
   if jax.process_index() == 0:
     checkpoint.update_meta(workdir, r.step, {field: record})

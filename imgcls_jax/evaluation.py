@@ -203,15 +203,10 @@ def outcomes_pass(r: Restored, tta: str = '', *, keep_images: int = 0,
   cols: dict[str, list[np.ndarray]] = {k: [] for k in ('position', 'label', 'predicted',
                                                        'p_predicted', 'p_label')}
   kept: list[tuple[float, int, np.ndarray]] = []   # a min-heap of (p_predicted, -position, image)
-  totals, offset = None, 0
-  for batch in r.data.batches():
-    out = step(r.variables, sharding.put_batch(batch, batch_sh))
-    if num_bins is not None:
-      out, sums = out
-      totals = report.add(totals, sums)
+
+  def take(out: dict[str, Any], batch: dict[str, np.ndarray], offset: int) -> None:
     out = jax.device_get(out)
-    mask = np.asarray(batch['mask'], bool)
-    rows = np.flatnonzero(mask)
+    rows = np.flatnonzero(np.asarray(batch['mask'], bool))
     label = np.asarray(batch['label'])
     cols['position'].append(offset + rows)
     cols['label'].append(label[rows])
@@ -221,7 +216,19 @@ def outcomes_pass(r: Restored, tta: str = '', *, keep_images: int = 0,
       for i in rows[np.asarray(out['predicted'])[rows] != label[rows]]:
         item = (float(out['p_predicted'][i]), -(offset + int(i)), np.array(batch['image'][i]))
         (heapq.heappush if len(kept) < keep_images else heapq.heappushpop)(kept, item)
-    offset += len(mask)
+
+  totals, offset, pending = None, 0, None
+  for batch in r.data.batches():
+    out = step(r.variables, sharding.put_batch(batch, batch_sh))
+    if num_bins is not None:
+      out, sums = out
+      totals = report.add(totals, sums)
+    if pending is not None:   # read batch i - 1 while batch i computes
+      take(*pending)
+    pending = (out, batch, offset)
+    offset += len(batch['mask'])
+  if pending is not None:
+    take(*pending)
   if not cols['label'] or not sum(map(len, cols['label'])):
     raise UserError(f"The split '{r.split}' is empty; evaluate a split with examples.")
   c = {k: np.concatenate(v) for k, v in cols.items()}
