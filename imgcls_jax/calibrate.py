@@ -28,18 +28,20 @@ from imgcls_jax.errors import UserError
 _KEYS = ('temperature_split', 'threshold_split')
 
 
-def _chosen_split(e: ml_collections.ConfigDict) -> tuple[str, str]:
-  """(key, split) of the one held-out split the evaluate settings name."""
-  named = [(k, str(e.get(k, '') or '')) for k in _KEYS if e.get(k, '')]
-  if not named:
-    raise UserError('Name the held-out split to fit on: --config.evaluate.temperature_split=SPLIT '
-                    '(single-label runs) or --config.evaluate.threshold_split=SPLIT (multi-label '
-                    "runs), with examples the run did not train on (e.g. 'train[90%:]' for a run "
-                    "trained on 'train[:90%]').")
-  if len(named) > 1:
-    raise UserError('Both config.evaluate.temperature_split and threshold_split are set; a run '
-                    "gets one of them: set the other to '' on the command line.")
-  return named[0]
+def _chosen_split(e: ml_collections.ConfigDict, multilabel: bool,
+                  overrides: dict[str, Any] | None) -> tuple[str, str]:
+  """(key, split): a multi-label run's threshold split, else the temperature split."""
+  key, other = _KEYS[::-1] if multilabel else _KEYS
+  kind = 'multi-label' if multilabel else 'single-label'
+  if (overrides or {}).get(f'evaluate.{other}'):
+    raise UserError(f'config.evaluate.{other} is for {"single" if multilabel else "multi"}-label '
+                    f'runs; this {kind} run gets --config.evaluate.{key}=SPLIT instead.')
+  split = str(e.get(key, '') or '')
+  if not split:
+    raise UserError(f'Name the held-out split to fit on: --config.evaluate.{key}=SPLIT (this is '
+                    f"a {kind} run), with examples the run did not train on (e.g. 'train[90%:]' "
+                    "for a run trained on 'train[:90%]', or 'validation').")
+  return key, split
 
 
 def calibrate(config: ml_collections.ConfigDict | None, workdir: str,
@@ -47,8 +49,13 @@ def calibrate(config: ml_collections.ConfigDict | None, workdir: str,
   """The ``calibrate`` mode: fits and saves the temperature or thresholds of ``workdir``'s run.
   Returns ``{'step': ..., 'temperature' | 'thresholds': the record the checkpoint now keeps}``."""
   workdir = os.path.abspath(workdir)
+  moved = sorted(k for k in overrides or {} if k.startswith('data.holdout'))
+  if moved:
+    raise UserError(f'--config.{moved[0]} would move the held-out images; calibrate fits on the '
+                    "run's own: drop that flag.")
   e = inference.mode_settings(workdir, config, overrides, 'evaluate')
-  key, split = _chosen_split(e)
+  saved = checkpoint.read_config(workdir) or (config.to_dict() if config is not None else {})
+  key, split = _chosen_split(e, bool(saved.get('data', {}).get('multilabel', False)), overrides)
   tta = (e.get('tta', '') or '') if key == 'threshold_split' else ''  # as training chooses them
   r = evaluation.restore_for_split(workdir, config, split=split, checkpoint_spec='latest',
                                    tta=tta, overrides=overrides)

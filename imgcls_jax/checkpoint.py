@@ -328,21 +328,36 @@ def read_samples(workdir: str) -> dict[str, np.ndarray] | None:
 
 def update_meta(workdir: str, step: int, fields: Mapping[str, Any]) -> dict[str, Any]:
   """Sets ``fields`` in the JSON meta of checkpoint ``step`` of the run in ``workdir`` (a choice
-  fitted after training, ``--mode=calibrate``) and returns the new meta. The file is replaced in
-  one rename: a crash leaves the old meta or the new one, never a mix."""
-  from etils import epath
-
+  fitted after training, ``--mode=calibrate``; call it on one process) and returns the new meta.
+  The new file is written and flushed to disk beside the old one, then renamed over it: a crash
+  leaves the old meta or the new one, never a mix."""
   directory, _ = _locate(workdir)
   if step not in finished_steps(directory):
     raise UserError(f'Checkpoint step {step} is not in {directory}; pick one of its steps.')
-  item = epath.Path(directory) / str(step) / 'meta'
-  meta = dict(ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
-      item, args=ocp.args.JsonRestore()) or {})
+  path = os.path.join(directory, str(step), 'meta', META_FILE)
+  try:
+    with open(path) as f:
+      meta = dict(json.load(f) or {})
+  except (OSError, ValueError) as e:
+    raise UserError(f'Cannot read the meta of checkpoint {step} in {directory} ({e}); it is '
+                    'damaged: retrain, or restore the run directory from a copy.') from None
   meta.update(fields)
   text = json.dumps(meta)   # fails here, before anything is written, on a value JSON cannot hold
-  tmp = item / f'{META_FILE}.tmp'
-  tmp.write_text(text)
-  tmp.replace(item / META_FILE)
+  tmp = path + '.tmp'
+  try:
+    with open(tmp, 'w') as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  dir_fd = os.open(os.path.dirname(path), os.O_RDONLY)
+  try:
+    os.fsync(dir_fd)   # the rename itself reaches the disk
+  finally:
+    os.close(dir_fd)
   return meta
 
 

@@ -190,16 +190,9 @@ def outcomes_pass(r: Restored, tta: str = '', *, keep_images: int = 0,
     raise UserError('Per-example predictions are gathered on one host; run this mode with a '
                     'single process.')
   mesh, batch_sh = r.setup.mesh, sharding.batch_sharding(r.setup.mesh)
-  outcome = functools.partial(steps.example_outcomes, model_def=r.setup.model_def,
-                              cfg=r.setup.step_cfg, tta=tta)
-  if num_bins is None:
-    fn = outcome
-  else:
-    sums_of = functools.partial(steps.eval_step, model_def=r.setup.model_def,
-                                cfg=r.setup.step_cfg, tta=tta, num_bins=num_bins)
-    fn = lambda v, b: (outcome(v, b), sums_of(v, b))  # noqa: E731  (one program, one pass)
-  step = jax.jit(fn, in_shardings=(r.shardings, batch_sh),
-                 out_shardings=sharding.replicated(mesh))
+  step = jax.jit(functools.partial(steps.example_outcomes, model_def=r.setup.model_def,
+                                   cfg=r.setup.step_cfg, tta=tta, num_bins=num_bins),
+                 in_shardings=(r.shardings, batch_sh), out_shardings=sharding.replicated(mesh))
   cols: dict[str, list[np.ndarray]] = {k: [] for k in ('position', 'label', 'predicted',
                                                        'p_predicted', 'p_label')}
   kept: list[tuple[float, int, np.ndarray]] = []   # a min-heap of (p_predicted, -position, image)

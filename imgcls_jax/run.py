@@ -189,19 +189,15 @@ _FITTED = {  # key -> why a split it shares examples with (train, eval) with is 
 
 
 def check_fit_splits(config: ml_collections.ConfigDict, info: DatasetInfo) -> None:
-  """Before any step (and before ``--mode=calibrate`` reads anything): the held-out splits a run
-  fits its temperature (single-label) or per-class thresholds (multi-label) on must suit the run
-  and share no example with its training or eval split."""
+  """The held-out splits a run fits its temperature (single-label) or per-class thresholds
+  (multi-label) on must suit the run and share no example with its training or eval split
+  (checked before the first step, and by ``--mode=calibrate`` before it fits)."""
   if temperature_split(config) and info.multilabel:
     raise UserError('config.evaluate.temperature_split is for single-label runs (a multi-label '
                     "run's sigmoids get per-class thresholds from config.evaluate.threshold_split "
                     'instead); unset temperature_split.')
-  if threshold_split(config) and not info.multilabel:
-    raise UserError('config.evaluate.threshold_split is for multi-label runs (a single-label '
-                    "run's softmax can get a temperature from config.evaluate.temperature_split "
-                    'instead); unset threshold_split.')
   splits = {'temperature_split': temperature_split(config),
-            'threshold_split': threshold_split(config)}
+            'threshold_split': threshold_split(config) if info.multilabel else ''}
   for fit_key, reasons in _FITTED.items():
     split = splits[fit_key]
     if not split:
@@ -210,12 +206,21 @@ def check_fit_splits(config: ml_collections.ConfigDict, info: DatasetInfo) -> No
       shared = reader.shared_examples(config.data, split, config.data[key], info)
       if shared:
         why = f'the model trained on them, so {why}' if key == 'train_split' else why
-        fix = (f"hold part of every class out of training: data.validation_fraction=0.1 and "
-               f"evaluate.{fit_key}='{folder_index.VALIDATION}'"
-               if folder_index.is_folder(config.data) else "hold them out of training, e.g. "
-               f"data.train_split='train[:90%]' and evaluate.{fit_key}='train[90%:]'")
         raise UserError(f"config.evaluate.{fit_key}='{split}' shares {shared} examples with "
-                        f"config.data.{key}='{config.data[key]}' ({why}); {fix}.")
+                        f"config.data.{key}='{config.data[key]}' ({why}); "
+                        f'{_held_out_hint(config, fit_key)}.')
+
+
+def _held_out_hint(config: ml_collections.ConfigDict, fit_key: str) -> str:
+  """How this run's data can hold examples out for ``config.evaluate.<fit_key>``."""
+  if not folder_index.is_folder(config.data):
+    return ("hold them out of training, e.g. data.train_split='train[:90%]' and "
+            f"evaluate.{fit_key}='train[90%:]'")
+  use = f"evaluate.{fit_key}='{folder_index.VALIDATION}'"
+  if (config.data.get('validation_fraction', 0.0) or 0.0) > 0 or (
+      folder_index.VALIDATION in folder_index.named_splits(folder_index.source_of(config.data))):
+    return f'use the held-out split: {use}'
+  return f'hold part of every class out of training: data.validation_fraction=0.1 and {use}'
 
 
 def held_out_data(s: Setup, key: str) -> Any:

@@ -320,17 +320,21 @@ def eval_step(variables: Any, batch: dict[str, jax.Array], *, model_def: ModelDe
 
 
 def example_outcomes(variables: Any, batch: dict[str, jax.Array], *, model_def: ModelDef,
-                     cfg: StepConfig, tta: str = '') -> dict[str, jax.Array]:
+                     cfg: StepConfig, tta: str = '', num_bins: int | None = None) -> Any:
   """Per row (padded rows too), exactly as ``eval_step`` scores it: the top-1 class
   (``predicted``, int32 B), its probability (``p_predicted``) and the labelled class's
-  (``p_label``), float32 B."""
-  log_probs = jax.nn.log_softmax(log_probs_fn(variables, batch['image'], model_def=model_def,
-                                              cfg=cfg, tta=tta).astype(jnp.float32), axis=-1)
-  predicted = jnp.argmax(log_probs, axis=-1)
+  (``p_label``), float32 B. With ``num_bins``: ``(that, eval_step's sums)`` of the same forward
+  pass."""
+  log_probs = log_probs_fn(variables, batch['image'], model_def=model_def, cfg=cfg, tta=tta)
+  normalized = jax.nn.log_softmax(log_probs.astype(jnp.float32), axis=-1)
+  predicted = jnp.argmax(normalized, axis=-1)
   label = batch['label'].astype(jnp.int32)
-  return {'predicted': predicted.astype(jnp.int32),
-          'p_predicted': jnp.exp(jnp.take_along_axis(log_probs, predicted[:, None], -1)[:, 0]),
-          'p_label': jnp.exp(jnp.take_along_axis(log_probs, label[:, None], -1)[:, 0])}
+  out = {'predicted': predicted.astype(jnp.int32),
+         'p_predicted': jnp.exp(jnp.take_along_axis(normalized, predicted[:, None], -1)[:, 0]),
+         'p_label': jnp.exp(jnp.take_along_axis(normalized, label[:, None], -1)[:, 0])}
+  if num_bins is None:
+    return out
+  return out, report.eval_sums(log_probs, batch['label'], batch['mask'], num_bins)
 
 
 def multilabel_eval_sums(variables: Any, batch: dict[str, jax.Array], *, model_def: ModelDef,

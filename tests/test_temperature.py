@@ -293,7 +293,10 @@ def test_a_meta_update_that_cannot_be_written_leaves_the_old_one(uncalibrated):
 def test_an_image_folder_run_is_calibrated_on_its_validation_fraction(digits_config, tmp_path,
                                                                       tfds_dir):
   """The user's photos in <class>/ folders: data.validation_fraction gives the held-out split
-  that training's fit and --mode=calibrate use, and the train split is refused with that fix."""
+  that training's fit and --mode=calibrate use, and the train split is refused with that fix.
+  Then --mode=evaluate lists the mistakes by path, with a test image damaged after indexing (a
+  masked row in the middle of the split): each listed path's folder is its listed label, and the
+  Classifier reading that file predicts the listed class."""
   from PIL import Image
   from imgcls_jax import calibrate
   from imgcls_jax.data import folder_index
@@ -310,10 +313,14 @@ def test_an_image_folder_run_is_calibrated_on_its_validation_fraction(digits_con
   kept = per_class - np.round(0.2 * per_class).astype(int)
   held = np.round(0.15 * kept).astype(int)
   c.evaluate.temperature_split = 'train'
-  with pytest.raises(UserError, match=f"shares {(kept - held).sum()} examples.*"
-                                      "data.validation_fraction=0.1 and "
+  with pytest.raises(UserError, match=f"shares {(kept - held).sum()} examples.*use the held-out "
+                                      "split: evaluate.temperature_split='validation'"):
+    run.setup(c)
+  c.data.validation_fraction = 0.0
+  with pytest.raises(UserError, match="data.validation_fraction=0.1 and "
                                       "evaluate.temperature_split='validation'"):
     run.setup(c)
+  c.data.validation_fraction = 0.15
   c.evaluate.temperature_split = 'validation'
   c.num_train_steps = 30
   train.train_and_evaluate(c, str(tmp_path / 'run'))
@@ -324,3 +331,27 @@ def test_an_image_folder_run_is_calibrated_on_its_validation_fraction(digits_con
   assert trained['temperature']['examples'] == len(val) == held.sum()
   again = calibrate.calibrate(None, str(tmp_path / 'run'), overrides={})   # the saved split
   assert again['temperature']['value'] == pytest.approx(trained['temperature']['value'], rel=1e-6)
+  with pytest.raises(UserError, match='would move the held-out images'):
+    calibrate.calibrate(None, str(tmp_path / 'run'), overrides={'data.holdout_seed': 1})
+
+  import csv
+  from imgcls_jax import evaluate
+  test = folder_index.index(folder_index.source_of(c.data), 'test',
+                            tuple(str(d) for d in range(10)))
+  victim = test.paths[5]
+  with open(victim, 'wb') as f:          # damaged after it was indexed
+    f.write(b'\x89PNG\r\n\x1a\n' + b'\0' * 64)
+  rep = evaluate.evaluate(None, str(tmp_path / 'run'),
+                          overrides={'evaluate.output_dir': str(tmp_path / 'report'),
+                                     'evaluate.checkpoint': 'latest'})
+  assert rep['num_examples'] == len(test) - 1
+  with open(tmp_path / 'report' / 'errors.csv', newline='') as f:
+    listed = list(csv.DictReader(f))
+  assert len(listed) == round((1 - rep['accuracy']) * rep['num_examples']) > 0
+  clf = inference.classifier(inference.load(str(tmp_path / 'run')))
+  for r in listed:
+    assert r['id'] == os.path.relpath(test.paths[int(r['position'])], c.data.folder)
+    assert r['id'].split('/')[0] == r['label'] != r['predicted']
+    probs = clf.predict_arrays(clf.prepare(os.path.join(c.data.folder, r['id']))[None])
+    assert str(int(np.argmax(probs['probabilities'][0]))) == r['predicted']
+  assert os.path.relpath(victim, c.data.folder) not in {r['id'] for r in listed}

@@ -111,7 +111,9 @@ def source_of(data: ml_collections.ConfigDict) -> Source:
   cache = data.get('index_cache', '') or ''
   cache_dir = '' if cache == 'off' else os.path.abspath(os.path.expanduser(cache or
                                                                            _default_cache_dir()))
-  common = dict(train_split=data.train_split, eval_split=data.eval_split,
+  # The split names; a cross-validation fold's 'SPLIT@IDS_FILE' (sources.read) selects from SPLIT.
+  common = dict(train_split=str(data.train_split).split('@')[0],
+                eval_split=str(data.eval_split).split('@')[0],
                 holdout_fraction=fraction, holdout_seed=int(data.get('holdout_seed', 0) or 0),
                 cache_dir=cache_dir, multilabel=bool(data.get('multilabel', False)),
                 validation_fraction=validation)
@@ -136,8 +138,9 @@ def source_of(data: ml_collections.ConfigDict) -> Source:
     raise UserError(f'The image folder {root} (config.data.folder) does not exist; point '
                     'config.data.folder at the directory holding <class>/*.jpg or '
                     '<split>/<class>/*.jpg.')
-  has_splits = os.path.isdir(os.path.join(root, data.train_split or '_')) or (
-      data.train_split == ALL and os.path.isdir(os.path.join(root, data.eval_split or '_')))
+  train, test = common['train_split'], common['eval_split']
+  has_splits = os.path.isdir(os.path.join(root, train or '_')) or (
+      train == ALL and os.path.isdir(os.path.join(root, test or '_')))
   return Source(kind='splits' if has_splits else 'flat', location=root, root=root, **common)
 
 
@@ -245,7 +248,7 @@ def _candidates(src: Source, split: str, names: tuple[str, ...],
   ``validation_fraction``, the train split less its validation part, or that part."""
   if src.validation_fraction <= 0 or split not in (src.train_split, VALIDATION):
     return _listed(src, split, names)
-  if src.train_split in (VALIDATION, ALL) or VALIDATION in _named_splits(src):
+  if src.train_split in (VALIDATION, ALL) or VALIDATION in named_splits(src):
     raise UserError(f"config.data.validation_fraction={src.validation_fraction} carves a split "
                     f"'{VALIDATION}' out of train_split '{src.train_split}', but {src.location} "
                     f"already has a split '{VALIDATION}' or trains on it; use that split (set "
@@ -257,7 +260,7 @@ def _candidates(src: Source, split: str, names: tuple[str, ...],
   return [ids[i] for i in keep], [labels[i] for i in keep], skipped
 
 
-def _named_splits(src: Source) -> set[str]:
+def named_splits(src: Source) -> set[str]:
   """The splits the layout names itself: split directories, or a manifest's split column."""
   if src.kind == 'splits':
     return set(_subdirs(src.root))

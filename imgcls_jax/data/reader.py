@@ -147,7 +147,8 @@ def shared_examples(data: ml_collections.ConfigDict, a: str, b: str,
 def example_ids(data: ml_collections.ConfigDict, split: str,
                 info: DatasetInfo | None = None) -> list[str]:
   """Ids of ``split``'s examples in evaluation order, one process (``sources.example_ids``: image
-  paths, tfds ids); an arrays file's examples have none (empty list: their position is the id)."""
+  paths, tfds ids); an arrays file's examples have none (an empty list: errors.csv then names
+  them by their position in the split)."""
   if arrays.is_arrays(data):
     return []
   from imgcls_jax.data import sources
