@@ -114,6 +114,17 @@ def test_validation_fraction_carves_a_stratified_split_out_of_train_only(tmp_pat
     _split(data, 'train')
 
 
+def test_a_kfold_of_a_flat_folder_reads_the_train_part(tmp_path, digits_config):
+  """Cross-validation folds name both splits 'train@IDS_FILE': both read the train part of a flat
+  folder (the held-out eval images stay out), as the plain train split does."""
+  data = _data(digits_config, folder=_flat(str(tmp_path / 'flat'), {'ant': 10, 'bee': 6}),
+               holdout_fraction=0.25)
+  plain = _split(data, 'train')
+  folder_index.clear_memo()
+  data.train_split, data.eval_split = 'train@/x/train_ids.txt', 'train@/x/eval_ids.txt'
+  assert _split(data, 'train').ids == plain.ids and len(plain) == 12
+
+
 def test_manifest_with_and_without_a_split_column(tmp_path, digits_config, caplog):
   root = tmp_path / 'photos'
   rows = []

@@ -333,7 +333,8 @@ def _listed(src: Source, split: str, names: tuple[str, ...],
                       f"for evaluation, or use split '{ALL}' for every image.")
     held = _holdout(ids, _strata(labels, src.multilabel), names, src.holdout_fraction,
                     src.holdout_seed)
-    keep = [i for i in range(len(ids)) if (i in held) == (split == src.eval_split)]
+    held_out = split == src.eval_split != src.train_split   # a k-fold's folds both read train
+    keep = [i for i in range(len(ids)) if (i in held) == held_out]
     ids, labels = [ids[i] for i in keep], [labels[i] for i in keep]
   return ids, labels, skipped
 
