@@ -87,6 +87,14 @@ def calibrate(config: ml_collections.ConfigDict | None, workdir: str,
       what = (f"Per-class thresholds fitted on '{split}' (best F1 each): {shown}"
               f"{', ...' if len(names) > 10 else ''}")
       was = ' (they replace the earlier ones)' if before is not None else ''
-    print(f'{what}.\nSaved in checkpoint {r.step} of {workdir}{was}: evaluate, predict, serve '
-          'and export use it from now on; export again to update an earlier export.', flush=True)
+    with checkpoint.Checkpointer.from_config(workdir, cfg) as ckpt:
+      best, _ = evaluation.choose_step(ckpt, 'best', os.path.join(workdir, 'metrics.jsonl'))
+    if best == r.step:
+      readers = 'predict, serve, export and evaluate use it from now on'
+    else:
+      readers = ('predict, serve and export use it from now on, and so does --mode=evaluate with '
+                 f"--config.evaluate.checkpoint=latest (its default, 'best', is checkpoint "
+                 f'{best}, which has none)')
+    print(f'{what}.\nSaved in checkpoint {r.step} of {workdir}{was}: {readers}; export again to '
+          'update an earlier export.', flush=True)
   return {'step': r.step, field: record}

@@ -14,7 +14,7 @@ import scipy.optimize
 import scipy.special
 from sklearn import metrics as skm
 
-from imgcls_jax import checkpoint, inference, run, temperature, train
+from imgcls_jax import checkpoint, inference, metrics, run, temperature, train
 from imgcls_jax.errors import UserError
 from tests.conftest import REPO, subprocess_env
 
@@ -263,6 +263,14 @@ def test_calibrate_mode_saves_the_temperature_training_would_have_fitted(calibra
   assert {k: v for k, v in after.items() if k != 'temperature'} == before  # nothing else changed
   t = after['temperature']['value']
   assert f'Temperature {t:.4f} fitted on' in res.stdout and f'checkpoint {step}' in res.stdout
+  records = [r for r in metrics.read_jsonl(os.path.join(uncalibrated, 'metrics.jsonl'))
+             if r['split'] == 'eval']
+  top = max(r['accuracy'] for r in records)
+  best = {r['step'] for r in records if r['accuracy'] == top}   # evaluate's default checkpoint
+  if best == {step}:
+    assert 'predict, serve, export and evaluate use it' in res.stdout
+  elif step not in best:   # told that --mode=evaluate's default checkpoint is not the calibrated one
+    assert f"its default, 'best', is checkpoint {best.pop()}" in res.stdout
   assert inference.load(uncalibrated).temperature == t   # every reader of the run now uses it
 
 
