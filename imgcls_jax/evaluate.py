@@ -7,10 +7,11 @@
 The model and dataset come from the run in ``--workdir``. Writes to ``config.evaluate.output_dir``
 (default: the workdir) ``report.json``, ``report.md``, ``confusion_matrix.csv``,
 ``confusion_matrix.png``, ``reliability.png``, ``errors.csv`` (every wrongly predicted example,
-the most confident first: likely label mistakes or hard cases; single-label, one process) with
-``errors.png`` (the first ``config.evaluate.errors`` of them as the model saw them) and, from the
-run's ``metrics.jsonl``, ``training_curves.png``; prints a short table. ``--mode=curves`` draws only the training curves
-(fine while the run is still going).
+the most confident first: likely label mistakes or hard cases; a multi-label run lists every
+wrong tag decision, missed or extra, instead; one process) with ``errors.png`` (the first
+``config.evaluate.errors`` examples as the model saw them) and, from the run's
+``metrics.jsonl``, ``training_curves.png``; prints a short table. ``--mode=curves`` draws only the
+training curves (fine while the run is still going).
 """
 from __future__ import annotations
 
@@ -62,14 +63,17 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str,
 
 
 def _errors(ev: evaluation.Evaluation) -> report_files.Errors:
-  """The wrongly predicted examples of ``ev``, the most confident first, named by their ids
-  (image paths, tfds ids; an arrays file's by position) and class names."""
+  """The wrongly predicted examples of ``ev`` (multi-label: the wrong tag decisions), the most
+  confident first, named by their ids (image paths, tfds ids; an arrays file's by position) and
+  class names."""
   o, info = ev.outcomes, ev.trained.info
   ids = reader.example_ids(ev.trained.run.data, ev.split, info)
   if ids and len(ids) <= int(o.position.max(initial=-1)):
     logging.warning("The ids of split '%s' (%d) do not cover its %d rows read; errors.csv gives "
                     'positions only.', ev.split, len(ids), int(o.position.max()) + 1)
     ids = []
+  if isinstance(o, evaluation.TagOutcomes):
+    return _tag_errors(o, ids, info.class_names)
   names = info.class_names
   rows, images = [], []
   for rank, i in enumerate(o.errors(), 1):
@@ -81,6 +85,33 @@ def _errors(ev: evaluation.Evaluation) -> report_files.Errors:
       images.append((o.images[pos], f"#{rank} {names[o.label[i]]} -> {names[o.predicted[i]]} "
                                     f"({float(o.p_predicted[i]):.2f})"))
   return report_files.Errors(rows=rows, images=images)
+
+
+def _tag_errors(o: evaluation.TagOutcomes, ids: list[str],
+                names: tuple[str, ...] | list[str]) -> report_files.Errors:
+  """One row per wrong tag decision; one image per example, captioned with its most confident
+  wrong decision (and how many more it has)."""
+  predicted = o.probs >= o.thresholds
+  examples, classes = o.errors()
+  rows: list[dict[str, Any]] = []
+  first: dict[int, tuple[int, str]] = {}   # example -> (its top error's rank, caption)
+  count: dict[int, int] = {}
+  for rank, (i, k) in enumerate(zip(examples.tolist(), classes.tolist()), 1):
+    pos, p = int(o.position[i]), float(o.probs[i, k])
+    error = 'missed' if o.labels[i, k] else 'extra'
+    rows.append({'rank': rank, 'position': pos, 'id': ids[pos] if ids else '',
+                 'tag': names[k], 'error': error, 'p_tag': p,
+                 'threshold': float(o.thresholds[k]),
+                 'labels': ';'.join(names[j] for j in np.flatnonzero(o.labels[i])),
+                 'predicted': ';'.join(names[j] for j in np.flatnonzero(predicted[i]))})
+    count[i] = count.get(i, 0) + 1
+    if i not in first and pos in o.images:
+      first[i] = (rank, f'#{rank} {error} {names[k]} ({p:.2f})')
+  images = []
+  for i, (rank, caption) in sorted(first.items(), key=lambda kv: kv[1][0]):
+    more = f' +{count[i] - 1}' if count[i] > 1 else ''
+    images.append((o.images[int(o.position[i])], caption + more))
+  return report_files.Errors(rows=rows, images=images, columns=report_files.TAG_ERROR_COLUMNS)
 
 
 def curves(config: ml_collections.ConfigDict | None, workdir: str,

@@ -68,7 +68,7 @@ class Evaluation:
   tta: str
   workdir: str
   dataset: str = ''   # what was evaluated ('' = the run's own dataset)
-  outcomes: Outcomes | None = None   # per example (evaluate_checkpoint's keep_errors)
+  outcomes: Outcomes | TagOutcomes | None = None   # per example (evaluate_checkpoint's keep_errors)
 
   def report(self, top_confused: int = 10) -> dict[str, Any]:
     """The full report (``report.summarize``) with what was evaluated as its ``context``."""
@@ -146,14 +146,14 @@ def evaluate_checkpoint(workdir: str, config: ml_collections.ConfigDict | None, 
                         keep_errors: int | None = None) -> Evaluation:
   """Evaluates one checkpoint of ``workdir`` on ``split`` ('' = the run's eval split), every
   example exactly once, on the mesh with the run's parameter placement. With ``keep_errors``
-  (single-label, one process) the same pass also gathers every example's ``Outcomes``, with the
+  (one process) the same pass also gathers every example's ``Outcomes``, with the
   images of that many of the most confident errors."""
   if num_bins < 1:
     raise UserError(f'config.evaluate.calibration_bins={num_bins} must be at least 1.')
   r = restore_for_split(workdir, config, split=split, checkpoint_spec=checkpoint_spec, tta=tta,
                         overrides=overrides)
   outcomes = None
-  if keep_errors is not None and not r.trained.info.multilabel:
+  if keep_errors is not None:
     outcomes, stats = outcomes_pass(r, tta, keep_images=keep_errors, num_bins=num_bins)
   else:
     eval_step = run.jit_eval_step(r.setup, r.shardings, tta=tta, num_bins=num_bins)
@@ -181,34 +181,84 @@ class Outcomes:
     return wrong[np.lexsort((self.position[wrong], -self.p_predicted[wrong]))]
 
 
+@dataclasses.dataclass
+class TagOutcomes:
+  """Every example of a multi-label split in its read order (as ``Outcomes``), as the eval step
+  scores it, with the tag decisions of prediction (``probs >= thresholds``)."""
+  position: np.ndarray      # int64 N
+  labels: np.ndarray        # bool N x K: the labelled tags
+  probs: np.ndarray         # float32 N x K
+  thresholds: np.ndarray    # float32 K: the run's (0.5 where it fitted none)
+  images: dict[int, np.ndarray]   # position -> eval-preprocessed image of the kept errors
+
+  def errors(self) -> tuple[np.ndarray, np.ndarray]:
+    """(example index, class) of every wrong tag decision: a labelled tag scored below its
+    threshold ('missed') or another one at or above it ('extra'), the most confident first by
+    the probability of the wrong decision (p for extra, 1 - p for missed; ties: position,
+    class)."""
+    wrong = _wrong_tags(self.probs, self.labels, self.thresholds)
+    i, k = np.nonzero(wrong)
+    sure = _sureness(self.probs[i, k], self.labels[i, k])
+    order = np.lexsort((k, self.position[i], -sure))
+    return i[order], k[order]
+
+
+def _wrong_tags(probs: np.ndarray, labels: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+  return (probs >= thresholds) != labels
+
+
+def _sureness(p: np.ndarray, labelled: np.ndarray) -> np.ndarray:
+  """The probability of a wrong tag decision: 1 - p for a missed tag, p for an extra one."""
+  return np.where(labelled, 1 - p, p).astype(np.float32)
+
+
 def outcomes_pass(r: Restored, tta: str = '', *, keep_images: int = 0,
-                  num_bins: int | None = None) -> tuple[Outcomes, dict[str, np.ndarray] | None]:
-  """The ``Outcomes`` of every example of ``r.split`` (one process: every row comes back to the
-  host), keeping the images of the ``keep_images`` most confident errors; with ``num_bins``, also
-  the eval step's summed statistics, from the same pass."""
+                  num_bins: int | None = None
+                  ) -> tuple[Outcomes | TagOutcomes, dict[str, np.ndarray] | None]:
+  """The ``Outcomes`` (multi-label: ``TagOutcomes``) of every example of ``r.split`` (one
+  process: every row comes back to the host), keeping the images of the ``keep_images`` examples
+  with the most confident errors; with ``num_bins``, also the eval step's summed statistics,
+  from the same pass (a multi-label eval step has its own fixed bins)."""
   if jax.process_count() > 1:
     raise UserError('Per-example predictions are gathered on one host; run this mode with a '
                     'single process.')
   mesh, batch_sh = r.setup.mesh, sharding.batch_sharding(r.setup.mesh)
-  step = jax.jit(functools.partial(steps.example_outcomes, model_def=r.setup.model_def,
-                                   cfg=r.setup.step_cfg, tta=tta, num_bins=num_bins),
+  tagged = r.trained.info.multilabel
+  thresholds = np.asarray(r.trained.decision_thresholds, np.float32)
+  if tagged:
+    fn = functools.partial(steps.multilabel_outcomes, with_sums=num_bins is not None)
+    keys = ('position', 'label', 'probs')
+  else:
+    fn = functools.partial(steps.example_outcomes, num_bins=num_bins)
+    keys = ('position', 'label', 'predicted', 'p_predicted', 'p_label')
+  step = jax.jit(functools.partial(fn, model_def=r.setup.model_def, cfg=r.setup.step_cfg,
+                                   tta=tta),
                  in_shardings=(r.shardings, batch_sh), out_shardings=sharding.replicated(mesh))
-  cols: dict[str, list[np.ndarray]] = {k: [] for k in ('position', 'label', 'predicted',
-                                                       'p_predicted', 'p_label')}
-  kept: list[tuple[float, int, np.ndarray]] = []   # a min-heap of (p_predicted, -position, image)
+  cols: dict[str, list[np.ndarray]] = {k: [] for k in keys}
+  kept: list[tuple[float, int, np.ndarray]] = []   # a min-heap of (sureness, -position, image)
 
   def take(out: dict[str, Any], batch: dict[str, np.ndarray], offset: int) -> None:
     out = jax.device_get(out)
     rows = np.flatnonzero(np.asarray(batch['mask'], bool))
-    label = np.asarray(batch['label'])
+    label = np.asarray(batch['label'])[rows]
     cols['position'].append(offset + rows)
-    cols['label'].append(label[rows])
-    for k in ('predicted', 'p_predicted', 'p_label'):
+    cols['label'].append(label)
+    for k in keys[2:]:
       cols[k].append(np.asarray(out[k])[rows])
-    if keep_images:
-      for i in rows[np.asarray(out['predicted'])[rows] != label[rows]]:
-        item = (float(out['p_predicted'][i]), -(offset + int(i)), np.array(batch['image'][i]))
-        (heapq.heappush if len(kept) < keep_images else heapq.heappushpop)(kept, item)
+    if not keep_images:
+      return
+    if tagged:   # an example's most confident wrong tag decision (-1: none)
+      probs = np.asarray(out['probs'])[rows]
+      labelled = label > 0.5
+      sure = np.where(_wrong_tags(probs, labelled, thresholds), _sureness(probs, labelled),
+                      -1.0).max(axis=-1, initial=-1.0)
+    else:
+      sure = np.where(np.asarray(out['predicted'])[rows] != label,
+                      np.asarray(out['p_predicted'])[rows], -1.0)
+    for j in np.flatnonzero(sure >= 0):
+      i = rows[j]
+      item = (float(sure[j]), -(offset + int(i)), np.array(batch['image'][i]))
+      (heapq.heappush if len(kept) < keep_images else heapq.heappushpop)(kept, item)
 
   totals, offset, pending = None, 0, None
   for batch in r.data.batches():
@@ -225,7 +275,14 @@ def outcomes_pass(r: Restored, tta: str = '', *, keep_images: int = 0,
   if not cols['label'] or not sum(map(len, cols['label'])):
     raise UserError(f"The split '{r.split}' is empty; evaluate a split with examples.")
   c = {k: np.concatenate(v) for k, v in cols.items()}
-  outcomes = Outcomes(position=c['position'].astype(np.int64), label=c['label'].astype(np.int64),
-                      predicted=c['predicted'].astype(np.int64), p_predicted=c['p_predicted'],
-                      p_label=c['p_label'], images={-neg: img for _, neg, img in kept})
+  images = {-neg: img for _, neg, img in kept}
+  position = c['position'].astype(np.int64)
+  if tagged:
+    outcomes: Outcomes | TagOutcomes = TagOutcomes(
+        position=position, labels=c['label'] > 0.5, probs=c['probs'].astype(np.float32),
+        thresholds=thresholds, images=images)
+  else:
+    outcomes = Outcomes(position=position, label=c['label'].astype(np.int64),
+                        predicted=c['predicted'].astype(np.int64), p_predicted=c['p_predicted'],
+                        p_label=c['p_label'], images=images)
   return outcomes, (report.stats_to_numpy(totals) if totals is not None else None)

@@ -1,6 +1,6 @@
 """The evaluation report on disk and on the terminal: report.json / .md, the confusion matrix as
 CSV and PNG, the reliability diagram, training curves, the most confident errors (errors.csv /
-.png), and the short printed table."""
+.png; multi-label: wrong tag decisions), and the short printed table."""
 from __future__ import annotations
 
 import csv
@@ -20,14 +20,20 @@ MULTILABEL_REPORT_FILES = ('report.json', 'report.md', 'pr_curves.png')
 CURVES_FILE = 'training_curves.png'
 ERROR_FILES = ('errors.csv', 'errors.png')
 ERROR_COLUMNS = ('rank', 'position', 'id', 'label', 'predicted', 'p_predicted', 'p_label')
+# Multi-label: one row per wrong tag decision; 'error' is 'missed' (a labelled tag below its
+# threshold) or 'extra' (another tag at or above it); labels / predicted: the example's tag sets.
+TAG_ERROR_COLUMNS = ('rank', 'position', 'id', 'tag', 'error', 'p_tag', 'threshold', 'labels',
+                     'predicted')
 _ERRORS_IN_MD = 10
 
 
 @dataclasses.dataclass
 class Errors:
-  """The wrongly predicted examples of an evaluation, the most confident first."""
-  rows: list[dict[str, Any]]                  # one per error, keyed by ERROR_COLUMNS
+  """The wrongly predicted examples of an evaluation (multi-label: the wrong tag decisions), the
+  most confident first."""
+  rows: list[dict[str, Any]]                  # one per error, keyed by ``columns``
   images: list[tuple[np.ndarray, str]]        # (image as the model saw it, caption), the first ones
+  columns: tuple[str, ...] = ERROR_COLUMNS    # TAG_ERROR_COLUMNS for a multi-label run
 
 
 def write(rep: dict[str, Any], out_dir: str, title: str, metrics_path: str | None,
@@ -47,8 +53,8 @@ def write(rep: dict[str, Any], out_dir: str, title: str, metrics_path: str | Non
     written = ['report.json', *_write_multilabel(rep, out_dir, title)]
   else:
     written = ['report.json', *_write_single_label(rep, out_dir, title)]
-    if errors is not None:
-      written += _write_errors(errors, out_dir, title)
+  if errors is not None:
+    written += _write_errors(errors, out_dir, title)
   if metrics_path and os.path.exists(metrics_path):
     plots.training_curves(metrics.read_jsonl(metrics_path), os.path.join(out_dir, CURVES_FILE))
     written.append(CURVES_FILE)
@@ -91,15 +97,15 @@ def _write_single_label(rep: dict[str, Any], out_dir: str, title: str) -> list[s
 def _write_errors(errors: Errors, out_dir: str, title: str) -> list[str]:
   """errors.csv, errors.png (when there are images) and a table of the first ones in report.md."""
   with open(os.path.join(out_dir, 'errors.csv'), 'w', newline='') as f:
-    w = csv.DictWriter(f, fieldnames=ERROR_COLUMNS)
+    w = csv.DictWriter(f, fieldnames=errors.columns)
     w.writeheader()
     w.writerows({k: (f'{v:.6f}' if isinstance(v, float) else v) for k, v in r.items()}
                 for r in errors.rows)
-  lines = ['', f'## The most confident errors ({len(errors.rows)} in all: errors.csv)', '',
-           '| rank | position | id | label | predicted | p(predicted) | p(label) |',
-           '|---|---|---|---|---|---|---|']
-  lines += [f"| {r['rank']} | {r['position']} | {r['id'] or '-'} | {r['label']} | "
-            f"{r['predicted']} | {r['p_predicted']:.4f} | {r['p_label']:.4f} |"
+  what = 'errors' if errors.columns == ERROR_COLUMNS else 'wrong tag decisions'
+  shown = [c.replace('p_', 'p(') + ')' if c.startswith('p_') else c for c in errors.columns]
+  lines = ['', f'## The most confident {what} ({len(errors.rows)} in all: errors.csv)', '',
+           '| ' + ' | '.join(shown) + ' |', '|' + '---|' * len(shown)]
+  lines += ['| ' + ' | '.join(_cell(r[c]) for c in errors.columns) + ' |'
             for r in errors.rows[:_ERRORS_IN_MD]]
   with open(os.path.join(out_dir, 'report.md'), 'a') as f:
     f.write('\n'.join(lines) + '\n')
@@ -107,8 +113,16 @@ def _write_errors(errors: Errors, out_dir: str, title: str) -> list[str]:
     return ['errors.csv']
   plots.image_grid([img for img, _ in errors.images], [c for _, c in errors.images],
                    os.path.join(out_dir, 'errors.png'),
-                   f'{title}: the {len(errors.images)} most confident errors')
+                   f'{title}: the {len(errors.images)} most confident errors'
+                   if what == 'errors' else f'{title}: the {len(errors.images)} examples with '
+                   'the most confident wrong tag decisions')
   return list(ERROR_FILES)
+
+
+def _cell(v: Any) -> str:
+  if isinstance(v, float):
+    return f'{v:.4f}'
+  return str(v) if v != '' else '-'
 
 
 def table_lines(rep: dict[str, Any], title: str, out_dir: str) -> list[str]:
@@ -119,7 +133,7 @@ def table_lines(rep: dict[str, Any], title: str, out_dir: str) -> list[str]:
   if rep.get('task') == 'multilabel':
     lines += ['  ' + line for line in report_multilabel.headline(rep)]
     lines += ['  ' + line for line in report_multilabel.class_table(rep, max_rows=20)]
-    lines.append(_written(out_dir, ('report.json', 'pr_curves.png', CURVES_FILE)))
+    lines.append(_written(out_dir, ('report.json', 'pr_curves.png', *ERROR_FILES, CURVES_FILE)))
     return lines
   lines += ['  ' + line for line in report.headline(rep)]
   lines += ['  ' + line for line in report.class_table(rep, max_rows=20)]

@@ -337,30 +337,50 @@ def example_outcomes(variables: Any, batch: dict[str, jax.Array], *, model_def: 
   return out, report.eval_sums(log_probs, batch['label'], batch['mask'], num_bins)
 
 
-def multilabel_eval_sums(variables: Any, batch: dict[str, jax.Array], *, model_def: ModelDef,
-                         cfg: StepConfig, tta: str = '') -> dict[str, jax.Array]:
-  """Multi-label masked sums: binary cross-entropy, count, and ``multilabel.sums`` (per-class
-  score histograms, exact matches at 0.5 and at ``cfg.thresholds``) of the sigmoid
-  probabilities (with ``tta='flip'``: their mean over the image and its mirror image)."""
+def _multilabel_scores(variables: Any, batch: dict[str, jax.Array], *, model_def: ModelDef,
+                       cfg: StepConfig, tta: str = '') -> tuple[jax.Array, jax.Array]:
+  """(sigmoid probabilities BxK, binary cross-entropy B) of a multi-label batch (with
+  ``tta='flip'``: the probabilities' mean over the image and its mirror image)."""
   def logits_of(x):
     return forward(variables.params, variables.batch_stats, x, model_def=model_def,
                    cfg=cfg).astype(jnp.float32)
 
   logits = logits_of(batch['image'])
   y = batch['label'].astype(jnp.float32)
-  mask = batch['mask']
   if tta == 'flip':
     probs = 0.5 * (tanh_sigmoid(logits) + tanh_sigmoid(logits_of(batch['image'][:, :, ::-1])))
     p = jnp.clip(probs, 1e-7, 1 - 1e-7)
-    loss_B = -(y * jnp.log(p) + (1 - y) * jnp.log1p(-p)).mean(-1)
-  else:
-    probs = tanh_sigmoid(logits)
-    loss_B = sigmoid_cross_entropy(logits, y)
+    return probs, -(y * jnp.log(p) + (1 - y) * jnp.log1p(-p)).mean(-1)
+  return tanh_sigmoid(logits), sigmoid_cross_entropy(logits, y)
+
+
+def _multilabel_sums(probs_BxK: jax.Array, loss_B: jax.Array, batch: dict[str, jax.Array],
+                     cfg: StepConfig) -> dict[str, jax.Array]:
+  mask = batch['mask']
   thresholds = jnp.asarray(cfg.thresholds if cfg.thresholds is not None
                            else (0.5,) * cfg.num_classes, jnp.float32)
   return {'loss': jnp.sum(loss_B * mask.astype(jnp.float32)),
           'count': jnp.sum(mask.astype(jnp.int32)),
-          **multilabel.sums(probs, y, mask, thresholds)}
+          **multilabel.sums(probs_BxK, batch['label'].astype(jnp.float32), mask, thresholds)}
+
+
+def multilabel_eval_sums(variables: Any, batch: dict[str, jax.Array], *, model_def: ModelDef,
+                         cfg: StepConfig, tta: str = '') -> dict[str, jax.Array]:
+  """Multi-label masked sums: binary cross-entropy, count, and ``multilabel.sums`` (per-class
+  score histograms, exact matches at 0.5 and at ``cfg.thresholds``) of the sigmoid
+  probabilities (with ``tta='flip'``: their mean over the image and its mirror image)."""
+  probs, loss_B = _multilabel_scores(variables, batch, model_def=model_def, cfg=cfg, tta=tta)
+  return _multilabel_sums(probs, loss_B, batch, cfg)
+
+
+def multilabel_outcomes(variables: Any, batch: dict[str, jax.Array], *, model_def: ModelDef,
+                        cfg: StepConfig, tta: str = '', with_sums: bool = False) -> Any:
+  """Per row (padded rows too), exactly as ``multilabel_eval_sums`` scores it: every class's
+  probability (``probs``, float32 BxK). With ``with_sums``: ``(that, multilabel_eval_sums's
+  sums)`` of the same forward pass."""
+  probs, loss_B = _multilabel_scores(variables, batch, model_def=model_def, cfg=cfg, tta=tta)
+  out = {'probs': probs}
+  return (out, _multilabel_sums(probs, loss_B, batch, cfg)) if with_sums else out
 
 
 def probabilities(variables: Any, images_BxHxWxC: jax.Array, *, model_def: ModelDef,

@@ -185,6 +185,7 @@ def test_evaluate_predict_export_and_serve_a_tagged_run(tagged_run, tmp_path, ca
 
   trained = inference.load(workdir)
   clf = inference.classifier(trained)
+  _assert_tag_errors(tmp_path, saved, root, truth['test'], trained, clf)
   files = [os.path.join(root, rel) for rel, _ in truth['test'][:16]]
   results, _ = predict.predict_files(clf, files, top=3)
   probs = clf.predict_arrays(np.stack([clf.prepare(f) for f in files]))['probabilities']
@@ -230,6 +231,46 @@ def test_evaluate_predict_export_and_serve_a_tagged_run(tagged_run, tmp_path, ca
     assert [t['class'] for t in answer['tags']] == [t['class'] for t in results[0]['tags']]
   finally:
     srv.close()
+
+
+def _assert_tag_errors(out, saved, root, test, trained, clf):
+  """errors.csv lists every wrong tag decision of the test split, the most confident first: the
+  oracle is the served Classifier's probabilities on each file, the manifest's tags and the run's
+  thresholds (decisions within 1e-5 of a threshold are left out: batching can flip them)."""
+  names, t = trained.class_names, np.asarray(trained.thresholds, np.float32)
+  probs = clf.predict_arrays(np.stack([clf.prepare(os.path.join(root, rel))
+                                       for rel, _ in test]))['probabilities']
+  expected, near = {}, set()
+  for (rel, tags), p in zip(test, probs):
+    for k, name in enumerate(names):
+      if abs(float(p[k]) - float(t[k])) < 1e-5:
+        near.add((rel, name))
+      elif (p[k] >= t[k]) != (name in tags):
+        expected[(rel, name)] = ('missed' if name in tags else 'extra', float(p[k]))
+  with open(out / 'errors.csv', newline='') as f:
+    rows = list(csv.DictReader(f))
+  assert list(rows[0]) == ['rank', 'position', 'id', 'tag', 'error', 'p_tag', 'threshold',
+                           'labels', 'predicted']
+  got = {(os.path.relpath(os.path.join(root, r['id']), root), r['tag']): r for r in rows}
+  assert len(got) == len(rows) and expected          # one row per decision; the model errs
+  assert set(got) - near == set(expected)
+  truth = dict(test)
+  for key, (error, p) in expected.items():
+    r = got[key]
+    assert r['error'] == error and abs(float(r['p_tag']) - p) < 1e-5, (key, r, p)
+    assert float(r['threshold']) == pytest.approx(float(t[names.index(key[1])]), abs=1e-6)
+    assert set(filter(None, r['labels'].split(';'))) == truth[key[0]]
+  where = {}                        # an example's position in the split's read order
+  for r in rows:
+    assert where.setdefault(r['id'], int(r['position'])) == int(r['position'])
+  assert len(set(where.values())) == len(where) and 0 <= min(where.values())
+  assert max(where.values()) < len(test)
+  sure = [1 - float(r['p_tag']) if r['error'] == 'missed' else float(r['p_tag']) for r in rows]
+  assert [int(r['rank']) for r in rows] == list(range(1, len(rows) + 1))
+  assert all(a >= b - 1e-6 for a, b in zip(sure, sure[1:])), sure    # most confident first
+  assert saved['errors']['count'] == len(rows)
+  assert os.path.getsize(out / 'errors.png') > 0
+  assert '## The most confident wrong tag decisions' in (out / 'report.md').read_text()
 
 
 def _imbalanced_folder(root):
