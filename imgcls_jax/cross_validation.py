@@ -111,6 +111,11 @@ def cross_validate(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
                     os.path.join(workdir, 'cv_pr_curves.png'),
                     micro=pooled_report.get('pr_curve_micro'),
                     title='Pooled out-of-fold precision-recall curves')
+    if pooled_report.get('calibration_bins'):
+      plots.reliability_diagram(pooled_report['calibration_bins'], pooled_report['ece'],
+                                os.path.join(workdir, 'cv_reliability.png'),
+                                title='Pooled out-of-fold reliability of the tag probabilities',
+                                tags=True)
   else:
     plots.confusion_matrix(pooled_report['confusion_matrix'], pooled_report['class_names'],
                            os.path.join(workdir, 'cv_confusion_matrix.png'),

@@ -218,7 +218,7 @@ def outcomes_pass(r: Restored, tta: str = '', *, keep_images: int = 0,
   """The ``Outcomes`` (multi-label: ``TagOutcomes``) of every example of ``r.split`` (one
   process: every row comes back to the host), keeping the images of the ``keep_images`` examples
   with the most confident errors; with ``num_bins``, also the eval step's summed statistics,
-  from the same pass (a multi-label eval step has its own fixed bins)."""
+  from the same pass."""
   if jax.process_count() > 1:
     raise UserError('Per-example predictions are gathered on one host; run this mode with a '
                     'single process.')
@@ -226,13 +226,11 @@ def outcomes_pass(r: Restored, tta: str = '', *, keep_images: int = 0,
   tagged = r.trained.info.multilabel
   thresholds = np.asarray(r.trained.decision_thresholds, np.float32)
   if tagged:
-    fn = functools.partial(steps.multilabel_outcomes, with_sums=num_bins is not None)
-    keys = ('position', 'label', 'probs')
+    fn, keys = steps.multilabel_outcomes, ('position', 'label', 'probs')
   else:
-    fn = functools.partial(steps.example_outcomes, num_bins=num_bins)
-    keys = ('position', 'label', 'predicted', 'p_predicted', 'p_label')
+    fn, keys = steps.example_outcomes, ('position', 'label', 'predicted', 'p_predicted', 'p_label')
   step = jax.jit(functools.partial(fn, model_def=r.setup.model_def, cfg=r.setup.step_cfg,
-                                   tta=tta),
+                                   tta=tta, num_bins=num_bins),
                  in_shardings=(r.shardings, batch_sh), out_shardings=sharding.replicated(mesh))
   cols: dict[str, list[np.ndarray]] = {k: [] for k in keys}
   kept: list[tuple[float, int, np.ndarray]] = []   # a min-heap of (sureness, -position, image)

@@ -11,7 +11,9 @@ no per-example scores are kept. The host functions derive from the summed counts
   raw scores the difference comes only from pairs whose scores share a bin;
 * ROC-AUC (``roc.auc`` of the same histograms);
 * precision / recall / F1 (per class, micro, macro; ``zero_division=0`` as sklearn) and Hamming
-  loss at any per-class thresholds, and the per-class thresholds that maximise F1.
+  loss at any per-class thresholds, and the per-class thresholds that maximise F1;
+* the calibration of the tag probabilities (``calibration``: ECE pooled over the (example, tag)
+  pairs and per class, from their own equal-width bins with exact probability sums).
 
 Thresholds are bin edges ``t = j / bins`` (others are snapped to the nearest edge). Bin ``b`` of a
 probability ``p`` is the number of edges ``float32(j / bins)``, 0 < j < bins, with ``p >=`` edge:
@@ -41,13 +43,17 @@ def _edge_index_device(thresholds_K: jax.Array, bins: int) -> jax.Array:
 
 
 def sums(probs_BxK: jax.Array, targets_BxK: jax.Array, mask_B: jax.Array,
-         thresholds_K: jax.Array | None = None, bins: int = DEFAULT_BINS) -> dict[str, jax.Array]:
+         thresholds_K: jax.Array | None = None, bins: int = DEFAULT_BINS,
+         calibration_bins: int = 0) -> dict[str, jax.Array]:
   """Masked additive counts of one (padded) batch; jit-friendly.
 
   ``targets_BxK`` is multi-hot (positive where > 0.5). ``ml_pos`` / ``ml_neg`` (int32 K x bins):
   positive / negative pairs by the bin of their probability; ``ml_exact_05`` / ``ml_exact_thr``:
   examples whose predicted tag set (``p >= threshold``) at 0.5 / at ``thresholds_K`` (default
-  0.5) equals the true set; ``ml_count``: masked examples.
+  0.5) equals the true set; ``ml_count``: masked examples. With ``calibration_bins``, per class
+  and equal-width confidence bin (binned as ``report.eval_sums`` bins the top-1 probability):
+  ``ml_cal_count`` pairs, ``ml_cal_conf`` (float32) the sum of their probabilities and
+  ``ml_cal_pos`` the positives among them, for the reliability of the tag probabilities.
   """
   k = probs_BxK.shape[-1]
   bin_BxK = roc.bin_index(probs_BxK, bins)
@@ -63,11 +69,22 @@ def sums(probs_BxK: jax.Array, targets_BxK: jax.Array, mask_B: jax.Array,
   j05 = _edge_index_device(jnp.float32(0.5), bins)
   exact05_B = jnp.all((bin_BxK >= j05) == true_BxK, axis=-1)
   exact_B = jnp.all((bin_BxK >= j_K[None, :]) == true_BxK, axis=-1)
-  return {'ml_pos': zero.at[cls_BxK, bin_BxK].add(pos_BxK),
-          'ml_neg': zero.at[cls_BxK, bin_BxK].add(neg_BxK),
-          'ml_exact_05': jnp.sum(exact05_B.astype(jnp.int32) * w_B),
-          'ml_exact_thr': jnp.sum(exact_B.astype(jnp.int32) * w_B),
-          'ml_count': jnp.sum(w_B)}
+  out = {'ml_pos': zero.at[cls_BxK, bin_BxK].add(pos_BxK),
+         'ml_neg': zero.at[cls_BxK, bin_BxK].add(neg_BxK),
+         'ml_exact_05': jnp.sum(exact05_B.astype(jnp.int32) * w_B),
+         'ml_exact_thr': jnp.sum(exact_B.astype(jnp.int32) * w_B),
+         'ml_count': jnp.sum(w_B)}
+  if calibration_bins:
+    p = probs_BxK.astype(jnp.float32)
+    edges = jnp.linspace(0.0, 1.0, calibration_bins + 1, dtype=jnp.float32)
+    cal_BxK = jnp.searchsorted(edges[1:-1], p.ravel(), side='left').reshape(p.shape)
+    zero_c = jnp.zeros((k, calibration_bins), jnp.int32)
+    w_BxK = jnp.broadcast_to(w_B[:, None], p.shape)
+    out.update({'ml_cal_count': zero_c.at[cls_BxK, cal_BxK].add(w_BxK),
+                'ml_cal_conf': zero_c.astype(jnp.float32).at[cls_BxK, cal_BxK].add(
+                    p * w_BxK.astype(jnp.float32)),
+                'ml_cal_pos': zero_c.at[cls_BxK, cal_BxK].add(pos_BxK)})
+  return out
 
 
 # ----------------------------------------------------------------------------- host side (numpy)
@@ -181,6 +198,30 @@ def pr_curves(pos_KxB: np.ndarray, neg_KxB: np.ndarray) -> tuple[np.ndarray, np.
   return precision, _div(tp, tp[:, -1:])
 
 
+def calibration(s: Mapping[str, Any]) -> dict[str, Any] | None:
+  """The reliability of the tag probabilities from ``ml_cal_*`` (None without them): ``ece``
+  pooled over every (example, tag) pair, ``ece_classwise`` (the mean of the per-class ECEs,
+  ``ece_per_class``) and the pooled bins (lower, upper, count, confidence: the mean probability,
+  fraction_positive: the share of those pairs whose tag is labelled)."""
+  if 'ml_cal_count' not in s:
+    return None
+  count = np.asarray(s['ml_cal_count'], np.float64)
+  conf = np.asarray(s['ml_cal_conf'], np.float64)
+  pos = np.asarray(s['ml_cal_pos'], np.float64)
+  per_example = count.sum(axis=1)                     # every class sees every example
+  gap = np.abs(pos - conf).sum(axis=1)
+  per_class = np.where(per_example > 0, gap / np.where(per_example > 0, per_example, 1), np.nan)
+  n, c, p = count.sum(0), conf.sum(0), pos.sum(0)
+  edges = np.linspace(0.0, 1.0, count.shape[1] + 1)
+  rows = [{'lower': float(edges[b]), 'upper': float(edges[b + 1]), 'count': int(n[b]),
+           'confidence': float(c[b] / n[b]) if n[b] else None,
+           'fraction_positive': float(p[b] / n[b]) if n[b] else None} for b in range(len(n))]
+  total = n.sum()
+  return {'ece': float(np.abs(p - c).sum() / total) if total else None,
+          'ece_classwise': _num(np.nanmean(per_class)) if not np.isnan(per_class).all() else None,
+          'ece_per_class': per_class, 'bins': rows}
+
+
 # ----------------------------------------------------------------------------- the report
 
 def _num(x: Any) -> float | None:
@@ -223,13 +264,15 @@ def report(sums: Mapping[str, Any], class_names: Sequence[str],
   aucs = roc.auc(pos, neg)
   half, tuned = at_thresholds(pos, neg, 0.5), at_thresholds(pos, neg, thresholds)
   micro_ap = average_precision(pos.sum(0, keepdims=True), neg.sum(0, keepdims=True))[0]
+  cal = calibration(s)
   rows = []
   for i in range(k):
     rows.append({'class': names[i], 'support': int(half['support'][i]),
                  'average_precision': _num(ap[i]), 'roc_auc': _num(aucs[i]),
                  'threshold': float(tuned['thresholds'][i]),
                  'at_0.5': {m: float(half[m][i]) for m in ('precision', 'recall', 'f1')},
-                 'at_thresholds': {m: float(tuned[m][i]) for m in ('precision', 'recall', 'f1')}})
+                 'at_thresholds': {m: float(tuned[m][i]) for m in ('precision', 'recall', 'f1')},
+                 **({'ece': _num(cal['ece_per_class'][i])} if cal else {})})
   precision, recall = pr_curves(pos, neg)
   order = [int(i) for i in np.argsort(np.where(np.isnan(ap), np.inf, ap), kind='stable')
            if not np.isnan(ap[i])][:_PR_CLASSES]
@@ -247,4 +290,6 @@ def report(sums: Mapping[str, Any], class_names: Sequence[str],
                     for i in sorted(order)],
       'pr_curve_micro': ({'ap': float(micro_ap), **_curve(mp[0], mr[0])}
                          if not np.isnan(micro_ap) else None),
+      **({'ece': cal['ece'], 'ece_classwise': cal['ece_classwise'],
+          'calibration_bins': cal['bins']} if cal else {}),
   }

@@ -64,19 +64,22 @@ def roc_curves(curves: Sequence[Mapping[str, Any]], macro_auc: float, path: str,
 
 
 def reliability_diagram(bins: Sequence[Mapping[str, Any]], ece: float, path: str,
-                        title: str = 'Reliability diagram') -> None:
-  """Accuracy per confidence bin against the diagonal, with the example count per bin below."""
+                        title: str = 'Reliability diagram', *, tags: bool = False) -> None:
+  """Accuracy per confidence bin against the diagonal, with the example count per bin below.
+  With ``tags`` (a multi-label report's bins): the fraction of (example, tag) pairs labelled, per
+  bin of the tag's probability."""
+  outcome = 'fraction_positive' if tags else 'accuracy'
   lower = np.array([b['lower'] for b in bins])
   upper = np.array([b['upper'] for b in bins])
   counts = np.array([b['count'] for b in bins], np.float64)
-  acc = np.array([b['accuracy'] if b['count'] else np.nan for b in bins], np.float64)
+  acc = np.array([b[outcome] if b['count'] else np.nan for b in bins], np.float64)
   conf = np.array([b['confidence'] if b['count'] else np.nan for b in bins], np.float64)
   width = upper - lower
   fig, (ax, ax_n) = plt.subplots(2, 1, figsize=(6, 7), sharex=True,
                                  gridspec_kw={'height_ratios': [3, 1]})
   filled = counts > 0
   ax.bar(lower[filled], acc[filled], width=width[filled], align='edge', color='tab:blue',
-         edgecolor='black', label='accuracy')
+         edgecolor='black', label='fraction labelled' if tags else 'accuracy')
   # The gap between accuracy and mean confidence, hatched over or above the bar: above the bar the
   # model is over-confident in that bin, inside it under-confident.
   ax.bar(lower[filled], np.abs(conf - acc)[filled], bottom=np.minimum(acc, conf)[filled],
@@ -85,13 +88,13 @@ def reliability_diagram(bins: Sequence[Mapping[str, Any]], ece: float, path: str
   ax.plot([0, 1], [0, 1], 'k--', linewidth=1, label='perfect calibration')
   ax.set_xlim(0, 1)
   ax.set_ylim(0, 1)
-  ax.set_ylabel('accuracy')
+  ax.set_ylabel('fraction of the pairs labelled' if tags else 'accuracy')
   ax.set_title(f'{title}: ECE {ece:.4f}')
   ax.legend(loc='upper left')
   ax_n.bar(lower, counts, width=width, align='edge', color='gray', edgecolor='black')
   ax_n.set_yscale('log' if counts.max(initial=0) > 100 else 'linear')
-  ax_n.set_xlabel('confidence (top-1 probability)')
-  ax_n.set_ylabel('examples')
+  ax_n.set_xlabel('tag probability' if tags else 'confidence (top-1 probability)')
+  ax_n.set_ylabel('(example, tag) pairs' if tags else 'examples')
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)

@@ -16,7 +16,7 @@ from imgcls_jax import metrics, plots, report, report_multilabel
 
 REPORT_FILES = ('report.json', 'report.md', 'confusion_matrix.csv', 'confusion_matrix.png',
                 'reliability.png', 'roc_curves.png')
-MULTILABEL_REPORT_FILES = ('report.json', 'report.md', 'pr_curves.png')
+MULTILABEL_REPORT_FILES = ('report.json', 'report.md', 'pr_curves.png', 'reliability.png')
 CURVES_FILE = 'training_curves.png'
 ERROR_FILES = ('errors.csv', 'errors.png')
 ERROR_COLUMNS = ('rank', 'position', 'id', 'label', 'predicted', 'p_predicted', 'p_label')
@@ -74,7 +74,12 @@ def _write_multilabel(rep: dict[str, Any], out_dir: str, title: str) -> list[str
     f.write(report_multilabel.to_markdown(rep, title, rep.get('context', {})))
   plots.pr_curves(rep['pr_curves'], rep['mean_average_precision'] or 0.0,
                   os.path.join(out_dir, 'pr_curves.png'), micro=rep.get('pr_curve_micro'))
-  return ['report.md', 'pr_curves.png']
+  if not rep.get('calibration_bins'):
+    return ['report.md', 'pr_curves.png']
+  plots.reliability_diagram(rep['calibration_bins'], rep['ece'],
+                            os.path.join(out_dir, 'reliability.png'),
+                            'Reliability of the tag probabilities', tags=True)
+  return ['report.md', 'pr_curves.png', 'reliability.png']
 
 
 def _write_single_label(rep: dict[str, Any], out_dir: str, title: str) -> list[str]:
@@ -133,7 +138,8 @@ def table_lines(rep: dict[str, Any], title: str, out_dir: str) -> list[str]:
   if rep.get('task') == 'multilabel':
     lines += ['  ' + line for line in report_multilabel.headline(rep)]
     lines += ['  ' + line for line in report_multilabel.class_table(rep, max_rows=20)]
-    lines.append(_written(out_dir, ('report.json', 'pr_curves.png', *ERROR_FILES, CURVES_FILE)))
+    lines.append(_written(out_dir, ('report.json', 'pr_curves.png', 'reliability.png',
+                                    *ERROR_FILES, CURVES_FILE)))
     return lines
   lines += ['  ' + line for line in report.headline(rep)]
   lines += ['  ' + line for line in report.class_table(rep, max_rows=20)]

@@ -2,9 +2,10 @@
 
 The numbers come from ``multilabel.report`` (per-class score histograms summed on the device:
 mAP, per-class AP, ROC-AUC, precision / recall / F1 micro and macro, exact-match ratio and Hamming
-loss at 0.5 and at the run's per-class thresholds); this module adds the loss and renders the
-report as the training loop's line, scalars for ``metrics.jsonl``, ``report.md`` and the printed
-table. No plotting here (``plots.pr_curves`` draws the PR curves).
+loss at 0.5 and at the run's per-class thresholds, the tag probabilities' calibration); this
+module adds the loss and renders the report as the training loop's line, scalars for
+``metrics.jsonl``, ``report.md`` and the printed table. No plotting here (``plots.pr_curves`` and
+``plots.reliability_diagram`` draw).
 """
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ def training_metrics(s: Mapping[str, np.ndarray],
   return {**scalars(rep), 'count': n}
 
 
-SCALAR_KEYS = ('loss', 'map', 'roc_auc_macro', 'accuracy', 'exact_match_05', 'hamming_loss') + tuple(
+SCALAR_KEYS = ('loss', 'map', 'roc_auc_macro', 'accuracy', 'exact_match_05', 'hamming_loss',
+               'ece', 'ece_classwise') + tuple(
     f'{name}_{avg}{at}' for name in ('precision', 'recall', 'f1') for avg in ('micro', 'macro')
     for at in ('', '_05'))
 
@@ -59,6 +61,9 @@ def scalars(rep: Mapping[str, Any]) -> dict[str, float]:
          'accuracy': num(tuned['exact_match']),          # exact match at the thresholds
          'exact_match_05': num(half['exact_match']),
          'hamming_loss': num(tuned['hamming_loss'])}
+  for key in ('ece', 'ece_classwise'):   # the tag probabilities' calibration
+    if key in rep:
+      out[key] = num(rep[key])
   for name in ('precision', 'recall', 'f1'):
     for avg in ('micro', 'macro'):
       out[f'{name}_{avg}'] = num(tuned[f'{name}_{avg}'])
@@ -86,9 +91,11 @@ def _f(x: Any, pct: bool = False) -> str:
 
 def headline(rep: Mapping[str, Any]) -> list[str]:
   """Three lines: mAP / ROC-AUC / loss, and the averages at 0.5 and at the thresholds."""
+  ece = f", ECE {_f(rep['ece'])}" if 'ece' in rep else ''
   lines = [f"mAP {_f(rep['mean_average_precision'])}, micro AP "
            f"{_f(rep['average_precision_micro'])}, ROC-AUC (macro) {_f(rep['roc_auc_macro'])}, "
-           f"loss {rep['loss']:.4f} ({rep['num_examples']} examples, {rep['num_classes']} tags)"]
+           f"loss {rep['loss']:.4f}{ece} ({rep['num_examples']} examples, "
+           f"{rep['num_classes']} tags)"]
   for label, key in (('at 0.5', 'at_0.5'), ('at thresholds', 'at_thresholds')):
     a = rep[key]
     lines.append(f"{label:<14} F1 micro {_f(a['f1_micro'])} macro {_f(a['f1_macro'])}  "
@@ -133,11 +140,22 @@ def to_markdown(rep: Mapping[str, Any], title: str, context: Mapping[str, Any]) 
               f"{_f(a['precision_micro'])} | {_f(a['recall_micro'])} | "
               f"{_f(a['precision_macro'])} | {_f(a['recall_macro'])} | "
               f"{_f(a['exact_match'], True)} | {_f(a['hamming_loss'])} |")
+  cal = 'calibration_bins' in rep
   md += ['', '## Per tag', '', '| tag | AP | ROC-AUC | threshold | precision | recall | F1 | '
-         'F1 at 0.5 | support |', '|---|---|---|---|---|---|---|---|---|']
+         'F1 at 0.5 | support |' + (' ECE |' if cal else ''),
+         '|---|---|---|---|---|---|---|---|---|' + ('---|' if cal else '')]
   for r in rep['per_class']:
     t, h = r['at_thresholds'], r['at_0.5']
     md.append(f"| {r['class']} | {_f(r['average_precision'])} | {_f(r['roc_auc'])} | "
               f"{r['threshold']:.3f} | {t['precision']:.4f} | {t['recall']:.4f} | {t['f1']:.4f} | "
-              f"{h['f1']:.4f} | {r['support']} |")
+              f"{h['f1']:.4f} | {r['support']} |" + (f" {_f(r.get('ece'))} |" if cal else ''))
+  if cal:
+    md += ['', '## Calibration of the tag probabilities', '',
+           f"Expected calibration error over every (example, tag) pair: {_f(rep['ece'])}; the "
+           f"mean of the per-tag ECEs: {_f(rep['ece_classwise'])} ({len(rep['calibration_bins'])} "
+           'equal-width probability bins; reliability.png). A well calibrated tagger labels a '
+           'tag in about a fraction p of the pairs it scores p.', '',
+           '| probability | pairs | mean probability | fraction labelled |', '|---|---|---|---|']
+    md += [f"| {b['lower']:.2f}-{b['upper']:.2f} | {b['count']} | {_f(b['confidence'])} | "
+           f"{_f(b['fraction_positive'])} |" for b in rep['calibration_bins']]
   return '\n'.join(md) + '\n'

@@ -314,7 +314,8 @@ def eval_step(variables: Any, batch: dict[str, jax.Array], *, model_def: ModelDe
   confusion-matrix and calibration sums of the evaluation report (``report.eval_sums``), of the
   predictions ``log_probs_fn`` makes with test-time augmentation ``tta``."""
   if cfg.multilabel:
-    return multilabel_eval_sums(variables, batch, model_def=model_def, cfg=cfg, tta=tta)
+    return multilabel_eval_sums(variables, batch, model_def=model_def, cfg=cfg, tta=tta,
+                                num_bins=num_bins)
   log_probs = log_probs_fn(variables, batch['image'], model_def=model_def, cfg=cfg, tta=tta)
   return report.eval_sums(log_probs, batch['label'], batch['mask'], num_bins)
 
@@ -355,32 +356,37 @@ def _multilabel_scores(variables: Any, batch: dict[str, jax.Array], *, model_def
 
 
 def _multilabel_sums(probs_BxK: jax.Array, loss_B: jax.Array, batch: dict[str, jax.Array],
-                     cfg: StepConfig) -> dict[str, jax.Array]:
+                     cfg: StepConfig, num_bins: int) -> dict[str, jax.Array]:
   mask = batch['mask']
   thresholds = jnp.asarray(cfg.thresholds if cfg.thresholds is not None
                            else (0.5,) * cfg.num_classes, jnp.float32)
   return {'loss': jnp.sum(loss_B * mask.astype(jnp.float32)),
           'count': jnp.sum(mask.astype(jnp.int32)),
-          **multilabel.sums(probs_BxK, batch['label'].astype(jnp.float32), mask, thresholds)}
+          **multilabel.sums(probs_BxK, batch['label'].astype(jnp.float32), mask, thresholds,
+                            calibration_bins=num_bins)}
 
 
 def multilabel_eval_sums(variables: Any, batch: dict[str, jax.Array], *, model_def: ModelDef,
-                         cfg: StepConfig, tta: str = '') -> dict[str, jax.Array]:
+                         cfg: StepConfig, tta: str = '',
+                         num_bins: int = report.DEFAULT_CALIBRATION_BINS) -> dict[str, jax.Array]:
   """Multi-label masked sums: binary cross-entropy, count, and ``multilabel.sums`` (per-class
-  score histograms, exact matches at 0.5 and at ``cfg.thresholds``) of the sigmoid
-  probabilities (with ``tta='flip'``: their mean over the image and its mirror image)."""
+  score histograms, exact matches at 0.5 and at ``cfg.thresholds``, ``num_bins`` calibration
+  bins) of the sigmoid probabilities (with ``tta='flip'``: their mean over the image and its
+  mirror image)."""
   probs, loss_B = _multilabel_scores(variables, batch, model_def=model_def, cfg=cfg, tta=tta)
-  return _multilabel_sums(probs, loss_B, batch, cfg)
+  return _multilabel_sums(probs, loss_B, batch, cfg, num_bins)
 
 
 def multilabel_outcomes(variables: Any, batch: dict[str, jax.Array], *, model_def: ModelDef,
-                        cfg: StepConfig, tta: str = '', with_sums: bool = False) -> Any:
+                        cfg: StepConfig, tta: str = '', num_bins: int | None = None) -> Any:
   """Per row (padded rows too), exactly as ``multilabel_eval_sums`` scores it: every class's
-  probability (``probs``, float32 BxK). With ``with_sums``: ``(that, multilabel_eval_sums's
+  probability (``probs``, float32 BxK). With ``num_bins``: ``(that, multilabel_eval_sums's
   sums)`` of the same forward pass."""
   probs, loss_B = _multilabel_scores(variables, batch, model_def=model_def, cfg=cfg, tta=tta)
   out = {'probs': probs}
-  return (out, _multilabel_sums(probs, loss_B, batch, cfg)) if with_sums else out
+  if num_bins is None:
+    return out
+  return out, _multilabel_sums(probs, loss_B, batch, cfg, num_bins)
 
 
 def probabilities(variables: Any, images_BxHxWxC: jax.Array, *, model_def: ModelDef,

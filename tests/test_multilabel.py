@@ -167,16 +167,34 @@ def test_tagged_run_metrics_equal_sklearn_on_the_models_probabilities(tagged_run
   assert abs(final['accuracy'] - skm.accuracy_score(y, pred)) <= 2 / len(test)
   assert abs(final['hamming_loss'] - skm.hamming_loss(y, pred)) <= 2 / y.size
   assert final['map'] > 0.9 and final['accuracy'] > 0.6, final   # it learned the tags
+  # The tag probabilities' calibration: per-bin fractions and mean probabilities from sklearn.
+  assert final['ece'] == pytest.approx(_ece(y.ravel(), probs.ravel()), abs=1e-4)
+  assert final['ece_classwise'] == pytest.approx(
+      np.mean([_ece(y[:, k], probs[:, k]) for k in range(len(TAGS))]), abs=1e-4)
   assert set(final) == set(report.eval_metric_names(multilabel=True))   # best_metric's choices
+
+
+def _ece(y, p, n_bins=report.DEFAULT_CALIBRATION_BINS):
+  """Expected calibration error of binary outcomes: sklearn's reliability curve weighted by the
+  pairs in each of its bins (sklearn bins with searchsorted on the inner edges)."""
+  from sklearn.calibration import calibration_curve
+  fraction, mean = calibration_curve(y, p, n_bins=n_bins, strategy='uniform')
+  counts = np.bincount(np.searchsorted(np.linspace(0, 1, n_bins + 1)[1:-1], p),
+                       minlength=n_bins)
+  counts = counts[counts > 0]
+  assert len(counts) == len(fraction)
+  return float(np.sum(counts * np.abs(fraction - mean)) / len(p))
 
 
 def test_evaluate_predict_export_and_serve_a_tagged_run(tagged_run, tmp_path, capsys):
   from imgcls_jax import evaluate, export, serve
   config, workdir, root, truth, final = tagged_run
   evaluate.evaluate(None, workdir, overrides={'evaluate.output_dir': str(tmp_path)})
-  for name in ('report.json', 'report.md', 'pr_curves.png'):
+  for name in ('report.json', 'report.md', 'pr_curves.png', 'reliability.png'):
     assert os.path.getsize(tmp_path / name) > 0, name
   saved = json.loads((tmp_path / 'report.json').read_text())
+  assert saved['ece'] == pytest.approx(final['ece'], abs=1e-9)
+  assert sum(b['count'] for b in saved['calibration_bins']) == 160 * len(TAGS)
   assert saved['task'] == 'multilabel'
   for key in ('mean_average_precision', 'at_0.5', 'at_thresholds', 'thresholds', 'per_class'):
     assert key in saved, key
@@ -334,6 +352,10 @@ def test_multilabel_cross_validation_uses_plain_folds_and_reports_map(tmp_path):
   assert summary['pooled_out_of_fold']['num_examples'] == 96
   assert 0 < summary['mean']['map'] <= 1
   assert os.path.getsize(tmp_path / 'cv' / 'cv_pr_curves.png') > 0
+  assert os.path.getsize(tmp_path / 'cv' / 'cv_reliability.png') > 0
+  pooled = summary['pooled_out_of_fold']      # the folds' calibration sums, pooled
+  assert sum(b['count'] for b in pooled['calibration_bins']) == 96 * len(TAGS)
+  assert 0 <= pooled['ece'] <= 1 and 0 <= summary['mean']['ece'] <= 1
 
 
 def test_a_misnamed_threshold_split_fails_before_the_first_step(tmp_path):
