@@ -11,6 +11,8 @@ differences B - A with paired percentile-bootstrap intervals over the examples
 (``intervals.paired_differences``); the 2 x 2 table of right / wrong; and McNemar's exact test of
 equal top-1 accuracy (the two-sided binomial test of the examples exactly one run gets right,
 ``scipy.stats.binomtest``). Two runs that differ only in their seed show what "noise" looks like.
+Two tagging runs are compared by mAP, macro F1 at each run's own thresholds and exact match
+(``intervals_multilabel``), with the table and McNemar's test on exact match.
 Writes ``compare.json`` and ``compare.md`` to ``config.evaluate.output_dir`` (default: the
 workdir of A) and prints the table.
 """
@@ -25,30 +27,38 @@ import ml_collections
 import numpy as np
 import scipy.stats
 
-from imgcls_jax import checkpoint, evaluation, inference, intervals
+from imgcls_jax import checkpoint, evaluation, inference, intervals, intervals_multilabel
 from imgcls_jax.errors import UserError
 
 
-def _predictions(workdir: str, config: Any, e: ml_collections.ConfigDict, split: str,
-                 overrides: dict[str, Any] | None) -> tuple[evaluation.Restored, np.ndarray,
-                                                            np.ndarray]:
+def _outcomes(workdir: str, config: Any, e: ml_collections.ConfigDict, split: str,
+              overrides: dict[str, Any] | None
+              ) -> tuple[evaluation.Restored, evaluation.Outcomes | evaluation.TagOutcomes]:
   r = evaluation.restore_for_split(workdir, config, split=split, checkpoint_spec=e.checkpoint,
                                    tta=e.tta or '', overrides=overrides)
-  if r.trained.info.multilabel:
-    raise UserError(f'{workdir} is a multi-label run; --mode=compare compares single-label runs.')
   outcomes, _ = evaluation.outcomes_pass(r, e.tta or '')
-  return r, outcomes.label, outcomes.predicted
+  return r, outcomes
+
+
+def _labels(o: evaluation.Outcomes | evaluation.TagOutcomes) -> np.ndarray:
+  return o.labels if isinstance(o, evaluation.TagOutcomes) else o.label
 
 
 def _check_pairs(a: evaluation.Restored, b: evaluation.Restored, labels_a: np.ndarray,
                  labels_b: np.ndarray) -> None:
+  kinds = ['multi-label' if r.trained.info.multilabel else 'single-label' for r in (a, b)]
+  if kinds[0] != kinds[1]:
+    raise UserError(f'Run A is a {kinds[0]} run and run B a {kinds[1]} one; compare two runs of '
+                    'the same task.')
   names_a, names_b = a.trained.info.class_names, b.trained.info.class_names
   if tuple(names_a) != tuple(names_b):
     raise UserError(f'The two runs have different classes ({len(names_a)}: {list(names_a)[:5]}... '
                     f'vs {len(names_b)}: {list(names_b)[:5]}...); compare runs of one dataset.')
   if len(labels_a) != len(labels_b) or not np.array_equal(labels_a, labels_b):
-    where = (f'{len(labels_a)} vs {len(labels_b)} examples' if len(labels_a) != len(labels_b)
-             else f'their labels differ from example {int(np.argmax(labels_a != labels_b))} on')
+    differs = (labels_a != labels_b).reshape(len(labels_a), -1).any(1) if len(
+        labels_a) == len(labels_b) else None
+    where = (f'{len(labels_a)} vs {len(labels_b)} examples' if differs is None
+             else f'their labels differ from example {int(np.argmax(differs))} on')
     raise UserError(f"The two runs do not read the same examples of split '{a.split}' ({where}); "
                     'compare runs of the same dataset and split (config.data.* of each run).')
 
@@ -71,36 +81,50 @@ def compare(config: ml_collections.ConfigDict | None, workdir: str,
                     'directory of a trained run.')
   e = inference.mode_settings(workdir, config, overrides, 'evaluate')
   level, resamples = intervals.settings(e, 1, '--mode=compare bootstraps the differences: ')
-  ra, labels, pred_a = _predictions(workdir, config, e, e.split or '', overrides)
+  ra, oa = _outcomes(workdir, config, e, e.split or '', overrides)
   # B's data may have moved with A's: the location flags given for A apply to B too.
-  rb, labels_b, pred_b = _predictions(other, None, e, ra.split, {
+  rb, ob = _outcomes(other, None, e, ra.split, {
       k: v for k, v in (overrides or {}).items() if not k.startswith(('compare.', 'evaluate.'))})
-  _check_pairs(ra, rb, labels, labels_b)
+  labels = _labels(oa)
+  _check_pairs(ra, rb, labels, _labels(ob))
   if len(labels) < 2:
     raise UserError(f"The split '{ra.split}' has {len(labels)} example; compare the runs on a "
                     'split of at least 2.')
-  k = ra.trained.info.num_classes
-  hit_a, hit_b = pred_a == labels, pred_b == labels
+  if isinstance(oa, evaluation.TagOutcomes):
+    point = [intervals_multilabel.point_metrics(o.labels, o.probs, o.thresholds) for o in (oa, ob)]
+    names = intervals_multilabel.METRICS
+    diffs = intervals_multilabel.paired_differences(
+        labels, oa.probs, oa.thresholds, ob.probs, ob.thresholds, level=level,
+        resamples=resamples, seed=int(ra.trained.run.seed))
+    hit_a, hit_b = (np.all((o.probs >= o.thresholds) == o.labels, axis=1) for o in (oa, ob))
+    task, judged = 'multilabel', 'exact match (the whole tag set right)'
+  else:
+    k = ra.trained.info.num_classes
+    m = intervals.confusion_metrics(np.stack([
+        np.bincount(labels * k + o.predicted, minlength=k * k).reshape(k, k) for o in (oa, ob)]))
+    names = ('accuracy', 'f1_macro', 'balanced_accuracy')
+    point = [{n: float(m[j, i]) for j, n in enumerate(names)} for i in range(2)]
+    diffs = intervals.paired_differences(labels, oa.predicted, ob.predicted, k, level=level,
+                                         resamples=resamples, seed=int(ra.trained.run.seed))
+    hit_a, hit_b = oa.predicted == labels, ob.predicted == labels
+    task, judged = 'single-label', 'top-1'
   only_a, only_b = int(np.sum(hit_a & ~hit_b)), int(np.sum(~hit_a & hit_b))
-  point = intervals.confusion_metrics(np.stack([
-      np.bincount(labels * k + p, minlength=k * k).reshape(k, k) for p in (pred_a, pred_b)]))
-  names = ('accuracy', 'f1_macro', 'balanced_accuracy')
-  diffs = intervals.paired_differences(labels, pred_a, pred_b, k, level=level,
-                                       resamples=resamples, seed=int(ra.trained.run.seed))
   result = {
-      'split': ra.split, 'examples': int(len(labels)), 'tta': e.tta or 'none', 'level': level,
+      'task': task, 'split': ra.split, 'examples': int(len(labels)), 'tta': e.tta or 'none',
+      'level': level,
       'runs': {tag: {'workdir': path, 'checkpoint_step': r.step, 'checkpoint': r.chosen,
-                     'model': r.trained.run.model.name,
-                     **{n: float(point[j, i]) for j, n in enumerate(names)}}
+                     'model': r.trained.run.model.name, **point[i]}
                for i, (tag, r, path) in enumerate((('A', ra, workdir), ('B', rb, other)))},
-      'difference_b_minus_a': {n: {'value': float(point[j, 1] - point[j, 0]), 'interval': diffs[n]}
-                               for j, n in enumerate(names)},
+      'difference_b_minus_a': {n: {'value': point[1][n] - point[0][n], 'interval': diffs[n]}
+                               for n in names},
+      'right_or_wrong': judged,
       'table': {'both_right': int(np.sum(hit_a & hit_b)), 'only_a_right': only_a,
                 'only_b_right': only_b, 'both_wrong': int(np.sum(~hit_a & ~hit_b))},
       'mcnemar_exact_p': (float(scipy.stats.binomtest(only_a, only_a + only_b).pvalue)
                           if only_a + only_b else 1.0),
       'method': f'paired percentile bootstrap over the examples, {resamples} resamples; McNemar: '
-                'two-sided exact binomial test of the discordant examples',
+                f'two-sided exact binomial test of the examples exactly one run gets right '
+                f'({judged})',
   }
   if jax.process_index() == 0:
     out_dir = os.path.abspath(e.output_dir or workdir)
@@ -123,13 +147,17 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
          f"A: {a['workdir']} (step {a['checkpoint_step']}, {a['checkpoint']})",
          f"B: {b['workdir']} (step {b['checkpoint_step']}, {b['checkpoint']})",
          f"{'metric':<18} {'A':>8} {'B':>8} {'B - A':>8}  {pct:g}% interval of B - A"]
-  for name, label in (('accuracy', 'top-1'), ('f1_macro', 'macro F1'),
-                      ('balanced_accuracy', 'balanced accuracy')):
+  shown = ((('map', 'mAP'), ('f1_macro', 'macro F1'), ('exact_match', 'exact match'))
+           if result.get('task') == 'multilabel' else
+           (('accuracy', 'top-1'), ('f1_macro', 'macro F1'),
+            ('balanced_accuracy', 'balanced accuracy')))
+  for name, label in shown:
     d = result['difference_b_minus_a'][name]
     out.append(f"{label:<18} {100 * a[name]:7.2f}% {100 * b[name]:7.2f}% {100 * d['value']:+7.2f}"
                f"  [{100 * d['interval'][0]:+.2f}, {100 * d['interval'][1]:+.2f}]")
-  t = result['table']
-  out += [f"right / wrong: both right {t['both_right']}, only A {t['only_a_right']}, only B "
-          f"{t['only_b_right']}, both wrong {t['both_wrong']}",
-          f"McNemar's exact test of equal top-1: p = {result['mcnemar_exact_p']:.4g}"]
+  t, judged = result['table'], result.get('right_or_wrong', 'top-1')
+  out += [f"right / wrong ({judged}): both right {t['both_right']}, only A {t['only_a_right']}, "
+          f"only B {t['only_b_right']}, both wrong {t['both_wrong']}",
+          f"McNemar's exact test of equal {judged.split(' (')[0]}: "
+          f"p = {result['mcnemar_exact_p']:.4g}"]
   return out

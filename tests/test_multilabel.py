@@ -12,7 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.stats
 from PIL import Image
+from sklearn import metrics as skm
 
 from imgcls_jax import inference, loss_weights, predict, report, run, steps, train
 from imgcls_jax.data import folder_index, image_folder, pipeline, sources
@@ -289,6 +291,80 @@ def _assert_tag_errors(out, saved, root, test, trained, clf):
   assert saved['errors']['count'] == len(rows)
   assert os.path.getsize(out / 'errors.png') > 0
   assert '## The most confident wrong tag decisions' in (out / 'report.md').read_text()
+
+
+def test_compare_two_tagged_runs_equals_sklearn_on_their_probabilities(tagged_run, tmp_path):
+  """--mode=compare of two tagging runs: mAP, macro F1 at each run's thresholds and exact match
+  as scikit-learn scores each run's served probabilities; the exact-match table and McNemar's p
+  from the binomial distribution."""
+  from imgcls_jax import compare
+  config, workdir, root, truth, final = tagged_run
+  c = config.copy_and_resolve_references()
+  c.seed, c.num_epochs = 1, 4.0            # a weaker run B
+  other = str(tmp_path / 'b')
+  train.train_and_evaluate(c, other)
+  result = compare.compare(None, workdir, overrides={'compare.workdir': other,
+                                                     'evaluate.checkpoint': 'latest',
+                                                     'evaluate.output_dir': str(tmp_path)})
+  assert result['task'] == 'multilabel' and result['examples'] == len(truth['test'])
+  assert json.loads((tmp_path / 'compare.json').read_text()) == result
+  exact = []
+  for tag, w in (('A', workdir), ('B', other)):
+    trained = inference.load(w)
+    clf = inference.classifier(trained)
+    probs = clf.predict_arrays(np.stack([clf.prepare(os.path.join(root, rel))
+                                         for rel, _ in truth['test']]))['probabilities']
+    y = _multi_hot([t for _, t in truth['test']])[:, [TAGS.index(n) for n in trained.class_names]]
+    pred = probs >= np.asarray(trained.decision_thresholds, np.float32)
+    got = result['runs'][tag]
+    assert got['map'] == pytest.approx(skm.average_precision_score(y, probs), abs=1e-6), tag
+    assert got['f1_macro'] == pytest.approx(
+        skm.f1_score(y, pred, average='macro', zero_division=0), abs=1e-9), tag
+    assert got['exact_match'] == pytest.approx(skm.accuracy_score(y, pred), abs=1e-9), tag
+    exact.append(np.all(pred == y.astype(bool), axis=1))
+  only_a, only_b = int(np.sum(exact[0] & ~exact[1])), int(np.sum(~exact[0] & exact[1]))
+  assert only_b < only_a, 'the 4-epoch run should get fewer tag sets right'
+  assert result['table']['only_a_right'] == only_a and result['table']['only_b_right'] == only_b
+  p = min(1.0, 2 * scipy.stats.binom.cdf(min(only_a, only_b), only_a + only_b, 0.5))
+  assert result['mcnemar_exact_p'] == pytest.approx(p, rel=1e-9)
+  for name in ('map', 'f1_macro', 'exact_match'):
+    d = result['difference_b_minus_a'][name]
+    assert d['value'] == pytest.approx(result['runs']['B'][name] - result['runs']['A'][name])
+    assert d['interval'][0] <= d['value'] <= d['interval'][1], (name, d)
+  assert 'exact match' in (tmp_path / 'compare.md').read_text()
+
+
+def test_weighted_average_precision_and_the_tag_bootstrap_match_sklearn():
+  """A bootstrap resample as weights: AP from cumulative sums equals scikit-learn's with those
+  weights (ties included), and the paired intervals match resamples scored by scikit-learn."""
+  from imgcls_jax import intervals_multilabel as im
+  rng = np.random.default_rng(3)
+  n, k = 300, 4
+  y = rng.random((n, k)) < 0.35
+  pa = np.round(np.clip(rng.random((n, k)) * 0.7 + 0.25 * y, 0, 1), 2).astype(np.float32)
+  pb = np.round(np.clip(rng.random((n, k)) * 0.6 + 0.35 * y, 0, 1), 2).astype(np.float32)
+  w = rng.multinomial(n, np.ones(n) / n, size=6).astype(float)
+  for c in range(k):
+    np.testing.assert_allclose(im.weighted_average_precision(y[:, c], pa[:, c], w),
+                               [skm.average_precision_score(y[:, c], pa[:, c], sample_weight=r)
+                                for r in w], rtol=1e-12)
+  t = np.array([0.5, 0.4, 0.6, 0.45], np.float32)
+  got = im.paired_differences(y, pa, t, pb, t, level=0.9, resamples=2000, seed=1)
+
+  def scored(i, p):
+    pred = p[i] >= t
+    return (skm.average_precision_score(y[i], p[i]),
+            skm.f1_score(y[i], pred, average='macro', zero_division=0),
+            skm.accuracy_score(y[i], pred))
+
+  draws = []
+  for _ in range(400):
+    i = rng.integers(0, n, n)
+    draws.append(np.subtract(scored(i, pb), scored(i, pa)))
+  draws = np.array(draws)
+  want = np.percentile(draws, [5, 95], axis=0).T
+  for j, name in enumerate(im.METRICS):
+    np.testing.assert_allclose(got[name], want[j], atol=0.4 * draws[:, j].std(), err_msg=name)
 
 
 def _imbalanced_folder(root):
