@@ -97,7 +97,7 @@ def compare(config: ml_collections.ConfigDict | None, workdir: str,
         labels, oa.probs, oa.thresholds, ob.probs, ob.thresholds, level=level,
         resamples=resamples, seed=int(ra.trained.run.seed))
     hit_a, hit_b = (np.all((o.probs >= o.thresholds) == o.labels, axis=1) for o in (oa, ob))
-    task, judged = 'multilabel', 'exact match (the whole tag set right)'
+    task, judged = 'multilabel', 'exact match'   # the whole tag set right
   else:
     k = ra.trained.info.num_classes
     m = intervals.confusion_metrics(np.stack([
@@ -123,8 +123,8 @@ def compare(config: ml_collections.ConfigDict | None, workdir: str,
       'mcnemar_exact_p': (float(scipy.stats.binomtest(only_a, only_a + only_b).pvalue)
                           if only_a + only_b else 1.0),
       'method': f'paired percentile bootstrap over the examples, {resamples} resamples; McNemar: '
-                f'two-sided exact binomial test of the examples exactly one run gets right '
-                f'({judged})',
+                'two-sided exact binomial test of the examples exactly one run gets right '
+                + ('(its whole tag set)' if task == 'multilabel' else '(top-1)'),
   }
   if jax.process_index() == 0:
     out_dir = os.path.abspath(e.output_dir or workdir)
@@ -158,6 +158,6 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
   t, judged = result['table'], result.get('right_or_wrong', 'top-1')
   out += [f"right / wrong ({judged}): both right {t['both_right']}, only A {t['only_a_right']}, "
           f"only B {t['only_b_right']}, both wrong {t['both_wrong']}",
-          f"McNemar's exact test of equal {judged.split(' (')[0]}: "
+          f"McNemar's exact test of equal {judged}: "
           f"p = {result['mcnemar_exact_p']:.4g}"]
   return out

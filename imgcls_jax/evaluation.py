@@ -27,8 +27,9 @@ def choose_step(ckpt: checkpoint.Checkpointer, spec: str, metrics_path: str) -> 
   """(step, how it was chosen) for ``config.evaluate.checkpoint``: 'best', 'latest' or a step.
 
   'best' is the checkpoint the Checkpointer ranks best (``config.checkpoint.best_metric``); for a
-  run saved without evaluation metrics, the kept checkpoint with the highest eval top-1 in
-  ``metrics.jsonl`` (ties: the later step); failing both, the latest.
+  run saved without evaluation metrics, the kept checkpoint with the highest eval ``accuracy``
+  (top-1; a tagging run's exact match) in ``metrics.jsonl`` (ties: the later step); failing both,
+  the latest.
   """
   available = sorted(ckpt.all_steps())
   spec = str(spec).strip().lower()
@@ -44,7 +45,7 @@ def choose_step(ckpt: checkpoint.Checkpointer, spec: str, metrics_path: str) -> 
     scored = [(acc[s], s) for s in available if s in acc]
     if scored:
       best_acc, best = max(scored)
-      return best, f'best (eval top-1 {best_acc:.4f} in metrics.jsonl)'
+      return best, f'best (eval accuracy {best_acc:.4f} in metrics.jsonl)'
     logging.warning('No kept checkpoint has an eval record in %s; using the latest.', metrics_path)
     return available[-1], 'latest (no evaluated checkpoint to pick the best from)'
   if spec.isdigit():
