@@ -23,7 +23,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from imgcls_jax import evaluation, inference, intervals, metrics, plots, report_files
+from imgcls_jax import (checkpoint, evaluation, inference, intervals, intervals_multilabel,
+                        metrics, plots, report_files)
 from imgcls_jax.data import reader
 from imgcls_jax.errors import UserError
 
@@ -38,23 +39,32 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str,
   if shown < 0:
     raise UserError(f'config.evaluate.errors={shown} must be >= 0 (the most confident errors '
                     'shown in errors.png; 0 = no per-example listing).')
-  if shown and jax.process_count() > 1:
-    logging.warning('config.evaluate.errors: the per-example listing is gathered on one host; '
-                    'skipped with %d processes.', jax.process_count())
-    shown = 0
+  # A tagging run's bootstrap intervals need every example's probabilities (single-label ones
+  # come from the confusion matrix): the same per-example pass as the errors listing.
+  tagged = bool(((checkpoint.read_config(workdir) or {}).get('data') or {}).get('multilabel'))
+  per_example = bool(shown or (tagged and resamples > 0))
+  if per_example and jax.process_count() > 1:
+    logging.warning('The per-example listing (config.evaluate.errors) and a tagging run\'s '
+                    'bootstrap intervals are gathered on one host; skipped with %d processes.',
+                    jax.process_count())
+    shown, per_example = 0, False
   ev = evaluation.evaluate_checkpoint(workdir, config, split=e.split,
                                       checkpoint_spec=e.checkpoint, tta=e.tta or '',
                                       num_bins=int(e.calibration_bins), overrides=overrides,
-                                      keep_errors=shown or None)
+                                      keep_errors=shown if per_example else None)
   cfg, info = ev.trained.run, ev.trained.info
   rep = ev.report(int(e.top_confused))
-  if not info.multilabel:
+  if info.multilabel:
+    rep['intervals'] = intervals_multilabel.report_intervals(
+        int(ev.stats['ml_exact_thr']), int(ev.stats['ml_count']),
+        ev.outcomes, level=level, resamples=resamples, seed=cfg.seed)
+  else:
     rep['intervals'] = intervals.report_intervals(
         np.asarray(rep['confusion_matrix']), level=level, resamples=resamples, seed=cfg.seed)
   out_dir = os.path.abspath(e.output_dir or workdir)
   if jax.process_index() == 0:
     title = f"Evaluation of {cfg.model.name} on {ev.dataset or info.name} '{ev.split}'"
-    errors = _errors(ev) if ev.outcomes is not None else None
+    errors = _errors(ev) if ev.outcomes is not None and shown else None
     if errors is not None:
       rep['errors'] = {'count': len(errors.rows), 'most_confident': errors.rows[:10]}
     report_files.write(rep, out_dir, title, os.path.join(workdir, 'metrics.jsonl'), errors=errors)

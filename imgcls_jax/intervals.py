@@ -94,21 +94,33 @@ def _span(name: str, iv: Any) -> str:
   return f'{name} {100 * iv[0]:.2f}-{100 * iv[1]:.2f}%'
 
 
+# The metrics a report's intervals may hold (single-label; multi-label: intervals_multilabel).
+_BOOTSTRAPPED = (('accuracy', 'top-1 accuracy'), ('map', 'mAP'), ('f1_macro', 'macro F1'),
+                 ('balanced_accuracy', 'balanced accuracy'), ('exact_match', 'exact match'))
+
+
+def _exact(intervals: dict[str, Any]) -> tuple[str, list[float]]:
+  """(label, interval) of the proportion with an exact interval: top-1 or exact match."""
+  if 'exact_match_exact' in intervals:
+    return 'exact match', intervals['exact_match_exact']
+  return 'top-1 accuracy', intervals['accuracy_exact']
+
+
 def headline(intervals: dict[str, Any]) -> str:
   """One line for the printed table."""
-  parts = [_span('top-1', intervals['accuracy_exact']) + ' (exact)']
-  parts += [_span(label, intervals[key]) for key, label in
-            (('f1_macro', 'macro F1'), ('balanced_accuracy', 'balanced accuracy'))
-            if key in intervals]
+  label, iv = _exact(intervals)
+  parts = [_span(label.replace(' accuracy', ''), iv) + ' (exact)']
+  parts += [_span(label, intervals[key]) for key, label in _BOOTSTRAPPED
+            if key in intervals and key not in ('accuracy', 'exact_match')]
   return f"{100 * intervals['level']:g}% intervals: " + ', '.join(parts)
 
 
 def markdown(intervals: dict[str, Any]) -> list[str]:
   """The report.md section."""
-  rows = [('top-1 accuracy (Clopper-Pearson, exact)', intervals['accuracy_exact'])]
-  rows += [(label + ' (bootstrap)', intervals[key]) for key, label in
-           (('accuracy', 'top-1 accuracy'), ('f1_macro', 'macro F1'),
-            ('balanced_accuracy', 'balanced accuracy')) if key in intervals]
+  label, iv = _exact(intervals)
+  rows = [(f'{label} (Clopper-Pearson, exact)', iv)]
+  rows += [(label + ' (bootstrap)', intervals[key]) for key, label in _BOOTSTRAPPED
+           if key in intervals]
   md = ['', '## Confidence intervals', '',
         f"{100 * intervals['level']:g}% intervals from the {intervals['examples']} evaluated "
         'examples' + (f" ({intervals['method']})" if 'method' in intervals else '') + '. They '

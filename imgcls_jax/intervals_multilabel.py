@@ -1,6 +1,7 @@
-"""Paired bootstrap intervals for two multi-label (tagging) runs on the same examples
-(``--mode=compare``): mAP, macro F1 at each run's own thresholds and exact match (the whole tag
-set right), ``metric(B) - metric(A)``.
+"""Confidence intervals of a multi-label (tagging) evaluation (``report_intervals``: the report's
+``intervals``) and paired ones for two runs on the same examples (``paired_differences``:
+``--mode=compare``): mAP, macro F1 at a run's own thresholds and exact match (the whole tag set
+right).
 
 A bootstrap resample is a vector of weights (each example's count in it), so every metric is
 computed from weighted sums: average precision from cumulative sums over each class's scores,
@@ -79,6 +80,44 @@ def point_metrics(labels_NxK: Any, probs_NxK: Any, thresholds_K: Any) -> dict[st
   return {name: float(m[i]) for i, name in enumerate(METRICS)}
 
 
+def report_intervals(exact_right: int, examples: int, outcomes: Any = None, *,
+                     level: float = 0.95, resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
+  """The multi-label report's ``intervals``: exact match's exact (Clopper-Pearson) interval from
+  the summed counts, and with ``outcomes`` (an ``evaluation.TagOutcomes``: every example's tags
+  and probabilities) percentile-bootstrap intervals of ``METRICS`` over the examples."""
+  import scipy.stats
+  exact = scipy.stats.binomtest(int(exact_right), int(examples)).proportion_ci(
+      confidence_level=level, method='exact')
+  out: dict[str, Any] = {'level': level, 'examples': int(examples),
+                         'exact_match_exact': [float(exact.low), float(exact.high)]}
+  if outcomes is None or resamples <= 0 or examples < 2:
+    return out
+  run = _Run(outcomes.labels, np.asarray(outcomes.probs), outcomes.thresholds)
+  n = len(run.exact)
+
+  def statistic(idx: np.ndarray, axis: int = -1) -> np.ndarray:
+    idx = np.moveaxis(idx, axis, -1)
+    batch_shape = idx.shape[:-1]
+    return run.metrics(_weights(idx.reshape(-1, n))).reshape((len(METRICS),) + batch_shape)
+
+  res = scipy.stats.bootstrap((np.arange(n),), statistic, vectorized=True,
+                              n_resamples=resamples, confidence_level=level, method='percentile',
+                              batch=max(1, MAX_CELLS // (2 * max(n, 1))),
+                              rng=np.random.default_rng(seed))
+  low, high = res.confidence_interval
+  out.update({'method': f'percentile bootstrap over the examples, {resamples} resamples, '
+                        f'seed {seed}', 'resamples': resamples})
+  out.update({name: [float(low[i]), float(high[i])] for i, name in enumerate(METRICS)})
+  return out
+
+
+def _weights(idx_RxN: np.ndarray) -> np.ndarray:
+  """Each resample's count of every example (R x N, float64)."""
+  r, n = idx_RxN.shape
+  counts = np.bincount((idx_RxN + (np.arange(r) * n)[:, None]).ravel(), minlength=r * n)
+  return counts.reshape(r, n).astype(np.float64)
+
+
 def paired_differences(labels_NxK: Any, probs_a: Any, thresholds_a: Any, probs_b: Any,
                        thresholds_b: Any, *, level: float = 0.95, resamples: int = 1000,
                        seed: int = 0) -> dict[str, list[float]]:
@@ -92,10 +131,7 @@ def paired_differences(labels_NxK: Any, probs_a: Any, thresholds_a: Any, probs_b
   def statistic(idx: np.ndarray, axis: int = -1) -> np.ndarray:
     idx = np.moveaxis(idx, axis, -1)
     batch_shape = idx.shape[:-1]
-    idx = idx.reshape(-1, n)
-    offsets = (np.arange(len(idx)) * n)[:, None]
-    w = np.bincount((idx + offsets).ravel(), minlength=len(idx) * n).reshape(len(idx), n)
-    w = w.astype(np.float64)
+    w = _weights(idx.reshape(-1, n))
     return (b.metrics(w) - a.metrics(w)).reshape((len(METRICS),) + batch_shape)
 
   res = scipy.stats.bootstrap((np.arange(n),), statistic, vectorized=True,

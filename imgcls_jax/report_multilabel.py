@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from imgcls_jax import multilabel
+from imgcls_jax import intervals, multilabel
 
 
 def summarize(s: Mapping[str, np.ndarray], class_names: Sequence[str],
@@ -102,6 +102,8 @@ def headline(rep: Mapping[str, Any]) -> list[str]:
                  f"precision micro {_f(a['precision_micro'])}  recall micro "
                  f"{_f(a['recall_micro'])}  exact match {_f(a['exact_match'], True)}  Hamming "
                  f"{_f(a['hamming_loss'])}")
+  if 'intervals' in rep:
+    lines.append(intervals.headline(rep['intervals']))
   return lines
 
 
@@ -149,6 +151,8 @@ def to_markdown(rep: Mapping[str, Any], title: str, context: Mapping[str, Any]) 
     md.append(f"| {r['class']} | {_f(r['average_precision'])} | {_f(r['roc_auc'])} | "
               f"{r['threshold']:.3f} | {t['precision']:.4f} | {t['recall']:.4f} | {t['f1']:.4f} | "
               f"{h['f1']:.4f} | {r['support']} |" + (f" {_f(r.get('ece'))} |" if cal else ''))
+  if 'intervals' in rep:
+    md += intervals.markdown(rep['intervals'])
   if cal:
     md += ['', '## Calibration of the tag probabilities', '',
            f"Expected calibration error over every (example, tag) pair: {_f(rep['ece'])}; the "

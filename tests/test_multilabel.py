@@ -7,6 +7,7 @@ import io
 import json
 import os
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -196,6 +197,14 @@ def test_evaluate_predict_export_and_serve_a_tagged_run(tagged_run, tmp_path, ca
     assert os.path.getsize(tmp_path / name) > 0, name
   saved = json.loads((tmp_path / 'report.json').read_text())
   assert saved['ece'] == pytest.approx(final['ece'], abs=1e-9)
+  iv = saved['intervals']          # bootstrap from the same pass's per-example probabilities
+  assert iv['examples'] == 160 and iv['resamples'] == 1000
+  for key, value in (('map', saved['mean_average_precision']),
+                     ('f1_macro', saved['at_thresholds']['f1_macro']),
+                     ('exact_match', saved['at_thresholds']['exact_match']),
+                     ('exact_match_exact', saved['at_thresholds']['exact_match'])):
+    assert iv[key][0] <= value <= iv[key][1], (key, iv[key], value)
+  assert 'exact match (Clopper-Pearson, exact)' in (tmp_path / 'report.md').read_text()
   assert sum(b['count'] for b in saved['calibration_bins']) == 160 * len(TAGS)
   assert saved['task'] == 'multilabel'
   for key in ('mean_average_precision', 'at_0.5', 'at_thresholds', 'thresholds', 'per_class'):
@@ -365,6 +374,18 @@ def test_weighted_average_precision_and_the_tag_bootstrap_match_sklearn():
   want = np.percentile(draws, [5, 95], axis=0).T
   for j, name in enumerate(im.METRICS):
     np.testing.assert_allclose(got[name], want[j], atol=0.4 * draws[:, j].std(), err_msg=name)
+  # One run's report intervals: the same resamples scored by scikit-learn, and exact match's
+  # Clopper-Pearson interval from the beta distribution that defines it.
+  one = types.SimpleNamespace(labels=y, probs=pb, thresholds=t)
+  right = int(np.all((pb >= t) == y, axis=1).sum())
+  got = im.report_intervals(right, n, one, level=0.9, resamples=2000, seed=4)
+  own = np.array([scored(rng.integers(0, n, n), pb) for _ in range(400)])
+  want = np.percentile(own, [5, 95], axis=0).T
+  for j, name in enumerate(im.METRICS):
+    np.testing.assert_allclose(got[name], want[j], atol=0.4 * own[:, j].std(), err_msg=name)
+  lo, hi = scipy.stats.beta.ppf(0.05, right, n - right + 1), scipy.stats.beta.ppf(0.95, right + 1,
+                                                                                  n - right)
+  np.testing.assert_allclose(got['exact_match_exact'], [lo, hi], rtol=1e-9)
 
 
 def _imbalanced_folder(root):
