@@ -140,6 +140,9 @@ def restore_for_split(workdir: str, config: ml_collections.ConfigDict | None, *,
                   split=split, step=step, chosen=chosen)
 
 
+MAX_TAG_CELLS = 200_000_000   # a tagging split's N x K probabilities kept on the host (800 MB)
+
+
 def evaluate_checkpoint(workdir: str, config: ml_collections.ConfigDict | None, *, split: str = '',
                         checkpoint_spec: str = 'latest', tta: str = '',
                         num_bins: int = report.DEFAULT_CALIBRATION_BINS,
@@ -154,6 +157,14 @@ def evaluate_checkpoint(workdir: str, config: ml_collections.ConfigDict | None, 
   r = restore_for_split(workdir, config, split=split, checkpoint_spec=checkpoint_spec, tta=tta,
                         overrides=overrides)
   outcomes = None
+  if keep_errors is not None and r.trained.info.multilabel:
+    cells = r.data.num_batches * r.setup.local_eval_batch_size * r.trained.info.num_classes
+    if cells > MAX_TAG_CELLS:
+      logging.warning("Split '%s' has ~%d (example, tag) probabilities, more than the %d kept on "
+                      'the host for the wrong-tag listing and the bootstrap intervals: both are '
+                      "skipped (evaluate a slice, e.g. --config.evaluate.split='%s[:10%%]', for "
+                      'them).', r.split, cells, MAX_TAG_CELLS, r.split.split('[')[0])
+      keep_errors = None
   if keep_errors is not None:
     outcomes, stats = outcomes_pass(r, tta, keep_images=keep_errors, num_bins=num_bins)
   else:

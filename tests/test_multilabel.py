@@ -302,6 +302,18 @@ def _assert_tag_errors(out, saved, root, test, trained, clf):
   assert '## The most confident wrong tag decisions' in (out / 'report.md').read_text()
 
 
+def test_a_split_too_large_to_keep_on_the_host_skips_the_listing_not_the_report(
+    tagged_run, tmp_path, monkeypatch, caplog):
+  from imgcls_jax import evaluate, evaluation
+  _, workdir, *_ = tagged_run
+  monkeypatch.setattr(evaluation, 'MAX_TAG_CELLS', 100)     # 160 test examples x 5 tags
+  rep = evaluate.evaluate(None, workdir, overrides={'evaluate.output_dir': str(tmp_path)})
+  assert not (tmp_path / 'errors.csv').exists() and 'map' not in rep['intervals']
+  assert rep['intervals']['exact_match_exact'][0] <= rep['at_thresholds']['exact_match']
+  assert os.path.getsize(tmp_path / 'reliability.png') > 0
+  assert "evaluate a slice, e.g. --config.evaluate.split='test[:10%]'" in caplog.text
+
+
 def test_compare_two_tagged_runs_equals_sklearn_on_their_probabilities(tagged_run, tmp_path):
   """--mode=compare of two tagging runs: mAP, macro F1 at each run's thresholds and exact match
   as scikit-learn scores each run's served probabilities; the exact-match table and McNemar's p
