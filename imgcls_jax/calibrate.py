@@ -23,6 +23,7 @@ import jax
 import ml_collections
 
 from imgcls_jax import checkpoint, evaluation, inference, run
+from imgcls_jax.data import folder_index, reader
 from imgcls_jax.errors import UserError
 
 _KEYS = ('temperature_split', 'threshold_split')
@@ -44,18 +45,64 @@ def _chosen_split(e: ml_collections.ConfigDict, multilabel: bool,
   return key, split
 
 
+def _check_validation_exists(saved: dict[str, Any], overrides: dict[str, Any] | None, key: str,
+                             split: str) -> None:
+  """A 'validation' split of an image-folder run trained without one: the fix is a new run."""
+  data = ml_collections.ConfigDict(saved.get('data', {}))
+  for k, v in (overrides or {}).items():   # a moved folder
+    if k.startswith('data.') and k.count('.') == 1 and k[5:] in data:
+      data[k[5:]] = v
+  if (split.split('[')[0] != folder_index.VALIDATION or not folder_index.is_folder(data)
+      or (data.get('validation_fraction', 0.0) or 0.0) > 0):
+    return
+  try:
+    named = folder_index.named_splits(folder_index.source_of(data))
+  except UserError:
+    return   # the folder is missing or moved: reading the split says so
+  if folder_index.VALIDATION not in named:
+    raise UserError(f"This run holds no '{folder_index.VALIDATION}' images out (it was trained "
+                    'with data.validation_fraction=0 on a folder without that split); train it '
+                    f"again with --config.data.validation_fraction=0.1 and calibrate on "
+                    f"--config.evaluate.{key}='{folder_index.VALIDATION}'.")
+
+
+def _check_folder_unchanged(cfg: ml_collections.ConfigDict, info: Any, split: str) -> None:
+  """An image folder whose held-out splits are drawn from its files (holdout_fraction,
+  validation_fraction) must hold the files it held at training: another file set draws other
+  splits, and the fit split would take images the model trained on."""
+  data = cfg.data
+  if not folder_index.is_folder(data) or not (
+      (data.get('holdout_fraction', 0.0) or 0.0) > 0
+      or (data.get('validation_fraction', 0.0) or 0.0) > 0):
+    return
+  name = str(data.train_split)
+  then = (info.num_examples or {}).get(name)
+  now = reader.split_size(data, name, info)
+  if then is not None and now is not None and int(then) != int(now):
+    raise UserError(f"The image folder changed since training (split '{name}' had {then} "
+                    f'images, now {now}), so its drawn held-out splits changed too and '
+                    f"'{split}' would hold images the model trained on; restore the folder as it "
+                    'was, or train again.')
+
+
 def calibrate(config: ml_collections.ConfigDict | None, workdir: str,
               overrides: dict[str, Any] | None = None) -> dict[str, Any]:
   """The ``calibrate`` mode: fits and saves the temperature or thresholds of ``workdir``'s run.
   Returns ``{'step': ..., 'temperature' | 'thresholds': the record the checkpoint now keeps}``."""
   workdir = os.path.abspath(workdir)
-  moved = sorted(k for k in overrides or {} if k.startswith('data.holdout'))
+  moved = sorted(k for k in overrides or {}
+                 if k.startswith(('data.holdout', 'data.validation_fraction')))
   if moved:
     raise UserError(f'--config.{moved[0]} would move the held-out images; calibrate fits on the '
                     "run's own: drop that flag.")
+  spec = str((overrides or {}).get('evaluate.checkpoint', 'latest')).strip().lower()
+  if spec != 'latest':
+    raise UserError(f'--mode=calibrate fits the latest checkpoint only (what predict, serve and '
+                    f'export load); drop --config.evaluate.checkpoint={spec}.')
   e = inference.mode_settings(workdir, config, overrides, 'evaluate')
   saved = checkpoint.read_config(workdir) or (config.to_dict() if config is not None else {})
   key, split = _chosen_split(e, bool(saved.get('data', {}).get('multilabel', False)), overrides)
+  _check_validation_exists(saved, overrides, key, split)
   tta = (e.get('tta', '') or '') if key == 'threshold_split' else ''  # as training chooses them
   r = evaluation.restore_for_split(workdir, config, split=split, checkpoint_spec='latest',
                                    tta=tta, overrides=overrides)
@@ -63,16 +110,18 @@ def calibrate(config: ml_collections.ConfigDict | None, workdir: str,
   with cfg.unlocked():  # the split chosen here, whatever the run was trained with
     for k in _KEYS:
       cfg.evaluate[k] = split if k == key else ''
-  run.check_fit_splits(cfg, r.trained.info)
+  _check_folder_unchanged(cfg, r.trained.info, split)
+  run.check_fit_splits(cfg, r.trained.info, trained=True)
   # Fitted on the model's own outputs: no earlier temperature or thresholds applied.
   s = dataclasses.replace(r.setup, config=cfg, step_cfg=dataclasses.replace(
       r.setup.step_cfg, temperature=1.0, thresholds=None))
   if key == 'temperature_split':
-    record = run.fit_temperature(s, r.variables, r.shardings, r.data, split)
+    record = run.fit_temperature(s, r.variables, r.shardings, r.data, split, require_fit=True)
     field, before = 'temperature', r.trained.temperature
   else:
     eval_step = run.jit_eval_step(s, r.shardings, tta=tta)
-    record = run.fit_thresholds(s, eval_step, r.variables, r.data, split)
+    record = run.fit_thresholds(s, eval_step, r.variables, r.data, split,
+                                previous=r.trained.thresholds)
     field, before = 'thresholds', r.trained.thresholds
   if jax.process_index() == 0:
     checkpoint.update_meta(workdir, r.step, {field: record})
@@ -86,6 +135,10 @@ def calibrate(config: ml_collections.ConfigDict | None, workdir: str,
       shown = ', '.join(f'{n} {t:.3f}' for n, t in list(zip(names, record['values']))[:10])
       what = (f"Per-class thresholds fitted on '{split}' (best F1 each): {shown}"
               f"{', ...' if len(names) > 10 else ''}")
+      if record.get('kept'):
+        what += (f"; {', '.join(record['kept'][:10])}{', ...' if len(record['kept']) > 10 else ''}"
+                 f" had no positive example there and kept "
+                 f"{'the earlier threshold' if before is not None else '0.5'}")
       was = ' (they replace the earlier ones)' if before is not None else ''
     with checkpoint.Checkpointer.from_config(workdir, cfg) as ckpt:
       best, _ = evaluation.choose_step(ckpt, 'best', os.path.join(workdir, 'metrics.jsonl'))

@@ -29,6 +29,9 @@ from imgcls_jax.data import reader
 from imgcls_jax.errors import UserError
 
 
+MAX_SHOWN = 100   # errors.png tiles (a grid of thousands is a picture nobody can open)
+
+
 def evaluate(config: ml_collections.ConfigDict | None, workdir: str,
              overrides: dict[str, Any] | None = None) -> dict[str, Any]:
   """The ``evaluate`` mode: ``config.evaluate`` picks checkpoint, split, TTA and output dir."""
@@ -36,9 +39,10 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str,
   e = inference.mode_settings(workdir, config, overrides, 'evaluate')  # the run's, plus flags
   level, resamples = intervals.settings(e)
   shown = int(e.get('errors', 0) or 0)
-  if shown < 0:
-    raise UserError(f'config.evaluate.errors={shown} must be >= 0 (the most confident errors '
-                    'shown in errors.png; 0 = no per-example listing).')
+  if not 0 <= shown <= MAX_SHOWN:
+    raise UserError(f'config.evaluate.errors={shown} must be between 0 and {MAX_SHOWN} (the most '
+                    'confident errors shown in errors.png; errors.csv lists them all; 0 = no '
+                    'per-example listing).')
   # A tagging run's bootstrap intervals need every example's probabilities (single-label ones
   # come from the confusion matrix): the same per-example pass as the errors listing.
   tagged = bool(((checkpoint.read_config(workdir) or {}).get('data') or {}).get('multilabel'))

@@ -42,17 +42,17 @@ def write(rep: dict[str, Any], out_dir: str, title: str, metrics_path: str | Non
   and with ``errors`` errors.csv (every error) and errors.png (those with images); returns the
   names written.
 
-  A report file of an earlier report in ``out_dir`` that this one does not write (a ROC plot, the
-  other task's files, training curves without a metrics log) is removed: left there it would sit
-  beside a report.json that no longer matches it.
+  A file an earlier report in ``out_dir`` wrote (listed in its report.json's ``files``) that
+  this one does not write (a ROC plot, the other task's files, training curves without a metrics
+  log) is removed: left there it would sit beside a report.json that no longer matches it. Files
+  no report wrote are left alone, whatever their names.
   """
   os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, 'report.json'), 'w') as f:
-    json.dump(rep, f, indent=1)
+  earlier = _earlier_files(out_dir)
   if rep.get('task') == 'multilabel':
-    written = ['report.json', *_write_multilabel(rep, out_dir, title)]
+    written = [*_write_multilabel(rep, out_dir, title)]
   else:
-    written = ['report.json', *_write_single_label(rep, out_dir, title)]
+    written = [*_write_single_label(rep, out_dir, title)]
   if errors is not None:
     written += _write_errors(errors, out_dir, title)
   if metrics_path and os.path.exists(metrics_path):
@@ -60,13 +60,28 @@ def write(rep: dict[str, Any], out_dir: str, title: str, metrics_path: str | Non
     written.append(CURVES_FILE)
   elif metrics_path:  # None: a report with no training run behind it (k-NN, classical)
     logging.info('No metrics.jsonl next to the checkpoints: no training-curve plot.')
-  for name in sorted(set(REPORT_FILES + MULTILABEL_REPORT_FILES + ERROR_FILES + (CURVES_FILE,))
-                     - set(written)):
+  written = ['report.json', *written]
+  with open(os.path.join(out_dir, 'report.json'), 'w') as f:   # last: it lists the files
+    json.dump({**rep, 'files': written}, f, indent=1)
+  for name in sorted(earlier - set(written)):
     stale = os.path.join(out_dir, name)
     if os.path.exists(stale):
       os.remove(stale)
       logging.info('Removed %s: left by an earlier report, not part of this one.', stale)
   return written
+
+
+def _earlier_files(out_dir: str) -> set[str]:
+  """The report files an earlier report in ``out_dir`` wrote: its report.json's ``files`` (a
+  report.json from before that list: every report file name; no report.json: none)."""
+  known = set(REPORT_FILES + MULTILABEL_REPORT_FILES + ERROR_FILES + (CURVES_FILE,))
+  try:
+    with open(os.path.join(out_dir, 'report.json')) as f:
+      old = json.load(f)
+  except (OSError, ValueError):
+    return set()
+  files = old.get('files') if isinstance(old, dict) else None
+  return known & set(files) if isinstance(files, list) else known
 
 
 def _write_multilabel(rep: dict[str, Any], out_dir: str, title: str) -> list[str]:

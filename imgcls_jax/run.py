@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import jax
 import ml_collections
@@ -63,6 +63,7 @@ def setup(config: ml_collections.ConfigDict, info: DatasetInfo | None = None, *,
   single-label model's fitted temperature (evaluation, inference).
   """
   configlib.validate(config)
+  _check_folder_only_keys(config.data)
   mesh = sharding.make_mesh(config.mesh.num_devices)
   if info is None:  # the data will be read: its preprocessing specs are checked now, too
     info = reader.describe(config.data)
@@ -188,10 +189,26 @@ _FITTED = {  # key -> why a split it shares examples with (train, eval) with is 
 }
 
 
-def check_fit_splits(config: ml_collections.ConfigDict, info: DatasetInfo) -> None:
+def _check_folder_only_keys(data: ml_collections.ConfigDict) -> None:
+  """``holdout_fraction`` / ``validation_fraction`` draw splits from an image folder's files;
+  any other dataset would silently ignore them."""
+  if folder_index.is_folder(data):
+    return
+  for key in ('holdout_fraction', 'validation_fraction'):
+    value = data.get(key, 0.0) or 0.0
+    if value:
+      raise UserError(f"config.data.{key}={value} applies to image folders and manifests only; "
+                      f"'{data.name}' holds examples out with split slices, e.g. "
+                      "data.train_split='train[:90%]' and evaluate.temperature_split="
+                      "'train[90%:]'.")
+
+
+def check_fit_splits(config: ml_collections.ConfigDict, info: DatasetInfo, *,
+                     trained: bool = False) -> None:
   """The held-out splits a run fits its temperature (single-label) or per-class thresholds
   (multi-label) on must suit the run and share no example with its training or eval split
-  (checked before the first step, and by ``--mode=calibrate`` before it fits)."""
+  (checked before the first step, and by ``--mode=calibrate`` before it fits: ``trained``, where
+  the fix cannot be a new training split)."""
   if temperature_split(config) and info.multilabel:
     raise UserError('config.evaluate.temperature_split is for single-label runs (a multi-label '
                     "run's sigmoids get per-class thresholds from config.evaluate.threshold_split "
@@ -208,18 +225,30 @@ def check_fit_splits(config: ml_collections.ConfigDict, info: DatasetInfo) -> No
         why = f'the model trained on them, so {why}' if key == 'train_split' else why
         raise UserError(f"config.evaluate.{fit_key}='{split}' shares {shared} examples with "
                         f"config.data.{key}='{config.data[key]}' ({why}); "
-                        f'{_held_out_hint(config, fit_key)}.')
+                        f'{_held_out_hint(config, fit_key, key, split, trained)}.')
 
 
-def _held_out_hint(config: ml_collections.ConfigDict, fit_key: str) -> str:
-  """How this run's data can hold examples out for ``config.evaluate.<fit_key>``."""
-  if not folder_index.is_folder(config.data):
-    return ("hold them out of training, e.g. data.train_split='train[:90%]' and "
-            f"evaluate.{fit_key}='train[90%:]'")
-  use = f"evaluate.{fit_key}='{folder_index.VALIDATION}'"
-  if (config.data.get('validation_fraction', 0.0) or 0.0) > 0 or (
-      folder_index.VALIDATION in folder_index.named_splits(folder_index.source_of(config.data))):
+def _held_out_hint(config: ml_collections.ConfigDict, fit_key: str, clash: str, split: str,
+                   trained: bool) -> str:
+  """How this run's data can hold examples out for ``config.evaluate.<fit_key>`` (``split``
+  clashed with ``config.data.<clash>``; ``trained``: the run exists, only the fit split can
+  change)."""
+  folder = folder_index.is_folder(config.data)
+  held = folder_index.VALIDATION if folder else 'train[90%:]'
+  if clash == 'eval_split' and split == str(config.data.eval_split) and not trained:
+    return (f'evaluate on another split (config.data.eval_split) or fit on another one '
+            f"(evaluate.{fit_key})")
+  use = f"evaluate.{fit_key}='{held}'"
+  has_validation = folder and ((config.data.get('validation_fraction', 0.0) or 0.0) > 0 or (
+      folder_index.VALIDATION in folder_index.named_splits(folder_index.source_of(config.data))))
+  if has_validation and split != folder_index.VALIDATION:
     return f'use the held-out split: {use}'
+  if trained:
+    how = ('data.validation_fraction=0.1' if folder
+           else "data.train_split='train[:90%]'")
+    return f'this run holds no such examples out: train it again with {how} and {use}'
+  if not folder:
+    return f"hold them out of training, e.g. data.train_split='train[:90%]' and {use}"
   return f'hold part of every class out of training: data.validation_fraction=0.1 and {use}'
 
 
@@ -236,30 +265,53 @@ def held_out_data(s: Setup, key: str) -> Any:
                           split_size=size)
 
 
-def fit_thresholds(s: Setup, eval_step: Any, variables: Any, data: Any,
-                   split: str) -> dict[str, Any]:
+def fit_thresholds(s: Setup, eval_step: Any, variables: Any, data: Any, split: str,
+                   previous: Sequence[float] | None = None) -> dict[str, Any]:
   """Per-class decision thresholds of a multi-label model, each the best F1 on ``split``
   (``data``: its ``reader.eval_data``; scores as ``eval_step`` gives them): the record the run's
-  checkpoint keeps as ``thresholds``."""
+  checkpoint keeps as ``thresholds``. A class with no positive example in the split keeps its
+  ``previous`` threshold (0.5 without one), named in the record's ``kept``; a split with no
+  positive of any class is a UserError."""
   sums = report.stats_to_numpy(eval_sums(eval_step, variables, data.batches(), s.mesh, split))
   values = [float(t) for t in multilabel.choose_thresholds(sums['ml_pos'], sums['ml_neg'])]
+  absent = np.flatnonzero(np.asarray(sums['ml_pos']).sum(axis=1) == 0)
+  if len(absent) == len(values):
+    raise UserError(f"config.evaluate.threshold_split='{split}' has no positive example of any "
+                    'class, so no threshold can be chosen; give a held-out split where the tags '
+                    'appear.')
+  kept = []
+  for k in absent:
+    values[k] = float(previous[k]) if previous is not None else 0.5
+    kept.append(s.info.class_names[k])
+  if kept:
+    logging.warning("No positive example of %s in split '%s': %s threshold%s kept (%s).",
+                    ', '.join(kept[:10]) + (', ...' if len(kept) > 10 else ''), split,
+                    'their' if len(kept) > 1 else 'its', 's' if len(kept) > 1 else '',
+                    'the earlier one' if previous is not None else '0.5')
   logging.info("Per-class thresholds (best F1 on split '%s'): %s.", split, ', '.join(
       f'{n} {t:.3f}' for n, t in list(zip(s.info.class_names, values))[:20]))
-  return {'values': values, 'split': split}
+  return {'values': values, 'split': split, **({'kept': kept} if kept else {})}
 
 
 def fit_temperature(s: Setup, variables: Any, variables_shardings: Any,
-                    data: Any, split: str) -> dict[str, Any]:
+                    data: Any, split: str, *, require_fit: bool = False) -> dict[str, Any]:
   """Fits the temperature on ``split`` (``data``: its ``reader.eval_data``; ``temperature.py``)
   and measures the split's NLL and expected calibration error before and after (without
   test-time augmentation, as prediction and serving run): the record the run's checkpoint keeps
-  as ``temperature``."""
+  as ``temperature``. With ``require_fit``, a split nothing can be fitted on is a UserError
+  (training instead keeps T = 1 with a warning)."""
   fit_step = jax.jit(functools.partial(steps.temperature_sums, model_def=s.model_def,
                                        cfg=s.step_cfg),
                      in_shardings=(variables_shardings, sharding.batch_sharding(s.mesh)),
                      out_shardings=sharding.replicated(s.mesh))
   sums = report.stats_to_numpy(eval_sums(fit_step, variables, data.batches(), s.mesh, split))
   fit = temperature.choose(sums['nll_G'], sums['count'])
+  if require_fit and not fit.fitted:
+    raise UserError(f"No temperature can be fitted on config.evaluate.temperature_split='{split}' "
+                    f"({int(sums['count'])} example{'s' if int(sums['count']) != 1 else ''}: "
+                    'its log loss is not finite or still falls '
+                    'at the smallest temperature, every example right with a margin); give a '
+                    'larger held-out split. Nothing was saved.')
   ece = []
   for t in (1.0, fit.temperature):
     at_t = dataclasses.replace(s, step_cfg=dataclasses.replace(s.step_cfg, temperature=t))

@@ -50,6 +50,7 @@ class Fit:
   nll_before: float
   nll_after: float
   at_edge: bool          # the minimum lies at an end of the grid (T clamped to it)
+  fitted: bool = True    # False: nothing could be fitted on the split (T = 1 given instead)
 
 
 def choose(nll_G: Any, count: Any) -> Fit:
@@ -61,14 +62,14 @@ def choose(nll_G: Any, count: Any) -> Fit:
   before = float(np.interp(0.0, np.log(GRID), nll))
   if not np.all(np.isfinite(nll)):
     logging.warning('Temperature scaling skipped: the NLL on the split is not finite.')
-    return Fit(1.0, before, before, at_edge=False)
+    return Fit(1.0, before, before, at_edge=False, fitted=False)
   i = int(np.argmin(nll))
   u = np.log(GRID.astype(np.float64))
   if i == 0:  # NLL still falling at T_MIN: every example right with a margin, nothing to fit
     logging.warning('No temperature fitted: the NLL on the split still falls at T = %g (its '
                     'examples are all classified right with a margin); use a larger or harder '
                     'held-out split. T = 1.', T_MIN)
-    return Fit(1.0, before, before, at_edge=True)
+    return Fit(1.0, before, before, at_edge=True, fitted=False)
   if 0 < i < len(GRID) - 1:
     a, b, c = nll[i - 1], nll[i], nll[i + 1]
     h = u[i + 1] - u[i]

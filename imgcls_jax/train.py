@@ -220,8 +220,12 @@ class _Trainer:
 
   def choose_thresholds(self, variables: Any) -> None:
     """Per-class thresholds maximising F1 on the threshold split; the eval step then uses them."""
-    record = run.fit_thresholds(self.s, self.eval_step, variables, self.threshold_data,
-                                self.threshold_split)
+    try:
+      record = run.fit_thresholds(self.s, self.eval_step, variables, self.threshold_data,
+                                  self.threshold_split)
+    except UserError as e:   # never lose the trained weights over it
+      logging.warning('%s The run is saved without thresholds (0.5 for every class).', e)
+      return
     self.thresholds = tuple(record['values'])
     self.use_in_evaluations(thresholds=self.thresholds)
 

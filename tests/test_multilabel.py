@@ -486,7 +486,7 @@ def test_calibrate_mode_chooses_the_thresholds_training_chose(tagged_run, tmp_pa
   back exactly the ones the trainer chose at the end of training on the same split."""
   import shutil
   from imgcls_jax import calibrate, checkpoint
-  _, workdir, _, _, _ = tagged_run
+  _, workdir, root, _, _ = tagged_run
   copy = str(tmp_path / 'run')
   shutil.copytree(workdir, copy)
   chosen = inference.load(workdir).thresholds
@@ -502,3 +502,16 @@ def test_calibrate_mode_chooses_the_thresholds_training_chose(tagged_run, tmp_pa
                                                'evaluate.temperature_split': 'validation'})
   with pytest.raises(UserError, match="shares .* examples with config.data.eval_split='test'"):
     calibrate.calibrate(None, copy, overrides={'evaluate.threshold_split': 'test'})
+  # A held-out split without a tag (its validation rows dropped from a copy of the manifest):
+  # that tag keeps its threshold; the others are fitted on what is left.
+  manifest = os.path.join(root, 'manifest.csv')
+  with open(manifest, newline='') as f:
+    rows = list(csv.reader(f))
+  without = os.path.join(root, 'manifest_without_four.csv')   # beside the images it names
+  with open(without, 'w', newline='') as f:
+    csv.writer(f).writerows(r for r in rows if not (r[2] == 'validation' and 'four' in r[1]))
+  out = calibrate.calibrate(None, copy, overrides={'evaluate.threshold_split': 'validation',
+                                                   'data.manifest': str(without)})
+  four = list(inference.load(copy).class_names).index('four')
+  assert out['thresholds']['kept'] == ['four']
+  assert out['thresholds']['values'][four] == chosen[four]

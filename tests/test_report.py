@@ -230,12 +230,23 @@ def test_a_report_written_over_an_earlier_one_leaves_none_of_its_files(tmp_path)
   written = report_files.write(rep, str(out), 'First', str(metrics_log))
   assert set(written) == set(report_files.REPORT_FILES) | {report_files.CURVES_FILE}
   assert sorted(p.name for p in out.iterdir()) == sorted(written)
-  (out / 'pr_curves.png').write_bytes(b'from a multi-label report')  # another task's file
+  assert json.loads((out / 'report.json').read_text())['files'] == written
+  # As if the earlier report had been a tagging one's: its PR plot is listed, so it goes too.
+  (out / 'pr_curves.png').write_bytes(b'from a multi-label report')
+  saved = json.loads((out / 'report.json').read_text())
+  (out / 'report.json').write_text(json.dumps({**saved, 'files': written + ['pr_curves.png']}))
+  (out / 'notes.txt').write_text('mine')          # not a report's: left alone
   # A second report without ROC curves and without a training log: their old plots must go.
   second = {k: v for k, v in rep.items() if k not in ('roc_curves', 'roc_auc_macro')}
   written = report_files.write(second, str(out), 'Second', str(tmp_path / 'none.jsonl'))
   assert 'roc_curves.png' not in written and report_files.CURVES_FILE not in written
-  assert sorted(p.name for p in out.iterdir()) == sorted(written)
+  assert sorted(p.name for p in out.iterdir()) == sorted(written + ['notes.txt'])
   line = report_files.table_lines(second, 'Second', str(out))[-1]
   assert 'roc_curves.png' not in line and report_files.CURVES_FILE not in line
   assert 'reliability.png' in line
+  # A folder of the user's own files, one of them named like a report file: nothing is removed.
+  mine = tmp_path / 'mine'
+  mine.mkdir()
+  (mine / 'errors.csv').write_text('my own list')
+  report_files.write(second, str(mine), 'Third', None)
+  assert (mine / 'errors.csv').read_text() == 'my own list'

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 import scipy.optimize
@@ -66,11 +67,12 @@ def test_fit_matches_scipy_on_log_loss(true_t):
 def test_fit_at_the_grid_edge_and_non_finite():
   z = np.eye(5, dtype=np.float32)[np.arange(200) % 5] * 4.0   # every example right: T -> 0 wins
   fit = _fit(z, np.arange(200) % 5)
-  assert fit.at_edge and fit.temperature == 1.0        # nothing to fit: left as it is
+  assert fit.at_edge and fit.temperature == 1.0 and not fit.fitted   # nothing to fit
   fit = _fit(-z, np.arange(200) % 5)                   # every example confidently wrong
   assert fit.at_edge and fit.temperature == pytest.approx(temperature.T_MAX, rel=1e-6)
+  assert fit.fitted
   bad = temperature.choose(np.full(temperature.GRID_SIZE, np.nan), 10)
-  assert bad.temperature == 1.0
+  assert bad.temperature == 1.0 and not bad.fitted
 
 
 # ---- a trained run ----
@@ -282,11 +284,30 @@ def test_calibrate_refuses_bad_splits_in_one_line(uncalibrated):
             "shares 135 examples with config.data.train_split='train\\[:80%\\]'"),
            ({'evaluate.temperature_split': 'test'}, "shares 450 examples with config.data.eval_"),
            ({'evaluate.threshold_split': 'train[80%:]'}, 'threshold_split is for multi-label'),
-           ({'evaluate.temperature_split': 'train[100%:]'}, 'selects no examples')]
+           ({'evaluate.temperature_split': 'train[100%:]'}, 'selects no examples'),
+           ({'evaluate.temperature_split': 'train[80%:]', 'evaluate.checkpoint': 'best'},
+            'fits the latest checkpoint only'),
+           ({'evaluate.temperature_split': 'train[80%:]', 'data.validation_fraction': 0.1},
+            'would move the held-out images')]
   for overrides, message in cases:
     with pytest.raises(UserError, match=message):
       calibrate.calibrate(None, uncalibrated, overrides=overrides)
   assert _meta(uncalibrated) == (step, before)
+  # A split nothing can be fitted on (every example right by a margin) saves nothing.
+  real = temperature.choose
+  try:
+    temperature.choose = lambda nll, count: dataclasses.replace(real(nll, count), fitted=False)
+    with pytest.raises(UserError, match='No temperature can be fitted.*Nothing was saved'):
+      calibrate.calibrate(None, uncalibrated,
+                          overrides={'evaluate.temperature_split': 'train[80%:]'})
+  finally:
+    temperature.choose = real
+  assert _meta(uncalibrated) == (step, before)
+  # validation_fraction draws splits from an image folder; digits from tfds would ignore it.
+  c = ml_collections.ConfigDict(checkpoint.read_config(uncalibrated))
+  c.data.validation_fraction = 0.1
+  with pytest.raises(UserError, match='applies to image folders and manifests only'):
+    run.setup(c)
 
 
 def test_a_meta_update_that_cannot_be_written_leaves_the_old_one(uncalibrated):
@@ -341,6 +362,20 @@ def test_an_image_folder_run_is_calibrated_on_its_validation_fraction(digits_con
   assert again['temperature']['value'] == pytest.approx(trained['temperature']['value'], rel=1e-6)
   with pytest.raises(UserError, match='would move the held-out images'):
     calibrate.calibrate(None, str(tmp_path / 'run'), overrides={'data.holdout_seed': 1})
+  with pytest.raises(UserError, match="'all' shares .* with config.data.train_split"):
+    calibrate.calibrate(None, str(tmp_path / 'run'),
+                        overrides={'evaluate.temperature_split': 'all'})
+  # New photos in the folder redraw the held-out splits: the validation split would now hold
+  # images the model trained on, so calibrate refuses until the folder is as it was.
+  extra = [tmp_path / 'photos' / str(y) / f'new_{k}.png' for k, y in enumerate(labels[:40])]
+  for path, x in zip(extra, images[:40]):
+    Image.fromarray(x[..., 0]).save(path)
+  folder_index.clear_memo()
+  with pytest.raises(UserError, match="image folder changed since training .*'train' had"):
+    calibrate.calibrate(None, str(tmp_path / 'run'), overrides={})
+  for path in extra:
+    os.remove(path)
+  folder_index.clear_memo()
 
   import csv
   from imgcls_jax import evaluate

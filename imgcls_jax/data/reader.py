@@ -122,11 +122,17 @@ def split_size(data: ml_collections.ConfigDict, split: str,
 def shared_examples(data: ml_collections.ConfigDict, a: str, b: str,
                     info: DatasetInfo | None = None) -> int | None:
   """How many examples the split specs ``a`` and ``b`` have in common (tfds slice syntax: NAME,
-  NAME[lo:hi] with counts or percentages rounded as tfds does, parts joined by '+'); None when a
-  spec is not of that form (e.g. an id-listed cross-validation split) or a size is unknown."""
+  NAME[lo:hi] with counts or percentages rounded as tfds does, parts joined by '+'; ``all``: every
+  split ``info`` names); None when a spec is not of that form (e.g. an id-listed
+  cross-validation split) or a size is unknown."""
   def ranges(spec: str) -> list[tuple[str, int, int]] | None:
     out = []
     for part in str(spec).replace(' ', '').split('+'):
+      if part == 'all':   # tfds's (and an image folder's) every split
+        if info is None or not info.num_examples:
+          return None
+        out += [(name, 0, int(n)) for name, n in info.num_examples.items() if name != 'all']
+        continue
       m = arrays.SLICE.match(part)
       n = split_size(data, m.group(1), info) if m else None
       if n is None:
