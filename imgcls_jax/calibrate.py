@@ -104,8 +104,11 @@ def calibrate(config: ml_collections.ConfigDict | None, workdir: str,
   key, split = _chosen_split(e, bool(saved.get('data', {}).get('multilabel', False)), overrides)
   _check_validation_exists(saved, overrides, key, split)
   tta = (e.get('tta', '') or '') if key == 'threshold_split' else ''  # as training chooses them
-  r = evaluation.restore_for_split(workdir, config, split=split, checkpoint_spec='latest',
-                                   tta=tta, overrides=overrides)
+  try:
+    r = evaluation.restore_for_split(workdir, config, split=split, checkpoint_spec='latest',
+                                     tta=tta, overrides=overrides)
+  except UserError as err:
+    raise UserError(run.for_fit_key(str(err), key, split)) from None
   cfg = r.trained.run
   with cfg.unlocked():  # the split chosen here, whatever the run was trained with
     for k in _KEYS:

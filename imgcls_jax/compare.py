@@ -34,9 +34,12 @@ from imgcls_jax.errors import UserError
 def _outcomes(workdir: str, config: Any, e: ml_collections.ConfigDict, split: str,
               overrides: dict[str, Any] | None
               ) -> tuple[evaluation.Restored, evaluation.Outcomes | evaluation.TagOutcomes]:
-  r = evaluation.restore_for_split(workdir, config, split=split, checkpoint_spec=e.checkpoint,
-                                   tta=e.tta or '', overrides=overrides)
-  outcomes, _ = evaluation.outcomes_pass(r, e.tta or '')
+  try:
+    r = evaluation.restore_for_split(workdir, config, split=split, checkpoint_spec=e.checkpoint,
+                                     tta=e.tta or '', overrides=overrides)
+    outcomes, _ = evaluation.outcomes_pass(r, e.tta or '')
+  except UserError as err:   # which of the two runs
+    raise UserError(f'{workdir}: {err}') from None
   return r, outcomes
 
 

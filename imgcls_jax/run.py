@@ -220,7 +220,10 @@ def check_fit_splits(config: ml_collections.ConfigDict, info: DatasetInfo, *,
     if not split:
       continue
     for key, why in zip(('train_split', 'eval_split'), reasons):
-      shared = reader.shared_examples(config.data, split, config.data[key], info)
+      try:
+        shared = reader.shared_examples(config.data, split, config.data[key], info)
+      except UserError as e:
+        raise UserError(for_fit_key(str(e), fit_key, split)) from None
       if shared:
         why = f'the model trained on them, so {why}' if key == 'train_split' else why
         raise UserError(f"config.evaluate.{fit_key}='{split}' shares {shared} examples with "
@@ -256,13 +259,28 @@ def held_out_data(s: Setup, key: str) -> Any:
   """``reader.eval_data`` of the split ``config.evaluate.<key>`` a choice is fitted on
   (``temperature_split``, ``threshold_split``); an empty split is refused."""
   split = s.config.evaluate[key]
-  size = reader.split_size(s.config.data, split, s.info)
+  try:
+    size = reader.split_size(s.config.data, split, s.info)
+  except UserError as e:
+    raise UserError(for_fit_key(str(e), key, split)) from None
   if size == 0:
     raise UserError(f"config.evaluate.{key}='{split}' holds no examples; give a "
                     'held-out split with some, e.g. train[90%:].')
   return reader.eval_data(s.config.data, split, local_batch_size=s.local_eval_batch_size,
                           process_index=jax.process_index(), process_count=jax.process_count(),
                           split_size=size)
+
+
+def for_fit_key(message: str, key: str, split: str) -> str:
+  """A data-layer error about ``split`` read as ``config.evaluate.<key>``: it names that key,
+  not the train / eval split keys the data layer assumes."""
+  if f"'{split}'" not in message and split not in message:
+    return message
+  message = message.replace('set config.data.train_split / eval_split to e.g. train and test',
+                            f'set config.evaluate.{key} to a split name, e.g. validation')
+  message = message.replace('set config.data.train_split / eval_split',
+                            f'set config.evaluate.{key}')
+  return f"config.evaluate.{key}='{split}': {message}"
 
 
 def fit_thresholds(s: Setup, eval_step: Any, variables: Any, data: Any, split: str,

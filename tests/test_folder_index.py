@@ -299,3 +299,14 @@ def test_one_class_is_refused_but_one_tag_is_not(tmp_path, digits_config):
   info = sources.describe(data)
   assert info.multilabel and info.class_names == ('cat',) and info.num_examples == {
       'train': 2, 'test': 2}
+
+
+def test_a_held_out_fraction_never_takes_a_class_s_last_image():
+  """A class left with one training image (after the eval hold-out) keeps it whatever the
+  validation fraction; classes of 2+ still give at least one."""
+  ids = ['rare/0.png', 'a/0.png', 'a/1.png', 'b/0.png', 'b/1.png', 'b/2.png']
+  labels = [0, 1, 1, 2, 2, 2]
+  for fraction in (0.1, 0.6, 0.99):
+    held = folder_index._holdout(ids, labels, ('rare', 'a', 'b'), fraction, seed=0)
+    assert 0 not in held                                   # rare's only image stays
+    assert len(held & {1, 2}) == 1 and 1 <= len(held & {3, 4, 5}) <= 2

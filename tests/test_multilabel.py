@@ -475,7 +475,8 @@ def test_a_misnamed_threshold_split_fails_before_the_first_step(tmp_path):
   c.evaluate.threshold_split = 'validaton'
   c.num_epochs, c.batch_size, c.eval_batch_size = 2.0, 16, 16
   c.checkpoint_every_epochs = 1.0  # a run that got as far as step 2 would leave a checkpoint
-  with pytest.raises(UserError, match='validaton'):
+  with pytest.raises(UserError, match="config.evaluate.threshold_split='validaton': .*; set "
+                                      'config.evaluate.threshold_split'):
     train.train_and_evaluate(c, str(tmp_path / 'run'))
   assert not os.path.isdir(tmp_path / 'run' / 'checkpoints') or not [
       d for d in os.listdir(tmp_path / 'run' / 'checkpoints') if d[0].isdigit()]

@@ -219,8 +219,9 @@ def class_names(src: Source) -> tuple[str, ...]:
 
 def _holdout(ids: list[str], labels: list[int], names: tuple[str, ...], fraction: float,
              seed: int, salt: int = 0) -> set[int]:
-  """Indices held out: per class, ``round(fraction * n)`` (at least 1 of 2+) chosen by the seed
-  (``salt`` makes another draw from the same seed: the validation split's)."""
+  """Indices held out: per class, ``round(fraction * n)`` (at least 1 of 2+, and never a class's
+  last image: the rest keeps one) chosen by the seed (``salt`` makes another draw from the same
+  seed: the validation split's)."""
   held: set[int] = set()
   by_class: dict[int, list[int]] = {}
   for i, y in enumerate(labels):
@@ -229,7 +230,7 @@ def _holdout(ids: list[str], labels: list[int], names: tuple[str, ...], fraction
     members.sort(key=lambda i: ids[i])
     n = len(members)
     k = int(round(fraction * n))
-    if fraction > 0 and n >= 2:
+    if fraction > 0:
       k = min(max(k, 1), n - 1)
     name = names[y] if y >= 0 else ''   # multi-label images without tags form one stratum
     rng = np.random.default_rng([seed, zlib.crc32(name.encode()), *([salt] if salt else [])])
@@ -248,7 +249,12 @@ def _candidates(src: Source, split: str, names: tuple[str, ...],
   ``validation_fraction``, the train split less its validation part, or that part."""
   if src.validation_fraction <= 0 or split not in (src.train_split, VALIDATION):
     return _listed(src, split, names)
-  if src.train_split in (VALIDATION, ALL) or VALIDATION in named_splits(src):
+  if src.train_split == ALL:
+    raise UserError(f"config.data.validation_fraction={src.validation_fraction} holds images out "
+                    f"of train_split '{ALL}', which is every image, the eval split's included; "
+                    "train on the train split (e.g. data.train_split='train') or set "
+                    'validation_fraction=0.')
+  if src.train_split == VALIDATION or VALIDATION in named_splits(src):
     raise UserError(f"config.data.validation_fraction={src.validation_fraction} carves a split "
                     f"'{VALIDATION}' out of train_split '{src.train_split}', but {src.location} "
                     f"already has a split '{VALIDATION}' or trains on it; use that split (set "
