@@ -239,9 +239,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.evaluate.top_confused = 10            # most confused class pairs listed in the report
   c.evaluate.errors = 24                  # errors.csv lists every wrongly predicted example, the
                                           # most confident first (likely label mistakes); errors.png
-                                          # shows this many as the model saw them (0 = neither;
-                                          # one process; multi-label: every wrong tag decision,
-                                          # missed or extra)
+                                          # shows this many (<= 100) as the model saw them (0 =
+                                          # neither; one process; multi-label: every wrong tag
+                                          # decision, missed or extra)
   c.evaluate.output_dir = ''              # report files; '' = the workdir
   c.evaluate.confidence_level = 0.95      # the report's intervals (imgcls_jax/intervals.py): top-1
                                           # exact (Clopper-Pearson); top-1, macro F1 and balanced

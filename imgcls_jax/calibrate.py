@@ -10,7 +10,7 @@ The latest checkpoint (the final weights, what evaluate / predict / serve / expo
 on the split; the temperature that minimises its log loss (``run.fit_temperature``) or each
 class's best-F1 threshold (``run.fit_thresholds``) is fitted exactly as training fits it, and
 saved into that checkpoint's meta (``checkpoint.update_meta``), replacing an earlier one. The
-split must share no example with the run's training or eval split (``run.check_fit_splits``).
+split must share no example with the run's training or eval split (``held_out.check_fit_splits``).
 Exports written before keep their old choice: export again.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from imgcls_jax import checkpoint, evaluation, inference, run
+from imgcls_jax import checkpoint, evaluation, held_out, inference, run
 from imgcls_jax.data import folder_index, reader
 from imgcls_jax.errors import UserError
 
@@ -69,7 +69,9 @@ def _check_validation_exists(saved: dict[str, Any], overrides: dict[str, Any] | 
 def _check_folder_unchanged(cfg: ml_collections.ConfigDict, info: Any, split: str) -> None:
   """An image folder whose held-out splits are drawn from its files (holdout_fraction,
   validation_fraction) must hold the files it held at training: another file set draws other
-  splits, and the fit split would take images the model trained on."""
+  splits, and the fit split would take images the model trained on. Checked by the train split's
+  image count against the run's record: files added or removed are caught, a file swapped for
+  another of the same class is not."""
   data = cfg.data
   if not folder_index.is_folder(data) or not (
       (data.get('holdout_fraction', 0.0) or 0.0) > 0
@@ -108,13 +110,13 @@ def calibrate(config: ml_collections.ConfigDict | None, workdir: str,
     r = evaluation.restore_for_split(workdir, config, split=split, checkpoint_spec='latest',
                                      tta=tta, overrides=overrides)
   except UserError as err:
-    raise UserError(run.for_fit_key(str(err), key, split)) from None
+    raise UserError(held_out.for_fit_key(str(err), key, split)) from None
   cfg = r.trained.run
   with cfg.unlocked():  # the split chosen here, whatever the run was trained with
     for k in _KEYS:
       cfg.evaluate[k] = split if k == key else ''
   _check_folder_unchanged(cfg, r.trained.info, split)
-  run.check_fit_splits(cfg, r.trained.info, trained=True)
+  held_out.check_fit_splits(cfg, r.trained.info, trained=True)
   # Fitted on the model's own outputs: no earlier temperature or thresholds applied.
   s = dataclasses.replace(r.setup, config=cfg, step_cfg=dataclasses.replace(
       r.setup.step_cfg, temperature=1.0, thresholds=None))

@@ -94,12 +94,15 @@ def compare(config: ml_collections.ConfigDict | None, workdir: str,
     raise UserError(f"The split '{ra.split}' has {len(labels)} example; compare the runs on a "
                     'split of at least 2.')
   if isinstance(oa, evaluation.TagOutcomes):
+    too_much = intervals_multilabel.too_much_work(len(labels), labels.shape[1], resamples, 2)
+    if too_much:
+      raise UserError(too_much.replace('are skipped', 'would take too long'))
     point = [intervals_multilabel.point_metrics(o.labels, o.probs, o.thresholds) for o in (oa, ob)]
     names = intervals_multilabel.METRICS
     diffs = intervals_multilabel.paired_differences(
         labels, oa.probs, oa.thresholds, ob.probs, ob.thresholds, level=level,
         resamples=resamples, seed=int(ra.trained.run.seed))
-    hit_a, hit_b = (np.all((o.probs >= o.thresholds) == o.labels, axis=1) for o in (oa, ob))
+    hit_a, hit_b = (np.all(o.predicted == o.labels, axis=1) for o in (oa, ob))
     task, judged = 'multilabel', 'exact match'   # the whole tag set right
   else:
     k = ra.trained.info.num_classes

@@ -71,8 +71,9 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str,
     errors = _errors(ev) if ev.outcomes is not None and shown else None
     if errors is not None:
       rep['errors'] = {'count': len(errors.rows), 'most_confident': errors.rows[:10]}
-    report_files.write(rep, out_dir, title, os.path.join(workdir, 'metrics.jsonl'), errors=errors)
-    print('\n'.join(report_files.table_lines(rep, title, out_dir)), flush=True)
+    written = report_files.write(rep, out_dir, title, os.path.join(workdir, 'metrics.jsonl'),
+                                 errors=errors)
+    print('\n'.join(report_files.table_lines(rep, title, out_dir, written)), flush=True)
   return rep
 
 
@@ -105,19 +106,22 @@ def _tag_errors(o: evaluation.TagOutcomes, ids: list[str],
                 names: tuple[str, ...] | list[str]) -> report_files.Errors:
   """One row per wrong tag decision; one image per example, captioned with its most confident
   wrong decision (and how many more it has)."""
-  predicted = o.probs >= o.thresholds
+  predicted = o.predicted
   examples, classes = o.errors()
+  tag_sets: dict[int, tuple[str, str]] = {}   # example -> its labelled and predicted tags, joined
   rows: list[dict[str, Any]] = []
   first: dict[int, tuple[int, str]] = {}   # example -> (its top error's rank, caption)
   count: dict[int, int] = {}
   for rank, (i, k) in enumerate(zip(examples.tolist(), classes.tolist()), 1):
     pos, p = int(o.position[i]), float(o.probs[i, k])
     error = 'missed' if o.labels[i, k] else 'extra'
+    if i not in tag_sets:
+      tag_sets[i] = tuple(';'.join(names[j] for j in np.flatnonzero(row))
+                          for row in (o.labels[i], predicted[i]))
     rows.append({'rank': rank, 'position': pos, 'id': ids[pos] if ids else '',
                  'tag': names[k], 'error': error, 'p_tag': p,
                  'threshold': float(o.thresholds[k]),
-                 'labels': ';'.join(names[j] for j in np.flatnonzero(o.labels[i])),
-                 'predicted': ';'.join(names[j] for j in np.flatnonzero(predicted[i]))})
+                 'labels': tag_sets[i][0], 'predicted': tag_sets[i][1]})
     count[i] = count.get(i, 0) + 1
     if i not in first and pos in o.images:
       first[i] = (rank, f'#{rank} {error} {names[k]} ({p:.2f})')

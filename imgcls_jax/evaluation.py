@@ -140,7 +140,9 @@ def restore_for_split(workdir: str, config: ml_collections.ConfigDict | None, *,
                   split=split, step=step, chosen=chosen)
 
 
-MAX_TAG_CELLS = 200_000_000   # a tagging split's N x K probabilities kept on the host (800 MB)
+# A tagging split's N x K probabilities kept on the host for the listing and the intervals
+# (~22 bytes a cell with the bootstrap's 0/1 matrices and sort orders: ~1.1 GB at the cap).
+MAX_TAG_CELLS = 50_000_000
 
 
 def evaluate_checkpoint(workdir: str, config: ml_collections.ConfigDict | None, *, split: str = '',
@@ -203,20 +205,24 @@ class TagOutcomes:
   thresholds: np.ndarray    # float32 K: the run's (0.5 where it fitted none)
   images: dict[int, np.ndarray]   # position -> eval-preprocessed image of the kept errors
 
+  @property
+  def predicted(self) -> np.ndarray:
+    """bool N x K: the tags prediction gives (``inference.tags``' rule, float32 p >= t)."""
+    return _decide(self.probs, self.thresholds)
+
   def errors(self) -> tuple[np.ndarray, np.ndarray]:
     """(example index, class) of every wrong tag decision: a labelled tag scored below its
     threshold ('missed') or another one at or above it ('extra'), the most confident first by
     the probability of the wrong decision (p for extra, 1 - p for missed; ties: position,
     class)."""
-    wrong = _wrong_tags(self.probs, self.labels, self.thresholds)
-    i, k = np.nonzero(wrong)
+    i, k = np.nonzero(self.predicted != self.labels)
     sure = _sureness(self.probs[i, k], self.labels[i, k])
     order = np.lexsort((k, self.position[i], -sure))
     return i[order], k[order]
 
 
-def _wrong_tags(probs: np.ndarray, labels: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
-  return (probs >= thresholds) != labels
+def _decide(probs: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+  return np.asarray(probs, np.float32) >= np.asarray(thresholds, np.float32)
 
 
 def _sureness(p: np.ndarray, labelled: np.ndarray) -> np.ndarray:
@@ -260,7 +266,7 @@ def outcomes_pass(r: Restored, tta: str = '', *, keep_images: int = 0,
     if tagged:   # an example's most confident wrong tag decision (-1: none)
       probs = np.asarray(out['probs'])[rows]
       labelled = label > 0.5
-      sure = np.where(_wrong_tags(probs, labelled, thresholds), _sureness(probs, labelled),
+      sure = np.where(_decide(probs, thresholds) != labelled, _sureness(probs, labelled),
                       -1.0).max(axis=-1, initial=-1.0)
     else:
       sure = np.where(np.asarray(out['predicted'])[rows] != label,

@@ -1,4 +1,5 @@
-"""Confidence intervals of the evaluation report's headline metrics (single-label).
+"""Confidence intervals of the evaluation report's headline metrics (single-label; the tagging
+report's are computed by ``intervals_multilabel`` and rendered here too).
 
 - top-1 accuracy: the exact (Clopper-Pearson) interval of a binomial proportion
   (``scipy.stats.binomtest``);

@@ -12,6 +12,7 @@ intervals come from ``scipy.stats.bootstrap`` resampling the example indices, as
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,18 @@ import numpy as np
 from imgcls_jax.intervals import MAX_CELLS
 
 METRICS = ('map', 'f1_macro', 'exact_match')
+MAX_WORK = 2_000_000_000   # resamples x examples x classes a bootstrap may take (~1 min here)
+
+
+def too_much_work(examples: int, classes: int, resamples: int, runs: int = 1) -> str:
+  """'' when a bootstrap of this size fits ``MAX_WORK``, else the sentence that says it is
+  skipped and how to get it."""
+  work = examples * classes * resamples * runs
+  if work <= MAX_WORK:
+    return ''
+  return (f'The bootstrap intervals are skipped: {examples} examples x {classes} tags x '
+          f'{resamples} resamples is more than {MAX_WORK:.0e} steps; lower '
+          'config.evaluate.bootstrap_resamples or evaluate a slice of the split.')
 
 
 class _Sorted:
@@ -26,16 +39,16 @@ class _Sorted:
   average precision has one point per distinct score, as scikit-learn's curve."""
 
   def __init__(self, y_N: np.ndarray, s_N: np.ndarray):
-    self.order = np.argsort(-np.asarray(s_N, np.float64), kind='stable')
+    self.order = np.argsort(-np.asarray(s_N, np.float64), kind='stable').astype(np.int32)
     s = np.asarray(s_N)[self.order]
-    self.y = np.asarray(y_N, bool)[self.order].astype(np.float64)
+    self.y = np.asarray(y_N, bool)[self.order]
     self.ends = np.flatnonzero(np.r_[s[1:] != s[:-1], True])
 
   def ap(self, w_RxN: np.ndarray) -> np.ndarray:
     """R average precisions (NaN where a resample holds no positive)."""
     w = w_RxN[:, self.order]
-    tp = np.cumsum(w * self.y, axis=1)[:, self.ends]
-    seen = np.cumsum(w, axis=1)[:, self.ends]
+    tp = np.cumsum(np.where(self.y, w, 0.0), axis=1, dtype=np.float64)[:, self.ends]
+    seen = np.cumsum(w, axis=1, dtype=np.float64)[:, self.ends]
     positives = tp[:, -1:]
     precision = np.divide(tp, seen, out=np.zeros_like(tp), where=seen > 0)
     recall = np.divide(tp, positives, out=np.zeros_like(tp), where=positives > 0)
@@ -55,11 +68,12 @@ class _Run:
 
   def __init__(self, labels_NxK: np.ndarray, probs_NxK: np.ndarray, thresholds_K: np.ndarray):
     y = np.asarray(labels_NxK, bool)
-    pred = np.asarray(probs_NxK) >= np.asarray(thresholds_K, np.asarray(probs_NxK).dtype)
+    pred = np.asarray(probs_NxK, np.float32) >= np.asarray(thresholds_K, np.float32)  # as served
     self.sorted = [_Sorted(y[:, k], probs_NxK[:, k]) for k in range(y.shape[1])]
-    self.tp, self.fp = (pred & y).astype(np.float64), (pred & ~y).astype(np.float64)
-    self.fn = (~pred & y).astype(np.float64)
-    self.exact = np.all(pred == y, axis=1).astype(np.float64)
+    # float32 0/1 (exact: weighted counts stay below 2**24 for splits under 16M examples)
+    self.tp, self.fp = (pred & y).astype(np.float32), (pred & ~y).astype(np.float32)
+    self.fn = (~pred & y).astype(np.float32)
+    self.exact = np.all(pred == y, axis=1).astype(np.float32)
 
   def metrics(self, w_RxN: np.ndarray) -> np.ndarray:
     """3 x R: mAP (over the classes with positives, as the report), macro F1 (over every class,
@@ -68,9 +82,10 @@ class _Run:
     has = ~np.isnan(aps)
     mean_ap = np.divide(np.where(has, aps, 0.0).sum(0), has.sum(0),
                         out=np.full(w_RxN.shape[0], np.nan), where=has.sum(0) > 0)
-    tp, fp, fn = w_RxN @ self.tp, w_RxN @ self.fp, w_RxN @ self.fn            # R x K
+    w = w_RxN.astype(np.float32)
+    tp, fp, fn = (np.asarray(w @ m, np.float64) for m in (self.tp, self.fp, self.fn))   # R x K
     f1 = np.divide(2 * tp, 2 * tp + fp + fn, out=np.zeros_like(tp), where=2 * tp + fp + fn > 0)
-    return np.stack([mean_ap, f1.mean(1), (w_RxN @ self.exact) / w_RxN.sum(1)])
+    return np.stack([mean_ap, f1.mean(1), np.asarray(w @ self.exact, np.float64) / w_RxN.sum(1)])
 
 
 def point_metrics(labels_NxK: Any, probs_NxK: Any, thresholds_K: Any) -> dict[str, float]:
@@ -92,6 +107,10 @@ def report_intervals(exact_right: int, examples: int, outcomes: Any = None, *,
                          'exact_match_exact': [float(exact.low), float(exact.high)]}
   if outcomes is None or resamples <= 0 or examples < 2:
     return out
+  skipped = too_much_work(int(examples), outcomes.probs.shape[1], resamples)
+  if skipped:
+    logging.warning(skipped)
+    return out
   run = _Run(outcomes.labels, np.asarray(outcomes.probs), outcomes.thresholds)
   n = len(run.exact)
 
@@ -112,10 +131,10 @@ def report_intervals(exact_right: int, examples: int, outcomes: Any = None, *,
 
 
 def _weights(idx_RxN: np.ndarray) -> np.ndarray:
-  """Each resample's count of every example (R x N, float64)."""
+  """Each resample's count of every example (R x N, float32: exact below 2**24)."""
   r, n = idx_RxN.shape
   counts = np.bincount((idx_RxN + (np.arange(r) * n)[:, None]).ravel(), minlength=r * n)
-  return counts.reshape(r, n).astype(np.float64)
+  return counts.reshape(r, n).astype(np.float32)
 
 
 def paired_differences(labels_NxK: Any, probs_a: Any, thresholds_a: Any, probs_b: Any,

@@ -13,7 +13,7 @@ no per-example scores are kept. The host functions derive from the summed counts
 * precision / recall / F1 (per class, micro, macro; ``zero_division=0`` as sklearn) and Hamming
   loss at any per-class thresholds, and the per-class thresholds that maximise F1;
 * the calibration of the tag probabilities (``calibration``: ECE pooled over the (example, tag)
-  pairs and per class, from their own equal-width bins with exact probability sums).
+  pairs and per class, from their own equal-width bins with float32 probability sums).
 
 Thresholds are bin edges ``t = j / bins`` (others are snapped to the nearest edge). Bin ``b`` of a
 probability ``p`` is the number of edges ``float32(j / bins)``, 0 < j < bins, with ``p >=`` edge:

@@ -145,8 +145,10 @@ def _cell(v: Any) -> str:
   return str(v) if v != '' else '-'
 
 
-def table_lines(rep: dict[str, Any], title: str, out_dir: str) -> list[str]:
-  """The short printed summary."""
+def table_lines(rep: dict[str, Any], title: str, out_dir: str,
+                written: list[str] | None = None) -> list[str]:
+  """The short printed summary (``written``: what ``write`` wrote; else the report files that
+  are in ``out_dir``)."""
   ctx = rep.get('context', {})
   lines = [f"{title} (checkpoint {ctx.get('checkpoint_step')}: {ctx.get('checkpoint')}, TTA "
            f"{ctx.get('tta', 'none')})"]
@@ -154,18 +156,19 @@ def table_lines(rep: dict[str, Any], title: str, out_dir: str) -> list[str]:
     lines += ['  ' + line for line in report_multilabel.headline(rep)]
     lines += ['  ' + line for line in report_multilabel.class_table(rep, max_rows=20)]
     lines.append(_written(out_dir, ('report.json', 'pr_curves.png', 'reliability.png',
-                                    *ERROR_FILES, CURVES_FILE)))
+                                    *ERROR_FILES, CURVES_FILE), written))
     return lines
   lines += ['  ' + line for line in report.headline(rep)]
   lines += ['  ' + line for line in report.class_table(rep, max_rows=20)]
   lines += ['  ' + line for line in report.confused_lines(rep)]
   lines.append(_written(out_dir, ('report.json', 'confusion_matrix.csv', 'confusion_matrix.png',
                                   'reliability.png', 'roc_curves.png', *ERROR_FILES,
-                                  CURVES_FILE)))
+                                  CURVES_FILE), written))
   return lines
 
 
-def _written(out_dir: str, names: tuple[str, ...]) -> str:
+def _written(out_dir: str, names: tuple[str, ...], written: list[str] | None) -> str:
   """'Report: <out_dir>/report.md (+ the files of ``names`` that ``write`` wrote there)'."""
-  there = [n for n in names if os.path.exists(os.path.join(out_dir, n))]
+  there = [n for n in names if (n in written if written is not None
+                                else os.path.exists(os.path.join(out_dir, n)))]
   return f'Report: {os.path.join(out_dir, "report.md")} (+ {", ".join(there)})'

@@ -19,11 +19,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from imgcls_jax import (checkpoint, configlib, device_augment, dispatch, loss_weights, models,
-                        multilabel, optim, report, sharding, steps, temperature, weights,
+from imgcls_jax import (checkpoint, configlib, device_augment, dispatch, held_out, loss_weights,
+                        models, multilabel, optim, report, sharding, steps, temperature, weights,
                         whitening)
 from imgcls_jax import state as state_lib
-from imgcls_jax.data import folder_index, reader
+from imgcls_jax.data import reader
 from imgcls_jax.data.info import DatasetInfo, check_flips, read_shards
 from imgcls_jax.errors import UserError
 
@@ -63,7 +63,8 @@ def setup(config: ml_collections.ConfigDict, info: DatasetInfo | None = None, *,
   single-label model's fitted temperature (evaluation, inference).
   """
   configlib.validate(config)
-  _check_folder_only_keys(config.data)
+  if training:   # a run saved with them restores as it trained: without them
+    held_out.check_folder_only_keys(config.data)
   mesh = sharding.make_mesh(config.mesh.num_devices)
   if info is None:  # the data will be read: its preprocessing specs are checked now, too
     info = reader.describe(config.data)
@@ -82,7 +83,7 @@ def setup(config: ml_collections.ConfigDict, info: DatasetInfo | None = None, *,
   if info.multilabel:
     loss_weights.check_multilabel(config)
   if training:
-    check_fit_splits(config, info)
+    held_out.check_fit_splits(config, info)
   s = Setup(config=config, mesh=mesh, info=info, model_fn=model_fn,
             model_def=state_lib.model_def(model_fn), step_cfg=steps.step_config(
                 config, info.num_classes, probe_head=_probe_head(config, model_fn),
@@ -169,92 +170,6 @@ def jit_eval_step(s: Setup, variables_shardings: Any, *, tta: str = '',
                  out_shardings=sharding.replicated(s.mesh))
 
 
-def temperature_split(config: ml_collections.ConfigDict) -> str:
-  """``config.evaluate.temperature_split`` ('' = no temperature scaling)."""
-  return (config.evaluate.get('temperature_split', '') or '') if 'evaluate' in config else ''
-
-
-def threshold_split(config: ml_collections.ConfigDict) -> str:
-  """``config.evaluate.threshold_split`` ('' = every class at 0.5)."""
-  return (config.evaluate.get('threshold_split', '') or '') if 'evaluate' in config else ''
-
-
-_FITTED = {  # key -> why a split it shares examples with (train, eval) with is refused
-    'temperature_split': ('the fitted temperature would make it over-confident',
-                          ('a temperature fitted on the examples it is judged on reports a '
-                           'calibration no new image gets')),
-    'threshold_split': ('thresholds chosen on its training scores do not fit new images',
-                        ('thresholds chosen on the examples they are judged on report an F1 no '
-                         'new image gets')),
-}
-
-
-def _check_folder_only_keys(data: ml_collections.ConfigDict) -> None:
-  """``holdout_fraction`` / ``validation_fraction`` draw splits from an image folder's files;
-  any other dataset would silently ignore them."""
-  if folder_index.is_folder(data):
-    return
-  for key in ('holdout_fraction', 'validation_fraction'):
-    value = data.get(key, 0.0) or 0.0
-    if value:
-      raise UserError(f"config.data.{key}={value} applies to image folders and manifests only; "
-                      f"'{data.name}' holds examples out with split slices, e.g. "
-                      "data.train_split='train[:90%]' and evaluate.temperature_split="
-                      "'train[90%:]'.")
-
-
-def check_fit_splits(config: ml_collections.ConfigDict, info: DatasetInfo, *,
-                     trained: bool = False) -> None:
-  """The held-out splits a run fits its temperature (single-label) or per-class thresholds
-  (multi-label) on must suit the run and share no example with its training or eval split
-  (checked before the first step, and by ``--mode=calibrate`` before it fits: ``trained``, where
-  the fix cannot be a new training split)."""
-  if temperature_split(config) and info.multilabel:
-    raise UserError('config.evaluate.temperature_split is for single-label runs (a multi-label '
-                    "run's sigmoids get per-class thresholds from config.evaluate.threshold_split "
-                    'instead); unset temperature_split.')
-  splits = {'temperature_split': temperature_split(config),
-            'threshold_split': threshold_split(config) if info.multilabel else ''}
-  for fit_key, reasons in _FITTED.items():
-    split = splits[fit_key]
-    if not split:
-      continue
-    for key, why in zip(('train_split', 'eval_split'), reasons):
-      try:
-        shared = reader.shared_examples(config.data, split, config.data[key], info)
-      except UserError as e:
-        raise UserError(for_fit_key(str(e), fit_key, split)) from None
-      if shared:
-        why = f'the model trained on them, so {why}' if key == 'train_split' else why
-        raise UserError(f"config.evaluate.{fit_key}='{split}' shares {shared} examples with "
-                        f"config.data.{key}='{config.data[key]}' ({why}); "
-                        f'{_held_out_hint(config, fit_key, key, split, trained)}.')
-
-
-def _held_out_hint(config: ml_collections.ConfigDict, fit_key: str, clash: str, split: str,
-                   trained: bool) -> str:
-  """How this run's data can hold examples out for ``config.evaluate.<fit_key>`` (``split``
-  clashed with ``config.data.<clash>``; ``trained``: the run exists, only the fit split can
-  change)."""
-  folder = folder_index.is_folder(config.data)
-  held = folder_index.VALIDATION if folder else 'train[90%:]'
-  if clash == 'eval_split' and split == str(config.data.eval_split) and not trained:
-    return (f'evaluate on another split (config.data.eval_split) or fit on another one '
-            f"(evaluate.{fit_key})")
-  use = f"evaluate.{fit_key}='{held}'"
-  has_validation = folder and ((config.data.get('validation_fraction', 0.0) or 0.0) > 0 or (
-      folder_index.VALIDATION in folder_index.named_splits(folder_index.source_of(config.data))))
-  if has_validation and split != folder_index.VALIDATION:
-    return f'use the held-out split: {use}'
-  if trained:
-    how = ('data.validation_fraction=0.1' if folder
-           else "data.train_split='train[:90%]'")
-    return f'this run holds no such examples out: train it again with {how} and {use}'
-  if not folder:
-    return f"hold them out of training, e.g. data.train_split='train[:90%]' and {use}"
-  return f'hold part of every class out of training: data.validation_fraction=0.1 and {use}'
-
-
 def held_out_data(s: Setup, key: str) -> Any:
   """``reader.eval_data`` of the split ``config.evaluate.<key>`` a choice is fitted on
   (``temperature_split``, ``threshold_split``); an empty split is refused."""
@@ -262,25 +177,13 @@ def held_out_data(s: Setup, key: str) -> Any:
   try:
     size = reader.split_size(s.config.data, split, s.info)
   except UserError as e:
-    raise UserError(for_fit_key(str(e), key, split)) from None
+    raise UserError(held_out.for_fit_key(str(e), key, split)) from None
   if size == 0:
     raise UserError(f"config.evaluate.{key}='{split}' holds no examples; give a "
                     'held-out split with some, e.g. train[90%:].')
   return reader.eval_data(s.config.data, split, local_batch_size=s.local_eval_batch_size,
                           process_index=jax.process_index(), process_count=jax.process_count(),
                           split_size=size)
-
-
-def for_fit_key(message: str, key: str, split: str) -> str:
-  """A data-layer error about ``split`` read as ``config.evaluate.<key>``: it names that key,
-  not the train / eval split keys the data layer assumes."""
-  if f"'{split}'" not in message and split not in message:
-    return message
-  message = message.replace('set config.data.train_split / eval_split to e.g. train and test',
-                            f'set config.evaluate.{key} to a split name, e.g. validation')
-  message = message.replace('set config.data.train_split / eval_split',
-                            f'set config.evaluate.{key}')
-  return f"config.evaluate.{key}='{split}': {message}"
 
 
 def fit_thresholds(s: Setup, eval_step: Any, variables: Any, data: Any, split: str,

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import tqdm
 
-from imgcls_jax import (checkpoint, configlib, dispatch, inference, metrics, optim,
+from imgcls_jax import (checkpoint, configlib, dispatch, held_out, inference, metrics, optim,
                         preemption, report, report_multilabel, run, sharding, startup)
 from imgcls_jax import state as state_lib
 from imgcls_jax.data import reader
@@ -107,8 +107,8 @@ class _Trainer:
       raise UserError(f'config.eval_subset={self.eval_subset} must be >= 0 (0 = every example).')
     # Chosen on a held-out split at the end: per-class thresholds (multi-label,
     # config.evaluate.threshold_split), a temperature (single-label, temperature_split).
-    self.threshold_split = run.threshold_split(s.config) if s.info.multilabel else ''
-    self.temperature_split = run.temperature_split(s.config)
+    self.threshold_split = held_out.threshold_split(s.config) if s.info.multilabel else ''
+    self.temperature_split = held_out.temperature_split(s.config)
     self.thresholds: tuple[float, ...] | None = None
     self.temperature: dict[str, Any] | None = None   # run.fit_temperature's record
     self.writer, self.bar = writer, bar

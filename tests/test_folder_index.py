@@ -310,3 +310,14 @@ def test_a_held_out_fraction_never_takes_a_class_s_last_image():
     held = folder_index._holdout(ids, labels, ('rare', 'a', 'b'), fraction, seed=0)
     assert 0 not in held                                   # rare's only image stays
     assert len(held & {1, 2}) == 1 and 1 <= len(held & {3, 4, 5}) <= 2
+
+
+def test_validation_fraction_of_train_split_all_says_all_is_every_image(tmp_path, digits_config):
+  for c in ('a', 'b'):
+    os.makedirs(tmp_path / c)
+    for i in range(3):
+      Image.new('L', (4, 4), i * 40).save(tmp_path / c / f'{i}.png')
+  data = _data(digits_config, folder=str(tmp_path), train_split='all', eval_split='all',
+               validation_fraction=0.2)
+  with pytest.raises(UserError, match="train_split 'all', which is every image"):
+    _split(data, 'all')

@@ -312,6 +312,8 @@ def test_a_split_too_large_to_keep_on_the_host_skips_the_listing_not_the_report(
   assert rep['intervals']['exact_match_exact'][0] <= rep['at_thresholds']['exact_match']
   assert os.path.getsize(tmp_path / 'reliability.png') > 0
   assert "evaluate a slice, e.g. --config.evaluate.split='test[:10%]'" in caplog.text
+  with pytest.raises(UserError, match='errors=101 must be between 0 and 100'):
+    evaluate.evaluate(None, workdir, overrides={'evaluate.errors': 101})
 
 
 def test_compare_two_tagged_runs_equals_sklearn_on_their_probabilities(tagged_run, tmp_path):
@@ -329,24 +331,32 @@ def test_compare_two_tagged_runs_equals_sklearn_on_their_probabilities(tagged_ru
                                                      'evaluate.output_dir': str(tmp_path)})
   assert result['task'] == 'multilabel' and result['examples'] == len(truth['test'])
   assert json.loads((tmp_path / 'compare.json').read_text()) == result
-  exact = []
+  exact, near = [], False
   for tag, w in (('A', workdir), ('B', other)):
     trained = inference.load(w)
     clf = inference.classifier(trained)
     probs = clf.predict_arrays(np.stack([clf.prepare(os.path.join(root, rel))
                                          for rel, _ in truth['test']]))['probabilities']
     y = _multi_hot([t for _, t in truth['test']])[:, [TAGS.index(n) for n in trained.class_names]]
-    pred = probs >= np.asarray(trained.decision_thresholds, np.float32)
+    t = np.asarray(trained.decision_thresholds, np.float32)
+    pred = probs >= t
+    # Another batching can move a probability by ~1e-7: exact equality unless one is that close
+    # to its threshold (then one decision may differ).
+    near = near or bool(np.any(np.abs(probs - t) < 1e-5))
+    tol = 1.0 / len(truth['test']) if near else 1e-9
     got = result['runs'][tag]
     assert got['map'] == pytest.approx(skm.average_precision_score(y, probs), abs=1e-6), tag
     assert got['f1_macro'] == pytest.approx(
-        skm.f1_score(y, pred, average='macro', zero_division=0), abs=1e-9), tag
-    assert got['exact_match'] == pytest.approx(skm.accuracy_score(y, pred), abs=1e-9), tag
+        skm.f1_score(y, pred, average='macro', zero_division=0), abs=10 * tol), tag
+    assert got['exact_match'] == pytest.approx(skm.accuracy_score(y, pred), abs=tol), tag
     exact.append(np.all(pred == y.astype(bool), axis=1))
   only_a, only_b = int(np.sum(exact[0] & ~exact[1])), int(np.sum(~exact[0] & exact[1]))
   assert only_b < only_a, 'the 4-epoch run should get fewer tag sets right'
-  assert result['table']['only_a_right'] == only_a and result['table']['only_b_right'] == only_b
-  p = min(1.0, 2 * scipy.stats.binom.cdf(min(only_a, only_b), only_a + only_b, 0.5))
+  if not near:
+    assert result['table']['only_a_right'] == only_a
+    assert result['table']['only_b_right'] == only_b
+  a, b = result['table']['only_a_right'], result['table']['only_b_right']
+  p = min(1.0, 2 * scipy.stats.binom.cdf(min(a, b), a + b, 0.5))
   assert result['mcnemar_exact_p'] == pytest.approx(p, rel=1e-9)
   for name in ('map', 'f1_macro', 'exact_match'):
     d = result['difference_b_minus_a'][name]
@@ -516,3 +526,12 @@ def test_calibrate_mode_chooses_the_thresholds_training_chose(tagged_run, tmp_pa
   four = list(inference.load(copy).class_names).index('four')
   assert out['thresholds']['kept'] == ['four']
   assert out['thresholds']['values'][four] == chosen[four]
+  # No tag at all on the held-out rows: nothing can be chosen, and nothing is saved.
+  untagged = os.path.join(root, 'manifest_untagged_validation.csv')
+  with open(untagged, 'w', newline='') as f:
+    csv.writer(f).writerows([r[0], '' if r[2] == 'validation' else r[1], r[2]] for r in rows)
+  before = inference.load(copy).thresholds
+  with pytest.raises(UserError, match='no positive example of any class'):
+    calibrate.calibrate(None, copy, overrides={'evaluate.threshold_split': 'validation',
+                                               'data.manifest': untagged})
+  assert inference.load(copy).thresholds == before

@@ -15,7 +15,7 @@ import scipy.optimize
 import scipy.special
 from sklearn import metrics as skm
 
-from imgcls_jax import checkpoint, inference, metrics, run, temperature, train
+from imgcls_jax import checkpoint, held_out, inference, metrics, run, temperature, train
 from imgcls_jax.errors import UserError
 from tests.conftest import REPO, subprocess_env
 
@@ -185,7 +185,7 @@ def test_bad_temperature_splits_are_one_line(digits_config, tmp_path):
   digits_config.data.train_split = 'train[:90%]'
   info = run.setup(digits_config).info                        # disjoint: accepted
   with pytest.raises(UserError, match='single-label runs'):
-    run.check_fit_splits(digits_config, dataclasses.replace(info, multilabel=True))
+    held_out.check_fit_splits(digits_config, dataclasses.replace(info, multilabel=True))
   digits_config.evaluate.temperature_split = 'train[100%:]'
   with pytest.raises(UserError, match='holds no examples'):
     train.train_and_evaluate(digits_config, str(tmp_path))
@@ -276,7 +276,7 @@ def test_calibrate_mode_saves_the_temperature_training_would_have_fitted(calibra
   assert inference.load(uncalibrated).temperature == t   # every reader of the run now uses it
 
 
-def test_calibrate_refuses_bad_splits_in_one_line(uncalibrated):
+def test_calibrate_refuses_bad_splits_in_one_line(uncalibrated, monkeypatch):
   from imgcls_jax import calibrate
   step, before = _meta(uncalibrated)
   cases = [({}, 'Name the held-out split'),
@@ -295,13 +295,12 @@ def test_calibrate_refuses_bad_splits_in_one_line(uncalibrated):
   assert _meta(uncalibrated) == (step, before)
   # A split nothing can be fitted on (every example right by a margin) saves nothing.
   real = temperature.choose
-  try:
-    temperature.choose = lambda nll, count: dataclasses.replace(real(nll, count), fitted=False)
+  with monkeypatch.context() as m:
+    m.setattr(temperature, 'choose',
+              lambda nll, count: dataclasses.replace(real(nll, count), fitted=False))
     with pytest.raises(UserError, match='No temperature can be fitted.*Nothing was saved'):
       calibrate.calibrate(None, uncalibrated,
                           overrides={'evaluate.temperature_split': 'train[80%:]'})
-  finally:
-    temperature.choose = real
   assert _meta(uncalibrated) == (step, before)
   # validation_fraction draws splits from an image folder; digits from tfds would ignore it.
   c = ml_collections.ConfigDict(checkpoint.read_config(uncalibrated))
@@ -362,6 +361,12 @@ def test_an_image_folder_run_is_calibrated_on_its_validation_fraction(digits_con
   assert again['temperature']['value'] == pytest.approx(trained['temperature']['value'], rel=1e-6)
   with pytest.raises(UserError, match='would move the held-out images'):
     calibrate.calibrate(None, str(tmp_path / 'run'), overrides={'data.holdout_seed': 1})
+  saved = checkpoint.read_config(str(tmp_path / 'run'))
+  saved['data']['validation_fraction'] = 0.0         # as if trained without a validation split
+  with pytest.raises(UserError, match='holds no .validation. images out.*train it again with '
+                                      '--config.data.validation_fraction=0.1'):
+    calibrate._check_validation_exists(saved, {}, 'temperature_split', 'validation')
+  calibrate._check_validation_exists(saved, {}, 'temperature_split', 'train[90%:]')   # not asked
   with pytest.raises(UserError, match="'all' shares .* with config.data.train_split"):
     calibrate.calibrate(None, str(tmp_path / 'run'),
                         overrides={'evaluate.temperature_split': 'all'})

@@ -1,0 +1,111 @@
+"""Which held-out splits a run may fit its temperature (single-label) or per-class thresholds
+(multi-label) on, checked before training's first step and by ``--mode=calibrate``: each must
+share no example with the run's training or eval split, with a fix that works for the run's data
+in the one-line error. The fits themselves are ``run.fit_temperature`` / ``run.fit_thresholds``.
+No TensorFlow at import.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from imgcls_jax.data import folder_index, reader
+from imgcls_jax.data.info import DatasetInfo
+from imgcls_jax.errors import UserError
+
+
+def temperature_split(config: ml_collections.ConfigDict) -> str:
+  """``config.evaluate.temperature_split`` ('' = no temperature scaling)."""
+  return (config.evaluate.get('temperature_split', '') or '') if 'evaluate' in config else ''
+
+
+def threshold_split(config: ml_collections.ConfigDict) -> str:
+  """``config.evaluate.threshold_split`` ('' = every class at 0.5)."""
+  return (config.evaluate.get('threshold_split', '') or '') if 'evaluate' in config else ''
+
+
+_FITTED = {  # key -> why a split it shares examples with (train, eval) with is refused
+    'temperature_split': ('the fitted temperature would make it over-confident',
+                          ('a temperature fitted on the examples it is judged on reports a '
+                           'calibration no new image gets')),
+    'threshold_split': ('thresholds chosen on its training scores do not fit new images',
+                        ('thresholds chosen on the examples they are judged on report an F1 no '
+                         'new image gets')),
+}
+
+
+def check_folder_only_keys(data: ml_collections.ConfigDict) -> None:
+  """``holdout_fraction`` / ``validation_fraction`` draw splits from an image folder's files;
+  any other dataset would silently ignore them."""
+  if folder_index.is_folder(data):
+    return
+  for key in ('holdout_fraction', 'validation_fraction'):
+    value = data.get(key, 0.0) or 0.0
+    if value:
+      raise UserError(f"config.data.{key}={value} applies to image folders and manifests only; "
+                      f"'{data.name}' holds examples out with split slices, e.g. "
+                      "data.train_split='train[:90%]' and evaluate.temperature_split="
+                      "'train[90%:]'.")
+
+
+def check_fit_splits(config: ml_collections.ConfigDict, info: DatasetInfo, *,
+                     trained: bool = False) -> None:
+  """The held-out splits a run fits its temperature (single-label) or per-class thresholds
+  (multi-label) on must suit the run and share no example with its training or eval split
+  (checked before the first step, and by ``--mode=calibrate`` before it fits: ``trained``, where
+  the fix cannot be a new training split)."""
+  if temperature_split(config) and info.multilabel:
+    raise UserError('config.evaluate.temperature_split is for single-label runs (a multi-label '
+                    "run's sigmoids get per-class thresholds from config.evaluate.threshold_split "
+                    'instead); unset temperature_split.')
+  splits = {'temperature_split': temperature_split(config),
+            'threshold_split': threshold_split(config) if info.multilabel else ''}
+  for fit_key, reasons in _FITTED.items():
+    split = splits[fit_key]
+    if not split:
+      continue
+    for key, why in zip(('train_split', 'eval_split'), reasons):
+      try:
+        shared = reader.shared_examples(config.data, split, config.data[key], info)
+      except UserError as e:
+        raise UserError(for_fit_key(str(e), fit_key, split)) from None
+      if shared:
+        why = f'the model trained on them, so {why}' if key == 'train_split' else why
+        raise UserError(f"config.evaluate.{fit_key}='{split}' shares {shared} examples with "
+                        f"config.data.{key}='{config.data[key]}' ({why}); "
+                        f'{_held_out_hint(config, fit_key, key, split, trained)}.')
+
+
+def _held_out_hint(config: ml_collections.ConfigDict, fit_key: str, clash: str, split: str,
+                   trained: bool) -> str:
+  """How this run's data can hold examples out for ``config.evaluate.<fit_key>`` (``split``
+  clashed with ``config.data.<clash>``; ``trained``: the run exists, only the fit split can
+  change)."""
+  folder = folder_index.is_folder(config.data)
+  held = folder_index.VALIDATION if folder else 'train[90%:]'
+  if clash == 'eval_split' and split == str(config.data.eval_split) and not trained:
+    return (f'evaluate on another split (config.data.eval_split) or fit on another one '
+            f"(evaluate.{fit_key})")
+  use = f"evaluate.{fit_key}='{held}'"
+  has_validation = folder and ((config.data.get('validation_fraction', 0.0) or 0.0) > 0 or (
+      folder_index.VALIDATION in folder_index.named_splits(folder_index.source_of(config.data))))
+  if has_validation and split != folder_index.VALIDATION:
+    return f'use the held-out split: {use}'
+  if trained:
+    how = ('data.validation_fraction=0.1' if folder
+           else "data.train_split='train[:90%]'")
+    return f'this run holds no such examples out: train it again with {how} and {use}'
+  if not folder:
+    return f"hold them out of training, e.g. data.train_split='train[:90%]' and {use}"
+  return f'hold part of every class out of training: data.validation_fraction=0.1 and {use}'
+
+
+def for_fit_key(message: str, key: str, split: str) -> str:
+  """A data-layer error about ``split`` read as ``config.evaluate.<key>``: it names that key,
+  not the train / eval split keys the data layer assumes."""
+  if f"'{split}'" not in message and split not in message:
+    return message
+  message = message.replace('set config.data.train_split / eval_split to e.g. train and test',
+                            f'set config.evaluate.{key} to a split name, e.g. validation')
+  message = message.replace('set config.data.train_split / eval_split',
+                            f'set config.evaluate.{key}')
+  return f"config.evaluate.{key}='{split}': {message}"
