@@ -307,6 +307,7 @@ def test_calibrate_refuses_bad_splits_in_one_line(uncalibrated, monkeypatch):
   c.data.validation_fraction = 0.1
   with pytest.raises(UserError, match='applies to image folders and manifests only'):
     run.setup(c)
+  run.setup(c, training=False)    # a run saved with it (ignored then) still restores
 
 
 def test_a_meta_update_that_cannot_be_written_leaves_the_old_one(uncalibrated):
