@@ -103,6 +103,7 @@ class Restored:
   split: str
   step: int
   chosen: str            # how the step was chosen
+  fitted_on: dict[str, str] = dataclasses.field(default_factory=dict)  # 'temperature' -> split
 
 
 def restore_for_split(workdir: str, config: ml_collections.ConfigDict | None, *, split: str = '',
@@ -117,8 +118,11 @@ def restore_for_split(workdir: str, config: ml_collections.ConfigDict | None, *,
   with checkpoint.Checkpointer.from_config(workdir, keep) as ckpt:
     step, chosen = choose_step(ckpt, checkpoint_spec, os.path.join(workdir, 'metrics.jsonl'))
     latest = ckpt.latest_step()
+    meta = ckpt.read_meta(step)
     fitted = [k for k in ('temperature', 'thresholds') if step != latest and k in
-              ckpt.read_meta(latest) and k not in ckpt.read_meta(step)]
+              ckpt.read_meta(latest) and k not in meta]
+  fitted_on = {k: str(meta[k]['split']) for k in ('temperature', 'thresholds')
+               if isinstance(meta.get(k), dict) and meta[k].get('split')}
   if fitted:  # chosen at the end of training, for the final weights only
     logging.warning('Checkpoint %d (%s) has no %s: the run fitted %s on its final weights '
                     '(step %d) only; --config.evaluate.checkpoint=latest evaluates with %s.',
@@ -137,7 +141,7 @@ def restore_for_split(workdir: str, config: ml_collections.ConfigDict | None, *,
                           split_size=reader.split_size(cfg.data, split, trained.info),
                           info=trained.info)
   return Restored(trained=trained, setup=s, variables=variables, shardings=shardings, data=data,
-                  split=split, step=step, chosen=chosen)
+                  split=split, step=step, chosen=chosen, fitted_on=fitted_on)
 
 
 # A tagging split's N x K probabilities kept on the host for the listing and the intervals
@@ -158,6 +162,12 @@ def evaluate_checkpoint(workdir: str, config: ml_collections.ConfigDict | None, 
     raise UserError(f'config.evaluate.calibration_bins={num_bins} must be at least 1.')
   r = restore_for_split(workdir, config, split=split, checkpoint_spec=checkpoint_spec, tta=tta,
                         overrides=overrides)
+  for what, fit_split in r.fitted_on.items():
+    if fit_split == r.split:
+      logging.warning("Split '%s' is the one this run's %s %s fitted on: its %s figures here are "
+                      'optimistic; evaluate another split for what new images get.', r.split,
+                      what, 'was' if what == 'temperature' else 'were',
+                      'calibration' if what == 'temperature' else 'F1 / exact-match')
   outcomes = None
   if keep_errors is not None and r.trained.info.multilabel:
     cells = r.data.num_batches * r.setup.local_eval_batch_size * r.trained.info.num_classes

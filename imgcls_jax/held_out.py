@@ -90,10 +90,13 @@ def _held_out_hint(config: ml_collections.ConfigDict, fit_key: str, clash: str, 
       folder_index.VALIDATION in folder_index.named_splits(folder_index.source_of(config.data))))
   if has_validation and split != folder_index.VALIDATION:
     return f'use the held-out split: {use}'
+  if trained and folder:
+    return ("this run holds no 'validation' images out: train it again with "
+            f'data.validation_fraction=0.1 and {use}')
   if trained:
-    how = ('data.validation_fraction=0.1' if folder
-           else "data.train_split='train[:90%]'")
-    return f'this run holds no such examples out: train it again with {how} and {use}'
+    return (f"fit on examples outside config.data.train_split='{config.data.train_split}' and "
+            f"eval_split (e.g. the part of a split it did not train on), or train again holding "
+            f"some out, e.g. data.train_split='train[:90%]' and {use}")
   if not folder:
     return f"hold them out of training, e.g. data.train_split='train[:90%]' and {use}"
   return f'hold part of every class out of training: data.validation_fraction=0.1 and {use}'
@@ -102,7 +105,7 @@ def _held_out_hint(config: ml_collections.ConfigDict, fit_key: str, clash: str, 
 def for_fit_key(message: str, key: str, split: str) -> str:
   """A data-layer error about ``split`` read as ``config.evaluate.<key>``: it names that key,
   not the train / eval split keys the data layer assumes."""
-  if f"'{split}'" not in message and split not in message:
+  if split not in message:
     return message
   message = message.replace('set config.data.train_split / eval_split to e.g. train and test',
                             f'set config.evaluate.{key} to a split name, e.g. validation')

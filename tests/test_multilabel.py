@@ -314,6 +314,11 @@ def test_a_split_too_large_to_keep_on_the_host_skips_the_listing_not_the_report(
   assert "evaluate a slice, e.g. --config.evaluate.split='test[:10%]'" in caplog.text
   with pytest.raises(UserError, match='errors=101 must be between 0 and 100'):
     evaluate.evaluate(None, workdir, overrides={'evaluate.errors': 101})
+  # The split the thresholds were chosen on: its figures are optimistic, and the report says so.
+  caplog.clear()
+  evaluate.evaluate(None, workdir, overrides={'evaluate.output_dir': str(tmp_path / 'v'),
+                                              'evaluate.split': 'validation'})
+  assert "Split 'validation' is the one this run's thresholds were fitted on" in caplog.text
 
 
 def test_compare_two_tagged_runs_equals_sklearn_on_their_probabilities(tagged_run, tmp_path):
