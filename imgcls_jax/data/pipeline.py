@@ -27,7 +27,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from imgcls_jax.data import info, pp, sources
+from imgcls_jax.data import folder_index, info, pp, sources
 from imgcls_jax.data import info as info_lib
 from imgcls_jax.errors import UserError
 
@@ -119,8 +119,11 @@ def _slice_stream(data: ml_collections.ConfigDict, augment: Any, *, decode: bool
   base = sources.read(data, data.train_split, shard, shards, drop_remainder=True, decode=decode)
   n = sources.count(base)
   if n < chunk:
+    held = float(data.get('validation_fraction', 0.0) or 0.0)
     raise UserError(f'The training split has {n * shards} examples, fewer than the global batch '
-                    f'of {chunk * shards}; lower config.batch_size.')
+                    f'of {chunk * shards}; lower config.batch_size'
+                    + (f' or config.data.validation_fraction={held}, which holds part of it out.'
+                       if held > 0 and folder_index.is_folder(data) else '.'))
   buffer = int(max(1, min(n, data.shuffle_buffer // shards)))
 
   def epoch(e):
