@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from imgcls_jax import roc
+from imgcls_jax import reliability, roc
 from imgcls_jax.errors import UserError
 
 DEFAULT_BINS = roc.DEFAULT_BINS
@@ -76,8 +76,7 @@ def sums(probs_BxK: jax.Array, targets_BxK: jax.Array, mask_B: jax.Array,
          'ml_count': jnp.sum(w_B)}
   if calibration_bins:
     p = probs_BxK.astype(jnp.float32)
-    edges = jnp.linspace(0.0, 1.0, calibration_bins + 1, dtype=jnp.float32)
-    cal_BxK = jnp.searchsorted(edges[1:-1], p.ravel(), side='left').reshape(p.shape)
+    cal_BxK = reliability.bin_index(p, calibration_bins)
     zero_c = jnp.zeros((k, calibration_bins), jnp.int32)
     w_BxK = jnp.broadcast_to(w_B[:, None], p.shape)
     out.update({'ml_cal_count': zero_c.at[cls_BxK, cal_BxK].add(w_BxK),
@@ -211,13 +210,8 @@ def calibration(s: Mapping[str, Any]) -> dict[str, Any] | None:
   per_example = count.sum(axis=1)                     # every class sees every example
   gap = np.abs(pos - conf).sum(axis=1)
   per_class = np.where(per_example > 0, gap / np.where(per_example > 0, per_example, 1), np.nan)
-  n, c, p = count.sum(0), conf.sum(0), pos.sum(0)
-  edges = np.linspace(0.0, 1.0, count.shape[1] + 1)
-  rows = [{'lower': float(edges[b]), 'upper': float(edges[b + 1]), 'count': int(n[b]),
-           'confidence': float(c[b] / n[b]) if n[b] else None,
-           'fraction_positive': float(p[b] / n[b]) if n[b] else None} for b in range(len(n))]
-  total = n.sum()
-  return {'ece': float(np.abs(p - c).sum() / total) if total else None,
+  ece, rows = reliability.table(count.sum(0), conf.sum(0), pos.sum(0), 'fraction_positive')
+  return {'ece': _num(ece),
           'ece_classwise': _num(np.nanmean(per_class)) if not np.isnan(per_class).all() else None,
           'ece_per_class': per_class, 'bins': rows}
 

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from imgcls_jax import intervals, report_multilabel, roc
+from imgcls_jax import intervals, reliability, report_multilabel, roc
 
 DEFAULT_CALIBRATION_BINS = 15
 STAT_KEYS = ('loss', 'correct', 'correct_top5', 'count', 'confusion', 'bin_count',
@@ -54,8 +54,7 @@ def eval_sums(logits_BxK: jax.Array, labels_B: jax.Array, mask_B: jax.Array,
   k = min(5, num_classes)
   hit5_B = jnp.any(jax.lax.top_k(log_probs, k)[1] == labels[:, None], axis=-1)
   conf_B = jnp.exp(jnp.max(log_probs, axis=-1))
-  edges = jnp.linspace(0.0, 1.0, num_bins + 1, dtype=jnp.float32)
-  bin_B = jnp.searchsorted(edges[1:-1], conf_B, side='left')
+  bin_B = reliability.bin_index(conf_B, num_bins)
   return {
       'loss': jnp.sum(loss_B * w),
       'correct': jnp.sum(hit_B * w_int),
@@ -120,18 +119,7 @@ def averages(confusion_KxK: np.ndarray) -> dict[str, dict[str, float]]:
 
 def calibration(stats: Mapping[str, np.ndarray]) -> tuple[float, list[dict[str, float]]]:
   """(expected calibration error, per-bin rows: lower, upper, count, confidence, accuracy)."""
-  count = np.asarray(stats['bin_count'], np.float64)
-  conf_sum = np.asarray(stats['bin_confidence'], np.float64)
-  hit_sum = np.asarray(stats['bin_correct'], np.float64)
-  n = count.sum()
-  ece = float(np.sum(np.abs(hit_sum - conf_sum)) / n) if n > 0 else float('nan')
-  edges = np.linspace(0.0, 1.0, len(count) + 1)
-  rows = []
-  for b in range(len(count)):
-    rows.append({'lower': float(edges[b]), 'upper': float(edges[b + 1]), 'count': int(count[b]),
-                 'confidence': float(conf_sum[b] / count[b]) if count[b] else None,
-                 'accuracy': float(hit_sum[b] / count[b]) if count[b] else None})
-  return ece, rows
+  return reliability.table(stats['bin_count'], stats['bin_confidence'], stats['bin_correct'])
 
 
 def most_confused(confusion_KxK: np.ndarray, class_names: Sequence[str],
