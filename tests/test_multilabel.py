@@ -171,9 +171,14 @@ def test_tagged_run_metrics_equal_sklearn_on_the_models_probabilities(tagged_run
   assert abs(final['hamming_loss'] - skm.hamming_loss(y, pred)) <= 2 / y.size
   assert final['map'] > 0.9 and final['accuracy'] > 0.6, final   # it learned the tags
   # The tag probabilities' calibration: per-bin fractions and mean probabilities from sklearn.
-  assert final['ece'] == pytest.approx(_ece(y.ravel(), probs.ravel()), abs=1e-4)
+  # (Another batching moves a probability by ~1e-7; one that close to a bin edge may change bin.)
+  bins = report.DEFAULT_CALIBRATION_BINS
+  edge = bool(np.any(np.abs(probs * bins - np.round(probs * bins)) < 1e-4))
+  tol = 2.0 / y.size if edge else 1e-4
+  assert final['ece'] == pytest.approx(_ece(y.ravel(), probs.ravel()), abs=tol)
   assert final['ece_classwise'] == pytest.approx(
-      np.mean([_ece(y[:, k], probs[:, k]) for k in range(len(TAGS))]), abs=1e-4)
+      np.mean([_ece(y[:, k], probs[:, k]) for k in range(len(TAGS))]),
+      abs=2.0 / len(y) if edge else 1e-4)
   assert set(final) == set(report.eval_metric_names(multilabel=True))   # best_metric's choices
 
 
