@@ -39,6 +39,11 @@ def get_config() -> ml_collections.ConfigDict:
   # one rectangle per example filled with noise or zeros, keyed by (seed, step); after
   # flip_alternate). E.g. 'flip_alternate|translate(pad=2)'; '' = none.
   c.data.device_preprocess = ''
+  # False when a horizontal flip changes what an image shows (text, digits, arrows, left/right
+  # classes): flips in train_preprocess / device_preprocess and flip TTA are refused, for training
+  # and for every later use of the run (evaluate, predict, serve). sklearn_digits, mnist, emnist,
+  # kmnist and svhn_cropped are never flipped anyway (data/info.py).
+  c.data.mirror_safe = True
   c.data.mean = (0.5,)                    # per-channel mean / std in [0, 1] units, applied on device
   c.data.std = (0.5,)
   c.data.cache = True                     # cache decoded examples in memory (small datasets)

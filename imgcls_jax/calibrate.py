@@ -23,7 +23,7 @@ import jax
 import ml_collections
 
 from imgcls_jax import checkpoint, evaluation, held_out, inference, run
-from imgcls_jax.data import folder_index, reader
+from imgcls_jax.data import folder_index
 from imgcls_jax.errors import UserError
 
 _KEYS = ('temperature_split', 'threshold_split')
@@ -66,27 +66,6 @@ def _check_validation_exists(saved: dict[str, Any], overrides: dict[str, Any] | 
                     f"--config.evaluate.{key}='{folder_index.VALIDATION}'.")
 
 
-def _check_folder_unchanged(cfg: ml_collections.ConfigDict, info: Any, split: str) -> None:
-  """An image folder whose held-out splits are drawn from its files (holdout_fraction,
-  validation_fraction) must hold the files it held at training: another file set draws other
-  splits, and the fit split would take images the model trained on. Checked by the train split's
-  image count against the run's record: files added or removed are caught, a file swapped for
-  another of the same class is not."""
-  data = cfg.data
-  if not folder_index.is_folder(data) or not (
-      (data.get('holdout_fraction', 0.0) or 0.0) > 0
-      or (data.get('validation_fraction', 0.0) or 0.0) > 0):
-    return
-  name = str(data.train_split)
-  then = (info.num_examples or {}).get(name)
-  now = reader.split_size(data, name, info)
-  if then is not None and now is not None and int(then) != int(now):
-    raise UserError(f"The image folder changed since training (split '{name}' had {then} "
-                    f'images, now {now}), so its drawn held-out splits changed too and '
-                    f"'{split}' would hold images the model trained on; restore the folder as it "
-                    'was, or train again.')
-
-
 def calibrate(config: ml_collections.ConfigDict | None, workdir: str,
               overrides: dict[str, Any] | None = None) -> dict[str, Any]:
   """The ``calibrate`` mode: fits and saves the temperature or thresholds of ``workdir``'s run.
@@ -115,7 +94,11 @@ def calibrate(config: ml_collections.ConfigDict | None, workdir: str,
   with cfg.unlocked():  # the split chosen here, whatever the run was trained with
     for k in _KEYS:
       cfg.evaluate[k] = split if k == key else ''
-  _check_folder_unchanged(cfg, r.trained.info, split)
+  changed = held_out.folder_changed(cfg, r.trained.info, split)
+  if changed:
+    raise UserError(f"{changed}, so its drawn held-out splits changed too and '{split}' would "
+                    'hold images the model trained on; restore the folder as it was, or train '
+                    'again.')
   held_out.check_fit_splits(cfg, r.trained.info, trained=True)
   # Fitted on the model's own outputs: no earlier temperature or thresholds applied.
   s = dataclasses.replace(r.setup, config=cfg, step_cfg=dataclasses.replace(

@@ -17,7 +17,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from imgcls_jax import checkpoint, inference, metrics, report, run, sharding, steps
+from imgcls_jax import checkpoint, held_out, inference, metrics, report, run, sharding, steps
 from imgcls_jax.data import reader
 from imgcls_jax.data.info import check_flips
 from imgcls_jax.errors import UserError
@@ -133,6 +133,11 @@ def restore_for_split(workdir: str, config: ml_collections.ConfigDict | None, *,
   new_images = _new_image_location(checkpoint.read_config(workdir) or {}, overrides or {})
   split = split or (reader.default_eval_split(cfg.data) if new_images else cfg.data.eval_split)
   check_flips(cfg.data, tta, mirror_safe=trained.info.mirror_safe)
+  changed = '' if new_images else held_out.folder_changed(cfg, trained.info, split)
+  if changed:
+    logging.warning("%s, so the held-out split '%s' drawn from it may hold images the model "
+                    'trained on and its figures may be optimistic; restore the folder as it was, '
+                    'or train again.', changed, split)
   s = run.setup(cfg, trained.info, training=False, thresholds=trained.thresholds,
                 temperature=trained.temperature)
   variables, shardings = run.place_variables(s, trained.variables)

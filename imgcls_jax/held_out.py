@@ -6,6 +6,8 @@ No TensorFlow at import.
 """
 from __future__ import annotations
 
+import logging
+
 import ml_collections
 
 from imgcls_jax.data import folder_index, reader
@@ -47,6 +49,42 @@ def check_folder_only_keys(data: ml_collections.ConfigDict) -> None:
                       "'train[90%:]'.")
 
 
+def _drawn(data: ml_collections.ConfigDict, split: str) -> bool:
+  """Whether ``split`` of an image folder is drawn from its files by a seed: the eval split held
+  out by ``holdout_fraction`` (no split directories or column), or ``validation_fraction``'s
+  'validation'."""
+  base = split.split('[')[0].split('@')[0]
+  if base == folder_index.VALIDATION and (data.get('validation_fraction', 0.0) or 0.0) > 0:
+    return True
+  return ((data.get('holdout_fraction', 0.0) or 0.0) > 0 and base != folder_index.ALL
+          and not folder_index.has_splits(folder_index.source_of(data)))
+
+
+def folder_changed(config: ml_collections.ConfigDict, info: DatasetInfo, split: str) -> str:
+  """'' unless ``split`` of the run's image folder is drawn from its files (``_drawn``) and the
+  training split now holds other files or labels than at training (``info.split_digests``; the
+  image count for runs saved before them): then a clause saying so. Another file set draws other
+  held-out images, some of which the model may have trained on."""
+  data = config.data
+  name = str(data.train_split)
+  if not folder_index.is_folder(data) or '@' in name:
+    return ''
+  try:
+    if not _drawn(data, split):
+      return ''
+    now = folder_index.index(folder_index.source_of(data), name, info.class_names)
+  except UserError:
+    return ''   # reading the split says what is wrong
+  count = (info.num_examples or {}).get(name)
+  counts = (f'{count} images then, {len(now)} now' if count is not None and int(count) != len(now)
+            else '')
+  then = (info.split_digests or {}).get(name)
+  if then is None and not counts or then == now.digest:
+    return ''
+  return (f"The image folder changed since training (split '{name}': "
+          f"{counts or 'other files or labels'})")
+
+
 def check_fit_splits(config: ml_collections.ConfigDict, info: DatasetInfo, *,
                      trained: bool = False) -> None:
   """The held-out splits a run fits its temperature (single-label) or per-class thresholds
@@ -73,6 +111,22 @@ def check_fit_splits(config: ml_collections.ConfigDict, info: DatasetInfo, *,
         raise UserError(f"config.evaluate.{fit_key}='{split}' shares {shared} examples with "
                         f"config.data.{key}='{config.data[key]}' ({why}); "
                         f'{_held_out_hint(config, fit_key, key, split, trained)}.')
+
+
+def warn_unused_validation(config: ml_collections.ConfigDict, info: DatasetInfo) -> None:
+  """At training: ``validation_fraction`` images that no fit of this run reads are kept from
+  training for nothing unless the user calibrates later; say so, with both ways out."""
+  fraction = config.data.get('validation_fraction', 0.0) or 0.0
+  key = 'threshold_split' if info.multilabel else 'temperature_split'
+  fit = threshold_split(config) if info.multilabel else temperature_split(config)
+  if (not folder_index.is_folder(config.data) or fraction <= 0
+      or fit.split('[')[0] == folder_index.VALIDATION):
+    return
+  logging.warning("config.data.validation_fraction=%s holds that part of every class out of "
+                  "training as split '%s', and no fit of this run reads it: fit on it now "
+                  "(--config.evaluate.%s=%s) or later (--mode=calibrate), or set "
+                  'validation_fraction=0 to train on those images.', fraction,
+                  folder_index.VALIDATION, key, folder_index.VALIDATION)
 
 
 def _held_out_hint(config: ml_collections.ConfigDict, fit_key: str, clash: str, split: str,

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from imgcls_jax import run
 from imgcls_jax.data import folder_index, image_folder, pipeline, sources
 from imgcls_jax.errors import UserError
 
@@ -110,6 +111,40 @@ def test_info_and_exact_once_evaluation(folder_config):
   assert sorted(labels) == [0, 0, 0, 1, 1, 1]
   grey = images[labels == 1]  # the test dogs are grey JPEGs: replicated to 3 equal channels
   assert (grey[..., 0] == grey[..., 1]).all() and (grey[..., 1] == grey[..., 2]).all()
+
+
+def test_split_digest_changes_with_the_files_and_labels_a_split_holds(folder_config, folder):
+  folder_index.clear_memo()
+  then = sources.describe(folder_config.data).split_digests
+  assert set(then) == {'train', 'test'} and then['train'] != then['test']
+  # Other pixels under the same names and a re-probe: the same images and labels.
+  _save(f'{folder}/train/cat/rgb_1.jpg', 'RGB', (22, 22), 99)
+  folder_index.clear_memo()
+  assert sources.describe(folder_config.data).split_digests == then
+  # A file renamed (the count stays), or moved to the other class: another split.
+  os.rename(f'{folder}/train/cat/rgb_1.jpg', f'{folder}/train/cat/rgb_9.jpg')
+  folder_index.clear_memo()
+  renamed = sources.describe(folder_config.data)
+  assert renamed.num_examples['train'] == 12 and renamed.split_digests['train'] != then['train']
+  assert renamed.split_digests['test'] == then['test']
+  os.rename(f'{folder}/train/cat/rgb_9.jpg', f'{folder}/train/cat/rgb_1.jpg')
+  folder_index.clear_memo()
+  assert sources.describe(folder_config.data).split_digests == then
+
+
+def test_mirror_safe_false_refuses_flips_for_the_run(folder_config):
+  folder_config.data.mirror_safe = False
+  info = sources.describe(folder_config.data)
+  assert info.mirror_safe is False     # saved with the run: evaluate / predict / serve refuse too
+  with pytest.raises(UserError, match=r"images \(config\.data\.mirror_safe=False\); remove "
+                                      r'flip_lr from config\.data\.train_preprocess\.$'):
+    run.setup(folder_config)
+  folder_config.data.train_preprocess = 'random_resized_crop(size=16, area_min=0.5)'
+  run.setup(folder_config)
+  from imgcls_jax.data import info as info_lib
+  folder_config.data.mirror_safe = True      # a later config cannot lift the run's own mark
+  with pytest.raises(UserError, match='leave config.evaluate.tta empty'):
+    info_lib.check_flips(folder_config.data, 'flip', mirror_safe=info.mirror_safe)
 
 
 def test_train_stream_mixes_sizes_and_modes(folder_config):

@@ -179,7 +179,7 @@ def test_dataset_info_round_trips_through_plain_json(digits_config):
   assert json.loads(json.dumps(described.to_json())) == {
       'name': 'sklearn_digits', 'num_classes': 10, 'class_names': [str(i) for i in range(10)],
       'image_shape': [8, 8, 1], 'num_examples': {'train': 1347, 'test': 450},
-      'mirror_safe': False, 'multilabel': False}
+      'mirror_safe': False, 'multilabel': False, 'split_digests': {}}
   assert folder.channels == 3 and folder.mirror_safe
 
 

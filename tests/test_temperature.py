@@ -3,6 +3,7 @@ fitted temperature against scipy's minimiser of scikit-learn's log loss, and a t
 checkpoint, evaluation report, predictions and export all use it."""
 import dataclasses
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -320,14 +321,14 @@ def test_a_meta_update_that_cannot_be_written_leaves_the_old_one(uncalibrated):
 
 
 def test_an_image_folder_run_is_calibrated_on_its_validation_fraction(digits_config, tmp_path,
-                                                                      tfds_dir):
+                                                                      tfds_dir, caplog):
   """The user's photos in <class>/ folders: data.validation_fraction gives the held-out split
   that training's fit and --mode=calibrate use, and the train split is refused with that fix.
   Then --mode=evaluate lists the mistakes by path, with a test image damaged after indexing (a
   masked row in the middle of the split): each listed path's folder is its listed label, and the
   Classifier reading that file predicts the listed class."""
   from PIL import Image
-  from imgcls_jax import calibrate
+  from imgcls_jax import calibrate, evaluate
   from imgcls_jax.data import folder_index
   images, labels = _digits(tfds_dir, 'train[:400]')
   for k, (x, y) in enumerate(zip(images, labels)):
@@ -350,7 +351,15 @@ def test_an_image_folder_run_is_calibrated_on_its_validation_fraction(digits_con
                                       "evaluate.temperature_split='validation'"):
     run.setup(c)
   c.data.validation_fraction = 0.15
+  c.evaluate.temperature_split = ''          # held out, and nothing reads it: said once
+  with caplog.at_level(logging.WARNING):
+    run.setup(c)
+  assert "split 'validation', and no fit of this run reads it" in caplog.text
+  caplog.clear()
   c.evaluate.temperature_split = 'validation'
+  with caplog.at_level(logging.WARNING):
+    run.setup(c)
+  assert 'no fit of this run reads it' not in caplog.text
   c.num_train_steps = 30
   train.train_and_evaluate(c, str(tmp_path / 'run'))
   folder_index.clear_memo()
@@ -377,14 +386,29 @@ def test_an_image_folder_run_is_calibrated_on_its_validation_fraction(digits_con
   for path, x in zip(extra, images[:40]):
     Image.fromarray(x[..., 0]).save(path)
   folder_index.clear_memo()
-  with pytest.raises(UserError, match="image folder changed since training .*'train' had"):
+  with pytest.raises(UserError, match="image folder changed since training .split 'train': "
+                                      r"\d+ images then, \d+ now"):
     calibrate.calibrate(None, str(tmp_path / 'run'), overrides={})
   for path in extra:
     os.remove(path)
   folder_index.clear_memo()
+  # A training photo renamed: the same count, but its class's held-out draw changes.
+  moved = folder_index.index(folder_index.source_of(c.data), 'train',
+                             tuple(str(d) for d in range(10))).paths[0]
+  os.rename(moved, moved + '.renamed.png')
+  folder_index.clear_memo()
+  with pytest.raises(UserError, match=r"changed since training \(split 'train': other files or "
+                                      "labels.*restore the folder as it was"):
+    calibrate.calibrate(None, str(tmp_path / 'run'), overrides={})
+  with caplog.at_level(logging.WARNING):
+    evaluate.evaluate(None, str(tmp_path / 'run'),
+                      overrides={'evaluate.output_dir': str(tmp_path / 'swapped')})
+  assert "held-out split 'test' drawn from it may hold images the model trained on" in caplog.text
+  os.rename(moved + '.renamed.png', moved)
+  folder_index.clear_memo()
+  caplog.clear()
 
   import csv
-  from imgcls_jax import evaluate
   test = folder_index.index(folder_index.source_of(c.data), 'test',
                             tuple(str(d) for d in range(10)))
   victim = test.paths[5]

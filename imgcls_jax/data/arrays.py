@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator
 import ml_collections
 import numpy as np
 
-from imgcls_jax.data.info import ARRAYS_PREFIX, DatasetInfo
+from imgcls_jax.data.info import ARRAYS_PREFIX, DatasetInfo, flips_allowed
 from imgcls_jax.errors import UserError
 
 PREFIX = ARRAYS_PREFIX
@@ -253,7 +253,7 @@ def describe(data: ml_collections.ConfigDict) -> DatasetInfo:
   h, w, c = (int(d) for d in images.shape[1:])
   return DatasetInfo(name=PREFIX + f.path, num_classes=len(f.class_names),
                      class_names=f.class_names, image_shape=(h, w, c), num_examples=sizes,
-                     mirror_safe=f.mirror_safe, multilabel=f.multilabel)
+                     mirror_safe=f.mirror_safe and flips_allowed(data), multilabel=f.multilabel)
 
 
 def split_size(data: ml_collections.ConfigDict, split: str) -> int:

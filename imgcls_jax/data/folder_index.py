@@ -26,6 +26,7 @@ decode during training is reported and masked out of its batch (``image_folder.d
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 import threading
@@ -81,6 +82,13 @@ class Split:
 
   def __len__(self) -> int:
     return len(self.paths)
+
+  @property
+  def digest(self) -> str:
+    """A fingerprint of which images the split holds, with their labels, in any order: another
+    file set, a renamed or swapped file or a relabelled manifest row changes it."""
+    rows = sorted(f'{i}\t{y}' for i, y in zip(self.ids, self.labels))
+    return hashlib.sha256('\n'.join(rows).encode()).hexdigest()[:16]
 
   @property
   def typical_hw(self) -> tuple[int, int]:

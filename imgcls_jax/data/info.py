@@ -31,6 +31,9 @@ class DatasetInfo:
   num_examples: dict[str, int | None]               # per split; None where unknown (mock_data)
   mirror_safe: bool = True                          # False when a horizontal flip changes the label
   multilabel: bool = False                          # labels are sets of classes (tags), multi-hot
+  # Image folders: per split, a fingerprint of its files and labels (folder_index.Split.digest),
+  # by which a run tells whether the folder it drew its held-out splits from has changed.
+  split_digests: dict[str, str] = dataclasses.field(default_factory=dict)
 
   @property
   def channels(self) -> int:
@@ -42,7 +45,7 @@ class DatasetInfo:
     return {'name': self.name, 'num_classes': self.num_classes,
             'class_names': list(self.class_names), 'image_shape': list(self.image_shape),
             'num_examples': dict(self.num_examples), 'mirror_safe': self.mirror_safe,
-            'multilabel': self.multilabel}
+            'multilabel': self.multilabel, 'split_digests': dict(self.split_digests)}
 
   @classmethod
   def from_json(cls, d: dict[str, Any]) -> DatasetInfo:
@@ -55,14 +58,23 @@ class DatasetInfo:
                image_shape=(opt_int(h), opt_int(w), int(c)),
                num_examples={str(k): opt_int(v) for k, v in d['num_examples'].items()},
                mirror_safe=bool(d.get('mirror_safe', True)),
-               multilabel=bool(d.get('multilabel', False)))
+               multilabel=bool(d.get('multilabel', False)),
+               split_digests={str(k): str(v) for k, v in d.get('split_digests', {}).items()})
+
+
+def flips_allowed(data: ml_collections.ConfigDict) -> bool:
+  """Whether ``config.data`` allows horizontal flips: not a dataset named in ``NO_FLIP_DATASETS``,
+  and not marked ``data.mirror_safe=False`` (the user's images: text, digits, arrows, ...)."""
+  return data.name not in NO_FLIP_DATASETS and data.get('mirror_safe', True) is not False
 
 
 def check_flips(data: ml_collections.ConfigDict, tta: str = '', mirror_safe: bool = True) -> None:
   """``config.data.device_preprocess`` and ``tta`` are known modes, and no flip (in training,
   on the device or at test time) touches a dataset whose meaning a flip changes (named in
-  ``NO_FLIP_DATASETS``, or ``mirror_safe=False``: its ``DatasetInfo`` says so)."""
-  no_flip = data.name in NO_FLIP_DATASETS or not mirror_safe
+  ``NO_FLIP_DATASETS``, marked ``data.mirror_safe=False``, or ``mirror_safe=False``: its
+  ``DatasetInfo`` says so)."""
+  no_flip = not flips_allowed(data) or not mirror_safe
+  marked = ' (config.data.mirror_safe=False)' if data.get('mirror_safe', True) is False else ''
   from imgcls_jax import device_augment  # TensorFlow-free: parses specs only
   device = data.get('device_preprocess', '') or ''
   device_flip = next((op[0] for op in device_augment.parse(device)
@@ -70,12 +82,12 @@ def check_flips(data: ml_collections.ConfigDict, tta: str = '', mirror_safe: boo
   train_flip = 'flip_lr' if 'flip_lr' in (data.train_preprocess or '') else ''
   for key, flip in (('train_preprocess', train_flip), ('device_preprocess', device_flip)):
     if no_flip and flip:
-      raise UserError(f"Horizontal flips change the meaning of '{data.name}' images; remove "
+      raise UserError(f"Horizontal flips change the meaning of '{data.name}' images{marked}; remove "
                       f'{flip} from config.data.{key}.')
   if tta not in device_augment.TTA_MODES:
     raise UserError(f"config.evaluate.tta='{tta}' must be '' (none), 'flip' or 'flip_translate'.")
   if tta and no_flip:
-    raise UserError(f"Horizontal flips change the meaning of '{data.name}' images; leave "
+    raise UserError(f"Horizontal flips change the meaning of '{data.name}' images{marked}; leave "
                     'config.evaluate.tta empty for this dataset.')
   if tta == 'flip_translate' and data.get('multilabel', False):
     raise UserError("config.evaluate.tta='flip_translate' is for single-label runs; use 'flip' "

@@ -18,7 +18,7 @@ import tensorflow_datasets as tfds
 
 from imgcls_jax.data import digits as _digits  # noqa: F401  (registers sklearn_digits)
 from imgcls_jax.data import download, folder_index, image_folder, prepare_fashion_mnist
-from imgcls_jax.data.info import ARRAYS_PREFIX, NO_FLIP_DATASETS, DatasetInfo
+from imgcls_jax.data.info import ARRAYS_PREFIX, DatasetInfo, flips_allowed
 from imgcls_jax.errors import UserError
 
 
@@ -162,14 +162,16 @@ def _describe_folder(data: ml_collections.ConfigDict) -> DatasetInfo:
   specs = (data.train_split, data.eval_split)
   splits = [folder_index.index(src, spec.split('@')[0], names) for spec in specs]
   channels = image_folder.channels(splits[0])  # decided by the training split
-  sizes = {}
+  sizes, digests = {}, {}
   for spec, s in zip(specs, splits):
     # 'SPLIT@IDS_FILE' (a cross-validation fold): the listed images of SPLIT.
     sizes[spec] = len(s) if '@' not in spec else len(set(s.ids) & set(_ids(spec.split('@', 1)[1])))
+    if '@' not in spec:
+      digests[spec] = s.digest
   return DatasetInfo(name=dataset_name(data), num_classes=len(names),
                      class_names=names, image_shape=image_folder.image_shape(splits, channels),
-                     num_examples=sizes, mirror_safe=data.name not in NO_FLIP_DATASETS,
-                     multilabel=src.multilabel)
+                     num_examples=sizes, mirror_safe=flips_allowed(data),
+                     multilabel=src.multilabel, split_digests=digests)
 
 
 def describe(data: ml_collections.ConfigDict) -> DatasetInfo:
@@ -197,7 +199,7 @@ def describe(data: ml_collections.ConfigDict) -> DatasetInfo:
   h, w = (None if d is None else int(d) for d in shape[:2])
   return DatasetInfo(name=data.name, num_classes=int(label.num_classes),
                      class_names=tuple(label.names), image_shape=(h, w, int(shape[-1] or 3)),
-                     num_examples=sizes, mirror_safe=data.name not in NO_FLIP_DATASETS,
+                     num_examples=sizes, mirror_safe=flips_allowed(data),
                      multilabel=multilabel)
 
 
