@@ -303,6 +303,16 @@ def get_config() -> ml_collections.ConfigDict:
   c.transfer.head = ''                    # top-level attribute of the head; '' = fc / head / classifier
   c.transfer.keep_head = False            # True: load the head too (same classes); False: new head
 
+  c.distill = ml_collections.ConfigDict()
+  # Knowledge distillation (imgcls_jax/distill.py, teacher.py): a trained run directory whose
+  # model sees every training batch (after augmentation, in inference mode); the loss becomes
+  # (1 - weight) * loss(labels) + weight * temperature^2 * KL(teacher || student) of the
+  # probabilities at that temperature. Same classes and input size as this run; any model family.
+  # '' = off.
+  c.distill.teacher = ''
+  c.distill.weight = 0.5                  # in (0, 1]; 1 = the teacher's probabilities only
+  c.distill.temperature = 4.0             # > 0; softens both distributions (1 = as they are)
+
   # ---- --mode=predict (imgcls_jax/predict.py): top-k classes of image files ----
   c.predict = ml_collections.ConfigDict()
   c.predict.inputs = ''                   # comma-separated image files and/or folders (recursive)

@@ -22,7 +22,7 @@ MUST_MATCH = ('model.', 'data.name')
 # values works, with a warning that the run no longer matches an uninterrupted one.
 TRAJECTORY = ('seed', 'batch_size', 'dtype', 'label_smoothing', 'num_train_steps', 'num_epochs',
               'optim.', 'data.train_split', 'data.train_preprocess', 'data.shuffle_buffer',
-              'data.mean', 'data.std', 'ema.', 'grad_accumulation_steps', 'loss.')
+              'data.mean', 'data.std', 'ema.', 'grad_accumulation_steps', 'loss.', 'distill.')
 
 
 def config_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:

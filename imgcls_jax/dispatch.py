@@ -121,8 +121,10 @@ def scan_steps(train_step: Callable[..., tuple[Any, dict[str, jax.Array]]]
                ) -> Callable[..., tuple[Any, dict[str, jax.Array]]]:
   """``(state, batches_k) -> (state, metrics_k)``: ``train_step`` over the leading axis of a stack
   of batches with ``lax.scan``; each metric gets a leading axis of k values (one per step)."""
-  def steps(state: Any, batches_k: dict[str, jax.Array]) -> tuple[Any, dict[str, jax.Array]]:
-    return jax.lax.scan(train_step, state, batches_k)
+  def steps(state: Any, batches_k: dict[str, jax.Array], *extra: Any
+            ) -> tuple[Any, dict[str, jax.Array]]:
+    # ``extra``: arguments every step takes whole (a distillation teacher's variables).
+    return jax.lax.scan(lambda st, batch: train_step(st, batch, *extra), state, batches_k)
   return steps
 
 

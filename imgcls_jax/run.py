@@ -20,8 +20,7 @@ import ml_collections
 import numpy as np
 
 from imgcls_jax import (checkpoint, configlib, device_augment, dispatch, held_out, loss_weights,
-                        models, multilabel, optim, report, sharding, steps, temperature, weights,
-                        whitening)
+                        models, multilabel, optim, report, sharding, steps, temperature, whitening)
 from imgcls_jax import state as state_lib
 from imgcls_jax.data import reader
 from imgcls_jax.data.info import DatasetInfo, check_flips, read_shards
@@ -49,6 +48,7 @@ class Setup:
   total_steps: int | None = None
   local_batch_size: int | None = None
   steps_per_dispatch: int = 1         # train steps per jitted call (config.steps_per_dispatch)
+  teacher: Any = None                 # teacher.Teacher of a distilled run (config.distill)
 
 
 def setup(config: ml_collections.ConfigDict, info: DatasetInfo | None = None, *,
@@ -142,23 +142,34 @@ def _probe_head(config: ml_collections.ConfigDict, model_fn: state_lib.ModelFn) 
   return optim.head_name(state_lib.param_names(model_fn), config.transfer)
 
 
+def _with_teacher(s: Setup, step: Any, state_shardings: Any, batch_sharding: Any) -> Any:
+  """``step(state, batch)`` jitted over the mesh (donating the state); a distilled run's
+  teacher variables go in as a third argument, placed once (not constants in the program)."""
+  teacher = s.teacher
+  extra = () if teacher is None else (teacher.variables,)
+  jitted = jax.jit(step, in_shardings=(state_shardings, batch_sharding) + (
+                       () if teacher is None else (teacher.shardings,)),
+                   out_shardings=(state_shardings, sharding.replicated(s.mesh)), donate_argnums=0)
+  return jitted if not extra else (lambda state, batch: jitted(state, batch, *extra))
+
+
+def _train_step(s: Setup) -> Any:
+  return functools.partial(steps.train_step, model_def=s.model_def, tx=s.tx,
+                           lr_schedule=s.lr_schedule, cfg=s.step_cfg,
+                           teacher_def=None if s.teacher is None else s.teacher.model_def)
+
+
 def jit_train_step(s: Setup, state_shardings: Any) -> Any:
   """``train_step(state, batch) -> (state, metrics)`` jitted over the mesh; donates the state."""
-  return jax.jit(functools.partial(steps.train_step, model_def=s.model_def, tx=s.tx,
-                                   lr_schedule=s.lr_schedule, cfg=s.step_cfg),
-                 in_shardings=(state_shardings, sharding.batch_sharding(s.mesh)),
-                 out_shardings=(state_shardings, sharding.replicated(s.mesh)), donate_argnums=0)
+  return _with_teacher(s, _train_step(s), state_shardings, sharding.batch_sharding(s.mesh))
 
 
 def jit_train_steps(s: Setup, state_shardings: Any) -> Any:
   """``train_steps(state, batches_k) -> (state, metrics_k)``: ``steps_per_dispatch`` train steps
   in one call (``dispatch.scan_steps``) over a ``k x B x ...`` stack of batches; donates the
   state."""
-  step = functools.partial(steps.train_step, model_def=s.model_def, tx=s.tx,
-                           lr_schedule=s.lr_schedule, cfg=s.step_cfg)
-  return jax.jit(dispatch.scan_steps(step),
-                 in_shardings=(state_shardings, dispatch.stacked_sharding(s.mesh)),
-                 out_shardings=(state_shardings, sharding.replicated(s.mesh)), donate_argnums=0)
+  return _with_teacher(s, dispatch.scan_steps(_train_step(s)), state_shardings,
+                       dispatch.stacked_sharding(s.mesh))
 
 
 def jit_eval_step(s: Setup, variables_shardings: Any, *, tta: str = '',
@@ -288,13 +299,7 @@ def restore_or_init(s: Setup, ckpt: checkpoint.Checkpointer) -> tuple[Any, Any]:
 
 def place_variables(s: Setup, variables: state_lib.InferenceState) -> tuple[Any, Any]:
   """(numpy ``variables`` placed on the mesh by the config's placement rules, their shardings)."""
-  abstract = state_lib.abstract_variables(s.model_fn)
-  shardings = sharding.state_shardings(abstract, s.mesh, s.placement)
-  target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-                        abstract, shardings)
-  return state_lib.InferenceState(
-      params=weights.place(variables.params, target.params),
-      batch_stats=weights.place(variables.batch_stats, target.batch_stats)), shardings
+  return state_lib.place_variables(s.model_fn, variables, s.mesh, s.placement)
 
 
 def eval_sums(eval_step: Any, variables: Any, batches: Iterable[dict[str, np.ndarray]],

@@ -87,6 +87,19 @@ def abstract_variables(model_fn: ModelFn) -> InferenceState:
                         batch_stats=jax.tree.map(as_struct, batch_stats))
 
 
+def place_variables(model_fn: ModelFn, variables: InferenceState, mesh: Mesh,
+                    placement: sharding.ParamSharding) -> tuple[InferenceState, Any]:
+  """(numpy ``variables`` of ``model_fn``'s model placed on ``mesh`` by ``placement``, their
+  shardings); works across processes."""
+  abstract = abstract_variables(model_fn)
+  shardings = sharding.state_shardings(abstract, mesh, placement)
+  target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                        abstract, shardings)
+  return InferenceState(params=weights.place(variables.params, target.params),
+                        batch_stats=weights.place(variables.batch_stats,
+                                                  target.batch_stats)), shardings
+
+
 def param_names(model_fn: ModelFn) -> list[str]:
   """Dotted names of the model's parameters (``layer1.0.conv1.kernel``); allocates nothing."""
   abstract = nnx.eval_shape(lambda: model_fn(rngs=nnx.Rngs(0)))

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from imgcls_jax import device_augment, mixup, multilabel, report, temperature, weights
+from imgcls_jax import device_augment, distill, mixup, multilabel, report, temperature, weights
 from imgcls_jax.state import ModelDef, TrainState
 
 
@@ -49,6 +49,7 @@ class StepConfig:
   pos_weight: tuple[float, ...] | None = None      # multi-label: weight of each class's positives
   thresholds: tuple[float, ...] | None = None      # multi-label: per-class decision thresholds
   temperature: float = 1.0                  # inference logits are divided by it (temperature.py)
+  distill: distill.DistillConfig | None = None     # a teacher's term in the loss (None: off)
 
 
 def step_config(config: Any, num_classes: int, *, probe_head: str = '',
@@ -148,12 +149,15 @@ def _micro_batches(tree: Any, k: int) -> Any:
   return jax.tree.map(lambda a: a.reshape(a.shape[0] // k, k, *a.shape[1:]).swapaxes(0, 1), tree)
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], *, model_def: ModelDef,
-               tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
-               cfg: StepConfig) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_step(state: TrainState, batch: dict[str, jax.Array], teacher: Any = None, *,
+               model_def: ModelDef, tx: optax.GradientTransformation,
+               lr_schedule: optax.Schedule, cfg: StepConfig,
+               teacher_def: ModelDef | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on a global batch; BN statistics are taken over the whole global batch
   (over each micro-batch with ``cfg.accumulation`` > 1; a linear probe, ``cfg.probe_head``, keeps
-  the source model's statistics instead)."""
+  the source model's statistics instead). With ``cfg.distill``, ``teacher`` (the teacher's
+  variables, graph ``teacher_def``) sees the same augmented images and adds its term to the loss
+  (``distill.py``)."""
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   images = batch['image']
   if cfg.device_flip:
@@ -166,6 +170,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model_def: Mod
   y = targets(batch['label'], cfg)
   if cfg.mix is not None:  # soft targets from mixed pairs of the global batch
     x, y = mixup.apply(jax.random.fold_in(key, MIX_STREAM), x, y, cfg.mix)
+  t_logits = (None if cfg.distill is None else
+              distill.teacher_logits(teacher_def, teacher, x, cfg.distill))
   # Image folders mark rows whose file failed to decode (mask False): they add nothing to the loss.
   weights_B = batch['mask'].astype(jnp.float32) if 'mask' in batch else jnp.ones(x.shape[:1])
   count = jnp.maximum(weights_B.sum(), 1.0)
@@ -174,7 +180,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model_def: Mod
     weights_B = weights_B * weighted_loss_terms(jnp.zeros(y.shape), y, cfg)[1]
     loss_norm = jnp.maximum(weights_B.sum(), 1e-12)
 
-  def loss_fn(params, batch_stats, x, y, w, micro):
+  def loss_fn(params, batch_stats, x, y, w, t, micro):
     if cfg.probe_head:  # frozen backbone: no gradient flows into it, so XLA drops its backward
       params = {k: v if k == cfg.probe_head else jax.lax.stop_gradient(v)
                 for k, v in params.items()}
@@ -188,11 +194,16 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model_def: Mod
     if not plain:
       shifted = logits if cfg.logit_offsets is None else (
           logits.astype(jnp.float32) + jnp.asarray(cfg.logit_offsets, jnp.float32))
-      return (weighted_loss_terms(shifted, y, cfg)[0] * w).sum() / loss_norm, (logits, new_stats)
+      terms = weighted_loss_terms(shifted, y, cfg)[0]
+      if t is not None:
+        terms = distill.blend(terms, logits, t, cfg.distill, cfg.multilabel)
+      return (terms * w).sum() / loss_norm, (logits, new_stats)
     if cfg.multilabel:
       per_example = sigmoid_cross_entropy(logits, y, cfg.pos_weight)
     else:
       per_example = cross_entropy(logits, y)
+    if t is not None:
+      per_example = distill.blend(per_example, logits, t, cfg.distill, cfg.multilabel)
     if 'mask' not in batch and cfg.accumulation == 1:
       return per_example.mean(), (logits, new_stats)
     return (per_example * w).sum() / count, (logits, new_stats)
@@ -200,14 +211,14 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model_def: Mod
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if cfg.accumulation == 1:
     (loss, (logits, new_stats)), grads = grad_fn(state.params, state.batch_stats, x, y, weights_B,
-                                                 0)
+                                                 t_logits, 0)
   else:  # k micro-batches in sequence: summed gradients, BN statistics carried through
     def micro_step(carry, xs):
       grads, stats, loss = carry
       (l, (logits, stats)), g = grad_fn(state.params, stats, *xs)
       return (jax.tree.map(jnp.add, grads, g), stats, loss + l), logits
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    micro = (*_micro_batches((x, y, weights_B), cfg.accumulation),
+    micro = (*_micro_batches((x, y, weights_B, t_logits), cfg.accumulation),
              jnp.arange(cfg.accumulation))
     (grads, new_stats, loss), logits_k = jax.lax.scan(
         micro_step, (zeros, state.batch_stats, jnp.zeros((), jnp.float32)), micro)
@@ -224,6 +235,12 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model_def: Mod
       'learning_rate': lr_schedule(state.step),
       'grad_norm': optax.global_norm(grads),
   }
+  if t_logits is not None:   # how often the student decides as its teacher does
+    same_B = (jnp.mean(((logits >= 0) == (t_logits >= 0)).astype(jnp.float32), axis=-1)
+              if cfg.multilabel else
+              (jnp.argmax(logits, -1) == jnp.argmax(t_logits, -1)).astype(jnp.float32))
+    real_B = batch['mask'].astype(jnp.float32) if 'mask' in batch else jnp.ones(same_B.shape)
+    metrics['teacher_agreement'] = (same_B * real_B).sum() / count
   ema = state.ema
   if cfg.ema_decay > 0:
     ema = update_ema(ema, params, new_stats, state.step, cfg)

@@ -21,6 +21,7 @@ import tqdm
 from imgcls_jax import (checkpoint, configlib, dispatch, held_out, inference, metrics, optim,
                         preemption, report, report_multilabel, run, sharding, startup)
 from imgcls_jax import state as state_lib
+from imgcls_jax import teacher as teacher_lib
 from imgcls_jax.data import reader
 from imgcls_jax.errors import UserError
 
@@ -353,6 +354,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   workdir = os.path.abspath(workdir)
   s = run.setup(config)
   _check_best_metric(config, s.info.multilabel)
+  s.teacher = teacher_lib.load(config, s.info, s.mesh, s.placement, workdir)
+  if s.teacher is not None:
+    s.step_cfg = dataclasses.replace(s.step_cfg, distill=s.teacher.cfg)
   is_main = jax.process_index() == 0
   if is_main:
     os.makedirs(workdir, exist_ok=True)

@@ -386,10 +386,21 @@ def _records(workdir):
 
 
 @pytest.fixture(scope='module')
-def reference(tmp_path_factory):
-  """Every feature on, 4 steps per dispatch, 2 devices, uninterrupted."""
+def teacher(tmp_path_factory):
+  """A trained run the reference distils from (config.distill): another width, its own
+  normalisation (so the step renormalises the student's pixels for it), one device."""
+  tmp = tmp_path_factory.mktemp('speed_teacher')
+  _train(_mock_config(tmp, **{'model.widths': ((4,), (8,)), 'data.mean': (0.25,),
+                              'data.std': (0.4,), 'num_train_steps': 4, 'steps_per_dispatch': 1,
+                              'mesh.num_devices': 1, 'evaluate.tta': ''}), tmp / 'run')
+  return {'distill.teacher': str(tmp / 'run'), 'distill.temperature': 2.0}
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory, teacher):
+  """Every feature on (distillation too), 4 steps per dispatch, 2 devices, uninterrupted."""
   tmp = tmp_path_factory.mktemp('speed_reference')
-  result = _train(_mock_config(tmp), tmp / 'run')
+  result = _train(_mock_config(tmp, **teacher), tmp / 'run')
   return tmp / 'run', result
 
 
@@ -398,6 +409,7 @@ def test_features_train_evaluate_and_keep_the_whitening_frozen(reference, tmp_pa
   assert result['count'] == 64 and np.isfinite(result['loss'])
   evals = [r for r in _records(workdir) if r['split'] == 'eval']
   assert [(r['step'], r['count']) for r in evals] == [(12, 16), (24, 64)]   # subset, then full
+  assert all(0 <= r['teacher_agreement'] <= 1 for r in _records(workdir) if r['split'] == 'train')
   final = weights_lib.flatten(_final_state(workdir)['params'])
   initial = weights_lib.flatten(_initial_state(tmp_path).params)
   kernel = final['convs.0.kernel']
@@ -410,10 +422,11 @@ def test_features_train_evaluate_and_keep_the_whitening_frozen(reference, tmp_pa
   np.testing.assert_allclose(kernel, want[..., :8], rtol=1e-6)
 
 
-def test_stop_and_resume_is_bitwise_equal_to_uninterrupted(reference, tmp_path, monkeypatch):
+def test_stop_and_resume_is_bitwise_equal_to_uninterrupted(reference, teacher, tmp_path,
+                                                           monkeypatch):
   """Stopped before step 14 (inside the 4-step group 12..15, so at 12), then rerun."""
   workdir, _ = reference
-  config = _mock_config(tmp_path)
+  config = _mock_config(tmp_path, **teacher)
   stopped = _train(config, tmp_path / 'run', stop_at=14, monkeypatch=monkeypatch)
   assert stopped == {'interrupted_at_step': 12}
   _train(config, tmp_path / 'run')
@@ -457,14 +470,14 @@ def _max_abs(state):
              for x in jax.tree.leaves((state['params'], state['batch_stats'])))
 
 
-def test_one_step_per_dispatch_and_one_device_give_the_same_run(reference, tmp_path):
+def test_one_step_per_dispatch_and_one_device_give_the_same_run(reference, teacher, tmp_path):
   """k = 1 vs 4 on the same devices, and 1 device vs 2 (k = 4): the same steps on the same
   batches, equal up to rounding (the bounds above), at step 6 and at the end (step 24)."""
   from tests.test_fault_tolerance import load_state
   workdir, _ = reference
   ref, ref_early = _final_state(workdir), load_state(str(workdir), EARLY_STEP)
   lr = float(np.nextafter(np.float32(0.05), np.float32(1.0)))
-  _train(_mock_config(tmp_path, **{'optim.learning_rate': lr}), tmp_path / 'ulp')
+  _train(_mock_config(tmp_path, **teacher, **{'optim.learning_rate': lr}), tmp_path / 'ulp')
   floor = _max_diff(ref, _final_state(tmp_path / 'ulp'))
   init = _initial_state(tmp_path)
   moved = _max_diff(ref, {'params': init.params, 'batch_stats': init.batch_stats})
@@ -473,7 +486,7 @@ def test_one_step_per_dispatch_and_one_device_give_the_same_run(reference, tmp_p
   assert moved >= 10 * bound, (moved, bound)
   for name, overrides in (('k1', {'steps_per_dispatch': 1}),
                           ('one_device', {'mesh.num_devices': 1})):
-    _train(_mock_config(tmp_path, **overrides), tmp_path / name)
+    _train(_mock_config(tmp_path, **teacher, **overrides), tmp_path / name)
     early = _max_diff(ref_early, load_state(str(tmp_path / name), EARLY_STEP))
     diff = _max_diff(ref, _final_state(tmp_path / name))
     print(f'{name} vs the reference: max |diff| {early:.2e} at step {EARLY_STEP} (bound '
@@ -503,7 +516,7 @@ with tfds.testing.mock_data(num_examples=64):
 """
 
 
-def test_kill_9_and_rerun_ends_with_the_same_state_and_metrics(tmp_path):
+def test_kill_9_and_rerun_ends_with_the_same_state_and_metrics(tmp_path, teacher):
   """Every feature on, 4 steps per dispatch, 2 devices, as the real command line: one run killed
   with SIGKILL just before its step-18 save (step 12 committed), then the same command again,
   against one uninterrupted run: bitwise-equal final state and the same metrics records. The
@@ -515,7 +528,7 @@ def test_kill_9_and_rerun_ends_with_the_same_state_and_metrics(tmp_path):
       f'sys.path.insert(0, {REPO!r})\n'
       'from tests.test_speed_features import _mock_config\n'
       f'def get_config():\n  return _mock_config(pathlib.Path({str(tmp_path)!r}), '
-      f'compilation_cache_dir={str(tmp_path / "jax_cache")!r})\n')
+      f'compilation_cache_dir={str(tmp_path / "jax_cache")!r}, **{teacher!r})\n')
   runs = {}
   for name, kill_at in (('whole', 0), ('killed', 18), ('killed', 0)):
     workdir, log = tmp_path / name, str(tmp_path / f'{name}_{kill_at}.log')

@@ -1,0 +1,115 @@
+"""Knowledge distillation (``config.distill``): the loss term against PyTorch's, the teacher's view
+of the student's pixels, a distilled student that moves towards its teacher, and one-line errors.
+Exact resume and 1 device = 2 devices with a teacher: tests/test_speed_features.py (its reference
+run distils from a teacher of another width and normalisation)."""
+import numpy as np
+import pytest
+
+from imgcls_jax import distill, inference, steps, train
+from imgcls_jax.data import pipeline
+from imgcls_jax.errors import UserError
+
+
+@pytest.mark.parametrize('temperature', [1.0, 4.0])
+def test_divergence_is_pytorchs_kl_div_times_t_squared(temperature):
+  torch = pytest.importorskip('torch')
+  f = torch.nn.functional
+  rng = np.random.default_rng(0)
+  s, t = (rng.normal(0, 3, (32, 10)).astype(np.float32) for _ in range(2))
+  st, tt = torch.from_numpy(s) / temperature, torch.from_numpy(t) / temperature
+  # Hinton et al.'s term as PyTorch users write it, per example.
+  want = f.kl_div(f.log_softmax(st, -1), f.softmax(tt, -1), reduction='none').sum(-1)
+  want = (want * temperature ** 2).numpy()
+  got = np.asarray(distill.divergence(s, t, temperature))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  # Tags: binary cross-entropy towards the teacher's sigmoids less the teacher's own entropy.
+  p = torch.sigmoid(tt)
+  ce = f.binary_cross_entropy_with_logits(st, p, reduction='none')
+  entropy = f.binary_cross_entropy_with_logits(tt, p, reduction='none')
+  want = ((ce - entropy).mean(-1) * temperature ** 2).numpy()
+  got = np.asarray(distill.divergence(s, t, temperature, multilabel=True))
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  assert np.allclose(distill.divergence(t, t, temperature), 0, atol=1e-5)   # no pull at the teacher
+
+
+def test_the_teacher_sees_the_pixels_in_its_own_normalisation():
+  rng = np.random.default_rng(1)
+  u = rng.integers(0, 256, (4, 5, 5, 3), dtype=np.uint8)
+  student = steps.StepConfig(num_classes=2, mean=(0.5,), std=(0.25,))
+  x = np.asarray(steps.normalize(u, student))
+  mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+  scale, shift = distill.renormalization(student.mean, student.std, mean, std)
+  np.testing.assert_allclose(x * np.asarray(scale) + np.asarray(shift),
+                             (u / 255.0 - np.asarray(mean)) / np.asarray(std), atol=1e-5)
+  assert distill.renormalization((0.5,), (0.5,), (0.5,), (0.5,)) == ((), ())
+
+
+def _split(config, split):
+  ev = pipeline.EvalData(config.data, split, local_batch_size=128)
+  batches = list(ev.batches())
+  return (np.concatenate([b['image'][b['mask']] for b in batches]),
+          np.concatenate([b['label'][b['mask']] for b in batches]))
+
+
+def test_a_distilled_student_learns_what_its_teacher_says_not_the_labels(digits_config, tmp_path):
+  """The teacher learned the digits with every label shifted by one (a photo folder of the same
+  images, class '3' holding the 2s); the student trains on the true labels from tfds, but with
+  weight 1 on the teacher's term only. It must answer as its teacher does (the shifted class),
+  which no label it read says: the student's loss reads the teacher's outputs, on its own
+  images."""
+  from PIL import Image
+  c = digits_config
+  c.model.widths = (8, 16)
+  for split in ('train', 'test'):
+    images, labels = _split(c, split)
+    for k, (x, y) in enumerate(zip(images, labels)):
+      path = tmp_path / 'shifted' / split / str((y + 1) % 10)
+      path.mkdir(parents=True, exist_ok=True)
+      Image.fromarray(x[..., 0]).save(path / f'{k}.png')
+  t = c.copy_and_resolve_references()
+  t.data.name, t.data.folder = 'image_folder', str(tmp_path / 'shifted')
+  t.data.train_preprocess = ''
+  t.num_train_steps = 80
+  shifted = train.train_and_evaluate(t, str(tmp_path / 'teacher'))['accuracy']
+  c.num_train_steps = 80
+  c.distill.teacher, c.distill.weight, c.distill.temperature = str(tmp_path / 'teacher'), 1.0, 1.0
+  train.train_and_evaluate(c, str(tmp_path / 'student'))
+  images, labels = _split(c, 'test')
+  teacher, student = (
+      inference.classifier(inference.load(str(tmp_path / n))).predict_arrays(images)[
+          'probabilities'].argmax(1) for n in ('teacher', 'student'))
+  agreement = float(np.mean(student == teacher))
+  true_labels, shifted_labels = (float(np.mean(student == y)) for y in (labels, (labels + 1) % 10))
+  print(f'teacher on its shifted test split {shifted:.3f}; the student agrees with it on '
+        f'{agreement:.3f}, is right by the true labels on {true_labels:.3f}, by the shifted ones on '
+        f'{shifted_labels:.3f}')
+  # A student of the labels would agree with this teacher on ~0% of the digits.
+  assert shifted > 0.8
+  assert agreement > 0.6 and shifted_labels > 0.6 and true_labels < 0.1
+  import json
+  with open(tmp_path / 'student' / 'metrics.jsonl') as f:
+    logged = [json.loads(line) for line in f if '"train"' in line]
+  assert logged and logged[-1]['teacher_agreement'] > 0.6 and logged[-1]['accuracy'] < 0.1
+
+
+def test_distillation_errors_are_one_line(digits_config, tmp_path):
+  c = digits_config
+  c.model.widths = (8, 16)
+  c.num_train_steps = 2
+  train.train_and_evaluate(c, str(tmp_path / 'teacher'))
+  cases = [
+      ({'distill.teacher': str(tmp_path / 'none')}, r'distill.teacher=.*none: No checkpoint'),
+      ({'distill.teacher': str(tmp_path / 'teacher'), 'distill.weight': 0.0},
+       r'distill.weight=0.0 must be in \(0, 1\]'),
+      ({'distill.teacher': str(tmp_path / 'teacher'), 'distill.temperature': -1.0},
+       'distill.temperature=-1.0 must be > 0'),
+      ({'distill.teacher': str(tmp_path / 'student')}, 'is this run itself'),
+      ({'distill.teacher': str(tmp_path / 'teacher'), 'data.eval_preprocess': 'resize(size=12)',
+        'data.train_preprocess': 'resize(size=12)'},
+       'takes 8x8x1 images and this run feeds 12x12x1'),
+  ]
+  for overrides, message in cases:
+    bad = c.copy_and_resolve_references()
+    bad.update_from_flattened_dict(overrides)
+    with pytest.raises(UserError, match=message):
+      train.train_and_evaluate(bad, str(tmp_path / 'student'))
