@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from imgcls_jax import distill, inference, models, sharding
+from imgcls_jax import checkpoint, distill, inference, models, sharding
 from imgcls_jax import state as state_lib
 from imgcls_jax.data.info import DatasetInfo
 from imgcls_jax.errors import UserError
@@ -63,6 +63,12 @@ def load(config: ml_collections.ConfigDict, info: DatasetInfo, mesh: jax.shardin
   if path == os.path.abspath(workdir):
     raise UserError(f'config.distill.teacher={path} is this run itself; name another trained '
                     'run directory.')
+  try:
+    checkpoint.require_checkpoint(path)
+  except UserError:
+    raise UserError(f'config.distill.teacher={path} holds no checkpoint; name the --workdir of a '
+                    'trained run (of a cross-validation run: one of its fold_<k> directories).'
+                    ) from None
   try:
     trained = inference.load(path)
   except UserError as e:

@@ -98,7 +98,8 @@ def test_distillation_errors_are_one_line(digits_config, tmp_path):
   c.num_train_steps = 2
   train.train_and_evaluate(c, str(tmp_path / 'teacher'))
   cases = [
-      ({'distill.teacher': str(tmp_path / 'none')}, r'distill.teacher=.*none: No checkpoint'),
+      ({'distill.teacher': str(tmp_path / 'none')},
+       r'distill.teacher=.*none holds no checkpoint; name the --workdir of a trained run'),
       ({'distill.teacher': str(tmp_path / 'teacher'), 'distill.weight': 0.0},
        r'distill.weight=0.0 must be in \(0, 1\]'),
       ({'distill.teacher': str(tmp_path / 'teacher'), 'distill.temperature': -1.0},
