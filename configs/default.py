@@ -307,7 +307,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Knowledge distillation (imgcls_jax/distill.py, teacher.py): a trained run directory whose
   # model sees every training batch (after augmentation, in inference mode); the loss becomes
   # (1 - weight) * loss(labels) + weight * temperature^2 * KL(teacher || student) of the
-  # probabilities at that temperature. Same classes and input size as this run; any model family.
+  # probabilities at that temperature. Same classes and channels as this run (each batch is resized
+  # to the teacher's input size where it differs); any model family.
   # '' = off.
   c.distill.teacher = ''
   c.distill.weight = 0.5                  # in (0, 1]; 1 = the teacher's probabilities only

@@ -30,6 +30,9 @@ class DistillConfig:
   scale: tuple[float, ...] = ()
   shift: tuple[float, ...] = ()
   compute_dtype: str = 'float32'    # the teacher's dtype
+  # The teacher's input height and width when they differ from the student's: the batch is
+  # resized to them (bilinear, antialiased) before the teacher sees it. () = the same size.
+  resize_hw: tuple[int, ...] = ()
 
 
 def renormalization(student_mean: tuple[float, ...], student_std: tuple[float, ...],
@@ -52,11 +55,14 @@ def renormalization(student_mean: tuple[float, ...], student_std: tuple[float, .
 def teacher_logits(teacher_def: Any, teacher: Any, x_BxHxWxC: jax.Array,
                    cfg: DistillConfig) -> jax.Array:
   """The teacher's float32 logits ``BxK`` of the student's normalised images ``x`` (inference
-  mode, gradient stopped)."""
+  mode, gradient stopped), resized to the teacher's input size where it differs."""
   x = x_BxHxWxC
   if cfg.scale:
     x = (x.astype(jnp.float32) * jnp.asarray(cfg.scale, jnp.float32)
          + jnp.asarray(cfg.shift, jnp.float32))
+  if cfg.resize_hw:   # after the per-channel affine map, with which resizing commutes
+    b, _, _, c = x.shape
+    x = jax.image.resize(x.astype(jnp.float32), (b, *cfg.resize_hw, c), 'bilinear')
   model = teacher_def.merge(teacher.params, teacher.batch_stats)
   logits = model(x.astype(cfg.compute_dtype), train=False)
   return jax.lax.stop_gradient(logits.astype(jnp.float32))

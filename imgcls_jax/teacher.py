@@ -84,16 +84,19 @@ def load(config: ml_collections.ConfigDict, info: DatasetInfo, mesh: jax.shardin
                     f"{info.num_classes} ({', '.join(info.class_names[:5])}, ...) in another "
                     'order or set; distil from a run trained on the same classes.')
   shape = inference.input_spec(config.data, info)[1]
-  if tuple(trained.image_shape) != tuple(shape):
-    raise UserError(f'{where} takes {"x".join(map(str, trained.image_shape))} images and this '
-                    f'run feeds {"x".join(map(str, shape))}; make the sizes and channels match '
-                    '(config.data.train_preprocess / eval_preprocess).')
+  if trained.image_shape[2] != shape[2]:
+    raise UserError(f'{where} takes {trained.image_shape[2]}-channel images and this run feeds '
+                    f'{shape[2]}-channel ones; distil from a run of the same channel count.')
+  resize = tuple(trained.image_shape[:2]) if tuple(trained.image_shape[:2]) != shape[:2] else ()
+  if resize:
+    logging.info('The teacher takes %dx%d images: each %dx%d training batch is resized for it.',
+                 *resize, *shape[:2])
   model_fn = models.from_config(trained.run, trained.info.num_classes, trained.image_shape[2])
   variables, shardings = state_lib.place_variables(model_fn, trained.variables, mesh, placement)
   scale, shift = distill.renormalization(config.data.mean, config.data.std,
                                          trained.run.data.mean, trained.run.data.std)
   cfg = distill.DistillConfig(weight=weight, temperature=temperature, scale=scale, shift=shift,
-                              compute_dtype=str(trained.run.dtype))
+                              compute_dtype=str(trained.run.dtype), resize_hw=resize)
   logging.info('Distilling from %s (%s), weight %g, temperature %g.', where,
                trained.run.model.name, weight, temperature)
   return Teacher(model_def=state_lib.model_def(model_fn), variables=variables,

@@ -53,10 +53,10 @@ def _split(config, split):
 
 def test_a_distilled_student_learns_what_its_teacher_says_not_the_labels(digits_config, tmp_path):
   """The teacher learned the digits with every label shifted by one (a photo folder of the same
-  images, class '3' holding the 2s); the student trains on the true labels from tfds, but with
-  weight 1 on the teacher's term only. It must answer as its teacher does (the shifted class),
-  which no label it read says: the student's loss reads the teacher's outputs, on its own
-  images."""
+  images, class '3' holding the 2s); the student trains on the true labels from tfds, at 12x12
+  pixels to the teacher's 8x8, but with weight 1 on the teacher's term only. It must answer as
+  its teacher does (the shifted class), which no label it read says: the student's loss reads
+  the teacher's outputs on its own images, resized for the teacher."""
   from PIL import Image
   c = digits_config
   c.model.widths = (8, 16)
@@ -71,13 +71,18 @@ def test_a_distilled_student_learns_what_its_teacher_says_not_the_labels(digits_
   t.data.train_preprocess = ''
   t.num_train_steps = 80
   shifted = train.train_and_evaluate(t, str(tmp_path / 'teacher'))['accuracy']
-  c.num_train_steps = 80
+  images, labels = _split(c, 'test')
+  teacher = inference.classifier(inference.load(str(tmp_path / 'teacher'))).predict_arrays(
+      images)['probabilities'].argmax(1)
+  # The student sees 12x12 digits: each batch is resized back to 8x8 for the teacher.
+  c.data.train_preprocess = c.data.eval_preprocess = 'resize(size=12)'
+  c.num_train_steps = 120
   c.distill.teacher, c.distill.weight, c.distill.temperature = str(tmp_path / 'teacher'), 1.0, 1.0
   train.train_and_evaluate(c, str(tmp_path / 'student'))
-  images, labels = _split(c, 'test')
-  teacher, student = (
-      inference.classifier(inference.load(str(tmp_path / n))).predict_arrays(images)[
-          'probabilities'].argmax(1) for n in ('teacher', 'student'))
+  big, big_labels = _split(c, 'test')
+  assert big.shape[1:] == (12, 12, 1) and np.array_equal(big_labels, labels)
+  student = inference.classifier(inference.load(str(tmp_path / 'student'))).predict_arrays(
+      big)['probabilities'].argmax(1)
   agreement = float(np.mean(student == teacher))
   true_labels, shifted_labels = (float(np.mean(student == y)) for y in (labels, (labels + 1) % 10))
   print(f'teacher on its shifted test split {shifted:.3f}; the student agrees with it on '
@@ -85,11 +90,11 @@ def test_a_distilled_student_learns_what_its_teacher_says_not_the_labels(digits_
         f'{shifted_labels:.3f}')
   # A student of the labels would agree with this teacher on ~0% of the digits.
   assert shifted > 0.8
-  assert agreement > 0.6 and shifted_labels > 0.6 and true_labels < 0.1
+  assert agreement > 0.5 and shifted_labels > 0.5 and true_labels < 0.1
   import json
   with open(tmp_path / 'student' / 'metrics.jsonl') as f:
     logged = [json.loads(line) for line in f if '"train"' in line]
-  assert logged and logged[-1]['teacher_agreement'] > 0.6 and logged[-1]['accuracy'] < 0.1
+  assert logged and logged[-1]['teacher_agreement'] > 0.5 and logged[-1]['accuracy'] < 0.1
 
 
 def test_distillation_errors_are_one_line(digits_config, tmp_path):
@@ -105,10 +110,16 @@ def test_distillation_errors_are_one_line(digits_config, tmp_path):
       ({'distill.teacher': str(tmp_path / 'teacher'), 'distill.temperature': -1.0},
        'distill.temperature=-1.0 must be > 0'),
       ({'distill.teacher': str(tmp_path / 'student')}, 'is this run itself'),
-      ({'distill.teacher': str(tmp_path / 'teacher'), 'data.eval_preprocess': 'resize(size=12)',
-        'data.train_preprocess': 'resize(size=12)'},
-       'takes 8x8x1 images and this run feeds 12x12x1'),
+      ({'distill.teacher': str(tmp_path / 'teacher'), 'data.name': 'image_folder',
+        'data.folder': str(tmp_path / 'rgb'), 'data.mean': (0.5, 0.5, 0.5),
+        'data.std': (0.5, 0.5, 0.5), 'data.train_preprocess': ''},
+       'takes 1-channel images and this run feeds 3-channel ones'),
   ]
+  from PIL import Image
+  for split in ('train', 'test'):
+    for k in range(10):
+      (tmp_path / 'rgb' / split / str(k)).mkdir(parents=True)
+      Image.new('RGB', (8, 8), (k * 20, 0, 0)).save(tmp_path / 'rgb' / split / str(k) / 'a.png')
   for overrides, message in cases:
     bad = c.copy_and_resolve_references()
     bad.update_from_flattened_dict(overrides)
