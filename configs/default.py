@@ -40,9 +40,9 @@ def get_config() -> ml_collections.ConfigDict:
   # flip_alternate). E.g. 'flip_alternate|translate(pad=2)'; '' = none.
   c.data.device_preprocess = ''
   # False when a horizontal flip changes what an image shows (text, digits, arrows, left/right
-  # classes): flips in train_preprocess / device_preprocess and flip TTA are refused, for training
-  # and for every later use of the run (evaluate, predict, serve). sklearn_digits, mnist, emnist,
-  # kmnist and svhn_cropped are never flipped anyway (data/info.py).
+  # classes): flips in train_preprocess / device_preprocess and flip TTA are refused; the mark is
+  # saved with the run (evaluate refuses flip TTA on it; a resume must keep it). sklearn_digits,
+  # mnist, emnist, kmnist and svhn_cropped are never flipped anyway (data/info.py).
   c.data.mirror_safe = True
   c.data.mean = (0.5,)                    # per-channel mean / std in [0, 1] units, applied on device
   c.data.std = (0.5,)
@@ -310,7 +310,8 @@ def get_config() -> ml_collections.ConfigDict:
   # probabilities at that temperature. Same classes and channels as this run (each batch is resized
   # to the teacher's input size where it differs); any model family.
   # '' = off.
-  c.distill.teacher = ''
+  c.distill.teacher = ''                  # a run directory; several, comma-separated: an ensemble
+                                          # teaching the mean of its probabilities at temperature
   c.distill.weight = 0.5                  # in (0, 1]; 1 = the teacher's probabilities only
   c.distill.temperature = 4.0             # > 0; softens both distributions (1 = as they are)
 

@@ -17,7 +17,7 @@ from imgcls_jax.errors import UserError
 
 # Config keys that define the state or the data it was trained on: resuming with other values is an
 # error. Keys ending in '.' are prefixes.
-MUST_MATCH = ('model.', 'data.name')
+MUST_MATCH = ('model.', 'data.name', 'data.mirror_safe')
 # Config keys that change the training trajectory but not the state's shapes: resuming with other
 # values works, with a warning that the run no longer matches an uninterrupted one.
 TRAJECTORY = ('seed', 'batch_size', 'dtype', 'label_smoothing', 'num_train_steps', 'num_epochs',

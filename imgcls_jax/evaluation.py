@@ -108,9 +108,12 @@ class Restored:
 
 def restore_for_split(workdir: str, config: ml_collections.ConfigDict | None, *, split: str = '',
                       checkpoint_spec: str = 'latest', tta: str = '',
-                      overrides: dict[str, Any] | None = None) -> Restored:
+                      overrides: dict[str, Any] | None = None,
+                      warn_redrawn: bool = True) -> Restored:
   """The checkpoint ``checkpoint_spec`` of ``workdir`` on the mesh with the run's parameter
-  placement, and the eval data of ``split`` ('' = the run's eval split)."""
+  placement, and the eval data of ``split`` ('' = the run's eval split); ``warn_redrawn``: warn
+  when an image folder's held-out ``split`` is drawn otherwise than at training
+  (``held_out.folder_changed``)."""
   workdir = os.path.abspath(workdir)
   checkpoint.require_checkpoint(workdir)
   keep = (config if config is not None
@@ -130,10 +133,12 @@ def restore_for_split(workdir: str, config: ml_collections.ConfigDict | None, *,
                     latest, 'them' if len(fitted) > 1 else 'it')
   trained = inference.load(workdir, config, step=step, overrides=overrides)
   cfg = trained.run
-  new_images = _new_image_location(checkpoint.read_config(workdir) or {}, overrides or {})
+  saved = checkpoint.read_config(workdir) or {}
+  new_images = _new_image_location(saved, overrides or {})
   split = split or (reader.default_eval_split(cfg.data) if new_images else cfg.data.eval_split)
   check_flips(cfg.data, tta, mirror_safe=trained.info.mirror_safe)
-  changed = '' if new_images else held_out.folder_changed(cfg, trained.info, split)
+  changed = ('' if new_images or not warn_redrawn else
+             held_out.folder_changed(cfg, trained.info, split, saved.get('data', {})))
   if changed:
     logging.warning("%s, so the held-out split '%s' drawn from it may hold images the model "
                     'trained on and its figures may be optimistic; restore the folder as it was, '

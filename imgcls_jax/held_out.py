@@ -60,11 +60,16 @@ def _drawn(data: ml_collections.ConfigDict, split: str) -> bool:
           and not folder_index.has_splits(folder_index.source_of(data)))
 
 
-def folder_changed(config: ml_collections.ConfigDict, info: DatasetInfo, split: str) -> str:
-  """'' unless ``split`` of the run's image folder is drawn from its files (``_drawn``) and the
-  training split now holds other files or labels than at training (``info.split_digests``; the
-  image count for runs saved before them): then a clause saying so. Another file set draws other
-  held-out images, some of which the model may have trained on."""
+_DRAW_KEYS = ('holdout_fraction', 'holdout_seed', 'validation_fraction')
+
+
+def folder_changed(config: ml_collections.ConfigDict, info: DatasetInfo, split: str,
+                   saved_data: dict | None = None) -> str:
+  """'' unless ``split`` of the run's image folder is drawn from its files (``_drawn``) and is
+  drawn otherwise now than at training: then a clause saying why. Either a draw key differs from
+  the run's (``saved_data``: its saved ``config.data``), or the training split lists other files
+  or labels (``info.split_digests``, from the listing alone; the image count for runs saved
+  before them). Another draw may put images the model trained on into ``split``."""
   data = config.data
   name = str(data.train_split)
   if not folder_index.is_folder(data) or '@' in name:
@@ -72,17 +77,26 @@ def folder_changed(config: ml_collections.ConfigDict, info: DatasetInfo, split: 
   try:
     if not _drawn(data, split):
       return ''
-    now = folder_index.index(folder_index.source_of(data), name, info.class_names)
+    for key in _DRAW_KEYS if saved_data else ():
+      then, now = saved_data.get(key, 0), data.get(key, 0)
+      if (then or 0) != (now or 0):
+        return (f'config.data.{key}={now} draws other held-out images than the run did '
+                f'({key}={then})')
+    src = folder_index.source_of(data)
+    then = (info.split_digests or {}).get(name)
+    if then is not None:
+      if then == folder_index.listed_digest(src, name, info.class_names):
+        return ''
+      return (f"The image folder changed since training (split '{name}' lists other files or "
+              'labels)')
+    count, now = (info.num_examples or {}).get(name), len(folder_index.index(src, name,
+                                                                             info.class_names))
   except UserError:
     return ''   # reading the split says what is wrong
-  count = (info.num_examples or {}).get(name)
-  counts = (f'{count} images then, {len(now)} now' if count is not None and int(count) != len(now)
-            else '')
-  then = (info.split_digests or {}).get(name)
-  if then is None and not counts or then == now.digest:
+  if count is None or int(count) == now:
     return ''
-  return (f"The image folder changed since training (split '{name}': "
-          f"{counts or 'other files or labels'})")
+  return (f"The image folder changed since training (split '{name}': {count} images then, "
+          f'{now} now)')
 
 
 def check_fit_splits(config: ml_collections.ConfigDict, info: DatasetInfo, *,
@@ -119,8 +133,9 @@ def warn_unused_validation(config: ml_collections.ConfigDict, info: DatasetInfo)
   fraction = config.data.get('validation_fraction', 0.0) or 0.0
   key = 'threshold_split' if info.multilabel else 'temperature_split'
   fit = threshold_split(config) if info.multilabel else temperature_split(config)
+  read = (fit, str(config.data.eval_split))    # evaluating on it reads it too
   if (not folder_index.is_folder(config.data) or fraction <= 0
-      or fit.split('[')[0] == folder_index.VALIDATION):
+      or any(r.split('[')[0] == folder_index.VALIDATION for r in read)):
     return
   logging.warning("config.data.validation_fraction=%s holds that part of every class out of "
                   "training as split '%s', and no fit of this run reads it: fit on it now "

@@ -48,7 +48,7 @@ class Setup:
   total_steps: int | None = None
   local_batch_size: int | None = None
   steps_per_dispatch: int = 1         # train steps per jitted call (config.steps_per_dispatch)
-  teacher: Any = None                 # teacher.Teacher of a distilled run (config.distill)
+  teacher: Any = None                 # teacher.Teachers of a distilled run (config.distill)
 
 
 def setup(config: ml_collections.ConfigDict, info: DatasetInfo | None = None, *,
@@ -144,7 +144,7 @@ def _probe_head(config: ml_collections.ConfigDict, model_fn: state_lib.ModelFn) 
 
 def _with_teacher(s: Setup, step: Any, state_shardings: Any, batch_sharding: Any) -> Any:
   """``step(state, batch)`` jitted over the mesh (donating the state); a distilled run's
-  teacher variables go in as a third argument, placed once (not constants in the program)."""
+  teachers' variables go in as a third argument, placed once (not constants in the program)."""
   teacher = s.teacher
   extra = () if teacher is None else (teacher.variables,)
   jitted = jax.jit(step, in_shardings=(state_shardings, batch_sharding) + (
@@ -156,7 +156,7 @@ def _with_teacher(s: Setup, step: Any, state_shardings: Any, batch_sharding: Any
 def _train_step(s: Setup) -> Any:
   return functools.partial(steps.train_step, model_def=s.model_def, tx=s.tx,
                            lr_schedule=s.lr_schedule, cfg=s.step_cfg,
-                           teacher_def=None if s.teacher is None else s.teacher.model_def)
+                           teacher_defs=() if s.teacher is None else s.teacher.model_defs)
 
 
 def jit_train_step(s: Setup, state_shardings: Any) -> Any:

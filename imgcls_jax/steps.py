@@ -149,15 +149,15 @@ def _micro_batches(tree: Any, k: int) -> Any:
   return jax.tree.map(lambda a: a.reshape(a.shape[0] // k, k, *a.shape[1:]).swapaxes(0, 1), tree)
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], teacher: Any = None, *,
+def train_step(state: TrainState, batch: dict[str, jax.Array], teachers: Any = None, *,
                model_def: ModelDef, tx: optax.GradientTransformation,
                lr_schedule: optax.Schedule, cfg: StepConfig,
-               teacher_def: ModelDef | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+               teacher_defs: tuple[ModelDef, ...] = ()) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on a global batch; BN statistics are taken over the whole global batch
   (over each micro-batch with ``cfg.accumulation`` > 1; a linear probe, ``cfg.probe_head``, keeps
-  the source model's statistics instead). With ``cfg.distill``, ``teacher`` (the teacher's
-  variables, graph ``teacher_def``) sees the same augmented images and adds its term to the loss
-  (``distill.py``)."""
+  the source model's statistics instead). With ``cfg.distill``, ``teachers`` (a tuple of the
+  teachers' variables, graphs ``teacher_defs``) see the same augmented images and add their term
+  to the loss (``distill.py``)."""
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   images = batch['image']
   if cfg.device_flip:
@@ -170,8 +170,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], teacher: Any = No
   y = targets(batch['label'], cfg)
   if cfg.mix is not None:  # soft targets from mixed pairs of the global batch
     x, y = mixup.apply(jax.random.fold_in(key, MIX_STREAM), x, y, cfg.mix)
-  t_logits = (None if cfg.distill is None else
-              distill.teacher_logits(teacher_def, teacher, x, cfg.distill))
+  def teach(x_mb):   # the teachers' probabilities of (micro-)batch rows, or None
+    return None if cfg.distill is None else distill.teacher_probabilities(
+        teacher_defs, teachers, x_mb, cfg.distill, cfg.multilabel)
+
   # Image folders mark rows whose file failed to decode (mask False): they add nothing to the loss.
   weights_B = batch['mask'].astype(jnp.float32) if 'mask' in batch else jnp.ones(x.shape[:1])
   count = jnp.maximum(weights_B.sum(), 1.0)
@@ -210,19 +212,24 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], teacher: Any = No
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if cfg.accumulation == 1:
+    t_probs = teach(x)
     (loss, (logits, new_stats)), grads = grad_fn(state.params, state.batch_stats, x, y, weights_B,
-                                                 t_logits, 0)
+                                                 t_probs, 0)
   else:  # k micro-batches in sequence: summed gradients, BN statistics carried through
-    def micro_step(carry, xs):
+    def micro_step(carry, xs):   # the teachers too see one micro-batch at a time (memory)
       grads, stats, loss = carry
-      (l, (logits, stats)), g = grad_fn(state.params, stats, *xs)
-      return (jax.tree.map(jnp.add, grads, g), stats, loss + l), logits
+      x_mb, y_mb, w_mb, j = xs
+      t = teach(x_mb)
+      (l, (logits, stats)), g = grad_fn(state.params, stats, x_mb, y_mb, w_mb, t, j)
+      return (jax.tree.map(jnp.add, grads, g), stats, loss + l), (logits, t)
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    micro = (*_micro_batches((x, y, weights_B, t_logits), cfg.accumulation),
-             jnp.arange(cfg.accumulation))
-    (grads, new_stats, loss), logits_k = jax.lax.scan(
+    micro = (*_micro_batches((x, y, weights_B), cfg.accumulation), jnp.arange(cfg.accumulation))
+    (grads, new_stats, loss), (logits_k, t_k) = jax.lax.scan(
         micro_step, (zeros, state.batch_stats, jnp.zeros((), jnp.float32)), micro)
-    logits = logits_k.swapaxes(0, 1).reshape(-1, logits_k.shape[-1])  # back to batch order
+    def batch_order(a_k):   # k x B/k x K -> B x K, rows back in batch order
+      return a_k.swapaxes(0, 1).reshape(-1, a_k.shape[-1])
+    logits = batch_order(logits_k)
+    t_probs = None if t_k is None else batch_order(t_k)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   if cfg.multilabel:  # exact match of the tag set at threshold 0.5 (sklearn's subset accuracy)
@@ -235,10 +242,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], teacher: Any = No
       'learning_rate': lr_schedule(state.step),
       'grad_norm': optax.global_norm(grads),
   }
-  if t_logits is not None:   # how often the student decides as its teacher does
-    same_B = (jnp.mean(((logits >= 0) == (t_logits >= 0)).astype(jnp.float32), axis=-1)
+  if t_probs is not None:   # how often the student decides as its teachers do
+    same_B = (jnp.mean(((logits >= 0) == (t_probs >= 0.5)).astype(jnp.float32), axis=-1)
               if cfg.multilabel else
-              (jnp.argmax(logits, -1) == jnp.argmax(t_logits, -1)).astype(jnp.float32))
+              (jnp.argmax(logits, -1) == jnp.argmax(t_probs, -1)).astype(jnp.float32))
     real_B = batch['mask'].astype(jnp.float32) if 'mask' in batch else jnp.ones(same_B.shape)
     metrics['teacher_agreement'] = (same_B * real_B).sum() / count
   ema = state.ema

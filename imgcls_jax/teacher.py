@@ -1,16 +1,20 @@
-"""The teacher of a distilled run (``config.distill``): a trained run directory, loaded as
-inference loads it (its latest checkpoint, EMA weights where the run evaluates with them), checked
-against the student's data and placed on the student's mesh. The loss term: ``distill.py``.
+"""The teachers of a distilled run (``config.distill``): trained run directories (one, or an
+ensemble given comma-separated), each loaded as inference loads it (its latest checkpoint, EMA
+weights where the run evaluates with them), checked against the student's data and placed on the
+student's mesh. The loss term: ``distill.py``.
 
   python -m imgcls_jax.main --config=configs/fashion_mnist_quick.py --workdir=runs/student \\
       --config.distill.teacher=runs/wrn --config.distill.weight=0.5 --config.distill.temperature=4
+  ... --config.distill.teacher=runs/seed0,runs/seed1,runs/seed2     # an ensemble's mean
 
-A resumed run loads the teacher again: keep its directory as it was until the student is done.
+A resumed run loads the teachers again: keep their directories as they were until the student is
+done.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from typing import Any
 
@@ -19,47 +23,70 @@ import ml_collections
 
 from imgcls_jax import checkpoint, distill, inference, models, sharding
 from imgcls_jax import state as state_lib
+from imgcls_jax.data import reader
 from imgcls_jax.data.info import DatasetInfo
 from imgcls_jax.errors import UserError
 
 
 @dataclasses.dataclass
-class Teacher:
-  """A teacher on the student's mesh: its graph, its placed variables and their shardings."""
-  model_def: state_lib.ModelDef
-  variables: state_lib.InferenceState
-  shardings: Any
+class Teachers:
+  """The teachers on the student's mesh: their graphs, placed variables and shardings (tuples,
+  one entry per teacher), and the distillation term's numbers."""
+  model_defs: tuple[state_lib.ModelDef, ...]
+  variables: tuple[state_lib.InferenceState, ...]
+  shardings: tuple[Any, ...]
   cfg: distill.DistillConfig
-  origin: str
-  step: int
+  origins: tuple[str, ...]
+  steps: tuple[int, ...]
+
+  def record(self) -> list[dict[str, Any]]:
+    """What the student's checkpoints keep of its teachers (``check_resumed`` compares it)."""
+    return [{'path': p, 'step': s} for p, s in zip(self.origins, self.steps)]
 
 
-def directory(config: ml_collections.ConfigDict) -> str:
-  """``config.distill.teacher`` ('' = no distillation; configs without the section: '')."""
+def absolute_paths(config: ml_collections.ConfigDict) -> None:
+  """``config.distill.teacher`` with each directory made absolute (in place): the run saves, and
+  a resume compares, the teachers it means, whatever the working directory."""
+  named = directories(config)
+  if named:
+    config.distill.teacher = ','.join(os.path.abspath(os.path.expanduser(p)) for p in named)
+
+
+def check_resumed(teachers: Teachers, meta: dict[str, Any], step: int) -> None:
+  """Warns when a resumed student's teachers are not those its checkpoint ``step`` was trained
+  with (a teacher trained on, or another run at that path): it will not match an uninterrupted
+  run."""
+  then = meta.get('distill_teachers')
+  if then is not None and then != teachers.record():
+    was = ', '.join(f"{t['path']} (step {t['step']})" for t in then)
+    now = ', '.join(f'{p} (step {s})' for p, s in zip(teachers.origins, teachers.steps))
+    logging.warning('Resuming step %d with other teachers than it was trained with (then: %s; '
+                    'now: %s): the run will not match an uninterrupted one.', step, was, now)
+
+
+def directories(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The run directories ``config.distill.teacher`` names, comma-separated (none: no
+  distillation; configs without the section: none)."""
   d = config.get('distill')
-  return str(d.get('teacher', '') or '') if d else ''
+  named = str(d.get('teacher', '') or '') if d else ''
+  return tuple(p.strip() for p in named.split(',') if p.strip())
 
 
 def _check_numbers(d: ml_collections.ConfigDict) -> tuple[float, float]:
   weight, temperature = float(d.get('weight', 0.5)), float(d.get('temperature', 4.0))
-  if not 0.0 < weight <= 1.0:
+  if not 0.0 < weight <= 1.0:   # NaN fails too
     raise UserError(f'config.distill.weight={weight} must be in (0, 1] (the share of the '
                     "teacher's term in the loss; e.g. 0.5), or unset config.distill.teacher.")
-  if not temperature > 0.0:
-    raise UserError(f'config.distill.temperature={temperature} must be > 0 (e.g. 4; 1 = the '
-                    "teacher's own probabilities).")
+  if not 0.0 < temperature < math.inf:
+    raise UserError(f'config.distill.temperature={temperature} must be finite and > 0 (e.g. 4; '
+                    "1 = the teacher's own probabilities).")
   return weight, temperature
 
 
-def load(config: ml_collections.ConfigDict, info: DatasetInfo, mesh: jax.sharding.Mesh,
-         placement: sharding.ParamSharding, workdir: str) -> Teacher | None:
-  """The teacher of ``config.distill.teacher`` for a student training in ``workdir`` on the
-  data ``info`` describes, or None when the config names none."""
-  path = directory(config)
-  if not path:
-    return None
-  weight, temperature = _check_numbers(config.distill)
-  path = os.path.abspath(os.path.expanduser(path))
+def _load_one(path: str, config: ml_collections.ConfigDict, info: DatasetInfo,
+              workdir: str) -> tuple[inference.Trained, distill.View]:
+  """One teacher's run, checked against the student's data, and how it sees the student's
+  batches."""
   if path == os.path.abspath(workdir):
     raise UserError(f'config.distill.teacher={path} is this run itself; name another trained '
                     'run directory.')
@@ -83,21 +110,70 @@ def load(config: ml_collections.ConfigDict, info: DatasetInfo, mesh: jax.shardin
                     f"({', '.join(trained.info.class_names[:5])}, ...) and this run "
                     f"{info.num_classes} ({', '.join(info.class_names[:5])}, ...) in another "
                     'order or set; distil from a run trained on the same classes.')
+  _check_unseen(trained, where, config, info)
   shape = inference.input_spec(config.data, info)[1]
   if trained.image_shape[2] != shape[2]:
     raise UserError(f'{where} takes {trained.image_shape[2]}-channel images and this run feeds '
                     f'{shape[2]}-channel ones; distil from a run of the same channel count.')
-  resize = tuple(trained.image_shape[:2]) if tuple(trained.image_shape[:2]) != shape[:2] else ()
-  if resize:
-    logging.info('The teacher takes %dx%d images: each %dx%d training batch is resized for it.',
-                 *resize, *shape[:2])
-  model_fn = models.from_config(trained.run, trained.info.num_classes, trained.image_shape[2])
-  variables, shardings = state_lib.place_variables(model_fn, trained.variables, mesh, placement)
+  hw = tuple(int(d) for d in trained.image_shape[:2])
   scale, shift = distill.renormalization(config.data.mean, config.data.std,
                                          trained.run.data.mean, trained.run.data.std)
-  cfg = distill.DistillConfig(weight=weight, temperature=temperature, scale=scale, shift=shift,
-                              compute_dtype=str(trained.run.dtype), resize_hw=resize)
-  logging.info('Distilling from %s (%s), weight %g, temperature %g.', where,
-               trained.run.model.name, weight, temperature)
-  return Teacher(model_def=state_lib.model_def(model_fn), variables=variables,
-                 shardings=shardings, cfg=cfg, origin=path, step=trained.step)
+  logging.info('Distilling from %s (%s, %dx%d images: batches of another size are resized).',
+               where, trained.run.model.name, *hw)
+  return trained, distill.View(scale=scale, shift=shift, compute_dtype=str(trained.run.dtype),
+                               input_hw=hw)
+
+
+def _check_unseen(trained: inference.Trained, where: str, config: ml_collections.ConfigDict,
+                  info: DatasetInfo) -> None:
+  """A teacher that trained on the student's eval examples teaches their labels: the student's
+  score on them says nothing of new images. Refused for a cross-validation fold (its score is
+  the method's estimate), warned about otherwise. Checked by split slices of the same dataset
+  (``reader.shared_examples``); image folders' drawn splits count as disjoint."""
+  if trained.info.name != info.name:
+    return
+  taught = str(trained.run.data.train_split)
+  base, _, fold = str(config.data.eval_split).partition('@')
+  try:
+    shared = reader.shared_examples(config.data, taught, base, info)
+  except UserError:
+    return
+  if not shared:
+    return
+  if fold:
+    raise UserError(f"{where} trained on '{taught}', which holds this cross-validation fold's "
+                    f"held-out examples (of '{base}'), so its teaching would leak them into the "
+                    "fold's score; distil from a teacher that never saw them, or cross-validate "
+                    'without config.distill.')
+  logging.warning("%s trained on %d examples of this run's eval split '%s': the student learns "
+                  'their labels from it, so its evaluation there is optimistic; evaluate on '
+                  'examples the teacher never saw.', where, shared, base)
+
+
+def load(config: ml_collections.ConfigDict, info: DatasetInfo, mesh: jax.sharding.Mesh,
+         placement: sharding.ParamSharding, workdir: str) -> Teachers | None:
+  """The teachers ``config.distill.teacher`` names for a student training in ``workdir`` on the
+  data ``info`` describes, or None when it names none."""
+  paths = [os.path.abspath(os.path.expanduser(p)) for p in directories(config)]
+  if not paths:
+    return None
+  weight, temperature = _check_numbers(config.distill)
+  if len(set(paths)) != len(paths):
+    raise UserError(f"config.distill.teacher names a run twice ({', '.join(paths)}); name each "
+                    'teacher once.')
+  defs, placed, shardings, views, steps = [], [], [], [], []
+  for path in paths:
+    trained, view = _load_one(path, config, info, workdir)
+    steps.append(trained.step)
+    model_fn = models.from_config(trained.run, trained.info.num_classes, trained.image_shape[2])
+    variables, sh = state_lib.place_variables(model_fn, trained.variables, mesh, placement)
+    defs.append(state_lib.model_def(model_fn))
+    placed.append(variables)
+    shardings.append(sh)
+    views.append(view)
+  logging.info('Distillation: %d teacher(s), weight %g, temperature %g.', len(paths), weight,
+               temperature)
+  return Teachers(model_defs=tuple(defs), variables=tuple(placed), shardings=tuple(shardings),
+                  cfg=distill.DistillConfig(weight=weight, temperature=temperature,
+                                            views=tuple(views)), origins=tuple(paths),
+                  steps=tuple(steps))

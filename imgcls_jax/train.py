@@ -257,7 +257,8 @@ class _Trainer:
             'data_position': {'step': step, 'seed': c.seed, 'examples_seen': step * c.batch_size},
             **({'thresholds': {'values': list(self.thresholds), 'split': self.threshold_split}}
                if self.thresholds is not None else {}),
-            **({'temperature': self.temperature} if self.temperature is not None else {})}
+            **({'temperature': self.temperature} if self.temperature is not None else {}),
+            **({'distill_teachers': self.s.teacher.record()} if self.s.teacher else {})}
 
   def save(self, step: int, eval_result: dict[str, Any] | None = None) -> None:
     """Starts an async save once every step up to ``step`` is known to be finite."""
@@ -352,11 +353,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     'cross-validation is its own entry point; run python -m imgcls_jax.main '
                     '(--mode=train picks it) or imgcls_jax.cross_validation.cross_validate.')
   workdir = os.path.abspath(workdir)
+  teacher_lib.absolute_paths(config)   # saved and compared on resume as absolute paths
   s = run.setup(config)
   _check_best_metric(config, s.info.multilabel)
-  s.teacher = teacher_lib.load(config, s.info, s.mesh, s.placement, workdir)
-  if s.teacher is not None:
-    s.step_cfg = dataclasses.replace(s.step_cfg, distill=s.teacher.cfg)
   is_main = jax.process_index() == 0
   if is_main:
     os.makedirs(workdir, exist_ok=True)
@@ -364,6 +363,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
        preemption.StopWatcher() as stop:
     state, state_sh = run.restore_or_init(s, ckpt)  # checks the workdir's config first
     start = int(jax.device_get(state.step))
+    if start < s.total_steps:   # a finished run needs no teacher to be evaluated again
+      s.teacher = teacher_lib.load(config, s.info, s.mesh, s.placement, workdir)
+    if s.teacher is not None:
+      s.step_cfg = dataclasses.replace(s.step_cfg, distill=s.teacher.cfg)
+      if start:
+        teacher_lib.check_resumed(s.teacher, ckpt.read_meta(start), start)
     if is_main:
       checkpoint.write_config(workdir, config)
       metrics.rewind_jsonl(os.path.join(workdir, 'metrics.jsonl'), start)

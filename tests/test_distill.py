@@ -2,8 +2,11 @@
 of the student's pixels, a distilled student that moves towards its teacher, and one-line errors.
 Exact resume and 1 device = 2 devices with a teacher: tests/test_speed_features.py (its reference
 run distils from a teacher of another width and normalisation)."""
+import logging
+
 import numpy as np
 import pytest
+import scipy.special
 
 from imgcls_jax import distill, inference, steps, train
 from imgcls_jax.data import pipeline
@@ -20,16 +23,19 @@ def test_divergence_is_pytorchs_kl_div_times_t_squared(temperature):
   # Hinton et al.'s term as PyTorch users write it, per example.
   want = f.kl_div(f.log_softmax(st, -1), f.softmax(tt, -1), reduction='none').sum(-1)
   want = (want * temperature ** 2).numpy()
-  got = np.asarray(distill.divergence(s, t, temperature))
+  got = np.asarray(distill.divergence(s, distill.soften(t, temperature), temperature))
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   # Tags: binary cross-entropy towards the teacher's sigmoids less the teacher's own entropy.
   p = torch.sigmoid(tt)
   ce = f.binary_cross_entropy_with_logits(st, p, reduction='none')
   entropy = f.binary_cross_entropy_with_logits(tt, p, reduction='none')
   want = ((ce - entropy).mean(-1) * temperature ** 2).numpy()
-  got = np.asarray(distill.divergence(s, t, temperature, multilabel=True))
+  got = np.asarray(distill.divergence(s, distill.soften(t, temperature, True), temperature,
+                                      multilabel=True))
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
-  assert np.allclose(distill.divergence(t, t, temperature), 0, atol=1e-5)   # no pull at the teacher
+  # No pull at the teacher.
+  assert np.allclose(distill.divergence(t, distill.soften(t, temperature), temperature), 0,
+                     atol=1e-5)
 
 
 def test_the_teacher_sees_the_pixels_in_its_own_normalisation():
@@ -97,18 +103,79 @@ def test_a_distilled_student_learns_what_its_teacher_says_not_the_labels(digits_
   assert logged and logged[-1]['teacher_agreement'] > 0.5 and logged[-1]['accuracy'] < 0.1
 
 
-def test_distillation_errors_are_one_line(digits_config, tmp_path):
+def test_an_ensemble_teaches_its_mean_probabilities_as_served(digits_config, tmp_path):
+  """Two teachers (another seed and normalisation each): the step's teacher probabilities of a
+  batch, from the student's normalised pixels, equal the mean of each teacher's served
+  probabilities at temperature T (the Classifier's forward pass on the uint8 images)."""
+  import jax
+  from imgcls_jax import run, teacher as teacher_lib
+  c = digits_config
+  c.model.widths = (8, 16)
+  c.num_train_steps = 5
+  train.train_and_evaluate(c, str(tmp_path / 'a'))
+  other = c.copy_and_resolve_references()
+  other.seed, other.data.mean, other.data.std = 1, (0.3,), (0.4,)
+  train.train_and_evaluate(other, str(tmp_path / 'b'))
+  c.distill.teacher = f"{tmp_path / 'a'}, {tmp_path / 'b'}"
+  c.distill.temperature = 3.0
+  s = run.setup(c)
+  teachers = teacher_lib.load(c, s.info, s.mesh, s.placement, str(tmp_path / 'student'))
+  assert len(teachers.variables) == 2 and teachers.cfg.views[0].scale == ()
+  assert teachers.cfg.views[0].input_hw == (8, 8)
+  images = _split(c, 'test')[0][:64]
+  got = np.asarray(jax.jit(lambda v, x: distill.teacher_probabilities(
+      teachers.model_defs, v, x, teachers.cfg))(teachers.variables,
+                                                 steps.normalize(images, s.step_cfg)))
+  served = [inference.classifier(inference.load(str(tmp_path / n))).predict_arrays(images)
+            for n in ('a', 'b')]
+  soft = [scipy.special.softmax(r['logits'].astype(np.float64) / 3.0, axis=1) for r in served]
+  assert np.abs(soft[0] - soft[1]).max() > 1e-3   # two teachers that disagree (100x the atol)
+  np.testing.assert_allclose(got, (soft[0] + soft[1]) / 2, atol=1e-5)
+  c.distill.teacher = f"{tmp_path / 'a'},{tmp_path / 'a'}"
+  with pytest.raises(UserError, match='names a run twice'):
+    teacher_lib.load(c, s.info, s.mesh, s.placement, str(tmp_path / 'student'))
+
+
+def test_distillation_errors_are_one_line(digits_config, tmp_path, caplog):
+  from imgcls_jax import teacher as teacher_lib
   c = digits_config
   c.model.widths = (8, 16)
   c.num_train_steps = 2
   train.train_and_evaluate(c, str(tmp_path / 'teacher'))
+  # A teacher that trained on the student's eval examples: refused for a cross-validation fold,
+  # warned about otherwise.
+  trained = inference.load(str(tmp_path / 'teacher'))
+  fold = c.copy_and_resolve_references()
+  fold.data.eval_split = 'train@/runs/cv/fold_0.ids'
+  with pytest.raises(UserError, match="holds this cross-validation fold's held-out examples"):
+    teacher_lib._check_unseen(trained, 'the teacher', fold, trained.info)
+  leak = c.copy_and_resolve_references()
+  leak.data.train_split, leak.data.eval_split = 'train[100:]', 'train[:100]'
+  with caplog.at_level(logging.WARNING):
+    teacher_lib._check_unseen(trained, 'the teacher', leak, trained.info)
+  assert "trained on 100 examples of this run's eval split 'train[:100]'" in caplog.text
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    teacher_lib._check_unseen(trained, 'the teacher', c, trained.info)    # train vs test
+  assert 'optimistic' not in caplog.text
+  # A resumed student whose teacher trained on since: said once.
+  teachers = teacher_lib.Teachers(model_defs=(), variables=(), shardings=(), cfg=None,
+                                  origins=('/runs/t',), steps=(200,))
+  with caplog.at_level(logging.WARNING):
+    teacher_lib.check_resumed(teachers, {'distill_teachers': [{'path': '/runs/t', 'step': 60}]},
+                              20)
+    teacher_lib.check_resumed(teachers, {'distill_teachers': teachers.record()}, 40)
+  assert caplog.text.count('other teachers than it was trained with') == 1
+  assert '/runs/t (step 60); now: /runs/t (step 200)' in caplog.text
   cases = [
       ({'distill.teacher': str(tmp_path / 'none')},
        r'distill.teacher=.*none holds no checkpoint; name the --workdir of a trained run'),
       ({'distill.teacher': str(tmp_path / 'teacher'), 'distill.weight': 0.0},
        r'distill.weight=0.0 must be in \(0, 1\]'),
       ({'distill.teacher': str(tmp_path / 'teacher'), 'distill.temperature': -1.0},
-       'distill.temperature=-1.0 must be > 0'),
+       'distill.temperature=-1.0 must be finite and > 0'),
+      ({'distill.teacher': str(tmp_path / 'teacher'), 'distill.temperature': float('inf')},
+       'distill.temperature=inf must be finite'),
       ({'distill.teacher': str(tmp_path / 'student')}, 'is this run itself'),
       ({'distill.teacher': str(tmp_path / 'teacher'), 'data.name': 'image_folder',
         'data.folder': str(tmp_path / 'rgb'), 'data.mean': (0.5, 0.5, 0.5),

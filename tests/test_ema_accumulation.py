@@ -1,6 +1,8 @@
 """Gradient accumulation (k micro-batches == one batch, for a model without BatchNorm) and the
 weight EMA (the recurrence, checked against numpy; evaluation and inference use it). Exact resume of
 the EMA after SIGKILL is checked in test_fault_tolerance.py, whose runs keep an EMA."""
+import dataclasses
+
 import jax
 import ml_collections
 import numpy as np
@@ -8,6 +10,7 @@ import pytest
 from flax import nnx
 
 from imgcls_jax import checkpoint, inference, models, run, state as state_lib, train
+from imgcls_jax import teacher as teacher_lib
 from imgcls_jax.data import digits
 from imgcls_jax.errors import UserError
 
@@ -49,6 +52,9 @@ def _batch(n=64, seed=0):
 
 def _steps(config, batches):
   s = run.setup(config)
+  s.teacher = teacher_lib.load(config, s.info, s.mesh, s.placement, workdir='/nowhere')
+  if s.teacher is not None:
+    s.step_cfg = dataclasses.replace(s.step_cfg, distill=s.teacher.cfg)
   state, shardings = state_lib.create(s.model_fn, s.tx, config.seed, s.mesh, s.placement,
                                       ema=s.step_cfg.ema_decay > 0)
   step = run.jit_train_step(s, shardings)
@@ -59,7 +65,15 @@ def _steps(config, batches):
   return jax.device_get(state), history
 
 
-def test_k_micro_batches_give_the_update_of_one_batch(mlp):
+@pytest.mark.parametrize('distilled', [False, True])
+def test_k_micro_batches_give_the_update_of_one_batch(mlp, distilled, tmp_path):
+  """Also with a teacher (the same MLP, trained a few steps): it sees one micro-batch at a
+  time, and the updates and its agreement metric are those of the whole batch."""
+  if distilled:
+    teacher = ml_collections.ConfigDict(mlp.to_dict())
+    teacher.num_train_steps, teacher.seed = 5, 1
+    train.train_and_evaluate(teacher, str(tmp_path / 'teacher'))
+    mlp.distill.teacher, mlp.distill.temperature = str(tmp_path / 'teacher'), 2.0
   batches = [_batch(seed=i) for i in range(3)]
   whole, whole_hist = _steps(mlp, batches)
   mlp.grad_accumulation_steps = 4                 # 8 fake devices x 8 rows: micro-batches of 16
@@ -71,6 +85,9 @@ def test_k_micro_batches_give_the_update_of_one_batch(mlp):
     np.testing.assert_allclose(ma['loss'], mb['loss'], rtol=1e-6)
     np.testing.assert_allclose(ma['accuracy'], mb['accuracy'], rtol=1e-6)
     np.testing.assert_allclose(ma['grad_norm'], mb['grad_norm'], rtol=1e-5)
+    assert ('teacher_agreement' in ma) == distilled
+    if distilled:
+      np.testing.assert_allclose(ma['teacher_agreement'], mb['teacher_agreement'], rtol=1e-6)
   moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), whole.params, whole_hist[0][0])
   assert max(jax.tree.leaves(moved)) > 1e-3      # the steps did change the weights
 

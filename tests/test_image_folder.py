@@ -130,6 +130,13 @@ def test_split_digest_changes_with_the_files_and_labels_a_split_holds(folder_con
   os.rename(f'{folder}/train/cat/rgb_9.jpg', f'{folder}/train/cat/rgb_1.jpg')
   folder_index.clear_memo()
   assert sources.describe(folder_config.data).split_digests == then
+  # A file that became unreadable is skipped, but the split lists the same files: the draws of
+  # held-out images, made on the listing, are unchanged, and so is the digest.
+  with open(f'{folder}/train/dog/rgb_2.JPEG', 'wb') as f:
+    f.write(b'\xff\xd8\xff' + b'\0' * 20)
+  folder_index.clear_memo()
+  damaged = sources.describe(folder_config.data)
+  assert damaged.num_examples['train'] == 11 and damaged.split_digests == then
 
 
 def test_mirror_safe_false_refuses_flips_for_the_run(folder_config):
@@ -141,10 +148,15 @@ def test_mirror_safe_false_refuses_flips_for_the_run(folder_config):
     run.setup(folder_config)
   folder_config.data.train_preprocess = 'random_resized_crop(size=16, area_min=0.5)'
   run.setup(folder_config)
+  from imgcls_jax import configlib
   from imgcls_jax.data import info as info_lib
+  saved = configlib.config_dict(folder_config)
   folder_config.data.mirror_safe = True      # a later config cannot lift the run's own mark
   with pytest.raises(UserError, match='leave config.evaluate.tta empty'):
     info_lib.check_flips(folder_config.data, 'flip', mirror_safe=info.mirror_safe)
+  with pytest.raises(UserError, match=r'Cannot resume .*data\.mirror_safe: false in the '
+                                      'checkpoint, true now'):
+    configlib.check_config(saved, folder_config, 'checkpoint 8 in /runs/x')
 
 
 def test_train_stream_mixes_sizes_and_modes(folder_config):

@@ -79,16 +79,11 @@ class Split:
   sizes_found: frozenset[tuple[int, int]]   # upright (height, width) of the images
   skipped: tuple[tuple[str, str], ...]      # (id, reason)
   counts: tuple[int, ...]                   # images per class (multi-label: images tagged with it)
+  digest: str = ''                          # ``listed_digest`` of the split (before any probe)
 
   def __len__(self) -> int:
     return len(self.paths)
 
-  @property
-  def digest(self) -> str:
-    """A fingerprint of which images the split holds, with their labels, in any order: another
-    file set, a renamed or swapped file or a relabelled manifest row changes it."""
-    rows = sorted(f'{i}\t{y}' for i, y in zip(self.ids, self.labels))
-    return hashlib.sha256('\n'.join(rows).encode()).hexdigest()[:16]
 
   @property
   def typical_hw(self) -> tuple[int, int]:
@@ -365,6 +360,20 @@ def clear_memo() -> None:
     _MEMO.clear()
 
 
+def _digest(ids: list[str], labels: list) -> str:
+  rows = sorted(f'{i}\t{y}' for i, y in zip(ids, labels))
+  return hashlib.sha256('\n'.join(rows).encode()).hexdigest()[:16]
+
+
+def listed_digest(src: Source, split: str, names: tuple[str, ...]) -> str:
+  """A fingerprint of the files (and labels) the layout puts in ``split``, in any order, from the
+  listing alone (no file is opened): another file set, a renamed or moved file or a relabelled
+  manifest row changes it; a file that became unreadable does not (the held-out draw is made on
+  the listing)."""
+  ids, labels, _ = _candidates(src, split, names)
+  return _digest(ids, labels)
+
+
 def index(src: Source, split: str, names: tuple[str, ...]) -> Split:
   """The readable images of ``split`` labelled by ``names``, once per process (memoised)."""
   key = (src, split, names)
@@ -372,6 +381,7 @@ def index(src: Source, split: str, names: tuple[str, ...]) -> Split:
     if key in _MEMO:
       return _MEMO[key]
   ids, labels, skipped = _candidates(src, split, names)
+  digest = _digest(ids, labels)
   probed = file_probe.probe_all(src.root, src.kind, src.location, src.cache_dir, ids)
   keep = [i for i, p in enumerate(probed) if not isinstance(p, str)]
   skipped += [(ids[i], p) for i, p in enumerate(probed) if isinstance(p, str)]
@@ -399,7 +409,7 @@ def index(src: Source, split: str, names: tuple[str, ...]) -> Split:
                  labels=tuple(labels[i] for i in keep), ids=tuple(ids[i] for i in keep),
                  channels_found=frozenset(probed[i][2] for i in keep),
                  sizes_found=frozenset(probed[i][:2] for i in keep), skipped=tuple(skipped),
-                 counts=tuple(int(c) for c in counts))
+                 counts=tuple(int(c) for c in counts), digest=digest)
   with _LOCK:
     _MEMO[key] = result
   return result
