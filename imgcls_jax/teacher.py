@@ -23,7 +23,7 @@ import ml_collections
 
 from imgcls_jax import checkpoint, distill, inference, models, sharding
 from imgcls_jax import state as state_lib
-from imgcls_jax.data import reader
+from imgcls_jax.data import folder_index, reader
 from imgcls_jax.data.info import DatasetInfo
 from imgcls_jax.errors import UserError
 
@@ -129,13 +129,21 @@ def _check_unseen(trained: inference.Trained, where: str, config: ml_collections
   """A teacher that trained on the student's eval examples teaches their labels: the student's
   score on them says nothing of new images. Refused for a cross-validation fold (its score is
   the method's estimate), warned about otherwise. Checked by split slices of the same dataset
-  (``reader.shared_examples``); image folders' drawn splits count as disjoint."""
+  (``reader.shared_examples``), or for an image folder by the files each split lists (the
+  teacher's drawn with its own holdout keys)."""
   if trained.info.name != info.name:
     return
   taught = str(trained.run.data.train_split)
   base, _, fold = str(config.data.eval_split).partition('@')
   try:
-    shared = reader.shared_examples(config.data, taught, base, info)
+    if folder_index.is_folder(config.data):
+      taught_ids = folder_index.listed(folder_index.source_of(trained.run.data),
+                                       taught.split('@')[0], trained.info.class_names)[0]
+      eval_ids = folder_index.listed(folder_index.source_of(config.data), base,
+                                     info.class_names)[0]
+      shared = len(set(taught_ids) & set(eval_ids))
+    else:
+      shared = reader.shared_examples(config.data, taught, base, info)
   except UserError:
     return
   if not shared:

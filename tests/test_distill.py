@@ -136,6 +136,38 @@ def test_an_ensemble_teaches_its_mean_probabilities_as_served(digits_config, tmp
     teacher_lib.load(c, s.info, s.mesh, s.placement, str(tmp_path / 'student'))
 
 
+def test_a_folder_teacher_drawn_with_another_seed_is_said_to_leak(digits_config, tmp_path,
+                                                                  caplog):
+  """Image folders draw their held-out images by seed: a teacher drawn with another seed than
+  the student trained on part of the student's eval images, found by the files each lists."""
+  from PIL import Image
+  from imgcls_jax import teacher as teacher_lib
+  from imgcls_jax.data import folder_index
+  c = digits_config
+  images, labels = _split(c, 'test')
+  for k, (x, y) in enumerate(zip(images[:200], labels[:200])):
+    (tmp_path / 'photos' / str(y)).mkdir(parents=True, exist_ok=True)
+    Image.fromarray(x[..., 0]).save(tmp_path / 'photos' / str(y) / f'{k}.png')
+  c.model.widths, c.num_train_steps, c.batch_size = (8, 16), 2, 32
+  c.data.name, c.data.folder, c.data.holdout_fraction = 'image_folder', str(tmp_path / 'photos'), 0.25
+  c.data.train_preprocess = ''
+  train.train_and_evaluate(c, str(tmp_path / 'teacher'))
+  trained = inference.load(str(tmp_path / 'teacher'))
+  with caplog.at_level(logging.WARNING):
+    teacher_lib._check_unseen(trained, 'the teacher', c, trained.info)        # the same draw
+  assert 'optimistic' not in caplog.text
+  c.data.holdout_seed = 1
+  src = folder_index.source_of(c.data)
+  names = trained.info.class_names
+  # The images each run reads (the index of readable files, as training and evaluation use it).
+  held = set(folder_index.index(src, 'test', names).ids)
+  taught = set(folder_index.index(folder_index.source_of(trained.run.data), 'train', names).ids)
+  assert held & taught
+  with caplog.at_level(logging.WARNING):
+    teacher_lib._check_unseen(trained, 'the teacher', c, trained.info)
+  assert f"trained on {len(held & taught)} examples of this run's eval split 'test'" in caplog.text
+
+
 def test_distillation_errors_are_one_line(digits_config, tmp_path, caplog):
   from imgcls_jax import teacher as teacher_lib
   c = digits_config

@@ -365,13 +365,19 @@ def _digest(ids: list[str], labels: list) -> str:
   return hashlib.sha256('\n'.join(rows).encode()).hexdigest()[:16]
 
 
+def listed(src: Source, split: str, names: tuple[str, ...]) -> tuple[list[str], list]:
+  """(ids, labels) of the files the layout puts in ``split`` (held-out draws applied), from the
+  listing alone: no file is opened."""
+  ids, labels, _ = _candidates(src, split, names)
+  return ids, labels
+
+
 def listed_digest(src: Source, split: str, names: tuple[str, ...]) -> str:
   """A fingerprint of the files (and labels) the layout puts in ``split``, in any order, from the
   listing alone (no file is opened): another file set, a renamed or moved file or a relabelled
   manifest row changes it; a file that became unreadable does not (the held-out draw is made on
   the listing)."""
-  ids, labels, _ = _candidates(src, split, names)
-  return _digest(ids, labels)
+  return _digest(*listed(src, split, names))
 
 
 def index(src: Source, split: str, names: tuple[str, ...]) -> Split:
