@@ -146,11 +146,12 @@ def _with_teacher(s: Setup, step: Any, state_shardings: Any, batch_sharding: Any
   """``step(state, batch)`` jitted over the mesh (donating the state); a distilled run's
   teachers' variables go in as a third argument, placed once (not constants in the program)."""
   teacher = s.teacher
-  extra = () if teacher is None else (teacher.variables,)
   jitted = jax.jit(step, in_shardings=(state_shardings, batch_sharding) + (
                        () if teacher is None else (teacher.shardings,)),
                    out_shardings=(state_shardings, sharding.replicated(s.mesh)), donate_argnums=0)
-  return jitted if not extra else (lambda state, batch: jitted(state, batch, *extra))
+  if teacher is None:
+    return jitted
+  return lambda state, batch: jitted(state, batch, teacher.variables)
 
 
 def _train_step(s: Setup) -> Any:
