@@ -263,6 +263,12 @@ def get_config() -> ml_collections.ConfigDict:
   # data.train_split='train[:90%]' and temperature_split='train[90%:]'. '' = none. For a run
   # already trained: --mode=calibrate --config.evaluate.temperature_split=SPLIT (calibrate.py).
   c.evaluate.temperature_split = ''
+  # Single-label: abstain rather than guess. With a target accuracy (e.g. 0.99), the lowest
+  # threshold on the (tempered) top-1 probability at which the answered examples of
+  # temperature_split are at least that accurate is fitted with the temperature and saved with
+  # it; predict, serve and export then mark answers below it "abstained" (imgcls_jax/selective.py).
+  # Every single-label report lists the accuracy-coverage trade-off either way. 0 = none.
+  c.evaluate.abstain_accuracy = 0.0
 
   # ---- --mode=compare (imgcls_jax/compare.py): the run in --workdir (A) against another (B) ----
   # Both predict config.evaluate.split (checkpoint, TTA, intervals: config.evaluate.*); the report

@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from imgcls_jax import checkpoint, evaluation, held_out, inference, run
+from imgcls_jax import checkpoint, evaluation, held_out, inference, run, selective
 from imgcls_jax.data import folder_index
 from imgcls_jax.errors import UserError
 
@@ -66,6 +66,16 @@ def _check_validation_exists(saved: dict[str, Any], overrides: dict[str, Any] | 
                     f"--config.evaluate.{key}='{folder_index.VALIDATION}'.")
 
 
+def _abstain_target(e: ml_collections.ConfigDict, overrides: dict[str, Any] | None,
+                    previous: float | None) -> float:
+  """The accuracy an abstention threshold is fitted for: the flag's (0 drops a saved one), else
+  the target of the run's last fit (a new temperature moves every probability, so its threshold
+  is fitted again with it), else the run's config's."""
+  if 'evaluate.abstain_accuracy' in (overrides or {}) or previous is None:
+    return selective.abstain_target(e)
+  return float(previous)
+
+
 def calibrate(config: ml_collections.ConfigDict | None, workdir: str,
               overrides: dict[str, Any] | None = None) -> dict[str, Any]:
   """The ``calibrate`` mode: fits and saves the temperature or thresholds of ``workdir``'s run.
@@ -104,7 +114,9 @@ def calibrate(config: ml_collections.ConfigDict | None, workdir: str,
   s = dataclasses.replace(r.setup, config=cfg, step_cfg=dataclasses.replace(
       r.setup.step_cfg, temperature=1.0, thresholds=None))
   if key == 'temperature_split':
-    record = run.fit_temperature(s, r.variables, r.shardings, r.data, split, require_fit=True)
+    record = run.fit_temperature(s, r.variables, r.shardings, r.data, split, require_fit=True,
+                                 abstain_accuracy=_abstain_target(e, overrides,
+                                                                  r.trained.abstain_target))
     field, before = 'temperature', r.trained.temperature
   else:
     eval_step = run.jit_eval_step(s, r.shardings, tta=tta)
@@ -118,6 +130,14 @@ def calibrate(config: ml_collections.ConfigDict | None, workdir: str,
               f"examples): log loss {record['nll'][0]:.4f} -> {record['nll'][1]:.4f}, expected "
               f"calibration error {record['ece'][0]:.4f} -> {record['ece'][1]:.4f}")
       was = f' (it replaces {before:.4f})' if before != 1.0 else ''
+      if record.get('abstain'):
+        a = record['abstain']
+        what += (f"; abstaining below a top-1 probability of {a['min_confidence']:.3f}, "
+                 f"{a['coverage']:.2%} of '{split}' is answered, {a['accuracy']:.2%} of it right "
+                 f"({a['confidence_level']:.0%} interval {a['accuracy_interval'][0]:.2%}-"
+                 f"{a['accuracy_interval'][1]:.2%}; target {a['target_accuracy']:.2%})")
+      elif r.trained.abstain:
+        what += '; the abstention threshold is removed'
     else:
       names = r.trained.info.class_names
       shown = ', '.join(f'{n} {t:.3f}' for n, t in list(zip(names, record['values']))[:10])

@@ -75,7 +75,8 @@ class Evaluation:
     """The full report (``report.summarize``) with what was evaluated as its ``context``."""
     info, cfg = self.trained.info, self.trained.run
     rep = report.summarize(self.stats, info.class_names, top_confused=top_confused,
-                           thresholds=self.trained.thresholds)
+                           thresholds=self.trained.thresholds,
+                           min_confidence=self.trained.min_confidence or None)
     rep['context'] = {'dataset': self.dataset or info.name, 'split': self.split,
                       'checkpoint_step': self.step, 'checkpoint': self.chosen,
                       'tta': self.tta or 'none',

@@ -10,6 +10,7 @@ import logging
 
 import ml_collections
 
+from imgcls_jax import selective
 from imgcls_jax.data import folder_index, reader
 from imgcls_jax.data.info import DatasetInfo
 from imgcls_jax.errors import UserError
@@ -109,6 +110,14 @@ def check_fit_splits(config: ml_collections.ConfigDict, info: DatasetInfo, *,
     raise UserError('config.evaluate.temperature_split is for single-label runs (a multi-label '
                     "run's sigmoids get per-class thresholds from config.evaluate.threshold_split "
                     'instead); unset temperature_split.')
+  if selective.abstain_target(config.get('evaluate')) and (
+      info.multilabel or not temperature_split(config)):
+    raise UserError('config.evaluate.abstain_accuracy is fitted with the temperature of a '
+                    'single-label run, on config.evaluate.temperature_split; ' + (
+                        "a multi-label run's per-class thresholds (threshold_split) already "
+                        'decide each tag: unset abstain_accuracy.' if info.multilabel else
+                        "set temperature_split to a held-out split (e.g. 'train[90%:]' with "
+                        "data.train_split='train[:90%]'), or unset abstain_accuracy."))
   splits = {'temperature_split': temperature_split(config),
             'threshold_split': threshold_split(config) if info.multilabel else ''}
   for fit_key, reasons in _FITTED.items():

@@ -21,7 +21,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from imgcls_jax import checkpoint, models, steps
+from imgcls_jax import checkpoint, models, selective, steps
 from imgcls_jax import state as state_lib
 from imgcls_jax import weights as weights_lib
 from imgcls_jax.data import arrays, images
@@ -156,10 +156,17 @@ class Trained:
   origin: str
   thresholds: tuple[float, ...] | None = None   # multi-label: per-class decision thresholds
   temperature: float = 1.0            # single-label: logits are divided by it (temperature.py)
+  abstain: dict[str, Any] | None = None   # single-label: the abstention record (selective.py)
+  abstain_target: float | None = None     # the accuracy it was fitted for (None: never asked)
 
   @property
   def class_names(self) -> tuple[str, ...]:
     return self.info.class_names
+
+  @property
+  def min_confidence(self) -> float:
+    """Single-label: answers below this top-1 probability are abstained on (0: none)."""
+    return float((self.abstain or {}).get('min_confidence', 0.0))
 
   @property
   def decision_thresholds(self) -> tuple[float, ...]:
@@ -206,7 +213,9 @@ def load(workdir: str, config: ml_collections.ConfigDict | None = None, *, step:
                  variables=state_lib.InferenceState(params=params, batch_stats=stats),
                  step=int(meta['step']), origin=source.origin,
                  thresholds=tuple(float(t) for t in chosen) if chosen else None,
-                 temperature=float((meta.get('temperature') or {}).get('value', 1.0)))
+                 temperature=float((meta.get('temperature') or {}).get('value', 1.0)),
+                 abstain=(meta.get('temperature') or {}).get('abstain'),
+                 abstain_target=(meta.get('temperature') or {}).get('abstain_accuracy'))
 
 
 @dataclasses.dataclass
@@ -300,6 +309,13 @@ def tags(probs_K: np.ndarray, class_names: Sequence[str],
            if np.float32(probs_K[i]) >= np.float32(thresholds[i])]   # the device's rule
   return [{'class': class_names[i], 'index': int(i), 'probability': float(probs_K[i]),
            'threshold': float(thresholds[i])} for i in above]
+
+
+def abstained(probs_K: np.ndarray, min_confidence: float) -> dict[str, Any]:
+  """A single-label answer's abstention fields: ``abstained`` when the top-1 probability is below
+  the run's threshold (``selective.answered``'s rule), and the threshold."""
+  return {'abstained': not bool(selective.answered(np.max(probs_K), min_confidence)),
+          'min_confidence': float(min_confidence)}
 
 
 def top_k(probs_K: np.ndarray, class_names: Sequence[str], k: int) -> list[dict[str, Any]]:

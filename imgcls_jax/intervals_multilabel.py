@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from imgcls_jax import intervals
 from imgcls_jax.intervals import MAX_CELLS
 
 METRICS = ('map', 'f1_macro', 'exact_match')
@@ -100,13 +101,12 @@ def report_intervals(exact_right: int, examples: int, outcomes: Any = None, *,
   """The multi-label report's ``intervals``: exact match's exact (Clopper-Pearson) interval from
   the summed counts, and with ``outcomes`` (an ``evaluation.TagOutcomes``: every example's tags
   and probabilities) percentile-bootstrap intervals of ``METRICS`` over the examples."""
-  import scipy.stats
-  exact = scipy.stats.binomtest(int(exact_right), int(examples)).proportion_ci(
-      confidence_level=level, method='exact')
   out: dict[str, Any] = {'level': level, 'examples': int(examples),
-                         'exact_match_exact': [float(exact.low), float(exact.high)]}
+                         'exact_match_exact': intervals.clopper_pearson(exact_right, examples,
+                                                                        level)}
   if outcomes is None or resamples <= 0 or examples < 2:
     return out
+  import scipy.stats
   skipped = too_much_work(int(examples), outcomes.probs.shape[1], resamples)
   if skipped:
     logging.warning(skipped)

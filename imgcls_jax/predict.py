@@ -107,6 +107,9 @@ def predict_files(clf: inference.Classifier, files: list[str], *, top: int = 5,
     if clf.trained.info.multilabel:
       for r, pr in zip(batch, probs):
         r['tags'] = inference.tags(pr, clf.class_names, clf.trained.decision_thresholds)
+    elif clf.trained.min_confidence > 0:   # below the run's threshold: "not sure"
+      for r, pr in zip(batch, probs):
+        r.update(inference.abstained(pr, clf.trained.min_confidence))
     if explainer is not None:
       from imgcls_jax import explain
       os.makedirs(explain_dir, exist_ok=True)
@@ -129,8 +132,9 @@ def _unique_png(folder: str, source: str, method: str, used: set[str]) -> str:
 
 
 def write(results: Iterable[dict[str, Any]], out: TextIO, fmt: str) -> None:
-  """JSON lines (one object per image) or CSV (one row per image and rank; multi-label: per
-  image and tag above its threshold, or one row with an empty tag)."""
+  """JSON lines (one object per image) or CSV (one row per image and rank, with an ``abstained``
+  column where the run has an abstention threshold; multi-label: per image and tag above its
+  threshold, or one row with an empty tag)."""
   results = list(results)
   if fmt == 'jsonl':
     for r in results:
@@ -144,12 +148,14 @@ def write(results: Iterable[dict[str, Any]], out: TextIO, fmt: str) -> None:
                     f"{t['threshold']:.4f}"])
       if not r['tags']:
         w.writerow([r['file'], 0, '', '', '', ''])
-  else:
+  else:   # with an abstention threshold, every row of an image says whether it abstained
     w = csv.writer(out)
-    w.writerow(['file', 'rank', 'class', 'index', 'probability'])
+    gated = bool(results) and 'abstained' in results[0]
+    w.writerow(['file', 'rank', 'class', 'index', 'probability'] + ['abstained'] * gated)
     for r in results:
       for rank, p in enumerate(r['predictions'], 1):
-        w.writerow([r['file'], rank, p['class'], p['index'], f"{p['probability']:.6f}"])
+        w.writerow([r['file'], rank, p['class'], p['index'], f"{p['probability']:.6f}"]
+                   + [int(r['abstained'])] * gated)
 
 
 def predict(config: ml_collections.ConfigDict | None, workdir: str,
@@ -188,6 +194,10 @@ def predict(config: ml_collections.ConfigDict | None, workdir: str,
                f' into {cfg.output}' if cfg.output else '', len(skipped),
                ': ' + ', '.join(p for p, _ in skipped[:10]) + (' ...' if len(skipped) > 10 else '')
                if skipped else '')
+  if results and 'abstained' in results[0]:
+    logging.info('Abstained on %d of %d image(s): top-1 probability below the run\'s threshold '
+                 '%.3f.', sum(r['abstained'] for r in results), len(results),
+                 results[0]['min_confidence'])
   if explainer is not None:
     logging.info('%s overlays of %d image(s) in %s.', cfg.explain, len(results), explain_dir)
   return results

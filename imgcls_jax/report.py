@@ -28,12 +28,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from imgcls_jax import intervals, reliability, report_multilabel, roc
+from imgcls_jax import intervals, reliability, report_multilabel, roc, selective
 
 DEFAULT_CALIBRATION_BINS = 15
 STAT_KEYS = ('loss', 'correct', 'correct_top5', 'count', 'confusion', 'bin_count',
              'bin_confidence', 'bin_correct')
-OPTIONAL_STAT_KEYS = ('roc_pos', 'roc_neg')   # absent from statistics summed elsewhere
+OPTIONAL_STAT_KEYS = ('roc_pos', 'roc_neg', 'sel_right', 'sel_wrong')   # absent from
+                                                   # statistics summed elsewhere
 
 
 def eval_sums(logits_BxK: jax.Array, labels_B: jax.Array, mask_B: jax.Array,
@@ -65,6 +66,7 @@ def eval_sums(logits_BxK: jax.Array, labels_B: jax.Array, mask_B: jax.Array,
       'bin_confidence': jnp.zeros((num_bins,), jnp.float32).at[bin_B].add(conf_B * w),
       'bin_correct': jnp.zeros((num_bins,), jnp.int32).at[bin_B].add(hit_B * w_int),
       **roc.sums(jnp.exp(log_probs), labels, mask_B),
+      **selective.sums(jnp.exp(log_probs), labels, mask_B),
   }
 
 
@@ -143,9 +145,11 @@ def most_confused(confusion_KxK: np.ndarray, class_names: Sequence[str],
 
 
 def summarize(stats: Mapping[str, Any], class_names: Sequence[str],
-              top_confused: int = 10, thresholds: Sequence[float] | None = None) -> dict[str, Any]:
+              top_confused: int = 10, thresholds: Sequence[float] | None = None,
+              min_confidence: float | None = None) -> dict[str, Any]:
   """The full report (JSON-ready) from summed ``eval_sums`` (multi-label statistics:
-  ``report_multilabel.summarize`` at ``thresholds``)."""
+  ``report_multilabel.summarize`` at ``thresholds``). ``min_confidence``: the run's abstention
+  threshold (``selective.py``), reported with the risk-coverage rows."""
   s = stats_to_numpy(stats)
   if 'ml_pos' in s:
     return report_multilabel.summarize(s, class_names, thresholds)
@@ -194,6 +198,8 @@ def summarize(stats: Mapping[str, Any], class_names: Sequence[str],
   if not np.isnan(aucs).all():
     report['roc_auc_macro'] = float(np.nanmean(aucs))
     report['roc_curves'] = _roc_curves(s, aucs, names)
+  if 'sel_right' in s:
+    report['selective'] = selective.summary(s['sel_right'], s['sel_wrong'], min_confidence)
   return report
 
 
@@ -294,6 +300,8 @@ def headline(report: Mapping[str, Any]) -> list[str]:
                  f"F1 {a['f1']:.4f}")
   if 'intervals' in report:
     lines.append(intervals.headline(report['intervals']))
+  if report.get('selective'):
+    lines.append(selective.headline(report['selective']))
   return lines
 
 
@@ -362,6 +370,8 @@ def to_markdown(report: Mapping[str, Any], title: str, context: Mapping[str, Any
     if b['count']:
       md.append(f"| {b['lower']:.3f}-{b['upper']:.3f} | {b['count']} | {b['confidence']:.4f} | "
                 f"{b['accuracy']:.4f} |")
+  if 'selective' in report:
+    md += selective.markdown(report['selective'])
   return '\n'.join(md) + '\n'
 
 

@@ -20,7 +20,8 @@ import ml_collections
 import numpy as np
 
 from imgcls_jax import (checkpoint, configlib, device_augment, dispatch, held_out, loss_weights,
-                        models, multilabel, optim, report, sharding, steps, temperature, whitening)
+                        models, multilabel, optim, report, selective, sharding, steps, temperature,
+                        whitening)
 from imgcls_jax import state as state_lib
 from imgcls_jax.data import reader
 from imgcls_jax.data.info import DatasetInfo, check_flips, read_shards
@@ -228,12 +229,15 @@ def fit_thresholds(s: Setup, eval_step: Any, variables: Any, data: Any, split: s
 
 
 def fit_temperature(s: Setup, variables: Any, variables_shardings: Any,
-                    data: Any, split: str, *, require_fit: bool = False) -> dict[str, Any]:
+                    data: Any, split: str, *, require_fit: bool = False,
+                    abstain_accuracy: float = 0.0) -> dict[str, Any]:
   """Fits the temperature on ``split`` (``data``: its ``reader.eval_data``; ``temperature.py``)
   and measures the split's NLL and expected calibration error before and after (without
   test-time augmentation, as prediction and serving run): the record the run's checkpoint keeps
-  as ``temperature``. With ``require_fit``, a split nothing can be fitted on is a UserError
-  (training instead keeps T = 1 with a warning)."""
+  as ``temperature``. With ``abstain_accuracy``, the record's ``abstain`` is the lowest threshold
+  on the tempered top-1 probability whose answers on ``split`` are that accurate
+  (``selective.fit``). With ``require_fit``, a split nothing can be fitted on (or no threshold
+  reaching the accuracy) is a UserError (training instead saves without one, with a warning)."""
   fit_step = jax.jit(functools.partial(steps.temperature_sums, model_def=s.model_def,
                                        cfg=s.step_cfg),
                      in_shardings=(variables_shardings, sharding.batch_sharding(s.mesh)),
@@ -252,6 +256,23 @@ def fit_temperature(s: Setup, variables: Any, variables_shardings: Any,
     stats = report.stats_to_numpy(eval_sums(jit_eval_step(at_t, variables_shardings), variables,
                                             data.batches(), s.mesh, split))
     ece.append(report.calibration(stats)[0])
+  abstain = None
+  if abstain_accuracy:   # on the tempered probabilities: the last statistics
+    level = float(s.config.evaluate.get('confidence_level', 0.95))
+    abstain = selective.fit(stats['sel_right'], stats['sel_wrong'], abstain_accuracy, split, level)
+    if abstain is None:
+      why = (f'No confidence threshold makes the answers on '
+             f"config.evaluate.temperature_split='{split}' {abstain_accuracy:.2%} right: "
+             f"{selective.best_possible(stats['sel_right'], stats['sel_wrong'])}")
+      if require_fit:
+        raise UserError(f'{why}; lower config.evaluate.abstain_accuracy. Nothing was saved.')
+      logging.warning('%s. The run is saved without an abstention threshold; lower '
+                      'config.evaluate.abstain_accuracy and run --mode=calibrate.', why)
+    else:
+      logging.info("Abstaining below a top-1 probability of %.3f: %.2f%% of split '%s' answered, "
+                   '%.2f%% of the answers right (target %.2f%%).', abstain['min_confidence'],
+                   100 * abstain['coverage'], split, 100 * abstain['accuracy'],
+                   100 * abstain_accuracy)
   logging.info("Temperature %.4f fitted on split '%s' (%d examples): NLL %.4f -> %.4f, expected "
                'calibration error %.4f -> %.4f.%s', fit.temperature, split, int(sums['count']),
                fit.nll_before, fit.nll_after, ece[0], ece[1],
@@ -259,7 +280,9 @@ def fit_temperature(s: Setup, variables: Any, variables_shardings: Any,
                f'[{temperature.T_MIN}, {temperature.T_MAX}]: the model is far from calibrated.'
                if fit.at_edge else '')
   return {'value': fit.temperature, 'split': split, 'examples': int(sums['count']),
-          'nll': [fit.nll_before, fit.nll_after], 'ece': [ece[0], ece[1]]}
+          'nll': [fit.nll_before, fit.nll_after], 'ece': [ece[0], ece[1]],
+          'abstain_accuracy': float(abstain_accuracy),   # the target asked for (0: none)
+          **({'abstain': abstain} if abstain is not None else {})}
 
 
 def jit_batch_statistics(s: Setup, state_shardings: Any) -> Any:

@@ -19,7 +19,7 @@ import ml_collections
 import tqdm
 
 from imgcls_jax import (checkpoint, configlib, dispatch, held_out, inference, metrics, optim,
-                        preemption, report, report_multilabel, run, sharding, startup)
+                        preemption, report, report_multilabel, run, selective, sharding, startup)
 from imgcls_jax import state as state_lib
 from imgcls_jax import teacher as teacher_lib
 from imgcls_jax.data import reader
@@ -239,8 +239,9 @@ class _Trainer:
     """The temperature of ``run.fit_temperature``; the final evaluation and the checkpoint use it.
     It runs just before the final save: any failure is logged and the run saved without one."""
     try:
-      self.temperature = run.fit_temperature(self.s, variables, self.eval_sh,
-                                             self.temperature_data, self.temperature_split)
+      self.temperature = run.fit_temperature(
+          self.s, variables, self.eval_sh, self.temperature_data, self.temperature_split,
+          abstain_accuracy=selective.abstain_target(self.s.config.evaluate))
     except Exception as e:  # noqa: BLE001  (a bad record, memory: never lose the trained weights)
       logging.exception('No temperature fitted (%s); the run is saved without one.', e)
       return

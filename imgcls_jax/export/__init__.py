@@ -245,6 +245,9 @@ def _write_and_verify(clf: inference.Classifier, cfg: ml_collections.ConfigDict,
                            if clf.trained.info.multilabel else None),
             # Single-label: the fitted temperature the logits are already divided by (1.0: none).
             'temperature': clf.trained.temperature,
+            # Single-label: abstain ("not sure") when the top-1 probability is below this (0: never).
+            'min_confidence': (None if clf.trained.info.multilabel
+                               else clf.trained.min_confidence),
             'compute_dtype': clf.step_cfg.compute_dtype,
             'preprocessing_before_input': clf.run.data.eval_preprocess or 'none',
             'files': files, 'bytes': {f: _size(os.path.join(staging, f)) for f in files},

@@ -202,7 +202,8 @@ def create_app(svc: Service) -> fastapi.FastAPI:
             'max_upload_bytes': int(svc.cfg.max_upload_bytes), 'top_k': int(svc.cfg.top_k),
             'task': 'multilabel' if multi else 'single_label',
             'thresholds': list(c.trained.decision_thresholds) if multi else None,
-            'temperature': c.trained.temperature}
+            'temperature': c.trained.temperature,
+            'min_confidence': None if multi else c.trained.min_confidence}
 
   @app.post('/v1/classify', openapi_extra=_IMAGE_BODY,
             summary='Classify one image: the raw bytes as the body, or a multipart file "image"')
@@ -218,6 +219,8 @@ def create_app(svc: Service) -> fastapi.FastAPI:
     if svc.clf.trained.info.multilabel:  # the tags above the run's per-class thresholds
       answer['tags'] = inference.tags(out['probabilities'], svc.clf.class_names,
                                       svc.clf.trained.decision_thresholds)
+    elif svc.clf.trained.min_confidence > 0:   # the run abstains below its threshold
+      answer.update(inference.abstained(out['probabilities'], svc.clf.trained.min_confidence))
     return answer
 
   # ---- TF-Serving REST API ----
