@@ -130,3 +130,43 @@ def _check_page(srv, config, workdir, browser, files):
   # And the API agrees with the trainer's own prediction for the exact 8x8 file.
   want = trainer_probabilities(config, workdir, x[:1])[0]
   assert shown['digit_0.png']['labels'][0] == str(int(np.argmax(want)))
+
+
+def test_page_says_not_sure_where_the_api_abstains(served, browser, tmp_path):
+  """A run with an abstention threshold (selective.py) between the confidences of two uploads:
+  the page marks exactly the answers the API abstains on."""
+  import dataclasses
+  srv, config, workdir = served
+  x, _ = digits.load_arrays('test')
+  files, top1 = {}, []
+  for i in range(4):
+    path = tmp_path / f'digit_{i}.png'
+    Image.fromarray(x[i, :, :, 0]).save(path)
+    files[path.name] = path
+    top1.append(_api(srv.url, path.read_bytes())[1]['predictions'][0]['probability'])
+  t = float(np.median(top1))
+  assert min(top1) < t <= max(top1)    # some below it, some not
+  trained = inference.load(workdir, config)
+  clf = inference.classifier(dataclasses.replace(trained, abstain={'min_confidence': t}))
+  cfg = config.serve.copy_and_resolve_references()
+  cfg.port = 0
+  gated = serve.make_server(clf, cfg).start()
+  try:
+    with screenshot_on_failure(browser, tmp_path):
+      browser.get(gated.url + '/')
+      wait = WebDriverWait(browser, 60)
+      browser.find_element(By.ID, 'file').send_keys('\n'.join(str(p) for p in files.values()))
+      wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, '.card')) == len(files) and not
+                 d.find_elements(By.CSS_SELECTOR, '.card[data-state="pending"]'))
+      seen = 0
+      for card in browser.find_elements(By.CSS_SELECTOR, '.card'):
+        name = card.find_element(By.CSS_SELECTOR, '.name').text
+        answer = _api(gated.url, files[name].read_bytes())[1]
+        status = card.find_element(By.CSS_SELECTOR, '.status').text
+        assert answer['abstained'] == (answer['predictions'][0]['probability'] < t)
+        assert status.startswith('Not sure') == answer['abstained'], (name, status, answer)
+        assert (card.get_attribute('data-abstained') == 'true') == answer['abstained']
+        seen += answer['abstained']
+      assert 0 < seen < len(files)
+  finally:
+    gated.close()

@@ -1,0 +1,281 @@
+"""Selective prediction (imgcls_jax/selective.py): the report's risk-coverage rows and the fitted
+abstention threshold against a brute-force numpy search over per-example probabilities, and a
+trained run whose predict, serve, export and evaluate outputs abstain exactly below it."""
+import dataclasses
+import http.client
+import io
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.stats
+from PIL import Image
+
+from imgcls_jax import calibrate, checkpoint, held_out, inference, predict, report, selective
+from imgcls_jax import serve, train
+from imgcls_jax.errors import UserError
+from tests.conftest import REPO, subprocess_env
+
+EDGES = np.arange(selective.BINS + 1) / selective.BINS
+
+
+def _oracle(p_top1, right):
+  """Per edge j (threshold j / bins, the device's float32 rule): (answered, answered right)."""
+  kept = np.stack([selective.answered(p_top1, t) for t in EDGES])    # (bins + 1) x N
+  return kept.sum(1), (kept & right[None]).sum(1)
+
+
+def _sums(fn, probs_NxK, labels_N, batch=64):
+  """``fn(probabilities or logits, labels, mask)`` over padded, masked batches (garbage in the
+  padding), summed."""
+  fn = jax.jit(fn)
+  total = None
+  for start in range(0, len(labels_N), batch):
+    x = np.full((batch, probs_NxK.shape[1]), 0.01, np.float32)
+    x[:, 0] = 0.97                                      # padding: confident, wrong, masked
+    y = np.ones((batch,), np.int32)
+    m = np.zeros((batch,), bool)
+    chunk = slice(start, start + batch)
+    n = len(labels_N[chunk])
+    x[:n], y[:n], m[:n] = probs_NxK[chunk], labels_N[chunk], True
+    total = report.add(total, fn(x, y, m))
+  return report.stats_to_numpy(total)
+
+
+def test_rows_and_fit_equal_a_brute_force_search_at_every_edge():
+  rng = np.random.default_rng(0)
+  n, k = 3000, 4
+  logits = rng.normal(size=(n, k)) * rng.uniform(0.2, 4.0, (n, 1))
+  probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+  # Some top-1 probabilities exactly on float32 edges (one at j = 17, where float32(p * 1000)
+  # rounds below 17): the rule must be p >= float32(j / 1000), as on the device.
+  for i, j in enumerate([17, 500, 723, 999]):
+    p = np.float32(j / 1000)
+    probs[i] = [p] + [(1 - p) / (k - 1)] * (k - 1)
+  probs = probs.astype(np.float32)
+  # Right with the top-1 probability (a calibrated model), else another class.
+  top = probs.argmax(1)
+  labels = np.where(rng.random(n) < probs.max(1), top, (top + rng.integers(1, k, n)) % k)
+  right = probs.argmax(1) == labels
+  kept, hit = _oracle(probs.max(1), right)
+  s = _sums(selective.sums, probs, labels)
+  # The report's statistics hold the same histograms (of its own softmax of the logits).
+  full = _sums(report.eval_sums, np.log(probs), labels)
+  dev = np.asarray(jnp.exp(jax.nn.log_softmax(jnp.log(probs)))).max(1)
+  dev_kept, dev_hit = _oracle(dev, right)
+  np.testing.assert_array_equal(np.cumsum(full['sel_right'][::-1])[::-1], dev_hit[:-1])
+  np.testing.assert_array_equal(np.cumsum((full['sel_right'] + full['sel_wrong'])[::-1])[::-1],
+                                dev_kept[:-1])
+  rows = selective.summary(s['sel_right'], s['sel_wrong'], min_confidence=0.723)
+  acc = np.where(kept > 0, hit / np.maximum(kept, 1), np.nan)
+  for r in rows['accuracy_at_coverage']:
+    j = int(round(r['threshold'] * 1000))
+    assert kept[j] >= r['coverage_target'] * n and (j == 1000 or
+                                                    kept[j + 1] < r['coverage_target'] * n)
+    assert r['coverage'] == kept[j] / n and r['accuracy'] == pytest.approx(acc[j], abs=1e-12)
+  reached = 0
+  for r in rows['coverage_at_accuracy']:
+    ok = [j for j in range(1001) if kept[j] > 0 and acc[j] >= r['accuracy_target'] - 1e-12]
+    if not ok:
+      assert r['threshold'] is None and r['answered'] == 0
+      continue
+    reached += 1
+    assert r['threshold'] == ok[0] / 1000 and r['answered'] == kept[ok[0]]
+    fit = selective.fit(s['sel_right'], s['sel_wrong'], r['accuracy_target'], 'x')
+    assert fit['min_confidence'] == ok[0] / 1000 and fit['answered'] == kept[ok[0]]
+    assert fit['accuracy'] == pytest.approx(acc[ok[0]], abs=1e-12)
+  assert reached >= 2                       # the targets split the range: some are reachable
+  assert rows['at_min_confidence']['answered'] == kept[723] == selective.answered(
+      probs.max(1), 0.723).sum()
+  assert 0 < kept[723] < n
+  perfect = [j for j in range(1001) if kept[j] > 0 and hit[j] == kept[j]]
+  fit = selective.fit(s['sel_right'], s['sel_wrong'], 1.0, 'x')
+  assert (fit is None) == (not perfect)
+  assert fit is None or fit['min_confidence'] == perfect[0] / 1000
+  assert full['count'] == n and s['sel_right'].sum() == right.sum()   # the padding adds nothing
+
+
+def test_the_fitted_accuracy_interval_is_clopper_pearson():
+  right = np.zeros(selective.BINS, np.int64)
+  wrong = np.zeros(selective.BINS, np.int64)
+  right[900], wrong[900], right[400], wrong[400] = 47, 1, 30, 22
+  fit = selective.fit(right, wrong, 0.95, 'held', confidence_level=0.9)
+  assert fit['min_confidence'] == 0.401 and fit['answered'] == 48 and fit['coverage'] == 0.48
+  k, n, a = 47, 48, 0.1        # the beta-quantile form of the exact interval
+  assert fit['accuracy_interval'] == pytest.approx(
+      [scipy.stats.beta.ppf(a / 2, k, n - k + 1), scipy.stats.beta.ppf(1 - a / 2, k + 1, n - k)],
+      rel=1e-9)
+  assert selective.fit(right, wrong, 0.99, 'held') is None
+  assert 'most confident answers' in selective.best_possible(right, wrong)
+
+
+def test_bad_settings_are_one_line(digits_config):
+  for bad in (1.5, -0.1, 'high', True):
+    with pytest.raises(UserError, match='abstain_accuracy.*in \\(0, 1\\]'):
+      selective.abstain_target({'abstain_accuracy': bad})
+  from imgcls_jax.data import reader
+  c = digits_config
+  c.evaluate.abstain_accuracy = 0.99
+  info = reader.describe(c.data)
+  with pytest.raises(UserError, match='set temperature_split to a held-out split'):
+    held_out.check_fit_splits(c, info)
+  with pytest.raises(UserError, match="multi-label run's per-class thresholds"):
+    held_out.check_fit_splits(c, dataclasses.replace(info, multilabel=True))
+
+
+# ---- a trained run ----
+
+def _digits(tfds_dir, split):
+  import tensorflow_datasets as tfds
+  from imgcls_jax.data import digits  # noqa: F401  (registers the builder)
+  d = tfds.as_numpy(tfds.load('sklearn_digits', split=split, batch_size=-1, data_dir=tfds_dir))
+  return d['image'], d['label']
+
+
+@pytest.fixture(scope='module')
+def abstaining(tmp_path_factory, tfds_dir):
+  """A digits run trained briefly on 80% of its training split; the temperature and a 99%
+  abstention threshold fitted on the other 20%."""
+  sys.path.insert(0, REPO)
+  from configs import default
+  c = default.get_config()
+  c.data.data_dir = tfds_dir
+  c.data.train_split = 'train[:80%]'
+  c.evaluate.temperature_split = 'train[80%:]'
+  c.evaluate.abstain_accuracy = 0.99
+  c.model.widths = (16, 32)
+  c.batch_size = 64
+  c.eval_batch_size = 64
+  c.num_train_steps = 40
+  c.eval_every_steps = 40
+  c.checkpoint_every_steps = 40
+  c.progress_bar = False
+  c.tensorboard = False
+  workdir = str(tmp_path_factory.mktemp('abstaining'))
+  train.train_and_evaluate(c, workdir)
+  return c, workdir
+
+
+def _served_top1(workdir, images):
+  probs = inference.classifier(inference.load(workdir)).predict_arrays(images)['probabilities']
+  return probs.max(1), probs.argmax(1)
+
+
+def test_the_threshold_is_the_lowest_edge_reaching_the_target_on_served_probabilities(
+    abstaining, tfds_dir):
+  _, workdir = abstaining
+  with checkpoint.Checkpointer(workdir) as ckpt:
+    record = ckpt.read_meta(ckpt.latest_step())['temperature']
+  images, labels = _digits(tfds_dir, 'train[80%:]')
+  p, pred = _served_top1(workdir, images)
+  kept, hit = _oracle(p, pred == labels)
+  ok = [j for j in range(1001) if kept[j] and hit[j] >= 0.99 * kept[j]]
+  a = record['abstain']
+  assert record['abstain_accuracy'] == 0.99 and a['split'] == 'train[80%:]'
+  assert a['min_confidence'] == ok[0] / 1000 and a['answered'] == kept[ok[0]]
+  assert a['accuracy'] == hit[ok[0]] / kept[ok[0]] >= 0.99
+  assert 0.2 < a['coverage'] < 0.98, a          # a real trade-off: neither everything nor nothing
+  assert (pred == labels).mean() < 0.99         # ... of a model that is not 99% right overall
+  assert inference.load(workdir).min_confidence == a['min_confidence']
+
+
+def test_predict_serve_export_and_evaluate_abstain_below_it(abstaining, tfds_dir, tmp_path):
+  config, workdir = abstaining
+  t = inference.load(workdir).min_confidence
+  images, labels = _digits(tfds_dir, 'test')
+  p, pred = _served_top1(workdir, images)
+  below = ~selective.answered(p, t)
+  assert 0 < below.sum() < len(p)
+  # predict: one PNG per test image (8x8, lossless: the same pixels)
+  files = []
+  for i in range(40):
+    files.append(str(tmp_path / f'{i:02d}.png'))
+    Image.fromarray(images[i, :, :, 0]).save(files[-1])
+  clf = inference.classifier(inference.load(workdir))
+  results, skipped = predict.predict_files(clf, files, top=3)
+  assert not skipped and [r['abstained'] for r in results] == list(below[:40])
+  assert all(r['min_confidence'] == t for r in results)
+  out = io.StringIO()
+  predict.write(results, out, 'csv')
+  rows = out.getvalue().splitlines()
+  assert rows[0].endswith(',abstained') and rows[1].endswith(f',{int(below[0])}')
+  # serve: the JSON answer and the model description
+  srv = serve.make_server(clf, _serve_cfg(config)).start()
+  try:
+    host, port = srv.url.split('//')[1].rsplit(':', 1)
+    for i in (int(np.argmax(below)), int(np.argmin(below))):
+      conn = http.client.HTTPConnection(host, int(port), timeout=30)
+      conn.request('POST', '/v1/classify', body=open(files[i], 'rb').read())
+      answer = json.loads(conn.getresponse().read())
+      assert answer['abstained'] == bool(below[i]) and answer['min_confidence'] == t
+      conn.request('GET', '/v1/model')
+      assert json.loads(conn.getresponse().read())['min_confidence'] == t
+      conn.close()
+  finally:
+    srv.close()
+  # evaluate: the report's row at the run's threshold, from the summed histograms
+  res = subprocess.run([sys.executable, '-m', 'imgcls_jax.main', '--mode=evaluate',
+                        f'--workdir={workdir}', '--config.evaluate.checkpoint=latest',
+                        f'--config.evaluate.output_dir={tmp_path / "report"}'], cwd=REPO,
+                       env=subprocess_env(1), capture_output=True, text=True, timeout=300)
+  assert res.returncode == 0, res.stderr[-2000:]
+  assert f'abstaining below {t:.3f}: {(~below).mean():.2%} answered' in res.stdout
+  row = json.load(open(tmp_path / 'report' / 'report.json'))['selective']['at_min_confidence']
+  assert row['answered'] == (~below).sum()
+  assert row['accuracy'] == pytest.approx((pred == labels)[~below].mean(), abs=1e-12)
+  assert "| the run's threshold |" in open(tmp_path / 'report' / 'report.md').read()
+  # export: the threshold is in the export's description
+  pytest.importorskip('tensorflow')
+  from imgcls_jax import export
+  cfg = config.copy_and_resolve_references()
+  cfg.export.output_dir = str(tmp_path / 'export')
+  cfg.export.tflite = False
+  cfg.export.verify_examples = 16
+  export.export(cfg, workdir)
+  assert json.load(open(tmp_path / 'export' / 'export.json'))['min_confidence'] == t
+
+
+def _serve_cfg(config):
+  cfg = config.serve.copy_and_resolve_references()
+  cfg.port = 0
+  cfg.max_batch_size = 8
+  return cfg
+
+
+def _calibrate(workdir, capsys, **flags):
+  """``--mode=calibrate`` in this process; returns what it printed."""
+  overrides = {'evaluate.temperature_split': 'train[80%:]',
+               **{f'evaluate.{k}': v for k, v in flags.items()}}
+  calibrate.calibrate(None, workdir, overrides)
+  return capsys.readouterr().out
+
+
+def test_calibrate_refits_keeps_and_drops_the_threshold(abstaining, tmp_path, monkeypatch,
+                                                        capsys):
+  import shutil
+  _, original = abstaining
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(original, workdir)
+  t99 = inference.load(workdir).min_confidence
+  out = _calibrate(workdir, capsys, abstain_accuracy=0.9)
+  assert 'abstaining below a top-1 probability of' in out and 'target 90.00%' in out
+  t90 = inference.load(workdir).min_confidence
+  assert 0 < t90 <= t99
+  _calibrate(workdir, capsys)        # no flag: the last fit's target, fitted again
+  assert inference.load(workdir).min_confidence == t90
+  assert 'the abstention threshold is removed' in _calibrate(workdir, capsys, abstain_accuracy=0)
+  assert inference.load(workdir).min_confidence == 0.0
+  _calibrate(workdir, capsys)        # removal is remembered (the run's config says 0.99)
+  assert inference.load(workdir).min_confidence == 0.0
+  # A target nothing reaches: one line, and the checkpoint keeps what it had.
+  before = checkpoint.read_weights(workdir).meta['temperature']
+  monkeypatch.setattr(selective, 'fit', lambda *a, **k: None)
+  with pytest.raises(UserError, match=r'No confidence threshold makes the answers on .*'
+                     r'lower config\.evaluate\.abstain_accuracy\. Nothing was saved\.'):
+    calibrate.calibrate(None, workdir, {'evaluate.temperature_split': 'train[80%:]',
+                                        'evaluate.abstain_accuracy': 0.999})
+  assert checkpoint.read_weights(workdir).meta['temperature'] == before
