@@ -63,6 +63,29 @@ def roc_curves(curves: Sequence[Mapping[str, Any]], macro_auc: float, path: str,
   plt.close(fig)
 
 
+def selective(sel: Mapping[str, Any], path: str,
+              title: str = 'Selective prediction') -> None:
+  """The accuracy of the answers against the share answered (coverage), answering the most
+  confident first (``selective.summary``'s curve), with the run's threshold marked."""
+  curve = sel['curve']
+  fig, ax = plt.subplots(figsize=(6.5, 5))
+  ax.step(curve['coverage'], curve['accuracy'], where='post', lw=1.4)
+  if 'at_min_confidence' in sel and sel['at_min_confidence']['accuracy'] is not None:
+    r = sel['at_min_confidence']
+    ax.plot([r['coverage']], [r['accuracy']], 'o', color='C3',
+            label=f"the run's threshold {r['threshold']:.3f}: {100 * r['coverage']:.1f}% answered, "
+                  f"{100 * r['accuracy']:.2f}% right")
+    ax.legend(fontsize=8, loc='lower left')
+  ax.set_xlim(0, 1.0)
+  ax.set_xlabel('coverage (share of examples answered, most confident first)')
+  ax.set_ylabel('accuracy of the answers')
+  ax.grid(alpha=0.3)
+  ax.set_title(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
 def reliability_diagram(bins: Sequence[Mapping[str, Any]], ece: float, path: str,
                         title: str = 'Reliability diagram', *, tags: bool = False) -> None:
   """Accuracy per confidence bin against the diagonal, with the example count per bin below.

@@ -155,7 +155,7 @@ def write(results: Iterable[dict[str, Any]], out: TextIO, fmt: str) -> None:
     for r in results:
       for rank, p in enumerate(r['predictions'], 1):
         w.writerow([r['file'], rank, p['class'], p['index'], f"{p['probability']:.6f}"]
-                   + [int(r['abstained'])] * gated)
+                   + ([int(r['abstained'])] if gated else []))
 
 
 def predict(config: ml_collections.ConfigDict | None, workdir: str,

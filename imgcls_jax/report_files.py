@@ -15,7 +15,7 @@ import numpy as np
 from imgcls_jax import metrics, plots, report, report_multilabel
 
 REPORT_FILES = ('report.json', 'report.md', 'confusion_matrix.csv', 'confusion_matrix.png',
-                'reliability.png', 'roc_curves.png')
+                'reliability.png', 'roc_curves.png', 'selective.png')
 MULTILABEL_REPORT_FILES = ('report.json', 'report.md', 'pr_curves.png', 'reliability.png')
 CURVES_FILE = 'training_curves.png'
 ERROR_FILES = ('errors.csv', 'errors.png')
@@ -111,6 +111,9 @@ def _write_single_label(rep: dict[str, Any], out_dir: str, title: str) -> list[s
     plots.roc_curves(rep['roc_curves'], rep['roc_auc_macro'],
                      os.path.join(out_dir, 'roc_curves.png'))
     written.append('roc_curves.png')
+  if rep.get('selective'):
+    plots.selective(rep['selective'], os.path.join(out_dir, 'selective.png'))
+    written.append('selective.png')
   return written
 
 
@@ -161,8 +164,7 @@ def table_lines(rep: dict[str, Any], title: str, out_dir: str,
   lines += ['  ' + line for line in report.headline(rep)]
   lines += ['  ' + line for line in report.class_table(rep, max_rows=20)]
   lines += ['  ' + line for line in report.confused_lines(rep)]
-  lines.append(_written(out_dir, ('report.json', 'confusion_matrix.csv', 'confusion_matrix.png',
-                                  'reliability.png', 'roc_curves.png', *ERROR_FILES,
+  lines.append(_written(out_dir, (*REPORT_FILES[:1], *REPORT_FILES[2:], *ERROR_FILES,
                                   CURVES_FILE), written))
   return lines
 

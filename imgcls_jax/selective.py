@@ -98,8 +98,14 @@ def summary(right: np.ndarray, wrong: np.ndarray,
     at_accuracy.append({'accuracy_target': a, **(_row(kept, hit, j, n, bins) if j is not None
                                                   else {'threshold': None, 'coverage': 0.0,
                                                         'answered': 0, 'accuracy': None})})
+  turns = np.flatnonzero(np.diff(kept[::-1], prepend=-1) != 0)   # from the highest edge down
+  edges = (bins - turns)[kept[bins - turns] > 0]                 # where the answered set grows
   out: dict[str, Any] = {'bins': bins, 'accuracy_at_coverage': at_coverage,
-                         'coverage_at_accuracy': at_accuracy}
+                         'coverage_at_accuracy': at_accuracy,
+                         'curve': {'threshold': [float(j / bins) for j in edges],
+                                   'coverage': [round(float(kept[j]) / n, 6) for j in edges],
+                                   'accuracy': [round(float(hit[j] / kept[j]), 6)
+                                                for j in edges]}}
   if min_confidence:
     j = edge(min_confidence, bins)
     out['at_min_confidence'] = _row(kept, hit, j, n, bins)

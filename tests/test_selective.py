@@ -97,6 +97,14 @@ def test_rows_and_fit_equal_a_brute_force_search_at_every_edge():
   assert (fit is None) == (not perfect)
   assert fit is None or fit['min_confidence'] == perfect[0] / 1000
   assert full['count'] == n and s['sel_right'].sum() == right.sum()   # the padding adds nothing
+  # The plotted curve: one point per distinct answered set, strictest threshold first.
+  c = rows['curve']
+  js = [int(round(t * 1000)) for t in c['threshold']]
+  assert js == sorted(js, reverse=True) and c['coverage'][-1] == 1.0
+  assert sorted(set(kept[kept > 0])) == [kept[j] for j in js]
+  for j, cov, a in zip(js, c['coverage'], c['accuracy']):
+    assert kept[j] > kept[j + 1] if j < 1000 else kept[j] > 0
+    assert cov == pytest.approx(kept[j] / n, abs=1e-6) and a == pytest.approx(acc[j], abs=1e-6)
 
 
 def test_the_fitted_accuracy_interval_is_clopper_pearson():
@@ -228,6 +236,7 @@ def test_predict_serve_export_and_evaluate_abstain_below_it(abstaining, tfds_dir
   assert row['answered'] == (~below).sum()
   assert row['accuracy'] == pytest.approx((pred == labels)[~below].mean(), abs=1e-12)
   assert "| the run's threshold |" in open(tmp_path / 'report' / 'report.md').read()
+  assert (tmp_path / 'report' / 'selective.png').stat().st_size > 10_000
   # export: the threshold is in the export's description
   pytest.importorskip('tensorflow')
   from imgcls_jax import export
