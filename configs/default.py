@@ -269,6 +269,10 @@ def get_config() -> ml_collections.ConfigDict:
   # it; predict, serve and export then mark answers below it "abstained" (imgcls_jax/selective.py).
   # Every single-label report lists the accuracy-coverage trade-off either way. 0 = none.
   c.evaluate.abstain_accuracy = 0.0
+  # --mode=evaluate, single-label: image files / folders / both (comma-separated) of NONE of the
+  # classes; the report then says how well the top-1 probability tells them from the split
+  # (ROC-AUC) and how many would be answered at 95% coverage and at the abstention threshold.
+  c.evaluate.ood_inputs = ''
 
   # ---- --mode=compare (imgcls_jax/compare.py): the run in --workdir (A) against another (B) ----
   # Both predict config.evaluate.split (checkpoint, TTA, intervals: config.evaluate.*); the report

@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 
 from imgcls_jax import (checkpoint, evaluation, inference, intervals, intervals_multilabel,
-                        metrics, plots, report_files)
+                        metrics, plots, predict, report_files)
 from imgcls_jax.data import reader
 from imgcls_jax.errors import UserError
 
@@ -52,10 +52,20 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str,
                     'bootstrap intervals are gathered on one host; skipped with %d processes.',
                     jax.process_count())
     shown, per_example = 0, False
+  ood_files = None
+  if e.get('ood_inputs'):
+    if tagged:
+      raise UserError(evaluation.OOD_MULTILABEL)
+    if jax.process_count() > 1:
+      logging.warning('config.evaluate.ood_inputs is read on one host; skipped with %d '
+                      'processes.', jax.process_count())
+    else:
+      ood_files = predict.list_inputs(e.ood_inputs, 'evaluate.ood_inputs')
   ev = evaluation.evaluate_checkpoint(workdir, config, split=e.split,
                                       checkpoint_spec=e.checkpoint, tta=e.tta or '',
                                       num_bins=int(e.calibration_bins), overrides=overrides,
-                                      keep_errors=shown if per_example else None)
+                                      keep_errors=shown if per_example else None,
+                                      ood_files=ood_files)
   cfg, info = ev.trained.run, ev.trained.info
   rep = ev.report(int(e.top_confused))
   if info.multilabel:

@@ -17,7 +17,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from imgcls_jax import checkpoint, held_out, inference, metrics, report, run, sharding, steps
+from imgcls_jax import (checkpoint, held_out, inference, metrics, predict, report, run, selective,
+                        sharding, steps)
 from imgcls_jax.data import reader
 from imgcls_jax.data.info import check_flips
 from imgcls_jax.errors import UserError
@@ -70,6 +71,7 @@ class Evaluation:
   workdir: str
   dataset: str = ''   # what was evaluated ('' = the run's own dataset)
   outcomes: Outcomes | TagOutcomes | None = None   # per example (evaluate_checkpoint's keep_errors)
+  ood: dict[str, Any] | None = None   # ood_pass of evaluate_checkpoint's ood_files
 
   def report(self, top_confused: int = 10) -> dict[str, Any]:
     """The full report (``report.summarize``) with what was evaluated as its ``context``."""
@@ -82,6 +84,11 @@ class Evaluation:
                       'tta': self.tta or 'none',
                       'model': cfg.model.name, 'workdir': self.workdir,
                       'temperature': self.trained.temperature}
+    if self.ood is not None:
+      rep['out_of_distribution'] = {
+          **selective.ood_summary(self.stats['sel_right'], self.stats['sel_wrong'],
+                                  self.ood['histogram'], self.trained.min_confidence or None),
+          'inputs': self.ood['inputs'], 'skipped': self.ood['skipped']}
     return rep
 
 
@@ -164,11 +171,13 @@ def evaluate_checkpoint(workdir: str, config: ml_collections.ConfigDict | None, 
                         checkpoint_spec: str = 'latest', tta: str = '',
                         num_bins: int = report.DEFAULT_CALIBRATION_BINS,
                         overrides: dict[str, Any] | None = None,
-                        keep_errors: int | None = None) -> Evaluation:
+                        keep_errors: int | None = None,
+                        ood_files: list[str] | None = None) -> Evaluation:
   """Evaluates one checkpoint of ``workdir`` on ``split`` ('' = the run's eval split), every
   example exactly once, on the mesh with the run's parameter placement. With ``keep_errors``
   (one process) the same pass also gathers every example's ``Outcomes``, with the
-  images of that many of the most confident errors."""
+  images of that many of the most confident errors; with ``ood_files`` (one process,
+  single-label), those images are scored too (``ood_pass``)."""
   if num_bins < 1:
     raise UserError(f'config.evaluate.calibration_bins={num_bins} must be at least 1.')
   r = restore_for_split(workdir, config, split=split, checkpoint_spec=checkpoint_spec, tta=tta,
@@ -194,9 +203,42 @@ def evaluate_checkpoint(workdir: str, config: ml_collections.ConfigDict | None, 
     eval_step = run.jit_eval_step(r.setup, r.shardings, tta=tta, num_bins=num_bins)
     stats = report.stats_to_numpy(run.eval_sums(eval_step, r.variables, r.data.batches(),
                                                 r.setup.mesh, r.split))
+  ood = ood_pass(r, ood_files, tta, num_bins) if ood_files else None
   return Evaluation(stats=stats, trained=r.trained, split=r.split, step=r.step, chosen=r.chosen,
                     tta=tta, workdir=os.path.abspath(workdir),
-                    dataset=reader.dataset_name(r.trained.run.data), outcomes=outcomes)
+                    dataset=reader.dataset_name(r.trained.run.data), outcomes=outcomes, ood=ood)
+
+
+OOD_MULTILABEL = ('config.evaluate.ood_inputs scores the top-1 probability of a single-label '
+                  "run; a multi-label run's tags are decided per class: unset it.")
+
+
+def ood_pass(r: Restored, files: list[str], tta: str, num_bins: int) -> dict[str, Any]:
+  """Images of none of the run's classes through the split's eval step (the same checkpoint,
+  test-time augmentation and temperature; read as predict reads files): the histogram of their
+  top-1 probabilities (``selective.sums``' bins), and the files that could not be read."""
+  if r.trained.info.multilabel:
+    raise UserError(OOD_MULTILABEL)
+  b = r.setup.local_eval_batch_size
+  skipped: list[tuple[str, str]] = []
+
+  def batches():
+    read = functools.partial(inference.prepare, r.trained)
+    for _, images in predict.image_batches(files, read, b, skipped):
+      batch = {'image': np.zeros((b, *images.shape[1:]), np.uint8),
+               'label': np.zeros((b,), np.int32), 'mask': np.arange(b) < len(images)}
+      batch['image'][:len(images)] = images
+      yield batch
+
+  eval_step = run.jit_eval_step(r.setup, r.shardings, tta=tta, num_bins=num_bins)
+  try:
+    stats = report.stats_to_numpy(run.eval_sums(eval_step, r.variables, batches(), r.setup.mesh,
+                                                'ood'))
+  except UserError:   # every file unreadable
+    raise UserError(f'None of the {len(files)} files of config.evaluate.ood_inputs could be read '
+                    f'as an image ({skipped[0][0]}: {skipped[0][1]}); give image files.') from None
+  return {'histogram': stats['sel_right'] + stats['sel_wrong'], 'inputs': len(files),
+          'skipped': len(skipped)}
 
 
 @dataclasses.dataclass

@@ -268,25 +268,33 @@ class Classifier:
     return {k: np.concatenate(v) if v else np.zeros((0, len(self.class_names)), np.float32)
             for k, v in out.items()}
 
-  @functools.cached_property
-  def _eval_op(self) -> Any:
-    from imgcls_jax.data import pp
-    return pp.numpy_op(self.run.data.eval_preprocess or '')
-
   def prepare(self, data: bytes | str, *, max_pixels: int = 0) -> np.ndarray:
-    """Image bytes or a file path -> the uint8 HxWxC array the model takes.
+    """``prepare`` of this classifier's run."""
+    return prepare(self.trained, data, max_pixels=max_pixels)
 
-    Raises ``images.UnreadableImage`` when it is not a decodable image (or has more than
-    ``max_pixels``).
-    """
-    array = images.decode(data, channels=self.image_shape[2], size_hw=self.trained.native_hw,
-                          max_pixels=max_pixels)
-    if self._eval_op is not None:
-      array = self._eval_op(array)
-    if array.shape != self.image_shape:
-      raise images.UnreadableImage(f'preprocessed to {array.shape}, not the model input '
-                                   f'{self.image_shape}')
-    return array
+
+@functools.lru_cache(maxsize=8)
+def _eval_op(spec: str) -> Any:
+  from imgcls_jax.data import pp
+  return pp.numpy_op(spec)
+
+
+def prepare(trained: Trained, data: bytes | str, *, max_pixels: int = 0) -> np.ndarray:
+  """Image bytes or a file path -> the uint8 HxWxC array ``trained``'s model takes (decoded,
+  resized to the dataset's fixed size, then the run's eval preprocessing).
+
+  Raises ``images.UnreadableImage`` when it is not a decodable image (or has more than
+  ``max_pixels``).
+  """
+  array = images.decode(data, channels=trained.image_shape[2], size_hw=trained.native_hw,
+                        max_pixels=max_pixels)
+  op = _eval_op(trained.run.data.eval_preprocess or '')
+  if op is not None:
+    array = op(array)
+  if array.shape != trained.image_shape:
+    raise images.UnreadableImage(f'preprocessed to {array.shape}, not the model input '
+                                 f'{trained.image_shape}')
+  return array
 
 
 def classifier(trained: Trained, *, dtype: str = '', max_batch: int = 64) -> Classifier:

@@ -24,7 +24,7 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Iterable, Iterator, TextIO
+from typing import Any, Callable, Iterable, Iterator, TextIO
 
 import ml_collections
 import numpy as np
@@ -36,12 +36,13 @@ from imgcls_jax.errors import UserError
 FORMATS = ('jsonl', 'csv')
 
 
-def list_inputs(spec: str) -> list[str]:
-  """Files named in the comma-separated ``spec``; folders give their image files, recursively."""
+def list_inputs(spec: str, key: str = 'predict.inputs') -> list[str]:
+  """Files named in the comma-separated ``spec`` (the value of ``config.<key>``); folders give
+  their image files, recursively."""
   paths = [p.strip() for p in (spec or '').split(',') if p.strip()]
   if not paths:
-    raise UserError('Nothing to predict: set config.predict.inputs to image files and/or folders, '
-                    'e.g. --config.predict.inputs=photos/.')
+    raise UserError(f'Nothing to predict: set config.{key} to image files and/or folders, '
+                    f'e.g. --config.{key}=photos/.')
   files, empty = [], []
   for p in paths:
     if os.path.isdir(p):
@@ -53,21 +54,22 @@ def list_inputs(spec: str) -> list[str]:
     elif os.path.exists(p):
       files.append(p)
     else:
-      raise UserError(f'Input {p} (from config.predict.inputs) does not exist; check the path.')
+      raise UserError(f'Input {p} (from config.{key}) does not exist; check the path.')
   if not files:
-    raise UserError(f'No image files in config.predict.inputs={spec}; give image files or '
+    raise UserError(f'No image files in config.{key}={spec}; give image files or '
                     f"folders holding them ({', '.join(sorted(images.IMAGE_EXTENSIONS))}).")
   for p in empty:
     logging.warning('No image files in folder %s.', p)
   return files
 
 
-def _batches(files: list[str], clf: inference.Classifier, batch_size: int,
-             skipped: list[tuple[str, str]]) -> Iterator[tuple[list[str], np.ndarray]]:
-  """(files, uint8 images) batches, decoded by a thread pool one batch ahead; bad files skipped."""
+def image_batches(files: list[str], prepare: Callable[[str], np.ndarray], batch_size: int,
+                  skipped: list[tuple[str, str]]) -> Iterator[tuple[list[str], np.ndarray]]:
+  """(files, uint8 images) batches, each file read by ``prepare`` (e.g. ``inference.prepare``) in
+  a thread pool one batch ahead; unreadable files are logged and added to ``skipped``."""
   def load(path):
     try:
-      return clf.prepare(path)
+      return prepare(path)
     except images.UnreadableImage as e:
       return e
 
@@ -100,7 +102,7 @@ def predict_files(clf: inference.Classifier, files: list[str], *, top: int = 5,
   skipped: list[tuple[str, str]] = []
   results = []
   used: set[str] = set()
-  for paths, arrays in _batches(files, clf, batch_size, skipped):
+  for paths, arrays in image_batches(files, clf.prepare, batch_size, skipped):
     probs = clf.predict_arrays(arrays)['probabilities']
     batch = [{'file': p, 'predictions': inference.top_k(pr, clf.class_names, top)}
              for p, pr in zip(paths, probs)]

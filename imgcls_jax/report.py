@@ -302,6 +302,10 @@ def headline(report: Mapping[str, Any]) -> list[str]:
     lines.append(intervals.headline(report['intervals']))
   if report.get('selective'):
     lines.append(selective.headline(report['selective']))
+  if report.get('out_of_distribution'):
+    o = report['out_of_distribution']
+    lines.append(f"out-of-distribution: {o['examples']} images, ROC-AUC {o['auroc']:.4f}; "
+                 f"{o['at_95']['answered_ood']:.2%} of them answered where 95% of the split is")
   return lines
 
 
@@ -372,6 +376,8 @@ def to_markdown(report: Mapping[str, Any], title: str, context: Mapping[str, Any
                 f"{b['accuracy']:.4f} |")
   if 'selective' in report:
     md += selective.markdown(report['selective'])
+  if 'out_of_distribution' in report:
+    md += selective.ood_lines(report['out_of_distribution'])
   return '\n'.join(md) + '\n'
 
 

@@ -288,3 +288,59 @@ def test_calibrate_refits_keeps_and_drops_the_threshold(abstaining, tmp_path, mo
     calibrate.calibrate(None, workdir, {'evaluate.temperature_split': 'train[80%:]',
                                         'evaluate.abstain_accuracy': 0.999})
   assert checkpoint.read_weights(workdir).meta['temperature'] == before
+
+
+def _binned(p):
+  """The float32 bin rule of the device histograms (``roc.bin_index``), in numpy."""
+  edges = (np.arange(1, selective.BINS) / selective.BINS).astype(np.float32)
+  return np.searchsorted(edges, np.asarray(p, np.float32), side='right')
+
+
+def test_out_of_distribution_images_against_sklearn_on_the_served_probabilities(
+    abstaining, tfds_dir, tmp_path, capsys):
+  from sklearn.datasets import load_sample_images
+  from sklearn.metrics import roc_auc_score
+  from imgcls_jax import evaluate
+  _, workdir = abstaining
+  ood = tmp_path / 'ood'
+  (ood / 'nested').mkdir(parents=True)
+  rng = np.random.default_rng(0)
+  for k, photo in enumerate(load_sample_images().images):   # photos: none of the digits
+    for i in range(30):
+      y, x = rng.integers(0, photo.shape[0] - 64), rng.integers(0, photo.shape[1] - 64)
+      Image.fromarray(photo[y:y + 64, x:x + 64]).save(ood / ('nested' if i % 2 else '.') /
+                                                      f'p{k}_{i}.png')
+  (ood / 'broken.png').write_bytes(b'not a png')              # skipped, counted
+  rep = evaluate.evaluate(None, workdir, {'evaluate.checkpoint': 'latest',
+                                          'evaluate.ood_inputs': str(ood),
+                                          'evaluate.output_dir': str(tmp_path / 'report')})
+  o = rep['out_of_distribution']
+  assert o['examples'] == 60 and o['inputs'] == 61 and o['skipped'] == 1
+  # The oracle: the served classifier's top-1 probabilities of both sets, in the device's bins.
+  images, _ = _digits(tfds_dir, 'test')
+  p_in, _ = _served_top1(workdir, images)
+  clf = inference.classifier(inference.load(workdir))
+  results, skipped = predict.predict_files(clf, predict.list_inputs(str(ood)), top=1)
+  p_ood = np.array([r['predictions'][0]['probability'] for r in results], np.float32)
+  assert len(p_ood) == 60 and len(skipped) == 1
+  scores = np.concatenate([_binned(p_in), _binned(p_ood)])
+  truth = np.r_[np.ones(len(p_in)), np.zeros(len(p_ood))]
+  assert o['auroc'] == pytest.approx(roc_auc_score(truth, scores), abs=1e-12)
+  assert 0.5 < o['auroc'] < 1.0                                # some separation, not perfect
+  kept_in = np.array([selective.answered(p_in, t).sum() for t in EDGES])
+  j95 = int(np.flatnonzero(kept_in >= 0.95 * len(p_in))[-1])
+  assert o['at_95']['threshold'] == j95 / 1000
+  assert o['at_95']['answered_ood'] == selective.answered(p_ood, j95 / 1000).mean()
+  t = inference.load(workdir).min_confidence
+  assert o['at_min_confidence']['answered_ood'] == selective.answered(p_ood, t).mean()
+  assert o['at_min_confidence']['answered_split'] == selective.answered(p_in, t).mean()
+  out = capsys.readouterr().out
+  assert f"out-of-distribution: 60 images, ROC-AUC {o['auroc']:.4f}" in out
+  assert '## Out-of-distribution images' in open(tmp_path / 'report' / 'report.md').read()
+  # Bad inputs: one line each.
+  with pytest.raises(UserError, match=r'Input .*nowhere \(from config\.evaluate\.ood_inputs\) '
+                                      'does not exist'):
+    evaluate.evaluate(None, workdir, {'evaluate.ood_inputs': str(tmp_path / 'nowhere')})
+  with pytest.raises(UserError, match='None of the 1 files of config.evaluate.ood_inputs could '
+                                      'be read as an image'):
+    evaluate.evaluate(None, workdir, {'evaluate.ood_inputs': str(ood / 'broken.png')})
