@@ -24,8 +24,8 @@ import ml_collections
 import numpy as np
 
 from imgcls_jax import (checkpoint, evaluation, inference, intervals, intervals_multilabel,
-                        metrics, plots, predict, report_files)
-from imgcls_jax.data import reader
+                        metrics, plots, report_files)
+from imgcls_jax.data import images, reader
 from imgcls_jax.errors import UserError
 
 
@@ -60,7 +60,7 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str,
       logging.warning('config.evaluate.ood_inputs is read on one host; skipped with %d '
                       'processes.', jax.process_count())
     else:
-      ood_files = predict.list_inputs(e.ood_inputs, 'evaluate.ood_inputs')
+      ood_files = images.list_inputs(e.ood_inputs, 'evaluate.ood_inputs')
   ev = evaluation.evaluate_checkpoint(workdir, config, split=e.split,
                                       checkpoint_spec=e.checkpoint, tta=e.tta or '',
                                       num_bins=int(e.calibration_bins), overrides=overrides,

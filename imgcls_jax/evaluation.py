@@ -17,9 +17,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from imgcls_jax import (checkpoint, held_out, inference, metrics, predict, report, run, selective,
-                        sharding, steps)
-from imgcls_jax.data import reader
+from imgcls_jax import (checkpoint, held_out, inference, metrics, report, run, selective, sharding,
+                        steps)
+from imgcls_jax.data import images, reader
 from imgcls_jax.data.info import check_flips
 from imgcls_jax.errors import UserError
 
@@ -224,10 +224,10 @@ def ood_pass(r: Restored, files: list[str], tta: str, num_bins: int) -> dict[str
 
   def batches():
     read = functools.partial(inference.prepare, r.trained)
-    for _, images in predict.image_batches(files, read, b, skipped):
-      batch = {'image': np.zeros((b, *images.shape[1:]), np.uint8),
-               'label': np.zeros((b,), np.int32), 'mask': np.arange(b) < len(images)}
-      batch['image'][:len(images)] = images
+    for _, arrays in images.image_batches(files, read, b, skipped):
+      batch = {'image': np.zeros((b, *arrays.shape[1:]), np.uint8),
+               'label': np.zeros((b,), np.int32), 'mask': np.arange(b) < len(arrays)}
+      batch['image'][:len(arrays)] = arrays
       yield batch
 
   eval_step = run.jit_eval_step(r.setup, r.shardings, tta=tta, num_bins=num_bins)

@@ -18,13 +18,12 @@ the JSON lines' ``explanation`` field (``imgcls_jax/explain.py``).
 """
 from __future__ import annotations
 
-import concurrent.futures
 import csv
 import json
 import logging
 import os
 import sys
-from typing import Any, Callable, Iterable, Iterator, TextIO
+from typing import Any, Iterable, TextIO
 
 import ml_collections
 import numpy as np
@@ -34,61 +33,6 @@ from imgcls_jax.data import images
 from imgcls_jax.errors import UserError
 
 FORMATS = ('jsonl', 'csv')
-
-
-def list_inputs(spec: str, key: str = 'predict.inputs') -> list[str]:
-  """Files named in the comma-separated ``spec`` (the value of ``config.<key>``); folders give
-  their image files, recursively."""
-  paths = [p.strip() for p in (spec or '').split(',') if p.strip()]
-  if not paths:
-    raise UserError(f'Nothing to predict: set config.{key} to image files and/or folders, '
-                    f'e.g. --config.{key}=photos/.')
-  files, empty = [], []
-  for p in paths:
-    if os.path.isdir(p):
-      found = sorted(os.path.join(root, f) for root, _, names in os.walk(p) for f in names
-                     if not f.startswith('.') and images.is_image_file(f))
-      if not found:
-        empty.append(p)
-      files.extend(found)
-    elif os.path.exists(p):
-      files.append(p)
-    else:
-      raise UserError(f'Input {p} (from config.{key}) does not exist; check the path.')
-  if not files:
-    raise UserError(f'No image files in config.{key}={spec}; give image files or '
-                    f"folders holding them ({', '.join(sorted(images.IMAGE_EXTENSIONS))}).")
-  for p in empty:
-    logging.warning('No image files in folder %s.', p)
-  return files
-
-
-def image_batches(files: list[str], prepare: Callable[[str], np.ndarray], batch_size: int,
-                  skipped: list[tuple[str, str]]) -> Iterator[tuple[list[str], np.ndarray]]:
-  """(files, uint8 images) batches, each file read by ``prepare`` (e.g. ``inference.prepare``) in
-  a thread pool one batch ahead; unreadable files are logged and added to ``skipped``."""
-  def load(path):
-    try:
-      return prepare(path)
-    except images.UnreadableImage as e:
-      return e
-
-  with concurrent.futures.ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
-    chunks = [files[i:i + batch_size] for i in range(0, len(files), batch_size)]
-    pending = [pool.map(load, chunks[0])] if chunks else []
-    for i, chunk in enumerate(chunks):
-      if i + 1 < len(chunks):
-        pending.append(pool.map(load, chunks[i + 1]))
-      good, arrays = [], []
-      for path, result in zip(chunk, pending.pop(0)):
-        if isinstance(result, images.UnreadableImage):
-          logging.warning('Skipped %s: %s.', path, result)
-          skipped.append((path, str(result)))
-        else:
-          good.append(path)
-          arrays.append(result)
-      if good:
-        yield good, np.stack(arrays)
 
 
 def predict_files(clf: inference.Classifier, files: list[str], *, top: int = 5,
@@ -102,7 +46,7 @@ def predict_files(clf: inference.Classifier, files: list[str], *, top: int = 5,
   skipped: list[tuple[str, str]] = []
   results = []
   used: set[str] = set()
-  for paths, arrays in image_batches(files, clf.prepare, batch_size, skipped):
+  for paths, arrays in images.image_batches(files, clf.prepare, batch_size, skipped):
     probs = clf.predict_arrays(arrays)['probabilities']
     batch = [{'file': p, 'predictions': inference.top_k(pr, clf.class_names, top)}
              for p, pr in zip(paths, probs)]
@@ -171,7 +115,7 @@ def predict(config: ml_collections.ConfigDict | None, workdir: str,
                     f"'{cfg.format}'.")
   if cfg.top_k < 1 or cfg.batch_size < 1:
     raise UserError('config.predict.top_k and config.predict.batch_size must be positive.')
-  files = list_inputs(cfg.inputs)
+  files = images.list_inputs(cfg.inputs)
   clf = inference.classifier(trained, max_batch=cfg.batch_size)
   explainer, explain_dir = None, ''
   if cfg.get('explain'):

@@ -187,7 +187,7 @@ def test_inputs_without_image_files_are_a_user_error(tmp_path):
   for spec in (str(empty), f'{empty},{notes}'):
     with pytest.raises(UserError, match=re.escape(f'No image files in config.predict.inputs='
                                                   f'{spec}; give image files')):
-      predict.list_inputs(spec)
+      images.list_inputs(spec)
 
 
 def test_predict_fails_and_writes_nothing_when_no_input_image_can_be_read(run, image_folder,

@@ -17,6 +17,7 @@ from PIL import Image
 
 from imgcls_jax import calibrate, checkpoint, held_out, inference, predict, report, selective
 from imgcls_jax import serve, train
+from imgcls_jax.data import images as image_files
 from imgcls_jax.errors import UserError
 from tests.conftest import REPO, subprocess_env
 
@@ -320,7 +321,7 @@ def test_out_of_distribution_images_against_sklearn_on_the_served_probabilities(
   images, _ = _digits(tfds_dir, 'test')
   p_in, _ = _served_top1(workdir, images)
   clf = inference.classifier(inference.load(workdir))
-  results, skipped = predict.predict_files(clf, predict.list_inputs(str(ood)), top=1)
+  results, skipped = predict.predict_files(clf, image_files.list_inputs(str(ood)), top=1)
   p_ood = np.array([r['predictions'][0]['probability'] for r in results], np.float32)
   assert len(p_ood) == 60 and len(skipped) == 1
   scores = np.concatenate([_binned(p_in), _binned(p_ood)])

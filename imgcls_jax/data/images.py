@@ -1,16 +1,22 @@
-"""Image files without TensorFlow: the one set of image extensions every path accepts, and the
-PIL decoder that prediction and serving use.
+"""Image files without TensorFlow: the one set of image extensions every path accepts, the PIL
+decoder that prediction and serving use, and the listing and batched reading of the files a user
+names (``list_inputs`` / ``image_batches``: predict, and evaluate's out-of-distribution images).
 
 Training (image folders), ``--mode=predict`` and ``--mode=serve`` all use ``IMAGE_EXTENSIONS``,
 compared case-insensitively (``is_image_file``).
 """
 from __future__ import annotations
 
+import concurrent.futures
 import io
+import logging
 import os
 import re
+from typing import Callable, Iterator
 
 import numpy as np
+
+from imgcls_jax.errors import UserError
 
 IMAGE_EXTENSIONS = frozenset({'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff',
                               '.ppm', '.pgm', '.pbm', '.pnm'})
@@ -62,3 +68,58 @@ def decode(data: bytes | str, *, channels: int, size_hw: tuple[int, int] | None 
                     (str(e).splitlines() or [''])[0][:160])
     raise UnreadableImage(f'not a readable image ({type(e).__name__}: {detail})') from None
   return array[..., None] if array.ndim == 2 else array
+
+
+def list_inputs(spec: str, key: str = 'predict.inputs') -> list[str]:
+  """Files named in the comma-separated ``spec`` (the value of ``config.<key>``); folders give
+  their image files, recursively."""
+  paths = [p.strip() for p in (spec or '').split(',') if p.strip()]
+  if not paths:
+    raise UserError(f'Nothing to predict: set config.{key} to image files and/or folders, '
+                    f'e.g. --config.{key}=photos/.')
+  files, empty = [], []
+  for p in paths:
+    if os.path.isdir(p):
+      found = sorted(os.path.join(root, f) for root, _, names in os.walk(p) for f in names
+                     if not f.startswith('.') and is_image_file(f))
+      if not found:
+        empty.append(p)
+      files.extend(found)
+    elif os.path.exists(p):
+      files.append(p)
+    else:
+      raise UserError(f'Input {p} (from config.{key}) does not exist; check the path.')
+  if not files:
+    raise UserError(f'No image files in config.{key}={spec}; give image files or '
+                    f"folders holding them ({', '.join(sorted(IMAGE_EXTENSIONS))}).")
+  for p in empty:
+    logging.warning('No image files in folder %s.', p)
+  return files
+
+
+def image_batches(files: list[str], prepare: Callable[[str], np.ndarray], batch_size: int,
+                  skipped: list[tuple[str, str]]) -> Iterator[tuple[list[str], np.ndarray]]:
+  """(files, uint8 images) batches, each file read by ``prepare`` (e.g. ``inference.prepare``) in
+  a thread pool one batch ahead; unreadable files are logged and added to ``skipped``."""
+  def load(path):
+    try:
+      return prepare(path)
+    except UnreadableImage as e:
+      return e
+
+  with concurrent.futures.ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+    chunks = [files[i:i + batch_size] for i in range(0, len(files), batch_size)]
+    pending = [pool.map(load, chunks[0])] if chunks else []
+    for i, chunk in enumerate(chunks):
+      if i + 1 < len(chunks):
+        pending.append(pool.map(load, chunks[i + 1]))
+      good, arrays = [], []
+      for path, result in zip(chunk, pending.pop(0)):
+        if isinstance(result, UnreadableImage):
+          logging.warning('Skipped %s: %s.', path, result)
+          skipped.append((path, str(result)))
+        else:
+          good.append(path)
+          arrays.append(result)
+      if good:
+        yield good, np.stack(arrays)
