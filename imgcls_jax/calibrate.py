@@ -148,7 +148,7 @@ def calibrate(config: ml_collections.ConfigDict | None, workdir: str,
                  f" had no positive example there and kept "
                  f"{'the earlier threshold' if before is not None else '0.5'}")
       was = ' (they replace the earlier ones)' if before is not None else ''
-    with checkpoint.Checkpointer.from_config(workdir, cfg) as ckpt:
+    with checkpoint.Checkpointer.from_config(workdir, cfg, read_only=True) as ckpt:
       best, _ = evaluation.choose_step(ckpt, 'best', os.path.join(workdir, 'metrics.jsonl'))
     if best == r.step:
       readers = 'predict, serve, export and evaluate use it from now on'

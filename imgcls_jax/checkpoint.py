@@ -103,7 +103,8 @@ class Checkpointer:
   """
 
   def __init__(self, workdir: str, *, keep: int = 3, keep_best: int = 0,
-               best_metric: str = 'accuracy', best_mode: str = 'max', async_save: bool = True):
+               best_metric: str = 'accuracy', best_mode: str = 'max', async_save: bool = True,
+               read_only: bool = False):
     if best_mode not in ('max', 'min'):
       raise UserError(f"config.checkpoint.best_mode must be 'max' or 'min', got '{best_mode}'.")
     if keep < 1 or keep_best < 0:
@@ -122,21 +123,27 @@ class Checkpointer:
       policies.append(ocp.checkpoint_managers.BestN(
           get_metric_fn=metric, reverse=best_mode == 'min', n=keep_best,
           keep_checkpoints_without_metrics=False))
+    # A reader (evaluate, calibrate, compare) may run beside the training that writes the run:
+    # it must neither delete that run's in-flight '<step>.orbax-checkpoint-tmp' nor prune steps.
     options = ocp.CheckpointManagerOptions(
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
         best_fn=metric if keep_best else None, best_mode=best_mode,
-        enable_async_checkpointing=async_save, cleanup_tmp_directories=True, create=True)
+        enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only,
+        create=not read_only, read_only=read_only)
     self._manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={'state': ocp.StandardCheckpointHandler(),
                        'meta': ocp.JsonCheckpointHandler()})
 
   @classmethod
-  def from_config(cls, workdir: str, config: ml_collections.ConfigDict) -> 'Checkpointer':
-    """The keep / best / async policy of ``config.keep_checkpoints`` and ``config.checkpoint``."""
+  def from_config(cls, workdir: str, config: ml_collections.ConfigDict, *,
+                  read_only: bool = False) -> 'Checkpointer':
+    """The keep / best / async policy of ``config.keep_checkpoints`` and ``config.checkpoint``
+    (``read_only``: a reader of a run that may still be training; it writes and deletes nothing)."""
     c = config.checkpoint
     return cls(workdir, keep=config.keep_checkpoints, keep_best=c.keep_best,
-               best_metric=c.best_metric, best_mode=c.best_mode, async_save=c.async_save)
+               best_metric=c.best_metric, best_mode=c.best_mode, async_save=c.async_save,
+               read_only=read_only)
 
   def __enter__(self) -> 'Checkpointer':
     return self
@@ -191,8 +198,12 @@ class Checkpointer:
     self._manager.wait_until_finished()
 
   def read_meta(self, step: int) -> dict[str, Any]:
-    """The JSON meta saved with ``step``."""
-    restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    """The JSON meta saved with ``step`` (a UserError naming the step when it is unreadable)."""
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    except Exception as e:  # json / OS errors on a damaged checkpoint
+      raise UserError(f'Checkpoint {step} in {self.directory} is unreadable ({_first_line(e)}); '
+                      'use another step, or resume training there to set it aside.') from None
     return dict(restored['meta'] or {})
 
   def _check_fits(self, step: int, target: Any) -> None:

@@ -17,7 +17,9 @@ from imgcls_jax.errors import UserError
 
 # Config keys that define the state or the data it was trained on: resuming with other values is an
 # error. Keys ending in '.' are prefixes.
-MUST_MATCH = ('model.', 'data.name', 'data.mirror_safe')
+MUST_MATCH = ('model.', 'data.name', 'data.mirror_safe',
+              # an image folder's held-out draws: others would put trained-on images in them
+              'data.holdout_fraction', 'data.holdout_seed', 'data.validation_fraction')
 # Config keys that change the training trajectory but not the state's shapes: resuming with other
 # values works, with a warning that the run no longer matches an uninterrupted one.
 TRAJECTORY = ('seed', 'batch_size', 'dtype', 'label_smoothing', 'num_train_steps', 'num_epochs',
@@ -64,6 +66,41 @@ def _schema_defaults() -> dict[str, Any]:
     return _flatten(config_dict(load_config_file(default_config_path())))
   except Exception:  # no schema: every key missing from a checkpoint counts as changed
     return {}
+
+
+def complete(config: ml_collections.ConfigDict, source: str) -> ml_collections.ConfigDict:
+  """``config`` (from the file ``source``) checked against configs/default.py's schema: a key the
+  schema lacks (a typo such as ``optim.learning_rat``) is a UserError naming the nearest real key;
+  keys the file lacks get their defaults. ``model.*`` keys are the model's own arguments
+  (checked when it is built)."""
+  import difflib
+  schema = _schema_defaults()
+  if not schema:
+    return config
+  keys = _flatten(config_dict(config))
+  for key in sorted(keys):
+    if key.startswith('model.') or key in schema or any(k.startswith(key + '.') for k in schema):
+      continue
+    near = difflib.get_close_matches(key, list(schema), n=1)
+    raise UserError(f"The config file {source} sets '{key}', which is not a config key"
+                    + (f" (did you mean '{near[0]}'?)" if near else '')
+                    + '; see configs/default.py for the documented schema.')
+  if all(k in keys for k in schema if not k.startswith('model.')):
+    return config
+  full = load_config_file(default_config_path())
+
+  def merge(dst: ml_collections.ConfigDict, src: ml_collections.ConfigDict, path: str) -> None:
+    for k in src.keys():
+      value = src[k]
+      if (isinstance(value, ml_collections.ConfigDict) and path + k != 'model'
+          and isinstance(dst.get(k), ml_collections.ConfigDict)):
+        merge(dst[k], value, f'{path}{k}.')
+      else:
+        with dst.ignore_type():
+          dst[k] = value
+
+  merge(full, config, '')
+  return full
 
 
 def _model_defaults(name: Any) -> dict[str, Any]:
@@ -183,6 +220,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
        f'config.label_smoothing must be in [0, 1), got {config.label_smoothing}.')
   need(config.num_train_steps > 0 or config.num_epochs > 0,
        'Set config.num_epochs or config.num_train_steps to a positive number.')
+  need(math.isfinite(config.num_epochs),
+       f'config.num_epochs must be a finite number of epochs, got {config.num_epochs}.')
   need(len(config.data.mean) == len(config.data.std),
        'config.data.mean and config.data.std need one value per channel each.')
   need(all(s > 0 for s in config.data.std), 'config.data.std values must be positive.')

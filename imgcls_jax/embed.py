@@ -33,7 +33,7 @@ import ml_collections
 import numpy as np
 
 from imgcls_jax import explain, features, inference, report_files
-from imgcls_jax.data import images
+from imgcls_jax.data import images, reader
 from imgcls_jax.errors import UserError
 
 EXTRACTORS = ('model', 'classical')
@@ -248,6 +248,14 @@ def embed(config: ml_collections.ConfigDict, workdir: str,
                              'class_names': names,
                              'files': _write_arrays(out_dir, feats, labels, paths, names)}
   ref = e.reference_split or data.train_split
+  shared = (reader.shared_examples(data, what, ref, extractor.info)
+            if ref != 'none' and not e.inputs else None)
+  if shared:   # each example would be its own nearest neighbour: a k-NN score of ~100%
+    logging.warning("No k-NN evaluation: the embedded split '%s' shares %d examples with the "
+                    "reference split '%s', and each would find itself; set "
+                    "--config.embed.reference_split to a split without them (e.g. 'train' for "
+                    "--config.embed.split=test), or 'none'.", what, shared, ref)
+    ref = 'none'
   if ref != 'none' and np.all(labels >= 0):
     x_ref, y_ref, _ = features.split_arrays(data, ref, info=extractor.info)
     probs, classes = knn_evaluate(extractor(x_ref), y_ref, feats, k=int(e.knn_k),

@@ -126,12 +126,15 @@ def restore_for_split(workdir: str, config: ml_collections.ConfigDict | None, *,
   checkpoint.require_checkpoint(workdir)
   keep = (config if config is not None
           else ml_collections.ConfigDict(checkpoint.read_config(workdir)))
-  with checkpoint.Checkpointer.from_config(workdir, keep) as ckpt:
+  with checkpoint.Checkpointer.from_config(workdir, keep, read_only=True) as ckpt:
     step, chosen = choose_step(ckpt, checkpoint_spec, os.path.join(workdir, 'metrics.jsonl'))
     latest = ckpt.latest_step()
     meta = ckpt.read_meta(step)
-    fitted = [k for k in ('temperature', 'thresholds') if step != latest and k in
-              ckpt.read_meta(latest) and k not in meta]
+    try:   # what the final weights were fitted with (a damaged newest checkpoint: nothing)
+      latest_meta = ckpt.read_meta(latest) if step != latest else meta
+    except UserError:
+      latest_meta = {}
+    fitted = [k for k in ('temperature', 'thresholds') if k in latest_meta and k not in meta]
   fitted_on = {k: str(meta[k]['split']) for k in ('temperature', 'thresholds')
                if isinstance(meta.get(k), dict) and meta[k].get('split')}
   if fitted:  # chosen at the end of training, for the final weights only
@@ -141,6 +144,7 @@ def restore_for_split(workdir: str, config: ml_collections.ConfigDict | None, *,
                     latest, 'them' if len(fitted) > 1 else 'it')
   trained = inference.load(workdir, config, step=step, overrides=overrides)
   cfg = trained.run
+  held_out.check_location_keys(cfg.data)   # e.g. a folder named for a run that read tfds
   saved = checkpoint.read_config(workdir) or {}
   new_images = _new_image_location(saved, overrides or {})
   split = split or (reader.default_eval_split(cfg.data) if new_images else cfg.data.eval_split)

@@ -7,6 +7,7 @@ No TensorFlow at import.
 from __future__ import annotations
 
 import logging
+import os
 
 import ml_collections
 
@@ -36,11 +37,39 @@ _FITTED = {  # key -> why a split it shares examples with (train, eval) with is 
 }
 
 
-def check_folder_only_keys(data: ml_collections.ConfigDict) -> None:
-  """``holdout_fraction`` / ``validation_fraction`` draw splits from an image folder's files;
-  any other dataset would silently ignore them."""
+def check_location_keys(data: ml_collections.ConfigDict) -> None:
+  """``folder`` / ``manifest`` name an image folder's files: set for another dataset, they would
+  be silently ignored (at training, or as a trained run's new image location)."""
   if folder_index.is_folder(data):
     return
+  for key in ('folder', 'manifest'):
+    if data.get(key):
+      raise UserError(f"config.data.{key}={data[key]} is read only when config.data.name="
+                      f"'{folder_index.NAME}', and it is '{data.name}'; add "
+                      f'--config.data.name={folder_index.NAME} (or unset data.{key}).')
+
+
+def check_workdir_outside(data: ml_collections.ConfigDict, workdir: str) -> None:
+  """A run directory inside the image folder it trains on would add its own folders as classes
+  (and leave the data unusable): refused before anything is written."""
+  if not folder_index.is_folder(data):
+    return
+  src = folder_index.source_of(data)
+  if src.kind == 'manifest':
+    return
+  workdir, root = os.path.realpath(workdir), os.path.realpath(src.location)
+  if os.path.commonpath([workdir, root]) == root:
+    raise UserError(f'--workdir={workdir} is inside config.data.folder={root}, where its '
+                    'checkpoints would be read as images; put the run directory elsewhere, e.g. '
+                    f'--workdir={os.path.join(os.path.dirname(root), "runs", "run1")}.')
+
+
+def check_folder_only_keys(data: ml_collections.ConfigDict) -> None:
+  """``folder`` / ``manifest`` locate an image folder's files and ``holdout_fraction`` /
+  ``validation_fraction`` draw splits from them; any other dataset would silently ignore them."""
+  if folder_index.is_folder(data):
+    return
+  check_location_keys(data)
   for key in ('holdout_fraction', 'validation_fraction'):
     value = data.get(key, 0.0) or 0.0
     if value:

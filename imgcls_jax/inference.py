@@ -254,7 +254,13 @@ class Classifier:
     return jax.jit(self.apply)
 
   def predict_arrays(self, images_BxHxWxC: np.ndarray) -> dict[str, np.ndarray]:
-    """``apply`` on a batch of any size (padded to a power of two, so few shapes compile)."""
+    """``apply`` on a batch of any size (padded to a power of two, so few shapes compile) of
+    uint8 images as ``prepare`` makes them (a UserError names any other dtype or shape)."""
+    x = np.asarray(images_BxHxWxC)
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != tuple(self.image_shape):
+      raise UserError(f"Classifier.predict_arrays takes uint8 images of shape [N, "
+                      f"{', '.join(map(str, self.image_shape))}] (pixel values 0-255, as "
+                      f'Classifier.prepare returns them), got {x.dtype} {list(x.shape)}.')
     n = len(images_BxHxWxC)
     out: dict[str, list[np.ndarray]] = {'probabilities': [], 'logits': []}
     for start in range(0, n, self.max_batch):

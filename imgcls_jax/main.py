@@ -21,6 +21,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from imgcls_jax import configlib, startup
+from imgcls_jax.errors import UserError
 
 # --mode name -> (module, function). 'train' runs k-fold cross-validation when
 # config.cross_validation.folds > 0, else one run. The modes of a trained run are called as
@@ -133,6 +134,10 @@ def parse(argv: list[str]):
   if not _WORKDIR.value:
     raise _CliError('Missing --workdir: pass a directory for checkpoints and logs, e.g. '
                     '--workdir=/tmp/run1.')
+  try:
+    config = configlib.complete(config, config_flags.get_config_filename(FLAGS['config']))
+  except UserError as e:
+    raise _CliError(str(e)) from None
   return config, _WORKDIR.value, _MODE.value
 
 

@@ -309,6 +309,7 @@ def restore_or_init(s: Setup, ckpt: checkpoint.Checkpointer) -> tuple[Any, Any]:
                s.mesh.devices.size)
   restored = ckpt.restore_latest(target, config=s.config)
   if restored is not None:
+    _check_same_data(s, restored.meta, f'checkpoint {restored.step} in {ckpt.directory}')
     logging.info('Resuming from step %d.', restored.step)
     return restored.state, shardings
   override = (whitening.override(s.config, s.info, s.model_fn) if whitening.enabled(s.config)
@@ -319,6 +320,29 @@ def restore_or_init(s: Setup, ckpt: checkpoint.Checkpointer) -> tuple[Any, Any]:
     from imgcls_jax import transfer  # weights from another run or a torch file; new head
     state = transfer.init_state(state, shardings, s.config.transfer, s.tx)
   return state, shardings
+
+
+def _check_same_data(s: Setup, meta: dict[str, Any], where: str) -> None:
+  """A resumed run must read the classes it was trained on, in the same order (an image folder's
+  or manifest's classes can change under the same config); a held-out split drawn from a folder
+  whose files changed since is warned about."""
+  then = [str(c) for c in meta.get('class_names') or []]
+  now = [str(c) for c in s.info.class_names]
+  if then and then != now:
+    gone, new = [c for c in then if c not in now], [c for c in now if c not in then]
+    what = '; '.join(x for x in (f"gone: {', '.join(gone[:5])}" if gone else '',
+                                 f"new: {', '.join(new[:5])}" if new else '') if x) or 'reordered'
+    raise UserError(f'Cannot resume {where}: it was trained on {len(then)} classes and the data '
+                    f'now has {len(now)} ({what}), so its class indices would mean other classes; '
+                    'restore the data as it was, or train in a new --workdir '
+                    '(config.transfer.init_from=<this run> starts from its weights).')
+  if meta.get('dataset_info'):
+    saved = DatasetInfo.from_json(meta['dataset_info'])
+    changed = held_out.folder_changed(s.config, saved, str(s.config.data.eval_split))
+    if changed:
+      logging.warning("%s: the held-out split '%s' drawn from it may now hold images the model "
+                      'trained on; restore the folder, or train in a new --workdir.', changed,
+                      s.config.data.eval_split)
 
 
 def place_variables(s: Setup, variables: state_lib.InferenceState) -> tuple[Any, Any]:

@@ -354,6 +354,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     'cross-validation is its own entry point; run python -m imgcls_jax.main '
                     '(--mode=train picks it) or imgcls_jax.cross_validation.cross_validate.')
   workdir = os.path.abspath(workdir)
+  held_out.check_workdir_outside(config.data, workdir)
   teacher_lib.absolute_paths(config)   # saved and compared on resume as absolute paths
   s = run.setup(config)
   _check_best_metric(config, s.info.multilabel)

@@ -188,9 +188,11 @@ def _walk(directory: str, prefix: str) -> Iterable[str]:
 
 
 def _sort_labels(labels: Iterable[str]) -> tuple[str, ...]:
+  """Sorted, numerically when every label is an integer ('01' and '1' by their text after that:
+  the order must not depend on the process)."""
   names = set(labels)
   if all(n.lstrip('-').isdigit() for n in names):
-    return tuple(sorted(names, key=int))
+    return tuple(sorted(names, key=lambda n: (int(n), n)))
   return tuple(sorted(names))
 
 
@@ -210,7 +212,7 @@ def class_names(src: Source) -> tuple[str, ...]:
                       'classifier needs at least 2 classes: add rows of images of another class.')
     return names
   where = src.root if src.kind == 'flat' else _split_dir(src, src.train_split)
-  names = tuple(_subdirs(where))
+  names = _sort_labels(_subdirs(where))   # as a manifest's labels: 2 before 10
   if not names:
     raise UserError(f'The image folder {where} has no class sub-directories; put the images in '
                     f'{where}/<class name>/ (or list them in a CSV set as config.data.manifest).')

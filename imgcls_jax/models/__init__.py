@@ -103,8 +103,9 @@ def get(name: str, **kwargs: Any) -> nnx.Module:
   constructor = family(name).constructor
   try:
     return constructor(**kwargs)
-  except TypeError as e:
-    raise UserError(f"Bad arguments for model '{name}' ({e}); check the config.model keys.") from None
+  except (TypeError, ValueError, ArithmeticError) as e:   # a missing / unknown / impossible value
+    raise UserError(f"Bad arguments for model '{name}' ({type(e).__name__}: {e}); check the "
+                    'config.model keys.') from None
 
 
 def from_config(config: ml_collections.ConfigDict, num_classes: int,

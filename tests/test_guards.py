@@ -1,0 +1,183 @@
+"""Bad input found by probing the command line (session 27), each now one clear line or refused
+before harm: a reader beside a training run, a damaged newest checkpoint, an image folder whose
+classes or held-out draw changed under a resume, a run directory inside its own data, dataset
+keys another dataset ignores, typos in config files, a k-NN score of an example against itself,
+arrays of the wrong kind, impossible model sizes and label orders that depended on the process."""
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imgcls_jax import configlib, embed, evaluation, inference, models, run, train
+from imgcls_jax.data import digits, folder_index
+from imgcls_jax.errors import UserError
+from tests.conftest import REPO, subprocess_env
+
+
+@pytest.fixture(scope='module')
+def digits_run(tmp_path_factory, tfds_dir):
+  """A digits run: 20 steps, checkpoints at 10 and 20."""
+  sys.path.insert(0, REPO)
+  from configs import default
+  c = default.get_config()
+  c.data.data_dir = tfds_dir
+  c.model.widths = (8, 16)
+  c.batch_size = 64
+  c.eval_batch_size = 64
+  c.num_train_steps = 20
+  c.eval_every_steps = 20
+  c.checkpoint_every_steps = 10
+  c.progress_bar = False
+  c.tensorboard = False
+  workdir = str(tmp_path_factory.mktemp('digits_run'))
+  train.train_and_evaluate(c, workdir)
+  return c, workdir
+
+
+def test_a_reader_leaves_a_saving_runs_checkpoint_alone_and_names_a_damaged_one(digits_run,
+                                                                                 tmp_path):
+  _, original = digits_run
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(original, workdir)
+  # What a training run's in-flight save looks like: evaluating beside it must not delete it.
+  saving = os.path.join(workdir, 'checkpoints', '30.orbax-checkpoint-tmp',
+                        'state.orbax-checkpoint-tmp')
+  os.makedirs(saving)
+  open(os.path.join(saving, 'part'), 'w').write('being written')
+  ev = evaluation.evaluate_checkpoint(workdir, None, checkpoint_spec='latest')
+  assert ev.step == 20 and os.path.exists(os.path.join(saving, 'part'))
+  # A damaged newest checkpoint: the older one is still evaluated; the damaged one is named.
+  with open(os.path.join(workdir, 'checkpoints', '20', 'meta', 'metadata'), 'w') as f:
+    f.write('garbage')
+  assert evaluation.evaluate_checkpoint(workdir, None, checkpoint_spec='10').step == 10
+  with pytest.raises(UserError, match=r'^Checkpoint 20 in .* is unreadable \(.*\); use another'):
+    evaluation.evaluate_checkpoint(workdir, None, checkpoint_spec='latest')
+
+
+def _folder(root, classes=('c0', 'c1', 'c2'), per_class=12):
+  x, y = digits.load_arrays('train')
+  for k, name in enumerate(classes):
+    os.makedirs(os.path.join(root, name))
+    for i, image in enumerate(x[y == k][:per_class]):
+      Image.fromarray(image[:, :, 0]).save(os.path.join(root, name, f'{i}.png'))
+  return root
+
+
+def _folder_config(digits_config, root):
+  c = digits_config
+  c.data.name = 'image_folder'
+  c.data.folder = root
+  c.data.holdout_fraction = 0.25
+  c.data.mean = (0.5,)
+  c.data.std = (0.25,)
+  c.batch_size = 8
+  c.eval_batch_size = 8
+  c.num_train_steps = 2
+  c.checkpoint_every_steps = 2
+  return c
+
+
+def test_an_image_folder_resume_must_read_the_same_classes_and_draw(digits_config, tmp_path):
+  root = _folder(str(tmp_path / 'images'))
+  c = _folder_config(digits_config, root)
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(c, workdir)
+  c.num_train_steps = 4
+  os.rename(os.path.join(root, 'c1'), os.path.join(root, 'z1'))   # c2 would become index 1
+  folder_index.clear_memo()
+  with pytest.raises(UserError, match=r'Cannot resume checkpoint 2 .* trained on 3 classes and '
+                                      r'the data now has 3 \(gone: c1; new: z1\)'):
+    train.train_and_evaluate(c, workdir)
+  os.rename(os.path.join(root, 'z1'), os.path.join(root, 'c1'))
+  folder_index.clear_memo()
+  c.data.holdout_seed = 7       # another held-out draw would hold trained-on images
+  with pytest.raises(UserError, match=r'data\.holdout_seed: 0 in the checkpoint, 7 now'):
+    train.train_and_evaluate(c, workdir)
+  c.data.holdout_seed = 0
+  assert train.train_and_evaluate(c, workdir)['count'] > 0      # as it was: resumes
+
+
+def test_a_run_directory_inside_its_image_folder_is_refused_before_writing(digits_config,
+                                                                           tmp_path):
+  root = _folder(str(tmp_path / 'images'))
+  c = _folder_config(digits_config, root)
+  with pytest.raises(UserError, match='--workdir=.* is inside config.data.folder='):
+    train.train_and_evaluate(c, os.path.join(root, 'runs', 'a'))
+  assert sorted(os.listdir(root)) == ['c0', 'c1', 'c2']
+
+
+def test_folder_keys_of_another_dataset_are_refused(digits_config, digits_run, tmp_path):
+  digits_config.data.folder = str(tmp_path)
+  with pytest.raises(UserError, match="config.data.folder=.* is read only when config.data.name="
+                                      "'image_folder', and it is 'sklearn_digits'"):
+    run.setup(digits_config)
+  _, workdir = digits_run
+  with pytest.raises(UserError, match='config.data.manifest=.* is read only when'):
+    evaluation.evaluate_checkpoint(workdir, None, overrides={
+        'data.manifest': str(tmp_path / 'labels.csv')})
+
+
+def test_config_files_are_checked_against_the_schema_and_completed(tmp_path):
+  typo = tmp_path / 'typo.py'
+  typo.write_text(f'import sys\nsys.path.insert(0, {REPO!r})\nfrom configs import default\n'
+                  'def get_config():\n  c = default.get_config()\n  c.optim.learning_rat = 0.5\n'
+                  '  return c\n')
+  res = subprocess.run([sys.executable, '-m', 'imgcls_jax.main', f'--config={typo}',
+                        f'--workdir={tmp_path / "run"}'], cwd=REPO, env=subprocess_env(1),
+                       capture_output=True, text=True, timeout=120)
+  assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+      f"error: The config file {typo} sets 'optim.learning_rat', which is not a config key (did "
+      "you mean 'optim.learning_rate'?); see configs/default.py for the documented schema."]
+  assert not (tmp_path / 'run').exists()
+  import ml_collections
+  small = ml_collections.ConfigDict({'data': {'name': 'sklearn_digits'}, 'num_epochs': 1.0,
+                                     'optim': {'learning_rate': 0.3}})
+  full = configlib.complete(small, 'small.py')
+  default = configlib.load_config_file(configlib.default_config_path())
+  assert full.optim.learning_rate == 0.3 and full.num_epochs == 1.0
+  assert full.optim.momentum == default.optim.momentum and full.mesh == default.mesh
+  assert full.model == default.model
+  configlib.validate(full)
+
+
+def test_knn_of_a_split_against_itself_is_skipped(digits_run, tmp_path, caplog):
+  c, workdir = digits_run
+  c = c.copy_and_resolve_references()
+  c.embed.split = 'train'
+  c.embed.output_dir = str(tmp_path / 'emb')
+  c.embed.tsne_max = 0           # the projection's PCA only (t-SNE costs most of the time)
+  summary = embed.embed(c, workdir)
+  assert 'knn' not in summary and summary['num_examples'] > 1000
+  assert "shares 1347 examples with the reference split 'train'" in caplog.text
+  c.embed.split = 'test'         # no overlap: evaluated
+  assert 0.2 < embed.embed(c, workdir)['knn']['accuracy'] < 1.0
+
+
+def test_classifier_arrays_of_another_kind_are_one_line(digits_run):
+  _, workdir = digits_run
+  clf = inference.classifier(inference.load(workdir))
+  good = np.zeros((2, 8, 8, 1), np.uint8)
+  assert clf.predict_arrays(good)['probabilities'].shape == (2, 10)
+  for bad in (good.astype(np.float32) / 255, good[0], np.zeros((2, 9, 8, 1), np.uint8)):
+    with pytest.raises(UserError, match=r'takes uint8 images of shape \[N, 8, 8, 1\]'):
+      clf.predict_arrays(bad)
+
+
+def test_impossible_sizes_and_label_orders(digits_config):
+  from flax import nnx
+  with pytest.raises(UserError, match=r"Bad arguments for model 'cnn' \(ZeroDivisionError"):
+    models.get('cnn', num_classes=10, in_channels=1, widths=(0,), rngs=nnx.Rngs(0))
+  digits_config.num_epochs = float('inf')
+  with pytest.raises(UserError, match='config.num_epochs must be a finite number'):
+    configlib.validate(digits_config)
+  # Integer labels: numerically, ties by text, whatever the process's hash seed.
+  script = ('from imgcls_jax.data import folder_index as f; '
+            "print(f._sort_labels(['1', '01', '10', '2', '001']))")
+  seen = {subprocess.run([sys.executable, '-c', script], cwd=REPO, capture_output=True, text=True,
+                         env={**os.environ, 'PYTHONHASHSEED': str(seed)}).stdout.strip()
+          for seed in (1, 2, 5, 9)}
+  assert seen == {"('001', '01', '1', '2', '10')"}
