@@ -181,3 +181,24 @@ def test_impossible_sizes_and_label_orders(digits_config):
                          env={**os.environ, 'PYTHONHASHSEED': str(seed)}).stdout.strip()
           for seed in (1, 2, 5, 9)}
   assert seen == {"('001', '01', '1', '2', '10')"}
+
+
+def test_manifest_split_cells_and_foreign_headers_are_one_line(tmp_path):
+  from imgcls_jax.data import manifest
+  path = tmp_path / 'labels.csv'
+  cases = {   # rows -> what the one line says
+      'path,label,split\na.png,cat,train\nb.png,dog,\nc.png,dog,test\n':
+          r"Line 3 of the manifest .* \('b.png,dog,'\) \(every row needs its split\)",
+      'a.png,cat\nb.png,dog,train\nc.png,dog,test\n':
+          r"Line 1 of the manifest .* \('a.png,cat'\) \(every row needs its split\)",
+      'file,class\na.png,cat\nb.png,dog\n':
+          r"first line of the manifest .* \('file,class'\) looks like a header but names no path",
+  }
+  for text, message in cases.items():
+    path.write_text(text)
+    with pytest.raises(UserError, match=message):
+      manifest.read_rows(str(path))
+  path.write_text('a.png,cat,train\nb.png,dog,test\n')          # as before: a split column
+  assert manifest.read_rows(str(path)) == [('a.png', 'cat', 'train'), ('b.png', 'dog', 'test')]
+  path.write_text('path,label\na.png,cat\nb.png,dog\n')
+  assert manifest.read_rows(str(path)) == [('a.png', 'cat', None), ('b.png', 'dog', None)]

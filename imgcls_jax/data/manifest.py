@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 
+from imgcls_jax.data import images
 from imgcls_jax.errors import UserError
 
 
@@ -32,13 +33,21 @@ def read_rows(location: str, multilabel: bool = False) -> list[tuple[str, str, s
             header.index('split') if 'split' in header else None)
     rows, first_line = rows[1:], 2
   else:
-    cols, first_line = (0, 1, 2 if len(rows[0]) > 2 else None), 1
+    if (len(rows) > 1 and not images.is_image_file(rows[0][0].strip())
+        and images.is_image_file(rows[1][0].strip())):
+      raise UserError(f"The first line of the manifest {location} ({','.join(rows[0])[:80]!r}) "
+                      'looks like a header but names no path and label columns; name them '
+                      'path,label (and split), or remove the line.')
+    # A split column when any row has a third cell: then every row needs one.
+    cols, first_line = (0, 1, 2 if max(len(r) for r in rows) > 2 else None), 1
   out = []
   for n, row in enumerate(rows, first_line):
     if len(row) <= max(c for c in cols if c is not None) or not row[cols[0]].strip() or (
-        not row[cols[1]].strip() and not multilabel):
+        not row[cols[1]].strip() and not multilabel) or (
+            cols[2] is not None and not row[cols[2]].strip()):
       raise UserError(f'Line {n} of the manifest {location} is not path,label'
-                      f"{',split' if cols[2] is not None else ''} ({','.join(row)[:80]!r}); fix "
+                      f"{',split' if cols[2] is not None else ''} ({','.join(row)[:80]!r})"
+                      f"{' (every row needs its split)' if cols[2] is not None else ''}; fix "
                       'or remove it.')
     out.append((row[cols[0]].strip(), row[cols[1]].strip(),
                  row[cols[2]].strip() if cols[2] is not None else None))
