@@ -418,12 +418,19 @@ def read_weights(path: str, step: int | None = None, *, ema: bool = False) -> We
   from etils import epath
 
   directory, path_step = _locate(path)
+  if step is not None and step < -1:
+    raise UserError(f'Checkpoint step {step} is not a step; give -1 (the latest) or a step of '
+                    f'{directory}.')
   steps = finished_steps(directory)
   step = path_step if step is None or step < 0 else step
   if step is None:
     if not steps:
       raise UserError(f'No finished checkpoint in {directory}; train that run first.')
     step = steps[-1]
+    newer = [int(d) for d in os.listdir(directory) if d.isdigit() and int(d) > step]
+    if newer:
+      logging.warning('Checkpoint %s in %s has no state (incomplete or damaged); using step %d, '
+                      'the latest complete one.', max(newer), directory, step)
   if step not in steps:
     raise UserError(f'Checkpoint step {step} is not in {directory} (it has: '
                     f"{', '.join(map(str, steps)) or 'none'}); pick one of those.")
@@ -454,8 +461,11 @@ def read_weights(path: str, step: int | None = None, *, ema: bool = False) -> We
       meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
           step_dir / 'meta', args=ocp.args.JsonRestore()) or {}
   except (ValueError, KeyError, TypeError, OSError) as e:
+    others = [s for s in steps if s != step]
     raise UserError(f'Cannot read {origin} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); '
-                    'it is incomplete or not a checkpoint of this project.') from None
+                    'it is incomplete or not a checkpoint of this project'
+                    + (f"; pick another step ({', '.join(map(str, others))})" if others else '')
+                    + '.') from None
   meta = dict(meta)
   meta['step'] = step
   return Weights(params=flatten(restored['params']),

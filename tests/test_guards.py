@@ -202,3 +202,36 @@ def test_manifest_split_cells_and_foreign_headers_are_one_line(tmp_path):
   assert manifest.read_rows(str(path)) == [('a.png', 'cat', 'train'), ('b.png', 'dog', 'test')]
   path.write_text('path,label\na.png,cat\nb.png,dog\n')
   assert manifest.read_rows(str(path)) == [('a.png', 'cat', None), ('b.png', 'dog', None)]
+
+
+def test_float_and_32_bit_grey_images_keep_their_range(tmp_path):
+  from imgcls_jax.data import images
+  x, _ = digits.load_arrays('test')
+  digit = x[0, :, :, 0]
+  Image.fromarray(digit).save(tmp_path / 'd.png')
+  Image.fromarray(digit.astype(np.float32) / 255, 'F').save(tmp_path / 'd_float.tif')
+  Image.fromarray(digit.astype(np.int32) * 257, 'I').save(tmp_path / 'd_int.tif')
+  want = images.decode(str(tmp_path / 'd.png'), channels=1)
+  assert want.max() > 100
+  for name in ('d_float.tif', 'd_int.tif'):
+    got = images.decode(str(tmp_path / name), channels=1)
+    np.testing.assert_allclose(got.astype(int), want.astype(int), atol=1, err_msg=name)
+
+
+def test_weights_of_a_damaged_newest_checkpoint_name_the_way_out(digits_run, tmp_path, caplog):
+  from imgcls_jax import checkpoint
+  _, original = digits_run
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(original, workdir)
+  with pytest.raises(UserError, match='Checkpoint step -5 is not a step; give -1'):
+    checkpoint.read_weights(workdir, -5)
+  state = os.path.join(workdir, 'checkpoints', '20', 'state')
+  for name in os.listdir(state):   # truncated: the arrays gone, the tree metadata kept
+    if name.startswith(('d', 'ocdbt', 'array')) or name.endswith('.zarray'):
+      full = os.path.join(state, name)
+      shutil.rmtree(full) if os.path.isdir(full) else os.remove(full)
+  with pytest.raises(UserError, match=r'Cannot read checkpoint 20 .*; pick another step \(10\)\.'):
+    checkpoint.read_weights(workdir)
+  shutil.rmtree(state)             # no state at all: the latest complete one, said so
+  assert checkpoint.read_weights(workdir).meta['step'] == 10
+  assert 'Checkpoint 20 in' in caplog.text and 'using step 10' in caplog.text

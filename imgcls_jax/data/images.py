@@ -52,6 +52,14 @@ def decode(data: bytes | str, *, channels: int, size_hw: tuple[int, int] | None 
       img = ImageOps.exif_transpose(img)
       if img.mode.startswith('I;16'):  # 16-bit grey (scans, medical): full range to 8 bits
         img = Image.fromarray((np.asarray(img, np.uint32) // 257).astype(np.uint8))
+      elif img.mode == 'I':   # 32-bit integer grey (16-bit PNGs often open so): 16 bits to 8
+        a = np.asarray(img, np.int64)
+        img = Image.fromarray(np.clip(a // 257 if a.size and a.max() > 255 else a, 0,
+                                      255).astype(np.uint8))
+      elif img.mode == 'F':   # float grey (TIFF): values in [0, 1] scaled to 0-255, else clipped
+        a = np.nan_to_num(np.asarray(img, np.float64))
+        a = a * 255 if a.size and a.min() >= 0 and a.max() <= 1 else a
+        img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
       mode = 'L' if channels == 1 else 'RGB'
       if img.mode in ('P', 'PA', 'LA') and mode == 'RGB':
         img = img.convert('RGBA')

@@ -129,6 +129,8 @@ def _validate(cfg: ml_collections.ConfigDict) -> None:
   for key in ('max_batch_size', 'max_upload_bytes', 'max_queue', 'top_k'):
     if cfg[key] < 1:
       raise UserError(f'config.serve.{key} must be positive, got {cfg[key]}.')
+  if cfg.get('max_pixels', 0) < 0:
+    raise UserError(f'config.serve.max_pixels must be >= 0 (0 = no limit), got {cfg.max_pixels}.')
   if cfg.batch_timeout_ms < 0:
     raise UserError(f'config.serve.batch_timeout_ms must be >= 0, got {cfg.batch_timeout_ms}.')
   if not 0 <= cfg.port <= 65535:
