@@ -129,7 +129,7 @@ class Checkpointer:
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
         best_fn=metric if keep_best else None, best_mode=best_mode,
         enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only,
-        create=not read_only, read_only=read_only)
+        create=not read_only)   # (Orbax's own read_only option logs two warnings per reader)
     self._manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={'state': ocp.StandardCheckpointHandler(),
