@@ -70,7 +70,13 @@ def tfds_dir(tmp_path_factory) -> str:
 
 @pytest.fixture
 def digits_config(tfds_dir):
-  """The default config, shrunk for tests: a narrow CNN, few steps, no progress bar."""
+  """The default config, shrunk for tests (``small_digits_config``)."""
+  return small_digits_config(tfds_dir)
+
+
+def small_digits_config(tfds_dir: str):
+  """The default config, shrunk for tests: a narrow CNN, few steps, no progress bar, no
+  evaluations or checkpoints before the end (for fixtures of any scope)."""
   sys.path.insert(0, REPO)
   from configs import default
   c = default.get_config()

@@ -15,24 +15,16 @@ from PIL import Image
 from imgcls_jax import configlib, embed, evaluation, inference, models, run, train
 from imgcls_jax.data import digits, folder_index
 from imgcls_jax.errors import UserError
-from tests.conftest import REPO, subprocess_env
+from tests.conftest import REPO, small_digits_config, subprocess_env
 
 
 @pytest.fixture(scope='module')
 def digits_run(tmp_path_factory, tfds_dir):
   """A digits run: 20 steps, checkpoints at 10 and 20."""
-  sys.path.insert(0, REPO)
-  from configs import default
-  c = default.get_config()
-  c.data.data_dir = tfds_dir
+  c = small_digits_config(tfds_dir)
   c.model.widths = (8, 16)
-  c.batch_size = 64
-  c.eval_batch_size = 64
   c.num_train_steps = 20
-  c.eval_every_steps = 20
   c.checkpoint_every_steps = 10
-  c.progress_bar = False
-  c.tensorboard = False
   workdir = str(tmp_path_factory.mktemp('digits_run'))
   train.train_and_evaluate(c, workdir)
   return c, workdir

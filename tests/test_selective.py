@@ -5,7 +5,6 @@ import dataclasses
 import http.client
 import io
 import json
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +17,7 @@ from imgcls_jax import calibrate, checkpoint, held_out, inference, predict, repo
 from imgcls_jax import serve, train
 from imgcls_jax.data import images as image_files
 from imgcls_jax.errors import UserError
-from tests.conftest import REPO
+from tests.conftest import small_digits_config
 
 EDGES = np.arange(selective.BINS + 1) / selective.BINS
 
@@ -148,21 +147,11 @@ def _digits(tfds_dir, split):
 def abstaining(tmp_path_factory, tfds_dir):
   """A digits run trained briefly on 80% of its training split; the temperature and a 99%
   abstention threshold fitted on the other 20%."""
-  sys.path.insert(0, REPO)
-  from configs import default
-  c = default.get_config()
-  c.data.data_dir = tfds_dir
+  c = small_digits_config(tfds_dir)
   c.data.train_split = 'train[:80%]'
   c.evaluate.temperature_split = 'train[80%:]'
   c.evaluate.abstain_accuracy = 0.99
-  c.model.widths = (16, 32)
-  c.batch_size = 64
-  c.eval_batch_size = 64
   c.num_train_steps = 40
-  c.eval_every_steps = 40
-  c.checkpoint_every_steps = 40
-  c.progress_bar = False
-  c.tensorboard = False
   workdir = str(tmp_path_factory.mktemp('abstaining'))
   train.train_and_evaluate(c, workdir)
   return c, workdir
