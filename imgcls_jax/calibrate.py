@@ -130,7 +130,10 @@ def calibrate(config: ml_collections.ConfigDict | None, workdir: str,
               f"examples): log loss {record['nll'][0]:.4f} -> {record['nll'][1]:.4f}, expected "
               f"calibration error {record['ece'][0]:.4f} -> {record['ece'][1]:.4f}")
       was = f' (it replaces {before:.4f})' if before != 1.0 else ''
-      if record.get('abstain'):
+      if record.get('abstain') and not record['abstain']['min_confidence']:
+        what += (f"; every answer on '{split}' is right often enough "
+                 f"({record['abstain']['accuracy']:.2%}): no abstention")
+      elif record.get('abstain'):
         a = record['abstain']
         what += (f"; abstaining below a top-1 probability of {a['min_confidence']:.3f}, "
                  f"{a['coverage']:.2%} of '{split}' is answered, {a['accuracy']:.2%} of it right "

@@ -375,7 +375,7 @@ def to_markdown(report: Mapping[str, Any], title: str, context: Mapping[str, Any
       md.append(f"| {b['lower']:.3f}-{b['upper']:.3f} | {b['count']} | {b['confidence']:.4f} | "
                 f"{b['accuracy']:.4f} |")
   if 'selective' in report:
-    md += selective.markdown(report['selective'])
+    md += selective.markdown(report['selective'], str(context.get('tta', 'none')))
   if 'out_of_distribution' in report:
     md += selective.ood_lines(report['out_of_distribution'])
   return '\n'.join(md) + '\n'

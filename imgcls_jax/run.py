@@ -262,17 +262,19 @@ def fit_temperature(s: Setup, variables: Any, variables_shardings: Any,
     abstain = selective.fit(stats['sel_right'], stats['sel_wrong'], abstain_accuracy, split, level)
     if abstain is None:
       why = (f'No confidence threshold makes the answers on '
-             f"config.evaluate.temperature_split='{split}' {abstain_accuracy:.2%} right: "
-             f"{selective.best_possible(stats['sel_right'], stats['sel_wrong'])}")
+             f"config.evaluate.temperature_split='{split}' {abstain_accuracy:.2%} right with "
+             f'{level:.0%} confidence: '
+             f"{selective.best_possible(stats['sel_right'], stats['sel_wrong'], level)}")
       if require_fit:
         raise UserError(f'{why}; lower config.evaluate.abstain_accuracy. Nothing was saved.')
       logging.warning('%s. The run is saved without an abstention threshold; lower '
                       'config.evaluate.abstain_accuracy and run --mode=calibrate.', why)
     else:
       logging.info("Abstaining below a top-1 probability of %.3f: %.2f%% of split '%s' answered, "
-                   '%.2f%% of the answers right (target %.2f%%).', abstain['min_confidence'],
-                   100 * abstain['coverage'], split, 100 * abstain['accuracy'],
-                   100 * abstain_accuracy)
+                   '%.2f%% of the answers right (interval %.2f-%.2f%%; target %.2f%%).',
+                   abstain['min_confidence'], 100 * abstain['coverage'], split,
+                   100 * abstain['accuracy'], 100 * abstain['accuracy_interval'][0],
+                   100 * abstain['accuracy_interval'][1], 100 * abstain_accuracy)
   logging.info("Temperature %.4f fitted on split '%s' (%d examples): NLL %.4f -> %.4f, expected "
                'calibration error %.4f -> %.4f.%s', fit.temperature, split, int(sums['count']),
                fit.nll_before, fit.nll_after, ece[0], ece[1],

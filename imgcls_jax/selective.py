@@ -12,11 +12,11 @@ device. From the histograms, exactly at those edges:
 * ``summary``: the accuracy among the answered examples at a given coverage (the share answered),
   and the highest coverage at a given accuracy (the risk-coverage trade-off), plus the run's own
   threshold's coverage and accuracy when it has one;
-* ``fit``: the lowest threshold whose answered accuracy on a held-out split reaches a target
-  (``config.evaluate.abstain_accuracy``; fitted with the temperature on
-  ``config.evaluate.temperature_split``, ``run.fit_temperature``), with the exact binomial
-  (Clopper-Pearson) interval of that accuracy: predict, serve and export then mark every answer
-  below it as abstained.
+* ``fit``: the lowest threshold at which the answers on a held-out split are at least a target
+  accuracy right with confidence: the low end of the exact binomial (Clopper-Pearson) interval
+  of their accuracy reaches it (``config.evaluate.abstain_accuracy``; fitted with the
+  temperature on ``config.evaluate.temperature_split``, ``run.fit_temperature``); predict,
+  serve and export then mark every answer below it as abstained.
 """
 from __future__ import annotations
 
@@ -121,32 +121,46 @@ def edge(min_confidence: float, bins: int = BINS) -> int:
   return int(np.clip(np.rint(np.float32(min_confidence) * np.float32(bins)), 0, bins))
 
 
+def _lower_bounds(kept: np.ndarray, hit: np.ndarray, level: float) -> np.ndarray:
+  """Per edge, the low end of the exact (Clopper-Pearson) ``level`` interval of the answers'
+  accuracy (-1 where nothing is answered)."""
+  import scipy.stats  # here: not at import (start-up time of every run)
+  kept, hit = np.asarray(kept, np.float64), np.asarray(hit, np.float64)
+  with np.errstate(invalid='ignore', divide='ignore'):
+    lo = scipy.stats.beta.ppf((1 - level) / 2, hit, kept - hit + 1)
+  return np.where(kept > 0, np.where(hit > 0, np.nan_to_num(lo), 0.0), -1.0)
+
+
 def fit(right: np.ndarray, wrong: np.ndarray, target: float, split: str,
         confidence_level: float = 0.95) -> dict[str, Any] | None:
-  """The record ``min_confidence`` of the lowest threshold at which the answered examples of the
-  held-out ``split`` are at least ``target`` right (None where no threshold is)."""
+  """The record ``min_confidence`` of the lowest threshold at which the answers on the held-out
+  ``split`` are at least ``target`` right with confidence: the low end of their accuracy's exact
+  ``confidence_level`` interval reaches it (so a few lucky answers promise nothing). None where
+  no threshold does."""
   bins = len(right)
   kept, hit = _kept(right, wrong)
-  n = int(kept[0])
-  j = _lowest_reaching(kept, hit, target) if n else None
-  if j is None:
+  ok = np.flatnonzero(_lower_bounds(kept, hit, confidence_level) >= target - 1e-12)
+  if not len(ok):
     return None
-  lo, hi = intervals.clopper_pearson(int(hit[j]), int(kept[j]), confidence_level)
+  j = int(ok[0])
   return {'min_confidence': j / bins, 'target_accuracy': float(target), 'split': split,
-          'examples': n, 'answered': int(kept[j]), 'coverage': float(kept[j]) / n,
+          'examples': int(kept[0]), 'answered': int(kept[j]), 'coverage': float(kept[j]) / kept[0],
           'accuracy': float(hit[j]) / kept[j],
-          'accuracy_interval': [lo, hi], 'confidence_level': float(confidence_level)}
+          'accuracy_interval': intervals.clopper_pearson(int(hit[j]), int(kept[j]),
+                                                         confidence_level),
+          'confidence_level': float(confidence_level)}
 
 
-def best_possible(right: np.ndarray, wrong: np.ndarray) -> str:
-  """Why no threshold reached a target: the split's accuracy at its most confident answers."""
+def best_possible(right: np.ndarray, wrong: np.ndarray, confidence_level: float = 0.95) -> str:
+  """Why no threshold reached a target: the best the split can promise."""
   kept, hit = _kept(right, wrong)
-  nonzero = np.flatnonzero(kept > 0)
-  if not len(nonzero):
+  lo = _lower_bounds(kept, hit, confidence_level)
+  if not (kept > 0).any():
     return 'the split has no examples'
-  j = int(nonzero[-1])
-  return (f'even its {int(kept[j])} most confident answers (top-1 probability >= '
-          f'{j / len(right):.3f}) are {float(hit[j]) / kept[j]:.2%} right')
+  j = int(np.argmax(lo))
+  return (f'at best, its {int(kept[j])} answers with a top-1 probability >= {j / len(right):.3f} '
+          f'are {float(hit[j]) / kept[j]:.2%} right, {lo[j]:.2%} at the low end of the exact '
+          f'{confidence_level:.0%} interval')
 
 
 def ood_summary(right: np.ndarray, wrong: np.ndarray, ood: np.ndarray,
@@ -194,11 +208,14 @@ def _pct(x: float | None) -> str:
   return '-' if x is None else f'{100 * x:.2f}%'
 
 
-def markdown(sel: Mapping[str, Any]) -> list[str]:
-  """The report's "Selective prediction" section."""
+def markdown(sel: Mapping[str, Any], tta: str = 'none') -> list[str]:
+  """The report's "Selective prediction" section (``tta``: the evaluation's test-time views)."""
+  views = ('' if tta in ('', 'none', None) else
+           f" These rows are of the test-time-augmented probabilities (TTA '{tta}'); predict and "
+           'serve answer without TTA, as the run\'s threshold was fitted.')
   md = ['', '## Selective prediction (abstaining below a confidence threshold)', '',
         'Answering only when the top-1 probability reaches a threshold; the rest are abstained '
-        f"on (thresholds on {sel['bins']} equal-width bins).", '',
+        f"on (thresholds on {sel['bins']} equal-width bins).{views}", '',
         '| target | threshold | coverage (answered) | accuracy of the answers |',
         '|---|---|---|---|']
   for r in sel['accuracy_at_coverage']:

@@ -166,7 +166,7 @@ def test_impossible_sizes_and_label_orders(digits_config):
   digits_config.num_epochs = float('inf')
   with pytest.raises(UserError, match='config.num_epochs must be a finite number'):
     configlib.validate(digits_config)
-  # Integer labels: numerically, ties by text, whatever the process's hash seed.
+  # Integer manifest labels: numerically, ties by text, whatever the process's hash seed.
   script = ('from imgcls_jax.data import folder_index as f; '
             "print(f._sort_labels(['1', '01', '10', '2', '001']))")
   seen = {subprocess.run([sys.executable, '-c', script], cwd=REPO, capture_output=True, text=True,
@@ -227,3 +227,18 @@ def test_weights_of_a_damaged_newest_checkpoint_name_the_way_out(digits_run, tmp
   shutil.rmtree(state)             # no state at all: the latest complete one, said so
   assert checkpoint.read_weights(workdir).meta['step'] == 10
   assert 'Checkpoint 20 in' in caplog.text and 'using step 10' in caplog.text
+
+
+def test_float_images_outside_0_1_are_named_and_globs_list_files(tmp_path):
+  from imgcls_jax.data import images
+  Image.fromarray(np.full((4, 4), 1.01, np.float32), 'F').save(tmp_path / 'over.tif')
+  with pytest.raises(images.UnreadableImage, match=r'values outside \[0, 1\]'):
+    images.decode(str(tmp_path / 'over.tif'), channels=1)
+  for name in ('a.png', 'b.png', 'notes.txt'):
+    (tmp_path / 'g' / 'deep').mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / 'g' / 'deep' / 'x.png')
+    (tmp_path / 'g' / name).write_bytes(b'x')
+  got = images.list_inputs(f"{tmp_path / 'g' / '*.png'},{tmp_path / 'g' / '**' / 'x.png'}")
+  assert [os.path.relpath(f, tmp_path) for f in got] == ['g/a.png', 'g/b.png', 'g/deep/x.png']
+  with pytest.raises(UserError, match=r'No image file matches .*\*\.jpg \(from config.predict'):
+    images.list_inputs(str(tmp_path / 'g' / '*.jpg'))

@@ -212,7 +212,7 @@ def class_names(src: Source) -> tuple[str, ...]:
                       'classifier needs at least 2 classes: add rows of images of another class.')
     return names
   where = src.root if src.kind == 'flat' else _split_dir(src, src.train_split)
-  names = _sort_labels(_subdirs(where))   # as a manifest's labels: 2 before 10
+  names = tuple(_subdirs(where))   # as text (runs saved with this order resume in it)
   if not names:
     raise UserError(f'The image folder {where} has no class sub-directories; put the images in '
                     f'{where}/<class name>/ (or list them in a CSV set as config.data.manifest).')

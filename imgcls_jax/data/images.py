@@ -8,6 +8,7 @@ compared case-insensitively (``is_image_file``).
 from __future__ import annotations
 
 import concurrent.futures
+import glob
 import io
 import logging
 import os
@@ -52,14 +53,18 @@ def decode(data: bytes | str, *, channels: int, size_hw: tuple[int, int] | None 
       img = ImageOps.exif_transpose(img)
       if img.mode.startswith('I;16'):  # 16-bit grey (scans, medical): full range to 8 bits
         img = Image.fromarray((np.asarray(img, np.uint32) // 257).astype(np.uint8))
-      elif img.mode == 'I':   # 32-bit integer grey (16-bit PNGs often open so): 16 bits to 8
+      elif img.mode == 'I':   # 32-bit integer grey: 0-255 as 8-bit values, else 16-bit ones
         a = np.asarray(img, np.int64)
-        img = Image.fromarray(np.clip(a // 257 if a.size and a.max() > 255 else a, 0,
-                                      255).astype(np.uint8))
-      elif img.mode == 'F':   # float grey (TIFF): values in [0, 1] scaled to 0-255, else clipped
-        a = np.nan_to_num(np.asarray(img, np.float64))
-        a = a * 255 if a.size and a.min() >= 0 and a.max() <= 1 else a
-        img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
+        if a.min(initial=0) < 0 or a.max(initial=0) > 65535:
+          raise UnreadableImage('a 32-bit integer image with values outside 0-65535; save it '
+                                'as 8- or 16-bit')
+        img = Image.fromarray((a // 257 if a.max(initial=0) > 255 else a).astype(np.uint8))
+      elif img.mode == 'F':   # float grey (TIFF): values in [0, 1] to 0-255; others are refused
+        a = np.asarray(img, np.float64)
+        if not (np.isfinite(a).all() and a.min(initial=0) >= 0 and a.max(initial=0) <= 1):
+          raise UnreadableImage('a floating-point image with values outside [0, 1] (its range '
+                                'is not known); save it with values in [0, 1] or as 8-bit')
+        img = Image.fromarray(np.rint(a * 255).astype(np.uint8))
       mode = 'L' if channels == 1 else 'RGB'
       if img.mode in ('P', 'PA', 'LA') and mode == 'RGB':
         img = img.convert('RGBA')
@@ -79,8 +84,8 @@ def decode(data: bytes | str, *, channels: int, size_hw: tuple[int, int] | None 
 
 
 def list_inputs(spec: str, key: str = 'predict.inputs') -> list[str]:
-  """Files named in the comma-separated ``spec`` (the value of ``config.<key>``); folders give
-  their image files, recursively."""
+  """Files named in the comma-separated ``spec`` (the value of ``config.<key>``): files, folders
+  (their image files, recursively) and glob patterns (``photos/*.jpg``, ``**`` recursive)."""
   paths = [p.strip() for p in (spec or '').split(',') if p.strip()]
   if not paths:
     raise UserError(f'Nothing to predict: set config.{key} to image files and/or folders, '
@@ -95,6 +100,12 @@ def list_inputs(spec: str, key: str = 'predict.inputs') -> list[str]:
       files.extend(found)
     elif os.path.exists(p):
       files.append(p)
+    elif any(ch in p for ch in '*?['):
+      found = sorted(f for f in glob.glob(p, recursive=True)
+                     if os.path.isfile(f) and is_image_file(f))
+      if not found:
+        raise UserError(f'No image file matches {p} (from config.{key}); check the pattern.')
+      files.extend(found)
     else:
       raise UserError(f'Input {p} (from config.{key}) does not exist; check the path.')
   if not files:
