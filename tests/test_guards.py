@@ -161,8 +161,9 @@ def test_classifier_arrays_of_another_kind_are_one_line(digits_run):
 
 def test_impossible_sizes_and_label_orders(digits_config):
   from flax import nnx
-  with pytest.raises(UserError, match=r"Bad arguments for model 'cnn' \(ZeroDivisionError"):
-    models.get('cnn', num_classes=10, in_channels=1, widths=(0,), rngs=nnx.Rngs(0))
+  for kw in (dict(widths=(0,)), dict(widths=()), dict(convs_per_stage=0)):
+    with pytest.raises(UserError, match=r"Bad arguments for model 'cnn' \(ValueError: widths="):
+      models.get('cnn', num_classes=10, in_channels=1, rngs=nnx.Rngs(0), **kw)
   digits_config.num_epochs = float('inf')
   with pytest.raises(UserError, match='config.num_epochs must be a finite number'):
     configlib.validate(digits_config)

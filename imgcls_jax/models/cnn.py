@@ -17,6 +17,9 @@ class CNN(nnx.Module):
                widths: Sequence[int] = (32, 64, 128), convs_per_stage: int = 2,
                dropout: float = 0.0, dtype: Any = 'float32'):
     dtype = layers.as_dtype(dtype)
+    if not widths or convs_per_stage < 1 or min(widths) < 1:
+      raise ValueError(f'widths={tuple(widths)} and convs_per_stage={convs_per_stage} must give '
+                       'at least one convolution of at least one channel per stage')
     convs, norms = [], []
     ch = in_channels
     for width in widths:
