@@ -235,8 +235,8 @@ def fit_temperature(s: Setup, variables: Any, variables_shardings: Any,
   and measures the split's NLL and expected calibration error before and after (without
   test-time augmentation, as prediction and serving run): the record the run's checkpoint keeps
   as ``temperature``. With ``abstain_accuracy``, the record's ``abstain`` is the lowest threshold
-  on the tempered top-1 probability whose answers on ``split`` are that accurate
-  (``selective.fit``). With ``require_fit``, a split nothing can be fitted on (or no threshold
+  on the tempered top-1 probability whose answers on ``split`` reach that accuracy at the low end
+  of their exact interval (``selective.fit``). With ``require_fit``, a split nothing can be fitted on (or no threshold
   reaching the accuracy) is a UserError (training instead saves without one, with a warning)."""
   fit_step = jax.jit(functools.partial(steps.temperature_sums, model_def=s.model_def,
                                        cfg=s.step_cfg),
