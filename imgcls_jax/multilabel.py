@@ -105,14 +105,7 @@ def edge_index(thresholds_K: Any, num_classes: int, bins: int) -> np.ndarray:
                     'threshold per class (in class order).')
   if not np.all((t >= 0) & (t <= 1)):
     raise UserError('Multi-label thresholds must lie in [0, 1]; fix the thresholds given.')
-  # In float32 as on the device, so that both snap even a midway threshold to the same edge.
-  return np.clip(np.rint(t.astype(np.float32) * np.float32(bins)), 0, bins).astype(np.int64)
-
-
-def _at_or_above(h: np.ndarray) -> np.ndarray:
-  """K x (bins + 1): column j = the count in bins >= j (column ``bins`` is 0)."""
-  tail = np.cumsum(h[:, ::-1], axis=1)[:, ::-1]
-  return np.concatenate([tail, np.zeros((len(h), 1))], axis=1)
+  return roc.nearest_edge(t, bins)
 
 
 def _div(a: Any, b: Any) -> np.ndarray:
@@ -145,8 +138,8 @@ def at_thresholds(pos_KxB: np.ndarray, neg_KxB: np.ndarray, thresholds_K: Any) -
   pos, neg = _hist(pos_KxB, neg_KxB)
   k, bins = pos.shape
   j = edge_index(thresholds_K, k, bins)
-  tp = _at_or_above(pos)[np.arange(k), j]
-  fp = _at_or_above(neg)[np.arange(k), j]
+  tp = roc.at_or_above(pos)[np.arange(k), j]
+  fp = roc.at_or_above(neg)[np.arange(k), j]
   support = pos.sum(axis=1)
   fn = support - tp
   n = float(pos[0].sum() + neg[0].sum()) if k else 0.0
@@ -166,7 +159,7 @@ def at_thresholds(pos_KxB: np.ndarray, neg_KxB: np.ndarray, thresholds_K: Any) -
 def f1_by_threshold(pos_KxB: np.ndarray, neg_KxB: np.ndarray) -> np.ndarray:
   """K x (bins + 1): F1 of class k with threshold ``j / bins`` in column j (0 without positives)."""
   pos, neg = _hist(pos_KxB, neg_KxB)
-  tp, fp = _at_or_above(pos), _at_or_above(neg)
+  tp, fp = roc.at_or_above(pos), roc.at_or_above(neg)
   return _div(2 * tp, tp + fp + pos.sum(axis=1, keepdims=True))   # 2TP / (2TP + FP + FN)
 
 

@@ -10,6 +10,8 @@ typically < 1e-3).
 """
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,6 +29,21 @@ def bin_index(probs: jax.Array, bins: int = DEFAULT_BINS) -> jax.Array:
   b = jnp.clip(jnp.floor(p * bins), 0, bins - 1).astype(jnp.int32)
   b = b - (p < edges[b]).astype(jnp.int32) + (p >= edges[b + 1]).astype(jnp.int32)
   return jnp.clip(b, 0, bins - 1)
+
+
+def nearest_edge(thresholds: Any, bins: int = DEFAULT_BINS) -> np.ndarray:
+  """The nearest bin edge ``j`` (0 .. bins) of each threshold in [0, 1], in float32 as on the
+  device, so that host and device snap even a midway threshold to the same edge."""
+  t = np.asarray(thresholds, np.float64).astype(np.float32)
+  return np.clip(np.rint(t * np.float32(bins)), 0, bins).astype(np.int64)
+
+
+def at_or_above(h_KxB: np.ndarray) -> np.ndarray:
+  """K x (bins + 1): column j = the count in bins >= j (column ``bins`` is 0): what a threshold
+  ``j / bins`` keeps."""
+  h = np.asarray(h_KxB)
+  tail = np.cumsum(h[:, ::-1], axis=1)[:, ::-1]
+  return np.concatenate([tail, np.zeros((len(h), 1), tail.dtype)], axis=1)
 
 
 def sums(probs_BxK: jax.Array, labels_B: jax.Array, mask_B: jax.Array,

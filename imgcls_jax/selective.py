@@ -62,8 +62,7 @@ def answered(p_top1: Any, min_confidence: float) -> np.ndarray:
 
 def tail(counts: np.ndarray) -> np.ndarray:
   """Length bins + 1: column j = the count in bins >= j (answered at threshold j / bins)."""
-  counts = np.asarray(counts, np.int64)
-  return np.concatenate([np.cumsum(counts[::-1])[::-1], [0]])
+  return roc.at_or_above(np.asarray(counts, np.int64)[None])[0]
 
 
 def _kept(right: np.ndarray, wrong: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -118,7 +117,7 @@ def summary(right: np.ndarray, wrong: np.ndarray,
 
 def edge(min_confidence: float, bins: int = BINS) -> int:
   """The bin edge ``j`` of a threshold (thresholds are fitted on edges; others are rounded)."""
-  return int(np.clip(np.rint(np.float32(min_confidence) * np.float32(bins)), 0, bins))
+  return int(roc.nearest_edge(min_confidence, bins))
 
 
 def _lower_bounds(kept: np.ndarray, hit: np.ndarray, level: float) -> np.ndarray:

@@ -198,7 +198,8 @@ def test_the_threshold_is_the_lowest_edge_reaching_the_target_on_served_probabil
   assert record['abstain_accuracy'] == 0.95 and a['split'] == 'train[80%:]'
   assert a['min_confidence'] == ok[0] / 1000 and a['answered'] == kept[ok[0]]
   assert a['accuracy'] == hit[ok[0]] / kept[ok[0]] >= a['accuracy_interval'][0] >= 0.95
-  assert 0.2 < a['coverage'] < 0.98, a          # a real trade-off: neither everything nor nothing
+  assert 0.05 < a['coverage'] < 0.98, a         # a real trade-off: neither everything nor nothing
+                                                # (here ~0.33; wide: other CPUs round otherwise)
   assert (pred == labels).mean() < 0.95         # ... of a model that is not 95% right overall
   assert inference.load(workdir).min_confidence == a['min_confidence']
 
