@@ -286,6 +286,10 @@ def get_config() -> ml_collections.ConfigDict:
   # (folds fixed by `seed`), each in <workdir>/fold_<i> (resumable), evaluates each on its
   # held-out fold and reports every fold and the mean +- std (e.g. data.train_split='train+test').
   c.cross_validation.folds = 0
+  # Single-label: list the examples whose label looks wrong, from the pooled out-of-fold
+  # probabilities (cleanlab's confident learning; imgcls_jax/label_issues.py), in
+  # <workdir>/cv_label_issues.csv, the most likely first.
+  c.cross_validation.label_issues = True
 
   # ---- checkpoint policy, fault tolerance (imgcls_jax/checkpoint.py, imgcls_jax/preemption.py)
   # Periods are checkpoint_every_* above; keep_checkpoints newest are kept. A rerun of the same

@@ -7,7 +7,9 @@ and evaluates its last checkpoint on fold ``i``, writing the fold's full report 
 (``cv_report.json``, ``cv_report.md``, printed) gives every fold, the mean +- std over folds of
 every metric (std with ddof=0, as ``numpy.std`` of ``cross_val_score`` results), and the pooled
 out-of-fold report: every example of the split predicted exactly once, by the model that did not
-train on it.
+train on it. From those out-of-fold probabilities (single-label, one process,
+``config.cross_validation.label_issues``) it lists the examples whose label looks wrong
+(``label_issues.py``, cleanlab's confident learning) in ``cv_label_issues.csv``.
 """
 from __future__ import annotations
 
@@ -22,8 +24,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from imgcls_jax import evaluation, plots, report, report_files, train
+from imgcls_jax import evaluation, label_issues, plots, report, report_files, train
 from imgcls_jax.data import folds as folds_lib
+from imgcls_jax.data import reader
 from imgcls_jax.errors import UserError
 
 
@@ -63,6 +66,8 @@ def cross_validate(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
                len(assignment.ids), config.data.name, split, config.seed, workdir)
   per_fold, fold_rows, pooled = [], [], None
   class_names: list[str] = []
+  oof = _OutOfFold(bool(config.cross_validation.get('label_issues', True))
+                   and not config.data.get('multilabel', False))
   for i in range(k):
     fold_dir = os.path.join(workdir, f'fold_{i}')
     train_file = os.path.join(fold_dir, 'train_ids.txt')
@@ -80,7 +85,9 @@ def cross_validate(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
       return {'interrupted_in_fold': i, **result}
     ev = evaluation.evaluate_checkpoint(fold_dir, fc, split=fc.data.eval_split,
                                         checkpoint_spec='latest', tta=config.evaluate.tta or '',
-                                        num_bins=int(config.evaluate.calibration_bins))
+                                        num_bins=int(config.evaluate.calibration_bins),
+                                        keep_probs=oof.wanted)
+    oof.add(ev, fc, i, len(assignment.ids))
     stats = ev.stats
     rep = ev.report(int(config.evaluate.top_confused))
     report_files.write(rep, fold_dir, f'Fold {i + 1}/{k} of {config.data.name}:{split}',
@@ -100,8 +107,11 @@ def cross_validate(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
                                    top_confused=int(config.evaluate.top_confused))
   summary = {'folds': k, 'seed': int(config.seed), 'dataset': config.data.name, 'split': split,
              'num_examples': len(assignment.ids), 'per_fold': fold_rows, 'mean': mean,
-             'std': std, 'pooled_out_of_fold': pooled_report,
-             'wall_time_s': time.perf_counter() - t0}
+             'std': std, 'pooled_out_of_fold': pooled_report}
+  issues = oof.label_issues(class_names, os.path.join(workdir, label_issues.FILE))
+  if issues is not None:
+    summary['label_issues'] = issues
+  summary['wall_time_s'] = time.perf_counter() - t0
   with open(os.path.join(workdir, 'cv_report.json'), 'w') as f:
     json.dump(summary, f, indent=1)
   with open(os.path.join(workdir, 'cv_report.md'), 'w') as f:
@@ -154,6 +164,10 @@ def table_lines(summary: dict[str, Any], workdir: str) -> list[str]:
     lines.append(f"  pooled out-of-fold: top-1 {100 * p['accuracy']:.2f}%, macro F1 "
                  f"{p['macro_avg']['f1']:.4f}, ECE {p['ece']:.4f} over {p['num_examples']} "
                  'examples')
+  if 'label_issues' in summary:
+    s = summary['label_issues']
+    lines.append(f"  likely label issues: {s['count']} ({s['fraction']:.2%}), most likely first in "
+                 f"{os.path.join(workdir, s['file'])}")
   lines.append(f"Summary: {os.path.join(workdir, 'cv_report.md')} (+ cv_report.json, "
                f"fold_*/report.md); {summary['wall_time_s']:.0f} s")
   return lines
@@ -177,4 +191,55 @@ def markdown(summary: dict[str, Any]) -> str:
   md += ['', '## Pooled out-of-fold predictions', '', *[f'- {line}' for line in report.headline(p)],
          '',
          'Per-fold reports: `fold_<i>/report.md`.']
+  if 'label_issues' in summary:
+    md += label_issues.markdown(summary['label_issues'])
   return '\n'.join(md) + '\n'
+
+
+class _OutOfFold:
+  """Every held-out example's probabilities, id, label and fold, gathered fold by fold for the
+  label-issue search (``wanted``: single-label, one process, and ``MAX_CELLS`` not passed)."""
+
+  def __init__(self, wanted: bool):
+    self.wanted = wanted
+    self.ids: list[str] = []
+    self.folds: list[np.ndarray] = []
+    self.labels: list[np.ndarray] = []
+    self.probs: list[np.ndarray] = []
+
+  def add(self, ev: evaluation.Evaluation, fc: ml_collections.ConfigDict, fold: int,
+          total: int) -> None:
+    if not self.wanted:
+      return
+    o = ev.outcomes
+    if o is None or o.probs is None:
+      self.wanted = False
+      return
+    if total * o.probs.shape[1] > label_issues.MAX_CELLS:
+      logging.warning('The label-issue search holds every example\'s %d class probabilities on '
+                      'the host: %d examples are more than its %d cells; skipped (set '
+                      'config.cross_validation.label_issues=False to silence this).',
+                      o.probs.shape[1], total, label_issues.MAX_CELLS)
+      self.wanted = False
+      return
+    ids = reader.example_ids(fc.data, fc.data.eval_split, ev.trained.info)
+    if len(ids) <= int(o.position.max(initial=-1)):
+      logging.warning('The ids of fold %d (%d) do not cover its %d rows read; the label-issue '
+                      'search is skipped.', fold, len(ids), int(o.position.max()) + 1)
+      self.wanted = False
+      return
+    self.ids += [ids[p] for p in o.position.tolist()]
+    self.folds.append(np.full(len(o.position), fold, np.int64))
+    self.labels.append(o.label)
+    self.probs.append(o.probs)
+
+  def label_issues(self, class_names: list[str], path: str) -> dict[str, Any] | None:
+    """Finds, writes (``path``) and summarises the likely label issues; None when not wanted."""
+    if not self.wanted or not self.labels:
+      return None
+    labels, probs = np.concatenate(self.labels), np.concatenate(self.probs)
+    found = label_issues.rows(label_issues.find(labels, probs), ids=self.ids,
+                              folds=np.concatenate(self.folds), labels=labels, probs=probs,
+                              class_names=class_names)
+    label_issues.write_csv(found, path)
+    return label_issues.summary(found, len(labels))

@@ -176,11 +176,13 @@ def evaluate_checkpoint(workdir: str, config: ml_collections.ConfigDict | None, 
                         num_bins: int = report.DEFAULT_CALIBRATION_BINS,
                         overrides: dict[str, Any] | None = None,
                         keep_errors: int | None = None,
-                        ood_files: list[str] | None = None) -> Evaluation:
+                        ood_files: list[str] | None = None,
+                        keep_probs: bool = False) -> Evaluation:
   """Evaluates one checkpoint of ``workdir`` on ``split`` ('' = the run's eval split), every
   example exactly once, on the mesh with the run's parameter placement. With ``keep_errors``
   (one process) the same pass also gathers every example's ``Outcomes``, with the
-  images of that many of the most confident errors; with ``ood_files`` (one process,
+  images of that many of the most confident errors (``keep_probs``, single-label: with every
+  class's probability, e.g. for k-fold's label-issue search); with ``ood_files`` (one process,
   single-label), those images are scored too (``ood_pass``)."""
   if num_bins < 1:
     raise UserError(f'config.evaluate.calibration_bins={num_bins} must be at least 1.')
@@ -201,8 +203,11 @@ def evaluate_checkpoint(workdir: str, config: ml_collections.ConfigDict | None, 
                       "skipped (evaluate a slice, e.g. --config.evaluate.split='%s[:10%%]', for "
                       'them).', r.split, cells, MAX_TAG_CELLS, r.split.split('[')[0])
       keep_errors = None
+  if keep_probs and not r.trained.info.multilabel and keep_errors is None:
+    keep_errors = 0
   if keep_errors is not None:
-    outcomes, stats = outcomes_pass(r, tta, keep_images=keep_errors, num_bins=num_bins)
+    outcomes, stats = outcomes_pass(r, tta, keep_images=keep_errors, num_bins=num_bins,
+                                    keep_probs=keep_probs)
   else:
     eval_step = run.jit_eval_step(r.setup, r.shardings, tta=tta, num_bins=num_bins)
     stats = report.stats_to_numpy(run.eval_sums(eval_step, r.variables, r.data.batches(),
@@ -255,6 +260,7 @@ class Outcomes:
   p_predicted: np.ndarray   # float32 N: its probability
   p_label: np.ndarray       # float32 N: the labelled class's
   images: dict[int, np.ndarray]   # position -> eval-preprocessed image of the kept errors
+  probs: np.ndarray | None = None   # float32 N x K: every class's (outcomes_pass's keep_probs)
 
   def errors(self) -> np.ndarray:
     """Indices of the wrongly predicted examples, the most confident first (ties: position)."""
@@ -298,24 +304,27 @@ def _sureness(p: np.ndarray, labelled: np.ndarray) -> np.ndarray:
 
 
 def outcomes_pass(r: Restored, tta: str = '', *, keep_images: int = 0,
-                  num_bins: int | None = None
+                  num_bins: int | None = None, keep_probs: bool = False
                   ) -> tuple[Outcomes | TagOutcomes, dict[str, np.ndarray] | None]:
   """The ``Outcomes`` (multi-label: ``TagOutcomes``) of every example of ``r.split`` (one
   process: every row comes back to the host), keeping the images of the ``keep_images`` examples
-  with the most confident errors; with ``num_bins``, also the eval step's summed statistics,
-  from the same pass."""
+  with the most confident errors (single-label, ``keep_probs``: and every class's probability);
+  with ``num_bins``, also the eval step's summed statistics, from the same pass."""
   if jax.process_count() > 1:
     raise UserError('Per-example predictions are gathered on one host; run this mode with a '
                     'single process.')
   mesh, batch_sh = r.setup.mesh, sharding.batch_sharding(r.setup.mesh)
   tagged = r.trained.info.multilabel
   thresholds = np.asarray(r.trained.decision_thresholds, np.float32)
+  extra: dict[str, Any] = {}
   if tagged:
     fn, keys = steps.multilabel_outcomes, ('position', 'label', 'probs')
   else:
     fn, keys = steps.example_outcomes, ('position', 'label', 'predicted', 'p_predicted', 'p_label')
+    if keep_probs:
+      keys, extra = keys + ('probs',), {'with_probs': True}
   step = jax.jit(functools.partial(fn, model_def=r.setup.model_def, cfg=r.setup.step_cfg,
-                                   tta=tta, num_bins=num_bins),
+                                   tta=tta, num_bins=num_bins, **extra),
                  in_shardings=(r.shardings, batch_sh), out_shardings=sharding.replicated(mesh))
   cols: dict[str, list[np.ndarray]] = {k: [] for k in keys}
   kept: list[tuple[float, int, np.ndarray]] = []   # a min-heap of (sureness, -position, image)
@@ -367,5 +376,6 @@ def outcomes_pass(r: Restored, tta: str = '', *, keep_images: int = 0,
   else:
     outcomes = Outcomes(position=position, label=c['label'].astype(np.int64),
                         predicted=c['predicted'].astype(np.int64), p_predicted=c['p_predicted'],
-                        p_label=c['p_label'], images=images)
+                        p_label=c['p_label'], images=images,
+                        probs=c['probs'].astype(np.float32) if keep_probs else None)
   return outcomes, (report.stats_to_numpy(totals) if totals is not None else None)

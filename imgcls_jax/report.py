@@ -31,6 +31,7 @@ import numpy as np
 from imgcls_jax import intervals, reliability, report_multilabel, roc, selective
 
 DEFAULT_CALIBRATION_BINS = 15
+TOP5_MIN_CLASSES = 5   # top-5 accuracy is reported only with more classes than this (else 1)
 STAT_KEYS = ('loss', 'correct', 'correct_top5', 'count', 'confusion', 'bin_count',
              'bin_confidence', 'bin_correct')
 OPTIONAL_STAT_KEYS = ('roc_pos', 'roc_neg', 'sel_right', 'sel_wrong')   # absent from
@@ -170,7 +171,7 @@ def summarize(stats: Mapping[str, Any], class_names: Sequence[str],
       'accuracy': float(s['correct']) / n,
       'loss': float(s['loss']) / n,
   }
-  if num_classes > 5:
+  if num_classes > TOP5_MIN_CLASSES:
     report['accuracy_top5'] = float(s['correct_top5']) / n
   specificity = _safe_div(n - cm.sum(axis=0) - cm.sum(axis=1) + np.diag(cm),
                           n - cm.sum(axis=1))          # TN / (TN + FP) per class
@@ -271,12 +272,26 @@ def training_eval_metrics(stats: Mapping[str, Any],
 
 # ---- text renderings ----
 
-def eval_line(m: Mapping[str, Any]) -> str:
-  """The training loop's line for one evaluation's metrics (``training_eval_metrics``)."""
+def eval_line(m: Mapping[str, Any], num_classes: int | None = None) -> str:
+  """The training loop's line for one evaluation's metrics (``training_eval_metrics``); top-5
+  only with more than 5 classes (as the report), when ``num_classes`` is given."""
   if 'map' in m:
     return report_multilabel.eval_line(m)
-  return (f'eval loss {m["loss"]:.4f}, top-1 {m["accuracy"]:.2%}, top-5 '
-          f'{m["accuracy_top5"]:.2%} on {m["count"]} examples')
+  return (f'eval loss {m["loss"]:.4f}, top-1 {m["accuracy"]:.2%}{_top5(m, num_classes)} on '
+          f'{m["count"]} examples')
+
+
+def final_line(m: Mapping[str, Any], num_classes: int | None = None) -> str:
+  """The training loop's closing figures of single-label training metrics (top-5 as
+  ``eval_line``)."""
+  return (f'({m["count"]} examples): top-1 {m["accuracy"]:.2%}{_top5(m, num_classes)}, loss '
+          f'{m["loss"]:.4f}')
+
+
+def _top5(m: Mapping[str, Any], num_classes: int | None) -> str:
+  if num_classes is not None and num_classes <= TOP5_MIN_CLASSES:
+    return ''
+  return f', top-5 {m["accuracy_top5"]:.2%}'
 
 
 def _pct(x: float | None) -> str:

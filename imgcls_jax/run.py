@@ -73,8 +73,10 @@ def setup(config: ml_collections.ConfigDict, info: DatasetInfo | None = None, *,
   check_flips(config.data, config.evaluate.tta if 'evaluate' in config else '',
               mirror_safe=info.mirror_safe)
   if len(config.data.mean) not in (1, info.channels):
+    give = '1 value' if info.channels == 1 else f'1 or {info.channels} values'
     raise UserError(f"config.data.mean has {len(config.data.mean)} values but '{info.name}' "
-                    f'images have {info.channels} channels; give 1 or {info.channels} values.')
+                    f'images have {info.channels} channel(s); give {give} (and as many in '
+                    'config.data.std).')
   placement = sharding.ParamSharding.from_config(config.mesh)
   local_eval_bs = sharding.local_batch_size(config.eval_batch_size, mesh, 'config.eval_batch_size')
   model_fn = models.from_config(config, info.num_classes, info.channels)

@@ -346,11 +346,12 @@ def eval_step(variables: Any, batch: dict[str, jax.Array], *, model_def: ModelDe
 
 
 def example_outcomes(variables: Any, batch: dict[str, jax.Array], *, model_def: ModelDef,
-                     cfg: StepConfig, tta: str = '', num_bins: int | None = None) -> Any:
+                     cfg: StepConfig, tta: str = '', num_bins: int | None = None,
+                     with_probs: bool = False) -> Any:
   """Per row (padded rows too), exactly as ``eval_step`` scores it: the top-1 class
   (``predicted``, int32 B), its probability (``p_predicted``) and the labelled class's
-  (``p_label``), float32 B. With ``num_bins``: ``(that, eval_step's sums)`` of the same forward
-  pass."""
+  (``p_label``), float32 B; with ``with_probs``, every class's (``probs``, float32 B x K). With
+  ``num_bins``: ``(that, eval_step's sums)`` of the same forward pass."""
   log_probs = log_probs_fn(variables, batch['image'], model_def=model_def, cfg=cfg, tta=tta)
   normalized = jax.nn.log_softmax(log_probs.astype(jnp.float32), axis=-1)
   predicted = jnp.argmax(normalized, axis=-1)
@@ -358,6 +359,8 @@ def example_outcomes(variables: Any, batch: dict[str, jax.Array], *, model_def: 
   out = {'predicted': predicted.astype(jnp.int32),
          'p_predicted': jnp.exp(jnp.take_along_axis(normalized, predicted[:, None], -1)[:, 0]),
          'p_label': jnp.exp(jnp.take_along_axis(normalized, label[:, None], -1)[:, 0])}
+  if with_probs:
+    out['probs'] = jnp.exp(normalized)
   if num_bins is None:
     return out
   return out, report.eval_sums(log_probs, batch['label'], batch['mask'], num_bins)

@@ -317,7 +317,7 @@ class _Trainer:
         eval_metrics = self.evaluate(final=done == s.total_steps)
         self.writer.write(done, 'eval', eval_metrics)
         if self.is_main:
-          self.bar.write(f'step {done}: {report.eval_line(eval_metrics)}')
+          self.bar.write(f'step {done}: {report.eval_line(eval_metrics, s.info.num_classes)}')
       if do_ckpt:
         self.save(done, eval_metrics if do_eval else None)
       self.bar.update(n)
@@ -406,8 +406,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if 'map' in eval_metrics:  # multi-label
       headline = report_multilabel.final_line(eval_metrics)
     else:
-      headline = (f'({eval_metrics["count"]} examples): top-1 {eval_metrics["accuracy"]:.2%}, '
-                  f'top-5 {eval_metrics["accuracy_top5"]:.2%}, loss {eval_metrics["loss"]:.4f}')
+      headline = report.final_line(eval_metrics, s.info.num_classes)
     print(f'Final eval on {config.data.eval_split} {headline}.'
           f'\nMetrics: {writer.path}\nTensorBoard: '
           f'{os.path.join(workdir, "tensorboard")}\nCheckpoints: {ckpt.directory}', flush=True)

@@ -1,5 +1,6 @@
 """k-fold cross-validation: deterministic stratified folds, the subset-split hook, the CV run."""
 import collections
+import csv
 import json
 import os
 import subprocess
@@ -146,8 +147,19 @@ def test_cross_validation_end_to_end_and_resume(digits_config, tmp_path, monkeyp
     evals = [r for r in metrics.read_jsonl(os.path.join(fold_dir, 'metrics.jsonl'))
              if r['split'] == 'eval']
     assert evals[-1]['count'] == rows[i]['eval_examples']
-  for name in ('cv_report.json', 'cv_report.md', 'cv_confusion_matrix.png', 'cv_reliability.png'):
+  for name in ('cv_report.json', 'cv_report.md', 'cv_confusion_matrix.png', 'cv_reliability.png',
+               'cv_label_issues.csv'):
     assert os.path.exists(os.path.join(workdir, name))
+  # The label-issue list names tfds examples by the ids the folds were cut by (after 15 steps the
+  # models are weak: many examples are flagged; tests/test_label_issues.py checks the search).
+  held_out_by = {}
+  for i in range(3):
+    with open(os.path.join(workdir, f'fold_{i}', 'eval_ids.txt')) as f:
+      held_out_by.update({x: i for x in f.read().split()})
+  with open(os.path.join(workdir, 'cv_label_issues.csv')) as f:
+    flagged = list(csv.DictReader(f))
+  assert len(flagged) == summary['label_issues']['count'] > 0
+  assert all(held_out_by[r['id']] == int(r['fold']) for r in flagged)
   printed = capsys.readouterr().out
   assert '3-fold cross-validation of sklearn_digits:train+test' in printed and '+-std' in printed
 

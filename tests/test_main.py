@@ -94,7 +94,7 @@ def test_default_config_trains_digits_to_98_5_percent(tmp_path):
   proc = _main('--config=configs/default.py', f'--workdir={workdir}',
                f'--config.data.data_dir={tmp_path}/tfds', num_devices=None)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  m = re.search(r'Final eval on test \(450 examples\): top-1 ([\d.]+)%', proc.stdout)
+  m = re.search(r'Final eval on test \(450 examples\): top-1 ([\d.]+)%, top-5 ', proc.stdout)
   assert m, proc.stdout[-2000:]
   assert float(m.group(1)) >= 98.5
   assert f'Checkpoints: {workdir}/checkpoints' in proc.stdout

@@ -115,6 +115,7 @@ def test_image_folder_run_needs_only_its_workdir(tmp_path):
   assert "split 'test': 18 images in 3 classes: one 6, two 6, zero 6." in trained.stderr
   assert 'skipped 2 file(s)' in trained.stderr and 'one/broken.jpg' in trained.stderr
   assert 'Final eval on test (18 examples)' in trained.stdout
+  assert 'top-5' not in trained.stdout   # 3 classes: every example's top-5 holds its label
   shutil.move(photos, str(tmp_path / 'moved_away'))
 
   # Evaluate on a second folder (two of the three classes, new images) given on the command line.

@@ -1,0 +1,93 @@
+"""Examples whose label looks wrong, from k-fold cross-validation's out-of-fold probabilities.
+
+Every example of the cross-validated split is predicted once, by the fold model that did not
+train on it (``cross_validation.py``). Those probabilities go to cleanlab's confident learning
+(``cleanlab.filter.find_label_issues``, Northcutt et al. 2021, default ``prune_by_noise_rate``):
+per class, the threshold is the mean probability the models give that class on the examples
+labelled with it; an example is counted as "labelled i, truly j" when its probability of j clears
+j's threshold, the counts estimate how many examples of each (i, j) pair are mislabelled, and that
+many of each pair, the least likely under their label first, are flagged. The list is ranked by
+the probability of the given label (the least self-confident first).
+
+What this does not say: an example flagged may be a hard or ambiguous one rather than a wrong
+label (the confusion is the model's as much as the labeller's), so the list is for a person to
+look through, most likely first; nothing is changed or dropped by it.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import warnings
+from typing import Any, Sequence
+
+import numpy as np
+
+FILE = 'cv_label_issues.csv'
+COLUMNS = ('rank', 'id', 'fold', 'label', 'suggested', 'p_label', 'p_suggested')
+METHOD = ('cleanlab.filter.find_label_issues (confident learning, prune_by_noise_rate) on the '
+          'pooled out-of-fold probabilities')
+# Every example's probabilities are held on the host (4 bytes a cell): 50M cells are 200 MB.
+MAX_CELLS = 50_000_000
+SHOWN = 20   # rows of the list in cv_report.md (the CSV has them all)
+
+
+def find(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
+  """Indices of the likely label issues among ``labels`` (int N) given ``probs`` (float N x K,
+  out of fold), the lowest probability of the given label first."""
+  from cleanlab.filter import find_label_issues
+  labels = np.asarray(labels, np.int64)
+  probs = np.asarray(probs, np.float64)
+  probs = probs / probs.sum(axis=1, keepdims=True)   # float32 softmax rows, summed in float64
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always')
+    ranked = find_label_issues(labels, probs, return_indices_ranked_by='self_confidence',
+                               n_jobs=1)
+  for w in caught:   # e.g. a class with too few examples to estimate its noise rate
+    logging.info('cleanlab: %s', w.message)
+  return np.asarray(ranked, np.int64)
+
+
+def rows(ranked: np.ndarray, *, ids: Sequence[str], folds: np.ndarray, labels: np.ndarray,
+         probs: np.ndarray, class_names: Sequence[str]) -> list[dict[str, Any]]:
+  """One row per flagged example (``COLUMNS``), in ``ranked`` order: its id (image path, tfds
+  id), the fold that held it out, its label and the class the models find most likely."""
+  out = []
+  for rank, i in enumerate(np.asarray(ranked).tolist(), 1):
+    y, top = int(labels[i]), int(np.argmax(probs[i]))
+    out.append({'rank': rank, 'id': ids[i], 'fold': int(folds[i]), 'label': class_names[y],
+                'suggested': class_names[top], 'p_label': float(probs[i, y]),
+                'p_suggested': float(probs[i, top])})
+  return out
+
+
+def write_csv(found: list[dict[str, Any]], path: str) -> None:
+  """``found`` as CSV (``COLUMNS``), written whole or not at all."""
+  tmp = path + '.tmp'
+  with open(tmp, 'w', newline='') as f:
+    w = csv.DictWriter(f, fieldnames=COLUMNS)
+    w.writeheader()
+    for r in found:
+      w.writerow({**r, 'p_label': f"{r['p_label']:.6f}", 'p_suggested': f"{r['p_suggested']:.6f}"})
+  os.replace(tmp, path)
+
+
+def summary(found: list[dict[str, Any]], num_examples: int) -> dict[str, Any]:
+  """The ``label_issues`` entry of ``cv_report.json``."""
+  return {'method': METHOD, 'count': len(found), 'num_examples': num_examples,
+          'fraction': len(found) / max(num_examples, 1), 'file': FILE,
+          'most_likely': found[:SHOWN]}
+
+
+def markdown(s: dict[str, Any]) -> list[str]:
+  """The "Likely label issues" section of ``cv_report.md``."""
+  lines = ['', '## Likely label issues', '',
+           f"{s['count']} of {s['num_examples']} examples ({s['fraction']:.2%}) look mislabelled: "
+           f"{s['method']}. All of them, most likely first, are in `{s['file']}`; a flagged "
+           'example may also be a hard or ambiguous one, so look before relabelling.']
+  if s['most_likely']:
+    lines += ['', '| rank | id | fold | label | suggested | p(label) | p(suggested) |',
+              '|---|---|---|---|---|---|---|']
+    lines += [f"| {r['rank']} | `{r['id']}` | {r['fold']} | {r['label']} | {r['suggested']} | "
+              f"{r['p_label']:.3f} | {r['p_suggested']:.3f} |" for r in s['most_likely']]
+  return lines

@@ -1,0 +1,117 @@
+"""Likely label issues from k-fold cross-validation (imgcls_jax/label_issues.py).
+
+The oracle is the noise the test puts in: a manifest of sklearn's digits in which a known 5% of
+the labels were changed. The flagged examples must be mostly those, and the class the models
+suggest for them must be mostly the label they had before.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imgcls_jax import cross_validation, label_issues
+from imgcls_jax.data import digits
+
+NOISE = 0.05
+
+
+def _noisy_manifest(root: str, seed: int = 0) -> tuple[str, dict[str, tuple[int, int]]]:
+  """root/img/<i>.png for all 1797 digits and root/labels.csv with 5% of the labels changed to
+  another digit; returns the manifest and {path: (true label, written label)} of the changed."""
+  x = np.concatenate([digits.load_arrays('train')[0], digits.load_arrays('test')[0]])
+  y = np.concatenate([digits.load_arrays('train')[1], digits.load_arrays('test')[1]])
+  rng = np.random.default_rng(seed)
+  changed = rng.choice(len(y), int(NOISE * len(y)), replace=False)
+  written = y.copy()
+  written[changed] = (y[changed] + rng.integers(1, 10, len(changed))) % 10
+  os.makedirs(os.path.join(root, 'img'), exist_ok=True)
+  rows, flipped = [], {}
+  for i in range(len(y)):
+    path = f'img/{i}.png'
+    Image.fromarray(x[i, :, :, 0]).save(os.path.join(root, path))
+    rows.append(f'{path},{written[i]}\n')
+    if written[i] != y[i]:
+      flipped[path] = (int(y[i]), int(written[i]))
+  manifest = os.path.join(root, 'labels.csv')
+  with open(manifest, 'w') as f:
+    f.write('path,label\n' + ''.join(rows))
+  return manifest, flipped
+
+
+@pytest.mark.slow
+def test_cross_validation_flags_the_labels_that_were_changed(digits_config, tmp_path, capsys):
+  manifest, flipped = _noisy_manifest(str(tmp_path / 'data'))
+  c = digits_config
+  c.data.name = 'image_folder'
+  c.data.manifest = manifest
+  c.data.train_split = 'all'
+  c.data.eval_split = 'all'
+  c.data.train_preprocess = ''
+  c.data.eval_preprocess = ''
+  c.data.mean = (0.3,)
+  c.data.std = (0.4,)
+  c.cross_validation.folds = 3
+  c.num_train_steps = 150
+  c.optim.warmup_steps = 10
+  c.batch_size = 64
+  c.eval_batch_size = 128
+  workdir = str(tmp_path / 'cv')
+  summary = cross_validation.cross_validate(c, workdir)
+
+  with open(os.path.join(workdir, label_issues.FILE)) as f:
+    found = list(csv.DictReader(f))
+  assert tuple(found[0]) == label_issues.COLUMNS
+  flagged = {r['id'] for r in found}
+  hits = flagged & set(flipped)
+  recall, precision = len(hits) / len(flipped), len(hits) / max(len(flagged), 1)
+  print(f'{len(flipped)} changed, {len(flagged)} flagged, recall {recall:.3f}, '
+        f'precision {precision:.3f}, pooled accuracy {summary["pooled_out_of_fold"]["accuracy"]}')
+  assert recall >= 0.8 and precision >= 0.6
+  # For the changed labels it found, the models point back at the label the image had.
+  back = sum(int(r['suggested']) == flipped[r['id']][0] for r in found if r['id'] in flipped)
+  assert back >= 0.9 * len(hits)
+  for r in found:
+    assert r['label'] == str(flipped[r['id']][1]) if r['id'] in flipped else True
+    assert os.path.exists(os.path.join(os.path.dirname(manifest), r['id']))
+  # Ranked by the probability of the given label, the least likely first.
+  p_label = [float(r['p_label']) for r in found]
+  assert p_label == sorted(p_label)
+  assert [int(r['rank']) for r in found] == list(range(1, len(found) + 1))
+  # Each example is flagged by the fold that held it out (its model never trained on it).
+  for r in found[:20]:
+    with open(os.path.join(workdir, f"fold_{r['fold']}", 'eval_ids.txt')) as f:
+      assert r['id'] in f.read().split('\n')
+
+  s = summary['label_issues']
+  assert s['count'] == len(found) and s['num_examples'] == 1797
+  with open(os.path.join(workdir, 'cv_report.json')) as f:
+    assert json.load(f)['label_issues']['count'] == len(found)
+  md = open(os.path.join(workdir, 'cv_report.md')).read()
+  assert '## Likely label issues' in md and f"`{found[0]['id']}`" in md
+  assert f'likely label issues: {len(found)}' in capsys.readouterr().out
+
+
+def test_the_search_on_probabilities_with_a_known_answer(tmp_path):
+  """A direct check of the search on probabilities with a known answer, and of the rows."""
+  rng = np.random.default_rng(0)
+  n, k = 600, 3
+  truth = rng.integers(0, k, n)
+  probs = np.full((n, k), 0.05, np.float32)
+  probs[np.arange(n), truth] = 0.9
+  labels = truth.copy()
+  wrong = rng.choice(n, 30, replace=False)
+  labels[wrong] = (truth[wrong] + 1) % k
+  ranked = label_issues.find(labels, probs)
+  assert set(ranked.tolist()) == set(wrong.tolist())
+  rows = label_issues.rows(ranked, ids=[f'x{i}' for i in range(n)], folds=np.zeros(n, int),
+                           labels=labels, probs=probs, class_names=('a', 'b', 'c'))
+  assert all(r['suggested'] == 'abc'[truth[int(r['id'][1:])]] for r in rows)
+  path = str(tmp_path / label_issues.FILE)
+  label_issues.write_csv(rows, path)
+  with open(path) as f:
+    assert len(list(csv.DictReader(f))) == 30
