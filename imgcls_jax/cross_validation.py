@@ -25,8 +25,8 @@ import ml_collections
 import numpy as np
 
 from imgcls_jax import evaluation, label_issues, plots, report, report_files, train
+from imgcls_jax.data import folder_index, image_folder, reader
 from imgcls_jax.data import folds as folds_lib
-from imgcls_jax.data import reader
 from imgcls_jax.errors import UserError
 
 
@@ -108,7 +108,8 @@ def cross_validate(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
   summary = {'folds': k, 'seed': int(config.seed), 'dataset': config.data.name, 'split': split,
              'num_examples': len(assignment.ids), 'per_fold': fold_rows, 'mean': mean,
              'std': std, 'pooled_out_of_fold': pooled_report}
-  issues = oof.label_issues(class_names, os.path.join(workdir, label_issues.FILE))
+  label_issues.remove_stale(workdir)
+  issues = oof.label_issues(config, class_names, workdir)
   if issues is not None:
     summary['label_issues'] = issues
   summary['wall_time_s'] = time.perf_counter() - t0
@@ -167,7 +168,8 @@ def table_lines(summary: dict[str, Any], workdir: str) -> list[str]:
   if 'label_issues' in summary:
     s = summary['label_issues']
     lines.append(f"  likely label issues: {s['count']} ({s['fraction']:.2%}), most likely first in "
-                 f"{os.path.join(workdir, s['file'])}")
+                 f"{os.path.join(workdir, s['file'])}"
+                 + (f" (pictured: {s['picture']})" if s.get('picture') else ''))
   lines.append(f"Summary: {os.path.join(workdir, 'cv_report.md')} (+ cv_report.json, "
                f"fold_*/report.md); {summary['wall_time_s']:.0f} s")
   return lines
@@ -206,6 +208,7 @@ class _OutOfFold:
     self.folds: list[np.ndarray] = []
     self.labels: list[np.ndarray] = []
     self.probs: list[np.ndarray] = []
+    self.channels = 3
 
   def add(self, ev: evaluation.Evaluation, fc: ml_collections.ConfigDict, fold: int,
           total: int) -> None:
@@ -232,14 +235,22 @@ class _OutOfFold:
     self.folds.append(np.full(len(o.position), fold, np.int64))
     self.labels.append(o.label)
     self.probs.append(o.probs)
+    self.channels = int(ev.trained.info.channels)
 
-  def label_issues(self, class_names: list[str], path: str) -> dict[str, Any] | None:
-    """Finds, writes (``path``) and summarises the likely label issues; None when not wanted."""
+  def label_issues(self, config: ml_collections.ConfigDict, class_names: list[str],
+                   workdir: str) -> dict[str, Any] | None:
+    """Finds, writes (``label_issues.FILE``; image folders: ``PICTURE`` too) and summarises the
+    likely label issues; None when not wanted."""
     if not self.wanted or not self.labels:
       return None
     labels, probs = np.concatenate(self.labels), np.concatenate(self.probs)
     found = label_issues.rows(label_issues.find(labels, probs), ids=self.ids,
                               folds=np.concatenate(self.folds), labels=labels, probs=probs,
                               class_names=class_names)
-    label_issues.write_csv(found, path)
-    return label_issues.summary(found, len(labels))
+    label_issues.write_csv(found, os.path.join(workdir, label_issues.FILE))
+    pictured = False
+    if image_folder.is_folder(config.data) and found:
+      pictured = label_issues.picture(
+          found, folder_index.source_of(config.data).root,
+          os.path.join(workdir, label_issues.PICTURE), channels=self.channels)
+    return label_issues.summary(found, len(labels), pictured)

@@ -24,12 +24,14 @@ from typing import Any, Sequence
 import numpy as np
 
 FILE = 'cv_label_issues.csv'
+PICTURE = 'cv_label_issues.png'   # image folders / manifests: the first flagged images
 COLUMNS = ('rank', 'id', 'fold', 'label', 'suggested', 'p_label', 'p_suggested')
 METHOD = ('cleanlab.filter.find_label_issues (confident learning, prune_by_noise_rate) on the '
           'pooled out-of-fold probabilities')
 # Every example's probabilities are held on the host (4 bytes a cell): 50M cells are 200 MB.
 MAX_CELLS = 50_000_000
 SHOWN = 20   # rows of the list in cv_report.md (the CSV has them all)
+PICTURED = 48   # images in PICTURE
 
 
 def find(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
@@ -61,6 +63,13 @@ def rows(ranked: np.ndarray, *, ids: Sequence[str], folds: np.ndarray, labels: n
   return out
 
 
+def remove_stale(workdir: str) -> None:
+  """Removes an earlier run's list and picture from ``workdir`` (before a new search, or none)."""
+  for name in (FILE, PICTURE):
+    if os.path.exists(os.path.join(workdir, name)):
+      os.remove(os.path.join(workdir, name))
+
+
 def write_csv(found: list[dict[str, Any]], path: str) -> None:
   """``found`` as CSV (``COLUMNS``), written whole or not at all."""
   tmp = path + '.tmp'
@@ -72,19 +81,45 @@ def write_csv(found: list[dict[str, Any]], path: str) -> None:
   os.replace(tmp, path)
 
 
-def summary(found: list[dict[str, Any]], num_examples: int) -> dict[str, Any]:
+def picture(found: list[dict[str, Any]], root: str, path: str, channels: int) -> bool:
+  """The first ``PICTURED`` flagged images (ids are paths under ``root``), each captioned
+  "#rank label -> suggested (p)", in ``path``; False when none could be read."""
+  from imgcls_jax import plots
+  from imgcls_jax.data import images
+  shown, captions = [], []
+  for r in found:
+    if len(shown) == PICTURED:
+      break
+    try:
+      img = images.decode(os.path.join(root, r['id']), channels=channels)
+    except (images.UnreadableImage, OSError):
+      continue
+    step = max(1, max(img.shape[:2]) // 128)   # a thumbnail is enough to judge a label
+    shown.append(img[::step, ::step])
+    captions.append(f"#{r['rank']} {r['label']} -> {r['suggested']} ({r['p_suggested']:.2f})")
+  if not shown:
+    return False
+  plots.image_grid(shown, captions, path, f'The {len(shown)} most likely label issues '
+                   '(#rank label -> suggested class (its probability))', columns=8)
+  return True
+
+
+def summary(found: list[dict[str, Any]], num_examples: int,
+            pictured: bool = False) -> dict[str, Any]:
   """The ``label_issues`` entry of ``cv_report.json``."""
   return {'method': METHOD, 'count': len(found), 'num_examples': num_examples,
           'fraction': len(found) / max(num_examples, 1), 'file': FILE,
-          'most_likely': found[:SHOWN]}
+          'picture': PICTURE if pictured else None, 'most_likely': found[:SHOWN]}
 
 
 def markdown(s: dict[str, Any]) -> list[str]:
   """The "Likely label issues" section of ``cv_report.md``."""
   lines = ['', '## Likely label issues', '',
            f"{s['count']} of {s['num_examples']} examples ({s['fraction']:.2%}) look mislabelled: "
-           f"{s['method']}. All of them, most likely first, are in `{s['file']}`; a flagged "
-           'example may also be a hard or ambiguous one, so look before relabelling.']
+           f"{s['method']}. All of them, most likely first, are in `{s['file']}`"
+           + (f" (the first ones pictured in `{s['picture']}`)" if s.get('picture') else '')
+           + '; a flagged example may also be a hard or ambiguous one, so look before '
+           'relabelling.']
   if s['most_likely']:
     lines += ['', '| rank | id | fold | label | suggested | p(label) | p(suggested) |',
               '|---|---|---|---|---|---|---|']

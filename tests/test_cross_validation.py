@@ -160,6 +160,7 @@ def test_cross_validation_end_to_end_and_resume(digits_config, tmp_path, monkeyp
     flagged = list(csv.DictReader(f))
   assert len(flagged) == summary['label_issues']['count'] > 0
   assert all(held_out_by[r['id']] == int(r['fold']) for r in flagged)
+  assert not os.path.exists(os.path.join(workdir, 'cv_label_issues.png'))   # tfds: no files
   printed = capsys.readouterr().out
   assert '3-fold cross-validation of sklearn_digits:train+test' in printed and '+-std' in printed
 

@@ -69,8 +69,9 @@ def test_cross_validation_flags_the_labels_that_were_changed(digits_config, tmp_
   flagged = {r['id'] for r in found}
   hits = flagged & set(flipped)
   recall, precision = len(hits) / len(flipped), len(hits) / max(len(flagged), 1)
-  print(f'{len(flipped)} changed, {len(flagged)} flagged, recall {recall:.3f}, '
-        f'precision {precision:.3f}, pooled accuracy {summary["pooled_out_of_fold"]["accuracy"]}')
+  with capsys.disabled():   # the figures, for the notes (pytest -s)
+    print(f'\n{len(flipped)} changed, {len(flagged)} flagged, recall {recall:.3f}, precision '
+          f'{precision:.3f}, pooled accuracy {summary["pooled_out_of_fold"]["accuracy"]:.4f}')
   assert recall >= 0.8 and precision >= 0.6
   # For the changed labels it found, the models point back at the label the image had.
   back = sum(int(r['suggested']) == flipped[r['id']][0] for r in found if r['id'] in flipped)
@@ -89,6 +90,8 @@ def test_cross_validation_flags_the_labels_that_were_changed(digits_config, tmp_
 
   s = summary['label_issues']
   assert s['count'] == len(found) and s['num_examples'] == 1797
+  assert s['picture'] == label_issues.PICTURE
+  assert os.path.getsize(os.path.join(workdir, label_issues.PICTURE)) > 5000
   with open(os.path.join(workdir, 'cv_report.json')) as f:
     assert json.load(f)['label_issues']['count'] == len(found)
   md = open(os.path.join(workdir, 'cv_report.md')).read()

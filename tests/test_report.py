@@ -11,6 +11,9 @@ from sklearn.calibration import calibration_curve
 
 from imgcls_jax import report, sharding
 
+# As the eval step runs it: jitted (eagerly, each of its ops compiles alone: ~15 s a call).
+_eval_sums = jax.jit(report.eval_sums, static_argnums=3)
+
 
 def _predictions(n, k, seed, missing_class=None, sharpness=3.0):
   """Random logits with a signal (so accuracy is neither 0 nor 1) and their labels."""
@@ -152,7 +155,7 @@ def test_every_metric_matches_sklearn(k, missing):
 
 def test_batches_and_devices_do_not_change_the_statistics():
   logits, labels = _predictions(200, 10, seed=3)
-  one = report.stats_to_numpy(report.eval_sums(jnp.asarray(logits), jnp.asarray(labels),
+  one = report.stats_to_numpy(_eval_sums(jnp.asarray(logits), jnp.asarray(labels),
                                                  jnp.ones(200, bool)))
   many = _stats_in_padded_sharded_batches(logits, labels, batch=24)
   for key in report.STAT_KEYS:
@@ -162,7 +165,7 @@ def test_batches_and_devices_do_not_change_the_statistics():
 
 def test_confidence_of_one_falls_in_the_last_bin_like_sklearn():
   logits = jnp.array([[100.0, 0.0], [0.0, 0.0]])  # confidences 1.0 and 0.5
-  s = report.stats_to_numpy(report.eval_sums(logits, jnp.array([0, 1]), jnp.ones(2, bool), 10))
+  s = report.stats_to_numpy(_eval_sums(logits, jnp.array([0, 1]), jnp.ones(2, bool), 10))
   assert s['bin_count'][-1] == 1 and s['bin_count'][4] == 1  # 0.5 is in (0.4, 0.5]
   _, prob_pred = calibration_curve([1, 0], [1.0, 0.5], n_bins=10)
   np.testing.assert_allclose(sorted(prob_pred), [0.5, 1.0])
@@ -170,7 +173,7 @@ def test_confidence_of_one_falls_in_the_last_bin_like_sklearn():
 
 def test_scalars_and_training_metrics_agree_with_the_report():
   logits, labels = _predictions(150, 12, seed=5)
-  stats = report.stats_to_numpy(report.eval_sums(jnp.asarray(logits), jnp.asarray(labels),
+  stats = report.stats_to_numpy(_eval_sums(jnp.asarray(logits), jnp.asarray(labels),
                                                    jnp.ones(150, bool)))
   rep = report.summarize(stats, [str(i) for i in range(12)])
   flat = report.scalars(rep)
@@ -186,7 +189,7 @@ def test_scalars_and_training_metrics_agree_with_the_report():
 def test_text_renderings_name_every_class():
   logits, labels = _predictions(90, 3, seed=7, sharpness=0.5)
   names = ['cat', 'dog', 'bird']
-  rep = report.summarize(report.eval_sums(jnp.asarray(logits), jnp.asarray(labels),
+  rep = report.summarize(_eval_sums(jnp.asarray(logits), jnp.asarray(labels),
                                             jnp.ones(90, bool)), names)
   md = report.to_markdown(rep, 'Title', {'split': 'test'})
   csv_text = report.confusion_csv(rep)
@@ -205,7 +208,7 @@ def test_a_class_absent_from_labels_and_predictions_is_left_out_of_the_averages(
   labels = np.array([0, 0, 1, 2, 2, 2])
   pred = np.array([0, 1, 1, 2, 2, 0])
   logits = np.eye(4, dtype=np.float32)[pred] * 5  # class 3: never true, never predicted
-  rep = report.summarize(report.eval_sums(jnp.asarray(logits), jnp.asarray(labels),
+  rep = report.summarize(_eval_sums(jnp.asarray(logits), jnp.asarray(labels),
                                             jnp.ones(6, bool)), ['a', 'b', 'c', 'd'])
   for avg in ('macro', 'weighted'):
     p, r, f, _ = skm.precision_recall_fscore_support(labels, pred, average=avg, zero_division=0)
@@ -220,7 +223,7 @@ def test_a_class_absent_from_labels_and_predictions_is_left_out_of_the_averages(
 def test_a_report_written_over_an_earlier_one_leaves_none_of_its_files(tmp_path):
   from imgcls_jax import report_files
   logits, labels = _predictions(60, 3, seed=2)
-  rep = report.summarize(report.eval_sums(jnp.asarray(logits), jnp.asarray(labels),
+  rep = report.summarize(_eval_sums(jnp.asarray(logits), jnp.asarray(labels),
                                             jnp.ones(60, bool)), ['a', 'b', 'c'])
   assert rep.get('roc_curves')
   metrics_log = tmp_path / 'metrics.jsonl'
