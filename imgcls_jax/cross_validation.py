@@ -66,8 +66,11 @@ def cross_validate(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
                len(assignment.ids), config.data.name, split, config.seed, workdir)
   per_fold, fold_rows, pooled = [], [], None
   class_names: list[str] = []
-  oof = _OutOfFold(bool(config.cross_validation.get('label_issues', True))
-                   and not config.data.get('multilabel', False))
+  want_issues = bool(config.cross_validation.get('label_issues', True))
+  if want_issues and config.data.get('multilabel', False):
+    logging.info('config.cross_validation.label_issues: the label-issue search is for '
+                 'single-label data; a tagging run lists none.')
+  oof = _OutOfFold(want_issues and not config.data.get('multilabel', False))
   for i in range(k):
     fold_dir = os.path.join(workdir, f'fold_{i}')
     train_file = os.path.join(fold_dir, 'train_ids.txt')
@@ -248,9 +251,10 @@ class _OutOfFold:
                               folds=np.concatenate(self.folds), labels=labels, probs=probs,
                               class_names=class_names)
     label_issues.write_csv(found, os.path.join(workdir, label_issues.FILE))
+    label_issues.write_kept(self.ids, found, os.path.join(workdir, label_issues.KEPT))
     pictured = False
     if image_folder.is_folder(config.data) and found:
       pictured = label_issues.picture(
           found, folder_index.source_of(config.data).root,
           os.path.join(workdir, label_issues.PICTURE), channels=self.channels)
-    return label_issues.summary(found, len(labels), pictured)
+    return label_issues.summary(found, len(labels), config.data.train_split, pictured)

@@ -25,6 +25,7 @@ import numpy as np
 
 FILE = 'cv_label_issues.csv'
 PICTURE = 'cv_label_issues.png'   # image folders / manifests: the first flagged images
+KEPT = 'cv_kept_ids.txt'   # every other id: train on them with data.train_split='SPLIT@<this>'
 COLUMNS = ('rank', 'id', 'fold', 'label', 'suggested', 'p_label', 'p_suggested')
 METHOD = ('cleanlab.filter.find_label_issues (confident learning, prune_by_noise_rate) on the '
           'pooled out-of-fold probabilities')
@@ -65,7 +66,7 @@ def rows(ranked: np.ndarray, *, ids: Sequence[str], folds: np.ndarray, labels: n
 
 def remove_stale(workdir: str) -> None:
   """Removes an earlier run's list and picture from ``workdir`` (before a new search, or none)."""
-  for name in (FILE, PICTURE):
+  for name in (FILE, PICTURE, KEPT):
     if os.path.exists(os.path.join(workdir, name)):
       os.remove(os.path.join(workdir, name))
 
@@ -104,12 +105,25 @@ def picture(found: list[dict[str, Any]], root: str, path: str, channels: int) ->
   return True
 
 
-def summary(found: list[dict[str, Any]], num_examples: int,
+def write_kept(ids: Sequence[str], found: list[dict[str, Any]], path: str) -> int:
+  """The ids of ``ids`` not flagged in ``found``, one per line (the input pipeline's id-list
+  format), written whole or not at all; returns how many."""
+  flagged = {r['id'] for r in found}
+  kept = sorted(set(ids) - flagged)
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    f.write(''.join(f'{i}\n' for i in kept))
+  os.replace(tmp, path)
+  return len(kept)
+
+
+def summary(found: list[dict[str, Any]], num_examples: int, split: str,
             pictured: bool = False) -> dict[str, Any]:
   """The ``label_issues`` entry of ``cv_report.json``."""
-  return {'method': METHOD, 'count': len(found), 'num_examples': num_examples,
+  return {'method': METHOD, 'split': split, 'count': len(found), 'num_examples': num_examples,
           'fraction': len(found) / max(num_examples, 1), 'file': FILE,
-          'picture': PICTURE if pictured else None, 'most_likely': found[:SHOWN]}
+          'picture': PICTURE if pictured else None, 'kept_ids': KEPT,
+          'most_likely': found[:SHOWN]}
 
 
 def markdown(s: dict[str, Any]) -> list[str]:
@@ -119,7 +133,9 @@ def markdown(s: dict[str, Any]) -> list[str]:
            f"{s['method']}. All of them, most likely first, are in `{s['file']}`"
            + (f" (the first ones pictured in `{s['picture']}`)" if s.get('picture') else '')
            + '; a flagged example may also be a hard or ambiguous one, so look before '
-           'relabelling.']
+           f"relabelling. `{s['kept_ids']}` lists every other example: "
+           f"`--config.data.train_split='{s.get('split', 'SPLIT')}@<workdir>/{s['kept_ids']}'` "
+           'trains on those only.']
   if s['most_likely']:
     lines += ['', '| rank | id | fold | label | suggested | p(label) | p(suggested) |',
               '|---|---|---|---|---|---|---|']

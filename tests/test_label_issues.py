@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from imgcls_jax import cross_validation, label_issues
-from imgcls_jax.data import digits
+from imgcls_jax.data import digits, reader
 
 NOISE = 0.05
 
@@ -87,6 +87,13 @@ def test_cross_validation_flags_the_labels_that_were_changed(digits_config, tmp_
   for r in found[:20]:
     with open(os.path.join(workdir, f"fold_{r['fold']}", 'eval_ids.txt')) as f:
       assert r['id'] in f.read().split('\n')
+
+  # The other examples, as an id list the input pipeline reads: training on them drops the flagged.
+  kept_path = os.path.join(workdir, label_issues.KEPT)
+  kept = open(kept_path).read().split()
+  assert len(kept) == 1797 - len(found) and not set(kept) & flagged
+  kept_split = reader.example_ids(c.data, f'all@{kept_path}')
+  assert sorted(kept_split) == sorted(kept)
 
   s = summary['label_issues']
   assert s['count'] == len(found) and s['num_examples'] == 1797
