@@ -81,11 +81,12 @@ def train(root: str, workdir: str, epochs: float, seed: int, *extra: str) -> tup
   t = time.perf_counter()
   subprocess.run(cmd, check=True, cwd=REPO)
   wall = time.perf_counter() - t
-  report = os.path.join(workdir, 'report.json')
-  if not os.path.exists(report):   # cross-validation writes cv_report.json instead
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):   # cross-validation: fold_<i>/metrics.jsonl, cv_report.json
     return float('nan'), wall
-  with open(report) as f:
-    return json.load(f)['accuracy'], wall
+  with open(path) as f:
+    evals = [r for r in map(json.loads, f) if r.get('split') == 'eval']
+  return evals[-1]['accuracy'], wall
 
 
 def main() -> None:

@@ -1,4 +1,6 @@
 """fast_cnn: its CPU-cheap pieces compute what the standard ones compute."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +11,13 @@ from jax import export as jax_export
 from imgcls_jax import models
 from imgcls_jax.errors import UserError
 from imgcls_jax.models import fast_cnn, layers
+
+
+@functools.partial(nnx.jit, static_argnames='train')
+def _apply(model, x, train):
+  """``model(x, train=train)`` as one jitted program (as training and evaluation run it): eager,
+  every op of the forward pass compiles on its own."""
+  return model(x, train=train)
 
 
 def test_affine_batch_norm_matches_flax_batch_norm():
@@ -22,7 +31,8 @@ def test_affine_batch_norm_matches_flax_batch_norm():
   def loss(model, x):
     return jnp.sum(jnp.sin(model(x, use_running_average=False)))
 
-  (lo, go), (lr, gr) = [nnx.value_and_grad(loss, argnums=(0, 1))(m, x) for m in (ours, ref)]
+  (lo, go), (lr, gr) = [nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1)))(m, x)
+                         for m in (ours, ref)]
   np.testing.assert_allclose(lo, lr, rtol=1e-5)
   np.testing.assert_allclose(go[1], gr[1], atol=1e-4)                  # d/dx
   np.testing.assert_allclose(go[0]['scale'][...], gr[0]['scale'][...], rtol=1e-4, atol=1e-4)
@@ -51,11 +61,11 @@ def test_registered_model_shapes_and_parameter_count():
   # + flatten 7*7*128 -> 10 (62720 + 10).
   n = sum(p.size for p in jax.tree.leaves(nnx.state(m, nnx.Param)))
   assert n == 1152 + 18432 + 73728 + 2 * (32 + 64 + 128) + 62720 + 10
-  out = m(jnp.zeros((3, 28, 28, 1)), train=True)
+  out = _apply(m, jnp.zeros((3, 28, 28, 1)), train=True)
   assert out.shape == (3, 10) and out.dtype == jnp.float32
   gap = models.get('fast_cnn', num_classes=4, in_channels=3, rngs=nnx.Rngs(0), stem='none',
                    widths=((8,), (16,)), head='gap', image_size=12)
-  assert gap(jnp.zeros((2, 12, 12, 3))).shape == (2, 4)
+  assert _apply(gap, jnp.zeros((2, 12, 12, 3)), train=False).shape == (2, 4)
   with pytest.raises(UserError, match='stem'):
     models.get('fast_cnn', num_classes=4, in_channels=1, rngs=nnx.Rngs(0), stem='conv7')
 
@@ -127,7 +137,7 @@ def test_residual_adds_the_input_of_every_equal_width_conv():
   a = a.reshape(4, 4, 2, 4, 2, 6).max(axis=(2, 4))
   a = a + conv_bn_relu(2, a)
   want = a.mean((1, 2)) @ np.asarray(res.fc.kernel[...]) + np.asarray(res.fc.bias[...])
-  np.testing.assert_allclose(res(x, train=True), want, rtol=1e-4, atol=1e-4)
-  assert not np.allclose(plain(x, train=True), want, atol=1e-2)
+  np.testing.assert_allclose(_apply(res, x, train=True), want, rtol=1e-4, atol=1e-4)
+  assert not np.allclose(_apply(plain, x, train=True), want, atol=1e-2)
   count = lambda m: sum(p.size for p in jax.tree.leaves(nnx.state(m, nnx.Param)))  # noqa: E731
   assert count(res) == count(plain)
