@@ -128,17 +128,19 @@ def summary(found: list[dict[str, Any]], num_examples: int, split: str,
 
 def markdown(s: dict[str, Any]) -> list[str]:
   """The "Likely label issues" section of ``cv_report.md``."""
+  if not s['count']:
+    return ['', '## Likely label issues', '',
+            f"None of the {s['num_examples']} examples looks mislabelled: {s['method']}."]
   lines = ['', '## Likely label issues', '',
            f"{s['count']} of {s['num_examples']} examples ({s['fraction']:.2%}) look mislabelled: "
            f"{s['method']}. All of them, most likely first, are in `{s['file']}`"
            + (f" (the first ones pictured in `{s['picture']}`)" if s.get('picture') else '')
            + '; a flagged example may also be a hard or ambiguous one, so look before '
            f"relabelling. `{s['kept_ids']}` lists every other example: "
-           f"`--config.data.train_split='{s.get('split', 'SPLIT')}@<workdir>/{s['kept_ids']}'` "
-           'trains on those only.']
-  if s['most_likely']:
-    lines += ['', '| rank | id | fold | label | suggested | p(label) | p(suggested) |',
-              '|---|---|---|---|---|---|---|']
-    lines += [f"| {r['rank']} | `{r['id']}` | {r['fold']} | {r['label']} | {r['suggested']} | "
-              f"{r['p_label']:.3f} | {r['p_suggested']:.3f} |" for r in s['most_likely']]
+           f"`--config.data.train_split='{s['split']}@<workdir>/{s['kept_ids']}'` trains on "
+           'those only.', '',
+           '| rank | id | fold | label | suggested | p(label) | p(suggested) |',
+           '|---|---|---|---|---|---|---|']
+  lines += [f"| {r['rank']} | `{r['id']}` | {r['fold']} | {r['label']} | {r['suggested']} | "
+            f"{r['p_label']:.3f} | {r['p_suggested']:.3f} |" for r in s['most_likely']]
   return lines
