@@ -14,6 +14,7 @@ train on it. From those out-of-fold probabilities (single-label, one process,
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import logging
 import os
@@ -66,11 +67,7 @@ def cross_validate(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
                len(assignment.ids), config.data.name, split, config.seed, workdir)
   per_fold, fold_rows, pooled = [], [], None
   class_names: list[str] = []
-  want_issues = bool(config.cross_validation.get('label_issues', True))
-  if want_issues and config.data.get('multilabel', False):
-    logging.info('config.cross_validation.label_issues: the label-issue search is for '
-                 'single-label data; a tagging run lists none.')
-  oof = _OutOfFold(want_issues and not config.data.get('multilabel', False))
+  oof = _OutOfFold(config, len(assignment.ids))
   for i in range(k):
     fold_dir = os.path.join(workdir, f'fold_{i}')
     train_file = os.path.join(fold_dir, 'train_ids.txt')
@@ -90,14 +87,15 @@ def cross_validate(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
                                         checkpoint_spec='latest', tta=config.evaluate.tta or '',
                                         num_bins=int(config.evaluate.calibration_bins),
                                         keep_probs=oof.wanted)
-    oof.add(ev, fc, i, len(assignment.ids))
+    oof.add(ev, i, held_out)
     stats = ev.stats
     rep = ev.report(int(config.evaluate.top_confused))
     report_files.write(rep, fold_dir, f'Fold {i + 1}/{k} of {config.data.name}:{split}',
                        os.path.join(fold_dir, 'metrics.jsonl'))
     if rep['num_examples'] != len(held_out):
-      raise RuntimeError(f'Fold {i} evaluated {rep["num_examples"]} examples, expected '
-                         f'{len(held_out)}.')
+      raise UserError(f'Fold {i} evaluated {rep["num_examples"]} of its {len(held_out)} '
+                      'examples: some images failed to decode (the warnings above name them); '
+                      'fix or remove them and run the same command again.')
     class_names = rep['class_names']
     pooled = report.add(pooled, stats)
     scal = report.scalars(rep)
@@ -112,7 +110,7 @@ def cross_validate(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
              'num_examples': len(assignment.ids), 'per_fold': fold_rows, 'mean': mean,
              'std': std, 'pooled_out_of_fold': pooled_report}
   label_issues.remove_stale(workdir)
-  issues = oof.label_issues(config, class_names, workdir)
+  issues = oof.label_issues(class_names, workdir)
   if issues is not None:
     summary['label_issues'] = issues
   summary['wall_time_s'] = time.perf_counter() - t0
@@ -170,9 +168,12 @@ def table_lines(summary: dict[str, Any], workdir: str) -> list[str]:
                  'examples')
   if 'label_issues' in summary:
     s = summary['label_issues']
-    lines.append(f"  likely label issues: {s['count']} ({s['fraction']:.2%}), most likely first in "
-                 f"{os.path.join(workdir, s['file'])}"
-                 + (f" (pictured: {s['picture']})" if s.get('picture') else ''))
+    if s['count']:
+      lines.append(f"  likely label issues: {s['count']} ({s['fraction']:.2%}), most likely first "
+                   f"in {os.path.join(workdir, s['file'])}"
+                   + (f" (pictured: {s['picture']})" if s.get('picture') else ''))
+    else:
+      lines.append(f"  likely label issues: none of the {s['num_examples']} examples")
   lines.append(f"Summary: {os.path.join(workdir, 'cv_report.md')} (+ cv_report.json, "
                f"fold_*/report.md); {summary['wall_time_s']:.0f} s")
   return lines
@@ -203,32 +204,51 @@ def markdown(summary: dict[str, Any]) -> str:
 
 class _OutOfFold:
   """Every held-out example's probabilities, id, label and fold, gathered fold by fold for the
-  label-issue search (``wanted``: single-label, one process, and ``MAX_CELLS`` not passed)."""
+  label-issue search. ``wanted``: config.cross_validation.label_issues, single-label, and at most
+  ``label_issues.MAX_CELLS`` probabilities (decided before the first fold, so none is gathered
+  that would be dropped)."""
 
-  def __init__(self, wanted: bool):
-    self.wanted = wanted
+  def __init__(self, config: ml_collections.ConfigDict, total: int):
+    self.data, self.split = config.data, config.data.train_split
+    self.wanted = bool(config.cross_validation.get('label_issues', True))
     self.ids: list[str] = []
     self.folds: list[np.ndarray] = []
     self.labels: list[np.ndarray] = []
     self.probs: list[np.ndarray] = []
     self.channels = 3
+    self._split_ids: list[str] | None = None
+    if not self.wanted:
+      return
+    if config.data.get('multilabel', False):
+      logging.info('config.cross_validation.label_issues: the label-issue search is for '
+                   'single-label data; a tagging run lists none.')
+      self.wanted = False
+      return
+    if importlib.util.find_spec('cleanlab') is None:
+      raise UserError('The label-issue search (config.cross_validation.label_issues) needs '
+                      'cleanlab, which is not installed: run pip install -e . in the checkout, '
+                      'or set --config.cross_validation.label_issues=False.')
+    k = reader.describe(config.data).num_classes
+    if total * k > label_issues.MAX_CELLS:
+      logging.warning('The label-issue search holds every example\'s %d class probabilities on '
+                      'the host: %d examples are more than its %d cells; skipped (set '
+                      'config.cross_validation.label_issues=False to silence this).',
+                      k, total, label_issues.MAX_CELLS)
+      self.wanted = False
 
-  def add(self, ev: evaluation.Evaluation, fc: ml_collections.ConfigDict, fold: int,
-          total: int) -> None:
+  def add(self, ev: evaluation.Evaluation, fold: int, held_out: list[str]) -> None:
     if not self.wanted:
       return
     o = ev.outcomes
     if o is None or o.probs is None:
       self.wanted = False
       return
-    if total * o.probs.shape[1] > label_issues.MAX_CELLS:
-      logging.warning('The label-issue search holds every example\'s %d class probabilities on '
-                      'the host: %d examples are more than its %d cells; skipped (set '
-                      'config.cross_validation.label_issues=False to silence this).',
-                      o.probs.shape[1], total, label_issues.MAX_CELLS)
-      self.wanted = False
-      return
-    ids = reader.example_ids(fc.data, fc.data.eval_split, ev.trained.info)
+    if self._split_ids is None:   # read once: the ids of the whole split, in read order
+      self._split_ids = reader.example_ids(self.data, self.split, ev.trained.info)
+    # A fold's split 'SPLIT@ids' reads the listed examples in the split's own order
+    # (sources.example_ids), so its rows are these ids, in this order.
+    listed = set(held_out)
+    ids = [i for i in self._split_ids if i in listed]
     if len(ids) <= int(o.position.max(initial=-1)):
       logging.warning('The ids of fold %d (%d) do not cover its %d rows read; the label-issue '
                       'search is skipped.', fold, len(ids), int(o.position.max()) + 1)
@@ -240,21 +260,27 @@ class _OutOfFold:
     self.probs.append(o.probs)
     self.channels = int(ev.trained.info.channels)
 
-  def label_issues(self, config: ml_collections.ConfigDict, class_names: list[str],
-                   workdir: str) -> dict[str, Any] | None:
-    """Finds, writes (``label_issues.FILE``; image folders: ``PICTURE`` too) and summarises the
-    likely label issues; None when not wanted."""
+  def label_issues(self, class_names: list[str], workdir: str) -> dict[str, Any] | None:
+    """Finds, writes (``label_issues.FILE``, ``KEPT``; image folders: ``PICTURE`` too) and
+    summarises the likely label issues; None when not wanted, or when the search failed (a
+    warning: the cross-validation report is written all the same)."""
     if not self.wanted or not self.labels:
       return None
-    labels, probs = np.concatenate(self.labels), np.concatenate(self.probs)
-    found = label_issues.rows(label_issues.find(labels, probs), ids=self.ids,
-                              folds=np.concatenate(self.folds), labels=labels, probs=probs,
-                              class_names=class_names)
-    label_issues.write_csv(found, os.path.join(workdir, label_issues.FILE))
-    label_issues.write_kept(self.ids, found, os.path.join(workdir, label_issues.KEPT))
-    pictured = False
-    if image_folder.is_folder(config.data) and found:
-      pictured = label_issues.picture(
-          found, folder_index.source_of(config.data).root,
-          os.path.join(workdir, label_issues.PICTURE), channels=self.channels)
-    return label_issues.summary(found, len(labels), config.data.train_split, pictured)
+    try:
+      labels, probs = np.concatenate(self.labels), np.concatenate(self.probs)
+      found = label_issues.rows(label_issues.find(labels, probs), ids=self.ids,
+                                folds=np.concatenate(self.folds), labels=labels, probs=probs,
+                                class_names=class_names)
+      label_issues.write_csv(found, os.path.join(workdir, label_issues.FILE))
+      label_issues.write_kept(self.ids, found, os.path.join(workdir, label_issues.KEPT))
+      pictured = False
+      if image_folder.is_folder(self.data) and found:
+        pictured = label_issues.picture(
+            found, folder_index.source_of(self.data).root,
+            os.path.join(workdir, label_issues.PICTURE), channels=self.channels)
+    except Exception as e:   # noqa: BLE001 -- the folds' report must not be lost to this step
+      logging.warning('The label-issue search failed (%s: %s); the cross-validation report is '
+                      'written without it.', type(e).__name__, e)
+      label_issues.remove_stale(workdir)
+      return None
+    return label_issues.summary(found, len(labels), self.split, pictured)

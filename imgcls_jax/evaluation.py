@@ -377,5 +377,5 @@ def outcomes_pass(r: Restored, tta: str = '', *, keep_images: int = 0,
     outcomes = Outcomes(position=position, label=c['label'].astype(np.int64),
                         predicted=c['predicted'].astype(np.int64), p_predicted=c['p_predicted'],
                         p_label=c['p_label'], images=images,
-                        probs=c['probs'].astype(np.float32) if keep_probs else None)
+                        probs=c['probs'].astype(np.float32, copy=False) if keep_probs else None)
   return outcomes, (report.stats_to_numpy(totals) if totals is not None else None)

@@ -29,7 +29,9 @@ KEPT = 'cv_kept_ids.txt'   # every other id: train on them with data.train_split
 COLUMNS = ('rank', 'id', 'fold', 'label', 'suggested', 'p_label', 'p_suggested')
 METHOD = ('cleanlab.filter.find_label_issues (confident learning, prune_by_noise_rate) on the '
           'pooled out-of-fold probabilities')
-# Every example's probabilities are held on the host (4 bytes a cell): 50M cells are 200 MB.
+# Every example's probabilities are held on the host: 4 bytes a cell while the folds run, and
+# ~25 bytes a cell at the search's peak (its float64 copies and cleanlab's; measured: +484 MB for
+# 20M cells): 50M cells are ~1.3 GB.
 MAX_CELLS = 50_000_000
 SHOWN = 20   # rows of the list in cv_report.md (the CSV has them all)
 PICTURED = 48   # images in PICTURE

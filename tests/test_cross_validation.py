@@ -160,9 +160,22 @@ def test_cross_validation_end_to_end_and_resume(digits_config, tmp_path, monkeyp
     flagged = list(csv.DictReader(f))
   assert len(flagged) == summary['label_issues']['count'] > 0
   assert all(held_out_by[r['id']] == int(r['fold']) for r in flagged)
+  # Each row's probabilities are its own example's: the label it gives is the split's.
+  assignment = folds.assign(config.data, 'train+test', 3, config.seed)
+  label_of = dict(zip(assignment.ids, assignment.labels.tolist()))
+  assert all(int(r['label']) == label_of[r['id']] for r in flagged)
   assert not os.path.exists(os.path.join(workdir, 'cv_label_issues.png'))   # tfds: no files
+  issue_files = ('cv_label_issues.csv', 'cv_kept_ids.txt')
+  assert all(os.path.exists(os.path.join(workdir, n)) for n in issue_files)
   printed = capsys.readouterr().out
   assert '3-fold cross-validation of sklearn_digits:train+test' in printed and '+-std' in printed
+
+  # The search turned off: the finished folds are evaluated again, and the last run's lists go.
+  config.cross_validation.label_issues = False
+  again = cross_validation.cross_validate(config, workdir)
+  assert 'label_issues' not in again
+  assert again['mean']['accuracy'] == summary['mean']['accuracy']   # the same checkpoints
+  assert not any(os.path.exists(os.path.join(workdir, n)) for n in issue_files)
 
   # Another seed in the same workdir is refused (its folds would differ).
   config.seed = 1

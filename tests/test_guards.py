@@ -174,6 +174,12 @@ def test_impossible_sizes_and_label_orders(digits_config):
                          env={**os.environ, 'PYTHONHASHSEED': str(seed)}).stdout.strip()
           for seed in (1, 2, 5, 9)}
   assert seen == {"('001', '01', '1', '2', '10')"}
+  # A grey dataset with an RGB mean: one value is the fix.
+  digits_config.num_epochs = 1.0
+  digits_config.data.mean = digits_config.data.std = (0.5, 0.5, 0.5)
+  with pytest.raises(UserError, match=r"has 3 values but 'sklearn_digits' images have 1 "
+                                      r'channel\(s\); give 1 value \(and as many in'):
+    run.setup(digits_config)
 
 
 def test_manifest_split_cells_and_foreign_headers_are_one_line(tmp_path):

@@ -20,9 +20,11 @@ from imgcls_jax.data import digits, reader
 NOISE = 0.05
 
 
-def _noisy_manifest(root: str, seed: int = 0) -> tuple[str, dict[str, tuple[int, int]]]:
+def _noisy_manifest(root: str, seed: int = 0
+                    ) -> tuple[str, dict[str, tuple[int, int]], dict[str, int]]:
   """root/img/<i>.png for all 1797 digits and root/labels.csv with 5% of the labels changed to
-  another digit; returns the manifest and {path: (true label, written label)} of the changed."""
+  another digit; returns the manifest, {path: (true label, written label)} of the changed and
+  {path: written label} of all."""
   x = np.concatenate([digits.load_arrays('train')[0], digits.load_arrays('test')[0]])
   y = np.concatenate([digits.load_arrays('train')[1], digits.load_arrays('test')[1]])
   rng = np.random.default_rng(seed)
@@ -30,22 +32,23 @@ def _noisy_manifest(root: str, seed: int = 0) -> tuple[str, dict[str, tuple[int,
   written = y.copy()
   written[changed] = (y[changed] + rng.integers(1, 10, len(changed))) % 10
   os.makedirs(os.path.join(root, 'img'), exist_ok=True)
-  rows, flipped = [], {}
+  rows, flipped, label_of = [], {}, {}
   for i in range(len(y)):
     path = f'img/{i}.png'
     Image.fromarray(x[i, :, :, 0]).save(os.path.join(root, path))
     rows.append(f'{path},{written[i]}\n')
+    label_of[path] = int(written[i])
     if written[i] != y[i]:
       flipped[path] = (int(y[i]), int(written[i]))
   manifest = os.path.join(root, 'labels.csv')
   with open(manifest, 'w') as f:
     f.write('path,label\n' + ''.join(rows))
-  return manifest, flipped
+  return manifest, flipped, label_of
 
 
 @pytest.mark.slow
 def test_cross_validation_flags_the_labels_that_were_changed(digits_config, tmp_path, capsys):
-  manifest, flipped = _noisy_manifest(str(tmp_path / 'data'))
+  manifest, flipped, label_of = _noisy_manifest(str(tmp_path / 'data'))
   c = digits_config
   c.data.name = 'image_folder'
   c.data.manifest = manifest
@@ -76,8 +79,8 @@ def test_cross_validation_flags_the_labels_that_were_changed(digits_config, tmp_
   # For the changed labels it found, the models point back at the label the image had.
   back = sum(int(r['suggested']) == flipped[r['id']][0] for r in found if r['id'] in flipped)
   assert back >= 0.9 * len(hits)
-  for r in found:
-    assert r['label'] == str(flipped[r['id']][1]) if r['id'] in flipped else True
+  for r in found:   # each row's label is the manifest's for its image
+    assert r['label'] == str(label_of[r['id']])
     assert os.path.exists(os.path.join(os.path.dirname(manifest), r['id']))
   # Ranked by the probability of the given label, the least likely first.
   p_label = [float(r['p_label']) for r in found]
@@ -125,3 +128,16 @@ def test_the_search_on_probabilities_with_a_known_answer(tmp_path):
   label_issues.write_csv(rows, path)
   with open(path) as f:
     assert len(list(csv.DictReader(f))) == 30
+
+
+def test_a_missing_cleanlab_is_one_line_before_any_fold_trains(digits_config, monkeypatch):
+  from imgcls_jax.errors import UserError
+  digits_config.cross_validation.folds = 2
+  real = cross_validation.importlib.util.find_spec
+  monkeypatch.setattr(cross_validation.importlib.util, 'find_spec',
+                      lambda name, *a: None if name == 'cleanlab' else real(name, *a))
+  with pytest.raises(UserError, match=r'needs cleanlab, which is not installed: run pip install '
+                                      r'-e \. .*label_issues=False'):
+    cross_validation._OutOfFold(digits_config, 1797)
+  digits_config.cross_validation.label_issues = False   # off: no cleanlab needed
+  assert not cross_validation._OutOfFold(digits_config, 1797).wanted
