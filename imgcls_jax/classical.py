@@ -33,7 +33,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from imgcls_jax import features, plots, report, report_files
+from imgcls_jax import features, plots, report, report_files, report_text
 from imgcls_jax.errors import UserError
 
 CLASSIFIERS = ('logistic', 'linear_svm')
@@ -210,5 +210,5 @@ def _markdown(summary: dict[str, Any]) -> str:
     md.append(f"| {r['fold']} | {r['train_examples']} | {r['eval_examples']} | {r['train_s']:.1f} "
               '| ' + ' | '.join(f'{r[k]:.4f}' for k in keys) + ' |')
   md += ['', '## Pooled out-of-fold predictions', '',
-         *[f'- {line}' for line in report.headline(summary['pooled_out_of_fold'])]]
+         *[f'- {line}' for line in report_text.headline(summary['pooled_out_of_fold'])]]
   return '\n'.join(md) + '\n'

@@ -25,7 +25,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from imgcls_jax import evaluation, label_issues, plots, report, report_files, train
+from imgcls_jax import (evaluation, label_issues, plots, report, report_files, report_text,
+                        train)
 from imgcls_jax.data import folder_index, image_folder, reader
 from imgcls_jax.data import folds as folds_lib
 from imgcls_jax.errors import UserError
@@ -161,7 +162,7 @@ def table_lines(summary: dict[str, Any], workdir: str) -> list[str]:
   lines.append('  +-std ' + ''.join(f'{_fmt(k, summary["std"][k]):>13}' for k, _ in shown))
   p = summary['pooled_out_of_fold']
   if p.get('task') == 'multilabel':
-    lines.append(f"  pooled out-of-fold: {report.headline(p)[0]}")
+    lines.append(f"  pooled out-of-fold: {report_text.headline(p)[0]}")
   else:
     lines.append(f"  pooled out-of-fold: top-1 {100 * p['accuracy']:.2f}%, macro F1 "
                  f"{p['macro_avg']['f1']:.4f}, ECE {p['ece']:.4f} over {p['num_examples']} "
@@ -194,7 +195,7 @@ def markdown(summary: dict[str, Any]) -> str:
     md.append(f"| {r['fold']} | {r['train_examples']} | {r['eval_examples']} | "
               f"{r['checkpoint_step']} | " + ' | '.join(f'{r[k]:.4f}' for k in keys) + ' |')
   p = summary['pooled_out_of_fold']
-  md += ['', '## Pooled out-of-fold predictions', '', *[f'- {line}' for line in report.headline(p)],
+  md += ['', '## Pooled out-of-fold predictions', '', *[f'- {line}' for line in report_text.headline(p)],
          '',
          'Per-fold reports: `fold_<i>/report.md`.']
   if 'label_issues' in summary:

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from imgcls_jax import metrics, plots, report, report_multilabel
+from imgcls_jax import metrics, plots, report_multilabel, report_text
 
 REPORT_FILES = ('report.json', 'report.md', 'confusion_matrix.csv', 'confusion_matrix.png',
                 'reliability.png', 'roc_curves.png', 'selective.png')
@@ -99,9 +99,9 @@ def _write_multilabel(rep: dict[str, Any], out_dir: str, title: str) -> list[str
 
 def _write_single_label(rep: dict[str, Any], out_dir: str, title: str) -> list[str]:
   with open(os.path.join(out_dir, 'report.md'), 'w') as f:
-    f.write(report.to_markdown(rep, title, rep.get('context', {})))
+    f.write(report_text.to_markdown(rep, title, rep.get('context', {})))
   with open(os.path.join(out_dir, 'confusion_matrix.csv'), 'w') as f:
-    f.write(report.confusion_csv(rep))
+    f.write(report_text.confusion_csv(rep))
   plots.confusion_matrix(rep['confusion_matrix'], rep['class_names'],
                          os.path.join(out_dir, 'confusion_matrix.png'))
   plots.reliability_diagram(rep['calibration_bins'], rep['ece'],
@@ -161,9 +161,9 @@ def table_lines(rep: dict[str, Any], title: str, out_dir: str,
     lines.append(_written(out_dir, ('report.json', 'pr_curves.png', 'reliability.png',
                                     *ERROR_FILES, CURVES_FILE), written))
     return lines
-  lines += ['  ' + line for line in report.headline(rep)]
-  lines += ['  ' + line for line in report.class_table(rep, max_rows=20)]
-  lines += ['  ' + line for line in report.confused_lines(rep)]
+  lines += ['  ' + line for line in report_text.headline(rep)]
+  lines += ['  ' + line for line in report_text.class_table(rep, max_rows=20)]
+  lines += ['  ' + line for line in report_text.confused_lines(rep)]
   lines.append(_written(out_dir, (*REPORT_FILES[:1], *REPORT_FILES[2:], *ERROR_FILES,
                                   CURVES_FILE), written))
   return lines

@@ -19,7 +19,8 @@ import ml_collections
 import tqdm
 
 from imgcls_jax import (checkpoint, configlib, dispatch, held_out, inference, metrics, optim,
-                        preemption, report, report_multilabel, run, selective, sharding, startup)
+                        preemption, report, report_multilabel, report_text, run, selective, sharding,
+                        startup)
 from imgcls_jax import state as state_lib
 from imgcls_jax import teacher as teacher_lib
 from imgcls_jax.data import reader
@@ -317,7 +318,7 @@ class _Trainer:
         eval_metrics = self.evaluate(final=done == s.total_steps)
         self.writer.write(done, 'eval', eval_metrics)
         if self.is_main:
-          self.bar.write(f'step {done}: {report.eval_line(eval_metrics, s.info.num_classes)}')
+          self.bar.write(f'step {done}: {report_text.eval_line(eval_metrics, s.info.num_classes)}')
       if do_ckpt:
         self.save(done, eval_metrics if do_eval else None)
       self.bar.update(n)
@@ -406,7 +407,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if 'map' in eval_metrics:  # multi-label
       headline = report_multilabel.final_line(eval_metrics)
     else:
-      headline = report.final_line(eval_metrics, s.info.num_classes)
+      headline = report_text.final_line(eval_metrics, s.info.num_classes)
     print(f'Final eval on {config.data.eval_split} {headline}.'
           f'\nMetrics: {writer.path}\nTensorBoard: '
           f'{os.path.join(workdir, "tensorboard")}\nCheckpoints: {ckpt.directory}', flush=True)

@@ -9,7 +9,7 @@ import pytest
 from sklearn import metrics as skm
 from sklearn.calibration import calibration_curve
 
-from imgcls_jax import report, sharding
+from imgcls_jax import report, report_text, sharding
 
 # As the eval step runs it: jitted (eagerly, each of its ops compiles alone: ~15 s a call).
 _eval_sums = jax.jit(report.eval_sums, static_argnums=3)
@@ -191,16 +191,16 @@ def test_text_renderings_name_every_class():
   names = ['cat', 'dog', 'bird']
   rep = report.summarize(_eval_sums(jnp.asarray(logits), jnp.asarray(labels),
                                             jnp.ones(90, bool)), names)
-  md = report.to_markdown(rep, 'Title', {'split': 'test'})
-  csv_text = report.confusion_csv(rep)
+  md = report_text.to_markdown(rep, 'Title', {'split': 'test'})
+  csv_text = report_text.confusion_csv(rep)
   for name in names:
     assert f'| {name} |' in md
   rows = [line.split(',') for line in csv_text.strip().splitlines()]
   assert rows[0][1:] == names and [r[0] for r in rows[1:]] == names
   assert sum(int(v) for r in rows[1:] for v in r[1:]) == 90
-  table = report.class_table(rep)
+  table = report_text.class_table(rep)
   assert len(table) == 4 and table[1].startswith('cat')
-  worst = report.class_table(rep, max_rows=2)
+  worst = report_text.class_table(rep, max_rows=2)
   assert len(worst) == 3 and '2 lowest F1 of 3' in worst[0]
 
 

@@ -1,0 +1,144 @@
+"""A report (``report.summarize``) as text: the training loop's lines, the printed summary,
+report.md and the confusion matrix as CSV."""
+from __future__ import annotations
+
+import io
+import math
+from typing import Any, Mapping
+
+from imgcls_jax import intervals, report, report_multilabel, selective
+
+
+def eval_line(m: Mapping[str, Any], num_classes: int | None = None) -> str:
+  """The training loop's line for one evaluation's metrics (``training_eval_metrics``); top-5
+  only with more than 5 classes (as the report), when ``num_classes`` is given."""
+  if 'map' in m:
+    return report_multilabel.eval_line(m)
+  return (f'eval loss {m["loss"]:.4f}, top-1 {m["accuracy"]:.2%}{_top5(m, num_classes)} on '
+          f'{m["count"]} examples')
+
+
+def final_line(m: Mapping[str, Any], num_classes: int | None = None) -> str:
+  """The training loop's closing figures of single-label training metrics (top-5 as
+  ``eval_line``)."""
+  return (f'({m["count"]} examples): top-1 {m["accuracy"]:.2%}{_top5(m, num_classes)}, loss '
+          f'{m["loss"]:.4f}')
+
+
+def _top5(m: Mapping[str, Any], num_classes: int | None) -> str:
+  if num_classes is not None and num_classes <= report.TOP5_MIN_CLASSES:
+    return ''
+  return f', top-5 {m["accuracy_top5"]:.2%}'
+
+
+def _pct(x: float | None) -> str:
+  return '-' if x is None or (isinstance(x, float) and math.isnan(x)) else f'{100 * x:.2f}%'
+
+
+def headline(report: Mapping[str, Any]) -> list[str]:
+  """Two or three lines: top-1 / top-5 / loss / ECE and the averages."""
+  if report.get('task') == 'multilabel':
+    return report_multilabel.headline(report)
+  top5 = f", top-5 {_pct(report['accuracy_top5'])}" if 'accuracy_top5' in report else ''
+  lines = [f"top-1 {_pct(report['accuracy'])}{top5}, loss {report['loss']:.4f}, "
+           f"ECE {report['ece']:.4f} ({report['num_examples']} examples)"]
+  if 'balanced_accuracy' in report:
+    auc = (f", ROC-AUC (macro, one-vs-rest) {report['roc_auc_macro']:.4f}"
+           if 'roc_auc_macro' in report else '')
+    lines.append(f"balanced accuracy {_pct(report['balanced_accuracy'])}{auc}")
+  for avg in ('macro', 'weighted'):
+    a = report[f'{avg}_avg']
+    lines.append(f"{avg + ' avg':<13} precision {a['precision']:.4f}  recall {a['recall']:.4f}  "
+                 f"F1 {a['f1']:.4f}")
+  if 'intervals' in report:
+    lines.append(intervals.headline(report['intervals']))
+  if report.get('selective'):
+    lines.append(selective.headline(report['selective']))
+  if report.get('out_of_distribution'):
+    o = report['out_of_distribution']
+    lines.append(f"out-of-distribution: {o['examples']} images, ROC-AUC {o['auroc']:.4f}; "
+                 f"{o['at_95']['answered_ood']:.2%} of them answered where 95% of the split is")
+  return lines
+
+
+def class_table(report: Mapping[str, Any], max_rows: int | None = None) -> list[str]:
+  """Per-class rows; with ``max_rows``, only the classes with the lowest F1 (worst first)."""
+  rows = list(report['per_class'])
+  title = 'class'
+  if max_rows is not None and len(rows) > max_rows:
+    rows = sorted(rows, key=lambda r: (r['f1'], r['class']))[:max_rows]
+    title = f'class ({max_rows} lowest F1 of {len(report["per_class"])})'
+  width = max([len(title)] + [len(r['class']) for r in rows])
+  out = [f"{title:<{width}}  precision  recall      f1  support"]
+  for r in rows:
+    out.append(f"{r['class']:<{width}}  {r['precision']:9.4f}  {r['recall']:6.4f}  {r['f1']:6.4f}  "
+               f"{r['support']:7d}")
+  return out
+
+
+def confused_lines(report: Mapping[str, Any], top: int = 5) -> list[str]:
+  pairs = report['most_confused'][:top]
+  if not pairs:
+    return ['most confused: none (no off-diagonal errors)']
+  return ['most confused (true -> predicted): ' + ', '.join(
+      f"{p['true']} -> {p['predicted']} ({p['count']})" for p in pairs)]
+
+
+def to_markdown(report: Mapping[str, Any], title: str, context: Mapping[str, Any]) -> str:
+  """The readable ``report.md``: context, headline, per-class table, confusions, calibration."""
+  md = [f'# {title}', '']
+  md += [f'- {k}: {v}' for k, v in context.items()]
+  md += ['', '## Summary', '', '| metric | value |', '|---|---|',
+         f"| top-1 accuracy | {_pct(report['accuracy'])} |"]
+  if 'accuracy_top5' in report:
+    md.append(f"| top-5 accuracy | {_pct(report['accuracy_top5'])} |")
+  if 'balanced_accuracy' in report:
+    md.append(f"| balanced accuracy | {_pct(report['balanced_accuracy'])} |")
+  if 'roc_auc_macro' in report:
+    md.append(f"| ROC-AUC (one-vs-rest, macro) | {report['roc_auc_macro']:.4f} |")
+  md += [f"| loss (cross-entropy) | {report['loss']:.4f} |",
+         f"| expected calibration error | {report['ece']:.4f} |",
+         f"| examples | {report['num_examples']} |", '',
+         '| average | precision | recall | F1 |', '|---|---|---|---|']
+  for avg in ('macro', 'weighted'):
+    a = report[f'{avg}_avg']
+    md.append(f"| {avg} | {a['precision']:.4f} | {a['recall']:.4f} | {a['f1']:.4f} |")
+  if 'intervals' in report:
+    md += intervals.markdown(report['intervals'])
+  md += ['', '## Per class', '', '| class | precision | recall (sensitivity) | specificity | F1 | '
+         'ROC-AUC | support |', '|---|---|---|---|---|---|---|']
+  for r in report['per_class']:
+    auc = '-' if r.get('roc_auc') is None else f"{r['roc_auc']:.4f}"
+    spec = '-' if r.get('specificity') is None else f"{r['specificity']:.4f}"
+    md.append(f"| {r['class']} | {r['precision']:.4f} | {r['recall']:.4f} | {spec} | "
+              f"{r['f1']:.4f} | {auc} | {r['support']} |")
+  md += ['', '## Most confused pairs', '']
+  if report['most_confused']:
+    md += ['| true | predicted | count | share of true class |', '|---|---|---|---|']
+    md += [f"| {p['true']} | {p['predicted']} | {p['count']} | {_pct(p['rate'])} |"
+           for p in report['most_confused']]
+  else:
+    md.append('No misclassified examples.')
+  md += ['', '## Calibration', '', f"Expected calibration error: {report['ece']:.4f} over "
+         f"{len(report['calibration_bins'])} equal-width confidence bins.", '',
+         '| confidence bin | examples | mean confidence | accuracy |', '|---|---|---|---|']
+  for b in report['calibration_bins']:
+    if b['count']:
+      md.append(f"| {b['lower']:.3f}-{b['upper']:.3f} | {b['count']} | {b['confidence']:.4f} | "
+                f"{b['accuracy']:.4f} |")
+  if 'selective' in report:
+    md += selective.markdown(report['selective'], str(context.get('tta', 'none')))
+  if 'out_of_distribution' in report:
+    md += selective.ood_lines(report['out_of_distribution'])
+  return '\n'.join(md) + '\n'
+
+
+def confusion_csv(report: Mapping[str, Any]) -> str:
+  """The confusion matrix as CSV with class names on both axes (rows true, columns predicted)."""
+  import csv
+  buf = io.StringIO()
+  w = csv.writer(buf)
+  w.writerow(['true \\ predicted'] + list(report['class_names']))
+  for name, row in zip(report['class_names'], report['confusion_matrix']):
+    w.writerow([name] + list(row))
+  return buf.getvalue()
