@@ -242,6 +242,10 @@ def get_config() -> ml_collections.ConfigDict:
                                           # evaluations during training too
   c.evaluate.calibration_bins = 15        # equal-width confidence bins of the ECE / reliability plot
   c.evaluate.top_confused = 10            # most confused class pairs listed in the report
+  # Single-label, one process, a split the model did not train on (e.g. test): label_issues.csv
+  # lists the examples whose label looks wrong (cleanlab's confident learning on the model's
+  # probabilities; imgcls_jax/label_issues.py), the most likely first.
+  c.evaluate.label_issues = True
   c.evaluate.errors = 24                  # errors.csv lists every wrongly predicted example, the
                                           # most confident first (likely label mistakes); errors.png
                                           # shows this many (<= 100) as the model saw them (0 =

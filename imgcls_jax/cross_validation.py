@@ -27,7 +27,7 @@ import numpy as np
 
 from imgcls_jax import (evaluation, label_issues, plots, report, report_files, report_text,
                         train)
-from imgcls_jax.data import folder_index, image_folder, reader
+from imgcls_jax.data import folder_index, reader
 from imgcls_jax.data import folds as folds_lib
 from imgcls_jax.errors import UserError
 
@@ -275,7 +275,7 @@ class _OutOfFold:
       label_issues.write_csv(found, os.path.join(workdir, label_issues.FILE))
       label_issues.write_kept(self.ids, found, os.path.join(workdir, label_issues.KEPT))
       pictured = False
-      if image_folder.is_folder(self.data) and found:
+      if folder_index.is_folder(self.data) and found:
         pictured = label_issues.picture(
             found, folder_index.source_of(self.data).root,
             os.path.join(workdir, label_issues.PICTURE), channels=self.channels)

@@ -9,8 +9,10 @@ The model and dataset come from the run in ``--workdir``. Writes to ``config.eva
 ``confusion_matrix.png``, ``reliability.png``, ``errors.csv`` (every wrongly predicted example,
 the most confident first: likely label mistakes or hard cases; a multi-label run lists every
 wrong tag decision, missed or extra, instead; one process) with ``errors.png`` (the first
-``config.evaluate.errors`` examples as the model saw them) and, from the run's
-``metrics.jsonl``, ``training_curves.png``; prints a short table. ``--mode=curves`` draws only the
+``config.evaluate.errors`` examples as the model saw them), ``label_issues.csv`` (single-label,
+one process, a split the model did not train on: the examples whose label looks wrong, by
+cleanlab's confident learning, ``label_issues.py``; with ``label_issues.png`` for image folders)
+and, from the run's ``metrics.jsonl``, ``training_curves.png``; prints a short table. ``--mode=curves`` draws only the
 training curves (fine while the run is still going).
 """
 from __future__ import annotations
@@ -24,8 +26,8 @@ import ml_collections
 import numpy as np
 
 from imgcls_jax import (checkpoint, evaluation, inference, intervals, intervals_multilabel,
-                        metrics, plots, report_files)
-from imgcls_jax.data import images, reader
+                        label_issues, metrics, plots, report_files)
+from imgcls_jax.data import folder_index, images, reader
 from imgcls_jax.errors import UserError
 
 
@@ -47,6 +49,7 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str,
   # come from the confusion matrix): the same per-example pass as the errors listing.
   tagged = bool(((checkpoint.read_config(workdir) or {}).get('data') or {}).get('multilabel'))
   per_example = bool(shown or (tagged and resamples > 0))
+  issues = bool(e.get('label_issues', True)) and not tagged and jax.process_count() == 1
   if per_example and jax.process_count() > 1:
     logging.warning('The per-example listing (config.evaluate.errors) and a tagging run\'s '
                     'bootstrap intervals are gathered on one host; skipped with %d processes.',
@@ -65,7 +68,7 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str,
                                       checkpoint_spec=e.checkpoint, tta=e.tta or '',
                                       num_bins=int(e.calibration_bins), overrides=overrides,
                                       keep_errors=shown if per_example else None,
-                                      ood_files=ood_files)
+                                      ood_files=ood_files, keep_probs=issues)
   cfg, info = ev.trained.run, ev.trained.info
   rep = ev.report(int(e.top_confused))
   if info.multilabel:
@@ -81,6 +84,10 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str,
     errors = _errors(ev) if ev.outcomes is not None and shown else None
     if errors is not None:
       rep['errors'] = {'count': len(errors.rows), 'most_confident': errors.rows[:10]}
+    if issues:
+      found = _label_issues(ev, out_dir)
+      if found is not None:
+        rep['label_issues'] = found
     written = report_files.write(rep, out_dir, title, os.path.join(workdir, 'metrics.jsonl'),
                                  errors=errors)
     print('\n'.join(report_files.table_lines(rep, title, out_dir, written)), flush=True)
@@ -110,6 +117,39 @@ def _errors(ev: evaluation.Evaluation) -> report_files.Errors:
       images.append((o.images[pos], f"#{rank} {names[o.label[i]]} -> {names[o.predicted[i]]} "
                                     f"({float(o.p_predicted[i]):.2f})"))
   return report_files.Errors(rows=rows, images=images)
+
+
+def _label_issues(ev: evaluation.Evaluation, out_dir: str) -> dict[str, Any] | None:
+  """The likely label issues of ``ev``'s split (``label_issues.py``), written to ``out_dir``;
+  None, with the reason logged, when the search cannot be trusted or could not run."""
+  o = ev.outcomes
+  if o is None or getattr(o, 'probs', None) is None:
+    return None
+  if not ev.unseen:
+    logging.info("No label-issue search on split '%s': the model %s, and its probabilities of "
+                 'examples it learnt flag nothing useful; evaluate a held-out split.', ev.split,
+                 'trained on some of its examples' if ev.unseen is False else
+                 'may have trained on its examples (their overlap with the training split is '
+                 'unknown)')
+    return None
+  info = ev.trained.info
+  ids = reader.example_ids(ev.trained.run.data, ev.split, info)
+  if ids and len(ids) <= int(o.position.max(initial=-1)):
+    ids = []   # as errors.csv: positions only (_errors warned)
+  found = label_issues.rows(label_issues.find(o.label, o.probs),
+                            ids=[ids[p] for p in o.position.tolist()] if ids else [],
+                            labels=o.label, probs=o.probs, class_names=info.class_names,
+                            positions=o.position)
+  os.makedirs(out_dir, exist_ok=True)
+  label_issues.write_csv(found, os.path.join(out_dir, label_issues.EVAL_FILE),
+                         label_issues.EVAL_COLUMNS)
+  pictured = False
+  data = ev.trained.run.data
+  if ids and found and folder_index.is_folder(data):
+    pictured = label_issues.picture(found, folder_index.source_of(data).root,
+                                    os.path.join(out_dir, label_issues.EVAL_PICTURE),
+                                    channels=info.channels)
+  return label_issues.summary(found, len(o.label), ev.split, pictured, evaluation=True)
 
 
 def _tag_errors(o: evaluation.TagOutcomes, ids: list[str],

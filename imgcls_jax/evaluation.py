@@ -17,8 +17,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from imgcls_jax import (checkpoint, held_out, inference, metrics, report, run, selective, sharding,
-                        steps)
+from imgcls_jax import (checkpoint, held_out, inference, label_issues, metrics, report, run,
+                        selective, sharding, steps)
 from imgcls_jax.data import images, reader
 from imgcls_jax.data.info import check_flips
 from imgcls_jax.errors import UserError
@@ -72,6 +72,9 @@ class Evaluation:
   dataset: str = ''   # what was evaluated ('' = the run's own dataset)
   outcomes: Outcomes | TagOutcomes | None = None   # per example (evaluate_checkpoint's keep_errors)
   ood: dict[str, Any] | None = None   # ood_pass of evaluate_checkpoint's ood_files
+  # With keep_probs: True when the model trained on none of these examples (other images, or a
+  # split sharing none with the training split), False when it trained on some, None: unknown.
+  unseen: bool | None = None
 
   def report(self, top_confused: int = 10) -> dict[str, Any]:
     """The full report (``report.summarize``) with what was evaluated as its ``context``."""
@@ -112,6 +115,7 @@ class Restored:
   step: int
   chosen: str            # how the step was chosen
   fitted_on: dict[str, str] = dataclasses.field(default_factory=dict)  # 'temperature' -> split
+  new_images: bool = False   # the command line points the run at another folder / manifest
 
 
 def restore_for_split(workdir: str, config: ml_collections.ConfigDict | None, *, split: str = '',
@@ -163,7 +167,8 @@ def restore_for_split(workdir: str, config: ml_collections.ConfigDict | None, *,
                           split_size=reader.split_size(cfg.data, split, trained.info),
                           info=trained.info)
   return Restored(trained=trained, setup=s, variables=variables, shardings=shardings, data=data,
-                  split=split, step=step, chosen=chosen, fitted_on=fitted_on)
+                  split=split, step=step, chosen=chosen, fitted_on=fitted_on,
+                  new_images=new_images)
 
 
 # A tagging split's N x K probabilities kept on the host for the listing and the intervals
@@ -203,8 +208,16 @@ def evaluate_checkpoint(workdir: str, config: ml_collections.ConfigDict | None, 
                       "skipped (evaluate a slice, e.g. --config.evaluate.split='%s[:10%%]', for "
                       'them).', r.split, cells, MAX_TAG_CELLS, r.split.split('[')[0])
       keep_errors = None
-  if keep_probs and not r.trained.info.multilabel and keep_errors is None:
-    keep_errors = 0
+  if keep_probs and not r.trained.info.multilabel:
+    cells = r.data.num_batches * r.setup.local_eval_batch_size * r.trained.info.num_classes
+    if cells > label_issues.MAX_CELLS:
+      logging.warning("Split '%s' has ~%d (example, class) probabilities, more than the %d the "
+                      'label-issue search holds on the host: it is skipped (evaluate a slice, '
+                      "e.g. --config.evaluate.split='%s[:10%%]', for it).", r.split, cells,
+                      label_issues.MAX_CELLS, r.split.split('[')[0])
+      keep_probs = False
+    elif keep_errors is None:
+      keep_errors = 0
   if keep_errors is not None:
     outcomes, stats = outcomes_pass(r, tta, keep_images=keep_errors, num_bins=num_bins,
                                     keep_probs=keep_probs)
@@ -213,9 +226,16 @@ def evaluate_checkpoint(workdir: str, config: ml_collections.ConfigDict | None, 
     stats = report.stats_to_numpy(run.eval_sums(eval_step, r.variables, r.data.batches(),
                                                 r.setup.mesh, r.split))
   ood = ood_pass(r, ood_files, tta, num_bins) if ood_files else None
+  unseen = None
+  if keep_probs:
+    shared = (0 if r.new_images else
+              reader.shared_examples(r.trained.run.data, r.split, r.trained.run.data.train_split,
+                                     r.trained.info))
+    unseen = None if shared is None else shared == 0
   return Evaluation(stats=stats, trained=r.trained, split=r.split, step=r.step, chosen=r.chosen,
                     tta=tta, workdir=os.path.abspath(workdir),
-                    dataset=reader.dataset_name(r.trained.run.data), outcomes=outcomes, ood=ood)
+                    dataset=reader.dataset_name(r.trained.run.data), outcomes=outcomes, ood=ood,
+                    unseen=unseen)
 
 
 OOD_MULTILABEL = ('config.evaluate.ood_inputs scores the top-1 probability of a single-label '

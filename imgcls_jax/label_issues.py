@@ -1,7 +1,10 @@
-"""Examples whose label looks wrong, from k-fold cross-validation's out-of-fold probabilities.
+"""Examples whose label looks wrong, from probabilities of models that never trained on them.
 
-Every example of the cross-validated split is predicted once, by the fold model that did not
-train on it (``cross_validation.py``). Those probabilities go to cleanlab's confident learning
+Two sources: k-fold cross-validation, where every example of the split is predicted once by the
+fold model that did not train on it (``cross_validation.py``: ``cv_label_issues.csv``), and
+``--mode=evaluate`` on a split the run did not train on (``evaluate.py``: ``label_issues.csv``
+beside the report, e.g. label mistakes in a test set). The probabilities go to cleanlab's
+confident learning
 (``cleanlab.filter.find_label_issues``, Northcutt et al. 2021, default ``prune_by_noise_rate``):
 per class, the threshold is the mean probability the models give that class on the examples
 labelled with it; an example is counted as "labelled i, truly j" when its probability of j clears
@@ -29,6 +32,10 @@ KEPT = 'cv_kept_ids.txt'   # every other id: train on them with data.train_split
 COLUMNS = ('rank', 'id', 'fold', 'label', 'suggested', 'p_label', 'p_suggested')
 METHOD = ('cleanlab.filter.find_label_issues (confident learning, prune_by_noise_rate) on the '
           'pooled out-of-fold probabilities')
+EVAL_FILE, EVAL_PICTURE = 'label_issues.csv', 'label_issues.png'   # --mode=evaluate's
+EVAL_COLUMNS = ('rank', 'position', 'id', 'label', 'suggested', 'p_label', 'p_suggested')
+EVAL_METHOD = ('cleanlab.filter.find_label_issues (confident learning, prune_by_noise_rate) on '
+               "the model's probabilities of this split, which it did not train on")
 # Every example's probabilities are held on the host: 4 bytes a cell while the folds run, and
 # ~25 bytes a cell at the search's peak (its float64 copies and cleanlab's; measured: +484 MB for
 # 20M cells): 50M cells are ~1.3 GB.
@@ -53,31 +60,41 @@ def find(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
   return np.asarray(ranked, np.int64)
 
 
-def rows(ranked: np.ndarray, *, ids: Sequence[str], folds: np.ndarray, labels: np.ndarray,
-         probs: np.ndarray, class_names: Sequence[str]) -> list[dict[str, Any]]:
-  """One row per flagged example (``COLUMNS``), in ``ranked`` order: its id (image path, tfds
-  id), the fold that held it out, its label and the class the models find most likely."""
+def rows(ranked: np.ndarray, *, ids: Sequence[str], labels: np.ndarray, probs: np.ndarray,
+         class_names: Sequence[str], folds: np.ndarray | None = None,
+         positions: np.ndarray | None = None) -> list[dict[str, Any]]:
+  """One row per flagged example (``COLUMNS`` with ``folds``, ``EVAL_COLUMNS`` with
+  ``positions``), in ``ranked`` order: its id (image path, tfds id; '' where the split has none),
+  the fold that held it out or its position in the split's read order, its label and the class
+  the model(s) find most likely."""
   out = []
   for rank, i in enumerate(np.asarray(ranked).tolist(), 1):
     y, top = int(labels[i]), int(np.argmax(probs[i]))
-    out.append({'rank': rank, 'id': ids[i], 'fold': int(folds[i]), 'label': class_names[y],
-                'suggested': class_names[top], 'p_label': float(probs[i, y]),
-                'p_suggested': float(probs[i, top])})
+    row: dict[str, Any] = {'rank': rank}
+    if positions is not None:
+      row['position'] = int(positions[i])
+    row['id'] = ids[i] if ids else ''
+    if folds is not None:
+      row['fold'] = int(folds[i])
+    out.append({**row, 'label': class_names[y], 'suggested': class_names[top],
+                'p_label': float(probs[i, y]), 'p_suggested': float(probs[i, top])})
   return out
 
 
 def remove_stale(workdir: str) -> None:
-  """Removes an earlier run's list and picture from ``workdir`` (before a new search, or none)."""
+  """Removes an earlier cross-validation's lists and picture from ``workdir`` (before a new
+  search, or none; an evaluation report's own files are report_files.write's)."""
   for name in (FILE, PICTURE, KEPT):
     if os.path.exists(os.path.join(workdir, name)):
       os.remove(os.path.join(workdir, name))
 
 
-def write_csv(found: list[dict[str, Any]], path: str) -> None:
-  """``found`` as CSV (``COLUMNS``), written whole or not at all."""
+def write_csv(found: list[dict[str, Any]], path: str,
+              columns: Sequence[str] = COLUMNS) -> None:
+  """``found`` as CSV (``columns``), written whole or not at all."""
   tmp = path + '.tmp'
   with open(tmp, 'w', newline='') as f:
-    w = csv.DictWriter(f, fieldnames=COLUMNS)
+    w = csv.DictWriter(f, fieldnames=columns)
     w.writeheader()
     for r in found:
       w.writerow({**r, 'p_label': f"{r['p_label']:.6f}", 'p_suggested': f"{r['p_suggested']:.6f}"})
@@ -120,29 +137,33 @@ def write_kept(ids: Sequence[str], found: list[dict[str, Any]], path: str) -> in
 
 
 def summary(found: list[dict[str, Any]], num_examples: int, split: str,
-            pictured: bool = False) -> dict[str, Any]:
-  """The ``label_issues`` entry of ``cv_report.json``."""
-  return {'method': METHOD, 'split': split, 'count': len(found), 'num_examples': num_examples,
-          'fraction': len(found) / max(num_examples, 1), 'file': FILE,
-          'picture': PICTURE if pictured else None, 'kept_ids': KEPT,
-          'most_likely': found[:SHOWN]}
+            pictured: bool = False, *, evaluation: bool = False) -> dict[str, Any]:
+  """The ``label_issues`` entry of ``cv_report.json`` (``evaluation``: of an evaluation's
+  report.json, whose files have other names and no kept-ids list)."""
+  return {'method': EVAL_METHOD if evaluation else METHOD, 'split': split, 'count': len(found),
+          'num_examples': num_examples, 'fraction': len(found) / max(num_examples, 1),
+          'file': EVAL_FILE if evaluation else FILE,
+          'picture': (EVAL_PICTURE if evaluation else PICTURE) if pictured else None,
+          'kept_ids': None if evaluation else KEPT, 'most_likely': found[:SHOWN]}
 
 
 def markdown(s: dict[str, Any]) -> list[str]:
-  """The "Likely label issues" section of ``cv_report.md``."""
+  """The "Likely label issues" section of cv_report.md or report.md."""
   if not s['count']:
     return ['', '## Likely label issues', '',
             f"None of the {s['num_examples']} examples looks mislabelled: {s['method']}."]
+  kept = (f" `{s['kept_ids']}` lists every other example: "
+          f"`--config.data.train_split='{s['split']}@<workdir>/{s['kept_ids']}'` trains on those "
+          'only.' if s.get('kept_ids') else '')
+  where = 'fold' if s['most_likely'] and 'fold' in s['most_likely'][0] else 'position'
   lines = ['', '## Likely label issues', '',
            f"{s['count']} of {s['num_examples']} examples ({s['fraction']:.2%}) look mislabelled: "
            f"{s['method']}. All of them, most likely first, are in `{s['file']}`"
            + (f" (the first ones pictured in `{s['picture']}`)" if s.get('picture') else '')
            + '; a flagged example may also be a hard or ambiguous one, so look before '
-           f"relabelling. `{s['kept_ids']}` lists every other example: "
-           f"`--config.data.train_split='{s['split']}@<workdir>/{s['kept_ids']}'` trains on "
-           'those only.', '',
-           '| rank | id | fold | label | suggested | p(label) | p(suggested) |',
+           f'relabelling.{kept}', '',
+           f'| rank | id | {where} | label | suggested | p(label) | p(suggested) |',
            '|---|---|---|---|---|---|---|']
-  lines += [f"| {r['rank']} | `{r['id']}` | {r['fold']} | {r['label']} | {r['suggested']} | "
+  lines += [f"| {r['rank']} | `{r['id']}` | {r[where]} | {r['label']} | {r['suggested']} | "
             f"{r['p_label']:.3f} | {r['p_suggested']:.3f} |" for r in s['most_likely']]
   return lines

@@ -12,13 +12,14 @@ from typing import Any
 
 import numpy as np
 
-from imgcls_jax import metrics, plots, report_multilabel, report_text
+from imgcls_jax import label_issues, metrics, plots, report_multilabel, report_text
 
 REPORT_FILES = ('report.json', 'report.md', 'confusion_matrix.csv', 'confusion_matrix.png',
                 'reliability.png', 'roc_curves.png', 'selective.png')
 MULTILABEL_REPORT_FILES = ('report.json', 'report.md', 'pr_curves.png', 'reliability.png')
 CURVES_FILE = 'training_curves.png'
 ERROR_FILES = ('errors.csv', 'errors.png')
+ISSUE_FILES = (label_issues.EVAL_FILE, label_issues.EVAL_PICTURE)   # evaluate's, when searched
 ERROR_COLUMNS = ('rank', 'position', 'id', 'label', 'predicted', 'p_predicted', 'p_label')
 # Multi-label: one row per wrong tag decision; 'error' is 'missed' (a labelled tag below its
 # threshold) or 'extra' (another tag at or above it); labels / predicted: the example's tag sets.
@@ -55,6 +56,9 @@ def write(rep: dict[str, Any], out_dir: str, title: str, metrics_path: str | Non
     written = [*_write_single_label(rep, out_dir, title)]
   if errors is not None:
     written += _write_errors(errors, out_dir, title)
+  issues = rep.get('label_issues')   # the files evaluate wrote before the report
+  if issues:
+    written += [name for name in (issues['file'], issues.get('picture')) if name]
   if metrics_path and os.path.exists(metrics_path):
     plots.training_curves(metrics.read_jsonl(metrics_path), os.path.join(out_dir, CURVES_FILE))
     written.append(CURVES_FILE)
@@ -74,7 +78,7 @@ def write(rep: dict[str, Any], out_dir: str, title: str, metrics_path: str | Non
 def _earlier_files(out_dir: str) -> set[str]:
   """The report files an earlier report in ``out_dir`` wrote: its report.json's ``files`` (a
   report.json from before that list: every report file name; no report.json: none)."""
-  known = set(REPORT_FILES + MULTILABEL_REPORT_FILES + ERROR_FILES + (CURVES_FILE,))
+  known = set(REPORT_FILES + MULTILABEL_REPORT_FILES + ERROR_FILES + ISSUE_FILES + (CURVES_FILE,))
   try:
     with open(os.path.join(out_dir, 'report.json')) as f:
       old = json.load(f)
@@ -164,8 +168,12 @@ def table_lines(rep: dict[str, Any], title: str, out_dir: str,
   lines += ['  ' + line for line in report_text.headline(rep)]
   lines += ['  ' + line for line in report_text.class_table(rep, max_rows=20)]
   lines += ['  ' + line for line in report_text.confused_lines(rep)]
+  if rep.get('label_issues'):
+    s = rep['label_issues']
+    lines.append(f"  likely label issues: {s['count']} of {s['num_examples']} ({s['fraction']:.2%})"
+                 + (f", most likely first in {s['file']}" if s['count'] else ''))
   lines.append(_written(out_dir, (*REPORT_FILES[:1], *REPORT_FILES[2:], *ERROR_FILES,
-                                  CURVES_FILE), written))
+                                  *ISSUE_FILES, CURVES_FILE), written))
   return lines
 
 

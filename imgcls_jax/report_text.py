@@ -6,7 +6,7 @@ import io
 import math
 from typing import Any, Mapping
 
-from imgcls_jax import intervals, report, report_multilabel, selective
+from imgcls_jax import intervals, label_issues, report, report_multilabel, selective
 
 
 def eval_line(m: Mapping[str, Any], num_classes: int | None = None) -> str:
@@ -130,6 +130,8 @@ def to_markdown(report: Mapping[str, Any], title: str, context: Mapping[str, Any
     md += selective.markdown(report['selective'], str(context.get('tta', 'none')))
   if 'out_of_distribution' in report:
     md += selective.ood_lines(report['out_of_distribution'])
+  if 'label_issues' in report:
+    md += label_issues.markdown(report['label_issues'])
   return '\n'.join(md) + '\n'
 
 

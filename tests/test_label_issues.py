@@ -141,3 +141,66 @@ def test_a_missing_cleanlab_is_one_line_before_any_fold_trains(digits_config, mo
     cross_validation._OutOfFold(digits_config, 1797)
   digits_config.cross_validation.label_issues = False   # off: no cleanlab needed
   assert not cross_validation._OutOfFold(digits_config, 1797).wanted
+
+
+@pytest.mark.slow
+def test_evaluate_flags_the_changed_labels_of_a_test_split_and_not_of_the_training_split(
+    digits_config, tmp_path, capsys):
+  """--mode=evaluate on a held-out split whose labels were changed in part (10% of sklearn's 450
+  test digits), the training split clean: the changes are what it flags."""
+  from imgcls_jax import evaluate, report_files, train
+  xs = {s: digits.load_arrays(s) for s in ('train', 'test')}
+  rng = np.random.default_rng(1)
+  y_test = xs['test'][1].copy()
+  changed = rng.choice(len(y_test), 45, replace=False)
+  y_test[changed] = (y_test[changed] + rng.integers(1, 10, 45)) % 10
+  root = tmp_path / 'data'
+  rows, flipped = [], set()
+  for split, (x, y) in (('train', xs['train']), ('test', (xs['test'][0], y_test))):
+    os.makedirs(root / split, exist_ok=True)
+    for i in range(len(y)):
+      path = f'{split}/{i}.png'
+      Image.fromarray(x[i, :, :, 0]).save(root / path)
+      rows.append(f'{path},{y[i]},{split}\n')
+      if split == 'test' and y[i] != xs['test'][1][i]:
+        flipped.add(path)
+  (root / 'labels.csv').write_text('path,label,split\n' + ''.join(rows))
+  c = digits_config
+  c.data.name = 'image_folder'
+  c.data.manifest = str(root / 'labels.csv')
+  c.data.train_split, c.data.eval_split = 'train', 'test'
+  c.data.train_preprocess = c.data.eval_preprocess = ''
+  c.data.mean, c.data.std = (0.3,), (0.4,)
+  c.num_train_steps = 200
+  c.optim.warmup_steps = 10
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(c, workdir)
+  capsys.readouterr()
+
+  c.evaluate.output_dir = out = str(tmp_path / 'out')
+  rep = evaluate.evaluate(c, workdir)
+  with open(os.path.join(out, label_issues.EVAL_FILE)) as f:
+    found = list(csv.DictReader(f))
+  assert tuple(found[0]) == label_issues.EVAL_COLUMNS
+  flagged = {r['id'] for r in found}
+  hits = flagged & flipped
+  with capsys.disabled():
+    print(f'\nevaluate: {len(flipped)} changed, {len(flagged)} flagged, recall '
+          f'{len(hits) / len(flipped):.3f}, precision {len(hits) / len(flagged):.3f}')
+  assert len(hits) >= 0.8 * len(flipped) and len(hits) >= 0.6 * len(flagged)
+  label_of = {line.split(',')[0]: line.split(',')[1] for line in rows}
+  for r in found:   # the row's label is the manifest's; its position is the id's in read order
+    assert r['label'] == label_of[r['id']] and r['id'] == f"test/{r['id'].split('/')[1]}"
+  s = rep['label_issues']
+  assert s['count'] == len(found) and s['num_examples'] == 450 and s['kept_ids'] is None
+  with open(os.path.join(out, 'report.json')) as f:
+    files = json.load(f)['files']
+  assert label_issues.EVAL_FILE in files and label_issues.EVAL_PICTURE in files
+  assert '## Likely label issues' in open(os.path.join(out, 'report.md')).read()
+  assert f'likely label issues: {len(found)} of 450' in capsys.readouterr().out
+
+  # The training split: probabilities of learnt examples; no search, and the last list goes.
+  c.evaluate.split = 'train'
+  rep = evaluate.evaluate(c, workdir)
+  assert 'label_issues' not in rep
+  assert not any(os.path.exists(os.path.join(out, n)) for n in report_files.ISSUE_FILES)
