@@ -277,8 +277,8 @@ class _OutOfFold:
       pictured = False
       if folder_index.is_folder(self.data) and found:
         pictured = label_issues.picture(
-            found, folder_index.source_of(self.data).root,
-            os.path.join(workdir, label_issues.PICTURE), channels=self.channels)
+            found, os.path.join(workdir, label_issues.PICTURE),
+            label_issues.file_loader(folder_index.source_of(self.data).root, self.channels))
     except Exception as e:   # noqa: BLE001 -- the folds' report must not be lost to this step
       logging.warning('The label-issue search failed (%s: %s); the cross-validation report is '
                       'written without it.', type(e).__name__, e)

@@ -143,12 +143,13 @@ def _label_issues(ev: evaluation.Evaluation, out_dir: str) -> dict[str, Any] | N
   os.makedirs(out_dir, exist_ok=True)
   label_issues.write_csv(found, os.path.join(out_dir, label_issues.EVAL_FILE),
                          label_issues.EVAL_COLUMNS)
-  pictured = False
   data = ev.trained.run.data
-  if ids and found and folder_index.is_folder(data):
-    pictured = label_issues.picture(found, folder_index.source_of(data).root,
-                                    os.path.join(out_dir, label_issues.EVAL_PICTURE),
-                                    channels=info.channels)
+  if ids and folder_index.is_folder(data):   # every flagged image, from its file
+    load = label_issues.file_loader(folder_index.source_of(data).root, info.channels)
+  else:   # the flagged ones among the most confident errors the pass kept, as the model saw them
+    load = lambda r: o.images.get(r['position'])   # noqa: E731
+  pictured = bool(found) and label_issues.picture(
+      found, os.path.join(out_dir, label_issues.EVAL_PICTURE), load)
   return label_issues.summary(found, len(o.label), ev.split, pictured, evaluation=True)
 
 

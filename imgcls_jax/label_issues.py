@@ -22,7 +22,7 @@ import csv
 import logging
 import os
 import warnings
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -101,18 +101,17 @@ def write_csv(found: list[dict[str, Any]], path: str,
   os.replace(tmp, path)
 
 
-def picture(found: list[dict[str, Any]], root: str, path: str, channels: int) -> bool:
-  """The first ``PICTURED`` flagged images (ids are paths under ``root``), each captioned
-  "#rank label -> suggested (p)", in ``path``; False when none could be read."""
+def picture(found: list[dict[str, Any]], path: str,
+            load: Callable[[dict[str, Any]], np.ndarray | None]) -> bool:
+  """The first ``PICTURED`` flagged examples that ``load`` gives an image for (uint8 HxWxC, or
+  None), each captioned "#rank label -> suggested (p)", in ``path``; False when there are none."""
   from imgcls_jax import plots
-  from imgcls_jax.data import images
   shown, captions = [], []
   for r in found:
     if len(shown) == PICTURED:
       break
-    try:
-      img = images.decode(os.path.join(root, r['id']), channels=channels)
-    except (images.UnreadableImage, OSError):
+    img = load(r)
+    if img is None:
       continue
     step = max(1, max(img.shape[:2]) // 128)   # a thumbnail is enough to judge a label
     shown.append(img[::step, ::step])
@@ -122,6 +121,18 @@ def picture(found: list[dict[str, Any]], root: str, path: str, channels: int) ->
   plots.image_grid(shown, captions, path, f'The {len(shown)} most likely label issues '
                    '(#rank label -> suggested class (its probability))', columns=8)
   return True
+
+
+def file_loader(root: str, channels: int) -> Callable[[dict[str, Any]], np.ndarray | None]:
+  """``picture``'s loader for rows whose ids are image paths under ``root`` (None: unreadable)."""
+  from imgcls_jax.data import images
+
+  def load(r: dict[str, Any]) -> np.ndarray | None:
+    try:
+      return images.decode(os.path.join(root, r['id']), channels=channels)
+    except (images.UnreadableImage, OSError):
+      return None
+  return load
 
 
 def write_kept(ids: Sequence[str], found: list[dict[str, Any]], path: str) -> int:
