@@ -209,8 +209,8 @@ def evaluate_checkpoint(workdir: str, config: ml_collections.ConfigDict | None, 
                       'them).', r.split, cells, MAX_TAG_CELLS, r.split.split('[')[0])
       keep_errors = None
   if keep_probs and not r.trained.info.multilabel:
-    cells = r.data.num_batches * r.setup.local_eval_batch_size * r.trained.info.num_classes
-    if cells > label_issues.MAX_CELLS:
+    cells = (r.data.num_batches or 0) * r.setup.local_eval_batch_size * r.trained.info.num_classes
+    if cells > label_issues.MAX_CELLS:   # (size unknown: an id-listed fold, capped by its caller)
       logging.warning("Split '%s' has ~%d (example, class) probabilities, more than the %d the "
                       'label-issue search holds on the host: it is skipped (evaluate a slice, '
                       "e.g. --config.evaluate.split='%s[:10%%]', for it).", r.split, cells,
