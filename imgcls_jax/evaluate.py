@@ -9,14 +9,15 @@ The model and dataset come from the run in ``--workdir``. Writes to ``config.eva
 ``confusion_matrix.png``, ``reliability.png``, ``errors.csv`` (every wrongly predicted example,
 the most confident first: likely label mistakes or hard cases; a multi-label run lists every
 wrong tag decision, missed or extra, instead; one process) with ``errors.png`` (the first
-``config.evaluate.errors`` examples as the model saw them), ``label_issues.csv`` (single-label,
-one process, a split the model did not train on: the examples whose label looks wrong, by
-cleanlab's confident learning, ``label_issues.py``; with ``label_issues.png`` for image folders)
-and, from the run's ``metrics.jsonl``, ``training_curves.png``; prints a short table. ``--mode=curves`` draws only the
-training curves (fine while the run is still going).
+``config.evaluate.errors`` examples as the model saw them), ``label_issues.csv`` and
+``label_issues.png`` (single-label, one process, a split the model did not train on: the
+examples whose label looks wrong, by cleanlab's confident learning, ``label_issues.py``) and,
+from the run's ``metrics.jsonl``, ``training_curves.png``; prints a short table.
+``--mode=curves`` draws only the training curves (fine while the run is still going).
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from typing import Any
@@ -50,6 +51,11 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str,
   tagged = bool(((checkpoint.read_config(workdir) or {}).get('data') or {}).get('multilabel'))
   per_example = bool(shown or (tagged and resamples > 0))
   issues = bool(e.get('label_issues', True)) and not tagged and jax.process_count() == 1
+  if issues and importlib.util.find_spec('cleanlab') is None:
+    logging.warning('No label-issue search (config.evaluate.label_issues): cleanlab is not '
+                    'installed; run pip install -e . in the checkout, or set '
+                    '--config.evaluate.label_issues=False.')
+    issues = False
   if per_example and jax.process_count() > 1:
     logging.warning('The per-example listing (config.evaluate.errors) and a tagging run\'s '
                     'bootstrap intervals are gathered on one host; skipped with %d processes.',
@@ -85,7 +91,12 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str,
     if errors is not None:
       rep['errors'] = {'count': len(errors.rows), 'most_confident': errors.rows[:10]}
     if issues:
-      found = _label_issues(ev, out_dir)
+      try:
+        found = _label_issues(ev, out_dir)
+      except Exception as err:   # noqa: BLE001 -- the report must not be lost to this step
+        logging.warning('The label-issue search failed (%s: %s); the report is written without '
+                        'it.', type(err).__name__, err)
+        found = None
       if found is not None:
         rep['label_issues'] = found
     written = report_files.write(rep, out_dir, title, os.path.join(workdir, 'metrics.jsonl'),

@@ -145,7 +145,7 @@ def test_a_missing_cleanlab_is_one_line_before_any_fold_trains(digits_config, mo
 
 @pytest.mark.slow
 def test_evaluate_flags_the_changed_labels_of_a_test_split_and_not_of_the_training_split(
-    digits_config, tmp_path, capsys):
+    digits_config, tmp_path, capsys, monkeypatch, caplog):
   """--mode=evaluate on a held-out split whose labels were changed in part (10% of sklearn's 450
   test digits), the training split clean: the changes are what it flags."""
   from imgcls_jax import evaluate, report_files, train
@@ -204,3 +204,12 @@ def test_evaluate_flags_the_changed_labels_of_a_test_split_and_not_of_the_traini
   rep = evaluate.evaluate(c, workdir)
   assert 'label_issues' not in rep
   assert not any(os.path.exists(os.path.join(out, n)) for n in report_files.ISSUE_FILES)
+
+  # Without cleanlab (a venv from before it was a dependency): a warning, and the report.
+  real = evaluate.importlib.util.find_spec
+  monkeypatch.setattr(evaluate.importlib.util, 'find_spec',
+                      lambda name, *a: None if name == 'cleanlab' else real(name, *a))
+  c.evaluate.split = 'test'
+  rep = evaluate.evaluate(c, workdir)
+  assert 'label_issues' not in rep and rep['num_examples'] == 450
+  assert 'cleanlab is not installed; run pip install -e .' in caplog.text
