@@ -268,20 +268,16 @@ class _OutOfFold:
     if not self.wanted or not self.labels:
       return None
     try:
-      labels, probs = np.concatenate(self.labels), np.concatenate(self.probs)
-      found = label_issues.rows(label_issues.find(labels, probs), ids=self.ids,
-                                folds=np.concatenate(self.folds), labels=labels, probs=probs,
-                                class_names=class_names)
-      label_issues.write_csv(found, os.path.join(workdir, label_issues.FILE))
+      load = (label_issues.file_loader(folder_index.source_of(self.data).root, self.channels)
+              if folder_index.is_folder(self.data) else None)
+      found, summary = label_issues.search(
+          np.concatenate(self.labels), np.concatenate(self.probs), ids=self.ids,
+          class_names=class_names, out_dir=workdir, split=self.split, load=load,
+          folds=np.concatenate(self.folds))
       label_issues.write_kept(self.ids, found, os.path.join(workdir, label_issues.KEPT))
-      pictured = False
-      if folder_index.is_folder(self.data) and found:
-        pictured = label_issues.picture(
-            found, os.path.join(workdir, label_issues.PICTURE),
-            label_issues.file_loader(folder_index.source_of(self.data).root, self.channels))
     except Exception as e:   # noqa: BLE001 -- the folds' report must not be lost to this step
       logging.warning('The label-issue search failed (%s: %s); the cross-validation report is '
                       'written without it.', type(e).__name__, e)
       label_issues.remove_stale(workdir)
       return None
-    return label_issues.summary(found, len(labels), self.split, pictured)
+    return summary

@@ -87,12 +87,13 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str,
   out_dir = os.path.abspath(e.output_dir or workdir)
   if jax.process_index() == 0:
     title = f"Evaluation of {cfg.model.name} on {ev.dataset or info.name} '{ev.split}'"
-    errors = _errors(ev) if ev.outcomes is not None and shown else None
+    ids = _split_ids(ev) if ev.outcomes is not None and (shown or issues) else []
+    errors = _errors(ev, ids) if ev.outcomes is not None and shown else None
     if errors is not None:
       rep['errors'] = {'count': len(errors.rows), 'most_confident': errors.rows[:10]}
     if issues:
       try:
-        found = _label_issues(ev, out_dir)
+        found = _label_issues(ev, ids, out_dir)
       except Exception as err:   # noqa: BLE001 -- the report must not be lost to this step
         logging.warning('The label-issue search failed (%s: %s); the report is written without '
                         'it.', type(err).__name__, err)
@@ -105,16 +106,22 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str,
   return rep
 
 
-def _errors(ev: evaluation.Evaluation) -> report_files.Errors:
-  """The wrongly predicted examples of ``ev`` (multi-label: the wrong tag decisions), the most
-  confident first, named by their ids (image paths, tfds ids; an arrays file's by position) and
-  class names."""
-  o, info = ev.outcomes, ev.trained.info
-  ids = reader.example_ids(ev.trained.run.data, ev.split, info)
+def _split_ids(ev: evaluation.Evaluation) -> list[str]:
+  """The ids of ``ev``'s split in read order (image paths, tfds ids; an arrays file's: none, so
+  its examples are named by position), read once for every per-example listing."""
+  o = ev.outcomes
+  ids = reader.example_ids(ev.trained.run.data, ev.split, ev.trained.info)
   if ids and len(ids) <= int(o.position.max(initial=-1)):
-    logging.warning("The ids of split '%s' (%d) do not cover its %d rows read; errors.csv gives "
-                    'positions only.', ev.split, len(ids), int(o.position.max()) + 1)
-    ids = []
+    logging.warning("The ids of split '%s' (%d) do not cover its %d rows read; the per-example "
+                    'lists give positions only.', ev.split, len(ids), int(o.position.max()) + 1)
+    return []
+  return ids
+
+
+def _errors(ev: evaluation.Evaluation, ids: list[str]) -> report_files.Errors:
+  """The wrongly predicted examples of ``ev`` (multi-label: the wrong tag decisions), the most
+  confident first, named by their ``ids`` (``_split_ids``) and class names."""
+  o, info = ev.outcomes, ev.trained.info
   if isinstance(o, evaluation.TagOutcomes):
     return _tag_errors(o, ids, info.class_names)
   names = info.class_names
@@ -130,9 +137,10 @@ def _errors(ev: evaluation.Evaluation) -> report_files.Errors:
   return report_files.Errors(rows=rows, images=images)
 
 
-def _label_issues(ev: evaluation.Evaluation, out_dir: str) -> dict[str, Any] | None:
-  """The likely label issues of ``ev``'s split (``label_issues.py``), written to ``out_dir``;
-  None, with the reason logged, when the search cannot be trusted or could not run."""
+def _label_issues(ev: evaluation.Evaluation, ids: list[str],
+                  out_dir: str) -> dict[str, Any] | None:
+  """The likely label issues of ``ev``'s split (``label_issues.py``; ``ids``: ``_split_ids``),
+  written to ``out_dir``; None, with the reason logged, when the search cannot be trusted."""
   o = ev.outcomes
   if o is None or getattr(o, 'probs', None) is None:
     return None
@@ -143,25 +151,14 @@ def _label_issues(ev: evaluation.Evaluation, out_dir: str) -> dict[str, Any] | N
                  'may have trained on its examples (their overlap with the training split is '
                  'unknown)')
     return None
-  info = ev.trained.info
-  ids = reader.example_ids(ev.trained.run.data, ev.split, info)
-  if ids and len(ids) <= int(o.position.max(initial=-1)):
-    ids = []   # as errors.csv: positions only (_errors warned)
-  found = label_issues.rows(label_issues.find(o.label, o.probs),
-                            ids=[ids[p] for p in o.position.tolist()] if ids else [],
-                            labels=o.label, probs=o.probs, class_names=info.class_names,
-                            positions=o.position)
-  os.makedirs(out_dir, exist_ok=True)
-  label_issues.write_csv(found, os.path.join(out_dir, label_issues.EVAL_FILE),
-                         label_issues.EVAL_COLUMNS)
-  data = ev.trained.run.data
+  info, data = ev.trained.info, ev.trained.run.data
   if ids and folder_index.is_folder(data):   # every flagged image, from its file
     load = label_issues.file_loader(folder_index.source_of(data).root, info.channels)
   else:   # the flagged ones among the most confident errors the pass kept, as the model saw them
     load = lambda r: o.images.get(r['position'])   # noqa: E731
-  pictured = bool(found) and label_issues.picture(
-      found, os.path.join(out_dir, label_issues.EVAL_PICTURE), load)
-  return label_issues.summary(found, len(o.label), ev.split, pictured, evaluation=True)
+  return label_issues.search(o.label, o.probs, ids=[ids[p] for p in o.position.tolist()]
+                             if ids else [], class_names=info.class_names, out_dir=out_dir,
+                             split=ev.split, load=load, positions=o.position)[1]
 
 
 def _tag_errors(o: evaluation.TagOutcomes, ids: list[str],

@@ -158,6 +158,25 @@ def summary(found: list[dict[str, Any]], num_examples: int, split: str,
           'kept_ids': None if evaluation else KEPT, 'most_likely': found[:SHOWN]}
 
 
+def search(labels: np.ndarray, probs: np.ndarray, *, ids: Sequence[str],
+           class_names: Sequence[str], out_dir: str, split: str,
+           load: Callable[[dict[str, Any]], np.ndarray | None] | None,
+           folds: np.ndarray | None = None,
+           positions: np.ndarray | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+  """``find``, then the list (cross-validation, ``folds``: ``FILE``; an evaluation,
+  ``positions``: ``EVAL_FILE``) and, with ``load``, the picture written to ``out_dir``; returns
+  (the rows, the report's ``summary``)."""
+  evaluation = folds is None
+  found = rows(find(labels, probs), ids=ids, labels=labels, probs=probs,
+               class_names=class_names, folds=folds, positions=positions)
+  os.makedirs(out_dir, exist_ok=True)
+  write_csv(found, os.path.join(out_dir, EVAL_FILE if evaluation else FILE),
+            EVAL_COLUMNS if evaluation else COLUMNS)
+  pictured = bool(found) and load is not None and picture(
+      found, os.path.join(out_dir, EVAL_PICTURE if evaluation else PICTURE), load)
+  return found, summary(found, len(labels), split, pictured, evaluation=evaluation)
+
+
 def markdown(s: dict[str, Any]) -> list[str]:
   """The "Likely label issues" section of cv_report.md or report.md."""
   if not s['count']:
