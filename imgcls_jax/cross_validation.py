@@ -7,9 +7,9 @@ and evaluates its last checkpoint on fold ``i``, writing the fold's full report 
 (``cv_report.json``, ``cv_report.md``, printed) gives every fold, the mean +- std over folds of
 every metric (std with ddof=0, as ``numpy.std`` of ``cross_val_score`` results), and the pooled
 out-of-fold report: every example of the split predicted exactly once, by the model that did not
-train on it. From those out-of-fold probabilities (single-label, one process,
-``config.cross_validation.label_issues``) it lists the examples whose label looks wrong
-(``label_issues.py``, cleanlab's confident learning) in ``cv_label_issues.csv``.
+train on it. From those out-of-fold probabilities (``config.cross_validation.label_issues``) it
+lists the examples whose label looks wrong (``label_issues.py``, cleanlab's confident learning;
+for a tagging run, which tags look missing or extra) in ``cv_label_issues.csv``.
 """
 from __future__ import annotations
 
@@ -205,7 +205,7 @@ def markdown(summary: dict[str, Any]) -> str:
 
 class _OutOfFold:
   """Every held-out example's probabilities, id, label and fold, gathered fold by fold for the
-  label-issue search. ``wanted``: config.cross_validation.label_issues, single-label, and at most
+  label-issue search. ``wanted``: config.cross_validation.label_issues, and at most
   ``label_issues.MAX_CELLS`` probabilities (decided before the first fold, so none is gathered
   that would be dropped)."""
 
@@ -219,11 +219,6 @@ class _OutOfFold:
     self.channels = 3
     self._split_ids: list[str] | None = None
     if not self.wanted:
-      return
-    if config.data.get('multilabel', False):
-      logging.info('config.cross_validation.label_issues: the label-issue search is for '
-                   'single-label data; a tagging run lists none.')
-      self.wanted = False
       return
     if importlib.util.find_spec('cleanlab') is None:
       raise UserError('The label-issue search (config.cross_validation.label_issues) needs '
@@ -257,7 +252,7 @@ class _OutOfFold:
       return
     self.ids += [ids[p] for p in o.position.tolist()]
     self.folds.append(np.full(len(o.position), fold, np.int64))
-    self.labels.append(o.label)
+    self.labels.append(o.labels if isinstance(o, evaluation.TagOutcomes) else o.label)
     self.probs.append(o.probs)
     self.channels = int(ev.trained.info.channels)
 

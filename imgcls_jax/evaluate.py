@@ -10,8 +10,9 @@ The model and dataset come from the run in ``--workdir``. Writes to ``config.eva
 the most confident first: likely label mistakes or hard cases; a multi-label run lists every
 wrong tag decision, missed or extra, instead; one process) with ``errors.png`` (the first
 ``config.evaluate.errors`` examples as the model saw them), ``label_issues.csv`` and
-``label_issues.png`` (single-label, one process, a split the model did not train on: the
-examples whose label looks wrong, by cleanlab's confident learning, ``label_issues.py``) and,
+``label_issues.png`` (one process, a split the model did not train on: the examples whose label
+looks wrong, by cleanlab's confident learning, ``label_issues.py``; for a tagging run, which tags
+look missing or extra) and,
 from the run's ``metrics.jsonl``, ``training_curves.png``; prints a short table.
 ``--mode=curves`` draws only the training curves (fine while the run is still going).
 """
@@ -50,7 +51,7 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str,
   # come from the confusion matrix): the same per-example pass as the errors listing.
   tagged = bool(((checkpoint.read_config(workdir) or {}).get('data') or {}).get('multilabel'))
   per_example = bool(shown or (tagged and resamples > 0))
-  issues = bool(e.get('label_issues', True)) and not tagged and jax.process_count() == 1
+  issues = bool(e.get('label_issues', True)) and jax.process_count() == 1
   if issues and importlib.util.find_spec('cleanlab') is None:
     logging.warning('No label-issue search (config.evaluate.label_issues): cleanlab is not '
                     'installed; run pip install -e . in the checkout, or set '
@@ -156,7 +157,8 @@ def _label_issues(ev: evaluation.Evaluation, ids: list[str],
     load = label_issues.file_loader(folder_index.source_of(data).root, info.channels)
   else:   # the flagged ones among the most confident errors the pass kept, as the model saw them
     load = lambda r: o.images.get(r['position'])   # noqa: E731
-  return label_issues.search(o.label, o.probs, ids=[ids[p] for p in o.position.tolist()]
+  labels = o.labels if isinstance(o, evaluation.TagOutcomes) else o.label
+  return label_issues.search(labels, o.probs, ids=[ids[p] for p in o.position.tolist()]
                              if ids else [], class_names=info.class_names, out_dir=out_dir,
                              split=ev.split, load=load, positions=o.position)[1]
 

@@ -186,8 +186,8 @@ def evaluate_checkpoint(workdir: str, config: ml_collections.ConfigDict | None, 
   """Evaluates one checkpoint of ``workdir`` on ``split`` ('' = the run's eval split), every
   example exactly once, on the mesh with the run's parameter placement. With ``keep_errors``
   (one process) the same pass also gathers every example's ``Outcomes``, with the
-  images of that many of the most confident errors (``keep_probs``, single-label: with every
-  class's probability, e.g. for k-fold's label-issue search); with ``ood_files`` (one process,
+  images of that many of the most confident errors (``keep_probs``: with every class's
+  probability, e.g. for k-fold's label-issue search; a tagging run's outcomes always have them); with ``ood_files`` (one process,
   single-label), those images are scored too (``ood_pass``)."""
   if num_bins < 1:
     raise UserError(f'config.evaluate.calibration_bins={num_bins} must be at least 1.')
@@ -200,17 +200,17 @@ def evaluate_checkpoint(workdir: str, config: ml_collections.ConfigDict | None, 
                       what, 'was' if what == 'temperature' else 'were',
                       'calibration' if what == 'temperature' else 'F1 / exact-match')
   outcomes = None
-  if keep_errors is not None and r.trained.info.multilabel:
-    cells = r.data.num_batches * r.setup.local_eval_batch_size * r.trained.info.num_classes
-    if cells > MAX_TAG_CELLS:
-      logging.warning("Split '%s' has ~%d (example, tag) probabilities, more than the %d kept on "
-                      'the host for the wrong-tag listing and the bootstrap intervals: both are '
-                      "skipped (evaluate a slice, e.g. --config.evaluate.split='%s[:10%%]', for "
-                      'them).', r.split, cells, MAX_TAG_CELLS, r.split.split('[')[0])
-      keep_errors = None
-  if keep_probs and not r.trained.info.multilabel:
-    cells = (r.data.num_batches or 0) * r.setup.local_eval_batch_size * r.trained.info.num_classes
-    if cells > label_issues.MAX_CELLS:   # (size unknown: an id-listed fold, capped by its caller)
+  cells = (r.data.num_batches or 0) * r.setup.local_eval_batch_size * r.trained.info.num_classes
+  if ((keep_errors is not None or keep_probs) and r.trained.info.multilabel
+      and cells > MAX_TAG_CELLS):
+    logging.warning("Split '%s' has ~%d (example, tag) probabilities, more than the %d kept on "
+                    'the host for the wrong-tag listing, the label-issue search and the '
+                    "bootstrap intervals: they are skipped (evaluate a slice, e.g. "
+                    "--config.evaluate.split='%s[:10%%]', for them).", r.split, cells,
+                    MAX_TAG_CELLS, r.split.split('[')[0])
+    keep_errors, keep_probs = None, False
+  if keep_probs:   # (size unknown: an id-listed fold, capped by its caller)
+    if cells > label_issues.MAX_CELLS:
       logging.warning("Split '%s' has ~%d (example, class) probabilities, more than the %d the "
                       'label-issue search holds on the host: it is skipped (evaluate a slice, '
                       "e.g. --config.evaluate.split='%s[:10%%]', for it).", r.split, cells,

@@ -12,6 +12,13 @@ j's threshold, the counts estimate how many examples of each (i, j) pair are mis
 many of each pair, the least likely under their label first, are flagged. The list is ranked by
 the probability of the given label (the least self-confident first).
 
+Tagging runs (multi-label) go through cleanlab's multi-label search
+(``cleanlab.multilabel_classification``): the same confident learning, tag by tag (is tag k's
+presence or absence wrong for this example?), so each flagged example also says which tags look
+``missing`` (not labelled, but the models see it) and which ``extra`` (labelled, but the models
+do not see it); the list is ranked by cleanlab's label-quality score (per-tag self-confidence,
+pooled over the tags, the worst first).
+
 What this does not say: an example flagged may be a hard or ambiguous one rather than a wrong
 label (the confusion is the model's as much as the labeller's), so the list is for a person to
 look through, most likely first; nothing is changed or dropped by it.
@@ -36,6 +43,17 @@ EVAL_FILE, EVAL_PICTURE = 'label_issues.csv', 'label_issues.png'   # --mode=eval
 EVAL_COLUMNS = ('rank', 'position', 'id', 'label', 'suggested', 'p_label', 'p_suggested')
 EVAL_METHOD = ('cleanlab.filter.find_label_issues (confident learning, prune_by_noise_rate) on '
                "the model's probabilities of this split, which it did not train on")
+# Tagging runs: one row per flagged example; tags / suggested: its labelled tags and those with
+# the flagged ones changed (missing added, extra removed), ';'-joined as in a manifest; quality:
+# cleanlab's label-quality score (0-1, low = likely wrong), the ranking.
+TAG_COLUMNS = ('rank', 'id', 'fold', 'tags', 'suggested', 'missing', 'extra', 'quality')
+EVAL_TAG_COLUMNS = ('rank', 'position', 'id', 'tags', 'suggested', 'missing', 'extra', 'quality')
+TAG_METHOD = ('cleanlab.multilabel_classification.filter.find_multilabel_issues_per_class '
+              '(confident learning tag by tag, prune_by_noise_rate) on the pooled out-of-fold '
+              'probabilities')
+EVAL_TAG_METHOD = ('cleanlab.multilabel_classification.filter.find_multilabel_issues_per_class '
+                   "(confident learning tag by tag, prune_by_noise_rate) on the model's "
+                   'probabilities of this split, which it did not train on')
 # Every example's probabilities are held on the host: 4 bytes a cell while the folds run, and
 # ~25 bytes a cell at the search's peak (its float64 copies and cleanlab's; measured: +484 MB for
 # 20M cells): 50M cells are ~1.3 GB.
@@ -58,6 +76,49 @@ def find(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
   for w in caught:   # e.g. a class with too few examples to estimate its noise rate
     logging.info('cleanlab: %s', w.message)
   return np.asarray(ranked, np.int64)
+
+
+def find_tags(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """The likely label issues of a tagging split: ``labels`` (bool N x K, the labelled tags),
+  ``probs`` (float N x K, each tag's sigmoid, out of fold). Returns (the flagged examples, the
+  least likely labelling first; bool N x K, the (example, tag) cells that look wrong; float N,
+  every example's label-quality score). The same examples and order as cleanlab's
+  ``multilabel_classification.filter.find_label_issues(..., return_indices_ranked_by=
+  'self_confidence')``, from one search that also keeps the tags."""
+  from cleanlab.multilabel_classification import filter as ml_filter
+  from cleanlab.multilabel_classification import rank as ml_rank
+  tag_lists = [np.flatnonzero(row).tolist() for row in np.asarray(labels, bool)]
+  probs = np.clip(np.asarray(probs, np.float64), 0.0, 1.0)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always')
+    cells = np.asarray(ml_filter.find_multilabel_issues_per_class(tag_lists, probs, n_jobs=1),
+                       bool)
+    quality = np.asarray(ml_rank.get_label_quality_scores(tag_lists, probs), np.float64)
+  for w in caught:
+    logging.info('cleanlab: %s', w.message)
+  flagged = np.flatnonzero(cells.any(axis=1))
+  return flagged[np.argsort(quality[flagged], kind='stable')], cells, quality
+
+
+def tag_rows(ranked: np.ndarray, cells: np.ndarray, quality: np.ndarray, *, ids: Sequence[str],
+             labels: np.ndarray, class_names: Sequence[str], folds: np.ndarray | None = None,
+             positions: np.ndarray | None = None) -> list[dict[str, Any]]:
+  """``rows`` for a tagging split (``TAG_COLUMNS`` / ``EVAL_TAG_COLUMNS``), from ``find_tags``."""
+  def joined(mask: np.ndarray) -> str:
+    return ';'.join(class_names[k] for k in np.flatnonzero(mask))
+  out = []
+  for rank, i in enumerate(np.asarray(ranked).tolist(), 1):
+    given, wrong = np.asarray(labels[i], bool), cells[i]
+    row: dict[str, Any] = {'rank': rank}
+    if positions is not None:
+      row['position'] = int(positions[i])
+    row['id'] = ids[i] if ids else ''
+    if folds is not None:
+      row['fold'] = int(folds[i])
+    out.append({**row, 'tags': joined(given), 'suggested': joined(given ^ wrong),
+                'missing': joined(wrong & ~given), 'extra': joined(wrong & given),
+                'quality': float(quality[i])})
+  return out
 
 
 def rows(ranked: np.ndarray, *, ids: Sequence[str], labels: np.ndarray, probs: np.ndarray,
@@ -97,7 +158,7 @@ def write_csv(found: list[dict[str, Any]], path: str,
     w = csv.DictWriter(f, fieldnames=columns)
     w.writeheader()
     for r in found:
-      w.writerow({**r, 'p_label': f"{r['p_label']:.6f}", 'p_suggested': f"{r['p_suggested']:.6f}"})
+      w.writerow({k: f'{v:.6f}' if isinstance(v, float) else v for k, v in r.items()})
   os.replace(tmp, path)
 
 
@@ -115,12 +176,21 @@ def picture(found: list[dict[str, Any]], path: str,
       continue
     step = max(1, max(img.shape[:2]) // 128)   # a thumbnail is enough to judge a label
     shown.append(img[::step, ::step])
-    captions.append(f"#{r['rank']} {r['label']} -> {r['suggested']} ({r['p_suggested']:.2f})")
+    captions.append(_caption(r))
   if not shown:
     return False
-  plots.image_grid(shown, captions, path, f'The {len(shown)} most likely label issues '
-                   '(#rank label -> suggested class (its probability))', columns=8)
+  plots.image_grid(shown, captions, path, f'The {len(shown)} most likely label issues ' + (
+      '(#rank +missing tags -extra tags)' if 'tags' in found[0] else
+      '(#rank label -> suggested class (its probability))'), columns=8)
   return True
+
+
+def _caption(r: dict[str, Any]) -> str:
+  if 'tags' in r:
+    changes = [f'+{t}' for t in r['missing'].split(';') if t]
+    changes += [f'-{t}' for t in r['extra'].split(';') if t]
+    return f"#{r['rank']} {' '.join(changes)}"
+  return f"#{r['rank']} {r['label']} -> {r['suggested']} ({r['p_suggested']:.2f})"
 
 
 def file_loader(root: str, channels: int) -> Callable[[dict[str, Any]], np.ndarray | None]:
@@ -148,11 +218,15 @@ def write_kept(ids: Sequence[str], found: list[dict[str, Any]], path: str) -> in
 
 
 def summary(found: list[dict[str, Any]], num_examples: int, split: str,
-            pictured: bool = False, *, evaluation: bool = False) -> dict[str, Any]:
+            pictured: bool = False, *, evaluation: bool = False,
+            tagged: bool = False) -> dict[str, Any]:
   """The ``label_issues`` entry of ``cv_report.json`` (``evaluation``: of an evaluation's
-  report.json, whose files have other names and no kept-ids list)."""
-  return {'method': EVAL_METHOD if evaluation else METHOD, 'split': split, 'count': len(found),
-          'num_examples': num_examples, 'fraction': len(found) / max(num_examples, 1),
+  report.json, whose files have other names and no kept-ids list; ``tagged``: a tagging run's)."""
+  method = ((EVAL_TAG_METHOD if evaluation else TAG_METHOD) if tagged else
+            (EVAL_METHOD if evaluation else METHOD))
+  return {'method': method, 'task': 'multilabel' if tagged else 'single_label', 'split': split,
+          'count': len(found), 'num_examples': num_examples,
+          'fraction': len(found) / max(num_examples, 1),
           'file': EVAL_FILE if evaluation else FILE,
           'picture': (EVAL_PICTURE if evaluation else PICTURE) if pictured else None,
           'kept_ids': None if evaluation else KEPT, 'most_likely': found[:SHOWN]}
@@ -163,18 +237,24 @@ def search(labels: np.ndarray, probs: np.ndarray, *, ids: Sequence[str],
            load: Callable[[dict[str, Any]], np.ndarray | None] | None,
            folds: np.ndarray | None = None,
            positions: np.ndarray | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-  """``find``, then the list (cross-validation, ``folds``: ``FILE``; an evaluation,
-  ``positions``: ``EVAL_FILE``) and, with ``load``, the picture written to ``out_dir``; returns
-  (the rows, the report's ``summary``)."""
-  evaluation = folds is None
-  found = rows(find(labels, probs), ids=ids, labels=labels, probs=probs,
-               class_names=class_names, folds=folds, positions=positions)
+  """``find`` (``labels`` int N; a tagging split's, bool N x K: ``find_tags``), then the list
+  (cross-validation, ``folds``: ``FILE``; an evaluation, ``positions``: ``EVAL_FILE``) and, with
+  ``load``, the picture written to ``out_dir``; returns (the rows, the report's ``summary``)."""
+  evaluation, tagged = folds is None, np.ndim(labels) == 2
+  where = {'ids': ids, 'labels': labels, 'class_names': class_names, 'folds': folds,
+           'positions': positions}
+  if tagged:
+    found = tag_rows(*find_tags(labels, probs), **where)
+    columns = EVAL_TAG_COLUMNS if evaluation else TAG_COLUMNS
+  else:
+    found = rows(find(labels, probs), probs=probs, **where)
+    columns = EVAL_COLUMNS if evaluation else COLUMNS
   os.makedirs(out_dir, exist_ok=True)
-  write_csv(found, os.path.join(out_dir, EVAL_FILE if evaluation else FILE),
-            EVAL_COLUMNS if evaluation else COLUMNS)
+  write_csv(found, os.path.join(out_dir, EVAL_FILE if evaluation else FILE), columns)
   pictured = bool(found) and load is not None and picture(
       found, os.path.join(out_dir, EVAL_PICTURE if evaluation else PICTURE), load)
-  return found, summary(found, len(labels), split, pictured, evaluation=evaluation)
+  return found, summary(found, len(labels), split, pictured, evaluation=evaluation,
+                        tagged=tagged)
 
 
 def markdown(s: dict[str, Any]) -> list[str]:
@@ -191,9 +271,14 @@ def markdown(s: dict[str, Any]) -> list[str]:
            f"{s['method']}. All of them, most likely first, are in `{s['file']}`"
            + (f" (the first ones pictured in `{s['picture']}`)" if s.get('picture') else '')
            + '; a flagged example may also be a hard or ambiguous one, so look before '
-           f'relabelling.{kept}', '',
-           f'| rank | id | {where} | label | suggested | p(label) | p(suggested) |',
-           '|---|---|---|---|---|---|---|']
+           f'relabelling.{kept}', '']
+  if s.get('task') == 'multilabel':
+    lines += [f'| rank | id | {where} | tags | suggested | quality |', '|---|---|---|---|---|---|']
+    lines += [f"| {r['rank']} | `{r['id']}` | {r[where]} | {r['tags'] or '-'} | "
+              f"{r['suggested'] or '-'} | {r['quality']:.3f} |" for r in s['most_likely']]
+    return lines
+  lines += [f'| rank | id | {where} | label | suggested | p(label) | p(suggested) |',
+            '|---|---|---|---|---|---|---|']
   lines += [f"| {r['rank']} | `{r['id']}` | {r[where]} | {r['label']} | {r['suggested']} | "
             f"{r['p_label']:.3f} | {r['p_suggested']:.3f} |" for r in s['most_likely']]
   return lines

@@ -162,18 +162,17 @@ def table_lines(rep: dict[str, Any], title: str, out_dir: str,
   if rep.get('task') == 'multilabel':
     lines += ['  ' + line for line in report_multilabel.headline(rep)]
     lines += ['  ' + line for line in report_multilabel.class_table(rep, max_rows=20)]
-    lines.append(_written(out_dir, ('report.json', 'pr_curves.png', 'reliability.png',
-                                    *ERROR_FILES, CURVES_FILE), written))
-    return lines
-  lines += ['  ' + line for line in report_text.headline(rep)]
-  lines += ['  ' + line for line in report_text.class_table(rep, max_rows=20)]
-  lines += ['  ' + line for line in report_text.confused_lines(rep)]
+    files: tuple[str, ...] = ('report.json', 'pr_curves.png', 'reliability.png')
+  else:
+    lines += ['  ' + line for line in report_text.headline(rep)]
+    lines += ['  ' + line for line in report_text.class_table(rep, max_rows=20)]
+    lines += ['  ' + line for line in report_text.confused_lines(rep)]
+    files = (*REPORT_FILES[:1], *REPORT_FILES[2:])
   if rep.get('label_issues'):
     s = rep['label_issues']
     lines.append(f"  likely label issues: {s['count']} of {s['num_examples']} ({s['fraction']:.2%})"
                  + (f", most likely first in {s['file']}" if s['count'] else ''))
-  lines.append(_written(out_dir, (*REPORT_FILES[:1], *REPORT_FILES[2:], *ERROR_FILES,
-                                  *ISSUE_FILES, CURVES_FILE), written))
+  lines.append(_written(out_dir, (*files, *ERROR_FILES, *ISSUE_FILES, CURVES_FILE), written))
   return lines
 
 

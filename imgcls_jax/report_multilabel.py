@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from imgcls_jax import intervals, multilabel
+from imgcls_jax import intervals, label_issues, multilabel
 
 
 def summarize(s: Mapping[str, np.ndarray], class_names: Sequence[str],
@@ -162,4 +162,6 @@ def to_markdown(rep: Mapping[str, Any], title: str, context: Mapping[str, Any]) 
            '| probability | pairs | mean probability | fraction labelled |', '|---|---|---|---|']
     md += [f"| {b['lower']:.2f}-{b['upper']:.2f} | {b['count']} | {_f(b['confidence'])} | "
            f"{_f(b['fraction_positive'])} |" for b in rep['calibration_bins']]
+  if 'label_issues' in rep:
+    md += label_issues.markdown(rep['label_issues'])
   return '\n'.join(md) + '\n'

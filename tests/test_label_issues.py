@@ -130,6 +130,47 @@ def test_the_search_on_probabilities_with_a_known_answer(tmp_path):
     assert len(list(csv.DictReader(f))) == 30
 
 
+def test_the_tag_search_on_probabilities_with_a_known_answer(tmp_path):
+  """Tagging: one tag changed on 40 of 800 examples whose probabilities are sure of the truth.
+  The search finds only those, in cleanlab's own order, and names each changed tag as missing
+  (a true tag dropped) or extra (a false one added)."""
+  from cleanlab.multilabel_classification.filter import find_label_issues
+  rng = np.random.default_rng(0)
+  n, k, names = 800, 4, ('a', 'b', 'c', 'd')
+  truth = rng.random((n, k)) < 0.35
+  probs = (np.where(truth, 0.9, 0.05) + rng.uniform(-0.04, 0.04, (n, k))).astype(np.float32)
+  labels = truth.copy()
+  wrong, tag = rng.choice(n, 40, replace=False), rng.integers(0, k, 40)
+  labels[wrong, tag] ^= True
+  ranked, cells, quality = label_issues.find_tags(labels, probs)
+  oracle = find_label_issues([np.flatnonzero(r).tolist() for r in labels],
+                             probs.astype(np.float64), return_indices_ranked_by='self_confidence',
+                             n_jobs=1)
+  assert ranked.tolist() == np.asarray(oracle).tolist()
+  # Every flagged example is a changed one, flagged at the changed tag only; confident learning
+  # counts the errors per tag from the probabilities and finds 33 of the 40 here.
+  assert set(ranked.tolist()) <= set(wrong.tolist()) and len(ranked) >= 30
+  assert cells.sum() == len(ranked) and cells[wrong, tag].sum() == len(ranked)
+  rows = label_issues.tag_rows(ranked, cells, quality, ids=[f'x{i}' for i in range(n)],
+                               labels=labels, class_names=names, positions=np.arange(n))
+  changed = dict(zip(wrong.tolist(), tag.tolist()))
+  for r in rows:
+    i = int(r['id'][1:])
+    assert r['position'] == i
+    assert r['missing' if truth[i, changed[i]] else 'extra'] == names[changed[i]]
+    assert r['suggested'] == ';'.join(names[j] for j in np.flatnonzero(truth[i]))
+  path = str(tmp_path / label_issues.EVAL_FILE)
+  label_issues.write_csv(rows, path, label_issues.EVAL_TAG_COLUMNS)
+  with open(path) as f:
+    back = list(csv.DictReader(f))
+  assert [r['id'] for r in back] == [r['id'] for r in rows]
+  assert [float(r['quality']) for r in back] == sorted(float(r['quality']) for r in back)
+  s = label_issues.summary(rows, n, 'test', evaluation=True, tagged=True)
+  md = '\n'.join(label_issues.markdown(s))
+  assert '| rank | id | position | tags | suggested | quality |' in md
+  assert f"| 1 | `{rows[0]['id']}` |" in md
+
+
 def test_a_missing_cleanlab_is_one_line_before_any_fold_trains(digits_config, monkeypatch):
   from imgcls_jax.errors import UserError
   digits_config.cross_validation.folds = 2

@@ -314,6 +314,7 @@ def test_a_split_too_large_to_keep_on_the_host_skips_the_listing_not_the_report(
   monkeypatch.setattr(evaluation, 'MAX_TAG_CELLS', 100)     # 160 test examples x 5 tags
   rep = evaluate.evaluate(None, workdir, overrides={'evaluate.output_dir': str(tmp_path)})
   assert not (tmp_path / 'errors.csv').exists() and 'map' not in rep['intervals']
+  assert 'label_issues' not in rep and not (tmp_path / 'label_issues.csv').exists()
   assert rep['intervals']['exact_match_exact'][0] <= rep['at_thresholds']['exact_match']
   assert os.path.getsize(tmp_path / 'reliability.png') > 0
   assert "evaluate a slice, e.g. --config.evaluate.split='test[:10%]'" in caplog.text
@@ -324,6 +325,54 @@ def test_a_split_too_large_to_keep_on_the_host_skips_the_listing_not_the_report(
   evaluate.evaluate(None, workdir, overrides={'evaluate.output_dir': str(tmp_path / 'v'),
                                               'evaluate.split': 'validation'})
   assert "Split 'validation' is the one this run's thresholds were fitted on" in caplog.text
+
+
+def test_evaluate_lists_the_tags_changed_in_a_test_split(tagged_run, tmp_path, capsys):
+  """A copy of the manifest with one tag changed on 24 of the 160 test images (a labelled tag
+  dropped, or another one added): evaluate's label-issue search flags mostly those images, and
+  names the changed tag as missing (dropped) or extra (added). The oracle is the change made."""
+  from imgcls_jax import evaluate, label_issues
+  _, workdir, root, _, _ = tagged_run
+  with open(os.path.join(root, 'manifest.csv'), newline='') as f:
+    rows = list(csv.reader(f))
+  rng = np.random.default_rng(3)
+  changed: dict[str, tuple[str, str]] = {}   # path -> ('missing' | 'extra', tag)
+  for i in rng.choice([i for i, r in enumerate(rows) if r[2] == 'test'], 24, replace=False):
+    tags, tag = set(filter(None, rows[i][1].split(';'))), TAGS[rng.integers(len(TAGS))]
+    changed[rows[i][0]] = ('missing' if tag in tags else 'extra', tag)
+    rows[i][1] = ';'.join(sorted(tags ^ {tag}))
+  manifest = os.path.join(root, 'manifest_changed_tags.csv')   # beside the images it names
+  with open(manifest, 'w', newline='') as f:
+    csv.writer(f).writerows(rows)
+  capsys.readouterr()
+  rep = evaluate.evaluate(None, workdir, overrides={'evaluate.output_dir': str(tmp_path),
+                                                    'data.manifest': manifest})
+  with open(tmp_path / label_issues.EVAL_FILE, newline='') as f:
+    found = list(csv.DictReader(f))
+  assert tuple(found[0]) == label_issues.EVAL_TAG_COLUMNS
+  hits = [r for r in found if r['id'] in changed]
+  named = sum(changed[r['id']][1] in r[changed[r['id']][0]].split(';') for r in hits)
+  with capsys.disabled():
+    print(f'\ntags: {len(changed)} changed, {len(found)} flagged, {len(hits)} of them changed, '
+          f'{named} naming the changed tag')
+  assert len(hits) >= 0.7 * len(changed) and len(hits) >= 0.6 * len(found)
+  assert named >= 0.9 * len(hits)   # the flagged tag is the one changed, the right way round
+  tags_of = {r[0]: r[1] for r in rows[1:]}
+  for r in found:   # the row's tags are the manifest's; suggested = tags with the flagged changed
+    assert r['tags'] == tags_of[r['id']]
+    given, missing, extra = ({t for t in r[k].split(';') if t} for k in ('tags', 'missing',
+                                                                          'extra'))
+    assert missing and not missing & given or extra and extra <= given
+    assert {t for t in r['suggested'].split(';') if t} == (given - extra) | missing
+  quality = [float(r['quality']) for r in found]
+  assert quality == sorted(quality)
+  s = rep['label_issues']
+  assert s['task'] == 'multilabel' and s['count'] == len(found) and s['num_examples'] == 160
+  saved = json.loads((tmp_path / 'report.json').read_text())
+  assert label_issues.EVAL_FILE in saved['files']
+  md = (tmp_path / 'report.md').read_text()
+  assert '## Likely label issues' in md and f"`{found[0]['id']}`" in md
+  assert f'likely label issues: {len(found)} of 160' in capsys.readouterr().out
 
 
 def test_compare_two_tagged_runs_equals_sklearn_on_their_probabilities(tagged_run, tmp_path):
@@ -479,6 +528,19 @@ def test_multilabel_cross_validation_uses_plain_folds_and_reports_map(tmp_path):
     assert sorted(assigned.held_out(i)) == sorted(ids[j] for j in held)
   summary = cross_validation.cross_validate(c, str(tmp_path / 'cv'))
   assert summary['pooled_out_of_fold']['num_examples'] == 96
+  # The label-issue search on the pooled out-of-fold tag probabilities: rows name the manifest's
+  # tags (the quality of the list is test_evaluate_lists_the_tags_changed_in_a_test_split's).
+  from imgcls_jax import label_issues
+  with open(tmp_path / 'cv' / label_issues.FILE, newline='') as f:
+    found = list(csv.DictReader(f))
+  tags_of = {rel: ';'.join(sorted(tags)) for rel, tags in truth['train']}
+  assert all(r['tags'] == tags_of[r['id']] for r in found)
+  assert all(r['id'] in (tmp_path / 'cv' / f"fold_{r['fold']}" / 'eval_ids.txt').read_text()
+             for r in found)
+  kept = (tmp_path / 'cv' / label_issues.KEPT).read_text().split()
+  assert len(kept) == 96 - len(found) and not set(kept) & {r['id'] for r in found}
+  assert summary['label_issues']['task'] == 'multilabel'
+  assert summary['label_issues']['count'] == len(found)
   assert 0 < summary['mean']['map'] <= 1
   assert os.path.getsize(tmp_path / 'cv' / 'cv_pr_curves.png') > 0
   assert os.path.getsize(tmp_path / 'cv' / 'cv_reliability.png') > 0
