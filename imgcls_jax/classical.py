@@ -15,7 +15,8 @@ With ``config.cross_validation.folds = K > 0`` it runs K-fold cross-validation o
 the CNN's cross-validation uses (``data/folds.py``: same split, K and seed give the same ids,
 written to ``fold_<i>/{train,eval}_ids.txt``), writes each fold's report in ``fold_<i>/`` and the
 summary ``cv_report.json`` / ``cv_report.md`` (same keys as the CNN's) plus the pooled out-of-fold
-plots.
+plots and, from the pooled out-of-fold probabilities, the likely label issues
+(``label_issues.py``: ``cv_label_issues.csv``, as the CNN's cross-validation writes it).
 
 A mode rather than ``model.name = 'classical'``: the model table holds ``nnx.Module`` families
 trained by the jitted step; this baseline has no parameters for the optimizer, checkpoints or the
@@ -33,7 +34,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from imgcls_jax import features, plots, report, report_files, report_text
+from imgcls_jax import features, label_issues, plots, report, report_files, report_text
 from imgcls_jax.errors import UserError
 
 CLASSIFIERS = ('logistic', 'linear_svm')
@@ -83,9 +84,11 @@ def report_of(scores_NxK: np.ndarray, labels_N: np.ndarray, class_names: list[st
 
 
 def fit_and_evaluate(config: ml_collections.ConfigDict, out_dir: str, title: str
-                     ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+                     ) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, np.ndarray]]:
   """Fits on ``data.train_split``, evaluates ``data.eval_split``, writes the report files and the
-  fitted model to ``out_dir``; returns (report, summed statistics)."""
+  fitted model to ``out_dir``; returns (report, summed statistics, the evaluated examples:
+  ``position`` in the split's read order, ``label``, ``probs``, the softmax of the class scores
+  as the report reads them)."""
   from imgcls_jax.data import reader
   import joblib
   fitted = make_classifier(config.classical)  # bad settings fail before any work
@@ -99,7 +102,7 @@ def fit_and_evaluate(config: ml_collections.ConfigDict, out_dir: str, title: str
   t_feat = time.perf_counter()
   fitted.fit(f_train, y_train)
   t_fit = time.perf_counter()
-  x_eval, y_eval, _ = features.split_arrays(config.data, config.data.eval_split)
+  x_eval, y_eval, position = features.split_arrays(config.data, config.data.eval_split)
   scores = class_scores(fitted, features.extract(x_eval, spec, workers=workers), info.num_classes)
   t_eval = time.perf_counter()
   rep, stats = report_of(scores, y_eval, list(info.class_names),
@@ -123,7 +126,9 @@ def fit_and_evaluate(config: ml_collections.ConfigDict, out_dir: str, title: str
                'top-1 %.2f%% on %d examples.', len(y_train), f_train.shape[1],
                timing['features_train_s'], timing['fit_s'], 100 * rep['accuracy'],
                rep['num_examples'])
-  return rep, stats
+  shifted = np.exp(scores - scores.max(axis=1, keepdims=True))
+  scored = {'position': position, 'label': y_eval, 'probs': shifted / shifted.sum(1, keepdims=True)}
+  return rep, stats, scored
 
 
 def classical(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -134,7 +139,7 @@ def classical(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
   if int(config.cross_validation.folds) > 0:
     return cross_validate(config, workdir)
   title = f'Classical baseline on {config.data.name} \'{config.data.eval_split}\''
-  rep, _ = fit_and_evaluate(config, workdir, title)
+  rep, *_ = fit_and_evaluate(config, workdir, title)
   print('\n'.join(report_files.table_lines(rep, title, workdir)), flush=True)
   return rep
 
@@ -142,6 +147,7 @@ def classical(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
 def cross_validate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """K-fold CV on the CNN's folds (``data/folds.py``); writes fold reports and the summary."""
   from imgcls_jax.data import folds as folds_lib
+  from imgcls_jax.data import reader
   k, split = int(config.cross_validation.folds), config.data.train_split
   if '@' in split:
     raise UserError(f"config.data.train_split='{split}' is already a subset; cross-validate a "
@@ -149,6 +155,7 @@ def cross_validate(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
   t0 = time.perf_counter()
   assignment = folds_lib.assign(config.data, split, k, config.seed)
   rows, per_fold, pooled, names = [], [], None, []
+  oof = label_issues.OutOfFold(config, len(assignment.ids))
   for i in range(k):
     fold_dir = os.path.join(workdir, f'fold_{i}')
     train_file, eval_file = (os.path.join(fold_dir, f) for f in ('train_ids.txt', 'eval_ids.txt'))
@@ -158,12 +165,14 @@ def cross_validate(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
     fc.data.train_split = folds_lib.subset_split(split, train_file)
     fc.data.eval_split = folds_lib.subset_split(split, eval_file)
     fc.cross_validation.folds = 0
-    rep, stats = fit_and_evaluate(fc, fold_dir, f'Fold {i + 1}/{k} of {config.data.name}:{split} '
-                                  '(classical)')
+    rep, stats, scored = fit_and_evaluate(fc, fold_dir, f'Fold {i + 1}/{k} of '
+                                          f'{config.data.name}:{split} (classical)')
     if rep['num_examples'] != len(assignment.held_out(i)):
       raise RuntimeError(f"Fold {i} evaluated {rep['num_examples']} examples, expected "
                          f'{len(assignment.held_out(i))}.')
     names = rep['class_names']
+    oof.add(i, assignment.held_out(i), scored['position'], scored['label'], scored['probs'],
+            reader.describe(config.data))
     pooled = report.add(pooled, stats)
     per_fold.append(report.scalars(rep))
     rows.append({'fold': i, 'workdir': fold_dir, 'train_examples': rep['context']['train_examples'],
@@ -177,6 +186,10 @@ def cross_validate(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
              'std': {key: float(np.std([f[key] for f in per_fold])) for key in keys},
              'pooled_out_of_fold': pooled_report, 'wall_time_s': time.perf_counter() - t0,
              'model': 'classical'}
+  label_issues.remove_stale(workdir)
+  issues = oof.finish(names, workdir)
+  if issues is not None:
+    summary['label_issues'] = issues
   with open(os.path.join(workdir, 'cv_report.json'), 'w') as f:
     json.dump(summary, f, indent=1)
   with open(os.path.join(workdir, 'cv_report.md'), 'w') as f:
@@ -192,7 +205,8 @@ def cross_validate(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
         f"{100 * m['accuracy']:.2f}% +- {100 * s['accuracy']:.2f}, macro F1 {m['f1_macro']:.4f} "
         f"+- {s['f1_macro']:.4f}; pooled out-of-fold {100 * pooled_report['accuracy']:.2f}% over "
         f"{pooled_report['num_examples']} examples; {summary['wall_time_s']:.0f} s. Summary: "
-        f"{os.path.join(workdir, 'cv_report.md')}", flush=True)
+        f"{os.path.join(workdir, 'cv_report.md')}"
+        + (f'\n  {label_issues.line(issues, workdir)}' if issues else ''), flush=True)
   return summary
 
 
@@ -211,4 +225,6 @@ def _markdown(summary: dict[str, Any]) -> str:
               '| ' + ' | '.join(f'{r[k]:.4f}' for k in keys) + ' |')
   md += ['', '## Pooled out-of-fold predictions', '',
          *[f'- {line}' for line in report_text.headline(summary['pooled_out_of_fold'])]]
+  if 'label_issues' in summary:
+    md += label_issues.markdown(summary['label_issues'])
   return '\n'.join(md) + '\n'

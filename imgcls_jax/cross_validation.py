@@ -14,7 +14,6 @@ for a tagging run, which tags look missing or extra) in ``cv_label_issues.csv``.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import logging
 import os
@@ -27,7 +26,6 @@ import numpy as np
 
 from imgcls_jax import (evaluation, label_issues, plots, report, report_files, report_text,
                         train)
-from imgcls_jax.data import folder_index, reader
 from imgcls_jax.data import folds as folds_lib
 from imgcls_jax.errors import UserError
 
@@ -68,7 +66,7 @@ def cross_validate(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
                len(assignment.ids), config.data.name, split, config.seed, workdir)
   per_fold, fold_rows, pooled = [], [], None
   class_names: list[str] = []
-  oof = _OutOfFold(config, len(assignment.ids))
+  oof = label_issues.OutOfFold(config, len(assignment.ids))
   for i in range(k):
     fold_dir = os.path.join(workdir, f'fold_{i}')
     train_file = os.path.join(fold_dir, 'train_ids.txt')
@@ -88,7 +86,13 @@ def cross_validate(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
                                         checkpoint_spec='latest', tta=config.evaluate.tta or '',
                                         num_bins=int(config.evaluate.calibration_bins),
                                         keep_probs=oof.wanted)
-    oof.add(ev, i, held_out)
+    o = ev.outcomes
+    if oof.wanted and (o is None or o.probs is None):   # (the split was too large to keep)
+      oof.wanted = False
+    if oof.wanted:
+      oof.add(i, held_out, o.position,
+              o.labels if isinstance(o, evaluation.TagOutcomes) else o.label, o.probs,
+              ev.trained.info)
     stats = ev.stats
     rep = ev.report(int(config.evaluate.top_confused))
     report_files.write(rep, fold_dir, f'Fold {i + 1}/{k} of {config.data.name}:{split}',
@@ -111,7 +115,7 @@ def cross_validate(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
              'num_examples': len(assignment.ids), 'per_fold': fold_rows, 'mean': mean,
              'std': std, 'pooled_out_of_fold': pooled_report}
   label_issues.remove_stale(workdir)
-  issues = oof.label_issues(class_names, workdir)
+  issues = oof.finish(class_names, workdir)
   if issues is not None:
     summary['label_issues'] = issues
   summary['wall_time_s'] = time.perf_counter() - t0
@@ -168,13 +172,7 @@ def table_lines(summary: dict[str, Any], workdir: str) -> list[str]:
                  f"{p['macro_avg']['f1']:.4f}, ECE {p['ece']:.4f} over {p['num_examples']} "
                  'examples')
   if 'label_issues' in summary:
-    s = summary['label_issues']
-    if s['count']:
-      lines.append(f"  likely label issues: {s['count']} ({s['fraction']:.2%}), most likely first "
-                   f"in {os.path.join(workdir, s['file'])}"
-                   + (f" (pictured: {s['picture']})" if s.get('picture') else ''))
-    else:
-      lines.append(f"  likely label issues: none of the {s['num_examples']} examples")
+    lines.append('  ' + label_issues.line(summary['label_issues'], workdir))
   lines.append(f"Summary: {os.path.join(workdir, 'cv_report.md')} (+ cv_report.json, "
                f"fold_*/report.md); {summary['wall_time_s']:.0f} s")
   return lines
@@ -201,78 +199,3 @@ def markdown(summary: dict[str, Any]) -> str:
   if 'label_issues' in summary:
     md += label_issues.markdown(summary['label_issues'])
   return '\n'.join(md) + '\n'
-
-
-class _OutOfFold:
-  """Every held-out example's probabilities, id, label and fold, gathered fold by fold for the
-  label-issue search. ``wanted``: config.cross_validation.label_issues, and at most
-  ``label_issues.MAX_CELLS`` probabilities (decided before the first fold, so none is gathered
-  that would be dropped)."""
-
-  def __init__(self, config: ml_collections.ConfigDict, total: int):
-    self.data, self.split = config.data, config.data.train_split
-    self.wanted = bool(config.cross_validation.get('label_issues', True))
-    self.ids: list[str] = []
-    self.folds: list[np.ndarray] = []
-    self.labels: list[np.ndarray] = []
-    self.probs: list[np.ndarray] = []
-    self.channels = 3
-    self._split_ids: list[str] | None = None
-    if not self.wanted:
-      return
-    if importlib.util.find_spec('cleanlab') is None:
-      raise UserError('The label-issue search (config.cross_validation.label_issues) needs '
-                      'cleanlab, which is not installed: run pip install -e . in the checkout, '
-                      'or set --config.cross_validation.label_issues=False.')
-    k = reader.describe(config.data).num_classes
-    if total * k > label_issues.MAX_CELLS:
-      logging.warning('The label-issue search holds every example\'s %d class probabilities on '
-                      'the host: %d examples are more than its %d cells; skipped (set '
-                      'config.cross_validation.label_issues=False to silence this).',
-                      k, total, label_issues.MAX_CELLS)
-      self.wanted = False
-
-  def add(self, ev: evaluation.Evaluation, fold: int, held_out: list[str]) -> None:
-    if not self.wanted:
-      return
-    o = ev.outcomes
-    if o is None or o.probs is None:
-      self.wanted = False
-      return
-    if self._split_ids is None:   # read once: the ids of the whole split, in read order
-      self._split_ids = reader.example_ids(self.data, self.split, ev.trained.info)
-    # A fold's split 'SPLIT@ids' reads the listed examples in the split's own order
-    # (sources.example_ids), so its rows are these ids, in this order.
-    listed = set(held_out)
-    ids = [i for i in self._split_ids if i in listed]
-    if len(ids) <= int(o.position.max(initial=-1)):
-      logging.warning('The ids of fold %d (%d) do not cover its %d rows read; the label-issue '
-                      'search is skipped.', fold, len(ids), int(o.position.max()) + 1)
-      self.wanted = False
-      return
-    self.ids += [ids[p] for p in o.position.tolist()]
-    self.folds.append(np.full(len(o.position), fold, np.int64))
-    self.labels.append(o.labels if isinstance(o, evaluation.TagOutcomes) else o.label)
-    self.probs.append(o.probs)
-    self.channels = int(ev.trained.info.channels)
-
-  def label_issues(self, class_names: list[str], workdir: str) -> dict[str, Any] | None:
-    """Finds, writes (``label_issues.FILE``, ``KEPT``; image folders: ``PICTURE`` too) and
-    summarises the likely label issues; None when not wanted, or when the search failed (a
-    warning: the cross-validation report is written all the same)."""
-    if not self.wanted or not self.labels:
-      return None
-    try:
-      load = (label_issues.file_loader(folder_index.source_of(self.data).root, self.channels)
-              if folder_index.is_folder(self.data) else None)
-      found, summary = label_issues.search(
-          np.concatenate(self.labels), np.concatenate(self.probs), ids=self.ids,
-          class_names=class_names, out_dir=workdir, split=self.split, load=load,
-          folds=np.concatenate(self.folds))
-      label_issues.write_kept(self.ids, found, os.path.join(workdir, label_issues.KEPT))
-    except Exception as e:   # noqa: BLE001 -- the folds' report must not be lost to this step
-      logging.warning('The label-issue search failed (%s: %s); the cross-validation report is '
-                      'written without it.', type(e).__name__, e)
-      label_issues.remove_stale(workdir)
-      return None
-    return summary

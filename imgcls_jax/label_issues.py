@@ -31,12 +31,15 @@ look through, most likely first; nothing is changed or dropped by it.
 from __future__ import annotations
 
 import csv
+import importlib.util
 import logging
 import os
 import warnings
 from typing import Any, Callable, Sequence
 
 import numpy as np
+
+from imgcls_jax.errors import UserError
 
 FILE = 'cv_label_issues.csv'
 PICTURE = 'cv_label_issues.png'   # image folders / manifests: the first flagged images
@@ -265,6 +268,15 @@ def search(labels: np.ndarray, probs: np.ndarray, *, ids: Sequence[str],
                         tagged=tagged)
 
 
+def line(s: dict[str, Any], workdir: str) -> str:
+  """A cross-validation's printed line on its label-issue list (``s``: its ``summary``)."""
+  if not s['count']:
+    return f"likely label issues: none of the {s['num_examples']} examples"
+  return (f"likely label issues: {s['count']} ({s['fraction']:.2%}), most likely first in "
+          f"{os.path.join(workdir, s['file'])}"
+          + (f" (pictured: {s['picture']})" if s.get('picture') else ''))
+
+
 def markdown(s: dict[str, Any]) -> list[str]:
   """The "Likely label issues" section of cv_report.md or report.md."""
   if not s['count']:
@@ -290,3 +302,81 @@ def markdown(s: dict[str, Any]) -> list[str]:
   lines += [f"| {r['rank']} | `{r['id']}` | {r[where]} | {r['label']} | {r['suggested']} | "
             f"{r['p_label']:.3f} | {r['p_suggested']:.3f} |" for r in s['most_likely']]
   return lines
+
+
+class OutOfFold:
+  """Every held-out example's probabilities, id, label and fold, gathered fold by fold by a k-fold
+  cross-validation (the CNN's, ``cross_validation.py``; the classical baseline's,
+  ``classical.py``) for ``search``. ``wanted``: config.cross_validation.label_issues, and at most
+  ``MAX_CELLS`` probabilities (decided before the first fold, so none is gathered that would be
+  dropped)."""
+
+  def __init__(self, config: Any, total: int):
+    from imgcls_jax.data import reader
+    self.data, self.split = config.data, config.data.train_split
+    self.wanted = bool(config.cross_validation.get('label_issues', True))
+    self.ids: list[str] = []
+    self.folds: list[np.ndarray] = []
+    self.labels: list[np.ndarray] = []
+    self.probs: list[np.ndarray] = []
+    self.channels = 3
+    self._split_ids: list[str] | None = None
+    if not self.wanted:
+      return
+    if importlib.util.find_spec('cleanlab') is None:
+      raise UserError('The label-issue search (config.cross_validation.label_issues) needs '
+                      'cleanlab, which is not installed: run pip install -e . in the checkout, '
+                      'or set --config.cross_validation.label_issues=False.')
+    k = reader.describe(config.data).num_classes
+    if total * k > MAX_CELLS:
+      logging.warning('The label-issue search holds every example\'s %d class probabilities on '
+                      'the host: %d examples are more than its %d cells; skipped (set '
+                      'config.cross_validation.label_issues=False to silence this).',
+                      k, total, MAX_CELLS)
+      self.wanted = False
+
+  def add(self, fold: int, held_out: Sequence[str], position: np.ndarray, labels: np.ndarray,
+          probs: np.ndarray, info: Any) -> None:
+    """Fold ``fold``'s held-out examples (``held_out``: their ids), as its evaluation read them:
+    ``position`` in the fold's read order, ``labels`` (int N; tagging: bool N x K), ``probs``
+    (N x K); ``info``: the dataset's ``DatasetInfo``."""
+    from imgcls_jax.data import reader
+    if not self.wanted:
+      return
+    if self._split_ids is None:   # read once: the ids of the whole split, in read order
+      self._split_ids = reader.example_ids(self.data, self.split, info)
+    # A fold's split 'SPLIT@ids' reads the listed examples in the split's own order
+    # (sources.example_ids), so its rows are these ids, in this order.
+    listed = set(held_out)
+    ids = [i for i in self._split_ids if i in listed]
+    if len(ids) <= int(np.max(position, initial=-1)):
+      logging.warning('The ids of fold %d (%d) do not cover its %d rows read; the label-issue '
+                      'search is skipped.', fold, len(ids), int(np.max(position)) + 1)
+      self.wanted = False
+      return
+    self.ids += [ids[p] for p in np.asarray(position).tolist()]
+    self.folds.append(np.full(len(position), fold, np.int64))
+    self.labels.append(np.asarray(labels))
+    self.probs.append(np.asarray(probs, np.float32))
+    self.channels = int(info.channels)
+
+  def finish(self, class_names: Sequence[str], workdir: str) -> dict[str, Any] | None:
+    """Finds, writes (``FILE``, ``KEPT``; image folders: ``PICTURE`` too) and summarises the
+    likely label issues; None when not wanted, or when the search failed (a warning: the
+    cross-validation report is written all the same)."""
+    from imgcls_jax.data import folder_index
+    if not self.wanted or not self.labels:
+      return None
+    try:
+      load = (file_loader(folder_index.source_of(self.data).root, self.channels)
+              if folder_index.is_folder(self.data) else None)
+      found, s = search(np.concatenate(self.labels), np.concatenate(self.probs), ids=self.ids,
+                        class_names=class_names, out_dir=workdir, split=self.split, load=load,
+                        folds=np.concatenate(self.folds))
+      write_kept(self.ids, found, os.path.join(workdir, KEPT))
+    except Exception as e:   # noqa: BLE001 -- the folds' report must not be lost to this step
+      logging.warning('The label-issue search failed (%s: %s); the cross-validation report is '
+                      'written without it.', type(e).__name__, e)
+      remove_stale(workdir)
+      return None
+    return s

@@ -109,6 +109,46 @@ def test_cross_validation_flags_the_labels_that_were_changed(digits_config, tmp_
   assert f'likely label issues: {len(found)}' in capsys.readouterr().out
 
 
+def test_the_classical_baselines_cross_validation_flags_the_changed_labels(digits_config,
+                                                                            tmp_path, capsys):
+  """--mode=classical with folds: the same list from the feature classifier's out-of-fold
+  probabilities; each row's p_label is the fold's saved classifier's probability of the label."""
+  import joblib
+  from imgcls_jax import classical, features
+  from imgcls_jax.data import images
+  manifest, flipped, label_of = _noisy_manifest(str(tmp_path / 'data'))
+  c = digits_config
+  c.data.name, c.data.manifest = 'image_folder', manifest
+  c.data.train_split = c.data.eval_split = 'all'
+  c.data.train_preprocess = c.data.eval_preprocess = ''
+  c.classical.hog_cell, c.classical.edge_grid, c.classical.edge_sigma = 2, 2, 0.5
+  c.classical.C, c.classical.workers = 0.1, 2
+  c.cross_validation.folds = 3
+  workdir = str(tmp_path / 'cv')
+  summary = classical.classical(c, workdir)
+  with open(os.path.join(workdir, label_issues.FILE)) as f:
+    found = list(csv.DictReader(f))
+  flagged = {r['id'] for r in found}
+  hits = flagged & set(flipped)
+  with capsys.disabled():
+    print(f'\nclassical: {len(flipped)} changed, {len(flagged)} flagged, recall '
+          f'{len(hits) / len(flipped):.3f}, precision {len(hits) / len(flagged):.3f}')
+  assert len(hits) >= 0.7 * len(flipped) and len(hits) >= 0.5 * len(flagged)
+  spec = features.spec_from_config(c.classical)
+  root = os.path.dirname(manifest)
+  for r in found[:10]:
+    assert r['label'] == str(label_of[r['id']])
+    fitted = joblib.load(os.path.join(workdir, f"fold_{r['fold']}", classical.MODEL_FILE))
+    x = images.decode(os.path.join(root, r['id']), channels=1)[None]
+    p = fitted.predict_proba(features.extract(x, spec))[0]
+    assert float(r['p_label']) == pytest.approx(p[int(r['label'])], abs=1e-4)
+  assert summary['label_issues']['count'] == len(found)
+  assert '## Likely label issues' in open(os.path.join(workdir, 'cv_report.md')).read()
+  assert f'likely label issues: {len(found)}' in capsys.readouterr().out
+  kept = open(os.path.join(workdir, label_issues.KEPT)).read().split()
+  assert len(kept) == 1797 - len(found)
+
+
 def test_the_search_on_probabilities_with_a_known_answer(tmp_path):
   """A direct check of the search on probabilities with a known answer, and of the rows."""
   rng = np.random.default_rng(0)
@@ -177,14 +217,14 @@ def test_the_tag_search_on_probabilities_with_a_known_answer(tmp_path):
 def test_a_missing_cleanlab_is_one_line_before_any_fold_trains(digits_config, monkeypatch):
   from imgcls_jax.errors import UserError
   digits_config.cross_validation.folds = 2
-  real = cross_validation.importlib.util.find_spec
-  monkeypatch.setattr(cross_validation.importlib.util, 'find_spec',
+  real = label_issues.importlib.util.find_spec
+  monkeypatch.setattr(label_issues.importlib.util, 'find_spec',
                       lambda name, *a: None if name == 'cleanlab' else real(name, *a))
   with pytest.raises(UserError, match=r'needs cleanlab, which is not installed: run pip install '
                                       r'-e \. .*label_issues=False'):
-    cross_validation._OutOfFold(digits_config, 1797)
+    label_issues.OutOfFold(digits_config, 1797)
   digits_config.cross_validation.label_issues = False   # off: no cleanlab needed
-  assert not cross_validation._OutOfFold(digits_config, 1797).wanted
+  assert not label_issues.OutOfFold(digits_config, 1797).wanted
 
 
 @pytest.mark.slow
