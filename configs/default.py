@@ -242,9 +242,9 @@ def get_config() -> ml_collections.ConfigDict:
                                           # evaluations during training too
   c.evaluate.calibration_bins = 15        # equal-width confidence bins of the ECE / reliability plot
   c.evaluate.top_confused = 10            # most confused class pairs listed in the report
-  # Single-label, one process, a split the model did not train on (e.g. test): label_issues.csv
-  # lists the examples whose label looks wrong (cleanlab's confident learning on the model's
-  # probabilities; imgcls_jax/label_issues.py), the most likely first.
+  # One process, a split the model did not train on (e.g. test): label_issues.csv lists the
+  # examples whose label looks wrong (cleanlab's confident learning on the model's probabilities;
+  # imgcls_jax/label_issues.py; tagging runs: which tags look missing or extra), most likely first.
   c.evaluate.label_issues = True
   c.evaluate.errors = 24                  # errors.csv lists every wrongly predicted example, the
                                           # most confident first (likely label mistakes); errors.png
@@ -290,9 +290,9 @@ def get_config() -> ml_collections.ConfigDict:
   # (folds fixed by `seed`), each in <workdir>/fold_<i> (resumable), evaluates each on its
   # held-out fold and reports every fold and the mean +- std (e.g. data.train_split='train+test').
   c.cross_validation.folds = 0
-  # Single-label: list the examples whose label looks wrong, from the pooled out-of-fold
-  # probabilities (cleanlab's confident learning; imgcls_jax/label_issues.py), in
-  # <workdir>/cv_label_issues.csv, the most likely first.
+  # List the examples whose label looks wrong (tagging runs: which tags look missing or extra),
+  # from the pooled out-of-fold probabilities (cleanlab's confident learning;
+  # imgcls_jax/label_issues.py), in <workdir>/cv_label_issues.csv, the most likely first.
   c.cross_validation.label_issues = True
 
   # ---- checkpoint policy, fault tolerance (imgcls_jax/checkpoint.py, imgcls_jax/preemption.py)

@@ -187,8 +187,8 @@ def evaluate_checkpoint(workdir: str, config: ml_collections.ConfigDict | None, 
   example exactly once, on the mesh with the run's parameter placement. With ``keep_errors``
   (one process) the same pass also gathers every example's ``Outcomes``, with the
   images of that many of the most confident errors (``keep_probs``: with every class's
-  probability, e.g. for k-fold's label-issue search; a tagging run's outcomes always have them); with ``ood_files`` (one process,
-  single-label), those images are scored too (``ood_pass``)."""
+  probability, e.g. for k-fold's label-issue search; a tagging run's outcomes always have them);
+  with ``ood_files`` (one process, single-label), those images are scored too (``ood_pass``)."""
   if num_bins < 1:
     raise UserError(f'config.evaluate.calibration_bins={num_bins} must be at least 1.')
   r = restore_for_split(workdir, config, split=split, checkpoint_spec=checkpoint_spec, tta=tta,
@@ -201,20 +201,21 @@ def evaluate_checkpoint(workdir: str, config: ml_collections.ConfigDict | None, 
                       'calibration' if what == 'temperature' else 'F1 / exact-match')
   outcomes = None
   cells = (r.data.num_batches or 0) * r.setup.local_eval_batch_size * r.trained.info.num_classes
+  smaller = (f"evaluate a smaller split for {{}}: a tfds slice such as '{r.split.split('[')[0]}"
+             "[:10%]', or an image folder or manifest split with fewer images")
   if ((keep_errors is not None or keep_probs) and r.trained.info.multilabel
       and cells > MAX_TAG_CELLS):
     logging.warning("Split '%s' has ~%d (example, tag) probabilities, more than the %d kept on "
                     'the host for the wrong-tag listing, the label-issue search and the '
-                    "bootstrap intervals: they are skipped (evaluate a slice, e.g. "
-                    "--config.evaluate.split='%s[:10%%]', for them).", r.split, cells,
-                    MAX_TAG_CELLS, r.split.split('[')[0])
+                    'bootstrap intervals: they are skipped (%s).', r.split, cells,
+                    MAX_TAG_CELLS, smaller.format('them'))
     keep_errors, keep_probs = None, False
+  cap = label_issues.cell_cap(r.trained.info.multilabel)
   if keep_probs:   # (size unknown: an id-listed fold, capped by its caller)
-    if cells > label_issues.MAX_CELLS:
+    if cells > cap:
       logging.warning("Split '%s' has ~%d (example, class) probabilities, more than the %d the "
-                      'label-issue search holds on the host: it is skipped (evaluate a slice, '
-                      "e.g. --config.evaluate.split='%s[:10%%]', for it).", r.split, cells,
-                      label_issues.MAX_CELLS, r.split.split('[')[0])
+                      'label-issue search holds on the host: it is skipped (%s).', r.split,
+                      cells, cap, smaller.format('it'))
       keep_probs = False
     elif keep_errors is None:
       keep_errors = 0

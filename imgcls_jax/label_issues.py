@@ -1,7 +1,8 @@
 """Examples whose label looks wrong, from probabilities of models that never trained on them.
 
-Two sources: k-fold cross-validation, where every example of the split is predicted once by the
-fold model that did not train on it (``cross_validation.py``: ``cv_label_issues.csv``), and
+Three sources: k-fold cross-validation, where every example of the split is predicted once by
+the fold model that did not train on it (``cross_validation.py``: ``cv_label_issues.csv``), the
+classical baseline's cross-validation (``classical.py``, the same files), and
 ``--mode=evaluate`` on a split the run did not train on (``evaluate.py``: ``label_issues.csv``
 beside the report, e.g. label mistakes in a test set). The probabilities go to cleanlab's
 confident learning
@@ -63,10 +64,17 @@ TAG_METHOD = ('cleanlab.multilabel_classification.filter.find_multilabel_issues_
 EVAL_TAG_METHOD = ('cleanlab.multilabel_classification.filter.find_multilabel_issues_per_class '
                    "(confident learning tag by tag, prune_by_noise_rate) on the model's "
                    'probabilities of this split, which it did not train on')
-# Every example's probabilities are held on the host: 4 bytes a cell while the folds run, and
-# ~25 bytes a cell at the search's peak (its float64 copies and cleanlab's; measured: +484 MB for
-# 20M cells): 50M cells are ~1.3 GB.
+# Every example's probabilities are held on the host: 4 bytes a cell while the folds run (a
+# tagging run's labels: 1 more), and at the search's peak (its float64 copies and cleanlab's;
+# measured) ~19-25 bytes a cell for single-label data (+484 MB for 20M cells) and ~54 for tagging
+# (+822 MB for 16M cells, cleanlab's per-tag passes): each cap is ~1.3 GB.
 MAX_CELLS = 50_000_000
+MAX_TAG_CELLS = 25_000_000
+
+
+def cell_cap(multilabel: bool) -> int:
+  """How many (example, class) probabilities the search takes: ``MAX_TAG_CELLS`` for tagging."""
+  return MAX_TAG_CELLS if multilabel else MAX_CELLS
 SHOWN = 20   # rows of the list in cv_report.md (the CSV has them all)
 PICTURED = 48   # images in PICTURE
 
@@ -87,24 +95,38 @@ def find(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
   return np.asarray(ranked, np.int64)
 
 
-def find_tags(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def find_tags(labels: np.ndarray, probs: np.ndarray,
+              class_names: Sequence[str] | None = None
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """The likely label issues of a tagging split: ``labels`` (bool N x K, the labelled tags),
   ``probs`` (float N x K, each tag's sigmoid, out of fold). Returns (the flagged examples, the
   least likely labelling first; bool N x K, the (example, tag) cells that look wrong; float N,
   every example's label-quality score, ``TAG_RANKING``). The same examples as cleanlab's
   ``multilabel_classification.filter.find_label_issues``, from one search that also keeps the
-  tags."""
+  tags. A tag on every example of the split, or on none, cannot be judged (confident learning
+  needs examples with and without it): its cells are left unflagged, with a warning."""
   from cleanlab.multilabel_classification import filter as ml_filter
   from cleanlab.multilabel_classification import rank as ml_rank
-  tag_lists = [np.flatnonzero(row).tolist() for row in np.asarray(labels, bool)]
+  labels = np.asarray(labels, bool)
   probs = np.clip(np.asarray(probs, np.float64), 0.0, 1.0)
+  n, k = labels.shape
+  judged = labels.any(axis=0) & ~labels.all(axis=0)
+  if not judged.all():
+    names = class_names or [str(j) for j in range(k)]
+    logging.warning('Label-issue search: %s on every example of the split or on none, so not '
+                    'judged (confident learning needs examples with and without a tag).',
+                    ', '.join(names[j] for j in np.flatnonzero(~judged)))
+  cells = np.zeros((n, k), bool)
+  if not judged.any():
+    return np.zeros(0, np.int64), cells, np.ones(n)
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter('always')
-    cells = np.asarray(ml_filter.find_multilabel_issues_per_class(tag_lists, probs, n_jobs=1),
-                       bool)
-    quality = np.asarray(ml_rank.get_label_quality_scores(tag_lists, probs,
-                                                          aggregator_kwargs=TAG_RANKING),
-                         np.float64)
+    cells[:, judged] = np.asarray(ml_filter.find_multilabel_issues_per_class(
+        [np.flatnonzero(row).tolist() for row in labels[:, judged]], probs[:, judged],
+        n_jobs=1), bool).reshape(n, -1)
+    quality = np.asarray(ml_rank.get_label_quality_scores(
+        [np.flatnonzero(row).tolist() for row in labels], probs, aggregator_kwargs=TAG_RANKING),
+        np.float64)
   for w in caught:
     logging.info('cleanlab: %s', w.message)
   flagged = np.flatnonzero(cells.any(axis=1))
@@ -120,13 +142,8 @@ def tag_rows(ranked: np.ndarray, cells: np.ndarray, quality: np.ndarray, *, ids:
   out = []
   for rank, i in enumerate(np.asarray(ranked).tolist(), 1):
     given, wrong = np.asarray(labels[i], bool), cells[i]
-    row: dict[str, Any] = {'rank': rank}
-    if positions is not None:
-      row['position'] = int(positions[i])
-    row['id'] = ids[i] if ids else ''
-    if folds is not None:
-      row['fold'] = int(folds[i])
-    out.append({**row, 'tags': joined(given), 'suggested': joined(given ^ wrong),
+    out.append({**_head(rank, i, ids, folds, positions), 'tags': joined(given),
+                'suggested': joined(given ^ wrong),
                 'missing': joined(wrong & ~given), 'extra': joined(wrong & given),
                 'quality': float(quality[i])})
   return out
@@ -142,15 +159,22 @@ def rows(ranked: np.ndarray, *, ids: Sequence[str], labels: np.ndarray, probs: n
   out = []
   for rank, i in enumerate(np.asarray(ranked).tolist(), 1):
     y, top = int(labels[i]), int(np.argmax(probs[i]))
-    row: dict[str, Any] = {'rank': rank}
-    if positions is not None:
-      row['position'] = int(positions[i])
-    row['id'] = ids[i] if ids else ''
-    if folds is not None:
-      row['fold'] = int(folds[i])
-    out.append({**row, 'label': class_names[y], 'suggested': class_names[top],
+    out.append({**_head(rank, i, ids, folds, positions), 'label': class_names[y],
+                'suggested': class_names[top],
                 'p_label': float(probs[i, y]), 'p_suggested': float(probs[i, top])})
   return out
+
+
+def _head(rank: int, i: int, ids: Sequence[str], folds: np.ndarray | None,
+          positions: np.ndarray | None) -> dict[str, Any]:
+  """A row's first columns: rank, position (an evaluation's), id, fold (cross-validation's)."""
+  row: dict[str, Any] = {'rank': rank}
+  if positions is not None:
+    row['position'] = int(positions[i])
+  row['id'] = ids[i] if ids else ''
+  if folds is not None:
+    row['fold'] = int(folds[i])
+  return row
 
 
 def remove_stale(workdir: str) -> None:
@@ -255,7 +279,7 @@ def search(labels: np.ndarray, probs: np.ndarray, *, ids: Sequence[str],
   where = {'ids': ids, 'labels': labels, 'class_names': class_names, 'folds': folds,
            'positions': positions}
   if tagged:
-    found = tag_rows(*find_tags(labels, probs), **where)
+    found = tag_rows(*find_tags(labels, probs, class_names), **where)
     columns = EVAL_TAG_COLUMNS if evaluation else TAG_COLUMNS
   else:
     found = rows(find(labels, probs), probs=probs, **where)
@@ -277,6 +301,11 @@ def line(s: dict[str, Any], workdir: str) -> str:
           + (f" (pictured: {s['picture']})" if s.get('picture') else ''))
 
 
+def _md(text: str) -> str:
+  """A class name as a markdown table cell ('|' would end the cell)."""
+  return text.replace('|', '\\|')
+
+
 def markdown(s: dict[str, Any]) -> list[str]:
   """The "Likely label issues" section of cv_report.md or report.md."""
   if not s['count']:
@@ -294,13 +323,14 @@ def markdown(s: dict[str, Any]) -> list[str]:
            f'relabelling.{kept}', '']
   if s.get('task') == 'multilabel':
     lines += [f'| rank | id | {where} | tags | suggested | quality |', '|---|---|---|---|---|---|']
-    lines += [f"| {r['rank']} | `{r['id']}` | {r[where]} | {r['tags'] or '-'} | "
-              f"{r['suggested'] or '-'} | {r['quality']:.3f} |" for r in s['most_likely']]
+    lines += [f"| {r['rank']} | `{r['id']}` | {r[where]} | {_md(r['tags'] or '-')} | "
+              f"{_md(r['suggested'] or '-')} | {r['quality']:.3f} |" for r in s['most_likely']]
     return lines
   lines += [f'| rank | id | {where} | label | suggested | p(label) | p(suggested) |',
             '|---|---|---|---|---|---|---|']
-  lines += [f"| {r['rank']} | `{r['id']}` | {r[where]} | {r['label']} | {r['suggested']} | "
-            f"{r['p_label']:.3f} | {r['p_suggested']:.3f} |" for r in s['most_likely']]
+  lines += [f"| {r['rank']} | `{r['id']}` | {r[where]} | {_md(r['label'])} | "
+            f"{_md(r['suggested'])} | {r['p_label']:.3f} | {r['p_suggested']:.3f} |"
+            for r in s['most_likely']]
   return lines
 
 
@@ -308,7 +338,7 @@ class OutOfFold:
   """Every held-out example's probabilities, id, label and fold, gathered fold by fold by a k-fold
   cross-validation (the CNN's, ``cross_validation.py``; the classical baseline's,
   ``classical.py``) for ``search``. ``wanted``: config.cross_validation.label_issues, and at most
-  ``MAX_CELLS`` probabilities (decided before the first fold, so none is gathered that would be
+  ``cell_cap`` probabilities (decided before the first fold, so none is gathered that would be
   dropped)."""
 
   def __init__(self, config: Any, total: int):
@@ -327,12 +357,13 @@ class OutOfFold:
       raise UserError('The label-issue search (config.cross_validation.label_issues) needs '
                       'cleanlab, which is not installed: run pip install -e . in the checkout, '
                       'or set --config.cross_validation.label_issues=False.')
-    k = reader.describe(config.data).num_classes
-    if total * k > MAX_CELLS:
+    info = reader.describe(config.data)
+    cap = cell_cap(info.multilabel)
+    if total * info.num_classes > cap:
       logging.warning('The label-issue search holds every example\'s %d class probabilities on '
                       'the host: %d examples are more than its %d cells; skipped (set '
                       'config.cross_validation.label_issues=False to silence this).',
-                      k, total, MAX_CELLS)
+                      info.num_classes, total, cap)
       self.wanted = False
 
   def add(self, fold: int, held_out: Sequence[str], position: np.ndarray, labels: np.ndarray,

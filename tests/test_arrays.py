@@ -319,6 +319,8 @@ _LB = np.array([0, 1, 2, 0, 1, 2])
     (dict(train_images=_IM, train_labels=_LB, class_names=np.array(['a', 'b'])),
      r"split 'train' has labels outside the 2 classes"),
     (dict(train_images=_IM, train_labels=np.zeros(6, int)), r'holds 1 class; a classifier needs'),
+    (dict(train_images=_IM, train_labels=np.eye(3, dtype=np.int64)[_LB],
+          class_names=np.array(['a', 'b;c', 'd'])), r"tag names may not contain ';' \('b;c'\)"),
     (dict(train_images=_IM, train_labels=_LB, test_images=np.zeros((2, 5, 5, 1), np.uint8),
           test_labels=_LB[:2]), r'splits hold images of different shapes'),
 ])

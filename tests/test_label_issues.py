@@ -214,6 +214,25 @@ def test_the_tag_search_on_probabilities_with_a_known_answer(tmp_path):
   assert f"| 1 | `{rows[0]['id']}` |" in md
 
 
+def test_a_tag_on_every_example_or_on_none_is_not_judged_and_the_others_are(caplog):
+  """A tag every example carries (or none does) has no examples to compare: cleanlab refuses it,
+  so its cells are left unflagged, with a warning; the other tags are searched as before."""
+  rng = np.random.default_rng(1)
+  n = 400
+  truth = rng.random((n, 4)) < 0.4
+  truth[:, 1], truth[:, 3] = True, False
+  probs = (np.where(truth, 0.9, 0.05) + rng.uniform(-0.04, 0.04, (n, 4))).astype(np.float32)
+  labels = truth.copy()
+  wrong = rng.choice(n, 20, replace=False)
+  labels[wrong, 0] ^= True
+  ranked, cells, _ = label_issues.find_tags(labels, probs, ('a', 'all', 'b', 'none'))
+  assert set(ranked.tolist()) <= set(wrong.tolist()) and len(ranked) >= 15
+  assert not cells[:, 1].any() and not cells[:, 3].any()
+  assert 'all, none on every example of the split or on none, so not judged' in caplog.text
+  ranked, cells, _ = label_issues.find_tags(np.zeros((n, 4), bool), probs)   # no tag at all
+  assert len(ranked) == 0 and not cells.any()
+
+
 def test_a_missing_cleanlab_is_one_line_before_any_fold_trains(digits_config, monkeypatch):
   from imgcls_jax.errors import UserError
   digits_config.cross_validation.folds = 2

@@ -317,7 +317,7 @@ def test_a_split_too_large_to_keep_on_the_host_skips_the_listing_not_the_report(
   assert 'label_issues' not in rep and not (tmp_path / 'label_issues.csv').exists()
   assert rep['intervals']['exact_match_exact'][0] <= rep['at_thresholds']['exact_match']
   assert os.path.getsize(tmp_path / 'reliability.png') > 0
-  assert "evaluate a slice, e.g. --config.evaluate.split='test[:10%]'" in caplog.text
+  assert 'or an image folder or manifest split with fewer images' in caplog.text
   with pytest.raises(UserError, match='errors=101 must be between 0 and 100'):
     evaluate.evaluate(None, workdir, overrides={'evaluate.errors': 101})
   # The split the thresholds were chosen on: its figures are optimistic, and the report says so.

@@ -110,6 +110,10 @@ class ArraysFile:
     else:
       top = max((int(lb.max()) for _, lb in self.splits.values() if lb.size), default=-1)
       self.class_names = tuple(str(k) for k in range(top + 1))
+    joined = [n for n in self.class_names if ';' in n] if self.multilabel else []
+    if joined:
+      raise UserError(f"{where}: tag names may not contain ';' ({joined[0]!r}): tag sets are "
+                      "written ';'-joined (manifests, label-issue lists); rename the tag.")
     k = len(self.class_names)
     for name, (_, labels) in self.splits.items():
       bad = (labels.shape[1] != k if self.multilabel
