@@ -1,0 +1,125 @@
+"""Applying a label-issue list to a manifest (imgcls_jax/relabel.py): the chosen rows get the
+suggested labels, everything else is copied, and the pipeline reads the copy."""
+from __future__ import annotations
+
+import csv
+import os
+
+import pytest
+from PIL import Image
+
+from imgcls_jax import label_issues, relabel
+from imgcls_jax.data import digits, folder_index
+from imgcls_jax.errors import UserError
+
+
+def _manifest(root, labels, header=('path', 'label', 'split'), extra=False):
+  """root/img/<i>.png (sklearn digits) and root/labels.csv with ``labels``; returns its path."""
+  x = digits.load_arrays('train')[0]
+  os.makedirs(os.path.join(root, 'img'), exist_ok=True)
+  rows = [list(header) + (['note'] if extra else [])]
+  for i, label in enumerate(labels):
+    Image.fromarray(x[i, :, :, 0]).save(os.path.join(root, f'img/{i}.png'))
+    rows.append([f'img/{i}.png', label, 'train'] + ([f'n{i}'] if extra else []))
+  path = os.path.join(root, 'labels.csv')
+  with open(path, 'w', newline='') as f:
+    csv.writer(f).writerows(rows)
+  return path
+
+
+def _issues(path, rows, columns):
+  label_issues.write_csv(rows, path, columns)
+  return path
+
+
+def test_the_chosen_rows_get_the_suggested_label_and_the_rest_is_copied(tmp_path, capsys,
+                                                                         digits_config):
+  labels = [str(i % 3) for i in range(12)]
+  manifest = _manifest(str(tmp_path / 'd'), labels, extra=True)
+  rows = [{'rank': 1, 'id': 'img/4.png', 'fold': 0, 'label': '1', 'suggested': '2',
+           'p_label': 0.01, 'p_suggested': 0.98},
+          {'rank': 2, 'id': 'img/7.png', 'fold': 1, 'label': '0', 'suggested': '1',   # stale
+           'p_label': 0.02, 'p_suggested': 0.97},
+          {'rank': 3, 'id': 'img/nope.png', 'fold': 1, 'label': '0', 'suggested': '1',
+           'p_label': 0.03, 'p_suggested': 0.9},
+          {'rank': 4, 'id': 'img/9.png', 'fold': 2, 'label': '0', 'suggested': '2',
+           'p_label': 0.1, 'p_suggested': 0.8},
+          {'rank': 5, 'id': 'img/3.png', 'fold': 2, 'label': '0', 'suggested': '1',
+           'p_label': 0.2, 'p_suggested': 0.7}]
+  issues = _issues(str(tmp_path / 'cv_label_issues.csv'), rows, label_issues.COLUMNS)
+  assert relabel.main([f'--issues={issues}', f'--manifest={manifest}', '--ranks=1-4']) == 0
+  out = manifest[:-4] + '.relabelled.csv'
+  printed = capsys.readouterr().out
+  assert f'Relabelled 2 of the 4 chosen images (2 left alone): {out}' in printed
+  assert "rank 2 (img/7.png) left alone: labelled '1' in the manifest, not '0' as listed" in printed
+  assert 'rank 3 (img/nope.png) left alone: not in the manifest' in printed
+  with open(out, newline='') as f:
+    got = list(csv.reader(f))
+  expected = [['path', 'label', 'split', 'note']] + [
+      [f'img/{i}.png', {4: '2', 9: '2'}.get(i, labels[i]), 'train', f'n{i}'] for i in range(12)]
+  assert got == expected   # rank 5 was not chosen; the header and the extra column are kept
+  # The pipeline reads the copy: its labels are the new ones.
+  digits_config.data.name, digits_config.data.manifest = 'image_folder', out
+  ids, classes = folder_index.listed(folder_index.source_of(digits_config.data), 'train',
+                                     ('0', '1', '2'))
+  assert dict(zip(ids, classes))['img/4.png'] == 2 and dict(zip(ids, classes))['img/3.png'] == 0
+
+
+def test_a_tagging_list_elsewhere_rewrites_the_paths(tmp_path):
+  manifest = _manifest(str(tmp_path / 'd'), ['a;b', 'b', '', 'a', 'c;a'],
+                       header=('path', 'labels', 'split'))
+  rows = [{'rank': 1, 'position': 2, 'id': 'img/2.png', 'tags': '', 'suggested': 'c',
+           'missing': 'c', 'extra': '', 'quality': 0.01},
+          {'rank': 2, 'position': 4, 'id': 'img/4.png', 'tags': 'a;c', 'suggested': 'a',
+           'missing': '', 'extra': 'c', 'quality': 0.02}]
+  issues = _issues(str(tmp_path / 'label_issues.csv'), rows, label_issues.EVAL_TAG_COLUMNS)
+  out = str(tmp_path / 'elsewhere' / 'fixed.csv')
+  done = relabel.relabel(issues, manifest, 'all', out)
+  assert [r[0] for r in done['relabelled']] == ['1', '2'] and not done['skipped']
+  with open(out, newline='') as f:
+    got = list(csv.reader(f))
+  assert [r[1] for r in got[1:]] == ['a;b', 'b', 'c', 'a', 'a']
+  for r in got[1:]:   # relative to the copy's folder, and they name the same files
+    assert r[0] == os.path.join('..', 'd', 'img', os.path.basename(r[0]))
+    assert os.path.exists(os.path.join(tmp_path / 'elsewhere', r[0]))
+
+
+@pytest.mark.parametrize('spec, message', [
+    ('0-2', r"'0-2' is outside the list's ranks 1-3"),
+    ('2-9', r"'2-9' is outside the list's ranks 1-3"),
+    ('x', r"'x' is not a rank or a range of ranks; write e.g. 1-200"),
+    (',', r'--ranks is empty'),
+])
+def test_bad_ranks_are_one_line(spec, message):
+  with pytest.raises(UserError, match=message):
+    relabel.parse_ranks(spec, 3)
+  assert relabel.parse_ranks('3,1-2,2', 3) == [1, 2, 3] and relabel.parse_ranks('ALL', 2) == [1, 2]
+
+
+def test_bad_inputs_are_one_line(tmp_path, capsys):
+  manifest = _manifest(str(tmp_path / 'd'), ['0', '1'])
+  with pytest.raises(UserError, match='Cannot read the label-issue list'):
+    relabel.relabel(str(tmp_path / 'none.csv'), manifest, 'all')
+  (tmp_path / 'other.csv').write_text('a,b\n1,2\n')
+  with pytest.raises(UserError, match=r'is not a label-issue list \(it lacks the column\(s\) '
+                                      r'id, label, rank, suggested\)'):
+    relabel.relabel(str(tmp_path / 'other.csv'), manifest, 'all')
+  issues = _issues(str(tmp_path / 'i.csv'), [{'rank': 1, 'position': 0, 'id': '', 'label': '0',
+                                              'suggested': '1', 'p_label': 0.1,
+                                              'p_suggested': 0.9}], label_issues.EVAL_COLUMNS)
+  with pytest.raises(UserError, match='names its examples by position only'):
+    relabel.relabel(issues, manifest, 'all')
+  issues = _issues(str(tmp_path / 'j.csv'), [{'rank': 1, 'position': 0, 'id': 'img/0.png',
+                                              'label': '0', 'suggested': '1', 'p_label': 0.1,
+                                              'p_suggested': 0.9}], label_issues.EVAL_COLUMNS)
+  with pytest.raises(UserError, match='--out is the manifest itself'):
+    relabel.relabel(issues, manifest, 'all', manifest)
+  assert relabel.main([f'--issues={issues}', f'--manifest={manifest}', '--ranks=5']) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err == ["Error: --ranks='5': '5' is outside the list's ranks 1-1; choose ranks the list "
+                 'has.']
+  with open(manifest) as f:
+    before = f.read()
+  relabel.relabel(issues, manifest, '1')
+  with open(manifest) as f:
+    assert f.read() == before   # the manifest itself is never written
