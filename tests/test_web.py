@@ -42,6 +42,7 @@ def served(tmp_path_factory, tfds_dir):
 
 @pytest.fixture
 def browser():
+  """Headless Chromium driven by selenium."""
   opts = webdriver.ChromeOptions()
   opts.binary_location = CHROMIUM
   for flag in ('--headless=new', '--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage',
@@ -170,3 +171,42 @@ def test_page_says_not_sure_where_the_api_abstains(served, browser, tmp_path):
       assert 0 < seen < len(files)
   finally:
     gated.close()
+
+
+def test_review_page_applies_the_checked_rows(browser, tmp_path):
+  """The label-review page (imgcls_jax/review.py): every row of the list is shown with its image
+  (decoded by the browser), checking two rows and applying writes exactly those two changes, a
+  stale row checked is shown as left alone, and the copy is what relabel.py writes for them."""
+  from imgcls_jax import relabel, review
+  from tests.test_review import review_case
+  manifest, issues = review_case(str(tmp_path))
+  out = str(tmp_path / 'page.csv')
+  srv = review.Background(review.create_app(issues, manifest, out))
+  try:
+    with screenshot_on_failure(browser, tmp_path):
+      browser.get(srv.url + '/')
+      wait = WebDriverWait(browser, 60)
+      wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, '.card')) == 3)
+      assert '3 likely label issues' in browser.find_element(By.ID, 'about').text
+      wait.until(lambda d: all(d.execute_script('return arguments[0].complete && '
+                                                'arguments[0].naturalWidth', img) == 8
+                               for img in d.find_elements(By.CSS_SELECTOR, '.card img')))
+      assert browser.find_element(By.CSS_SELECTOR, '#row-1 .change').text == '1 → 2'
+      assert browser.find_element(By.ID, 'apply').get_attribute('disabled') is not None
+      browser.find_element(By.ID, 'row-1').click()          # a click on the card checks it
+      browser.find_element(By.ID, 'pick-2').click()         # and one on the box
+      assert browser.find_element(By.ID, 'count').text == '2 checked'
+      browser.find_element(By.ID, 'apply').click()
+      wait.until(lambda d: d.find_element(By.ID, 'result').get_attribute('data-state'))
+      assert browser.find_element(By.ID, 'result').get_attribute('data-state') == 'done'
+      assert 'Relabelled 1 image, 1 left alone' in browser.find_element(By.ID, 'result').text
+      assert 'done' in browser.find_element(By.ID, 'row-1').get_attribute('class')
+      assert 'left alone' in browser.find_element(By.ID, 'row-2').text
+    with open(out) as f:
+      from_page = f.read()
+    expected = relabel.relabel(issues, manifest, '1-2', str(tmp_path / 'cli.csv'))
+    with open(expected['output']) as f:
+      assert from_page == f.read()
+    assert from_page.count('\n') == 9 and 'img/4.png,2,train' in from_page
+  finally:
+    srv.close()

@@ -1,0 +1,148 @@
+"""A web page to look through a label-issue list and apply the rows a person agrees with.
+
+  python -m imgcls_jax.review --issues=<workdir>/cv_label_issues.csv --manifest=labels.csv \
+      [--out=labels.relabelled.csv] [--port=8000] [--host=127.0.0.1]
+  open http://127.0.0.1:8000/
+
+The page shows every row of the list (``cv_label_issues.csv`` from k-fold cross-validation, or
+``label_issues.csv`` from ``--mode=evaluate``; single-label or tagging; ``label_issues.py``), most
+likely first: the image, its label and the suggested one (a tagging row: the tags to add and to
+remove), and a box to check. "Apply the checked rows" writes the relabelled copy of the manifest,
+exactly as ``python -m imgcls_jax.relabel --ranks=<the checked ranks>`` would (``relabel.py``:
+stale rows left alone, the manifest itself never overwritten), and the page says what it did.
+
+Endpoints (Starlette under uvicorn; loopback only by default, since the page writes a file):
+  GET  /                   the page (plain HTML/JS, works offline)
+  GET  /v1/issues          {"tagged", "manifest", "output", "rows": [the list's rows]}
+  GET  /v1/image/<rank>    that row's image file (only the images the list names, under the
+                           manifest's folder)
+  POST /v1/apply           {"ranks": [1, 3, ...]} -> {"output", "relabelled": [[rank, id, old,
+                           new], ...], "left_alone": [[rank, id, why], ...]}
+A bad request gets a 4xx with {"error": "<one sentence>"}.
+"""
+from __future__ import annotations
+
+import argparse
+import mimetypes
+import os
+import socket
+import sys
+import threading
+import time
+from typing import Any
+
+from imgcls_jax import relabel
+from imgcls_jax.data import manifest as manifest_lib
+from imgcls_jax.errors import UserError
+
+PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'serve', 'static', 'review.html')
+
+
+def create_app(issues: str, manifest: str, out: str = '') -> Any:
+  """The Starlette app of the page for the list ``issues`` and the CSV ``manifest``."""
+  from starlette.applications import Starlette
+  from starlette.responses import FileResponse, HTMLResponse, JSONResponse
+  from starlette.routing import Route
+  rows, tagged = relabel.read_issues(issues)
+  manifest = os.path.abspath(manifest)
+  manifest_lib.read_rows(manifest, tagged)   # a readable manifest, or one line now
+  output = os.path.abspath(out or os.path.splitext(manifest)[0] + '.relabelled.csv')
+  root = os.path.dirname(manifest)
+  by_rank = {int(r['rank']): r for r in rows}
+
+  def error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({'error': message}, status_code=status)
+
+  async def page(request: Any) -> HTMLResponse:
+    with open(PAGE, encoding='utf-8') as f:
+      return HTMLResponse(f.read())
+
+  async def listed(request: Any) -> JSONResponse:
+    return JSONResponse({'tagged': tagged, 'manifest': manifest, 'output': output, 'rows': rows})
+
+  async def image(request: Any) -> Any:
+    rank = request.path_params['rank']
+    if rank not in by_rank:
+      return error(404, f'No row of rank {rank} in the list (ranks 1-{len(rows)}).')
+    path = os.path.normpath(os.path.join(root, by_rank[rank]['id']))
+    if os.path.commonpath([root, path]) != root or not os.path.isfile(path):
+      return error(404, f"The image of rank {rank} ({by_rank[rank]['id']}) is not a file under "
+                        f'{root}.')
+    return FileResponse(path, media_type=mimetypes.guess_type(path)[0] or
+                        'application/octet-stream')
+
+  async def apply(request: Any) -> JSONResponse:
+    try:
+      body = await request.json()
+    except ValueError:
+      return error(400, 'The body is not JSON; send {"ranks": [1, 2, ...]}.')
+    ranks = body.get('ranks') if isinstance(body, dict) else None
+    if (not isinstance(ranks, list) or not ranks
+        or not all(isinstance(k, int) and not isinstance(k, bool) for k in ranks)):
+      return error(400, 'Send {"ranks": [1, 2, ...]}: a non-empty list of the ranks to apply.')
+    unknown = sorted(set(ranks) - set(by_rank))
+    if unknown:
+      return error(400, f'Rank {unknown[0]} is not in the list (ranks 1-{len(rows)}).')
+    try:
+      done = relabel.relabel(issues, manifest, ','.join(map(str, sorted(set(ranks)))), output)
+    except UserError as e:
+      return error(400, str(e))
+    return JSONResponse({'output': done['output'], 'relabelled': done['relabelled'],
+                         'left_alone': done['skipped']})
+
+  return Starlette(routes=[Route('/', page), Route('/v1/issues', listed),
+                           Route('/v1/image/{rank:int}', image),
+                           Route('/v1/apply', apply, methods=['POST'])])
+
+
+class Background:
+  """The page served on a background thread (tests, notebooks): ``url``, ``close()``."""
+
+  def __init__(self, app: Any, host: str = '127.0.0.1', port: int = 0):
+    import uvicorn
+    self.socket = socket.create_server((host, port))
+    self._server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False,
+                                                 lifespan='off'))
+    self._thread = threading.Thread(target=self._server.run, kwargs={'sockets': [self.socket]},
+                                    daemon=True)
+    self._thread.start()
+    deadline = time.monotonic() + 30
+    while not self._server.started and time.monotonic() < deadline:
+      time.sleep(0.01)
+    host, port = self.socket.getsockname()[:2]
+    self.url = f'http://{host}:{port}'
+
+  def close(self) -> None:
+    self._server.should_exit = True
+    self._thread.join(timeout=30)
+    self.socket.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  ap.add_argument('--issues', required=True, help='cv_label_issues.csv or label_issues.csv')
+  ap.add_argument('--manifest', required=True, help='the CSV manifest the run read')
+  ap.add_argument('--out', default='', help='default: <manifest>.relabelled.csv beside it')
+  ap.add_argument('--host', default='127.0.0.1')
+  ap.add_argument('--port', type=int, default=8000)
+  args = ap.parse_args(argv)
+  try:
+    app = create_app(args.issues, args.manifest, args.out)
+    sock = socket.create_server((args.host, args.port))
+  except UserError as e:
+    print(f'Error: {e}', file=sys.stderr)
+    return 2
+  except OSError as e:
+    print(f'Error: cannot listen on {args.host}:{args.port} ({e.strerror or e}); choose another '
+          '--port (0 = any free port) or --host.', file=sys.stderr)
+    return 2
+  import uvicorn
+  host, port = sock.getsockname()[:2]
+  print(f'Label review: http://{host}:{port}/ (Ctrl-C to stop)', flush=True)
+  uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False,
+                                lifespan='off')).run(sockets=[sock])
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
