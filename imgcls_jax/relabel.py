@@ -17,8 +17,12 @@ since, or another manifest), or does not list it. The output (default: beside th
 its own folder when that is another one; the manifest itself is never overwritten. Train on it with
 ``--config.data.manifest=<out>``.
 
-Image folders (``<class>/`` directories) and tfds datasets have no manifest to copy: move the files
-or keep the list as a record.
+An image folder of class directories (``config.data.folder``: ``<class>/**`` or
+``<split>/<class>/**``) is given as ``--folder=DIR`` instead of ``--manifest``: the output is then a
+manifest of all its files (``path,label[,split]``, default ``DIR.relabelled.csv`` beside it), each
+labelled by its class directory or, for the chosen rows, by the suggestion; train on it with
+``--config.data.folder='' --config.data.manifest=<out>``. The folder is not touched. A tfds
+dataset or an arrays file has nothing to copy: keep the list as a record.
 """
 from __future__ import annotations
 
@@ -86,19 +90,54 @@ def _columns(rows: list[list[str]]) -> tuple[int, int, int]:
   return 0, 0, 1
 
 
-def relabel(issues_path: str, manifest_path: str, ranks: str, out: str = '') -> dict[str, Any]:
-  """Writes the relabelled copy of ``manifest_path``; returns what was done."""
+def folder_rows(root: str, found: list[dict[str, str]]) -> list[list[str]]:
+  """A manifest's rows (a ``path,label[,split]`` header first; paths relative to ``root``) of the
+  files of an image folder, as its layout lists them: ``root/<class>/**``, or
+  ``root/<split>/<class>/**`` when the list's ids name a split first (``split/class/file``: an id's
+  class directory is its label)."""
+  from imgcls_jax.data import folder_index
+  if not os.path.isdir(root):
+    raise UserError(f'The image folder {root} does not exist; give the folder the run read '
+                    '(config.data.folder).')
+  parts = [os.path.normpath(r['id']).split(os.sep) for r in found[:20]]
+  split_first = bool(parts) and all(len(p) > 2 and p[1] == r['label']
+                                    for p, r in zip(parts, found))
+  if not split_first and not all(len(p) > 1 and p[0] == r['label'] for p, r in zip(parts, found)):
+    raise UserError(f'The ids of the list do not name their label\'s class directory under {root} '
+                    '(<class>/<file> or <split>/<class>/<file>); give the folder the run read.')
+  if split_first:
+    return [['path', 'label', 'split']] + [
+        [rel, name, split] for split in folder_index.subdirs(root)
+        for name in folder_index.subdirs(os.path.join(root, split))
+        for rel in folder_index.walk(os.path.join(root, split, name), os.path.join(split, name))]
+  return [['path', 'label']] + [[rel, name] for name in folder_index.subdirs(root)
+                                for rel in folder_index.walk(os.path.join(root, name), name)]
+
+
+def relabel(issues_path: str, manifest_path: str, ranks: str, out: str = '', *,
+            folder: str = '') -> dict[str, Any]:
+  """Writes the relabelled copy of ``manifest_path`` (with ``folder`` instead, an image folder of
+  class directories: a manifest of its files, ``folder_rows``); returns what was done."""
   found, tagged = read_issues(issues_path)
-  manifest_path = os.path.abspath(manifest_path)
-  manifest_lib.read_rows(manifest_path, tagged)   # a manifest the pipeline reads, or one line
-  out = os.path.abspath(out or os.path.splitext(manifest_path)[0] + '.relabelled.csv')
-  if out == manifest_path:
+  if bool(manifest_path) == bool(folder):
+    raise UserError('Give the manifest (--manifest) or the image folder (--folder) the run read, '
+                    'one of them.')
+  if folder:
+    src = os.path.abspath(folder).rstrip(os.sep)
+    rows, src_dir = folder_rows(src, found), src
+    default = src + '.relabelled.csv'
+  else:
+    src = os.path.abspath(manifest_path)
+    manifest_lib.read_rows(src, tagged)   # a manifest the pipeline reads, or one line
+    with open(src, newline='', encoding='utf-8-sig') as f:
+      rows = list(csv.reader(f))
+    src_dir, default = os.path.dirname(src), os.path.splitext(src)[0] + '.relabelled.csv'
+  out = os.path.abspath(out or default)
+  if out == src:
     raise UserError(f'--out is the manifest itself ({out}); write the relabelled copy to '
                     'another file.')
   chosen = {int(r['rank']): r for r in found}
   picked = [chosen[k] for k in parse_ranks(ranks, len(found)) if k in chosen]
-  with open(manifest_path, newline='', encoding='utf-8-sig') as f:
-    rows = list(csv.reader(f))
   first, path_col, label_col = _columns([r for r in rows if r and any(x.strip() for x in r)])
   at = {os.path.normpath(r[path_col].strip()): i for i, r in enumerate(rows)
         if i >= first and len(r) > max(path_col, label_col)}
@@ -117,7 +156,7 @@ def relabel(issues_path: str, manifest_path: str, ranks: str, out: str = '') -> 
       continue
     rows[i][label_col] = r['suggested']
     changed.append((r['rank'], r['id'], now, r['suggested']))
-  src_dir, out_dir = os.path.dirname(manifest_path), os.path.dirname(out)
+  out_dir = os.path.dirname(out)
   if src_dir != out_dir:   # paths are relative to the CSV: keep them pointing at the images
     for i in range(first, len(rows)):
       if len(rows[i]) > path_col and rows[i][path_col].strip() and not os.path.isabs(
@@ -135,12 +174,13 @@ def relabel(issues_path: str, manifest_path: str, ranks: str, out: str = '') -> 
 def main(argv: list[str] | None = None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   ap.add_argument('--issues', required=True, help='cv_label_issues.csv or label_issues.csv')
-  ap.add_argument('--manifest', required=True, help='the CSV manifest the run read')
+  ap.add_argument('--manifest', default='', help='the CSV manifest the run read')
+  ap.add_argument('--folder', default='', help='or the image folder of class directories')
   ap.add_argument('--ranks', required=True, help="rows to apply: e.g. 1-200, 1-40,45 or all")
   ap.add_argument('--out', default='', help='default: <manifest>.relabelled.csv beside it')
   args = ap.parse_args(argv)
   try:
-    done = relabel(args.issues, args.manifest, args.ranks, args.out)
+    done = relabel(args.issues, args.manifest, args.ranks, args.out, folder=args.folder)
   except UserError as e:
     print(f'Error: {e}', file=sys.stderr)
     return 2

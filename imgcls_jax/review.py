@@ -2,6 +2,7 @@
 
   python -m imgcls_jax.review --issues=<workdir>/cv_label_issues.csv --manifest=labels.csv \
       [--out=labels.relabelled.csv] [--port=8000] [--host=127.0.0.1]
+  (an image folder of class directories: --folder=DIR instead of --manifest, as relabel.py)
   open http://127.0.0.1:8000/
 
 The page shows every row of the list (``cv_label_issues.csv`` from k-fold cross-validation, or
@@ -38,16 +39,25 @@ from imgcls_jax.errors import UserError
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'serve', 'static', 'review.html')
 
 
-def create_app(issues: str, manifest: str, out: str = '') -> Any:
-  """The Starlette app of the page for the list ``issues`` and the CSV ``manifest``."""
+def create_app(issues: str, manifest: str, out: str = '', *, folder: str = '') -> Any:
+  """The Starlette app of the page for the list ``issues`` and the CSV ``manifest`` (or the image
+  ``folder`` of class directories: ``relabel.relabel``'s ``folder``)."""
   from starlette.applications import Starlette
   from starlette.responses import FileResponse, HTMLResponse, JSONResponse
   from starlette.routing import Route
   rows, tagged = relabel.read_issues(issues)
-  manifest = os.path.abspath(manifest)
-  manifest_lib.read_rows(manifest, tagged)   # a readable manifest, or one line now
-  output = os.path.abspath(out or os.path.splitext(manifest)[0] + '.relabelled.csv')
-  root = os.path.dirname(manifest)
+  if bool(manifest) == bool(folder):
+    raise UserError('Give the manifest (--manifest) or the image folder (--folder) the run read, '
+                    'one of them.')
+  if folder:
+    root = os.path.abspath(folder).rstrip(os.sep)
+    relabel.folder_rows(root, rows)   # a folder whose layout the list's ids fit, or one line now
+    source, output = root, os.path.abspath(out or root + '.relabelled.csv')
+  else:
+    source = os.path.abspath(manifest)
+    manifest_lib.read_rows(source, tagged)   # a readable manifest, or one line now
+    root = os.path.dirname(source)
+    output = os.path.abspath(out or os.path.splitext(source)[0] + '.relabelled.csv')
   by_rank = {int(r['rank']): r for r in rows}
 
   def error(status: int, message: str) -> JSONResponse:
@@ -58,7 +68,7 @@ def create_app(issues: str, manifest: str, out: str = '') -> Any:
       return HTMLResponse(f.read())
 
   async def listed(request: Any) -> JSONResponse:
-    return JSONResponse({'tagged': tagged, 'manifest': manifest, 'output': output, 'rows': rows})
+    return JSONResponse({'tagged': tagged, 'manifest': source, 'output': output, 'rows': rows})
 
   async def image(request: Any) -> Any:
     rank = request.path_params['rank']
@@ -84,7 +94,8 @@ def create_app(issues: str, manifest: str, out: str = '') -> Any:
     if unknown:
       return error(400, f'Rank {unknown[0]} is not in the list (ranks 1-{len(rows)}).')
     try:
-      done = relabel.relabel(issues, manifest, ','.join(map(str, sorted(set(ranks)))), output)
+      done = relabel.relabel(issues, manifest, ','.join(map(str, sorted(set(ranks)))), output,
+                             folder=folder)
     except UserError as e:
       return error(400, str(e))
     return JSONResponse({'output': done['output'], 'relabelled': done['relabelled'],
@@ -121,13 +132,14 @@ class Background:
 def main(argv: list[str] | None = None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   ap.add_argument('--issues', required=True, help='cv_label_issues.csv or label_issues.csv')
-  ap.add_argument('--manifest', required=True, help='the CSV manifest the run read')
+  ap.add_argument('--manifest', default='', help='the CSV manifest the run read')
+  ap.add_argument('--folder', default='', help='or the image folder of class directories')
   ap.add_argument('--out', default='', help='default: <manifest>.relabelled.csv beside it')
   ap.add_argument('--host', default='127.0.0.1')
   ap.add_argument('--port', type=int, default=8000)
   args = ap.parse_args(argv)
   try:
-    app = create_app(args.issues, args.manifest, args.out)
+    app = create_app(args.issues, args.manifest, args.out, folder=args.folder)
     sock = socket.create_server((args.host, args.port))
   except UserError as e:
     print(f'Error: {e}', file=sys.stderr)

@@ -123,3 +123,52 @@ def test_bad_inputs_are_one_line(tmp_path, capsys):
   relabel.relabel(issues, manifest, '1')
   with open(manifest) as f:
     assert f.read() == before   # the manifest itself is never written
+
+
+def _folder_listing(data, split, names, root):
+  """{absolute path: class} of a split as the pipeline lists it (the oracle for the copies)."""
+  ids, labels = folder_index.listed(folder_index.source_of(data), split, names)
+  return {os.path.normpath(os.path.join(root, i)): names[k] for i, k in zip(ids, labels)}
+
+
+@pytest.mark.parametrize('with_splits', [True, False])
+def test_an_image_folder_becomes_a_relabelled_manifest(tmp_path, digits_config, with_splits):
+  """--folder: a manifest of every file of the folder, each labelled by its class directory but
+  the chosen rows; read by the pipeline, it lists the folder's splits exactly as the folder
+  layout does, but for the relabelled images."""
+  from tests.test_classical import digits_folder
+  root = str(tmp_path / 'photos')
+  if with_splits:
+    digits_folder(root)                            # photos/{train,test}/{0,1,7}/*.png
+    split, first = 'train', 'train/1/3.png'
+  else:
+    digits_folder(str(tmp_path / 'tmp'), bad_file=False)
+    os.rename(str(tmp_path / 'tmp' / 'train'), root)   # photos/{0,1,7}/*.png
+    split, first = 'all', '1/3.png'
+  rows = [{'rank': 1, 'id': first, 'fold': 0, 'label': '1', 'suggested': '7', 'p_label': 0.01,
+           'p_suggested': 0.98},
+          {'rank': 2, 'id': first.replace('1/3', '0/2'), 'fold': 0, 'label': '0',
+           'suggested': '1', 'p_label': 0.02, 'p_suggested': 0.9}]
+  issues = _issues(str(tmp_path / 'cv_label_issues.csv'), rows, label_issues.COLUMNS)
+  assert relabel.main([f'--issues={issues}', f'--folder={root}', '--ranks=1']) == 0
+  out = root + '.relabelled.csv'
+  names = ('0', '1', '7')
+  c = digits_config
+  c.data.name, c.data.train_split, c.data.eval_split = 'image_folder', split, split
+  c.data.folder = root
+  want = _folder_listing(c.data, split, names, root)
+  want[os.path.join(root, first)] = '7'
+  c.data.folder, c.data.manifest = '', out
+  assert _folder_listing(c.data, split, names, os.path.dirname(out)) == want
+  if with_splits:   # the other split too, unchanged
+    c.data.folder, c.data.manifest = root, ''
+    test = _folder_listing(c.data, 'test', names, root)
+    c.data.folder, c.data.manifest = '', out
+    assert _folder_listing(c.data, 'test', names, os.path.dirname(out)) == test
+  with pytest.raises(UserError, match='The image folder .*nowhere does not exist'):
+    relabel.relabel(issues, '', 'all', folder=str(tmp_path / 'nowhere'))
+  odd = _issues(str(tmp_path / 'odd.csv'), [{**rows[0], 'id': 'x/3.png'}], label_issues.COLUMNS)
+  with pytest.raises(UserError, match="do not name their label's class directory"):
+    relabel.relabel(odd, '', 'all', folder=root)
+  with pytest.raises(UserError, match=r'Give the manifest \(--manifest\) or the image folder'):
+    relabel.relabel(issues, out, 'all', folder=root)

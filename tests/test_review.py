@@ -92,3 +92,24 @@ def test_a_bad_list_or_port_is_one_line(tmp_path, capsys):
     assert capsys.readouterr().err.startswith(f'Error: cannot listen on 127.0.0.1:{port} (')
   finally:
     busy.close()
+
+
+def test_an_image_folder_is_reviewed_into_a_manifest(tmp_path):
+  from tests.test_classical import digits_folder
+  root = digits_folder(str(tmp_path / 'photos'))
+  issues = str(tmp_path / 'cv_label_issues.csv')
+  label_issues.write_csv([{'rank': 1, 'id': 'train/1/3.png', 'fold': 0, 'label': '1',
+                           'suggested': '7', 'p_label': 0.01, 'p_suggested': 0.98}], issues,
+                         label_issues.COLUMNS)
+  client = TestClient(review.create_app(issues, '', folder=root))
+  with open(os.path.join(root, 'train/1/3.png'), 'rb') as f:
+    assert client.get('/v1/image/1').content == f.read()
+  done = client.post('/v1/apply', json={'ranks': [1]}).json()
+  assert done['output'] == root + '.relabelled.csv' and len(done['relabelled']) == 1
+  with open(done['output'], newline='') as f:
+    got = {r[0]: (r[1], r[2]) for r in csv.reader(f)}
+  assert got['photos/train/1/3.png'] == ('7', 'train')
+  assert got['photos/test/7/0.png'] == ('7', 'test')
+  assert got['photos/train/1/2.png'] == ('1', 'train')
+  with pytest.raises(UserError, match='Give the manifest'):
+    review.create_app(issues, str(tmp_path / 'x.csv'), folder=root)

@@ -147,7 +147,8 @@ def source_of(data: ml_collections.ConfigDict) -> Source:
   return Source(kind='splits' if has_splits else 'flat', location=root, root=root, **common)
 
 
-def _subdirs(path: str) -> list[str]:
+def subdirs(path: str) -> list[str]:
+  """The non-hidden sub-directories of ``path``, sorted (class or split directories)."""
   return sorted(d for d in os.listdir(path)
                 if os.path.isdir(os.path.join(path, d)) and not d.startswith('.'))
 
@@ -163,7 +164,7 @@ def _split_dir(src: Source, split: str) -> str:
   path = os.path.join(src.root, split)
   if not os.path.isdir(path):
     raise UserError(f"Split '{split}' does not exist in the image folder {src.root} (found: "
-                    f"{', '.join(_subdirs(src.root)) or 'no sub-directories'}); create "
+                    f"{', '.join(subdirs(src.root)) or 'no sub-directories'}); create "
                     f'{path}/<class>/ or set config.data.train_split / eval_split.')
   return path
 
@@ -177,7 +178,7 @@ def has_splits(src: Source) -> bool:
 
 # ---- listing: (example id, class name) per candidate file ----
 
-def _walk(directory: str, prefix: str) -> Iterable[str]:
+def walk(directory: str, prefix: str) -> Iterable[str]:
   """Relative paths (``prefix/...``) of the non-hidden files under ``directory``, sorted."""
   for dirpath, dirnames, filenames in os.walk(directory):
     dirnames[:] = sorted(d for d in dirnames if not d.startswith('.'))
@@ -212,7 +213,7 @@ def class_names(src: Source) -> tuple[str, ...]:
                       'classifier needs at least 2 classes: add rows of images of another class.')
     return names
   where = src.root if src.kind == 'flat' else _split_dir(src, src.train_split)
-  names = tuple(_subdirs(where))   # as text (runs saved with this order resume in it)
+  names = tuple(subdirs(where))   # as text (runs saved with this order resume in it)
   if not names:
     raise UserError(f'The image folder {where} has no class sub-directories; put the images in '
                     f'{where}/<class name>/ (or list them in a CSV set as config.data.manifest).')
@@ -274,7 +275,7 @@ def _candidates(src: Source, split: str, names: tuple[str, ...],
 def named_splits(src: Source) -> set[str]:
   """The splits the layout names itself: split directories, or a manifest's split column."""
   if src.kind == 'splits':
-    return set(_subdirs(src.root))
+    return set(subdirs(src.root))
   if src.kind == 'manifest':
     return {r[2] for r in manifest.read_rows(src.location, src.multilabel) if r[2] is not None}
   return set()
@@ -308,12 +309,12 @@ def _listed(src: Source, split: str, names: tuple[str, ...],
       seen.add(rel)
       pairs.append((rel, label))
   elif src.kind == 'flat':
-    for name in _subdirs(src.root):
-      pairs.extend((rel, name) for rel in _walk(os.path.join(src.root, name), name))
+    for name in subdirs(src.root):
+      pairs.extend((rel, name) for rel in walk(os.path.join(src.root, name), name))
   else:
     split_dir = _split_dir(src, split)
-    for name in _subdirs(split_dir):
-      pairs.extend((rel, name) for rel in _walk(os.path.join(split_dir, name),
+    for name in subdirs(split_dir):
+      pairs.extend((rel, name) for rel in walk(os.path.join(split_dir, name),
                                                 os.path.join(split, name)))
   if src.multilabel:
     tag_pairs = [(rel, manifest.tags(label)) for rel, label in pairs]
