@@ -9,10 +9,13 @@ relabelled as the search suggests.
 ``--ranks``: which of its rows to apply, e.g. ``1-200``, ``1-40,45,50-60`` or ``all``, after
 looking at them (``cv_label_issues.png`` shows the first 48); ``--manifest``: the CSV manifest the
 run read (``config.data.manifest``). Each chosen row's image gets the ``suggested`` label (a
-tagging run's: the ``suggested`` tag set, its missing tags added and extra ones removed). Every
-other row, column and the header are copied as they are. A row is left alone, with a line saying
-why, when the manifest no longer gives the image the label the list was made with (relabelled
-since, or another manifest), or does not list it. The output (default: beside the manifest,
+tagging run's: its extra tags removed and its missing ones added, the others kept in the
+manifest's order, so the first tag that stratifies a hold-out stays first). Every other row, column
+and the header are copied (cells as Python's csv module writes them). A row is left alone, with a
+line saying why, when the manifest no longer gives the image the label the list was made with
+(relabelled since, or another manifest), does not list it, or lists it in more than one split.
+Changing labels changes a hold-out drawn per class (a manifest without a split column): the
+relabelled run's eval split is another draw. The output (default: beside the manifest,
 ``<name>.relabelled.csv``) is written whole or not at all, with its paths rewritten relative to
 its own folder when that is another one; the manifest itself is never overwritten. Train on it with
 ``--config.data.manifest=<out>``.
@@ -36,24 +39,29 @@ from imgcls_jax.data import manifest as manifest_lib
 from imgcls_jax.errors import UserError
 
 
-def parse_ranks(spec: str, count: int) -> list[int]:
-  """The ranks ``spec`` names ('all', or comma-separated ``N`` / ``N-M``; 1-based, within the
-  list's ``count`` rows), in ascending order, each once."""
-  spec = spec.strip().lower()
+def parse_ranks(spec: str, ranks: list[int]) -> list[int]:
+  """The ranks ``spec`` names ('all', or comma-separated ``N`` / ``N-M``, 1-based) among the
+  list's ``ranks``, ascending, each once; a named rank the list lacks is a UserError (a range
+  takes the ranks it spans that the list has)."""
+  spec, have = spec.strip().lower(), set(ranks)
   if spec == 'all':
-    return list(range(1, count + 1))
+    return sorted(have)
   chosen: set[int] = set()
+  span = f'{min(have)}-{max(have)}' if have else 'none'
   for part in filter(None, (p.strip() for p in spec.split(','))):
-    lo, _, hi = part.partition('-')
+    lo, dash, hi = part.partition('-')
     try:
-      a, b = int(lo), int(hi or lo)
+      a, b = int(lo), int(hi if dash else lo)
     except ValueError:
       raise UserError(f"--ranks='{spec}': '{part}' is not a rank or a range of ranks; write e.g. "
                       "1-200, 1-40,45 or all.") from None
-    if not 1 <= a <= b <= count:
-      raise UserError(f"--ranks='{spec}': '{part}' is outside the list's ranks 1-{count}; "
-                      'choose ranks the list has.')
-    chosen.update(range(a, b + 1))
+    if a > b:
+      raise UserError(f"--ranks='{spec}': '{part}' runs backwards; write the lower rank first.")
+    got = {k for k in range(a, b + 1) if k in have} if dash else {a} & have
+    if not got:
+      raise UserError(f"--ranks='{spec}': the list has no row of rank{'s' if dash else ''} "
+                      f"{part} (its ranks: {span}); choose ranks the list has.")
+    chosen |= got
   if not chosen:
     raise UserError('--ranks is empty; name the rows to apply, e.g. 1-200 or all.')
   return sorted(chosen)
@@ -65,29 +73,41 @@ def read_issues(path: str) -> tuple[list[dict[str, str]], bool]:
     with open(path, newline='', encoding='utf-8') as f:
       reader = csv.DictReader(f)
       rows, columns = list(reader), set(reader.fieldnames or ())
-  except OSError as e:
-    raise UserError(f'Cannot read the label-issue list {path} ({e.strerror}); give the '
+  except (OSError, UnicodeDecodeError) as e:
+    why = e.strerror if isinstance(e, OSError) else 'not UTF-8 text'
+    raise UserError(f'Cannot read the label-issue list {path} ({why}); give the '
                     'cv_label_issues.csv or label_issues.csv a search wrote.') from None
   tagged = 'tags' in columns
-  needed = {'rank', 'id', 'suggested', 'tags' if tagged else 'label'}
+  needed = {'rank', 'id', 'suggested'} | ({'tags', 'missing', 'extra'} if tagged else {'label'})
   if not needed <= columns:
     raise UserError(f'{path} is not a label-issue list (it lacks the column(s) '
                     f"{', '.join(sorted(needed - columns))}); give the cv_label_issues.csv or "
                     'label_issues.csv a search wrote.')
-  if rows and not any(r['id'] for r in rows):
+  if not rows:
+    raise UserError(f'{path} lists no label issue (the search flagged nothing): nothing to '
+                    'relabel.')
+  if not any(r['id'] for r in rows):
     raise UserError(f'{path} names its examples by position only (an arrays file or a dataset '
                     'without ids): there is no manifest row to relabel.')
+  bad = next((r['rank'] for r in rows if not r['rank'].strip().isdigit()), None)
+  if bad is not None:
+    raise UserError(f"{path} has a rank '{bad}' that is not a whole number; give the list as the "
+                    'search wrote it.')
   return rows, tagged
 
 
-def _columns(rows: list[list[str]]) -> tuple[int, int, int]:
-  """(first data row, path column, label column) of a manifest's raw rows, by
-  ``manifest.read_rows``' rule (a header naming path and label / labels, else columns 0, 1)."""
-  header = [x.strip().lower() for x in rows[0]] if rows else []
+def _columns(rows: list[list[str]]) -> tuple[int, int, int, int | None]:
+  """(first data row, path column, label column, split column or None) of a manifest's raw rows
+  (blank ones included), by ``manifest.read_rows``' rule: a header naming path and label /
+  labels (and split) on the first non-blank row; else columns 0, 1 and, when any row has a third
+  cell, 2."""
+  top = next((i for i, r in enumerate(rows) if r and any(x.strip() for x in r)), len(rows))
+  header = [x.strip().lower() for x in rows[top]] if top < len(rows) else []
   label_col = 'label' if 'label' in header else 'labels'
   if 'path' in header and label_col in header:
-    return 1, header.index('path'), header.index(label_col)
-  return 0, 0, 1
+    return (top + 1, header.index('path'), header.index(label_col),
+            header.index('split') if 'split' in header else None)
+  return top, 0, 1, 2 if any(len(r) > 2 for r in rows[top:]) else None
 
 
 def folder_rows(root: str, found: list[dict[str, str]]) -> list[list[str]]:
@@ -99,9 +119,11 @@ def folder_rows(root: str, found: list[dict[str, str]]) -> list[list[str]]:
   if not os.path.isdir(root):
     raise UserError(f'The image folder {root} does not exist; give the folder the run read '
                     '(config.data.folder).')
+  if 'label' not in found[0]:
+    raise UserError('A tagging run\'s list needs the manifest it was made from (--manifest): an '
+                    'image folder gives one label per image.')
   parts = [os.path.normpath(r['id']).split(os.sep) for r in found[:20]]
-  split_first = bool(parts) and all(len(p) > 2 and p[1] == r['label']
-                                    for p, r in zip(parts, found))
+  split_first = all(len(p) > 2 and p[1] == r['label'] for p, r in zip(parts, found))
   if not split_first and not all(len(p) > 1 and p[0] == r['label'] for p, r in zip(parts, found)):
     raise UserError(f'The ids of the list do not name their label\'s class directory under {root} '
                     '(<class>/<file> or <split>/<class>/<file>); give the folder the run read.')
@@ -114,10 +136,19 @@ def folder_rows(root: str, found: list[dict[str, str]]) -> list[list[str]]:
                                 for rel in folder_index.walk(os.path.join(root, name), name)]
 
 
+def _new_tags(now: str, r: dict[str, str]) -> str:
+  """A tagging row's new cell: the manifest's tags in their order, less the extra ones, then the
+  missing ones."""
+  extra = set(manifest_lib.tags(r['extra']))
+  kept = [t for t in manifest_lib.tags(now) if t not in extra]
+  return ';'.join(kept + [t for t in manifest_lib.tags(r['missing']) if t not in kept])
+
+
 def relabel(issues_path: str, manifest_path: str, ranks: str, out: str = '', *,
             folder: str = '') -> dict[str, Any]:
   """Writes the relabelled copy of ``manifest_path`` (with ``folder`` instead, an image folder of
-  class directories: a manifest of its files, ``folder_rows``); returns what was done."""
+  class directories: a manifest of its files, ``folder_rows``); returns what was done, with
+  ``hint``: how to train on it."""
   found, tagged = read_issues(issues_path)
   if bool(manifest_path) == bool(folder):
     raise UserError('Give the manifest (--manifest) or the image folder (--folder) the run read, '
@@ -133,20 +164,29 @@ def relabel(issues_path: str, manifest_path: str, ranks: str, out: str = '', *,
       rows = list(csv.reader(f))
     src_dir, default = os.path.dirname(src), os.path.splitext(src)[0] + '.relabelled.csv'
   out = os.path.abspath(out or default)
-  if out == src:
-    raise UserError(f'--out is the manifest itself ({out}); write the relabelled copy to '
-                    'another file.')
+  if out in (src, os.path.abspath(issues_path)) or os.path.isdir(out):
+    raise UserError(f'--out is {"a folder" if os.path.isdir(out) else "an input"} ({out}); write '
+                    'the relabelled copy to a new file.')
   chosen = {int(r['rank']): r for r in found}
-  picked = [chosen[k] for k in parse_ranks(ranks, len(found)) if k in chosen]
-  first, path_col, label_col = _columns([r for r in rows if r and any(x.strip() for x in r)])
-  at = {os.path.normpath(r[path_col].strip()): i for i, r in enumerate(rows)
-        if i >= first and len(r) > max(path_col, label_col)}
+  picked = [chosen[k] for k in parse_ranks(ranks, list(chosen))]
+  first, path_col, label_col, split_col = _columns(rows)
+  at: dict[str, list[int]] = {}   # path -> its rows (the pipeline reads the first of a split)
+  for i in range(first, len(rows)):
+    if len(rows[i]) > max(path_col, label_col) and rows[i][path_col].strip():
+      at.setdefault(os.path.normpath(rows[i][path_col].strip()), []).append(i)
   changed, skipped = [], []
   for r in picked:
-    i = at.get(os.path.normpath(r['id']))
-    if i is None:
+    where = at.get(os.path.normpath(r['id']), [])
+    splits = ({rows[i][split_col].strip() for i in where if len(rows[i]) > split_col}
+              if split_col is not None else set())
+    if not where:
       skipped.append((r['rank'], r['id'], 'not in the manifest'))
       continue
+    if len(splits) > 1:
+      skipped.append((r['rank'], r['id'], f"in more than one split of the manifest "
+                                          f"({', '.join(sorted(splits))}); fix it by hand"))
+      continue
+    i = where[0]
     now = rows[i][label_col].strip()
     same = (set(manifest_lib.tags(now)) == set(manifest_lib.tags(r['tags'])) if tagged
             else now == r['label'])
@@ -154,8 +194,8 @@ def relabel(issues_path: str, manifest_path: str, ranks: str, out: str = '', *,
       skipped.append((r['rank'], r['id'], f"labelled '{now}' in the manifest, not "
                                           f"'{r['tags'] if tagged else r['label']}' as listed"))
       continue
-    rows[i][label_col] = r['suggested']
-    changed.append((r['rank'], r['id'], now, r['suggested']))
+    rows[i][label_col] = _new_tags(now, r) if tagged else r['suggested']
+    changed.append((r['rank'], r['id'], now, rows[i][label_col]))
   out_dir = os.path.dirname(out)
   if src_dir != out_dir:   # paths are relative to the CSV: keep them pointing at the images
     for i in range(first, len(rows)):
@@ -163,12 +203,18 @@ def relabel(issues_path: str, manifest_path: str, ranks: str, out: str = '', *,
           rows[i][path_col].strip()):
         rows[i][path_col] = os.path.relpath(
             os.path.join(src_dir, rows[i][path_col].strip()), out_dir)
-  os.makedirs(out_dir, exist_ok=True)
   tmp = out + '.tmp'
-  with open(tmp, 'w', newline='', encoding='utf-8') as f:
-    csv.writer(f).writerows(rows)
-  os.replace(tmp, out)
-  return {'output': out, 'relabelled': changed, 'skipped': skipped, 'chosen': len(picked)}
+  try:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(tmp, 'w', newline='', encoding='utf-8') as f:
+      csv.writer(f).writerows(rows)
+    os.replace(tmp, out)
+  except OSError as e:
+    raise UserError(f'Cannot write {out} ({e.strerror or e}); choose another --out.') from None
+  hint = (f"--config.data.folder='' --config.data.manifest={out}" if folder
+          else f'--config.data.manifest={out}')
+  return {'output': out, 'relabelled': changed, 'skipped': skipped, 'chosen': len(picked),
+          'hint': hint}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f'  rank {rank} ({ident}) left alone: {why}')
   print(f"Relabelled {len(done['relabelled'])} of the {done['chosen']} chosen images "
         f"({len(done['skipped'])} left alone): {done['output']}\n"
-        f"Train on it with --config.data.manifest={done['output']}")
+        f"Train on it with {done['hint']}")
   return 0
 
 

@@ -11,15 +11,19 @@ likely first: the image, its label and the suggested one (a tagging row: the tag
 remove), and a box to check. "Apply the checked rows" writes the relabelled copy of the manifest,
 exactly as ``python -m imgcls_jax.relabel --ranks=<the checked ranks>`` would (``relabel.py``:
 stale rows left alone, the manifest itself never overwritten), and the page says what it did.
+Each Apply writes the whole copy again from the manifest with the rows checked at that moment, so
+unchecking a row and applying again undoes it.
 
 Endpoints (Starlette under uvicorn; loopback only by default, since the page writes a file):
   GET  /                   the page (plain HTML/JS, works offline)
   GET  /v1/issues          {"tagged", "manifest", "output", "rows": [the list's rows]}
-  GET  /v1/image/<rank>    that row's image file (only the images the list names, under the
-                           manifest's folder)
+  GET  /v1/image/<rank>    that row's image file (only a file the manifest lists, or one
+                           under the folder)
   POST /v1/apply           {"ranks": [1, 3, ...]} -> {"output", "relabelled": [[rank, id, old,
                            new], ...], "left_alone": [[rank, id, why], ...]}
-A bad request gets a 4xx with {"error": "<one sentence>"}.
+A bad request gets a 4xx with {"error": "<one sentence>"}. A request addressed to another host name
+than the loopback ones (a DNS-rebound name), and a POST from another origin or not as JSON, are
+refused (403 / 415), so another web page cannot apply rows.
 """
 from __future__ import annotations
 
@@ -39,9 +43,16 @@ from imgcls_jax.errors import UserError
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'serve', 'static', 'review.html')
 
 
-def create_app(issues: str, manifest: str, out: str = '', *, folder: str = '') -> Any:
+LOOPBACK = frozenset({'127.0.0.1', 'localhost', '::1'})
+
+
+def create_app(issues: str, manifest: str, out: str = '', *, folder: str = '',
+               hosts: frozenset[str] | None = LOOPBACK) -> Any:
   """The Starlette app of the page for the list ``issues`` and the CSV ``manifest`` (or the image
-  ``folder`` of class directories: ``relabel.relabel``'s ``folder``)."""
+  ``folder`` of class directories: ``relabel.relabel``'s ``folder``). ``hosts``: the host names
+  a request may address (its Host header; a page of another site or a DNS-rebound name is
+  refused); None: any (a non-loopback bind). A POST must be JSON from the page's own origin."""
+  from urllib.parse import urlsplit
   from starlette.applications import Starlette
   from starlette.responses import FileResponse, HTMLResponse, JSONResponse
   from starlette.routing import Route
@@ -53,15 +64,33 @@ def create_app(issues: str, manifest: str, out: str = '', *, folder: str = '') -
     root = os.path.abspath(folder).rstrip(os.sep)
     relabel.folder_rows(root, rows)   # a folder whose layout the list's ids fit, or one line now
     source, output = root, os.path.abspath(out or root + '.relabelled.csv')
+    listed_files = None   # every file under the folder is one of its images
   else:
     source = os.path.abspath(manifest)
-    manifest_lib.read_rows(source, tagged)   # a readable manifest, or one line now
     root = os.path.dirname(source)
+    listed_files = {os.path.normpath(os.path.join(root, p))
+                    for p, _, _ in manifest_lib.read_rows(source, tagged)}
     output = os.path.abspath(out or os.path.splitext(source)[0] + '.relabelled.csv')
   by_rank = {int(r['rank']): r for r in rows}
 
   def error(status: int, message: str) -> JSONResponse:
     return JSONResponse({'error': message}, status_code=status)
+
+  def refused(request: Any) -> JSONResponse | None:
+    host = urlsplit('//' + request.headers.get('host', '')).hostname or ''
+    if hosts is not None and host not in hosts:
+      return error(403, f"Host '{host}' is not this page's address; open it as "
+                        'http://127.0.0.1:<port>/.')
+    origin = request.headers.get('origin')
+    if request.method == 'POST' and origin and urlsplit(origin).netloc != request.headers.get(
+        'host', ''):
+      return error(403, f'A request from {origin} may not apply rows; use the page itself.')
+    return None
+
+  def guarded(handler: Any) -> Any:
+    async def run(request: Any) -> Any:
+      return refused(request) or await handler(request)
+    return run
 
   async def page(request: Any) -> HTMLResponse:
     with open(PAGE, encoding='utf-8') as f:
@@ -75,13 +104,18 @@ def create_app(issues: str, manifest: str, out: str = '', *, folder: str = '') -
     if rank not in by_rank:
       return error(404, f'No row of rank {rank} in the list (ranks 1-{len(rows)}).')
     path = os.path.normpath(os.path.join(root, by_rank[rank]['id']))
-    if os.path.commonpath([root, path]) != root or not os.path.isfile(path):
-      return error(404, f"The image of rank {rank} ({by_rank[rank]['id']}) is not a file under "
-                        f'{root}.')
+    known = (path in listed_files if listed_files is not None
+             else os.path.commonpath([root, path]) == root)
+    if not known or not os.path.isfile(path):
+      return error(404, f"The image of rank {rank} ({by_rank[rank]['id']}) is not a file of "
+                        f'{source}.')
     return FileResponse(path, media_type=mimetypes.guess_type(path)[0] or
                         'application/octet-stream')
 
   async def apply(request: Any) -> JSONResponse:
+    if request.headers.get('content-type', '').split(';')[0].strip() != 'application/json':
+      return error(415, 'Send the ranks as JSON (Content-Type: application/json): '
+                        '{"ranks": [1, 2, ...]}.')
     try:
       body = await request.json()
     except ValueError:
@@ -99,11 +133,11 @@ def create_app(issues: str, manifest: str, out: str = '', *, folder: str = '') -
     except UserError as e:
       return error(400, str(e))
     return JSONResponse({'output': done['output'], 'relabelled': done['relabelled'],
-                         'left_alone': done['skipped']})
+                         'left_alone': done['skipped'], 'hint': done['hint']})
 
-  return Starlette(routes=[Route('/', page), Route('/v1/issues', listed),
-                           Route('/v1/image/{rank:int}', image),
-                           Route('/v1/apply', apply, methods=['POST'])])
+  return Starlette(routes=[Route('/', guarded(page)), Route('/v1/issues', guarded(listed)),
+                           Route('/v1/image/{rank:int}', guarded(image)),
+                           Route('/v1/apply', guarded(apply), methods=['POST'])])
 
 
 class Background:
@@ -138,8 +172,10 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument('--host', default='127.0.0.1')
   ap.add_argument('--port', type=int, default=8000)
   args = ap.parse_args(argv)
+  loopback = args.host in LOOPBACK
   try:
-    app = create_app(args.issues, args.manifest, args.out, folder=args.folder)
+    app = create_app(args.issues, args.manifest, args.out, folder=args.folder,
+                     hosts=LOOPBACK if loopback else None)
     sock = socket.create_server((args.host, args.port))
   except UserError as e:
     print(f'Error: {e}', file=sys.stderr)
@@ -150,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   import uvicorn
   host, port = sock.getsockname()[:2]
+  if not loopback:
+    print(f'Warning: --host={args.host} lets other machines open the page, and it writes '
+          f'{args.out or "the relabelled copy"}: serve it on a network you trust.', flush=True)
   print(f'Label review: http://{host}:{port}/ (Ctrl-C to stop)', flush=True)
   uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False,
                                 lifespan='off')).run(sockets=[sock])

@@ -85,15 +85,25 @@ def test_a_tagging_list_elsewhere_rewrites_the_paths(tmp_path):
 
 
 @pytest.mark.parametrize('spec, message', [
-    ('0-2', r"'0-2' is outside the list's ranks 1-3"),
-    ('2-9', r"'2-9' is outside the list's ranks 1-3"),
+    ('7', r"the list has no row of rank 7 \(its ranks: 1-3\)"),
+    ('5-9', r"the list has no row of ranks 5-9 \(its ranks: 1-3\)"),
     ('x', r"'x' is not a rank or a range of ranks; write e.g. 1-200"),
+    ('1-', r"'1-' is not a rank or a range of ranks"),
+    ('3-1', r"'3-1' runs backwards; write the lower rank first"),
     (',', r'--ranks is empty'),
 ])
 def test_bad_ranks_are_one_line(spec, message):
   with pytest.raises(UserError, match=message):
-    relabel.parse_ranks(spec, 3)
-  assert relabel.parse_ranks('3,1-2,2', 3) == [1, 2, 3] and relabel.parse_ranks('ALL', 2) == [1, 2]
+    relabel.parse_ranks(spec, [1, 2, 3])
+
+
+def test_ranks_are_the_lists_own():
+  assert relabel.parse_ranks('3,1-2,2', [1, 2, 3]) == [1, 2, 3]
+  assert relabel.parse_ranks('ALL', [1, 2]) == [1, 2]
+  assert relabel.parse_ranks('2-9', [1, 2, 3]) == [2, 3]   # a range takes the ranks it spans
+  assert relabel.parse_ranks('all', [1, 3]) == relabel.parse_ranks('1-3', [1, 3]) == [1, 3]
+  with pytest.raises(UserError, match='no row of rank 2 '):   # rows deleted from the list
+    relabel.parse_ranks('2', [1, 3])
 
 
 def test_bad_inputs_are_one_line(tmp_path, capsys):
@@ -112,12 +122,12 @@ def test_bad_inputs_are_one_line(tmp_path, capsys):
   issues = _issues(str(tmp_path / 'j.csv'), [{'rank': 1, 'position': 0, 'id': 'img/0.png',
                                               'label': '0', 'suggested': '1', 'p_label': 0.1,
                                               'p_suggested': 0.9}], label_issues.EVAL_COLUMNS)
-  with pytest.raises(UserError, match='--out is the manifest itself'):
+  with pytest.raises(UserError, match='--out is an input'):
     relabel.relabel(issues, manifest, 'all', manifest)
   assert relabel.main([f'--issues={issues}', f'--manifest={manifest}', '--ranks=5']) == 2
   err = capsys.readouterr().err.strip().splitlines()
-  assert err == ["Error: --ranks='5': '5' is outside the list's ranks 1-1; choose ranks the list "
-                 'has.']
+  assert err == ["Error: --ranks='5': the list has no row of rank 5 (its ranks: 1-1); choose "
+                 'ranks the list has.']
   with open(manifest) as f:
     before = f.read()
   relabel.relabel(issues, manifest, '1')
@@ -172,3 +182,60 @@ def test_an_image_folder_becomes_a_relabelled_manifest(tmp_path, digits_config, 
     relabel.relabel(odd, '', 'all', folder=root)
   with pytest.raises(UserError, match=r'Give the manifest \(--manifest\) or the image folder'):
     relabel.relabel(issues, out, 'all', folder=root)
+
+
+def _raw(path, text):
+  with open(path, 'w', newline='') as f:
+    f.write(text)
+  return str(path)
+
+
+def test_the_row_the_pipeline_reads_is_the_one_relabelled(tmp_path):
+  """Duplicate rows (the pipeline reads the first), the same image in two splits (ambiguous: left
+  alone), a blank line before the header; a tagging cell keeps its order, the added tags last."""
+  row = {'fold': 0, 'p_label': 0.1, 'p_suggested': 0.9}
+  issues = _issues(str(tmp_path / 'i.csv'), [
+      {'rank': 1, 'id': 'a.png', 'label': 'cat', 'suggested': 'dog', **row},
+      {'rank': 2, 'id': 'b.png', 'label': 'cat', 'suggested': 'dog', **row}], label_issues.COLUMNS)
+  manifest = _raw(tmp_path / 'm.csv', '\npath,label,split\na.png,cat,train\nc.png,dog,train\n'
+                  'a.png,cat,train\nb.png,cat,train\nb.png,cat,test\n')
+  done = relabel.relabel(issues, manifest, 'all', str(tmp_path / 'out' / 'x.csv'))
+  assert done['skipped'] == [('2', 'b.png', 'in more than one split of the manifest (test, '
+                                           'train); fix it by hand')]
+  with open(done['output'], newline='') as f:
+    got = [r for r in csv.reader(f) if r]
+  assert got == [['path', 'label', 'split'], ['../a.png', 'dog', 'train'],
+                 ['../c.png', 'dog', 'train'], ['../a.png', 'cat', 'train'],
+                 ['../b.png', 'cat', 'train'], ['../b.png', 'cat', 'test']]
+  tags = _issues(str(tmp_path / 't.csv'), [
+      {'rank': 1, 'id': 'a.png', 'tags': 'b;z', 'suggested': 'a;b', 'missing': 'a', 'extra': 'z',
+       'quality': 0.1}], label_issues.TAG_COLUMNS)
+  manifest = _raw(tmp_path / 'tags.csv', 'path,labels\na.png,z;b\nc.png,a\n')
+  done = relabel.relabel(tags, manifest, 'all')
+  with open(done['output'], newline='') as f:
+    assert list(csv.reader(f))[1] == ['a.png', 'b;a']   # 'b' stays first, 'a' is added after
+
+
+def test_more_bad_inputs_are_one_line(tmp_path):
+  manifest = _raw(tmp_path / 'm.csv', 'path,label\na.png,cat\nb.png,dog\n')
+  empty = _issues(str(tmp_path / 'empty.csv'), [], label_issues.COLUMNS)
+  with pytest.raises(UserError, match=r'lists no label issue \(the search flagged nothing\)'):
+    relabel.relabel(empty, manifest, 'all')
+  issues = _issues(str(tmp_path / 'i.csv'), [{'rank': 1, 'id': 'a.png', 'fold': 0, 'label': 'cat',
+                                              'suggested': 'dog', 'p_label': 0.1,
+                                              'p_suggested': 0.9}], label_issues.COLUMNS)
+  with pytest.raises(UserError, match=r'--out is an input'):
+    relabel.relabel(issues, manifest, 'all', issues)
+  (tmp_path / 'afile').write_text('x')
+  with pytest.raises(UserError, match=r'Cannot write .*afile/x.csv \(.*\); choose another --out'):
+    relabel.relabel(issues, manifest, 'all', str(tmp_path / 'afile' / 'x.csv'))
+  (tmp_path / 'latin.csv').write_bytes('rank,id,fold,label,suggested\n1,\xe9.png,0,a,b\n'
+                                       .encode('latin-1'))
+  with pytest.raises(UserError, match=r'Cannot read the label-issue list .* \(not UTF-8 text\)'):
+    relabel.relabel(str(tmp_path / 'latin.csv'), manifest, 'all')
+  tags = _issues(str(tmp_path / 't.csv'), [
+      {'rank': 1, 'id': 'cat/a.png', 'tags': 'cat', 'suggested': '', 'missing': '',
+       'extra': 'cat', 'quality': 0.1}], label_issues.TAG_COLUMNS)
+  os.makedirs(tmp_path / 'photos' / 'cat')
+  with pytest.raises(UserError, match="A tagging run's list needs the manifest"):
+    relabel.relabel(tags, '', 'all', folder=str(tmp_path / 'photos'))

@@ -12,6 +12,8 @@ from imgcls_jax import label_issues, review
 from imgcls_jax.errors import UserError
 from tests.test_relabel import _manifest
 
+LOCAL = 'http://127.0.0.1:8000'   # the test client's requests carry this Host, as the page's do
+
 
 def review_case(root):
   """A manifest of 8 digits (labels i % 3) and a list of 3 rows: two fixable, one stale."""
@@ -29,7 +31,7 @@ def review_case(root):
 
 def test_the_endpoints_list_show_and_apply(tmp_path):
   manifest, issues = review_case(str(tmp_path))
-  client = TestClient(review.create_app(issues, manifest))
+  client = TestClient(review.create_app(issues, manifest), base_url=LOCAL)
   page = client.get('/')
   assert page.status_code == 200 and 'Apply the checked rows' in page.text
   listed = client.get('/v1/issues').json()
@@ -53,15 +55,25 @@ def test_the_endpoints_list_show_and_apply(tmp_path):
 
 @pytest.mark.parametrize('request_args, status, message', [
     (('get', '/v1/image/9'), 404, 'No row of rank 9 in the list (ranks 1-3).'),
-    (('post', '/v1/apply', {'content': b'not json'}), 400, 'The body is not JSON'),
+    (('post', '/v1/apply', {'content': b'not json', 'headers': {'content-type':
+                                                                'application/json'}}),
+     400, 'The body is not JSON'),
     (('post', '/v1/apply', {'json': {'ranks': []}}), 400, 'a non-empty list of the ranks'),
     (('post', '/v1/apply', {'json': {'ranks': ['1']}}), 400, 'a non-empty list of the ranks'),
     (('post', '/v1/apply', {'json': {'ranks': [1, 7]}}), 400, 'Rank 7 is not in the list'),
     (('get', '/v1/apply'), 405, ''),
+    (('post', '/v1/apply', {'content': b'{"ranks": [1]}', 'headers': {'content-type':
+                                                                      'text/plain'}}),
+     415, 'Send the ranks as JSON (Content-Type: application/json)'),
+    (('post', '/v1/apply', {'json': {'ranks': [1]}, 'headers': {'origin': 'http://evil.example'}}),
+     403, 'A request from http://evil.example may not apply rows'),
+    (('post', '/v1/apply', {'json': {'ranks': [1]}, 'headers': {'host': 'evil.example:8000'}}),
+     403, "Host 'evil.example' is not this page's address"),
+    (('get', '/v1/issues', {'headers': {'host': 'evil.example'}}), 403, 'is not this page'),
 ])
 def test_bad_requests_get_one_sentence(tmp_path, request_args, status, message):
   manifest, issues = review_case(str(tmp_path))
-  client = TestClient(review.create_app(issues, manifest))
+  client = TestClient(review.create_app(issues, manifest), base_url=LOCAL)
   method, url, *kwargs = request_args
   response = getattr(client, method)(url, **(kwargs[0] if kwargs else {}))
   assert response.status_code == status
@@ -77,8 +89,8 @@ def test_an_image_outside_the_manifests_folder_is_not_served(tmp_path):
   label_issues.write_csv([{'rank': 1, 'id': '../secret.png', 'fold': 0, 'label': '0',
                            'suggested': '1', 'p_label': 0.1, 'p_suggested': 0.9}], issues,
                          label_issues.COLUMNS)
-  response = TestClient(review.create_app(issues, manifest)).get('/v1/image/1')
-  assert response.status_code == 404 and 'is not a file under' in response.json()['error']
+  response = TestClient(review.create_app(issues, manifest), base_url=LOCAL).get('/v1/image/1')
+  assert response.status_code == 404 and 'is not a file of' in response.json()['error']
 
 
 def test_a_bad_list_or_port_is_one_line(tmp_path, capsys):
@@ -101,7 +113,7 @@ def test_an_image_folder_is_reviewed_into_a_manifest(tmp_path):
   label_issues.write_csv([{'rank': 1, 'id': 'train/1/3.png', 'fold': 0, 'label': '1',
                            'suggested': '7', 'p_label': 0.01, 'p_suggested': 0.98}], issues,
                          label_issues.COLUMNS)
-  client = TestClient(review.create_app(issues, '', folder=root))
+  client = TestClient(review.create_app(issues, '', folder=root), base_url=LOCAL)
   with open(os.path.join(root, 'train/1/3.png'), 'rb') as f:
     assert client.get('/v1/image/1').content == f.read()
   done = client.post('/v1/apply', json={'ranks': [1]}).json()
@@ -113,3 +125,29 @@ def test_an_image_folder_is_reviewed_into_a_manifest(tmp_path):
   assert got['photos/train/1/2.png'] == ('1', 'train')
   with pytest.raises(UserError, match='Give the manifest'):
     review.create_app(issues, str(tmp_path / 'x.csv'), folder=root)
+
+
+def test_a_manifest_naming_images_elsewhere_has_them_shown(tmp_path):
+  """Manifest paths may leave its folder ('../img/x.png', absolute ones): the page shows exactly
+  the files the manifest lists, and no other."""
+  manifest, _ = review_case(str(tmp_path))
+  lists = tmp_path / 'lists'
+  os.makedirs(lists)
+  with open(manifest) as f:
+    lines = f.read().splitlines()
+  (lists / 'm.csv').write_text('\n'.join([lines[0]] + [
+      ('../d/' + line if i % 2 else str(tmp_path / 'd') + '/' + line)
+      for i, line in enumerate(lines[1:])]) + '\n')
+  issues = str(tmp_path / 'l.csv')
+  label_issues.write_csv([{'rank': 1, 'id': '../d/img/1.png', 'fold': 0, 'label': '1',
+                           'suggested': '2', 'p_label': 0.1, 'p_suggested': 0.9},
+                          {'rank': 2, 'id': str(tmp_path / 'd' / 'img' / '0.png'), 'fold': 0,
+                           'label': '0', 'suggested': '2', 'p_label': 0.1, 'p_suggested': 0.9},
+                          {'rank': 3, 'id': '../d/labels.csv', 'fold': 0, 'label': '0',
+                           'suggested': '2', 'p_label': 0.1, 'p_suggested': 0.9}], issues,
+                         label_issues.COLUMNS)
+  client = TestClient(review.create_app(issues, str(lists / 'm.csv')), base_url=LOCAL)
+  for rank, name in ((1, '1.png'), (2, '0.png')):
+    with open(tmp_path / 'd' / 'img' / name, 'rb') as f:
+      assert client.get(f'/v1/image/{rank}').content == f.read()
+  assert client.get('/v1/image/3').status_code == 404   # a file, but not one the manifest lists

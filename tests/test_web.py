@@ -2,6 +2,7 @@
 page's file input; the top-1 class and probabilities it shows must equal the JSON API's answer
 for the same files. A screenshot is saved into the test's tmp dir on failure."""
 import contextlib
+import csv
 import http.client
 import json
 import os
@@ -202,11 +203,23 @@ def test_review_page_applies_the_checked_rows(browser, tmp_path):
       assert 'Relabelled 1 image, 1 left alone' in browser.find_element(By.ID, 'result').text
       assert 'done' in browser.find_element(By.ID, 'row-1').get_attribute('class')
       assert 'left alone' in browser.find_element(By.ID, 'row-2').text
-    with open(out) as f:
-      from_page = f.read()
+    with open(out, newline='') as f:
+      written = list(csv.reader(f))
+    # The oracle: the manifest's labels (i % 3) with rank 1's image 4 changed to '2', rank 2 (a
+    # stale row) not; the paths rewritten to the copy's folder.
+    assert written == [['path', 'label', 'split']] + [
+        [f'd/img/{i}.png', '2' if i == 4 else str(i % 3), 'train'] for i in range(8)]
     expected = relabel.relabel(issues, manifest, '1-2', str(tmp_path / 'cli.csv'))
-    with open(expected['output']) as f:
-      assert from_page == f.read()
-    assert from_page.count('\n') == 9 and 'img/4.png,2,train' in from_page
+    with open(expected['output'], newline='') as f:
+      assert list(csv.reader(f)) == written   # the same copy as the command line writes
+    # Unchecking the row and applying again (with another one checked) rewrites the copy.
+    browser.find_element(By.ID, 'pick-1').click()
+    browser.find_element(By.ID, 'pick-3').click()
+    browser.find_element(By.ID, 'apply').click()
+    wait.until(lambda d: d.find_element(By.ID, 'result').get_attribute('data-state'))
+    assert 'done' not in browser.find_element(By.ID, 'row-1').get_attribute('class')
+    assert 'done' in browser.find_element(By.ID, 'row-3').get_attribute('class')
+    with open(out, newline='') as f:
+      assert [r[1] for r in list(csv.reader(f))[1:]] == ['0', '1', '2', '0', '1', '1', '0', '1']
   finally:
     srv.close()
