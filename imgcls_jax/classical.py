@@ -34,7 +34,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from imgcls_jax import features, label_issues, plots, report, report_files, report_text
+from imgcls_jax import (features, label_issues, out_of_fold, plots, report, report_files,
+                        report_text)
 from imgcls_jax.errors import UserError
 
 CLASSIFIERS = ('logistic', 'linear_svm')
@@ -155,7 +156,7 @@ def cross_validate(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
   t0 = time.perf_counter()
   assignment = folds_lib.assign(config.data, split, k, config.seed)
   rows, per_fold, pooled, names = [], [], None, []
-  oof = label_issues.OutOfFold(config, len(assignment.ids))
+  oof = out_of_fold.OutOfFold(config, len(assignment.ids))
   for i in range(k):
     fold_dir = os.path.join(workdir, f'fold_{i}')
     train_file, eval_file = (os.path.join(fold_dir, f) for f in ('train_ids.txt', 'eval_ids.txt'))

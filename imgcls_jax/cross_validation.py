@@ -24,8 +24,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from imgcls_jax import (evaluation, label_issues, plots, report, report_files, report_text,
-                        train)
+from imgcls_jax import (evaluation, label_issues, out_of_fold, plots, report, report_files,
+                        report_text, train)
 from imgcls_jax.data import folds as folds_lib
 from imgcls_jax.errors import UserError
 
@@ -66,7 +66,7 @@ def cross_validate(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
                len(assignment.ids), config.data.name, split, config.seed, workdir)
   per_fold, fold_rows, pooled = [], [], None
   class_names: list[str] = []
-  oof = label_issues.OutOfFold(config, len(assignment.ids))
+  oof = out_of_fold.OutOfFold(config, len(assignment.ids))
   for i in range(k):
     fold_dir = os.path.join(workdir, f'fold_{i}')
     train_file = os.path.join(fold_dir, 'train_ids.txt')

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgcls_jax import cross_validation, label_issues
+from imgcls_jax import cross_validation, label_issues, out_of_fold
 from imgcls_jax.data import digits, reader
 
 NOISE = 0.05
@@ -236,14 +236,14 @@ def test_a_tag_on_every_example_or_on_none_is_not_judged_and_the_others_are(capl
 def test_a_missing_cleanlab_is_one_line_before_any_fold_trains(digits_config, monkeypatch):
   from imgcls_jax.errors import UserError
   digits_config.cross_validation.folds = 2
-  real = label_issues.importlib.util.find_spec
-  monkeypatch.setattr(label_issues.importlib.util, 'find_spec',
+  real = out_of_fold.importlib.util.find_spec
+  monkeypatch.setattr(out_of_fold.importlib.util, 'find_spec',
                       lambda name, *a: None if name == 'cleanlab' else real(name, *a))
   with pytest.raises(UserError, match=r'needs cleanlab, which is not installed: run pip install '
                                       r'-e \. .*label_issues=False'):
-    label_issues.OutOfFold(digits_config, 1797)
+    out_of_fold.OutOfFold(digits_config, 1797)
   digits_config.cross_validation.label_issues = False   # off: no cleanlab needed
-  assert not label_issues.OutOfFold(digits_config, 1797).wanted
+  assert not out_of_fold.OutOfFold(digits_config, 1797).wanted
 
 
 @pytest.mark.slow
