@@ -157,6 +157,7 @@ def cross_validate(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
   assignment = folds_lib.assign(config.data, split, k, config.seed)
   rows, per_fold, pooled, names = [], [], None, []
   oof = out_of_fold.OutOfFold(config, len(assignment.ids))
+  info = reader.describe(config.data) if oof.wanted else None
   for i in range(k):
     fold_dir = os.path.join(workdir, f'fold_{i}')
     train_file, eval_file = (os.path.join(fold_dir, f) for f in ('train_ids.txt', 'eval_ids.txt'))
@@ -172,8 +173,7 @@ def cross_validate(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
       raise RuntimeError(f"Fold {i} evaluated {rep['num_examples']} examples, expected "
                          f'{len(assignment.held_out(i))}.')
     names = rep['class_names']
-    oof.add(i, assignment.held_out(i), scored['position'], scored['label'], scored['probs'],
-            reader.describe(config.data))
+    oof.add(i, assignment.held_out(i), scored['position'], scored['label'], scored['probs'], info)
     pooled = report.add(pooled, stats)
     per_fold.append(report.scalars(rep))
     rows.append({'fold': i, 'workdir': fold_dir, 'train_examples': rep['context']['train_examples'],
