@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import os
 import sys
 from typing import Any
@@ -144,26 +145,47 @@ def _new_tags(now: str, r: dict[str, str]) -> str:
   return ';'.join(kept + [t for t in manifest_lib.tags(r['missing']) if t not in kept])
 
 
+@dataclasses.dataclass
+class Source:
+  """What a list is applied to: a manifest, or an image folder as a manifest of its files."""
+  path: str                 # the manifest, or the folder
+  root: str                 # the directory its rows' paths are relative to
+  rows: list[list[str]]     # its CSV rows as read (a folder's: ``folder_rows``)
+  default_out: str          # where the relabelled copy goes unless told
+
+  def files(self) -> set[str]:
+    """The absolute paths of the images its rows list."""
+    first, path_col, _, _ = _columns(self.rows)
+    return {os.path.normpath(os.path.join(self.root, r[path_col].strip()))
+            for r in self.rows[first:] if len(r) > path_col and r[path_col].strip()}
+
+
+def open_source(found: list[dict[str, str]], tagged: bool, manifest: str,
+                folder: str) -> Source:
+  """The manifest (``manifest``) or image folder (``folder``) a list ``found`` is applied to;
+  one of them, readable, or a UserError."""
+  if bool(manifest) == bool(folder):
+    raise UserError('Give the manifest (--manifest) or the image folder (--folder) the run read, '
+                    'one of them.')
+  if folder:
+    root = os.path.abspath(folder).rstrip(os.sep)
+    return Source(root, root, folder_rows(root, found), root + '.relabelled.csv')
+  path = os.path.abspath(manifest)
+  manifest_lib.read_rows(path, tagged)   # a manifest the pipeline reads, or one line
+  with open(path, newline='', encoding='utf-8-sig') as f:
+    rows = list(csv.reader(f))
+  return Source(path, os.path.dirname(path), rows, os.path.splitext(path)[0] + '.relabelled.csv')
+
+
 def relabel(issues_path: str, manifest_path: str, ranks: str, out: str = '', *,
             folder: str = '') -> dict[str, Any]:
   """Writes the relabelled copy of ``manifest_path`` (with ``folder`` instead, an image folder of
   class directories: a manifest of its files, ``folder_rows``); returns what was done, with
   ``hint``: how to train on it."""
   found, tagged = read_issues(issues_path)
-  if bool(manifest_path) == bool(folder):
-    raise UserError('Give the manifest (--manifest) or the image folder (--folder) the run read, '
-                    'one of them.')
-  if folder:
-    src = os.path.abspath(folder).rstrip(os.sep)
-    rows, src_dir = folder_rows(src, found), src
-    default = src + '.relabelled.csv'
-  else:
-    src = os.path.abspath(manifest_path)
-    manifest_lib.read_rows(src, tagged)   # a manifest the pipeline reads, or one line
-    with open(src, newline='', encoding='utf-8-sig') as f:
-      rows = list(csv.reader(f))
-    src_dir, default = os.path.dirname(src), os.path.splitext(src)[0] + '.relabelled.csv'
-  out = os.path.abspath(out or default)
+  source = open_source(found, tagged, manifest_path, folder)
+  rows, src, src_dir = source.rows, source.path, source.root
+  out = os.path.abspath(out or source.default_out)
   if out in (src, os.path.abspath(issues_path)) or os.path.isdir(out):
     raise UserError(f'--out is {"a folder" if os.path.isdir(out) else "an input"} ({out}); write '
                     'the relabelled copy to a new file.')

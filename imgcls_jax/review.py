@@ -37,7 +37,6 @@ import time
 from typing import Any
 
 from imgcls_jax import relabel
-from imgcls_jax.data import manifest as manifest_lib
 from imgcls_jax.errors import UserError
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'serve', 'static', 'review.html')
@@ -57,20 +56,9 @@ def create_app(issues: str, manifest: str, out: str = '', *, folder: str = '',
   from starlette.responses import FileResponse, HTMLResponse, JSONResponse
   from starlette.routing import Route
   rows, tagged = relabel.read_issues(issues)
-  if bool(manifest) == bool(folder):
-    raise UserError('Give the manifest (--manifest) or the image folder (--folder) the run read, '
-                    'one of them.')
-  if folder:
-    root = os.path.abspath(folder).rstrip(os.sep)
-    relabel.folder_rows(root, rows)   # a folder whose layout the list's ids fit, or one line now
-    source, output = root, os.path.abspath(out or root + '.relabelled.csv')
-    listed_files = None   # every file under the folder is one of its images
-  else:
-    source = os.path.abspath(manifest)
-    root = os.path.dirname(source)
-    listed_files = {os.path.normpath(os.path.join(root, p))
-                    for p, _, _ in manifest_lib.read_rows(source, tagged)}
-    output = os.path.abspath(out or os.path.splitext(source)[0] + '.relabelled.csv')
+  src = relabel.open_source(rows, tagged, manifest, folder)   # or one line now
+  output = os.path.abspath(out or src.default_out)
+  listed_files = src.files()
   by_rank = {int(r['rank']): r for r in rows}
 
   def error(status: int, message: str) -> JSONResponse:
@@ -97,18 +85,16 @@ def create_app(issues: str, manifest: str, out: str = '', *, folder: str = '',
       return HTMLResponse(f.read())
 
   async def listed(request: Any) -> JSONResponse:
-    return JSONResponse({'tagged': tagged, 'manifest': source, 'output': output, 'rows': rows})
+    return JSONResponse({'tagged': tagged, 'manifest': src.path, 'output': output, 'rows': rows})
 
   async def image(request: Any) -> Any:
     rank = request.path_params['rank']
     if rank not in by_rank:
       return error(404, f'No row of rank {rank} in the list (ranks 1-{len(rows)}).')
-    path = os.path.normpath(os.path.join(root, by_rank[rank]['id']))
-    known = (path in listed_files if listed_files is not None
-             else os.path.commonpath([root, path]) == root)
-    if not known or not os.path.isfile(path):
+    path = os.path.normpath(os.path.join(src.root, by_rank[rank]['id']))
+    if path not in listed_files or not os.path.isfile(path):
       return error(404, f"The image of rank {rank} ({by_rank[rank]['id']}) is not a file of "
-                        f'{source}.')
+                        f'{src.path}.')
     return FileResponse(path, media_type=mimetypes.guess_type(path)[0] or
                         'application/octet-stream')
 
