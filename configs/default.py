@@ -275,7 +275,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.evaluate.abstain_accuracy = 0.0
   # --mode=evaluate, single-label: image files / folders / both (comma-separated) of NONE of the
   # classes; the report then says how well the top-1 probability tells them from the split
-  # (ROC-AUC) and how many would be answered at 95% coverage and at the abstention threshold.
+  # (ROC-AUC) and how many would be answered at 95% coverage and at the abstention threshold,
+  # and how well each per-image score does (imgcls_jax/ood.py: top-1 probability, energy,
+  # largest logit; ROC-AUC and FPR95).
   c.evaluate.ood_inputs = ''
 
   # ---- --mode=compare (imgcls_jax/compare.py): the run in --workdir (A) against another (B) ----

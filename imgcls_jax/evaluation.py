@@ -17,8 +17,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from imgcls_jax import (checkpoint, held_out, inference, label_issues, metrics, report, run,
-                        selective, sharding, steps)
+from imgcls_jax import (checkpoint, held_out, inference, label_issues, metrics, ood, report,
+                        run, sharding, steps)
 from imgcls_jax.data import images, reader
 from imgcls_jax.data.info import check_flips
 from imgcls_jax.errors import UserError
@@ -88,9 +88,12 @@ class Evaluation:
                       'model': cfg.model.name, 'workdir': self.workdir,
                       'temperature': self.trained.temperature}
     if self.ood is not None:
+      split_scores = None
+      if isinstance(self.outcomes, Outcomes) and self.outcomes.scores is not None:
+        split_scores = {'msp': self.outcomes.p_predicted, **self.outcomes.scores}
       rep['out_of_distribution'] = {
-          **selective.ood_summary(self.stats['sel_right'], self.stats['sel_wrong'],
-                                  self.ood['histogram'], self.trained.min_confidence or None),
+          **ood.summary(self.stats['sel_right'], self.stats['sel_wrong'], self.ood['histogram'],
+                        self.trained.min_confidence or None, split_scores, self.ood['scores']),
           'inputs': self.ood['inputs'], 'skipped': self.ood['skipped']}
     return rep
 
@@ -188,7 +191,8 @@ def evaluate_checkpoint(workdir: str, config: ml_collections.ConfigDict | None, 
   (one process) the same pass also gathers every example's ``Outcomes``, with the
   images of that many of the most confident errors (``keep_probs``: with every class's
   probability, e.g. for k-fold's label-issue search; a tagging run's outcomes always have them);
-  with ``ood_files`` (one process, single-label), those images are scored too (``ood_pass``)."""
+  with ``ood_files`` (one process, single-label), those images are scored too (``ood_pass``),
+  and the split's per-example scores kept to compare with theirs."""
   if num_bins < 1:
     raise UserError(f'config.evaluate.calibration_bins={num_bins} must be at least 1.')
   r = restore_for_split(workdir, config, split=split, checkpoint_spec=checkpoint_spec, tta=tta,
@@ -219,14 +223,16 @@ def evaluate_checkpoint(workdir: str, config: ml_collections.ConfigDict | None, 
       keep_probs = False
     elif keep_errors is None:
       keep_errors = 0
+  if ood_files and keep_errors is None:
+    keep_errors = 0
   if keep_errors is not None:
     outcomes, stats = outcomes_pass(r, tta, keep_images=keep_errors, num_bins=num_bins,
-                                    keep_probs=keep_probs)
+                                    keep_probs=keep_probs, keep_scores=bool(ood_files))
   else:
     eval_step = run.jit_eval_step(r.setup, r.shardings, tta=tta, num_bins=num_bins)
     stats = report.stats_to_numpy(run.eval_sums(eval_step, r.variables, r.data.batches(),
                                                 r.setup.mesh, r.split))
-  ood = ood_pass(r, ood_files, tta, num_bins) if ood_files else None
+  ood_result = ood_pass(r, ood_files, tta, num_bins) if ood_files else None
   unseen = None
   if keep_probs:
     shared = (0 if r.new_images else
@@ -235,7 +241,7 @@ def evaluate_checkpoint(workdir: str, config: ml_collections.ConfigDict | None, 
     unseen = None if shared is None else shared == 0
   return Evaluation(stats=stats, trained=r.trained, split=r.split, step=r.step, chosen=r.chosen,
                     tta=tta, workdir=os.path.abspath(workdir),
-                    dataset=reader.dataset_name(r.trained.run.data), outcomes=outcomes, ood=ood,
+                    dataset=reader.dataset_name(r.trained.run.data), outcomes=outcomes, ood=ood_result,
                     unseen=unseen)
 
 
@@ -244,31 +250,38 @@ OOD_MULTILABEL = ('config.evaluate.ood_inputs scores the top-1 probability of a 
 
 
 def ood_pass(r: Restored, files: list[str], tta: str, num_bins: int) -> dict[str, Any]:
-  """Images of none of the run's classes through the split's eval step (the same checkpoint,
+  """Images of none of the run's classes through the split's forward pass (the same checkpoint,
   test-time augmentation and temperature; read as predict reads files): the histogram of their
-  top-1 probabilities (``selective.sums``' bins), and the files that could not be read."""
+  top-1 probabilities (``selective.sums``' bins), per image the scores of ``ood.SCORES``, and
+  the files that could not be read."""
   if r.trained.info.multilabel:
     raise UserError(OOD_MULTILABEL)
   b = r.setup.local_eval_batch_size
   skipped: list[tuple[str, str]] = []
-
-  def batches():
-    read = functools.partial(inference.prepare, r.trained)
-    for _, arrays in images.image_batches(files, read, b, skipped):
-      batch = {'image': np.zeros((b, *arrays.shape[1:]), np.uint8),
-               'label': np.zeros((b,), np.int32), 'mask': np.arange(b) < len(arrays)}
-      batch['image'][:len(arrays)] = arrays
-      yield batch
-
-  eval_step = run.jit_eval_step(r.setup, r.shardings, tta=tta, num_bins=num_bins)
-  try:
-    stats = report.stats_to_numpy(run.eval_sums(eval_step, r.variables, batches(), r.setup.mesh,
-                                                'ood'))
-  except UserError:   # every file unreadable
+  step = jax.jit(functools.partial(steps.example_outcomes, model_def=r.setup.model_def,
+                                   cfg=r.setup.step_cfg, tta=tta, num_bins=num_bins,
+                                   with_scores=True),
+                 in_shardings=(r.shardings, sharding.batch_sharding(r.setup.mesh)),
+                 out_shardings=sharding.replicated(r.setup.mesh))
+  keys = {'msp': 'p_predicted', 'logsumexp': 'logsumexp', 'max_logit': 'max_logit'}
+  scores: dict[str, list[np.ndarray]] = {k: [] for k in keys}
+  totals = None
+  read = functools.partial(inference.prepare, r.trained)
+  for _, arrays in images.image_batches(files, read, b, skipped):
+    batch = {'image': np.zeros((b, *arrays.shape[1:]), np.uint8),
+             'label': np.zeros((b,), np.int32), 'mask': np.arange(b) < len(arrays)}
+    batch['image'][:len(arrays)] = arrays
+    out, sums = jax.device_get(step(r.variables, sharding.put_batch(
+        batch, sharding.batch_sharding(r.setup.mesh))))
+    totals = report.add(totals, sums)
+    for k, v in keys.items():
+      scores[k].append(np.asarray(out[v])[:len(arrays)])
+  if totals is None:   # every file unreadable
     raise UserError(f'None of the {len(files)} files of config.evaluate.ood_inputs could be read '
-                    f'as an image ({skipped[0][0]}: {skipped[0][1]}); give image files.') from None
+                    f'as an image ({skipped[0][0]}: {skipped[0][1]}); give image files.')
+  stats = report.stats_to_numpy(totals)
   return {'histogram': stats['sel_right'] + stats['sel_wrong'], 'inputs': len(files),
-          'skipped': len(skipped)}
+          'skipped': len(skipped), 'scores': {k: np.concatenate(v) for k, v in scores.items()}}
 
 
 @dataclasses.dataclass
@@ -282,6 +295,7 @@ class Outcomes:
   p_label: np.ndarray       # float32 N: the labelled class's
   images: dict[int, np.ndarray]   # position -> eval-preprocessed image of the kept errors
   probs: np.ndarray | None = None   # float32 N x K: every class's (outcomes_pass's keep_probs)
+  scores: dict[str, np.ndarray] | None = None   # steps.logit_scores' (outcomes_pass's keep_scores)
 
   def errors(self) -> np.ndarray:
     """Indices of the wrongly predicted examples, the most confident first (ties: position)."""
@@ -325,7 +339,8 @@ def _sureness(p: np.ndarray, labelled: np.ndarray) -> np.ndarray:
 
 
 def outcomes_pass(r: Restored, tta: str = '', *, keep_images: int = 0,
-                  num_bins: int | None = None, keep_probs: bool = False
+                  num_bins: int | None = None, keep_probs: bool = False,
+                  keep_scores: bool = False
                   ) -> tuple[Outcomes | TagOutcomes, dict[str, np.ndarray] | None]:
   """The ``Outcomes`` (multi-label: ``TagOutcomes``) of every example of ``r.split`` (one
   process: every row comes back to the host), keeping the images of the ``keep_images`` examples
@@ -344,6 +359,8 @@ def outcomes_pass(r: Restored, tta: str = '', *, keep_images: int = 0,
     fn, keys = steps.example_outcomes, ('position', 'label', 'predicted', 'p_predicted', 'p_label')
     if keep_probs:
       keys, extra = keys + ('probs',), {'with_probs': True}
+    if keep_scores:
+      keys, extra = keys + ('logsumexp', 'max_logit'), {**extra, 'with_scores': True}
   step = jax.jit(functools.partial(fn, model_def=r.setup.model_def, cfg=r.setup.step_cfg,
                                    tta=tta, num_bins=num_bins, **extra),
                  in_shardings=(r.shardings, batch_sh), out_shardings=sharding.replicated(mesh))
@@ -398,5 +415,7 @@ def outcomes_pass(r: Restored, tta: str = '', *, keep_images: int = 0,
     outcomes = Outcomes(position=position, label=c['label'].astype(np.int64),
                         predicted=c['predicted'].astype(np.int64), p_predicted=c['p_predicted'],
                         p_label=c['p_label'], images=images,
-                        probs=c['probs'].astype(np.float32, copy=False) if keep_probs else None)
+                        probs=c['probs'].astype(np.float32, copy=False) if keep_probs else None,
+                        scores=({k: c[k] for k in ('logsumexp', 'max_logit')} if keep_scores
+                                else None))
   return outcomes, (report.stats_to_numpy(totals) if totals is not None else None)

@@ -6,7 +6,7 @@ import io
 import math
 from typing import Any, Mapping
 
-from imgcls_jax import intervals, label_issues, report, report_multilabel, selective
+from imgcls_jax import intervals, label_issues, ood, report, report_multilabel, selective
 
 
 def eval_line(m: Mapping[str, Any], num_classes: int | None = None) -> str:
@@ -55,9 +55,7 @@ def headline(report: Mapping[str, Any]) -> list[str]:
   if report.get('selective'):
     lines.append(selective.headline(report['selective']))
   if report.get('out_of_distribution'):
-    o = report['out_of_distribution']
-    lines.append(f"out-of-distribution: {o['examples']} images, ROC-AUC {o['auroc']:.4f}; "
-                 f"{o['at_95']['answered_ood']:.2%} of them answered where 95% of the split is")
+    lines.append(ood.headline(report['out_of_distribution']))
   return lines
 
 
@@ -129,7 +127,7 @@ def to_markdown(report: Mapping[str, Any], title: str, context: Mapping[str, Any
   if 'selective' in report:
     md += selective.markdown(report['selective'], str(context.get('tta', 'none')))
   if 'out_of_distribution' in report:
-    md += selective.ood_lines(report['out_of_distribution'])
+    md += ood.lines(report['out_of_distribution'])
   if 'label_issues' in report:
     md += label_issues.markdown(report['label_issues'])
   return '\n'.join(md) + '\n'

@@ -162,47 +162,6 @@ def best_possible(right: np.ndarray, wrong: np.ndarray, confidence_level: float 
           f'{confidence_level:.0%} interval')
 
 
-def ood_summary(right: np.ndarray, wrong: np.ndarray, ood: np.ndarray,
-                min_confidence: float | None = None) -> dict[str, Any]:
-  """How the top-1 probability separates the evaluated split (``right`` + ``wrong``) from images
-  of none of the classes (``ood``: their top-1 probability histogram), as the max-softmax-
-  probability baseline (Hendrycks & Gimpel, 2017) measures it: ``auroc`` = the probability that a
-  split image is more confident than an out-of-distribution one, ties (one bin) half
-  (``roc.auc``); ``at_95``: the share of them still answered at the strictest threshold that
-  answers 95% of the split (FPR at 95% TPR); with the run's threshold, the share of each answered
-  there."""
-  split_hist = np.asarray(right, np.int64) + np.asarray(wrong, np.int64)
-  ood = np.asarray(ood, np.int64)
-  bins = len(ood)
-  kept, kept_ood = tail(split_hist), tail(ood)
-  n, n_ood = int(kept[0]), int(kept_ood[0])
-  j95 = int(np.flatnonzero(kept >= 0.95 * n - 1e-9)[-1])
-  out: dict[str, Any] = {
-      'examples': n_ood, 'auroc': float(roc.auc(split_hist[None], ood[None])[0]),
-      'at_95': {'threshold': j95 / bins, 'answered_split': float(kept[j95]) / n,
-                'answered_ood': float(kept_ood[j95]) / n_ood}}
-  if min_confidence:
-    j = edge(min_confidence, bins)
-    out['at_min_confidence'] = {'threshold': j / bins, 'answered_split': float(kept[j]) / n,
-                                'answered_ood': float(kept_ood[j]) / n_ood}
-  return out
-
-
-def ood_lines(o: Mapping[str, Any]) -> list[str]:
-  """The out-of-distribution section of report.md (also printed by --mode=evaluate)."""
-  rows = [('95% of the split answered', o['at_95'])]
-  if 'at_min_confidence' in o:
-    rows.append(("the run's threshold", o['at_min_confidence']))
-  md = ['', '## Out-of-distribution images', '',
-        f"{o['examples']} images of none of the classes (config.evaluate.ood_inputs), scored by "
-        f"their top-1 probability: ROC-AUC against the split {o['auroc']:.4f} (1 = every one "
-        'less confident than every split image, 0.5 = no separation).', '',
-        '| threshold | split answered | out-of-distribution answered |', '|---|---|---|']
-  md += [f"| {name}: {r['threshold']:.3f} | {_pct(r['answered_split'])} | "
-         f"{_pct(r['answered_ood'])} |" for name, r in rows]
-  return md
-
-
 def _pct(x: float | None) -> str:
   return '-' if x is None else f'{100 * x:.2f}%'
 

@@ -345,13 +345,29 @@ def eval_step(variables: Any, batch: dict[str, jax.Array], *, model_def: ModelDe
   return report.eval_sums(log_probs, batch['label'], batch['mask'], num_bins)
 
 
+def logit_scores(variables: Any, images: jax.Array, *, model_def: ModelDef, cfg: StepConfig,
+                 tta: str = '') -> dict[str, jax.Array]:
+  """Out-of-distribution scores per row (float32 B, higher = more like the training classes),
+  each the weighted mean over ``device_augment.tta_views`` of one view's: ``logsumexp``, the
+  log-sum-exp of the logits (minus the energy score, Liu et al., 2020), and ``max_logit``
+  (Hendrycks et al., 2022); of ``forward``'s logits, so after the run's temperature."""
+  lse, top = 0.0, 0.0
+  for w, x in device_augment.tta_views(images, tta):
+    logits = forward(variables.params, variables.batch_stats, x, model_def=model_def,
+                     cfg=cfg).astype(jnp.float32)
+    lse = lse + w * jax.nn.logsumexp(logits, axis=-1)
+    top = top + w * jnp.max(logits, axis=-1)
+  return {'logsumexp': lse, 'max_logit': top}
+
+
 def example_outcomes(variables: Any, batch: dict[str, jax.Array], *, model_def: ModelDef,
                      cfg: StepConfig, tta: str = '', num_bins: int | None = None,
-                     with_probs: bool = False) -> Any:
+                     with_probs: bool = False, with_scores: bool = False) -> Any:
   """Per row (padded rows too), exactly as ``eval_step`` scores it: the top-1 class
   (``predicted``, int32 B), its probability (``p_predicted``) and the labelled class's
-  (``p_label``), float32 B; with ``with_probs``, every class's (``probs``, float32 B x K). With
-  ``num_bins``: ``(that, eval_step's sums)`` of the same forward pass."""
+  (``p_label``), float32 B; with ``with_probs``, every class's (``probs``, float32 B x K); with
+  ``with_scores``, ``logit_scores``' too. With ``num_bins``: ``(that, eval_step's sums)`` of the
+  same forward pass."""
   log_probs = log_probs_fn(variables, batch['image'], model_def=model_def, cfg=cfg, tta=tta)
   normalized = jax.nn.log_softmax(log_probs.astype(jnp.float32), axis=-1)
   predicted = jnp.argmax(normalized, axis=-1)
@@ -361,6 +377,8 @@ def example_outcomes(variables: Any, batch: dict[str, jax.Array], *, model_def: 
          'p_label': jnp.exp(jnp.take_along_axis(normalized, label[:, None], -1)[:, 0])}
   if with_probs:
     out['probs'] = jnp.exp(normalized)
+  if with_scores:
+    out.update(logit_scores(variables, batch['image'], model_def=model_def, cfg=cfg, tta=tta))
   if num_bins is None:
     return out
   return out, report.eval_sums(log_probs, batch['label'], batch['mask'], num_bins)

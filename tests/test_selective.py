@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.special
 import scipy.stats
 from PIL import Image
 
@@ -300,7 +301,7 @@ def _binned(p):
 def test_out_of_distribution_images_against_sklearn_on_the_served_probabilities(
     abstaining, tfds_dir, tmp_path, capsys):
   from sklearn.datasets import load_sample_images
-  from sklearn.metrics import roc_auc_score
+  from sklearn.metrics import roc_auc_score, roc_curve
   from imgcls_jax import evaluate
   _, workdir = abstaining
   ood = tmp_path / 'ood'
@@ -335,10 +336,32 @@ def test_out_of_distribution_images_against_sklearn_on_the_served_probabilities(
   t = inference.load(workdir).min_confidence
   assert o['at_min_confidence']['answered_ood'] == selective.answered(p_ood, t).mean()
   assert o['at_min_confidence']['answered_split'] == selective.answered(p_in, t).mean()
+  # Per image, the three scores of the same pass against sklearn on the served logits.
+  logits_in = clf.predict_arrays(images)['logits'].astype(np.float64)
+  logits_ood = clf.predict_arrays(np.stack([
+      clf.prepare(f) for f in image_files.list_inputs(str(ood)) if 'broken' not in f
+  ]))['logits'].astype(np.float64)
+  oracle = {'msp': (p_in, p_ood),
+            'logsumexp': (scipy.special.logsumexp(logits_in, 1),
+                          scipy.special.logsumexp(logits_ood, 1)),
+            'max_logit': (logits_in.max(1), logits_ood.max(1))}
+  assert [d['score'] for d in o['detectors']] == ['msp', 'logsumexp', 'max_logit']
+  for d in o['detectors']:
+    s = np.concatenate(oracle[d['score']])
+    assert d['auroc'] == pytest.approx(roc_auc_score(truth, s), abs=1e-12), d['score']
+    fpr, tpr, thr = roc_curve(truth, s, drop_intermediate=False)
+    first = int(np.argmax(tpr >= 0.95))     # the highest threshold keeping 95% of the split
+    assert d['at_95']['answered_ood'] == pytest.approx(fpr[first], abs=1e-12), d['score']
+    assert d['at_95']['threshold'] == pytest.approx(thr[first], rel=1e-5)
+  best = max(o['detectors'], key=lambda d: d['auroc'])
+  assert o['best'] == best['score'] and len({d['auroc'] for d in o['detectors']}) == 3
   out = capsys.readouterr().out
   assert f"out-of-distribution: 60 images, ROC-AUC {o['auroc']:.4f}" in out
+  assert (f"best score per image: {best['name']}, ROC-AUC {best['auroc']:.4f}, FPR95 "
+          f"{best['at_95']['answered_ood']:.2%}") in out
   md = open(tmp_path / 'report' / 'report.md').read()
   assert '## Out-of-distribution images' in md
+  assert f"| {best['name']} (best) | {best['auroc']:.4f} |" in md
   # The report's row at the run's threshold (from the summed histograms) and its figure.
   _, labels = _digits(tfds_dir, 'test')
   below = ~selective.answered(p_in, t)
@@ -355,3 +378,20 @@ def test_out_of_distribution_images_against_sklearn_on_the_served_probabilities(
   with pytest.raises(UserError, match='None of the 1 files of config.evaluate.ood_inputs could '
                                       'be read as an image'):
     evaluate.evaluate(None, workdir, {'evaluate.ood_inputs': str(ood / 'broken.png')})
+
+
+def test_logit_scores_are_the_weighted_mean_over_the_test_time_views(abstaining, tfds_dir):
+  """``steps.logit_scores`` against numpy on the served logits of each view: 'flip' averages
+  the image's and its mirror image's log-sum-exp and largest logit, 1/2 each."""
+  from imgcls_jax import steps
+  _, workdir = abstaining
+  clf = inference.classifier(inference.load(workdir))
+  x, _ = _digits(tfds_dir, 'test[:40]')
+  views = [clf.predict_arrays(v)['logits'].astype(np.float64) for v in (x, x[:, :, ::-1])]
+  for tta, weights in (('', (1.0, 0.0)), ('flip', (0.5, 0.5))):
+    got = jax.device_get(steps.logit_scores(clf.variables, jnp.asarray(x), tta=tta,
+                                            model_def=clf.model_def, cfg=clf.step_cfg))
+    for key, fn in (('logsumexp', lambda z: scipy.special.logsumexp(z, 1)),
+                    ('max_logit', lambda z: z.max(1))):
+      want = sum(w * fn(v) for w, v in zip(weights, views))
+      np.testing.assert_allclose(got[key], want, rtol=1e-5, atol=1e-5, err_msg=f'{tta} {key}')

@@ -1,0 +1,124 @@
+"""Out-of-distribution images (``--mode=evaluate --config.evaluate.ood_inputs=PATHS``): how well
+the run's scores tell the evaluated split from images of none of its classes.
+
+Two views of the same pass (``evaluation.ood_pass``; one process, single-label):
+
+* the top-1 probability's histogram (``selective``'s bins, the rule the run's abstention threshold
+  uses): its ROC-AUC, and the share of the images still answered where 95% of the split is and at
+  the run's own threshold (``summary``'s top level: the maximum-softmax-probability baseline,
+  Hendrycks & Gimpel, 2017);
+* per image, three scores of the same forward pass (test-time views and temperature included),
+  each higher for images like the training classes (``SCORES``): the top-1 probability, the
+  log-sum-exp of the logits (minus the energy score, Liu et al., 2020) and the largest logit
+  (Hendrycks et al., 2022), each with its exact ROC-AUC and the share of the images at or above
+  the score that keeps 95% of the split (the false-positive rate at 95% true positives, FPR95).
+  Which one separates best depends on the model and the images: the report measures it.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+
+from imgcls_jax import roc, selective
+
+# (key, what the report calls it); the keys of Outcomes.scores plus 'msp' (p_predicted).
+SCORES = (('msp', 'top-1 probability'),
+          ('logsumexp', 'log-sum-exp of the logits (energy)'),
+          ('max_logit', 'largest logit'))
+TPR = 0.95   # the share of the split kept by the threshold each score's FPR is read at
+
+
+def auroc(split: np.ndarray, ood: np.ndarray) -> float:
+  """The probability that a split image scores above an out-of-distribution one, ties half (the
+  Mann-Whitney U statistic over both sets' ranks)."""
+  import scipy.stats  # here, not at import: ~1.6 s that training's start-up does not need
+  split, ood = np.asarray(split, np.float64), np.asarray(ood, np.float64)
+  ranks = scipy.stats.rankdata(np.concatenate([split, ood]))
+  n, m = len(split), len(ood)
+  return float((ranks[:n].sum() - n * (n + 1) / 2) / (n * m))
+
+
+def at_tpr(split: np.ndarray, ood: np.ndarray, tpr: float = TPR) -> dict[str, float]:
+  """The highest threshold at which at least ``tpr`` of the split scores at or above it, and the
+  shares of the split and of the images at or above it there."""
+  split, ood = np.asarray(split), np.asarray(ood)
+  n = len(split)
+  k = int(np.flatnonzero(np.arange(1, n + 1) / n >= tpr)[0]) + 1   # kept split images needed
+  t = np.sort(split)[::-1][k - 1]
+  return {'threshold': float(t), 'answered_split': float(np.mean(split >= t)),
+          'answered_ood': float(np.mean(ood >= t))}
+
+
+def detectors(split_scores: Mapping[str, np.ndarray],
+              ood_scores: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
+  """Per score of ``SCORES`` both sets have: ROC-AUC and ``at_tpr``, in ``SCORES``' order."""
+  return [{'score': key, 'name': name, 'auroc': auroc(split_scores[key], ood_scores[key]),
+           'at_95': at_tpr(split_scores[key], ood_scores[key])}
+          for key, name in SCORES if key in split_scores and key in ood_scores]
+
+
+def summary(right: np.ndarray, wrong: np.ndarray, ood: np.ndarray,
+            min_confidence: float | None = None,
+            split_scores: Mapping[str, np.ndarray] | None = None,
+            ood_scores: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
+  """How the top-1 probability separates the evaluated split (``right`` + ``wrong``: its
+  histograms) from the images (``ood``: theirs): ``auroc`` (``roc.auc`` of the histograms, ties
+  within a bin half); ``at_95``: the share of them still answered at the strictest edge that
+  answers 95% of the split; with the run's threshold, the share of each answered there. With
+  per-image scores of both: ``detectors`` (``detectors``) and the ``best`` score's key."""
+  split_hist = np.asarray(right, np.int64) + np.asarray(wrong, np.int64)
+  ood = np.asarray(ood, np.int64)
+  bins = len(ood)
+  kept, kept_ood = selective.tail(split_hist), selective.tail(ood)
+  n, n_ood = int(kept[0]), int(kept_ood[0])
+  j95 = int(np.flatnonzero(kept >= TPR * n - 1e-9)[-1])
+  out: dict[str, Any] = {
+      'examples': n_ood, 'auroc': float(roc.auc(split_hist[None], ood[None])[0]),
+      'at_95': {'threshold': j95 / bins, 'answered_split': float(kept[j95]) / n,
+                'answered_ood': float(kept_ood[j95]) / n_ood}}
+  if min_confidence:
+    j = selective.edge(min_confidence, bins)
+    out['at_min_confidence'] = {'threshold': j / bins, 'answered_split': float(kept[j]) / n,
+                                'answered_ood': float(kept_ood[j]) / n_ood}
+  if split_scores is not None and ood_scores is not None:
+    out['detectors'] = detectors(split_scores, ood_scores)
+    if out['detectors']:
+      out['best'] = max(out['detectors'], key=lambda d: d['auroc'])['score']
+  return out
+
+
+def _pct(x: float) -> str:
+  return f'{100 * x:.2f}%'
+
+
+def lines(o: Mapping[str, Any]) -> list[str]:
+  """The out-of-distribution section of report.md."""
+  rows = [('95% of the split answered', o['at_95'])]
+  if 'at_min_confidence' in o:
+    rows.append(("the run's threshold", o['at_min_confidence']))
+  md = ['', '## Out-of-distribution images', '',
+        f"{o['examples']} images of none of the classes (config.evaluate.ood_inputs), scored by "
+        f"their top-1 probability: ROC-AUC against the split {o['auroc']:.4f} (1 = every one "
+        'less confident than every split image, 0.5 = no separation).', '',
+        '| threshold | split answered | out-of-distribution answered |', '|---|---|---|']
+  md += [f"| {name}: {r['threshold']:.3f} | {_pct(r['answered_split'])} | "
+         f"{_pct(r['answered_ood'])} |" for name, r in rows]
+  if o.get('detectors'):
+    md += ['', 'Per image, by score (the higher, the more like the classes; exact, no bins):', '',
+           '| score | ROC-AUC | images above the score that keeps 95% of the split (FPR95) |',
+           '|---|---|---|']
+    md += [f"| {d['name']}{' (best)' if d['score'] == o.get('best') else ''} | "
+           f"{d['auroc']:.4f} | {_pct(d['at_95']['answered_ood'])} |" for d in o['detectors']]
+  return md
+
+
+def headline(o: Mapping[str, Any]) -> str:
+  """The printed line of ``--mode=evaluate``."""
+  line = (f"out-of-distribution: {o['examples']} images, ROC-AUC {o['auroc']:.4f}; "
+          f"{o['at_95']['answered_ood']:.2%} of them answered where 95% of the split is")
+  best = next((d for d in o.get('detectors', ()) if d['score'] == o.get('best')), None)
+  if best is not None:
+    line += (f"; best score per image: {best['name']}, ROC-AUC {best['auroc']:.4f}, FPR95 "
+             f"{best['at_95']['answered_ood']:.2%}")
+  return line
