@@ -52,7 +52,7 @@ def main() -> None:
   from imgcls_jax import evaluate
   with tempfile.TemporaryDirectory() as tmp:
     sets = write_sets(tmp, args.count)
-    print(f'| images | score | ROC-AUC | FPR95 |\n|---|---|---|---|')
+    print('| images | score | ROC-AUC | FPR95 |\n|---|---|---|---|')
     for name, path in sets.items():
       overrides = {'evaluate.ood_inputs': path, 'evaluate.errors': 0,
                    'evaluate.label_issues': False, 'evaluate.output_dir': os.path.join(tmp, name)}

@@ -273,6 +273,11 @@ def get_config() -> ml_collections.ConfigDict:
   # it; predict, serve and export then mark answers below it "abstained" (imgcls_jax/selective.py).
   # Every single-label report lists the accuracy-coverage trade-off either way. 0 = none.
   c.evaluate.abstain_accuracy = 0.0
+  # Single-label, with temperature_split: the share of that held-out split to keep as known, e.g.
+  # 0.99; the log-sum-exp of the logits (minus the energy score) that keeps it is fitted with the
+  # temperature and saved with it; predict, serve and export then mark an image below it
+  # "unknown" (of none of the classes; imgcls_jax/ood.py). 0 = no such gate.
+  c.evaluate.unknown_keep = 0.0
   # --mode=evaluate, single-label: image files / folders / both (comma-separated) of NONE of the
   # classes; the report then says how well the top-1 probability tells them from the split
   # (ROC-AUC) and how many would be answered at 95% coverage and at the abstention threshold,

@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from imgcls_jax import checkpoint, evaluation, held_out, inference, run, selective
+from imgcls_jax import checkpoint, evaluation, held_out, inference, ood, run, selective
 from imgcls_jax.data import folder_index
 from imgcls_jax.errors import UserError
 
@@ -66,13 +66,15 @@ def _check_validation_exists(saved: dict[str, Any], overrides: dict[str, Any] | 
                     f"--config.evaluate.{key}='{folder_index.VALIDATION}'.")
 
 
-def _abstain_target(e: ml_collections.ConfigDict, overrides: dict[str, Any] | None,
-                    previous: float | None) -> float:
-  """The accuracy an abstention threshold is fitted for: the flag's (0 drops a saved one), else
-  the target of the run's last fit (a new temperature moves every probability, so its threshold
-  is fitted again with it), else the run's config's."""
-  if 'evaluate.abstain_accuracy' in (overrides or {}) or previous is None:
-    return selective.abstain_target(e)
+def _gate_target(key: str, e: ml_collections.ConfigDict, overrides: dict[str, Any] | None,
+                 previous: float | None) -> float:
+  """What a gate fitted with the temperature is fitted for (``key``: 'abstain_accuracy', the
+  answers' accuracy; 'unknown_keep', the share of the split kept as known): the flag's (0 drops
+  a saved one), else the target of the run's last fit (a new temperature moves every
+  probability and logit, so its gates are fitted again with it), else the run's config's."""
+  check = selective.abstain_target if key == 'abstain_accuracy' else ood.keep_target
+  if f'evaluate.{key}' in (overrides or {}) or previous is None:
+    return check(e)
   return float(previous)
 
 
@@ -114,9 +116,10 @@ def calibrate(config: ml_collections.ConfigDict | None, workdir: str,
   s = dataclasses.replace(r.setup, config=cfg, step_cfg=dataclasses.replace(
       r.setup.step_cfg, temperature=1.0, thresholds=None))
   if key == 'temperature_split':
-    record = run.fit_temperature(s, r.variables, r.shardings, r.data, split, require_fit=True,
-                                 abstain_accuracy=_abstain_target(e, overrides,
-                                                                  r.trained.abstain_target))
+    record = run.fit_temperature(
+        s, r.variables, r.shardings, r.data, split, require_fit=True,
+        abstain_accuracy=_gate_target('abstain_accuracy', e, overrides, r.trained.abstain_target),
+        unknown_keep=_gate_target('unknown_keep', e, overrides, r.trained.unknown_keep))
     field, before = 'temperature', r.trained.temperature
   else:
     eval_step = run.jit_eval_step(s, r.shardings, tta=tta)
@@ -141,6 +144,12 @@ def calibrate(config: ml_collections.ConfigDict | None, workdir: str,
                  f"{a['accuracy_interval'][1]:.2%}; target {a['target_accuracy']:.2%})")
       elif r.trained.abstain:
         what += '; the abstention threshold is removed'
+      if record.get('unknown'):
+        u = record['unknown']
+        what += (f"; images whose logits' log-sum-exp is below {u['below']:.4f} are unknown "
+                 f"({u['kept']:.2%} of '{split}' kept; target {u['keep']:.2%})")
+      elif r.trained.unknown:
+        what += '; the unknown-input gate is removed'
     else:
       names = r.trained.info.class_names
       shown = ', '.join(f'{n} {t:.3f}' for n, t in list(zip(names, record['values']))[:10])

@@ -11,7 +11,7 @@ import os
 
 import ml_collections
 
-from imgcls_jax import selective
+from imgcls_jax import ood, selective
 from imgcls_jax.data import folder_index, reader
 from imgcls_jax.data.info import DatasetInfo
 from imgcls_jax.errors import UserError
@@ -147,6 +147,13 @@ def check_fit_splits(config: ml_collections.ConfigDict, info: DatasetInfo, *,
                         'decide each tag: unset abstain_accuracy.' if info.multilabel else
                         "set temperature_split to a held-out split (e.g. 'train[90%:]' with "
                         "data.train_split='train[:90%]'), or unset abstain_accuracy."))
+  if ood.keep_target(config.get('evaluate')) and (info.multilabel or not temperature_split(config)):
+    raise UserError('config.evaluate.unknown_keep is fitted with the temperature of a '
+                    'single-label run, on config.evaluate.temperature_split; ' + (
+                        'a multi-label run has no such gate: unset unknown_keep.'
+                        if info.multilabel else
+                        "set temperature_split to a held-out split (e.g. 'train[90%:]' with "
+                        "data.train_split='train[:90%]'), or unset unknown_keep."))
   splits = {'temperature_split': temperature_split(config),
             'threshold_split': threshold_split(config) if info.multilabel else ''}
   for fit_key, reasons in _FITTED.items():

@@ -21,7 +21,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from imgcls_jax import checkpoint, models, selective, steps
+from imgcls_jax import checkpoint, models, ood, selective, steps
 from imgcls_jax import state as state_lib
 from imgcls_jax import weights as weights_lib
 from imgcls_jax.data import arrays, images
@@ -158,6 +158,8 @@ class Trained:
   temperature: float = 1.0            # single-label: logits are divided by it (temperature.py)
   abstain: dict[str, Any] | None = None   # single-label: the abstention record (selective.py)
   abstain_target: float | None = None     # the accuracy it was fitted for (None: never asked)
+  unknown: dict[str, Any] | None = None   # single-label: the unknown-input gate's record (ood.py)
+  unknown_keep: float | None = None       # the share it was fitted to keep (None: never asked)
 
   @property
   def class_names(self) -> tuple[str, ...]:
@@ -167,6 +169,11 @@ class Trained:
   def min_confidence(self) -> float:
     """Single-label: answers below this top-1 probability are abstained on (0: none)."""
     return float((self.abstain or {}).get('min_confidence', 0.0))
+
+  @property
+  def unknown_below(self) -> float | None:
+    """Single-label: images whose logits' log-sum-exp is below this are unknown (None: no gate)."""
+    return None if not self.unknown else float(self.unknown['below'])
 
   @property
   def decision_thresholds(self) -> tuple[float, ...]:
@@ -215,7 +222,9 @@ def load(workdir: str, config: ml_collections.ConfigDict | None = None, *, step:
                  thresholds=tuple(float(t) for t in chosen) if chosen else None,
                  temperature=float((meta.get('temperature') or {}).get('value', 1.0)),
                  abstain=(meta.get('temperature') or {}).get('abstain'),
-                 abstain_target=(meta.get('temperature') or {}).get('abstain_accuracy'))
+                 abstain_target=(meta.get('temperature') or {}).get('abstain_accuracy'),
+                 unknown=(meta.get('temperature') or {}).get('unknown'),
+                 unknown_keep=(meta.get('temperature') or {}).get('unknown_keep'))
 
 
 @dataclasses.dataclass
@@ -323,6 +332,18 @@ def tags(probs_K: np.ndarray, class_names: Sequence[str],
            if np.float32(probs_K[i]) >= np.float32(thresholds[i])]   # the device's rule
   return [{'class': class_names[i], 'index': int(i), 'probability': float(probs_K[i]),
            'threshold': float(thresholds[i])} for i in above]
+
+
+def answer_gates(trained: Trained, probs_K: np.ndarray, logits_K: np.ndarray) -> dict[str, Any]:
+  """A single-label answer's fields from the run's gates: ``abstained`` (below its confidence
+  threshold) and ``unknown`` (below its log-sum-exp threshold, ``ood.gate``), each only where the
+  run has that gate."""
+  out: dict[str, Any] = {}
+  if trained.min_confidence > 0:
+    out.update(abstained(probs_K, trained.min_confidence))
+  if trained.unknown_below is not None:
+    out.update(ood.gate(logits_K, trained.unknown_below))
+  return out
 
 
 def abstained(probs_K: np.ndarray, min_confidence: float) -> dict[str, Any]:

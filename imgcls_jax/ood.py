@@ -13,6 +13,11 @@ Two views of the same pass (``evaluation.ood_pass``; one process, single-label):
   (Hendrycks et al., 2022), each with its exact ROC-AUC and the share of the images at or above
   the score that keeps 95% of the split (the false-positive rate at 95% true positives, FPR95).
   Which one separates best depends on the model and the images: the report measures it.
+
+The gate for prediction (``config.evaluate.unknown_keep``, fitted with the temperature on
+``config.evaluate.temperature_split``, ``run.fit_temperature``): the log-sum-exp of the (tempered)
+logits that keeps that share of the held-out split (``fit_gate``); predict, serve and export then
+mark an image below it ``unknown`` (``gate``), whatever its top-1 probability.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from imgcls_jax import roc, selective
+from imgcls_jax.errors import UserError
 
 # (key, what the report calls it); the keys of Outcomes.scores plus 'msp' (p_predicted).
 SCORES = (('msp', 'top-1 probability'),
@@ -122,3 +128,40 @@ def headline(o: Mapping[str, Any]) -> str:
     line += (f"; best score per image: {best['name']}, ROC-AUC {best['auroc']:.4f}, FPR95 "
              f"{best['at_95']['answered_ood']:.2%}")
   return line
+
+
+def keep_target(evaluate: Any) -> float:
+  """``config.evaluate.unknown_keep`` (0 = no gate), or a UserError naming a bad value."""
+  value = (evaluate.get('unknown_keep', 0.0) if evaluate is not None else 0.0) or 0.0
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+    raise UserError(f'config.evaluate.unknown_keep={value!r} must be the share of the held-out '
+                    'split to keep as known, in (0, 1), e.g. 0.99, or 0 for no unknown-input '
+                    'gate.')
+  return float(value)
+
+
+def energy(logits_NxK: np.ndarray) -> np.ndarray:
+  """The gate's score of each row of logits (float32 N): their log-sum-exp, computed in float64
+  on the host, so the fit, predict and serve compute it alike."""
+  z = np.asarray(logits_NxK, np.float64)
+  m = z.max(axis=-1, keepdims=True)
+  return (m[..., 0] + np.log(np.exp(z - m).sum(axis=-1))).astype(np.float32)
+
+
+def fit_gate(scores: np.ndarray, keep: float, split: str) -> dict[str, Any]:
+  """The record of the highest threshold at which at least ``keep`` of ``split``'s ``scores``
+  (``energy``) are at or above it: ``below`` (an image scoring below it is unknown), the share
+  ``kept`` there, and what it was fitted on."""
+  scores = np.asarray(scores, np.float32)
+  t = at_tpr(scores, scores[:1], keep)['threshold']
+  return {'score': 'logsumexp', 'below': t, 'keep': float(keep),
+          'kept': float(np.mean(scores >= np.float32(t))), 'split': split,
+          'examples': int(len(scores))}
+
+
+def gate(logits_K: np.ndarray, below: float) -> dict[str, Any]:
+  """One single-label answer's gate fields: ``unknown`` when its ``energy`` is below the run's
+  threshold, the score, and the threshold."""
+  score = energy(np.asarray(logits_K)[None])[0]
+  return {'unknown': bool(score < np.float32(below)), 'logsumexp': float(score),
+          'unknown_below': float(below)}

@@ -47,15 +47,16 @@ def predict_files(clf: inference.Classifier, files: list[str], *, top: int = 5,
   results = []
   used: set[str] = set()
   for paths, arrays in images.image_batches(files, clf.prepare, batch_size, skipped):
-    probs = clf.predict_arrays(arrays)['probabilities']
+    out = clf.predict_arrays(arrays)
+    probs = out['probabilities']
     batch = [{'file': p, 'predictions': inference.top_k(pr, clf.class_names, top)}
              for p, pr in zip(paths, probs)]
     if clf.trained.info.multilabel:
       for r, pr in zip(batch, probs):
         r['tags'] = inference.tags(pr, clf.class_names, clf.trained.decision_thresholds)
-    elif clf.trained.min_confidence > 0:   # below the run's threshold: "not sure"
-      for r, pr in zip(batch, probs):
-        r.update(inference.abstained(pr, clf.trained.min_confidence))
+    else:   # below the run's thresholds: "not sure" (abstained), "none of the classes" (unknown)
+      for r, pr, lg in zip(batch, probs, out['logits']):
+        r.update(inference.answer_gates(clf.trained, pr, lg))
     if explainer is not None:
       from imgcls_jax import explain
       os.makedirs(explain_dir, exist_ok=True)
@@ -79,7 +80,8 @@ def _unique_png(folder: str, source: str, method: str, used: set[str]) -> str:
 
 def write(results: Iterable[dict[str, Any]], out: TextIO, fmt: str) -> None:
   """JSON lines (one object per image) or CSV (one row per image and rank, with an ``abstained``
-  column where the run has an abstention threshold; multi-label: per image and tag above its
+  column where the run has an abstention threshold, an ``unknown`` one where it has an
+  unknown-input gate; multi-label: per image and tag above its
   threshold, or one row with an empty tag)."""
   results = list(results)
   if fmt == 'jsonl':
@@ -94,14 +96,14 @@ def write(results: Iterable[dict[str, Any]], out: TextIO, fmt: str) -> None:
                     f"{t['threshold']:.4f}"])
       if not r['tags']:
         w.writerow([r['file'], 0, '', '', '', ''])
-  else:   # with an abstention threshold, every row of an image says whether it abstained
+  else:   # with the run's gates, every row of an image says whether it abstained / is unknown
     w = csv.writer(out)
-    gated = bool(results) and 'abstained' in results[0]
-    w.writerow(['file', 'rank', 'class', 'index', 'probability'] + ['abstained'] * gated)
+    gates = [k for k in ('abstained', 'unknown') if results and k in results[0]]
+    w.writerow(['file', 'rank', 'class', 'index', 'probability'] + gates)
     for r in results:
       for rank, p in enumerate(r['predictions'], 1):
         w.writerow([r['file'], rank, p['class'], p['index'], f"{p['probability']:.6f}"]
-                   + ([int(r['abstained'])] if gated else []))
+                   + [int(r[k]) for k in gates])
 
 
 def predict(config: ml_collections.ConfigDict | None, workdir: str,
@@ -144,6 +146,10 @@ def predict(config: ml_collections.ConfigDict | None, workdir: str,
     logging.info('Abstained on %d of %d image(s): top-1 probability below the run\'s threshold '
                  '%.3f.', sum(r['abstained'] for r in results), len(results),
                  results[0]['min_confidence'])
+  if results and 'unknown' in results[0]:
+    logging.info("Unknown: %d of %d image(s), their logits' log-sum-exp below the run's gate "
+                 '%.4f.', sum(r['unknown'] for r in results), len(results),
+                 results[0]['unknown_below'])
   if explainer is not None:
     logging.info('%s overlays of %d image(s) in %s.', cfg.explain, len(results), explain_dir)
   return results

@@ -20,8 +20,8 @@ import ml_collections
 import numpy as np
 
 from imgcls_jax import (checkpoint, configlib, device_augment, dispatch, held_out, loss_weights,
-                        models, multilabel, optim, report, selective, sharding, steps, temperature,
-                        whitening)
+                        models, multilabel, ood, optim, report, selective, sharding, steps,
+                        temperature, whitening)
 from imgcls_jax import state as state_lib
 from imgcls_jax.data import reader
 from imgcls_jax.data.info import DatasetInfo, check_flips, read_shards
@@ -232,13 +232,15 @@ def fit_thresholds(s: Setup, eval_step: Any, variables: Any, data: Any, split: s
 
 def fit_temperature(s: Setup, variables: Any, variables_shardings: Any,
                     data: Any, split: str, *, require_fit: bool = False,
-                    abstain_accuracy: float = 0.0) -> dict[str, Any]:
+                    abstain_accuracy: float = 0.0, unknown_keep: float = 0.0) -> dict[str, Any]:
   """Fits the temperature on ``split`` (``data``: its ``reader.eval_data``; ``temperature.py``)
   and measures the split's NLL and expected calibration error before and after (without
   test-time augmentation, as prediction and serving run): the record the run's checkpoint keeps
   as ``temperature``. With ``abstain_accuracy``, the record's ``abstain`` is the lowest threshold
   on the tempered top-1 probability whose answers on ``split`` reach that accuracy at the low end
-  of their exact interval (``selective.fit``). With ``require_fit``, a split nothing can be fitted on (or no threshold
+  of their exact interval (``selective.fit``). With ``unknown_keep``, its ``unknown`` is the gate
+  on the tempered logits' log-sum-exp that keeps that share of ``split`` (``ood.fit_gate``). With
+  ``require_fit``, a split nothing can be fitted on (or no threshold
   reaching the accuracy) is a UserError (training instead saves without one, with a warning)."""
   fit_step = jax.jit(functools.partial(steps.temperature_sums, model_def=s.model_def,
                                        cfg=s.step_cfg),
@@ -277,6 +279,15 @@ def fit_temperature(s: Setup, variables: Any, variables_shardings: Any,
                    abstain['min_confidence'], 100 * abstain['coverage'], split,
                    100 * abstain['accuracy'], 100 * abstain['accuracy_interval'][0],
                    100 * abstain['accuracy_interval'][1], 100 * abstain_accuracy)
+  unknown = None
+  if unknown_keep:
+    tempered = dataclasses.replace(s, step_cfg=dataclasses.replace(s.step_cfg,
+                                                                   temperature=fit.temperature))
+    unknown = ood.fit_gate(energies(tempered, variables, variables_shardings, data),
+                           unknown_keep, split)
+    logging.info("Images whose logits' log-sum-exp is below %.4f are unknown: %.2f%% of split "
+                 "'%s' kept (target %.2f%%).", unknown['below'], 100 * unknown['kept'], split,
+                 100 * unknown_keep)
   logging.info("Temperature %.4f fitted on split '%s' (%d examples): NLL %.4f -> %.4f, expected "
                'calibration error %.4f -> %.4f.%s', fit.temperature, split, int(sums['count']),
                fit.nll_before, fit.nll_after, ece[0], ece[1],
@@ -286,7 +297,26 @@ def fit_temperature(s: Setup, variables: Any, variables_shardings: Any,
   return {'value': fit.temperature, 'split': split, 'examples': int(sums['count']),
           'nll': [fit.nll_before, fit.nll_after], 'ece': [ece[0], ece[1]],
           'abstain_accuracy': float(abstain_accuracy),   # the target asked for (0: none)
-          **({'abstain': abstain} if abstain is not None else {})}
+          **({'abstain': abstain} if abstain is not None else {}),
+          'unknown_keep': float(unknown_keep),           # the share asked for (0: none)
+          **({'unknown': unknown} if unknown is not None else {})}
+
+
+def energies(s: Setup, variables: Any, variables_shardings: Any, data: Any) -> np.ndarray:
+  """``ood.energy`` of every example of ``data`` (its ``reader.eval_data``), in read order, of
+  the logits prediction returns (``s.step_cfg``'s temperature, no test-time augmentation);
+  every process gets all of them."""
+  def logits_and_mask(v, batch):
+    out = steps.probabilities(v, batch['image'], model_def=s.model_def, cfg=s.step_cfg)
+    return out['logits'], batch['mask']
+
+  fn = jax.jit(logits_and_mask, in_shardings=(variables_shardings, sharding.batch_sharding(s.mesh)),
+               out_shardings=sharding.replicated(s.mesh))
+  scores = []
+  for batch in sharding.device_prefetch(data.batches(), sharding.batch_sharding(s.mesh)):
+    logits, mask = jax.device_get(fn(variables, batch))
+    scores.append(ood.energy(np.asarray(logits)[np.asarray(mask, bool)]))
+  return np.concatenate(scores) if scores else np.zeros((0,), np.float32)
 
 
 def jit_batch_statistics(s: Setup, state_shardings: Any) -> Any:

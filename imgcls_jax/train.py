@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import tqdm
 
-from imgcls_jax import (checkpoint, configlib, dispatch, held_out, inference, metrics, optim,
+from imgcls_jax import (checkpoint, configlib, dispatch, held_out, inference, metrics, ood, optim,
                         preemption, report, report_multilabel, report_text, run, selective, sharding,
                         startup)
 from imgcls_jax import state as state_lib
@@ -242,7 +242,8 @@ class _Trainer:
     try:
       self.temperature = run.fit_temperature(
           self.s, variables, self.eval_sh, self.temperature_data, self.temperature_split,
-          abstain_accuracy=selective.abstain_target(self.s.config.evaluate))
+          abstain_accuracy=selective.abstain_target(self.s.config.evaluate),
+          unknown_keep=ood.keep_target(self.s.config.evaluate))
     except Exception as e:  # noqa: BLE001  (a bad record, memory: never lose the trained weights)
       logging.exception('No temperature fitted (%s); the run is saved without one.', e)
       return

@@ -248,6 +248,10 @@ def _write_and_verify(clf: inference.Classifier, cfg: ml_collections.ConfigDict,
             # Single-label: abstain ("not sure") when the top-1 probability is below this (0: never).
             'min_confidence': (None if clf.trained.info.multilabel
                                else clf.trained.min_confidence),
+            # Single-label: an image whose 'logits' have a log-sum-exp below this is of none of
+            # the classes ("unknown"; None: no gate; imgcls_jax/ood.py).
+            'unknown_below': (None if clf.trained.info.multilabel
+                              else clf.trained.unknown_below),
             'compute_dtype': clf.step_cfg.compute_dtype,
             'preprocessing_before_input': clf.run.data.eval_preprocess or 'none',
             'files': files, 'bytes': {f: _size(os.path.join(staging, f)) for f in files},

@@ -203,7 +203,8 @@ def create_app(svc: Service) -> fastapi.FastAPI:
             'task': 'multilabel' if multi else 'single_label',
             'thresholds': list(c.trained.decision_thresholds) if multi else None,
             'temperature': c.trained.temperature,
-            'min_confidence': None if multi else c.trained.min_confidence}
+            'min_confidence': None if multi else c.trained.min_confidence,
+            'unknown_below': None if multi else c.trained.unknown_below}
 
   @app.post('/v1/classify', openapi_extra=_IMAGE_BODY,
             summary='Classify one image: the raw bytes as the body, or a multipart file "image"')
@@ -219,8 +220,8 @@ def create_app(svc: Service) -> fastapi.FastAPI:
     if svc.clf.trained.info.multilabel:  # the tags above the run's per-class thresholds
       answer['tags'] = inference.tags(out['probabilities'], svc.clf.class_names,
                                       svc.clf.trained.decision_thresholds)
-    elif svc.clf.trained.min_confidence > 0:   # the run abstains below its threshold
-      answer.update(inference.abstained(out['probabilities'], svc.clf.trained.min_confidence))
+    else:   # the run's gates: abstained below its confidence threshold, unknown below its gate
+      answer.update(inference.answer_gates(svc.clf.trained, out['probabilities'], out['logits']))
     return answer
 
   # ---- TF-Serving REST API ----
