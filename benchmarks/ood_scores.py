@@ -8,6 +8,9 @@ FPR95 (imgcls_jax/ood.py).
   two sample photographs.
 
   python -m benchmarks.ood_scores --workdir=/tmp/fmnist_quick [--count=500] [--tta=]
+
+A run with an unknown-input gate or an abstention threshold also gets the share of each set (and
+of the Fashion-MNIST test images) that predict marks unknown / abstained.
 """
 from __future__ import annotations
 
@@ -62,6 +65,38 @@ def main() -> None:
       for d in o['detectors']:
         print(f"| {name} ({o['examples']}) | {d['name']}{' (best)' if d['score'] == o['best'] else ''}"
               f" | {d['auroc']:.4f} | {100 * d['at_95']['answered_ood']:.2f}% |", flush=True)
+    gates(args.workdir, sets)
+
+
+def gates(workdir: str, sets: dict[str, str]) -> None:
+  """Where the run has an unknown-input gate and / or an abstention threshold
+  (config.evaluate.unknown_keep / abstain_accuracy): the share of each set predict marks, with
+  the Fashion-MNIST test images (Debian's idx file) as the in-distribution set."""
+  from imgcls_jax import inference, predict
+  from imgcls_jax.data import images
+  trained = inference.load(workdir)
+  if trained.unknown_below is None and not trained.min_confidence:
+    return
+  clf = inference.classifier(trained, max_batch=256)
+  print(f"\ngate: unknown below a log-sum-exp of {trained.unknown_below}, abstaining below a top-1 "
+        f'probability of {trained.min_confidence:.3f}')
+  print('| images | unknown | abstained | either |\n|---|---|---|---|')
+  rows = []
+  idx = '/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz'
+  if os.path.exists(idx) and tuple(trained.image_shape) == (28, 28, 1):
+    from benchmarks.label_noise import read_idx
+    x = read_idx(os.path.basename(idx))[..., None]
+    out = clf.predict_arrays(x)
+    rows.append(('Fashion-MNIST test (10000)', [inference.answer_gates(trained, p, lg) for p, lg
+                                                in zip(out['probabilities'], out['logits'])]))
+  for name, path in sets.items():
+    results, _ = predict.predict_files(clf, images.list_inputs(path), top=1)
+    rows.append((f'{name} ({len(results)})', results))
+  for name, rs in rows:
+    u = np.mean([r.get('unknown', False) for r in rs])
+    a = np.mean([r.get('abstained', False) for r in rs])
+    e = np.mean([r.get('unknown', False) or r.get('abstained', False) for r in rs])
+    print(f'| {name} | {100 * u:.2f}% | {100 * a:.2f}% | {100 * e:.2f}% |', flush=True)
 
 
 if __name__ == '__main__':

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgcls_jax import inference, serve
+from imgcls_jax import inference, ood, serve
 from imgcls_jax.data import digits
 from tests.test_predict import trained_run, trainer_probabilities
 
@@ -134,9 +134,10 @@ def _check_page(srv, config, workdir, browser, files):
   assert shown['digit_0.png']['labels'][0] == str(int(np.argmax(want)))
 
 
-def test_page_says_not_sure_where_the_api_abstains(served, browser, tmp_path):
-  """A run with an abstention threshold (selective.py) between the confidences of two uploads:
-  the page marks exactly the answers the API abstains on."""
+def test_page_says_not_sure_and_unknown_where_the_api_does(served, browser, tmp_path):
+  """A run with an abstention threshold (selective.py) between the confidences of two uploads
+  and an unknown-input gate (ood.py) between their logits' log-sum-exps: the page marks exactly
+  the answers the API abstains on, and exactly those it calls unknown."""
   import dataclasses
   srv, config, workdir = served
   x, _ = digits.load_arrays('test')
@@ -149,7 +150,12 @@ def test_page_says_not_sure_where_the_api_abstains(served, browser, tmp_path):
   t = float(np.median(top1))
   assert min(top1) < t <= max(top1)    # some below it, some not
   trained = inference.load(workdir, config)
-  clf = inference.classifier(dataclasses.replace(trained, abstain={'min_confidence': t}))
+  clf = inference.classifier(trained)
+  lse = ood.energy(clf.predict_arrays(np.stack([clf.prepare(str(p)) for p in files.values()]))[
+      'logits'])
+  below = float(np.sort(lse)[1])       # two of the four above or at it
+  clf = inference.classifier(dataclasses.replace(trained, abstain={'min_confidence': t},
+                                                 unknown={'below': below}))
   cfg = config.serve.copy_and_resolve_references()
   cfg.port = 0
   gated = serve.make_server(clf, cfg).start()
@@ -160,16 +166,20 @@ def test_page_says_not_sure_where_the_api_abstains(served, browser, tmp_path):
       browser.find_element(By.ID, 'file').send_keys('\n'.join(str(p) for p in files.values()))
       wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, '.card')) == len(files) and not
                  d.find_elements(By.CSS_SELECTOR, '.card[data-state="pending"]'))
-      seen = 0
+      seen, unknown = 0, 0
       for card in browser.find_elements(By.CSS_SELECTOR, '.card'):
         name = card.find_element(By.CSS_SELECTOR, '.name').text
         answer = _api(gated.url, files[name].read_bytes())[1]
         status = card.find_element(By.CSS_SELECTOR, '.status').text
         assert answer['abstained'] == (answer['predictions'][0]['probability'] < t)
-        assert status.startswith('Not sure') == answer['abstained'], (name, status, answer)
+        assert ('Not sure' in status) == answer['abstained'], (name, status, answer)
         assert (card.get_attribute('data-abstained') == 'true') == answer['abstained']
+        assert answer['unknown'] == (answer['logsumexp'] < np.float32(below))
+        assert status.startswith('Unknown') == answer['unknown'], (name, status, answer)
+        assert (card.get_attribute('data-unknown') == 'true') == answer['unknown']
         seen += answer['abstained']
-      assert 0 < seen < len(files)
+        unknown += answer['unknown']
+      assert 0 < seen < len(files) and unknown == 1
   finally:
     gated.close()
 
