@@ -58,7 +58,8 @@ def main() -> None:
     print('| images | score | ROC-AUC | FPR95 |\n|---|---|---|---|')
     for name, path in sets.items():
       overrides = {'evaluate.ood_inputs': path, 'evaluate.errors': 0,
-                   'evaluate.label_issues': False, 'evaluate.output_dir': os.path.join(tmp, name)}
+                   'evaluate.label_issues': False,
+                   'evaluate.output_dir': os.path.join(tmp, 'report_' + name)}
       if args.tta is not None:
         overrides['evaluate.tta'] = args.tta
       o = evaluate.evaluate(None, args.workdir, overrides)['out_of_distribution']
