@@ -6,6 +6,7 @@ sizes in tests must therefore be multiples of 8 (or set config.mesh.num_devices)
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -181,3 +182,41 @@ def fmnist_dir(tmp_path_factory) -> str:
     finally:
       fcntl.flock(lock, fcntl.LOCK_UN)
   return data_dir
+
+
+@contextlib.contextmanager
+def local_service(clf, config):
+  """``serve``'s HTTP server for ``clf`` on a free loopback port; yields ``call(method, path,
+  body=None, headers=None) -> (status, parsed JSON)``."""
+  import http.client
+  import json
+  from imgcls_jax import serve
+  cfg = config.serve.copy_and_resolve_references()
+  cfg.port = 0
+  srv = serve.make_server(clf, cfg).start()
+  host, port = srv.url.split('//')[1].rsplit(':', 1)
+  conn = http.client.HTTPConnection(host, int(port), timeout=30)
+
+  def call(method, path, body=None, headers=None):
+    conn.request(method, path, body=body, headers=headers or {})
+    resp = conn.getresponse()
+    return resp.status, json.loads(resp.read())
+
+  try:
+    yield call
+  finally:
+    conn.close()
+    srv.close()
+
+
+def export_description(config, workdir: str, out_dir: str) -> dict:
+  """``export.json`` of a SavedModel-only export of ``workdir`` into ``out_dir``."""
+  import json
+  from imgcls_jax import export
+  cfg = config.copy_and_resolve_references()
+  cfg.export.output_dir = out_dir
+  cfg.export.tflite = False
+  cfg.export.verify_examples = 16
+  export.export(cfg, workdir)
+  with open(os.path.join(out_dir, 'export.json')) as f:
+    return json.load(f)

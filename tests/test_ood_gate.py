@@ -2,19 +2,17 @@
 temperature on the held-out split, checked against numpy on the served logits; predict and serve
 mark exactly the images below it; calibrate refits, remembers and drops it; bad values refused in
 one line."""
-import http.client
 import io
-import json
 
 import numpy as np
 import pytest
 import scipy.special
 from PIL import Image
 
-from imgcls_jax import calibrate, inference, predict, serve, train
+from imgcls_jax import calibrate, inference, predict, train
 from imgcls_jax.data import images as image_files
 from imgcls_jax.errors import UserError
-from tests.conftest import small_digits_config
+from tests.conftest import export_description, local_service, small_digits_config
 
 
 def _digits(tfds_dir, split):
@@ -101,32 +99,16 @@ def test_predict_and_serve_mark_exactly_the_images_below_the_gate(gated, tfds_di
   assert rows[0] == 'file,rank,class,index,probability,unknown'
   assert sum(r.endswith(',1') for r in rows[1:]) == 2 * want.sum()   # top=2: two rows each
   # The service answers the same, and says where its gate is.
-  cfg = config.serve.copy_and_resolve_references()
-  cfg.port = 0
-  srv = serve.make_server(clf, cfg).start()
-  try:
-    host, port = srv.url.split('//')[1].rsplit(':', 1)
-    conn = http.client.HTTPConnection(host, int(port), timeout=30)
-    conn.request('GET', '/v1/model')
-    assert json.loads(conn.getresponse().read())['unknown_below'] == below
+  with local_service(clf, config) as call:
+    assert call('GET', '/v1/model')[1]['unknown_below'] == below
     for i in (0, 1, 2, 60, 61, 62, *np.flatnonzero(want)[:3]):
-      conn.request('POST', '/v1/classify', body=open(files[i], 'rb').read(),
-                   headers={'Content-Type': 'image/png'})
-      answer = json.loads(conn.getresponse().read())
-      assert answer['unknown'] == bool(want[i]), files[i]
+      status, answer = call('POST', '/v1/classify', open(files[i], 'rb').read(),
+                            {'Content-Type': 'image/png'})
+      assert status == 200 and answer['unknown'] == bool(want[i]), files[i]
       assert answer['logsumexp'] == pytest.approx(results[i]['logsumexp'], rel=1e-6)
-    conn.close()
-  finally:
-    srv.close()
   # The export carries the gate for its clients.
   pytest.importorskip('tensorflow')
-  from imgcls_jax import export
-  cfg = config.copy_and_resolve_references()
-  cfg.export.output_dir = str(tmp_path / 'export')
-  cfg.export.tflite = False
-  cfg.export.verify_examples = 16
-  export.export(cfg, workdir)
-  assert json.load(open(tmp_path / 'export' / 'export.json'))['unknown_below'] == below
+  assert export_description(config, workdir, str(tmp_path / 'export'))['unknown_below'] == below
 
 
 def test_calibrate_refits_remembers_and_drops_the_gate(gated, tfds_dir, tmp_path_factory,

@@ -18,7 +18,7 @@ from imgcls_jax import calibrate, checkpoint, held_out, inference, predict, repo
 from imgcls_jax import serve, train
 from imgcls_jax.data import images as image_files
 from imgcls_jax.errors import UserError
-from tests.conftest import small_digits_config
+from tests.conftest import export_description, small_digits_config
 
 EDGES = np.arange(selective.BINS + 1) / selective.BINS
 
@@ -241,13 +241,8 @@ def test_predict_serve_and_export_abstain_below_it(abstaining, tfds_dir, tmp_pat
     srv.close()
   # export: the threshold is in the export's description
   pytest.importorskip('tensorflow')
-  from imgcls_jax import export
-  cfg = config.copy_and_resolve_references()
-  cfg.export.output_dir = str(tmp_path / 'export')
-  cfg.export.tflite = False
-  cfg.export.verify_examples = 16
-  export.export(cfg, workdir)
-  assert json.load(open(tmp_path / 'export' / 'export.json'))['min_confidence'] == t
+  description = export_description(config, workdir, str(tmp_path / 'export'))
+  assert description['min_confidence'] == t and description['unknown_below'] is None
 
 
 def _serve_cfg(config):
