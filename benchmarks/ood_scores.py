@@ -3,7 +3,8 @@
 scikit-learn, then evaluates the run's split against each and prints every score's ROC-AUC and
 FPR95 (imgcls_jax/ood.py).
 
-* ``digits``: scikit-learn's 8x8 handwritten digits, scaled up to the run's input size;
+* ``digits``: scikit-learn's 8x8 handwritten digits, scaled up to 28x28 PNGs (the run reads
+  them at its own input size);
 * ``photos``: grey square crops (28-199 px, resized by the run's own reading) of scikit-learn's
   two sample photographs.
 
@@ -84,7 +85,8 @@ def gates(workdir: str, sets: dict[str, str]) -> None:
   print('| images | unknown | abstained | either |\n|---|---|---|---|')
   rows = []
   idx = '/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz'
-  if os.path.exists(idx) and tuple(trained.image_shape) == (28, 28, 1):
+  if (os.path.exists(idx) and tuple(trained.image_shape) == (28, 28, 1)
+      and not trained.run.data.get('eval_preprocess')):   # the arrays as the run reads them
     from benchmarks.label_noise import read_idx
     x = read_idx(os.path.basename(idx))[..., None]
     out = clf.predict_arrays(x)

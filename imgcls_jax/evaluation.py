@@ -93,7 +93,8 @@ class Evaluation:
         split_scores = {'msp': self.outcomes.p_predicted, **self.outcomes.scores}
       rep['out_of_distribution'] = {
           **ood.summary(self.stats['sel_right'], self.stats['sel_wrong'], self.ood['histogram'],
-                        self.trained.min_confidence or None, split_scores, self.ood['scores']),
+                        self.trained.min_confidence or None, split_scores, self.ood['scores'],
+                        unknown_below=self.trained.unknown_below, tta=self.tta),
           'inputs': self.ood['inputs'], 'skipped': self.ood['skipped']}
     return rep
 
@@ -252,8 +253,8 @@ OOD_MULTILABEL = ('config.evaluate.ood_inputs scores the top-1 probability of a 
 def ood_pass(r: Restored, files: list[str], tta: str, num_bins: int) -> dict[str, Any]:
   """Images of none of the run's classes through the split's forward pass (the same checkpoint,
   test-time augmentation and temperature; read as predict reads files): the histogram of their
-  top-1 probabilities (``selective.sums``' bins), per image the scores of ``ood.SCORES``, and
-  the files that could not be read."""
+  top-1 probabilities (``selective.sums``' bins), per image the scores of ``ood.SCORES`` and the
+  run's gate's (``gate``: ``ood.energy``, no TTA), and the files that could not be read."""
   if r.trained.info.multilabel:
     raise UserError(OOD_MULTILABEL)
   b = r.setup.local_eval_batch_size
@@ -263,7 +264,8 @@ def ood_pass(r: Restored, files: list[str], tta: str, num_bins: int) -> dict[str
                                    with_scores=True),
                  in_shardings=(r.shardings, sharding.batch_sharding(r.setup.mesh)),
                  out_shardings=sharding.replicated(r.setup.mesh))
-  keys = {'msp': 'p_predicted', 'logsumexp': 'logsumexp', 'max_logit': 'max_logit'}
+  keys = {'msp': 'p_predicted', 'logsumexp': 'logsumexp', 'max_logit': 'max_logit',
+          'gate': 'logits'}
   scores: dict[str, list[np.ndarray]] = {k: [] for k in keys}
   totals = None
   read = functools.partial(inference.prepare, r.trained)
@@ -275,7 +277,8 @@ def ood_pass(r: Restored, files: list[str], tta: str, num_bins: int) -> dict[str
         batch, sharding.batch_sharding(r.setup.mesh))))
     totals = report.add(totals, sums)
     for k, v in keys.items():
-      scores[k].append(np.asarray(out[v])[:len(arrays)])
+      got = np.asarray(out[v])[:len(arrays)]
+      scores[k].append(ood.energy(got) if k == 'gate' else got)
   if totals is None:   # every file unreadable
     raise UserError(f'None of the {len(files)} files of config.evaluate.ood_inputs could be read '
                     f'as an image ({skipped[0][0]}: {skipped[0][1]}); give image files.')
@@ -359,8 +362,8 @@ def outcomes_pass(r: Restored, tta: str = '', *, keep_images: int = 0,
     fn, keys = steps.example_outcomes, ('position', 'label', 'predicted', 'p_predicted', 'p_label')
     if keep_probs:
       keys, extra = keys + ('probs',), {'with_probs': True}
-    if keep_scores:
-      keys, extra = keys + ('logsumexp', 'max_logit'), {**extra, 'with_scores': True}
+    if keep_scores:   # 'gate': ood.energy of the logits prediction returns (no TTA)
+      keys, extra = keys + ('logsumexp', 'max_logit', 'gate'), {**extra, 'with_scores': True}
   step = jax.jit(functools.partial(fn, model_def=r.setup.model_def, cfg=r.setup.step_cfg,
                                    tta=tta, num_bins=num_bins, **extra),
                  in_shardings=(r.shardings, batch_sh), out_shardings=sharding.replicated(mesh))
@@ -374,7 +377,8 @@ def outcomes_pass(r: Restored, tta: str = '', *, keep_images: int = 0,
     cols['position'].append(offset + rows)
     cols['label'].append(label)
     for k in keys[2:]:
-      cols[k].append(np.asarray(out[k])[rows])
+      cols[k].append(ood.energy(np.asarray(out['logits'])[rows]) if k == 'gate'
+                     else np.asarray(out[k])[rows])
     if not keep_images:
       return
     if tagged:   # an example's most confident wrong tag decision (-1: none)
@@ -416,6 +420,6 @@ def outcomes_pass(r: Restored, tta: str = '', *, keep_images: int = 0,
                         predicted=c['predicted'].astype(np.int64), p_predicted=c['p_predicted'],
                         p_label=c['p_label'], images=images,
                         probs=c['probs'].astype(np.float32, copy=False) if keep_probs else None,
-                        scores=({k: c[k] for k in ('logsumexp', 'max_logit')} if keep_scores
-                                else None))
+                        scores=({k: c[k] for k in ('logsumexp', 'max_logit', 'gate')}
+                                if keep_scores else None))
   return outcomes, (report.stats_to_numpy(totals) if totals is not None else None)

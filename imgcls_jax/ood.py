@@ -67,12 +67,15 @@ def detectors(split_scores: Mapping[str, np.ndarray],
 def summary(right: np.ndarray, wrong: np.ndarray, ood: np.ndarray,
             min_confidence: float | None = None,
             split_scores: Mapping[str, np.ndarray] | None = None,
-            ood_scores: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
+            ood_scores: Mapping[str, np.ndarray] | None = None, *,
+            unknown_below: float | None = None, tta: str = '') -> dict[str, Any]:
   """How the top-1 probability separates the evaluated split (``right`` + ``wrong``: its
   histograms) from the images (``ood``: theirs): ``auroc`` (``roc.auc`` of the histograms, ties
   within a bin half); ``at_95``: the share of them still answered at the strictest edge that
   answers 95% of the split; with the run's threshold, the share of each answered there. With
-  per-image scores of both: ``detectors`` (``detectors``) and the ``best`` score's key."""
+  per-image scores of both: ``detectors`` (``detectors``; under the test-time views ``tta``) and
+  the ``best`` score's key, and with the run's gate (``unknown_below``), the share of each kept
+  by it (``at_unknown_below``; of the ``gate`` scores: one view, as prediction scores)."""
   split_hist = np.asarray(right, np.int64) + np.asarray(wrong, np.int64)
   ood = np.asarray(ood, np.int64)
   bins = len(ood)
@@ -89,8 +92,15 @@ def summary(right: np.ndarray, wrong: np.ndarray, ood: np.ndarray,
                                 'answered_ood': float(kept_ood[j]) / n_ood}
   if split_scores is not None and ood_scores is not None:
     out['detectors'] = detectors(split_scores, ood_scores)
+    out['tta'] = tta or 'none'
     if out['detectors']:
       out['best'] = max(out['detectors'], key=lambda d: d['auroc'])['score']
+    if unknown_below is not None and 'gate' in split_scores and 'gate' in ood_scores:
+      t = np.float32(unknown_below)
+      out['at_unknown_below'] = {
+          'threshold': float(unknown_below),
+          'answered_split': float(np.mean(np.asarray(split_scores['gate']) >= t)),
+          'answered_ood': float(np.mean(np.asarray(ood_scores['gate']) >= t))}
   return out
 
 
@@ -103,16 +113,26 @@ def lines(o: Mapping[str, Any]) -> list[str]:
   rows = [('95% of the split answered', o['at_95'])]
   if 'at_min_confidence' in o:
     rows.append(("the run's threshold", o['at_min_confidence']))
+  gate_row = []
+  if 'at_unknown_below' in o:
+    g = o['at_unknown_below']
+    gate_row = [f"| the run's unknown-input gate: log-sum-exp {g['threshold']:.4f} (one view, "
+                f"as predict and serve) | {_pct(g['answered_split'])} | "
+                f"{_pct(g['answered_ood'])} |"]
   md = ['', '## Out-of-distribution images', '',
         f"{o['examples']} images of none of the classes (config.evaluate.ood_inputs), scored by "
         f"their top-1 probability: ROC-AUC against the split {o['auroc']:.4f} (1 = every one "
         'less confident than every split image, 0.5 = no separation).', '',
         '| threshold | split answered | out-of-distribution answered |', '|---|---|---|']
   md += [f"| {name}: {r['threshold']:.3f} | {_pct(r['answered_split'])} | "
-         f"{_pct(r['answered_ood'])} |" for name, r in rows]
+         f"{_pct(r['answered_ood'])} |" for name, r in rows] + gate_row
   if o.get('detectors'):
-    md += ['', 'Per image, by score (the higher, the more like the classes; exact, no bins):', '',
-           '| score | ROC-AUC | images above the score that keeps 95% of the split (FPR95) |',
+    views = ('' if o.get('tta', 'none') == 'none' else
+             f" under the evaluation's test-time views ('{o['tta']}'; predict and serve score one "
+             'view)')
+    md += ['', f'Per image, by score (the higher, the more like the classes; exact, no '
+               f'bins){views}:', '',
+           '| score | ROC-AUC | images at or above the score that keeps 95% of the split (FPR95) |',
            '|---|---|---|']
     md += [f"| {d['name']}{' (best)' if d['score'] == o.get('best') else ''} | "
            f"{d['auroc']:.4f} | {_pct(d['at_95']['answered_ood'])} |" for d in o['detectors']]
@@ -149,11 +169,17 @@ def energy(logits_NxK: np.ndarray) -> np.ndarray:
 
 
 def fit_gate(scores: np.ndarray, keep: float, split: str) -> dict[str, Any]:
-  """The record of the highest threshold at which at least ``keep`` of ``split``'s ``scores``
-  (``energy``) are at or above it: ``below`` (an image scoring below it is unknown), the share
-  ``kept`` there, and what it was fitted on."""
+  """The record of a threshold at which at least ``keep`` of ``split``'s ``scores`` (``energy``;
+  NaN: never kept) are at or above it: ``below`` (an image scoring below it is unknown), the
+  share ``kept`` there, and what it was fitted on. The threshold lies halfway (in float32)
+  between the lowest kept score and the next one down, so no held-out image sits on it where
+  another device's rounding of a logit could move it across."""
   scores = np.asarray(scores, np.float32)
-  t = at_tpr(scores, scores[:1], keep)['threshold']
+  ranked = np.sort(np.where(np.isnan(scores), -np.inf, scores))[::-1]
+  t = at_tpr(ranked, ranked[:1], keep)['threshold']
+  k = int(np.searchsorted(-ranked, -t, side='right'))   # the images at or above t
+  if k < len(ranked) and np.isfinite(ranked[k]):
+    t = float(np.float32((np.float64(t) + np.float64(ranked[k])) / 2))
   return {'score': 'logsumexp', 'below': t, 'keep': float(keep),
           'kept': float(np.mean(scores >= np.float32(t))), 'split': split,
           'examples': int(len(scores))}
@@ -163,5 +189,5 @@ def gate(logits_K: np.ndarray, below: float) -> dict[str, Any]:
   """One single-label answer's gate fields: ``unknown`` when its ``energy`` is below the run's
   threshold, the score, and the threshold."""
   score = energy(np.asarray(logits_K)[None])[0]
-  return {'unknown': bool(score < np.float32(below)), 'logsumexp': float(score),
-          'unknown_below': float(below)}
+  return {'unknown': not bool(score >= np.float32(below)),   # NaN: unknown
+          'logsumexp': float(score), 'unknown_below': float(below)}

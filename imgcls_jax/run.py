@@ -283,11 +283,18 @@ def fit_temperature(s: Setup, variables: Any, variables_shardings: Any,
   if unknown_keep:
     tempered = dataclasses.replace(s, step_cfg=dataclasses.replace(s.step_cfg,
                                                                    temperature=fit.temperature))
-    unknown = ood.fit_gate(energies(tempered, variables, variables_shardings, data),
-                           unknown_keep, split)
-    logging.info("Images whose logits' log-sum-exp is below %.4f are unknown: %.2f%% of split "
-                 "'%s' kept (target %.2f%%).", unknown['below'], 100 * unknown['kept'], split,
-                 100 * unknown_keep)
+    try:
+      unknown = ood.fit_gate(energies(tempered, variables, variables_shardings, data),
+                             unknown_keep, split)
+    except Exception as e:  # noqa: BLE001  (training keeps the temperature without the gate)
+      if require_fit:
+        raise
+      logging.exception('No unknown-input gate fitted (%s); the run is saved with its '
+                        'temperature but without one: run --mode=calibrate to fit it.', e)
+    else:
+      logging.info("Images whose logits' log-sum-exp is below %.4f are unknown: %.2f%% of "
+                   "split '%s' kept (target %.2f%%).", unknown['below'], 100 * unknown['kept'],
+                   split, 100 * unknown_keep)
   logging.info("Temperature %.4f fitted on split '%s' (%d examples): NLL %.4f -> %.4f, expected "
                'calibration error %.4f -> %.4f.%s', fit.temperature, split, int(sums['count']),
                fit.nll_before, fit.nll_after, ece[0], ece[1],

@@ -366,8 +366,9 @@ def example_outcomes(variables: Any, batch: dict[str, jax.Array], *, model_def: 
   """Per row (padded rows too), exactly as ``eval_step`` scores it: the top-1 class
   (``predicted``, int32 B), its probability (``p_predicted``) and the labelled class's
   (``p_label``), float32 B; with ``with_probs``, every class's (``probs``, float32 B x K); with
-  ``with_scores``, ``logit_scores``' too. With ``num_bins``: ``(that, eval_step's sums)`` of the
-  same forward pass."""
+  ``with_scores``, ``logit_scores``' too, and the logits prediction returns (``logits``: one view,
+  no test-time augmentation). With ``num_bins``: ``(that, eval_step's sums)`` of the same
+  forward pass."""
   log_probs = log_probs_fn(variables, batch['image'], model_def=model_def, cfg=cfg, tta=tta)
   normalized = jax.nn.log_softmax(log_probs.astype(jnp.float32), axis=-1)
   predicted = jnp.argmax(normalized, axis=-1)
@@ -379,6 +380,8 @@ def example_outcomes(variables: Any, batch: dict[str, jax.Array], *, model_def: 
     out['probs'] = jnp.exp(normalized)
   if with_scores:
     out.update(logit_scores(variables, batch['image'], model_def=model_def, cfg=cfg, tta=tta))
+    out['logits'] = forward(variables.params, variables.batch_stats, batch['image'],
+                            model_def=model_def, cfg=cfg).astype(jnp.float32)
   if num_bins is None:
     return out
   return out, report.eval_sums(log_probs, batch['label'], batch['mask'], num_bins)

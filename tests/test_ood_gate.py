@@ -9,7 +9,7 @@ import pytest
 import scipy.special
 from PIL import Image
 
-from imgcls_jax import calibrate, inference, predict, train
+from imgcls_jax import calibrate, evaluate, inference, ood, predict, train
 from imgcls_jax.data import images as image_files
 from imgcls_jax.errors import UserError
 from tests.conftest import export_description, local_service, small_digits_config
@@ -28,11 +28,29 @@ def _scores(logits):
 
 
 def _oracle_below(logits, keep):
-  """The highest score at or above which at least ``keep`` of the rows lie."""
+  """Halfway (float32) between the lowest of the top ``keep`` share of the rows' scores and the
+  next one down (no ties in these scores)."""
   s = np.sort(_scores(logits))[::-1]
   k = int(np.ceil(keep * len(s) - 1e-9))
-  assert (k / len(s) >= keep) and ((k - 1) / len(s) < keep)
-  return float(s[k - 1])
+  assert (k / len(s) >= keep) and ((k - 1) / len(s) < keep) and s[k - 1] > s[k]
+  return float(np.float32((np.float64(s[k - 1]) + np.float64(s[k])) / 2))
+
+
+def test_the_fit_and_the_decision_at_the_boundary():
+  """``fit_gate`` keeps the asked share with ties and NaNs (never kept), and ``gate`` keeps a
+  score exactly at the threshold and calls NaN unknown."""
+  scores = np.array([5, 4, 4, 4, 3, 2, np.nan, 1], np.float32)
+  r = ood.fit_gate(scores, 0.5, 's')        # 4 of 8 needed: 5, 4, 4, 4 -> halfway to 3
+  assert r['below'] == 3.5 and r['kept'] == 0.5 and r['examples'] == 8
+  r = ood.fit_gate(scores, 0.3, 's')        # 3 of 8 needed: the tie at 4 keeps all four
+  assert r['below'] == 3.5 and r['kept'] == 0.5
+  r = ood.fit_gate(scores, 0.8, 's')        # 7 of 8 needed: the NaN is never kept, and below
+  assert r['below'] == 1.0 and r['kept'] == 7 / 8   # the lowest kept score there is no other
+  logits = np.array([0.0, np.log(3.0)], np.float32)    # log-sum-exp = log 4
+  at = float(ood.energy(logits[None])[0])
+  assert not ood.gate(logits, at)['unknown']
+  assert ood.gate(logits, float(np.nextafter(np.float32(at), np.float32(np.inf))))['unknown']
+  assert ood.gate(np.array([np.nan, 0.0], np.float32), -1e30)['unknown']
 
 
 @pytest.fixture(scope='module')
@@ -71,6 +89,12 @@ def test_the_gate_keeps_its_share_of_the_held_out_split_by_the_served_logits(gat
   assert u['below'] == below and trained.unknown_below == below and trained.unknown_keep == 0.95
   assert u['kept'] == np.mean(_scores(logits) >= np.float32(below)) >= 0.95
   assert u['examples'] == len(x) and u['split'] == 'train[80%:]' and u['score'] == 'logsumexp'
+  # Predicting the held-out split marks exactly the share the fit left out.
+  clf = inference.classifier(trained)
+  out = clf.predict_arrays(x)
+  unknown = [inference.answer_gates(trained, p, lg)['unknown']
+             for p, lg in zip(out['probabilities'], out['logits'])]
+  assert 1 - np.mean(unknown) == u['kept']
 
 
 def test_predict_and_serve_mark_exactly_the_images_below_the_gate(gated, tfds_dir, photos,
@@ -148,3 +172,24 @@ def test_a_gate_without_a_held_out_split_is_refused_before_training(tfds_dir, tm
                                       r'temperature_split to a held-out split'):
     train.train_and_evaluate(c, str(tmp_path / 'run'))
   assert not (tmp_path / 'run' / 'checkpoints').exists()
+
+
+def test_the_evaluation_report_measures_the_runs_gate(gated, tfds_dir, photos, tmp_path):
+  """--mode=evaluate with out-of-distribution images on a gated run: the report's gate row is
+  the share of the split and of the images the served logits keep."""
+  _, workdir = gated
+  rep = evaluate.evaluate(None, workdir, {'evaluate.ood_inputs': photos,
+                                          'evaluate.output_dir': str(tmp_path / 'report')})
+  o = rep['out_of_distribution']
+  clf = inference.classifier(inference.load(workdir))
+  below = np.float32(clf.trained.unknown_below)
+  x, _ = _digits(tfds_dir, 'test')
+  kept_split = np.mean(_scores(clf.predict_arrays(x)['logits']) >= below)
+  files = image_files.list_inputs(photos)
+  kept_ood = np.mean(_scores(clf.predict_arrays(np.stack([clf.prepare(f) for f in files]))[
+      'logits']) >= below)
+  g = o['at_unknown_below']
+  assert (g['threshold'], g['answered_split'], g['answered_ood']) == (
+      float(below), kept_split, kept_ood)
+  md = open(tmp_path / 'report' / 'report.md').read()
+  assert f"| the run's unknown-input gate: log-sum-exp {below:.4f} (one view" in md
