@@ -65,8 +65,9 @@ def main() -> None:
         overrides['evaluate.tta'] = args.tta
       o = evaluate.evaluate(None, args.workdir, overrides)['out_of_distribution']
       for d in o['detectors']:
-        print(f"| {name} ({o['examples']}) | {d['name']}{' (best)' if d['score'] == o['best'] else ''}"
-              f" | {d['auroc']:.4f} | {100 * d['at_95']['answered_ood']:.2f}% |", flush=True)
+        best = ' (best)' if d['score'] == o['best'] else ''
+        print(f"| {name} ({o['examples']}) | {d['name']}{best} | {d['auroc']:.4f} | "
+              f"{100 * d['at_95']['answered_ood']:.2f}% |", flush=True)
     gates(args.workdir, sets)
 
 

@@ -242,8 +242,8 @@ def evaluate_checkpoint(workdir: str, config: ml_collections.ConfigDict | None, 
     unseen = None if shared is None else shared == 0
   return Evaluation(stats=stats, trained=r.trained, split=r.split, step=r.step, chosen=r.chosen,
                     tta=tta, workdir=os.path.abspath(workdir),
-                    dataset=reader.dataset_name(r.trained.run.data), outcomes=outcomes, ood=ood_result,
-                    unseen=unseen)
+                    dataset=reader.dataset_name(r.trained.run.data), outcomes=outcomes,
+                    ood=ood_result, unseen=unseen)
 
 
 OOD_MULTILABEL = ('config.evaluate.ood_inputs scores the top-1 probability of a single-label '
