@@ -193,3 +193,22 @@ def test_the_evaluation_report_measures_the_runs_gate(gated, tfds_dir, photos, t
       float(below), kept_split, kept_ood)
   md = open(tmp_path / 'report' / 'report.md').read()
   assert f"| the run's unknown-input gate: log-sum-exp {below:.4f} (one view" in md
+
+
+def test_the_ood_benchmark_prints_every_score_and_the_gates(gated, monkeypatch, capsys):
+  """``benchmarks/ood_scores.py`` (small): a row per set and score, the best one marked per set,
+  and the gates' shares (no Fashion-MNIST row for an 8x8 digits run)."""
+  import re
+  import sys
+  from benchmarks import ood_scores
+  _, workdir = gated
+  monkeypatch.setattr(sys, 'argv', ['ood_scores', f'--workdir={workdir}', '--count=20', '--tta='])
+  ood_scores.main()
+  out = capsys.readouterr().out
+  rows = re.findall(r'^\| (digits|photos) \(20\) \| ([^|]+?) \| ([0-9.]+) \| ([0-9.]+)% \|$', out,
+                    re.M)
+  assert len(rows) == 6 and sum('(best)' in r[1] for r in rows) == 2, out
+  assert all(0 <= float(r[2]) <= 1 and 0 <= float(r[3]) <= 100 for r in rows)
+  gates = re.findall(r'^\| (digits|photos) \(20\) \| ([0-9.]+)% \| ([0-9.]+)% \| ([0-9.]+)% \|$',
+                     out, re.M)
+  assert [g[0] for g in gates] == ['digits', 'photos'] and 'Fashion-MNIST' not in out, out
