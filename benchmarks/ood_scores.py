@@ -5,8 +5,8 @@ FPR95 (imgcls_jax/ood.py).
 
 * ``digits``: scikit-learn's 8x8 handwritten digits, scaled up to 28x28 PNGs (the run reads
   them at its own input size);
-* ``photos``: grey square crops (28-199 px, resized by the run's own reading) of scikit-learn's
-  two sample photographs.
+* ``photos``: square crops (28-199 px; the run's own reading resizes them and turns them grey
+  for a grey model) of scikit-learn's two sample photographs.
 
   python -m benchmarks.ood_scores --workdir=/tmp/fmnist_quick [--count=500] [--tta=]
 
@@ -32,11 +32,11 @@ def write_sets(root: str, count: int, seed: int = 0) -> dict[str, str]:
   for path in out.values():
     os.makedirs(path, exist_ok=True)
   digits = load_digits().images
-  for i, j in enumerate(rng.choice(len(digits), count, replace=False)):
+  for i, j in enumerate(rng.choice(len(digits), count, replace=count > len(digits))):
     img = Image.fromarray((digits[j] * (255 / 16)).astype(np.uint8)).resize((28, 28),
                                                                              Image.BILINEAR)
     img.save(os.path.join(out['digits'], f'd{i:04d}.png'))
-  photos = [np.asarray(Image.fromarray(p).convert('L')) for p in load_sample_images().images]
+  photos = load_sample_images().images
   for i in range(count):
     p = photos[i % len(photos)]
     size = int(rng.integers(28, 200))
@@ -64,8 +64,8 @@ def main() -> None:
       if args.tta is not None:
         overrides['evaluate.tta'] = args.tta
       o = evaluate.evaluate(None, args.workdir, overrides)['out_of_distribution']
-      for d in o['detectors']:
-        best = ' (best)' if d['score'] == o['best'] else ''
+      for d in o.get('detectors', ()):
+        best = ' (best)' if d['score'] == o.get('best') else ''
         print(f"| {name} ({o['examples']}) | {d['name']}{best} | {d['auroc']:.4f} | "
               f"{100 * d['at_95']['answered_ood']:.2f}% |", flush=True)
     gates(args.workdir, sets)
@@ -81,8 +81,10 @@ def gates(workdir: str, sets: dict[str, str]) -> None:
   if trained.unknown_below is None and not trained.min_confidence:
     return
   clf = inference.classifier(trained, max_batch=256)
-  print(f"\ngate: unknown below a log-sum-exp of {trained.unknown_below}, abstaining below a top-1 "
-        f'probability of {trained.min_confidence:.3f}')
+  gate = ('no unknown-input gate' if trained.unknown_below is None else
+          f'unknown below a log-sum-exp of {trained.unknown_below:.4f}')
+  print(f'\ngates: {gate}; abstaining below a top-1 probability of {trained.min_confidence:.3f} '
+        '(0: never)')
   print('| images | unknown | abstained | either |\n|---|---|---|---|')
   rows = []
   idx = '/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz'

@@ -94,7 +94,7 @@ class Evaluation:
       rep['out_of_distribution'] = {
           **ood.summary(self.stats['sel_right'], self.stats['sel_wrong'], self.ood['histogram'],
                         self.trained.min_confidence or None, split_scores, self.ood['scores'],
-                        unknown_below=self.trained.unknown_below, tta=self.tta),
+                        gate_record=self.trained.unknown, tta=self.tta),
           'inputs': self.ood['inputs'], 'skipped': self.ood['skipped']}
     return rep
 

@@ -68,14 +68,15 @@ def summary(right: np.ndarray, wrong: np.ndarray, ood: np.ndarray,
             min_confidence: float | None = None,
             split_scores: Mapping[str, np.ndarray] | None = None,
             ood_scores: Mapping[str, np.ndarray] | None = None, *,
-            unknown_below: float | None = None, tta: str = '') -> dict[str, Any]:
+            gate_record: Mapping[str, Any] | None = None, tta: str = '') -> dict[str, Any]:
   """How the top-1 probability separates the evaluated split (``right`` + ``wrong``: its
   histograms) from the images (``ood``: theirs): ``auroc`` (``roc.auc`` of the histograms, ties
   within a bin half); ``at_95``: the share of them still answered at the strictest edge that
   answers 95% of the split; with the run's threshold, the share of each answered there. With
   per-image scores of both: ``detectors`` (``detectors``; under the test-time views ``tta``) and
-  the ``best`` score's key, and with the run's gate (``unknown_below``), the share of each kept
-  by it (``at_unknown_below``; of the ``gate`` scores: one view, as prediction scores)."""
+  the ``best`` score's key, and with the run's gate (``gate_record``: ``fit_gate``'s), the share
+  of each kept by it (``at_unknown_below``; of the ``gate`` scores: one view, as prediction
+  scores)."""
   split_hist = np.asarray(right, np.int64) + np.asarray(wrong, np.int64)
   ood = np.asarray(ood, np.int64)
   bins = len(ood)
@@ -95,10 +96,11 @@ def summary(right: np.ndarray, wrong: np.ndarray, ood: np.ndarray,
     out['tta'] = tta or 'none'
     if out['detectors']:
       out['best'] = max(out['detectors'], key=lambda d: d['auroc'])['score']
-    if unknown_below is not None and 'gate' in split_scores and 'gate' in ood_scores:
-      t = np.float32(unknown_below)
+    if gate_record and 'gate' in split_scores and 'gate' in ood_scores:
+      t = np.float32(gate_record['below'])
       out['at_unknown_below'] = {
-          'threshold': float(unknown_below),
+          'threshold': float(t), 'keep': gate_record.get('keep'),
+          'split': gate_record.get('split'),
           'answered_split': float(np.mean(np.asarray(split_scores['gate']) >= t)),
           'answered_ood': float(np.mean(np.asarray(ood_scores['gate']) >= t))}
   return out
@@ -110,31 +112,32 @@ def _pct(x: float) -> str:
 
 def lines(o: Mapping[str, Any]) -> list[str]:
   """The out-of-distribution section of report.md."""
-  rows = [('95% of the split answered', o['at_95'])]
+  rows = [('top-1 probability keeping 95% of the split', o['at_95'], 3)]
   if 'at_min_confidence' in o:
-    rows.append(("the run's threshold", o['at_min_confidence']))
-  gate_row = []
+    rows.append(("the run's abstention threshold (top-1 probability)", o['at_min_confidence'], 3))
   if 'at_unknown_below' in o:
     g = o['at_unknown_below']
-    gate_row = [f"| the run's unknown-input gate: log-sum-exp {g['threshold']:.4f} (one view, "
-                f"as predict and serve) | {_pct(g['answered_split'])} | "
-                f"{_pct(g['answered_ood'])} |"]
+    fitted = (f", fitted to keep {_pct(g['keep'])} of '{g['split']}'" if g.get('split') else '')
+    rows.append((f"the run's unknown-input gate (log-sum-exp of the logits, one view as predict "
+                 f'and serve score{fitted})', g, 4))
   md = ['', '## Out-of-distribution images', '',
-        f"{o['examples']} images of none of the classes (config.evaluate.ood_inputs), scored by "
-        f"their top-1 probability: ROC-AUC against the split {o['auroc']:.4f} (1 = every one "
-        'less confident than every split image, 0.5 = no separation).', '',
-        '| threshold | split answered | out-of-distribution answered |', '|---|---|---|']
-  md += [f"| {name}: {r['threshold']:.3f} | {_pct(r['answered_split'])} | "
-         f"{_pct(r['answered_ood'])} |" for name, r in rows] + gate_row
+        f"{o['examples']} images of none of the classes (config.evaluate.ood_inputs) against the "
+        "split's images. By their top-1 probability, in the 1,000 bins of the abstention "
+        f"threshold: ROC-AUC {o['auroc']:.4f} (1 = every one scored below every split image, "
+        '0.5 = no separation).', '',
+        '| kept at or above | split images kept | out-of-distribution images kept (lower is '
+        'better) |', '|---|---|---|']
+  md += [f"| {name}: {r['threshold']:.{digits}f} | {_pct(r['answered_split'])} | "
+         f"{_pct(r['answered_ood'])} |" for name, r, digits in rows]
   if o.get('detectors'):
     views = ('' if o.get('tta', 'none') == 'none' else
              f" under the evaluation's test-time views ('{o['tta']}'; predict and serve score one "
              'view)')
-    md += ['', f'Per image, by score (the higher, the more like the classes; exact, no '
+    md += ['', f'Per image, by score (the higher, the more like the classes; exact ranks, no '
                f'bins){views}:', '',
-           '| score | ROC-AUC | images at or above the score that keeps 95% of the split (FPR95) |',
-           '|---|---|---|']
-    md += [f"| {d['name']}{' (best)' if d['score'] == o.get('best') else ''} | "
+           '| score | ROC-AUC | out-of-distribution images kept at the score that keeps 95% of '
+           'the split (FPR95; lower is better) |', '|---|---|---|']
+    md += [f"| {d['name']}{' (best ROC-AUC)' if d['score'] == o.get('best') else ''} | "
            f"{d['auroc']:.4f} | {_pct(d['at_95']['answered_ood'])} |" for d in o['detectors']]
   return md
 
@@ -147,6 +150,10 @@ def headline(o: Mapping[str, Any]) -> str:
   if best is not None:
     line += (f"; best score per image: {best['name']}, ROC-AUC {best['auroc']:.4f}, FPR95 "
              f"{best['at_95']['answered_ood']:.2%}")
+  if 'at_unknown_below' in o:
+    g = o['at_unknown_below']
+    line += (f"; the run's unknown-input gate keeps {g['answered_split']:.2%} of the split and "
+             f"{g['answered_ood']:.2%} of them")
   return line
 
 
@@ -165,23 +172,35 @@ def energy(logits_NxK: np.ndarray) -> np.ndarray:
   on the host, so the fit, predict and serve compute it alike."""
   z = np.asarray(logits_NxK, np.float64)
   m = z.max(axis=-1, keepdims=True)
-  return (m[..., 0] + np.log(np.exp(z - m).sum(axis=-1))).astype(np.float32)
+  with np.errstate(invalid='ignore', over='ignore'):   # infinite logits: NaN, unknown
+    return (m[..., 0] + np.log(np.exp(z - m).sum(axis=-1))).astype(np.float32)
 
 
 def fit_gate(scores: np.ndarray, keep: float, split: str) -> dict[str, Any]:
   """The record of a threshold at which at least ``keep`` of ``split``'s ``scores`` (``energy``;
   NaN: never kept) are at or above it: ``below`` (an image scoring below it is unknown), the
   share ``kept`` there, and what it was fitted on. The threshold lies halfway (in float32)
-  between the lowest kept score and the next one down, so no held-out image sits on it where
-  another device's rounding of a logit could move it across."""
+  between the lowest kept score and the next one down, so that a held-out image rarely sits on it,
+  where another device's rounding of a logit could move it across (it does when the two are
+  adjacent float32 values, or no finite score lies below). A UserError where no finite threshold
+  keeps ``keep`` (non-finite scores)."""
   scores = np.asarray(scores, np.float32)
+  if not len(scores):
+    raise UserError(f"No unknown-input gate can be fitted on the empty split '{split}'; give a "
+                    'held-out split with examples (config.evaluate.temperature_split).')
   ranked = np.sort(np.where(np.isnan(scores), -np.inf, scores))[::-1]
   t = at_tpr(ranked, ranked[:1], keep)['threshold']
   k = int(np.searchsorted(-ranked, -t, side='right'))   # the images at or above t
   if k < len(ranked) and np.isfinite(ranked[k]):
     t = float(np.float32((np.float64(t) + np.float64(ranked[k])) / 2))
-  return {'score': 'logsumexp', 'below': t, 'keep': float(keep),
-          'kept': float(np.mean(scores >= np.float32(t))), 'split': split,
+  kept = float(np.mean(scores >= np.float32(t)))
+  if not np.isfinite(t) or kept < keep:
+    bad = int((~np.isfinite(scores)).sum())
+    raise UserError(f"No unknown-input gate keeps {keep:.2%} of '{split}': {bad} of its "
+                    f'{len(scores)} scores are not finite (the logits are NaN or infinite); fix '
+                    'the model (e.g. retrain with a lower learning rate), or lower '
+                    'config.evaluate.unknown_keep.')
+  return {'score': 'logsumexp', 'below': t, 'keep': float(keep), 'kept': kept, 'split': split,
           'examples': int(len(scores))}
 
 
@@ -190,4 +209,5 @@ def gate(logits_K: np.ndarray, below: float) -> dict[str, Any]:
   threshold, the score, and the threshold."""
   score = energy(np.asarray(logits_K)[None])[0]
   return {'unknown': not bool(score >= np.float32(below)),   # NaN: unknown
-          'logsumexp': float(score), 'unknown_below': float(below)}
+          'logsumexp': float(score) if np.isfinite(score) else None,   # valid JSON
+          'unknown_below': float(below)}

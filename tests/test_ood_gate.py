@@ -46,11 +46,18 @@ def test_the_fit_and_the_decision_at_the_boundary():
   assert r['below'] == 3.5 and r['kept'] == 0.5
   r = ood.fit_gate(scores, 0.8, 's')        # 7 of 8 needed: the NaN is never kept, and below
   assert r['below'] == 1.0 and r['kept'] == 7 / 8   # the lowest kept score there is no other
+  for bad in ([1, np.nan], [np.nan], [-np.inf, -np.inf, 3]):   # no finite threshold keeps 90%
+    with pytest.raises(UserError, match=r"No unknown-input gate keeps 90\.00% of 's': \d+ of its "
+                                        r'\d+ scores are not finite'):
+      ood.fit_gate(np.array(bad, np.float32), 0.9, 's')
+  with pytest.raises(UserError, match="empty split 's'"):
+    ood.fit_gate(np.zeros((0,), np.float32), 0.9, 's')
   logits = np.array([0.0, np.log(3.0)], np.float32)    # log-sum-exp = log 4
   at = float(ood.energy(logits[None])[0])
   assert not ood.gate(logits, at)['unknown']
   assert ood.gate(logits, float(np.nextafter(np.float32(at), np.float32(np.inf))))['unknown']
-  assert ood.gate(np.array([np.nan, 0.0], np.float32), -1e30)['unknown']
+  nan = ood.gate(np.array([np.nan, 0.0], np.float32), -1e30)
+  assert nan['unknown'] and nan['logsumexp'] is None     # valid JSON
 
 
 @pytest.fixture(scope='module')
@@ -192,7 +199,10 @@ def test_the_evaluation_report_measures_the_runs_gate(gated, tfds_dir, photos, t
   assert (g['threshold'], g['answered_split'], g['answered_ood']) == (
       float(below), kept_split, kept_ood)
   md = open(tmp_path / 'report' / 'report.md').read()
-  assert f"| the run's unknown-input gate: log-sum-exp {below:.4f} (one view" in md
+  assert (f"| the run's unknown-input gate (log-sum-exp of the logits, one view as predict and "
+          f"serve score, fitted to keep 95.00% of 'train[80%:]'): {below:.4f} | "
+          f"{100 * kept_split:.2f}% | {100 * kept_ood:.2f}% |") in md
+  assert f"the run's unknown-input gate keeps {kept_split:.2%} of the split" in ood.headline(o)
 
 
 def test_the_ood_benchmark_prints_every_score_and_the_gates(gated, monkeypatch, capsys):

@@ -356,7 +356,7 @@ def test_out_of_distribution_images_against_sklearn_on_the_served_probabilities(
           f"{best['at_95']['answered_ood']:.2%}") in out
   md = open(tmp_path / 'report' / 'report.md').read()
   assert '## Out-of-distribution images' in md
-  assert f"| {best['name']} (best) | {best['auroc']:.4f} |" in md
+  assert f"| {best['name']} (best ROC-AUC) | {best['auroc']:.4f} |" in md
   # The report's row at the run's threshold (from the summed histograms) and its figure.
   _, labels = _digits(tfds_dir, 'test')
   below = ~selective.answered(p_in, t)
