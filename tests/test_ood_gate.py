@@ -3,6 +3,8 @@ temperature on the held-out split, checked against numpy on the served logits; p
 mark exactly the images below it; calibrate refits, remembers and drops it; bad values refused in
 one line."""
 import io
+import json
+import logging
 
 import numpy as np
 import pytest
@@ -105,7 +107,7 @@ def test_the_gate_keeps_its_share_of_the_held_out_split_by_the_served_logits(gat
 
 
 def test_predict_and_serve_mark_exactly_the_images_below_the_gate(gated, tfds_dir, photos,
-                                                                   tmp_path):
+                                                                   tmp_path, caplog):
   config, workdir = gated
   clf = inference.classifier(inference.load(workdir))
   below = clf.trained.unknown_below
@@ -124,6 +126,14 @@ def test_predict_and_serve_mark_exactly_the_images_below_the_gate(gated, tfds_di
   np.testing.assert_allclose([r['logsumexp'] for r in results], _scores(logits), rtol=1e-6)
   assert all(r['unknown_below'] == below for r in results)
   assert 0 < want.sum() < len(want)              # both kinds of answer occur
+  # The mode itself (--mode=predict): the JSON lines it writes, and its count of the unknown.
+  with caplog.at_level(logging.INFO):
+    written = predict.predict(None, workdir, {'predict.inputs': f'{digit_dir},{photos}',
+                                              'predict.output': str(tmp_path / 'p.jsonl')})
+  lines = [json.loads(line) for line in open(tmp_path / 'p.jsonl')]
+  assert [r['unknown'] for r in lines] == [r['unknown'] for r in written] == list(want)
+  assert (f"Unknown: {want.sum()} of 90 image(s), their logits' log-sum-exp below the run's gate "
+          f'{below:.4f}.') in caplog.text
   out = io.StringIO()
   predict.write(results, out, 'csv')
   rows = out.getvalue().splitlines()
