@@ -45,14 +45,20 @@ def auroc(split: np.ndarray, ood: np.ndarray) -> float:
   return float((ranks[:n].sum() - n * (n + 1) / 2) / (n * m))
 
 
+def keeping(scores: np.ndarray, share: float) -> float:
+  """The highest threshold at which at least ``share`` of ``scores`` are at or above it (the
+  ``k``-th highest score, ``k / n >= share`` as sklearn's ``roc_curve`` compares)."""
+  n = len(scores)
+  k = int(np.flatnonzero(np.arange(1, n + 1) / n >= share)[0]) + 1
+  return float(np.sort(np.asarray(scores))[::-1][k - 1])
+
+
 def at_tpr(split: np.ndarray, ood: np.ndarray, tpr: float = TPR) -> dict[str, float]:
-  """The highest threshold at which at least ``tpr`` of the split scores at or above it, and the
-  shares of the split and of the images at or above it there."""
+  """``keeping``'s threshold for ``tpr`` of the split, and the shares of the split and of the
+  images at or above it there."""
   split, ood = np.asarray(split), np.asarray(ood)
-  n = len(split)
-  k = int(np.flatnonzero(np.arange(1, n + 1) / n >= tpr)[0]) + 1   # kept split images needed
-  t = np.sort(split)[::-1][k - 1]
-  return {'threshold': float(t), 'answered_split': float(np.mean(split >= t)),
+  t = keeping(split, tpr)
+  return {'threshold': t, 'answered_split': float(np.mean(split >= t)),
           'answered_ood': float(np.mean(ood >= t))}
 
 
@@ -189,7 +195,7 @@ def fit_gate(scores: np.ndarray, keep: float, split: str) -> dict[str, Any]:
     raise UserError(f"No unknown-input gate can be fitted on the empty split '{split}'; give a "
                     'held-out split with examples (config.evaluate.temperature_split).')
   ranked = np.sort(np.where(np.isnan(scores), -np.inf, scores))[::-1]
-  t = at_tpr(ranked, ranked[:1], keep)['threshold']
+  t = keeping(ranked, keep)
   k = int(np.searchsorted(-ranked, -t, side='right'))   # the images at or above t
   if k < len(ranked) and np.isfinite(ranked[k]):
     t = float(np.float32((np.float64(t) + np.float64(ranked[k])) / 2))
