@@ -62,6 +62,13 @@ def test_the_fit_and_the_decision_at_the_boundary():
   assert nan['unknown'] and nan['logsumexp'] is None     # valid JSON
 
 
+def _clear(scores, below, rel=1e-5):
+  """The images whose score is not within ``rel`` of the threshold: another batching (the fit's
+  sharded eval batches, predict's padded ones) may round their logits by an ulp, which can move
+  only those across it, on some CPUs."""
+  return np.abs(np.asarray(scores, np.float64) - below) > rel * max(1.0, abs(below))
+
+
 @pytest.fixture(scope='module')
 def gated(tmp_path_factory, tfds_dir):
   """A digits run trained briefly on 80% of its training split; the temperature and a gate
@@ -95,15 +102,18 @@ def test_the_gate_keeps_its_share_of_the_held_out_split_by_the_served_logits(gat
   logits = inference.classifier(trained).predict_arrays(x)['logits']
   below = _oracle_below(logits, 0.95)
   u = trained.unknown
-  assert u['below'] == below and trained.unknown_below == below and trained.unknown_keep == 0.95
-  assert u['kept'] == np.mean(_scores(logits) >= np.float32(below)) >= 0.95
+  assert u['below'] == pytest.approx(below, rel=1e-5) and trained.unknown_below == u['below']
+  assert trained.unknown_keep == 0.95 and u['kept'] >= 0.95
+  scores = _scores(logits)
+  near = (~_clear(scores, u['below'])).sum()          # none on this machine
+  assert abs(u['kept'] - np.mean(scores >= np.float32(u['below']))) <= near / len(x)
   assert u['examples'] == len(x) and u['split'] == 'train[80%:]' and u['score'] == 'logsumexp'
-  # Predicting the held-out split marks exactly the share the fit left out.
+  # Predicting the held-out split marks the share the fit left out.
   clf = inference.classifier(trained)
   out = clf.predict_arrays(x)
   unknown = [inference.answer_gates(trained, p, lg)['unknown']
              for p, lg in zip(out['probabilities'], out['logits'])]
-  assert 1 - np.mean(unknown) == u['kept']
+  assert abs(1 - np.mean(unknown) - u['kept']) <= near / len(x)
 
 
 def test_predict_and_serve_mark_exactly_the_images_below_the_gate(gated, tfds_dir, photos,
@@ -121,8 +131,9 @@ def test_predict_and_serve_mark_exactly_the_images_below_the_gate(gated, tfds_di
   assert not skipped and len(results) == 90
   logits = clf.predict_arrays(np.stack([clf.prepare(f) for f in files]))['logits']
   want = _scores(logits) < np.float32(below)
+  clear = _clear(_scores(logits), below)             # every image, on this machine
   got = np.array([r['unknown'] for r in results])
-  np.testing.assert_array_equal(got, want)
+  np.testing.assert_array_equal(got[clear], want[clear])
   np.testing.assert_allclose([r['logsumexp'] for r in results], _scores(logits), rtol=1e-6)
   assert all(r['unknown_below'] == below for r in results)
   assert 0 < want.sum() < len(want)              # both kinds of answer occur
@@ -131,21 +142,23 @@ def test_predict_and_serve_mark_exactly_the_images_below_the_gate(gated, tfds_di
     written = predict.predict(None, workdir, {'predict.inputs': f'{digit_dir},{photos}',
                                               'predict.output': str(tmp_path / 'p.jsonl')})
   lines = [json.loads(line) for line in open(tmp_path / 'p.jsonl')]
-  assert [r['unknown'] for r in lines] == [r['unknown'] for r in written] == list(want)
-  assert (f"Unknown: {want.sum()} of 90 image(s), their logits' log-sum-exp below the run's gate "
-          f'{below:.4f}.') in caplog.text
+  assert [r['unknown'] for r in lines] == [r['unknown'] for r in written]
+  np.testing.assert_array_equal(np.array([r['unknown'] for r in written])[clear], want[clear])
+  assert (f"Unknown: {sum(r['unknown'] for r in written)} of 90 image(s), their logits' "
+          f"log-sum-exp below the run's gate {below:.4f}.") in caplog.text
   out = io.StringIO()
   predict.write(results, out, 'csv')
   rows = out.getvalue().splitlines()
   assert rows[0] == 'file,rank,class,index,probability,unknown'
-  assert sum(r.endswith(',1') for r in rows[1:]) == 2 * want.sum()   # top=2: two rows each
+  assert sum(r.endswith(',1') for r in rows[1:]) == 2 * got.sum()   # top=2: two rows each
   # The service answers the same, and says where its gate is.
   with local_service(clf, config) as call:
     assert call('GET', '/v1/model')[1]['unknown_below'] == below
     for i in (0, 1, 2, 60, 61, 62, *np.flatnonzero(want)[:3]):
       status, answer = call('POST', '/v1/classify', open(files[i], 'rb').read(),
                             {'Content-Type': 'image/png'})
-      assert status == 200 and answer['unknown'] == bool(want[i]), files[i]
+      assert status == 200, files[i]
+      assert answer['unknown'] == bool(want[i]) or not clear[i], files[i]
       assert answer['logsumexp'] == pytest.approx(results[i]['logsumexp'], rel=1e-6)
   # The export carries the gate for its clients.
   pytest.importorskip('tensorflow')
@@ -167,7 +180,8 @@ def test_calibrate_refits_remembers_and_drops_the_gate(gated, tfds_dir, tmp_path
 
   out, trained = fit(unknown_keep=0.8)
   logits = inference.classifier(trained).predict_arrays(x)['logits']
-  assert trained.unknown_below == _oracle_below(logits, 0.8) and trained.unknown_keep == 0.8
+  assert trained.unknown_below == pytest.approx(_oracle_below(logits, 0.8), rel=1e-5)
+  assert trained.unknown_keep == 0.8
   assert f"log-sum-exp is below {trained.unknown_below:.4f} are unknown" in out
   _, again = fit()                       # remembered: refitted at 0.8 with the new temperature
   assert again.unknown_keep == 0.8 and again.unknown_below == trained.unknown_below
@@ -201,18 +215,21 @@ def test_the_evaluation_report_measures_the_runs_gate(gated, tfds_dir, photos, t
   clf = inference.classifier(inference.load(workdir))
   below = np.float32(clf.trained.unknown_below)
   x, _ = _digits(tfds_dir, 'test')
-  kept_split = np.mean(_scores(clf.predict_arrays(x)['logits']) >= below)
+  s_split = _scores(clf.predict_arrays(x)['logits'])
   files = image_files.list_inputs(photos)
-  kept_ood = np.mean(_scores(clf.predict_arrays(np.stack([clf.prepare(f) for f in files]))[
-      'logits']) >= below)
+  s_ood = _scores(clf.predict_arrays(np.stack([clf.prepare(f) for f in files]))['logits'])
   g = o['at_unknown_below']
-  assert (g['threshold'], g['answered_split'], g['answered_ood']) == (
-      float(below), kept_split, kept_ood)
+  assert g['threshold'] == float(below)
+  # The evaluation's sharded batches against predict's: equal but for images within an ulp's
+  # reach of the threshold (none on this machine).
+  for got, s in ((g['answered_split'], s_split), (g['answered_ood'], s_ood)):
+    assert abs(got - np.mean(s >= below)) <= (~_clear(s, below)).sum() / len(s)
   md = open(tmp_path / 'report' / 'report.md').read()
   assert (f"| the run's unknown-input gate (log-sum-exp of the logits, one view as predict and "
           f"serve score, fitted to keep 95.00% of 'train[80%:]'): {below:.4f} | "
-          f"{100 * kept_split:.2f}% | {100 * kept_ood:.2f}% |") in md
-  assert f"the run's unknown-input gate keeps {kept_split:.2%} of the split" in ood.headline(o)
+          f"{100 * g['answered_split']:.2f}% | {100 * g['answered_ood']:.2f}% |") in md
+  assert (f"the run's unknown-input gate keeps {g['answered_split']:.2%} of the split"
+          in ood.headline(o))
 
 
 def test_the_ood_benchmark_prints_every_score_and_the_gates(gated, monkeypatch, capsys):

@@ -341,12 +341,16 @@ def test_out_of_distribution_images_against_sklearn_on_the_served_probabilities(
                           scipy.special.logsumexp(logits_ood, 1)),
             'max_logit': (logits_in.max(1), logits_ood.max(1))}
   assert [d['score'] for d in o['detectors']] == ['msp', 'logsumexp', 'max_logit']
+  # The device's float32 scores against scipy's on the served logits: the same ranks here; an
+  # ulp apart elsewhere, which could swap a near-tied pair or move one image across the FPR95
+  # threshold (the tolerances: two pairs, one image).
+  n_pairs = len(p_in) * len(p_ood)
   for d in o['detectors']:
     s = np.concatenate(oracle[d['score']])
-    assert d['auroc'] == pytest.approx(roc_auc_score(truth, s), abs=1e-12), d['score']
+    assert d['auroc'] == pytest.approx(roc_auc_score(truth, s), abs=2 / n_pairs), d['score']
     fpr, tpr, thr = roc_curve(truth, s, drop_intermediate=False)
     first = int(np.argmax(tpr >= 0.95))     # the highest threshold keeping 95% of the split
-    assert d['at_95']['answered_ood'] == pytest.approx(fpr[first], abs=1e-12), d['score']
+    assert d['at_95']['answered_ood'] == pytest.approx(fpr[first], abs=1 / len(p_ood) + 1e-12)
     assert d['at_95']['threshold'] == pytest.approx(thr[first], rel=1e-5)
   best = max(o['detectors'], key=lambda d: d['auroc'])
   assert o['best'] == best['score'] and len({d['auroc'] for d in o['detectors']}) == 3
