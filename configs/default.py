@@ -302,6 +302,19 @@ def get_config() -> ml_collections.ConfigDict:
   # imgcls_jax/label_issues.py), in <workdir>/cv_label_issues.csv, the most likely first.
   c.cross_validation.label_issues = True
 
+  # ---- hyperparameter sweeps (imgcls_jax/sweep.py) ----
+  # '' = off. A Python dict of config keys to lists of values, e.g.
+  #   "{'optim.learning_rate': [0.2, 0.1, 0.05], 'label_smoothing': [0.0, 0.1]}"
+  # The train command then trains every combination (x `seeds`) in its own <workdir>/<setting>
+  # (a plain run, resumable; finished trials are not trained again), with cross_validation.folds
+  # > 0 a k-fold run each, and ranks the settings by `metric` on data.eval_split (mean +- std over
+  # seeds): sweep.md / sweep.json / sweep.csv / sweep.png. A diverged trial is recorded, not fatal.
+  c.sweep = ml_collections.ConfigDict()
+  c.sweep.grid = ''
+  c.sweep.seeds = 1                       # seeds per setting: seed, seed + 1, ...
+  c.sweep.metric = ''                     # '' = accuracy (tagging runs: map); any eval metric
+  c.sweep.mode = ''                       # 'max' / 'min'; '' = min for losses and ECEs, else max
+
   # ---- checkpoint policy, fault tolerance (imgcls_jax/checkpoint.py, imgcls_jax/preemption.py)
   # Periods are checkpoint_every_* above; keep_checkpoints newest are kept. A rerun of the same
   # command resumes from the newest readable checkpoint (damaged ones are moved to

@@ -42,6 +42,11 @@ def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
   return out
 
 
+def flat(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The config's leaves as ``{'optim.learning_rate': 0.1, ...}`` (JSON types)."""
+  return _flatten(config_dict(config))
+
+
 def default_config_path() -> str:
   """configs/default.py (the schema), wherever the project is installed."""
   spec = importlib.util.find_spec('configs.default')

@@ -23,13 +23,14 @@ from ml_collections import config_flags
 from imgcls_jax import configlib, startup
 from imgcls_jax.errors import UserError
 
-# --mode name -> (module, function). 'train' runs k-fold cross-validation when
-# config.cross_validation.folds > 0, else one run. The modes of a trained run are called as
+# --mode name -> (module, function). 'train' runs a hyperparameter sweep when config.sweep.grid
+# is set, else k-fold cross-validation when config.cross_validation.folds > 0, else one run. The modes of a trained run are called as
 # fn(config, workdir, overrides=...) with the keys given on the command line; train as
 # fn(config, workdir). Mode options are config keys (config.evaluate.*, ...; configs/default.py).
 MODES: dict[str, tuple[str, str]] = {
     'train': ('imgcls_jax.train', 'train_and_evaluate'),
     'cross_validation': ('imgcls_jax.cross_validation', 'cross_validate'),
+    'sweep': ('imgcls_jax.sweep', 'sweep'),
     'predict': ('imgcls_jax.predict', 'predict'),
     'export': ('imgcls_jax.export', 'export'),
     'serve': ('imgcls_jax.serve', 'serve'),
@@ -49,7 +50,8 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, metrics, summaries.',
                                flag_values=FLAGS)
-_MODE = flags.DEFINE_enum('mode', 'train', [m for m in MODES if m != 'cross_validation'],
+_MODE = flags.DEFINE_enum('mode', 'train',
+                          [m for m in MODES if m not in ('cross_validation', 'sweep')],
                           'What to do.', flag_values=FLAGS)
 
 
@@ -160,7 +162,9 @@ def run(argv: list[str] | None = None) -> int:
     startup.enable_compilation_cache(config.get('compilation_cache_dir', ''))  # before compiling
     if distributed.requested(config):  # before anything touches a device
       distributed.initialize(config.distributed)
-    if mode == 'train' and config.get('cross_validation') and config.cross_validation.folds > 0:
+    if mode == 'train' and config.get('sweep') and config.sweep.grid:
+      mode = 'sweep'   # each trial trains (or cross-validates) as below
+    elif mode == 'train' and config.get('cross_validation') and config.cross_validation.folds > 0:
       mode = 'cross_validation'
     module_name, fn_name = MODES[mode]
     fn = getattr(importlib.import_module(module_name), fn_name)

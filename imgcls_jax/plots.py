@@ -210,3 +210,35 @@ def image_grid(images: Sequence[np.ndarray], captions: Sequence[str], path: str,
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
+
+
+def sweep(settings: Sequence[Mapping[str, Any]], metric: str, path: str, title: str) -> None:
+  """A sweep's settings, best at the top: mean +- std over seeds, each seed a dot;
+  settings without a result are listed with their status."""
+  n = max(len(settings), 1)
+  fig, ax = plt.subplots(figsize=(9, 1.2 + 0.38 * n))
+  y = np.arange(len(settings))[::-1]
+  scored = [(yy, s) for yy, s in zip(y, settings) if s['mean'] is not None]
+  if scored:
+    ax.errorbar([s['mean'] for _, s in scored], [yy for yy, _ in scored],
+                xerr=[s['std'] for _, s in scored], fmt='D', color='tab:blue', markersize=6,
+                capsize=4, label='mean +- std')
+    for yy, s in scored:
+      ax.plot(s['values'], [yy] * len(s['values']), 'o', color='tab:orange', markersize=3,
+              alpha=0.8)
+    ax.grid(axis='x', alpha=0.3)
+    lo = min(min(s['values']) for _, s in scored)
+    hi = max(max(s['values']) for _, s in scored)
+    pad = 0.15 * (hi - lo) or 0.05 * abs(hi) or 0.01
+    ax.set_xlim(lo - pad, hi + pad)
+  for yy, s in zip(y, settings):
+    if s['mean'] is None:
+      ax.text(0.01, yy, f"no result ({s['diverged']} diverged, {s['errors']} errors)",
+              transform=ax.get_yaxis_transform(), va='center', fontsize=8, color='tab:red')
+  ax.set_yticks(y, labels=[s['setting'][:70] for s in settings], fontsize=8)
+  ax.set_ylim(-0.6, len(settings) - 0.4)
+  ax.set_xlabel(f'{metric} (mean +- std over seeds; dots: seeds)')
+  ax.set_title(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)

@@ -355,6 +355,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     raise UserError(f'config.cross_validation.folds={config.cross_validation.folds}: k-fold '
                     'cross-validation is its own entry point; run python -m imgcls_jax.main '
                     '(--mode=train picks it) or imgcls_jax.cross_validation.cross_validate.')
+  if config.get('sweep') and config.sweep.grid:
+    raise UserError('config.sweep.grid is set: a sweep is its own entry point; run python -m '
+                    'imgcls_jax.main (--mode=train picks it) or imgcls_jax.sweep.sweep.')
   workdir = os.path.abspath(workdir)
   held_out.check_workdir_outside(config.data, workdir)
   teacher_lib.absolute_paths(config)   # saved and compared on resume as absolute paths

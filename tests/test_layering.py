@@ -30,9 +30,11 @@ from tests.conftest import REPO, subprocess_env
 PACKAGE = 'imgcls_jax'
 MODES = ('imgcls_jax.train', 'imgcls_jax.evaluate', 'imgcls_jax.cross_validation',
          'imgcls_jax.predict', 'imgcls_jax.export', 'imgcls_jax.serve', 'imgcls_jax.classical',
-         'imgcls_jax.embed', 'imgcls_jax.compare', 'imgcls_jax.calibrate')
+         'imgcls_jax.embed', 'imgcls_jax.compare', 'imgcls_jax.calibrate', 'imgcls_jax.sweep')
 MODE_TABLE = 'imgcls_jax.main'                     # may reference every mode
-ALLOWED_MODE_EDGES = {('imgcls_jax.cross_validation', 'imgcls_jax.train')}  # k-fold trains
+ALLOWED_MODE_EDGES = {('imgcls_jax.cross_validation', 'imgcls_jax.train'),  # k-fold trains
+                      ('imgcls_jax.sweep', 'imgcls_jax.train'),  # a sweep trains each trial ...
+                      ('imgcls_jax.sweep', 'imgcls_jax.cross_validation')}  # ... or k-folds it
 TF_MODULES = ('tensorflow', 'tensorflow_datasets', 'tf2onnx', 'jax.experimental.jax2tf')
 TF_IMPORTERS = ('imgcls_jax.data', 'imgcls_jax.export')   # modules, or packages with everything
 TF_FREE_DATA = ('imgcls_jax.data.info', 'imgcls_jax.data.images', 'imgcls_jax.data.arrays',
@@ -354,7 +356,7 @@ def test_no_import_cycles():
 def test_modes_are_the_top_floor():
   bad = mode_violations(package_graph())
   assert not bad, ('a mode is imported by another module (only imgcls_jax.main and '
-                   'cross_validation -> train may; shared code belongs in the run layer):\n  '
+                   'cross_validation / sweep -> train may; shared code belongs in the run layer):\n  '
                    + '\n  '.join(bad))
 
 

@@ -1,0 +1,404 @@
+"""Hyperparameter sweeps: the train command with ``--config.sweep.grid``.
+
+  python -m imgcls_jax.main --config=configs/default.py --workdir=/tmp/sweep \\
+      --config.sweep.grid="{'optim.learning_rate': [0.4, 0.1, 0.025], 'label_smoothing': [0, 0.1]}" \\
+      --config.sweep.seeds=3
+
+Every combination of the grid's values, times ``sweep.seeds`` seeds (``seed``, ``seed + 1``, ...),
+is a trial: the config with those keys set, trained as a plain run (a k-fold run when
+``cross_validation.folds`` > 0) in ``<workdir>/<key>=<value>+...+seed=<s>``, which resumes like any
+run (no commas: a trial's directory can be listed where paths are comma-separated, e.g. as a
+distillation teacher).
+Every trial's config is checked before the first one trains. A finished trial's result is kept in
+its directory (``sweep_trial.json``) and a rerun of the same command does not train it again; a
+trial that diverges (NaN loss) or stops on an error is recorded and the sweep goes on. The settings
+are ranked by ``sweep.metric`` on ``data.eval_split`` (the final evaluation; with folds, the mean
+over folds), mean +- std over seeds (ddof=0): ``sweep.md``, ``sweep.json``, ``sweep.csv`` (one row
+per trial) and ``sweep.png``, and printed. Each trial's directory is a whole model: predict,
+export, serve or evaluate the best one.
+"""
+from __future__ import annotations
+
+import ast
+import copy
+import csv
+import dataclasses
+import difflib
+import hashlib
+import itertools
+import json
+import logging
+import math
+import os
+import re
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from imgcls_jax import (configlib, cross_validation, models, plots, report, report_multilabel,
+                        train)
+from imgcls_jax.errors import UserError
+
+RESULT_FILE = 'sweep_trial.json'
+LOWER_IS_BETTER = ('loss', 'ece', 'ece_classwise', 'hamming_loss')
+_EXAMPLE = "\"{'optim.learning_rate': [0.2, 0.1], 'label_smoothing': [0.0, 0.1]}\""
+
+
+@dataclasses.dataclass
+class Trial:
+  name: str                     # its directory under the sweep's workdir
+  setting: str                  # the grid's values, e.g. 'optim.learning_rate=0.1, label_smoothing=0'
+  overrides: dict[str, Any]
+  seed: int
+  config: ml_collections.ConfigDict
+  config_json: dict[str, Any]   # the config before training (what a rerun compares)
+
+
+def parse_grid(text: str) -> dict[str, list[Any]]:
+  """``config.sweep.grid`` as ``{key: [values]}``, or a UserError naming what is wrong."""
+  try:
+    grid = ast.literal_eval(text)
+  except (ValueError, SyntaxError) as e:
+    raise UserError(f'config.sweep.grid is not a Python dict literal ({type(e).__name__}: '
+                    f'{str(e).splitlines()[0]}); write e.g. --config.sweep.grid={_EXAMPLE}.'
+                    ) from None
+  if not isinstance(grid, dict) or not grid:
+    raise UserError(f'config.sweep.grid must be a non-empty dict of config keys to lists of '
+                    f'values, got {grid!r}; write e.g. --config.sweep.grid={_EXAMPLE}.')
+  out = {}
+  for key, values in grid.items():
+    if not isinstance(key, str):
+      raise UserError(f'config.sweep.grid has the key {key!r}; keys are dotted config names '
+                      "such as 'optim.learning_rate'.")
+    if not isinstance(values, (list, tuple)) or not values:
+      raise UserError(f"config.sweep.grid['{key}'] must be a non-empty list of values, got "
+                      f'{values!r}.')
+    if len({repr(v) for v in values}) != len(values):
+      raise UserError(f"config.sweep.grid['{key}'] lists a value twice ({list(values)!r}); "
+                      'list each value once (more seeds: config.sweep.seeds).')
+    out[key] = list(values)
+  return out
+
+
+def _unknown(key: str, config: ml_collections.ConfigDict) -> UserError:
+  near = difflib.get_close_matches(key, list(configlib.flat(config)), n=1)
+  return UserError(f"config.sweep.grid sets '{key}', which is not a config key"
+                   + (f" (did you mean '{near[0]}'?)" if near else '')
+                   + '; see configs/default.py for the documented schema.')
+
+
+def set_key(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
+  """Sets the dotted ``key`` of ``config`` to ``value`` as ``--config.<key>=`` would."""
+  parts = key.split('.')
+  node = config
+  for part in parts[:-1]:
+    if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+      raise _unknown(key, config)
+    node = node[part]
+  leaf = parts[-1]
+  if leaf not in node:
+    if parts[0] == 'model' and len(parts) == 2:  # a model constructor's own argument
+      with node.unlocked(), node.ignore_type():
+        node[leaf] = value
+      return
+    raise _unknown(key, config)
+  current = node[leaf]
+  if isinstance(current, ml_collections.ConfigDict):
+    raise UserError(f"config.sweep.grid sets '{key}', a group of keys; sweep the keys in it "
+                    f"(e.g. '{key}.{next(iter(current.keys()), '...')}').")
+  if isinstance(current, tuple) and isinstance(value, list):
+    value = tuple(value)
+  if (isinstance(current, float) and isinstance(value, int)
+      and not isinstance(value, bool)):
+    value = float(value)
+  try:
+    node[leaf] = value
+  except TypeError:
+    raise UserError(f"config.sweep.grid gives '{key}' the value {value!r}, but that key takes a "
+                    f'{type(current).__name__} (now {current!r}).') from None
+
+
+def _text(value: Any) -> str:
+  if isinstance(value, (list, tuple)):
+    return '-'.join(_text(v) for v in value)
+  return str(value)
+
+
+def _dir_name(text: str) -> str:
+  safe = re.sub(r'[^A-Za-z0-9._=+-]', '_', text)
+  if len(safe) > 120 or safe != text:  # keep names distinct once shortened or made safe
+    safe = f'{safe[:100]}-{hashlib.sha1(text.encode()).hexdigest()[:8]}'
+  return safe
+
+
+def trials(config: ml_collections.ConfigDict) -> list[Trial]:
+  """Every trial of ``config.sweep`` with its config, each checked (UserError before any runs)."""
+  grid = parse_grid(config.sweep.grid)
+  seeds = config.sweep.seeds
+  if not isinstance(seeds, int) or seeds < 1:
+    raise UserError(f'config.sweep.seeds must be an integer >= 1, got {seeds!r}.')
+  for key in grid:
+    if key.startswith('sweep.') or key == 'sweep':
+      raise UserError(f"config.sweep.grid sets '{key}'; a sweep cannot sweep its own keys.")
+  if 'seed' in grid and seeds > 1:
+    raise UserError("config.sweep.grid sets 'seed' and config.sweep.seeds > 1; use one of them.")
+  out = []
+  for combo in itertools.product(*grid.values()):
+    overrides = dict(zip(grid, combo))
+    setting = ', '.join(f'{k}={_text(v)}' for k, v in overrides.items())
+    for j in range(seeds if 'seed' not in grid else 1):
+      c = copy.deepcopy(config)
+      c.sweep.grid, c.sweep.seeds, c.sweep.metric, c.sweep.mode = '', 1, '', ''  # a plain run
+      for key, value in overrides.items():
+        set_key(c, key, value)
+      if 'seed' not in grid:
+        c.seed = config.seed + j
+      try:
+        configlib.validate(c)
+        models.family(c.model.name)
+      except UserError as e:
+        raise UserError(f'The sweep setting {setting}: {e}') from None
+      name = _dir_name('+'.join(f'{k}={_text(v)}' for k, v in overrides.items())
+                       + ('' if 'seed' in grid else f'+seed={c.seed}'))
+      out.append(Trial(name, setting, overrides, int(c.seed), c, configlib.config_dict(c)))
+  names = [t.name for t in out]
+  if len(set(names)) != len(names):
+    raise UserError('Two settings of config.sweep.grid give the same directory name; list '
+                    'distinct values.')
+  return out
+
+
+def ranking(config: ml_collections.ConfigDict) -> tuple[str, str]:
+  """(metric, 'max' | 'min') from config.sweep; '' metric = accuracy (or map, decided later)."""
+  metric, mode = config.sweep.metric, config.sweep.mode
+  known = set(report.SCALAR_KEYS) | set(report_multilabel.SCALAR_KEYS)
+  if metric and metric not in known:
+    raise UserError(f"config.sweep.metric='{metric}' is not an evaluation metric; use one of: "
+                    f"{', '.join(sorted(known))}.")
+  if mode not in ('', 'max', 'min'):
+    raise UserError(f"config.sweep.mode must be 'max', 'min' or '' (by the metric), got "
+                    f"'{mode}'.")
+  return metric, mode
+
+
+def _cached(directory: str, trial: Trial) -> dict[str, Any] | None:
+  """A result saved by an earlier run of this very trial (same config), else None."""
+  try:
+    with open(os.path.join(directory, RESULT_FILE)) as f:
+      saved = json.load(f)
+  except (OSError, ValueError):
+    return None
+  if saved.get('config') != trial.config_json or saved.get('status') not in ('finished',
+                                                                              'diverged'):
+    return None
+  return saved['row']
+
+
+def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
+  out = {}
+  for k, v in metrics.items():
+    try:
+      out[k] = float(v)
+    except (TypeError, ValueError):
+      continue
+  return out
+
+
+def _train(config: ml_collections.ConfigDict, directory: str) -> dict[str, Any]:
+  if config.cross_validation.folds > 0:
+    summary = cross_validation.cross_validate(config, directory)
+    return summary if 'interrupted_in_fold' in summary else summary['mean']
+  return train.train_and_evaluate(config, directory)
+
+
+def run_trial(trial: Trial, directory: str) -> dict[str, Any]:
+  """Trains one trial; its row (status 'finished' with metrics, 'diverged' or 'error'), or the
+  training's own result when it was interrupted (SIGTERM / SIGINT)."""
+  row: dict[str, Any] = {'trial': trial.name, 'setting': trial.setting,
+                         'overrides': trial.overrides, 'seed': trial.seed, 'workdir': directory}
+  start = time.perf_counter()
+  try:
+    result = _train(trial.config, directory)
+  except train.TrainingDiverged as e:
+    row.update(status='diverged', error=str(e))
+  except UserError as e:
+    row.update(status='error', error=str(e))
+  else:
+    if 'interrupted_at_step' in result or 'interrupted_in_fold' in result:
+      return result
+    row.update(status='finished', metrics=_scalars(result))
+  row['wall_s'] = time.perf_counter() - start
+  if row['status'] != 'error':
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, RESULT_FILE), 'w') as f:
+      json.dump({'config': trial.config_json, 'status': row['status'], 'row': row}, f, indent=1)
+  return row
+
+
+def _order_key(value: float | None, mode: str) -> tuple[int, float]:
+  if value is None or not math.isfinite(value):
+    return (1, 0.0)
+  return (0, -value if mode == 'max' else value)
+
+
+def summarize(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any]:
+  """The settings ranked by ``metric`` (mean over their finished seeds), best first."""
+  by_setting: dict[str, list[dict[str, Any]]] = {}
+  for r in rows:
+    by_setting.setdefault(r['setting'], []).append(r)
+  settings = []
+  for setting, rs in by_setting.items():
+    done = [r for r in rs if r['status'] == 'finished' and metric in r['metrics']]
+    values = [r['metrics'][metric] for r in done]
+    common = [k for k in (done[0]['metrics'] if done else {})
+              if all(k in r['metrics'] for r in done)]
+    best = min(done, key=lambda r: _order_key(r['metrics'][metric], mode)) if done else None
+    settings.append({
+        'setting': setting, 'overrides': rs[0]['overrides'], 'trials': len(rs),
+        'finished': len(done), 'diverged': sum(r['status'] == 'diverged' for r in rs),
+        'errors': sum(r['status'] == 'error' for r in rs),
+        'mean': float(np.mean(values)) if values else None,
+        'std': float(np.std(values)) if values else None,
+        'values': values, 'means': {k: float(np.mean([r['metrics'][k] for r in done]))
+                                    for k in common},
+        'best_workdir': best['workdir'] if best else None})
+  settings.sort(key=lambda s: _order_key(s['mean'], mode))  # stable: grid order among ties
+  return {'metric': metric, 'mode': mode, 'settings': settings,
+          'best': settings[0] if settings and settings[0]['mean'] is not None else None}
+
+
+def _fmt(metric: str, value: float | None) -> str:
+  if value is None:
+    return '-'
+  return f'{100 * value:.2f}%' if metric.startswith('accuracy') else f'{value:.4f}'
+
+
+def table_lines(summary: dict[str, Any]) -> list[str]:
+  """The printed ranking."""
+  m = summary['metric']
+  lines = [f"Sweep of {len(summary['settings'])} settings x {summary['seeds']} seed(s) on "
+           f"{summary['dataset']}, ranked by {m} on {summary['split']} ({summary['mode']}; mean "
+           '+- std over seeds):', f"  rank  {m + ' (n)':<24}  setting"]
+  for i, s in enumerate(summary['settings']):
+    if s['mean'] is None:
+      what = ', '.join(f'{n} {k}' for k, n in (('diverged', s['diverged']),
+                                               ('errors', s['errors'])) if n) or 'no result'
+      lines.append(f"  {'-':>4}  {what:<24}  {s['setting']}")
+      continue
+    score = f"{_fmt(m, s['mean'])} +- {_fmt(m, s['std'])} ({s['finished']})"
+    lines.append(f'  {i + 1:>4}  {score:<24}  {s["setting"]}')
+  best = summary['best']
+  if best:
+    lines.append(f"Best: {best['setting']}; its best trial: {best['best_workdir']}")
+  lines.append(f"Summary: {os.path.join(summary['workdir'], 'sweep.md')} (+ sweep.json, "
+               f"sweep.csv, sweep.png); {summary['wall_time_s']:.0f} s")
+  return lines
+
+
+def markdown(summary: dict[str, Any]) -> str:
+  """``sweep.md``."""
+  m = summary['metric']
+  keys = sorted({k for s in summary['settings'] for k in s['means']} - {m, 'count'})
+  md = [f"# Sweep: {summary['dataset']}, ranked by {m} on {summary['split']}", '',
+        f"{len(summary['settings'])} settings x {summary['seeds']} seed(s); {summary['mode']} "
+        f'{m}, mean +- std over the finished seeds (ddof=0). Grid: `{summary["grid"]}`.', '']
+  if summary.get('note'):
+    md += [f"**Note.** {summary['note']}", '']
+  md += [f'| rank | setting | {m} | std | finished | ' + ' | '.join(keys) + ' |',
+         '|---' * (5 + len(keys)) + '|']
+  for i, s in enumerate(summary['settings']):
+    rank = str(i + 1) if s['mean'] is not None else '-'
+    extra = ' | '.join(f"{s['means'][k]:.4f}" if k in s['means'] else '-' for k in keys)
+    md.append(f"| {rank} | `{s['setting']}` | {_fmt(m, s['mean'])} | {_fmt(m, s['std'])} | "
+              f"{s['finished']}/{s['trials']} | {extra} |")
+  md += ['', '## Trials', '', '| trial | status | seed | ' + m + ' | wall (s) |',
+         '|---|---|---|---|---|']
+  for r in summary['trials']:
+    value = r.get('metrics', {}).get(m) if r['status'] == 'finished' else None
+    status = r['status'] + (f": {r['error'][:120]}" if r.get('error') else '')
+    md.append(f"| `{r['trial']}` | {status} | {r['seed']} | {_fmt(m, value)} | "
+              f"{r['wall_s']:.1f} |")
+  return '\n'.join(md) + '\n'
+
+
+def write_csv(summary: dict[str, Any], path: str) -> None:
+  """``sweep.csv``: one row per trial, the grid's keys and every metric as columns."""
+  grid_keys = list(summary['trials'][0]['overrides']) if summary['trials'] else []
+  metric_keys = sorted({k for r in summary['trials'] for k in r.get('metrics', {})})
+  with open(path, 'w', newline='') as f:
+    w = csv.writer(f)
+    w.writerow(['trial', 'status', 'seed', *grid_keys, *metric_keys, 'wall_s', 'workdir',
+                'error'])
+    for r in summary['trials']:
+      w.writerow([r['trial'], r['status'], r['seed'], *[r['overrides'][k] for k in grid_keys],
+                  *[r.get('metrics', {}).get(k, '') for k in metric_keys],
+                  f"{r['wall_s']:.2f}", r['workdir'], r.get('error', '')])
+
+
+def sweep(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains every trial of ``config.sweep`` (resuming, skipping finished ones); returns the
+  summary, or ``{'interrupted_in_trial': name, ...}`` after a SIGTERM / SIGINT."""
+  if jax.process_count() > 1:
+    raise UserError('A sweep runs in a single process; launch it without config.distributed '
+                    '(or launch each setting as its own run).')
+  workdir = os.path.abspath(workdir)
+  metric, mode = ranking(config)
+  todo = trials(config)
+  os.makedirs(workdir, exist_ok=True)
+  folds = int(config.cross_validation.folds)
+  split = (f'{folds}-fold cross-validation of {config.data.train_split}' if folds > 0
+           else config.data.eval_split)
+  note = None
+  if folds == 0 and 'test' in split:
+    note = (f"The settings are ranked on data.eval_split='{split}', so the best one's score is "
+            'biased upward by the choice. Rank on a validation split instead (e.g. '
+            "data.train_split='train[:90%]', data.eval_split='train[90%:]') and evaluate the "
+            'chosen run once on the test split (--mode=evaluate --config.evaluate.split=test).')
+    logging.warning('%s', note)
+  logging.info('Sweep of %d trials (%d settings) in %s.', len(todo),
+               len({t.setting for t in todo}), workdir)
+  t0 = time.perf_counter()
+  rows = []
+  for i, t in enumerate(todo):
+    directory = os.path.join(workdir, t.name)
+    row = _cached(directory, t)
+    if row is not None:
+      logging.info('Trial %d/%d %s: %s in an earlier run; not trained again.', i + 1, len(todo),
+                   t.name, row['status'])
+    else:
+      logging.info('Trial %d/%d: %s', i + 1, len(todo), t.name)
+      row = run_trial(t, directory)
+      if 'status' not in row:
+        logging.warning('The sweep stopped in trial %s; run the same command again to resume.',
+                        t.name)
+        return {'interrupted_in_trial': t.name, **row}
+      if row['status'] != 'finished':
+        logging.warning('Trial %s %s: %s', t.name, row['status'], row['error'])
+    rows.append(row)
+  if not metric:
+    multilabel = any('map' in r.get('metrics', {}) for r in rows)
+    metric = 'map' if multilabel else 'accuracy'
+  mode = mode or ('min' if metric in LOWER_IS_BETTER else 'max')
+  done = [r for r in rows if r['status'] == 'finished']
+  if done and not any(metric in r['metrics'] for r in done):
+    raise UserError(f"config.sweep.metric='{metric}' is not among the trials' metrics "
+                    f"({', '.join(sorted(done[0]['metrics']))}); rerun with one of them (the "
+                    'trials are not trained again).')
+  summary = {**summarize(rows, metric, mode), 'trials': rows, 'grid': config.sweep.grid,
+             'seeds': int(config.sweep.seeds), 'dataset': config.data.name, 'split': split,
+             'workdir': workdir, 'note': note, 'wall_time_s': time.perf_counter() - t0}
+  with open(os.path.join(workdir, 'sweep.json'), 'w') as f:
+    json.dump(summary, f, indent=1)
+  with open(os.path.join(workdir, 'sweep.md'), 'w') as f:
+    f.write(markdown(summary))
+  write_csv(summary, os.path.join(workdir, 'sweep.csv'))
+  plots.sweep(summary['settings'], metric, os.path.join(workdir, 'sweep.png'),
+              title=f'{config.data.name}: {metric} on {split}')
+  print('\n'.join(table_lines(summary)), flush=True)
+  if not done:
+    raise UserError(f"No trial of the sweep finished (the first: {rows[0]['status']}: "
+                    f"{rows[0]['error']}); the summary is in {workdir}/sweep.md.")
+  return summary

@@ -1,0 +1,200 @@
+"""Hyperparameter sweeps: the grid's checks, trials equal to plain runs, ranking, resume."""
+import copy
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from imgcls_jax import sweep, train
+from imgcls_jax.errors import UserError
+from tests.conftest import REPO, subprocess_env
+
+
+def _with_grid(config, grid, seeds=1, **sweep_keys):
+  c = copy.deepcopy(config)
+  c.sweep.grid = grid
+  c.sweep.seeds = seeds
+  for k, v in sweep_keys.items():
+    c.sweep[k] = v
+  return c
+
+
+def test_the_grid_becomes_one_checked_config_per_trial(digits_config):
+  c = _with_grid(digits_config, "{'optim.learning_rate': [1, 0.5], 'model.widths': [[8, 16]], "
+                 "'model.dropout': [0.25]}", seeds=2)
+  c.seed = 7
+  ts = sweep.trials(c)
+  assert [t.name for t in ts] == [
+      f'optim.learning_rate={lr}+model.widths=8-16+model.dropout=0.25+seed={s}'
+      for lr in (1, 0.5) for s in (7, 8)]
+  for t in ts:
+    assert t.config.sweep.grid == ''            # each trial is a plain run
+    assert t.config.seed == t.seed
+    assert isinstance(t.config.optim.learning_rate, float)   # an int given to a float key
+    assert t.config.model.widths == (8, 16)     # a list given to a tuple key
+    assert t.config.model.dropout == 0.25       # a model argument the config did not set
+    assert t.config_json['optim']['learning_rate'] == t.overrides['optim.learning_rate']
+  assert digits_config.sweep.grid == '' and digits_config.optim.learning_rate == 0.1  # untouched
+  assert ts[0].setting == 'optim.learning_rate=1, model.widths=8-16, model.dropout=0.25'
+  # 'seed' in the grid replaces the seeds; a value that is no path character is made safe
+  ts = sweep.trials(_with_grid(digits_config, "{'seed': [3, 4], 'data.eval_split': ['test[:50%]']}"))
+  assert [t.seed for t in ts] == [3, 4]
+  assert all(t.name.startswith('seed=') and '[' not in t.name and ',' not in t.name for t in ts)
+  assert len({t.name for t in ts}) == 2
+
+
+@pytest.mark.parametrize('grid, seeds, message', [
+    ('optim.learning_rate=0.1', 1, 'is not a Python dict literal'),
+    ('[0.1, 0.2]', 1, 'must be a non-empty dict'),
+    ('{}', 1, 'must be a non-empty dict'),
+    ("{'optim.learning_rate': []}", 1, r"\['optim.learning_rate'\] must be a non-empty list"),
+    ("{'optim.learning_rate': 0.1}", 1, 'must be a non-empty list'),
+    ("{'optim.learning_rate': [0.1, 0.1]}", 1, 'lists a value twice'),
+    ("{'optim.learnig_rate': [0.1]}", 1, "did you mean 'optim.learning_rate'"),
+    ("{'optim': [0.1]}", 1, "'optim', a group of keys"),
+    ("{'optim.learning_rate': ['fast']}", 1, "takes a float"),
+    ("{'sweep.seeds': [2]}", 1, 'cannot sweep its own keys'),
+    ("{'seed': [1, 2]}", 2, "sets 'seed' and config.sweep.seeds > 1"),
+    ("{'optim.learning_rate': [0.1]}", 0, 'config.sweep.seeds must be an integer >= 1'),
+    ("{'batch_size': [32, -1]}", 1, 'The sweep setting batch_size=-1: config.batch_size must be '
+     'positive'),
+    ("{'model.name': ['cnn', 'cnnn']}", 1, "setting model.name=cnnn: Unknown model 'cnnn'"),
+])
+def test_a_bad_grid_is_one_sentence_before_anything_runs(digits_config, grid, seeds, message):
+  with pytest.raises(UserError, match=message):
+    sweep.trials(_with_grid(digits_config, grid, seeds))
+
+
+def test_a_bad_ranking_metric_or_mode_is_refused(digits_config):
+  with pytest.raises(UserError, match="config.sweep.metric='acc' is not an evaluation metric"):
+    sweep.ranking(_with_grid(digits_config, '{}', metric='acc'))
+  with pytest.raises(UserError, match="config.sweep.mode must be 'max', 'min'"):
+    sweep.ranking(_with_grid(digits_config, '{}', mode='up'))
+  assert sweep.ranking(_with_grid(digits_config, '{}', metric='loss')) == ('loss', '')
+
+
+def _final_eval(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    records = [json.loads(line) for line in f]
+  return [r for r in records if r.get('split') == 'eval'][-1]
+
+
+def test_a_sweep_trains_each_trial_as_a_plain_run_and_ranks_the_settings(
+    digits_config, tmp_path, monkeypatch):
+  config = _with_grid(digits_config, "{'optim.learning_rate': [0.02, 1e9, 0.2]}", seeds=2)
+  config.num_train_steps = 30
+  workdir = str(tmp_path / 'sweep')
+  summary = sweep.sweep(config, workdir)
+
+  rows = {r['trial']: r for r in summary['trials']}
+  assert len(rows) == 6
+  diverged = [r for r in rows.values() if r['status'] == 'diverged']
+  assert {r['overrides']['optim.learning_rate'] for r in diverged} == {1e9}
+  assert all('Training diverged' in r['error'] for r in diverged)
+  finished = [r for r in rows.values() if r['status'] == 'finished']
+  assert len(finished) == 4
+  for r in finished:   # the trainer's own final evaluation of that directory
+    ev = _final_eval(r['workdir'])
+    assert r['metrics']['accuracy'] == pytest.approx(ev['accuracy'], abs=1e-7)
+    assert r['metrics']['loss'] == pytest.approx(ev['loss'], rel=1e-6)
+
+  # A trial is exactly the plain run with those keys: same process, same program, same numbers.
+  plain = copy.deepcopy(digits_config)
+  plain.num_train_steps = 30
+  plain.optim.learning_rate = 0.2
+  plain.seed = 1
+  expected = train.train_and_evaluate(plain, str(tmp_path / 'plain'))
+  got = rows['optim.learning_rate=0.2+seed=1']['metrics']
+  assert got['accuracy'] == float(expected['accuracy'])
+  assert got['loss'] == float(expected['loss'])
+
+  # Ranking: by the mean over seeds (numpy as the oracle), best first; no result last.
+  settings = summary['settings']
+  assert [s['setting'] for s in settings][-1] == 'optim.learning_rate=1000000000.0'
+  assert settings[-1]['mean'] is None and settings[-1]['diverged'] == 2
+  for s in settings[:2]:
+    values = [r['metrics']['accuracy'] for r in finished
+              if r['setting'] == s['setting']]
+    assert s['mean'] == pytest.approx(np.mean(values)) and s['std'] == pytest.approx(np.std(values))
+    best = max((r for r in finished if r['setting'] == s['setting']),
+               key=lambda r: r['metrics']['accuracy'])
+    assert s['best_workdir'] == best['workdir']
+  assert settings[0]['mean'] >= settings[1]['mean']
+  assert summary['best'] == settings[0] and summary['metric'] == 'accuracy'
+  assert summary['mode'] == 'max' and 'biased upward' in summary['note']  # ranked on 'test'
+
+  # The files agree with the summary.
+  for name in ('sweep.md', 'sweep.png', 'sweep.json'):
+    assert os.path.getsize(os.path.join(workdir, name)) > 0
+  with open(os.path.join(workdir, 'sweep.csv')) as f:
+    table = list(csv.DictReader(f))
+  assert [t['trial'] for t in table] == [r['trial'] for r in summary['trials']]
+  for t in table:
+    if t['status'] == 'finished':
+      assert float(t['accuracy']) == rows[t['trial']]['metrics']['accuracy']
+    assert float(t['optim.learning_rate']) == rows[t['trial']]['overrides']['optim.learning_rate']
+  md = open(os.path.join(workdir, 'sweep.md')).read()
+  assert f"| 1 | `{settings[0]['setting']}` | {100 * settings[0]['mean']:.2f}% |" in md
+
+  # Ranked by loss instead (lower is better), with nothing trained again.
+  def no_training(*args, **kwargs):
+    raise AssertionError('a finished or diverged trial was trained again')
+  monkeypatch.setattr(sweep, '_train', no_training)
+  by_loss = sweep.sweep(_with_grid(config, config.sweep.grid, 2, metric='loss'), workdir)
+  assert by_loss['mode'] == 'min'
+  means = [s['mean'] for s in by_loss['settings'] if s['mean'] is not None]
+  assert means == sorted(means) and len(means) == 2
+
+  # A changed config trains every trial again (here: resumes it, and is stopped by SIGTERM).
+  calls = []
+  def interrupted(c, d):
+    calls.append(d)
+    return {'interrupted_at_step': 3}
+  monkeypatch.setattr(sweep, '_train', interrupted)
+  longer = copy.deepcopy(config)
+  longer.num_train_steps = 40
+  out = sweep.sweep(longer, workdir)
+  assert out == {'interrupted_in_trial': 'optim.learning_rate=0.02+seed=0',
+                 'interrupted_at_step': 3}
+  assert calls == [os.path.join(workdir, 'optim.learning_rate=0.02+seed=0')]
+
+
+def test_a_sweep_of_cross_validated_trials_ranks_by_the_fold_mean(digits_config, tmp_path):
+  config = _with_grid(digits_config, "{'optim.learning_rate': [0.2]}")
+  config.num_train_steps = 20
+  config.data.train_split = 'train[:50%]'
+  config.cross_validation.folds = 2
+  config.cross_validation.label_issues = False
+  summary = sweep.sweep(config, str(tmp_path))
+  (row,) = summary['trials']
+  with open(os.path.join(row['workdir'], 'cv_report.json')) as f:
+    cv = json.load(f)
+  assert row['metrics'] == pytest.approx(cv['mean'])
+  assert summary['settings'][0]['mean'] == pytest.approx(cv['mean']['accuracy'])
+  assert 'note' in summary and summary['note'] is None   # folds of the training split: no 'test'
+
+
+def test_the_train_command_runs_the_sweep_and_refuses_a_bad_grid_in_one_line(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, '-m', 'imgcls_jax.main', '--config=configs/default.py',
+       f'--workdir={tmp_path}/w', "--config.sweep.grid={'optim.learnig_rate': [0.1]}"],
+      cwd=REPO, env=subprocess_env(1), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr
+  assert proc.stderr.strip().splitlines() == [
+      "error: config.sweep.grid sets 'optim.learnig_rate', which is not a config key (did you "
+      "mean 'optim.learning_rate'?); see configs/default.py for the documented schema."]
+  assert not os.path.exists(tmp_path / 'w')
+  with pytest.raises(UserError, match='a sweep is its own entry point'):
+    train.train_and_evaluate(_sweep_config(), str(tmp_path / 'x'))
+
+
+def _sweep_config():
+  sys.path.insert(0, REPO)
+  from configs import default
+  c = default.get_config()
+  c.sweep.grid = "{'seed': [0]}"
+  return c
