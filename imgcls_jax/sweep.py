@@ -302,7 +302,6 @@ def sweep(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     else:
       logging.info('Trial %d/%d: %s', i + 1, len(todo), t.name)
       row = run_trial(t, directory)
-      jax.clear_caches()  # the trial's compiled steps: a long sweep must not hold them all
       if 'status' not in row:
         logging.warning('The sweep stopped in trial %s; run the same command again to resume.',
                         t.name)
