@@ -312,6 +312,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.sweep = ml_collections.ConfigDict()
   c.sweep.grid = ''
   c.sweep.seeds = 1                       # seeds per setting: seed, seed + 1, ...
+  # 0 = every combination. N > 0: N distinct settings drawn at random (fixed by `seed`), each list's
+  # values equally likely; a key may then be a range instead of a list:
+  # {'log_uniform': [1e-4, 1e-1]}, {'uniform': [0.0, 0.3]} or {'int_uniform': [1, 8]}.
+  c.sweep.samples = 0
   c.sweep.metric = ''                     # '' = accuracy (tagging runs: map); any eval metric
   c.sweep.mode = ''                       # 'max' / 'min'; '' = min for losses and ECEs, else max
 

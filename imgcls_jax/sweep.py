@@ -4,8 +4,9 @@
       --config.sweep.grid="{'optim.learning_rate': [0.4, 0.1, 0.025], 'label_smoothing': [0, 0.1]}" \\
       --config.sweep.seeds=3
 
-Every combination of the grid's values, times ``sweep.seeds`` seeds (``seed``, ``seed + 1``, ...),
-is a trial: the config with those keys set, trained as a plain run (a k-fold run when
+Every combination of the grid's values (or, with ``sweep.samples=N``, N distinct settings drawn at
+random, where a key may also be a range such as ``{'log_uniform': [1e-4, 1e-1]}``), times
+``sweep.seeds`` seeds (``seed``, ``seed + 1``, ...), is a trial: the config with those keys set, trained as a plain run (a k-fold run when
 ``cross_validation.folds`` > 0) in ``<workdir>/<key>=<value>+...+seed=<s>``, which resumes like any
 run (no commas: a trial's directory can be listed where paths are comma-separated, e.g. as a
 distillation teacher).
@@ -44,6 +45,26 @@ from imgcls_jax.errors import UserError
 RESULT_FILE = 'sweep_trial.json'
 LOWER_IS_BETTER = ('loss', 'ece', 'ece_classwise', 'hamming_loss')
 _EXAMPLE = "\"{'optim.learning_rate': [0.2, 0.1], 'label_smoothing': [0.0, 0.1]}\""
+RANGES = ('uniform', 'log_uniform', 'int_uniform')
+_RANGE_EXAMPLE = ("{'log_uniform': [1e-4, 1e-1]}, {'uniform': [0.0, 0.3]} or "
+                  "{'int_uniform': [1, 8]}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+  """Values drawn at random (``config.sweep.samples``), floats to 3 significant digits."""
+  kind: str           # one of RANGES
+  low: float
+  high: float
+
+  def draw(self, rng: np.random.Generator) -> float | int:
+    if self.kind == 'int_uniform':
+      return int(rng.integers(int(self.low), int(self.high) + 1))
+    if self.kind == 'uniform':
+      value = rng.uniform(self.low, self.high)
+    else:
+      value = math.exp(rng.uniform(math.log(self.low), math.log(self.high)))
+    return float(f'{value:.3g}')
 
 
 @dataclasses.dataclass
@@ -56,8 +77,30 @@ class Trial:
   config_json: dict[str, Any]   # the config before training (what a rerun compares)
 
 
-def parse_grid(text: str) -> dict[str, list[Any]]:
-  """``config.sweep.grid`` as ``{key: [values]}``, or a UserError naming what is wrong."""
+def _range(key: str, spec: dict[Any, Any]) -> Range:
+  kind = next(iter(spec)) if len(spec) == 1 else None
+  bounds = spec.get(kind) if kind in RANGES else None
+  if (not isinstance(bounds, (list, tuple)) or len(bounds) != 2
+      or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b)
+                 for b in bounds)):
+    raise UserError(f"config.sweep.grid['{key}'] is {spec!r}: a range is one of {_RANGE_EXAMPLE}"
+                    ' (two finite numbers).')
+  low, high = bounds
+  if not low < high:
+    raise UserError(f"config.sweep.grid['{key}'] is {spec!r}: the range's low end must be below "
+                    'its high end.')
+  if kind == 'log_uniform' and low <= 0:
+    raise UserError(f"config.sweep.grid['{key}'] is {spec!r}: a log_uniform range needs a low end "
+                    '> 0.')
+  if kind == 'int_uniform' and not all(isinstance(b, int) for b in bounds):
+    raise UserError(f"config.sweep.grid['{key}'] is {spec!r}: an int_uniform range takes two "
+                    'integers.')
+  return Range(kind, low, high)
+
+
+def parse_grid(text: str) -> dict[str, list[Any] | Range]:
+  """``config.sweep.grid`` as ``{key: [values] or Range}``, or a UserError naming what is
+  wrong."""
   try:
     grid = ast.literal_eval(text)
   except (ValueError, SyntaxError) as e:
@@ -72,9 +115,12 @@ def parse_grid(text: str) -> dict[str, list[Any]]:
     if not isinstance(key, str):
       raise UserError(f'config.sweep.grid has the key {key!r}; keys are dotted config names '
                       "such as 'optim.learning_rate'.")
+    if isinstance(values, dict):
+      out[key] = _range(key, values)
+      continue
     if not isinstance(values, (list, tuple)) or not values:
-      raise UserError(f"config.sweep.grid['{key}'] must be a non-empty list of values, got "
-                      f'{values!r}.')
+      raise UserError(f"config.sweep.grid['{key}'] must be a non-empty list of values (or a "
+                      f'range, e.g. {_RANGE_EXAMPLE}), got {values!r}.')
     if len({repr(v) for v in values}) != len(values):
       raise UserError(f"config.sweep.grid['{key}'] lists a value twice ({list(values)!r}); "
                       'list each value once (more seeds: config.sweep.seeds).')
@@ -133,6 +179,41 @@ def _dir_name(text: str) -> str:
   return safe
 
 
+_SWEEP_OFF = {'grid': '', 'seeds': 1, 'samples': 0, 'metric': '', 'mode': ''}
+
+
+def settings(grid: dict[str, list[Any] | Range], samples: Any, seed: int) -> list[dict[str, Any]]:
+  """The grid's settings: every combination (``samples`` 0) or ``samples`` distinct ones drawn
+  at random, fixed by ``seed`` (each list's values equally likely)."""
+  if not isinstance(samples, int) or isinstance(samples, bool) or samples < 0:
+    raise UserError(f'config.sweep.samples must be an integer >= 0 (0 = every combination of the '
+                    f'grid), got {samples!r}.')
+  ranges = [k for k, v in grid.items() if isinstance(v, Range)]
+  if samples == 0:
+    if ranges:
+      raise UserError(f"config.sweep.grid gives '{ranges[0]}' a range; draw settings from it with "
+                      'config.sweep.samples=N (N > 0), or list its values.')
+    return [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
+  rng = np.random.default_rng(seed)
+  if not ranges:
+    combos = list(itertools.product(*grid.values()))
+    if samples > len(combos):
+      raise UserError(f'config.sweep.samples={samples}, but the grid has {len(combos)} '
+                      'combinations; use config.sweep.samples=0 for all of them.')
+    return [dict(zip(grid, combos[i])) for i in rng.choice(len(combos), samples, replace=False)]
+  out, seen = [], set()
+  for _ in range(100 * samples):
+    s = {k: v.draw(rng) if isinstance(v, Range) else v[int(rng.integers(len(v)))]
+         for k, v in grid.items()}
+    if repr(s) not in seen:
+      seen.add(repr(s))
+      out.append(s)
+      if len(out) == samples:
+        return out
+  raise UserError(f'config.sweep.samples={samples}: only {len(out)} distinct settings could be '
+                  'drawn from the grid; ask for fewer or widen its ranges.')
+
+
 def trials(config: ml_collections.ConfigDict) -> list[Trial]:
   """Every trial of ``config.sweep`` with its config, each checked (UserError before any runs)."""
   grid = parse_grid(config.sweep.grid)
@@ -145,12 +226,12 @@ def trials(config: ml_collections.ConfigDict) -> list[Trial]:
   if 'seed' in grid and seeds > 1:
     raise UserError("config.sweep.grid sets 'seed' and config.sweep.seeds > 1; use one of them.")
   out = []
-  for combo in itertools.product(*grid.values()):
-    overrides = dict(zip(grid, combo))
+  for overrides in settings(grid, config.sweep.samples, int(config.seed)):
     setting = ', '.join(f'{k}={_text(v)}' for k, v in overrides.items())
     for j in range(seeds if 'seed' not in grid else 1):
       c = copy.deepcopy(config)
-      c.sweep.grid, c.sweep.seeds, c.sweep.metric, c.sweep.mode = '', 1, '', ''  # a plain run
+      for k, v in _SWEEP_OFF.items():   # a trial is a plain run
+        c.sweep[k] = v
       for key, value in overrides.items():
         set_key(c, key, value)
       if 'seed' not in grid:
@@ -319,7 +400,7 @@ def sweep(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     f"({', '.join(sorted(done[0]['metrics']))}); rerun with one of them (the "
                     'trials are not trained again).')
   summary = {**summarize(rows, metric, mode), 'trials': rows, 'grid': config.sweep.grid,
-             'seeds': int(config.sweep.seeds), 'dataset': config.data.name, 'split': split,
+             'samples': int(config.sweep.samples), 'seeds': int(config.sweep.seeds), 'dataset': config.data.name, 'split': split,
              'workdir': workdir, 'note': note, 'wall_time_s': time.perf_counter() - t0}
   with open(os.path.join(workdir, 'sweep.json'), 'w') as f:
     json.dump(summary, f, indent=1)

@@ -24,7 +24,8 @@ def table_lines(summary: dict[str, Any]) -> list[str]:
                                                ('errors', s['errors'])) if n) or 'no result'
       lines.append(f"  {'-':>4}  {what:<24}  {s['setting']}")
       continue
-    score = f"{_fmt(m, s['mean'])} +- {_fmt(m, s['std'])} ({s['finished']})"
+    spread = f" +- {_fmt(m, s['std'])}" if s['finished'] > 1 else ''
+    score = f"{_fmt(m, s['mean'])}{spread} ({s['finished']})"
     lines.append(f'  {i + 1:>4}  {score:<24}  {s["setting"]}')
   best = summary['best']
   if best:
@@ -39,7 +40,9 @@ def markdown(summary: dict[str, Any]) -> str:
   m = summary['metric']
   keys = sorted({k for s in summary['settings'] for k in s['means']} - {m, 'count'})
   md = [f"# Sweep: {summary['dataset']}, ranked by {m} on {summary['split']}", '',
-        f"{len(summary['settings'])} settings x {summary['seeds']} seed(s); {summary['mode']} "
+        f"{len(summary['settings'])} settings"
+        + (' drawn at random from the grid' if summary.get('samples') else '')
+        + f" x {summary['seeds']} seed(s); {summary['mode']} "
         f'{m}, mean +- std over the finished seeds (ddof=0). Grid: `{summary["grid"]}`.', '']
   if summary.get('note'):
     md += [f"**Note.** {summary['note']}", '']

@@ -69,6 +69,50 @@ def test_a_bad_grid_is_one_sentence_before_anything_runs(digits_config, grid, se
     sweep.trials(_with_grid(digits_config, grid, seeds))
 
 
+def test_random_settings_are_distinct_reproducible_and_drawn_from_their_ranges(digits_config):
+  grid = ("{'optim.learning_rate': {'log_uniform': [1e-4, 1.0]}, 'label_smoothing': [0.0, 0.1], "
+          "'optim.weight_decay': {'uniform': [0.0, 0.5]}, 'batch_size': {'int_uniform': [16, 20]}}")
+  c = _with_grid(digits_config, grid, samples=400)
+  ts = sweep.trials(c)
+  assert len(ts) == 400 and len({t.name for t in ts}) == 400
+  assert [t.name for t in sweep.trials(c)] == [t.name for t in ts]   # fixed by config.seed
+  c.seed = 1
+  assert [t.name for t in sweep.trials(c)][:5] != [t.name for t in ts][:5]
+  lr = np.array([t.config.optim.learning_rate for t in ts])
+  wd = np.array([t.config.optim.weight_decay for t in ts])
+  bs = np.array([t.config.batch_size for t in ts])
+  assert lr.min() >= 1e-4 and lr.max() <= 1.0 and wd.min() >= 0 and wd.max() <= 0.5
+  assert all(float(f'{v:.3g}') == v for v in lr)          # 3 significant digits, as named
+  # Log-uniform: each decade of [1e-4, 1] holds a quarter (binomial 400 x 1/4: sd 8.7, 4.6 sd).
+  for lo in (1e-4, 1e-3, 1e-2, 1e-1):
+    assert abs(np.sum((lr >= lo) & (lr < 10 * lo)) - 100) < 40, lo
+  assert abs(np.sum(wd < 0.25) - 200) < 45                 # uniform: half below the middle
+  assert set(bs) == {16, 17, 18, 19, 20}                   # both ends included
+  assert {t.config.label_smoothing for t in ts} == {0.0, 0.1}
+  # A grid of lists only: distinct combinations, without replacement.
+  c = _with_grid(digits_config, "{'optim.learning_rate': [0.1, 0.2, 0.3], 'seed': [0, 1]}",
+                 samples=4)
+  picked = [(t.config.optim.learning_rate, t.seed) for t in sweep.trials(c)]
+  assert len(set(picked)) == 4 and set(picked) <= {(a, b) for a in (0.1, 0.2, 0.3) for b in (0, 1)}
+
+
+@pytest.mark.parametrize('grid, samples, message', [
+    ("{'optim.learning_rate': {'log_uniform': [1e-4, 1e-1]}}", 0,
+     "gives 'optim.learning_rate' a range; draw settings from it with config.sweep.samples=N"),
+    ("{'optim.learning_rate': {'log_uniform': [0, 1]}}", 3, 'needs a low end > 0'),
+    ("{'optim.learning_rate': {'uniform': [1, 0.5]}}", 3, 'low end must be below'),
+    ("{'optim.learning_rate': {'normal': [0, 1]}}", 3, 'a range is one of'),
+    ("{'optim.learning_rate': {'uniform': [0, 1, 2]}}", 3, 'a range is one of'),
+    ("{'batch_size': {'int_uniform': [16, 32.5]}}", 3, 'takes two integers'),
+    ("{'batch_size': {'int_uniform': [16, 17]}}", 3, 'only 2 distinct settings'),
+    ("{'optim.learning_rate': [0.1, 0.2]}", 3, 'but the grid has 2 combinations'),
+    ("{'optim.learning_rate': [0.1, 0.2]}", -1, 'config.sweep.samples must be an integer >= 0'),
+])
+def test_a_bad_random_search_is_one_sentence(digits_config, grid, samples, message):
+  with pytest.raises(UserError, match=message):
+    sweep.trials(_with_grid(digits_config, grid, samples=samples))
+
+
 def test_a_bad_ranking_metric_or_mode_is_refused(digits_config):
   with pytest.raises(UserError, match="config.sweep.metric='acc' is not an evaluation metric"):
     sweep.ranking(_with_grid(digits_config, '{}', metric='acc'))
