@@ -316,6 +316,9 @@ def get_config() -> ml_collections.ConfigDict:
   # values equally likely; a key may then be a range instead of a list:
   # {'log_uniform': [1e-4, 1e-1]}, {'uniform': [0.0, 0.3]} or {'int_uniform': [1, 8]}.
   c.sweep.samples = 0
+  # '' = every trial in this process. 'i/n': this process trains trials i, i + n, ... (e.g. a job
+  # array's task i of n; launch/slurm_sweep.sbatch), the others' results are read when finished.
+  c.sweep.shard = ''
   c.sweep.metric = ''                     # '' = accuracy (tagging runs: map); any eval metric
   c.sweep.mode = ''                       # 'max' / 'min'; '' = min for losses and ECEs, else max
 

@@ -233,7 +233,9 @@ def sweep(settings: Sequence[Mapping[str, Any]], metric: str, path: str, title: 
     ax.set_xlim(lo - pad, hi + pad)
   for yy, s in zip(y, settings):
     if s['mean'] is None:
-      ax.text(0.01, yy, f"no result ({s['diverged']} diverged, {s['errors']} errors)",
+      why = ', '.join(f'{s.get(k, 0)} {k}' for k in ('diverged', 'errors', 'pending')
+                      if s.get(k, 0))
+      ax.text(0.01, yy, f'no result ({why})' if why else 'no result',
               transform=ax.get_yaxis_transform(), va='center', fontsize=8, color='tab:red')
   ax.set_yticks(y, labels=[s['setting'][:70] for s in settings], fontsize=8)
   ax.set_ylim(-0.6, len(settings) - 0.4)

@@ -179,7 +179,19 @@ def _dir_name(text: str) -> str:
   return safe
 
 
-_SWEEP_OFF = {'grid': '', 'seeds': 1, 'samples': 0, 'metric': '', 'mode': ''}
+_SWEEP_OFF = {'grid': '', 'seeds': 1, 'samples': 0, 'metric': '', 'mode': '', 'shard': ''}
+
+
+def shard(text: str) -> tuple[int, int]:
+  """``config.sweep.shard`` 'i/n' as (i, n); '' is (0, 1), every trial."""
+  if not text:
+    return 0, 1
+  m = re.fullmatch(r'\s*(\d+)\s*/\s*(\d+)\s*', text)
+  if not m or not int(m.group(1)) < int(m.group(2)):
+    raise UserError(f"config.sweep.shard must be 'i/n' with 0 <= i < n (this process trains "
+                    f"trials i, i + n, ...; e.g. a job array's task index and size), got "
+                    f"'{text}'.")
+  return int(m.group(1)), int(m.group(2))
 
 
 def settings(grid: dict[str, list[Any] | Range], samples: Any, seed: int) -> list[dict[str, Any]]:
@@ -311,10 +323,12 @@ def run_trial(trial: Trial, directory: str) -> dict[str, Any]:
       return result
     row.update(status='finished', metrics=_scalars(result))
   row['wall_s'] = time.perf_counter() - start
-  if row['status'] != 'error':
+  if row['status'] != 'error':   # written whole: another shard may be reading it
     os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, RESULT_FILE), 'w') as f:
+    tmp = os.path.join(directory, f'.{os.getpid()}.{RESULT_FILE}')
+    with open(tmp, 'w') as f:
       json.dump({'config': trial.config_json, 'status': row['status'], 'row': row}, f, indent=1)
+    os.replace(tmp, os.path.join(directory, RESULT_FILE))
   return row
 
 
@@ -340,6 +354,7 @@ def summarize(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, A
         'setting': setting, 'overrides': rs[0]['overrides'], 'trials': len(rs),
         'finished': len(done), 'diverged': sum(r['status'] == 'diverged' for r in rs),
         'errors': sum(r['status'] == 'error' for r in rs),
+        'pending': sum(r['status'] == 'pending' for r in rs),
         'mean': float(np.mean(values)) if values else None,
         'std': float(np.std(values)) if values else None,
         'values': values, 'means': {k: float(np.mean([r['metrics'][k] for r in done]))
@@ -350,6 +365,27 @@ def summarize(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, A
           'best': settings[0] if settings and settings[0]['mean'] is not None else None}
 
 
+def _write(workdir: str, summary: dict[str, Any], dataset: str) -> None:
+  """sweep.json / .md / .csv / .png, each replaced whole (shards may finish together)."""
+  def replace(name: str, write: Any) -> None:
+    tmp = os.path.join(workdir, f'.{os.getpid()}.{name}')   # (the extension names the format)
+    write(tmp)
+    os.replace(tmp, os.path.join(workdir, name))
+
+  def text(content: str) -> Any:
+    def write(path: str) -> None:
+      with open(path, 'w') as f:
+        f.write(content)
+    return write
+
+  replace('sweep.json', text(json.dumps(summary, indent=1)))
+  replace('sweep.md', text(sweep_report.markdown(summary)))
+  replace('sweep.csv', lambda path: sweep_report.write_csv(summary, path))
+  replace('sweep.png', lambda path: plots.sweep(
+      summary['settings'], summary['metric'], path,
+      title=f"{dataset}: {summary['metric']} on {summary['split']}"))
+
+
 def sweep(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains every trial of ``config.sweep`` (resuming, skipping finished ones); returns the
   summary, or ``{'interrupted_in_trial': name, ...}`` after a SIGTERM / SIGINT."""
@@ -358,6 +394,7 @@ def sweep(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     '(or launch each setting as its own run).')
   workdir = os.path.abspath(workdir)
   metric, mode = ranking(config)
+  mine, shards = shard(config.sweep.shard)
   todo = trials(config)
   os.makedirs(workdir, exist_ok=True)
   folds = int(config.cross_validation.folds)
@@ -380,6 +417,9 @@ def sweep(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if row is not None:
       logging.info('Trial %d/%d %s: %s in an earlier run; not trained again.', i + 1, len(todo),
                    t.name, row['status'])
+    elif i % shards != mine:   # another process's trial, not finished yet
+      row = {'trial': t.name, 'setting': t.setting, 'overrides': t.overrides, 'seed': t.seed,
+             'workdir': directory, 'status': 'pending', 'wall_s': 0.0}
     else:
       logging.info('Trial %d/%d: %s', i + 1, len(todo), t.name)
       row = run_trial(t, directory)
@@ -400,17 +440,16 @@ def sweep(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     f"({', '.join(sorted(done[0]['metrics']))}); rerun with one of them (the "
                     'trials are not trained again).')
   summary = {**summarize(rows, metric, mode), 'trials': rows, 'grid': config.sweep.grid,
-             'samples': int(config.sweep.samples), 'seeds': int(config.sweep.seeds), 'dataset': config.data.name, 'split': split,
+             'samples': int(config.sweep.samples), 'seeds': int(config.sweep.seeds),
+             'shard': config.sweep.shard, 'dataset': config.data.name, 'split': split,
              'workdir': workdir, 'note': note, 'wall_time_s': time.perf_counter() - t0}
-  with open(os.path.join(workdir, 'sweep.json'), 'w') as f:
-    json.dump(summary, f, indent=1)
-  with open(os.path.join(workdir, 'sweep.md'), 'w') as f:
-    f.write(sweep_report.markdown(summary))
-  sweep_report.write_csv(summary, os.path.join(workdir, 'sweep.csv'))
-  plots.sweep(summary['settings'], metric, os.path.join(workdir, 'sweep.png'),
-              title=f'{config.data.name}: {metric} on {split}')
+  _write(workdir, summary, config.data.name)
   print('\n'.join(sweep_report.table_lines(summary)), flush=True)
-  if not done:
+  pending = sum(r['status'] == 'pending' for r in rows)
+  if pending:
+    print(f'{pending} trial(s) of other shards not finished yet; once they are, run the command '
+          'without config.sweep.shard for the whole summary (nothing trains again).', flush=True)
+  if not done and not pending:
     raise UserError(f"No trial of the sweep finished (the first: {rows[0]['status']}: "
                     f"{rows[0]['error']}); the summary is in {workdir}/sweep.md.")
   return summary

@@ -21,7 +21,8 @@ def table_lines(summary: dict[str, Any]) -> list[str]:
   for i, s in enumerate(summary['settings']):
     if s['mean'] is None:
       what = ', '.join(f'{n} {k}' for k, n in (('diverged', s['diverged']),
-                                               ('errors', s['errors'])) if n) or 'no result'
+                                               ('errors', s['errors']),
+                                               ('pending', s.get('pending', 0))) if n) or 'no result'
       lines.append(f"  {'-':>4}  {what:<24}  {s['setting']}")
       continue
     spread = f" +- {_fmt(m, s['std'])}" if s['finished'] > 1 else ''

@@ -165,3 +165,19 @@ def test_tpu_vm_single_actions_and_errors():
 def test_help_prints_usage(script):
   r = _run(script, '--help')
   assert r.returncode == 0 and 'Usage:' in r.stdout and '--dry-run' in r.stdout
+
+
+def test_slurm_sweep_gives_each_array_task_its_shard():
+  env = {'SLURM_ARRAY_TASK_ID': '7', 'SLURM_ARRAY_TASK_MIN': '5', 'SLURM_ARRAY_TASK_COUNT': '3',
+         'PYTHON': sys.executable}
+  r = _run('slurm_sweep.sbatch', '--dry-run', *MAIN_ARGS, env=env)
+  assert r.returncode == 0, r.stderr
+  (argv,) = _commands(r.stdout)
+  assert argv[:3] == [sys.executable, '-m', 'imgcls_jax.main']
+  assert _after_main(argv) == MAIN_ARGS + ['--config.sweep.shard=2/3']
+  r = _run('slurm_sweep.sbatch', *MAIN_ARGS, env={**env, 'SLURM_ARRAY_TASK_STEP': '2'})
+  assert r.returncode == 2 and 'not in a contiguous array of 3 tasks' in r.stderr
+  r = _run('slurm_sweep.sbatch', *MAIN_ARGS)
+  assert r.returncode == 2 and 'not a task of a SLURM job array' in r.stderr
+  r = _run('slurm_sweep.sbatch', env=env)
+  assert r.returncode == 2 and 'no arguments for imgcls_jax.main' in r.stderr

@@ -207,6 +207,40 @@ def test_a_sweep_trains_each_trial_as_a_plain_run_and_ranks_the_settings(
   assert calls == [os.path.join(workdir, 'optim.learning_rate=0.02+seed=0')]
 
 
+def test_shards_train_their_own_trials_and_read_the_others_when_finished(
+    digits_config, tmp_path, monkeypatch):
+  config = _with_grid(digits_config, "{'optim.learning_rate': [0.2, 0.1, 0.05]}")
+  config.num_train_steps = 10
+  workdir = str(tmp_path)
+  trained, real = [], sweep._train
+  def spy(c, d):
+    trained.append(os.path.basename(d))
+    return real(c, d)
+  monkeypatch.setattr(sweep, '_train', spy)
+  second = copy.deepcopy(config)
+  second.sweep.shard = '1/2'
+  out = sweep.sweep(second, workdir)
+  assert trained == ['optim.learning_rate=0.1+seed=0']
+  assert [r['status'] for r in out['trials']] == ['pending', 'finished', 'pending']
+  assert [s['pending'] for s in out['settings']] == [0, 1, 1]
+  assert out['best']['setting'] == 'optim.learning_rate=0.1'
+  first = copy.deepcopy(config)
+  first.sweep.shard = '0/2'
+  out = sweep.sweep(first, workdir)
+  assert trained[1:] == ['optim.learning_rate=0.2+seed=0', 'optim.learning_rate=0.05+seed=0']
+  assert [r['status'] for r in out['trials']] == ['finished'] * 3   # shard 1's read back
+  monkeypatch.setattr(sweep, '_train', lambda c, d: pytest.fail(f'{d} trained again'))
+  whole = sweep.sweep(config, workdir)
+  assert whole['settings'] == out['settings']
+  with open(os.path.join(workdir, 'sweep.json')) as f:
+    assert json.load(f)['settings'] == whole['settings']
+  assert not [n for n in os.listdir(workdir) if n.startswith('.')]   # no temporary file left
+  for bad in ('2/2', '1', 'a/b', '-1/2'):
+    config.sweep.shard = bad
+    with pytest.raises(UserError, match="config.sweep.shard must be 'i/n' with 0 <= i < n"):
+      sweep.sweep(config, workdir)
+
+
 def test_a_sweep_of_cross_validated_trials_ranks_by_the_fold_mean(digits_config, tmp_path):
   config = _with_grid(digits_config, "{'optim.learning_rate': [0.2]}")
   config.num_train_steps = 20
