@@ -38,6 +38,7 @@ CHECKPOINTS_DIR = 'checkpoints'
 CORRUPT_DIR = 'corrupt_checkpoints'
 CONFIG_FILE = 'config.json'
 META_FILE = 'metadata'   # the meta item's one JSON file (ocp.JsonCheckpointHandler's default)
+SWEEP_TRIAL_FILE = 'sweep_trial.json'  # a sweep's trial: its config and result (imgcls_jax/sweep.py)
 SAMPLES_FILE = 'samples.npz'  # a few eval-preprocessed images of each split (export checks, int8)
 
 
@@ -377,11 +378,17 @@ def require_checkpoint(workdir: str) -> None:
   ckpt_dir = os.path.join(workdir, CHECKPOINTS_DIR)
   if os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir)):
     return
-  folds = sorted(n for n in os.listdir(workdir) if n.startswith('fold_')) if os.path.isdir(
-      workdir) else []
-  hint = (f' This is a cross-validation run: use one fold, e.g. '
-          f'--workdir={os.path.join(workdir, folds[0])}.' if folds else
-          ' Train first (--mode=train) or point --workdir at a run directory.')
+  subdirs = sorted(os.listdir(workdir)) if os.path.isdir(workdir) else []
+  folds = [n for n in subdirs if n.startswith('fold_')]
+  trials = [n for n in subdirs if os.path.exists(os.path.join(workdir, n, SWEEP_TRIAL_FILE))]
+  if folds:
+    hint = (' This is a cross-validation run: use one fold, e.g. '
+            f'--workdir={os.path.join(workdir, folds[0])}.')
+  elif trials:
+    hint = (' This is a sweep: use one of its trials (sweep.md ranks them), e.g. '
+            f'--workdir={os.path.join(workdir, trials[0])}.')
+  else:
+    hint = ' Train first (--mode=train) or point --workdir at a run directory.'
   raise UserError(f'No checkpoint in {ckpt_dir}.{hint}')
 
 

@@ -112,12 +112,7 @@ def _model_defaults(name: Any) -> dict[str, Any]:
   """``model.<arg>`` -> the keyword default of model ``name``'s constructor (JSON types)."""
   from imgcls_jax import models  # here: the model table imports flax
   try:
-    fn, bound = models.family(str(name)).constructor, {}
-    while isinstance(fn, functools.partial):  # a sized name binds its architecture's keywords
-      bound = {**fn.keywords, **bound}
-      fn = fn.func
-    # nnx.Module classes show their metaclass's (*args, **kwargs): read __init__ instead.
-    params = inspect.signature(fn.__init__ if inspect.isclass(fn) else fn).parameters.values()
+    params, bound, _ = models.arguments(str(name))
   except (UserError, TypeError, ValueError):
     return {}
   values = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
@@ -153,6 +148,13 @@ def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
       show = lambda v: 'unset' if v is missing else json.dumps(v)
       diffs.append(f'{k}: {show(va)} in the checkpoint, {show(vb)} now')
   return diffs
+
+
+def differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+  """``config_differences`` over every key of either config."""
+  keys = {k.split('.')[0] + ('.' if '.' in k else '') for k in {**_flatten(saved),
+                                                                 **_flatten(current)}}
+  return config_differences(saved, current, tuple(sorted(keys)))
 
 
 def check_config(saved: Mapping[str, Any] | None, config: ml_collections.ConfigDict,

@@ -233,7 +233,7 @@ def sweep(settings: Sequence[Mapping[str, Any]], metric: str, path: str, title: 
     ax.set_xlim(lo - pad, hi + pad)
   for yy, s in zip(y, settings):
     if s['mean'] is None:
-      why = ', '.join(f'{s.get(k, 0)} {k}' for k in ('diverged', 'errors', 'pending')
+      why = ', '.join(f'{s.get(k, 0)} {k}' for k in ('diverged', 'errors', 'no_value', 'pending')
                       if s.get(k, 0))
       ax.text(0.01, yy, f'no result ({why})' if why else 'no result',
               transform=ax.get_yaxis_transform(), va='center', fontsize=8, color='tab:red')

@@ -6,26 +6,24 @@
 
 Every combination of the grid's values (or, with ``sweep.samples=N``, N distinct settings drawn at
 random, where a key may also be a range such as ``{'log_uniform': [1e-4, 1e-1]}``), times
-``sweep.seeds`` seeds (``seed``, ``seed + 1``, ...), is a trial: the config with those keys set, trained as a plain run (a k-fold run when
-``cross_validation.folds`` > 0) in ``<workdir>/<key>=<value>+...+seed=<s>``, which resumes like any
-run (no commas: a trial's directory can be listed where paths are comma-separated, e.g. as a
-distillation teacher).
-Every trial's config is checked before the first one trains. A finished trial's result is kept in
-its directory (``sweep_trial.json``) and a rerun of the same command does not train it again; a
-trial that diverges (NaN loss) or stops on an error is recorded and the sweep goes on. The settings
-are ranked by ``sweep.metric`` on ``data.eval_split`` (the final evaluation; with folds, the mean
-over folds), mean +- std over seeds (ddof=0): ``sweep.md``, ``sweep.json``, ``sweep.csv`` (one row
-per trial) and ``sweep.png``, and printed. Each trial's directory is a whole model: predict,
-export, serve or evaluate the best one.
+``sweep.seeds`` seeds (``seed``, ``seed + 1``, ...), is a trial: the config with those keys set
+(``imgcls_jax/sweep_grid.py``; every trial's config is checked before the first one trains),
+trained as a plain run (a k-fold run when ``cross_validation.folds`` > 0) in
+``<workdir>/<key>=<value>+...+seed=<s>``, which resumes like any run (no commas: a trial's
+directory can be listed where paths are comma-separated, e.g. as a distillation teacher).
+
+A trial's ``sweep_trial.json`` holds its config and, once done, its result: a rerun of the same
+command skips finished trials and resumes an unfinished one; a trial directory written with another
+config is refused (delete it or use a new workdir), never resumed with the new one. A trial that
+diverges (NaN loss) or stops on an error is recorded and the sweep goes on. Each trial is scored as
+the model its directory serves: the checkpoint ``config.evaluate.checkpoint`` picks (the best by
+``checkpoint.best_metric`` by default), by its evaluation on ``data.eval_split`` (with folds: the
+mean over folds). The settings are ranked by ``sweep.metric``, mean +- std over seeds (ddof=0), a
+setting with a diverged or failed seed below every complete one: ``sweep.md``, ``sweep.json``,
+``sweep.csv`` (one row per trial) and ``sweep.png``, and printed.
 """
 from __future__ import annotations
 
-import ast
-import copy
-import dataclasses
-import difflib
-import hashlib
-import itertools
 import json
 import logging
 import math
@@ -38,148 +36,28 @@ import jax
 import ml_collections
 import numpy as np
 
-from imgcls_jax import (configlib, cross_validation, models, plots, report, report_multilabel,
-                        sweep_report, train)
+from imgcls_jax import (checkpoint, configlib, cross_validation, evaluation, metrics, plots,
+                        preemption, report, sweep_grid, sweep_report, train)
 from imgcls_jax.errors import UserError
 
-RESULT_FILE = 'sweep_trial.json'
 LOWER_IS_BETTER = ('loss', 'ece', 'ece_classwise', 'hamming_loss')
-_EXAMPLE = "\"{'optim.learning_rate': [0.2, 0.1], 'label_smoothing': [0.0, 0.1]}\""
-RANGES = ('uniform', 'log_uniform', 'int_uniform')
-_RANGE_EXAMPLE = ("{'log_uniform': [1e-4, 1e-1]}, {'uniform': [0.0, 0.3]} or "
-                  "{'int_uniform': [1, 8]}")
+Trial = sweep_grid.Trial
 
 
-@dataclasses.dataclass(frozen=True)
-class Range:
-  """Values drawn at random (``config.sweep.samples``), floats to 3 significant digits."""
-  kind: str           # one of RANGES
-  low: float
-  high: float
-
-  def draw(self, rng: np.random.Generator) -> float | int:
-    if self.kind == 'int_uniform':
-      return int(rng.integers(int(self.low), int(self.high) + 1))
-    if self.kind == 'uniform':
-      value = rng.uniform(self.low, self.high)
-    else:
-      value = math.exp(rng.uniform(math.log(self.low), math.log(self.high)))
-    return float(f'{value:.3g}')
-
-
-@dataclasses.dataclass
-class Trial:
-  name: str                     # its directory under the sweep's workdir
-  setting: str                  # the grid's values, e.g. 'optim.learning_rate=0.1, label_smoothing=0'
-  overrides: dict[str, Any]
-  seed: int
-  config: ml_collections.ConfigDict
-  config_json: dict[str, Any]   # the config before training (what a rerun compares)
-
-
-def _range(key: str, spec: dict[Any, Any]) -> Range:
-  kind = next(iter(spec)) if len(spec) == 1 else None
-  bounds = spec.get(kind) if kind in RANGES else None
-  if (not isinstance(bounds, (list, tuple)) or len(bounds) != 2
-      or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b)
-                 for b in bounds)):
-    raise UserError(f"config.sweep.grid['{key}'] is {spec!r}: a range is one of {_RANGE_EXAMPLE}"
-                    ' (two finite numbers).')
-  low, high = bounds
-  if not low < high:
-    raise UserError(f"config.sweep.grid['{key}'] is {spec!r}: the range's low end must be below "
-                    'its high end.')
-  if kind == 'log_uniform' and low <= 0:
-    raise UserError(f"config.sweep.grid['{key}'] is {spec!r}: a log_uniform range needs a low end "
-                    '> 0.')
-  if kind == 'int_uniform' and not all(isinstance(b, int) for b in bounds):
-    raise UserError(f"config.sweep.grid['{key}'] is {spec!r}: an int_uniform range takes two "
-                    'integers.')
-  return Range(kind, low, high)
-
-
-def parse_grid(text: str) -> dict[str, list[Any] | Range]:
-  """``config.sweep.grid`` as ``{key: [values] or Range}``, or a UserError naming what is
-  wrong."""
-  try:
-    grid = ast.literal_eval(text)
-  except (ValueError, SyntaxError) as e:
-    raise UserError(f'config.sweep.grid is not a Python dict literal ({type(e).__name__}: '
-                    f'{str(e).splitlines()[0]}); write e.g. --config.sweep.grid={_EXAMPLE}.'
-                    ) from None
-  if not isinstance(grid, dict) or not grid:
-    raise UserError(f'config.sweep.grid must be a non-empty dict of config keys to lists of '
-                    f'values, got {grid!r}; write e.g. --config.sweep.grid={_EXAMPLE}.')
-  out = {}
-  for key, values in grid.items():
-    if not isinstance(key, str):
-      raise UserError(f'config.sweep.grid has the key {key!r}; keys are dotted config names '
-                      "such as 'optim.learning_rate'.")
-    if isinstance(values, dict):
-      out[key] = _range(key, values)
-      continue
-    if not isinstance(values, (list, tuple)) or not values:
-      raise UserError(f"config.sweep.grid['{key}'] must be a non-empty list of values (or a "
-                      f'range, e.g. {_RANGE_EXAMPLE}), got {values!r}.')
-    if len({repr(v) for v in values}) != len(values):
-      raise UserError(f"config.sweep.grid['{key}'] lists a value twice ({list(values)!r}); "
-                      'list each value once (more seeds: config.sweep.seeds).')
-    out[key] = list(values)
-  return out
-
-
-def _unknown(key: str, config: ml_collections.ConfigDict) -> UserError:
-  near = difflib.get_close_matches(key, list(configlib.flat(config)), n=1)
-  return UserError(f"config.sweep.grid sets '{key}', which is not a config key"
-                   + (f" (did you mean '{near[0]}'?)" if near else '')
-                   + '; see configs/default.py for the documented schema.')
-
-
-def set_key(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
-  """Sets the dotted ``key`` of ``config`` to ``value`` as ``--config.<key>=`` would."""
-  parts = key.split('.')
-  node = config
-  for part in parts[:-1]:
-    if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
-      raise _unknown(key, config)
-    node = node[part]
-  leaf = parts[-1]
-  if leaf not in node:
-    if parts[0] == 'model' and len(parts) == 2:  # a model constructor's own argument
-      with node.unlocked(), node.ignore_type():
-        node[leaf] = value
-      return
-    raise _unknown(key, config)
-  current = node[leaf]
-  if isinstance(current, ml_collections.ConfigDict):
-    raise UserError(f"config.sweep.grid sets '{key}', a group of keys; sweep the keys in it "
-                    f"(e.g. '{key}.{next(iter(current.keys()), '...')}').")
-  if isinstance(current, tuple) and isinstance(value, list):
-    value = tuple(value)
-  if (isinstance(current, float) and isinstance(value, int)
-      and not isinstance(value, bool)):
-    value = float(value)
-  try:
-    node[leaf] = value
-  except TypeError:
-    raise UserError(f"config.sweep.grid gives '{key}' the value {value!r}, but that key takes a "
-                    f'{type(current).__name__} (now {current!r}).') from None
-
-
-def _text(value: Any) -> str:
-  if isinstance(value, (list, tuple)):
-    return '-'.join(_text(v) for v in value)
-  return str(value)
-
-
-def _dir_name(text: str) -> str:
-  safe = re.sub(r'[^A-Za-z0-9._=+-]', '_', text)
-  if len(safe) > 120 or safe != text:  # keep names distinct once shortened or made safe
-    safe = f'{safe[:100]}-{hashlib.sha1(text.encode()).hexdigest()[:8]}'
-  return safe
-
-
-_SWEEP_OFF = {'grid': '', 'seeds': 1, 'samples': 0, 'metric': '', 'mode': '', 'shard': ''}
+def ranking(config: ml_collections.ConfigDict) -> tuple[str, str]:
+  """(metric, 'max' | 'min') that ``config.sweep`` ranks by (default top-1; tagging: mAP)."""
+  multilabel = bool(config.data.get('multilabel', False))
+  metric = config.sweep.metric or ('map' if multilabel else 'accuracy')
+  known = [m for m in report.eval_metric_names(multilabel) if m != 'count']
+  if metric not in known:
+    raise UserError(f"config.sweep.metric='{metric}' is not an evaluation metric of a "
+                    f"{'multi-label' if multilabel else 'single-label'} run; use one of: "
+                    f"{', '.join(sorted(known))}.")
+  mode = config.sweep.mode
+  if mode not in ('', 'max', 'min'):
+    raise UserError(f"config.sweep.mode must be 'max', 'min' or '' (by the metric), got "
+                    f"'{mode}'.")
+  return metric, mode or ('min' if metric in LOWER_IS_BETTER else 'max')
 
 
 def shard(text: str) -> tuple[int, int]:
@@ -194,109 +72,82 @@ def shard(text: str) -> tuple[int, int]:
   return int(m.group(1)), int(m.group(2))
 
 
-def settings(grid: dict[str, list[Any] | Range], samples: Any, seed: int) -> list[dict[str, Any]]:
-  """The grid's settings: every combination (``samples`` 0) or ``samples`` distinct ones drawn
-  at random, fixed by ``seed`` (each list's values equally likely)."""
-  if not isinstance(samples, int) or isinstance(samples, bool) or samples < 0:
-    raise UserError(f'config.sweep.samples must be an integer >= 0 (0 = every combination of the '
-                    f'grid), got {samples!r}.')
-  ranges = [k for k, v in grid.items() if isinstance(v, Range)]
-  if samples == 0:
-    if ranges:
-      raise UserError(f"config.sweep.grid gives '{ranges[0]}' a range; draw settings from it with "
-                      'config.sweep.samples=N (N > 0), or list its values.')
-    return [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
-  rng = np.random.default_rng(seed)
-  if not ranges:
-    combos = list(itertools.product(*grid.values()))
-    if samples > len(combos):
-      raise UserError(f'config.sweep.samples={samples}, but the grid has {len(combos)} '
-                      'combinations; use config.sweep.samples=0 for all of them.')
-    return [dict(zip(grid, combos[i])) for i in rng.choice(len(combos), samples, replace=False)]
-  out, seen = [], set()
-  for _ in range(100 * samples):
-    s = {k: v.draw(rng) if isinstance(v, Range) else v[int(rng.integers(len(v)))]
-         for k, v in grid.items()}
-    if repr(s) not in seen:
-      seen.add(repr(s))
-      out.append(s)
-      if len(out) == samples:
-        return out
-  raise UserError(f'config.sweep.samples={samples}: only {len(out)} distinct settings could be '
-                  'drawn from the grid; ask for fewer or widen its ranges.')
+def _record(directory: str) -> dict[str, Any] | None:
+  try:
+    with open(os.path.join(directory, checkpoint.SWEEP_TRIAL_FILE)) as f:
+      return json.load(f)
+  except (OSError, ValueError):   # none yet, or being replaced by another shard
+    return None
 
 
-def trials(config: ml_collections.ConfigDict) -> list[Trial]:
-  """Every trial of ``config.sweep`` with its config, each checked (UserError before any runs)."""
-  grid = parse_grid(config.sweep.grid)
-  seeds = config.sweep.seeds
-  if not isinstance(seeds, int) or seeds < 1:
-    raise UserError(f'config.sweep.seeds must be an integer >= 1, got {seeds!r}.')
-  for key in grid:
-    if key.startswith('sweep.') or key == 'sweep':
-      raise UserError(f"config.sweep.grid sets '{key}'; a sweep cannot sweep its own keys.")
-  if 'seed' in grid and seeds > 1:
-    raise UserError("config.sweep.grid sets 'seed' and config.sweep.seeds > 1; use one of them.")
-  out = []
-  for overrides in settings(grid, config.sweep.samples, int(config.seed)):
-    setting = ', '.join(f'{k}={_text(v)}' for k, v in overrides.items())
-    for j in range(seeds if 'seed' not in grid else 1):
-      c = copy.deepcopy(config)
-      for k, v in _SWEEP_OFF.items():   # a trial is a plain run
-        c.sweep[k] = v
-      for key, value in overrides.items():
-        set_key(c, key, value)
-      if 'seed' not in grid:
-        c.seed = config.seed + j
-      try:
-        configlib.validate(c)
-        models.family(c.model.name)
-      except UserError as e:
-        raise UserError(f'The sweep setting {setting}: {e}') from None
-      name = _dir_name('+'.join(f'{k}={_text(v)}' for k, v in overrides.items())
-                       + ('' if 'seed' in grid else f'+seed={c.seed}'))
-      out.append(Trial(name, setting, overrides, int(c.seed), c, configlib.config_dict(c)))
-  names = [t.name for t in out]
-  if len(set(names)) != len(names):
-    raise UserError('Two settings of config.sweep.grid give the same directory name; list '
-                    'distinct values.')
-  return out
-
-
-def ranking(config: ml_collections.ConfigDict) -> tuple[str, str]:
-  """(metric, 'max' | 'min') from config.sweep; '' metric = accuracy (or map, decided later)."""
-  metric, mode = config.sweep.metric, config.sweep.mode
-  known = set(report.SCALAR_KEYS) | set(report_multilabel.SCALAR_KEYS)
-  if metric and metric not in known:
-    raise UserError(f"config.sweep.metric='{metric}' is not an evaluation metric; use one of: "
-                    f"{', '.join(sorted(known))}.")
-  if mode not in ('', 'max', 'min'):
-    raise UserError(f"config.sweep.mode must be 'max', 'min' or '' (by the metric), got "
-                    f"'{mode}'.")
-  return metric, mode
+def _write_record(directory: str, record: dict[str, Any]) -> None:
+  """``sweep_trial.json``, replaced whole (another shard may be reading it)."""
+  os.makedirs(directory, exist_ok=True)
+  tmp = os.path.join(directory, f'.{os.getpid()}.{checkpoint.SWEEP_TRIAL_FILE}')
+  with open(tmp, 'w') as f:
+    json.dump(_finite(record), f, indent=1)
+  os.replace(tmp, os.path.join(directory, checkpoint.SWEEP_TRIAL_FILE))
 
 
 def _cached(directory: str, trial: Trial) -> dict[str, Any] | None:
-  """A result saved by an earlier run of this very trial (same config), else None."""
-  try:
-    with open(os.path.join(directory, RESULT_FILE)) as f:
-      saved = json.load(f)
-  except (OSError, ValueError):
+  """The result an earlier run of this very trial (same config) saved, else None."""
+  saved = _record(directory)
+  if (saved is None or saved.get('config') != trial.config_json
+      or saved.get('status') not in ('finished', 'diverged')):
     return None
-  if saved.get('config') != trial.config_json or saved.get('status') not in ('finished',
-                                                                              'diverged'):
-    return None
-  return saved['row']
+  return {**saved['row'], 'workdir': directory}   # (the sweep may have been moved since)
 
 
-def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
+def conflict(directory: str, trial: Trial) -> str | None:
+  """Why ``directory`` cannot hold ``trial`` (written with another config, or not a trial), or
+  None when it is free or holds this trial."""
+  if not os.path.isdir(directory) or not os.listdir(directory):
+    return None
+  saved = _record(directory)
+  if saved is None:
+    return f'{directory} holds files but no {checkpoint.SWEEP_TRIAL_FILE}'
+  diffs = configlib.differences(saved.get('config') or {}, trial.config_json)
+  if diffs:
+    return f'{directory} was trained with another config ({"; ".join(diffs[:3])})'
+  return None
+
+
+def _scalars(values: dict[str, Any]) -> dict[str, float]:
   out = {}
-  for k, v in metrics.items():
+  for k, v in values.items():
     try:
       out[k] = float(v)
     except (TypeError, ValueError):
       continue
   return out
+
+
+def _finite(tree: Any) -> Any:
+  """JSON-safe: NaN and infinities as null."""
+  if isinstance(tree, dict):
+    return {k: _finite(v) for k, v in tree.items()}
+  if isinstance(tree, (list, tuple)):
+    return [_finite(v) for v in tree]
+  return None if isinstance(tree, float) and not math.isfinite(tree) else tree
+
+
+def served(config: ml_collections.ConfigDict, directory: str,
+           final: dict[str, float]) -> tuple[int | None, str, dict[str, float]]:
+  """(step, how it was chosen, its evaluation metrics) of the checkpoint that evaluate, predict,
+  export and serve take from ``directory`` by default (``config.evaluate.checkpoint``)."""
+  with checkpoint.Checkpointer.from_config(directory, config, read_only=True) as ckpt:
+    latest = ckpt.latest_step()
+    if latest is None:
+      return None, 'no checkpoint', final
+    step, how = evaluation.choose_step(ckpt, config.evaluate.checkpoint,
+                                       os.path.join(directory, 'metrics.jsonl'))
+    saved = ckpt.metrics(step)
+  if step == latest:
+    return step, how, final
+  path = os.path.join(directory, 'metrics.jsonl')
+  records = [r for r in metrics.read_jsonl(path) if r.get('split') == 'eval'
+             and int(r.get('step', -1)) == step] if os.path.exists(path) else []
+  return step, how, _scalars(records[-1] if records else saved or final)
 
 
 def _train(config: ml_collections.ConfigDict, directory: str) -> dict[str, Any]:
@@ -311,6 +162,7 @@ def run_trial(trial: Trial, directory: str) -> dict[str, Any]:
   training's own result when it was interrupted (SIGTERM / SIGINT)."""
   row: dict[str, Any] = {'trial': trial.name, 'setting': trial.setting,
                          'overrides': trial.overrides, 'seed': trial.seed, 'workdir': directory}
+  _write_record(directory, {'config': trial.config_json, 'status': 'started'})
   start = time.perf_counter()
   try:
     result = _train(trial.config, directory)
@@ -321,46 +173,55 @@ def run_trial(trial: Trial, directory: str) -> dict[str, Any]:
   else:
     if 'interrupted_at_step' in result or 'interrupted_in_fold' in result:
       return result
-    row.update(status='finished', metrics=_scalars(result))
+    final = _scalars(result)
+    row['status'] = 'finished'
+    if trial.config.cross_validation.folds > 0:
+      row.update(checkpoint='last of each fold (mean over folds)', metrics=final)
+    else:
+      step, how, chosen = served(trial.config, directory, final)
+      row.update(checkpoint_step=step, checkpoint=how, metrics=chosen)
+      if chosen is not final:
+        row['final_metrics'] = final
   row['wall_s'] = time.perf_counter() - start
-  if row['status'] != 'error':   # written whole: another shard may be reading it
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f'.{os.getpid()}.{RESULT_FILE}')
-    with open(tmp, 'w') as f:
-      json.dump({'config': trial.config_json, 'status': row['status'], 'row': row}, f, indent=1)
-    os.replace(tmp, os.path.join(directory, RESULT_FILE))
+  _write_record(directory, {'config': trial.config_json, 'status': row['status'], 'row': row})
   return row
 
 
-def _order_key(value: float | None, mode: str) -> tuple[int, float]:
-  if value is None or not math.isfinite(value):
-    return (1, 0.0)
-  return (0, -value if mode == 'max' else value)
+def _value(row: dict[str, Any], metric: str) -> float | None:
+  v = row.get('metrics', {}).get(metric) if row['status'] == 'finished' else None
+  return v if v is not None and math.isfinite(v) else None
 
 
 def summarize(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any]:
-  """The settings ranked by ``metric`` (mean over their finished seeds), best first."""
+  """The settings ranked by ``metric``: those with a result for every seed by their mean, then
+  those with a diverged, failed or non-finite seed, then those without a result; best first."""
   by_setting: dict[str, list[dict[str, Any]]] = {}
   for r in rows:
     by_setting.setdefault(r['setting'], []).append(r)
   settings = []
   for setting, rs in by_setting.items():
-    done = [r for r in rs if r['status'] == 'finished' and metric in r['metrics']]
-    values = [r['metrics'][metric] for r in done]
+    done = [r for r in rs if _value(r, metric) is not None]
+    values = [_value(r, metric) for r in done]
     common = [k for k in (done[0]['metrics'] if done else {})
               if all(k in r['metrics'] for r in done)]
-    best = min(done, key=lambda r: _order_key(r['metrics'][metric], mode)) if done else None
+    best = done[int(np.argmax(values) if mode == 'max' else np.argmin(values))] if done else None
+    count = lambda status: sum(r['status'] == status for r in rs)
     settings.append({
         'setting': setting, 'overrides': rs[0]['overrides'], 'trials': len(rs),
-        'finished': len(done), 'diverged': sum(r['status'] == 'diverged' for r in rs),
-        'errors': sum(r['status'] == 'error' for r in rs),
-        'pending': sum(r['status'] == 'pending' for r in rs),
+        'finished': len(done), 'diverged': count('diverged'), 'errors': count('error'),
+        'pending': count('pending'),
+        'no_value': sum(r['status'] == 'finished' and _value(r, metric) is None for r in rs),
         'mean': float(np.mean(values)) if values else None,
         'std': float(np.std(values)) if values else None,
-        'values': values, 'means': {k: float(np.mean([r['metrics'][k] for r in done]))
-                                    for k in common},
+        'values': values,
+        'means': {k: float(np.mean([r['metrics'][k] for r in done])) for k in common},
         'best_workdir': best['workdir'] if best else None})
-  settings.sort(key=lambda s: _order_key(s['mean'], mode))  # stable: grid order among ties
+  def order(s: dict[str, Any]) -> tuple[int, int, float]:
+    if s['mean'] is None:
+      return (2, 0, 0.0)
+    incomplete = s['diverged'] + s['errors'] + s['no_value'] > 0
+    return (int(incomplete), 0, -s['mean'] if mode == 'max' else s['mean'])
+  settings.sort(key=order)   # stable: grid order among ties
   return {'metric': metric, 'mode': mode, 'settings': settings,
           'best': settings[0] if settings and settings[0]['mean'] is not None else None}
 
@@ -378,7 +239,7 @@ def _write(workdir: str, summary: dict[str, Any], dataset: str) -> None:
         f.write(content)
     return write
 
-  replace('sweep.json', text(json.dumps(summary, indent=1)))
+  replace('sweep.json', text(json.dumps(_finite(summary), indent=1)))
   replace('sweep.md', text(sweep_report.markdown(summary)))
   replace('sweep.csv', lambda path: sweep_report.write_csv(summary, path))
   replace('sweep.png', lambda path: plots.sweep(
@@ -386,54 +247,67 @@ def _write(workdir: str, summary: dict[str, Any], dataset: str) -> None:
       title=f"{dataset}: {summary['metric']} on {summary['split']}"))
 
 
+def _note(config: ml_collections.ConfigDict) -> tuple[str, str | None]:
+  """(what the settings are ranked on, a warning when that is the test split)."""
+  folds = int(config.cross_validation.folds)
+  if folds > 0:
+    return f'{folds}-fold cross-validation of {config.data.train_split}', None
+  split = config.data.eval_split
+  if 'test' not in split:
+    return split, None
+  return split, (f"The settings are ranked on data.eval_split='{split}', so the best one's score "
+                 'is biased upward by the choice. Rank on a validation split instead (e.g. '
+                 "data.train_split='train[:90%]', data.eval_split='train[90%:]') and evaluate the "
+                 'chosen run once on the test split (--mode=evaluate '
+                 '--config.evaluate.split=test).')
+
+
 def sweep(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains every trial of ``config.sweep`` (resuming, skipping finished ones); returns the
   summary, or ``{'interrupted_in_trial': name, ...}`` after a SIGTERM / SIGINT."""
   if jax.process_count() > 1:
     raise UserError('A sweep runs in a single process; launch it without config.distributed '
-                    '(or launch each setting as its own run).')
+                    '(or spread it over processes with config.sweep.shard).')
   workdir = os.path.abspath(workdir)
   metric, mode = ranking(config)
   mine, shards = shard(config.sweep.shard)
-  todo = trials(config)
+  todo = sweep_grid.trials(config)
+  clashes = [c for c in (conflict(os.path.join(workdir, t.name), t) for t in todo) if c]
+  if clashes:
+    raise UserError(f'{len(clashes)} trial directories of this sweep cannot be resumed: '
+                    f'{clashes[0]}; delete them to train them again, or use a new --workdir.')
   os.makedirs(workdir, exist_ok=True)
-  folds = int(config.cross_validation.folds)
-  split = (f'{folds}-fold cross-validation of {config.data.train_split}' if folds > 0
-           else config.data.eval_split)
-  note = None
-  if folds == 0 and 'test' in split:
-    note = (f"The settings are ranked on data.eval_split='{split}', so the best one's score is "
-            'biased upward by the choice. Rank on a validation split instead (e.g. '
-            "data.train_split='train[:90%]', data.eval_split='train[90%:]') and evaluate the "
-            'chosen run once on the test split (--mode=evaluate --config.evaluate.split=test).')
+  split, note = _note(config)
+  if note:
     logging.warning('%s', note)
   logging.info('Sweep of %d trials (%d settings) in %s.', len(todo),
                len({t.setting for t in todo}), workdir)
   t0 = time.perf_counter()
   rows = []
-  for i, t in enumerate(todo):
-    directory = os.path.join(workdir, t.name)
-    row = _cached(directory, t)
-    if row is not None:
-      logging.info('Trial %d/%d %s: %s in an earlier run; not trained again.', i + 1, len(todo),
-                   t.name, row['status'])
-    elif i % shards != mine:   # another process's trial, not finished yet
-      row = {'trial': t.name, 'setting': t.setting, 'overrides': t.overrides, 'seed': t.seed,
-             'workdir': directory, 'status': 'pending', 'wall_s': 0.0}
-    else:
-      logging.info('Trial %d/%d: %s', i + 1, len(todo), t.name)
-      row = run_trial(t, directory)
-      if 'status' not in row:
-        logging.warning('The sweep stopped in trial %s; run the same command again to resume.',
-                        t.name)
-        return {'interrupted_in_trial': t.name, **row}
-      if row['status'] != 'finished':
-        logging.warning('Trial %s %s: %s', t.name, row['status'], row['error'])
-    rows.append(row)
-  if not metric:
-    multilabel = any('map' in r.get('metrics', {}) for r in rows)
-    metric = 'map' if multilabel else 'accuracy'
-  mode = mode or ('min' if metric in LOWER_IS_BETTER else 'max')
+  with preemption.StopWatcher() as stop:
+    for i, t in enumerate(todo):
+      directory = os.path.join(workdir, t.name)
+      row = _cached(directory, t)
+      if row is not None:
+        logging.info('Trial %d/%d %s: %s in an earlier run; not trained again.', i + 1,
+                     len(todo), t.name, row['status'])
+      elif i % shards != mine:   # another process's trial, not finished yet
+        row = {'trial': t.name, 'setting': t.setting, 'overrides': t.overrides, 'seed': t.seed,
+               'workdir': directory, 'status': 'pending', 'wall_s': 0.0}
+      elif stop.requested(0):   # a signal between two trials
+        print(f'Stopped by {stop.signal_name} before trial {t.name}. To resume, '
+              f'{preemption.resume_hint(workdir)}', flush=True)
+        return {'interrupted_in_trial': t.name}
+      else:
+        logging.info('Trial %d/%d: %s', i + 1, len(todo), t.name)
+        row = run_trial(t, directory)
+        if 'status' not in row:
+          logging.warning('The sweep stopped in trial %s; run the same command again to resume.',
+                          t.name)
+          return {'interrupted_in_trial': t.name, **row}
+        if row['status'] != 'finished':
+          logging.warning('Trial %s %s: %s', t.name, row['status'], row['error'])
+      rows.append(row)
   done = [r for r in rows if r['status'] == 'finished']
   if done and not any(metric in r['metrics'] for r in done):
     raise UserError(f"config.sweep.metric='{metric}' is not among the trials' metrics "
@@ -451,5 +325,5 @@ def sweep(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           'without config.sweep.shard for the whole summary (nothing trains again).', flush=True)
   if not done and not pending:
     raise UserError(f"No trial of the sweep finished (the first: {rows[0]['status']}: "
-                    f"{rows[0]['error']}); the summary is in {workdir}/sweep.md.")
+                    f"{rows[0].get('error')}); the summary is in {workdir}/sweep.md.")
   return summary

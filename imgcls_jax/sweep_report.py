@@ -12,6 +12,13 @@ def _fmt(metric: str, value: float | None) -> str:
   return f'{100 * value:.2f}%' if metric.startswith('accuracy') else f'{value:.4f}'
 
 
+def missing(setting: dict[str, Any]) -> str:
+  """'1 diverged, 2 pending' for a setting's seeds without a result ('' when none)."""
+  return ', '.join(f'{setting.get(k, 0)} {name}' for k, name in (
+      ('diverged', 'diverged'), ('errors', 'failed'), ('no_value', 'without a finite value'),
+      ('pending', 'pending')) if setting.get(k, 0))
+
+
 def table_lines(summary: dict[str, Any]) -> list[str]:
   """The printed ranking."""
   m = summary['metric']
@@ -20,14 +27,12 @@ def table_lines(summary: dict[str, Any]) -> list[str]:
            '+- std over seeds):', f"  rank  {m + ' (n)':<24}  setting"]
   for i, s in enumerate(summary['settings']):
     if s['mean'] is None:
-      what = ', '.join(f'{n} {k}' for k, n in (('diverged', s['diverged']),
-                                               ('errors', s['errors']),
-                                               ('pending', s.get('pending', 0))) if n) or 'no result'
-      lines.append(f"  {'-':>4}  {what:<24}  {s['setting']}")
+      lines.append(f"  {'-':>4}  {missing(s) or 'no result':<24}  {s['setting']}")
       continue
     spread = f" +- {_fmt(m, s['std'])}" if s['finished'] > 1 else ''
     score = f"{_fmt(m, s['mean'])}{spread} ({s['finished']})"
-    lines.append(f'  {i + 1:>4}  {score:<24}  {s["setting"]}')
+    also = f'  [{missing(s)}]' if missing(s) else ''
+    lines.append(f'  {i + 1:>4}  {score:<24}  {s["setting"]}{also}')
   best = summary['best']
   if best:
     lines.append(f"Best: {best['setting']}; its best trial: {best['best_workdir']}")
@@ -44,7 +49,9 @@ def markdown(summary: dict[str, Any]) -> str:
         f"{len(summary['settings'])} settings"
         + (' drawn at random from the grid' if summary.get('samples') else '')
         + f" x {summary['seeds']} seed(s); {summary['mode']} "
-        f'{m}, mean +- std over the finished seeds (ddof=0). Grid: `{summary["grid"]}`.', '']
+        f'{m}, mean +- std over the finished seeds (ddof=0); each trial scored at the checkpoint '
+        'its directory serves (config.evaluate.checkpoint); a setting with a seed that diverged '
+        f'or failed ranks below the complete ones. Grid: `{summary["grid"]}`.', '']
   if summary.get('note'):
     md += [f"**Note.** {summary['note']}", '']
   md += [f'| rank | setting | {m} | std | finished | ' + ' | '.join(keys) + ' |',
@@ -53,13 +60,15 @@ def markdown(summary: dict[str, Any]) -> str:
     rank = str(i + 1) if s['mean'] is not None else '-'
     extra = ' | '.join(f"{s['means'][k]:.4f}" if k in s['means'] else '-' for k in keys)
     md.append(f"| {rank} | `{s['setting']}` | {_fmt(m, s['mean'])} | {_fmt(m, s['std'])} | "
-              f"{s['finished']}/{s['trials']} | {extra} |")
-  md += ['', '## Trials', '', '| trial | status | seed | ' + m + ' | wall (s) |',
-         '|---|---|---|---|---|']
+              f"{s['finished']}/{s['trials']}{' (' + missing(s) + ')' if missing(s) else ''} | "
+              f'{extra} |')
+  md += ['', '## Trials', '', '| trial | status | seed | checkpoint | ' + m + ' | wall (s) |',
+         '|---|---|---|---|---|---|']
   for r in summary['trials']:
     value = r.get('metrics', {}).get(m) if r['status'] == 'finished' else None
     status = r['status'] + (f": {r['error'][:120]}" if r.get('error') else '')
-    md.append(f"| `{r['trial']}` | {status} | {r['seed']} | {_fmt(m, value)} | "
+    md.append(f"| `{r['trial']}` | {status} | {r['seed']} | {r.get('checkpoint', '-')} | "
+              f"{_fmt(m, value)} | "
               f"{r['wall_s']:.1f} |")
   return '\n'.join(md) + '\n'
 
@@ -70,9 +79,9 @@ def write_csv(summary: dict[str, Any], path: str) -> None:
   metric_keys = sorted({k for r in summary['trials'] for k in r.get('metrics', {})})
   with open(path, 'w', newline='') as f:
     w = csv.writer(f)
-    w.writerow(['trial', 'status', 'seed', *grid_keys, *metric_keys, 'wall_s', 'workdir',
-                'error'])
+    w.writerow(['trial', 'status', 'seed', *grid_keys, *metric_keys, 'checkpoint_step', 'wall_s',
+                'workdir', 'error'])
     for r in summary['trials']:
       w.writerow([r['trial'], r['status'], r['seed'], *[r['overrides'][k] for k in grid_keys],
                   *[r.get('metrics', {}).get(k, '') for k in metric_keys],
-                  f"{r['wall_s']:.2f}", r['workdir'], r.get('error', '')])
+                  r.get('checkpoint_step', ''), f"{r['wall_s']:.2f}", r['workdir'], r.get('error', '')])

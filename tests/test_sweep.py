@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from imgcls_jax import sweep, train
+from imgcls_jax import evaluation, metrics, sweep, sweep_grid, sweep_report, train
 from imgcls_jax.errors import UserError
 from tests.conftest import REPO, subprocess_env
 
@@ -27,7 +27,7 @@ def test_the_grid_becomes_one_checked_config_per_trial(digits_config):
   c = _with_grid(digits_config, "{'optim.learning_rate': [1, 0.5], 'model.widths': [[8, 16]], "
                  "'model.dropout': [0.25]}", seeds=2)
   c.seed = 7
-  ts = sweep.trials(c)
+  ts = sweep_grid.trials(c)
   assert [t.name for t in ts] == [
       f'optim.learning_rate={lr}+model.widths=8-16+model.dropout=0.25+seed={s}'
       for lr in (1, 0.5) for s in (7, 8)]
@@ -41,10 +41,17 @@ def test_the_grid_becomes_one_checked_config_per_trial(digits_config):
   assert digits_config.sweep.grid == '' and digits_config.optim.learning_rate == 0.1  # untouched
   assert ts[0].setting == 'optim.learning_rate=1, model.widths=8-16, model.dropout=0.25'
   # 'seed' in the grid replaces the seeds; a value that is no path character is made safe
-  ts = sweep.trials(_with_grid(digits_config, "{'seed': [3, 4], 'data.eval_split': ['test[:50%]']}"))
+  ts = sweep_grid.trials(_with_grid(digits_config,
+                                    "{'seed': [3, 4], 'data.train_split': ['train[:50%]']}"))
   assert [t.seed for t in ts] == [3, 4]
   assert all(t.name.startswith('seed=') and '[' not in t.name and ',' not in t.name for t in ts)
   assert len({t.name for t in ts}) == 2
+  # Whole models, to sweep families: the other family's keys do not leak into the trial.
+  ts = sweep_grid.trials(_with_grid(
+      digits_config, "{'model': [{'name': 'cnn', 'widths': [8, 16]}, {'name': 'resnet18'}]}"))
+  assert [t.name for t in ts] == ['model=cnn_widths=8-16+seed=0', 'model=resnet18+seed=0']
+  assert ts[1].config_json['model'] == {'name': 'resnet18'}
+  assert ts[0].config.model.widths == (8, 16)
 
 
 @pytest.mark.parametrize('grid, seeds, message', [
@@ -53,7 +60,21 @@ def test_the_grid_becomes_one_checked_config_per_trial(digits_config):
     ('{}', 1, 'must be a non-empty dict'),
     ("{'optim.learning_rate': []}", 1, r"\['optim.learning_rate'\] must be a non-empty list"),
     ("{'optim.learning_rate': 0.1}", 1, 'must be a non-empty list'),
-    ("{'optim.learning_rate': [0.1, 0.1]}", 1, 'lists a value twice'),
+    ("{'optim.learning_rate': [0.1, 0.1]}", 1, 'are the same config'),
+    ("{'optim.learning_rate': [1, 1.0]}", 1, 'are the same config'),
+    ("{'optim.learning_rate': [0.1], 'optim.learning_rate': [0.2]}", 1, 'names '
+     "'optim.learning_rate' twice"),
+    ("{optim.learning_rate: [0.1]}", 1, 'only Python literals: quoted keys'),
+    ("{'optim.learning_rate': [0.1, None]}", 1, 'that key needs a float'),
+    ("{'optim.learning_rate': [True]}", 1, 'that key takes a float'),
+    ("{'num_train_steps': [10.5]}", 1, 'that key takes an int'),
+    ("{'model.widths': [[8, 16.5]]}", 1, r"'model.widths\[1\]' the value 16.5, but that key takes "
+     'an int'),
+    ("{'model.dropuot': [0.1]}", 1, "model 'cnn' takes no argument 'dropuot' \\(did you mean "
+     "'dropout'"),
+    ("{'model': ['resnet18']}", 1, 'each value must be a whole model'),
+    ("{'cross_validation.folds': [0, 2]}", 1, 'every setting must be ranked the same way'),
+    ("{'data.eval_split': ['test', 'train']}", 1, 'ranked on the same split'),
     ("{'optim.learnig_rate': [0.1]}", 1, "did you mean 'optim.learning_rate'"),
     ("{'optim': [0.1]}", 1, "'optim', a group of keys"),
     ("{'optim.learning_rate': ['fast']}", 1, "takes a float"),
@@ -66,18 +87,18 @@ def test_the_grid_becomes_one_checked_config_per_trial(digits_config):
 ])
 def test_a_bad_grid_is_one_sentence_before_anything_runs(digits_config, grid, seeds, message):
   with pytest.raises(UserError, match=message):
-    sweep.trials(_with_grid(digits_config, grid, seeds))
+    sweep_grid.trials(_with_grid(digits_config, grid, seeds))
 
 
 def test_random_settings_are_distinct_reproducible_and_drawn_from_their_ranges(digits_config):
   grid = ("{'optim.learning_rate': {'log_uniform': [1e-4, 1.0]}, 'label_smoothing': [0.0, 0.1], "
           "'optim.weight_decay': {'uniform': [0.0, 0.5]}, 'batch_size': {'int_uniform': [16, 20]}}")
   c = _with_grid(digits_config, grid, samples=400)
-  ts = sweep.trials(c)
+  ts = sweep_grid.trials(c)
   assert len(ts) == 400 and len({t.name for t in ts}) == 400
-  assert [t.name for t in sweep.trials(c)] == [t.name for t in ts]   # fixed by config.seed
+  assert [t.name for t in sweep_grid.trials(c)] == [t.name for t in ts]   # fixed by config.seed
   c.seed = 1
-  assert [t.name for t in sweep.trials(c)][:5] != [t.name for t in ts][:5]
+  assert [t.name for t in sweep_grid.trials(c)][:5] != [t.name for t in ts][:5]
   lr = np.array([t.config.optim.learning_rate for t in ts])
   wd = np.array([t.config.optim.weight_decay for t in ts])
   bs = np.array([t.config.batch_size for t in ts])
@@ -92,7 +113,7 @@ def test_random_settings_are_distinct_reproducible_and_drawn_from_their_ranges(d
   # A grid of lists only: distinct combinations, without replacement.
   c = _with_grid(digits_config, "{'optim.learning_rate': [0.1, 0.2, 0.3], 'seed': [0, 1]}",
                  samples=4)
-  picked = [(t.config.optim.learning_rate, t.seed) for t in sweep.trials(c)]
+  picked = [(t.config.optim.learning_rate, t.seed) for t in sweep_grid.trials(c)]
   assert len(set(picked)) == 4 and set(picked) <= {(a, b) for a in (0.1, 0.2, 0.3) for b in (0, 1)}
 
 
@@ -110,15 +131,55 @@ def test_random_settings_are_distinct_reproducible_and_drawn_from_their_ranges(d
 ])
 def test_a_bad_random_search_is_one_sentence(digits_config, grid, samples, message):
   with pytest.raises(UserError, match=message):
-    sweep.trials(_with_grid(digits_config, grid, samples=samples))
+    sweep_grid.trials(_with_grid(digits_config, grid, samples=samples))
 
 
-def test_a_bad_ranking_metric_or_mode_is_refused(digits_config):
-  with pytest.raises(UserError, match="config.sweep.metric='acc' is not an evaluation metric"):
+def test_the_ranking_metric_is_checked_before_anything_trains(digits_config):
+  with pytest.raises(UserError, match="config.sweep.metric='acc' is not an evaluation metric of "
+                     'a single-label run'):
     sweep.ranking(_with_grid(digits_config, '{}', metric='acc'))
+  with pytest.raises(UserError, match="'map' is not an evaluation metric of a single-label"):
+    sweep.ranking(_with_grid(digits_config, '{}', metric='map'))
   with pytest.raises(UserError, match="config.sweep.mode must be 'max', 'min'"):
     sweep.ranking(_with_grid(digits_config, '{}', mode='up'))
-  assert sweep.ranking(_with_grid(digits_config, '{}', metric='loss')) == ('loss', '')
+  assert sweep.ranking(_with_grid(digits_config, '{}')) == ('accuracy', 'max')
+  assert sweep.ranking(_with_grid(digits_config, '{}', metric='loss')) == ('loss', 'min')
+  assert sweep.ranking(_with_grid(digits_config, '{}', metric='loss', mode='max')) == ('loss',
+                                                                                       'max')
+  tags = _with_grid(digits_config, '{}')
+  tags.data.multilabel = True
+  assert sweep.ranking(tags) == ('map', 'max')
+
+
+def _row(setting, seed, status, accuracy=None):
+  row = {'trial': f'{setting}+seed={seed}', 'setting': setting, 'overrides': {}, 'seed': seed,
+         'workdir': f'/w/{setting}+seed={seed}', 'status': status, 'wall_s': 1.0}
+  if status == 'finished':
+    row['metrics'] = {'accuracy': accuracy, 'loss': 1 - accuracy}
+  return row
+
+
+def test_a_setting_with_a_diverged_or_non_finite_seed_ranks_below_the_complete_ones():
+  rows = [_row('b', 0, 'finished', 0.95), _row('b', 1, 'diverged'), _row('b', 2, 'diverged'),
+          _row('a', 0, 'finished', 0.90), _row('a', 1, 'finished', 0.91),
+          _row('c', 0, 'finished', float('nan')), _row('c', 1, 'finished', 0.99),
+          _row('d', 0, 'error'), _row('e', 0, 'finished', 0.80), _row('e', 1, 'finished', 0.80)]
+  s = sweep.summarize(rows, 'accuracy', 'max')
+  assert [x['setting'] for x in s['settings']] == ['a', 'e', 'c', 'b', 'd']
+  assert s['best']['setting'] == 'a' and s['best']['best_workdir'] == '/w/a+seed=1'
+  c = s['settings'][2]
+  assert c['values'] == [0.99] and c['no_value'] == 1 and c['mean'] == 0.99
+  assert s['settings'][3]['diverged'] == 2 and s['settings'][4]['mean'] is None
+  s = sweep.summarize(rows, 'loss', 'min')
+  assert [x['setting'] for x in s['settings']] == ['a', 'e', 'c', 'b', 'd']
+  assert s['best']['best_workdir'] == '/w/a+seed=1'   # the lowest loss
+  lines = sweep_report.table_lines({**s, 'seeds': 3, 'dataset': 'd', 'split': 'val',
+                                    'workdir': '/w', 'wall_time_s': 1.0})
+  assert any('[2 diverged]' in line and line.rstrip().endswith('b  [2 diverged]')
+             for line in lines), lines
+  assert any('1 failed' in line for line in lines)
+  everything_nan = [_row('x', 0, 'finished', float('nan'))]
+  assert sweep.summarize(everything_nan, 'accuracy', 'max')['best'] is None
 
 
 def _final_eval(workdir):
@@ -193,18 +254,48 @@ def test_a_sweep_trains_each_trial_as_a_plain_run_and_ranks_the_settings(
   means = [s['mean'] for s in by_loss['settings'] if s['mean'] is not None]
   assert means == sorted(means) and len(means) == 2
 
-  # A changed config trains every trial again (here: resumes it, and is stopped by SIGTERM).
+  # A changed config is refused before anything trains: the trials are not resumed with it.
+  longer = copy.deepcopy(config)
+  longer.num_train_steps = 40
+  with pytest.raises(UserError, match=r'6 trial directories of this sweep cannot be resumed: .*'
+                     r'was trained with another config \(num_train_steps: 30 in the checkpoint, '
+                     r'40 now\); delete them'):
+    sweep.sweep(longer, workdir)
+  # A new setting in the same workdir trains; a SIGTERM in it stops the sweep there.
   calls = []
   def interrupted(c, d):
     calls.append(d)
     return {'interrupted_at_step': 3}
   monkeypatch.setattr(sweep, '_train', interrupted)
-  longer = copy.deepcopy(config)
-  longer.num_train_steps = 40
-  out = sweep.sweep(longer, workdir)
-  assert out == {'interrupted_in_trial': 'optim.learning_rate=0.02+seed=0',
+  more = _with_grid(config, "{'optim.learning_rate': [0.02, 1e9, 0.2, 0.1]}", seeds=2)
+  out = sweep.sweep(more, workdir)
+  assert out == {'interrupted_in_trial': 'optim.learning_rate=0.1+seed=0',
                  'interrupted_at_step': 3}
-  assert calls == [os.path.join(workdir, 'optim.learning_rate=0.02+seed=0')]
+  assert calls == [os.path.join(workdir, 'optim.learning_rate=0.1+seed=0')]
+  # A moved sweep names its trials where they are now.
+  moved = str(tmp_path / 'moved')
+  os.rename(workdir, moved)
+  monkeypatch.setattr(sweep, '_train', no_training)
+  again = sweep.sweep(config, moved)
+  assert again['best']['best_workdir'].startswith(moved + os.sep)
+
+
+def test_a_trial_is_scored_at_the_checkpoint_its_directory_serves(digits_config, tmp_path):
+  config = _with_grid(digits_config, "{'optim.learning_rate': [0.2]}")
+  config.num_train_steps = 20
+  config.eval_every_steps = config.checkpoint_every_steps = 10
+  config.evaluate.checkpoint = '10'    # what evaluate / predict / export take from the trial
+  (row,) = sweep.sweep(config, str(tmp_path))['trials']
+  records = {r['step']: r for r in metrics.read_jsonl(os.path.join(row['workdir'],
+                                                                    'metrics.jsonl'))
+             if r.get('split') == 'eval'}
+  assert row['checkpoint_step'] == 10 and row['checkpoint'] == 'step 10'
+  assert row['metrics']['accuracy'] == records[10]['accuracy']
+  assert row['final_metrics']['accuracy'] == pytest.approx(records[20]['accuracy'], abs=1e-7)
+  # The evaluate mode's report on that directory (checked against sklearn elsewhere) agrees.
+  ev = evaluation.evaluate_checkpoint(row['workdir'], None, split=config.data.eval_split,
+                                      checkpoint_spec='10', tta='', num_bins=15)
+  assert ev.report(0)['accuracy'] == pytest.approx(row['metrics']['accuracy'], abs=1e-7)
 
 
 def test_shards_train_their_own_trials_and_read_the_others_when_finished(
@@ -276,3 +367,21 @@ def _sweep_config():
   c = default.get_config()
   c.sweep.grid = "{'seed': [0]}"
   return c
+
+
+def test_a_signal_between_two_trials_stops_the_sweep_before_the_next(digits_config, tmp_path,
+                                                                     monkeypatch, capsys):
+  import signal
+  config = _with_grid(digits_config, "{'optim.learning_rate': [0.2, 0.1]}")
+  calls = []
+  def finished_then_signalled(c, d):   # the trial ends, then SIGTERM arrives
+    calls.append(os.path.basename(d))
+    os.kill(os.getpid(), signal.SIGTERM)
+    return {'accuracy': 0.5}
+  monkeypatch.setattr(sweep, '_train', finished_then_signalled)
+  before = signal.getsignal(signal.SIGTERM)
+  out = sweep.sweep(config, str(tmp_path))
+  assert out == {'interrupted_in_trial': 'optim.learning_rate=0.1+seed=0'}
+  assert calls == ['optim.learning_rate=0.2+seed=0']
+  assert 'Stopped by SIGTERM before trial optim.learning_rate=0.1+seed=0' in capsys.readouterr().out
+  assert signal.getsignal(signal.SIGTERM) == before   # the handler before the sweep is back

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from typing import TYPE_CHECKING, Any, Callable
 
 from flax import nnx
@@ -96,6 +97,18 @@ def family(name: str) -> Family:
   if name not in _TABLE:
     raise UserError(f"Unknown model '{name}'; set config.model.name to one of: {', '.join(names())}.")
   return _TABLE[name]
+
+
+def arguments(name: str) -> tuple[list[inspect.Parameter], dict[str, Any], bool]:
+  """(the constructor's parameters, the keywords a sized name binds, whether it takes any
+  keyword) of model ``name``; UserError for an unknown name."""
+  fn, bound = family(name).constructor, {}
+  while isinstance(fn, functools.partial):  # a sized name binds its architecture's keywords
+    bound = {**fn.keywords, **bound}
+    fn = fn.func
+  # nnx.Module classes show their metaclass's (*args, **kwargs): read __init__ instead.
+  params = list(inspect.signature(fn.__init__ if inspect.isclass(fn) else fn).parameters.values())
+  return params, bound, any(p.kind is p.VAR_KEYWORD for p in params)
 
 
 def get(name: str, **kwargs: Any) -> nnx.Module:
