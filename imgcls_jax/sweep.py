@@ -311,8 +311,8 @@ def sweep(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   done = [r for r in rows if r['status'] == 'finished']
   if done and not any(metric in r['metrics'] for r in done):
     raise UserError(f"config.sweep.metric='{metric}' is not among the trials' metrics "
-                    f"({', '.join(sorted(done[0]['metrics']))}); rerun with one of them (the "
-                    'trials are not trained again).')
+                    f"({', '.join(sorted(set(done[0]['metrics']) - {'count'}))}); rerun with one "
+                    'of them (the trials are not trained again).')
   summary = {**summarize(rows, metric, mode), 'trials': rows, 'grid': config.sweep.grid,
              'samples': int(config.sweep.samples), 'seeds': int(config.sweep.seeds),
              'shard': config.sweep.shard, 'dataset': config.data.name, 'split': split,
