@@ -42,9 +42,9 @@ def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
   return out
 
 
-def flat(config: ml_collections.ConfigDict) -> dict[str, Any]:
+def flat(config: ml_collections.ConfigDict | Mapping[str, Any]) -> dict[str, Any]:
   """The config's leaves as ``{'optim.learning_rate': 0.1, ...}`` (JSON types)."""
-  return _flatten(config_dict(config))
+  return _flatten(config_dict(config) if isinstance(config, ml_collections.ConfigDict) else config)
 
 
 def default_config_path() -> str:
@@ -243,8 +243,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(isinstance(accumulation, int) and accumulation >= 1,
        f'config.grad_accumulation_steps must be an integer >= 1 (1 = off), got {accumulation!r}.')
   folds = config.get('cross_validation', {}).get('folds', 0)
-  need(folds >= 0, f'config.cross_validation.folds must be >= 0 (0 = one plain run, k >= 2 = '
-       f'k-fold cross-validation), got {folds}.')
+  need(folds == 0 or folds >= 2,
+       f'config.cross_validation.folds={folds}: use 0 (off) or at least 2 folds.')
   top = config.get('evaluate', {}).get('top_confused', 10)
   need(top >= 0, f'config.evaluate.top_confused must be >= 0 (how many confused class pairs the '
        f'report lists), got {top}.')

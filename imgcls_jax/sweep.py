@@ -36,8 +36,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from imgcls_jax import (checkpoint, configlib, cross_validation, evaluation, metrics, plots,
-                        preemption, report, sweep_grid, sweep_report, train)
+from imgcls_jax import (checkpoint, cross_validation, evaluation, metrics, plots, preemption,
+                        report, sweep_grid, sweep_report, sweep_store, train)
 from imgcls_jax.errors import UserError
 
 LOWER_IS_BETTER = ('loss', 'ece', 'ece_classwise', 'hamming_loss')
@@ -72,46 +72,6 @@ def shard(text: str) -> tuple[int, int]:
   return int(m.group(1)), int(m.group(2))
 
 
-def _record(directory: str) -> dict[str, Any] | None:
-  try:
-    with open(os.path.join(directory, checkpoint.SWEEP_TRIAL_FILE)) as f:
-      return json.load(f)
-  except (OSError, ValueError):   # none yet, or being replaced by another shard
-    return None
-
-
-def _write_record(directory: str, record: dict[str, Any]) -> None:
-  """``sweep_trial.json``, replaced whole (another shard may be reading it)."""
-  os.makedirs(directory, exist_ok=True)
-  tmp = os.path.join(directory, f'.{os.getpid()}.{checkpoint.SWEEP_TRIAL_FILE}')
-  with open(tmp, 'w') as f:
-    json.dump(_finite(record), f, indent=1)
-  os.replace(tmp, os.path.join(directory, checkpoint.SWEEP_TRIAL_FILE))
-
-
-def _cached(directory: str, trial: Trial) -> dict[str, Any] | None:
-  """The result an earlier run of this very trial (same config) saved, else None."""
-  saved = _record(directory)
-  if (saved is None or saved.get('config') != trial.config_json
-      or saved.get('status') not in ('finished', 'diverged')):
-    return None
-  return {**saved['row'], 'workdir': directory}   # (the sweep may have been moved since)
-
-
-def conflict(directory: str, trial: Trial) -> str | None:
-  """Why ``directory`` cannot hold ``trial`` (written with another config, or not a trial), or
-  None when it is free or holds this trial."""
-  if not os.path.isdir(directory) or not os.listdir(directory):
-    return None
-  saved = _record(directory)
-  if saved is None:
-    return f'{directory} holds files but no {checkpoint.SWEEP_TRIAL_FILE}'
-  diffs = configlib.differences(saved.get('config') or {}, trial.config_json)
-  if diffs:
-    return f'{directory} was trained with another config ({"; ".join(diffs[:3])})'
-  return None
-
-
 def _scalars(values: dict[str, Any]) -> dict[str, float]:
   out = {}
   for k, v in values.items():
@@ -120,15 +80,6 @@ def _scalars(values: dict[str, Any]) -> dict[str, float]:
     except (TypeError, ValueError):
       continue
   return out
-
-
-def _finite(tree: Any) -> Any:
-  """JSON-safe: NaN and infinities as null."""
-  if isinstance(tree, dict):
-    return {k: _finite(v) for k, v in tree.items()}
-  if isinstance(tree, (list, tuple)):
-    return [_finite(v) for v in tree]
-  return None if isinstance(tree, float) and not math.isfinite(tree) else tree
 
 
 def served(config: ml_collections.ConfigDict, directory: str,
@@ -147,7 +98,8 @@ def served(config: ml_collections.ConfigDict, directory: str,
   path = os.path.join(directory, 'metrics.jsonl')
   records = [r for r in metrics.read_jsonl(path) if r.get('split') == 'eval'
              and int(r.get('step', -1)) == step] if os.path.exists(path) else []
-  return step, how, _scalars(records[-1] if records else saved or final)
+  chosen = _scalars(records[-1] if records else saved or final)
+  return step, how, {k: v for k, v in chosen.items() if k in final}
 
 
 def _train(config: ml_collections.ConfigDict, directory: str) -> dict[str, Any]:
@@ -157,34 +109,66 @@ def _train(config: ml_collections.ConfigDict, directory: str) -> dict[str, Any]:
   return train.train_and_evaluate(config, directory)
 
 
+def _score(trial: Trial, directory: str, row: dict[str, Any], final: dict[str, float]) -> None:
+  """Puts the trial's score into ``row``: the served checkpoint's metrics (k-fold: the means)."""
+  row['final_metrics'] = final
+  if trial.config.cross_validation.folds > 0:
+    row.update(checkpoint='last of each fold (mean over folds)', metrics=final)
+    return
+  step, how, chosen = served(trial.config, directory, final)
+  row.update(checkpoint_step=step, checkpoint=how, metrics=chosen,
+             scored_at=str(trial.config.evaluate.checkpoint))
+
+
+def rescored(trial: Trial, directory: str, saved: dict[str, Any]) -> dict[str, Any]:
+  """A finished trial's row, scored again when ``config.evaluate.checkpoint`` changed since."""
+  row = {**saved['row'], 'workdir': directory}   # (the sweep may have moved since)
+  if (row['status'] != 'finished' or trial.config.cross_validation.folds > 0
+      or row.get('scored_at') == str(trial.config.evaluate.checkpoint)):
+    return row
+  _score(trial, directory, row, row['final_metrics'])
+  sweep_store.write(directory, {**saved, 'config': trial.config_json, 'row': row})
+  return row
+
+
 def run_trial(trial: Trial, directory: str) -> dict[str, Any]:
   """Trains one trial; its row (status 'finished' with metrics, 'diverged' or 'error'), or the
   training's own result when it was interrupted (SIGTERM / SIGINT)."""
   row: dict[str, Any] = {'trial': trial.name, 'setting': trial.setting,
                          'overrides': trial.overrides, 'seed': trial.seed, 'workdir': directory}
-  _write_record(directory, {'config': trial.config_json, 'status': 'started'})
+  sweep_store.write(directory, {'config': trial.config_json, 'status': 'started'})
   start = time.perf_counter()
   try:
     result = _train(trial.config, directory)
+    if 'interrupted_at_step' in result or 'interrupted_in_fold' in result:
+      return result
+    row['status'] = 'finished'
+    _score(trial, directory, row, _scalars(result))
   except train.TrainingDiverged as e:
     row.update(status='diverged', error=str(e))
   except UserError as e:
     row.update(status='error', error=str(e))
-  else:
-    if 'interrupted_at_step' in result or 'interrupted_in_fold' in result:
-      return result
-    final = _scalars(result)
-    row['status'] = 'finished'
-    if trial.config.cross_validation.folds > 0:
-      row.update(checkpoint='last of each fold (mean over folds)', metrics=final)
-    else:
-      step, how, chosen = served(trial.config, directory, final)
-      row.update(checkpoint_step=step, checkpoint=how, metrics=chosen)
-      if chosen is not final:
-        row['final_metrics'] = final
+  except Exception as e:  # e.g. out of memory for this setting: the others still run
+    logging.exception('Trial %s failed:', trial.name)
+    row.update(status='error', error=f'{type(e).__name__}: {str(e).splitlines()[0][:300]}'
+               if str(e) else type(e).__name__)
   row['wall_s'] = time.perf_counter() - start
-  _write_record(directory, {'config': trial.config_json, 'status': row['status'], 'row': row})
+  sweep_store.write(directory, {'config': trial.config_json, 'status': row['status'], 'row': row})
   return row
+
+
+def _elsewhere(trial: Trial, directory: str) -> dict[str, Any]:
+  """The row of a trial this process does not train: 'running' while another process holds it,
+  else its saved result (an error too), else 'pending'."""
+  row = {'trial': trial.name, 'setting': trial.setting, 'overrides': trial.overrides,
+         'seed': trial.seed, 'workdir': directory, 'wall_s': 0.0, 'status': 'running'}
+  if sweep_store.busy(directory):
+    return row
+  saved = sweep_store.read(directory)
+  if (saved is not None and saved.get('status') in ('finished', 'diverged', 'error')
+      and not sweep_store.differences(saved.get('config') or {}, trial.config_json)):
+    return {**saved['row'], 'workdir': directory}
+  return {**row, 'status': 'pending'}
 
 
 def _value(row: dict[str, Any], metric: str) -> float | None:
@@ -194,7 +178,8 @@ def _value(row: dict[str, Any], metric: str) -> float | None:
 
 def summarize(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any]:
   """The settings ranked by ``metric``: those with a result for every seed by their mean, then
-  those with a diverged, failed or non-finite seed, then those without a result; best first."""
+  those with a diverged, failed, non-finite or unfinished seed, then those without a result; best
+  first."""
   by_setting: dict[str, list[dict[str, Any]]] = {}
   for r in rows:
     by_setting.setdefault(r['setting'], []).append(r)
@@ -209,7 +194,7 @@ def summarize(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, A
     settings.append({
         'setting': setting, 'overrides': rs[0]['overrides'], 'trials': len(rs),
         'finished': len(done), 'diverged': count('diverged'), 'errors': count('error'),
-        'pending': count('pending'),
+        'pending': count('pending') + count('running'),
         'no_value': sum(r['status'] == 'finished' and _value(r, metric) is None for r in rs),
         'mean': float(np.mean(values)) if values else None,
         'std': float(np.std(values)) if values else None,
@@ -219,7 +204,7 @@ def summarize(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, A
   def order(s: dict[str, Any]) -> tuple[int, int, float]:
     if s['mean'] is None:
       return (2, 0, 0.0)
-    incomplete = s['diverged'] + s['errors'] + s['no_value'] > 0
+    incomplete = s['diverged'] + s['errors'] + s['no_value'] + s['pending'] > 0
     return (int(incomplete), 0, -s['mean'] if mode == 'max' else s['mean'])
   settings.sort(key=order)   # stable: grid order among ties
   return {'metric': metric, 'mode': mode, 'settings': settings,
@@ -239,7 +224,7 @@ def _write(workdir: str, summary: dict[str, Any], dataset: str) -> None:
         f.write(content)
     return write
 
-  replace('sweep.json', text(json.dumps(_finite(summary), indent=1)))
+  replace('sweep.json', text(json.dumps(sweep_store.finite(summary), indent=1)))
   replace('sweep.md', text(sweep_report.markdown(summary)))
   replace('sweep.csv', lambda path: sweep_report.write_csv(summary, path))
   replace('sweep.png', lambda path: plots.sweep(
@@ -262,6 +247,25 @@ def _note(config: ml_collections.ConfigDict) -> tuple[str, str | None]:
                  '--config.evaluate.split=test).')
 
 
+def _preflight(config: ml_collections.ConfigDict, todo: list[Trial]) -> None:
+  """What every trial shares, checked before the first trains: the checkpoint trials are scored
+  at, and each dataset the trials read (a missing one fails every trial otherwise)."""
+  spec = str(config.evaluate.checkpoint).strip().lower()
+  if spec not in ('best', 'latest') and not spec.isdigit():
+    raise UserError(f"config.evaluate.checkpoint='{config.evaluate.checkpoint}' must be 'best', "
+                    "'latest' or a step number (the checkpoint each trial is scored at).")
+  from imgcls_jax.data import reader
+  seen = set()
+  for t in todo:
+    key = repr(sorted(t.config_json['data'].items()))
+    if key not in seen:
+      seen.add(key)
+      try:
+        reader.describe(t.config.data)
+      except UserError as e:
+        raise UserError(f'The sweep setting {t.setting}: {e}') from None
+
+
 def sweep(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains every trial of ``config.sweep`` (resuming, skipping finished ones); returns the
   summary, or ``{'interrupted_in_trial': name, ...}`` after a SIGTERM / SIGINT."""
@@ -272,10 +276,12 @@ def sweep(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   metric, mode = ranking(config)
   mine, shards = shard(config.sweep.shard)
   todo = sweep_grid.trials(config)
-  clashes = [c for c in (conflict(os.path.join(workdir, t.name), t) for t in todo) if c]
+  clashes = [c for c in (sweep_store.conflict(os.path.join(workdir, t.name), t.config_json)
+                         for t in todo) if c]
   if clashes:
     raise UserError(f'{len(clashes)} trial directories of this sweep cannot be resumed: '
                     f'{clashes[0]}; delete them to train them again, or use a new --workdir.')
+  _preflight(config, todo)
   os.makedirs(workdir, exist_ok=True)
   split, note = _note(config)
   if note:
@@ -283,47 +289,54 @@ def sweep(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   logging.info('Sweep of %d trials (%d settings) in %s.', len(todo),
                len({t.setting for t in todo}), workdir)
   t0 = time.perf_counter()
-  rows = []
+  rows: list[dict[str, Any] | None] = []
   with preemption.StopWatcher() as stop:
     for i, t in enumerate(todo):
       directory = os.path.join(workdir, t.name)
-      row = _cached(directory, t)
-      if row is not None:
+      saved = sweep_store.done(directory, t.config_json)
+      if saved is not None:
         logging.info('Trial %d/%d %s: %s in an earlier run; not trained again.', i + 1,
-                     len(todo), t.name, row['status'])
-      elif i % shards != mine:   # another process's trial, not finished yet
-        row = {'trial': t.name, 'setting': t.setting, 'overrides': t.overrides, 'seed': t.seed,
-               'workdir': directory, 'status': 'pending', 'wall_s': 0.0}
-      elif stop.requested(0):   # a signal between two trials
+                     len(todo), t.name, saved['status'])
+        rows.append(rescored(t, directory, saved))
+        continue
+      if i % shards != mine:   # another process's trial: read once the loop is done
+        rows.append(None)
+        continue
+      if stop.requested(0):   # a signal between two trials
         print(f'Stopped by {stop.signal_name} before trial {t.name}. To resume, '
               f'{preemption.resume_hint(workdir)}', flush=True)
         return {'interrupted_in_trial': t.name}
-      else:
+      with sweep_store.claim(directory) as claimed:
+        if not claimed:
+          logging.warning('Trial %s is being trained by another process; left to it.', t.name)
+          rows.append(None)
+          continue
         logging.info('Trial %d/%d: %s', i + 1, len(todo), t.name)
         row = run_trial(t, directory)
-        if 'status' not in row:
-          logging.warning('The sweep stopped in trial %s; run the same command again to resume.',
-                          t.name)
-          return {'interrupted_in_trial': t.name, **row}
-        if row['status'] != 'finished':
-          logging.warning('Trial %s %s: %s', t.name, row['status'], row['error'])
+      if 'status' not in row:
+        logging.warning('The sweep stopped in trial %s; run the same command again to resume.',
+                        t.name)
+        return {'interrupted_in_trial': t.name, **row}
+      if row['status'] != 'finished':
+        logging.warning('Trial %s %s: %s', t.name, row['status'], row['error'])
       rows.append(row)
-  done = [r for r in rows if r['status'] == 'finished']
-  if done and not any(metric in r['metrics'] for r in done):
-    raise UserError(f"config.sweep.metric='{metric}' is not among the trials' metrics "
-                    f"({', '.join(sorted(set(done[0]['metrics']) - {'count'}))}); rerun with one "
-                    'of them (the trials are not trained again).')
-  summary = {**summarize(rows, metric, mode), 'trials': rows, 'grid': config.sweep.grid,
-             'samples': int(config.sweep.samples), 'seeds': int(config.sweep.seeds),
-             'shard': config.sweep.shard, 'dataset': config.data.name, 'split': split,
-             'workdir': workdir, 'note': note, 'wall_time_s': time.perf_counter() - t0}
-  _write(workdir, summary, config.data.name)
+  with sweep_store.summary_lock(workdir):   # others' results as they are now
+    rows = [r if r is not None else _elsewhere(t, os.path.join(workdir, t.name))
+            for r, t in zip(rows, todo)]
+    done = [r for r in rows if r['status'] == 'finished']
+    summary = {**summarize(rows, metric, mode), 'trials': rows, 'grid': config.sweep.grid,
+               'samples': int(config.sweep.samples), 'seeds': int(config.sweep.seeds),
+               'shard': config.sweep.shard, 'dataset': config.data.name, 'split': split,
+               'workdir': workdir, 'note': note, 'wall_time_s': time.perf_counter() - t0}
+    _write(workdir, summary, config.data.name)
   print('\n'.join(sweep_report.table_lines(summary)), flush=True)
-  pending = sum(r['status'] == 'pending' for r in rows)
-  if pending:
-    print(f'{pending} trial(s) of other shards not finished yet; once they are, run the command '
-          'without config.sweep.shard for the whole summary (nothing trains again).', flush=True)
-  if not done and not pending:
-    raise UserError(f"No trial of the sweep finished (the first: {rows[0]['status']}: "
-                    f"{rows[0].get('error')}); the summary is in {workdir}/sweep.md.")
+  waiting = sum(r['status'] in ('pending', 'running') for r in rows)
+  if waiting:
+    print(f'{waiting} trial(s) not finished by the processes training them yet; once they are, '
+          'run the command without config.sweep.shard for the whole summary (finished trials '
+          'are not trained again).', flush=True)
+  if not done and not waiting:
+    first = rows[0]
+    raise UserError(f"No trial of the sweep finished; the first {first['status']}: "
+                    f"{first.get('error')} (all of them: {workdir}/sweep.md).")
   return summary

@@ -34,7 +34,8 @@ OFF = {'grid': '', 'seeds': 1, 'samples': 0, 'metric': '', 'mode': '', 'shard': 
 
 @dataclasses.dataclass(frozen=True)
 class Range:
-  """Values drawn at random (``config.sweep.samples``), floats to 3 significant digits."""
+  """Values drawn at random (``config.sweep.samples``), floats to 3 significant digits (more
+  where the range is narrow)."""
   kind: str           # one of RANGES
   low: float
   high: float
@@ -46,7 +47,10 @@ class Range:
       value = rng.uniform(self.low, self.high)
     else:
       value = math.exp(rng.uniform(math.log(self.low), math.log(self.high)))
-    return float(f'{value:.3g}')
+    # 3 significant digits, or as many as tell the range's ends apart; never outside the range
+    top = max(abs(self.low), abs(self.high))
+    digits = max(3, 2 + math.ceil(math.log10(top / (self.high - self.low)))) if top else 3
+    return min(max(float(f'{value:.{digits}g}'), self.low), self.high)
 
 
 @dataclasses.dataclass
@@ -250,7 +254,8 @@ def settings(grid: dict[str, list[Any] | Range], samples: Any, seed: int) -> lis
     if samples > len(combos):
       raise UserError(f'config.sweep.samples={samples}, but the grid has {len(combos)} '
                       'combinations; use config.sweep.samples=0 for all of them.')
-    return [dict(zip(grid, combos[i])) for i in rng.choice(len(combos), samples, replace=False)]
+    # a permutation's first N: a larger N keeps the settings a smaller one drew
+    return [dict(zip(grid, combos[i])) for i in rng.permutation(len(combos))[:samples]]
   out, seen = [], set()
   for _ in range(100 * samples):
     s = {k: v.draw(rng) if isinstance(v, Range) else v[int(rng.integers(len(v)))]
@@ -279,8 +284,8 @@ def trials(config: ml_collections.ConfigDict) -> list[Trial]:
       c = copy.deepcopy(config)
       for k, v in OFF.items():   # a trial is a plain run
         c.sweep[k] = v
-      for key, value in overrides.items():
-        set_key(c, key, value)
+      for key, value in sorted(overrides.items(), key=lambda kv: kv[0] != 'model'):
+        set_key(c, key, value)   # a whole model first, then arguments given beside it
       if 'seed' not in grid:
         c.seed = config.seed + j
       teacher.absolute_paths(c)   # as training saves it in config.json

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 from typing import Any
 
@@ -59,7 +60,8 @@ def markdown(summary: dict[str, Any]) -> str:
   for i, s in enumerate(summary['settings']):
     rank = str(i + 1) if s['mean'] is not None else '-'
     extra = ' | '.join(f"{s['means'][k]:.4f}" if k in s['means'] else '-' for k in keys)
-    md.append(f"| {rank} | `{s['setting']}` | {_fmt(m, s['mean'])} | {_fmt(m, s['std'])} | "
+    std = _fmt(m, s['std']) if s['finished'] > 1 else '-'
+    md.append(f"| {rank} | `{s['setting']}` | {_fmt(m, s['mean'])} | {std} | "
               f"{s['finished']}/{s['trials']}{' (' + missing(s) + ')' if missing(s) else ''} | "
               f'{extra} |')
   md += ['', '## Trials', '', '| trial | status | seed | checkpoint | ' + m + ' | wall (s) |',
@@ -73,6 +75,10 @@ def markdown(summary: dict[str, Any]) -> str:
   return '\n'.join(md) + '\n'
 
 
+def _cell(value: Any) -> Any:
+  return json.dumps(value) if isinstance(value, (dict, list, tuple)) else value
+
+
 def write_csv(summary: dict[str, Any], path: str) -> None:
   """``sweep.csv``: one row per trial, the grid's keys and every metric as columns."""
   grid_keys = list(summary['trials'][0]['overrides']) if summary['trials'] else []
@@ -82,6 +88,7 @@ def write_csv(summary: dict[str, Any], path: str) -> None:
     w.writerow(['trial', 'status', 'seed', *grid_keys, *metric_keys, 'checkpoint_step', 'wall_s',
                 'workdir', 'error'])
     for r in summary['trials']:
-      w.writerow([r['trial'], r['status'], r['seed'], *[r['overrides'][k] for k in grid_keys],
+      w.writerow([r['trial'], r['status'], r['seed'],
+                  *[_cell(r['overrides'].get(k, '')) for k in grid_keys],
                   *[r.get('metrics', {}).get(k, '') for k in metric_keys],
                   r.get('checkpoint_step', ''), f"{r['wall_s']:.2f}", r['workdir'], r.get('error', '')])

@@ -9,7 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from imgcls_jax import checkpoint, evaluation, metrics, sweep, sweep_grid, sweep_report, train
+from imgcls_jax import (checkpoint, evaluation, metrics, sweep, sweep_grid, sweep_report,
+                        sweep_store, train)
 from imgcls_jax.errors import UserError
 from tests.conftest import REPO, subprocess_env
 
@@ -256,13 +257,16 @@ def test_a_sweep_trains_each_trial_as_a_plain_run_and_ranks_the_settings(
   assert by_loss['mode'] == 'min'
   means = [s['mean'] for s in by_loss['settings'] if s['mean'] is not None]
   assert means == sorted(means) and len(means) == 2
+  quiet = copy.deepcopy(config)   # keys that cannot change a trial: still skipped
+  quiet.log_every_steps, quiet.progress_bar, quiet.serve.port = 7, True, 9999
+  assert sweep.sweep(quiet, workdir)['settings'] == summary['settings']
 
   # A changed config is refused before anything trains: the trials are not resumed with it.
   longer = copy.deepcopy(config)
   longer.num_train_steps = 40
   with pytest.raises(UserError, match=r'6 trial directories of this sweep cannot be resumed: .*'
-                     r'was trained with another config \(num_train_steps: 30 in the checkpoint, '
-                     r'40 now\); delete them'):
+                     r'was trained with another config \(num_train_steps: 30 before, 40 now\); '
+                     r'delete them'):
     sweep.sweep(longer, workdir)
   # A new setting in the same workdir trains; a SIGTERM in it stops the sweep there.
   calls = []
@@ -283,7 +287,8 @@ def test_a_sweep_trains_each_trial_as_a_plain_run_and_ranks_the_settings(
   assert again['best']['best_workdir'].startswith(moved + os.sep)
 
 
-def test_a_trial_is_scored_at_the_checkpoint_its_directory_serves(digits_config, tmp_path):
+def test_a_trial_is_scored_at_the_checkpoint_its_directory_serves(digits_config, tmp_path,
+                                                                   monkeypatch):
   config = _with_grid(digits_config, "{'optim.learning_rate': [0.2]}")
   config.num_train_steps = 20
   config.eval_every_steps = config.checkpoint_every_steps = 10
@@ -299,6 +304,17 @@ def test_a_trial_is_scored_at_the_checkpoint_its_directory_serves(digits_config,
   ev = evaluation.evaluate_checkpoint(row['workdir'], None, split=config.data.eval_split,
                                       checkpoint_spec='10', tta='', num_bins=15)
   assert ev.report(0)['accuracy'] == pytest.approx(row['metrics']['accuracy'], abs=1e-7)
+  # Scored at another checkpoint now: the trial is scored again, not trained again.
+  monkeypatch.setattr(sweep, '_train', lambda c, d: pytest.fail('trained again'))
+  config.evaluate.checkpoint = 'latest'
+  (row,) = sweep.sweep(config, str(tmp_path))['trials']
+  assert row['checkpoint_step'] == 20 and row['checkpoint'] == 'latest'
+  assert row['metrics']['accuracy'] == pytest.approx(records[20]['accuracy'], abs=1e-7)
+  assert 'step' not in row['metrics']
+  config.evaluate.checkpoint = 'bestt'
+  with pytest.raises(UserError, match="config.evaluate.checkpoint='bestt' must be 'best'"):
+    sweep.sweep(config, str(tmp_path / 'new'))
+  assert not os.path.exists(tmp_path / 'new')
 
 
 def test_shards_train_their_own_trials_and_read_the_others_when_finished(
@@ -328,7 +344,8 @@ def test_shards_train_their_own_trials_and_read_the_others_when_finished(
   assert whole['settings'] == out['settings']
   with open(os.path.join(workdir, 'sweep.json')) as f:
     assert json.load(f)['settings'] == whole['settings']
-  assert not [n for n in os.listdir(workdir) if n.startswith('.')]   # no temporary file left
+  assert not [n for n in os.listdir(workdir)    # no temporary file left
+              if n.startswith('.') and n != sweep_store.LOCK_FILE]
   for bad in ('2/2', '1', 'a/b', '-1/2'):
     config.sweep.shard = bad
     with pytest.raises(UserError, match="config.sweep.shard must be 'i/n' with 0 <= i < n"):
@@ -388,3 +405,63 @@ def test_a_signal_between_two_trials_stops_the_sweep_before_the_next(digits_conf
   assert calls == ['optim.learning_rate=0.2+seed=0']
   assert 'Stopped by SIGTERM before trial optim.learning_rate=0.1+seed=0' in capsys.readouterr().out
   assert signal.getsignal(signal.SIGTERM) == before   # the handler before the sweep is back
+
+
+def test_a_failing_trial_is_recorded_and_the_others_run_in_every_shard(digits_config, tmp_path,
+                                                                       monkeypatch):
+  config = _with_grid(digits_config, "{'batch_size': [4096, 32, 64]}")
+  def fake(c, d):   # the largest batch runs out of memory; the others finish
+    if c.batch_size == 4096:
+      raise RuntimeError('RESOURCE_EXHAUSTED: out of memory allocating 12 GiB')
+    return {'accuracy': 0.5 + c.batch_size / 1000, 'loss': 1.0}
+  monkeypatch.setattr(sweep, '_train', fake)
+  first = copy.deepcopy(config)
+  first.sweep.shard = '0/2'    # trials 0 and 2: 4096 fails, 64 finishes
+  out = sweep.sweep(first, str(tmp_path))
+  assert [r['status'] for r in out['trials']] == ['error', 'pending', 'finished']
+  assert out['trials'][0]['error'] == ('RuntimeError: RESOURCE_EXHAUSTED: out of memory '
+                                       'allocating 12 GiB')
+  second = copy.deepcopy(config)
+  second.sweep.shard = '1/2'
+  out = sweep.sweep(second, str(tmp_path))   # the other shard's failure is shown, not pending
+  assert [r['status'] for r in out['trials']] == ['error', 'finished', 'finished']
+  assert [s['setting'] for s in out['settings']] == ['batch_size=64', 'batch_size=32',
+                                                     'batch_size=4096']
+  # A trial another process holds is left to it, shown as running.
+  trained = []
+  monkeypatch.setattr(sweep, '_train', lambda c, d: trained.append(d) or {'accuracy': 0.1})
+  held = tmp_path / 'batch_size=4096+seed=0'
+  with sweep_store.claim(str(held)) as mine:
+    assert mine
+    out = sweep.sweep(config, str(tmp_path))
+  assert trained == [] and out['trials'][0]['status'] == 'running'
+  sweep.sweep(config, str(tmp_path))   # released: the failed trial is tried again
+  assert trained == [str(held)]
+
+
+def test_random_draws_stay_in_narrow_ranges_and_grow_without_changing(digits_config):
+  r = sweep_grid.Range('uniform', 0.999, 0.9999)
+  rng = np.random.default_rng(0)
+  draws = [r.draw(rng) for _ in range(500)]
+  assert 0.999 <= min(draws) and max(draws) <= 0.9999 and len(set(draws)) > 100
+  grid = "{'optim.learning_rate': [0.1, 0.2, 0.3, 0.4], 'label_smoothing': [0.0, 0.1]}"
+  three = [t.name for t in sweep_grid.trials(_with_grid(digits_config, grid, samples=3))]
+  four = [t.name for t in sweep_grid.trials(_with_grid(digits_config, grid, samples=4))]
+  assert four[:3] == three
+  # A whole model applies first, its arguments given beside it after.
+  (t,) = sweep_grid.trials(_with_grid(digits_config,
+                                      "{'model.widths': [[8, 16]], 'model': [{'name': 'cnn'}]}"))
+  assert t.config.model.widths == (8, 16) and t.config.model.name == 'cnn'
+
+
+def test_a_missing_dataset_or_bad_fold_count_is_one_sentence_before_anything(digits_config,
+                                                                              tmp_path):
+  config = _with_grid(digits_config, "{'optim.learning_rate': [0.1, 0.2]}")
+  config.data.name = 'no_such_dataset'
+  with pytest.raises(UserError, match='The sweep setting optim.learning_rate=0.1: '):
+    sweep.sweep(config, str(tmp_path / 'a'))
+  config = _with_grid(digits_config, "{'optim.learning_rate': [0.1, 0.2]}")
+  config.cross_validation.folds = 1
+  with pytest.raises(UserError, match='folds=1: use 0 \\(off\\) or at least 2 folds'):
+    sweep.sweep(config, str(tmp_path / 'b'))
+  assert not os.path.exists(tmp_path / 'a') and not os.path.exists(tmp_path / 'b')
