@@ -9,7 +9,8 @@ from imgcls_jax.errors import UserError
 @pytest.mark.parametrize('key, value, match', [
     ('grad_accumulation_steps', 0, r'config.grad_accumulation_steps must be an integer >= 1 '
      r'\(1 = off\), got 0'),
-    ('cross_validation.folds', -2, r'config.cross_validation.folds must be >= 0'),
+    ('cross_validation.folds', -2, r'config.cross_validation.folds=-2: use 0 \(off\) or at least 2'),
+    ('cross_validation.folds', 1, r'config.cross_validation.folds=1: use 0 \(off\) or at least 2'),
     ('evaluate.top_confused', -1, r'config.evaluate.top_confused must be >= 0'),
     ('model.dropout', 2.0, r'config.model.dropout must be in \[0, 1\)'),
 ])
