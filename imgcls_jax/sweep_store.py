@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import math
 import os
 from typing import Any, Iterator
@@ -91,13 +92,28 @@ def claim(directory: str) -> Iterator[bool]:
   with open(os.path.join(directory, LOCK_FILE), 'a') as f:
     try:
       fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:   # held by another process
       yield False
+      return
+    except OSError as e:   # a filesystem without locks (some FUSE mounts): train unguarded
+      _no_locks(directory, e)
+      yield True
       return
     try:
       yield True
     finally:
       fcntl.flock(f, fcntl.LOCK_UN)
+
+
+_WARNED: set[str] = set()
+
+
+def _no_locks(path: str, err: OSError) -> None:
+  if 'locks' in _WARNED:
+    return
+  _WARNED.add('locks')
+  logging.warning('Cannot lock files under %s (%s): run one process per trial yourself '
+                  '(config.sweep.shard) on this filesystem.', path, err.strerror or err)
 
 
 def busy(directory: str) -> bool:
@@ -112,7 +128,12 @@ def busy(directory: str) -> bool:
 def summary_lock(workdir: str) -> Iterator[None]:
   """One shard at a time reads the trials' records and writes the summary."""
   with open(os.path.join(workdir, LOCK_FILE), 'a') as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX)
+    except OSError as e:
+      _no_locks(workdir, e)
+      yield
+      return
     try:
       yield
     finally:

@@ -465,3 +465,19 @@ def test_a_missing_dataset_or_bad_fold_count_is_one_sentence_before_anything(dig
   with pytest.raises(UserError, match='folds=1: use 0 \\(off\\) or at least 2 folds'):
     sweep.sweep(config, str(tmp_path / 'b'))
   assert not os.path.exists(tmp_path / 'a') and not os.path.exists(tmp_path / 'b')
+
+
+def test_a_filesystem_without_locks_trains_unguarded_rather_than_nothing(tmp_path, monkeypatch):
+  import errno
+  import fcntl
+  with sweep_store.claim(str(tmp_path)) as first, sweep_store.claim(str(tmp_path)) as second:
+    assert first and not second and sweep_store.busy(str(tmp_path))
+  assert not sweep_store.busy(str(tmp_path))
+  def unsupported(f, op):
+    raise OSError(errno.ENOSYS, 'Function not implemented')
+  monkeypatch.setattr(fcntl, 'flock', unsupported)
+  with sweep_store.claim(str(tmp_path)) as mine:
+    assert mine
+  assert not sweep_store.busy(str(tmp_path))
+  with sweep_store.summary_lock(str(tmp_path)):
+    pass
