@@ -35,6 +35,18 @@ def seconds_since_start() -> float:
   return time.time() - process_start_time()
 
 
+_FIRST_RUN_DONE = []
+
+
+def first_step_line(run_started: float) -> str:
+  """The log line for a run's first training step: from the process's start for its first run,
+  from the run's own start for later ones (sweep trials, k-fold folds)."""
+  if not _FIRST_RUN_DONE:
+    _FIRST_RUN_DONE.append(True)
+    return f'First training step done {seconds_since_start():.1f} s after the process started.'
+  return f'First training step done {time.time() - run_started:.1f} s after this run began.'
+
+
 def default_cache_dir() -> str:
   """``$IMGCLS_JAX_CACHE_DIR/jax_cache`` (default ``~/.cache/imgcls_jax/jax_cache``)."""
   base = os.environ.get('IMGCLS_JAX_CACHE_DIR') or os.path.join(

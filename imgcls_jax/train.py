@@ -93,8 +93,10 @@ class _Trainer:
   """One run: the state, its steps and data, the checkpointer, the log."""
 
   def __init__(self, s: run.Setup, workdir: str, ckpt: checkpoint.Checkpointer, state: Any,
-               state_sh: Any, writer: metrics.MetricWriter, bar: tqdm.tqdm):
+               state_sh: Any, writer: metrics.MetricWriter, bar: tqdm.tqdm,
+               run_started: float | None = None):
     self.s, self.workdir, self.ckpt, self.state = s, workdir, ckpt, state
+    self.run_started = time.time() if run_started is None else run_started
     self.train_step = run.jit_train_step(s, state_sh)
     self.train_steps = (run.jit_train_steps(s, state_sh) if s.steps_per_dispatch > 1 else None)
     tta = s.config.evaluate.tta if 'evaluate' in s.config else ''
@@ -330,8 +332,7 @@ class _Trainer:
     """Waits for the first step of this process and logs the time since the process started
     (imports, data, compilation: what ``config.compilation_cache_dir`` saves on a rerun)."""
     jax.block_until_ready(step_metrics['loss'])
-    logging.info('First training step done %.1f s after the process started.',
-                 startup.seconds_since_start())
+    logging.info('%s', startup.first_step_line(self.run_started))
 
 
 def _check_best_metric(config: ml_collections.ConfigDict, multilabel: bool) -> None:
@@ -358,6 +359,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if config.get('sweep') and config.sweep.grid:
     raise UserError('config.sweep.grid is set: a sweep is its own entry point; run python -m '
                     'imgcls_jax.main (--mode=train picks it) or imgcls_jax.sweep.sweep.')
+  run_started = time.time()
   workdir = os.path.abspath(workdir)
   held_out.check_workdir_outside(config.data, workdir)
   teacher_lib.absolute_paths(config)   # saved and compared on resume as absolute paths
@@ -387,7 +389,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                  s.total_steps, s.steps_per_epoch, config.batch_size)
     bar = tqdm.tqdm(total=s.total_steps, initial=start, unit='step', dynamic_ncols=True,
                     disable=(None if config.progress_bar else True) if is_main else True)
-    trainer = _Trainer(s, workdir, ckpt, state, state_sh, writer, bar)
+    trainer = _Trainer(s, workdir, ckpt, state, state_sh, writer, bar, run_started)
     eval_metrics, stopped_at = trainer.loop(start, stop)
     bar.close()
     if stopped_at is not None:

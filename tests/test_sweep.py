@@ -481,3 +481,14 @@ def test_a_filesystem_without_locks_trains_unguarded_rather_than_nothing(tmp_pat
   assert not sweep_store.busy(str(tmp_path))
   with sweep_store.summary_lock(str(tmp_path)):
     pass
+
+
+def test_the_first_step_line_counts_later_runs_from_their_own_start(monkeypatch):
+  import time
+  from imgcls_jax import startup
+  monkeypatch.setattr(startup, '_FIRST_RUN_DONE', [])
+  monkeypatch.setattr(startup, 'seconds_since_start', lambda: 42.0)
+  assert startup.first_step_line(time.time()) == ('First training step done 42.0 s after the '
+                                                 'process started.')
+  line = startup.first_step_line(time.time() - 5.0)   # a sweep's second trial, begun 5 s ago
+  assert line.startswith('First training step done 5.') and line.endswith('after this run began.')
