@@ -24,8 +24,8 @@ from imgcls_jax import configlib, startup
 from imgcls_jax.errors import UserError
 
 # --mode name -> (module, function). 'train' runs a hyperparameter sweep when config.sweep.grid
-# is set, else k-fold cross-validation when config.cross_validation.folds > 0, else one run. The modes of a trained run are called as
-# fn(config, workdir, overrides=...) with the keys given on the command line; train as
+# is set, else k-fold cross-validation when config.cross_validation.folds > 0, else one run. The
+# modes of a trained run are called as fn(config, workdir, overrides=...) with the keys given on the command line; train as
 # fn(config, workdir). Mode options are config keys (config.evaluate.*, ...; configs/default.py).
 MODES: dict[str, tuple[str, str]] = {
     'train': ('imgcls_jax.train', 'train_and_evaluate'),

@@ -212,9 +212,10 @@ def image_grid(images: Sequence[np.ndarray], captions: Sequence[str], path: str,
   plt.close(fig)
 
 
-def sweep(settings: Sequence[Mapping[str, Any]], metric: str, path: str, title: str) -> None:
-  """A sweep's settings, best at the top: mean +- std over seeds, each seed a dot;
-  settings without a result are listed with their status."""
+def sweep(settings: Sequence[Mapping[str, Any]], metric: str, path: str, title: str,
+          missing: Sequence[str]) -> None:
+  """A sweep's settings, best at the top: mean +- std over seeds, each seed a dot; a setting
+  without a result shows ``missing`` (why, e.g. '2 diverged')."""
   n = max(len(settings), 1)
   fig, ax = plt.subplots(figsize=(9, 1.2 + 0.38 * n))
   y = np.arange(len(settings))[::-1]
@@ -231,10 +232,8 @@ def sweep(settings: Sequence[Mapping[str, Any]], metric: str, path: str, title: 
     hi = max(max(s['values']) for _, s in scored)
     pad = 0.15 * (hi - lo) or 0.05 * abs(hi) or 0.01
     ax.set_xlim(lo - pad, hi + pad)
-  for yy, s in zip(y, settings):
+  for yy, s, why in zip(y, settings, missing):
     if s['mean'] is None:
-      why = ', '.join(f'{s.get(k, 0)} {k}' for k in ('diverged', 'errors', 'no_value', 'pending')
-                      if s.get(k, 0))
       ax.text(0.01, yy, f'no result ({why})' if why else 'no result',
               transform=ax.get_yaxis_transform(), va='center', fontsize=8, color='tab:red')
   ax.set_yticks(y, labels=[s['setting'][:70] for s in settings], fontsize=8)

@@ -86,19 +86,20 @@ def served(config: ml_collections.ConfigDict, directory: str,
            final: dict[str, float]) -> tuple[int | None, str, dict[str, float]]:
   """(step, how it was chosen, its evaluation metrics) of the checkpoint that evaluate, predict,
   export and serve take from ``directory`` by default (``config.evaluate.checkpoint``)."""
+  path = os.path.join(directory, 'metrics.jsonl')
   with checkpoint.Checkpointer.from_config(directory, config, read_only=True) as ckpt:
     latest = ckpt.latest_step()
     if latest is None:
       return None, 'no checkpoint', final
-    step, how = evaluation.choose_step(ckpt, config.evaluate.checkpoint,
-                                       os.path.join(directory, 'metrics.jsonl'))
+    step, how = evaluation.choose_step(ckpt, config.evaluate.checkpoint, path)
     saved = ckpt.metrics(step)
   if step == latest:
     return step, how, final
-  path = os.path.join(directory, 'metrics.jsonl')
   records = [r for r in metrics.read_jsonl(path) if r.get('split') == 'eval'
              and int(r.get('step', -1)) == step] if os.path.exists(path) else []
-  chosen = _scalars(records[-1] if records else saved or final)
+  if not records and not saved:   # (a step named by number that was never evaluated)
+    return step, f'{how}, not evaluated', {}
+  chosen = _scalars(records[-1] if records else saved)
   return step, how, {k: v for k, v in chosen.items() if k in final}
 
 
@@ -131,11 +132,15 @@ def rescored(trial: Trial, directory: str, saved: dict[str, Any]) -> dict[str, A
   return row
 
 
+def _row(trial: Trial, directory: str) -> dict[str, Any]:
+  return {'trial': trial.name, 'setting': trial.setting, 'overrides': trial.overrides,
+          'seed': trial.seed, 'workdir': directory}
+
+
 def run_trial(trial: Trial, directory: str) -> dict[str, Any]:
   """Trains one trial; its row (status 'finished' with metrics, 'diverged' or 'error'), or the
   training's own result when it was interrupted (SIGTERM / SIGINT)."""
-  row: dict[str, Any] = {'trial': trial.name, 'setting': trial.setting,
-                         'overrides': trial.overrides, 'seed': trial.seed, 'workdir': directory}
+  row = _row(trial, directory)
   sweep_store.write(directory, {'config': trial.config_json, 'status': 'started'})
   start = time.perf_counter()
   try:
@@ -160,8 +165,7 @@ def run_trial(trial: Trial, directory: str) -> dict[str, Any]:
 def _elsewhere(trial: Trial, directory: str) -> dict[str, Any]:
   """The row of a trial this process does not train: 'running' while another process holds it,
   else its saved result (an error too), else 'pending'."""
-  row = {'trial': trial.name, 'setting': trial.setting, 'overrides': trial.overrides,
-         'seed': trial.seed, 'workdir': directory, 'wall_s': 0.0, 'status': 'running'}
+  row = {**_row(trial, directory), 'wall_s': 0.0, 'status': 'running'}
   if sweep_store.busy(directory):
     return row
   saved = sweep_store.read(directory)
@@ -229,7 +233,8 @@ def _write(workdir: str, summary: dict[str, Any], dataset: str) -> None:
   replace('sweep.csv', lambda path: sweep_report.write_csv(summary, path))
   replace('sweep.png', lambda path: plots.sweep(
       summary['settings'], summary['metric'], path,
-      title=f"{dataset}: {summary['metric']} on {summary['split']}"))
+      title=f"{dataset}: {summary['metric']} on {summary['split']}",
+      missing=[sweep_report.missing(s) for s in summary['settings']]))
 
 
 def _note(config: ml_collections.ConfigDict) -> tuple[str, str | None]:

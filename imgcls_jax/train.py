@@ -93,10 +93,9 @@ class _Trainer:
   """One run: the state, its steps and data, the checkpointer, the log."""
 
   def __init__(self, s: run.Setup, workdir: str, ckpt: checkpoint.Checkpointer, state: Any,
-               state_sh: Any, writer: metrics.MetricWriter, bar: tqdm.tqdm,
-               run_started: float | None = None):
+               state_sh: Any, writer: metrics.MetricWriter, bar: tqdm.tqdm, run_started: float):
     self.s, self.workdir, self.ckpt, self.state = s, workdir, ckpt, state
-    self.run_started = time.time() if run_started is None else run_started
+    self.run_started = run_started
     self.train_step = run.jit_train_step(s, state_sh)
     self.train_steps = (run.jit_train_steps(s, state_sh) if s.steps_per_dispatch > 1 else None)
     tta = s.config.evaluate.tta if 'evaluate' in s.config else ''
@@ -329,8 +328,9 @@ class _Trainer:
     return eval_metrics, None
 
   def first_step_done(self, step_metrics: Any) -> None:
-    """Waits for the first step of this process and logs the time since the process started
-    (imports, data, compilation: what ``config.compilation_cache_dir`` saves on a rerun)."""
+    """Waits for the run's first step and logs the time since the process started (imports, data,
+    compilation: what ``config.compilation_cache_dir`` saves on a rerun), or for a process's later
+    run since that run began."""
     jax.block_until_ready(step_metrics['loss'])
     logging.info('%s', startup.first_step_line(self.run_started))
 

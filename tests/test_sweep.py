@@ -492,3 +492,16 @@ def test_the_first_step_line_counts_later_runs_from_their_own_start(monkeypatch)
                                                  'process started.')
   line = startup.first_step_line(time.time() - 5.0)   # a sweep's second trial, begun 5 s ago
   assert line.startswith('First training step done 5.') and line.endswith('after this run began.')
+
+
+def test_a_served_step_never_evaluated_has_no_score_rather_than_the_last_ones(digits_config,
+                                                                             tmp_path):
+  config = _with_grid(digits_config, "{'optim.learning_rate': [0.2]}")
+  config.num_train_steps = 20
+  config.checkpoint_every_steps = 10     # step 10 is saved, but only step 20 is evaluated
+  config.evaluate.checkpoint = '10'
+  out = sweep.sweep(config, str(tmp_path))
+  (row,) = out['trials']
+  assert row['checkpoint_step'] == 10 and row['checkpoint'] == 'step 10, not evaluated'
+  assert row['metrics'] == {} and row['final_metrics']['accuracy'] > 0
+  assert out['best'] is None and out['settings'][0]['no_value'] == 1
