@@ -302,7 +302,7 @@ def get_config() -> ml_collections.ConfigDict:
   # imgcls_jax/label_issues.py), in <workdir>/cv_label_issues.csv, the most likely first.
   c.cross_validation.label_issues = True
 
-  # ---- hyperparameter sweeps (imgcls_jax/sweep.py) ----
+  # ---- hyperparameter sweeps (imgcls_jax/sweep/) ----
   # '' = off. A Python dict of config keys to lists of values, e.g.
   #   "{'optim.learning_rate': [0.2, 0.1, 0.05], 'label_smoothing': [0.0, 0.1]}"
   # The train command then trains every combination (x `seeds`) in its own <workdir>/<setting>
@@ -321,6 +321,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.sweep.shard = ''
   c.sweep.metric = ''                     # '' = accuracy (tagging runs: map); any eval metric
   c.sweep.mode = ''                       # 'max' / 'min'; '' = min for losses and ECEs, else max
+  # Successive halving (imgcls_jax/sweep/halving.py): 0 = off. eta >= 2: every setting trains
+  # `first_rung` of its run (0: eta^-k with k = floor(log_eta(settings))), is evaluated there, and
+  # the best 1/eta of the settings go on, eta times longer, the rest stop; the last rung is the
+  # whole run. Trials pause as at an evaluation (the schedule stays the whole run's) and resume
+  # exactly. One process (no shard), no cross_validation.folds.
+  c.sweep.halving = 0
+  c.sweep.first_rung = 0.0
 
   # ---- checkpoint policy, fault tolerance (imgcls_jax/checkpoint.py, imgcls_jax/preemption.py)
   # Periods are checkpoint_every_* above; keep_checkpoints newest are kept. A rerun of the same

@@ -10,7 +10,7 @@ Expected: lr 0.1 with label smoothing 0.1 first at 99.81% +- 0.19 (validation); 
 EPYC (2026-12-06; 118 s with another job beside it, the same ranking). Its best trial, evaluated
 once on the test split (--mode=evaluate --workdir=<trial> --config.evaluate.split=test): 99.33%
 of the 450 test digits.
-Summary: <workdir>/sweep.md (+ sweep.json, sweep.csv, sweep.png). imgcls_jax/sweep.py.
+Summary: <workdir>/sweep.md (+ sweep.json, sweep.csv, sweep.png). imgcls_jax/sweep/.
 """
 import ml_collections
 

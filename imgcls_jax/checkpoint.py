@@ -38,7 +38,7 @@ CHECKPOINTS_DIR = 'checkpoints'
 CORRUPT_DIR = 'corrupt_checkpoints'
 CONFIG_FILE = 'config.json'
 META_FILE = 'metadata'   # the meta item's one JSON file (ocp.JsonCheckpointHandler's default)
-SWEEP_TRIAL_FILE = 'sweep_trial.json'  # a sweep's trial: its config and result (imgcls_jax/sweep.py)
+SWEEP_TRIAL_FILE = 'sweep_trial.json'  # a sweep's trial: its config and result (imgcls_jax/sweep/)
 SAMPLES_FILE = 'samples.npz'  # a few eval-preprocessed images of each split (export checks, int8)
 
 

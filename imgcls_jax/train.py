@@ -273,8 +273,10 @@ class _Trainer:
     self.ckpt.save(step, self.state, self.meta(step), metrics=eval_result)
     self.last_good = step
 
-  def loop(self, start: int, stop: preemption.StopWatcher) -> tuple[dict[str, Any], int | None]:
-    """Steps ``start`` .. total; returns (the last eval metrics, the step stopped at or None).
+  def loop(self, start: int, stop: preemption.StopWatcher,
+           end: int) -> tuple[dict[str, Any], int | None]:
+    """Steps ``start`` .. ``end`` (the total, or where the run pauses: evaluated and saved there);
+    returns (the last eval metrics, the step a signal stopped it at or None).
 
     Each dispatch runs one step, or ``config.steps_per_dispatch`` steps (``dispatch.plan``:
     never across an evaluation or checkpoint)."""
@@ -282,8 +284,7 @@ class _Trainer:
     eval_every = configlib.steps_from(c, 'eval_every', s.steps_per_epoch) or s.total_steps
     ckpt_every = configlib.steps_from(c, 'checkpoint_every', s.steps_per_epoch) or s.total_steps
     ckpt_on_eval = c.checkpoint.keep_best > 0  # best-N needs a checkpoint at every evaluation
-    sizes = list(dispatch.plan(start, s.total_steps, s.steps_per_dispatch,
-                               (eval_every, ckpt_every)))
+    sizes = list(dispatch.plan(start, end, s.steps_per_dispatch, (eval_every, ckpt_every)))
     if self.resident is not None:  # the split on the devices, in the stream's order
       split, order = self.resident
       batches = dispatch.resident_batches(split.images, split.labels, order.indices,
@@ -310,8 +311,8 @@ class _Trainer:
       if step == start:
         self.first_step_done(step_metrics)
       done = step + n
-      do_eval = done % eval_every == 0 or done == s.total_steps
-      do_ckpt = done % ckpt_every == 0 or done == s.total_steps or (do_eval and ckpt_on_eval)
+      do_eval = done % eval_every == 0 or done == end
+      do_ckpt = done % ckpt_every == 0 or done == end or (do_eval and ckpt_on_eval)
       if do_eval or do_ckpt:
         self.log.flush(done, keep_last=False)
       elif done // c.log_every_steps > step // c.log_every_steps:
@@ -346,11 +347,27 @@ def _check_best_metric(config: ml_collections.ConfigDict, multilabel: bool) -> N
                     f"{', '.join(sorted(names))}.")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def pause_step(total_steps: int, pause_at: float | None) -> int:
+  """The step a run pauses at: ``pause_at`` (a share of the run's steps) of them, at least one;
+  the total when None."""
+  if pause_at is None:
+    return total_steps
+  if not 0 < pause_at <= 1:
+    raise ValueError(f'pause_at={pause_at} must be a share of the run in (0, 1].')
+  return min(total_steps, max(1, round(total_steps * pause_at)))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       pause_at: float | None = None) -> dict[str, Any]:
   """Trains ``config`` in ``workdir`` (resuming from its newest good checkpoint) and evaluates.
 
   Returns the final evaluation metrics, or ``{'interrupted_at_step': n}`` after a SIGTERM / SIGINT
   (the loop finishes the current step, saves a checkpoint and returns; rerunning resumes there).
+  With ``pause_at`` (a share of the run, e.g. a sweep's rung), training stops after
+  ``pause_step(total, pause_at)`` steps, evaluates and saves there as at any evaluation (the
+  schedule stays that of the whole run), and returns that evaluation's metrics with
+  ``paused_at_step`` and ``total_steps``; a later call resumes exactly as after a signal. A run
+  already past that step is evaluated where it is.
   """
   if config.get('cross_validation') and config.cross_validation.folds > 0:
     raise UserError(f'config.cross_validation.folds={config.cross_validation.folds}: k-fold '
@@ -390,9 +407,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     bar = tqdm.tqdm(total=s.total_steps, initial=start, unit='step', dynamic_ncols=True,
                     disable=(None if config.progress_bar else True) if is_main else True)
     trainer = _Trainer(s, workdir, ckpt, state, state_sh, writer, bar, run_started)
-    eval_metrics, stopped_at = trainer.loop(start, stop)
+    end = pause_step(s.total_steps, pause_at)
+    paused_at = max(start, end) if end < s.total_steps else None
+    eval_metrics, stopped_at = (trainer.loop(start, stop, end) if start < end
+                                else ({}, None))
     bar.close()
-    if stopped_at is not None:
+    if paused_at is not None and stopped_at is None:
+      if not eval_metrics:   # already there (or past it): evaluate where the run is
+        eval_metrics = trainer.evaluate()
+    elif stopped_at is not None:
       trainer.save(stopped_at)
       ckpt.wait()
     elif not eval_metrics:  # resumed a finished run: evaluate what is there
@@ -409,6 +432,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       print(f'Stopped by {stop.signal_name} at step {stopped_at} of {s.total_steps}; checkpoint '
             f'saved in {ckpt.directory}. To resume, {preemption.resume_hint(workdir)}', flush=True)
     return {'interrupted_at_step': stopped_at}
+  if paused_at is not None:
+    logging.info('Paused at step %d of %d: %s', paused_at, s.total_steps,
+                 report_text.eval_line(eval_metrics, s.info.num_classes))
+    return {**eval_metrics, 'paused_at_step': paused_at, 'total_steps': s.total_steps}
   if is_main:
     if 'map' in eval_metrics:  # multi-label
       headline = report_multilabel.final_line(eval_metrics)

@@ -9,8 +9,13 @@ import sys
 import numpy as np
 import pytest
 
-from imgcls_jax import (checkpoint, evaluation, metrics, sweep, sweep_grid, sweep_report,
-                        sweep_store, train)
+from imgcls_jax import checkpoint, evaluation, metrics, train
+from imgcls_jax import sweep
+from imgcls_jax.sweep import grid as sweep_grid
+from imgcls_jax.sweep import rank as sweep_rank
+from imgcls_jax.sweep import report as sweep_report
+from imgcls_jax.sweep import store as sweep_store
+from imgcls_jax.sweep import trial as sweep_trial
 from imgcls_jax.errors import UserError
 from tests.conftest import REPO, subprocess_env
 
@@ -138,18 +143,18 @@ def test_a_bad_random_search_is_one_sentence(digits_config, grid, samples, messa
 def test_the_ranking_metric_is_checked_before_anything_trains(digits_config):
   with pytest.raises(UserError, match="config.sweep.metric='acc' is not an evaluation metric of "
                      'a single-label run'):
-    sweep.ranking(_with_grid(digits_config, '{}', metric='acc'))
+    sweep_rank.ranking(_with_grid(digits_config, '{}', metric='acc'))
   with pytest.raises(UserError, match="'map' is not an evaluation metric of a single-label"):
-    sweep.ranking(_with_grid(digits_config, '{}', metric='map'))
+    sweep_rank.ranking(_with_grid(digits_config, '{}', metric='map'))
   with pytest.raises(UserError, match="config.sweep.mode must be 'max', 'min'"):
-    sweep.ranking(_with_grid(digits_config, '{}', mode='up'))
-  assert sweep.ranking(_with_grid(digits_config, '{}')) == ('accuracy', 'max')
-  assert sweep.ranking(_with_grid(digits_config, '{}', metric='loss')) == ('loss', 'min')
-  assert sweep.ranking(_with_grid(digits_config, '{}', metric='loss', mode='max')) == ('loss',
+    sweep_rank.ranking(_with_grid(digits_config, '{}', mode='up'))
+  assert sweep_rank.ranking(_with_grid(digits_config, '{}')) == ('accuracy', 'max')
+  assert sweep_rank.ranking(_with_grid(digits_config, '{}', metric='loss')) == ('loss', 'min')
+  assert sweep_rank.ranking(_with_grid(digits_config, '{}', metric='loss', mode='max')) == ('loss',
                                                                                        'max')
   tags = _with_grid(digits_config, '{}')
   tags.data.multilabel = True
-  assert sweep.ranking(tags) == ('map', 'max')
+  assert sweep_rank.ranking(tags) == ('map', 'max')
 
 
 def _row(setting, seed, status, accuracy=None):
@@ -165,13 +170,13 @@ def test_a_setting_with_a_diverged_or_non_finite_seed_ranks_below_the_complete_o
           _row('a', 0, 'finished', 0.90), _row('a', 1, 'finished', 0.91),
           _row('c', 0, 'finished', float('nan')), _row('c', 1, 'finished', 0.99),
           _row('d', 0, 'error'), _row('e', 0, 'finished', 0.80), _row('e', 1, 'finished', 0.80)]
-  s = sweep.summarize(rows, 'accuracy', 'max')
+  s = sweep_rank.summarize(rows, 'accuracy', 'max')
   assert [x['setting'] for x in s['settings']] == ['a', 'e', 'c', 'b', 'd']
   assert s['best']['setting'] == 'a' and s['best']['best_workdir'] == '/w/a+seed=1'
   c = s['settings'][2]
   assert c['values'] == [0.99] and c['no_value'] == 1 and c['mean'] == 0.99
   assert s['settings'][3]['diverged'] == 2 and s['settings'][4]['mean'] is None
-  s = sweep.summarize(rows, 'loss', 'min')
+  s = sweep_rank.summarize(rows, 'loss', 'min')
   assert [x['setting'] for x in s['settings']] == ['a', 'e', 'c', 'b', 'd']
   assert s['best']['best_workdir'] == '/w/a+seed=1'   # the lowest loss
   lines = sweep_report.table_lines({**s, 'seeds': 3, 'dataset': 'd', 'split': 'val',
@@ -180,7 +185,7 @@ def test_a_setting_with_a_diverged_or_non_finite_seed_ranks_below_the_complete_o
              for line in lines), lines
   assert any('1 failed' in line for line in lines)
   everything_nan = [_row('x', 0, 'finished', float('nan'))]
-  assert sweep.summarize(everything_nan, 'accuracy', 'max')['best'] is None
+  assert sweep_rank.summarize(everything_nan, 'accuracy', 'max')['best'] is None
 
 
 def _final_eval(workdir):
@@ -252,7 +257,7 @@ def test_a_sweep_trains_each_trial_as_a_plain_run_and_ranks_the_settings(
   # Ranked by loss instead (lower is better), with nothing trained again.
   def no_training(*args, **kwargs):
     raise AssertionError('a finished or diverged trial was trained again')
-  monkeypatch.setattr(sweep, '_train', no_training)
+  monkeypatch.setattr(sweep_trial, '_train', no_training)
   by_loss = sweep.sweep(_with_grid(config, config.sweep.grid, 2, metric='loss'), workdir)
   assert by_loss['mode'] == 'min'
   means = [s['mean'] for s in by_loss['settings'] if s['mean'] is not None]
@@ -270,10 +275,10 @@ def test_a_sweep_trains_each_trial_as_a_plain_run_and_ranks_the_settings(
     sweep.sweep(longer, workdir)
   # A new setting in the same workdir trains; a SIGTERM in it stops the sweep there.
   calls = []
-  def interrupted(c, d):
+  def interrupted(c, d, pause_at=None):
     calls.append(d)
     return {'interrupted_at_step': 3}
-  monkeypatch.setattr(sweep, '_train', interrupted)
+  monkeypatch.setattr(sweep_trial, '_train', interrupted)
   more = _with_grid(config, "{'optim.learning_rate': [0.02, 1e9, 0.2, 0.1]}", seeds=2)
   out = sweep.sweep(more, workdir)
   assert out == {'interrupted_in_trial': 'optim.learning_rate=0.1+seed=0',
@@ -282,7 +287,7 @@ def test_a_sweep_trains_each_trial_as_a_plain_run_and_ranks_the_settings(
   # A moved sweep names its trials where they are now.
   moved = str(tmp_path / 'moved')
   os.rename(workdir, moved)
-  monkeypatch.setattr(sweep, '_train', no_training)
+  monkeypatch.setattr(sweep_trial, '_train', no_training)
   again = sweep.sweep(config, moved)
   assert again['best']['best_workdir'].startswith(moved + os.sep)
 
@@ -305,7 +310,7 @@ def test_a_trial_is_scored_at_the_checkpoint_its_directory_serves(digits_config,
                                       checkpoint_spec='10', tta='', num_bins=15)
   assert ev.report(0)['accuracy'] == pytest.approx(row['metrics']['accuracy'], abs=1e-7)
   # Scored at another checkpoint now: the trial is scored again, not trained again.
-  monkeypatch.setattr(sweep, '_train', lambda c, d: pytest.fail('trained again'))
+  monkeypatch.setattr(sweep_trial, '_train', lambda c, d, pause_at=None: pytest.fail('trained again'))
   config.evaluate.checkpoint = 'latest'
   (row,) = sweep.sweep(config, str(tmp_path))['trials']
   assert row['checkpoint_step'] == 20 and row['checkpoint'] == 'latest'
@@ -322,11 +327,11 @@ def test_shards_train_their_own_trials_and_read_the_others_when_finished(
   config = _with_grid(digits_config, "{'optim.learning_rate': [0.2, 0.1, 0.05]}")
   config.num_train_steps = 10
   workdir = str(tmp_path)
-  trained, real = [], sweep._train
-  def spy(c, d):
+  trained, real = [], sweep_trial._train
+  def spy(c, d, pause_at=None):
     trained.append(os.path.basename(d))
-    return real(c, d)
-  monkeypatch.setattr(sweep, '_train', spy)
+    return real(c, d, pause_at)
+  monkeypatch.setattr(sweep_trial, '_train', spy)
   second = copy.deepcopy(config)
   second.sweep.shard = '1/2'
   out = sweep.sweep(second, workdir)
@@ -339,7 +344,7 @@ def test_shards_train_their_own_trials_and_read_the_others_when_finished(
   out = sweep.sweep(first, workdir)
   assert trained[1:] == ['optim.learning_rate=0.2+seed=0', 'optim.learning_rate=0.05+seed=0']
   assert [r['status'] for r in out['trials']] == ['finished'] * 3   # shard 1's read back
-  monkeypatch.setattr(sweep, '_train', lambda c, d: pytest.fail(f'{d} trained again'))
+  monkeypatch.setattr(sweep_trial, '_train', lambda c, d, pause_at=None: pytest.fail(f'{d} trained again'))
   whole = sweep.sweep(config, workdir)
   assert whole['settings'] == out['settings']
   with open(os.path.join(workdir, 'sweep.json')) as f:
@@ -394,11 +399,11 @@ def test_a_signal_between_two_trials_stops_the_sweep_before_the_next(digits_conf
   import signal
   config = _with_grid(digits_config, "{'optim.learning_rate': [0.2, 0.1]}")
   calls = []
-  def finished_then_signalled(c, d):   # the trial ends, then SIGTERM arrives
+  def finished_then_signalled(c, d, pause_at=None):   # the trial ends, then SIGTERM arrives
     calls.append(os.path.basename(d))
     os.kill(os.getpid(), signal.SIGTERM)
     return {'accuracy': 0.5}
-  monkeypatch.setattr(sweep, '_train', finished_then_signalled)
+  monkeypatch.setattr(sweep_trial, '_train', finished_then_signalled)
   before = signal.getsignal(signal.SIGTERM)
   out = sweep.sweep(config, str(tmp_path))
   assert out == {'interrupted_in_trial': 'optim.learning_rate=0.1+seed=0'}
@@ -410,11 +415,11 @@ def test_a_signal_between_two_trials_stops_the_sweep_before_the_next(digits_conf
 def test_a_failing_trial_is_recorded_and_the_others_run_in_every_shard(digits_config, tmp_path,
                                                                        monkeypatch):
   config = _with_grid(digits_config, "{'batch_size': [4096, 32, 64]}")
-  def fake(c, d):   # the largest batch runs out of memory; the others finish
+  def fake(c, d, pause_at=None):   # the largest batch runs out of memory; the others finish
     if c.batch_size == 4096:
       raise RuntimeError('RESOURCE_EXHAUSTED: out of memory allocating 12 GiB')
     return {'accuracy': 0.5 + c.batch_size / 1000, 'loss': 1.0}
-  monkeypatch.setattr(sweep, '_train', fake)
+  monkeypatch.setattr(sweep_trial, '_train', fake)
   first = copy.deepcopy(config)
   first.sweep.shard = '0/2'    # trials 0 and 2: 4096 fails, 64 finishes
   out = sweep.sweep(first, str(tmp_path))
@@ -429,7 +434,7 @@ def test_a_failing_trial_is_recorded_and_the_others_run_in_every_shard(digits_co
                                                      'batch_size=4096']
   # A trial another process holds is left to it, shown as running.
   trained = []
-  monkeypatch.setattr(sweep, '_train', lambda c, d: trained.append(d) or {'accuracy': 0.1})
+  monkeypatch.setattr(sweep_trial, '_train', lambda c, d, pause_at=None: trained.append(d) or {'accuracy': 0.1})
   held = tmp_path / 'batch_size=4096+seed=0'
   with sweep_store.claim(str(held)) as mine:
     assert mine

@@ -1,5 +1,6 @@
 """A sweep's grid (``config.sweep.grid``, ``samples``, ``seeds``) -> its trials, each a checked
-config; every mistake is one UserError before anything trains (``imgcls_jax/sweep.py`` runs them).
+config; every mistake is one UserError before anything trains (the package's ``sweep`` runs
+them).
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ REFUSED = {'sweep': 'a sweep cannot sweep its own keys',
                                'sweep (--config.cross_validation.folds=K)',
            'data.eval_split': 'every setting must be ranked on the same split; set it for the '
                               'whole sweep (--config.data.eval_split=...)'}
-OFF = {'grid': '', 'seeds': 1, 'samples': 0, 'metric': '', 'mode': '', 'shard': ''}
+OFF = {'grid': '', 'seeds': 1, 'samples': 0, 'metric': '', 'mode': '', 'shard': '', 'halving': 0,
+       'first_rung': 0.0}
 
 
 @dataclasses.dataclass(frozen=True)

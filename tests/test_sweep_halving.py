@@ -1,0 +1,192 @@
+"""Successive halving in sweeps (``config.sweep.halving``): pausing a run mid-way and resuming it
+is exact; the rungs train what they should; the settings that go on are the best by the trials'
+own evaluations; reruns repeat every decision without training; mistakes are one sentence."""
+import copy
+import json
+import os
+
+import numpy as np
+import pytest
+
+from imgcls_jax import checkpoint, metrics, train
+from imgcls_jax import sweep
+from imgcls_jax.errors import UserError
+from imgcls_jax.sweep import halving
+from imgcls_jax.sweep import trial as sweep_trial
+
+
+def _with_grid(config, grid, seeds=1, **sweep_keys):
+  c = copy.deepcopy(config)
+  c.sweep.grid = grid
+  c.sweep.seeds = seeds
+  for k, v in sweep_keys.items():
+    c.sweep[k] = v
+  return c
+
+
+def _evals(workdir):
+  return [r for r in metrics.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
+          if r.get('split') == 'eval']
+
+
+def _latest(workdir):
+  with checkpoint.Checkpointer(workdir, read_only=True) as ckpt:
+    return ckpt.latest_step()
+
+
+def test_a_run_paused_and_resumed_ends_as_the_same_run_trained_straight(digits_config, tmp_path):
+  straight = train.train_and_evaluate(digits_config, str(tmp_path / 'straight'))
+  paused_dir = str(tmp_path / 'paused')
+  first = train.train_and_evaluate(digits_config, paused_dir, pause_at=0.25)
+  assert first['paused_at_step'] == 10 and first['total_steps'] == 40
+  assert _latest(paused_dir) == 10
+  (at10,) = _evals(paused_dir)   # an evaluation where it paused, and its metrics returned
+  assert at10['step'] == 10 and at10['accuracy'] == pytest.approx(first['accuracy'], abs=1e-7)
+  again = train.train_and_evaluate(digits_config, paused_dir, pause_at=0.25)   # already there
+  assert again['paused_at_step'] == 10 and _latest(paused_dir) == 10
+  middle = train.train_and_evaluate(digits_config, paused_dir, pause_at=0.5)
+  assert middle['paused_at_step'] == 20
+  final = train.train_and_evaluate(digits_config, paused_dir)
+  assert 'paused_at_step' not in final
+  for k in ('accuracy', 'loss'):
+    assert final[k] == straight[k], k   # the same arithmetic: exact
+  assert [r['step'] for r in _evals(paused_dir)] == [10, 20, 40]
+  assert train.pause_step(40, 0.01) == 1 and train.pause_step(40, 1.0) == 40
+  with pytest.raises(ValueError, match=r'pause_at=1.5 must be a share of the run in \(0, 1\]'):
+    train.pause_step(40, 1.5)
+
+
+def test_the_rungs_follow_eta_and_the_first_rung():
+  def rungs(eta, n, first=0.0):
+    c = _config_stub(eta, first)
+    return halving.fractions(c, n)
+  assert rungs(0, 9) == [1.0]
+  assert rungs(3, 9) == pytest.approx([1 / 9, 1 / 3, 1.0])
+  assert rungs(3, 8) == pytest.approx([1 / 3, 1.0])
+  assert rungs(2, 12) == pytest.approx([1 / 8, 1 / 4, 1 / 2, 1.0])
+  assert rungs(2, 1) == [1.0]
+  assert rungs(2, 12, first=0.1) == pytest.approx([1 / 8, 1 / 4, 1 / 2, 1.0])
+  assert rungs(3, 2, first=1 / 9) == pytest.approx([1 / 9, 1 / 3, 1.0])
+
+
+def _config_stub(eta, first, **extra):
+  import ml_collections
+  c = ml_collections.ConfigDict({
+      'sweep': {'halving': eta, 'first_rung': first, 'shard': ''},
+      'cross_validation': {'folds': 0}, 'evaluate': {'checkpoint': 'best'}})
+  for k, v in extra.items():
+    group, key = k.split('__')
+    c[group][key] = v
+  return c
+
+
+@pytest.mark.parametrize('eta, first, extra, message', [
+    (1, 0.0, {}, r'config.sweep.halving=1 must be an int >= 2'),
+    (2.5, 0.0, {}, r'config.sweep.halving=2.5 must be an int >= 2'),
+    (True, 0.0, {}, r'config.sweep.halving=True must be an int >= 2'),
+    (2, 1.0, {}, r'config.sweep.first_rung=1.0 must be a share of the run in \(0, 1\)'),
+    (2, 0.7, {}, r'config.sweep.first_rung=0.7 is above 1/2: no rung before the end'),
+    (0, 0.1, {}, r'config.sweep.first_rung=0.1 needs config.sweep.halving'),
+    (3, 0.0, {'sweep__shard': '0/2'}, r'runs in one process: drop config.sweep.shard'),
+    (3, 0.0, {'cross_validation__folds': 3}, r'drop config.cross_validation.folds'),
+    (3, 0.0, {'evaluate__checkpoint': '30'}, r"so it must be 'best' or 'latest'"),
+])
+def test_what_halving_cannot_run_with_is_one_sentence(eta, first, extra, message):
+  with pytest.raises(UserError, match=message):
+    halving.fractions(_config_stub(eta, first, **extra), 9)
+
+
+def _fake_training(log, scores):
+  """A stand-in for training: accuracy by learning rate and share of the run (``scores``)."""
+  def fake(config, directory, pause_at=None):
+    lr = config.optim.learning_rate
+    log.append((os.path.basename(directory), pause_at))
+    if scores[lr] is None:
+      raise train.TrainingDiverged('Training diverged: the loss is nan at step 3.')
+    share = 1.0 if pause_at is None else pause_at
+    out = {'accuracy': scores[lr](share) + 1e-3 * config.seed, 'loss': 1.0}
+    return out if pause_at is None else {**out, 'paused_at_step': round(90 * share),
+                                         'total_steps': 90}
+  return fake
+
+
+def test_halving_promotes_the_best_third_and_ranks_the_stopped_below(digits_config, tmp_path,
+                                                                     monkeypatch):
+  # Six settings, eta 3, the first rung at 1/9: then 1/3 and the whole run (6 -> 2 -> 1).
+  scores = {0.1: lambda f: 0.5 + 0.4 * f,     # slow starter, best at the end
+            0.2: lambda f: 0.6 + 0.2 * f,     # fast starter
+            0.3: lambda f: 0.55,
+            0.4: None,                        # diverges at once
+            0.5: lambda f: 0.52,
+            0.6: lambda f: 0.56 + 0.01 * f}
+  log = []
+  monkeypatch.setattr(sweep_trial, '_train', _fake_training(log, scores))
+  config = _with_grid(digits_config, "{'optim.learning_rate': [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]}",
+                      seeds=2, halving=3, first_rung=1 / 9)
+  out = sweep.sweep(config, str(tmp_path))
+  name = lambda lr, s: f'optim.learning_rate={lr}+seed={s}'
+  # rung 1/9: all 12 trials; 1/3: the 2 best settings at 1/9 (0.2: 0.622, 0.6: 0.561);
+  # the whole run: the better of those two at 1/3 (0.2: 0.667 > 0.6: 0.563)
+  assert log[:12] == [(name(lr, s), pytest.approx(1 / 9)) for lr in scores for s in (0, 1)]
+  assert log[12:16] == [(name(lr, s), pytest.approx(1 / 3)) for lr in (0.2, 0.6) for s in (0, 1)]
+  assert log[16:] == [(name(0.2, s), None) for s in (0, 1)]
+  order = [s['setting'] for s in out['settings']]
+  assert order == [f'optim.learning_rate={lr}' for lr in (0.2, 0.6, 0.3, 0.1, 0.5, 0.4)]
+  best, second, third = out['settings'][:3]
+  assert best['budget'] == 1.0 and best['mean'] == pytest.approx(0.8005)
+  assert second['budget'] == pytest.approx(1 / 3) and second['stopped'] == 2
+  assert third['budget'] == pytest.approx(1 / 9)
+  assert out['settings'][-1]['diverged'] == 2 and out['settings'][-1]['mean'] is None
+  statuses = {r['trial']: r['status'] for r in out['trials']}
+  assert statuses[name(0.2, 0)] == 'finished' and statuses[name(0.6, 1)] == 'stopped'
+  assert statuses[name(0.4, 0)] == 'diverged'
+  with open(tmp_path / 'sweep.md') as f:
+    md = f.read()
+  assert 'Successive halving by 3: rungs at 1/9, 1/3, 1 of each run' in md
+  assert '(stopped at 1/3 of the run)' in md and '| stopped at 1/9 |' in md
+  # A rerun repeats every decision from the trials' records, training nothing.
+  monkeypatch.setattr(sweep_trial, '_train', lambda *a, **k: pytest.fail(f'{a[1]} trained again'))
+  again = sweep.sweep(config, str(tmp_path))
+  assert again['settings'] == out['settings']
+  # The same sweep without halving resumes the stopped trials to the end (and only those).
+  log.clear()
+  monkeypatch.setattr(sweep_trial, '_train', _fake_training(log, scores))
+  whole = sweep.sweep(_with_grid(config, config.sweep.grid, seeds=2, halving=0, first_rung=0.0),
+                      str(tmp_path))
+  assert sorted(n for n, _ in log) == sorted(name(lr, s) for lr in (0.1, 0.3, 0.5, 0.6)
+                                             for s in (0, 1))
+  assert [s['setting'] for s in whole['settings']][0] == 'optim.learning_rate=0.1'
+
+
+def test_a_real_halving_sweep_scores_each_rung_by_the_trials_own_evaluations(
+    digits_config, tmp_path):
+  config = _with_grid(digits_config, "{'optim.learning_rate': [0.003, 0.3, 0.05, 30.0]}",
+                      halving=2)   # 4 settings: rungs at 1/4, 1/2, 1 (10, 20, 40 steps)
+  workdir = str(tmp_path)
+  out = sweep.sweep(config, workdir)
+  dirs = {r['setting']: r['workdir'] for r in out['trials']}
+  reached = {s: _latest(d) for s, d in dirs.items()}
+  assert sorted(reached.values()) == [10, 10, 20, 40]
+
+  def best_until(d, step):   # the oracle: the served ('best') evaluation up to that step
+    return max(r['accuracy'] for r in _evals(d) if r['step'] <= step)
+  at10 = sorted(dirs, key=lambda s: -best_until(dirs[s], 10))
+  assert {s for s in dirs if reached[s] >= 20} == set(at10[:2])
+  going = [s for s in dirs if reached[s] >= 20]
+  winner = max(going, key=lambda s: best_until(dirs[s], 20))
+  assert reached[winner] == 40
+  assert out['settings'][0]['setting'] == winner
+  assert out['settings'][0]['mean'] == best_until(dirs[winner], 40)
+  for s in out['settings'][1:]:
+    assert s['mean'] == best_until(dirs[s['setting']], reached[s['setting']]), s['setting']
+  # The winner, paused at two rungs, ends as its plain run trained straight.
+  plain = copy.deepcopy(digits_config)
+  plain.optim.learning_rate = float(winner.split('=')[1])
+  straight = train.train_and_evaluate(plain, str(tmp_path / 'straight'))
+  last = _evals(dirs[winner])[-1]
+  assert last['step'] == 40 and last['accuracy'] == straight['accuracy']
+  assert last['loss'] == straight['loss']
+  with open(os.path.join(dirs[winner], checkpoint.SWEEP_TRIAL_FILE)) as f:
+    record = json.load(f)
+  assert sorted(record['rungs']) == ['0.25', '0.5'] and record['status'] == 'finished'
+  assert np.isclose(record['rungs']['0.25']['metrics']['accuracy'], best_until(dirs[winner], 10))
