@@ -215,9 +215,12 @@ def image_grid(images: Sequence[np.ndarray], captions: Sequence[str], path: str,
 def sweep(settings: Sequence[Mapping[str, Any]], metric: str, path: str, title: str,
           missing: Sequence[str]) -> None:
   """A sweep's settings, best at the top: mean +- std over seeds, each seed a dot; a setting
-  without a result shows ``missing`` (why, e.g. '2 diverged')."""
+  without a result shows ``missing`` (why, e.g. '2 diverged'); a setting's ``note`` (e.g.
+  'stopped at 1/4 of the run') follows its name."""
   n = max(len(settings), 1)
-  fig, ax = plt.subplots(figsize=(9, 1.2 + 0.38 * n))
+  labels = [s['setting'][:100] + (f" [{s['note']}]" if s.get('note') else '') for s in settings]
+  width = 9 + 0.06 * max(0, max(map(len, labels), default=0) - 60)   # room for long labels
+  fig, ax = plt.subplots(figsize=(width, 1.2 + 0.38 * n))
   y = np.arange(len(settings))[::-1]
   scored = [(yy, s) for yy, s in zip(y, settings) if s['mean'] is not None]
   if scored:
@@ -236,7 +239,7 @@ def sweep(settings: Sequence[Mapping[str, Any]], metric: str, path: str, title: 
     if s['mean'] is None:
       ax.text(0.01, yy, f'no result ({why})' if why else 'no result',
               transform=ax.get_yaxis_transform(), va='center', fontsize=8, color='tab:red')
-  ax.set_yticks(y, labels=[s['setting'][:70] for s in settings], fontsize=8)
+  ax.set_yticks(y, labels=labels, fontsize=8)
   ax.set_ylim(-0.6, len(settings) - 0.4)
   ax.set_xlabel(f'{metric} (mean +- std over seeds; dots: seeds)')
   ax.set_title(title)

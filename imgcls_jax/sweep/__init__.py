@@ -68,7 +68,8 @@ def _write(workdir: str, summary: dict[str, Any], dataset: str) -> None:
   replace('sweep.md', text(report.markdown(summary)))
   replace('sweep.csv', lambda path: report.write_csv(summary, path))
   replace('sweep.png', lambda path: plots.sweep(
-      summary['settings'], summary['metric'], path,
+      [{**s, 'note': report.stopped(s).replace(' of the run', '')} for s in summary['settings']],
+      summary['metric'], path,
       title=f"{dataset}: {summary['metric']} on {summary['split']}",
       missing=[report.missing(s) for s in summary['settings']]))
 
