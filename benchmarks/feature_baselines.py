@@ -1,6 +1,7 @@
 """Classical features vs the CNN, side by side: accuracy, macro F1 and training time.
 
-  python benchmarks/feature_baselines.py --root=/tmp/feature_baselines [--only=digits_holdout]
+  python benchmarks/feature_baselines.py --root=/tmp/feature_baselines \
+      [--only=digits_holdout_classical,digits_holdout_cnn]
 
 Runs each command of ``RUNS`` (``python -m imgcls_jax.main ...``) in ``<root>/<name>``, timing its
 wall clock (start-up included), unless ``<root>/<name>/wall_s.json`` says it already ran (delete it
@@ -104,6 +105,10 @@ def main() -> None:
   parser.add_argument('--only', default='', help='comma-separated run names (default: all)')
   opts = parser.parse_args()
   only = [n for n in opts.only.split(',') if n]
+  unknown = [n for n in only if n not in RUNS and n not in EMBEDS]
+  if unknown:
+    parser.error(f"--only names no run {', '.join(unknown)}; the runs are: "
+                 f"{', '.join([*RUNS, *EMBEDS])}.")
   rows = ['| task | features | top-1 | macro F1 | training wall time | notes |',
           '|---|---|---|---|---|---|']
   for name, (task, feats, args) in RUNS.items():
