@@ -171,7 +171,8 @@ def open_source(found: list[dict[str, str]], tagged: bool, manifest: str,
     root = os.path.abspath(folder).rstrip(os.sep)
     return Source(root, root, folder_rows(root, found), root + '.relabelled.csv')
   path = os.path.abspath(manifest)
-  manifest_lib.read_rows(path, tagged)   # a manifest the pipeline reads, or one line
+  # a manifest the pipeline reads, or one line (an image in two splits is left alone below)
+  manifest_lib.read_rows(path, tagged, one_split_each=False)
   with open(path, newline='', encoding='utf-8-sig') as f:
     rows = list(csv.reader(f))
   return Source(path, os.path.dirname(path), rows, os.path.splitext(path)[0] + '.relabelled.csv')

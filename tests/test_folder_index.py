@@ -321,3 +321,68 @@ def test_validation_fraction_of_train_split_all_says_all_is_every_image(tmp_path
                validation_fraction=0.2)
   with pytest.raises(UserError, match="train_split 'all', which is every image"):
     _split(data, 'all')
+
+
+def test_a_manifest_never_puts_one_image_in_two_splits(tmp_path, digits_config, caplog):
+  rows = [(os.path.relpath(_png(f'{tmp_path}/p/{c}/{k}.png', k), tmp_path), c)
+          for c in ('cat', 'dog') for k in range(4)]
+  csv = tmp_path / 'm.csv'
+  body = ''.join(f'{p},{c},{"test" if k % 4 == 0 else "train"}\n'
+                 for k, (p, c) in enumerate(rows))
+  csv.write_text('path,label,split\n' + body + f'{rows[0][0]},{rows[0][1]},train\n')   # leak
+  data = _data(digits_config, manifest=str(csv), holdout_fraction=0.0)
+  with pytest.raises(UserError, match=r"^1 image\(s\) of the manifest .* are listed in two splits "
+                     r"\(e\.g\. p/cat/0\.png: 'test' and 'train'\)"):
+    sources.describe(data)
+  # The same file written another way (absolute, ./) is the same image.
+  csv.write_text('path,label,split\n' + body + f'{tmp_path}/./{rows[4][0]},{rows[4][1]},train\n')
+  folder_index.clear_memo()
+  with pytest.raises(UserError, match=r"listed in two splits \(e\.g\. .*p/dog/0\.png: 'test' and "
+                     r"'train'\)"):
+    sources.describe(data)
+  # ... and within one split it is read once, the second listing reported.
+  csv.write_text('path,label,split\n' + body + f'{tmp_path}/{rows[1][0]},{rows[1][1]},train\n')
+  folder_index.clear_memo()
+  with caplog.at_level(logging.WARNING):
+    info = sources.describe(data)
+  assert info.num_examples == {'train': 6, 'test': 2}
+  assert '(listed twice)' in caplog.text
+  # Rows of a split that differs from train_split only in case are named, not silently dropped.
+  csv.write_text('path,label,split\n' + body.replace(',train\n', ',Train\n', 2))
+  folder_index.clear_memo()
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    info = sources.describe(data)
+  assert info.num_examples == {'train': 4, 'test': 2}
+  assert "has 2 row(s) of split 'Train', which is not split 'train'" in caplog.text
+  # A header without rows is one sentence, also where only the split column is asked for.
+  for header in ('path,label\n', 'path,label,split\n'):
+    csv.write_text(header)
+    folder_index.clear_memo()
+    with pytest.raises(UserError, match=r'^The manifest .* has a header but no rows'):
+      sources.describe(data)
+
+
+def test_a_class_named_train_loose_files_and_wrong_kinds_of_path(tmp_path, digits_config, caplog):
+  root = _flat(str(tmp_path / 'vehicles'), {'train': 4, 'bus': 4, 'car': 4})
+  _png(f'{root}/stray.png', 99)   # in no class folder
+  data = _data(digits_config, folder=root, holdout_fraction=0.25)
+  with caplog.at_level(logging.WARNING):
+    info = sources.describe(data)
+  assert info.class_names == ('bus', 'car', 'train')   # a flat folder, 'train' one of its classes
+  assert info.num_examples == {'train': 9, 'test': 3}
+  assert 'stray.png (outside every class folder)' in caplog.text
+  # Split directories holding images but no class folders are still taken as splits (and refused).
+  split_root = tmp_path / 'splits'
+  for s in ('train', 'test'):
+    _png(f'{split_root}/{s}/a.png', 1)
+  folder_index.clear_memo()
+  with pytest.raises(UserError, match=r'/splits/train has no class sub-directories'):
+    sources.describe(_data(digits_config, folder=str(split_root)))
+  folder_index.clear_memo()
+  with pytest.raises(UserError, match=r'\(config\.data\.folder\) is a file; point it at the '
+                     r'directory .* goes in config\.data\.manifest'):
+    sources.describe(_data(digits_config, folder=f'{root}/stray.png'))
+  with pytest.raises(UserError, match=r'\(config\.data\.manifest\) is a directory; point it at a '
+                     r'CSV file'):
+    sources.describe(_data(digits_config, folder=None, manifest=root))

@@ -124,6 +124,10 @@ def source_of(data: ml_collections.ConfigDict) -> Source:
     raise UserError('Both config.data.folder and config.data.manifest are set; set one of them.')
   if manifest:
     path = os.path.abspath(os.path.expanduser(manifest))
+    if os.path.isdir(path):
+      raise UserError(f'The manifest {path} (config.data.manifest) is a directory; point it at a '
+                      'CSV file of path,label rows (a folder of class directories goes in '
+                      'config.data.folder).')
     if not os.path.isfile(path):
       raise UserError(f'The manifest {path} (config.data.manifest) does not exist; point it at a '
                       'CSV file of path,label rows.')
@@ -137,13 +141,20 @@ def source_of(data: ml_collections.ConfigDict) -> Source:
                     'config.data.manifest is set; set config.data.folder to the directory holding '
                     '<class>/*.jpg (or <split>/<class>/*.jpg).')
   root = os.path.abspath(os.path.expanduser(folder))
+  if os.path.isfile(root):
+    raise UserError(f'The image folder {root} (config.data.folder) is a file; point it at the '
+                    'directory holding <class>/*.jpg (a CSV of path,label rows goes in '
+                    'config.data.manifest).')
   if not os.path.isdir(root):
     raise UserError(f'The image folder {root} (config.data.folder) does not exist; point '
                     'config.data.folder at the directory holding <class>/*.jpg or '
                     '<split>/<class>/*.jpg.')
   train, test = common['train_split'], common['eval_split']
-  has_splits = os.path.isdir(os.path.join(root, train or '_')) or (
-      train == ALL and os.path.isdir(os.path.join(root, test or '_')))
+  # Split directories hold class directories; a 'train' of images only, beside other class
+  # directories, is a class of a flat folder.
+  split_dir = os.path.join(root, (train if train != ALL else test) or '_')
+  has_splits = os.path.isdir(split_dir) and bool(
+      subdirs(split_dir) or set(subdirs(root)) <= {train, test, VALIDATION})
   return Source(kind='splits' if has_splits else 'flat', location=root, root=root, **common)
 
 
@@ -151,6 +162,12 @@ def subdirs(path: str) -> list[str]:
   """The non-hidden sub-directories of ``path``, sorted (class or split directories)."""
   return sorted(d for d in os.listdir(path)
                 if os.path.isdir(os.path.join(path, d)) and not d.startswith('.'))
+
+
+def _loose_files(path: str) -> list[str]:
+  """The non-hidden files directly in ``path`` (no class folder claims them), sorted."""
+  return sorted(f for f in os.listdir(path)
+                if not f.startswith('.') and os.path.isfile(os.path.join(path, f)))
 
 
 def _check_split_name(src: Source, split: str) -> None:
@@ -298,21 +315,26 @@ def _listed(src: Source, split: str, names: tuple[str, ...],
       if split not in known:
         raise UserError(f"Split '{split}' is in no row of the manifest {src.location} (its splits: "
                         f"{', '.join(known)}); set config.data.train_split / eval_split.")
+    if has_split and split != ALL:
+      manifest.warn_near_splits(rows, src.location, split)
     seen = set()
     for path, label, row_split in rows:
       if has_split and split != ALL and row_split != split:
         continue
-      rel = os.path.normpath(path)
-      if rel in seen:
+      rel, key = os.path.normpath(path), manifest.image_key(src.location, path)
+      if key in seen:
         skipped.append((rel, 'listed twice'))
         continue
-      seen.add(rel)
+      seen.add(key)
       pairs.append((rel, label))
   elif src.kind == 'flat':
+    skipped += [(f, 'outside every class folder') for f in _loose_files(src.root)]
     for name in subdirs(src.root):
       pairs.extend((rel, name) for rel in walk(os.path.join(src.root, name), name))
   else:
     split_dir = _split_dir(src, split)
+    skipped += [(os.path.join(split, f), 'outside every class folder')
+                for f in _loose_files(split_dir)]
     for name in subdirs(split_dir):
       pairs.extend((rel, name) for rel in walk(os.path.join(split_dir, name),
                                                 os.path.join(split, name)))

@@ -4,14 +4,18 @@ a multi-label row's label is a set of tags, ``tag1;tag2``. Read by ``folder_inde
 from __future__ import annotations
 
 import csv
+import logging
+import os
 
 from imgcls_jax.data import images
 from imgcls_jax.errors import UserError
 
 
-def read_rows(location: str, multilabel: bool = False) -> list[tuple[str, str, str | None]]:
+def read_rows(location: str, multilabel: bool = False, *,
+              one_split_each: bool = True) -> list[tuple[str, str, str | None]]:
   """(path as written, label, split or None) per row of the CSV at ``location`` (with
-  ``multilabel`` a row's label may be empty: an image with no tag)."""
+  ``multilabel`` a row's label may be empty: an image with no tag). A file listed in two splits
+  is refused unless ``one_split_each`` is False (a tool that mends such manifests)."""
   try:
     with open(location, newline='', encoding='utf-8-sig') as f:
       rows = [r for r in csv.reader(f) if r and any(x.strip() for x in r)]
@@ -32,6 +36,9 @@ def read_rows(location: str, multilabel: bool = False) -> list[tuple[str, str, s
     cols = (header.index('path'), header.index(label_col),
             header.index('split') if 'split' in header else None)
     rows, first_line = rows[1:], 2
+    if not rows:
+      raise UserError(f'The manifest {location} has a header but no rows; write one path,label '
+                      'row per image under it.')
   else:
     if (len(rows) > 1 and not images.is_image_file(rows[0][0].strip())
         and images.is_image_file(rows[1][0].strip())):
@@ -51,7 +58,48 @@ def read_rows(location: str, multilabel: bool = False) -> list[tuple[str, str, s
                       'or remove it.')
     out.append((row[cols[0]].strip(), row[cols[1]].strip(),
                  row[cols[2]].strip() if cols[2] is not None else None))
+  if cols[2] is not None and one_split_each:
+    _one_split_each(out, location)
   return out
+
+
+def image_key(location: str, path: str) -> str:
+  """One name per file of a manifest row (relative or absolute, ``a/./b`` or ``a/b``)."""
+  return os.path.normpath(os.path.join(os.path.dirname(location), path))
+
+
+def _one_split_each(rows: list[tuple[str, str, str | None]], location: str) -> None:
+  """Refuses a file listed in two splits: a test image also trained on inflates every score."""
+  where: dict[str, str | None] = {}
+  clashes: dict[str, tuple[str, str | None, str | None]] = {}
+  for path, _, split in rows:
+    key = image_key(location, path)
+    first = where.setdefault(key, split)
+    if first != split and key not in clashes:
+      clashes[key] = (path, first, split)
+  if clashes:
+    path, a, b = next(iter(clashes.values()))
+    raise UserError(f'{len(clashes)} image(s) of the manifest {location} are listed in two splits '
+                    f"(e.g. {path}: '{a}' and '{b}'); an image both trained on and evaluated "
+                    'inflates the scores: list each image in one split.')
+
+
+_WARNED: set[tuple[str, str]] = set()
+
+
+def warn_near_splits(rows: list[tuple[str, str, str | None]], location: str, split: str) -> None:
+  """Warns (once per manifest and split) of rows whose split differs from ``split`` only in case
+  or spaces ('Train' for 'train'): they are not read as that split."""
+  near: dict[str, int] = {}
+  for _, _, s in rows:
+    if s is not None and s != split and s.strip().casefold() == split.strip().casefold():
+      near[s] = near.get(s, 0) + 1
+  if near and (location, split) not in _WARNED:
+    _WARNED.add((location, split))
+    listed = ', '.join(f"{n} row(s) of split '{s}'" for s, n in near.items())
+    logging.warning("The manifest %s has %s, which is not split '%s' (splits are exact text): "
+                    'those images are not read as it; write their split as %s.', location,
+                    listed, split, split)
 
 
 def tags(label: str) -> tuple[str, ...]:
