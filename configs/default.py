@@ -322,10 +322,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.sweep.metric = ''                     # '' = accuracy (tagging runs: map); any eval metric
   c.sweep.mode = ''                       # 'max' / 'min'; '' = min for losses and ECEs, else max
   # Successive halving (imgcls_jax/sweep/halving.py): 0 = off. eta >= 2: every setting trains
-  # `first_rung` of its run (0: eta^-k with k = floor(log_eta(settings))), is evaluated there, and
-  # the best 1/eta of the settings go on, eta times longer, the rest stop; the last rung is the
-  # whole run. Trials pause as at an evaluation (the schedule stays the whole run's) and resume
-  # exactly. One process (no shard), no cross_validation.folds.
+  # a share of its run (the first rung: the smallest power of 1/eta not below `first_rung`; 0:
+  # eta^-k with k = floor(log_eta(settings))), is evaluated there, and the best 1/eta of the
+  # settings go on, eta times longer, the rest stop; the last rung is the whole run. A rung's
+  # score is the trial's evaluation at that step; trials resume exactly (the schedule stays the
+  # whole run's). One process (no shard), no cross_validation.folds.
   c.sweep.halving = 0
   c.sweep.first_rung = 0.0
 

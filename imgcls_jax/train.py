@@ -188,10 +188,10 @@ class _Trainer:
         f'Training diverged: {what} at step {step}; {good}. Lower config.optim.learning_rate or '
         'set config.optim.grad_clip_norm.')
 
-  def evaluate(self, final: bool = False) -> dict[str, Any]:
+  def evaluate(self, final: bool = False, whole: bool = False) -> dict[str, Any]:
     """Every example of the eval split once (with ``config.eval_subset`` = N > 0, the first N,
-    rounded up to whole eval batches, except at the final evaluation): the report's scalars plus
-    ``count``. At the end of
+    rounded up to whole eval batches, except at the final evaluation or with ``whole``): the
+    report's scalars plus ``count``. At the end of
     a multi-label run with ``config.evaluate.threshold_split``, the per-class thresholds are
     first chosen there (best F1 per class) and the eval split is scored with them."""
     self.use_x_statistics()
@@ -200,7 +200,7 @@ class _Trainer:
       self.choose_thresholds(variables)
     if final and self.temperature_split:
       self.fit_temperature(variables)
-    if self.eval_subset > 0 and not final:  # intermediate evaluations: the first N examples
+    if self.eval_subset > 0 and not (final or whole):  # intermediate ones: the first N
       batches = self.eval_data.head_batches(-(-self.eval_subset // self.s.config.eval_batch_size))
     else:
       batches = self.eval_data.batches()
@@ -311,9 +311,10 @@ class _Trainer:
       if step == start:
         self.first_step_done(step_metrics)
       done = step + n
-      do_eval = done % eval_every == 0 or done == end
-      do_ckpt = done % ckpt_every == 0 or done == end or (do_eval and ckpt_on_eval)
-      if do_eval or do_ckpt:
+      do_eval = done % eval_every == 0 or done == s.total_steps
+      do_ckpt = done % ckpt_every == 0 or done == s.total_steps or (do_eval and ckpt_on_eval)
+      pause = done == end < s.total_steps
+      if do_eval or do_ckpt or pause:
         self.log.flush(done, keep_last=False)
       elif done // c.log_every_steps > step // c.log_every_steps:
         self.log.flush(done, keep_last=True)  # step `done` is still running: read the one before
@@ -322,8 +323,14 @@ class _Trainer:
         self.writer.write(done, 'eval', eval_metrics)
         if self.is_main:
           self.bar.write(f'step {done}: {report_text.eval_line(eval_metrics, s.info.num_classes)}')
-      if do_ckpt:
+      if do_ckpt or pause:
         self.save(done, eval_metrics if do_eval else None)
+      if pause and (not do_eval or self.eval_subset > 0):
+        # Evaluated on every eval example for the caller, saved above to resume (no metrics:
+        # the best-checkpoint ranking never sees it), written as a 'rung' record: the finished
+        # run serves and ranks what the plain run would.
+        eval_metrics = self.evaluate(whole=True)
+        self.writer.write(done, 'rung', eval_metrics)
       self.bar.update(n)
       step = done
     return eval_metrics, None
@@ -347,14 +354,16 @@ def _check_best_metric(config: ml_collections.ConfigDict, multilabel: bool) -> N
                     f"{', '.join(sorted(names))}.")
 
 
-def pause_step(total_steps: int, pause_at: float | None) -> int:
-  """The step a run pauses at: ``pause_at`` (a share of the run's steps) of them, at least one;
-  the total when None."""
+def pause_step(total_steps: int, pause_at: float | None, steps_per_dispatch: int = 1) -> int:
+  """The step a run pauses at: ``pause_at`` (a share of the run's steps) of them, a whole number
+  of ``steps_per_dispatch`` groups (so the resumed run groups its steps as the plain run does),
+  at least one group; the total when None."""
   if pause_at is None:
     return total_steps
   if not 0 < pause_at <= 1:
     raise ValueError(f'pause_at={pause_at} must be a share of the run in (0, 1].')
-  return min(total_steps, max(1, round(total_steps * pause_at)))
+  k = max(1, steps_per_dispatch)
+  return min(total_steps, k * max(1, round(total_steps * pause_at / k)))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -364,10 +373,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   Returns the final evaluation metrics, or ``{'interrupted_at_step': n}`` after a SIGTERM / SIGINT
   (the loop finishes the current step, saves a checkpoint and returns; rerunning resumes there).
   With ``pause_at`` (a share of the run, e.g. a sweep's rung), training stops after
-  ``pause_step(total, pause_at)`` steps, evaluates and saves there as at any evaluation (the
-  schedule stays that of the whole run), and returns that evaluation's metrics with
-  ``paused_at_step`` and ``total_steps``; a later call resumes exactly as after a signal. A run
-  already past that step is evaluated where it is.
+  ``pause_step(...)`` steps (the schedule stays that of the whole run), evaluates every eval
+  example there (a 'rung' record in metrics.jsonl) and saves a checkpoint without metrics, so
+  that the finished run serves and keeps as best what the plain run would; it returns that
+  evaluation's metrics with ``paused_at_step`` and ``total_steps``, and a later call resumes
+  exactly as after a signal. A run already at or past that step is evaluated where it is.
   """
   if config.get('cross_validation') and config.cross_validation.folds > 0:
     raise UserError(f'config.cross_validation.folds={config.cross_validation.folds}: k-fold '
@@ -407,14 +417,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     bar = tqdm.tqdm(total=s.total_steps, initial=start, unit='step', dynamic_ncols=True,
                     disable=(None if config.progress_bar else True) if is_main else True)
     trainer = _Trainer(s, workdir, ckpt, state, state_sh, writer, bar, run_started)
-    end = pause_step(s.total_steps, pause_at)
-    paused_at = max(start, end) if end < s.total_steps else None
+    end = pause_step(s.total_steps, pause_at, s.steps_per_dispatch)
+    paused_at = max(start, end) if end < s.total_steps and start < s.total_steps else None
     eval_metrics, stopped_at = (trainer.loop(start, stop, end) if start < end
                                 else ({}, None))
     bar.close()
     if paused_at is not None and stopped_at is None:
-      if not eval_metrics:   # already there (or past it): evaluate where the run is
-        eval_metrics = trainer.evaluate()
+      if start >= end:   # already there (or past it): evaluate where the run is
+        eval_metrics = trainer.evaluate(whole=True)
     elif stopped_at is not None:
       trainer.save(stopped_at)
       ckpt.wait()

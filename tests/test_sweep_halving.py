@@ -34,24 +34,45 @@ def _latest(workdir):
     return ckpt.latest_step()
 
 
+def _records(workdir, split):
+  return [r for r in metrics.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
+          if r.get('split') == split]
+
+
+def _best(workdir):
+  with checkpoint.Checkpointer(workdir, read_only=True, keep_best=1) as ckpt:
+    return ckpt.best_step()
+
+
 def test_a_run_paused_and_resumed_ends_as_the_same_run_trained_straight(digits_config, tmp_path):
+  # A perverse best rule (the lowest accuracy) would pick a paused step, were it ranked.
+  digits_config.checkpoint.best_mode = 'min'
   straight = train.train_and_evaluate(digits_config, str(tmp_path / 'straight'))
   paused_dir = str(tmp_path / 'paused')
   first = train.train_and_evaluate(digits_config, paused_dir, pause_at=0.25)
   assert first['paused_at_step'] == 10 and first['total_steps'] == 40
   assert _latest(paused_dir) == 10
-  (at10,) = _evals(paused_dir)   # an evaluation where it paused, and its metrics returned
+  (at10,) = _records(paused_dir, 'rung')   # evaluated where it paused, its metrics returned
   assert at10['step'] == 10 and at10['accuracy'] == pytest.approx(first['accuracy'], abs=1e-7)
+  assert _evals(paused_dir) == [] and _best(paused_dir) is None   # no eval record, no best
   again = train.train_and_evaluate(digits_config, paused_dir, pause_at=0.25)   # already there
   assert again['paused_at_step'] == 10 and _latest(paused_dir) == 10
+  assert again['accuracy'] == first['accuracy']
   middle = train.train_and_evaluate(digits_config, paused_dir, pause_at=0.5)
   assert middle['paused_at_step'] == 20
   final = train.train_and_evaluate(digits_config, paused_dir)
   assert 'paused_at_step' not in final
   for k in ('accuracy', 'loss'):
     assert final[k] == straight[k], k   # the same arithmetic: exact
-  assert [r['step'] for r in _evals(paused_dir)] == [10, 20, 40]
+  # What a reader of the run sees is the plain run's: its evaluations, its best checkpoint.
+  assert [r['step'] for r in _evals(paused_dir)] == [r['step'] for r in _evals(
+      str(tmp_path / 'straight'))] == [40]
+  assert [r['step'] for r in _records(paused_dir, 'rung')] == [10, 20]
+  assert _best(paused_dir) == _best(str(tmp_path / 'straight')) == 40
   assert train.pause_step(40, 0.01) == 1 and train.pause_step(40, 1.0) == 40
+  # whole groups of steps_per_dispatch: the resumed run groups its steps as the plain one
+  assert train.pause_step(40, 1 / 3, 4) == 12 and train.pause_step(40, 0.01, 4) == 4
+  assert train.pause_step(10, 0.9, 4) == 8
   with pytest.raises(ValueError, match=r'pause_at=1.5 must be a share of the run in \(0, 1\]'):
     train.pause_step(40, 1.5)
 
@@ -89,7 +110,6 @@ def _config_stub(eta, first, **extra):
     (0, 0.1, {}, r'config.sweep.first_rung=0.1 needs config.sweep.halving'),
     (3, 0.0, {'sweep__shard': '0/2'}, r'runs in one process: drop config.sweep.shard'),
     (3, 0.0, {'cross_validation__folds': 3}, r'drop config.cross_validation.folds'),
-    (3, 0.0, {'evaluate__checkpoint': '30'}, r"so it must be 'best' or 'latest'"),
 ])
 def test_what_halving_cannot_run_with_is_one_sentence(eta, first, extra, message):
   with pytest.raises(UserError, match=message):
@@ -168,17 +188,18 @@ def test_a_real_halving_sweep_scores_each_rung_by_the_trials_own_evaluations(
   reached = {s: _latest(d) for s, d in dirs.items()}
   assert sorted(reached.values()) == [10, 10, 20, 40]
 
-  def best_until(d, step):   # the oracle: the served ('best') evaluation up to that step
-    return max(r['accuracy'] for r in _evals(d) if r['step'] <= step)
-  at10 = sorted(dirs, key=lambda s: -best_until(dirs[s], 10))
+  def at(d, step):   # the oracle: each trial's own evaluation at that step
+    (r,) = [r for r in _records(d, 'rung') + _evals(d) if r['step'] == step]
+    return r['accuracy']
+  at10 = sorted(dirs, key=lambda s: -at(dirs[s], 10))
   assert {s for s in dirs if reached[s] >= 20} == set(at10[:2])
   going = [s for s in dirs if reached[s] >= 20]
-  winner = max(going, key=lambda s: best_until(dirs[s], 20))
+  winner = max(going, key=lambda s: at(dirs[s], 20))
   assert reached[winner] == 40
   assert out['settings'][0]['setting'] == winner
-  assert out['settings'][0]['mean'] == best_until(dirs[winner], 40)
+  assert out['settings'][0]['mean'] == at(dirs[winner], 40)
   for s in out['settings'][1:]:
-    assert s['mean'] == best_until(dirs[s['setting']], reached[s['setting']]), s['setting']
+    assert s['mean'] == at(dirs[s['setting']], reached[s['setting']]), s['setting']
   # The winner, paused at two rungs, ends as its plain run trained straight.
   plain = copy.deepcopy(digits_config)
   plain.optim.learning_rate = float(winner.split('=')[1])
@@ -189,4 +210,43 @@ def test_a_real_halving_sweep_scores_each_rung_by_the_trials_own_evaluations(
   with open(os.path.join(dirs[winner], checkpoint.SWEEP_TRIAL_FILE)) as f:
     record = json.load(f)
   assert sorted(record['rungs']) == ['0.25', '0.5'] and record['status'] == 'finished'
-  assert np.isclose(record['rungs']['0.25']['metrics']['accuracy'], best_until(dirs[winner], 10))
+  assert np.isclose(record['rungs']['0.25']['metrics']['accuracy'], at(dirs[winner], 10))
+
+
+def test_a_seed_without_a_finite_score_or_held_elsewhere_keeps_its_setting_back(
+    digits_config, tmp_path, monkeypatch):
+  log = []
+  scores = {0.1: lambda f: 0.9, 0.2: lambda f: 0.5, 0.3: lambda f: 0.4, 0.4: lambda f: 0.3}
+  fake = _fake_training(log, scores)
+  def nan_for_one_seed(config, directory, pause_at=None):
+    out = fake(config, directory, pause_at)
+    if config.optim.learning_rate == 0.1 and config.seed == 1:
+      out['accuracy'] = float('nan')
+    return out
+  monkeypatch.setattr(sweep_trial, '_train', nan_for_one_seed)
+  config = _with_grid(digits_config, "{'optim.learning_rate': [0.1, 0.2, 0.3, 0.4]}", seeds=2,
+                      halving=2)   # rungs 1/4, 1/2, 1
+  out = sweep.sweep(config, str(tmp_path))
+  # 0.1 leads on its finite seed but has a NaN one: 0.2 and 0.3 go on, then 0.2 alone
+  assert [n for n, p in log if p is None] == [f'optim.learning_rate=0.2+seed={s}' for s in (0, 1)]
+  first = out['settings'][0]
+  assert first['setting'] == 'optim.learning_rate=0.2' and first['budget'] == 1.0
+  nan_setting = next(s for s in out['settings'] if s['setting'] == 'optim.learning_rate=0.1')
+  assert nan_setting['no_value'] == 1 and out['settings'][-1] is nan_setting
+  # Every setting with a diverged seed at the first rung: none goes on, and the error says why.
+  scores = {0.1: lambda f: 0.9, 0.2: None}
+  monkeypatch.setattr(sweep_trial, '_train', _fake_training([], scores))
+  with pytest.raises(UserError, match=r'^No trial of the sweep finished; the first diverged: '
+                     'Training diverged'):
+    sweep.sweep(_with_grid(config, "{'optim.learning_rate': [0.2]}", seeds=1, halving=2),
+                str(tmp_path / 'all_diverge'))
+  # Another copy of the same halving sweep holding a trial: refused, not ranked without it.
+  monkeypatch.setattr(sweep_trial, '_train', _fake_training([], {0.1: lambda f: 0.9,
+                                                                 0.2: lambda f: 0.8}))
+  grid = _with_grid(config, "{'optim.learning_rate': [0.1, 0.2]}", seeds=1, halving=2)
+  from imgcls_jax.sweep import store
+  with store.claim(str(tmp_path / 'held' / 'optim.learning_rate=0.2+seed=0')) as mine:
+    assert mine
+    with pytest.raises(UserError, match=r'is being trained by another process; successive '
+                       'halving ranks every trial of a rung'):
+      sweep.sweep(grid, str(tmp_path / 'held'))

@@ -155,7 +155,11 @@ def _halve(rows: dict[str, dict[str, Any] | None], alive: list[str], fraction: f
            metric: str, mode: str, eta: int) -> list[str]:
   """The settings of ``alive`` that go on after the rung ``fraction``; the others' rows are marked
   'stopped' there."""
-  going, ranked = halving.promote([r for r in rows.values() if r and r['setting'] in alive],
+  held = [name for name, r in rows.items() if r is None]
+  if held:   # (two copies of one halving command)
+    raise UserError(f'Trial {held[0]} is being trained by another process; successive halving '
+                    'ranks every trial of a rung, so run one copy of the sweep at a time.')
+  going, ranked = halving.promote([r for r in rows.values() if r['setting'] in alive],
                                   metric, mode, eta)
   logging.info('Rung at %s of the run: %d of %d settings go on:\n%s', report.share(fraction),
                len(going), len(alive), '\n'.join(report.rung_lines(ranked, going)))
@@ -178,6 +182,10 @@ def sweep(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   todo = grid.trials(config)
   settings = list(dict.fromkeys(t.setting for t in todo))
   rungs = halving.fractions(config, len(settings))
+  if config.sweep.halving and len(rungs) == 1:
+    logging.warning('config.sweep.halving=%d with %d setting(s): no rung before the end (halving '
+                    'keeps the best 1/%d); every setting trains its whole run.',
+                    config.sweep.halving, len(settings), config.sweep.halving)
   clashes = [c for c in (store.conflict(os.path.join(workdir, t.name), t.config_json)
                          for t in todo) if c]
   if clashes:
@@ -202,13 +210,19 @@ def sweep(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         return stopped
       if not last:
         settings = _halve(found, settings, fraction, metric, mode, config.sweep.halving)
+        if not settings:
+          logging.warning('Successive halving stopped every setting at %s of the run: each has a '
+                          'seed that diverged, failed or has no finite %s.',
+                          report.share(fraction), metric)
+          break
   with store.summary_lock(workdir):   # others' results as they are now
     rows = [found.get(t.name) or trial.elsewhere(t, os.path.join(workdir, t.name))
             for t in todo]
     done = [r for r in rows if r['status'] == 'finished']
     summary = {**rank.summarize(rows, metric, mode), 'trials': rows, 'grid': config.sweep.grid,
                'samples': int(config.sweep.samples), 'seeds': int(config.sweep.seeds),
-               'shard': config.sweep.shard, 'halving': int(config.sweep.halving),
+               'shard': config.sweep.shard,
+               'halving': int(config.sweep.halving) if len(rungs) > 1 else 0,
                'rungs': rungs, 'dataset': config.data.name, 'split': split,
                'workdir': workdir, 'note': note, 'wall_time_s': time.perf_counter() - t0}
     _write(workdir, summary, config.data.name)
@@ -219,7 +233,9 @@ def sweep(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           'run the command without config.sweep.shard for the whole summary (finished trials '
           'are not trained again).', flush=True)
   if not done and not waiting:
-    first = rows[0]
-    raise UserError(f"No trial of the sweep finished; the first {first['status']}: "
-                    f"{first.get('error')} (all of them: {workdir}/sweep.md).")
+    first = next((r for r in rows if r.get('error')), rows[0])
+    why = (f"the first {first['status']}: {first['error']}" if first.get('error') else
+           'successive halving stopped every setting, each with a seed that has no finite '
+           f'{metric}')
+    raise UserError(f'No trial of the sweep finished; {why} (all of them: {workdir}/sweep.md).')
   return summary

@@ -40,16 +40,13 @@ def check(config: ml_collections.ConfigDict) -> None:
   if config.cross_validation.folds > 0:
     raise UserError('config.sweep.halving pauses each trial mid-run, which a k-fold trial '
                     'cannot: drop config.cross_validation.folds, or config.sweep.halving.')
-  if str(config.evaluate.checkpoint).strip().lower() not in ('best', 'latest'):
-    raise UserError(f"config.evaluate.checkpoint='{config.evaluate.checkpoint}': with "
-                    "config.sweep.halving each rung scores the checkpoint a trial serves so far, "
-                    "so it must be 'best' or 'latest'.")
 
 
 def fractions(config: ml_collections.ConfigDict, settings: int) -> list[float]:
   """The rungs, as shares of each trial's run, the last 1.0: ``[1.0]`` without halving; else
-  ``eta**-k``, ..., ``1/eta``, 1, from ``config.sweep.first_rung`` (0: k = floor(log_eta of the
-  number of settings), so that about one setting reaches the end)."""
+  ``eta**-k``, ..., ``1/eta``, 1, where ``eta**-k`` is the smallest power of ``1/eta`` not below
+  ``config.sweep.first_rung`` (0: k = floor(log_eta of the number of settings), so that about
+  one setting reaches the end; fewer settings than eta: no rung before the end)."""
   check(config)
   eta, first = config.sweep.halving, float(config.sweep.first_rung)
   if not eta:
@@ -73,6 +70,5 @@ def promote(rows: list[dict[str, Any]], metric: str, mode: str,
   ``max(1, n // eta)`` of the ``n`` settings in ``rows``, among those with a finite result for
   every seed (a setting with a diverged or failed seed never goes on)."""
   ranked = rank.summarize(rows, metric, mode)
-  complete = [s['setting'] for s in ranked['settings'] if s['mean'] is not None and not (
-      s['diverged'] + s['errors'] + s['no_value'] + s['pending'])]
+  complete = [s['setting'] for s in ranked['settings'] if rank.complete(s)]
   return complete[:max(1, len(ranked['settings']) // eta)], ranked

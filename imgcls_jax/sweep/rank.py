@@ -30,7 +30,14 @@ def ranking(config: ml_collections.ConfigDict) -> tuple[str, str]:
   return metric, mode or ('min' if metric in LOWER_IS_BETTER else 'max')
 
 
-def _value(row: dict[str, Any], metric: str) -> float | None:
+def complete(setting: dict[str, Any]) -> bool:
+  """Whether a setting of ``summarize`` has a finite result for every seed."""
+  return setting['mean'] is not None and not (
+      setting['diverged'] + setting['errors'] + setting['no_value'] + setting['pending'])
+
+
+def value(row: dict[str, Any], metric: str) -> float | None:
+  """A trial row's finite ``metric`` (finished, or paused / stopped at a rung), else None."""
   v = (row.get('metrics', {}).get(metric) if row['status'] in ('finished', 'paused', 'stopped')
        else None)
   return v if v is not None and math.isfinite(v) else None
@@ -46,8 +53,8 @@ def summarize(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, A
     by_setting.setdefault(r['setting'], []).append(r)
   settings = []
   for setting, rs in by_setting.items():
-    done = [r for r in rs if _value(r, metric) is not None]
-    values = [_value(r, metric) for r in done]
+    done = [r for r in rs if value(r, metric) is not None]
+    values = [value(r, metric) for r in done]
     common = [k for k in (done[0]['metrics'] if done else {})
               if all(k in r['metrics'] for r in done)]
     best = done[int(np.argmax(values) if mode == 'max' else np.argmin(values))] if done else None
@@ -57,7 +64,8 @@ def summarize(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, A
         'finished': len(done), 'diverged': count('diverged'), 'errors': count('error'),
         'pending': count('pending') + count('running'), 'stopped': count('stopped'),
         'budget': min((float(r.get('budget', 1.0)) for r in done), default=1.0),
-        'no_value': sum(r['status'] == 'finished' and _value(r, metric) is None for r in rs),
+        'no_value': sum(r['status'] in ('finished', 'paused', 'stopped')
+                        and value(r, metric) is None for r in rs),
         'mean': float(np.mean(values)) if values else None,
         'std': float(np.std(values)) if values else None,
         'values': values,
@@ -66,8 +74,7 @@ def summarize(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, A
   def order(s: dict[str, Any]) -> tuple[int, float, float]:
     if s['mean'] is None:
       return (2, 0.0, 0.0)
-    incomplete = s['diverged'] + s['errors'] + s['no_value'] + s['pending'] > 0
-    return (int(incomplete), -s['budget'], -s['mean'] if mode == 'max' else s['mean'])
+    return (int(not complete(s)), -s['budget'], -s['mean'] if mode == 'max' else s['mean'])
   settings.sort(key=order)   # stable: grid order among ties
   return {'metric': metric, 'mode': mode, 'settings': settings,
           'best': settings[0] if settings and settings[0]['mean'] is not None else None}

@@ -6,6 +6,8 @@ import json
 import os
 from typing import Any
 
+from imgcls_jax.sweep import rank as rank_lib
+
 
 def _fmt(metric: str, value: float | None) -> str:
   if value is None:
@@ -100,7 +102,7 @@ def markdown(summary: dict[str, Any]) -> str:
   md += ['', '## Trials', '', '| trial | status | seed | checkpoint | ' + m + ' | wall (s) |',
          '|---|---|---|---|---|---|']
   for r in summary['trials']:
-    value = r.get('metrics', {}).get(m) if r['status'] in ('finished', 'stopped') else None
+    value = rank_lib.value(r, m)
     status = (r['status'] + (f" at {share(r['budget'])}" if r['status'] == 'stopped' else '')
               + (f": {r['error'][:120]}" if r.get('error') else ''))
     md.append(f"| `{r['trial']}` | {status} | {r['seed']} | {r.get('checkpoint', '-')} | "

@@ -102,11 +102,17 @@ def run_trial(trial: Trial, directory: str, pause_at: float | None = None) -> di
     if 'interrupted_at_step' in result or 'interrupted_in_fold' in result:
       return result
     paused, total = result.pop('paused_at_step', None), result.pop('total_steps', None)
-    row['status'] = 'finished' if paused is None else 'paused'
-    row['budget'] = 1.0 if paused is None else float(pause_at)
-    if paused is not None:
-      row.update(paused_at_step=int(paused), total_steps=int(total))
-    _score(trial, directory, row, _scalars(result))
+    if paused is None:
+      row.update(status='finished', budget=1.0)
+      _score(trial, directory, row, _scalars(result))
+    else:   # scored by the rung's evaluation: the model at that step, whatever it serves later
+      row.update(status='paused', budget=int(paused) / int(total), paused_at_step=int(paused),
+                 total_steps=int(total), checkpoint_step=int(paused),
+                 checkpoint=f'step {paused} (the rung)', metrics=_scalars(result))
+      if row['budget'] > pause_at + 1 / int(total):
+        logging.warning('Trial %s was trained to step %d of %d before, past this rung (%.3g of '
+                        'the run; an earlier sweep with other halving settings): it is compared '
+                        'where it is.', trial.name, paused, total, pause_at)
   except train.TrainingDiverged as e:
     row.update(status='diverged', error=str(e))
   except UserError as e:
@@ -124,8 +130,9 @@ def run_trial(trial: Trial, directory: str, pause_at: float | None = None) -> di
 
 
 def at_rung(trial: Trial, directory: str, pause_at: float) -> dict[str, Any] | None:
-  """The trial's row at the rung ``pause_at`` of successive halving, when an earlier call trained
-  it there (or it finished or diverged before: that row); None when it must train."""
+  """The trial's row at the rung ``pause_at`` of successive halving (scored by the rung's own
+  evaluation), when an earlier call trained it there (or it finished or diverged before: that
+  row); None when it must train."""
   saved = store.read(directory)
   if not _same(trial, saved):
     return None
