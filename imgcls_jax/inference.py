@@ -283,7 +283,7 @@ class Classifier:
     return {k: np.concatenate(v) if v else np.zeros((0, len(self.class_names)), np.float32)
             for k, v in out.items()}
 
-  def prepare(self, data: bytes | str, *, max_pixels: int = 0) -> np.ndarray:
+  def prepare(self, data: bytes | str, *, max_pixels: int | None = None) -> np.ndarray:
     """``prepare`` of this classifier's run."""
     return prepare(self.trained, data, max_pixels=max_pixels)
 
@@ -294,12 +294,12 @@ def _eval_op(spec: str) -> Any:
   return pp.numpy_op(spec)
 
 
-def prepare(trained: Trained, data: bytes | str, *, max_pixels: int = 0) -> np.ndarray:
+def prepare(trained: Trained, data: bytes | str, *, max_pixels: int | None = None) -> np.ndarray:
   """Image bytes or a file path -> the uint8 HxWxC array ``trained``'s model takes (decoded,
   resized to the dataset's fixed size, then the run's eval preprocessing).
 
-  Raises ``images.UnreadableImage`` when it is not a decodable image (or has more than
-  ``max_pixels``).
+  Raises ``images.UnreadableImage`` when it is not a decodable image, ``images.ImageTooLarge``
+  when it has more than ``max_pixels`` (0 = no limit; None = PIL's decompression-bomb limit).
   """
   array = images.decode(data, channels=trained.image_shape[2], size_hw=trained.native_hw,
                         max_pixels=max_pixels)

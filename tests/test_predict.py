@@ -7,8 +7,12 @@ import io
 import json
 import os
 import re
+import struct
 import subprocess
 import sys
+import threading
+import warnings
+import zlib
 
 import numpy as np
 import pytest
@@ -116,6 +120,65 @@ def test_prepare_any_size_and_mode(clf, image_folder):
     buf = io.BytesIO()
     Image.new('L', (300, 300)).save(buf, 'PNG')
     clf.prepare(buf.getvalue(), max_pixels=10_000)
+
+
+def bomb_png(width: int, height: int) -> bytes:
+  """A black 1-bit PNG of width x height (20000 x 20000: ~50 KB, made in ~0.2 s without
+  holding its pixels; PIL refuses it as a decompression bomb)."""
+  def chunk(kind, data):
+    return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
+  z = zlib.compressobj(9)
+  row = bytes(1 + (width + 7) // 8)   # filter byte 0, then one bit per pixel
+  idat = b''.join(z.compress(row) for _ in range(height)) + z.flush()
+  header = struct.pack('>IIBBBBB', width, height, 1, 0, 0, 0, 0)  # 1-bit grey
+  return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', header) + chunk(b'IDAT', idat)
+          + chunk(b'IEND', b''))
+
+
+def test_max_pixels_decides_past_pils_decompression_bomb_limit(clf, tmp_path, monkeypatch):
+  bomb = bomb_png(20000, 20000)   # 400 M pixels: PIL's own limit is 2 x 89,478,485
+  with pytest.raises(images.ImageTooLarge, match=r"^an image of 20000x20000 pixels, more than "
+                                                 r"PIL's decompression-bomb limit of 178956970$"):
+    images.decode(bomb, channels=1)     # None: PIL's limit, reported as too large
+  with pytest.raises(images.ImageTooLarge,
+                     match='20000x20000 pixels, more than the limit of 100000000$'):
+    images.decode(bomb, channels=1, max_pixels=10**8)
+  # predict (no limit given) names such a file too large; the readable one is still predicted.
+  (tmp_path / 'bomb.png').write_bytes(bomb)
+  good = tmp_path / 'good.png'
+  Image.new('L', (8, 8)).save(good)
+  results, skipped = predict.predict_files(clf, [str(good), str(tmp_path / 'bomb.png')])
+  assert [r['file'] for r in results] == [str(good)]
+  assert len(skipped) == 1 and 'an image of 20000x20000 pixels, more than' in skipped[0][1]
+  # A limit of 0 (none) or above PIL's lifts PIL's for that image, and PIL's global is restored.
+  # (PIL's limit lowered to 1,000 here: decoding a 400 M pixel image would take 1 GB.)
+  monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 1000)
+  small_bomb = bomb_png(100, 100)   # past 2 x 1,000: PIL refuses it
+  with pytest.raises(images.ImageTooLarge, match="100x100 pixels, more than PIL's .* of 2000$"):
+    images.decode(small_bomb, channels=1)
+  with pytest.raises(images.ImageTooLarge, match='100x100 pixels, more than the limit of 9999$'):
+    images.decode(small_bomb, channels=1, max_pixels=9999)
+  for limit in (0, 10_000):
+    array = images.decode(small_bomb, channels=3, max_pixels=limit)
+    assert array.shape == (100, 100, 3) and not array.any()
+  np.testing.assert_array_equal(clf.prepare(small_bomb, max_pixels=0), np.zeros((8, 8, 1)))
+  with warnings.catch_warnings():   # PIL's warning (past 1 x its limit) raised as an error
+    warnings.simplefilter('error')
+    assert images.decode(bomb_png(40, 40), channels=1, max_pixels=0).shape == (40, 40, 1)
+  errors = []
+
+  def decode_many():
+    for _ in range(20):
+      try:
+        images.decode(small_bomb, channels=1, max_pixels=0)
+      except Exception as e:  # noqa: BLE001 (collected: any failure fails the test)
+        errors.append(e)
+  threads = [threading.Thread(target=decode_many) for _ in range(4)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert not errors and Image.MAX_IMAGE_PIXELS == 1000
 
 
 def test_predict_folder_jsonl_matches_model_and_skips_bad_files(run, clf, image_folder, caplog):

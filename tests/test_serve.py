@@ -23,7 +23,7 @@ from imgcls_jax import inference, serve
 from imgcls_jax.data import digits
 from imgcls_jax.errors import UserError
 from tests.conftest import REPO, subprocess_env
-from tests.test_predict import trained_run, trainer_probabilities
+from tests.test_predict import bomb_png, trained_run, trainer_probabilities
 
 NUM_REQUESTS, CONCURRENCY, DEADLINE_S = 500, 16, 240
 
@@ -185,6 +185,15 @@ def test_bounded_load_test_with_malformed_requests(server):
   assert sum(n * c for n, c in srv.batcher.batch_sizes.items()) - before == ok == 400
   assert _request(srv.url, 'GET', '/healthz') == (200, {'status': 'ok'})
   print(f'{len(futures)} requests in {elapsed:.1f} s; batch sizes {dict(srv.batcher.batch_sizes)}')
+
+
+def test_an_image_past_pils_decompression_bomb_limit_is_413_naming_its_size(server):
+  srv, _ = server
+  bomb = bomb_png(20000, 20000)   # ~50 KB: within max_upload_bytes, 400 M pixels
+  status, payload = _request(srv.url, 'POST', '/v1/classify', bomb)
+  assert status == 413, payload
+  assert payload['error'] == ('The body is an image of 20000x20000 pixels, more than the limit of '
+                              '1000000; send a smaller image.')
 
 
 def test_tf_serving_rest_api(server):

@@ -13,7 +13,8 @@ import io
 import logging
 import os
 import re
-from typing import Callable, Iterator
+import threading
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -37,19 +38,25 @@ class ImageTooLarge(UnreadableImage):
 
 
 def decode(data: bytes | str, *, channels: int, size_hw: tuple[int, int] | None = None,
-           max_pixels: int = 0) -> np.ndarray:
+           max_pixels: int | None = None) -> np.ndarray:
   """Image bytes or a file path -> uint8 HxWx``channels``, upright (EXIF orientation applied).
 
   Any mode (grey, RGB, RGBA, palette) is converted: grey is replicated for 3 channels, alpha is
   dropped. With ``size_hw`` the image is resized to it (area-average when shrinking,
-  bilinear when enlarging). Raises UnreadableImage (ImageTooLarge past ``max_pixels``).
+  bilinear when enlarging). Raises UnreadableImage, and ImageTooLarge (from the header, before
+  decoding) for an image of more than ``max_pixels`` (width x height; 0 = no limit, None = the
+  size PIL refuses as a decompression bomb, twice ``PIL.Image.MAX_IMAGE_PIXELS``).
   """
   from PIL import Image, ImageOps
+  if max_pixels is None:
+    limit, whose = 2 * (Image.MAX_IMAGE_PIXELS or 0), "PIL's decompression-bomb limit"
+  else:
+    limit, whose = max_pixels, 'the limit'
   try:
-    with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
-      if max_pixels and img.width * img.height > max_pixels:
-        raise ImageTooLarge(f'an image of {img.width}x{img.height} pixels, more than the limit '
-                            f'of {max_pixels}')
+    with _open(data) as img:
+      if limit and img.width * img.height > limit:
+        raise ImageTooLarge(f'an image of {img.width}x{img.height} pixels, more than {whose} '
+                            f'of {limit}')
       img = ImageOps.exif_transpose(img)
       if img.mode.startswith('I;16'):  # 16-bit grey (scans, medical): full range to 8 bits
         img = Image.fromarray((np.asarray(img, np.uint32) // 257).astype(np.uint8))
@@ -76,11 +83,38 @@ def decode(data: bytes | str, *, channels: int, size_hw: tuple[int, int] | None 
       array = np.asarray(img, np.uint8)
   except UnreadableImage:
     raise
-  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+  except Image.DecompressionBombError as e:  # PIL's check of a later frame or crop (GIF, ICO)
+    raise ImageTooLarge(f'an image with a part larger than PIL decodes ({e})') from None
+  except (OSError, ValueError, SyntaxError) as e:
     detail = re.sub(r'<_io\.BytesIO object at 0x[0-9a-f]+>', 'the upload',
                     (str(e).splitlines() or [''])[0][:160])
     raise UnreadableImage(f'not a readable image ({type(e).__name__}: {detail})') from None
   return array[..., None] if array.ndim == 2 else array
+
+
+_LIFT_PIL_LIMIT = threading.Lock()
+
+
+def _open(data: bytes | str) -> Any:
+  """``PIL.Image.open`` (lazy: it reads the header) without PIL's decompression-bomb check, so
+  that ``decode``'s ``max_pixels`` decides, also past PIL's ``MAX_IMAGE_PIXELS``.
+
+  PIL reads its limit from a module global: only an image that PIL refuses (or warns about, where
+  warnings are errors) is opened again with the global lifted, for that header read only and
+  under a lock; other images leave it alone.
+  """
+  from PIL import Image
+  source = lambda: io.BytesIO(data) if isinstance(data, bytes) else data
+  try:
+    return Image.open(source())
+  except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+    pass
+  with _LIFT_PIL_LIMIT:
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+      return Image.open(source())
+    finally:
+      Image.MAX_IMAGE_PIXELS = limit
 
 
 def list_inputs(spec: str, key: str = 'predict.inputs') -> list[str]:
