@@ -29,6 +29,8 @@ def _one_error_line(proc):
     ('--config.batch_size=abc', r'Bad config value.*batch_size'),
     ('--config.batch_size=-4', r'config.batch_size must be positive'),
     ('--config.model.name=resnet51', r"Unknown model 'resnet51'"),
+    ('--config.model.name=resnet18', r"config.model sets convs_per_stage, dropout, widths, which "
+     r"model 'resnet18' does not take.*--config.model=\"\{'name': 'resnet18'\}\""),
     ('--config.data.name=no_such_set', r"'no_such_set' is not a tfds dataset"),
     ('--config.optim.name=adagrad', r"Unknown config.optim.name 'adagrad'"),
     ('--config.mesh.cpu_devices=-2', r'config.mesh.cpu_devices=-2 is not a sensible'),
@@ -38,6 +40,18 @@ def test_bad_config_fails_with_one_clear_line(tmp_path, override, pattern):
   proc = _main('--config=configs/default.py', f'--workdir={tmp_path}', override,
                f'--config.data.data_dir={tmp_path}/tfds', timeout=300)
   assert re.search(pattern, _one_error_line(proc)), proc.stderr[-1000:]
+
+
+def test_a_model_family_is_switched_by_replacing_the_model_group(tmp_path):
+  """--config.model="{...}" replaces the config file's model group (no cnn keys are left)."""
+  script = ('import sys; from imgcls_jax import main, models; c, _, _ = main.parse(sys.argv); '
+            'models.check_arguments(c.model.name, c.model.keys()); print(sorted(c.model.items()))')
+  proc = subprocess.run([sys.executable, '-c', script, '--config=configs/default.py',
+                         f'--workdir={tmp_path}', "--config.model={'name': 'resnet18', "
+                         "'small_inputs': True}"], cwd=REPO, env=subprocess_env(1),
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.strip() == "[('name', 'resnet18'), ('small_inputs', True)]"
 
 
 def test_cpu_devices_split_the_host_for_data_parallel_training(tmp_path):

@@ -2,15 +2,18 @@
 layer-depth rule of each family."""
 import functools
 import re
+import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
 from imgcls_jax import models, state
 from imgcls_jax.errors import UserError
+from tests.conftest import REPO
 
 
 @functools.partial(nnx.jit, static_argnames='train')
@@ -99,6 +102,42 @@ def test_unknown_model_is_a_clear_error():
 def test_bad_model_argument_names_the_model():
   with pytest.raises(UserError, match="Bad arguments for model 'cnn'"):
     models.get('cnn', num_classes=10, in_channels=3, rngs=nnx.Rngs(0), depth=3)
+
+
+def _default_config():
+  if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+  from configs import default
+  return default.get_config()
+
+
+def test_another_familys_model_keys_name_the_keys_and_the_whole_group_fix():
+  c = _default_config()   # its model group: cnn's widths, convs_per_stage, dropout
+  c.model.name = 'resnet18'   # what --config.model.name=resnet18 does
+  with pytest.raises(UserError) as e:
+    models.from_config(c, num_classes=10, in_channels=1)
+  assert str(e.value) == (
+      "config.model sets convs_per_stage, dropout, widths, which model 'resnet18' does not take: "
+      "another family's arguments (cnn's), which the config file's model group keeps when only "
+      'config.model.name changes; replace the whole group, e.g. '
+      '--config.model="{\'name\': \'resnet18\'}" (adding any of its own arguments: width, '
+      'small_inputs, drop_path_rate).')
+  # The fix it gives builds resnet18: torchvision's 11,689,512 parameters with a 10-class head
+  # (990 fewer outputs of 512 weights and a bias) and a 3x3 stem on one channel (-9,408 + 576).
+  c.model = ml_collections.ConfigDict({'name': 'resnet18', 'small_inputs': True})
+  model = nnx.eval_shape(lambda: models.from_config(c, 10, 1)(rngs=nnx.Rngs(0)))
+  assert _count(model) == 11_689_512 - 990 * 513 - 9_408 + 576
+  # A key no family takes is a typo; a bad value of a key the model takes keeps its message.
+  c = _default_config()
+  c.model.widht = (8,)
+  with pytest.raises(UserError, match=r"^config.model.widht is not an argument of model 'cnn' "
+                                      r"\(did you mean 'widths'\?\); its arguments: widths, "
+                                      r'convs_per_stage, dropout\.$'):
+    models.from_config(c, 10, 1)
+  c = _default_config()
+  c.model.widths = (0,)
+  with pytest.raises(UserError, match=r"^Bad arguments for model 'cnn' \(ValueError: widths="):
+    models.from_config(c, 10, 1)(rngs=nnx.Rngs(0))
 
 
 def test_small_input_conv_matches_lax_in_value_and_gradient():

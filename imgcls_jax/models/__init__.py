@@ -17,9 +17,10 @@ Names are dotted parameter paths (``layer1.0.conv1.kernel``, see ``imgcls_jax.st
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import inspect
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from flax import nnx
 
@@ -111,6 +112,45 @@ def arguments(name: str) -> tuple[list[inspect.Parameter], dict[str, Any], bool]
   return params, bound, any(p.kind is p.VAR_KEYWORD for p in params)
 
 
+# Every constructor's arguments, given by the caller (from_config), never by config.model.
+_COMMON = ('self', 'num_classes', 'in_channels', 'dtype', 'rngs')
+
+
+def unknown_arguments(name: str, keys: Iterable[str]) -> list[str]:
+  """The ``keys`` (config.model keys, less 'name') that model ``name``'s constructor does not
+  take; none when it takes any keyword."""
+  params, _, any_keyword = arguments(name)
+  taken = {p.name for p in params}
+  return [] if any_keyword else [k for k in keys if k not in taken]
+
+
+def check_arguments(name: str, keys: Iterable[str]) -> None:
+  """UserError when model ``name`` does not take one of the config.model ``keys``: naming the
+  family they belong to where another one takes them (the config file's model keys stay when
+  only config.model.name changes on the command line), else the nearest argument."""
+  keys = sorted(set(keys) - {'name'})
+  unknown = unknown_arguments(name, keys)
+  if not unknown:
+    return
+  params, bound, _ = arguments(name)
+  own = [p.name for p in params if p.name not in _COMMON and p.name not in bound]
+  owners = {k: [n for n in names() if n != name and not unknown_arguments(n, [k])]
+            for k in unknown}
+  foreign = [k for k in unknown if owners[k]]
+  if foreign:
+    families = [n for n in names() if n != name and not unknown_arguments(n, foreign)]
+    whose = f" ({'e.g. ' if len(families) > 1 else ''}{families[0]}'s)" if families else ''
+    raise UserError(f"config.model sets {', '.join(foreign)}, which model '{name}' does not take:"
+                    f' another family\'s arguments{whose}, which the config file\'s model group '
+                    'keeps when only config.model.name changes; replace the whole group, e.g. '
+                    f"--config.model=\"{{'name': '{name}'}}\" (adding any of its own arguments: "
+                    f"{', '.join(own) or 'none'}).")
+  near = difflib.get_close_matches(unknown[0], own, n=1)
+  raise UserError(f"config.model.{unknown[0]} is not an argument of model '{name}'"
+                  + (f" (did you mean '{near[0]}'?)" if near else '')
+                  + f"; its arguments: {', '.join(own) or 'none'}.")
+
+
 def get(name: str, **kwargs: Any) -> nnx.Module:
   """Builds the model registered as ``name`` with constructor ``kwargs``."""
   constructor = family(name).constructor
@@ -123,8 +163,10 @@ def get(name: str, **kwargs: Any) -> nnx.Module:
 
 def from_config(config: ml_collections.ConfigDict, num_classes: int,
                 in_channels: int) -> Callable[..., nnx.Module]:
-  """``rngs -> model`` for ``config.model`` (every key but ``name`` goes to the constructor)."""
+  """``rngs -> model`` for ``config.model`` (every key but ``name`` goes to the constructor);
+  UserError now for a key the model does not take (``check_arguments``)."""
   kwargs = {k: v for k, v in config.model.items() if k != 'name'}
+  check_arguments(config.model.name, kwargs)
   return functools.partial(get, config.model.name, num_classes=num_classes,
                            in_channels=in_channels, dtype=config.dtype, **kwargs)
 
