@@ -23,7 +23,7 @@ import logging
 import math
 import os
 import shutil
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import ml_collections
@@ -241,13 +241,16 @@ class Checkpointer:
     return restored['state'], dict(restored['meta'] or {})
 
   def restore_latest(self, abstract_state: Any,
-                     config: ml_collections.ConfigDict | None = None) -> Restored | None:
+                     config: ml_collections.ConfigDict | None = None,
+                     check_meta: Callable[[dict[str, Any], str], None] | None = None
+                     ) -> Restored | None:
     """The newest readable checkpoint that fits ``abstract_state``; None when there is none.
 
     Unreadable (truncated, partly deleted) checkpoints are moved to
     ``<workdir>/corrupt_checkpoints`` with a warning, and the previous one is tried. A readable
-    checkpoint written by a different model/dataset (``config``'s state-defining keys, or the
-    state's tree) raises UserError.
+    checkpoint written by a different model/dataset (``config``'s state-defining keys, then
+    ``check_meta(meta, 'checkpoint <step> in <directory>')``, e.g. its classes, then the state's
+    tree) raises UserError, before any array is read.
     """
     skipped: list[int] = []
     failed_reads.install()  # a damaged checkpoint: one warning, not tensorstore's leftovers
@@ -262,6 +265,8 @@ class Checkpointer:
       where = f'checkpoint {step} in {self.directory}'
       if config is not None:
         configlib.check_config(meta.get('config'), config, where)
+      if check_meta is not None:
+        check_meta(meta, where)
       self._check_fits(step, abstract_state)
       try:
         state = self._manager.restore(step, args=ocp.args.Composite(

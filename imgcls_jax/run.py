@@ -348,9 +348,12 @@ def restore_or_init(s: Setup, ckpt: checkpoint.Checkpointer) -> tuple[Any, Any]:
   logging.info('Train state: %.2f MiB per device (%s placement over %d devices).',
                sharding.planned_bytes_per_device(target, shardings) / 2**20, s.placement.mode,
                s.mesh.devices.size)
-  restored = ckpt.restore_latest(target, config=s.config)
+  # The classes are compared on the checkpoint's meta before its arrays: a changed class count
+  # would otherwise first show as a head of another shape.
+  restored = ckpt.restore_latest(target, config=s.config,
+                                 check_meta=functools.partial(_check_same_classes, s))
   if restored is not None:
-    _check_same_data(s, restored.meta, f'checkpoint {restored.step} in {ckpt.directory}')
+    _warn_folder_changed(s, restored.meta)
     logging.info('Resuming from step %d.', restored.step)
     return restored.state, shardings
   override = (whitening.override(s.config, s.info, s.model_fn) if whitening.enabled(s.config)
@@ -363,10 +366,9 @@ def restore_or_init(s: Setup, ckpt: checkpoint.Checkpointer) -> tuple[Any, Any]:
   return state, shardings
 
 
-def _check_same_data(s: Setup, meta: dict[str, Any], where: str) -> None:
+def _check_same_classes(s: Setup, meta: dict[str, Any], where: str) -> None:
   """A resumed run must read the classes it was trained on, in the same order (an image folder's
-  or manifest's classes can change under the same config); a held-out split drawn from a folder
-  whose files changed since is warned about."""
+  or manifest's classes can change under the same config)."""
   then = [str(c) for c in meta.get('class_names') or []]
   now = [str(c) for c in s.info.class_names]
   if then and then != now:
@@ -377,6 +379,10 @@ def _check_same_data(s: Setup, meta: dict[str, Any], where: str) -> None:
                     f'now has {len(now)} ({what}), so its class indices would mean other classes; '
                     'restore the data as it was, or train in a new --workdir '
                     '(config.transfer.init_from=<this run> starts from its weights).')
+
+
+def _warn_folder_changed(s: Setup, meta: dict[str, Any]) -> None:
+  """Warns when a held-out split is drawn from a folder whose files changed since the run."""
   if meta.get('dataset_info'):
     saved = DatasetInfo.from_json(meta['dataset_info'])
     changed = held_out.folder_changed(s.config, saved, str(s.config.data.eval_split))

@@ -3,6 +3,7 @@ before harm: a reader beside a training run, a damaged newest checkpoint, an ima
 classes or held-out draw changed under a resume, a run directory inside its own data, dataset
 keys another dataset ignores, typos in config files, a k-NN score of an example against itself,
 arrays of the wrong kind, impossible model sizes and label orders that depended on the process."""
+import logging
 import os
 import shutil
 import subprocess
@@ -91,6 +92,35 @@ def test_an_image_folder_resume_must_read_the_same_classes_and_draw(digits_confi
     train.train_and_evaluate(c, workdir)
   c.data.holdout_seed = 0
   assert train.train_and_evaluate(c, workdir)['count'] > 0      # as it was: resumes
+
+
+def test_a_resume_with_another_class_count_names_the_classes_before_any_shape(digits_config,
+                                                                             tmp_path, caplog):
+  root = _folder(str(tmp_path / 'images'))
+  c = _folder_config(digits_config, root)
+  c.num_train_steps = 4          # checkpoints 2 and 4
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(c, workdir)
+  c.num_train_steps = 6
+  os.rename(os.path.join(root, 'c2'), str(tmp_path / 'c2'))   # 3 classes -> 2: a smaller head
+  folder_index.clear_memo()
+  message = (r'^Cannot resume checkpoint {} in .*: it was trained on 3 classes and the data now '
+             r'has 2 \(gone: c2\), so its class indices would mean other classes; restore the '
+             r'data as it was, or train in a new --workdir')
+  with pytest.raises(UserError, match=message.format(4)):
+    train.train_and_evaluate(c, workdir)
+  # A damaged newest checkpoint is still set aside, and the previous one's classes compared.
+  with open(os.path.join(workdir, 'checkpoints', '4', 'meta', 'metadata'), 'w') as f:
+    f.write('garbage')
+  with pytest.raises(UserError, match=message.format(2)):
+    train.train_and_evaluate(c, workdir)
+  assert os.path.isdir(os.path.join(workdir, 'corrupt_checkpoints', '4'))
+  os.rename(str(tmp_path / 'c2'), os.path.join(root, 'c2'))   # the data as it was: resumes at 2
+  folder_index.clear_memo()
+  with caplog.at_level(logging.INFO):
+    train.train_and_evaluate(c, workdir)
+  assert 'Resuming from step 2.' in caplog.text
+  assert os.path.isdir(os.path.join(workdir, 'checkpoints', '6'))
 
 
 def test_a_run_directory_inside_its_image_folder_is_refused_before_writing(digits_config,
