@@ -135,6 +135,14 @@ def bomb_png(width: int, height: int) -> bytes:
           + chunk(b'IEND', b''))
 
 
+def _outcome(data, **kw):
+  try:
+    images.decode(data, channels=1, **kw)
+    return 'decoded'
+  except images.UnreadableImage as e:
+    return type(e).__name__
+
+
 def test_max_pixels_decides_past_pils_decompression_bomb_limit(clf, tmp_path, monkeypatch):
   bomb = bomb_png(20000, 20000)   # 400 M pixels: PIL's own limit is 2 x 89,478,485
   with pytest.raises(images.ImageTooLarge, match=r"^an image of 20000x20000 pixels, more than "
@@ -165,20 +173,30 @@ def test_max_pixels_decides_past_pils_decompression_bomb_limit(clf, tmp_path, mo
   with warnings.catch_warnings():   # PIL's warning (past 1 x its limit) raised as an error
     warnings.simplefilter('error')
     assert images.decode(bomb_png(40, 40), channels=1, max_pixels=0).shape == (40, 40, 1)
-  errors = []
+  # Threads lifting PIL's limit (0) beside threads keeping it (None): each gets its own answer.
+  wrong = []
 
-  def decode_many():
-    for _ in range(20):
-      try:
-        images.decode(small_bomb, channels=1, max_pixels=0)
-      except Exception as e:  # noqa: BLE001 (collected: any failure fails the test)
-        errors.append(e)
-  threads = [threading.Thread(target=decode_many) for _ in range(4)]
+  def decode_many(max_pixels):
+    expected = 'decoded' if max_pixels == 0 else 'ImageTooLarge'
+    wrong.extend(got for got in (_outcome(small_bomb, max_pixels=max_pixels) for _ in range(50))
+                 if got != expected)
+  threads = [threading.Thread(target=decode_many, args=(m,)) for m in (0, None, 0, None)]
   for t in threads:
     t.start()
   for t in threads:
     t.join()
-  assert not errors and Image.MAX_IMAGE_PIXELS == 1000
+  assert not wrong and Image.MAX_IMAGE_PIXELS == 1000, wrong[:3]
+  # Deterministically: a decode keeping PIL's limit, started while another thread has it lifted
+  # (the lock held, the global None), waits and then applies it (it would otherwise see no limit).
+  result = []
+  with images._LIFT_PIL_LIMIT:
+    Image.MAX_IMAGE_PIXELS = None
+    t = threading.Thread(target=lambda: result.append(_outcome(small_bomb)))
+    t.start()
+    t.join(0.5)
+    Image.MAX_IMAGE_PIXELS = 1000
+  t.join()
+  assert result == ['ImageTooLarge'], result
 
 
 def test_predict_folder_jsonl_matches_model_and_skips_bad_files(run, clf, image_folder, caplog):

@@ -37,6 +37,9 @@ class ImageTooLarge(UnreadableImage):
   """An image with more pixels than allowed."""
 
 
+_LIFT_PIL_LIMIT = threading.Lock()   # held while PIL's global limit is lifted (``_open``)
+
+
 def decode(data: bytes | str, *, channels: int, size_hw: tuple[int, int] | None = None,
            max_pixels: int | None = None) -> np.ndarray:
   """Image bytes or a file path -> uint8 HxWx``channels``, upright (EXIF orientation applied).
@@ -49,7 +52,8 @@ def decode(data: bytes | str, *, channels: int, size_hw: tuple[int, int] | None 
   """
   from PIL import Image, ImageOps
   if max_pixels is None:
-    limit, whose = 2 * (Image.MAX_IMAGE_PIXELS or 0), "PIL's decompression-bomb limit"
+    with _LIFT_PIL_LIMIT:   # not None for a moment while another thread's _open lifts it
+      limit, whose = 2 * (Image.MAX_IMAGE_PIXELS or 0), "PIL's decompression-bomb limit"
   else:
     limit, whose = max_pixels, 'the limit'
   try:
@@ -90,9 +94,6 @@ def decode(data: bytes | str, *, channels: int, size_hw: tuple[int, int] | None 
                     (str(e).splitlines() or [''])[0][:160])
     raise UnreadableImage(f'not a readable image ({type(e).__name__}: {detail})') from None
   return array[..., None] if array.ndim == 2 else array
-
-
-_LIFT_PIL_LIMIT = threading.Lock()
 
 
 def _open(data: bytes | str) -> Any:
