@@ -77,8 +77,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.convs_per_stage = 2
   c.model.dropout = 0.0                   # before the linear head
   # Keys of the other families (set c.model anew when you pick one: every key but 'name' goes to
-  # the constructor). Sizes (vit_ti16, convnext_tiny, efficientnet_b0, mobilenet_v3_large, ...)
-  # fix the architecture; these keys override it:
+  # the constructor; on the command line --config.model="{'name': 'resnet18', 'small_inputs':
+  # True}", as --config.model.name alone keeps the keys above). Sizes (vit_ti16, convnext_tiny,
+  # efficientnet_b0, mobilenet_v3_large, ...) fix the architecture; these keys override it:
   #   resnet*:        width, small_inputs (3x3/1 stem for 8-32 px), drop_path_rate
   #   vit_*:          image_size (the input size, 224), patch_size (16; must divide image_size),
   #                   pool ('token': class token, or 'gap': mean of the tokens), dropout,
@@ -416,7 +417,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.serve.max_batch_size = 32             # concurrent requests batched into one forward pass
   c.serve.batch_timeout_ms = 5.0          # how long a batch waits to fill after its first request
   c.serve.max_upload_bytes = 10 * 2**20   # larger bodies get 413
-  c.serve.max_pixels = 40_000_000         # larger decoded images (width x height) get 413
+  c.serve.max_pixels = 40_000_000         # larger decoded images (width x height) get 413, read
+                                          # from the header (0 = no limit, also past PIL's)
   c.serve.max_queue = 1024                # images waiting for the model; beyond it 503 (retry), and a
                                           # request of more images than this is 413
   c.serve.top_k = 5                       # default classes per answer (?top_k=N overrides)
