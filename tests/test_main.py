@@ -29,8 +29,9 @@ def _one_error_line(proc):
     ('--config.batch_size=abc', r'Bad config value.*batch_size'),
     ('--config.batch_size=-4', r'config.batch_size must be positive'),
     ('--config.model.name=resnet51', r"Unknown model 'resnet51'"),
-    ('--config.model.name=resnet18', r"config.model sets convs_per_stage, dropout, widths, which "
-     r"model 'resnet18' does not take.*--config.model=\"\{'name': 'resnet18'\}\""),
+    ('--config.model.name=resnet18', (r"config.model sets convs_per_stage, dropout, widths, "
+                                      r"which model 'resnet18' does not take.*"
+                                      r"--config.model=\"\{'name': 'resnet18'\}\"")),
     ('--config.data.name=no_such_set', r"'no_such_set' is not a tfds dataset"),
     ('--config.optim.name=adagrad', r"Unknown config.optim.name 'adagrad'"),
     ('--config.mesh.cpu_devices=-2', r'config.mesh.cpu_devices=-2 is not a sensible'),
@@ -46,9 +47,9 @@ def test_a_model_family_is_switched_by_replacing_the_model_group(tmp_path):
   """--config.model="{...}" replaces the config file's model group (no cnn keys are left)."""
   script = ('import sys; from imgcls_jax import main, models; c, _, _ = main.parse(sys.argv); '
             'models.check_arguments(c.model.name, c.model.keys()); print(sorted(c.model.items()))')
+  group = "--config.model={'name': 'resnet18', 'small_inputs': True}"
   proc = subprocess.run([sys.executable, '-c', script, '--config=configs/default.py',
-                         f'--workdir={tmp_path}', "--config.model={'name': 'resnet18', "
-                         "'small_inputs': True}"], cwd=REPO, env=subprocess_env(1),
+                         f'--workdir={tmp_path}', group], cwd=REPO, env=subprocess_env(1),
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert proc.stdout.strip() == "[('name', 'resnet18'), ('small_inputs', True)]"
