@@ -76,8 +76,10 @@ def test_the_grid_becomes_one_checked_config_per_trial(digits_config):
     ("{'num_train_steps': [10.5]}", 1, 'that key takes an int'),
     ("{'model.widths': [[8, 16.5]]}", 1, r"'model.widths\[1\]' the value 16.5, but that key takes "
      'an int'),
-    ("{'model.dropuot': [0.1]}", 1, "model 'cnn' takes no argument 'dropuot' \\(did you mean "
-     "'dropout'"),
+    ("{'model.dropuot': [0.1]}", 1, "config.model.dropuot is not an argument of model 'cnn' "
+     "\\(did you mean 'dropout'"),
+    ("{'model.name': ['resnet18']}", 1, "config.model sets convs_per_stage, dropout, widths, which "
+     "model 'resnet18' does not take"),
     ("{'model': ['resnet18']}", 1, 'each value must be a whole model'),
     ("{'cross_validation.folds': [0, 2]}", 1, 'every setting must be ranked the same way'),
     ("{'data.eval_split': ['test', 'train']}", 1, 'ranked on the same split'),

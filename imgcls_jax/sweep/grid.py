@@ -207,21 +207,6 @@ def set_key(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
                     f'not take (now {current!r}).') from None
 
 
-def check_model(config: ml_collections.ConfigDict) -> None:
-  """UserError when ``config.model`` names an unknown model or an argument it does not take."""
-  name = config.model.name
-  params, _, any_keyword = models.arguments(name)
-  if any_keyword:
-    return
-  names = [p.name for p in params]
-  for key in config.model.keys():
-    if key != 'name' and key not in names:
-      near = difflib.get_close_matches(key, names, n=1)
-      raise UserError(f"model '{name}' takes no argument '{key}'"
-                      + (f" (did you mean '{near[0]}'?)" if near else '')
-                      + f"; its arguments: {', '.join(n for n in names if n != 'self')}.")
-
-
 def _text(value: Any) -> str:
   if isinstance(value, dict):
     return '_'.join([str(value.get('name'))] + [f'{k}={_text(v)}' for k, v in value.items()
@@ -293,7 +278,7 @@ def trials(config: ml_collections.ConfigDict) -> list[Trial]:
       teacher.absolute_paths(c)   # as training saves it in config.json
       try:
         configlib.validate(c)
-        check_model(c)
+        models.check_arguments(c.model.name, c.model.keys())
       except UserError as e:
         raise UserError(f'The sweep setting {setting}: {e}') from None
       as_json = configlib.config_dict(c)
