@@ -19,8 +19,8 @@ import ml_collections
 import tqdm
 
 from imgcls_jax import (checkpoint, configlib, dispatch, held_out, inference, metrics, ood, optim,
-                        preemption, report, report_multilabel, report_text, run, selective, sharding,
-                        startup)
+                        preemption, report, report_multilabel, report_text, run, selective,
+                        sharding, startup, train_log)
 from imgcls_jax import state as state_lib
 from imgcls_jax import teacher as teacher_lib
 from imgcls_jax.data import reader
@@ -29,44 +29,6 @@ from imgcls_jax.errors import UserError
 
 class TrainingDiverged(UserError):
   """The loss became NaN or Inf."""
-
-
-class _TrainLog:
-  """Train metrics of dispatched steps, fetched lazily, checked for NaN and written. An entry is
-  one dispatch: the metrics of one step, or of ``n`` steps stacked
-  (``config.steps_per_dispatch``)."""
-
-  def __init__(self, writer: metrics.MetricWriter, bar: tqdm.tqdm, batch_size: int,
-               diverged: Any):
-    self.writer, self.bar, self.batch_size, self.diverged = writer, bar, batch_size, diverged
-    self.pending: list[tuple[Any, int]] = []
-    self.t0, self.steps_timed = time.perf_counter(), 0
-
-  def add(self, step_metrics: Any, n: int = 1) -> None:
-    self.pending.append((step_metrics, n))
-    self.steps_timed += n
-
-  def flush(self, step: int, keep_last: bool) -> None:
-    """Fetches pending metrics (all but the newest dispatch when ``keep_last``) and logs their
-    mean."""
-    fetch, self.pending = ((self.pending[:-1], self.pending[-1:]) if keep_last
-                           else (self.pending, []))
-    if not fetch:
-      return
-    later = sum(n for _, n in self.pending)  # steps still pending after the fetched ones
-    values = [v for fetched, (_, n) in zip(jax.device_get([m for m, _ in fetch]), fetch)
-              for v in dispatch.unstack(fetched, n)]
-    for i, v in enumerate(values):
-      if not metrics.values_finite({'loss': v['loss'], 'grad_norm': v['grad_norm']}):
-        bad = step - later - len(values) + i + 1
-        raise self.diverged(f'the loss is {float(v["loss"])} (gradient norm '
-                            f'{float(v["grad_norm"])})', bad)
-    elapsed = time.perf_counter() - self.t0
-    summary = metrics.mean_train(values)
-    summary['images_per_sec'] = self.steps_timed * self.batch_size / max(elapsed, 1e-9)
-    self.writer.write(step - later, 'train', summary)
-    self.bar.set_postfix(loss=f"{summary['loss']:.4f}", img_s=f"{summary['images_per_sec']:.0f}")
-    self.t0, self.steps_timed = time.perf_counter(), later
 
 
 # Host memory the schedule-free statistics batches may hold (uint8 images): 16 ImageNet batches
@@ -116,7 +78,7 @@ class _Trainer:
     self.temperature: dict[str, Any] | None = None   # run.fit_temperature's record
     self.writer, self.bar = writer, bar
     self.last_good = ckpt.latest_step()
-    self.log = _TrainLog(writer, bar, s.config.batch_size, self.diverged)
+    self.log = train_log.TrainLog(writer, bar, s.config.batch_size, self.diverged)
     self.is_main = jax.process_index() == 0
     self.eval_data = reader.eval_data(
         s.config.data, s.config.data.eval_split, local_batch_size=s.local_eval_batch_size,

@@ -220,3 +220,14 @@ def export_description(config, workdir: str, out_dir: str) -> dict:
   export.export(cfg, workdir)
   with open(os.path.join(out_dir, 'export.json')) as f:
     return json.load(f)
+
+
+def with_grid(config, grid, seeds=1, **sweep_keys):
+  """A copy of ``config`` that sweeps ``grid`` over ``seeds`` seeds (``config.sweep`` keys too)."""
+  import copy
+  c = copy.deepcopy(config)
+  c.sweep.grid = grid
+  c.sweep.seeds = seeds
+  for k, v in sweep_keys.items():
+    c.sweep[k] = v
+  return c

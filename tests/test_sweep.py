@@ -17,20 +17,11 @@ from imgcls_jax.sweep import report as sweep_report
 from imgcls_jax.sweep import store as sweep_store
 from imgcls_jax.sweep import trial as sweep_trial
 from imgcls_jax.errors import UserError
-from tests.conftest import REPO, subprocess_env
-
-
-def _with_grid(config, grid, seeds=1, **sweep_keys):
-  c = copy.deepcopy(config)
-  c.sweep.grid = grid
-  c.sweep.seeds = seeds
-  for k, v in sweep_keys.items():
-    c.sweep[k] = v
-  return c
+from tests.conftest import REPO, subprocess_env, with_grid
 
 
 def test_the_grid_becomes_one_checked_config_per_trial(digits_config):
-  c = _with_grid(digits_config, "{'optim.learning_rate': [1, 0.5], 'model.widths': [[8, 16]], "
+  c = with_grid(digits_config, "{'optim.learning_rate': [1, 0.5], 'model.widths': [[8, 16]], "
                  "'model.dropout': [0.25]}", seeds=2)
   c.seed = 7
   ts = sweep_grid.trials(c)
@@ -47,13 +38,13 @@ def test_the_grid_becomes_one_checked_config_per_trial(digits_config):
   assert digits_config.sweep.grid == '' and digits_config.optim.learning_rate == 0.1  # untouched
   assert ts[0].setting == 'optim.learning_rate=1, model.widths=8-16, model.dropout=0.25'
   # 'seed' in the grid replaces the seeds; a value that is no path character is made safe
-  ts = sweep_grid.trials(_with_grid(digits_config,
+  ts = sweep_grid.trials(with_grid(digits_config,
                                     "{'seed': [3, 4], 'data.train_split': ['train[:50%]']}"))
   assert [t.seed for t in ts] == [3, 4]
   assert all(t.name.startswith('seed=') and '[' not in t.name and ',' not in t.name for t in ts)
   assert len({t.name for t in ts}) == 2
   # Whole models, to sweep families: the other family's keys do not leak into the trial.
-  ts = sweep_grid.trials(_with_grid(
+  ts = sweep_grid.trials(with_grid(
       digits_config, "{'model': [{'name': 'cnn', 'widths': [8, 16]}, {'name': 'resnet18'}]}"))
   assert [t.name for t in ts] == ['model=cnn_widths=8-16+seed=0', 'model=resnet18+seed=0']
   assert ts[1].config_json['model'] == {'name': 'resnet18'}
@@ -95,13 +86,13 @@ def test_the_grid_becomes_one_checked_config_per_trial(digits_config):
 ])
 def test_a_bad_grid_is_one_sentence_before_anything_runs(digits_config, grid, seeds, message):
   with pytest.raises(UserError, match=message):
-    sweep_grid.trials(_with_grid(digits_config, grid, seeds))
+    sweep_grid.trials(with_grid(digits_config, grid, seeds))
 
 
 def test_random_settings_are_distinct_reproducible_and_drawn_from_their_ranges(digits_config):
   grid = ("{'optim.learning_rate': {'log_uniform': [1e-4, 1.0]}, 'label_smoothing': [0.0, 0.1], "
           "'optim.weight_decay': {'uniform': [0.0, 0.5]}, 'batch_size': {'int_uniform': [16, 20]}}")
-  c = _with_grid(digits_config, grid, samples=400)
+  c = with_grid(digits_config, grid, samples=400)
   ts = sweep_grid.trials(c)
   assert len(ts) == 400 and len({t.name for t in ts}) == 400
   assert [t.name for t in sweep_grid.trials(c)] == [t.name for t in ts]   # fixed by config.seed
@@ -119,7 +110,7 @@ def test_random_settings_are_distinct_reproducible_and_drawn_from_their_ranges(d
   assert set(bs) == {16, 17, 18, 19, 20}                   # both ends included
   assert {t.config.label_smoothing for t in ts} == {0.0, 0.1}
   # A grid of lists only: distinct combinations, without replacement.
-  c = _with_grid(digits_config, "{'optim.learning_rate': [0.1, 0.2, 0.3], 'seed': [0, 1]}",
+  c = with_grid(digits_config, "{'optim.learning_rate': [0.1, 0.2, 0.3], 'seed': [0, 1]}",
                  samples=4)
   picked = [(t.config.optim.learning_rate, t.seed) for t in sweep_grid.trials(c)]
   assert len(set(picked)) == 4 and set(picked) <= {(a, b) for a in (0.1, 0.2, 0.3) for b in (0, 1)}
@@ -139,22 +130,22 @@ def test_random_settings_are_distinct_reproducible_and_drawn_from_their_ranges(d
 ])
 def test_a_bad_random_search_is_one_sentence(digits_config, grid, samples, message):
   with pytest.raises(UserError, match=message):
-    sweep_grid.trials(_with_grid(digits_config, grid, samples=samples))
+    sweep_grid.trials(with_grid(digits_config, grid, samples=samples))
 
 
 def test_the_ranking_metric_is_checked_before_anything_trains(digits_config):
   with pytest.raises(UserError, match="config.sweep.metric='acc' is not an evaluation metric of "
                      'a single-label run'):
-    sweep_rank.ranking(_with_grid(digits_config, '{}', metric='acc'))
+    sweep_rank.ranking(with_grid(digits_config, '{}', metric='acc'))
   with pytest.raises(UserError, match="'map' is not an evaluation metric of a single-label"):
-    sweep_rank.ranking(_with_grid(digits_config, '{}', metric='map'))
+    sweep_rank.ranking(with_grid(digits_config, '{}', metric='map'))
   with pytest.raises(UserError, match="config.sweep.mode must be 'max', 'min'"):
-    sweep_rank.ranking(_with_grid(digits_config, '{}', mode='up'))
-  assert sweep_rank.ranking(_with_grid(digits_config, '{}')) == ('accuracy', 'max')
-  assert sweep_rank.ranking(_with_grid(digits_config, '{}', metric='loss')) == ('loss', 'min')
-  assert sweep_rank.ranking(_with_grid(digits_config, '{}', metric='loss', mode='max')) == ('loss',
+    sweep_rank.ranking(with_grid(digits_config, '{}', mode='up'))
+  assert sweep_rank.ranking(with_grid(digits_config, '{}')) == ('accuracy', 'max')
+  assert sweep_rank.ranking(with_grid(digits_config, '{}', metric='loss')) == ('loss', 'min')
+  assert sweep_rank.ranking(with_grid(digits_config, '{}', metric='loss', mode='max')) == ('loss',
                                                                                        'max')
-  tags = _with_grid(digits_config, '{}')
+  tags = with_grid(digits_config, '{}')
   tags.data.multilabel = True
   assert sweep_rank.ranking(tags) == ('map', 'max')
 
@@ -198,7 +189,7 @@ def _final_eval(workdir):
 
 def test_a_sweep_trains_each_trial_as_a_plain_run_and_ranks_the_settings(
     digits_config, tmp_path, monkeypatch):
-  config = _with_grid(digits_config, "{'optim.learning_rate': [0.02, 1e9, 0.2]}", seeds=2)
+  config = with_grid(digits_config, "{'optim.learning_rate': [0.02, 1e9, 0.2]}", seeds=2)
   config.num_train_steps = 30
   workdir = str(tmp_path / 'sweep')
   summary = sweep.sweep(config, workdir)
@@ -260,7 +251,7 @@ def test_a_sweep_trains_each_trial_as_a_plain_run_and_ranks_the_settings(
   def no_training(*args, **kwargs):
     raise AssertionError('a finished or diverged trial was trained again')
   monkeypatch.setattr(sweep_trial, '_train', no_training)
-  by_loss = sweep.sweep(_with_grid(config, config.sweep.grid, 2, metric='loss'), workdir)
+  by_loss = sweep.sweep(with_grid(config, config.sweep.grid, 2, metric='loss'), workdir)
   assert by_loss['mode'] == 'min'
   means = [s['mean'] for s in by_loss['settings'] if s['mean'] is not None]
   assert means == sorted(means) and len(means) == 2
@@ -281,7 +272,7 @@ def test_a_sweep_trains_each_trial_as_a_plain_run_and_ranks_the_settings(
     calls.append(d)
     return {'interrupted_at_step': 3}
   monkeypatch.setattr(sweep_trial, '_train', interrupted)
-  more = _with_grid(config, "{'optim.learning_rate': [0.02, 1e9, 0.2, 0.1]}", seeds=2)
+  more = with_grid(config, "{'optim.learning_rate': [0.02, 1e9, 0.2, 0.1]}", seeds=2)
   out = sweep.sweep(more, workdir)
   assert out == {'interrupted_in_trial': 'optim.learning_rate=0.1+seed=0',
                  'interrupted_at_step': 3}
@@ -296,7 +287,7 @@ def test_a_sweep_trains_each_trial_as_a_plain_run_and_ranks_the_settings(
 
 def test_a_trial_is_scored_at_the_checkpoint_its_directory_serves(digits_config, tmp_path,
                                                                    monkeypatch):
-  config = _with_grid(digits_config, "{'optim.learning_rate': [0.2]}")
+  config = with_grid(digits_config, "{'optim.learning_rate': [0.2]}")
   config.num_train_steps = 20
   config.eval_every_steps = config.checkpoint_every_steps = 10
   config.evaluate.checkpoint = '10'    # what evaluate / predict / export take from the trial
@@ -326,7 +317,7 @@ def test_a_trial_is_scored_at_the_checkpoint_its_directory_serves(digits_config,
 
 def test_shards_train_their_own_trials_and_read_the_others_when_finished(
     digits_config, tmp_path, monkeypatch):
-  config = _with_grid(digits_config, "{'optim.learning_rate': [0.2, 0.1, 0.05]}")
+  config = with_grid(digits_config, "{'optim.learning_rate': [0.2, 0.1, 0.05]}")
   config.num_train_steps = 10
   workdir = str(tmp_path)
   trained, real = [], sweep_trial._train
@@ -360,7 +351,7 @@ def test_shards_train_their_own_trials_and_read_the_others_when_finished(
 
 
 def test_a_sweep_of_cross_validated_trials_ranks_by_the_fold_mean(digits_config, tmp_path):
-  config = _with_grid(digits_config, "{'optim.learning_rate': [0.2]}")
+  config = with_grid(digits_config, "{'optim.learning_rate': [0.2]}")
   config.num_train_steps = 20
   config.data.train_split = 'train[:50%]'
   config.cross_validation.folds = 2
@@ -399,7 +390,7 @@ def _sweep_config():
 def test_a_signal_between_two_trials_stops_the_sweep_before_the_next(digits_config, tmp_path,
                                                                      monkeypatch, capsys):
   import signal
-  config = _with_grid(digits_config, "{'optim.learning_rate': [0.2, 0.1]}")
+  config = with_grid(digits_config, "{'optim.learning_rate': [0.2, 0.1]}")
   calls = []
   def finished_then_signalled(c, d, pause_at=None):   # the trial ends, then SIGTERM arrives
     calls.append(os.path.basename(d))
@@ -416,7 +407,7 @@ def test_a_signal_between_two_trials_stops_the_sweep_before_the_next(digits_conf
 
 def test_a_failing_trial_is_recorded_and_the_others_run_in_every_shard(digits_config, tmp_path,
                                                                        monkeypatch):
-  config = _with_grid(digits_config, "{'batch_size': [4096, 32, 64]}")
+  config = with_grid(digits_config, "{'batch_size': [4096, 32, 64]}")
   def fake(c, d, pause_at=None):   # the largest batch runs out of memory; the others finish
     if c.batch_size == 4096:
       raise RuntimeError('RESOURCE_EXHAUSTED: out of memory allocating 12 GiB')
@@ -452,22 +443,22 @@ def test_random_draws_stay_in_narrow_ranges_and_grow_without_changing(digits_con
   draws = [r.draw(rng) for _ in range(500)]
   assert 0.999 <= min(draws) and max(draws) <= 0.9999 and len(set(draws)) > 100
   grid = "{'optim.learning_rate': [0.1, 0.2, 0.3, 0.4], 'label_smoothing': [0.0, 0.1]}"
-  three = [t.name for t in sweep_grid.trials(_with_grid(digits_config, grid, samples=3))]
-  four = [t.name for t in sweep_grid.trials(_with_grid(digits_config, grid, samples=4))]
+  three = [t.name for t in sweep_grid.trials(with_grid(digits_config, grid, samples=3))]
+  four = [t.name for t in sweep_grid.trials(with_grid(digits_config, grid, samples=4))]
   assert four[:3] == three
   # A whole model applies first, its arguments given beside it after.
-  (t,) = sweep_grid.trials(_with_grid(digits_config,
+  (t,) = sweep_grid.trials(with_grid(digits_config,
                                       "{'model.widths': [[8, 16]], 'model': [{'name': 'cnn'}]}"))
   assert t.config.model.widths == (8, 16) and t.config.model.name == 'cnn'
 
 
 def test_a_missing_dataset_or_bad_fold_count_is_one_sentence_before_anything(digits_config,
                                                                               tmp_path):
-  config = _with_grid(digits_config, "{'optim.learning_rate': [0.1, 0.2]}")
+  config = with_grid(digits_config, "{'optim.learning_rate': [0.1, 0.2]}")
   config.data.name = 'no_such_dataset'
   with pytest.raises(UserError, match='The sweep setting optim.learning_rate=0.1: '):
     sweep.sweep(config, str(tmp_path / 'a'))
-  config = _with_grid(digits_config, "{'optim.learning_rate': [0.1, 0.2]}")
+  config = with_grid(digits_config, "{'optim.learning_rate': [0.1, 0.2]}")
   config.cross_validation.folds = 1
   with pytest.raises(UserError, match='folds=1: use 0 \\(off\\) or at least 2 folds'):
     sweep.sweep(config, str(tmp_path / 'b'))
@@ -503,7 +494,7 @@ def test_the_first_step_line_counts_later_runs_from_their_own_start(monkeypatch)
 
 def test_a_served_step_never_evaluated_has_no_score_rather_than_the_last_ones(digits_config,
                                                                              tmp_path):
-  config = _with_grid(digits_config, "{'optim.learning_rate': [0.2]}")
+  config = with_grid(digits_config, "{'optim.learning_rate': [0.2]}")
   config.num_train_steps = 20
   config.checkpoint_every_steps = 10     # step 10 is saved, but only step 20 is evaluated
   config.evaluate.checkpoint = '10'

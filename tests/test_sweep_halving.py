@@ -13,15 +13,7 @@ from imgcls_jax import sweep
 from imgcls_jax.errors import UserError
 from imgcls_jax.sweep import halving
 from imgcls_jax.sweep import trial as sweep_trial
-
-
-def _with_grid(config, grid, seeds=1, **sweep_keys):
-  c = copy.deepcopy(config)
-  c.sweep.grid = grid
-  c.sweep.seeds = seeds
-  for k, v in sweep_keys.items():
-    c.sweep[k] = v
-  return c
+from tests.conftest import with_grid
 
 
 def _evals(workdir):
@@ -141,7 +133,7 @@ def test_halving_promotes_the_best_third_and_ranks_the_stopped_below(digits_conf
             0.6: lambda f: 0.56 + 0.01 * f}
   log = []
   monkeypatch.setattr(sweep_trial, '_train', _fake_training(log, scores))
-  config = _with_grid(digits_config, "{'optim.learning_rate': [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]}",
+  config = with_grid(digits_config, "{'optim.learning_rate': [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]}",
                       seeds=2, halving=3, first_rung=1 / 9)
   out = sweep.sweep(config, str(tmp_path))
   name = lambda lr, s: f'optim.learning_rate={lr}+seed={s}'
@@ -171,7 +163,7 @@ def test_halving_promotes_the_best_third_and_ranks_the_stopped_below(digits_conf
   # The same sweep without halving resumes the stopped trials to the end (and only those).
   log.clear()
   monkeypatch.setattr(sweep_trial, '_train', _fake_training(log, scores))
-  whole = sweep.sweep(_with_grid(config, config.sweep.grid, seeds=2, halving=0, first_rung=0.0),
+  whole = sweep.sweep(with_grid(config, config.sweep.grid, seeds=2, halving=0, first_rung=0.0),
                       str(tmp_path))
   assert sorted(n for n, _ in log) == sorted(name(lr, s) for lr in (0.1, 0.3, 0.5, 0.6)
                                              for s in (0, 1))
@@ -180,7 +172,7 @@ def test_halving_promotes_the_best_third_and_ranks_the_stopped_below(digits_conf
 
 def test_a_real_halving_sweep_scores_each_rung_by_the_trials_own_evaluations(
     digits_config, tmp_path):
-  config = _with_grid(digits_config, "{'optim.learning_rate': [0.003, 0.3, 0.05, 30.0]}",
+  config = with_grid(digits_config, "{'optim.learning_rate': [0.003, 0.3, 0.05, 30.0]}",
                       halving=2)   # 4 settings: rungs at 1/4, 1/2, 1 (10, 20, 40 steps)
   workdir = str(tmp_path)
   out = sweep.sweep(config, workdir)
@@ -224,7 +216,7 @@ def test_a_seed_without_a_finite_score_or_held_elsewhere_keeps_its_setting_back(
       out['accuracy'] = float('nan')
     return out
   monkeypatch.setattr(sweep_trial, '_train', nan_for_one_seed)
-  config = _with_grid(digits_config, "{'optim.learning_rate': [0.1, 0.2, 0.3, 0.4]}", seeds=2,
+  config = with_grid(digits_config, "{'optim.learning_rate': [0.1, 0.2, 0.3, 0.4]}", seeds=2,
                       halving=2)   # rungs 1/4, 1/2, 1
   out = sweep.sweep(config, str(tmp_path))
   # 0.1 leads on its finite seed but has a NaN one: 0.2 and 0.3 go on, then 0.2 alone
@@ -238,12 +230,12 @@ def test_a_seed_without_a_finite_score_or_held_elsewhere_keeps_its_setting_back(
   monkeypatch.setattr(sweep_trial, '_train', _fake_training([], scores))
   with pytest.raises(UserError, match=r'^No trial of the sweep finished; the first diverged: '
                      'Training diverged'):
-    sweep.sweep(_with_grid(config, "{'optim.learning_rate': [0.2]}", seeds=1, halving=2),
+    sweep.sweep(with_grid(config, "{'optim.learning_rate': [0.2]}", seeds=1, halving=2),
                 str(tmp_path / 'all_diverge'))
   # Another copy of the same halving sweep holding a trial: refused, not ranked without it.
   monkeypatch.setattr(sweep_trial, '_train', _fake_training([], {0.1: lambda f: 0.9,
                                                                  0.2: lambda f: 0.8}))
-  grid = _with_grid(config, "{'optim.learning_rate': [0.1, 0.2]}", seeds=1, halving=2)
+  grid = with_grid(config, "{'optim.learning_rate': [0.1, 0.2]}", seeds=1, halving=2)
   from imgcls_jax.sweep import store
   with store.claim(str(tmp_path / 'held' / 'optim.learning_rate=0.2+seed=0')) as mine:
     assert mine
