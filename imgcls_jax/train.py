@@ -354,6 +354,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   teacher_lib.absolute_paths(config)   # saved and compared on resume as absolute paths
   s = run.setup(config)
   _check_best_metric(config, s.info.multilabel)
+  ckpt_dir = os.path.join(workdir, checkpoint.CHECKPOINTS_DIR)
+  if (config.get('transfer') and config.transfer.init_from
+      and not (os.path.isdir(ckpt_dir) and checkpoint.finished_steps(ckpt_dir))):
+    from imgcls_jax import transfer   # a fresh run starts from it: before any directory is made
+    transfer.check_source(config.transfer.init_from)
   is_main = jax.process_index() == 0
   if is_main:
     os.makedirs(workdir, exist_ok=True)

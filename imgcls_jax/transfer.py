@@ -26,11 +26,16 @@ from imgcls_jax.errors import UserError
 TORCH_SUFFIXES = ('.safetensors', '.pt', '.pth', '.bin')
 
 
-def load_weights(path: str, step: int | None = None) -> weights_lib.Weights:
-  """Weights from a checkpoint of this project or a torchvision/timm-layout weights file."""
+def check_source(path: str) -> None:
+  """UserError when ``config.transfer.init_from`` does not exist."""
   if not os.path.exists(path):
     raise UserError(f'config.transfer.init_from={path} does not exist; give a run directory of '
                     'this project or a .safetensors / .pt file.')
+
+
+def load_weights(path: str, step: int | None = None) -> weights_lib.Weights:
+  """Weights from a checkpoint of this project or a torchvision/timm-layout weights file."""
+  check_source(path)
   if os.path.isfile(path):
     if not path.endswith(TORCH_SUFFIXES):
       raise UserError(f'Cannot load weights from {path}: expected a .safetensors, .pt, .pth or '

@@ -121,3 +121,4 @@ def test_init_from_another_architecture_names_the_parameter(tmp_path_factory, tf
   c.transfer.init_from = str(tmp_path / 'missing')
   with pytest.raises(UserError, match='does not exist'):
     train.train_and_evaluate(c, str(tmp_path / 'c'))
+  assert not (tmp_path / 'c').exists()   # refused before the new run directory is made
