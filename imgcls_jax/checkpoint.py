@@ -91,6 +91,26 @@ def structure_differences(saved_metadata: Any, target: Any) -> list[str]:
   return diffs
 
 
+def _one_copy_per_array() -> None:
+  """Saves each replicated array from one device's buffer when this job is one process.
+
+  Orbax's default on CPU and TPU is "replica-parallel" saving: each replica of a replicated array
+  writes a slice of it, which spreads the writes over hosts. In one process every replica is on
+  this host, so the slices only add work: each is an eager on-device slice, compiled per shape and
+  offset. On 8 CPU devices that made the first save of a ResNet-18 block for 2.5 s (0.06 s without)
+  and every later save 4-8x longer. The files and what a restore reads are the same either way.
+  Several processes keep Orbax's default.
+  """
+  if jax.process_count() > 1:
+    return
+  from orbax.checkpoint._src.metadata import array_metadata_store  # orbax<0.13 (pyproject)
+  handler = ocp.type_handlers.get_type_handler(jax.Array)
+  if getattr(handler, '_use_replica_parallel', False):
+    ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
+        array_metadata_store=array_metadata_store.Store(), use_replica_parallel=False),
+        override=True)
+
+
 def _first_line(err: BaseException, limit: int = 160) -> str:
   text = str(err).strip().splitlines()[0] if str(err).strip() else ''
   return f'{type(err).__name__}: {text[:limit]}'
@@ -131,6 +151,8 @@ class Checkpointer:
         best_fn=metric if keep_best else None, best_mode=best_mode,
         enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only,
         create=not read_only)   # (Orbax's own read_only option logs two warnings per reader)
+    if not read_only:
+      _one_copy_per_array()
     self._manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={'state': ocp.StandardCheckpointHandler(),
