@@ -13,6 +13,7 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from imgcls_jax.errors import UserError
 from tests.conftest import BLOCK_TF, REPO, run_without_tf, subprocess_env
@@ -244,6 +245,19 @@ def test_trains_and_evaluates_without_tensorflow_as_the_tf_path_scores_it(digits
     bound.append(np.mean(np.abs(pos[:, None] - neg[None, :]) < 2e-3))
   assert np.mean(bound) < 0.01                               # the comparison means something
   assert abs(arrays_report['roc_auc_macro'] - np.mean(raw)) <= np.mean(bound) + 1e-12
+  # predict on image files needs no TensorFlow either (the run has no eval preprocessing).
+  pngs = tmp_path / 'pngs'
+  pngs.mkdir()
+  for i in range(5):
+    Image.fromarray(want_images[i, :, :, 0]).save(pngs / f'{i}.png')
+  proc = run_without_tf('-m', 'imgcls_jax.main', '--mode=predict', f'--workdir={workdir}',
+                        f'--config.predict.inputs={pngs}',
+                        f'--config.predict.output={tmp_path / "p.jsonl"}')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(tmp_path / 'p.jsonl') as f:
+    predicted = {os.path.basename(r['file']): r['predictions'][0]['index']
+                 for r in map(json.loads, f)}
+  assert predicted == {f'{i}.png': int(probs[i].argmax()) for i in range(5)}
   samples = np.load(os.path.join(workdir, 'samples.npz'))   # what the run directory keeps
   n = len(samples['eval_labels'])
   assert n == 64
