@@ -40,6 +40,9 @@ def _stats_in_padded_sharded_batches(logits, labels, batch, num_bins=15):
                out_shardings=sharding.replicated(mesh))
   rng = np.random.default_rng(1)
   totals = None
+  # As the trainer's evaluation does: one batch in flight on the 8 CPU devices (several in flight
+  # can hang the all-reduce until XLA aborts the process, on a loaded machine; sharding.py).
+  guard = sharding.InFlightGuard(mesh, strict=True)
   for start in range(0, len(labels), batch):
     lg, lb = logits[start:start + batch], labels[start:start + batch]
     real = len(lb)
@@ -48,6 +51,7 @@ def _stats_in_padded_sharded_batches(logits, labels, batch, num_bins=15):
     lb = np.concatenate([lb, rng.integers(0, lg.shape[1], pad)]).astype(np.int32)
     mask = np.arange(batch) < real
     totals = report.add(totals, fn(lg, lb, mask))
+    guard.after_dispatch(totals)
   return report.stats_to_numpy(totals)
 
 

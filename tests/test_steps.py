@@ -69,8 +69,10 @@ def test_eight_devices_give_the_same_parameters_as_one(device_flip):
   results = []
   for n in (1, 8):
     state, train, _, batch_sh = _setup(n, device_flip=device_flip)
+    guard = sharding.InFlightGuard(batch_sh.mesh)   # as the training loop: 2 steps in flight
     for b in _batches(5):
       state, m = train(state, sharding.put_batch(b, batch_sh))
+      guard.after_dispatch(m)
     results.append((jax.device_get(state.params), jax.device_get(state.batch_stats), float(m['loss'])))
     assert len(state.params['head']['kernel'].sharding.device_set) == n
   (p1, s1, l1), (p8, s8, l8) = results
