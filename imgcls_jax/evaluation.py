@@ -395,11 +395,13 @@ def outcomes_pass(r: Restored, tta: str = '', *, keep_images: int = 0,
       (heapq.heappush if len(kept) < keep_images else heapq.heappushpop)(kept, item)
 
   totals, offset, pending = None, 0, None
+  guard = sharding.InFlightGuard(mesh, strict=True)   # several CPU devices: one batch at a time
   for batch in r.data.batches():
     out = step(r.variables, sharding.put_batch(batch, batch_sh))
     if num_bins is not None:
       out, sums = out
       totals = report.add(totals, sums)
+    guard.after_dispatch((out, totals))
     if pending is not None:   # read batch i - 1 while batch i computes
       take(*pending)
     pending = (out, batch, offset)
