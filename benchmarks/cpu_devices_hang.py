@@ -1,6 +1,6 @@
 """Reproducer and guard check for the 2-CPU-device collective hang (``mesh.cpu_devices=2``).
 
-  python benchmarks/cpu_devices_hang.py [--steps=1000] [--guard] [--runs=3]
+  python benchmarks/cpu_devices_hang.py [--steps=1000] [--guard] [--runs=3] [--program=eval]
 
 Runs ``fashion_mnist_quick``'s real train step (2 XLA CPU devices, host batches put on the mesh
 every step, as training does) in a child process per run and prints, per run, whether it finished
@@ -14,6 +14,13 @@ Measured 2026-12-02 on the project's 2-core AMD EPYC under load 2-6 (other jobs 
 4 of 9 runs aborted (2/5 with async dispatch, 2/4 with ``jax_cpu_enable_async_dispatch=False``),
 with ``--xla_cpu_use_xnnpack=false`` 3/3, with ``--xla_cpu_multi_thread_eigen=false`` 4/4;
 guarded 0/4 (at 15-20 ms/step under load 6; the guard's cost on a quiet machine is not measured).
+
+``--program=eval``: evaluation's sums instead (``report.eval_sums`` jitted over 8 CPU devices on
+padded batches, added up eagerly), the loop ``tests/test_report.py`` ran unguarded until session
+33, where an xdist worker died twice. Measured 2026-12-06 on the 2-core Zen 4 EPYC with three busy
+loops beside it, 1,500 batches a run: unguarded 3 of 3 runs aborted ("Termination timeout for
+`all gather` ... of 40 seconds"), guarded (``sharding.InFlightGuard(strict=True)``, as the
+trainer's evaluation) 3 of 3 finished, in 23-26 s.
 """
 from __future__ import annotations
 
@@ -63,18 +70,45 @@ def _child(steps: int, guard: bool) -> None:
   print(f'RESULT {1000 * (time.perf_counter() - t) / steps:.2f}', flush=True)
 
 
+def _eval_child(steps: int, guard: bool) -> None:
+  import functools
+  import jax
+  jax.config.update('jax_num_cpu_devices', 8)
+  import numpy as np
+  sys.path.insert(0, REPO)
+  from imgcls_jax import report, sharding
+  mesh = sharding.make_mesh(0)
+  fn = jax.jit(functools.partial(report.eval_sums, num_bins=15),
+               in_shardings=(sharding.batch_sharding(mesh),) * 3,
+               out_shardings=sharding.replicated(mesh))
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(64, 10)).astype(np.float32)
+  labels, mask = rng.integers(0, 10, 64).astype(np.int32), np.ones(64, bool)
+  t = time.perf_counter()
+  for _ in range(steps // 5):   # one evaluation: 5 batches, summed
+    totals, inflight = None, sharding.InFlightGuard(mesh, strict=True)
+    for _ in range(5):
+      totals = report.add(totals, fn(logits, labels, mask))
+      if guard:
+        inflight.after_dispatch(totals)
+    report.stats_to_numpy(totals)
+  print(f'RESULT {1000 * (time.perf_counter() - t) / steps:.2f}', flush=True)
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--steps', type=int, default=1000)
   p.add_argument('--runs', type=int, default=3)
   p.add_argument('--guard', action='store_true')
+  p.add_argument('--program', choices=('train', 'eval'), default='train')
   p.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
   args = p.parse_args()
   if args.child:
-    _child(args.steps, args.guard)
+    (_eval_child if args.program == 'eval' else _child)(args.steps, args.guard)
     return
   for i in range(args.runs):
-    cmd = [sys.executable, __file__, '--child', f'--steps={args.steps}'] + (
+    cmd = [sys.executable, __file__, '--child', f'--steps={args.steps}',
+           f'--program={args.program}'] + (
         ['--guard'] if args.guard else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith('RESULT')), None)
