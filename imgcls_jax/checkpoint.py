@@ -103,7 +103,10 @@ def _one_copy_per_array() -> None:
   """
   if jax.process_count() > 1:
     return
-  from orbax.checkpoint._src.metadata import array_metadata_store  # orbax<0.13 (pyproject)
+  try:   # Orbax's own default store (a private module of orbax<0.13, the pin in pyproject.toml)
+    from orbax.checkpoint._src.metadata import array_metadata_store
+  except ImportError:   # another Orbax: keep its default (slower, the same files);
+    return              # tests/test_checkpoint.py then fails on the compiles
   handler = ocp.type_handlers.get_type_handler(jax.Array)
   if getattr(handler, '_use_replica_parallel', False):
     ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
