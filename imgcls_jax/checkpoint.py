@@ -97,8 +97,9 @@ def _one_copy_per_array() -> None:
   Orbax's default on CPU and TPU is "replica-parallel" saving: each replica of a replicated array
   writes a slice of it, which spreads the writes over hosts. In one process every replica is on
   this host, so the slices only add work: each is an eager on-device slice, compiled per shape and
-  offset. On 8 CPU devices that made the first save of a ResNet-18 block for 2.5 s (0.06 s without)
-  and every later save 4-8x longer. The files and what a restore reads are the same either way.
+  offset. On 8 CPU devices the first save of a ResNet-18 training state (167 arrays, 89 MiB)
+  blocked for 6 s; of a 160-array tree, 2.5 s against 0.06 s without the slices, and each later
+  save 4-8x longer. The files and what a restore reads are the same either way.
   Several processes keep Orbax's default.
   """
   if jax.process_count() > 1:
