@@ -9,7 +9,7 @@ for a run that is already trained (without it, or again on another split):
 The latest checkpoint (the final weights, what evaluate / predict / serve / export load) is read
 on the split; the temperature that minimises its log loss (``run.fit_temperature``) or each
 class's best-F1 threshold (``run.fit_thresholds``) is fitted exactly as training fits it, and
-saved into that checkpoint's meta (``checkpoint.update_meta``), replacing an earlier one. The
+saved into that checkpoint's meta (``checkpoint_files.update_meta``), replacing an earlier one. The
 split must share no example with the run's training or eval split (``held_out.check_fit_splits``).
 Exports written before keep their old choice: export again.
 """
@@ -22,7 +22,8 @@ from typing import Any
 import jax
 import ml_collections
 
-from imgcls_jax import checkpoint, evaluation, held_out, inference, ood, run, selective
+from imgcls_jax import (checkpoint, checkpoint_files, evaluation, held_out, inference, ood, run,
+                        selective)
 from imgcls_jax.data import folder_index
 from imgcls_jax.errors import UserError
 
@@ -127,7 +128,7 @@ def calibrate(config: ml_collections.ConfigDict | None, workdir: str,
                                 previous=r.trained.thresholds)
     field, before = 'thresholds', r.trained.thresholds
   if jax.process_index() == 0:
-    checkpoint.update_meta(workdir, r.step, {field: record})
+    checkpoint_files.update_meta(workdir, r.step, {field: record})
     if field == 'temperature':
       what = (f"Temperature {record['value']:.4f} fitted on '{split}' ({record['examples']} "
               f"examples): log loss {record['nll'][0]:.4f} -> {record['nll'][1]:.4f}, expected "

@@ -14,6 +14,9 @@ they tie a checkpoint to one process layout and grow with shuffle buffers.)
 Restoring walks the checkpoints newest first. One whose files are truncated or unreadable is moved
 to ``<workdir>/corrupt_checkpoints/`` with a warning and the previous one is used. One that is
 readable but was written by a different model or dataset is a ``UserError`` that says what differs.
+
+Reading a checkpoint's weights without a manager (inference, transfer, export) and amending its
+meta after training live in ``checkpoint_files.py``.
 """
 from __future__ import annotations
 
@@ -30,9 +33,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from imgcls_jax import configlib, failed_reads, optim
+from imgcls_jax import configlib, failed_reads
 from imgcls_jax.errors import UserError
-from imgcls_jax.weights import Weights, flatten
 
 CHECKPOINTS_DIR = 'checkpoints'
 CORRUPT_DIR = 'corrupt_checkpoints'
@@ -369,41 +371,6 @@ def read_samples(workdir: str) -> dict[str, np.ndarray] | None:
     return None
 
 
-def update_meta(workdir: str, step: int, fields: Mapping[str, Any]) -> dict[str, Any]:
-  """Sets ``fields`` in the JSON meta of checkpoint ``step`` of the run in ``workdir`` (a choice
-  fitted after training, ``--mode=calibrate``; call it on one process) and returns the new meta.
-  The new file is written and flushed to disk beside the old one, then renamed over it: a crash
-  leaves the old meta or the new one, never a mix."""
-  directory, _ = _locate(workdir)
-  if step not in finished_steps(directory):
-    raise UserError(f'Checkpoint step {step} is not in {directory}; pick one of its steps.')
-  path = os.path.join(directory, str(step), 'meta', META_FILE)
-  try:
-    with open(path) as f:
-      meta = dict(json.load(f) or {})
-  except (OSError, ValueError) as e:
-    raise UserError(f'Cannot read the meta of checkpoint {step} in {directory} ({e}); it is '
-                    'damaged: retrain, or restore the run directory from a copy.') from None
-  meta.update(fields)
-  text = json.dumps(meta)   # fails here, before anything is written, on a value JSON cannot hold
-  tmp = path + '.tmp'
-  try:
-    with open(tmp, 'w') as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-  dir_fd = os.open(os.path.dirname(path), os.O_RDONLY)
-  try:
-    os.fsync(dir_fd)   # the rename itself reaches the disk
-  finally:
-    os.close(dir_fd)
-  return meta
-
-
 def require_checkpoint(workdir: str) -> None:
   """Raises UserError (one line) unless ``workdir`` holds at least one checkpoint."""
   ckpt_dir = os.path.join(workdir, CHECKPOINTS_DIR)
@@ -421,90 +388,3 @@ def require_checkpoint(workdir: str) -> None:
   else:
     hint = ' Train first (--mode=train) or point --workdir at a run directory.'
   raise UserError(f'No checkpoint in {ckpt_dir}.{hint}')
-
-
-def _locate(path: str) -> tuple[str, int | None]:
-  """(checkpoints directory, explicit step or None) for a run dir, checkpoints dir or step dir."""
-  path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, CHECKPOINTS_DIR)):
-    return os.path.join(path, CHECKPOINTS_DIR), None
-  base = os.path.basename(path.rstrip('/'))
-  if base.isdigit() and os.path.isdir(os.path.join(path, 'state')):
-    return os.path.dirname(path), int(base)
-  if os.path.isdir(path) and any(d.isdigit() for d in os.listdir(path)):
-    return path, None
-  raise UserError(f'No checkpoint of this project at {path}; point at a run directory (with '
-                  'checkpoints/) or one checkpoint step directory.')
-
-
-def finished_steps(directory: str) -> list[int]:
-  """The steps of ``directory`` (a checkpoints directory) whose state was written completely."""
-  return sorted(int(d) for d in os.listdir(directory)
-                if d.isdigit() and os.path.isdir(os.path.join(directory, d, 'state')))
-
-
-def read_weights(path: str, step: int | None = None, *, ema: bool = False) -> Weights:
-  """Parameters, batch statistics and meta of a checkpoint, as numpy (no optimizer state); with
-  ``ema`` the weight EMA's (a UserError when the run kept none). A schedule-free run's parameters
-  are its evaluation weights, the averaged sequence x (``optax.contrib.schedule_free_eval_params``),
-  not the point y its gradients were taken at (what the state holds).
-
-  ``path`` is a run directory, its ``checkpoints`` directory or one step directory; ``step``
-  (default: the one in ``path``, else the latest) picks the checkpoint. Any device layout works.
-  ``meta`` is the checkpoint's JSON meta plus ``'step'``.
-  """
-  from etils import epath
-
-  directory, path_step = _locate(path)
-  if step is not None and step < -1:
-    raise UserError(f'Checkpoint step {step} is not a step; give -1 (the latest) or a step of '
-                    f'{directory}.')
-  steps = finished_steps(directory)
-  step = path_step if step is None or step < 0 else step
-  if step is None:
-    if not steps:
-      raise UserError(f'No finished checkpoint in {directory}; train that run first.')
-    step = steps[-1]
-    newer = [int(d) for d in os.listdir(directory) if d.isdigit() and int(d) > step]
-    if newer:
-      logging.warning('Checkpoint %s in %s has no state (incomplete or damaged); using step %d, '
-                      'the latest complete one.', max(newer), directory, step)
-  if step not in steps:
-    raise UserError(f'Checkpoint step {step} is not in {directory} (it has: '
-                    f"{', '.join(map(str, steps)) or 'none'}); pick one of those.")
-  step_dir = epath.Path(directory) / str(step)
-  origin = f'checkpoint {step} of {directory}'
-  failed_reads.install()  # a damaged checkpoint: one line, not tensorstore's leftovers
-  try:
-    tree = ocp.PyTreeCheckpointHandler().metadata(step_dir / 'state').tree
-    if ema and not tree.get('ema'):
-      raise UserError(f'{origin} holds no weight EMA (the run had config.ema.decay=0); use its '
-                      'weights (--config.ema.inference=False).')
-    item = {k: tree[k] for k in ('params', 'batch_stats') if k in tree}
-    schedule_free = not ema and optim.schedule_free_parts(tree.get('opt_state')) is not None
-    if ema:
-      item = {'ema': {k: v for k, v in tree['ema'].items() if k in ('params', 'batch_stats')}}
-    elif 'params' not in item:
-      raise KeyError('params')
-    elif schedule_free:  # its b1 and z: the weights to use are x, not y (below)
-      item['opt_state'] = tree['opt_state']
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-    restored = ocp.PyTreeCheckpointer().restore(step_dir / 'state', args=ocp.args.PyTreeRestore(
-        item=item, restore_args=restore_args, partial_restore=True))
-    restored = restored['ema'] if ema else restored
-    if schedule_free:
-      restored['params'] = optim.eval_params(restored['opt_state'], restored['params'])
-    meta = {}
-    if (step_dir / 'meta').exists():
-      meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
-          step_dir / 'meta', args=ocp.args.JsonRestore()) or {}
-  except (ValueError, KeyError, TypeError, OSError) as e:
-    others = [s for s in steps if s != step]
-    raise UserError(f'Cannot read {origin} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); '
-                    'it is incomplete or not a checkpoint of this project'
-                    + (f"; pick another step ({', '.join(map(str, others))})" if others else '')
-                    + '.') from None
-  meta = dict(meta)
-  meta['step'] = step
-  return Weights(params=flatten(restored['params']),
-                 batch_stats=flatten(restored.get('batch_stats', {})), origin=origin, meta=meta)

@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 import scipy.stats
 
-from imgcls_jax import checkpoint, evaluation, inference, intervals, intervals_multilabel
+from imgcls_jax import checkpoint_files, evaluation, inference, intervals, intervals_multilabel
 from imgcls_jax.errors import UserError
 
 
@@ -79,7 +79,7 @@ def compare(config: ml_collections.ConfigDict | None, workdir: str,
   if other == workdir:
     raise UserError(f'--config.compare.workdir is --workdir itself ({workdir}); give another run.')
   ckpts = os.path.join(other, 'checkpoints')
-  if not os.path.isdir(ckpts) or not checkpoint.finished_steps(ckpts):
+  if not os.path.isdir(ckpts) or not checkpoint_files.finished_steps(ckpts):
     raise UserError(f'--config.compare.workdir={other} holds no checkpoint; point it at the run '
                     'directory of a trained run.')
   e = inference.mode_settings(workdir, config, overrides, 'evaluate')

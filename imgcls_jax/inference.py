@@ -21,7 +21,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from imgcls_jax import checkpoint, models, ood, selective, steps
+from imgcls_jax import checkpoint, checkpoint_files, models, ood, selective, steps
 from imgcls_jax import state as state_lib
 from imgcls_jax import weights as weights_lib
 from imgcls_jax.data import arrays, images
@@ -186,13 +186,13 @@ def load(workdir: str, config: ml_collections.ConfigDict | None = None, *, step:
   """The run in ``workdir`` at checkpoint ``step`` (-1: latest), with its effective config."""
   workdir = os.path.abspath(workdir)
   checkpoint.require_checkpoint(workdir)
-  source = checkpoint.read_weights(workdir, step)
+  source = checkpoint_files.read_weights(workdir, step)
   meta = source.meta
   saved = meta.get('config') if isinstance(meta.get('config'), dict) else checkpoint.read_config(
       workdir)
   run = effective_config(saved, config, overrides)
   if steps.ema_decay(run) > 0 and run.ema.get('inference', True):  # the averaged weights
-    source = dataclasses.replace(checkpoint.read_weights(workdir, step, ema=True), meta=meta)
+    source = dataclasses.replace(checkpoint_files.read_weights(workdir, step, ema=True), meta=meta)
   if meta.get('dataset_info'):
     info = DatasetInfo.from_json(meta['dataset_info'])
     native = tuple(meta['native_hw']) if meta.get('native_hw') else None

@@ -18,9 +18,9 @@ import jax.numpy as jnp
 import ml_collections
 import tqdm
 
-from imgcls_jax import (checkpoint, configlib, dispatch, held_out, inference, metrics, ood, optim,
-                        preemption, report, report_multilabel, report_text, run, selective,
-                        sharding, startup, train_log)
+from imgcls_jax import (checkpoint, checkpoint_files, configlib, dispatch, held_out, inference,
+                        metrics, ood, optim, preemption, report, report_multilabel, report_text,
+                        run, selective, sharding, startup, train_log)
 from imgcls_jax import state as state_lib
 from imgcls_jax import teacher as teacher_lib
 from imgcls_jax.data import reader
@@ -356,7 +356,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   _check_best_metric(config, s.info.multilabel)
   ckpt_dir = os.path.join(workdir, checkpoint.CHECKPOINTS_DIR)
   if (config.get('transfer') and config.transfer.init_from
-      and not (os.path.isdir(ckpt_dir) and checkpoint.finished_steps(ckpt_dir))):
+      and not (os.path.isdir(ckpt_dir) and checkpoint_files.finished_steps(ckpt_dir))):
     from imgcls_jax import transfer   # a fresh run starts from it: before any directory is made
     transfer.check_source(config.transfer.init_from)
   is_main = jax.process_index() == 0

@@ -1,10 +1,10 @@
 """Transfer learning: a fresh train state whose weights come from elsewhere, with a new head.
 
 ``config.transfer.init_from`` is a run directory / checkpoint of this project
-(``checkpoint.read_weights``) or a ``.safetensors`` / ``.pt`` / ``.pth`` file of a torchvision- or
-timm-layout ResNet, ViT, ConvNeXt, EfficientNet or MobileNetV3 (``torch_import``). It is used only
-when the workdir has no checkpoint yet (a
-resumed run continues from its own checkpoints). Weights are matched by name
+(``checkpoint_files.read_weights``) or a ``.safetensors`` / ``.pt`` / ``.pth`` file of a
+torchvision- or timm-layout ResNet, ViT, ConvNeXt, EfficientNet or MobileNetV3
+(``torch_import``). It is used only when the workdir has no checkpoint yet (a resumed run
+continues from its own checkpoints). Weights are matched by name
 (``layer1.0.conv1.kernel``); everything but the head must exist with the same shape, and a mismatch
 names the parameter. Freezing and layer-wise decay are optimizer masks (``optim.py``).
 """
@@ -19,7 +19,7 @@ import ml_collections
 import optax
 
 from imgcls_jax import state as state_lib
-from imgcls_jax import checkpoint, optim
+from imgcls_jax import checkpoint_files, optim
 from imgcls_jax import weights as weights_lib
 from imgcls_jax.errors import UserError
 
@@ -43,7 +43,7 @@ def load_weights(path: str, step: int | None = None) -> weights_lib.Weights:
                       'project.')
     from imgcls_jax import torch_import
     return torch_import.load(path)
-  return checkpoint.read_weights(path, step)
+  return checkpoint_files.read_weights(path, step)
 
 
 def init_state(state: Any, shardings: Any, cfg: ml_collections.ConfigDict,

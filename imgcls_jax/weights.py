@@ -1,6 +1,6 @@
 """Named weight arrays: a model's parameters and statistics as ``{dotted name: array}``.
 
-Checkpoints of this project (``checkpoint.read_weights``) and torchvision/timm files
+Checkpoints of this project (``checkpoint_files.read_weights``) and torchvision/timm files
 (``torch_import.load``) both produce a ``Weights``; ``merge`` puts such arrays into a model's tree
 by name, naming the first parameter that is missing, extra, or of another shape.
 """

@@ -90,7 +90,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, capl
 _READ_DAMAGED = """
 import sys, time
 import jax, jax.numpy as jnp
-from imgcls_jax import checkpoint
+from imgcls_jax import checkpoint, checkpoint_files
 from imgcls_jax.errors import UserError
 import glob, os
 work = sys.argv[1]
@@ -102,7 +102,7 @@ for f in glob.glob(f'{work}/checkpoints/2/state/**/d/*', recursive=True):
   os.truncate(f, 10)  # every array of the step unreadable: many reads fail at once
 for _ in range(10):  # the leftovers come from a race: give it many chances
   try:
-    checkpoint.read_weights(work, step=2)
+    checkpoint_files.read_weights(work, step=2)
   except UserError as e:
     print('error:', str(e)[:60], file=sys.stderr)
 abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from imgcls_jax import checkpoint, inference, models, run, state as state_lib, train
+from imgcls_jax import checkpoint_files, inference, models, run, state as state_lib, train
 from imgcls_jax import teacher as teacher_lib
 from imgcls_jax.data import digits
 from imgcls_jax.errors import UserError
@@ -137,4 +137,4 @@ def test_evaluation_and_inference_use_the_ema_weights(mlp, tmp_path):
   plain = str(tmp_path / 'plain')
   train.train_and_evaluate(mlp, plain)
   with pytest.raises(UserError, match='holds no weight EMA'):
-    checkpoint.read_weights(plain, ema=True)
+    checkpoint_files.read_weights(plain, ema=True)

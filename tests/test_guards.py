@@ -248,21 +248,21 @@ def test_float_and_32_bit_grey_images_keep_their_range(tmp_path):
 
 
 def test_weights_of_a_damaged_newest_checkpoint_name_the_way_out(digits_run, tmp_path, caplog):
-  from imgcls_jax import checkpoint
+  from imgcls_jax import checkpoint_files
   _, original = digits_run
   workdir = str(tmp_path / 'run')
   shutil.copytree(original, workdir)
   with pytest.raises(UserError, match='Checkpoint step -5 is not a step; give -1'):
-    checkpoint.read_weights(workdir, -5)
+    checkpoint_files.read_weights(workdir, -5)
   state = os.path.join(workdir, 'checkpoints', '20', 'state')
   for name in os.listdir(state):   # truncated: the arrays gone, the tree metadata kept
     if name.startswith(('d', 'ocdbt', 'array')) or name.endswith('.zarray'):
       full = os.path.join(state, name)
       shutil.rmtree(full) if os.path.isdir(full) else os.remove(full)
   with pytest.raises(UserError, match=r'Cannot read checkpoint 20 .*; pick another step \(10\)\.'):
-    checkpoint.read_weights(workdir)
+    checkpoint_files.read_weights(workdir)
   shutil.rmtree(state)             # no state at all: the latest complete one, said so
-  assert checkpoint.read_weights(workdir).meta['step'] == 10
+  assert checkpoint_files.read_weights(workdir).meta['step'] == 10
   assert 'Checkpoint 20 in' in caplog.text and 'using step 10' in caplog.text
 
 

@@ -9,7 +9,7 @@ import optax
 import pytest
 from flax import nnx
 
-from imgcls_jax import checkpoint, models, state, train, weights
+from imgcls_jax import checkpoint_files, models, state, train, weights
 from imgcls_jax.errors import UserError
 
 NAME = 'test_model_family_tiny'
@@ -60,7 +60,7 @@ def _one_sgd_step(config, workdir, layer_decay):
   config = ml_collections.ConfigDict(config.to_dict())
   config.transfer.layer_decay = layer_decay
   train.train_and_evaluate(config, workdir)
-  return checkpoint.read_weights(workdir).params
+  return checkpoint_files.read_weights(workdir).params
 
 
 def test_registered_family_trains_with_layer_decay_from_its_own_rule(digits_config, tiny_family,

@@ -568,14 +568,15 @@ def test_calibrate_mode_chooses_the_thresholds_training_chose(tagged_run, tmp_pa
   """On a copy of the tagged run whose thresholds were overwritten, ``--mode=calibrate`` brings
   back exactly the ones the trainer chose at the end of training on the same split."""
   import shutil
-  from imgcls_jax import calibrate, checkpoint
+  from imgcls_jax import calibrate, checkpoint, checkpoint_files
   _, workdir, root, _, _ = tagged_run
   copy = str(tmp_path / 'run')
   shutil.copytree(workdir, copy)
   chosen = inference.load(workdir).thresholds
   with checkpoint.Checkpointer(copy) as ckpt:
     step = ckpt.latest_step()
-  checkpoint.update_meta(copy, step, {'thresholds': {'values': [0.9] * len(TAGS), 'split': 'x'}})
+  checkpoint_files.update_meta(copy, step,
+                               {'thresholds': {'values': [0.9] * len(TAGS), 'split': 'x'}})
   assert inference.load(copy).thresholds == (0.9,) * len(TAGS)
   out = calibrate.calibrate(None, copy, overrides={'evaluate.threshold_split': 'validation'})
   assert out['step'] == step and out['thresholds']['split'] == 'validation'

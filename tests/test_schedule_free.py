@@ -15,7 +15,8 @@ import optax.contrib
 import pytest
 from sklearn import metrics as skm
 
-from imgcls_jax import checkpoint, evaluate, inference, metrics, run, steps, train
+from imgcls_jax import (checkpoint, checkpoint_files, evaluate, inference, metrics, run, steps,
+                        train)
 from imgcls_jax import state as state_lib
 
 
@@ -65,7 +66,7 @@ def test_schedule_free_run_is_evaluated_and_loaded_at_x(tmp_path, digits_config)
   assert not np.allclose(kernel(x), kernel(y), rtol=1e-3)  # x and y really differ here
 
   # What every reader of a run gets (evaluate, predict, export, serve, transfer): x.
-  loaded = checkpoint.read_weights(workdir)
+  loaded = checkpoint_files.read_weights(workdir)
   np.testing.assert_allclose(loaded.params['head.kernel'], kernel(x), rtol=1e-5, atol=1e-7)
   np.testing.assert_array_equal(loaded.params['convs.0.kernel'], y['convs'][0]['kernel'])
   trained = inference.load(workdir)
@@ -141,7 +142,7 @@ def test_batch_statistics_are_re_estimated_at_x(tmp_path, digits_config, monkeyp
   # x and y really differ here: y's statistics would not pass the check above.
   assert np.max(np.abs(np.mean([m for m, _ in at_y], 0) - want_mean)) > 1e-2
   # What every reader of the run gets.
-  loaded = checkpoint.read_weights(workdir)
+  loaded = checkpoint_files.read_weights(workdir)
   np.testing.assert_allclose(loaded.batch_stats['norms.1.mean'], want_mean, rtol=1e-4, atol=1e-5)
 
   # Exact resume: the stopped run's save re-estimates the statistics at step 13, which the whole

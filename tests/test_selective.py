@@ -14,7 +14,8 @@ import scipy.special
 import scipy.stats
 from PIL import Image
 
-from imgcls_jax import calibrate, checkpoint, held_out, inference, predict, report, selective
+from imgcls_jax import (calibrate, checkpoint, checkpoint_files, held_out, inference, predict,
+                        report, selective)
 from imgcls_jax import serve, train
 from imgcls_jax.data import images as image_files
 from imgcls_jax.errors import UserError
@@ -278,13 +279,13 @@ def test_calibrate_refits_keeps_and_drops_the_threshold(abstaining, tmp_path, mo
   _calibrate(workdir, capsys)        # removal is remembered (the run's config says 0.95)
   assert inference.load(workdir).min_confidence == 0.0
   # A target nothing reaches: one line, and the checkpoint keeps what it had.
-  before = checkpoint.read_weights(workdir).meta['temperature']
+  before = checkpoint_files.read_weights(workdir).meta['temperature']
   monkeypatch.setattr(selective, 'fit', lambda *a, **k: None)
   with pytest.raises(UserError, match=r'No confidence threshold makes the answers on .*'
                      r'lower config\.evaluate\.abstain_accuracy\. Nothing was saved\.'):
     calibrate.calibrate(None, workdir, {'evaluate.temperature_split': 'train[80%:]',
                                         'evaluate.abstain_accuracy': 0.999})
-  assert checkpoint.read_weights(workdir).meta['temperature'] == before
+  assert checkpoint_files.read_weights(workdir).meta['temperature'] == before
 
 
 def _binned(p):

@@ -16,7 +16,8 @@ import scipy.optimize
 import scipy.special
 from sklearn import metrics as skm
 
-from imgcls_jax import checkpoint, held_out, inference, metrics, run, temperature, train
+from imgcls_jax import (checkpoint, checkpoint_files, held_out, inference, metrics, run,
+                        temperature, train)
 from imgcls_jax.errors import UserError
 from tests.conftest import REPO, subprocess_env
 
@@ -193,7 +194,7 @@ def test_bad_temperature_splits_are_one_line(digits_config, tmp_path):
   digits_config.evaluate.temperature_split = 'nonexistent'
   with pytest.raises(UserError, match='nonexistent'):
     train.train_and_evaluate(digits_config, str(tmp_path))   # before the first step
-  assert checkpoint.finished_steps(str(tmp_path / 'checkpoints')) == []
+  assert checkpoint_files.finished_steps(str(tmp_path / 'checkpoints')) == []
 
 
 def test_a_failing_fit_costs_the_run_nothing(digits_config, tmp_path, monkeypatch, caplog):
@@ -314,10 +315,10 @@ def test_calibrate_refuses_bad_splits_in_one_line(uncalibrated, monkeypatch):
 def test_a_meta_update_that_cannot_be_written_leaves_the_old_one(uncalibrated):
   step, before = _meta(uncalibrated)
   with pytest.raises(TypeError):
-    checkpoint.update_meta(uncalibrated, step, {'temperature': {'value': object()}})
+    checkpoint_files.update_meta(uncalibrated, step, {'temperature': {'value': object()}})
   assert _meta(uncalibrated) == (step, before)
   with pytest.raises(UserError, match='not in'):
-    checkpoint.update_meta(uncalibrated, step + 1, {'x': 1})
+    checkpoint_files.update_meta(uncalibrated, step + 1, {'x': 1})
 
 
 def test_an_image_folder_run_is_calibrated_on_its_validation_fraction(digits_config, tmp_path,
