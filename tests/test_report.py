@@ -1,5 +1,4 @@
 """The evaluation report: every metric against sklearn.metrics on the same predictions."""
-import functools
 import json
 
 import jax
@@ -9,7 +8,7 @@ import pytest
 from sklearn import metrics as skm
 from sklearn.calibration import calibration_curve
 
-from imgcls_jax import report, report_text, sharding
+from imgcls_jax import report, report_text, run, sharding
 
 # As the eval step runs it: jitted (eagerly, each of its ops compiles alone: ~15 s a call).
 _eval_sums = jax.jit(report.eval_sums, static_argnums=3)
@@ -33,26 +32,22 @@ def _softmax64(logits):
 
 
 def _stats_in_padded_sharded_batches(logits, labels, batch, num_bins=15):
-  """batch_stats jitted over an 8-device mesh, on padded + masked batches, summed."""
+  """batch_stats jitted over an 8-device mesh, on padded + masked batches, summed by the trainer's
+  own evaluation loop (``run.eval_sums``: one batch in flight on CPU devices, as XLA:CPU's
+  all-reduce needs under load)."""
   mesh = sharding.make_mesh(0)
-  fn = jax.jit(functools.partial(report.eval_sums, num_bins=num_bins),
-               in_shardings=(sharding.batch_sharding(mesh),) * 3,
+  fn = jax.jit(lambda _, b: report.eval_sums(b['logits'], b['label'], b['mask'], num_bins),
                out_shardings=sharding.replicated(mesh))
   rng = np.random.default_rng(1)
-  totals = None
-  # As the trainer's evaluation does: one batch in flight on the 8 CPU devices (several in flight
-  # can hang the all-reduce until XLA aborts the process, on a loaded machine; sharding.py).
-  guard = sharding.InFlightGuard(mesh, strict=True)
+  batches = []
   for start in range(0, len(labels), batch):
     lg, lb = logits[start:start + batch], labels[start:start + batch]
     real = len(lb)
     pad = batch - real  # padded rows hold garbage: they must add nothing
     lg = np.concatenate([lg, rng.normal(size=(pad, lg.shape[1])).astype(np.float32) * 10])
     lb = np.concatenate([lb, rng.integers(0, lg.shape[1], pad)]).astype(np.int32)
-    mask = np.arange(batch) < real
-    totals = report.add(totals, fn(lg, lb, mask))
-    guard.after_dispatch(totals)
-  return report.stats_to_numpy(totals)
+    batches.append({'logits': lg, 'label': lb, 'mask': np.arange(batch) < real})
+  return report.stats_to_numpy(run.eval_sums(fn, None, batches, mesh, 'test'))
 
 
 @pytest.mark.parametrize('k,missing', [(10, None), (7, 3), (4, None)])
