@@ -209,3 +209,28 @@ def test_dataset_info_module_does_not_import_tensorflow():
                        env=subprocess_env(), timeout=120)
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.strip() == '[]'
+
+
+def test_the_data_modules_and_the_exporter_import_tensorflow_without_keras():
+  """TensorFlow's own import would load Keras (and scikit-learn) for ~3 s; ours skips it
+  (data/tf_import.py), leaves TF_USE_LEGACY_KERAS as it found it, and tf.keras still works."""
+  code = '''
+import os, sys
+before = os.environ.get('TF_USE_LEGACY_KERAS')
+import imgcls_jax.data.pipeline, imgcls_jax.data.folds
+from imgcls_jax.export import formats
+assert formats._tf() is sys.modules['tensorflow']
+print(sorted(m.split('.')[0] for m in sys.modules if m.split('.')[0] in ('keras', 'sklearn')))
+print(os.environ.get('TF_USE_LEGACY_KERAS') == before)
+import tensorflow as tf
+print(all(isinstance(p, str) for p in tf.__path__), tf.keras.layers.Dense(3).units)
+'''
+  for preset in (None, '0'):
+    env = subprocess_env()
+    env.pop('TF_USE_LEGACY_KERAS', None)
+    if preset is not None:
+      env['TF_USE_LEGACY_KERAS'] = preset
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=REPO,
+                         env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split('\n')[:3] == ['[]', 'True', 'True 3'], out.stdout

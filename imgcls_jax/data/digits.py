@@ -8,6 +8,7 @@ scores 99.1% on it); ``train`` is the other 1347 images.
 from __future__ import annotations
 
 import numpy as np
+from imgcls_jax.data import tf_import  # noqa: F401  (before tensorflow_datasets: no Keras)
 import tensorflow_datasets as tfds
 
 

@@ -9,6 +9,7 @@ from typing import Iterator
 from urllib.parse import urlsplit
 
 import requests
+from imgcls_jax.data import tf_import  # noqa: F401  (before tensorflow_datasets: no Keras)
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.download import downloader as tfds_downloader
 

@@ -17,6 +17,7 @@ import os
 
 import ml_collections
 import numpy as np
+from imgcls_jax.data import tf_import  # noqa: F401  (before tensorflow_datasets: no Keras)
 import tensorflow_datasets as tfds
 
 from imgcls_jax.data import folder_index, image_folder, sources

@@ -19,8 +19,8 @@ import threading
 from typing import Callable
 
 import numpy as np
-import tensorflow as tf
 
+from imgcls_jax.data.tf_import import tf
 from imgcls_jax.data import folder_index
 from imgcls_jax.data.images import UnreadableImage, decode
 

@@ -24,7 +24,8 @@ from typing import Any, Iterator
 
 import ml_collections
 import numpy as np
-import tensorflow as tf
+
+from imgcls_jax.data.tf_import import tf  # before tensorflow_datasets: no Keras
 import tensorflow_datasets as tfds
 
 from imgcls_jax.data import folder_index, info, pp, sources

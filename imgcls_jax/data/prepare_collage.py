@@ -88,6 +88,7 @@ def compose(cells_4: np.ndarray, images_Nx28x28: np.ndarray) -> np.ndarray:
 def load_fashion_mnist(data_dir: str | None = None) -> dict[str, object]:
   """Fashion-MNIST through tfds: ``{'train': (images Nx28x28, labels N), 'test': ...,
   'class_names': [...]}`` (prepared from Debian's files first if needed)."""
+  from imgcls_jax.data import tf_import  # noqa: F401  (before tensorflow_datasets: no Keras)
   import tensorflow_datasets as tfds
 
   from imgcls_jax.data import prepare_fashion_mnist

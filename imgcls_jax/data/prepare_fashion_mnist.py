@@ -44,6 +44,7 @@ def upstream_bytes(debian_gz: bytes, filename: str) -> bytes:
 
 def _registered_sha256() -> dict[str, str]:
   """file name -> sha256 as registered by tensorflow-datasets for ``fashion_mnist``."""
+  from imgcls_jax.data import tf_import  # noqa: F401  (before tensorflow_datasets: no Keras)
   import tensorflow_datasets as tfds
   path = os.path.join(os.path.dirname(tfds.__file__), 'url_checksums', 'fashion_mnist.txt')
   sums = {}
@@ -82,6 +83,7 @@ def write_manual_dir(source_dir: str, manual_dir: str) -> list[str]:
 def prepare(data_dir: str | None = None, source_dir: str = DEBIAN_DIR,
             manual_dir: str | None = None) -> str:
   """Prepares tfds ``fashion_mnist`` in ``data_dir`` (tfds default when None); returns its path."""
+  from imgcls_jax.data import tf_import  # noqa: F401  (before tensorflow_datasets: no Keras)
   import tensorflow_datasets as tfds
   b = tfds.builder('fashion_mnist', data_dir=data_dir)
   if b.is_prepared():

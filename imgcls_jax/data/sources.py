@@ -13,7 +13,8 @@ from typing import Any, Callable
 import ml_collections
 import numpy as np
 import requests
-import tensorflow as tf
+
+from imgcls_jax.data.tf_import import tf  # before tensorflow_datasets: no Keras
 import tensorflow_datasets as tfds
 
 from imgcls_jax.data import digits as _digits  # noqa: F401  (registers sklearn_digits)

@@ -21,7 +21,7 @@ OUTPUTS = ('probabilities', 'logits')
 
 
 def _tf() -> Any:
-  import tensorflow as tf
+  from imgcls_jax.data.tf_import import tf
   try:
     tf.config.set_visible_devices([], 'GPU')  # TF must not take accelerator memory from JAX
   except RuntimeError:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import tensorflow as tf
 
+from imgcls_jax.data.tf_import import tf
 from imgcls_jax.data.pp.registry import (Op, decode_image, image_hw, register, split_seed,
                                          to_uint8, uniform)
 from imgcls_jax.errors import UserError

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-import tensorflow as tf
 
+from imgcls_jax.data.tf_import import tf
 from imgcls_jax.data.pp.ops_image import rotate_image
 from imgcls_jax.data.pp.registry import Op, image_hw, register, split_seed, uniform
 

@@ -14,8 +14,8 @@ import ast
 from typing import Any, Callable
 
 import numpy as np
-import tensorflow as tf
 
+from imgcls_jax.data.tf_import import tf
 from imgcls_jax.errors import UserError
 
 Op = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
