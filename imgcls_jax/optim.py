@@ -165,8 +165,14 @@ def _base(cfg: ml_collections.ConfigDict, lr: optax.Schedule) -> optax.GradientT
                        optax.scale_by_learning_rate(lr))
     parts.append(optax.contrib.schedule_free(adam, lr, b1=cfg.b1))
   else:
-    raise UserError(f"Unknown config.optim.name '{cfg.name}'; use one of {', '.join(OPTIMIZERS)}.")
+    check_name(cfg)
   return optax.chain(*parts)
+
+
+def check_name(cfg: ml_collections.ConfigDict) -> None:
+  """UserError unless ``config.optim.name`` is one of ``OPTIMIZERS``."""
+  if cfg.name not in OPTIMIZERS:
+    raise UserError(f"Unknown config.optim.name '{cfg.name}'; use one of {', '.join(OPTIMIZERS)}.")
 
 
 def muon_dimensions(params: Any) -> Any:

@@ -43,6 +43,25 @@ def test_bad_config_fails_with_one_clear_line(tmp_path, override, pattern):
   assert re.search(pattern, _one_error_line(proc)), proc.stderr[-1000:]
 
 
+@pytest.mark.parametrize('group, key, value, pattern', [
+    ('model', 'name', 'resnet51', "Unknown model 'resnet51'"),
+    ('model', 'widthz', (8, 16), "widthz"),
+    ('optim', 'name', 'adagrad', "Unknown config.optim.name 'adagrad'"),
+    ('data', 'device_preprocess', 'randaugment', 'not a device-side op'),
+])
+def test_names_in_the_config_are_checked_before_the_dataset_is_read(group, key, value, pattern):
+  """A misspelt model, model argument, optimizer or device op is reported before the dataset is
+  described (which imports TensorFlow: seconds): here the dataset does not even exist."""
+  from configs import default
+  from imgcls_jax import run
+  from imgcls_jax.errors import UserError
+  c = default.get_config()
+  c.data.name = 'no_such_set'
+  c[group][key] = value
+  with pytest.raises(UserError, match=pattern):
+    run.setup(c)
+
+
 def test_a_model_family_is_switched_by_replacing_the_model_group(tmp_path):
   """--config.model="{...}" replaces the config file's model group (no cnn keys are left)."""
   script = ('import sys; from imgcls_jax import main, models; c, _, _ = main.parse(sys.argv); '
