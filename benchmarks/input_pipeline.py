@@ -69,9 +69,9 @@ def _cores() -> int:
 def measure(root: str, *, threads: int, batch_size: int, seconds: float,
             host_normalize: bool) -> dict:
   """Times the training stream over the image folder at ``root``."""
-  import tensorflow as tf
   from configs import default
   from imgcls_jax.data import pipeline
+  from imgcls_jax.data.tf_import import tf
   c = default.get_config()
   c.data.name = 'image_folder'
   c.data.folder = root

@@ -104,7 +104,7 @@ def runners(clf: Any, runtimes: list[str], workdir: str, threads: int
   saved = os.path.join(workdir, 'saved_model')
   formats.save_saved_model(clf, saved)                 # any batch: TF Serving's model
   if 'saved_model' in runtimes:
-    import tensorflow as tf
+    from imgcls_jax.data.tf_import import tf
     fn = tf.saved_model.load(saved).signatures['serving_default']
     out['saved_model'] = lambda x: {k: v.numpy() for k, v in fn(images=tf.constant(x)).items()}
   fixed = os.path.join(workdir, 'saved_model_1')        # batch 1: the exported TFLite models'

@@ -60,6 +60,7 @@ def _arrays(dataset: str, data_dir: str | None) -> tuple[dict[str, tuple[np.ndar
   if dataset == 'sklearn_digits':
     from imgcls_jax.data import digits
     return {s: digits.load_arrays(s) for s in ('train', 'test')}, [str(i) for i in range(10)]
+  from imgcls_jax.data import tf_import  # noqa: F401  (before tensorflow_datasets: no Keras)
   import tensorflow_datasets as tfds
   splits, info = {}, None
   for split in ('train', 'test'):
@@ -76,7 +77,7 @@ def make_datasets(dataset: str, tfds_dir: str, target_images: int, *, data_dir: 
 
   ``source_images`` > 0 keeps only that many (balanced) training images of the source classes.
   """
-  import tensorflow as tf
+  from imgcls_jax.data.tf_import import tf  # before tensorflow_datasets: no Keras
   import tensorflow_datasets as tfds
 
   splits, names = _arrays(dataset, data_dir)
