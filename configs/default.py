@@ -371,7 +371,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---- --mode=predict (imgcls_jax/predict.py): top-k classes of image files ----
   c.predict = ml_collections.ConfigDict()
-  c.predict.inputs = ''                   # comma-separated image files and/or folders (recursive)
+  c.predict.inputs = ''                   # comma-separated files, folders (recursive), globs; a comma
+                                          # inside an existing file's name stays in it
   c.predict.output = ''                   # file to write; '' = stdout
   c.predict.format = 'jsonl'              # 'jsonl' (one JSON object per image) or 'csv'
   c.predict.top_k = 5                     # classes reported per image
@@ -479,7 +480,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.embed.extractor = 'model'             # 'model' (penultimate layer of the run in --workdir) or
                                           # 'classical' (config.classical features of config.data)
   c.embed.split = ''                      # split to embed; '' = data.eval_split
-  c.embed.inputs = ''                     # image files / folders to embed instead (unlabelled)
+  c.embed.inputs = ''                     # image files / folders / globs to embed instead (unlabelled)
   c.embed.reference_split = ''            # k-NN neighbours come from this split; '' =
                                           # data.train_split; 'none' = no k-NN evaluation
   c.embed.knn_k = 10                      # neighbours (distance-weighted vote)

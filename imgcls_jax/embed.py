@@ -97,23 +97,9 @@ def split_paths(data: ml_collections.ConfigDict, split: str, positions: np.ndarr
   return [f'{data.name}:{split}[{i}]' for i in positions]
 
 
-def list_files(spec: str) -> list[str]:
-  """Image files named in the comma-separated ``spec``; folders give theirs, recursively."""
-  files = []
-  for p in (p.strip() for p in spec.split(',') if p.strip()):
-    if os.path.isdir(p):
-      files.extend(sorted(os.path.join(root, f) for root, _, names in os.walk(p) for f in names
-                          if not f.startswith('.') and images.is_image_file(f)))
-    elif os.path.exists(p):
-      files.append(p)
-    else:
-      raise UserError(f'Input {p} (from config.embed.inputs) does not exist; check the path.')
-  return files
-
-
 def embed_files(extractor: Extractor, spec: str) -> tuple[np.ndarray, list[str]]:
   """(features, paths) of the readable files named in ``spec``; unreadable ones are skipped."""
-  files = list_files(spec)
+  files = images.list_inputs(spec, 'embed.inputs')
   arrays, paths, skipped = [], [], []
   for path in files:
     try:

@@ -279,3 +279,21 @@ def test_float_images_outside_0_1_are_named_and_globs_list_files(tmp_path):
   assert [os.path.relpath(f, tmp_path) for f in got] == ['g/a.png', 'g/b.png', 'g/deep/x.png']
   with pytest.raises(UserError, match=r'No image file matches .*\*\.jpg \(from config.predict'):
     images.list_inputs(str(tmp_path / 'g' / '*.jpg'))
+
+
+def test_an_input_path_with_a_comma_in_its_name_is_one_path(tmp_path):
+  """config.predict.inputs / embed.inputs / evaluate.ood_inputs are comma-separated; a file or
+  folder whose own name has a comma stays one path where it exists (before: 'does not exist')."""
+  from imgcls_jax.data import images
+  for rel in ('scan 3,4.png', 'c,d/x.png', 'a/y.png', 'b/z.png', 'plain.png'):
+    (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / rel)
+  t = str(tmp_path)
+  spec = f'{t}/scan 3,4.png, {t}/plain.png,{t}/c,d ,{t}/a,{t}/b'
+  assert images.split_paths(spec) == [f'{t}/scan 3,4.png', f'{t}/plain.png', f'{t}/c,d', f'{t}/a',
+                                      f'{t}/b']
+  got = [os.path.relpath(f, t) for f in images.list_inputs(spec, 'embed.inputs')]
+  assert got == ['scan 3,4.png', 'plain.png', 'c,d/x.png', 'a/y.png', 'b/z.png']
+  with pytest.raises(UserError, match=r'Input .*/scan 3 \(from config.embed.inputs\) does not'):
+    images.list_inputs(f'{t}/scan 3,5.png', 'embed.inputs')
+  assert images.split_paths(' , ') == []

@@ -246,7 +246,7 @@ def test_predict_csv(run, image_folder, tmp_path):
 def test_predict_user_errors(run, tmp_path):
   config, workdir, _ = run
   config = config.copy_and_resolve_references()
-  with pytest.raises(UserError, match='Nothing to predict'):
+  with pytest.raises(UserError, match='No inputs: set config.predict.inputs'):
     predict.predict(config, workdir)
   config.predict.inputs = str(tmp_path / 'nope')
   with pytest.raises(UserError, match='does not exist'):

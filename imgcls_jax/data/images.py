@@ -118,12 +118,30 @@ def _open(data: bytes | str) -> Any:
       Image.MAX_IMAGE_PIXELS = limit
 
 
+def split_paths(spec: str) -> list[str]:
+  """The comma-separated paths of ``spec``; a comma inside the name of an existing file or
+  folder (``scan 3,4.png``) stays in it: a part that does not exist is joined with the parts after
+  it while the longer name does."""
+  parts, out, i = (spec or '').split(','), [], 0
+  while i < len(parts):
+    j = i + 1
+    if not os.path.exists(parts[i].strip()):
+      j = next((k for k in range(len(parts), i + 1, -1)
+                if os.path.exists(','.join(parts[i:k]).strip())), j)
+    path = ','.join(parts[i:j]).strip()
+    if path:
+      out.append(path)
+    i = j
+  return out
+
+
 def list_inputs(spec: str, key: str = 'predict.inputs') -> list[str]:
-  """Files named in the comma-separated ``spec`` (the value of ``config.<key>``): files, folders
-  (their image files, recursively) and glob patterns (``photos/*.jpg``, ``**`` recursive)."""
-  paths = [p.strip() for p in (spec or '').split(',') if p.strip()]
+  """Files named in the comma-separated ``spec`` (the value of ``config.<key>``; ``split_paths``):
+  files, folders (their image files, recursively) and glob patterns (``photos/*.jpg``, ``**``
+  recursive)."""
+  paths = split_paths(spec)
   if not paths:
-    raise UserError(f'Nothing to predict: set config.{key} to image files and/or folders, '
+    raise UserError(f'No inputs: set config.{key} to image files and/or folders, '
                     f'e.g. --config.{key}=photos/.')
   files, empty = [], []
   for p in paths:
