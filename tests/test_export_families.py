@@ -7,17 +7,15 @@ from __future__ import annotations
 import collections
 import itertools
 
-import jax
 import ml_collections
 import numpy as np
-import optax
 import pytest
 
 from configs import default
 from imgcls_jax import export, inference, models
 from imgcls_jax import state as state_lib
 from imgcls_jax.data.info import DatasetInfo
-from tests.test_families import family_class, small
+from tests.test_families import family_class, host_variables, small
 
 INFO = DatasetInfo(name='synthetic', num_classes=5, class_names=tuple('abcde'),
                    image_shape=(16, 16, 3), num_examples={'train': 8, 'test': 8})
@@ -36,29 +34,16 @@ def _one_name_per_family() -> list[str]:
   return [SHALLOWEST.get(cls) or min(names, key=lambda n: (len(n), n)) for cls, names in by_class]
 
 
-def _randomized(tree, key, positive=False):
-  """Values moved off their initial ones (zero heads, zero last-BN scales, unit variances), so
-  every logit depends on every part of the model; ``positive`` for variances."""
-  leaves, treedef = jax.tree.flatten(tree)
-  keys = jax.random.split(key, max(len(leaves), 1))
-  new = [np.abs(x) + 0.5 if positive else x
-         for x in (np.asarray(p) + 0.1 * np.asarray(jax.random.normal(k, p.shape))
-                   for p, k in zip(leaves, keys))]
-  return jax.tree.unflatten(treedef, [n.astype(np.float32) for n in new])
-
-
 def _classifier(name: str, info: DatasetInfo = INFO, **model_kw) -> inference.Classifier:
   run = default.get_config()
   run.model = ml_collections.ConfigDict({'name': name, **small(name), **model_kw})
   c = info.image_shape[2]
   run.data.mean, run.data.std = (0.5, 0.4, 0.3)[:c], (0.25, 0.2, 0.3)[:c]
-  model_fn = models.from_config(run, info.num_classes, c)
-  state = jax.device_get(jax.jit(state_lib.init_fn(model_fn, optax.identity(), 0))())
-  batch_stats = jax.tree_util.tree_map_with_path(  # BN means around 0, variances around 1
-      lambda path, v: _randomized(v, jax.random.key(len(path) + v.size),
-                                  positive=path[-1].key == 'var'), state.batch_stats)
-  variables = state_lib.InferenceState(params=_randomized(state.params, jax.random.key(1)),
-                                       batch_stats=batch_stats)
+  # Values off their initial ones (zero heads, zero last-BN scales, unit variances), so every logit
+  # depends on every part of the model, BatchNorm folding included.
+  params, batch_stats = host_variables(models.from_config(run, info.num_classes, c), sd=0.1,
+                                       seed=1, random_stats=True)
+  variables = state_lib.InferenceState(params=params, batch_stats=batch_stats)
   trained = inference.Trained(run=run, info=info, image_shape=info.image_shape, native_hw=None,
                               variables=variables, step=0, origin=f'test {name}')
   return inference.classifier(trained, max_batch=8)

@@ -91,19 +91,28 @@ def _model(name: str, rngs: nnx.Rngs | None = None, **kw) -> nnx.Module:
   return models.get(name, num_classes=5, in_channels=3, rngs=rngs or nnx.Rngs(0), **kw)
 
 
-def _host_variables(name: str, **kw):
-  """(parameters, BatchNorm statistics) of the small ``name`` made on the host from their shapes
-  (no initialisation program to compile): every parameter drawn around its usual start (scales
-  around 1, the rest around 0, sd 0.2: zero heads and zero last-BN scales moved off), so every
-  branch and every logit depends on them; means 0, variances 1."""
-  shapes = state_lib.abstract_variables(lambda rngs: _model(name, rngs, **kw))
-  rng = np.random.default_rng(7)
-  params = jax.tree_util.tree_map_with_path(
-      lambda path, s: (float(path[-1].key == 'scale') + 0.2 * rng.standard_normal(s.shape)
-                       ).astype(s.dtype), shapes.params)
-  stats = jax.tree_util.tree_map_with_path(
-      lambda path, s: np.full(s.shape, float(path[-1].key == 'var'), s.dtype), shapes.batch_stats)
-  return params, stats
+def host_variables(model_fn: state_lib.ModelFn, *, sd: float = 0.2, seed: int = 7,
+                   random_stats: bool = False):
+  """(parameters, BatchNorm statistics) of ``model_fn``'s model made on the host from their
+  shapes, with no initialisation program to compile (its threefry draws dominate the compile
+  time of a small model's test programs): every parameter drawn around its usual start (scales
+  around 1, the rest around 0; zero heads and zero last-BN scales moved off), so every branch and
+  every logit depends on them; statistics at their start (means 0, variances 1) or, with
+  ``random_stats``, moved too (variances around 1.5)."""
+  shapes = state_lib.abstract_variables(model_fn)
+  rng = np.random.default_rng(seed)
+
+  def param(path, s):
+    return (float(path[-1].key == 'scale') + sd * rng.standard_normal(s.shape)).astype(s.dtype)
+
+  def stat(path, s):
+    var = path[-1].key == 'var'
+    if not random_stats:
+      return np.full(s.shape, float(var), s.dtype)
+    x = float(var) + sd * rng.standard_normal(s.shape)
+    return (np.abs(x) + 0.5 if var else x).astype(s.dtype)
+  return (jax.tree_util.tree_map_with_path(param, shapes.params),
+          jax.tree_util.tree_map_with_path(stat, shapes.batch_stats))
 
 
 @pytest.mark.parametrize('name', NEW_FAMILIES)
@@ -190,7 +199,8 @@ def test_drop_path_is_random_in_training_and_identity_at_eval(name):
 
   x = jax.random.normal(jax.random.key(1), (16, 16, 16, 3))  # 16 examples: 3 keys, 3 masks
   eval_dropping, eval_plain, train = jax.device_get(
-      outputs(*_host_variables(name, drop_path_rate=0.5, **no_dropout), x))
+      outputs(*host_variables(lambda rngs: _model(name, rngs, drop_path_rate=0.5, **no_dropout)),
+              x))
   np.testing.assert_array_equal(eval_dropping, eval_plain)
   assert len({o.tobytes() for o in train[:3]}) == 3  # another key, another set of dropped blocks
   np.testing.assert_array_equal(train[3], train[0])  # the same key, the same blocks
