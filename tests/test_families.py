@@ -244,7 +244,10 @@ def test_train_step_on_8_devices_equals_1_device_replicated_and_fsdp(name):
   batch = {'image': rng.integers(0, 256, (16, 16, 16, 3), dtype=np.uint8),
            'label': rng.integers(0, 5, (16,), dtype=np.int32)}
   s = run.setup(_config(name, 1, 'replicated'), INFO, steps_per_epoch=1)
-  init = jax.device_get(state_lib.create(s.model_fn, s.tx, 0, s.mesh)[0])
+  params, batch_stats = host_variables(s.model_fn, sd=0.05)  # no init program to compile
+  init = jax.device_get(state_lib.TrainState(
+      step=np.zeros((), np.int32), params=params, batch_stats=batch_stats,
+      opt_state=s.tx.init(params), rng=np.asarray(jax.random.key_data(jax.random.key(0)))))
   one, loss1, _ = _one_step(name, 1, 'replicated', batch, init)
   moved = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(one[0]),
                                                            jax.tree.leaves(init.params)))
