@@ -290,10 +290,10 @@ def test_an_input_path_with_a_comma_in_its_name_is_one_path(tmp_path):
     Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / rel)
   t = str(tmp_path)
   spec = f'{t}/scan 3,4.png, {t}/plain.png,{t}/c,d ,{t}/a,{t}/b'
-  assert images.split_paths(spec) == [f'{t}/scan 3,4.png', f'{t}/plain.png', f'{t}/c,d', f'{t}/a',
+  assert images.comma_paths(spec) == [f'{t}/scan 3,4.png', f'{t}/plain.png', f'{t}/c,d', f'{t}/a',
                                       f'{t}/b']
   got = [os.path.relpath(f, t) for f in images.list_inputs(spec, 'embed.inputs')]
   assert got == ['scan 3,4.png', 'plain.png', 'c,d/x.png', 'a/y.png', 'b/z.png']
   with pytest.raises(UserError, match=r'Input .*/scan 3 \(from config.embed.inputs\) does not'):
     images.list_inputs(f'{t}/scan 3,5.png', 'embed.inputs')
-  assert images.split_paths(' , ') == []
+  assert images.comma_paths(' , ') == []

@@ -118,7 +118,7 @@ def _open(data: bytes | str) -> Any:
       Image.MAX_IMAGE_PIXELS = limit
 
 
-def split_paths(spec: str) -> list[str]:
+def comma_paths(spec: str) -> list[str]:
   """The comma-separated paths of ``spec``; a comma inside the name of an existing file or
   folder (``scan 3,4.png``) stays in it: a part that does not exist is joined with the parts after
   it while the longer name does."""
@@ -136,10 +136,10 @@ def split_paths(spec: str) -> list[str]:
 
 
 def list_inputs(spec: str, key: str = 'predict.inputs') -> list[str]:
-  """Files named in the comma-separated ``spec`` (the value of ``config.<key>``; ``split_paths``):
+  """Files named in the comma-separated ``spec`` (the value of ``config.<key>``; ``comma_paths``):
   files, folders (their image files, recursively) and glob patterns (``photos/*.jpg``, ``**``
   recursive)."""
-  paths = split_paths(spec)
+  paths = comma_paths(spec)
   if not paths:
     raise UserError(f'No inputs: set config.{key} to image files and/or folders, '
                     f'e.g. --config.{key}=photos/.')
