@@ -228,9 +228,13 @@ def test_manifest_split_cells_and_foreign_headers_are_one_line(tmp_path):
     with pytest.raises(UserError, match=message):
       manifest.read_rows(str(path))
   path.write_text('a.png,cat,train\nb.png,dog,test\n')          # as before: a split column
-  assert manifest.read_rows(str(path)) == [('a.png', 'cat', 'train'), ('b.png', 'dog', 'test')]
+  assert manifest.read_rows(str(path)) == (('a.png', 'cat', 'train'), ('b.png', 'dog', 'test'))
   path.write_text('path,label\na.png,cat\nb.png,dog\n')
-  assert manifest.read_rows(str(path)) == [('a.png', 'cat', None), ('b.png', 'dog', None)]
+  assert manifest.read_rows(str(path)) == (('a.png', 'cat', None), ('b.png', 'dog', None))
+  # Rows are read once per process while the file is unchanged: a rewrite of the same size is
+  # read again.
+  path.write_text('path,label\na.png,cow\nb.png,dog\n')
+  assert manifest.read_rows(str(path)) == (('a.png', 'cow', None), ('b.png', 'dog', None))
 
 
 def test_float_and_32_bit_grey_images_keep_their_range(tmp_path):

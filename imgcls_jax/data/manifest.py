@@ -3,31 +3,64 @@ header naming the columns ``path``, ``label`` / ``labels``, ``split``), paths re
 a multi-label row's label is a set of tags, ``tag1;tag2``. Read by ``folder_index``."""
 from __future__ import annotations
 
+import collections
 import csv
+import hashlib
+import io
 import logging
 import os
+import threading
 
 from imgcls_jax.data import images
 from imgcls_jax.errors import UserError
 
 
+Row = tuple[str, str, str | None]
+# The parsed rows of the last manifests read: (file, multilabel, one_split_each) -> (the bytes'
+# digest, rows). Describing a manifest's dataset asks for its rows four times.
+_MEMO: collections.OrderedDict[tuple[str, bool, bool], tuple[bytes, tuple[Row, ...]]] = (
+    collections.OrderedDict())
+_MEMO_LOCK = threading.Lock()
+
+
 def read_rows(location: str, multilabel: bool = False, *,
-              one_split_each: bool = True) -> list[tuple[str, str, str | None]]:
+              one_split_each: bool = True) -> tuple[Row, ...]:
   """(path as written, label, split or None) per row of the CSV at ``location`` (with
   ``multilabel`` a row's label may be empty: an image with no tag). A file listed in two splits
-  is refused unless ``one_split_each`` is False (a tool that mends such manifests)."""
+  is refused unless ``one_split_each`` is False (a tool that mends such manifests).
+
+  Parsed once per process while the file's bytes are the same (a digest of them, so an edit is
+  seen even within the file system's timestamp granularity): a million-row manifest parses in
+  seconds, its digest in tens of milliseconds."""
+  with open(location, 'rb') as f:
+    data = f.read()
+  key = (os.path.abspath(location), bool(multilabel), bool(one_split_each))
+  digest = hashlib.blake2b(data, digest_size=16).digest()
+  with _MEMO_LOCK:
+    hit = _MEMO.get(key)
+  if hit is not None and hit[0] == digest:
+    return hit[1]
+  rows = tuple(_parse_rows(location, data, multilabel, one_split_each))
+  with _MEMO_LOCK:
+    _MEMO[key] = (digest, rows)
+    _MEMO.move_to_end(key)
+    while len(_MEMO) > 2:
+      _MEMO.popitem(last=False)
+  return rows
+
+
+def _parse_rows(location: str, data: bytes, multilabel: bool, one_split_each: bool) -> list[Row]:
   try:
-    with open(location, newline='', encoding='utf-8-sig') as f:
-      rows = [r for r in csv.reader(f) if r and any(x.strip() for x in r)]
+    text = data.decode('utf-8-sig')
   except UnicodeDecodeError as e:
-    with open(location, 'rb') as f:
-      utf16 = f.read(2) in (b'\xff\xfe', b'\xfe\xff')  # the byte-order mark of UTF-16 LE / BE
-    if utf16:  # what Excel's "Unicode Text" and Windows Notepad's "Unicode" save
+    if data[:2] in (b'\xff\xfe', b'\xfe\xff'):  # UTF-16's byte-order marks (LE / BE): what
+      # Excel's "Unicode Text" and Windows Notepad's "Unicode" save
       raise UserError(f'The manifest {location} is UTF-16 text; save it as a UTF-8 CSV of '
                       'path,label rows (in Excel: Save As "CSV UTF-8").') from None
     raise UserError(f'The manifest {location} is not UTF-8 text (byte {e.start}: '
                     f'{e.object[e.start:e.start + 1]!r}); save it as a UTF-8 CSV of path,label '
                     'rows.') from None
+  rows = [r for r in csv.reader(io.StringIO(text, newline='')) if r and any(x.strip() for x in r)]
   if not rows:
     raise UserError(f'The manifest {location} is empty; write one path,label row per image.')
   header = [x.strip().lower() for x in rows[0]]
@@ -68,7 +101,7 @@ def image_key(location: str, path: str) -> str:
   return os.path.normpath(os.path.join(os.path.dirname(location), path))
 
 
-def _one_split_each(rows: list[tuple[str, str, str | None]], location: str) -> None:
+def _one_split_each(rows: list[Row], location: str) -> None:
   """Refuses a file listed in two splits: a test image also trained on inflates every score."""
   where: dict[str, str | None] = {}
   clashes: dict[str, tuple[str, str | None, str | None]] = {}
@@ -87,7 +120,7 @@ def _one_split_each(rows: list[tuple[str, str, str | None]], location: str) -> N
 _WARNED: set[tuple[str, str]] = set()
 
 
-def warn_near_splits(rows: list[tuple[str, str, str | None]], location: str, split: str) -> None:
+def warn_near_splits(rows: tuple[Row, ...], location: str, split: str) -> None:
   """Warns (once per manifest and split) of rows whose split differs from ``split`` only in case
   or spaces ('Train' for 'train'): they are not read as that split."""
   near: dict[str, int] = {}
