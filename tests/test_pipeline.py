@@ -214,6 +214,9 @@ def test_dataset_info_module_does_not_import_tensorflow():
 def test_the_data_modules_and_the_exporter_import_tensorflow_without_keras():
   """TensorFlow's own import would load Keras (and scikit-learn) for ~3 s; ours skips it
   (data/tf_import.py), leaves TF_USE_LEGACY_KERAS as it found it, and tf.keras still works."""
+  import importlib.util
+  if importlib.util.find_spec('tf_keras') is not None:
+    pytest.skip('tf_keras is installed: then the import is a plain one (data/tf_import.py)')
   code = '''
 import os, sys
 before = os.environ.get('TF_USE_LEGACY_KERAS')
