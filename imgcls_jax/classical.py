@@ -78,9 +78,9 @@ def class_scores(fitted: Any, features_NxD: np.ndarray, num_classes: int) -> np.
 
 def report_of(scores_NxK: np.ndarray, labels_N: np.ndarray, class_names: list[str], *,
               num_bins: int, top_confused: int) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-  """(the evaluation report, its summed statistics) of class scores, by ``report.eval_sums``."""
-  sums = report.eval_sums(scores_NxK, labels_N, np.ones(len(labels_N), bool), num_bins)
-  stats = report.stats_to_numpy(sums)
+  """(the evaluation report, its summed statistics) of class scores, by ``report.eval_sums``
+  (``report.sums_of_scores``)."""
+  stats = report.sums_of_scores(scores_NxK, labels_N, num_bins)
   return report.summarize(stats, class_names, top_confused=top_confused), stats
 
 

@@ -162,6 +162,22 @@ def test_batches_and_devices_do_not_change_the_statistics():
   assert one['confusion'].sum() == 200 and one['bin_count'].sum() == 200
 
 
+def test_host_scores_padded_to_a_bucket_give_the_same_statistics_as_the_rows_alone():
+  """report.sums_of_scores (classical models, k-NN) pads to 1,024 rows with masked-out rows: the
+  sums are those of the real rows (as sklearn counts them), whatever the bucket's fill."""
+  for n in (1, 1000, 1025):
+    logits, labels = _predictions(n, 7, seed=n)
+    got = report.sums_of_scores(logits, labels, 15)
+    want = report.stats_to_numpy(_eval_sums(jnp.asarray(logits), jnp.asarray(labels),
+                                            jnp.ones(n, bool), 15))
+    assert set(got) == set(want)
+    for key in want:
+      np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-5, err_msg=f'{n} {key}')
+    np.testing.assert_array_equal(got['confusion'], skm.confusion_matrix(
+        labels, logits.argmax(-1), labels=range(7)))
+    assert got['count'] == n
+
+
 def test_confidence_of_one_falls_in_the_last_bin_like_sklearn():
   logits = jnp.array([[100.0, 0.0], [0.0, 0.0]])  # confidences 1.0 and 0.5
   s = report.stats_to_numpy(_eval_sums(logits, jnp.array([0, 1]), jnp.ones(2, bool), 10))
