@@ -17,8 +17,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from imgcls_jax import (checkpoint, held_out, inference, label_issues, metrics, ood, report,
-                        run, sharding, steps)
+from imgcls_jax import (checkpoint, eval_steps, held_out, inference, label_issues, metrics, ood,
+                        report, run, sharding)
 from imgcls_jax.data import images, reader
 from imgcls_jax.data.info import check_flips
 from imgcls_jax.errors import UserError
@@ -259,7 +259,7 @@ def ood_pass(r: Restored, files: list[str], tta: str, num_bins: int) -> dict[str
     raise UserError(OOD_MULTILABEL)
   b = r.setup.local_eval_batch_size
   skipped: list[tuple[str, str]] = []
-  step = jax.jit(functools.partial(steps.example_outcomes, model_def=r.setup.model_def,
+  step = jax.jit(functools.partial(eval_steps.example_outcomes, model_def=r.setup.model_def,
                                    cfg=r.setup.step_cfg, tta=tta, num_bins=num_bins,
                                    with_scores=True),
                  in_shardings=(r.shardings, sharding.batch_sharding(r.setup.mesh)),
@@ -298,7 +298,8 @@ class Outcomes:
   p_label: np.ndarray       # float32 N: the labelled class's
   images: dict[int, np.ndarray]   # position -> eval-preprocessed image of the kept errors
   probs: np.ndarray | None = None   # float32 N x K: every class's (outcomes_pass's keep_probs)
-  scores: dict[str, np.ndarray] | None = None   # steps.logit_scores' (outcomes_pass's keep_scores)
+  # eval_steps.logit_scores' (outcomes_pass's keep_scores)
+  scores: dict[str, np.ndarray] | None = None
 
   def errors(self) -> np.ndarray:
     """Indices of the wrongly predicted examples, the most confident first (ties: position)."""
@@ -357,9 +358,10 @@ def outcomes_pass(r: Restored, tta: str = '', *, keep_images: int = 0,
   thresholds = np.asarray(r.trained.decision_thresholds, np.float32)
   extra: dict[str, Any] = {}
   if tagged:
-    fn, keys = steps.multilabel_outcomes, ('position', 'label', 'probs')
+    fn, keys = eval_steps.multilabel_outcomes, ('position', 'label', 'probs')
   else:
-    fn, keys = steps.example_outcomes, ('position', 'label', 'predicted', 'p_predicted', 'p_label')
+    fn = eval_steps.example_outcomes
+    keys = ('position', 'label', 'predicted', 'p_predicted', 'p_label')
     if keep_probs:
       keys, extra = keys + ('probs',), {'with_probs': True}
     if keep_scores:   # 'gate': ood.energy of the logits prediction returns (no TTA)

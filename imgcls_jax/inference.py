@@ -5,7 +5,7 @@ dtype, mean/std, eval preprocessing), the dataset description (``DatasetInfo``: 
 shape, where it came from) and the model's input shape. ``load`` reads them with the parameters
 and BN statistics, so ``evaluate``, ``predict``, ``export`` and ``serve`` need nothing but
 ``--workdir`` (checkpoints written before the description was saved fall back to reading the
-dataset). ``Classifier`` runs ``steps.probabilities`` (the one inference forward pass) on uint8
+dataset). ``Classifier`` runs ``eval_steps.probabilities`` (the one inference forward pass) on uint8
 images prepared exactly as evaluation prepares them.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from imgcls_jax import checkpoint, checkpoint_files, models, ood, selective, steps
+from imgcls_jax import checkpoint, checkpoint_files, eval_steps, models, ood, selective, steps
 from imgcls_jax import state as state_lib
 from imgcls_jax import weights as weights_lib
 from imgcls_jax.data import arrays, images
@@ -255,7 +255,7 @@ class Classifier:
   def apply(self, variables: state_lib.InferenceState, images_BxHxWxC: jax.Array
             ) -> dict[str, jax.Array]:
     """Pure inference: uint8 images -> ``{'probabilities', 'logits'}`` (BxK float32)."""
-    return steps.probabilities(variables, images_BxHxWxC, model_def=self.model_def,
+    return eval_steps.probabilities(variables, images_BxHxWxC, model_def=self.model_def,
                                cfg=self.step_cfg)
 
   @functools.cached_property

@@ -19,9 +19,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from imgcls_jax import (checkpoint, configlib, device_augment, dispatch, held_out, loss_weights,
-                        models, multilabel, ood, optim, report, selective, sharding, steps,
-                        temperature, whitening)
+from imgcls_jax import (checkpoint, configlib, device_augment, dispatch, eval_steps, held_out,
+                        loss_weights, models, multilabel, ood, optim, report, selective, sharding,
+                        steps, temperature, whitening)
 from imgcls_jax import state as state_lib
 from imgcls_jax.data import reader
 from imgcls_jax.data.info import DatasetInfo, check_flips, read_shards
@@ -185,8 +185,8 @@ def jit_eval_step(s: Setup, variables_shardings: Any, *, tta: str = '',
                   num_bins: int = report.DEFAULT_CALIBRATION_BINS) -> Any:
   """``eval_step(variables, batch) -> sums`` jitted over the mesh (``variables``: a TrainState or
   an InferenceState, with matching shardings)."""
-  return jax.jit(functools.partial(steps.eval_step, model_def=s.model_def, cfg=s.step_cfg, tta=tta,
-                                   num_bins=num_bins),
+  return jax.jit(functools.partial(eval_steps.eval_step, model_def=s.model_def, cfg=s.step_cfg,
+                                   tta=tta, num_bins=num_bins),
                  in_shardings=(variables_shardings, sharding.batch_sharding(s.mesh)),
                  out_shardings=sharding.replicated(s.mesh))
 
@@ -247,7 +247,7 @@ def fit_temperature(s: Setup, variables: Any, variables_shardings: Any,
   on the tempered logits' log-sum-exp that keeps that share of ``split`` (``ood.fit_gate``). With
   ``require_fit``, a split nothing can be fitted on (or no threshold
   reaching the accuracy) is a UserError (training instead saves without one, with a warning)."""
-  fit_step = jax.jit(functools.partial(steps.temperature_sums, model_def=s.model_def,
+  fit_step = jax.jit(functools.partial(eval_steps.temperature_sums, model_def=s.model_def,
                                        cfg=s.step_cfg),
                      in_shardings=(variables_shardings, sharding.batch_sharding(s.mesh)),
                      out_shardings=sharding.replicated(s.mesh))
@@ -319,7 +319,7 @@ def energies(s: Setup, variables: Any, variables_shardings: Any, data: Any) -> n
   the logits prediction returns (``s.step_cfg``'s temperature, no test-time augmentation);
   every process gets all of them."""
   def logits_and_mask(v, batch):
-    out = steps.probabilities(v, batch['image'], model_def=s.model_def, cfg=s.step_cfg)
+    out = eval_steps.probabilities(v, batch['image'], model_def=s.model_def, cfg=s.step_cfg)
     return out['logits'], batch['mask']
 
   fn = jax.jit(logits_and_mask, in_shardings=(variables_shardings, sharding.batch_sharding(s.mesh)),

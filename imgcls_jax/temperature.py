@@ -4,7 +4,7 @@ One number ``T > 0``, fitted after training on a held-out split
 (``config.evaluate.temperature_split``) by minimising the negative log-likelihood of
 ``softmax(logits / T)``. A run that has one gives ``softmax(logits / T)`` everywhere afterwards:
 its final evaluation and report, ``--mode=evaluate``, predict, serve and the exported models
-(``steps.forward``, the one inference forward pass, divides the logits by
+(``eval_steps.forward``, the one inference forward pass, divides the logits by
 ``StepConfig.temperature``). It changes how confident the probabilities are, not which class is
 predicted (with test-time augmentation each view is tempered before the views are averaged, which
 can move a near-tie). Models trained with label smoothing are under-confident (``T < 1`` sharpens

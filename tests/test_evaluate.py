@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 from sklearn import metrics as skm
 
-from imgcls_jax import (checkpoint, evaluate, evaluation, metrics, models, plots, report_files, run,
-                        sharding, steps)
+from imgcls_jax import (checkpoint, eval_steps, evaluate, evaluation, metrics, models, plots,
+                        report_files, run, sharding, steps)
 from imgcls_jax import state as state_lib
 from imgcls_jax import train
 from imgcls_jax.errors import UserError
@@ -98,7 +98,7 @@ def test_flip_tta_averages_the_probabilities_of_image_and_mirror_image():
   mdef = state_lib.model_def(model_fn)
   cfg = steps.StepConfig(num_classes=10)
   images = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 1), dtype=np.uint8)
-  fn = functools.partial(steps.log_probs_fn, model_def=mdef, cfg=cfg)
+  fn = functools.partial(eval_steps.log_probs_fn, model_def=mdef, cfg=cfg)
   plain = np.exp(np.asarray(fn(state, images, tta='')))
   mirrored = np.exp(np.asarray(fn(state, images[:, :, ::-1], tta='')))
   tta = np.exp(np.asarray(fn(state, images, tta='flip')))
@@ -169,7 +169,8 @@ def test_evaluating_a_digits_checkpoint_writes_the_report_and_three_pngs(trained
   with checkpoint.Checkpointer(workdir, async_save=False) as ckpt:
     target, _ = state_lib.abstract_state(s.model_fn, s.tx, config.seed, s.mesh)
     state, meta = ckpt.restore(target, 40)
-  predict = jax.jit(functools.partial(steps.probabilities, model_def=s.model_def, cfg=s.step_cfg))
+  predict = jax.jit(functools.partial(eval_steps.probabilities, model_def=s.model_def,
+                                      cfg=s.step_cfg))
   probs = np.asarray(predict(state, images)['probabilities'], np.float64)
   probs /= probs.sum(axis=1, keepdims=True)
   pred = probs.argmax(axis=1)

@@ -39,8 +39,8 @@ TF_MODULES = ('tensorflow', 'tensorflow_datasets', 'tf2onnx', 'jax.experimental.
 TF_IMPORTERS = ('imgcls_jax.data', 'imgcls_jax.export')   # modules, or packages with everything
 TF_FREE_DATA = ('imgcls_jax.data.info', 'imgcls_jax.data.images', 'imgcls_jax.data.arrays',
                 'imgcls_jax.data.resident', 'imgcls_jax.data.reader')
-RUN_LAYER = ('imgcls_jax.models', 'imgcls_jax.steps', 'imgcls_jax.sharding', 'imgcls_jax.state',
-             'imgcls_jax.run', 'imgcls_jax.evaluation', 'imgcls_jax.inference',  # with submodules
+RUN_LAYER = ('imgcls_jax.models', 'imgcls_jax.steps', 'imgcls_jax.eval_steps', 'imgcls_jax.sharding',
+             'imgcls_jax.state', 'imgcls_jax.run', 'imgcls_jax.evaluation', 'imgcls_jax.inference',  # with submodules
              'imgcls_jax.train', 'imgcls_jax.evaluate',  # the modes that train on an arrays file
              'imgcls_jax.calibrate', 'imgcls_jax.held_out', 'imgcls_jax.distill',
              'imgcls_jax.teacher')

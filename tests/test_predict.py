@@ -54,16 +54,16 @@ def trained_run(tmp_path_factory, tfds_dir):
 
 def trainer_probabilities(config, workdir, images_NxHxWxC):
   """Class probabilities computed the way the trainer evaluates: the full train state restored by
-  the trainer's Checkpointer, then ``steps.log_probs_fn`` (the eval step's own prediction). An
+  the trainer's Checkpointer, then ``eval_steps.log_probs_fn`` (the eval step's own prediction). An
   oracle independent of ``inference`` (its loading, merging and jitting)."""
   import jax
-  from imgcls_jax import checkpoint, run as run_lib, steps
+  from imgcls_jax import checkpoint, eval_steps, run as run_lib
   from imgcls_jax import state as state_lib
   s = run_lib.setup(config)
   target, _ = state_lib.abstract_state(s.model_fn, s.tx, config.seed, s.mesh, s.placement)
   with checkpoint.Checkpointer(workdir) as ckpt:
     state, _ = ckpt.restore(target)
-  log_probs = jax.jit(lambda st, x: steps.log_probs_fn(st, x, model_def=s.model_def,
+  log_probs = jax.jit(lambda st, x: eval_steps.log_probs_fn(st, x, model_def=s.model_def,
                                                         cfg=s.step_cfg))
   n = len(images_NxHxWxC)
   padded = np.zeros((-(-n // 8) * 8,) + images_NxHxWxC.shape[1:], np.uint8)  # 8 fake devices

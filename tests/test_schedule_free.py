@@ -15,8 +15,8 @@ import optax.contrib
 import pytest
 from sklearn import metrics as skm
 
-from imgcls_jax import (checkpoint, checkpoint_files, evaluate, inference, metrics, run, steps,
-                        train)
+from imgcls_jax import (checkpoint, checkpoint_files, eval_steps, evaluate, inference, metrics, run,
+                        steps, train)
 from imgcls_jax import state as state_lib
 
 
@@ -77,7 +77,8 @@ def test_schedule_free_run_is_evaluated_and_loaded_at_x(tmp_path, digits_config)
   # predictions at y score differently (so the equality says which weights were evaluated).
   from imgcls_jax.data import digits
   images, labels = digits.load_arrays('test')
-  predict = jax.jit(functools.partial(steps.probabilities, model_def=s.model_def, cfg=s.step_cfg))
+  predict = jax.jit(functools.partial(eval_steps.probabilities, model_def=s.model_def,
+                                      cfg=s.step_cfg))
 
   def scores(params):
     variables = state_lib.InferenceState(params=params, batch_stats=state.batch_stats)

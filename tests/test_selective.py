@@ -381,15 +381,15 @@ def test_out_of_distribution_images_against_sklearn_on_the_served_probabilities(
 
 
 def test_logit_scores_are_the_weighted_mean_over_the_test_time_views(abstaining, tfds_dir):
-  """``steps.logit_scores`` against numpy on the served logits of each view: 'flip' averages
+  """``eval_steps.logit_scores`` against numpy on the served logits of each view: 'flip' averages
   the image's and its mirror image's log-sum-exp and largest logit, 1/2 each."""
-  from imgcls_jax import steps
+  from imgcls_jax import eval_steps
   _, workdir = abstaining
   clf = inference.classifier(inference.load(workdir))
   x, _ = _digits(tfds_dir, 'test[:40]')
   views = [clf.predict_arrays(v)['logits'].astype(np.float64) for v in (x, x[:, :, ::-1])]
   for tta, weights in (('', (1.0, 0.0)), ('flip', (0.5, 0.5))):
-    got = jax.device_get(steps.logit_scores(clf.variables, jnp.asarray(x), tta=tta,
+    got = jax.device_get(eval_steps.logit_scores(clf.variables, jnp.asarray(x), tta=tta,
                                             model_def=clf.model_def, cfg=clf.step_cfg))
     for key, fn in (('logsumexp', lambda z: scipy.special.logsumexp(z, 1)),
                     ('max_logit', lambda z: z.max(1))):

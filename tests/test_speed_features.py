@@ -22,8 +22,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import default
-from imgcls_jax import (checkpoint, device_augment, dispatch, models, optim, preemption, run,
-                        sharding, steps, train, whitening)
+from imgcls_jax import (checkpoint, device_augment, dispatch, eval_steps, models, optim,
+                        preemption, run, sharding, steps, train, whitening)
 from imgcls_jax import state as state_lib
 from imgcls_jax import weights as weights_lib
 from imgcls_jax.data import pipeline
@@ -223,11 +223,11 @@ def test_flip_translate_tta_is_the_weighted_mean_of_the_six_views():
   variables = state_lib.create(model_fn, optax.sgd(0.1), 0, sharding.make_mesh(1))[0]
   cfg = steps.StepConfig(num_classes=5)
   images = np.random.default_rng(3).integers(0, 256, (6, 8, 8, 1), dtype=np.uint8)
-  got = np.exp(np.asarray(steps.log_probs_fn(variables, jnp.asarray(images), model_def=mdef,
+  got = np.exp(np.asarray(eval_steps.log_probs_fn(variables, jnp.asarray(images), model_def=mdef,
                                              cfg=cfg, tta='flip_translate')))
 
   def probs(x):
-    return np.asarray(jax.nn.softmax(steps.forward(variables.params, variables.batch_stats,
+    return np.asarray(jax.nn.softmax(eval_steps.forward(variables.params, variables.batch_stats,
                                                    jnp.asarray(x), model_def=mdef, cfg=cfg)))
   padded = np.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)), mode='reflect')
   down_right, up_left = padded[:, :8, :8], padded[:, 2:, 2:]

@@ -8,7 +8,7 @@ import optax
 import pytest
 
 from configs import default
-from imgcls_jax import models, optim, sharding, steps
+from imgcls_jax import eval_steps, models, optim, sharding, steps
 from imgcls_jax import state as state_lib
 
 CFG = steps.StepConfig(num_classes=3, label_smoothing=0.0, mean=(0.5,), std=(0.5,))
@@ -47,7 +47,7 @@ def _setup(num_devices, batch=32, wd=5e-4, model='cnn', total_steps=10, device_f
                                     cfg=scfg),
                   in_shardings=(shardings, batch_sh),
                   out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
-  ev = jax.jit(functools.partial(steps.eval_step, model_def=mdef, cfg=scfg),
+  ev = jax.jit(functools.partial(eval_steps.eval_step, model_def=mdef, cfg=scfg),
                in_shardings=(shardings, batch_sh))
   return state, train, ev, batch_sh
 

@@ -216,12 +216,12 @@ def test_a_failing_fit_costs_the_run_nothing(digits_config, tmp_path, monkeypatc
 def test_test_time_views_are_each_tempered_then_averaged(calibrated):
   """With flip TTA, log(mean over the image and its mirror of softmax(logits / T)): the eval
   step's and compare's probabilities, against the same formula on the untempered logits."""
-  from imgcls_jax import steps
+  from imgcls_jax import eval_steps
   _, workdir, _ = calibrated
   trained = inference.load(workdir)
   clf = inference.classifier(trained)
   images = checkpoint.read_samples(workdir)['eval_images'][:16]
-  got = np.exp(np.asarray(steps.log_probs_fn(clf.variables, images, model_def=clf.model_def,
+  got = np.exp(np.asarray(eval_steps.log_probs_fn(clf.variables, images, model_def=clf.model_def,
                                              cfg=clf.step_cfg, tta='flip'), np.float64))
   t, raw = _raw_logits(workdir, images)
   _, raw_mirror = _raw_logits(workdir, images[:, :, ::-1])

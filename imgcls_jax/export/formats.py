@@ -54,9 +54,9 @@ def save_saved_model(clf: inference.Classifier, directory: str, batch: int = 0) 
                autograph=False)
   def serve(images):
     out = converted(module.weights, images)
-    if multilabel:  # steps.tanh_sigmoid: TANH, which int8 quantises well
+    if multilabel:  # eval_steps.tanh_sigmoid: TANH, which int8 quantises well
       return {'probabilities': out['probabilities'], 'logits': out['logits']}
-    # The softmax of steps.probabilities, as TF's op (the same to float rounding): the TFLite
+    # The softmax of eval_steps.probabilities, as TF's op (the same to float rounding): the TFLite
     # converter maps it to its SOFTMAX kernel, whose int8 output is scaled to [0, 1], where the
     # StableHLO softmax is lowered to REDUCE_MAX / EXP / SUM / DIV and int8 quantisation of those
     # made probabilities that summed to 0.98-2.04 (Fashion-MNIST quick config).
