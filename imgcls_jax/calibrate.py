@@ -6,12 +6,12 @@ for a run that is already trained (without it, or again on another split):
   python -m imgcls_jax.main --mode=calibrate --workdir=runs/tags \\
       --config.evaluate.threshold_split=validation           # multi-label: per-class thresholds
 
-The latest checkpoint (the final weights, what evaluate / predict / serve / export load) is read
-on the split; the temperature that minimises its log loss (``run.fit_temperature``) or each
-class's best-F1 threshold (``run.fit_thresholds``) is fitted exactly as training fits it, and
-saved into that checkpoint's meta (``checkpoint_files.update_meta``), replacing an earlier one. The
-split must share no example with the run's training or eval split (``held_out.check_fit_splits``).
-Exports written before keep their old choice: export again.
+The latest checkpoint (the final weights, what evaluate / predict / serve / export load) is read on
+the split; the temperature that minimises its log loss (``held_out_fits.fit_temperature``) or each
+class's best-F1 threshold (``held_out_fits.fit_thresholds``) is fitted exactly as training fits it,
+and saved into that checkpoint's meta (``checkpoint_files.update_meta``), replacing an earlier
+one. The split must share no example with the run's training or eval split
+(``held_out.check_fit_splits``). Exports written before keep their old choice: export again.
 """
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ from typing import Any
 import jax
 import ml_collections
 
-from imgcls_jax import (checkpoint, checkpoint_files, evaluation, held_out, inference, ood, run,
-                        selective)
+from imgcls_jax import (checkpoint, checkpoint_files, evaluation, held_out, held_out_fits,
+                        inference, ood, run, selective)
 from imgcls_jax.data import folder_index
 from imgcls_jax.errors import UserError
 
@@ -117,15 +117,15 @@ def calibrate(config: ml_collections.ConfigDict | None, workdir: str,
   s = dataclasses.replace(r.setup, config=cfg, step_cfg=dataclasses.replace(
       r.setup.step_cfg, temperature=1.0, thresholds=None))
   if key == 'temperature_split':
-    record = run.fit_temperature(
+    record = held_out_fits.fit_temperature(
         s, r.variables, r.shardings, r.data, split, require_fit=True,
         abstain_accuracy=_gate_target('abstain_accuracy', e, overrides, r.trained.abstain_target),
         unknown_keep=_gate_target('unknown_keep', e, overrides, r.trained.unknown_keep))
     field, before = 'temperature', r.trained.temperature
   else:
     eval_step = run.jit_eval_step(s, r.shardings, tta=tta)
-    record = run.fit_thresholds(s, eval_step, r.variables, r.data, split,
-                                previous=r.trained.thresholds)
+    record = held_out_fits.fit_thresholds(s, eval_step, r.variables, r.data, split,
+                                          previous=r.trained.thresholds)
     field, before = 'thresholds', r.trained.thresholds
   if jax.process_index() == 0:
     checkpoint_files.update_meta(workdir, r.step, {field: record})

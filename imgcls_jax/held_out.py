@@ -1,8 +1,8 @@
 """Which held-out splits a run may fit its temperature (single-label) or per-class thresholds
 (multi-label) on, checked before training's first step and by ``--mode=calibrate``: each must
 share no example with the run's training or eval split, with a fix that works for the run's data
-in the one-line error. The fits themselves are ``run.fit_temperature`` / ``run.fit_thresholds``.
-No TensorFlow at import.
+in the one-line error. The fits themselves are ``held_out_fits.fit_temperature`` /
+``held_out_fits.fit_thresholds``. No TensorFlow at import.
 """
 from __future__ import annotations
 

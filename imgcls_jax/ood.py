@@ -15,9 +15,9 @@ Two views of the same pass (``evaluation.ood_pass``; one process, single-label):
   Which one separates best depends on the model and the images: the report measures it.
 
 The gate for prediction (``config.evaluate.unknown_keep``, fitted with the temperature on
-``config.evaluate.temperature_split``, ``run.fit_temperature``): the log-sum-exp of the (tempered)
-logits that keeps that share of the held-out split (``fit_gate``); predict, serve and export then
-mark an image below it ``unknown`` (``gate``), whatever its top-1 probability.
+``config.evaluate.temperature_split``, ``held_out_fits.fit_temperature``): the log-sum-exp of the
+(tempered) logits that keeps that share of the held-out split (``fit_gate``); predict, serve and
+export then mark an image below it ``unknown`` (``gate``), whatever its top-1 probability.
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ device. From the histograms, exactly at those edges:
 * ``fit``: the lowest threshold at which the answers on a held-out split are at least a target
   accuracy right with confidence: the low end of the exact binomial (Clopper-Pearson) interval
   of their accuracy reaches it (``config.evaluate.abstain_accuracy``; fitted with the
-  temperature on ``config.evaluate.temperature_split``, ``run.fit_temperature``); predict,
+  temperature on ``config.evaluate.temperature_split``, ``held_out_fits.fit_temperature``); predict,
   serve and export then mark every answer below it as abstained.
 """
 from __future__ import annotations

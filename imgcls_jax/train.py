@@ -18,9 +18,10 @@ import jax.numpy as jnp
 import ml_collections
 import tqdm
 
-from imgcls_jax import (checkpoint, checkpoint_files, configlib, dispatch, held_out, inference,
-                        metrics, ood, optim, preemption, report, report_multilabel, report_text,
-                        run, selective, sharding, startup, train_log)
+from imgcls_jax import (checkpoint, checkpoint_files, configlib, dispatch, held_out,
+                        held_out_fits, inference, metrics, ood, optim, preemption, report,
+                        report_multilabel, report_text, run, selective, sharding, startup,
+                        train_log)
 from imgcls_jax import state as state_lib
 from imgcls_jax import teacher as teacher_lib
 from imgcls_jax.data import reader
@@ -75,7 +76,7 @@ class _Trainer:
     self.threshold_split = held_out.threshold_split(s.config) if s.info.multilabel else ''
     self.temperature_split = held_out.temperature_split(s.config)
     self.thresholds: tuple[float, ...] | None = None
-    self.temperature: dict[str, Any] | None = None   # run.fit_temperature's record
+    self.temperature: dict[str, Any] | None = None   # held_out_fits.fit_temperature's record
     self.writer, self.bar = writer, bar
     self.last_good = ckpt.latest_step()
     self.log = train_log.TrainLog(writer, bar, s.config.batch_size, self.diverged)
@@ -88,10 +89,10 @@ class _Trainer:
     # Every dataset a run reads is built here, before its first step: a misnamed
     # threshold_split fails now, not after training, and nothing is built while an async
     # checkpoint is being written.
-    self.threshold_data = (run.held_out_data(s, 'threshold_split') if self.threshold_split
-                           else None)
-    self.temperature_data = (run.held_out_data(s, 'temperature_split') if self.temperature_split
-                             else None)
+    self.threshold_data = (held_out_fits.held_out_data(s, 'threshold_split')
+                           if self.threshold_split else None)
+    self.temperature_data = (held_out_fits.held_out_data(s, 'temperature_split')
+                             if self.temperature_split else None)
     self.inference_meta = inference.inference_meta(s.config.data, s.info)
     self.state_sh = state_sh
     self.bn_batches = self.x_statistics_batches()
@@ -186,8 +187,8 @@ class _Trainer:
   def choose_thresholds(self, variables: Any) -> None:
     """Per-class thresholds maximising F1 on the threshold split; the eval step then uses them."""
     try:
-      record = run.fit_thresholds(self.s, self.eval_step, variables, self.threshold_data,
-                                  self.threshold_split)
+      record = held_out_fits.fit_thresholds(self.s, self.eval_step, variables,
+                                            self.threshold_data, self.threshold_split)
     except UserError as e:   # never lose the trained weights over it
       logging.warning('%s The run is saved without thresholds (0.5 for every class).', e)
       return
@@ -200,10 +201,11 @@ class _Trainer:
     self.eval_step = run.jit_eval_step(s, self.eval_sh, tta=self.tta)
 
   def fit_temperature(self, variables: Any) -> None:
-    """The temperature of ``run.fit_temperature``; the final evaluation and the checkpoint use it.
-    It runs just before the final save: any failure is logged and the run saved without one."""
+    """The temperature of ``held_out_fits.fit_temperature``; the final evaluation and the checkpoint
+    use it. It runs just before the final save: any failure is logged and the run saved without
+    one."""
     try:
-      self.temperature = run.fit_temperature(
+      self.temperature = held_out_fits.fit_temperature(
           self.s, variables, self.eval_sh, self.temperature_data, self.temperature_split,
           abstain_accuracy=selective.abstain_target(self.s.config.evaluate),
           unknown_keep=ood.keep_target(self.s.config.evaluate))

@@ -42,7 +42,8 @@ TF_FREE_DATA = ('imgcls_jax.data.info', 'imgcls_jax.data.images', 'imgcls_jax.da
 RUN_LAYER = ('imgcls_jax.models', 'imgcls_jax.steps', 'imgcls_jax.eval_steps', 'imgcls_jax.sharding',
              'imgcls_jax.state', 'imgcls_jax.run', 'imgcls_jax.evaluation', 'imgcls_jax.inference',  # with submodules
              'imgcls_jax.train', 'imgcls_jax.evaluate',  # the modes that train on an arrays file
-             'imgcls_jax.calibrate', 'imgcls_jax.held_out', 'imgcls_jax.distill',
+             'imgcls_jax.calibrate', 'imgcls_jax.held_out', 'imgcls_jax.held_out_fits',
+             'imgcls_jax.distill',
              'imgcls_jax.teacher')
 
 

@@ -16,8 +16,8 @@ import scipy.optimize
 import scipy.special
 from sklearn import metrics as skm
 
-from imgcls_jax import (checkpoint, checkpoint_files, held_out, inference, metrics, run,
-                        temperature, train)
+from imgcls_jax import (checkpoint, checkpoint_files, held_out, held_out_fits, inference, metrics,
+                        run, temperature, train)
 from imgcls_jax.errors import UserError
 from tests.conftest import REPO, subprocess_env
 
@@ -201,7 +201,7 @@ def test_a_failing_fit_costs_the_run_nothing(digits_config, tmp_path, monkeypatc
   """The fit runs just before the final save: if it fails, the trained weights are saved anyway."""
   def broken(*args, **kwargs):
     raise RuntimeError('the split could not be read')   # not a UserError: any failure
-  monkeypatch.setattr(run, 'fit_temperature', broken)
+  monkeypatch.setattr(held_out_fits, 'fit_temperature', broken)
   digits_config.data.train_split = 'train[:80%]'
   digits_config.evaluate.temperature_split = 'train[80%:]'
   digits_config.num_train_steps = 10
