@@ -22,8 +22,8 @@ from typing import Any
 import jax
 import ml_collections
 
-from imgcls_jax import (checkpoint, checkpoint_files, evaluation, held_out, held_out_fits,
-                        inference, ood, run, selective)
+from imgcls_jax import (checkpoint, checkpoint_files, held_out, held_out_fits, inference, ood,
+                        restored_split, run, selective)
 from imgcls_jax.data import folder_index
 from imgcls_jax.errors import UserError
 
@@ -99,7 +99,7 @@ def calibrate(config: ml_collections.ConfigDict | None, workdir: str,
   _check_validation_exists(saved, overrides, key, split)
   tta = (e.get('tta', '') or '') if key == 'threshold_split' else ''  # as training chooses them
   try:
-    r = evaluation.restore_for_split(workdir, config, split=split, checkpoint_spec='latest',
+    r = restored_split.restore_for_split(workdir, config, split=split, checkpoint_spec='latest',
                                      tta=tta, overrides=overrides, warn_redrawn=False)
   except UserError as err:
     raise UserError(held_out.for_fit_key(str(err), key, split)) from None
@@ -162,7 +162,7 @@ def calibrate(config: ml_collections.ConfigDict | None, workdir: str,
                  f"{'the earlier threshold' if before is not None else '0.5'}")
       was = ' (they replace the earlier ones)' if before is not None else ''
     with checkpoint.Checkpointer.from_config(workdir, cfg, read_only=True) as ckpt:
-      best, _ = evaluation.choose_step(ckpt, 'best', os.path.join(workdir, 'metrics.jsonl'))
+      best, _ = restored_split.choose_step(ckpt, 'best', os.path.join(workdir, 'metrics.jsonl'))
     if best == r.step:
       readers = 'predict, serve, export and evaluate use it from now on'
     else:

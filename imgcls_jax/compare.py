@@ -27,27 +27,28 @@ import ml_collections
 import numpy as np
 import scipy.stats
 
-from imgcls_jax import checkpoint_files, evaluation, inference, intervals, intervals_multilabel
+from imgcls_jax import checkpoint_files, inference, intervals, intervals_multilabel, restored_split
+from imgcls_jax import outcomes as outcomes_lib
 from imgcls_jax.errors import UserError
 
 
 def _outcomes(workdir: str, config: Any, e: ml_collections.ConfigDict, split: str,
               overrides: dict[str, Any] | None
-              ) -> tuple[evaluation.Restored, evaluation.Outcomes | evaluation.TagOutcomes]:
+              ) -> tuple[restored_split.Restored, outcomes_lib.Outcomes | outcomes_lib.TagOutcomes]:
   try:
-    r = evaluation.restore_for_split(workdir, config, split=split, checkpoint_spec=e.checkpoint,
+    r = restored_split.restore_for_split(workdir, config, split=split, checkpoint_spec=e.checkpoint,
                                      tta=e.tta or '', overrides=overrides)
-    outcomes, _ = evaluation.outcomes_pass(r, e.tta or '')
+    outcomes, _ = outcomes_lib.outcomes_pass(r, e.tta or '')
   except UserError as err:   # which of the two runs
     raise UserError(f'{workdir}: {err}') from None
   return r, outcomes
 
 
-def _labels(o: evaluation.Outcomes | evaluation.TagOutcomes) -> np.ndarray:
-  return o.labels if isinstance(o, evaluation.TagOutcomes) else o.label
+def _labels(o: outcomes_lib.Outcomes | outcomes_lib.TagOutcomes) -> np.ndarray:
+  return o.labels if isinstance(o, outcomes_lib.TagOutcomes) else o.label
 
 
-def _check_pairs(a: evaluation.Restored, b: evaluation.Restored, labels_a: np.ndarray,
+def _check_pairs(a: restored_split.Restored, b: restored_split.Restored, labels_a: np.ndarray,
                  labels_b: np.ndarray) -> None:
   kinds = ['multi-label' if r.trained.info.multilabel else 'single-label' for r in (a, b)]
   if kinds[0] != kinds[1]:
@@ -93,7 +94,7 @@ def compare(config: ml_collections.ConfigDict | None, workdir: str,
   if len(labels) < 2:
     raise UserError(f"The split '{ra.split}' has {len(labels)} example; compare the runs on a "
                     'split of at least 2.')
-  if isinstance(oa, evaluation.TagOutcomes):
+  if isinstance(oa, outcomes_lib.TagOutcomes):
     too_much = intervals_multilabel.too_much_work(len(labels), labels.shape[1], resamples, 2)
     if too_much:
       raise UserError(too_much.replace('are skipped', 'would take too long'))

@@ -26,6 +26,7 @@ import numpy as np
 
 from imgcls_jax import (evaluation, label_issues, out_of_fold, plots, report, report_files,
                         report_text, train)
+from imgcls_jax import outcomes as outcomes_lib
 from imgcls_jax.data import folds as folds_lib
 from imgcls_jax.errors import UserError
 
@@ -91,7 +92,7 @@ def cross_validate(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
       oof.wanted = False
     if oof.wanted:
       oof.add(i, held_out, o.position,
-              o.labels if isinstance(o, evaluation.TagOutcomes) else o.label, o.probs,
+              o.labels if isinstance(o, outcomes_lib.TagOutcomes) else o.label, o.probs,
               ev.trained.info)
     stats = ev.stats
     rep = ev.report(int(config.evaluate.top_confused))

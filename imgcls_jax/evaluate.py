@@ -29,6 +29,7 @@ import numpy as np
 
 from imgcls_jax import (checkpoint, evaluation, inference, intervals, intervals_multilabel,
                         label_issues, metrics, plots, report_files)
+from imgcls_jax import outcomes as outcomes_lib
 from imgcls_jax.data import folder_index, images, reader
 from imgcls_jax.errors import UserError
 
@@ -65,7 +66,7 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str,
   ood_files = None
   if e.get('ood_inputs'):
     if tagged:
-      raise UserError(evaluation.OOD_MULTILABEL)
+      raise UserError(outcomes_lib.OOD_MULTILABEL)
     if jax.process_count() > 1:
       logging.warning('config.evaluate.ood_inputs is read on one host; skipped with %d '
                       'processes.', jax.process_count())
@@ -123,7 +124,7 @@ def _errors(ev: evaluation.Evaluation, ids: list[str]) -> report_files.Errors:
   """The wrongly predicted examples of ``ev`` (multi-label: the wrong tag decisions), the most
   confident first, named by their ``ids`` (``_split_ids``) and class names."""
   o, info = ev.outcomes, ev.trained.info
-  if isinstance(o, evaluation.TagOutcomes):
+  if isinstance(o, outcomes_lib.TagOutcomes):
     return _tag_errors(o, ids, info.class_names)
   names = info.class_names
   rows, images = [], []
@@ -157,13 +158,13 @@ def _label_issues(ev: evaluation.Evaluation, ids: list[str],
     load = label_issues.file_loader(folder_index.source_of(data).root, info.channels)
   else:   # the flagged ones among the most confident errors the pass kept, as the model saw them
     load = lambda r: o.images.get(r['position'])   # noqa: E731
-  labels = o.labels if isinstance(o, evaluation.TagOutcomes) else o.label
+  labels = o.labels if isinstance(o, outcomes_lib.TagOutcomes) else o.label
   return label_issues.search(labels, o.probs, ids=[ids[p] for p in o.position.tolist()]
                              if ids else [], class_names=info.class_names, out_dir=out_dir,
                              split=ev.split, load=load, positions=o.position)[1]
 
 
-def _tag_errors(o: evaluation.TagOutcomes, ids: list[str],
+def _tag_errors(o: outcomes_lib.TagOutcomes, ids: list[str],
                 names: tuple[str, ...] | list[str]) -> report_files.Errors:
   """One row per wrong tag decision; one image per example, captioned with its most confident
   wrong decision (and how many more it has)."""

@@ -99,7 +99,7 @@ def point_metrics(labels_NxK: Any, probs_NxK: Any, thresholds_K: Any) -> dict[st
 def report_intervals(exact_right: int, examples: int, outcomes: Any = None, *,
                      level: float = 0.95, resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
   """The multi-label report's ``intervals``: exact match's exact (Clopper-Pearson) interval from
-  the summed counts, and with ``outcomes`` (an ``evaluation.TagOutcomes``: every example's tags
+  the summed counts, and with ``outcomes`` (an ``outcomes.TagOutcomes``: every example's tags
   and probabilities) percentile-bootstrap intervals of ``METRICS`` over the examples."""
   out: dict[str, Any] = {'level': level, 'examples': int(examples),
                          'exact_match_exact': intervals.clopper_pearson(exact_right, examples,

@@ -1,6 +1,6 @@
 """The layer under every mode: setup from a config, jitted steps with shardings, restore-or-init,
-and the summed statistics of an evaluation (``evaluation.py`` restores a trained checkpoint for a
-split on top of it; ``held_out_fits.py`` fits the temperature and thresholds with it).
+and the summed statistics of an evaluation (``restored_split.py`` restores a trained checkpoint for
+a split on top of it; ``held_out_fits.py`` fits the temperature and thresholds with it).
 
 Modes (``train``, ``evaluate``, ``compare``, ``cross_validation``, ``predict``, ``export``,
 ``serve``) build on this module, ``evaluation.py`` and ``inference.py``, never on each other.

@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 from sklearn import metrics as skm
 
-from imgcls_jax import (checkpoint, eval_steps, evaluate, evaluation, metrics, models, plots,
-                        report_files, run, sharding, steps)
+from imgcls_jax import (checkpoint, eval_steps, evaluate, metrics, models, plots, report_files,
+                        restored_split, run, sharding, steps)
 from imgcls_jax import state as state_lib
 from imgcls_jax import train
 from imgcls_jax.errors import UserError
@@ -223,20 +223,20 @@ def test_checkpoint_choice(trained, tmp_path):
            if r['split'] == 'eval'}
   with checkpoint.Checkpointer(workdir, keep_best=1, async_save=False) as ckpt:
     # Checkpoints saved with their evaluation metrics: the Checkpointer's own ranking.
-    step, how = evaluation.choose_step(ckpt, 'best', str(fake))
+    step, how = restored_split.choose_step(ckpt, 'best', str(fake))
     assert evals[step] == max(evals.values()) and 'accuracy' in how
   with checkpoint.Checkpointer(workdir, keep_best=0, async_save=False) as ckpt:
     # Without that ranking: the highest eval top-1 in metrics.jsonl among the kept checkpoints.
     assert ckpt.all_steps() == [20, 40]
-    assert evaluation.choose_step(ckpt, 'best', str(fake))[0] == 20
-    assert evaluation.choose_step(ckpt, 'latest', str(fake))[0] == 40
-    assert evaluation.choose_step(ckpt, '20', str(fake)) == (20, 'step 20')
-    step, how = evaluation.choose_step(ckpt, 'best', str(tmp_path / 'none.jsonl'))
+    assert restored_split.choose_step(ckpt, 'best', str(fake))[0] == 20
+    assert restored_split.choose_step(ckpt, 'latest', str(fake))[0] == 40
+    assert restored_split.choose_step(ckpt, '20', str(fake)) == (20, 'step 20')
+    step, how = restored_split.choose_step(ckpt, 'best', str(tmp_path / 'none.jsonl'))
     assert step == 40 and how.startswith('latest')
     with pytest.raises(UserError, match='kept steps: 20, 40'):
-      evaluation.choose_step(ckpt, '30', str(fake))
+      restored_split.choose_step(ckpt, '30', str(fake))
     with pytest.raises(UserError, match="'best', 'latest' or a step"):
-      evaluation.choose_step(ckpt, 'newest', str(fake))
+      restored_split.choose_step(ckpt, 'newest', str(fake))
 
 
 def _run_cli(*args):

@@ -41,6 +41,7 @@ TF_FREE_DATA = ('imgcls_jax.data.info', 'imgcls_jax.data.images', 'imgcls_jax.da
                 'imgcls_jax.data.resident', 'imgcls_jax.data.reader')
 RUN_LAYER = ('imgcls_jax.models', 'imgcls_jax.steps', 'imgcls_jax.eval_steps', 'imgcls_jax.sharding',
              'imgcls_jax.state', 'imgcls_jax.run', 'imgcls_jax.evaluation', 'imgcls_jax.inference',  # with submodules
+             'imgcls_jax.restored_split', 'imgcls_jax.outcomes',
              'imgcls_jax.train', 'imgcls_jax.evaluate',  # the modes that train on an arrays file
              'imgcls_jax.calibrate', 'imgcls_jax.held_out', 'imgcls_jax.held_out_fits',
              'imgcls_jax.distill',

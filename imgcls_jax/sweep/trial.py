@@ -9,7 +9,7 @@ from typing import Any
 
 import ml_collections
 
-from imgcls_jax import checkpoint, cross_validation, evaluation, metrics, train
+from imgcls_jax import checkpoint, cross_validation, metrics, restored_split, train
 from imgcls_jax.errors import UserError
 from imgcls_jax.sweep import grid, halving, store
 
@@ -35,7 +35,7 @@ def served(config: ml_collections.ConfigDict, directory: str,
     latest = ckpt.latest_step()
     if latest is None:
       return None, 'no checkpoint', final
-    step, how = evaluation.choose_step(ckpt, config.evaluate.checkpoint, path)
+    step, how = restored_split.choose_step(ckpt, config.evaluate.checkpoint, path)
     saved = ckpt.metrics(step)
   if step == latest:
     return step, how, final

@@ -1,0 +1,131 @@
+"""A trained run's checkpoint restored for one split (the run layer under ``--mode=evaluate``,
+``--mode=compare``, ``--mode=calibrate`` and k-fold cross-validation): the step chosen
+(``choose_step``: 'best', 'latest' or a number), its weights placed on the mesh with the run's
+parameter placement, and the eval data of the split. ``evaluation.py`` sums a split's report over
+it, ``outcomes.py`` gathers its per-example predictions. No TensorFlow at import.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any
+
+import jax
+import ml_collections
+
+from imgcls_jax import checkpoint, held_out, inference, metrics, run
+from imgcls_jax.data import reader
+from imgcls_jax.data.info import check_flips
+from imgcls_jax.errors import UserError
+
+
+def choose_step(ckpt: checkpoint.Checkpointer, spec: str, metrics_path: str) -> tuple[int, str]:
+  """(step, how it was chosen) for ``config.evaluate.checkpoint``: 'best', 'latest' or a step.
+
+  'best' is the checkpoint the Checkpointer ranks best (``config.checkpoint.best_metric``); for a
+  run saved without evaluation metrics, the kept checkpoint with the highest eval ``accuracy``
+  (top-1; a tagging run's exact match) in ``metrics.jsonl`` (ties: the later step); failing both,
+  the latest.
+  """
+  available = sorted(ckpt.all_steps())
+  spec = str(spec).strip().lower()
+  if spec == 'latest':
+    return available[-1], 'latest'
+  if spec == 'best':
+    best = ckpt.best_step()
+    if best is not None:
+      return best, f'best by eval {ckpt.best_metric} ({ckpt.best_mode})'
+    records = metrics.read_jsonl(metrics_path) if os.path.exists(metrics_path) else []
+    acc = {int(r['step']): float(r['accuracy']) for r in records
+           if r.get('split') == 'eval' and r.get('accuracy') is not None}
+    scored = [(acc[s], s) for s in available if s in acc]
+    if scored:
+      best_acc, best = max(scored)
+      return best, f'best (eval accuracy {best_acc:.4f} in metrics.jsonl)'
+    logging.warning('No kept checkpoint has an eval record in %s; using the latest.', metrics_path)
+    return available[-1], 'latest (no evaluated checkpoint to pick the best from)'
+  if spec.isdigit():
+    step = int(spec)
+    if step not in available:
+      raise UserError(f"Checkpoint step {step} is not in {ckpt.directory}; kept steps: "
+                      f"{', '.join(map(str, available))}.")
+    return step, f'step {step}'
+  raise UserError(f"config.evaluate.checkpoint='{spec}' must be 'best', 'latest' or a step "
+                  'number.')
+
+
+def _new_image_location(saved: dict[str, Any], overrides: dict[str, Any]) -> bool:
+  """True when the command line points an image-folder run at another folder or manifest."""
+  def where(v: Any) -> str:
+    return os.path.abspath(os.path.expanduser(v)) if v else ''
+  return any(where(overrides[f'data.{k}']) != where(saved.get('data', {}).get(k))
+             for k in ('folder', 'manifest') if f'data.{k}' in overrides)
+
+
+@dataclasses.dataclass
+class Restored:
+  """One checkpoint of a run placed on the mesh, ready to read ``split`` (``restore_for_split``)."""
+  trained: inference.Trained
+  setup: run.Setup
+  variables: Any
+  shardings: Any
+  data: Any              # reader.eval_data of the split
+  split: str
+  step: int
+  chosen: str            # how the step was chosen
+  fitted_on: dict[str, str] = dataclasses.field(default_factory=dict)  # 'temperature' -> split
+  new_images: bool = False   # the command line points the run at another folder / manifest
+
+
+def restore_for_split(workdir: str, config: ml_collections.ConfigDict | None, *, split: str = '',
+                      checkpoint_spec: str = 'latest', tta: str = '',
+                      overrides: dict[str, Any] | None = None,
+                      warn_redrawn: bool = True) -> Restored:
+  """The checkpoint ``checkpoint_spec`` of ``workdir`` on the mesh with the run's parameter
+  placement, and the eval data of ``split`` ('' = the run's eval split); ``warn_redrawn``: warn
+  when an image folder's held-out ``split`` is drawn otherwise than at training
+  (``held_out.folder_changed``)."""
+  workdir = os.path.abspath(workdir)
+  checkpoint.require_checkpoint(workdir)
+  keep = (config if config is not None
+          else ml_collections.ConfigDict(checkpoint.read_config(workdir)))
+  with checkpoint.Checkpointer.from_config(workdir, keep, read_only=True) as ckpt:
+    step, chosen = choose_step(ckpt, checkpoint_spec, os.path.join(workdir, 'metrics.jsonl'))
+    latest = ckpt.latest_step()
+    meta = ckpt.read_meta(step)
+    try:   # what the final weights were fitted with (a damaged newest checkpoint: nothing)
+      latest_meta = ckpt.read_meta(latest) if step != latest else meta
+    except UserError:
+      latest_meta = {}
+    fitted = [k for k in ('temperature', 'thresholds') if k in latest_meta and k not in meta]
+  fitted_on = {k: str(meta[k]['split']) for k in ('temperature', 'thresholds')
+               if isinstance(meta.get(k), dict) and meta[k].get('split')}
+  if fitted:  # chosen at the end of training, for the final weights only
+    logging.warning('Checkpoint %d (%s) has no %s: the run fitted %s on its final weights '
+                    '(step %d) only; --config.evaluate.checkpoint=latest evaluates with %s.',
+                    step, chosen, ' or '.join(fitted), 'them' if len(fitted) > 1 else 'it',
+                    latest, 'them' if len(fitted) > 1 else 'it')
+  trained = inference.load(workdir, config, step=step, overrides=overrides)
+  cfg = trained.run
+  held_out.check_location_keys(cfg.data)   # e.g. a folder named for a run that read tfds
+  saved = checkpoint.read_config(workdir) or {}
+  new_images = _new_image_location(saved, overrides or {})
+  split = split or (reader.default_eval_split(cfg.data) if new_images else cfg.data.eval_split)
+  check_flips(cfg.data, tta, mirror_safe=trained.info.mirror_safe)
+  changed = ('' if new_images or not warn_redrawn else
+             held_out.folder_changed(cfg, trained.info, split, saved.get('data', {})))
+  if changed:
+    logging.warning("%s, so the held-out split '%s' drawn from it may hold images the model "
+                    'trained on and its figures may be optimistic; restore the folder as it was, '
+                    'or train again.', changed, split)
+  s = run.setup(cfg, trained.info, training=False, thresholds=trained.thresholds,
+                temperature=trained.temperature)
+  variables, shardings = run.place_variables(s, trained.variables)
+  data = reader.eval_data(cfg.data, split, local_batch_size=s.local_eval_batch_size,
+                          process_index=jax.process_index(), process_count=jax.process_count(),
+                          split_size=reader.split_size(cfg.data, split, trained.info),
+                          info=trained.info)
+  return Restored(trained=trained, setup=s, variables=variables, shardings=shardings, data=data,
+                  split=split, step=step, chosen=chosen, fitted_on=fitted_on,
+                  new_images=new_images)
