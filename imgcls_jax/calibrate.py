@@ -100,7 +100,7 @@ def calibrate(config: ml_collections.ConfigDict | None, workdir: str,
   tta = (e.get('tta', '') or '') if key == 'threshold_split' else ''  # as training chooses them
   try:
     r = restored_split.restore_for_split(workdir, config, split=split, checkpoint_spec='latest',
-                                     tta=tta, overrides=overrides, warn_redrawn=False)
+                                         tta=tta, overrides=overrides, warn_redrawn=False)
   except UserError as err:
     raise UserError(held_out.for_fit_key(str(err), key, split)) from None
   cfg = r.trained.run

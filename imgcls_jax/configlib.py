@@ -208,6 +208,15 @@ def train_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
   return max(1, math.ceil(config.num_epochs * steps_per_epoch))
 
 
+def calibration_bins(value: Any) -> int:
+  """``config.evaluate.calibration_bins`` as an int; a UserError unless it is at least 1."""
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value \
+      or value < 1:
+    raise UserError(f'config.evaluate.calibration_bins={value!r} must be an integer >= 1 (the '
+                    'equal-width confidence bins of the calibration report; e.g. 15).')
+  return int(value)
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises UserError naming the first bad value and its fix."""
   def need(ok: bool, message: str) -> None:
@@ -245,6 +254,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   folds = config.get('cross_validation', {}).get('folds', 0)
   need(folds == 0 or folds >= 2,
        f'config.cross_validation.folds={folds}: use 0 (off) or at least 2 folds.')
+  calibration_bins(config.get('evaluate', {}).get('calibration_bins', 15))
   top = config.get('evaluate', {}).get('top_confused', 10)
   need(top >= 0, f'config.evaluate.top_confused must be >= 0 (how many confused class pairs the '
        f'report lists), got {top}.')

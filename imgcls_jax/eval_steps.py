@@ -1,7 +1,8 @@
 """The pure inference steps: the one forward pass (running BatchNorm statistics, no dropout, the
 run's temperature) and what evaluation, prediction, export and serving compute from it: evaluation
 sums, per-example outcomes, out-of-distribution scores, probabilities. No I/O, no globals, no
-device logic; ``run.py`` / ``outcomes.py`` / ``inference.py`` jit them with explicit shardings.
+device logic; ``run.py``, ``outcomes.py``, ``held_out_fits.py`` and ``inference.py`` jit them with
+explicit shardings.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Evaluation of a trained run's checkpoint (the run layer under ``--mode=evaluate``,
-``--mode=compare`` and k-fold cross-validation): the step chosen and restored on the mesh
+"""Evaluation of a trained run's checkpoint (the run layer under ``--mode=evaluate``, k-fold
+cross-validation and sweeps): the step chosen and restored on the mesh
 (``restored_split.py``), then the report's statistics summed over a split
 (``evaluate_checkpoint``) and / or its per-example predictions gathered (``outcomes.py``).
 No TensorFlow at import.
@@ -14,10 +14,9 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from imgcls_jax import inference, label_issues, ood, report, restored_split, run
+from imgcls_jax import configlib, inference, label_issues, ood, report, restored_split, run
 from imgcls_jax import outcomes as outcomes_lib
 from imgcls_jax.data import reader
-from imgcls_jax.errors import UserError
 
 
 @dataclasses.dataclass
@@ -80,8 +79,7 @@ def evaluate_checkpoint(workdir: str, config: ml_collections.ConfigDict | None, 
   probability, e.g. for k-fold's label-issue search; a tagging run's outcomes always have them);
   with ``ood_files`` (one process, single-label), those images are scored too
   (``outcomes.ood_pass``), and the split's per-example scores kept to compare with theirs."""
-  if num_bins < 1:
-    raise UserError(f'config.evaluate.calibration_bins={num_bins} must be at least 1.')
+  num_bins = configlib.calibration_bins(num_bins)
   r = restored_split.restore_for_split(workdir, config, split=split,
                                        checkpoint_spec=checkpoint_spec, tta=tta,
                                        overrides=overrides)

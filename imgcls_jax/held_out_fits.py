@@ -92,8 +92,8 @@ def fit_temperature(s: run.Setup, variables: Any, variables_shardings: Any,
   ece = []
   for t in (1.0, fit.temperature):
     at_t = dataclasses.replace(s, step_cfg=dataclasses.replace(s.step_cfg, temperature=t))
-    stats = report.stats_to_numpy(run.eval_sums(run.jit_eval_step(at_t, variables_shardings), variables,
-                                            data.batches(), s.mesh, split))
+    step = run.jit_eval_step(at_t, variables_shardings)
+    stats = report.stats_to_numpy(run.eval_sums(step, variables, data.batches(), s.mesh, split))
     ece.append(report.calibration(stats)[0])
   abstain = None
   if abstain_accuracy:   # on the tempered probabilities: the last statistics

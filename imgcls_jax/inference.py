@@ -256,7 +256,7 @@ class Classifier:
             ) -> dict[str, jax.Array]:
     """Pure inference: uint8 images -> ``{'probabilities', 'logits'}`` (BxK float32)."""
     return eval_steps.probabilities(variables, images_BxHxWxC, model_def=self.model_def,
-                               cfg=self.step_cfg)
+                                    cfg=self.step_cfg)
 
   @functools.cached_property
   def _jitted(self) -> Any:

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from imgcls_jax import reliability, report_multilabel, roc, selective
+from imgcls_jax import configlib, reliability, report_multilabel, roc, selective
 
 DEFAULT_CALIBRATION_BINS = 15
 TOP5_MIN_CLASSES = 5   # top-5 accuracy is reported only with more classes than this (else 1)
@@ -80,6 +80,7 @@ def sums_of_scores(scores_NxK: np.ndarray, labels_N: np.ndarray,
   ``stats_to_numpy`` gives them: one compiled program, its rows padded with masked-out rows to a
   multiple of 1,024, so that every fold and split of a size bucket runs the same program (run
   eagerly, each of ``eval_sums``' ~80 ops compiled on its own: ~4 s per call on 2 cores)."""
+  num_bins = configlib.calibration_bins(num_bins)
   scores_NxK, labels_N = np.asarray(scores_NxK, np.float32), np.asarray(labels_N)
   n, k = scores_NxK.shape
   rows = -(-max(n, 1) // _HOST_ROWS) * _HOST_ROWS
@@ -88,7 +89,7 @@ def sums_of_scores(scores_NxK: np.ndarray, labels_N: np.ndarray,
   labels = np.zeros((rows,), np.int32)
   labels[:n] = labels_N
   mask = np.arange(rows) < n
-  return stats_to_numpy(_jit_eval_sums(scores, labels, mask, num_bins=int(num_bins)))
+  return stats_to_numpy(_jit_eval_sums(scores, labels, mask, num_bins=num_bins))
 
 
 def add(a: Mapping[str, Any] | None, b: Mapping[str, Any]) -> dict[str, Any]:

@@ -2,8 +2,9 @@
 and the summed statistics of an evaluation (``restored_split.py`` restores a trained checkpoint for
 a split on top of it; ``held_out_fits.py`` fits the temperature and thresholds with it).
 
-Modes (``train``, ``evaluate``, ``compare``, ``cross_validation``, ``predict``, ``export``,
-``serve``) build on this module, ``evaluation.py`` and ``inference.py``, never on each other.
+Modes (``train``, ``evaluate``, ``compare``, ``calibrate``, ``cross_validation``, ``predict``,
+``export``, ``serve``) build on this module, ``restored_split.py``, ``evaluation.py``,
+``outcomes.py``, ``held_out_fits.py`` and ``inference.py``, never on each other.
 Nothing here imports TensorFlow at module level: the dataset is described by a ``DatasetInfo``
 (read from the data source only when none is given), so steps, state and shardings run where only
 JAX is installed (e.g. the throughput benchmark on synthetic data).

@@ -6,9 +6,10 @@
 - TensorFlow is imported only under ``imgcls_jax/data/`` and by the exporter, and
   ``data/info.py``, ``data/images.py``, ``data/arrays.py``, ``data/resident.py`` and
   ``data/reader.py`` stay free of it (at import; reader imports the tf.data modules lazily);
-- the run layer (models, steps, sharding, state, run, evaluation, inference) and the training and
-  evaluation modes load no TensorFlow, also not through the imgcls_jax modules they import at
-  module level (an arrays file trains and evaluates without it: tests/test_arrays.py runs them).
+- the run layer (models, steps, eval_steps, sharding, state, run, restored_split, evaluation,
+  outcomes, held_out_fits, inference) and the training and evaluation modes load no TensorFlow, also
+  not through the imgcls_jax modules they import at module level (an arrays file trains and
+  evaluates without it: tests/test_arrays.py runs them).
 
 One runtime check backs the last point: with TensorFlow unimportable, the run layer imports and
 runs one real train step.
@@ -39,8 +40,9 @@ TF_MODULES = ('tensorflow', 'tensorflow_datasets', 'tf2onnx', 'jax.experimental.
 TF_IMPORTERS = ('imgcls_jax.data', 'imgcls_jax.export')   # modules, or packages with everything
 TF_FREE_DATA = ('imgcls_jax.data.info', 'imgcls_jax.data.images', 'imgcls_jax.data.arrays',
                 'imgcls_jax.data.resident', 'imgcls_jax.data.reader')
-RUN_LAYER = ('imgcls_jax.models', 'imgcls_jax.steps', 'imgcls_jax.eval_steps', 'imgcls_jax.sharding',
-             'imgcls_jax.state', 'imgcls_jax.run', 'imgcls_jax.evaluation', 'imgcls_jax.inference',  # with submodules
+RUN_LAYER = ('imgcls_jax.models',  # with submodules
+             'imgcls_jax.steps', 'imgcls_jax.eval_steps', 'imgcls_jax.sharding', 'imgcls_jax.state',
+             'imgcls_jax.run', 'imgcls_jax.evaluation', 'imgcls_jax.inference',
              'imgcls_jax.restored_split', 'imgcls_jax.outcomes',
              'imgcls_jax.train', 'imgcls_jax.evaluate',  # the modes that train on an arrays file
              'imgcls_jax.calibrate', 'imgcls_jax.held_out', 'imgcls_jax.held_out_fits',

@@ -48,6 +48,7 @@ def test_bad_config_fails_with_one_clear_line(tmp_path, override, pattern):
     ('model', 'widthz', (8, 16), "widthz"),
     ('optim', 'name', 'adagrad', "Unknown config.optim.name 'adagrad'"),
     ('data', 'device_preprocess', 'randaugment', 'not a device-side op'),
+    ('evaluate', 'calibration_bins', 0, r'calibration_bins=0 must be an integer >= 1'),
 ])
 def test_names_in_the_config_are_checked_before_the_dataset_is_read(group, key, value, pattern):
   """A misspelt model, model argument, optimizer or device op is reported before the dataset is

@@ -64,7 +64,7 @@ def trainer_probabilities(config, workdir, images_NxHxWxC):
   with checkpoint.Checkpointer(workdir) as ckpt:
     state, _ = ckpt.restore(target)
   log_probs = jax.jit(lambda st, x: eval_steps.log_probs_fn(st, x, model_def=s.model_def,
-                                                        cfg=s.step_cfg))
+                                                            cfg=s.step_cfg))
   n = len(images_NxHxWxC)
   padded = np.zeros((-(-n // 8) * 8,) + images_NxHxWxC.shape[1:], np.uint8)  # 8 fake devices
   padded[:n] = images_NxHxWxC

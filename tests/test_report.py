@@ -9,6 +9,7 @@ from sklearn import metrics as skm
 from sklearn.calibration import calibration_curve
 
 from imgcls_jax import report, report_text, run, sharding
+from imgcls_jax.errors import UserError
 
 # As the eval step runs it: jitted (eagerly, each of its ops compiles alone: ~15 s a call).
 _eval_sums = jax.jit(report.eval_sums, static_argnums=3)
@@ -176,6 +177,17 @@ def test_host_scores_padded_to_a_bucket_give_the_same_statistics_as_the_rows_alo
     np.testing.assert_array_equal(got['confusion'], skm.confusion_matrix(
         labels, logits.argmax(-1), labels=range(7)))
     assert got['count'] == n
+  # A class no example can have (k-NN's and the classical models' -1e9 for classes they never
+  # saw) and a non-finite row sum as the rows alone do.
+  logits, labels = _predictions(300, 5, seed=7)
+  logits[:, 4] = -1e9
+  logits[3] = np.nan
+  got, want = report.sums_of_scores(logits, labels, 10), report.stats_to_numpy(
+      _eval_sums(jnp.asarray(logits), jnp.asarray(labels), jnp.ones(300, bool), 10))
+  for key in want:
+    np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-5, err_msg=key)
+  with pytest.raises(UserError, match='calibration_bins=0 must be an integer >= 1'):
+    report.sums_of_scores(logits, labels, 0)
 
 
 def test_confidence_of_one_falls_in_the_last_bin_like_sklearn():

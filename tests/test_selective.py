@@ -390,7 +390,7 @@ def test_logit_scores_are_the_weighted_mean_over_the_test_time_views(abstaining,
   views = [clf.predict_arrays(v)['logits'].astype(np.float64) for v in (x, x[:, :, ::-1])]
   for tta, weights in (('', (1.0, 0.0)), ('flip', (0.5, 0.5))):
     got = jax.device_get(eval_steps.logit_scores(clf.variables, jnp.asarray(x), tta=tta,
-                                            model_def=clf.model_def, cfg=clf.step_cfg))
+                                                 model_def=clf.model_def, cfg=clf.step_cfg))
     for key, fn in (('logsumexp', lambda z: scipy.special.logsumexp(z, 1)),
                     ('max_logit', lambda z: z.max(1))):
       want = sum(w * fn(v) for w, v in zip(weights, views))

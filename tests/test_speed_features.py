@@ -224,7 +224,7 @@ def test_flip_translate_tta_is_the_weighted_mean_of_the_six_views():
   cfg = steps.StepConfig(num_classes=5)
   images = np.random.default_rng(3).integers(0, 256, (6, 8, 8, 1), dtype=np.uint8)
   got = np.exp(np.asarray(eval_steps.log_probs_fn(variables, jnp.asarray(images), model_def=mdef,
-                                             cfg=cfg, tta='flip_translate')))
+                                                  cfg=cfg, tta='flip_translate')))
 
   def probs(x):
     return np.asarray(jax.nn.softmax(eval_steps.forward(variables.params, variables.batch_stats,

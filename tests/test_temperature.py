@@ -222,7 +222,7 @@ def test_test_time_views_are_each_tempered_then_averaged(calibrated):
   clf = inference.classifier(trained)
   images = checkpoint.read_samples(workdir)['eval_images'][:16]
   got = np.exp(np.asarray(eval_steps.log_probs_fn(clf.variables, images, model_def=clf.model_def,
-                                             cfg=clf.step_cfg, tta='flip'), np.float64))
+                                                  cfg=clf.step_cfg, tta='flip'), np.float64))
   t, raw = _raw_logits(workdir, images)
   _, raw_mirror = _raw_logits(workdir, images[:, :, ::-1])
   want = 0.5 * (scipy.special.softmax(raw / t, axis=1) + scipy.special.softmax(raw_mirror / t, 1))
