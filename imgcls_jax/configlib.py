@@ -254,7 +254,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   folds = config.get('cross_validation', {}).get('folds', 0)
   need(folds == 0 or folds >= 2,
        f'config.cross_validation.folds={folds}: use 0 (off) or at least 2 folds.')
-  calibration_bins(config.get('evaluate', {}).get('calibration_bins', 15))
+  if config.get('evaluate', {}).get('calibration_bins') is not None:   # (the report's default)
+    calibration_bins(config.evaluate.calibration_bins)
   top = config.get('evaluate', {}).get('top_confused', 10)
   need(top >= 0, f'config.evaluate.top_confused must be >= 0 (how many confused class pairs the '
        f'report lists), got {top}.')

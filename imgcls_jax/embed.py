@@ -250,7 +250,7 @@ def embed(config: ml_collections.ConfigDict, workdir: str,
     scores[:, classes] = np.log(np.maximum(probs, 1e-12))
     from imgcls_jax import report as report_lib
     rep = report_lib.summarize(report_lib.sums_of_scores(
-        scores, labels, int(config.evaluate.calibration_bins)), names)
+        scores, labels, config.evaluate.calibration_bins), names)
     rep['context'] = {'dataset': data.name, 'split': what, 'checkpoint_step': 0,
                       'checkpoint': f'{extractor.kind} embeddings', 'tta': 'none',
                       'model': f"{int(e.knn_k)}-NN ({e.knn_metric}) on {extractor.kind} features, "
