@@ -111,7 +111,7 @@ def make_datasets(dataset: str, tfds_dir: str, target_images: int, *, data_dir: 
 
 def base_config(dataset: str, tfds_dir: str) -> Any:
   from configs import default
-  c = default.get_config()
+  c = default.tfds_digits(default.get_config())   # tfds datasets made above
   c.data.data_dir = tfds_dir
   c.data.eval_split = 'test'
   c.progress_bar = False

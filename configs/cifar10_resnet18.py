@@ -23,6 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.train_split = 'train'
   c.data.eval_split = 'test'
   c.data.train_preprocess = 'pad_crop(pad=4)|flip_lr'
+  c.data.device_preprocess = ''          # the default's one-pixel shift is for digits
   c.data.eval_preprocess = ''
   c.data.mean = (0.4914, 0.4822, 0.4465)
   c.data.std = (0.2470, 0.2435, 0.2616)

@@ -31,6 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.eval_split = 'test'
   c.data.train_preprocess = ('pad_crop(pad=4)|flip_lr|'
                              "random_erasing(prob=0.5, value='random')")
+  c.data.device_preprocess = ''          # the default's one-pixel shift is for digits
   c.data.eval_preprocess = ''
   c.data.mean = (0.286,)
   c.data.std = (0.353,)

@@ -52,6 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.train_preprocess = ('random_resized_crop(size=224, method="bicubic")|flip_lr|'
                              'randaugment(num_ops=2, magnitude=9, num_bins=11)|'
                              'random_erasing(prob=0.25)')
+  c.data.device_preprocess = ''          # the default's one-pixel shift is for digits
   c.data.eval_preprocess = 'center_crop(size=224, crop_fraction=0.875, method="bicubic")'
   c.data.mean = (0.485, 0.456, 0.406)
   c.data.std = (0.229, 0.224, 0.225)

@@ -22,6 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.train_split = 'train'
   c.data.eval_split = 'validation'
   c.data.train_preprocess = 'random_resized_crop(size=224)|flip_lr'
+  c.data.device_preprocess = ''          # the default's one-pixel shift is for digits
   c.data.eval_preprocess = 'center_crop(size=224, crop_fraction=0.875)'
   c.data.mean = (0.485, 0.456, 0.406)
   c.data.std = (0.229, 0.224, 0.225)

@@ -59,6 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.eval_split = 'validation'
   c.data.train_preprocess = ('random_resized_crop(size=224, area_min=0.05)|flip_lr|'
                              'randaugment(num_ops=2, magnitude=10, num_bins=11)')
+  c.data.device_preprocess = ''          # the default's one-pixel shift is for digits
   c.data.eval_preprocess = 'center_crop(size=224, crop_fraction=0.875)'
   c.data.mean = (0.5, 0.5, 0.5)           # big_vision's value_range(-1, 1)
   c.data.std = (0.5, 0.5, 0.5)

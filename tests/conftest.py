@@ -80,7 +80,7 @@ def small_digits_config(tfds_dir: str):
   evaluations or checkpoints before the end (for fixtures of any scope)."""
   sys.path.insert(0, REPO)
   from configs import default
-  c = default.get_config()
+  c = default.tfds_digits(default.get_config())   # tf.data (CLI children run the default arrays)
   c.data.data_dir = tfds_dir
   c.model.widths = (16, 32)
   c.batch_size = 64

@@ -42,7 +42,7 @@ def _arrays_config(digits_config, path):
 
 def _digits(tfds_dir):
   from configs import default
-  c = default.get_config()
+  c = default.tfds_digits(default.get_config())
   c.data.data_dir = tfds_dir
   return c
 
@@ -74,10 +74,16 @@ def test_the_written_file_holds_the_tfds_examples(digits_npz, digits_config):
     np.testing.assert_array_equal(labels, want_labels)
 
 
-def test_a_bare_tfds_name_is_written_once_into_the_tfds_data_dir(digits_config, tmp_path,
-                                                                  digits_npz):
-  """'arrays:sklearn_digits': <data_dir>/arrays/sklearn_digits.npz, written from tfds on first
-  use (the same arrays as the documented command's), then read as it is."""
+def _examples(images, labels):
+  """The multiset of (pixels, label) pairs: the same examples in any order."""
+  return sorted((im.tobytes(), int(lb)) for im, lb in zip(images, labels))
+
+
+def test_a_bare_name_is_written_once_into_the_tfds_data_dir(digits_config, tmp_path, digits_npz):
+  """'arrays:sklearn_digits' (the default config's): <data_dir>/arrays/sklearn_digits.npz, written
+  from scikit-learn on first use, without TensorFlow, with the examples, classes and flip mark of
+  the tfds builder's file (the documented command's, in tfds's order), then read as it is. Another
+  bare tfds name without TensorFlow is the one-line error naming the fix."""
   from imgcls_jax.data import arrays
   c = _arrays_config(digits_config, 'x')
   c.data.name = 'arrays:sklearn_digits'
@@ -86,23 +92,33 @@ def test_a_bare_tfds_name_is_written_once_into_the_tfds_data_dir(digits_config, 
     os.remove(path)
   info = arrays.describe(c.data)
   assert info.name == f'arrays:{path}' and info.num_examples == {'train': 1347, 'test': 450}
+  assert info.mirror_safe is False
   with np.load(path) as got, np.load(digits_npz) as want:
     assert sorted(got.files) == sorted(want.files)
-    for k in want.files:
+    for split in ('train', 'test'):
+      assert _examples(got[f'{split}_images'], got[f'{split}_labels']) == _examples(
+          want[f'{split}_images'], want[f'{split}_labels']), split
+    for k in ('class_names', 'mirror_safe'):
       np.testing.assert_array_equal(got[k], want[k], err_msg=k)
   stamp = os.stat(path).st_mtime_ns
   arrays.describe(c.data)
   assert os.stat(path).st_mtime_ns == stamp                 # not written again
   proc = run_without_tf('--import', 'imgcls_jax.data.arrays')   # and without TensorFlow:
   assert proc.returncode == 0, proc.stderr[-2000:]
-  script = ('import ml_collections\nfrom imgcls_jax.data import arrays\n'
-            f"arrays.describe(ml_collections.ConfigDict({{'name': 'arrays:sklearn_digits', "
-            f"'data_dir': {str(tmp_path)!r}, 'train_split': 'train', 'eval_split': 'test'}}))\n")
-  (tmp_path / 'probe.py').write_text(script)
-  proc = run_without_tf(str(tmp_path / 'probe.py'))
-  assert proc.returncode != 0
-  assert ("is written from tfds 'sklearn_digits' on first use, which needs TensorFlow (not "
-          'installed here)') in proc.stderr
+  for name, fresh in (('sklearn_digits', 'a'), ('mnist', 'b')):
+    script = ('import ml_collections\nfrom imgcls_jax.data import arrays\n'
+              f"print(arrays.describe(ml_collections.ConfigDict({{'name': 'arrays:{name}', "
+              f"'data_dir': {str(tmp_path / fresh)!r}, 'train_split': 'train', "
+              "'eval_split': 'test'})))\n")
+    (tmp_path / 'probe.py').write_text(script)
+    proc = run_without_tf(str(tmp_path / 'probe.py'))
+    if name == 'sklearn_digits':
+      assert proc.returncode == 0, proc.stderr[-2000:]
+      assert "num_examples={'train': 1347, 'test': 450}" in proc.stdout
+    else:
+      assert proc.returncode != 0
+      assert ("is written from tfds 'mnist' on first use, which needs TensorFlow (not "
+              'installed here)') in proc.stderr
 
 
 def test_an_image_folder_becomes_an_arrays_file(tmp_path):
@@ -203,17 +219,18 @@ def test_evaluation_sees_every_example_once(digits_npz, digits_config, processes
 
 def test_trains_and_evaluates_without_tensorflow_as_the_tf_path_scores_it(digits_npz, tfds_dir,
                                                                           tmp_path):
-  """A run on the arrays file with TensorFlow blocked; its report (evaluate mode, also blocked)
-  against the same checkpoint evaluated through tfds's sklearn_digits with TensorFlow."""
-  workdir = str(tmp_path / 'run')
+  """The default config (``arrays:sklearn_digits``, its file written on first use) with TensorFlow
+  blocked and a fresh data_dir; the run's report (evaluate mode, also blocked) against the same
+  checkpoint evaluated through tfds's sklearn_digits with TensorFlow."""
+  workdir, data_dir = str(tmp_path / 'run'), str(tmp_path / 'fresh_data_dir')
   args = ['-m', 'imgcls_jax.main', '--config=configs/default.py', f'--workdir={workdir}',
-          f'--config.data.name=arrays:{digits_npz}', "--config.data.train_preprocess=",
-          '--config.data.device_preprocess=translate(pad=1)', '--config.num_train_steps=60',
+          f'--config.data.data_dir={data_dir}', '--config.num_train_steps=60',
           '--config.model.widths=(16,32)', '--config.eval_every_steps=30',
           '--config.progress_bar=False', '--config.tensorboard=False']
   proc = run_without_tf(*args)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'First training step done' in proc.stderr
+  assert os.path.exists(f'{data_dir}/arrays/sklearn_digits.npz')   # written from scikit-learn
   proc = run_without_tf('-m', 'imgcls_jax.main', '--mode=evaluate', f'--workdir={workdir}',
                         '--config.evaluate.checkpoint=latest')
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -261,8 +278,9 @@ def test_trains_and_evaluates_without_tensorflow_as_the_tf_path_scores_it(digits
   samples = np.load(os.path.join(workdir, 'samples.npz'))   # what the run directory keeps
   n = len(samples['eval_labels'])
   assert n == 64
-  np.testing.assert_array_equal(samples['eval_images'], want_images[:n])
-  np.testing.assert_array_equal(samples['eval_labels'], want_labels[:n])
+  with np.load(f'{data_dir}/arrays/sklearn_digits.npz') as z:   # the run's test split, in order
+    np.testing.assert_array_equal(samples['eval_images'], z['test_images'][:n])
+    np.testing.assert_array_equal(samples['eval_labels'], z['test_labels'][:n])
 
 
 _KILLED_CHILD = BLOCK_TF + """

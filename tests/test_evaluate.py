@@ -26,7 +26,7 @@ from tests.conftest import REPO, subprocess_env
 def _small_config(tfds_dir):
   sys.path.insert(0, REPO)
   from configs import default
-  c = default.get_config()
+  c = default.tfds_digits(default.get_config())
   c.data.data_dir = tfds_dir
   c.model.widths = (16, 32)
   c.batch_size = 64

@@ -162,6 +162,7 @@ def _plain_step(state, batch, mdef, tx, *, mean, std, smoothing, num_classes):
 def test_mixing_off_is_the_plain_step_and_mixing_on_is_not():
   """Both alphas 0: the step from the config is a plain cross-entropy step; alpha > 0 mixes."""
   c = default.get_config()
+  c.data.device_preprocess = ''          # the plain step: no augmentation either
   c.mixup.mixup_alpha, c.mixup.cutmix_alpha, c.mixup.prob = 0.0, 0.0, 1.0
   assert mixup.from_config(c.mixup) is None
   rng = np.random.default_rng(2)

@@ -31,7 +31,7 @@ def small_config(tfds_dir):
   if REPO not in sys.path:
     sys.path.insert(0, REPO)
   from configs import default
-  c = default.get_config()
+  c = default.tfds_digits(default.get_config())
   c.data.data_dir = tfds_dir
   c.model.widths = (8, 16)
   c.batch_size = c.eval_batch_size = 64

@@ -92,7 +92,7 @@ def calibrated(tmp_path_factory, tfds_dir):
   split, the temperature fitted on the other 20%."""
   sys.path.insert(0, REPO)
   from configs import default
-  c = default.get_config()
+  c = default.tfds_digits(default.get_config())   # _digits reads tfds's order
   c.data.data_dir = tfds_dir
   c.data.train_split = 'train[:80%]'
   c.evaluate.temperature_split = 'train[80%:]'

@@ -12,7 +12,8 @@ brings it in. The file holds, per split NAME:
 
 ``python -m imgcls_jax.data.write_arrays`` writes one from any tfds dataset (TensorFlow needed
 there only); ``'arrays:NAME'`` (a bare tfds name, e.g. ``arrays:fashion_mnist``) is the file
-``<tfds data_dir>/arrays/NAME.npz``, written from tfds on first use. Splits are named ``NAME``,
+``<tfds data_dir>/arrays/NAME.npz``, written from tfds on first use (``arrays:sklearn_digits``, the
+default config's, straight from scikit-learn). Splits are named ``NAME``,
 ``NAME[START:END]`` or ``NAME[A%:B%]`` and select what tfds selects.
 
 Training order: epoch ``e`` is the split permuted by numpy's generator seeded with
@@ -33,6 +34,7 @@ from typing import Any, Callable, Iterator
 import ml_collections
 import numpy as np
 
+from imgcls_jax.data import sklearn_digits
 from imgcls_jax.data.info import ARRAYS_PREFIX, DatasetInfo, flips_allowed
 from imgcls_jax.errors import UserError
 
@@ -198,9 +200,12 @@ def _load(path: str, mtime: float, size: int) -> ArraysFile:
 
 def load(data: ml_collections.ConfigDict) -> ArraysFile:
   """The arrays file of ``config.data`` (read once per process while it is unchanged); for
-  ``'arrays:NAME'`` written first from tfds when it does not exist yet (TensorFlow needed then)."""
+  ``'arrays:NAME'`` written first when it does not exist yet: from tfds (TensorFlow needed then),
+  or for the embedded ``sklearn_digits`` straight from scikit-learn."""
   path = path_of(data)
-  if not os.path.exists(path) and tfds_name(data) is not None:
+  if not os.path.exists(path) and tfds_name(data) == sklearn_digits.NAME:
+    sklearn_digits.write_arrays(path)
+  elif not os.path.exists(path) and tfds_name(data) is not None:
     _write_from_tfds(data, tfds_name(data), path)
   try:
     st = os.stat(path)

@@ -64,8 +64,11 @@ class DatasetInfo:
 
 def flips_allowed(data: ml_collections.ConfigDict) -> bool:
   """Whether ``config.data`` allows horizontal flips: not a dataset named in ``NO_FLIP_DATASETS``,
-  and not marked ``data.mirror_safe=False`` (the user's images: text, digits, arrows, ...)."""
-  return data.name not in NO_FLIP_DATASETS and data.get('mirror_safe', True) is not False
+  also held as arrays (``arrays:mnist``), and not marked ``data.mirror_safe=False`` (the user's
+  images: text, digits, arrows, ...)."""
+  name = str(data.name)
+  name = name[len(ARRAYS_PREFIX):] if name.startswith(ARRAYS_PREFIX) else name
+  return name not in NO_FLIP_DATASETS and data.get('mirror_safe', True) is not False
 
 
 def check_flips(data: ml_collections.ConfigDict, tta: str = '', mirror_safe: bool = True) -> None:

@@ -1,0 +1,46 @@
+"""The embedded default dataset as numpy, TensorFlow-free: scikit-learn's UCI digits (1797 8x8 grey
+images) with this project's fixed split.
+
+No download, ever: the data ships inside the scikit-learn wheel. The ``test`` split is the
+450-image stratified hold-out of ``train_test_split(test_size=0.25, stratify=y, random_state=0)``
+(sklearn's ``SVC(gamma=0.001)`` scores 99.1% on it); ``train`` is the other 1347 images. Two
+readers serve the same split: ``config.data.name='arrays:sklearn_digits'`` (the default config;
+data/arrays.py, the file written here on first use) and the tfds builder ``sklearn_digits``
+(data/digits.py, for what only tf.data does: host preprocessing, ``train+test``, k-fold ids).
+They hold the same examples in different orders (scikit-learn's here, tfds's shuffled one there),
+so a slice such as ``train[80%:]`` selects different images in the two.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+NAME = 'sklearn_digits'
+CLASS_NAMES = tuple(str(d) for d in range(10))
+
+
+def load_arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
+  """(images_Nx8x8x1 uint8, labels_N int64) for 'train' or 'test'; pixel values 0..16 -> 0..255."""
+  from sklearn.datasets import load_digits
+  from sklearn.model_selection import train_test_split
+  digits = load_digits()
+  images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+  x_tr, x_te, y_tr, y_te = train_test_split(images, digits.target, test_size=0.25,
+                                            stratify=digits.target, random_state=0)
+  return (x_tr, y_tr) if split == 'train' else (x_te, y_te)
+
+
+def write_arrays(output: str) -> dict[str, int]:
+  """Both splits written to ``output`` as an arrays file (data/arrays.py: never flipped, classes
+  '0'..'9'), atomically; returns examples per split."""
+  contents: dict[str, np.ndarray] = {'class_names': np.asarray(CLASS_NAMES, dtype=str),
+                                     'mirror_safe': np.asarray(False)}
+  for split in ('train', 'test'):
+    images, labels = load_arrays(split)
+    contents[f'{split}_images'], contents[f'{split}_labels'] = images, labels.astype(np.int32)
+  os.makedirs(os.path.dirname(os.path.abspath(output)) or '.', exist_ok=True)
+  tmp = f'{output}.{os.getpid()}.tmp.npz'   # processes writing at once each replace it whole
+  np.savez(tmp, **contents)
+  os.replace(tmp, output)
+  return {split: len(contents[f'{split}_labels']) for split in ('train', 'test')}
