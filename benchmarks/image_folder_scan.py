@@ -72,6 +72,7 @@ def time_first_step(code: str, folder: str, cache_dir: str) -> float:
          f'--workdir={workdir}', '--config.data.name=image_folder',
          f'--config.data.folder={folder}',
          '--config.data.train_preprocess=random_resized_crop(size=64)',
+         '--config.data.device_preprocess=',
          '--config.data.eval_preprocess=resize(size=64)', '--config.data.mean=(0.5,0.5,0.5)',
          '--config.data.std=(0.5,0.5,0.5)', '--config.model.widths=(16,32)',
          '--config.batch_size=32', '--config.eval_batch_size=200', '--config.num_train_steps=1',

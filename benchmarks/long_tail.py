@@ -39,7 +39,7 @@ def long_tail_ids(path: str, seed: int) -> list[int]:
   sys.path.insert(0, REPO)
   from configs import fashion_mnist_quick
   from imgcls_jax.data import folds
-  ids, labels = folds.read_ids_and_labels(fashion_mnist_quick.get_config().data, 'train')
+  ids, labels = folds.read_ids_and_labels(fashion_mnist_quick.base_config().data, 'train')
   rng = np.random.default_rng(seed)
   keep = []
   for k in range(10):
@@ -70,6 +70,8 @@ def main() -> None:
     workdir = os.path.join(args.out, f'{name}_seed{args.seed}')
     cmd = [sys.executable, '-m', 'imgcls_jax.main', '--config=configs/fashion_mnist_quick.py',
            f'--workdir={workdir}', f'--config.data.train_split=train@{ids_file}',
+           # id-listed splits and balanced sampling are tf.data's: the tfds dataset, not arrays
+           '--config.data.name=fashion_mnist',
            f'--config.num_epochs={args.epochs}', f'--config.seed={args.seed}',
            '--config.eval_every_epochs=100', f'--config.mesh.cpu_devices={args.cpu_devices}',
            *VARIANTS[name]]

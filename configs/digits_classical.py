@@ -4,7 +4,8 @@ HOG (9 orientations, 2 px cells, 2x2-cell blocks), uniform-LBP histograms over 2
 16-bin intensity histogram and Canny edge density over 2x2 tiles (385 features), standardised,
 then multinomial logistic regression with C=0.1 (of C = 0.1 / 1 / 10 it scored best on the
 hold-out: 98.0 / 97.6 / 97.3%, so the 5-fold CV figure is the unbiased one). Same data, splits and
-report files as the CNN of configs/default.py.
+report files as the CNN of configs/default.py, read through tfds (``default.tfds_digits``: the
+examples in tfds's order, as configs/digits_cv.py reads them).
 
 Commands (hold-out; 5-fold CV on the CNN's folds, those of configs/digits_cv.py):
   python -m imgcls_jax.main --config=configs/digits_classical.py --mode=classical \\

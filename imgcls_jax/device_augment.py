@@ -105,6 +105,26 @@ def parse(spec: str) -> tuple[Op, ...]:
   return tuple(ops)
 
 
+# Host ops (config.data.train_preprocess, data/pp/) that move the image content as translate does.
+HOST_SHIFTS = ('pad_crop', 'random_resized_crop')
+
+
+def twice_shifted(train_preprocess: str, ops: tuple[Op, ...]) -> str | None:
+  """The warning to log when the host shifts the images (a ``HOST_SHIFTS`` op in
+  ``train_preprocess``) and ``ops`` translate them again on the device, else None. A config
+  started from configs/default.py keeps its digits' one-pixel device shift under one's own
+  ``train_preprocess`` unless ``device_preprocess`` is set too."""
+  host = [m.group(1) for part in (train_preprocess or '').split('|')
+          if (m := re.match(r'\s*(\w+)', part)) and m.group(1) in HOST_SHIFTS]
+  device = next((op for op in ops if op[0] == 'translate'), None)
+  if not host or device is None:
+    return None
+  return (f"config.data.train_preprocess shifts the images on the host ({', '.join(host)}) and "
+          f'config.data.device_preprocess translates them again on the device (pad={device[1]}); '
+          "set --config.data.device_preprocess='' unless you want both (configs/default.py's "
+          'one-pixel device shift is for its digits).')
+
+
 # ---------------------------------------------------------------------------- the ops
 
 def random_flip(key: jax.Array, images_BxHxWxC: jax.Array) -> jax.Array:

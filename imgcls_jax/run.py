@@ -68,9 +68,12 @@ def setup(config: ml_collections.ConfigDict, info: DatasetInfo | None = None, *,
   # TensorFlow, seconds): a misspelt model, model argument, optimizer or device op is one line now.
   models.check_arguments(config.model.name, config.model.keys())
   optim.check_name(config.optim)
-  device_augment.parse(config.data.get('device_preprocess', '') or '')
+  device_ops = device_augment.parse(config.data.get('device_preprocess', '') or '')
   if training:   # a run saved with them restores as it trained: without them
     held_out.check_folder_only_keys(config.data)
+    warning = device_augment.twice_shifted(config.data.get('train_preprocess', ''), device_ops)
+    if warning:
+      logging.warning(warning)
   mesh = sharding.make_mesh(config.mesh.num_devices)
   if info is None:  # the data will be read: its preprocessing specs are checked now, too
     info = reader.describe(config.data)

@@ -71,13 +71,14 @@ def tfds_dir(tmp_path_factory) -> str:
 
 @pytest.fixture
 def digits_config(tfds_dir):
-  """The default config, shrunk for tests (``small_digits_config``)."""
+  """The default config read through tfds, shrunk for tests (``small_digits_config``)."""
   return small_digits_config(tfds_dir)
 
 
 def small_digits_config(tfds_dir: str):
-  """The default config, shrunk for tests: a narrow CNN, few steps, no progress bar, no
-  evaluations or checkpoints before the end (for fixtures of any scope)."""
+  """The default config with the digits read through tfds and tf.data (``default.tfds_digits``:
+  the tf.data path in-process tests exercise), shrunk for tests: a narrow CNN, few steps, no
+  progress bar, no evaluations or checkpoints before the end (for fixtures of any scope)."""
   sys.path.insert(0, REPO)
   from configs import default
   c = default.tfds_digits(default.get_config())   # tf.data (CLI children run the default arrays)

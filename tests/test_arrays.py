@@ -103,6 +103,15 @@ def test_a_bare_name_is_written_once_into_the_tfds_data_dir(digits_config, tmp_p
   stamp = os.stat(path).st_mtime_ns
   arrays.describe(c.data)
   assert os.stat(path).st_mtime_ns == stamp                 # not written again
+  assert not [n for n in os.listdir(os.path.dirname(path)) if n.startswith('.sklearn_digits.')]
+  (tmp_path / 'a_file').write_text('')                      # a data_dir that cannot be made
+  for data_dir, match in ((str(tmp_path / 'a_file'), 'Cannot write the digits arrays file .* set '
+                           r'config.data.data_dir \(or \$TFDS_DATA_DIR\) to a writable'),
+                          ('gs://bucket/tfds', 'which is the URL gs://bucket/tfds; set config.data.'
+                           'data_dir to a local directory')):
+    c.data.data_dir = data_dir
+    with pytest.raises(UserError, match=match):
+      arrays.describe(c.data)
   proc = run_without_tf('--import', 'imgcls_jax.data.arrays')   # and without TensorFlow:
   assert proc.returncode == 0, proc.stderr[-2000:]
   for name, fresh in (('sklearn_digits', 'a'), ('mnist', 'b')):

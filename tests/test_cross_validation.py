@@ -36,6 +36,9 @@ def test_folds_are_stratified_disjoint_complete_and_fixed_by_the_seed(digits_con
     folds.assign(data, 'train', 1, seed=0)
   with pytest.raises(UserError, match="Split 'validation' does not exist"):
     folds.assign(data, 'validation', 5, seed=0)
+  data.name = 'arrays:sklearn_digits'   # the default config's: no example ids to fold by
+  with pytest.raises(UserError, match=r"lists examples by tfds id or file.*configs/digits_cv\.py"):
+    folds.assign(data, 'train', 5, seed=0)
   data.name = 'image_folder'   # folders cross-validate too (test_folder_index.py), once located
   with pytest.raises(UserError, match='neither config.data.folder nor config.data.manifest'):
     folds.assign(data, 'train', 5, seed=0)

@@ -64,7 +64,7 @@ def _config(manifest):
   c.data.manifest = manifest
   c.data.multilabel = True
   c.data.train_split, c.data.eval_split = 'train', 'test'
-  c.data.train_preprocess = ''
+  c.data.train_preprocess = c.data.device_preprocess = ''
   c.evaluate.threshold_split = 'validation'
   c.label_smoothing = 0.0
   c.batch_size = c.eval_batch_size = 64

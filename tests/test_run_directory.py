@@ -105,7 +105,7 @@ def test_image_folder_run_needs_only_its_workdir(tmp_path):
   trained = _ok(_cli(f'--config={REPO}/configs/default.py', f'--workdir={workdir}',
                      '--config.data.name=image_folder', f'--config.data.folder={photos}',
                      '--config.data.holdout_fraction=0.2', "--config.data.train_preprocess="
-                     "random_resized_crop(size=16, area_min=0.8)",
+                     "random_resized_crop(size=16, area_min=0.8)", '--config.data.device_preprocess=',
                      '--config.data.eval_preprocess=resize(size=16)',
                      '--config.data.mean=(0.5,0.5,0.5)', '--config.data.std=(0.5,0.5,0.5)',
                      '--config.model.widths=(16,32)', '--config.batch_size=24',
@@ -147,7 +147,10 @@ def test_tfds_run_needs_only_its_workdir_after_data_dir_is_deleted(tmp_path):
   data_dir, workdir = str(tmp_path / 'tfds'), str(tmp_path / 'run')
   _ok(_cli(f'--config={REPO}/configs/default.py', f'--workdir={workdir}',
            f'--config.data.data_dir={data_dir}', '--config.model.widths=(16,32)',
-           '--config.num_train_steps=60', '--config.progress_bar=False'))
+           '--config.num_train_steps=60', '--config.progress_bar=False',
+           '--config.data.name=sklearn_digits', '--config.data.train_preprocess=pad_crop(pad=1)',
+           '--config.data.device_preprocess='))   # default.tfds_digits: the tfds builder
+  assert os.path.isdir(os.path.join(data_dir, 'sklearn_digits'))
   shutil.rmtree(data_dir)
   x, y = digits.load_arrays('test')
   pngs = str(tmp_path / 'pngs')
@@ -160,6 +163,7 @@ def test_tfds_run_needs_only_its_workdir_after_data_dir_is_deleted(tmp_path):
   _export(workdir)
   answer = _serve_one_request(workdir, f'{pngs}/00_{y[0]}.png')
   assert answer['predictions'][0]['class'] in [str(d) for d in range(10)]
+  assert not os.path.exists(data_dir)   # nothing read the dataset again
 
 
 def test_an_exif_rotated_photo_decodes_and_predicts_as_the_upright_one(tmp_path, tmp_path_factory,

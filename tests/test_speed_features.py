@@ -113,6 +113,26 @@ def test_parse_device_ops():
       device_augment.parse(bad)
 
 
+def test_a_shift_on_the_host_and_on_the_device_is_warned_about(digits_config, caplog):
+  """configs/default.py's one-pixel device shift, kept under one's own host crop, is named."""
+  twice = device_augment.twice_shifted
+  assert twice('', device_augment.parse('translate(pad=1)')) is None
+  assert twice('pad_crop(pad=4)|flip_lr', device_augment.parse('flip_lr')) is None
+  assert twice('rotate(degrees=5)', device_augment.parse('translate(pad=1)')) is None
+  got = twice("random_resized_crop(size=16)|flip_lr|pad_crop(pad=2)",
+              device_augment.parse('flip_alternate|translate(pad=3)'))
+  assert '(random_resized_crop, pad_crop)' in got and '(pad=3)' in got
+  assert "set --config.data.device_preprocess=''" in got
+  digits_config.data.device_preprocess = 'translate(pad=1)'   # the tfds digits: pad_crop(pad=1)
+  with caplog.at_level('WARNING'):
+    run.setup(digits_config)
+  assert "shifts the images on the host (pad_crop)" in caplog.text
+  caplog.clear()
+  with caplog.at_level('WARNING'):
+    run.setup(digits_config, training=False)   # evaluation and inference never augment
+  assert 'shifts the images' not in caplog.text
+
+
 @pytest.mark.parametrize('mode', ['constant', 'reflect'])
 def test_translate_is_a_numpy_pad_and_crop_at_the_drawn_offsets(mode):
   images = np.random.default_rng(1).integers(0, 256, (32, 7, 9, 2), dtype=np.uint8)

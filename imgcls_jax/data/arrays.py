@@ -65,6 +65,10 @@ def path_of(data: ml_collections.ConfigDict) -> str:
   name = tfds_name(data)
   if name is not None:
     root = data.get('data_dir') or os.environ.get('TFDS_DATA_DIR') or '~/tensorflow_datasets'
+    if '://' in root:
+      raise UserError(f"config.data.name='{data.name}' is a local file under the tfds data_dir, "
+                      f"which is the URL {root}; set config.data.data_dir to a local directory "
+                      "(or name the file: arrays:/local/path.npz).")
     return os.path.abspath(os.path.expanduser(os.path.join(root, 'arrays', f'{name}.npz')))
   path = str(data.name)[len(PREFIX):]
   if not path:

@@ -20,7 +20,7 @@ import numpy as np
 from imgcls_jax.data import tf_import  # noqa: F401  (before tensorflow_datasets: no Keras)
 import tensorflow_datasets as tfds
 
-from imgcls_jax.data import folder_index, image_folder, sources
+from imgcls_jax.data import arrays, folder_index, image_folder, sources
 from imgcls_jax.errors import UserError
 
 
@@ -75,6 +75,12 @@ def assign(data: ml_collections.ConfigDict, split: str, k: int, seed: int) -> Fo
   from sklearn.model_selection import StratifiedKFold
   if k < 2:
     raise UserError(f'config.cross_validation.folds={k}: use 0 (off) or at least 2 folds.')
+  if arrays.is_arrays(data):
+    raise UserError(f"k-fold cross-validation lists examples by tfds id or file, which "
+                    f"config.data.name='{data.name}' (an arrays file) has not; read the data "
+                    "through tfds or as an image folder (the digits: configs/digits_cv.py, i.e. "
+                    "--config.data.name=sklearn_digits --config.data.train_preprocess="
+                    "'pad_crop(pad=1)' --config.data.device_preprocess='').")
   ids, labels = read_ids_and_labels(data, split)
   if labels.ndim == 2:  # multi-label: plain shuffled folds (sklearn has no multi-label stratifier)
     from sklearn.model_selection import KFold

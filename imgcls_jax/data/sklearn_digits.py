@@ -13,8 +13,11 @@ so a slice such as ``train[80%:]`` selects different images in the two.
 from __future__ import annotations
 
 import os
+import tempfile
 
 import numpy as np
+
+from imgcls_jax.errors import UserError
 
 NAME = 'sklearn_digits'
 CLASS_NAMES = tuple(str(d) for d in range(10))
@@ -39,8 +42,16 @@ def write_arrays(output: str) -> dict[str, int]:
   for split in ('train', 'test'):
     images, labels = load_arrays(split)
     contents[f'{split}_images'], contents[f'{split}_labels'] = images, labels.astype(np.int32)
-  os.makedirs(os.path.dirname(os.path.abspath(output)) or '.', exist_ok=True)
-  tmp = f'{output}.{os.getpid()}.tmp.npz'   # processes writing at once each replace it whole
-  np.savez(tmp, **contents)
-  os.replace(tmp, output)
+  folder = os.path.dirname(os.path.abspath(output))
+  try:
+    os.makedirs(folder, exist_ok=True)
+    # A uniquely named file in the same folder, renamed over ``output``: processes (on any host
+    # sharing the folder) writing at once each replace it whole, with the same contents.
+    fd, tmp = tempfile.mkstemp(prefix='.sklearn_digits.', suffix='.npz', dir=folder)
+    with os.fdopen(fd, 'wb') as f:
+      np.savez(f, **contents)
+    os.replace(tmp, output)
+  except OSError as e:
+    raise UserError(f'Cannot write the digits arrays file {output} ({e.strerror or e}); set '
+                    'config.data.data_dir (or $TFDS_DATA_DIR) to a writable directory.') from None
   return {split: len(contents[f'{split}_labels']) for split in ('train', 'test')}
