@@ -5,19 +5,14 @@ No download, ever: the data ships inside the scikit-learn wheel. The ``test`` sp
 450-image stratified hold-out of ``train_test_split(test_size=0.25, stratify=y, random_state=0)``
 (sklearn's ``SVC(gamma=0.001)`` scores 99.1% on it); ``train`` is the other 1347 images. Two
 readers serve the same split: ``config.data.name='arrays:sklearn_digits'`` (the default config;
-data/arrays.py, the file written here on first use) and the tfds builder ``sklearn_digits``
+data/arrays.py writes ``arrays_contents()`` to its file on first use) and the tfds builder ``sklearn_digits``
 (data/digits.py, for what only tf.data does: host preprocessing, ``train+test``, k-fold ids).
 They hold the same examples in different orders (scikit-learn's here, tfds's shuffled one there),
 so a slice such as ``train[80%:]`` selects different images in the two.
 """
 from __future__ import annotations
 
-import os
-import tempfile
-
 import numpy as np
-
-from imgcls_jax.errors import UserError
 
 NAME = 'sklearn_digits'
 CLASS_NAMES = tuple(str(d) for d in range(10))
@@ -34,24 +29,12 @@ def load_arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
   return (x_tr, y_tr) if split == 'train' else (x_te, y_te)
 
 
-def write_arrays(output: str) -> dict[str, int]:
-  """Both splits written to ``output`` as an arrays file (data/arrays.py: never flipped, classes
-  '0'..'9'), atomically; returns examples per split."""
+def arrays_contents() -> dict[str, np.ndarray]:
+  """Both splits as the contents of an arrays file (data/arrays.py: never flipped, classes
+  '0'..'9')."""
   contents: dict[str, np.ndarray] = {'class_names': np.asarray(CLASS_NAMES, dtype=str),
                                      'mirror_safe': np.asarray(False)}
   for split in ('train', 'test'):
     images, labels = load_arrays(split)
     contents[f'{split}_images'], contents[f'{split}_labels'] = images, labels.astype(np.int32)
-  folder = os.path.dirname(os.path.abspath(output))
-  try:
-    os.makedirs(folder, exist_ok=True)
-    # A uniquely named file in the same folder, renamed over ``output``: processes (on any host
-    # sharing the folder) writing at once each replace it whole, with the same contents.
-    fd, tmp = tempfile.mkstemp(prefix='.sklearn_digits.', suffix='.npz', dir=folder)
-    with os.fdopen(fd, 'wb') as f:
-      np.savez(f, **contents)
-    os.replace(tmp, output)
-  except OSError as e:
-    raise UserError(f'Cannot write the digits arrays file {output} ({e.strerror or e}); set '
-                    'config.data.data_dir (or $TFDS_DATA_DIR) to a writable directory.') from None
-  return {split: len(contents[f'{split}_labels']) for split in ('train', 'test')}
+  return contents

@@ -17,6 +17,7 @@ import sys
 import ml_collections
 import numpy as np
 
+from imgcls_jax.data import arrays
 from imgcls_jax.data.info import flips_allowed
 from imgcls_jax.errors import UserError
 
@@ -50,10 +51,7 @@ def write(data: ml_collections.ConfigDict, splits: list[str], output: str,
     sizes[name] = len(contents[f'{name}_labels'])
   contents['class_names'] = np.asarray(info.class_names, dtype=str)
   contents['mirror_safe'] = np.asarray(info.mirror_safe and flips_allowed(data))
-  os.makedirs(os.path.dirname(os.path.abspath(output)) or '.', exist_ok=True)
-  tmp = f'{output}.{os.getpid()}.tmp.npz'   # processes writing at once each replace it whole
-  (np.savez_compressed if compress else np.savez)(tmp, **contents)
-  os.replace(tmp, output)
+  arrays.save(contents, output, compress)
   return sizes
 
 
