@@ -105,7 +105,8 @@ def test_image_folder_run_needs_only_its_workdir(tmp_path):
   trained = _ok(_cli(f'--config={REPO}/configs/default.py', f'--workdir={workdir}',
                      '--config.data.name=image_folder', f'--config.data.folder={photos}',
                      '--config.data.holdout_fraction=0.2', "--config.data.train_preprocess="
-                     "random_resized_crop(size=16, area_min=0.8)", '--config.data.device_preprocess=',
+                     "random_resized_crop(size=16, area_min=0.8)",
+                     '--config.data.device_preprocess=',
                      '--config.data.eval_preprocess=resize(size=16)',
                      '--config.data.mean=(0.5,0.5,0.5)', '--config.data.std=(0.5,0.5,0.5)',
                      '--config.model.widths=(16,32)', '--config.batch_size=24',

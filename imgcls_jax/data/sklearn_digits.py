@@ -5,8 +5,9 @@ No download, ever: the data ships inside the scikit-learn wheel. The ``test`` sp
 450-image stratified hold-out of ``train_test_split(test_size=0.25, stratify=y, random_state=0)``
 (sklearn's ``SVC(gamma=0.001)`` scores 99.1% on it); ``train`` is the other 1347 images. Two
 readers serve the same split: ``config.data.name='arrays:sklearn_digits'`` (the default config;
-data/arrays.py writes ``arrays_contents()`` to its file on first use) and the tfds builder ``sklearn_digits``
-(data/digits.py, for what only tf.data does: host preprocessing, ``train+test``, k-fold ids).
+data/arrays.py writes ``arrays_contents()`` to its file on first use) and the tfds builder
+``sklearn_digits`` (data/digits.py, for what only tf.data does: host preprocessing,
+``train+test``, k-fold ids).
 They hold the same examples in different orders (scikit-learn's here, tfds's shuffled one there),
 so a slice such as ``train[80%:]`` selects different images in the two.
 """
