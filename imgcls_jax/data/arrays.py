@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterator
 import ml_collections
 import numpy as np
 
-from imgcls_jax.data import sklearn_digits
+from imgcls_jax.data import arrays_save, sklearn_digits
 from imgcls_jax.data.info import ARRAYS_PREFIX, DatasetInfo, flips_allowed
 from imgcls_jax.errors import UserError
 
@@ -196,30 +196,6 @@ def _checked_split(where: str, name: str, contents: dict[str, np.ndarray]
   return images, labels
 
 
-def save(contents: dict[str, np.ndarray], output: str, compress: bool = False) -> None:
-  """Writes ``contents`` (the arrays above) to ``output`` as a ``.npz``: a uniquely named file in
-  the same folder, renamed over ``output``, so that processes (on any host sharing the folder)
-  writing at once each replace it whole and a reader never sees a partial file; a folder that
-  cannot be written is a UserError naming the path."""
-  import tempfile
-  folder = os.path.dirname(os.path.abspath(output))
-  try:
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(output)}.', suffix='.npz', dir=folder)
-    try:
-      with os.fdopen(fd, 'wb') as f:
-        (np.savez_compressed if compress else np.savez)(f, **contents)
-      os.replace(tmp, output)
-    except BaseException:
-      if os.path.exists(tmp):
-        os.remove(tmp)
-      raise
-  except OSError as e:
-    raise UserError(f'Cannot write the arrays file {output} ({e.strerror or e}); write it to a '
-                    "writable directory (for 'arrays:NAME': config.data.data_dir or "
-                    '$TFDS_DATA_DIR).') from None
-
-
 @functools.lru_cache(maxsize=4)
 def _load(path: str, mtime: float, size: int) -> ArraysFile:
   del mtime, size  # cache keys: a rewritten file is read again
@@ -232,7 +208,7 @@ def load(data: ml_collections.ConfigDict) -> ArraysFile:
   or for the embedded ``sklearn_digits`` straight from scikit-learn."""
   path = path_of(data)
   if not os.path.exists(path) and tfds_name(data) == sklearn_digits.NAME:
-    save(sklearn_digits.arrays_contents(), path)
+    arrays_save.save(sklearn_digits.arrays_contents(), path)
   elif not os.path.exists(path) and tfds_name(data) is not None:
     _write_from_tfds(data, tfds_name(data), path)
   try:

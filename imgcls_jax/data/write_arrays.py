@@ -17,7 +17,7 @@ import sys
 import ml_collections
 import numpy as np
 
-from imgcls_jax.data import arrays
+from imgcls_jax.data import arrays_save
 from imgcls_jax.data.info import flips_allowed
 from imgcls_jax.errors import UserError
 
@@ -51,7 +51,7 @@ def write(data: ml_collections.ConfigDict, splits: list[str], output: str,
     sizes[name] = len(contents[f'{name}_labels'])
   contents['class_names'] = np.asarray(info.class_names, dtype=str)
   contents['mirror_safe'] = np.asarray(info.mirror_safe and flips_allowed(data))
-  arrays.save(contents, output, compress)
+  arrays_save.save(contents, output, compress)
   return sizes
 
 
