@@ -1,5 +1,6 @@
 """Writing an arrays file (data/arrays.py describes its contents): the one writer, used by
-``arrays:NAME``'s first-use write and by ``python -m imgcls_jax.data.write_arrays``. TensorFlow-free.
+``arrays:NAME``'s first-use write and by ``python -m imgcls_jax.data.write_arrays``.
+TensorFlow-free.
 """
 from __future__ import annotations
 
