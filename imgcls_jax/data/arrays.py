@@ -206,11 +206,12 @@ def load(data: ml_collections.ConfigDict) -> ArraysFile:
   """The arrays file of ``config.data`` (read once per process while it is unchanged); for
   ``'arrays:NAME'`` written first when it does not exist yet: from tfds (TensorFlow needed then),
   or for the embedded ``sklearn_digits`` straight from scikit-learn."""
-  path = path_of(data)
-  if not os.path.exists(path) and tfds_name(data) == sklearn_digits.NAME:
-    arrays_save.save(sklearn_digits.arrays_contents(), path)
-  elif not os.path.exists(path) and tfds_name(data) is not None:
-    _write_from_tfds(data, tfds_name(data), path)
+  path, name = path_of(data), tfds_name(data)
+  if name is not None and not os.path.exists(path):
+    if name == sklearn_digits.NAME:
+      arrays_save.save(sklearn_digits.arrays_contents(), path)
+    else:
+      _write_from_tfds(data, name, path)
   try:
     st = os.stat(path)
   except OSError:
