@@ -2,14 +2,10 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import dataclasses
 import functools
 import importlib.resources
-import json
 import logging
-import math
 import time
 import uuid
 from typing import Any, Awaitable, Callable
@@ -18,14 +14,15 @@ import fastapi
 import ml_collections
 import numpy as np
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 
 from imgcls_jax import inference
 from imgcls_jax.data.images import ImageTooLarge, UnreadableImage
+from imgcls_jax.serve import bodies
 from imgcls_jax.serve.batcher import Batcher, Overloaded
+from imgcls_jax.serve.bodies import ApiError
 from imgcls_jax.serve.metrics import Metrics
 
 log = logging.getLogger('imgcls_jax.serve')
@@ -33,14 +30,6 @@ _IMAGE_BODY = {'requestBody': {'required': True, 'content': {
     'image/*': {'schema': {'type': 'string', 'format': 'binary'}},
     'multipart/form-data': {'schema': {'type': 'object', 'properties': {
         'image': {'type': 'string', 'format': 'binary'}}}}}}}
-
-
-class ApiError(Exception):
-  """A request the service refuses: HTTP ``status`` and a one-sentence ``message``."""
-
-  def __init__(self, status: int, message: str):
-    super().__init__(message)
-    self.status, self.message = status, message
 
 
 @dataclasses.dataclass
@@ -89,50 +78,6 @@ def _top_k(request: Request, svc: Service) -> int:
   if not 1 <= k <= n:
     raise ApiError(400, f'top_k must be an integer from 1 to {n}.')
   return k
-
-
-async def _check_length(request: Request, limit: int) -> None:
-  """Refuses chunked uploads, a missing Content-Length and more than ``limit`` bytes."""
-  if 'chunked' in request.headers.get('transfer-encoding', '').lower():
-    raise ApiError(411, 'Chunked uploads are not accepted; send a Content-Length.')
-  length = request.headers.get('content-length')
-  if length is None:
-    raise ApiError(411, 'Missing Content-Length header; send the image bytes as the body.')
-  n = int(length)  # the HTTP parser has already refused a malformed length
-  if n > limit:
-    if n <= 8 * limit:  # read and drop it, so the client sees this answer, not a reset
-      async for _ in request.stream():
-        pass
-    raise ApiError(413, f'Upload of {n} bytes is larger than the limit of {limit} bytes.')
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-  """The whole body, after ``_check_length``."""
-  await _check_length(request, limit)
-  return await request.body()
-
-
-async def _upload(request: Request, svc: Service) -> bytes:
-  """The image bytes of a raw-body or multipart (``image`` file field) upload."""
-  limit = int(svc.cfg.max_upload_bytes)
-  if not request.headers.get('content-type', '').lower().startswith('multipart/'):
-    return await _read_body(request, limit)
-  await _check_length(request, limit)  # the form parser streams the body itself
-  try:
-    form = await request.form(max_files=4, max_fields=16, max_part_size=limit)
-  except Exception as e:
-    detail = getattr(e, 'detail', None) or str(e) or type(e).__name__
-    raise ApiError(400, f'The multipart form could not be parsed ({str(detail).rstrip(".")}); '
-                   'send one file field named image (curl -F image=@photo.jpg).') from None
-  try:
-    files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
-    chosen = [f for k, f in form.multi_items() if k == 'image' and isinstance(f, UploadFile)]
-    if len(chosen or files) != 1:
-      raise ApiError(400, f'The form has {len(chosen or files)} files; send exactly one file '
-                     'field named image (curl -F image=@photo.jpg).')
-    return await (chosen or files)[0].read()
-  finally:
-    await form.close()
 
 
 async def _prepare(svc: Service, data: bytes, what: str = 'The body') -> np.ndarray:
@@ -212,7 +157,7 @@ def create_app(svc: Service) -> fastapi.FastAPI:
   async def classify(request: Request) -> Any:
     k = _top_k(request, svc)
     multipart = request.headers.get('content-type', '').lower().startswith('multipart/')
-    image = await _prepare(svc, await _upload(request, svc),
+    image = await _prepare(svc, await bodies.upload(request, int(svc.cfg.max_upload_bytes)),
                            'The uploaded file' if multipart else 'The body')
     (out,) = await _classify(svc, [image])
     answer = {'predictions': inference.top_k(out['probabilities'], svc.clf.class_names, k),
@@ -245,8 +190,8 @@ def create_app(svc: Service) -> fastapi.FastAPI:
   @guarded
   async def tfs_predict(request: Request, name: str) -> Any:
     _model(svc, name)
-    payload = _json(await _read_body(request, int(svc.cfg.max_upload_bytes)))
-    blobs = _instances(payload)
+    payload = bodies.json_body(await bodies.read_body(request, int(svc.cfg.max_upload_bytes)))
+    blobs = bodies.instances(payload)
     _at_most_queue(svc, len(blobs))
     images = [await _prepare(svc, b, f'Instance {i}') for i, b in enumerate(blobs)]
     outs = await _classify(svc, images)
@@ -283,8 +228,8 @@ def create_app(svc: Service) -> fastapi.FastAPI:
   @guarded
   async def v2_infer(request: Request, name: str) -> Any:
     _model(svc, name)
-    payload = _json(await _read_body(request, int(svc.cfg.max_upload_bytes)))
-    images = _v2_images(payload, svc.clf.image_shape)
+    payload = bodies.json_body(await bodies.read_body(request, int(svc.cfg.max_upload_bytes)))
+    images = bodies.v2_images(payload, svc.clf.image_shape)
     _at_most_queue(svc, len(images))
     outs = await _classify(svc, list(images))
     k = len(svc.clf.class_names)
@@ -314,62 +259,6 @@ def _signature(svc: Service) -> dict[str, Any]:
           'outputs': {o: {'dtype': 'DT_FLOAT', 'tensor_shape': dims(-1, k), 'name': o}
                       for o in ('probabilities', 'logits')},
           'method_name': 'tensorflow/serving/predict'}
-
-
-def _json(body: bytes) -> Any:
-  try:
-    return json.loads(body)
-  except RecursionError:
-    raise ApiError(400, "The body's JSON is nested too deeply; send the request shape shown at "
-                   '/docs.') from None
-  except (ValueError, UnicodeDecodeError):
-    raise ApiError(400, 'The body is not valid JSON.') from None
-
-
-def _instances(payload: Any) -> list[bytes]:
-  """The image bytes of ``{"instances": [{"b64": ...} | {"<input>": {"b64": ...}}, ...]}``."""
-  usage = 'send {"instances": [{"b64": "<base64 image>"}, ...]}'
-  if not isinstance(payload, dict) or not isinstance(payload.get('instances'), list) or \
-      not payload['instances']:
-    raise ApiError(400, f'The body has no non-empty "instances" list; {usage}.')
-  if payload.get('signature_name', 'serving_default') != 'serving_default':
-    raise ApiError(400, f"Unknown signature_name {payload['signature_name']!r}; use "
-                   "'serving_default'.")
-  out = []
-  for i, inst in enumerate(payload['instances']):
-    if isinstance(inst, dict) and len(inst) == 1 and 'b64' not in inst:
-      inst = next(iter(inst.values()))     # the named-input form {"images": {"b64": ...}}
-    if not isinstance(inst, dict) or not isinstance(inst.get('b64'), str):
-      raise ApiError(400, f'Instance {i} is not {{"b64": "<base64 image>"}}; {usage}.')
-    try:
-      out.append(base64.b64decode(inst['b64'], validate=True))
-    except (binascii.Error, ValueError):
-      raise ApiError(400, f'Instance {i} is not valid base64.') from None
-  return out
-
-
-def _v2_images(payload: Any, shape: tuple[int, int, int]) -> np.ndarray:
-  """The uint8 NxHxWxC images of a KServe v2 request's one ``UINT8`` input tensor."""
-  want = f'one input {{"name": "images", "datatype": "UINT8", "shape": [N, {", ".join(map(str, shape))}], "data": [...]}}'
-  inputs = payload.get('inputs') if isinstance(payload, dict) else None
-  if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
-    raise ApiError(400, f'The body must have {want}.')
-  tensor = inputs[0]
-  dims = tensor.get('shape')
-  if (tensor.get('datatype') != 'UINT8' or not isinstance(dims, list) or len(dims) != 4 or
-      tuple(dims[1:]) != tuple(shape) or any(type(d) is not int for d in dims) or dims[0] < 1):
-    raise ApiError(400, f'The input tensor must be {want} (images already resized to the '
-                   'model input).')
-  try:  # no dtype: floats, booleans, strings and huge integers keep a dtype refused below
-    data = np.asarray(tensor.get('data'))
-  except (TypeError, ValueError, OverflowError):
-    data = None
-  if data is None or (data.size and data.dtype.kind not in 'iu'):
-    raise ApiError(400, 'The input tensor data must be a list of integers 0..255.')
-  size = math.prod(dims)  # Python ints: np.prod wraps around for a huge N
-  if data.size != size or (data.size and (data.min() < 0 or data.max() > 255)):
-    raise ApiError(400, f'The input tensor data must hold {size} integers 0..255.')
-  return data.astype(np.uint8).reshape(dims)
 
 
 class RequestLog:

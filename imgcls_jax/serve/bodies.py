@@ -1,0 +1,124 @@
+"""Request bodies read and decoded for the endpoints (serve/app.py), each refusal an ``ApiError``:
+its HTTP status and one sentence naming the problem and the fix. Length limits before reading, a
+raw or multipart image upload, JSON, TF-Serving's ``instances`` and KServe v2's ``UINT8`` tensor.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+from typing import Any
+
+import numpy as np
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+
+
+class ApiError(Exception):
+  """A request the service refuses: HTTP ``status`` and a one-sentence ``message``."""
+
+  def __init__(self, status: int, message: str):
+    super().__init__(message)
+    self.status, self.message = status, message
+
+
+async def check_length(request: Request, limit: int) -> None:
+  """Refuses chunked uploads, a missing Content-Length and more than ``limit`` bytes."""
+  if 'chunked' in request.headers.get('transfer-encoding', '').lower():
+    raise ApiError(411, 'Chunked uploads are not accepted; send a Content-Length.')
+  length = request.headers.get('content-length')
+  if length is None:
+    raise ApiError(411, 'Missing Content-Length header; send the image bytes as the body.')
+  n = int(length)  # the HTTP parser has already refused a malformed length
+  if n > limit:
+    if n <= 8 * limit:  # read and drop it, so the client sees this answer, not a reset
+      async for _ in request.stream():
+        pass
+    raise ApiError(413, f'Upload of {n} bytes is larger than the limit of {limit} bytes.')
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+  """The whole body, after ``check_length``."""
+  await check_length(request, limit)
+  return await request.body()
+
+
+async def upload(request: Request, limit: int) -> bytes:
+  """The image bytes of a raw-body or multipart (``image`` file field) upload of at most
+  ``limit`` bytes."""
+  if not request.headers.get('content-type', '').lower().startswith('multipart/'):
+    return await read_body(request, limit)
+  await check_length(request, limit)  # the form parser streams the body itself
+  try:
+    form = await request.form(max_files=4, max_fields=16, max_part_size=limit)
+  except Exception as e:
+    detail = getattr(e, 'detail', None) or str(e) or type(e).__name__
+    raise ApiError(400, f'The multipart form could not be parsed ({str(detail).rstrip(".")}); '
+                   'send one file field named image (curl -F image=@photo.jpg).') from None
+  try:
+    files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
+    chosen = [f for k, f in form.multi_items() if k == 'image' and isinstance(f, UploadFile)]
+    if len(chosen or files) != 1:
+      raise ApiError(400, f'The form has {len(chosen or files)} files; send exactly one file '
+                     'field named image (curl -F image=@photo.jpg).')
+    return await (chosen or files)[0].read()
+  finally:
+    await form.close()
+
+
+
+def json_body(body: bytes) -> Any:
+  try:
+    return json.loads(body)
+  except RecursionError:
+    raise ApiError(400, "The body's JSON is nested too deeply; send the request shape shown at "
+                   '/docs.') from None
+  except (ValueError, UnicodeDecodeError):
+    raise ApiError(400, 'The body is not valid JSON.') from None
+
+
+def instances(payload: Any) -> list[bytes]:
+  """The image bytes of ``{"instances": [{"b64": ...} | {"<input>": {"b64": ...}}, ...]}``."""
+  usage = 'send {"instances": [{"b64": "<base64 image>"}, ...]}'
+  if not isinstance(payload, dict) or not isinstance(payload.get('instances'), list) or \
+      not payload['instances']:
+    raise ApiError(400, f'The body has no non-empty "instances" list; {usage}.')
+  if payload.get('signature_name', 'serving_default') != 'serving_default':
+    raise ApiError(400, f"Unknown signature_name {payload['signature_name']!r}; use "
+                   "'serving_default'.")
+  out = []
+  for i, inst in enumerate(payload['instances']):
+    if isinstance(inst, dict) and len(inst) == 1 and 'b64' not in inst:
+      inst = next(iter(inst.values()))     # the named-input form {"images": {"b64": ...}}
+    if not isinstance(inst, dict) or not isinstance(inst.get('b64'), str):
+      raise ApiError(400, f'Instance {i} is not {{"b64": "<base64 image>"}}; {usage}.')
+    try:
+      out.append(base64.b64decode(inst['b64'], validate=True))
+    except (binascii.Error, ValueError):
+      raise ApiError(400, f'Instance {i} is not valid base64.') from None
+  return out
+
+
+def v2_images(payload: Any, shape: tuple[int, int, int]) -> np.ndarray:
+  """The uint8 NxHxWxC images of a KServe v2 request's one ``UINT8`` input tensor."""
+  want = f'one input {{"name": "images", "datatype": "UINT8", "shape": [N, {", ".join(map(str, shape))}], "data": [...]}}'
+  inputs = payload.get('inputs') if isinstance(payload, dict) else None
+  if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+    raise ApiError(400, f'The body must have {want}.')
+  tensor = inputs[0]
+  dims = tensor.get('shape')
+  if (tensor.get('datatype') != 'UINT8' or not isinstance(dims, list) or len(dims) != 4 or
+      tuple(dims[1:]) != tuple(shape) or any(type(d) is not int for d in dims) or dims[0] < 1):
+    raise ApiError(400, f'The input tensor must be {want} (images already resized to the '
+                   'model input).')
+  try:  # no dtype: floats, booleans, strings and huge integers keep a dtype refused below
+    data = np.asarray(tensor.get('data'))
+  except (TypeError, ValueError, OverflowError):
+    data = None
+  if data is None or (data.size and data.dtype.kind not in 'iu'):
+    raise ApiError(400, 'The input tensor data must be a list of integers 0..255.')
+  size = math.prod(dims)  # Python ints: np.prod wraps around for a huge N
+  if data.size != size or (data.size and (data.min() < 0 or data.max() > 255)):
+    raise ApiError(400, f'The input tensor data must hold {size} integers 0..255.')
+  return data.astype(np.uint8).reshape(dims)
