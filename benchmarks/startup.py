@@ -11,8 +11,9 @@ trainer writes them right after the step, before the final evaluation): interpre
 dataset load and compilation all count, and every version of the code writes that file the same
 way, so an old checkout (``--before``, e.g. a ``git worktree``) is timed by the same clock. Runs
 alternate between the checkouts (paired, so the machine's drift hits both) and, for this checkout,
-between no compilation cache and a warm one (``--config.compilation_cache_dir``, warmed by one
-untimed run first). ``--also=FLAGS`` adds the same two runs of this checkout with FLAGS (e.g. the
+between no compilation cache (``--config.compilation_cache_dir=``, also for ``--before``: a
+config's own cache would otherwise be warm from earlier runs) and a warm one (a fresh
+``--config.compilation_cache_dir``, warmed by one untimed run first). ``--also=FLAGS`` adds the same two runs of this checkout with FLAGS (e.g. the
 data as an arrays file), in the same alternation. Prints each figure's runs and median.
 """
 from __future__ import annotations
@@ -69,14 +70,17 @@ def main(argv: list[str]) -> int:
   cache = tempfile.mkdtemp(prefix='startup_cache_')
   for config in configs:
     variants = {}
+    # A config's own cache (fashion_mnist_quick's 'default': ~/.cache/imgcls_jax/jax_cache) is
+    # switched off for the cold runs: warm from earlier runs, it would time a warm cache.
+    cold = ['--config.compilation_cache_dir=']
     if before:
-      variants['before'] = (before, [])
-    variants['now, no cache'] = (_REPO, [])
+      variants['before'] = (before, cold)
+    variants['now, no cache'] = (_REPO, cold)
     warm = [f'--config.compilation_cache_dir={cache}']
     variants['now, warm cache'] = (_REPO, warm)
     first_step_seconds(_REPO, config, warm)      # fills the cache (untimed)
     if also:
-      variants['also, no cache'] = (_REPO, also)
+      variants['also, no cache'] = (_REPO, also + cold)
       variants['also, warm cache'] = (_REPO, also + warm)
       first_step_seconds(_REPO, config, also + warm)
     results = {name: [] for name in variants}

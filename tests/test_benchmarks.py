@@ -307,3 +307,26 @@ def test_step_pairs_rejects_unknown_keys_and_malformed_overrides():
     step_pairs.apply(default.get_config(), [('optim.frezze', 'x')])
   with pytest.raises(UserError, match="is not key=value"):
     step_pairs.parse_overrides('optim.freeze')
+
+
+def test_startup_benchmark_times_its_cold_runs_without_any_compilation_cache(monkeypatch, capsys):
+  """fashion_mnist_quick sets its own persistent cache ('default'): the cold runs (this checkout's
+  and --before's) must switch it off, else they time a cache warmed by earlier runs."""
+  from benchmarks import startup
+  calls = []
+
+  def fake(repo, config, extra):
+    calls.append((repo, config, list(extra)))
+    return 1.0, 2.0
+  monkeypatch.setattr(startup, 'first_step_seconds', fake)
+  assert startup.main(['startup.py', '--repeat=1', '--before=/tmp/old',
+                       "--also=--config.data.name=arrays:x", 'configs/fashion_mnist_quick.py']) == 0
+  flags = {}
+  for repo, config, extra in calls:
+    caches = [a.split('=', 1)[1] for a in extra if a.startswith('--config.compilation_cache_dir=')]
+    assert len(caches) == 1, extra           # every run names its cache, '' for none
+    flags.setdefault(caches[0] == '', []).append((repo, extra))
+  assert {repo for repo, _ in flags[True]} == {'/tmp/old', startup._REPO}
+  assert len(flags[True]) == 3               # before, now and --also, each cold once
+  assert all(cache for cache in (e[-1].split('=', 1)[1] for _, e in flags[False]))
+  assert 'also, no cache' in capsys.readouterr().out
