@@ -7,21 +7,19 @@ steps, logs, evaluates and saves. The loop never blocks on a step: metrics are f
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 import os
 import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import tqdm
 
 from imgcls_jax import (checkpoint, checkpoint_files, configlib, dispatch, held_out,
                         held_out_fits, inference, metrics, ood, optim, preemption, report,
-                        report_multilabel, report_text, run, selective, sharding, startup,
-                        train_log)
+                        report_multilabel, report_text, run, schedule_free_bn, selective,
+                        sharding, startup, train_log)
 from imgcls_jax import state as state_lib
 from imgcls_jax import teacher as teacher_lib
 from imgcls_jax.data import reader
@@ -30,26 +28,6 @@ from imgcls_jax.errors import UserError
 
 class TrainingDiverged(UserError):
   """The loss became NaN or Inf."""
-
-
-# Host memory the schedule-free statistics batches may hold (uint8 images): 16 ImageNet batches
-# of 1024 would be ~2.4 GB per process; 1 GiB keeps 6 of them (6,144 images).
-BN_BATCHES_MAX_BYTES = 1 << 30
-
-
-def first_batches(batches: Any, n: int, max_bytes: int) -> list[dict[str, Any]]:
-  """The images of the first ``n`` batches of ``batches`` (host arrays), fewer if they would
-  hold more than ``max_bytes`` (at least one batch; a warning says how many were kept)."""
-  kept, size = [], 0
-  for b in itertools.islice(batches, n):
-    if kept and size + b['image'].nbytes > max_bytes:
-      logging.warning('Schedule-free BatchNorm statistics from %d of the %d batches of '
-                      'config.optim.schedule_free_bn_batches: %.0f MiB of images, at most %.0f '
-                      'MiB are held in memory.', len(kept), n, size / 2**20, max_bytes / 2**20)
-      break
-    kept.append({'image': b['image']})
-    size += b['image'].nbytes
-  return kept
 
 
 class _Trainer:
@@ -95,54 +73,9 @@ class _Trainer:
                              if self.temperature_split else None)
     self.inference_meta = inference.inference_meta(s.config.data, s.info)
     self.state_sh = state_sh
-    self.bn_batches = self.x_statistics_batches()
-    self.batch_statistics = (run.jit_batch_statistics(s, state_sh) if self.bn_batches is not None
-                             else None)
-    self.bn_stats_step: int | None = None  # the step whose batch statistics are those of x
+    self.x_statistics = schedule_free_bn.XStatistics.build(s, state, state_sh)
     # config.data.device_resident: the training split as arrays, and the stream's order
     self.resident = reader.resident_split(s.config.data, s.config.seed, jax.process_count())
-
-  def x_statistics_batches(self) -> list[dict[str, Any]] | None:
-    """Schedule-free training of a model with BatchNorm: the first
-    ``config.optim.schedule_free_bn_batches`` batches of the training stream (host arrays, read
-    once here, at most ``BN_BATCHES_MAX_BYTES`` of them), whose statistics at x replace the
-    running ones (``use_x_statistics``); else None. Not with a linear probe (the source's
-    statistics stay) or a weight EMA (it mixes the running statistics into its own at every step:
-    they stay those of training)."""
-    s = self.s
-    n = int(s.config.optim.get('schedule_free_bn_batches', 0) or 0)
-    if (n == 0 or optim.schedule_free_parts(self.state.opt_state) is None or s.step_cfg.probe_head
-        or s.step_cfg.ema_decay > 0 or not jax.tree.leaves(self.state.batch_stats)):
-      return None
-    stream = reader.train_batches(s.config.data, seed=s.config.seed,
-                                  local_batch_size=s.local_batch_size,
-                                  process_index=jax.process_index(),
-                                  process_count=jax.process_count())
-    return first_batches(stream, n, BN_BATCHES_MAX_BYTES)
-
-  def use_x_statistics(self) -> None:
-    """Schedule-free + BatchNorm: the running statistics, collected at the gradient point y, are
-    replaced by the mean of ``bn_batches``' statistics at the evaluated weights x (as torch's
-    ``swa_utils.update_bn``), so that evaluations, checkpoints and every reader of the run use x
-    with its own statistics. Training is unaffected (it normalises with batch statistics), and
-    the result does not depend on the statistics it replaces, so resumed runs end the same."""
-    if self.bn_batches is None:
-      return
-    step = int(jax.device_get(self.state.step))
-    if step == self.bn_stats_step:
-      return
-    x = optim.eval_params(self.state.opt_state, self.state.params)
-    total = None
-    guard = sharding.InFlightGuard(self.s.mesh, strict=True)  # independent programs (see there)
-    for batch in self.bn_batches:
-      stats = self.batch_statistics(x, self.state.batch_stats,
-                                    sharding.put_batch(batch, sharding.batch_sharding(self.s.mesh)))
-      guard.after_dispatch(stats)
-      total = stats if total is None else jax.tree.map(jnp.add, total, stats)
-    n = len(self.bn_batches)
-    self.state = self.state.replace(batch_stats=jax.device_put(
-        jax.tree.map(lambda t: t / n, total), self.state_sh.batch_stats))
-    self.bn_stats_step = step
 
   def diverged(self, what: str, step: int) -> TrainingDiverged:
     good = (f'the last good checkpoint is step {self.last_good} in {self.ckpt.directory}'
@@ -157,7 +90,8 @@ class _Trainer:
     report's scalars plus ``count``. At the end of
     a multi-label run with ``config.evaluate.threshold_split``, the per-class thresholds are
     first chosen there (best F1 per class) and the eval split is scored with them."""
-    self.use_x_statistics()
+    if self.x_statistics is not None:
+      self.state = self.x_statistics.apply(self.state)
     variables = self.eval_variables()
     if final and self.threshold_split:
       self.choose_thresholds(variables)
@@ -177,7 +111,7 @@ class _Trainer:
     """The weights evaluations use: the EMA's (with ``config.ema.inference``), else the
     optimizer's evaluation weights (``optim.eval_params``: schedule-free's averaged sequence x,
     not the gradient point y it trains at), with the running batch statistics (for x, those of
-    ``use_x_statistics``)."""
+    ``schedule_free_bn``)."""
     if self.eval_ema:
       return self.state.ema_variables()
     return state_lib.InferenceState(
@@ -231,7 +165,8 @@ class _Trainer:
   def save(self, step: int, eval_result: dict[str, Any] | None = None) -> None:
     """Starts an async save once every step up to ``step`` is known to be finite."""
     self.log.flush(step, keep_last=False)  # raises on a non-finite loss: never save after one
-    self.use_x_statistics()
+    if self.x_statistics is not None:
+      self.state = self.x_statistics.apply(self.state)
     if not bool(state_lib.is_finite(self.state)):
       raise self.diverged('the train state holds NaN/Inf values', step)
     self.ckpt.save(step, self.state, self.meta(step), metrics=eval_result)

@@ -16,7 +16,7 @@ import pytest
 from sklearn import metrics as skm
 
 from imgcls_jax import (checkpoint, checkpoint_files, eval_steps, evaluate, inference, metrics, run,
-                        steps, train)
+                        schedule_free_bn, steps, train)
 from imgcls_jax import state as state_lib
 
 
@@ -192,10 +192,12 @@ def test_statistics_batches_are_capped_in_bytes(caplog):
   warning names how many), so 16 ImageNet-sized batches do not fill the host's memory."""
   images = [np.full((4, 8, 8, 3), i, np.uint8) for i in range(10)]   # 768 bytes each
   stream = iter([{'image': im, 'label': np.zeros(4, np.int32)} for im in images])
-  kept = train.first_batches(stream, 5, max_bytes=10_000)
+  kept = schedule_free_bn.first_batches(stream, 5, max_bytes=10_000)
   assert [int(b['image'][0, 0, 0, 0]) for b in kept] == [0, 1, 2, 3, 4] and 'label' not in kept[0]
   with caplog.at_level('WARNING'):
-    kept = train.first_batches(iter([{'image': im} for im in images]), 5, max_bytes=2_000)
+    kept = schedule_free_bn.first_batches(iter([{'image': im} for im in images]), 5,
+                                          max_bytes=2_000)
   assert [int(b['image'][0, 0, 0, 0]) for b in kept] == [0, 1]
   assert '2 of the 5 batches' in caplog.text
-  assert len(train.first_batches(iter([{'image': im} for im in images]), 5, max_bytes=10)) == 1
+  assert len(schedule_free_bn.first_batches(iter([{'image': im} for im in images]), 5,
+                                            max_bytes=10)) == 1
