@@ -38,6 +38,11 @@ the end of epoch 12, in 284.6 / 297.8 / 282.2 s wall, on a 2-core Zen 4 AMD EPYC
 313.0 s, best 93.63 / 93.63 / 93.73%): 0.84 / 1.02 / 0.90x its wall (2026-12-04 22:49-23:23,
 session 22; the same machine's 11-epoch runs from tfds and from arrays, seed 0: 94.27% in 281.1 s
 and 94.18% in 261.7 s). Issue 18's 94.5% is NOT reached.
+On a 2-core Zen 5 AMD EPYC (family 26 model 2, AVX-512), 2026-12-06 17:48-18:08 (session 37), the
+same way: the same accuracies bit for bit (94.17 / 94.38 / 94.20%) in 172.4 / 168.7 / 172.2 s
+against the script's 15 epochs in 187.3 / 175.5 / 184.9 s (best 93.63 / 93.63 / 93.73%): 0.92 /
+0.96 / 0.93x its wall. Start-up to the first step there: 3.6 s without a compilation cache, 2.0 s
+with a warm one (benchmarks/startup.py).
 History, each with its machine: 94.26 / 94.04 / 94.14% (seeds 0 / 1 / 2; mean 94.15%) at
 the end of epoch 11 (read through tf.data), in 581.0 / 606.6 / 610.0 s, on a 2-core AVX2-only AMD
 EPYC (Zen 3) VM, one run after the other, nothing else running (2026-12-03, 16:54-18:12, session
