@@ -12,9 +12,11 @@ dataset load and compilation all count, and every version of the code writes tha
 way, so an old checkout (``--before``, e.g. a ``git worktree``) is timed by the same clock. Runs
 alternate between the checkouts (paired, so the machine's drift hits both) and, for this checkout,
 between no compilation cache (``--config.compilation_cache_dir=``, also for ``--before``: a
-config's own cache would otherwise be warm from earlier runs) and a warm one (a fresh
-``--config.compilation_cache_dir``, warmed by one untimed run first). ``--also=FLAGS`` adds the same two runs of this checkout with FLAGS (e.g. the
-data as an arrays file), in the same alternation. Prints each figure's runs and median.
+config's own cache would otherwise be warm from earlier runs; ``JAX_COMPILATION_CACHE_DIR`` is
+dropped from the children's environment) and a warm one (a fresh ``--config.compilation_cache_dir``,
+warmed by one untimed run first). ``--also=FLAGS`` adds the same two runs of this checkout with
+FLAGS (e.g. the data as an arrays file), in the same alternation. Prints each figure's runs and
+median.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ def first_step_seconds(repo: str, config: str, extra: list[str]) -> tuple[float,
   workdir = tempfile.mkdtemp(prefix='startup_')
   record = os.path.join(workdir, 'metrics.jsonl')
   env = dict(os.environ, PYTHONPATH=repo)
+  env.pop('JAX_COMPILATION_CACHE_DIR', None)   # only the config's flag picks a cache
   cmd = [sys.executable, '-m', 'imgcls_jax.main', f'--config={os.path.join(repo, config)}',
          f'--workdir={workdir}', '--config.num_train_steps=1', '--config.progress_bar=False', *extra]
   t0 = time.perf_counter()

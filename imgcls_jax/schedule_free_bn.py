@@ -41,7 +41,6 @@ def first_batches(batches: Any, n: int, max_bytes: int) -> list[dict[str, Any]]:
   return kept
 
 
-
 @dataclasses.dataclass
 class XStatistics:
   """The batches read once at set-up, the jitted statistics of one batch, and the step whose
@@ -87,6 +86,7 @@ class XStatistics:
       guard.after_dispatch(stats)
       total = stats if total is None else jax.tree.map(jnp.add, total, stats)
     n = len(self.batches)
+    state = state.replace(batch_stats=jax.device_put(jax.tree.map(lambda t: t / n, total),
+                                                     self.state_sh.batch_stats))
     self.step = step
-    return state.replace(batch_stats=jax.device_put(jax.tree.map(lambda t: t / n, total),
-                                                    self.state_sh.batch_stats))
+    return state

@@ -67,7 +67,6 @@ async def upload(request: Request, limit: int) -> bytes:
     await form.close()
 
 
-
 def json_body(body: bytes) -> Any:
   try:
     return json.loads(body)
