@@ -376,6 +376,13 @@ def require_checkpoint(workdir: str) -> None:
   ckpt_dir = os.path.join(workdir, CHECKPOINTS_DIR)
   if os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir)):
     return
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UserError(f'--workdir={workdir} is a file, not a run directory; point --workdir at the '
+                    'folder a training run wrote (it holds checkpoints/ and config.json).')
+  inside = _run_directory_above(workdir)
+  if inside:
+    raise UserError(f'No checkpoint in {ckpt_dir}: --workdir={workdir} is inside the run '
+                    f'directory {inside}; point --workdir at {inside}.')
   subdirs = sorted(os.listdir(workdir)) if os.path.isdir(workdir) else []
   folds = [n for n in subdirs if n.startswith('fold_')]
   trials = [n for n in subdirs if os.path.exists(os.path.join(workdir, n, SWEEP_TRIAL_FILE))]
@@ -388,3 +395,19 @@ def require_checkpoint(workdir: str) -> None:
   else:
     hint = ' Train first (--mode=train) or point --workdir at a run directory.'
   raise UserError(f'No checkpoint in {ckpt_dir}.{hint}')
+
+
+def _run_directory_above(path: str) -> str | None:
+  """The run directory that ``path`` lies inside (``RUN/checkpoints``, ``RUN/checkpoints/20``,
+  ...), if any: the nearest parent whose ``checkpoints/`` holds a step."""
+  path = os.path.abspath(path)
+  parent = os.path.dirname(path)
+  while parent != path:
+    ckpt_dir = os.path.join(parent, CHECKPOINTS_DIR)
+    try:
+      if os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir)):
+        return parent
+    except OSError:   # a parent this user may not list
+      return None
+    path, parent = parent, os.path.dirname(parent)
+  return None

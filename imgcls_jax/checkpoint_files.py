@@ -95,6 +95,12 @@ def read_weights(path: str, step: int | None = None, *, ema: bool = False) -> We
   step = path_step if step is None or step < 0 else step
   if step is None:
     if not steps:
+      started = sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+      if started:
+        raise UserError(f'No finished checkpoint in {directory}: step(s) '
+                        f"{', '.join(map(str, started))} hold no complete state (damaged, or "
+                        'still being written); wait for the training to save one, restore the '
+                        'folder from a copy, or train the run again.')
       raise UserError(f'No finished checkpoint in {directory}; train that run first.')
     step = steps[-1]
     newer = [int(d) for d in os.listdir(directory) if d.isdigit() and int(d) > step]
@@ -132,9 +138,12 @@ def read_weights(path: str, step: int | None = None, *, ema: bool = False) -> We
           step_dir / 'meta', args=ocp.args.JsonRestore()) or {}
   except (ValueError, KeyError, TypeError, OSError) as e:
     others = [s for s in steps if s != step]
-    raise UserError(f'Cannot read {origin} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); '
-                    'it is incomplete or not a checkpoint of this project'
-                    + (f"; pick another step ({', '.join(map(str, others))})" if others else '')
+    detail = str(e).splitlines()[0] if str(e) else ''
+    detail = detail if len(detail) <= 200 else detail[:200].rsplit(' ', 1)[0] + ' ...'
+    raise UserError(f'Cannot read {origin} ({type(e).__name__}: {detail}); '
+                    'it is incomplete or not a checkpoint of this project; '
+                    + (f"pick another step ({', '.join(map(str, others))})" if others else
+                       'restore the folder from a copy or train the run again')
                     + '.') from None
   meta = dict(meta)
   meta['step'] = step

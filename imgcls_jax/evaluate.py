@@ -72,6 +72,9 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str,
                       'processes.', jax.process_count())
     else:
       ood_files = images.list_inputs(e.ood_inputs, 'evaluate.ood_inputs')
+  if e.output_dir and os.path.exists(e.output_dir) and not os.path.isdir(e.output_dir):
+    raise UserError(f'config.evaluate.output_dir={e.output_dir} is a file; give a folder for the '
+                    'report (it is made if missing).')
   ev = evaluation.evaluate_checkpoint(workdir, config, split=e.split,
                                       checkpoint_spec=e.checkpoint, tta=e.tta or '',
                                       num_bins=int(e.calibration_bins), overrides=overrides,

@@ -3,8 +3,8 @@
 Override any config key with ``--config.key=value`` (e.g. ``--config.optim.learning_rate=0.05``).
 The modes that use a trained run (evaluate, compare, calibrate, predict, export, serve, embed) take
 the model from ``--workdir`` alone: ``--config`` is optional for them, and only their own keys
-(and where the evaluation data lives) may be given. Mistakes a user can fix end in one line naming the
-problem and the fix (exit status 2).
+(and where the evaluation data lives) may be given. Mistakes a user can fix end in one line naming
+the problem and the fix (exit status 2).
 """
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ import importlib
 import importlib.util
 import logging
 import os
+import re
 import sys
+import textwrap
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before anything imports TensorFlow
 os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')  # quieter, and deterministic TF CPU kernels
@@ -100,6 +102,30 @@ def _explain_override_error(argv: list[str], err: Exception) -> str:
   return f'Bad command-line flag: {err}'
 
 
+_KINDS = ((bool, 'True or False'), (int, 'a whole number'), (float, 'a number'),
+          (tuple, 'a Python tuple, e.g. (1, 2)'), (str, 'a string'))
+
+
+def _explain_value_error(argv: list[str], msg: str) -> str:
+  """One sentence for a --config.KEY=VALUE whose value does not parse as the key's type."""
+  match = re.search(r'flag --config\.([\w.]+)=', msg)
+  config_path = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+  if match and config_path:
+    key = match.group(1)
+    value = next((a.split('=', 1)[1] for a in argv if a.startswith(f'--config.{key}=')), '')
+    try:
+      node = configlib.load_config_file(config_path)
+      for part in key.split('.'):
+        node = node[part]
+    except Exception:  # noqa: BLE001 -- fall back to the parser's own words
+      node = None
+    kind = next((k for t, k in _KINDS if isinstance(node, t)), None)
+    if node is not None and kind:
+      return (f"Bad config value --config.{key}={value}: config.{key} must be {kind} (its "
+              f"default is {node!r}).")
+  return f'Bad config value: {msg}.'
+
+
 def parse(argv: list[str]):
   """Parses flags; returns (config, workdir, mode) or raises _CliError with one clear line.
 
@@ -122,8 +148,8 @@ def parse(argv: list[str]):
       raise
     msg = str(e).splitlines()[0]
     if 'could not convert' in msg or 'Could not parse' in msg or 'flag --config.' in msg:
-      raise _CliError(f'Bad config value: {msg}.') from None
-    raise _CliError(f'{msg} (see --helpfull).') from None
+      raise _CliError(_explain_value_error(argv, msg)) from None
+    raise _CliError(f'{msg} (see --help).') from None
   if FLAGS['config'].value is None or not FLAGS['config'].present:
     raise _CliError('Missing --config: pass a config file, e.g. --config=configs/default.py.')
   config = FLAGS['config'].value
@@ -150,11 +176,31 @@ def _configure_logging() -> None:
     logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+HELP_FLAGS = ('-h', '-?', '--help', '--helpfull', '--helpshort')
+
+
+def usage() -> str:
+  """What ``--help`` prints: the command, its flags, the modes and where the config keys are."""
+  modes = ', '.join(m for m in MODES if m not in ('cross_validation', 'sweep'))
+  return '\n'.join([
+      __doc__.strip(), '',
+      textwrap.fill(f'Modes (--mode): {modes}. --mode=train runs a sweep when config.sweep.grid '
+                    'is set, and k-fold cross-validation when config.cross_validation.folds > 0.',
+                    width=98), '',
+      'Flags:', FLAGS.get_help(), '',
+      'Config keys (--config.KEY=VALUE): the documented schema is configs/default.py; an unknown',
+      "key is refused with the valid keys at its level. README.md has each mode's options."])
+
+
 def run(argv: list[str] | None = None) -> int:
   """Entry point; returns the process exit status."""
   argv = list(sys.argv if argv is None else argv)
+  if any(a in HELP_FLAGS for a in argv[1:]):
+    print(usage(), flush=True)
+    return 0
   _configure_logging()
   from imgcls_jax.errors import UserError
+  config = workdir = None
   try:
     config, workdir, mode = parse(argv)
     from imgcls_jax import distributed, sharding
@@ -178,19 +224,50 @@ def run(argv: list[str] | None = None) -> int:
   except OSError as e:
     if e.filename is None:  # not about a path the user gave: a bug to see in full
       raise
-    print(f'error: {_path_problem(e)}', file=sys.stderr, flush=True)
+    print(f'error: {_path_problem(e, config, workdir)}', file=sys.stderr, flush=True)
     return 2
   return 0
 
 
-def _path_problem(e: OSError) -> str:
+def _path_problem(e: OSError, config=None, workdir: str | None = None) -> str:
   """One sentence for a file or folder the run could not create, read or write (a --workdir or an
-  output path in /proc, a file where a folder is needed, no permission, a full disk)."""
+  output path in /proc, a file where a folder is needed, no permission, a full disk), naming the
+  config key (or --workdir) that gave the path when one did."""
   path = f'{e.filename} -> {e.filename2}' if e.filename2 else str(e.filename)
-  return (f'Cannot use {path} ({e.strerror or type(e).__name__}); check --workdir and the '
-          "config's paths (output_dir, output, data_dir, compilation_cache_dir): each must be a "
-          'folder (or file) this user can create and write.')
+  why = f'Cannot use {path} ({e.strerror or type(e).__name__})'
+  source = _path_source(str(e.filename), config, workdir)
+  if source:
+    return (f'{why}; check {source}: it must be a folder (or file) this user can create and '
+            'write.')
+  return (f"{why}; check --workdir and the config's paths (output_dir, output, data_dir, "
+          'compilation_cache_dir): each must be a folder (or file) this user can create and '
+          'write.')
 
+
+def _path_source(filename: str, config, workdir: str | None) -> str | None:
+  """The config key (``config.a.b``) whose path value is ``filename`` or a folder above it, else
+  ``--workdir`` when the file lies in the run directory, else None."""
+  target = os.path.abspath(filename)
+
+  def under(value: str) -> bool:
+    value = os.path.abspath(os.path.expanduser(value))
+    return target == value or target.startswith(value.rstrip(os.sep) + os.sep)
+
+  def keys(node, prefix):
+    for k in node.keys():
+      v = node[k]
+      if hasattr(v, 'keys'):
+        yield from keys(v, f'{prefix}{k}.')
+      elif isinstance(v, str) and v and ('/' in v or v.startswith('.')):
+        yield f'{prefix}{k}', v
+  if config is not None:
+    found = sorted((len(v), k, v) for k, v in keys(config, '') if under(v))
+    if found:
+      _, key, value = found[-1]   # the longest path: the most specific key
+      return f'config.{key}={value}'
+  if workdir and under(workdir):
+    return f'--workdir={workdir}'
+  return None
 
 if __name__ == '__main__':
   sys.exit(run())

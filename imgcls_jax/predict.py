@@ -115,8 +115,10 @@ def predict(config: ml_collections.ConfigDict | None, workdir: str,
   if cfg.format not in FORMATS:
     raise UserError(f"config.predict.format must be one of {', '.join(FORMATS)}, got "
                     f"'{cfg.format}'.")
-  if cfg.top_k < 1 or cfg.batch_size < 1:
-    raise UserError('config.predict.top_k and config.predict.batch_size must be positive.')
+  for key in ('top_k', 'batch_size'):
+    if cfg[key] < 1:
+      raise UserError(f'config.predict.{key}={cfg[key]} must be a positive integer (e.g. '
+                      f'--config.predict.{key}={5 if key == "top_k" else 64}).')
   files = images.list_inputs(cfg.inputs)
   clf = inference.classifier(trained, max_batch=cfg.batch_size)
   explainer, explain_dir = None, ''

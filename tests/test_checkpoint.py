@@ -235,3 +235,36 @@ def test_keys_added_since_the_checkpoint_count_as_unchanged_at_their_defaults(di
   with pytest.raises(UserError) as e:
     configlib.check_config(saved, digits_config, 'ckpt')
   assert 'model.conv: unset in the checkpoint, "im2col" now' in str(e.value)
+
+
+def test_a_workdir_that_is_a_file_or_inside_a_run_is_named_as_such(tmp_path):
+  """Was: 'No checkpoint in <file>/checkpoints. Train first' for a file, and for RUN/checkpoints
+  or RUN/checkpoints/20 the same advice to train, where the run is one folder up."""
+  from imgcls_jax.errors import UserError
+  a_file = tmp_path / 'a_file'
+  a_file.write_text('')
+  with pytest.raises(UserError, match=r'--workdir=.*a_file is a file, not a run directory'):
+    checkpoint.require_checkpoint(str(a_file))
+  run = tmp_path / 'run'
+  (run / 'checkpoints' / '20' / 'state').mkdir(parents=True)
+  checkpoint.require_checkpoint(str(run))          # a run: no error
+  for inside in (run / 'checkpoints', run / 'checkpoints' / '20'):
+    with pytest.raises(UserError, match=(rf'--workdir={inside} is inside the run directory {run}; '
+                                         rf'point --workdir at {run}\.')):
+      checkpoint.require_checkpoint(str(inside))
+  with pytest.raises(UserError, match='Train first'):
+    checkpoint.require_checkpoint(str(tmp_path / 'elsewhere'))
+
+
+def test_a_run_whose_only_checkpoint_has_no_state_says_so(tmp_path):
+  """Was: 'No finished checkpoint ...; train that run first.' for a trained run whose step folder
+  lost its state (or is still being written)."""
+  from imgcls_jax import checkpoint_files
+  from imgcls_jax.errors import UserError
+  (tmp_path / 'checkpoints' / '20').mkdir(parents=True)
+  with pytest.raises(UserError, match=r'step\(s\) 20 hold no complete state .*restore the folder '
+                                      'from a copy, or train the run again'):
+    checkpoint_files.read_weights(str(tmp_path))
+  (tmp_path / 'checkpoints' / '20').rmdir()
+  with pytest.raises(UserError, match='train that run first'):
+    checkpoint_files.read_weights(str(tmp_path))

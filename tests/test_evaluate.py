@@ -272,6 +272,19 @@ def test_a_split_that_does_not_exist_fails_with_one_line(trained, tfds_dir):
 
 
 @pytest.mark.slow
+def test_an_output_dir_that_is_a_file_is_refused_before_evaluating(trained, tmp_path):
+  """Was: the whole evaluation ran, the label-issue search warned of a FileExistsError, and the
+  report was lost at the end to a generic path error."""
+  config, workdir, _ = trained
+  config = config.copy_and_resolve_references()
+  config.evaluate.output_dir = str(tmp_path / 'a_file')
+  (tmp_path / 'a_file').write_text('')
+  with pytest.raises(UserError, match=r'config.evaluate.output_dir=.*a_file is a file; give a '
+                                      'folder'):
+    evaluate.evaluate(config, workdir)
+
+
+@pytest.mark.slow
 def test_flip_tta_is_refused_for_digits(trained):
   config, workdir, _ = trained
   config = config.copy_and_resolve_references()

@@ -26,7 +26,10 @@ def _one_error_line(proc):
 @pytest.mark.parametrize('override,pattern', [
     ('--config.optim.learning_rat=0.1', r"Unknown config key 'optim.learning_rat'.*learning_rate"),
     ('--config.nonsense=1', r"Unknown config key 'nonsense'"),
-    ('--config.batch_size=abc', r'Bad config value.*batch_size'),
+    ('--config.batch_size=abc', (r'Bad config value --config.batch_size=abc: config.batch_size '
+                                 r'must be a whole number \(its default is \d+\)')),
+    ('--config.progress_bar=maybe', r'config.progress_bar must be True or False'),
+    ('--config.optim.learning_rate=fast', r'config.optim.learning_rate must be a number'),
     ('--config.batch_size=-4', r'config.batch_size must be positive'),
     ('--config.model.name=resnet51', r"Unknown model 'resnet51'"),
     ('--config.model.name=resnet18', (r"config.model sets convs_per_stage, dropout, widths, "
@@ -120,6 +123,22 @@ def test_paths_that_cannot_be_created_are_one_line(tmp_path):
                                  '--config.num_train_steps=1'))
     assert line.startswith(f'error: Cannot use {path}'), line
     assert 'this user can create and write' in line
+    # the flag or key that gave the path is named
+    key = '--workdir' if path == str(a_file) else 'config.compilation_cache_dir'
+    assert f'check {key}={path}:' in line, line
+
+
+def test_help_prints_the_flags_and_modes_and_unknown_flags_point_to_it(tmp_path):
+  """--help printed 'Unknown command line flag' (the flags live in their own FlagValues), while
+  every flag error sent the user to --helpfull, which did not work either."""
+  for flag in ('--help', '-h', '--helpfull'):
+    proc = _main(flag)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert '--workdir' in proc.stdout and '--mode' in proc.stdout
+    assert 'predict' in proc.stdout and 'configs/default.py' in proc.stdout
+  line = _one_error_line(_main('--config=configs/default.py', f'--workdir={tmp_path}',
+                               '--work_dir=x'))
+  assert line.endswith('(see --help).'), line
 
 
 @pytest.mark.slow
