@@ -106,11 +106,12 @@ def embed_files(extractor: Extractor, spec: str) -> tuple[np.ndarray, list[str]]
       arrays.append(extractor.read_file(path))
       paths.append(path)
     except images.UnreadableImage as e:
-      logging.warning('Skipped %s: %s.', path, e)
-      skipped.append(path)
-  if not arrays:
+      skipped.append((path, str(e)))
+  if not arrays:   # one line, not a warning per file before it
     raise UserError(f'None of the {len(files)} input file(s) in config.embed.inputs is a readable '
-                    f"image (e.g. {skipped[0] if skipped else spec}); give image files or folders.")
+                    f'image ({images.unreadable_summary(skipped)}); give image files or folders.')
+  for path, why in skipped:
+    logging.warning('Skipped %s: %s.', path, why)
   return extractor(np.stack(arrays)), paths
 
 

@@ -56,7 +56,7 @@ def ood_pass(r: Restored, files: list[str], tta: str, num_bins: int) -> dict[str
       scores[k].append(ood.energy(got) if k == 'gate' else got)
   if totals is None:   # every file unreadable
     raise UserError(f'None of the {len(files)} files of config.evaluate.ood_inputs could be read '
-                    f'as an image ({skipped[0][0]}: {skipped[0][1]}); give image files.')
+                    f'as an image ({images.unreadable_summary(skipped)}); give image files.')
   stats = report.stats_to_numpy(totals)
   return {'histogram': stats['sel_right'] + stats['sel_wrong'], 'inputs': len(files),
           'skipped': len(skipped), 'scores': {k: np.concatenate(v) for k, v in scores.items()}}

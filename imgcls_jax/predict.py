@@ -131,7 +131,7 @@ def predict(config: ml_collections.ConfigDict | None, workdir: str,
                                    explainer=explainer, explain_dir=explain_dir)
   if not results:
     raise UserError(f'None of the {len(files)} input file(s) in config.predict.inputs is a '
-                    f'readable image (e.g. {skipped[0][0]}: {skipped[0][1]}); give image files or '
+                    f'readable image ({images.unreadable_summary(skipped)}); give image files or '
                     'folders.')
   if cfg.output:
     os.makedirs(os.path.dirname(os.path.abspath(cfg.output)), exist_ok=True)

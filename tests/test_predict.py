@@ -272,16 +272,20 @@ def test_inputs_without_image_files_are_a_user_error(tmp_path):
 
 
 def test_predict_fails_and_writes_nothing_when_no_input_image_can_be_read(run, image_folder,
-                                                                        tmp_path):
+                                                                        tmp_path, caplog):
+  """One line naming both files; no 'Skipped' warning per file before it (was: the same problem
+  as a warning, then again as the error)."""
   config, workdir, _ = run
   root = image_folder[0]
   c = config.copy_and_resolve_references()
   c.predict.inputs = f'{root}/truncated.png,{root}/not_an_image.png'
   c.predict.output = str(tmp_path / 'preds.jsonl')
   (tmp_path / 'preds.jsonl').write_text('earlier predictions\n')
-  with pytest.raises(UserError, match='None of the 2 input file.s. in config.predict.inputs is a '
-                                      'readable image .e.g. .*truncated.png'):
+  with caplog.at_level('WARNING'), pytest.raises(
+      UserError, match=('None of the 2 input file.s. in config.predict.inputs is a readable image '
+                        r'\(.*truncated.png: .*; .*not_an_image.png: .*\); give image files')):
     predict.predict(c, workdir)
+  assert not [r for r in caplog.records if r.getMessage().startswith('Skipped')]
   assert (tmp_path / 'preds.jsonl').read_text() == 'earlier predictions\n'   # nothing lost
 
 

@@ -172,13 +172,16 @@ def list_inputs(spec: str, key: str = 'predict.inputs') -> list[str]:
 def image_batches(files: list[str], prepare: Callable[[str], np.ndarray], batch_size: int,
                   skipped: list[tuple[str, str]]) -> Iterator[tuple[list[str], np.ndarray]]:
   """(files, uint8 images) batches, each file read by ``prepare`` (e.g. ``inference.prepare``) in
-  a thread pool one batch ahead; unreadable files are logged and added to ``skipped``."""
+  a thread pool one batch ahead; unreadable files are added to ``skipped`` and logged, from the
+  first readable one on (until then they are held back: when no file is readable the caller's
+  one error line names them, ``unreadable_summary``)."""
   def load(path):
     try:
       return prepare(path)
     except UnreadableImage as e:
       return e
 
+  readable = False
   with concurrent.futures.ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
     chunks = [files[i:i + batch_size] for i in range(0, len(files), batch_size)]
     pending = [pool.map(load, chunks[0])] if chunks else []
@@ -188,10 +191,21 @@ def image_batches(files: list[str], prepare: Callable[[str], np.ndarray], batch_
       good, arrays = [], []
       for path, result in zip(chunk, pending.pop(0)):
         if isinstance(result, UnreadableImage):
-          logging.warning('Skipped %s: %s.', path, result)
           skipped.append((path, str(result)))
+          if readable:
+            logging.warning('Skipped %s: %s.', path, result)
         else:
           good.append(path)
           arrays.append(result)
       if good:
+        if not readable:   # the files skipped so far, now that some file is readable
+          for path, why in skipped:
+            logging.warning('Skipped %s: %s.', path, why)
+        readable = True
         yield good, np.stack(arrays)
+
+
+def unreadable_summary(skipped: list[tuple[str, str]], shown: int = 3) -> str:
+  """``a.png: why; b.png: why; and 4 more``: the files of ``skipped`` for one error line."""
+  listed = '; '.join(f'{path}: {why}' for path, why in skipped[:shown])
+  return listed + (f'; and {len(skipped) - shown} more' if len(skipped) > shown else '')
