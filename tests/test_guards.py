@@ -219,7 +219,7 @@ def test_manifest_split_cells_and_foreign_headers_are_one_line(tmp_path):
       'path,label,split\na.png,cat,train\nb.png,dog,\nc.png,dog,test\n':
           r"Line 3 of the manifest .* \('b.png,dog,'\) \(every row needs its split\)",
       'a.png,cat\nb.png,dog,train\nc.png,dog,test\n':
-          r"Line 1 of the manifest .* \('a.png,cat'\) \(every row needs its split\)",
+          r"Line 1 of the manifest .* has 2 cells where 2 other rows have 3 \('a.png,cat'\)",
       'file,class\na.png,cat\nb.png,dog\n':
           r"first line of the manifest .* \('file,class'\) looks like a header but names no path",
   }

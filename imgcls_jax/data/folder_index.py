@@ -234,10 +234,40 @@ def class_names(src: Source) -> tuple[str, ...]:
   if not names:
     raise UserError(f'The image folder {where} has no class sub-directories; put the images in '
                     f'{where}/<class name>/ (or list them in a CSV set as config.data.manifest).')
+  if src.kind == 'flat':
+    _refuse_split_folders_as_classes(src, names)
   if len(names) < 2:
+    inner = os.path.join(where, names[0])
+    if subdirs(inner) and not _loose_files(inner):   # a wrapper: photos/<class>/...
+      raise UserError(f'The image folder {where} holds one folder, {names[0]}, whose sub-folders '
+                      f"({', '.join(subdirs(inner)[:5])}) look like the classes; set "
+                      f'config.data.folder={inner}.')
     raise UserError(f'The image folder {where} has only one class, {names[0]}; a classifier needs '
                     f'at least 2 classes: add {where}/<another class>/ with its images.')
   return names
+
+
+# Folder names that name a split, not a class (case-insensitive): 'Training' / 'Testing' of a
+# downloaded dataset are split directories under names other than train_split / eval_split.
+_SPLIT_LIKE = {'train', 'training', 'test', 'testing', 'val', 'valid', 'validation', 'eval',
+               'evaluation', 'dev'}
+
+
+def _refuse_split_folders_as_classes(src: Source, names: tuple[str, ...]) -> None:
+  """A folder without ``train_split`` / ``eval_split`` directories whose "classes" are two or
+  more split-like names each holding class folders: training on it would classify splits."""
+  splits = [n for n in names if n.casefold() in _SPLIT_LIKE
+            and subdirs(os.path.join(src.root, n))]
+  if len(splits) < 2:
+    return
+  train = next((n for n in splits if n.casefold().startswith('train')), splits[0])
+  test = next((n for n in splits if n != train and n.casefold().startswith('test')),
+              next(n for n in splits if n != train))
+  raise UserError(f"The image folder {src.root} has split folders {', '.join(splits)} (each "
+                  'holding class folders), none named config.data.train_split '
+                  f"('{src.train_split}') / eval_split ('{src.eval_split}'): as classes they "
+                  f"would train a split classifier; set config.data.train_split='{train}' and "
+                  f"config.data.eval_split='{test}'.")
 
 
 def _holdout(ids: list[str], labels: list[int], names: tuple[str, ...], fraction: float,
@@ -317,15 +347,19 @@ def _listed(src: Source, split: str, names: tuple[str, ...],
                         f"{', '.join(known)}); set config.data.train_split / eval_split.")
     if has_split and split != ALL:
       manifest.warn_near_splits(rows, src.location, split)
-    seen = set()
+    seen: dict[str, str] = {}
     for path, label, row_split in rows:
       if has_split and split != ALL and row_split != split:
         continue
       rel, key = os.path.normpath(path), manifest.image_key(src.location, path)
       if key in seen:
+        if seen[key] != label:
+          raise UserError(f"{rel} is listed twice in the manifest {src.location} with different "
+                          f"labels ('{seen[key]}' and '{label}'); keep the row with its right "
+                          'label.')
         skipped.append((rel, 'listed twice'))
         continue
-      seen.add(key)
+      seen[key] = label
       pairs.append((rel, label))
   elif src.kind == 'flat':
     skipped += [(f, 'outside every class folder') for f in _loose_files(src.root)]
@@ -421,7 +455,12 @@ def index(src: Source, split: str, names: tuple[str, ...]) -> Split:
   else:
     counts = np.bincount([labels[i] for i in keep], minlength=len(names))
   if not keep:
-    raise UserError(f"Split '{split}' of {src.location} has no readable images.")
+    why = '; '.join(f'{p} ({r})' for p, r in skipped[:3]) + (
+        f'; and {len(skipped) - 3} more' if len(skipped) > 3 else '')
+    where = (f"; a manifest's paths are relative to its folder {src.root}"
+             if src.kind == 'manifest' else '')
+    raise UserError(f"Split '{split}' of {src.location} has no readable images"
+                    f"{f' (skipped: {why})' if why else ''}{where}.")
   if split == src.train_split:
     empty = [names[k] for k in range(len(names)) if counts[k] == 0]
     if empty:

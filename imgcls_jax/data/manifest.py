@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import csv
+import difflib
 import hashlib
 import io
 import logging
@@ -63,6 +64,12 @@ def _parse_rows(location: str, data: bytes, multilabel: bool, one_split_each: bo
   rows = [r for r in csv.reader(io.StringIO(text, newline='')) if r and any(x.strip() for x in r)]
   if not rows:
     raise UserError(f'The manifest {location} is empty; write one path,label row per image.')
+  if all(len(r) == 1 for r in rows):
+    sep = next((c for c in (';', '\t', '|') if c in rows[0][0]), None)
+    raise UserError(f'The manifest {location} has one column'
+                    + (f" (its cells are separated by {sep!r})" if sep else '')
+                    + '; write path,label rows separated by commas (in Excel: Save As "CSV UTF-8"'
+                    ', or set the list separator to a comma).')
   header = [x.strip().lower() for x in rows[0]]
   label_col = 'label' if 'label' in header else 'labels'
   if 'path' in header and label_col in header:
@@ -72,16 +79,38 @@ def _parse_rows(location: str, data: bytes, multilabel: bool, one_split_each: bo
     if not rows:
       raise UserError(f'The manifest {location} has a header but no rows; write one path,label '
                       'row per image under it.')
+    for n, row in enumerate(rows, first_line):
+      if len(row) > len(header) and any(x.strip() for x in row[len(header):]):
+        raise UserError(f'Line {n} of the manifest {location} has {len(row)} cells where its '
+                        f"header names {len(header)} columns ({','.join(row)[:80]!r}); quote a "
+                        'label that holds a comma ("felid, cat") or remove the extra cell.')
   else:
     if (len(rows) > 1 and not images.is_image_file(rows[0][0].strip())
         and images.is_image_file(rows[1][0].strip())):
       raise UserError(f"The first line of the manifest {location} ({','.join(rows[0])[:80]!r}) "
                       'looks like a header but names no path and label columns; name them '
                       'path,label (and split), or remove the line.')
-    # A split column when any row has a third cell: then every row needs one.
+    # A split column when the rows have a third cell: then every row needs one.
+    lengths = collections.Counter(len(r) for r in rows)
+    if len(lengths) > 1:
+      usual = lengths.most_common(1)[0][0]
+      n, odd = next((n, r) for n, r in enumerate(rows, 1) if len(r) != usual)
+      raise UserError(f'Line {n} of the manifest {location} has {len(odd)} cells where '
+                      f"{lengths[usual]} other rows have {usual} ({','.join(odd)[:80]!r}); every "
+                      'row needs the same columns (path,label or path,label,split): quote a label '
+                      'that holds a comma, or fix the row.')
     cols, first_line = (0, 1, 2 if max(len(r) for r in rows) > 2 else None), 1
   out = []
   for n, row in enumerate(rows, first_line):
+    if (not multilabel and len(row) > cols[1] and row[cols[0]].strip()
+        and not row[cols[1]].strip()):
+      raise UserError(f"Line {n} of the manifest {location} has no label ({','.join(row)[:80]!r}); "
+                      'give every image its class, or, for tags (none or several per image), set '
+                      'config.data.multilabel=True.')
+    if not multilabel and len(row) > cols[1] and ';' in row[cols[1]]:
+      raise UserError(f"Line {n} of the manifest {location} has the label {row[cols[1]].strip()!r}"
+                      ", which holds ';', the tag separator: for several tags per image set "
+                      "config.data.multilabel=True; a class name cannot hold ';'.")
     if len(row) <= max(c for c in cols if c is not None) or not row[cols[0]].strip() or (
         not row[cols[1]].strip() and not multilabel) or (
             cols[2] is not None and not row[cols[2]].strip()):
@@ -93,6 +122,11 @@ def _parse_rows(location: str, data: bytes, multilabel: bool, one_split_each: bo
                  row[cols[2]].strip() if cols[2] is not None else None))
   if cols[2] is not None and one_split_each:
     _one_split_each(out, location)
+  if multilabel:
+    comma = next((label for _, label, _ in out if ',' in label), None)
+    if comma is not None:
+      logging.warning("The manifest %s has tags holding ',' (e.g. %r): tags are separated by ';' "
+                      "('cat;dog'); a ',' stays inside one tag.", location, comma)
   return out
 
 
@@ -122,10 +156,13 @@ _WARNED: set[tuple[str, str]] = set()
 
 def warn_near_splits(rows: tuple[Row, ...], location: str, split: str) -> None:
   """Warns (once per manifest and split) of rows whose split differs from ``split`` only in case
-  or spaces ('Train' for 'train'): they are not read as that split."""
+  or spaces ('Train' for 'train'), or looks like a typo of it ('tset' for 'test', 'training' for
+  'train'): they are not read as that split."""
   near: dict[str, int] = {}
+  want = split.strip().casefold()
   for _, _, s in rows:
-    if s is not None and s != split and s.strip().casefold() == split.strip().casefold():
+    if s is not None and s != split and (s.strip().casefold() == want or difflib.SequenceMatcher(
+        None, s.strip().casefold(), want).ratio() >= 0.7):
       near[s] = near.get(s, 0) + 1
   if near and (location, split) not in _WARNED:
     _WARNED.add((location, split))

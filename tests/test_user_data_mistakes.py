@@ -1,0 +1,130 @@
+"""The user's own images: mistakes that trained a wrong model without a word, or named the wrong
+fix (found by a sweep of ~40 folder and manifest layouts). Each case is one line naming the fix,
+or a warning where the data may be meant."""
+from __future__ import annotations
+
+import logging
+import os
+
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from imgcls_jax.data import folder_index, manifest
+from imgcls_jax.errors import UserError
+
+
+def _png(path, seed=0):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  pixels = np.random.RandomState(seed).randint(0, 256, (8, 8, 3)).astype(np.uint8)
+  Image.fromarray(pixels).save(path)
+
+
+def _data(**kw):
+  d = dict(name='image_folder', folder='', manifest='', train_split='train', eval_split='test',
+           holdout_fraction=0.0, validation_fraction=0.0, index_cache='off', multilabel=False)
+  d.update(kw)
+  return ml_collections.ConfigDict(d)
+
+
+@pytest.fixture(autouse=True)
+def _fresh():
+  folder_index.clear_memo()
+  manifest._WARNED.clear()
+
+
+def test_split_folders_under_other_names_are_not_taken_for_classes(tmp_path):
+  """Training/<class>/ and Testing/<class>/ (a common download layout) trained a two-class
+  'Training' vs 'Testing' model once holdout_fraction was set, as the first error advised."""
+  for split in ('Training', 'Testing'):
+    for k, cls in enumerate(('cat', 'dog', 'fox')):
+      _png(tmp_path / split / cls / f'{k}.png', k)
+  src = folder_index.source_of(_data(folder=str(tmp_path), holdout_fraction=0.2))
+  with pytest.raises(UserError, match=r"split folders Testing, Training .*set "
+                                      r"config.data.train_split='Training' and "
+                                      r"config.data.eval_split='Testing'\."):
+    folder_index.class_names(src)
+  ok = folder_index.source_of(_data(folder=str(tmp_path), train_split='Training',
+                                    eval_split='Testing'))
+  assert ok.kind == 'splits' and folder_index.class_names(ok) == ('cat', 'dog', 'fox')
+
+
+def test_a_wrapper_folder_names_the_folder_to_point_at(tmp_path):
+  for cls in ('cat', 'dog'):
+    _png(tmp_path / 'photos' / cls / '0.png')
+  src = folder_index.source_of(_data(folder=str(tmp_path), holdout_fraction=0.2))
+  with pytest.raises(UserError, match=rf"holds one folder, photos, whose sub-folders \(cat, dog\) "
+                                      rf"look like the classes; set config.data.folder="
+                                      rf"{tmp_path / 'photos'}\."):
+    folder_index.class_names(src)
+  _png(tmp_path / 'only' / 'cat' / '0.png')         # a real single class: the old advice
+  with pytest.raises(UserError, match='has only one class, cat; .*add .*<another class>'):
+    folder_index.class_names(folder_index.source_of(
+        _data(folder=str(tmp_path / 'only'), holdout_fraction=0.2)))
+
+
+def test_a_manifest_whose_paths_all_miss_says_why_and_where_paths_start(tmp_path):
+  (tmp_path / 'labels.csv').write_text('img\\a.png,cat\nimg\\b.png,dog\n')   # Windows paths
+  src = folder_index.source_of(_data(manifest=str(tmp_path / 'labels.csv'), holdout_fraction=0.5))
+  names = folder_index.class_names(src)
+  with pytest.raises(UserError, match=(r"has no readable images \(skipped: img\\a\.png "
+                                       r"\(file not found\); img\\b"
+                                       rf".*relative to its folder {tmp_path}\.")):
+    folder_index.index(src, 'train', names)
+
+
+@pytest.mark.parametrize('text, message', [
+    # an unquoted comma in a label after a header: the extra cell was dropped, two classes merged
+    ('path,label\na.png,felid, cat\nb.png,canid, dog\nc.png,canid, fox\n',
+     r"Line 2 .* has 3 cells where its header names 2 columns .*quote a label that holds a comma"),
+    # one odd row without a header: it, not line 1, is named
+    ('a.png,cat\nb.png,dog\nc.png,dog,train\n', r"Line 3 .* has 3 cells where 2 other rows have 2"),
+    # Excel's list separator in many locales
+    ('path;label\na.png;cat\nb.png;dog\n', r"has one column \(its cells are separated by ';'\); "
+                                          r"write path,label rows separated by commas"),
+    ('a.png\tcat\nb.png\tdog\n', r"separated by '\\t'"),
+    # a tag list without config.data.multilabel
+    ('path,labels\na.png,cat;dog\nb.png,dog\n', r"the label 'cat;dog', which holds ';', the tag "
+                                               r"separator: .*set config.data.multilabel=True"),
+    ('a.png,cat,train\nb.png,,train\nc.png,dog,test\n',
+     r"Line 2 .* has no label .*or, for tags .*set config.data.multilabel=True"),
+])
+def test_manifest_rows_that_would_be_read_wrong_are_one_line(tmp_path, text, message):
+  path = tmp_path / 'labels.csv'
+  path.write_text(text)
+  with pytest.raises(UserError, match=message):
+    manifest.read_rows(str(path))
+
+
+def test_a_file_listed_with_two_labels_is_refused(tmp_path):
+  """Was: 'skipped ... (listed twice)', the first label silently kept."""
+  for name in ('a', 'b', 'c'):
+    _png(tmp_path / f'{name}.png')
+  path = tmp_path / 'labels.csv'
+  path.write_text('a.png,cat\nb.png,dog\nc.png,dog\na.png,zebra\n')
+  src = folder_index.source_of(_data(manifest=str(path), train_split='all'))
+  with pytest.raises(UserError, match=r"a.png is listed twice .* with different labels \('cat' "
+                                      r"and 'zebra'\)"):
+    folder_index.index(src, 'all', folder_index.class_names(src))
+  path.write_text('a.png,cat\nb.png,dog\nc.png,dog\na.png,cat\n')   # the same row twice: skipped
+  folder_index.clear_memo()
+  split = folder_index.index(src, 'all', folder_index.class_names(src))
+  assert len(split.paths) == 3 and split.skipped == (('a.png', 'listed twice'),)
+
+
+def test_a_split_typo_and_comma_separated_tags_are_warned_of(tmp_path, caplog):
+  path = tmp_path / 'labels.csv'
+  path.write_text('a.png,cat,train\nb.png,dog,train\nc.png,dog,tset\nd.png,cat,test\n')
+  with caplog.at_level(logging.WARNING):
+    manifest.warn_near_splits(manifest.read_rows(str(path)), str(path), 'test')
+    manifest.warn_near_splits(manifest.read_rows(str(path)), str(path), 'train')
+  warned = [r.getMessage() for r in caplog.records]
+  assert len(warned) == 1 and "1 row(s) of split 'tset', which is not split 'test'" in warned[0]
+  caplog.clear()
+  path.write_text('path,labels\na.png,"cat, dog"\nb.png,dog;fox\n')
+  with caplog.at_level(logging.WARNING):
+    rows = manifest.read_rows(str(path), multilabel=True)
+  assert manifest.tags(rows[0][1]) == ('cat, dog',)       # read as written ...
+  assert any("tags holding ','" in r.getMessage() and "'cat, dog'" in r.getMessage()
+             for r in caplog.records)                      # ... and said
