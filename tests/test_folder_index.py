@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgcls_jax.data import file_probe, folder_index, folds, image_folder, info as info_lib, pipeline, sources
+from imgcls_jax.data import (file_probe, folder_index, folds, holdout, image_folder,
+                             info as info_lib, pipeline, sources)
 from imgcls_jax.errors import UserError
 
 
@@ -307,7 +308,7 @@ def test_a_held_out_fraction_never_takes_a_class_s_last_image():
   ids = ['rare/0.png', 'a/0.png', 'a/1.png', 'b/0.png', 'b/1.png', 'b/2.png']
   labels = [0, 1, 1, 2, 2, 2]
   for fraction in (0.1, 0.6, 0.99):
-    held = folder_index._holdout(ids, labels, ('rare', 'a', 'b'), fraction, seed=0)
+    held = holdout.draw(ids, labels, ('rare', 'a', 'b'), fraction, seed=0)
     assert 0 not in held                                   # rare's only image stays
     assert len(held & {1, 2}) == 1 and 1 <= len(held & {3, 4, 5}) <= 2
 

@@ -30,13 +30,12 @@ import hashlib
 import logging
 import os
 import threading
-import zlib
 from typing import Iterable
 
 import ml_collections
 import numpy as np
 
-from imgcls_jax.data import file_probe, manifest
+from imgcls_jax.data import file_probe, holdout, manifest
 from imgcls_jax.data.images import is_image_file
 from imgcls_jax.errors import UserError
 
@@ -270,32 +269,6 @@ def _refuse_split_folders_as_classes(src: Source, names: tuple[str, ...]) -> Non
                   f"config.data.eval_split='{test}'.")
 
 
-def _holdout(ids: list[str], labels: list[int], names: tuple[str, ...], fraction: float,
-             seed: int, salt: int = 0) -> set[int]:
-  """Indices held out: per class, ``round(fraction * n)`` (at least 1 of 2+, and never a class's
-  last image: the rest keeps one) chosen by the seed (``salt`` makes another draw from the same
-  seed: the validation split's)."""
-  held: set[int] = set()
-  by_class: dict[int, list[int]] = {}
-  for i, y in enumerate(labels):
-    by_class.setdefault(y, []).append(i)
-  for y, members in by_class.items():
-    members.sort(key=lambda i: ids[i])
-    n = len(members)
-    k = int(round(fraction * n))
-    if fraction > 0:
-      k = min(max(k, 1), n - 1)
-    name = names[y] if y >= 0 else ''   # multi-label images without tags form one stratum
-    rng = np.random.default_rng([seed, zlib.crc32(name.encode()), *([salt] if salt else [])])
-    held.update(members[j] for j in rng.permutation(n)[:k])
-  return held
-
-
-def _strata(labels: list, multilabel: bool) -> list[int]:
-  """The class each image is stratified by (multi-label: its first tag, -1 for none)."""
-  return [(y[0] if y else -1) if multilabel else y for y in labels]
-
-
 def _candidates(src: Source, split: str, names: tuple[str, ...],
                 ) -> tuple[list[str], list[int], list[tuple[str, str]]]:
   """(ids, labels, skipped) of the files that claim to belong to ``split``; with
@@ -313,7 +286,7 @@ def _candidates(src: Source, split: str, names: tuple[str, ...],
                     f"already has a split '{VALIDATION}' or trains on it; use that split (set "
                     'validation_fraction=0) or train on another split.')
   ids, labels, skipped = _listed(src, src.train_split, names)
-  held = _holdout(ids, _strata(labels, src.multilabel), names, src.validation_fraction,
+  held = holdout.draw(ids, holdout.strata(labels, src.multilabel), names, src.validation_fraction,
                   src.holdout_seed, salt=1)
   keep = [i for i in range(len(ids)) if (i in held) == (split == VALIDATION)]
   return [ids[i] for i in keep], [labels[i] for i in keep], skipped
@@ -337,30 +310,8 @@ def _listed(src: Source, split: str, names: tuple[str, ...],
   skipped: list[tuple[str, str]] = []
   needs_holdout = src.kind == 'flat'
   if src.kind == 'manifest':
-    rows = manifest.read_rows(src.location, src.multilabel)
-    has_split = rows[0][2] is not None
+    has_split, pairs, skipped = manifest.split_pairs(src.location, src.multilabel, split, ALL)
     needs_holdout = not has_split
-    if has_split and split != ALL:
-      known = sorted({r[2] for r in rows})
-      if split not in known:
-        raise UserError(f"Split '{split}' is in no row of the manifest {src.location} (its splits: "
-                        f"{', '.join(known)}); set config.data.train_split / eval_split.")
-    if has_split and split != ALL:
-      manifest.warn_near_splits(rows, src.location, split)
-    seen: dict[str, str] = {}
-    for path, label, row_split in rows:
-      if has_split and split != ALL and row_split != split:
-        continue
-      rel, key = os.path.normpath(path), manifest.image_key(src.location, path)
-      if key in seen:
-        if seen[key] != label:
-          raise UserError(f"{rel} is listed twice in the manifest {src.location} with different "
-                          f"labels ('{seen[key]}' and '{label}'); keep the row with its right "
-                          'label.')
-        skipped.append((rel, 'listed twice'))
-        continue
-      seen[key] = label
-      pairs.append((rel, label))
   elif src.kind == 'flat':
     skipped += [(f, 'outside every class folder') for f in _loose_files(src.root)]
     for name in subdirs(src.root):
@@ -399,7 +350,7 @@ def _listed(src: Source, split: str, names: tuple[str, ...],
       raise UserError(f'{src.location} has no split directories (no {src.root}/{split}/); set '
                       'config.data.holdout_fraction (e.g. 0.2) to hold out part of every class '
                       f"for evaluation, or use split '{ALL}' for every image.")
-    held = _holdout(ids, _strata(labels, src.multilabel), names, src.holdout_fraction,
+    held = holdout.draw(ids, holdout.strata(labels, src.multilabel), names, src.holdout_fraction,
                     src.holdout_seed)
     held_out = split == src.eval_split != src.train_split   # a k-fold's folds both read train
     keep = [i for i in range(len(ids)) if (i in held) == held_out]

@@ -130,6 +130,37 @@ def _parse_rows(location: str, data: bytes, multilabel: bool, one_split_each: bo
   return out
 
 
+def split_pairs(location: str, multilabel: bool, split: str, every: str,
+                ) -> tuple[bool, list[tuple[str, str]], list[tuple[str, str]]]:
+  """(whether the manifest has a split column, [(path, label)] of the rows of ``split`` (every
+  row for split ``every``), [(path, why skipped)]): a file listed twice with the same label is
+  read once, with another label refused."""
+  rows = read_rows(location, multilabel)
+  has_split = rows[0][2] is not None
+  if has_split and split != every:
+    known = sorted({r[2] for r in rows})
+    if split not in known:
+      raise UserError(f"Split '{split}' is in no row of the manifest {location} (its splits: "
+                      f"{', '.join(known)}); set config.data.train_split / eval_split.")
+    warn_near_splits(rows, location, split)
+  pairs: list[tuple[str, str]] = []
+  skipped: list[tuple[str, str]] = []
+  seen: dict[str, str] = {}
+  for path, label, row_split in rows:
+    if has_split and split != every and row_split != split:
+      continue
+    rel, key = os.path.normpath(path), image_key(location, path)
+    if key in seen:
+      if seen[key] != label:
+        raise UserError(f"{rel} is listed twice in the manifest {location} with different labels "
+                        f"('{seen[key]}' and '{label}'); keep the row with its right label.")
+      skipped.append((rel, 'listed twice'))
+      continue
+    seen[key] = label
+    pairs.append((rel, label))
+  return has_split, pairs, skipped
+
+
 def image_key(location: str, path: str) -> str:
   """One name per file of a manifest row (relative or absolute, ``a/./b`` or ``a/b``)."""
   return os.path.normpath(os.path.join(os.path.dirname(location), path))
