@@ -245,8 +245,8 @@ def _path_problem(e: OSError, config=None, workdir: str | None = None) -> str:
 
 
 def _path_source(filename: str, config, workdir: str | None) -> str | None:
-  """The config key (``config.a.b``) whose path value is ``filename`` or a folder above it, else
-  ``--workdir`` when the file lies in the run directory, else None."""
+  """The config key (``config.a.b``) or ``--workdir`` whose path is ``filename`` or the nearest
+  folder above it, else None."""
   target = os.path.abspath(filename)
 
   def under(value: str) -> bool:
@@ -260,14 +260,13 @@ def _path_source(filename: str, config, workdir: str | None) -> str | None:
         yield from keys(v, f'{prefix}{k}.')
       elif isinstance(v, str) and v and ('/' in v or v.startswith('.')):
         yield f'{prefix}{k}', v
-  if config is not None:
-    found = sorted((len(v), k, v) for k, v in keys(config, '') if under(v))
-    if found:
-      _, key, value = found[-1]   # the longest path: the most specific key
-      return f'config.{key}={value}'
-  if workdir and under(workdir):
-    return f'--workdir={workdir}'
-  return None
+  named = [(f'config.{k}', v) for k, v in keys(config, '')] if config is not None else []
+  named += [('--workdir', workdir)] if workdir else []
+  found = sorted((len(os.path.abspath(v)), k, v) for k, v in named if under(v))
+  if not found:
+    return None
+  _, key, value = found[-1]   # the longest path: the most specific key
+  return f'{key}={value}'
 
 if __name__ == '__main__':
   sys.exit(run())
