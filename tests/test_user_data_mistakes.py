@@ -111,6 +111,16 @@ def test_a_file_listed_with_two_labels_is_refused(tmp_path):
   folder_index.clear_memo()
   split = folder_index.index(src, 'all', folder_index.class_names(src))
   assert len(split.paths) == 3 and split.skipped == (('a.png', 'listed twice'),)
+  # tags: the same set in another order is the same label; another set is refused
+  path.write_text('path,labels\na.png,cat;dog\nb.png,dog\nc.png,cat\na.png,dog;cat\n')
+  tagged = folder_index.source_of(_data(manifest=str(path), train_split='all', multilabel=True))
+  folder_index.clear_memo()
+  split = folder_index.index(tagged, 'all', folder_index.class_names(tagged))
+  assert len(split.paths) == 3 and split.skipped == (('a.png', 'listed twice'),)
+  path.write_text('path,labels\na.png,cat;dog\nb.png,dog\nc.png,cat\na.png,cat\n')
+  folder_index.clear_memo()
+  with pytest.raises(UserError, match=r"a.png is listed twice .* \('cat;dog' and 'cat'\)"):
+    folder_index.index(tagged, 'all', folder_index.class_names(tagged))
 
 
 def test_a_split_typo_and_comma_separated_tags_are_warned_of(tmp_path, caplog):

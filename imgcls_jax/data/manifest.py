@@ -133,8 +133,8 @@ def _parse_rows(location: str, data: bytes, multilabel: bool, one_split_each: bo
 def split_pairs(location: str, multilabel: bool, split: str, every: str,
                 ) -> tuple[bool, list[tuple[str, str]], list[tuple[str, str]]]:
   """(whether the manifest has a split column, [(path, label)] of the rows of ``split`` (every
-  row for split ``every``), [(path, why skipped)]): a file listed twice with the same label is
-  read once, with another label refused."""
+  row for split ``every``), [(path, why skipped)]): a file listed twice with the same label (tag
+  set) is read once, with another refused."""
   rows = read_rows(location, multilabel)
   has_split = rows[0][2] is not None
   if has_split and split != every:
@@ -151,7 +151,7 @@ def split_pairs(location: str, multilabel: bool, split: str, every: str,
       continue
     rel, key = os.path.normpath(path), image_key(location, path)
     if key in seen:
-      if seen[key] != label:
+      if (set(tags(seen[key])) != set(tags(label))) if multilabel else seen[key] != label:
         raise UserError(f"{rel} is listed twice in the manifest {location} with different labels "
                         f"('{seen[key]}' and '{label}'); keep the row with its right label.")
       skipped.append((rel, 'listed twice'))
