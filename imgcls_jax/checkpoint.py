@@ -117,9 +117,12 @@ def _one_copy_per_array() -> None:
         override=True)
 
 
-def _first_line(err: BaseException, limit: int = 160) -> str:
+def first_line(err: BaseException, limit: int = 160) -> str:
+  """``Type: first line of the message``, cut at a word past ``limit`` characters (`` ...``)."""
   text = str(err).strip().splitlines()[0] if str(err).strip() else ''
-  return f'{type(err).__name__}: {text[:limit]}'
+  if len(text) > limit:
+    text = text[:limit].rsplit(' ', 1)[0] + ' ...'
+  return f'{type(err).__name__}: {text}'
 
 
 class Checkpointer:
@@ -231,7 +234,7 @@ class Checkpointer:
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     except Exception as e:  # json / OS errors on a damaged checkpoint
-      raise UserError(f'Checkpoint {step} in {self.directory} is unreadable ({_first_line(e)}); '
+      raise UserError(f'Checkpoint {step} in {self.directory} is unreadable ({first_line(e)}); '
                       'use another step, or resume training there to set it aside.') from None
     return dict(restored['meta'] or {})
 
@@ -263,7 +266,7 @@ class Checkpointer:
     except UserError:
       raise
     except Exception as e:  # tensorstore / json / OS errors on a damaged checkpoint
-      raise UserError(f'Checkpoint {step} in {self.directory} is unreadable ({_first_line(e)}); '
+      raise UserError(f'Checkpoint {step} in {self.directory} is unreadable ({first_line(e)}); '
                       'use another step or a new --workdir.') from None
     logging.info('Restored checkpoint %d from %s', step, self.directory)
     return restored['state'], dict(restored['meta'] or {})
@@ -329,7 +332,7 @@ class Checkpointer:
       multihost_utils.sync_global_devices(f'imgcls_jax_quarantine_{step}')
     self._manager.reload()
     logging.warning('Checkpoint %d in %s is unreadable (%s); moved it to %s and falling back to '
-                    'the previous checkpoint.', step, self.directory, _first_line(err), dest)
+                    'the previous checkpoint.', step, self.directory, first_line(err), dest)
 
 
 # ------------------------------------------------------------------ the run directory, read-only

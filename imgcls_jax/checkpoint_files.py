@@ -15,7 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from imgcls_jax import failed_reads, optim
-from imgcls_jax.checkpoint import CHECKPOINTS_DIR, META_FILE
+from imgcls_jax.checkpoint import CHECKPOINTS_DIR, META_FILE, first_line
 from imgcls_jax.errors import UserError
 from imgcls_jax.weights import Weights, flatten
 
@@ -138,9 +138,7 @@ def read_weights(path: str, step: int | None = None, *, ema: bool = False) -> We
           step_dir / 'meta', args=ocp.args.JsonRestore()) or {}
   except (ValueError, KeyError, TypeError, OSError) as e:
     others = [s for s in steps if s != step]
-    detail = str(e).splitlines()[0] if str(e) else ''
-    detail = detail if len(detail) <= 200 else detail[:200].rsplit(' ', 1)[0] + ' ...'
-    raise UserError(f'Cannot read {origin} ({type(e).__name__}: {detail}); '
+    raise UserError(f'Cannot read {origin} ({first_line(e, limit=200)}); '
                     'it is incomplete or not a checkpoint of this project; '
                     + (f"pick another step ({', '.join(map(str, others))})" if others else
                        'restore the folder from a copy or train the run again')

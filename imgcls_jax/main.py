@@ -77,14 +77,22 @@ def _config_file_error(argv: list[str]) -> str | None:
   return None
 
 
+def _argv_config(argv: list[str]):
+  """The config file named by ``--config=`` loaded as it is (no overrides), or None when there is
+  none or it does not load (the caller reports that as a config-file problem)."""
+  config_path = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+  if not config_path:
+    return None
+  try:
+    return configlib.load_config_file(config_path)
+  except Exception:  # noqa: BLE001
+    return None
+
+
 def _explain_override_error(argv: list[str], err: Exception) -> str:
   """Names the --config.X flag that does not exist in the config, if that is the problem."""
-  config_path = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
-  if config_path:
-    try:
-      config = configlib.load_config_file(config_path)
-    except Exception:  # reported by the caller as a config-file problem
-      config = None
+  config = _argv_config(argv)
+  if config is not None:
     for arg in argv:
       if not arg.startswith('--config.'):
         continue
@@ -109,15 +117,14 @@ _KINDS = ((bool, 'True or False'), (int, 'a whole number'), (float, 'a number'),
 def _explain_value_error(argv: list[str], msg: str) -> str:
   """One sentence for a --config.KEY=VALUE whose value does not parse as the key's type."""
   match = re.search(r'flag --config\.([\w.]+)=', msg)
-  config_path = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
-  if match and config_path:
+  node = _argv_config(argv) if match else None
+  if node is not None:
     key = match.group(1)
     value = next((a.split('=', 1)[1] for a in argv if a.startswith(f'--config.{key}=')), '')
     try:
-      node = configlib.load_config_file(config_path)
       for part in key.split('.'):
         node = node[part]
-    except Exception:  # noqa: BLE001 -- fall back to the parser's own words
+    except (KeyError, AttributeError, TypeError):  # fall back to the parser's own words
       node = None
     kind = next((k for t, k in _KINDS if isinstance(node, t)), None)
     if node is not None and kind:
