@@ -283,7 +283,8 @@ def test_predict_fails_and_writes_nothing_when_no_input_image_can_be_read(run, i
   (tmp_path / 'preds.jsonl').write_text('earlier predictions\n')
   with caplog.at_level('WARNING'), pytest.raises(
       UserError, match=('None of the 2 input file.s. in config.predict.inputs is a readable image '
-                        r'\(.*truncated.png: .*; .*not_an_image.png: .*\); give image files')):
+                        r'\(.*truncated.png \(.*\); .*not_an_image.png \(.*\)\); give image '
+                        'files')):
     predict.predict(c, workdir)
   assert not [r for r in caplog.records if r.getMessage().startswith('Skipped')]
   assert (tmp_path / 'preds.jsonl').read_text() == 'earlier predictions\n'   # nothing lost

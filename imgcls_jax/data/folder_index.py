@@ -36,7 +36,7 @@ import ml_collections
 import numpy as np
 
 from imgcls_jax.data import file_probe, holdout, manifest
-from imgcls_jax.data.images import is_image_file
+from imgcls_jax.data.images import is_image_file, unreadable_summary
 from imgcls_jax.errors import UserError
 
 NAME = 'image_folder'  # config.data.name of the user's images (folders or a manifest)
@@ -406,8 +406,7 @@ def index(src: Source, split: str, names: tuple[str, ...]) -> Split:
   else:
     counts = np.bincount([labels[i] for i in keep], minlength=len(names))
   if not keep:
-    why = '; '.join(f'{p} ({r})' for p, r in skipped[:3]) + (
-        f'; and {len(skipped) - 3} more' if len(skipped) > 3 else '')
+    why = unreadable_summary(skipped)
     where = (f"; a manifest's paths are relative to its folder {src.root}"
              if src.kind == 'manifest' else '')
     raise UserError(f"Split '{split}' of {src.location} has no readable images"

@@ -206,6 +206,6 @@ def image_batches(files: list[str], prepare: Callable[[str], np.ndarray], batch_
 
 
 def unreadable_summary(skipped: list[tuple[str, str]], shown: int = 3) -> str:
-  """``a.png: why; b.png: why; and 4 more``: the files of ``skipped`` for one error line."""
-  listed = '; '.join(f'{path}: {why}' for path, why in skipped[:shown])
+  """``a.png (why); b.png (why); and 4 more``: the files of ``skipped`` for one error line."""
+  listed = '; '.join(f'{path} ({why})' for path, why in skipped[:shown])
   return listed + (f'; and {len(skipped) - shown} more' if len(skipped) > shown else '')
