@@ -34,7 +34,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from imgcls_jax import configlib, failed_reads
-from imgcls_jax.errors import UserError
+from imgcls_jax.errors import UserError, first_line
 
 CHECKPOINTS_DIR = 'checkpoints'
 CORRUPT_DIR = 'corrupt_checkpoints'
@@ -115,14 +115,6 @@ def _one_copy_per_array() -> None:
     ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
         array_metadata_store=array_metadata_store.Store(), use_replica_parallel=False),
         override=True)
-
-
-def first_line(err: BaseException, limit: int = 160) -> str:
-  """``Type: first line of the message``, cut at a word past ``limit`` characters (`` ...``)."""
-  text = str(err).strip().splitlines()[0] if str(err).strip() else ''
-  if len(text) > limit:
-    text = text[:limit].rsplit(' ', 1)[0] + ' ...'
-  return f'{type(err).__name__}: {text}'
 
 
 class Checkpointer:

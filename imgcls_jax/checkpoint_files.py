@@ -15,8 +15,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from imgcls_jax import failed_reads, optim
-from imgcls_jax.checkpoint import CHECKPOINTS_DIR, META_FILE, first_line
-from imgcls_jax.errors import UserError
+from imgcls_jax.checkpoint import CHECKPOINTS_DIR, META_FILE
+from imgcls_jax.errors import UserError, first_line
 from imgcls_jax.weights import Weights, flatten
 
 

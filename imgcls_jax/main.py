@@ -23,7 +23,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from imgcls_jax import configlib, startup
-from imgcls_jax.errors import UserError
+from imgcls_jax.errors import UserError, first_line
 
 # --mode name -> (module, function). 'train' runs a hyperparameter sweep when config.sweep.grid
 # is set, else k-fold cross-validation when config.cross_validation.folds > 0, else one run. The
@@ -70,10 +70,8 @@ def _config_file_error(argv: list[str]) -> str | None:
   try:
     configlib.load_config_file(path)
   except (Exception, SystemExit) as e:  # whatever the user's file raises (not Ctrl-C)
-    lines = str(e).strip().splitlines()
-    detail = f'{type(e).__name__}: {lines[0][:300]}' if lines else type(e).__name__
-    return (f'Cannot load the config file {path} ({detail}); check the path and that it runs and '
-            'defines get_config().')
+    return (f'Cannot load the config file {path} ({first_line(e, limit=300)}); check the path '
+            'and that it runs and defines get_config().')
   return None
 
 
@@ -164,7 +162,7 @@ def parse(argv: list[str]):
     config.keys()
   except Exception as e:  # config_flags defers errors loading the file until first use
     raise _CliError(_config_file_error(argv) or (
-        f'Cannot load the config file given to --config ({type(e).__name__}: {e}); check the '
+        f'Cannot load the config file given to --config ({first_line(e, limit=300)}); check the '
         'path and that it defines get_config().')) from None
   if not _WORKDIR.value:
     raise _CliError('Missing --workdir: pass a directory for checkpoints and logs, e.g. '

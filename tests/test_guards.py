@@ -301,3 +301,15 @@ def test_an_input_path_with_a_comma_in_its_name_is_one_path(tmp_path):
   with pytest.raises(UserError, match=r'Input .*/scan 3 \(from config.embed.inputs\) does not'):
     images.list_inputs(f'{t}/scan 3,5.png', 'embed.inputs')
   assert images.comma_paths(' , ') == []
+
+
+def test_first_line_quotes_an_error_in_one_short_line():
+  """The one way an underlying exception is quoted in a UserError: type, first line only, cut at
+  a word with ' ...' past the limit, the type alone for an empty message."""
+  from imgcls_jax.errors import first_line
+  long = ValueError('alpha beta gamma delta\nsecond line')
+  assert first_line(long) == 'ValueError: alpha beta gamma delta'
+  cut = first_line(OSError('word ' * 100), limit=23)
+  assert cut == 'OSError: word word word word ...'
+  assert first_line(KeyError()) == 'KeyError'
+  assert first_line(RuntimeError('  \n')) == 'RuntimeError'

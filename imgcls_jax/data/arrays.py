@@ -36,7 +36,7 @@ import numpy as np
 
 from imgcls_jax.data import arrays_save, sklearn_digits
 from imgcls_jax.data.info import ARRAYS_PREFIX, DatasetInfo, flips_allowed
-from imgcls_jax.errors import UserError
+from imgcls_jax.errors import UserError, first_line
 
 PREFIX = ARRAYS_PREFIX
 Batch = dict[str, np.ndarray]
@@ -90,8 +90,8 @@ class ArraysFile:
       raise UserError(f'{where}: no such file; write one with `python -m '
                       'imgcls_jax.data.write_arrays` (see imgcls_jax/data/arrays.py).') from None
     except Exception as e:  # zipfile / pickle / OSError: the file is not a usable .npz
-      raise UserError(f'{where} is not a readable .npz of arrays ({type(e).__name__}: '
-                      f'{str(e)[:200]}); write it with numpy.savez (see imgcls_jax/data/arrays.py).'
+      raise UserError(f'{where} is not a readable .npz of arrays ({first_line(e, limit=200)}); '
+                      'write it with numpy.savez (see imgcls_jax/data/arrays.py).'
                       ) from None
     names = sorted(k[:-len('_images')] for k in contents if k.endswith('_images'))
     if not names:

@@ -20,7 +20,7 @@ import tensorflow_datasets as tfds
 from imgcls_jax.data import digits as _digits  # noqa: F401  (registers sklearn_digits)
 from imgcls_jax.data import download, folder_index, image_folder, prepare_fashion_mnist
 from imgcls_jax.data.info import ARRAYS_PREFIX, DatasetInfo, flips_allowed
-from imgcls_jax.errors import UserError
+from imgcls_jax.errors import UserError, first_line
 
 
 def _hide_gpus_from_tf() -> None:
@@ -56,10 +56,9 @@ def builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
                         f'downloaded, but {offline} cannot be reached; connect to the network (or '
                         'set HTTPS_PROXY), or point config.data.manual_dir at its downloaded files '
                         'or config.data.data_dir at a copy prepared elsewhere.') from None
-      first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
       raise UserError(
           f"Dataset '{data.name}' is not prepared in {b.data_dir} and preparing it failed "
-          f"({type(e).__name__}: {first[:300]}); prepare it first (see README) or point "
+          f"({first_line(e, limit=300)}); prepare it first (see README) or point "
           "config.data.data_dir / config.data.manual_dir at the files.") from None
   return b
 

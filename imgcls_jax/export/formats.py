@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from imgcls_jax import inference
-from imgcls_jax.errors import UserError
+from imgcls_jax.errors import UserError, first_line
 from imgcls_jax.models import layers
 
 OUTPUTS = ('probabilities', 'logits')
@@ -108,7 +108,7 @@ def save_tflite(saved_model_dir: str, path: str, *, quantize: str = '', batch: i
   except Exception as e:  # the converter raises ConverterError and friends
     if quantize == 'int8':  # an op without an int8 kernel: let it stay float
       logging.warning('Full-integer conversion failed (%s); keeping float kernels where int8 '
-                      'ones are missing.', _first_line(e))
+                      'ones are missing.', first_line(e, limit=300))
       converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8,
                                              tf.lite.OpsSet.TFLITE_BUILTINS]
       info['float_fallback'] = True
@@ -123,12 +123,8 @@ def save_tflite(saved_model_dir: str, path: str, *, quantize: str = '', batch: i
   return info
 
 
-def _first_line(e: BaseException) -> str:
-  return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
-
-
 def _conversion_error(e: BaseException) -> UserError:
-  return UserError(f'TFLite conversion failed ({_first_line(e)}); export with '
+  return UserError(f'TFLite conversion failed ({first_line(e, limit=300)}); export with '
                    '--config.export.tflite=False --config.export.quantize= --config.export.onnx='
                    'False for the SavedModel only (or, where config.export.dtype is not '
                    'float32, with --config.export.dtype=float32).')
@@ -254,7 +250,7 @@ def save_onnx(tflite_path: str, path: str, opset: int = 17) -> None:
     try:
       model, _ = tf2onnx.convert.from_tflite(tflite_path, opset=opset)
     except Exception as e:
-      raise UserError(f'ONNX conversion failed ({_first_line(e)}); export with '
+      raise UserError(f'ONNX conversion failed ({first_line(e, limit=300)}); export with '
                       '--config.export.onnx=False.') from None
   graph = model.graph
   for node in graph.node:

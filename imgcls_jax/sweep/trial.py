@@ -10,7 +10,7 @@ from typing import Any
 import ml_collections
 
 from imgcls_jax import checkpoint, cross_validation, metrics, restored_split, train
-from imgcls_jax.errors import UserError
+from imgcls_jax.errors import UserError, first_line
 from imgcls_jax.sweep import grid, halving, store
 
 Trial = grid.Trial
@@ -119,8 +119,7 @@ def run_trial(trial: Trial, directory: str, pause_at: float | None = None) -> di
     row.update(status='error', error=str(e))
   except Exception as e:  # e.g. out of memory for this setting: the others still run
     logging.exception('Trial %s failed:', trial.name)
-    row.update(status='error', error=f'{type(e).__name__}: {str(e).splitlines()[0][:300]}'
-               if str(e) else type(e).__name__)
+    row.update(status='error', error=first_line(e, limit=300))
   row['wall_s'] = before + time.perf_counter() - start
   if pause_at is not None and row['status'] != 'error':   # (an error is tried again)
     rungs[halving.key(pause_at)] = row

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from imgcls_jax.errors import UserError
+from imgcls_jax.errors import UserError, first_line
 from imgcls_jax.torch_import import convnext, mobile, resnet, vit
 from imgcls_jax.weights import Weights
 
@@ -55,9 +55,8 @@ def _read_torch(path: str) -> Mapping[str, Any]:
   try:
     obj = torch.load(path, map_location='cpu', weights_only=True)
   except Exception as e:  # torch raises many types for corrupt files and pickled modules
-    raise UserError(f'Cannot load {path} as a PyTorch state dict ({type(e).__name__}: '
-                    f'{str(e).splitlines()[0][:200]}); save model.state_dict() with torch.save.'
-                    ) from None
+    raise UserError(f'Cannot load {path} as a PyTorch state dict ({first_line(e, limit=200)}); '
+                    'save model.state_dict() with torch.save.') from None
   for key in _WRAPPER_KEYS:  # training scripts often wrap the state dict
     if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
       obj = obj[key]
