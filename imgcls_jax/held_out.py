@@ -172,6 +172,28 @@ def check_fit_splits(config: ml_collections.ConfigDict, info: DatasetInfo, *,
                         f'{_held_out_hint(config, fit_key, key, split, trained)}.')
 
 
+def warn_eval_on_training(config: ml_collections.ConfigDict, info: DatasetInfo) -> None:
+  """At training: an eval split that shares examples with the train split reports accuracy on
+  images the model trained on (train_split 'all' of an image folder reads its eval images too);
+  say so once, with the fix. Deliberate (a check of the fit) it stays allowed."""
+  train, ev = str(config.data.train_split), str(config.data.eval_split)
+  if folder_index.is_folder(config.data):   # folder splits are disjoint but for 'all'
+    shared = info.num_examples.get(ev) if train == folder_index.ALL else None
+    fix = ("train on the rest (data.train_split='train', with data.holdout_fraction holding "
+           'part of every class out for evaluation when the folder has no split folders)')
+  else:
+    try:
+      shared = reader.shared_examples(config.data, ev, train, info)
+    except UserError:   # a split the data layer names better when it reads it
+      shared = None
+    fix = ("train and evaluate on splits without common examples (e.g. "
+           "data.train_split='train[:90%]' and data.eval_split='train[90%:]')")
+  if shared:
+    logging.warning("config.data.eval_split='%s' shares %d examples with train_split='%s': the "
+                    'accuracy it reports is on images the model trains on, not on new ones; %s.',
+                    ev, shared, train, fix)
+
+
 def warn_unused_validation(config: ml_collections.ConfigDict, info: DatasetInfo) -> None:
   """At training: ``validation_fraction`` images that no fit of this run reads are kept from
   training for nothing unless the user calibrates later; say so, with both ways out."""

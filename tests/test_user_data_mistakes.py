@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from imgcls_jax.data import folder_index, manifest
+from imgcls_jax.data.info import DatasetInfo
 from imgcls_jax.errors import UserError
 
 
@@ -138,3 +139,64 @@ def test_a_split_typo_and_comma_separated_tags_are_warned_of(tmp_path, caplog):
   assert manifest.tags(rows[0][1]) == ('cat, dog',)       # read as written ...
   assert any("tags holding ','" in r.getMessage() and "'cat, dog'" in r.getMessage()
              for r in caplog.records)                      # ... and said
+
+
+def test_a_non_image_in_a_folder_without_split_folders_is_warned_of_once(tmp_path, caplog):
+  """Both splits of a held-out draw list the folder's non-images: one warning, not one a split."""
+  for k, cls in enumerate(('cat', 'dog')):
+    for i in range(5):
+      _png(tmp_path / cls / f'{i}.png', 10 * k + i)
+  (tmp_path / 'cat' / 'notes.txt').write_text('not an image')
+  src = folder_index.source_of(_data(folder=str(tmp_path), holdout_fraction=0.4))
+  names = folder_index.class_names(src)
+  with caplog.at_level(logging.WARNING):
+    train = folder_index.index(src, 'train', names)
+    test = folder_index.index(src, 'test', names)
+  assert len(train.ids) + len(test.ids) == 10 and not set(train.ids) & set(test.ids)
+  named = [r.getMessage() for r in caplog.records if 'notes.txt' in r.getMessage()]
+  assert len(named) == 1 and "split 'train': skipped 1 file(s): cat/notes.txt" in named[0]
+
+
+def test_no_split_folders_names_the_split_key_and_not_a_leaking_fix(tmp_path):
+  """Without split folders or a hold-out, the error names the key whose split is missing; it no
+  longer advises split 'all' (which, for training, evaluates on trained images)."""
+  for cls in ('cat', 'dog'):
+    _png(tmp_path / cls / '0.png')
+  src = folder_index.source_of(_data(folder=str(tmp_path), train_split='all'))
+  names = folder_index.class_names(src)
+  assert len(folder_index.index(src, 'all', names).ids) == 2
+  with pytest.raises(UserError, match=rf"no {tmp_path}/test/ for config.data.eval_split\); set "
+                                      r"config.data.holdout_fraction \(e\.g\. 0\.2\) to hold out"):
+    folder_index.index(src, 'test', names)
+
+
+def test_evaluating_on_trained_images_is_warned_of(tmp_path, caplog):
+  """train_split 'all' of a manifest with a split column trained on its 'test' rows, and the
+  reported accuracy was theirs, without a word; a tfds-style slice inside the train split too."""
+  from imgcls_jax import held_out
+  from imgcls_jax.data import reader
+  rows = ['path,label,split']
+  for i in range(12):
+    _png(tmp_path / f'{i}.png', i)
+    rows.append(f"{i}.png,{('cat', 'dog')[i % 2]},{'test' if i % 4 == 0 else 'train'}")
+  (tmp_path / 'm.csv').write_text('\n'.join(rows) + '\n')
+  data = _data(manifest=str(tmp_path / 'm.csv'), train_split='all')
+  src = folder_index.source_of(data)
+  names = folder_index.class_names(src)
+  info = DatasetInfo(name='image_folder', num_classes=2, class_names=names,
+                     image_shape=(8, 8, 3), num_examples={
+                         s: len(folder_index.index(src, s, names).ids) for s in ('all', 'test')})
+  config = ml_collections.ConfigDict({'data': data})
+  with caplog.at_level(logging.WARNING):
+    held_out.warn_eval_on_training(config, info)
+    config.data.train_split = 'train'                  # the split column's train rows: disjoint
+    held_out.warn_eval_on_training(config, info)
+  shares = [r.getMessage() for r in caplog.records if 'shares' in r.getMessage()]
+  assert len(shares) == 1 and shares[0].startswith(   # the 3 rows the manifest marks 'test'
+      "config.data.eval_split='test' shares 3 examples with train_split='all'")
+  caplog.clear()
+  digits = ml_collections.ConfigDict({'data': dict(name='arrays:sklearn_digits', data_dir=str(
+      tmp_path / 'tfds'), train_split='train[:500]', eval_split='train[400:]')})
+  with caplog.at_level(logging.WARNING):
+    held_out.warn_eval_on_training(digits, reader.describe(digits.data))
+  assert any("shares 100 examples" in r.getMessage() for r in caplog.records)   # 400..499

@@ -347,9 +347,10 @@ def _listed(src: Source, split: str, names: tuple[str, ...],
                       f"('{src.train_split}') nor eval_split ('{src.eval_split}') nor '{ALL}'"
                       f'{hint}; {src.location} has no split directories to choose from.')
     if src.holdout_fraction <= 0:
-      raise UserError(f'{src.location} has no split directories (no {src.root}/{split}/); set '
-                      'config.data.holdout_fraction (e.g. 0.2) to hold out part of every class '
-                      f"for evaluation, or use split '{ALL}' for every image.")
+      key = 'train_split' if split == src.train_split else 'eval_split'
+      raise UserError(f'{src.location} has no split directories (no {src.root}/{split}/ for '
+                      f'config.data.{key}); set config.data.holdout_fraction (e.g. 0.2) to hold '
+                      f"out part of every class for evaluation (split '{ALL}' reads every image).")
     held = holdout.draw(ids, holdout.strata(labels, src.multilabel), names, src.holdout_fraction,
                     src.holdout_seed)
     held_out = split == src.eval_split != src.train_split   # a k-fold's folds both read train
@@ -361,6 +362,7 @@ def _listed(src: Source, split: str, names: tuple[str, ...],
 # ---- the index of a split ----
 
 _MEMO: dict[tuple[Source, str, tuple[str, ...]], Split] = {}
+_WARNED: set[tuple[str, str, str]] = set()   # (location, id, why) a warning already named
 _LOCK = threading.Lock()
 
 
@@ -368,6 +370,7 @@ def clear_memo() -> None:
   """Forgets the splits indexed by this process (the on-disk cache stays)."""
   with _LOCK:
     _MEMO.clear()
+    _WARNED.clear()
 
 
 def _digest(ids: list[str], labels: list) -> str:
@@ -418,11 +421,14 @@ def index(src: Source, split: str, names: tuple[str, ...]) -> Split:
                       'have no readable images; add images or remove the class.')
   order = np.random.RandomState(0).permutation(len(keep))
   keep = [keep[j] for j in order]
-  if skipped:
-    shown = ', '.join(f'{p} ({why})' for p, why in skipped[:_SHOWN])
-    more = f' and {len(skipped) - _SHOWN} more' if len(skipped) > _SHOWN else ''
+  with _LOCK:   # a folder without split folders lists its non-images for every split: once
+    news = [(p, why) for p, why in skipped if (src.location, p, why) not in _WARNED]
+    _WARNED.update((src.location, p, why) for p, why in news)
+  if news:
+    shown = ', '.join(f'{p} ({why})' for p, why in news[:_SHOWN])
+    more = f' and {len(news) - _SHOWN} more' if len(news) > _SHOWN else ''
     logging.warning("Image folder %s, split '%s': skipped %d file(s): %s%s.", src.location, split,
-                    len(skipped), shown, more)
+                    len(news), shown, more)
   _report_counts(src, split, names, counts, len(keep))
   result = Split(root=src.root, split=split,
                  paths=tuple(os.path.join(src.root, ids[i]) for i in keep),
