@@ -442,7 +442,7 @@ def get_config() -> ml_collections.ConfigDict:
                                           # (/v1/models/<name>:predict, /v2/models/<name>/infer)
   c.serve.keep_alive_s = 5                # idle seconds before a kept-alive connection is closed
 
-  # ---- the user's images (imgcls_jax/data/folder_index.py, image_folder.py) ----
+  # ---- the user's images (imgcls_jax/data/folder_layout.py, folder_index.py, image_folder.py)
   # With data.name = 'image_folder', one of:
   #   data.folder = ROOT holding <split>/<class>/* (splits named by data.train_split / eval_split),
   #     or <class>/* without split folders (then data.holdout_fraction > 0 picks the eval split);

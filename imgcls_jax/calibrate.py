@@ -24,7 +24,7 @@ import ml_collections
 
 from imgcls_jax import (checkpoint, checkpoint_files, held_out, held_out_fits, inference, ood,
                         restored_split, run, selective)
-from imgcls_jax.data import folder_index
+from imgcls_jax.data import folder_layout
 from imgcls_jax.errors import UserError
 
 _KEYS = ('temperature_split', 'threshold_split')
@@ -53,18 +53,18 @@ def _check_validation_exists(saved: dict[str, Any], overrides: dict[str, Any] | 
   for k, v in (overrides or {}).items():   # a moved folder
     if k.startswith('data.') and k.count('.') == 1 and k[5:] in data:
       data[k[5:]] = v
-  if (split.split('[')[0] != folder_index.VALIDATION or not folder_index.is_folder(data)
+  if (split.split('[')[0] != folder_layout.VALIDATION or not folder_layout.is_folder(data)
       or (data.get('validation_fraction', 0.0) or 0.0) > 0):
     return
   try:
-    named = folder_index.named_splits(folder_index.source_of(data))
+    named = folder_layout.named_splits(folder_layout.source_of(data))
   except UserError:
     return   # the folder is missing or moved: reading the split says so
-  if folder_index.VALIDATION not in named:
-    raise UserError(f"This run holds no '{folder_index.VALIDATION}' images out (it was trained "
+  if folder_layout.VALIDATION not in named:
+    raise UserError(f"This run holds no '{folder_layout.VALIDATION}' images out (it was trained "
                     'with data.validation_fraction=0 on a folder without that split); train it '
                     f"again with --config.data.validation_fraction=0.1 and calibrate on "
-                    f"--config.evaluate.{key}='{folder_index.VALIDATION}'.")
+                    f"--config.evaluate.{key}='{folder_layout.VALIDATION}'.")
 
 
 def _gate_target(key: str, e: ml_collections.ConfigDict, overrides: dict[str, Any] | None,

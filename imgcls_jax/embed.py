@@ -90,9 +90,9 @@ def split_paths(data: ml_collections.ConfigDict, split: str, positions: np.ndarr
                 class_names: list[str]) -> list[str]:
   """Names of the examples at ``positions`` of a split's reading order: the file paths of an
   image folder, else ``name:split[i]``."""
-  from imgcls_jax.data import folder_index, image_folder
+  from imgcls_jax.data import folder_index, folder_layout, image_folder
   if image_folder.is_folder(data) and '@' not in split:
-    indexed = folder_index.index(folder_index.source_of(data), split, tuple(class_names))
+    indexed = folder_index.index(folder_layout.source_of(data), split, tuple(class_names))
     return [indexed.paths[i] for i in positions]
   return [f'{data.name}:{split}[{i}]' for i in positions]
 

@@ -30,7 +30,7 @@ import numpy as np
 from imgcls_jax import (checkpoint, evaluation, inference, intervals, intervals_multilabel,
                         label_issues, metrics, plots, report_files)
 from imgcls_jax import outcomes as outcomes_lib
-from imgcls_jax.data import folder_index, images, reader
+from imgcls_jax.data import folder_layout, images, reader
 from imgcls_jax.errors import UserError
 
 
@@ -157,8 +157,8 @@ def _label_issues(ev: evaluation.Evaluation, ids: list[str],
                  'unknown)')
     return None
   info, data = ev.trained.info, ev.trained.run.data
-  if ids and folder_index.is_folder(data):   # every flagged image, from its file
-    load = label_issues.file_loader(folder_index.source_of(data).root, info.channels)
+  if ids and folder_layout.is_folder(data):   # every flagged image, from its file
+    load = label_issues.file_loader(folder_layout.source_of(data).root, info.channels)
   else:   # the flagged ones among the most confident errors the pass kept, as the model saw them
     load = lambda r: o.images.get(r['position'])   # noqa: E731
   labels = o.labels if isinstance(o, outcomes_lib.TagOutcomes) else o.label

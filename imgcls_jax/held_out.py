@@ -12,7 +12,7 @@ import os
 import ml_collections
 
 from imgcls_jax import ood, selective
-from imgcls_jax.data import folder_index, reader
+from imgcls_jax.data import folder_index, folder_layout, reader
 from imgcls_jax.data.info import DatasetInfo
 from imgcls_jax.errors import UserError
 
@@ -40,21 +40,21 @@ _FITTED = {  # key -> why a split it shares examples with (train, eval) with is 
 def check_location_keys(data: ml_collections.ConfigDict) -> None:
   """``folder`` / ``manifest`` name an image folder's files: set for another dataset, they would
   be silently ignored (at training, or as a trained run's new image location)."""
-  if folder_index.is_folder(data):
+  if folder_layout.is_folder(data):
     return
   for key in ('folder', 'manifest'):
     if data.get(key):
       raise UserError(f"config.data.{key}={data[key]} is read only when config.data.name="
-                      f"'{folder_index.NAME}', and it is '{data.name}'; add "
-                      f'--config.data.name={folder_index.NAME} (or unset data.{key}).')
+                      f"'{folder_layout.NAME}', and it is '{data.name}'; add "
+                      f'--config.data.name={folder_layout.NAME} (or unset data.{key}).')
 
 
 def check_workdir_outside(data: ml_collections.ConfigDict, workdir: str) -> None:
   """A run directory inside the image folder it trains on would add its own folders as classes
   (and leave the data unusable): refused before anything is written."""
-  if not folder_index.is_folder(data):
+  if not folder_layout.is_folder(data):
     return
-  src = folder_index.source_of(data)
+  src = folder_layout.source_of(data)
   if src.kind == 'manifest':
     return
   workdir, root = os.path.realpath(workdir), os.path.realpath(src.location)
@@ -67,7 +67,7 @@ def check_workdir_outside(data: ml_collections.ConfigDict, workdir: str) -> None
 def check_folder_only_keys(data: ml_collections.ConfigDict) -> None:
   """``folder`` / ``manifest`` locate an image folder's files and ``holdout_fraction`` /
   ``validation_fraction`` draw splits from them; any other dataset would silently ignore them."""
-  if folder_index.is_folder(data):
+  if folder_layout.is_folder(data):
     return
   check_location_keys(data)
   for key in ('holdout_fraction', 'validation_fraction'):
@@ -84,10 +84,10 @@ def _drawn(data: ml_collections.ConfigDict, split: str) -> bool:
   out by ``holdout_fraction`` (no split directories or column), or ``validation_fraction``'s
   'validation'."""
   base = split.split('[')[0].split('@')[0]
-  if base == folder_index.VALIDATION and (data.get('validation_fraction', 0.0) or 0.0) > 0:
+  if base == folder_layout.VALIDATION and (data.get('validation_fraction', 0.0) or 0.0) > 0:
     return True
-  return ((data.get('holdout_fraction', 0.0) or 0.0) > 0 and base != folder_index.ALL
-          and not folder_index.has_splits(folder_index.source_of(data)))
+  return ((data.get('holdout_fraction', 0.0) or 0.0) > 0 and base != folder_layout.ALL
+          and not folder_layout.has_splits(folder_layout.source_of(data)))
 
 
 _DRAW_KEYS = ('holdout_fraction', 'holdout_seed', 'validation_fraction')
@@ -102,7 +102,7 @@ def folder_changed(config: ml_collections.ConfigDict, info: DatasetInfo, split: 
   before them). Another draw may put images the model trained on into ``split``."""
   data = config.data
   name = str(data.train_split)
-  if not folder_index.is_folder(data) or '@' in name:
+  if not folder_layout.is_folder(data) or '@' in name:
     return ''
   try:
     if not _drawn(data, split):
@@ -112,7 +112,7 @@ def folder_changed(config: ml_collections.ConfigDict, info: DatasetInfo, split: 
       if (then or 0) != (now or 0):
         return (f'config.data.{key}={now} draws other held-out images than the run did '
                 f'({key}={then})')
-    src = folder_index.source_of(data)
+    src = folder_layout.source_of(data)
     then = (info.split_digests or {}).get(name)
     if then is not None:
       if then == folder_index.listed_digest(src, name, info.class_names):
@@ -177,8 +177,8 @@ def warn_eval_on_training(config: ml_collections.ConfigDict, info: DatasetInfo) 
   images the model trained on (train_split 'all' of an image folder reads its eval images too);
   say so once, with the fix. Deliberate (a check of the fit) it stays allowed."""
   train, ev = str(config.data.train_split), str(config.data.eval_split)
-  if folder_index.is_folder(config.data):   # folder splits are disjoint but for 'all'
-    shared = info.num_examples.get(ev) if train == folder_index.ALL else None
+  if folder_layout.is_folder(config.data):   # folder splits are disjoint but for 'all'
+    shared = info.num_examples.get(ev) if train == folder_layout.ALL else None
     fix = ("train on the rest (data.train_split='train', with data.holdout_fraction holding "
            'part of every class out for evaluation when the folder has no split folders)')
   else:
@@ -201,14 +201,14 @@ def warn_unused_validation(config: ml_collections.ConfigDict, info: DatasetInfo)
   key = 'threshold_split' if info.multilabel else 'temperature_split'
   fit = threshold_split(config) if info.multilabel else temperature_split(config)
   read = (fit, str(config.data.eval_split))    # evaluating on it reads it too
-  if (not folder_index.is_folder(config.data) or fraction <= 0
-      or any(r.split('[')[0] == folder_index.VALIDATION for r in read)):
+  if (not folder_layout.is_folder(config.data) or fraction <= 0
+      or any(r.split('[')[0] == folder_layout.VALIDATION for r in read)):
     return
   logging.warning("config.data.validation_fraction=%s holds that part of every class out of "
                   "training as split '%s', and no fit of this run reads it: fit on it now "
                   "(--config.evaluate.%s=%s) or later (--mode=calibrate), or set "
                   'validation_fraction=0 to train on those images.', fraction,
-                  folder_index.VALIDATION, key, folder_index.VALIDATION)
+                  folder_layout.VALIDATION, key, folder_layout.VALIDATION)
 
 
 def _held_out_hint(config: ml_collections.ConfigDict, fit_key: str, clash: str, split: str,
@@ -216,15 +216,15 @@ def _held_out_hint(config: ml_collections.ConfigDict, fit_key: str, clash: str, 
   """How this run's data can hold examples out for ``config.evaluate.<fit_key>`` (``split``
   clashed with ``config.data.<clash>``; ``trained``: the run exists, only the fit split can
   change)."""
-  folder = folder_index.is_folder(config.data)
-  held = folder_index.VALIDATION if folder else 'train[90%:]'
+  folder = folder_layout.is_folder(config.data)
+  held = folder_layout.VALIDATION if folder else 'train[90%:]'
   if clash == 'eval_split' and split == str(config.data.eval_split) and not trained:
     return (f'evaluate on another split (config.data.eval_split) or fit on another one '
             f"(evaluate.{fit_key})")
   use = f"evaluate.{fit_key}='{held}'"
   has_validation = folder and ((config.data.get('validation_fraction', 0.0) or 0.0) > 0 or (
-      folder_index.VALIDATION in folder_index.named_splits(folder_index.source_of(config.data))))
-  if has_validation and split != folder_index.VALIDATION:
+      folder_layout.VALIDATION in folder_layout.named_splits(folder_layout.source_of(config.data))))
+  if has_validation and split != folder_layout.VALIDATION:
     return f'use the held-out split: {use}'
   if trained and folder:
     return ("this run holds no 'validation' images out: train it again with "

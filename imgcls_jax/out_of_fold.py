@@ -74,12 +74,12 @@ class OutOfFold:
     """Finds, writes (``label_issues.FILE``, ``KEPT``; image folders: ``PICTURE`` too) and
     summarises the likely label issues; None when not wanted, or when the search failed (a
     warning: the cross-validation report is written all the same)."""
-    from imgcls_jax.data import folder_index
+    from imgcls_jax.data import folder_layout
     if not self.wanted or not self.labels:
       return None
     try:
-      load = (label_issues.file_loader(folder_index.source_of(self.data).root, self.channels)
-              if folder_index.is_folder(self.data) else None)
+      load = (label_issues.file_loader(folder_layout.source_of(self.data).root, self.channels)
+              if folder_layout.is_folder(self.data) else None)
       found, s = label_issues.search(
           np.concatenate(self.labels), np.concatenate(self.probs), ids=self.ids,
           class_names=class_names, out_dir=workdir, split=self.split, load=load,

@@ -116,7 +116,7 @@ def folder_rows(root: str, found: list[dict[str, str]]) -> list[list[str]]:
   files of an image folder, as its layout lists them: ``root/<class>/**``, or
   ``root/<split>/<class>/**`` when the list's ids name a split first (``split/class/file``: an id's
   class directory is its label)."""
-  from imgcls_jax.data import folder_index
+  from imgcls_jax.data import folder_layout
   if not os.path.isdir(root):
     raise UserError(f'The image folder {root} does not exist; give the folder the run read '
                     '(config.data.folder).')
@@ -130,11 +130,11 @@ def folder_rows(root: str, found: list[dict[str, str]]) -> list[list[str]]:
                     '(<class>/<file> or <split>/<class>/<file>); give the folder the run read.')
   if split_first:
     return [['path', 'label', 'split']] + [
-        [rel, name, split] for split in folder_index.subdirs(root)
-        for name in folder_index.subdirs(os.path.join(root, split))
-        for rel in folder_index.walk(os.path.join(root, split, name), os.path.join(split, name))]
-  return [['path', 'label']] + [[rel, name] for name in folder_index.subdirs(root)
-                                for rel in folder_index.walk(os.path.join(root, name), name)]
+        [rel, name, split] for split in folder_layout.subdirs(root)
+        for name in folder_layout.subdirs(os.path.join(root, split))
+        for rel in folder_layout.walk(os.path.join(root, split, name), os.path.join(split, name))]
+  return [['path', 'label']] + [[rel, name] for name in folder_layout.subdirs(root)
+                                for rel in folder_layout.walk(os.path.join(root, name), name)]
 
 
 def _new_tags(now: str, r: dict[str, str]) -> str:

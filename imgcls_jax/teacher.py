@@ -23,7 +23,7 @@ import ml_collections
 
 from imgcls_jax import checkpoint, distill, inference, models, sharding
 from imgcls_jax import state as state_lib
-from imgcls_jax.data import folder_index, reader
+from imgcls_jax.data import folder_index, folder_layout, reader
 from imgcls_jax.data.info import DatasetInfo
 from imgcls_jax.errors import UserError
 
@@ -136,10 +136,10 @@ def _check_unseen(trained: inference.Trained, where: str, config: ml_collections
   taught = str(trained.run.data.train_split)
   base, _, fold = str(config.data.eval_split).partition('@')
   try:
-    if folder_index.is_folder(config.data):
-      taught_ids = folder_index.listed(folder_index.source_of(trained.run.data),
+    if folder_layout.is_folder(config.data):
+      taught_ids = folder_index.listed(folder_layout.source_of(trained.run.data),
                                        taught.split('@')[0], trained.info.class_names)[0]
-      eval_ids = folder_index.listed(folder_index.source_of(config.data), base,
+      eval_ids = folder_index.listed(folder_layout.source_of(config.data), base,
                                      info.class_names)[0]
       shared = len(set(taught_ids) & set(eval_ids))
     else:

@@ -142,7 +142,7 @@ def test_a_folder_teacher_drawn_with_another_seed_is_said_to_leak(digits_config,
   the student trained on part of the student's eval images, found by the files each lists."""
   from PIL import Image
   from imgcls_jax import teacher as teacher_lib
-  from imgcls_jax.data import folder_index
+  from imgcls_jax.data import folder_index, folder_layout
   c = digits_config
   images, labels = _split(c, 'test')
   for k, (x, y) in enumerate(zip(images[:200], labels[:200])):
@@ -157,11 +157,11 @@ def test_a_folder_teacher_drawn_with_another_seed_is_said_to_leak(digits_config,
     teacher_lib._check_unseen(trained, 'the teacher', c, trained.info)        # the same draw
   assert 'optimistic' not in caplog.text
   c.data.holdout_seed = 1
-  src = folder_index.source_of(c.data)
+  src = folder_layout.source_of(c.data)
   names = trained.info.class_names
   # The images each run reads (the index of readable files, as training and evaluation use it).
   held = set(folder_index.index(src, 'test', names).ids)
-  taught = set(folder_index.index(folder_index.source_of(trained.run.data), 'train', names).ids)
+  taught = set(folder_index.index(folder_layout.source_of(trained.run.data), 'train', names).ids)
   assert held & taught
   with caplog.at_level(logging.WARNING):
     teacher_lib._check_unseen(trained, 'the teacher', c, trained.info)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgcls_jax.data import (file_probe, folder_index, folds, holdout, image_folder,
+from imgcls_jax.data import (file_probe, folder_index, folder_layout, folds, holdout, image_folder,
                              info as info_lib, pipeline, sources)
 from imgcls_jax.errors import UserError
 
@@ -51,8 +51,8 @@ def _data(digits_config, **kw):
 
 
 def _split(data, split):
-  src = folder_index.source_of(data)
-  return folder_index.index(src, split, folder_index.class_names(src))
+  src = folder_layout.source_of(data)
+  return folder_index.index(src, split, folder_layout.class_names(src))
 
 
 def test_holdout_is_stratified_seeded_and_disjoint(tmp_path, digits_config):
@@ -106,7 +106,7 @@ def test_validation_fraction_carves_a_stratified_split_out_of_train_only(tmp_pat
 
   data.validation_fraction = 1.0
   with pytest.raises(UserError, match='validation_fraction=1.0 must be in'):
-    folder_index.source_of(data)
+    folder_layout.source_of(data)
   splits = str(tmp_path / 'splits')   # a layout that names its own validation split
   for split in ('train', 'test', 'validation'):
     _flat(f'{splits}/{split}', {'ant': 2, 'bee': 2})

@@ -198,7 +198,7 @@ def test_impossible_sizes_and_label_orders(digits_config):
   with pytest.raises(UserError, match='config.num_epochs must be a finite number'):
     configlib.validate(digits_config)
   # Integer manifest labels: numerically, ties by text, whatever the process's hash seed.
-  script = ('from imgcls_jax.data import folder_index as f; '
+  script = ('from imgcls_jax.data import folder_layout as f; '
             "print(f._sort_labels(['1', '01', '10', '2', '001']))")
   seen = {subprocess.run([sys.executable, '-c', script], cwd=REPO, capture_output=True, text=True,
                          env={**os.environ, 'PYTHONHASHSEED': str(seed)}).stdout.strip()

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from imgcls_jax import run
-from imgcls_jax.data import folder_index, image_folder, pipeline, sources
+from imgcls_jax.data import folder_index, folder_layout, image_folder, pipeline, sources
 from imgcls_jax.errors import UserError
 
 
@@ -71,10 +71,10 @@ def folder_config(digits_config, folder):
 
 
 def _index(root, split, names=None):
-  src = folder_index.Source(kind='splits', location=root, root=root, train_split='train',
+  src = folder_layout.Source(kind='splits', location=root, root=root, train_split='train',
                             eval_split='test', holdout_fraction=0.0, holdout_seed=0, cache_dir='')
   folder_index.clear_memo()
-  return folder_index.index(src, split, names or folder_index.class_names(src))
+  return folder_index.index(src, split, names or folder_layout.class_names(src))
 
 
 def test_scan_skips_and_reports_unreadable_and_non_image_files(folder, caplog):

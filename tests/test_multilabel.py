@@ -18,7 +18,7 @@ from PIL import Image
 from sklearn import metrics as skm
 
 from imgcls_jax import inference, loss_weights, predict, report, run, steps, train
-from imgcls_jax.data import folder_index, image_folder, pipeline, sources
+from imgcls_jax.data import folder_index, folder_layout, image_folder, pipeline, sources
 from imgcls_jax.errors import UserError
 from tests.conftest import REPO
 
@@ -116,7 +116,7 @@ def test_manifest_tags_become_multi_hot_rows(tmp_path):
   info = sources.describe(c.data)
   assert info.multilabel and info.class_names == tuple(sorted(TAGS))
   names = info.class_names
-  indexed = folder_index.index(folder_index.source_of(c.data), 'test', names)
+  indexed = folder_index.index(folder_layout.source_of(c.data), 'test', names)
   rows = {ex['tfds_id'].decode(): ex['label'] for ex in
           image_folder.dataset(indexed, 1).as_numpy_iterator()}
   for rel, tags in truth['test']:

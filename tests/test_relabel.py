@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from imgcls_jax import label_issues, relabel
-from imgcls_jax.data import digits, folder_index
+from imgcls_jax.data import digits, folder_index, folder_layout
 from imgcls_jax.errors import UserError
 
 
@@ -60,7 +60,7 @@ def test_the_chosen_rows_get_the_suggested_label_and_the_rest_is_copied(tmp_path
   assert got == expected   # rank 5 was not chosen; the header and the extra column are kept
   # The pipeline reads the copy: its labels are the new ones.
   digits_config.data.name, digits_config.data.manifest = 'image_folder', out
-  ids, classes = folder_index.listed(folder_index.source_of(digits_config.data), 'train',
+  ids, classes = folder_index.listed(folder_layout.source_of(digits_config.data), 'train',
                                      ('0', '1', '2'))
   assert dict(zip(ids, classes))['img/4.png'] == 2 and dict(zip(ids, classes))['img/3.png'] == 0
 
@@ -137,7 +137,7 @@ def test_bad_inputs_are_one_line(tmp_path, capsys):
 
 def _folder_listing(data, split, names, root):
   """{absolute path: class} of a split as the pipeline lists it (the oracle for the copies)."""
-  ids, labels = folder_index.listed(folder_index.source_of(data), split, names)
+  ids, labels = folder_index.listed(folder_layout.source_of(data), split, names)
   return {os.path.normpath(os.path.join(root, i)): names[k] for i, k in zip(ids, labels)}
 
 

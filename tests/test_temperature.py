@@ -330,7 +330,7 @@ def test_an_image_folder_run_is_calibrated_on_its_validation_fraction(digits_con
   Classifier reading that file predicts the listed class."""
   from PIL import Image
   from imgcls_jax import calibrate, evaluate
-  from imgcls_jax.data import folder_index
+  from imgcls_jax.data import folder_index, folder_layout
   images, labels = _digits(tfds_dir, 'train[:400]')
   for k, (x, y) in enumerate(zip(images, labels)):
     os.makedirs(tmp_path / 'photos' / str(y), exist_ok=True)
@@ -369,7 +369,7 @@ def test_an_image_folder_run_is_calibrated_on_its_validation_fraction(digits_con
   c.num_train_steps = 30
   train.train_and_evaluate(c, str(tmp_path / 'run'))
   folder_index.clear_memo()
-  val = folder_index.index(folder_index.source_of(c.data), 'validation',
+  val = folder_index.index(folder_layout.source_of(c.data), 'validation',
                            tuple(str(d) for d in range(10)))
   _, trained = _meta(str(tmp_path / 'run'))
   assert trained['temperature']['examples'] == len(val) == held.sum()
@@ -399,7 +399,7 @@ def test_an_image_folder_run_is_calibrated_on_its_validation_fraction(digits_con
     os.remove(path)
   folder_index.clear_memo()
   # A training photo renamed: the same count, but its class's held-out draw changes.
-  moved = folder_index.index(folder_index.source_of(c.data), 'train',
+  moved = folder_index.index(folder_layout.source_of(c.data), 'train',
                              tuple(str(d) for d in range(10))).paths[0]
   os.rename(moved, moved + '.renamed.png')
   folder_index.clear_memo()
@@ -423,7 +423,7 @@ def test_an_image_folder_run_is_calibrated_on_its_validation_fraction(digits_con
   caplog.clear()
 
   import csv
-  test = folder_index.index(folder_index.source_of(c.data), 'test',
+  test = folder_index.index(folder_layout.source_of(c.data), 'test',
                             tuple(str(d) for d in range(10)))
   victim = test.paths[5]
   with open(victim, 'wb') as f:          # damaged after it was indexed

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgcls_jax.data import folder_index, manifest
+from imgcls_jax.data import folder_index, folder_layout, manifest
 from imgcls_jax.data.info import DatasetInfo
 from imgcls_jax.errors import UserError
 
@@ -41,34 +41,34 @@ def test_split_folders_under_other_names_are_not_taken_for_classes(tmp_path):
   for split in ('Training', 'Testing'):
     for k, cls in enumerate(('cat', 'dog', 'fox')):
       _png(tmp_path / split / cls / f'{k}.png', k)
-  src = folder_index.source_of(_data(folder=str(tmp_path), holdout_fraction=0.2))
+  src = folder_layout.source_of(_data(folder=str(tmp_path), holdout_fraction=0.2))
   with pytest.raises(UserError, match=r"split folders Testing, Training .*set "
                                       r"config.data.train_split='Training' and "
                                       r"config.data.eval_split='Testing'\."):
-    folder_index.class_names(src)
-  ok = folder_index.source_of(_data(folder=str(tmp_path), train_split='Training',
+    folder_layout.class_names(src)
+  ok = folder_layout.source_of(_data(folder=str(tmp_path), train_split='Training',
                                     eval_split='Testing'))
-  assert ok.kind == 'splits' and folder_index.class_names(ok) == ('cat', 'dog', 'fox')
+  assert ok.kind == 'splits' and folder_layout.class_names(ok) == ('cat', 'dog', 'fox')
 
 
 def test_a_wrapper_folder_names_the_folder_to_point_at(tmp_path):
   for cls in ('cat', 'dog'):
     _png(tmp_path / 'photos' / cls / '0.png')
-  src = folder_index.source_of(_data(folder=str(tmp_path), holdout_fraction=0.2))
+  src = folder_layout.source_of(_data(folder=str(tmp_path), holdout_fraction=0.2))
   with pytest.raises(UserError, match=rf"holds one folder, photos, whose sub-folders \(cat, dog\) "
                                       rf"look like the classes; set config.data.folder="
                                       rf"{tmp_path / 'photos'}\."):
-    folder_index.class_names(src)
+    folder_layout.class_names(src)
   _png(tmp_path / 'only' / 'cat' / '0.png')         # a real single class: the old advice
   with pytest.raises(UserError, match='has only one class, cat; .*add .*<another class>'):
-    folder_index.class_names(folder_index.source_of(
+    folder_layout.class_names(folder_layout.source_of(
         _data(folder=str(tmp_path / 'only'), holdout_fraction=0.2)))
 
 
 def test_a_manifest_whose_paths_all_miss_says_why_and_where_paths_start(tmp_path):
   (tmp_path / 'labels.csv').write_text('img\\a.png,cat\nimg\\b.png,dog\n')   # Windows paths
-  src = folder_index.source_of(_data(manifest=str(tmp_path / 'labels.csv'), holdout_fraction=0.5))
-  names = folder_index.class_names(src)
+  src = folder_layout.source_of(_data(manifest=str(tmp_path / 'labels.csv'), holdout_fraction=0.5))
+  names = folder_layout.class_names(src)
   with pytest.raises(UserError, match=(r"has no readable images \(skipped: img\\a\.png "
                                        r"\(file not found\); img\\b"
                                        rf".*relative to its folder {tmp_path}\.")):
@@ -104,24 +104,24 @@ def test_a_file_listed_with_two_labels_is_refused(tmp_path):
     _png(tmp_path / f'{name}.png')
   path = tmp_path / 'labels.csv'
   path.write_text('a.png,cat\nb.png,dog\nc.png,dog\na.png,zebra\n')
-  src = folder_index.source_of(_data(manifest=str(path), train_split='all'))
+  src = folder_layout.source_of(_data(manifest=str(path), train_split='all'))
   with pytest.raises(UserError, match=r"a.png is listed twice .* with different labels \('cat' "
                                       r"and 'zebra'\)"):
-    folder_index.index(src, 'all', folder_index.class_names(src))
+    folder_index.index(src, 'all', folder_layout.class_names(src))
   path.write_text('a.png,cat\nb.png,dog\nc.png,dog\na.png,cat\n')   # the same row twice: skipped
   folder_index.clear_memo()
-  split = folder_index.index(src, 'all', folder_index.class_names(src))
+  split = folder_index.index(src, 'all', folder_layout.class_names(src))
   assert len(split.paths) == 3 and split.skipped == (('a.png', 'listed twice'),)
   # tags: the same set in another order is the same label; another set is refused
   path.write_text('path,labels\na.png,cat;dog\nb.png,dog\nc.png,cat\na.png,dog;cat\n')
-  tagged = folder_index.source_of(_data(manifest=str(path), train_split='all', multilabel=True))
+  tagged = folder_layout.source_of(_data(manifest=str(path), train_split='all', multilabel=True))
   folder_index.clear_memo()
-  split = folder_index.index(tagged, 'all', folder_index.class_names(tagged))
+  split = folder_index.index(tagged, 'all', folder_layout.class_names(tagged))
   assert len(split.paths) == 3 and split.skipped == (('a.png', 'listed twice'),)
   path.write_text('path,labels\na.png,cat;dog\nb.png,dog\nc.png,cat\na.png,cat\n')
   folder_index.clear_memo()
   with pytest.raises(UserError, match=r"a.png is listed twice .* \('cat;dog' and 'cat'\)"):
-    folder_index.index(tagged, 'all', folder_index.class_names(tagged))
+    folder_index.index(tagged, 'all', folder_layout.class_names(tagged))
 
 
 def test_a_split_typo_and_comma_separated_tags_are_warned_of(tmp_path, caplog):
@@ -147,8 +147,8 @@ def test_a_non_image_in_a_folder_without_split_folders_is_warned_of_once(tmp_pat
     for i in range(5):
       _png(tmp_path / cls / f'{i}.png', 10 * k + i)
   (tmp_path / 'cat' / 'notes.txt').write_text('not an image')
-  src = folder_index.source_of(_data(folder=str(tmp_path), holdout_fraction=0.4))
-  names = folder_index.class_names(src)
+  src = folder_layout.source_of(_data(folder=str(tmp_path), holdout_fraction=0.4))
+  names = folder_layout.class_names(src)
   with caplog.at_level(logging.WARNING):
     train = folder_index.index(src, 'train', names)
     test = folder_index.index(src, 'test', names)
@@ -162,8 +162,8 @@ def test_no_split_folders_names_the_split_key_and_not_a_leaking_fix(tmp_path):
   longer advises split 'all' (which, for training, evaluates on trained images)."""
   for cls in ('cat', 'dog'):
     _png(tmp_path / cls / '0.png')
-  src = folder_index.source_of(_data(folder=str(tmp_path), train_split='all'))
-  names = folder_index.class_names(src)
+  src = folder_layout.source_of(_data(folder=str(tmp_path), train_split='all'))
+  names = folder_layout.class_names(src)
   assert len(folder_index.index(src, 'all', names).ids) == 2
   with pytest.raises(UserError, match=rf"no {tmp_path}/test/ for config.data.eval_split\); set "
                                       r"config.data.holdout_fraction \(e\.g\. 0\.2\) to hold out"):
@@ -181,8 +181,8 @@ def test_evaluating_on_trained_images_is_warned_of(tmp_path, caplog):
     rows.append(f"{i}.png,{('cat', 'dog')[i % 2]},{'test' if i % 4 == 0 else 'train'}")
   (tmp_path / 'm.csv').write_text('\n'.join(rows) + '\n')
   data = _data(manifest=str(tmp_path / 'm.csv'), train_split='all')
-  src = folder_index.source_of(data)
-  names = folder_index.class_names(src)
+  src = folder_layout.source_of(data)
+  names = folder_layout.class_names(src)
   info = DatasetInfo(name='image_folder', num_classes=2, class_names=names,
                      image_shape=(8, 8, 3), num_examples={
                          s: len(folder_index.index(src, s, names).ids) for s in ('all', 'test')})

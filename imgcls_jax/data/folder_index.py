@@ -1,20 +1,7 @@
-"""The user's images as an index of (file, class): folders or a CSV manifest, probed once, cached.
-
-Three layouts, chosen by ``config.data``:
-  * ``folder/<split>/<class>/**`` (``data.folder``; splits named by ``train_split`` / ``eval_split``);
-  * ``folder/<class>/**`` without split directories (``data.folder``): a seeded, stratified
-    hold-out of ``data.holdout_fraction`` of every class is the eval split, the rest the train
-    split (as Keras' ``validation_split``, but per class); split ``all`` is every image;
-  * a CSV manifest (``data.manifest``): rows ``path,label`` or ``path,label,split`` (an optional
-    header naming the columns), paths relative to the CSV; without a split column, the hold-out
-    above. Labels are class names (sorted; numerically when all are integers). With
-    ``data.multilabel`` a row's label is a set of tags, ``tag1;tag2`` (possibly empty; column
-    ``labels`` or ``label``), and the hold-out is stratified by each image's first tag.
-
-In any layout, ``data.validation_fraction`` > 0 carves a split named ``validation`` out of the
-train split the same way (seeded, stratified; the eval split is left as it was): held-out images
-to fit a temperature or thresholds on (``config.evaluate.temperature_split`` /
-``threshold_split``), which a folder of ``<class>/`` directories has no other way to give.
+"""The user's images as an index of (file, class) per split, probed once, cached; the layouts and
+their split names are ``folder_layout.py``. Without split directories or a split column, a seeded,
+stratified hold-out (``holdout.py``) of ``data.holdout_fraction`` of every class is the eval split;
+``data.validation_fraction`` carves split ``validation`` out of the train split the same way.
 
 Building the index reads only file headers (``file_probe.py``; PIL: size, mode, EXIF orientation): ~9,000-25,000
 files/s per core from the page cache (one process per core past 20,000 files), where decoding
@@ -30,40 +17,17 @@ import hashlib
 import logging
 import os
 import threading
-from typing import Iterable
 
-import ml_collections
 import numpy as np
 
 from imgcls_jax.data import file_probe, holdout, manifest
+from imgcls_jax.data.folder_layout import (ALL, VALIDATION, Source, check_split_name, loose_files,
+                                           named_splits, split_dir, subdirs, walk)
 from imgcls_jax.data.images import is_image_file, unreadable_summary
 from imgcls_jax.errors import UserError
 
-NAME = 'image_folder'  # config.data.name of the user's images (folders or a manifest)
-ALL = 'all'            # the split of every image of a folder without split directories / a manifest
-VALIDATION = 'validation'  # the split data.validation_fraction carves out of the train split
 _SHOWN = 10            # skipped file names listed in the warning
 _IMBALANCE = 10.0      # warn when the largest class has more than this many times the smallest's images
-
-
-def is_folder(data: ml_collections.ConfigDict) -> bool:
-  """True when ``config.data`` selects an image folder or manifest."""
-  return data.get('name') == NAME
-
-
-@dataclasses.dataclass(frozen=True)
-class Source:
-  """Where the images of ``config.data`` are and how they split."""
-  kind: str                  # 'splits' | 'flat' | 'manifest'
-  location: str              # the folder, or the manifest file (absolute)
-  root: str                  # directory that relative paths and example ids start from
-  train_split: str
-  eval_split: str
-  holdout_fraction: float
-  holdout_seed: int
-  cache_dir: str             # '' = no cache
-  multilabel: bool = False   # manifest labels are ';'-separated tag sets
-  validation_fraction: float = 0.0   # of every class of the train split, held out as VALIDATION
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,181 +57,7 @@ class Split:
     return max(h for h, _ in self.sizes_found), max(w for _, w in self.sizes_found)
 
 
-def _default_cache_dir() -> str:
-  base = os.environ.get('IMGCLS_JAX_CACHE_DIR') or os.path.join(
-      os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'imgcls_jax')
-  return os.path.join(base, 'image_index')
-
-
-def source_of(data: ml_collections.ConfigDict) -> Source:
-  """The layout ``config.data`` selects (folder with or without splits, or a manifest)."""
-  folder, manifest = data.get('folder') or '', data.get('manifest') or ''
-  fraction = float(data.get('holdout_fraction', 0.0) or 0.0)
-  if not 0.0 <= fraction < 1.0:
-    raise UserError(f'config.data.holdout_fraction={fraction} must be in [0, 1); e.g. 0.2 holds '
-                    'out a fifth of every class for evaluation.')
-  validation = float(data.get('validation_fraction', 0.0) or 0.0)
-  if not 0.0 <= validation < 1.0:
-    raise UserError(f'config.data.validation_fraction={validation} must be in [0, 1); e.g. 0.1 '
-                    f"holds out a tenth of every class of the train split as split '{VALIDATION}'.")
-  cache = data.get('index_cache', '') or ''
-  cache_dir = '' if cache == 'off' else os.path.abspath(os.path.expanduser(cache or
-                                                                           _default_cache_dir()))
-  # The split names; a cross-validation fold's 'SPLIT@IDS_FILE' (sources.read) selects from SPLIT.
-  common = dict(train_split=str(data.train_split).split('@')[0],
-                eval_split=str(data.eval_split).split('@')[0],
-                holdout_fraction=fraction, holdout_seed=int(data.get('holdout_seed', 0) or 0),
-                cache_dir=cache_dir, multilabel=bool(data.get('multilabel', False)),
-                validation_fraction=validation)
-  if folder and manifest:
-    raise UserError('Both config.data.folder and config.data.manifest are set; set one of them.')
-  if manifest:
-    path = os.path.abspath(os.path.expanduser(manifest))
-    if os.path.isdir(path):
-      raise UserError(f'The manifest {path} (config.data.manifest) is a directory; point it at a '
-                      'CSV file of path,label rows (a folder of class directories goes in '
-                      'config.data.folder).')
-    if not os.path.isfile(path):
-      raise UserError(f'The manifest {path} (config.data.manifest) does not exist; point it at a '
-                      'CSV file of path,label rows.')
-    return Source(kind='manifest', location=path, root=os.path.dirname(path), **common)
-  if common['multilabel']:
-    raise UserError('config.data.multilabel=True needs a manifest: set config.data.manifest to a '
-                    'CSV of path,labels rows with the tags separated by ";" (a folder of class '
-                    'directories gives one label per image).')
-  if not folder:
-    raise UserError("config.data.name is 'image_folder' but neither config.data.folder nor "
-                    'config.data.manifest is set; set config.data.folder to the directory holding '
-                    '<class>/*.jpg (or <split>/<class>/*.jpg).')
-  root = os.path.abspath(os.path.expanduser(folder))
-  if os.path.isfile(root):
-    raise UserError(f'The image folder {root} (config.data.folder) is a file; point it at the '
-                    'directory holding <class>/*.jpg (a CSV of path,label rows goes in '
-                    'config.data.manifest).')
-  if not os.path.isdir(root):
-    raise UserError(f'The image folder {root} (config.data.folder) does not exist; point '
-                    'config.data.folder at the directory holding <class>/*.jpg or '
-                    '<split>/<class>/*.jpg.')
-  train, test = common['train_split'], common['eval_split']
-  # Split directories hold class directories; a 'train' of images only, beside other class
-  # directories, is a class of a flat folder.
-  split_dir = os.path.join(root, (train if train != ALL else test) or '_')
-  has_splits = os.path.isdir(split_dir) and bool(
-      subdirs(split_dir) or set(subdirs(root)) <= {train, test, VALIDATION})
-  return Source(kind='splits' if has_splits else 'flat', location=root, root=root, **common)
-
-
-def subdirs(path: str) -> list[str]:
-  """The non-hidden sub-directories of ``path``, sorted (class or split directories)."""
-  return sorted(d for d in os.listdir(path)
-                if os.path.isdir(os.path.join(path, d)) and not d.startswith('.'))
-
-
-def _loose_files(path: str) -> list[str]:
-  """The non-hidden files directly in ``path`` (no class folder claims them), sorted."""
-  return sorted(f for f in os.listdir(path)
-                if not f.startswith('.') and os.path.isfile(os.path.join(path, f)))
-
-
-def _check_split_name(src: Source, split: str) -> None:
-  if not split or any(ch in split for ch in '[]+@/'):
-    raise UserError(f"Image-folder splits are plain names, got '{split}'; set "
-                    'config.data.train_split / eval_split to e.g. train and test.')
-
-
-def _split_dir(src: Source, split: str) -> str:
-  _check_split_name(src, split)
-  path = os.path.join(src.root, split)
-  if not os.path.isdir(path):
-    raise UserError(f"Split '{split}' does not exist in the image folder {src.root} (found: "
-                    f"{', '.join(subdirs(src.root)) or 'no sub-directories'}); create "
-                    f'{path}/<class>/ or set config.data.train_split / eval_split.')
-  return path
-
-
-def has_splits(src: Source) -> bool:
-  """True when the images come in named splits (split directories, or a manifest's split column)."""
-  if src.kind == 'manifest':
-    return manifest.read_rows(src.location, src.multilabel)[0][2] is not None
-  return src.kind == 'splits'
-
-
 # ---- listing: (example id, class name) per candidate file ----
-
-def walk(directory: str, prefix: str) -> Iterable[str]:
-  """Relative paths (``prefix/...``) of the non-hidden files under ``directory``, sorted."""
-  for dirpath, dirnames, filenames in os.walk(directory):
-    dirnames[:] = sorted(d for d in dirnames if not d.startswith('.'))
-    rel = os.path.relpath(dirpath, directory)
-    for f in sorted(filenames):
-      if not f.startswith('.'):
-        yield os.path.normpath(os.path.join(prefix, rel, f))
-
-
-def _sort_labels(labels: Iterable[str]) -> tuple[str, ...]:
-  """Sorted, numerically when every label is an integer ('01' and '1' by their text after that:
-  the order must not depend on the process)."""
-  names = set(labels)
-  if all(n.lstrip('-').isdigit() for n in names):
-    return tuple(sorted(names, key=lambda n: (int(n), n)))
-  return tuple(sorted(names))
-
-
-def class_names(src: Source) -> tuple[str, ...]:
-  """The classes of the training data, sorted: class directories, or the manifest's labels."""
-  if src.kind == 'manifest':
-    rows = manifest.read_rows(src.location, src.multilabel)
-    train = [r for r in rows if r[2] in (None, src.train_split) or src.train_split == ALL]
-    if src.multilabel:
-      names = _sort_labels(t for _, label, _ in (train or rows) for t in manifest.tags(label))
-      if not names:
-        raise UserError(f'The manifest {src.location} tags no image; write path,tag1;tag2 rows.')
-      return names
-    names = _sort_labels(label for _, label, _ in (train or rows))
-    if len(names) < 2:
-      raise UserError(f"The manifest {src.location} labels every training image '{names[0]}'; a "
-                      'classifier needs at least 2 classes: add rows of images of another class.')
-    return names
-  where = src.root if src.kind == 'flat' else _split_dir(src, src.train_split)
-  names = tuple(subdirs(where))   # as text (runs saved with this order resume in it)
-  if not names:
-    raise UserError(f'The image folder {where} has no class sub-directories; put the images in '
-                    f'{where}/<class name>/ (or list them in a CSV set as config.data.manifest).')
-  if src.kind == 'flat':
-    _refuse_split_folders_as_classes(src, names)
-  if len(names) < 2:
-    inner = os.path.join(where, names[0])
-    if subdirs(inner) and not _loose_files(inner):   # a wrapper: photos/<class>/...
-      raise UserError(f'The image folder {where} holds one folder, {names[0]}, whose sub-folders '
-                      f"({', '.join(subdirs(inner)[:5])}) look like the classes; set "
-                      f'config.data.folder={inner}.')
-    raise UserError(f'The image folder {where} has only one class, {names[0]}; a classifier needs '
-                    f'at least 2 classes: add {where}/<another class>/ with its images.')
-  return names
-
-
-# Folder names that name a split, not a class (case-insensitive): 'Training' / 'Testing' of a
-# downloaded dataset are split directories under names other than train_split / eval_split.
-_SPLIT_LIKE = {'train', 'training', 'test', 'testing', 'val', 'valid', 'validation', 'eval',
-               'evaluation', 'dev'}
-
-
-def _refuse_split_folders_as_classes(src: Source, names: tuple[str, ...]) -> None:
-  """A folder without ``train_split`` / ``eval_split`` directories whose "classes" are two or
-  more split-like names each holding class folders: training on it would classify splits."""
-  splits = [n for n in names if n.casefold() in _SPLIT_LIKE
-            and subdirs(os.path.join(src.root, n))]
-  if len(splits) < 2:
-    return
-  train = next((n for n in splits if n.casefold().startswith('train')), splits[0])
-  test = next((n for n in splits if n != train and n.casefold().startswith('test')),
-              next(n for n in splits if n != train))
-  raise UserError(f"The image folder {src.root} has split folders {', '.join(splits)} (each "
-                  'holding class folders), none named config.data.train_split '
-                  f"('{src.train_split}') / eval_split ('{src.eval_split}'): as classes they "
-                  f"would train a split classifier; set config.data.train_split='{train}' and "
-                  f"config.data.eval_split='{test}'.")
-
 
 def _candidates(src: Source, split: str, names: tuple[str, ...],
                 ) -> tuple[list[str], list[int], list[tuple[str, str]]]:
@@ -292,19 +82,10 @@ def _candidates(src: Source, split: str, names: tuple[str, ...],
   return [ids[i] for i in keep], [labels[i] for i in keep], skipped
 
 
-def named_splits(src: Source) -> set[str]:
-  """The splits the layout names itself: split directories, or a manifest's split column."""
-  if src.kind == 'splits':
-    return set(subdirs(src.root))
-  if src.kind == 'manifest':
-    return {r[2] for r in manifest.read_rows(src.location, src.multilabel) if r[2] is not None}
-  return set()
-
-
 def _listed(src: Source, split: str, names: tuple[str, ...],
             ) -> tuple[list[str], list[int], list[tuple[str, str]]]:
   """(ids, labels, skipped) of the files the layout puts in ``split``."""
-  _check_split_name(src, split)
+  check_split_name(src, split)
   index = {n: k for k, n in enumerate(names)}
   pairs: list[tuple[str, str]] = []
   skipped: list[tuple[str, str]] = []
@@ -313,15 +94,15 @@ def _listed(src: Source, split: str, names: tuple[str, ...],
     has_split, pairs, skipped = manifest.split_pairs(src.location, src.multilabel, split, ALL)
     needs_holdout = not has_split
   elif src.kind == 'flat':
-    skipped += [(f, 'outside every class folder') for f in _loose_files(src.root)]
+    skipped += [(f, 'outside every class folder') for f in loose_files(src.root)]
     for name in subdirs(src.root):
       pairs.extend((rel, name) for rel in walk(os.path.join(src.root, name), name))
   else:
-    split_dir = _split_dir(src, split)
+    where = split_dir(src, split)
     skipped += [(os.path.join(split, f), 'outside every class folder')
-                for f in _loose_files(split_dir)]
-    for name in subdirs(split_dir):
-      pairs.extend((rel, name) for rel in walk(os.path.join(split_dir, name),
+                for f in loose_files(where)]
+    for name in subdirs(where):
+      pairs.extend((rel, name) for rel in walk(os.path.join(where, name),
                                                 os.path.join(split, name)))
   if src.multilabel:
     tag_pairs = [(rel, manifest.tags(label)) for rel, label in pairs]

@@ -20,7 +20,7 @@ import numpy as np
 from imgcls_jax.data import tf_import  # noqa: F401  (before tensorflow_datasets: no Keras)
 import tensorflow_datasets as tfds
 
-from imgcls_jax.data import arrays, folder_index, image_folder, sources
+from imgcls_jax.data import arrays, folder_index, folder_layout, image_folder, sources
 from imgcls_jax.errors import UserError
 
 
@@ -45,8 +45,8 @@ class Folds:
 def read_ids_and_labels(data: ml_collections.ConfigDict, split: str) -> tuple[list[str], np.ndarray]:
   """(tfds ids, labels) of every example of ``split``, sorted by id; images are not decoded."""
   if image_folder.is_folder(data):  # ids are paths relative to the folder / manifest
-    src = folder_index.source_of(data)
-    indexed = folder_index.index(src, split, folder_index.class_names(src))
+    src = folder_layout.source_of(data)
+    indexed = folder_index.index(src, split, folder_layout.class_names(src))
     order = sorted(range(len(indexed)), key=lambda j: indexed.ids[j])
     labels = image_folder.labels_array(indexed)
     return [indexed.ids[j] for j in order], labels[order]

@@ -21,15 +21,15 @@ from typing import Callable
 import numpy as np
 
 from imgcls_jax.data.tf_import import tf
-from imgcls_jax.data import folder_index
+from imgcls_jax.data import folder_index, folder_layout
 from imgcls_jax.data.images import UnreadableImage, decode
 
-NAME = folder_index.NAME
+NAME = folder_layout.NAME
 _FAILED: set[str] = set()
 _FAILED_LOCK = threading.Lock()
 
 
-is_folder = folder_index.is_folder
+is_folder = folder_layout.is_folder
 
 
 def channels(train: folder_index.Split) -> int:

@@ -1,6 +1,7 @@
 """CSV manifests of the user's images: rows ``path,label`` or ``path,label,split`` (an optional
 header naming the columns ``path``, ``label`` / ``labels``, ``split``), paths relative to the CSV;
-a multi-label row's label is a set of tags, ``tag1;tag2``. Read by ``folder_index``."""
+a multi-label row's label is a set of tags, ``tag1;tag2``. Read by ``folder_layout`` and
+``folder_index``."""
 from __future__ import annotations
 
 import collections

@@ -28,7 +28,7 @@ import numpy as np
 from imgcls_jax.data.tf_import import tf  # before tensorflow_datasets: no Keras
 import tensorflow_datasets as tfds
 
-from imgcls_jax.data import folder_index, info, pp, sources
+from imgcls_jax.data import folder_layout, info, pp, sources
 from imgcls_jax.data import info as info_lib
 from imgcls_jax.errors import UserError
 
@@ -124,7 +124,7 @@ def _slice_stream(data: ml_collections.ConfigDict, augment: Any, *, decode: bool
     raise UserError(f'The training split has {n * shards} examples, fewer than the global batch '
                     f'of {chunk * shards}; lower config.batch_size'
                     + (f' or config.data.validation_fraction={held}, which holds part of it out.'
-                       if held > 0 and folder_index.is_folder(data) else '.'))
+                       if held > 0 and folder_layout.is_folder(data) else '.'))
   buffer = int(max(1, min(n, data.shuffle_buffer // shards)))
 
   def epoch(e):

@@ -18,7 +18,8 @@ from imgcls_jax.data.tf_import import tf  # before tensorflow_datasets: no Keras
 import tensorflow_datasets as tfds
 
 from imgcls_jax.data import digits as _digits  # noqa: F401  (registers sklearn_digits)
-from imgcls_jax.data import download, folder_index, image_folder, prepare_fashion_mnist
+from imgcls_jax.data import (download, folder_index, folder_layout, image_folder,
+                             prepare_fashion_mnist)
 from imgcls_jax.data.info import ARRAYS_PREFIX, DatasetInfo, flips_allowed
 from imgcls_jax.errors import UserError, first_line
 
@@ -157,8 +158,8 @@ def _split_key(data: ml_collections.ConfigDict, split: str) -> str:
 
 
 def _describe_folder(data: ml_collections.ConfigDict) -> DatasetInfo:
-  src = folder_index.source_of(data)
-  names = folder_index.class_names(src)
+  src = folder_layout.source_of(data)
+  names = folder_layout.class_names(src)
   specs = (data.train_split, data.eval_split)
   splits = [folder_index.index(src, spec.split('@')[0], names) for spec in specs]
   channels = image_folder.channels(splits[0])  # decided by the training split
@@ -206,7 +207,7 @@ def describe(data: ml_collections.ConfigDict) -> DatasetInfo:
 def dataset_name(data: ml_collections.ConfigDict) -> str:
   """``data.name``, or ``image_folder:<folder or manifest>`` for the user's images."""
   if image_folder.is_folder(data):
-    return f'{image_folder.NAME}:{folder_index.source_of(data).location}'
+    return f'{image_folder.NAME}:{folder_layout.source_of(data).location}'
   return data.name
 
 
@@ -214,8 +215,8 @@ def default_eval_split(data: ml_collections.ConfigDict) -> str:
   """The split to evaluate a model on when ``data`` points at new images: ``data.eval_split``,
   except for an image folder without split directories (or a manifest without a split column),
   where it is every image (``'all'``)."""
-  if image_folder.is_folder(data) and not folder_index.has_splits(folder_index.source_of(data)):
-    return folder_index.ALL
+  if image_folder.is_folder(data) and not folder_layout.has_splits(folder_layout.source_of(data)):
+    return folder_layout.ALL
   return data.eval_split
 
 
@@ -224,8 +225,8 @@ def split_size(data: ml_collections.ConfigDict, split: str,
   """Examples in ``split`` of ``data`` (None when the dataset does not say), with ``info`` (a
   trained run's) fixing an image folder's classes."""
   if image_folder.is_folder(data):
-    src = folder_index.source_of(data)
-    names = info.class_names if info is not None else folder_index.class_names(src)
+    src = folder_layout.source_of(data)
+    names = info.class_names if info is not None else folder_layout.class_names(src)
     base, _, ids_file = split.partition('@')
     indexed = folder_index.index(src, base, names)
     return len(indexed) if not ids_file else len(set(indexed.ids) & set(_ids(ids_file)))
@@ -241,8 +242,8 @@ def class_counts(data: ml_collections.ConfigDict, split: str, num_classes: int) 
   """Examples per class in ``split`` (int64, length ``num_classes``; multi-label: examples tagged
   with each class); reads labels only."""
   if image_folder.is_folder(data) and '@' not in split:
-    src = folder_index.source_of(data)
-    return np.asarray(folder_index.index(src, split, folder_index.class_names(src)).counts,
+    src = folder_layout.source_of(data)
+    return np.asarray(folder_index.index(src, split, folder_layout.class_names(src)).counts,
                       np.int64)
   ds = read(data, split, 0, 1, drop_remainder=False, decode=not can_defer_decoding(data))
   counts = np.zeros(num_classes, np.int64)
@@ -284,11 +285,11 @@ def _folder_split(data: ml_collections.ConfigDict, split: str, info: DatasetInfo
                   ) -> tuple[folder_index.Split, int]:
   """The index of ``split`` and the channel count to decode to (``info``: a trained model's
   classes and channels, whatever this folder holds)."""
-  src = folder_index.source_of(data)
+  src = folder_layout.source_of(data)
   if info is not None:
     names, channels = info.class_names, info.channels
   else:
-    names = folder_index.class_names(src)
+    names = folder_layout.class_names(src)
     channels = image_folder.channels(folder_index.index(src, data.train_split.split('@')[0],
                                                         names))
   return folder_index.index(src, split.split('@')[0], names), channels
