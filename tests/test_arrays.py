@@ -7,10 +7,13 @@ uninterrupted one; bad files and settings are one-line errors."""
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
 
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
@@ -79,6 +82,40 @@ def _examples(images, labels):
   return sorted((im.tobytes(), int(lb)) for im, lb in zip(images, labels))
 
 
+def test_a_digits_file_in_tfds_order_is_rewritten_in_scikit_learn_order(tmp_path, digits_npz,
+                                                                         caplog, monkeypatch):
+  """An arrays/sklearn_digits.npz written by an earlier version (from the tfds builder, in tfds's
+  order: the same examples, other slices) is rewritten from scikit-learn on first read, so
+  'train[80%:]' selects what it selects on a fresh machine; in a read-only folder it is read as it
+  is, with a warning."""
+  from sklearn.datasets import load_digits
+  from sklearn.model_selection import train_test_split
+
+  from imgcls_jax.data import arrays
+  d = load_digits()
+  want = train_test_split(np.round(d.images * (255.0 / 16.0)).astype(np.uint8), d.target,
+                          test_size=0.25, stratify=d.target, random_state=0)[0]
+  data = ml_collections.ConfigDict({'name': 'arrays:sklearn_digits', 'data_dir': str(tmp_path)})
+  os.makedirs(tmp_path / 'arrays')
+  path = str(tmp_path / 'arrays' / 'sklearn_digits.npz')
+  shutil.copy(digits_npz, path)
+
+  def cannot_write(contents, output, compress=False):
+    raise UserError(f'Cannot write the arrays file {output} (Read-only file system); ...')
+  monkeypatch.setattr(arrays.arrays_save, 'save', cannot_write)   # a read-only data_dir
+  with caplog.at_level(logging.WARNING):
+    old, _ = arrays.load(data).split('train[80%:]')
+  assert any("in tfds's order" in r.getMessage() and 'Read-only' in r.getMessage()
+             for r in caplog.records)
+  assert not np.array_equal(old[..., 0], want[-len(old):])
+  monkeypatch.undo()
+  images, _ = arrays.load(data).split('train[80%:]')
+  np.testing.assert_array_equal(images[..., 0], want[-len(images):])
+  stamp = os.stat(path).st_mtime_ns
+  arrays.load(data)
+  assert os.stat(path).st_mtime_ns == stamp                 # rewritten once
+
+
 def test_a_bare_name_is_written_once_into_the_tfds_data_dir(digits_config, tmp_path, digits_npz):
   """'arrays:sklearn_digits' (the default config's): <data_dir>/arrays/sklearn_digits.npz, written
   from scikit-learn on first use, without TensorFlow, with the examples, classes and flip mark of
@@ -93,7 +130,7 @@ def test_a_bare_name_is_written_once_into_the_tfds_data_dir(digits_config, tmp_p
   assert info.name == f'arrays:{path}' and info.num_examples == {'train': 1347, 'test': 450}
   assert info.mirror_safe is False
   with np.load(path) as got, np.load(digits_npz) as want:
-    assert sorted(got.files) == sorted(want.files)
+    assert sorted(set(got.files) - {'source'}) == sorted(want.files)
     for split in ('train', 'test'):
       assert _examples(got[f'{split}_images'], got[f'{split}_labels']) == _examples(
           want[f'{split}_images'], want[f'{split}_labels']), split

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
+import logging
 import os
 import re
 from typing import Any, Callable, Iterator
@@ -130,6 +131,8 @@ class ArraysFile:
     if k < 2:
       raise UserError(f'{where} holds {k} class; a classifier needs at least 2.')
     self.mirror_safe = bool(np.asarray(contents.get('mirror_safe', True)).reshape(-1)[0])
+    self.source = str(np.asarray(contents.get('source', '')).reshape(-1)[0]) if (
+        'source' in contents and np.asarray(contents['source']).size) else ''
 
   def split(self, spec: str, key: str = '') -> tuple[np.ndarray, np.ndarray]:
     """(images, labels) of ``spec`` ('train', 'train[:50000]', 'train[90%:]'): views, not copies.
@@ -216,7 +219,21 @@ def load(data: ml_collections.ConfigDict) -> ArraysFile:
     st = os.stat(path)
   except OSError:
     return ArraysFile(path)  # raises the one-line error
-  return _load(path, st.st_mtime, st.st_size)
+  loaded = _load(path, st.st_mtime, st.st_size)
+  if name == sklearn_digits.NAME and loaded.source != sklearn_digits.SOURCE:
+    # An earlier version wrote this file from tfds, in tfds's order: the same examples, but
+    # slices such as train[80%:] select others than on a fresh machine.
+    try:
+      arrays_save.save(sklearn_digits.arrays_contents(), path)
+    except UserError as e:   # a read-only data_dir: the old file still holds the same examples
+      logging.warning("%s is in tfds's order, written by an earlier version (slices select other "
+                      'images than on a fresh machine), and cannot be rewritten: %s', path, e)
+      return loaded
+    logging.info("Rewrote %s from scikit-learn (an earlier version wrote it in tfds's order).",
+                 path)
+    st = os.stat(path)
+    loaded = _load(path, st.st_mtime, st.st_size)
+  return loaded
 
 
 def _write_from_tfds(data: ml_collections.ConfigDict, name: str, path: str) -> None:

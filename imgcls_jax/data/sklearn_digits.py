@@ -9,7 +9,8 @@ data/arrays.py writes ``arrays_contents()`` to its file on first use) and the tf
 ``sklearn_digits`` (data/digits.py, for what only tf.data does: host preprocessing,
 ``train+test``, k-fold ids).
 They hold the same examples in different orders (scikit-learn's here, tfds's shuffled one there),
-so a slice such as ``train[80%:]`` selects different images in the two.
+so a slice such as ``train[80%:]`` selects different images in the two. The arrays file is marked
+with ``SOURCE``; one without it (written from tfds by earlier versions) is rewritten on first read.
 """
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ import numpy as np
 
 NAME = 'sklearn_digits'
 CLASS_NAMES = tuple(str(d) for d in range(10))
+# Marks an arrays file written from scikit-learn in its order (arrays.load rewrites one without it:
+# earlier versions wrote that file from the tfds builder, in tfds's order, so slices differed).
+SOURCE = 'scikit-learn load_digits, train_test_split(test_size=0.25, random_state=0)'
 
 
 def load_arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -34,7 +38,8 @@ def arrays_contents() -> dict[str, np.ndarray]:
   """Both splits as the contents of an arrays file (data/arrays.py: never flipped, classes
   '0'..'9')."""
   contents: dict[str, np.ndarray] = {'class_names': np.asarray(CLASS_NAMES, dtype=str),
-                                     'mirror_safe': np.asarray(False)}
+                                     'mirror_safe': np.asarray(False),
+                                     'source': np.asarray(SOURCE)}
   for split in ('train', 'test'):
     images, labels = load_arrays(split)
     contents[f'{split}_images'], contents[f'{split}_labels'] = images, labels.astype(np.int32)
