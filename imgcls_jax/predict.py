@@ -106,6 +106,45 @@ def write(results: Iterable[dict[str, Any]], out: TextIO, fmt: str) -> None:
                    + [int(r[k]) for k in gates])
 
 
+def _is_predictions(path: str) -> bool:
+  """True when ``path`` starts as ``write`` starts a file (CSV header or a JSON line of an
+  image's results): an earlier output that predict may replace."""
+  try:
+    with open(path, encoding='utf-8') as f:
+      first = f.readline()
+  except (OSError, UnicodeDecodeError):
+    return False
+  if first.startswith('file,rank,'):
+    return True
+  try:
+    row = json.loads(first)
+  except ValueError:
+    return False
+  return isinstance(row, dict) and 'file' in row and ('predictions' in row or 'tags' in row)
+
+
+def check_output(output: str, files: list[str]) -> None:
+  """Refuses ``config.predict.output`` before any work where writing it would lose a file: one
+  of the inputs, or an existing file that is not an earlier prediction file (a run's config,
+  metrics or checkpoint files, a manifest, an image); or where it cannot be a file."""
+  path = os.path.abspath(os.path.expanduser(output))
+  key = f'config.predict.output={output}'
+  if os.path.isdir(path):
+    raise UserError(f'{key} is a folder; give a file to write, e.g. '
+                    f"{os.path.join(output, 'predictions.csv')}.")
+  parent = os.path.dirname(path)
+  while parent and not os.path.exists(parent):
+    parent = os.path.dirname(parent) if os.path.dirname(parent) != parent else ''
+  if parent and not os.path.isdir(parent):
+    raise UserError(f'{key}: {parent} is a file, not a folder; give a path in a folder.')
+  if any(os.path.abspath(f) == path for f in files):
+    raise UserError(f'{key} is also one of config.predict.inputs; writing it would replace that '
+                    'image: give another output file.')
+  if os.path.isfile(path) and os.path.getsize(path) and not _is_predictions(path):
+    raise UserError(f'{key} exists and is not an earlier prediction file (predict replaces only '
+                    'those); give a new file name, or move that file away first.')
+
+
 def predict(config: ml_collections.ConfigDict | None, workdir: str,
             overrides: dict[str, Any] | None = None) -> list[dict[str, Any]]:
   """The ``predict`` mode: classifies ``config.predict.inputs`` and writes the top-k of each."""
@@ -120,6 +159,8 @@ def predict(config: ml_collections.ConfigDict | None, workdir: str,
       raise UserError(f'config.predict.{key}={cfg[key]} must be a positive integer (e.g. '
                       f'--config.predict.{key}={5 if key == "top_k" else 64}).')
   files = images.list_inputs(cfg.inputs)
+  if cfg.output:
+    check_output(cfg.output, files)
   clf = inference.classifier(trained, max_batch=cfg.batch_size)
   explainer, explain_dir = None, ''
   if cfg.get('explain'):
@@ -135,8 +176,10 @@ def predict(config: ml_collections.ConfigDict | None, workdir: str,
                     'folders.')
   if cfg.output:
     os.makedirs(os.path.dirname(os.path.abspath(cfg.output)), exist_ok=True)
-    with open(cfg.output, 'w', newline='') as f:
+    tmp = f'{cfg.output}.incomplete'   # renamed over the output whole: never a half-written file
+    with open(tmp, 'w', newline='') as f:
       write(results, f, cfg.format)
+    os.replace(tmp, cfg.output)
   else:
     write(results, sys.stdout, cfg.format)
     sys.stdout.flush()

@@ -359,3 +359,40 @@ def test_predict_writes_one_explanation_overlay_per_readable_image(run, clf, ima
   c.predict.explain = 'lime'
   with pytest.raises(UserError, match="Unknown explanation method 'lime'; use one of gradcam"):
     predict.predict(c, workdir)
+
+
+def test_an_output_that_would_replace_another_file_is_refused_before_predicting(run,
+                                                                                image_folder,
+                                                                                tmp_path):
+  """predict.output overwrote whatever it named: the run's config.json (the run then failed to
+  load), its metrics, a manifest, the input image itself. Now only a new file, an empty one or an
+  earlier prediction file is written, and a refusal leaves every file as it was."""
+  config, workdir, _ = run
+  root = image_folder[0]
+  image = f'{root}/grey_0.png'
+  manifest = tmp_path / 'labels.csv'
+  manifest.write_text('path,label\na.png,cat\n')
+  (tmp_path / 'a_file').write_text('x')
+  before = {p: open(p, 'rb').read() for p in (image, str(manifest),
+                                               os.path.join(workdir, 'config.json'))}
+  config = config.copy_and_resolve_references()
+  config.predict.inputs = image
+  cases = [(os.path.join(workdir, 'config.json'), 'is not an earlier prediction file'),
+           (str(manifest), 'is not an earlier prediction file'),
+           (image, 'is also one of config.predict.inputs'),
+           (str(tmp_path), r'is a folder; give a file to write, e\.g\. .*predictions\.csv'),
+           (str(tmp_path / 'a_file' / 'p.csv'), r'a_file is a file, not a folder')]
+  for output, message in cases:
+    config.predict.output = output
+    with pytest.raises(UserError, match=message):
+      predict.predict(config, workdir)
+  assert {p: open(p, 'rb').read() for p in before} == before
+  assert inference.load(workdir, None).run.model.name == config.model.name   # still loads
+  for fmt in ('csv', 'jsonl'):   # an earlier output of either format is replaced, whole
+    config.predict.format = fmt
+    config.predict.output = str(tmp_path / f'p.{fmt}')
+    for _ in range(2):
+      predict.predict(config, workdir)
+    text = open(config.predict.output).read()
+    assert text.count('grey_0.png') == (5 if fmt == 'csv' else 1)
+    assert not os.path.exists(config.predict.output + '.incomplete')
