@@ -117,6 +117,20 @@ def _one_copy_per_array() -> None:
         override=True)
 
 
+def all_finite(tree: Any) -> bool:
+  """True when no floating-point array of ``tree`` (placed on any devices, hosts) holds a NaN or
+  an infinity: each process reduces its own shards on their devices, then all processes agree."""
+  import jax.numpy as jnp
+  checks = [jnp.isfinite(s.data).all() for leaf in jax.tree.leaves(tree)
+            if isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, jnp.inexact)
+            for s in leaf.addressable_shards]
+  ok = bool(np.all([np.asarray(c) for c in checks])) if checks else True
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    ok = bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+  return ok
+
+
 class Checkpointer:
   """An Orbax ``CheckpointManager`` over ``<workdir>/checkpoints``; use it as a context manager.
 
@@ -296,6 +310,10 @@ class Checkpointer:
             state=ocp.args.StandardRestore(abstract_state)))['state']
       except Exception as e:  # truncated or missing array data
         self._quarantine(step, e)
+        skipped.append(step)
+        continue
+      if not all_finite(state):   # damaged bytes that still decode, or saved after divergence
+        self._quarantine(step, ValueError('its arrays hold NaN or infinite values'))
         skipped.append(step)
         continue
       if skipped:

@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 from imgcls_jax import failed_reads, optim
 from imgcls_jax.checkpoint import CHECKPOINTS_DIR, META_FILE
 from imgcls_jax.errors import UserError, first_line
-from imgcls_jax.weights import Weights, flatten
+from imgcls_jax.weights import Weights, check_finite, flatten
 
 
 def update_meta(workdir: str, step: int, fields: Mapping[str, Any]) -> dict[str, Any]:
@@ -145,5 +145,9 @@ def read_weights(path: str, step: int | None = None, *, ema: bool = False) -> We
                     + '.') from None
   meta = dict(meta)
   meta['step'] = step
-  return Weights(params=flatten(restored['params']),
-                 batch_stats=flatten(restored.get('batch_stats', {})), origin=origin, meta=meta)
+  others = [s for s in steps if s != step]
+  return check_finite(Weights(params=flatten(restored['params']),
+                              batch_stats=flatten(restored.get('batch_stats', {})),
+                              origin=origin + (' (its weight EMA)' if ema else ''), meta=meta),
+                      f"pick another step ({', '.join(map(str, others))})" if others else
+                      'restore the folder from a copy or train the run again')

@@ -42,7 +42,8 @@ def load_weights(path: str, step: int | None = None) -> weights_lib.Weights:
                       '.bin file (torchvision / timm ResNet layout) or a run directory of this '
                       'project.')
     from imgcls_jax import torch_import
-    return torch_import.load(path)
+    return weights_lib.check_finite(torch_import.load(path), 'save the weights again from a '
+                                    'model that evaluates well, or start from another file')
   return checkpoint_files.read_weights(path, step)
 
 

@@ -26,6 +26,25 @@ class Weights:
   meta: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
+def non_finite(weights: Weights) -> list[str]:
+  """Names of the floating-point arrays of ``weights`` holding a NaN or an infinity."""
+  named = {**weights.params, **{f'batch_stats:{k}': v for k, v in weights.batch_stats.items()}}
+  return [k for k, v in named.items()
+          if np.issubdtype(np.asarray(v).dtype, np.inexact) and not np.isfinite(v).all()]
+
+
+def check_finite(weights: Weights, fix: str) -> Weights:
+  """``weights``, or a UserError naming the arrays with NaN / inf values (a damaged file, or one
+  saved after training diverged) and ``fix``: inference on them answers NaN, training from them
+  diverges at once."""
+  bad = non_finite(weights)
+  if bad:
+    more = f' and {len(bad) - 3} more' if len(bad) > 3 else ''
+    raise UserError(f"{weights.origin} holds NaN or infinite values ({', '.join(bad[:3])}{more}): "
+                    f'it is damaged, or was saved after its training diverged; {fix}.')
+  return weights
+
+
 def path_name(path: tuple[Any, ...]) -> str:
   """``(DictKey('layer1'), DictKey(0), DictKey('conv1'), ...)`` -> ``'layer1.0.conv1...'``."""
   parts = []

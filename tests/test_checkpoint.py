@@ -268,3 +268,47 @@ def test_a_run_whose_only_checkpoint_has_no_state_says_so(tmp_path):
   (tmp_path / 'checkpoints' / '20').rmdir()
   with pytest.raises(UserError, match='train that run first'):
     checkpoint_files.read_weights(str(tmp_path))
+
+
+def test_a_checkpoint_holding_nan_is_refused_for_inference_and_skipped_at_resume(tmp_path,
+                                                                                 caplog,
+                                                                                 monkeypatch):
+  """Damaged bytes that still decode (or a save after divergence) gave NaN predictions with exit
+  0, a normal-looking evaluation report, and at resume a 'lower the learning rate' divergence
+  blamed on the next step. Inference now refuses the step, naming the arrays; resume moves it
+  aside like an unreadable one and goes on from the previous step."""
+  from imgcls_jax import checkpoint_files, transfer, weights
+
+  def state(value, nan=False):
+    w = np.full((4, 3), value, np.float32)
+    if nan:
+      w[1, 2] = np.nan
+    return {'params': {'conv': {'kernel': jnp.asarray(w)}},
+            'batch_stats': {'bn': {'mean': jnp.full((3,), value, jnp.float32)}},
+            'step': jnp.asarray(value, jnp.int32)}
+
+  with checkpoint.Checkpointer(str(tmp_path), keep=5) as ckpt:
+    for step in (1, 2, 3):
+      ckpt.save(step, state(step, nan=step == 3), {'step': step})
+  with pytest.raises(UserError, match=r'checkpoint 3 of .* holds NaN or infinite values '
+                                      r'\(conv\.kernel\): it is damaged, or was saved after its '
+                                      r'training diverged; pick another step \(1, 2\)\.'):
+    checkpoint_files.read_weights(str(tmp_path))
+  assert checkpoint_files.read_weights(str(tmp_path), 2).params['conv.kernel'][0, 0] == 2.0
+  with pytest.raises(UserError, match='holds NaN'):   # transfer.init_from the same run
+    transfer.load_weights(str(tmp_path))
+  with caplog.at_level(logging.WARNING), checkpoint.Checkpointer(str(tmp_path), keep=5) as ckpt:
+    restored = ckpt.restore_latest(_target(state(0)))
+  assert restored.step == 2 and restored.skipped == [3]
+  np.testing.assert_array_equal(restored.state['params']['conv']['kernel'], np.full((4, 3), 2.0))
+  assert 'NaN or infinite' in caplog.text and os.path.isdir(tmp_path / checkpoint.CORRUPT_DIR / '3')
+  # A weights file (torch import) with an infinity: named before any training starts.
+  pt = tmp_path / 'w.safetensors'
+  pt.write_bytes(b'')
+  bad = weights.Weights(params={'fc.kernel': np.array([1.0, np.inf], np.float32)},
+                        batch_stats={}, origin=str(pt))
+  import imgcls_jax.torch_import as torch_import
+  monkeypatch.setattr(torch_import, 'load', lambda path: bad)
+  with pytest.raises(UserError, match=r'w\.safetensors holds NaN or infinite values \(fc\.kernel\)'
+                                      r'.*save the weights again'):
+    transfer.load_weights(str(pt))
