@@ -280,14 +280,15 @@ def test_predict_fails_and_writes_nothing_when_no_input_image_can_be_read(run, i
   c = config.copy_and_resolve_references()
   c.predict.inputs = f'{root}/truncated.png,{root}/not_an_image.png'
   c.predict.output = str(tmp_path / 'preds.jsonl')
-  (tmp_path / 'preds.jsonl').write_text('earlier predictions\n')
+  earlier = '{"file": "x.png", "predictions": []}\n'   # an earlier output: predict may replace it
+  (tmp_path / 'preds.jsonl').write_text(earlier)
   with caplog.at_level('WARNING'), pytest.raises(
       UserError, match=('None of the 2 input file.s. in config.predict.inputs is a readable image '
                         r'\(.*truncated.png \(.*\); .*not_an_image.png \(.*\)\); give image '
                         'files')):
     predict.predict(c, workdir)
   assert not [r for r in caplog.records if r.getMessage().startswith('Skipped')]
-  assert (tmp_path / 'preds.jsonl').read_text() == 'earlier predictions\n'   # nothing lost
+  assert (tmp_path / 'preds.jsonl').read_text() == earlier   # nothing lost
 
 
 def test_cli_predict_on_a_folder_prints_class_names(run, image_folder):
