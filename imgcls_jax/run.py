@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 from typing import Any, Iterable
 
 import jax
@@ -223,6 +224,7 @@ def restore_or_init(s: Setup, ckpt: checkpoint.Checkpointer) -> tuple[Any, Any]:
                                  check_meta=functools.partial(_check_same_classes, s))
   if restored is not None:
     _warn_folder_changed(s, restored.meta)
+    _warn_init_ignored(s, restored.meta, restored.step)
     logging.info('Resuming from step %d.', restored.step)
     return restored.state, shardings
   override = (whitening.override(s.config, s.info, s.model_fn) if whitening.enabled(s.config)
@@ -248,6 +250,20 @@ def _check_same_classes(s: Setup, meta: dict[str, Any], where: str) -> None:
                     f'now has {len(now)} ({what}), so its class indices would mean other classes; '
                     'restore the data as it was, or train in a new --workdir '
                     '(config.transfer.init_from=<this run> starts from its weights).')
+
+
+def _warn_init_ignored(s: Setup, meta: dict[str, Any], step: int) -> None:
+  """A resumed run keeps its own weights: a ``transfer.init_from`` other than the one it started
+  from does nothing, so say so (the same one is what resuming with one command line gives)."""
+  now = (s.config.get('transfer') or {}).get('init_from') or ''
+  saved = ((meta.get('config') or {}).get('transfer') or {}).get('init_from') or ''
+  def where(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(path))
+  if now and not (saved and where(now) == where(saved)):
+    logging.warning('config.transfer.init_from=%s is not used: this --workdir resumes from its '
+                    'own checkpoint %d (%s); train in a new --workdir to start from %s.', now,
+                    step, f'it started from {saved}' if saved else 'it started from scratch',
+                    now)
 
 
 def _warn_folder_changed(s: Setup, meta: dict[str, Any]) -> None:

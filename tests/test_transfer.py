@@ -122,3 +122,25 @@ def test_init_from_another_architecture_names_the_parameter(tmp_path_factory, tf
   with pytest.raises(UserError, match='does not exist'):
     train.train_and_evaluate(c, str(tmp_path / 'c'))
   assert not (tmp_path / 'c').exists()   # refused before the new run directory is made
+
+
+def test_a_changed_init_from_on_resume_is_warned_of(tmp_path_factory, tfds_dir, tmp_path, caplog):
+  """A workdir with checkpoints resumes from them: another transfer.init_from was ignored without
+  a word; now a warning names it and the fix. Resuming with the one it started from says nothing."""
+  import logging
+  config, source, _ = trained_run(tmp_path_factory, tfds_dir)
+  c = config.copy_and_resolve_references()
+  c.transfer.init_from = source
+  c.num_train_steps = 4
+  c.checkpoint_every_steps = 4
+  work = str(tmp_path / 'tuned')
+  train.train_and_evaluate(c, work)
+  c.num_train_steps = 6
+  with caplog.at_level(logging.WARNING):
+    train.train_and_evaluate(c, work)                 # the same source: nothing to say
+    assert 'is not used' not in caplog.text
+    c.num_train_steps = 8
+    c.transfer.init_from = str(tmp_path)               # another one
+    train.train_and_evaluate(c, work)
+  assert (f'config.transfer.init_from={tmp_path} is not used: this --workdir resumes from its own '
+          f'checkpoint 6 (it started from {source}); train in a new --workdir') in caplog.text
