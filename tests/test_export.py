@@ -214,7 +214,8 @@ def _small(config, tmp_path, **changes):
   return config
 
 
-def test_export_never_replaces_a_folder_that_is_not_an_earlier_export(exported, tmp_path):
+def test_export_never_replaces_a_folder_that_is_not_an_earlier_export(exported, tmp_path,
+                                                                      monkeypatch):
   """The export replaces its output folder as a whole: pointed at the run directory, a folder
   above it, a folder of other files or a file, it stops before any work, and deletes nothing
   (it used to delete the run's checkpoints with export.output_dir=<workdir>)."""
@@ -240,6 +241,30 @@ def test_export_never_replaces_a_folder_that_is_not_an_earlier_export(exported, 
   export.export(c, workdir)
   export.export(c, workdir)
   assert os.path.isfile(os.path.join(c.export.output_dir, 'export.json'))
+  # ... unless files were added to it since: they are named and kept (were deleted).
+  out = c.export.output_dir
+  os.makedirs(os.path.join(out, 'deploy'))
+  with open(os.path.join(out, 'deploy', 'app.py'), 'w') as f:
+    f.write('keep me')
+  before = sorted(os.listdir(out))
+  with pytest.raises(UserError, match=r'is an earlier export that also holds files an export does '
+                                      r'not write \(deploy\), which replacing it would delete'):
+    export.export(c, workdir)
+  assert sorted(os.listdir(out)) == before
+  assert open(os.path.join(out, 'deploy', 'app.py')).read() == 'keep me'
+  # A folder that cannot be moved (a mount point: EBUSY) fails before the work, not after it.
+  import errno
+  import shutil
+  shutil.rmtree(os.path.join(out, 'deploy'))
+
+  def busy(src, dst):
+    raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), src)
+  monkeypatch.setattr(os, 'rename', busy)
+  with pytest.raises(UserError, match=r'cannot be replaced \(Device or resource busy; e\.g\. a '
+                                      r'mount point or a read-only folder\)'):
+    export.export(c, workdir)
+  monkeypatch.undo()
+  assert not os.path.exists(out + '.incomplete')
 
 
 @pytest.mark.parametrize('key, value, match', [

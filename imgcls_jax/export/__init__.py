@@ -141,6 +141,27 @@ def _check_output_dir(out_dir: str, workdir: str) -> None:
       os.path.join(out_dir, 'export.json')):
     raise UserError(f'config.export.output_dir {out_dir} holds files that are not an export '
                     f'(no export.json), which an export would replace; {fix}')
+  if not os.path.isdir(out_dir):
+    return
+  try:
+    with open(os.path.join(out_dir, 'export.json')) as f:
+      written = json.load(f).get('files')
+  except (OSError, ValueError, AttributeError):
+    written = None   # an empty folder, or an export.json this check cannot read: as before
+  if isinstance(written, list):
+    extra = sorted(set(os.listdir(out_dir)) - set(written) - {'export.json', 'labels.txt'})
+    if extra:
+      more = f' and {len(extra) - 5} more' if len(extra) > 5 else ''
+      raise UserError(f"config.export.output_dir {out_dir} is an earlier export that also holds "
+                      f"files an export does not write ({', '.join(extra[:5])}{more}), which "
+                      f'replacing it would delete; move them out first, or {fix}')
+  probe = f'{out_dir}.probe'   # replaced at the end: a folder that cannot move fails now, not then
+  try:
+    os.rename(out_dir, probe)
+  except OSError as e:
+    raise UserError(f'config.export.output_dir {out_dir} cannot be replaced ({e.strerror or e}; '
+                    f'e.g. a mount point or a read-only folder); {fix}') from None
+  os.rename(probe, out_dir)
 
 
 def export(config: ml_collections.ConfigDict | None, workdir: str,
