@@ -3,9 +3,11 @@ TF-Serving and KServe v2 endpoints, multipart uploads, 503 on a full queue, requ
 /metrics, and the server's memory over 5,000 requests."""
 import base64
 import concurrent.futures
+import dataclasses
 import http.client
 import io
 import json
+import logging
 import os
 import re
 import signal
@@ -94,6 +96,38 @@ def _multipart(field, filename, data, content_type='image/png'):
   return body, {'Content-Type': f'multipart/form-data; boundary={boundary}'}
 
 
+def _form(*parts):
+  """A multipart body of ``(field, filename or None, data)`` parts; None: a part without a
+  filename, as ``curl -F field=<file`` sends it."""
+  boundary = 'imgclsboundary7MA4YWxk'
+  body = b''
+  for field, filename, data in parts:
+    name = f'; filename="{filename}"' if filename is not None else ''
+    body += (f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"{name}\r\n'
+             f'Content-Type: image/png\r\n\r\n').encode() + data + b'\r\n'
+  return body + f'--{boundary}--\r\n'.encode(), {
+      'Content-Type': f'multipart/form-data; boundary={boundary}'}
+
+
+class FewClasses:
+  """``clf`` cut to its first ``k`` classes (softmax over those logits): a model with fewer
+  classes than the default top_k of 5, without training one. Only what the server uses."""
+
+  def __init__(self, clf, k):
+    self.clf, self.k, self.max_batch = clf, k, clf.max_batch
+    info = dataclasses.replace(clf.trained.info, num_classes=k, class_names=clf.class_names[:k])
+    self.trained = dataclasses.replace(clf.trained, info=info)
+    self.class_names, self.image_shape, self.step = info.class_names, clf.image_shape, clf.step
+
+  def prepare(self, data, *, max_pixels=None):
+    return self.clf.prepare(data, max_pixels=max_pixels)
+
+  def predict_arrays(self, images):
+    logits = self.clf.predict_arrays(images)['logits'][:, :self.k]
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    return {'probabilities': e / e.sum(-1, keepdims=True), 'logits': logits}
+
+
 def _cases(clf, probs):
   """(name, method, path, body, headers, expected status, expected probs or None) x many.
 
@@ -120,7 +154,7 @@ def _cases(clf, probs):
       ('oversize', 'POST', '/v1/classify', b'\x00' * (65 * 1024), {}, 413),
       ('pixels', 'POST', '/v1/classify', big.getvalue(), {}, 413),
       ('top_k', 'POST', '/v1/classify?top_k=zero', good[1][3], {}, 400),
-      ('top_k_range', 'POST', '/v1/classify?top_k=11', good[1][3], {}, 400),
+      ('top_k_range', 'POST', '/v1/classify?top_k=0', good[1][3], {}, 400),
       ('form_garbage', 'POST', '/v1/classify', good[2][3],
        {'Content-Type': 'multipart/form-data; boundary=x'}, 400),
       ('form_not_image', 'POST', '/v1/classify', *_multipart('image', 'a.txt', b'hi', 'text/plain'),
@@ -196,8 +230,134 @@ def test_an_image_past_pils_decompression_bomb_limit_is_413_naming_its_size(serv
                               '1000000; send a smaller image.')
 
 
+def test_top_k_above_the_class_count_is_clamped_and_bad_values_are_400(server):
+  """As predict clamps config.predict.top_k: ?top_k over the 10 classes lists all 10 (it was a
+  400, so the page's fixed top_k=5 failed on every model of fewer than 5 classes); values that are
+  not integers of at least 1 stay a 400 naming top_k."""
+  srv, _ = server
+  x, _ = digits.load_arrays('test')
+  want = list(np.argsort(-srv.trainer_probs[0], kind='stable'))
+  for k, n in (('11', 10), ('1000', 10), ('10', 10), ('3', 3)):
+    status, payload = _request(srv.url, 'POST', f'/v1/classify?top_k={k}', _png(x[0, :, :, 0]))
+    assert status == 200, (k, payload)
+    assert [p['index'] for p in payload['predictions']] == want[:n], k
+  for k in ('0', '-1', '2.5', 'zero', ''):
+    status, payload = _request(srv.url, 'POST', f'/v1/classify?top_k={k}', _png(x[0, :, :, 0]))
+    assert status == 400 and payload['error'].startswith('top_k must be'), (k, payload)
+    assert f"got '{k}'" in payload['error'], payload
+
+
+def test_config_top_k_above_the_class_count_is_clamped_and_reported(server, tmp_path_factory,
+                                                                    tfds_dir):
+  """config.serve.top_k=50 on 10 classes answers and reports (/v1/model) 10, and a 3-class model
+  with the default top_k of 5 answers ?top_k=5 (the web page's old request) with its 3 classes."""
+  _, clf = server
+  config, _, _ = trained_run(tmp_path_factory, tfds_dir)
+  x, _ = digits.load_arrays('test')
+  three = FewClasses(clf, 3)
+  for model, top_k, n in ((clf, 50, 10), (three, 5, 3)):
+    srv = serve.make_server(model, _serve_cfg(config, top_k=top_k), warm_up=False).start()
+    try:
+      status, info = _request(srv.url, 'GET', '/v1/model')
+      assert status == 200 and info['top_k'] == n and len(info['class_names']) == n, info
+      for path in ('/v1/classify', '/v1/classify?top_k=5'):
+        status, payload = _request(srv.url, 'POST', path, _png(x[0, :, :, 0]))
+        assert status == 200, (path, payload)
+        probs = model.predict_arrays(model.prepare(_png(x[0, :, :, 0]))[None])['probabilities'][0]
+        assert len(probs) == len(model.class_names)
+        k = n if path == '/v1/classify' else min(5, n)
+        assert [p['index'] for p in payload['predictions']] == list(
+            np.argsort(-probs, kind='stable')[:k]), (path, payload)
+    finally:
+      srv.close()
+
+
+def test_unknown_and_repeated_query_parameters_are_400(server):
+  """?topk=2 (a typo) was ignored and top_k=1&top_k=2 took the last: both are a 400 naming the
+  parameter (and the known one)."""
+  srv, _ = server
+  x, _ = digits.load_arrays('test')
+  body = _png(x[0, :, :, 0])
+  for query, words in (('topk=2', ["'topk'", 'top_k']), ('top_k=2&k=1', ["'k'", 'top_k']),
+                       ('top_k=1&top_k=2', ['top_k', '2 times', 'once'])):
+    status, payload = _request(srv.url, 'POST', f'/v1/classify?{query}', body)
+    assert status == 400, (query, payload)
+    assert all(w in payload['error'] for w in words), (query, payload)
+    assert payload['error'].endswith('.') and payload['error'].count('. ') == 0, payload
+  assert _request(srv.url, 'POST', '/v1/classify?top_k=2', body)[0] == 200
+
+
+def test_multipart_errors_say_what_the_form_lacks(server):
+  """Any one file field is classified (the one named image where there are several): the errors
+  say so, not "named image" alone; a part without a filename (curl -F image=<file) is named as
+  such, with the fix (-F image=@file)."""
+  srv, _ = server
+  x, _ = digits.load_arrays('test')
+  png = _png(x[0, :, :, 0])
+  status, payload = _request(srv.url, 'POST', '/v1/classify', *_form(('photo', 'a.png', png)))
+  assert status == 200, payload
+  status, payload = _request(srv.url, 'POST', '/v1/classify',
+                             *_form(('a', 'a.png', png), ('image', 'b.png', png)))
+  assert status == 200, payload
+  for parts, words in [
+      ([('image', None, png)], ["form field 'image' has no filename", '-F image=@']),
+      ([('a', 'a.png', png), ('b', 'b.png', png)], ['2 files', 'none named image']),
+      ([('image', 'a.png', png), ('image', 'b.png', png)], ['2 files named image']),
+      ([], ['no file'])]:
+    status, payload = _request(srv.url, 'POST', '/v1/classify', *_form(*parts))
+    assert status == 400, (parts, payload)
+    assert all(w in payload['error'] for w in words), (parts, payload)
+    assert 'named image (curl' not in payload['error'], payload
+  status, payload = _request(srv.url, 'POST', '/v1/classify', png,
+                             {'Content-Type': 'multipart/form-data; boundary=x'})
+  assert status == 400 and 'named image' not in payload['error'], payload
+
+
+def _metric(url, name):
+  conn = http.client.HTTPConnection(*_split(url), timeout=30)
+  conn.request('GET', '/metrics')
+  text = conn.getresponse().read().decode()
+  conn.close()
+  found = re.search(rf'^{re.escape(name)} (\S+)$', text, re.M)
+  return float(found.group(1)) if found else 0.0
+
+
+def test_a_client_that_disconnects_mid_upload_is_499_not_a_500(server, caplog):
+  """A client that sends part of its Content-Length and closes (raw body, multipart, and one over
+  max_upload_bytes that the server drains) is one log line and code 499 in the metrics: no
+  ERROR traceback, no 500 (it was both: starlette's ClientDisconnect reached the 500 handler)."""
+  srv, _ = server
+  key = 'imgcls_requests_total{endpoint="/v1/classify",code="%d"}'
+  before = {c: _metric(srv.url, key % c) for c in (499, 500, 400)}
+  form, headers = _form(('image', 'a.png', b'\x89PNG' + b'\x00' * 5000))
+  requests = [
+      (b'Content-Type: image/png\r\nContent-Length: 60000\r\n', b'\x89PNG' + b'\x00' * 5000),
+      (f'Content-Type: {headers["Content-Type"]}\r\nContent-Length: 60000\r\n'.encode(),
+       form[:3000]),
+      (b'Content-Length: 100000\r\n', b'\x00' * 5000)]      # > 64 KiB: drained, then 413
+  with caplog.at_level(logging.INFO, logger='imgcls_jax.serve'):
+    for head, partial in requests:
+      with socket.create_connection(_split(srv.url), timeout=30) as s:
+        s.sendall(b'POST /v1/classify HTTP/1.1\r\nHost: x\r\n' + head + b'\r\n' + partial)
+        time.sleep(0.2)   # the server is reading the body when the client goes
+    deadline = time.monotonic() + 30
+    while (_metric(srv.url, key % 499) - before[499] < len(requests) and
+           time.monotonic() < deadline):
+      time.sleep(0.05)
+  after = {c: _metric(srv.url, key % c) for c in (499, 500, 400)}
+  assert after[499] - before[499] == len(requests), (before, after)
+  assert after[500] == before[500] and after[400] == before[400], (before, after)
+  mine = [r for r in caplog.records if r.name.startswith('imgcls_jax')]
+  assert not [r for r in mine if r.levelno >= logging.ERROR or r.exc_info], [
+      r.getMessage() for r in mine]
+  lines = [r.getMessage() for r in mine if '-> 499' in r.getMessage()]
+  assert len(lines) == len(requests) and all('closed the connection' in m for m in lines), lines
+  assert _request(srv.url, 'GET', '/healthz') == (200, {'status': 'ok'})
+
+
 def test_tf_serving_rest_api(server):
-  """TF-Serving's REST shapes; predictions equal the trainer's probabilities (independent oracle)."""
+  """TF-Serving's REST shapes; predictions equal the trainer's probabilities (an independent
+  oracle)."""
   srv, clf = server
   x, _ = digits.load_arrays('test')
   status, info = _request(srv.url, 'GET', '/v1/models/imgcls')

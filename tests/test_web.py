@@ -15,6 +15,7 @@ from PIL import Image
 from imgcls_jax import inference, ood, serve
 from imgcls_jax.data import digits
 from tests.test_predict import trained_run, trainer_probabilities
+from tests.test_serve import FewClasses
 
 CHROMIUM = os.environ.get('CHROMIUM_BINARY', '/usr/bin/chromium')
 CHROMEDRIVER = os.environ.get('CHROMEDRIVER', '/usr/bin/chromedriver')
@@ -132,6 +133,41 @@ def _check_page(srv, config, workdir, browser, files):
   # And the API agrees with the trainer's own prediction for the exact 8x8 file.
   want = trainer_probabilities(config, workdir, x[:1])[0]
   assert shown['digit_0.png']['labels'][0] == str(int(np.argmax(want)))
+
+
+def test_page_works_for_a_model_of_fewer_classes_than_top_k(served, browser, tmp_path):
+  """A 3-class model (below the default top_k of 5): the page shows each upload's 3 classes, the
+  API's answer. The page asked for top_k=5, which such a model refused, so every upload failed."""
+  srv, config, workdir = served
+  x, _ = digits.load_arrays('test')
+  clf = FewClasses(srv.batcher.clf, 3)
+  cfg = config.serve.copy_and_resolve_references()
+  cfg.port = 0
+  few = serve.make_server(clf, cfg, warm_up=False).start()
+  files = {}
+  for i in range(2):
+    path = tmp_path / f'digit_{i}.png'
+    Image.fromarray(x[i, :, :, 0]).save(path)
+    files[path.name] = path
+  try:
+    with screenshot_on_failure(browser, tmp_path):
+      browser.get(few.url + '/')
+      wait = WebDriverWait(browser, 60)
+      wait.until(lambda d: 'classes' in d.find_element(By.ID, 'model').text)
+      assert '3 classes' in browser.find_element(By.ID, 'model').text
+      browser.find_element(By.ID, 'file').send_keys('\n'.join(str(p) for p in files.values()))
+      wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, '.card')) == len(files) and not
+                 d.find_elements(By.CSS_SELECTOR, '.card[data-state="pending"]'))
+      for card in browser.find_elements(By.CSS_SELECTOR, '.card'):
+        name = card.find_element(By.CSS_SELECTOR, '.name').text
+        status = card.find_element(By.CSS_SELECTOR, '.status').text
+        assert card.get_attribute('data-state') == 'done', (name, status)
+        labels = [r.text for r in card.find_elements(By.CSS_SELECTOR, 'li .label')]
+        code, answer = _api(few.url, files[name].read_bytes())
+        assert code == 200 and labels == [p['class'] for p in answer['predictions']], answer
+        assert sorted(labels) == ['0', '1', '2'], labels
+  finally:
+    few.close()
 
 
 def test_page_says_not_sure_and_unknown_where_the_api_does(served, browser, tmp_path):

@@ -8,9 +8,11 @@
 
 Endpoints (OpenAPI docs at ``/docs``, schema at ``/openapi.json``):
   GET  /                              the web page (plain HTML/JS, works offline)
-  POST /v1/classify[?top_k=N]         one image: raw bytes as the body, or a multipart file field
-                                      ``image`` -> {"predictions": [{"class", "index",
-                                      "probability"}, ...], "checkpoint_step": S}
+  POST /v1/classify[?top_k=N]         one image: raw bytes as the body, or a multipart form of one
+                                      file (of several, the field ``image``) -> {"predictions":
+                                      [{"class", "index", "probability"}, ...], "checkpoint_step":
+                                      S}; N (default config.serve.top_k) above the class count
+                                      lists every class
   GET  /v1/model, GET /healthz        class names, input shape, step; liveness
   GET  /v1/models/<name>[/metadata]   TF-Serving: status, signature
   POST /v1/models/<name>:predict      TF-Serving: {"instances": [{"b64": "..."}]} ->
@@ -19,10 +21,14 @@ Endpoints (OpenAPI docs at ``/docs``, schema at ``/openapi.json``):
   POST /v2/models/<name>/infer        KServe v2: a UINT8 [N, H, W, C] tensor ``images``
   GET  /metrics                       Prometheus: requests, latency histogram, batch sizes
 Bad requests get a 4xx with {"error": "<one sentence>"}: 400 (empty or malformed body, bad
-top_k), 404 (unknown path or model name), 405 (method), 411 (no Content-Length, chunked), 413
-(body or decoded image too large, more images in one request than ``max_queue``), 415 (not a
-decodable image); 503 when the queue is full. The service never exits on a bad request; an
-unexpected failure of one request is a 500 for it only.
+top_k, an unknown or repeated query parameter), 404 (unknown path or model name), 405 (method),
+411 (no Content-Length, chunked), 413 (body or decoded image too large, more images in one
+request than ``max_queue``), 415 (not a decodable image); 503 when the queue is full. The
+service never exits on a bad request; an unexpected failure of one request is a 500 for it only.
+A client that closes the connection before sending its whole body is one log line and counted as
+499 (nginx's code for it). Uvicorn has no timeout on reading a body: one shorter than its
+Content-Length holds its connection until the client closes it (a reverse proxy's body timeout
+bounds that).
 Every response carries ``X-Request-ID`` (the client's, or a new one), also in the log lines.
 
 Images are decoded and preprocessed on worker threads (as ``--mode=predict`` does), then queued;
@@ -150,6 +156,9 @@ def make_server(clf: inference.Classifier, cfg: ml_collections.ConfigDict, *,
                 warm_up: bool = True) -> Server:
   """A server for ``clf`` (bound, not yet serving); ``warm_up`` compiles every batch size first."""
   _validate(cfg)
+  if cfg.top_k > len(clf.class_names):
+    logging.info('config.serve.top_k=%d is more than the model has classes: answers list all %d.',
+                 cfg.top_k, len(clf.class_names))
   clf.max_batch = int(cfg.max_batch_size)
   if warm_up:
     size = 1

@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 
 from imgcls_jax import inference
@@ -26,6 +26,8 @@ from imgcls_jax.serve.bodies import ApiError
 from imgcls_jax.serve.metrics import Metrics
 
 log = logging.getLogger('imgcls_jax.serve')
+CLIENT_CLOSED = 499   # nginx's code for a client that closed the connection before the answer
+_CLASSIFY_PARAMS = ('top_k',)   # the query parameters /v1/classify takes
 _IMAGE_BODY = {'requestBody': {'required': True, 'content': {
     'image/*': {'schema': {'type': 'string', 'format': 'binary'}},
     'multipart/form-data': {'schema': {'type': 'object', 'properties': {
@@ -45,6 +47,11 @@ class Service:
   def clf(self) -> inference.Classifier:
     return self.batcher.clf
 
+  @property
+  def top_k(self) -> int:
+    """config.serve.top_k, at most the class count (as predict clamps config.predict.top_k)."""
+    return min(int(self.cfg.top_k), len(self.clf.class_names))
+
 
 def _error(status: int, message: str) -> JSONResponse:
   headers = {'Retry-After': '1'} if status == 503 else None
@@ -52,13 +59,18 @@ def _error(status: int, message: str) -> JSONResponse:
 
 
 def guarded(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-  """Turns ApiError into its 4xx/503 and any other failure into a 500 for this request only."""
+  """Turns ApiError into its 4xx/503, a client gone before its whole body came into a 499 (the
+  answer goes nowhere; RequestLog counts and logs it), and any other failure into a 500 for this
+  request only."""
   @functools.wraps(fn)
   async def wrapper(request: Request, *args: Any, **kwargs: Any) -> Any:
     try:
       return await fn(request, *args, **kwargs)
     except ApiError as e:
       return _error(e.status, e.message)
+    except ClientDisconnect:
+      return _error(CLIENT_CLOSED, 'The client closed the connection before sending its whole '
+                    'body.')
     except Exception:  # never let one request take the service down
       log.exception('[%s] Unexpected error serving %s %s', request.scope.get('request_id'),
                     request.method, request.url.path)
@@ -67,17 +79,28 @@ def guarded(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
 
 
 def _top_k(request: Request, svc: Service) -> int:
-  value = request.query_params.get('top_k')
+  """The classes to answer with: ?top_k=N (N >= 1; above the class count, all of them), else
+  config.serve.top_k; 400 for an unknown or repeated query parameter."""
+  params = request.query_params
+  for name in params.keys():
+    if name not in _CLASSIFY_PARAMS:
+      raise ApiError(400, f"Unknown query parameter '{name[:40]}'; /v1/classify takes only "
+                     f"{', '.join(_CLASSIFY_PARAMS)}.")
+    if len(params.getlist(name)) > 1:
+      raise ApiError(400, f'The query parameter {name} is given {len(params.getlist(name))} '
+                     'times; give it once.')
+  value = params.get('top_k')
   if value is None:
-    return int(svc.cfg.top_k)
+    return svc.top_k
   n = len(svc.clf.class_names)
   try:
     k = int(value)
   except ValueError:
     k = 0
-  if not 1 <= k <= n:
-    raise ApiError(400, f'top_k must be an integer from 1 to {n}.')
-  return k
+  if k < 1:
+    raise ApiError(400, f"top_k must be an integer of at least 1 (any above {n} lists all {n} "
+                   f"classes), got '{value[:20]}'.")
+  return min(k, n)
 
 
 async def _prepare(svc: Service, data: bytes, what: str = 'The body') -> np.ndarray:
@@ -144,7 +167,7 @@ def create_app(svc: Service) -> fastapi.FastAPI:
     multi = c.trained.info.multilabel
     return {'name': svc.model_name, 'class_names': list(c.class_names),
             'input_shape': list(c.image_shape), 'checkpoint_step': c.step,
-            'max_upload_bytes': int(svc.cfg.max_upload_bytes), 'top_k': int(svc.cfg.top_k),
+            'max_upload_bytes': int(svc.cfg.max_upload_bytes), 'top_k': svc.top_k,
             'task': 'multilabel' if multi else 'single_label',
             'thresholds': list(c.trained.decision_thresholds) if multi else None,
             'temperature': c.trained.temperature,
@@ -152,7 +175,7 @@ def create_app(svc: Service) -> fastapi.FastAPI:
             'unknown_below': None if multi else c.trained.unknown_below}
 
   @app.post('/v1/classify', openapi_extra=_IMAGE_BODY,
-            summary='Classify one image: the raw bytes as the body, or a multipart file "image"')
+            summary='Classify one image: the raw bytes as the body, or one multipart file')
   @guarded
   async def classify(request: Request) -> Any:
     k = _top_k(request, svc)
@@ -286,8 +309,10 @@ class RequestLog:
                                                     else 'unmatched')  # bounded label set
         elapsed = time.perf_counter() - start
         self.metrics.observe(endpoint, status[0], elapsed)
-        log.info('[%s] %s %s -> %d in %.1f ms', rid, scope['method'], scope['path'], status[0],
-                 1000 * elapsed)
+        why = (' (the client closed the connection before sending its whole body)'
+               if status[0] == CLIENT_CLOSED else '')
+        log.info('[%s] %s %s -> %d in %.1f ms%s', rid, scope['method'], scope['path'], status[0],
+                 1000 * elapsed, why)
       await send(message)
 
     await self.app(scope, receive, send_with_id)

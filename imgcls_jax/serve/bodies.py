@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 from starlette.datastructures import UploadFile
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 
 class ApiError(Exception):
@@ -45,26 +45,43 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 async def upload(request: Request, limit: int) -> bytes:
-  """The image bytes of a raw-body or multipart (``image`` file field) upload of at most
-  ``limit`` bytes."""
+  """The image bytes of a raw-body or multipart upload of at most ``limit`` bytes: the form's one
+  file, under any field name (where it has several, the one named ``image``)."""
   if not request.headers.get('content-type', '').lower().startswith('multipart/'):
     return await read_body(request, limit)
   await check_length(request, limit)  # the form parser streams the body itself
   try:
     form = await request.form(max_files=4, max_fields=16, max_part_size=limit)
+  except ClientDisconnect:
+    raise
   except Exception as e:
     detail = getattr(e, 'detail', None) or str(e) or type(e).__name__
     raise ApiError(400, f'The multipart form could not be parsed ({str(detail).rstrip(".")}); '
-                   'send one file field named image (curl -F image=@photo.jpg).') from None
+                   'send one image file (curl -F image=@photo.jpg).') from None
   try:
-    files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
-    chosen = [f for k, f in form.multi_items() if k == 'image' and isinstance(f, UploadFile)]
-    if len(chosen or files) != 1:
-      raise ApiError(400, f'The form has {len(chosen or files)} files; send exactly one file '
-                     'field named image (curl -F image=@photo.jpg).')
-    return await (chosen or files)[0].read()
+    return await _form_file(form.multi_items()).read()
   finally:
     await form.close()
+
+
+def _form_file(items: list[tuple[str, Any]]) -> UploadFile:
+  """The one file of a form's ``(field, value)`` items, or the one named image of several."""
+  files = [(k, v) for k, v in items if isinstance(v, UploadFile)]
+  named = [v for k, v in files if k == 'image']
+  if len(files) == 1 or len(named) == 1:
+    return named[0] if named else files[0][1]
+  if named:
+    raise ApiError(400, f'The form has {len(named)} files named image; send one (curl -F '
+                   'image=@photo.jpg).')
+  if files:
+    raise ApiError(400, f'The form has {len(files)} files and none named image; send one file, '
+                   'or name the one to classify image (curl -F image=@photo.jpg).')
+  text = [k for k, v in items if isinstance(v, str)]
+  if text:   # a part without a filename: curl -F image=<photo.jpg sends one
+    name = 'image' if 'image' in text else text[0][:40]
+    raise ApiError(400, f"The form field '{name}' has no filename, so it is not a file upload; "
+                   f'send the image as a file (curl -F {name}=@photo.jpg).')
+  raise ApiError(400, 'The form has no file; send one image file (curl -F image=@photo.jpg).')
 
 
 def json_body(body: bytes) -> Any:
@@ -101,7 +118,8 @@ def instances(payload: Any) -> list[bytes]:
 
 def v2_images(payload: Any, shape: tuple[int, int, int]) -> np.ndarray:
   """The uint8 NxHxWxC images of a KServe v2 request's one ``UINT8`` input tensor."""
-  want = f'one input {{"name": "images", "datatype": "UINT8", "shape": [N, {", ".join(map(str, shape))}], "data": [...]}}'
+  want = (f'one input {{"name": "images", "datatype": "UINT8", "shape": '
+          f'[N, {", ".join(map(str, shape))}], "data": [...]}}')
   inputs = payload.get('inputs') if isinstance(payload, dict) else None
   if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
     raise ApiError(400, f'The body must have {want}.')
