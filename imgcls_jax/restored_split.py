@@ -15,7 +15,7 @@ import jax
 import ml_collections
 
 from imgcls_jax import checkpoint, held_out, inference, metrics, run
-from imgcls_jax.data import reader
+from imgcls_jax.data import arrays, reader
 from imgcls_jax.data.info import check_flips
 from imgcls_jax.errors import UserError
 
@@ -61,6 +61,29 @@ def _new_image_location(saved: dict[str, Any], overrides: dict[str, Any]) -> boo
     return os.path.abspath(os.path.expanduser(v)) if v else ''
   return any(where(overrides[f'data.{k}']) != where(saved.get('data', {}).get(k))
              for k in ('folder', 'manifest') if f'data.{k}' in overrides)
+
+
+def _check_other_dataset(data: ml_collections.ConfigDict, info: Any, saved_name: Any) -> None:
+  """A run evaluated on another dataset than its own (``--config.data.name``; an image folder is
+  checked by its index) must find the classes it was trained on, in its order, and for an arrays
+  file (read as stored, never resized) images of its input shape: labels are class indices, so
+  other classes would be scored under the run's names."""
+  if not saved_name or data.name == saved_name or data.name == 'image_folder':
+    return
+  other = reader.describe(data)
+  where = f"config.data.name='{data.name}'"
+  if tuple(other.class_names) != tuple(info.class_names):
+    def names(n: tuple[str, ...]) -> str:
+      return ', '.join(n[:5]) + (', ...' if len(n) > 5 else '')
+    raise UserError(f'{where} has {len(other.class_names)} classes ({names(other.class_names)}) '
+                    f'where the run was trained on {len(info.class_names)} '
+                    f'({names(info.class_names)}); evaluate on data of the run\'s classes, in its '
+                    'order (the class_names of an arrays file).')
+  if arrays.is_arrays(data) and tuple(other.image_shape) != tuple(info.image_shape):
+    shape = 'x'.join(str(d) for d in other.image_shape)
+    want = 'x'.join(str(d) for d in info.image_shape)
+    raise UserError(f'{where} holds {shape} images where the run reads {want}; write the arrays '
+                    f'file at {want} (arrays are read as stored, never resized).')
 
 
 @dataclasses.dataclass
@@ -111,6 +134,7 @@ def restore_for_split(workdir: str, config: ml_collections.ConfigDict | None, *,
   held_out.check_location_keys(cfg.data)   # e.g. a folder named for a run that read tfds
   saved = checkpoint.read_config(workdir) or {}
   new_images = _new_image_location(saved, overrides or {})
+  _check_other_dataset(cfg.data, trained.info, saved.get('data', {}).get('name'))
   split = split or (reader.default_eval_split(cfg.data) if new_images else cfg.data.eval_split)
   check_flips(cfg.data, tta, mirror_safe=trained.info.mirror_safe)
   changed = ('' if new_images or not warn_redrawn else

@@ -466,3 +466,37 @@ def test_modes_that_read_tfds_ids_name_the_arrays_file(digits_npz, digits_config
   c = _arrays_config(digits_config, digits_npz)
   with pytest.raises(UserError, match=r"is an arrays file, and this reads tfds datasets and "):
     folds.read_ids_and_labels(c.data, 'train')
+
+
+def test_evaluating_on_an_arrays_file_of_other_classes_or_sizes_is_refused(digits_npz,
+                                                                           digits_config, tmp_path):
+  """A digits run evaluated on --config.data.name=arrays:<Fashion-MNIST-like file> scored it under
+  the digit names (labels are indices) with exit 0; an arrays file of another image size too.
+  Now both are one line; a moved copy of the run's own file still evaluates."""
+  from imgcls_jax import restored_split
+  from imgcls_jax.data import arrays
+  own = _arrays_config(digits_config, digits_npz).data
+  info = arrays.describe(own)
+  rng = np.random.RandomState(0)
+
+  def other(name, classes, hw):
+    path = str(tmp_path / f'{name}.npz')
+    np.savez(path, test_images=rng.randint(0, 256, (20, *hw, 1)).astype(np.uint8),
+             test_labels=rng.randint(0, len(classes), 20), class_names=np.asarray(classes))
+    data = own.copy_and_resolve_references()
+    data.name = f'arrays:{path}'
+    data.train_split = data.eval_split = 'test'
+    return data
+
+  garments = ['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt',
+              'Sneaker', 'Bag', 'Ankle boot']
+  with pytest.raises(UserError, match=r"has 10 classes \(T-shirt/top, Trouser, Pullover, Dress, "
+                                      r"Coat, \.\.\.\) where the run was trained on 10 \(0, 1, "
+                                      r"2, 3, 4, \.\.\.\); evaluate on data of the run's classes"):
+    restored_split._check_other_dataset(other('garments', garments, (8, 8)), info, own.name)
+  digits = [str(d) for d in range(10)]
+  with pytest.raises(UserError, match=r'holds 16x16x1 images where the run reads 8x8x1; write the '
+                                      r'arrays file at 8x8x1'):
+    restored_split._check_other_dataset(other('big', digits, (16, 16)), info, own.name)
+  restored_split._check_other_dataset(other('same', digits, (8, 8)), info, own.name)
+  restored_split._check_other_dataset(own, info, own.name)

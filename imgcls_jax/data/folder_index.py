@@ -3,12 +3,13 @@ their split names are ``folder_layout.py``. Without split directories or a split
 stratified hold-out (``holdout.py``) of ``data.holdout_fraction`` of every class is the eval split;
 ``data.validation_fraction`` carves split ``validation`` out of the train split the same way.
 
-Building the index reads only file headers (``file_probe.py``; PIL: size, mode, EXIF orientation): ~9,000-25,000
-files/s per core from the page cache (one process per core past 20,000 files), where decoding
-every file ran at ~570 files/s on 2 cores. A truncated file (no JPEG/PNG end marker) is decoded once to tell. The result is cached per
-folder or manifest (``data.index_cache``; one JSON file, keyed by each file's size and mtime), so a
-restart lists and stats the files and probes only new or changed ones. A file that still fails to
-decode during training is reported and masked out of its batch (``image_folder.dataset``).
+Building the index reads only file headers (``file_probe.py``; PIL: size, mode, EXIF
+orientation): ~9,000-25,000 files/s per core from the page cache (one process per core past
+20,000 files), where decoding every file ran at ~570 files/s on 2 cores. A truncated file (no
+JPEG/PNG end marker) is decoded once to tell. The result is cached per folder or manifest
+(``data.index_cache``; one JSON file, keyed by each file's size and mtime), so a restart lists and
+stats the files and probes only new or changed ones. A file that still fails to decode during
+training is reported and masked out of its batch (``image_folder.dataset``).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from imgcls_jax.data.images import is_image_file, unreadable_summary
 from imgcls_jax.errors import UserError
 
 _SHOWN = 10            # skipped file names listed in the warning
-_IMBALANCE = 10.0      # warn when the largest class has more than this many times the smallest's images
+_IMBALANCE = 10.0      # warn when the largest class has over this many times the smallest's images
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,7 +3,8 @@ its split names and its classes. Listing no file's contents; the index of a spli
 held-out draws, the cache) is ``folder_index.py``.
 
 Three layouts, chosen by ``config.data``:
-  * ``folder/<split>/<class>/**`` (``data.folder``; splits named by ``train_split`` / ``eval_split``);
+  * ``folder/<split>/<class>/**`` (``data.folder``; splits named by ``train_split`` /
+    ``eval_split``);
   * ``folder/<class>/**`` without split directories (``data.folder``): a seeded, stratified
     hold-out of ``data.holdout_fraction`` of every class is the eval split, the rest the train
     split (as Keras' ``validation_split``, but per class); split ``all`` is every image;
