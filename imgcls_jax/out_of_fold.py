@@ -36,7 +36,9 @@ class OutOfFold:
       raise UserError('The label-issue search (config.cross_validation.label_issues) needs '
                       'cleanlab, which is not installed: run pip install -e . in the checkout, '
                       'or set --config.cross_validation.label_issues=False.')
-    info = reader.describe(config.data)
+    data = config.data.copy_and_resolve_references()
+    data.eval_split = data.train_split   # the folds split the train split; the eval split unread
+    info = reader.describe(data)
     cap = label_issues.cell_cap(info.multilabel)
     if total * info.num_classes > cap:
       logging.warning('The label-issue search holds every example\'s %d class probabilities on '

@@ -168,6 +168,30 @@ def test_no_split_folders_names_the_split_key_and_not_a_leaking_fix(tmp_path):
   with pytest.raises(UserError, match=rf"no {tmp_path}/test/ for config.data.eval_split\); set "
                                       r"config.data.holdout_fraction \(e\.g\. 0\.2\) to hold out"):
     folder_index.index(src, 'test', names)
+  # A manifest has no split directories: it lacks a split column.
+  (tmp_path / 'm.csv').write_text('cat/0.png,cat\ndog/0.png,dog\n')
+  src = folder_layout.source_of(_data(manifest=str(tmp_path / 'm.csv'), train_split='all'))
+  with pytest.raises(UserError, match=r"m\.csv has no split column \(path,label,split rows\) "
+                                      r"naming split 'test' for config.data.eval_split; set "
+                                      r'config.data.holdout_fraction'):
+    folder_index.index(src, 'test', folder_layout.class_names(src))
+
+
+def test_k_fold_of_a_manifest_without_split_column_needs_no_eval_split(tmp_path):
+  """Cross-validation splits the train split ('all' here) and never reads the eval split, yet
+  the label-issue search described the data with it and failed on the manifest's missing 'test'
+  rows (the user had to set eval_split='all' too)."""
+  from imgcls_jax import out_of_fold
+  rows = []
+  for k, cls in enumerate(('cat', 'dog')):
+    for i in range(4):
+      _png(tmp_path / cls / f'{i}.png', 10 * k + i)
+      rows.append(f'{cls}/{i}.png,{cls}')
+  (tmp_path / 'm.csv').write_text('\n'.join(rows) + '\n')
+  config = ml_collections.ConfigDict({
+      'data': _data(manifest=str(tmp_path / 'm.csv'), train_split='all'),
+      'cross_validation': {'label_issues': True}})
+  assert out_of_fold.OutOfFold(config, 8).wanted
 
 
 def test_evaluating_on_trained_images_is_warned_of(tmp_path, caplog):

@@ -130,9 +130,14 @@ def _listed(src: Source, split: str, names: tuple[str, ...],
                       f'{hint}; {src.location} has no split directories to choose from.')
     if src.holdout_fraction <= 0:
       key = 'train_split' if split == src.train_split else 'eval_split'
-      raise UserError(f'{src.location} has no split directories (no {src.root}/{split}/ for '
-                      f'config.data.{key}); set config.data.holdout_fraction (e.g. 0.2) to hold '
-                      f"out part of every class for evaluation (split '{ALL}' reads every image).")
+      if src.kind == 'manifest':
+        missing = (f"no split column (path,label,split rows) naming split '{split}' for "
+                   f'config.data.{key}')
+      else:
+        missing = f'no split directories (no {src.root}/{split}/ for config.data.{key})'
+      raise UserError(f'{src.location} has {missing}; set config.data.holdout_fraction (e.g. 0.2) '
+                      f"to hold out part of every class for evaluation (split '{ALL}' reads every "
+                      'image).')
     held = holdout.draw(ids, holdout.strata(labels, src.multilabel), names, src.holdout_fraction,
                     src.holdout_seed)
     held_out = split == src.eval_split != src.train_split   # a k-fold's folds both read train
