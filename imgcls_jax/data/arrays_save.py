@@ -12,6 +12,12 @@ import numpy as np
 from imgcls_jax.errors import UserError
 
 
+def _umask() -> int:
+  mask = os.umask(0)   # read by setting it: put it back at once
+  os.umask(mask)
+  return mask
+
+
 def save(contents: dict[str, np.ndarray], output: str, compress: bool = False) -> None:
   """Writes ``contents`` (the arrays data/arrays.py reads) to ``output`` as a ``.npz``: a uniquely
   named file in the same folder, renamed over ``output``, so that processes (on any host sharing
@@ -24,6 +30,7 @@ def save(contents: dict[str, np.ndarray], output: str, compress: bool = False) -
     try:
       with os.fdopen(fd, 'wb') as f:
         (np.savez_compressed if compress else np.savez)(f, **contents)
+      os.chmod(tmp, 0o666 & ~_umask())   # mkstemp's 0600 would keep a shared data_dir's users out
       os.replace(tmp, output)
     except BaseException:
       if os.path.exists(tmp):
