@@ -185,6 +185,98 @@ def test_unknown_layout_and_bad_files_are_user_errors(tmp_path):
     torch_import.convert({'encoder.weight': np.zeros((3, 3), np.float32)}, origin='x.pt')
 
 
+_UNPICKLED = []
+
+
+class _TinyNet(nn.Module):
+  """A model saved whole (``torch.save(model)``); unpickling it would append to ``_UNPICKLED``."""
+
+  def __init__(self):
+    super().__init__()
+    self.fc = nn.Linear(2, 3)
+
+  def forward(self, x):
+    return self.fc(x)
+
+  def __setstate__(self, state):
+    _UNPICKLED.append(True)
+    super().__setstate__(state)
+
+
+def _message(path):
+  """The UserError text of ``torch_import.load(path)``: one line, no terminal escape codes."""
+  with pytest.raises(UserError) as info:
+    torch_import.load(str(path))
+  text = str(info.value)
+  assert '\n' not in text and '\x1b' not in text and 'weights_only' not in text, text
+  return text
+
+
+@pytest.mark.parametrize('how', ['zip', 'legacy', 'protocol4', 'wrapped'])
+def test_a_pickled_model_object_is_named_and_never_unpickled(tmp_path, how):
+  path = tmp_path / 'whole.pt'
+  model = _TinyNet()
+  kw = {'legacy': {'_use_new_zipfile_serialization': False},
+        'protocol4': {'pickle_protocol': 4}}.get(how, {})
+  torch.save({'model': model} if how == 'wrapped' else model, str(path), **kw)
+  _UNPICKLED.clear()
+  text = _message(path)
+  assert text == (f'{path} holds a pickled model object (tests.test_torch_import._TinyNet), not a '
+                  'state dict; save it with torch.save(model.state_dict(), path) (pickled objects '
+                  'are not loaded: that could run arbitrary code).')
+  assert not _UNPICKLED
+
+
+@pytest.mark.filterwarnings('ignore::DeprecationWarning')  # torch.jit.script / save
+def test_other_pickled_objects_and_torchscript_are_named(tmp_path):
+  import argparse
+  path = tmp_path / 'ckpt.pt'
+  torch.save({'state_dict': _TinyNet().state_dict(), 'args': argparse.Namespace(lr=0.1)},
+             str(path))
+  assert _message(path).startswith(f'{path} holds pickled Python objects besides tensors '
+                                   '(argparse.Namespace), which are not loaded')
+  path = tmp_path / 'scripted.pt'
+  torch.jit.save(torch.jit.script(_TinyNet()), str(path))
+  assert _message(path) == (f'{path} is a TorchScript archive (torch.jit.save), not a state '
+                            'dict; save the weights with torch.save(model.state_dict(), path).')
+
+
+def test_a_file_that_is_not_a_torch_file_or_is_cut_short(tmp_path):
+  import os
+  import zipfile
+  junk = tmp_path / 'junk.pt'
+  junk.write_bytes(os.urandom(4096))
+  assert _message(junk) == (f'{junk} is not a PyTorch state dict file (damaged, or another '
+                            'format); give a file saved with torch.save(model.state_dict(), '
+                            'path), or a .safetensors file.')
+  empty = tmp_path / 'empty.pt'
+  empty.write_bytes(b'')
+  assert _message(empty).startswith(f'{empty} is not a PyTorch state dict file (the file is '
+                                    'empty)')
+  npz = tmp_path / 'arrays.pt'    # a zip archive, but numpy's
+  with open(npz, 'wb') as f:
+    np.savez(f, w=np.zeros(3))
+  assert 'is not a PyTorch state dict file' in _message(npz)
+  state_dict = _reference('resnet18', num_classes=7).state_dict()
+  for legacy in (False, True):
+    whole = tmp_path / 'whole.pt'
+    torch.save(state_dict, str(whole), _use_new_zipfile_serialization=not legacy)
+    data = whole.read_bytes()
+    cut = tmp_path / f'cut{int(legacy)}.pt'
+    cut.write_bytes(data[:200] if legacy else data[:len(data) // 2])  # legacy: inside the pickle
+    where = 'pickle data is cut short' if legacy else 'zip archive is truncated'
+    assert _message(cut) == (f'{cut} is a damaged PyTorch file (its {where} or corrupt); copy it '
+                             'again, or save it again with torch.save(model.state_dict(), path).')
+  # An intact archive that torch still cannot read (a tensor's bytes are missing): torch's reason.
+  torch.save(state_dict, str(whole))
+  holed = tmp_path / 'holed.pt'
+  with zipfile.ZipFile(whole) as src, zipfile.ZipFile(holed, 'w') as dst:
+    for name in src.namelist():
+      if not name.endswith('/data/0'):
+        dst.writestr(name, src.read(name))
+  assert _message(holed).startswith(f'Cannot load {holed} as a PyTorch state dict (RuntimeError: ')
+
+
 @pytest.mark.parametrize('placement', ['replicated', 'fsdp'])
 def test_init_state_from_a_torch_file_keeps_backbone_and_makes_a_new_head(tmp_path, placement):
   """The training path (transfer.init_state): 1000-class torch weights -> a 10-class model."""
@@ -343,3 +435,32 @@ def test_a_file_of_another_family_names_the_missing_parameter(tmp_path):
   with pytest.raises(UserError, match=r"Parameter '(blocks|head_conv)\.[\w.]+' .*of this model is "
                                       r'not in mnv3\.safetensors'):
     _jit_logits('efficientnet_b0', torch_import.load(path), np.zeros((1, 32, 32, 3), np.float32))
+
+
+# (a model saved from PyTorch, the config.model.name it fits or None). Sizes that differ only in
+# depth (resnet34 / resnet50, efficientnet_b0 / b1) or in the last width (b1 / b2) are told apart;
+# a widened ResNet, ViT-B/32 and timm's convnext_atto fit no registered name.
+NAMED = {
+    'resnet18': (lambda: _reference('resnet18'), 'resnet18'),
+    'resnet50': (lambda: _reference('resnet50'), 'resnet50'),
+    'tv_resnet34': (lambda: _tv('resnet34'), 'resnet34'),
+    'tv_wide_resnet50_2': (lambda: _tv('wide_resnet50_2'), None),
+    'tv_vit_b_16': (lambda: _tv('vit_b_16'), 'vit_b16'),
+    'tv_vit_b_32': (lambda: _tv('vit_b_32'), None),
+    'timm_vit_small': (lambda: _timm('vit_small_patch16_224'), 'vit_s16'),
+    'tv_convnext_small': (lambda: _tv('convnext_small'), 'convnext_small'),
+    'timm_convnext_atto': (lambda: _timm('convnext_atto'), None),
+    'tv_efficientnet_b0': (lambda: _tv('efficientnet_b0'), 'efficientnet_b0'),
+    'tv_efficientnet_b1': (lambda: _tv('efficientnet_b1'), 'efficientnet_b1'),
+    'tv_efficientnet_b2': (lambda: _tv('efficientnet_b2'), 'efficientnet_b2'),
+    'tv_mobilenet_v3_small': (lambda: _tv('mobilenet_v3_small'), 'mobilenet_v3_small'),
+    'tv_mobilenet_v3_large': (lambda: _tv('mobilenet_v3_large'), 'mobilenet_v3_large'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(NAMED))
+def test_imported_weights_name_the_model_they_fit(case):
+  """``meta['model']`` (as in a checkpoint's meta) is the config.model.name to train them with."""
+  make, want = NAMED[case]
+  w = torch_import.convert({k: v.numpy() for k, v in make().state_dict().items()})
+  assert w.meta.get('model') == want

@@ -12,15 +12,14 @@ running_mean/var -> mean/var (batch statistics).
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from typing import Mapping
 
 import numpy as np
 
-from imgcls_jax.errors import UserError, first_line
-from imgcls_jax.torch_import import convnext, mobile, resnet, vit
+from imgcls_jax.errors import UserError
+from imgcls_jax.torch_import import _torch_file, convnext, mobile, resnet, vit
 from imgcls_jax.weights import Weights
 
-_WRAPPER_KEYS = ('state_dict', 'model', 'model_state', 'model_state_dict', 'module')
 FAMILIES = ('ResNet', 'ViT', 'ConvNeXt', 'EfficientNet', 'MobileNetV3')
 
 
@@ -38,36 +37,11 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
       raise UserError(f'Cannot read {path} as safetensors ({str(e)[:200]}); the file is corrupt or '
                       'not a safetensors file.') from None
   else:
-    tensors = _read_torch(path)
+    tensors = _torch_file.read(path)
   out = {}
   for k, v in tensors.items():
     k = k[len('module.'):] if k.startswith('module.') else k  # saved from DistributedDataParallel
     out[k] = np.asarray(v)
-  return out
-
-
-def _read_torch(path: str) -> Mapping[str, Any]:
-  try:
-    import torch
-  except ImportError:
-    raise UserError(f'Reading {path} needs PyTorch; install it (pip install "imgcls_jax[torch]") '
-                    'or convert the file to .safetensors.') from None
-  try:
-    obj = torch.load(path, map_location='cpu', weights_only=True)
-  except Exception as e:  # torch raises many types for corrupt files and pickled modules
-    raise UserError(f'Cannot load {path} as a PyTorch state dict ({first_line(e, limit=200)}); '
-                    'save model.state_dict() with torch.save.') from None
-  for key in _WRAPPER_KEYS:  # training scripts often wrap the state dict
-    if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
-      obj = obj[key]
-  if not isinstance(obj, Mapping):
-    raise UserError(f'{path} holds a {type(obj).__name__}, not a state dict; save '
-                    'model.state_dict() with torch.save.')
-  out = {}
-  for k, v in obj.items():
-    if hasattr(v, 'detach'):
-      v = v.detach().cpu()
-      out[k] = (v.float() if v.is_floating_point() else v).numpy()
   return out
 
 
@@ -89,5 +63,6 @@ def convert(state_dict: Mapping[str, np.ndarray], origin: str = 'the weights fil
 
 
 def load(path: str) -> Weights:
-  """Weights from a local torchvision/timm-layout file, in this project's naming."""
+  """Weights from a local torchvision/timm-layout file, in this project's naming; ``meta['model']``
+  is the registered model name they fit (``resnet18``, ...), absent when none does."""
   return convert(read_state_dict(path), origin=os.path.basename(path))

@@ -6,8 +6,14 @@ is dropped.
 """
 from __future__ import annotations
 
+import functools
+import inspect
+import re
+from typing import Any, Callable, Hashable
+
 import numpy as np
 
+from imgcls_jax import models
 from imgcls_jax.errors import UserError
 from imgcls_jax.weights import Weights
 
@@ -50,15 +56,52 @@ class Builder:
     else:
       self.reject(key, value)
 
-  def weights(self, required: str) -> Weights:
-    """The result; ``required`` (one of our names) must be present."""
+  def weights(self, required: str,
+              model_name: Callable[[dict[str, np.ndarray]], str | None]) -> Weights:
+    """The result; ``required`` (one of our names) must be present. ``meta['model']`` is the
+    registered model name (``config.model.name``) the tensors fit, as in a checkpoint's meta;
+    absent when none does."""
     if required not in self.params:
       raise UserError(f'{self.origin} has no {required} tensor: it is not a complete '
                       f'torchvision/timm {self.family} state dict.')
-    return Weights(params=self.params, batch_stats=self.stats, origin=self.origin)
+    try:
+      name = model_name(self.params)
+    except (KeyError, ValueError):  # a tensor the size is read from is missing or odd: no name
+      name = None
+    return Weights(params=self.params, batch_stats=self.stats, origin=self.origin,
+                   meta={'model': name} if name else {})
 
 
 def split(key: str) -> tuple[str, str]:
   """``'a.b.weight'`` -> ``('a.b', 'weight')``."""
   module, _, leaf = key.rpartition('.')
   return module, leaf
+
+
+def count(params: dict[str, np.ndarray], pattern: str) -> int:
+  """How many distinct values the group of regex ``pattern`` takes over the names in ``params``
+  (e.g. the blocks ``blocks\\.(\\d+)\\.``)."""
+  return len({m.group(1) for k in params if (m := re.match(pattern, k))})
+
+
+def registered_name(constructor: Callable[..., Any], facts: Hashable,
+                    facts_of: Callable[[dict[str, Any]], Hashable]) -> str | None:
+  """The first registered model name (``imgcls_jax.models``) built by ``constructor`` whose
+  keywords (a sized name's, over the constructor's defaults) give ``facts_of(keywords) == facts``;
+  None when there is none."""
+  for name in models.names():
+    fn, bound = models.family(name).constructor, {}
+    while isinstance(fn, functools.partial):
+      bound = {**fn.keywords, **bound}
+      fn = fn.func
+    if fn is not constructor:
+      continue
+    init = fn.__init__ if inspect.isclass(fn) else fn
+    keywords = {p.name: p.default for p in inspect.signature(init).parameters.values()
+                if p.default is not p.empty}
+    try:
+      if facts_of({**keywords, **bound}) == facts:
+        return name
+    except (KeyError, TypeError, ValueError):  # a name that lacks an architecture keyword
+      continue
+  return None

@@ -9,7 +9,8 @@ from typing import Mapping
 
 import numpy as np
 
-from imgcls_jax.torch_import._layout import Builder, split
+from imgcls_jax.models.convnext import ConvNeXt
+from imgcls_jax.torch_import._layout import Builder, count, registered_name, split
 from imgcls_jax.weights import Weights
 
 _TV_BLOCK = re.compile(r'^features\.(\d+)\.(\d+)\.(block\.\d+|layer_scale)$')
@@ -45,6 +46,17 @@ def _module(module: str) -> str | None:
   return None
 
 
+def model_name(params: dict[str, np.ndarray]) -> str | None:
+  """The registered ConvNeXt (``convnext_tiny``, ...) with these tensors' blocks and widths per
+  stage and stem patch; None when there is none."""
+  stages = range(count(params, r'stages\.(\d+)\.'))
+  depths = tuple(count(params, rf'stages\.{s}\.(\d+)\.') for s in stages)
+  widths = tuple(np.shape(params[f'stages.{s}.0.norm.scale'])[0] for s in stages)
+  patch = np.shape(params['stem.conv.kernel'])[0]                     # HWIO
+  return registered_name(ConvNeXt, (depths, widths, patch),
+                         lambda kw: (tuple(kw['depths']), tuple(kw['widths']), kw['stem_patch']))
+
+
 def convert(state_dict: Mapping[str, np.ndarray], origin: str) -> Weights:
   """A torchvision/timm ConvNeXt state dict in this project's naming."""
   out = Builder('ConvNeXt', origin)
@@ -61,4 +73,4 @@ def convert(state_dict: Mapping[str, np.ndarray], origin: str) -> Weights:
       out.reject(key, value)
     # timm's small ConvNeXts (conv_mlp=True) hold the MLP as 1x1 convs.
     out.module(ours, leaf, value, key, linear_from_1x1=ours.endswith(('pwconv1', 'pwconv2')))
-  return out.weights('stem.conv.kernel')
+  return out.weights('stem.conv.kernel', model_name)

@@ -9,12 +9,15 @@ list ``blocks.<n>`` in network order.
 """
 from __future__ import annotations
 
+import functools
+import math
 import re
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
-from imgcls_jax.torch_import._layout import Builder, split
+from imgcls_jax.models import efficientnet, layers, mobilenet
+from imgcls_jax.torch_import._layout import Builder, count, registered_name, split
 from imgcls_jax.weights import Weights
 
 _BLOCK = re.compile(r'^features\.(\d+)\.(?:(\d+)\.)?block\.(\d+)\.(0|1|fc1|fc2)$')
@@ -52,6 +55,34 @@ def _block_names(state_dict: Mapping[str, np.ndarray]) -> dict[tuple[int, int, i
   return names
 
 
+def _efficientnet_facts(kw: dict[str, Any]) -> tuple[int, int, int]:
+  """(stem width, blocks, head_conv width) of an EfficientNet built with keywords ``kw``."""
+  ch = lambda c: layers.make_divisible(c * kw['width_mult'], 8)  # noqa: E731
+  stages = efficientnet.B0_STAGES
+  return (ch(stages[0][3]), sum(math.ceil(n * kw['depth_mult']) for *_, n in stages),
+          4 * ch(stages[-1][4]))
+
+
+def _mobilenet_facts(kw: dict[str, Any]) -> tuple[int, int, int, int]:
+  """(stem width, blocks, last_conv width, pre_logits width) of a MobileNetV3 built with ``kw``."""
+  ch = lambda c: layers.make_divisible(c * kw['width_mult'], 8)  # noqa: E731
+  table = {'small': mobilenet.SMALL, 'large': mobilenet.LARGE}[kw['arch']]
+  return ch(table[0][0]), len(table), 6 * ch(table[-1][3]), kw['last_channel']
+
+
+def model_name(params: dict[str, np.ndarray], family: str) -> str | None:
+  """The registered EfficientNet / MobileNetV3 (``efficientnet_b0``, ...) with these tensors'
+  stem width, block count and last widths; None when there is none."""
+  stem = np.shape(params['stem.conv.kernel'])[-1]                     # HWIO
+  blocks = count(params, r'blocks\.(\d+)\.')
+  if family == 'efficientnet':
+    facts = stem, blocks, np.shape(params['head_conv.conv.kernel'])[-1]
+    return registered_name(efficientnet.EfficientNet, facts, _efficientnet_facts)
+  facts = (stem, blocks, np.shape(params['last_conv.conv.kernel'])[-1],
+           np.shape(params['pre_logits.kernel'])[-1])
+  return registered_name(mobilenet.MobileNetV3, facts, _mobilenet_facts)
+
+
 def convert(state_dict: Mapping[str, np.ndarray], origin: str, family: str) -> Weights:
   """A torchvision EfficientNet / MobileNetV3 state dict in this project's naming."""
   label, last_conv, classifier = FAMILIES[family]
@@ -75,4 +106,4 @@ def convert(state_dict: Mapping[str, np.ndarray], origin: str, family: str) -> W
       out.module(classifier[module], leaf, value, key)
     else:
       out.reject(key, value)
-  return out.weights('stem.conv.kernel')
+  return out.weights('stem.conv.kernel', functools.partial(model_name, family=family))

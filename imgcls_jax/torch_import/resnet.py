@@ -8,7 +8,8 @@ from typing import Mapping
 
 import numpy as np
 
-from imgcls_jax.torch_import._layout import Builder, split
+from imgcls_jax.models.resnet import ResNet
+from imgcls_jax.torch_import._layout import Builder, count, registered_name, split
 from imgcls_jax.weights import Weights
 
 _BN_MODULE = re.compile(r'^(bn\d|layer\d+\.\d+\.bn\d|layer\d+\.\d+\.downsample\.1)$')
@@ -18,6 +19,18 @@ _CONV_MODULE = re.compile(r'^(conv1|layer\d+\.\d+\.conv\d|layer\d+\.\d+\.downsam
 def detect(keys: set[str]) -> bool:
   """Whether the state dict looks like a ResNet."""
   return 'conv1.weight' in keys or any(k.startswith('layer1.') for k in keys)
+
+
+def model_name(params: dict[str, np.ndarray]) -> str | None:
+  """The registered ResNet (``resnet18``, ...) with these tensors' depths, block and width; None
+  for a widened or grouped variant (wide_resnet50_2, ResNeXt) or unregistered depths."""
+  width = np.shape(params['conv1.kernel'])[-1]                         # HWIO
+  if np.shape(params.get('layer1.0.conv1.kernel', ()))[-1:] != (width,):
+    return None
+  stages = tuple(count(params, rf'layer{i}\.(\d+)\.') for i in range(1, 5))
+  block = 'bottleneck' if 'layer1.0.conv3.kernel' in params else 'basic'
+  return registered_name(ResNet, (stages, block, width),
+                         lambda kw: (tuple(kw['stage_sizes']), kw['block'], kw['width']))
 
 
 def convert(state_dict: Mapping[str, np.ndarray], origin: str) -> Weights:
@@ -32,4 +45,4 @@ def convert(state_dict: Mapping[str, np.ndarray], origin: str) -> Weights:
       out.module(ours, leaf, value, key)
     else:
       out.reject(key, value)
-  return out.weights('conv1.kernel')
+  return out.weights('conv1.kernel', model_name)

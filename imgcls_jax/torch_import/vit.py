@@ -10,7 +10,8 @@ from typing import Mapping
 
 import numpy as np
 
-from imgcls_jax.torch_import._layout import Builder, split
+from imgcls_jax.models.vit import ViT
+from imgcls_jax.torch_import._layout import Builder, count, registered_name, split
 from imgcls_jax.weights import Weights
 
 _RAW = {'class_token': 'class_token', 'cls_token': 'class_token',
@@ -28,6 +29,15 @@ _IN_BLOCK = {'ln_1': 'ln_1', 'norm1': 'ln_1', 'ln_2': 'ln_2', 'norm2': 'ln_2',
 def detect(keys: set[str]) -> bool:
   """Whether the state dict looks like a ViT."""
   return bool(keys & {'conv_proj.weight', 'patch_embed.proj.weight'})
+
+
+def model_name(params: dict[str, np.ndarray]) -> str | None:
+  """The registered ViT (``vit_b16``, ...) with these tensors' width, depth, MLP width and patch
+  size; None when there is none."""
+  patch, _, _, width = np.shape(params['conv_proj.kernel'])           # HWIO
+  mlp_dim = np.shape(params['blocks.0.mlp.fc1.kernel'])[-1]
+  return registered_name(ViT, (width, count(params, r'blocks\.(\d+)\.'), mlp_dim, patch),
+                         lambda kw: (kw['width'], kw['depth'], kw['mlp_dim'], kw['patch_size']))
 
 
 def convert(state_dict: Mapping[str, np.ndarray], origin: str) -> Weights:
@@ -52,4 +62,4 @@ def convert(state_dict: Mapping[str, np.ndarray], origin: str) -> Weights:
       out.module(_MODULES[module], leaf, value, key)
     else:
       out.reject(key, value)
-  return out.weights('conv_proj.kernel')
+  return out.weights('conv_proj.kernel', model_name)
