@@ -48,8 +48,9 @@ def load_weights(path: str, step: int | None = None) -> weights_lib.Weights:
 
 
 def init_state(state: Any, shardings: Any, cfg: ml_collections.ConfigDict,
-               tx: optax.GradientTransformation) -> Any:
-  """A fresh train state with the backbone (and head, if ``keep_head``) from ``cfg.init_from``."""
+               tx: optax.GradientTransformation, model_name: str = '') -> Any:
+  """A fresh train state with the backbone (and head, if ``keep_head``) from ``cfg.init_from``;
+  ``model_name`` (config.model.name) only words the error for weights of another architecture."""
   source = load_weights(cfg.init_from, cfg.get('init_step', -1))
   head = optim.head_name(weights_lib.flatten(state.params), cfg)
   keep = bool(cfg.get('keep_head', False))
@@ -58,10 +59,20 @@ def init_state(state: Any, shardings: Any, cfg: ml_collections.ConfigDict,
   def skip(name: str) -> bool:
     return not keep and optim.in_head(name, head)
 
+  name = source.meta.get('model')   # the architecture a run recorded, or a torch file's layout fits
+  if name and name != model_name:
+    fix = f"set config.model.name='{name}' (the architecture of {source.origin})"
+  elif name:
+    fix = (f"match config.model's other keys (widths, depth, ...) to those {source.origin} "
+           'was saved with')
+  elif os.path.isfile(cfg.init_from):
+    fix = 'set config.model to the architecture the file was saved from'
+  else:
+    fix = 'match config.model to the run that wrote them'
   params, n_params = weights_lib.merge(state.params, source.params, origin=source.origin,
-                                       skip=skip, hint=hint)
+                                       skip=skip, hint=hint, fix=fix)
   stats, n_stats = weights_lib.merge(state.batch_stats, source.batch_stats, origin=source.origin,
-                                     skip=skip, kind='Batch statistic', hint=hint)
+                                     skip=skip, kind='Batch statistic', hint=hint, fix=fix)
   params = weights_lib.place(params, state.params)
   batch_stats = weights_lib.place(stats, state.batch_stats)
   opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)

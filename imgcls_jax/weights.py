@@ -70,12 +70,14 @@ def map_named(fn: Callable[[str, Any], Any], tree: Any) -> Any:
 
 def merge(target: Any, source: FlatArrays, *, origin: str,
           skip: Callable[[str], bool] = lambda _: False, kind: str = 'Parameter',
-          hint: str = '') -> tuple[Any, int]:
+          hint: str = '', fix: str = 'match config.model to the run that wrote them'
+          ) -> tuple[Any, int]:
   """``target`` with every leaf that is not ``skip``-ped replaced by the same-named numpy array.
 
   ``target`` is a pytree of arrays or ``ShapeDtypeStruct``s; skipped leaves are kept as they are.
   Returns (the pytree, how many leaves came from ``source``). Raises UserError naming the first
-  parameter that is missing from ``source``, extra in it, or of another shape.
+  parameter that is missing from ``source``, extra in it, or of another shape; ``fix`` says what
+  to do when the weights are of another architecture.
   """
   names = flatten(target)
   wanted = {n for n in names if not skip(n)}
@@ -83,12 +85,12 @@ def merge(target: Any, source: FlatArrays, *, origin: str,
   if missing:
     more = f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''
     raise UserError(f"{kind} '{missing[0]}'{more} of this model is not in {origin}; the weights "
-                    'are from another architecture: match config.model to the run that wrote them.')
+                    f'are from another architecture: {fix}.')
   extra = sorted(n for n in source if n not in names and not skip(n))
   if extra:
     more = f' (and {len(extra) - 1} more)' if len(extra) > 1 else ''
     raise UserError(f"{kind} '{extra[0]}'{more} in {origin} does not exist in this model; the "
-                    'weights are from another architecture: match config.model to them.')
+                    f'weights are from another architecture: {fix}.')
   for n in sorted(wanted):
     want, got = tuple(names[n].shape), tuple(np.shape(source[n]))
     if want != got:

@@ -314,6 +314,13 @@ def test_init_state_from_a_torch_file_keeps_backbone_and_makes_a_new_head(tmp_pa
                state.params, shardings.params)
   jax.tree.map(lambda a, s: a.sharding.is_equivalent_to(s, a.ndim) or pytest.fail(str(s)),
                state.opt_state, shardings.opt_state)
+  if placement == 'replicated':   # a model of another depth: the error names the file's model
+    model_fn = functools.partial(models.get, 'resnet34', num_classes=10, in_channels=3)
+    other, shardings = state_lib.create(model_fn, tx, 0, mesh, param_sharding)
+    with pytest.raises(UserError, match=r"not in .*resnet18\.safetensors; the weights are from "
+                                        r"another architecture: set config\.model\.name="
+                                        r"'resnet18' \(the architecture of "):
+      transfer.init_state(other, shardings, cfg.transfer, tx, model_name='resnet34')
 
 
 # ---- ViT, ConvNeXt, EfficientNet, MobileNetV3 from torchvision's and timm's own models ----

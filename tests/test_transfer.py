@@ -115,7 +115,8 @@ def test_init_from_another_architecture_names_the_parameter(tmp_path_factory, tf
     train.train_and_evaluate(c, str(tmp_path / 'a'))
   c.model.widths = (8, 16, 32)
   with pytest.raises(UserError, match=r"Parameter 'convs\.4\.kernel' \(and 5 more\) of this "
-                                      'model is not in checkpoint 30'):
+                                      r"model is not in checkpoint 30.*: match config\.model's "
+                                      r'other keys \(widths, depth, \.\.\.\) to those checkpoint'):
     train.train_and_evaluate(c, str(tmp_path / 'b'))
   c.model.widths = (8, 16)
   c.transfer.init_from = str(tmp_path / 'missing')
