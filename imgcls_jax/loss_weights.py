@@ -64,6 +64,29 @@ def check_multilabel(config: ml_collections.ConfigDict) -> None:
                       "config.loss.pos_weight ('balanced' or one number per tag) instead.")
 
 
+def warn_untrainable_tags(config: ml_collections.ConfigDict, info: DatasetInfo) -> None:
+  """At training a multi-label run from an arrays file or the user's images (whose counts are
+  at hand): a tag on no training image, or on every one, cannot be learned, and its AP / F1 /
+  ROC-AUC are undefined or constant, moving the macro means; say which, once."""
+  from imgcls_jax.data import folder_layout, reader
+  from imgcls_jax.data.arrays import is_arrays
+  if not info.multilabel or not (is_arrays(config.data) or folder_layout.is_folder(config.data)):
+    return
+  split = config.data.train_split
+  if '@' in split:   # a k-fold's fold: its whole split was checked (or is read through tf.data)
+    return
+  counts = reader.class_counts(config.data, split, info.num_classes)
+  n = reader.split_size(config.data, split, info)
+  for what, hit in (('no', counts == 0), ('every', counts == n if n else counts < 0)):
+    names = [info.class_names[k] for k in np.flatnonzero(hit)]
+    if names:
+      more = f' and {len(names) - 5} more' if len(names) > 5 else ''
+      logging.warning("Tag(s) %s%s are on %s image of the training split '%s': the model cannot "
+                      'learn them, and their precision / recall / AP enter the macro means as 0 '
+                      'or 1; tag some images with them and some without, or leave them out.',
+                      ', '.join(names[:5]), more, what, split)
+
+
 def pos_weight(config: ml_collections.ConfigDict, info: DatasetInfo
                ) -> tuple[float, ...] | None:
   """``config.loss.pos_weight`` of a multi-label run resolved to K numbers ('balanced': each

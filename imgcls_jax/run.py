@@ -94,6 +94,8 @@ def setup(config: ml_collections.ConfigDict, info: DatasetInfo | None = None, *,
       if config.optim.get('freeze') else frozenset())
   if info.multilabel:
     loss_weights.check_multilabel(config)
+    if training:
+      loss_weights.warn_untrainable_tags(config, info)
   if training:
     held_out.check_fit_splits(config, info)
     held_out.warn_unused_validation(config, info)

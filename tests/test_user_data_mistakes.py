@@ -224,3 +224,38 @@ def test_evaluating_on_trained_images_is_warned_of(tmp_path, caplog):
   with caplog.at_level(logging.WARNING):
     held_out.warn_eval_on_training(digits, reader.describe(digits.data))
   assert any("shares 100 examples" in r.getMessage() for r in caplog.records)   # 400..499
+
+
+def test_tags_differing_in_case_and_tags_on_no_or_every_image_are_warned_of(tmp_path, caplog):
+  """'EVEN;ROUND' beside 'even;round' trained 6 tags without a word; a tag on no training image
+  (or on every one) trained and counted in the macro means as 0 (or 1) without one."""
+  from imgcls_jax import loss_weights
+  from imgcls_jax.data import arrays
+  rows = []
+  for i in range(6):
+    _png(tmp_path / f'{i}.png', i)
+    rows.append(f"{i}.png,{'EVEN;ROUND' if i % 2 else 'even;round;big'}")
+  (tmp_path / 'm.csv').write_text('\n'.join(rows) + '\n')
+  src = folder_layout.source_of(_data(manifest=str(tmp_path / 'm.csv'), multilabel=True,
+                                      holdout_fraction=0.5))
+  with caplog.at_level(logging.WARNING):
+    names = folder_layout.class_names(src)
+    folder_layout.class_names(src)                       # once per manifest, not per call
+  assert names == ('EVEN', 'ROUND', 'big', 'even', 'round')
+  twins = [r.getMessage() for r in caplog.records if 'differ only in case' in r.getMessage()]
+  assert len(twins) == 1 and 'tags that differ only in case (EVEN / even; ROUND / round)' in twins[0]
+  caplog.clear()
+  labels = np.zeros((12, 4), bool)
+  labels[:, 1] = True                                    # 'always': on every image
+  labels[::2, 2] = labels[1::2, 3] = True                # 'half', 'other half'; 'never': column 0
+  path = str(tmp_path / 'tags.npz')
+  np.savez(path, train_images=np.zeros((12, 4, 4, 1), np.uint8), train_labels=labels,
+           class_names=np.asarray(['never', 'always', 'half', 'other half']))
+  config = ml_collections.ConfigDict({'data': dict(name=f'arrays:{path}', train_split='train',
+                                                   eval_split='train', multilabel=True)})
+  with caplog.at_level(logging.WARNING):
+    loss_weights.warn_untrainable_tags(config, arrays.describe(config.data))
+  said = sorted(r.getMessage() for r in caplog.records)
+  assert len(said) == 2 and said[0].startswith("Tag(s) always are on every image of the training "
+                                               "split 'train'") and said[1].startswith(
+      "Tag(s) never are on no image of the training split 'train'")

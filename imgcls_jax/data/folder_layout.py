@@ -22,6 +22,7 @@ to fit a temperature or thresholds on (``config.evaluate.temperature_split`` /
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from typing import Iterable
 
@@ -175,8 +176,31 @@ def _sort_labels(labels: Iterable[str]) -> tuple[str, ...]:
   return tuple(sorted(names))
 
 
+_CASE_WARNED: set[tuple[str, tuple[str, ...]]] = set()   # (location, names) warned of
+
+
+def _warn_case_twins(src: Source, names: tuple[str, ...]) -> tuple[str, ...]:
+  """``names``, after a warning (once per location) for classes or tags that differ only in case
+  ('EVEN' / 'even'): they train as separate classes, which is rarely meant."""
+  groups: dict[str, list[str]] = {}
+  for n in names:
+    groups.setdefault(n.casefold(), []).append(n)
+  twins = tuple(' / '.join(g) for g in groups.values() if len(g) > 1)
+  if twins and (src.location, twins) not in _CASE_WARNED:
+    _CASE_WARNED.add((src.location, twins))
+    what = 'tags' if src.multilabel else 'classes'
+    logging.warning('%s has %s that differ only in case (%s): they train as different %s; write '
+                    'each one way if they are the same.', src.location, what, '; '.join(twins[:5]),
+                    what)
+  return names
+
+
 def class_names(src: Source) -> tuple[str, ...]:
   """The classes of the training data, sorted: class directories, or the manifest's labels."""
+  return _warn_case_twins(src, _class_names(src))
+
+
+def _class_names(src: Source) -> tuple[str, ...]:
   if src.kind == 'manifest':
     rows = manifest.read_rows(src.location, src.multilabel)
     train = [r for r in rows if r[2] in (None, src.train_split) or src.train_split == ALL]
