@@ -89,6 +89,9 @@ def decode(data: bytes | str, *, channels: int, size_hw: tuple[int, int] | None 
     raise
   except Image.DecompressionBombError as e:  # PIL's check of a later frame or crop (GIF, ICO)
     raise ImageTooLarge(f'an image with a part larger than PIL decodes ({e})') from None
+  except Image.UnidentifiedImageError:   # PIL's text names the file object: say what it means
+    raise UnreadableImage('not a readable image (PIL cannot identify it: damaged, or not in a '
+                          'format it reads, such as JPEG, PNG, GIF, BMP, TIFF, WebP)') from None
   except (OSError, ValueError, SyntaxError) as e:
     detail = re.sub(r'<_io\.BytesIO object at 0x[0-9a-f]+>', 'the upload',
                     (str(e).splitlines() or [''])[0][:160])
