@@ -59,7 +59,9 @@ class MetricWriter:
     if not self.enabled:
       return
     record = {'step': int(step), 'split': split}
-    record.update({k: (float(v) if isinstance(v, (float, np.floating)) else v)
+    # NaN / inf (e.g. a ROC-AUC with no negatives) as null: strict JSON for any reader.
+    record.update({k: ((float(v) if np.isfinite(v) else None)
+                       if isinstance(v, (float, np.floating)) else v)
                    for k, v in values.items()})
     with open(self.path, 'a') as f:
       f.write(json.dumps(record) + '\n')

@@ -38,3 +38,21 @@ def test_tensorboard_scalars_without_importing_torch(tmp_path):
       for v in event.summary.value:
         values[(v.tag, event.step)] = v.simple_value
   assert values == {('eval/accuracy', 7): 0.25, ('eval/loss', 7): 1.5}
+
+
+def test_metrics_jsonl_is_strict_json_with_undefined_values_as_null(tmp_path):
+  """A ROC-AUC with no negative examples (every tag on every image) was written as NaN, which
+  strict JSON readers (jq, JSON.parse, Go, Java) refuse; it is null now, and reads back so."""
+  import json
+
+  import numpy as np
+
+  from imgcls_jax import metrics
+  w = metrics.MetricWriter(str(tmp_path), tensorboard=False)
+  w.write(5, 'eval', {'roc_auc_macro': float('nan'), 'loss': np.float32(np.inf),
+                      'accuracy': np.float64(0.5), 'count': 3})
+  line = (tmp_path / 'metrics.jsonl').read_text().strip()
+  assert json.loads(line, parse_constant=lambda c: pytest.fail(f'non-strict JSON: {c}')) == {
+      'step': 5, 'split': 'eval', 'roc_auc_macro': None, 'loss': None, 'accuracy': 0.5,
+      'count': 3}
+  assert metrics.read_jsonl(str(tmp_path / 'metrics.jsonl'))[0]['roc_auc_macro'] is None
