@@ -118,8 +118,10 @@ def _load_one(path: str, config: ml_collections.ConfigDict, info: DatasetInfo,
   hw = tuple(int(d) for d in trained.image_shape[:2])
   scale, shift = distill.renormalization(config.data.mean, config.data.std,
                                          trained.run.data.mean, trained.run.data.std)
-  logging.info('Distilling from %s (%s, %dx%d images: batches of another size are resized).',
-               where, trained.run.model.name, *hw)
+  resized = (f'this run\'s {shape[0]}x{shape[1]} batches are resized to them'
+             if tuple(shape[:2]) != hw else 'the size this run feeds it')
+  logging.info('Distilling from %s (%s, %dx%d images: %s).', where, trained.run.model.name, *hw,
+               resized)
   return trained, distill.View(scale=scale, shift=shift, compute_dtype=str(trained.run.dtype),
                                input_hw=hw)
 
