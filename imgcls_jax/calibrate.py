@@ -23,7 +23,7 @@ import jax
 import ml_collections
 
 from imgcls_jax import (checkpoint, checkpoint_files, held_out, held_out_fits, inference, ood,
-                        restored_split, run, selective)
+                        restored_split, run, run_directory, selective)
 from imgcls_jax.data import folder_layout
 from imgcls_jax.errors import UserError
 
@@ -94,7 +94,7 @@ def calibrate(config: ml_collections.ConfigDict | None, workdir: str,
     raise UserError(f'--mode=calibrate fits the latest checkpoint only (what predict, serve and '
                     f'export load); drop --config.evaluate.checkpoint={spec}.')
   e = inference.mode_settings(workdir, config, overrides, 'evaluate')
-  saved = checkpoint.read_config(workdir) or (config.to_dict() if config is not None else {})
+  saved = run_directory.read_config(workdir) or (config.to_dict() if config is not None else {})
   key, split = _chosen_split(e, bool(saved.get('data', {}).get('multilabel', False)), overrides)
   _check_validation_exists(saved, overrides, key, split)
   tta = (e.get('tta', '') or '') if key == 'threshold_split' else ''  # as training chooses them

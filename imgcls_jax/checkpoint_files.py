@@ -16,6 +16,7 @@ import orbax.checkpoint as ocp
 
 from imgcls_jax import failed_reads, optim
 from imgcls_jax.checkpoint import CHECKPOINTS_DIR, META_FILE
+from imgcls_jax.run_directory import moved_aside
 from imgcls_jax.errors import UserError, first_line
 from imgcls_jax.weights import Weights, check_finite, flatten
 
@@ -101,7 +102,9 @@ def read_weights(path: str, step: int | None = None, *, ema: bool = False) -> We
                         f"{', '.join(map(str, started))} hold no complete state (damaged, or "
                         'still being written); wait for the training to save one, restore the '
                         'folder from a copy, or train the run again.')
-      raise UserError(f'No finished checkpoint in {directory}; train that run first.')
+      moved = moved_aside(os.path.dirname(directory))
+      raise UserError(f'No finished checkpoint in {directory}; '
+                      f"{moved or 'train that run first'}.")
     step = steps[-1]
     newer = [int(d) for d in os.listdir(directory) if d.isdigit() and int(d) > step]
     if newer:

@@ -27,8 +27,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from imgcls_jax import (checkpoint, evaluation, inference, intervals, intervals_multilabel,
-                        label_issues, metrics, plots, report_files)
+from imgcls_jax import (evaluation, inference, intervals, intervals_multilabel, label_issues,
+                        metrics, plots, report_files, run_directory)
 from imgcls_jax import outcomes as outcomes_lib
 from imgcls_jax.data import folder_layout, images, reader
 from imgcls_jax.errors import UserError
@@ -50,7 +50,7 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str,
                     'per-example listing).')
   # A tagging run's bootstrap intervals need every example's probabilities (single-label ones
   # come from the confusion matrix): the same per-example pass as the errors listing.
-  tagged = bool(((checkpoint.read_config(workdir) or {}).get('data') or {}).get('multilabel'))
+  tagged = bool(((run_directory.read_config(workdir) or {}).get('data') or {}).get('multilabel'))
   per_example = bool(shown or (tagged and resamples > 0))
   issues = bool(e.get('label_issues', True)) and jax.process_count() == 1
   if issues and importlib.util.find_spec('cleanlab') is None:

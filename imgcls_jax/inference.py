@@ -21,7 +21,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from imgcls_jax import checkpoint, checkpoint_files, eval_steps, models, ood, selective, steps
+from imgcls_jax import checkpoint_files, eval_steps, models, ood, run_directory, selective, steps
 from imgcls_jax import state as state_lib
 from imgcls_jax import weights as weights_lib
 from imgcls_jax.data import arrays, images
@@ -85,7 +85,7 @@ def mode_settings(workdir: str, config: ml_collections.ConfigDict | None,
       config is not None and section in config) else ml_collections.ConfigDict()
   if overrides is None:
     return base
-  saved = (checkpoint.read_config(workdir) or {}).get(section) or {}
+  saved = (run_directory.read_config(workdir) or {}).get(section) or {}
   with base.unlocked():
     for key, value in {**saved, **{k.split('.', 1)[1]: v for k, v in overrides.items()
                                    if k.startswith(section + '.')}}.items():
@@ -185,10 +185,10 @@ def load(workdir: str, config: ml_collections.ConfigDict | None = None, *, step:
          overrides: dict[str, Any] | None = None) -> Trained:
   """The run in ``workdir`` at checkpoint ``step`` (-1: latest), with its effective config."""
   workdir = os.path.abspath(workdir)
-  checkpoint.require_checkpoint(workdir)
+  run_directory.require_checkpoint(workdir)
   source = checkpoint_files.read_weights(workdir, step)
   meta = source.meta
-  saved = meta.get('config') if isinstance(meta.get('config'), dict) else checkpoint.read_config(
+  saved = meta.get('config') if isinstance(meta.get('config'), dict) else run_directory.read_config(
       workdir)
   run = effective_config(saved, config, overrides)
   if steps.ema_decay(run) > 0 and run.ema.get('inference', True):  # the averaged weights

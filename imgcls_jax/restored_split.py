@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from imgcls_jax import checkpoint, held_out, inference, metrics, run
+from imgcls_jax import checkpoint, held_out, inference, metrics, run, run_directory
 from imgcls_jax.data import arrays, reader
 from imgcls_jax.data.info import check_flips
 from imgcls_jax.errors import UserError
@@ -110,9 +110,9 @@ def restore_for_split(workdir: str, config: ml_collections.ConfigDict | None, *,
   when an image folder's held-out ``split`` is drawn otherwise than at training
   (``held_out.folder_changed``)."""
   workdir = os.path.abspath(workdir)
-  checkpoint.require_checkpoint(workdir)
+  run_directory.require_checkpoint(workdir)
   keep = (config if config is not None
-          else ml_collections.ConfigDict(checkpoint.read_config(workdir)))
+          else ml_collections.ConfigDict(run_directory.read_config(workdir)))
   with checkpoint.Checkpointer.from_config(workdir, keep, read_only=True) as ckpt:
     step, chosen = choose_step(ckpt, checkpoint_spec, os.path.join(workdir, 'metrics.jsonl'))
     latest = ckpt.latest_step()
@@ -132,7 +132,7 @@ def restore_for_split(workdir: str, config: ml_collections.ConfigDict | None, *,
   trained = inference.load(workdir, config, step=step, overrides=overrides)
   cfg = trained.run
   held_out.check_location_keys(cfg.data)   # e.g. a folder named for a run that read tfds
-  saved = checkpoint.read_config(workdir) or {}
+  saved = run_directory.read_config(workdir) or {}
   new_images = _new_image_location(saved, overrides or {})
   _check_other_dataset(cfg.data, trained.info, saved.get('data', {}).get('name'))
   split = split or (reader.default_eval_split(cfg.data) if new_images else cfg.data.eval_split)

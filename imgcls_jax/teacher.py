@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from imgcls_jax import checkpoint, distill, inference, models, sharding
+from imgcls_jax import distill, inference, models, run_directory, sharding
 from imgcls_jax import state as state_lib
 from imgcls_jax.data import folder_index, folder_layout, reader
 from imgcls_jax.data.info import DatasetInfo
@@ -91,7 +91,7 @@ def _load_one(path: str, config: ml_collections.ConfigDict, info: DatasetInfo,
     raise UserError(f'config.distill.teacher={path} is this run itself; name another trained '
                     'run directory.')
   try:
-    checkpoint.require_checkpoint(path)
+    run_directory.require_checkpoint(path)
   except UserError:
     raise UserError(f'config.distill.teacher={path} holds no checkpoint; name the --workdir of a '
                     'trained run (of a cross-validation run: one of its fold_<k> directories).'

@@ -16,10 +16,10 @@ import jax
 import ml_collections
 import tqdm
 
-from imgcls_jax import (checkpoint, checkpoint_files, configlib, dispatch, held_out,
-                        held_out_fits, inference, metrics, ood, optim, preemption, report,
-                        report_multilabel, report_text, run, schedule_free_bn, selective,
-                        sharding, startup, train_log)
+from imgcls_jax import (checkpoint, checkpoint_files, configlib, dispatch, held_out, held_out_fits,
+                        inference, metrics, ood, optim, preemption, report, report_multilabel,
+                        report_text, run, run_directory, schedule_free_bn, selective, sharding,
+                        startup, train_log)
 from imgcls_jax import state as state_lib
 from imgcls_jax import teacher as teacher_lib
 from imgcls_jax.data import reader
@@ -310,10 +310,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if start:
         teacher_lib.check_resumed(s.teacher, ckpt.read_meta(start), start)
     if is_main:
-      checkpoint.write_config(workdir, config)
+      run_directory.write_config(workdir, config)
       metrics.rewind_jsonl(os.path.join(workdir, 'metrics.jsonl'), start)
-      if checkpoint.read_samples(workdir) is None:  # export checks once the data is gone
-        checkpoint.write_samples(workdir, reader.samples(config.data, s.info))
+      if run_directory.read_samples(workdir) is None:  # export checks once the data is gone
+        run_directory.write_samples(workdir, reader.samples(config.data, s.info))
     writer = metrics.MetricWriter(workdir, enabled=is_main, tensorboard=config.tensorboard)
     logging.info('Model %s: %s parameters; %d devices; %d steps (%d per epoch), global batch %d.',
                  config.model.name, f'{state_lib.param_count(state.params):,}', s.mesh.devices.size,

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from imgcls_jax import checkpoint, configlib
+from imgcls_jax import checkpoint, configlib, run_directory
 from imgcls_jax.errors import UserError
 from tests.conftest import REPO, subprocess_env
 
@@ -90,7 +90,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, capl
 _READ_DAMAGED = """
 import sys, time
 import jax, jax.numpy as jnp
-from imgcls_jax import checkpoint, checkpoint_files
+from imgcls_jax import checkpoint, checkpoint_files, run_directory
 from imgcls_jax.errors import UserError
 import glob, os
 work = sys.argv[1]
@@ -244,16 +244,16 @@ def test_a_workdir_that_is_a_file_or_inside_a_run_is_named_as_such(tmp_path):
   a_file = tmp_path / 'a_file'
   a_file.write_text('')
   with pytest.raises(UserError, match=r'--workdir=.*a_file is a file, not a run directory'):
-    checkpoint.require_checkpoint(str(a_file))
+    run_directory.require_checkpoint(str(a_file))
   run = tmp_path / 'run'
   (run / 'checkpoints' / '20' / 'state').mkdir(parents=True)
-  checkpoint.require_checkpoint(str(run))          # a run: no error
+  run_directory.require_checkpoint(str(run))          # a run: no error
   for inside in (run / 'checkpoints', run / 'checkpoints' / '20'):
     with pytest.raises(UserError, match=(rf'--workdir={inside} is inside the run directory {run}; '
                                          rf'point --workdir at {run}\.')):
-      checkpoint.require_checkpoint(str(inside))
+      run_directory.require_checkpoint(str(inside))
   with pytest.raises(UserError, match='Train first'):
-    checkpoint.require_checkpoint(str(tmp_path / 'elsewhere'))
+    run_directory.require_checkpoint(str(tmp_path / 'elsewhere'))
 
 
 def test_a_run_whose_only_checkpoint_has_no_state_says_so(tmp_path):
@@ -312,3 +312,28 @@ def test_a_checkpoint_holding_nan_is_refused_for_inference_and_skipped_at_resume
   with pytest.raises(UserError, match=r'w\.safetensors holds NaN or infinite values \(fc\.kernel\)'
                                       r'.*save the weights again'):
     transfer.load_weights(str(pt))
+
+
+def test_a_run_whose_checkpoints_were_moved_aside_or_an_export_says_so(tmp_path):
+  """A run whose every checkpoint was damaged (moved to corrupt_checkpoints/) and an export folder
+  given as --workdir were answered 'No checkpoint ... train first'."""
+  from imgcls_jax import checkpoint_files, run_directory
+  run = tmp_path / 'run'
+  with checkpoint.Checkpointer(str(run), keep=5) as ckpt:
+    ckpt.save(3, _state(3), {'step': 3})
+  damage(str(run / 'checkpoints' / '3'))
+  with checkpoint.Checkpointer(str(run), keep=5) as ckpt:
+    with pytest.raises(UserError, match='No readable checkpoint'):
+      ckpt.restore_latest(_target(_state(0)))
+  moved = rf'its checkpoints were damaged and moved to {run}/corrupt_checkpoints \(step\(s\) 3\); '
+  with pytest.raises(UserError, match=rf'No checkpoint in {run}/checkpoints: {moved}put back a '
+                                      'good copy of one, or train the run again'):
+    run_directory.require_checkpoint(str(run))
+  with pytest.raises(UserError, match=rf'No finished checkpoint in {run}/checkpoints; {moved}'):
+    checkpoint_files.read_weights(str(run))          # transfer.init_from / distill.teacher
+  export = tmp_path / 'export'
+  export.mkdir()
+  (export / 'export.json').write_text('{}')
+  with pytest.raises(UserError, match=rf'--workdir={export} is an export \(it holds export.json\), '
+                                      'not a run directory: point --workdir at the run'):
+    run_directory.require_checkpoint(str(export))

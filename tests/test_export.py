@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from imgcls_jax import checkpoint, export, inference
+from imgcls_jax import export, inference, run_directory
 from imgcls_jax.data import digits, pipeline
 from imgcls_jax.errors import UserError
 from tests.test_predict import trained_run
@@ -304,8 +304,8 @@ def test_export_without_the_dataset_uses_samples_stored_in_the_run(exported, mon
   xt, yt = digits.load_arrays('train')
   stored = {'eval_images': x[:40], 'eval_labels': y[:40], 'train_images': xt[:48],
             'train_labels': yt[:48]}
-  monkeypatch.setattr(checkpoint, 'read_samples', lambda wd: stored if wd == workdir else None,
-                      raising=False)
+  monkeypatch.setattr(run_directory, 'read_samples',
+                      lambda wd: stored if wd == workdir else None)
   config = _small(config, tmp_path, quantize='int8', max_accuracy_drop=1.0)
   record = export.export(config, workdir)
   v = record['verification']
@@ -320,7 +320,7 @@ def test_export_without_dataset_or_samples_verifies_on_synthetic_images(exported
                                                                         tmp_path, capsys):
   config, workdir, _ = exported
   _data_gone(monkeypatch)
-  monkeypatch.setattr(checkpoint, 'read_samples', lambda wd: None, raising=False)
+  monkeypatch.setattr(run_directory, 'read_samples', lambda wd: None)
   record = export.export(_small(config, tmp_path, tflite=True), workdir)
   v = record['verification']
   assert v['examples'] == 32 and v['source'].startswith('32 synthetic images (seed 0')

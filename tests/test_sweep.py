@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from imgcls_jax import checkpoint, evaluation, metrics, train
+from imgcls_jax import evaluation, metrics, run_directory, train
 from imgcls_jax import sweep
 from imgcls_jax.sweep import grid as sweep_grid
 from imgcls_jax.sweep import rank as sweep_rank
@@ -243,7 +243,7 @@ def test_a_sweep_trains_each_trial_as_a_plain_run_and_ranks_the_settings(
     assert float(t['optim.learning_rate']) == rows[t['trial']]['overrides']['optim.learning_rate']
   with pytest.raises(UserError, match=r'This is a sweep: use one of its trials \(sweep.md ranks '
                      r'them\), e.g. --workdir=.*optim.learning_rate=0.02\+seed=0'):
-    checkpoint.require_checkpoint(workdir)    # what --mode=evaluate says given the sweep's root
+    run_directory.require_checkpoint(workdir)    # what --mode=evaluate says given the sweep's root
   md = open(os.path.join(workdir, 'sweep.md')).read()
   assert f"| 1 | `{settings[0]['setting']}` | {100 * settings[0]['mean']:.2f}% |" in md
 

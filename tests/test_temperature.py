@@ -17,7 +17,7 @@ import scipy.special
 from sklearn import metrics as skm
 
 from imgcls_jax import (checkpoint, checkpoint_files, held_out, held_out_fits, inference, metrics,
-                        run, temperature, train)
+                        run, run_directory, temperature, train)
 from imgcls_jax.errors import UserError
 from tests.conftest import REPO, subprocess_env
 
@@ -166,7 +166,7 @@ def test_export_records_and_applies_the_temperature(calibrated, tmp_path):
   t = inference.load(workdir).temperature
   assert record['temperature'] == t != 1.0
   assert json.load(open(tmp_path / 'export' / 'export.json'))['temperature'] == t
-  samples = checkpoint.read_samples(workdir)['eval_images'][:8]
+  samples = run_directory.read_samples(workdir)['eval_images'][:8]
   _, raw = _raw_logits(workdir, samples)
   got = export.run_tflite(str(tmp_path / 'export' / 'model.tflite'), samples)
   np.testing.assert_allclose(got['probabilities'], scipy.special.softmax(raw / t, axis=1),
@@ -220,7 +220,7 @@ def test_test_time_views_are_each_tempered_then_averaged(calibrated):
   _, workdir, _ = calibrated
   trained = inference.load(workdir)
   clf = inference.classifier(trained)
-  images = checkpoint.read_samples(workdir)['eval_images'][:16]
+  images = run_directory.read_samples(workdir)['eval_images'][:16]
   got = np.exp(np.asarray(eval_steps.log_probs_fn(clf.variables, images, model_def=clf.model_def,
                                                   cfg=clf.step_cfg, tta='flip'), np.float64))
   t, raw = _raw_logits(workdir, images)
@@ -305,7 +305,7 @@ def test_calibrate_refuses_bad_splits_in_one_line(uncalibrated, monkeypatch):
                           overrides={'evaluate.temperature_split': 'train[80%:]'})
   assert _meta(uncalibrated) == (step, before)
   # validation_fraction draws splits from an image folder; digits from tfds would ignore it.
-  c = ml_collections.ConfigDict(checkpoint.read_config(uncalibrated))
+  c = ml_collections.ConfigDict(run_directory.read_config(uncalibrated))
   c.data.validation_fraction = 0.1
   with pytest.raises(UserError, match='applies to image folders and manifests only'):
     run.setup(c)
@@ -377,7 +377,7 @@ def test_an_image_folder_run_is_calibrated_on_its_validation_fraction(digits_con
   assert again['temperature']['value'] == pytest.approx(trained['temperature']['value'], rel=1e-6)
   with pytest.raises(UserError, match='would move the held-out images'):
     calibrate.calibrate(None, str(tmp_path / 'run'), overrides={'data.holdout_seed': 1})
-  saved = checkpoint.read_config(str(tmp_path / 'run'))
+  saved = run_directory.read_config(str(tmp_path / 'run'))
   saved['data']['validation_fraction'] = 0.0         # as if trained without a validation split
   with pytest.raises(UserError, match='holds no .validation. images out.*train it again with '
                                       '--config.data.validation_fraction=0.1'):

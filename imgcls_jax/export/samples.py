@@ -1,7 +1,7 @@
 """The images an export is checked and calibrated on: the dataset, else the run directory alone.
 
 Eval images (verification) come from the eval split; when the dataset cannot be read, from the
-samples stored in the run directory (``checkpoint.read_samples``, where available), else from
+samples stored in the run directory (``run_directory.read_samples``, where available), else from
 seeded synthetic images of the model's input shape (agreement with JAX only, no accuracy).
 Calibration images for int8 come from the training split, else from the stored samples.
 """
@@ -13,7 +13,7 @@ import logging
 import ml_collections
 import numpy as np
 
-from imgcls_jax import checkpoint
+from imgcls_jax import run_directory
 from imgcls_jax.errors import UserError
 
 
@@ -46,8 +46,7 @@ def read_split(data: ml_collections.ConfigDict, split: str, n: int) -> Samples:
 def _stored(workdir: str, kind: str, data: ml_collections.ConfigDict,
             shape: tuple[int, int, int]) -> Samples | None:
   """The run directory's stored ``kind`` ('eval' or 'train') samples at the input shape, if any."""
-  read = getattr(checkpoint, 'read_samples', None)
-  stored = read(workdir) if read is not None else None
+  stored = run_directory.read_samples(workdir)
   if not stored or stored.get(f'{kind}_images') is None or not len(stored[f'{kind}_images']):
     return None
   images = np.asarray(stored[f'{kind}_images'], np.uint8)

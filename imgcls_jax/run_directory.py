@@ -1,0 +1,113 @@
+"""The run directory around its checkpoints (``checkpoint.py`` owns the layout and the
+checkpoints themselves): the run's ``config.json`` and ``samples.npz``, and the one-line answer
+when a ``--workdir`` holds no checkpoint (a file, a folder inside a run, a cross-validation or
+sweep parent, damaged checkpoints moved aside, an export). No TensorFlow at import.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+import ml_collections
+import numpy as np
+
+from imgcls_jax.checkpoint import (CHECKPOINTS_DIR, CONFIG_FILE, CORRUPT_DIR, SAMPLES_FILE,
+                                   SWEEP_TRIAL_FILE)
+from imgcls_jax.errors import UserError
+
+def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """``<workdir>/config.json``: the config of the run (human-readable; checkpoints hold it too)."""
+  with open(os.path.join(workdir, CONFIG_FILE), 'w') as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def read_config(workdir: str) -> dict[str, Any] | None:
+  """The run's ``config.json`` as a dict; None when there is none."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise UserError(f'Cannot read {path} ({e}); restore it or delete it.') from None
+
+
+def write_samples(workdir: str, arrays: Mapping[str, np.ndarray]) -> None:
+  """``<workdir>/samples.npz``: a few images of the run's data (``eval_images``, ``eval_labels``,
+  ``train_images``, ``train_labels``), so an export can be checked after the data is gone."""
+  path = os.path.join(workdir, SAMPLES_FILE)
+  tmp = path + '.tmp.npz'
+  np.savez_compressed(tmp, **arrays)
+  os.replace(tmp, path)
+
+
+def read_samples(workdir: str) -> dict[str, np.ndarray] | None:
+  """What ``write_samples`` stored; None when the run has none (or it is unreadable)."""
+  path = os.path.join(workdir, SAMPLES_FILE)
+  try:
+    with np.load(path) as f:
+      return {k: f[k] for k in f.files}
+  except (OSError, ValueError, EOFError):
+    return None
+
+
+def require_checkpoint(workdir: str) -> None:
+  """Raises UserError (one line) unless ``workdir`` holds at least one checkpoint."""
+  ckpt_dir = os.path.join(workdir, CHECKPOINTS_DIR)
+  if os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir)):
+    return
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UserError(f'--workdir={workdir} is a file, not a run directory; point --workdir at the '
+                    'folder a training run wrote (it holds checkpoints/ and config.json).')
+  inside = _run_directory_above(workdir)
+  if inside:
+    raise UserError(f'No checkpoint in {ckpt_dir}: --workdir={workdir} is inside the run '
+                    f'directory {inside}; point --workdir at {inside}.')
+  moved = moved_aside(workdir)
+  if moved:
+    raise UserError(f'No checkpoint in {ckpt_dir}: {moved}.')
+  if os.path.isfile(os.path.join(workdir, 'export.json')):
+    raise UserError(f'--workdir={workdir} is an export (it holds export.json), not a run '
+                    'directory: point --workdir at the run it was exported from (its exported '
+                    'models run under their own runtimes; see the README, "Export").')
+  subdirs = sorted(os.listdir(workdir)) if os.path.isdir(workdir) else []
+  folds = [n for n in subdirs if n.startswith('fold_')]
+  trials = [n for n in subdirs if os.path.exists(os.path.join(workdir, n, SWEEP_TRIAL_FILE))]
+  if folds:
+    hint = (' This is a cross-validation run: use one fold, e.g. '
+            f'--workdir={os.path.join(workdir, folds[0])}.')
+  elif trials:
+    hint = (' This is a sweep: use one of its trials (sweep.md ranks them), e.g. '
+            f'--workdir={os.path.join(workdir, trials[0])}.')
+  else:
+    hint = ' Train first (--mode=train) or point --workdir at a run directory.'
+  raise UserError(f'No checkpoint in {ckpt_dir}.{hint}')
+
+
+def moved_aside(workdir: str) -> str:
+  """Why ``workdir`` has no checkpoint left when its damaged ones were moved to
+  ``corrupt_checkpoints/`` (else ''): the steps, where, and what to do."""
+  root = os.path.join(workdir, CORRUPT_DIR)
+  steps = sorted(os.listdir(root)) if os.path.isdir(root) else []
+  if not steps:
+    return ''
+  return (f"its checkpoints were damaged and moved to {root} (step(s) {', '.join(steps[:5])}); "
+          'put back a good copy of one, or train the run again')
+
+
+def _run_directory_above(path: str) -> str | None:
+  """The run directory that ``path`` lies inside (``RUN/checkpoints``, ``RUN/checkpoints/20``,
+  ...), if any: the nearest parent whose ``checkpoints/`` holds a step."""
+  path = os.path.abspath(path)
+  parent = os.path.dirname(path)
+  while parent != path:
+    ckpt_dir = os.path.join(parent, CHECKPOINTS_DIR)
+    try:
+      if os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir)):
+        return parent
+    except OSError:   # a parent this user may not list
+      return None
+    path, parent = parent, os.path.dirname(parent)
+  return None
