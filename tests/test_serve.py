@@ -379,11 +379,21 @@ def test_tf_serving_rest_api(server):
   logits = np.array([p['logits'] for p in out['predictions']])  # softmax(logits) == probabilities
   np.testing.assert_allclose(np.exp(logits) / np.exp(logits).sum(-1, keepdims=True), got,
                              rtol=1e-5, atol=1e-7)
+  # The signature's own input, uint8 pixels (HxWxC, or HxW for one channel): the same answers.
+  body = {'instances': [x[0].tolist(), {'images': x[1, :, :, 0].tolist()}, {'b64': b64[2]}]}
+  status, out = _request(srv.url, 'POST', '/v1/models/imgcls:predict', json.dumps(body),
+                         {'Content-Type': 'application/json'})
+  assert status == 200, out
+  np.testing.assert_allclose([p['probabilities'] for p in out['predictions']],
+                             srv.trainer_probs[:3], rtol=1e-5, atol=1e-7)
   for body, status, words in [
+      ({'instances': [x[0, :4].tolist()]}, 400, 'Instance 0 must be 8x8x1 integers 0..255'),
+      ({'instances': [(x[0] * 1.5).tolist()]}, 400, 'Instance 0 must be 8x8x1 integers'),
+      ({'instances': [(x[0].astype(int) + 300).tolist()]}, 400, 'integers 0..255'),
       ({'instances': []}, 400, 'no non-empty "instances"'),
       ({'inputs': {'b64': b64[0]}}, 400, 'no non-empty "instances"'),
       ({'instances': [{'b64': '***'}]}, 400, 'Instance 0 is not valid base64'),
-      ({'instances': [{'b64': b64[0]}, 'x']}, 400, 'Instance 1 is not {"b64"'),
+      ({'instances': [{'b64': b64[0]}, 'x']}, 400, 'Instance 1 is neither {"b64"'),
       ({'instances': [{'b64': base64.b64encode(b'text').decode()}]}, 415, 'Instance 0 is not a'),
       ({'instances': [{'b64': b64[0]}], 'signature_name': 'other'}, 400, 'signature_name')]:
     got_status, payload = _request(srv.url, 'POST', '/v1/models/imgcls:predict',

@@ -15,8 +15,9 @@ Endpoints (OpenAPI docs at ``/docs``, schema at ``/openapi.json``):
                                       lists every class
   GET  /v1/model, GET /healthz        class names, input shape, step; liveness
   GET  /v1/models/<name>[/metadata]   TF-Serving: status, signature
-  POST /v1/models/<name>:predict      TF-Serving: {"instances": [{"b64": "..."}]} ->
-                                      {"predictions": [{"probabilities", "logits"}]}
+  POST /v1/models/<name>:predict      TF-Serving: {"instances": [{"b64": "..."} or HxWxC uint8
+                                      pixels, ...]} -> {"predictions": [{"probabilities",
+                                      "logits"}]}
   GET  /v2/health/live, /v2/health/ready, /v2/models/<name>[/ready]   KServe v2
   POST /v2/models/<name>/infer        KServe v2: a UINT8 [N, H, W, C] tensor ``images``
   GET  /metrics                       Prometheus: requests, latency histogram, batch sizes

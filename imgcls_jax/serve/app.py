@@ -207,16 +207,18 @@ def create_app(svc: Service) -> fastapi.FastAPI:
     return {'model_spec': {'name': name, 'signature_name': '', 'version': str(svc.clf.step)},
             'metadata': {'signature_def': {'signature_def': {'serving_default': _signature(svc)}}}}
 
-  @app.post('/v1/models/{name}:predict', summary='TF-Serving: predict (row format, b64 images)',
+  @app.post('/v1/models/{name}:predict',
+            summary='TF-Serving: predict (row format: b64 image files or uint8 pixels)',
             openapi_extra={'requestBody': {'required': True, 'content': {'application/json': {
                 'example': {'instances': [{'b64': '<base64 of a JPEG/PNG file>'}]}}}}})
   @guarded
   async def tfs_predict(request: Request, name: str) -> Any:
     _model(svc, name)
     payload = bodies.json_body(await bodies.read_body(request, int(svc.cfg.max_upload_bytes)))
-    blobs = bodies.instances(payload)
+    blobs = bodies.instances(payload, svc.clf.image_shape)
     _at_most_queue(svc, len(blobs))
-    images = [await _prepare(svc, b, f'Instance {i}') for i, b in enumerate(blobs)]
+    images = [await _prepare(svc, b, f'Instance {i}') if isinstance(b, bytes) else b
+              for i, b in enumerate(blobs)]
     outs = await _classify(svc, images)
     return {'predictions': [{k: o[k].tolist() for k in ('probabilities', 'logits')}
                             for o in outs]}

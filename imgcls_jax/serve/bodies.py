@@ -94,26 +94,49 @@ def json_body(body: bytes) -> Any:
     raise ApiError(400, 'The body is not valid JSON.') from None
 
 
-def instances(payload: Any) -> list[bytes]:
-  """The image bytes of ``{"instances": [{"b64": ...} | {"<input>": {"b64": ...}}, ...]}``."""
-  usage = 'send {"instances": [{"b64": "<base64 image>"}, ...]}'
+def instances(payload: Any, shape: tuple[int, int, int]) -> list[bytes | np.ndarray]:
+  """The images of ``{"instances": [...]}``, each ``{"b64": "<image file>"}`` (image bytes, to
+  decode) or the signature's uint8 pixels, an HxWxC nested list (``shape``; HxW when C is 1),
+  either also under the input's name (``{"images": ...}``)."""
+  h, w, c = shape
+  usage = (f'send {{"instances": [{{"b64": "<base64 image>"}}, ...]}} or {h}x{w}x{c} lists of '
+           'integers 0..255 (the signature\'s uint8 images)')
   if not isinstance(payload, dict) or not isinstance(payload.get('instances'), list) or \
       not payload['instances']:
     raise ApiError(400, f'The body has no non-empty "instances" list; {usage}.')
   if payload.get('signature_name', 'serving_default') != 'serving_default':
     raise ApiError(400, f"Unknown signature_name {payload['signature_name']!r}; use "
                    "'serving_default'.")
-  out = []
+  out: list[bytes | np.ndarray] = []
   for i, inst in enumerate(payload['instances']):
     if isinstance(inst, dict) and len(inst) == 1 and 'b64' not in inst:
-      inst = next(iter(inst.values()))     # the named-input form {"images": {"b64": ...}}
+      inst = next(iter(inst.values()))     # the named-input form {"images": ...}
+    if isinstance(inst, list):
+      out.append(_pixels(inst, shape, f'Instance {i}'))
+      continue
     if not isinstance(inst, dict) or not isinstance(inst.get('b64'), str):
-      raise ApiError(400, f'Instance {i} is not {{"b64": "<base64 image>"}}; {usage}.')
+      raise ApiError(400, f'Instance {i} is neither {{"b64": "<base64 image>"}} nor pixels; '
+                     f'{usage}.')
     try:
       out.append(base64.b64decode(inst['b64'], validate=True))
     except (binascii.Error, ValueError):
       raise ApiError(400, f'Instance {i} is not valid base64.') from None
   return out
+
+
+def _pixels(rows: list, shape: tuple[int, int, int], what: str) -> np.ndarray:
+  """An HxWxC uint8 image from nested lists of integers 0..255 (HxW for one channel)."""
+  try:  # no dtype: floats, booleans and strings keep a dtype refused below
+    data = np.asarray(rows)
+  except (TypeError, ValueError, OverflowError):
+    data = None
+  if data is not None and data.ndim == 2 and shape[2] == 1:
+    data = data[..., None]
+  if data is None or data.shape != tuple(shape) or data.dtype.kind not in 'iu' or (
+      data.min() < 0 or data.max() > 255):
+    raise ApiError(400, f"{what} must be {'x'.join(map(str, shape))} integers 0..255 (the "
+                   'model input, already resized), or {"b64": "<base64 image>"}.')
+  return data.astype(np.uint8)
 
 
 def v2_images(payload: Any, shape: tuple[int, int, int]) -> np.ndarray:
