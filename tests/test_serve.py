@@ -386,6 +386,13 @@ def test_tf_serving_rest_api(server):
   assert status == 200, out
   np.testing.assert_allclose([p['probabilities'] for p in out['predictions']],
                              srv.trainer_probs[:3], rtol=1e-5, atol=1e-7)
+  # TF-Serving's versioned path: the version is the checkpoint step served (another is a 404).
+  status, same = _request(srv.url, 'POST', f'/v1/models/imgcls/versions/{clf.step}:predict',
+                          json.dumps(body), {'Content-Type': 'application/json'})
+  assert status == 200 and same == out
+  status, err = _request(srv.url, 'POST', '/v1/models/imgcls/versions/999999:predict',
+                         json.dumps(body), {'Content-Type': 'application/json'})
+  assert status == 404 and f'serves version {clf.step}' in err['error']
   for body, status, words in [
       ({'instances': [x[0, :4].tolist()]}, 400, 'Instance 0 must be 8x8x1 integers 0..255'),
       ({'instances': [(x[0] * 1.5).tolist()]}, 400, 'Instance 0 must be 8x8x1 integers'),

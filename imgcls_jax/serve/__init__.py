@@ -15,7 +15,8 @@ Endpoints (OpenAPI docs at ``/docs``, schema at ``/openapi.json``):
                                       lists every class
   GET  /v1/model, GET /healthz        class names, input shape, step; liveness
   GET  /v1/models/<name>[/metadata]   TF-Serving: status, signature
-  POST /v1/models/<name>:predict      TF-Serving: {"instances": [{"b64": "..."} or HxWxC uint8
+  POST /v1/models/<name>[/versions/<step>]:predict
+                                      TF-Serving: {"instances": [{"b64": "..."} or HxWxC uint8
                                       pixels, ...]} -> {"predictions": [{"probabilities",
                                       "logits"}]}
   GET  /v2/health/live, /v2/health/ready, /v2/models/<name>[/ready]   KServe v2

@@ -223,6 +223,16 @@ def create_app(svc: Service) -> fastapi.FastAPI:
     return {'predictions': [{k: o[k].tolist() for k in ('probabilities', 'logits')}
                             for o in outs]}
 
+  @app.post('/v1/models/{name}/versions/{version}:predict',
+            summary='TF-Serving: predict, naming the version (the checkpoint step served)')
+  @guarded
+  async def tfs_predict_version(request: Request, name: str, version: str) -> Any:
+    if version != str(svc.clf.step):
+      _model(svc, name)
+      raise ApiError(404, f"Model '{name}' has no version {version[:20]!r}; this service serves "
+                     f'version {svc.clf.step} (the checkpoint step).')
+    return await tfs_predict(request, name)
+
   # ---- KServe v2 (Open Inference Protocol) ----
   @app.get('/v2/health/live', summary='KServe v2: live')
   async def live() -> dict[str, bool]:
