@@ -34,8 +34,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from imgcls_jax import (features, label_issues, out_of_fold, plots, report, report_files,
-                        report_text)
+from imgcls_jax import (features, label_issues, metrics, out_of_fold, plots, report,
+                        report_files, report_text)
 from imgcls_jax.errors import UserError
 
 CLASSIFIERS = ('logistic', 'linear_svm')
@@ -192,7 +192,7 @@ def cross_validate(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
   if issues is not None:
     summary['label_issues'] = issues
   with open(os.path.join(workdir, 'cv_report.json'), 'w') as f:
-    json.dump(summary, f, indent=1)
+    json.dump(metrics.json_safe(summary), f, indent=1)
   with open(os.path.join(workdir, 'cv_report.md'), 'w') as f:
     f.write(_markdown(summary))
   plots.confusion_matrix(pooled_report['confusion_matrix'], names,

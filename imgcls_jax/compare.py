@@ -27,7 +27,8 @@ import ml_collections
 import numpy as np
 import scipy.stats
 
-from imgcls_jax import checkpoint_files, inference, intervals, intervals_multilabel, restored_split
+from imgcls_jax import (checkpoint_files, inference, intervals, intervals_multilabel, metrics,
+                        restored_split)
 from imgcls_jax import outcomes as outcomes_lib
 from imgcls_jax.errors import UserError
 
@@ -137,7 +138,7 @@ def compare(config: ml_collections.ConfigDict | None, workdir: str,
     out_dir = os.path.abspath(e.output_dir or workdir)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, 'compare.json'), 'w') as f:
-      json.dump(result, f, indent=2)
+      json.dump(metrics.json_safe(result), f, indent=2)
     lines = summary_lines(result)
     with open(os.path.join(out_dir, 'compare.md'), 'w') as f:
       f.write('# Comparison\n\n' + '\n'.join(f'    {line}' for line in lines) + '\n')

@@ -24,8 +24,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from imgcls_jax import (evaluation, label_issues, out_of_fold, plots, report, report_files,
-                        report_text, train)
+from imgcls_jax import (evaluation, label_issues, metrics, out_of_fold, plots, report,
+                        report_files, report_text, train)
 from imgcls_jax import outcomes as outcomes_lib
 from imgcls_jax.data import folds as folds_lib
 from imgcls_jax.errors import UserError
@@ -121,7 +121,7 @@ def cross_validate(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
     summary['label_issues'] = issues
   summary['wall_time_s'] = time.perf_counter() - t0
   with open(os.path.join(workdir, 'cv_report.json'), 'w') as f:
-    json.dump(summary, f, indent=1)
+    json.dump(metrics.json_safe(summary), f, indent=1)
   with open(os.path.join(workdir, 'cv_report.md'), 'w') as f:
     f.write(markdown(summary))
   if pooled_report.get('task') == 'multilabel':  # each fold's exact matches at its thresholds

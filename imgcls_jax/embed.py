@@ -32,7 +32,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from imgcls_jax import explain, features, inference, report_files
+from imgcls_jax import explain, features, inference, metrics, report_files
 from imgcls_jax.data import images, reader
 from imgcls_jax.errors import UserError
 
@@ -268,7 +268,7 @@ def embed(config: ml_collections.ConfigDict, workdir: str,
       title=f"{extractor.kind} features ({feats.shape[1]}-d) of {data.name} '{what}'")
   summary['wall_time_s'] = time.perf_counter() - t0
   with open(os.path.join(out_dir, 'embed_report.json'), 'w') as f:
-    json.dump(summary, f, indent=1)
+    json.dump(metrics.json_safe(summary), f, indent=1)
   with open(os.path.join(out_dir, 'embed_report.md'), 'w') as f:
     f.write(_markdown(summary))
   print(_markdown(summary).strip() + f'\nOutput: {out_dir}', flush=True)

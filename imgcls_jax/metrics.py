@@ -43,6 +43,18 @@ def summary_writer_class() -> type:
   return SummaryWriter
 
 
+def json_safe(tree: Any) -> Any:
+  """``tree`` with NaN and infinities (numpy's too) as None: strict JSON for any reader (jq,
+  JSON.parse, Go, Java refuse Python's NaN), for every metrics / report file this project writes."""
+  if isinstance(tree, dict):
+    return {k: json_safe(v) for k, v in tree.items()}
+  if isinstance(tree, (list, tuple)):
+    return [json_safe(v) for v in tree]
+  if isinstance(tree, (float, np.floating)):
+    return float(tree) if math.isfinite(tree) else None
+  return tree
+
+
 class MetricWriter:
   """Appends ``{"step": s, "split": ..., **metrics}`` lines to ``metrics.jsonl`` and TensorBoard."""
 
@@ -58,11 +70,7 @@ class MetricWriter:
   def write(self, step: int, split: str, values: Mapping[str, float]) -> None:
     if not self.enabled:
       return
-    record = {'step': int(step), 'split': split}
-    # NaN / inf (e.g. a ROC-AUC with no negatives) as null: strict JSON for any reader.
-    record.update({k: ((float(v) if np.isfinite(v) else None)
-                       if isinstance(v, (float, np.floating)) else v)
-                   for k, v in values.items()})
+    record = json_safe({'step': int(step), 'split': split, **values})   # NaN as null
     with open(self.path, 'a') as f:
       f.write(json.dumps(record) + '\n')
     if self._tb is not None:

@@ -66,7 +66,7 @@ def write(rep: dict[str, Any], out_dir: str, title: str, metrics_path: str | Non
     logging.info('No metrics.jsonl next to the checkpoints: no training-curve plot.')
   written = ['report.json', *written]
   with open(os.path.join(out_dir, 'report.json'), 'w') as f:   # last: it lists the files
-    json.dump({**rep, 'files': written}, f, indent=1)
+    json.dump(metrics.json_safe({**rep, 'files': written}), f, indent=1)
   for name in sorted(earlier - set(written)):
     stale = os.path.join(out_dir, name)
     if os.path.exists(stale):

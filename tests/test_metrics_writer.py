@@ -56,3 +56,17 @@ def test_metrics_jsonl_is_strict_json_with_undefined_values_as_null(tmp_path):
       'step': 5, 'split': 'eval', 'roc_auc_macro': None, 'loss': None, 'accuracy': 0.5,
       'count': 3}
   assert metrics.read_jsonl(str(tmp_path / 'metrics.jsonl'))[0]['roc_auc_macro'] is None
+
+
+def test_json_safe_turns_every_non_finite_number_into_null():
+  """report.json, cv_report.json, compare.json, the sweep's and embed's summaries go through it."""
+  import json
+
+  import numpy as np
+
+  from imgcls_jax import metrics
+  tree = {'a': [1.0, float('nan'), np.float32(np.inf)], 'b': {'c': (np.float64(-np.inf), 2)},
+          'd': 'NaN', 'e': np.float32(0.25)}
+  text = json.dumps(metrics.json_safe(tree))
+  assert json.loads(text, parse_constant=lambda c: pytest.fail(f'non-strict JSON: {c}')) == {
+      'a': [1.0, None, None], 'b': {'c': [None, 2]}, 'd': 'NaN', 'e': 0.25}

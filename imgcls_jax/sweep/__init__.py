@@ -34,7 +34,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from imgcls_jax import plots, preemption
+from imgcls_jax import metrics, plots, preemption
 from imgcls_jax.errors import UserError
 from imgcls_jax.sweep import grid, halving, rank, report, store, trial
 
@@ -64,7 +64,7 @@ def _write(workdir: str, summary: dict[str, Any], dataset: str) -> None:
         f.write(content)
     return write
 
-  replace('sweep.json', text(json.dumps(store.finite(summary), indent=1)))
+  replace('sweep.json', text(json.dumps(metrics.json_safe(summary), indent=1)))
   replace('sweep.md', text(report.markdown(summary)))
   replace('sweep.csv', lambda path: report.write_csv(summary, path))
   replace('sweep.png', lambda path: plots.sweep(

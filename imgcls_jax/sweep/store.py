@@ -7,11 +7,10 @@ import contextlib
 import fcntl
 import json
 import logging
-import math
 import os
 from typing import Any, Iterator
 
-from imgcls_jax import checkpoint, configlib
+from imgcls_jax import checkpoint, configlib, metrics
 
 # Keys that cannot change what a trial trains: a rerun with other values still skips or resumes it.
 # ('evaluate.' holds the checkpoint a trial is scored at: a change re-scores, without training.)
@@ -30,21 +29,12 @@ def read(directory: str) -> dict[str, Any] | None:
     return None
 
 
-def finite(tree: Any) -> Any:
-  """JSON-safe: NaN and infinities as null."""
-  if isinstance(tree, dict):
-    return {k: finite(v) for k, v in tree.items()}
-  if isinstance(tree, (list, tuple)):
-    return [finite(v) for v in tree]
-  return None if isinstance(tree, float) and not math.isfinite(tree) else tree
-
-
 def write(directory: str, record: dict[str, Any]) -> None:
   """Replaces the trial's record whole (another shard may be reading it)."""
   os.makedirs(directory, exist_ok=True)
   tmp = os.path.join(directory, f'.{os.getpid()}.{checkpoint.SWEEP_TRIAL_FILE}')
   with open(tmp, 'w') as f:
-    json.dump(finite(record), f, indent=1)
+    json.dump(metrics.json_safe(record), f, indent=1)
   os.replace(tmp, os.path.join(directory, checkpoint.SWEEP_TRIAL_FILE))
 
 
