@@ -31,10 +31,10 @@ from typing import Any, Callable, Mapping
 
 import jax
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 
 from imgcls_jax import configlib, failed_reads
+from imgcls_jax import state as state_lib
 from imgcls_jax.errors import UserError, first_line
 
 CHECKPOINTS_DIR = 'checkpoints'
@@ -116,20 +116,6 @@ def _one_copy_per_array() -> None:
     ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
         array_metadata_store=array_metadata_store.Store(), use_replica_parallel=False),
         override=True)
-
-
-def all_finite(tree: Any) -> bool:
-  """True when no floating-point array of ``tree`` (placed on any devices, hosts) holds a NaN or
-  an infinity: each process reduces its own shards on their devices, then all processes agree."""
-  import jax.numpy as jnp
-  checks = [jnp.isfinite(s.data).all() for leaf in jax.tree.leaves(tree)
-            if isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, jnp.inexact)
-            for s in leaf.addressable_shards]
-  ok = bool(np.all([np.asarray(c) for c in checks])) if checks else True
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    ok = bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
-  return ok
 
 
 class Checkpointer:
@@ -313,7 +299,7 @@ class Checkpointer:
         self._quarantine(step, e)
         skipped.append(step)
         continue
-      if not all_finite(state):   # damaged bytes that still decode, or saved after divergence
+      if not bool(state_lib.is_finite(state)):   # damaged bytes that decode; saved after a NaN
         self._quarantine(step, ValueError('its arrays hold NaN or infinite values'))
         skipped.append(step)
         continue
