@@ -199,6 +199,9 @@ def _checked_split(where: str, name: str, contents: dict[str, np.ndarray]
   return images, labels
 
 
+_OLD_ORDER_WARNED: set[str] = set()   # arrays/sklearn_digits.npz files in tfds's order, named
+
+
 @functools.lru_cache(maxsize=4)
 def _load(path: str, mtime: float, size: int) -> ArraysFile:
   del mtime, size  # cache keys: a rewritten file is read again
@@ -220,19 +223,16 @@ def load(data: ml_collections.ConfigDict) -> ArraysFile:
   except OSError:
     return ArraysFile(path)  # raises the one-line error
   loaded = _load(path, st.st_mtime, st.st_size)
-  if name == sklearn_digits.NAME and loaded.source != sklearn_digits.SOURCE:
-    # An earlier version wrote this file from tfds, in tfds's order: the same examples, but
-    # slices such as train[80%:] select others than on a fresh machine.
-    try:
-      arrays_save.save(sklearn_digits.arrays_contents(), path)
-    except UserError as e:   # a read-only data_dir: the old file still holds the same examples
-      logging.warning("%s is in tfds's order, written by an earlier version (slices select other "
-                      'images than on a fresh machine), and cannot be rewritten: %s', path, e)
-      return loaded
-    logging.info("Rewrote %s from scikit-learn (an earlier version wrote it in tfds's order).",
-                 path)
-    st = os.stat(path)
-    loaded = _load(path, st.st_mtime, st.st_size)
+  if (name == sklearn_digits.NAME and loaded.source != sklearn_digits.SOURCE
+      and path not in _OLD_ORDER_WARNED):
+    # Written from tfds by an earlier version, in tfds's order: the same examples, but slices
+    # such as train[80%:] select others than a fresh machine's file. Runs trained on it read it
+    # as they trained (it is never rewritten under them); deleting it gives scikit-learn's order.
+    _OLD_ORDER_WARNED.add(path)
+    logging.warning("%s was written by an earlier version in tfds's order: its slices (e.g. "
+                    "train[80%%:]) select other images than on a fresh machine; runs trained on it "
+                    "read it as they trained; delete it to have scikit-learn's order written.",
+                    path)
   return loaded
 
 

@@ -10,7 +10,8 @@ data/arrays.py writes ``arrays_contents()`` to its file on first use) and the tf
 ``train+test``, k-fold ids).
 They hold the same examples in different orders (scikit-learn's here, tfds's shuffled one there),
 so a slice such as ``train[80%:]`` selects different images in the two. The arrays file is marked
-with ``SOURCE``; one without it (written from tfds by earlier versions) is rewritten on first read.
+with ``SOURCE``; one without it (written from tfds by earlier versions) is read as it is, with a
+warning (runs trained on it keep their slices; deleting it has scikit-learn's order written).
 """
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ import numpy as np
 
 NAME = 'sklearn_digits'
 CLASS_NAMES = tuple(str(d) for d in range(10))
-# Marks an arrays file written from scikit-learn in its order (arrays.load rewrites one without it:
-# earlier versions wrote that file from the tfds builder, in tfds's order, so slices differed).
+# Marks an arrays file written from scikit-learn in its order (arrays.load warns of one without it:
+# earlier versions wrote that file from the tfds builder, in tfds's order, so slices differ).
 SOURCE = 'scikit-learn load_digits, train_test_split(test_size=0.25, random_state=0)'
 
 
