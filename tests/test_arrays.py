@@ -124,7 +124,12 @@ def test_a_bare_name_is_written_once_into_the_tfds_data_dir(digits_config, tmp_p
   c.data.name = 'arrays:sklearn_digits'
   c.data.data_dir = str(tmp_path / 'own')        # not the session's: CLI children write there
   path = os.path.join(c.data.data_dir, 'arrays', 'sklearn_digits.npz')
-  info = arrays.describe(c.data)
+  mask = os.umask(0o022)                          # the usual umask: readable by the group, others
+  try:
+    info = arrays.describe(c.data)
+  finally:
+    os.umask(mask)
+  assert os.stat(path).st_mode & 0o777 == 0o644   # as open() makes files, not mkstemp's 0600
   assert info.name == f'arrays:{path}' and info.num_examples == {'train': 1347, 'test': 450}
   assert info.mirror_safe is False
   with np.load(path) as got, np.load(digits_npz) as want:
@@ -138,9 +143,6 @@ def test_a_bare_name_is_written_once_into_the_tfds_data_dir(digits_config, tmp_p
   arrays.describe(c.data)
   assert os.stat(path).st_mtime_ns == stamp                 # not written again
   assert not [n for n in os.listdir(os.path.dirname(path)) if n.startswith('.')]   # no temp file
-  mask = os.umask(0o022)
-  os.umask(mask)
-  assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask     # as open() makes it, not mkstemp's 0600
   (tmp_path / 'a_file').write_text('')                      # a data_dir that cannot be made
   for data_dir, match in ((str(tmp_path / 'a_file'), 'Cannot write the arrays file .* write it '
                            r'to a writable directory \(for .arrays:NAME.: config.data.data_dir'),

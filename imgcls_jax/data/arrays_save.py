@@ -5,17 +5,11 @@ TensorFlow-free.
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
 
 import numpy as np
 
 from imgcls_jax.errors import UserError
-
-
-def _umask() -> int:
-  mask = os.umask(0)   # read by setting it: put it back at once
-  os.umask(mask)
-  return mask
 
 
 def save(contents: dict[str, np.ndarray], output: str, compress: bool = False) -> None:
@@ -26,11 +20,13 @@ def save(contents: dict[str, np.ndarray], output: str, compress: bool = False) -
   folder = os.path.dirname(os.path.abspath(output))
   try:
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(output)}.', suffix='.npz', dir=folder)
+    # A unique name made as open() makes files (0666 less the umask; mkstemp's 0600 would keep
+    # the other users of a shared data_dir out).
+    tmp = os.path.join(folder, f'.{os.path.basename(output)}.{uuid.uuid4().hex}.npz')
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
       with os.fdopen(fd, 'wb') as f:
         (np.savez_compressed if compress else np.savez)(f, **contents)
-      os.chmod(tmp, 0o666 & ~_umask())   # mkstemp's 0600 would keep a shared data_dir's users out
       os.replace(tmp, output)
     except BaseException:
       if os.path.exists(tmp):
