@@ -22,6 +22,8 @@ import csv
 import json
 import logging
 import os
+import shutil
+import stat
 import sys
 from typing import Any, Iterable, TextIO
 
@@ -123,6 +125,27 @@ def _is_predictions(path: str) -> bool:
   return isinstance(row, dict) and 'file' in row and ('predictions' in row or 'tags' in row)
 
 
+def _write_output(output: str, results: list[dict[str, Any]], fmt: str) -> None:
+  """A regular file (or a link to one) is replaced whole, never left half-written: written
+  beside its target, then renamed over it; a FIFO, a terminal or /dev/stdout is written to."""
+  try:
+    special = not stat.S_ISREG(os.stat(output).st_mode)
+  except FileNotFoundError:
+    special = False
+  if special:
+    with open(output, 'w', newline='') as f:
+      write(results, f, fmt)
+    return
+  target = os.path.realpath(output)
+  os.makedirs(os.path.dirname(target), exist_ok=True)
+  tmp = f'{target}.incomplete'
+  with open(tmp, 'w', newline='') as f:
+    write(results, f, fmt)
+  if os.path.exists(target):
+    shutil.copymode(target, tmp)   # the earlier output's permissions
+  os.replace(tmp, target)
+
+
 def check_output(output: str, files: list[str]) -> None:
   """Refuses ``config.predict.output`` before any work where writing it would lose a file: one
   of the inputs, or an existing file that is not an earlier prediction file (a run's config,
@@ -175,11 +198,7 @@ def predict(config: ml_collections.ConfigDict | None, workdir: str,
                     f'readable image ({images.unreadable_summary(skipped)}); give image files or '
                     'folders.')
   if cfg.output:
-    os.makedirs(os.path.dirname(os.path.abspath(cfg.output)), exist_ok=True)
-    tmp = f'{cfg.output}.incomplete'   # renamed over the output whole: never a half-written file
-    with open(tmp, 'w', newline='') as f:
-      write(results, f, cfg.format)
-    os.replace(tmp, cfg.output)
+    _write_output(cfg.output, results, cfg.format)
   else:
     write(results, sys.stdout, cfg.format)
     sys.stdout.flush()

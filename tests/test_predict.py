@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import stat
 import struct
 import subprocess
 import sys
@@ -397,3 +398,19 @@ def test_an_output_that_would_replace_another_file_is_refused_before_predicting(
     text = open(config.predict.output).read()
     assert text.count('grey_0.png') == (5 if fmt == 'csv' else 1)
     assert not os.path.exists(config.predict.output + '.incomplete')
+  # A link stays a link (its target is replaced); a FIFO is written to, not replaced by a file.
+  target = config.predict.output
+  open(target, 'w').close()                                  # empty: written through the link
+  os.symlink(target, tmp_path / 'link.jsonl')
+  config.predict.output = str(tmp_path / 'link.jsonl')
+  predict.predict(config, workdir)
+  assert os.readlink(tmp_path / 'link.jsonl') == target and 'grey_0.png' in open(target).read()
+  fifo = str(tmp_path / 'fifo')
+  os.mkfifo(fifo)
+  got = []
+  reader = threading.Thread(target=lambda: got.append(open(fifo).read()))
+  reader.start()
+  config.predict.output = fifo
+  predict.predict(config, workdir)
+  reader.join(timeout=60)
+  assert 'grey_0.png' in got[0] and stat.S_ISFIFO(os.stat(fifo).st_mode)
