@@ -275,6 +275,15 @@ def test_a_file_that_is_not_a_torch_file_or_is_cut_short(tmp_path):
       if not name.endswith('/data/0'):
         dst.writestr(name, src.read(name))
   assert _message(holed).startswith(f'Cannot load {holed} as a PyTorch state dict (RuntimeError: ')
+  # An archive whose entries claim encryption: the look inside fails too, still one line.
+  data = bytearray(whole.read_bytes())
+  at = data.find(b'PK\x01\x02')
+  while at >= 0:                                   # each central-directory entry's flag bit 0
+    data[at + 8] |= 1
+    at = data.find(b'PK\x01\x02', at + 4)
+  locked = tmp_path / 'locked.pt'
+  locked.write_bytes(bytes(data))
+  assert _message(locked).startswith(f'Cannot load {locked} as a PyTorch state dict (')
 
 
 @pytest.mark.parametrize('placement', ['replicated', 'fsdp'])

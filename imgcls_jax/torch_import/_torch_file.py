@@ -80,8 +80,11 @@ def why_unloadable(path: str, error: BaseException) -> str:
   except _Damaged as e:
     return (f'{path} is a damaged PyTorch file ({e}); copy it again, or save it again with '
             f'{_SAVE}.')
-  except OSError as e:
+  except (IsADirectoryError, PermissionError, FileNotFoundError) as e:
     return f'Cannot read {path} ({first_line(e)}); check that the file is readable.'
+  except Exception:  # noqa: BLE001 (zip / pickle oddities: encrypted, unknown compression, ...)
+    return (f'Cannot load {path} as a PyTorch state dict ({_quote(error)}); save the weights '
+            f'with {_SAVE}.')
   if kind == 'torchscript':
     return (f'{path} is a TorchScript archive (torch.jit.save), not a state dict; save the '
             f'weights with {_SAVE}.')
