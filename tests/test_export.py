@@ -265,6 +265,18 @@ def test_export_never_replaces_a_folder_that_is_not_an_earlier_export(exported, 
     export.export(c, workdir)
   monkeypatch.undo()
   assert not os.path.exists(out + '.incomplete')
+  # A link to an export is named with the folder to give instead; a sibling '<out>.probe' is not
+  # touched (the probe's name is unique).
+  os.makedirs(out + '.probe')
+  with open(os.path.join(out + '.probe', 'keep.txt'), 'w') as f:
+    f.write('keep me')
+  export.export(c, workdir)
+  assert open(os.path.join(out + '.probe', 'keep.txt')).read() == 'keep me'
+  os.symlink(out, out + '.link')
+  c.export.output_dir = out + '.link'
+  with pytest.raises(UserError, match=rf'is a symbolic link; set it to the folder it points at '
+                                      rf'\({out}\)'):
+    export.export(c, workdir)
 
 
 @pytest.mark.parametrize('key, value, match', [

@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import shutil
+import uuid
 from typing import Any
 
 import ml_collections
@@ -131,6 +132,9 @@ def _check_output_dir(out_dir: str, workdir: str) -> None:
   (it would be deleted with everything in it), the run directory or a folder above it."""
   fix = ('set config.export.output_dir to a new folder or to an earlier export '
          '(default: <workdir>/export).')
+  if os.path.islink(out_dir):   # replaced at the end: the link would go, or the rename fail
+    raise UserError(f'config.export.output_dir {out_dir} is a symbolic link; set it to the folder '
+                    f'it points at ({os.path.realpath(out_dir)}) or to a new folder.')
   if os.path.exists(out_dir) and not os.path.isdir(out_dir):
     raise UserError(f'config.export.output_dir {out_dir} is a file; {fix}')
   run = os.path.abspath(workdir)
@@ -155,7 +159,7 @@ def _check_output_dir(out_dir: str, workdir: str) -> None:
       raise UserError(f"config.export.output_dir {out_dir} is an earlier export that also holds "
                       f"files an export does not write ({', '.join(extra[:5])}{more}), which "
                       f'replacing it would delete; move them out first, or {fix}')
-  probe = f'{out_dir}.probe'   # replaced at the end: a folder that cannot move fails now, not then
+  probe = f'{out_dir}.probe-{uuid.uuid4().hex}'   # a folder that cannot move fails now, not last
   try:
     os.rename(out_dir, probe)
   except OSError as e:
