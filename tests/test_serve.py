@@ -274,7 +274,7 @@ def test_config_top_k_above_the_class_count_is_clamped_and_reported(server, tmp_
 
 def test_unknown_and_repeated_query_parameters_are_400(server):
   """?topk=2 (a typo) was ignored and top_k=1&top_k=2 took the last: both are a 400 naming the
-  parameter (and the known one)."""
+  parameter (and the known one); a parameter not meant for top_k is still ignored."""
   srv, _ = server
   x, _ = digits.load_arrays('test')
   body = _png(x[0, :, :, 0])
@@ -285,6 +285,9 @@ def test_unknown_and_repeated_query_parameters_are_400(server):
     assert all(w in payload['error'] for w in words), (query, payload)
     assert payload['error'].endswith('.') and payload['error'].count('. ') == 0, payload
   assert _request(srv.url, 'POST', '/v1/classify?top_k=2', body)[0] == 200
+  # Parameters meant for something else (a cache-buster, a tracker) are left alone.
+  status, payload = _request(srv.url, 'POST', '/v1/classify?top_k=2&_=1712&utm_source=x', body)
+  assert status == 200 and len(payload['predictions']) == 2
 
 
 def test_multipart_errors_say_what_the_form_lacks(server):

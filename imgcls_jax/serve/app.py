@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import difflib
 import functools
 import importlib.resources
 import logging
@@ -78,15 +79,24 @@ def guarded(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
   return wrapper
 
 
+def _meant_top_k(name: str) -> bool:
+  """A query parameter that reads as a try at top_k (topk, top-k, k, n, limit, ...): refused,
+  so the answer does not silently ignore it; any other (a cache-buster, a proxy's tracking
+  parameter) is left alone."""
+  n = name.lower().replace('_', '').replace('-', '')
+  return n in ('k', 'n', 'top', 'topn', 'limit', 'count', 'maxresults') or (
+      difflib.SequenceMatcher(None, n, 'topk').ratio() >= 0.6)
+
+
 def _top_k(request: Request, svc: Service) -> int:
   """The classes to answer with: ?top_k=N (N >= 1; above the class count, all of them), else
-  config.serve.top_k; 400 for an unknown or repeated query parameter."""
+  config.serve.top_k; 400 for a repeated top_k or a parameter that looks meant for it."""
   params = request.query_params
   for name in params.keys():
-    if name not in _CLASSIFY_PARAMS:
+    if name not in _CLASSIFY_PARAMS and _meant_top_k(name):
       raise ApiError(400, f"Unknown query parameter '{name[:40]}'; /v1/classify takes only "
                      f"{', '.join(_CLASSIFY_PARAMS)}.")
-    if len(params.getlist(name)) > 1:
+    if name in _CLASSIFY_PARAMS and len(params.getlist(name)) > 1:
       raise ApiError(400, f'The query parameter {name} is given {len(params.getlist(name))} '
                      'times; give it once.')
   value = params.get('top_k')
