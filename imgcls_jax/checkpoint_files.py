@@ -76,7 +76,17 @@ def finished_steps(directory: str) -> list[int]:
                 if d.isdigit() and os.path.isdir(os.path.join(directory, d, 'state')))
 
 
-def read_weights(path: str, step: int | None = None, *, ema: bool = False) -> Weights:
+def _another(steps: list[int], step: int, step_key: str) -> str:
+  """The fix for an unusable checkpoint ``step``: another of ``steps`` (set by ``step_key``)."""
+  others = [s for s in steps if s != step]
+  if not others:
+    return 'restore the folder from a copy or train the run again'
+  key = f' with --config.{step_key}' if step_key else ''
+  return f"pick another step ({', '.join(map(str, others))}){key}"
+
+
+def read_weights(path: str, step: int | None = None, *, ema: bool = False,
+                 step_key: str = '') -> Weights:
   """Parameters, batch statistics and meta of a checkpoint, as numpy (no optimizer state); with
   ``ema`` the weight EMA's (a UserError when the run kept none). A schedule-free run's parameters
   are its evaluation weights, the averaged sequence x (``optax.contrib.schedule_free_eval_params``),
@@ -84,7 +94,8 @@ def read_weights(path: str, step: int | None = None, *, ema: bool = False) -> We
 
   ``path`` is a run directory, its ``checkpoints`` directory or one step directory; ``step``
   (default: the one in ``path``, else the latest) picks the checkpoint. Any device layout works.
-  ``meta`` is the checkpoint's JSON meta plus ``'step'``.
+  ``meta`` is the checkpoint's JSON meta plus ``'step'``. ``step_key`` (e.g. 'predict.step'), the
+  config key that picks the step, is named in the errors that ask for another one.
   """
   from etils import epath
 
@@ -112,7 +123,8 @@ def read_weights(path: str, step: int | None = None, *, ema: bool = False) -> We
                       'the latest complete one.', max(newer), directory, step)
   if step not in steps:
     raise UserError(f'Checkpoint step {step} is not in {directory} (it has: '
-                    f"{', '.join(map(str, steps)) or 'none'}); pick one of those.")
+                    f"{', '.join(map(str, steps)) or 'none'}); pick one of those"
+                    f"{f' (--config.{step_key})' if step_key else ''}.")
   step_dir = epath.Path(directory) / str(step)
   origin = f'checkpoint {step} of {directory}'
   failed_reads.install()  # a damaged checkpoint: one line, not tensorstore's leftovers
@@ -140,17 +152,11 @@ def read_weights(path: str, step: int | None = None, *, ema: bool = False) -> We
       meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
           step_dir / 'meta', args=ocp.args.JsonRestore()) or {}
   except (ValueError, KeyError, TypeError, OSError) as e:
-    others = [s for s in steps if s != step]
-    raise UserError(f'Cannot read {origin} ({first_line(e, limit=200)}); '
-                    'it is incomplete or not a checkpoint of this project; '
-                    + (f"pick another step ({', '.join(map(str, others))})" if others else
-                       'restore the folder from a copy or train the run again')
-                    + '.') from None
+    raise UserError(f'Cannot read {origin} ({first_line(e, limit=200)}); it is incomplete or not '
+                    f'a checkpoint of this project; {_another(steps, step, step_key)}.') from None
   meta = dict(meta)
   meta['step'] = step
-  others = [s for s in steps if s != step]
   return check_finite(Weights(params=flatten(restored['params']),
                               batch_stats=flatten(restored.get('batch_stats', {})),
                               origin=origin + (' (its weight EMA)' if ema else ''), meta=meta),
-                      f"pick another step ({', '.join(map(str, others))})" if others else
-                      'restore the folder from a copy or train the run again')
+                      _another(steps, step, step_key))

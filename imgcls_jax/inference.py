@@ -182,17 +182,19 @@ class Trained:
 
 
 def load(workdir: str, config: ml_collections.ConfigDict | None = None, *, step: int = -1,
-         overrides: dict[str, Any] | None = None) -> Trained:
-  """The run in ``workdir`` at checkpoint ``step`` (-1: latest), with its effective config."""
+         overrides: dict[str, Any] | None = None, step_key: str = '') -> Trained:
+  """The run in ``workdir`` at checkpoint ``step`` (-1: latest), with its effective config;
+  ``step_key`` (e.g. 'predict.step') is the key errors name to pick another step."""
   workdir = os.path.abspath(workdir)
   run_directory.require_checkpoint(workdir)
-  source = checkpoint_files.read_weights(workdir, step)
+  source = checkpoint_files.read_weights(workdir, step, step_key=step_key)
   meta = source.meta
   saved = meta.get('config') if isinstance(meta.get('config'), dict) else run_directory.read_config(
       workdir)
   run = effective_config(saved, config, overrides)
   if steps.ema_decay(run) > 0 and run.ema.get('inference', True):  # the averaged weights
-    source = dataclasses.replace(checkpoint_files.read_weights(workdir, step, ema=True), meta=meta)
+    source = dataclasses.replace(checkpoint_files.read_weights(workdir, step, ema=True,
+                                                               step_key=step_key), meta=meta)
   if meta.get('dataset_info'):
     info = DatasetInfo.from_json(meta['dataset_info'])
     native = tuple(meta['native_hw']) if meta.get('native_hw') else None

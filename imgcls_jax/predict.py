@@ -172,7 +172,8 @@ def predict(config: ml_collections.ConfigDict | None, workdir: str,
             overrides: dict[str, Any] | None = None) -> list[dict[str, Any]]:
   """The ``predict`` mode: classifies ``config.predict.inputs`` and writes the top-k of each."""
   step = int(overrides.get('predict.step', -1)) if overrides is not None else config.predict.step
-  trained = inference.load(workdir, config, step=step, overrides=overrides)
+  trained = inference.load(workdir, config, step=step, overrides=overrides,
+                           step_key='predict.step')
   cfg = trained.run.predict
   if cfg.format not in FORMATS:
     raise UserError(f"config.predict.format must be one of {', '.join(FORMATS)}, got "

@@ -129,7 +129,8 @@ def restore_for_split(workdir: str, config: ml_collections.ConfigDict | None, *,
                     '(step %d) only; --config.evaluate.checkpoint=latest evaluates with %s.',
                     step, chosen, ' or '.join(fitted), 'them' if len(fitted) > 1 else 'it',
                     latest, 'them' if len(fitted) > 1 else 'it')
-  trained = inference.load(workdir, config, step=step, overrides=overrides)
+  trained = inference.load(workdir, config, step=step, overrides=overrides,
+                           step_key='evaluate.checkpoint')
   cfg = trained.run
   held_out.check_location_keys(cfg.data)   # e.g. a folder named for a run that read tfds
   saved = run_directory.read_config(workdir) or {}

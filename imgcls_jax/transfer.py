@@ -44,7 +44,7 @@ def load_weights(path: str, step: int | None = None) -> weights_lib.Weights:
     from imgcls_jax import torch_import
     return weights_lib.check_finite(torch_import.load(path), 'save the weights again from a '
                                     'model that evaluates well, or start from another file')
-  return checkpoint_files.read_weights(path, step)
+  return checkpoint_files.read_weights(path, step, step_key='transfer.init_step')
 
 
 def init_state(state: Any, shardings: Any, cfg: ml_collections.ConfigDict,

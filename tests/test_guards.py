@@ -265,6 +265,8 @@ def test_weights_of_a_damaged_newest_checkpoint_name_the_way_out(digits_run, tmp
       shutil.rmtree(full) if os.path.isdir(full) else os.remove(full)
   with pytest.raises(UserError, match=r'Cannot read checkpoint 20 .*; pick another step \(10\)\.'):
     checkpoint_files.read_weights(workdir)
+  with pytest.raises(UserError, match=r'pick another step \(10\) with --config\.predict\.step\.'):
+    inference.load(workdir, step_key='predict.step')       # as predict loads it: the key named
   shutil.rmtree(state)             # no state at all: the latest complete one, said so
   assert checkpoint_files.read_weights(workdir).meta['step'] == 10
   assert 'Checkpoint 20 in' in caplog.text and 'using step 10' in caplog.text

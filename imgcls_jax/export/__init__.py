@@ -172,7 +172,8 @@ def export(config: ml_collections.ConfigDict | None, workdir: str,
            overrides: dict[str, Any] | None = None) -> dict[str, Any]:
   """The ``export`` mode; returns what it wrote into ``export.json``."""
   step = int(overrides.get('export.step', -1)) if overrides is not None else config.export.step
-  trained = inference.load(workdir, config, step=step, overrides=overrides)
+  trained = inference.load(workdir, config, step=step, overrides=overrides,
+                           step_key='export.step')
   cfg = trained.run.export
   _validate(cfg)
   quantize = cfg.get('quantize', '')

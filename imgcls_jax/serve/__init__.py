@@ -176,7 +176,8 @@ def serve(config: ml_collections.ConfigDict | None, workdir: str,
           overrides: dict[str, Any] | None = None) -> None:
   """The ``serve`` mode: serves until SIGINT / SIGTERM."""
   step = int(overrides.get('serve.step', -1)) if overrides is not None else config.serve.step
-  trained = inference.load(workdir, config, step=step, overrides=overrides)
+  trained = inference.load(workdir, config, step=step, overrides=overrides,
+                           step_key='serve.step')
   cfg = trained.run.serve
   _validate(cfg)
   clf = inference.classifier(trained, max_batch=cfg.max_batch_size)
