@@ -17,6 +17,7 @@ import numpy as np
 from imgcls_jax import configlib, inference, label_issues, ood, report, restored_split, run
 from imgcls_jax import outcomes as outcomes_lib
 from imgcls_jax.data import reader
+from imgcls_jax.errors import UserError
 
 
 @dataclasses.dataclass
@@ -122,9 +123,12 @@ def evaluate_checkpoint(workdir: str, config: ml_collections.ConfigDict | None, 
   ood_result = outcomes_lib.ood_pass(r, ood_files, tta, num_bins) if ood_files else None
   unseen = None
   if keep_probs:
-    shared = (0 if r.new_images else
-              reader.shared_examples(r.trained.run.data, r.split, r.trained.run.data.train_split,
-                                     r.trained.info))
+    try:
+      shared = (0 if r.new_images else
+                reader.shared_examples(r.trained.run.data, r.split,
+                                       r.trained.run.data.train_split, r.trained.info))
+    except UserError:   # another arrays file, without the run's train split: not known
+      shared = None
     unseen = None if shared is None else shared == 0
   return Evaluation(stats=stats, trained=r.trained, split=r.split, step=r.step, chosen=r.chosen,
                     tta=tta, workdir=os.path.abspath(workdir),

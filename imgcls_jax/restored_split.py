@@ -70,7 +70,9 @@ def _check_other_dataset(data: ml_collections.ConfigDict, info: Any, saved_name:
   other classes would be scored under the run's names."""
   if not saved_name or data.name == saved_name or data.name == 'image_folder':
     return
-  other = reader.describe(data)
+  only_eval = data.copy_and_resolve_references()
+  only_eval.train_split = only_eval.eval_split   # evaluation reads no train split: need none
+  other = reader.describe(only_eval)
   where = f"config.data.name='{data.name}'"
   if tuple(other.class_names) != tuple(info.class_names):
     def names(n: tuple[str, ...]) -> str:

@@ -288,6 +288,27 @@ def test_trains_and_evaluates_without_tensorflow_as_the_tf_path_scores_it(digits
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     final = [json.loads(line) for line in f if '"eval"' in line][-1]
   assert final['step'] == 60 and final['accuracy'] == pytest.approx(arrays_report['accuracy'])
+  # The same run on an arrays file of other classes (its labels would be read as digits): refused
+  # in one line before any evaluation, and the run's report is left as it was.
+  other = str(tmp_path / 'garments.npz')
+  np.savez(other, test_images=np.zeros((20, 8, 8, 1), np.uint8), test_labels=np.arange(20) % 10,
+           class_names=np.asarray([f'garment{k}' for k in range(10)]))
+  proc = run_without_tf('-m', 'imgcls_jax.main', '--mode=evaluate', f'--workdir={workdir}',
+                        f'--config.data.name=arrays:{other}')
+  assert proc.returncode == 2 and "has 10 classes (garment0, garment1" in proc.stderr, \
+      proc.stderr[-2000:]
+  with open(os.path.join(workdir, 'report.json')) as f:
+    assert json.load(f) == arrays_report
+  # A file of the run's classes holding a test split only (no train split) evaluates.
+  with np.load(f'{data_dir}/arrays/sklearn_digits.npz') as z:
+    np.savez(other, test_images=z['test_images'][:50], test_labels=z['test_labels'][:50],
+             class_names=z['class_names'], mirror_safe=z['mirror_safe'])
+  proc = run_without_tf('-m', 'imgcls_jax.main', '--mode=evaluate', f'--workdir={workdir}',
+                        f'--config.data.name=arrays:{other}',
+                        f'--config.evaluate.output_dir={tmp_path / "other_report"}')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(tmp_path / 'other_report' / 'report.json') as f:
+    assert json.load(f)['num_examples'] == 50
   # The oracle: the trained model's predictions on tfds's sklearn_digits test split (tf.data),
   # scored by scikit-learn.
   from sklearn import metrics as skm
