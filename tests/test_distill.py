@@ -103,7 +103,7 @@ def test_a_distilled_student_learns_what_its_teacher_says_not_the_labels(digits_
   assert logged and logged[-1]['teacher_agreement'] > 0.5 and logged[-1]['accuracy'] < 0.1
 
 
-def test_an_ensemble_teaches_its_mean_probabilities_as_served(digits_config, tmp_path):
+def test_an_ensemble_teaches_its_mean_probabilities_as_served(digits_config, tmp_path, caplog):
   """Two teachers (another seed and normalisation each): the step's teacher probabilities of a
   batch, from the student's normalised pixels, equal the mean of each teacher's served
   probabilities at temperature T (the Classifier's forward pass on the uint8 images)."""
@@ -119,7 +119,9 @@ def test_an_ensemble_teaches_its_mean_probabilities_as_served(digits_config, tmp
   c.distill.teacher = f"{tmp_path / 'a'}, {tmp_path / 'b'}"
   c.distill.temperature = 3.0
   s = run.setup(c)
-  teachers = teacher_lib.load(c, s.info, s.mesh, s.placement, str(tmp_path / 'student'))
+  with caplog.at_level(logging.INFO):
+    teachers = teacher_lib.load(c, s.info, s.mesh, s.placement, str(tmp_path / 'student'))
+  assert '8x8 images: the size this run feeds it' in caplog.text   # (said 'resized' always)
   assert len(teachers.variables) == 2 and teachers.cfg.views[0].scale == ()
   assert teachers.cfg.views[0].input_hw == (8, 8)
   images = _split(c, 'test')[0][:64]

@@ -115,8 +115,9 @@ def test_prepare_any_size_and_mode(clf, image_folder):
   # A 96 px upscale of an 8 px digit comes back close to the original digit.
   assert np.abs(clf.prepare(os.path.join(root, 'nested/rgba_96px.png')).astype(int) -
                 x[12].astype(int)).mean() < 12
-  with pytest.raises(images.UnreadableImage, match='not a readable image'):
-    clf.prepare(b'\x89PNG\r\n\x1a\n broken')
+  with pytest.raises(images.UnreadableImage, match=r'not a readable image \(PIL cannot identify '
+                                                   r'it: damaged, or not in a format it reads'):
+    clf.prepare(b'\x89PNG\r\n\x1a\n broken')     # (was PIL's "... image file the upload")
   with pytest.raises(images.ImageTooLarge):
     buf = io.BytesIO()
     Image.new('L', (300, 300)).save(buf, 'PNG')

@@ -259,3 +259,36 @@ def test_tags_differing_in_case_and_tags_on_no_or_every_image_are_warned_of(tmp_
   assert len(said) == 2 and said[0].startswith("Tag(s) always are on every image of the training "
                                                "split 'train'") and said[1].startswith(
       "Tag(s) never are on no image of the training split 'train'")
+
+
+def test_training_setup_gives_both_data_warnings(tmp_path, caplog):
+  """run.setup (what every training starts with) says it when the eval split shares examples with
+  the train split and when a tag cannot be learned; an ordinary setup says neither."""
+  import sys
+  from imgcls_jax import run
+  from tests.conftest import REPO
+  sys.path.insert(0, REPO)
+  from configs import default
+  labels = np.zeros((40, 3), bool)
+  labels[:, 0] = True                                    # 'always'
+  labels[::2, 1] = labels[1::2, 2] = True
+  path = str(tmp_path / 'tags.npz')
+  np.savez(path, train_images=np.zeros((40, 8, 8, 1), np.uint8), train_labels=labels,
+           class_names=np.asarray(['always', 'even', 'odd']), mirror_safe=np.asarray(False))
+  c = default.get_config()
+  c.data.name = f'arrays:{path}'
+  c.data.multilabel = True
+  c.data.device_preprocess = ''
+  c.batch_size = 8
+  c.mesh.cpu_devices = 0
+  for train, ev, said in (('train[:30]', 'train[20:]', 2), ('train[:30]', 'train[30:]', 0)):
+    c.data.train_split, c.data.eval_split = train, ev
+    labels[:, 0] = True if said else np.arange(40) % 3 == 0   # 'always' in the first case only
+    np.savez(path, train_images=np.zeros((40, 8, 8, 1), np.uint8), train_labels=labels,
+             class_names=np.asarray(['always', 'even', 'odd']), mirror_safe=np.asarray(False))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+      run.setup(c)
+    got = [r.getMessage() for r in caplog.records
+           if 'shares 10 examples' in r.getMessage() or 'image of the training' in r.getMessage()]
+    assert len(got) == said, got
