@@ -243,7 +243,8 @@ def test_tags_differing_in_case_and_tags_on_no_or_every_image_are_warned_of(tmp_
     folder_layout.class_names(src)                       # once per manifest, not per call
   assert names == ('EVEN', 'ROUND', 'big', 'even', 'round')
   twins = [r.getMessage() for r in caplog.records if 'differ only in case' in r.getMessage()]
-  assert len(twins) == 1 and 'tags that differ only in case (EVEN / even; ROUND / round)' in twins[0]
+  assert len(twins) == 1
+  assert 'tags that differ only in case (EVEN / even; ROUND / round)' in twins[0]
   caplog.clear()
   labels = np.zeros((12, 4), bool)
   labels[:, 1] = True                                    # 'always': on every image

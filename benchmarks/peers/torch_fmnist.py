@@ -1,8 +1,9 @@
-# A copy, unchanged below this comment, of the filers' reference script ../shared/peers/torch_fmnist.py
-# (issue 18: the PyTorch peer every Fashion-MNIST speed figure here is measured beside), so that a
-# clone can rerun the comparisons: python benchmarks/peers/torch_fmnist.py 900 --seed=0
-# ruff: noqa: F541   (kept as the filers wrote it)
 #!/usr/bin/env python
+# A copy, unchanged below these lines, of the filers' reference script
+# ../shared/peers/torch_fmnist.py (issue 18: the PyTorch peer every Fashion-MNIST speed figure
+# here is measured beside), so that a clone can rerun the comparisons:
+#   python benchmarks/peers/torch_fmnist.py 900 --seed=0
+# ruff: noqa: F541   (kept as the filers wrote it)
 """Plain PyTorch CPU baseline for Fashion-MNIST (peer measurement).
 
 Usage: python torch_fmnist.py [BUDGET_S=300] [EPOCHS] [--opts]
