@@ -93,16 +93,21 @@ def test_page_shows_the_apis_top_classes_for_uploaded_files(served, browser, tmp
     _check_page(srv, config, workdir, browser, files)
 
 
-def _check_page(srv, config, workdir, browser, files):
-  x, _ = digits.load_arrays('test')
-  browser.get(srv.url + '/')
+def _upload(browser, url, files, model_line):
+  """Opens the page, checks its model line, and selects ``files`` at once through the file input
+  (as a person choosing photos); returns when every card has its answer."""
+  browser.get(url + '/')
   wait = WebDriverWait(browser, 60)
   wait.until(lambda d: 'classes' in d.find_element(By.ID, 'model').text)
-  assert '10 classes' in browser.find_element(By.ID, 'model').text
-  # One selection of several files through the file input, as a person choosing photos.
+  assert model_line in browser.find_element(By.ID, 'model').text
   browser.find_element(By.ID, 'file').send_keys('\n'.join(str(p) for p in files.values()))
   wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, '.card')) == len(files) and not
              d.find_elements(By.CSS_SELECTOR, '.card[data-state="pending"]'))
+
+
+def _check_page(srv, config, workdir, browser, files):
+  x, _ = digits.load_arrays('test')
+  _upload(browser, srv.url, files, '10 classes')
 
   shown = {}
   for card in browser.find_elements(By.CSS_SELECTOR, '.card'):
@@ -151,13 +156,7 @@ def test_page_works_for_a_model_of_fewer_classes_than_top_k(served, browser, tmp
     files[path.name] = path
   try:
     with screenshot_on_failure(browser, tmp_path):
-      browser.get(few.url + '/')
-      wait = WebDriverWait(browser, 60)
-      wait.until(lambda d: 'classes' in d.find_element(By.ID, 'model').text)
-      assert '3 classes' in browser.find_element(By.ID, 'model').text
-      browser.find_element(By.ID, 'file').send_keys('\n'.join(str(p) for p in files.values()))
-      wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, '.card')) == len(files) and not
-                 d.find_elements(By.CSS_SELECTOR, '.card[data-state="pending"]'))
+      _upload(browser, few.url, files, '3 classes')
       for card in browser.find_elements(By.CSS_SELECTOR, '.card'):
         name = card.find_element(By.CSS_SELECTOR, '.name').text
         status = card.find_element(By.CSS_SELECTOR, '.status').text
