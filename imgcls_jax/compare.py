@@ -38,7 +38,8 @@ def _outcomes(workdir: str, config: Any, e: ml_collections.ConfigDict, split: st
               ) -> tuple[restored_split.Restored, outcomes_lib.Outcomes | outcomes_lib.TagOutcomes]:
   try:
     r = restored_split.restore_for_split(workdir, config, split=split, checkpoint_spec=e.checkpoint,
-                                         tta=e.tta or '', overrides=overrides)
+                                         tta=e.tta or '', overrides=overrides,
+                                         step_key='evaluate.checkpoint', split_key='evaluate.split')
     outcomes, _ = outcomes_lib.outcomes_pass(r, e.tta or '')
   except UserError as err:   # which of the two runs
     raise UserError(f'{workdir}: {err}') from None

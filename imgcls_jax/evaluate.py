@@ -79,7 +79,8 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str,
                                       checkpoint_spec=e.checkpoint, tta=e.tta or '',
                                       num_bins=int(e.calibration_bins), overrides=overrides,
                                       keep_errors=shown if per_example else None,
-                                      ood_files=ood_files, keep_probs=issues)
+                                      ood_files=ood_files, keep_probs=issues,
+                                      step_key='evaluate.checkpoint', split_key='evaluate.split')
   cfg, info = ev.trained.run, ev.trained.info
   rep = ev.report(int(e.top_confused))
   if info.multilabel:

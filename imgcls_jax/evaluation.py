@@ -16,7 +16,7 @@ import numpy as np
 
 from imgcls_jax import configlib, inference, label_issues, ood, report, restored_split, run
 from imgcls_jax import outcomes as outcomes_lib
-from imgcls_jax.data import reader
+from imgcls_jax.data import arrays, reader
 from imgcls_jax.errors import UserError
 
 
@@ -72,18 +72,21 @@ def evaluate_checkpoint(workdir: str, config: ml_collections.ConfigDict | None, 
                         overrides: dict[str, Any] | None = None,
                         keep_errors: int | None = None,
                         ood_files: list[str] | None = None,
-                        keep_probs: bool = False) -> Evaluation:
+                        keep_probs: bool = False, step_key: str = '',
+                        split_key: str = '') -> Evaluation:
   """Evaluates one checkpoint of ``workdir`` on ``split`` ('' = the run's eval split), every
   example exactly once, on the mesh with the run's parameter placement. With ``keep_errors``
   (one process) the same pass also gathers every example's ``outcomes.Outcomes``, with the
   images of that many of the most confident errors (``keep_probs``: with every class's
   probability, e.g. for k-fold's label-issue search; a tagging run's outcomes always have them);
   with ``ood_files`` (one process, single-label), those images are scored too
-  (``outcomes.ood_pass``), and the split's per-example scores kept to compare with theirs."""
+  (``outcomes.ood_pass``), and the split's per-example scores kept to compare with theirs.
+  ``step_key`` / ``split_key``: as ``restored_split.restore_for_split``."""
   num_bins = configlib.calibration_bins(num_bins)
   r = restored_split.restore_for_split(workdir, config, split=split,
                                        checkpoint_spec=checkpoint_spec, tta=tta,
-                                       overrides=overrides)
+                                       overrides=overrides, step_key=step_key,
+                                       split_key=split_key)
   for what, fit_split in r.fitted_on.items():
     if fit_split == r.split:
       logging.warning("Split '%s' is the one this run's %s %s fitted on: its %s figures here are "
@@ -123,11 +126,13 @@ def evaluate_checkpoint(workdir: str, config: ml_collections.ConfigDict | None, 
   ood_result = outcomes_lib.ood_pass(r, ood_files, tta, num_bins) if ood_files else None
   unseen = None
   if keep_probs:
-    try:
-      shared = (0 if r.new_images else
+    other_file = (arrays.is_arrays(r.trained.run.data)
+                  and r.trained.info.name != reader.dataset_name(r.trained.run.data))
+    try:   # splits of another arrays file share nothing with the run's we could count
+      shared = (0 if r.new_images else None if other_file else
                 reader.shared_examples(r.trained.run.data, r.split,
                                        r.trained.run.data.train_split, r.trained.info))
-    except UserError:   # another arrays file, without the run's train split: not known
+    except UserError:   # a split the data cannot size: not known
       shared = None
     unseen = None if shared is None else shared == 0
   return Evaluation(stats=stats, trained=r.trained, split=r.split, step=r.step, chosen=r.chosen,

@@ -27,6 +27,7 @@ import stat
 import sys
 from typing import Any, Iterable, TextIO
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -125,14 +126,39 @@ def _is_predictions(path: str) -> bool:
   return isinstance(row, dict) and 'file' in row and ('predictions' in row or 'tags' in row)
 
 
+def _stream_of(path: str) -> TextIO | None:
+  """sys.stdout / sys.stderr when ``path`` is that stream (``/dev/stdout``, or the very file the
+  shell redirected it to), else None."""
+  for fd, stream in ((1, sys.stdout), (2, sys.stderr)):
+    try:
+      if os.path.samestat(os.stat(path), os.fstat(fd)):
+        return stream
+    except (OSError, ValueError):
+      continue
+  return None
+
+
+def _is_special(path: str) -> bool:
+  """True for what is written to, never replaced: the standard streams, a FIFO or device, anything
+  under /dev or /proc (e.g. a shell's process substitution, /dev/fd/63)."""
+  if _stream_of(path) is not None or os.path.abspath(path).startswith(('/dev/', '/proc/')):
+    return True
+  try:
+    return not stat.S_ISREG(os.stat(path).st_mode)
+  except FileNotFoundError:
+    return False
+
+
 def _write_output(output: str, results: list[dict[str, Any]], fmt: str) -> None:
   """A regular file (or a link to one) is replaced whole, never left half-written: written
-  beside its target, then renamed over it; a FIFO, a terminal or /dev/stdout is written to."""
-  try:
-    special = not stat.S_ISREG(os.stat(output).st_mode)
-  except FileNotFoundError:
-    special = False
-  if special:
+  beside its target, then renamed over it (its permissions kept); the standard streams are
+  written to as streams, a FIFO or another special file opened and written."""
+  stream = _stream_of(output)
+  if stream is not None:
+    write(results, stream, fmt)
+    stream.flush()
+    return
+  if _is_special(output):
     with open(output, 'w', newline='') as f:
       write(results, f, fmt)
     return
@@ -163,7 +189,8 @@ def check_output(output: str, files: list[str]) -> None:
   if any(os.path.abspath(f) == path for f in files):
     raise UserError(f'{key} is also one of config.predict.inputs; writing it would replace that '
                     'image: give another output file.')
-  if os.path.isfile(path) and os.path.getsize(path) and not _is_predictions(path):
+  if (os.path.isfile(path) and not _is_special(path) and os.path.getsize(path)
+      and not _is_predictions(path)):
     raise UserError(f'{key} exists and is not an earlier prediction file (predict replaces only '
                     'those); give a new file name, or move that file away first.')
 
@@ -183,8 +210,9 @@ def predict(config: ml_collections.ConfigDict | None, workdir: str,
       raise UserError(f'config.predict.{key}={cfg[key]} must be a positive integer (e.g. '
                       f'--config.predict.{key}={5 if key == "top_k" else 64}).')
   files = images.list_inputs(cfg.inputs)
-  if cfg.output:
-    check_output(cfg.output, files)
+  output = os.path.expanduser(cfg.output) if cfg.output else ''
+  if output:
+    check_output(output, files)
   clf = inference.classifier(trained, max_batch=cfg.batch_size)
   explainer, explain_dir = None, ''
   if cfg.get('explain'):
@@ -198,11 +226,12 @@ def predict(config: ml_collections.ConfigDict | None, workdir: str,
     raise UserError(f'None of the {len(files)} input file(s) in config.predict.inputs is a '
                     f'readable image ({images.unreadable_summary(skipped)}); give image files or '
                     'folders.')
-  if cfg.output:
-    _write_output(cfg.output, results, cfg.format)
-  else:
-    write(results, sys.stdout, cfg.format)
-    sys.stdout.flush()
+  if jax.process_index() == 0:   # several processes: the first one writes
+    if output:
+      _write_output(output, results, cfg.format)
+    else:
+      write(results, sys.stdout, cfg.format)
+      sys.stdout.flush()
   logging.info('Predicted %d image(s)%s; skipped %d unreadable file(s)%s.', len(results),
                f' into {cfg.output}' if cfg.output else '', len(skipped),
                ': ' + ', '.join(p for p, _ in skipped[:10]) + (' ...' if len(skipped) > 10 else '')

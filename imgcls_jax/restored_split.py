@@ -63,26 +63,27 @@ def _new_image_location(saved: dict[str, Any], overrides: dict[str, Any]) -> boo
              for k in ('folder', 'manifest') if f'data.{k}' in overrides)
 
 
-def _check_other_dataset(data: ml_collections.ConfigDict, info: Any, saved_name: Any) -> None:
-  """A run evaluated on another dataset than its own (``--config.data.name``; an image folder is
-  checked by its index) must find the classes it was trained on, in its order, and for an arrays
-  file (read as stored, never resized) images of its input shape: labels are class indices, so
-  other classes would be scored under the run's names."""
-  if not saved_name or data.name == saved_name or data.name == 'image_folder':
+def _check_other_dataset(data: ml_collections.ConfigDict, info: Any, saved_name: Any,
+                         split: str, split_key: str) -> None:
+  """A run evaluated on another arrays file than its own (``--config.data.name=arrays:OTHER``;
+  another dataset is refused by ``inference.effective_config``, an image folder checked by its
+  index) must find there the classes it was trained on, in its order, and images of its input
+  shape (arrays are read as stored, never resized): labels are class indices, so other classes
+  would be scored under the run's names. Only ``split`` (set by ``split_key``) is read."""
+  if not saved_name or data.name == saved_name or not arrays.is_arrays(data):
     return
-  only_eval = data.copy_and_resolve_references()
-  only_eval.train_split = only_eval.eval_split   # evaluation reads no train split: need none
-  other = reader.describe(only_eval)
+  other = arrays.load(data)
+  images, _ = other.split(split, split_key)        # a missing split: named with its key
   where = f"config.data.name='{data.name}'"
   if tuple(other.class_names) != tuple(info.class_names):
     def names(n: tuple[str, ...]) -> str:
       return ', '.join(n[:5]) + (', ...' if len(n) > 5 else '')
     raise UserError(f'{where} has {len(other.class_names)} classes ({names(other.class_names)}) '
                     f'where the run was trained on {len(info.class_names)} '
-                    f'({names(info.class_names)}); evaluate on data of the run\'s classes, in its '
+                    f"({names(info.class_names)}); evaluate on data of the run's classes, in its "
                     'order (the class_names of an arrays file).')
-  if arrays.is_arrays(data) and tuple(other.image_shape) != tuple(info.image_shape):
-    shape = 'x'.join(str(d) for d in other.image_shape)
+  if tuple(images.shape[1:]) != tuple(info.image_shape):
+    shape = 'x'.join(str(d) for d in images.shape[1:])
     want = 'x'.join(str(d) for d in info.image_shape)
     raise UserError(f'{where} holds {shape} images where the run reads {want}; write the arrays '
                     f'file at {want} (arrays are read as stored, never resized).')
@@ -106,11 +107,13 @@ class Restored:
 def restore_for_split(workdir: str, config: ml_collections.ConfigDict | None, *, split: str = '',
                       checkpoint_spec: str = 'latest', tta: str = '',
                       overrides: dict[str, Any] | None = None,
-                      warn_redrawn: bool = True) -> Restored:
+                      warn_redrawn: bool = True, step_key: str = '',
+                      split_key: str = '') -> Restored:
   """The checkpoint ``checkpoint_spec`` of ``workdir`` on the mesh with the run's parameter
   placement, and the eval data of ``split`` ('' = the run's eval split); ``warn_redrawn``: warn
   when an image folder's held-out ``split`` is drawn otherwise than at training
-  (``held_out.folder_changed``)."""
+  (``held_out.folder_changed``). ``step_key`` / ``split_key`` are the config keys that set the
+  checkpoint and ``split`` ('' where the caller sets them itself), named in errors."""
   workdir = os.path.abspath(workdir)
   run_directory.require_checkpoint(workdir)
   keep = (config if config is not None
@@ -131,14 +134,15 @@ def restore_for_split(workdir: str, config: ml_collections.ConfigDict | None, *,
                     '(step %d) only; --config.evaluate.checkpoint=latest evaluates with %s.',
                     step, chosen, ' or '.join(fitted), 'them' if len(fitted) > 1 else 'it',
                     latest, 'them' if len(fitted) > 1 else 'it')
-  trained = inference.load(workdir, config, step=step, overrides=overrides,
-                           step_key='evaluate.checkpoint')
+  trained = inference.load(workdir, config, step=step, overrides=overrides, step_key=step_key)
   cfg = trained.run
   held_out.check_location_keys(cfg.data)   # e.g. a folder named for a run that read tfds
   saved = run_directory.read_config(workdir) or {}
   new_images = _new_image_location(saved, overrides or {})
-  _check_other_dataset(cfg.data, trained.info, saved.get('data', {}).get('name'))
+  split_key = split_key if split else 'data.eval_split'
   split = split or (reader.default_eval_split(cfg.data) if new_images else cfg.data.eval_split)
+  _check_other_dataset(cfg.data, trained.info, saved.get('data', {}).get('name'), split,
+                       split_key)
   check_flips(cfg.data, tta, mirror_safe=trained.info.mirror_safe)
   changed = ('' if new_images or not warn_redrawn else
              held_out.folder_changed(cfg, trained.info, split, saved.get('data', {})))

@@ -108,7 +108,7 @@ def test_a_digits_file_in_tfds_order_is_read_as_it_is_with_one_warning(tmp_path,
   np.testing.assert_array_equal(old, tfds_order[-len(old):])     # the slice the run trained on
   assert open(path, 'rb').read() == before                       # not rewritten
   said = [r.getMessage() for r in caplog.records if "in tfds's order" in r.getMessage()]
-  assert len(said) == 1 and 'delete it to have scikit-learn' in said[0]
+  assert len(said) == 1 and "deleted, it is written in scikit-learn's order" in said[0]
   os.remove(path)
   images, _ = arrays.load(data).split('train[80%:]')
   np.testing.assert_array_equal(images[..., 0], want[-len(images):])
@@ -517,10 +517,18 @@ def test_evaluating_on_an_arrays_file_of_other_classes_or_sizes_is_refused(digit
   with pytest.raises(UserError, match=r"has 10 classes \(T-shirt/top, Trouser, Pullover, Dress, "
                                       r"Coat, \.\.\.\) where the run was trained on 10 \(0, 1, "
                                       r"2, 3, 4, \.\.\.\); evaluate on data of the run's classes"):
-    restored_split._check_other_dataset(other('garments', garments, (8, 8)), info, own.name)
+    restored_split._check_other_dataset(other('garments', garments, (8, 8)), info, own.name,
+                                        'test', 'data.eval_split')
   digits = [str(d) for d in range(10)]
   with pytest.raises(UserError, match=r'holds 16x16x1 images where the run reads 8x8x1; write the '
                                       r'arrays file at 8x8x1'):
-    restored_split._check_other_dataset(other('big', digits, (16, 16)), info, own.name)
-  restored_split._check_other_dataset(other('same', digits, (8, 8)), info, own.name)
-  restored_split._check_other_dataset(own, info, own.name)
+    restored_split._check_other_dataset(other('big', digits, (16, 16)), info, own.name, 'test',
+                                        'data.eval_split')
+  restored_split._check_other_dataset(other('same', digits, (8, 8)), info, own.name, 'test',
+                                      'data.eval_split')
+  restored_split._check_other_dataset(own, info, own.name, 'test', 'data.eval_split')
+  # A split the other file lacks: named with the key that chose it (was data.train_split).
+  with pytest.raises(UserError, match=r"Split 'validation' does not exist in .*same\.npz; set "
+                                      r'config\.evaluate\.split to one of: test'):
+    restored_split._check_other_dataset(other('same', digits, (8, 8)), info, own.name,
+                                        'validation', 'evaluate.split')

@@ -4,6 +4,7 @@ directory holds."""
 import importlib.util
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -274,8 +275,8 @@ def test_export_never_replaces_a_folder_that_is_not_an_earlier_export(exported, 
   assert open(os.path.join(out + '.probe', 'keep.txt')).read() == 'keep me'
   os.symlink(out, out + '.link')
   c.export.output_dir = out + '.link'
-  with pytest.raises(UserError, match=rf'is a symbolic link; set it to the folder it points at '
-                                      rf'\({out}\)'):
+  with pytest.raises(UserError, match=r'is a symbolic link; set it to the folder it points at '
+                                      rf'\({re.escape(os.path.realpath(out))}\)'):
     export.export(c, workdir)
 
 

@@ -366,7 +366,7 @@ def test_predict_writes_one_explanation_overlay_per_readable_image(run, clf, ima
 
 def test_an_output_that_would_replace_another_file_is_refused_before_predicting(run,
                                                                                 image_folder,
-                                                                                tmp_path):
+                                                                                tmp_path, capfd):
   """predict.output overwrote whatever it named: the run's config.json (the run then failed to
   load), its metrics, a manifest, the input image itself. Now only a new file, an empty one or an
   earlier prediction file is written, and a refusal leaves every file as it was."""
@@ -402,16 +402,23 @@ def test_an_output_that_would_replace_another_file_is_refused_before_predicting(
   # A link stays a link (its target is replaced); a FIFO is written to, not replaced by a file.
   target = config.predict.output
   open(target, 'w').close()                                  # empty: written through the link
+  os.chmod(target, 0o640)
   os.symlink(target, tmp_path / 'link.jsonl')
   config.predict.output = str(tmp_path / 'link.jsonl')
   predict.predict(config, workdir)
   assert os.readlink(tmp_path / 'link.jsonl') == target and 'grey_0.png' in open(target).read()
+  assert os.stat(target).st_mode & 0o777 == 0o640            # the earlier file's permissions
   fifo = str(tmp_path / 'fifo')
   os.mkfifo(fifo)
   got = []
-  reader = threading.Thread(target=lambda: got.append(open(fifo).read()))
+  reader = threading.Thread(target=lambda: got.append(open(fifo).read()), daemon=True)
   reader.start()
   config.predict.output = fifo
   predict.predict(config, workdir)
   reader.join(timeout=60)
   assert 'grey_0.png' in got[0] and stat.S_ISFIFO(os.stat(fifo).st_mode)
+  # /dev/stdout (here pytest's capture file behind fd 1) is written to, never replaced.
+  capfd.readouterr()
+  config.predict.output = '/dev/stdout'
+  predict.predict(config, workdir)
+  assert 'grey_0.png' in capfd.readouterr().out and not os.path.exists('/dev/stdout.incomplete')

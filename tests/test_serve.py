@@ -286,7 +286,8 @@ def test_unknown_and_repeated_query_parameters_are_400(server):
     assert payload['error'].endswith('.') and payload['error'].count('. ') == 0, payload
   assert _request(srv.url, 'POST', '/v1/classify?top_k=2', body)[0] == 200
   # Parameters meant for something else (a cache-buster, a tracker) are left alone.
-  status, payload = _request(srv.url, 'POST', '/v1/classify?top_k=2&_=1712&utm_source=x', body)
+  status, payload = _request(srv.url, 'POST', '/v1/classify?top_k=2&_=1712&utm_source=x&token=t'
+                             '&key=a&format=json&v=2&n=3&pk=1&topic=x', body)
   assert status == 200 and len(payload['predictions']) == 2
 
 

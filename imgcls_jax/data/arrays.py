@@ -231,7 +231,8 @@ def load(data: ml_collections.ConfigDict) -> ArraysFile:
     _OLD_ORDER_WARNED.add(path)
     logging.warning("%s was written by an earlier version in tfds's order: its slices (e.g. "
                     "train[80%%:]) select other images than on a fresh machine; runs trained on it "
-                    "read it as they trained; delete it to have scikit-learn's order written.",
+                    "read it as they trained (deleted, it is written in scikit-learn's order, and "
+                    'they would evaluate on other slices).',
                     path)
   return loaded
 

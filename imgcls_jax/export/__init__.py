@@ -36,6 +36,7 @@ import shutil
 import uuid
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -171,6 +172,9 @@ def _check_output_dir(out_dir: str, workdir: str) -> None:
 def export(config: ml_collections.ConfigDict | None, workdir: str,
            overrides: dict[str, Any] | None = None) -> dict[str, Any]:
   """The ``export`` mode; returns what it wrote into ``export.json``."""
+  if jax.process_count() > 1:   # every process would write and replace the same folder
+    raise UserError('--mode=export runs in one process; run it without config.distributed, on any '
+                    'one host that sees the run directory.')
   step = int(overrides.get('export.step', -1)) if overrides is not None else config.export.step
   trained = inference.load(workdir, config, step=step, overrides=overrides,
                            step_key='export.step')

@@ -25,8 +25,9 @@ Endpoints (OpenAPI docs at ``/docs``, schema at ``/openapi.json``):
 Bad requests get a 4xx with {"error": "<one sentence>"}: 400 (empty or malformed body, bad
 top_k, a repeated top_k or a query parameter that looks meant for it), 404 (unknown path or model
 name), 405 (method), 411 (no Content-Length, chunked), 413 (body or decoded image too large, more
-images in one request than ``max_queue``), 415 (not a decodable image); 503 when the queue is full. The
-service never exits on a bad request; an unexpected failure of one request is a 500 for it only.
+images in one request than ``max_queue``), 415 (not a decodable image); 503 when the queue is
+full. The service never exits on a bad request; an unexpected failure of one request is a 500 for
+it only.
 A client that closes the connection before sending its whole body is one log line and counted as
 499 (nginx's code for it). Uvicorn has no timeout on reading a body: one shorter than its
 Content-Length holds its connection until the client closes it (a reverse proxy's body timeout

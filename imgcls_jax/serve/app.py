@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import difflib
 import functools
 import importlib.resources
 import logging
@@ -79,13 +78,14 @@ def guarded(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
   return wrapper
 
 
+_TOP_K_TRIES = frozenset({'topk', 'top', 'topn', 'k', 'limit', 'maxresults', 'numresults'})
+
+
 def _meant_top_k(name: str) -> bool:
-  """A query parameter that reads as a try at top_k (topk, top-k, k, n, limit, ...): refused,
-  so the answer does not silently ignore it; any other (a cache-buster, a proxy's tracking
-  parameter) is left alone."""
-  n = name.lower().replace('_', '').replace('-', '')
-  return n in ('k', 'n', 'top', 'topn', 'limit', 'count', 'maxresults') or (
-      difflib.SequenceMatcher(None, n, 'topk').ratio() >= 0.6)
+  """A query parameter that reads as a try at top_k (topk, top-k, TopK, k, limit, ...): refused,
+  so the answer does not silently ignore it; any other (a cache-buster, a token, a proxy's
+  tracking parameter) is left alone."""
+  return name.lower().replace('_', '').replace('-', '') in _TOP_K_TRIES
 
 
 def _top_k(request: Request, svc: Service) -> int:
@@ -237,7 +237,7 @@ def create_app(svc: Service) -> fastapi.FastAPI:
             summary='TF-Serving: predict, naming the version (the checkpoint step served)')
   @guarded
   async def tfs_predict_version(request: Request, name: str, version: str) -> Any:
-    if version != str(svc.clf.step):
+    if not (version.isdigit() and int(version) == svc.clf.step):
       _model(svc, name)
       raise ApiError(404, f"Model '{name}' has no version {version[:20]!r}; this service serves "
                      f'version {svc.clf.step} (the checkpoint step).')

@@ -9,6 +9,7 @@ A pickled object is never loaded here: unpickling it runs code from the file.
 """
 from __future__ import annotations
 
+import errno
 import pickle
 import pickletools
 import re
@@ -81,6 +82,11 @@ def why_unloadable(path: str, error: BaseException) -> str:
     return (f'{path} is a damaged PyTorch file ({e}); copy it again, or save it again with '
             f'{_SAVE}.')
   except (IsADirectoryError, PermissionError, FileNotFoundError) as e:
+    return f'Cannot read {path} ({first_line(e)}); check that the file is readable.'
+  except OSError as e:   # EIO, ELOOP, ...: the disk or the path; EINVAL: a seek past a bad size
+    if e.errno == errno.EINVAL:
+      return (f'{path} is a damaged PyTorch file (an offset inside it is invalid); copy it again, '
+              f'or save it again with {_SAVE}.')
     return f'Cannot read {path} ({first_line(e)}); check that the file is readable.'
   except Exception:  # noqa: BLE001 (zip / pickle oddities: encrypted, unknown compression, ...)
     return (f'Cannot load {path} as a PyTorch state dict ({_quote(error)}); save the weights '
