@@ -126,14 +126,15 @@ def evaluate_checkpoint(workdir: str, config: ml_collections.ConfigDict | None, 
   ood_result = outcomes_lib.ood_pass(r, ood_files, tta, num_bins) if ood_files else None
   unseen = None
   if keep_probs:
-    other_file = (arrays.is_arrays(r.trained.run.data)
-                  and r.trained.info.name != reader.dataset_name(r.trained.run.data))
-    try:   # splits of another arrays file share nothing with the run's we could count
-      shared = (0 if r.new_images else None if other_file else
-                reader.shared_examples(r.trained.run.data, r.split,
-                                       r.trained.run.data.train_split, r.trained.info))
-    except UserError:   # a split the data cannot size: not known
-      shared = None
+    data = r.trained.run.data
+    shared = None   # not known: another arrays file's splits, or a split the data cannot size
+    if r.new_images:
+      shared = 0
+    elif not (arrays.is_arrays(data) and r.trained.info.name != reader.dataset_name(data)):
+      try:
+        shared = reader.shared_examples(data, r.split, data.train_split, r.trained.info)
+      except UserError:
+        pass
     unseen = None if shared is None else shared == 0
   return Evaluation(stats=stats, trained=r.trained, split=r.split, step=r.step, chosen=r.chosen,
                     tta=tta, workdir=os.path.abspath(workdir),

@@ -77,7 +77,8 @@ def warn_untrainable_tags(config: ml_collections.ConfigDict, info: DatasetInfo) 
     return
   counts = reader.class_counts(config.data, split, info.num_classes)
   n = reader.split_size(config.data, split, info)
-  for what, hit in (('no', counts == 0), ('every', counts == n if n else counts < 0)):
+  on_all = counts == n if n else np.zeros_like(counts, bool)   # n: None when not known
+  for what, hit in (('no', counts == 0), ('every', on_all)):
     names = [info.class_names[k] for k in np.flatnonzero(hit)]
     if names:
       more = f' and {len(names) - 5} more' if len(names) > 5 else ''

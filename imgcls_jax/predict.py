@@ -181,10 +181,10 @@ def check_output(output: str, files: list[str]) -> None:
   if os.path.isdir(path):
     raise UserError(f'{key} is a folder; give a file to write, e.g. '
                     f"{os.path.join(output, 'predictions.csv')}.")
-  parent = os.path.dirname(path)
-  while parent and not os.path.exists(parent):
-    parent = os.path.dirname(parent) if os.path.dirname(parent) != parent else ''
-  if parent and not os.path.isdir(parent):
+  parent = os.path.dirname(path)   # the nearest existing folder above it must be a folder
+  while not os.path.exists(parent) and os.path.dirname(parent) != parent:
+    parent = os.path.dirname(parent)
+  if os.path.exists(parent) and not os.path.isdir(parent):
     raise UserError(f'{key}: {parent} is a file, not a folder; give a path in a folder.')
   if any(os.path.abspath(f) == path for f in files):
     raise UserError(f'{key} is also one of config.predict.inputs; writing it would replace that '

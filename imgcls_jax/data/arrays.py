@@ -131,8 +131,8 @@ class ArraysFile:
     if k < 2:
       raise UserError(f'{where} holds {k} class; a classifier needs at least 2.')
     self.mirror_safe = bool(np.asarray(contents.get('mirror_safe', True)).reshape(-1)[0])
-    self.source = str(np.asarray(contents.get('source', '')).reshape(-1)[0]) if (
-        'source' in contents and np.asarray(contents['source']).size) else ''
+    source = np.asarray(contents.get('source', '')).reshape(-1)   # who wrote it ('' unknown)
+    self.source = str(source[0]) if source.size else ''
 
   def split(self, spec: str, key: str = '') -> tuple[np.ndarray, np.ndarray]:
     """(images, labels) of ``spec`` ('train', 'train[:50000]', 'train[90%:]'): views, not copies.
