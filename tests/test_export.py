@@ -1,10 +1,12 @@
 """--mode=export: SavedModel (uint8 signature), TFLite, int8 TFLite and ONNX agree with JAX (or the
 float model, for int8), or the export fails; without the dataset it verifies on what the run
 directory holds."""
+import errno
 import importlib.util
 import json
 import os
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -278,6 +280,58 @@ def test_export_never_replaces_a_folder_that_is_not_an_earlier_export(exported, 
   with pytest.raises(UserError, match=r'is a symbolic link; set it to the folder it points at '
                                       rf'\({re.escape(os.path.realpath(out))}\)'):
     export.export(c, workdir)
+
+
+def test_export_stages_beside_its_folder_without_touching_the_users_files(exported, tmp_path,
+                                                                         monkeypatch):
+  """The export writes into ``<out>.incomplete`` and renames it at the end. A user's folder of
+  that name is refused before any work (it was deleted); one left by a killed export is cleaned
+  up; a failure in the final swap leaves the earlier export in place (it had been deleted
+  first)."""
+  config, workdir, _ = exported
+  c = _small(config, tmp_path)
+  out = c.export.output_dir
+  users = out + '.incomplete'
+  os.makedirs(users)
+  with open(os.path.join(users, 'keep.txt'), 'w') as f:
+    f.write('keep me')
+  with pytest.raises(UserError, match=r'model\.incomplete exists and was not left by an export'):
+    export.export(c, workdir)
+  assert open(os.path.join(users, 'keep.txt')).read() == 'keep me'
+  assert not os.path.exists(out)
+  os.rename(users, str(tmp_path / 'moved'))
+  # A staging folder a killed export left (marked) is removed, and the export goes on.
+  real_write = export._write_and_verify
+
+  def killed(*args, **kwargs):
+    raise KeyboardInterrupt
+  monkeypatch.setattr(export, '_write_and_verify', killed)
+  monkeypatch.setattr(shutil, 'rmtree', lambda *a, **k: None)   # as after a kill -9
+  with pytest.raises(KeyboardInterrupt):
+    export.export(c, workdir)
+  monkeypatch.undo()
+  assert os.path.isfile(os.path.join(users, export._STAGING_MARK))
+  export.export(c, workdir)
+  assert not os.path.exists(users)
+  assert '.imgcls_jax_export_staging' not in os.listdir(out)
+  first = json.load(open(os.path.join(out, 'export.json')))
+  assert export._STAGING_MARK not in first['files']
+  # The swap: when the new folder cannot move in, the earlier export is put back whole.
+  real_rename = os.rename
+
+  def staging_stuck(src, dst):
+    if src.endswith('.incomplete'):
+      raise OSError(errno.EACCES, os.strerror(errno.EACCES), src)
+    real_rename(src, dst)
+  monkeypatch.setattr(os, 'rename', staging_stuck)
+  monkeypatch.setattr(export, '_write_and_verify', real_write)
+  with pytest.raises(OSError):
+    export.export(c, workdir)
+  monkeypatch.undo()
+  assert json.load(open(os.path.join(out, 'export.json'))) == first
+  assert sorted(os.listdir(tmp_path)) == ['model', 'model.incomplete', 'moved']
+  export.export(c, workdir)   # the staging folder left behind is still marked as the export's
+  assert sorted(os.listdir(tmp_path)) == ['model', 'moved']
 
 
 @pytest.mark.parametrize('key, value, match', [

@@ -128,6 +128,9 @@ def _validate(cfg: ml_collections.ConfigDict) -> None:
                     'difference| allowed between JAX and an exported model; default 1e-4).')
 
 
+_STAGING_MARK = '.imgcls_jax_export_staging'   # names a staging folder an export made
+
+
 def _check_output_dir(out_dir: str, workdir: str) -> None:
   """The export replaces ``out_dir`` as a whole: refuse a folder that is not an earlier export
   (it would be deleted with everything in it), the run directory or a folder above it."""
@@ -154,7 +157,8 @@ def _check_output_dir(out_dir: str, workdir: str) -> None:
   except (OSError, ValueError, AttributeError):
     written = None   # an empty folder, or an export.json this check cannot read: as before
   if isinstance(written, list):
-    extra = sorted(set(os.listdir(out_dir)) - set(written) - {'export.json', 'labels.txt'})
+    extra = sorted(set(os.listdir(out_dir)) - set(written)
+                   - {'export.json', 'labels.txt', _STAGING_MARK})
     if extra:
       more = f' and {len(extra) - 5} more' if len(extra) > 5 else ''
       raise UserError(f"config.export.output_dir {out_dir} is an earlier export that also holds "
@@ -167,6 +171,49 @@ def _check_output_dir(out_dir: str, workdir: str) -> None:
     raise UserError(f'config.export.output_dir {out_dir} cannot be replaced ({e.strerror or e}; '
                     f'e.g. a mount point or a read-only folder); {fix}') from None
   os.rename(probe, out_dir)
+
+
+def _left_by_an_export(staging: str) -> bool:
+  return (os.path.isdir(staging) and not os.path.islink(staging)
+          and os.path.isfile(os.path.join(staging, _STAGING_MARK)))
+
+
+def _check_staging_free(out_dir: str) -> None:
+  """``<out_dir>.incomplete`` is where the export stages its files: a folder of that name that an
+  export did not leave (no mark) is the user's, refused before any work."""
+  staging = out_dir + '.incomplete'
+  if os.path.lexists(staging) and not _left_by_an_export(staging):
+    raise UserError(f'{staging} exists and was not left by an export, which stages its files '
+                    'there; move it away or set config.export.output_dir to another folder.')
+
+
+def _staging_dir(out_dir: str) -> str:
+  """A new, marked ``<out_dir>.incomplete`` to write into; one left by an export that was killed
+  is removed first."""
+  staging = out_dir + '.incomplete'
+  _check_staging_free(out_dir)
+  if os.path.lexists(staging):
+    shutil.rmtree(staging)
+  os.makedirs(staging)
+  open(os.path.join(staging, _STAGING_MARK), 'w').close()
+  return staging
+
+
+def _swap_in(staging: str, out_dir: str) -> None:
+  """``staging`` becomes ``out_dir``; an earlier export there is moved aside first and deleted
+  last, so that a crash in between leaves one of the two whole."""
+  old = None
+  if os.path.isdir(out_dir):
+    old = f'{out_dir}.replaced-{uuid.uuid4().hex}'
+    os.rename(out_dir, old)
+  try:
+    os.rename(staging, out_dir)
+  except BaseException:
+    if old is not None:
+      os.rename(old, out_dir)
+    raise
+  if old is not None:
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def export(config: ml_collections.ConfigDict | None, workdir: str,
@@ -183,6 +230,7 @@ def export(config: ml_collections.ConfigDict | None, workdir: str,
   quantize = cfg.get('quantize', '')
   out_dir = os.path.abspath(cfg.output_dir or os.path.join(workdir, 'export'))
   _check_output_dir(out_dir, workdir)
+  _check_staging_free(out_dir)
   clf = inference.classifier(trained, dtype=cfg.dtype)
   data, shape = clf.run.data, clf.image_shape
   q_examples = int(cfg.get('quantize_examples', -1))
@@ -194,16 +242,14 @@ def export(config: ml_collections.ConfigDict | None, workdir: str,
   calibration = (calibration_images(data, workdir, shape, int(cfg.calibration_examples))
                  if quantize == 'int8' else None)
 
-  staging = out_dir + '.incomplete'
-  shutil.rmtree(staging, ignore_errors=True)
-  os.makedirs(staging)
+  staging = _staging_dir(out_dir)
   try:
     record = _write_and_verify(clf, cfg, staging, samples, images, reference, calibration)
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
     raise
-  shutil.rmtree(out_dir, ignore_errors=True)
-  os.replace(staging, out_dir)
+  _swap_in(staging, out_dir)
+  os.remove(os.path.join(out_dir, _STAGING_MARK))
   checks = record['verification']
   q = checks.get('quantized')
   print(f'Exported checkpoint {clf.step} to {out_dir} ({", ".join(record["files"])}); verified '
@@ -262,7 +308,7 @@ def _write_and_verify(clf: inference.Classifier, cfg: ml_collections.ConfigDict,
     checks['quantized'] = quant['verification']
   if tflite_source != saved_model_dir:
     shutil.rmtree(tflite_source)
-  files = sorted(os.listdir(staging))
+  files = sorted(f for f in os.listdir(staging) if f != _STAGING_MARK)
   record = {'checkpoint_step': clf.step, 'input': {'name': 'images', 'dtype': 'uint8',
                                                    'shape': [None, *clf.image_shape]},
             'tflite_input_shape': ([tflite_batch or None, *clf.image_shape]
