@@ -528,6 +528,26 @@ def test_model_endpoint_and_page(server):
   assert _request(srv.url, 'GET', '/docs')[0] == 200
 
 
+def test_head_is_answered_as_get_without_a_body(server):
+  """Uptime monitors and load balancers probe with HEAD (it was a 405): the GET's status and
+  headers, no body, and the connection stays usable."""
+  srv, _ = server
+  conn = http.client.HTTPConnection(*_split(srv.url), timeout=30)
+  for path, status, kind in (('/', 200, 'text/html'), ('/healthz', 200, 'application/json'),
+                             ('/v2/health/ready', 200, 'application/json'),
+                             ('/v1/classify', 405, 'application/json'),
+                             ('/nowhere', 404, 'application/json')):
+    conn.request('GET', path)
+    get = conn.getresponse()
+    body = get.read()
+    conn.request('HEAD', path)
+    head = conn.getresponse()
+    assert (head.status, head.read()) == (status, b''), path
+    assert get.status == status and head.getheader('Content-Type').startswith(kind), path
+    assert int(head.getheader('Content-Length')) == len(body), path
+  conn.close()
+
+
 def test_request_ids_and_metrics(server):
   srv, _ = server
   x, _ = digits.load_arrays('test')

@@ -308,7 +308,9 @@ def _signature(svc: Service) -> dict[str, Any]:
 
 class RequestLog:
   """ASGI middleware: a request ID (``X-Request-ID``, kept from the client or made here) on every
-  response and log line, and each request's status and latency in the metrics."""
+  response and log line, and each request's status and latency in the metrics. A HEAD request
+  (uptime monitors, load balancers' health checks, ``curl -I``) is answered as its GET, with the
+  same headers and no body (FastAPI's GET routes answered it 405)."""
 
   def __init__(self, app: Any, metrics: Metrics):
     self.app, self.metrics = app, metrics
@@ -320,13 +322,17 @@ class RequestLog:
     rid = given if given and given.isprintable() else uuid.uuid4().hex[:16]
     scope['request_id'] = rid
     start, status = time.perf_counter(), [500]
+    head = scope['method'] == 'HEAD'
+    inner = {**scope, 'method': 'GET'} if head else scope   # the server still sees the HEAD
 
     async def send_with_id(message: dict[str, Any]) -> None:
+      if head and message['type'] == 'http.response.body':
+        message = {**message, 'body': b''}
       if message['type'] == 'http.response.start':
         status[0] = message['status']
         message.setdefault('headers', [])
         message['headers'] = list(message['headers']) + [(b'x-request-id', rid.encode())]
-        route = scope.get('route')
+        route = inner.get('route')
         endpoint = getattr(route, 'path', None) or (scope['path'] if status[0] < 400
                                                     else 'unmatched')  # bounded label set
         elapsed = time.perf_counter() - start
@@ -337,4 +343,4 @@ class RequestLog:
                  1000 * elapsed, why)
       await send(message)
 
-    await self.app(scope, receive, send_with_id)
+    await self.app(inner, receive, send_with_id)
