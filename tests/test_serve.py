@@ -401,6 +401,8 @@ def test_tf_serving_rest_api(server):
       ({'instances': [x[0, :4].tolist()]}, 400, 'Instance 0 must be 8x8x1 integers 0..255'),
       ({'instances': [(x[0] * 1.5).tolist()]}, 400, 'Instance 0 must be 8x8x1 integers'),
       ({'instances': [(x[0].astype(int) + 300).tolist()]}, 400, 'integers 0..255'),
+      ({'instances': [[[[True]] + row[1:] for row in x[0].tolist()]]}, 400,
+       'Instance 0 must be 8x8x1 integers 0..255'),   # JSON true read as 1 before
       ({'instances': []}, 400, 'no non-empty "instances"'),
       ({'inputs': {'b64': b64[0]}}, 400, 'no non-empty "instances"'),
       ({'instances': [{'b64': '***'}]}, 400, 'Instance 0 is not valid base64'),
@@ -453,6 +455,7 @@ def test_v2_numbers_out_of_range_and_non_integer_dimensions_are_400(server):
   tensor = {'name': 'images', 'datatype': 'UINT8', 'shape': [1, 8, 8, 1],
             'data': x[:1].ravel().tolist()}
   for change in ({'data': [2**70] * 64}, {'data': [1e300] * 64}, {'data': [1.5] * 64},
+                 {'data': [True] + x[0].ravel().tolist()[1:]},   # read as the pixel 1 before
                  {'shape': [True, 8, 8, 1]}, {'shape': [1, 8, 8, True]},
                  {'shape': [1, 8.0, 8, 1]}, {'shape': [2**62, 8, 8, 1], 'data': []}):
     status, payload = _request(srv.url, 'POST', '/v2/models/imgcls/infer',

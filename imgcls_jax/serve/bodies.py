@@ -124,6 +124,12 @@ def instances(payload: Any, shape: tuple[int, int, int]) -> list[bytes | np.ndar
   return out
 
 
+def _has_bool(values: Any) -> bool:
+  """JSON ``true`` / ``false`` among integers: numpy reads them as 1 / 0, so they would pass as
+  pixels."""
+  return any(type(v) is bool for v in np.asarray(values, dtype=object).ravel())
+
+
 def _pixels(rows: list, shape: tuple[int, int, int], what: str) -> np.ndarray:
   """An HxWxC uint8 image from nested lists of integers 0..255 (HxW for one channel)."""
   try:  # no dtype: floats, booleans and strings keep a dtype refused below
@@ -133,7 +139,7 @@ def _pixels(rows: list, shape: tuple[int, int, int], what: str) -> np.ndarray:
   if data is not None and data.ndim == 2 and shape[2] == 1:
     data = data[..., None]
   if data is None or data.shape != tuple(shape) or data.dtype.kind not in 'iu' or (
-      data.min() < 0 or data.max() > 255):
+      data.min() < 0 or data.max() > 255) or _has_bool(rows):
     raise ApiError(400, f"{what} must be {'x'.join(map(str, shape))} integers 0..255 (the "
                    'model input, already resized), or {"b64": "<base64 image>"}.')
   return data.astype(np.uint8)
@@ -156,7 +162,7 @@ def v2_images(payload: Any, shape: tuple[int, int, int]) -> np.ndarray:
     data = np.asarray(tensor.get('data'))
   except (TypeError, ValueError, OverflowError):
     data = None
-  if data is None or (data.size and data.dtype.kind not in 'iu'):
+  if data is None or (data.size and data.dtype.kind not in 'iu') or _has_bool(tensor['data']):
     raise ApiError(400, 'The input tensor data must be a list of integers 0..255.')
   size = math.prod(dims)  # Python ints: np.prod wraps around for a huge N
   if data.size != size or (data.size and (data.min() < 0 or data.max() > 255)):
