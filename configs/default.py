@@ -416,6 +416,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.export.onnx = False                   # also write model.onnx (from the float TFLite model via
                                           # tf2onnx; needs pip install 'imgcls_jax[export]'),
                                           # checked under onnxruntime against JAX (tolerance above)
+  c.export.web = False                    # also write web/: a page that classifies images in
+                                          # the browser (model.onnx under onnxruntime-web; implies
+                                          # the ONNX export; README "Export for the web")
+  c.export.web_runtime = ''               # onnxruntime-web's dist folder (or one holding its
+                                          # node_modules); '' = ./node_modules/onnxruntime-web
   c.export.quantize = ''                  # also write a quantised TFLite model: '' (none), 'int8'
                                           # (weights + activations, calibrated on training images)
                                           # or 'float16' (weights): model_<quantize>.tflite

@@ -310,12 +310,12 @@ def test_export_stages_beside_its_folder_without_touching_the_users_files(export
   with pytest.raises(KeyboardInterrupt):
     export.export(c, workdir)
   monkeypatch.undo()
-  assert os.path.isfile(os.path.join(users, export._STAGING_MARK))
+  assert os.path.isfile(os.path.join(users, export.output_dir.STAGING_MARK))
   export.export(c, workdir)
   assert not os.path.exists(users)
   assert '.imgcls_jax_export_staging' not in os.listdir(out)
   first = json.load(open(os.path.join(out, 'export.json')))
-  assert export._STAGING_MARK not in first['files']
+  assert export.output_dir.STAGING_MARK not in first['files']
   # The swap: when the new folder cannot move in, the earlier export is put back whole.
   real_rename = os.rename
 

@@ -16,6 +16,8 @@ Writes ``<workdir>/export`` (or ``config.export.output_dir``):
     quantisation of that; int8 is calibrated on ``calibration_examples`` training images.
   * ``model.onnx`` (``config.export.onnx``): an any-batch float TFLite model converted by tf2onnx;
     input ``images`` uint8, outputs ``probabilities``, ``logits``.
+  * ``web/`` (``config.export.web``): a static page that classifies images in the browser with
+    onnxruntime-web, on a batch-1 ONNX model verified like the rest (``web.py``).
   * ``labels.txt`` (one class name per line, index order) and ``export.json`` (input spec, class
     names, checkpoint step, file sizes and the verification numbers).
 
@@ -33,7 +35,6 @@ import json
 import logging
 import os
 import shutil
-import uuid
 from typing import Any
 
 import jax
@@ -42,8 +43,10 @@ import numpy as np
 
 from imgcls_jax import configlib, inference
 from imgcls_jax.errors import UserError
-from imgcls_jax.export.formats import (probe_tflite, run_onnx, run_saved_model, run_tflite,
-                                       save_onnx, save_saved_model, save_tflite, tflite_runtime)
+from imgcls_jax.export import output_dir, web
+from imgcls_jax.export.formats import (probe_tflite, require_onnx, run_onnx, run_saved_model,
+                                       run_tflite, save_onnx, save_saved_model, save_tflite,
+                                       tflite_runtime)
 from imgcls_jax.export.samples import Samples, calibration_images, eval_samples
 
 __all__ = ['ExportMismatch', 'QuantizationTooLossy', 'Samples', 'calibration_images', 'compare',
@@ -128,94 +131,6 @@ def _validate(cfg: ml_collections.ConfigDict) -> None:
                     'difference| allowed between JAX and an exported model; default 1e-4).')
 
 
-_STAGING_MARK = '.imgcls_jax_export_staging'   # names a staging folder an export made
-
-
-def _check_output_dir(out_dir: str, workdir: str) -> None:
-  """The export replaces ``out_dir`` as a whole: refuse a folder that is not an earlier export
-  (it would be deleted with everything in it), the run directory or a folder above it."""
-  fix = ('set config.export.output_dir to a new folder or to an earlier export '
-         '(default: <workdir>/export).')
-  if os.path.islink(out_dir):   # replaced at the end: the link would go, or the rename fail
-    raise UserError(f'config.export.output_dir {out_dir} is a symbolic link; set it to the folder '
-                    f'it points at ({os.path.realpath(out_dir)}) or to a new folder.')
-  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-    raise UserError(f'config.export.output_dir {out_dir} is a file; {fix}')
-  run = os.path.abspath(workdir)
-  if run == out_dir or run.startswith(out_dir.rstrip(os.sep) + os.sep):
-    raise UserError(f'config.export.output_dir {out_dir} holds the run directory {run}, which an '
-                    f'export would replace; {fix}')
-  if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.isfile(
-      os.path.join(out_dir, 'export.json')):
-    raise UserError(f'config.export.output_dir {out_dir} holds files that are not an export '
-                    f'(no export.json), which an export would replace; {fix}')
-  if not os.path.isdir(out_dir):
-    return
-  try:
-    with open(os.path.join(out_dir, 'export.json')) as f:
-      written = json.load(f).get('files')
-  except (OSError, ValueError, AttributeError):
-    written = None   # an empty folder, or an export.json this check cannot read: as before
-  if isinstance(written, list):
-    extra = sorted(set(os.listdir(out_dir)) - set(written)
-                   - {'export.json', 'labels.txt', _STAGING_MARK})
-    if extra:
-      more = f' and {len(extra) - 5} more' if len(extra) > 5 else ''
-      raise UserError(f"config.export.output_dir {out_dir} is an earlier export that also holds "
-                      f"files an export does not write ({', '.join(extra[:5])}{more}), which "
-                      f'replacing it would delete; move them out first, or {fix}')
-  probe = f'{out_dir}.probe-{uuid.uuid4().hex}'   # a folder that cannot move fails now, not last
-  try:
-    os.rename(out_dir, probe)
-  except OSError as e:
-    raise UserError(f'config.export.output_dir {out_dir} cannot be replaced ({e.strerror or e}; '
-                    f'e.g. a mount point or a read-only folder); {fix}') from None
-  os.rename(probe, out_dir)
-
-
-def _left_by_an_export(staging: str) -> bool:
-  return (os.path.isdir(staging) and not os.path.islink(staging)
-          and os.path.isfile(os.path.join(staging, _STAGING_MARK)))
-
-
-def _check_staging_free(out_dir: str) -> None:
-  """``<out_dir>.incomplete`` is where the export stages its files: a folder of that name that an
-  export did not leave (no mark) is the user's, refused before any work."""
-  staging = out_dir + '.incomplete'
-  if os.path.lexists(staging) and not _left_by_an_export(staging):
-    raise UserError(f'{staging} exists and was not left by an export, which stages its files '
-                    'there; move it away or set config.export.output_dir to another folder.')
-
-
-def _staging_dir(out_dir: str) -> str:
-  """A new, marked ``<out_dir>.incomplete`` to write into; one left by an export that was killed
-  is removed first."""
-  staging = out_dir + '.incomplete'
-  _check_staging_free(out_dir)
-  if os.path.lexists(staging):
-    shutil.rmtree(staging)
-  os.makedirs(staging)
-  open(os.path.join(staging, _STAGING_MARK), 'w').close()
-  return staging
-
-
-def _swap_in(staging: str, out_dir: str) -> None:
-  """``staging`` becomes ``out_dir``; an earlier export there is moved aside first and deleted
-  last, so that a crash in between leaves one of the two whole."""
-  old = None
-  if os.path.isdir(out_dir):
-    old = f'{out_dir}.replaced-{uuid.uuid4().hex}'
-    os.rename(out_dir, old)
-  try:
-    os.rename(staging, out_dir)
-  except BaseException:
-    if old is not None:
-      os.rename(old, out_dir)
-    raise
-  if old is not None:
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def export(config: ml_collections.ConfigDict | None, workdir: str,
            overrides: dict[str, Any] | None = None) -> dict[str, Any]:
   """The ``export`` mode; returns what it wrote into ``export.json``."""
@@ -229,8 +144,12 @@ def export(config: ml_collections.ConfigDict | None, workdir: str,
   _validate(cfg)
   quantize = cfg.get('quantize', '')
   out_dir = os.path.abspath(cfg.output_dir or os.path.join(workdir, 'export'))
-  _check_output_dir(out_dir, workdir)
-  _check_staging_free(out_dir)
+  output_dir.check(out_dir, workdir)
+  output_dir.check_staging_free(out_dir)
+  web_runtime = web.find_runtime(cfg.get('web_runtime', '')) if cfg.get('web', False) else ''
+  for key in ('onnx', 'web'):   # before any work, not after the SavedModel and TFLite
+    if cfg.get(key, False):
+      require_onnx(f'{key}=False')
   clf = inference.classifier(trained, dtype=cfg.dtype)
   data, shape = clf.run.data, clf.image_shape
   q_examples = int(cfg.get('quantize_examples', -1))
@@ -242,20 +161,21 @@ def export(config: ml_collections.ConfigDict | None, workdir: str,
   calibration = (calibration_images(data, workdir, shape, int(cfg.calibration_examples))
                  if quantize == 'int8' else None)
 
-  staging = _staging_dir(out_dir)
+  staging = output_dir.staging(out_dir)
   try:
-    record = _write_and_verify(clf, cfg, staging, samples, images, reference, calibration)
+    record = _write_and_verify(clf, cfg, staging, samples, images, reference, calibration,
+                               web_runtime)
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
     raise
-  _swap_in(staging, out_dir)
-  os.remove(os.path.join(out_dir, _STAGING_MARK))
+  output_dir.swap_in(staging, out_dir)
+  os.remove(os.path.join(out_dir, output_dir.STAGING_MARK))
   checks = record['verification']
   q = checks.get('quantized')
   print(f'Exported checkpoint {clf.step} to {out_dir} ({", ".join(record["files"])}); verified '
         f'on {len(images)} of {samples.source}: ' +
         '; '.join(f"{k} max |dprob| {checks[k]['max_abs_prob_diff']:.1e}"
-                  for k in ('saved_model', 'tflite', 'onnx') if k in checks) +
+                  for k in ('saved_model', 'tflite', 'onnx', 'web') if k in checks) +
         (f"; {quantize} {_agreement(q)} on {q['examples']}" +
          (f", {_accuracy_name(q)} drop {100 * q['accuracy_drop']:.2f} points"
           if 'accuracy_drop' in q else '') if q else ''), flush=True)
@@ -264,8 +184,9 @@ def export(config: ml_collections.ConfigDict | None, workdir: str,
 
 def _write_and_verify(clf: inference.Classifier, cfg: ml_collections.ConfigDict, staging: str,
                       samples: Samples, images: np.ndarray, reference: dict[str, np.ndarray],
-                      calibration: Samples | None) -> dict[str, Any]:
-  """Writes every format into ``staging`` and checks it; raises when one is off."""
+                      calibration: Samples | None, web_runtime: str = '') -> dict[str, Any]:
+  """Writes every format into ``staging`` and checks it; raises when one is off. With
+  ``web_runtime`` (onnxruntime-web's files) the verified ONNX model also goes into a web page."""
   quantize, want_onnx = cfg.get('quantize', ''), bool(cfg.get('onnx', False))
   tflite_batch = int(cfg.get('tflite_batch', 1))
   saved_model_dir = os.path.join(staging, 'saved_model')
@@ -292,6 +213,10 @@ def _write_and_verify(clf: inference.Classifier, cfg: ml_collections.ConfigDict,
     checks['onnx'] = _check(run_onnx, onnx_path, images, reference, 'onnx')
     if onnx_source != tflite_path:
       os.remove(onnx_source)
+  web_onnx = os.path.join(staging, 'web_model.onnx')
+  if web_runtime:
+    checks['web'] = _web_onnx(clf, staging, web_onnx, images, reference,
+                              tflite_path if cfg.tflite and tflite_batch == 1 else '')
   for fmt, c in checks.items():
     logging.info('%s vs JAX on %d images: max |dprob| %.2e, max |dlogit| %.2e, top-1 '
                  'agreement %.2f%%.', fmt, len(images), c['max_abs_prob_diff'],
@@ -308,7 +233,11 @@ def _write_and_verify(clf: inference.Classifier, cfg: ml_collections.ConfigDict,
     checks['quantized'] = quant['verification']
   if tflite_source != saved_model_dir:
     shutil.rmtree(tflite_source)
-  files = sorted(f for f in os.listdir(staging) if f != _STAGING_MARK)
+  page = None
+  if web_runtime:
+    page = web.write(os.path.join(staging, 'web'), web_onnx, web_runtime, web.model_json(clf))
+    os.remove(web_onnx)
+  files = sorted(f for f in os.listdir(staging) if f != output_dir.STAGING_MARK)
   record = {'checkpoint_step': clf.step, 'input': {'name': 'images', 'dtype': 'uint8',
                                                    'shape': [None, *clf.image_shape]},
             'tflite_input_shape': ([tflite_batch or None, *clf.image_shape]
@@ -333,6 +262,7 @@ def _write_and_verify(clf: inference.Classifier, cfg: ml_collections.ConfigDict,
             'files': files, 'bytes': {f: _size(os.path.join(staging, f)) for f in files},
             'tflite_runtime': tflite_runtime() if cfg.tflite or quantize else None,
             'quantization': {k: v for k, v in quant.items() if k != 'verification'} or None,
+            'web': page,
             'verification': {'examples': len(images), 'source': samples.source,
                              'tolerance': cfg.tolerance, **checks}}
   with open(os.path.join(staging, 'labels.txt'), 'w') as f:
@@ -342,6 +272,25 @@ def _write_and_verify(clf: inference.Classifier, cfg: ml_collections.ConfigDict,
   return record
 
 
+def _web_onnx(clf: inference.Classifier, staging: str, path: str, images: np.ndarray,
+              reference: dict[str, np.ndarray], tflite_1: str) -> dict[str, float]:
+  """The web page's model: ONNX of a batch-1 TFLite model (``tflite_1`` when the export wrote
+  one), as the page classifies one image per call. Fixed shapes let the TFLite converter fold
+  BatchNorm and leave tf2onnx no shape computation to get wrong (the any-batch ONNX model of the
+  default digits CNN fails under onnxruntime). Checked under onnxruntime's CPU provider, one image
+  per call; the same graph runs under onnxruntime-web's WebAssembly build."""
+  if not tflite_1:
+    source = os.path.join(staging, 'web_source')
+    save_saved_model(clf, source, batch=1)
+    tflite_1 = os.path.join(staging, 'web_source.tflite')
+    save_tflite(source, tflite_1, batch=1)
+    shutil.rmtree(source)
+  save_onnx(tflite_1, path, flag='web=False')
+  if tflite_1.endswith('web_source.tflite'):
+    os.remove(tflite_1)
+  return _check(lambda p, x, batch=1: run_onnx(p, x, batch=1), path, images, reference, 'web')
+
+
 def _check(run: Any, path: str, images: np.ndarray, reference: dict[str, np.ndarray],
            fmt: str) -> dict[str, float]:
   """``compare`` of the format's outputs in batches of 64 and, as batch size is dynamic, of 7
@@ -349,7 +298,8 @@ def _check(run: Any, path: str, images: np.ndarray, reference: dict[str, np.ndar
   try:
     full, small = run(path, images), run(path, images[:8], 7)
   except Exception as e:  # e.g. onnxruntime refusing a mis-converted shape computation
-    flag = {'saved_model': 'dtype=float32', 'tflite': 'tflite=False', 'onnx': 'onnx=False'}[fmt]
+    flag = {'saved_model': 'dtype=float32', 'tflite': 'tflite=False', 'onnx': 'onnx=False',
+            'web': 'web=False'}[fmt]
     raise ExportMismatch(f"The exported {fmt} fails under its runtime ({type(e).__name__}: "
                          f"{(str(e).strip().splitlines() or [''])[-1][:200]}); nothing was "
                          f'written: export with --config.export.{flag}.') from None

@@ -228,19 +228,27 @@ def run_tflite(path: str, images: np.ndarray, batch: int = 32) -> dict[str, np.n
   return _batched(tflite_runner(path), images, batch)
 
 
-def save_onnx(tflite_path: str, path: str, opset: int = 17) -> None:
+def require_onnx(flag: str = 'onnx=False') -> None:
+  """A UserError naming the install when tf2onnx, onnx or onnxruntime is missing."""
+  try:
+    import onnx  # noqa: F401
+    import onnxruntime  # noqa: F401
+    import tf2onnx  # noqa: F401
+  except ImportError:
+    raise UserError("ONNX export needs tf2onnx, onnx and onnxruntime: pip install "
+                    f"'imgcls_jax[export]', or export with --config.export.{flag}.") from None
+
+
+def save_onnx(tflite_path: str, path: str, opset: int = 17, flag: str = 'onnx=False') -> None:
   """Converts the float TFLite model to ONNX with tf2onnx (input ``images`` uint8, outputs
   ``probabilities`` and ``logits``).
 
   The route goes through TFLite because tf2onnx cannot convert the ``XlaCallModule`` op of a
   jax2tf SavedModel, while the TFLite converter lowers it to builtin ops that tf2onnx knows.
   """
-  try:
-    import onnx
-    import tf2onnx
-  except ImportError:
-    raise UserError("ONNX export needs tf2onnx, onnx and onnxruntime: pip install "
-                    "'imgcls_jax[export]', or export with --config.export.onnx=False.") from None
+  require_onnx(flag)
+  import onnx
+  import tf2onnx
   # The signature's names for the TFLite tensors (e.g. 'StatefulPartitionedCall:1').
   runner = _tflite_interpreter(tflite_path).get_signature_runner('serving_default')
   rename = {d['name']: k for k, d in {**runner.get_input_details(),
@@ -251,7 +259,7 @@ def save_onnx(tflite_path: str, path: str, opset: int = 17) -> None:
       model, _ = tf2onnx.convert.from_tflite(tflite_path, opset=opset)
     except Exception as e:
       raise UserError(f'ONNX conversion failed ({first_line(e, limit=300)}); export with '
-                      '--config.export.onnx=False.') from None
+                      f'--config.export.{flag}.') from None
   graph = model.graph
   for node in graph.node:
     node.input[:] = [rename.get(n, n) for n in node.input]
@@ -260,7 +268,7 @@ def save_onnx(tflite_path: str, path: str, opset: int = 17) -> None:
     value.name = rename.get(value.name, value.name)
   if {v.name for v in graph.input} != {'images'} or {v.name for v in graph.output} != set(OUTPUTS):
     raise UserError('The ONNX model lost its input or output names in conversion; export with '
-                    '--config.export.onnx=False.')
+                    f'--config.export.{flag}.')
   onnx.checker.check_model(model)
   onnx.save(model, path)
 

@@ -1,0 +1,204 @@
+"""``config.export.web``: the exported page classifies images in a real browser (headless Chromium
+driven by selenium, onnxruntime-web's WebAssembly build), offline, from a plain static server.
+Oracles: the trainer's own evaluation function on the same pixels (probabilities), PIL's grey
+conversion (for a colour upload), and the run's decision rules computed here in numpy."""
+import functools
+import http.server
+import json
+import os
+import shutil
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imgcls_jax import export, ood
+from imgcls_jax.data import digits
+from imgcls_jax.errors import UserError
+from tests.test_predict import REPO, trained_run, trainer_probabilities
+
+CHROMIUM = os.environ.get('CHROMIUM_BINARY', '/usr/bin/chromium')
+CHROMEDRIVER = os.environ.get('CHROMEDRIVER', '/usr/bin/chromedriver')
+RUNTIME = os.environ.get('IMGCLS_ORT_WEB',
+                         os.path.join(REPO, '.ci', 'node_modules', 'onnxruntime-web', 'dist'))
+selenium = pytest.importorskip('selenium', reason='the browser test needs selenium (test extra)')
+pytest.importorskip('tf2onnx', reason="the web page runs the ONNX model: pip install "
+                                      "'imgcls_jax[export]'")
+if not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)):
+  pytest.skip(f'the browser test needs Chromium and chromedriver ({CHROMIUM}, {CHROMEDRIVER}; '
+              'Debian packages chromium and chromium-driver)', allow_module_level=True)
+if not os.path.isfile(os.path.join(RUNTIME, export.web.BUNDLE)):
+  pytest.skip(f'the web-export test needs onnxruntime-web in {RUNTIME}: run '
+              '`(cd .ci && npm ci)` or set IMGCLS_ORT_WEB to its dist folder',
+              allow_module_level=True)
+
+from selenium import webdriver  # noqa: E402
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+
+from tests.test_web import screenshot_on_failure  # noqa: E402
+
+
+@pytest.fixture(scope='module')
+def page(tmp_path_factory, tfds_dir):
+  """(config, workdir, export record, URL of the exported page served from its folder alone)."""
+  config, workdir, _ = trained_run(tmp_path_factory, tfds_dir)
+  config = config.copy_and_resolve_references()
+  config.export.web = True
+  config.export.web_runtime = RUNTIME
+  config.export.verify_examples = 32
+  config.export.output_dir = str(tmp_path_factory.mktemp('web_export') / 'model')
+  record = export.export(config, workdir)
+  handler = functools.partial(_Quiet, directory=os.path.join(config.export.output_dir, 'web'))
+  server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  yield config, workdir, record, f'http://127.0.0.1:{server.server_port}/'
+  server.shutdown()
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+  def log_message(self, *args):
+    pass
+
+
+@pytest.fixture
+def browser():
+  opts = webdriver.ChromeOptions()
+  opts.binary_location = CHROMIUM
+  for flag in ('--headless=new', '--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage',
+               '--window-size=1200,900'):
+    opts.add_argument(flag)
+  driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+  yield driver
+  driver.quit()
+
+
+def _wait(predicate, what, timeout=60):
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    value = predicate()
+    if value:
+      return value
+    time.sleep(0.1)
+  raise AssertionError(f'timed out waiting for {what}')
+
+
+def _classify(driver, url, files):
+  """The page's answers for ``files`` (its window.imgclsResults) after loading it afresh."""
+  driver.get(url)
+  status = driver.find_element(By.ID, 'status')
+  _wait(lambda: status.get_attribute('data-state') != 'loading', 'the model to load')
+  assert status.get_attribute('data-state') == 'ready', driver.find_element(By.ID, 'status').text
+  driver.find_element(By.ID, 'file').send_keys('\n'.join(map(str, files)))
+  return _wait(lambda: (lambda r: r if len(r) == len(files) else None)(
+      driver.execute_script('return window.imgclsResults || []')), 'the answers')
+
+
+def test_export_writes_a_self_contained_page(page):
+  config, _, record, _ = page
+  web_dir = os.path.join(config.export.output_dir, 'web')
+  assert record['web']['runtime'] == 'onnxruntime-web ' + json.load(
+      open(os.path.join(RUNTIME, os.pardir, 'package.json')))['version']
+  assert record['web']['files'] == ['classify.js', 'index.html', 'model.json', 'model.onnx',
+                                    'ort/ort-wasm-simd-threaded.wasm', 'ort/ort.bundle.js']
+  assert sorted(os.listdir(config.export.output_dir)) == sorted(record['files'] + ['export.json',
+                                                                                   'labels.txt'])
+  assert 'web' in record['files'] and 'model.onnx' not in record['files']   # onnx was not asked
+  v = record['verification']['web']
+  assert v['max_abs_prob_diff'] <= 1e-4 and v['top1_agreement'] == 1.0
+  meta = json.load(open(os.path.join(web_dir, 'model.json')))
+  assert meta['class_names'] == [str(i) for i in range(10)] and meta['input_shape'] == [8, 8, 1]
+  assert meta['task'] == 'single_label' and meta['checkpoint_step'] == record['checkpoint_step']
+  page_text = open(os.path.join(web_dir, 'index.html')).read() + open(
+      os.path.join(web_dir, 'classify.js')).read()
+  assert 'http://' not in page_text and 'https://' not in page_text, 'another host is named'
+
+
+def test_page_gives_the_trainers_probabilities_in_the_browser(page, browser, tmp_path):
+  """Grey PNGs at the input size, a colour PNG (grey by PIL's luma) and a file that is no image:
+  the page's probabilities are the trainer's evaluation of the same pixels within 1e-5."""
+  config, workdir, _, url = page
+  x, _ = digits.load_arrays('test')
+  files, pixels = [], []
+  for i in range(6):
+    path = tmp_path / f'digit {i}.png'
+    Image.fromarray(x[i, :, :, 0]).save(path)
+    files.append(path)
+    pixels.append(x[i])
+  g = x[6, :, :, 0].astype(np.int32)
+  rgb = np.stack([g, g // 2, 255 - g], -1).astype(np.uint8)   # channels differ: the luma counts
+  Image.fromarray(rgb).save(tmp_path / 'colour.png')
+  files.append(tmp_path / 'colour.png')
+  pixels.append(np.asarray(Image.fromarray(rgb).convert('L'))[..., None])
+  (tmp_path / 'notes.png').write_bytes(b'not an image at all')
+  files.append(tmp_path / 'notes.png')
+  with screenshot_on_failure(browser, tmp_path):
+    results = _classify(browser, url, files)
+    shown = browser.find_elements(By.CSS_SELECTOR, '#results tbody tr')
+    assert len(shown) == len(files)
+  want = trainer_probabilities(config, workdir, np.stack(pixels))
+  assert [r['file'] for r in results] == [f.name for f in files]
+  for r, p in zip(results, want):
+    np.testing.assert_allclose(r['probabilities'], p, atol=1e-5, err_msg=r['file'])
+    assert r['answer'] == str(int(np.argmax(p))) == r['top'][0]['class']
+    assert [t['index'] for t in r['top']] == list(np.argsort(-p, kind='stable')[:5])
+  assert results[-1]['error'].startswith('Cannot classify this file')
+  assert 'Cannot classify this file' in shown[-1].text
+
+
+def test_page_applies_the_runs_gates_as_predict_does(page, browser, tmp_path):
+  """With a confidence threshold and an unknown-input threshold in model.json, each answer is
+  "not sure" / "none of the classes" exactly where the numpy rules (selective's float32 >= and
+  ood.gate) say so."""
+  config, _, _, url = page
+  meta_path = os.path.join(config.export.output_dir, 'web', 'model.json')
+  original = open(meta_path).read()
+  x, _ = digits.load_arrays('test')
+  files = []
+  for i in range(10, 22):
+    files.append(tmp_path / f'{i}.png')
+    Image.fromarray(x[i, :, :, 0]).save(files[-1])
+  first = _classify(browser, url, files)
+  logits = np.array([r['logits'] for r in first], np.float32)
+  probs = np.array([r['probabilities'] for r in first], np.float32)
+  energy = ood.energy(logits)
+  meta = json.loads(original)
+  meta['min_confidence'] = float(np.median(probs.max(-1)))
+  meta['unknown_below'] = float(np.sort(energy)[2:4].mean())   # the 3 lowest are unknown
+  try:
+    with open(meta_path, 'w') as f:
+      json.dump(meta, f)
+    with screenshot_on_failure(browser, tmp_path):
+      gated = _classify(browser, url, files)
+  finally:
+    with open(meta_path, 'w') as f:
+      f.write(original)
+  for r, p, lg in zip(gated, probs, logits):
+    unknown = ood.gate(lg, meta['unknown_below'])['unknown']
+    abstained = not np.float32(p.max()) >= np.float32(meta['min_confidence'])
+    assert (r['unknown'], r['abstained']) == (unknown, abstained), r['file']
+    assert r['answer'] == ('none of the classes' if unknown else
+                           f"not sure ({r['top'][0]['class']}?)" if abstained else
+                           r['top'][0]['class'])
+  assert sum(r['unknown'] for r in gated) == 3
+  assert 0 < sum(r['abstained'] for r in gated) < len(files)
+
+
+def test_web_export_without_the_runtime_is_one_line_before_any_work(page, tmp_path,
+                                                                    monkeypatch):
+  config, workdir, _, _ = page
+  c = config.copy_and_resolve_references()
+  c.export.output_dir = str(tmp_path / 'model')
+  c.export.web_runtime = str(tmp_path / 'nowhere')
+  with pytest.raises(UserError, match=r'config.export.web_runtime=.*nowhere holds no '
+                                      r'onnxruntime-web files .*npm install onnxruntime-web'):
+    export.export(c, workdir)
+  c.export.web_runtime = ''
+  monkeypatch.chdir(tmp_path)   # no ./node_modules here
+  with pytest.raises(UserError, match=r'No config.export.web_runtime is set and ./node_modules'):
+    export.export(c, workdir)
+  assert not os.path.exists(c.export.output_dir)
+  # Its package folder, or a folder holding node_modules, is found as well as dist itself.
+  assert export.web.find_runtime(os.path.dirname(RUNTIME)) == RUNTIME
