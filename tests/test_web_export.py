@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from imgcls_jax import export, ood
-from imgcls_jax.data import digits
+from imgcls_jax.data import digits, images
 from imgcls_jax.errors import UserError
 from tests.test_predict import REPO, trained_run, trainer_probabilities
 
@@ -146,6 +146,42 @@ def test_page_gives_the_trainers_probabilities_in_the_browser(page, browser, tmp
     assert [t['index'] for t in r['top']] == list(np.argsort(-p, kind='stable')[:5])
   assert results[-1]['error'].startswith('Cannot classify this file')
   assert 'Cannot classify this file' in shown[-1].text
+
+
+def test_page_makes_predicts_pixels_from_images_of_any_size(page, browser, tmp_path):
+  """Shrunk (box filter), enlarged (bilinear), each axis a different ratio, colour JPEG and PNG,
+  an EXIF-rotated JPEG: the page's model input is byte for byte images.decode's (PIL), and its
+  probabilities the trainer's for those bytes."""
+  config, workdir, _, url = page
+  x, _ = digits.load_arrays('test')
+  rng = np.random.default_rng(0)
+  files = []
+  for i, (w, h) in enumerate([(40, 24), (13, 11), (5, 7), (20, 6), (64, 64), (9, 8)]):
+    image = Image.fromarray(x[30 + i, :, :, 0]).resize((w, h), Image.Resampling.BICUBIC)
+    if i % 2:   # colour, with channels that differ
+      noise = rng.integers(0, 60, (h, w, 3))
+      image = Image.fromarray(np.clip(np.asarray(image)[..., None] + noise, 0, 255)
+                              .astype(np.uint8))
+    files.append(tmp_path / f'{i}_{w}x{h}.png')
+    image.save(files[-1])
+  photo = Image.fromarray(rng.integers(0, 256, (30, 45, 3), dtype=np.uint8)).resize((90, 60))
+  photo.save(tmp_path / 'photo.jpg', quality=90)
+  exif = Image.Exif()
+  exif[0x0112] = 6   # orientation: rotate 90 degrees clockwise to view
+  photo.save(tmp_path / 'rotated.jpg', quality=90, exif=exif)
+  files += [tmp_path / 'photo.jpg', tmp_path / 'rotated.jpg']
+  with screenshot_on_failure(browser, tmp_path):
+    results = _classify(browser, url, files)
+    got = browser.execute_async_script(
+        'const done = arguments[arguments.length - 1];'
+        "Promise.all([...document.getElementById('file').files].map(window.imgclsPixels))"
+        '.then(done, (e) => done(String(e)));')
+  want = np.stack([images.decode(str(f), channels=1, size_hw=(8, 8)) for f in files])
+  for f, g, w in zip(files, got, want):
+    np.testing.assert_array_equal(np.asarray(g, np.uint8).reshape(8, 8, 1), w, err_msg=f.name)
+  probs = trainer_probabilities(config, workdir, want)
+  for r, p in zip(results, probs):
+    np.testing.assert_allclose(r['probabilities'], p, atol=1e-5, err_msg=r['file'])
 
 
 def test_page_applies_the_runs_gates_as_predict_does(page, browser, tmp_path):

@@ -5,11 +5,9 @@ no cross-origin isolation headers are needed). ``<export>/web/`` is self-contain
 on any static host (or previewed with ``python -m http.server -d <export>/web``; browsers load
 WebAssembly and modules only over HTTP, not from ``file://``):
 
-  * ``index.html``, ``classify.js``: the page; it decodes each chosen image in the browser, turns
-    it upright (EXIF), resizes it to the model input and converts it to grey as PIL does
-    (ITU-R 601 luma, PIL's rounding), so an image already at the model's input size gets the
-    same pixels as ``--mode=predict``; other sizes are resized by the browser's smoothing, not
-    PIL's box / bilinear filter, so their probabilities can differ a little.
+  * ``index.html``, ``classify.js``: the page; the browser decodes each chosen image and turns it
+    upright (EXIF); the page converts it to grey (ITU-R 601 luma) and resizes it with Pillow's
+    arithmetic, so the model gets ``--mode=predict``'s bytes (``images.decode``) at any size.
   * ``model.onnx`` (the export's), ``model.json`` (class names, input shape, task and the run's
     decision rules: multi-label thresholds, ``min_confidence``, ``unknown_below``).
   * ``ort/``: onnxruntime-web's ES-module bundle and its WebAssembly file, copied from an npm

@@ -8,29 +8,101 @@ ort.env.wasm.numThreads = 1;   // no SharedArrayBuffer, so no cross-origin isola
 // PIL's conversion to grey (ITU-R 601-2 luma in fixed point, rounded): predict's bytes.
 const luma = (r, g, b) => (r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16;
 
-// The image as the model's uint8 input [H, W, C]: upright (EXIF), resized by the browser when it
-// is not already the input size, colours as stored (no colour management, as PIL reads them).
+// PIL's resampling of 8-bit images (Pillow's Resample.c), as images.decode resizes: a box filter
+// when shrinking, bilinear when enlarging; the horizontal pass first, each pass rounded to 8 bits,
+// weights in fixed point of 22 bits. The same arithmetic gives the same bytes.
+const PRECISION_BITS = 22;
+const BOX = {support: 0.5, filter: (x) => (x > -0.5 && x <= 0.5 ? 1 : 0)};
+const BILINEAR = {support: 1, filter: (x) => (Math.abs(x) < 1 ? 1 - Math.abs(x) : 0)};
+
+function coefficients(inSize, outSize, {support, filter}) {
+  const scale = inSize / outSize;
+  const filterScale = Math.max(scale, 1);
+  const reach = support * filterScale;
+  const ss = 1 / filterScale;   // multiplied, not divided by: Pillow's rounding
+  const taps = [];
+  for (let xx = 0; xx < outSize; xx++) {
+    const center = (xx + 0.5) * scale;
+    const first = Math.max(Math.trunc(center - reach + 0.5), 0);
+    const count = Math.min(Math.trunc(center + reach + 0.5), inSize) - first;
+    const w = [];
+    let sum = 0;
+    for (let x = 0; x < count; x++) {
+      w.push(filter((x + first - center + 0.5) * ss));
+      sum += w[x];
+    }
+    const fixed = w.map((v) => {
+      const k = (sum !== 0 ? v / sum : v) * (1 << PRECISION_BITS);
+      return Math.trunc(k < 0 ? k - 0.5 : k + 0.5);
+    });
+    taps.push({first, fixed});
+  }
+  return taps;
+}
+
+const clip8 = (ss) => Math.min(255, Math.max(0, Math.floor(ss / (1 << PRECISION_BITS))));
+
+// src: Uint8Array [h][w][c]; returns [outH][outW][c].
+function resample(src, h, w, c, outH, outW, kind) {
+  let data = src;
+  if (outW !== w) {
+    const taps = coefficients(w, outW, kind);
+    const out = new Uint8Array(h * outW * c);
+    for (let y = 0; y < h; y++) {
+      for (let xx = 0; xx < outW; xx++) {
+        const {first, fixed} = taps[xx];
+        for (let ch = 0; ch < c; ch++) {
+          let ss = 1 << (PRECISION_BITS - 1);
+          const row = (y * w + first) * c + ch;
+          for (let x = 0; x < fixed.length; x++) ss += data[row + x * c] * fixed[x];
+          out[(y * outW + xx) * c + ch] = clip8(ss);
+        }
+      }
+    }
+    data = out;
+    w = outW;
+  }
+  if (outH !== h) {
+    const taps = coefficients(h, outH, kind);
+    const out = new Uint8Array(outH * w * c);
+    for (let yy = 0; yy < outH; yy++) {
+      const {first, fixed} = taps[yy];
+      for (let i = 0; i < w * c; i++) {
+        let ss = 1 << (PRECISION_BITS - 1);
+        for (let y = 0; y < fixed.length; y++) ss += data[(first + y) * w * c + i] * fixed[y];
+        out[yy * w * c + i] = clip8(ss);
+      }
+    }
+    data = out;
+  }
+  return data;
+}
+
+// The image as the model's uint8 input [H, W, C], made as --mode=predict makes it: decoded by the
+// browser, upright (EXIF), colours as stored (no colour management, as PIL reads them), converted
+// to grey or RGB, then resized with PIL's filters.
 async function pixels(file, [h, w, c]) {
   const bitmap = await createImageBitmap(file, {colorSpaceConversion: 'none',
                                                 premultiplyAlpha: 'none'});
+  const [ih, iw] = [bitmap.height, bitmap.width];
   const canvas = document.createElement('canvas');
-  canvas.width = w;
-  canvas.height = h;
+  canvas.width = iw;
+  canvas.height = ih;
   const ctx = canvas.getContext('2d', {willReadFrequently: true});
-  ctx.imageSmoothingQuality = 'high';
-  ctx.drawImage(bitmap, 0, 0, w, h);
+  ctx.drawImage(bitmap, 0, 0);   // its own size: no resampling by the browser
   bitmap.close();
-  const rgba = ctx.getImageData(0, 0, w, h).data;
-  const out = new Uint8Array(h * w * c);
-  for (let i = 0; i < h * w; i++) {
+  const rgba = ctx.getImageData(0, 0, iw, ih).data;
+  const image = new Uint8Array(ih * iw * c);
+  for (let i = 0; i < ih * iw; i++) {
     const r = rgba[4 * i], g = rgba[4 * i + 1], b = rgba[4 * i + 2];
     if (c === 1) {
-      out[i] = luma(r, g, b);
+      image[i] = luma(r, g, b);
     } else {
-      out[3 * i] = r; out[3 * i + 1] = g; out[3 * i + 2] = b;
+      image[3 * i] = r; image[3 * i + 1] = g; image[3 * i + 2] = b;
     }
   }
-  return out;
+  if (ih === h && iw === w) return image;
+  return resample(image, ih, iw, c, h, w, ih >= h && iw >= w ? BOX : BILINEAR);
 }
 
 const logSumExp = (xs) => {
@@ -103,6 +175,7 @@ async function main() {
   $('about').textContent = `${meta.class_names.length} classes; input ${h}x${w}, ` +
       `${c === 1 ? 'grey' : 'colour'}; checkpoint step ${meta.checkpoint_step}.`;
   window.imgclsResults = [];   // every answer, in order, for scripts and tests
+  window.imgclsPixels = async (file) => Array.from(await pixels(file, meta.input_shape));
   let queue = Promise.resolve();
   const classify = (files) => {
     for (const file of files) {
