@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgcls_jax import export, ood
+from imgcls_jax import export, inference, ood, predict
 from imgcls_jax.data import digits, images
 from imgcls_jax.errors import UserError
+from tests.test_multilabel import tagged_run  # noqa: F401,F811 (a fixture)
 from tests.test_predict import REPO, trained_run, trainer_probabilities
 
 CHROMIUM = os.environ.get('CHROMIUM_BINARY', '/usr/bin/chromium')
@@ -238,3 +239,34 @@ def test_web_export_without_the_runtime_is_one_line_before_any_work(page, tmp_pa
   assert not os.path.exists(c.export.output_dir)
   # Its package folder, or a folder holding node_modules, is found as well as dist itself.
   assert export.web.find_runtime(os.path.dirname(RUNTIME)) == RUNTIME
+
+
+def test_page_of_a_tagged_run_shows_the_tags_predict_gives(tagged_run, browser,  # noqa: F811
+                                                           tmp_path):
+  """Multi-label: the page's probabilities are predict's sigmoids and its tags are predict's (each
+  tag at its own threshold from the run's validation split)."""
+  config, workdir, root, truth, _ = tagged_run
+  out = str(tmp_path / 'export')
+  record = export.export(None, workdir, overrides={
+      'export.output_dir': out, 'export.web': True, 'export.web_runtime': RUNTIME,
+      'export.tflite': False, 'export.verify_examples': 32})
+  meta = json.load(open(os.path.join(out, 'web', 'model.json')))
+  assert meta['task'] == 'multilabel' and meta['thresholds'] == record['thresholds']
+  files = [os.path.join(root, rel) for rel, _ in truth['test'][:10]]
+  clf = inference.classifier(inference.load(workdir))
+  want, _ = predict.predict_files(clf, files)
+  server = http.server.ThreadingHTTPServer(
+      ('127.0.0.1', 0), functools.partial(_Quiet, directory=os.path.join(out, 'web')))
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  try:
+    with screenshot_on_failure(browser, tmp_path):
+      got = _classify(browser, f'http://127.0.0.1:{server.server_port}/', files)
+  finally:
+    server.shutdown()
+  for g, w in zip(got, want):
+    by_index = sorted(w['predictions'], key=lambda p: p['index'])
+    np.testing.assert_allclose(g['probabilities'], [p['probability'] for p in by_index],
+                               atol=1e-5)
+    assert g['tags'] == [t['class'] for t in w['tags']], g['file']
+    assert g['answer'] == (', '.join(g['tags']) or '(no tag)')
+  assert any(len(g['tags']) > 1 for g in got)
