@@ -181,7 +181,7 @@ def test_bounded_load_test_with_malformed_requests(server):
       (b'POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n', 400),
       (b'POST /v1/classify HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n', 411),
       (b'BREW /pot HTCPCP/1.0\r\n\r\n', 400),                                        # bad version
-      (b'HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n', 405),                           # no handler
+      (b'HEAD /v1/classify HTTP/1.1\r\nHost: x\r\n\r\n', 405),                       # POST only
       (b'garbage\r\n\r\n', 400),
   ]
   before = sum(n * c for n, c in srv.batcher.batch_sizes.items())
