@@ -24,7 +24,10 @@ MUST_MATCH = ('model.', 'data.name', 'data.mirror_safe',
 # values works, with a warning that the run no longer matches an uninterrupted one.
 TRAJECTORY = ('seed', 'batch_size', 'dtype', 'label_smoothing', 'num_train_steps', 'num_epochs',
               'optim.', 'data.train_split', 'data.train_preprocess', 'data.shuffle_buffer',
-              'data.mean', 'data.std', 'ema.', 'grad_accumulation_steps', 'loss.', 'distill.')
+              'data.mean', 'data.std', 'ema.', 'grad_accumulation_steps', 'loss.', 'distill.',
+              # augmentation on the device, mixing, class-balanced sampling, a frozen first layer
+              'data.device_preprocess', 'mixup.', 'data.balanced_sampling',
+              'init.freeze_whitening')
 
 
 def config_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -177,6 +177,21 @@ def test_trajectory_changes_warn_and_bookkeeping_changes_do_not(digits_config, c
   assert 'will not match an uninterrupted one' in caplog.text
 
 
+@pytest.mark.parametrize('key, value', [('data.device_preprocess', 'flip_alternate'),
+                                        ('mixup.mixup_alpha', 0.2),
+                                        ('data.balanced_sampling', True)])
+def test_augmentation_and_sampling_changes_warn_at_resume(digits_config, caplog, key,
+                                                                  value):
+  """They change what the rest of the run trains on (they resumed silently, and config.json
+  then recorded the new value for the whole run)."""
+  saved = configlib.config_dict(digits_config)
+  section, leaf = key.split('.')
+  digits_config[section][leaf] = value
+  with caplog.at_level(logging.WARNING):
+    configlib.check_config(saved, digits_config, 'ckpt')
+  assert f'Resuming ckpt with a changed config ({key}: ' in caplog.text
+
+
 def test_restore_onto_a_different_mesh(tmp_path):
   mesh8 = Mesh(np.asarray(jax.devices()), ('data',))
   state = jax.device_put(_state(5), NamedSharding(mesh8, P()))
