@@ -137,8 +137,7 @@ def parse(argv: list[str]):
   A mode of a trained run without ``--config`` parses its ``--config.*`` flags against the schema
   (configs/default.py); the run's own config comes from its checkpoint.
   """
-  mode_arg = next((a.split('=', 1)[1] for a in argv if a.startswith('--mode=')), 'train')
-  if mode_arg in TRAINED_RUN_MODES and not any(a.startswith('--config=') for a in argv):
+  if mode_arg(argv) in TRAINED_RUN_MODES and not any(a.startswith('--config=') for a in argv):
     argv = [argv[0], f'--config={configlib.default_config_path()}', *argv[1:]]
     sys.argv = argv  # config_flags reads the override flags' names from sys.argv
   try:
@@ -231,7 +230,18 @@ def run(argv: list[str] | None = None) -> int:
       raise
     print(f'error: {_path_problem(e, config, workdir)}', file=sys.stderr, flush=True)
     return 2
+  except KeyboardInterrupt:   # Ctrl-C outside training, or a second one during it
+    resume = (f'; the same command resumes from the newest checkpoint in {workdir}'
+              if workdir and mode_arg(argv) in ('train', 'sweep', 'cross_validation') else '')
+    print(f'Interrupted: stopped at once, saving nothing more{resume}.', file=sys.stderr,
+          flush=True)
+    return 130
   return 0
+
+
+def mode_arg(argv: list[str]) -> str:
+  """The --mode given on the command line ('train' when none is)."""
+  return next((a.split('=', 1)[1] for a in argv if a.startswith('--mode=')), 'train')
 
 
 def _path_problem(e: OSError, config=None, workdir: str | None = None) -> str:

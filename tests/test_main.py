@@ -153,3 +153,26 @@ def test_default_config_trains_digits_to_98_5_percent(tmp_path):
   assert float(m.group(1)) >= 98.5
   assert f'Checkpoints: {workdir}/checkpoints' in proc.stdout
   assert os.path.exists(workdir / 'metrics.jsonl')
+
+
+@pytest.mark.parametrize('mode, resumes', [('train', True), ('predict', False)])
+def test_ctrl_c_that_stops_at_once_is_one_line_and_status_130(tmp_path, monkeypatch, capsys,
+                                                               mode, resumes):
+  """A second Ctrl-C in training (the first one saves and stops cleanly), or one in another mode,
+  raises KeyboardInterrupt wherever the program is: one line, exit status 130, no traceback (it
+  printed ~40 lines of one)."""
+  from imgcls_jax import main, predict, train
+
+  def interrupted(*args, **kwargs):
+    raise KeyboardInterrupt
+  monkeypatch.setattr(train, 'train_and_evaluate', interrupted)
+  monkeypatch.setattr(predict, 'predict', interrupted)
+  monkeypatch.chdir(REPO)
+  status = main.run(['main.py', f'--mode={mode}', '--config=configs/default.py',
+                     f'--workdir={tmp_path}'])
+  err = capsys.readouterr().err
+  assert status == 130 and 'Traceback' not in err
+  assert err.strip().splitlines()[-1] == (
+      'Interrupted: stopped at once, saving nothing more' +
+      (f'; the same command resumes from the newest checkpoint in {tmp_path}.' if resumes
+       else '.'))
