@@ -23,7 +23,7 @@ import ml_collections
 
 from imgcls_jax import distill, inference, models, run_directory, sharding
 from imgcls_jax import state as state_lib
-from imgcls_jax.data import folder_index, folder_layout, reader
+from imgcls_jax.data import arrays, folder_index, folder_layout, reader
 from imgcls_jax.data.info import DatasetInfo
 from imgcls_jax.errors import UserError
 
@@ -131,33 +131,79 @@ def _check_unseen(trained: inference.Trained, where: str, config: ml_collections
   """A teacher that trained on the student's eval examples teaches their labels: the student's
   score on them says nothing of new images. Refused for a cross-validation fold (its score is
   the method's estimate), warned about otherwise. Checked by split slices of the same dataset
-  (``reader.shared_examples``), or for an image folder by the files each split lists (the
-  teacher's drawn with its own holdout keys)."""
-  if trained.info.name != info.name:
+  (``reader.shared_examples``), by whole split names when the two read it differently (an arrays
+  file and tfds), by the example ids of id-listed splits (another cross-validation's folds), or
+  for an image folder by the files each split lists (the teacher's drawn with its own holdout
+  keys). A fold whose overlap cannot be told is refused too."""
+  if _dataset(trained.run.data) != _dataset(config.data):
     return
   taught = str(trained.run.data.train_split)
   base, _, fold = str(config.data.eval_split).partition('@')
+  shared = _shared(trained, taught, config, info, base, fold)
+  if shared == 0 or (shared is None and not fold):
+    return
+  if fold:
+    why = ('holds this cross-validation fold\'s held-out examples' if shared else
+           "may hold this cross-validation fold's held-out examples (it cannot be told here)")
+    raise UserError(f"{where} trained on '{taught}', which {why} (of '{base}'), so its teaching "
+                    "would leak them into the fold's score; distil from a teacher that never saw "
+                    f"'{base}' (e.g. one trained on another split), or cross-validate without "
+                    'config.distill.')
+  logging.warning("%s trained on %d examples of this run's eval split '%s': the student learns "
+                  'their labels from it, so its evaluation there is optimistic; evaluate on '
+                  'examples the teacher never saw.', where, shared, base)
+
+
+def _dataset(data: ml_collections.ConfigDict) -> str:
+  """The dataset a config reads: an arrays file of a tfds dataset counts as that dataset."""
+  return arrays.tfds_name(data) or str(data.name)
+
+
+def _whole_splits(spec: str) -> set[str] | None:
+  """The split names of a spec made only of whole splits ('train', 'train+test', 'all'), else
+  None (a slice or an id list)."""
+  parts = str(spec).replace(' ', '').split('+')
+  return set(parts) if all(arrays.SLICE.match(p) and '[' not in p for p in parts) else None
+
+
+def _listed_ids(path: str) -> set[str]:
+  try:
+    with open(path) as f:
+      return {line.strip() for line in f if line.strip()}
+  except OSError:
+    return set()
+
+
+def _shared(trained: inference.Trained, taught: str, config: ml_collections.ConfigDict,
+            info: DatasetInfo, base: str, fold: str) -> int | None:
+  """How many of the student's eval examples the teacher trained on; None when it cannot be
+  told."""
   try:
     if folder_layout.is_folder(config.data):
       taught_ids = folder_index.listed(folder_layout.source_of(trained.run.data),
                                        taught.split('@')[0], trained.info.class_names)[0]
       eval_ids = folder_index.listed(folder_layout.source_of(config.data), base,
                                      info.class_names)[0]
-      shared = len(set(taught_ids) & set(eval_ids))
-    else:
+      return len(set(taught_ids) & set(eval_ids))
+    whole, wanted = _whole_splits(taught), _whole_splits(base)
+    if whole is not None and wanted is not None:   # read alike or not: whole splits are whole
+      if 'all' in whole or wanted <= whole:
+        return max(1, sum(int(info.num_examples.get(n, 0)) for n in wanted))
+      if not whole & wanted and 'all' not in wanted:
+        return 0
+    same_reader = arrays.is_arrays(trained.run.data) == arrays.is_arrays(config.data)
+    if same_reader and '@' not in taught:
       shared = reader.shared_examples(config.data, taught, base, info)
+      if shared is not None:
+        return shared   # the fold's ids are a subset of base: an upper bound, 0 when none
+    t_base, _, t_ids = taught.partition('@')
+    if t_ids and fold and not arrays.is_arrays(config.data) and same_reader:
+      if _whole_splits(t_base) is not None and _whole_splits(t_base).isdisjoint({base}):
+        return 0
+      return len(_listed_ids(t_ids) & _listed_ids(fold))   # both lists of tfds ids
   except UserError:
-    return
-  if not shared:
-    return
-  if fold:
-    raise UserError(f"{where} trained on '{taught}', which holds this cross-validation fold's "
-                    f"held-out examples (of '{base}'), so its teaching would leak them into the "
-                    "fold's score; distil from a teacher that never saw them, or cross-validate "
-                    'without config.distill.')
-  logging.warning("%s trained on %d examples of this run's eval split '%s': the student learns "
-                  'their labels from it, so its evaluation there is optimistic; evaluate on '
-                  'examples the teacher never saw.', where, shared, base)
+    return None
+  return None
 
 
 def load(config: ml_collections.ConfigDict, info: DatasetInfo, mesh: jax.sharding.Mesh,

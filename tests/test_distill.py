@@ -192,6 +192,34 @@ def test_distillation_errors_are_one_line(digits_config, tmp_path, caplog):
   with caplog.at_level(logging.WARNING):
     teacher_lib._check_unseen(trained, 'the teacher', c, trained.info)    # train vs test
   assert 'optimistic' not in caplog.text
+  # The same dataset read as an arrays file by the teacher: its whole 'train' holds every fold
+  # (this passed unchecked, the names differing).
+  import dataclasses
+  as_arrays = trained.run.copy_and_resolve_references()
+  as_arrays.data.name = 'arrays:sklearn_digits'
+  arrays_info = dataclasses.replace(trained.info, name='arrays:sklearn_digits')
+  with pytest.raises(UserError, match="holds this cross-validation fold's held-out examples"):
+    teacher_lib._check_unseen(dataclasses.replace(trained, run=as_arrays, info=arrays_info),
+                              'the teacher', fold, trained.info)
+  # ... but a slice of it cannot be matched to tfds's order: refused for a fold, as unknown.
+  as_arrays.data.train_split = 'train[:50%]'
+  with pytest.raises(UserError, match=r"may hold this cross-validation fold's held-out examples "
+                                      r"\(it cannot be told here\)"):
+    teacher_lib._check_unseen(dataclasses.replace(trained, run=as_arrays, info=arrays_info),
+                              'the teacher', fold, trained.info)
+  # A fold of another cross-validation as the teacher: its training ids against this fold's
+  # held-out ids (the error was swallowed: the two id lists were never compared).
+  (tmp_path / 'teacher_fold.ids').write_text('a\nb\nc\n')
+  (tmp_path / 'fold_overlaps.ids').write_text('c\nd\n')
+  (tmp_path / 'fold_apart.ids').write_text('d\ne\n')
+  other_cv = trained.run.copy_and_resolve_references()
+  other_cv.data.train_split = f"train@{tmp_path / 'teacher_fold.ids'}"
+  fold_teacher = dataclasses.replace(trained, run=other_cv)
+  fold.data.eval_split = f"train@{tmp_path / 'fold_overlaps.ids'}"
+  with pytest.raises(UserError, match="holds this cross-validation fold's held-out examples"):
+    teacher_lib._check_unseen(fold_teacher, 'the teacher', fold, trained.info)
+  fold.data.eval_split = f"train@{tmp_path / 'fold_apart.ids'}"
+  teacher_lib._check_unseen(fold_teacher, 'the teacher', fold, trained.info)   # disjoint: fine
   # A resumed student whose teacher trained on since: said once.
   teachers = teacher_lib.Teachers(model_defs=(), variables=(), shardings=(), cfg=None,
                                   origins=('/runs/t',), steps=(200,))
