@@ -16,8 +16,10 @@ dataset or an image folder; labels from it). Writes to ``config.embed.output_dir
   ``embeddings.parquet`` when pyarrow is installed;
 * with labels and ``config.embed.reference_split`` != 'none': a k-NN classifier (scikit-learn,
   distance-weighted, ``knn_k`` neighbours, ``knn_metric``) fitted on the reference split's
-  embeddings predicts the embedded split; its full evaluation report goes to ``knn/`` (the report
-  files of ``--mode=evaluate``), its headline to ``embed_report.md`` / ``.json``;
+  embeddings predicts the embedded split (a ``knn_k`` above the reference's size uses all of it,
+  with a warning: the report's ``k`` is the number used, ``k_requested`` the key's); its full
+  evaluation report goes to ``knn/`` (the report files of ``--mode=evaluate``), its headline to
+  ``embed_report.md`` / ``.json``;
 * ``projection.png``: PCA to 2-D, and t-SNE of up to ``tsne_max`` points, coloured by class.
 """
 from __future__ import annotations
@@ -245,8 +247,12 @@ def embed(config: ml_collections.ConfigDict, workdir: str,
     ref = 'none'
   if ref != 'none' and np.all(labels >= 0):
     x_ref, y_ref, _ = features.split_arrays(data, ref, info=extractor.info)
-    probs, classes = knn_evaluate(extractor(x_ref), y_ref, feats, k=int(e.knn_k),
-                                  metric=e.knn_metric)
+    k = min(int(e.knn_k), len(y_ref))   # more neighbours than the reference has: all of them
+    if k < int(e.knn_k):
+      logging.warning("config.embed.knn_k=%d is more than the %d examples of the reference split "
+                      "'%s': the k-NN uses all %d (recorded as k=%d); set --config.embed.knn_k to "
+                      "at most %d.", int(e.knn_k), len(y_ref), ref, k, k, k)
+    probs, classes = knn_evaluate(extractor(x_ref), y_ref, feats, k=k, metric=e.knn_metric)
     scores = np.full((len(feats), len(names)), -1e9, np.float32)
     scores[:, classes] = np.log(np.maximum(probs, 1e-12))
     from imgcls_jax import report as report_lib
@@ -254,14 +260,14 @@ def embed(config: ml_collections.ConfigDict, workdir: str,
         scores, labels, config.evaluate.calibration_bins), names)
     rep['context'] = {'dataset': data.name, 'split': what, 'checkpoint_step': 0,
                       'checkpoint': f'{extractor.kind} embeddings', 'tta': 'none',
-                      'model': f"{int(e.knn_k)}-NN ({e.knn_metric}) on {extractor.kind} features, "
+                      'model': f"{k}-NN ({e.knn_metric}) on {extractor.kind} features, "
                                f"reference '{ref}' ({len(y_ref)} examples)"}
     knn_dir = os.path.join(out_dir, 'knn')
     title = f"k-NN on {extractor.kind} embeddings: {data.name} '{what}'"
     report_files.write(rep, knn_dir, title, None)
-    summary['knn'] = {'k': int(e.knn_k), 'metric': e.knn_metric, 'reference_split': ref,
-                      'reference_examples': len(y_ref), 'accuracy': rep['accuracy'],
-                      'f1_macro': rep['macro_avg']['f1'],
+    summary['knn'] = {'k': k, 'k_requested': int(e.knn_k), 'metric': e.knn_metric,
+                      'reference_split': ref, 'reference_examples': len(y_ref),
+                      'accuracy': rep['accuracy'], 'f1_macro': rep['macro_avg']['f1'],
                       'report': os.path.join(knn_dir, 'report.md')}
   summary['projection'] = projection_png(
       feats, labels, names, os.path.join(out_dir, 'projection.png'), tsne_max=int(e.tsne_max),
@@ -281,9 +287,11 @@ def _markdown(s: dict[str, Any]) -> str:
                os.path.basename(f) for f in s['files'])]
   if 'knn' in s:
     k = s['knn']
+    asked = (f", knn_k={k['k_requested']} capped at the reference's size"
+             if k.get('k_requested', k['k']) != k['k'] else '')
     lines.append(f"- {k['k']}-NN ({k['metric']}, reference '{k['reference_split']}', "
-                 f"{k['reference_examples']} examples): top-1 {100 * k['accuracy']:.2f}%, macro F1 "
-                 f"{k['f1_macro']:.4f} (report: knn/report.md)")
+                 f"{k['reference_examples']} examples{asked}): top-1 {100 * k['accuracy']:.2f}%, "
+                 f"macro F1 {k['f1_macro']:.4f} (report: knn/report.md)")
   p = s['projection']
   lines.append(f"- projection.png: PCA of {p['pca_points']} points"
                + (f", t-SNE of {p['tsne_points']}" if p['tsne_points'] else ''))

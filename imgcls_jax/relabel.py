@@ -13,7 +13,11 @@ tagging run's: its extra tags removed and its missing ones added, the others kep
 manifest's order, so the first tag that stratifies a hold-out stays first). Every other row, column
 and the header are copied (cells as Python's csv module writes them). A row is left alone, with a
 line saying why, when the manifest no longer gives the image the label the list was made with
-(relabelled since, or another manifest), does not list it, or lists it in more than one split.
+(relabelled since, or another manifest), does not list it, or lists it in more than one split
+(more than 3 rows left alone for the same reason: one line with their count). A list none of whose
+ids the manifest lists (another dataset's: a tfds or arrays run) is refused, and when no chosen
+row can be applied nothing is written: an earlier copy is never replaced by one that applies
+nothing.
 Changing labels changes a hold-out drawn per class (a manifest without a split column): the
 relabelled run's eval split is another draw. The output (default: beside the manifest,
 ``<name>.relabelled.csv``) is written whole or not at all, with its paths rewritten relative to
@@ -38,6 +42,14 @@ from typing import Any
 
 from imgcls_jax.data import manifest as manifest_lib
 from imgcls_jax.errors import UserError
+
+
+class NothingApplied(UserError):
+  """No chosen row could be applied, so no copy was written; ``skipped``: (rank, id, why) each."""
+
+  def __init__(self, message: str, skipped: list[tuple[str, str, str]]):
+    super().__init__(message)
+    self.skipped = skipped
 
 
 def parse_ranks(spec: str, ranks: list[int]) -> list[int]:
@@ -117,6 +129,9 @@ def folder_rows(root: str, found: list[dict[str, str]]) -> list[list[str]]:
   ``root/<split>/<class>/**`` when the list's ids name a split first (``split/class/file``: an id's
   class directory is its label)."""
   from imgcls_jax.data import folder_layout
+  if os.path.isfile(root):
+    raise UserError(f'The image folder {root} is a file; give the folder of class directories the '
+                    'run read (config.data.folder), or a CSV manifest as --manifest.')
   if not os.path.isdir(root):
     raise UserError(f'The image folder {root} does not exist; give the folder the run read '
                     '(config.data.folder).')
@@ -171,10 +186,20 @@ def open_source(found: list[dict[str, str]], tagged: bool, manifest: str,
     root = os.path.abspath(folder).rstrip(os.sep)
     return Source(root, root, folder_rows(root, found), root + '.relabelled.csv')
   path = os.path.abspath(manifest)
-  # a manifest the pipeline reads, or one line (an image in two splits is left alone below)
-  manifest_lib.read_rows(path, tagged, one_split_each=False)
-  with open(path, newline='', encoding='utf-8-sig') as f:
-    rows = list(csv.reader(f))
+  if os.path.isdir(path):
+    raise UserError(f'The manifest {path} is a directory; give the CSV file of path,label rows the '
+                    'run read (config.data.manifest), or an image folder as --folder.')
+  if not os.path.isfile(path):
+    raise UserError(f'The manifest {path} does not exist; give the CSV file of path,label rows '
+                    'the run read (config.data.manifest).')
+  try:
+    # a manifest the pipeline reads, or one line (an image in two splits is left alone below)
+    manifest_lib.read_rows(path, tagged, one_split_each=False)
+    with open(path, newline='', encoding='utf-8-sig') as f:
+      rows = list(csv.reader(f))
+  except OSError as e:
+    raise UserError(f'Cannot read the manifest {path} ({e.strerror or e}); give a readable CSV '
+                    'file of path,label rows (config.data.manifest).') from None
   return Source(path, os.path.dirname(path), rows, os.path.splitext(path)[0] + '.relabelled.csv')
 
 
@@ -190,13 +215,21 @@ def relabel(issues_path: str, manifest_path: str, ranks: str, out: str = '', *,
   if out in (src, os.path.abspath(issues_path)) or os.path.isdir(out):
     raise UserError(f'--out is {"a folder" if os.path.isdir(out) else "an input"} ({out}); write '
                     'the relabelled copy to a new file.')
-  chosen = {int(r['rank']): r for r in found}
-  picked = [chosen[k] for k in parse_ranks(ranks, list(chosen))]
   first, path_col, label_col, split_col = _columns(rows)
   at: dict[str, list[int]] = {}   # path -> its rows (the pipeline reads the first of a split)
   for i in range(first, len(rows)):
     if len(rows[i]) > max(path_col, label_col) and rows[i][path_col].strip():
       at.setdefault(os.path.normpath(rows[i][path_col].strip()), []).append(i)
+  if not any(os.path.normpath(r['id']) in at for r in found if r['id']):
+    what, ident = 'image folder' if folder else 'manifest', next(r['id'] for r in found if r['id'])
+    example = next((rows[i][path_col].strip() for i in range(first, len(rows))
+                    if len(rows[i]) > path_col and rows[i][path_col].strip()), '')
+    raise UserError(f"No row of the list {os.path.abspath(issues_path)} names an image of the "
+                    f"{what} {src} (the list's ids look like '{ident}', the {what}'s "
+                    f"paths like '{example}'): the list is of another dataset; give the {what} "
+                    'the run that wrote it read.')
+  chosen = {int(r['rank']): r for r in found}
+  picked = [chosen[k] for k in parse_ranks(ranks, list(chosen))]
   changed, skipped = [], []
   for r in picked:
     where = at.get(os.path.normpath(r['id']), [])
@@ -219,6 +252,14 @@ def relabel(issues_path: str, manifest_path: str, ranks: str, out: str = '', *,
       continue
     rows[i][label_col] = _new_tags(now, r) if tagged else r['suggested']
     changed.append((r['rank'], r['id'], now, rows[i][label_col]))
+  if not changed:   # a copy equal to the manifest is of no use, and must not replace an earlier one
+    rank, ident, why = skipped[0]
+    more = f'; {len(skipped) - 1} more left alone' if len(skipped) > 1 else ''
+    kept = f' ({out} is kept as it was)' if os.path.exists(out) else ''
+    raise NothingApplied(
+        f'None of the {len(picked)} chosen row(s) could be applied (rank {rank} ({ident}): {why}'
+        f'{more}), so nothing was written{kept}; choose rows the manifest still labels as the list '
+        'does, or search again on this manifest.', skipped)
   out_dir = os.path.dirname(out)
   if src_dir != out_dir:   # paths are relative to the CSV: keep them pointing at the images
     for i in range(first, len(rows)):
@@ -240,6 +281,23 @@ def relabel(issues_path: str, manifest_path: str, ranks: str, out: str = '', *,
           'hint': hint}
 
 
+def left_alone_lines(skipped: list[tuple[str, str, str]], few: int = 3) -> list[str]:
+  """One line per row left alone; the rows left alone for the same reason, when more than
+  ``few``, as one line with their count and the first ``few`` of them."""
+  by_why: dict[str, list[tuple[str, str]]] = {}
+  for rank, ident, why in skipped:
+    by_why.setdefault(why, []).append((rank, ident))
+  lines = []
+  for rank, ident, why in skipped:   # in the list's order; a summary where its first row was
+    rows = by_why[why]
+    if len(rows) <= few:
+      lines.append(f'  rank {rank} ({ident}) left alone: {why}')
+    elif (rank, ident) == rows[0]:
+      shown = ', '.join(f'{k} ({i})' for k, i in rows[:few])
+      lines.append(f'  {len(rows)} rows left alone: {why} (ranks {shown}, ...)')
+  return lines
+
+
 def main(argv: list[str] | None = None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   ap.add_argument('--issues', required=True, help='cv_label_issues.csv or label_issues.csv')
@@ -251,10 +309,12 @@ def main(argv: list[str] | None = None) -> int:
   try:
     done = relabel(args.issues, args.manifest, args.ranks, args.out, folder=args.folder)
   except UserError as e:
+    if isinstance(e, NothingApplied) and len(e.skipped) > 1:
+      print('\n'.join(left_alone_lines(e.skipped)))
     print(f'Error: {e}', file=sys.stderr)
     return 2
-  for rank, ident, why in done['skipped']:
-    print(f'  rank {rank} ({ident}) left alone: {why}')
+  for line in left_alone_lines(done['skipped']):
+    print(line)
   print(f"Relabelled {len(done['relabelled'])} of the {done['chosen']} chosen images "
         f"({len(done['skipped'])} left alone): {done['output']}\n"
         f"Train on it with {done['hint']}")

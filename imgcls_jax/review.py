@@ -12,7 +12,8 @@ remove), and a box to check. "Apply the checked rows" writes the relabelled copy
 exactly as ``python -m imgcls_jax.relabel --ranks=<the checked ranks>`` would (``relabel.py``:
 stale rows left alone, the manifest itself never overwritten), and the page says what it did.
 Each Apply writes the whole copy again from the manifest with the rows checked at that moment, so
-unchecking a row and applying again undoes it.
+unchecking a row and applying again undoes it; an Apply none of whose checked rows can be applied
+(all left alone) writes nothing and says why (400), keeping the copy written before.
 
 Endpoints (Starlette under uvicorn; loopback only by default, since the page writes a file):
   GET  /                   the page (plain HTML/JS, works offline)
@@ -159,13 +160,18 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument('--port', type=int, default=8000)
   args = ap.parse_args(argv)
   loopback = args.host in LOOPBACK
-  try:
+  try:   # the inputs first: a file that cannot be read is no fault of the port
     app = create_app(args.issues, args.manifest, args.out, folder=args.folder,
                      hosts=LOOPBACK if loopback else None)
-    sock = socket.create_server((args.host, args.port))
   except UserError as e:
     print(f'Error: {e}', file=sys.stderr)
     return 2
+  except OSError as e:
+    print(f'Error: cannot read {e.filename or "the list or the manifest"} ({e.strerror or e}); '
+          'give a readable --issues list and --manifest (or --folder).', file=sys.stderr)
+    return 2
+  try:
+    sock = socket.create_server((args.host, args.port))
   except OSError as e:
     print(f'Error: cannot listen on {args.host}:{args.port} ({e.strerror or e}); choose another '
           '--port (0 = any free port) or --host.', file=sys.stderr)

@@ -107,6 +107,33 @@ def test_classical_embeddings_of_an_image_folder(digits_config, tmp_path, caplog
   assert any('broken.png' in r.getMessage() for r in caplog.records)
 
 
+def test_a_knn_k_above_the_reference_size_is_capped_and_recorded(digits_config, tmp_path, caplog):
+  """knn_k larger than the reference split: all of it are the neighbours, with a warning, and the
+  report records the k used (the same figure as asking for exactly that many)."""
+  root = digits_folder(str(tmp_path / 'images'))
+  c = digits_config
+  c.data.name, c.data.folder = 'image_folder', root
+  c.classical.hog_cell = 2
+  c.embed.extractor, c.embed.split, c.embed.tsne_max = 'classical', 'test', 0
+  c.embed.knn_k = 5000
+  summary = embed.embed(c, str(tmp_path / 'big'))
+  knn = summary['knn']
+  assert (knn['k'], knn['k_requested'], knn['reference_examples']) == (60, 5000, 60)
+  assert any("knn_k=5000 is more than the 60 examples of the reference split 'train'"
+             in r.getMessage() for r in caplog.records)
+  out = tmp_path / 'big' / 'embed_test'
+  with open(out / 'embed_report.json') as f:
+    assert json.load(f)['knn']['k'] == 60
+  with open(out / 'embed_report.md') as f:
+    assert "- 60-NN (cosine, reference 'train', 60 examples, knn_k=5000 capped" in f.read()
+  with open(out / 'knn' / 'report.json') as f:
+    assert json.load(f)['context']['model'].startswith('60-NN (cosine)')
+  c.embed.knn_k = 60
+  exact = embed.embed(c, str(tmp_path / 'exact'))['knn']
+  assert (exact['k'], exact['k_requested']) == (60, 60)
+  assert (exact['accuracy'], exact['f1_macro']) == (knn['accuracy'], knn['f1_macro'])
+
+
 def test_unlabelled_files_skip_unreadable_ones_and_need_one_readable(run, tmp_path, caplog):
   config, workdir, _ = run
   x, _ = digits.load_arrays('test')

@@ -239,3 +239,78 @@ def test_more_bad_inputs_are_one_line(tmp_path):
   os.makedirs(tmp_path / 'photos' / 'cat')
   with pytest.raises(UserError, match="A tagging run's list needs the manifest"):
     relabel.relabel(tags, '', 'all', folder=str(tmp_path / 'photos'))
+
+
+def test_a_missing_manifest_or_a_directory_is_one_line(tmp_path, capsys):
+  manifest = _manifest(str(tmp_path / 'd'), ['0', '1'])
+  issues = _issues(str(tmp_path / 'i.csv'), [{'rank': 1, 'id': 'img/0.png', 'fold': 0,
+                                              'label': '0', 'suggested': '1', 'p_label': 0.1,
+                                              'p_suggested': 0.9}], label_issues.COLUMNS)
+  missing, folder = str(tmp_path / 'nonexist.csv'), str(tmp_path / 'd')
+  for given, why in ((missing, 'does not exist; give the CSV file of path,label rows the run read'),
+                     (folder, 'is a directory; give the CSV file of path,label rows the run read')):
+    assert relabel.main([f'--issues={issues}', f'--manifest={given}', '--ranks=all']) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f'Error: The manifest {given} {why}'), err
+  with pytest.raises(UserError, match=r'The image folder .*labels.csv is a file; give the folder'):
+    relabel.relabel(issues, '', 'all', folder=manifest)
+  assert sorted(os.listdir(tmp_path / 'd')) == ['img', 'labels.csv']   # nothing written
+
+
+def test_another_datasets_list_or_nothing_applied_writes_nothing(tmp_path, capsys):
+  """A list of a tfds / arrays run (ids no manifest path matches) is refused in one line; a
+  choice of rows none of which applies writes nothing, so an earlier copy is kept; many rows left
+  alone for one reason are one line."""
+  manifest = _manifest(str(tmp_path / 'd'), [str(i % 3) for i in range(8)])
+  out = manifest[:-4] + '.relabelled.csv'
+  good = _issues(str(tmp_path / 'good.csv'), [
+      {'rank': 1, 'id': 'img/4.png', 'fold': 0, 'label': '1', 'suggested': '2', 'p_label': 0.01,
+       'p_suggested': 0.98}], label_issues.COLUMNS)
+  assert relabel.main([f'--issues={good}', f'--manifest={manifest}', '--ranks=all']) == 0
+  with open(out) as f:
+    earlier = f.read()
+  assert 'img/4.png,2,train' in earlier
+  capsys.readouterr()
+  other = _issues(str(tmp_path / 'tfds.csv'), [
+      {'rank': k + 1, 'id': f'sklearn_digits:train[{k}]', 'fold': 0, 'label': '0',
+       'suggested': '1', 'p_label': 0.1, 'p_suggested': 0.9} for k in range(95)],
+      label_issues.COLUMNS)
+  assert relabel.main([f'--issues={other}', f'--manifest={manifest}', '--ranks=all']) == 2
+  printed = capsys.readouterr()
+  assert printed.out == '' and printed.err.strip().splitlines() == [
+      f"Error: No row of the list {other} names an image of the manifest {manifest} (the list's "
+      "ids look like 'sklearn_digits:train[0]', the manifest's paths like 'img/0.png'): the list "
+      'is of another dataset; give the manifest the run that wrote it read.']
+  with open(out) as f:
+    assert f.read() == earlier   # the earlier copy is kept
+  # Rows of this manifest, but none applicable: 5 not in it, 1 stale.
+  rows = [{'rank': k + 1, 'id': f'img/{k + 20}.png', 'fold': 0, 'label': '0', 'suggested': '1',
+           'p_label': 0.1, 'p_suggested': 0.9} for k in range(5)]
+  rows += [{'rank': 6, 'id': 'img/6.png', 'fold': 0, 'label': '1', 'suggested': '2',
+            'p_label': 0.1, 'p_suggested': 0.9},
+           {'rank': 7, 'id': 'img/7.png', 'fold': 0, 'label': '1', 'suggested': '2',
+            'p_label': 0.1, 'p_suggested': 0.9}]
+  stale = _issues(str(tmp_path / 'stale.csv'), rows, label_issues.COLUMNS)
+  assert relabel.main([f'--issues={stale}', f'--manifest={manifest}', '--ranks=1-6']) == 2
+  printed = capsys.readouterr()
+  assert printed.out.splitlines() == [
+      '  5 rows left alone: not in the manifest (ranks 1 (img/20.png), 2 (img/21.png), '
+      '3 (img/22.png), ...)',
+      "  rank 6 (img/6.png) left alone: labelled '0' in the manifest, not '1' as listed"]
+  assert printed.err.strip().splitlines() == [
+      'Error: None of the 6 chosen row(s) could be applied (rank 1 (img/20.png): not in the '
+      f'manifest; 5 more left alone), so nothing was written ({out} is kept as it was); choose '
+      'rows the manifest still labels as the list does, or search again on this manifest.']
+  with open(out) as f:
+    assert f.read() == earlier
+  with pytest.raises(relabel.NothingApplied, match=r'nothing was written;') as e:
+    relabel.relabel(stale, manifest, '6', str(tmp_path / 'new.csv'))
+  assert e.value.skipped == [('6', 'img/6.png', "labelled '0' in the manifest, not '1' as listed")]
+  assert not os.path.exists(tmp_path / 'new.csv')
+  # Applying one row with the others left alone still writes, the reasons summed up.
+  assert relabel.main([f'--issues={stale}', f'--manifest={manifest}', '--ranks=all']) == 0
+  assert capsys.readouterr().out.splitlines()[:3] == [
+      '  5 rows left alone: not in the manifest (ranks 1 (img/20.png), 2 (img/21.png), '
+      '3 (img/22.png), ...)',
+      "  rank 6 (img/6.png) left alone: labelled '0' in the manifest, not '1' as listed",
+      f'Relabelled 1 of the 7 chosen images (6 left alone): {out}']

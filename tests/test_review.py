@@ -151,3 +151,40 @@ def test_a_manifest_naming_images_elsewhere_has_them_shown(tmp_path):
     with open(tmp_path / 'd' / 'img' / name, 'rb') as f:
       assert client.get(f'/v1/image/{rank}').content == f.read()
   assert client.get('/v1/image/3').status_code == 404   # a file, but not one the manifest lists
+
+
+def test_an_unreadable_input_is_not_blamed_on_the_port(tmp_path, capsys, monkeypatch):
+  manifest, issues = review_case(str(tmp_path))
+  missing = str(tmp_path / 'nonexist.csv')
+  assert review.main([f'--issues={issues}', f'--manifest={missing}', '--port=0']) == 2
+  assert capsys.readouterr().err.strip().splitlines() == [
+      f'Error: The manifest {missing} does not exist; give the CSV file of path,label rows the '
+      'run read (config.data.manifest).']
+  assert review.main([f'--issues={missing}', f'--manifest={manifest}', '--port=0']) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith(f'Error: Cannot read the label-issue list {missing}')
+
+  def unreadable(*args, **kwargs):
+    raise PermissionError(13, 'Permission denied', str(tmp_path / 'd' / 'img'))
+  monkeypatch.setattr(review.relabel, 'open_source', unreadable)   # e.g. a folder's subfolder
+  assert review.main([f'--issues={issues}', f'--manifest={manifest}', '--port=0']) == 2
+  assert capsys.readouterr().err.strip().splitlines() == [
+      f"Error: cannot read {tmp_path / 'd' / 'img'} (Permission denied); give a readable "
+      '--issues list and --manifest (or --folder).']
+
+
+def test_an_apply_that_applies_nothing_keeps_the_earlier_copy(tmp_path):
+  manifest, issues = review_case(str(tmp_path))
+  client = TestClient(review.create_app(issues, manifest), base_url=LOCAL)
+  done = client.post('/v1/apply', json={'ranks': [1]}).json()
+  with open(done['output']) as f:
+    earlier = f.read()
+  response = client.post('/v1/apply', json={'ranks': [2]})   # only the stale row
+  assert response.status_code == 400
+  assert response.json()['error'] == (
+      "None of the 1 chosen row(s) could be applied (rank 2 (img/6.png): labelled '0' in the "
+      f"manifest, not '2' as listed), so nothing was written ({done['output']} is kept as it "
+      'was); choose rows the manifest still labels as the list does, or search again on this '
+      'manifest.')
+  with open(done['output']) as f:
+    assert f.read() == earlier
