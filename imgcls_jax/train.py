@@ -25,6 +25,9 @@ from imgcls_jax import teacher as teacher_lib
 from imgcls_jax.data import reader
 from imgcls_jax.errors import UserError
 
+# The checkpoint-metadata key of the train metrics a signal's stop had not written yet.
+TRAIN_LOG_CARRY = 'train_log_carry'
+
 
 class TrainingDiverged(UserError):
   """The loss became NaN or Inf."""
@@ -162,14 +165,20 @@ class _Trainer:
             **({'temperature': self.temperature} if self.temperature is not None else {}),
             **({'distill_teachers': self.s.teacher.record()} if self.s.teacher else {})}
 
-  def save(self, step: int, eval_result: dict[str, Any] | None = None) -> None:
-    """Starts an async save once every step up to ``step`` is known to be finite."""
-    self.log.flush(step, keep_last=False)  # raises on a non-finite loss: never save after one
+  def save(self, step: int, eval_result: dict[str, Any] | None = None,
+           stopping: bool = False) -> None:
+    """Starts an async save once every step up to ``step`` is known to be finite. ``stopping``
+    (a signal): the train metrics since the last record go into the checkpoint, not a record."""
+    # Raises on a non-finite loss: never save after one.
+    self.log.flush(step, keep_last=False, write=not stopping)
     if self.x_statistics is not None:
       self.state = self.x_statistics.apply(self.state)
     if not bool(state_lib.is_finite(self.state)):
       raise self.diverged('the train state holds NaN/Inf values', step)
-    self.ckpt.save(step, self.state, self.meta(step), metrics=eval_result)
+    meta = self.meta(step)
+    if stopping and self.log.carried:
+      meta[TRAIN_LOG_CARRY] = self.log.carried
+    self.ckpt.save(step, self.state, meta, metrics=eval_result)
     self.last_good = step
 
   def loop(self, start: int, stop: preemption.StopWatcher,
@@ -321,6 +330,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     bar = tqdm.tqdm(total=s.total_steps, initial=start, unit='step', dynamic_ncols=True,
                     disable=(None if config.progress_bar else True) if is_main else True)
     trainer = _Trainer(s, workdir, ckpt, state, state_sh, writer, bar, run_started)
+    if 0 < start < s.total_steps:   # stopped by a signal: the steps since its last record
+      trainer.log.carried = list(ckpt.read_meta(start).get(TRAIN_LOG_CARRY) or [])
     end = pause_step(s.total_steps, pause_at, s.steps_per_dispatch)
     paused_at = max(start, end) if end < s.total_steps and start < s.total_steps else None
     eval_metrics, stopped_at = (trainer.loop(start, stop, end) if start < end
@@ -330,7 +341,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if start >= end:   # already there (or past it): evaluate where the run is
         eval_metrics = trainer.evaluate(whole=True)
     elif stopped_at is not None:
-      trainer.save(stopped_at)
+      trainer.save(stopped_at, stopping=True)
       ckpt.wait()
     elif not eval_metrics:  # resumed a finished run: evaluate what is there
       eval_metrics = trainer.evaluate(final=True)

@@ -20,15 +20,18 @@ class TrainLog:
                diverged: Any):
     self.writer, self.bar, self.batch_size, self.diverged = writer, bar, batch_size, diverged
     self.pending: list[tuple[Any, int]] = []
+    # Steps fetched but not written yet: those up to a stop, saved with its checkpoint and put
+    # back at resume, so that the next record averages the same steps as an uninterrupted run's.
+    self.carried: list[dict[str, float]] = []
     self.t0, self.steps_timed = time.perf_counter(), 0
 
   def add(self, step_metrics: Any, n: int = 1) -> None:
     self.pending.append((step_metrics, n))
     self.steps_timed += n
 
-  def flush(self, step: int, keep_last: bool) -> None:
-    """Fetches pending metrics (all but the newest dispatch when ``keep_last``) and logs their
-    mean."""
+  def flush(self, step: int, keep_last: bool, write: bool = True) -> None:
+    """Fetches pending metrics (all but the newest dispatch when ``keep_last``), checks them,
+    and logs their mean with the steps carried; without ``write`` (a stop) carries them too."""
     fetch, self.pending = ((self.pending[:-1], self.pending[-1:]) if keep_last
                            else (self.pending, []))
     if not fetch:
@@ -41,6 +44,10 @@ class TrainLog:
         bad = step - later - len(values) + i + 1
         raise self.diverged(f'the loss is {float(v["loss"])} (gradient norm '
                             f'{float(v["grad_norm"])})', bad)
+    if not write:
+      self.carried += [{k: float(x) for k, x in v.items()} for v in values]
+      return
+    values, self.carried = self.carried + values, []
     elapsed = time.perf_counter() - self.t0
     summary = metrics.mean_train(values)
     summary['images_per_sec'] = self.steps_timed * self.batch_size / max(elapsed, 1e-9)
