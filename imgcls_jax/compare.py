@@ -19,6 +19,7 @@ workdir of A) and prints the table.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any
 
@@ -93,6 +94,13 @@ def compare(config: ml_collections.ConfigDict | None, workdir: str,
       k: v for k, v in (overrides or {}).items() if not k.startswith(('compare.', 'evaluate.'))})
   labels = _labels(oa)
   _check_pairs(ra, rb, labels, _labels(ob))
+  seen = {tag: restored_split.seen_examples(r, path)
+          for tag, r, path in (('A', ra, workdir), ('B', rb, other))}
+  for tag, n in seen.items():
+    if n:
+      logging.warning("Run %s trained on %d examples of split '%s': its score there is on images "
+                      'it learnt, so the comparison favours it; compare on a split neither run '
+                      'trained on (--config.evaluate.split=...).', tag, n, ra.split)
   if len(labels) < 2:
     raise UserError(f"The split '{ra.split}' has {len(labels)} example; compare the runs on a "
                     'split of at least 2.')
@@ -122,7 +130,9 @@ def compare(config: ml_collections.ConfigDict | None, workdir: str,
       'task': task, 'split': ra.split, 'examples': int(len(labels)), 'tta': e.tta or 'none',
       'level': level,
       'runs': {tag: {'workdir': path, 'checkpoint_step': r.step, 'checkpoint': r.chosen,
-                     'model': r.trained.run.model.name, **point[i]}
+                     'model': r.trained.run.model.name,
+                     # examples of the split it trained on (None: not known)
+                     'trained_on_split': seen[tag], **point[i]}
                for i, (tag, r, path) in enumerate((('A', ra, workdir), ('B', rb, other)))},
       'difference_b_minus_a': {n: {'value': point[1][n] - point[0][n], 'interval': diffs[n]}
                                for n in names},
@@ -164,6 +174,11 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     d = result['difference_b_minus_a'][name]
     out.append(f"{label:<18} {100 * a[name]:7.2f}% {100 * b[name]:7.2f}% {100 * d['value']:+7.2f}"
                f"  [{100 * d['interval'][0]:+.2f}, {100 * d['interval'][1]:+.2f}]")
+  for tag in ('A', 'B'):
+    n = result['runs'][tag].get('trained_on_split')
+    if n:
+      out.append(f'Note: {tag} trained on {n} of these examples: its score here is not on new '
+                 'images.')
   t, judged = result['table'], result.get('right_or_wrong', 'top-1')
   out += [f"right / wrong ({judged}): both right {t['both_right']}, only A {t['only_a_right']}, "
           f"only B {t['only_b_right']}, both wrong {t['both_wrong']}",

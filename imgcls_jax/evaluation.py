@@ -16,8 +16,7 @@ import numpy as np
 
 from imgcls_jax import configlib, inference, label_issues, ood, report, restored_split, run
 from imgcls_jax import outcomes as outcomes_lib
-from imgcls_jax.data import arrays, reader
-from imgcls_jax.errors import UserError
+from imgcls_jax.data import reader
 
 
 @dataclasses.dataclass
@@ -125,16 +124,8 @@ def evaluate_checkpoint(workdir: str, config: ml_collections.ConfigDict | None, 
                                                 r.setup.mesh, r.split))
   ood_result = outcomes_lib.ood_pass(r, ood_files, tta, num_bins) if ood_files else None
   unseen = None
-  if keep_probs:
-    data = r.trained.run.data
-    shared = None   # not known: another arrays file's splits, or a split the data cannot size
-    if r.new_images:
-      shared = 0
-    elif not (arrays.is_arrays(data) and r.trained.info.name != reader.dataset_name(data)):
-      try:
-        shared = reader.shared_examples(data, r.split, data.train_split, r.trained.info)
-      except UserError:
-        pass
+  if keep_probs:   # other images are compared by path with a folder run's (were taken as unseen)
+    shared = restored_split.seen_examples(r, workdir)
     unseen = None if shared is None else shared == 0
   return Evaluation(stats=stats, trained=r.trained, split=r.split, step=r.step, chosen=r.chosen,
                     tta=tta, workdir=os.path.abspath(workdir),

@@ -15,7 +15,7 @@ import jax
 import ml_collections
 
 from imgcls_jax import checkpoint, held_out, inference, metrics, run, run_directory
-from imgcls_jax.data import arrays, reader
+from imgcls_jax.data import arrays, folder_index, folder_layout, reader
 from imgcls_jax.data.info import check_flips
 from imgcls_jax.errors import UserError
 
@@ -160,3 +160,41 @@ def restore_for_split(workdir: str, config: ml_collections.ConfigDict | None, *,
   return Restored(trained=trained, setup=s, variables=variables, shardings=shardings, data=data,
                   split=split, step=step, chosen=chosen, fitted_on=fitted_on,
                   new_images=new_images)
+
+
+def seen_examples(r: Restored, workdir: str) -> int | None:
+  """How many examples of ``r``'s split the run trained on (0: none; None: not known): split
+  slices of its own data (``reader.shared_examples``); for other images (another folder or
+  manifest on the command line), the same files by real path when the run trained on an image
+  folder or manifest (a run trained on tfds or arrays: not known)."""
+  data = r.trained.run.data
+  if r.new_images:
+    saved = (run_directory.read_config(workdir) or {}).get('data') or {}
+    return _seen_files(ml_collections.ConfigDict(saved), r.trained.info.class_names, data,
+                       r.split)
+  if arrays.is_arrays(data) and r.trained.info.name != reader.dataset_name(data):
+    return None   # another arrays file's splits
+  try:
+    return reader.shared_examples(data, r.split, data.train_split, r.trained.info)
+  except UserError:
+    return None
+
+
+def _seen_files(trained_on: ml_collections.ConfigDict, names: tuple[str, ...],
+                data: ml_collections.ConfigDict, split: str) -> int | None:
+  if not folder_layout.is_folder(trained_on):
+    return None
+
+  def files(cfg: ml_collections.ConfigDict, spec: str) -> set[str]:
+    src = folder_layout.source_of(cfg)
+    base, _, ids_file = str(spec).partition('@')   # a cross-validation fold lists its ids
+    ids = folder_index.listed(src, base, names)[0]
+    if ids_file:
+      with open(ids_file) as f:
+        ids = sorted(set(ids) & {line.strip() for line in f})
+    return {os.path.realpath(os.path.join(src.root, i)) for i in ids}
+  try:
+    return len(files(trained_on, str(trained_on.train_split)) & files(data, split))
+  except (UserError, OSError):
+    return None
+

@@ -124,3 +124,24 @@ def test_bad_comparisons_are_one_line(two_runs, tmp_path):
   with pytest.raises(UserError, match='do not read the same examples'):
     compare.compare(None, a, overrides={'compare.workdir': other,
                                         'evaluate.checkpoint': 'latest'})
+
+
+def test_a_split_either_run_trained_on_is_said_so(two_runs, tmp_path, caplog):
+  """Comparing on training examples favours the run that learnt them (it was scored as if they
+  were new): each run's count of them is recorded, warned of and noted in compare.md."""
+  import logging
+  a, b = two_runs
+  with caplog.at_level(logging.WARNING):
+    result = compare.compare(None, a, overrides={'compare.workdir': b,
+                                                 'evaluate.split': 'train[:100]',
+                                                 'evaluate.output_dir': str(tmp_path)})
+  assert [result['runs'][t]['trained_on_split'] for t in 'AB'] == [100, 100]
+  for tag in 'AB':
+    assert f"Run {tag} trained on 100 examples of split 'train[:100]'" in caplog.text
+    assert f'Note: {tag} trained on 100 of these examples' in (tmp_path / 'compare.md').read_text()
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    result = compare.compare(None, a, overrides={'compare.workdir': b,
+                                                 'evaluate.output_dir': str(tmp_path)})
+  assert [result['runs'][t]['trained_on_split'] for t in 'AB'] == [0, 0]
+  assert 'trained on' not in caplog.text

@@ -300,3 +300,41 @@ def test_curves_mode_needs_metrics(digits_config, tmp_path):
       {'step': 5, 'split': 'train', 'loss': 1.0, 'accuracy': 0.5}) + '\n')
   path = evaluate.curves(digits_config, str(tmp_path))
   _assert_png(path)
+
+
+def test_other_images_are_matched_by_path_with_a_folder_runs_training_files(tmp_path):
+  """Evaluating a folder run on another folder or manifest: the images it trained on are found
+  by real path (a manifest listing the training folder's files, a folder of links to them); it
+  used to take any other location as unseen and search its 'label issues'."""
+  import ml_collections
+  from imgcls_jax import restored_split
+  from tests.test_image_folder import make_folder
+  root = str(tmp_path / 'images')
+  make_folder(root)
+  trained_on = ml_collections.ConfigDict({
+      'name': 'image_folder', 'folder': root, 'manifest': '', 'train_split': 'train',
+      'eval_split': 'test', 'holdout_fraction': 0.0, 'holdout_seed': 0})
+  names = ('cat', 'dog')
+  train_files = sorted(os.path.join(d, f) for d, _, fs in os.walk(os.path.join(root, 'train'))
+                       for f in fs if f.endswith(('.png', '.jpg')) and 'corrupt' not in f)
+  # A manifest of 3 training images and 2 test images, in a folder of its own.
+  other = tmp_path / 'elsewhere'
+  other.mkdir()
+  rows = [(os.path.relpath(p, other), os.path.basename(os.path.dirname(p)))
+          for p in train_files[:3] + [os.path.join(root, 'test', 'cat', 't0.png'),
+                                      os.path.join(root, 'test', 'dog', 't1.jpg')]]
+  (other / 'm.csv').write_text('path,label\n' + ''.join(f'{p},{y}\n' for p, y in rows))
+  manifest = ml_collections.ConfigDict({**trained_on.to_dict(), 'folder': '',
+                                        'manifest': str(other / 'm.csv'),
+                                        'holdout_fraction': 0.0})
+  assert restored_split._seen_files(trained_on, names, manifest, 'all') == 3
+  # A folder of links to 2 training images: the same files.
+  linked = tmp_path / 'linked'
+  for k, p in enumerate(train_files[:2]):
+    (linked / os.path.basename(os.path.dirname(p))).mkdir(parents=True, exist_ok=True)
+    os.symlink(p, linked / os.path.basename(os.path.dirname(p)) / f'l{k}.png')
+  folder = ml_collections.ConfigDict({**trained_on.to_dict(), 'folder': str(linked)})
+  assert restored_split._seen_files(trained_on, names, folder, 'all') == 2
+  # A run trained on tfds or arrays: not known.
+  tfds = ml_collections.ConfigDict({'name': 'sklearn_digits', 'train_split': 'train'})
+  assert restored_split._seen_files(tfds, names, folder, 'all') is None
