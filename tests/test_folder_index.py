@@ -387,3 +387,116 @@ def test_a_class_named_train_loose_files_and_wrong_kinds_of_path(tmp_path, digit
   with pytest.raises(UserError, match=r'\(config\.data\.manifest\) is a directory; point it at a '
                      r'CSV file'):
     sources.describe(_data(digits_config, folder=None, manifest=root))
+
+
+def test_classes_that_differ_only_in_unicode_normalisation_are_warned_of(tmp_path, digits_config,
+                                                                         caplog):
+  """NFC 'zéro' beside NFD 'zéro' (folders merged from macOS and Linux) trained as two classes
+  printed alike, without a word; the warning escapes the names so the difference shows."""
+  import unicodedata
+  nfc, nfd = 'z\u00e9ro', unicodedata.normalize('NFD', 'z\u00e9ro')
+  root = _flat(str(tmp_path / 'merged'), {nfc: 2, nfd: 2, 'un': 2})
+  data = _data(digits_config, folder=root, holdout_fraction=0.5)
+  with caplog.at_level(logging.WARNING):
+    names = folder_layout.class_names(folder_layout.source_of(data))
+    folder_layout.class_names(folder_layout.source_of(data))       # once per folder
+  assert len(names) == 3
+  said = [r.getMessage() for r in caplog.records if 'Unicode normalisation' in r.getMessage()]
+  assert len(said) == 1 and said[0].startswith(
+      f"{root} has classes whose names differ only in Unicode normalisation or case "
+      r"('ze\u0301ro' / 'z\xe9ro'; escaped to show the difference")
+  assert said[0].endswith('merge the folders of each group into one, or rename one of them.')
+  # A manifest's labels go the same way, with the manifest's fix.
+  csv = tmp_path / 'm.csv'
+  csv.write_text(''.join(f'merged/{n}/{k:03d}.png,{n.upper() if k else n}\n'
+                         for n in (nfc, nfd) for k in range(2)))
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    folder_layout.class_names(folder_layout.source_of(_data(digits_config, folder=None,
+                                                             manifest=str(csv))))
+  said = [r.getMessage() for r in caplog.records if 'Unicode normalisation' in r.getMessage()]
+  assert len(said) == 1 and said[0].endswith('write each label one way in the manifest.')
+
+
+def test_holdout_fraction_beside_named_splits_is_said_to_have_no_effect(tmp_path, digits_config,
+                                                                        caplog):
+  splits = str(tmp_path / 'splits')
+  for split in ('train', 'test'):
+    _flat(f'{splits}/{split}', {'ant': 2, 'bee': 2})
+  data = _data(digits_config, folder=splits, holdout_fraction=0.2)
+  with caplog.at_level(logging.WARNING):
+    assert sources.describe(data).num_examples == {'train': 4, 'test': 4}
+  said = [r.getMessage() for r in caplog.records if 'has no effect' in r.getMessage()]
+  assert said == [f'config.data.holdout_fraction=0.2 has no effect on {splits}: it has split '
+                  'folders (test, train), which give the splits; set holdout_fraction=0 '
+                  '(config.data.validation_fraction holds images out of the train split).']
+  csv = tmp_path / 'm.csv'
+  csv.write_text(''.join(f'splits/{s}/{c}/000.png,{c},{s}\n' for s in ('train', 'test')
+                         for c in ('ant', 'bee')))
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    sources.describe(_data(digits_config, folder=None, manifest=str(csv), holdout_fraction=0.2))
+  assert any('has no effect' in r.getMessage() and 'a split column (test, train)' in r.getMessage()
+             for r in caplog.records)
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):   # without split folders it is what makes the splits
+    sources.describe(_data(digits_config, folder=f'{splits}/train', manifest=None,
+                           holdout_fraction=0.5))
+  assert not any('has no effect' in r.getMessage() for r in caplog.records)
+
+
+def test_manifest_rows_of_a_split_no_split_reads_are_warned_of(tmp_path, digits_config, caplog):
+  """Rows of split 'val' beside train / validation / test were silently unused."""
+  rows = [(os.path.relpath(_png(f'{tmp_path}/p/{c}/{k}.png', k), tmp_path), c)
+          for c in ('cat', 'dog') for k in range(6)]
+  csv = tmp_path / 'm.csv'
+  csv.write_text('path,label,split\n' + ''.join(
+      f'{p},{c},{("train", "train", "test", "validation", "val", "dev")[k % 6]}\n'
+      for k, (p, c) in enumerate(rows)))
+  data = _data(digits_config, manifest=str(csv), holdout_fraction=0.0)
+  with caplog.at_level(logging.WARNING):
+    assert sources.describe(data).num_examples == {'train': 4, 'test': 2}
+    sources.split_size(data, 'validation')
+  said = [r.getMessage() for r in caplog.records if 'no split of the run reads' in r.getMessage()]
+  assert said == [f"The manifest {csv} has 4 row(s) of split(s) 'dev' (2), 'val' (2), which no "
+                  "split of the run reads (config.data.train_split 'train', eval_split 'test', or "
+                  "'validation' when config.evaluate.temperature_split / threshold_split names "
+                  'it): those images are unused; write their split as one of these, or point a '
+                  'split key at it.']
+
+
+def test_windows_paths_in_a_manifest_are_read_with_a_warning(tmp_path, digits_config, caplog):
+  for c in ('1', '2'):
+    for k in range(2):
+      _png(f'{tmp_path}/folder/{c}/{k}.png', k)
+  csv = tmp_path / 'm.csv'
+  csv.write_text(''.join(f'folder\\{c}\\{k}.png,{c}\n' for c in ('1', '2') for k in range(2)))
+  data = _data(digits_config, manifest=str(csv), holdout_fraction=0.5)
+  with caplog.at_level(logging.WARNING):
+    every = _split(data, 'all')
+  assert sorted(every.ids) == ['folder/1/0.png', 'folder/1/1.png', 'folder/2/0.png',
+                               'folder/2/1.png']
+  said = [r.getMessage() for r in caplog.records if 'folder separator' in r.getMessage()]
+  assert said == [f"The manifest {csv} writes 4 path(s) with '\\' as the folder separator (e.g. "
+                  "folder\\1\\0.png), read as folder/1/0.png; write paths with '/', which every "
+                  'system reads.']
+
+
+def test_a_hold_out_that_rounds_to_no_image_says_so(tmp_path, digits_config):
+  """A 2-image manifest with holdout_fraction=0.2 ended in "no readable images; paths are
+  relative to its folder": the images were fine, the hold-out took none."""
+  csv = tmp_path / 'm.csv'
+  csv.write_text(f"{_png(f'{tmp_path}/a.png', 0)},cat\n{_png(f'{tmp_path}/b.png', 1)},dog\n")
+  data = _data(digits_config, manifest=str(csv), holdout_fraction=0.2)
+  with pytest.raises(UserError, match=re.escape(
+      f"config.data.holdout_fraction=0.2 holds out no image of the 2 in {csv} for split 'test': a "
+      "class's last image always stays in the rest, and no class has two; add images (at least 2 "
+      'per class) or name the splits yourself (split folders, or a split column).')):
+    sources.describe(data)
+  flat = _flat(str(tmp_path / 'flat'), {'ant': 2, 'bee': 2})
+  data = _data(digits_config, folder=flat, manifest=None, holdout_fraction=0.5,
+               validation_fraction=0.1)
+  with pytest.raises(UserError, match=r"^config\.data\.validation_fraction=0\.1 holds out no "
+                     rf"image of the 2 in split 'train' of {re.escape(flat)} for split "
+                     "'validation'"):
+    sources.split_size(data, 'validation')

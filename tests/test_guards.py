@@ -315,3 +315,24 @@ def test_first_line_quotes_an_error_in_one_short_line():
   assert cut == 'OSError: word word word word ...'
   assert first_line(KeyError()) == 'KeyError'
   assert first_line(RuntimeError('  \n')) == 'RuntimeError'
+
+
+def test_a_folder_input_follows_links_below_it_once_each(tmp_path, caplog):
+  """predict / embed inputs: a linked sub-folder is read (it was skipped), a second link to it and
+  a link to a folder above (a loop) are passed over with one warning."""
+  import logging
+  from PIL import Image
+  from imgcls_jax.data import images
+  (tmp_path / 'in' / 'a').mkdir(parents=True)
+  (tmp_path / 'more').mkdir()
+  for k in range(2):
+    Image.new('L', (4, 4)).save(tmp_path / 'in' / 'a' / f'{k}.png')
+    Image.new('L', (4, 4)).save(tmp_path / 'more' / f'm{k}.png')
+  os.symlink(tmp_path / 'more', tmp_path / 'in' / 'a' / 'linked')
+  os.symlink(tmp_path / 'more', tmp_path / 'in' / 'again')
+  os.symlink(tmp_path / 'in', tmp_path / 'in' / 'a' / 'loop')
+  with caplog.at_level(logging.WARNING):
+    got = images.list_inputs(str(tmp_path / 'in'))
+  assert sorted(os.path.relpath(f, tmp_path / 'in') for f in got) == [   # the shallower link
+      'a/0.png', 'a/1.png', 'again/m0.png', 'again/m1.png']
+  assert 'passed over 2 link(s)' in caplog.text

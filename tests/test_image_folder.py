@@ -218,7 +218,8 @@ def test_every_image_extension_in_any_case_trains_and_non_images_are_reported(tm
 
 def test_different_sizes_without_a_resize_op_is_a_user_error(folder_config):
   folder_config.data.eval_preprocess = ''
-  with pytest.raises(UserError, match="differ in size after config.data.eval_preprocess=''"):
+  with pytest.raises(UserError, match=r"differ in size( \(.*\))? after "
+                                      r"config\.data\.eval_preprocess=''"):
     pipeline.EvalData(folder_config.data, 'test', local_batch_size=4)
 
 
@@ -302,3 +303,55 @@ def test_uncached_stream_is_deterministic_and_equals_the_cached_one(folder_confi
   first = next(cached.as_numpy_iterator())
   np.testing.assert_array_equal(first['label'], a[0]['label'])
   np.testing.assert_array_equal(first['image'], a[0]['image'])
+
+
+def test_links_below_class_folders_are_followed_and_each_real_file_read_once(tmp_path, caplog):
+  """A linked sub-folder of a class folder was silently skipped (os.walk without followlinks);
+  now it is read, and a second link to it, a link to a file read already and a link to a folder
+  above (a loop, which would list another class's images) are passed over and named once."""
+  root = str(tmp_path / 'images')
+  for split in ('train', 'test'):
+    for c in ('a', 'b'):
+      for k in range(2):
+        _save(f'{root}/{split}/{c}/{k}.png', 'RGB', (9, 9), k)
+  for k in range(3):
+    _save(f'{tmp_path}/more/{k}.png', 'RGB', (9, 9), 10 + k)
+  os.symlink(f'{tmp_path}/more', f'{root}/train/b/extra')
+  os.symlink(f'{tmp_path}/more', f'{root}/train/b/extra_again')
+  os.symlink('0.png', f'{root}/train/b/copy.png')
+  os.symlink('..', f'{root}/train/b/loop')              # -> train/, which holds class a too
+  with caplog.at_level(logging.WARNING):
+    train = _index(root, 'train')
+  assert train.counts == (2, 5)
+  assert sorted(i for i in train.ids if i.startswith('train/b/')) == [
+      'train/b/0.png', 'train/b/1.png', 'train/b/extra/0.png', 'train/b/extra/1.png',
+      'train/b/extra/2.png']
+  assert sorted(train.skipped) == [
+      ('train/b/copy.png', 'the same file as train/b/0.png, read once'),
+      ('train/b/extra_again', 'the same folder as train/b/extra, read once'),
+      ('train/b/loop', 'a link to a folder above it, a loop; not followed')]
+  said = [r.getMessage() for r in caplog.records if 'skipped 3 file(s)' in r.getMessage()]
+  assert len(said) == 1 and 'train/b/extra_again (the same folder as train/b/extra' in said[0]
+
+
+def test_the_sizes_of_a_folder_are_named_by_an_example_file_each(tmp_path):
+  """'Images ... differ in size' named no file and no size: the index keeps an example file of
+  each size, commonest first, for that message."""
+  root = str(tmp_path / 'sizes')
+  for split in ('train', 'test'):
+    for k in range(3):
+      _save(f'{root}/{split}/a/{k}.png', 'RGB', (20, 10), k)
+    _save(f'{root}/{split}/b/wide.png', 'RGB', (40, 10), 5)
+    _save(f'{root}/{split}/b/tall.png', 'RGB', (10, 40), 6)
+  train = _index(root, 'train')
+  assert train.size_examples == (((10, 20), 'train/a/0.png'), ((10, 40), 'train/b/wide.png'),
+                                 ((40, 10), 'train/b/tall.png'))
+  assert image_folder.size_examples([train]) == (
+      'train/a/0.png is 20x10 pixels (width x height), train/b/wide.png 40x10, train/b/tall.png '
+      '10x40')
+  assert image_folder.size_examples([train], shown=1) == (
+      'train/a/0.png is 20x10 pixels (width x height) and 2 more sizes')
+  same = str(tmp_path / 'same')
+  for c in ('a', 'b'):
+    _save(f'{same}/train/{c}/0.png', 'RGB', (9, 9), 0)
+  assert image_folder.size_examples([_index(same, 'train')]) == ''

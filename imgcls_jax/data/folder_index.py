@@ -44,6 +44,8 @@ class Split:
   skipped: tuple[tuple[str, str], ...]      # (id, reason)
   counts: tuple[int, ...]                   # images per class (multi-label: images tagged with it)
   digest: str = ''                          # ``listed_digest`` of the split (before any probe)
+  # One example per size: ((height, width), id), sizes by falling count of images.
+  size_examples: tuple[tuple[tuple[int, int], str], ...] = ()
 
   def __len__(self) -> int:
     return len(self.paths)
@@ -94,17 +96,22 @@ def _listed(src: Source, split: str, names: tuple[str, ...],
   if src.kind == 'manifest':
     has_split, pairs, skipped = manifest.split_pairs(src.location, src.multilabel, split, ALL)
     needs_holdout = not has_split
+    if has_split and ALL not in (src.train_split, src.eval_split):
+      manifest.warn_unused_splits(src.location, src.multilabel, src.train_split, src.eval_split,
+                                  VALIDATION)
   elif src.kind == 'flat':
     skipped += [(f, 'outside every class folder') for f in loose_files(src.root)]
     for name in subdirs(src.root):
-      pairs.extend((rel, name) for rel in walk(os.path.join(src.root, name), name))
+      pairs.extend((rel, name) for rel in walk(os.path.join(src.root, name), name, skipped))
   else:
     where = split_dir(src, split)
     skipped += [(os.path.join(split, f), 'outside every class folder')
                 for f in loose_files(where)]
     for name in subdirs(where):
       pairs.extend((rel, name) for rel in walk(os.path.join(where, name),
-                                                os.path.join(split, name)))
+                                                os.path.join(split, name), skipped))
+  if not needs_holdout and src.holdout_fraction > 0:
+    _warn_holdout_unused(src)
   if src.multilabel:
     tag_pairs = [(rel, manifest.tags(label)) for rel, label in pairs]
     unknown = sorted({t for _, tags in tag_pairs for t in tags} - set(names))
@@ -146,10 +153,25 @@ def _listed(src: Source, split: str, names: tuple[str, ...],
   return ids, labels, skipped
 
 
+def _warn_holdout_unused(src: Source) -> None:
+  """Warns (once per location) that ``holdout_fraction`` is ignored: the layout names its
+  splits."""
+  with _LOCK:
+    if src.location in _HOLDOUT_WARNED:
+      return
+    _HOLDOUT_WARNED.add(src.location)
+  what = ('split folders' if src.kind == 'splits' else 'a split column') + (
+      f" ({', '.join(sorted(named_splits(src)))})")
+  logging.warning('config.data.holdout_fraction=%s has no effect on %s: it has %s, which give '
+                  'the splits; set holdout_fraction=0 (config.data.validation_fraction holds '
+                  'images out of the train split).', src.holdout_fraction, src.location, what)
+
+
 # ---- the index of a split ----
 
 _MEMO: dict[tuple[Source, str, tuple[str, ...]], Split] = {}
 _WARNED: set[tuple[str, str, str]] = set()   # (location, id, why) a warning already named
+_HOLDOUT_WARNED: set[str] = set()            # locations whose unused holdout_fraction was named
 _LOCK = threading.Lock()
 
 
@@ -158,6 +180,7 @@ def clear_memo() -> None:
   with _LOCK:
     _MEMO.clear()
     _WARNED.clear()
+    _HOLDOUT_WARNED.clear()
 
 
 def _digest(ids: list[str], labels: list) -> str:
@@ -195,6 +218,8 @@ def index(src: Source, split: str, names: tuple[str, ...]) -> Split:
     counts = np.bincount([t for i in keep for t in labels[i]], minlength=len(names))
   else:
     counts = np.bincount([labels[i] for i in keep], minlength=len(names))
+  if not ids:
+    _refuse_empty_draw(src, split, names)
   if not keep:
     why = unreadable_summary(skipped)
     where = (f"; a manifest's paths are relative to its folder {src.root}"
@@ -217,15 +242,41 @@ def index(src: Source, split: str, names: tuple[str, ...]) -> Split:
     logging.warning("Image folder %s, split '%s': skipped %d file(s): %s%s.", src.location, split,
                     len(news), shown, more)
   _report_counts(src, split, names, counts, len(keep))
+  by_size: dict[tuple[int, int], list] = {}
+  for i in sorted(keep, key=lambda i: ids[i]):
+    by_size.setdefault(tuple(probed[i][:2]), [0, ids[i]])[0] += 1
+  examples = tuple((hw, first) for hw, (_, first) in sorted(by_size.items(),
+                                                            key=lambda kv: (-kv[1][0], kv[0])))
   result = Split(root=src.root, split=split,
                  paths=tuple(os.path.join(src.root, ids[i]) for i in keep),
                  labels=tuple(labels[i] for i in keep), ids=tuple(ids[i] for i in keep),
                  channels_found=frozenset(probed[i][2] for i in keep),
                  sizes_found=frozenset(probed[i][:2] for i in keep), skipped=tuple(skipped),
-                 counts=tuple(int(c) for c in counts), digest=digest)
+                 counts=tuple(int(c) for c in counts), digest=digest,
+                 size_examples=examples)
   with _LOCK:
     _MEMO[key] = result
   return result
+
+
+def _refuse_empty_draw(src: Source, split: str, names: tuple[str, ...]) -> None:
+  """A split drawn by a hold-out (``holdout_fraction`` / ``validation_fraction``) that got no
+  image: each class had one image, which always stays in the rest."""
+  if split == VALIDATION and src.validation_fraction > 0:
+    key, fraction, pool = 'validation_fraction', src.validation_fraction, src.train_split
+  elif split == src.eval_split != src.train_split and src.holdout_fraction > 0 and (
+      src.kind == 'flat' or (src.kind == 'manifest' and not named_splits(src))):
+    key, fraction, pool = 'holdout_fraction', src.holdout_fraction, ALL
+  else:
+    return
+  n = len(_listed(src, pool, names)[0])
+  if not n:
+    return
+  raise UserError(f"config.data.{key}={fraction} holds out no image of the {n} in "
+                  f"{'split ' + repr(pool) + ' of ' if pool != ALL else ''}{src.location} for "
+                  f"split '{split}': a class's last image always stays in the rest, and no class "
+                  'has two; add images (at least 2 per class) or name the splits yourself '
+                  '(split folders, or a split column).')
 
 
 def _report_counts(src: Source, split: str, names: tuple[str, ...], counts: np.ndarray,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import unicodedata
 from typing import Iterable
 
 import ml_collections
@@ -157,14 +158,44 @@ def has_splits(src: Source) -> bool:
 
 # ---- listing: (example id, class name) per candidate file ----
 
-def walk(directory: str, prefix: str) -> Iterable[str]:
-  """Relative paths (``prefix/...``) of the non-hidden files under ``directory``, sorted."""
-  for dirpath, dirnames, filenames in os.walk(directory):
-    dirnames[:] = sorted(d for d in dirnames if not d.startswith('.'))
-    rel = os.path.relpath(dirpath, directory)
-    for f in sorted(filenames):
-      if not f.startswith('.'):
-        yield os.path.normpath(os.path.join(prefix, rel, f))
+def walk(directory: str, prefix: str,
+         skipped: list[tuple[str, str]] | None = None) -> Iterable[str]:
+  """Relative paths (``prefix/...``) of the non-hidden files under ``directory``, sorted, links
+  to folders and files followed. Each real file is listed once: a link to a folder or file listed
+  already, or to a folder above it (a loop), is passed over, and with ``skipped`` given, added to
+  it as (relative path, why)."""
+  top = os.path.realpath(directory)
+  seen: dict[str, str] = {top: os.path.normpath(prefix)}   # real path -> relative path listed
+  note = skipped.append if skipped is not None else lambda item: None
+
+  def visit(path: str, real_dir: str, rel_dir: str) -> Iterable[str]:
+    try:
+      with os.scandir(path) as it:
+        entries = sorted((e for e in it if not e.name.startswith('.')), key=lambda e: e.name)
+    except OSError:
+      return   # as os.walk: a folder that cannot be listed gives no files
+    dirs = []
+    for e in entries:
+      rel = os.path.normpath(os.path.join(rel_dir, e.name))
+      try:
+        is_dir = e.is_dir()   # follows a link
+      except OSError:
+        is_dir = False
+      real = os.path.realpath(e.path) if e.is_symlink() else os.path.join(real_dir, e.name)
+      if is_dir and (real_dir == real or real_dir.startswith(real.rstrip(os.sep) + os.sep)):
+        note((rel, 'a link to a folder above it, a loop; not followed'))
+      elif real in seen:
+        note((rel, f'the same {"folder" if is_dir else "file"} as {seen[real]}, read once'))
+      elif is_dir:
+        seen[real] = rel
+        dirs.append((e.path, real, rel))
+      else:
+        seen[real] = rel
+        yield rel
+    for sub in dirs:
+      yield from visit(*sub)
+
+  yield from visit(directory, top, prefix)
 
 
 def _sort_labels(labels: Iterable[str]) -> tuple[str, ...]:
@@ -176,22 +207,39 @@ def _sort_labels(labels: Iterable[str]) -> tuple[str, ...]:
   return tuple(sorted(names))
 
 
-_CASE_WARNED: set[tuple[str, tuple[str, ...]]] = set()   # (location, names) warned of
+_CASE_WARNED: set[tuple[str, tuple]] = set()   # (location, groups of names) warned of
+
+
+def _fold(name: str) -> str:
+  """``name`` without case or Unicode normalisation: 'Five' and 'five' are one, and so are 'zéro'
+  with 'é' as one code point (NFC) and as 'e' + U+0301 (NFD), as macOS and Linux may write it."""
+  return unicodedata.normalize('NFC', unicodedata.normalize('NFC', name).casefold())
 
 
 def _warn_case_twins(src: Source, names: tuple[str, ...]) -> tuple[str, ...]:
   """``names``, after a warning (once per location) for classes or tags that differ only in case
-  ('EVEN' / 'even'): they train as separate classes, which is rarely meant."""
+  ('EVEN' / 'even') or Unicode normalisation (NFC / NFD 'zéro', which print alike): they
+  train as separate classes, which is rarely meant."""
   groups: dict[str, list[str]] = {}
   for n in names:
-    groups.setdefault(n.casefold(), []).append(n)
-  twins = tuple(' / '.join(g) for g in groups.values() if len(g) > 1)
-  if twins and (src.location, twins) not in _CASE_WARNED:
-    _CASE_WARNED.add((src.location, twins))
-    what = 'tags' if src.multilabel else 'classes'
+    groups.setdefault(_fold(n), []).append(n)
+  twins = tuple(g for g in groups.values() if len(g) > 1)
+  if not twins or (src.location, tuple(map(tuple, twins))) in _CASE_WARNED:
+    return names
+  _CASE_WARNED.add((src.location, tuple(map(tuple, twins))))
+  what = 'tags' if src.multilabel else 'classes'
+  if all(any(all(unicodedata.is_normalized(form, n) for n in g) for form in ('NFC', 'NFD'))
+         for g in twins):   # one normal form in each group: only the case differs
     logging.warning('%s has %s that differ only in case (%s): they train as different %s; write '
-                    'each one way if they are the same.', src.location, what, '; '.join(twins[:5]),
-                    what)
+                    'each one way if they are the same.', src.location, what,
+                    '; '.join(' / '.join(g) for g in twins[:5]), what)
+    return names
+  fix = ('write each label one way in the manifest' if src.kind == 'manifest' else
+         'merge the folders of each group into one, or rename one of them')
+  logging.warning('%s has %s whose names differ only in Unicode normalisation or case (%s; '
+                  'escaped to show the difference: macOS and Linux may write one name in two '
+                  'ways): they print alike but train as different %s; %s.', src.location, what,
+                  '; '.join(' / '.join(map(ascii, g)) for g in twins[:5]), what, fix)
   return names
 
 

@@ -46,6 +46,23 @@ def image_shape(splits: list[folder_index.Split], num_channels: int) -> tuple[in
   return h, w, num_channels
 
 
+def size_examples(splits: list[folder_index.Split], shown: int = 3) -> str:
+  """An example file of each image size in ``splits`` (the commonest first), for a message:
+  ``'train/cat/a.jpg is 30x20 pixels (width x height), train/dog/b.png 25x40 and 6 more
+  sizes'``; '' when they share one size."""
+  first: dict[tuple[int, int], str] = {}
+  for s in splits:
+    for hw, rel in s.size_examples:
+      first.setdefault(hw, rel)
+  if len(first) < 2:
+    return ''
+  (h, w), rel = next(iter(first.items()))
+  listed = [f'{rel} is {w}x{h} pixels (width x height)'] + [
+      f'{rel} {w}x{h}' for (h, w), rel in list(first.items())[1:shown]]
+  more = f' and {len(first) - shown} more sizes' if len(first) > shown else ''
+  return ', '.join(listed) + more
+
+
 def even_slice(n: int, index: int, count: int, drop_remainder: bool) -> tuple[int, int]:
   """[start, end) of part ``index`` of ``count`` contiguous parts of ``n`` items (as tfds.even_splits)."""
   if drop_remainder:

@@ -149,8 +149,7 @@ def list_inputs(spec: str, key: str = 'predict.inputs') -> list[str]:
   files, empty = [], []
   for p in paths:
     if os.path.isdir(p):
-      found = sorted(os.path.join(root, f) for root, _, names in os.walk(p) for f in names
-                     if not f.startswith('.') and is_image_file(f))
+      found = _image_files(p)
       if not found:
         empty.append(p)
       files.extend(found)
@@ -170,6 +169,39 @@ def list_inputs(spec: str, key: str = 'predict.inputs') -> list[str]:
   for p in empty:
     logging.warning('No image files in folder %s.', p)
   return files
+
+
+def _image_files(folder: str) -> list[str]:
+  """The non-hidden image files under ``folder``, sorted, links to folders and files followed;
+  each real file once: a second link to a folder or file read already, or a link to a folder
+  above (a loop), is passed over, with one warning."""
+  top = os.path.realpath(folder)
+  seen, found, passed = {top}, [], []
+  for root, dirs, names in os.walk(folder, followlinks=True):
+    here, keep = os.path.realpath(root), []
+    for d in sorted(dirs):
+      real = os.path.realpath(os.path.join(root, d))
+      if real in seen or here.startswith(real.rstrip(os.sep) + os.sep):
+        passed.append(os.path.join(root, d))
+      else:
+        seen.add(real)
+        keep.append(d)
+    dirs[:] = keep
+    for f in sorted(names):
+      path = os.path.join(root, f)
+      if f.startswith('.') or not is_image_file(f):
+        continue
+      real = os.path.realpath(path)
+      if real in seen:
+        passed.append(path)
+      else:
+        seen.add(real)
+        found.append(path)
+  if passed:
+    logging.warning('Read each image under %s once: passed over %d link(s) to a folder or file '
+                    'read already, or to a folder above (e.g. %s).', folder, len(passed),
+                    passed[0])
+  return sorted(found)
 
 
 def image_batches(files: list[str], prepare: Callable[[str], np.ndarray], batch_size: int,

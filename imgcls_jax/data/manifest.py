@@ -121,6 +121,7 @@ def _parse_rows(location: str, data: bytes, multilabel: bool, one_split_each: bo
                       'or remove it.')
     out.append((row[cols[0]].strip(), row[cols[1]].strip(),
                  row[cols[2]].strip() if cols[2] is not None else None))
+  out = _windows_paths(out, location)
   if cols[2] is not None and one_split_each:
     _one_split_each(out, location)
   if multilabel:
@@ -128,6 +129,26 @@ def _parse_rows(location: str, data: bytes, multilabel: bool, one_split_each: bo
     if comma is not None:
       logging.warning("The manifest %s has tags holding ',' (e.g. %r): tags are separated by ';' "
                       "('cat;dog'); a ',' stays inside one tag.", location, comma)
+  return out
+
+
+def _windows_paths(rows: list[Row], location: str) -> list[Row]:
+  """``rows``, a path written with '\\' (``folder\\1\\x.png``, as on Windows) that names no
+  file where the same path with '/' does read as that one, with a warning."""
+  if os.sep == '\\' or not any('\\' in path for path, _, _ in rows):
+    return rows
+  root, fixed, out = os.path.dirname(location), [], []
+  for path, label, split in rows:
+    slashed = path.replace('\\', '/')
+    if ('\\' in path and not os.path.lexists(os.path.join(root, path))
+        and os.path.lexists(os.path.join(root, slashed))):
+      fixed.append(path)
+      path = slashed
+    out.append((path, label, split))
+  if fixed:
+    logging.warning("The manifest %s writes %d path(s) with '\\' as the folder separator (e.g. "
+                    "%s), read as %s; write paths with '/', which every system reads.", location,
+                    len(fixed), fixed[0], fixed[0].replace('\\', '/'))
   return out
 
 
@@ -186,15 +207,20 @@ def _one_split_each(rows: list[Row], location: str) -> None:
 _WARNED: set[tuple[str, str]] = set()
 
 
+def _near(name: str, split: str) -> bool:
+  """True when ``name`` is not ``split`` but differs from it only in case or spaces ('Train'),
+  or looks like a typo of it ('tset', 'training')."""
+  a, b = name.strip().casefold(), split.strip().casefold()
+  return name != split and (a == b or difflib.SequenceMatcher(None, a, b).ratio() >= 0.7)
+
+
 def warn_near_splits(rows: tuple[Row, ...], location: str, split: str) -> None:
   """Warns (once per manifest and split) of rows whose split differs from ``split`` only in case
   or spaces ('Train' for 'train'), or looks like a typo of it ('tset' for 'test', 'training' for
   'train'): they are not read as that split."""
   near: dict[str, int] = {}
-  want = split.strip().casefold()
   for _, _, s in rows:
-    if s is not None and s != split and (s.strip().casefold() == want or difflib.SequenceMatcher(
-        None, s.strip().casefold(), want).ratio() >= 0.7):
+    if s is not None and _near(s, split):
       near[s] = near.get(s, 0) + 1
   if near and (location, split) not in _WARNED:
     _WARNED.add((location, split))
@@ -202,6 +228,26 @@ def warn_near_splits(rows: tuple[Row, ...], location: str, split: str) -> None:
     logging.warning("The manifest %s has %s, which is not split '%s' (splits are exact text): "
                     'those images are not read as it; write their split as %s.', location,
                     listed, split, split)
+
+
+def warn_unused_splits(location: str, multilabel: bool, train: str, test: str,
+                       held: str) -> None:
+  """Warns (once per manifest) of rows of a split that neither ``train`` nor ``test`` (the run's
+  train and eval splits) reads, nor ``held`` (the held-out split a temperature or thresholds are
+  usually fitted on): those images are silently unused. Names ``warn_near_splits`` gives (a typo
+  of ``train`` / ``test``) are left to it."""
+  rows = read_rows(location, multilabel)
+  unused = collections.Counter(s for _, _, s in rows if s is not None and s not in (
+      train, test, held) and not _near(s, train) and not _near(s, test))
+  if not unused or (location, '') in _WARNED:
+    return
+  _WARNED.add((location, ''))
+  listed = ', '.join(f"'{s}' ({n})" for s, n in sorted(unused.items()))
+  logging.warning("The manifest %s has %d row(s) of split(s) %s, which no split of the run reads "
+                  "(config.data.train_split '%s', eval_split '%s', or '%s' when "
+                  'config.evaluate.temperature_split / threshold_split names it): those images '
+                  'are unused; write their split as one of these, or point a split key at it.',
+                  location, sum(unused.values()), listed, train, test, held)
 
 
 def tags(label: str) -> tuple[str, ...]:

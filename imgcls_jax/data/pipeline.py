@@ -152,7 +152,7 @@ def _slice_stream(data: ml_collections.ConfigDict, augment: Any, *, decode: bool
                 deterministic=True)
 
   if augment is None:  # nothing to do per example: batch first, then drop the indices per batch
-    check_fixed_size(ds.map(lambda e, i, ex: ex), data, 'train_preprocess')
+    check_fixed_size(ds.map(lambda e, i, ex: ex), data, 'train_preprocess', data.train_split)
     ds = ds.batch(last - first, drop_remainder=True).map(lambda e, i, ex: _train_row(ex))
     return ds, n
 
@@ -161,7 +161,7 @@ def _slice_stream(data: ml_collections.ConfigDict, augment: Any, *, decode: bool
     return _train_row(ex, augment(ex['image'], ex_seed))
 
   ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  check_fixed_size(ds, data, 'train_preprocess')
+  check_fixed_size(ds, data, 'train_preprocess', data.train_split)
   return ds.batch(last - first, drop_remainder=True), n
 
 
@@ -220,11 +220,15 @@ def _train_row(ex: dict[str, tf.Tensor], image: tf.Tensor | None = None) -> dict
   return row
 
 
-def check_fixed_size(ds: tf.data.Dataset, data: ml_collections.ConfigDict, key: str) -> None:
-  """Batching needs one image size: a preprocessing spec must end images at a fixed size."""
+def check_fixed_size(ds: tf.data.Dataset, data: ml_collections.ConfigDict, key: str,
+                     split: str = '', info: info_lib.DatasetInfo | None = None) -> None:
+  """Batching needs one image size: a preprocessing spec must end images at a fixed size (an
+  image folder's ``split`` named: an example file of each size is named)."""
   shape = ds.element_spec['image'].shape
   if not shape.is_fully_defined():
-    raise UserError(f"Images of '{data.name}' differ in size after config.data.{key}="
+    seen = sources.size_examples(data, split, info) if split else ''
+    raise UserError(f"Images of '{data.name}' differ in size{f' ({seen})' if seen else ''} "
+                    f"after config.data.{key}="
                     f"'{data.get(key)}'; add an op that fixes the size, e.g. "
                     "'random_resized_crop(size=224)' for training or 'center_crop(size=224)' / "
                     "'resize(size=224)' for evaluation.")
@@ -251,7 +255,7 @@ class EvalData:
         out['valid'] = ex['valid']
       return out
     ds = ds.map(row, num_parallel_calls=tf.data.AUTOTUNE)
-    check_fixed_size(ds, data, 'eval_preprocess')
+    check_fixed_size(ds, data, 'eval_preprocess', split, info)
     self._ds = ds.batch(local_batch_size).prefetch(data.prefetch).with_options(_options())
     # Every process must run the same number of eval steps: pad with empty batches up to the
     # largest process's count (known from the split size, when tfds knows it).

@@ -295,6 +295,15 @@ def _folder_split(data: ml_collections.ConfigDict, split: str, info: DatasetInfo
   return folder_index.index(src, split.split('@')[0], names), channels
 
 
+def size_examples(data: ml_collections.ConfigDict, split: str,
+                  info: DatasetInfo | None = None) -> str:
+  """For an image folder: an example file of each image size of ``split`` (for a message); ''
+  for other datasets."""
+  if not image_folder.is_folder(data):
+    return ''
+  return image_folder.size_examples([_folder_split(data, split, info)[0]])
+
+
 def path_decoder(data: ml_collections.ConfigDict, split: str) -> Any:
   """For an image folder read with ``decode=False`` (file paths, cheap to shuffle): the tf.data
   map that decodes them (adding ``'valid'``); None for tfds datasets."""
