@@ -3,13 +3,14 @@ import copy
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from imgcls_jax import evaluation, metrics, run_directory, train
+from imgcls_jax import configlib, evaluation, metrics, run_directory, train
 from imgcls_jax import sweep
 from imgcls_jax.sweep import grid as sweep_grid
 from imgcls_jax.sweep import rank as sweep_rank
@@ -264,7 +265,8 @@ def test_a_sweep_trains_each_trial_as_a_plain_run_and_ranks_the_settings(
   longer.num_train_steps = 40
   with pytest.raises(UserError, match=r'6 trial directories of this sweep cannot be resumed: .*'
                      r'was trained with another config \(num_train_steps: 30 before, 40 now\); '
-                     r'delete them'):
+                     r'delete such a directory to train its trial again, or use a new '
+                     r'--workdir\.$'):
     sweep.sweep(longer, workdir)
   # A new setting in the same workdir trains; a SIGTERM in it stops the sweep there.
   calls = []
@@ -375,6 +377,18 @@ def test_the_train_command_runs_the_sweep_and_refuses_a_bad_grid_in_one_line(tmp
       "error: config.sweep.grid sets 'optim.learnig_rate', which is not a config key (did you "
       "mean 'optim.learning_rate'?); see configs/default.py for the documented schema."]
   assert not os.path.exists(tmp_path / 'w')
+  run = tmp_path / 'run'   # a plain run's directory (the config it trained with)
+  run.mkdir()
+  run_directory.write_config(str(run), _sweep_config())
+  proc = subprocess.run(
+      [sys.executable, '-m', 'imgcls_jax.main', '--config=configs/default.py', f'--workdir={run}',
+       "--config.sweep.grid={'optim.learning_rate': [0.1]}"],
+      cwd=REPO, env=subprocess_env(1), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr
+  assert proc.stderr.strip().splitlines() == [
+      f'error: --workdir={run} holds a training run, not a sweep; give the sweep another '
+      "--workdir (a new or empty folder, or this sweep's own)."]
+  assert os.listdir(run) == ['config.json']
   with pytest.raises(UserError, match='a sweep is its own entry point'):
     train.train_and_evaluate(_sweep_config(), str(tmp_path / 'x'))
 
@@ -503,3 +517,132 @@ def test_a_served_step_never_evaluated_has_no_score_rather_than_the_last_ones(di
   assert row['checkpoint_step'] == 10 and row['checkpoint'] == 'step 10, not evaluated'
   assert row['metrics'] == {} and row['final_metrics']['accuracy'] > 0
   assert out['best'] is None and out['settings'][0]['no_value'] == 1
+
+
+def _marking_training(trained):
+  """A stand-in for training that leaves what a run leaves for the sweep to see (config.json)."""
+  def fake(c, d, pause_at=None):
+    trained.append(os.path.basename(d))
+    os.makedirs(d, exist_ok=True)
+    run_directory.write_config(d, c)
+    return {'accuracy': 0.5 + c.optim.learning_rate, 'loss': 1.0}
+  return fake
+
+
+def test_evaluate_keys_training_reads_count_and_are_checked_on_a_rerun(digits_config, tmp_path,
+                                                                       monkeypatch):
+  trained = []
+  monkeypatch.setattr(sweep_trial, '_train', _marking_training(trained))
+  config = with_grid(digits_config, "{'optim.learning_rate': [0.2, 0.1]}")
+  config.data.train_split = 'train[:80%]'    # (train[80%:] is held out: a temperature split)
+  workdir = str(tmp_path)
+  first = copy.deepcopy(config)
+  first.sweep.shard = '0/2'                  # one trial trained, the other left to shard 1
+  sweep.sweep(first, workdir)
+  assert trained == ['optim.learning_rate=0.2+seed=0']
+
+  def rerun(**evaluate):
+    c = copy.deepcopy(config)
+    for k, v in evaluate.items():
+      c.evaluate[k] = v
+    return sweep.sweep(c, workdir)
+  # A bad value is named as a plain run names it, before a finished trial is skipped.
+  setting = r'The sweep setting optim.learning_rate=0.2: '
+  for evaluate, message in [
+      ({'tta': 'bogus'}, r"config.evaluate.tta='bogus' must be '' \(none\), 'flip' or "
+       r"'flip_translate'\."),
+      ({'tta': 'flip'}, r"Horizontal flips change the meaning of 'sklearn_digits' images; leave "
+       r'config.evaluate.tta empty'),
+      ({'temperature_split': 'test'}, r"config.evaluate.temperature_split='test' shares \d+ "
+       r"examples with config.data.eval_split='test'"),
+      ({'abstain_accuracy': 0.99}, r'config.evaluate.abstain_accuracy is fitted with the '
+       r'temperature of a single-label run'),
+      ({'unknown_keep': 1.5}, r'config.evaluate.unknown_keep=1.5 must be')]:
+    with pytest.raises(UserError, match='^' + setting + message):
+      rerun(**evaluate)
+  # A good value that changes what a trial trains is refused, not mixed into one ranking with
+  # trials trained without it (here shard 1's trial would train with it).
+  with pytest.raises(UserError, match=r'^1 trial directory of this sweep cannot be resumed: .*'
+                     r'optim.learning_rate=0.2\+seed=0 was trained with another config '
+                     r'\(evaluate.temperature_split: "" before, "train\[80%:\]" now\); delete '
+                     r'such a directory'):
+    rerun(temperature_split='train[80%:]')
+  assert trained == ['optim.learning_rate=0.2+seed=0']
+  # Keys only the modes after training read still do not count: nothing is trained again.
+  out = rerun(split='train', errors=0, bootstrap_resamples=0, output_dir='/elsewhere',
+              calibration_bins=5, top_confused=3, confidence_level=0.9)
+  assert trained == ['optim.learning_rate=0.2+seed=0', 'optim.learning_rate=0.1+seed=0']
+  assert [r['status'] for r in out['trials']] == ['finished', 'finished']
+
+
+def test_which_evaluate_keys_count_depends_on_what_the_trial_reads(digits_config):
+  c = sweep_grid.trials(with_grid(digits_config, "{'optim.learning_rate': [0.2]}"))[0].config
+  def changed(**keys):   # the keys a rerun with these values would refuse
+    now = copy.deepcopy(c)
+    for k, v in keys.items():
+      group, key = k.split('__')
+      now[group][key] = v
+    saved, current = configlib.config_dict(c), configlib.config_dict(now)
+    return [d.split(':')[0] for d in sweep_store.differences(saved, current)]
+  assert changed(evaluate__tta='flip') == ['evaluate.tta']
+  assert changed(evaluate__temperature_split='x', evaluate__unknown_keep=0.9) == [
+      'evaluate.temperature_split', 'evaluate.unknown_keep']
+  assert changed(evaluate__checkpoint='latest', evaluate__split='x', evaluate__errors=0,
+                 evaluate__label_issues=False, evaluate__ood_inputs='x',
+                 evaluate__bootstrap_resamples=0, evaluate__output_dir='x',
+                 evaluate__confidence_level=0.9, evaluate__calibration_bins=5,
+                 evaluate__top_confused=1, evaluate__threshold_split='x') == []
+  # ... but a k-fold trial evaluates its folds itself (ECE, reports), the abstention threshold
+  # fitted at the end of training is at confidence_level, and a tagging run fits thresholds.
+  assert changed(cross_validation__folds=2, evaluate__calibration_bins=5,
+                 evaluate__top_confused=1) == ['cross_validation.folds',
+                                               'evaluate.calibration_bins',
+                                               'evaluate.top_confused']
+  assert changed(evaluate__abstain_accuracy=0.9, evaluate__confidence_level=0.9) == [
+      'evaluate.abstain_accuracy', 'evaluate.confidence_level']
+  assert changed(data__multilabel=True, evaluate__threshold_split='x') == [
+      'data.multilabel', 'evaluate.threshold_split']
+
+
+def test_a_damaged_trial_record_is_named_with_its_fix(digits_config, tmp_path, monkeypatch):
+  trained = []
+  monkeypatch.setattr(sweep_trial, '_train', _marking_training(trained))
+  config = with_grid(digits_config, "{'optim.learning_rate': [0.2, 0.1]}")
+  sweep.sweep(config, str(tmp_path))
+  record = tmp_path / 'optim.learning_rate=0.1+seed=0' / 'sweep_trial.json'
+  for damage, why in (('{"config": {', r'JSONDecodeError: Expecting'),
+                      ('[1, 2]', 'a JSON list, not a trial record')):
+    record.write_text(damage)
+    with pytest.raises(UserError, match=(
+        r"^1 trial directory of this sweep cannot be resumed: .*optim.learning_rate=0.1\+seed=0/"
+        rf"sweep_trial.json, the trial's record, is unreadable or damaged \({why}.*\); restore "
+        r'that file from a copy, or move its directory aside to train the trial again\.$')):
+      sweep.sweep(config, str(tmp_path))
+  assert len(trained) == 2
+  # Moved aside, the trial trains again.
+  os.rename(record.parent, tmp_path / 'aside')
+  assert sweep.sweep(config, str(tmp_path))['best']['setting'] == 'optim.learning_rate=0.2'
+  assert trained[2:] == ['optim.learning_rate=0.1+seed=0']
+
+
+def test_a_sweep_into_a_run_directory_is_refused(digits_config, tmp_path, monkeypatch):
+  trained = []
+  monkeypatch.setattr(sweep_trial, '_train', _marking_training(trained))
+  config = with_grid(digits_config, "{'optim.learning_rate': [0.2]}")
+  run = tmp_path / 'run'
+  run.mkdir()
+  run_directory.write_config(str(run), digits_config)   # what a plain run writes first
+  (tmp_path / 'folds' / 'fold_0').mkdir(parents=True)     # a k-fold run
+  sweep.sweep(config, str(tmp_path / 'sweep'))            # a trial of a sweep
+  trial_dir = tmp_path / 'sweep' / 'optim.learning_rate=0.2+seed=0'
+  for workdir in (run, tmp_path / 'folds', trial_dir):
+    with pytest.raises(UserError, match=rf'^--workdir={re.escape(str(workdir))} holds a training '
+                       r'run, not a sweep; give the sweep another --workdir \(a new or empty '
+                       r"folder, or this sweep's own\)\.$"):
+      sweep.sweep(config, str(workdir))
+  assert sorted(os.listdir(run)) == ['config.json'] and trained == [os.path.basename(trial_dir)]
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  sweep.sweep(config, str(empty))                         # an empty folder, and the sweep's own
+  sweep.sweep(config, str(tmp_path / 'sweep'))
+  assert len(trained) == 2

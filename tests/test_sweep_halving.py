@@ -242,3 +242,56 @@ def test_a_seed_without_a_finite_score_or_held_elsewhere_keeps_its_setting_back(
     with pytest.raises(UserError, match=r'is being trained by another process; successive '
                        'halving ranks every trial of a rung'):
       sweep.sweep(grid, str(tmp_path / 'held'))
+
+
+def test_a_halving_rerun_ranks_what_each_trial_directory_holds(digits_config, tmp_path,
+                                                               monkeypatch, capsys):
+  # Four settings, eta 2: rungs 1/4, 1/2, 1. 0.1 starts slowest and ends best.
+  scores = {0.1: lambda f: 0.3 + 0.6 * f, 0.2: lambda f: 0.7 + 0.1 * f, 0.3: lambda f: 0.6,
+            0.4: lambda f: 0.5}
+  log = []
+  monkeypatch.setattr(sweep_trial, '_train', _fake_training(log, scores))
+  config = with_grid(digits_config, "{'optim.learning_rate': [0.1, 0.2, 0.3, 0.4]}", halving=2)
+  halved = sweep.sweep(config, str(tmp_path))
+  stopped = {r['overrides']['optim.learning_rate']: r['budget'] for r in halved['trials']
+             if r['status'] == 'stopped'}
+  quarter = round(90 * 0.25) / 90   # (the stand-in's run: 90 steps)
+  assert stopped == pytest.approx({0.1: quarter, 0.3: 0.5, 0.4: quarter})
+  # The same grid without halving trains the stopped trials to the end: 0.1 is best now.
+  whole = sweep.sweep(with_grid(config, config.sweep.grid, halving=0), str(tmp_path))
+  assert [s['setting'] for s in whole['settings']][0] == 'optim.learning_rate=0.1'
+  # The halving command again: the same decisions, nothing trained, and every trial ranked as
+  # its directory holds it (trained to the end), not as where this halving stopped it.
+  capsys.readouterr()
+  monkeypatch.setattr(sweep_trial, '_train', lambda *a, **k: pytest.fail(f'{a[1]} trained again'))
+  again = sweep.sweep(config, str(tmp_path))
+  assert [r['status'] for r in again['trials']] == ['finished'] * 4
+  assert [(s['setting'], s['mean'], s['budget']) for s in again['settings']] == [
+      (f'optim.learning_rate={lr}', scores[lr](1.0), 1.0) for lr in (0.1, 0.2, 0.3, 0.4)]
+  assert again['settings'] == whole['settings']
+  out = capsys.readouterr().out
+  assert 'Best: optim.learning_rate=0.1;' in out and 'stopped' not in out
+  with open(tmp_path / 'sweep.md') as f:
+    md = f.read()
+  assert '| 1 | `optim.learning_rate=0.1` | 90.00% |' in md
+  assert '(stopped at' not in md and '| stopped' not in md
+
+
+def test_a_stopped_trial_trained_to_a_later_rung_before_is_ranked_there(digits_config, tmp_path):
+  from imgcls_jax.sweep import grid, store
+  (t,) = grid.trials(with_grid(digits_config, "{'optim.learning_rate': [0.1]}"))
+  d = str(tmp_path / t.name)
+  base = {'trial': t.name, 'setting': t.setting, 'overrides': t.overrides, 'seed': 0,
+          'workdir': d, 'wall_s': 1.0}
+  here = {**base, 'status': 'stopped', 'budget': 0.25, 'metrics': {'accuracy': 0.4}}
+  later = {**base, 'status': 'paused', 'budget': 0.5, 'metrics': {'accuracy': 0.7}}
+  store.write(d, {'config': t.config_json, 'status': 'paused', 'row': later,
+                  'rungs': {'0.25': {**here, 'status': 'paused'}, '0.5': later}})
+  assert sweep_trial.as_held(t, d, here) == {**later, 'status': 'stopped'}
+  store.write(d, {'config': t.config_json, 'status': 'paused', 'row': {**here, 'status': 'paused'},
+                  'rungs': {}})   # held where it stops: as it is
+  assert sweep_trial.as_held(t, d, here) == here
+  other = copy.deepcopy(t.config_json)
+  other['optim']['learning_rate'] = 0.2   # another config's run: not this trial's
+  store.write(d, {'config': other, 'status': 'finished', 'row': {**later, 'status': 'finished'}})
+  assert sweep_trial.as_held(t, d, here) == here

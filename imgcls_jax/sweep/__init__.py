@@ -90,20 +90,25 @@ def _note(config: ml_collections.ConfigDict) -> tuple[str, str | None]:
 
 
 def _preflight(config: ml_collections.ConfigDict, todo: list[grid.Trial]) -> None:
-  """What every trial shares, checked before the first trains: the checkpoint trials are scored
-  at, and each dataset the trials read (a missing one fails every trial otherwise)."""
+  """What every trial shares, checked before the first trains (or a rerun skips finished ones):
+  the checkpoint trials are scored at, each dataset the trials read (a missing one fails every
+  trial otherwise), and the evaluate.* keys training reads with it (tta, the held-out splits a
+  temperature or thresholds are fitted on), as a plain run checks them."""
   spec = str(config.evaluate.checkpoint).strip().lower()
   if spec not in ('best', 'latest') and not spec.isdigit():
     raise UserError(f"config.evaluate.checkpoint='{config.evaluate.checkpoint}' must be 'best', "
                     "'latest' or a step number (the checkpoint each trial is scored at).")
-  from imgcls_jax.data import reader
+  from imgcls_jax import held_out
+  from imgcls_jax.data import info as info_lib, reader
   seen = set()
   for t in todo:
-    key = repr(sorted(t.config_json['data'].items()))
+    key = repr((sorted(t.config_json['data'].items()), sorted(t.config_json['evaluate'].items())))
     if key not in seen:
       seen.add(key)
       try:
-        reader.describe(t.config.data)
+        info = reader.describe(t.config.data)
+        info_lib.check_flips(t.config.data, t.config.evaluate.tta, mirror_safe=info.mirror_safe)
+        held_out.check_fit_splits(t.config, info)
       except UserError as e:
         raise UserError(f'The sweep setting {t.setting}: {e}') from None
 
@@ -186,12 +191,16 @@ def sweep(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     logging.warning('config.sweep.halving=%d with %d setting(s): no rung before the end (halving '
                     'keeps the best 1/%d); every setting trains its whole run.',
                     config.sweep.halving, len(settings), config.sweep.halving)
+  if store.holds_run(workdir):
+    raise UserError(f'--workdir={workdir} holds a training run, not a sweep; give the sweep '
+                    "another --workdir (a new or empty folder, or this sweep's own).")
+  _preflight(config, todo)
   clashes = [c for c in (store.conflict(os.path.join(workdir, t.name), t.config_json)
                          for t in todo) if c]
   if clashes:
-    raise UserError(f'{len(clashes)} trial directories of this sweep cannot be resumed: '
-                    f'{clashes[0]}; delete them to train them again, or use a new --workdir.')
-  _preflight(config, todo)
+    (why, fix), n = clashes[0], len(clashes)
+    raise UserError(f"{n} trial director{'y' if n == 1 else 'ies'} of this sweep cannot be "
+                    f'resumed: {why}; {fix}.')
   os.makedirs(workdir, exist_ok=True)
   split, note = _note(config)
   if note:
@@ -216,8 +225,8 @@ def sweep(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                           report.share(fraction), metric)
           break
   with store.summary_lock(workdir):   # others' results as they are now
-    rows = [found.get(t.name) or trial.elsewhere(t, os.path.join(workdir, t.name))
-            for t in todo]
+    rows = [trial.as_held(t, os.path.join(workdir, t.name), found[t.name]) if found.get(t.name)
+            else trial.elsewhere(t, os.path.join(workdir, t.name)) for t in todo]
     done = [r for r in rows if r['status'] == 'finished']
     summary = {**rank.summarize(rows, metric, mode), 'trials': rows, 'grid': config.sweep.grid,
                'samples': int(config.sweep.samples), 'seeds': int(config.sweep.seeds),

@@ -13,20 +13,46 @@ from typing import Any, Iterator
 from imgcls_jax import checkpoint, configlib, metrics
 
 # Keys that cannot change what a trial trains: a rerun with other values still skips or resumes it.
-# ('evaluate.' holds the checkpoint a trial is scored at: a change re-scores, without training.)
 IGNORED = ('progress_bar', 'log_every_steps', 'tensorboard', 'compilation_cache_dir',
-           'data.data_dir', 'checkpoint.async_save', 'sweep.', 'evaluate.', 'compare.', 'predict.',
-           'export.', 'serve.', 'embed.', 'classical.', 'distributed.')
+           'data.data_dir', 'checkpoint.async_save', 'sweep.', 'compare.', 'predict.',
+           'export.', 'serve.', 'embed.', 'classical.', 'distributed.',
+           # evaluate.* read only by the modes that use a trained run (--mode=evaluate, ...);
+           # evaluate.checkpoint is the one a trial is scored at: a change re-scores, untrained.
+           # The others (tta, temperature_split, ...) change the training's own evaluations or
+           # what its checkpoint holds, and count.
+           'evaluate.checkpoint', 'evaluate.split', 'evaluate.output_dir', 'evaluate.errors',
+           'evaluate.label_issues', 'evaluate.ood_inputs', 'evaluate.bootstrap_resamples')
+# Keys that count only where the trial reads them: (key, whether a flat config reads it).
+COUNTED_WHEN = (
+    # the abstention threshold fitted at the end of training is at this confidence
+    ('evaluate.confidence_level', lambda c: bool(c.get('evaluate.abstain_accuracy'))),
+    # a k-fold trial evaluates its folds itself: the ECE it records, each fold's report
+    ('evaluate.calibration_bins', lambda c: (c.get('cross_validation.folds') or 0) > 0),
+    ('evaluate.top_confused', lambda c: (c.get('cross_validation.folds') or 0) > 0),
+    # per-class thresholds are fitted for a multi-label run only
+    ('evaluate.threshold_split', lambda c: bool(c.get('data.multilabel'))),
+)
 LOCK_FILE = '.sweep.lock'
 
 
 def read(directory: str) -> dict[str, Any] | None:
-  """The trial's record, or None (none yet, unreadable, or being replaced by another shard)."""
+  """The trial's record, or None (none yet, or unreadable: ``conflict`` says why)."""
+  return _load(directory)[0]
+
+
+def _load(directory: str) -> tuple[dict[str, Any] | None, str]:
+  """(the trial's record or None, why it could not be read: '' when there is none)."""
+  path = os.path.join(directory, checkpoint.SWEEP_TRIAL_FILE)
   try:
-    with open(os.path.join(directory, checkpoint.SWEEP_TRIAL_FILE)) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
+    with open(path) as f:
+      record = json.load(f)
+  except FileNotFoundError:
+    return None, ''
+  except (OSError, ValueError) as e:   # (written whole by os.replace: never half another's)
+    return None, f'{type(e).__name__}: {e}'
+  if not isinstance(record, dict):
+    return None, f'a JSON {type(record).__name__}, not a trial record'
+  return record, ''
 
 
 def write(directory: str, record: dict[str, Any]) -> None:
@@ -39,12 +65,15 @@ def write(directory: str, record: dict[str, Any]) -> None:
 
 
 def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-  """The keys, but those in IGNORED, in which two trial configs differ ('key: a before, b now')."""
+  """The keys, but those in IGNORED (and COUNTED_WHEN's where neither config reads them), in
+  which two trial configs differ ('key: a before, b now')."""
+  flat_saved, flat_current = configlib.flat(saved), configlib.flat(current)
+  quiet = {k for k, reads in COUNTED_WHEN if not (reads(flat_saved) or reads(flat_current))}
   def kept(config: dict[str, Any]) -> dict[str, Any]:   # (flat: differences takes it as it is)
-    return {k: v for k, v in configlib.flat(config).items()
-            if not any(k.startswith(p) if p.endswith('.') else k == p for p in IGNORED)}
+    return {k: v for k, v in config.items() if k not in quiet
+            and not any(k.startswith(p) if p.endswith('.') else k == p for p in IGNORED)}
   return [d.replace(' in the checkpoint,', ' before,')
-          for d in configlib.differences(kept(saved), kept(current))]
+          for d in configlib.differences(kept(flat_saved), kept(flat_current))]
 
 
 def _trained(directory: str) -> bool:
@@ -53,16 +82,28 @@ def _trained(directory: str) -> bool:
              for n in os.listdir(directory)) if os.path.isdir(directory) else False
 
 
-def conflict(directory: str, config_json: dict[str, Any]) -> str | None:
-  """Why ``directory`` cannot hold the trial of ``config_json`` (trained with another config, or
-  another run's), or None."""
+def holds_run(directory: str) -> bool:
+  """Whether ``directory`` is a run's (or a sweep trial's) own: never a sweep's workdir."""
+  return _trained(directory) or os.path.exists(
+      os.path.join(directory, checkpoint.SWEEP_TRIAL_FILE))
+
+
+def conflict(directory: str, config_json: dict[str, Any]) -> tuple[str, str] | None:
+  """(why ``directory`` cannot hold the trial of ``config_json``: trained with another config,
+  another run's, or its record damaged; the fix), or None."""
   if not _trained(directory):
     return None
-  saved = read(directory)
+  saved, damaged = _load(directory)
+  if damaged:
+    path = os.path.join(directory, checkpoint.SWEEP_TRIAL_FILE)
+    return (f"{path}, the trial's record, is unreadable or damaged ({damaged})",
+            'restore that file from a copy, or move its directory aside to train the trial again')
+  fix = 'delete such a directory to train its trial again, or use a new --workdir'
   if saved is None:
-    return f'{directory} holds a run that is not a trial of a sweep'
+    return f'{directory} holds a run that is not a trial of a sweep', fix
   diffs = differences(saved.get('config') or {}, config_json)
-  return f'{directory} was trained with another config ({"; ".join(diffs[:3])})' if diffs else None
+  return (f'{directory} was trained with another config ({"; ".join(diffs[:3])})', fix
+          ) if diffs else None
 
 
 def done(directory: str, config_json: dict[str, Any]) -> dict[str, Any] | None:

@@ -11,7 +11,7 @@ import ml_collections
 
 from imgcls_jax import checkpoint, cross_validation, metrics, restored_split, train
 from imgcls_jax.errors import UserError, first_line
-from imgcls_jax.sweep import grid, halving, store
+from imgcls_jax.sweep import grid, halving, report, store
 
 Trial = grid.Trial
 
@@ -139,6 +139,30 @@ def at_rung(trial: Trial, directory: str, pause_at: float) -> dict[str, Any] | N
   if row is None and saved.get('status') in ('finished', 'diverged'):
     row = saved['row']
   return {**row, 'workdir': directory} if row else None
+
+
+def as_held(trial: Trial, directory: str, row: dict[str, Any]) -> dict[str, Any]:
+  """``row``, or where successive halving stopped the trial at a rung but its directory holds a
+  run trained further since (by the sweep without halving, or with other halving settings), what
+  the directory holds: its finished (scored at the checkpoint it serves) or diverged row, or the
+  later rung's."""
+  if row['status'] != 'stopped':
+    return row
+  saved = store.read(directory)
+  if not _same(trial, saved) or not saved.get('row'):
+    return row
+  held = saved['row']
+  if saved.get('status') in ('finished', 'diverged'):
+    held = rescored(trial, directory, saved)
+  elif saved.get('status') == 'paused' and float(held.get('budget', 0)) > float(row['budget']):
+    held = {**held, 'status': 'stopped', 'workdir': directory}
+  else:
+    return row
+  logging.info('Trial %s: successive halving stops it at %s of the run, but its directory holds '
+               'it trained further before (%s); the summary ranks what the directory holds.',
+               trial.name, report.share(row['budget']), held['status'] if held['status'] !=
+               'stopped' else f"paused at {report.share(held['budget'])} of the run")
+  return held
 
 
 def elsewhere(trial: Trial, directory: str) -> dict[str, Any]:
