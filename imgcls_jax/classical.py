@@ -34,13 +34,13 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from imgcls_jax import (features, label_issues, metrics, out_of_fold, plots, report,
+from imgcls_jax import (features, label_issues, metrics, out_of_fold, plots, report, run_directory,
                         report_files, report_text)
 from imgcls_jax.errors import UserError
 
 CLASSIFIERS = ('logistic', 'linear_svm')
 MODEL_FILE = 'classical_model.joblib'
-META_FILE = 'classical.json'
+META_FILE = run_directory.CLASSICAL_FILE
 
 
 def make_classifier(classical: ml_collections.ConfigDict) -> Any:

@@ -216,6 +216,15 @@ def run(argv: list[str] | None = None) -> int:
       mode = 'sweep'   # each trial trains (or cross-validates) as below
     elif mode == 'train' and config.get('cross_validation') and config.cross_validation.folds > 0:
       mode = 'cross_validation'
+    if mode in ('train', 'cross_validation', 'classical'):   # a sweep checks its own folder
+      from imgcls_jax import run_directory
+      writes = ('classical_cv' if mode == 'classical' and config.get('cross_validation')
+                and config.cross_validation.folds > 0 else mode)
+      run_directory.check_writable_by(writes, workdir)
+      if mode == 'classical' and config.get('sweep') and config.sweep.grid:
+        raise UserError('--mode=classical fits one model and does not sweep: config.sweep.grid is '
+                        'for trained runs; drop it, or run one --mode=classical per value (each '
+                        'with its own --workdir).')
     module_name, fn_name = MODES[mode]
     fn = getattr(importlib.import_module(module_name), fn_name)
     if mode in TRAINED_RUN_MODES:

@@ -79,11 +79,69 @@ def require_checkpoint(workdir: str) -> None:
     hint = (' This is a cross-validation run: use one fold, e.g. '
             f'--workdir={os.path.join(workdir, folds[0])}.')
   elif trials:
-    hint = (' This is a sweep: use one of its trials (sweep.md ranks them), e.g. '
-            f'--workdir={os.path.join(workdir, trials[0])}.')
+    best = _best_trial(workdir)
+    hint = (' This is a sweep: use one of its trials (sweep.md ranks them), '
+            + (f'e.g. its best, --workdir={best}.' if best else
+               f'e.g. --workdir={os.path.join(workdir, trials[0])}.'))
   else:
     hint = ' Train first (--mode=train) or point --workdir at a run directory.'
   raise UserError(f'No checkpoint in {ckpt_dir}.{hint}')
+
+
+CLASSICAL_FILE = 'classical.json'   # a classical baseline's record (classical.py)
+_KINDS = {'run': 'a training run (checkpoints/, config.json)',
+          'cross_validation': 'a cross-validation of the network (fold_*/)',
+          'classical': 'a classical baseline (classical.json)',
+          'classical_cv': 'a cross-validation of a classical baseline (fold_*/classical.json)',
+          'sweep': 'a sweep (trial folders, sweep.json)',
+          'export': 'an export (export.json)'}
+
+
+def kind(workdir: str) -> str:
+  """What ``workdir`` holds of this project's outputs: one of ``_KINDS``, or '' (nothing: a new
+  or empty folder, or only other files)."""
+  if not os.path.isdir(workdir):
+    return ''
+  names = os.listdir(workdir)
+  sub = lambda n, f: os.path.exists(os.path.join(workdir, n, f))   # noqa: E731
+  if 'export.json' in names:
+    return 'export'
+  if 'sweep.json' in names or any(sub(n, SWEEP_TRIAL_FILE) for n in names):
+    return 'sweep'
+  folds = [n for n in names if n.startswith('fold_') and os.path.isdir(os.path.join(workdir, n))]
+  if folds:
+    return 'classical_cv' if any(sub(n, CLASSICAL_FILE) for n in folds) else 'cross_validation'
+  if CLASSICAL_FILE in names:
+    return 'classical'
+  if CHECKPOINTS_DIR in names or CONFIG_FILE in names:
+    return 'run'
+  return ''
+
+
+def check_writable_by(mode: str, workdir: str) -> None:
+  """Before ``mode`` (train, cross_validation, classical, classical_cv) writes into ``workdir``:
+  refuses a folder that holds another kind of output, which it would mix with or overwrite, or
+  one inside a run directory."""
+  path = os.path.abspath(workdir)
+  inside = _run_directory_above(path)
+  if inside:
+    raise UserError(f'--workdir={workdir} is inside the run directory {inside}, which it would '
+                    'mix with; give a --workdir of its own (outside it).')
+  found, writes = kind(path), {'train': 'run'}.get(mode, mode)
+  if found and found != writes:
+    raise UserError(f'--workdir={workdir} holds {_KINDS[found]}, which this '
+                    f"{_KINDS[writes].split(' (')[0][2:]} would mix with or overwrite; give a new "
+                    '--workdir.')
+
+
+def _best_trial(workdir: str) -> str:
+  """The best trial's directory as the sweep's ``sweep.json`` ranks it ('' when not known)."""
+  try:
+    with open(os.path.join(workdir, 'sweep.json')) as f:
+      best = (json.load(f).get('best') or {}).get('best_workdir') or ''
+  except (OSError, ValueError, AttributeError):
+    return ''
+  return best if isinstance(best, str) and os.path.isdir(best) else ''
 
 
 def moved_aside(workdir: str) -> str:

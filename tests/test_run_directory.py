@@ -201,3 +201,56 @@ def _png_bytes(pixels):
   buf = io.BytesIO()
   Image.fromarray(pixels).save(buf, format='PNG')
   return buf.getvalue()
+
+
+def test_a_workdir_of_another_kind_is_refused_before_it_is_written(tmp_path):
+  """Training into a sweep, a cross-validation, a classical baseline or an export, a classical
+  baseline into a run or a cross-validation, or a run inside another run's checkpoints/: each
+  mixed its files with (or overwrote) the other's. One line each; like kinds and new folders are
+  fine."""
+  from imgcls_jax import run_directory
+  from imgcls_jax.errors import UserError
+
+  def make(name, *files):
+    for f in files:
+      path = tmp_path / name / f
+      path.parent.mkdir(parents=True, exist_ok=True)
+      if not f.endswith('/'):
+        path.write_text('{}')
+    return str(tmp_path / name)
+  run = make('run', 'config.json', 'checkpoints/10/x')
+  cv = make('cv', 'cv_report.json', 'fold_0/config.json', 'fold_1/checkpoints/')
+  ccv = make('ccv', 'cv_report.json', 'fold_0/classical.json')
+  classical = make('classical', 'classical.json', 'report.json')
+  sweep = make('sweep', 'sweep.json', 'lr=0.1/sweep_trial.json')
+  export = make('export', 'export.json', 'model.tflite')
+  kinds = {p: run_directory.kind(p) for p in (run, cv, ccv, classical, sweep, export)}
+  assert list(kinds.values()) == ['run', 'cross_validation', 'classical_cv', 'classical',
+                                  'sweep', 'export']
+  for mode in ('train', 'cross_validation', 'classical', 'classical_cv'):
+    for path, found in kinds.items():
+      if found == {'train': 'run'}.get(mode, mode):
+        run_directory.check_writable_by(mode, path)
+      else:
+        with pytest.raises(UserError, match=r'holds an? .*, which this .* would mix with or '
+                                            r'overwrite; give a new --workdir\.'):
+          run_directory.check_writable_by(mode, path)
+    run_directory.check_writable_by(mode, str(tmp_path / 'new'))
+    run_directory.check_writable_by(mode, make('other files', 'notes.txt'))
+  with pytest.raises(UserError, match=r'is inside the run directory .*run, which it would mix '
+                                      r'with'):
+    run_directory.check_writable_by('train', os.path.join(run, 'checkpoints'))
+  # Through the command line: nothing of the sweep is touched.
+  before = sorted(os.listdir(sweep))
+  proc = _cli('--config=configs/default.py', f'--workdir={sweep}')
+  assert proc.returncode == 2 and 'holds a sweep (trial folders, sweep.json), which this ' \
+      'training run would mix with' in proc.stderr, proc.stderr[-2000:]
+  assert sorted(os.listdir(sweep)) == before
+
+
+def test_classical_mode_with_a_sweep_grid_is_one_line(tmp_path):
+  proc = _cli('--mode=classical', '--config=configs/digits_classical.py',
+              f'--workdir={tmp_path / "c"}', "--config.sweep.grid={'classical.C': [0.1, 1.0]}")
+  assert proc.returncode == 2 and '--mode=classical fits one model and does not sweep' in \
+      proc.stderr, proc.stderr[-2000:]
+  assert not os.path.exists(tmp_path / 'c')

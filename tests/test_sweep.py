@@ -242,8 +242,9 @@ def test_a_sweep_trains_each_trial_as_a_plain_run_and_ranks_the_settings(
     if t['status'] == 'finished':
       assert float(t['accuracy']) == rows[t['trial']]['metrics']['accuracy']
     assert float(t['optim.learning_rate']) == rows[t['trial']]['overrides']['optim.learning_rate']
+  best = summary['best']['best_workdir']   # not the first trial by name, as it used to be
   with pytest.raises(UserError, match=r'This is a sweep: use one of its trials \(sweep.md ranks '
-                     r'them\), e.g. --workdir=.*optim.learning_rate=0.02\+seed=0'):
+                     rf'them\), e.g. its best, --workdir={re.escape(best)}\.'):
     run_directory.require_checkpoint(workdir)    # what --mode=evaluate says given the sweep's root
   md = open(os.path.join(workdir, 'sweep.md')).read()
   assert f"| 1 | `{settings[0]['setting']}` | {100 * settings[0]['mean']:.2f}% |" in md
