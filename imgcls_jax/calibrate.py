@@ -84,6 +84,14 @@ def calibrate(config: ml_collections.ConfigDict | None, workdir: str,
   """The ``calibrate`` mode: fits and saves the temperature or thresholds of ``workdir``'s run.
   Returns ``{'step': ..., 'temperature' | 'thresholds': the record the checkpoint now keeps}``."""
   workdir = os.path.abspath(workdir)
+  parent = os.path.dirname(workdir)
+  if (os.path.basename(workdir).startswith('fold_')
+      and run_directory.kind(parent) == 'cross_validation'):
+    raise UserError(f"{workdir} is a fold of the cross-validation {parent}: calibrated alone, its "
+                    "scores in the cross-validation's summary would change at the next run, "
+                    "unlike the other folds'; fit every fold alike by rerunning the "
+                    'cross-validation in a new --workdir with --config.evaluate.temperature_split '
+                    '(or threshold_split) set, or calibrate a copy of the fold.')
   moved = sorted(k for k in overrides or {}
                  if k.startswith(('data.holdout', 'data.validation_fraction')))
   if moved:

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 
@@ -295,6 +296,16 @@ def test_calibrate_refuses_bad_splits_in_one_line(uncalibrated, monkeypatch):
     with pytest.raises(UserError, match=message):
       calibrate.calibrate(None, uncalibrated, overrides=overrides)
   assert _meta(uncalibrated) == (step, before)
+  # A fold of a cross-validation: calibrated alone it changed its scores in the next summary.
+  cv = os.path.join(os.path.dirname(uncalibrated), 'a_cv')
+  os.makedirs(os.path.join(cv, 'fold_1'), exist_ok=True)
+  fold = os.path.join(cv, 'fold_0')
+  if not os.path.exists(fold):
+    shutil.copytree(uncalibrated, fold)
+  with pytest.raises(UserError, match=r'is a fold of the cross-validation .*a_cv: calibrated '
+                                      r'alone, its scores'):
+    calibrate.calibrate(None, fold, overrides={'evaluate.temperature_split': 'train[80%:]'})
+  assert _meta(fold) == (step, before)
   # A split nothing can be fitted on (every example right by a margin) saves nothing.
   real = temperature.choose
   with monkeypatch.context() as m:
