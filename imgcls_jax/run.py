@@ -241,8 +241,19 @@ def restore_or_init(s: Setup, ckpt: checkpoint.Checkpointer) -> tuple[Any, Any]:
 
 
 def _check_same_classes(s: Setup, meta: dict[str, Any], where: str) -> None:
-  """A resumed run must read the classes it was trained on, in the same order (an image folder's
-  or manifest's classes can change under the same config)."""
+  """A resumed run must read the classes it was trained on, in the same order, and images of as
+  many channels (an image folder's or manifest's classes, and whether it reads in colour, can
+  change under the same config)."""
+  if meta.get('dataset_info'):
+    then_c, now_c = DatasetInfo.from_json(meta['dataset_info']).channels, s.info.channels
+    if then_c != now_c:   # else: a first layer of another shape, said as a state mismatch
+      why = ({1: 'grey', 3: 'colour'}.get(then_c, f'{then_c}-channel'),
+             {1: 'grey', 3: 'colour'}.get(now_c, f'{now_c}-channel'))
+      more = (' (an image folder reads in colour once any of its images is in colour)'
+              if now_c == 3 and then_c == 1 else '')
+      raise UserError(f'Cannot resume {where}: it was trained on {why[0]} images and the data '
+                      f'now reads as {why[1]}{more}; restore the data as it was (e.g. convert '
+                      'the new images), or train in a new --workdir.')
   then = [str(c) for c in meta.get('class_names') or []]
   now = [str(c) for c in s.info.class_names]
   if then and then != now:

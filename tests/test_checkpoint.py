@@ -352,3 +352,20 @@ def test_a_run_whose_checkpoints_were_moved_aside_or_an_export_says_so(tmp_path)
   with pytest.raises(UserError, match=rf'--workdir={export} is an export \(it holds export.json\), '
                                       'not a run directory: point --workdir at the run'):
     run_directory.require_checkpoint(str(export))
+
+
+def test_a_folder_that_now_reads_in_colour_is_named_at_resume():
+  """One colour image added to a grey folder makes it read as RGB: resuming then failed as a
+  state mismatch of the first layer, saying to resume 'with the config that wrote it'."""
+  import types
+  from imgcls_jax import run
+  from imgcls_jax.data.info import DatasetInfo
+  grey = DatasetInfo(name='image_folder:/x', num_classes=2, class_names=('a', 'b'),
+                     image_shape=(8, 8, 1), num_examples={'train': 10})
+  colour = DatasetInfo(**{**grey.__dict__, 'image_shape': (8, 8, 3)})
+  meta = {'class_names': ['a', 'b'], 'dataset_info': grey.to_json()}
+  run._check_same_classes(types.SimpleNamespace(info=grey), meta, 'checkpoint 5')
+  with pytest.raises(UserError, match=r'Cannot resume checkpoint 5: it was trained on grey images '
+                                      r'and the data now reads as colour \(an image folder reads '
+                                      r'in colour once any'):
+    run._check_same_classes(types.SimpleNamespace(info=colour), meta, 'checkpoint 5')
