@@ -89,9 +89,9 @@ def calibrate(config: ml_collections.ConfigDict | None, workdir: str,
       and run_directory.kind(parent) == 'cross_validation'):
     raise UserError(f"{workdir} is a fold of the cross-validation {parent}: calibrated alone, its "
                     "scores in the cross-validation's summary would change at the next run, "
-                    "unlike the other folds'; fit every fold alike by rerunning the "
-                    'cross-validation in a new --workdir with --config.evaluate.temperature_split '
-                    '(or threshold_split) set, or calibrate a copy of the fold.')
+                    "unlike the other folds'; calibrate a copy of the fold (cp -r), or fit "
+                    'every fold alike in a new cross-validation with --config.evaluate.'
+                    'temperature_split (or threshold_split) naming a split outside its folds.')
   moved = sorted(k for k in overrides or {}
                  if k.startswith(('data.holdout', 'data.validation_fraction')))
   if moved:

@@ -23,7 +23,7 @@ import ml_collections
 
 from imgcls_jax import distill, inference, models, run_directory, sharding
 from imgcls_jax import state as state_lib
-from imgcls_jax.data import arrays, folder_index, folder_layout, reader
+from imgcls_jax.data import arrays, folder_index, folder_layout, images, reader
 from imgcls_jax.data.info import DatasetInfo
 from imgcls_jax.errors import UserError
 
@@ -69,7 +69,7 @@ def directories(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   distillation; configs without the section: none)."""
   d = config.get('distill')
   named = str(d.get('teacher', '') or '') if d else ''
-  return tuple(p.strip() for p in named.split(',') if p.strip())
+  return tuple(images.comma_paths(named))   # a comma inside an existing folder's name stays
 
 
 def _check_numbers(d: ml_collections.ConfigDict) -> tuple[float, float]:
@@ -139,7 +139,7 @@ def _check_unseen(trained: inference.Trained, where: str, config: ml_collections
     return
   taught = str(trained.run.data.train_split)
   base, _, fold = str(config.data.eval_split).partition('@')
-  shared = _shared(trained, taught, config, info, base, fold)
+  shared = _shared(trained, taught, config, info, base)
   if shared == 0 or (shared is None and not fold):
     return
   if fold:
@@ -166,16 +166,8 @@ def _whole_splits(spec: str) -> set[str] | None:
   return set(parts) if all(arrays.SLICE.match(p) and '[' not in p for p in parts) else None
 
 
-def _listed_ids(path: str) -> set[str]:
-  try:
-    with open(path) as f:
-      return {line.strip() for line in f if line.strip()}
-  except OSError:
-    return set()
-
-
 def _shared(trained: inference.Trained, taught: str, config: ml_collections.ConfigDict,
-            info: DatasetInfo, base: str, fold: str) -> int | None:
+            info: DatasetInfo, base: str) -> int | None:
   """How many of the student's eval examples the teacher trained on; None when it cannot be
   told."""
   try:
@@ -191,16 +183,9 @@ def _shared(trained: inference.Trained, taught: str, config: ml_collections.Conf
         return max(1, sum(int(info.num_examples.get(n, 0)) for n in wanted))
       if not whole & wanted and 'all' not in wanted:
         return 0
-    same_reader = arrays.is_arrays(trained.run.data) == arrays.is_arrays(config.data)
-    if same_reader and '@' not in taught:
-      shared = reader.shared_examples(config.data, taught, base, info)
-      if shared is not None:
-        return shared   # the fold's ids are a subset of base: an upper bound, 0 when none
-    t_base, _, t_ids = taught.partition('@')
-    if t_ids and fold and not arrays.is_arrays(config.data) and same_reader:
-      if _whole_splits(t_base) is not None and _whole_splits(t_base).isdisjoint({base}):
-        return 0
-      return len(_listed_ids(t_ids) & _listed_ids(fold))   # both lists of tfds ids
+    if arrays.is_arrays(trained.run.data) == arrays.is_arrays(config.data):   # read alike
+      # slices by position; id-listed folds (this one, another cross-validation's) by their ids
+      return reader.shared_examples(config.data, taught, str(config.data.eval_split), info)
   except UserError:
     return None
   return None

@@ -209,9 +209,11 @@ def test_distillation_errors_are_one_line(digits_config, tmp_path, caplog):
                               'the teacher', fold, trained.info)
   # A fold of another cross-validation as the teacher: its training ids against this fold's
   # held-out ids (the error was swallowed: the two id lists were never compared).
-  (tmp_path / 'teacher_fold.ids').write_text('a\nb\nc\n')
-  (tmp_path / 'fold_overlaps.ids').write_text('c\nd\n')
-  (tmp_path / 'fold_apart.ids').write_text('d\ne\n')
+  from imgcls_jax.data import reader
+  ids = reader.example_ids(c.data, 'train')
+  (tmp_path / 'teacher_fold.ids').write_text('\n'.join(ids[:30]))
+  (tmp_path / 'fold_overlaps.ids').write_text('\n'.join(ids[29:40]))
+  (tmp_path / 'fold_apart.ids').write_text('\n'.join(ids[30:40]))
   other_cv = trained.run.copy_and_resolve_references()
   other_cv.data.train_split = f"train@{tmp_path / 'teacher_fold.ids'}"
   fold_teacher = dataclasses.replace(trained, run=other_cv)
@@ -254,3 +256,16 @@ def test_distillation_errors_are_one_line(digits_config, tmp_path, caplog):
     bad.update_from_flattened_dict(overrides)
     with pytest.raises(UserError, match=message):
       train.train_and_evaluate(bad, str(tmp_path / 'student'))
+
+
+def test_a_teacher_folder_with_a_comma_in_its_name_is_one_teacher(tmp_path):
+  """config.distill.teacher separates teachers by commas; a run directory named 'base,c' was split
+  into 'base' and 'c' ('.../c holds no checkpoint')."""
+  import ml_collections
+  from imgcls_jax import teacher as teacher_lib
+  (tmp_path / 'base,c').mkdir()
+  (tmp_path / 'other').mkdir()
+  c = ml_collections.ConfigDict({'distill': {'teacher': f"{tmp_path / 'base,c'}"}})
+  assert teacher_lib.directories(c) == (str(tmp_path / 'base,c'),)
+  c.distill.teacher = f"{tmp_path / 'base,c'}, {tmp_path / 'other'}"
+  assert teacher_lib.directories(c) == (str(tmp_path / 'base,c'), str(tmp_path / 'other'))

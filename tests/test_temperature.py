@@ -174,6 +174,25 @@ def test_export_records_and_applies_the_temperature(calibrated, tmp_path):
                              atol=1e-5)
 
 
+def test_id_listed_folds_are_counted_by_their_ids(digits_config, tmp_path):
+  """A cross-validation fold trains on 'train+test@ids': a temperature fitted on 'test' shared
+  examples with it, uncounted (id lists were not checked), so it was fitted on learnt images."""
+  from imgcls_jax.data import reader
+  ids = reader.example_ids(digits_config.data, 'train+test')
+  train_ids = tmp_path / 'train_ids.txt'
+  train_ids.write_text('\n'.join(ids[::2]) + '\n')   # every other example of the 1797
+  fold = f'train+test@{train_ids}'
+  test_ids = set(reader.example_ids(digits_config.data, 'test'))
+  want = len(test_ids & set(ids[::2]))
+  assert 0 < want < len(test_ids)
+  assert reader.shared_examples(digits_config.data, 'test', fold) == want
+  digits_config.data.train_split = fold
+  digits_config.evaluate.temperature_split = 'test'
+  with pytest.raises(UserError, match=f"shares {want} examples with config.data.train_split="
+                                      f"'train\\+test@"):
+    run.setup(digits_config)
+
+
 def test_bad_temperature_splits_are_one_line(digits_config, tmp_path):
   digits_config.evaluate.temperature_split = 'test'
   with pytest.raises(UserError, match="shares 450 examples with config.data.eval_split='test'"):

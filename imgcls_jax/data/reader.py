@@ -123,8 +123,9 @@ def shared_examples(data: ml_collections.ConfigDict, a: str, b: str,
                     info: DatasetInfo | None = None) -> int | None:
   """How many examples the split specs ``a`` and ``b`` have in common (tfds slice syntax: NAME,
   NAME[lo:hi] with counts or percentages rounded as tfds does, parts joined by '+'; ``all``: every
-  split ``info`` names); None when a spec is not of that form (e.g. an id-listed
-  cross-validation split) or a size is unknown."""
+  split ``info`` names), or an id-listed cross-validation split (``NAME@ids_file``) by its
+  example ids (read from the dataset: tfds ids, image paths); None when a spec is of neither
+  form, ids are not known (an arrays file) or a size is unknown."""
   def ranges(spec: str) -> list[tuple[str, int, int]] | None:
     out = []
     for part in str(spec).replace(' ', '').split('+'):
@@ -145,6 +146,8 @@ def shared_examples(data: ml_collections.ConfigDict, a: str, b: str,
 
   ra, rb = ranges(a), ranges(b)
   if ra is None or rb is None:
+    if '@' in str(a) + str(b) and not arrays.is_arrays(data):   # an id-listed fold: by its ids
+      return len(set(example_ids(data, str(a), info)) & set(example_ids(data, str(b), info)))
     return None
   return sum(max(0, min(s1, s2) - max(lo1, lo2))
              for n1, lo1, s1 in ra for n2, lo2, s2 in rb if n1 == n2)
