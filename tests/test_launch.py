@@ -1,17 +1,24 @@
 """launch/ scripts: each dry run prints the exact commands, with the config passed through intact.
 
-(``launch/local.sh`` also really runs in tests/test_multihost.py.)
+``launch/local.sh`` also really runs: here with a stand-in interpreter (how it stops its processes
+and waits for them) and with two short training processes (a peer killed, a SIGTERM to the
+script); in tests/test_multihost.py for a whole 2-process run.
 """
 from __future__ import annotations
 
 import os
+import queue
+import re
 import shlex
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, subprocess_env
 
 # Arguments for imgcls_jax.main with spaces, parentheses and quotes: they must arrive unchanged.
 MAIN_ARGS = ['--config=configs/default.py', '--workdir=/shared/runs/exp 1',
@@ -53,9 +60,23 @@ def test_local_dry_run_prints_one_command_per_process(tmp_path):
         '--xla_force_host_platform_device_count=2')
     assert argv[3:7] == ['timeout', '--signal=KILL', '600', sys.executable]
     assert _after_main(argv) == MAIN_ARGS + [
+        '--config.mesh.cpu_devices=2',  # over a config file's value (main.py applies this one)
         '--config.distributed.enabled=True',
         '--config.distributed.coordinator_address=127.0.0.1:12345',
         '--config.distributed.num_processes=3', f'--config.distributed.process_id={i}']
+
+
+def test_local_cpu_devices_refuses_a_different_config_mesh_cpu_devices():
+  base = ['-n', '2', '--cpu-devices', '2', '--port', '1', '--python', sys.executable, '--dry-run',
+          '--', '--config=configs/default.py', '--workdir=/tmp/w']
+  for extra in (['--config.mesh.cpu_devices=1'], ['--config.mesh.cpu_devices', '3']):
+    r = _run('local.sh', *base, *extra)
+    assert r.returncode == 2 and r.stdout == '', r.stdout
+    assert r.stderr.strip() == (f'local.sh: --cpu-devices 2 contradicts {" ".join(extra)}; give '
+                                'one of them.')
+  r = _run('local.sh', *base, '--config.mesh.cpu_devices=2')  # the same number: fine
+  assert r.returncode == 0, r.stderr
+  assert _after_main(_commands(r.stdout)[0])[2:4] == ['--config.mesh.cpu_devices=2'] * 2
 
 
 def test_local_dry_run_gives_each_process_its_gpus_and_a_free_port():
@@ -181,3 +202,183 @@ def test_slurm_sweep_gives_each_array_task_its_shard():
   assert r.returncode == 2 and 'not a task of a SLURM job array' in r.stderr
   r = _run('slurm_sweep.sbatch', env=env)
   assert r.returncode == 2 and 'no arguments for imgcls_jax.main' in r.stderr
+
+
+# ---- local.sh really running: how it stops its processes and waits for them ----
+
+# A stand-in for python: `-c CODE` runs python (local.sh picks its free port so); `-m
+# imgcls_jax.main ...` prints, fails after a second when FAKE_FAIL is its process id, and on
+# SIGTERM sleeps FAKE_SAVE seconds ("saving a checkpoint") before its last line and exit 0.
+FAKE_PYTHON = f"""#!/usr/bin/env bash
+if [[ $1 == -c ]]; then exec {shlex.quote(sys.executable)} "$@"; fi
+for a; do case $a in --config.distributed.process_id=*) id=${{a#*=}};; esac; done
+trap 'sleep ${{FAKE_SAVE:-1}}; echo "p$id saved; To resume, rerun"; exit 0' TERM
+echo "p$id running"
+if [[ ${{FAKE_FAIL:-}} == "$id" ]]; then sleep 1; echo "p$id failing"; exit 3; fi
+while :; do sleep 0.1; done
+"""
+
+
+def _survivors(mark: str) -> list[int]:
+  """Processes whose command line contains ``mark`` (a test's own temporary path)."""
+  out = subprocess.run(['pgrep', '-f', mark], capture_output=True, text=True).stdout
+  return [int(pid) for pid in out.split() if int(pid) != os.getpid()]
+
+
+def _kill(pids: list[int]) -> None:
+  for pid in pids:
+    try:
+      os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+      pass
+
+
+class _Launch:
+  """``local.sh ARGS`` in the background; ``lines`` receives its output (stdout and stderr)."""
+
+  def __init__(self, args: list[str], mark: str, env: dict[str, str] | None = None):
+    self.mark, self.lines, self.seen = mark, queue.Queue(), []
+    self.proc = subprocess.Popen(['bash', os.path.join(REPO, 'launch', 'local.sh'), *args],
+                                 cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    threading.Thread(target=self._read, daemon=True).start()
+
+  def _read(self) -> None:
+    for line in self.proc.stdout:
+      self.lines.put(line)
+    self.lines.put(None)
+
+  def wait_for(self, text: str, timeout: float) -> str:
+    """The first line (seen so far or next) that contains ``text``."""
+    for line in self.seen:
+      if text in line:
+        return line
+    deadline = time.monotonic() + timeout
+    while True:
+      try:
+        line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+      except queue.Empty:
+        raise AssertionError(f'no {text!r} after {timeout}s:\n' + ''.join(self.seen)) from None
+      if line is None:
+        raise AssertionError(f'output ended before {text!r}:\n' + ''.join(self.seen))
+      self.seen.append(line)
+      if text in line:
+        return line
+
+  def finish(self, timeout: float) -> tuple[int, str, list[int]]:
+    """Its status, its whole output, and what of its processes outlived it (then killed)."""
+    try:
+      rc = self.proc.wait(timeout=timeout)
+    finally:
+      left = _survivors(self.mark)  # at once: the script must have waited for them
+      _kill(left + ([self.proc.pid] if self.proc.poll() is None else []))
+    while (line := self.lines.get(timeout=10)) is not None:
+      self.seen.append(line)
+    return rc, ''.join(self.seen), left
+
+
+@pytest.fixture
+def fake_python(tmp_path):
+  path = tmp_path / 'fake python'  # the space: local.sh quotes it
+  path.write_text(FAKE_PYTHON)
+  path.chmod(0o755)
+  yield str(path)
+  _kill(_survivors(str(tmp_path)))
+
+
+def test_local_a_failing_process_stops_the_others_and_waits_for_them(fake_python):
+  env = {**os.environ, 'FAKE_FAIL': '1', 'FAKE_SAVE': '2'}
+  run = _Launch(['-n', '3', '--python', fake_python, '--', '--workdir=/tmp/w'], fake_python, env)
+  rc, out, left = run.finish(timeout=30)
+  assert left == [], out   # the old script returned at once, the others still saving
+  assert rc == 3, out      # the failure's status
+  assert 'local.sh: process 1 exited with status 3; stopping the others.' in out
+  assert 'local.sh: sent SIGTERM to process(es) 0 2; SIGKILL in 90s if still running.' in out
+  for i in (0, 2):         # their output is not cut off: each one's last line arrives
+    assert f'[p{i}] p{i} saved; To resume, rerun' in out
+    assert f'local.sh: process {i} exited with status 0.' in out
+  assert out.rstrip().endswith('local.sh: all processes have exited; status 3.')
+
+
+def test_local_sigterm_stops_the_processes_and_returns_after_them(fake_python):
+  run = _Launch(['-n', '2', '--python', fake_python, '--', '--workdir=/tmp/w'], fake_python,
+                {**os.environ, 'FAKE_SAVE': '2'})
+  run.wait_for('[p0] p0 running', 30)
+  run.wait_for('[p1] p1 running', 30)
+  started = time.monotonic()
+  run.proc.send_signal(signal.SIGTERM)
+  rc, out, left = run.finish(timeout=30)
+  assert left == [] and rc == 143, out  # the old script: 130 at once, the processes left behind
+  assert time.monotonic() - started >= 1.5, out  # it waited for their 2 s "checkpoint"
+  assert 'local.sh: got SIGTERM; stopping the processes.' in out
+  assert '[p0] p0 saved; To resume, rerun' in out and '[p1] p1 saved; To resume, rerun' in out
+
+
+def test_local_sigkills_after_the_grace_period_and_at_a_second_signal(fake_python):
+  env = {**os.environ, 'FAKE_SAVE': '60'}  # they would "save" for a minute
+  args = ['-n', '2', '--python', fake_python, '--', '--workdir=/tmp/w']
+  run = _Launch(['--grace', '1', *args], fake_python, env)
+  run.wait_for('[p1] p1 running', 30)
+  run.wait_for('[p0] p0 running', 30)
+  run.proc.send_signal(signal.SIGINT)
+  rc, out, left = run.finish(timeout=20)
+  assert left == [] and rc == 130, out
+  assert 'local.sh: still running 1s after SIGTERM; sent SIGKILL to process(es) 0 1.' in out
+  assert 'local.sh: process 0 exited with status 137.' in out and 'saved' not in out
+  assert 'Killed' not in out  # bash's own notices of the killed jobs stay out of the output
+
+  run = _Launch(args, fake_python, env)  # the default grace, 90 s: a second Ctrl-C kills now
+  run.wait_for('[p1] p1 running', 30)
+  run.wait_for('[p0] p0 running', 30)
+  run.proc.send_signal(signal.SIGINT)
+  run.wait_for('sent SIGTERM', 10)
+  time.sleep(0.5)  # bash drops a SIGINT that comes while its SIGINT trap still runs
+  run.proc.send_signal(signal.SIGINT)
+  rc, out, left = run.finish(timeout=20)
+  assert left == [] and rc == 130, out
+  assert 'local.sh: got SIGINT while stopping; sent SIGKILL to process(es) 0 1.' in out
+
+
+# ---- with two real training processes (2 x 1 CPU device, the default config on the digits) ----
+
+def _train(tmp_path, tfds_dir: str, *local_args: str) -> _Launch:
+  workdir = str(tmp_path / 'run')
+  # A config file asking for 2 CPU devices: local.sh's --cpu-devices 1 must win.
+  (tmp_path / 'two_devices.py').write_text(
+      'from configs import default\n\n\ndef get_config():\n  c = default.get_config()\n'
+      '  c.mesh.cpu_devices = 2\n  return c\n')
+  args = ['-n', '2', '--cpu-devices', '1', *local_args, '--python', sys.executable, '--',
+          f'--config={tmp_path / "two_devices.py"}', f'--workdir={workdir}',
+          f'--config.data.data_dir={tfds_dir}', '--config.num_train_steps=100000',
+          '--config.log_every_steps=1000', '--config.eval_every_steps=-1',
+          '--config.eval_every_epochs=-1', '--config.checkpoint_every_epochs=-1',
+          '--config.checkpoint_every_steps=-1', '--config.tensorboard=False']
+  return _Launch(args, workdir, subprocess_env())
+
+
+@pytest.mark.slow
+def test_local_a_killed_process_leaves_no_other_behind(tmp_path, tfds_dir):
+  run = _train(tmp_path, tfds_dir, '--grace', '5')
+  run.wait_for('First training step done', 90)
+  (victim,) = _survivors(f'{run.mark} .*process_id=1$')  # process 1's python
+  os.kill(victim, signal.SIGKILL)
+  rc, out, left = run.finish(timeout=60)
+  assert left == [], out  # the old script returned at once; process 0 lived on for ~90 s
+  assert rc == 137, out
+  assert 'local.sh: process 1 exited with status 137; stopping the others.' in out
+  assert re.search(r'local.sh: process 0 exited with status \d+\.', out), out
+
+
+@pytest.mark.slow
+def test_local_sigterm_lets_the_processes_save_and_say_how_to_resume(tmp_path, tfds_dir):
+  run = _train(tmp_path, tfds_dir)
+  run.wait_for('First training step done', 90)
+  run.proc.send_signal(signal.SIGTERM)
+  rc, out, left = run.finish(timeout=120)
+  assert left == [] and rc == 143, out
+  assert '1 local devices, 2 in all' in out and '2 local devices' not in out
+  assert re.search(r'\[p0\] Stopped by SIGTERM.* at step \d+ of 100000; checkpoint saved in .*'
+                   r'To resume, rerun the same launch command', out), out
+  assert 'local.sh: process 0 exited with status 0.' in out
+  assert 'local.sh: process 1 exited with status 0.' in out
+  assert os.listdir(tmp_path / 'run' / 'checkpoints')
