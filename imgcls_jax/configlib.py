@@ -242,7 +242,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(math.isfinite(config.num_epochs),
        f'config.num_epochs must be a finite number of epochs, got {config.num_epochs}.')
   need(len(config.data.mean) == len(config.data.std),
-       'config.data.mean and config.data.std need one value per channel each.')
+       f'config.data.mean has {len(config.data.mean)} value(s) and config.data.std '
+       f'{len(config.data.std)}: give each one value per image channel (1 for grey images, 3 for '
+       'colour), or one value for every channel.')
   need(all(s > 0 for s in config.data.std), 'config.data.std values must be positive.')
   need(config.optim.get('schedule_free_bn_batches', 0) >= 0,
        f"config.optim.schedule_free_bn_batches={config.optim.get('schedule_free_bn_batches')} "

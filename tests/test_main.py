@@ -31,6 +31,8 @@ def _one_error_line(proc):
     ('--config.progress_bar=maybe', r'config.progress_bar must be True or False'),
     ('--config.optim.learning_rate=fast', r'config.optim.learning_rate must be a number'),
     ('--config.batch_size=-4', r'config.batch_size must be positive'),
+    ("--config.data.mean=(0.5,0.5)", r'config.data.mean has 2 value\(s\) and config.data.std 1: '
+                                     r'give each one value per image channel'),
     ('--config.model.name=resnet51', r"Unknown model 'resnet51'"),
     ('--config.model.name=resnet18', (r"config.model sets convs_per_stage, dropout, widths, "
                                       r"which model 'resnet18' does not take.*"
