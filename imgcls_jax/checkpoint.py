@@ -288,10 +288,12 @@ class Checkpointer:
         continue
       where = f'checkpoint {step} in {self.directory}'
       if config is not None:
-        configlib.check_config(meta.get('config'), config, where)
+        configlib.check_config(meta.get('config'), config, where, warn=False)
       if check_meta is not None:
         check_meta(meta, where)
       self._check_fits(step, abstract_state)
+      if config is not None:   # it fits: only now is a changed trajectory worth a warning
+        configlib.warn_trajectory(meta.get('config'), config, where)
       try:
         state = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state)))['state']

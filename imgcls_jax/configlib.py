@@ -161,21 +161,31 @@ def differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[st
 
 
 def check_config(saved: Mapping[str, Any] | None, config: ml_collections.ConfigDict,
-                 where: str) -> None:
+                 where: str, warn: bool = True) -> None:
   """Raises UserError if ``config`` differs from the checkpoint's in a state-defining key.
 
-  Warns when it differs in a key that changes the training trajectory. ``where`` names the
-  checkpoint, e.g. 'checkpoint 30 in /runs/a/checkpoints'.
+  Warns (with ``warn``; else ``warn_trajectory`` later, once the state is known to fit) when it
+  differs in a key that changes the training trajectory. ``where`` names the checkpoint, e.g.
+  'checkpoint 30 in /runs/a/checkpoints'.
   """
   if not saved:
     return
-  current = config_dict(config)
-  bad = config_differences(saved, current, MUST_MATCH)
+  bad = config_differences(saved, config_dict(config), MUST_MATCH)
   if bad:
     raise UserError(f'Cannot resume {where}: it was written by a different model or dataset '
                     f'({"; ".join(bad)}); resume it with the config that wrote it (config.json in '
                     'the workdir) or start the new run in a new --workdir.')
-  changed = config_differences(saved, current, TRAJECTORY)
+  if warn:
+    warn_trajectory(saved, config, where)
+
+
+def warn_trajectory(saved: Mapping[str, Any] | None, config: ml_collections.ConfigDict,
+                    where: str) -> None:
+  """Warns when ``config`` differs from the checkpoint's in a key that changes the training
+  trajectory (``TRAJECTORY``)."""
+  if not saved:
+    return
+  changed = config_differences(saved, config_dict(config), TRAJECTORY)
   if changed:
     logging.warning('Resuming %s with a changed config (%s): the run will not match an '
                     'uninterrupted one.', where, '; '.join(changed))

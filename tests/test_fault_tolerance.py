@@ -6,6 +6,7 @@ in-process run on 8 fake devices; the other runs are compared with it. Child pro
 command line (``python -m imgcls_jax.main``) and are killed with real signals.
 """
 import json
+import logging
 import os
 import re
 import shutil
@@ -242,7 +243,9 @@ def test_damaged_newest_checkpoint_resumes_from_the_previous_one(reference, tfds
      r'opt_state/\S+ (is only in|is missing from) the checkpoint \(and \d+ more differences\)'),
 ])
 def test_resuming_with_an_incompatible_config_fails_with_one_line(reference, tfds_dir, tmp_path,
-                                                                   key, value, message):
+                                                                   caplog, key, value, message):
+  """... and nothing else: a change of the optimizer that is refused used to be warned of first
+  as a 'changed config' the resumed run would follow."""
   workdir = copy_run(reference, tmp_path / 'run', up_to_step=TOTAL)
   saved_config = open(os.path.join(workdir, 'config.json')).read()
   config = make_config(tfds_dir)
@@ -251,9 +254,10 @@ def test_resuming_with_an_incompatible_config_fails_with_one_line(reference, tfd
   for p in parents:
     node = node[p]
   node[leaf] = value
-  with pytest.raises(UserError) as e:
+  with pytest.raises(UserError) as e, caplog.at_level(logging.WARNING):
     train.train_and_evaluate(config, workdir)
   assert '\n' not in str(e.value) and re.search(message, str(e.value)), str(e.value)
+  assert 'with a changed config' not in caplog.text
   assert open(os.path.join(workdir, 'config.json')).read() == saved_config  # left as it was
   assert checkpoint_steps(workdir) == [10, 20, 30, 40]  # a mismatch is not damage
 
