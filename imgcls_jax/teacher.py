@@ -83,10 +83,17 @@ def _check_numbers(d: ml_collections.ConfigDict) -> tuple[float, float]:
   return weight, temperature
 
 
-def _load_one(path: str, config: ml_collections.ConfigDict, info: DatasetInfo,
-              workdir: str) -> tuple[inference.Trained, distill.View]:
-  """One teacher's run, checked against the student's data, and how it sees the student's
-  batches."""
+def check_sources(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """What can be checked of ``config.distill`` before a run makes its directories: its numbers,
+  and that each teacher is another run directory holding a checkpoint."""
+  paths = [os.path.abspath(os.path.expanduser(p)) for p in directories(config)]
+  if paths:
+    _check_numbers(config.distill)
+  for path in paths:
+    _check_directory(path, workdir)
+
+
+def _check_directory(path: str, workdir: str) -> None:
   if path == os.path.abspath(workdir):
     raise UserError(f'config.distill.teacher={path} is this run itself; name another trained '
                     'run directory.')
@@ -96,6 +103,13 @@ def _load_one(path: str, config: ml_collections.ConfigDict, info: DatasetInfo,
     raise UserError(f'config.distill.teacher={path} holds no checkpoint; name the --workdir of a '
                     'trained run (of a cross-validation run: one of its fold_<k> directories).'
                     ) from None
+
+
+def _load_one(path: str, config: ml_collections.ConfigDict, info: DatasetInfo,
+              workdir: str) -> tuple[inference.Trained, distill.View]:
+  """One teacher's run, checked against the student's data, and how it sees the student's
+  batches."""
+  _check_directory(path, workdir)
   try:
     trained = inference.load(path)
   except UserError as e:

@@ -298,6 +298,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   workdir = os.path.abspath(workdir)
   held_out.check_workdir_outside(config.data, workdir)
   teacher_lib.absolute_paths(config)   # saved and compared on resume as absolute paths
+  if not os.path.isdir(os.path.join(workdir, checkpoint.CHECKPOINTS_DIR)):
+    teacher_lib.check_sources(config, workdir)   # a new run: before its directories are made
   s = run.setup(config)
   _check_best_metric(config, s.info.multilabel)
   ckpt_dir = os.path.join(workdir, checkpoint.CHECKPOINTS_DIR)

@@ -3,6 +3,7 @@ of the student's pixels, a distilled student that moves towards its teacher, and
 Exact resume and 1 device = 2 devices with a teacher: tests/test_speed_features.py (its reference
 run distils from a teacher of another width and normalisation)."""
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -269,3 +270,16 @@ def test_a_teacher_folder_with_a_comma_in_its_name_is_one_teacher(tmp_path):
   assert teacher_lib.directories(c) == (str(tmp_path / 'base,c'),)
   c.distill.teacher = f"{tmp_path / 'base,c'}, {tmp_path / 'other'}"
   assert teacher_lib.directories(c) == (str(tmp_path / 'base,c'), str(tmp_path / 'other'))
+
+
+def test_a_bad_teacher_is_refused_before_the_run_makes_its_directories(digits_config, tmp_path):
+  """A missing teacher or a bad weight left an empty checkpoints/ folder behind (a run directory
+  that 'holds no checkpoint' to every other mode)."""
+  digits_config.distill.teacher = str(tmp_path / 'nowhere')
+  with pytest.raises(UserError, match='holds no checkpoint'):
+    train.train_and_evaluate(digits_config, str(tmp_path / 'student'))
+  digits_config.distill.teacher = str(tmp_path)
+  digits_config.distill.weight = 2.0
+  with pytest.raises(UserError, match=r'config.distill.weight=2.0 must be in \(0, 1\]'):
+    train.train_and_evaluate(digits_config, str(tmp_path / 'student'))
+  assert not os.path.exists(tmp_path / 'student')
