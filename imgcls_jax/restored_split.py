@@ -152,6 +152,12 @@ def restore_for_split(workdir: str, config: ml_collections.ConfigDict | None, *,
                     'or train again.', changed, split)
   s = run.setup(cfg, trained.info, training=False, thresholds=trained.thresholds,
                 temperature=trained.temperature)
+  total = meta.get('total_steps')   # written by runs since session 39
+  if isinstance(total, int) and step == latest < total:   # e.g. a halving trial, or a run a signal stopped
+    logging.warning("Checkpoint %d is the run's latest, but the run is of %d steps: it stopped "
+                    '%d%% of the way (a signal, a crash, or a sweep halving its trials), so these '
+                    'figures are of a model not trained to the end; rerun its training command to '
+                    'finish it.', step, total, 100 * step // total)
   variables, shardings = run.place_variables(s, trained.variables)
   data = reader.eval_data(cfg.data, split, local_batch_size=s.local_eval_batch_size,
                           process_index=jax.process_index(), process_count=jax.process_count(),

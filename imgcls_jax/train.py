@@ -160,6 +160,7 @@ class _Trainer:
             # The training order is a pure function of (seed, step) (data/pipeline.py): the step
             # is the whole position; resuming rebuilds the stream from it.
             'data_position': {'step': step, 'seed': c.seed, 'examples_seen': step * c.batch_size},
+            'total_steps': int(self.s.total_steps),   # below it: a stopped run (or sweep trial)
             **({'thresholds': {'values': list(self.thresholds), 'split': self.threshold_split}}
                if self.thresholds is not None else {}),
             **({'temperature': self.temperature} if self.temperature is not None else {}),

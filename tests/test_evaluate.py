@@ -338,3 +338,22 @@ def test_other_images_are_matched_by_path_with_a_folder_runs_training_files(tmp_
   # A run trained on tfds or arrays: not known.
   tfds = ml_collections.ConfigDict({'name': 'sklearn_digits', 'train_split': 'train'})
   assert restored_split._seen_files(tfds, names, folder, 'all') is None
+
+
+def test_a_run_stopped_before_its_end_is_said_so_when_evaluated(digits_config, tmp_path, caplog):
+  """A halving trial stopped at a share of its run (or a run a signal stopped) was evaluated with
+  no hint that its model is not trained to the end."""
+  import logging
+  from imgcls_jax import train
+  digits_config.num_train_steps = 8
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(digits_config, workdir, pause_at=0.5)   # as a sweep's first rung
+  with caplog.at_level(logging.WARNING):
+    evaluate.evaluate(None, workdir, overrides={'evaluate.output_dir': str(tmp_path / 'e1')})
+  assert ("Checkpoint 4 is the run's latest, but the run is of 8 steps: it stopped 50% of the "
+          'way') in caplog.text
+  train.train_and_evaluate(digits_config, workdir)   # finished
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    evaluate.evaluate(None, workdir, overrides={'evaluate.output_dir': str(tmp_path / 'e2')})
+  assert 'stopped' not in caplog.text
