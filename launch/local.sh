@@ -181,7 +181,7 @@ for ((i = 0; i < num; i++)); do
   pids+=($!) exited+=(0)
   [[ $stopping == 0 ]] || kill -TERM "${pids[i]}" 2>/dev/null || true  # a signal just before
 done
-set +m  # the polling loop's sleep stays in this script's process group (and gets its Ctrl-C)
+set +m  # the polling loop's sleeps stay in this script's process group
 started=''
 for ((i = 0; i < ${#pids[@]}; i++)); do started+="${started:+, }process $i (pid ${pids[i]})"; done
 say "started $started; coordinator 127.0.0.1:$port."
@@ -207,7 +207,9 @@ while :; do
   if [[ $stopping == 1 && $killed == 0 && $SECONDS -ge $deadline ]]; then
     kill_all "still running ${grace}s after SIGTERM"
   fi
-  { sleep 0.2; } 2>/dev/null
+  # A wait on a background sleep: a signal to this script alone runs its trap at once (a
+  # foreground sleep that exits normally can make bash take the signal as handled by it).
+  { sleep 0.2 & wait $!; } 2>/dev/null || true   # (interrupted: >128)
 done
 
 # The processes are gone; their seds print what is left in the FIFOs and end (bounded, in case a

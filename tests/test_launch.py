@@ -233,6 +233,13 @@ def _kill(pids: list[int]) -> None:
       pass
 
 
+def _interruptible() -> None:
+  """In the child before bash starts: SIGINT as at a terminal. A suite started in the background
+  of a non-interactive shell (e.g. ``nohup ... &``) runs with SIGINT ignored, which bash then
+  cannot trap: the Ctrl-C tests would wait in vain."""
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class _Launch:
   """``local.sh ARGS`` in the background; ``lines`` receives its output (stdout and stderr)."""
 
@@ -240,7 +247,8 @@ class _Launch:
     self.mark, self.lines, self.seen = mark, queue.Queue(), []
     self.proc = subprocess.Popen(['bash', os.path.join(REPO, 'launch', 'local.sh'), *args],
                                  cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                                 stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                                 preexec_fn=_interruptible)
     threading.Thread(target=self._read, daemon=True).start()
 
   def _read(self) -> None:
