@@ -97,6 +97,22 @@ def small_digits_config(tfds_dir: str):
   return c
 
 
+@pytest.fixture
+def browser():
+  """Headless Chromium driven by selenium (the web page tests; they skip without Chromium)."""
+  from selenium import webdriver
+  from selenium.webdriver.chrome.service import Service
+  opts = webdriver.ChromeOptions()
+  opts.binary_location = os.environ.get('CHROMIUM_BINARY', '/usr/bin/chromium')
+  for flag in ('--headless=new', '--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage',
+               '--window-size=1200,900'):
+    opts.add_argument(flag)
+  driver = webdriver.Chrome(
+      service=Service(os.environ.get('CHROMEDRIVER', '/usr/bin/chromedriver')), options=opts)
+  yield driver
+  driver.quit()
+
+
 def subprocess_env(num_devices: int | None = None) -> dict[str, str]:
   """Environment for a child ``python -m imgcls_jax.main`` (fake device count when given)."""
   env = dict(os.environ)

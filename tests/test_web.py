@@ -24,8 +24,6 @@ if not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)):
   pytest.skip(f'the browser test needs Chromium and chromedriver ({CHROMIUM}, {CHROMEDRIVER}; '
               'Debian packages chromium and chromium-driver)', allow_module_level=True)
 
-from selenium import webdriver  # noqa: E402
-from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
@@ -40,19 +38,6 @@ def served(tmp_path_factory, tfds_dir):
   srv = serve.make_server(clf, cfg).start()
   yield srv, config, workdir
   srv.close()
-
-
-@pytest.fixture
-def browser():
-  """Headless Chromium driven by selenium."""
-  opts = webdriver.ChromeOptions()
-  opts.binary_location = CHROMIUM
-  for flag in ('--headless=new', '--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage',
-               '--window-size=1200,900'):
-    opts.add_argument(flag)
-  driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
-  yield driver
-  driver.quit()
 
 
 @contextlib.contextmanager

@@ -35,8 +35,6 @@ if not os.path.isfile(os.path.join(RUNTIME, export.web.BUNDLE)):
               '`(cd .ci && npm ci)` or set IMGCLS_ORT_WEB to its dist folder',
               allow_module_level=True)
 
-from selenium import webdriver  # noqa: E402
-from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 
 from tests.test_web import screenshot_on_failure  # noqa: E402
@@ -62,18 +60,6 @@ def page(tmp_path_factory, tfds_dir):
 class _Quiet(http.server.SimpleHTTPRequestHandler):
   def log_message(self, *args):
     pass
-
-
-@pytest.fixture
-def browser():
-  opts = webdriver.ChromeOptions()
-  opts.binary_location = CHROMIUM
-  for flag in ('--headless=new', '--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage',
-               '--window-size=1200,900'):
-    opts.add_argument(flag)
-  driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
-  yield driver
-  driver.quit()
 
 
 def _wait(predicate, what, timeout=60):
