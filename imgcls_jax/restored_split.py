@@ -190,17 +190,9 @@ def _seen_files(trained_on: ml_collections.ConfigDict, names: tuple[str, ...],
                 data: ml_collections.ConfigDict, split: str) -> int | None:
   if not folder_layout.is_folder(trained_on):
     return None
-
-  def files(cfg: ml_collections.ConfigDict, spec: str) -> set[str]:
-    src = folder_layout.source_of(cfg)
-    base, _, ids_file = str(spec).partition('@')   # a cross-validation fold lists its ids
-    ids = folder_index.listed(src, base, names)[0]
-    if ids_file:
-      with open(ids_file) as f:
-        ids = sorted(set(ids) & {line.strip() for line in f})
-    return {os.path.realpath(os.path.join(src.root, i)) for i in ids}
   try:
-    return len(files(trained_on, str(trained_on.train_split)) & files(data, split))
+    return len(folder_index.real_files(folder_layout.source_of(trained_on),
+                                       str(trained_on.train_split), names)
+               & folder_index.real_files(folder_layout.source_of(data), split, names))
   except (UserError, OSError):
     return None
-

@@ -169,7 +169,10 @@ def _check_unseen(trained: inference.Trained, where: str, config: ml_collections
 
 
 def _dataset(data: ml_collections.ConfigDict) -> str:
-  """The dataset a config reads: an arrays file of a tfds dataset counts as that dataset."""
+  """The dataset a config reads: an arrays file of a tfds dataset counts as that dataset; any
+  image folder or manifest as one (their files are compared by real path)."""
+  if folder_layout.is_folder(data):
+    return 'image_folder'
   return arrays.tfds_name(data) or str(data.name)
 
 
@@ -185,12 +188,11 @@ def _shared(trained: inference.Trained, taught: str, config: ml_collections.Conf
   """How many of the student's eval examples the teacher trained on; None when it cannot be
   told."""
   try:
-    if folder_layout.is_folder(config.data):
-      taught_ids = folder_index.listed(folder_layout.source_of(trained.run.data),
-                                       taught.split('@')[0], trained.info.class_names)[0]
-      eval_ids = folder_index.listed(folder_layout.source_of(config.data), base,
-                                     info.class_names)[0]
-      return len(set(taught_ids) & set(eval_ids))
+    if folder_layout.is_folder(config.data):   # the same files, by real path (folds: by ids)
+      return len(folder_index.real_files(folder_layout.source_of(trained.run.data), taught,
+                                         trained.info.class_names)
+                 & folder_index.real_files(folder_layout.source_of(config.data),
+                                           str(config.data.eval_split), info.class_names))
     whole, wanted = _whole_splits(taught), _whole_splits(base)
     if whole is not None and wanted is not None:   # read alike or not: whole splits are whole
       if 'all' in whole or wanted <= whole:

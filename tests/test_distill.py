@@ -4,6 +4,7 @@ Exact resume and 1 device = 2 devices with a teacher: tests/test_speed_features.
 run distils from a teacher of another width and normalisation)."""
 import logging
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -169,6 +170,14 @@ def test_a_folder_teacher_drawn_with_another_seed_is_said_to_leak(digits_config,
   with caplog.at_level(logging.WARNING):
     teacher_lib._check_unseen(trained, 'the teacher', c, trained.info)
   assert f"trained on {len(held & taught)} examples of this run's eval split 'test'" in caplog.text
+  # Another folder of files with the same names (other pictures): nothing shared, as the real
+  # paths differ (compared by their relative names, it was said to leak).
+  shutil.copytree(tmp_path / 'photos', tmp_path / 'other')
+  c.data.folder = str(tmp_path / 'other')
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    teacher_lib._check_unseen(trained, 'the teacher', c, trained.info)
+  assert 'optimistic' not in caplog.text
 
 
 def test_distillation_errors_are_one_line(digits_config, tmp_path, caplog):

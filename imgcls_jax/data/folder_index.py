@@ -195,6 +195,17 @@ def listed(src: Source, split: str, names: tuple[str, ...]) -> tuple[list[str], 
   return ids, labels
 
 
+def real_files(src: Source, spec: str, names: tuple[str, ...]) -> set[str]:
+  """The real paths of the files ``spec`` lists (``split``, or a cross-validation fold's
+  ``split@ids_file``: the ids it names), to compare the files of two sources."""
+  base, _, ids_file = str(spec).partition('@')
+  ids = listed(src, base, names)[0]
+  if ids_file:
+    with open(ids_file) as f:
+      ids = sorted(set(ids) & {line.strip() for line in f})
+  return {os.path.realpath(os.path.join(src.root, i)) for i in ids}
+
+
 def listed_digest(src: Source, split: str, names: tuple[str, ...]) -> str:
   """A fingerprint of the files (and labels) the layout puts in ``split``, in any order, from the
   listing alone (no file is opened): another file set, a renamed or moved file or a relabelled

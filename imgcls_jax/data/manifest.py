@@ -243,11 +243,11 @@ def warn_unused_splits(location: str, multilabel: bool, train: str, test: str,
     return
   _WARNED.add((location, ''))
   listed = ', '.join(f"'{s}' ({n})" for s, n in sorted(unused.items()))
-  logging.warning("The manifest %s has %d row(s) of split(s) %s, which no split of the run reads "
-                  "(config.data.train_split '%s', eval_split '%s', or '%s' when "
-                  'config.evaluate.temperature_split / threshold_split names it): those images '
-                  'are unused; write their split as one of these, or point a split key at it.',
-                  location, sum(unused.values()), listed, train, test, held)
+  logging.warning("The manifest %s has %d row(s) of split(s) %s, which neither "
+                  "config.data.train_split '%s' nor eval_split '%s' reads (nor '%s'): unless a "
+                  'key names them (config.evaluate.temperature_split, threshold_split or split), '
+                  'those images are unused; write their split as one of these, or point a split '
+                  'key at it.', location, sum(unused.values()), listed, train, test, held)
 
 
 def tags(label: str) -> tuple[str, ...]:
