@@ -417,8 +417,9 @@ def get_config() -> ml_collections.ConfigDict:
                                           # tf2onnx; needs pip install 'imgcls_jax[export]'),
                                           # checked under onnxruntime against JAX (tolerance above)
   c.export.web = False                    # also write web/: a page that classifies images in
-                                          # the browser (model.onnx under onnxruntime-web; implies
-                                          # the ONNX export; README "Export for the web")
+                                          # the browser (its own batch-1 ONNX model under
+                                          # onnxruntime-web, verified like the rest; needs the
+                                          # [export] extra; README "Export for the web")
   c.export.web_runtime = ''               # onnxruntime-web's dist folder (or one holding its
                                           # node_modules); '' = ./node_modules/onnxruntime-web
   c.export.quantize = ''                  # also write a quantised TFLite model: '' (none), 'int8'

@@ -240,8 +240,9 @@ def run(argv: list[str] | None = None) -> int:
     print(f'error: {_path_problem(e, config, workdir)}', file=sys.stderr, flush=True)
     return 2
   except KeyboardInterrupt:   # Ctrl-C outside training, or a second one during it
-    resume = (f'; the same command resumes from the newest checkpoint in {workdir}'
-              if workdir and mode_arg(argv) in ('train', 'sweep', 'cross_validation') else '')
+    resume = (f'; the same command resumes from what {workdir} holds (its newest checkpoints, '
+              'finished trials or folds)'
+              if workdir and mode_arg(argv) == 'train' else '')
     print(f'Interrupted: stopped at once, saving nothing more{resume}.', file=sys.stderr,
           flush=True)
     return 130

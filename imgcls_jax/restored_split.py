@@ -153,11 +153,14 @@ def restore_for_split(workdir: str, config: ml_collections.ConfigDict | None, *,
   s = run.setup(cfg, trained.info, training=False, thresholds=trained.thresholds,
                 temperature=trained.temperature)
   total = meta.get('total_steps')   # written by runs since session 39
-  if isinstance(total, int) and step == latest < total:   # e.g. a halving trial, or a run a signal stopped
+  if isinstance(total, int) and step == latest < total:   # a halving trial, a stopped run
+    finish = ("rerun the sweep without config.sweep.halving to finish it (a rerun with it stops "
+              'it again)' if os.path.exists(os.path.join(workdir, checkpoint.SWEEP_TRIAL_FILE))
+              else 'rerun its training command to finish it')
     logging.warning("Checkpoint %d is the run's latest, but the run is of %d steps: it stopped "
                     '%d%% of the way (a signal, a crash, or a sweep halving its trials), so these '
-                    'figures are of a model not trained to the end; rerun its training command to '
-                    'finish it.', step, total, 100 * step // total)
+                    'figures are of a model not trained to the end; %s.', step, total,
+                    100 * step // total, finish)
   variables, shardings = run.place_variables(s, trained.variables)
   data = reader.eval_data(cfg.data, split, local_batch_size=s.local_eval_batch_size,
                           process_index=jax.process_index(), process_count=jax.process_count(),

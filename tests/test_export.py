@@ -295,7 +295,8 @@ def test_export_stages_beside_its_folder_without_touching_the_users_files(export
   os.makedirs(users)
   with open(os.path.join(users, 'keep.txt'), 'w') as f:
     f.write('keep me')
-  with pytest.raises(UserError, match=r'model\.incomplete exists and was not left by an export'):
+  with pytest.raises(UserError, match=r'model\.incomplete exists and holds no mark of an '
+                                      r'export'):
     export.export(c, workdir)
   assert open(os.path.join(users, 'keep.txt')).read() == 'keep me'
   assert not os.path.exists(out)
@@ -331,6 +332,10 @@ def test_export_stages_beside_its_folder_without_touching_the_users_files(export
   assert json.load(open(os.path.join(out, 'export.json'))) == first
   assert sorted(os.listdir(tmp_path)) == ['model', 'model.incomplete', 'moved']
   export.export(c, workdir)   # the staging folder left behind is still marked as the export's
+  assert sorted(os.listdir(tmp_path)) == ['model', 'moved']
+  # Killed between the swap's two renames: the earlier export, moved aside, is put back.
+  os.rename(out, out + '.replaced-0123')
+  export.export(c, workdir)
   assert sorted(os.listdir(tmp_path)) == ['model', 'moved']
 
 

@@ -176,5 +176,5 @@ def test_ctrl_c_that_stops_at_once_is_one_line_and_status_130(tmp_path, monkeypa
   assert status == 130 and 'Traceback' not in err
   assert err.strip().splitlines()[-1] == (
       'Interrupted: stopped at once, saving nothing more' +
-      (f'; the same command resumes from the newest checkpoint in {tmp_path}.' if resumes
-       else '.'))
+      (f'; the same command resumes from what {tmp_path} holds (its newest checkpoints, '
+       'finished trials or folds).' if resumes else '.'))

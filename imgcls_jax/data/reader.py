@@ -10,7 +10,7 @@ from typing import Any, Iterator
 import ml_collections
 import numpy as np
 
-from imgcls_jax.data import arrays, resident
+from imgcls_jax.data import arrays, folder_layout, resident
 from imgcls_jax.data.info import DatasetInfo
 from imgcls_jax.errors import UserError
 
@@ -147,10 +147,26 @@ def shared_examples(data: ml_collections.ConfigDict, a: str, b: str,
   ra, rb = ranges(a), ranges(b)
   if ra is None or rb is None:
     if '@' in str(a) + str(b) and not arrays.is_arrays(data):   # an id-listed fold: by its ids
-      return len(set(example_ids(data, str(a), info)) & set(example_ids(data, str(b), info)))
+      return len(_ids_of(data, str(a), info) & _ids_of(data, str(b), info))
     return None
   return sum(max(0, min(s1, s2) - max(lo1, lo2))
              for n1, lo1, s1 in ra for n2, lo2, s2 in rb if n1 == n2)
+
+
+_IDS: dict[tuple[str, str], frozenset[str]] = {}   # (the data config, split) -> its example ids
+
+
+def _ids_of(data: ml_collections.ConfigDict, split: str,
+            info: DatasetInfo | None) -> frozenset[str]:
+  """``example_ids`` as a set, once per process for each tfds data config and split (the checks
+  of a cross-validation fold ask several times; a tfds split's ids take a pass over its
+  records)."""
+  if folder_layout.is_folder(data):   # files can change: folder_index memoises what it may
+    return frozenset(example_ids(data, split, info))
+  key = (data.to_json_best_effort(sort_keys=True), split)
+  if key not in _IDS:
+    _IDS[key] = frozenset(example_ids(data, split, info))
+  return _IDS[key]
 
 
 def example_ids(data: ml_collections.ConfigDict, split: str,

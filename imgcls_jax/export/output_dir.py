@@ -3,6 +3,7 @@ the formats are written into, and the swap that puts it in place whole."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -12,9 +13,23 @@ from imgcls_jax.errors import UserError
 STAGING_MARK = '.imgcls_jax_export_staging'   # names a staging folder an export made
 
 
+def _restore_orphan(out_dir: str) -> None:
+  """An export killed between ``swap_in``'s two renames left the earlier export as
+  ``<out_dir>.replaced-<id>`` and no ``out_dir``: put it back."""
+  parent, name = os.path.split(out_dir)
+  if os.path.lexists(out_dir) or not os.path.isdir(parent):
+    return
+  orphans = sorted((os.path.getmtime(os.path.join(parent, n)), n) for n in os.listdir(parent)
+                   if n.startswith(name + '.replaced-'))
+  if orphans:
+    os.rename(os.path.join(parent, orphans[-1][1]), out_dir)
+    logging.warning('Put back the export %s that an interrupted export had moved aside.', out_dir)
+
+
 def check(out_dir: str, workdir: str) -> None:
   """The export replaces ``out_dir`` as a whole: refuse a folder that is not an earlier export
   (it would be deleted with everything in it), the run directory or a folder above it."""
+  _restore_orphan(out_dir)
   fix = ('set config.export.output_dir to a new folder or to an earlier export '
          '(default: <workdir>/export).')
   if os.path.islink(out_dir):   # replaced at the end: the link would go, or the rename fail
@@ -64,8 +79,10 @@ def check_staging_free(out_dir: str) -> None:
   export did not leave (no mark) is the user's, refused before any work."""
   staging = out_dir + '.incomplete'
   if os.path.lexists(staging) and not _left_by_an_export(staging):
-    raise UserError(f'{staging} exists and was not left by an export, which stages its files '
-                    'there; move it away or set config.export.output_dir to another folder.')
+    raise UserError(f'{staging} exists and holds no mark of an export, which stages its files '
+                    'there (one an export before this version left is unmarked too): look '
+                    'inside, then move or delete it, or set config.export.output_dir to another '
+                    'folder.')
 
 
 def staging(out_dir: str) -> str:

@@ -8,8 +8,10 @@ WebAssembly and modules only over HTTP, not from ``file://``):
   * ``index.html``, ``classify.js``: the page; the browser decodes each chosen image and turns it
     upright (EXIF); the page converts it to grey (ITU-R 601 luma) and resizes it with Pillow's
     arithmetic, so the model gets ``--mode=predict``'s bytes (``images.decode``) at any size.
-  * ``model.onnx`` (the export's), ``model.json`` (class names, input shape, task and the run's
-    decision rules: multi-label thresholds, ``min_confidence``, ``unknown_below``).
+  * ``model.onnx`` (the model traced at one image per call, verified against JAX like every
+    other format; not the export's any-batch ``model.onnx``), ``model.json`` (class names, input
+    shape, task and the run's decision rules: multi-label thresholds, ``min_confidence``,
+    ``unknown_below``).
   * ``ort/``: onnxruntime-web's ES-module bundle and its WebAssembly file, copied from an npm
     install (``npm install onnxruntime-web``); nothing is fetched from another host.
 """
