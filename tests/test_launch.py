@@ -233,22 +233,18 @@ def _kill(pids: list[int]) -> None:
       pass
 
 
-def _interruptible() -> None:
-  """In the child before bash starts: SIGINT as at a terminal. A suite started in the background
-  of a non-interactive shell (e.g. ``nohup ... &``) runs with SIGINT ignored, which bash then
-  cannot trap: the Ctrl-C tests would wait in vain."""
-  signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 class _Launch:
   """``local.sh ARGS`` in the background; ``lines`` receives its output (stdout and stderr)."""
 
   def __init__(self, args: list[str], mark: str, env: dict[str, str] | None = None):
     self.mark, self.lines, self.seen = mark, queue.Queue(), []
-    self.proc = subprocess.Popen(['bash', os.path.join(REPO, 'launch', 'local.sh'), *args],
+    # SIGINT as at a terminal: a suite started in the background of a non-interactive shell
+    # (e.g. `nohup ... &`) runs with it ignored, which bash then cannot trap (coreutils' env
+    # resets it; a preexec_fn would fork a process JAX's threads share).
+    self.proc = subprocess.Popen(['env', '--default-signal=INT', 'bash',
+                                  os.path.join(REPO, 'launch', 'local.sh'), *args],
                                  cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                                 preexec_fn=_interruptible)
+                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
     threading.Thread(target=self._read, daemon=True).start()
 
   def _read(self) -> None:
