@@ -34,8 +34,8 @@ class TrainLog:
     and logs their mean with the steps carried; without ``write`` (a stop) carries them too."""
     fetch, self.pending = ((self.pending[:-1], self.pending[-1:]) if keep_last
                            else (self.pending, []))
-    if not fetch:
-      return
+    if not fetch and not (write and self.carried):   # (a resumed run's first record: the
+      return                                         # carried steps alone)
     later = sum(n for _, n in self.pending)  # steps still pending after the fetched ones
     values = [v for fetched, (_, n) in zip(jax.device_get([m for m, _ in fetch]), fetch)
               for v in dispatch.unstack(fetched, n)]

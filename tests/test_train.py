@@ -74,3 +74,39 @@ def test_one_resnet_step_on_mock_imagenet(tmp_path):
   assert np.isfinite(result['loss'])
   (rec,) = _records(tmp_path / 'run', 'train')
   assert rec['step'] == 1 and np.isfinite(rec['loss'])
+
+
+@pytest.mark.parametrize('stop', range(1, 12))
+def test_train_records_after_a_stop_and_resume_equal_an_uninterrupted_runs(stop):
+  """TrainLog, flushed as the loop flushes it (every 3 steps, one dispatch behind), stopped by a
+  signal at any step and resumed with what the stop carried in its checkpoint: the same records.
+  (A resumed run whose first flush fetched nothing dropped the carried steps' record.)"""
+  import types
+  import jax.numpy as jnp
+  from imgcls_jax import train_log
+
+  class Writer:
+    def __init__(self):
+      self.records = []
+
+    def write(self, step, split, summary):
+      self.records.append((step, round(summary['loss'], 6), round(summary['accuracy'], 6)))
+
+  bar = types.SimpleNamespace(set_postfix=lambda **kw: None)
+
+  def run(log, start, end):
+    for step in range(start, end):
+      log.add({'loss': jnp.float32(step + 1), 'grad_norm': jnp.float32(1.0),
+               'accuracy': jnp.float32((step % 4) / 4)})
+      done = step + 1
+      if done // 3 > step // 3:
+        log.flush(done, keep_last=True)
+  whole, stopped = Writer(), Writer()
+  run(train_log.TrainLog(whole, bar, 8, RuntimeError), 0, 12)
+  first = train_log.TrainLog(stopped, bar, 8, RuntimeError)
+  run(first, 0, stop)
+  first.flush(stop, keep_last=False, write=False)   # the stop's save
+  resumed = train_log.TrainLog(stopped, bar, 8, RuntimeError)
+  resumed.carried = list(first.carried)             # from its checkpoint
+  run(resumed, stop, 12)
+  assert stopped.records == whole.records
