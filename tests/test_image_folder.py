@@ -346,12 +346,12 @@ def test_the_sizes_of_a_folder_are_named_by_an_example_file_each(tmp_path):
   train = _index(root, 'train')
   assert train.size_examples == (((10, 20), 'train/a/0.png'), ((10, 40), 'train/b/wide.png'),
                                  ((40, 10), 'train/b/tall.png'))
-  assert image_folder.size_examples([train]) == (
+  assert image_folder.size_examples(train) == (
       'train/a/0.png is 20x10 pixels (width x height), train/b/wide.png 40x10, train/b/tall.png '
       '10x40')
-  assert image_folder.size_examples([train], shown=1) == (
+  assert image_folder.size_examples(train, shown=1) == (
       'train/a/0.png is 20x10 pixels (width x height) and 2 more sizes')
   same = str(tmp_path / 'same')
   for c in ('a', 'b'):
     _save(f'{same}/train/{c}/0.png', 'RGB', (9, 9), 0)
-  assert image_folder.size_examples([_index(same, 'train')]) == ''
+  assert image_folder.size_examples(_index(same, 'train')) == ''

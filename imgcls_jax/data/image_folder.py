@@ -46,14 +46,11 @@ def image_shape(splits: list[folder_index.Split], num_channels: int) -> tuple[in
   return h, w, num_channels
 
 
-def size_examples(splits: list[folder_index.Split], shown: int = 3) -> str:
-  """An example file of each image size in ``splits`` (the commonest first), for a message:
+def size_examples(split: folder_index.Split, shown: int = 3) -> str:
+  """An example file of each image size in ``split`` (the commonest first), for a message:
   ``'train/cat/a.jpg is 30x20 pixels (width x height), train/dog/b.png 25x40 and 6 more
   sizes'``; '' when they share one size."""
-  first: dict[tuple[int, int], str] = {}
-  for s in splits:
-    for hw, rel in s.size_examples:
-      first.setdefault(hw, rel)
+  first = dict(split.size_examples)
   if len(first) < 2:
     return ''
   (h, w), rel = next(iter(first.items()))

@@ -295,13 +295,10 @@ def _folder_split(data: ml_collections.ConfigDict, split: str, info: DatasetInfo
   return folder_index.index(src, split.split('@')[0], names), channels
 
 
-def size_examples(data: ml_collections.ConfigDict, split: str,
-                  info: DatasetInfo | None = None) -> str:
-  """For an image folder: an example file of each image size of ``split`` (for a message); ''
-  for other datasets."""
-  if not image_folder.is_folder(data):
-    return ''
-  return image_folder.size_examples([_folder_split(data, split, info)[0]])
+def size_examples(data: ml_collections.ConfigDict, split: str, info: DatasetInfo | None) -> str:
+  """An image folder's example file of each image size of ``split``, for a message ('' else)."""
+  folder = image_folder.is_folder(data)
+  return image_folder.size_examples(_folder_split(data, split, info)[0]) if folder else ''
 
 
 def path_decoder(data: ml_collections.ConfigDict, split: str) -> Any:
