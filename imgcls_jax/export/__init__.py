@@ -279,14 +279,15 @@ def _web_onnx(clf: inference.Classifier, staging: str, path: str, images: np.nda
   BatchNorm and leave tf2onnx no shape computation to get wrong (the any-batch ONNX model of the
   default digits CNN fails under onnxruntime). Checked under onnxruntime's CPU provider, one image
   per call; the same graph runs under onnxruntime-web's WebAssembly build."""
-  if not tflite_1:
+  own = not tflite_1   # traced here, and removed once converted
+  if own:
     source = os.path.join(staging, 'web_source')
     save_saved_model(clf, source, batch=1)
     tflite_1 = os.path.join(staging, 'web_source.tflite')
     save_tflite(source, tflite_1, batch=1)
     shutil.rmtree(source)
   save_onnx(tflite_1, path, flag='web=False')
-  if tflite_1.endswith('web_source.tflite'):
+  if own:
     os.remove(tflite_1)
   return _check(lambda p, x, batch=1: run_onnx(p, x, batch=1), path, images, reference, 'web')
 
