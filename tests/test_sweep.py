@@ -642,6 +642,21 @@ def test_a_sweep_into_a_run_directory_is_refused(digits_config, tmp_path, monkey
                        r"folder, or this sweep's own\)\.$"):
       sweep.sweep(config, str(workdir))
   assert sorted(os.listdir(run)) == ['config.json'] and trained == [os.path.basename(trial_dir)]
+  for name, held, what in (('export.json', 'an export', 'export.json'),
+                           ('classical.json', 'a classical baseline', 'classical.json')):
+    other = tmp_path / name.split('.')[0]   # another mode's output: mixed with, before
+    other.mkdir()
+    (other / name).write_text('{}')
+    with pytest.raises(UserError, match=rf'^--workdir={re.escape(str(other))} holds {held} '
+                       rf'\({what}\), which this sweep would mix with or overwrite; give a new '
+                       r'--workdir\.$'):
+      sweep.sweep(config, str(other))
+    assert os.listdir(other) == [name]
+  (tmp_path / 'real' / 'checkpoints' / '5').mkdir(parents=True)   # a run with a saved step
+  inside = tmp_path / 'real' / 'sweeps'
+  with pytest.raises(UserError, match='is inside the run directory'):
+    sweep.sweep(config, str(inside))
+  assert not inside.exists()
   empty = tmp_path / 'empty'
   empty.mkdir()
   sweep.sweep(config, str(empty))                         # an empty folder, and the sweep's own

@@ -34,7 +34,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from imgcls_jax import metrics, plots, preemption
+from imgcls_jax import metrics, plots, preemption, run_directory
 from imgcls_jax.errors import UserError
 from imgcls_jax.sweep import grid, halving, rank, report, store, trial
 
@@ -194,6 +194,7 @@ def sweep(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if store.holds_run(workdir):
     raise UserError(f'--workdir={workdir} holds a training run, not a sweep; give the sweep '
                     "another --workdir (a new or empty folder, or this sweep's own).")
+  run_directory.check_writable_by('sweep', workdir)   # an export, a classical fit, ...
   _preflight(config, todo)
   clashes = [c for c in (store.conflict(os.path.join(workdir, t.name), t.config_json)
                          for t in todo) if c]
