@@ -266,7 +266,7 @@ def get_config() -> ml_collections.ConfigDict:
                                           # shows this many (<= 100) as the model saw them (0 =
                                           # neither; one process; multi-label: every wrong tag
                                           # decision, missed or extra)
-  c.evaluate.output_dir = ''              # report files; '' = the workdir
+  c.evaluate.output_dir = ''              # report files; '' = workdir (a fold: <fold>/evaluate)
   c.evaluate.confidence_level = 0.95      # the report's intervals (imgcls_jax/intervals.py): top-1
                                           # exact (Clopper-Pearson); top-1, macro F1 and balanced
   c.evaluate.bootstrap_resamples = 1000   # accuracy by bootstrapping the examples (0: exact only)

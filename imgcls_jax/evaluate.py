@@ -5,7 +5,8 @@
       [--config.evaluate.tta=flip]
 
 The model and dataset come from the run in ``--workdir``. Writes to ``config.evaluate.output_dir``
-(default: the workdir) ``report.json``, ``report.md``, ``confusion_matrix.csv``,
+(default: the workdir; ``<fold>/evaluate`` for a fold of a cross-validation, whose own report
+stays the cross-validation's) ``report.json``, ``report.md``, ``confusion_matrix.csv``,
 ``confusion_matrix.png``, ``reliability.png``, ``errors.csv`` (every wrongly predicted example,
 the most confident first: likely label mistakes or hard cases; a multi-label run lists every
 wrong tag decision, missed or extra, instead; one process) with ``errors.png`` (the first
@@ -90,7 +91,7 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str,
   else:
     rep['intervals'] = intervals.report_intervals(
         np.asarray(rep['confusion_matrix']), level=level, resamples=resamples, seed=cfg.seed)
-  out_dir = os.path.abspath(e.output_dir or workdir)
+  out_dir = os.path.abspath(e.output_dir or _default_output(workdir))
   if jax.process_index() == 0:
     title = f"Evaluation of {cfg.model.name} on {ev.dataset or info.name} '{ev.split}'"
     ids = _split_ids(ev) if ev.outcomes is not None and (shown or issues) else []
@@ -110,6 +111,20 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str,
                                  errors=errors)
     print('\n'.join(report_files.table_lines(rep, title, out_dir, written)), flush=True)
   return rep
+
+
+def _default_output(workdir: str) -> str:
+  """The workdir; for a fold of a cross-validation, ``<fold>/evaluate``: its ``report.md`` is the
+  cross-validation's record of the fold (``cv_report.md`` links it) and stays as it was."""
+  parent = os.path.dirname(workdir)
+  if (os.path.basename(workdir).startswith('fold_')
+      and run_directory.kind(parent) == 'cross_validation'):
+    out = os.path.join(workdir, 'evaluate')
+    logging.info('%s is a fold of the cross-validation in %s, whose record is the fold\'s '
+                 'report; this evaluation is written to %s (config.evaluate.output_dir sets '
+                 'another folder).', os.path.basename(workdir), parent, out)
+    return out
+  return workdir
 
 
 def _split_ids(ev: evaluation.Evaluation) -> list[str]:

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from imgcls_jax import cross_validation, metrics, train
+from imgcls_jax import cross_validation, evaluate, metrics, train
 from imgcls_jax.data import folds, pipeline
 from imgcls_jax.errors import UserError
 from tests.conftest import REPO, subprocess_env
@@ -172,6 +172,17 @@ def test_cross_validation_end_to_end_and_resume(digits_config, tmp_path, monkeyp
   assert all(os.path.exists(os.path.join(workdir, n)) for n in issue_files)
   printed = capsys.readouterr().out
   assert '3-fold cross-validation of sklearn_digits:train+test' in printed and '+-std' in printed
+
+  # --mode=evaluate of one fold reports in <fold>/evaluate: the fold's report, which cv_report.md
+  # links, is the cross-validation's record and stays byte for byte.
+  fold_dir = os.path.join(workdir, 'fold_0')
+  before = {n: open(os.path.join(fold_dir, n), 'rb').read() for n in ('report.json', 'report.md')}
+  again0 = evaluate.evaluate(None, fold_dir, overrides={})   # as --mode=evaluate calls it
+  assert again0['accuracy'] == rows[0]['accuracy']
+  assert again0['num_examples'] == rows[0]['eval_examples']
+  assert {n: open(os.path.join(fold_dir, n), 'rb').read() for n in before} == before
+  with open(os.path.join(fold_dir, 'evaluate', 'report.json')) as f:
+    assert json.load(f)['accuracy'] == rows[0]['accuracy']
 
   # The search turned off: the finished folds are evaluated again, and the last run's lists go.
   config.cross_validation.label_issues = False
