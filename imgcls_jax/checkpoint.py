@@ -53,7 +53,32 @@ class _NoMissingMetricsWarning(logging.Filter):
     return 'did not provide metrics' not in record.getMessage()
 
 
+class _DamagedOrbaxMetadata(logging.Filter):
+  """Orbax logs an ERROR (with the file's whole content) each time it reads a step's empty or
+  damaged ``_CHECKPOINT_METADATA``, three times per resume. The file holds timestamps only: the
+  restore reads the arrays and the meta item without it. One warning per file instead."""
+
+  _PREFIXES = ('Failed to json parse Metadata file: ', 'Failed to read Metadata file: ')
+
+  def __init__(self) -> None:
+    super().__init__()
+    self._seen: set[str] = set()
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if not record.getMessage().startswith(self._PREFIXES) or not record.args:
+      return True
+    path = str(record.args[0])
+    if path in self._seen:
+      return False
+    self._seen.add(path)
+    record.msg, record.args = ("Orbax's metadata file %s is empty or damaged; it holds only the "
+                               "save's timestamps, and the checkpoint is read without it."), (path,)
+    record.levelno, record.levelname = logging.WARNING, 'WARNING'
+    return True
+
+
 logging.getLogger('absl').addFilter(_NoMissingMetricsWarning())
+logging.getLogger('absl').addFilter(_DamagedOrbaxMetadata())
 
 
 @dataclasses.dataclass

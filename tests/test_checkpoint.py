@@ -87,6 +87,29 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, capl
   assert os.path.isdir(tmp_path / checkpoint.CORRUPT_DIR / '3')  # kept for inspection
 
 
+def test_a_damaged_orbax_metadata_file_is_one_warning_and_the_step_still_resumes(tmp_path,
+                                                                                 caplog):
+  """Orbax's ``_CHECKPOINT_METADATA`` (timestamps, handler names) empty or garbled: Orbax logged
+  an ERROR with the file's content on each of its three reads per resume."""
+  with checkpoint.Checkpointer(str(tmp_path), keep=5, keep_best=1) as ckpt:
+    ckpt.save(1, _state(1), {'step': 1}, metrics={'accuracy': 0.5})
+    ckpt.save(2, _state(2), {'step': 2}, metrics={'accuracy': 0.7})
+  damaged = tmp_path / 'checkpoints' / '2' / '_CHECKPOINT_METADATA'
+  damaged.write_text('\x00' * 5000)
+  with caplog.at_level(logging.INFO), checkpoint.Checkpointer(str(tmp_path), keep=5,
+                                                               keep_best=1) as ckpt:
+    restored = ckpt.restore_latest(_target(_state(0)))
+    assert ckpt.best_step() == 2 and ckpt.metrics(2) == {'accuracy': 0.7}
+    ckpt.restore_latest(_target(_state(0)))
+  assert restored.step == 2 and restored.meta == {'step': 2} and not restored.skipped
+  np.testing.assert_array_equal(restored.state['w'], np.full((4, 3), 2.0))
+  bad = [r for r in caplog.records if str(damaged) in r.getMessage()]
+  assert [(r.levelname, r.getMessage()) for r in bad] == [(
+      'WARNING', f"Orbax's metadata file {damaged} is empty or damaged; it holds only the save's "
+      'timestamps, and the checkpoint is read without it.')]
+  assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
 _READ_DAMAGED = """
 import sys, time
 import jax, jax.numpy as jnp
