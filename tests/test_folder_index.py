@@ -465,6 +465,31 @@ def test_manifest_rows_of_a_split_no_split_reads_are_warned_of(tmp_path, digits_
                   'of these, or point a split key at it.']
 
 
+def test_split_folders_no_split_reads_are_warned_of_once(tmp_path, digits_config, caplog):
+  """A val/ folder beside train/ and test/ was silently unused."""
+  root = str(tmp_path / 'splits')
+  for split in ('train', 'test', 'val', 'validation', 'extra'):
+    _flat(f'{root}/{split}', {'ant': 2, 'bee': 2})
+  folder_index.clear_memo()
+  data = _data(digits_config, folder=root, holdout_fraction=0.0)
+  with caplog.at_level(logging.WARNING):
+    assert sources.describe(data).num_examples == {'train': 4, 'test': 4}
+    assert sources.split_size(data, 'val') == 4   # a key may name it (evaluate.split=val)
+  said = [r.getMessage() for r in caplog.records if 'those' in r.getMessage()]
+  assert said == [f"The image folder {root} has split folder(s) 'extra/', 'val/', which neither "
+                  "config.data.train_split 'train' nor eval_split 'test' reads: unless a key "
+                  'names them (config.evaluate.split, temperature_split or threshold_split), '
+                  'those images are unused; rename the folder to a split the run reads, or point '
+                  'a split key at it.']
+  caplog.clear()
+  for split in ('val', 'extra', 'validation'):
+    os.rename(f'{root}/{split}', f'{tmp_path}/{split}')
+  folder_index.clear_memo()
+  with caplog.at_level(logging.WARNING):
+    sources.describe(data)
+  assert not [r for r in caplog.records if 'those' in r.getMessage()]
+
+
 def test_windows_paths_in_a_manifest_are_read_with_a_warning(tmp_path, digits_config, caplog):
   for c in ('1', '2'):
     for k in range(2):

@@ -105,6 +105,7 @@ def _listed(src: Source, split: str, names: tuple[str, ...],
       pairs.extend((rel, name) for rel in walk(os.path.join(src.root, name), name, skipped))
   else:
     where = split_dir(src, split)
+    _warn_unused_split_folders(src)
     skipped += [(os.path.join(split, f), 'outside every class folder')
                 for f in loose_files(where)]
     for name in subdirs(where):
@@ -167,11 +168,28 @@ def _warn_holdout_unused(src: Source) -> None:
                   'images out of the train split).', src.holdout_fraction, src.location, what)
 
 
+def _warn_unused_split_folders(src: Source) -> None:
+  """Warns (once per folder) of split folders that neither the train nor the eval split reads
+  (e.g. ``val/`` beside ``train/`` and ``test/``): their images are silently unused."""
+  unused = sorted(named_splits(src) - {src.train_split, src.eval_split, VALIDATION})
+  with _LOCK:
+    if not unused or src.location in _UNUSED_WARNED:
+      return
+    _UNUSED_WARNED.add(src.location)
+  logging.warning("The image folder %s has split folder(s) %s, which neither "
+                  "config.data.train_split '%s' nor eval_split '%s' reads: unless a key names "
+                  'them (config.evaluate.split, temperature_split or threshold_split), those '
+                  'images are unused; rename the folder to a split the run reads, or point a split '
+                  'key at it.', src.location, ', '.join(f"'{n}/'" for n in unused),
+                  src.train_split, src.eval_split)
+
+
 # ---- the index of a split ----
 
 _MEMO: dict[tuple[Source, str, tuple[str, ...]], Split] = {}
 _WARNED: set[tuple[str, str, str]] = set()   # (location, id, why) a warning already named
 _HOLDOUT_WARNED: set[str] = set()            # locations whose unused holdout_fraction was named
+_UNUSED_WARNED: set[str] = set()             # locations whose unread split folders were named
 _LOCK = threading.Lock()
 
 
@@ -181,6 +199,7 @@ def clear_memo() -> None:
     _MEMO.clear()
     _WARNED.clear()
     _HOLDOUT_WARNED.clear()
+    _UNUSED_WARNED.clear()
 
 
 def _digest(ids: list[str], labels: list) -> str:
