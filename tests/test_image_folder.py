@@ -334,6 +334,38 @@ def test_links_below_class_folders_are_followed_and_each_real_file_read_once(tmp
   assert len(said) == 1 and 'train/b/extra_again (the same folder as train/b/extra' in said[0]
 
 
+@pytest.mark.parametrize('layout', ['splits', 'flat'])
+def test_a_file_two_class_folders_reach_through_links_is_refused(tmp_path, layout):
+  """A folder (or file) linked from two class folders was trained on as both classes."""
+  root = str(tmp_path / 'images')
+  top = f'{root}/train' if layout == 'splits' else root
+  for c in ('a', 'b'):
+    for k in range(2):
+      _save(f'{top}/{c}/{k}.png', 'RGB', (9, 9), k)
+      if layout == 'splits':
+        _save(f'{root}/test/{c}/{k}.png', 'RGB', (9, 9), k)
+  for k in range(3):
+    _save(f'{tmp_path}/shared/{k}.png', 'RGB', (9, 9), 10 + k)
+  os.symlink(f'{tmp_path}/shared', f'{top}/a/shared')
+  os.symlink(f'{tmp_path}/shared/1.png', f'{top}/a/one.png')   # in one class: read once
+  os.symlink(f'{tmp_path}/shared', f'{top}/b/also')
+  split = 'train' if layout == 'splits' else 'all'
+  src = folder_layout.Source(kind=layout, location=root, root=root, train_split='train',
+                             eval_split='test', holdout_fraction=0.0, holdout_seed=0, cache_dir='')
+  folder_index.clear_memo()
+  with pytest.raises(UserError) as e:
+    folder_index.index(src, split, ('a', 'b'))
+  rel = 'train/' if layout == 'splits' else ''
+  assert str(e.value) == (
+      f'{root}/{rel}a/shared/0.png and {root}/{rel}b/also/0.png are one file (through a link) in '
+      'two class folders (and 2 more): a single-label image has one class; remove the link from '
+      'the wrong class folder (images with several labels: a manifest with '
+      'config.data.multilabel=True).')
+  os.remove(f'{top}/b/also')
+  folder_index.clear_memo()
+  assert folder_index.index(src, split, ('a', 'b')).counts == (5, 2)   # a/one.png: read once
+
+
 def test_the_sizes_of_a_folder_are_named_by_an_example_file_each(tmp_path):
   """'Images ... differ in size' named no file and no size: the index keeps an example file of
   each size, commonest first, for that message."""

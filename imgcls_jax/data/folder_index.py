@@ -101,16 +101,13 @@ def _listed(src: Source, split: str, names: tuple[str, ...],
                                   VALIDATION)
   elif src.kind == 'flat':
     skipped += [(f, 'outside every class folder') for f in loose_files(src.root)]
-    for name in subdirs(src.root):
-      pairs.extend((rel, name) for rel in walk(os.path.join(src.root, name), name, skipped))
+    pairs = _class_folders(src.root, src.root, '', skipped)
   else:
     where = split_dir(src, split)
     _warn_unused_split_folders(src)
     skipped += [(os.path.join(split, f), 'outside every class folder')
                 for f in loose_files(where)]
-    for name in subdirs(where):
-      pairs.extend((rel, name) for rel in walk(os.path.join(where, name),
-                                                os.path.join(split, name), skipped))
+    pairs = _class_folders(src.root, where, split, skipped)
   if not needs_holdout and src.holdout_fraction > 0:
     _warn_holdout_unused(src)
   if src.multilabel:
@@ -152,6 +149,31 @@ def _listed(src: Source, split: str, names: tuple[str, ...],
     keep = [i for i in range(len(ids)) if (i in held) == held_out]
     ids, labels = [ids[i] for i in keep], [labels[i] for i in keep]
   return ids, labels, skipped
+
+
+def _class_folders(root: str, where: str, prefix: str, skipped: list[tuple[str, str]]
+                   ) -> list[tuple[str, str]]:
+  """(path under ``root``, class) of the files in the class folders of ``where``; a file that two class folders
+  reach (through links) is refused: it would be trained on as both classes."""
+  pairs: list[tuple[str, str]] = []
+  first: dict[str, str] = {}   # real path -> the path it was listed at first
+  twice: list[tuple[str, str]] = []
+  for name in subdirs(where):
+    reals: dict[str, str] = {}
+    pairs.extend((rel, name) for rel in walk(os.path.join(where, name), os.path.join(prefix, name),
+                                             skipped, reals))
+    for real, rel in reals.items():
+      if real in first:
+        twice.append((first[real], rel))
+      else:
+        first[real] = rel
+  if twice:
+    more = f' (and {len(twice) - 1} more)' if len(twice) > 1 else ''
+    raise UserError(f'{os.path.join(root, twice[0][0])} and {os.path.join(root, twice[0][1])} '
+                    f'are one file (through a link) in two class folders{more}: a single-label '
+                    'image has one class; remove the link from the wrong class folder (images '
+                    'with several labels: a manifest with config.data.multilabel=True).')
+  return pairs
 
 
 def _warn_holdout_unused(src: Source) -> None:

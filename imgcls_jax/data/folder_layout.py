@@ -158,12 +158,12 @@ def has_splits(src: Source) -> bool:
 
 # ---- listing: (example id, class name) per candidate file ----
 
-def walk(directory: str, prefix: str,
-         skipped: list[tuple[str, str]] | None = None) -> Iterable[str]:
+def walk(directory: str, prefix: str, skipped: list[tuple[str, str]] | None = None,
+         reals: dict[str, str] | None = None) -> Iterable[str]:
   """Relative paths (``prefix/...``) of the non-hidden files under ``directory``, sorted, links
   to folders and files followed. Each real file is listed once: a link to a folder or file listed
   already, or to a folder above it (a loop), is passed over, and with ``skipped`` given, added to
-  it as (relative path, why)."""
+  it as (relative path, why). ``reals`` (given) gets each listed file's real path -> its path."""
   top = os.path.realpath(directory)
   seen: dict[str, str] = {top: os.path.normpath(prefix)}   # real path -> relative path listed
   note = skipped.append if skipped is not None else lambda item: None
@@ -191,6 +191,8 @@ def walk(directory: str, prefix: str,
         dirs.append((e.path, real, rel))
       else:
         seen[real] = rel
+        if reals is not None:
+          reals[real] = rel
         yield rel
     for sub in dirs:
       yield from visit(*sub)
