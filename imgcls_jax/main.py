@@ -140,6 +140,10 @@ def parse(argv: list[str]):
   if mode_arg(argv) in TRAINED_RUN_MODES and not any(a.startswith('--config=') for a in argv):
     argv = [argv[0], f'--config={configlib.default_config_path()}', *argv[1:]]
     sys.argv = argv  # config_flags reads the override flags' names from sys.argv
+  given = [a.split('=')[0] for a in argv[1:] if a.startswith('--config.')]
+  if given and not any(a == '--config' or a.startswith('--config=') for a in argv):
+    raise _CliError(f'{given[0]} sets a key of a config file, and none was given: add '
+                    f'--config=configs/default.py (or another file in configs/) before it.')
   try:
     FLAGS(argv)
   except Exception as e:  # a config file that does not load fails here when overrides are given

@@ -95,6 +95,11 @@ def test_missing_config_file_and_workdir(tmp_path):
   assert 'config file' in line
   line = _one_error_line(_main('--config=configs/default.py'))
   assert 'Missing --workdir' in line
+  # Overrides without a config file: absl said only "Unknown command line flag".
+  line = _one_error_line(_main(f'--workdir={tmp_path}', '--config.num_train_steps=30'))
+  assert line == ('error: --config.num_train_steps sets a key of a config file, and none was '
+                  'given: add --config=configs/default.py (or another file in configs/) before it.')
+  assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.parametrize('body, detail', [
