@@ -128,7 +128,7 @@ def folder_rows(root: str, found: list[dict[str, str]]) -> list[list[str]]:
   files of an image folder, as its layout lists them: ``root/<class>/**``, or
   ``root/<split>/<class>/**`` when the list's ids name a split first (``split/class/file``: an id's
   class directory is its label)."""
-  from imgcls_jax.data import folder_layout
+  from imgcls_jax.data import file_walk, folder_layout
   if os.path.isfile(root):
     raise UserError(f'The image folder {root} is a file; give the folder of class directories the '
                     'run read (config.data.folder), or a CSV manifest as --manifest.')
@@ -147,9 +147,9 @@ def folder_rows(root: str, found: list[dict[str, str]]) -> list[list[str]]:
     return [['path', 'label', 'split']] + [
         [rel, name, split] for split in folder_layout.subdirs(root)
         for name in folder_layout.subdirs(os.path.join(root, split))
-        for rel in folder_layout.walk(os.path.join(root, split, name), os.path.join(split, name))]
+        for rel in file_walk.walk(os.path.join(root, split, name), os.path.join(split, name))]
   return [['path', 'label']] + [[rel, name] for name in folder_layout.subdirs(root)
-                                for rel in folder_layout.walk(os.path.join(root, name), name)]
+                                for rel in file_walk.walk(os.path.join(root, name), name)]
 
 
 def _new_tags(now: str, r: dict[str, str]) -> str:

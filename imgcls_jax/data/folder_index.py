@@ -22,8 +22,9 @@ import threading
 import numpy as np
 
 from imgcls_jax.data import file_probe, holdout, manifest
+from imgcls_jax.data.file_walk import walk
 from imgcls_jax.data.folder_layout import (ALL, VALIDATION, Source, check_split_name, loose_files,
-                                           named_splits, split_dir, subdirs, walk)
+                                           named_splits, split_dir, subdirs)
 from imgcls_jax.data.images import is_image_file, unreadable_summary
 from imgcls_jax.errors import UserError
 

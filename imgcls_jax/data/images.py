@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from imgcls_jax.data import file_walk
 from imgcls_jax.errors import UserError
 
 IMAGE_EXTENSIONS = frozenset({'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff',
@@ -175,33 +176,13 @@ def _image_files(folder: str) -> list[str]:
   """The non-hidden image files under ``folder``, sorted, links to folders and files followed;
   each real file once: a second link to a folder or file read already, or a link to a folder
   above (a loop), is passed over, with one warning."""
-  top = os.path.realpath(folder)
-  seen, found, passed = {top}, [], []
-  for root, dirs, names in os.walk(folder, followlinks=True):
-    here, keep = os.path.realpath(root), []
-    for d in sorted(dirs):
-      real = os.path.realpath(os.path.join(root, d))
-      if real in seen or here.startswith(real.rstrip(os.sep) + os.sep):
-        passed.append(os.path.join(root, d))
-      else:
-        seen.add(real)
-        keep.append(d)
-    dirs[:] = keep
-    for f in sorted(names):
-      path = os.path.join(root, f)
-      if f.startswith('.') or not is_image_file(f):
-        continue
-      real = os.path.realpath(path)
-      if real in seen:
-        passed.append(path)
-      else:
-        seen.add(real)
-        found.append(path)
+  passed: list[tuple[str, str]] = []
+  found = sorted(p for p in file_walk.walk(folder, folder, passed) if is_image_file(p))
   if passed:
     logging.warning('Read each image under %s once: passed over %d link(s) to a folder or file '
                     'read already, or to a folder above (e.g. %s).', folder, len(passed),
-                    passed[0])
-  return sorted(found)
+                    passed[0][0])
+  return found
 
 
 def image_batches(files: list[str], prepare: Callable[[str], np.ndarray], batch_size: int,
