@@ -171,6 +171,47 @@ def test_page_makes_predicts_pixels_from_images_of_any_size(page, browser, tmp_p
     np.testing.assert_allclose(r['probabilities'], p, atol=1e-5, err_msg=r['file'])
 
 
+def test_page_says_which_images_it_cannot_read_as_predict_does(page, browser, tmp_path):
+  """A transparent pixel's stored colour (PIL keeps it; a canvas keeps colours premultiplied by
+  alpha) and a 16-bit PNG's reduction to 8 bits (predict: v // 257) differ in the browser: the
+  answer says so. An opaque image, even with an alpha channel, and an 8-bit one get no note."""
+  _, _, _, url = page
+  x, _ = digits.load_arrays('test')
+  grey = x[5, :, :, 0]
+  alpha = np.full(grey.shape, 255, np.uint8)
+  alpha[:2] = 0                                  # two transparent rows, stored white
+  rgba = np.dstack([np.maximum(grey, 255 * (alpha == 0))] * 3 + [alpha]).astype(np.uint8)
+  Image.fromarray(rgba, 'RGBA').save(tmp_path / 'transparent.png')
+  Image.fromarray(np.dstack([grey] * 3 + [np.full_like(grey, 255)]), 'RGBA').save(
+      tmp_path / 'opaque_rgba.png')
+  wide = (grey.astype(np.uint16) * 257 + np.arange(grey.size, dtype=np.uint16).reshape(
+      grey.shape) % 257).astype(np.uint16)        # 16-bit values that are not 8-bit ones x 257
+  Image.fromarray(wide).save(tmp_path / 'deep.png')
+  Image.fromarray(grey).save(tmp_path / 'plain.png')
+  files = [tmp_path / n for n in ('transparent.png', 'opaque_rgba.png', 'deep.png', 'plain.png')]
+  with Image.open(files[2]) as im:
+    assert im.mode == 'I;16'                       # (PIL wrote a 16-bit PNG)
+  with screenshot_on_failure(browser, tmp_path):
+    results = _classify(browser, url, files)
+    notes = [[n.text for n in row.find_elements(By.CSS_SELECTOR, '.note')]
+             for row in browser.find_elements(By.CSS_SELECTOR, '#results tbody tr')]
+    got = browser.execute_async_script(
+        'const done = arguments[arguments.length - 1];'
+        "Promise.all([...document.getElementById('file').files].map(window.imgclsPixels))"
+        '.then(done, (e) => done(String(e)));')
+  said = [r['notes'] for r in results]
+  assert said == notes
+  same = [np.array_equal(np.asarray(g, np.uint8).reshape(8, 8, 1),
+                         images.decode(str(f), channels=1, size_hw=(8, 8)))
+          for f, g in zip(files, got)]
+  assert same == [False, True, False, True]      # the notes are true: those two differ
+  assert said == [
+      ["It has transparent pixels, whose stored colour the browser does not give: the answer can "
+       "differ from --mode=predict's."], [],
+      ["It is a 16-bit PNG, which the browser reduces to 8 bits its own way: the answer can differ "
+       "slightly from --mode=predict's."], []]
+
+
 def test_page_applies_the_runs_gates_as_predict_does(page, browser, tmp_path):
   """With a confidence threshold and an unknown-input threshold in model.json, each answer is
   "not sure" / "none of the classes" exactly where the numpy rules (selective's float32 >= and

@@ -80,7 +80,8 @@ function resample(src, h, w, c, outH, outW, kind) {
 
 // The image as the model's uint8 input [H, W, C], made as --mode=predict makes it: decoded by the
 // browser, upright (EXIF), colours as stored (no colour management, as PIL reads them), converted
-// to grey or RGB, then resized with PIL's filters.
+// to grey or RGB, then resized with PIL's filters; with the notes of ``caveats`` (where it may
+// differ from predict's).
 async function pixels(file, [h, w, c]) {
   const bitmap = await createImageBitmap(file, {colorSpaceConversion: 'none',
                                                 premultiplyAlpha: 'none'});
@@ -92,6 +93,7 @@ async function pixels(file, [h, w, c]) {
   ctx.drawImage(bitmap, 0, 0);   // its own size: no resampling by the browser
   bitmap.close();
   const rgba = ctx.getImageData(0, 0, iw, ih).data;
+  const notes = await caveats(file, rgba);
   const image = new Uint8Array(ih * iw * c);
   for (let i = 0; i < ih * iw; i++) {
     const r = rgba[4 * i], g = rgba[4 * i + 1], b = rgba[4 * i + 2];
@@ -101,8 +103,29 @@ async function pixels(file, [h, w, c]) {
       image[3 * i] = r; image[3 * i + 1] = g; image[3 * i + 2] = b;
     }
   }
-  if (ih === h && iw === w) return image;
-  return resample(image, ih, iw, c, h, w, ih >= h && iw >= w ? BOX : BILINEAR);
+  if (ih === h && iw === w) return {image, notes};
+  return {image: resample(image, ih, iw, c, h, w, ih >= h && iw >= w ? BOX : BILINEAR), notes};
+}
+
+// Where the browser cannot give the pixels PIL reads: a canvas keeps colours premultiplied by
+// alpha, so a transparent pixel's stored colour is lost (PIL drops alpha and keeps that colour),
+// and the browser reduces a 16-bit PNG to 8 bits its own way (predict: v // 257).
+async function caveats(file, rgba) {
+  const notes = [];
+  for (let i = 3; i < rgba.length; i += 4) {
+    if (rgba[i] !== 255) {
+      notes.push('It has transparent pixels, whose stored colour the browser does not give: the ' +
+                 'answer can differ from --mode=predict\'s.');
+      break;
+    }
+  }
+  const head = new Uint8Array(await file.slice(0, 26).arrayBuffer());
+  const png = [137, 80, 78, 71, 13, 10, 26, 10].every((b, i) => head[i] === b);
+  if (png && head[24] === 16) {
+    notes.push('It is a 16-bit PNG, which the browser reduces to 8 bits its own way: the answer ' +
+               'can differ slightly from --mode=predict\'s.');
+  }
+  return notes;
 }
 
 const logSumExp = (xs) => {
@@ -151,7 +174,14 @@ function row(file, result) {
     cell('error').textContent = result.error;
     cell();
   } else {
-    cell('answer').textContent = result.answer;
+    const answer = cell('answer');
+    answer.textContent = result.answer;
+    for (const note of result.notes) {
+      const p = document.createElement('div');
+      p.className = 'note';
+      p.textContent = note;
+      answer.appendChild(p);
+    }
     const list = cell();
     for (const t of result.top) {
       const div = document.createElement('div');
@@ -175,18 +205,18 @@ async function main() {
   $('about').textContent = `${meta.class_names.length} classes; input ${h}x${w}, ` +
       `${c === 1 ? 'grey' : 'colour'}; checkpoint step ${meta.checkpoint_step}.`;
   window.imgclsResults = [];   // every answer, in order, for scripts and tests
-  window.imgclsPixels = async (file) => Array.from(await pixels(file, meta.input_shape));
+  window.imgclsPixels = async (file) => Array.from((await pixels(file, meta.input_shape)).image);
   let queue = Promise.resolve();
   const classify = (files) => {
     for (const file of files) {
       queue = queue.then(async () => {
         let result;
         try {
-          const data = await pixels(file, meta.input_shape);
+          const {image: data, notes} = await pixels(file, meta.input_shape);
           const out = await session.run({images: new ort.Tensor('uint8', data, [1, h, w, c])});
           result = {file: file.name, probabilities: Array.from(out.probabilities.data),
                     logits: Array.from(out.logits.data)};
-          Object.assign(result, decide(meta, result.probabilities, result.logits));
+          Object.assign(result, decide(meta, result.probabilities, result.logits), {notes});
         } catch (e) {
           result = {file: file.name, error: `Cannot classify this file: ${e.message || e}`};
         }
