@@ -12,7 +12,7 @@ import os
 import ml_collections
 
 from imgcls_jax import ood, selective
-from imgcls_jax.data import folder_index, folder_layout, reader
+from imgcls_jax.data import duplicates, folder_index, folder_layout, reader
 from imgcls_jax.data.info import DatasetInfo
 from imgcls_jax.errors import UserError
 
@@ -192,6 +192,28 @@ def warn_eval_on_training(config: ml_collections.ConfigDict, info: DatasetInfo) 
     logging.warning("config.data.eval_split='%s' shares %d examples with train_split='%s': the "
                     'accuracy it reports is on images the model trains on, not on new ones; %s.',
                     ev, shared, train, fix)
+  elif folder_layout.is_folder(config.data):
+    _warn_copies(config.data, info, ev, train)
+
+
+def _warn_copies(data: ml_collections.ConfigDict, info: DatasetInfo, ev: str, train: str) -> None:
+  """Eval images whose bytes equal a training image's (a copy, or a link to it, in another split
+  folder or manifest row): the accuracy counts them as new images. Said once, with the fix."""
+  try:
+    src = folder_layout.source_of(data)
+    names = tuple(info.class_names)
+    pairs = duplicates.identical(folder_index.files_of(src, ev, names),
+                                 folder_index.files_of(src, train, names))
+  except (UserError, OSError):   # a split the data layer names better when it reads it
+    return
+  if pairs:
+    shown = '; '.join(f'{os.path.relpath(p, src.root)} = {os.path.relpath(q, src.root)}'
+                      for p, q in pairs[:3])
+    logging.warning("%d image(s) of config.data.eval_split='%s' in %s are byte-identical to "
+                    "images of train_split='%s' (%s%s): the accuracy counts them as new images "
+                    'though the model trains on them; delete one file of each pair (or move it '
+                    'to the same split).', len(pairs), ev, src.location, train, shown,
+                    '; ...' if len(pairs) > 3 else '')
 
 
 def warn_unused_validation(config: ml_collections.ConfigDict, info: DatasetInfo) -> None:

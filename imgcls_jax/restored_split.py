@@ -15,7 +15,7 @@ import jax
 import ml_collections
 
 from imgcls_jax import checkpoint, held_out, inference, metrics, run, run_directory
-from imgcls_jax.data import arrays, folder_index, folder_layout, reader
+from imgcls_jax.data import arrays, duplicates, folder_index, folder_layout, reader
 from imgcls_jax.data.info import check_flips
 from imgcls_jax.errors import UserError
 
@@ -173,14 +173,15 @@ def restore_for_split(workdir: str, config: ml_collections.ConfigDict | None, *,
 
 def seen_examples(r: Restored, workdir: str) -> int | None:
   """How many examples of ``r``'s split the run trained on (0: none; None: not known): split
-  slices of its own data (``reader.shared_examples``); for other images (another folder or
-  manifest on the command line), the same files by real path when the run trained on an image
+  slices of its own data (``reader.shared_examples``); images of an image folder or manifest
+  (its own, or another given on the command line), by their bytes: files of the split equal to a
+  file the run trained on (the same file, a link or a copy) when the run trained on an image
   folder or manifest (a run trained on tfds or arrays: not known)."""
   data = r.trained.run.data
-  if r.new_images:
+  if r.new_images or folder_layout.is_folder(data):
     saved = (run_directory.read_config(workdir) or {}).get('data') or {}
-    return _seen_files(ml_collections.ConfigDict(saved), r.trained.info.class_names, data,
-                       r.split)
+    return _seen_files(ml_collections.ConfigDict(saved) if r.new_images else data,
+                       r.trained.info.class_names, data, r.split)
   if arrays.is_arrays(data) and r.trained.info.name != reader.dataset_name(data):
     return None   # another arrays file's splits
   try:
@@ -191,11 +192,12 @@ def seen_examples(r: Restored, workdir: str) -> int | None:
 
 def _seen_files(trained_on: ml_collections.ConfigDict, names: tuple[str, ...],
                 data: ml_collections.ConfigDict, split: str) -> int | None:
-  if not folder_layout.is_folder(trained_on):
+  if not (folder_layout.is_folder(trained_on) and folder_layout.is_folder(data)):
     return None
   try:
-    return len(folder_index.real_files(folder_layout.source_of(trained_on),
-                                       str(trained_on.train_split), names)
-               & folder_index.real_files(folder_layout.source_of(data), split, names))
+    return len(duplicates.identical(
+        folder_index.files_of(folder_layout.source_of(data), split, names),
+        folder_index.files_of(folder_layout.source_of(trained_on), str(trained_on.train_split),
+                              names)))
   except (UserError, OSError):
     return None

@@ -308,6 +308,7 @@ def test_other_images_are_matched_by_path_with_a_folder_runs_training_files(tmp_
   used to take any other location as unseen and search its 'label issues'."""
   import ml_collections
   from imgcls_jax import restored_split
+  from imgcls_jax.data import folder_index
   from tests.test_image_folder import make_folder
   root = str(tmp_path / 'images')
   make_folder(root)
@@ -335,6 +336,20 @@ def test_other_images_are_matched_by_path_with_a_folder_runs_training_files(tmp_
     os.symlink(p, linked / os.path.basename(os.path.dirname(p)) / f'l{k}.png')
   folder = ml_collections.ConfigDict({**trained_on.to_dict(), 'folder': str(linked)})
   assert restored_split._seen_files(trained_on, names, folder, 'all') == 2
+  # Copies, not links: the same bytes are the same image (a photo saved twice), in another folder
+  # and in the run's own test split (split folders are disjoint by path, not by content).
+  import shutil
+  copies = tmp_path / 'copies'
+  for k, p in enumerate(train_files[:3]):
+    (copies / 'dog').mkdir(parents=True, exist_ok=True)
+    shutil.copy(p, copies / 'dog' / f'c{k}{os.path.splitext(p)[1]}')
+  shutil.copy(os.path.join(root, 'test', 'cat', 't0.png'), copies / 'dog' / 'new.png')
+  folder = ml_collections.ConfigDict({**trained_on.to_dict(), 'folder': str(copies)})
+  assert restored_split._seen_files(trained_on, names, folder, 'all') == 3
+  assert restored_split._seen_files(trained_on, names, trained_on, 'test') == 0
+  shutil.copy(train_files[1], os.path.join(root, 'test', 'dog', 'again.png'))
+  folder_index.clear_memo()
+  assert restored_split._seen_files(trained_on, names, trained_on, 'test') == 1
   # A run trained on tfds or arrays: not known.
   tfds = ml_collections.ConfigDict({'name': 'sklearn_digits', 'train_split': 'train'})
   assert restored_split._seen_files(tfds, names, folder, 'all') is None

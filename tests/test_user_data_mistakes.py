@@ -226,6 +226,77 @@ def test_evaluating_on_trained_images_is_warned_of(tmp_path, caplog):
   assert any("shares 100 examples" in r.getMessage() for r in caplog.records)   # 400..499
 
 
+@pytest.mark.parametrize('layout', ['splits', 'manifest', 'holdout'])
+def test_eval_images_that_are_copies_of_training_images_are_warned_of(tmp_path, caplog, layout):
+  """A photo saved into both train/ and test/ (or linked there, or listed twice in a manifest
+  under two names) was scored as a new image without a word: split folders are disjoint by
+  path, not by content."""
+  from imgcls_jax import held_out
+  root = tmp_path / 'images'
+  for i in range(8):
+    _png(root / 'train' / ('cat', 'dog')[i % 2] / f'{i}.png', i)
+    _png(root / 'test' / ('cat', 'dog')[i % 2] / f't{i}.png', 100 + i)
+  copies = [('train/cat/2.png', 'test/cat/t0.png'), ('train/dog/5.png', 'test/dog/t3.png')]
+  for src_rel, dst_rel in copies:
+    (root / dst_rel).write_bytes((root / src_rel).read_bytes())
+  os.symlink(root / 'train/cat/4.png', root / 'test/cat/linked.png')
+  if layout == 'splits':
+    data = _data(folder=str(root))
+  else:
+    files = sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root)
+                   for f in fs)
+    if layout == 'manifest':
+      rows = [f"{f},{f.split('/')[1]},{f.split('/')[0]}" for f in files]
+      data = _data(manifest=str(root / 'm.csv'))
+    else:   # no split column: the held-out draw makes the eval split
+      rows = [f"{f},{f.split('/')[1]}" for f in files]
+      data = _data(manifest=str(root / 'm.csv'), holdout_fraction=0.5)
+    (root / 'm.csv').write_text('\n'.join(rows) + '\n')
+  src = folder_layout.source_of(data)
+  names = folder_layout.class_names(src)
+  info = DatasetInfo(name='image_folder', num_classes=2, class_names=names, image_shape=(8, 8, 3),
+                     num_examples={})
+  ev_files = folder_index.files_of(src, 'test', names)
+  train_files = folder_index.files_of(src, 'train', names)
+  oracle = [(p, q) for p in ev_files for q in train_files
+            if open(p, 'rb').read() == open(q, 'rb').read()]      # every pair, byte for byte
+  with caplog.at_level(logging.WARNING):
+    held_out.warn_eval_on_training(ml_collections.ConfigDict({'data': data}), info)
+  said = [r.getMessage() for r in caplog.records if 'byte-identical' in r.getMessage()]
+  assert len(oracle) == (3 if layout != 'holdout' else 2)   # (the held-out draw splits 2 pairs)
+  shown = '; '.join(f'{os.path.relpath(p, root)} = {os.path.relpath(q, root)}'
+                    for p, q in oracle[:3])
+  assert said == [
+      f"{len(oracle)} image(s) of config.data.eval_split='test' in {src.location} are "
+      f"byte-identical to images of train_split='train' ({shown}): the accuracy counts them as new "
+      'images though the model trains on them; delete one file of each pair (or move it to the '
+      'same split).']
+
+
+def test_identical_files_are_found_by_their_bytes_whatever_their_sizes(tmp_path):
+  """duplicates.identical against comparing every pair's bytes: same-size files that differ,
+  empty files, missing files, a file in both lists."""
+  from imgcls_jax.data import duplicates
+  rng = np.random.default_rng(0)
+  blobs = [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in (5, 5, 5, 9, 0, 3_000_000)]
+  a, b = [], []
+  for i, blob in enumerate(blobs):
+    (tmp_path / f'a{i}').write_bytes(blob)
+    a.append(str(tmp_path / f'a{i}'))
+  for i in (1, 3, 4, 5):
+    (tmp_path / f'b{i}').write_bytes(blobs[i])
+    b.append(str(tmp_path / f'b{i}'))
+  (tmp_path / 'b_near').write_bytes(blobs[5][:-1] + bytes([blobs[5][-1] ^ 1]))   # one bit off
+  b += [str(tmp_path / 'b_near'), str(tmp_path / 'missing'), a[0]]
+  a.append(str(tmp_path / 'gone'))
+  oracle = [(p, next(q for q in b if os.path.exists(q) and open(q, 'rb').read() == open(p, 'rb')
+                     .read())) for p in a if os.path.exists(p) and any(
+                         os.path.exists(q) and open(q, 'rb').read() == open(p, 'rb').read()
+                         for q in b)]
+  assert duplicates.identical(a, b) == oracle
+  assert [p for p, _ in oracle] == [a[0], a[1], a[3], a[4], a[5]]
+
+
 def test_tags_differing_in_case_and_tags_on_no_or_every_image_are_warned_of(tmp_path, caplog):
   """'EVEN;ROUND' beside 'even;round' trained 6 tags without a word; a tag on no training image
   (or on every one) trained and counted in the macro means as 0 (or 1) without one."""

@@ -237,15 +237,20 @@ def listed(src: Source, split: str, names: tuple[str, ...]) -> tuple[list[str], 
   return ids, labels
 
 
-def real_files(src: Source, spec: str, names: tuple[str, ...]) -> set[str]:
-  """The real paths of the files ``spec`` lists (``split``, or a cross-validation fold's
-  ``split@ids_file``: the ids it names), to compare the files of two sources."""
+def files_of(src: Source, spec: str, names: tuple[str, ...]) -> list[str]:
+  """The paths of the files ``spec`` lists (``split``, or a cross-validation fold's
+  ``split@ids_file``: the ids it names), from the listing alone."""
   base, _, ids_file = str(spec).partition('@')
   ids = listed(src, base, names)[0]
   if ids_file:
     with open(ids_file) as f:
       ids = sorted(set(ids) & {line.strip() for line in f})
-  return {os.path.realpath(os.path.join(src.root, i)) for i in ids}
+  return [os.path.join(src.root, i) for i in ids]
+
+
+def real_files(src: Source, spec: str, names: tuple[str, ...]) -> set[str]:
+  """The real paths of ``files_of``, to compare the files of two sources."""
+  return {os.path.realpath(p) for p in files_of(src, spec, names)}
 
 
 def listed_digest(src: Source, split: str, names: tuple[str, ...]) -> str:
