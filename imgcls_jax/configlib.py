@@ -18,6 +18,8 @@ from imgcls_jax.errors import UserError
 # Config keys that define the state or the data it was trained on: resuming with other values is an
 # error. Keys ending in '.' are prefixes.
 MUST_MATCH = ('model.', 'data.name', 'data.mirror_safe',
+              # sigmoids per tag or one softmax: the same head shape, another model
+              'data.multilabel',
               # an image folder's held-out draws: others would put trained-on images in them
               'data.holdout_fraction', 'data.holdout_seed', 'data.validation_fraction')
 # Config keys that change the training trajectory but not the state's shapes: resuming with other

@@ -21,8 +21,8 @@ nothing.
 Changing labels changes a hold-out drawn per class (a manifest without a split column): the
 relabelled run's eval split is another draw. The output (default: beside the manifest,
 ``<name>.relabelled.csv``) is written whole or not at all, with its paths rewritten relative to
-its own folder when that is another one; the manifest itself is never overwritten. Train on it with
-``--config.data.manifest=<out>``.
+its own folder when that is another one; the manifest itself is never overwritten. Train on it, in
+a new ``--workdir``, with ``--config.data.manifest=<out>``.
 
 An image folder of class directories (``config.data.folder``: ``<class>/**`` or
 ``<split>/<class>/**``) is given as ``--folder=DIR`` instead of ``--manifest``: the output is then a
@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     print(line)
   print(f"Relabelled {len(done['relabelled'])} of the {done['chosen']} chosen images "
         f"({len(done['skipped'])} left alone): {done['output']}\n"
-        f"Train on it with {done['hint']}")
+        f"Train on it, in a new --workdir, with {done['hint']}")
   return 0
 
 

@@ -225,7 +225,7 @@ def restore_or_init(s: Setup, ckpt: checkpoint.Checkpointer) -> tuple[Any, Any]:
   restored = ckpt.restore_latest(target, config=s.config,
                                  check_meta=functools.partial(_check_same_classes, s))
   if restored is not None:
-    _warn_folder_changed(s, restored.meta)
+    _warn_folder_changed(s, restored.meta, restored.step)
     _warn_init_ignored(s, restored.meta, restored.step)
     logging.info('Resuming from step %d.', restored.step)
     return restored.state, shardings
@@ -280,10 +280,20 @@ def _warn_init_ignored(s: Setup, meta: dict[str, Any], step: int) -> None:
                     now)
 
 
-def _warn_folder_changed(s: Setup, meta: dict[str, Any]) -> None:
-  """Warns when a held-out split is drawn from a folder whose files changed since the run."""
+def _warn_folder_changed(s: Setup, meta: dict[str, Any], step: int) -> None:
+  """Warns when the training split of an image folder or manifest lists other files or labels
+  than the checkpoint's run trained on (a relabelled manifest, images added), and when a held-out
+  split is drawn from a folder whose files changed since the run."""
   if meta.get('dataset_info'):
     saved = DatasetInfo.from_json(meta['dataset_info'])
+    name = str(s.config.data.train_split)
+    then, now = saved.split_digests.get(name), s.info.split_digests.get(name)
+    if then and now and then != now:
+      logging.warning("The training split '%s' of %s lists other images or labels than the run "
+                      'trained on until step %s: resuming goes on from the old model (a finished '
+                      'run trains no further); for a model of these images alone, train in a new '
+                      '--workdir.', name, s.config.data.get('folder') or s.config.data.manifest,
+                      step)
     changed = held_out.folder_changed(s.config, saved, str(s.config.data.eval_split))
     if changed:
       logging.warning("%s: the held-out split '%s' drawn from it may now hold images the model "

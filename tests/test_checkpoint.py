@@ -1,4 +1,5 @@
 """Checkpointer: keep-last-N + best-N, damaged checkpoints, config / structure checks, meshes."""
+import copy
 import glob
 import logging
 import os
@@ -183,6 +184,19 @@ def test_config_of_another_model_or_dataset_is_refused(digits_config, tmp_path):
                         'different model or dataset (')
   assert 'data.name: "sklearn_digits" in the checkpoint, "mnist" now' in msg
   assert 'model.widths: [16, 32] in the checkpoint, [32, 64] now' in msg
+  # Sigmoids per tag and one softmax have the same head shape: a tagging run resumed as
+  # single-label (or the reverse) went on training without a word.
+  for then in (False, True):
+    c = copy.deepcopy(digits_config)
+    c.data.name = 'sklearn_digits'
+    c.model.widths = (16, 32)
+    c.data.multilabel = then
+    saved = configlib.config_dict(c)
+    configlib.check_config(saved, c, 'checkpoint 7')   # the same: fine
+    c.data.multilabel = not then
+    with pytest.raises(UserError, match=rf'data.multilabel: {str(then).lower()} in the checkpoint, '
+                       rf'{str(not then).lower()} now'):
+      configlib.check_config(saved, c, 'checkpoint 7')
 
 
 def test_trajectory_changes_warn_and_bookkeeping_changes_do_not(digits_config, caplog):

@@ -289,6 +289,34 @@ def test_training_from_a_folder_with_bad_files_keeps_class_names(folder_config, 
   assert meta['class_names'] == ['cat', 'dog'] and meta['num_classes'] == 2
 
 
+@pytest.mark.slow
+def test_resuming_on_other_training_images_is_warned_of(folder_config, tmp_path, caplog):
+  """A run resumed after its training images changed (a relabelled image, a new one) went on
+  from the old model without a word, and a finished run trained nothing more while its report
+  read like one of the new data."""
+  from imgcls_jax import train
+  folder_index.clear_memo()
+  c = folder_config
+  c.num_train_steps = 4
+  c.checkpoint_every_steps = 2
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(c, workdir)
+  said = lambda: [r.getMessage() for r in caplog.records if 'lists other images' in r.getMessage()]
+  c.num_train_steps = 6
+  with caplog.at_level(logging.WARNING):
+    train.train_and_evaluate(c, workdir)             # the same images: no word
+  assert said() == []
+  root = c.data.folder
+  os.rename(f'{root}/train/cat/rgb_1.jpg', f'{root}/train/dog/rgb_1.jpg')   # relabelled
+  folder_index.clear_memo()
+  with caplog.at_level(logging.WARNING):
+    train.train_and_evaluate(c, workdir)             # finished: nothing more is trained
+  assert said() == [
+      f"The training split 'train' of {root} lists other images or labels than the run trained "
+      'on until step 6: resuming goes on from the old model (a finished run trains no further); '
+      'for a model of these images alone, train in a new --workdir.']
+
+
 def test_uncached_stream_is_deterministic_and_equals_the_cached_one(folder_config):
   folder_config.data.cache = False  # decoding happens in the stream
   def first_batches():
