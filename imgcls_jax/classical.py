@@ -136,6 +136,10 @@ def classical(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
   """The ``classical`` mode: hold-out evaluation, or K-fold cross-validation when
   ``config.cross_validation.folds > 0``; returns the report (or the CV summary)."""
   workdir = os.path.abspath(workdir)
+  if config.data.get('multilabel'):
+    raise UserError('The classical baseline fits one class per image and has no tagging '
+                    'version, and config.data.multilabel is set; train the network for tags '
+                    '(--mode=train).')
   os.makedirs(workdir, exist_ok=True)
   if int(config.cross_validation.folds) > 0:
     return cross_validate(config, workdir)

@@ -117,6 +117,13 @@ def test_user_errors(config, tmp_path):
   config.classical.features = 'hog,sift'
   with pytest.raises(UserError, match='must name one or more of hog, lbp'):
     classical.classical(config, str(tmp_path / 'b'))
+  config.classical.features = 'hog'
+  config.data.multilabel = True   # tags: sklearn's 'y should be a 1d array' traceback, before
+  with pytest.raises(UserError, match=r'^The classical baseline fits one class per image and has '
+                     r'no tagging version, and config.data.multilabel is set; train the network '
+                     r'for tags \(--mode=train\).$'):
+    classical.classical(config, str(tmp_path / 'c'))
+  assert not os.path.exists(tmp_path / 'c')
 
 
 def test_cli_mode_reaches_the_baseline_and_a_bad_value_gets_one_line(tmp_path, tfds_dir):
