@@ -195,6 +195,38 @@ def test_an_image_folder_becomes_an_arrays_file(tmp_path):
   assert seen == set(pixels)
 
 
+def test_a_tagging_manifest_becomes_an_arrays_file_of_0_1_rows(tmp_path):
+  """write_arrays --manifest --multilabel: each image's row holds its manifest tags (there was no
+  flag for tags, and --help was an unknown flag)."""
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  tags = ['', 'even', 'big;even', 'round', 'big;round;even', 'big']
+  want, rows = {}, ['path,labels,split']
+  for i, t in enumerate(tags * 2):
+    image = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / f'{i}.png')
+    split = 'test' if i % 3 == 0 else 'train'
+    want[(split, image.tobytes())] = frozenset(x for x in t.split(';') if x)
+    rows.append(f'{i}.png,{t},{split}')
+  (tmp_path / 'm.csv').write_text('\n'.join(rows) + '\n')
+  out = str(tmp_path / 'tags.npz')
+  run = lambda *a: subprocess.run([sys.executable, '-m', 'imgcls_jax.data.write_arrays', *a],
+                                  cwd=REPO, env=subprocess_env(1), capture_output=True, text=True,
+                                  timeout=300)
+  proc = run(f'--manifest={tmp_path / "m.csv"}', '--multilabel', f'--output={out}')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with np.load(out) as z:
+    names = [str(n) for n in z['class_names']]
+    assert names == ['big', 'even', 'round']
+    got = {(split, im.tobytes()): frozenset(n for n, on in zip(names, row) if on)
+           for split in ('train', 'test')
+           for im, row in zip(z[f'{split}_images'], z[f'{split}_labels'])}
+    assert z['train_labels'].shape == (8, 3)
+  assert got == want
+  proc = run('--help')
+  assert proc.returncode == 0 and '--multilabel' in proc.stdout and 'Writes a dataset' in proc.stdout
+
+
 @pytest.mark.parametrize('spec', ['train[:50%]', 'train[33%:67%]', 'train[-10%:]',
                                   'train[12.5%:]', 'train[-100:]', 'train[5:17]', 'test[:1%]'])
 def test_slices_select_what_tfds_selects(digits_npz, digits_config, spec):

@@ -7,6 +7,7 @@ Command (where TensorFlow is installed; reads the dataset as evaluation does, af
       [--splits=train,test] [--data_dir=DIR] [--eval_preprocess=''] [--compress]
   python -m imgcls_jax.data.write_arrays --folder=ROOT --holdout_fraction=0.2 \\
       --eval_preprocess='resize(size=64)' --output=/tmp/mine.npz
+  python -m imgcls_jax.data.write_arrays --manifest=tags.csv --multilabel --output=/tmp/tags.npz
 Fashion-MNIST: 60,000 + 10,000 images, 55 MB (29 MB with --compress, slower to load).
 """
 from __future__ import annotations
@@ -91,6 +92,11 @@ def main(argv: list[str]) -> int:
                                 flag_values=fv)
   compress = flags.DEFINE_bool('compress', False, 'np.savez_compressed (smaller, slower to load).',
                                flag_values=fv)
+  tags = flags.DEFINE_bool('multilabel', False, "A manifest of tags ('a;b' labels): 0/1 rows.",
+                           flag_values=fv)
+  if any(a in ('--help', '-h', '--helpfull') for a in argv[1:]):
+    print(f"{(__doc__ or '').strip()}\n\nFlags:\n{fv.get_help(prefix='  ')}")
+    return 0
   try:
     fv(argv)
     if bool(dataset.value) + bool(folder.value) + bool(manifest.value) != 1 or not output.value:
@@ -104,6 +110,7 @@ def main(argv: list[str]) -> int:
     c.data.name = dataset.value or image_folder.NAME
     c.data.folder, c.data.manifest = folder.value or '', manifest.value or ''
     c.data.holdout_fraction = holdout.value
+    c.data.multilabel = tags.value
     c.data.data_dir = data_dir.value
     c.data.eval_preprocess = eval_pp.value
     c.data.train_split, c.data.eval_split = splits.value[0], splits.value[-1]
