@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 
 from imgcls_jax import (evaluation, label_issues, metrics, out_of_fold, plots, report,
-                        report_files, report_text, train)
+                        report_files, report_multilabel, report_text, train)
 from imgcls_jax import outcomes as outcomes_lib
 from imgcls_jax.data import folds as folds_lib
 from imgcls_jax.errors import UserError
@@ -65,7 +65,7 @@ def cross_validate(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
   os.makedirs(workdir, exist_ok=True)
   logging.info('%d-fold cross-validation of %d examples of %s:%s (seed %d) in %s.', k,
                len(assignment.ids), config.data.name, split, config.seed, workdir)
-  per_fold, fold_rows, pooled = [], [], None
+  per_fold, fold_rows, pooled, fold_thresholds = [], [], None, []
   class_names: list[str] = []
   oof = out_of_fold.OutOfFold(config, len(assignment.ids))
   for i in range(k):
@@ -103,6 +103,8 @@ def cross_validate(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
                       'examples: some images failed to decode (the warnings above name them); '
                       'fix or remove them and run the same command again.')
     class_names = rep['class_names']
+    if rep.get('task') == 'multilabel':   # each fold decides at its own thresholds
+      fold_thresholds.append((stats['ml_pos'], stats['ml_neg'], rep['thresholds']))
     pooled = report.add(pooled, stats)
     scal = report.scalars(rep)
     per_fold.append(scal)
@@ -112,6 +114,8 @@ def cross_validate(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
   mean, std = _mean_std(per_fold)
   pooled_report = report.summarize(pooled, class_names,
                                    top_confused=int(config.evaluate.top_confused))
+  if fold_thresholds:
+    report_multilabel.at_fold_thresholds(pooled_report, fold_thresholds)
   summary = {'folds': k, 'seed': int(config.seed), 'dataset': config.data.name, 'split': split,
              'num_examples': len(assignment.ids), 'per_fold': fold_rows, 'mean': mean,
              'std': std, 'pooled_out_of_fold': pooled_report}
@@ -194,9 +198,11 @@ def markdown(summary: dict[str, Any]) -> str:
     md.append(f"| {r['fold']} | {r['train_examples']} | {r['eval_examples']} | "
               f"{r['checkpoint_step']} | " + ' | '.join(f'{r[k]:.4f}' for k in keys) + ' |')
   p = summary['pooled_out_of_fold']
-  md += ['', '## Pooled out-of-fold predictions', '', *[f'- {line}' for line in report_text.headline(p)],
-         '',
-         'Per-fold reports: `fold_<i>/report.md`.']
+  md += ['', '## Pooled out-of-fold predictions', '',
+         *[f'- {line}' for line in report_text.headline(p)], '']
+  if 'fold_thresholds' in p:
+    md += ["'at thresholds' counts each fold's tags at that fold's own thresholds.", '']
+  md += ['Per-fold reports: `fold_<i>/report.md`.']
   if 'label_issues' in summary:
     md += label_issues.markdown(summary['label_issues'])
   return '\n'.join(md) + '\n'

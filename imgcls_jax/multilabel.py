@@ -140,13 +140,24 @@ def at_thresholds(pos_KxB: np.ndarray, neg_KxB: np.ndarray, thresholds_K: Any) -
   j = edge_index(thresholds_K, k, bins)
   tp = roc.at_or_above(pos)[np.arange(k), j]
   fp = roc.at_or_above(neg)[np.arange(k), j]
-  support = pos.sum(axis=1)
-  fn = support - tp
   n = float(pos[0].sum() + neg[0].sum()) if k else 0.0
+  return {'thresholds': j / bins, **_of_counts(tp, fp, pos.sum(axis=1), n)}
+
+
+def pooled_at_thresholds(parts: Sequence[tuple[Any, Any, Any]]) -> dict[str, Any]:
+  """``at_thresholds`` of parts (e.g. the folds of a cross-validation) that each decide at their
+  own thresholds: ``(pos_KxB, neg_KxB, thresholds_K)`` each, its counts summed over the parts."""
+  got = [at_thresholds(pos, neg, t) for pos, neg, t in parts]
+  return _of_counts(*(sum(g[key] for g in got) for key in ('tp', 'fp', 'support', 'num_examples')))
+
+
+def _of_counts(tp: np.ndarray, fp: np.ndarray, support: np.ndarray, n: float) -> dict[str, Any]:
+  k = len(tp)
+  fn = support - tp
   precision, recall, f1 = _div(tp, tp + fp), _div(tp, support), _div(2 * tp, 2 * tp + fp + fn)
   stp, sfp, sfn = tp.sum(), fp.sum(), fn.sum()
   return {
-      'thresholds': j / bins, 'tp': tp, 'fp': fp, 'fn': fn, 'support': support,
+      'tp': tp, 'fp': fp, 'fn': fn, 'support': support,
       'precision': precision, 'recall': recall, 'f1': f1,
       'precision_micro': float(_div(stp, stp + sfp)), 'recall_micro': float(_div(stp, stp + sfn)),
       'f1_micro': float(_div(2 * stp, 2 * stp + sfp + sfn)),
@@ -216,7 +227,8 @@ def _num(x: Any) -> float | None:
   return None if np.isnan(x) else x
 
 
-def _summary(m: Mapping[str, Any], exact: float | None) -> dict[str, Any]:
+def summary(m: Mapping[str, Any], exact: float | None) -> dict[str, Any]:
+  """The averages of ``at_thresholds`` and the exact-match rate, as a report gives them."""
   return {'precision_micro': m['precision_micro'], 'recall_micro': m['recall_micro'],
           'f1_micro': m['f1_micro'], 'precision_macro': m['precision_macro'],
           'recall_macro': m['recall_macro'], 'f1_macro': m['f1_macro'],
@@ -269,8 +281,8 @@ def report(sums: Mapping[str, Any], class_names: Sequence[str],
       'mean_average_precision': _num(mean_average_precision(pos, neg)),
       'average_precision_micro': _num(micro_ap),
       'roc_auc_macro': None if np.isnan(aucs).all() else float(np.nanmean(aucs)),
-      'at_0.5': _summary(half, float(s['ml_exact_05']) / count if count else None),
-      'at_thresholds': _summary(tuned, float(s['ml_exact_thr']) / count if count else None),
+      'at_0.5': summary(half, float(s['ml_exact_05']) / count if count else None),
+      'at_thresholds': summary(tuned, float(s['ml_exact_thr']) / count if count else None),
       'thresholds': [float(t) for t in tuned['thresholds']],
       'per_class': rows,
       'pr_curves': [{'class': names[i], 'ap': float(ap[i]), **_curve(precision[i], recall[i])}

@@ -34,6 +34,22 @@ def summarize(s: Mapping[str, np.ndarray], class_names: Sequence[str],
   return rep
 
 
+def at_fold_thresholds(rep: dict[str, Any], parts: Sequence[tuple[Any, Any, Any]]) -> None:
+  """Makes a pooled report of folds that each decided at their own thresholds say so: its
+  'at thresholds' figures count each fold's tags at that fold's thresholds (``parts``: each fold's
+  ``(ml_pos, ml_neg, thresholds)``), as its exact match already does; each tag's threshold is
+  the folds' mean."""
+  m = multilabel.pooled_at_thresholds(parts)
+  rep['at_thresholds'] = multilabel.summary(m, rep['at_thresholds']['exact_match'])
+  mean = np.mean([np.asarray(t, np.float64) for _, _, t in parts], axis=0)
+  for i, row in enumerate(rep['per_class']):
+    row['at_thresholds'] = {key: float(m[key][i]) for key in ('precision', 'recall', 'f1')}
+    row['threshold'] = float(mean[i])
+  rep['thresholds'] = [float(t) for t in mean]
+  rep['fold_thresholds'] = [[float(x) for x in t] for _, _, t in parts]
+  rep['thresholds_source'] = "each fold's own (the mean per tag shown)"
+
+
 def training_metrics(s: Mapping[str, np.ndarray],
                      thresholds: Sequence[float] | None = None) -> dict[str, Any]:
   """What the training loop logs per evaluation: mAP, F1, exact match (= ``accuracy``: sklearn's

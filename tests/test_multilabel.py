@@ -368,6 +368,13 @@ def test_evaluate_lists_the_tags_changed_in_a_test_split(tagged_run, tmp_path, c
   assert quality == sorted(quality)
   s = rep['label_issues']
   assert s['task'] == 'multilabel' and s['count'] == len(found) and s['num_examples'] == 160
+  # Random tiles repeat: test images that are byte-for-byte training images are counted (the
+  # search stays on: a copy labelled otherwise is just what it should flag).
+  read = lambda split: [open(os.path.join(root, r[0]), 'rb').read() for r in rows[1:]
+                        if r[2] == split]
+  train_bytes = set(read('train'))
+  copies = sum(b in train_bytes for b in read('test'))
+  assert copies > 0 and rep['copies_of_training_images'] == copies
   saved = json.loads((tmp_path / 'report.json').read_text())
   assert label_issues.EVAL_FILE in saved['files']
   md = (tmp_path / 'report.md').read_text()
@@ -547,6 +554,48 @@ def test_multilabel_cross_validation_uses_plain_folds_and_reports_map(tmp_path):
   pooled = summary['pooled_out_of_fold']      # the folds' calibration sums, pooled
   assert sum(b['count'] for b in pooled['calibration_bins']) == 96 * len(TAGS)
   assert 0 <= pooled['ece'] <= 1 and 0 <= summary['mean']['ece'] <= 1
+
+
+def test_the_pooled_cross_validation_counts_each_folds_tags_at_its_own_thresholds(tmp_path):
+  """Each fold fits its thresholds on the validation split; the pooled 'at thresholds' row gave
+  the 0.5 figures beside an exact match at the folds' thresholds (a Hamming loss no exact match
+  allows). Oracle: scikit-learn on every held-out example's probabilities, each fold's at its
+  own thresholds."""
+  from sklearn import metrics as skm
+  from imgcls_jax import cross_validation, evaluation
+  _digit_tiles(str(tmp_path / 'd'), counts=(('train', 96), ('validation', 48)))
+  c = _config(str(tmp_path / 'd' / 'manifest.csv'))
+  c.data.eval_split = 'train'
+  c.num_epochs, c.batch_size, c.eval_batch_size = 2.0, 16, 16
+  c.cross_validation.folds = 2
+  c.cross_validation.label_issues = False
+  workdir = str(tmp_path / 'cv')
+  pooled = cross_validation.cross_validate(c, workdir)['pooled_out_of_fold']
+  truth, decided, thresholds = [], [], []
+  for i in range(2):
+    fold = os.path.join(workdir, f'fold_{i}')
+    fc = cross_validation.fold_config(c, os.path.join(fold, 'train_ids.txt'),
+                                      os.path.join(fold, 'eval_ids.txt'))
+    o = evaluation.evaluate_checkpoint(fold, fc, split=fc.data.eval_split, keep_probs=True).outcomes
+    truth.append(o.labels)
+    decided.append(o.probs >= o.thresholds)
+    thresholds.append(o.thresholds)
+  assert any(np.any(t != 0.5) for t in thresholds)     # (the folds fitted their own)
+  y, p = np.concatenate(truth), np.concatenate(decided)
+  got = pooled['at_thresholds']
+  for key, want in (('f1_micro', skm.f1_score(y, p, average='micro', zero_division=0)),
+                    ('f1_macro', skm.f1_score(y, p, average='macro', zero_division=0)),
+                    ('precision_micro', skm.precision_score(y, p, average='micro',
+                                                            zero_division=0)),
+                    ('recall_micro', skm.recall_score(y, p, average='micro', zero_division=0)),
+                    ('hamming_loss', skm.hamming_loss(y, p)),
+                    ('exact_match', skm.accuracy_score(y, p))):
+    assert got[key] == pytest.approx(want, abs=1e-9), key
+  per_tag = skm.f1_score(y, p, average=None, zero_division=0)
+  assert [r['at_thresholds']['f1'] for r in pooled['per_class']] == pytest.approx(per_tag)
+  assert pooled['fold_thresholds'] == [pytest.approx(t.tolist()) for t in thresholds]
+  md = (tmp_path / 'cv' / 'cv_report.md').read_text()
+  assert "each fold's tags at that fold's own thresholds" in md
 
 
 def test_a_misnamed_threshold_split_fails_before_the_first_step(tmp_path):
