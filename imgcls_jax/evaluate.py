@@ -81,9 +81,16 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str,
                                       num_bins=int(e.calibration_bins), overrides=overrides,
                                       keep_errors=shown if per_example else None,
                                       ood_files=ood_files, keep_probs=issues,
-                                      step_key='evaluate.checkpoint', split_key='evaluate.split')
+                                      step_key='evaluate.checkpoint', split_key='evaluate.split',
+                                      count_copies=jax.process_index() == 0)
   cfg, info = ev.trained.run, ev.trained.info
   rep = ev.report(int(e.top_confused))
+  if ev.copies:
+    rep['copies_of_training_images'] = ev.copies
+    logging.warning("%d image(s) of split '%s' hold the bytes of images the run trained on (the "
+                    'same file, a link or a copy): their scores are on learnt images, not new '
+                    'ones; delete those copies from one of the splits for a fair score.',
+                    ev.copies, ev.split)
   if info.multilabel:
     rep['intervals'] = intervals_multilabel.report_intervals(
         int(ev.stats['ml_exact_thr']), int(ev.stats['ml_count']),

@@ -36,6 +36,8 @@ class Evaluation:
   # With keep_probs: True when the model trained on none of these examples (other images, or a
   # split sharing none with the training split), False when it trained on some, None: unknown.
   unseen: bool | None = None
+  # With count_copies: files of the split holding a training file's bytes (None: not known).
+  copies: int | None = None
 
   def report(self, top_confused: int = 10) -> dict[str, Any]:
     """The full report (``report.summarize``) with what was evaluated as its ``context``."""
@@ -72,7 +74,7 @@ def evaluate_checkpoint(workdir: str, config: ml_collections.ConfigDict | None, 
                         keep_errors: int | None = None,
                         ood_files: list[str] | None = None,
                         keep_probs: bool = False, step_key: str = '',
-                        split_key: str = '') -> Evaluation:
+                        split_key: str = '', count_copies: bool = False) -> Evaluation:
   """Evaluates one checkpoint of ``workdir`` on ``split`` ('' = the run's eval split), every
   example exactly once, on the mesh with the run's parameter placement. With ``keep_errors``
   (one process) the same pass also gathers every example's ``outcomes.Outcomes``, with the
@@ -80,7 +82,8 @@ def evaluate_checkpoint(workdir: str, config: ml_collections.ConfigDict | None, 
   probability, e.g. for k-fold's label-issue search; a tagging run's outcomes always have them);
   with ``ood_files`` (one process, single-label), those images are scored too
   (``outcomes.ood_pass``), and the split's per-example scores kept to compare with theirs.
-  ``step_key`` / ``split_key``: as ``restored_split.restore_for_split``."""
+  ``step_key`` / ``split_key``: as ``restored_split.restore_for_split``; ``count_copies``: count the
+  split's files that hold a training file's bytes (``restored_split.training_copies``)."""
   num_bins = configlib.calibration_bins(num_bins)
   r = restored_split.restore_for_split(workdir, config, split=split,
                                        checkpoint_spec=checkpoint_spec, tta=tta,
@@ -127,7 +130,8 @@ def evaluate_checkpoint(workdir: str, config: ml_collections.ConfigDict | None, 
   if keep_probs:   # other images are compared by path with a folder run's (were taken as unseen)
     shared = restored_split.seen_examples(r, workdir)
     unseen = None if shared is None else shared == 0
+  copies = restored_split.training_copies(r, workdir) if count_copies else None
   return Evaluation(stats=stats, trained=r.trained, split=r.split, step=r.step, chosen=r.chosen,
                     tta=tta, workdir=os.path.abspath(workdir),
                     dataset=reader.dataset_name(r.trained.run.data), outcomes=outcomes,
-                    ood=ood_result, unseen=unseen)
+                    ood=ood_result, unseen=unseen, copies=copies)

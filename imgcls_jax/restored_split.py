@@ -173,15 +173,12 @@ def restore_for_split(workdir: str, config: ml_collections.ConfigDict | None, *,
 
 def seen_examples(r: Restored, workdir: str) -> int | None:
   """How many examples of ``r``'s split the run trained on (0: none; None: not known): split
-  slices of its own data (``reader.shared_examples``); images of an image folder or manifest
-  (its own, or another given on the command line), by their bytes: files of the split equal to a
-  file the run trained on (the same file, a link or a copy) when the run trained on an image
+  slices of its own data (``reader.shared_examples``); for other images (another folder or
+  manifest on the command line), the same files by real path when the run trained on an image
   folder or manifest (a run trained on tfds or arrays: not known)."""
   data = r.trained.run.data
-  if r.new_images or folder_layout.is_folder(data):
-    saved = (run_directory.read_config(workdir) or {}).get('data') or {}
-    return _seen_files(ml_collections.ConfigDict(saved) if r.new_images else data,
-                       r.trained.info.class_names, data, r.split)
+  if r.new_images:
+    return _seen_files(_trained_on(workdir), r.trained.info.class_names, data, r.split)
   if arrays.is_arrays(data) and r.trained.info.name != reader.dataset_name(data):
     return None   # another arrays file's splits
   try:
@@ -190,14 +187,41 @@ def seen_examples(r: Restored, workdir: str) -> int | None:
     return None
 
 
-def _seen_files(trained_on: ml_collections.ConfigDict, names: tuple[str, ...],
-                data: ml_collections.ConfigDict, split: str) -> int | None:
+def training_copies(r: Restored, workdir: str) -> int | None:
+  """How many files of ``r``'s split (an image folder or manifest, the run's own or another) are
+  not themselves training files but hold the bytes of one: a copy, or a link under another name
+  (None: not known, e.g. a run trained on tfds or arrays)."""
+  return _copied_files(_trained_on(workdir) if r.new_images else r.trained.run.data,
+                       r.trained.info.class_names, r.trained.run.data, r.split)
+
+
+def _copied_files(trained_on: ml_collections.ConfigDict, names: tuple[str, ...],
+                  data: ml_collections.ConfigDict, split_name: str) -> int | None:
   if not (folder_layout.is_folder(trained_on) and folder_layout.is_folder(data)):
     return None
   try:
-    return len(duplicates.identical(
-        folder_index.files_of(folder_layout.source_of(data), split, names),
-        folder_index.files_of(folder_layout.source_of(trained_on), str(trained_on.train_split),
-                              names)))
+    train = folder_index.files_of(folder_layout.source_of(trained_on),
+                                  str(trained_on.train_split), names)
+    same = {os.path.normpath(os.path.abspath(p)) for p in train}
+    split = [p for p in folder_index.files_of(folder_layout.source_of(data), split_name, names)
+             if os.path.normpath(os.path.abspath(p)) not in same]
+    return len(duplicates.identical(split, train))
+  except (UserError, OSError):
+    return None
+
+
+def _trained_on(workdir: str) -> ml_collections.ConfigDict:
+  """The data config the run trained with (its saved ``config.json``)."""
+  return ml_collections.ConfigDict((run_directory.read_config(workdir) or {}).get('data') or {})
+
+
+def _seen_files(trained_on: ml_collections.ConfigDict, names: tuple[str, ...],
+                data: ml_collections.ConfigDict, split: str) -> int | None:
+  if not folder_layout.is_folder(trained_on):
+    return None
+  try:
+    return len(folder_index.real_files(folder_layout.source_of(trained_on),
+                                       str(trained_on.train_split), names)
+               & folder_index.real_files(folder_layout.source_of(data), split, names))
   except (UserError, OSError):
     return None

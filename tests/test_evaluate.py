@@ -345,11 +345,13 @@ def test_other_images_are_matched_by_path_with_a_folder_runs_training_files(tmp_
     shutil.copy(p, copies / 'dog' / f'c{k}{os.path.splitext(p)[1]}')
   shutil.copy(os.path.join(root, 'test', 'cat', 't0.png'), copies / 'dog' / 'new.png')
   folder = ml_collections.ConfigDict({**trained_on.to_dict(), 'folder': str(copies)})
-  assert restored_split._seen_files(trained_on, names, folder, 'all') == 3
-  assert restored_split._seen_files(trained_on, names, trained_on, 'test') == 0
+  assert restored_split._seen_files(trained_on, names, folder, 'all') == 0   # other files
+  assert restored_split._copied_files(trained_on, names, folder, 'all') == 3
+  assert restored_split._copied_files(trained_on, names, trained_on, 'test') == 0
+  assert restored_split._copied_files(trained_on, names, trained_on, 'train') == 0   # themselves
   shutil.copy(train_files[1], os.path.join(root, 'test', 'dog', 'again.png'))
   folder_index.clear_memo()
-  assert restored_split._seen_files(trained_on, names, trained_on, 'test') == 1
+  assert restored_split._copied_files(trained_on, names, trained_on, 'test') == 1
   # A run trained on tfds or arrays: not known.
   tfds = ml_collections.ConfigDict({'name': 'sklearn_digits', 'train_split': 'train'})
   assert restored_split._seen_files(tfds, names, folder, 'all') is None
