@@ -12,9 +12,20 @@ resized to the dataset's image size, then put through the run's ``data.eval_prep
 as evaluation sees them. Unreadable files are reported and skipped.
 
 With ``--config.predict.explain=gradcam`` (convolutional models) or ``integrated_gradients`` (any
-model), a heat-map overlay PNG of the top-1 class is written per image to
-``config.predict.explain_dir`` (default: ``explanations/`` next to the output file) and named in
-the JSON lines' ``explanation`` field (``imgcls_jax/explain.py``).
+model), heat-map overlay PNGs (``imgcls_jax/explain.py``) are written to
+``config.predict.explain_dir`` (default: ``explanations/`` next to the output file, or in the
+current folder when printing): for a single-label run one per image, of its top-1 class; for a
+multi-label run one per predicted tag (none for an image without one). Each JSON line names the
+explained class(es) in ``explained`` and the PNG(s) in ``explanation`` (single-label: a class
+name and a path; multi-label: lists, in the order of ``tags``); CSV output gets an
+``explanation`` column, filled on the row of each explained class.
+
+A map is named ``<image file name>[.<tag>].<method>.png``, with ``_<n>`` added to the name's
+stem where that file exists already. The only maps overwritten are those the earlier output at
+``config.predict.output`` names (and not changed since it was written): rerunning a command
+replaces its own maps, while a map of any other prediction (another output file, another input
+folder with the same file names, output printed to stdout) is never replaced, so every output
+names its own images' maps. Printed output records none, so each such call adds new files.
 """
 from __future__ import annotations
 
@@ -22,6 +33,7 @@ import csv
 import json
 import logging
 import os
+import re
 import shutil
 import stat
 import sys
@@ -39,16 +51,20 @@ FORMATS = ('jsonl', 'csv')
 
 
 def predict_files(clf: inference.Classifier, files: list[str], *, top: int = 5,
-                  batch_size: int = 64, explainer: Any = None, explain_dir: str = ''
+                  batch_size: int = 64, explainer: Any = None, explain_dir: str = '',
+                  replaces: Iterable[str] = ()
                   ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
   """(one ``{'file', 'predictions'}`` per readable file in order, [(skipped file, reason)]).
 
-  With an ``explain.Explainer``, each image's heat map of its top-1 class is written to
-  ``explain_dir`` as an overlay PNG, named in the result's ``'explanation'``.
+  With an ``explain.Explainer``, heat maps of each image's top-1 class (multi-label: of each
+  predicted tag) are written to ``explain_dir`` as overlay PNGs, named in the result's
+  ``'explanation'`` and their classes in ``'explained'``; of the files already there, only those
+  in ``replaces`` (the maps of the output this call replaces) may be overwritten.
   """
   skipped: list[tuple[str, str]] = []
   results = []
-  used: set[str] = set()
+  maps = _MapFiles(explain_dir, getattr(explainer, 'method', ''), replaces,
+                   write=jax.process_index() == 0) if explainer is not None else None
   for paths, arrays in images.image_batches(files, clf.prepare, batch_size, skipped):
     out = clf.predict_arrays(arrays)
     probs = out['probabilities']
@@ -60,53 +76,145 @@ def predict_files(clf: inference.Classifier, files: list[str], *, top: int = 5,
     else:   # below the run's thresholds: "not sure" (abstained), "none of the classes" (unknown)
       for r, pr, lg in zip(batch, probs, out['logits']):
         r.update(inference.answer_gates(clf.trained, pr, lg))
-    if explainer is not None:
-      from imgcls_jax import explain
-      os.makedirs(explain_dir, exist_ok=True)
-      heat = explainer(arrays, np.argmax(probs, axis=-1))['heatmap']
-      for r, image, h in zip(batch, arrays, heat):
-        r['explanation'] = _unique_png(explain_dir, r['file'], explainer.method, used)
-        explain.overlay_png(image, h, r['explanation'])
+    if maps is not None:
+      _explain(explainer, maps, batch, arrays, clf.trained.info.multilabel)
     results.extend(batch)
   return results, skipped
 
 
-def _unique_png(folder: str, source: str, method: str, used: set[str]) -> str:
-  """``folder/<file name>.<method>.png``, with ``_<n>`` added when two inputs share a name."""
-  stem = os.path.splitext(os.path.basename(source))[0]
-  name, n = f'{stem}.{method}.png', 1
-  while name in used:
-    name, n = f'{stem}_{n}.{method}.png', n + 1
-  used.add(name)
-  return os.path.join(folder, name)
+def _explain(explainer: Any, maps: _MapFiles, batch: list[dict[str, Any]], arrays: np.ndarray,
+             multilabel: bool) -> None:
+  """Adds ``explained`` and ``explanation`` to each result of a batch, writing the maps: of the
+  top-1 class, or of every predicted tag (lists, in the order of ``tags``)."""
+  from imgcls_jax import explain
+  chosen = [r['tags'] if multilabel else r['predictions'][:1] for r in batch]
+  rows = [i for i, c in enumerate(chosen) for _ in c]
+  targets = np.array([t['index'] for c in chosen for t in c], np.int32)
+  heat = explainer(np.asarray(arrays)[rows], targets)['heatmap'] if rows else []
+  k = 0
+  for r, image, c in zip(batch, arrays, chosen):
+    names = [t['class'] for t in c]
+    pngs = [explain.overlay_png(image, h) if maps.write_files else b''
+            for h in heat[k:k + len(c)]]
+    k += len(c)
+    paths = maps.write(r['file'], [n if multilabel else '' for n in names], pngs)
+    r['explained'], r['explanation'] = (names, paths) if multilabel else (names[0], paths[0])
+
+
+class _MapFiles:
+  """Overlay PNGs in ``folder``, named ``<file name>[.<tag>].<method>.png`` with ``_<n>`` added
+  to the stem where a name is taken: by this call, or by a file there that is not in
+  ``replaces``. New files are created exclusively, so a concurrent call cannot take them either;
+  ``write=False`` (the other processes of a multi-process run) only names them."""
+
+  def __init__(self, folder: str, method: str, replaces: Iterable[str], *, write: bool = True):
+    self.folder, self.method, self.write_files = folder, method, write
+    self.replaces = {os.path.realpath(p) for p in replaces}
+    self.used: set[str] = set()
+    if write:
+      os.makedirs(folder, exist_ok=True)
+
+  def write(self, source: str, tags: list[str], pngs: list[bytes]) -> list[str]:
+    """The paths of one image's maps (one per tag; '' for a single-label map), written."""
+    stem = os.path.splitext(os.path.basename(source))[0]
+    parts, seen = [], set()
+    for i, tag in enumerate(tags):   # file-name-safe tags, distinct within the image
+      part = (re.sub(r'[^\w.+-]+', '_', tag).strip('.') or '_') if tag else ''
+      while part in seen:
+        part += f'_{i}'
+      seen.add(part)
+      parts.append(f'.{part}' if part else '')
+    n = 0
+    while True:
+      base = stem if n == 0 else f'{stem}_{n}'
+      n += 1
+      paths = [os.path.join(self.folder, f'{base}{p}.{self.method}.png') for p in parts]
+      if any(p in self.used for p in paths) or not self._claim(paths):
+        continue
+      self.used.update(paths)
+      if self.write_files:
+        for path, data in zip(paths, pngs):
+          with open(path, 'wb') as f:
+            f.write(data)
+      return paths
+
+  def _claim(self, paths: list[str]) -> bool:
+    """True once every path is this call's: replaceable, or newly created (empty)."""
+    made = []
+    for path in paths:
+      if os.path.realpath(path) in self.replaces:
+        continue
+      if not self.write_files:
+        if os.path.lexists(path):
+          return False
+        continue
+      try:
+        with open(path, 'xb'):
+          made.append(path)
+      except FileExistsError:
+        for p in made:
+          os.remove(p)
+        return False
+    return True
+
+
+def _maps_of(output: str) -> list[str]:
+  """The explanation PNGs an earlier prediction file at ``output`` names and that were not
+  changed after it was written (none when it is not a regular earlier prediction file): the
+  maps a rerun writing ``output`` may replace."""
+  if not output or not os.path.isfile(output) or _is_special(output) or not _is_predictions(
+      output):
+    return []
+  found: list[str] = []
+  try:
+    with open(output, encoding='utf-8', newline='') as f:
+      if f.readline().startswith('file,rank,'):
+        f.seek(0)
+        found = [row.get('explanation') or '' for row in csv.DictReader(f)]
+      else:
+        f.seek(0)
+        for line in f:
+          value = json.loads(line).get('explanation') if line.strip() else None
+          found.extend(value if isinstance(value, list) else [value])
+  except (OSError, ValueError, AttributeError, csv.Error):
+    return []
+  written = os.path.getmtime(output)
+  return [p for p in found if isinstance(p, str) and p
+          and (not os.path.lexists(p) or os.lstat(p).st_mtime <= written)]
 
 
 def write(results: Iterable[dict[str, Any]], out: TextIO, fmt: str) -> None:
   """JSON lines (one object per image) or CSV (one row per image and rank, with an ``abstained``
   column where the run has an abstention threshold, an ``unknown`` one where it has an
   unknown-input gate; multi-label: per image and tag above its
-  threshold, or one row with an empty tag)."""
+  threshold, or one row with an empty tag). With explanations, a CSV's last column
+  ``explanation`` holds the map of the row's class on the explained rows (top-1; every tag)."""
   results = list(results)
+  explained = bool(results) and 'explanation' in results[0]
   if fmt == 'jsonl':
     for r in results:
       out.write(json.dumps(r) + '\n')
   elif results and 'tags' in results[0]:
     w = csv.writer(out)
-    w.writerow(['file', 'rank', 'tag', 'index', 'probability', 'threshold'])
+    w.writerow(['file', 'rank', 'tag', 'index', 'probability', 'threshold']
+               + ['explanation'] * explained)
     for r in results:
-      for rank, t in enumerate(r['tags'], 1):
+      maps = r.get('explanation') or [''] * len(r['tags'])
+      for rank, (t, m) in enumerate(zip(r['tags'], maps), 1):
         w.writerow([r['file'], rank, t['class'], t['index'], f"{t['probability']:.6f}",
-                    f"{t['threshold']:.4f}"])
+                    f"{t['threshold']:.4f}"] + [m] * explained)
       if not r['tags']:
-        w.writerow([r['file'], 0, '', '', '', ''])
+        w.writerow([r['file'], 0, '', '', '', ''] + [''] * explained)
   else:   # with the run's gates, every row of an image says whether it abstained / is unknown
     w = csv.writer(out)
     gates = [k for k in ('abstained', 'unknown') if results and k in results[0]]
-    w.writerow(['file', 'rank', 'class', 'index', 'probability'] + gates)
+    w.writerow(['file', 'rank', 'class', 'index', 'probability'] + gates
+               + ['explanation'] * explained)
     for r in results:
       for rank, p in enumerate(r['predictions'], 1):
         w.writerow([r['file'], rank, p['class'], p['index'], f"{p['probability']:.6f}"]
-                   + [int(r[k]) for k in gates])
+                   + [int(r[k]) for k in gates]
+                   + [r.get('explanation', '') if rank == 1 else ''] * explained)
 
 
 def _is_predictions(path: str) -> bool:
@@ -221,7 +329,8 @@ def predict(config: ml_collections.ConfigDict | None, workdir: str,
     beside = os.path.dirname(os.path.abspath(cfg.output)) if cfg.output else os.getcwd()
     explain_dir = os.path.abspath(cfg.get('explain_dir') or os.path.join(beside, 'explanations'))
   results, skipped = predict_files(clf, files, top=cfg.top_k, batch_size=cfg.batch_size,
-                                   explainer=explainer, explain_dir=explain_dir)
+                                   explainer=explainer, explain_dir=explain_dir,
+                                   replaces=_maps_of(output) if explainer is not None else ())
   if not results:
     raise UserError(f'None of the {len(files)} input file(s) in config.predict.inputs is a '
                     f'readable image ({images.unreadable_summary(skipped)}); give image files or '
@@ -245,5 +354,8 @@ def predict(config: ml_collections.ConfigDict | None, workdir: str,
                  '%.4f.', sum(r['unknown'] for r in results), len(results),
                  results[0]['unknown_below'])
   if explainer is not None:
-    logging.info('%s overlays of %d image(s) in %s.', cfg.explain, len(results), explain_dir)
+    count = sum(len(r['explanation']) if isinstance(r['explanation'], list) else 1
+                for r in results)
+    logging.info('%d %s overlay(s) of %d image(s) in %s.', count, cfg.explain, len(results),
+                 explain_dir)
   return results

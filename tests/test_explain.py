@@ -4,9 +4,14 @@ is the penultimate layer, and a model without a convolution gets one clear line.
 
 The localisation task: a Fashion-MNIST item (Debian's files; sklearn digits upscaled to 24 px when
 they are absent) pasted into one random quadrant of a blank 56 x 56 canvas; its class is the label.
+
+``--mode=predict``'s explanation files: one prediction never replaces another's map, and a tagging
+run explains each predicted tag (a small digits run and a small run on tiles of digits).
 """
+import csv
 import functools
 import gzip
+import json
 import os
 import types
 
@@ -16,11 +21,12 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from PIL import Image
 from scipy import stats
 
-from imgcls_jax import explain, steps
+from imgcls_jax import checkpoint_files, explain, inference, predict, steps, train
 from imgcls_jax import state as state_lib
-from imgcls_jax.data import prepare_fashion_mnist
+from imgcls_jax.data import digits, prepare_fashion_mnist
 from imgcls_jax.errors import UserError
 from imgcls_jax.models import layers
 
@@ -248,3 +254,145 @@ def test_overlay_png_is_a_readable_image_of_the_upscaled_size(tmp_path):
   assert arr.shape == (64, 64, 3)
   # 'jet' at 1 is dark red, at 0 dark blue: the hot corner is redder than the cold one.
   assert arr[5, 5, 0] > arr[5, 5, 2] and arr[60, 60, 2] > arr[60, 60, 0]
+
+
+# ---- --mode=predict's explanation files ----
+
+@pytest.fixture(scope='module')
+def digits_run(tmp_path_factory, tfds_dir):
+  from tests.test_predict import trained_run   # the digits run test_predict trains (shared)
+  return trained_run(tmp_path_factory, tfds_dir)
+
+
+@pytest.fixture(scope='module')
+def tagged_run(tmp_path_factory):
+  """A multi-label run on 16 px tiles of 1-2 digits (test_multilabel's task, shorter), its
+  thresholds chosen on the validation split; (config, workdir, tiles folder, test tiles)."""
+  from tests.test_multilabel import _config, _digit_tiles
+  root = str(tmp_path_factory.mktemp('tiles'))
+  truth = _digit_tiles(root, counts=(('train', 480), ('validation', 160), ('test', 16)))
+  config = _config(os.path.join(root, 'manifest.csv'))
+  config.num_epochs = 10.0
+  workdir = str(tmp_path_factory.mktemp('tagged_run'))
+  train.train_and_evaluate(config, workdir)
+  return config, workdir, root, [os.path.join(root, rel) for rel, _ in truth['test']]
+
+
+def _png(path: str) -> np.ndarray:
+  with Image.open(path) as im:
+    return np.asarray(im).astype(int)
+
+
+def _gradcam_overlay(clf, file: str, target: int) -> np.ndarray:
+  """The overlay of the Grad-CAM of ``target`` for that one image, outside predict's batching."""
+  image = clf.prepare(file)
+  heat = jax.device_get(explain.gradcam(clf.variables, image[None], np.array([target]),
+                                        model_def=clf.model_def, cfg=clf.step_cfg))['heatmap']
+  return explain.overlay(image, heat[0]).astype(int)
+
+
+def test_explanations_of_separate_predictions_never_replace_each_other(digits_run, tmp_path,
+                                                                       monkeypatch, capsys):
+  """camA/IMG_0001.png and camB/IMG_0001.png (different digits) predicted into camA.jsonl, then
+  camB.jsonl, both named explanations/IMG_0001.gradcam.png: camB's map replaced camA's, so camA's
+  output pointed at another image's map. Only a rerun's own earlier maps may be replaced."""
+  config, workdir, _ = digits_run
+  clf = inference.classifier(inference.load(workdir, config))
+  x, _ = digits.load_arrays('test')
+  for cam, i in (('camA', 0), ('camB', 1)):
+    (tmp_path / cam).mkdir()
+    Image.fromarray(x[i, :, :, 0]).save(tmp_path / cam / 'IMG_0001.png')
+  outs = tmp_path / 'outs'
+  maps = outs / 'explanations'
+  c = config.copy_and_resolve_references()
+  c.predict.explain = 'gradcam'
+
+  def run(cam: str, fmt: str = 'jsonl', output: bool = True) -> dict:
+    c.predict.inputs, c.predict.format = str(tmp_path / cam), fmt
+    c.predict.output = str(outs / f'{cam}.{fmt}') if output else ''
+    (result,) = predict.predict(c, workdir)
+    return result
+
+  a = run('camA')
+  a_bytes = open(a['explanation'], 'rb').read()
+  b = run('camB')
+  assert a['explanation'] != b['explanation']
+  assert open(a['explanation'], 'rb').read() == a_bytes              # camA's map is untouched
+  for r in (a, b):   # each names its own image's map, and the class it explains
+    assert r['explained'] == r['predictions'][0]['class']
+    np.testing.assert_allclose(_png(r['explanation']),
+                               _gradcam_overlay(clf, r['file'], r['predictions'][0]['index']),
+                               atol=2)
+  assert np.abs(_png(a['explanation']) - _png(b['explanation'])).max() > 64   # two digits
+  for cam, r in (('camA', a), ('camB', b)):   # as the output files say
+    (line,) = (outs / f'{cam}.jsonl').read_text().splitlines()
+    assert json.loads(line)['explanation'] == r['explanation']
+  b_bytes = open(b['explanation'], 'rb').read()
+  # A rerun replaces its own map (the one its earlier output names): no new file.
+  before = sorted(os.listdir(maps))
+  assert run('camA')['explanation'] == a['explanation'] and sorted(os.listdir(maps)) == before
+  # Printed output records nothing to replace: each such call adds a map, replacing none.
+  monkeypatch.chdir(outs)                      # its maps go to ./explanations: the same folder
+  printed = [run('camA', output=False)['explanation'] for _ in range(2)]
+  capsys.readouterr()
+  assert len(set(printed) | set(before)) == len(before) + 2
+  assert sorted(os.listdir(maps)) == sorted(before + [os.path.basename(p) for p in printed])
+  # CSV: the map on the explained (rank 1) row; a rerun replaces its own, as with JSON lines.
+  for _ in range(2):
+    r = run('camB', fmt='csv')
+    with open(outs / 'camB.csv', newline='') as f:
+      rows = list(csv.DictReader(f))
+    assert [row['explanation'] for row in rows] == [r['explanation']] + [''] * (len(rows) - 1)
+  assert len(os.listdir(maps)) == len(before) + 3
+  np.testing.assert_array_equal(_png(r['explanation']), _png(b['explanation']))
+  assert open(a['explanation'], 'rb').read() == a_bytes
+  assert open(b['explanation'], 'rb').read() == b_bytes
+
+
+def test_a_tagged_run_explains_each_predicted_tag_and_names_it(tagged_run, tmp_path):
+  """A tagging run explained np.argmax(probs) alone, and for an image with no predicted tag a tag
+  the model had rejected; the output did not say which class a map was of. Now: one map per tag
+  at or above the run's threshold, named in ``explained`` / ``explanation`` (lists)."""
+  config, workdir, _, files = tagged_run
+  clf = inference.classifier(inference.load(workdir))
+  names = clf.class_names
+  # The run's thresholds as its checkpoint saved them (chosen on validation, not all 0.5).
+  thresholds = checkpoint_files.read_weights(workdir, -1).meta['thresholds']['values']
+  assert len(thresholds) == len(names) and set(thresholds) != {0.5}
+  Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / 'blank.png')
+  c = config.copy_and_resolve_references()
+  c.predict.inputs = ','.join(files + [str(tmp_path / 'blank.png')])
+  c.predict.explain, c.predict.top_k = 'gradcam', len(names)
+  c.predict.output = str(tmp_path / 'tags.jsonl')
+  results = predict.predict(c, workdir)
+  assert results[-1]['tags'] == []   # a blank tile: no tag predicted, so nothing explained
+  assert results[-1]['explained'] == results[-1]['explanation'] == []
+  pairs = 0
+  for r in results:
+    probs = {p['class']: p['probability'] for p in r['predictions']}   # every class (top_k = K)
+    above = {n for n, t in zip(names, thresholds) if np.float32(probs[n]) >= np.float32(t)}
+    assert set(r['explained']) == above and len(r['explained']) == len(r['explanation'])
+    for tag, path in zip(r['explained'], r['explanation']):
+      np.testing.assert_allclose(_png(path), _gradcam_overlay(clf, r['file'], names.index(tag)),
+                                 atol=2)
+    if len(r['explanation']) >= 2:   # one image's maps of two tags are two different maps
+      pairs += 1
+      assert np.abs(_png(r['explanation'][0]) - _png(r['explanation'][1])).max() > 64
+  assert pairs >= 2, pairs
+  paths = [p for r in results for p in r['explanation']]
+  assert len(set(paths)) == len(paths) == len(os.listdir(tmp_path / 'explanations'))
+  lines = [json.loads(line) for line in (tmp_path / 'tags.jsonl').read_text().splitlines()]
+  assert [(d['explained'], d['explanation']) for d in lines] == [
+      (r['explained'], r['explanation']) for r in results]
+  # CSV: one row per predicted tag, each with that tag's map; the untagged image's row has none.
+  c.predict.format, c.predict.output = 'csv', str(tmp_path / 'tags.csv')
+  again = predict.predict(c, workdir)
+  with open(tmp_path / 'tags.csv', newline='') as f:
+    rows = list(csv.DictReader(f))
+  assert [(row['file'], row['tag'], row['explanation']) for row in rows] == [
+      (r['file'], tag, path) for r in again
+      for tag, path in (zip(r['explained'], r['explanation']) if r['tags'] else [('', '')])]
+  for r, first in zip(again, results):   # new files (the JSON lines' are not replaced), same maps
+    for path, earlier in zip(r['explanation'], first['explanation']):
+      assert path != earlier
+      np.testing.assert_array_equal(_png(path), _png(earlier))

@@ -345,6 +345,7 @@ def test_predict_writes_one_explanation_overlay_per_readable_image(run, clf, ima
   assert len(results) == len(pngs) == 15                    # the 2 unreadable files: none
   assert sorted(os.path.basename(r['explanation']) for r in results) == pngs
   for r in results[:3]:
+    assert r['explained'] == r['predictions'][0]['class']     # the class its map is of
     image = clf.prepare(r['file'])
     top1 = np.array([r['predictions'][0]['index']])
     heat = jax.device_get(explain.gradcam(clf.variables, image[None], top1,
