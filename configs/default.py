@@ -498,17 +498,19 @@ def get_config() -> ml_collections.ConfigDict:
   # ---- --mode=embed (imgcls_jax/embed.py): features + k-NN evaluation + 2-D projection ----
   c.embed = ml_collections.ConfigDict()
   c.embed.extractor = 'model'             # 'model' (penultimate layer of the run in --workdir) or
-                                          # 'classical' (config.classical features of config.data)
+                                          # 'classical' (config.classical features of config.data;
+                                          # of the run's data on a trained run's --workdir)
   c.embed.split = ''                      # split to embed; '' = data.eval_split
   c.embed.inputs = ''                     # image files / folders / globs to embed instead (unlabelled)
   c.embed.reference_split = ''            # k-NN neighbours come from this split; '' =
                                           # data.train_split; 'none' = no k-NN evaluation
-  c.embed.knn_k = 10                      # neighbours (distance-weighted vote)
+  c.embed.knn_k = 10                      # neighbours (distance-weighted vote; tags: majority)
   c.embed.knn_metric = 'cosine'           # sklearn metric: 'cosine', 'euclidean', ...
   c.embed.tsne_max = 2000                 # t-SNE panel on at most this many points (a random
                                           # subset of larger sets); 0 = PCA only
   c.embed.batch_size = 256                # images per forward pass
-  c.embed.output_dir = ''                 # '' = <workdir>/embed_<split> (or embed_inputs)
+  c.embed.output_dir = ''                 # '' = <workdir>/embed_<split> (or embed_inputs;
+                                          # embed_<split>_classical for the classical extractor)
   return c
 
 

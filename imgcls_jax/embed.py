@@ -7,20 +7,26 @@
 ``config.embed.extractor='model'`` embeds with the penultimate layer (the head's input,
 ``explain.penultimate``) of the trained run in ``--workdir``, on images prepared as evaluation
 prepares them; ``'classical'`` with the scikit-image features of ``config.classical``
-(``features.py``) of the images of ``config.data``. What is embedded: ``config.embed.inputs``
+(``features.py``) of the images of ``config.data`` (on the command line with a trained run's
+``--workdir`` and no ``--config``, the run's own data). What is embedded: ``config.embed.inputs``
 (files and folders, unlabelled), else the split ``config.embed.split`` of the dataset (a tfds
-dataset or an image folder; labels from it). Writes to ``config.embed.output_dir``:
+dataset or an image folder; labels from it). Writes to ``config.embed.output_dir`` (default
+``<workdir>/embed_<split>``, ``embed_<split>_classical`` for the classical extractor), each file
+under a temporary name renamed once everything is computed:
 
-* ``embeddings.npz``: ``features`` (N x D float32), ``labels`` (N, -1 = unknown), ``paths``
-  (file paths; ``name:split[i]`` for tfds examples), ``class_names``; also
-  ``embeddings.parquet`` when pyarrow is installed;
+* ``embeddings.npz``: ``features`` (N x D float32), ``labels`` (N, -1 = unknown; a tagging run's
+  are multi-hot N x T rows, all -1 = unknown), ``multilabel``, ``paths`` (file paths;
+  ``name:split[i]`` for tfds examples), ``class_names``; also ``embeddings.parquet`` when pyarrow
+  is installed (a tagging run's ``label`` column holds lists: the multi-hot row);
 * with labels and ``config.embed.reference_split`` != 'none': a k-NN classifier (scikit-learn,
   distance-weighted, ``knn_k`` neighbours, ``knn_metric``) fitted on the reference split's
   embeddings predicts the embedded split (a ``knn_k`` above the reference's size uses all of it,
   with a warning: the report's ``k`` is the number used, ``k_requested`` the key's); its full
   evaluation report goes to ``knn/`` (the report files of ``--mode=evaluate``), its headline to
-  ``embed_report.md`` / ``.json``;
-* ``projection.png``: PCA to 2-D, and t-SNE of up to ``tsne_max`` points, coloured by class.
+  ``embed_report.md`` / ``.json``. Tags: each tag is predicted when at least half of the k nearest
+  reference examples carry it (``embed_knn.py``), reported as F1 micro / macro and exact match;
+* ``projection.png``: PCA to 2-D, and t-SNE of up to ``tsne_max`` points, coloured by class
+  (tags: by each example's first tag).
 """
 from __future__ import annotations
 
@@ -34,11 +40,43 @@ import jax
 import ml_collections
 import numpy as np
 
-from imgcls_jax import explain, features, inference, metrics, report_files
-from imgcls_jax.data import images, reader
+from imgcls_jax import explain, features, inference, metrics, report_files, run_directory
+from imgcls_jax.data import arrays, images, reader
+from imgcls_jax.embed_knn import knn_evaluate, knn_metrics, knn_tag_votes, projection_png
 from imgcls_jax.errors import UserError
 
+__all__ = ['EXTRACTORS', 'Extractor', 'embed', 'knn_evaluate', 'knn_metrics', 'knn_tag_votes',
+           'projection_png']
+
 EXTRACTORS = ('model', 'classical')
+
+
+def classical_data(config: ml_collections.ConfigDict, workdir: str,
+                   overrides: dict[str, Any] | None) -> ml_collections.ConfigDict:
+  """The data the classical extractor embeds: ``config.data``; but from the command line
+  (``overrides`` given) on a trained run's ``workdir``, the run's own data with the data keys given
+  as flags (as the model extractor reads it), and a ``--config`` naming other data is refused."""
+  saved = (run_directory.read_config(workdir) or {}).get('data') if overrides is not None else None
+  if not saved:   # an output folder, or a call from Python: the config's data
+    return config.data
+  flags = {k: v for k, v in overrides.items() if k.startswith('data.')}
+  run_name, name = str(saved.get('name')), str(flags.get('data.name', config.data.name))
+  arrays_moved = all(n.startswith(arrays.PREFIX) for n in (run_name, name))  # a location
+  if 'data.name' not in flags and name != run_name:   # --config's data, or the schema's default
+    from imgcls_jax import configlib
+    chosen = name != configlib.load_config_file(configlib.default_config_path()).data.name
+  else:
+    chosen = name != run_name and not arrays_moved
+  if chosen:
+    given, drop = (('--config.data.name', 'that flag') if 'data.name' in flags
+                   else ("the --config's data", '--config'))
+    raise UserError(f"--workdir={workdir} holds a run trained on '{run_name}', not on {given} "
+                    f"'{name}': on a trained run the classical extractor embeds the run's data; "
+                    f'drop {drop}, or give a --workdir without a run.')
+  data = inference.effective_config({'data': saved}, None, flags).data
+  logging.info("Classical features of the run's own data ('%s', from %s).", data.name,
+               os.path.join(workdir, 'config.json'))
+  return data
 
 
 class Extractor:
@@ -62,9 +100,8 @@ class Extractor:
       self._fn = jax.jit(lambda v, x: explain.penultimate(v, x, model_def=self.clf.model_def,
                                                           cfg=self.clf.step_cfg))
     else:
-      from imgcls_jax.data import reader
-      self.data = config.data
-      self.info = reader.describe(config.data)
+      self.data = classical_data(config, workdir, overrides)
+      self.info = reader.describe(self.data)
       self.class_names = list(self.info.class_names)
       self.spec = features.spec_from_config(config.classical)
       self.workers = int(config.classical.workers)
@@ -117,86 +154,40 @@ def embed_files(extractor: Extractor, spec: str) -> tuple[np.ndarray, list[str]]
   return extractor(np.stack(arrays)), paths
 
 
-def knn_evaluate(ref_features: np.ndarray, ref_labels: np.ndarray, features_NxD: np.ndarray,
-                 *, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
-  """(``N x K'`` class probabilities, the K' classes of the reference set) of a distance-weighted
-  k-NN fitted on the reference set."""
-  from sklearn.neighbors import KNeighborsClassifier
-  if k < 1:
-    raise UserError(f'config.embed.knn_k={k} must be at least 1.')
-  knn = KNeighborsClassifier(n_neighbors=min(k, len(ref_labels)), weights='distance',
-                             metric=metric, algorithm='brute')
-  knn.fit(ref_features, ref_labels)
-  return knn.predict_proba(features_NxD), knn.classes_
+def _replace_all(staged: list[tuple[str, str]]) -> None:
+  """Renames each (temporary, final) path pair: the last step, after everything is computed."""
+  for tmp, final in staged:
+    os.replace(tmp, final)
 
 
-def projection_png(features_NxD: np.ndarray, labels_N: np.ndarray, class_names: list[str],
-                   path: str, *, tsne_max: int, title: str, seed: int = 0) -> dict[str, Any]:
-  """PCA (and t-SNE of up to ``tsne_max`` points) scatter plots coloured by class; returns what
-  was drawn."""
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-  from sklearn.decomposition import PCA
-  from sklearn.manifold import TSNE
-  n = len(features_NxD)
-  panels = [('PCA', PCA(2, random_state=seed).fit_transform(features_NxD),
-             np.arange(n))] if n >= 2 else []
-  drawn = {'pca_points': n if panels else 0, 'tsne_points': 0}
-  if tsne_max and n >= 10:
-    idx = np.sort(np.random.RandomState(seed).permutation(n)[:tsne_max])
-    perplexity = float(min(30, (len(idx) - 1) / 3))
-    xy = TSNE(2, perplexity=perplexity, init='pca', random_state=seed).fit_transform(
-        features_NxD[idx])
-    panels.append((f't-SNE ({len(idx)} of {n})' if len(idx) < n else 't-SNE', xy, idx))
-    drawn['tsne_points'] = len(idx)
-  fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(7 * max(1, len(panels)), 6.5),
-                           squeeze=False)
-  cmap = plt.get_cmap('tab10' if len(class_names) <= 10 else 'tab20')
-  for ax, (name, xy, idx) in zip(axes[0], panels):
-    lab = labels_N[idx]
-    if np.any(lab < 0):
-      ax.scatter(xy[lab < 0, 0], xy[lab < 0, 1], s=6, c='grey', label='unlabelled')
-    for c, cname in enumerate(class_names):
-      sel = lab == c
-      if sel.any():
-        ax.scatter(xy[sel, 0], xy[sel, 1], s=4, color=cmap(c % cmap.N), label=cname, alpha=0.7)
-    ax.set_title(name)
-    ax.set_xticks([])
-    ax.set_yticks([])
-  axes[0][-1].legend(loc='center left', bbox_to_anchor=(1.0, 0.5), markerscale=3, fontsize=8)
-  fig.suptitle(title)
-  fig.tight_layout()
-  fig.savefig(path, dpi=90)
-  plt.close(fig)
-  return drawn
+def _tmp(path: str) -> str:
+  root, ext = os.path.splitext(path)
+  return f'{root}.tmp{ext}'
 
 
-def _write_arrays(out_dir: str, feats: np.ndarray, labels: np.ndarray, paths: list[str],
-                  class_names: list[str]) -> list[str]:
-  written = [os.path.join(out_dir, 'embeddings.npz')]
-  np.savez_compressed(written[0], features=feats.astype(np.float32),
-                      labels=labels.astype(np.int64), paths=np.array(paths, dtype=str),
+def _stage_arrays(staged: list[tuple[str, str]], out_dir: str, feats: np.ndarray,
+                  labels: np.ndarray, paths: list[str], class_names: list[str]) -> None:
+  """Writes embeddings.npz (and .parquet with pyarrow) under temporary names, each (temporary,
+  final) pair added to ``staged`` before it is written. Multi-hot labels (N x T) are stored as
+  they are, a list column in the parquet."""
+  final = os.path.join(out_dir, 'embeddings.npz')
+  staged.append((_tmp(final), final))
+  np.savez_compressed(staged[-1][0], features=feats.astype(np.float32),
+                      labels=labels.astype(np.int64), multilabel=np.asarray(labels.ndim == 2),
+                      paths=np.array(paths, dtype=str),
                       class_names=np.array(class_names, dtype=str))
   try:
     import pyarrow as pa
     import pyarrow.parquet as pq
   except ImportError:
-    return written
-  table = pa.table({'path': paths, 'label': labels.astype(np.int64),
+    return
+  label = (pa.array(list(labels.astype(np.int64)), type=pa.list_(pa.int64())) if labels.ndim == 2
+           else labels.astype(np.int64))
+  table = pa.table({'path': paths, 'label': label,
                     'features': list(feats.astype(np.float32))})
-  written.append(os.path.join(out_dir, 'embeddings.parquet'))
-  pq.write_table(table, written[-1])
-  return written
-
-
-def knn_metrics() -> list[str]:
-  """The metrics the k-NN evaluation takes: scikit-learn's for brute-force neighbours, less
-  'precomputed' (distances, not features), 'haversine' (2-D points only) and those that need
-  parameters no config key gives ('mahalanobis', 'seuclidean')."""
-  from sklearn.neighbors import VALID_METRICS
-  unusable = {'precomputed', 'haversine', 'mahalanobis', 'seuclidean'}
-  return sorted(set(VALID_METRICS['brute']) - unusable)
+  final = os.path.join(out_dir, 'embeddings.parquet')
+  staged.append((_tmp(final), final))
+  pq.write_table(table, staged[-1][0])
 
 
 def check_options(e: ml_collections.ConfigDict) -> None:
@@ -217,25 +208,28 @@ def check_options(e: ml_collections.ConfigDict) -> None:
 def embed(config: ml_collections.ConfigDict, workdir: str,
           overrides: dict[str, Any] | None = None) -> dict[str, Any]:
   """The ``embed`` mode; returns the summary written to ``embed_report.json``."""
+  from imgcls_jax import embed_knn
   e = config.embed
   check_options(e)
   t0 = time.perf_counter()
   extractor = Extractor(config, workdir, overrides)
   data, names = extractor.data, extractor.class_names
+  tags = bool(extractor.info.multilabel)
   if e.inputs:
     feats, paths = embed_files(extractor, e.inputs)
-    labels, what = np.full(len(paths), -1, np.int64), 'inputs'
+    labels = np.full((len(paths), len(names)) if tags else len(paths), -1, np.int64)
+    what = 'inputs'
   else:
     what = e.split or data.eval_split
     x, labels, positions = features.split_arrays(data, what, info=extractor.info)
     feats, paths = extractor(x), split_paths(data, what, positions, names)
   name = 'inputs' if e.inputs else what.split('@')[0].replace('/', '_')
-  out_dir = os.path.abspath(e.output_dir or os.path.join(workdir, f'embed_{name}'))
-  os.makedirs(out_dir, exist_ok=True)
+  suffix = '_classical' if extractor.kind == 'classical' else ''  # beside the model's, not over
+  out_dir = os.path.abspath(e.output_dir or os.path.join(workdir, f'embed_{name}{suffix}'))
   summary: dict[str, Any] = {'extractor': extractor.kind, 'embedded': what,
                              'num_examples': len(feats), 'dims': int(feats.shape[1]),
-                             'class_names': names,
-                             'files': _write_arrays(out_dir, feats, labels, paths, names)}
+                             'task': 'multilabel' if tags else 'single-label',
+                             'class_names': names}
   ref = e.reference_split or data.train_split
   shared = (reader.shared_examples(data, what, ref, extractor.info)
             if ref != 'none' and not e.inputs else None)
@@ -245,6 +239,7 @@ def embed(config: ml_collections.ConfigDict, workdir: str,
                     "--config.embed.reference_split to a split without them (e.g. 'train' for "
                     "--config.embed.split=test), or 'none'.", what, shared, ref)
     ref = 'none'
+  rep = None
   if ref != 'none' and np.all(labels >= 0):
     x_ref, y_ref, _ = features.split_arrays(data, ref, info=extractor.info)
     k = min(int(e.knn_k), len(y_ref))   # more neighbours than the reference has: all of them
@@ -252,31 +247,41 @@ def embed(config: ml_collections.ConfigDict, workdir: str,
       logging.warning("config.embed.knn_k=%d is more than the %d examples of the reference split "
                       "'%s': the k-NN uses all %d (recorded as k=%d); set --config.embed.knn_k to "
                       "at most %d.", int(e.knn_k), len(y_ref), ref, k, k, k)
-    probs, classes = knn_evaluate(extractor(x_ref), y_ref, feats, k=k, metric=e.knn_metric)
-    scores = np.full((len(feats), len(names)), -1e9, np.float32)
-    scores[:, classes] = np.log(np.maximum(probs, 1e-12))
-    from imgcls_jax import report as report_lib
-    rep = report_lib.summarize(report_lib.sums_of_scores(
-        scores, labels, config.evaluate.calibration_bins), names)
+    rep = embed_knn.knn_report(extractor(x_ref), y_ref, feats, labels, names, k=k,
+                               metric=e.knn_metric,
+                               calibration_bins=config.evaluate.calibration_bins)
+    vote = 'tag vote' if tags else ''
     rep['context'] = {'dataset': data.name, 'split': what, 'checkpoint_step': 0,
                       'checkpoint': f'{extractor.kind} embeddings', 'tta': 'none',
-                      'model': f"{k}-NN ({e.knn_metric}) on {extractor.kind} features, "
-                               f"reference '{ref}' ({len(y_ref)} examples)"}
-    knn_dir = os.path.join(out_dir, 'knn')
-    title = f"k-NN on {extractor.kind} embeddings: {data.name} '{what}'"
-    report_files.write(rep, knn_dir, title, None)
+                      'model': f"{k}-NN {vote + ' ' if vote else ''}({e.knn_metric}) on "
+                               f"{extractor.kind} features, reference '{ref}' "
+                               f"({len(y_ref)} examples)"}
     summary['knn'] = {'k': k, 'k_requested': int(e.knn_k), 'metric': e.knn_metric,
                       'reference_split': ref, 'reference_examples': len(y_ref),
-                      'accuracy': rep['accuracy'], 'f1_macro': rep['macro_avg']['f1'],
-                      'report': os.path.join(knn_dir, 'report.md')}
-  summary['projection'] = projection_png(
-      feats, labels, names, os.path.join(out_dir, 'projection.png'), tsne_max=int(e.tsne_max),
-      title=f"{extractor.kind} features ({feats.shape[1]}-d) of {data.name} '{what}'")
-  summary['wall_time_s'] = time.perf_counter() - t0
-  with open(os.path.join(out_dir, 'embed_report.json'), 'w') as f:
-    json.dump(metrics.json_safe(summary), f, indent=1)
-  with open(os.path.join(out_dir, 'embed_report.md'), 'w') as f:
-    f.write(_markdown(summary))
+                      **embed_knn.headline(rep),
+                      'report': os.path.join(out_dir, 'knn', 'report.md')}
+  os.makedirs(out_dir, exist_ok=True)
+  staged = [(os.path.join(out_dir, 'projection.tmp.png'), os.path.join(out_dir, 'projection.png'))]
+  try:   # every file under a temporary name first: nothing half-written if a step fails
+    summary['projection'] = projection_png(
+        feats, labels, names, staged[0][0], tsne_max=int(e.tsne_max),
+        title=f"{extractor.kind} features ({feats.shape[1]}-d) of {data.name} '{what}'")
+    _stage_arrays(staged, out_dir, feats, labels, paths, names)
+    summary['files'] = [final for _, final in staged[1:]]
+    summary['wall_time_s'] = time.perf_counter() - t0
+    for final, text in (('embed_report.json', json.dumps(metrics.json_safe(summary), indent=1)),
+                        ('embed_report.md', _markdown(summary))):
+      staged.append((_tmp(os.path.join(out_dir, final)), os.path.join(out_dir, final)))
+      with open(staged[-1][0], 'w') as f:
+        f.write(text)
+    if rep is not None:
+      report_files.write(rep, os.path.join(out_dir, 'knn'),
+                         f"k-NN on {extractor.kind} embeddings: {data.name} '{what}'", None)
+    _replace_all(staged)
+  finally:
+    for tmp, _ in staged:
+      if os.path.exists(tmp):
+        os.remove(tmp)
   print(_markdown(summary).strip() + f'\nOutput: {out_dir}', flush=True)
   return summary
 
@@ -285,14 +290,25 @@ def _markdown(s: dict[str, Any]) -> str:
   lines = [f"# Embeddings: {s['extractor']} features of {s['embedded']}", '',
            f"- {s['num_examples']} examples x {s['dims']} dimensions: " + ', '.join(
                os.path.basename(f) for f in s['files'])]
+  if s.get('task') == 'multilabel':
+    lines.append(f"- labels: multi-hot rows over {len(s['class_names'])} tags (a tagging run)")
   if 'knn' in s:
     k = s['knn']
     asked = (f", knn_k={k['k_requested']} capped at the reference's size"
              if k.get('k_requested', k['k']) != k['k'] else '')
-    lines.append(f"- {k['k']}-NN ({k['metric']}, reference '{k['reference_split']}', "
-                 f"{k['reference_examples']} examples{asked}): top-1 {100 * k['accuracy']:.2f}%, "
-                 f"macro F1 {k['f1_macro']:.4f} (report: knn/report.md)")
+    where = (f"{k['metric']}, reference '{k['reference_split']}', {k['reference_examples']} "
+             f"examples{asked}")
+    if k.get('task') == 'multilabel':
+      lines.append(f"- {k['k']}-NN tag vote ({where}; a tag is predicted when at least half of "
+                   f"the neighbours carry it), metrics for tags: F1 micro {k['f1_micro']:.4f}, "
+                   f"F1 macro {k['f1_macro']:.4f}, exact match {100 * k['exact_match']:.2f}%, "
+                   f"mAP {'-' if k['map'] is None else format(k['map'], '.4f')} "
+                   '(report: knn/report.md)')
+    else:
+      lines.append(f"- {k['k']}-NN ({where}): top-1 {100 * k['accuracy']:.2f}%, "
+                   f"macro F1 {k['f1_macro']:.4f} (report: knn/report.md)")
   p = s['projection']
   lines.append(f"- projection.png: PCA of {p['pca_points']} points"
-               + (f", t-SNE of {p['tsne_points']}" if p['tsne_points'] else ''))
+               + (f", t-SNE of {p['tsne_points']}" if p['tsne_points'] else '')
+               + (f", coloured by the {p['coloured_by']}" if 'coloured_by' in p else ''))
   return '\n'.join(lines) + '\n'

@@ -1,6 +1,8 @@
 """--mode=embed: penultimate features of a trained run (the head's input: logits = features @ W
 + b), classical features of an image folder, unlabelled files, the k-NN evaluation against a
-brute-force oracle, and the projection plot."""
+brute-force oracle, and the projection plot. A tagging run: multi-hot labels stored, the k-NN tag
+vote against scikit-learn, nothing written when a step fails; the classical extractor on a trained
+run's workdir embeds the run's data beside (not over) the model's embeddings."""
 import json
 import os
 import subprocess
@@ -10,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgcls_jax import embed, features, inference
+from imgcls_jax import embed, features, inference, train
 from imgcls_jax.data import digits
 from imgcls_jax.errors import UserError
 from tests.conftest import REPO, subprocess_env
@@ -92,7 +94,7 @@ def test_classical_embeddings_of_an_image_folder(digits_config, tmp_path, caplog
   c.embed.knn_k = 3
   c.embed.tsne_max = 0
   summary = embed.embed(c, str(tmp_path / 'out'))
-  out = tmp_path / 'out' / 'embed_test'
+  out = tmp_path / 'out' / 'embed_test_classical'   # never over the model's embed_test
   with np.load(out / 'embeddings.npz') as z:
     feats, labels, paths = z['features'], z['labels'], list(z['paths'])
   assert len(paths) == 18 and all(p.startswith(root) and p.endswith('.png') for p in paths)
@@ -121,7 +123,7 @@ def test_a_knn_k_above_the_reference_size_is_capped_and_recorded(digits_config, 
   assert (knn['k'], knn['k_requested'], knn['reference_examples']) == (60, 5000, 60)
   assert any("knn_k=5000 is more than the 60 examples of the reference split 'train'"
              in r.getMessage() for r in caplog.records)
-  out = tmp_path / 'big' / 'embed_test'
+  out = tmp_path / 'big' / 'embed_test_classical'
   with open(out / 'embed_report.json') as f:
     assert json.load(f)['knn']['k'] == 60
   with open(out / 'embed_report.md') as f:
@@ -188,3 +190,151 @@ def test_cli_embed_takes_the_model_from_the_workdir(run, tmp_path):
   assert out.returncode == 0, out.stderr[-2000:]
   assert '5-NN (cosine' in out.stdout and '450 examples x 16 dimensions' in out.stdout
   assert os.path.exists(tmp_path / 'projection.png')
+
+
+TAGS = ('even', 'small', 'three', 'big')
+
+
+def _tag_arrays(path):
+  """An arrays file of 8x8 digits tagged by properties of the digit (multi-hot, 1-3 tags each);
+  returns the test split's rows."""
+  from sklearn.datasets import load_digits
+  d = load_digits()
+  x = (d.images * 255 / 16).astype(np.uint8)[..., None]
+  y = d.target
+  tags = np.stack([y % 2 == 0, y < 5, y % 3 == 0, y >= 7], 1)
+  np.savez(path, train_images=x[:320], train_labels=tags[:320], test_images=x[320:400],
+           test_labels=tags[320:400], class_names=np.asarray(TAGS), mirror_safe=np.asarray(False))
+  return tags[320:400].astype(np.int64)
+
+
+@pytest.fixture(scope='module')
+def tagged(tmp_path_factory):
+  """(config, workdir, test rows) of a tagging run on an arrays file, trained briefly."""
+  root = tmp_path_factory.mktemp('tag_arrays')
+  test_rows = _tag_arrays(str(root / 'tags.npz'))
+  sys.path.insert(0, REPO)
+  from configs import default
+  c = default.get_config()
+  c.data.name = f'arrays:{root}/tags.npz'
+  c.data.multilabel = True
+  c.data.device_preprocess = ''
+  c.model.widths = (8, 16)
+  c.batch_size = c.eval_batch_size = 64
+  c.num_train_steps = 30
+  c.eval_every_epochs = c.checkpoint_every_epochs = -1.0
+  c.progress_bar = c.tensorboard = False
+  workdir = str(tmp_path_factory.mktemp('tagged_run'))
+  train.train_and_evaluate(c, workdir)
+  return c, workdir, test_rows
+
+
+def test_knn_tag_vote_matches_scikit_learn():
+  """A tag is predicted when at least half of the k nearest carry it (k even: ties count)."""
+  from sklearn.neighbors import KNeighborsClassifier
+  rng = np.random.RandomState(1)
+  ref, x = rng.normal(size=(40, 6)), rng.normal(size=(25, 6))
+  ref_tags = (rng.random_sample((40, 3)) < 0.4).astype(np.int64)
+  votes = embed.knn_tag_votes(ref, ref_tags, x, k=4, metric='euclidean')
+  knn = KNeighborsClassifier(4, metric='euclidean', algorithm='brute').fit(ref, ref_tags)
+  oracle = np.stack([p[:, 1] for p in knn.predict_proba(x)], 1)
+  np.testing.assert_allclose(votes, oracle, atol=1e-7)
+  assert np.any(votes == 0.5)   # the >= 0.5 rule is exercised
+
+
+def _sklearn_tag_knn(ref, ref_tags, x, k, metric):
+  from sklearn.neighbors import KNeighborsClassifier
+  knn = KNeighborsClassifier(k, metric=metric, algorithm='brute').fit(ref, ref_tags)
+  return np.stack([p[:, list(c).index(1)] for p, c in zip(knn.predict_proba(x), knn.classes_)],
+                  1) >= 0.5
+
+
+def test_a_tagging_run_embeds_multi_hot_labels_and_scores_the_tag_vote(tagged, tmp_path):
+  from sklearn import metrics as skm
+  c, workdir, test_rows = tagged
+  c = c.copy_and_resolve_references()
+  c.embed.split, c.embed.knn_k, c.embed.tsne_max = 'test', 5, 30
+  c.embed.output_dir = str(tmp_path / 'test')
+  summary = embed.embed(c, workdir)
+  c.embed.split, c.embed.reference_split = 'train', 'none'   # (the projection of tags alone)
+  c.embed.output_dir = str(tmp_path / 'train')
+  ref_summary = embed.embed(c, workdir)
+  assert 'knn' not in ref_summary and ref_summary['task'] == 'multilabel'
+  assert ref_summary['projection']['coloured_by'].startswith('first tag')
+  with np.load(tmp_path / 'test' / 'embeddings.npz') as z:
+    feats, labels, multi = z['features'], z['labels'], bool(z['multilabel'])
+  with np.load(tmp_path / 'train' / 'embeddings.npz') as z:
+    ref, ref_tags = z['features'], z['labels']
+  assert multi and list(summary['class_names']) == list(TAGS)
+  np.testing.assert_array_equal(labels, test_rows)    # the multi-hot rows, in file order
+  assert ref_tags.shape == (320, 4)
+  pq = pytest.importorskip('pyarrow.parquet')
+  assert pq.read_table(tmp_path / 'test' / 'embeddings.parquet').column(
+      'label').to_pylist() == test_rows.tolist()
+  # Oracle: scikit-learn's k-NN on the saved embeddings, scored by sklearn.metrics.
+  pred = _sklearn_tag_knn(ref, ref_tags, feats, 5, 'cosine')
+  knn = summary['knn']
+  assert knn['task'] == 'multilabel' and knn['k'] == 5 and knn['reference_examples'] == 320
+  assert knn['f1_micro'] == pytest.approx(skm.f1_score(labels, pred, average='micro'), abs=1e-9)
+  assert knn['f1_macro'] == pytest.approx(skm.f1_score(labels, pred, average='macro'), abs=1e-9)
+  assert knn['exact_match'] == pytest.approx(skm.accuracy_score(labels, pred), abs=1e-9)
+  assert 'accuracy' not in knn    # no top-1 figure for tags
+  with open(tmp_path / 'test' / 'knn' / 'report.json') as f:
+    assert json.load(f)['task'] == 'multilabel'
+  with open(tmp_path / 'test' / 'embed_report.md') as f:
+    md = f.read()
+  assert '5-NN tag vote' in md and 'metrics for tags: F1 micro' in md
+  assert 'coloured by the first tag' in md
+  with open(tmp_path / 'test' / 'embed_report.json') as f:
+    assert json.load(f)['knn']['metrics_for'].startswith('tags')
+
+
+@pytest.mark.parametrize('which', ['run', 'tagged'])
+def test_a_failing_step_leaves_no_half_written_embeddings(which, request, tmp_path, monkeypatch):
+  c, workdir, _ = request.getfixturevalue(which)
+  c = c.copy_and_resolve_references()
+  c.embed.split, c.embed.tsne_max, c.embed.output_dir = 'test', 0, str(tmp_path)
+  (tmp_path / 'embeddings.npz').write_bytes(b'earlier')
+
+  def fail(*args, **kwargs):
+    raise RuntimeError('projection failed')
+  monkeypatch.setattr(embed, 'projection_png', fail)
+  with pytest.raises(RuntimeError, match='projection failed'):
+    embed.embed(c, workdir)
+  assert sorted(os.listdir(tmp_path)) == ['embeddings.npz']
+  assert (tmp_path / 'embeddings.npz').read_bytes() == b'earlier'
+
+
+def test_classical_embed_of_a_trained_run_embeds_its_data_beside_the_model_features(tagged,
+                                                                                   tmp_path):
+  """No --config: the run's own data (not the default config's digits), written to
+  embed_<split>_classical, so the model's embed_<split> stays as it was."""
+  c, workdir, test_rows = tagged
+  model_out = os.path.join(workdir, 'embed_test')
+  os.makedirs(model_out, exist_ok=True)   # where --mode=embed put the model's features
+  with open(os.path.join(model_out, 'embeddings.npz'), 'wb') as f:
+    f.write(b'the model features')
+  out = subprocess.run(
+      [sys.executable, '-m', 'imgcls_jax.main', '--mode=embed', f'--workdir={workdir}',
+       '--config.embed.extractor=classical', '--config.embed.tsne_max=0',
+       '--config.classical.hog_cell=2'],
+      capture_output=True, text=True, env=subprocess_env(1), timeout=300, cwd=REPO)
+  assert out.returncode == 0, out.stderr[-2000:]
+  with np.load(os.path.join(workdir, 'embed_test_classical', 'embeddings.npz')) as z:
+    np.testing.assert_array_equal(z['labels'], test_rows)     # the run's 80 tagged images
+    assert z['paths'][0] == f'{c.data.name}:test[0]'
+  with open(os.path.join(model_out, 'embeddings.npz'), 'rb') as f:
+    assert f.read() == b'the model features'
+  # A --config naming other data than the run's is refused, not embedded beside it.
+  sys.path.insert(0, REPO)
+  from configs import default
+  other = default.get_config()
+  other.data.name = 'fashion_mnist'
+  other.embed.extractor = 'classical'
+  with pytest.raises(UserError, match="holds a run trained on 'arrays:.*', not on the --config's "
+                                      "data 'fashion_mnist'.*drop --config"):
+    embed.embed(other, workdir, overrides={'embed.extractor': 'classical'})
+  other.data.name = 'sklearn_digits'
+  with pytest.raises(UserError, match="not on --config.data.name 'sklearn_digits'"):
+    embed.embed(other, workdir, overrides={'embed.extractor': 'classical',
+                                           'data.name': 'sklearn_digits'})
