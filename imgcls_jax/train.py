@@ -223,9 +223,12 @@ class _Trainer:
       do_eval = done % eval_every == 0 or done == s.total_steps
       do_ckpt = done % ckpt_every == 0 or done == s.total_steps or (do_eval and ckpt_on_eval)
       pause = done == end < s.total_steps
+      crossed = done // c.log_every_steps > step // c.log_every_steps
       if do_eval or do_ckpt or pause:
+        if crossed and len(self.log.pending) > 1:   # the steps before this one: their own record
+          self.log.flush(done, keep_last=True)
         self.log.flush(done, keep_last=False)
-      elif done // c.log_every_steps > step // c.log_every_steps:
+      elif crossed:
         self.log.flush(done, keep_last=True)  # step `done` is still running: read the one before
       if do_eval:
         eval_metrics = self.evaluate(final=done == s.total_steps)

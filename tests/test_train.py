@@ -76,6 +76,21 @@ def test_one_resnet_step_on_mock_imagenet(tmp_path):
   assert rec['step'] == 1 and np.isfinite(rec['loss'])
 
 
+def test_a_record_every_step_when_asked_whatever_the_saves_and_evaluations(digits_config,
+                                                                            tmp_path):
+  """log_every_steps=1 with a checkpoint every 5 steps and an evaluation every 4: the step before
+  each save or evaluation had no record of its own (the saved step's averaged both)."""
+  digits_config.num_train_steps = 12
+  digits_config.log_every_steps = 1
+  digits_config.checkpoint_every_steps = 5
+  digits_config.eval_every_steps = 4
+  train.train_and_evaluate(digits_config, str(tmp_path))
+  tr = _records(tmp_path, 'train')
+  assert [r['step'] for r in tr] == list(range(1, 13))
+  lr = [r['learning_rate'] for r in tr]
+  assert len(set(lr)) == 12   # one step's learning rate each (warmup then decay), no means
+
+
 @pytest.mark.parametrize('stop', range(1, 12))
 def test_train_records_after_a_stop_and_resume_equal_an_uninterrupted_runs(stop):
   """TrainLog, flushed as the loop flushes it (every 3 steps, one dispatch behind), stopped by a
