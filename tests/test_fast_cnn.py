@@ -68,6 +68,12 @@ def test_registered_model_shapes_and_parameter_count():
   assert _apply(gap, jnp.zeros((2, 12, 12, 3)), train=False).shape == (2, 4)
   with pytest.raises(UserError, match='stem'):
     models.get('fast_cnn', num_classes=4, in_channels=1, rngs=nnx.Rngs(0), stem='conv7')
+  # Other image sizes: the flatten head's size is fixed (a dot_general traceback, before); the
+  # global-average head takes any size.
+  with pytest.raises(UserError, match=r'^This fast_cnn was built for 28x28 images \(its flatten '
+                     r'head\) but got 8x8; set config.model.image_size to the input size'):
+    _apply(m, jnp.zeros((2, 8, 8, 1)), train=False)
+  assert _apply(gap, jnp.zeros((2, 16, 16, 3)), train=False).shape == (2, 4)
 
 
 def test_im2col_convs_compute_what_lax_convs_compute():

@@ -108,7 +108,7 @@ class FastCNN(nnx.Module):
                       'config.model.conv.')
     dtype = layers.as_dtype(dtype)
     stages = [tuple(s) if isinstance(s, (tuple, list)) else (int(s),) for s in widths]
-    self.stem, self.head_kind = stem, head
+    self.stem, self.head_kind, self.image_size = stem, head, image_size
     ch, size = (in_channels * 4, image_size // 2) if stem == 's2d' else (in_channels, image_size)
     convs, norms, self.plan = [], [], []
     for i, stage in enumerate(stages):
@@ -131,6 +131,10 @@ class FastCNN(nnx.Module):
     self.fc = layers.dense(hidden or features, num_classes, dtype=dtype, rngs=rngs)
 
   def __call__(self, x_BxHxWxC: jax.Array, *, train: bool = False) -> jax.Array:
+    if self.head_kind == 'flatten' and x_BxHxWxC.shape[1:3] != (self.image_size,) * 2:
+      raise UserError(f'This fast_cnn was built for {self.image_size}x{self.image_size} images '
+                      f'(its flatten head) but got {x_BxHxWxC.shape[1]}x{x_BxHxWxC.shape[2]}; set '
+                      "config.model.image_size to the input size (or config.model.head='gap').")
     x = space_to_depth(x_BxHxWxC) if self.stem == 's2d' else x_BxHxWxC
     i = 0
     for step in self.plan:
