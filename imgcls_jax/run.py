@@ -220,6 +220,11 @@ def restore_or_init(s: Setup, ckpt: checkpoint.Checkpointer) -> tuple[Any, Any]:
   logging.info('Train state: %.2f MiB per device (%s placement over %d devices).',
                sharding.planned_bytes_per_device(target, shardings) / 2**20, s.placement.mode,
                s.mesh.devices.size)
+  if s.placement.mode == 'fsdp' and not any(any(sh.spec) for sh in jax.tree.leaves(shardings)):
+    logging.warning("config.mesh.param_sharding='fsdp' shards nothing here, so every device holds "
+                    'the whole state: %s.', 'there is one device' if s.mesh.devices.size == 1
+                    else f'no array has config.mesh.fsdp_min_size={s.placement.min_size} elements '
+                    f'and a dimension divisible by the {s.mesh.devices.size} devices')
   # The classes are compared on the checkpoint's meta before its arrays: a changed class count
   # would otherwise first show as a head of another shape.
   restored = ckpt.restore_latest(target, config=s.config,

@@ -67,6 +67,29 @@ def test_fsdp_shards_parameters_and_optimizer_state_alike(digits_config):
   assert shardings.step.spec == P() and shardings.rng.spec == P()
 
 
+@pytest.mark.parametrize('devices, min_size, said', [
+    (1, 1024, 'there is one device'),
+    (2, 10**9, 'no array has config.mesh.fsdp_min_size=1000000000 elements and a dimension '
+               'divisible by the 2 devices'),
+    (2, 1024, None)])
+def test_fsdp_that_shards_nothing_says_so(digits_config, tmp_path, caplog, devices, min_size,
+                                          said):
+  """fsdp on one device, or with every array below fsdp_min_size, was silent: the state was
+  replicated under an 'fsdp placement' log line."""
+  import logging
+  digits_config.mesh.num_devices = devices
+  digits_config.mesh.param_sharding, digits_config.mesh.fsdp_min_size = 'fsdp', min_size
+  s = run.setup(digits_config)
+  with caplog.at_level(logging.WARNING), checkpoint.Checkpointer(str(tmp_path)) as ckpt:
+    _, shardings = run.restore_or_init(s, ckpt)
+  sharded = any(any(sh.spec) for sh in jax.tree.leaves(shardings))
+  got = [r.getMessage() for r in caplog.records if 'shards nothing' in r.getMessage()]
+  assert sharded == (said is None)
+  assert got == ([] if said is None else [
+      "config.mesh.param_sharding='fsdp' shards nothing here, so every device holds the whole "
+      f'state: {said}.'])
+
+
 def _train_and_restore(config: ml_collections.ConfigDict,
                        workdir: str) -> tuple[state_lib.TrainState, int]:
   """Trains, then restores the way a resumed run does; (state on the host, max bytes/device)."""
