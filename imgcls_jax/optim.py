@@ -165,14 +165,20 @@ def _base(cfg: ml_collections.ConfigDict, lr: optax.Schedule) -> optax.GradientT
                        optax.scale_by_learning_rate(lr))
     parts.append(optax.contrib.schedule_free(adam, lr, b1=cfg.b1))
   else:
-    check_name(cfg)
+    check(cfg)
   return optax.chain(*parts)
 
 
-def check_name(cfg: ml_collections.ConfigDict) -> None:
-  """UserError unless ``config.optim.name`` is one of ``OPTIMIZERS``."""
+def check(cfg: ml_collections.ConfigDict) -> None:
+  """UserError unless ``config.optim.name`` is one of ``OPTIMIZERS`` and its momentum and Adam
+  betas are decay rates in [0, 1) (2 would make every update grow without bound)."""
   if cfg.name not in OPTIMIZERS:
     raise UserError(f"Unknown config.optim.name '{cfg.name}'; use one of {', '.join(OPTIMIZERS)}.")
+  for key in ('momentum', 'b1', 'b2', 'muon_beta'):
+    value = cfg.get(key)
+    if value is not None and not 0 <= float(value) < 1:
+      raise UserError(f'config.optim.{key}={value} must be in [0, 1): it is the share of the '
+                      'previous average kept at each step (e.g. 0.9).')
 
 
 def muon_dimensions(params: Any) -> Any:

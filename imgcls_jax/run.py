@@ -68,7 +68,7 @@ def setup(config: ml_collections.ConfigDict, info: DatasetInfo | None = None, *,
   # Names the config gives, checked before the dataset is described (which may import
   # TensorFlow, seconds): a misspelt model, model argument, optimizer or device op is one line now.
   models.check_arguments(config.model.name, config.model.keys())
-  optim.check_name(config.optim)
+  optim.check(config.optim)
   device_ops = device_augment.parse(config.data.get('device_preprocess', '') or '')
   if training:   # a run saved with them restores as it trained: without them
     held_out.check_folder_only_keys(config.data)

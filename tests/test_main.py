@@ -39,6 +39,8 @@ def _one_error_line(proc):
                                       r"--config.model=\"\{'name': 'resnet18'\}\"")),
     ('--config.data.name=no_such_set', r"'no_such_set' is not a tfds dataset"),
     ('--config.optim.name=adagrad', r"Unknown config.optim.name 'adagrad'"),
+    ('--config.optim.momentum=2', r'config.optim.momentum=2.0 must be in \[0, 1\)'),
+    ('--config.optim.b2=1', r'config.optim.b2=1.0 must be in \[0, 1\)'),
     ('--config.mesh.cpu_devices=-2', r'config.mesh.cpu_devices=-2 is not a sensible'),
     ('--config.data.device_preprocess=randaugment', r'device_preprocess.*not a device-side op'),
 ])
