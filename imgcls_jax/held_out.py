@@ -216,6 +216,22 @@ def _warn_copies(data: ml_collections.ConfigDict, info: DatasetInfo, ev: str, tr
                     '; ...' if len(pairs) > 3 else '')
 
 
+def warn_unused_splits(config: ml_collections.ConfigDict) -> None:
+  """At training: the splits an image folder or manifest names (split folders, a split column)
+  that no split key of the run reads are silently unused; say so once (``folder_index``)."""
+  if not folder_layout.is_folder(config.data):
+    return
+  e = config.get('evaluate') or {}
+  read = [folder_layout.VALIDATION] + [
+      str(e.get(k) or '').split('@')[0] for k in ('temperature_split', 'threshold_split', 'split')
+      if e.get(k) and str(e.get(k)) != folder_layout.VALIDATION]
+  try:
+    folder_index.warn_unused_splits(folder_layout.source_of(config.data),
+                                    list(dict.fromkeys(read)))
+  except UserError:   # reading the split says what is wrong
+    pass
+
+
 def warn_unused_validation(config: ml_collections.ConfigDict, info: DatasetInfo) -> None:
   """At training: ``validation_fraction`` images that no fit of this run reads are kept from
   training for nothing unless the user calibrates later; say so, with both ways out."""
@@ -248,6 +264,10 @@ def _held_out_hint(config: ml_collections.ConfigDict, fit_key: str, clash: str, 
       folder_layout.VALIDATION in folder_layout.named_splits(folder_layout.source_of(config.data))))
   if has_validation and split != folder_layout.VALIDATION:
     return f'use the held-out split: {use}'
+  others = sorted(folder_layout.named_splits(folder_layout.source_of(config.data)) - {
+      str(config.data.train_split), str(config.data.eval_split), split}) if folder else []
+  if others:   # e.g. a manifest's 'val' rows, or a val/ folder, that no split key reads
+    return f"fit on a split the run did not train on: evaluate.{fit_key}='{others[0]}'"
   if trained and folder:
     return ("this run holds no 'validation' images out: train it again with "
             f'data.validation_fraction=0.1 and {use}')

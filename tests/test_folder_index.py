@@ -445,8 +445,24 @@ def test_holdout_fraction_beside_named_splits_is_said_to_have_no_effect(tmp_path
   assert not any('has no effect' in r.getMessage() for r in caplog.records)
 
 
+def _warn_unused(digits_config, data, caplog, **evaluate):
+  """The training setup's warning of unread splits (held_out.warn_unused_splits), its lines."""
+  import ml_collections
+  from imgcls_jax import held_out
+  folder_index.clear_memo()
+  from imgcls_jax.data import manifest
+  manifest._WARNED.clear()
+  e = ml_collections.ConfigDict(digits_config.evaluate.to_dict())
+  e.update(evaluate)
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    held_out.warn_unused_splits(ml_collections.ConfigDict({'data': data, 'evaluate': e}))
+  return [r.getMessage() for r in caplog.records if 'those images are unused' in r.getMessage()]
+
+
 def test_manifest_rows_of_a_split_no_split_reads_are_warned_of(tmp_path, digits_config, caplog):
-  """Rows of split 'val' beside train / validation / test were silently unused."""
+  """Rows of split 'val' beside train / validation / test were silently unused; a split a fit
+  key names is read (the warning named it even with --config.evaluate.threshold_split=val)."""
   rows = [(os.path.relpath(_png(f'{tmp_path}/p/{c}/{k}.png', k), tmp_path), c)
           for c in ('cat', 'dog') for k in range(6)]
   csv = tmp_path / 'm.csv'
@@ -454,15 +470,15 @@ def test_manifest_rows_of_a_split_no_split_reads_are_warned_of(tmp_path, digits_
       f'{p},{c},{("train", "train", "test", "validation", "val", "dev")[k % 6]}\n'
       for k, (p, c) in enumerate(rows)))
   data = _data(digits_config, manifest=str(csv), holdout_fraction=0.0)
-  with caplog.at_level(logging.WARNING):
-    assert sources.describe(data).num_examples == {'train': 4, 'test': 2}
-    sources.split_size(data, 'validation')
-  said = [r.getMessage() for r in caplog.records if 'those images are unused' in r.getMessage()]
-  assert said == [f"The manifest {csv} has 4 row(s) of split(s) 'dev' (2), 'val' (2), which "
-                  "neither config.data.train_split 'train' nor eval_split 'test' reads (nor "
-                  "'validation'): unless a key names them (config.evaluate.temperature_split, "
-                  'threshold_split or split), those images are unused; write their split as one '
-                  'of these, or point a split key at it.']
+  assert sources.describe(data).num_examples == {'train': 4, 'test': 2}
+  assert _warn_unused(digits_config, data, caplog, temperature_split='') == [
+      f"The manifest {csv} has 4 row(s) of split(s) 'dev' (2), 'val' (2), which neither "
+      "config.data.train_split 'train' nor eval_split 'test' reads (nor 'validation'): unless a "
+      'key names them later (config.evaluate.split, temperature_split or threshold_split), those '
+      'images are unused; write their split as one of these, or point a split key at it.']
+  said = _warn_unused(digits_config, data, caplog, temperature_split='val')
+  assert len(said) == 1 and "split(s) 'dev' (2), which" in said[0] and "(nor 'validation', 'val')"\
+      in said[0]
 
 
 def test_split_folders_no_split_reads_are_warned_of_once(tmp_path, digits_config, caplog):
@@ -470,24 +486,19 @@ def test_split_folders_no_split_reads_are_warned_of_once(tmp_path, digits_config
   root = str(tmp_path / 'splits')
   for split in ('train', 'test', 'val', 'validation', 'extra'):
     _flat(f'{root}/{split}', {'ant': 2, 'bee': 2})
-  folder_index.clear_memo()
   data = _data(digits_config, folder=root, holdout_fraction=0.0)
-  with caplog.at_level(logging.WARNING):
-    assert sources.describe(data).num_examples == {'train': 4, 'test': 4}
-    assert sources.split_size(data, 'val') == 4   # a key may name it (evaluate.split=val)
-  said = [r.getMessage() for r in caplog.records if 'those' in r.getMessage()]
-  assert said == [f"The image folder {root} has split folder(s) 'extra/', 'val/', which neither "
-                  "config.data.train_split 'train' nor eval_split 'test' reads: unless a key "
-                  'names them (config.evaluate.split, temperature_split or threshold_split), '
-                  'those images are unused; rename the folder to a split the run reads, or point '
-                  'a split key at it.']
-  caplog.clear()
+  assert sources.describe(data).num_examples == {'train': 4, 'test': 4}
+  assert sources.split_size(data, 'val') == 4   # a key may name it (evaluate.split=val)
+  assert _warn_unused(digits_config, data, caplog, temperature_split='') == [
+      f"The image folder {root} has split folder(s) 'extra/', 'val/', which neither "
+      "config.data.train_split 'train' nor eval_split 'test' reads (nor 'validation'): unless a "
+      'key names them later (config.evaluate.split, temperature_split or threshold_split), those '
+      'images are unused; rename the folder to a split the run reads, or point a split key at it.']
+  said = _warn_unused(digits_config, data, caplog, temperature_split='val', split='extra')
+  assert said == []
   for split in ('val', 'extra', 'validation'):
     os.rename(f'{root}/{split}', f'{tmp_path}/{split}')
-  folder_index.clear_memo()
-  with caplog.at_level(logging.WARNING):
-    sources.describe(data)
-  assert not [r for r in caplog.records if 'those' in r.getMessage()]
+  assert _warn_unused(digits_config, data, caplog, temperature_split='') == []
 
 
 def test_windows_paths_in_a_manifest_are_read_with_a_warning(tmp_path, digits_config, caplog):

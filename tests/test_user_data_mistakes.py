@@ -273,6 +273,31 @@ def test_eval_images_that_are_copies_of_training_images_are_warned_of(tmp_path, 
       'same split).']
 
 
+def test_a_fit_on_the_eval_split_points_at_the_layouts_unread_split(tmp_path):
+  """calibrate with threshold_split=test on a manifest that has 'val' rows said to train again
+  with data.validation_fraction=0.1; the fix is the 'val' split it already has."""
+  from imgcls_jax import held_out
+  rows = ['path,label,split']
+  for i in range(12):
+    _png(tmp_path / f'{i}.png', i)
+    rows.append(f"{i}.png,{('cat', 'dog')[i % 2]},{('train', 'train', 'test', 'val')[i % 4]}")
+  (tmp_path / 'm.csv').write_text('\n'.join(rows) + '\n')
+  data = _data(manifest=str(tmp_path / 'm.csv'))
+  src = folder_layout.source_of(data)
+  names = folder_layout.class_names(src)
+  info = DatasetInfo(name='image_folder', num_classes=2, class_names=names, image_shape=(8, 8, 3),
+                     num_examples={s: len(folder_index.index(src, s, names).ids)
+                                   for s in ('train', 'test', 'val')})
+  config = ml_collections.ConfigDict({'data': data, 'evaluate': {
+      'temperature_split': 'test', 'threshold_split': '', 'unknown_keep': 0.0}})
+  with pytest.raises(UserError) as e:
+    held_out.check_fit_splits(config, info, trained=True)
+  assert str(e.value).endswith("fit on a split the run did not train on: "
+                               "evaluate.temperature_split='val'.")
+  config.evaluate.temperature_split = 'val'
+  held_out.check_fit_splits(config, info, trained=True)   # and that one is accepted
+
+
 def test_identical_files_are_found_by_their_bytes_whatever_their_sizes(tmp_path):
   """duplicates.identical against comparing every pair's bytes: same-size files that differ,
   empty files, missing files, a file in both lists."""

@@ -18,6 +18,7 @@ import hashlib
 import logging
 import os
 import threading
+from typing import Sequence
 
 import numpy as np
 
@@ -97,15 +98,11 @@ def _listed(src: Source, split: str, names: tuple[str, ...],
   if src.kind == 'manifest':
     has_split, pairs, skipped = manifest.split_pairs(src.location, src.multilabel, split, ALL)
     needs_holdout = not has_split
-    if has_split and ALL not in (src.train_split, src.eval_split):
-      manifest.warn_unused_splits(src.location, src.multilabel, src.train_split, src.eval_split,
-                                  VALIDATION)
   elif src.kind == 'flat':
     skipped += [(f, 'outside every class folder') for f in loose_files(src.root)]
     pairs = _class_folders(src.root, src.root, '', skipped)
   else:
     where = split_dir(src, split)
-    _warn_unused_split_folders(src)
     skipped += [(os.path.join(split, f), 'outside every class folder')
                 for f in loose_files(where)]
     pairs = _class_folders(src.root, where, split, skipped)
@@ -191,20 +188,30 @@ def _warn_holdout_unused(src: Source) -> None:
                   'images out of the train split).', src.holdout_fraction, src.location, what)
 
 
-def _warn_unused_split_folders(src: Source) -> None:
-  """Warns (once per folder) of split folders that neither the train nor the eval split reads
-  (e.g. ``val/`` beside ``train/`` and ``test/``): their images are silently unused."""
-  unused = sorted(named_splits(src) - {src.train_split, src.eval_split, VALIDATION})
+def warn_unused_splits(src: Source, read: Sequence[str]) -> None:
+  """Warns (once per folder or manifest) of the splits it names (split folders, a split column)
+  that neither the train nor the eval split reads, nor any of ``read`` (the held-out splits of
+  the run's temperature, thresholds or evaluation): their images are silently unused (e.g.
+  ``val/`` beside ``train/`` and ``test/``)."""
+  if ALL in (src.train_split, src.eval_split):
+    return
+  if src.kind == 'manifest':
+    if manifest.read_rows(src.location, src.multilabel)[0][2] is not None:
+      manifest.warn_unused_splits(src.location, src.multilabel, src.train_split, src.eval_split,
+                                  read)
+    return
+  unused = sorted(named_splits(src) - {src.train_split, src.eval_split, *read})
   with _LOCK:
     if not unused or src.location in _UNUSED_WARNED:
       return
     _UNUSED_WARNED.add(src.location)
+  nor = ', '.join(f"'{s}'" for s in read)
   logging.warning("The image folder %s has split folder(s) %s, which neither "
-                  "config.data.train_split '%s' nor eval_split '%s' reads: unless a key names "
-                  'them (config.evaluate.split, temperature_split or threshold_split), those '
-                  'images are unused; rename the folder to a split the run reads, or point a split '
-                  'key at it.', src.location, ', '.join(f"'{n}/'" for n in unused),
-                  src.train_split, src.eval_split)
+                  "config.data.train_split '%s' nor eval_split '%s' reads%s: unless a key names "
+                  'them later (config.evaluate.split, temperature_split or threshold_split), '
+                  'those images are unused; rename the folder to a split the run reads, or point '
+                  'a split key at it.', src.location, ', '.join(f"'{n}/'" for n in unused),
+                  src.train_split, src.eval_split, f' (nor {nor})' if nor else '')
 
 
 # ---- the index of a split ----

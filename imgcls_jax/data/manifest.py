@@ -12,6 +12,7 @@ import io
 import logging
 import os
 import threading
+from typing import Sequence
 
 from imgcls_jax.data import images
 from imgcls_jax.errors import UserError
@@ -231,23 +232,25 @@ def warn_near_splits(rows: tuple[Row, ...], location: str, split: str) -> None:
 
 
 def warn_unused_splits(location: str, multilabel: bool, train: str, test: str,
-                       held: str) -> None:
+                       read: Sequence[str]) -> None:
   """Warns (once per manifest) of rows of a split that neither ``train`` nor ``test`` (the run's
-  train and eval splits) reads, nor ``held`` (the held-out split a temperature or thresholds are
-  usually fitted on): those images are silently unused. Names ``warn_near_splits`` gives (a typo
-  of ``train`` / ``test``) are left to it."""
+  train and eval splits) reads, nor any of ``read`` (the held-out splits the run's temperature,
+  thresholds or evaluation read): those images are silently unused. Names ``warn_near_splits``
+  gives (a typo of ``train`` / ``test``) are left to it."""
   rows = read_rows(location, multilabel)
   unused = collections.Counter(s for _, _, s in rows if s is not None and s not in (
-      train, test, held) and not _near(s, train) and not _near(s, test))
+      train, test, *read) and not _near(s, train) and not _near(s, test))
   if not unused or (location, '') in _WARNED:
     return
   _WARNED.add((location, ''))
   listed = ', '.join(f"'{s}' ({n})" for s, n in sorted(unused.items()))
+  nor = ', '.join(f"'{s}'" for s in read)
   logging.warning("The manifest %s has %d row(s) of split(s) %s, which neither "
-                  "config.data.train_split '%s' nor eval_split '%s' reads (nor '%s'): unless a "
-                  'key names them (config.evaluate.temperature_split, threshold_split or split), '
+                  "config.data.train_split '%s' nor eval_split '%s' reads%s: unless a key names "
+                  'them later (config.evaluate.split, temperature_split or threshold_split), '
                   'those images are unused; write their split as one of these, or point a split '
-                  'key at it.', location, sum(unused.values()), listed, train, test, held)
+                  'key at it.', location, sum(unused.values()), listed, train, test,
+                  f' (nor {nor})' if nor else '')
 
 
 def tags(label: str) -> tuple[str, ...]:
