@@ -85,7 +85,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---- model (imgcls_jax/models: every key but 'name' goes to the constructor) ----
   c.model = ml_collections.ConfigDict()
-  c.model.name = 'cnn'                    # see imgcls_jax.models.names()
+  c.model.name = 'cnn'                    # see imgcls_jax.models.names(); each family's keys:
+                                          # README, "Model families" (replace the whole group)
   c.model.widths = (32, 64, 128)          # channels per stage
   c.model.convs_per_stage = 2
   c.model.dropout = 0.0                   # before the linear head
