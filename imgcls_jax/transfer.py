@@ -39,8 +39,8 @@ def load_weights(path: str, step: int | None = None) -> weights_lib.Weights:
   if os.path.isfile(path):
     if not path.endswith(TORCH_SUFFIXES):
       raise UserError(f'Cannot load weights from {path}: expected a .safetensors, .pt, .pth or '
-                      '.bin file (torchvision / timm ResNet layout) or a run directory of this '
-                      'project.')
+                      '.bin file (torchvision / timm ResNet, ViT or ConvNeXt; torchvision '
+                      'EfficientNet / MobileNetV3) or a run directory of this project.')
     from imgcls_jax import torch_import
     return weights_lib.check_finite(torch_import.load(path), 'save the weights again from a '
                                     'model that evaluates well, or start from another file')
@@ -52,6 +52,9 @@ def init_state(state: Any, shardings: Any, cfg: ml_collections.ConfigDict,
   """A fresh train state with the backbone (and head, if ``keep_head``) from ``cfg.init_from``;
   ``model_name`` (config.model.name) only words the error for weights of another architecture."""
   source = load_weights(cfg.init_from, cfg.get('init_step', -1))
+  if os.path.isfile(cfg.init_from):   # torch weights: a ViT trained at another image size
+    from imgcls_jax import torch_import
+    source = torch_import.fit_to(source, state.params)
   head = optim.head_name(weights_lib.flatten(state.params), cfg)
   keep = bool(cfg.get('keep_head', False))
   hint = (', or train a new head (config.transfer.keep_head=False)' if keep else '')

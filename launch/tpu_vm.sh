@@ -1,17 +1,30 @@
 #!/usr/bin/env bash
-# Train on a Cloud TPU VM slice: create it, copy this checkout to every worker, install, run the
+# Train on a Cloud TPU VM slice: create it, copy this checkout to every worker, install, start the
 # same command on every worker (jax.distributed finds the slice by itself), delete it.
 #
 # Usage:
 #   launch/tpu_vm.sh [options] ACTION [-- MAIN_ARGS...]
 #
-#   ACTION   create | copy | install | run | delete | all (= create, copy, install, run, delete;
-#            the slice is deleted even when the run fails, unless --keep)
+#   ACTION   create | copy | install | run | logs | stop | delete
+#            | all (= create, copy, install, run, follow the log until the run ends, delete)
+#     run    starts the training detached on every worker (nohup setsid; output in
+#            ~/imgcls_run.log there, exit status in ~/imgcls_run.status), so a dropped SSH
+#            connection does not stop it; refuses while a run is still going
+#     logs   follows a worker's log (--worker, default 0) until the run ends; Ctrl-C stops only
+#            the following
+#     stop   sends the run SIGTERM on every worker: it saves a checkpoint and exits
+#     all    deletes the slice when the run has ended (whatever its status) or when a step before
+#            it fails, unless --keep; if following the log is interrupted, the run and the slice
+#            stay up (follow again with `logs`, then `delete`)
 #   --name NAME               TPU name (default: $TPU_NAME, else imgcls-$USER)
 #   --zone ZONE               zone (default: $ZONE; required), e.g. us-central2-b
 #   --project PROJECT         project (default: $PROJECT_ID, else gcloud's default)
-#   --accelerator-type TYPE   e.g. v4-8 (one host), v4-32 (4 hosts) (default: $ACCELERATOR_TYPE, else v4-8)
-#   --version VERSION         TPU software version (default: $RUNTIME_VERSION, else tpu-ubuntu2204-base)
+#   --accelerator-type TYPE   e.g. v4-8 (one host), v4-32 (4 hosts), v5litepod-16, v5p-8, v6e-8
+#                             (default: $ACCELERATOR_TYPE, else v4-8)
+#   --version VERSION         TPU software version (default: $RUNTIME_VERSION, else the one for the
+#                             accelerator type: v6e -> v2-alpha-tpuv6e, v5p -> v2-alpha-tpuv5,
+#                             v5litepod / v5e -> v2-alpha-tpuv5-lite, v2-v4 -> tpu-ubuntu2204-base)
+#   --worker W                worker whose log `logs` follows (default 0; `all` for every one)
 #   --spot                    create a Spot TPU (cheaper, may be preempted)
 #   --keep                    with `all`: do not delete the slice at the end
 #   --dry-run                 print the exact commands and exit
@@ -19,6 +32,10 @@
 #                             --config=configs/imagenet_resnet50.py --workdir=/mnt/shared/run1
 #                             --config.data.data_dir=gs://BUCKET/tensorflow_datasets
 #
+# `copy` sends the files git tracks plus untracked ones it does not ignore (outside a git checkout:
+# every file), without runs/, data caches (benchmarks/.data, .vendor), virtual environments,
+# node_modules, __pycache__ and weight / array / archive files (*.npz, *.npy, *.pt, *.pth,
+# *.safetensors, *.ckpt, *.tgz, *.tar.gz, *.zip).
 # On a multi-host slice --workdir must be storage every worker shares (an NFS / Filestore or
 # gcsfuse mount): all workers write their shards of each checkpoint there.
 set -euo pipefail
@@ -33,16 +50,20 @@ quote() {
 }
 
 name="${TPU_NAME:-imgcls-${USER:-user}}" zone="${ZONE:-}" project="${PROJECT_ID:-}"
-accel="${ACCELERATOR_TYPE:-v4-8}" version="${RUNTIME_VERSION:-tpu-ubuntu2204-base}"
+accel="${ACCELERATOR_TYPE:-v4-8}" version="${RUNTIME_VERSION:-}" worker=0
 spot=0 keep=0 dry_run=0 action=''
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 remote_dir='~/imgcls_jax' remote_venv='~/imgcls_venv'
-usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; }
+# On each worker: the run's output, its wrapper's process id, its exit status once it has ended.
+remote_log='~/imgcls_run.log' remote_pid='~/imgcls_run.pid' remote_status='~/imgcls_run.status'
+# Paths `copy` leaves out (extended regex over paths relative to the checkout).
+skip='(^|/)(\.git|\.venv|venv|node_modules|__pycache__|[^/]*\.egg-info)(/|$)|^(runs|data|workdir[^/]*|build|dist)/|^benchmarks/\.(data|vendor)/|\.(npz|npy|pt|pth|safetensors|ckpt|tgz|tar\.gz|zip)$'
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
 die() { echo "tpu_vm.sh: $*" >&2; exit 2; }
 
 while [[ $# -gt 0 ]]; do
   case "$1" in  # --opt=value is --opt value
-    --name=*|--zone=*|--project=*|--accelerator-type=*|--version=*)
+    --name=*|--zone=*|--project=*|--accelerator-type=*|--version=*|--worker=*)
       set -- "${1%%=*}" "${1#*=}" "${@:2}" ;;
   esac
   case "$1" in
@@ -51,20 +72,33 @@ while [[ $# -gt 0 ]]; do
     --project) project="${2:?}"; shift 2 ;;
     --accelerator-type) accel="${2:?}"; shift 2 ;;
     --version) version="${2:?}"; shift 2 ;;
+    --worker) worker="${2:?}"; shift 2 ;;
     --spot) spot=1; shift ;;
     --keep) keep=1; shift ;;
     --dry-run) dry_run=1; shift ;;
     -h|--help) usage; exit 0 ;;
     --) shift; break ;;
-    create|copy|install|run|delete|all) action="$1"; shift ;;
+    create|copy|install|run|logs|stop|delete|all) action="$1"; shift ;;
     *) die "unknown argument '$1' (see --help)." ;;
   esac
 done
 main_args=("$@")
-[[ -n "$action" ]] || die "give an ACTION: create, copy, install, run, delete or all (see --help)."
+[[ -n "$action" ]] || die "give an ACTION: create, copy, install, run, logs, stop, delete or all (see --help)."
 [[ -n "$zone" ]] || die "give --zone (or set ZONE), e.g. --zone=us-central2-b."
 if [[ "$action" == run || "$action" == all ]] && [[ ${#main_args[@]} -eq 0 ]]; then
   die "no arguments for imgcls_jax.main after --; e.g. -- --config=configs/default.py --workdir=/mnt/shared/run1"
+fi
+
+[[ "$worker" =~ ^([0-9]+|all)$ ]] || die "--worker must be a worker number (0, 1, ...) or all, not '$worker'."
+if [[ -z "$version" && ( "$action" == create || "$action" == all ) ]]; then
+  # The software version for the TPU generation: https://cloud.google.com/tpu/docs/runtimes
+  case "$accel" in
+    v6e-*) version=v2-alpha-tpuv6e ;;
+    v5p-*) version=v2-alpha-tpuv5 ;;
+    v5litepod-*|v5e-*) version=v2-alpha-tpuv5-lite ;;
+    v2-*|v3-*|v4-*) version=tpu-ubuntu2204-base ;;
+    *) die "no default TPU software version for --accelerator-type=$accel; give --version (see https://cloud.google.com/tpu/docs/runtimes)." ;;
+  esac
 fi
 
 where=(--zone="$zone")
@@ -75,8 +109,11 @@ tarball="/tmp/imgcls_jax-$name.tgz"
 do_cmd() {
   if [[ $dry_run == 1 ]]; then quote "$@"; echo; else "$@"; fi
 }
+on_workers() {  # WORKERS COMMAND
+  do_cmd gcloud compute tpus tpu-vm ssh "$name" "${where[@]}" --worker="$1" --command="$2"
+}
 on_all_workers() {
-  do_cmd gcloud compute tpus tpu-vm ssh "$name" "${where[@]}" --worker=all --command="$1"
+  on_workers all "$1"
 }
 
 create() {
@@ -86,8 +123,19 @@ create() {
     --version="$version" "${extra[@]}"
 }
 copy() {
-  do_cmd tar -czf "$tarball" --exclude=.git --exclude=venv --exclude=.venv --exclude='*.egg-info' \
-    --exclude=__pycache__ -C "$repo" .
+  local list="$tarball.files" lister
+  if git -C "$repo" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+    lister=(git -C "$repo" ls-files -z --cached --others --exclude-standard)
+  else
+    lister=(find "$repo" -mindepth 1 "(" -type f -o -type l ")" -printf '%P\0')
+  fi
+  if [[ $dry_run == 1 ]]; then
+    echo "$(quote "${lister[@]}") | $(quote grep -zvE "$skip") > $(quote "$list")"
+  else
+    "${lister[@]}" | { grep -zvE "$skip" || true; } > "$list"
+  fi
+  # --ignore-failed-read: a tracked file deleted from the checkout is skipped with a warning.
+  do_cmd tar -czf "$tarball" --ignore-failed-read -C "$repo" --null -T "$list"
   do_cmd gcloud compute tpus tpu-vm scp "$tarball" "$name:imgcls_jax.tgz" "${where[@]}" --worker=all
   on_all_workers "rm -rf $remote_dir && mkdir -p $remote_dir && tar -xzf ~/imgcls_jax.tgz -C $remote_dir"
 }
@@ -98,7 +146,31 @@ install() {
 ~/.local/bin/uv pip install --python $remote_venv/bin/python -e $remote_dir 'jax[tpu]>=0.10.2,<0.12'"
 }
 run() {
-  on_all_workers "cd $remote_dir && $remote_venv/bin/python -m imgcls_jax.main $(quote "${main_args[@]}") --config.distributed.enabled=True"
+  # Detached from the SSH session (nohup setsid, stdin from /dev/null): the wrapper shell writes
+  # python's exit status when it ends; its process id is what `logs` and `stop` look for.
+  local train="cd $remote_dir && $remote_venv/bin/python -m imgcls_jax.main $(quote "${main_args[@]}") --config.distributed.enabled=True; echo \$? > $remote_status"
+  on_all_workers "if [ -f $remote_pid ] && kill -0 \$(cat $remote_pid) 2>/dev/null; then \
+echo \"a run is still going on \$(hostname) (tpu_vm.sh stop ends it)\" >&2; exit 1; fi; \
+rm -f $remote_status; if [ -f $remote_log ]; then mv -f $remote_log $remote_log.prev; fi; \
+nohup setsid bash -c $(quote "$train") > $remote_log 2>&1 < /dev/null & echo \$! > $remote_pid; \
+echo \"started on \$(hostname); output in $remote_log\""
+}
+logs() {
+  on_workers "$worker" "pid=\$(cat $remote_pid 2>/dev/null); \
+if [ -n \"\$pid\" ] && kill -0 \"\$pid\" 2>/dev/null; then tail -n +1 --pid=\"\$pid\" -f $remote_log; \
+else cat $remote_log; fi; echo \"# run on \$(hostname): \$(cat $remote_status 2>/dev/null || echo 'not ended')\""
+}
+stop() {
+  on_all_workers "pkill -TERM -P \$(cat $remote_pid) && echo \"sent SIGTERM to the run on \$(hostname); it saves a checkpoint and exits\""
+}
+# The run's exit status once it has ended on every worker (the highest); a failed connection or a
+# run still going: no status (return 1).
+ended_status() {
+  local out
+  out=$(gcloud compute tpus tpu-vm ssh "$name" "${where[@]}" --worker=all \
+        --command="cat $remote_status 2>/dev/null || echo running") || return 1
+  [[ "$out" != *running* && "$out" =~ [0-9] ]] || return 1
+  printf '%s\n' "$out" | grep -Eo '^[0-9]+' | sort -n | tail -n 1
 }
 delete() {
   do_cmd gcloud compute tpus tpu-vm delete "$name" "${where[@]}" --quiet
@@ -106,13 +178,33 @@ delete() {
 
 [[ $dry_run == 0 ]] || echo "# tpu_vm.sh dry run: $action on $name ($accel in $zone)"
 case "$action" in
-  create|copy|install|run|delete) "$action" ;;
+  create|copy|install|run|logs|stop|delete) "$action" ;;
   all)
     create
     if [[ $keep == 0 && $dry_run == 0 ]]; then trap 'delete' EXIT; fi
     copy
     install
     run
-    if [[ $keep == 0 && $dry_run == 1 ]]; then delete; fi
+    if [[ $dry_run == 1 ]]; then
+      worker=0; logs
+      [[ $keep == 1 ]] || delete
+      exit 0
+    fi
+    # The run is detached: from here the slice is deleted only once the run has ended.
+    trap - EXIT
+    again="launch/tpu_vm.sh --name=$name --zone=$zone${project:+ --project=$project}"
+    trap 'echo "tpu_vm.sh: stopped following; the run goes on. Follow it: $again logs; stop it: $again stop; then: $again delete" >&2; exit 130' INT TERM HUP
+    worker=0; logs || true
+    while ! status=$(ended_status); do
+      if ! gcloud compute tpus tpu-vm describe "$name" "${where[@]}" >/dev/null 2>&1; then
+        echo "tpu_vm.sh: cannot reach $name; the run may go on. Follow it: $again logs; then: $again delete" >&2
+        exit 1
+      fi
+      sleep 30   # worker 0 ended first, or the log connection dropped: wait for every worker
+    done
+    trap - INT TERM HUP
+    echo "# tpu_vm.sh: the run ended with status $status on every worker."
+    if [[ $keep == 0 ]]; then delete; fi
+    exit "$status"
     ;;
 esac

@@ -180,8 +180,10 @@ def test_unknown_layout_and_bad_files_are_user_errors(tmp_path):
     torch_import.load(str(module))
   with pytest.raises(UserError, match='does not exist'):
     torch_import.load(str(tmp_path / 'missing.pt'))
-  with pytest.raises(UserError, match=r'Cannot tell which model family x\.pt holds.*ResNet, ViT, '
-                                      'ConvNeXt, EfficientNet, MobileNetV3'):
+  with pytest.raises(UserError, match=r"Cannot tell which model family x\.pt holds.*; only state "
+                                      r"dicts of torchvision's or timm's ResNet, ViT and ConvNeXt, "
+                                      r"and torchvision's EfficientNet and MobileNetV3 can be "
+                                      r"imported\.$"):
     torch_import.convert({'encoder.weight': np.zeros((3, 3), np.float32)}, origin='x.pt')
 
 
@@ -353,12 +355,15 @@ def _randomized(model, seed=0):
   return model.eval()
 
 
-def _jit_logits(name, weights, x_NHWC, **model_kw):
-  """The Flax model of ``name`` with ``weights`` (all of them used), jitted, on ``x_NHWC``."""
+def _jit_logits(name, weights, x_NHWC, fit=False, **model_kw):
+  """The Flax model of ``name`` with ``weights`` (all of them used; first ``torch_import.fit_to``
+  the model if ``fit``), jitted, on ``x_NHWC``."""
   model_fn = lambda rngs: models.get(name, num_classes=1000, in_channels=3, rngs=rngs,  # noqa: E731
                                      **model_kw)
   model_def = state_lib.model_def(model_fn)
   shapes = state_lib.abstract_variables(model_fn)
+  if fit:
+    weights = torch_import.fit_to(weights, shapes.params)
   keep_all = lambda _: False  # noqa: E731
   params, n = weights_lib.merge(shapes.params, weights.params, origin=weights.origin,
                                 skip=keep_all)
@@ -480,3 +485,123 @@ def test_imported_weights_name_the_model_they_fit(case):
   make, want = NAMED[case]
   w = torch_import.convert({k: v.numpy() for k, v in make().state_dict().items()})
   assert w.meta.get('model') == want
+
+
+# ---- weights from another resolution; timm layouts and variants that are not imported ----
+
+@pytest.mark.parametrize('old,new', [(14, 7), (7, 12), (3, 5), (4, 2), (24, 14), (2, 6), (5, 5)])
+def test_position_resampling_is_torchs_antialiased_bicubic(old, new):
+  """timm's resample_abs_pos_embed defaults: F.interpolate(bicubic, antialias=True)."""
+  from imgcls_jax.torch_import import vit
+  grid = torch.randn(1, 8, old, old, generator=torch.Generator().manual_seed(old * 31 + new),
+                     dtype=torch.float64)
+  want = torch.nn.functional.interpolate(grid, size=(new, new), mode='bicubic', antialias=True,
+                                         align_corners=False)[0].numpy()
+  m = vit.resample_matrix(old, new)
+  np.testing.assert_allclose(np.einsum('ih,chw,jw->cij', m, grid[0].numpy(), m), want,
+                             rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize('new_size', [32, 96])  # from 64 px (a 4x4 grid): to 2x2 and to 6x6
+def test_vit_weights_from_another_image_size_match_timm_there(tmp_path, caplog, new_size):
+  """Fine-tuning at another resolution: our ViT at ``new_size`` with the imported weights answers
+  as timm's ViT created at that size with the same weights loaded through timm's own resampling
+  (``resample_abs_pos_embed``, the function its pretrained-weight loading uses)."""
+  import logging
+  src = _randomized(_timm('vit_tiny_patch16_224', img_size=64))
+  path = str(tmp_path / 'vit64.pt')
+  torch.save(src.state_dict(), path)
+  ref = _timm('vit_tiny_patch16_224', img_size=new_size).eval()
+  sd = dict(src.state_dict())
+  resample_abs_pos_embed = torch_reference.timm().layers.resample_abs_pos_embed
+  sd['pos_embed'] = resample_abs_pos_embed(sd['pos_embed'], new_size=ref.patch_embed.grid_size,
+                                           num_prefix_tokens=1)
+  ref.load_state_dict(sd)
+  x_NCHW = torch.randn(2, 3, new_size, new_size, generator=torch.Generator().manual_seed(1))
+  with torch.no_grad():
+    want = ref(x_NCHW).numpy()
+  weights = torch_import.load(path)
+  with caplog.at_level(logging.INFO):
+    got = _jit_logits('vit_ti16', weights, x_NCHW.permute(0, 2, 3, 1).numpy(), fit=True,
+                      image_size=new_size)
+  rel = np.abs(got - want).max() / np.abs(want).max()
+  print(f'64 -> {new_size} px: max |logit diff| / max |logit| = {rel:.2e}')
+  assert np.ptp(want) > 0.1 and rel < 1e-5, rel
+  grid = new_size // 16
+  assert (f'Resampled the position embeddings of vit64.pt from a 4x4 to a {grid}x{grid} patch grid '
+          f'(image size 64 -> {new_size} at patch 16;') in caplog.text
+  with pytest.raises(UserError, match=r"'pos_embedding' has shape \(1, 17, 192\) in vit64\.pt but "
+                                      rf'\(1, {grid * grid + 1}, 192\) in this model'):
+    _jit_logits('vit_ti16', weights, x_NCHW.permute(0, 2, 3, 1).numpy(), image_size=new_size)
+
+
+def test_transfer_from_a_vit_file_of_another_image_size_resamples_its_positions(tmp_path):
+  """The training path (transfer.init_state, config.transfer.init_from): a timm ViT file trained
+  at 64 px into a 32 px vit_ti16 gets the resampled position embeddings (it was refused)."""
+  import functools
+  import optax
+  from configs import default
+  from imgcls_jax import optim, sharding
+  src = _randomized(_timm('vit_tiny_patch16_224', img_size=64))
+  path = str(tmp_path / 'vit64.pt')
+  torch.save(src.state_dict(), path)
+  cfg = default.get_config()
+  cfg.transfer.init_from = path
+  model_fn = functools.partial(models.get, 'vit_ti16', num_classes=10, in_channels=3,
+                               image_size=32)
+  tx = optim.build(cfg.optim, optax.constant_schedule(0.1), cfg.transfer)
+  fresh, shardings = state_lib.create(model_fn, tx, 0, sharding.make_mesh(0),
+                                      sharding.ParamSharding())
+  state = transfer.init_state(fresh, shardings, cfg.transfer, tx)
+  want = torch_reference.timm().layers.resample_abs_pos_embed(
+      src.state_dict()['pos_embed'], new_size=(2, 2), num_prefix_tokens=1).numpy()
+  flat = {'/'.join(str(getattr(p, 'key', p)) for p in path_): np.asarray(v)
+          for path_, v in jax.tree_util.tree_leaves_with_path(state.params)}
+  (got,) = [v for k, v in flat.items() if 'pos_embedding' in k]
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_fit_to_leaves_weights_that_already_fit_alone():
+  vit = torch_import.convert({k: v.numpy() for k, v in _tv('vit_b_16', image_size=32)
+                              .state_dict().items()})
+  shapes = state_lib.abstract_variables(
+      lambda rngs: models.get('vit_b16', num_classes=1000, in_channels=3, rngs=rngs,
+                              image_size=32)).params
+  assert torch_import.fit_to(vit, shapes) is vit
+  resnet = torch_import.convert({k: v.numpy() for k, v in _reference('resnet18').state_dict()
+                                 .items()})
+  assert torch_import.fit_to(resnet, shapes) is resnet
+
+
+@pytest.mark.parametrize('name,family,theirs', [
+    ('efficientnet_b0', 'an EfficientNet', 'efficientnet_b0 to _b7'),
+    ('mobilenetv3_large_100', 'a MobileNetV3', 'mobilenet_v3_small / _large')],
+    ids=['efficientnet_b0', 'mobilenetv3_large_100'])
+def test_timm_efficientnet_and_mobilenetv3_layouts_are_named_as_not_importable(name, family,
+                                                                                theirs):
+  with pytest.raises(UserError) as info:
+    torch_import.convert({k: v.numpy() for k, v in _timm(name).state_dict().items()},
+                         origin=f'{name}.safetensors')
+  assert str(info.value) == (
+      f"{name}.safetensors holds {family} in timm's layout (conv_stem, blocks.0.0.conv_dw, ...), "
+      "which cannot be imported (only torchvision's EfficientNet and MobileNetV3 layouts can); "
+      f"use the weights of torchvision's {theirs} instead.")
+
+
+@pytest.mark.parametrize('name,variant', [
+    ('convnext_zepto_rms',
+     "a ConvNeXt with RMSNorm (timm convnext_*_rms: 'stem.1.weight' has no bias)"),
+    ('convnext_atto_ols',
+     "a ConvNeXt with an overlapping stem (timm convnext_*_ols: 'stem.2.weight')"),
+    ('convnextv2_atto',
+     "ConvNeXt V2 (timm convnextv2_*: GRN layers, e.g. 'stages.0.blocks.0.mlp.grn.bias')"),
+], ids=['rms', 'ols', 'v2'])
+def test_timm_convnext_variants_are_refused_saying_which_convnexts_import(name, variant):
+  """Not 'match config.model to the run that wrote them' (no config.model fits these)."""
+  with pytest.raises(UserError) as info:
+    torch_import.convert({k: v.numpy() for k, v in _timm(name).state_dict().items()},
+                         origin=f'{name}.pt')
+  assert str(info.value) == (
+      f'{name}.pt holds {variant}, which cannot be imported; use the weights of a LayerNorm '
+      "ConvNeXt: torchvision's convnext_tiny, _small, _base, _large or timm's convnext_atto to "
+      'convnext_xxlarge (not the _ols, _rms or _hnf variants, nor convnextv2_*).')

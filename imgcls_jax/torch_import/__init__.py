@@ -1,10 +1,12 @@
 """Weights in torchvision / timm layout (``.safetensors`` or a torch state dict) -> Flax.
 
 The family is recognised from the tensor names: ResNet (torchvision / timm), ViT (torchvision /
-timm), ConvNeXt (torchvision / timm), EfficientNet B0-B7 and MobileNetV3 (torchvision). One module
-per family maps names to this project's (``imgcls_jax.models``), with layouts converted: conv OIHW
--> HWIO, linear (out, in) -> (in, out), norm weight/bias -> scale/bias (parameters) and BatchNorm
-running_mean/var -> mean/var (batch statistics).
+timm), ConvNeXt (torchvision / timm), EfficientNet B0-B7 and MobileNetV3 (torchvision's layout
+only; timm's is recognised and refused by name). One module per family maps names to this
+project's (``imgcls_jax.models``), with layouts converted: conv OIHW -> HWIO, linear (out, in) ->
+(in, out), norm weight/bias -> scale/bias (parameters) and BatchNorm running_mean/var -> mean/var
+(batch statistics). ``fit_to`` resamples a ViT's position embeddings to a model of another image
+size, as timm does.
 
 ``.safetensors`` files are read without torch; ``.pt`` / ``.pth`` / ``.bin`` state dicts need torch
 (``pip install 'imgcls_jax[torch]'``). Nothing is downloaded: the file must be local.
@@ -12,15 +14,18 @@ running_mean/var -> mean/var (batch statistics).
 from __future__ import annotations
 
 import os
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
+from imgcls_jax import weights as weights_lib
 from imgcls_jax.errors import UserError
 from imgcls_jax.torch_import import _torch_file, convnext, mobile, resnet, vit
 from imgcls_jax.weights import Weights
 
 FAMILIES = ('ResNet', 'ViT', 'ConvNeXt', 'EfficientNet', 'MobileNetV3')
+SUPPORTED = ("torchvision's or timm's ResNet, ViT and ConvNeXt, and torchvision's EfficientNet and "
+             'MobileNetV3')
 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
@@ -57,9 +62,23 @@ def convert(state_dict: Mapping[str, np.ndarray], origin: str = 'the weights fil
     return mobile.convert(state_dict, origin, family)
   if resnet.detect(keys):
     return resnet.convert(state_dict, origin)
+  if family := mobile.timm_layout(keys):
+    a, theirs = (('an', 'efficientnet_b0 to _b7') if family == 'EfficientNet'
+                 else ('a', 'mobilenet_v3_small / _large'))
+    raise UserError(f"{origin} holds {a} {family} in timm's layout (conv_stem, blocks.0.0.conv_dw, "
+                    "...), which cannot be imported (only torchvision's EfficientNet and "
+                    f"MobileNetV3 layouts can); use the weights of torchvision's {theirs} instead.")
   sample = ', '.join(sorted(keys)[:3])
   raise UserError(f'Cannot tell which model family {origin} holds (tensors {sample}, ...); only '
-                  f"torchvision/timm {', '.join(FAMILIES)} state dicts can be imported.")
+                  f'state dicts of {SUPPORTED} can be imported.')
+
+
+def fit_to(weights: Weights, params: Any) -> Weights:
+  """``weights`` (from ``load``) fitted to the model whose parameters are ``params`` (a pytree of
+  arrays or shape structs): a ViT's position embeddings resampled to its patch grid when its image
+  size differs from the one the weights were trained at, as timm does; else ``weights`` as they
+  are (``weights.merge`` names any other mismatch)."""
+  return vit.fit_positions(weights, weights_lib.flatten(params))
 
 
 def load(path: str) -> Weights:

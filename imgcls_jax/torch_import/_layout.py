@@ -22,6 +22,7 @@ class Builder:
   """Collects converted tensors under this project's dotted names."""
 
   def __init__(self, family: str, origin: str):
+    """``family`` names the layout in messages, with its source: 'torchvision/timm ResNet'."""
     self.family, self.origin = family, origin
     self.params: dict[str, np.ndarray] = {}
     self.stats: dict[str, np.ndarray] = {}
@@ -29,7 +30,7 @@ class Builder:
   def reject(self, key: str, value: np.ndarray) -> None:
     """Raises the error for a tensor the family does not have."""
     raise UserError(f"Tensor '{key}' {tuple(np.shape(value))} in {self.origin} is not part of a "
-                    f'torchvision/timm {self.family}; only that layout can be imported.')
+                    f'{self.family}; only that layout can be imported.')
 
   def param(self, name: str, value: np.ndarray) -> None:
     """A raw parameter, kept as it is."""
@@ -63,7 +64,7 @@ class Builder:
     absent when none does."""
     if required not in self.params:
       raise UserError(f'{self.origin} has no {required} tensor: it is not a complete '
-                      f'torchvision/timm {self.family} state dict.')
+                      f'{self.family} state dict.')
     try:
       name = model_name(self.params)
     except (KeyError, ValueError):  # a tensor the size is read from is missing or odd: no name

@@ -1,7 +1,12 @@
 """ConvNeXt from torchvision (``features.<2i>`` stem / downsampling, ``features.<2i+1>.<j>`` blocks
 with ``block.{0,2,3,5}`` and ``layer_scale``, ``classifier.{0,2}``) or timm (``stem.{0,1}``,
 ``stages.<i>.downsample.{0,1}``, ``stages.<i>.blocks.<j>.{conv_dw, norm, mlp.fc1, mlp.fc2,
-gamma}``, ``head.{norm, fc}``) into ``imgcls_jax.models.convnext``."""
+gamma}``, ``head.{norm, fc}``) into ``imgcls_jax.models.convnext``.
+
+Only the original ConvNeXt (patchify stem, LayerNorm, layer scale) is ours; timm's variants with an
+overlapping stem (``_ols``), RMSNorm (``_rms``), the head norm first (``_hnf``) and ConvNeXt V2
+(GRN) are recognised and refused by name.
+"""
 from __future__ import annotations
 
 import re
@@ -9,6 +14,7 @@ from typing import Mapping
 
 import numpy as np
 
+from imgcls_jax.errors import UserError
 from imgcls_jax.models.convnext import ConvNeXt
 from imgcls_jax.torch_import._layout import Builder, count, registered_name, split
 from imgcls_jax.weights import Weights
@@ -21,12 +27,30 @@ _BLOCK_PARTS = {'block.0': 'dwconv', 'block.2': 'norm', 'block.3': 'pwconv1', 'b
                 'conv_dw': 'dwconv', 'norm': 'norm', 'mlp.fc1': 'pwconv1', 'mlp.fc2': 'pwconv2'}
 _FIXED = {'classifier.0': 'norm', 'classifier.2': 'head', 'head.norm': 'norm', 'head.fc': 'head',
           'stem.0': 'stem.conv', 'stem.1': 'stem.norm'}
+SUPPORTED = ("torchvision's convnext_tiny, _small, _base, _large or timm's convnext_atto to "
+             'convnext_xxlarge (not the _ols, _rms or _hnf variants, nor convnextv2_*)')
 
 
 def detect(keys: set[str]) -> bool:
-  """Whether the state dict looks like a ConvNeXt."""
-  return any(k.endswith('.layer_scale') or k.endswith('.gamma') and k.startswith('stages.')
-             for k in keys)
+  """Whether the state dict looks like a ConvNeXt (V2 included, to be refused by name)."""
+  return any(k.endswith('.layer_scale') or k.startswith('stages.') and
+             (k.endswith('.gamma') or '.mlp.grn.' in k) for k in keys)
+
+
+def unsupported(keys: set[str]) -> str | None:
+  """Which timm ConvNeXt variant that ``imgcls_jax.models.convnext`` cannot hold the keys are of,
+  with the tensor that tells; None for the original ConvNeXt."""
+  if grn := sorted(k for k in keys if '.mlp.grn.' in k):
+    return f"ConvNeXt V2 (timm convnextv2_*: GRN layers, e.g. '{grn[0]}')"
+  if 'stem.2.weight' in keys:
+    return "a ConvNeXt with an overlapping stem (timm convnext_*_ols: 'stem.2.weight')"
+  if 'norm_pre.weight' in keys:
+    return "a ConvNeXt with the head norm first (timm convnext_*_hnf: 'norm_pre.weight')"
+  norms = ['stem.1.weight'] + sorted(k for k in keys if re.fullmatch(
+      r'stages\.\d+\.blocks\.\d+\.norm\.weight|head\.norm\.weight', k))
+  if no_bias := [k for k in norms if k in keys and k[:-len('weight')] + 'bias' not in keys]:
+    return f"a ConvNeXt with RMSNorm (timm convnext_*_rms: '{no_bias[0]}' has no bias)"
+  return None
 
 
 def _module(module: str) -> str | None:
@@ -59,7 +83,10 @@ def model_name(params: dict[str, np.ndarray]) -> str | None:
 
 def convert(state_dict: Mapping[str, np.ndarray], origin: str) -> Weights:
   """A torchvision/timm ConvNeXt state dict in this project's naming."""
-  out = Builder('ConvNeXt', origin)
+  if variant := unsupported(set(state_dict)):
+    raise UserError(f'{origin} holds {variant}, which cannot be imported; use the weights of a '
+                    f'LayerNorm ConvNeXt: {SUPPORTED}.')
+  out = Builder('torchvision/timm ConvNeXt', origin)
   for key, value in state_dict.items():
     if key.endswith('.layer_scale') or key.endswith('.gamma'):
       ours = _module(key)

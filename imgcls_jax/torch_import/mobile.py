@@ -6,6 +6,10 @@ in ``features.<s>.<j>.block.<m>`` (EfficientNet, stages of blocks) or ``features
 (MobileNetV3), each block's modules in order [expand], depthwise, [squeeze-excite ``fc1`` /
 ``fc2``], project, and the last 1x1 conv in the last ``features`` entry. Our blocks are one flat
 list ``blocks.<n>`` in network order.
+
+timm's layout of these families (``conv_stem``, ``bn1``, ``blocks.<s>.<j>.conv_dw``, ...,
+``conv_head``, ``classifier``) is not imported; ``timm_layout`` recognises it so that the error can
+say so.
 """
 from __future__ import annotations
 
@@ -23,8 +27,9 @@ from imgcls_jax.weights import Weights
 _BLOCK = re.compile(r'^features\.(\d+)\.(?:(\d+)\.)?block\.(\d+)\.(0|1|fc1|fc2)$')
 _PLAIN = re.compile(r'^features\.(\d+)\.([01])$')
 # family -> (its name in messages, our last conv, torch classifier index -> our module)
-FAMILIES = {'efficientnet': ('EfficientNet (B0-B7)', 'head_conv', {'classifier.1': 'head'}),
-            'mobilenet_v3': ('MobileNetV3', 'last_conv',
+FAMILIES = {'efficientnet': ('torchvision EfficientNet (B0-B7)', 'head_conv',
+                             {'classifier.1': 'head'}),
+            'mobilenet_v3': ('torchvision MobileNetV3', 'last_conv',
                              {'classifier.0': 'pre_logits', 'classifier.3': 'head'})}
 
 
@@ -35,6 +40,14 @@ def detect(keys: set[str]) -> str | None:
   if 'classifier.1.weight' in keys:
     return 'efficientnet'
   return 'mobilenet_v3' if 'classifier.3.weight' in keys else None
+
+
+def timm_layout(keys: set[str]) -> str | None:
+  """'EfficientNet' or 'MobileNetV3' for a state dict in timm's layout of that family (its
+  ``efficientnet_*`` / ``mobilenetv3_*``), else None."""
+  if 'conv_stem.weight' not in keys or not any(k.startswith('blocks.') for k in keys):
+    return None
+  return 'EfficientNet' if 'bn2.weight' in keys else 'MobileNetV3'
 
 
 def _block_names(state_dict: Mapping[str, np.ndarray]) -> dict[tuple[int, int, int], str]:

@@ -35,7 +35,7 @@ def model_name(params: dict[str, np.ndarray]) -> str | None:
 
 def convert(state_dict: Mapping[str, np.ndarray], origin: str) -> Weights:
   """A torchvision/timm ResNet (v1.5) state dict in this project's naming."""
-  out = Builder('ResNet (v1.5: conv1, bn1, layer1-4, fc)', origin)
+  out = Builder('torchvision/timm ResNet (v1.5: conv1, bn1, layer1-4, fc)', origin)
   for key, value in state_dict.items():
     module, leaf = split(key)
     ours = (module.replace('downsample.0', 'downsample.conv')

@@ -2,11 +2,19 @@
 ``encoder.layers.encoder_layer_<i>.{ln_1, self_attention, ln_2, mlp.{0,3}}``, ``encoder.ln``,
 ``heads.head``) or timm (``patch_embed.proj``, ``cls_token``, ``pos_embed``,
 ``blocks.<i>.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}``, ``norm``, ``head``) into
-``imgcls_jax.models.vit``. Both fuse q, k, v into one projection in the same order as ours."""
+``imgcls_jax.models.vit``. Both fuse q, k, v into one projection in the same order as ours.
+
+Weights from another image size (``fit_positions``): the patch position embeddings are resampled to
+the model's patch grid as timm's ``resample_abs_pos_embed`` does when it loads weights at another
+``img_size`` (bicubic with antialiasing, the class token's embedding kept).
+"""
 from __future__ import annotations
 
+import dataclasses
+import logging
+import math
 import re
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -63,3 +71,64 @@ def convert(state_dict: Mapping[str, np.ndarray], origin: str) -> Weights:
     else:
       out.reject(key, value)
   return out.weights('conv_proj.kernel', model_name)
+
+
+def resample_matrix(old: int, new: int) -> np.ndarray:
+  """``(new, old)`` weights of ``torch.nn.functional.interpolate(mode='bicubic', antialias=True,
+  align_corners=False)`` along one axis (timm's defaults): Keys' cubic with a = -0.5, stretched by
+  old / new when shrinking, each row normalised over the inputs it covers (PIL's resampling)."""
+  scale = old / new
+  support = 2.0 * max(scale, 1.0)
+  inv = 1.0 / scale if scale >= 1.0 else 1.0
+  out = np.zeros((new, old))
+  for i in range(new):
+    center = scale * (i + 0.5)
+    lo = max(int(center - support + 0.5), 0)   # int() truncates toward zero, as ATen's cast does
+    hi = min(int(center + support + 0.5), old)
+    x = np.abs((np.arange(lo, hi) - center + 0.5) * inv)
+    w = np.where(x < 1, (1.5 * x - 2.5) * x * x + 1,
+                 np.where(x < 2, ((-0.5 * x + 2.5) * x - 4) * x + 2, 0.0))
+    out[i, lo:hi] = w / w.sum()
+  return out
+
+
+def resample_positions(pos_1xNxD: np.ndarray, new_grid: int, prefix: int) -> np.ndarray:
+  """Position embeddings ``(1, prefix + g*g, D)`` for a ``new_grid`` x ``new_grid`` patch grid: the
+  ``prefix`` (class-token) rows kept, the g x g grid resampled as timm's
+  ``resample_abs_pos_embed`` does by default."""
+  pos = np.asarray(pos_1xNxD, np.float64)
+  old_grid = math.isqrt(pos.shape[1] - prefix)
+  grid_HxWxD = pos[0, prefix:].reshape(old_grid, old_grid, -1)
+  m = resample_matrix(old_grid, new_grid)
+  new_HxWxD = np.einsum('ih,hwd,jw->ijd', m, grid_HxWxD, m)
+  out = np.concatenate([pos[0, :prefix], new_HxWxD.reshape(new_grid * new_grid, -1)])
+  return out[None].astype(np.float32)
+
+
+def _square_side(n: int) -> int | None:
+  side = math.isqrt(max(n, 0))
+  return side if side > 0 and side * side == n else None
+
+
+def fit_positions(weights: Weights, target: Mapping[str, Any]) -> Weights:
+  """``weights`` with ``pos_embedding`` resampled to the patch grid of the model whose parameter
+  shapes are ``target`` (``{name: array or shape struct}``) when only the grid differs (a ViT
+  fine-tuned at another image size); otherwise ``weights`` unchanged (``weights.merge`` then names
+  any mismatch)."""
+  name = 'pos_embedding'
+  if name not in weights.params or name not in target:
+    return weights
+  have, want = np.shape(weights.params[name]), tuple(target[name].shape)
+  prefix = int('class_token' in weights.params)
+  if (have == want or len(have) != 3 or len(want) != 3 or have[2] != want[2]
+      or prefix != int('class_token' in target)):
+    return weights
+  old, new = _square_side(have[1] - prefix), _square_side(want[1] - prefix)
+  if old is None or new is None:
+    return weights
+  patch = np.shape(weights.params.get('conv_proj.kernel', ((),)))[0]
+  logging.info('Resampled the position embeddings of %s from a %dx%d to a %dx%d patch grid '
+               '(image size %d -> %d at patch %d; bicubic as timm does, the class token\'s kept).',
+               weights.origin, old, old, new, new, old * patch, new * patch, patch)
+  params = {**weights.params, name: resample_positions(weights.params[name], new, prefix)}
+  return dataclasses.replace(weights, params=params)
