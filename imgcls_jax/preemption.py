@@ -25,6 +25,7 @@ class StopWatcher:
 
   def __init__(self) -> None:
     self.signal_name: str | None = None
+    self.step: int | None = None  # the last step asked about: where the loop is
     self._previous: dict[int, Any] = {}
     self._multi = jax.process_count() > 1
 
@@ -50,6 +51,7 @@ class StopWatcher:
 
   def requested(self, step: int) -> bool:
     """True when the loop should save and stop before ``step`` (call it at every step)."""
+    self.step = step
     if self._multi:
       from jax.experimental import multihost_utils
       if multihost_utils.reached_preemption_sync_point(step):

@@ -16,10 +16,10 @@ import jax
 import ml_collections
 import tqdm
 
-from imgcls_jax import (checkpoint, checkpoint_files, configlib, dispatch, held_out, held_out_fits,
-                        inference, metrics, ood, optim, preemption, report, report_multilabel,
-                        report_text, run, run_directory, schedule_free_bn, selective, sharding,
-                        startup, train_log)
+from imgcls_jax import (checkpoint, checkpoint_files, configlib, dispatch, distributed, held_out,
+                        held_out_fits, inference, metrics, ood, optim, preemption, report,
+                        report_multilabel, report_text, run, run_directory, schedule_free_bn,
+                        selective, sharding, startup, train_log)
 from imgcls_jax import state as state_lib
 from imgcls_jax import teacher as teacher_lib
 from imgcls_jax.data import reader
@@ -314,8 +314,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   is_main = jax.process_index() == 0
   if is_main:
     os.makedirs(workdir, exist_ok=True)
+  # Innermost: another process gone ends this one before the checkpointer waits on it.
   with checkpoint.Checkpointer.from_config(workdir, config) as ckpt, \
-       preemption.StopWatcher() as stop:
+       preemption.StopWatcher() as stop, \
+       distributed.exit_on_lost_process(ckpt_dir, lambda: stop.step):
     state, state_sh = run.restore_or_init(s, ckpt)  # checks the workdir's config first
     start = int(jax.device_get(state.step))
     if start < s.total_steps:   # a finished run needs no teacher to be evaluated again
