@@ -276,9 +276,8 @@ def _web_onnx(clf: inference.Classifier, staging: str, path: str, images: np.nda
               reference: dict[str, np.ndarray], tflite_1: str) -> dict[str, float]:
   """The web page's model: ONNX of a batch-1 TFLite model (``tflite_1`` when the export wrote
   one), as the page classifies one image per call. Fixed shapes let the TFLite converter fold
-  BatchNorm and leave tf2onnx no shape computation to get wrong (the any-batch ONNX model of the
-  default digits CNN fails under onnxruntime). Checked under onnxruntime's CPU provider, one image
-  per call; the same graph runs under onnxruntime-web's WebAssembly build."""
+  BatchNorm and leave tf2onnx no shape computation to convert. Checked under onnxruntime's CPU
+  provider, one image per call; the same graph runs under onnxruntime-web's WebAssembly build."""
   own = not tflite_1   # traced here, and removed once converted
   if own:
     source = os.path.join(staging, 'web_source')

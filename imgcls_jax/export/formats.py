@@ -5,10 +5,14 @@ Every runner takes the uint8 ``[batch, H, W, C]`` images the exported signature 
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import logging
+import os
+import sys
+import tempfile
 import warnings
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import jax
 import numpy as np
@@ -104,16 +108,18 @@ def save_tflite(saved_model_dir: str, path: str, *, quantize: str = '', batch: i
   elif quantize:
     raise UserError(f"config.export.quantize must be '', 'int8' or 'float16', not {quantize!r}.")
   try:
-    model = converter.convert()
+    with _stderr_held():
+      model = converter.convert()
   except Exception as e:  # the converter raises ConverterError and friends
     if quantize == 'int8':  # an op without an int8 kernel: let it stay float
       logging.warning('Full-integer conversion failed (%s); keeping float kernels where int8 '
-                      'ones are missing.', first_line(e, limit=300))
+                      'ones are missing.', _converter_message(e))
       converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8,
                                              tf.lite.OpsSet.TFLITE_BUILTINS]
       info['float_fallback'] = True
       try:
-        model = converter.convert()
+        with _stderr_held():
+          model = converter.convert()
       except Exception as e2:
         raise _conversion_error(e2) from None
     else:
@@ -123,8 +129,50 @@ def save_tflite(saved_model_dir: str, path: str, *, quantize: str = '', batch: i
   return info
 
 
+@contextlib.contextmanager
+def _stderr_held() -> Iterator[None]:
+  """Holds back what is written to file descriptor 2 while the TFLite converter runs: when it
+  fails, its C++ code prints each error with its MLIR location (a ``loc(callsite(...`` line of
+  thousands of characters) there; the exporter's one-line error says what failed instead. What a
+  successful conversion wrote is passed on to stderr."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as held:
+    os.dup2(held.fileno(), 2)
+    ok = False
+    try:
+      yield
+      ok = True
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      if ok:
+        held.seek(0)
+        sys.stderr.write(held.read().decode('utf-8', 'replace'))
+
+
+def _converter_message(e: BaseException) -> str:
+  """``Type: what failed`` of a converter error: the text after the last ``error: `` of its
+  first line that has one, less an MLIR ``loc(...): `` prefix, else its first line."""
+  for line in str(e).splitlines():
+    text = line.rsplit('error: ', 1)[1].strip() if 'error: ' in line else ''
+    if text.startswith('loc('):  # the location: up to its closing parenthesis
+      depth, end = 0, len(text)
+      for i, c in enumerate(text):
+        depth += {'(': 1, ')': -1}.get(c, 0)
+        if c == ')' and not depth:
+          end = i
+          break
+      text = text[end + 1:].lstrip(': ')
+    if text:
+      return f'{type(e).__name__}: ' + (text[:300].rsplit(' ', 1)[0] + ' ...' if len(text) > 300
+                                         else text)
+  return first_line(e, limit=300)
+
+
 def _conversion_error(e: BaseException) -> UserError:
-  return UserError(f'TFLite conversion failed ({first_line(e, limit=300)}); export with '
+  return UserError(f'TFLite conversion failed ({_converter_message(e)}); export with '
                    '--config.export.tflite=False --config.export.quantize= --config.export.onnx='
                    'False for the SavedModel only (or, where config.export.dtype is not '
                    'float32, with --config.export.dtype=float32).')
@@ -244,7 +292,10 @@ def save_onnx(tflite_path: str, path: str, opset: int = 17, flag: str = 'onnx=Fa
   ``probabilities`` and ``logits``).
 
   The route goes through TFLite because tf2onnx cannot convert the ``XlaCallModule`` op of a
-  jax2tf SavedModel, while the TFLite converter lowers it to builtin ops that tf2onnx knows.
+  jax2tf SavedModel, while the TFLite converter lowers it to builtin ops that tf2onnx knows. Two
+  of tf2onnx's steps are replaced (``_segment_prod_to_onnx``, ``_onnx_optimizers``): as they were,
+  ViT, ConvNeXt and any model with a convolution on an input smaller than its kernel converted to
+  Reshapes that onnxruntime refused.
   """
   require_onnx(flag)
   import onnx
@@ -256,7 +307,11 @@ def save_onnx(tflite_path: str, path: str, opset: int = 17, flag: str = 'onnx=Fa
   with warnings.catch_warnings():
     warnings.simplefilter('ignore')
     try:
-      model, _ = tf2onnx.convert.from_tflite(tflite_path, opset=opset)
+      with _tf().device('/cpu:0'):  # as tf2onnx.convert.from_tflite, with two repairs
+        model, _ = tf2onnx.convert._convert_common(
+            None, tflite_path=tflite_path, name='model', continue_on_error=True, opset=opset,
+            custom_op_handlers={'UnsortedSegmentProd': (_segment_prod_to_onnx, [])},
+            optimizers=_onnx_optimizers())
     except Exception as e:
       raise UserError(f'ONNX conversion failed ({first_line(e, limit=300)}); export with '
                       f'--config.export.{flag}.') from None
@@ -271,6 +326,53 @@ def save_onnx(tflite_path: str, path: str, opset: int = 17, flag: str = 'onnx=Fa
                     f'--config.export.{flag}.')
   onnx.checker.check_model(model)
   onnx.save(model, path)
+
+
+def _onnx_optimizers() -> dict[str, Any]:
+  """tf2onnx's graph optimizers, its transpose optimizer without its last step: that step turns
+  each Transpose that moves only dims of size 1 into a Reshape, reading shapes that its earlier
+  steps left stale (a ConvNeXt stage at 1x1 got Reshapes to the wrong layout, which onnxruntime
+  refused). Such a Transpose stays one (a copy of a tensor with size-1 dims)."""
+  from tf2onnx import optimizer
+  from tf2onnx.optimizer.transpose_optimizer import TransposeOptimizer
+
+  class Transposes(TransposeOptimizer):
+    def post_optimize_action(self) -> None:
+      pass
+
+  return {name: Transposes if factory is TransposeOptimizer else factory
+          for name, factory in optimizer._get_optimizers().items()}
+
+
+def _segment_prod_to_onnx(ctx: Any, node: Any, name: str, args: list[Any]) -> None:
+  """tf2onnx's handler of UNSORTED_SEGMENT_PROD, which the TFLite converter emits to multiply
+  dims of a shape vector (a matmul's shapes under a symbolic batch, segment ids -1 for the dims
+  left out): with constant ids and a vector, each segment is the product of its entries, one
+  Gather each. tf2onnx's own conversion (kept for anything else) multiplies the entries of
+  negative ids into the last segment, giving Reshapes that onnxruntime refuses (ViT, ConvNeXt)."""
+  del name, args
+  from tf2onnx import utils
+  from tf2onnx.onnx_opset.reduction import SegmentSum
+  _, ids, num = node.inputs
+  if not (ids.is_const() and num.is_const()) or ctx.get_rank(node.input[0]) != 1:
+    SegmentSum.any_version(ctx.opset, ctx, node)
+    return
+  ids_N = np.asarray(ids.get_tensor_value(as_list=False)).reshape(-1)
+  dtype = utils.map_onnx_to_numpy_type(ctx.get_dtype(node.input[0]))
+  segments = []
+  for j in range(int(np.asarray(num.get_tensor_value(as_list=False)).reshape(-1)[0])):
+    entries = [ctx.make_node('Gather', [node.input[0], ctx.make_const(
+        utils.make_name(f'{node.name}_index'), np.array([i], np.int64)).output[0]],
+        attr={'axis': 0}).output[0] for i in np.flatnonzero(ids_N == j)]
+    if not entries:
+      entries = [ctx.make_const(utils.make_name(f'{node.name}_one'), np.ones(1, dtype)).output[0]]
+    product = entries[0]
+    for e in entries[1:]:
+      product = ctx.make_node('Mul', [product, e]).output[0]
+    segments.append(product)
+  out = ctx.make_node('Concat', segments, attr={'axis': 0}).output[0]
+  ctx.replace_all_inputs(node.output[0], out)
+  ctx.remove_node(node.name)
 
 
 def onnx_runner(path: str, threads: int = 0) -> Callable[[np.ndarray], dict[str, np.ndarray]]:

@@ -46,7 +46,8 @@ class Block(nnx.Module):
     self.drop_path = layers.drop_path(drop_path_rate, ndim=4, rngs=rngs)
 
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    y = self.pwconv2(nnx.gelu(self.pwconv1(self.norm(self.dwconv(x))), approximate=False))
+    y = layers.linear(self.pwconv1, self.norm(self.dwconv(x)))
+    y = layers.linear(self.pwconv2, layers.gelu(y))
     y = y * self.layer_scale[...].astype(y.dtype)
     return x + layers.apply_drop_path(self.drop_path, y, train)
 

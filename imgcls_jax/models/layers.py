@@ -28,7 +28,9 @@ def export_forms() -> Iterator[None]:
   with ``im2col=True`` as ``lax`` convolutions, and fast_cnn's reshape-and-max 2x2 pooling as a
   ``reduce_window`` max-pool. Exports trace inside it, so that the TFLite converter sees one
   CONV_2D per layer (into which it folds the BatchNorm that follows) instead of tens of slices and
-  a matmul, and one MAX_POOL_2D instead of RESHAPE + REDUCE_MAX."""
+  a matmul, and one MAX_POOL_2D instead of RESHAPE + REDUCE_MAX. Forms that would not convert
+  change too: the im2col of an input smaller than its kernel ends in a 1x1 convolution, not a
+  rank-4 matmul; ``linear`` flattens its input; ``gelu`` takes a select-free erf."""
   token = _EXPORT_FORMS.set(True)
   try:
     yield
@@ -78,8 +80,50 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     patches = _patches_by_selection(lhs, kh, kw, (pt, pb), (pl, pr))
   out_sharding = kwargs.pop('out_sharding', None)
   del out_sharding  # single-device layout detail; the batch dim keeps its sharding through matmul
+  if exporting():  # the patches' 1x1 convolution: the TFLite converter's rank-4 BATCH_MATMUL
+    # of a 1x1 map fails ('tfl.batch_matmul' op found invalid output rank), a CONV_2D converts
+    return jax.lax.conv_general_dilated(patches, rhs.reshape(1, 1, kh * kw * cin, cout), (1, 1),
+                                        'VALID', dimension_numbers=dimension_numbers,
+                                        precision=precision, **kwargs)
   return jnp.matmul(patches, rhs.reshape(kh * kw * cin, cout), precision=precision,
                     preferred_element_type=kwargs.get('preferred_element_type'))
+
+
+def linear(module: nnx.Linear, x: jax.Array) -> jax.Array:
+  """``module(x)``; within ``export_forms`` an input of rank > 2 goes through it as a matrix (one
+  reshape before, one after; same parameters, same maths): at a fixed batch the TFLite converter
+  fails on a rank-4 matmul over a 1x1 map ('tfl.batch_matmul' op found invalid output rank)."""
+  if not exporting() or x.ndim <= 2:
+    return module(x)
+  y = module(x.reshape(-1, x.shape[-1]))
+  return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+# erf(x) ~ x P(x^2) / Q(x^2) on [-4, 4] (+-1 beyond, in float32): Eigen's and XLA's float32 erf.
+_ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06,
+          -5.69250639462346e-05, -7.34990630326855e-04, -2.95459980854025e-03,
+          -1.60960333262415e-02)
+_ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03,
+          -7.37332916720468e-03, -1.42647390514189e-02)
+
+
+def _erf(x: jax.Array) -> jax.Array:
+  """erf in clamp, multiply, add and divide ops only (no select, no exp)."""
+  x = jnp.clip(x, -4.0, 4.0)
+  x2 = x * x
+  p = functools.reduce(lambda a, c: a * x2 + c, _ERF_P[1:], jnp.full_like(x, _ERF_P[0]))
+  q = functools.reduce(lambda a, c: a * x2 + c, _ERF_Q[1:], jnp.full_like(x, _ERF_Q[0]))
+  return x * p / q
+
+
+def gelu(x: jax.Array) -> jax.Array:
+  """Exact (erf) GELU. Within ``export_forms`` as ``x (1 + erf(x / sqrt 2)) / 2`` with a rational
+  erf: JAX's ``erfc`` form has a branch that overflows to inf for large inputs, which a SELECT
+  leaves unused but tf2onnx turns into arithmetic (inf * 0: NaN in the ONNX model), and
+  ``lax.erf`` exported as a composite op that the TFLite converter (TF 2.21) could not read."""
+  if not exporting():
+    return nnx.gelu(x, approximate=False)
+  return x * (1 + _erf(x * np.sqrt(0.5).astype(x.dtype))) * np.asarray(0.5, x.dtype)
 
 
 def _patches_by_selection(lhs: jax.Array, kh: int, kw: int, pad_h: tuple[int, int],

@@ -61,7 +61,7 @@ class MLP(nnx.Module):
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
 
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    x = self.dropout(nnx.gelu(self.fc1(x), approximate=False), deterministic=not train)
+    x = self.dropout(layers.gelu(self.fc1(x)), deterministic=not train)
     return self.dropout(self.fc2(x), deterministic=not train)
 
 
