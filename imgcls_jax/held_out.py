@@ -172,10 +172,13 @@ def check_fit_splits(config: ml_collections.ConfigDict, info: DatasetInfo, *,
                         f'{_held_out_hint(config, fit_key, key, split, trained)}.')
 
 
-def warn_eval_on_training(config: ml_collections.ConfigDict, info: DatasetInfo) -> None:
+def warn_eval_on_training(config: ml_collections.ConfigDict, info: DatasetInfo,
+                          main: bool = True) -> None:
   """At training: an eval split that shares examples with the train split reports accuracy on
   images the model trained on (train_split 'all' of an image folder reads its eval images too);
-  say so once, with the fix. Deliberate (a check of the fit) it stays allowed."""
+  say so once, with the fix. Deliberate (a check of the fit) it stays allowed. An image folder's
+  eval images that are its training images again or copies of them are named too (``main``: on
+  the process that reads them, process 0)."""
   train, ev = str(config.data.train_split), str(config.data.eval_split)
   if folder_layout.is_folder(config.data):   # folder splits are disjoint but for 'all'
     shared = info.num_examples.get(ev) if train == folder_layout.ALL else None
@@ -192,28 +195,46 @@ def warn_eval_on_training(config: ml_collections.ConfigDict, info: DatasetInfo) 
     logging.warning("config.data.eval_split='%s' shares %d examples with train_split='%s': the "
                     'accuracy it reports is on images the model trains on, not on new ones; %s.',
                     ev, shared, train, fix)
-  elif folder_layout.is_folder(config.data):
+  elif folder_layout.is_folder(config.data) and ev != train and main:
     _warn_copies(config.data, info, ev, train)
 
 
+_COPIES_CHECKED: set[tuple[str, str, str]] = set()   # (location, eval, train) said once
+
+
 def _warn_copies(data: ml_collections.ConfigDict, info: DatasetInfo, ev: str, train: str) -> None:
-  """Eval images whose bytes equal a training image's (a copy, or a link to it, in another split
-  folder or manifest row): the accuracy counts them as new images. Said once, with the fix."""
+  """Eval images whose bytes equal a training image's (a copy; or the same file reached again:
+  a link, a manifest path spelt twice): the accuracy counts them as new images. Said once per
+  folder and splits, with the fix for each kind."""
   try:
     src = folder_layout.source_of(data)
+    if (src.location, ev, train) in _COPIES_CHECKED:
+      return
+    _COPIES_CHECKED.add((src.location, ev, train))
     names = tuple(info.class_names)
-    pairs = duplicates.identical(folder_index.files_of(src, ev, names),
-                                 folder_index.files_of(src, train, names))
+    train_files = folder_index.files_of(src, train, names)
+    listed = {os.path.normpath(os.path.abspath(p)) for p in train_files}
+    pairs = duplicates.identical([p for p in folder_index.files_of(src, ev, names)
+                                  if os.path.normpath(os.path.abspath(p)) not in listed],
+                                 train_files)
   except (UserError, OSError):   # a split the data layer names better when it reads it
     return
-  if pairs:
-    shown = '; '.join(f'{os.path.relpath(p, src.root)} = {os.path.relpath(q, src.root)}'
-                      for p, q in pairs[:3])
-    logging.warning("%d image(s) of config.data.eval_split='%s' in %s are byte-identical to "
-                    "images of train_split='%s' (%s%s): the accuracy counts them as new images "
-                    'though the model trains on them; delete one file of each pair (or move it '
-                    'to the same split).', len(pairs), ev, src.location, train, shown,
-                    '; ...' if len(pairs) > 3 else '')
+  if not pairs:
+    return
+  same = [(p, q) for p, q in pairs if os.path.realpath(p) == os.path.realpath(q)]
+  copies = [pq for pq in pairs if pq not in same]
+  for found, what, fix in (
+      (same, "are train_split='{}' images reached again (a link, or a path spelt another way)",
+       'remove those links or manifest rows from the eval split'),
+      (copies, "are copies of train_split='{}' images (the same bytes)",
+       'delete one file of each pair, or move it to the same split')):
+    if found:
+      shown = '; '.join(f'{os.path.relpath(p, src.root)} = {os.path.relpath(q, src.root)}'
+                        for p, q in found[:3])
+      logging.warning("%d image(s) of config.data.eval_split='%s' in %s %s (%s%s): the accuracy "
+                      'counts them as new images though the model trains on them; %s.',
+                      len(found), ev, src.location, what.format(train), shown,
+                      '; ...' if len(found) > 3 else '', fix)
 
 
 def warn_unused_splits(config: ml_collections.ConfigDict) -> None:

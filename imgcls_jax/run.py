@@ -100,7 +100,7 @@ def setup(config: ml_collections.ConfigDict, info: DatasetInfo | None = None, *,
     held_out.check_fit_splits(config, info)
     held_out.warn_unused_validation(config, info)
     held_out.warn_unused_splits(config)
-    held_out.warn_eval_on_training(config, info)
+    held_out.warn_eval_on_training(config, info, main=jax.process_index() == 0)
   s = Setup(config=config, mesh=mesh, info=info, model_fn=model_fn,
             model_def=state_lib.model_def(model_fn), step_cfg=steps.step_config(
                 config, info.num_classes, probe_head=_probe_head(config, model_fn),

@@ -225,8 +225,8 @@ class _Trainer:
       pause = done == end < s.total_steps
       crossed = done // c.log_every_steps > step // c.log_every_steps
       if do_eval or do_ckpt or pause:
-        if crossed and len(self.log.pending) > 1:   # the steps before this one: their own record
-          self.log.flush(done, keep_last=True)
+        if crossed and c.log_every_steps == 1 and len(self.log.pending) > 1:
+          self.log.flush(done, keep_last=True)   # every step its own record, the one before too
         self.log.flush(done, keep_last=False)
       elif crossed:
         self.log.flush(done, keep_last=True)  # step `done` is still running: read the one before

@@ -336,3 +336,13 @@ def test_a_folder_input_follows_links_below_it_once_each(tmp_path, caplog):
   assert sorted(os.path.relpath(f, tmp_path / 'in') for f in got) == [   # the shallower link
       'a/0.png', 'a/1.png', 'again/m0.png', 'again/m1.png']
   assert 'passed over 2 link(s)' in caplog.text
+  # Paths keep the folder as it was given (predict's output names them): './in/a/0.png'.
+  (tmp_path / 'in' / '.thumbs').mkdir()
+  Image.new('L', (4, 4)).save(tmp_path / 'in' / '.thumbs' / 'hidden.png')
+  here = os.getcwd()
+  try:
+    os.chdir(tmp_path)
+    assert images.list_inputs('./in/')[:2] == ['./in/a/0.png', './in/a/1.png']
+    assert not any('.thumbs' in f for f in images.list_inputs('./in/'))   # hidden folders: not
+  finally:
+    os.chdir(here)

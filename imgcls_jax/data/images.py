@@ -173,15 +173,16 @@ def list_inputs(spec: str, key: str = 'predict.inputs') -> list[str]:
 
 
 def _image_files(folder: str) -> list[str]:
-  """The non-hidden image files under ``folder``, sorted, links to folders and files followed;
-  each real file once: a second link to a folder or file read already, or a link to a folder
-  above (a loop), is passed over, with one warning."""
+  """The non-hidden image files under ``folder`` (hidden sub-folders skipped too), sorted, links to
+  folders and files followed; each real file once: a second link to a folder or file read
+  already, or a link to a folder above (a loop), is passed over, with one warning."""
   passed: list[tuple[str, str]] = []
-  found = sorted(p for p in file_walk.walk(folder, folder, passed) if is_image_file(p))
+  found = sorted(os.path.join(folder, rel) for rel in file_walk.walk(folder, '', passed)
+                 if is_image_file(rel))   # paths as the folder was given ('./imgs/a.png')
   if passed:
     logging.warning('Read each image under %s once: passed over %d link(s) to a folder or file '
                     'read already, or to a folder above (e.g. %s).', folder, len(passed),
-                    passed[0][0])
+                    os.path.join(folder, passed[0][0]))
   return found
 
 

@@ -134,22 +134,28 @@ def _stderr_held() -> Iterator[None]:
   """Holds back what is written to file descriptor 2 while the TFLite converter runs: when it
   fails, its C++ code prints each error with its MLIR location (a ``loc(callsite(...`` line of
   thousands of characters) there; the exporter's one-line error says what failed instead. What a
-  successful conversion wrote is passed on to stderr."""
-  sys.stderr.flush()
+  successful conversion wrote is passed on to stderr, and after a failure every line but those.
+  (The redirect is of the process's fd 2: other threads' stderr is held back meanwhile too.)"""
+  with contextlib.suppress(Exception):
+    sys.stderr.flush()
   saved = os.dup(2)
   with tempfile.TemporaryFile() as held:
-    os.dup2(held.fileno(), 2)
     ok = False
     try:
+      os.dup2(held.fileno(), 2)
       yield
       ok = True
     finally:
-      sys.stderr.flush()
+      with contextlib.suppress(Exception):
+        sys.stderr.flush()
       os.dup2(saved, 2)
       os.close(saved)
-      if ok:
-        held.seek(0)
-        sys.stderr.write(held.read().decode('utf-8', 'replace'))
+      held.seek(0)
+      text = held.read().decode('utf-8', 'replace')
+      if not ok:   # the MLIR locations go; anything else said meanwhile stays
+        text = ''.join(line for line in text.splitlines(True) if 'loc(' not in line)
+      with contextlib.suppress(Exception):
+        sys.stderr.write(text)
 
 
 def _converter_message(e: BaseException) -> str:
