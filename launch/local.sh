@@ -23,7 +23,8 @@
 # Output lines are prefixed with [pI]. If one process fails, or this script gets SIGINT / SIGTERM /
 # SIGHUP, every process still running gets SIGTERM (a training run saves a checkpoint and exits),
 # then SIGKILL after the grace period (a second signal: at once). The script returns only when all
-# of them have exited: with the first failing status, else 130 / 143 / 129 after a signal.
+# of them have exited: with the first failing status (a process's own before the 75 of the others,
+# which lost it), else 130 / 143 / 129 after a signal.
 set -euo pipefail
 
 # Shell-quotes each argument (single quotes where needed), space-separated: copy-pasteable.
@@ -188,20 +189,29 @@ say "started $started; coordinator 127.0.0.1:$port."
 
 # Poll until every process has exited (bash reaps its children as they exit: kill -0 then fails).
 while :; do
-  running=0
+  running=0 round=()
   for ((i = 0; i < ${#pids[@]}; i++)); do
     [[ ${exited[i]} == 0 ]] || continue
     if kill -0 "${pids[i]}" 2>/dev/null; then running=$((running + 1)); continue; fi
     rc=0
     wait "${pids[i]}" 2>/dev/null || rc=$?
-    exited[i]=1
-    if [[ $stopping == 1 ]]; then
-      say "process $i exited with status $rc."
-    elif [[ $rc != 0 ]]; then
-      status=$rc
-      say "process $i exited with status $rc; stopping the others."
-      stop_all
-    fi
+    exited[i]=1 round+=("$i:$rc")
+  done
+  # Status 75 is a process that lost another one (imgcls_jax.distributed): the lost one's own
+  # status, if it exited in the same round, is the failure to report.
+  for lost_peer in 0 1; do
+    for entry in ${round[@]+"${round[@]}"}; do
+      i=${entry%%:*} rc=${entry#*:}
+      if [[ $rc == 75 ]]; then second=1; else second=0; fi
+      (( second == lost_peer )) || continue
+      if [[ $stopping == 1 ]]; then
+        say "process $i exited with status $rc."
+      elif [[ $rc != 0 ]]; then
+        status=$rc
+        say "process $i exited with status $rc; stopping the others."
+        stop_all
+      fi
+    done
   done
   [[ $running -gt 0 ]] || break
   if [[ $stopping == 1 && $killed == 0 && $SECONDS -ge $deadline ]]; then
