@@ -88,12 +88,11 @@ def wait_for_coordinator(address: str, timeout_s: float) -> None:
   JAX aborts the whole process (no Python exception) when the coordinator never answers, so a
   process other than 0 checks first and fails with a sentence instead of a stack dump.
   """
-  host, port = address.rsplit(':', 1)
-  host = host.strip('[]')
+  host, port = _split(address)
   deadline = time.monotonic() + timeout_s
   while True:
     try:
-      with socket.create_connection((host, int(port)), timeout=2.0):
+      with socket.create_connection((host, port), timeout=2.0):
         return
     except OSError as e:
       if time.monotonic() >= deadline:

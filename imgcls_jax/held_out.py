@@ -12,7 +12,7 @@ import os
 import ml_collections
 
 from imgcls_jax import ood, selective
-from imgcls_jax.data import duplicates, folder_index, folder_layout, reader
+from imgcls_jax.data import folder_index, folder_layout, reader
 from imgcls_jax.data.info import DatasetInfo
 from imgcls_jax.errors import UserError
 
@@ -211,12 +211,7 @@ def _warn_copies(data: ml_collections.ConfigDict, info: DatasetInfo, ev: str, tr
     if (src.location, ev, train) in _COPIES_CHECKED:
       return
     _COPIES_CHECKED.add((src.location, ev, train))
-    names = tuple(info.class_names)
-    train_files = folder_index.files_of(src, train, names)
-    listed = {os.path.normpath(os.path.abspath(p)) for p in train_files}
-    pairs = duplicates.identical([p for p in folder_index.files_of(src, ev, names)
-                                  if os.path.normpath(os.path.abspath(p)) not in listed],
-                                 train_files)
+    pairs = folder_index.copied_files(src, ev, src, train, tuple(info.class_names))
   except (UserError, OSError):   # a split the data layer names better when it reads it
     return
   if not pairs:

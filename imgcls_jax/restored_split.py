@@ -15,7 +15,7 @@ import jax
 import ml_collections
 
 from imgcls_jax import checkpoint, held_out, inference, metrics, run, run_directory
-from imgcls_jax.data import arrays, duplicates, folder_index, folder_layout, reader
+from imgcls_jax.data import arrays, folder_index, folder_layout, reader
 from imgcls_jax.data.info import check_flips
 from imgcls_jax.errors import UserError
 
@@ -200,12 +200,9 @@ def _copied_files(trained_on: ml_collections.ConfigDict, names: tuple[str, ...],
   if not (folder_layout.is_folder(trained_on) and folder_layout.is_folder(data)):
     return None
   try:
-    train = folder_index.files_of(folder_layout.source_of(trained_on),
-                                  str(trained_on.train_split), names)
-    same = {os.path.normpath(os.path.abspath(p)) for p in train}
-    split = [p for p in folder_index.files_of(folder_layout.source_of(data), split_name, names)
-             if os.path.normpath(os.path.abspath(p)) not in same]
-    return len(duplicates.identical(split, train))
+    return len(folder_index.copied_files(folder_layout.source_of(data), split_name,
+                                         folder_layout.source_of(trained_on),
+                                         str(trained_on.train_split), names))
   except (UserError, OSError):
     return None
 

@@ -22,7 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
-from imgcls_jax.data import file_probe, holdout, manifest
+from imgcls_jax.data import duplicates, file_probe, holdout, manifest
 from imgcls_jax.data.file_walk import walk
 from imgcls_jax.data.folder_layout import (ALL, VALIDATION, Source, check_split_name, loose_files,
                                            named_splits, split_dir, subdirs)
@@ -253,6 +253,17 @@ def files_of(src: Source, spec: str, names: tuple[str, ...]) -> list[str]:
     with open(ids_file) as f:
       ids = sorted(set(ids) & {line.strip() for line in f})
   return [os.path.join(src.root, i) for i in ids]
+
+
+def copied_files(src: Source, spec: str, train_src: Source, train_spec: str,
+                 names: tuple[str, ...]) -> list[tuple[str, str]]:
+  """(file of ``spec``, a file of ``train_spec`` with its bytes) for each file ``spec`` lists that
+  is not itself listed by ``train_spec`` but holds a training file's bytes: a copy, or the same
+  file reached again (a link, a path spelt otherwise) (``duplicates.identical``)."""
+  train = files_of(train_src, train_spec, names)
+  listed = {os.path.normpath(os.path.abspath(p)) for p in train}
+  return duplicates.identical([p for p in files_of(src, spec, names)
+                               if os.path.normpath(os.path.abspath(p)) not in listed], train)
 
 
 def real_files(src: Source, spec: str, names: tuple[str, ...]) -> set[str]:
