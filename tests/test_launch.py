@@ -360,7 +360,12 @@ def test_tpu_vm_run_is_detached_and_followed_stopped_by_logs_and_stop(fake_tpu):
   assert 'output in ~/imgcls_run.log' in r.stdout
   pid = int((home / 'imgcls_run.pid').read_text())
   os.kill(pid, 0)                      # still running after tpu_vm.sh (the "ssh") has exited
-  assert os.getsid(pid) == pid         # its own session: no hangup reaches it
+  # Its own session, so no hangup reaches it. `$!` is nohup's pid, which execs setsid, which calls
+  # setsid(2): on a loaded machine that comes a moment after tpu_vm.sh returns.
+  deadline = time.monotonic() + 20
+  while os.getsid(pid) != pid and time.monotonic() < deadline:
+    time.sleep(0.05)
+  assert os.getsid(pid) == pid
   r = _tpu(repo, env, *where, 'run', '--', *MAIN_ARGS)
   assert r.returncode != 0 and 'a run is still going on' in r.stderr
   deadline = time.monotonic() + 20       # started (its SIGTERM trap set) before it is stopped
