@@ -26,6 +26,8 @@ stem where that file exists already. The only maps overwritten are those the ear
 replaces its own maps, while a map of any other prediction (another output file, another input
 folder with the same file names, output printed to stdout) is never replaced, so every output
 names its own images' maps. Printed output records none, so each such call adds new files.
+Those earlier maps that the new output does not name (a rerun on fewer images) are removed once
+it is written.
 """
 from __future__ import annotations
 
@@ -183,6 +185,22 @@ def _maps_of(output: str) -> list[str]:
           and (not os.path.lexists(p) or os.lstat(p).st_mtime <= written)]
 
 
+def _remove_unnamed(earlier_maps: list[str], results: list[dict[str, Any]]) -> None:
+  """Removes the maps of the replaced prediction file that the new one does not name (a rerun
+  on fewer images, or explaining other tags): left there they would look like this output's.
+  ``earlier_maps`` holds only maps unchanged since that file was written (``_maps_of``)."""
+  named = set()
+  for r in results:
+    paths = r.get('explanation')
+    named.update(os.path.realpath(p) for p in (paths if isinstance(paths, list) else [paths]) if p)
+  gone = [p for p in earlier_maps if os.path.realpath(p) not in named and os.path.isfile(p)]
+  for p in gone:
+    os.remove(p)
+  if gone:
+    logging.info('Removed %d explanation map(s) of the replaced prediction file that this one '
+                 'does not name.', len(gone))
+
+
 def write(results: Iterable[dict[str, Any]], out: TextIO, fmt: str) -> None:
   """JSON lines (one object per image) or CSV (one row per image and rank, with an ``abstained``
   column where the run has an abstention threshold, an ``unknown`` one where it has an
@@ -328,9 +346,10 @@ def predict(config: ml_collections.ConfigDict | None, workdir: str,
     explainer = explain.explainer(clf, cfg.explain, ig_steps=int(cfg.get('ig_steps', 32)))
     beside = os.path.dirname(os.path.abspath(cfg.output)) if cfg.output else os.getcwd()
     explain_dir = os.path.abspath(cfg.get('explain_dir') or os.path.join(beside, 'explanations'))
+  earlier_maps = _maps_of(output) if explainer is not None else []
   results, skipped = predict_files(clf, files, top=cfg.top_k, batch_size=cfg.batch_size,
                                    explainer=explainer, explain_dir=explain_dir,
-                                   replaces=_maps_of(output) if explainer is not None else ())
+                                   replaces=earlier_maps)
   if not results:
     raise UserError(f'None of the {len(files)} input file(s) in config.predict.inputs is a '
                     f'readable image ({images.unreadable_summary(skipped)}); give image files or '
@@ -338,6 +357,7 @@ def predict(config: ml_collections.ConfigDict | None, workdir: str,
   if jax.process_index() == 0:   # several processes: the first one writes
     if output:
       _write_output(output, results, cfg.format)
+      _remove_unnamed(earlier_maps, results)
     else:
       write(results, sys.stdout, cfg.format)
       sys.stdout.flush()

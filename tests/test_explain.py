@@ -13,6 +13,7 @@ import functools
 import gzip
 import json
 import os
+import time
 import types
 
 import jax
@@ -396,3 +397,33 @@ def test_a_tagged_run_explains_each_predicted_tag_and_names_it(tagged_run, tmp_p
     for path, earlier in zip(r['explanation'], first['explanation']):
       assert path != earlier
       np.testing.assert_array_equal(_png(path), _png(earlier))
+
+
+def test_a_rerun_on_fewer_images_removes_the_maps_its_output_no_longer_names(digits_run, tmp_path):
+  """predict into out.jsonl on three images, then again on one: the two dropped images' maps
+  were left in explanations/ beside an output that named only one map. Now the rerun removes
+  the maps of the replaced output that it does not name, except one changed after that output
+  was written; another output's maps are untouched."""
+  config, workdir, _ = digits_run
+  x, _ = digits.load_arrays('test')
+  (tmp_path / 'imgs').mkdir()
+  for i in range(3):
+    Image.fromarray(x[i, :, :, 0]).save(tmp_path / 'imgs' / f'd{i}.png')
+  c = config.copy_and_resolve_references()
+  c.predict.explain = 'gradcam'
+
+  def run(inputs: str, output: str) -> list[dict]:
+    c.predict.inputs, c.predict.output = inputs, str(tmp_path / output)
+    return predict.predict(c, workdir)
+
+  other = run(str(tmp_path / 'imgs' / 'd2.png'), 'other.jsonl')[0]['explanation']
+  first = [r['explanation'] for r in run(str(tmp_path / 'imgs'), 'out.jsonl')]
+  assert len(set(first + [other])) == 4
+  edited = first[1]
+  os.utime(edited, (time.time() + 60, time.time() + 60))   # the user touched it afterwards
+  (again,) = run(str(tmp_path / 'imgs' / 'd0.png'), 'out.jsonl')
+  assert again['explanation'] == first[0]
+  assert not os.path.exists(first[2])                    # no longer named: removed
+  assert os.path.exists(edited) and os.path.exists(other)
+  assert sorted(os.listdir(tmp_path / 'explanations')) == sorted(
+      os.path.basename(p) for p in (first[0], edited, other))
