@@ -22,8 +22,8 @@ under a temporary name renamed once everything is computed:
   distance-weighted, ``knn_k`` neighbours, ``knn_metric``) fitted on the reference split's
   embeddings predicts the embedded split (a ``knn_k`` above the reference's size uses all of it,
   with a warning: the report's ``k`` is the number used, ``k_requested`` the key's); its full
-  evaluation report goes to ``knn/`` (the report files of ``--mode=evaluate``), its headline to
-  ``embed_report.md`` / ``.json``. Tags: each tag is predicted when at least half of the k nearest
+  evaluation report goes to ``knn/`` (the report files of ``--mode=evaluate``; a rerun without a
+  k-NN removes an earlier one), its headline to ``embed_report.md`` / ``.json``. Tags: each tag is predicted when at least half of the k nearest
   reference examples carry it (``embed_knn.py``), reported as F1 micro / macro and exact match;
 * ``projection.png``: PCA to 2-D, and t-SNE of up to ``tsne_max`` points, coloured by class
   (tags: by each example's first tag).
@@ -278,6 +278,9 @@ def embed(config: ml_collections.ConfigDict, workdir: str,
       report_files.write(rep, os.path.join(out_dir, 'knn'),
                          f"k-NN on {extractor.kind} embeddings: {data.name} '{what}'", None)
     _replace_all(staged)
+    if rep is None and report_files.remove(os.path.join(out_dir, 'knn')):
+      logging.info('Removed %s: an earlier k-NN report, and this embedding has none.',
+                   os.path.join(out_dir, 'knn'))
   finally:
     for tmp, _ in staged:
       if os.path.exists(tmp):

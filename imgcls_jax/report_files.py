@@ -75,6 +75,23 @@ def write(rep: dict[str, Any], out_dir: str, title: str, metrics_path: str | Non
   return written
 
 
+def remove(out_dir: str) -> list[str]:
+  """Removes the report an earlier ``write`` left in ``out_dir`` (the files its report.json
+  lists, then report.json, then the folder if nothing else is in it); returns the names removed.
+  Files no report wrote are left alone."""
+  if not os.path.isfile(os.path.join(out_dir, 'report.json')):
+    return []
+  gone = []
+  for name in sorted(_earlier_files(out_dir)) + ['report.json']:
+    path = os.path.join(out_dir, name)
+    if os.path.isfile(path):
+      os.remove(path)
+      gone.append(name)
+  if not os.listdir(out_dir):
+    os.rmdir(out_dir)
+  return gone
+
+
 def _earlier_files(out_dir: str) -> set[str]:
   """The report files an earlier report in ``out_dir`` wrote: its report.json's ``files`` (a
   report.json from before that list: every report file name; no report.json: none)."""

@@ -134,6 +134,18 @@ def test_a_knn_k_above_the_reference_size_is_capped_and_recorded(digits_config, 
   exact = embed.embed(c, str(tmp_path / 'exact'))['knn']
   assert (exact['k'], exact['k_requested']) == (60, 60)
   assert (exact['accuracy'], exact['f1_macro']) == (knn['accuracy'], knn['f1_macro'])
+  # Rerun without a k-NN: the earlier knn/ report went stale beside an embed_report.json that no
+  # longer has one; it is removed, a file the user put there is kept.
+  (out / 'knn' / 'mine.txt').write_text('notes')
+  c.embed.reference_split = 'none'
+  assert 'knn' not in embed.embed(c, str(tmp_path / 'big'))
+  assert sorted(os.listdir(out / 'knn')) == ['mine.txt']
+  os.remove(out / 'knn' / 'mine.txt')
+  c.embed.reference_split = ''
+  assert 'knn' in embed.embed(c, str(tmp_path / 'big'))
+  c.embed.reference_split = 'none'
+  embed.embed(c, str(tmp_path / 'big'))
+  assert not os.path.exists(out / 'knn')      # nothing else there: the folder goes too
 
 
 def test_unlabelled_files_skip_unreadable_ones_and_need_one_readable(run, tmp_path, caplog):
