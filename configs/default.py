@@ -243,6 +243,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.distributed.local_device_ids = ''     # e.g. '0,1,2,3': GPUs this process drives ('' = JAX's
                                           # default: all; under SLURM, one per task)
   c.distributed.initialization_timeout = 300  # seconds to wait for every process to join
+  c.distributed.heartbeat_timeout = 100   # seconds without a process's heartbeat before the
+                                          # others treat it as lost (a hung host, a stuck GPU)
 
   # ---- evaluation report (--mode=evaluate, imgcls_jax/evaluate.py; also cross-validation) ----
   c.evaluate = ml_collections.ConfigDict()

@@ -73,6 +73,10 @@ def _check(d: ml_collections.ConfigDict) -> None:
   if timeout is None or timeout < 1:
     raise UserError(f'config.distributed.initialization_timeout={timeout} must be at least 1 '
                     '(seconds to wait for every process to join).')
+  heartbeat = d.get('heartbeat_timeout', 100)
+  if heartbeat is None or heartbeat < 2:
+    raise UserError(f'config.distributed.heartbeat_timeout={heartbeat} must be at least 2 '
+                    '(seconds without a heartbeat before a process counts as lost).')
   if n is not None and pid is not None and pid >= n:
     raise UserError(f'config.distributed.process_id={pid} must be smaller than '
                     f'config.distributed.num_processes={n} (ids run 0..{n - 1}).')
@@ -197,8 +201,10 @@ def initialize(d: ml_collections.ConfigDict) -> None:
   kwargs = dict(coordinator_address=d.get('coordinator_address'),
                 num_processes=d.get('num_processes'), process_id=d.get('process_id'),
                 local_device_ids=parse_device_ids(d.get('local_device_ids')),
-                initialization_timeout=int(d.get('initialization_timeout', 300)))
-  given = {k: v for k, v in kwargs.items() if v is not None and k != 'initialization_timeout'}
+                initialization_timeout=int(d.get('initialization_timeout', 300)),
+                heartbeat_timeout_seconds=int(d.get('heartbeat_timeout', 100)))
+  given = {k: v for k, v in kwargs.items()
+           if v is not None and k not in ('initialization_timeout', 'heartbeat_timeout_seconds')}
   logging.info('jax.distributed.initialize(%s)',
                ', '.join(f'{k}={v!r}' for k, v in given.items()) or 'auto-detect')
   address, n, pid = kwargs['coordinator_address'], kwargs['num_processes'], kwargs['process_id']

@@ -92,6 +92,7 @@ def _main(args: list[str], timeout: int = 120) -> subprocess.CompletedProcess:
     (['--config.distributed.coordinator_address=127.0.0.1:{port}',
       '--config.distributed.num_processes=2', '--config.distributed.process_id=1',
       '--config.distributed.initialization_timeout=1'], 'No coordinator answers at 127.0.0.1:'),
+    (['--config.distributed.heartbeat_timeout=0'], 'heartbeat_timeout=0 must be at least 2'),
 ])
 def test_distributed_start_up_errors_are_one_line(tmp_path, flags, message):
   flags = [f.format(port=_free_port()) for f in flags]
