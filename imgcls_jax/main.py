@@ -229,6 +229,8 @@ def run(argv: list[str] | None = None) -> int:
         raise UserError('--mode=classical fits one model and does not sweep: config.sweep.grid is '
                         'for trained runs; drop it, or run one --mode=classical per value (each '
                         'with its own --workdir).')
+    if mode not in TRAINED_RUN_MODES:   # the run's config.json must name them from anywhere
+      _absolute_data_paths(config)
     module_name, fn_name = MODES[mode]
     fn = getattr(importlib.import_module(module_name), fn_name)
     if mode in TRAINED_RUN_MODES:
@@ -271,6 +273,16 @@ def _path_problem(e: OSError, config=None, workdir: str | None = None) -> str:
   return (f"{why}; check --workdir and the config's paths (output_dir, output, data_dir, "
           'compilation_cache_dir): each must be a folder (or file) this user can create and '
           'write.')
+
+
+def _absolute_data_paths(config) -> None:
+  """``config.data.folder`` / ``.manifest`` as absolute paths: a run saved with ``photos``
+  evaluated from another directory read that directory's ``photos`` (or failed)."""
+  data = config.get('data')
+  for key in ('folder', 'manifest'):
+    value = data.get(key) if data is not None else None
+    if isinstance(value, str) and value and '://' not in value:
+      data[key] = os.path.abspath(os.path.expanduser(value))
 
 
 def _path_source(filename: str, config, workdir: str | None) -> str | None:
