@@ -536,3 +536,23 @@ def test_a_hold_out_that_rounds_to_no_image_says_so(tmp_path, digits_config):
                      rf"image of the 2 in split 'train' of {re.escape(flat)} for split "
                      "'validation'"):
     sources.split_size(data, 'validation')
+
+
+def test_an_eval_folder_with_a_class_written_nfd_reads_as_the_models_class(tmp_path,
+                                                                           digits_config):
+  """An eval folder copied from macOS names the model's NFC 'zéro' as NFD 'zéro': it printed
+  alike in a refusal ("has classes the model does not know (zéro)"). The same name once
+  normalised is the model's class; a name that differs in case is refused with the reason."""
+  import unicodedata
+  nfc, nfd = 'z\u00e9ro', unicodedata.normalize('NFD', 'z\u00e9ro')
+  names = ('un', nfc)
+  root = _flat(str(tmp_path / 'mac'), {nfd: 2, 'un': 3})
+  split = folder_index.index(folder_layout.source_of(_data(digits_config, folder=root)), 'all',
+                             names)
+  assert sorted(zip(split.ids, split.labels)) == sorted([(f'{nfd}/{k:03d}.png', 1) for k in range(2)]
+                                            + [(f'un/{k:03d}.png', 0) for k in range(3)])
+  folder_index.clear_memo()
+  cased = _flat(str(tmp_path / 'cased'), {'Un': 2, nfc: 2})
+  with pytest.raises(UserError, match=r"has classes the model does not know \(Un\); .*\('Un' "
+                                      r"differs from the model's 'un' only in case: rename it\)"):
+    folder_index.index(folder_layout.source_of(_data(digits_config, folder=cased)), 'all', names)

@@ -18,11 +18,12 @@ import hashlib
 import logging
 import os
 import threading
+import unicodedata
 from typing import Sequence
 
 import numpy as np
 
-from imgcls_jax.data import duplicates, file_probe, holdout, manifest
+from imgcls_jax.data import duplicates, file_probe, folder_layout, holdout, manifest
 from imgcls_jax.data.file_walk import walk
 from imgcls_jax.data.folder_layout import (ALL, VALIDATION, Source, check_split_name, loose_files,
                                            named_splits, split_dir, subdirs)
@@ -110,13 +111,23 @@ def _listed(src: Source, split: str, names: tuple[str, ...],
     _warn_holdout_unused(src)
   if src.multilabel:
     tag_pairs = [(rel, manifest.tags(label)) for rel, label in pairs]
-    unknown = sorted({t for _, tags in tag_pairs for t in tags} - set(names))
+    found = {t for _, tags in tag_pairs for t in tags}
   else:
-    unknown = sorted({label for _, label in pairs} - set(names))
+    found = {label for _, label in pairs}
+  alias = _same_names(found - set(names), names)
+  if alias:   # 'zéro' written NFD (macOS) for the model's NFC 'zéro': the same name
+    if src.multilabel:
+      tag_pairs = [(rel, tuple(alias.get(t, t) for t in tags)) for rel, tags in tag_pairs]
+    else:
+      pairs = [(rel, alias.get(label, label)) for rel, label in pairs]
+  unknown = sorted(found - set(names) - set(alias))
   if unknown:
+    near = [f"'{u}' differs from the model's '{n}' only in case" for u in unknown
+            for n in names if folder_layout.fold_name(u) == folder_layout.fold_name(n)]
     raise UserError(f"Split '{split}' of {src.location} has classes the model does not know "
                     f"({', '.join(unknown[:5])}); every class must exist in the training data "
-                    f"({', '.join(names[:10])}{', ...' if len(names) > 10 else ''}).")
+                    f"({', '.join(names[:10])}{', ...' if len(names) > 10 else ''})"
+                    + (f" ({'; '.join(near[:3])}: rename it)" if near else '') + '.')
   ids, labels = [], []
   for j, (rel, label) in enumerate(pairs):
     if not is_image_file(rel):
@@ -147,6 +158,21 @@ def _listed(src: Source, split: str, names: tuple[str, ...],
     keep = [i for i in range(len(ids)) if (i in held) == held_out]
     ids, labels = [ids[i] for i in keep], [labels[i] for i in keep]
   return ids, labels, skipped
+
+
+def _same_names(unknown: set[str], names: Sequence[str]) -> dict[str, str]:
+  """{name read: the model's class} for the names read that equal a class of the model once
+  both are Unicode-normalised (NFC), where exactly one class does: a folder copied from macOS
+  writes 'zéro' as 'e' + U+0301, which prints as the model's 'zéro' and is the same name."""
+  by_nfc: dict[str, list[str]] = {}
+  for n in names:
+    by_nfc.setdefault(unicodedata.normalize('NFC', n), []).append(n)
+  out = {}
+  for u in unknown:
+    same = by_nfc.get(unicodedata.normalize('NFC', u), [])
+    if len(same) == 1:
+      out[u] = same[0]
+  return out
 
 
 def _class_folders(root: str, where: str, prefix: str, skipped: list[tuple[str, str]]

@@ -170,7 +170,7 @@ def _sort_labels(labels: Iterable[str]) -> tuple[str, ...]:
 _CASE_WARNED: set[tuple[str, tuple]] = set()   # (location, groups of names) warned of
 
 
-def _fold(name: str) -> str:
+def fold_name(name: str) -> str:
   """``name`` without case or Unicode normalisation: 'Five' and 'five' are one, and so are 'zéro'
   with 'é' as one code point (NFC) and as 'e' + U+0301 (NFD), as macOS and Linux may write it."""
   return unicodedata.normalize('NFC', unicodedata.normalize('NFC', name).casefold())
@@ -182,7 +182,7 @@ def _warn_case_twins(src: Source, names: tuple[str, ...]) -> tuple[str, ...]:
   train as separate classes, which is rarely meant."""
   groups: dict[str, list[str]] = {}
   for n in names:
-    groups.setdefault(_fold(n), []).append(n)
+    groups.setdefault(fold_name(n), []).append(n)
   twins = tuple(g for g in groups.values() if len(g) > 1)
   if not twins or (src.location, tuple(map(tuple, twins))) in _CASE_WARNED:
     return names
