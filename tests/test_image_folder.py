@@ -82,6 +82,21 @@ def test_scan_skips_and_reports_unreadable_and_non_image_files(folder, caplog):
     train = _index(folder, 'train')
   assert sorted(train.skipped) == [('train/cat/corrupt.jpg', 'cannot be decoded'),
                                    ('train/dog/notes.txt', 'not an image file')]
+  # An empty file and one beyond PIL's decompression-bomb limit say so (both were "cannot be
+  # decoded"; the second a valid image, only huge).
+  from PIL import Image
+  open(os.path.join(folder, 'train', 'cat', 'empty.png'), 'wb').close()
+  Image.new('L', (100, 100)).save(os.path.join(folder, 'train', 'cat', 'huge.png'))
+  limit = Image.MAX_IMAGE_PIXELS
+  try:
+    Image.MAX_IMAGE_PIXELS = 2000            # 10,000 pixels > 2 x the limit: PIL's bomb error
+    again = dict(_index(folder, 'train').skipped)
+  finally:
+    Image.MAX_IMAGE_PIXELS = limit
+    for name in ('empty.png', 'huge.png'):
+      os.remove(os.path.join(folder, 'train', 'cat', name))
+  assert again['train/cat/empty.png'] == 'empty file (0 bytes)'
+  assert again['train/cat/huge.png'].startswith("more pixels than PIL's decompression-bomb limit")
   message = ' '.join(r.getMessage() for r in caplog.records)
   assert 'skipped 2 file(s)' in message
   assert 'train/cat/corrupt.jpg' in message and 'train/dog/notes.txt' in message

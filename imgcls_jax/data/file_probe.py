@@ -44,6 +44,8 @@ def probe(path: str) -> tuple[int, int, int] | str:
   """Upright (height, width, bands) of an image file from its header, or why it is unreadable."""
   from PIL import Image, UnidentifiedImageError
   try:
+    if os.path.getsize(path) == 0:
+      return 'empty file (0 bytes)'
     with Image.open(path) as img:
       w, h = img.size
       bands = _band_count(img.mode)
@@ -55,8 +57,10 @@ def probe(path: str) -> tuple[int, int, int] | str:
         h, w = w, h
       if not _complete(path, img.format):
         img.load()  # decodes it: raises when it really is truncated
-  except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError,
-          EOFError):
+  except Image.DecompressionBombError:   # PIL's limit: the image is there, only huge
+    return ("more pixels than PIL's decompression-bomb limit "
+            f'({2 * (Image.MAX_IMAGE_PIXELS or 0)}); shrink the image')
+  except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
     return 'cannot be decoded'
   return h, w, bands
 
