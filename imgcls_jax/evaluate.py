@@ -76,6 +76,11 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str,
   if e.output_dir and os.path.exists(e.output_dir) and not os.path.isdir(e.output_dir):
     raise UserError(f'config.evaluate.output_dir={e.output_dir} is a file; give a folder for the '
                     'report (it is made if missing).')
+  out_dir = os.path.abspath(e.output_dir or _default_output(workdir))
+  saved = run_directory.read_config(workdir)   # (none: restoring says what is missing)
+  data = (inference.effective_config(saved, config, overrides).data if saved else
+          config.data if config is not None else None)
+  report_files.check_output(out_dir, data, _names(tagged, shown, issues, workdir))
   ev = evaluation.evaluate_checkpoint(workdir, config, split=e.split,
                                       checkpoint_spec=e.checkpoint, tta=e.tta or '',
                                       num_bins=int(e.calibration_bins), overrides=overrides,
@@ -85,6 +90,11 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str,
                                       count_copies=jax.process_index() == 0)
   cfg, info = ev.trained.run, ev.trained.info
   rep = ev.report(int(e.top_confused))
+  if ev.seen:
+    logging.warning("The model trained on %d of the %d examples of split '%s': its figures there "
+                    'are on examples it learnt, not new ones; evaluate a split it did not train '
+                    'on (--config.evaluate.split) for what new images get.', ev.seen,
+                    rep['num_examples'], ev.split)
   if ev.copies:
     rep['copies_of_training_images'] = ev.copies
     logging.warning("%d image(s) of split '%s' hold the bytes of images the run trained on (the "
@@ -98,7 +108,6 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str,
   else:
     rep['intervals'] = intervals.report_intervals(
         np.asarray(rep['confusion_matrix']), level=level, resamples=resamples, seed=cfg.seed)
-  out_dir = os.path.abspath(e.output_dir or _default_output(workdir))
   if jax.process_index() == 0:
     title = f"Evaluation of {cfg.model.name} on {ev.dataset or info.name} '{ev.split}'"
     ids = _split_ids(ev) if ev.outcomes is not None and (shown or issues) else []
@@ -132,6 +141,18 @@ def _default_output(workdir: str) -> str:
                  'another folder).', os.path.basename(workdir), parent, out)
     return out
   return workdir
+
+
+def _names(tagged: bool, shown: int, issues: bool, workdir: str) -> set[str]:
+  """The file names this evaluation may write (``report_files.write``'s, for its checks)."""
+  names = set(report_files.MULTILABEL_REPORT_FILES if tagged else report_files.REPORT_FILES)
+  if shown:
+    names.update(report_files.ERROR_FILES)
+  if issues:
+    names.update(report_files.ISSUE_FILES)
+  if os.path.exists(os.path.join(workdir, 'metrics.jsonl')):
+    names.add(report_files.CURVES_FILE)
+  return names
 
 
 def _split_ids(ev: evaluation.Evaluation) -> list[str]:
@@ -179,6 +200,11 @@ def _label_issues(ev: evaluation.Evaluation, ids: list[str],
                  'may have trained on its examples (their overlap with the training split is '
                  'unknown)')
     return None
+  if not isinstance(o, outcomes_lib.TagOutcomes) and len(np.unique(o.label)) < 2:
+    logging.info("No label-issue search on split '%s': all its examples are labelled %s, and "
+                 'confident learning needs examples of 2 classes or more.', ev.split,
+                 ev.trained.info.class_names[int(o.label[0])] if len(o.label) else 'nothing')
+    return None
   info, data = ev.trained.info, ev.trained.run.data
   if ids and folder_layout.is_folder(data):   # every flagged image, from its file
     load = label_issues.file_loader(folder_layout.source_of(data).root, info.channels)
@@ -187,7 +213,8 @@ def _label_issues(ev: evaluation.Evaluation, ids: list[str],
   labels = o.labels if isinstance(o, outcomes_lib.TagOutcomes) else o.label
   return label_issues.search(labels, o.probs, ids=[ids[p] for p in o.position.tolist()]
                              if ids else [], class_names=info.class_names, out_dir=out_dir,
-                             split=ev.split, load=load, positions=o.position)[1]
+                             split=ev.split, load=load, positions=o.position,
+                             copies=ev.copies or 0)[1]
 
 
 def _tag_errors(o: outcomes_lib.TagOutcomes, ids: list[str],

@@ -38,6 +38,12 @@ class Evaluation:
   unseen: bool | None = None
   # With count_copies: files of the split holding a training file's bytes (None: not known).
   copies: int | None = None
+  # With keep_probs or count_copies: examples of the split the run trained on (None: not known).
+  seen: int | None = None
+  # (file, why) of the split's files an image folder's index passed over (unreadable, ...).
+  skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+  # What was chosen or fitted on this very split: 'checkpoint' ('best'), 'temperature', ...
+  tuned_here: list[str] = dataclasses.field(default_factory=list)
 
   def report(self, top_confused: int = 10) -> dict[str, Any]:
     """The full report (``report.summarize``) with what was evaluated as its ``context``."""
@@ -50,6 +56,14 @@ class Evaluation:
                       'tta': self.tta or 'none',
                       'model': cfg.model.name, 'workdir': self.workdir,
                       'temperature': self.trained.temperature}
+    if self.seen is not None:   # how many of num_examples it learnt (compare's trained_on_split)
+      rep['trained_on_split'] = self.seen
+    if self.tuned_here:
+      rep['tuned_on_split'] = list(self.tuned_here)
+    if self.skipped:
+      rep['skipped_files'] = {'count': len(self.skipped),
+                              'first': [{'file': f, 'why': why}
+                                        for f, why in self.skipped[:SKIPPED_LISTED]]}
     if self.ood is not None:
       split_scores = None
       if isinstance(self.outcomes, outcomes_lib.Outcomes) and self.outcomes.scores is not None:
@@ -62,6 +76,7 @@ class Evaluation:
     return rep
 
 
+SKIPPED_LISTED = 10   # skipped files named in report.json (report.md: the first 3)
 # A tagging split's N x K probabilities kept on the host for the listing and the intervals
 # (~22 bytes a cell with the bootstrap's 0/1 matrices and sort orders: ~1.1 GB at the cap).
 MAX_TAG_CELLS = 50_000_000
@@ -83,18 +98,25 @@ def evaluate_checkpoint(workdir: str, config: ml_collections.ConfigDict | None, 
   with ``ood_files`` (one process, single-label), those images are scored too
   (``outcomes.ood_pass``), and the split's per-example scores kept to compare with theirs.
   ``step_key`` / ``split_key``: as ``restored_split.restore_for_split``; ``count_copies``: count the
-  split's files that hold a training file's bytes (``restored_split.training_copies``)."""
+  split's files that hold a training file's bytes (``restored_split.training_copies``) and its
+  examples the run trained on (``restored_split.seen_examples``; also with ``keep_probs``)."""
   num_bins = configlib.calibration_bins(num_bins)
   r = restored_split.restore_for_split(workdir, config, split=split,
                                        checkpoint_spec=checkpoint_spec, tta=tta,
                                        overrides=overrides, step_key=step_key,
                                        split_key=split_key)
-  for what, fit_split in r.fitted_on.items():
-    if fit_split == r.split:
-      logging.warning("Split '%s' is the one this run's %s %s fitted on: its %s figures here are "
-                      'optimistic; evaluate another split for what new images get.', r.split,
-                      what, 'was' if what == 'temperature' else 'were',
-                      'calibration' if what == 'temperature' else 'F1 / exact-match')
+  tuned_here = [what for what, fit_split in r.fitted_on.items() if fit_split == r.split]
+  for what in tuned_here:
+    if what == 'checkpoint':
+      logging.warning("Split '%s' is the one the 'best' checkpoint (%s) was picked on among the "
+                      "run's evaluations: its figures here are optimistic; evaluate another "
+                      'split, or set --config.evaluate.checkpoint=latest, for what new images '
+                      'get.', r.split, r.chosen)
+      continue
+    logging.warning("Split '%s' is the one this run's %s %s fitted on: its %s figures here are "
+                    'optimistic; evaluate another split for what new images get.', r.split,
+                    what, 'was' if what == 'temperature' else 'were',
+                    'calibration' if what == 'temperature' else 'F1 / exact-match')
   outcomes = None
   cells = (r.data.num_batches or 0) * r.setup.local_eval_batch_size * r.trained.info.num_classes
   smaller = (f"evaluate a smaller split for {{}}: a tfds slice such as '{r.split.split('[')[0]}"
@@ -126,12 +148,13 @@ def evaluate_checkpoint(workdir: str, config: ml_collections.ConfigDict | None, 
     stats = report.stats_to_numpy(run.eval_sums(eval_step, r.variables, r.data.batches(),
                                                 r.setup.mesh, r.split))
   ood_result = outcomes_lib.ood_pass(r, ood_files, tta, num_bins) if ood_files else None
-  unseen = None
-  if keep_probs:   # other images are compared by path with a folder run's (were taken as unseen)
+  unseen = shared = None
+  if keep_probs or count_copies:   # other images: compared by path with a folder run's files
     shared = restored_split.seen_examples(r, workdir)
     unseen = None if shared is None else shared == 0
   copies = restored_split.training_copies(r, workdir) if count_copies else None
   return Evaluation(stats=stats, trained=r.trained, split=r.split, step=r.step, chosen=r.chosen,
                     tta=tta, workdir=os.path.abspath(workdir),
                     dataset=reader.dataset_name(r.trained.run.data), outcomes=outcomes,
-                    ood=ood_result, unseen=unseen, copies=copies)
+                    ood=ood_result, unseen=unseen, copies=copies, seen=shared,
+                    skipped=restored_split.skipped_files(r), tuned_here=tuned_here)

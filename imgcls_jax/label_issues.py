@@ -253,11 +253,17 @@ def write_kept(ids: Sequence[str], found: list[dict[str, Any]], path: str) -> in
 
 def summary(found: list[dict[str, Any]], num_examples: int, split: str,
             pictured: bool = False, *, evaluation: bool = False,
-            tagged: bool = False) -> dict[str, Any]:
+            tagged: bool = False, copies: int = 0) -> dict[str, Any]:
   """The ``label_issues`` entry of ``cv_report.json`` (``evaluation``: of an evaluation's
-  report.json, whose files have other names and no kept-ids list; ``tagged``: a tagging run's)."""
+  report.json, whose files have other names and no kept-ids list; ``tagged``: a tagging run's;
+  ``copies``: files of an evaluated split that hold a training image's bytes)."""
   method = ((EVAL_TAG_METHOD if evaluation else TAG_METHOD) if tagged else
             (EVAL_METHOD if evaluation else METHOD))
+  if evaluation and copies:   # not new to the model after all: say so where the method is named
+    method = (method.replace(', which it did not train on', ', whose files it did not train on')
+              + f', though {copies} of them hold the bytes of images it trained on (copies): '
+              'their probabilities are of learnt images, which flag a copy labelled otherwise '
+              'than in training but not a wrong label it was trained with')
   return {'method': method, 'task': 'multilabel' if tagged else 'single_label', 'split': split,
           'count': len(found), 'num_examples': num_examples,
           'fraction': len(found) / max(num_examples, 1),
@@ -269,11 +275,12 @@ def summary(found: list[dict[str, Any]], num_examples: int, split: str,
 def search(labels: np.ndarray, probs: np.ndarray, *, ids: Sequence[str],
            class_names: Sequence[str], out_dir: str, split: str,
            load: Callable[[dict[str, Any]], np.ndarray | None] | None,
-           folds: np.ndarray | None = None,
-           positions: np.ndarray | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+           folds: np.ndarray | None = None, positions: np.ndarray | None = None,
+           copies: int = 0) -> tuple[list[dict[str, Any]], dict[str, Any]]:
   """``find`` (``labels`` int N; a tagging split's, bool N x K: ``find_tags``), then the list
   (cross-validation, ``folds``: ``FILE``; an evaluation, ``positions``: ``EVAL_FILE``) and, with
-  ``load``, the picture written to ``out_dir``; returns (the rows, the report's ``summary``)."""
+  ``load``, the picture written to ``out_dir``; returns (the rows, the report's ``summary``;
+  ``copies``: as ``summary``'s)."""
   evaluation, tagged = folds is None, np.ndim(labels) == 2
   where = {'ids': ids, 'labels': labels, 'class_names': class_names, 'folds': folds,
            'positions': positions}
@@ -288,7 +295,7 @@ def search(labels: np.ndarray, probs: np.ndarray, *, ids: Sequence[str],
   pictured = bool(found) and load is not None and picture(
       found, os.path.join(out_dir, EVAL_PICTURE if evaluation else PICTURE), load)
   return found, summary(found, len(labels), split, pictured, evaluation=evaluation,
-                        tagged=tagged)
+                        tagged=tagged, copies=copies)
 
 
 def line(s: dict[str, Any], workdir: str) -> str:
@@ -303,6 +310,11 @@ def line(s: dict[str, Any], workdir: str) -> str:
 def _md(text: str) -> str:
   """A class name as a markdown table cell ('|' would end the cell)."""
   return text.replace('|', '\\|')
+
+
+def _id(text: str) -> str:
+  """An id as a table cell: a code span, '-' where the split has none (an arrays file)."""
+  return f'`{_md(text)}`' if text else '-'
 
 
 def markdown(s: dict[str, Any]) -> list[str]:
@@ -322,12 +334,12 @@ def markdown(s: dict[str, Any]) -> list[str]:
            f'relabelling.{kept}', '']
   if s.get('task') == 'multilabel':
     lines += [f'| rank | id | {where} | tags | suggested | quality |', '|---|---|---|---|---|---|']
-    lines += [f"| {r['rank']} | `{r['id']}` | {r[where]} | {_md(r['tags'] or '-')} | "
+    lines += [f"| {r['rank']} | {_id(r['id'])} | {r[where]} | {_md(r['tags'] or '-')} | "
               f"{_md(r['suggested'] or '-')} | {r['quality']:.3f} |" for r in s['most_likely']]
     return lines
   lines += [f'| rank | id | {where} | label | suggested | p(label) | p(suggested) |',
             '|---|---|---|---|---|---|---|']
-  lines += [f"| {r['rank']} | `{r['id']}` | {r[where]} | {_md(r['label'])} | "
+  lines += [f"| {r['rank']} | {_id(r['id'])} | {r[where]} | {_md(r['label'])} | "
             f"{_md(r['suggested'])} | {r['p_label']:.3f} | {r['p_suggested']:.3f} |"
             for r in s['most_likely']]
   return lines

@@ -8,7 +8,8 @@ size is reduced on the device and only ``K x K + 3 x bins`` numbers reach the ho
 * top-1, top-5 (reported when there are more than 5 classes), mean cross-entropy loss;
 * per-class precision, recall, F1 and support, and their macro and support-weighted averages (as
   ``sklearn.metrics.precision_recall_fscore_support(..., zero_division=0)``: the averages run over
-  the classes that occur in the labels or the predictions);
+  the classes that occur in the labels or the predictions, ``macro_avg_classes`` of them, each
+  flagged ``in_macro_avg`` in ``per_class``);
 * the confusion matrix (rows: true class, columns: predicted class) and the most confused pairs;
 * expected calibration error of the top-1 confidence over equal-width bins (sklearn's
   ``calibration_curve`` binning: bin ``b`` holds confidences in ``(b/n, (b+1)/n]``, the first also 0);
@@ -125,12 +126,19 @@ def per_class(confusion_KxK: np.ndarray) -> dict[str, np.ndarray]:
   return {'precision': precision, 'recall': recall, 'f1': f1, 'support': support}
 
 
-def averages(confusion_KxK: np.ndarray) -> dict[str, dict[str, float]]:
-  """Macro and support-weighted precision / recall / F1 over the classes seen in labels or
-  predictions (sklearn's default label set)."""
-  pc = per_class(confusion_KxK)
+def averaged_classes(confusion_KxK: np.ndarray) -> np.ndarray:
+  """Which classes (bool K) the macro averages run over: those with an example or a prediction
+  (sklearn's default label set; ``labels=`` these indices gives the same averages). A class with
+  neither has no precision, recall or F1 to average."""
   cm = np.asarray(confusion_KxK)
-  present = (cm.sum(axis=1) + cm.sum(axis=0)) > 0
+  return (cm.sum(axis=1) + cm.sum(axis=0)) > 0
+
+
+def averages(confusion_KxK: np.ndarray) -> dict[str, dict[str, float]]:
+  """Macro and support-weighted precision / recall / F1 over ``averaged_classes``: the classes
+  seen in labels or predictions (sklearn's default label set)."""
+  pc = per_class(confusion_KxK)
+  present = averaged_classes(confusion_KxK)
   support = pc['support'].astype(np.float64)
   out: dict[str, dict[str, float]] = {'macro': {}, 'weighted': {}}
   for name in ('precision', 'recall', 'f1'):
@@ -197,6 +205,7 @@ def summarize(stats: Mapping[str, Any], class_names: Sequence[str],
   specificity = _safe_div(n - cm.sum(axis=0) - cm.sum(axis=1) + np.diag(cm),
                           n - cm.sum(axis=1))          # TN / (TN + FP) per class
   present = pc['support'] > 0
+  averaged = averaged_classes(cm)
   aucs = (roc.auc(s['roc_pos'], s['roc_neg']) if 'roc_pos' in s
           else np.full(num_classes, np.nan))
   report.update({
@@ -204,12 +213,16 @@ def summarize(stats: Mapping[str, Any], class_names: Sequence[str],
       'balanced_accuracy': float(pc['recall'][present].mean()),
       'macro_avg': avg['macro'],
       'weighted_avg': avg['weighted'],
+      'macro_avg_classes': int(averaged.sum()),   # of num_classes: those per_class flags
       'ece': ece,
       'per_class': [{'class': names[i], 'precision': float(pc['precision'][i]),
                      'recall': float(pc['recall'][i]), 'f1': float(pc['f1'][i]),
                      'support': int(pc['support'][i]), 'sensitivity': float(pc['recall'][i]),
                      'specificity': float(specificity[i]),
-                     'roc_auc': None if np.isnan(aucs[i]) else float(aucs[i])}
+                     'roc_auc': None if np.isnan(aucs[i]) else float(aucs[i]),
+                     # False: no example and no prediction, so no figure above is defined
+                     # (they read 0) and the macro averages leave the class out
+                     'in_macro_avg': bool(averaged[i])}
                     for i in range(num_classes)],
       'most_confused': most_confused(cm, names, top_confused),
       'calibration_bins': bins,

@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 
 from imgcls_jax import label_issues, metrics, plots, report_multilabel, report_text
+from imgcls_jax.data import folder_layout
+from imgcls_jax.errors import UserError
 
 REPORT_FILES = ('report.json', 'report.md', 'confusion_matrix.csv', 'confusion_matrix.png',
                 'reliability.png', 'roc_curves.png', 'selective.png')
@@ -75,6 +77,34 @@ def write(rep: dict[str, Any], out_dir: str, title: str, metrics_path: str | Non
   return written
 
 
+def check_output(out_dir: str, data: Any, names: set[str]) -> None:
+  """Refuses ``out_dir`` before any work where writing the report files ``names`` there would
+  harm the user's files: a folder that is (or is inside) the image folder ``data`` reads (a
+  manifest's: its own folder), whose images the report would mix with, or one holding a file of
+  ``names`` that no earlier report wrote (``_earlier_files``), which it would overwrite.
+  ``training_curves.png`` is --mode=curves' too, so it may be there without a report."""
+  where = f'config.evaluate.output_dir={out_dir}'
+  if data is not None and folder_layout.is_folder(data):
+    src = folder_layout.source_of(data)
+    real, root = os.path.realpath(out_dir), os.path.realpath(src.root)
+    inside = real == root if src.kind == 'manifest' else os.path.commonpath([real, root]) == root
+    if inside:
+      what = ('the folder of config.data.manifest' if src.kind == 'manifest' else
+              f'config.data.folder={root}')
+      raise UserError(f'{where} is {"" if real == root else "inside "}{what}, the images being '
+                      'evaluated, where the report files would mix with them; set '
+                      '--config.evaluate.output_dir to a folder outside it.')
+  if not os.path.isdir(out_dir):
+    return
+  earlier = _earlier_files(out_dir)
+  theirs = sorted(n for n in names - {CURVES_FILE} - earlier
+                  if os.path.lexists(os.path.join(out_dir, n)))
+  if theirs:
+    raise UserError(f"{where} holds {', '.join(theirs[:5])}, which no earlier report wrote and "
+                    'this one would overwrite; move them out first, or set '
+                    '--config.evaluate.output_dir to another folder.')
+
+
 def remove(out_dir: str) -> list[str]:
   """Removes the report an earlier ``write`` left in ``out_dir`` (the files its report.json
   lists, then report.json, then the folder if nothing else is in it); returns the names removed.
@@ -107,7 +137,8 @@ def _earlier_files(out_dir: str) -> set[str]:
 
 def _write_multilabel(rep: dict[str, Any], out_dir: str, title: str) -> list[str]:
   with open(os.path.join(out_dir, 'report.md'), 'w') as f:
-    f.write(report_multilabel.to_markdown(rep, title, rep.get('context', {})))
+    f.write(report_text.with_notes(report_multilabel.to_markdown(rep, title,
+                                                                 rep.get('context', {})), rep))
   plots.pr_curves(rep['pr_curves'], rep['mean_average_precision'] or 0.0,
                   os.path.join(out_dir, 'pr_curves.png'), micro=rep.get('pr_curve_micro'))
   if not rep.get('calibration_bins'):
@@ -120,7 +151,8 @@ def _write_multilabel(rep: dict[str, Any], out_dir: str, title: str) -> list[str
 
 def _write_single_label(rep: dict[str, Any], out_dir: str, title: str) -> list[str]:
   with open(os.path.join(out_dir, 'report.md'), 'w') as f:
-    f.write(report_text.to_markdown(rep, title, rep.get('context', {})))
+    f.write(report_text.with_notes(report_text.to_markdown(rep, title, rep.get('context', {})),
+                                   rep))
   with open(os.path.join(out_dir, 'confusion_matrix.csv'), 'w') as f:
     f.write(report_text.confusion_csv(rep))
   plots.confusion_matrix(rep['confusion_matrix'], rep['class_names'],
@@ -176,6 +208,7 @@ def table_lines(rep: dict[str, Any], title: str, out_dir: str,
   ctx = rep.get('context', {})
   lines = [f"{title} (checkpoint {ctx.get('checkpoint_step')}: {ctx.get('checkpoint')}, TTA "
            f"{ctx.get('tta', 'none')})"]
+  lines += [f'  Note: {note}' for note in report_text.notes(rep)]
   if rep.get('task') == 'multilabel':
     lines += ['  ' + line for line in report_multilabel.headline(rep)]
     lines += ['  ' + line for line in report_multilabel.class_table(rep, max_rows=20)]

@@ -49,7 +49,7 @@ def headline(report: Mapping[str, Any]) -> list[str]:
   for avg in ('macro', 'weighted'):
     a = report[f'{avg}_avg']
     lines.append(f"{avg + ' avg':<13} precision {a['precision']:.4f}  recall {a['recall']:.4f}  "
-                 f"F1 {a['f1']:.4f}")
+                 f"F1 {a['f1']:.4f}" + (_over(report) if avg == 'macro' else ''))
   if 'intervals' in report:
     lines.append(intervals.headline(report['intervals']))
   if report.get('selective'):
@@ -59,19 +59,56 @@ def headline(report: Mapping[str, Any]) -> list[str]:
   return lines
 
 
+def _over(report: Mapping[str, Any]) -> str:
+  """' (over 2 of 10 classes)' when the macro averages leave classes out, else ''."""
+  n = report.get('macro_avg_classes')
+  return f" (over {n} of {report['num_classes']} classes)" if (
+      n is not None and n < report['num_classes']) else ''
+
+
+def defined(row: Mapping[str, Any]) -> dict[str, bool]:
+  """Which of a per-class row's precision / recall / F1 are defined: recall needs an example of
+  the class, precision and F1 an example or a prediction (the report keeps sklearn's 0 for the
+  others, ``zero_division=0``; shown as '-')."""
+  some = row['support'] > 0
+  seen = some or bool(row.get('in_macro_avg', True))
+  return {'precision': seen, 'recall': some, 'f1': seen}
+
+
+def _fig(row: Mapping[str, Any], key: str, width: int = 0) -> str:
+  return f"{row[key]:{width}.4f}" if defined(row)[key] else f"{'-':>{width}}"
+
+
 def class_table(report: Mapping[str, Any], max_rows: int | None = None) -> list[str]:
-  """Per-class rows; with ``max_rows``, only the classes with the lowest F1 (worst first)."""
+  """Per-class rows; with ``max_rows``, only the classes with the lowest F1 (worst first; a
+  class with neither an example nor a prediction last). '-': not defined (``defined``)."""
   rows = list(report['per_class'])
   title = 'class'
   if max_rows is not None and len(rows) > max_rows:
-    rows = sorted(rows, key=lambda r: (r['f1'], r['class']))[:max_rows]
+    rows = sorted(rows, key=lambda r: (not defined(r)['f1'], r['f1'], r['class']))[:max_rows]
     title = f'class ({max_rows} lowest F1 of {len(report["per_class"])})'
   width = max([len(title)] + [len(r['class']) for r in rows])
   out = [f"{title:<{width}}  precision  recall      f1  support"]
   for r in rows:
-    out.append(f"{r['class']:<{width}}  {r['precision']:9.4f}  {r['recall']:6.4f}  {r['f1']:6.4f}  "
-               f"{r['support']:7d}")
+    out.append(f"{r['class']:<{width}}  {_fig(r, 'precision', 9)}  {_fig(r, 'recall', 6)}  "
+               f"{_fig(r, 'f1', 6)}  {r['support']:7d}")
   return out
+
+
+def macro_note(report: Mapping[str, Any]) -> list[str]:
+  """report.md's words on which classes the macro averages cover, when not all of them."""
+  if not _over(report):
+    return []
+  rows = report['per_class']
+  names = [r['class'] for r in rows if r.get('in_macro_avg')]
+  shown = ', '.join(names[:10]) + (f' and {len(names) - 10} more' if len(names) > 10 else '')
+  unseen = [r['class'] for r in rows if r['support'] == 0 and r.get('in_macro_avg')]
+  return ['', f"The macro averages run over the {len(names)} of {report['num_classes']} classes "
+          f'that have an example or a prediction here ({shown}); the other '
+          f"{report['num_classes'] - len(names)} have neither and no figure ('-' below)."
+          + (f" {', '.join(unseen[:10])}: predicted but with no example, so no recall ('-'); "
+             'they count with recall 0 in the macro recall and F1 (as scikit-learn, '
+             'zero_division=0).' if unseen else '')]
 
 
 def confused_lines(report: Mapping[str, Any], top: int = 5) -> list[str]:
@@ -100,7 +137,9 @@ def to_markdown(report: Mapping[str, Any], title: str, context: Mapping[str, Any
          '| average | precision | recall | F1 |', '|---|---|---|---|']
   for avg in ('macro', 'weighted'):
     a = report[f'{avg}_avg']
-    md.append(f"| {avg} | {a['precision']:.4f} | {a['recall']:.4f} | {a['f1']:.4f} |")
+    md.append(f"| {avg}{_over(report) if avg == 'macro' else ''} | {a['precision']:.4f} | "
+              f"{a['recall']:.4f} | {a['f1']:.4f} |")
+  md += macro_note(report)
   if 'intervals' in report:
     md += intervals.markdown(report['intervals'])
   md += ['', '## Per class', '', '| class | precision | recall (sensitivity) | specificity | F1 | '
@@ -108,8 +147,8 @@ def to_markdown(report: Mapping[str, Any], title: str, context: Mapping[str, Any
   for r in report['per_class']:
     auc = '-' if r.get('roc_auc') is None else f"{r['roc_auc']:.4f}"
     spec = '-' if r.get('specificity') is None else f"{r['specificity']:.4f}"
-    md.append(f"| {r['class']} | {r['precision']:.4f} | {r['recall']:.4f} | {spec} | "
-              f"{r['f1']:.4f} | {auc} | {r['support']} |")
+    md.append(f"| {r['class']} | {_fig(r, 'precision')} | {_fig(r, 'recall')} | {spec} | "
+              f"{_fig(r, 'f1')} | {auc} | {r['support']} |")
   md += ['', '## Most confused pairs', '']
   if report['most_confused']:
     md += ['| true | predicted | count | share of true class |', '|---|---|---|---|']
@@ -131,6 +170,55 @@ def to_markdown(report: Mapping[str, Any], title: str, context: Mapping[str, Any
   if 'label_issues' in report:
     md += label_issues.markdown(report['label_issues'])
   return '\n'.join(md) + '\n'
+
+
+_TUNED = {'checkpoint': "the 'best' checkpoint was picked on this split among the run's "
+                         'evaluations (--config.evaluate.checkpoint=latest does not pick)',
+          'temperature': "the run's temperature was fitted on this split (its calibration "
+                         'figures)',
+          'thresholds': "the run's tag thresholds were chosen on this split (its F1 and "
+                        'exact-match figures)'}
+
+
+def notes(report: Mapping[str, Any]) -> list[str]:
+  """What a reader must know before the figures (one sentence each; '' keys absent: none): the
+  examples the model trained on, copies of training images, what was tuned on this split, and
+  files of the split that could not be read."""
+  n, out = report.get('num_examples'), []
+  seen = report.get('trained_on_split')
+  if seen:
+    out.append(f'The model trained on {seen} of these {n} examples: its figures here are on '
+               'examples it learnt, not on new ones; evaluate a split it did not train on '
+               '(--config.evaluate.split) for what new images get.')
+  copies = report.get('copies_of_training_images')
+  if copies:
+    out.append(f'{copies} of these {n} images hold the bytes of images the model trained on (the '
+               'same file under another name, a link or a copy): their figures are on learnt '
+               'images, not new ones; delete those copies from one of the splits for a fair '
+               'score.')
+  tuned = [_TUNED.get(t, t) for t in report.get('tuned_on_split') or ()]
+  if tuned:
+    out.append(f"Chosen on the split it is scored on: {'; '.join(tuned)}; so these figures are "
+               'optimistic: evaluate another split for what new images get.')
+  skipped = report.get('skipped_files')
+  if skipped:
+    first = skipped.get('first') or []
+    named = '; '.join(f"{f['file']} ({f['why']})" for f in first[:3])
+    more = skipped['count'] - min(len(first), 3)
+    out.append(f"{skipped['count']} file(s) of this split could not be read and are in none of "
+               f"these figures: {named}{f'; and {more} more' if more > 0 else ''} (report.json: "
+               'skipped_files).')
+  return out
+
+
+def with_notes(md: str, report: Mapping[str, Any]) -> str:
+  """``md`` (a report.md) with ``notes`` as a quoted block right below its title."""
+  lines = notes(report)
+  if not lines:
+    return md
+  title, _, rest = md.partition('\n')
+  block = '\n>\n'.join(f'> **Note:** {line}' for line in lines)
+  return f'{title}\n\n{block}\n{rest}'
 
 
 def confusion_csv(report: Mapping[str, Any]) -> str:

@@ -55,6 +55,21 @@ def choose_step(ckpt: checkpoint.Checkpointer, spec: str, metrics_path: str) -> 
                   'number.')
 
 
+def best_among(ckpt: checkpoint.Checkpointer, chosen: str, metrics_path: str) -> int:
+  """How many kept checkpoints, each evaluated on the run's eval split during training,
+  ``choose_step`` picked ``chosen`` from when it is a 'best' (0: another choice): those saved with
+  metrics, or else those with an eval record in ``metrics.jsonl``. With 2 or more, the pick is
+  itself a fit to that split, and the split's figures of it are optimistic."""
+  if not chosen.startswith('best'):
+    return 0
+  if ckpt.best_step() is not None:
+    return sum(1 for s in ckpt.all_steps() if ckpt.metrics(s))
+  records = metrics.read_jsonl(metrics_path) if os.path.exists(metrics_path) else []
+  evaluated = {int(r['step']) for r in records
+               if r.get('split') == 'eval' and r.get('accuracy') is not None}
+  return len(evaluated & set(ckpt.all_steps()))
+
+
 def _new_image_location(saved: dict[str, Any], overrides: dict[str, Any]) -> bool:
   """True when the command line points an image-folder run at another folder or manifest."""
   def where(v: Any) -> str:
@@ -100,7 +115,9 @@ class Restored:
   split: str
   step: int
   chosen: str            # how the step was chosen
-  fitted_on: dict[str, str] = dataclasses.field(default_factory=dict)  # 'temperature' -> split
+  # 'temperature' / 'thresholds' -> the split it was fitted on; 'checkpoint' -> the split a
+  # 'best' checkpoint was picked on (``best_among``, 2 or more evaluated checkpoints)
+  fitted_on: dict[str, str] = dataclasses.field(default_factory=dict)
   new_images: bool = False   # the command line points the run at another folder / manifest
 
 
@@ -120,6 +137,7 @@ def restore_for_split(workdir: str, config: ml_collections.ConfigDict | None, *,
           else ml_collections.ConfigDict(run_directory.read_config(workdir)))
   with checkpoint.Checkpointer.from_config(workdir, keep, read_only=True) as ckpt:
     step, chosen = choose_step(ckpt, checkpoint_spec, os.path.join(workdir, 'metrics.jsonl'))
+    among = best_among(ckpt, chosen, os.path.join(workdir, 'metrics.jsonl'))
     latest = ckpt.latest_step()
     meta = ckpt.read_meta(step)
     try:   # what the final weights were fitted with (a damaged newest checkpoint: nothing)
@@ -141,6 +159,9 @@ def restore_for_split(workdir: str, config: ml_collections.ConfigDict | None, *,
   new_images = _new_image_location(saved, overrides or {})
   split_key = split_key if split else 'data.eval_split'
   split = split or (reader.default_eval_split(cfg.data) if new_images else cfg.data.eval_split)
+  picked_on = saved.get('data', {}).get('eval_split')
+  if among > 1 and picked_on and not new_images:   # the split the training evaluations read
+    fitted_on['checkpoint'] = str(picked_on)
   _check_other_dataset(cfg.data, trained.info, saved.get('data', {}).get('name'), split,
                        split_key)
   check_flips(cfg.data, tta, mirror_safe=trained.info.mirror_safe)
@@ -185,6 +206,25 @@ def seen_examples(r: Restored, workdir: str) -> int | None:
     return reader.shared_examples(data, r.split, data.train_split, r.trained.info)
   except UserError:
     return None
+
+
+def skipped_files(r: Restored) -> list[tuple[str, str]]:
+  """(file, why) for each file of ``r``'s split (an image folder or manifest) that the index
+  passed over: unreadable, not an image, outside every class folder (none for other data)."""
+  data = r.trained.run.data
+  if not folder_layout.is_folder(data):
+    return []
+  base, _, ids_file = r.split.partition('@')
+  try:
+    skipped = folder_index.index(folder_layout.source_of(data), base,
+                                 r.trained.info.class_names).skipped
+    if ids_file:   # a cross-validation fold: the files its id list names
+      with open(ids_file) as f:
+        listed = {line.strip() for line in f}
+      skipped = tuple(s for s in skipped if s[0] in listed)
+  except (UserError, OSError):
+    return []
+  return list(skipped)
 
 
 def training_copies(r: Restored, workdir: str) -> int | None:
