@@ -1,12 +1,18 @@
 """One-vs-rest ROC curves and ROC-AUC from additive score histograms (exact-once evaluation).
 
-Per class k, ``sums`` counts the evaluated examples whose probability of k falls in each of
-``bins`` equal-width bins of [0, 1], separately for positives (label k) and negatives. The counts
-add across batches, devices and processes like the rest of ``report.eval_sums``, so no per-example
-scores are kept. ``auc`` is then exactly ``sklearn.metrics.roc_auc_score`` of the scores rounded
-down to their bin (pairs in one bin count half, as sklearn counts ties); against the raw scores it
-differs only by pairs whose scores fall in one bin: at most the share of such pairs (1,000 bins:
-typically < 1e-3).
+Per class k, ``sums`` counts the evaluated examples whose probability of k falls in each bin,
+separately for positives (label k) and negatives. The counts add across batches, devices and
+processes like the rest of ``report.eval_sums``, so no per-example scores are kept. ``auc`` is then
+exactly ``sklearn.metrics.roc_auc_score`` of the scores replaced by their bin (pairs in one bin
+count half, as sklearn counts ties); against the raw scores it differs only by pairs whose scores
+share a bin.
+
+The bins (``score_bin``) are equal steps of ``1000 p + 50 logit(p)``: at most 0.001 wide in
+probability and 0.02 in log-odds. Equal-width probability bins alone (0.001) put most negatives
+of a confident model into the lowest bin (p < 0.001), where they all tie with each other and with
+any positive scored as low: a 10-class Fashion-MNIST classifier's macro AUC read 0.965 against
+0.980 on its raw scores. ``bin_index`` (equal-width probability bins) stays the binning of the
+thresholds that ``multilabel.py`` and ``selective.py`` choose.
 """
 from __future__ import annotations
 
@@ -17,6 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 
 DEFAULT_BINS = 1000
+# The ROC bins: 1000 per unit of probability plus 50 per unit of log-odds over [-46, 18] (float32
+# probabilities: exp(-46) ~ 1e-20; below 1, the log-odds reach ~16.6, and p = 1 counts as 18).
+_PER_PROB, _PER_LOGIT, _LOGIT_LOW, _LOGIT_HIGH = 1000, 50, -46.0, 18.0
+ROC_BINS = _PER_PROB + int(_PER_LOGIT * (_LOGIT_HIGH - _LOGIT_LOW))   # 4,200
 
 
 def bin_index(probs: jax.Array, bins: int = DEFAULT_BINS) -> jax.Array:
@@ -46,12 +56,22 @@ def at_or_above(h_KxB: np.ndarray) -> np.ndarray:
   return np.concatenate([tail, np.zeros((len(h), 1), tail.dtype)], axis=1)
 
 
-def sums(probs_BxK: jax.Array, labels_B: jax.Array, mask_B: jax.Array,
-         bins: int = DEFAULT_BINS) -> dict[str, jax.Array]:
-  """``roc_pos`` / ``roc_neg`` (int32 K x bins): masked counts of positive / negative examples by
-  the bin of their class-k probability."""
+def score_bin(probs: jax.Array) -> jax.Array:
+  """The ROC bin (int32, 0 .. ROC_BINS - 1) of each probability: ``floor(1000 p + 50 (logit(p)
+  + 46))``, the log-odds clipped to [-46, 18]. Non-decreasing in p (up to float32 rounding of
+  the sum, ~5e-4 of a bin), so binned scores keep the order of the raw ones."""
+  p = probs.astype(jnp.float32)
+  logit = jnp.clip(jnp.log(p) - jnp.log1p(-p), _LOGIT_LOW, _LOGIT_HIGH)   # -inf / inf at 0 / 1
+  x = _PER_PROB * jnp.clip(p, 0.0, 1.0) + _PER_LOGIT * (logit - _LOGIT_LOW)
+  return jnp.clip(jnp.floor(x), 0, ROC_BINS - 1).astype(jnp.int32)
+
+
+def sums(probs_BxK: jax.Array, labels_B: jax.Array, mask_B: jax.Array) -> dict[str, jax.Array]:
+  """``roc_pos`` / ``roc_neg`` (int32 K x ROC_BINS): masked counts of positive / negative
+  examples by the ROC bin (``score_bin``) of their class-k probability."""
   k = probs_BxK.shape[-1]
-  bin_BxK = bin_index(probs_BxK, bins)
+  bins = ROC_BINS
+  bin_BxK = score_bin(probs_BxK)
   pos_BxK = jax.nn.one_hot(labels_B, k, dtype=jnp.int32) * mask_B.astype(jnp.int32)[:, None]
   neg_BxK = (1 - jax.nn.one_hot(labels_B, k, dtype=jnp.int32)) * mask_B.astype(jnp.int32)[:, None]
   cls_BxK = jnp.broadcast_to(jnp.arange(k), bin_BxK.shape)

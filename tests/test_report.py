@@ -8,7 +8,7 @@ import pytest
 from sklearn import metrics as skm
 from sklearn.calibration import calibration_curve
 
-from imgcls_jax import report, report_text, run, sharding
+from imgcls_jax import report, report_text, roc, run, sharding
 from imgcls_jax.errors import UserError
 
 # As the eval step runs it: jitted (eagerly, each of its ops compiles alone: ~15 s a call).
@@ -130,7 +130,7 @@ def test_every_metric_matches_sklearn(k, missing):
       np.nan_to_num(skm.confusion_matrix(labels, pred, labels=all_labels, normalize='true')),
       atol=1e-12)
   # One-vs-rest ROC-AUC: exactly sklearn's on the binned scores, and close to it on the raw ones.
-  binned = np.clip(np.floor(probs.astype(np.float32) * 1000), 0, 999)
+  binned = np.asarray(roc.score_bin(jnp.asarray(probs.astype(np.float32))))
   raw_gap = []
   for i in range(k):
     if missing == i:
@@ -243,8 +243,47 @@ def test_a_class_absent_from_labels_and_predictions_is_left_out_of_the_averages(
             rep[f'{avg}_avg']['f1']) == pytest.approx((p, r, f), abs=1e-12)
   assert rep['per_class'][3] == {'class': 'd', 'precision': 0.0, 'recall': 0.0, 'f1': 0.0,
                                  'support': 0, 'sensitivity': 0.0, 'specificity': 1.0,
-                                 'roc_auc': None}   # no positives: no ROC curve
+                                 'roc_auc': None,   # no positives: no ROC curve
+                                 'in_macro_avg': False}
   assert rep['balanced_accuracy'] == pytest.approx(skm.balanced_accuracy_score(labels, pred))
+
+
+def test_the_report_says_which_classes_its_macro_averages_cover():
+  """Only some classes in the split (an eval folder of two digits): the macro averages run over
+  the classes with an example or a prediction, which the report names; the per-class table showed
+  0.0000 for every other class, as if they had been scored (and averaged)."""
+  labels = np.array([3] * 5 + [8] * 5)
+  pred = np.array([3, 3, 3, 8, 1, 8, 8, 8, 8, 3])   # class 1: predicted once, never true
+  logits = np.eye(10, dtype=np.float32)[pred] * 5
+  rep = report.summarize(_eval_sums(jnp.asarray(logits), jnp.asarray(labels),
+                                    jnp.ones(10, bool)), [str(i) for i in range(10)])
+  covered = [i for i, r in enumerate(rep['per_class']) if r['in_macro_avg']]
+  assert covered == [1, 3, 8] and rep['macro_avg_classes'] == 3
+  p, r, f, _ = skm.precision_recall_fscore_support(labels, pred, labels=covered, average='macro',
+                                                   zero_division=0)
+  assert (rep['macro_avg']['precision'], rep['macro_avg']['recall'],
+          rep['macro_avg']['f1']) == pytest.approx((p, r, f), abs=1e-12)
+  md = report_text.to_markdown(rep, 'Title', {'split': 'test'})
+  assert '| macro (over 3 of 10 classes) |' in md
+  assert 'The macro averages run over the 3 of 10 classes that have an example or a prediction '\
+         'here (1, 3, 8); the other 7 have neither' in md
+  assert "1: predicted but with no example, so no recall ('-')" in md
+  per_class = md.split('## Per class')[1].split('##')[0]
+  rows = {line.split(' | ')[0][2:]: line.split(' | ') for line in per_class.splitlines()
+          if line.startswith('| ') and line.split(' | ')[0][2:].isdigit()}
+  assert rows['0'][1:3] == ['-', '-'] and rows['0'][4] == '-'      # precision, recall, F1
+  assert rows['1'][1:3] == ['0.0000', '-'] and rows['1'][4] == '0.0000'
+  assert rows['3'][1:3] == [f"{skm.precision_score(labels, pred, labels=[3], average='macro'):.4f}",
+                            f"{skm.recall_score(labels, pred, labels=[3], average='macro'):.4f}"]
+  table = report_text.class_table(rep)
+  assert table[1].split() == ['0', '-', '-', '-', '0']
+  assert report_text.class_table(rep, max_rows=3)[1].split()[0] in ('1', '3', '8')   # scored first
+  assert '(over 3 of 10 classes)' in report_text.headline(rep)[2]
+  # Every class present: nothing more is said.
+  full = report.summarize(_eval_sums(jnp.asarray(np.eye(3, dtype=np.float32)[[0, 1, 2, 1]]),
+                                     jnp.asarray(np.array([0, 1, 2, 2])), jnp.ones(4, bool)),
+                          ['a', 'b', 'c'])
+  assert 'over' not in report_text.to_markdown(full, 'T', {}).split('## Per class')[0]
 
 
 def test_a_report_written_over_an_earlier_one_leaves_none_of_its_files(tmp_path):
