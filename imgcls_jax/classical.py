@@ -5,15 +5,20 @@
 Extracts scikit-image features (``features.py``: HOG, LBP texture histograms, intensity / colour
 histograms, Canny edge density; ``config.classical``) from ``config.data.train_split``,
 standardises them and fits a scikit-learn linear classifier (multinomial logistic regression, or a
-linear SVM whose margins act as logits), then evaluates ``config.data.eval_split`` and writes the
-report files of ``--mode=evaluate`` (report.json / .md, confusion_matrix.csv / .png,
-reliability.png; there are no training curves), computed by the same ``report`` code from the
-classifier's log-probabilities. Works on tfds datasets and image folders alike (the eval stream of
-``data/pipeline.py`` reads them, after ``data.eval_preprocess``).
+linear SVM), then evaluates ``config.data.eval_split`` and writes the report files of
+``--mode=evaluate`` (report.json / .md with the confidence intervals, confusion_matrix.csv / .png,
+reliability.png; there are no training curves), computed by the same ``report`` and ``intervals``
+code from the classifier's log-probabilities. A linear SVM's margins are no probabilities: its
+probabilities are Platt-scaled (``sklearn.calibration.CalibratedClassifierCV``, sigmoid,
+``ensemble=False``: the SVM fitted on all the training data, its margins mapped by sigmoids fitted
+on cross-validated margins of the training split), so the loss, ECE, reliability and selective
+thresholds of its report mean what they mean for the network's. Works on tfds datasets and image
+folders alike (the eval stream of ``data/pipeline.py`` reads them, after ``data.eval_preprocess``).
 
 With ``config.cross_validation.folds = K > 0`` it runs K-fold cross-validation on the very folds
-the CNN's cross-validation uses (``data/folds.py``: same split, K and seed give the same ids,
-written to ``fold_<i>/{train,eval}_ids.txt``), writes each fold's report in ``fold_<i>/`` and the
+the CNN's cross-validation uses (``data/folds.py``: folds of ``data.train_split``, with
+``data.eval_split`` unread as in the CNN's; same split, K and seed give the same ids, written to
+``fold_<i>/{train,eval}_ids.txt``), writes each fold's report in ``fold_<i>/`` and the
 summary ``cv_report.json`` / ``cv_report.md`` (same keys as the CNN's) plus the pooled out-of-fold
 plots and, from the pooled out-of-fold probabilities, the likely label issues
 (``label_issues.py``: ``cv_label_issues.csv``, as the CNN's cross-validation writes it).
@@ -34,8 +39,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from imgcls_jax import (features, label_issues, metrics, out_of_fold, plots, report, run_directory,
-                        report_files, report_text)
+from imgcls_jax import (features, intervals, label_issues, metrics, out_of_fold, plots, report,
+                        run_directory, report_files, report_text)
 from imgcls_jax.errors import UserError
 
 CLASSIFIERS = ('logistic', 'linear_svm')
@@ -43,8 +48,15 @@ MODEL_FILE = 'classical_model.joblib'
 META_FILE = run_directory.CLASSICAL_FILE
 
 
-def make_classifier(classical: ml_collections.ConfigDict) -> Any:
-  """StandardScaler -> LogisticRegression or LinearSVC (``config.classical.classifier``)."""
+CALIBRATION_FOLDS = 5   # linear_svm: the folds whose held-out margins fit its Platt sigmoids
+
+
+def make_classifier(classical: ml_collections.ConfigDict, labels_N: np.ndarray | None = None
+                    ) -> Any:
+  """StandardScaler -> LogisticRegression, or StandardScaler -> LinearSVC Platt-scaled by
+  ``CalibratedClassifierCV`` on ``CALIBRATION_FOLDS`` folds of the training ``labels_N`` (without
+  them, the bare SVM pipeline: only the settings are checked)."""
+  from sklearn.calibration import CalibratedClassifierCV
   from sklearn.linear_model import LogisticRegression
   from sklearn.pipeline import make_pipeline
   from sklearn.preprocessing import StandardScaler
@@ -56,23 +68,44 @@ def make_classifier(classical: ml_collections.ConfigDict) -> Any:
   if c <= 0:
     raise UserError(f'config.classical.C={c} must be positive.')
   if name == 'logistic':
-    clf = LogisticRegression(C=c, max_iter=int(classical.max_iter))
-  else:
-    clf = LinearSVC(C=c, max_iter=int(classical.max_iter))
-  return make_pipeline(StandardScaler(), clf)
+    return make_pipeline(StandardScaler(),
+                         LogisticRegression(C=c, max_iter=int(classical.max_iter)))
+  svm = make_pipeline(StandardScaler(), LinearSVC(C=c, max_iter=int(classical.max_iter)))
+  if labels_N is None:
+    return svm
+  counts = np.bincount(np.asarray(labels_N, np.int64))
+  fewest = int(counts[counts > 0].min()) if len(labels_N) else 0
+  if fewest < 2:
+    raise UserError("config.classical.classifier='linear_svm' calibrates its margins on "
+                    f'cross-validation folds, and a class has {fewest} training image; give every '
+                    "class 2 or more, or use config.classical.classifier='logistic'.")
+  return CalibratedClassifierCV(svm, method='sigmoid', cv=min(CALIBRATION_FOLDS, fewest),
+                                ensemble=False)
+
+
+def probabilities_note(classical: ml_collections.ConfigDict) -> str:
+  """Where the report's probabilities come from (``report.json``'s ``context.probabilities``)."""
+  if classical.classifier == 'logistic':
+    return "the logistic regression's own (multinomial)"
+  return ('Platt scaling of the linear SVM margins (sigmoid per class, normalised), fitted on '
+          'cross-validated margins of the training split (sklearn CalibratedClassifierCV, '
+          f'ensemble=False, up to {CALIBRATION_FOLDS} folds)')
 
 
 def class_scores(fitted: Any, features_NxD: np.ndarray, num_classes: int) -> np.ndarray:
-  """``N x K`` log-probabilities (logistic) or margins (SVM) for all K classes; classes absent
-  from the training data get a very low score."""
-  final = fitted[-1]
-  scores = (fitted.predict_log_proba(features_NxD) if hasattr(final, 'predict_log_proba')
-            else fitted.decision_function(features_NxD))
+  """``N x K`` log-probabilities (or an uncalibrated SVM's margins) for all K classes; classes
+  absent from the training data get a very low score."""
+  if hasattr(fitted, 'predict_log_proba'):
+    scores = fitted.predict_log_proba(features_NxD)
+  elif hasattr(fitted, 'predict_proba'):   # a calibrated SVM
+    scores = np.log(np.maximum(fitted.predict_proba(features_NxD), np.finfo(np.float64).tiny))
+  else:
+    scores = fitted.decision_function(features_NxD)
   scores = np.asarray(scores, np.float32)
   if scores.ndim == 1:  # binary SVM: one margin for classes_[1]
     scores = np.stack([-scores, scores], axis=1) / 2
   out = np.full((len(features_NxD), num_classes), -1e9, np.float32)
-  out[:, np.asarray(final.classes_, np.int64)] = scores
+  out[:, np.asarray(fitted.classes_, np.int64)] = scores
   return out
 
 
@@ -92,7 +125,8 @@ def fit_and_evaluate(config: ml_collections.ConfigDict, out_dir: str, title: str
   as the report reads them)."""
   from imgcls_jax.data import reader
   import joblib
-  fitted = make_classifier(config.classical)  # bad settings fail before any work
+  make_classifier(config.classical)  # bad settings fail before any work
+  level, resamples = intervals.settings(config.evaluate)
   info = reader.describe(config.data)
   spec = features.spec_from_config(config.classical)
   workers = int(config.classical.workers)
@@ -101,6 +135,7 @@ def fit_and_evaluate(config: ml_collections.ConfigDict, out_dir: str, title: str
   t_read = time.perf_counter()
   f_train = features.extract(x_train, spec, workers=workers)
   t_feat = time.perf_counter()
+  fitted = make_classifier(config.classical, y_train)
   fitted.fit(f_train, y_train)
   t_fit = time.perf_counter()
   x_eval, y_eval, position = features.split_arrays(config.data, config.data.eval_split)
@@ -109,12 +144,15 @@ def fit_and_evaluate(config: ml_collections.ConfigDict, out_dir: str, title: str
   rep, stats = report_of(scores, y_eval, list(info.class_names),
                          num_bins=int(config.evaluate.calibration_bins),
                          top_confused=int(config.evaluate.top_confused))
+  rep['intervals'] = intervals.report_intervals(  # as --mode=evaluate's
+      np.asarray(rep['confusion_matrix']), level=level, resamples=resamples, seed=int(config.seed))
   timing = {'read_train_s': t_read - t0, 'features_train_s': t_feat - t_read,
             'fit_s': t_fit - t_feat, 'train_s': t_fit - t0, 'evaluate_s': t_eval - t_fit}
   rep['context'] = {'dataset': info.name, 'split': config.data.eval_split,
                     'checkpoint_step': 0, 'checkpoint': f'{MODEL_FILE} (fitted once)',
                     'tta': 'none', 'model': f"classical: {'+'.join(spec.blocks)} features "
                     f'({f_train.shape[1]}) -> {config.classical.classifier}',
+                    'probabilities': probabilities_note(config.classical),
                     'train_split': config.data.train_split, 'train_examples': len(y_train),
                     'workdir': out_dir, **{k: round(v, 3) for k, v in timing.items()}}
   report_files.write(rep, out_dir, title, None)
@@ -122,6 +160,7 @@ def fit_and_evaluate(config: ml_collections.ConfigDict, out_dir: str, title: str
   with open(os.path.join(out_dir, META_FILE), 'w') as f:
     json.dump({'config': config.to_dict(), 'class_names': list(info.class_names),
                'feature_blocks': features.block_sizes(x_train.shape[1:], spec),
+               'probabilities': rep['context']['probabilities'],
                'timing': timing}, f, indent=1, default=str)
   logging.info('Classical baseline: %d training images, %d features; features %.1f s, fit %.1f s; '
                'top-1 %.2f%% on %d examples.', len(y_train), f_train.shape[1],
@@ -157,6 +196,10 @@ def cross_validate(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
   if '@' in split:
     raise UserError(f"config.data.train_split='{split}' is already a subset; cross-validate a "
                     "plain split, e.g. 'train' or 'train+test'.")
+  # The held-out folds are the evaluation, as in the CNN's: data.eval_split is not read (an image
+  # folder without split directories has no 'test' to describe).
+  config = copy.deepcopy(config)
+  config.data.eval_split = split
   t0 = time.perf_counter()
   assignment = folds_lib.assign(config.data, split, k, config.seed)
   rows, per_fold, pooled, names = [], [], None, []

@@ -14,7 +14,8 @@ equal top-1 accuracy (the two-sided binomial test of the examples exactly one ru
 Two tagging runs are compared by mAP, macro F1 at each run's own thresholds and exact match
 (``intervals_multilabel``), with the table and McNemar's test on exact match.
 Writes ``compare.json`` and ``compare.md`` to ``config.evaluate.output_dir`` (default: the
-workdir of A) and prints the table.
+workdir of A) and prints the table. A classical baseline (``--mode=classical``) is refused: it
+keeps its report and a scikit-learn model, no network to predict the split again with.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ import numpy as np
 import scipy.stats
 
 from imgcls_jax import (checkpoint_files, inference, intervals, intervals_multilabel, metrics,
-                        restored_split)
+                        restored_split, run_directory)
 from imgcls_jax import outcomes as outcomes_lib
 from imgcls_jax.errors import UserError
 
@@ -82,6 +83,12 @@ def compare(config: ml_collections.ConfigDict | None, workdir: str,
   other = os.path.abspath(os.path.expanduser(other))
   if other == workdir:
     raise UserError(f'--config.compare.workdir is --workdir itself ({workdir}); give another run.')
+  for flag, path in (('--workdir', workdir), ('--config.compare.workdir', other)):
+    if run_directory.kind(path) in ('classical', 'classical_cv'):
+      raise UserError(f'{flag}={path} is a classical baseline (--mode=classical), which keeps no '
+                      'network to predict the split again, so --mode=compare cannot pair it with '
+                      "another run; compare the two runs' report.md (each gives top-1 with its "
+                      'confidence interval), or compare two trained networks.')
   ckpts = os.path.join(other, 'checkpoints')
   if not os.path.isdir(ckpts) or not checkpoint_files.finished_steps(ckpts):
     raise UserError(f'--config.compare.workdir={other} holds no checkpoint; point it at the run '

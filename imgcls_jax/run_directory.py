@@ -1,7 +1,8 @@
 """The run directory around its checkpoints (``checkpoint.py`` owns the layout and the
 checkpoints themselves): the run's ``config.json`` and ``samples.npz``, and the one-line answer
 when a ``--workdir`` holds no checkpoint (a file, a folder inside a run, a cross-validation or
-sweep parent, damaged checkpoints moved aside, an export). No TensorFlow at import.
+sweep parent, damaged checkpoints moved aside, an export, a classical baseline). No TensorFlow at
+import.
 """
 from __future__ import annotations
 
@@ -72,6 +73,9 @@ def require_checkpoint(workdir: str) -> None:
     raise UserError(f'--workdir={workdir} is an export (it holds export.json), not a run '
                     'directory: point --workdir at the run it was exported from (its exported '
                     'models run under their own runtimes; see the README, "Export").')
+  classical = classical_advice(workdir)
+  if classical:
+    raise UserError(f'{classical}.')
   subdirs = sorted(os.listdir(workdir)) if os.path.isdir(workdir) else []
   folds = [n for n in subdirs if n.startswith('fold_')]
   trials = [n for n in subdirs if os.path.exists(os.path.join(workdir, n, SWEEP_TRIAL_FILE))]
@@ -116,6 +120,27 @@ def kind(workdir: str) -> str:
   if CHECKPOINTS_DIR in names or CONFIG_FILE in names:
     return 'run'
   return ''
+
+
+def classical_advice(workdir: str) -> str:
+  """What ``workdir`` is and where its results are, when ``--mode=classical`` wrote it (a
+  classical baseline, one fold of its cross-validation, or the cross-validation): it holds a
+  scikit-learn model, no network checkpoint to evaluate, predict with or compare; else ''."""
+  found = kind(workdir)
+  if found == 'classical_cv':
+    return (f'--workdir={workdir} is a cross-validation of the classical baseline '
+            '(--mode=classical), which has no network checkpoint to restore; its results are '
+            f"{os.path.join(workdir, 'cv_report.md')} and fold_<i>/report.md, and a network "
+            'to evaluate or predict with comes from --mode=train')
+  if found != 'classical':
+    return ''
+  parent = os.path.dirname(os.path.abspath(workdir))
+  what = (f'a fold of the classical cross-validation in {parent}' if kind(parent) == 'classical_cv'
+          else 'a classical baseline')
+  return (f'--workdir={workdir} is {what} (--mode=classical), which has no network checkpoint to '
+          f"restore; its evaluation is {os.path.join(workdir, 'report.md')} (--mode=classical "
+          'with --config.data.eval_split=SPLIT scores another split), and a network to evaluate '
+          'or predict with comes from --mode=train')
 
 
 def check_writable_by(mode: str, workdir: str) -> None:

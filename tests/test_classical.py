@@ -9,6 +9,7 @@ import sys
 import joblib
 import numpy as np
 import pytest
+import scipy.stats
 from PIL import Image
 from sklearn import metrics
 
@@ -68,6 +69,19 @@ def test_holdout_on_a_tfds_dataset_writes_the_evaluate_report(config, tmp_path, 
   # sklearn's SVC on raw pixels scores 99.1%; these features with a linear model ~98%.
   assert rep['accuracy'] > 0.95
   assert rep['context']['train_examples'] == 1347 and rep['context']['fit_s'] > 0
+  # The confidence intervals of --mode=evaluate: Clopper-Pearson from the beta distribution, and
+  # bootstrap intervals around sklearn's figures.
+  iv = rep['intervals']
+  right, alpha = int(np.sum(pred == y)), 1 - config.evaluate.confidence_level
+  assert iv['level'] == config.evaluate.confidence_level and iv['examples'] == 450
+  assert iv['accuracy_exact'] == pytest.approx(
+      [scipy.stats.beta.ppf(alpha / 2, right, 450 - right + 1),
+       scipy.stats.beta.ppf(1 - alpha / 2, right + 1, 450 - right)], abs=1e-9)
+  for key, value in (('accuracy', metrics.accuracy_score(y, pred)),
+                     ('f1_macro', metrics.f1_score(y, pred, average='macro')),
+                     ('balanced_accuracy', metrics.balanced_accuracy_score(y, pred))):
+    assert iv[key][0] <= value <= iv[key][1] and iv[key][1] - iv[key][0] < 0.05, key
+  assert '## Confidence intervals' in open(os.path.join(out, 'report.md')).read()
 
 
 def test_cross_validation_uses_the_cnns_folds(config, tmp_path):
@@ -96,23 +110,43 @@ def test_cross_validation_uses_the_cnns_folds(config, tmp_path):
     assert os.path.exists(os.path.join(out, name))
 
 
-def test_image_folder_with_an_unreadable_file(config, tmp_path, caplog):
+def test_image_folder_with_an_unreadable_file_and_a_calibrated_svm(config, tmp_path, caplog):
   root = digits_folder(str(tmp_path / 'images'))
   config.data.name = 'image_folder'
   config.data.folder = root
   config.data.train_preprocess = ''
   config.classical.classifier = 'linear_svm'
-  rep = classical.classical(config, str(tmp_path / 'run'))
+  out = str(tmp_path / 'run')
+  rep = classical.classical(config, out)
   assert rep['class_names'] == ['0', '1', '7'] and rep['num_examples'] == 18
   assert rep['context']['train_examples'] == 60   # broken.png skipped
   assert any('broken.png' in r.getMessage() for r in caplog.records)
   assert rep['accuracy'] > 0.8  # three well separated digits, 20 examples each
+  # SVM margins are no probabilities: the saved model is Platt-scaled, and the report's loss, ECE
+  # and accuracy are sklearn's (and numpy's) of that model's own probabilities.
+  assert 'Platt scaling' in rep['context']['probabilities']
+  x, y, _ = features.split_arrays(config.data, 'test')
+  fitted = joblib.load(os.path.join(out, classical.MODEL_FILE))
+  probs = fitted.predict_proba(features.extract(x, features.spec_from_config(config.classical)))
+  assert rep['loss'] == pytest.approx(metrics.log_loss(y, probs, labels=[0, 1, 2]), abs=1e-5)
+  assert rep['accuracy'] == metrics.accuracy_score(y, probs.argmax(1))
+  bins = int(config.evaluate.calibration_bins)
+  conf, hit = probs.max(1), probs.argmax(1) == y
+  b = np.clip(np.ceil(conf * bins).astype(int) - 1, 0, bins - 1)
+  ece = sum(abs(hit[b == i].mean() - conf[b == i].mean()) * np.mean(b == i)
+            for i in range(bins) if np.any(b == i))
+  assert rep['ece'] == pytest.approx(ece, abs=1e-5)
 
 
 def test_user_errors(config, tmp_path):
   config.classical.classifier = 'forest'
   with pytest.raises(UserError, match="classifier='forest' must be one of logistic, linear_svm"):
     classical.classical(config, str(tmp_path / 'a'))
+  config.classical.classifier = 'linear_svm'   # calibrated on folds: 2 images of each class
+  with pytest.raises(UserError, match="calibrates its margins on cross-validation folds, and a "
+                     "class has 1 training image; give every class 2 or more, or use "
+                     "config.classical.classifier='logistic'."):
+    classical.make_classifier(config.classical, np.array([0, 0, 1, 2, 2]))
   config.classical.classifier = 'logistic'
   config.classical.features = 'hog,sift'
   with pytest.raises(UserError, match='must name one or more of hog, lbp'):

@@ -8,9 +8,10 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from imgcls_jax import cross_validation, evaluate, metrics, train
-from imgcls_jax.data import folds, pipeline
+from imgcls_jax.data import digits, folds, pipeline
 from imgcls_jax.errors import UserError
 from tests.conftest import REPO, subprocess_env
 
@@ -42,6 +43,27 @@ def test_folds_are_stratified_disjoint_complete_and_fixed_by_the_seed(digits_con
   data.name = 'image_folder'   # folders cross-validate too (test_folder_index.py), once located
   with pytest.raises(UserError, match='neither config.data.folder nor config.data.manifest'):
     folds.assign(data, 'train', 5, seed=0)
+
+
+def test_a_folder_without_splits_is_cross_validated_as_all(digits_config, tmp_path):
+  """A folder of class directories has no 'train' to cut into folds: the refusal names
+  train_split=all (every image; the folds are the evaluation), not a hold-out that shrinks the
+  pool."""
+  x, y = digits.load_arrays('train')
+  for c in (0, 1):
+    os.makedirs(tmp_path / str(c))
+    for j, i in enumerate(np.flatnonzero(y == c)[:4]):
+      Image.fromarray(x[i, :, :, 0]).save(tmp_path / str(c) / f'{j}.png')
+  data = digits_config.data
+  data.name, data.folder, data.index_cache = 'image_folder', str(tmp_path), 'off'
+  with pytest.raises(UserError, match=rf"^{tmp_path} has no split directories, so config.data."
+                     r"train_split='train', .* set --config.data.train_split=all to "
+                     r'cross-validate every image \(the held-out folds are the evaluation: no '
+                     r'test split is needed\).$'):
+    folds.assign(data, 'train', 2, seed=0)
+  assert len(folds.assign(data, 'all', 2, seed=0).ids) == 8
+  data.holdout_fraction = 0.25   # a test set kept out: the folds cut what is left
+  assert len(folds.assign(data, 'train', 2, seed=0).ids) == 6
 
 
 def test_the_train_command_takes_the_fold_count(tmp_path, tfds_dir):

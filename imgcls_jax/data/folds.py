@@ -81,6 +81,8 @@ def assign(data: ml_collections.ConfigDict, split: str, k: int, seed: int) -> Fo
                     "through tfds or as an image folder (the digits: configs/digits_cv.py, i.e. "
                     "--config.data.name=sklearn_digits --config.data.train_preprocess="
                     "'pad_crop(pad=1)' --config.data.device_preprocess='').")
+  if image_folder.is_folder(data):
+    _check_pool(folder_layout.source_of(data), split)
   ids, labels = read_ids_and_labels(data, split)
   if labels.ndim == 2:  # multi-label: plain shuffled folds (sklearn has no multi-label stratifier)
     from sklearn.model_selection import KFold
@@ -101,6 +103,20 @@ def assign(data: ml_collections.ConfigDict, split: str, k: int, seed: int) -> Fo
   for i, (_, held_out) in enumerate(splitter.split(np.zeros(len(labels)), labels)):
     fold[held_out] = i
   return Folds(split=split, ids=tuple(ids), labels=labels, fold=fold, k=k)
+
+
+def _check_pool(src: folder_layout.Source, split: str) -> None:
+  """Refuses to cut folds from a split that an image folder or manifest without named splits
+  lacks: there the pool is ``all`` (the folds are the evaluation, so no ``test`` is needed), or
+  what a ``holdout_fraction`` leaves in ``data.train_split``."""
+  if (split == folder_layout.ALL or src.holdout_fraction > 0 or folder_layout.has_splits(src)
+      or '@' in split or '+' in split):
+    return
+  what = 'split directories' if src.kind == 'flat' else 'split column'
+  raise UserError(f"{src.location} has no {what}, so config.data.train_split='{split}', the "
+                  'examples cross-validation cuts into folds, names none of its images; set '
+                  f"--config.data.train_split={folder_layout.ALL} to cross-validate every image "
+                  '(the held-out folds are the evaluation: no test split is needed).')
 
 
 def subset_split(split: str, ids_file: str) -> str:

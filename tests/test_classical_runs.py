@@ -1,0 +1,112 @@
+"""The folders --mode=classical writes, as the other modes meet them: evaluate, predict and compare
+say what the folder is and where its results are (not "train first" or "use one fold"), and a
+folder of class directories without split directories cross-validates as train_split='all'."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imgcls_jax import classical, compare, evaluate, inference, run_directory
+from imgcls_jax.data import digits
+from imgcls_jax.errors import UserError
+from tests.conftest import REPO, subprocess_env
+
+
+def flat_digits_folder(root: str, classes=(0, 1, 7), per_class=16) -> str:
+  """root/<digit>/*.png from sklearn's digits: no train/ or test/ directories."""
+  x, y = digits.load_arrays('train')
+  for c in classes:
+    os.makedirs(os.path.join(root, str(c)), exist_ok=True)
+    for j, i in enumerate(np.flatnonzero(y == c)[:per_class]):
+      Image.fromarray(x[i, :, :, 0]).save(os.path.join(root, str(c), f'{j}.png'))
+  return root
+
+
+def default_config():
+  sys.path.insert(0, REPO)
+  from configs import default
+  return default.get_config()
+
+
+def folder_config(root: str):
+  c = default_config()
+  c.data.name = 'image_folder'
+  c.data.folder = root
+  c.data.train_preprocess = ''
+  c.data.index_cache = 'off'
+  c.classical.hog_cell = 2
+  c.classical.edge_grid = 2
+  c.classical.edge_sigma = 0.5
+  c.classical.C = 0.1
+  c.classical.workers = 1
+  c.evaluate.bootstrap_resamples = 200
+  return c
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  """(a classical hold-out run, a classical cross-validation) of one flat folder; the CV leaves
+  config.data.eval_split at its default 'test', which the folder has not."""
+  base = tmp_path_factory.mktemp('classical_runs')
+  root = flat_digits_folder(str(base / 'images'))
+  c = folder_config(root)
+  c.data.holdout_fraction = 0.25
+  holdout = str(base / 'holdout')
+  classical.classical(c, holdout)
+  c = folder_config(root)
+  c.data.train_split = 'all'
+  c.cross_validation.folds = 2
+  cv = str(base / 'cv')
+  summary = classical.classical(c, cv)
+  return holdout, cv, summary
+
+
+def test_a_flat_folder_cross_validates_every_image_without_a_test_split(runs):
+  _, cv, summary = runs
+  assert summary['split'] == 'all' and summary['num_examples'] == 48
+  assert summary['pooled_out_of_fold']['num_examples'] == 48
+  assert os.path.exists(os.path.join(cv, 'cv_report.json'))
+
+
+@pytest.mark.parametrize('which', ['holdout', 'fold', 'cv'])
+def test_evaluate_and_predict_name_the_classical_folder_and_its_report(runs, which):
+  holdout, cv, _ = runs
+  path = {'holdout': holdout, 'fold': os.path.join(cv, 'fold_0'), 'cv': cv}[which]
+  expected = {'holdout': f'is a classical baseline .*its evaluation is {path}/report.md',
+              'fold': f'is a fold of the classical cross-validation in {cv} .*{path}/report.md',
+              'cv': f'is a cross-validation of the classical baseline .*{cv}/cv_report.md'}[which]
+  c = default_config()   # what the command line gives when --config is left out
+  for call in (lambda: evaluate.evaluate(c, path, overrides={}),   # --mode=evaluate
+               lambda: inference.load(path, c, overrides={})):      # --mode=predict
+    with pytest.raises(UserError, match=expected) as e:
+      call()
+    message = str(e.value)
+    assert 'Train first' not in message and 'use one fold' not in message
+    assert message.count('. ') == 0 and message.endswith('--mode=train.'), message
+
+
+def test_compare_refuses_a_classical_run_in_one_line(runs, tmp_path):
+  holdout, cv, _ = runs
+  for a, b, flag in ((holdout, str(tmp_path), '--workdir'),
+                     (str(tmp_path), cv, '--config.compare.workdir')):
+    with pytest.raises(UserError, match=rf'^{flag}=.* is a classical baseline \(--mode=classical\)'
+                       r", .*cannot pair it with another run; compare the two runs' report.md"):
+      compare.compare(default_config(), a, overrides={'compare.workdir': b})
+
+
+def test_the_cli_answers_evaluate_on_a_classical_run_in_one_line(runs):
+  holdout, _, _ = runs
+  proc = subprocess.run([sys.executable, '-m', 'imgcls_jax.main', '--mode=evaluate',
+                         f'--workdir={holdout}'], capture_output=True, text=True,
+                        env=subprocess_env(1), cwd=REPO, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(f'error: --workdir={holdout} is a '), lines
+  assert 'is a classical baseline (--mode=classical)' in lines[0]
+  assert run_directory.kind(holdout) == 'classical'
+  with open(os.path.join(holdout, 'report.json')) as f:
+    assert 'intervals' in json.load(f)
