@@ -24,8 +24,8 @@ import numpy as np
 from imgcls_jax import checkpoint_files, eval_steps, models, ood, run_directory, selective, steps
 from imgcls_jax import state as state_lib
 from imgcls_jax import weights as weights_lib
-from imgcls_jax.data import arrays, images
-from imgcls_jax.data.info import DatasetInfo
+from imgcls_jax.data import arrays, folder_layout, images
+from imgcls_jax.data.info import DatasetInfo, warn_unrecorded_pixels
 from imgcls_jax.errors import UserError
 
 # Sections of the config that each mode owns: set freely on the command line of that mode.
@@ -62,17 +62,23 @@ def effective_config(saved: dict[str, Any] | None, given: ml_collections.ConfigD
     if given is not None:
       run.mesh = given.mesh
     return run
+  # The user's labelled images (a folder or manifest) evaluate any run, read as an image folder.
+  new_images = any(overrides.get(k) for k in ('data.folder', 'data.manifest'))
   for key, value in sorted(overrides.items()):
     allowed = key.split('.')[0] in MODE_SECTIONS or any(
         key.startswith(p) if p.endswith('.') else key == p for p in LOCATION_KEYS)
     # An arrays file's path is its location: another arrays file (moved, or new images) is allowed.
     allowed = allowed or (key == 'data.name' and all(
         str(v).startswith(arrays.PREFIX) for v in (_get(run, key), value)))
+    allowed = allowed or new_images and (key == 'data.eval_preprocess' or (
+        key == 'data.name' and value == folder_layout.NAME))
     if not allowed and not _same(_get(run, key), value):
       raise UserError(f'--config.{key}={value} conflicts with the trained run (which has '
                       f'{_get(run, key)!r}); evaluate/predict/export/serve take the model from '
                       f'--workdir: drop that flag, or train a new run with it.')
     _set(run, key, value)
+  if new_images:
+    _set(run, 'data.name', folder_layout.NAME)
   return run
 
 
@@ -136,12 +142,17 @@ def input_spec(data: ml_collections.ConfigDict, info: DatasetInfo
   return native, (int(out[0]), int(out[1]), int(out[2]))
 
 
-def inference_meta(data: ml_collections.ConfigDict, info: DatasetInfo) -> dict[str, Any]:
-  """What a checkpoint's meta carries for inference (saved by the trainer with every checkpoint)."""
+def inference_meta(data: ml_collections.ConfigDict, info: DatasetInfo,
+                   model_name: str = '') -> dict[str, Any]:
+  """What a checkpoint's meta carries for inference (saved by the trainer with every checkpoint);
+  for a model family registered outside the package, where (``model_origin``: ``load`` imports
+  it, so --workdir alone serves the run)."""
   native, shape = input_spec(data, info)
+  where = models.origin(model_name) if model_name else None
   return {'dataset_info': info.to_json(), 'input_shape': list(shape),
           'native_hw': list(native) if native else None,
-          'eval_preprocess': data.eval_preprocess or ''}
+          'eval_preprocess': data.eval_preprocess or '',
+          **({'model_origin': where} if where else {})}
 
 
 @dataclasses.dataclass
@@ -210,6 +221,16 @@ def load(workdir: str, config: ml_collections.ConfigDict | None = None, *, step:
     if meta.get('class_names'):
       info = dataclasses.replace(info, class_names=tuple(meta['class_names']))
     native, shape = input_spec(run.data, info)
+  if run.data.name == folder_layout.NAME and info.stored_preprocess is not None:
+    _set(run, 'data.eval_preprocess', run.data.eval_preprocess or info.stored_preprocess)
+  given = (overrides or {}).get('data.eval_preprocess')
+  if given not in (None, ((saved or {}).get('data') or {}).get('eval_preprocess')):
+    _, made = input_spec(run.data, dataclasses.replace(info, image_shape=(None, None, shape[2])))
+    if made != shape:   # new images (effective_config): it must make any image the model's input
+      raise UserError(f"--config.data.eval_preprocess='{given}' makes {made[0]}x{made[1]} images "
+                      f"where the model reads {shape[0]}x{shape[1]}; give one that makes that, "
+                      f"e.g. 'resize(size={shape[0]})'.")
+  models.ensure_registered(run.model.name, meta.get('model_origin'))
   model_fn = models.from_config(run, info.num_classes, shape[2])
   abstract = state_lib.abstract_variables(model_fn)
   params, _ = weights_lib.merge(abstract.params, source.params, origin=source.origin)
@@ -296,20 +317,32 @@ def _eval_op(spec: str) -> Any:
   predict or serve start-up) when the run has none."""
   if not spec:
     return None
-  from imgcls_jax.data import pp
+  try:
+    from imgcls_jax.data import pp
+  except ModuleNotFoundError as e:
+    raise e if (e.name or '').split('.')[0] != 'tensorflow' else UserError(
+        f"This run's images are made by the ops '{spec}', which run on TensorFlow (not installed "
+        'here); install it (pip install tensorflow-cpu) to predict or serve.') from None
   return pp.numpy_op(spec)
 
 
 def prepare(trained: Trained, data: bytes | str, *, max_pixels: int | None = None) -> np.ndarray:
-  """Image bytes or a file path -> the uint8 HxWxC array ``trained``'s model takes (decoded,
-  resized to the dataset's fixed size, then the run's eval preprocessing).
+  """Image bytes or a file path -> the uint8 HxWxC array ``trained``'s model takes, made as its
+  training images were: for an arrays file that records its preprocessing (write_arrays'
+  ``--eval_preprocess``), decoded and put through those ops; else decoded, resized to the
+  dataset's fixed size, then put through the run's eval preprocessing.
 
   Raises ``images.UnreadableImage`` when it is not a decodable image, ``images.ImageTooLarge``
   when it has more than ``max_pixels`` (0 = no limit; None = PIL's decompression-bomb limit).
   """
-  array = images.decode(data, channels=trained.image_shape[2], size_hw=trained.native_hw,
-                        max_pixels=max_pixels)
-  op = _eval_op(trained.run.data.eval_preprocess or '')
+  stored = trained.info.stored_preprocess
+  # An arrays run's own eval_preprocess is '' (arrays.check), or the stored one (load: a folder).
+  spec = stored or trained.run.data.eval_preprocess or ''
+  array = images.decode(data, channels=trained.image_shape[2], max_pixels=max_pixels,
+                        size_hw=None if stored else trained.native_hw)
+  if stored is None and trained.native_hw:
+    warn_unrecorded_pixels(trained.info, trained.native_hw, data)
+  op = _eval_op(spec)
   if op is not None:
     array = op(array)
   if array.shape != trained.image_shape:

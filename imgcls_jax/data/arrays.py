@@ -9,6 +9,10 @@ brings it in. The file holds, per split NAME:
   NAME_labels   integers in [0, K), shape N (single-label), or 0/1 of shape N x K (multi-label)
   class_names   optional, K strings (default '0' .. 'K-1', K = the largest label + 1)
   mirror_safe   optional bool (default True): False when a horizontal flip changes the meaning
+  preprocess    optional string: the eval preprocessing spec that made the stored pixels from the
+                decoded image files (write_arrays records its --eval_preprocess; predict and
+                serve apply it to a raw file). Absent: not known (images of another size are
+                then resized to the stored size, as for any dataset)
 
 ``python -m imgcls_jax.data.write_arrays`` writes one from any tfds dataset (TensorFlow needed
 there only); ``'arrays:NAME'`` (a bare tfds name, e.g. ``arrays:fashion_mnist``) is the file
@@ -133,6 +137,10 @@ class ArraysFile:
     self.mirror_safe = bool(np.asarray(contents.get('mirror_safe', True)).reshape(-1)[0])
     source = np.asarray(contents.get('source', '')).reshape(-1)   # who wrote it ('' unknown)
     self.source = str(source[0]) if source.size else ''
+    recipe = np.asarray(contents['preprocess']).reshape(-1) if 'preprocess' in contents else None
+    # None: the file does not say (scikit-learn's digits are stored as decoded: '').
+    self.preprocess = (str(recipe[0]) if recipe is not None and recipe.size
+                       else '' if self.source == sklearn_digits.SOURCE else None)
 
   def split(self, spec: str, key: str = '') -> tuple[np.ndarray, np.ndarray]:
     """(images, labels) of ``spec`` ('train', 'train[:50000]', 'train[90%:]'): views, not copies.
@@ -283,9 +291,12 @@ def describe(data: ml_collections.ConfigDict) -> DatasetInfo:
     sizes[data[key]] = len(f.split(data[key], f'data.{key}')[1])
   images = f.split(data.train_split)[0]
   h, w, c = (int(d) for d in images.shape[1:])
+  # 'arrays:NAME' files are written from tfds as stored (write_tfds): nothing applied.
+  made_by = f.preprocess if f.preprocess is not None or tfds_name(data) is None else ''
   return DatasetInfo(name=PREFIX + f.path, num_classes=len(f.class_names),
                      class_names=f.class_names, image_shape=(h, w, c), num_examples=sizes,
-                     mirror_safe=f.mirror_safe and flips_allowed(data), multilabel=f.multilabel)
+                     mirror_safe=f.mirror_safe and flips_allowed(data), multilabel=f.multilabel,
+                     stored_preprocess=made_by)
 
 
 def split_size(data: ml_collections.ConfigDict, split: str) -> int:

@@ -7,6 +7,7 @@ importing the input pipeline. ``sources.describe`` builds one from ``config.data
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import TYPE_CHECKING, Any
 
 from imgcls_jax.errors import UserError
@@ -34,6 +35,9 @@ class DatasetInfo:
   # Image folders: per split, a fingerprint of its files and labels (folder_index.Split.digest),
   # by which a run tells whether the folder it drew its held-out splits from has changed.
   split_digests: dict[str, str] = dataclasses.field(default_factory=dict)
+  # Arrays files: the eval preprocessing that made the stored pixels from the decoded image files
+  # ('' none; None not recorded: another dataset, or a file written before write_arrays said).
+  stored_preprocess: str | None = None
 
   @property
   def channels(self) -> int:
@@ -45,7 +49,9 @@ class DatasetInfo:
     return {'name': self.name, 'num_classes': self.num_classes,
             'class_names': list(self.class_names), 'image_shape': list(self.image_shape),
             'num_examples': dict(self.num_examples), 'mirror_safe': self.mirror_safe,
-            'multilabel': self.multilabel, 'split_digests': dict(self.split_digests)}
+            'multilabel': self.multilabel, 'split_digests': dict(self.split_digests),
+            **({} if self.stored_preprocess is None
+               else {'stored_preprocess': self.stored_preprocess})}
 
   @classmethod
   def from_json(cls, d: dict[str, Any]) -> DatasetInfo:
@@ -59,7 +65,30 @@ class DatasetInfo:
                num_examples={str(k): opt_int(v) for k, v in d['num_examples'].items()},
                mirror_safe=bool(d.get('mirror_safe', True)),
                multilabel=bool(d.get('multilabel', False)),
-               split_digests={str(k): str(v) for k, v in d.get('split_digests', {}).items()})
+               split_digests={str(k): str(v) for k, v in d.get('split_digests', {}).items()},
+               stored_preprocess=(None if d.get('stored_preprocess') is None
+                                  else str(d['stored_preprocess'])))
+
+
+_UNRECORDED_WARNED: set[str] = set()   # arrays files warned about by warn_unrecorded_pixels
+
+
+def warn_unrecorded_pixels(info: DatasetInfo, hw: tuple[int, int], data: bytes | str) -> None:
+  """Warns once per arrays file that does not say how its pixels were made from image files
+  (``stored_preprocess`` None), at the first image ``data`` of another size than its ``hw``
+  images (which prediction resizes to ``hw`` as for any dataset)."""
+  if not info.name.startswith(ARRAYS_PREFIX) or info.name in _UNRECORDED_WARNED:
+    return
+  from imgcls_jax.data import images
+  with images._open(data) as img:   # the header only
+    if sorted(img.size) == sorted(hw):
+      return
+  _UNRECORDED_WARNED.add(info.name)
+  logging.warning("%s does not say how its images were made from image files (written before "
+                  'write_arrays recorded it, or by other code): images of another size are '
+                  "resized to %s with PIL's area filter, which may differ from the training "
+                  "images' resizing; rewrite the file with python -m imgcls_jax.data.write_arrays "
+                  'to record it.', info.name[len(ARRAYS_PREFIX):], 'x'.join(map(str, hw)))
 
 
 def flips_allowed(data: ml_collections.ConfigDict) -> bool:

@@ -52,6 +52,9 @@ def write(data: ml_collections.ConfigDict, splits: list[str], output: str,
     sizes[name] = len(contents[f'{name}_labels'])
   contents['class_names'] = np.asarray(info.class_names, dtype=str)
   contents['mirror_safe'] = np.asarray(info.mirror_safe and flips_allowed(data))
+  # How the pixels were made from the decoded files: predict and serve apply the same ops to a
+  # raw image (inference.prepare), so that serving pixels equal training pixels.
+  contents['preprocess'] = np.asarray(data.eval_preprocess or '')
   arrays_save.save(contents, output, compress)
   return sizes
 

@@ -19,7 +19,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import importlib
+import importlib.util
 import inspect
+import os
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from flax import nnx
@@ -74,6 +77,9 @@ _TABLE.update({name: _sized(mobilenet.MobileNetV3, mobilenet.layer_depths, arch=
                for name, (a, c) in mobilenet.SIZES.items()})
 
 
+_BUILT_IN = frozenset(_TABLE)
+
+
 def names() -> list[str]:
   """All registered model names."""
   return sorted(_TABLE)
@@ -91,6 +97,47 @@ def register(name: str, constructor: Callable[..., nnx.Module], *,
 def unregister(name: str) -> None:
   """Removes ``name`` from the table (nothing happens when it is not there)."""
   _TABLE.pop(name, None)
+
+
+def origin(name: str) -> dict[str, str] | None:
+  """Where a family registered from outside this package was defined (``{'module', 'file'}`` of
+  its constructor), for a run directory to record; None for a built-in or unknown name."""
+  if name in _BUILT_IN or name not in _TABLE:
+    return None
+  fn = _TABLE[name].constructor
+  while isinstance(fn, functools.partial):
+    fn = fn.func
+  try:
+    file = inspect.getfile(fn)
+  except (TypeError, OSError):
+    # A config file's module ('_imgcls_config') is not in sys.modules: a class's file is then
+    # read from the code of a function it defines.
+    funcs = list(vars(fn).values()) if inspect.isclass(fn) else [fn]
+    file = next((f.__code__.co_filename for f in funcs if hasattr(f, '__code__')), '')
+  file = os.path.abspath(file) if file else ''
+  return {'module': str(getattr(fn, '__module__', '') or ''), 'file': file}
+
+
+def ensure_registered(name: str, where: dict[str, str] | None) -> None:
+  """Registers model ``name`` of a trained run, when this process does not know it, by importing
+  the code that registered it at training (``where``: ``origin``'s record): its module by name
+  (a package's), else its file (e.g. the --config file that called ``register``); a UserError
+  naming the file when neither registers it."""
+  if name in _TABLE or not where:
+    return
+  file, module = where.get('file') or '', where.get('module') or ''
+  try:   # a module of a package by its name; a config file (module '_imgcls_config') by path
+    if module and not module.startswith('_') and module != '__main__':
+      importlib.import_module(module)
+  except ImportError:
+    pass
+  if name not in _TABLE and file and os.path.isfile(file):
+    spec = importlib.util.spec_from_file_location(f'_imgcls_family_{name}', file)
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+  if name not in _TABLE:
+    raise UserError(f"Model '{name}' of this run was registered by {file or module}, which "
+                    'no longer exists or does not register it; restore that file (or pass the '
+                    '--config that registers it).')
 
 
 def family(name: str) -> Family:
