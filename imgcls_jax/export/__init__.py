@@ -234,7 +234,13 @@ def _write_and_verify(clf: inference.Classifier, cfg: ml_collections.ConfigDict,
   if tflite_source != saved_model_dir:
     shutil.rmtree(tflite_source)
   page = None
+  ops = clf.trained.info.stored_preprocess or clf.run.data.eval_preprocess or ''
   if web_runtime:
+    if ops:   # the page decodes and resizes as images.decode does; it runs no TensorFlow op
+      logging.warning("The web page resizes images with Pillow's filter to %s, but this run's "
+                      "images are made by the ops '%s' (TensorFlow): the page's probabilities can "
+                      "differ from --mode=predict's; train with no eval ops for equal pixels.",
+                      'x'.join(map(str, clf.image_shape[:2])), ops)
     page = web.write(os.path.join(staging, 'web'), web_onnx, web_runtime, web.model_json(clf))
     os.remove(web_onnx)
   files = sorted(f for f in os.listdir(staging) if f != output_dir.STAGING_MARK)
@@ -258,7 +264,7 @@ def _write_and_verify(clf: inference.Classifier, cfg: ml_collections.ConfigDict,
             'unknown_below': (None if clf.trained.info.multilabel
                               else clf.trained.unknown_below),
             'compute_dtype': clf.step_cfg.compute_dtype,
-            'preprocessing_before_input': clf.run.data.eval_preprocess or 'none',
+            'preprocessing_before_input': ops or 'none',
             'files': files, 'bytes': {f: _size(os.path.join(staging, f)) for f in files},
             'tflite_runtime': tflite_runtime() if cfg.tflite or quantize else None,
             'quantization': {k: v for k, v in quant.items() if k != 'verification'} or None,
