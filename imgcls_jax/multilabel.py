@@ -7,9 +7,11 @@ give (exact matches of the whole tag set). Everything adds across batches, devic
 no per-example scores are kept. The host functions derive from the summed counts:
 
 * average precision per class and its mean (mAP): exactly
-  ``sklearn.metrics.average_precision_score`` of the scores rounded down to their bin; against the
+  ``sklearn.metrics.average_precision_score`` of the scores replaced by their bin; against the
   raw scores the difference comes only from pairs whose scores share a bin;
-* ROC-AUC (``roc.auc`` of the same histograms);
+* ROC-AUC (``roc.auc``). AP and ROC-AUC (and the PR curves) read a second pair of histograms,
+  ``ml_rank_pos`` / ``ml_rank_neg``, in ``roc.score_bin``'s finer bins: in the equal-width ones
+  the many near-zero scores of a confident tagger tie with each other and with missed tags;
 * precision / recall / F1 (per class, micro, macro; ``zero_division=0`` as sklearn) and Hamming
   loss at any per-class thresholds, and the per-class thresholds that maximise F1;
 * the calibration of the tag probabilities (``calibration``: ECE pooled over the (example, tag)
@@ -69,8 +71,12 @@ def sums(probs_BxK: jax.Array, targets_BxK: jax.Array, mask_B: jax.Array,
   j05 = _edge_index_device(jnp.float32(0.5), bins)
   exact05_B = jnp.all((bin_BxK >= j05) == true_BxK, axis=-1)
   exact_B = jnp.all((bin_BxK >= j_K[None, :]) == true_BxK, axis=-1)
+  rank_BxK = roc.score_bin(probs_BxK)   # the finer bins that rank the scores (AP, ROC-AUC)
+  zero_r = jnp.zeros((k, roc.ROC_BINS), jnp.int32)
   out = {'ml_pos': zero.at[cls_BxK, bin_BxK].add(pos_BxK),
          'ml_neg': zero.at[cls_BxK, bin_BxK].add(neg_BxK),
+         'ml_rank_pos': zero_r.at[cls_BxK, rank_BxK].add(pos_BxK),
+         'ml_rank_neg': zero_r.at[cls_BxK, rank_BxK].add(neg_BxK),
          'ml_exact_05': jnp.sum(exact05_B.astype(jnp.int32) * w_B),
          'ml_exact_thr': jnp.sum(exact_B.astype(jnp.int32) * w_B),
          'ml_count': jnp.sum(w_B)}
@@ -259,10 +265,13 @@ def report(sums: Mapping[str, Any], class_names: Sequence[str],
                     'class of the model.')
   thresholds = 0.5 if thresholds is None else thresholds
   count = int(s['ml_count'])
-  ap = average_precision(pos, neg)
-  aucs = roc.auc(pos, neg)
+  # The ranking figures from the ROC bins (roc.score_bin), the thresholded ones from the
+  # threshold bins: the many near-zero scores of a confident tagger tie in one threshold bin.
+  rpos, rneg = (_hist(s['ml_rank_pos'], s['ml_rank_neg']) if 'ml_rank_pos' in s else (pos, neg))
+  ap = average_precision(rpos, rneg)
+  aucs = roc.auc(rpos, rneg)
   half, tuned = at_thresholds(pos, neg, 0.5), at_thresholds(pos, neg, thresholds)
-  micro_ap = average_precision(pos.sum(0, keepdims=True), neg.sum(0, keepdims=True))[0]
+  micro_ap = average_precision(rpos.sum(0, keepdims=True), rneg.sum(0, keepdims=True))[0]
   cal = calibration(s)
   rows = []
   for i in range(k):
@@ -272,13 +281,13 @@ def report(sums: Mapping[str, Any], class_names: Sequence[str],
                  'at_0.5': {m: float(half[m][i]) for m in ('precision', 'recall', 'f1')},
                  'at_thresholds': {m: float(tuned[m][i]) for m in ('precision', 'recall', 'f1')},
                  **({'ece': _num(cal['ece_per_class'][i])} if cal else {})})
-  precision, recall = pr_curves(pos, neg)
+  precision, recall = pr_curves(rpos, rneg)
   order = [int(i) for i in np.argsort(np.where(np.isnan(ap), np.inf, ap), kind='stable')
            if not np.isnan(ap[i])][:_PR_CLASSES]
-  mp, mr = pr_curves(pos.sum(0, keepdims=True), neg.sum(0, keepdims=True))
+  mp, mr = pr_curves(rpos.sum(0, keepdims=True), rneg.sum(0, keepdims=True))
   return {
       'num_examples': count, 'num_classes': k, 'class_names': names,
-      'mean_average_precision': _num(mean_average_precision(pos, neg)),
+      'mean_average_precision': _num(mean_average_precision(rpos, rneg)),
       'average_precision_micro': _num(micro_ap),
       'roc_auc_macro': None if np.isnan(aucs).all() else float(np.nanmean(aucs)),
       'at_0.5': summary(half, float(s['ml_exact_05']) / count if count else None),

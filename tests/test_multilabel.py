@@ -163,7 +163,7 @@ def test_tagged_run_metrics_equal_sklearn_on_the_models_probabilities(tagged_run
   order = [TAGS.index(n) for n in trained.class_names]
   y = y[:, order]
   ap = skm.average_precision_score(y, probs, average='macro')
-  assert abs(final['map'] - ap) < 5e-3, (final['map'], ap)       # 1000-bin histograms vs raw
+  assert abs(final['map'] - ap) < 5e-3, (final['map'], ap)       # binned histograms vs raw
   pred = (probs >= np.asarray(trained.thresholds, np.float32)).astype(int)
   for avg in ('micro', 'macro'):
     assert abs(final[f'f1_{avg}'] - skm.f1_score(y, pred, average=avg, zero_division=0)) < 0.01

@@ -98,16 +98,49 @@ def test_average_precision_and_roc_auc_equal_sklearn(seed):
     assert abs(ap[k] - raw) <= _tie_bound(y[:, k], binned[:, k]) + 1e-12
   assert multilabel.mean_average_precision(s['ml_pos'], s['ml_neg']) == pytest.approx(
       np.mean([skm.average_precision_score(y[:, k], binned[:, k]) for k in present]), abs=1e-12)
+  # The report ranks by the finer ROC bins (roc.score_bin): exactly sklearn on those.
   rep = multilabel.report(s, [f'c{k}' for k in range(K)])
+  ranked = np.asarray(roc.score_bin(jnp.asarray(probs)))
   assert rep['average_precision_micro'] == pytest.approx(
-      skm.average_precision_score(y, binned, average='micro'), abs=1e-12)
-  aucs = [skm.roc_auc_score(y[:, k], binned[:, k]) for k in present]
+      skm.average_precision_score(y, ranked, average='micro'), abs=1e-12)
+  aucs = [skm.roc_auc_score(y[:, k], ranked[:, k]) for k in present]
   for k, auc in zip(present, aucs):
     assert rep['per_class'][k]['roc_auc'] == pytest.approx(auc, abs=1e-12)
-    assert rep['per_class'][k]['average_precision'] == pytest.approx(ap[k], abs=1e-12)
+    assert rep['per_class'][k]['average_precision'] == pytest.approx(
+        skm.average_precision_score(y[:, k], ranked[:, k]), abs=1e-12)
+    raw = skm.average_precision_score(y[:, k], probs[:, k])
+    assert abs(rep['per_class'][k]['average_precision'] - raw) <= _tie_bound(
+        y[:, k], ranked[:, k]) + 1e-12
   assert rep['per_class'][NO_POSITIVES]['roc_auc'] is None
   assert rep['per_class'][NO_POSITIVES]['average_precision'] is None
   assert rep['roc_auc_macro'] == pytest.approx(np.mean(aucs), abs=1e-12)
+  assert rep['mean_average_precision'] == pytest.approx(np.mean(
+      [skm.average_precision_score(y[:, k], ranked[:, k]) for k in present]), abs=1e-12)
+
+
+def test_a_confident_taggers_ranking_figures_match_sklearn_on_the_raw_scores():
+  """Sigmoid scores of a confident tagger: most negatives below 0.001 tie in the lowest
+  threshold bin, with each other and with missed tags; the report's AP and ROC-AUC (from the
+  finer ROC bins) stay within 1e-3 of sklearn's on the raw scores, where the threshold bins'
+  were off by more."""
+  rng = np.random.default_rng(5)
+  n = 4000
+  y = (rng.random((n, K)) < 0.3).astype(np.int32)
+  logit = np.where(y == 1, rng.normal(9, 4, (n, K)), rng.normal(-10, 3, (n, K)))
+  logit[rng.random((n, K)) < 0.05] -= 16                  # some missed tags, confidently
+  probs = (1 / (1 + np.exp(-logit))).astype(np.float32)
+  rep = multilabel.report(_stats(probs, y), [f'c{k}' for k in range(K)])
+  old = multilabel.roc.auc(*_oracle_hist(probs, y))
+  worst_old = 0.0
+  for k in range(K):
+    if not y[:, k].any():
+      continue
+    raw_auc = skm.roc_auc_score(y[:, k], probs[:, k])
+    assert abs(rep['per_class'][k]['roc_auc'] - raw_auc) < 1e-3
+    assert abs(rep['per_class'][k]['average_precision']
+               - skm.average_precision_score(y[:, k], probs[:, k])) < 1e-3
+    worst_old = max(worst_old, abs(old[k] - raw_auc))
+  assert worst_old > 3e-3                                 # the old bins: the test can fail
 
 
 def _check_at(probs, y, thresholds, s, exact_key):
@@ -254,8 +287,9 @@ def test_report_is_json_ready_and_its_curves_are_sklearns():
   assert rep['per_class'][1]['at_thresholds']['recall'] == pytest.approx(
       skm.recall_score(y[:, 1], pred[:, 1]), abs=1e-12)
   binned = _binned(probs)
+  ranked = np.asarray(roc.score_bin(jnp.asarray(probs)))
   assert rep['mean_average_precision'] == pytest.approx(np.mean(
-      [skm.average_precision_score(y[:, k], binned[:, k]) for k in range(K) if k != NO_POSITIVES]),
+      [skm.average_precision_score(y[:, k], ranked[:, k]) for k in range(K) if k != NO_POSITIVES]),
       abs=1e-12)
   # Full curves: sklearn's points at each distinct binned score b sit at column bins - b.
   precision, recall = multilabel.pr_curves(s['ml_pos'], s['ml_neg'])
@@ -266,12 +300,12 @@ def test_report_is_json_ready_and_its_curves_are_sklearns():
     assert precision[k, 0] == 1 and recall[k, 0] == 0 and recall[k, -1] == 1
   assert [c['class'] for c in rep['pr_curves']] == [n for i, n in enumerate(names)
                                                       if i != NO_POSITIVES]
-  curve = rep['pr_curves'][0]
-  p, r, _ = skm.precision_recall_curve(y[:, 0], binned[:, 0])
-  assert curve['ap'] == pytest.approx(skm.average_precision_score(y[:, 0], binned[:, 0]), abs=1e-12)
+  curve = rep['pr_curves'][0]   # the report's curves: at the finer ROC bins
+  p, r, _ = skm.precision_recall_curve(y[:, 0], ranked[:, 0])
+  assert curve['ap'] == pytest.approx(skm.average_precision_score(y[:, 0], ranked[:, 0]), abs=1e-12)
   assert set(zip(np.round(p, 6), np.round(r, 6))) <= set(zip(curve['precision'], curve['recall']))
   micro = rep['pr_curve_micro']
-  p, r, _ = skm.precision_recall_curve(y.ravel(), binned.ravel())
+  p, r, _ = skm.precision_recall_curve(y.ravel(), ranked.ravel())
   assert set(zip(np.round(p, 6), np.round(r, 6))) <= set(zip(micro['precision'], micro['recall']))
 
 
