@@ -285,6 +285,13 @@ def test_float_images_outside_0_1_are_named_and_globs_list_files(tmp_path):
   assert [os.path.relpath(f, tmp_path) for f in got] == ['g/a.png', 'g/b.png', 'g/deep/x.png']
   with pytest.raises(UserError, match=r'No image file matches .*\*\.jpg \(from config.predict'):
     images.list_inputs(str(tmp_path / 'g' / '*.jpg'))
+  # A folder named 'set [1]': '[1]' is a character class; the message says how to write it.
+  (tmp_path / 'set [1]').mkdir()
+  Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / 'set [1]' / 'y.png')
+  with pytest.raises(UserError, match=r"matches one character: write a bracket .* as \[\[\] or"):
+    images.list_inputs(str(tmp_path / 'set [1]' / '*.png'))
+  assert images.list_inputs(str(tmp_path / 'set [[]1[]]' / '*.png')) == [
+      str(tmp_path / 'set [1]' / 'y.png')]
 
 
 def test_an_input_path_with_a_comma_in_its_name_is_one_path(tmp_path):

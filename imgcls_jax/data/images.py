@@ -160,7 +160,10 @@ def list_inputs(spec: str, key: str = 'predict.inputs') -> list[str]:
       found = sorted(f for f in glob.glob(p, recursive=True)
                      if os.path.isfile(f) and is_image_file(f))
       if not found:
-        raise UserError(f'No image file matches {p} (from config.{key}); check the pattern.')
+        hint = (" ('[...]' in a pattern matches one character: write a bracket in a file or "
+                "folder name as [[] or []], as Python's glob.escape does)" if '[' in p else '')
+        raise UserError(f'No image file matches {p} (from config.{key}); check the pattern'
+                        f'{hint}.')
       files.extend(found)
     else:
       raise UserError(f'Input {p} (from config.{key}) does not exist; check the path.')
