@@ -326,6 +326,12 @@ def _eval_op(spec: str) -> Any:
   return pp.numpy_op(spec)
 
 
+def pixel_ops(trained: Trained) -> str:
+  """The ops that make the model's input of a decoded image: an arrays file's recorded ones (an
+  arrays run's own eval_preprocess is '', or the recorded ones: ``load``), else the run's."""
+  return trained.info.stored_preprocess or trained.run.data.eval_preprocess or ''
+
+
 def prepare(trained: Trained, data: bytes | str, *, max_pixels: int | None = None) -> np.ndarray:
   """Image bytes or a file path -> the uint8 HxWxC array ``trained``'s model takes, made as its
   training images were: for an arrays file that records its preprocessing (write_arrays'
@@ -336,8 +342,7 @@ def prepare(trained: Trained, data: bytes | str, *, max_pixels: int | None = Non
   when it has more than ``max_pixels`` (0 = no limit; None = PIL's decompression-bomb limit).
   """
   stored = trained.info.stored_preprocess
-  # An arrays run's own eval_preprocess is '' (arrays.check), or the stored one (load: a folder).
-  spec = stored or trained.run.data.eval_preprocess or ''
+  spec = pixel_ops(trained)
   array = images.decode(data, channels=trained.image_shape[2], max_pixels=max_pixels,
                         size_hw=None if stored else trained.native_hw)
   if stored is None and trained.native_hw:
@@ -356,6 +361,7 @@ def classifier(trained: Trained, *, dtype: str = '', max_batch: int = 64) -> Cla
   run = ml_collections.ConfigDict(trained.run.to_dict())
   run.dtype = dtype or run.dtype
   model_fn = models.from_config(run, trained.info.num_classes, trained.image_shape[2])
+  _eval_op(pixel_ops(trained))   # TensorFlow missing for them: one line now, not per request
   return Classifier(trained=trained, model_def=state_lib.model_def(model_fn),
                     step_cfg=steps.step_config(run, trained.info.num_classes,
                                                multilabel=trained.info.multilabel,

@@ -49,8 +49,9 @@ METHOD = ('cleanlab.filter.find_label_issues (confident learning, prune_by_noise
           'pooled out-of-fold probabilities')
 EVAL_FILE, EVAL_PICTURE = 'label_issues.csv', 'label_issues.png'   # --mode=evaluate's
 EVAL_COLUMNS = ('rank', 'position', 'id', 'label', 'suggested', 'p_label', 'p_suggested')
+UNSEEN = ', which it did not train on'      # the evaluated split's, ending either method
 EVAL_METHOD = ('cleanlab.filter.find_label_issues (confident learning, prune_by_noise_rate) on '
-               "the model's probabilities of this split, which it did not train on")
+               "the model's probabilities of this split" + UNSEEN)
 # Tagging runs: one row per flagged example; tags / suggested: its labelled tags and those with
 # the flagged ones changed (missing added, extra removed), ';'-joined as in a manifest; quality:
 # cleanlab's label-quality score (0-1, low = likely wrong), the ranking.
@@ -62,7 +63,7 @@ TAG_METHOD = ('cleanlab.multilabel_classification.filter.find_multilabel_issues_
               'probabilities')
 EVAL_TAG_METHOD = ('cleanlab.multilabel_classification.filter.find_multilabel_issues_per_class '
                    "(confident learning tag by tag, prune_by_noise_rate) on the model's "
-                   'probabilities of this split, which it did not train on')
+                   'probabilities of this split' + UNSEEN)
 # Every example's probabilities are held on the host: 4 bytes a cell while the folds run (a
 # tagging run's labels: 1 more), and at the search's peak (its float64 copies and cleanlab's;
 # measured) ~19-25 bytes a cell for single-label data (+484 MB for 20M cells) and ~54 for tagging
@@ -260,7 +261,7 @@ def summary(found: list[dict[str, Any]], num_examples: int, split: str,
   method = ((EVAL_TAG_METHOD if evaluation else TAG_METHOD) if tagged else
             (EVAL_METHOD if evaluation else METHOD))
   if evaluation and copies:   # not new to the model after all: say so where the method is named
-    method = (method.replace(', which it did not train on', ', whose files it did not train on')
+    method = (method[:-len(UNSEEN)] + ', whose files it did not train on'
               + f', though {copies} of them hold the bytes of images it trained on (copies): '
               'their probabilities are of learnt images, which flag a copy labelled otherwise '
               'than in training but not a wrong label it was trained with')

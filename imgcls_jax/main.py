@@ -276,12 +276,14 @@ def _path_problem(e: OSError, config=None, workdir: str | None = None) -> str:
 
 
 def _absolute_data_paths(config) -> None:
-  """``config.data.folder`` / ``.manifest`` as absolute paths: a run saved with ``photos``
-  evaluated from another directory read that directory's ``photos`` (or failed)."""
+  """``config.data.folder`` / ``.manifest`` / ``.data_dir`` / ``.index_cache`` as absolute
+  paths: a run saved with ``photos`` evaluated from another directory read that directory's
+  ``photos`` (or failed). (An ``arrays:`` path is part of ``data.name``, which a resume must
+  match as saved: it stays as given.)"""
   data = config.get('data')
-  for key in ('folder', 'manifest'):
+  for key in ('folder', 'manifest', 'data_dir', 'index_cache'):
     value = data.get(key) if data is not None else None
-    if isinstance(value, str) and value and '://' not in value:
+    if isinstance(value, str) and value and '://' not in value and value != 'off':
       data[key] = os.path.abspath(os.path.expanduser(value))
 
 

@@ -26,8 +26,8 @@ stem where that file exists already. The only maps overwritten are those the ear
 replaces its own maps, while a map of any other prediction (another output file, another input
 folder with the same file names, output printed to stdout) is never replaced, so every output
 names its own images' maps. Printed output records none, so each such call adds new files.
-Those earlier maps that the new output does not name (a rerun on fewer images) are removed once
-it is written.
+Those earlier maps that the new output does not name (a rerun on fewer images, or without
+explanations) are removed once it is written.
 """
 from __future__ import annotations
 
@@ -346,10 +346,10 @@ def predict(config: ml_collections.ConfigDict | None, workdir: str,
     explainer = explain.explainer(clf, cfg.explain, ig_steps=int(cfg.get('ig_steps', 32)))
     beside = os.path.dirname(os.path.abspath(cfg.output)) if cfg.output else os.getcwd()
     explain_dir = os.path.abspath(cfg.get('explain_dir') or os.path.join(beside, 'explanations'))
-  earlier_maps = _maps_of(output) if explainer is not None else []
+  earlier_maps = _maps_of(output)   # (a rerun without explanations names none of them)
   results, skipped = predict_files(clf, files, top=cfg.top_k, batch_size=cfg.batch_size,
                                    explainer=explainer, explain_dir=explain_dir,
-                                   replaces=earlier_maps)
+                                   replaces=earlier_maps if explainer is not None else ())
   if not results:
     raise UserError(f'None of the {len(files)} input file(s) in config.predict.inputs is a '
                     f'readable image ({images.unreadable_summary(skipped)}); give image files or '

@@ -96,13 +96,25 @@ def check_output(out_dir: str, data: Any, names: set[str]) -> None:
                       '--config.evaluate.output_dir to a folder outside it.')
   if not os.path.isdir(out_dir):
     return
-  earlier = _earlier_files(out_dir)
+  earlier = _earlier_files(out_dir) | _issue_files(out_dir)
   theirs = sorted(n for n in names - {CURVES_FILE} - earlier
                   if os.path.lexists(os.path.join(out_dir, n)))
   if theirs:
     raise UserError(f"{where} holds {', '.join(theirs[:5])}, which no earlier report wrote and "
                     'this one would overwrite; move them out first, or set '
                     '--config.evaluate.output_dir to another folder.')
+
+
+def _issue_files(out_dir: str) -> set[str]:
+  """The label-issue files an evaluation wrote before its report.json (which lists them) and
+  did not get to list, interrupted: its CSV by its header, and the picture beside it."""
+  try:
+    with open(os.path.join(out_dir, label_issues.EVAL_FILE), newline='') as f:
+      header = tuple(next(csv.reader(f), []))
+  except (OSError, UnicodeDecodeError, csv.Error):
+    return set()
+  return (set(ISSUE_FILES) if header in (label_issues.EVAL_COLUMNS,
+                                          label_issues.EVAL_TAG_COLUMNS) else set())
 
 
 def remove(out_dir: str) -> list[str]:

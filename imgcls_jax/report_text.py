@@ -205,9 +205,9 @@ def notes(report: Mapping[str, Any]) -> list[str]:
     first = skipped.get('first') or []
     named = '; '.join(f"{f['file']} ({f['why']})" for f in first[:3])
     more = skipped['count'] - min(len(first), 3)
-    out.append(f"{skipped['count']} file(s) of this split could not be read and are in none of "
-               f"these figures: {named}{f'; and {more} more' if more > 0 else ''} (report.json: "
-               'skipped_files).')
+    out.append(f"{skipped['count']} file(s) in this split's folders were passed over, not "
+               f"counted as its examples: {named}{f'; and {more} more' if more > 0 else ''} "
+               '(report.json: skipped_files).')
   return out
 
 

@@ -125,3 +125,16 @@ def test_a_file_without_the_record_still_predicts_and_warns_once(photos, written
       assert inference.prepare(trained, f).shape == (16, 16, 3)
   said = [r.getMessage() for r in caplog.records if 'does not say how its images' in r.getMessage()]
   assert len(said) == 1 and old in said[0] and 'write_arrays' in said[0]
+
+
+def test_serving_such_a_run_without_tensorflow_stops_at_start_up_in_one_line(run_dir):
+  """The recorded ops run on TensorFlow: where it is not installed (the GPU image), the server
+  must not start and then answer every request with an error; it stops before serving."""
+  from tests.conftest import run_without_tf
+  proc = run_without_tf('-m', 'imgcls_jax.main', '--mode=serve', f'--workdir={run_dir}',
+                        '--config.serve.port=0', timeout=180)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  errors = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
+  assert len(errors) == 1 and "made by the ops 'resize(size=16)', which run on TensorFlow" in \
+      errors[0], proc.stderr[-2000:]
+  assert 'Serving' not in proc.stdout + proc.stderr

@@ -427,3 +427,7 @@ def test_a_rerun_on_fewer_images_removes_the_maps_its_output_no_longer_names(dig
   assert os.path.exists(edited) and os.path.exists(other)
   assert sorted(os.listdir(tmp_path / 'explanations')) == sorted(
       os.path.basename(p) for p in (first[0], edited, other))
+  c.predict.explain = ''                                 # a rerun without explanations
+  (plain,) = run(str(tmp_path / 'imgs' / 'd0.png'), 'out.jsonl')
+  assert 'explanation' not in plain and not os.path.exists(first[0])
+  assert os.path.exists(edited) and os.path.exists(other)

@@ -28,11 +28,13 @@ def test_a_relative_data_folder_is_stored_absolute_and_evaluates_from_elsewhere(
   workdir = str(tmp_path / 'run')
   r = _cli(here, f'--config={REPO}/configs/default.py', f'--workdir={workdir}',
            '--config.data.name=image_folder', '--config.data.folder=photos',
+           '--config.data.index_cache=cache',
            '--config.model.widths=(8,)', '--config.batch_size=12', '--config.num_train_steps=4',
            '--config.eval_every_steps=-1', '--config.progress_bar=False')
   assert r.returncode == 0, r.stderr[-3000:]
   with open(os.path.join(workdir, 'config.json')) as f:
-    assert json.load(f)['data']['folder'] == str(here / 'photos')
+    saved = json.load(f)['data']
+  assert saved['folder'] == str(here / 'photos') and saved['index_cache'] == str(here / 'cache')
   r = _cli(elsewhere, '--mode=evaluate', f'--workdir={workdir}')   # its own photos/ is another
   assert r.returncode == 0, r.stderr[-3000:]
   with open(os.path.join(workdir, 'report.json')) as f:

@@ -1,6 +1,6 @@
 """What an evaluation report must say before its figures: examples the model trained on (the
 training split, copies of training images), a 'best' checkpoint picked on the split it is scored
-on, files of the split that could not be read; and where it refuses to write."""
+on, files of the split passed over (unreadable, ...); and where it refuses to write."""
 import json
 import logging
 import os
@@ -111,7 +111,7 @@ def test_copies_of_training_images_and_unreadable_files_are_in_the_report(run):
                                                                         '7/empty.png']
   head = _md_head(out)
   assert '3 of these 27 images hold the bytes of images the model trained on' in head
-  assert '2 file(s) of this split could not be read' in head and '1/broken.png' in head
+  assert "2 file(s) in this split's folders were passed over" in head and '1/broken.png' in head
   md = open(os.path.join(out, 'report.md')).read()
   assert 'which it did not train on' not in md
   assert saved['label_issues']['method'].endswith(
@@ -158,6 +158,18 @@ def test_an_output_folder_of_the_users_files_or_in_the_data_is_refused_before_ev
                                       'wrote and this one would overwrite'):
     evaluate.evaluate(None, workdir, {'evaluate.output_dir': str(mine)})
   assert os.listdir(mine) == ['confusion_matrix.csv']
+  # An evaluation interrupted after its label-issue files, before the report.json that lists
+  # them: the rerun takes them as its own (a CSV with the label-issue header), another is refused.
+  from imgcls_jax import label_issues, report_files
+  names = set(report_files.REPORT_FILES) | set(report_files.ISSUE_FILES)
+  cut = tmp / 'cut'
+  cut.mkdir()
+  (cut / 'label_issues.csv').write_text(','.join(label_issues.EVAL_COLUMNS) + '\n')
+  (cut / 'label_issues.png').write_bytes(b'png')
+  report_files.check_output(str(cut), None, names)
+  (cut / 'label_issues.csv').write_text('my,own,table\n')
+  with pytest.raises(UserError, match='holds label_issues.csv, label_issues.png, which no'):
+    report_files.check_output(str(cut), None, names)
 
 
 def test_notes_and_label_issue_ids_as_text():

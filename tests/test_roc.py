@@ -57,6 +57,13 @@ def test_the_bins_keep_the_order_of_the_scores_over_the_whole_float32_range():
   b = np.asarray(roc.score_bin(jnp.asarray(p)))
   assert b[0] == 0 and b[-1] == roc.ROC_BINS - 1
   assert np.all(np.diff(b) >= 0)
+  # The formula, in float64: floor(1000 p + 50 (clip(logit p, -46, 18) + 46)); float32 on the
+  # device may put a score within rounding of an edge into the neighbouring bin, no further.
+  p64 = p.astype(np.float64)
+  with np.errstate(divide='ignore'):
+    logit = np.clip(np.log(p64) - np.log1p(-p64), -46, 18)
+  want = np.clip(np.floor(1000 * p64 + 50 * (logit + 46)), 0, roc.ROC_BINS - 1)
+  assert np.abs(b - want).max() <= 1 and np.mean(b == want) > 0.999
   # At most 0.001 wide in probability and 0.02 in log-odds: distinct enough scores differ.
   q = np.float32([0.30, 0.3011, 1e-9, 1.021e-9, 1 - 1e-5, 1 - 0.979e-5])
   bq = np.asarray(roc.score_bin(jnp.asarray(q)))

@@ -1,8 +1,8 @@
 """A model family registered from the user's own code (``models.register`` in the --config file):
-the run directory records where, and ``--workdir`` alone loads the run (the README: a run directory
-is the whole model) while that file exists; once it is gone, one line names it. Before, every
-mode of such a run without the same --config said "Unknown model 'user_mlp'; set
-config.model.name to one of ...", wrong advice for a trained run."""
+the run directory records where, and a mode given ``--workdir`` alone names that file and says to
+pass it as --config (loading a run never runs code it names: a run directory may be someone
+else's). Before, every mode of such a run without the same --config said "Unknown model
+'user_mlp'; set config.model.name to one of ...", wrong advice for a trained run."""
 from __future__ import annotations
 
 import os
@@ -60,16 +60,21 @@ def user_run(tmp_path, tfds_dir):
   models.unregister(NAME)
 
 
-def test_workdir_alone_loads_a_family_registered_by_the_config_file(user_run):
+def test_workdir_alone_names_the_registering_file_and_runs_none_of_it(user_run):
   workdir, path = user_run
+  with pytest.raises(UserError, match=rf"Model '{NAME}' of this run is a family registered by "
+                                      rf'your own code \({path}\).*; pass --config={path}, which '
+                                      'registers it'):
+    inference.load(workdir, None, overrides={})
+  assert NAME not in models.names()              # the file was not run
+  configlib.load_config_file(path)               # what --config=my_config.py does
   trained = inference.load(workdir, None, overrides={})
-  assert trained.run.model.name == NAME and NAME in models.names()
-  assert trained.info.num_classes == 10
+  assert trained.run.model.name == NAME and trained.info.num_classes == 10
 
 
-def test_a_removed_registering_file_is_one_line_naming_it(user_run):
+def test_a_removed_registering_file_is_named_with_restore(user_run):
   workdir, path = user_run
   os.remove(path)
-  with pytest.raises(UserError, match=rf"Model '{NAME}' of this run was registered by "
-                                      rf'{path}, which no longer exists .*; restore that file'):
+  with pytest.raises(UserError, match=rf'pass --config={path} \(no longer there: restore it '
+                                      r'first\)'):
     inference.load(workdir, None, overrides={})

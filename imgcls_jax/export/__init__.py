@@ -234,7 +234,7 @@ def _write_and_verify(clf: inference.Classifier, cfg: ml_collections.ConfigDict,
   if tflite_source != saved_model_dir:
     shutil.rmtree(tflite_source)
   page = None
-  ops = clf.trained.info.stored_preprocess or clf.run.data.eval_preprocess or ''
+  ops = inference.pixel_ops(clf.trained)
   if web_runtime:
     if ops:   # the page decodes and resizes as images.decode does; it runs no TensorFlow op
       logging.warning("The web page resizes images with Pillow's filter to %s, but this run's "

@@ -19,8 +19,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
-import importlib
-import importlib.util
 import inspect
 import os
 from typing import TYPE_CHECKING, Any, Callable, Iterable
@@ -119,25 +117,18 @@ def origin(name: str) -> dict[str, str] | None:
 
 
 def ensure_registered(name: str, where: dict[str, str] | None) -> None:
-  """Registers model ``name`` of a trained run, when this process does not know it, by importing
-  the code that registered it at training (``where``: ``origin``'s record): its module by name
-  (a package's), else its file (e.g. the --config file that called ``register``); a UserError
-  naming the file when neither registers it."""
+  """Refuses, naming the code to load, a trained run's model ``name`` that this process does not
+  know, when it was registered outside the package at training (``where``: ``origin``'s record).
+  Loading a run never imports or runs that code by itself: a run directory, perhaps someone
+  else's, would then run any file it names; the user passes it as --config (or imports it)."""
   if name in _TABLE or not where:
     return
   file, module = where.get('file') or '', where.get('module') or ''
-  try:   # a module of a package by its name; a config file (module '_imgcls_config') by path
-    if module and not module.startswith('_') and module != '__main__':
-      importlib.import_module(module)
-  except ImportError:
-    pass
-  if name not in _TABLE and file and os.path.isfile(file):
-    spec = importlib.util.spec_from_file_location(f'_imgcls_family_{name}', file)
-    spec.loader.exec_module(importlib.util.module_from_spec(spec))
-  if name not in _TABLE:
-    raise UserError(f"Model '{name}' of this run was registered by {file or module}, which "
-                    'no longer exists or does not register it; restore that file (or pass the '
-                    '--config that registers it).')
+  gone = '' if not file or os.path.isfile(file) else ' (no longer there: restore it first)'
+  fix = (f'pass --config={file}{gone}, which registers it' if file else
+         f'import {module}, which registers it, before loading the run')
+  raise UserError(f"Model '{name}' of this run is a family registered by your own code "
+                  f'({file or module}), not one of imgcls_jax.models; {fix}.')
 
 
 def family(name: str) -> Family:
