@@ -75,7 +75,7 @@ def gates(workdir: str, sets: dict[str, str]) -> None:
   """Where the run has an unknown-input gate and / or an abstention threshold
   (config.evaluate.unknown_keep / abstain_accuracy): the share of each set predict marks, with
   the Fashion-MNIST test images (Debian's idx file) as the in-distribution set."""
-  from imgcls_jax import inference, predict
+  from imgcls_jax import answers, inference, predict
   from imgcls_jax.data import images
   trained = inference.load(workdir)
   if trained.unknown_below is None and not trained.min_confidence:
@@ -93,7 +93,7 @@ def gates(workdir: str, sets: dict[str, str]) -> None:
     from benchmarks.label_noise import read_idx
     x = read_idx(os.path.basename(idx))[..., None]
     out = clf.predict_arrays(x)
-    rows.append(('Fashion-MNIST test (10000)', [inference.answer_gates(trained, p, lg) for p, lg
+    rows.append(('Fashion-MNIST test (10000)', [answers.answer_gates(trained, p, lg) for p, lg
                                                 in zip(out['probabilities'], out['logits'])]))
   for name, path in sets.items():
     results, _ = predict.predict_files(clf, images.list_inputs(path), top=1)

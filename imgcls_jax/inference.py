@@ -15,13 +15,13 @@ import functools
 import json
 import logging
 import os
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 
-from imgcls_jax import checkpoint_files, eval_steps, models, ood, run_directory, selective, steps
+from imgcls_jax import checkpoint_files, eval_steps, models, run_directory, steps
 from imgcls_jax import state as state_lib
 from imgcls_jax import weights as weights_lib
 from imgcls_jax.data import arrays, folder_layout, images
@@ -368,38 +368,3 @@ def classifier(trained: Trained, *, dtype: str = '', max_batch: int = 64) -> Cla
                                                temperature=trained.temperature),
                     variables=jax.device_put(trained.variables), max_batch=max_batch)
 
-
-def tags(probs_K: np.ndarray, class_names: Sequence[str],
-         thresholds: Sequence[float]) -> list[dict[str, Any]]:
-  """A multi-label prediction: the classes whose probability reaches their threshold, most
-  probable first, as ``{'class', 'index', 'probability', 'threshold'}``."""
-  above = [i for i in np.argsort(-probs_K, kind='stable')
-           if np.float32(probs_K[i]) >= np.float32(thresholds[i])]   # the device's rule
-  return [{'class': class_names[i], 'index': int(i), 'probability': float(probs_K[i]),
-           'threshold': float(thresholds[i])} for i in above]
-
-
-def answer_gates(trained: Trained, probs_K: np.ndarray, logits_K: np.ndarray) -> dict[str, Any]:
-  """A single-label answer's fields from the run's gates: ``abstained`` (below its confidence
-  threshold) and ``unknown`` (below its log-sum-exp threshold, ``ood.gate``), each only where the
-  run has that gate."""
-  out: dict[str, Any] = {}
-  if trained.min_confidence > 0:
-    out.update(abstained(probs_K, trained.min_confidence))
-  if trained.unknown_below is not None:
-    out.update(ood.gate(logits_K, trained.unknown_below))
-  return out
-
-
-def abstained(probs_K: np.ndarray, min_confidence: float) -> dict[str, Any]:
-  """A single-label answer's abstention fields: ``abstained`` when the top-1 probability is below
-  the run's threshold (``selective.answered``'s rule), and the threshold."""
-  return {'abstained': not bool(selective.answered(np.max(probs_K), min_confidence)),
-          'min_confidence': float(min_confidence)}
-
-
-def top_k(probs_K: np.ndarray, class_names: Sequence[str], k: int) -> list[dict[str, Any]]:
-  """The ``k`` most probable classes, best first, as ``{'class', 'index', 'probability'}``."""
-  order = np.argsort(-probs_K, kind='stable')[:max(1, min(k, len(probs_K)))]
-  return [{'class': class_names[i], 'index': int(i), 'probability': float(probs_K[i])}
-          for i in order]

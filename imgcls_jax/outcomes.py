@@ -94,7 +94,7 @@ class TagOutcomes:
 
   @property
   def predicted(self) -> np.ndarray:
-    """bool N x K: the tags prediction gives (``inference.tags``' rule, float32 p >= t)."""
+    """bool N x K: the tags prediction gives (``answers.tags``' rule, float32 p >= t)."""
     return _decide(self.probs, self.thresholds)
 
   def errors(self) -> tuple[np.ndarray, np.ndarray]:

@@ -45,7 +45,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from imgcls_jax import inference
+from imgcls_jax import answers, inference
 from imgcls_jax.data import images
 from imgcls_jax.errors import UserError
 
@@ -70,14 +70,14 @@ def predict_files(clf: inference.Classifier, files: list[str], *, top: int = 5,
   for paths, arrays in images.image_batches(files, clf.prepare, batch_size, skipped):
     out = clf.predict_arrays(arrays)
     probs = out['probabilities']
-    batch = [{'file': p, 'predictions': inference.top_k(pr, clf.class_names, top)}
+    batch = [{'file': p, 'predictions': answers.top_k(pr, clf.class_names, top)}
              for p, pr in zip(paths, probs)]
     if clf.trained.info.multilabel:
       for r, pr in zip(batch, probs):
-        r['tags'] = inference.tags(pr, clf.class_names, clf.trained.decision_thresholds)
+        r['tags'] = answers.tags(pr, clf.class_names, clf.trained.decision_thresholds)
     else:   # below the run's thresholds: "not sure" (abstained), "none of the classes" (unknown)
       for r, pr, lg in zip(batch, probs, out['logits']):
-        r.update(inference.answer_gates(clf.trained, pr, lg))
+        r.update(answers.answer_gates(clf.trained, pr, lg))
     if maps is not None:
       _explain(explainer, maps, batch, arrays, clf.trained.info.multilabel)
     results.extend(batch)

@@ -11,7 +11,7 @@ import pytest
 import scipy.special
 from PIL import Image
 
-from imgcls_jax import calibrate, evaluate, inference, ood, predict, train
+from imgcls_jax import answers, calibrate, evaluate, inference, ood, predict, train
 from imgcls_jax.data import images as image_files
 from imgcls_jax.errors import UserError
 from tests.conftest import export_description, local_service, small_digits_config
@@ -111,7 +111,7 @@ def test_the_gate_keeps_its_share_of_the_held_out_split_by_the_served_logits(gat
   # Predicting the held-out split marks the share the fit left out.
   clf = inference.classifier(trained)
   out = clf.predict_arrays(x)
-  unknown = [inference.answer_gates(trained, p, lg)['unknown']
+  unknown = [answers.answer_gates(trained, p, lg)['unknown']
              for p, lg in zip(out['probabilities'], out['logits'])]
   assert abs(1 - np.mean(unknown) - u['kept']) <= near / len(x)
 
@@ -190,7 +190,7 @@ def test_calibrate_refits_remembers_and_drops_the_gate(gated, tfds_dir, tmp_path
   assert 'the unknown-input gate is removed' in out
   x_test, _ = _digits(tfds_dir, 'test[:4]')
   out = inference.classifier(dropped).predict_arrays(x_test)
-  assert not any('unknown' in inference.answer_gates(dropped, p, lg)
+  assert not any('unknown' in answers.answer_gates(dropped, p, lg)
                  for p, lg in zip(out['probabilities'], out['logits']))
   with pytest.raises(UserError, match=r'config\.evaluate\.unknown_keep=1\.5 must be the share '):
     fit(unknown_keep=1.5)

@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 
-from imgcls_jax import inference
+from imgcls_jax import answers, inference
 from imgcls_jax.data.images import ImageTooLarge, UnreadableImage
 from imgcls_jax.serve import bodies
 from imgcls_jax.serve.batcher import Batcher, Overloaded
@@ -193,13 +193,13 @@ def create_app(svc: Service) -> fastapi.FastAPI:
     image = await _prepare(svc, await bodies.upload(request, int(svc.cfg.max_upload_bytes)),
                            'The uploaded file' if multipart else 'The body')
     (out,) = await _classify(svc, [image])
-    answer = {'predictions': inference.top_k(out['probabilities'], svc.clf.class_names, k),
+    answer = {'predictions': answers.top_k(out['probabilities'], svc.clf.class_names, k),
               'checkpoint_step': svc.clf.step}
     if svc.clf.trained.info.multilabel:  # the tags above the run's per-class thresholds
-      answer['tags'] = inference.tags(out['probabilities'], svc.clf.class_names,
+      answer['tags'] = answers.tags(out['probabilities'], svc.clf.class_names,
                                       svc.clf.trained.decision_thresholds)
     else:   # the run's gates: abstained below its confidence threshold, unknown below its gate
-      answer.update(inference.answer_gates(svc.clf.trained, out['probabilities'], out['logits']))
+      answer.update(answers.answer_gates(svc.clf.trained, out['probabilities'], out['logits']))
     return answer
 
   # ---- TF-Serving REST API ----
