@@ -39,13 +39,13 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from imgcls_jax import (features, intervals, label_issues, metrics, out_of_fold, plots, report,
-                        run_directory, report_files, report_text)
+from imgcls_jax import (classical_model, features, intervals, label_issues, metrics, out_of_fold,
+                        plots, report, report_files, report_text)
 from imgcls_jax.errors import UserError
 
 CLASSIFIERS = ('logistic', 'linear_svm')
-MODEL_FILE = 'classical_model.joblib'
-META_FILE = run_directory.CLASSICAL_FILE
+MODEL_FILE, META_FILE = classical_model.MODEL_FILE, classical_model.META_FILE
+class_scores = classical_model.class_scores
 
 
 CALIBRATION_FOLDS = 5   # linear_svm: the folds whose held-out margins fit its Platt sigmoids
@@ -92,23 +92,6 @@ def probabilities_note(classical: ml_collections.ConfigDict) -> str:
           f'ensemble=False, up to {CALIBRATION_FOLDS} folds)')
 
 
-def class_scores(fitted: Any, features_NxD: np.ndarray, num_classes: int) -> np.ndarray:
-  """``N x K`` log-probabilities (or an uncalibrated SVM's margins) for all K classes; classes
-  absent from the training data get a very low score."""
-  if hasattr(fitted, 'predict_log_proba'):
-    scores = fitted.predict_log_proba(features_NxD)
-  elif hasattr(fitted, 'predict_proba'):   # a calibrated SVM
-    scores = np.log(np.maximum(fitted.predict_proba(features_NxD), np.finfo(np.float64).tiny))
-  else:
-    scores = fitted.decision_function(features_NxD)
-  scores = np.asarray(scores, np.float32)
-  if scores.ndim == 1:  # binary SVM: one margin for classes_[1]
-    scores = np.stack([-scores, scores], axis=1) / 2
-  out = np.full((len(features_NxD), num_classes), -1e9, np.float32)
-  out[:, np.asarray(fitted.classes_, np.int64)] = scores
-  return out
-
-
 def report_of(scores_NxK: np.ndarray, labels_N: np.ndarray, class_names: list[str], *,
               num_bins: int, top_confused: int) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   """(the evaluation report, its summed statistics) of class scores, by ``report.eval_sums``
@@ -123,6 +106,7 @@ def fit_and_evaluate(config: ml_collections.ConfigDict, out_dir: str, title: str
   fitted model to ``out_dir``; returns (report, summed statistics, the evaluated examples:
   ``position`` in the split's read order, ``label``, ``probs``, the softmax of the class scores
   as the report reads them)."""
+  from imgcls_jax import inference
   from imgcls_jax.data import reader
   import joblib
   make_classifier(config.classical)  # bad settings fail before any work
@@ -159,6 +143,8 @@ def fit_and_evaluate(config: ml_collections.ConfigDict, out_dir: str, title: str
   joblib.dump(fitted, os.path.join(out_dir, MODEL_FILE))
   with open(os.path.join(out_dir, META_FILE), 'w') as f:
     json.dump({'config': config.to_dict(), 'class_names': list(info.class_names),
+               # how raw files become the fit's pixels, for --mode=predict (classical_predict.py)
+               classical_model.RECORD_KEY: inference.inference_meta(config.data, info),
                'feature_blocks': features.block_sizes(x_train.shape[1:], spec),
                'probabilities': rep['context']['probabilities'],
                'timing': timing}, f, indent=1, default=str)

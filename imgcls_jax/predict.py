@@ -35,7 +35,6 @@ import csv
 import json
 import logging
 import os
-import re
 import shutil
 import stat
 import sys
@@ -45,7 +44,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from imgcls_jax import answers, inference
+from imgcls_jax import answers, classical_model, explain_files, inference
 from imgcls_jax.data import images
 from imgcls_jax.errors import UserError
 
@@ -65,7 +64,7 @@ def predict_files(clf: inference.Classifier, files: list[str], *, top: int = 5,
   """
   skipped: list[tuple[str, str]] = []
   results = []
-  maps = _MapFiles(explain_dir, getattr(explainer, 'method', ''), replaces,
+  maps = explain_files.MapFiles(explain_dir, getattr(explainer, 'method', ''), replaces,
                    write=jax.process_index() == 0) if explainer is not None else None
   for paths, arrays in images.image_batches(files, clf.prepare, batch_size, skipped):
     out = clf.predict_arrays(arrays)
@@ -79,85 +78,9 @@ def predict_files(clf: inference.Classifier, files: list[str], *, top: int = 5,
       for r, pr, lg in zip(batch, probs, out['logits']):
         r.update(answers.answer_gates(clf.trained, pr, lg))
     if maps is not None:
-      _explain(explainer, maps, batch, arrays, clf.trained.info.multilabel)
+      explain_files.explain_batch(explainer, maps, batch, arrays, clf.trained.info.multilabel)
     results.extend(batch)
   return results, skipped
-
-
-def _explain(explainer: Any, maps: _MapFiles, batch: list[dict[str, Any]], arrays: np.ndarray,
-             multilabel: bool) -> None:
-  """Adds ``explained`` and ``explanation`` to each result of a batch, writing the maps: of the
-  top-1 class, or of every predicted tag (lists, in the order of ``tags``)."""
-  from imgcls_jax import explain
-  chosen = [r['tags'] if multilabel else r['predictions'][:1] for r in batch]
-  rows = [i for i, c in enumerate(chosen) for _ in c]
-  targets = np.array([t['index'] for c in chosen for t in c], np.int32)
-  heat = explainer(np.asarray(arrays)[rows], targets)['heatmap'] if rows else []
-  k = 0
-  for r, image, c in zip(batch, arrays, chosen):
-    names = [t['class'] for t in c]
-    pngs = [explain.overlay_png(image, h) if maps.write_files else b''
-            for h in heat[k:k + len(c)]]
-    k += len(c)
-    paths = maps.write(r['file'], [n if multilabel else '' for n in names], pngs)
-    r['explained'], r['explanation'] = (names, paths) if multilabel else (names[0], paths[0])
-
-
-class _MapFiles:
-  """Overlay PNGs in ``folder``, named ``<file name>[.<tag>].<method>.png`` with ``_<n>`` added
-  to the stem where a name is taken: by this call, or by a file there that is not in
-  ``replaces``. New files are created exclusively, so a concurrent call cannot take them either;
-  ``write=False`` (the other processes of a multi-process run) only names them."""
-
-  def __init__(self, folder: str, method: str, replaces: Iterable[str], *, write: bool = True):
-    self.folder, self.method, self.write_files = folder, method, write
-    self.replaces = {os.path.realpath(p) for p in replaces}
-    self.used: set[str] = set()
-    if write:
-      os.makedirs(folder, exist_ok=True)
-
-  def write(self, source: str, tags: list[str], pngs: list[bytes]) -> list[str]:
-    """The paths of one image's maps (one per tag; '' for a single-label map), written."""
-    stem = os.path.splitext(os.path.basename(source))[0]
-    parts, seen = [], set()
-    for i, tag in enumerate(tags):   # file-name-safe tags, distinct within the image
-      part = (re.sub(r'[^\w.+-]+', '_', tag).strip('.') or '_') if tag else ''
-      while part in seen:
-        part += f'_{i}'
-      seen.add(part)
-      parts.append(f'.{part}' if part else '')
-    n = 0
-    while True:
-      base = stem if n == 0 else f'{stem}_{n}'
-      n += 1
-      paths = [os.path.join(self.folder, f'{base}{p}.{self.method}.png') for p in parts]
-      if any(p in self.used for p in paths) or not self._claim(paths):
-        continue
-      self.used.update(paths)
-      if self.write_files:
-        for path, data in zip(paths, pngs):
-          with open(path, 'wb') as f:
-            f.write(data)
-      return paths
-
-  def _claim(self, paths: list[str]) -> bool:
-    """True once every path is this call's: replaceable, or newly created (empty)."""
-    made = []
-    for path in paths:
-      if os.path.realpath(path) in self.replaces:
-        continue
-      if not self.write_files:
-        if os.path.lexists(path):
-          return False
-        continue
-      try:
-        with open(path, 'xb'):
-          made.append(path)
-      except FileExistsError:
-        for p in made:
-          os.remove(p)
-        return False
-    return True
 
 
 def _maps_of(output: str) -> list[str]:
@@ -183,22 +106,6 @@ def _maps_of(output: str) -> list[str]:
   written = os.path.getmtime(output)
   return [p for p in found if isinstance(p, str) and p
           and (not os.path.lexists(p) or os.lstat(p).st_mtime <= written)]
-
-
-def _remove_unnamed(earlier_maps: list[str], results: list[dict[str, Any]]) -> None:
-  """Removes the maps of the replaced prediction file that the new one does not name (a rerun
-  on fewer images, or explaining other tags): left there they would look like this output's.
-  ``earlier_maps`` holds only maps unchanged since that file was written (``_maps_of``)."""
-  named = set()
-  for r in results:
-    paths = r.get('explanation')
-    named.update(os.path.realpath(p) for p in (paths if isinstance(paths, list) else [paths]) if p)
-  gone = [p for p in earlier_maps if os.path.realpath(p) not in named and os.path.isfile(p)]
-  for p in gone:
-    os.remove(p)
-  if gone:
-    logging.info('Removed %d explanation map(s) of the replaced prediction file that this one '
-                 'does not name.', len(gone))
 
 
 def write(results: Iterable[dict[str, Any]], out: TextIO, fmt: str) -> None:
@@ -275,7 +182,7 @@ def _is_special(path: str) -> bool:
     return False
 
 
-def _write_output(output: str, results: list[dict[str, Any]], fmt: str) -> None:
+def write_output(output: str, results: list[dict[str, Any]], fmt: str) -> None:
   """A regular file (or a link to one) is replaced whole, never left half-written: written
   beside its target, then renamed over it (its permissions kept); the standard streams are
   written to as streams, a FIFO or another special file opened and written."""
@@ -324,6 +231,9 @@ def check_output(output: str, files: list[str]) -> None:
 def predict(config: ml_collections.ConfigDict | None, workdir: str,
             overrides: dict[str, Any] | None = None) -> list[dict[str, Any]]:
   """The ``predict`` mode: classifies ``config.predict.inputs`` and writes the top-k of each."""
+  from imgcls_jax import run_directory
+  if run_directory.kind(workdir) == 'classical':   # a classical fit: its scikit-learn model
+    return predict_classical(config, workdir, overrides)
   step = int(overrides.get('predict.step', -1)) if overrides is not None else config.predict.step
   trained = inference.load(workdir, config, step=step, overrides=overrides,
                            step_key='predict.step')
@@ -356,8 +266,8 @@ def predict(config: ml_collections.ConfigDict | None, workdir: str,
                     'folders.')
   if jax.process_index() == 0:   # several processes: the first one writes
     if output:
-      _write_output(output, results, cfg.format)
-      _remove_unnamed(earlier_maps, results)
+      write_output(output, results, cfg.format)
+      explain_files.remove_unnamed(earlier_maps, results)
     else:
       write(results, sys.stdout, cfg.format)
       sys.stdout.flush()
@@ -378,4 +288,44 @@ def predict(config: ml_collections.ConfigDict | None, workdir: str,
                 for r in results)
     logging.info('%d %s overlay(s) of %d image(s) in %s.', count, cfg.explain, len(results),
                  explain_dir)
+  return results
+
+
+def predict_classical(config: ml_collections.ConfigDict | None, workdir: str,
+                      overrides: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+  """``--mode=predict`` of a classical fit's folder: the top-k of each input, as predict writes
+  them (the fit's own evaluation reads the same probabilities: ``tests/test_classical_runs.py``)."""
+  meta, pixels, fitted = classical_model.load(workdir)
+  cfg = inference.mode_settings(workdir, config, overrides, 'predict')
+  if cfg.get('explain'):
+    raise UserError('config.predict.explain needs a network; a classical baseline has no '
+                    'gradients to explain: drop it.')
+  if cfg.format not in FORMATS or cfg.top_k < 1 or cfg.batch_size < 1:
+    raise UserError(f"config.predict.format must be one of {', '.join(FORMATS)} and "
+                    'top_k, batch_size positive integers.')
+  files = images.list_inputs(cfg.inputs)
+  output = os.path.expanduser(cfg.output) if cfg.output else ''
+  if output:
+    check_output(output, files)
+  spec = classical_model.spec_of(pixels.run)
+  names = list(meta['class_names'])
+  results: list[dict[str, Any]] = []
+  skipped: list[tuple[str, str]] = []
+  for paths, arrays in images.image_batches(files, lambda f: inference.prepare(pixels, f),
+                                            int(cfg.batch_size), skipped):
+    probs = classical_model.probabilities(fitted, spec, np.asarray(arrays), len(names))
+    for path, p in zip(paths, probs):
+      results.append({'file': path, 'predictions': answers.top_k(p, names, int(cfg.top_k))})
+  if not results:
+    raise UserError(f'None of the {len(files)} input file(s) in config.predict.inputs is a '
+                    f'readable image ({images.unreadable_summary(skipped)}); give image files or '
+                    'folders.')
+  if output:
+    write_output(output, results, cfg.format)
+  else:
+    write(results, sys.stdout, cfg.format)
+    sys.stdout.flush()
+  logging.info('Predicted %d image(s) with the classical baseline in %s%s; skipped %d '
+               'unreadable file(s).', len(results), workdir, f' into {cfg.output}' if output else '',
+               len(skipped))
   return results

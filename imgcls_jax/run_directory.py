@@ -130,8 +130,8 @@ def classical_advice(workdir: str) -> str:
   if found == 'classical_cv':
     return (f'--workdir={workdir} is a cross-validation of the classical baseline '
             '(--mode=classical), which has no network checkpoint to restore; its results are '
-            f"{os.path.join(workdir, 'cv_report.md')} and fold_<i>/report.md, and a network "
-            'to evaluate or predict with comes from --mode=train')
+            f"{os.path.join(workdir, 'cv_report.md')} and fold_<i>/report.md (--mode=predict "
+            'takes one fold_<i>), and a network to evaluate comes from --mode=train')
   if found != 'classical':
     return ''
   parent = os.path.dirname(os.path.abspath(workdir))
@@ -139,8 +139,8 @@ def classical_advice(workdir: str) -> str:
           else 'a classical baseline')
   return (f'--workdir={workdir} is {what} (--mode=classical), which has no network checkpoint to '
           f"restore; its evaluation is {os.path.join(workdir, 'report.md')} (--mode=classical "
-          'with --config.data.eval_split=SPLIT scores another split), and a network to evaluate '
-          'or predict with comes from --mode=train')
+          'with --config.data.eval_split=SPLIT scores another split; --mode=predict predicts with '
+          'its scikit-learn model), and a network to evaluate comes from --mode=train')
 
 
 def check_writable_by(mode: str, workdir: str) -> None:

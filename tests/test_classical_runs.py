@@ -1,6 +1,7 @@
-"""The folders --mode=classical writes, as the other modes meet them: evaluate, predict and compare
-say what the folder is and where its results are (not "train first" or "use one fold"), and a
-folder of class directories without split directories cross-validates as train_split='all'."""
+"""The folders --mode=classical writes, as the other modes meet them: evaluate and compare say what
+the folder is and where its results are (not "train first" or "use one fold"), predict predicts
+with its scikit-learn model as its own evaluation scored, and a folder of class directories
+without split directories cross-validates as train_split='all'."""
 import json
 import os
 import subprocess
@@ -10,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgcls_jax import classical, compare, evaluate, inference, run_directory
-from imgcls_jax.data import digits
+from imgcls_jax import classical, compare, evaluate, inference, predict, run_directory
+from imgcls_jax.data import digits, folder_index, folder_layout
 from imgcls_jax.errors import UserError
 from tests.conftest import REPO, subprocess_env
 
@@ -80,8 +81,11 @@ def test_evaluate_and_predict_name_the_classical_folder_and_its_report(runs, whi
               'fold': f'is a fold of the classical cross-validation in {cv} .*{path}/report.md',
               'cv': f'is a cross-validation of the classical baseline .*{cv}/cv_report.md'}[which]
   c = default_config()   # what the command line gives when --config is left out
-  for call in (lambda: evaluate.evaluate(c, path, overrides={}),   # --mode=evaluate
-               lambda: inference.load(path, c, overrides={})):      # --mode=predict
+  calls = [lambda: evaluate.evaluate(c, path, overrides={}),          # --mode=evaluate
+           lambda: inference.load(path, c, overrides={})]             # any network mode
+  if which == 'cv':   # --mode=predict of the cross-validation (a fold's folder predicts)
+    calls.append(lambda: predict.predict(c, path, overrides={'predict.inputs': path}))
+  for call in calls:
     with pytest.raises(UserError, match=expected) as e:
       call()
     message = str(e.value)
@@ -110,3 +114,38 @@ def test_the_cli_answers_evaluate_on_a_classical_run_in_one_line(runs):
   assert run_directory.kind(holdout) == 'classical'
   with open(os.path.join(holdout, 'report.json')) as f:
     assert 'intervals' in json.load(f)
+
+
+@pytest.mark.parametrize('which', ['holdout', 'fold'])
+def test_predict_with_a_classical_fit_gives_its_own_evaluations_probabilities(runs, which,
+                                                                                  tmp_path):
+  """--mode=predict of a classical folder (was: refused): on the files of the split its fit
+  evaluated, the predicted probabilities give the report's own accuracy and loss."""
+  holdout, cv, _ = runs
+  path = holdout if which == 'holdout' else os.path.join(cv, 'fold_1')
+  with open(os.path.join(path, 'classical.json')) as f:
+    saved = json.load(f)['config']
+  with open(os.path.join(path, 'report.json')) as f:
+    report = json.load(f)
+  data = default_config().data
+  data.update(saved['data'])
+  names = tuple(report['class_names'])
+  files = folder_index.files_of(folder_layout.source_of(data), data.eval_split, names)
+  assert len(files) == report['num_examples']
+  (tmp_path / 'list').mkdir()
+  for k, f in enumerate(files):   # one folder of them, named to keep their labels
+    os.symlink(f, tmp_path / 'list' / f'{os.path.basename(os.path.dirname(f))}_{k}.png')
+  out = tmp_path / 'p.jsonl'
+  results = predict.predict(default_config(), path, overrides={
+      'predict.inputs': str(tmp_path / 'list'), 'predict.top_k': len(names),
+      'predict.output': str(out)})
+  labels = [os.path.basename(r['file']).split('_')[0] for r in results]
+  p_label = [next(q['probability'] for q in r['predictions'] if q['class'] == y)
+             for r, y in zip(results, labels)]
+  top1 = [r['predictions'][0]['class'] for r in results]
+  assert np.mean(np.equal(top1, labels)) == pytest.approx(report['accuracy'], abs=1e-12)
+  assert -np.mean(np.log(p_label)) == pytest.approx(report['loss'], rel=1e-5)
+  assert len(out.read_text().splitlines()) == len(files)
+  with pytest.raises(UserError, match='config.predict.explain needs a network'):
+    predict.predict(default_config(), path, overrides={
+        'predict.inputs': str(tmp_path / 'list'), 'predict.explain': 'gradcam'})
