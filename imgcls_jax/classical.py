@@ -44,10 +44,6 @@ from imgcls_jax import (classical_model, features, intervals, label_issues, metr
 from imgcls_jax.errors import UserError
 
 CLASSIFIERS = ('logistic', 'linear_svm')
-MODEL_FILE, META_FILE = classical_model.MODEL_FILE, classical_model.META_FILE
-class_scores = classical_model.class_scores
-
-
 CALIBRATION_FOLDS = 5   # linear_svm: the folds whose held-out margins fit its Platt sigmoids
 
 
@@ -123,7 +119,8 @@ def fit_and_evaluate(config: ml_collections.ConfigDict, out_dir: str, title: str
   fitted.fit(f_train, y_train)
   t_fit = time.perf_counter()
   x_eval, y_eval, position = features.split_arrays(config.data, config.data.eval_split)
-  scores = class_scores(fitted, features.extract(x_eval, spec, workers=workers), info.num_classes)
+  scores = classical_model.class_scores(fitted, features.extract(x_eval, spec, workers=workers),
+                                        info.num_classes)
   t_eval = time.perf_counter()
   rep, stats = report_of(scores, y_eval, list(info.class_names),
                          num_bins=int(config.evaluate.calibration_bins),
@@ -133,15 +130,16 @@ def fit_and_evaluate(config: ml_collections.ConfigDict, out_dir: str, title: str
   timing = {'read_train_s': t_read - t0, 'features_train_s': t_feat - t_read,
             'fit_s': t_fit - t_feat, 'train_s': t_fit - t0, 'evaluate_s': t_eval - t_fit}
   rep['context'] = {'dataset': info.name, 'split': config.data.eval_split,
-                    'checkpoint_step': 0, 'checkpoint': f'{MODEL_FILE} (fitted once)',
+                    'checkpoint_step': 0,
+                    'checkpoint': f'{classical_model.MODEL_FILE} (fitted once)',
                     'tta': 'none', 'model': f"classical: {'+'.join(spec.blocks)} features "
                     f'({f_train.shape[1]}) -> {config.classical.classifier}',
                     'probabilities': probabilities_note(config.classical),
                     'train_split': config.data.train_split, 'train_examples': len(y_train),
                     'workdir': out_dir, **{k: round(v, 3) for k, v in timing.items()}}
   report_files.write(rep, out_dir, title, None)
-  joblib.dump(fitted, os.path.join(out_dir, MODEL_FILE))
-  with open(os.path.join(out_dir, META_FILE), 'w') as f:
+  joblib.dump(fitted, os.path.join(out_dir, classical_model.MODEL_FILE))
+  with open(os.path.join(out_dir, classical_model.META_FILE), 'w') as f:
     json.dump({'config': config.to_dict(), 'class_names': list(info.class_names),
                # how raw files become the fit's pixels, for --mode=predict (classical_predict.py)
                classical_model.RECORD_KEY: inference.inference_meta(config.data, info),

@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 
 from imgcls_jax import (evaluation, inference, intervals, intervals_multilabel, label_issues,
-                        metrics, plots, report_files, run_directory)
+                        metrics, plots, report_files, report_text, run_directory)
 from imgcls_jax import outcomes as outcomes_lib
 from imgcls_jax.data import folder_layout, images, reader
 from imgcls_jax.errors import UserError
@@ -91,16 +91,10 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str,
   cfg, info = ev.trained.run, ev.trained.info
   rep = ev.report(int(e.top_confused))
   if ev.seen:
-    logging.warning("The model trained on %d of the %d examples of split '%s': its figures there "
-                    'are on examples it learnt, not new ones; evaluate a split it did not train '
-                    'on (--config.evaluate.split) for what new images get.', ev.seen,
-                    rep['num_examples'], ev.split)
+    logging.warning('%s', report_text.trained_on_note(ev.seen, rep['num_examples'], ev.split))
   if ev.copies:
     rep['copies_of_training_images'] = ev.copies
-    logging.warning("%d image(s) of split '%s' hold the bytes of images the run trained on (the "
-                    'same file, a link or a copy): their scores are on learnt images, not new '
-                    'ones; delete those copies from one of the splits for a fair score.',
-                    ev.copies, ev.split)
+    logging.warning('%s', report_text.copies_note(ev.copies, rep['num_examples'], ev.split))
   if info.multilabel:
     rep['intervals'] = intervals_multilabel.report_intervals(
         int(ev.stats['ml_exact_thr']), int(ev.stats['ml_count']),

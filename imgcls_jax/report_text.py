@@ -180,22 +180,33 @@ _TUNED = {'checkpoint': "the 'best' checkpoint was picked on this split among th
                         'exact-match figures)'}
 
 
+def trained_on_note(seen: int, n: int, split: str = '') -> str:
+  """The note for ``seen`` of ``n`` examples the model trained on (with ``split``: evaluate's
+  warning, which names it)."""
+  which = f"the {n} examples of split '{split}'" if split else f'these {n} examples'
+  return (f'The model trained on {seen} of {which}: its figures here are on examples it learnt, '
+          'not on new ones; evaluate a split it did not train on (--config.evaluate.split) for '
+          'what new images get.')
+
+
+def copies_note(copies: int, n: int, split: str = '') -> str:
+  """The note for ``copies`` of ``n`` images that hold a training image's bytes (with
+  ``split``: evaluate's warning, which names it)."""
+  which = f"the {n} images of split '{split}'" if split else f'these {n} images'
+  return (f'{copies} of {which} hold the bytes of images the model trained on (the same file '
+          'under another name, a link or a copy): their figures are on learnt images, not new '
+          'ones; delete those copies from one of the splits for a fair score.')
+
+
 def notes(report: Mapping[str, Any]) -> list[str]:
   """What a reader must know before the figures (one sentence each; '' keys absent: none): the
   examples the model trained on, copies of training images, what was tuned on this split, and
   files of the split that could not be read."""
   n, out = report.get('num_examples'), []
-  seen = report.get('trained_on_split')
-  if seen:
-    out.append(f'The model trained on {seen} of these {n} examples: its figures here are on '
-               'examples it learnt, not on new ones; evaluate a split it did not train on '
-               '(--config.evaluate.split) for what new images get.')
-  copies = report.get('copies_of_training_images')
-  if copies:
-    out.append(f'{copies} of these {n} images hold the bytes of images the model trained on (the '
-               'same file under another name, a link or a copy): their figures are on learnt '
-               'images, not new ones; delete those copies from one of the splits for a fair '
-               'score.')
+  if report.get('trained_on_split'):
+    out.append(trained_on_note(report['trained_on_split'], n))
+  if report.get('copies_of_training_images'):
+    out.append(copies_note(report['copies_of_training_images'], n))
   tuned = [_TUNED.get(t, t) for t in report.get('tuned_on_split') or ()]
   if tuned:
     out.append(f"Chosen on the split it is scored on: {'; '.join(tuned)}; so these figures are "

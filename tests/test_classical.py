@@ -13,7 +13,7 @@ import scipy.stats
 from PIL import Image
 from sklearn import metrics
 
-from imgcls_jax import classical, cross_validation, features, report_files
+from imgcls_jax import classical, classical_model, cross_validation, features, report_files
 from imgcls_jax.data import digits
 from imgcls_jax.data import folds as folds_lib
 from imgcls_jax.errors import UserError
@@ -53,13 +53,13 @@ def test_holdout_on_a_tfds_dataset_writes_the_evaluate_report(config, tmp_path, 
   assert report_line.startswith('Report: ') and 'reliability.png' in report_line
   assert 'training_curves' not in report_line
   assert not os.path.exists(os.path.join(out, report_files.CURVES_FILE))
-  for name in report_files.REPORT_FILES + (classical.MODEL_FILE, classical.META_FILE):
+  for name in report_files.REPORT_FILES + (classical_model.MODEL_FILE, classical_model.META_FILE):
     assert os.path.exists(os.path.join(out, name)), name
   with open(os.path.join(out, 'report.json')) as f:
     assert json.load(f)['accuracy'] == rep['accuracy']
   # The report's numbers are sklearn's on the saved classifier's own predictions.
   x, y = digits.load_arrays('test')
-  fitted = joblib.load(os.path.join(out, classical.MODEL_FILE))
+  fitted = joblib.load(os.path.join(out, classical_model.MODEL_FILE))
   pred = fitted.predict(features.extract(x, features.spec_from_config(config.classical)))
   assert rep['num_examples'] == len(y) == 450
   assert rep['accuracy'] == pytest.approx(metrics.accuracy_score(y, pred), abs=1e-12)
@@ -126,7 +126,7 @@ def test_image_folder_with_an_unreadable_file_and_a_calibrated_svm(config, tmp_p
   # and accuracy are sklearn's (and numpy's) of that model's own probabilities.
   assert 'Platt scaling' in rep['context']['probabilities']
   x, y, _ = features.split_arrays(config.data, 'test')
-  fitted = joblib.load(os.path.join(out, classical.MODEL_FILE))
+  fitted = joblib.load(os.path.join(out, classical_model.MODEL_FILE))
   probs = fitted.predict_proba(features.extract(x, features.spec_from_config(config.classical)))
   assert rep['loss'] == pytest.approx(metrics.log_loss(y, probs, labels=[0, 1, 2]), abs=1e-5)
   assert rep['accuracy'] == metrics.accuracy_score(y, probs.argmax(1))

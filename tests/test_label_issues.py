@@ -114,7 +114,7 @@ def test_the_classical_baselines_cross_validation_flags_the_changed_labels(digit
   """--mode=classical with folds: the same list from the feature classifier's out-of-fold
   probabilities; each row's p_label is the fold's saved classifier's probability of the label."""
   import joblib
-  from imgcls_jax import classical, features
+  from imgcls_jax import classical, classical_model, features
   from imgcls_jax.data import images
   manifest, flipped, label_of = _noisy_manifest(str(tmp_path / 'data'))
   c = digits_config
@@ -138,7 +138,7 @@ def test_the_classical_baselines_cross_validation_flags_the_changed_labels(digit
   root = os.path.dirname(manifest)
   for r in found[:10]:
     assert r['label'] == str(label_of[r['id']])
-    fitted = joblib.load(os.path.join(workdir, f"fold_{r['fold']}", classical.MODEL_FILE))
+    fitted = joblib.load(os.path.join(workdir, f"fold_{r['fold']}", classical_model.MODEL_FILE))
     x = images.decode(os.path.join(root, r['id']), channels=1)[None]
     p = fitted.predict_proba(features.extract(x, spec))[0]
     assert float(r['p_label']) == pytest.approx(p[int(r['label'])], abs=1e-4)
