@@ -63,6 +63,19 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_FAKE_DEVICES = 8
 
 
+@pytest.fixture(autouse=True)
+def _root_logging_restored():
+  """Puts the root logger back after each test. ``main.run`` in-process sets a handler on the
+  test's captured stderr, which closes with the test: a later test's log line (a server thread's)
+  would print a 'Logging error' into that test's own captured stderr."""
+  import logging
+  root = logging.getLogger()
+  handlers, level = root.handlers[:], root.level
+  yield
+  root.handlers[:] = handlers
+  root.setLevel(level)
+
+
 @pytest.fixture(scope='session')
 def tfds_dir(tmp_path_factory) -> str:
   """A session-wide tfds data_dir (the digits builder prepares itself there on first use)."""
