@@ -14,11 +14,17 @@ equal top-1 accuracy (the two-sided binomial test of the examples exactly one ru
 Two tagging runs are compared by mAP, macro F1 at each run's own thresholds and exact match
 (``intervals_multilabel``), with the table and McNemar's test on exact match.
 Writes ``compare.json`` and ``compare.md`` to ``config.evaluate.output_dir`` (default: the
-workdir of A) and prints the table. A classical baseline (``--mode=classical``) is refused: it
-keeps its report and a scikit-learn model, no network to predict the split again with.
+workdir of A) and prints the table.
+
+Either run may be a classical baseline's folder (``--mode=classical``, or one ``fold_<i>`` of its
+cross-validation): its scikit-learn model predicts the split again from the pixels its fit read
+(``classical_model``), so "are the learned features better than the classical ones on these
+images, beyond chance?" has the same paired answer. It has no checkpoint to choose and no
+test-time views (``config.evaluate.tta`` applies to a network only).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -29,15 +35,37 @@ import ml_collections
 import numpy as np
 import scipy.stats
 
-from imgcls_jax import (checkpoint_files, inference, intervals, intervals_multilabel, metrics,
-                        restored_split, run_directory)
+from imgcls_jax import (checkpoint_files, classical_model, features, inference, intervals,
+                        intervals_multilabel, metrics, restored_split, run_directory)
 from imgcls_jax import outcomes as outcomes_lib
+from imgcls_jax.data.info import DatasetInfo
 from imgcls_jax.errors import UserError
 
 
-def _outcomes(workdir: str, config: Any, e: ml_collections.ConfigDict, split: str,
-              overrides: dict[str, Any] | None
-              ) -> tuple[restored_split.Restored, outcomes_lib.Outcomes | outcomes_lib.TagOutcomes]:
+_TUNED = {'checkpoint': "'best' checkpoint was", 'thresholds': 'tag thresholds were'}
+_UNTUNED = {'checkpoint': '--config.evaluate.checkpoint=latest does not pick one',
+            'thresholds': 'compare on a split they were not chosen on'}
+
+
+@dataclasses.dataclass
+class Side:
+  """One run of the comparison, as the comparison reads it."""
+  split: str
+  step: int
+  chosen: str               # how its checkpoint was chosen (a classical fit: its model file)
+  model: str
+  tta: str
+  info: DatasetInfo
+  seed: int
+  source: str               # config.data.name it read the split from
+  seen: int | None          # examples of the split it trained on (None: not known)
+  # chosen on this split: 'checkpoint' (a 'best' one), 'thresholds' (tags): its figures favoured
+  tuned: list[str]
+  outcomes: outcomes_lib.Outcomes | outcomes_lib.TagOutcomes
+
+
+def _network(workdir: str, config: Any, e: ml_collections.ConfigDict, split: str,
+             overrides: dict[str, Any] | None) -> Side:
   try:
     r = restored_split.restore_for_split(workdir, config, split=split, checkpoint_spec=e.checkpoint,
                                          tta=e.tta or '', overrides=overrides,
@@ -45,28 +73,71 @@ def _outcomes(workdir: str, config: Any, e: ml_collections.ConfigDict, split: st
     outcomes, _ = outcomes_lib.outcomes_pass(r, e.tta or '')
   except UserError as err:   # which of the two runs
     raise UserError(f'{workdir}: {err}') from None
-  return r, outcomes
+  return Side(split=r.split, step=r.step, chosen=r.chosen, model=r.trained.run.model.name,
+              tta=e.tta or 'none', info=r.trained.info, seed=int(r.trained.run.seed),
+              source=str(r.trained.run.data.name),
+              seen=restored_split.seen_examples(r, workdir), outcomes=outcomes,
+              tuned=[k for k, v in r.fitted_on.items() if v == r.split and k != 'temperature'])
+
+
+def _classical(workdir: str, split: str, overrides: dict[str, Any] | None) -> Side:
+  """A classical fit's model on ``split`` ('' = the split its fit evaluated), read as its fit read
+  its images (the data locations of the command line applied, as for a network)."""
+  from imgcls_jax.data import reader
+  try:
+    meta, pixels, fitted = classical_model.load(workdir)
+    run = inference.effective_config(meta['config'], None, {
+        k: v for k, v in (overrides or {}).items() if not k.startswith(inference.MODE_SECTIONS)})
+    new_images = any((overrides or {}).get(k) for k in ('data.folder', 'data.manifest'))
+    split = split or (reader.default_eval_split(run.data) if new_images else run.data.eval_split)
+    images, labels, position = features.split_arrays(run.data, split, info=pixels.info)
+    probs = classical_model.probabilities(fitted, classical_model.spec_of(run), images,
+                                          pixels.info.num_classes)
+  except UserError as err:
+    raise UserError(f'{workdir}: {err}') from None
+  try:
+    seen = None if new_images else reader.shared_examples(run.data, split, run.data.train_split,
+                                                          pixels.info)
+  except UserError:
+    seen = None
+  rows = np.arange(len(labels))
+  predicted = probs.argmax(1)
+  outcomes = outcomes_lib.Outcomes(
+      position=np.asarray(position, np.int64), label=labels, predicted=predicted,
+      p_predicted=probs[rows, predicted].astype(np.float32),
+      p_label=probs[rows, labels].astype(np.float32), images={}, probs=probs.astype(np.float32))
+  blocks = '+'.join(classical_model.spec_of(run).blocks)
+  return Side(split=split, step=0, chosen=f'{classical_model.MODEL_FILE} (fitted once)',
+              model=f'classical: {blocks} -> {run.classical.classifier}', tta='none',
+              info=pixels.info, seed=int(run.seed), source=str(run.data.name), seen=seen,
+              outcomes=outcomes, tuned=[])
 
 
 def _labels(o: outcomes_lib.Outcomes | outcomes_lib.TagOutcomes) -> np.ndarray:
   return o.labels if isinstance(o, outcomes_lib.TagOutcomes) else o.label
 
 
-def _check_pairs(a: restored_split.Restored, b: restored_split.Restored, labels_a: np.ndarray,
-                 labels_b: np.ndarray) -> None:
-  kinds = ['multi-label' if r.trained.info.multilabel else 'single-label' for r in (a, b)]
+def _check_pairs(a: Side, b: Side, labels_a: np.ndarray, labels_b: np.ndarray) -> None:
+  kinds = ['multi-label' if r.info.multilabel else 'single-label' for r in (a, b)]
   if kinds[0] != kinds[1]:
     raise UserError(f'Run A is a {kinds[0]} run and run B a {kinds[1]} one; compare two runs of '
                     'the same task.')
-  names_a, names_b = a.trained.info.class_names, b.trained.info.class_names
+  names_a, names_b = a.info.class_names, b.info.class_names
   if tuple(names_a) != tuple(names_b):
     raise UserError(f'The two runs have different classes ({len(names_a)}: {list(names_a)[:5]}... '
                     f'vs {len(names_b)}: {list(names_b)[:5]}...); compare runs of one dataset.')
-  if len(labels_a) != len(labels_b) or not np.array_equal(labels_a, labels_b):
-    differs = (labels_a != labels_b).reshape(len(labels_a), -1).any(1) if len(
+  if len(labels_a) != len(labels_b) or not np.array_equal(labels_a, labels_b) or not (
+      np.array_equal(a.outcomes.position, b.outcomes.position)):
+    differs = ((labels_a != labels_b).reshape(len(labels_a), -1).any(1)
+               | (a.outcomes.position != b.outcomes.position)) if len(
         labels_a) == len(labels_b) else None
     where = (f'{len(labels_a)} vs {len(labels_b)} examples' if differs is None
-             else f'their labels differ from example {int(np.argmax(differs))} on')
+             else f'they differ from example {int(np.argmax(differs))} on')
+    if a.source != b.source:
+      raise UserError(f"The two runs do not read the same examples of split '{a.split}' ({where}): "
+                      f"A reads config.data.name='{a.source}' and B '{b.source}', and the same "
+                      'images from two sources come in other orders; train (or fit) one of them '
+                      "again on the other's config.data.name.")
     raise UserError(f"The two runs do not read the same examples of split '{a.split}' ({where}); "
                     'compare runs of the same dataset and split (config.data.* of each run).')
 
@@ -75,6 +146,10 @@ def compare(config: ml_collections.ConfigDict | None, workdir: str,
             overrides: dict[str, Any] | None = None) -> dict[str, Any]:
   """The ``compare`` mode: run ``workdir`` (A) against ``config.compare.workdir`` (B)."""
   workdir = os.path.abspath(workdir)
+  kinds = {workdir: run_directory.kind(workdir)}
+  if kinds[workdir] == 'classical' and config is None:   # its settings: the fit's config
+    with open(os.path.join(workdir, classical_model.META_FILE)) as f:
+      config = ml_collections.ConfigDict(json.load(f)['config'])
   c = inference.mode_settings(workdir, config, overrides, 'compare')
   other = c.get('workdir', '') or ''
   if not other:
@@ -83,31 +158,37 @@ def compare(config: ml_collections.ConfigDict | None, workdir: str,
   other = os.path.abspath(os.path.expanduser(other))
   if other == workdir:
     raise UserError(f'--config.compare.workdir is --workdir itself ({workdir}); give another run.')
+  kinds[other] = run_directory.kind(other)
   for flag, path in (('--workdir', workdir), ('--config.compare.workdir', other)):
-    if run_directory.kind(path) in ('classical', 'classical_cv'):
-      raise UserError(f'{flag}={path} is a classical baseline (--mode=classical), which keeps no '
-                      'network to predict the split again, so --mode=compare cannot pair it with '
-                      "another run; compare the two runs' report.md (each gives top-1 with its "
-                      'confidence interval), or compare two trained networks.')
+    if kinds[path] == 'classical_cv':
+      raise UserError(f'{flag}={path} is a cross-validation of the classical baseline, with a '
+                      'model per fold; give one of its fold_<i> folders to compare on that '
+                      "fold's split, or a classical fit on a hold-out (--mode=classical).")
   ckpts = os.path.join(other, 'checkpoints')
-  if not os.path.isdir(ckpts) or not checkpoint_files.finished_steps(ckpts):
+  if kinds[other] != 'classical' and (not os.path.isdir(ckpts)
+                                      or not checkpoint_files.finished_steps(ckpts)):
     raise UserError(f'--config.compare.workdir={other} holds no checkpoint; point it at the run '
-                    'directory of a trained run.')
+                    'directory of a trained run (or a classical fit\'s folder).')
   e = inference.mode_settings(workdir, config, overrides, 'evaluate')
   level, resamples = intervals.settings(e, 1, '--mode=compare bootstraps the differences: ')
-  ra, oa = _outcomes(workdir, config, e, e.split or '', overrides)
   # B's data may have moved with A's: the location flags given for A apply to B too.
-  rb, ob = _outcomes(other, None, e, ra.split, {
-      k: v for k, v in (overrides or {}).items() if not k.startswith(('compare.', 'evaluate.'))})
+  b_overrides = {k: v for k, v in (overrides or {}).items()
+                 if not k.startswith(('compare.', 'evaluate.'))}
+  ra = (_classical(workdir, e.split or '', overrides) if kinds[workdir] == 'classical'
+        else _network(workdir, config, e, e.split or '', overrides))
+  rb = (_classical(other, ra.split, b_overrides) if kinds[other] == 'classical'
+        else _network(other, None, e, ra.split, b_overrides))
+  oa, ob = ra.outcomes, rb.outcomes
   labels = _labels(oa)
   _check_pairs(ra, rb, labels, _labels(ob))
-  seen = {tag: restored_split.seen_examples(r, path)
-          for tag, r, path in (('A', ra, workdir), ('B', rb, other))}
-  for tag, n in seen.items():
-    if n:
+  for tag, r in (('A', ra), ('B', rb)):
+    if r.seen:
       logging.warning("Run %s trained on %d examples of split '%s': its score there is on images "
                       'it learnt, so the comparison favours it; compare on a split neither run '
-                      'trained on (--config.evaluate.split=...).', tag, n, ra.split)
+                      'trained on (--config.evaluate.split=...).', tag, r.seen, ra.split)
+    for what in r.tuned:
+      logging.warning("Run %s's %s chosen on split '%s': its figures there are favoured; %s.",
+                      tag, _TUNED[what], ra.split, _UNTUNED[what])
   if len(labels) < 2:
     raise UserError(f"The split '{ra.split}' has {len(labels)} example; compare the runs on a "
                     'split of at least 2.')
@@ -119,17 +200,17 @@ def compare(config: ml_collections.ConfigDict | None, workdir: str,
     names = intervals_multilabel.METRICS
     diffs = intervals_multilabel.paired_differences(
         labels, oa.probs, oa.thresholds, ob.probs, ob.thresholds, level=level,
-        resamples=resamples, seed=int(ra.trained.run.seed))
+        resamples=resamples, seed=ra.seed)
     hit_a, hit_b = (np.all(o.predicted == o.labels, axis=1) for o in (oa, ob))
     task, judged = 'multilabel', 'exact match'   # the whole tag set right
   else:
-    k = ra.trained.info.num_classes
+    k = ra.info.num_classes
     m = intervals.confusion_metrics(np.stack([
         np.bincount(labels * k + o.predicted, minlength=k * k).reshape(k, k) for o in (oa, ob)]))
     names = ('accuracy', 'f1_macro', 'balanced_accuracy')
     point = [{n: float(m[j, i]) for j, n in enumerate(names)} for i in range(2)]
     diffs = intervals.paired_differences(labels, oa.predicted, ob.predicted, k, level=level,
-                                         resamples=resamples, seed=int(ra.trained.run.seed))
+                                         resamples=resamples, seed=ra.seed)
     hit_a, hit_b = oa.predicted == labels, ob.predicted == labels
     task, judged = 'single-label', 'top-1'
   only_a, only_b = int(np.sum(hit_a & ~hit_b)), int(np.sum(~hit_a & hit_b))
@@ -137,9 +218,9 @@ def compare(config: ml_collections.ConfigDict | None, workdir: str,
       'task': task, 'split': ra.split, 'examples': int(len(labels)), 'tta': e.tta or 'none',
       'level': level,
       'runs': {tag: {'workdir': path, 'checkpoint_step': r.step, 'checkpoint': r.chosen,
-                     'model': r.trained.run.model.name,
+                     'model': r.model, 'tta': r.tta,
                      # examples of the split it trained on (None: not known)
-                     'trained_on_split': seen[tag], **point[i]}
+                     'trained_on_split': r.seen, 'tuned_on_split': r.tuned, **point[i]}
                for i, (tag, r, path) in enumerate((('A', ra, workdir), ('B', rb, other)))},
       'difference_b_minus_a': {n: {'value': point[1][n] - point[0][n], 'interval': diffs[n]}
                                for n in names},
@@ -169,9 +250,16 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
   """The printed table (also the body of compare.md)."""
   a, b = result['runs']['A'], result['runs']['B']
   pct = 100 * result['level']
-  out = [f"Split '{result['split']}', {result['examples']} examples, TTA {result['tta']}",
-         f"A: {a['workdir']} (step {a['checkpoint_step']}, {a['checkpoint']})",
-         f"B: {b['workdir']} (step {b['checkpoint_step']}, {b['checkpoint']})",
+  mixed = a.get('tta', result['tta']) != b.get('tta', result['tta'])   # a classical run: none
+
+  def which(r: dict[str, Any]) -> str:
+    if str(r.get('model', '')).startswith('classical'):
+      return f"{r['model']}, {r['checkpoint']}"
+    return f"step {r['checkpoint_step']}, {r['checkpoint']}" + (f", TTA {r['tta']}" if mixed
+                                                                 else '')
+  tta = 'per run' if mixed else result['tta']
+  out = [f"Split '{result['split']}', {result['examples']} examples, TTA {tta}",
+         f"A: {a['workdir']} ({which(a)})", f"B: {b['workdir']} ({which(b)})",
          f"{'metric':<18} {'A':>8} {'B':>8} {'B - A':>8}  {pct:g}% interval of B - A"]
   shown = ((('map', 'mAP'), ('f1_macro', 'macro F1'), ('exact_match', 'exact match'))
            if result.get('task') == 'multilabel' else
@@ -186,6 +274,9 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     if n:
       out.append(f'Note: {tag} trained on {n} of these examples: its score here is not on new '
                  'images.')
+    for what in result['runs'][tag].get('tuned_on_split') or ():
+      out.append(f"Note: {tag}'s {_TUNED[what]} chosen on this split: its score here is favoured "
+                 f'({_UNTUNED[what]}).')
   t, judged = result['table'], result.get('right_or_wrong', 'top-1')
   out += [f"right / wrong ({judged}): both right {t['both_right']}, only A {t['only_a_right']}, "
           f"only B {t['only_b_right']}, both wrong {t['both_wrong']}",

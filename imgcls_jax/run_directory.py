@@ -125,7 +125,8 @@ def kind(workdir: str) -> str:
 def classical_advice(workdir: str) -> str:
   """What ``workdir`` is and where its results are, when ``--mode=classical`` wrote it (a
   classical baseline, one fold of its cross-validation, or the cross-validation): it holds a
-  scikit-learn model, no network checkpoint to evaluate, predict with or compare; else ''."""
+  scikit-learn model, no network checkpoint to evaluate (predict and compare use its model); else
+  ''."""
   found = kind(workdir)
   if found == 'classical_cv':
     return (f'--workdir={workdir} is a cross-validation of the classical baseline '

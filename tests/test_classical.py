@@ -84,6 +84,20 @@ def test_holdout_on_a_tfds_dataset_writes_the_evaluate_report(config, tmp_path, 
   assert '## Confidence intervals' in open(os.path.join(out, 'report.md')).read()
 
 
+def test_an_arrays_dataset_fits_though_the_config_names_a_host_augmentation(config, tmp_path):
+  """The fit reads its images unaugmented, so the tfds config's 'pad_crop(pad=1)' (which arrays
+  refuse for training) does not stop it reading the same digits as arrays."""
+  assert config.data.train_preprocess
+  config.data.name = 'arrays:sklearn_digits'
+  out = str(tmp_path / 'arrays')
+  rep = classical.classical(config, out)
+  x, y = digits.load_arrays('test')
+  pred = joblib.load(os.path.join(out, classical_model.MODEL_FILE)).predict(
+      features.extract(x, features.spec_from_config(config.classical)))
+  assert rep['accuracy'] == pytest.approx(metrics.accuracy_score(y, pred), abs=1e-12)
+  assert rep['accuracy'] > 0.95
+
+
 def test_cross_validation_uses_the_cnns_folds(config, tmp_path):
   config.data.train_split = 'train+test'
   config.cross_validation.folds = 2

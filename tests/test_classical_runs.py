@@ -1,5 +1,6 @@
-"""The folders --mode=classical writes, as the other modes meet them: evaluate and compare say what
-the folder is and where its results are (not "train first" or "use one fold"), predict predicts
+"""The folders --mode=classical writes, as the other modes meet them: evaluate says what the
+folder is and where its results are (not "train first" or "use one fold"), compare takes a fit or
+one fold (tests/test_compare.py pairs one with a network), predict predicts
 with its scikit-learn model as its own evaluation scored, and a folder of class directories
 without split directories cross-validates as train_split='all'."""
 import json
@@ -93,13 +94,14 @@ def test_evaluate_and_predict_name_the_classical_folder_and_its_report(runs, whi
     assert message.count('. ') == 0 and message.endswith('--mode=train.'), message
 
 
-def test_compare_refuses_a_classical_run_in_one_line(runs, tmp_path):
+def test_compare_takes_a_fold_not_a_classical_cross_validation_in_one_line(runs, tmp_path):
   holdout, cv, _ = runs
-  for a, b, flag in ((holdout, str(tmp_path), '--workdir'),
-                     (str(tmp_path), cv, '--config.compare.workdir')):
-    with pytest.raises(UserError, match=rf'^{flag}=.* is a classical baseline \(--mode=classical\)'
-                       r", .*cannot pair it with another run; compare the two runs' report.md"):
+  for a, b, flag in ((cv, holdout, '--workdir'), (holdout, cv, '--config.compare.workdir')):
+    with pytest.raises(UserError, match=rf'^{flag}=.* is a cross-validation of the classical '
+                       r'baseline, .*give one of its fold_<i> folders'):
       compare.compare(default_config(), a, overrides={'compare.workdir': b})
+  with pytest.raises(UserError, match=r'compare.workdir=.* holds no checkpoint; .*classical fit'):
+    compare.compare(default_config(), holdout, overrides={'compare.workdir': str(tmp_path)})
 
 
 def test_the_cli_answers_evaluate_on_a_classical_run_in_one_line(runs):

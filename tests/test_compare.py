@@ -1,6 +1,7 @@
 """--mode=compare (imgcls_jax/compare.py): two digits runs against scikit-learn's metrics of their
 own predictions, McNemar's exact p-value from the binomial distribution, and the paired bootstrap
-against an independent one scored by scikit-learn."""
+against an independent one scored by scikit-learn; a network against a classical fit, against the
+fit's own evaluation."""
 import json
 import sys
 import warnings
@@ -10,7 +11,7 @@ import pytest
 import scipy.stats
 from sklearn import metrics as skm
 
-from imgcls_jax import compare, inference, intervals, train
+from imgcls_jax import classical, classical_model, compare, inference, intervals, train
 from imgcls_jax.data import digits
 from imgcls_jax.errors import UserError
 from tests.conftest import REPO
@@ -145,3 +146,91 @@ def test_a_split_either_run_trained_on_is_said_so(two_runs, tmp_path, caplog):
                                                  'evaluate.output_dir': str(tmp_path)})
   assert [result['runs'][t]['trained_on_split'] for t in 'AB'] == [0, 0]
   assert 'trained on' not in caplog.text
+
+
+@pytest.fixture(scope='module')
+def classical_fit(tmp_path_factory, tfds_dir):
+  """The classical baseline (configs/digits_classical.py's features) on the runs' data."""
+  c = _config(tfds_dir, 0, 2)
+  c.classical.hog_cell = 2
+  c.classical.lbp_grid = 2
+  c.classical.edge_grid = 2
+  c.classical.edge_sigma = 0.5
+  c.classical.C = 0.1
+  c.classical.workers = 1
+  workdir = str(tmp_path_factory.mktemp('classical_fit'))
+  classical.classical(c, workdir)
+  return workdir
+
+
+def test_a_network_and_a_classical_fit_are_paired_on_the_same_images(two_runs, classical_fit,
+                                                                    tmp_path):
+  """Learned vs classical features, paired: the classical side's figures and per-example answers
+  are those of the fit's own evaluation (its report.json's confusion matrix), the network's those
+  of its classifier, and the table and McNemar's p follow from both."""
+  import joblib
+  from imgcls_jax import features
+  a = two_runs[1]
+  result = compare.compare(None, a, overrides={'compare.workdir': classical_fit,
+                                               'evaluate.checkpoint': 'latest',
+                                               'evaluate.output_dir': str(tmp_path)})
+  fit_report = json.load(open(f'{classical_fit}/report.json'))
+  images, labels = digits.load_arrays('test')
+  assert result['split'] == fit_report['context']['split'] == 'test'
+  assert result['examples'] == len(labels) == fit_report['num_examples']
+  b = result['runs']['B']
+  assert b['model'].startswith('classical: ') and b['checkpoint_step'] == 0
+  assert b['trained_on_split'] == 0 and b['tta'] == 'none'
+  assert b['accuracy'] == pytest.approx(fit_report['accuracy'], abs=1e-12)
+  assert b['f1_macro'] == pytest.approx(fit_report['macro_avg']['f1'], abs=1e-9)
+  assert b['balanced_accuracy'] == pytest.approx(fit_report['balanced_accuracy'], abs=1e-9)
+  # Per example: the fitted model on scikit-learn's own test arrays, checked against the fit's
+  # evaluation by its confusion matrix, then the pairs with the network's answers.
+  run = json.load(open(f'{classical_fit}/{classical_model.META_FILE}'))['config']['classical']
+  fitted = joblib.load(f'{classical_fit}/{classical_model.MODEL_FILE}')
+  pred_b = fitted.predict(features.extract(images, features.spec_from_config(
+      __import__('ml_collections').ConfigDict(run))))
+  np.testing.assert_array_equal(skm.confusion_matrix(labels, pred_b, labels=range(10)),
+                                np.asarray(fit_report['confusion_matrix']))
+  pred_a = inference.classifier(inference.load(a)).predict_arrays(images)['probabilities'].argmax(1)
+  np.testing.assert_allclose(result['runs']['A']['accuracy'], skm.accuracy_score(labels, pred_a),
+                             rtol=1e-12)
+  hit_a, hit_b = pred_a == labels, pred_b == labels
+  only_a, only_b = int(np.sum(hit_a & ~hit_b)), int(np.sum(~hit_a & hit_b))
+  assert result['table'] == {'both_right': int(np.sum(hit_a & hit_b)), 'only_a_right': only_a,
+                             'only_b_right': only_b, 'both_wrong': int(np.sum(~hit_a & ~hit_b))}
+  assert only_a + only_b > 0
+  p = min(1.0, 2 * scipy.stats.binom.cdf(min(only_a, only_b), only_a + only_b, 0.5))
+  assert result['mcnemar_exact_p'] == pytest.approx(p, rel=1e-9)
+  assert 'classical: ' in (tmp_path / 'compare.md').read_text()
+  # The classical fit as A, without a config: its own settings; the same pairs, mirrored.
+  mirrored = compare.compare(None, classical_fit, overrides={'compare.workdir': a,
+                                                             'evaluate.checkpoint': 'latest',
+                                                             'evaluate.output_dir': str(tmp_path)})
+  assert mirrored['table']['only_a_right'] == only_b and mirrored['table']['only_b_right'] == only_a
+  assert mirrored['runs']['A']['accuracy'] == b['accuracy']
+
+
+def test_a_best_checkpoint_picked_on_the_split_is_said_so(classical_fit, tfds_dir, tmp_path,
+                                                          caplog):
+  """A 'best' checkpoint picked among the run's evaluations of the compared split favours it:
+  recorded, warned of and noted; with --config.evaluate.checkpoint=latest nothing was picked."""
+  import logging
+  c = _config(tfds_dir, 2, 20)
+  c.eval_every_steps = 10
+  c.checkpoint_every_steps = 10
+  c.evaluate.checkpoint = 'best'
+  run = str(tmp_path / 'two_evaluations')
+  train.train_and_evaluate(c, run)
+  with caplog.at_level(logging.WARNING):
+    result = compare.compare(None, classical_fit, overrides={'compare.workdir': run,
+                                                             'evaluate.output_dir': str(tmp_path)})
+  assert result['runs']['B']['tuned_on_split'] == ['checkpoint']
+  assert result['runs']['A']['tuned_on_split'] == []
+  assert "Run B's 'best' checkpoint was chosen on split 'test'" in caplog.text
+  assert "Note: B's 'best' checkpoint was chosen on this split" in (
+      tmp_path / 'compare.md').read_text()
+  result = compare.compare(None, classical_fit, overrides={'compare.workdir': run,
+                                                           'evaluate.checkpoint': 'latest',
+                                                           'evaluate.output_dir': str(tmp_path)})
+  assert result['runs']['B']['tuned_on_split'] == []
