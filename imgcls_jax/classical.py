@@ -88,14 +88,6 @@ def probabilities_note(classical: ml_collections.ConfigDict) -> str:
           f'ensemble=False, up to {CALIBRATION_FOLDS} folds)')
 
 
-def report_of(scores_NxK: np.ndarray, labels_N: np.ndarray, class_names: list[str], *,
-              num_bins: int, top_confused: int) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-  """(the evaluation report, its summed statistics) of class scores, by ``report.eval_sums``
-  (``report.sums_of_scores``)."""
-  stats = report.sums_of_scores(scores_NxK, labels_N, num_bins)
-  return report.summarize(stats, class_names, top_confused=top_confused), stats
-
-
 def fit_and_evaluate(config: ml_collections.ConfigDict, out_dir: str, title: str
                      ) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, np.ndarray]]:
   """Fits on ``data.train_split``, evaluates ``data.eval_split``, writes the report files and the
@@ -122,9 +114,9 @@ def fit_and_evaluate(config: ml_collections.ConfigDict, out_dir: str, title: str
   scores = classical_model.class_scores(fitted, features.extract(x_eval, spec, workers=workers),
                                         info.num_classes)
   t_eval = time.perf_counter()
-  rep, stats = report_of(scores, y_eval, list(info.class_names),
-                         num_bins=int(config.evaluate.calibration_bins),
-                         top_confused=int(config.evaluate.top_confused))
+  rep, stats = classical_model.report_of(scores, y_eval, list(info.class_names),
+                                         num_bins=int(config.evaluate.calibration_bins),
+                                         top_confused=int(config.evaluate.top_confused))
   rep['intervals'] = intervals.report_intervals(  # as --mode=evaluate's
       np.asarray(rep['confusion_matrix']), level=level, resamples=resamples, seed=int(config.seed))
   timing = {'read_train_s': t_read - t0, 'features_train_s': t_feat - t_read,
@@ -132,8 +124,7 @@ def fit_and_evaluate(config: ml_collections.ConfigDict, out_dir: str, title: str
   rep['context'] = {'dataset': info.name, 'split': config.data.eval_split,
                     'checkpoint_step': 0,
                     'checkpoint': f'{classical_model.MODEL_FILE} (fitted once)',
-                    'tta': 'none', 'model': f"classical: {'+'.join(spec.blocks)} features "
-                    f'({f_train.shape[1]}) -> {config.classical.classifier}',
+                    'tta': 'none', 'model': classical_model.describe(config, f_train.shape[1]),
                     'probabilities': probabilities_note(config.classical),
                     'train_split': config.data.train_split, 'train_examples': len(y_train),
                     'workdir': out_dir, **{k: round(v, 3) for k, v in timing.items()}}

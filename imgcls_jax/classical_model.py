@@ -13,7 +13,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from imgcls_jax import features, run_directory
+from imgcls_jax import features, inference, report, run_directory
 from imgcls_jax.data.info import DatasetInfo
 from imgcls_jax.errors import UserError
 
@@ -76,6 +76,78 @@ def probabilities(fitted: Any, spec: features.FeatureSpec, images_NxHxWxC: np.nd
   return shifted / shifted.sum(axis=1, keepdims=True)
 
 
+def describe(run: ml_collections.ConfigDict, num_features: int | None = None) -> str:
+  """The model as reports name it: 'classical: hog+lbp features (385) -> logistic'."""
+  size = f' ({num_features})' if num_features else ''
+  return (f"classical: {'+'.join(spec_of(run).blocks)} features{size} -> "
+          f'{run.classical.classifier}')
+
+
+def report_of(scores_NxK: np.ndarray, labels_N: np.ndarray, class_names: list[str], *,
+              num_bins: int, top_confused: int) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  """(the evaluation report, its summed statistics) of class scores, by ``report.eval_sums``
+  (``report.sums_of_scores``)."""
+  stats = report.sums_of_scores(scores_NxK, labels_N, num_bins)
+  return report.summarize(stats, class_names, top_confused=top_confused), stats
+
+
 def spec_of(run: ml_collections.ConfigDict) -> features.FeatureSpec:
   """The feature blocks a fit's config asked for (``config.classical``)."""
   return features.spec_from_config(run.classical)
+
+
+@dataclasses.dataclass
+class Scored:
+  """A fit's model on every readable example of a split (``score_split``)."""
+  meta: dict[str, Any]            # classical.json
+  run: ml_collections.ConfigDict   # the fit's config, with the command line's data locations
+  info: DatasetInfo
+  split: str
+  new_images: bool                 # another labelled folder or manifest (``data.folder``, ...)
+  scores: np.ndarray               # float32 N x K: ``class_scores``
+  labels: np.ndarray               # int64 N
+  position: np.ndarray             # int64 N: in the split's read order
+
+  def probabilities(self) -> np.ndarray:
+    shifted = np.exp(self.scores - self.scores.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+  def model(self) -> str:
+    return describe(self.run, sum((self.meta.get('feature_blocks') or {}).values()) or None)
+
+  def seen(self) -> int | None:
+    """How many of the examples the fit trained on (None: not known, e.g. other images)."""
+    from imgcls_jax.data import reader
+    if self.new_images:
+      return None
+    try:
+      return reader.shared_examples(self.run.data, self.split, self.run.data.train_split,
+                                    self.info)
+    except UserError:
+      return None
+
+
+def run_config(meta: dict[str, Any], overrides: dict[str, Any] | None) -> ml_collections.ConfigDict:
+  """The fit's config (``classical.json``'s) with the data locations of the command line's keys
+  (``overrides``) applied, as a network run's (``inference.effective_config``)."""
+  return inference.effective_config(meta['config'], None, {
+      k: v for k, v in (overrides or {}).items() if not k.startswith(inference.MODE_SECTIONS)})
+
+
+def score_split(workdir: str, split: str, overrides: dict[str, Any] | None) -> Scored:
+  """The fit's model on ``split`` ('' = the split its fit evaluated; with ``--config.data.folder``
+  or ``manifest`` on the command line, that folder's evaluation split), its images read as its
+  fit read them, the data locations of ``overrides`` (the command line's keys) applied as for a
+  network (``inference.effective_config``)."""
+  from imgcls_jax.data import reader
+  meta, pixels, fitted = load(workdir)
+  overrides = overrides or {}
+  run = run_config(meta, overrides)
+  new_images = any(overrides.get(k) for k in ('data.folder', 'data.manifest'))
+  split = split or (reader.default_eval_split(run.data) if new_images else run.data.eval_split)
+  images, labels, position = features.split_arrays(run.data, split, info=pixels.info)
+  scores = class_scores(fitted, features.extract(images, spec_of(run),
+                                                 workers=int(run.classical.get('workers', 0))),
+                        pixels.info.num_classes)
+  return Scored(meta=meta, run=run, info=pixels.info, split=split, new_images=new_images,
+                scores=scores, labels=labels, position=np.asarray(position, np.int64))

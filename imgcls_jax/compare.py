@@ -35,7 +35,7 @@ import ml_collections
 import numpy as np
 import scipy.stats
 
-from imgcls_jax import (checkpoint_files, classical_model, features, inference, intervals,
+from imgcls_jax import (checkpoint_files, classical_model, inference, intervals,
                         intervals_multilabel, metrics, restored_split, run_directory)
 from imgcls_jax import outcomes as outcomes_lib
 from imgcls_jax.data.info import DatasetInfo
@@ -81,35 +81,19 @@ def _network(workdir: str, config: Any, e: ml_collections.ConfigDict, split: str
 
 
 def _classical(workdir: str, split: str, overrides: dict[str, Any] | None) -> Side:
-  """A classical fit's model on ``split`` ('' = the split its fit evaluated), read as its fit read
-  its images (the data locations of the command line applied, as for a network)."""
-  from imgcls_jax.data import reader
+  """A classical fit's model on ``split`` (``classical_model.score_split``)."""
   try:
-    meta, pixels, fitted = classical_model.load(workdir)
-    run = inference.effective_config(meta['config'], None, {
-        k: v for k, v in (overrides or {}).items() if not k.startswith(inference.MODE_SECTIONS)})
-    new_images = any((overrides or {}).get(k) for k in ('data.folder', 'data.manifest'))
-    split = split or (reader.default_eval_split(run.data) if new_images else run.data.eval_split)
-    images, labels, position = features.split_arrays(run.data, split, info=pixels.info)
-    probs = classical_model.probabilities(fitted, classical_model.spec_of(run), images,
-                                          pixels.info.num_classes)
+    scored = classical_model.score_split(workdir, split, overrides)
   except UserError as err:
     raise UserError(f'{workdir}: {err}') from None
-  try:
-    seen = None if new_images else reader.shared_examples(run.data, split, run.data.train_split,
-                                                          pixels.info)
-  except UserError:
-    seen = None
-  rows = np.arange(len(labels))
-  predicted = probs.argmax(1)
+  probs, labels = scored.probabilities().astype(np.float32), scored.labels
+  rows, predicted = np.arange(len(labels)), probs.argmax(1)
   outcomes = outcomes_lib.Outcomes(
-      position=np.asarray(position, np.int64), label=labels, predicted=predicted,
-      p_predicted=probs[rows, predicted].astype(np.float32),
-      p_label=probs[rows, labels].astype(np.float32), images={}, probs=probs.astype(np.float32))
-  blocks = '+'.join(classical_model.spec_of(run).blocks)
-  return Side(split=split, step=0, chosen=f'{classical_model.MODEL_FILE} (fitted once)',
-              model=f'classical: {blocks} -> {run.classical.classifier}', tta='none',
-              info=pixels.info, seed=int(run.seed), source=str(run.data.name), seen=seen,
+      position=scored.position, label=labels, predicted=predicted,
+      p_predicted=probs[rows, predicted], p_label=probs[rows, labels], images={}, probs=probs)
+  return Side(split=scored.split, step=0, chosen=f'{classical_model.MODEL_FILE} (fitted once)',
+              model=scored.model(), tta='none', info=scored.info,
+              seed=int(scored.run.seed), source=str(scored.run.data.name), seen=scored.seen(),
               outcomes=outcomes, tuned=[])
 
 

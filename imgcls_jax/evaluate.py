@@ -20,6 +20,7 @@ from the run's ``metrics.jsonl``, ``training_curves.png``; prints a short table.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 from typing import Any
@@ -42,6 +43,8 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str,
              overrides: dict[str, Any] | None = None) -> dict[str, Any]:
   """The ``evaluate`` mode: ``config.evaluate`` picks checkpoint, split, TTA and output dir."""
   workdir = os.path.abspath(workdir)
+  if run_directory.kind(workdir) == 'classical':
+    return _evaluate_classical(config, workdir, overrides)
   e = inference.mode_settings(workdir, config, overrides, 'evaluate')  # the run's, plus flags
   level, resamples = intervals.settings(e)
   shown = int(e.get('errors', 0) or 0)
@@ -119,6 +122,54 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str,
         rep['label_issues'] = found
     written = report_files.write(rep, out_dir, title, os.path.join(workdir, 'metrics.jsonl'),
                                  errors=errors)
+    print('\n'.join(report_files.table_lines(rep, title, out_dir, written)), flush=True)
+  return rep
+
+
+def _evaluate_classical(config: ml_collections.ConfigDict | None, workdir: str,
+                        overrides: dict[str, Any] | None) -> dict[str, Any]:
+  """A classical fit's folder (``--mode=classical``, or one fold of its cross-validation): its
+  scikit-learn model scores ``config.evaluate.split`` (or another labelled folder or manifest:
+  ``--config.data.folder`` / ``manifest``), and the report files of its fit, with the confidence
+  intervals, go to ``config.evaluate.output_dir`` (default ``<workdir>/evaluate``: the fit's own
+  report.md stays its record). No per-image listing or label issues, as in the fit's report."""
+  from imgcls_jax import classical_model   # scikit-image and scikit-learn: not for networks
+  with open(os.path.join(workdir, classical_model.META_FILE)) as f:
+    meta = json.load(f)
+  e = inference.mode_settings(
+      workdir, config if config is not None else ml_collections.ConfigDict(meta['config']),
+      overrides, 'evaluate')
+  for key, what in (('tta', 'test-time views'), ('ood_inputs', 'out-of-distribution scores')):
+    if e.get(key):
+      raise UserError(f'config.evaluate.{key} needs a network, and --workdir={workdir} is a '
+                      f'classical baseline, which has no {what} here: drop it.')
+  if 'evaluate.checkpoint' in (overrides or {}):
+    logging.warning('A classical baseline has one fitted model: config.evaluate.checkpoint is '
+                    'not read.')
+  level, resamples = intervals.settings(e)
+  out_dir = os.path.abspath(e.output_dir or os.path.join(workdir, 'evaluate'))
+  report_files.check_output(out_dir, classical_model.run_config(meta, overrides).data,
+                            set(report_files.REPORT_FILES))
+  scored = classical_model.score_split(workdir, e.split or '', overrides)
+  rep, _ = classical_model.report_of(scored.scores, scored.labels, list(scored.info.class_names),
+                                     num_bins=int(e.calibration_bins),
+                                     top_confused=int(e.top_confused))
+  rep['intervals'] = intervals.report_intervals(
+      np.asarray(rep['confusion_matrix']), level=level, resamples=resamples,
+      seed=int(scored.run.seed))
+  dataset = str(scored.run.data.name)
+  rep['context'] = {'dataset': dataset, 'split': scored.split, 'checkpoint_step': 0,
+                    'checkpoint': f'{classical_model.MODEL_FILE} (fitted once)', 'tta': 'none',
+                    'model': scored.model(), 'probabilities': meta.get('probabilities', ''),
+                    'train_split': scored.run.data.train_split, 'workdir': workdir}
+  seen = scored.seen()
+  if seen is not None:
+    rep['trained_on_split'] = seen
+  if seen:
+    logging.warning('%s', report_text.trained_on_note(seen, rep['num_examples'], scored.split))
+  if jax.process_index() == 0:
+    title = f"Evaluation of the classical baseline on {dataset} '{scored.split}'"
+    written = report_files.write(rep, out_dir, title, None)
     print('\n'.join(report_files.table_lines(rep, title, out_dir, written)), flush=True)
   return rep
 

@@ -125,23 +125,23 @@ def kind(workdir: str) -> str:
 def classical_advice(workdir: str) -> str:
   """What ``workdir`` is and where its results are, when ``--mode=classical`` wrote it (a
   classical baseline, one fold of its cross-validation, or the cross-validation): it holds a
-  scikit-learn model, no network checkpoint to evaluate (predict and compare use its model); else
+  scikit-learn model, no network checkpoint (evaluate, predict and compare use its model); else
   ''."""
   found = kind(workdir)
   if found == 'classical_cv':
     return (f'--workdir={workdir} is a cross-validation of the classical baseline '
             '(--mode=classical), which has no network checkpoint to restore; its results are '
-            f"{os.path.join(workdir, 'cv_report.md')} and fold_<i>/report.md (--mode=predict "
-            'takes one fold_<i>), and a network to evaluate comes from --mode=train')
+            f"{os.path.join(workdir, 'cv_report.md')} and fold_<i>/report.md (--mode=evaluate, "
+            'predict and compare take one fold_<i>), and a network comes from --mode=train')
   if found != 'classical':
     return ''
   parent = os.path.dirname(os.path.abspath(workdir))
   what = (f'a fold of the classical cross-validation in {parent}' if kind(parent) == 'classical_cv'
           else 'a classical baseline')
   return (f'--workdir={workdir} is {what} (--mode=classical), which has no network checkpoint to '
-          f"restore; its evaluation is {os.path.join(workdir, 'report.md')} (--mode=classical "
-          'with --config.data.eval_split=SPLIT scores another split; --mode=predict predicts with '
-          'its scikit-learn model), and a network to evaluate comes from --mode=train')
+          f"restore; its evaluation is {os.path.join(workdir, 'report.md')} (--mode=evaluate, "
+          'predict and compare use its scikit-learn model), and a network comes from '
+          '--mode=train')
 
 
 def check_writable_by(mode: str, workdir: str) -> None:

@@ -1,6 +1,7 @@
-"""The folders --mode=classical writes, as the other modes meet them: evaluate says what the
-folder is and where its results are (not "train first" or "use one fold"), compare takes a fit or
-one fold (tests/test_compare.py pairs one with a network), predict predicts
+"""The folders --mode=classical writes, as the other modes meet them: the network modes say what
+the folder is and where its results are (not "train first" or "use one fold"); evaluate scores a
+split (or another labelled folder) with its scikit-learn model as its fit's evaluation did;
+compare takes a fit or one fold (tests/test_compare.py pairs one with a network); predict predicts
 with its scikit-learn model as its own evaluation scored, and a folder of class directories
 without split directories cross-validates as train_split='all'."""
 import json
@@ -75,17 +76,17 @@ def test_a_flat_folder_cross_validates_every_image_without_a_test_split(runs):
 
 
 @pytest.mark.parametrize('which', ['holdout', 'fold', 'cv'])
-def test_evaluate_and_predict_name_the_classical_folder_and_its_report(runs, which):
+def test_network_modes_name_the_classical_folder_and_its_report(runs, which):
   holdout, cv, _ = runs
   path = {'holdout': holdout, 'fold': os.path.join(cv, 'fold_0'), 'cv': cv}[which]
   expected = {'holdout': f'is a classical baseline .*its evaluation is {path}/report.md',
               'fold': f'is a fold of the classical cross-validation in {cv} .*{path}/report.md',
               'cv': f'is a cross-validation of the classical baseline .*{cv}/cv_report.md'}[which]
   c = default_config()   # what the command line gives when --config is left out
-  calls = [lambda: evaluate.evaluate(c, path, overrides={}),          # --mode=evaluate
-           lambda: inference.load(path, c, overrides={})]             # any network mode
-  if which == 'cv':   # --mode=predict of the cross-validation (a fold's folder predicts)
-    calls.append(lambda: predict.predict(c, path, overrides={'predict.inputs': path}))
+  calls = [lambda: inference.load(path, c, overrides={})]             # export, serve, calibrate
+  if which == 'cv':   # evaluate and predict take one fold_<i>
+    calls += [lambda: evaluate.evaluate(c, path, overrides={}),
+              lambda: predict.predict(c, path, overrides={'predict.inputs': path})]
   for call in calls:
     with pytest.raises(UserError, match=expected) as e:
       call()
@@ -104,18 +105,54 @@ def test_compare_takes_a_fold_not_a_classical_cross_validation_in_one_line(runs,
     compare.compare(default_config(), holdout, overrides={'compare.workdir': str(tmp_path)})
 
 
-def test_the_cli_answers_evaluate_on_a_classical_run_in_one_line(runs):
+def test_the_cli_evaluates_a_classical_fit_as_its_own_evaluation_scored(runs):
+  """--mode=evaluate of a classical fit (was: refused) scores its split again with the fitted
+  model: the report equals the fit's own, in <workdir>/evaluate, and the fit's report.md stays."""
   holdout, _, _ = runs
+  own_md = open(os.path.join(holdout, 'report.md')).read()
   proc = subprocess.run([sys.executable, '-m', 'imgcls_jax.main', '--mode=evaluate',
                          f'--workdir={holdout}'], capture_output=True, text=True,
                         env=subprocess_env(1), cwd=REPO, timeout=300)
-  assert proc.returncode == 2, proc.stderr[-2000:]
-  lines = proc.stderr.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith(f'error: --workdir={holdout} is a '), lines
-  assert 'is a classical baseline (--mode=classical)' in lines[0]
-  assert run_directory.kind(holdout) == 'classical'
+  assert proc.returncode == 0, proc.stderr[-2000:]
   with open(os.path.join(holdout, 'report.json')) as f:
-    assert 'intervals' in json.load(f)
+    fit = json.load(f)
+  with open(os.path.join(holdout, 'evaluate', 'report.json')) as f:
+    again = json.load(f)
+  for key in ('num_examples', 'accuracy', 'loss', 'ece'):
+    assert again[key] == pytest.approx(fit[key], abs=1e-9), key
+  assert again['confusion_matrix'] == fit['confusion_matrix']
+  assert again['class_names'] == fit['class_names']
+  assert again['intervals']['accuracy_exact'] == pytest.approx(fit['intervals']['accuracy_exact'])
+  assert again['context']['model'] == fit['context']['model']
+  assert again['trained_on_split'] == 0
+  assert open(os.path.join(holdout, 'report.md')).read() == own_md
+  assert run_directory.kind(holdout) == 'classical'
+
+
+def test_a_classical_fit_evaluates_another_labelled_folder_as_predict_answers(runs, tmp_path):
+  """--config.data.folder=NEW: the fitted model on other photos of its classes; the report's
+  accuracy is that of --mode=predict's answers on the same files, and its settings errors are
+  one line."""
+  holdout, _, _ = runs
+  x, y = digits.load_arrays('test')
+  new = tmp_path / 'new'
+  for c in (0, 1, 7):
+    os.makedirs(new / str(c))
+    for j, i in enumerate(np.flatnonzero(y == c)[:10]):
+      Image.fromarray(x[i, :, :, 0]).save(new / str(c) / f'{j}.png')
+  out = tmp_path / 'report'
+  rep = evaluate.evaluate(default_config(), holdout, overrides={
+      'data.folder': str(new), 'evaluate.output_dir': str(out)})
+  assert rep['num_examples'] == 30 and rep['context']['dataset'] == folder_layout.NAME
+  assert 'trained_on_split' not in rep   # other files: not known to be new
+  answers = predict.predict(default_config(), holdout, overrides={'predict.inputs': str(new)})
+  right = [a['predictions'][0]['class'] == os.path.basename(os.path.dirname(a['file']))
+           for a in answers]
+  assert len(right) == 30 and rep['accuracy'] == pytest.approx(np.mean(right), abs=1e-12)
+  assert json.load(open(out / 'report.json'))['accuracy'] == rep['accuracy']
+  for key, value in (('evaluate.tta', 'flip'), ('evaluate.ood_inputs', str(new))):
+    with pytest.raises(UserError, match=rf'^config.{key} needs a network, .*: drop it.$'):
+      evaluate.evaluate(default_config(), holdout, overrides={key: value})
 
 
 @pytest.mark.parametrize('which', ['holdout', 'fold'])
