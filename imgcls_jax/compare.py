@@ -148,11 +148,14 @@ def compare(config: ml_collections.ConfigDict | None, workdir: str,
       raise UserError(f'{flag}={path} is a cross-validation of the classical baseline, with a '
                       'model per fold; give one of its fold_<i> folders to compare on that '
                       "fold's split, or a classical fit on a hold-out (--mode=classical).")
-  ckpts = os.path.join(other, 'checkpoints')
-  if kinds[other] != 'classical' and (not os.path.isdir(ckpts)
-                                      or not checkpoint_files.finished_steps(ckpts)):
-    raise UserError(f'--config.compare.workdir={other} holds no checkpoint; point it at the run '
-                    'directory of a trained run (or a classical fit\'s folder).')
+  if kinds[other] != 'classical':
+    try:   # what the folder is, if not a run (a cross-validation, a sweep, an export, ...)
+      run_directory.require_checkpoint(other)
+      if not checkpoint_files.finished_steps(os.path.join(other, 'checkpoints')):
+        raise UserError(f"No finished checkpoint in {os.path.join(other, 'checkpoints')}.")
+    except UserError as err:
+      raise UserError(f'--config.compare.workdir={other} holds no checkpoint to compare: '
+                      + str(err).replace('--workdir', '--config.compare.workdir')) from None
   e = inference.mode_settings(workdir, config, overrides, 'evaluate')
   level, resamples = intervals.settings(e, 1, '--mode=compare bootstraps the differences: ')
   # B's data may have moved with A's: the location flags given for A apply to B too.

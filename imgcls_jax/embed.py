@@ -94,12 +94,14 @@ class Extractor:
       kept = {k: v for k, v in (overrides or {}).items() if not k.startswith(mine)}
       self.clf = inference.classifier(inference.load(workdir, config, overrides=kept),
                                       max_batch=self.batch_size)
+      self.step = self.clf.trained.step   # the latest: the weights predict, serve, export use
       self.data = self.clf.run.data
       self.info = self.clf.trained.info
       self.class_names = list(self.clf.class_names)
       self._fn = jax.jit(lambda v, x: explain.penultimate(v, x, model_def=self.clf.model_def,
                                                           cfg=self.clf.step_cfg))
     else:
+      self.step = None
       self.data = classical_data(config, workdir, overrides)
       self.info = reader.describe(self.data)
       self.class_names = list(self.info.class_names)
@@ -230,6 +232,8 @@ def embed(config: ml_collections.ConfigDict, workdir: str,
                              'num_examples': len(feats), 'dims': int(feats.shape[1]),
                              'task': 'multilabel' if tags else 'single-label',
                              'class_names': names}
+  if extractor.step is not None:
+    summary['checkpoint_step'] = extractor.step
   ref = e.reference_split or data.train_split
   shared = (reader.shared_examples(data, what, ref, extractor.info)
             if ref != 'none' and not e.inputs else None)
@@ -251,8 +255,11 @@ def embed(config: ml_collections.ConfigDict, workdir: str,
                                metric=e.knn_metric,
                                calibration_bins=config.evaluate.calibration_bins)
     vote = 'tag vote' if tags else ''
-    rep['context'] = {'dataset': data.name, 'split': what, 'checkpoint_step': 0,
-                      'checkpoint': f'{extractor.kind} embeddings', 'tta': 'none',
+    rep['context'] = {'dataset': data.name, 'split': what,
+                      'checkpoint_step': extractor.step or 0,
+                      'checkpoint': (f'{extractor.kind} embeddings' if extractor.step is None else
+                                     'latest (the weights predict, serve and export use)'),
+                      'tta': 'none',
                       'model': f"{k}-NN {vote + ' ' if vote else ''}({e.knn_metric}) on "
                                f"{extractor.kind} features, reference '{ref}' "
                                f"({len(y_ref)} examples)"}
@@ -293,6 +300,9 @@ def _markdown(s: dict[str, Any]) -> str:
   lines = [f"# Embeddings: {s['extractor']} features of {s['embedded']}", '',
            f"- {s['num_examples']} examples x {s['dims']} dimensions: " + ', '.join(
                os.path.basename(f) for f in s['files'])]
+  if s.get('checkpoint_step') is not None:
+    lines.append(f"- the run's checkpoint {s['checkpoint_step']} (its latest: the weights "
+                 'predict, serve and export use)')
   if s.get('task') == 'multilabel':
     lines.append(f"- labels: multi-hot rows over {len(s['class_names'])} tags (a tagging run)")
   if 'knn' in s:

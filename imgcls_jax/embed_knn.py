@@ -73,8 +73,17 @@ def knn_report(ref_features: np.ndarray, ref_labels: np.ndarray, features_NxD: n
   probs, classes = knn_evaluate(ref_features, ref_labels, features_NxD, k=k, metric=metric)
   scores = np.full((len(features_NxD), len(class_names)), -1e9, np.float32)
   scores[:, classes] = np.log(np.maximum(probs, 1e-12))
-  return report_lib.summarize(report_lib.sums_of_scores(scores, labels, calibration_bins),
-                              class_names)
+  rep = report_lib.summarize(report_lib.sums_of_scores(scores, labels, calibration_bins),
+                             class_names)
+  full = np.zeros((len(features_NxD), len(class_names)))
+  full[:, classes] = probs
+  none = int(np.sum(full[np.arange(len(labels)), labels] == 0))
+  if none:   # a vote share of 0 for the true class: the log loss is infinite, not a clip's figure
+    rep['loss'] = float('inf')
+    rep['loss_note'] = (f'{none} of {len(labels)} examples had no neighbour of their own class '
+                        f'among the {k} nearest (k-NN probability 0), so the log loss is '
+                        'infinite; accuracy, F1 and the ranking figures stand.')
+  return rep
 
 
 def headline(rep: dict[str, Any]) -> dict[str, Any]:

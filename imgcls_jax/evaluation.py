@@ -44,6 +44,8 @@ class Evaluation:
   skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
   # What was chosen or fitted on this very split: 'checkpoint' ('best'), 'temperature', ...
   tuned_here: list[str] = dataclasses.field(default_factory=list)
+  # What was fitted where: 'thresholds' / 'temperature' / 'checkpoint' -> split (Restored's)
+  fitted_on: dict[str, str] = dataclasses.field(default_factory=dict)
 
   def report(self, top_confused: int = 10) -> dict[str, Any]:
     """The full report (``report.summarize``) with what was evaluated as its ``context``."""
@@ -51,11 +53,19 @@ class Evaluation:
     rep = report.summarize(self.stats, info.class_names, top_confused=top_confused,
                            thresholds=self.trained.thresholds,
                            min_confidence=self.trained.min_confidence or None)
+    chosen = self.chosen
+    if info.multilabel:   # a tagging run's eval 'accuracy' is the exact match at its thresholds
+      chosen = chosen.replace('eval accuracy', 'eval exact match (accuracy)')
     rep['context'] = {'dataset': self.dataset or info.name, 'split': self.split,
-                      'checkpoint_step': self.step, 'checkpoint': self.chosen,
+                      'checkpoint_step': self.step, 'checkpoint': chosen,
                       'tta': self.tta or 'none',
-                      'model': cfg.model.name, 'workdir': self.workdir,
-                      'temperature': self.trained.temperature}
+                      'model': cfg.model.name, 'workdir': self.workdir}
+    if not info.multilabel:   # (tags are independent sigmoids: no temperature)
+      rep['context']['temperature'] = self.trained.temperature
+    elif self.trained.thresholds is not None:
+      where = self.fitted_on.get('thresholds')
+      rep['thresholds_source'] = (f"fitted per tag (best F1) on split '{where}'" if where else
+                                  "the run's own, saved with its checkpoint")
     if self.seen is not None:   # how many of num_examples it learnt (compare's trained_on_split)
       rep['trained_on_split'] = self.seen
     if self.tuned_here:
@@ -157,4 +167,5 @@ def evaluate_checkpoint(workdir: str, config: ml_collections.ConfigDict | None, 
                     tta=tta, workdir=os.path.abspath(workdir),
                     dataset=reader.dataset_name(r.trained.run.data), outcomes=outcomes,
                     ood=ood_result, unseen=unseen, copies=copies, seen=shared,
-                    skipped=restored_split.skipped_files(r), tuned_here=tuned_here)
+                    skipped=restored_split.skipped_files(r), tuned_here=tuned_here,
+                    fitted_on=dict(r.fitted_on))

@@ -180,10 +180,18 @@ def warn_eval_on_training(config: ml_collections.ConfigDict, info: DatasetInfo,
   eval images that are its training images again or copies of them are named too (``main``: on
   the process that reads them, process 0)."""
   train, ev = str(config.data.train_split), str(config.data.eval_split)
-  if folder_layout.is_folder(config.data):   # folder splits are disjoint but for 'all'
+  if folder_layout.is_folder(config.data) and '@' not in train + ev:
+    # folder splits are disjoint but for 'all'
     shared = info.num_examples.get(ev) if train == folder_layout.ALL else None
     fix = ("train on the rest (data.train_split='train', with data.holdout_fraction holding "
            'part of every class out for evaluation when the folder has no split folders)')
+  elif '@' in train + ev:   # an id list (e.g. a cross-validation's cv_kept_ids.txt): its ids
+    try:
+      shared = reader.shared_examples(config.data, ev, train, info)
+    except UserError:
+      shared = None
+    fix = ('list only training examples in the id file, or evaluate a split it does not list '
+           "(a cross-validation's kept ids are of its whole split: its figures are the estimate)")
   else:
     try:
       shared = reader.shared_examples(config.data, ev, train, info)

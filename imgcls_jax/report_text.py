@@ -211,6 +211,8 @@ def notes(report: Mapping[str, Any]) -> list[str]:
   if tuned:
     out.append(f"Chosen on the split it is scored on: {'; '.join(tuned)}; so these figures are "
                'optimistic: evaluate another split for what new images get.')
+  if report.get('loss_note'):
+    out.append(report['loss_note'])
   skipped = report.get('skipped_files')
   if skipped:
     first = skipped.get('first') or []

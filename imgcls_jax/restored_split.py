@@ -133,8 +133,9 @@ def restore_for_split(workdir: str, config: ml_collections.ConfigDict | None, *,
   checkpoint and ``split`` ('' where the caller sets them itself), named in errors."""
   workdir = os.path.abspath(workdir)
   run_directory.require_checkpoint(workdir)
-  keep = (config if config is not None
-          else ml_collections.ConfigDict(run_directory.read_config(workdir)))
+  saved = run_directory.read_config(workdir)
+  # The run's own 'best' rule (config.checkpoint.best_metric / best_mode), not a given config's.
+  keep = ml_collections.ConfigDict(saved) if saved else config
   with checkpoint.Checkpointer.from_config(workdir, keep, read_only=True) as ckpt:
     step, chosen = choose_step(ckpt, checkpoint_spec, os.path.join(workdir, 'metrics.jsonl'))
     among = best_among(ckpt, chosen, os.path.join(workdir, 'metrics.jsonl'))
@@ -155,7 +156,7 @@ def restore_for_split(workdir: str, config: ml_collections.ConfigDict | None, *,
   trained = inference.load(workdir, config, step=step, overrides=overrides, step_key=step_key)
   cfg = trained.run
   held_out.check_location_keys(cfg.data)   # e.g. a folder named for a run that read tfds
-  saved = run_directory.read_config(workdir) or {}
+  saved = saved or {}
   new_images = _new_image_location(saved, overrides or {})
   split_key = split_key if split else 'data.eval_split'
   split = split or (reader.default_eval_split(cfg.data) if new_images else cfg.data.eval_split)

@@ -312,6 +312,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       and not (os.path.isdir(ckpt_dir) and checkpoint_files.finished_steps(ckpt_dir))):
     from imgcls_jax import transfer   # a fresh run starts from it: before any directory is made
     transfer.check_source(config.transfer.init_from)
+  # A new run's teachers are read (and checked against its data) before its directories are made.
+  fresh = not os.path.isdir(ckpt_dir)
+  teacher = teacher_lib.load(config, s.info, s.mesh, s.placement, workdir) if fresh else None
   is_main = jax.process_index() == 0
   if is_main:
     os.makedirs(workdir, exist_ok=True)
@@ -322,7 +325,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     state, state_sh = run.restore_or_init(s, ckpt)  # checks the workdir's config first
     start = int(jax.device_get(state.step))
     if start < s.total_steps:   # a finished run needs no teacher to be evaluated again
-      s.teacher = teacher_lib.load(config, s.info, s.mesh, s.placement, workdir)
+      s.teacher = teacher if fresh else teacher_lib.load(config, s.info, s.mesh, s.placement,
+                                                         workdir)
     if s.teacher is not None:
       s.step_cfg = dataclasses.replace(s.step_cfg, distill=s.teacher.cfg)
       if start:

@@ -101,7 +101,8 @@ def test_compare_takes_a_fold_not_a_classical_cross_validation_in_one_line(runs,
     with pytest.raises(UserError, match=rf'^{flag}=.* is a cross-validation of the classical '
                        r'baseline, .*give one of its fold_<i> folders'):
       compare.compare(default_config(), a, overrides={'compare.workdir': b})
-  with pytest.raises(UserError, match=r'compare.workdir=.* holds no checkpoint; .*classical fit'):
+  with pytest.raises(UserError, match=r'compare.workdir=.* holds no checkpoint to compare: No '
+                     r'checkpoint in .*point --config.compare.workdir at a run directory.$'):
     compare.compare(default_config(), holdout, overrides={'compare.workdir': str(tmp_path)})
 
 

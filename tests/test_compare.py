@@ -110,6 +110,11 @@ def test_bad_comparisons_are_one_line(two_runs, tmp_path):
     compare.compare(None, a, overrides={'compare.workdir': a})
   with pytest.raises(UserError, match='compare.workdir=.*holds no checkpoint'):
     compare.compare(None, a, overrides={'compare.workdir': str(tmp_path / 'nothing')})
+  cv = tmp_path / 'cv'   # a cross-validation's folder: its folds are the runs
+  (cv / 'fold_0').mkdir(parents=True)
+  with pytest.raises(UserError, match=r'This is a cross-validation run: use one fold, e.g. '
+                     rf'--config.compare.workdir={cv}/fold_0.$'):
+    compare.compare(None, a, overrides={'compare.workdir': str(cv)})
   # A run on the same classes whose test split holds other examples (an arrays file of digits'
   # test images in reverse order): paired by position they do not match.
   images, labels = digits.load_arrays('test')

@@ -266,6 +266,8 @@ def test_distillation_errors_are_one_line(digits_config, tmp_path, caplog):
     bad.update_from_flattened_dict(overrides)
     with pytest.raises(UserError, match=message):
       train.train_and_evaluate(bad, str(tmp_path / 'student'))
+    # refused before the run made its directories (an empty checkpoints/ was left behind)
+    assert not os.path.exists(tmp_path / 'student'), message
 
 
 def test_a_teacher_folder_with_a_comma_in_its_name_is_one_teacher(tmp_path):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgcls_jax import embed, features, inference, train
+from imgcls_jax import checkpoint_files, embed, features, inference, train
 from imgcls_jax.data import digits
 from imgcls_jax.errors import UserError
 from tests.conftest import REPO, subprocess_env
@@ -49,7 +49,12 @@ def test_model_embeddings_of_a_tfds_split_are_the_heads_input(run, tmp_path):
   knn = summary['knn']
   assert knn['reference_split'] == 'train' and knn['reference_examples'] == 1347
   with open(tmp_path / 'knn' / 'report.json') as f:
-    assert json.load(f)['accuracy'] == knn['accuracy']
+    knn_report = json.load(f)
+  assert knn_report['accuracy'] == knn['accuracy']
+  # Which weights: the run's latest checkpoint (predict's), recorded in both reports.
+  latest = max(checkpoint_files.finished_steps(f'{workdir}/checkpoints'))
+  assert summary['checkpoint_step'] == knn_report['context']['checkpoint_step'] == latest
+  assert f'checkpoint {latest}' in (tmp_path / 'embed_report.md').read_text()
   # Features the trained head separates are far better than chance for k-NN too.
   assert knn['accuracy'] > 0.5 * final['accuracy'] + 0.05
   assert summary['projection'] == {'pca_points': 450, 'tsne_points': 100}
@@ -81,6 +86,32 @@ def test_knn_matches_a_brute_force_oracle():
   np.testing.assert_allclose(probs, _brute_force_knn(ref, ref_y, x, 7, 3), rtol=1e-6, atol=1e-9)
   with pytest.raises(UserError, match='knn_k=0 must be at least 1'):
     embed.knn_evaluate(ref, ref_y, x, k=0, metric='cosine')
+
+
+def test_knn_report_loss_is_sklearns_or_infinite_with_a_note():
+  """The k-NN report's log loss: scikit-learn's on the vote shares; an example none of whose k
+  nearest is of its class has probability 0 there, so the loss is infinite (it was a figure
+  set by a 1e-12 clip)."""
+  from sklearn.metrics import log_loss
+  from imgcls_jax import embed_knn, report_text
+  rng = np.random.RandomState(0)
+  centres = rng.normal(size=(3, 5)) * 3
+  ref_y = np.repeat(np.arange(3), 20)
+  ref = centres[ref_y] + rng.normal(size=(60, 5))
+  y = np.repeat(np.arange(3), 5)
+  x = centres[y] + rng.normal(size=(15, 5))
+  k = 30   # wide enough that every example has a neighbour of its class
+  rep = embed_knn.knn_report(ref, ref_y, x, y, ['a', 'b', 'c'], k=k, metric='euclidean',
+                             calibration_bins=10)
+  probs, _ = embed.knn_evaluate(ref, ref_y, x, k=k, metric='euclidean')
+  assert probs[np.arange(15), y].min() > 0
+  assert rep['loss'] == pytest.approx(log_loss(y, probs), rel=1e-5) and 'loss_note' not in rep
+  x[0] = centres[2]   # a class-0 example among class 2's: its 7 nearest are all class 2
+  rep = embed_knn.knn_report(ref, ref_y, x, y, ['a', 'b', 'c'], k=7, metric='euclidean',
+                             calibration_bins=10)
+  assert rep['loss'] == float('inf')
+  assert rep['loss_note'].startswith('1 of 15 examples had no neighbour of their own class')
+  assert rep['loss_note'] in report_text.notes(rep)
 
 
 def test_classical_embeddings_of_an_image_folder(digits_config, tmp_path, caplog):

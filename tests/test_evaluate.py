@@ -239,6 +239,28 @@ def test_checkpoint_choice(trained, tmp_path):
       restored_split.choose_step(ckpt, 'newest', str(fake))
 
 
+def test_best_is_by_the_runs_own_best_metric_when_a_config_is_given(trained, tmp_path):
+  """The command line always gives a config (the schema's defaults when --config is left out):
+  'best' must still rank by the run's own config.checkpoint.best_metric / best_mode."""
+  import shutil
+  _, workdir, _ = trained
+  run = str(tmp_path / 'by_loss')
+  shutil.copytree(workdir, run)
+  with open(os.path.join(run, 'config.json')) as f:
+    saved = json.load(f)
+  saved['checkpoint'].update(best_metric='loss', best_mode='min')
+  with open(os.path.join(run, 'config.json'), 'w') as f:
+    json.dump(saved, f)
+  losses = {r['step']: r['loss'] for r in metrics.read_jsonl(os.path.join(run, 'metrics.jsonl'))
+            if r['split'] == 'eval'}
+  sys.path.insert(0, REPO)
+  from configs import default
+  r = restored_split.restore_for_split(run, default.get_config(), checkpoint_spec='best',
+                                       overrides={})
+  assert r.chosen == 'best by eval loss (min)'
+  assert r.step == min(losses, key=losses.get)
+
+
 def _run_cli(*args):
   return subprocess.run([sys.executable, '-m', 'imgcls_jax.main', '--config=configs/default.py',
                          '--mode=evaluate', *args], cwd=REPO, env=subprocess_env(1),

@@ -216,6 +216,11 @@ def test_evaluate_predict_export_and_serve_a_tagged_run(tagged_run, tmp_path, ca
     assert key in saved, key
   assert abs(saved['mean_average_precision'] - final['map']) < 1e-9
   assert saved['at_thresholds']['exact_match'] == pytest.approx(final['accuracy'])
+  # Where the thresholds come from, and no softmax temperature for independent tags.
+  assert saved['thresholds_source'] == "fitted per tag (best F1) on split 'validation'"
+  assert 'temperature' not in saved['context']
+  assert "Thresholds: fitted per tag (best F1) on split 'validation'." in (
+      tmp_path / 'report.md').read_text()
 
   trained = inference.load(workdir)
   clf = inference.classifier(trained)

@@ -218,6 +218,23 @@ def test_evaluating_on_trained_images_is_warned_of(tmp_path, caplog):
   shares = [r.getMessage() for r in caplog.records if 'shares' in r.getMessage()]
   assert len(shares) == 1 and shares[0].startswith(   # the 3 rows the manifest marks 'test'
       "config.data.eval_split='test' shares 3 examples with train_split='all'")
+  # An id list of the whole split (a cross-validation's cv_kept_ids.txt) trains on 'test' too.
+  ids = folder_index.index(src, 'all', names).ids
+  listed = tmp_path / 'kept.txt'
+  listed.write_text('\n'.join(ids) + '\n')
+  train_only = tmp_path / 'train_only.txt'
+  train_only.write_text('\n'.join(i for k, i in enumerate(ids)
+                                   if i not in folder_index.index(src, 'test', names).ids) + '\n')
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    config.data.train_split = f'all@{listed}'
+    held_out.warn_eval_on_training(config, info)
+    config.data.train_split = f'all@{train_only}'
+    held_out.warn_eval_on_training(config, info)
+  shares = [r.getMessage() for r in caplog.records if 'shares' in r.getMessage()]
+  assert len(shares) == 1 and shares[0].startswith(
+      f"config.data.eval_split='test' shares 3 examples with train_split='all@{listed}'")
+  assert 'list only training examples in the id file' in shares[0]
   caplog.clear()
   digits = ml_collections.ConfigDict({'data': dict(name='arrays:sklearn_digits', data_dir=str(
       tmp_path / 'tfds'), train_split='train[:500]', eval_split='train[400:]')})
