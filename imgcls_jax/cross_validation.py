@@ -24,7 +24,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from imgcls_jax import (evaluation, label_issues, metrics, out_of_fold, plots, report,
+from imgcls_jax import (evaluation, label_issues, metrics, out_of_fold, plots, preemption, report,
                         report_files, report_multilabel, report_text, train)
 from imgcls_jax import outcomes as outcomes_lib
 from imgcls_jax.data import folds as folds_lib
@@ -65,10 +65,20 @@ def cross_validate(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
   os.makedirs(workdir, exist_ok=True)
   logging.info('%d-fold cross-validation of %d examples of %s:%s (seed %d) in %s.', k,
                len(assignment.ids), config.data.name, split, config.seed, workdir)
+  with preemption.StopWatcher() as stop:   # a notice after a fold's last step stops the next
+    return _folds(config, workdir, k, split, assignment, t0, stop)
+
+
+def _folds(config: ml_collections.ConfigDict, workdir: str, k: int, split: str,
+           assignment: Any, t0: float, stop: preemption.StopWatcher) -> dict[str, Any]:
   per_fold, fold_rows, pooled, fold_thresholds = [], [], None, []
   class_names: list[str] = []
   oof = out_of_fold.OutOfFold(config, len(assignment.ids))
   for i in range(k):
+    if stop.requested(0):
+      print(f'Stopped by {stop.signal_name} before fold {i} ({i} of {k} folds done). To '
+            f'resume, {preemption.resume_hint(workdir)}', flush=True)
+      return {'interrupted_in_fold': i, 'interrupted_at_step': 0}
     fold_dir = os.path.join(workdir, f'fold_{i}')
     train_file = os.path.join(fold_dir, 'train_ids.txt')
     eval_file = os.path.join(fold_dir, 'eval_ids.txt')

@@ -1,4 +1,5 @@
-"""Graceful stop on SIGTERM / SIGINT: the loop finishes the current step, saves, and exits 0.
+"""Graceful stop on SIGTERM / SIGINT / SIGHUP: the loop finishes the current step, saves, and
+exits 0.
 
 Single process: Python handlers set a flag that the loop polls between steps; a second Ctrl-C
 interrupts at once. Multi-process: JAX's preemption service (started by ``jax.distributed``) catches
@@ -17,16 +18,22 @@ from typing import Any
 
 import jax
 
-_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# SIGHUP: the terminal went away (an ssh session dropped without tmux); stop as for SIGTERM.
+_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 class StopWatcher:
-  """Context manager; ``requested(step)`` says whether to stop before running ``step``."""
+  """Context manager; ``requested(step)`` says whether to stop before running ``step``.
+
+  Watchers nest (a cross-validation's or sweep's around each run's): a signal the inner one
+  receives is the outer one's too, so a notice that lands after a run's last check (its final
+  evaluation or save) still stops the folds or trials after it."""
 
   def __init__(self) -> None:
     self.signal_name: str | None = None
     self.step: int | None = None  # the last step asked about: where the loop is
     self._previous: dict[int, Any] = {}
+    self._outer: StopWatcher | None = None
     self._multi = jax.process_count() > 1
 
   def _handle(self, signum: int, frame: Any) -> None:
@@ -34,6 +41,10 @@ class StopWatcher:
     self.signal_name = signal.Signals(signum).name
     logging.warning('Received %s: finishing the current step, then saving a checkpoint.',
                     self.signal_name)
+    outer = self._outer
+    while outer is not None:   # every watcher around this one (a sweep's around its folds')
+      outer.signal_name = outer.signal_name or self.signal_name
+      outer = outer._outer
     if signum == signal.SIGINT:  # a second Ctrl-C stops at once
       signal.signal(signal.SIGINT, signal.default_int_handler)
 
@@ -41,13 +52,20 @@ class StopWatcher:
     if threading.current_thread() is threading.main_thread():
       # In a multi-process run the preemption service owns SIGTERM; SIGINT stays the default.
       for sig in () if self._multi else _SIGNALS:
+        if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
+          continue   # nohup's: the run is meant to outlive its terminal
         self._previous[sig] = signal.signal(sig, self._handle)
+        outer = getattr(self._previous[sig], '__self__', None)
+        if isinstance(outer, StopWatcher):
+          self._outer = outer
     return self
 
   def __exit__(self, *exc: Any) -> None:
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
     self._previous.clear()
+    if self.signal_name == 'SIGINT' and self._outer is not None:   # a second Ctrl-C: at once
+      signal.signal(signal.SIGINT, signal.default_int_handler)
 
   def requested(self, step: int) -> bool:
     """True when the loop should save and stop before ``step`` (call it at every step)."""
