@@ -18,8 +18,8 @@ import tqdm
 
 from imgcls_jax import (checkpoint, checkpoint_files, configlib, dispatch, distributed, held_out,
                         held_out_fits, inference, metrics, ood, optim, preemption, report,
-                        report_multilabel, report_text, run, run_directory, schedule_free_bn,
-                        selective, sharding, startup, train_log)
+                        report_multilabel, report_text, run, run_directory, run_lock,
+                        schedule_free_bn, selective, sharding, startup, train_log)
 from imgcls_jax import state as state_lib
 from imgcls_jax import teacher as teacher_lib
 from imgcls_jax.data import reader
@@ -319,7 +319,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if is_main:
     os.makedirs(workdir, exist_ok=True)
   # Innermost: another process gone ends this one before the checkpointer waits on it.
-  with checkpoint.Checkpointer.from_config(workdir, config) as ckpt, \
+  with run_lock.held(workdir), \
+       checkpoint.Checkpointer.from_config(workdir, config) as ckpt, \
        preemption.StopWatcher() as stop, \
        distributed.exit_on_lost_process(ckpt_dir, lambda: stop.step):
     state, state_sh = run.restore_or_init(s, ckpt)  # checks the workdir's config first
