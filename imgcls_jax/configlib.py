@@ -29,7 +29,12 @@ TRAJECTORY = ('seed', 'batch_size', 'dtype', 'label_smoothing', 'num_train_steps
               'data.mean', 'data.std', 'ema.', 'grad_accumulation_steps', 'loss.', 'distill.',
               # augmentation on the device, mixing, class-balanced sampling, a frozen first layer
               'data.device_preprocess', 'mixup.', 'data.balanced_sampling',
-              'init.freeze_whitening')
+              'init.freeze_whitening',
+              # how the training data is read: its shards (each a part of the order) and order
+              'data.read_shards')
+# Keys that change what the evaluations during training score: metrics.jsonl then holds two
+# kinds of figures, and 'best' (config.checkpoint.best_metric) ranks across them.
+EVALUATED = ('data.eval_split', 'data.eval_preprocess')
 
 
 def config_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -191,6 +196,12 @@ def warn_trajectory(saved: Mapping[str, Any] | None, config: ml_collections.Conf
   if changed:
     logging.warning('Resuming %s with a changed config (%s): the run will not match an '
                     'uninterrupted one.', where, '; '.join(changed))
+  evaluated = config_differences(saved, config_dict(config), EVALUATED)
+  if evaluated:
+    logging.warning("Resuming %s with other evaluations (%s): metrics.jsonl's earlier ones scored "
+                    "something else, and the 'best' checkpoint (config.checkpoint.best_metric) is "
+                    'ranked across both; compare figures of one kind, and evaluate with '
+                    '--config.evaluate.checkpoint=latest (or STEP).', where, '; '.join(evaluated))
 
 
 DTYPES = ('float32', 'bfloat16', 'float16')

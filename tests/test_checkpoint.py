@@ -216,7 +216,8 @@ def test_trajectory_changes_warn_and_bookkeeping_changes_do_not(digits_config, c
 
 @pytest.mark.parametrize('key, value', [('data.device_preprocess', 'flip_alternate'),
                                         ('mixup.mixup_alpha', 0.2),
-                                        ('data.balanced_sampling', True)])
+                                        ('data.balanced_sampling', True),
+                                        ('data.read_shards', 2)])
 def test_augmentation_and_sampling_changes_warn_at_resume(digits_config, caplog, key,
                                                                   value):
   """They change what the rest of the run trains on (they resumed silently, and config.json
@@ -227,6 +228,18 @@ def test_augmentation_and_sampling_changes_warn_at_resume(digits_config, caplog,
   with caplog.at_level(logging.WARNING):
     configlib.check_config(saved, digits_config, 'ckpt')
   assert f'Resuming ckpt with a changed config ({key}: ' in caplog.text
+
+
+def test_other_evaluations_at_resume_are_warned_of(digits_config, caplog):
+  """Another eval split resumed without a word: metrics.jsonl then mixed two splits' figures
+  and 'best' ranked checkpoints across them."""
+  saved = configlib.config_dict(digits_config)
+  digits_config.data.eval_split = 'train'
+  with caplog.at_level(logging.WARNING):
+    configlib.check_config(saved, digits_config, 'ckpt')
+  assert ("Resuming ckpt with other evaluations (data.eval_split: \"test\" in the checkpoint, "
+          "\"train\" now): metrics.jsonl's earlier ones scored something else") in caplog.text
+  assert 'with a changed config' not in caplog.text
 
 
 def test_restore_onto_a_different_mesh(tmp_path):
