@@ -325,6 +325,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
        distributed.exit_on_lost_process(ckpt_dir, lambda: stop.step):
     state, state_sh = run.restore_or_init(s, ckpt)  # checks the workdir's config first
     start = int(jax.device_get(state.step))
+    if start > s.total_steps:   # (it would report the newer model as this length's, and say so)
+      raise UserError(f'The newest checkpoint in {ckpt.directory} is at step {start}, past this '
+                      f'config\'s {s.total_steps} steps (config.num_train_steps / num_epochs): '
+                      f'nothing is left to train; evaluate it with --mode=evaluate, give '
+                      f'{start} steps or more, or train the shorter run in a new --workdir.')
     if start < s.total_steps:   # a finished run needs no teacher to be evaluated again
       s.teacher = teacher if fresh else teacher_lib.load(config, s.info, s.mesh, s.placement,
                                                          workdir)

@@ -44,6 +44,19 @@ def test_a_best_metric_no_evaluation_reports_fails_before_the_first_step(digits_
   assert not os.path.exists(tmp_path / 'metrics.jsonl')
 
 
+def test_a_rerun_with_fewer_steps_than_the_checkpoint_is_refused(digits_config, tmp_path):
+  """It reported the longer run's model as the shorter one's, unnamed, and config.json then
+  recorded the shorter length."""
+  digits_config.num_train_steps = 4
+  train.train_and_evaluate(digits_config, str(tmp_path))
+  before = (tmp_path / 'config.json').read_text()
+  digits_config.num_train_steps = 2
+  with pytest.raises(UserError, match=r'^The newest checkpoint in .* is at step 4, past this '
+                     r"config's 2 steps .*nothing is left to train; .*in a new --workdir.$"):
+    train.train_and_evaluate(digits_config, str(tmp_path))
+  assert (tmp_path / 'config.json').read_text() == before
+
+
 def test_rerun_resumes_from_the_latest_checkpoint(digits_config, tmp_path):
   digits_config.num_train_steps = 20
   train.train_and_evaluate(digits_config, str(tmp_path))
