@@ -127,11 +127,15 @@ class Scored:
       return None
 
 
-def run_config(meta: dict[str, Any], overrides: dict[str, Any] | None) -> ml_collections.ConfigDict:
-  """The fit's config (``classical.json``'s) with the data locations of the command line's keys
-  (``overrides``) applied, as a network run's (``inference.effective_config``)."""
-  return inference.effective_config(meta['config'], None, {
+def run_config(meta: dict[str, Any], overrides: dict[str, Any] | None,
+               workdir: str) -> ml_collections.ConfigDict:
+  """The fit's config (``classical.json``'s, of the fit in ``workdir``) with the data locations
+  of the command line's keys (``overrides``) applied, as a network run's
+  (``inference.effective_config``; a moved fold's id lists: ``inference.relocate_id_lists``)."""
+  run = inference.effective_config(meta['config'], None, {
       k: v for k, v in (overrides or {}).items() if not k.startswith(inference.MODE_SECTIONS)})
+  inference.relocate_id_lists(run.data, os.path.abspath(workdir))
+  return run
 
 
 def score_split(workdir: str, split: str, overrides: dict[str, Any] | None) -> Scored:
@@ -142,7 +146,7 @@ def score_split(workdir: str, split: str, overrides: dict[str, Any] | None) -> S
   from imgcls_jax.data import reader
   meta, pixels, fitted = load(workdir)
   overrides = overrides or {}
-  run = run_config(meta, overrides)
+  run = run_config(meta, overrides, workdir)
   new_images = any(overrides.get(k) for k in ('data.folder', 'data.manifest'))
   split = split or (reader.default_eval_split(run.data) if new_images else run.data.eval_split)
   images, labels, position = features.split_arrays(run.data, split, info=pixels.info)

@@ -130,6 +130,17 @@ def _model_defaults(name: Any) -> dict[str, Any]:
           for k, v in {**values, **bound}.items()}
 
 
+def _same_fold_list(a: Any, b: Any) -> bool:
+  """Two id-listed splits of one cross-validation fold, before and after its folder was moved or
+  copied: 'NAME@/old/cv/fold_0/train_ids.txt' and 'NAME@/new/cv/fold_0/train_ids.txt'."""
+  if not (isinstance(a, str) and isinstance(b, str) and '@' in a and '@' in b):
+    return False
+  (base_a, path_a), (base_b, path_b) = a.split('@', 1), b.split('@', 1)
+  tail = lambda p: p.replace('\\', '/').rstrip('/').split('/')[-2:]   # noqa: E731
+  return (base_a == base_b and tail(path_a) == tail(path_b)
+          and tail(path_a)[0].startswith('fold_'))
+
+
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
                        keys: tuple[str, ...]) -> list[str]:
   """``'key: <saved> in the checkpoint, <current> now'`` for every differing key under ``keys``.
@@ -154,7 +165,7 @@ def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
                     **model}
       if k in defaults and defaults[k] == vb:
         continue
-    if selected(k) and va != vb:
+    if selected(k) and va != vb and not _same_fold_list(va, vb):
       show = lambda v: 'unset' if v is missing else json.dumps(v)
       diffs.append(f'{k}: {show(va)} in the checkpoint, {show(vb)} now')
   return diffs

@@ -148,7 +148,7 @@ def _evaluate_classical(config: ml_collections.ConfigDict | None, workdir: str,
                     'not read.')
   level, resamples = intervals.settings(e)
   out_dir = os.path.abspath(e.output_dir or os.path.join(workdir, 'evaluate'))
-  report_files.check_output(out_dir, classical_model.run_config(meta, overrides).data,
+  report_files.check_output(out_dir, classical_model.run_config(meta, overrides, workdir).data,
                             set(report_files.REPORT_FILES))
   scored = classical_model.score_split(workdir, e.split or '', overrides)
   rep, _ = classical_model.report_of(scored.scores, scored.labels, list(scored.info.class_names),

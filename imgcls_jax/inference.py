@@ -82,6 +82,23 @@ def effective_config(saved: dict[str, Any] | None, given: ml_collections.ConfigD
   return run
 
 
+# The id lists a cross-validation fold's splits name (cross_validation.py, classical.py write them)
+FOLD_ID_FILES = ('train_ids.txt', 'eval_ids.txt')
+
+
+def relocate_id_lists(data: ml_collections.ConfigDict, workdir: str) -> None:
+  """A fold's splits name their id lists by absolute path (``NAME@/runs/cv/fold_0/eval_ids.txt``):
+  once the cross-validation's folder is moved or copied, they are read from the fold's own folder
+  (``workdir``), which holds them, not from the old place (gone, or another run's)."""
+  for key in ('train_split', 'eval_split'):
+    base, sep, path = str(data.get(key) or '').partition('@')
+    here = os.path.join(workdir, os.path.basename(path))
+    if (sep and os.path.basename(path) in FOLD_ID_FILES and os.path.dirname(path) != workdir
+        and os.path.isfile(here)):
+      with data.unlocked():
+        data[key] = f'{base}@{here}'
+
+
 def mode_settings(workdir: str, config: ml_collections.ConfigDict | None,
                   overrides: dict[str, Any] | None, section: str) -> ml_collections.ConfigDict:
   """A mode's own settings (``config.<section>``): from the command line (``overrides`` given),
@@ -203,6 +220,7 @@ def load(workdir: str, config: ml_collections.ConfigDict | None = None, *, step:
   saved = meta.get('config') if isinstance(meta.get('config'), dict) else run_directory.read_config(
       workdir)
   run = effective_config(saved, config, overrides)
+  relocate_id_lists(run.data, workdir)
   if steps.ema_decay(run) > 0 and run.ema.get('inference', True):  # the averaged weights
     source = dataclasses.replace(checkpoint_files.read_weights(workdir, step, ema=True,
                                                                step_key=step_key), meta=meta)

@@ -113,7 +113,8 @@ def _cv_config(digits_config, k):
 
 
 @pytest.mark.slow
-def test_cross_validation_end_to_end_and_resume(digits_config, tmp_path, monkeypatch, capsys):
+def test_cross_validation_end_to_end_and_resume(digits_config, tmp_path, monkeypatch, capsys,
+                                                caplog):
   config = _cv_config(digits_config, 3)
   workdir = str(tmp_path / 'cv')
 
@@ -213,7 +214,21 @@ def test_cross_validation_end_to_end_and_resume(digits_config, tmp_path, monkeyp
   assert again['mean']['accuracy'] == summary['mean']['accuracy']   # the same checkpoints
   assert not any(os.path.exists(os.path.join(workdir, n)) for n in issue_files)
 
+  # Moved elsewhere, a fold is evaluated from its own id lists (they were read from the old path,
+  # gone), and a rerun resumes without a "changed config" warning about the id lists' new paths.
+  import logging
+  import shutil
+  moved = str(tmp_path / 'elsewhere' / 'cv')
+  shutil.move(workdir, moved)
+  moved0 = evaluate.evaluate(None, os.path.join(moved, 'fold_0'), overrides={})
+  assert moved0['accuracy'] == rows[0]['accuracy']
+  assert moved0['num_examples'] == rows[0]['eval_examples']
+  with caplog.at_level(logging.WARNING):
+    resumed = cross_validation.cross_validate(config, moved)
+  assert resumed['mean']['accuracy'] == summary['mean']['accuracy']
+  assert 'changed config' not in caplog.text and 'other evaluations' not in caplog.text
+
   # Another seed in the same workdir is refused (its folds would differ).
   config.seed = 1
   with pytest.raises(UserError, match='use a new --workdir'):
-    cross_validation.cross_validate(config, workdir)
+    cross_validation.cross_validate(config, moved)
