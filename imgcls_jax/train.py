@@ -279,6 +279,28 @@ def pause_step(total_steps: int, pause_at: float | None, steps_per_dispatch: int
   return min(total_steps, k * max(1, round(total_steps * pause_at / k)))
 
 
+def _warn_learning_rate_jump(meta: dict[str, Any], s: run.Setup,
+                             config: ml_collections.ConfigDict, start: int) -> None:
+  """A resume whose schedule differs from the checkpoint's (more or fewer steps, another peak):
+  the learning rate at ``start`` under each, when they differ by more than 1% (the generic
+  changed-config warning does not say the rate jumps)."""
+  saved, total = meta.get('config'), meta.get('total_steps')
+  if not isinstance(saved, dict) or not isinstance(total, int):
+    return
+  try:
+    before = ml_collections.ConfigDict(saved)
+    warmup = configlib.steps_from(before, 'optim.warmup', s.steps_per_epoch)
+    old = float(optim.schedule(before.optim, batch_size=int(before.batch_size),
+                               total_steps=total, warmup_steps=warmup)(start))
+  except Exception:   # noqa: BLE001 -- an older checkpoint's config: no comparison
+    return
+  new = float(s.lr_schedule(start))
+  if abs(new - old) > 0.01 * max(abs(old), 1e-12):
+    logging.warning('Resuming at step %d: the learning rate goes from %.4g (the schedule of the '
+                    "checkpoint's %d steps) to %.4g (this config's %d), a step change.", start,
+                    old, total, new, s.total_steps)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        pause_at: float | None = None) -> dict[str, Any]:
   """Trains ``config`` in ``workdir`` (resuming from its newest good checkpoint) and evaluates.
@@ -333,6 +355,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if start < s.total_steps:   # a finished run needs no teacher to be evaluated again
       s.teacher = teacher if fresh else teacher_lib.load(config, s.info, s.mesh, s.placement,
                                                          workdir)
+    if 0 < start < s.total_steps:
+      _warn_learning_rate_jump(ckpt.read_meta(start), s, config, start)
     if s.teacher is not None:
       s.step_cfg = dataclasses.replace(s.step_cfg, distill=s.teacher.cfg)
       if start:

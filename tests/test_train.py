@@ -57,6 +57,26 @@ def test_a_rerun_with_fewer_steps_than_the_checkpoint_is_refused(digits_config, 
   assert (tmp_path / 'config.json').read_text() == before
 
 
+def test_a_longer_rerun_says_how_the_learning_rate_jumps(digits_config, tmp_path, caplog):
+  """Extending a finished run stretches its schedule: the rate at the resumed step changes at
+  once (linear decay to half the peak: 0.5 x peak at step 10 of 10, 0.75 x peak of 20)."""
+  import logging
+  import re
+  digits_config.optim.schedule = 'linear'
+  digits_config.optim.end_lr_factor = 0.5
+  digits_config.optim.warmup_steps = 0
+  digits_config.optim.warmup_epochs = 0.0
+  digits_config.num_train_steps = 10
+  train.train_and_evaluate(digits_config, str(tmp_path))
+  digits_config.num_train_steps = 20
+  with caplog.at_level(logging.WARNING):
+    train.train_and_evaluate(digits_config, str(tmp_path))
+  m = re.search(r'Resuming at step 10: the learning rate goes from (\S+) \(the schedule of the '
+                r"checkpoint's 10 steps\) to (\S+) \(this config's 20\)", caplog.text)
+  assert m, caplog.text
+  assert float(m.group(2)) / float(m.group(1)) == pytest.approx(1.5, rel=1e-3)
+
+
 def test_rerun_resumes_from_the_latest_checkpoint(digits_config, tmp_path):
   digits_config.num_train_steps = 20
   train.train_and_evaluate(digits_config, str(tmp_path))
