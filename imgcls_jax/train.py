@@ -18,7 +18,7 @@ import tqdm
 
 from imgcls_jax import (checkpoint, checkpoint_files, configlib, dispatch, distributed, held_out,
                         held_out_fits, inference, metrics, ood, optim, preemption, report,
-                        report_multilabel, report_text, run, run_directory, run_lock,
+                        report_multilabel, report_text, run, run_directory, run_length, run_lock,
                         schedule_free_bn, selective, sharding, startup, train_log)
 from imgcls_jax import state as state_lib
 from imgcls_jax import teacher as teacher_lib
@@ -256,51 +256,6 @@ class _Trainer:
     logging.info('%s', startup.first_step_line(self.run_started))
 
 
-def _check_best_metric(config: ml_collections.ConfigDict, multilabel: bool) -> None:
-  """Before any step: a ``checkpoint.best_metric`` the evaluations never report was found only at
-  the first evaluation (epochs in, with no checkpoint saved)."""
-  c = config.checkpoint
-  names = report.eval_metric_names(multilabel)
-  if c.get('keep_best', 0) > 0 and c.best_metric not in names:
-    raise UserError(f"config.checkpoint.best_metric='{c.best_metric}' is not an evaluation metric "
-                    f"of this {'multi-label' if multilabel else 'single-label'} run; use one of: "
-                    f"{', '.join(sorted(names))}.")
-
-
-def pause_step(total_steps: int, pause_at: float | None, steps_per_dispatch: int = 1) -> int:
-  """The step a run pauses at: ``pause_at`` (a share of the run's steps) of them, a whole number
-  of ``steps_per_dispatch`` groups (so the resumed run groups its steps as the plain run does),
-  at least one group; the total when None."""
-  if pause_at is None:
-    return total_steps
-  if not 0 < pause_at <= 1:
-    raise ValueError(f'pause_at={pause_at} must be a share of the run in (0, 1].')
-  k = max(1, steps_per_dispatch)
-  return min(total_steps, k * max(1, round(total_steps * pause_at / k)))
-
-
-def _warn_learning_rate_jump(meta: dict[str, Any], s: run.Setup,
-                             config: ml_collections.ConfigDict, start: int) -> None:
-  """A resume whose schedule differs from the checkpoint's (more or fewer steps, another peak):
-  the learning rate at ``start`` under each, when they differ by more than 1% (the generic
-  changed-config warning does not say the rate jumps)."""
-  saved, total = meta.get('config'), meta.get('total_steps')
-  if not isinstance(saved, dict) or not isinstance(total, int):
-    return
-  try:
-    before = ml_collections.ConfigDict(saved)
-    warmup = configlib.steps_from(before, 'optim.warmup', s.steps_per_epoch)
-    old = float(optim.schedule(before.optim, batch_size=int(before.batch_size),
-                               total_steps=total, warmup_steps=warmup)(start))
-  except Exception:   # noqa: BLE001 -- an older checkpoint's config: no comparison
-    return
-  new = float(s.lr_schedule(start))
-  if abs(new - old) > 0.01 * max(abs(old), 1e-12):
-    logging.warning('Resuming at step %d: the learning rate goes from %.4g (the schedule of the '
-                    "checkpoint's %d steps) to %.4g (this config's %d), a step change.", start,
-                    old, total, new, s.total_steps)
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        pause_at: float | None = None) -> dict[str, Any]:
   """Trains ``config`` in ``workdir`` (resuming from its newest good checkpoint) and evaluates.
@@ -308,8 +263,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   Returns the final evaluation metrics, or ``{'interrupted_at_step': n}`` after a SIGTERM / SIGINT
   (the loop finishes the current step, saves a checkpoint and returns; rerunning resumes there).
   With ``pause_at`` (a share of the run, e.g. a sweep's rung), training stops after
-  ``pause_step(...)`` steps (the schedule stays that of the whole run), evaluates every eval
-  example there (a 'rung' record in metrics.jsonl) and saves a checkpoint without metrics, so
+  ``run_length.pause_step(...)`` steps (the schedule stays that of the whole run), evaluates
+  every eval example there (a 'rung' record in metrics.jsonl) and saves a checkpoint without metrics, so
   that the finished run serves and keeps as best what the plain run would; it returns that
   evaluation's metrics with ``paused_at_step`` and ``total_steps``, and a later call resumes
   exactly as after a signal. A run already at or past that step is evaluated where it is.
@@ -328,7 +283,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if not os.path.isdir(os.path.join(workdir, checkpoint.CHECKPOINTS_DIR)):
     teacher_lib.check_sources(config, workdir)   # a new run: before its directories are made
   s = run.setup(config)
-  _check_best_metric(config, s.info.multilabel)
+  run_length.check_best_metric(config, s.info.multilabel)
   ckpt_dir = os.path.join(workdir, checkpoint.CHECKPOINTS_DIR)
   if (config.get('transfer') and config.transfer.init_from
       and not (os.path.isdir(ckpt_dir) and checkpoint_files.finished_steps(ckpt_dir))):
@@ -347,16 +302,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
        distributed.exit_on_lost_process(ckpt_dir, lambda: stop.step):
     state, state_sh = run.restore_or_init(s, ckpt)  # checks the workdir's config first
     start = int(jax.device_get(state.step))
-    if start > s.total_steps:   # (it would report the newer model as this length's, and say so)
-      raise UserError(f'The newest checkpoint in {ckpt.directory} is at step {start}, past this '
-                      f'config\'s {s.total_steps} steps (config.num_train_steps / num_epochs): '
-                      f'nothing is left to train; evaluate it with --mode=evaluate, give '
-                      f'{start} steps or more, or train the shorter run in a new --workdir.')
+    run_length.check_not_past(start, s.total_steps, ckpt.directory)
     if start < s.total_steps:   # a finished run needs no teacher to be evaluated again
       s.teacher = teacher if fresh else teacher_lib.load(config, s.info, s.mesh, s.placement,
                                                          workdir)
     if 0 < start < s.total_steps:
-      _warn_learning_rate_jump(ckpt.read_meta(start), s, config, start)
+      run_length.warn_learning_rate_jump(ckpt.read_meta(start), s, start)
     if s.teacher is not None:
       s.step_cfg = dataclasses.replace(s.step_cfg, distill=s.teacher.cfg)
       if start:
@@ -375,7 +326,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     trainer = _Trainer(s, workdir, ckpt, state, state_sh, writer, bar, run_started)
     if 0 < start < s.total_steps:   # stopped by a signal: the steps since its last record
       trainer.log.carried = list(ckpt.read_meta(start).get(TRAIN_LOG_CARRY) or [])
-    end = pause_step(s.total_steps, pause_at, s.steps_per_dispatch)
+    end = run_length.pause_step(s.total_steps, pause_at, s.steps_per_dispatch)
     paused_at = max(start, end) if end < s.total_steps and start < s.total_steps else None
     eval_metrics, stopped_at = (trainer.loop(start, stop, end) if start < end
                                 else ({}, None))

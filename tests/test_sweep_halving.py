@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from imgcls_jax import checkpoint, metrics, train
+from imgcls_jax import checkpoint, metrics, run_length, train
 from imgcls_jax import sweep
 from imgcls_jax.errors import UserError
 from imgcls_jax.sweep import halving
@@ -61,12 +61,12 @@ def test_a_run_paused_and_resumed_ends_as_the_same_run_trained_straight(digits_c
       str(tmp_path / 'straight'))] == [40]
   assert [r['step'] for r in _records(paused_dir, 'rung')] == [10, 20]
   assert _best(paused_dir) == _best(str(tmp_path / 'straight')) == 40
-  assert train.pause_step(40, 0.01) == 1 and train.pause_step(40, 1.0) == 40
+  assert run_length.pause_step(40, 0.01) == 1 and run_length.pause_step(40, 1.0) == 40
   # whole groups of steps_per_dispatch: the resumed run groups its steps as the plain one
-  assert train.pause_step(40, 1 / 3, 4) == 12 and train.pause_step(40, 0.01, 4) == 4
-  assert train.pause_step(10, 0.9, 4) == 8
+  assert run_length.pause_step(40, 1 / 3, 4) == 12 and run_length.pause_step(40, 0.01, 4) == 4
+  assert run_length.pause_step(10, 0.9, 4) == 8
   with pytest.raises(ValueError, match=r'pause_at=1.5 must be a share of the run in \(0, 1\]'):
-    train.pause_step(40, 1.5)
+    run_length.pause_step(40, 1.5)
 
 
 def test_the_rungs_follow_eta_and_the_first_rung():
