@@ -171,6 +171,14 @@ trap 'on_signal INT 130' INT
 trap 'on_signal TERM 143' TERM
 trap 'on_signal HUP 129' HUP
 
+# If this script is killed outright (kill -9: no trap runs), each process gets SIGTERM from the
+# kernel, saves and stops, instead of training on as an orphan (setpriv, util-linux; the rerun
+# would find the run directory still locked by it).
+pdeath=()
+if command -v setpriv >/dev/null && setpriv --pdeathsig TERM true 2>/dev/null; then
+  pdeath=(setpriv --pdeathsig TERM)
+fi
+
 set -m
 for ((i = 0; i < num; i++)); do
   [[ $stopping == 0 ]] || break  # a signal while starting them
@@ -178,7 +186,7 @@ for ((i = 0; i < num; i++)); do
   # (sed ignores the signals: it ends when its process does, even after a kill of every process)
   (trap '' INT TERM HUP; exec sed -u "s/^/[p$i] /") < "$fifos/p$i" 3>&- &
   seds+=($!)
-  "${cmd[@]}" > "$fifos/p$i" 2>&1 3>&- &
+  "${pdeath[@]}" "${cmd[@]}" > "$fifos/p$i" 2>&1 3>&- &
   pids+=($!) exited+=(0)
   [[ $stopping == 0 ]] || kill -TERM "${pids[i]}" 2>/dev/null || true  # a signal just before
 done

@@ -544,6 +544,25 @@ def test_local_sigkills_after_the_grace_period_and_at_a_second_signal(fake_pytho
   assert 'local.sh: got SIGINT while stopping; sent SIGKILL to process(es) 0 1.' in out
 
 
+def test_local_killed_outright_stops_its_processes(fake_python):
+  """kill -9 of the launcher runs no trap: its processes trained on as orphans (and held the run
+  directory's lock against the rerun). The kernel now sends each SIGTERM: they save and stop."""
+  import shutil
+  if not shutil.which('setpriv'):
+    pytest.skip('no setpriv (util-linux) here')
+  run = _Launch(['-n', '2', '--python', fake_python, '--', '--workdir=/tmp/w'], fake_python,
+                {**os.environ, 'FAKE_SAVE': '0'})
+  run.wait_for('[p0] p0 running', 30)
+  run.wait_for('[p1] p1 running', 30)
+  run.proc.send_signal(signal.SIGKILL)
+  deadline = time.monotonic() + 20
+  while _survivors(fake_python) and time.monotonic() < deadline:
+    time.sleep(0.1)
+  left = _survivors(fake_python)
+  _kill(left)
+  assert left == []
+
+
 # ---- with two real training processes (2 x 1 CPU device, the default config on the digits) ----
 
 def _train(tmp_path, tfds_dir: str, *local_args: str) -> _Launch:
