@@ -14,6 +14,7 @@ they tie a checkpoint to one process layout and grow with shuffle buffers.)
 Restoring walks the checkpoints newest first. One whose files are truncated or unreadable is moved
 to ``<workdir>/corrupt_checkpoints/`` with a warning and the previous one is used. One that is
 readable but was written by a different model or dataset is a ``UserError`` that says what differs.
+A reader (evaluate, predict, export, ...) that cannot use a step says so in ``unreadable_error``.
 
 Reading a checkpoint's weights without a manager (inference, transfer, export) and amending its
 meta after training live in ``checkpoint_files.py``; the run directory's other files
@@ -23,6 +24,7 @@ meta after training live in ``checkpoint_files.py``; the run directory's other f
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -43,42 +45,7 @@ CONFIG_FILE = 'config.json'
 META_FILE = 'metadata'   # the meta item's one JSON file (ocp.JsonCheckpointHandler's default)
 SWEEP_TRIAL_FILE = 'sweep_trial.json'  # a sweep's trial: its config and result (imgcls_jax/sweep/)
 SAMPLES_FILE = 'samples.npz'  # a few eval-preprocessed images of each split (export checks, int8)
-
-
-class _NoMissingMetricsWarning(logging.Filter):
-  """Orbax warns on every save without metrics when best-tracking is on; ours omit them on purpose
-  (only checkpoints taken right after an evaluation carry metrics)."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return 'did not provide metrics' not in record.getMessage()
-
-
-class _DamagedOrbaxMetadata(logging.Filter):
-  """Orbax logs an ERROR (with the file's whole content) each time it reads a step's empty or
-  damaged ``_CHECKPOINT_METADATA``, three times per resume. The file holds timestamps only: the
-  restore reads the arrays and the meta item without it. One warning per file instead."""
-
-  _PREFIXES = ('Failed to json parse Metadata file: ', 'Failed to read Metadata file: ')
-
-  def __init__(self) -> None:
-    super().__init__()
-    self._seen: set[str] = set()
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    if not record.getMessage().startswith(self._PREFIXES) or not record.args:
-      return True
-    path = str(record.args[0])
-    if path in self._seen:
-      return False
-    self._seen.add(path)
-    record.msg, record.args = ("Orbax's metadata file %s is empty or damaged; it holds only the "
-                               "save's timestamps, and the checkpoint is read without it."), (path,)
-    record.levelno, record.levelname = logging.WARNING, 'WARNING'
-    return True
-
-
-logging.getLogger('absl').addFilter(_NoMissingMetricsWarning())
-logging.getLogger('absl').addFilter(_DamagedOrbaxMetadata())
+# (failed_reads, imported above, also quiets Orbax's log noise about saves and their metadata)
 
 
 @dataclasses.dataclass
@@ -117,6 +84,43 @@ def structure_differences(saved_metadata: Any, target: Any) -> list[str]:
       (s_shape, s_dtype), (w_shape, w_dtype) = saved[path], want[path]
       diffs.append(f'{path} is {s_shape} {s_dtype} in the checkpoint, {w_shape} {w_dtype} now')
   return diffs
+
+
+def finished_steps(directory: str) -> list[int]:
+  """The steps of ``directory`` (a checkpoints directory) whose state was written completely."""
+  return sorted(int(d) for d in os.listdir(directory)
+                if d.isdigit() and os.path.isdir(os.path.join(directory, d, 'state')))
+
+
+def another_step(steps: list[int], step: int, step_key: str = '') -> str:
+  """The fix for an unusable checkpoint ``step``: another of ``steps`` (set by ``step_key``)."""
+  others = [s for s in steps if s != step]
+  if not others:
+    return 'restore the folder from a copy or train the run again'
+  key = f' with --config.{step_key}' if step_key else ''
+  return f"pick another step ({', '.join(map(str, others))}){key}"
+
+
+def unreadable_cause(step_dir: str, err: BaseException | None, limit: int = 200) -> str:
+  """Why the checkpoint in ``step_dir`` cannot be read: its folder empty or without state, else
+  ``err``'s first line (after the meta file's name for a JSON error, which names no file)."""
+  names = os.listdir(step_dir) if os.path.isdir(step_dir) else None
+  if names is None or err is None or 'state' not in names:
+    return ('its folder is gone' if names is None else 'its folder holds no state' if names
+            else 'its folder is empty')
+  text = first_line(err, limit)
+  return f'meta/{META_FILE}: {text}' if isinstance(err, json.JSONDecodeError) else text
+
+
+def unreadable_error(directory: str, step: int, err: BaseException | None,
+                     step_key: str = '') -> UserError:
+  """The one error for a checkpoint step of ``directory`` that a reader (evaluate, predict, export,
+  ...) cannot use: why (``unreadable_cause``), and the other finished steps with ``step_key``, the
+  config key that picks one (e.g. 'predict.step'; '' where the caller sets the step itself)."""
+  why = unreadable_cause(os.path.join(directory, str(step)), err)
+  return UserError(f'Cannot read checkpoint {step} of {directory} ({why}); it is damaged, '
+                   'incomplete or not a checkpoint of this project; '
+                   f'{another_step(finished_steps(directory), step, step_key)}.')
 
 
 def _one_copy_per_array() -> None:
@@ -247,13 +251,15 @@ class Checkpointer:
     """Blocks until every started save is on disk."""
     self._manager.wait_until_finished()
 
-  def read_meta(self, step: int) -> dict[str, Any]:
-    """The JSON meta saved with ``step`` (a UserError naming the step when it is unreadable)."""
+  def read_meta(self, step: int, step_key: str = '') -> dict[str, Any]:
+    """The JSON meta saved with ``step``; unreadable: ``unreadable_error``, naming ``step_key``."""
     try:
-      restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+      return self._read_meta(step)
     except Exception as e:  # json / OS errors on a damaged checkpoint
-      raise UserError(f'Checkpoint {step} in {self.directory} is unreadable ({first_line(e)}); '
-                      'use another step, or resume training there to set it aside.') from None
+      raise unreadable_error(self.directory, step, e, step_key) from None
+
+  def _read_meta(self, step: int) -> dict[str, Any]:
+    restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     return dict(restored['meta'] or {})
 
   def _check_fits(self, step: int, target: Any) -> None:
@@ -301,49 +307,53 @@ class Checkpointer:
     ``check_meta(meta, 'checkpoint <step> in <directory>')``, e.g. its classes, then the state's
     tree) raises UserError, before any array is read.
     """
-    skipped: list[int] = []
+    moved: list[tuple[int, str, str]] = []   # (step, why it is unreadable, where it went)
+    resumed: list[int] = []
     failed_reads.install()  # a damaged checkpoint: one warning, not tensorstore's leftovers
-    for step in sorted(self._manager.all_steps(), reverse=True):
-      try:
-        meta = self.read_meta(step)
-        _ = self._manager.metadata(step).item_metadata['state'].tree  # readable tree metadata
-      except Exception as e:  # unreadable meta or tree metadata
-        self._quarantine(step, e)
-        skipped.append(step)
-        continue
-      where = f'checkpoint {step} in {self.directory}'
-      if config is not None:
-        configlib.check_config(meta.get('config'), config, where, warn=False)
-      if check_meta is not None:
-        check_meta(meta, where)
-      self._check_fits(step, abstract_state)
-      if config is not None:   # it fits: only now is a changed trajectory worth a warning
-        configlib.warn_trajectory(meta.get('config'), config, where)
-      try:
-        state = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state)))['state']
-      except Exception as e:  # truncated or missing array data
-        self._quarantine(step, e)
-        skipped.append(step)
-        continue
-      if not bool(state_lib.is_finite(state)):   # damaged bytes that decode; saved after a NaN
-        self._quarantine(step, ValueError('its arrays hold NaN or infinite values'))
-        skipped.append(step)
-        continue
-      if skipped:
-        logging.warning('Resuming from the previous good checkpoint, step %d (newer unreadable: '
-                        '%s).', step, ', '.join(map(str, skipped)))
-      return Restored(step=step, state=state, meta=meta, skipped=skipped)
-    if skipped:
+    try:
+      for step in sorted(self._manager.all_steps(), reverse=True):
+        try:
+          meta = self._read_meta(step)
+          _ = self._manager.metadata(step).item_metadata['state'].tree  # readable tree metadata
+        except Exception as e:  # unreadable meta or tree metadata
+          moved.append(self._quarantine(step, e))
+          continue
+        where = f'checkpoint {step} in {self.directory}'
+        if config is not None:
+          configlib.check_config(meta.get('config'), config, where, warn=False)
+        if check_meta is not None:
+          check_meta(meta, where)
+        self._check_fits(step, abstract_state)
+        if config is not None:   # it fits: only now is a changed trajectory worth a warning
+          configlib.warn_trajectory(meta.get('config'), config, where)
+        try:
+          state = self._manager.restore(step, args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(abstract_state)))['state']
+        except Exception as e:  # truncated or missing array data
+          moved.append(self._quarantine(step, e))
+          continue
+        if not bool(state_lib.is_finite(state)):   # damaged bytes that decode; saved after a NaN
+          moved.append(self._quarantine(step, 'its arrays hold NaN or infinite values'))
+          continue
+        resumed.append(step)
+        return Restored(step=step, state=state, meta=meta, skipped=[m[0] for m in moved])
+    finally:   # once the step resumed from is known; before an older checkpoint's error too
+      for step, why, dest in moved:
+        logging.warning('Checkpoint %d in %s is unreadable (%s); moved it to %s%s.', step,
+                        self.directory, why, dest, f' and resuming from the previous good '
+                        f'checkpoint, step {resumed[0]}' if resumed else '')
+    if moved:
       raise UserError(f'No readable checkpoint in {self.directory}: steps '
-                      f'{", ".join(map(str, skipped))} were damaged and moved to '
+                      f'{", ".join(str(m[0]) for m in moved)} were damaged and moved to '
                       f'{os.path.join(self.workdir, CORRUPT_DIR)}; run again to start from scratch '
                       'or put back a good copy.')
     return None
 
-  def _quarantine(self, step: int, err: BaseException) -> None:
-    """Moves an unreadable checkpoint out of the manager's directory (kept for inspection)."""
+  def _quarantine(self, step: int, err: BaseException | str) -> tuple[int, str, str]:
+    """Moves an unreadable checkpoint out of the manager's directory (kept for inspection);
+    (step, why it is unreadable, where it went)."""
     src = os.path.join(self.directory, str(step))
+    why = err if isinstance(err, str) else unreadable_cause(src, err)
     root = os.path.join(self.workdir, CORRUPT_DIR)
     dest, n = os.path.join(root, str(step)), 1
     while os.path.exists(dest):
@@ -355,5 +365,4 @@ class Checkpointer:
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices(f'imgcls_jax_quarantine_{step}')
     self._manager.reload()
-    logging.warning('Checkpoint %d in %s is unreadable (%s); moved it to %s and falling back to '
-                    'the previous checkpoint.', step, self.directory, first_line(err), dest)
+    return step, why, dest

@@ -15,9 +15,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from imgcls_jax import failed_reads, optim
-from imgcls_jax.checkpoint import CHECKPOINTS_DIR, META_FILE
+from imgcls_jax.checkpoint import (CHECKPOINTS_DIR, META_FILE, another_step, finished_steps,
+                                   unreadable_error)
 from imgcls_jax.run_directory import moved_aside
-from imgcls_jax.errors import UserError, first_line
+from imgcls_jax.errors import UserError
 from imgcls_jax.weights import Weights, check_finite, flatten
 
 
@@ -70,21 +71,6 @@ def _locate(path: str) -> tuple[str, int | None]:
                   'checkpoints/) or one checkpoint step directory.')
 
 
-def finished_steps(directory: str) -> list[int]:
-  """The steps of ``directory`` (a checkpoints directory) whose state was written completely."""
-  return sorted(int(d) for d in os.listdir(directory)
-                if d.isdigit() and os.path.isdir(os.path.join(directory, d, 'state')))
-
-
-def _another(steps: list[int], step: int, step_key: str) -> str:
-  """The fix for an unusable checkpoint ``step``: another of ``steps`` (set by ``step_key``)."""
-  others = [s for s in steps if s != step]
-  if not others:
-    return 'restore the folder from a copy or train the run again'
-  key = f' with --config.{step_key}' if step_key else ''
-  return f"pick another step ({', '.join(map(str, others))}){key}"
-
-
 def read_weights(path: str, step: int | None = None, *, ema: bool = False,
                  step_key: str = '') -> Weights:
   """Parameters, batch statistics and meta of a checkpoint, as numpy (no optimizer state); with
@@ -121,6 +107,8 @@ def read_weights(path: str, step: int | None = None, *, ema: bool = False,
     if newer:
       logging.warning('Checkpoint %s in %s has no state (incomplete or damaged); using step %d, '
                       'the latest complete one.', max(newer), directory, step)
+  if step not in steps and os.path.isdir(os.path.join(directory, str(step))):
+    raise unreadable_error(directory, step, None, step_key)   # an empty or stateless folder
   if step not in steps:
     raise UserError(f'Checkpoint step {step} is not in {directory} (it has: '
                     f"{', '.join(map(str, steps)) or 'none'}); pick one of those"
@@ -152,11 +140,10 @@ def read_weights(path: str, step: int | None = None, *, ema: bool = False,
       meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
           step_dir / 'meta', args=ocp.args.JsonRestore()) or {}
   except (ValueError, KeyError, TypeError, OSError) as e:
-    raise UserError(f'Cannot read {origin} ({first_line(e, limit=200)}); it is incomplete or not '
-                    f'a checkpoint of this project; {_another(steps, step, step_key)}.') from None
+    raise unreadable_error(directory, step, e, step_key) from None
   meta = dict(meta)
   meta['step'] = step
   return check_finite(Weights(params=flatten(restored['params']),
                               batch_stats=flatten(restored.get('batch_stats', {})),
                               origin=origin + (' (its weight EMA)' if ema else ''), meta=meta),
-                      _another(steps, step, step_key))
+                      another_step(steps, step, step_key))

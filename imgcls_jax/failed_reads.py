@@ -8,6 +8,9 @@ more: ``RuntimeError('Event loop is closed')`` from callbacks into the closed lo
 coroutines' errors, both through ``sys.unraisablehook``, and asyncio's "Task exception was never
 retrieved" log records for the read tasks. ``install`` (called before every Orbax read) drops
 exactly those; every other unraisable exception and asyncio log record passes through unchanged.
+
+Orbax's own log noise goes too, from import on (``checkpoint`` imports this module): its warning
+on every save without metrics, and its ERROR with a whole damaged metadata file's content.
 """
 from __future__ import annotations
 
@@ -60,3 +63,42 @@ def install() -> None:
 
   sys.unraisablehook = hook
   logging.getLogger('asyncio').addFilter(_AbandonedTaskFilter())
+
+
+class _NoMissingMetricsWarning(logging.Filter):
+  """Orbax warns on every save without metrics when best-tracking is on; ours omit them on purpose
+  (only checkpoints taken right after an evaluation carry metrics)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return 'did not provide metrics' not in record.getMessage()
+
+
+class _DamagedOrbaxMetadata(logging.Filter):
+  """Orbax logs an ERROR (with the file's whole content) each time it reads a step's empty or
+  damaged ``_CHECKPOINT_METADATA``, three times per resume. The file holds timestamps only: the
+  restore reads the arrays and the meta item without it. One warning per file instead (none for a
+  missing one: an emptied step folder, which the reader's error names)."""
+
+  _PREFIXES = ('Failed to json parse Metadata file: ', 'Failed to read Metadata file: ')
+
+  def __init__(self) -> None:
+    super().__init__()
+    self._seen: set[str] = set()
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.getMessage().startswith('Metadata file does not exist: '):
+      return False
+    if not record.getMessage().startswith(self._PREFIXES) or not record.args:
+      return True
+    path = str(record.args[0])
+    if path in self._seen:
+      return False
+    self._seen.add(path)
+    record.msg, record.args = ("Orbax's metadata file %s is empty or damaged; it holds only the "
+                               "save's timestamps, and the checkpoint is read without it."), (path,)
+    record.levelno, record.levelname = logging.WARNING, 'WARNING'
+    return True
+
+
+logging.getLogger('absl').addFilter(_NoMissingMetricsWarning())
+logging.getLogger('absl').addFilter(_DamagedOrbaxMetadata())

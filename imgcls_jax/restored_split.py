@@ -140,7 +140,7 @@ def restore_for_split(workdir: str, config: ml_collections.ConfigDict | None, *,
     step, chosen = choose_step(ckpt, checkpoint_spec, os.path.join(workdir, 'metrics.jsonl'))
     among = best_among(ckpt, chosen, os.path.join(workdir, 'metrics.jsonl'))
     latest = ckpt.latest_step()
-    meta = ckpt.read_meta(step)
+    meta = ckpt.read_meta(step, step_key)   # unreadable: the other steps, with step_key
     try:   # what the final weights were fitted with (a damaged newest checkpoint: nothing)
       latest_meta = ckpt.read_meta(latest) if step != latest else meta
     except UserError:

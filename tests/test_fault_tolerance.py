@@ -230,7 +230,7 @@ def test_damaged_newest_checkpoint_resumes_from_the_previous_one(reference, tfds
   damage(os.path.join(workdir, 'checkpoints', str(TOTAL)))
   train.train_and_evaluate(make_config(tfds_dir), workdir)
   assert f'Checkpoint {TOTAL} in {workdir}/checkpoints is unreadable' in caplog.text
-  assert 'Resuming from the previous good checkpoint, step 30' in caplog.text
+  assert 'resuming from the previous good checkpoint, step 30' in caplog.text
   assert os.path.isdir(os.path.join(workdir, 'corrupt_checkpoints', str(TOTAL)))
   assert_bitwise_equal(load_state(workdir, TOTAL), load_state(reference, TOTAL))
 

@@ -47,7 +47,8 @@ def test_a_reader_leaves_a_saving_runs_checkpoint_alone_and_names_a_damaged_one(
   with open(os.path.join(workdir, 'checkpoints', '20', 'meta', 'metadata'), 'w') as f:
     f.write('garbage')
   assert evaluation.evaluate_checkpoint(workdir, None, checkpoint_spec='10').step == 10
-  with pytest.raises(UserError, match=r'^Checkpoint 20 in .* is unreadable \(.*\); use another'):
+  with pytest.raises(UserError, match=r'^Cannot read checkpoint 20 of .* \(meta/metadata: '
+                     r'JSONDecodeError: .*\); .*pick another step \(10\)\.$'):
     evaluation.evaluate_checkpoint(workdir, None, checkpoint_spec='latest')
 
 
