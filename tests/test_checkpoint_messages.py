@@ -124,3 +124,18 @@ def test_a_damaged_step_is_named_alike_by_every_reader_with_its_key_and_the_othe
     assert causes == {'its folder is empty'}
   else:   # tensorstore's error of the array read first (which one may vary)
     assert all(c.startswith('ValueError: ') for c in causes), causes
+
+
+def test_calibrate_on_a_damaged_latest_checkpoint_says_to_resume_training_first(run_copy):
+  """Calibrate fits the latest checkpoint only: 'pick another step' was no fix there."""
+  from imgcls_jax import calibrate
+  _, workdir = run_copy
+  _garble_meta(os.path.join(workdir, 'checkpoints', '30'))
+  with pytest.raises(UserError) as e:
+    calibrate.calibrate(None, workdir, overrides={'evaluate.temperature_split': 'train[:100]'})
+  message = str(e.value)
+  assert message.startswith(f'Cannot read checkpoint 30 of {workdir}/checkpoints ({JSON_ERROR})')
+  assert message.endswith('--mode=calibrate fits the latest checkpoint: rerun the training '
+                          'command first (it moves the damaged one aside and resumes from the '
+                          'step before it), then calibrate.')
+  assert 'pick another step' not in message
