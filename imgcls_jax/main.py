@@ -4,7 +4,7 @@ Override any config key with ``--config.key=value`` (e.g. ``--config.optim.learn
 The modes that use a trained run (evaluate, compare, calibrate, predict, export, serve, embed) take
 the model from ``--workdir`` alone: ``--config`` is optional for them, and only their own keys
 (and where the evaluation data lives) may be given. Mistakes a user can fix end in one line naming
-the problem and the fix (exit status 2).
+the problem and the fix (exit status 2), and so does a full or read-only disk.
 """
 from __future__ import annotations
 
@@ -182,6 +182,23 @@ def _configure_logging() -> None:
                       datefmt='%H:%M:%S', force=True)
   for noisy in ('absl', 'jax._src', 'orbax', 'tensorflow', 'tensorflow_datasets', 'etils'):
     logging.getLogger(noisy).setLevel(logging.WARNING)
+  for handler in logging.getLogger().handlers:
+    handler.addFilter(_not_a_library_write_failure)
+
+
+def _not_a_library_write_failure(record: logging.LogRecord) -> bool:
+  """False for a library's ERROR record (with its traceback) about a full or read-only disk:
+  Orbax logs one from each of its saving threads, and the main thread gets the same error (at
+  ``wait_until_finished``), which ``run`` reports in one line."""
+  from imgcls_jax import write_problems   # (imported by run already: standard library only)
+  if record.levelno < logging.ERROR or not record.name.startswith(('absl', 'orbax')):
+    return True
+  exc = record.exc_info[1] if record.exc_info else None
+  try:
+    return not (write_problems.write_failure(exc) or
+                write_problems.write_failure(Exception(record.getMessage())))
+  except Exception:  # noqa: BLE001  (a record that cannot be formatted: logging says so)
+    return True
 
 
 HELP_FLAGS = ('-h', '-?', '--help', '--helpfull', '--helpshort')
@@ -202,13 +219,15 @@ def usage() -> str:
 
 def run(argv: list[str] | None = None) -> int:
   """Entry point; returns the process exit status."""
-  argv = list(sys.argv if argv is None else argv)
+  argv_given, argv = argv, list(sys.argv if argv is None else argv)
   if any(a in HELP_FLAGS for a in argv[1:]):
     print(usage(), flush=True)
     return 0
   _configure_logging()
+  from imgcls_jax import write_problems
   from imgcls_jax.errors import UserError
   config = workdir = None
+  mode = mode_arg(argv)
   try:
     config, workdir, mode = parse(argv)
     from imgcls_jax import distributed, sharding
@@ -240,10 +259,13 @@ def run(argv: list[str] | None = None) -> int:
   except (_CliError, UserError) as e:
     print(f'error: {e}', file=sys.stderr, flush=True)
     return 2
-  except OSError as e:
-    if e.filename is None:  # not about a path the user gave: a bug to see in full
+  except Exception as e:  # noqa: BLE001  a path, a full or read-only disk: else a bug, in full
+    problem = write_problems.write_problem(e, config, workdir, mode)
+    if problem is None:
       raise
-    print(f'error: {_path_problem(e, config, workdir)}', file=sys.stderr, flush=True)
+    print(f'error: {problem}', file=sys.stderr, flush=True)
+    if argv_given is None:   # the command line, which exits next
+      _no_oserror_tracebacks_at_exit()
     return 2
   except KeyboardInterrupt:   # Ctrl-C outside training, or a second one during it
     resume = (f'; the same command resumes from what {workdir} holds (its newest checkpoints, '
@@ -255,24 +277,19 @@ def run(argv: list[str] | None = None) -> int:
   return 0
 
 
+def _no_oserror_tracebacks_at_exit() -> None:
+  """After the one line for a file that cannot be written: the exit handlers of writers left
+  open meet the same disk again (tensorboardX flushes its events file at exit, and its thread
+  then finds its queue closed); their OSErrors are not printed after that line."""
+  import threading
+  unraisable, in_thread = sys.unraisablehook, threading.excepthook
+  sys.unraisablehook = lambda u: None if isinstance(u.exc_value, OSError) else unraisable(u)
+  threading.excepthook = lambda a: None if isinstance(a.exc_value, OSError) else in_thread(a)
+
+
 def mode_arg(argv: list[str]) -> str:
   """The --mode given on the command line ('train' when none is)."""
   return next((a.split('=', 1)[1] for a in argv if a.startswith('--mode=')), 'train')
-
-
-def _path_problem(e: OSError, config=None, workdir: str | None = None) -> str:
-  """One sentence for a file or folder the run could not create, read or write (a --workdir or an
-  output path in /proc, a file where a folder is needed, no permission, a full disk), naming the
-  config key (or --workdir) that gave the path when one did."""
-  path = f'{e.filename} -> {e.filename2}' if e.filename2 else str(e.filename)
-  why = f'Cannot use {path} ({e.strerror or type(e).__name__})'
-  source = _path_source(str(e.filename), config, workdir)
-  if source:
-    return (f'{why}; check {source}: it must be a folder (or file) this user can create and '
-            'write.')
-  return (f"{why}; check --workdir and the config's paths (output_dir, output, data_dir, "
-          'compilation_cache_dir): each must be a folder (or file) this user can create and '
-          'write.')
 
 
 def _absolute_data_paths(config) -> None:
@@ -286,30 +303,6 @@ def _absolute_data_paths(config) -> None:
     if isinstance(value, str) and value and '://' not in value and value != 'off':
       data[key] = os.path.abspath(os.path.expanduser(value))
 
-
-def _path_source(filename: str, config, workdir: str | None) -> str | None:
-  """The config key (``config.a.b``) or ``--workdir`` whose path is ``filename`` or the nearest
-  folder above it, else None."""
-  target = os.path.abspath(filename)
-
-  def under(value: str) -> bool:
-    value = os.path.abspath(os.path.expanduser(value))
-    return target == value or target.startswith(value.rstrip(os.sep) + os.sep)
-
-  def keys(node, prefix):
-    for k in node.keys():
-      v = node[k]
-      if hasattr(v, 'keys'):
-        yield from keys(v, f'{prefix}{k}.')
-      elif isinstance(v, str) and v and ('/' in v or v.startswith('.')):
-        yield f'{prefix}{k}', v
-  named = [(f'config.{k}', v) for k, v in keys(config, '')] if config is not None else []
-  named += [('--workdir', workdir)] if workdir else []
-  found = sorted((len(os.path.abspath(v)), k, v) for k, v in named if under(v))
-  if not found:
-    return None
-  _, key, value = found[-1]   # the longest path: the most specific key
-  return f'{key}={value}'
 
 if __name__ == '__main__':
   sys.exit(run())

@@ -10,6 +10,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from imgcls_jax import atomic
+
 
 def mean_train(history: list[Mapping[str, Any]]) -> dict[str, float]:
   """Means of per-step train metrics fetched from the device."""
@@ -68,11 +70,11 @@ class MetricWriter:
         self._tb = summary_writer_class()(os.path.join(workdir, 'tensorboard'))
 
   def write(self, step: int, split: str, values: Mapping[str, float]) -> None:
+    """Appends one record; a write that fails (a full disk) leaves the file as it was."""
     if not self.enabled:
       return
     record = json_safe({'step': int(step), 'split': split, **values})   # NaN as null
-    with open(self.path, 'a') as f:
-      f.write(json.dumps(record) + '\n')
+    atomic.append_whole(self.path, (json.dumps(record) + '\n').encode())
     if self._tb is not None:
       for k, v in values.items():
         if isinstance(v, (int, float, np.number)):
@@ -98,14 +100,36 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
 
 
 def rewind_jsonl(path: str, step: int) -> None:
-  """Drops ``metrics.jsonl`` records after ``step``: a resumed run writes them again."""
-  if not os.path.exists(path):
+  """Drops ``metrics.jsonl`` records after ``step`` (a resumed run writes them again) and any line
+  that does not parse: the last one cut short when a run was killed, or the disk filled, while
+  writing it, onto which the next record would be appended, and lost. The file is rewritten
+  whole (``atomic.write_atomic``) when anything is dropped or its last line has no newline."""
+  try:
+    with open(path, encoding='utf-8', errors='replace') as f:
+      text = f.read()
+  except FileNotFoundError:
     return
-  records = read_jsonl(path)
-  kept = [r for r in records if r.get('step', 0) <= step]
-  if len(kept) < len(records):
-    with open(path + '.tmp', 'w') as f:
-      f.writelines(json.dumps(r) + '\n' for r in kept)
-    os.replace(path + '.tmp', path)
+  kept, later, broken = [], 0, 0
+  for line in text.splitlines():
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except ValueError:
+      broken += 1
+      continue
+    if not isinstance(record, dict):
+      broken += 1
+    elif record.get('step', 0) <= step:
+      kept.append(line + '\n')
+    else:
+      later += 1
+  if not (later or broken or (text and not text.endswith('\n'))):
+    return
+  atomic.write_atomic(path, ''.join(kept))
+  if broken:
+    logging.warning('Dropped %d line(s) of %s that did not parse (cut short: the run stopped, or '
+                    'the disk filled, while writing it).', broken, path)
+  if later:
     logging.info('Dropped %d metrics.jsonl records after step %d (they are redone on resume).',
-                 len(records) - len(kept), step)
+                 later, step)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import logging
 import os
@@ -12,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from imgcls_jax import label_issues, metrics, plots, report_multilabel, report_text
+from imgcls_jax import atomic, label_issues, metrics, plots, report_multilabel, report_text
 from imgcls_jax.data import folder_layout
 from imgcls_jax.errors import UserError
 
@@ -22,6 +23,8 @@ MULTILABEL_REPORT_FILES = ('report.json', 'report.md', 'pr_curves.png', 'reliabi
 CURVES_FILE = 'training_curves.png'
 ERROR_FILES = ('errors.csv', 'errors.png')
 ISSUE_FILES = (label_issues.EVAL_FILE, label_issues.EVAL_PICTURE)   # evaluate's, when searched
+_ALL_FILES = frozenset(REPORT_FILES + MULTILABEL_REPORT_FILES + ERROR_FILES + ISSUE_FILES
+                       + (CURVES_FILE,))
 ERROR_COLUMNS = ('rank', 'position', 'id', 'label', 'predicted', 'p_predicted', 'p_label')
 # Multi-label: one row per wrong tag decision; 'error' is 'missed' (a labelled tag below its
 # threshold) or 'extra' (another tag at or above it); labels / predicted: the example's tag sets.
@@ -48,33 +51,68 @@ def write(rep: dict[str, Any], out_dir: str, title: str, metrics_path: str | Non
   A file an earlier report in ``out_dir`` wrote (listed in its report.json's ``files``) that
   this one does not write (a ROC plot, the other task's files, training curves without a metrics
   log) is removed: left there it would sit beside a report.json that no longer matches it. Files
-  no report wrote are left alone, whatever their names.
+  no report wrote are left alone, whatever their names. Each file is written whole or not at all;
+  when one fails (a full disk), those this report added are removed again (no report.json lists
+  them, and ``check_output`` would refuse to overwrite them when the same command runs again).
   """
   os.makedirs(out_dir, exist_ok=True)
   earlier = _earlier_files(out_dir)
-  if rep.get('task') == 'multilabel':
-    written = [*_write_multilabel(rep, out_dir, title)]
-  else:
-    written = [*_write_single_label(rep, out_dir, title)]
-  if errors is not None:
-    written += _write_errors(errors, out_dir, title)
-  issues = rep.get('label_issues')   # the files evaluate wrote before the report
-  if issues:
-    written += [name for name in (issues['file'], issues.get('picture')) if name]
-  if metrics_path and os.path.exists(metrics_path):
-    plots.training_curves(metrics.read_jsonl(metrics_path), os.path.join(out_dir, CURVES_FILE))
-    written.append(CURVES_FILE)
-  elif metrics_path:  # None: a report with no training run behind it (k-NN, classical)
-    logging.info('No metrics.jsonl next to the checkpoints: no training-curve plot.')
-  written = ['report.json', *written]
-  with open(os.path.join(out_dir, 'report.json'), 'w') as f:   # last: it lists the files
-    json.dump(metrics.json_safe({**rep, 'files': written}), f, indent=1)
+  there = {n for n in _ALL_FILES if os.path.lexists(os.path.join(out_dir, n))}
+  try:
+    written = _write_files(rep, out_dir, title, metrics_path, errors)
+  except BaseException:   # a full disk: each file is whole, and none is left unlisted
+    _remove(out_dir, [atomic.temporary_path(n) for n in _ALL_FILES]
+            + [n + '.tmp' for n in ISSUE_FILES])   # (label_issues.write_csv's)
+    _remove(out_dir, _ALL_FILES - there - earlier)  # which would stop the same command rerun
+    raise
   for name in sorted(earlier - set(written)):
     stale = os.path.join(out_dir, name)
     if os.path.exists(stale):
       os.remove(stale)
       logging.info('Removed %s: left by an earlier report, not part of this one.', stale)
   return written
+
+
+def _write_files(rep: dict[str, Any], out_dir: str, title: str, metrics_path: str | None,
+                 errors: Errors | None) -> list[str]:
+  """``write``'s files, each whole or not at all (``atomic.write_atomic``), report.json last;
+  returns the names written."""
+  if rep.get('task') == 'multilabel':
+    written, markdown = _write_multilabel(rep, out_dir, title)
+  else:
+    written, markdown = _write_single_label(rep, out_dir, title)
+  if errors is not None:
+    names, lines = _write_errors(errors, out_dir, title)
+    written, markdown = written + names, markdown + '\n'.join(lines) + '\n'
+  atomic.write_atomic(os.path.join(out_dir, 'report.md'), markdown)
+  written.insert(0, 'report.md')
+  issues = rep.get('label_issues')   # the files evaluate wrote before the report
+  if issues:
+    written += [name for name in (issues['file'], issues.get('picture')) if name]
+  if metrics_path and os.path.exists(metrics_path):
+    records = metrics.read_jsonl(metrics_path)
+    _plot(lambda path: plots.training_curves(records, path), out_dir, CURVES_FILE)
+    written.append(CURVES_FILE)
+  elif metrics_path:  # None: a report with no training run behind it (k-NN, classical)
+    logging.info('No metrics.jsonl next to the checkpoints: no training-curve plot.')
+  written = ['report.json', *written]
+  atomic.write_atomic(os.path.join(out_dir, 'report.json'),   # last: it lists the files
+                       json.dumps(metrics.json_safe({**rep, 'files': written}), indent=1))
+  return written
+
+
+def _plot(draw: Any, out_dir: str, name: str) -> None:
+  """``draw(path)`` (a ``plots`` function) writes ``out_dir/name`` whole or not at all."""
+  atomic.write_atomic(os.path.join(out_dir, name), draw)
+
+
+def _remove(out_dir: str, names: Any) -> None:
+  """Removes the files ``names`` of ``out_dir`` that are there."""
+  for name in names:
+    try:
+      os.remove(os.path.join(out_dir, name))
+    except OSError:   # not there
+      pass
 
 
 def check_output(out_dir: str, data: Any, names: set[str]) -> None:
@@ -137,7 +175,7 @@ def remove(out_dir: str) -> list[str]:
 def _earlier_files(out_dir: str) -> set[str]:
   """The report files an earlier report in ``out_dir`` wrote: its report.json's ``files`` (a
   report.json from before that list: every report file name; no report.json: none)."""
-  known = set(REPORT_FILES + MULTILABEL_REPORT_FILES + ERROR_FILES + ISSUE_FILES + (CURVES_FILE,))
+  known = set(_ALL_FILES)
   try:
     with open(os.path.join(out_dir, 'report.json')) as f:
       old = json.load(f)
@@ -147,64 +185,66 @@ def _earlier_files(out_dir: str) -> set[str]:
   return known & set(files) if isinstance(files, list) else known
 
 
-def _write_multilabel(rep: dict[str, Any], out_dir: str, title: str) -> list[str]:
-  with open(os.path.join(out_dir, 'report.md'), 'w') as f:
-    f.write(report_text.with_notes(report_multilabel.to_markdown(rep, title,
-                                                                 rep.get('context', {})), rep))
-  plots.pr_curves(rep['pr_curves'], rep['mean_average_precision'] or 0.0,
-                  os.path.join(out_dir, 'pr_curves.png'), micro=rep.get('pr_curve_micro'))
+def _write_multilabel(rep: dict[str, Any], out_dir: str, title: str) -> tuple[list[str], str]:
+  """The plots of a multi-label report; returns their names and the text of report.md."""
+  markdown = report_text.with_notes(report_multilabel.to_markdown(rep, title,
+                                                                  rep.get('context', {})), rep)
+  _plot(lambda path: plots.pr_curves(rep['pr_curves'], rep['mean_average_precision'] or 0.0, path,
+                                     micro=rep.get('pr_curve_micro')), out_dir, 'pr_curves.png')
   if not rep.get('calibration_bins'):
-    return ['report.md', 'pr_curves.png']
-  plots.reliability_diagram(rep['calibration_bins'], rep['ece'],
-                            os.path.join(out_dir, 'reliability.png'),
-                            'Reliability of the tag probabilities', tags=True)
-  return ['report.md', 'pr_curves.png', 'reliability.png']
+    return ['pr_curves.png'], markdown
+  _plot(lambda path: plots.reliability_diagram(rep['calibration_bins'], rep['ece'], path,
+                                               'Reliability of the tag probabilities', tags=True),
+        out_dir, 'reliability.png')
+  return ['pr_curves.png', 'reliability.png'], markdown
 
 
-def _write_single_label(rep: dict[str, Any], out_dir: str, title: str) -> list[str]:
-  with open(os.path.join(out_dir, 'report.md'), 'w') as f:
-    f.write(report_text.with_notes(report_text.to_markdown(rep, title, rep.get('context', {})),
-                                   rep))
-  with open(os.path.join(out_dir, 'confusion_matrix.csv'), 'w') as f:
-    f.write(report_text.confusion_csv(rep))
-  plots.confusion_matrix(rep['confusion_matrix'], rep['class_names'],
-                         os.path.join(out_dir, 'confusion_matrix.png'))
-  plots.reliability_diagram(rep['calibration_bins'], rep['ece'],
-                            os.path.join(out_dir, 'reliability.png'))
-  written = ['report.md', 'confusion_matrix.csv', 'confusion_matrix.png', 'reliability.png']
+def _write_single_label(rep: dict[str, Any], out_dir: str, title: str) -> tuple[list[str], str]:
+  """The CSV and plots of a single-label report; returns their names and the text of
+  report.md."""
+  markdown = report_text.with_notes(report_text.to_markdown(rep, title, rep.get('context', {})),
+                                    rep)
+  atomic.write_atomic(os.path.join(out_dir, 'confusion_matrix.csv'),
+                       report_text.confusion_csv(rep))
+  _plot(lambda path: plots.confusion_matrix(rep['confusion_matrix'], rep['class_names'], path),
+        out_dir, 'confusion_matrix.png')
+  _plot(lambda path: plots.reliability_diagram(rep['calibration_bins'], rep['ece'], path),
+        out_dir, 'reliability.png')
+  written = ['confusion_matrix.csv', 'confusion_matrix.png', 'reliability.png']
   if rep.get('roc_curves'):
-    plots.roc_curves(rep['roc_curves'], rep['roc_auc_macro'],
-                     os.path.join(out_dir, 'roc_curves.png'))
+    _plot(lambda path: plots.roc_curves(rep['roc_curves'], rep['roc_auc_macro'], path), out_dir,
+          'roc_curves.png')
     written.append('roc_curves.png')
   if rep.get('selective'):
-    plots.selective(rep['selective'], os.path.join(out_dir, 'selective.png'))
+    _plot(lambda path: plots.selective(rep['selective'], path), out_dir, 'selective.png')
     written.append('selective.png')
-  return written
+  return written, markdown
 
 
-def _write_errors(errors: Errors, out_dir: str, title: str) -> list[str]:
-  """errors.csv, errors.png (when there are images) and a table of the first ones in report.md."""
-  with open(os.path.join(out_dir, 'errors.csv'), 'w', newline='') as f:
-    w = csv.DictWriter(f, fieldnames=errors.columns)
-    w.writeheader()
-    w.writerows({k: (f'{v:.6f}' if isinstance(v, float) else v) for k, v in r.items()}
-                for r in errors.rows)
+def _write_errors(errors: Errors, out_dir: str, title: str) -> tuple[list[str], list[str]]:
+  """errors.csv and errors.png (when there are images); returns their names and the lines of
+  report.md's table of the first ones."""
+  table = io.StringIO(newline='')
+  w = csv.DictWriter(table, fieldnames=errors.columns)
+  w.writeheader()
+  w.writerows({k: (f'{v:.6f}' if isinstance(v, float) else v) for k, v in r.items()}
+              for r in errors.rows)
+  atomic.write_atomic(os.path.join(out_dir, 'errors.csv'), table.getvalue())
   what = 'errors' if errors.columns == ERROR_COLUMNS else 'wrong tag decisions'
   shown = [c.replace('p_', 'p(') + ')' if c.startswith('p_') else c for c in errors.columns]
   lines = ['', f'## The most confident {what} ({len(errors.rows)} in all: errors.csv)', '',
            '| ' + ' | '.join(shown) + ' |', '|' + '---|' * len(shown)]
   lines += ['| ' + ' | '.join(_cell(r[c]) for c in errors.columns) + ' |'
             for r in errors.rows[:_ERRORS_IN_MD]]
-  with open(os.path.join(out_dir, 'report.md'), 'a') as f:
-    f.write('\n'.join(lines) + '\n')
   if not errors.images:
-    return ['errors.csv']
-  plots.image_grid([img for img, _ in errors.images], [c for _, c in errors.images],
-                   os.path.join(out_dir, 'errors.png'),
-                   f'{title}: the {len(errors.images)} most confident errors'
-                   if what == 'errors' else f'{title}: the {len(errors.images)} examples with '
-                   'the most confident wrong tag decisions')
-  return list(ERROR_FILES)
+    return ['errors.csv'], lines
+  caption = (f'{title}: the {len(errors.images)} most confident errors' if what == 'errors' else
+             f'{title}: the {len(errors.images)} examples with the most confident wrong tag '
+             'decisions')
+  _plot(lambda path: plots.image_grid([img for img, _ in errors.images],
+                                      [c for _, c in errors.images], path, caption),
+        out_dir, 'errors.png')
+  return list(ERROR_FILES), lines
 
 
 def _cell(v: Any) -> str:

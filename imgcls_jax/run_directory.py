@@ -1,8 +1,8 @@
 """The run directory around its checkpoints (``checkpoint.py`` owns the layout and the
-checkpoints themselves): the run's ``config.json`` and ``samples.npz``, and the one-line answer
+checkpoints themselves): the run's ``config.json`` and ``samples.npz``, the one-line answer
 when a ``--workdir`` holds no checkpoint (a file, a folder inside a run, a cross-validation or
 sweep parent, damaged checkpoints moved aside, an export, a classical baseline). No TensorFlow at
-import.
+import. (The one line when a mode cannot write its files: ``write_problems.py``.)
 """
 from __future__ import annotations
 
@@ -13,14 +13,16 @@ from typing import Any, Mapping
 import ml_collections
 import numpy as np
 
+from imgcls_jax import atomic
 from imgcls_jax.checkpoint import (CHECKPOINTS_DIR, CONFIG_FILE, CORRUPT_DIR, SAMPLES_FILE,
                                    SWEEP_TRIAL_FILE)
 from imgcls_jax.errors import UserError
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """``<workdir>/config.json``: the config of the run (human-readable; checkpoints hold it too)."""
-  with open(os.path.join(workdir, CONFIG_FILE), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  """``<workdir>/config.json``: the config of the run (human-readable; checkpoints hold it too),
+  written whole or not at all (on a full disk the earlier one stays as it was)."""
+  atomic.write_atomic(os.path.join(workdir, CONFIG_FILE),
+                       config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def read_config(workdir: str) -> dict[str, Any] | None:
@@ -38,10 +40,8 @@ def read_config(workdir: str) -> dict[str, Any] | None:
 def write_samples(workdir: str, arrays: Mapping[str, np.ndarray]) -> None:
   """``<workdir>/samples.npz``: a few images of the run's data (``eval_images``, ``eval_labels``,
   ``train_images``, ``train_labels``), so an export can be checked after the data is gone."""
-  path = os.path.join(workdir, SAMPLES_FILE)
-  tmp = path + '.tmp.npz'
-  np.savez_compressed(tmp, **arrays)
-  os.replace(tmp, path)
+  atomic.write_atomic(os.path.join(workdir, SAMPLES_FILE),
+                       lambda tmp: np.savez_compressed(tmp, **arrays))
 
 
 def read_samples(workdir: str) -> dict[str, np.ndarray] | None:
@@ -195,3 +195,4 @@ def _run_directory_above(path: str) -> str | None:
       return None
     path, parent = parent, os.path.dirname(parent)
   return None
+
