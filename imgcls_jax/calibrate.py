@@ -109,13 +109,13 @@ def calibrate(config: ml_collections.ConfigDict | None, workdir: str,
   try:
     r = restored_split.restore_for_split(workdir, config, split=split, checkpoint_spec='latest',
                                          tta=tta, overrides=overrides, warn_redrawn=False)
+  except checkpoint.UnreadableCheckpoint as err:   # the latest: calibrate takes no other step
+    raise UserError(f'Cannot read checkpoint {err.step} of {err.directory} ({err.cause}); '
+                    '--mode=calibrate fits the latest checkpoint: rerun the training command '
+                    'first (it moves the damaged one aside and resumes from the step before it), '
+                    'then calibrate.') from None
   except UserError as err:
-    text = str(err)
-    if text.startswith('Cannot read checkpoint'):   # the latest: calibrate takes no other step
-      raise UserError(text.split('); ', 1)[0] + '); --mode=calibrate fits the latest checkpoint: '
-                      'rerun the training command first (it moves the damaged one aside and '
-                      'resumes from the step before it), then calibrate.') from None
-    raise UserError(held_out.for_fit_key(text, key, split)) from None
+    raise UserError(held_out.for_fit_key(str(err), key, split)) from None
   cfg = r.trained.run
   with cfg.unlocked():  # the split chosen here, whatever the run was trained with
     for k in _KEYS:

@@ -112,15 +112,25 @@ def unreadable_cause(step_dir: str, err: BaseException | None, limit: int = 200)
   return f'meta/{META_FILE}: {text}' if isinstance(err, json.JSONDecodeError) else text
 
 
+class UnreadableCheckpoint(UserError):
+  """``unreadable_error``'s: also its ``directory``, ``step`` and ``cause``, for a caller that
+  says the fix its own way."""
+
+  def __init__(self, message: str, directory: str, step: int, cause: str):
+    super().__init__(message)
+    self.directory, self.step, self.cause = directory, step, cause
+
+
 def unreadable_error(directory: str, step: int, err: BaseException | None,
-                     step_key: str = '') -> UserError:
+                     step_key: str = '') -> UnreadableCheckpoint:
   """The one error for a checkpoint step of ``directory`` that a reader (evaluate, predict, export,
   ...) cannot use: why (``unreadable_cause``), and the other finished steps with ``step_key``, the
   config key that picks one (e.g. 'predict.step'; '' where the caller sets the step itself)."""
   why = unreadable_cause(os.path.join(directory, str(step)), err)
-  return UserError(f'Cannot read checkpoint {step} of {directory} ({why}); it is damaged, '
-                   'incomplete or not a checkpoint of this project; '
-                   f'{another_step(finished_steps(directory), step, step_key)}.')
+  return UnreadableCheckpoint(
+      f'Cannot read checkpoint {step} of {directory} ({why}); it is damaged, incomplete or not a '
+      f'checkpoint of this project; {another_step(finished_steps(directory), step, step_key)}.',
+      directory, step, why)
 
 
 def _one_copy_per_array() -> None:

@@ -39,8 +39,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from imgcls_jax import (classical_model, features, intervals, label_issues, metrics, out_of_fold,
-                        plots, report, report_files, report_text)
+from imgcls_jax import (classical_model, configlib, features, intervals, label_issues, metrics,
+                        out_of_fold, plots, report, report_files, report_text)
 from imgcls_jax.errors import UserError
 
 CLASSIFIERS = ('logistic', 'linear_svm')
@@ -185,7 +185,7 @@ def cross_validate(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
   info = reader.describe(config.data) if oof.wanted else None
   for i in range(k):
     fold_dir = os.path.join(workdir, f'fold_{i}')
-    train_file, eval_file = (os.path.join(fold_dir, f) for f in ('train_ids.txt', 'eval_ids.txt'))
+    train_file, eval_file = (os.path.join(fold_dir, f) for f in configlib.FOLD_ID_FILES)
     folds_lib.write_ids(train_file, assignment.training(i))
     folds_lib.write_ids(eval_file, assignment.held_out(i))
     fc = copy.deepcopy(config)

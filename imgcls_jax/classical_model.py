@@ -1,8 +1,8 @@
-"""A classical baseline's fitted model as a library (the ``classical`` mode fits it, ``predict``
-uses it): its files, its class scores, and how raw files become its pixels. The fit records, in
-``classical.json``, what a network's checkpoint records for inference
+"""A classical baseline's fitted model as a library (the ``classical`` mode fits it; predict,
+evaluate and compare use it): its files, its class scores, and how raw files become its pixels.
+The fit records, in ``classical.json``, what a network's checkpoint records for inference
 (``inference.inference_meta``), so ``inference.prepare`` makes a raw file's pixels as the fit's
-were."""
+were. The model is a joblib pickle: use only folders you trust."""
 from __future__ import annotations
 
 import dataclasses
@@ -48,11 +48,30 @@ class Pixels:
   image_shape: tuple[int, int, int]
 
 
+def read_meta(workdir: str) -> dict[str, Any]:
+  """A classical fit's ``classical.json`` (a UserError, one line, when it cannot be read)."""
+  path = os.path.join(workdir, META_FILE)
+  try:
+    with open(path) as f:
+      meta = json.load(f)
+    if not isinstance(meta.get('config'), dict):
+      raise ValueError('no config in it')
+    return meta
+  except (OSError, ValueError) as e:
+    raise UserError(f'Cannot read {path} ({type(e).__name__}: {e}); fit the baseline again with '
+                    '--mode=classical.') from None
+
+
+def softmax(scores_NxK: np.ndarray) -> np.ndarray:
+  """Class probabilities of ``class_scores`` (a class absent from the training data: 0)."""
+  shifted = np.exp(scores_NxK - scores_NxK.max(axis=1, keepdims=True))
+  return shifted / shifted.sum(axis=1, keepdims=True)
+
+
 def load(workdir: str) -> tuple[dict[str, Any], Pixels, Any]:
   """(classical.json, how raw files become the fit's pixels, the fitted scikit-learn model) of
   a classical fit's folder. The model is a joblib pickle: load only folders you trust."""
-  with open(os.path.join(workdir, META_FILE)) as f:
-    meta = json.load(f)
+  meta = read_meta(workdir)
   record = meta.get(RECORD_KEY)
   if not record:
     raise UserError(f'--workdir={workdir} is a classical baseline fitted before classical fits '
@@ -71,9 +90,7 @@ def load(workdir: str) -> tuple[dict[str, Any], Pixels, Any]:
 def probabilities(fitted: Any, spec: features.FeatureSpec, images_NxHxWxC: np.ndarray,
                   num_classes: int) -> np.ndarray:
   """The fit's class probabilities of images (N x K; a class absent from its training data: 0)."""
-  scores = class_scores(fitted, features.extract(images_NxHxWxC, spec), num_classes)
-  shifted = np.exp(scores - scores.max(axis=1, keepdims=True))
-  return shifted / shifted.sum(axis=1, keepdims=True)
+  return softmax(class_scores(fitted, features.extract(images_NxHxWxC, spec), num_classes))
 
 
 def describe(run: ml_collections.ConfigDict, num_features: int | None = None) -> str:
@@ -109,8 +126,7 @@ class Scored:
   position: np.ndarray             # int64 N: in the split's read order
 
   def probabilities(self) -> np.ndarray:
-    shifted = np.exp(self.scores - self.scores.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
+    return softmax(self.scores)
 
   def model(self) -> str:
     return describe(self.run, sum((self.meta.get('feature_blocks') or {}).values()) or None)
@@ -132,10 +148,9 @@ def run_config(meta: dict[str, Any], overrides: dict[str, Any] | None,
   """The fit's config (``classical.json``'s, of the fit in ``workdir``) with the data locations
   of the command line's keys (``overrides``) applied, as a network run's
   (``inference.effective_config``; a moved fold's id lists: ``inference.relocate_id_lists``)."""
-  run = inference.effective_config(meta['config'], None, {
-      k: v for k, v in (overrides or {}).items() if not k.startswith(inference.MODE_SECTIONS)})
-  inference.relocate_id_lists(run.data, os.path.abspath(workdir))
-  return run
+  return inference.effective_config(
+      inference.relocate_id_lists(meta['config'], os.path.abspath(workdir)), None,
+      {k: v for k, v in (overrides or {}).items() if not k.startswith(inference.MODE_SECTIONS)})
 
 
 def score_split(workdir: str, split: str, overrides: dict[str, Any] | None) -> Scored:

@@ -35,7 +35,7 @@ import ml_collections
 import numpy as np
 import scipy.stats
 
-from imgcls_jax import (checkpoint_files, classical_model, inference, intervals,
+from imgcls_jax import (atomic, checkpoint_files, classical_model, inference, intervals,
                         intervals_multilabel, metrics, restored_split, run_directory)
 from imgcls_jax import outcomes as outcomes_lib
 from imgcls_jax.data.info import DatasetInfo
@@ -50,6 +50,7 @@ _UNTUNED = {'checkpoint': '--config.evaluate.checkpoint=latest does not pick one
 @dataclasses.dataclass
 class Side:
   """One run of the comparison, as the comparison reads it."""
+  kind: str                 # 'network', or 'classical' (a --mode=classical fit)
   split: str
   step: int
   chosen: str               # how its checkpoint was chosen (a classical fit: its model file)
@@ -73,7 +74,8 @@ def _network(workdir: str, config: Any, e: ml_collections.ConfigDict, split: str
     outcomes, _ = outcomes_lib.outcomes_pass(r, e.tta or '')
   except UserError as err:   # which of the two runs
     raise UserError(f'{workdir}: {err}') from None
-  return Side(split=r.split, step=r.step, chosen=r.chosen, model=r.trained.run.model.name,
+  return Side(kind='network', split=r.split, step=r.step, chosen=r.chosen,
+              model=r.trained.run.model.name,
               tta=e.tta or 'none', info=r.trained.info, seed=int(r.trained.run.seed),
               source=str(r.trained.run.data.name),
               seen=restored_split.seen_examples(r, workdir), outcomes=outcomes,
@@ -91,7 +93,8 @@ def _classical(workdir: str, split: str, overrides: dict[str, Any] | None) -> Si
   outcomes = outcomes_lib.Outcomes(
       position=scored.position, label=labels, predicted=predicted,
       p_predicted=probs[rows, predicted], p_label=probs[rows, labels], images={}, probs=probs)
-  return Side(split=scored.split, step=0, chosen=f'{classical_model.MODEL_FILE} (fitted once)',
+  return Side(kind='classical', split=scored.split, step=0,
+              chosen=f'{classical_model.MODEL_FILE} (fitted once)',
               model=scored.model(), tta='none', info=scored.info,
               seed=int(scored.run.seed), source=str(scored.run.data.name), seen=scored.seen(),
               outcomes=outcomes, tuned=[])
@@ -132,8 +135,7 @@ def compare(config: ml_collections.ConfigDict | None, workdir: str,
   workdir = os.path.abspath(workdir)
   kinds = {workdir: run_directory.kind(workdir)}
   if kinds[workdir] == 'classical' and config is None:   # its settings: the fit's config
-    with open(os.path.join(workdir, classical_model.META_FILE)) as f:
-      config = ml_collections.ConfigDict(json.load(f)['config'])
+    config = ml_collections.ConfigDict(classical_model.read_meta(workdir)['config'])
   c = inference.mode_settings(workdir, config, overrides, 'compare')
   other = c.get('workdir', '') or ''
   if not other:
@@ -152,7 +154,8 @@ def compare(config: ml_collections.ConfigDict | None, workdir: str,
     try:   # what the folder is, if not a run (a cross-validation, a sweep, an export, ...)
       run_directory.require_checkpoint(other)
       if not checkpoint_files.finished_steps(os.path.join(other, 'checkpoints')):
-        raise UserError(f"No finished checkpoint in {os.path.join(other, 'checkpoints')}.")
+        raise UserError(f"No finished checkpoint in {os.path.join(other, 'checkpoints')}; point "
+                        'it at the run directory of a trained run (or a classical fit).')
     except UserError as err:
       raise UserError(f'--config.compare.workdir={other} holds no checkpoint to compare: '
                       + str(err).replace('--workdir', '--config.compare.workdir')) from None
@@ -202,10 +205,11 @@ def compare(config: ml_collections.ConfigDict | None, workdir: str,
     task, judged = 'single-label', 'top-1'
   only_a, only_b = int(np.sum(hit_a & ~hit_b)), int(np.sum(~hit_a & hit_b))
   result = {
-      'task': task, 'split': ra.split, 'examples': int(len(labels)), 'tta': e.tta or 'none',
+      'task': task, 'split': ra.split, 'examples': int(len(labels)),
+      'tta': (e.tta or 'none') if 'network' in (ra.kind, rb.kind) else 'none',
       'level': level,
       'runs': {tag: {'workdir': path, 'checkpoint_step': r.step, 'checkpoint': r.chosen,
-                     'model': r.model, 'tta': r.tta,
+                     'kind': r.kind, 'model': r.model, 'tta': r.tta,
                      # examples of the split it trained on (None: not known)
                      'trained_on_split': r.seen, 'tuned_on_split': r.tuned, **point[i]}
                for i, (tag, r, path) in enumerate((('A', ra, workdir), ('B', rb, other)))},
@@ -223,11 +227,11 @@ def compare(config: ml_collections.ConfigDict | None, workdir: str,
   if jax.process_index() == 0:
     out_dir = os.path.abspath(e.output_dir or workdir)
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, 'compare.json'), 'w') as f:
-      json.dump(metrics.json_safe(result), f, indent=2)
+    atomic.write_atomic(os.path.join(out_dir, 'compare.json'),
+                        json.dumps(metrics.json_safe(result), indent=2))
     lines = summary_lines(result)
-    with open(os.path.join(out_dir, 'compare.md'), 'w') as f:
-      f.write('# Comparison\n\n' + '\n'.join(f'    {line}' for line in lines) + '\n')
+    atomic.write_atomic(os.path.join(out_dir, 'compare.md'),
+                        '# Comparison\n\n' + '\n'.join(f'    {line}' for line in lines) + '\n')
     print('\n'.join(lines + [f"Written: {os.path.join(out_dir, 'compare.json')} (+ compare.md)"]),
           flush=True)
   return result
@@ -240,7 +244,7 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
   mixed = a.get('tta', result['tta']) != b.get('tta', result['tta'])   # a classical run: none
 
   def which(r: dict[str, Any]) -> str:
-    if str(r.get('model', '')).startswith('classical'):
+    if r.get('kind') == 'classical':
       return f"{r['model']}, {r['checkpoint']}"
     return f"step {r['checkpoint_step']}, {r['checkpoint']}" + (f", TTA {r['tta']}" if mixed
                                                                  else '')

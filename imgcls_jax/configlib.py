@@ -130,6 +130,11 @@ def _model_defaults(name: Any) -> dict[str, Any]:
           for k, v in {**values, **bound}.items()}
 
 
+# The id lists a cross-validation fold's splits name, in its folder (cross_validation.py and
+# classical.py write them; inference.relocate_id_lists reads a moved fold's)
+FOLD_ID_FILES = ('train_ids.txt', 'eval_ids.txt')
+
+
 def _same_fold_list(a: Any, b: Any) -> bool:
   """Two id-listed splits of one cross-validation fold, before and after its folder was moved or
   copied: 'NAME@/old/cv/fold_0/train_ids.txt' and 'NAME@/new/cv/fold_0/train_ids.txt'."""
@@ -138,7 +143,7 @@ def _same_fold_list(a: Any, b: Any) -> bool:
   (base_a, path_a), (base_b, path_b) = a.split('@', 1), b.split('@', 1)
   tail = lambda p: p.replace('\\', '/').rstrip('/').split('/')[-2:]   # noqa: E731
   return (base_a == base_b and tail(path_a) == tail(path_b)
-          and tail(path_a)[0].startswith('fold_'))
+          and tail(path_a)[0].startswith('fold_') and tail(path_a)[-1] in FOLD_ID_FILES)
 
 
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any],

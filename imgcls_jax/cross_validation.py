@@ -24,8 +24,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from imgcls_jax import (evaluation, label_issues, metrics, out_of_fold, plots, preemption, report,
-                        report_files, report_multilabel, report_text, train)
+from imgcls_jax import (configlib, evaluation, label_issues, metrics, out_of_fold, plots,
+                        preemption, report, report_files, report_multilabel, report_text, train)
 from imgcls_jax import outcomes as outcomes_lib
 from imgcls_jax.data import folds as folds_lib
 from imgcls_jax.errors import UserError
@@ -80,8 +80,7 @@ def _folds(config: ml_collections.ConfigDict, workdir: str, k: int, split: str,
             f'resume, {preemption.resume_hint(workdir)}', flush=True)
       return {'interrupted_in_fold': i, 'interrupted_at_step': 0}
     fold_dir = os.path.join(workdir, f'fold_{i}')
-    train_file = os.path.join(fold_dir, 'train_ids.txt')
-    eval_file = os.path.join(fold_dir, 'eval_ids.txt')
+    train_file, eval_file = (os.path.join(fold_dir, f) for f in configlib.FOLD_ID_FILES)
     train_ids, held_out = assignment.training(i), assignment.held_out(i)
     folds_lib.write_ids(train_file, train_ids)
     folds_lib.write_ids(eval_file, held_out)

@@ -20,7 +20,6 @@ from the run's ``metrics.jsonl``, ``training_curves.png``; prints a short table.
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import os
 from typing import Any
@@ -134,8 +133,7 @@ def _evaluate_classical(config: ml_collections.ConfigDict | None, workdir: str,
   intervals, go to ``config.evaluate.output_dir`` (default ``<workdir>/evaluate``: the fit's own
   report.md stays its record). No per-image listing or label issues, as in the fit's report."""
   from imgcls_jax import classical_model   # scikit-image and scikit-learn: not for networks
-  with open(os.path.join(workdir, classical_model.META_FILE)) as f:
-    meta = json.load(f)
+  meta = classical_model.read_meta(workdir)
   e = inference.mode_settings(
       workdir, config if config is not None else ml_collections.ConfigDict(meta['config']),
       overrides, 'evaluate')

@@ -191,7 +191,8 @@ def warn_eval_on_training(config: ml_collections.ConfigDict, info: DatasetInfo,
     except UserError:
       shared = None
     fix = ('list only training examples in the id file, or evaluate a split it does not list '
-           "(a cross-validation's kept ids are of its whole split: its figures are the estimate)")
+           "(a cross-validation's cv_kept_ids.txt lists its whole split, evaluation images too: "
+           'for what new images get, read the cross-validation\'s own figures)')
   else:
     try:
       shared = reader.shared_examples(config.data, ev, train, info)

@@ -21,7 +21,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from imgcls_jax import checkpoint_files, eval_steps, models, run_directory, steps
+from imgcls_jax import checkpoint_files, configlib, eval_steps, models, run_directory, steps
 from imgcls_jax import state as state_lib
 from imgcls_jax import weights as weights_lib
 from imgcls_jax.data import arrays, folder_layout, images
@@ -82,21 +82,22 @@ def effective_config(saved: dict[str, Any] | None, given: ml_collections.ConfigD
   return run
 
 
-# The id lists a cross-validation fold's splits name (cross_validation.py, classical.py write them)
-FOLD_ID_FILES = ('train_ids.txt', 'eval_ids.txt')
-
-
-def relocate_id_lists(data: ml_collections.ConfigDict, workdir: str) -> None:
-  """A fold's splits name their id lists by absolute path (``NAME@/runs/cv/fold_0/eval_ids.txt``):
-  once the cross-validation's folder is moved or copied, they are read from the fold's own folder
-  (``workdir``), which holds them, not from the old place (gone, or another run's)."""
+def relocate_id_lists(saved: dict[str, Any] | None, workdir: str) -> dict[str, Any] | None:
+  """A run's saved config (``saved``) whose splits name a cross-validation fold's id lists by
+  absolute path (``NAME@/runs/cv/fold_0/eval_ids.txt``), reading them from the fold's own folder
+  (``workdir``) once the cross-validation was moved or copied (they were read from the old place:
+  gone, or another run's). The saved values only: a split given on the command line stays."""
+  data = (saved or {}).get('data')
+  if not isinstance(data, dict):
+    return saved
+  moved = {}
   for key in ('train_split', 'eval_split'):
     base, sep, path = str(data.get(key) or '').partition('@')
     here = os.path.join(workdir, os.path.basename(path))
-    if (sep and os.path.basename(path) in FOLD_ID_FILES and os.path.dirname(path) != workdir
-        and os.path.isfile(here)):
-      with data.unlocked():
-        data[key] = f'{base}@{here}'
+    if (sep and os.path.basename(path) in configlib.FOLD_ID_FILES
+        and os.path.dirname(path) != workdir and os.path.isfile(here)):
+      moved[key] = f'{base}@{here}'
+  return {**saved, 'data': {**data, **moved}} if moved else saved
 
 
 def mode_settings(workdir: str, config: ml_collections.ConfigDict | None,
@@ -219,8 +220,7 @@ def load(workdir: str, config: ml_collections.ConfigDict | None = None, *, step:
   meta = source.meta
   saved = meta.get('config') if isinstance(meta.get('config'), dict) else run_directory.read_config(
       workdir)
-  run = effective_config(saved, config, overrides)
-  relocate_id_lists(run.data, workdir)
+  run = effective_config(relocate_id_lists(saved, workdir), config, overrides)
   if steps.ema_decay(run) > 0 and run.ema.get('inference', True):  # the averaged weights
     source = dataclasses.replace(checkpoint_files.read_weights(workdir, step, ema=True,
                                                                step_key=step_key), meta=meta)

@@ -40,6 +40,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from imgcls_jax import atomic
 
 FILE = 'cv_label_issues.csv'
 PICTURE = 'cv_label_issues.png'   # image folders / manifests: the first flagged images
@@ -187,14 +188,14 @@ def remove_stale(workdir: str) -> None:
 
 def write_csv(found: list[dict[str, Any]], path: str,
               columns: Sequence[str] = COLUMNS) -> None:
-  """``found`` as CSV (``columns``), written whole or not at all."""
-  tmp = path + '.tmp'
-  with open(tmp, 'w', newline='') as f:
-    w = csv.DictWriter(f, fieldnames=columns)
-    w.writeheader()
-    for r in found:
-      w.writerow({k: f'{v:.6f}' if isinstance(v, float) else v for k, v in r.items()})
-  os.replace(tmp, path)
+  """``found`` as CSV (``columns``), written whole or not at all (``atomic.write_atomic``)."""
+  def write(tmp: str) -> None:
+    with open(tmp, 'w', newline='') as f:
+      w = csv.DictWriter(f, fieldnames=columns)
+      w.writeheader()
+      for r in found:
+        w.writerow({k: f'{v:.6f}' if isinstance(v, float) else v for k, v in r.items()})
+  atomic.write_atomic(path, write)
 
 
 def picture(found: list[dict[str, Any]], path: str,
@@ -245,10 +246,7 @@ def write_kept(ids: Sequence[str], found: list[dict[str, Any]], path: str) -> in
   format), written whole or not at all; returns how many."""
   flagged = {r['id'] for r in found}
   kept = sorted(set(ids) - flagged)
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    f.write(''.join(f'{i}\n' for i in kept))
-  os.replace(tmp, path)
+  atomic.write_atomic(path, ''.join(f'{i}\n' for i in kept))
   return len(kept)
 
 

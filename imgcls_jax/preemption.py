@@ -39,6 +39,8 @@ class StopWatcher:
   def _handle(self, signum: int, frame: Any) -> None:
     del frame
     self.signal_name = signal.Signals(signum).name
+    if signum == signal.SIGHUP:   # the terminal is gone: writes to it would fail (EIO) from now
+      _detach_from_terminal()
     logging.warning('Received %s: finishing the current step, then saving a checkpoint.',
                     self.signal_name)
     outer = self._outer
@@ -52,12 +54,19 @@ class StopWatcher:
     if threading.current_thread() is threading.main_thread():
       # In a multi-process run the preemption service owns SIGTERM; SIGINT stays the default.
       for sig in () if self._multi else _SIGNALS:
-        if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
-          continue   # nohup's: the run is meant to outlive its terminal
-        self._previous[sig] = signal.signal(sig, self._handle)
-        outer = getattr(self._previous[sig], '__self__', None)
+        current = signal.getsignal(sig)
+        outer = getattr(current, '__self__', None)
         if isinstance(outer, StopWatcher):
           self._outer = outer
+        if sig == signal.SIGHUP and current == signal.SIG_IGN:
+          continue   # nohup's: the run is meant to outlive its terminal
+        if sig == signal.SIGINT and current == signal.default_int_handler and self._outer:
+          continue   # a Ctrl-C already came (an outer watcher's): a second one stops at once
+        self._previous[sig] = signal.signal(sig, self._handle)
+      # A notice the watchers around this one got before it began (a fold's set-up) is its too.
+      outer = self._outer
+      while outer is not None and not self.signal_name:
+        self.signal_name, outer = outer.signal_name, outer._outer
     return self
 
   def __exit__(self, *exc: Any) -> None:
@@ -77,6 +86,18 @@ class StopWatcher:
         return True
       return False
     return self.signal_name is not None
+
+
+def _detach_from_terminal() -> None:
+  """Points this process's stdout / stderr at /dev/null where they were the hung-up terminal (not
+  where they go to a file), so that the save and the lines after it do not fail on EIO."""
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  try:
+    for fd in (1, 2):
+      if os.isatty(fd):
+        os.dup2(devnull, fd)
+  finally:
+    os.close(devnull)
 
 
 def resume_hint(workdir: str) -> str:

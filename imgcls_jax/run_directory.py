@@ -195,4 +195,3 @@ def _run_directory_above(path: str) -> str | None:
       return None
     path, parent = parent, os.path.dirname(parent)
   return None
-

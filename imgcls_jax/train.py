@@ -264,8 +264,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   (the loop finishes the current step, saves a checkpoint and returns; rerunning resumes there).
   With ``pause_at`` (a share of the run, e.g. a sweep's rung), training stops after
   ``run_length.pause_step(...)`` steps (the schedule stays that of the whole run), evaluates
-  every eval example there (a 'rung' record in metrics.jsonl) and saves a checkpoint without metrics, so
-  that the finished run serves and keeps as best what the plain run would; it returns that
+  every eval example there (a 'rung' record in metrics.jsonl) and saves a checkpoint without
+  metrics, so that the finished run serves and keeps as best what the plain run would; it returns that
   evaluation's metrics with ``paused_at_step`` and ``total_steps``, and a later call resumes
   exactly as after a signal. A run already at or past that step is evaluated where it is.
   """

@@ -66,6 +66,9 @@ def write_problem(e: Exception, config, workdir: str | None, mode: str) -> str |
   if path:
     return _path_problem(OSError(code, why, path), config, workdir, mode)
   where, key = _output_source(config, workdir, mode), OUTPUT_KEYS.get(mode)
+  folder = _folder_of(where)
+  if code != errno.EROFS or not folder or _writable(folder):
+    return None   # no file named and nothing to check it against: a bug's, shown in full
   if key and where and where.startswith('--workdir='):
     return (f'Cannot write into {where} ({why}): --mode={mode} writes there unless config.{key} '
             f'is set; set --config.{key} to a folder this user can create and write.')
@@ -80,7 +83,17 @@ def _disk_full(code: int, path: str | None, config, workdir: str | None, mode: s
   step = re.search(r'/checkpoints/(\d+)(\.orbax-checkpoint-tmp[^/]*)?(/|$)', path or '')
   what = f'checkpoint {step.group(1)}' if step else path
   key = OUTPUT_KEYS.get(mode)
-  if mode == 'train':
+  free = _free_bytes(_folder_of(where)) if not path else None
+  if free is not None and free > _ROOM:   # not the disk it was guessed to be: say so
+    import tempfile
+    rerun = f': training {_resumes(workdir)}' if mode == 'train' else ''
+    return (f'{_DISK_FULL[code]} on a device this command writes to (the error names no file, and '
+            f'{where} has {free / 2**30:.1f} GiB free: perhaps the temporary folder '
+            f'{tempfile.gettempdir()} or config.data.data_dir); free space there, then rerun the '
+            f'same command{rerun}.')
+  if mode == 'train' and not (where or '').startswith('--workdir='):
+    fix = f', then rerun the same command: training {_resumes(workdir)}'
+  elif mode == 'train':
     fix = (' (or move the run directory to a larger disk and point --workdir at it), then rerun '
            f'the same command: training {_resumes(workdir)}')
   elif mode in ('cross_validation', 'sweep'):
@@ -92,6 +105,29 @@ def _disk_full(code: int, path: str | None, config, workdir: str | None, mode: s
     fix = ', then rerun the same command'
   return (f"{_DISK_FULL[code]} on the device of {where or 'a file it writes'}"
           f"{f' (while writing {what})' if what else ''}; free space there{fix}.")
+
+
+_ROOM = 64 * 2**20   # free bytes above which a disk was not the one found full
+
+
+def _folder_of(where: str | None) -> str | None:
+  """The folder of ``_output_source``'s or ``_path_source``'s 'KEY=PATH' (or a plain path)."""
+  if not where:
+    return None
+  path = where.split('=', 1)[1] if '=' in where else where
+  return path if os.path.isdir(path) else os.path.dirname(path) or None
+
+
+def _writable(folder: str) -> bool:
+  return os.access(folder, os.W_OK)
+
+
+def _free_bytes(folder: str | None) -> int | None:
+  import shutil
+  try:
+    return shutil.disk_usage(folder).free if folder else None
+  except OSError:
+    return None
 
 
 def _resumes(workdir: str | None) -> str:

@@ -184,7 +184,8 @@ def test_a_network_and_a_classical_fit_are_paired_on_the_same_images(two_runs, c
   assert result['split'] == fit_report['context']['split'] == 'test'
   assert result['examples'] == len(labels) == fit_report['num_examples']
   b = result['runs']['B']
-  assert b['model'].startswith('classical: ') and b['checkpoint_step'] == 0
+  assert b['kind'] == 'classical' and b['model'].startswith('classical: ')
+  assert b['checkpoint_step'] == 0 and result['runs']['A']['kind'] == 'network'
   assert b['trained_on_split'] == 0 and b['tta'] == 'none'
   assert b['accuracy'] == pytest.approx(fit_report['accuracy'], abs=1e-12)
   assert b['f1_macro'] == pytest.approx(fit_report['macro_avg']['f1'], abs=1e-9)

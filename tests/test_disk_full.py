@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from imgcls_jax import checkpoint, main, metrics, report, run_directory, train
+from imgcls_jax import checkpoint, main, metrics, report, run_directory, train, write_problems
 from tests.conftest import REPO
 
 ENOSPC = 'No space left on device'
@@ -107,6 +107,13 @@ def test_a_full_disk_anywhere_is_one_line_and_a_bug_stays_a_traceback(tmp_path, 
   def fails(config, workdir):
     raise raised
   monkeypatch.setattr(train, 'train_and_evaluate', fails)
+  raised = OSError(errno.ENOSPC, ENOSPC)   # no file named, and --workdir's disk has room
+  status, line, err = _run(capsys, monkeypatch, f'--workdir={tmp_path}/run')
+  assert status == 2 and line.startswith(
+      f'error: No space left on a device this command writes to (the error names no file, and '
+      f'--workdir={tmp_path}/run has '), line
+  assert 'perhaps the temporary folder' in line
+  monkeypatch.setattr(write_problems, '_free_bytes', lambda folder: 0)   # its disk is full
   for raised in _full_disk_errors():
     status, line, err = _run(capsys, monkeypatch, f'--workdir={tmp_path}/run')
     assert status == 2 and 'Traceback' not in err, (raised, err[-3000:])
@@ -115,7 +122,8 @@ def test_a_full_disk_anywhere_is_one_line_and_a_bug_stays_a_traceback(tmp_path, 
                     '(or move the run directory to a larger disk and point --workdir at it), then '
                     'rerun the same command: training starts again (no checkpoint was complete).')
   for raised in (ValueError('a bug'), RuntimeError('RESOURCE_EXHAUSTED: Out of memory while '
-                                                   'trying to allocate 1.2GiB')):
+                                                   'trying to allocate 1.2GiB'),
+                 PermissionError(errno.EACCES, 'Permission denied')):   # names no file: a bug's
     with pytest.raises(type(raised)):
       _run(capsys, monkeypatch, f'--workdir={tmp_path}/run')
 
@@ -129,6 +137,9 @@ def test_a_read_only_run_names_the_modes_output_key(tmp_path, capsys, monkeypatc
   folder, not --workdir; also for a read-only error that names no file, and a full disk."""
   __import__(module)
   run = str(tmp_path / 'run')
+  # the disk is read-only and full, as far as the messages can check
+  monkeypatch.setattr(write_problems, '_writable', lambda folder: False)
+  monkeypatch.setattr(write_problems, '_free_bytes', lambda folder: 0)
   for raised, expected in (
       (OSError(errno.EROFS, 'Read-only file system', f'{run}/report.md'),
        f'error: Cannot use {run}/report.md (Read-only file system): --mode={mode} writes into the '

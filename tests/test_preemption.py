@@ -21,6 +21,22 @@ def test_a_notice_inside_a_run_reaches_the_watchers_around_it():
   assert signal.getsignal(signal.SIGTERM) == previous
 
 
+def test_a_notice_before_a_run_began_stops_it_at_its_first_step():
+  """A signal during a fold's set-up (before its run's watcher exists) was the outer watcher's
+  only: the fold then trained to its end."""
+  with preemption.StopWatcher() as folds:
+    os.kill(os.getpid(), signal.SIGTERM)          # the fold is still being set up
+    with preemption.StopWatcher() as run:
+      assert run.requested(0) and run.signal_name == 'SIGTERM'
+    assert folds.requested(0)
+  with preemption.StopWatcher() as folds:
+    os.kill(os.getpid(), signal.SIGINT)           # a first Ctrl-C in the set-up ...
+    with preemption.StopWatcher() as run:
+      assert run.requested(0)
+      with pytest.raises(KeyboardInterrupt):      # ... so a second one stops at once
+        os.kill(os.getpid(), signal.SIGINT)
+
+
 def test_sighup_stops_the_run_unless_nohup_ignores_it():
   with preemption.StopWatcher() as stop:
     os.kill(os.getpid(), signal.SIGHUP)
