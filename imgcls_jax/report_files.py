@@ -62,7 +62,7 @@ def write(rep: dict[str, Any], out_dir: str, title: str, metrics_path: str | Non
     written = _write_files(rep, out_dir, title, metrics_path, errors)
   except BaseException:   # a full disk: each file is whole, and none is left unlisted
     _remove(out_dir, [atomic.temporary_path(n) for n in _ALL_FILES]
-            + [n + '.tmp' for n in ISSUE_FILES])   # (label_issues.write_csv's)
+            + [n + '.tmp' for n in ISSUE_FILES])   # (older versions' label_issues files)
     _remove(out_dir, _ALL_FILES - there - earlier)  # which would stop the same command rerun
     raise
   for name in sorted(earlier - set(written)):

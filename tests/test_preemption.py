@@ -38,11 +38,13 @@ def test_a_notice_before_a_run_began_stops_it_at_its_first_step():
 
 
 def test_sighup_stops_the_run_unless_nohup_ignores_it():
-  with preemption.StopWatcher() as stop:
-    os.kill(os.getpid(), signal.SIGHUP)
-    assert stop.requested(1) and stop.signal_name == 'SIGHUP'
-  previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)   # as under nohup
-  try:
+  previous = signal.signal(signal.SIGHUP, signal.SIG_DFL)   # as at a terminal (the suite may
+  try:                                                      # itself run under nohup)
+    with preemption.StopWatcher() as stop:
+      os.kill(os.getpid(), signal.SIGHUP)
+      assert stop.requested(1) and stop.signal_name == 'SIGHUP'
+    assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)   # as under nohup
     with preemption.StopWatcher() as stop:
       os.kill(os.getpid(), signal.SIGHUP)
       assert not stop.requested(1)
