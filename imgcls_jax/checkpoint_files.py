@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from imgcls_jax import failed_reads, optim
+from imgcls_jax import atomic, failed_reads, optim
 from imgcls_jax.checkpoint import (CHECKPOINTS_DIR, META_FILE, another_step, finished_steps,
                                    unreadable_error)
 from imgcls_jax.run_directory import moved_aside
@@ -39,16 +39,7 @@ def update_meta(workdir: str, step: int, fields: Mapping[str, Any]) -> dict[str,
                     'damaged: retrain, or restore the run directory from a copy.') from None
   meta.update(fields)
   text = json.dumps(meta)   # fails here, before anything is written, on a value JSON cannot hold
-  tmp = path + '.tmp'
-  try:
-    with open(tmp, 'w') as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  atomic.write_atomic(path, text)
   dir_fd = os.open(os.path.dirname(path), os.O_RDONLY)
   try:
     os.fsync(dir_fd)   # the rename itself reaches the disk

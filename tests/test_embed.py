@@ -74,13 +74,19 @@ def _brute_force_knn(ref, ref_y, x, k, num_classes):
   return votes / votes.sum(axis=1, keepdims=True)
 
 
-def test_knn_matches_a_brute_force_oracle():
+def _clusters():
+  """(reference features, their classes, features, their classes, the class centres): three
+  Gaussian clusters in 5-d, 20 reference and 5 test points each."""
   rng = np.random.RandomState(0)
   centres = rng.normal(size=(3, 5)) * 3
   ref_y = np.repeat(np.arange(3), 20)
   ref = centres[ref_y] + rng.normal(size=(60, 5))
   y = np.repeat(np.arange(3), 5)
-  x = centres[y] + rng.normal(size=(15, 5))
+  return ref, ref_y, centres[y] + rng.normal(size=(15, 5)), y, centres
+
+
+def test_knn_matches_a_brute_force_oracle():
+  ref, ref_y, x, y, _ = _clusters()
   probs, classes = embed.knn_evaluate(ref, ref_y, x, k=7, metric='cosine')
   np.testing.assert_array_equal(classes, [0, 1, 2])
   np.testing.assert_allclose(probs, _brute_force_knn(ref, ref_y, x, 7, 3), rtol=1e-6, atol=1e-9)
@@ -94,12 +100,7 @@ def test_knn_report_loss_is_sklearns_or_infinite_with_a_note():
   set by a 1e-12 clip)."""
   from sklearn.metrics import log_loss
   from imgcls_jax import embed_knn, report_text
-  rng = np.random.RandomState(0)
-  centres = rng.normal(size=(3, 5)) * 3
-  ref_y = np.repeat(np.arange(3), 20)
-  ref = centres[ref_y] + rng.normal(size=(60, 5))
-  y = np.repeat(np.arange(3), 5)
-  x = centres[y] + rng.normal(size=(15, 5))
+  ref, ref_y, x, y, centres = _clusters()
   k = 30   # wide enough that every example has a neighbour of its class
   rep = embed_knn.knn_report(ref, ref_y, x, y, ['a', 'b', 'c'], k=k, metric='euclidean',
                              calibration_bins=10)
