@@ -190,9 +190,9 @@ def _not_a_library_write_failure(record: logging.LogRecord) -> bool:
   """False for a library's ERROR record (with its traceback) about a full or read-only disk:
   Orbax logs one from each of its saving threads, and the main thread gets the same error (at
   ``wait_until_finished``), which ``run`` reports in one line."""
-  from imgcls_jax import write_problems   # (imported by run already: standard library only)
   if record.levelno < logging.ERROR or not record.name.startswith(('absl', 'orbax')):
-    return True
+    return True   # (every record passes here: the cheap test first)
+  from imgcls_jax import write_problems   # (imported by run already: standard library only)
   exc = record.exc_info[1] if record.exc_info else None
   try:
     return not (write_problems.write_failure(exc) or

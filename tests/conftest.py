@@ -110,6 +110,20 @@ def small_digits_config(tfds_dir: str):
   return c
 
 
+def checkpointed_digits_run(tmp_path_factory, tfds_dir: str, steps: int, every: int = 10):
+  """(its config, its workdir): a narrow digits CNN trained ``steps`` steps, a checkpoint every
+  ``every`` (module fixtures of the tests that damage or read checkpoints build on it)."""
+  import copy
+  from imgcls_jax import train
+  c = small_digits_config(tfds_dir)
+  c.model.widths = (8, 16)
+  c.num_train_steps = steps
+  c.checkpoint_every_steps = every
+  workdir = str(tmp_path_factory.mktemp('digits_run'))
+  train.train_and_evaluate(copy.deepcopy(c), workdir)
+  return c, workdir
+
+
 @pytest.fixture
 def browser():
   """Headless Chromium driven by selenium (the web page tests; they skip without Chromium)."""

@@ -13,7 +13,7 @@ import pytest
 
 from imgcls_jax import evaluate, export, predict, train
 from imgcls_jax.errors import UserError
-from tests.conftest import small_digits_config
+from tests.conftest import checkpointed_digits_run
 
 JSON_ERROR = 'meta/metadata: JSONDecodeError: Expecting value: line 1 column 1 (char 0)'
 
@@ -21,13 +21,7 @@ JSON_ERROR = 'meta/metadata: JSONDecodeError: Expecting value: line 1 column 1 (
 @pytest.fixture(scope='module')
 def digits_run(tmp_path_factory, tfds_dir):
   """A digits run: 30 steps, checkpoints at 10, 20 and 30."""
-  c = small_digits_config(tfds_dir)
-  c.model.widths = (8, 16)
-  c.num_train_steps = 30
-  c.checkpoint_every_steps = 10
-  workdir = str(tmp_path_factory.mktemp('digits_run'))
-  train.train_and_evaluate(copy.deepcopy(c), workdir)
-  return c, workdir
+  return checkpointed_digits_run(tmp_path_factory, tfds_dir, 30)
 
 
 @pytest.fixture

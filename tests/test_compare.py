@@ -156,12 +156,9 @@ def test_a_split_either_run_trained_on_is_said_so(two_runs, tmp_path, caplog):
 @pytest.fixture(scope='module')
 def classical_fit(tmp_path_factory, tfds_dir):
   """The classical baseline (configs/digits_classical.py's features) on the runs' data."""
+  from configs import digits_classical
   c = _config(tfds_dir, 0, 2)
-  c.classical.hog_cell = 2
-  c.classical.lbp_grid = 2
-  c.classical.edge_grid = 2
-  c.classical.edge_sigma = 0.5
-  c.classical.C = 0.1
+  c.classical = digits_classical.get_config().classical
   c.classical.workers = 1
   workdir = str(tmp_path_factory.mktemp('classical_fit'))
   classical.classical(c, workdir)

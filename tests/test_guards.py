@@ -16,19 +16,13 @@ from PIL import Image
 from imgcls_jax import configlib, embed, evaluation, inference, models, run, train
 from imgcls_jax.data import digits, folder_index
 from imgcls_jax.errors import UserError
-from tests.conftest import REPO, small_digits_config, subprocess_env
+from tests.conftest import REPO, checkpointed_digits_run, subprocess_env
 
 
 @pytest.fixture(scope='module')
 def digits_run(tmp_path_factory, tfds_dir):
   """A digits run: 20 steps, checkpoints at 10 and 20."""
-  c = small_digits_config(tfds_dir)
-  c.model.widths = (8, 16)
-  c.num_train_steps = 20
-  c.checkpoint_every_steps = 10
-  workdir = str(tmp_path_factory.mktemp('digits_run'))
-  train.train_and_evaluate(c, workdir)
-  return c, workdir
+  return checkpointed_digits_run(tmp_path_factory, tfds_dir, 20)
 
 
 def test_a_reader_leaves_a_saving_runs_checkpoint_alone_and_names_a_damaged_one(digits_run,
