@@ -37,20 +37,21 @@ def _raise_naming(e: OSError, path: str, instead_of: str | None = None) -> None:
   raise OSError(e.errno, e.strerror, path) from e
 
 
-def temporary_path(path: str) -> str:
+def temporary_path(path: str, unique: bool = False) -> str:
   """Where ``write_atomic`` writes ``path`` first: ``NAME.tmp.EXT`` beside it (the extension
-  kept, which tells matplotlib and numpy the format)."""
+  kept, which tells matplotlib and numpy the format); ``unique``: ``NAME.PID.tmp.EXT``, for a
+  file that several processes may replace at once (a sweep's shards, a shared cache)."""
   root, ext = os.path.splitext(path)
-  return f'{root}.tmp{ext}'
+  return f'{root}.{os.getpid()}.tmp{ext}' if unique else f'{root}.tmp{ext}'
 
 
-def write_atomic(path: str, content: str | Callable[[str], Any]) -> None:
+def write_atomic(path: str, content: str | Callable[[str], Any], unique: bool = False) -> None:
   """Writes ``path`` whole or not at all: ``content`` (text, or a function that writes the file
-  named by its argument) goes to ``temporary_path(path)``, flushed to the disk, which then
-  replaces ``path``. On any failure (a full disk) the temporary file is removed and ``path`` is
-  left as it was; an OSError that names no file (or the temporary one) is raised naming
+  named by its argument) goes to ``temporary_path(path, unique)``, flushed to the disk, which
+  then replaces ``path``. On any failure (a full disk) the temporary file is removed and ``path``
+  is left as it was; an OSError that names no file (or the temporary one) is raised naming
   ``path``."""
-  tmp = temporary_path(path)
+  tmp = temporary_path(path, unique)
   try:
     if callable(content):
       content(tmp)

@@ -39,7 +39,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from imgcls_jax import (classical_model, configlib, features, intervals, label_issues, metrics,
+from imgcls_jax import (atomic, classical_model, configlib, features, intervals, label_issues, metrics,
                         out_of_fold, plots, report, report_files, report_text)
 from imgcls_jax.errors import UserError
 
@@ -130,13 +130,13 @@ def fit_and_evaluate(config: ml_collections.ConfigDict, out_dir: str, title: str
                     'workdir': out_dir, **{k: round(v, 3) for k, v in timing.items()}}
   report_files.write(rep, out_dir, title, None)
   joblib.dump(fitted, os.path.join(out_dir, classical_model.MODEL_FILE))
-  with open(os.path.join(out_dir, classical_model.META_FILE), 'w') as f:
-    json.dump({'config': config.to_dict(), 'class_names': list(info.class_names),
-               # how raw files become the fit's pixels, for --mode=predict (classical_predict.py)
-               classical_model.RECORD_KEY: inference.inference_meta(config.data, info),
-               'feature_blocks': features.block_sizes(x_train.shape[1:], spec),
-               'probabilities': rep['context']['probabilities'],
-               'timing': timing}, f, indent=1, default=str)
+  atomic.write_atomic(os.path.join(out_dir, classical_model.META_FILE), json.dumps(
+      {'config': config.to_dict(), 'class_names': list(info.class_names),
+       # how raw files become the fit's pixels, for --mode=predict (classical_predict.py)
+       classical_model.RECORD_KEY: inference.inference_meta(config.data, info),
+       'feature_blocks': features.block_sizes(x_train.shape[1:], spec),
+       'probabilities': rep['context']['probabilities'],
+       'timing': timing}, indent=1, default=str))
   logging.info('Classical baseline: %d training images, %d features; features %.1f s, fit %.1f s; '
                'top-1 %.2f%% on %d examples.', len(y_train), f_train.shape[1],
                timing['features_train_s'], timing['fit_s'], 100 * rep['accuracy'],
@@ -216,16 +216,15 @@ def cross_validate(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
   issues = oof.finish(names, workdir)
   if issues is not None:
     summary['label_issues'] = issues
-  with open(os.path.join(workdir, 'cv_report.json'), 'w') as f:
-    json.dump(metrics.json_safe(summary), f, indent=1)
-  with open(os.path.join(workdir, 'cv_report.md'), 'w') as f:
-    f.write(_markdown(summary))
-  plots.confusion_matrix(pooled_report['confusion_matrix'], names,
-                         os.path.join(workdir, 'cv_confusion_matrix.png'),
-                         title='Pooled out-of-fold confusion matrix (classical)')
-  plots.reliability_diagram(pooled_report['calibration_bins'], pooled_report['ece'],
-                            os.path.join(workdir, 'cv_reliability.png'),
-                            title='Pooled out-of-fold reliability (classical)')
+  atomic.write_atomic(os.path.join(workdir, 'cv_report.json'),
+                      json.dumps(metrics.json_safe(summary), indent=1))
+  atomic.write_atomic(os.path.join(workdir, 'cv_report.md'), _markdown(summary))
+  atomic.write_atomic(os.path.join(workdir, 'cv_confusion_matrix.png'), lambda path: (
+      plots.confusion_matrix(pooled_report['confusion_matrix'], names, path,
+                             title='Pooled out-of-fold confusion matrix (classical)')))
+  atomic.write_atomic(os.path.join(workdir, 'cv_reliability.png'), lambda path: (
+      plots.reliability_diagram(pooled_report['calibration_bins'], pooled_report['ece'], path,
+                                title='Pooled out-of-fold reliability (classical)')))
   m, s = summary['mean'], summary['std']
   print(f"{k}-fold cross-validation (classical) of {config.data.name}:{split}: top-1 "
         f"{100 * m['accuracy']:.2f}% +- {100 * s['accuracy']:.2f}, macro F1 {m['f1_macro']:.4f} "

@@ -24,7 +24,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from imgcls_jax import (configlib, evaluation, label_issues, metrics, out_of_fold, plots,
+from imgcls_jax import (atomic, configlib, evaluation, label_issues, metrics, out_of_fold, plots,
                         preemption, report, report_files, report_multilabel, report_text, train)
 from imgcls_jax import outcomes as outcomes_lib
 from imgcls_jax.data import folds as folds_lib
@@ -133,27 +133,27 @@ def _folds(config: ml_collections.ConfigDict, workdir: str, k: int, split: str,
   if issues is not None:
     summary['label_issues'] = issues
   summary['wall_time_s'] = time.perf_counter() - t0
-  with open(os.path.join(workdir, 'cv_report.json'), 'w') as f:
-    json.dump(metrics.json_safe(summary), f, indent=1)
-  with open(os.path.join(workdir, 'cv_report.md'), 'w') as f:
-    f.write(markdown(summary))
+  atomic.write_atomic(os.path.join(workdir, 'cv_report.json'),
+                      json.dumps(metrics.json_safe(summary), indent=1))
+  atomic.write_atomic(os.path.join(workdir, 'cv_report.md'), markdown(summary))
+  def plot(name: str, draw: Any) -> None:   # each picture whole or not at all
+    atomic.write_atomic(os.path.join(workdir, name), draw)
   if pooled_report.get('task') == 'multilabel':  # each fold's exact matches at its thresholds
-    plots.pr_curves(pooled_report['pr_curves'], pooled_report['mean_average_precision'] or 0.0,
-                    os.path.join(workdir, 'cv_pr_curves.png'),
-                    micro=pooled_report.get('pr_curve_micro'),
-                    title='Pooled out-of-fold precision-recall curves')
+    plot('cv_pr_curves.png', lambda path: plots.pr_curves(
+        pooled_report['pr_curves'], pooled_report['mean_average_precision'] or 0.0, path,
+        micro=pooled_report.get('pr_curve_micro'),
+        title='Pooled out-of-fold precision-recall curves'))
     if pooled_report.get('calibration_bins'):
-      plots.reliability_diagram(pooled_report['calibration_bins'], pooled_report['ece'],
-                                os.path.join(workdir, 'cv_reliability.png'),
-                                title='Pooled out-of-fold reliability of the tag probabilities',
-                                tags=True)
+      plot('cv_reliability.png', lambda path: plots.reliability_diagram(
+          pooled_report['calibration_bins'], pooled_report['ece'], path,
+          title='Pooled out-of-fold reliability of the tag probabilities', tags=True))
   else:
-    plots.confusion_matrix(pooled_report['confusion_matrix'], pooled_report['class_names'],
-                           os.path.join(workdir, 'cv_confusion_matrix.png'),
-                           title='Pooled out-of-fold confusion matrix')
-    plots.reliability_diagram(pooled_report['calibration_bins'], pooled_report['ece'],
-                              os.path.join(workdir, 'cv_reliability.png'),
-                              title='Pooled out-of-fold reliability')
+    plot('cv_confusion_matrix.png', lambda path: plots.confusion_matrix(
+        pooled_report['confusion_matrix'], pooled_report['class_names'], path,
+        title='Pooled out-of-fold confusion matrix'))
+    plot('cv_reliability.png', lambda path: plots.reliability_diagram(
+        pooled_report['calibration_bins'], pooled_report['ece'], path,
+        title='Pooled out-of-fold reliability'))
   print('\n'.join(table_lines(summary, workdir)), flush=True)
   return summary
 

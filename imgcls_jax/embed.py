@@ -40,7 +40,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from imgcls_jax import explain, features, inference, metrics, report_files, run_directory
+from imgcls_jax import atomic, explain, features, inference, metrics, report_files, run_directory
 from imgcls_jax.data import arrays, images, reader
 from imgcls_jax.embed_knn import knn_evaluate, knn_metrics, knn_tag_votes, projection_png
 from imgcls_jax.errors import UserError
@@ -162,18 +162,13 @@ def _replace_all(staged: list[tuple[str, str]]) -> None:
     os.replace(tmp, final)
 
 
-def _tmp(path: str) -> str:
-  root, ext = os.path.splitext(path)
-  return f'{root}.tmp{ext}'
-
-
 def _stage_arrays(staged: list[tuple[str, str]], out_dir: str, feats: np.ndarray,
                   labels: np.ndarray, paths: list[str], class_names: list[str]) -> None:
   """Writes embeddings.npz (and .parquet with pyarrow) under temporary names, each (temporary,
   final) pair added to ``staged`` before it is written. Multi-hot labels (N x T) are stored as
   they are, a list column in the parquet."""
   final = os.path.join(out_dir, 'embeddings.npz')
-  staged.append((_tmp(final), final))
+  staged.append((atomic.temporary_path(final), final))
   np.savez_compressed(staged[-1][0], features=feats.astype(np.float32),
                       labels=labels.astype(np.int64), multilabel=np.asarray(labels.ndim == 2),
                       paths=np.array(paths, dtype=str),
@@ -188,7 +183,7 @@ def _stage_arrays(staged: list[tuple[str, str]], out_dir: str, feats: np.ndarray
   table = pa.table({'path': paths, 'label': label,
                     'features': list(feats.astype(np.float32))})
   final = os.path.join(out_dir, 'embeddings.parquet')
-  staged.append((_tmp(final), final))
+  staged.append((atomic.temporary_path(final), final))
   pq.write_table(table, staged[-1][0])
 
 
@@ -278,7 +273,7 @@ def embed(config: ml_collections.ConfigDict, workdir: str,
     summary['wall_time_s'] = time.perf_counter() - t0
     for final, text in (('embed_report.json', json.dumps(metrics.json_safe(summary), indent=1)),
                         ('embed_report.md', _markdown(summary))):
-      staged.append((_tmp(os.path.join(out_dir, final)), os.path.join(out_dir, final)))
+      staged.append((atomic.temporary_path(os.path.join(out_dir, final)), os.path.join(out_dir, final)))
       with open(staged[-1][0], 'w') as f:
         f.write(text)
     if rep is not None:

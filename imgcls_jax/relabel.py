@@ -41,6 +41,7 @@ import sys
 from typing import Any
 
 from imgcls_jax.data import manifest as manifest_lib
+from imgcls_jax import atomic
 from imgcls_jax.errors import UserError
 
 
@@ -267,12 +268,12 @@ def relabel(issues_path: str, manifest_path: str, ranks: str, out: str = '', *,
           rows[i][path_col].strip()):
         rows[i][path_col] = os.path.relpath(
             os.path.join(src_dir, rows[i][path_col].strip()), out_dir)
-  tmp = out + '.tmp'
+  def write(path: str) -> None:
+    with open(path, 'w', newline='', encoding='utf-8') as f:
+      csv.writer(f).writerows(rows)
   try:
     os.makedirs(out_dir, exist_ok=True)
-    with open(tmp, 'w', newline='', encoding='utf-8') as f:
-      csv.writer(f).writerows(rows)
-    os.replace(tmp, out)
+    atomic.write_atomic(out, write)
   except OSError as e:
     raise UserError(f'Cannot write {out} ({e.strerror or e}); choose another --out.') from None
   hint = (f"--config.data.folder='' --config.data.manifest={out}" if folder

@@ -305,3 +305,28 @@ def test_report_files_are_whole_and_a_failed_report_leaves_none(tmp_path, monkey
   written = report_files.write(rep, str(out), 'T', None, errors=errors)
   assert sorted(os.listdir(out)) == sorted(written)
   assert '## The most confident errors (1 in all: errors.csv)' in (out / 'report.md').read_text()
+
+
+def test_a_sweep_trial_record_and_a_fold_list_are_replaced_whole(tmp_path, monkeypatch):
+  """A sweep trial's record (read by the other shards while it is rewritten) and a fold's id list
+  were written through their own temporary files, left behind on a full disk and never named in
+  the error. Now each is replaced whole (the trial's temporary file named by the process, which
+  shards share the folder with), and the error names the file."""
+  from imgcls_jax.data import folds
+  from imgcls_jax.sweep import store
+  trial = tmp_path / 'trial'
+  store.write(str(trial), {'status': 'done', 'value': 0.5})
+  record = (trial / checkpoint.SWEEP_TRIAL_FILE).read_text()
+  ids = tmp_path / 'folds' / 'fold_0_train_ids.txt'
+  with monkeypatch.context() as m:
+    m.setattr(builtins, 'open', _full_after(5))
+    with pytest.raises(OSError) as e_trial:
+      store.write(str(trial), {'status': 'running', 'value': None, 'pad': 'x' * 100})
+    with pytest.raises(OSError) as e_ids:
+      folds.write_ids(str(ids), [str(i) for i in range(100)])
+  assert (trial / checkpoint.SWEEP_TRIAL_FILE).read_text() == record
+  assert os.listdir(trial) == [checkpoint.SWEEP_TRIAL_FILE] and os.listdir(ids.parent) == []
+  assert e_trial.value.filename == str(trial / checkpoint.SWEEP_TRIAL_FILE)
+  assert e_ids.value.filename == str(ids) and e_ids.value.errno == errno.ENOSPC
+  folds.write_ids(str(ids), ['a', 'b'])
+  assert ids.read_text() == 'a\nb\n' and os.listdir(ids.parent) == [ids.name]

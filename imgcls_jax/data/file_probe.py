@@ -15,6 +15,8 @@ import os
 import sys
 from typing import Any
 
+from imgcls_jax import atomic
+
 _PARALLEL_FROM = 20_000     # files to probe before it pays to start worker processes (~0.5 s)
 _MAX_PROBE_PROCESSES = 16
 
@@ -89,10 +91,8 @@ class _Cache:
       return
     try:
       os.makedirs(os.path.dirname(self.path), exist_ok=True)
-      tmp = f'{self.path}.{os.getpid()}.tmp'
-      with open(tmp, 'w') as f:
-        json.dump({'location': self.location, 'files': self.entries}, f)
-      os.replace(tmp, self.path)
+      atomic.write_atomic(self.path, json.dumps({'location': self.location,
+                                                  'files': self.entries}), unique=True)
     except OSError as e:  # a read-only cache directory costs only speed
       logging.warning('Could not write the image index cache %s (%s); set config.data.index_cache '
                       'to a writable directory.', self.path, e)

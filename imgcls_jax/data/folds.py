@@ -21,6 +21,7 @@ from imgcls_jax.data import tf_import  # noqa: F401  (before tensorflow_datasets
 import tensorflow_datasets as tfds
 
 from imgcls_jax.data import arrays, folder_index, folder_layout, image_folder, sources
+from imgcls_jax import atomic
 from imgcls_jax.errors import UserError
 
 
@@ -139,7 +140,4 @@ def write_ids(path: str, ids: list[str]) -> None:
                     'config.seed, config.cross_validation.folds or config.data.train_split '
                     'changed?); use a new --workdir.')
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    f.write(text)
-  os.replace(tmp, path)
+  atomic.write_atomic(path, text)

@@ -30,6 +30,7 @@ from typing import Mapping
 
 import numpy as np
 
+from imgcls_jax import atomic
 from imgcls_jax.errors import UserError
 
 CELL = 28
@@ -163,12 +164,12 @@ def build(out: str, counts: Mapping[str, int] | None = None, seed: int = 0,
       rows.append((rel, ';'.join(names[c] for c in present), split))
       garments[int((row >= 0).sum())] += 1
   _write_readme(out, counts, seed, names, split_pools, garments)
-  tmp = os.path.join(out, 'manifest.csv.tmp')
-  with open(tmp, 'w', newline='') as f:
-    w = csv.writer(f)
-    w.writerow(('path', 'labels', 'split'))
-    w.writerows(rows)
-  os.replace(tmp, os.path.join(out, 'manifest.csv'))
+  def write(path: str) -> None:
+    with open(path, 'w', newline='') as f:
+      w = csv.writer(f)
+      w.writerow(('path', 'labels', 'split'))
+      w.writerows(rows)
+  atomic.write_atomic(os.path.join(out, 'manifest.csv'), write)   # last: it marks the set whole
   return True
 
 

@@ -34,7 +34,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from imgcls_jax import metrics, plots, preemption, run_directory
+from imgcls_jax import atomic, metrics, plots, preemption, run_directory
 from imgcls_jax.errors import UserError
 from imgcls_jax.sweep import grid, halving, rank, report, store, trial
 
@@ -53,19 +53,11 @@ def shard(text: str) -> tuple[int, int]:
 
 def _write(workdir: str, summary: dict[str, Any], dataset: str) -> None:
   """sweep.json / .md / .csv / .png, each replaced whole (shards may finish together)."""
-  def replace(name: str, write: Any) -> None:
-    tmp = os.path.join(workdir, f'.{os.getpid()}.{name}')   # (the extension names the format)
-    write(tmp)
-    os.replace(tmp, os.path.join(workdir, name))
+  def replace(name: str, content: Any) -> None:
+    atomic.write_atomic(os.path.join(workdir, name), content, unique=True)
 
-  def text(content: str) -> Any:
-    def write(path: str) -> None:
-      with open(path, 'w') as f:
-        f.write(content)
-    return write
-
-  replace('sweep.json', text(json.dumps(metrics.json_safe(summary), indent=1)))
-  replace('sweep.md', text(report.markdown(summary)))
+  replace('sweep.json', json.dumps(metrics.json_safe(summary), indent=1))
+  replace('sweep.md', report.markdown(summary))
   replace('sweep.csv', lambda path: report.write_csv(summary, path))
   replace('sweep.png', lambda path: plots.sweep(
       [{**s, 'note': report.stopped(s).replace(' of the run', '')} for s in summary['settings']],

@@ -10,7 +10,7 @@ import logging
 import os
 from typing import Any, Iterator
 
-from imgcls_jax import checkpoint, configlib, metrics
+from imgcls_jax import atomic, checkpoint, configlib, metrics
 
 # Keys that cannot change what a trial trains: a rerun with other values still skips or resumes it.
 IGNORED = ('progress_bar', 'log_every_steps', 'tensorboard', 'compilation_cache_dir',
@@ -58,10 +58,8 @@ def _load(directory: str) -> tuple[dict[str, Any] | None, str]:
 def write(directory: str, record: dict[str, Any]) -> None:
   """Replaces the trial's record whole (another shard may be reading it)."""
   os.makedirs(directory, exist_ok=True)
-  tmp = os.path.join(directory, f'.{os.getpid()}.{checkpoint.SWEEP_TRIAL_FILE}')
-  with open(tmp, 'w') as f:
-    json.dump(metrics.json_safe(record), f, indent=1)
-  os.replace(tmp, os.path.join(directory, checkpoint.SWEEP_TRIAL_FILE))
+  atomic.write_atomic(os.path.join(directory, checkpoint.SWEEP_TRIAL_FILE),
+                      json.dumps(metrics.json_safe(record), indent=1), unique=True)
 
 
 def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
