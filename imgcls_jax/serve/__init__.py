@@ -34,13 +34,16 @@ Content-Length holds its connection until the client closes it (a reverse proxy'
 bounds that).
 Every response carries ``X-Request-ID`` (the client's, or a new one), also in the log lines.
 
-Images are decoded and preprocessed on worker threads (as ``--mode=predict`` does), then queued;
+Images are decoded and preprocessed on ``decode_threads`` threads (as ``--mode=predict`` does:
+each holds up to ``max_pixels`` x 4 bytes while it decodes), then queued;
 one model thread takes up to ``max_batch_size`` queued images (waiting at most
 ``batch_timeout_ms`` for a batch to fill) and runs them in one call. Loopback only by default:
-there is no authentication.
+there is no authentication. ``cors_origins`` lets web pages of other origins call the API
+(CORS, preflight answered); none may by default.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import re
 import signal
@@ -55,7 +58,7 @@ import uvicorn
 
 from imgcls_jax import inference
 from imgcls_jax.errors import UserError
-from imgcls_jax.serve.app import RequestLog, Service, create_app
+from imgcls_jax.serve.app import RequestLog, Service, cors_origins, create_app
 from imgcls_jax.serve.batcher import Batcher, Overloaded
 from imgcls_jax.serve.metrics import Metrics
 
@@ -72,12 +75,15 @@ class Server:
                            timeout_s=cfg.batch_timeout_ms / 1000.0, max_queue=int(cfg.max_queue))
     self.metrics = Metrics()
     self.service = Service(self.batcher, cfg, self.metrics,
-                           model_name=cfg.get('model_name', '') or 'imgcls')
+                           model_name=cfg.get('model_name', '') or 'imgcls',
+                           decoder=concurrent.futures.ThreadPoolExecutor(
+                               int(cfg.get('decode_threads', 4)), 'decode'))
     self.app = create_app(self.service)
     try:
       self.socket = _bind(cfg.host, int(cfg.port))
     except OSError as e:
       self.batcher.close()
+      self.service.decoder.shutdown(wait=False)
       raise UserError(f'Cannot listen on {cfg.host}:{cfg.port} ({e.strerror or e}); choose another '
                       'config.serve.port (0 = any free port) or config.serve.host.') from None
     self._uvicorn = uvicorn.Server(uvicorn.Config(
@@ -117,6 +123,7 @@ class Server:
     if self._thread is not None:
       self._thread.join(timeout=30)
     self.socket.close()
+    self.service.decoder.shutdown(wait=True)
     self.batcher.close()
 
 
@@ -135,8 +142,8 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def _validate(cfg: ml_collections.ConfigDict) -> None:
-  for key in ('max_batch_size', 'max_upload_bytes', 'max_queue', 'top_k'):
-    if cfg[key] < 1:
+  for key in ('max_batch_size', 'max_upload_bytes', 'max_queue', 'top_k', 'decode_threads'):
+    if cfg.get(key, 1) < 1:
       raise UserError(f'config.serve.{key} must be positive, got {cfg[key]}.')
   if cfg.get('max_pixels', 0) < 0:
     raise UserError(f'config.serve.max_pixels must be >= 0 (0 = no limit), got {cfg.max_pixels}.')
@@ -148,6 +155,10 @@ def _validate(cfg: ml_collections.ConfigDict) -> None:
   if cfg.get('keep_alive_s', 5) < 0:
     raise UserError(f'config.serve.keep_alive_s must be >= 0 (idle seconds a kept-alive '
                     f'connection stays open), got {cfg.keep_alive_s}.')
+  try:
+    cors_origins(cfg.get('cors_origins', ''))
+  except ValueError as e:
+    raise UserError(f'config.serve.cors_origins: {e}; separate several with commas.') from None
   name = cfg.get('model_name', '') or 'imgcls'
   if not re.fullmatch(r'[A-Za-z0-9._-]+', name):
     raise UserError(f"config.serve.model_name='{name}' must be one URL path segment of letters, "

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import functools
 import importlib.resources
 import logging
+import re
 import time
 import uuid
 from typing import Any, Awaitable, Callable
@@ -13,8 +15,8 @@ from typing import Any, Awaitable, Callable
 import fastapi
 import ml_collections
 import numpy as np
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 
@@ -28,6 +30,7 @@ from imgcls_jax.serve.metrics import Metrics
 log = logging.getLogger('imgcls_jax.serve')
 CLIENT_CLOSED = 499   # nginx's code for a client that closed the connection before the answer
 _CLASSIFY_PARAMS = ('top_k',)   # the query parameters /v1/classify takes
+V2_OUTPUTS = ('probabilities', 'logits')   # KServe v2's output tensors, in this order by default
 _IMAGE_BODY = {'requestBody': {'required': True, 'content': {
     'image/*': {'schema': {'type': 'string', 'format': 'binary'}},
     'multipart/form-data': {'schema': {'type': 'object', 'properties': {
@@ -41,6 +44,11 @@ class Service:
   cfg: ml_collections.ConfigDict      # config.serve
   metrics: Metrics
   model_name: str
+  # Decodes run on these threads only (config.serve.decode_threads), not Starlette's pool of 40:
+  # a large image's decode holds ~width x height x 4 bytes, and glibc keeps such memory per
+  # thread (a 36 Mpx PNG among concurrent uploads took the process from 0.4 to 2.4 GB).
+  decoder: concurrent.futures.ThreadPoolExecutor = dataclasses.field(
+      default_factory=lambda: concurrent.futures.ThreadPoolExecutor(4, 'decode'))
   ready: bool = True
 
   @property
@@ -51,6 +59,17 @@ class Service:
   def top_k(self) -> int:
     """config.serve.top_k, at most the class count (as predict clamps config.predict.top_k)."""
     return min(int(self.cfg.top_k), len(self.clf.class_names))
+
+
+def cors_origins(value: str) -> list[str]:
+  """config.serve.cors_origins as a list: '' none, '*' any, else comma-separated origins, each
+  scheme://host[:port] (ValueError naming the first that is not)."""
+  origins = [o.strip() for o in str(value or '').split(',') if o.strip()]
+  for o in origins:
+    if o != '*' and (not re.fullmatch(r'https?://[^/\s]+', o)):
+      raise ValueError(f"'{o}' is not an origin (scheme://host[:port], no path, e.g. "
+                       "'https://app.example.com'), or '*' for any")
+  return origins
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -117,7 +136,8 @@ async def _prepare(svc: Service, data: bytes, what: str = 'The body') -> np.ndar
   if not data:
     raise ApiError(400, f'{what} is empty; send the bytes of one image.')
   try:
-    return await run_in_threadpool(svc.clf.prepare, data, max_pixels=int(svc.cfg.max_pixels))
+    return await asyncio.get_running_loop().run_in_executor(
+        svc.decoder, functools.partial(svc.clf.prepare, data, max_pixels=int(svc.cfg.max_pixels)))
   except ImageTooLarge as e:
     raise ApiError(413, f'{what} is {e}; send a smaller image.') from None
   except UnreadableImage as e:
@@ -153,6 +173,10 @@ def create_app(svc: Service) -> fastapi.FastAPI:
   app = fastapi.FastAPI(title='imgcls_jax', version='1', summary=(
       'Image classification: raw or multipart uploads, TF-Serving and KServe v2 endpoints.'))
   app.state.service = svc
+  origins = cors_origins(svc.cfg.get('cors_origins', ''))
+  if origins:   # browser pages of these origins may call the API (preflight answered)
+    app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=['GET', 'POST'],
+                       allow_headers=['*'], expose_headers=['X-Request-ID'])
   page = (importlib.resources.files('imgcls_jax.serve') / 'static' / 'index.html').read_text()
 
   @app.exception_handler(HTTPException)
@@ -260,8 +284,7 @@ def create_app(svc: Service) -> fastapi.FastAPI:
     k = len(svc.clf.class_names)
     return {'name': name, 'versions': [str(svc.clf.step)], 'platform': 'jax',
             'inputs': [{'name': 'images', 'datatype': 'UINT8', 'shape': [-1, h, w, c]}],
-            'outputs': [{'name': o, 'datatype': 'FP32', 'shape': [-1, k]}
-                        for o in ('probabilities', 'logits')]}
+            'outputs': [{'name': o, 'datatype': 'FP32', 'shape': [-1, k]} for o in V2_OUTPUTS]}
 
   @app.get('/v2/models/{name}/ready', summary='KServe v2: model ready')
   @guarded
@@ -275,13 +298,14 @@ def create_app(svc: Service) -> fastapi.FastAPI:
     _model(svc, name)
     payload = bodies.json_body(await bodies.read_body(request, int(svc.cfg.max_upload_bytes)))
     images = bodies.v2_images(payload, svc.clf.image_shape)
+    wanted = bodies.v2_outputs(payload, V2_OUTPUTS)
     _at_most_queue(svc, len(images))
     outs = await _classify(svc, list(images))
     k = len(svc.clf.class_names)
     result = {'model_name': name, 'model_version': str(svc.clf.step),
               'outputs': [{'name': o, 'datatype': 'FP32', 'shape': [len(outs), k],
                            'data': np.stack([x[o] for x in outs]).ravel().tolist()}
-                          for o in ('probabilities', 'logits')]}
+                          for o in wanted]}
     if isinstance(payload.get('id'), str):
       result['id'] = payload['id']
     return result

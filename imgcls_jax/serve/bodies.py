@@ -153,6 +153,9 @@ def v2_images(payload: Any, shape: tuple[int, int, int]) -> np.ndarray:
   if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
     raise ApiError(400, f'The body must have {want}.')
   tensor = inputs[0]
+  if tensor.get('name', 'images') != 'images':
+    raise ApiError(400, f"No input named '{str(tensor['name'])[:40]}'; this model's one input is "
+                   "'images'.")
   dims = tensor.get('shape')
   if (tensor.get('datatype') != 'UINT8' or not isinstance(dims, list) or len(dims) != 4 or
       tuple(dims[1:]) != tuple(shape) or any(type(d) is not int for d in dims) or dims[0] < 1):
@@ -168,3 +171,21 @@ def v2_images(payload: Any, shape: tuple[int, int, int]) -> np.ndarray:
   if data.size != size or (data.size and (data.min() < 0 or data.max() > 255)):
     raise ApiError(400, f'The input tensor data must hold {size} integers 0..255.')
   return data.astype(np.uint8).reshape(dims)
+
+
+def v2_outputs(payload: dict[str, Any], names: tuple[str, ...]) -> tuple[str, ...]:
+  """The output tensors a KServe v2 request asks for (its ``outputs``: ``[{"name": ...}]``), in
+  its order; all of ``names`` when it names none."""
+  asked = payload.get('outputs')
+  if asked is None:
+    return names
+  if (not isinstance(asked, list) or not asked
+      or not all(isinstance(o, dict) and isinstance(o.get('name'), str) for o in asked)):
+    raise ApiError(400, 'The request\'s "outputs" must be a list of {"name": ...} objects naming '
+                   f'{" and/or ".join(names)} (or be left out for both).')
+  wanted = [o['name'] for o in asked]
+  unknown = [n for n in wanted if n not in names]
+  if unknown:
+    raise ApiError(400, f"No output named '{unknown[0][:40]}'; this model's outputs are "
+                   f"{', '.join(names)}.")
+  return tuple(dict.fromkeys(wanted))
