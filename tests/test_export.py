@@ -97,6 +97,41 @@ def test_exported_models_match_jax_on_new_inputs(exported):
       np.testing.assert_allclose(got['probabilities'].sum(-1), 1.0, atol=1e-5)
 
 
+def test_export_json_says_how_predict_makes_the_pixels(exported):
+  """export.json said 'preprocessing_before_input': 'none' although predict turns a photo
+  upright, converts it to grey and resizes it with Pillow's box filter. Now it gives those
+  steps; Pillow called directly as they say (an oracle beside predict's code) gives predict's
+  pixels for EXIF-rotated photos larger than the model input, and the exported model its
+  answers, where a bilinear resize gives other pixels."""
+  import io
+  from PIL import Image, ImageOps
+  config, workdir, record = exported
+  recipe = record['preprocessing_before_input']
+  assert recipe['resize_to'] == [8, 8] and recipe['ops'] is None
+  assert recipe['color'].startswith("'L'") and 'BOX' in recipe['resize']
+  assert 'EXIF orientation applied' in recipe['decode']
+  clf = inference.classifier(inference.load(workdir, config))
+  x, _ = digits.load_arrays('test')
+  files, ours, bilinear = [], [], []
+  for i, orientation in enumerate((1, 3, 6, 8)):
+    big = Image.fromarray(x[i, :, :, 0]).resize((40, 40), Image.Resampling.BICUBIC).convert('RGB')
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    big.save(buf, 'PNG', exif=exif)
+    files.append(buf.getvalue())
+    upright = ImageOps.exif_transpose(Image.open(io.BytesIO(files[-1]))).convert('L')
+    ours.append(np.asarray(upright.resize((8, 8), Image.Resampling.BOX))[..., None])
+    bilinear.append(np.asarray(upright.resize((8, 8), Image.Resampling.BILINEAR))[..., None])
+  got = np.stack([clf.prepare(f) for f in files])
+  np.testing.assert_array_equal(got, np.stack(ours))
+  assert np.abs(got.astype(int) - np.stack(bilinear)).max() > 0   # the filter matters
+  onnx_or_saved = _formats(config.export.output_dir).get('onnx') or _formats(
+      config.export.output_dir)['saved_model']
+  np.testing.assert_array_equal(onnx_or_saved(np.stack(ours))['probabilities'].argmax(-1),
+                                clf.predict_arrays(got)['probabilities'].argmax(-1))
+
+
 def test_export_fails_and_writes_nothing_when_outputs_disagree(exported, monkeypatch, tmp_path):
   config, workdir, _ = exported
   config = config.copy_and_resolve_references()

@@ -264,7 +264,9 @@ def _write_and_verify(clf: inference.Classifier, cfg: ml_collections.ConfigDict,
             'unknown_below': (None if clf.trained.info.multilabel
                               else clf.trained.unknown_below),
             'compute_dtype': clf.step_cfg.compute_dtype,
-            'preprocessing_before_input': ops or 'none',
+            # What --mode=predict does to an image file before the model (inference.prepare):
+            # feed an exported model the same pixels for the same answers.
+            'preprocessing_before_input': inference.pixel_recipe(clf.trained),
             'files': files, 'bytes': {f: _size(os.path.join(staging, f)) for f in files},
             'tflite_runtime': tflite_runtime() if cfg.tflite or quantize else None,
             'quantization': {k: v for k, v in quant.items() if k != 'verification'} or None,
