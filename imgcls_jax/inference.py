@@ -351,27 +351,13 @@ def pixel_ops(trained: Trained) -> str:
 
 
 def pixel_recipe(trained: Trained) -> dict[str, Any]:
-  """How ``prepare`` makes a model input of an image file, step by step, for clients that feed
-  an exported model themselves (``export.json``): the same decode and resize give the same
-  answers; another resize filter changes them (bilinear for box moved 2% of the digits test
-  images' top-1)."""
+  """How ``prepare`` makes a model input of an image file, step by step (``export.json``), for
+  clients that feed an exported model themselves: the same steps give the same answers."""
   h, w, c = trained.image_shape
-  stored = trained.info.stored_preprocess
-  ops = pixel_ops(trained)
-  size = None if stored is not None else trained.native_hw
-  return {
-      'decode': ('Pillow; the first frame; EXIF orientation applied (ImageOps.exif_transpose); '
-                 '16-bit grey divided by 257; alpha dropped, not composited (the colour stored '
-                 'under transparent pixels is kept)'),
-      'color': ("'L' (Pillow's ITU-R 601-2 luma: L = (299 R + 587 G + 114 B) / 1000)" if c == 1
-                else "'RGB' (grey replicated to 3 channels)"),
-      'resize_to': list(size) if size else None,
-      'resize': (None if not size else "Pillow's BOX filter (area average) when the image is at "
-                 "least as large on both sides, else BILINEAR; nothing when it is already "
-                 f'{size[0]}x{size[1]}'),
-      'ops': ops or None,   # then these (imgcls_jax/data/pp), as evaluation ran them
-      'input': f'uint8 [batch, {h}, {w}, {c}], no scaling (the model normalises)',
-  }
+  size = None if trained.info.stored_preprocess is not None else trained.native_hw
+  return {**images.decode_recipe(c, size),
+          'ops': pixel_ops(trained) or None,   # then these (imgcls_jax/data/pp), as evaluation
+          'input': f'uint8 [batch, {h}, {w}, {c}], no scaling (the model normalises)'}
 
 
 def prepare(trained: Trained, data: bytes | str, *, max_pixels: int | None = None) -> np.ndarray:
