@@ -4,6 +4,7 @@ Oracles: the trainer's own evaluation function on the same pixels (probabilities
 conversion (for a colour upload), and the run's decision rules computed here in numpy."""
 import functools
 import http.server
+import io
 import json
 import os
 import shutil
@@ -38,6 +39,8 @@ if not os.path.isfile(os.path.join(RUNTIME, export.web.BUNDLE)):
 from selenium.webdriver.common.by import By  # noqa: E402
 
 from tests.test_web import screenshot_on_failure  # noqa: E402
+
+NOT_DECODED = 'This file could not be decoded: it is damaged or not an image.'
 
 
 @pytest.fixture(scope='module')
@@ -131,8 +134,8 @@ def test_page_gives_the_trainers_probabilities_in_the_browser(page, browser, tmp
     np.testing.assert_allclose(r['probabilities'], p, atol=1e-5, err_msg=r['file'])
     assert r['answer'] == str(int(np.argmax(p))) == r['top'][0]['class']
     assert [t['index'] for t in r['top']] == list(np.argsort(-p, kind='stable')[:5])
-  assert results[-1]['error'].startswith('Cannot classify this file')
-  assert 'Cannot classify this file' in shown[-1].text
+  assert results[-1]['error'] == NOT_DECODED
+  assert NOT_DECODED in shown[-1].text
 
 
 def test_page_makes_predicts_pixels_from_images_of_any_size(page, browser, tmp_path):
@@ -210,6 +213,121 @@ def test_page_says_which_images_it_cannot_read_as_predict_does(page, browser, tm
        "differ from --mode=predict's."], [],
       ["It is a 16-bit PNG, which the browser reduces to 8 bits its own way: the answer can differ "
        "slightly from --mode=predict's."], []]
+
+
+@pytest.fixture(scope='module')
+def predictor(page):
+  """--mode=predict's classifier of the page's run."""
+  return inference.classifier(inference.load(page[1]))
+
+
+# How an upright image is stored for EXIF orientation o, so that PIL's exif_transpose (predict)
+# turns it back upright.
+_STORED_AS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+              4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+              6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_270}
+
+
+def test_page_turns_a_webp_upright_as_predict_does(page, browser, predictor, tmp_path):
+  """Chromium turns JPEGs and PNGs by their EXIF orientation, but not WebPs: the page turns a
+  WebP itself as PIL's exif_transpose does (8 orientations, grey and colour, not square; XMP's
+  when there is no EXIF; a chunk only where the VP8X header flags it, as libwebp reads it), and
+  not a JPEG or PNG a second time. Its model input is predict's byte for byte, its probabilities
+  and answers predict's; a WebP whose EXIF block PIL cannot read (predict skips it) gets a note."""
+  _, _, _, url = page
+  x, _ = digits.load_arrays('test')
+  rng = np.random.default_rng(1)
+
+  def digit(i, colour):
+    image = Image.fromarray(x[40 + i, :, :, 0]).resize((48, 64), Image.Resampling.BICUBIC)
+    if not colour:
+      return image
+    noise = rng.integers(0, 60, (64, 48, 3))
+    return Image.fromarray(np.clip(np.asarray(image)[..., None] + noise, 0, 255).astype(np.uint8))
+
+  files, upright = [], []   # upright: the image PIL makes of each file (None: lossy)
+  for o in range(1, 9):
+    exif = Image.Exif()
+    exif[0x0112] = o
+    image = digit(o, colour=o % 2 == 0)
+    files.append(tmp_path / f'orientation {o}.webp')
+    (image.transpose(_STORED_AS[o]) if o > 1 else image).save(files[-1], exif=exif,
+                                                              lossless=True)
+    upright.append(image)
+  image = digit(9, colour=False)
+  image.transpose(_STORED_AS[8]).save(tmp_path / 'xmp 8.webp', lossless=True, xmp=(
+      '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf'
+      '-syntax-ns#"><rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" '
+      'tiff:Orientation="8"/></rdf:RDF></x:xmpmeta>').encode())
+  raw = bytearray(files[5].read_bytes())
+  raw[20] &= ~0x08                                    # VP8X no longer flags the EXIF chunk
+  (tmp_path / 'unflagged 6.webp').write_bytes(bytes(raw))
+  exif = Image.Exif()
+  exif[0x0112] = 6
+  image.transpose(_STORED_AS[6]).save(tmp_path / 'exif 6.png', exif=exif)
+  image.convert('RGB').transpose(_STORED_AS[6]).save(tmp_path / 'exif 6.jpg', exif=exif,
+                                                     quality=95)
+  files += [tmp_path / n for n in ('xmp 8.webp', 'unflagged 6.webp', 'exif 6.png', 'exif 6.jpg')]
+  upright += [image, upright[5].transpose(_STORED_AS[6]), image, None]
+  image.save(tmp_path / 'damaged exif.webp', exif=b'not a TIFF block', lossless=True)
+  files.append(tmp_path / 'damaged exif.webp')
+  with screenshot_on_failure(browser, tmp_path):
+    results = _classify(browser, url, files)
+    got = browser.execute_async_script(
+        'const done = arguments[arguments.length - 1];'
+        "Promise.all([...document.getElementById('file').files].map(window.imgclsPixels))"
+        '.then(done, (e) => done(String(e)));')
+  want = [images.decode(str(f), channels=1, size_hw=(8, 8)) for f in files[:-1]]
+  for f, w, u in zip(files, want, upright):
+    if u is not None:   # (the file holds what its name says)
+      png = io.BytesIO()
+      u.save(png, 'PNG')
+      np.testing.assert_array_equal(images.decode(png.getvalue(), channels=1, size_hw=(8, 8)),
+                                    w, err_msg=f.name)
+  answers, skipped = predict.predict_files(predictor, [str(f) for f in files], top=10)
+  assert [s for s, _ in skipped] == [str(files[-1])]
+  # Per file: (name, model input equal to predict's, answer, notes), all at once on failure.
+  assert [(r['file'], np.array_equal(np.asarray(g, np.uint8).reshape(8, 8, 1), w), r['answer'],
+           r['notes']) for r, g, w in zip(results, got, want)] == [
+      (f.name, True, a['predictions'][0]['class'], []) for f, a in zip(files, answers)]
+  for r, a in zip(results, answers):
+    by_index = sorted(a['predictions'], key=lambda p: p['index'])
+    np.testing.assert_allclose(r['probabilities'], [p['probability'] for p in by_index],
+                               atol=1e-5, err_msg=r['file'])
+  assert results[-1]['notes'] == ['Its EXIF block is damaged, so which way is up is not known: '
+                                  '--mode=predict refuses the file.']
+
+
+def test_page_says_why_it_cannot_decode_a_file(page, browser, predictor, tmp_path):
+  """Chromium decodes no TIFF (little- or big-endian, 8-bit, 16-bit or float) nor PNM, which
+  predict reads: the row says so in one line and names the fix. A PNG that is damaged is said to
+  be damaged or not an image."""
+  _, _, _, url = page
+  x, _ = digits.load_arrays('test')
+  grey = x[7, :, :, 0]
+  Image.fromarray(grey.astype(np.float32) / 255).save(tmp_path / 'float.tif')
+  Image.fromarray(grey).save(tmp_path / 'grey.tiff')
+  Image.frombytes('I;16B', (8, 8), (grey.astype('>u2') * 257).tobytes()).save(
+      tmp_path / 'deep.tif')                      # big-endian: 'MM'
+  Image.fromarray(grey).save(tmp_path / 'grey.pgm')
+  png = io.BytesIO()
+  Image.fromarray(grey).save(png, 'PNG')
+  (tmp_path / 'damaged.png').write_bytes(png.getvalue()[:33] + bytes(range(256)))  # after IHDR
+  files = [tmp_path / n for n in ('float.tif', 'grey.tiff', 'deep.tif', 'grey.pgm',
+                                  'damaged.png')]
+  assert [open(f, 'rb').read(4) for f in files[:3]] == [b'II*\0', b'II*\0', b'MM\0*']
+  with screenshot_on_failure(browser, tmp_path):
+    results = _classify(browser, url, files)
+    shown = [row.find_element(By.CSS_SELECTOR, 'td.error').text
+             for row in browser.find_elements(By.CSS_SELECTOR, '#results tbody tr')]
+  cannot = ('This browser cannot decode {} images: convert the file to PNG or JPEG, or classify '
+            'it with --mode=predict or --mode=serve, which read them.')
+  want = [cannot.format('TIFF')] * 3 + [cannot.format('PNM (PBM, PGM, PPM)'), NOT_DECODED]
+  assert [r['error'] for r in results] == shown == want
+  answers, skipped = predict.predict_files(predictor, [str(f) for f in files])
+  assert [a['file'] for a in answers] == [str(f) for f in files[:4]]   # as the line says
+  assert [s for s, _ in skipped] == [str(files[4])]
 
 
 def test_page_applies_the_runs_gates_as_predict_does(page, browser, tmp_path):

@@ -78,22 +78,124 @@ function resample(src, h, w, c, outH, outW, kind) {
   return data;
 }
 
+// A file the browser does not decode; its message is the whole line shown in its row.
+class Undecodable extends Error {}
+
+const ascii = (bytes) => String.fromCharCode(...bytes);
+
+// Why the browser could not decode ``file``, and what to do: predict and serve (PIL) also read
+// TIFF (BigTIFF too) and PNM, which browsers (but Safari's TIFF) do not decode.
+async function undecodable(file) {
+  const head = ascii(new Uint8Array(await file.slice(0, 4).arrayBuffer()));
+  const format = /^(II[*+]\0|MM\0[*+])/.test(head) ? 'TIFF' :
+      /^P[1-6]\s/.test(head) ? 'PNM (PBM, PGM, PPM)' : '';
+  return new Undecodable(format ?
+      `This browser cannot decode ${format} images: convert the file to PNG or JPEG, or ` +
+      'classify it with --mode=predict or --mode=serve, which read them.' :
+      'This file could not be decoded: it is damaged or not an image.');
+}
+
+// Tag 0x0112 of IFD0 of an EXIF block (a TIFF header, either byte order, after the 'Exif\0\0'
+// that PIL strips, once or twice); undefined without it, 0 (PIL: no transpose) for a value that
+// is not one SHORT or LONG. Throws where PIL cannot read the block (not TIFF, cut short).
+function exifOrientation(b) {
+  let at = 0;
+  while (at < 12 && ascii(b.subarray(at, at + 6)) === 'Exif\0\0') at += 6;
+  const order = ascii(b.subarray(at, at + 2));
+  if (order !== 'II' && order !== 'MM') throw new Error('not TIFF');
+  const view = new DataView(b.buffer, b.byteOffset + at, b.length - at);
+  const little = order === 'II';
+  const ifd = view.getUint32(4, little);
+  for (let i = 0, n = view.getUint16(ifd, little); i < n; i++) {
+    const e = ifd + 2 + 12 * i;
+    if (view.getUint16(e, little) !== 0x0112) continue;
+    const type = view.getUint16(e + 2, little);
+    if (view.getUint32(e + 4, little) !== 1) return 0;
+    return type === 3 ? view.getUint16(e + 8, little) :
+        type === 4 ? view.getUint32(e + 8, little) : 0;
+  }
+  return undefined;
+}
+
+// A WebP's orientation as PIL's exif_transpose reads it: its EXIF chunk's tag, else XMP's
+// tiff:Orientation, each chunk only where the VP8X header flags it (libwebp's rule). Chromium
+// ignores a WebP's orientation (it turns JPEGs and PNGs itself), so the page turns it, and hides
+// the EXIF chunk (renamed, flag cleared) from the browser lest one that reads it turn it twice.
+// {source: what to decode, orientation: 1 for none, damaged: an EXIF block PIL refuses}.
+async function webpOrientation(file) {
+  const head = ascii(new Uint8Array(await file.slice(0, 16).arrayBuffer()));
+  if (head.slice(0, 4) !== 'RIFF' || head.slice(8) !== 'WEBPVP8X') {
+    return {source: file, orientation: 1};
+  }
+  const bytes = new Uint8Array(await file.arrayBuffer());
+  const view = new DataView(bytes.buffer);
+  const flags = bytes[20];
+  let exif, xmp, hidden = false, damaged = false;
+  for (let at = 12, size; at + 8 <= bytes.length; at += 8 + size + (size & 1)) {
+    size = view.getUint32(at + 4, true);
+    const id = ascii(bytes.subarray(at, at + 4));
+    const body = bytes.subarray(at + 8, at + 8 + size);
+    if (id === 'EXIF') {
+      try {
+        if (flags & 0x08) exif = exifOrientation(body);
+      } catch (e) {
+        damaged = true;
+      }
+      bytes.set([120, 120, 120, 120], at);   // 'xxxx': an unknown chunk, which decoders skip
+      hidden = true;
+    } else if (id === 'XMP ' && flags & 0x04) {
+      const m = /tiff:Orientation(="|>)([0-9])/.exec(new TextDecoder('latin1').decode(body));
+      if (m) xmp = +m[2];
+    }
+  }
+  bytes[20] &= ~0x08;
+  return {source: hidden ? new Blob([bytes]) : file, orientation: exif ?? xmp ?? 1, damaged};
+}
+
+// PIL's exif_transpose for orientation o (2-8; any other: none) of RGBA pixels [h][w]: a
+// transpose for 5-8, then mirrored across, down, or both; pixels moved, not resampled.
+function transpose(rgba, h, w, o) {
+  if (!(o >= 2 && o <= 8)) return [rgba, h, w];
+  const swap = o >= 5, flipX = [2, 3, 7, 8].includes(o), flipY = [3, 4, 6, 7].includes(o);
+  const [oh, ow] = swap ? [w, h] : [h, w];
+  const src = new Uint32Array(rgba.buffer, rgba.byteOffset, h * w);
+  const out = new Uint8ClampedArray(rgba.length);
+  const dst = new Uint32Array(out.buffer);
+  for (let y = 0; y < oh; y++) {
+    for (let x = 0; x < ow; x++) {
+      const sx = swap ? y : x, sy = swap ? x : y;
+      dst[y * ow + x] = src[(flipY ? h - 1 - sy : sy) * w + (flipX ? w - 1 - sx : sx)];
+    }
+  }
+  return [out, oh, ow];
+}
+
 // The image as the model's uint8 input [H, W, C], made as --mode=predict makes it: decoded by the
-// browser, upright (EXIF), colours as stored (no colour management, as PIL reads them), converted
-// to grey or RGB, then resized with PIL's filters; with the notes of ``caveats`` (where it may
-// differ from predict's).
+// browser, upright (EXIF: the browser's for JPEG and PNG, the page's for WebP), colours as stored
+// (no colour management, as PIL reads them), converted to grey or RGB, then resized with PIL's
+// filters; with the notes of ``caveats`` (where it may differ from predict's).
 async function pixels(file, [h, w, c]) {
-  const bitmap = await createImageBitmap(file, {colorSpaceConversion: 'none',
-                                                premultiplyAlpha: 'none'});
-  const [ih, iw] = [bitmap.height, bitmap.width];
+  const {source, orientation, damaged} = await webpOrientation(file);
+  let bitmap;
+  try {
+    bitmap = await createImageBitmap(source, {colorSpaceConversion: 'none',
+                                              premultiplyAlpha: 'none'});
+  } catch (e) {
+    throw await undecodable(file);
+  }
   const canvas = document.createElement('canvas');
-  canvas.width = iw;
-  canvas.height = ih;
+  canvas.width = bitmap.width;
+  canvas.height = bitmap.height;
   const ctx = canvas.getContext('2d', {willReadFrequently: true});
   ctx.drawImage(bitmap, 0, 0);   // its own size: no resampling by the browser
   bitmap.close();
-  const rgba = ctx.getImageData(0, 0, iw, ih).data;
-  const notes = await caveats(file, rgba);
+  const stored = ctx.getImageData(0, 0, canvas.width, canvas.height).data;
+  const notes = await caveats(file, stored);
+  if (damaged) {
+    notes.push('Its EXIF block is damaged, so which way is up is not known: --mode=predict ' +
+               'refuses the file.');
+  }
+  const [rgba, ih, iw] = transpose(stored, canvas.height, canvas.width, orientation);
   const image = new Uint8Array(ih * iw * c);
   for (let i = 0; i < ih * iw; i++) {
     const r = rgba[4 * i], g = rgba[4 * i + 1], b = rgba[4 * i + 2];
@@ -218,7 +320,8 @@ async function main() {
                     logits: Array.from(out.logits.data)};
           Object.assign(result, decide(meta, result.probabilities, result.logits), {notes});
         } catch (e) {
-          result = {file: file.name, error: `Cannot classify this file: ${e.message || e}`};
+          result = {file: file.name, error: e instanceof Undecodable ? e.message :
+                    `Cannot classify this file: ${e.message || e}`};
         }
         window.imgclsResults.push(result);
         row(file, result);
