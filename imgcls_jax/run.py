@@ -241,8 +241,7 @@ def restore_or_init(s: Setup, ckpt: checkpoint.Checkpointer) -> tuple[Any, Any]:
                                       ema=ema, override=override)
   if s.config.get('transfer') and s.config.transfer.init_from:
     from imgcls_jax import transfer  # weights from another run or a torch file; new head
-    state = transfer.init_state(state, shardings, s.config.transfer, s.tx,
-                                model_name=s.config.model.name)
+    state = transfer.init_state(state, shardings, s.config, s.tx, s.info)
   return state, shardings
 
 

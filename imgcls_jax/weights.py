@@ -7,6 +7,7 @@ by name, naming the first parameter that is missing, extra, or of another shape.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Callable
 
 import jax
@@ -70,14 +71,14 @@ def map_named(fn: Callable[[str, Any], Any], tree: Any) -> Any:
 
 def merge(target: Any, source: FlatArrays, *, origin: str,
           skip: Callable[[str], bool] = lambda _: False, kind: str = 'Parameter',
-          hint: str = '', fix: str = 'match config.model to the run that wrote them'
-          ) -> tuple[Any, int]:
+          hint: Callable[[str], str] = lambda _: '',
+          fix: str = 'match config.model to the run that wrote them') -> tuple[Any, int]:
   """``target`` with every leaf that is not ``skip``-ped replaced by the same-named numpy array.
 
   ``target`` is a pytree of arrays or ``ShapeDtypeStruct``s; skipped leaves are kept as they are.
   Returns (the pytree, how many leaves came from ``source``). Raises UserError naming the first
   parameter that is missing from ``source``, extra in it, or of another shape; ``fix`` says what
-  to do when the weights are of another architecture.
+  to do when the weights are of another architecture, ``hint(name)`` what else may fix a shape.
   """
   names = flatten(target)
   wanted = {n for n in names if not skip(n)}
@@ -94,11 +95,40 @@ def merge(target: Any, source: FlatArrays, *, origin: str,
   for n in sorted(wanted):
     want, got = tuple(names[n].shape), tuple(np.shape(source[n]))
     if want != got:
-      raise UserError(f"{kind} '{n}' has shape {got} in {origin} but {want} in this model; match "
-                      f'config.model (and the image channels) to the weights{hint}.')
+      channels = (len(want) == 4 and want[:2] + want[3:] == got[:2] + got[3:])
+      raise UserError(f"{kind} '{n}' has shape {got} in {origin} but {want} in this model; "
+                      + (f'the weights take {got[2]}-channel images and this data has {want[2]} '
+                         '(only 1 <-> 3 channels are adapted); convert the images to '
+                         f'{got[2]} channels' if channels else
+                         'match config.model to the weights') + f'{hint(n)}.')
   merged = map_named(lambda n, leaf: np.asarray(source[n], dtype=leaf.dtype) if n in wanted
                      else leaf, target)
   return merged, len(wanted)
+
+
+def adapt_input_channels(weights: Weights, target: dict[str, Any]) -> Weights:
+  """``weights`` fitted to a model whose first convolution takes 1 image channel where theirs takes
+  3 (summed over the colours) or 3 where theirs takes 1 (repeated, divided by 3), as timm's
+  ``adapt_input_conv`` does: grey images then give the features their colour versions gave.
+  ``target`` is ``{name: array or shape struct}``; any other mismatch is left to ``merge``."""
+  adapted = {}   # (only the image-facing convolution: one such kernel, or none is adapted)
+  for name, value in weights.params.items():
+    have = np.shape(value)
+    want = tuple(target[name].shape) if name in target else None
+    if (want is None or len(have) != 4 or len(want) != 4 or have == want
+        or have[:2] + have[3:] != want[:2] + want[3:] or {have[2], want[2]} != {1, 3}):
+      continue
+    value = np.asarray(value)
+    adapted[name] = (value.sum(axis=2, keepdims=True) if want[2] == 1
+                     else np.repeat(value, 3, axis=2) / 3.0).astype(value.dtype)
+  if len(adapted) != 1:
+    return weights
+  (name, value), = adapted.items()
+  logging.info("Adapted '%s' of %s from %d to %d input channels (%s, as timm's "
+               'adapt_input_conv).', name, weights.origin, np.shape(weights.params[name])[2],
+               value.shape[2], 'summed over the colours' if value.shape[2] == 1
+               else 'repeated, divided by 3')
+  return dataclasses.replace(weights, params={**weights.params, **adapted})
 
 
 def place(values: Any, like: Any) -> Any:

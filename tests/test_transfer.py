@@ -145,3 +145,107 @@ def test_a_changed_init_from_on_resume_is_warned_of(tmp_path_factory, tfds_dir, 
     train.train_and_evaluate(c, work)
   assert (f'config.transfer.init_from={tmp_path} is not used: this --workdir resumes from its own '
           f'checkpoint 6 (it started from {source}); train in a new --workdir') in caplog.text
+
+
+def test_a_grey_model_from_colour_weights_sees_what_they_saw_of_its_colourless_images():
+  """Colour (ImageNet-style) weights could not start a grey run: the first convolution's shape was
+  refused with a fix no key could apply. Its kernel is now summed over the colours (timm's
+  adapt_input_conv), so a grey image gives the logits PyTorch's model gives for that image as
+  colour (all three channels equal); a 3-channel model from grey weights likewise."""
+  import torch
+  from imgcls_jax import state as state_lib, torch_import, transfer
+  from tests import torch_reference
+  tv = torch_reference.torchvision()
+  if tv is None:
+    pytest.skip('torchvision is not installed')
+  torch.manual_seed(0)
+  ref = tv.models.resnet18(num_classes=7).eval()
+  weights_rgb = torch_import.convert({k: v.numpy() for k, v in ref.state_dict().items()}, 'rgb')
+  grey = np.random.default_rng(0).normal(size=(2, 32, 32, 1)).astype(np.float32)
+
+  def logits(source, channels, x_NHWC):
+    model_fn = lambda rngs: models.get('resnet18', num_classes=7, in_channels=channels,  # noqa
+                                       rngs=rngs)
+    shapes = state_lib.abstract_variables(model_fn)
+    fitted = transfer.fitted(source, shapes.params)
+    params, n = weights.merge(shapes.params, fitted.params, origin=fitted.origin)
+    stats, _ = weights.merge(shapes.batch_stats, fitted.batch_stats, origin=fitted.origin)
+    assert n == len(fitted.params)
+    return np.asarray(state_lib.model_def(model_fn).merge(params, stats)(x_NHWC, train=False))
+
+  with torch.no_grad():
+    want = ref(torch.from_numpy(np.repeat(grey, 3, -1).transpose(0, 3, 1, 2))).numpy()
+  np.testing.assert_allclose(logits(weights_rgb, 1, grey), want, rtol=1e-4, atol=1e-4)
+  # grey weights -> a colour model: a grey image as colour gives the grey model's logits
+  conv1 = weights_rgb.params['conv1.kernel'].sum(axis=2, keepdims=True)
+  weights_grey = weights.Weights({**weights_rgb.params, 'conv1.kernel': conv1},
+                                 weights_rgb.batch_stats, 'grey')
+  np.testing.assert_allclose(logits(weights_grey, 3, np.repeat(grey, 3, -1)), want, rtol=1e-4,
+                             atol=1e-4)
+
+
+def test_fitted_resamples_a_runs_vit_positions_as_a_torch_files():
+  """A ViT of this project could not start a run at another image size: only torch files had their
+  position embeddings resampled. ``transfer.fitted`` now does it for any source."""
+  from imgcls_jax import state as state_lib, transfer
+  kw = dict(width=32, depth=1, num_heads=2, mlp_dim=64, patch_size=4)
+  small = state_lib.abstract_variables(lambda rngs: models.get(
+      'vit_ti16', num_classes=5, in_channels=1, rngs=rngs, image_size=16, **kw))
+  big = state_lib.abstract_variables(lambda rngs: models.get(
+      'vit_ti16', num_classes=5, in_channels=1, rngs=rngs, image_size=32, **kw))
+  rng = np.random.default_rng(0)
+  flat = {k: rng.normal(size=v.shape).astype(np.float32)
+          for k, v in weights.flatten(small.params).items()}
+  run = weights.Weights(flat, {}, 'checkpoint 2 of /runs/vit16')
+  got = transfer.fitted(run, big.params)
+  assert got.params['pos_embedding'].shape == weights.flatten(big.params)['pos_embedding'].shape
+  weights.merge(big.params, got.params, origin=got.origin)   # every shape fits now
+
+
+def test_a_runs_weights_are_those_it_evaluates_and_a_kept_head_keeps_its_classes(
+    tmp_path_factory, tfds_dir, tmp_path, caplog):
+  """From a run with a weight EMA, transfer took the raw weights (evaluate, predict and the
+  distillation teacher take the EMA). A kept head of a run trained on the same classes in another
+  order answered every image with the wrong class, silently; now it is refused. A source that
+  normalised its images otherwise is warned of (its 99% fell to 14% under mean 0, std 1), and the
+  keep_head hint is given only where the head's shape differs."""
+  import dataclasses
+  import logging
+  from imgcls_jax import checkpoint_files, transfer
+  from imgcls_jax.data.info import DatasetInfo
+  config, _, _ = trained_run(tmp_path_factory, tfds_dir)
+  c = config.copy_and_resolve_references()
+  c.ema.decay, c.num_train_steps, c.checkpoint_every_steps = 0.9, 6, 6
+  source = str(tmp_path / 'ema')
+  train.train_and_evaluate(c, source)
+  got = transfer.load_weights(source)
+  ema, raw = (checkpoint_files.read_weights(source, ema=e) for e in (True, False))
+  assert got.origin.endswith('(its weight EMA)') and got.meta['step'] == 6
+  for name, value in ema.params.items():
+    np.testing.assert_array_equal(got.params[name], value)
+  assert any(not np.array_equal(got.params[n], raw.params[n]) for n in raw.params)
+
+  info = DatasetInfo.from_json(got.meta['dataset_info'])
+  transfer._check_same_classes(got, info)   # the same classes: nothing to say
+  swapped = ('1', '0') + info.class_names[2:]
+  with pytest.raises(UserError, match=r"keep_head=True keeps the head of checkpoint 6 .*the same "
+                     r"classes in another order \(class 0 is '0' there and '1' here\).*train a "
+                     r'new head \(config\.transfer\.keep_head=False\)'):
+    transfer._check_same_classes(got, dataclasses.replace(info, class_names=swapped))
+  with pytest.raises(UserError, match=r"other classes \('9' there; 'nine' here\)"):
+    transfer._check_same_classes(got, dataclasses.replace(
+        info, class_names=info.class_names[:9] + ('nine',)))
+
+  t = config.copy_and_resolve_references()
+  t.transfer.init_from, t.transfer.keep_head = source, True
+  t.num_train_steps = 1
+  t.data.mean, t.data.std = (0.0,), (1.0,)
+  with caplog.at_level(logging.WARNING):
+    train.train_and_evaluate(t, str(tmp_path / 'renormalised'))
+  assert (f'{got.origin} normalised its images with mean [0.5], std [0.5], and this run with '
+          'mean [0.0], std [1.0]') in caplog.text
+  t.data.mean, t.data.std = config.data.mean, config.data.std
+  t.model.widths = (8, 24)
+  with pytest.raises(UserError, match=r"'convs\.2\.kernel' has shape") as e:
+    train.train_and_evaluate(t, str(tmp_path / 'wider'))
+  assert 'keep_head' not in str(e.value)
