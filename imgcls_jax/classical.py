@@ -154,9 +154,9 @@ def classical(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
     raise UserError('The classical baseline fits one class per image and has no tagging '
                     'version, and config.data.multilabel is set; train the network for tags '
                     '(--mode=train).')
-  if config.data.get('train_preprocess'):   # the fit reads its images unaugmented (arrays refuse
-    config = copy.deepcopy(config)            # a host augmentation it would never apply)
-    config.data.train_preprocess = ''
+  if config.data.get('train_preprocess'):   # the fit reads its images unaugmented
+    config = copy.deepcopy(config)
+    config.data = classical_model.unaugmented(config.data)
   os.makedirs(workdir, exist_ok=True)
   if int(config.cross_validation.folds) > 0:
     return cross_validate(config, workdir)

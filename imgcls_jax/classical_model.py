@@ -5,6 +5,7 @@ The fit records, in ``classical.json``, what a network's checkpoint records for 
 were. The model is a joblib pickle: use only folders you trust."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -60,6 +61,17 @@ def read_meta(workdir: str) -> dict[str, Any]:
   except (OSError, ValueError) as e:
     raise UserError(f'Cannot read {path} ({type(e).__name__}: {e}); fit the baseline again with '
                     '--mode=classical.') from None
+
+
+def unaugmented(data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """``config.data`` as classical features read it: ``train_preprocess`` '' (a copy when it was
+  set). The features are of the images as evaluation prepares them, never augmented ones, and an
+  arrays dataset refuses a host augmentation it would never apply."""
+  if not data.get('train_preprocess'):
+    return data
+  data = copy.deepcopy(data)
+  data.train_preprocess = ''
+  return data
 
 
 def softmax(scores_NxK: np.ndarray) -> np.ndarray:

@@ -8,7 +8,9 @@
 ``explain.penultimate``) of the trained run in ``--workdir``, on images prepared as evaluation
 prepares them; ``'classical'`` with the scikit-image features of ``config.classical``
 (``features.py``) of the images of ``config.data`` (on the command line with a trained run's
-``--workdir`` and no ``--config``, the run's own data). What is embedded: ``config.embed.inputs``
+``--workdir`` and no ``--config``, the run's own data; on a classical fit's ``--workdir``, the fit's
+data and features, read as ``--mode=evaluate`` reads them; never augmented: no
+``train_preprocess``). What is embedded: ``config.embed.inputs``
 (files and folders, unlabelled), else the split ``config.embed.split`` of the dataset (a tfds
 dataset or an image folder; labels from it). Writes to ``config.embed.output_dir`` (default
 ``<workdir>/embed_<split>``, ``embed_<split>_classical`` for the classical extractor), each file
@@ -30,6 +32,7 @@ under a temporary name renamed once everything is computed:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -51,15 +54,15 @@ __all__ = ['EXTRACTORS', 'Extractor', 'embed', 'knn_evaluate', 'knn_metrics', 'k
 EXTRACTORS = ('model', 'classical')
 
 
-def classical_data(config: ml_collections.ConfigDict, workdir: str,
-                   overrides: dict[str, Any] | None) -> ml_collections.ConfigDict:
-  """The data the classical extractor embeds: ``config.data``; but from the command line
-  (``overrides`` given) on a trained run's ``workdir``, the run's own data with the data keys given
-  as flags (as the model extractor reads it), and a ``--config`` naming other data is refused."""
-  saved = (run_directory.read_config(workdir) or {}).get('data') if overrides is not None else None
-  if not saved:   # an output folder, or a call from Python: the config's data
-    return config.data
-  flags = {k: v for k, v in overrides.items() if k.startswith('data.')}
+# What --workdir holds: (its words, in an error; its short name)
+_HOLDS = {'run': ('a run trained on', 'trained run', 'run'),
+          'fit': ('a classical baseline fitted on', 'classical fit', 'fit')}
+
+
+def _refuse_other_data(config: ml_collections.ConfigDict, workdir: str, saved: dict[str, Any],
+                       flags: dict[str, Any], kind: str) -> None:
+  """A UserError when ``--config`` or ``--config.data.name`` (``flags``: the data keys given)
+  names other data than ``saved``, the data of the run or fit (``kind``) in ``workdir``."""
   run_name, name = str(saved.get('name')), str(flags.get('data.name', config.data.name))
   arrays_moved = all(n.startswith(arrays.PREFIX) for n in (run_name, name))  # a location
   if 'data.name' not in flags and name != run_name:   # --config's data, or the schema's default
@@ -70,13 +73,66 @@ def classical_data(config: ml_collections.ConfigDict, workdir: str,
   if chosen:
     given, drop = (('--config.data.name', 'that flag') if 'data.name' in flags
                    else ("the --config's data", '--config'))
-    raise UserError(f"--workdir={workdir} holds a run trained on '{run_name}', not on {given} "
-                    f"'{name}': on a trained run the classical extractor embeds the run's data; "
-                    f'drop {drop}, or give a --workdir without a run.')
+    holds, long, short = _HOLDS[kind]
+    raise UserError(f"--workdir={workdir} holds {holds} '{run_name}', not on {given} '{name}': on "
+                    f"a {long} the classical extractor embeds the {short}'s data; drop {drop}, or "
+                    f'give a --workdir without a {short}.')
+
+
+def classical_data(config: ml_collections.ConfigDict, workdir: str,
+                   overrides: dict[str, Any] | None) -> ml_collections.ConfigDict:
+  """The data the classical extractor embeds: ``config.data``; but from the command line
+  (``overrides`` given) on a trained run's ``workdir``, the run's own data with the data keys given
+  as flags (as the model extractor reads it), and a ``--config`` naming other data is refused."""
+  saved = (run_directory.read_config(workdir) or {}).get('data') if overrides is not None else None
+  if not saved:   # an output folder, or a call from Python: the config's data
+    return config.data
+  flags = {k: v for k, v in overrides.items() if k.startswith('data.')}
+  _refuse_other_data(config, workdir, saved, flags, 'run')
   data = inference.effective_config({'data': saved}, None, flags).data
   logging.info("Classical features of the run's own data ('%s', from %s).", data.name,
                os.path.join(workdir, 'config.json'))
   return data
+
+
+def classical_fit_settings(config: ml_collections.ConfigDict, workdir: str,
+                           overrides: dict[str, Any] | None
+                           ) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
+  """(data, ``config.classical``) of the classical fit in ``workdir`` (its ``classical.json``),
+  as ``--mode=evaluate`` reads it (``classical_model.run_config``: the data keys given as flags
+  that move or replace its images apply). Its features are the fit's: a ``--config.classical``
+  flag that changes them is refused, a ``--config`` whose features differ gets a warning."""
+  from imgcls_jax import classical_model, configlib
+  meta = classical_model.read_meta(workdir)
+  flags = {k: v for k, v in (overrides or {}).items() if not k.startswith('classical.')}
+  _refuse_other_data(config, workdir, meta['config'].get('data') or {},
+                     {k: v for k, v in flags.items() if k.startswith('data.')}, 'fit')
+  run = classical_model.run_config(meta, flags, workdir)
+  spec, source = classical_model.spec_of(run), os.path.join(workdir, classical_model.META_FILE)
+  for key, value in sorted((overrides or {}).items()):
+    if not key.startswith('classical.'):
+      continue
+    leaf, trial = key.split('.', 1)[1], ml_collections.ConfigDict(run.classical.to_dict())
+    trial[leaf] = value
+    if features.spec_from_config(trial) != spec:
+      raise UserError(f'--config.{key}={value} would change the features of the classical fit '
+                      f'in --workdir (its {key}={run.classical.get(leaf)!r}, in {source}), which '
+                      'the classical extractor embeds with; drop that flag, or give a --workdir '
+                      'without a fit.')
+    with run.classical.unlocked():   # (the threads, or the classifier: not the features)
+      run.classical[leaf] = value
+  schema = configlib.load_config_file(configlib.default_config_path()).classical
+  theirs = features.spec_from_config(config.classical)
+  if theirs != spec and (overrides is None or theirs != features.spec_from_config(schema)):
+    differ = [f.name for f in dataclasses.fields(spec) if getattr(spec, f.name) !=
+              getattr(theirs, f.name)]
+    logging.warning("The config's classical features (%s) are not those of the classical fit in "
+                    '%s (%s): embedding with the fit\'s; give a --workdir without a fit for '
+                    'other features.', ', '.join(f'{k}={getattr(theirs, k)}' for k in differ),
+                    workdir, ', '.join(f'{k}={getattr(spec, k)}' for k in differ))
+  logging.info("Classical features of the fit's data ('%s') with its config.classical, from %s.",
+               run.data.name, source)
+  return run.data, run.classical
 
 
 class Extractor:
@@ -101,12 +157,17 @@ class Extractor:
       self._fn = jax.jit(lambda v, x: explain.penultimate(v, x, model_def=self.clf.model_def,
                                                           cfg=self.clf.step_cfg))
     else:
+      from imgcls_jax import classical_model
       self.step = None
-      self.data = classical_data(config, workdir, overrides)
+      if run_directory.kind(workdir) == 'classical':   # a fit: its data and its features
+        data, classical = classical_fit_settings(config, workdir, overrides)
+      else:
+        data, classical = classical_data(config, workdir, overrides), config.classical
+      self.data = classical_model.unaugmented(data)   # as --mode=classical reads it
       self.info = reader.describe(self.data)
       self.class_names = list(self.info.class_names)
-      self.spec = features.spec_from_config(config.classical)
-      self.workers = int(config.classical.workers)
+      self.spec = features.spec_from_config(classical)
+      self.workers = int(classical.get('workers', 0))
 
   def __call__(self, images_NxHxWxC: np.ndarray) -> np.ndarray:
     if self.kind == 'classical':

@@ -40,8 +40,9 @@ def check_source(path: str) -> None:
                     'this project or a .safetensors / .pt file.')
 
 
-def load_weights(path: str, step: int | None = None) -> weights_lib.Weights:
-  """Weights from a checkpoint of this project or a torchvision/timm-layout weights file."""
+def load_weights(path: str, step: int | None = None, model: Any = None) -> weights_lib.Weights:
+  """Weights from a checkpoint of this project or a torchvision/timm-layout weights file;
+  ``model`` (config.model) tells the torch import what the file's shapes do not (a ViT's heads)."""
   check_source(path)
   if os.path.isfile(path):
     if not path.endswith(TORCH_SUFFIXES):
@@ -49,8 +50,8 @@ def load_weights(path: str, step: int | None = None) -> weights_lib.Weights:
                       '.bin file (torchvision / timm ResNet, ViT or ConvNeXt; torchvision '
                       'EfficientNet / MobileNetV3) or a run directory of this project.')
     from imgcls_jax import torch_import
-    return weights_lib.check_finite(torch_import.load(path), 'save the weights again from a '
-                                    'model that evaluates well, or start from another file')
+    return weights_lib.check_finite(torch_import.load(path, model), 'save the weights again '
+                                    'from a model that evaluates well, or start from another file')
   weights = checkpoint_files.read_weights(path, step, step_key='transfer.init_step')
   saved = weights.meta.get('config')
   if isinstance(saved, dict) and steps.ema_decay(saved) > 0 and saved['ema'].get('inference', True):
@@ -74,7 +75,8 @@ def init_state(state: Any, shardings: Any, config: ml_collections.ConfigDict,
   """A fresh train state with the backbone (and head, if ``config.transfer.keep_head``) from
   ``config.transfer.init_from``; ``info`` (this run's data) checks a kept head's classes."""
   cfg, model_name = config.transfer, config.model.name
-  source = fitted(load_weights(cfg.init_from, cfg.get('init_step', -1)), state.params)
+  source = fitted(load_weights(cfg.init_from, cfg.get('init_step', -1), config.model),
+                  state.params)
   head = optim.head_name(weights_lib.flatten(state.params), cfg)
   keep = bool(cfg.get('keep_head', False))
   if keep and info is not None:

@@ -373,7 +373,7 @@ def test_a_checkpoint_holding_nan_is_refused_for_inference_and_skipped_at_resume
   bad = weights.Weights(params={'fc.kernel': np.array([1.0, np.inf], np.float32)},
                         batch_stats={}, origin=str(pt))
   import imgcls_jax.torch_import as torch_import
-  monkeypatch.setattr(torch_import, 'load', lambda path: bad)
+  monkeypatch.setattr(torch_import, 'load', lambda path, model=None: bad)
   with pytest.raises(UserError, match=r'w\.safetensors holds NaN or infinite values \(fc\.kernel\)'
                                       r'.*save the weights again'):
     transfer.load_weights(str(pt))

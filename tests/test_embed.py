@@ -382,3 +382,78 @@ def test_classical_embed_of_a_trained_run_embeds_its_data_beside_the_model_featu
   with pytest.raises(UserError, match="not on --config.data.name 'sklearn_digits'"):
     embed.embed(other, workdir, overrides={'embed.extractor': 'classical',
                                            'data.name': 'sklearn_digits'})
+
+
+
+def test_classical_embed_of_a_classical_fit_uses_its_data_and_features(tmp_path, caplog):
+  """On a --mode=classical fit's folder (the command line: the schema's config, the flags as
+  overrides): the fit's images and features (were the default config's digits at its 109-d
+  default features), so its own model scores them as its fit did; a flag changing the features
+  is refused, a --config with others is said, in one line each."""
+  from imgcls_jax import classical, classical_model
+  from tests.test_classical_runs import default_config
+  c = default_config()
+  c.data.name, c.data.index_cache = 'image_folder', 'off'
+  c.data.folder = digits_folder(str(tmp_path / 'images'), classes=(0, 1, 2, 3, 7),
+                                per_class=(12, 4), bad_file=False)
+  c.classical.hog_cell, c.classical.lbp_grid, c.classical.workers = 2, 1, 1
+  fit = str(tmp_path / 'fit')
+  rep = classical.classical(c, fit)
+  cli = default_config()   # --mode=embed --workdir=FIT --config.embed.extractor=classical
+  cli.embed.extractor, cli.embed.tsne_max = 'classical', 0
+  flags = {'embed.extractor': 'classical', 'embed.tsne_max': 0}
+  summary = embed.embed(cli, fit, overrides=flags)
+  with np.load(os.path.join(fit, 'embed_test_classical', 'embeddings.npz')) as z:
+    feats, labels, names = z['features'], z['labels'], list(z['class_names'])
+  meta, pixels, fitted = classical_model.load(fit)
+  run = classical_model.run_config(meta, {}, fit)
+  x, y, _ = features.split_arrays(run.data, 'test')
+  np.testing.assert_allclose(feats, features.extract(x, classical_model.spec_of(run)), rtol=1e-6)
+  assert feats.shape == (20, sum(meta['feature_blocks'].values())) and feats.shape[1] != 109
+  np.testing.assert_array_equal(labels, y)
+  scores = classical_model.class_scores(fitted, feats, len(names))
+  assert np.mean(scores.argmax(1) == labels) == rep['accuracy']   # its fit's evaluation
+  with open(os.path.join(fit, 'embed_test_classical', 'knn', 'report.json')) as f:
+    knn_report = json.load(f)
+  assert names == knn_report['class_names'] == ['0', '1', '2', '3', '7'] == list(
+      pixels.info.class_names)
+  assert (summary['knn']['reference_examples'], knn_report['num_examples']) == (60, 20)
+  cli.classical.lbp_grid = 2
+  with pytest.raises(UserError) as e:
+    embed.embed(cli, fit, overrides={**flags, 'classical.lbp_grid': 2})
+  assert str(e.value) == (
+      f'--config.classical.lbp_grid=2 would change the features of the classical fit in '
+      f'--workdir (its classical.lbp_grid=1, in {fit}/classical.json), which the classical '
+      'extractor embeds with; drop that flag, or give a --workdir without a fit.')
+  from configs import digits_classical   # --config=configs/digits_classical.py
+  other = digits_classical.get_config()
+  other.data.name, other.embed.extractor, other.embed.tsne_max = 'image_folder', 'classical', 0
+  caplog.clear()
+  embed.embed(other, fit, overrides={**flags, 'data.name': 'image_folder'})
+  said = [r.getMessage() for r in caplog.records if r.levelname == 'WARNING']
+  assert said == [
+      "The config's classical features (lbp_grid=2, edge_sigma=0.5, edge_grid=2) are not those "
+      f'of the classical fit in {fit} (lbp_grid=1, edge_sigma=1.0, edge_grid=4): embedding with '
+      "the fit's; give a --workdir without a fit for other features."]
+  with np.load(os.path.join(fit, 'embed_test_classical', 'embeddings.npz')) as z:
+    np.testing.assert_array_equal(z['features'], feats)
+
+
+def test_classical_embed_of_arrays_reads_them_unaugmented_as_the_classical_mode(tmp_path):
+  """configs/digits_classical.py names a host augmentation ('pad_crop(pad=1)'), which arrays
+  refuse: --mode=classical clears it, and embed (which never augments) now does too (it was
+  refused)."""
+  out = subprocess.run(
+      [sys.executable, '-m', 'imgcls_jax.main', '--mode=embed',
+       '--config=configs/digits_classical.py', '--config.data.name=arrays:sklearn_digits',
+       '--config.embed.extractor=classical', '--config.embed.split=test', f'--workdir={tmp_path}',
+       '--config.embed.tsne_max=0', '--config.classical.workers=1'],
+      capture_output=True, text=True, env=subprocess_env(1), timeout=300, cwd=REPO)
+  assert out.returncode == 0, out.stderr[-2000:]
+  with np.load(tmp_path / 'embed_test_classical' / 'embeddings.npz') as z:
+    feats = z['features']
+  from configs import digits_classical
+  x, _ = digits.load_arrays('test')
+  spec = features.spec_from_config(digits_classical.get_config().classical)
+  np.testing.assert_allclose(feats, features.extract(x, spec), rtol=1e-6)
+  assert feats.shape == (450, 385)

@@ -304,6 +304,7 @@ def test_init_state_from_a_torch_file_keeps_backbone_and_makes_a_new_head(tmp_pa
   save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, path)
   cfg = default.get_config()
   cfg.transfer.init_from = path
+  cfg.model = ml_collections.ConfigDict({'name': 'resnet18'})
   model_fn = functools.partial(models.get, 'resnet18', num_classes=10, in_channels=3)
   tx = optim.build(cfg.optim, optax.constant_schedule(0.1), cfg.transfer)
   mesh = sharding.make_mesh(0)
@@ -311,7 +312,7 @@ def test_init_state_from_a_torch_file_keeps_backbone_and_makes_a_new_head(tmp_pa
       ml_collections.ConfigDict({'param_sharding': placement, 'fsdp_min_size': 1024}))
   fresh, shardings = state_lib.create(model_fn, tx, 0, mesh, param_sharding)
   fresh_head = np.asarray(fresh.params['fc']['kernel'])
-  state = transfer.init_state(fresh, shardings, cfg.transfer, tx)
+  state = transfer.init_state(fresh, shardings, cfg, tx)
   sd = {k: v.numpy() for k, v in ref.state_dict().items()}
   np.testing.assert_array_equal(np.asarray(state.params['layer3'][1]['conv2']['kernel']),
                                 sd['layer3.1.conv2.weight'].transpose(2, 3, 1, 0))
@@ -331,7 +332,8 @@ def test_init_state_from_a_torch_file_keeps_backbone_and_makes_a_new_head(tmp_pa
     with pytest.raises(UserError, match=r"not in .*resnet18\.safetensors; the weights are from "
                                         r"another architecture: set config\.model\.name="
                                         r"'resnet18' \(the architecture of "):
-      transfer.init_state(other, shardings, cfg.transfer, tx, model_name='resnet34')
+      cfg.model = ml_collections.ConfigDict({'name': 'resnet34'})
+      transfer.init_state(other, shardings, cfg, tx)
 
 
 # ---- ViT, ConvNeXt, EfficientNet, MobileNetV3 from torchvision's and timm's own models ----
@@ -539,6 +541,7 @@ def test_transfer_from_a_vit_file_of_another_image_size_resamples_its_positions(
   """The training path (transfer.init_state, config.transfer.init_from): a timm ViT file trained
   at 64 px into a 32 px vit_ti16 gets the resampled position embeddings (it was refused)."""
   import functools
+  import ml_collections
   import optax
   from configs import default
   from imgcls_jax import optim, sharding
@@ -547,12 +550,13 @@ def test_transfer_from_a_vit_file_of_another_image_size_resamples_its_positions(
   torch.save(src.state_dict(), path)
   cfg = default.get_config()
   cfg.transfer.init_from = path
+  cfg.model = ml_collections.ConfigDict({'name': 'vit_ti16', 'image_size': 32})
   model_fn = functools.partial(models.get, 'vit_ti16', num_classes=10, in_channels=3,
                                image_size=32)
   tx = optim.build(cfg.optim, optax.constant_schedule(0.1), cfg.transfer)
   fresh, shardings = state_lib.create(model_fn, tx, 0, sharding.make_mesh(0),
                                       sharding.ParamSharding())
-  state = transfer.init_state(fresh, shardings, cfg.transfer, tx)
+  state = transfer.init_state(fresh, shardings, cfg, tx)
   want = torch_reference.timm().layers.resample_abs_pos_embed(
       src.state_dict()['pos_embed'], new_size=(2, 2), num_prefix_tokens=1).numpy()
   flat = {'/'.join(str(getattr(p, 'key', p)) for p in path_): np.asarray(v)
@@ -605,3 +609,48 @@ def test_timm_convnext_variants_are_refused_saying_which_convnexts_import(name, 
       f'{name}.pt holds {variant}, which cannot be imported; use the weights of a LayerNorm '
       "ConvNeXt: torchvision's convnext_tiny, _small, _base, _large or timm's convnext_atto to "
       'convnext_xxlarge (not the _ols, _rms or _hnf variants, nor convnextv2_*).')
+
+
+def test_a_vits_head_count_is_assumed_with_a_warning_and_config_model_num_heads_sets_it(
+    tmp_path, caplog):
+  """No tensor's shape holds a ViT's number of heads (nor anything else in timm's state dict): a
+  timm ViT of 8 heads imported as vit_ti16 gets its 3 and answers otherwise, silently (as timm's
+  16-head vit_base_patch16_gap_224 as vit_b16: 6e-2 relative). The import says the count it
+  assumed and how to set another, unless config.model.num_heads is set; with it, timm's logits."""
+  import logging
+  ref = _randomized(_timm('vit_tiny_patch16_224', img_size=32, embed_dim=96, depth=2,
+                          num_heads=8))
+  with torch.no_grad():   # sharper attention than at initialisation: each head's split shows
+    for block in ref.blocks:
+      block.attn.qkv.weight.mul_(10)
+  path = str(tmp_path / 'vit8.safetensors')
+  from safetensors.torch import save_file
+  save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, path)
+  x_NCHW = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+  with torch.no_grad():
+    want = ref(x_NCHW).numpy()
+  with caplog.at_level(logging.WARNING):   # no registered name fits, nor is config.model known
+    torch_import.load(path)
+  assert ("the import assumes config.model.num_heads, else config.model.name's default (vit_ti16: "
+          '3, vit_s16: 6, vit_b16: 12); if it was trained with another count') in caplog.text
+  caplog.clear()
+  arch = {'name': 'vit_ti16', 'width': 96, 'depth': 2, 'mlp_dim': 384, 'image_size': 32}
+  with caplog.at_level(logging.WARNING):
+    assumed = torch_import.load(path, model=arch)
+  assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+      'vit8.safetensors holds a ViT whose number of attention heads is in none of its tensors: '
+      "the import assumes 3 (vit_ti16's default, 32 channels per head); if it was trained with "
+      "another count (timm's vit_base_patch16_gap_224 has 16), set config.model.num_heads=N, or "
+      'the model answers wrongly without an error.']
+  x_NHWC = x_NCHW.permute(0, 2, 3, 1).numpy()
+  kw = {k: v for k, v in arch.items() if k != 'name'}
+  wrong = _jit_logits('vit_ti16', assumed, x_NHWC, **kw)
+  assert np.abs(wrong - want).max() / np.abs(want).max() > 0.1
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    weights = torch_import.load(path, model={**arch, 'num_heads': 8})
+  assert not caplog.records
+  got = _jit_logits('vit_ti16', weights, x_NHWC, num_heads=8, **kw)
+  rel = np.abs(got - want).max() / np.abs(want).max()
+  print(f'8 heads: max |logit diff| / max |logit| = {rel:.2e}')
+  assert np.ptp(want) > 0.1 and rel < 1e-5, rel

@@ -50,12 +50,14 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
   return out
 
 
-def convert(state_dict: Mapping[str, np.ndarray], origin: str = 'the weights file') -> Weights:
+def convert(state_dict: Mapping[str, np.ndarray], origin: str = 'the weights file',
+            model: Mapping[str, Any] | None = None) -> Weights:
   """Renames and re-lays-out a torchvision/timm state dict of a known family into this project's
-  naming."""
+  naming; ``model`` is ``config.model`` where known (a ViT's head count is assumed from it, with
+  a warning unless it sets ``num_heads``: ``vit.say_assumed_heads``)."""
   keys = set(state_dict)
   if vit.detect(keys):
-    return vit.convert(state_dict, origin)
+    return vit.convert(state_dict, origin, model)
   if convnext.detect(keys):
     return convnext.convert(state_dict, origin)
   if family := mobile.detect(keys):
@@ -81,7 +83,8 @@ def fit_to(weights: Weights, params: Any) -> Weights:
   return vit.fit_positions(weights, weights_lib.flatten(params))
 
 
-def load(path: str) -> Weights:
+def load(path: str, model: Mapping[str, Any] | None = None) -> Weights:
   """Weights from a local torchvision/timm-layout file, in this project's naming; ``meta['model']``
-  is the registered model name they fit (``resnet18``, ...), absent when none does."""
-  return convert(read_state_dict(path), origin=os.path.basename(path))
+  is the registered model name they fit (``resnet18``, ...), absent when none does. ``model``:
+  ``config.model`` where known (``convert``)."""
+  return convert(read_state_dict(path), origin=os.path.basename(path), model=model)

@@ -4,6 +4,13 @@
 ``blocks.<i>.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}``, ``norm``, ``head``) into
 ``imgcls_jax.models.vit``. Both fuse q, k, v into one projection in the same order as ours.
 
+The number of attention heads is in no tensor's shape, and nothing in a torchvision or timm ViT
+state dict records it (timm's ``qk_norm`` variants hold the head width in ``attn.q_norm``, but
+those are not imported): the model gets ``config.model.num_heads``, else its name's default
+(``vit_b16``: 12), and weights trained with another count import without an error and answer
+wrongly (timm's ``vit_base_patch16_gap_224`` has 16). ``convert`` says in one warning which count
+it assumed, unless ``config.model`` (``model``) sets ``num_heads``.
+
 Weights from another image size (``fit_positions``): the patch position embeddings are resampled to
 the model's patch grid as timm's ``resample_abs_pos_embed`` does when it loads weights at another
 ``img_size`` (bicubic with antialiasing, the class token's embedding kept).
@@ -18,7 +25,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from imgcls_jax.models.vit import ViT
+from imgcls_jax.models.vit import SIZES, ViT
 from imgcls_jax.torch_import._layout import Builder, count, registered_name, split
 from imgcls_jax.weights import Weights
 
@@ -48,8 +55,47 @@ def model_name(params: dict[str, np.ndarray]) -> str | None:
                          lambda kw: (kw['width'], kw['depth'], kw['mlp_dim'], kw['patch_size']))
 
 
-def convert(state_dict: Mapping[str, np.ndarray], origin: str) -> Weights:
-  """A torchvision/timm ViT state dict in this project's naming."""
+def default_heads(name: str | None) -> int | None:
+  """The number of attention heads a registered ViT ``name`` has unless config.model sets it."""
+  from imgcls_jax import models
+  if not name or name not in models.names():
+    return None
+  params, bound, _ = models.arguments(name)
+  default = next((p.default for p in params if p.name == 'num_heads'), None)
+  heads = bound.get('num_heads', default)
+  return heads if isinstance(heads, int) else None
+
+
+def say_assumed_heads(weights: Weights, model: Mapping[str, Any] | None) -> None:
+  """The warning that the head count of these ViT weights is assumed (the model's name's default:
+  ``model`` is ``config.model``, None when not known), unless ``model`` sets ``num_heads``."""
+  if model is not None and 'num_heads' in model:
+    return
+  name = (model or {}).get('name')
+  heads = default_heads(name)
+  if heads is None:   # no (ViT) model given: the one these tensors' shapes fit, if any
+    name = weights.meta.get('model')
+    heads = default_heads(name)
+  width = np.shape(weights.params['conv_proj.kernel'])[-1]
+  if heads is not None:
+    per = (f'{width // heads} channels per head' if width % heads == 0 else
+           f'which does not divide its width {width}')
+    assumed = f"{heads} ({name}'s default, {per})"
+  else:
+    assumed = ("config.model.name's default (" + ', '.join(
+        f'{n}: {default_heads(n)}' for n in SIZES) + ')')
+  if model is None:   # (whether config.model sets it is not known here)
+    assumed = f'config.model.num_heads, else {assumed}'
+  logging.warning('%s holds a ViT whose number of attention heads is in none of its tensors: the '
+                  'import assumes %s; if it was trained with another count (timm\'s '
+                  'vit_base_patch16_gap_224 has 16), set config.model.num_heads=N, or the model '
+                  'answers wrongly without an error.', weights.origin, assumed)
+
+
+def convert(state_dict: Mapping[str, np.ndarray], origin: str,
+            model: Mapping[str, Any] | None = None) -> Weights:
+  """A torchvision/timm ViT state dict in this project's naming; ``model`` (``config.model``,
+  None when not known) words the warning of the head count assumed (``say_assumed_heads``)."""
   out = Builder('ViT (torchvision VisionTransformer or timm vit_*)', origin)
   for key, value in state_dict.items():
     if key in _RAW:
@@ -70,7 +116,9 @@ def convert(state_dict: Mapping[str, np.ndarray], origin: str) -> Weights:
       out.module(_MODULES[module], leaf, value, key)
     else:
       out.reject(key, value)
-  return out.weights('conv_proj.kernel', model_name)
+  weights = out.weights('conv_proj.kernel', model_name)
+  say_assumed_heads(weights, model)
+  return weights
 
 
 def resample_matrix(old: int, new: int) -> np.ndarray:
