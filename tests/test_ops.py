@@ -175,7 +175,7 @@ def test_randaugment_uses_every_op():
 def test_randaugment_bad_arguments_are_user_errors():
   with pytest.raises(UserError, match='randaugment'):
     pp.parse('randaugment(magnitude=40)')
-  with pytest.raises(UserError, match='unknown RandAugment ops'):
+  with pytest.raises(UserError, match=r"randaugment\(ops='blur'\): .*\(unknown: blur\)"):
     pp.parse("randaugment(ops='blur')")
 
 
@@ -228,7 +228,7 @@ def test_compose_chains_ops_with_independent_seeds():
     ('flip_lr|no_such_op', "Unknown preprocessing op 'no_such_op'"),
     ('pad_crop(pad=4', 'Cannot parse'),
     ('pad_crop(padding=4)', "Bad arguments for preprocessing op 'pad_crop"),
-    ("random_erasing(value='blue')", 'Bad arguments'),
+    ("random_erasing(value='blue')", "value must be 'random' or a pixel value"),
 ])
 def test_bad_specs_are_user_errors(spec, match):
   with pytest.raises(UserError, match=match):
@@ -361,5 +361,5 @@ def test_trivial_augment_wide_applies_one_op_and_uses_them_all():
   outs = {op(image, tf.constant([9, k])).numpy().tobytes() for k in range(100)}
   assert len(outs) >= 40
   assert _image(seed=13).tobytes() in outs  # identity (or magnitude 0) among them
-  with pytest.raises(UserError, match='unknown TrivialAugment ops'):
+  with pytest.raises(UserError, match=r"trivial_augment_wide\(ops='blur'\): .*\(unknown: blur\)"):
     pp.parse("trivial_augment_wide(ops='blur')")

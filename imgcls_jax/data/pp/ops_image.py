@@ -7,21 +7,39 @@ from typing import Any
 
 
 from imgcls_jax.data.tf_import import tf
-from imgcls_jax.data.pp.registry import (Op, decode_image, image_hw, register, split_seed,
+from imgcls_jax.data.pp.registry import (Op, bad_args, check_choice, check_number, check_order,
+                                         decode_image, image_hw, is_number, register, split_seed,
                                          to_uint8, uniform)
 from imgcls_jax.errors import UserError
 
 
 PAD_MODES = ('constant', 'reflect', 'symmetric')   # tf.pad's modes
+RESIZE_METHODS = ('bilinear', 'nearest', 'bicubic', 'area', 'lanczos3', 'lanczos5', 'gaussian',
+                  'mitchellcubic')   # tf.image.resize's methods
+
+
+def _check_size(op: str, size: Any, method: str) -> None:
+  """The output side length and resize method of ``op``."""
+  check_number(op, 'size', size, '224', lo=1, whole=True, what='a whole number of pixels')
+  check_choice(op, 'method', method, RESIZE_METHODS, 'bilinear')
+
+
+def _check_area_ratio(op: str, area_min: Any, area_max: Any, ratio_min: Any,
+                      ratio_max: Any) -> None:
+  """Area fractions in (0, 1] and aspect ratios > 0, each pair in order."""
+  for name, value, example in (('area_min', area_min, '0.08'), ('area_max', area_max, '1.0')):
+    check_number(op, name, value, example, lo=0, lo_open=True, hi=1, what='a fraction')
+  check_order(op, 'area_min', area_min, 'area_max', area_max)
+  for name, value, example in (('ratio_min', ratio_min, '0.75'), ('ratio_max', ratio_max, '1.33')):
+    check_number(op, name, value, example, lo=0, lo_open=True, what='an aspect ratio')
+  check_order(op, 'ratio_min', ratio_min, 'ratio_max', ratio_max)
 
 
 @register('pad_crop')
 def pad_crop(pad: int = 4, mode: str = 'constant') -> Op:
   """Zero- (or reflect-) pad by ``pad`` pixels on each side, then randomly crop back to H x W."""
-  if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0:
-    raise TypeError(f'pad must be a whole number of pixels >= 0, got {pad!r}')
-  if not isinstance(mode, str) or mode.lower() not in PAD_MODES:
-    raise TypeError(f"mode must be one of {', '.join(PAD_MODES)}, got {mode!r}")
+  check_number('pad_crop', 'pad', pad, '4', lo=0, whole=True, what='a whole number of pixels')
+  check_choice('pad_crop', 'mode', mode, PAD_MODES, 'reflect', any_case=True)
 
   def op(image, seed):
     _check_mirror_pad(image.shape, pad, mode)
@@ -62,6 +80,9 @@ def random_resized_crop(size: int = 224, area_min: float = 0.08, area_max: float
   As the first op of a training spec over encoded images it is fused into the decoding
   (``compose(..., decode_channels=C)``): JPEGs decode only the crop window.
   """
+  _check_size('random_resized_crop', size, method)
+  _check_area_ratio('random_resized_crop', area_min, area_max, ratio_min, ratio_max)
+
   def window(shape, seed):
     begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
         shape, bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], shape=[1, 1, 4]),
@@ -94,6 +115,8 @@ def random_resized_crop(size: int = 224, area_min: float = 0.08, area_max: float
 @register('resize')
 def resize(size: int = 224, method: str = 'bilinear') -> Op:
   """Resize to size x size (aspect ratio not kept)."""
+  _check_size('resize', size, method)
+
   def op(image, seed):
     del seed
     return to_uint8(tf.image.resize(image, (size, size), method=method))
@@ -103,6 +126,10 @@ def resize(size: int = 224, method: str = 'bilinear') -> Op:
 @register('center_crop')
 def center_crop(size: int = 224, crop_fraction: float = 0.875, method: str = 'bilinear') -> Op:
   """Resize the shorter side to size / crop_fraction, then take the central size x size crop."""
+  _check_size('center_crop', size, method)
+  check_number('center_crop', 'crop_fraction', crop_fraction, '0.875', lo=0, lo_open=True, hi=1,
+               what='a fraction')
+
   def op(image, seed):
     del seed
     h, w = image_hw(image)
@@ -123,8 +150,15 @@ def random_erasing(prob: float = 0.5, area_min: float = 0.02, area_max: float = 
   """Random Erasing (Zhong et al. 2020): with probability ``prob`` one rectangle of random area
   fraction and (log-uniform) aspect ratio is filled with per-pixel noise (``value='random'``) or
   the constant ``value``. Of ``attempts`` candidate rectangles the first that fits is used."""
-  if value != 'random' and not isinstance(value, (int, float)):
-    raise TypeError(f"value must be 'random' or a number, got {value!r}")
+  op_name = 'random_erasing'
+  check_number(op_name, 'prob', prob, '0.5', lo=0, hi=1, what='a probability')
+  _check_area_ratio(op_name, area_min, area_max, ratio_min, ratio_max)
+  if value != 'random' and not is_number(value):
+    raise bad_args(op_name, {'value': value}, "value must be 'random' or a pixel value from 0 to "
+                   f"255, got {value!r}", "value='random'")
+  if value != 'random':
+    check_number(op_name, 'value', value, '0', lo=0, hi=255, whole=True, what='a pixel value')
+  check_number(op_name, 'attempts', attempts, '10', lo=1, whole=True)
 
   def op(image, seed):
     s_apply, s_area, s_ratio, s_top, s_left, s_noise = tf.unstack(split_seed(seed, 6))
@@ -178,13 +212,13 @@ def rotate(degrees: Any = 15, fill: int = 0, interpolation: str = 'nearest') -> 
   """Rotation by an angle drawn uniformly from [-degrees, degrees] (or from [lo, hi] for a pair),
   counter-clockwise about the centre, as torchvision's RandomRotation (pixels from outside are
   ``fill``; ``interpolation`` 'nearest' or 'bilinear')."""
-  lo, hi = ((-float(degrees), float(degrees)) if isinstance(degrees, (int, float))
-            else tuple(float(d) for d in degrees))
-  if lo > hi:
-    raise TypeError(f'degrees must be a number >= 0 or a pair lo <= hi, got {degrees!r}')
-  if interpolation not in INTERPOLATIONS:
-    raise TypeError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got "
-                    f'{interpolation!r}')
+  pair = isinstance(degrees, (tuple, list)) and len(degrees) == 2 and all(map(is_number, degrees))
+  if not ((is_number(degrees) and degrees >= 0) or (pair and degrees[0] <= degrees[1])):
+    raise bad_args('rotate', {'degrees': degrees}, 'degrees must be a number >= 0 or a pair '
+                   f'(lo, hi) of numbers with lo <= hi, got {degrees!r}', 'degrees=(-10, 10)')
+  lo, hi = (-float(degrees), float(degrees)) if is_number(degrees) else map(float, degrees)
+  check_number('rotate', 'fill', fill, '0', lo=0, hi=255, whole=True, what='a pixel value')
+  check_choice('rotate', 'interpolation', interpolation, INTERPOLATIONS, 'bilinear')
 
   def op(image, seed):
     out = rotate_image(image, uniform(seed, lo, hi), float(fill), interpolation)

@@ -14,7 +14,8 @@ from typing import Callable
 
 from imgcls_jax.data.tf_import import tf
 from imgcls_jax.data.pp.ops_image import rotate_image
-from imgcls_jax.data.pp.registry import Op, image_hw, register, split_seed, uniform
+from imgcls_jax.data.pp.registry import (Op, bad_args, check_number, image_hw, register,
+                                         split_seed, uniform)
 
 
 def _grey(image: tf.Tensor) -> tf.Tensor:
@@ -149,6 +150,20 @@ RANDAUGMENT_OPS: dict[str, tuple[Callable[..., tf.Tensor], bool]] = {
 }
 
 
+def _check_common(op: str, num_bins: int, fill: int, ops: str,
+                  table: dict[str, tuple[Callable[..., tf.Tensor], bool]]) -> list[str]:
+  """Checks the arguments RandAugment and TrivialAugment-Wide share; returns the op names."""
+  check_number(op, 'num_bins', num_bins, '31', lo=2, whole=True)
+  check_number(op, 'fill', fill, '128', lo=0, hi=255, whole=True, what='a pixel value')
+  names_ = [n.strip() for n in ops.split(',') if n.strip()] if isinstance(ops, str) else None
+  unknown = [n for n in names_ if n not in table] if names_ is not None else [ops]
+  if unknown:
+    raise bad_args(op, {'ops': ops}, f"ops must be comma-separated names of {op}'s ops "
+                   f"({', '.join(table)}) or '' for all, got {ops!r} (unknown: "
+                   f"{', '.join(map(str, unknown))})", "ops='rotate,solarize'")
+  return names_ or list(table)
+
+
 @register('randaugment')
 def randaugment(num_ops: int = 2, magnitude: float = 9, num_bins: int = 31, fill: int = 128,
                 ops: str = '') -> Op:
@@ -158,12 +173,10 @@ def randaugment(num_ops: int = 2, magnitude: float = 9, num_bins: int = 31, fill
   translate 45% of the size, enhance factors 1 +- 0.9, posterize to 4 bits, solarize at 0);
   ``fill`` fills pixels moved in from outside; ``ops`` (comma-separated names) restricts the set.
   """
-  names_ = [n.strip() for n in ops.split(',') if n.strip()] or list(RANDAUGMENT_OPS)
-  unknown = [n for n in names_ if n not in RANDAUGMENT_OPS]
-  if unknown:
-    raise TypeError(f"unknown RandAugment ops {unknown}; known: {', '.join(RANDAUGMENT_OPS)}")
-  if not 0 <= magnitude <= num_bins - 1:
-    raise TypeError(f'magnitude must be in [0, {num_bins - 1}], got {magnitude}')
+  check_number('randaugment', 'num_ops', num_ops, '2', lo=0, whole=True,
+               note='(0 applies none)')
+  names_ = _check_common('randaugment', num_bins, fill, ops, RANDAUGMENT_OPS)
+  check_number('randaugment', 'magnitude', magnitude, '9', lo=0, hi=num_bins - 1)
   table = [RANDAUGMENT_OPS[n] for n in names_]
   fraction = float(magnitude) / float(num_bins - 1)
 
@@ -223,13 +236,7 @@ def trivial_augment_wide(num_bins: int = 31, fill: int = 0, ops: str = '') -> Op
   bin drawn uniformly from 0..``num_bins - 1`` (sign random for signed ops), as torchvision's
   ``TrivialAugmentWide``; ``fill`` fills pixels moved in from outside; ``ops`` (comma-separated
   names) restricts the set."""
-  names_ = [n.strip() for n in ops.split(',') if n.strip()] or list(TRIVIAL_AUGMENT_WIDE_OPS)
-  unknown = [n for n in names_ if n not in TRIVIAL_AUGMENT_WIDE_OPS]
-  if unknown:
-    raise TypeError(f"unknown TrivialAugment ops {unknown}; known: "
-                    f"{', '.join(TRIVIAL_AUGMENT_WIDE_OPS)}")
-  if num_bins < 2:
-    raise TypeError(f'num_bins must be at least 2, got {num_bins}')
+  names_ = _check_common('trivial_augment_wide', num_bins, fill, ops, TRIVIAL_AUGMENT_WIDE_OPS)
   table = [TRIVIAL_AUGMENT_WIDE_OPS[n] for n in names_]
 
   def op(image, seed):

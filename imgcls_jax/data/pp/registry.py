@@ -6,11 +6,14 @@ Every op maps ``(image_HxWxC uint8, seed int32[2]) -> image uint8`` with statele
 so the same seed always gives the same output, eagerly or inside tf.data. Normalisation to float
 happens on the accelerator (see ``steps.normalize``), so the host ships uint8.
 
-Add an op with ``@register('name')`` on a factory ``(**kwargs) -> op``.
+Add an op with ``@register('name')`` on a factory ``(**kwargs) -> op``; the factory checks its
+arguments (``check_number``, ``check_order``, ``check_choice``, ``bad_args``) so that a bad spec is
+one sentence when it is parsed, before any work.
 """
 from __future__ import annotations
 
 import ast
+import math
 from typing import Any, Callable
 
 import numpy as np
@@ -59,6 +62,59 @@ def uniform(seed: tf.Tensor, minval: float = 0.0, maxval: float = 1.0,
   return tf.random.stateless_uniform(shape, seed=seed, minval=minval, maxval=maxval)
 
 
+# ---- argument checks for the op factories: one sentence naming the op, the argument, its value,
+# the allowed range and an example, raised when the spec is parsed ----
+
+def bad_args(op: str, args: dict[str, Any], rule: str, example: str) -> UserError:
+  """The error ``op(k=v, ...): rule; e.g. op(example).`` for arguments ``args`` of op ``op``."""
+  shown = ', '.join(f'{k}={v!r}' for k, v in args.items())
+  return UserError(f'{op}({shown}): {rule}; e.g. {op}({example}).')
+
+
+def is_number(value: Any, whole: bool = False) -> bool:
+  """True for a finite int (or, unless ``whole``, float) literal; False for a bool."""
+  kinds = int if whole else (int, float)
+  return (isinstance(value, kinds) and not isinstance(value, bool)
+          and (isinstance(value, int) or math.isfinite(value)))
+
+
+def check_number(op: str, name: str, value: Any, example: str, *, lo: float | None = None,
+                 hi: float | None = None, lo_open: bool = False, whole: bool = False,
+                 what: str = '', note: str = '') -> None:
+  """Raises ``bad_args`` unless argument ``name`` is a (``whole``) number in [lo, hi] (or
+  (lo, hi] with ``lo_open``; either end None for none); ``what`` names it ('a fraction'),
+  ``note`` follows the range ('(0 applies none)')."""
+  ok = (is_number(value, whole) and (lo is None or value > lo or (value == lo and not lo_open))
+        and (hi is None or value <= hi))
+  if ok:
+    return
+  if lo is not None and hi is not None and not lo_open:
+    bounds = f'from {lo} to {hi}'
+  else:
+    bounds = ' and '.join(([f"{'>' if lo_open else '>='} {lo}"] if lo is not None else [])
+                          + ([f'<= {hi}'] if hi is not None else []))
+  what = what or ('a whole number' if whole else 'a number')
+  note = f' {note}' if note else ''
+  raise bad_args(op, {name: value}, f'{name} must be {what} {bounds}{note}, got {value!r}',
+                 f'{name}={example}')
+
+
+def check_order(op: str, lo_name: str, lo: float, hi_name: str, hi: float) -> None:
+  """Raises ``bad_args`` unless ``lo <= hi`` (both already checked to be numbers)."""
+  if lo > hi:
+    raise bad_args(op, {lo_name: lo, hi_name: hi}, f'{lo_name} must be <= {hi_name}, got '
+                   f'{lo!r} > {hi!r}', f'{lo_name}={hi!r}, {hi_name}={lo!r}')
+
+
+def check_choice(op: str, name: str, value: Any, choices: tuple[str, ...], example: str, *,
+                 any_case: bool = False) -> None:
+  """Raises ``bad_args`` unless ``value`` is one of the strings ``choices`` (in either case
+  with ``any_case``)."""
+  if not isinstance(value, str) or (value.lower() if any_case else value) not in choices:
+    raise bad_args(op, {name: value}, f"{name} must be one of {', '.join(choices)}, got "
+                   f'{value!r}', f'{name}={example!r}')
+
+
 # ---- specs ----
 
 def _parse_one(text: str) -> tuple[str, list[Any], dict[str, Any]]:
@@ -89,8 +145,9 @@ def parse(spec: str) -> list[tuple[str, Op]]:
                       f"{', '.join(names())}.")
     try:
       result.append((name, _OPS[name](*args, **kwargs)))
-    except TypeError as e:
-      raise UserError(f"Bad arguments for preprocessing op '{part}': {e}.") from None
+    except (TypeError, ValueError) as e:   # what a factory's own checks do not name
+      why = str(e).rstrip('.')
+      raise UserError(f"Bad arguments for preprocessing op '{part}': {why}.") from None
   return result
 
 
