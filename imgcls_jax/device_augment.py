@@ -99,6 +99,12 @@ def parse(spec: str) -> tuple[Op, ...]:
   names = [op[0] for op in ops]
   if names.count('flip_lr') + names.count('flip_alternate') > 1:
     raise _bad(spec, 'at most one of flip_lr and flip_alternate')
+  if 'flip_alternate' in names[1:]:   # its coin hashes the pixels: a random op first changes them
+    raise UserError(f"config.data.device_preprocess='{spec}' puts flip_alternate after "
+                    f"{names[0]}: it must come first (its per-image coin is drawn from the image's "
+                    'pixels, which a random op before it changes every epoch, so its flips would '
+                    "not alternate), e.g. 'flip_alternate|"
+                    f"{'|'.join(n for n in names if n != 'flip_alternate')}'.")
   for once in ('translate', 'erase'):
     if names.count(once) > 1:
       raise _bad(spec, f'{once} at most once')
@@ -107,6 +113,24 @@ def parse(spec: str) -> tuple[Op, ...]:
 
 # Host ops (config.data.train_preprocess, data/pp/) that move the image content as translate does.
 HOST_SHIFTS = ('pad_crop', 'random_resized_crop')
+# Host ops whose output is the same every epoch (the others draw from the step's seed).
+HOST_DETERMINISTIC = ('resize', 'center_crop')
+
+
+def check_alternation(train_preprocess: str, ops: tuple[Op, ...]) -> None:
+  """UserError when ``flip_alternate`` is among ``ops`` and ``train_preprocess`` has a random host
+  op: the op changes an image's pixels every epoch, and with them its coin, so its flips are
+  random, not alternating (the derandomisation silently lost)."""
+  if not any(op[0] == 'flip_alternate' for op in ops):
+    return
+  random_ops = [m.group(1) for part in (train_preprocess or '').split('|')
+                if (m := re.match(r'\s*(\w+)', part)) and m.group(1) not in HOST_DETERMINISTIC]
+  if random_ops:
+    raise UserError(f"config.data.device_preprocess's flip_alternate draws each image's coin from "
+                    f"its pixels, which config.data.train_preprocess's random "
+                    f"{', '.join(random_ops)} change every epoch (its flips would be random, not "
+                    "alternating); use flip_lr instead, or move the augmentation to the device "
+                    "after it (e.g. 'flip_alternate|translate(pad=2)').")
 
 
 def twice_shifted(train_preprocess: str, ops: tuple[Op, ...]) -> str | None:
@@ -230,13 +254,14 @@ def erase(key: jax.Array, images_BxHxWxC: jax.Array, prob: float, area_min: floa
   return jnp.where(inside, value, images_BxHxWxC)
 
 
-def epoch_layout(batch_size: int, read_shards: int, process_count: int,
-                 examples_per_process: int) -> dict[str, int]:
+def epoch_layout(batch_size: int, read_shards: int, epoch_examples: int) -> dict[str, int]:
   """``epoch_chunk`` / ``epoch_examples`` of the training stream (``data/pipeline.py``): each of
   the ``read_shards`` slices fills ``batch_size / read_shards`` rows of every global batch and
-  holds ``examples_per_process * process_count / read_shards`` examples per epoch."""
+  holds ``epoch_examples / read_shards`` examples per epoch (``epoch_examples``: the global
+  epoch, as one process reads it; not the processes' shares times their count, which drops the
+  remainder of a split their count does not divide)."""
   return {'epoch_chunk': batch_size // read_shards,
-          'epoch_examples': max(1, examples_per_process * process_count // read_shards)}
+          'epoch_examples': max(1, epoch_examples // read_shards)}
 
 
 def apply(ops: tuple[Op, ...], images_BxHxWxC: jax.Array, *, step_key: jax.Array,

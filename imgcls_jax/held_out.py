@@ -181,8 +181,10 @@ def warn_eval_on_training(config: ml_collections.ConfigDict, info: DatasetInfo,
   the process that reads them, process 0)."""
   train, ev = str(config.data.train_split), str(config.data.eval_split)
   if folder_layout.is_folder(config.data) and '@' not in train + ev:
-    # folder splits are disjoint but for 'all'
-    shared = info.num_examples.get(ev) if train == folder_layout.ALL else None
+    # folder splits are disjoint but for 'all' and the same split named twice
+    shared = info.num_examples.get(ev) if folder_layout.ALL in (train, ev) or train == ev else None
+    if shared and ev == folder_layout.ALL and train != ev:   # 'all' holds the training images
+      shared = info.num_examples.get(train)
     fix = ("train on the rest (data.train_split='train', with data.holdout_fraction holding "
            'part of every class out for evaluation when the folder has no split folders)')
   elif '@' in train + ev:   # an id list (e.g. a cross-validation's cv_kept_ids.txt): its ids

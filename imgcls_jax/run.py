@@ -72,6 +72,7 @@ def setup(config: ml_collections.ConfigDict, info: DatasetInfo | None = None, *,
   device_ops = device_augment.parse(config.data.get('device_preprocess', '') or '')
   if training:   # a run saved with them restores as it trained: without them
     held_out.check_folder_only_keys(config.data)
+    device_augment.check_alternation(config.data.get('train_preprocess', ''), device_ops)
     warning = device_augment.twice_shifted(config.data.get('train_preprocess', ''), device_ops)
     if warning:
       logging.warning(warning)
@@ -123,9 +124,10 @@ def setup(config: ml_collections.ConfigDict, info: DatasetInfo | None = None, *,
   s.total_steps = configlib.train_steps(config, steps_per_epoch)
   s.steps_per_dispatch = dispatch.steps_per_dispatch(config)
   if any(op[0] == 'flip_alternate' for op in s.step_cfg.device_ops):  # rows -> epochs
+    epoch = (reader.examples_per_process(config.data, config.data.train_split, 0, 1)
+             if n_local is not None else s.steps_per_epoch * config.batch_size)
     s.step_cfg = dataclasses.replace(s.step_cfg, **device_augment.epoch_layout(
-        config.batch_size, read_shards(config.data), jax.process_count(),
-        n_local if n_local is not None else s.steps_per_epoch * s.local_batch_size))
+        config.batch_size, read_shards(config.data), epoch))
   warmup = configlib.steps_from(config, 'optim.warmup', steps_per_epoch)
   s.lr_schedule = optim.schedule(config.optim, batch_size=config.batch_size,
                                  total_steps=s.total_steps, warmup_steps=warmup)

@@ -195,8 +195,16 @@ def test_check_flips_refuses_flips_that_change_the_label(digits_config):
   data.train_preprocess = 'pad_crop(pad=1)|flip_lr'
   with pytest.raises(UserError, match='remove flip_lr from config.data.train_preprocess'):
     info_lib.check_flips(data)
+  data.train_preprocess = 'flip_lr'
+  for name in ('sklearn_digits:1.0.0', 'mnist:3.0.1', 'kmnist:3.*.*', 'emnist/letters',
+               'arrays:svhn_cropped:3.1.0'):   # a version or builder config named: refused too
+    data.name = name
+    with pytest.raises(UserError, match='remove flip_lr from config.data.train_preprocess'):
+      info_lib.check_flips(data)
   data.name = 'fashion_mnist'                # mirror-safe: every flip is allowed
   data.device_preprocess = 'flip_lr'
+  info_lib.check_flips(data, 'flip')
+  data.name = 'fashion_mnist:3.0.1'
   info_lib.check_flips(data, 'flip')
   data.device_preprocess = 'flip_lr|pad_crop'
   with pytest.raises(UserError, match="device_preprocess='flip_lr\\|pad_crop' is not a device-side"):

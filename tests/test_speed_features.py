@@ -27,6 +27,7 @@ from imgcls_jax import (checkpoint, device_augment, dispatch, eval_steps, models
 from imgcls_jax import state as state_lib
 from imgcls_jax import weights as weights_lib
 from imgcls_jax.data import pipeline
+from imgcls_jax.errors import UserError
 from imgcls_jax.models import fast_cnn
 from tests.conftest import REPO, subprocess_env
 
@@ -111,6 +112,17 @@ def test_parse_device_ops():
               'erase(area_min=0.5, area_max=0.2)', 'erase(fill=gray)', 'erase|erase'):
     with pytest.raises(Exception, match='not a device-side op'):
       device_augment.parse(bad)
+  # flip_alternate's coin hashes the pixels: after a random op it would not alternate
+  with pytest.raises(UserError, match=r"puts flip_alternate after erase: it must come first .* "
+                     r"e\.g\. 'flip_alternate\|erase\|translate'\.$"):
+    device_augment.parse('erase|flip_alternate|translate(pad=1)')
+  device_augment.check_alternation('resize(size=8)|center_crop(size=8)',
+                                   device_augment.parse('flip_alternate'))
+  device_augment.check_alternation('pad_crop(pad=2)', device_augment.parse('flip_lr'))
+  with pytest.raises(UserError, match=r"train_preprocess's random pad_crop, rotate change every "
+                     r'epoch .* use flip_lr instead'):
+    device_augment.check_alternation('resize(size=8)|pad_crop(pad=2)|rotate(degrees=5)',
+                                     device_augment.parse('flip_alternate|translate(pad=1)'))
 
 
 def test_a_shift_on_the_host_and_on_the_device_is_warned_about(digits_config, caplog):
@@ -186,23 +198,28 @@ def test_erase_fills_one_rectangle_of_the_drawn_area_in_the_drawn_share_of_image
                         np.asarray(white))                          # prob 0: untouched
 
 
-@pytest.mark.parametrize('shards', [1, 2])
-def test_flip_alternate_mirrors_each_example_in_alternate_epochs(digits_config, shards):
+@pytest.mark.parametrize('shards, processes', [(1, 1), (2, 1), (1, 2)])
+def test_flip_alternate_mirrors_each_example_in_alternate_epochs(digits_config, shards, processes):
   """The real training stream (digits, 1347 images, batch 64: epochs end inside batches) for
-  2.5 epochs: each image's k-th appearance is mirrored iff its first one was XOR k is odd."""
+  2.5 epochs: each image's k-th appearance is mirrored iff its first one was XOR k is odd. With
+  2 processes (their rows of each global batch put together) the layout was computed from their
+  shares, 2 x 673 = 1346 examples an epoch, and rows drifted into the wrong epoch."""
   data = digits_config.data
   data.read_shards = shards
   data.train_preprocess = ''      # the pixels identify the example (no random host crop)
   batch = 64
-  ds, _ = pipeline.train_dataset(data, seed=0, local_batch_size=batch)
-  layout = device_augment.epoch_layout(batch, shards, 1, pipeline.examples_per_process(
+  streams = [pipeline.train_dataset(data, seed=0, local_batch_size=batch // processes,
+                                    process_index=i, process_count=processes)[0].as_numpy_iterator()
+             for i in range(processes)]
+  layout = device_augment.epoch_layout(batch, shards, pipeline.examples_per_process(
       data, data.train_split, 0, 1))
   run_key = jax.random.key(3)
   flip = jax.jit(functools.partial(device_augment.alternate_flip, chunk=layout['epoch_chunk'],
                                    examples=layout['epoch_examples']))
   seen: dict[bytes, list[bool]] = {}
   duplicates = set()
-  for step, b in zip(range(53), ds.as_numpy_iterator()):
+  for step, parts in zip(range(53), zip(*streams)):
+    b = {'image': np.concatenate([p['image'] for p in parts])}
     out = np.asarray(flip(run_key, jnp.asarray(b['image']), jnp.asarray(step)))
     for x, y in zip(b['image'], out):
       if np.array_equal(x, x[:, ::-1]):

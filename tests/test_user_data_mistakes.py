@@ -209,7 +209,8 @@ def test_evaluating_on_trained_images_is_warned_of(tmp_path, caplog):
   names = folder_layout.class_names(src)
   info = DatasetInfo(name='image_folder', num_classes=2, class_names=names,
                      image_shape=(8, 8, 3), num_examples={
-                         s: len(folder_index.index(src, s, names).ids) for s in ('all', 'test')})
+                         s: len(folder_index.index(src, s, names).ids)
+                         for s in ('all', 'test', 'train')})
   config = ml_collections.ConfigDict({'data': data})
   with caplog.at_level(logging.WARNING):
     held_out.warn_eval_on_training(config, info)
@@ -218,6 +219,15 @@ def test_evaluating_on_trained_images_is_warned_of(tmp_path, caplog):
   shares = [r.getMessage() for r in caplog.records if 'shares' in r.getMessage()]
   assert len(shares) == 1 and shares[0].startswith(   # the 3 rows the manifest marks 'test'
       "config.data.eval_split='test' shares 3 examples with train_split='all'")
+  caplog.clear()   # the training split evaluated (a tfds split was warned of; a folder's was not)
+  with caplog.at_level(logging.WARNING):
+    for config.data.eval_split in ('train', 'all'):
+      held_out.warn_eval_on_training(config, info)
+  shares = [r.getMessage() for r in caplog.records if 'shares' in r.getMessage()]
+  assert [m.split(':')[0] for m in shares] == [
+      "config.data.eval_split='train' shares 9 examples with train_split='train'",
+      "config.data.eval_split='all' shares 9 examples with train_split='train'"]
+  config.data.eval_split = 'test'
   # An id list of the whole split (a cross-validation's cv_kept_ids.txt) trains on 'test' too.
   ids = folder_index.index(src, 'all', names).ids
   listed = tmp_path / 'kept.txt'

@@ -93,10 +93,12 @@ def warn_unrecorded_pixels(info: DatasetInfo, hw: tuple[int, int], data: bytes |
 
 def flips_allowed(data: ml_collections.ConfigDict) -> bool:
   """Whether ``config.data`` allows horizontal flips: not a dataset named in ``NO_FLIP_DATASETS``,
-  also held as arrays (``arrays:mnist``), and not marked ``data.mirror_safe=False`` (the user's
+  also held as arrays (``arrays:mnist``) or named with a version or builder config
+  (``mnist:3.0.1``, ``emnist/letters``), and not marked ``data.mirror_safe=False`` (the user's
   images: text, digits, arrows, ...)."""
   name = str(data.name)
   name = name[len(ARRAYS_PREFIX):] if name.startswith(ARRAYS_PREFIX) else name
+  name = name.split(':')[0].split('/')[0]   # less a tfds version or builder config
   return name not in NO_FLIP_DATASETS and data.get('mirror_safe', True) is not False
 
 
