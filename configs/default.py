@@ -450,8 +450,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.serve.model_name = 'imgcls'           # <name> in the TF-Serving / KServe v2 URLs
                                           # (/v1/models/<name>:predict, /v2/models/<name>/infer)
   c.serve.keep_alive_s = 5                # idle seconds before a kept-alive connection is closed
-  c.serve.decode_threads = 4              # images decoded at once (each holds up to max_pixels x 4
-                                          # bytes); more uploads wait for a thread
+  c.serve.decode_threads = 0              # images decoded at once, 0 = one per CPU core, at most 8
+                                          # (each holds up to max_pixels x 4 bytes); more uploads
+                                          # wait for a thread, up to max_queue, then 503
   c.serve.cors_origins = ''               # web pages that may call the API from another origin:
                                           # 'https://a.example,https://b.example', or '*' (any)
 

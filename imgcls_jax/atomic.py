@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 from typing import Any, Callable
 
 
@@ -39,10 +40,11 @@ def _raise_naming(e: OSError, path: str, instead_of: str | None = None) -> None:
 
 def temporary_path(path: str, unique: bool = False) -> str:
   """Where ``write_atomic`` writes ``path`` first: ``NAME.tmp.EXT`` beside it (the extension
-  kept, which tells matplotlib and numpy the format); ``unique``: ``NAME.PID.tmp.EXT``, for a
-  file that several processes may replace at once (a sweep's shards, a shared cache)."""
+  kept, which tells matplotlib and numpy the format); ``unique``: ``NAME.PID.TOKEN.tmp.EXT``,
+  for a file that several processes may replace at once (a sweep's shards, a shared cache; in
+  containers on shared storage two of them can have the same PID)."""
   root, ext = os.path.splitext(path)
-  return f'{root}.{os.getpid()}.tmp{ext}' if unique else f'{root}.tmp{ext}'
+  return f'{root}.{os.getpid()}.{secrets.token_hex(4)}.tmp{ext}' if unique else f'{root}.tmp{ext}'
 
 
 def write_atomic(path: str, content: str | Callable[[str], Any], unique: bool = False) -> None:

@@ -41,9 +41,10 @@ def served(trained):
 
 
 def test_v2_returns_the_outputs_a_request_names_in_its_order(served):
-  """KServe v2 clients that name ``outputs`` read ``outputs[0]`` as the first they asked for:
-  both came back, probabilities first, whatever was asked. An output or input name the model
-  does not have is a 400 naming the right ones (it was accepted)."""
+  """KServe v2 clients that name ``outputs`` read ``outputs[0]`` as the first they asked for; the
+  service used to send both, probabilities first, whatever was asked. Now it sends those asked
+  for, in that order, and an output or input name the model does not have is a 400 naming the
+  right ones (it was accepted)."""
   srv = served()
   x, _ = digits.load_arrays('test')
   both = json.loads(_v2_body(x[:3]))
@@ -147,5 +148,55 @@ def test_uploads_are_decoded_on_decode_threads_only(served, trained):
   assert seen and all(name.startswith('decode') for name in seen), seen
   ref = clf.predict_arrays(x[:16])['probabilities'].argmax(-1)
   assert [p['predictions'][0]['index'] for _, p in got] == ref.tolist()
-  with pytest.raises(UserError, match=r'config\.serve\.decode_threads must be positive, got 0'):
-    served(decode_threads=0)
+  with pytest.raises(UserError, match=r'config\.serve\.decode_threads must be >= 0 \(0 = one per '
+                     r'CPU core, at most 8\), got -1'):
+    served(decode_threads=-1)
+
+
+def test_uploads_waiting_for_a_decode_count_toward_max_queue(served, trained):
+  """Uploads waiting for a decode thread were unbounded (each holding its body) while the model's
+  queue stayed empty: past max_queue of them now get the full queue's 503, and a preflight to
+  any path no longer adds a metrics label per path."""
+  config, clf = trained
+  x, _ = digits.load_arrays('test')
+  release, entered = threading.Event(), threading.Event()
+  real = clf.prepare
+
+  def held(data, **kwargs):
+    entered.set()
+    release.wait(60)
+    return real(data, **kwargs)
+  srv = served(decode_threads=1, max_queue=2, cors_origins='*')
+  clf.prepare = held
+  buf = io.BytesIO()
+  Image.fromarray(x[0, :, :, 0]).save(buf, 'PNG')
+  try:
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+      first = pool.submit(_request, srv.url, 'POST', '/v1/classify', buf.getvalue())
+      assert entered.wait(30)
+      second = pool.submit(_request, srv.url, 'POST', '/v1/classify', buf.getvalue())
+      deadline = time.monotonic() + 30
+      while srv.service.decoding < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+      assert srv.service.decoding == 2   # one decoding, one waiting for the thread
+      assert _request(srv.url, 'POST', '/v1/classify', buf.getvalue()) == (
+          503, {'error': 'The service is overloaded; retry shortly.'})
+      release.set()
+      assert first.result(60)[0] == 200 and second.result(60)[0] == 200
+  finally:
+    release.set()
+    del clf.prepare
+  assert srv.service.decoding == 0
+  import http.client
+  host, port = srv.url.split('//')[1].rsplit(':', 1)
+  for i in range(3):
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request('OPTIONS', f'/random/{i}', headers={'Origin': 'https://a.example',
+                                                     'Access-Control-Request-Method': 'POST'})
+    assert conn.getresponse().status == 200
+    conn.close()
+  conn = http.client.HTTPConnection(host, int(port), timeout=30)
+  conn.request('GET', '/metrics')
+  text = conn.getresponse().read().decode()
+  conn.close()
+  assert '/random/' not in text and 'endpoint="unmatched",code="200"' in text

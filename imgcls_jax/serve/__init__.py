@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import os
 import re
 import signal
 import socket
@@ -77,7 +78,7 @@ class Server:
     self.service = Service(self.batcher, cfg, self.metrics,
                            model_name=cfg.get('model_name', '') or 'imgcls',
                            decoder=concurrent.futures.ThreadPoolExecutor(
-                               int(cfg.get('decode_threads', 4)), 'decode'))
+                               decode_threads(cfg), 'decode'))
     self.app = create_app(self.service)
     try:
       self.socket = _bind(cfg.host, int(cfg.port))
@@ -141,10 +142,19 @@ def _bind(host: str, port: int) -> socket.socket:
   return sock
 
 
+def decode_threads(cfg: ml_collections.ConfigDict) -> int:
+  """config.serve.decode_threads, 0 meaning one per CPU core, at most 8 (each decode holds up to
+  max_pixels x 4 bytes)."""
+  return int(cfg.get('decode_threads', 0)) or min(os.cpu_count() or 1, 8)
+
+
 def _validate(cfg: ml_collections.ConfigDict) -> None:
-  for key in ('max_batch_size', 'max_upload_bytes', 'max_queue', 'top_k', 'decode_threads'):
-    if cfg.get(key, 1) < 1:
+  for key in ('max_batch_size', 'max_upload_bytes', 'max_queue', 'top_k'):
+    if cfg[key] < 1:
       raise UserError(f'config.serve.{key} must be positive, got {cfg[key]}.')
+  if cfg.get('decode_threads', 0) < 0:
+    raise UserError(f'config.serve.decode_threads must be >= 0 (0 = one per CPU core, at most 8), '
+                    f'got {cfg.decode_threads}.')
   if cfg.get('max_pixels', 0) < 0:
     raise UserError(f'config.serve.max_pixels must be >= 0 (0 = no limit), got {cfg.max_pixels}.')
   if cfg.batch_timeout_ms < 0:
@@ -208,6 +218,7 @@ def serve(config: ml_collections.ConfigDict | None, workdir: str,
     pass
   finally:
     server.socket.close()
+    server.service.decoder.shutdown(wait=False)
     server.batcher.close()
     logging.info('Stopped. Batches run, by size: %s',
                  dict(sorted(server.batcher.batch_sizes.items())))

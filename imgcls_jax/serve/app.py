@@ -49,6 +49,7 @@ class Service:
   # thread (a 36 Mpx PNG among concurrent uploads took the process from 0.4 to 2.4 GB).
   decoder: concurrent.futures.ThreadPoolExecutor = dataclasses.field(
       default_factory=lambda: concurrent.futures.ThreadPoolExecutor(4, 'decode'))
+  decoding: int = 0   # uploads handed to ``decoder`` and not yet decoded (the event loop's count)
   ready: bool = True
 
   @property
@@ -135,13 +136,22 @@ def _top_k(request: Request, svc: Service) -> int:
 async def _prepare(svc: Service, data: bytes, what: str = 'The body') -> np.ndarray:
   if not data:
     raise ApiError(400, f'{what} is empty; send the bytes of one image.')
+  if svc.decoding >= int(svc.cfg.max_queue):   # uploads waiting for a decode thread count too
+    raise ApiError(503, 'The service is overloaded; retry shortly.')
   try:
-    return await asyncio.get_running_loop().run_in_executor(
+    decoded = asyncio.get_running_loop().run_in_executor(
         svc.decoder, functools.partial(svc.clf.prepare, data, max_pixels=int(svc.cfg.max_pixels)))
+  except RuntimeError:   # the executor is shut down: the server is stopping
+    raise ApiError(503, 'The service is shutting down; retry shortly.') from None
+  svc.decoding += 1
+  try:
+    return await decoded
   except ImageTooLarge as e:
     raise ApiError(413, f'{what} is {e}; send a smaller image.') from None
   except UnreadableImage as e:
     raise ApiError(415, f'{what} is {e}; send one image (JPEG, PNG, ...).') from None
+  finally:
+    svc.decoding -= 1
 
 
 async def _classify(svc: Service, images: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
@@ -356,9 +366,9 @@ class RequestLog:
         status[0] = message['status']
         message.setdefault('headers', [])
         message['headers'] = list(message['headers']) + [(b'x-request-id', rid.encode())]
-        route = inner.get('route')
-        endpoint = getattr(route, 'path', None) or (scope['path'] if status[0] < 400
-                                                    else 'unmatched')  # bounded label set
+        # A bounded label set: no route (a 404, or a CORS preflight answered before routing,
+        # whatever its path) is 'unmatched'.
+        endpoint = getattr(inner.get('route'), 'path', None) or 'unmatched'
         elapsed = time.perf_counter() - start
         self.metrics.observe(endpoint, status[0], elapsed)
         why = (' (the client closed the connection before sending its whole body)'
