@@ -62,6 +62,14 @@ def _locate(path: str) -> tuple[str, int | None]:
                   'checkpoints/) or one checkpoint step directory.')
 
 
+def ema_weights(weights: Weights, path: str, step_key: str = '') -> Weights:
+  """The weight EMA of the checkpoint ``weights`` were read from (``read_weights(path)``: the same
+  step, even when a newer one has been saved since), with their meta."""
+  ema = read_weights(path, weights.meta['step'], ema=True, step_key=step_key)
+  return Weights(params=ema.params, batch_stats=ema.batch_stats, origin=ema.origin,
+                 meta=weights.meta)
+
+
 def read_weights(path: str, step: int | None = None, *, ema: bool = False,
                  step_key: str = '') -> Weights:
   """Parameters, batch statistics and meta of a checkpoint, as numpy (no optimizer state); with

@@ -159,7 +159,12 @@ class Extractor:
     else:
       from imgcls_jax import classical_model
       self.step = None
-      if run_directory.kind(workdir) == 'classical':   # a fit: its data and its features
+      kind = run_directory.kind(workdir)
+      if kind == 'classical_cv':   # one fit per fold: which one's features is the user's choice
+        raise UserError(f'--workdir={workdir} holds a classical cross-validation (a fit per '
+                        'fold); embed with one fit\'s data and features: --workdir='
+                        f"{os.path.join(workdir, 'fold_0')} (or another fold).")
+      if kind == 'classical':   # a fit: its data and its features
         data, classical = classical_fit_settings(config, workdir, overrides)
       else:
         data, classical = classical_data(config, workdir, overrides), config.classical

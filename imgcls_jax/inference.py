@@ -221,9 +221,8 @@ def load(workdir: str, config: ml_collections.ConfigDict | None = None, *, step:
   saved = meta.get('config') if isinstance(meta.get('config'), dict) else run_directory.read_config(
       workdir)
   run = effective_config(relocate_id_lists(saved, workdir), config, overrides)
-  if steps.ema_decay(run) > 0 and run.ema.get('inference', True):  # the averaged weights
-    source = dataclasses.replace(checkpoint_files.read_weights(workdir, step, ema=True,
-                                                               step_key=step_key), meta=meta)
+  if steps.uses_ema(run):  # the averaged weights
+    source = checkpoint_files.ema_weights(source, workdir, step_key)
   if meta.get('dataset_info'):
     info = DatasetInfo.from_json(meta['dataset_info'])
     native = tuple(meta['native_hw']) if meta.get('native_hw') else None
@@ -350,12 +349,17 @@ def pixel_ops(trained: Trained) -> str:
   return trained.info.stored_preprocess or trained.run.data.eval_preprocess or ''
 
 
+def _decode_size(trained: Trained) -> tuple[int, int] | None:
+  """The size ``prepare`` decodes to: the dataset's fixed one, unless an arrays file recorded the
+  ops that make the input (then they size it)."""
+  return None if trained.info.stored_preprocess else trained.native_hw
+
+
 def pixel_recipe(trained: Trained) -> dict[str, Any]:
   """How ``prepare`` makes a model input of an image file, step by step (``export.json``), for
   clients that feed an exported model themselves: the same steps give the same answers."""
   h, w, c = trained.image_shape
-  size = None if trained.info.stored_preprocess is not None else trained.native_hw
-  return {**images.decode_recipe(c, size),
+  return {**images.decode_recipe(c, _decode_size(trained)),
           'ops': pixel_ops(trained) or None,   # then these (imgcls_jax/data/pp), as evaluation
           'input': f'uint8 [batch, {h}, {w}, {c}], no scaling (the model normalises)'}
 
@@ -369,11 +373,10 @@ def prepare(trained: Trained, data: bytes | str, *, max_pixels: int | None = Non
   Raises ``images.UnreadableImage`` when it is not a decodable image, ``images.ImageTooLarge``
   when it has more than ``max_pixels`` (0 = no limit; None = PIL's decompression-bomb limit).
   """
-  stored = trained.info.stored_preprocess
   spec = pixel_ops(trained)
   array = images.decode(data, channels=trained.image_shape[2], max_pixels=max_pixels,
-                        size_hw=None if stored else trained.native_hw)
-  if stored is None and trained.native_hw:
+                        size_hw=_decode_size(trained))
+  if trained.info.stored_preprocess is None and trained.native_hw:
     warn_unrecorded_pixels(trained.info, trained.native_hw, data)
   op = _eval_op(spec)
   if op is not None:

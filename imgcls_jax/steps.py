@@ -90,6 +90,12 @@ def ema_decay(config: Any) -> float:
   return float(ema.get('decay', 0.0)) if ema else 0.0
 
 
+def uses_ema(config: Any) -> bool:
+  """Whether a run of ``config`` (a ConfigDict or its dict) evaluates, predicts, serves and hands
+  on (transfer) its weight EMA rather than its weights (``config.ema.inference``)."""
+  return ema_decay(config) > 0 and bool(config['ema'].get('inference', True))
+
+
 # fold_in data for the mixup / cutmix key; the dropout streams use fold_in(key, 0..n) instead.
 MIX_STREAM = 0x6D1C
 FLIP_STREAM = device_augment.FLIP_STREAM

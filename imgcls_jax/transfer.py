@@ -15,7 +15,6 @@ classes must be this run's, in order. Freezing and layer-wise decay are optimize
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from typing import Any
@@ -54,10 +53,8 @@ def load_weights(path: str, step: int | None = None, model: Any = None) -> weigh
                                     'from a model that evaluates well, or start from another file')
   weights = checkpoint_files.read_weights(path, step, step_key='transfer.init_step')
   saved = weights.meta.get('config')
-  if isinstance(saved, dict) and steps.ema_decay(saved) > 0 and saved['ema'].get('inference', True):
-    # the weights the source run evaluates, predicts and serves with (inference.load's rule)
-    weights = dataclasses.replace(checkpoint_files.read_weights(
-        path, step, ema=True, step_key='transfer.init_step'), meta=weights.meta)
+  if isinstance(saved, dict) and steps.uses_ema(saved):   # what the run evaluates with
+    weights = checkpoint_files.ema_weights(weights, path, 'transfer.init_step')
   return weights
 
 

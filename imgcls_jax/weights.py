@@ -95,7 +95,8 @@ def merge(target: Any, source: FlatArrays, *, origin: str,
   for n in sorted(wanted):
     want, got = tuple(names[n].shape), tuple(np.shape(source[n]))
     if want != got:
-      channels = (len(want) == 4 and want[:2] + want[3:] == got[:2] + got[3:])
+      channels = (len(want) == 4 and len(got) == 4 and want[:2] + want[3:] == got[:2] + got[3:]
+                  and {want[2], got[2]} <= {1, 3, 4})   # the image-facing convolution's
       raise UserError(f"{kind} '{n}' has shape {got} in {origin} but {want} in this model; "
                       + (f'the weights take {got[2]}-channel images and this data has {want[2]} '
                          '(only 1 <-> 3 channels are adapted); convert the images to '

@@ -5,6 +5,7 @@ vote against scikit-learn, nothing written when a step fails; the classical extr
 run's workdir embeds the run's data beside (not over) the model's embeddings."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -437,6 +438,11 @@ def test_classical_embed_of_a_classical_fit_uses_its_data_and_features(tmp_path,
       "the fit's; give a --workdir without a fit for other features."]
   with np.load(os.path.join(fit, 'embed_test_classical', 'embeddings.npz')) as z:
     np.testing.assert_array_equal(z['features'], feats)
+  cv = tmp_path / 'cv'   # a classical cross-validation's folder: one fit per fold (was the
+  shutil.copytree(fit, cv / 'fold_0')   # default digits at the default features, silently)
+  with pytest.raises(UserError, match=rf'^--workdir={cv} holds a classical cross-validation .*: '
+                     rf'--workdir={cv}/fold_0 \(or another fold\)\.$'):
+    embed.embed(cli, str(cv), overrides=flags)
 
 
 def test_classical_embed_of_arrays_reads_them_unaugmented_as_the_classical_mode(tmp_path):

@@ -126,6 +126,13 @@ def test_export_json_says_how_predict_makes_the_pixels(exported):
   got = np.stack([clf.prepare(f) for f in files])
   np.testing.assert_array_equal(got, np.stack(ours))
   assert np.abs(got.astype(int) - np.stack(bilinear)).max() > 0   # the filter matters
+  # An arrays file written from tfds records '' as its ops: decoded to the fixed size all the same.
+  import dataclasses
+  trained = clf.trained
+  arrays_run = dataclasses.replace(trained, info=dataclasses.replace(trained.info,
+                                                                     stored_preprocess=''))
+  assert inference.pixel_recipe(arrays_run)['resize_to'] == [8, 8]
+  np.testing.assert_array_equal(inference.prepare(arrays_run, files[0]), ours[0])
   onnx_or_saved = _formats(config.export.output_dir).get('onnx') or _formats(
       config.export.output_dir)['saved_model']
   np.testing.assert_array_equal(onnx_or_saved(np.stack(ours))['probabilities'].argmax(-1),

@@ -106,8 +106,9 @@ def decode_recipe(channels: int, size_hw: tuple[int, int] | None) -> dict[str, A
   top-1)."""
   return {
       'decode': ('Pillow; the first frame; EXIF orientation applied (ImageOps.exif_transpose); '
-                 '16-bit grey divided by 257; alpha dropped, not composited (the colour stored '
-                 'under transparent pixels is kept)'),
+                 '16-bit grey floor-divided by 257 (32-bit integer grey too when above 255), '
+                 'float grey in [0, 1] times 255, rounded; alpha dropped, not composited (the '
+                 'colour stored under transparent pixels is kept)'),
       'color': ("'L' (Pillow's ITU-R 601-2 luma: L = (299 R + 587 G + 114 B) / 1000)"
                 if channels == 1 else "'RGB' (grey replicated to 3 channels)"),
       'resize_to': list(size_hw) if size_hw else None,
