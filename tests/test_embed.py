@@ -385,7 +385,6 @@ def test_classical_embed_of_a_trained_run_embeds_its_data_beside_the_model_featu
                                            'data.name': 'sklearn_digits'})
 
 
-
 def test_classical_embed_of_a_classical_fit_uses_its_data_and_features(tmp_path, caplog):
   """On a --mode=classical fit's folder (the command line: the schema's config, the flags as
   overrides): the fit's images and features (were the default config's digits at its 109-d
