@@ -78,9 +78,11 @@ def _boxes(key: jax.Array, lam_N: jax.Array, height: int, width: int) -> jax.Arr
   return (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)
 
 
-def apply(key: jax.Array, x_BxHxWxC: jax.Array, y_BxK: jax.Array,
-          cfg: MixConfig) -> tuple[jax.Array, jax.Array]:
-  """Mixed images (same dtype) and mixed soft targets ``y_BxK`` (f32)."""
+def apply(key: jax.Array, x_BxHxWxC: jax.Array, y_BxK: jax.Array, cfg: MixConfig,
+          valid_B: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """Mixed images (same dtype) and mixed soft targets ``y_BxK`` (f32). ``valid_B``: the rows that
+  hold an image (an image folder's undecodable file leaves a blank row, masked out of the loss):
+  a row whose partner is not one stays as it is."""
   batch, height, width = x_BxHxWxC.shape[:3]
   n = batch if cfg.mode == 'example' else 1
   k_apply, k_switch, k_mix, k_cut, k_box = jax.random.split(key, 5)
@@ -100,6 +102,10 @@ def apply(key: jax.Array, x_BxHxWxC: jax.Array, y_BxK: jax.Array,
   if cfg.mode == 'batch':  # broadcast the single draw over the batch
     lam, lam_blend = jnp.broadcast_to(lam, (batch,)), jnp.broadcast_to(lam_blend, (batch,))
     box_N = jnp.broadcast_to(box_N, (batch, height, width))
+  if valid_B is not None:   # a blank partner's pixels and label would be mixed in
+    partner_valid = jnp.flip(valid_B.astype(bool), 0)
+    lam, lam_blend = jnp.where(partner_valid, lam, 1.0), jnp.where(partner_valid, lam_blend, 1.0)
+    box_N = box_N & partner_valid[:, None, None]
   partner_x, partner_y = jnp.flip(x_BxHxWxC, 0), jnp.flip(y_BxK, 0)
   x = x_BxHxWxC.astype(jnp.float32)
   px = partner_x.astype(jnp.float32)

@@ -177,7 +177,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], teachers: Any = N
   x = normalize(images, cfg)
   y = targets(batch['label'], cfg)
   if cfg.mix is not None:  # soft targets from mixed pairs of the global batch
-    x, y = mixup.apply(jax.random.fold_in(key, MIX_STREAM), x, y, cfg.mix)
+    x, y = mixup.apply(jax.random.fold_in(key, MIX_STREAM), x, y, cfg.mix, batch.get('mask'))
 
   def teach(x_mb):   # the teachers' probabilities of (micro-)batch rows, or None
     return None if cfg.distill is None else distill.teacher_probabilities(

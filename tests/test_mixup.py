@@ -57,6 +57,29 @@ def test_mixup_per_example_draws_one_weight_per_example():
 
 
 @pytest.mark.parametrize('mode', ['batch', 'example'])
+@pytest.mark.parametrize('cutmix', [False, True])
+def test_a_blank_row_is_nobodys_partner(mode, cutmix):
+  """An image folder's undecodable file leaves a blank, masked row; its partner (row B-1-i) was
+  mixed with its blank pixels and its label and still counted in the loss. Now that partner stays
+  as it is, and every other row is mixed exactly as without the mask (the same draws)."""
+  x, y0, _ = _inputs()
+  cfg = mixup.MixConfig(mixup_alpha=0.0 if cutmix else 1.0, cutmix_alpha=1.0 if cutmix else 0.0,
+                        mode=mode)
+  valid = np.ones(B, bool)
+  valid[[2, 5]] = False
+  key = jax.random.key(7)
+  xm, ym = mixup.apply(key, x, y0, cfg, jnp.asarray(valid))
+  x_all, y_all = mixup.apply(key, x, y0, cfg)
+  partners_blank = [B - 1 - 2, B - 1 - 5]
+  np.testing.assert_array_equal(np.asarray(xm)[partners_blank], np.asarray(x)[partners_blank])
+  np.testing.assert_array_equal(np.asarray(ym)[partners_blank], np.asarray(y0)[partners_blank])
+  rest = [i for i in range(B) if i not in partners_blank]
+  np.testing.assert_array_equal(np.asarray(xm)[rest], np.asarray(x_all)[rest])
+  np.testing.assert_array_equal(np.asarray(ym)[rest], np.asarray(y_all)[rest])
+  assert not np.array_equal(np.asarray(x_all)[partners_blank], np.asarray(x)[partners_blank])
+
+
+@pytest.mark.parametrize('mode', ['batch', 'example'])
 def test_cutmix_pastes_a_box_and_weights_targets_by_its_area(mode):
   x, y0, _ = _inputs()
   cfg = mixup.MixConfig(cutmix_alpha=1.0, mode=mode)
