@@ -415,3 +415,28 @@ def test_page_of_a_tagged_run_shows_the_tags_predict_gives(tagged_run, browser, 
     assert g['tags'] == [t['class'] for t in w['tags']], g['file']
     assert g['answer'] == (', '.join(g['tags']) or '(no tag)')
   assert any(len(g['tags']) > 1 for g in got)
+
+
+def test_a_model_exported_again_is_read_afresh_by_the_page(page, browser, tmp_path):
+  """The page fetched model.json (and model.onnx) through the browser's cache: with no
+  Cache-Control a file last modified long ago is 'fresh' by heuristic for hours, so after an
+  export into the same folder a reload kept the old model's rules (seen as a flaky test whose
+  rewritten model.json was not read). Both are now revalidated on every load."""
+  config, _, _, url = page
+  meta_path = os.path.join(config.export.output_dir, 'web', 'model.json')
+  original = open(meta_path).read()
+  day_ago = time.time() - 86400
+  os.utime(meta_path, (day_ago, day_ago))
+  image = tmp_path / 'one.png'
+  Image.fromarray(digits.load_arrays('test')[0][3, :, :, 0]).save(image)
+  _classify(browser, url, [image])   # the browser now holds model.json, 'fresh' for hours
+  meta = json.loads(original)
+  meta['title'] = 'Exported again'
+  try:
+    with open(meta_path, 'w') as f:
+      json.dump(meta, f)
+    _classify(browser, url, [image])
+    assert browser.find_element(By.ID, 'title').text == 'Exported again'
+  finally:
+    with open(meta_path, 'w') as f:
+      f.write(original)

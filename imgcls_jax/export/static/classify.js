@@ -299,9 +299,12 @@ function row(file, result) {
 }
 
 async function main() {
-  const meta = await (await fetch('model.json')).json();
-  const session = await ort.InferenceSession.create('model.onnx',
-                                                    {executionProviders: ['wasm']});
+  // Revalidated on every load: a model exported again into the same folder is never mixed with
+  // the browser's cached copy of the last one (its heuristic freshness reused a stale model.json).
+  const fresh = {cache: 'no-cache'};
+  const meta = await (await fetch('model.json', fresh)).json();
+  const model = new Uint8Array(await (await fetch('model.onnx', fresh)).arrayBuffer());
+  const session = await ort.InferenceSession.create(model, {executionProviders: ['wasm']});
   const [h, w, c] = meta.input_shape;
   $('title').textContent = meta.title;
   $('about').textContent = `${meta.class_names.length} classes; input ${h}x${w}, ` +
