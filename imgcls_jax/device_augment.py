@@ -8,16 +8,17 @@ Ops act on the uint8 batch before normalisation, are joined by ``'|'`` and run i
   whether it is in its first epoch is a per-example coin keyed by (seed, the example's pixels).
   The epoch of each row is its position in the training stream (``data/pipeline.py``: every slice
   of the split fills ``epoch_chunk`` rows of each global batch and has ``epoch_examples`` examples
-  per epoch). The pixels identify the example, so use it with a deterministic host pipeline
-  (random host ops change the pixels every epoch and the flips become random);
+  per epoch). The pixels identify the example, so it comes first, after no random host op (a
+  training run refuses either: they change the pixels every epoch, and the flips would be
+  random);
 * ``translate(pad=N, mode=constant|reflect)``: a random crop of the image padded by N pixels
   (zeros = black, or reflected), i.e. a shift by -N..N pixels per axis and example, keyed by
   (seed, step);
 * ``erase(prob=P, area_min=A, area_max=B, fill=noise|zero)``: Random Erasing (Zhong et al.
   2020, as the host op ``random_erasing``): with probability P one rectangle per example, of area
   fraction uniform in A..B and log-uniform aspect ratio in 0.3..3.3 (clipped to the image), is
-  filled with uniform per-pixel noise or zeros, keyed by (seed, step). Put it after
-  ``flip_alternate``, which identifies examples by their pixels.
+  filled with uniform per-pixel noise or zeros, keyed by (seed, step); after ``flip_alternate``,
+  which identifies examples by their pixels.
 
 Everything is per example and element-wise over the batch, so the result does not depend on how
 the batch is split over devices. No TensorFlow, no config objects: specs are parsed to hashable
@@ -99,12 +100,6 @@ def parse(spec: str) -> tuple[Op, ...]:
   names = [op[0] for op in ops]
   if names.count('flip_lr') + names.count('flip_alternate') > 1:
     raise _bad(spec, 'at most one of flip_lr and flip_alternate')
-  if 'flip_alternate' in names[1:]:   # its coin hashes the pixels: a random op first changes them
-    raise UserError(f"config.data.device_preprocess='{spec}' puts flip_alternate after "
-                    f"{names[0]}: it must come first (its per-image coin is drawn from the image's "
-                    'pixels, which a random op before it changes every epoch, so its flips would '
-                    "not alternate), e.g. 'flip_alternate|"
-                    f"{'|'.join(n for n in names if n != 'flip_alternate')}'.")
   for once in ('translate', 'erase'):
     if names.count(once) > 1:
       raise _bad(spec, f'{once} at most once')
@@ -113,23 +108,27 @@ def parse(spec: str) -> tuple[Op, ...]:
 
 # Host ops (config.data.train_preprocess, data/pp/) that move the image content as translate does.
 HOST_SHIFTS = ('pad_crop', 'random_resized_crop')
-# Host ops whose output is the same every epoch (the others draw from the step's seed).
-HOST_DETERMINISTIC = ('resize', 'center_crop')
-
-
-def check_alternation(train_preprocess: str, ops: tuple[Op, ...]) -> None:
-  """UserError when ``flip_alternate`` is among ``ops`` and ``train_preprocess`` has a random host
-  op: the op changes an image's pixels every epoch, and with them its coin, so its flips are
-  random, not alternating (the derandomisation silently lost)."""
-  if not any(op[0] == 'flip_alternate' for op in ops):
+def check_alternation(spec: str, ops: tuple[Op, ...], random_host_ops: list[str] = ()) -> None:
+  """At training: UserError when ``flip_alternate`` (in ``ops``, parsed from ``spec``) comes after
+  another device op, or ``random_host_ops`` (``train_preprocess``'s ops whose output changes with
+  the seed) run before it. Its per-image coin hashes the pixels, which those change every epoch:
+  its flips would be random, not alternating (a run saved so still loads)."""
+  names = [op[0] for op in ops]
+  if 'flip_alternate' not in names:
     return
-  random_ops = [m.group(1) for part in (train_preprocess or '').split('|')
-                if (m := re.match(r'\s*(\w+)', part)) and m.group(1) not in HOST_DETERMINISTIC]
-  if random_ops:
+  if names[0] != 'flip_alternate':
+    parts = [p.strip() for p in spec.split('|') if p.strip()]
+    first = [p for p in parts if p.startswith('flip_alternate')]
+    raise UserError(f"config.data.device_preprocess='{spec}' puts flip_alternate after "
+                    f"{', '.join(names[:names.index('flip_alternate')])}: it must come first (its "
+                    "per-image coin is drawn from the image's pixels, which a random op before it "
+                    "changes every epoch, so its flips would not alternate), e.g. "
+                    f"'{'|'.join(first + [p for p in parts if p not in first])}'.")
+  if random_host_ops:
     raise UserError(f"config.data.device_preprocess's flip_alternate draws each image's coin from "
                     f"its pixels, which config.data.train_preprocess's random "
-                    f"{', '.join(random_ops)} change every epoch (its flips would be random, not "
-                    "alternating); use flip_lr instead, or move the augmentation to the device "
+                    f"{', '.join(random_host_ops)} change every epoch (its flips would be random, "
+                    'not alternating); use flip_lr instead, or an augmentation on the device '
                     "after it (e.g. 'flip_alternate|translate(pad=2)').")
 
 

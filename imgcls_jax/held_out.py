@@ -185,7 +185,10 @@ def warn_eval_on_training(config: ml_collections.ConfigDict, info: DatasetInfo,
     shared = info.num_examples.get(ev) if folder_layout.ALL in (train, ev) or train == ev else None
     if shared and ev == folder_layout.ALL and train != ev:   # 'all' holds the training images
       shared = info.num_examples.get(train)
-    fix = ("train on the rest (data.train_split='train', with data.holdout_fraction holding "
+    fix = ("evaluate on a split it does not train on (data.eval_split='test', or "
+           'data.holdout_fraction holding part of every class out when the folder has no split '
+           'folders)' if ev in (train, folder_layout.ALL) else
+           "train on the rest (data.train_split='train', with data.holdout_fraction holding "
            'part of every class out for evaluation when the folder has no split folders)')
   elif '@' in train + ev:   # an id list (e.g. a cross-validation's cv_kept_ids.txt): its ids
     try:

@@ -206,6 +206,9 @@ def test_check_flips_refuses_flips_that_change_the_label(digits_config):
   info_lib.check_flips(data, 'flip')
   data.name = 'fashion_mnist:3.0.1'
   info_lib.check_flips(data, 'flip')
+  for name in ('arrays:mnist/fashion_aug.npz', 'arrays:/data/svhn_cropped/mine.npz'):
+    data.name = name                         # one's own file: its folder's name says nothing
+    info_lib.check_flips(data, 'flip')
   data.device_preprocess = 'flip_lr|pad_crop'
   with pytest.raises(UserError, match="device_preprocess='flip_lr\\|pad_crop' is not a device-side"):
     info_lib.check_flips(data)

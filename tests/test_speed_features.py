@@ -112,17 +112,52 @@ def test_parse_device_ops():
               'erase(area_min=0.5, area_max=0.2)', 'erase(fill=gray)', 'erase|erase'):
     with pytest.raises(Exception, match='not a device-side op'):
       device_augment.parse(bad)
-  # flip_alternate's coin hashes the pixels: after a random op it would not alternate
+  # flip_alternate's coin hashes the pixels: after a random op it would not alternate. A run
+  # saved so still parses (it is evaluated and served); training refuses it, keeping the args.
+  spec = "erase(prob=0.2)|flip_alternate|translate(pad=1, mode='reflect')"
+  ops = device_augment.parse(spec)
   with pytest.raises(UserError, match=r"puts flip_alternate after erase: it must come first .* "
-                     r"e\.g\. 'flip_alternate\|erase\|translate'\.$"):
-    device_augment.parse('erase|flip_alternate|translate(pad=1)')
-  device_augment.check_alternation('resize(size=8)|center_crop(size=8)',
-                                   device_augment.parse('flip_alternate'))
-  device_augment.check_alternation('pad_crop(pad=2)', device_augment.parse('flip_lr'))
+                     r"e\.g\. 'flip_alternate\|erase\(prob=0\.2\)\|translate\(pad=1, "
+                     r"mode='reflect'\)'\.$"):
+    device_augment.check_alternation(spec, ops)
+  device_augment.check_alternation('flip_alternate|translate(pad=1)',
+                                   device_augment.parse('flip_alternate|translate(pad=1)'))
   with pytest.raises(UserError, match=r"train_preprocess's random pad_crop, rotate change every "
                      r'epoch .* use flip_lr instead'):
-    device_augment.check_alternation('resize(size=8)|pad_crop(pad=2)|rotate(degrees=5)',
-                                     device_augment.parse('flip_alternate|translate(pad=1)'))
+    device_augment.check_alternation('flip_alternate', device_augment.parse('flip_alternate'),
+                                     ['pad_crop', 'rotate'])
+
+
+def test_host_ops_that_change_with_the_seed_are_found_by_running_them():
+  """flip_alternate is refused after a random host op: which ones are random is measured (the
+  same noise image under 16 seeds), so a deterministic op of one's own and an op set to do
+  nothing (pad_crop(pad=0), rotate(degrees=0), random_erasing(prob=0)) pass."""
+  from imgcls_jax.data.pp import registry
+  spec = ('resize(size=8)|pad_crop(pad=0)|center_crop(size=16)|rotate(degrees=0)|'
+          'random_erasing(prob=0)|randaugment(num_ops=0)|pad_crop(pad=2)|flip_lr|'
+          'random_resized_crop(size=16)|rotate(degrees=10)|random_erasing(prob=0.5)|randaugment')
+  assert registry.seed_dependent(spec, 1) == ['pad_crop', 'flip_lr', 'random_resized_crop',
+                                              'rotate', 'random_erasing', 'randaugment']
+  assert registry.seed_dependent(spec, 3)[:2] == ['pad_crop', 'flip_lr']
+
+
+def test_run_setup_lays_flip_alternates_epochs_out_from_the_whole_split(digits_config,
+                                                                         monkeypatch):
+  """The layout run.setup gives the step: 2 processes on the 1347 training digits made it 2 x
+  673 = 1346 examples an epoch (their shares times their count), so rows drifted into the wrong
+  epoch. And training refuses flip_alternate after a random host op."""
+  from imgcls_jax import run
+  from imgcls_jax.data import info as info_lib
+  c = digits_config.copy_and_resolve_references()
+  c.data.device_preprocess, c.data.train_preprocess = 'flip_alternate', ''
+  monkeypatch.setattr(info_lib, 'NO_FLIP_DATASETS', frozenset())   # (only the layout matters)
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  s = run.setup(c)
+  assert (s.step_cfg.epoch_examples, s.step_cfg.epoch_chunk) == (1347, c.batch_size)
+  c.data.name = 'sklearn_digits'   # (tf.data: arrays refuse host ops)
+  c.data.train_preprocess = 'pad_crop(pad=1)'
+  with pytest.raises(UserError, match=r"train_preprocess's random pad_crop change every epoch"):
+    run.setup(c)
 
 
 def test_a_shift_on_the_host_and_on_the_device_is_warned_about(digits_config, caplog):

@@ -227,6 +227,8 @@ def test_evaluating_on_trained_images_is_warned_of(tmp_path, caplog):
   assert [m.split(':')[0] for m in shares] == [
       "config.data.eval_split='train' shares 9 examples with train_split='train'",
       "config.data.eval_split='all' shares 9 examples with train_split='train'"]
+  assert all("evaluate on a split it does not train on (data.eval_split='test'" in m
+             for m in shares)
   config.data.eval_split = 'test'
   # An id list of the whole split (a cross-validation's cv_kept_ids.txt) trains on 'test' too.
   ids = folder_index.index(src, 'all', names).ids

@@ -97,7 +97,9 @@ def flips_allowed(data: ml_collections.ConfigDict) -> bool:
   (``mnist:3.0.1``, ``emnist/letters``), and not marked ``data.mirror_safe=False`` (the user's
   images: text, digits, arrows, ...)."""
   name = str(data.name)
-  name = name[len(ARRAYS_PREFIX):] if name.startswith(ARRAYS_PREFIX) else name
+  if name.startswith(ARRAYS_PREFIX):   # a tfds name, or a file of one's own (its path says nothing)
+    name = name[len(ARRAYS_PREFIX):]
+    name = '' if name.endswith('.npz') or '/' in name or name.startswith('~') else name
   name = name.split(':')[0].split('/')[0]   # less a tfds version or builder config
   return name not in NO_FLIP_DATASETS and data.get('mirror_safe', True) is not False
 

@@ -45,6 +45,15 @@ def check_preprocess(data: ml_collections.ConfigDict, info: DatasetInfo | None =
       raise UserError(f'config.data.{key}: {e}') from None
 
 
+def random_host_ops(data: ml_collections.ConfigDict, info: DatasetInfo) -> list[str]:
+  """The ops of ``data.train_preprocess`` whose output changes with the seed (none for arrays,
+  which refuse host ops)."""
+  if arrays.is_arrays(data) or not data.get('train_preprocess'):
+    return []
+  from imgcls_jax.data.pp import registry
+  return registry.seed_dependent(data.train_preprocess, info.channels)
+
+
 def examples_per_process(data: ml_collections.ConfigDict, split: str, process_index: int,
                          process_count: int) -> int:
   """Training examples this process sees per epoch (``pipeline.examples_per_process``)."""

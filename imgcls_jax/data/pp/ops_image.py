@@ -7,9 +7,9 @@ from typing import Any
 
 
 from imgcls_jax.data.tf_import import tf
-from imgcls_jax.data.pp.registry import (Op, bad_args, check_choice, check_number, check_order,
-                                         decode_image, image_hw, is_number, register, split_seed,
-                                         to_uint8, uniform)
+from imgcls_jax.data.pp.registry import (PIXEL, Op, bad_args, check_choice, check_number,
+                                         check_order, decode_image, image_hw, is_number, register,
+                                         split_seed, to_uint8, uniform)
 from imgcls_jax.errors import UserError
 
 
@@ -157,7 +157,7 @@ def random_erasing(prob: float = 0.5, area_min: float = 0.02, area_max: float = 
     raise bad_args(op_name, {'value': value}, "value must be 'random' or a pixel value from 0 to "
                    f"255, got {value!r}", "value='random'")
   if value != 'random':
-    check_number(op_name, 'value', value, '0', lo=0, hi=255, whole=True, what='a pixel value')
+    check_number(op_name, 'value', value, '0', lo=0, hi=255, whole=True, what=PIXEL)
   check_number(op_name, 'attempts', attempts, '10', lo=1, whole=True)
 
   def op(image, seed):
@@ -217,7 +217,7 @@ def rotate(degrees: Any = 15, fill: int = 0, interpolation: str = 'nearest') -> 
     raise bad_args('rotate', {'degrees': degrees}, 'degrees must be a number >= 0 or a pair '
                    f'(lo, hi) of numbers with lo <= hi, got {degrees!r}', 'degrees=(-10, 10)')
   lo, hi = (-float(degrees), float(degrees)) if is_number(degrees) else map(float, degrees)
-  check_number('rotate', 'fill', fill, '0', lo=0, hi=255, whole=True, what='a pixel value')
+  check_number('rotate', 'fill', fill, '0', lo=0, hi=255, whole=True, what=PIXEL)
   check_choice('rotate', 'interpolation', interpolation, INTERPOLATIONS, 'bilinear')
 
   def op(image, seed):

@@ -14,7 +14,7 @@ from typing import Callable
 
 from imgcls_jax.data.tf_import import tf
 from imgcls_jax.data.pp.ops_image import rotate_image
-from imgcls_jax.data.pp.registry import (Op, bad_args, check_number, image_hw, register,
+from imgcls_jax.data.pp.registry import (PIXEL, Op, bad_args, check_number, image_hw, register,
                                          split_seed, uniform)
 
 
@@ -154,7 +154,7 @@ def _check_common(op: str, num_bins: int, fill: int, ops: str,
                   table: dict[str, tuple[Callable[..., tf.Tensor], bool]]) -> list[str]:
   """Checks the arguments RandAugment and TrivialAugment-Wide share; returns the op names."""
   check_number(op, 'num_bins', num_bins, '31', lo=2, whole=True)
-  check_number(op, 'fill', fill, '128', lo=0, hi=255, whole=True, what='a pixel value')
+  check_number(op, 'fill', fill, '128', lo=0, hi=255, whole=True, what=PIXEL)
   names_ = [n.strip() for n in ops.split(',') if n.strip()] if isinstance(ops, str) else None
   unknown = [n for n in names_ if n not in table] if names_ is not None else [ops]
   if unknown:

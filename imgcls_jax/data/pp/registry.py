@@ -71,6 +71,9 @@ def bad_args(op: str, args: dict[str, Any], rule: str, example: str) -> UserErro
   return UserError(f'{op}({shown}): {rule}; e.g. {op}({example}).')
 
 
+PIXEL = 'a pixel value'   # check_number's ``what`` for a 0-255 fill: 0.0 is read as 0
+
+
 def is_number(value: Any, whole: bool = False) -> bool:
   """True for a finite int (or, unless ``whole``, float) literal; False for a bool."""
   kinds = int if whole else (int, float)
@@ -84,6 +87,8 @@ def check_number(op: str, name: str, value: Any, example: str, *, lo: float | No
   """Raises ``bad_args`` unless argument ``name`` is a (``whole``) number in [lo, hi] (or
   (lo, hi] with ``lo_open``; either end None for none); ``what`` names it ('a fraction'),
   ``note`` follows the range ('(0 applies none)')."""
+  if whole and what == PIXEL and isinstance(value, float) and value.is_integer():
+    value = int(value)   # fill=0.0 or value=128.0: a pixel value all the same
   ok = (is_number(value, whole) and (lo is None or value > lo or (value == lo and not lo_open))
         and (hi is None or value <= hi))
   if ok:
@@ -197,6 +202,19 @@ def numpy_op(spec: str) -> Callable[[np.ndarray], np.ndarray] | None:
     return None
   op = compose(spec)
   return lambda image: op(tf.convert_to_tensor(image), tf.zeros([2], tf.int64)).numpy()
+
+
+def seed_dependent(spec: str, channels: int) -> list[str]:
+  """The ops of ``spec`` whose output changes with the seed (random ones, at these arguments:
+  ``pad_crop(pad=0)`` is not), each run alone on one fixed noise image under 16 seeds (a coin
+  flip looks fixed under all of them with probability 2^-15)."""
+  image = tf.constant(np.random.default_rng(0).integers(0, 256, (48, 40, channels)), tf.uint8)
+  found = []
+  for name, op in parse(spec):
+    outs = [op(image, tf.constant([s, 7], tf.int64)).numpy() for s in range(16)]
+    if any(o.shape != outs[0].shape or not np.array_equal(o, outs[0]) for o in outs[1:]):
+      found.append(name)
+  return found
 
 
 def output_shape(spec: str, hw: tuple[int, int], channels: int) -> tuple[int, int, int]:
