@@ -350,8 +350,7 @@ def pixel_ops(trained: Trained) -> str:
 
 
 def _decode_size(trained: Trained) -> tuple[int, int] | None:
-  """The size ``prepare`` decodes to: the dataset's fixed one, unless an arrays file recorded the
-  ops that make the input (then they size it)."""
+  """The size ``prepare`` decodes to: the dataset's, unless an arrays file's recorded ops size it."""
   return None if trained.info.stored_preprocess else trained.native_hw
 
 
@@ -359,8 +358,7 @@ def pixel_recipe(trained: Trained) -> dict[str, Any]:
   """How ``prepare`` makes a model input of an image file, step by step (``export.json``), for
   clients that feed an exported model themselves: the same steps give the same answers."""
   h, w, c = trained.image_shape
-  return {**images.decode_recipe(c, _decode_size(trained)),
-          'ops': pixel_ops(trained) or None,   # then these (imgcls_jax/data/pp), as evaluation
+  return {**images.decode_recipe(c, _decode_size(trained)), 'ops': pixel_ops(trained) or None,
           'input': f'uint8 [batch, {h}, {w}, {c}], no scaling (the model normalises)'}
 
 

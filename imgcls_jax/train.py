@@ -19,7 +19,7 @@ import tqdm
 from imgcls_jax import (checkpoint, checkpoint_files, configlib, dispatch, distributed, held_out,
                         held_out_fits, inference, metrics, ood, optim, preemption, report,
                         report_multilabel, report_text, run, run_directory, run_length, run_lock,
-                        schedule_free_bn, selective, sharding, startup, train_log)
+                        schedule_free_bn, selective, sharding, startup, steps, train_log)
 from imgcls_jax import state as state_lib
 from imgcls_jax import teacher as teacher_lib
 from imgcls_jax.data import reader
@@ -44,7 +44,7 @@ class _Trainer:
     self.train_steps = (run.jit_train_steps(s, state_sh) if s.steps_per_dispatch > 1 else None)
     tta = s.config.evaluate.tta if 'evaluate' in s.config else ''
     # With EMA on (and config.ema.inference), evaluations use the averaged weights.
-    self.eval_ema = s.step_cfg.ema_decay > 0 and bool(s.config.ema.get('inference', True))
+    self.eval_ema = steps.uses_ema(s.config)
     self.eval_sh = (state_sh.ema_variables() if self.eval_ema else state_lib.InferenceState(
         params=state_sh.params, batch_stats=state_sh.batch_stats))
     self.tta = tta

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import os
 import re
 import signal
 import socket
@@ -59,7 +58,7 @@ import uvicorn
 
 from imgcls_jax import inference
 from imgcls_jax.errors import UserError
-from imgcls_jax.serve.app import RequestLog, Service, cors_origins, create_app
+from imgcls_jax.serve.app import RequestLog, Service, cors_origins, create_app, decode_threads
 from imgcls_jax.serve.batcher import Batcher, Overloaded
 from imgcls_jax.serve.metrics import Metrics
 
@@ -140,12 +139,6 @@ def _bind(host: str, port: int) -> socket.socket:
     raise
   sock.set_inheritable(True)
   return sock
-
-
-def decode_threads(cfg: ml_collections.ConfigDict) -> int:
-  """config.serve.decode_threads, 0 meaning one per CPU core, at most 8 (each decode holds up to
-  max_pixels x 4 bytes)."""
-  return int(cfg.get('decode_threads', 0)) or min(os.cpu_count() or 1, 8)
 
 
 def _validate(cfg: ml_collections.ConfigDict) -> None:

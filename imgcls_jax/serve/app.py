@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import importlib.resources
 import logging
+import os
 import re
 import time
 import uuid
@@ -48,7 +49,7 @@ class Service:
   # a large image's decode holds ~width x height x 4 bytes, and glibc keeps such memory per
   # thread (a 36 Mpx PNG among concurrent uploads took the process from 0.4 to 2.4 GB).
   decoder: concurrent.futures.ThreadPoolExecutor = dataclasses.field(
-      default_factory=lambda: concurrent.futures.ThreadPoolExecutor(4, 'decode'))
+      default_factory=lambda: concurrent.futures.ThreadPoolExecutor(decode_threads(None), 'decode'))
   decoding: int = 0   # uploads handed to ``decoder`` and not yet decoded (the event loop's count)
   ready: bool = True
 
@@ -60,6 +61,12 @@ class Service:
   def top_k(self) -> int:
     """config.serve.top_k, at most the class count (as predict clamps config.predict.top_k)."""
     return min(int(self.cfg.top_k), len(self.clf.class_names))
+
+
+def decode_threads(cfg: ml_collections.ConfigDict | None) -> int:
+  """config.serve.decode_threads, 0 (or no config) meaning one per CPU this process may use, at
+  most 8 (each decode holds up to max_pixels x 4 bytes)."""
+  return int((cfg or {}).get('decode_threads', 0)) or min(len(os.sched_getaffinity(0)), 8)
 
 
 def cors_origins(value: str) -> list[str]:
