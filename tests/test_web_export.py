@@ -86,6 +86,17 @@ def _classify(driver, url, files):
       driver.execute_script('return window.imgclsResults || []')), 'the answers')
 
 
+def _classify_with_pixels(driver, url, files, tmp_path):
+  """(the page's answers, the model input it made of each file: window.imgclsPixels)."""
+  with screenshot_on_failure(driver, tmp_path):
+    results = _classify(driver, url, files)
+    pixels = driver.execute_async_script(
+        'const done = arguments[arguments.length - 1];'
+        "Promise.all([...document.getElementById('file').files].map(window.imgclsPixels))"
+        '.then(done, (e) => done(String(e)));')
+  return results, pixels
+
+
 def test_export_writes_a_self_contained_page(page):
   config, _, record, _ = page
   web_dir = os.path.join(config.export.output_dir, 'web')
@@ -160,12 +171,7 @@ def test_page_makes_predicts_pixels_from_images_of_any_size(page, browser, tmp_p
   exif[0x0112] = 6   # orientation: rotate 90 degrees clockwise to view
   photo.save(tmp_path / 'rotated.jpg', quality=90, exif=exif)
   files += [tmp_path / 'photo.jpg', tmp_path / 'rotated.jpg']
-  with screenshot_on_failure(browser, tmp_path):
-    results = _classify(browser, url, files)
-    got = browser.execute_async_script(
-        'const done = arguments[arguments.length - 1];'
-        "Promise.all([...document.getElementById('file').files].map(window.imgclsPixels))"
-        '.then(done, (e) => done(String(e)));')
+  results, got = _classify_with_pixels(browser, url, files, tmp_path)
   want = np.stack([images.decode(str(f), channels=1, size_hw=(8, 8)) for f in files])
   for f, g, w in zip(files, got, want):
     np.testing.assert_array_equal(np.asarray(g, np.uint8).reshape(8, 8, 1), w, err_msg=f.name)
@@ -272,12 +278,7 @@ def test_page_turns_a_webp_upright_as_predict_does(page, browser, predictor, tmp
   upright += [image, upright[5].transpose(_STORED_AS[6]), image, None]
   image.save(tmp_path / 'damaged exif.webp', exif=b'not a TIFF block', lossless=True)
   files.append(tmp_path / 'damaged exif.webp')
-  with screenshot_on_failure(browser, tmp_path):
-    results = _classify(browser, url, files)
-    got = browser.execute_async_script(
-        'const done = arguments[arguments.length - 1];'
-        "Promise.all([...document.getElementById('file').files].map(window.imgclsPixels))"
-        '.then(done, (e) => done(String(e)));')
+  results, got = _classify_with_pixels(browser, url, files, tmp_path)
   want = [images.decode(str(f), channels=1, size_hw=(8, 8)) for f in files[:-1]]
   for f, w, u in zip(files, want, upright):
     if u is not None:   # (the file holds what its name says)
