@@ -46,9 +46,9 @@ def get_config() -> ml_collections.ConfigDict:
   # alternate epochs, from a per-example coin keyed by (seed, its pixels): first, and with no
   # random train_preprocess op, or training refuses it), 'translate(pad=2)' (a random shift by
   # -2..2 pixels per axis and example, keyed by (seed, step); the uncovered border black, or
-  # mirrored with mode=reflect), 'erase(prob=0.5, area_min=0.02, area_max=0.33, fill=noise)' (Random Erasing:
-  # one rectangle per example filled with noise or zeros, keyed by (seed, step); after
-  # flip_alternate). E.g. 'flip_alternate|translate(pad=2)'; '' = none.
+  # mirrored with mode=reflect), 'erase(prob=0.5, area_min=0.02, area_max=0.33, fill=noise)'
+  # (Random Erasing: one rectangle per example filled with noise or zeros, keyed by (seed, step);
+  # after flip_alternate). E.g. 'flip_alternate|translate(pad=2)'; '' = none.
   # The digits' augmentation: a one-pixel random shift (never flip digits: it changes their
   # meaning). Set '' (or your ops) when you read other data with other train_preprocess ops.
   c.data.device_preprocess = 'translate(pad=1)'

@@ -39,8 +39,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from imgcls_jax import (atomic, classical_model, configlib, features, intervals, label_issues, metrics,
-                        out_of_fold, plots, report, report_files, report_text)
+from imgcls_jax import (atomic, classical_model, configlib, features, intervals, label_issues,
+                        metrics, out_of_fold, plots, report, report_files, report_text)
 from imgcls_jax.errors import UserError
 
 CLASSIFIERS = ('logistic', 'linear_svm')

@@ -108,6 +108,8 @@ def parse(spec: str) -> tuple[Op, ...]:
 
 # Host ops (config.data.train_preprocess, data/pp/) that move the image content as translate does.
 HOST_SHIFTS = ('pad_crop', 'random_resized_crop')
+
+
 def check_alternation(spec: str, ops: tuple[Op, ...], random_host_ops: list[str] = ()) -> None:
   """At training: UserError when ``flip_alternate`` (in ``ops``, parsed from ``spec``) comes after
   another device op, or ``random_host_ops`` (``train_preprocess``'s ops whose output changes with

@@ -339,7 +339,8 @@ def embed(config: ml_collections.ConfigDict, workdir: str,
     summary['wall_time_s'] = time.perf_counter() - t0
     for final, text in (('embed_report.json', json.dumps(metrics.json_safe(summary), indent=1)),
                         ('embed_report.md', _markdown(summary))):
-      staged.append((atomic.temporary_path(os.path.join(out_dir, final)), os.path.join(out_dir, final)))
+      path = os.path.join(out_dir, final)
+      staged.append((atomic.temporary_path(path), path))
       with open(staged[-1][0], 'w') as f:
         f.write(text)
     if rep is not None:

@@ -181,10 +181,9 @@ def warn_eval_on_training(config: ml_collections.ConfigDict, info: DatasetInfo,
   the process that reads them, process 0)."""
   train, ev = str(config.data.train_split), str(config.data.eval_split)
   if folder_layout.is_folder(config.data) and '@' not in train + ev:
-    # folder splits are disjoint but for 'all' and the same split named twice
-    shared = info.num_examples.get(ev) if folder_layout.ALL in (train, ev) or train == ev else None
-    if shared and ev == folder_layout.ALL and train != ev:   # 'all' holds the training images
-      shared = info.num_examples.get(train)
+    # folder splits are disjoint but for 'all' (which holds the other) and one split named twice
+    shared = (info.num_examples.get(ev) if train in (ev, folder_layout.ALL) else
+              info.num_examples.get(train) if ev == folder_layout.ALL else None)
     fix = ("evaluate on a split it does not train on (data.eval_split='test', or "
            'data.holdout_fraction holding part of every class out when the folder has no split '
            'folders)' if ev in (train, folder_layout.ALL) else

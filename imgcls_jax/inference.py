@@ -350,7 +350,7 @@ def pixel_ops(trained: Trained) -> str:
 
 
 def _decode_size(trained: Trained) -> tuple[int, int] | None:
-  """The size ``prepare`` decodes to: the dataset's, unless an arrays file's recorded ops size it."""
+  """The size ``prepare`` decodes to: the dataset's, unless an arrays file's ops size it."""
   return None if trained.info.stored_preprocess else trained.native_hw
 
 

@@ -72,7 +72,6 @@ def setup(config: ml_collections.ConfigDict, info: DatasetInfo | None = None, *,
   device_ops = device_augment.parse(config.data.get('device_preprocess', '') or '')
   if training:   # a run saved with them restores as it trained: without them
     held_out.check_folder_only_keys(config.data)
-    device_augment.check_alternation(config.data.get('device_preprocess', '') or '', device_ops)
     warning = device_augment.twice_shifted(config.data.get('train_preprocess', ''), device_ops)
     if warning:
       logging.warning(warning)
@@ -80,9 +79,9 @@ def setup(config: ml_collections.ConfigDict, info: DatasetInfo | None = None, *,
   if info is None:  # the data will be read: its preprocessing specs are checked now, too
     info = reader.describe(config.data)
     reader.check_preprocess(config.data, info)
-    if training and any(op[0] == 'flip_alternate' for op in device_ops):
-      device_augment.check_alternation(config.data.device_preprocess, device_ops,
-                                       reader.random_host_ops(config.data, info))
+  if training and any(op[0] == 'flip_alternate' for op in device_ops):   # (a saved run loads)
+    device_augment.check_alternation(config.data.device_preprocess, device_ops,
+                                     reader.random_host_ops(config.data, info))
   check_flips(config.data, config.evaluate.tta if 'evaluate' in config else '',
               mirror_safe=info.mirror_safe)
   if len(config.data.mean) not in (1, info.channels):

@@ -134,7 +134,8 @@ def _check_same_classes(source: weights_lib.Weights, info: DatasetInfo) -> None:
   else:
     gone = [c for c in theirs if c not in ours]
     new = [c for c in ours if c not in theirs]
-    why = f"other classes ({', '.join(map(repr, gone[:3]))} there; {', '.join(map(repr, new[:3]))} here)"
+    why = (f"other classes ({', '.join(map(repr, gone[:3]))} there; "
+           f"{', '.join(map(repr, new[:3]))} here)")
   raise UserError(f'config.transfer.keep_head=True keeps the head of {source.origin}, which was '
                   f'trained on {why}: its answers would name the wrong classes; train a new head '
                   '(config.transfer.keep_head=False), or give this data the same class names.')

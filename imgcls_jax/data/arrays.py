@@ -40,7 +40,7 @@ import ml_collections
 import numpy as np
 
 from imgcls_jax.data import arrays_save, sklearn_digits
-from imgcls_jax.data.info import ARRAYS_PREFIX, DatasetInfo, flips_allowed
+from imgcls_jax.data.info import ARRAYS_PREFIX, DatasetInfo, arrays_tfds_name, flips_allowed
 from imgcls_jax.errors import UserError, first_line
 
 PREFIX = ARRAYS_PREFIX
@@ -55,12 +55,8 @@ def is_arrays(data: ml_collections.ConfigDict) -> bool:
 
 
 def tfds_name(data: ml_collections.ConfigDict) -> str | None:
-  """The tfds dataset that ``'arrays:NAME'`` holds (a bare name: no '/', no '.npz'); None for an
-  explicit file."""
-  spec = str(data.name)[len(PREFIX):]
-  if not is_arrays(data) or not spec or spec.endswith('.npz') or '/' in spec or os.sep in spec or spec.startswith('~'):
-    return None
-  return spec
+  """The tfds dataset that ``'arrays:NAME'`` holds (``info.arrays_tfds_name``)."""
+  return arrays_tfds_name(str(data.name))
 
 
 def path_of(data: ml_collections.ConfigDict) -> str:

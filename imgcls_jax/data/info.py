@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from typing import TYPE_CHECKING, Any
 
 from imgcls_jax.errors import UserError
@@ -91,6 +92,16 @@ def warn_unrecorded_pixels(info: DatasetInfo, hw: tuple[int, int], data: bytes |
                   'to record it.', info.name[len(ARRAYS_PREFIX):], 'x'.join(map(str, hw)))
 
 
+def arrays_tfds_name(name: str) -> str | None:
+  """The tfds dataset that the data name ``'arrays:NAME'`` holds (a bare name: no '/', no '.npz');
+  None for an explicit file or a name that is not an arrays one."""
+  spec = name[len(ARRAYS_PREFIX):]
+  if (not name.startswith(ARRAYS_PREFIX) or not spec or spec.endswith('.npz') or '/' in spec
+      or os.sep in spec or spec.startswith('~')):
+    return None
+  return spec
+
+
 def flips_allowed(data: ml_collections.ConfigDict) -> bool:
   """Whether ``config.data`` allows horizontal flips: not a dataset named in ``NO_FLIP_DATASETS``,
   also held as arrays (``arrays:mnist``) or named with a version or builder config
@@ -98,8 +109,7 @@ def flips_allowed(data: ml_collections.ConfigDict) -> bool:
   images: text, digits, arrows, ...)."""
   name = str(data.name)
   if name.startswith(ARRAYS_PREFIX):   # a tfds name, or a file of one's own (its path says nothing)
-    name = name[len(ARRAYS_PREFIX):]
-    name = '' if name.endswith('.npz') or '/' in name or name.startswith('~') else name
+    name = arrays_tfds_name(name) or ''
   name = name.split(':')[0].split('/')[0]   # less a tfds version or builder config
   return name not in NO_FLIP_DATASETS and data.get('mirror_safe', True) is not False
 

@@ -43,7 +43,6 @@ there is no authentication. ``cors_origins`` lets web pages of other origins cal
 """
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 import re
 import signal
@@ -58,7 +57,7 @@ import uvicorn
 
 from imgcls_jax import inference
 from imgcls_jax.errors import UserError
-from imgcls_jax.serve.app import RequestLog, Service, cors_origins, create_app, decode_threads
+from imgcls_jax.serve.app import RequestLog, Service, cors_origins, create_app
 from imgcls_jax.serve.batcher import Batcher, Overloaded
 from imgcls_jax.serve.metrics import Metrics
 
@@ -75,9 +74,7 @@ class Server:
                            timeout_s=cfg.batch_timeout_ms / 1000.0, max_queue=int(cfg.max_queue))
     self.metrics = Metrics()
     self.service = Service(self.batcher, cfg, self.metrics,
-                           model_name=cfg.get('model_name', '') or 'imgcls',
-                           decoder=concurrent.futures.ThreadPoolExecutor(
-                               decode_threads(cfg), 'decode'))
+                           model_name=cfg.get('model_name', '') or 'imgcls')
     self.app = create_app(self.service)
     try:
       self.socket = _bind(cfg.host, int(cfg.port))

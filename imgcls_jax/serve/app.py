@@ -48,10 +48,12 @@ class Service:
   # Decodes run on these threads only (config.serve.decode_threads), not Starlette's pool of 40:
   # a large image's decode holds ~width x height x 4 bytes, and glibc keeps such memory per
   # thread (a 36 Mpx PNG among concurrent uploads took the process from 0.4 to 2.4 GB).
-  decoder: concurrent.futures.ThreadPoolExecutor = dataclasses.field(
-      default_factory=lambda: concurrent.futures.ThreadPoolExecutor(decode_threads(None), 'decode'))
+  decoder: concurrent.futures.ThreadPoolExecutor = dataclasses.field(init=False)
   decoding: int = 0   # uploads handed to ``decoder`` and not yet decoded (the event loop's count)
   ready: bool = True
+
+  def __post_init__(self) -> None:
+    self.decoder = concurrent.futures.ThreadPoolExecutor(decode_threads(self.cfg), 'decode')
 
   @property
   def clf(self) -> inference.Classifier:
@@ -63,10 +65,10 @@ class Service:
     return min(int(self.cfg.top_k), len(self.clf.class_names))
 
 
-def decode_threads(cfg: ml_collections.ConfigDict | None) -> int:
-  """config.serve.decode_threads, 0 (or no config) meaning one per CPU this process may use, at
-  most 8 (each decode holds up to max_pixels x 4 bytes)."""
-  return int((cfg or {}).get('decode_threads', 0)) or min(len(os.sched_getaffinity(0)), 8)
+def decode_threads(cfg: ml_collections.ConfigDict) -> int:
+  """config.serve.decode_threads, 0 meaning one per CPU this process may use, at most 8 (each
+  decode holds up to max_pixels x 4 bytes)."""
+  return int(cfg.get('decode_threads', 0)) or min(len(os.sched_getaffinity(0)), 8)
 
 
 def cors_origins(value: str) -> list[str]:
