@@ -81,9 +81,11 @@ def _check(d: ml_collections.ConfigDict) -> None:
     raise UserError(f'config.distributed.process_id={pid} must be smaller than '
                     f'config.distributed.num_processes={n} (ids run 0..{n - 1}).')
   address = d.get('coordinator_address')
-  if address is not None and (':' not in address or not address.rsplit(':', 1)[1].isdigit()):
+  host, _, port = (address or '').rpartition(':')
+  if address is not None and not (host.strip('[]') and port.isdigit()
+                                  and 1 <= int(port) <= 65535):
     raise UserError(f"config.distributed.coordinator_address='{address}' must be 'host:port' "
-                    "(process 0's address and a free port), e.g. '10.0.0.2:8476'.")
+                    "(process 0's address and a free port, 1-65535), e.g. '10.0.0.2:8476'.")
 
 
 def wait_for_coordinator(address: str, timeout_s: float) -> None:
@@ -106,6 +108,11 @@ def wait_for_coordinator(address: str, timeout_s: float) -> None:
             'this machine can reach that host and port, or raise '
             'config.distributed.initialization_timeout.') from None
       time.sleep(0.25)
+
+
+def _lower_first(text: str) -> str:
+  """'The process id ...' -> 'the process id ...' (JAX's sentence inside ours)."""
+  return text[:1].lower() + text[1:]
 
 
 def _split(address: str) -> tuple[str, int]:
@@ -228,8 +235,8 @@ def initialize(d: ml_collections.ConfigDict) -> None:
       jax.distributed.initialize(**kwargs)
   except ValueError as e:  # JAX: a value is missing and no cluster environment supplied it.
     raise UserError(
-        f'config.distributed.enabled is True but {str(e).rstrip(".")}: no cluster environment '
-        '(Cloud TPU VM, SLURM srun, Open MPI) was detected; set config.distributed.'
+        f'config.distributed.enabled is True but {_lower_first(str(e).rstrip("."))}: no cluster '
+        'environment (Cloud TPU VM, SLURM srun, Open MPI) was detected; set config.distributed.'
         'coordinator_address, num_processes and process_id (see launch/local.sh).') from None
   except Exception as e:  # XlaRuntimeError: the coordinator did not answer in time, port in use.
     first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]

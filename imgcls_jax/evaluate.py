@@ -55,17 +55,19 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str,
   # come from the confusion matrix): the same per-example pass as the errors listing.
   tagged = bool(((run_directory.read_config(workdir) or {}).get('data') or {}).get('multilabel'))
   per_example = bool(shown or (tagged and resamples > 0))
-  issues = bool(e.get('label_issues', True)) and jax.process_count() == 1
+  issues = bool(e.get('label_issues', True))
   if issues and importlib.util.find_spec('cleanlab') is None:
     logging.warning('No label-issue search (config.evaluate.label_issues): cleanlab is not '
                     'installed; run pip install -e . in the checkout, or set '
                     '--config.evaluate.label_issues=False.')
     issues = False
-  if per_example and jax.process_count() > 1:
-    logging.warning('The per-example listing (config.evaluate.errors) and a tagging run\'s '
-                    'bootstrap intervals are gathered on one host; skipped with %d processes.',
+  if (per_example or issues) and jax.process_count() > 1:
+    logging.warning('The per-example listing (config.evaluate.errors), the label-issue search '
+                    'and a tagging run\'s bootstrap intervals are gathered on one host; skipped '
+                    'with %d processes (the metrics are exact). For them, run --mode=evaluate '
+                    'in one process: python -m imgcls_jax.main --mode=evaluate --workdir=...',
                     jax.process_count())
-    shown, per_example = 0, False
+    shown, per_example, issues = 0, False, False
   ood_files = None
   if e.get('ood_inputs'):
     if tagged:

@@ -34,7 +34,7 @@ MODE_SECTIONS = ('evaluate', 'predict', 'export', 'serve', 'embed', 'compare')
 # work out on this machine: they may differ from the run's without changing the model.
 LOCATION_KEYS = ('ema.inference', 'data.data_dir', 'data.manual_dir', 'data.folder', 'data.eval_split',
                  'data.holdout_fraction', 'data.holdout_seed', 'data.manifest', 'data.index_cache',
-                 'eval_batch_size', 'mesh.')
+                 'eval_batch_size', 'mesh.', 'distributed.')
 
 
 def effective_config(saved: dict[str, Any] | None, given: ml_collections.ConfigDict | None,
@@ -60,7 +60,7 @@ def effective_config(saved: dict[str, Any] | None, given: ml_collections.ConfigD
       if value not in (None, ''):
         _set(run, key, value)
     if given is not None:
-      run.mesh = given.mesh
+      run.mesh, run.distributed = given.mesh, given.distributed
     return run
   # The user's labelled images (a folder or manifest) evaluate any run, read as an image folder.
   new_images = any(overrides.get(k) for k in ('data.folder', 'data.manifest'))

@@ -54,6 +54,9 @@ def make_mesh(num_devices: int = 0) -> Mesh:
   ``[p * B / P, (p + 1) * B / P)`` of every batch: the rows its input pipeline builds.
   """
   devices = sorted(jax.devices(), key=lambda d: d.process_index)  # stable: keeps jax's order within
+  if num_devices < 0:
+    raise UserError(f'config.mesh.num_devices={num_devices} must be 0 (all {len(devices)} devices) '
+                    'or a positive number of devices.')
   if num_devices:
     if num_devices > len(devices):
       raise UserError(f'config.mesh.num_devices={num_devices} but only {len(devices)} devices '
@@ -144,8 +147,9 @@ def local_batch_size(global_batch_size: int, mesh: Mesh, what: str = 'config.bat
   """This process's share of a global batch; the batch must split evenly over the devices."""
   n = mesh.devices.size
   if global_batch_size <= 0 or global_batch_size % n:
+    fix = what if jax.process_count() > 1 else f'{what} or config.mesh.num_devices'
     raise UserError(f'{what}={global_batch_size} must be a positive multiple of the device count '
-                    f'({n}); change {what} or config.mesh.num_devices.')
+                    f'({n}); change {fix}.')
   return global_batch_size // jax.process_count()
 
 

@@ -360,7 +360,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       headline = report_multilabel.final_line(eval_metrics)
     else:
       headline = report_text.final_line(eval_metrics, s.info.num_classes)
-    print(f'Final eval on {config.data.eval_split} {headline}.'
-          f'\nMetrics: {writer.path}\nTensorBoard: '
-          f'{os.path.join(workdir, "tensorboard")}\nCheckpoints: {ckpt.directory}', flush=True)
+    board = (f'\nTensorBoard: {os.path.join(workdir, "tensorboard")}' if config.tensorboard
+             else '')
+    print(f'Final eval on {config.data.eval_split} {headline}.\nMetrics: {writer.path}{board}'
+          f'\nCheckpoints: {ckpt.directory}', flush=True)
   return eval_metrics

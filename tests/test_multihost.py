@@ -69,6 +69,38 @@ def test_device_ids_parse():
     distributed.parse_device_ids('1,1')
 
 
+@pytest.mark.parametrize('address', ['127.0.0.1:99999', '127.0.0.1:0', ':1234', '[]:1234'])
+def test_coordinator_address_needs_a_host_and_a_port_in_range(address):
+  d = ml_collections.ConfigDict({'coordinator_address': address, 'num_processes': 2,
+                                 'process_id': 0})
+  with pytest.raises(UserError, match=r"must be 'host:port' \(process 0's address and a free "
+                     r'port, 1-65535\)'):
+    distributed.initialize(d)
+
+
+def test_a_negative_mesh_num_devices_is_refused():
+  from imgcls_jax import sharding
+  with pytest.raises(UserError, match=r'num_devices=-1 must be 0 \(all 8 devices\) or a positive'):
+    sharding.make_mesh(-1)
+
+
+def test_evaluate_and_predict_take_this_launchs_distributed_keys():
+  """A run trained by one launch is evaluated by another: the coordinator, process id and count
+  are where the work runs, not part of the model (as mesh.* are)."""
+  from imgcls_jax import inference
+  saved = {'model': {'name': 'cnn'}, 'mesh': {'num_devices': 0},
+           'distributed': {'enabled': True, 'coordinator_address': '127.0.0.1:4000',
+                           'num_processes': 2, 'process_id': 0}}
+  run_config = inference.effective_config(saved, None, {
+      'distributed.coordinator_address': '127.0.0.1:5000', 'distributed.process_id': 1,
+      'distributed.num_processes': 4})
+  assert run_config.distributed.to_dict() == {
+      'enabled': True, 'coordinator_address': '127.0.0.1:5000', 'num_processes': 4,
+      'process_id': 1}
+  with pytest.raises(UserError, match='model.name=resnet18 conflicts with the trained run'):
+    inference.effective_config(saved, None, {'model.name': 'resnet18'})
+
+
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
