@@ -19,6 +19,8 @@
 #   --dry-run             print the exact commands and exit
 #   MAIN_ARGS             passed to `python -m imgcls_jax.main` unchanged, e.g.
 #                         --config=configs/default.py --workdir=/tmp/run --config.batch_size=256
+#                         (the -- may be left out when they begin with --config, --workdir or
+#                         --mode; any other unknown option is refused)
 #
 # Output lines are prefixed with [pI]. If one process fails, or this script gets SIGINT / SIGTERM /
 # SIGHUP, every process still running gets SIGTERM (a training run saves a checkpoint and exits),
@@ -40,20 +42,29 @@ num=2 cpu_devices='' gpus_per_process='' port='' timeout_s='' grace=90 dry_run=0
 python="${PYTHON:-python3}"
 usage() { sed -n '2,/^[^#]/{ /^#/{ s/^# \{0,1\}//; p; }; }' "$0"; }  # the comment above
 die() { echo "local.sh: $*" >&2; exit 2; }
+# OPTION VALUE EXAMPLE: a value that is missing, empty or another option (--...) is refused.
+need() { [[ -n "$2" && "$2" != --* ]] || die "$1 needs a value, e.g. $1 $3."; }
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    -n|--num-processes) num="${2:?}"; shift 2 ;;
-    --cpu-devices) cpu_devices="${2:?}"; shift 2 ;;
-    --gpus-per-process) gpus_per_process="${2:?}"; shift 2 ;;
-    --port) port="${2:?}"; shift 2 ;;
-    --timeout) timeout_s="${2:?}"; shift 2 ;;
-    --grace) grace="${2:?}"; shift 2 ;;
-    --python) python="${2:?}"; shift 2 ;;
+    -n|--num-processes) need "$1" "${2:-}" 2; num="$2"; shift 2 ;;
+    --cpu-devices) need "$1" "${2:-}" 2; cpu_devices="$2"; shift 2 ;;
+    --gpus-per-process) need "$1" "${2:-}" 4; gpus_per_process="$2"; shift 2 ;;
+    --port) need "$1" "${2:-}" 12345; port="$2"; shift 2 ;;
+    --timeout) need "$1" "${2:-}" 3600; timeout_s="$2"; shift 2 ;;
+    --grace) need "$1" "${2:-}" 90; grace="$2"; shift 2 ;;
+    --python) need "$1" "${2:-}" python3; python="$2"; shift 2 ;;
     --dry-run) dry_run=1; shift ;;
     -h|--help) usage; exit 0 ;;
     --) shift; break ;;
-    *) break ;;
+    *)  # MAIN_ARGS without the --: they must begin with a flag of imgcls_jax.main's own
+      if ! [[ "$1" =~ ^--?((no)?config\.|(config|workdir|mode|flagfile)(=|$)) ]]; then
+        if [[ "$1" == -* ]]; then what=option; else what=argument; fi
+        die "unknown $what '$1'; local.sh's options are -n, --cpu-devices, --gpus-per-process," \
+            "--port, --timeout, --grace, --python and --dry-run, and arguments for imgcls_jax.main" \
+            "go after --."
+      fi
+      break ;;
   esac
 done
 main_args=("$@")

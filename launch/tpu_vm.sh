@@ -5,14 +5,16 @@
 # Usage:
 #   launch/tpu_vm.sh [options] ACTION [-- MAIN_ARGS...]
 #
-#   ACTION   create | copy | install | run | logs | stop | delete
-#            | all (= create, copy, install, run, follow the log until the run ends, delete)
+#   ACTION   one of create | copy | install | run | logs | stop | delete
+#            | all (= create, copy, install, run, follow the log until the run ends, delete);
+#            several in one call are refused (`all` does them all in order)
 #     run    starts the training detached on every worker (nohup setsid; output in
 #            ~/imgcls_run.log there, exit status in ~/imgcls_run.status), so a dropped SSH
 #            connection does not stop it; refuses while a run is still going
 #     logs   follows a worker's log (--worker, default 0) until the run ends; Ctrl-C stops only
 #            the following
-#     stop   sends the run SIGTERM on every worker: it saves a checkpoint and exits
+#     stop   sends the run SIGTERM on every worker: it saves a checkpoint and exits; a worker with
+#            no run going (none started, or it has ended) says so, and that is no failure (status 0)
 #     all    deletes the slice when the run has ended (whatever its status) or when a step before
 #            it fails, unless --keep; if following the log is interrupted, the run and the slice
 #            stay up (follow again with `logs`, then `delete`)
@@ -60,6 +62,9 @@ remote_log='~/imgcls_run.log' remote_pid='~/imgcls_run.pid' remote_status='~/img
 skip='(^|/)(\.git|\.venv|venv|node_modules|__pycache__|[^/]*\.egg-info)(/|$)|^(runs|data|workdir[^/]*|build|dist)/|^benchmarks/\.(data|vendor)/|\.(npz|npy|pt|pth|safetensors|ckpt|tgz|tar\.gz|zip)$'
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
 die() { echo "tpu_vm.sh: $*" >&2; exit 2; }
+# OPTION VALUE EXAMPLE: a value that is missing, empty or another option (--...) is refused.
+need() { [[ -n "$2" && "$2" != --* ]] || die "$1 needs a value, e.g. $1 $3."; }
+actions=()
 
 while [[ $# -gt 0 ]]; do
   case "$1" in  # --opt=value is --opt value
@@ -67,22 +72,25 @@ while [[ $# -gt 0 ]]; do
       set -- "${1%%=*}" "${1#*=}" "${@:2}" ;;
   esac
   case "$1" in
-    --name) name="${2:?}"; shift 2 ;;
-    --zone) zone="${2:?}"; shift 2 ;;
-    --project) project="${2:?}"; shift 2 ;;
-    --accelerator-type) accel="${2:?}"; shift 2 ;;
-    --version) version="${2:?}"; shift 2 ;;
-    --worker) worker="${2:?}"; shift 2 ;;
+    --name) need "$1" "${2:-}" exp1; name="$2"; shift 2 ;;
+    --zone) need "$1" "${2:-}" us-central2-b; zone="$2"; shift 2 ;;
+    --project) need "$1" "${2:-}" my-project; project="$2"; shift 2 ;;
+    --accelerator-type) need "$1" "${2:-}" v4-8; accel="$2"; shift 2 ;;
+    --version) need "$1" "${2:-}" tpu-ubuntu2204-base; version="$2"; shift 2 ;;
+    --worker) need "$1" "${2:-}" 0; worker="$2"; shift 2 ;;
     --spot) spot=1; shift ;;
     --keep) keep=1; shift ;;
     --dry-run) dry_run=1; shift ;;
     -h|--help) usage; exit 0 ;;
     --) shift; break ;;
-    create|copy|install|run|logs|stop|delete|all) action="$1"; shift ;;
+    create|copy|install|run|logs|stop|delete|all) actions+=("$1"); action="$1"; shift ;;
     *) die "unknown argument '$1' (see --help)." ;;
   esac
 done
 main_args=("$@")
+if [[ ${#actions[@]} -gt 1 ]]; then
+  die "give one ACTION, not ${#actions[@]} (${actions[*]}); run tpu_vm.sh once for each, or use all."
+fi
 [[ -n "$action" ]] || die "give an ACTION: create, copy, install, run, logs, stop, delete or all (see --help)."
 [[ -n "$zone" ]] || die "give --zone (or set ZONE), e.g. --zone=us-central2-b."
 if [[ "$action" == run || "$action" == all ]] && [[ ${#main_args[@]} -eq 0 ]]; then
@@ -160,8 +168,11 @@ logs() {
 if [ -n \"\$pid\" ] && kill -0 \"\$pid\" 2>/dev/null; then tail -n +1 --pid=\"\$pid\" -f $remote_log; \
 else cat $remote_log; fi; echo \"# run on \$(hostname): \$(cat $remote_status 2>/dev/null || echo 'not ended')\""
 }
-stop() {
-  on_all_workers "pkill -TERM -P \$(cat $remote_pid) && echo \"sent SIGTERM to the run on \$(hostname); it saves a checkpoint and exits\""
+stop() {  # (a worker with no run going, or whose run is just ending, has nothing to stop)
+  on_all_workers "pid=\$(cat $remote_pid 2>/dev/null); \
+if [ -n \"\$pid\" ] && kill -0 \"\$pid\" 2>/dev/null && pkill -TERM -P \"\$pid\"; then \
+echo \"sent SIGTERM to the run on \$(hostname); it saves a checkpoint and exits\"; \
+else echo \"tpu_vm.sh: no run is going on \$(hostname), so there is nothing to stop.\"; fi"
 }
 # The run's exit status once it has ended on every worker (the highest); a failed connection or a
 # run still going: no status (return 1).

@@ -101,6 +101,50 @@ def test_local_refuses_bad_arguments(args, message):
   assert r.returncode == 2 and message in r.stderr
 
 
+@pytest.mark.parametrize('script, args, option, example', [
+    ('local.sh', ['-n'], '-n', '2'),
+    ('local.sh', ['--num-processes'], '--num-processes', '2'),
+    ('local.sh', ['--cpu-devices'], '--cpu-devices', '2'),
+    ('local.sh', ['--gpus-per-process'], '--gpus-per-process', '4'),
+    ('local.sh', ['--port', '--dry-run', '--', '--config=x'], '--port', '12345'),  # an option
+    ('local.sh', ['--timeout', '', '--', '--config=x'], '--timeout', '3600'),       # empty
+    ('local.sh', ['--grace'], '--grace', '90'),
+    ('local.sh', ['--python', '--', '--config=x'], '--python', 'python3'),
+    ('tpu_vm.sh', ['create', '--name'], '--name', 'exp1'),
+    ('tpu_vm.sh', ['--zone'], '--zone', 'us-central2-b'),
+    ('tpu_vm.sh', ['--zone=', 'create'], '--zone', 'us-central2-b'),
+    ('tpu_vm.sh', ['--zone=z', '--project', '--dry-run', 'create'], '--project', 'my-project'),
+    ('tpu_vm.sh', ['--zone=z', '--accelerator-type'], '--accelerator-type', 'v4-8'),
+    ('tpu_vm.sh', ['--zone=z', '--version'], '--version', 'tpu-ubuntu2204-base'),
+    ('tpu_vm.sh', ['--zone=z', '--worker'], '--worker', '0'),
+], ids=lambda v: ' '.join(v) if isinstance(v, list) else None)
+def test_an_option_without_its_value_is_named(script, args, option, example):
+  """Not bash's own `line 46: 2: parameter null or not set` (status 1): the option and an example."""
+  r = _run(script, *args)
+  assert r.returncode == 2 and r.stdout == '', r.stdout
+  assert r.stderr.strip() == f'{script}: {option} needs a value, e.g. {option} {example}.'
+
+
+def test_local_refuses_an_unknown_option_before_main_args():
+  """A typo of its own option (--cpu-device) reached main.py as an unknown flag; main.py's own
+  flags may still come without the --."""
+  base = ['--dry-run', '--port', '1', '--python', sys.executable]
+  for unknown in ('--cpu-device', '-N', 'fast'):
+    r = _run('local.sh', *base, unknown, '1', '--', '--config=configs/default.py')
+    assert r.returncode == 2 and r.stdout == '', r.stdout
+    kind = 'option' if unknown.startswith('-') else 'argument'
+    assert r.stderr.strip() == (
+        f"local.sh: unknown {kind} '{unknown}'; local.sh's options are -n, --cpu-devices, "
+        '--gpus-per-process, --port, --timeout, --grace, --python and --dry-run, and arguments '
+        'for imgcls_jax.main go after --.')
+  for main_args in (MAIN_ARGS, ['--workdir', '/tmp/w', '--config=configs/default.py'],
+                    ['--config.optim.learning_rate=0.1', '--config=configs/default.py'],
+                    ['--mode=predict', '--workdir=/tmp/w'], ['-config', 'configs/default.py']):
+    r = _run('local.sh', *base, *main_args)
+    assert r.returncode == 0, r.stderr
+    assert _after_main(_commands(r.stdout)[0])[:len(main_args)] == main_args
+
+
 SLURM_ENV = {'SLURM_JOB_ID': '4321', 'SLURM_JOB_NODELIST': 'gpu[007-010],gpu012',
              'SLURM_JOB_NUM_NODES': '5', 'SLURM_GPUS_ON_NODE': '4', 'DRY_RUN': '1'}
 
@@ -185,6 +229,23 @@ def test_slurm_refuses_bad_layouts_and_running_outside_slurm():
   assert r.returncode == 2 and 'not inside a SLURM job' in r.stderr
 
 
+@pytest.mark.parametrize('env, example', [
+    ({'TASKS_PER_NODE': '0'}, '1'),        # was bash's `division by 0` first
+    ({'NODES': 'abc'}, '2'),               # went into srun --nodes=abc
+    ({'GPUS_PER_NODE': '0'}, '8'),         # an empty local_device_ids=
+    ({'GPUS_PER_NODE': 'a100:0'}, '8'),
+    ({'CPUS_ON_NODE': 'many'}, '64'),
+    ({'SLURM_NTASKS_PER_NODE': 'x(x2)'}, '1'),
+], ids=lambda v: ' '.join(f'{k}={x}' for k, x in v.items()) if isinstance(v, dict) else None)
+def test_slurm_dry_run_counts_must_be_positive_integers(env, example):
+  ((name, value),) = env.items()
+  r = _run('slurm.sbatch', *MAIN_ARGS, env={'DRY_RUN': '1', **env})
+  assert r.returncode == 2 and r.stdout == '', r.stdout
+  value = value.split(':')[-1].split('(')[0]
+  assert r.stderr.strip() == (f"slurm.sbatch: {name} must be a positive integer (e.g. "
+                              f"{name}={example}), not '{value}'.")
+
+
 def _remote_main_args(ssh_argv: list[str]) -> list[str]:
   """MAIN_ARGS as the run's ``--command`` (a shell line with ``setsid bash -c 'TRAIN'``) passes
   them."""
@@ -265,6 +326,16 @@ def test_tpu_vm_single_actions_and_errors():
   assert joined.returncode == 0, joined.stderr
   assert _commands(joined.stdout) == _commands(spaced.stdout)
   assert '--accelerator-type=v4-32' in _commands(joined.stdout)[0]
+
+
+def test_tpu_vm_refuses_more_than_one_action():
+  """The usage gives one ACTION: `create delete` ran only the delete, `run logs` never started the
+  run."""
+  for actions in (['create', 'delete'], ['run', 'logs'], ['stop', 'stop', 'delete']):
+    r = _run('tpu_vm.sh', '--zone', 'z', '--dry-run', *actions, '--', *MAIN_ARGS)
+    assert r.returncode == 2 and r.stdout == '', r.stdout
+    assert r.stderr.strip() == (f'tpu_vm.sh: give one ACTION, not {len(actions)} '
+                                f'({" ".join(actions)}); run tpu_vm.sh once for each, or use all.')
 
 
 # ---- tpu_vm.sh really running, against a stand-in gcloud whose "workers" are this machine ----
@@ -381,6 +452,27 @@ def test_tpu_vm_run_is_detached_and_followed_stopped_by_logs_and_stop(fake_tpu):
   assert r.returncode == 0, r.stderr
   assert 'arg:--workdir=/shared/runs/exp 1' in r.stdout and 'saved a checkpoint' in r.stdout
   assert r.stdout.rstrip().endswith(': 0')
+
+
+def test_tpu_vm_stop_with_no_run_going_says_so(fake_tpu):
+  """No pid file printed pkill's usage text; a run that had ended, nothing at all (status 1)."""
+  repo, env, home, where = fake_tpu
+  no_run = f'tpu_vm.sh: no run is going on {os.uname().nodename}, so there is nothing to stop.'
+  r = _tpu(repo, env, *where, 'stop')                   # none ever started
+  assert (r.returncode, r.stdout.strip(), r.stderr) == (0, no_run, '')
+  r = _tpu(repo, {**env, 'FAKE_EXIT': '0'}, *where, 'run', '--', *MAIN_ARGS)
+  assert r.returncode == 0, r.stderr
+  pid = int((home / 'imgcls_run.pid').read_text())
+  deadline = time.monotonic() + 20                      # the run ends by itself
+  while time.monotonic() < deadline:
+    try:
+      os.kill(pid, 0)
+    except ProcessLookupError:
+      break
+    time.sleep(0.1)
+  assert (home / 'imgcls_run.status').read_text().strip() == '0'
+  r = _tpu(repo, env, *where, 'stop')
+  assert (r.returncode, r.stdout.strip(), r.stderr) == (0, no_run, '')
 
 
 @pytest.mark.parametrize('script', ['local.sh', 'tpu_vm.sh'])
