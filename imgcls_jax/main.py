@@ -8,6 +8,7 @@ the problem and the fix (exit status 2), and so does a full or read-only disk.
 """
 from __future__ import annotations
 
+import ast
 import importlib
 import importlib.util
 import logging
@@ -15,6 +16,7 @@ import os
 import re
 import sys
 import textwrap
+from typing import Any
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before anything imports TensorFlow
 os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')  # quieter, and deterministic TF CPU kernels
@@ -131,6 +133,40 @@ def _explain_value_error(argv: list[str], msg: str) -> str:
   return f'Bad config value: {msg}.'
 
 
+def _literal(text: str) -> Any:
+  """A flag's value as a Python literal (``4``, ``(1, 2)``, ``True``), else the string."""
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def _fold_new_model_keys(argv: list[str]) -> list[str]:
+  """``argv`` with ``--config.model.KEY=VALUE`` flags folded into one ``--config.model={...}``
+  when one of them names a KEY the model group does not hold (a constructor argument the config
+  file leaves at its default, e.g. ``patch_size``): the config parser only overrides keys that
+  exist. The group is the last ``--config.model=`` literal given (then the flags after it are
+  folded), else the config file's (then every ``--config.model.KEY`` flag is, in order); the model
+  table checks each key against the constructor, name and type. The same list when no flag names
+  a new key, or when the group cannot be read (the parser then says what is wrong)."""
+  flagged = [i for i, a in enumerate(argv) if re.match(r'--config\.model\.\w+=', a)]
+  whole = [i for i, a in enumerate(argv) if a.startswith('--config.model=')]
+  if whole:
+    group, flagged = _literal(argv[whole[-1]].split('=', 1)[1]), [i for i in flagged
+                                                                  if i > whole[-1]]
+  else:
+    config = _argv_config(argv) if flagged else None
+    group = config.model.to_dict() if config is not None and 'model' in config else None
+  split = {i: argv[i][len('--config.model.'):].split('=', 1) for i in flagged}
+  if not isinstance(group, dict) or all(key in group for key, _ in split.values()):
+    return argv
+  for key, value in split.values():
+    group[key] = _literal(value)
+  at = whole[-1] if whole else flagged[0]
+  return [f'--config.model={group!r}' if i == at else a for i, a in enumerate(argv)
+          if i == at or i not in split]
+
+
 def parse(argv: list[str]):
   """Parses flags; returns (config, workdir, mode) or raises _CliError with one clear line.
 
@@ -140,6 +176,9 @@ def parse(argv: list[str]):
   if mode_arg(argv) in TRAINED_RUN_MODES and not any(a.startswith('--config=') for a in argv):
     argv = [argv[0], f'--config={configlib.default_config_path()}', *argv[1:]]
     sys.argv = argv  # config_flags reads the override flags' names from sys.argv
+  folded = _fold_new_model_keys(argv)
+  if folded is not argv:
+    argv = sys.argv = folded
   given = [a.split('=')[0] for a in argv[1:] if a.startswith('--config.')]
   if given and not any(a == '--config' or a.startswith('--config=') for a in argv):
     raise _CliError(f'{given[0]} sets a key of a config file, and none was given: add '

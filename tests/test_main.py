@@ -70,16 +70,56 @@ def test_names_in_the_config_are_checked_before_the_dataset_is_read(group, key, 
     run.setup(c)
 
 
+@pytest.mark.parametrize('group, pattern', [
+    ({'name': 'efficientnet_b0', 'small_inputs': 'no'},   # 'no' would read as True
+     r"config.model.small_inputs='no' must be True or False \(model 'efficientnet_b0's default "
+     r'is False\)'),
+    ({'name': 'cnn', 'convs_per_stage': 2.5}, r'convs_per_stage=2.5 must be a whole number'),
+    ({'name': 'vit_ti16', 'patch_size': 4, 'pool': 1}, r'pool=1 must be a string'),
+])
+def test_a_model_group_given_whole_is_type_checked(group, pattern):
+  """A group given whole (--config.model="{...}") bypasses the parser's type checks."""
+  import ml_collections
+  from configs import default
+  from imgcls_jax import run
+  from imgcls_jax.errors import UserError
+  c = default.get_config()
+  c.data.name = 'no_such_set'
+  c.model = ml_collections.ConfigDict(group)
+  with pytest.raises(UserError, match=pattern):
+    run.setup(c)
+
+
 def test_a_model_family_is_switched_by_replacing_the_model_group(tmp_path):
   """--config.model="{...}" replaces the config file's model group (no cnn keys are left)."""
   script = ('import sys; from imgcls_jax import main, models; c, _, _ = main.parse(sys.argv); '
             'models.check_arguments(c.model.name, c.model.keys()); print(sorted(c.model.items()))')
   group = "--config.model={'name': 'resnet18', 'small_inputs': True}"
   proc = subprocess.run([sys.executable, '-c', script, '--config=configs/default.py',
-                         f'--workdir={tmp_path}', group], cwd=REPO, env=subprocess_env(1),
-                        capture_output=True, text=True, timeout=300)
+                         f'--workdir={tmp_path}', group, '--config.model.width=8'], cwd=REPO,
+                        env=subprocess_env(1), capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
-  assert proc.stdout.strip() == "[('name', 'resnet18'), ('small_inputs', True)]"
+  assert proc.stdout.strip() == "[('name', 'resnet18'), ('small_inputs', True), ('width', 8)]"
+
+
+@pytest.mark.parametrize('argv, folded', [
+    # A constructor argument the config file does not set joins the file's model group.
+    (['--config=configs/cifar10_resnet18.py', '--config.model.width=8', '--workdir=w'],
+     ['--config=configs/cifar10_resnet18.py',
+      "--config.model={'name': 'resnet18', 'small_inputs': True, 'width': 8}", '--workdir=w']),
+    # ... or the group given whole before it; the flags before that group are replaced by it.
+    (['--config=configs/default.py', '--config.model.dropout=0.5',
+      "--config.model={'name': 'vit_ti16'}", '--config.model.patch_size=4',
+      '--config.model.pool=gap'],
+     ['--config=configs/default.py', '--config.model.dropout=0.5',
+      "--config.model={'name': 'vit_ti16', 'patch_size': 4, 'pool': 'gap'}"]),
+    # Keys the group holds stay flags of their own (the parser checks their types).
+    (['--config=configs/default.py', '--config.model.dropout=0.5'],
+     ['--config=configs/default.py', '--config.model.dropout=0.5']),
+])
+def test_model_keys_the_config_file_does_not_set_join_its_model_group(argv, folded):
+  from imgcls_jax import main
+  assert main._fold_new_model_keys(['imgcls_jax.main', *argv]) == ['imgcls_jax.main', *folded]
 
 
 def test_cpu_devices_split_the_host_for_data_parallel_training(tmp_path):

@@ -189,12 +189,41 @@ def check_arguments(name: str, keys: Iterable[str]) -> None:
                   + f"; its arguments: {', '.join(own) or 'none'}.")
 
 
+def _kind(default: Any) -> tuple[Callable[[Any], bool], str] | None:
+  """(a test of a value, its words) for the type of a constructor's default; None: any value."""
+  if isinstance(default, bool):
+    return (lambda v: isinstance(v, bool)), 'True or False'
+  if isinstance(default, int):
+    return (lambda v: isinstance(v, int) and not isinstance(v, bool)), 'a whole number'
+  if isinstance(default, float):
+    return (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)), 'a number'
+  if isinstance(default, str):
+    return (lambda v: isinstance(v, str)), 'a string'
+  if isinstance(default, tuple):
+    return (lambda v: isinstance(v, (tuple, list))), 'a tuple'
+  return None
+
+
+def check_types(name: str, kwargs: dict[str, Any]) -> None:
+  """UserError for a config.model value of another type than its default in model ``name``'s
+  constructor (e.g. ``small_inputs='no'``, which Python would take as True): a group given as a
+  whole (``--config.model="{...}"``) is not type-checked by the config parser."""
+  params, bound, _ = arguments(name)
+  defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+  defaults.update(bound)
+  for key, value in kwargs.items():
+    kind = _kind(defaults.get(key))
+    if kind is not None and value is not None and not kind[0](value):
+      raise UserError(f'config.model.{key}={value!r} must be {kind[1]} (model \'{name}\'s '
+                      f'default is {defaults[key]!r}).')
+
+
 def get(name: str, **kwargs: Any) -> nnx.Module:
   """Builds the model registered as ``name`` with constructor ``kwargs``."""
   constructor = family(name).constructor
   try:
     return constructor(**kwargs)
-  except (TypeError, ValueError, ArithmeticError) as e:   # a missing / unknown / impossible value
+  except (TypeError, ValueError, ArithmeticError, KeyError) as e:   # a bad / impossible value
     raise UserError(f"Bad arguments for model '{name}' ({type(e).__name__}: {e}); check the "
                     'config.model keys.') from None
 
