@@ -359,7 +359,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint.best_metric = 'accuracy'   # eval metric that ranks them ('accuracy', 'loss', ...)
   c.checkpoint.best_mode = 'max'          # 'max' or 'min' ('min' for 'loss')
 
-  # ---- transfer learning (imgcls_jax/transfer.py, imgcls_jax/torch_import.py) ----
+  # ---- transfer learning (imgcls_jax/transfer.py, imgcls_jax/torch_import/) ----
   c.transfer = ml_collections.ConfigDict()
   # Weights to start from when the workdir has no checkpoint yet: a run directory of this project
   # (or its checkpoints/<step>), or a local .safetensors / .pt / .pth file of a torchvision- or

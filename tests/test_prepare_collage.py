@@ -154,3 +154,18 @@ def test_command_is_idempotent_and_rejects_bad_arguments(fmnist, tmp_path):
     f.write('x')
   r = _cli(f'--out={tmp_path}', '--train=4')
   assert r.returncode == 2 and 'does not hold a collage' in r.stderr
+
+
+def test_a_missing_collage_manifest_is_named_with_the_command_that_writes_it(tmp_path):
+  from configs import fashion_mnist_collage
+  from imgcls_jax.data import folder_layout
+  from imgcls_jax.errors import UserError
+  c = fashion_mnist_collage.get_config()
+  c.data.manifest = str(tmp_path / 'fashion_mnist_collage' / 'manifest.csv')
+  with pytest.raises(UserError, match=(
+      r'does not exist; write it with python -m imgcls_jax.data.prepare_collage '
+      f'--out={tmp_path}/fashion_mnist_collage, or point it at another CSV file')):
+    folder_layout.source_of(c.data)
+  c.data.manifest = str(tmp_path / 'mine.csv')   # any other manifest: no such command
+  with pytest.raises(UserError, match='does not exist; point it at a CSV file of path,label'):
+    folder_layout.source_of(c.data)

@@ -89,7 +89,9 @@ class ArraysFile:
         contents = {k: z[k] for k in z.files}
     except FileNotFoundError:
       raise UserError(f'{where}: no such file; write one with `python -m '
-                      'imgcls_jax.data.write_arrays` (see imgcls_jax/data/arrays.py).') from None
+                      'imgcls_jax.data.write_arrays --dataset=TFDS_NAME (or --folder=ROOT, '
+                      f'--manifest=CSV) --output={path}` (see imgcls_jax/data/write_arrays.py).'
+                      ) from None
     except Exception as e:  # zipfile / pickle / OSError: the file is not a usable .npz
       raise UserError(f'{where} is not a readable .npz of arrays ({first_line(e, limit=200)}); '
                       'write it with numpy.savez (see imgcls_jax/data/arrays.py).'

@@ -33,6 +33,11 @@ from imgcls_jax.data import manifest
 from imgcls_jax.errors import UserError
 
 NAME = 'image_folder'  # config.data.name of the user's images (folders or a manifest)
+# The folders a command of this package writes a manifest.csv into (the config files' defaults):
+# a missing one is named with the command that makes it.
+PREPARED_MANIFESTS = {
+    'fashion_mnist_collage': 'python -m imgcls_jax.data.prepare_collage --out={dir}',
+}
 ALL = 'all'            # the split of every image of a folder without split directories / a manifest
 VALIDATION = 'validation'  # the split data.validation_fraction carves out of the train split
 
@@ -92,7 +97,10 @@ def source_of(data: ml_collections.ConfigDict) -> Source:
                       'CSV file of path,label rows (a folder of class directories goes in '
                       'config.data.folder).')
     if not os.path.isfile(path):
-      raise UserError(f'The manifest {path} (config.data.manifest) does not exist; point it at a '
+      made_by = PREPARED_MANIFESTS.get(os.path.basename(os.path.dirname(path)))
+      fix = (f'write it with {made_by.format(dir=os.path.dirname(path))}, or point it at another'
+             if made_by and os.path.basename(path) == 'manifest.csv' else 'point it at a')
+      raise UserError(f'The manifest {path} (config.data.manifest) does not exist; {fix} '
                       'CSV file of path,label rows.')
     return Source(kind='manifest', location=path, root=os.path.dirname(path), **common)
   if common['multilabel']:
