@@ -101,7 +101,7 @@ def get_config() -> ml_collections.ConfigDict:
   #   convnext_*:     drop_path_rate (torchvision's 0.1 / 0.4 / 0.5), stem_patch (4; 1-2 for
   #                   28-32 px), layer_scale (1e-6), depths / widths
   #   efficientnet_*: drop_path_rate (0.2), dropout (0.2-0.3), small_inputs, width_mult / depth_mult
-  #   mobilenet_v3_*: dropout (0.2), small_inputs, width_mult
+  #   mobilenet_v3_*: dropout (0.2), small_inputs, width_mult (last_channel too), last_channel
 
   c.dtype = 'float32'                     # compute dtype: 'float32' or 'bfloat16' (params stay f32)
 

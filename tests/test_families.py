@@ -86,6 +86,43 @@ def test_parameter_count_matches_torchvision(name):
     assert ours == ISSUE_COUNTS[name]
 
 
+@pytest.mark.parametrize('name', ['mobilenet_v3_small', 'mobilenet_v3_large'])
+@pytest.mark.parametrize('width_mult', [0.5, 0.75])
+def test_mobilenet_width_mult_scales_every_width_as_torchvision(name, width_mult):
+  """``width_mult`` scales the ``pre_logits`` width too (torchvision's ``last_channel``): the
+  parameter counts are torchvision's at widths other than 1 (large at 0.5: 1,734,576)."""
+  import torch
+  tv = torch_reference.torchvision()
+  if tv is None:
+    pytest.skip('torchvision is not installed')
+  with torch.device('meta'):
+    want = sum(p.numel() for p in getattr(tv.models, name)(width_mult=width_mult).parameters())
+  ours = _count(nnx.eval_shape(lambda: models.get(name, num_classes=1000, in_channels=3,
+                                                  rngs=nnx.Rngs(0), width_mult=width_mult)))
+  assert ours == want
+
+
+@pytest.mark.parametrize('name, kw, match', [
+    ('resnet18', dict(block='bottlenek'), r"^config.model.block='bottlenek' is not one of basic, "
+                                          r'bottleneck\.$'),
+    ('mobilenet_v3_small', dict(arch='tiny'), r"^config.model.arch='tiny' is not one of small, "
+                                              r'large\.$'),
+    # the rate given is named (not a block's share of it), with or without residual blocks
+    ('efficientnet_b0', dict(drop_path_rate=1.5),
+     r'^config.model.drop_path_rate must be in \[0, 1\), got 1.5\.$'),
+    ('efficientnet_b0', dict(drop_path_rate=1.5, depth_mult=0.25),
+     r'^config.model.drop_path_rate must be in \[0, 1\), got 1.5\.$'),
+    ('efficientnet_b0', dict(drop_path_rate=1.02),
+     r'^config.model.drop_path_rate must be in \[0, 1\), got 1.02\.$'),
+    ('resnet18', dict(drop_path_rate=1.5, stage_sizes=(1,)),
+     r'^config.model.drop_path_rate must be in \[0, 1\), got 1.5\.$'),
+])
+def test_bad_cnn_config_values_are_user_errors_naming_the_value(name, kw, match):
+  """Refused before any parameter is made (so built eagerly: nothing is initialised)."""
+  with pytest.raises(UserError, match=match):
+    models.get(name, num_classes=10, in_channels=3, rngs=nnx.Rngs(0), **kw)
+
+
 def _model(name: str, rngs: nnx.Rngs | None = None, **kw) -> nnx.Module:
   kw = {**SMALL[name], **kw}
   return models.get(name, num_classes=5, in_channels=3, rngs=rngs or nnx.Rngs(0), **kw)

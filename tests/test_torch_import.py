@@ -405,6 +405,10 @@ IMPORTS = {
                                     'safetensors'),
     'torchvision_mobilenet_v3_large': ('mobilenet_v3_large', {}, lambda: _tv('mobilenet_v3_large'),
                                        'pt'),
+    # width_mult scales the pre_logits width too, as torchvision's
+    'torchvision_mobilenet_v3_small_w05': ('mobilenet_v3_small', dict(width_mult=0.5),
+                                           lambda: _tv('mobilenet_v3_small', width_mult=0.5),
+                                           'safetensors'),
 }
 
 
@@ -634,7 +638,8 @@ def test_a_vits_head_count_is_assumed_with_a_warning_and_config_model_num_heads_
   assert ("the import assumes config.model.num_heads, else config.model.name's default (vit_ti16: "
           '3, vit_s16: 6, vit_b16: 12); if it was trained with another count') in caplog.text
   caplog.clear()
-  arch = {'name': 'vit_ti16', 'width': 96, 'depth': 2, 'mlp_dim': 384, 'image_size': 32}
+  arch = {'name': 'vit_ti16', 'width': 96, 'depth': 2, 'mlp_dim': 384, 'image_size': 32,
+          'pool': 'token'}   # (the pooling set: no warning of the pooling assumed)
   with caplog.at_level(logging.WARNING):
     assumed = torch_import.load(path, model=arch)
   assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
@@ -654,3 +659,33 @@ def test_a_vits_head_count_is_assumed_with_a_warning_and_config_model_num_heads_
   rel = np.abs(got - want).max() / np.abs(want).max()
   print(f'8 heads: max |logit diff| / max |logit| = {rel:.2e}')
   assert np.ptp(want) > 0.1 and rel < 1e-5, rel
+
+
+def test_a_vits_pooling_with_a_class_token_is_assumed_with_a_warning(caplog):
+  """Nothing in a state dict says whether the head read the class token or the mean of the patch
+  tokens (timm's global_pool='avg', fc_norm=False, which imports as pool='token' without an error
+  and answers wrongly): the import says which pooling it assumed, unless config.model sets
+  pool; a ViT without a class token (pool='gap' alone fits it) is not warned of."""
+  import logging
+  small = dict(img_size=32, embed_dim=32, depth=1, num_heads=2, fc_norm=False)
+  avg = _timm('vit_tiny_patch16_224', global_pool='avg', **small)
+  state = {k: v.numpy() for k, v in avg.state_dict().items()}
+  with caplog.at_level(logging.WARNING):
+    torch_import.convert(state, origin='vit_avg.pt')
+  assert [r.getMessage() for r in caplog.records if 'pool' in r.getMessage()] == [
+      "vit_avg.pt holds a ViT with a class token, and whether its head reads that token or the "
+      "mean of the patch tokens (timm's global_pool='avg') is in none of its tensors: the import "
+      "assumes the token (config.model.pool='token'); weights trained with the mean import "
+      "without an error but answer wrongly (this project's ViT cannot pool so: its pool='gap' is "
+      "for a ViT without a class token); set config.model.pool='token' to say that they read the "
+      'token.']
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    torch_import.convert(state, origin='vit_avg.pt',
+                         model={'name': 'vit_ti16', 'num_heads': 2, 'pool': 'token'})
+  assert not caplog.records
+  no_token = _timm('vit_tiny_patch16_224', global_pool='avg', class_token=False, **small)
+  with caplog.at_level(logging.WARNING):
+    torch_import.convert({k: v.numpy() for k, v in no_token.state_dict().items()},
+                         origin='vit_gap.pt', model={'name': 'vit_ti16', 'num_heads': 2})
+  assert not caplog.records

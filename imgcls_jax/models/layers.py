@@ -212,8 +212,18 @@ def make_divisible(value: float, divisor: int = 8) -> int:
   return new + divisor if new < 0.9 * value else new
 
 
+def check_drop_path_rate(rate: float) -> None:
+  """UserError unless ``rate`` (config.model.drop_path_rate as given) is in [0, 1): checked
+  before it is scaled per block, so that the message names the value given and a model with no
+  residual block (or one) refuses it too."""
+  if not 0.0 <= rate < 1.0:
+    raise UserError(f'config.model.drop_path_rate must be in [0, 1), got {rate}.')
+
+
 def drop_path_rates(rate: float, num_blocks: int) -> list[float]:
-  """Stochastic-depth rate per block, increasing linearly from 0 to ``rate`` (timm's rule)."""
+  """Stochastic-depth rate per block, increasing linearly from 0 to ``rate`` (timm's rule);
+  ``rate`` is checked first (``check_drop_path_rate``)."""
+  check_drop_path_rate(rate)
   if num_blocks <= 1:
     return [0.0] * num_blocks
   return [rate * i / (num_blocks - 1) for i in range(num_blocks)]
@@ -234,8 +244,7 @@ class DropPath(nnx.Module):
 
 def drop_path(rate: float, *, ndim: int, rngs: nnx.Rngs) -> DropPath | None:
   """A DropPath module, or None when ``rate`` is 0 (no RNG state kept for it)."""
-  if not 0.0 <= rate < 1.0:
-    raise UserError(f'config.model.drop_path_rate must be in [0, 1), got {rate}.')
+  check_drop_path_rate(rate)
   return DropPath(rate, ndim=ndim, rngs=rngs) if rate > 0 else None
 
 

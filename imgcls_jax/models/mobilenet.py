@@ -4,7 +4,9 @@ PyTorch momentum 0.01), a 1x1 conv to 6x the last width, then ``pre_logits`` (li
 + dropout) and the linear ``head``.
 
 Parameters: ``stem``, ``blocks.<i>`` (``expand``, ``dwconv``, ``se``, ``project``), ``last_conv``,
-``pre_logits``, ``head``. ``width_mult`` scales every width (multiples of 8);
+``pre_logits``, ``head``. ``width_mult`` scales every width to a multiple of 8 (``scaled``),
+the ``pre_logits`` width ``last_channel`` (1024 small, 1280 large) included, as torchvision's
+``mobilenet_v3_*(width_mult=...)`` does, so that its weights at any ``width_mult`` import;
 ``small_inputs=True`` makes the stem stride 1, for 8-32 px images.
 """
 from __future__ import annotations
@@ -33,22 +35,30 @@ SMALL = ((16, 3, 16, 16, True, 'relu', 2), (16, 3, 72, 24, False, 'relu', 2),
          (40, 5, 120, 48, True, 'hardswish', 1), (48, 5, 144, 48, True, 'hardswish', 1),
          (48, 5, 288, 96, True, 'hardswish', 2), (96, 5, 576, 96, True, 'hardswish', 1),
          (96, 5, 576, 96, True, 'hardswish', 1))
-# name -> (block table, width of pre_logits)
+# name -> (block table, width of pre_logits at width_mult 1)
 SIZES = {'mobilenet_v3_small': ('small', 1024), 'mobilenet_v3_large': ('large', 1280)}
 _TABLES = {'small': SMALL, 'large': LARGE}
 _BN = dict(bn_eps=1e-3, bn_momentum=0.99)
 
 
+def scaled(channels: int, width_mult: float) -> int:
+  """A width of the tables (or ``last_channel``) at ``width_mult``: torchvision's
+  ``adjust_channels``, the nearest multiple of 8."""
+  return layers.make_divisible(channels * width_mult, 8)
+
+
 class MobileNetV3(nnx.Module):
-  """MobileNetV3 ``arch`` ('small' or 'large') at ``width_mult``."""
+  """MobileNetV3 ``arch`` ('small' or 'large') at ``width_mult``; ``last_channel`` is the
+  ``pre_logits`` width before scaling (torchvision's 1024 / 1280 at width_mult 1), so that the
+  model at any ``width_mult`` has torchvision's shapes."""
 
   def __init__(self, *, num_classes: int, in_channels: int, rngs: nnx.Rngs, arch: str,
                last_channel: int, width_mult: float = 1.0, dropout: float = 0.2,
                small_inputs: bool = False, dtype: Any = 'float32'):
     if arch not in _TABLES:
-      raise UserError(f"MobileNetV3 arch '{arch}' is not one of {', '.join(_TABLES)}.")
+      raise UserError(f"config.model.arch='{arch}' is not one of {', '.join(_TABLES)}.")
     dtype = layers.as_dtype(dtype)
-    ch = lambda c: layers.make_divisible(c * width_mult, 8)  # noqa: E731
+    ch = lambda c: scaled(c, width_mult)  # noqa: E731
     table = _TABLES[arch]
     self.stem = layers.ConvNormAct(in_channels, ch(16), 3, stride=1 if small_inputs else 2,
                                    act='hardswish', dtype=dtype, rngs=rngs, **_BN)
@@ -61,9 +71,9 @@ class MobileNetV3(nnx.Module):
     last_in = ch(table[-1][3])
     self.last_conv = layers.ConvNormAct(last_in, 6 * last_in, 1, act='hardswish', dtype=dtype,
                                         rngs=rngs, **_BN)
-    self.pre_logits = layers.dense(6 * last_in, last_channel, dtype=dtype, rngs=rngs)
+    self.pre_logits = layers.dense(6 * last_in, ch(last_channel), dtype=dtype, rngs=rngs)
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
-    self.head = layers.dense(last_channel, num_classes, dtype=dtype, rngs=rngs)
+    self.head = layers.dense(ch(last_channel), num_classes, dtype=dtype, rngs=rngs)
 
   def features(self, x_BxHxWxC: jax.Array, *, train: bool = False) -> jax.Array:
     """Pooled output of the last conv ``feat_BxD``."""

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from imgcls_jax.errors import UserError
 from imgcls_jax.models import layers
 
 
@@ -92,6 +93,8 @@ class ResNet(nnx.Module):
                stage_sizes: Sequence[int], block: str, width: int = 64,
                small_inputs: bool = False, drop_path_rate: float = 0.0,
                dtype: Any = 'float32'):
+    if block not in _BLOCKS:
+      raise UserError(f"config.model.block={block!r} is not one of {', '.join(_BLOCKS)}.")
     dtype = layers.as_dtype(dtype)
     block_cls = _BLOCKS[block]
     rates = iter(layers.drop_path_rates(drop_path_rate, sum(stage_sizes)))

@@ -54,7 +54,8 @@ def convert(state_dict: Mapping[str, np.ndarray], origin: str = 'the weights fil
             model: Mapping[str, Any] | None = None) -> Weights:
   """Renames and re-lays-out a torchvision/timm state dict of a known family into this project's
   naming; ``model`` is ``config.model`` where known (a ViT's head count is assumed from it, with
-  a warning unless it sets ``num_heads``: ``vit.say_assumed_heads``)."""
+  a warning unless it sets ``num_heads``: ``vit.say_assumed_heads``; its pooling likewise, unless
+  it sets ``pool``: ``vit.say_assumed_pool``)."""
   keys = set(state_dict)
   if vit.detect(keys):
     return vit.convert(state_dict, origin, model)

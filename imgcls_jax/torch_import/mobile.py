@@ -78,9 +78,9 @@ def _efficientnet_facts(kw: dict[str, Any]) -> tuple[int, int, int]:
 
 def _mobilenet_facts(kw: dict[str, Any]) -> tuple[int, int, int, int]:
   """(stem width, blocks, last_conv width, pre_logits width) of a MobileNetV3 built with ``kw``."""
-  ch = lambda c: layers.make_divisible(c * kw['width_mult'], 8)  # noqa: E731
+  ch = lambda c: mobilenet.scaled(c, kw['width_mult'])  # noqa: E731
   table = {'small': mobilenet.SMALL, 'large': mobilenet.LARGE}[kw['arch']]
-  return ch(table[0][0]), len(table), 6 * ch(table[-1][3]), kw['last_channel']
+  return ch(table[0][0]), len(table), 6 * ch(table[-1][3]), ch(kw['last_channel'])
 
 
 def model_name(params: dict[str, np.ndarray], family: str) -> str | None:

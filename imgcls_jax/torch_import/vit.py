@@ -9,7 +9,12 @@ state dict records it (timm's ``qk_norm`` variants hold the head width in ``attn
 those are not imported): the model gets ``config.model.num_heads``, else its name's default
 (``vit_b16``: 12), and weights trained with another count import without an error and answer
 wrongly (timm's ``vit_base_patch16_gap_224`` has 16). ``convert`` says in one warning which count
-it assumed, unless ``config.model`` (``model``) sets ``num_heads``.
+it assumed, unless ``config.model`` (``model``) sets ``num_heads``. Nor is the pooling of a ViT
+with a class token recorded: it imports as ``pool='token'`` (the class token's output feeds the
+head), and one trained with timm's ``global_pool='avg'`` (the mean of the patch tokens next to a
+class token, without ``fc_norm``) imports without an error and answers wrongly; this project's
+ViT has no such pooling (its ``pool='gap'`` has no class token). ``convert`` says so in one warning,
+unless ``config.model`` sets ``pool``.
 
 Weights from another image size (``fit_positions``): the patch position embeddings are resampled to
 the model's patch grid as timm's ``resample_abs_pos_embed`` does when it loads weights at another
@@ -92,10 +97,25 @@ def say_assumed_heads(weights: Weights, model: Mapping[str, Any] | None) -> None
                   'answers wrongly without an error.', weights.origin, assumed)
 
 
+def say_assumed_pool(weights: Weights, model: Mapping[str, Any] | None) -> None:
+  """The warning that these ViT weights, which hold a class token, are assumed to pool with it
+  (``pool='token'``), unless ``model`` (``config.model``, None when not known) sets ``pool``."""
+  if 'class_token' not in weights.params or (model is not None and 'pool' in model):
+    return
+  logging.warning("%s holds a ViT with a class token, and whether its head reads that token or "
+                  "the mean of the patch tokens (timm's global_pool='avg') is in none of its "
+                  "tensors: the import assumes the token (config.model.pool='token'); weights "
+                  'trained with the mean import without an error but answer wrongly (this '
+                  "project's ViT cannot pool so: its pool='gap' is for a ViT without a class "
+                  "token); set config.model.pool='token' to say that they read the token.",
+                  weights.origin)
+
+
 def convert(state_dict: Mapping[str, np.ndarray], origin: str,
             model: Mapping[str, Any] | None = None) -> Weights:
   """A torchvision/timm ViT state dict in this project's naming; ``model`` (``config.model``,
-  None when not known) words the warning of the head count assumed (``say_assumed_heads``)."""
+  None when not known) words the warnings of the head count and pooling assumed
+  (``say_assumed_heads``, ``say_assumed_pool``)."""
   out = Builder('ViT (torchvision VisionTransformer or timm vit_*)', origin)
   for key, value in state_dict.items():
     if key in _RAW:
@@ -118,6 +138,7 @@ def convert(state_dict: Mapping[str, np.ndarray], origin: str,
       out.reject(key, value)
   weights = out.weights('conv_proj.kernel', model_name)
   say_assumed_heads(weights, model)
+  say_assumed_pool(weights, model)
   return weights
 
 
