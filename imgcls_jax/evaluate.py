@@ -61,13 +61,6 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str,
                     'installed; run pip install -e . in the checkout, or set '
                     '--config.evaluate.label_issues=False.')
     issues = False
-  if (per_example or issues) and jax.process_count() > 1:
-    logging.warning('The per-example listing (config.evaluate.errors), the label-issue search '
-                    'and a tagging run\'s bootstrap intervals are gathered on one host; skipped '
-                    'with %d processes (the metrics are exact). For them, run --mode=evaluate '
-                    'in one process: python -m imgcls_jax.main --mode=evaluate --workdir=...',
-                    jax.process_count())
-    shown, per_example, issues = 0, False, False
   ood_files = None
   if e.get('ood_inputs'):
     if tagged:

@@ -121,13 +121,13 @@ def outcomes_pass(r: Restored, tta: str = '', *, keep_images: int = 0,
                   num_bins: int | None = None, keep_probs: bool = False,
                   keep_scores: bool = False
                   ) -> tuple[Outcomes | TagOutcomes, dict[str, np.ndarray] | None]:
-  """The ``Outcomes`` (multi-label: ``TagOutcomes``) of every example of ``r.split`` (one
-  process: every row comes back to the host), keeping the images of the ``keep_images`` examples
-  with the most confident errors (single-label, ``keep_probs``: and every class's probability);
-  with ``num_bins``, also the eval step's summed statistics, from the same pass."""
-  if jax.process_count() > 1:
-    raise UserError('Per-example predictions are gathered on one host; run this mode with a '
-                    'single process.')
+  """The ``Outcomes`` (multi-label: ``TagOutcomes``) of every example of ``r.split``, keeping the
+  images of the ``keep_images`` examples with the most confident errors (single-label,
+  ``keep_probs``: and every class's probability); with ``num_bins``, also the eval step's summed
+  statistics, from the same pass. Several processes: each reads a contiguous part of the split
+  and records its own rows (positions from its part's start); the records and kept images are
+  then gathered in process order (``sharding.gather_rows``), so every process returns the whole
+  split's, as one process would."""
   mesh, batch_sh = r.setup.mesh, sharding.batch_sharding(r.setup.mesh)
   tagged = r.trained.info.multilabel
   thresholds = np.asarray(r.trained.decision_thresholds, np.float32)
@@ -148,24 +148,25 @@ def outcomes_pass(r: Restored, tta: str = '', *, keep_images: int = 0,
   kept: list[tuple[float, int, np.ndarray]] = []   # a min-heap of (sureness, -position, image)
 
   def take(out: dict[str, Any], batch: dict[str, np.ndarray], offset: int) -> None:
-    out = jax.device_get(out)
+    out = jax.device_get(out)   # the global batch's rows: this process's from ``first`` on
     rows = np.flatnonzero(np.asarray(batch['mask'], bool))
+    first = jax.process_index() * len(batch['mask'])
     label = np.asarray(batch['label'])[rows]
     cols['position'].append(offset + rows)
     cols['label'].append(label)
     for k in keys[2:]:
-      cols[k].append(ood.energy(np.asarray(out['logits'])[rows]) if k == 'gate'
-                     else np.asarray(out[k])[rows])
+      cols[k].append(ood.energy(np.asarray(out['logits'])[first + rows]) if k == 'gate'
+                     else np.asarray(out[k])[first + rows])
     if not keep_images:
       return
     if tagged:   # an example's most confident wrong tag decision (-1: none)
-      probs = np.asarray(out['probs'])[rows]
+      probs = np.asarray(out['probs'])[first + rows]
       labelled = label > 0.5
       sure = np.where(_decide(probs, thresholds) != labelled, _sureness(probs, labelled),
                       -1.0).max(axis=-1, initial=-1.0)
     else:
-      sure = np.where(np.asarray(out['predicted'])[rows] != label,
-                      np.asarray(out['p_predicted'])[rows], -1.0)
+      sure = np.where(np.asarray(out['predicted'])[first + rows] != label,
+                      np.asarray(out['p_predicted'])[first + rows], -1.0)
     for j in np.flatnonzero(sure >= 0):
       i = rows[j]
       item = (float(sure[j]), -(offset + int(i)), np.array(batch['image'][i]))
@@ -185,9 +186,12 @@ def outcomes_pass(r: Restored, tta: str = '', *, keep_images: int = 0,
     offset += len(batch['mask'])
   if pending is not None:
     take(*pending)
-  if not cols['label'] or not sum(map(len, cols['label'])):
+  c = {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in cols.items()}
+  if jax.process_count() > 1:
+    c, kept = _gathered(c, kept, int(getattr(r.data, 'examples_read', 0)), keep_images,
+                        None if pending is None else pending[1]['image'][0])
+  if not len(c['label']):
     raise UserError(f"The split '{r.split}' is empty; evaluate a split with examples.")
-  c = {k: np.concatenate(v) for k, v in cols.items()}
   images = {-neg: img for _, neg, img in kept}
   position = c['position'].astype(np.int64)
   if tagged:
@@ -202,3 +206,23 @@ def outcomes_pass(r: Restored, tta: str = '', *, keep_images: int = 0,
                         scores=({k: c[k] for k in ('logsumexp', 'max_logit', 'gate')}
                                 if keep_scores else None))
   return outcomes, (report.stats_to_numpy(totals) if totals is not None else None)
+
+
+def _gathered(c: dict[str, np.ndarray], kept: list[tuple[float, int, np.ndarray]],
+              examples_read: int, keep_images: int, image: np.ndarray | None
+              ) -> tuple[dict[str, np.ndarray], list[tuple[float, int, np.ndarray]]]:
+  """Every process's records ``c`` and kept images, in process order, positions made the
+  split's: a process's part starts where the parts before it end (``examples_read`` each).
+  ``image``: an image of the batches (its shape and dtype, for a process that kept none)."""
+  starts = np.cumsum(sharding.gather_rows({'n': np.asarray([examples_read], np.int64)})['n'])
+  start = int(starts[jax.process_index()]) - examples_read
+  c = sharding.gather_rows({**c, 'position': c['position'].astype(np.int64) + start})
+  if not keep_images or image is None:
+    return c, kept
+  every = sharding.gather_rows({
+      'sure': np.asarray([s for s, _, _ in kept], np.float32),
+      'position': np.asarray([start - neg for _, neg, _ in kept], np.int64),
+      'image': (np.stack([img for _, _, img in kept]) if kept else
+                np.zeros((0, *image.shape), image.dtype))})
+  return c, heapq.nlargest(keep_images, ((float(s), -int(p), img) for s, p, img in zip(
+      every['sure'], every['position'], every['image'])), key=lambda t: t[:2])

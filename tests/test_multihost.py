@@ -158,6 +158,33 @@ def _setup(config: ml_collections.ConfigDict) -> run.Setup:
   return run.setup(config)
 
 
+def _two_processes_evaluate_like_one(workdir: str, tmp_path) -> None:
+  """--mode=evaluate in 2 processes (2 devices each) lists the same mistakes and label issues
+  as in this process (4 devices): every process reads its half of the split, and the per-example
+  records are gathered in process order (positions counted from the split's start)."""
+  import csv
+  from imgcls_jax import evaluate
+  one, two = tmp_path / 'eval_one', tmp_path / 'eval_two'
+  evaluate.evaluate(None, workdir, {'evaluate.output_dir': str(one)})
+  cmd = ['bash', os.path.join(REPO, 'launch', 'local.sh'), '-n', '2', '--cpu-devices', '2',
+         '--port', str(_free_port()), '--timeout', '300', '--python', sys.executable, '--',
+         '--mode=evaluate', f'--workdir={workdir}', f'--config.evaluate.output_dir={two}']
+  r = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+                     timeout=350)
+  assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+  for name, exact in (('errors.csv', ('rank', 'position', 'label', 'predicted')),
+                      ('label_issues.csv', ('rank', 'position', 'label', 'suggested'))):
+    rows = [list(csv.DictReader(open(d / name))) for d in (one, two)]
+    assert rows[0] and len(rows[0]) == len(rows[1]), name
+    assert [[row[k] for k in exact] for row in rows[0]] == [[row[k] for k in exact]
+                                                            for row in rows[1]], name
+  # The pictured errors are the same images (each kept by the process that read it): at most
+  # a caption's last digit may differ.
+  from PIL import Image
+  a, b = (np.asarray(Image.open(d / 'errors.png').convert('L'), np.int16) for d in (one, two))
+  assert a.shape == b.shape and np.mean(a != b) < 0.005, np.mean(a != b)
+
+
 def _restore(target: state_lib.TrainState, workdir: str, step: int) -> state_lib.TrainState:
   with checkpoint.Checkpointer(workdir) as ckpt:
     state, _ = ckpt.restore(target, step)
@@ -281,6 +308,7 @@ def test_two_processes_train_like_one_and_their_checkpoint_resumes_in_one(digits
     assert diff <= bound, f'{label} diverge at step {step}: {diff:.2e} > {bound:.2e}'
 
   compare(steps)
+  _two_processes_evaluate_like_one(multi, tmp_path)
 
   # The 2-process (FSDP) checkpoint resumes in one process (replicated) and continues like the
   # 1-process run (and the noise-floor run, continued the same way).

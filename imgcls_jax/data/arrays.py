@@ -361,12 +361,16 @@ class EvalData:
     self.split, self.local_batch_size = split, local_batch_size
     self._images, self._labels = images[lo:hi], labels[lo:hi]
     self.num_batches = math.ceil(math.ceil(n / process_count) / local_batch_size)
+    self.examples_read = 0   # (batches() counts them)
 
   def batches(self) -> Iterator[Batch]:
+    """As ``pipeline.EvalData.batches`` (``examples_read`` too)."""
     b = self.local_batch_size
+    self.examples_read = 0
     for i in range(self.num_batches):
       image, label = self._images[i * b:(i + 1) * b], self._labels[i * b:(i + 1) * b]
       real = len(label)
+      self.examples_read += real
       if real < b:
         image = np.concatenate([image, np.zeros((b - real,) + image.shape[1:], image.dtype)])
         label = np.concatenate([label, np.zeros((b - real,) + label.shape[1:], label.dtype)])

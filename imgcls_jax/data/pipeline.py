@@ -245,6 +245,7 @@ class EvalData:
     self.local_batch_size = local_batch_size
     self._args = (data, split, local_batch_size, process_index, process_count, info)
     self._head: EvalData | None = None
+    self.examples_read = 0   # (batches() counts them)
     # ``info``: a trained run's classes and channels (evaluating it on another image folder).
     ds = sources.read(data, split, process_index, process_count, drop_remainder=False, info=info)
     preprocess = pp.compose(data.eval_preprocess)
@@ -284,12 +285,16 @@ class EvalData:
     return itertools.islice(self._head.batches(), num_batches)
 
   def batches(self) -> Iterator[Batch]:
-    """Batches of exactly ``local_batch_size`` with a boolean ``mask`` of real examples."""
-    emitted = 0
+    """Batches of exactly ``local_batch_size`` with a boolean ``mask`` of real examples;
+    ``examples_read`` counts this process's examples read so far in the pass (an undecodable
+    file's masked row included, the padding not): where the next process's part of the split
+    starts, relative to this one's."""
+    emitted = self.examples_read = 0
     template: Batch | None = None
     for batch in tfds.as_numpy(self._ds):
       real = len(batch['label'])
       template = batch
+      self.examples_read += real
       yield _pad(batch, self.local_batch_size, real)
       emitted += 1
     while self.num_batches is not None and emitted < self.num_batches and template is not None:
