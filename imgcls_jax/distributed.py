@@ -245,6 +245,11 @@ def initialize(d: ml_collections.ConfigDict) -> None:
         f'{kwargs["coordinator_address"] or "auto-detected"}): {first}; start all processes with '
         'the same coordinator_address and num_processes, check that process 0 is running and its '
         'port is free and reachable, or raise config.distributed.initialization_timeout.') from None
+  n = d.get('num_processes')
+  if n is not None and n != jax.process_count():   # the coordinator's count is the run's
+    _exit_now(f'config.distributed.num_processes={n} here, but the run that process 0 '
+              f'coordinates has {jax.process_count()} processes; give every process the same '
+              'num_processes.', 2)   # (joined: JAX's exit would wait on the others, then abort)
   logging.info('Process %d of %d: %d local devices, %d in all (%s).', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)

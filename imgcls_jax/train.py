@@ -295,8 +295,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   is_main = jax.process_index() == 0
   if is_main:
     os.makedirs(workdir, exist_ok=True)
-  # Innermost: another process gone ends this one before the checkpointer waits on it.
-  with run_lock.held(workdir), \
+  # Innermost: another process gone ends this one before the checkpointer waits on it;
+  # outermost: also while the run's lock is taken (the first collective: a process that joined
+  # and then refused to start, e.g. with another num_processes, is gone there).
+  with distributed.exit_on_lost_process(ckpt_dir, lambda: None), \
+       run_lock.held(workdir), \
        checkpoint.Checkpointer.from_config(workdir, config) as ckpt, \
        preemption.StopWatcher() as stop, \
        distributed.exit_on_lost_process(ckpt_dir, lambda: stop.step):

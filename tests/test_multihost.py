@@ -134,6 +134,37 @@ def test_distributed_start_up_errors_are_one_line(tmp_path, flags, message):
   assert len(errors) == 1 and __import__('re').search(message, errors[0]), r.stderr[-2000:]
 
 
+def test_a_process_given_another_num_processes_than_process_0_refuses_to_start(tmp_path):
+  """Process 1 says 3 processes, process 0 (the coordinator) 2: JAX joins them regardless; the
+  odd one out ends with one sentence and status 2, before any work (process 0 then loses it)."""
+  port = _free_port()
+  env = subprocess_env(1)
+  for k in [k for k in env if k.startswith(('SLURM_', 'OMPI_', 'JAX_COORDINATOR'))]:
+    del env[k]
+
+  def start(pid: int, n: int) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, '-m', 'imgcls_jax.main', '--config=configs/default.py',
+         f'--workdir={tmp_path}', '--config.distributed.enabled=True',
+         f'--config.distributed.coordinator_address=127.0.0.1:{port}',
+         f'--config.distributed.num_processes={n}', f'--config.distributed.process_id={pid}',
+         '--config.distributed.initialization_timeout=60'], cwd=REPO, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+  coordinator = start(0, 2)
+  try:
+    odd = start(1, 3)
+    _, err = odd.communicate(timeout=120)
+  finally:
+    coordinator.kill()
+    coordinator.communicate()
+  assert odd.returncode == 2, err[-2000:]
+  errors = [line for line in err.splitlines() if line.startswith('error:')]
+  assert errors == ['error: config.distributed.num_processes=3 here, but the run that process 0 '
+                    'coordinates has 2 processes; give every process the same num_processes.'], \
+      err[-2000:]
+
+
 def _overrides(config: ml_collections.ConfigDict) -> list[str]:
   """``--config.key=value`` flags that turn configs/default.py into ``config``."""
   sys.path.insert(0, REPO)
