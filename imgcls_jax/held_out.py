@@ -202,6 +202,8 @@ def warn_eval_on_training(config: ml_collections.ConfigDict, info: DatasetInfo,
       shared = reader.shared_examples(config.data, ev, train, info)
     except UserError:   # a split the data layer names better when it reads it
       shared = None
+    except ImportError:   # sizes of slices need the dataset's reader (TensorFlow): not here
+      shared = None       # (a step built without it, e.g. benchmarks/throughput.py on a GPU)
     fix = ("train and evaluate on splits without common examples (e.g. "
            "data.train_split='train[:90%]' and data.eval_split='train[90%:]')")
   if shared:

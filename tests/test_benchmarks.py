@@ -279,6 +279,20 @@ def test_throughput_of_the_speed_recipes_runs_without_tensorflow():
   assert r['loss_finite'] and r['images_per_sec'] > 0
 
 
+def test_throughput_of_a_tfds_named_config_runs_without_tensorflow():
+  """A config that names a tfds dataset (as gpu_run.sh's ImageNet and WRN runs do) builds its
+  step without TensorFlow: the check that its train and eval splits share no examples read the
+  splits' sizes through the tfds reader."""
+  proc = _run_without_tf('benchmarks/throughput.py', '--config=configs/cifar10_resnet18.py',
+                         "--config.model={'name': 'resnet18', 'small_inputs': True, 'width': 4}",
+                         '--config.batch_size=4', '--image_size=8', '--steps=2', '--window=1',
+                         '--warmup=1', '--json')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  r = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert (r['model'], r['image_size'], r['timed_steps']) == ('resnet18', 8, 2)
+  assert r['loss_finite']
+
+
 def test_step_pairs_times_variants_interleaved_without_tensorflow():
   proc = _run_without_tf('benchmarks/step_pairs.py', '--config=configs/default.py',
                          '--config.batch_size=16', '--config.model.widths=(8, 16)',
