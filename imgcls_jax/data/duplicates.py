@@ -45,31 +45,48 @@ def _digest(path: str, limit: int | None = None) -> bytes | None:
 
 def identical(a: Sequence[str], b: Sequence[str]) -> list[tuple[str, str]]:
   """(file of ``a``, a file of ``b`` with the same bytes), for each file of ``a`` that has one, in
-  ``a``'s order. Empty and unreadable files match nothing; a path in both lists matches itself.
-  Files whose sizes meet are told apart by their first ``_HEAD`` bytes before being read whole,
-  so photos of equal size cost one short read each."""
+  ``a``'s order (the first such file of ``b``, in ``b``'s order). Empty and unreadable files match
+  nothing; a path in both lists matches itself. Files whose sizes meet are told apart by their
+  first ``_HEAD`` bytes before being read whole, so photos of equal size cost one short read
+  each; the files of ``b`` are looked up by (size, head digest), then by whole digest, so a
+  folder of many files of one size (uncompressed formats) costs one read per file, not one per
+  pair."""
   sizes_a = [_size(p) for p in a]
+  wanted = {size for size in sizes_a if size}
   by_size: dict[int, list[str]] = collections.defaultdict(list)
-  for p in b:
-    size = _size(p)
-    if size:
-      by_size[size].append(p)
-  heads: dict[str, bytes | None] = {}
-  wholes: dict[str, bytes | None] = {}
+  for q in b:
+    size = _size(q)
+    if size in wanted:
+      by_size[size].append(q)
+  by_head: dict[tuple[int, bytes], list[str]] = {}
+  by_whole: dict[tuple[int, bytes], dict[bytes, list[str]]] = {}
 
-  def same(p: str, q: str) -> bool:
-    for memo, limit in ((heads, _HEAD), (wholes, None)):
-      for path in (p, q):
-        if path not in memo:
-          memo[path] = _digest(path, limit)
-      if memo[p] is None or memo[p] != memo[q]:
-        return False
-    return filecmp.cmp(p, q, shallow=False)
+  def wholes(key: tuple[int, bytes]) -> dict[bytes, list[str]]:
+    """The files of ``b`` under (size, head), by whole digest (read on first use)."""
+    if key not in by_whole:
+      group: dict[bytes, list[str]] = collections.defaultdict(list)
+      for q in by_head.get(key, []):
+        digest = _digest(q)
+        if digest is not None:
+          group[digest].append(q)
+      by_whole[key] = group
+    return by_whole[key]
 
+  for size in {s for s in sizes_a if s in by_size}:
+    for q in by_size[size]:
+      head = _digest(q, _HEAD)
+      if head is not None:
+        by_head.setdefault((size, head), []).append(q)
   pairs = []
   for p, size in zip(a, sizes_a):
-    for q in by_size.get(size, []) if size else []:
-      if same(p, q):
+    if not size or size not in by_size:
+      continue
+    head = _digest(p, _HEAD)
+    if head is None or (size, head) not in by_head:
+      continue
+    whole = _digest(p)
+    for q in wholes((size, head)).get(whole, []) if whole is not None else []:
+      if filecmp.cmp(p, q, shallow=False):
         pairs.append((p, q))
         break
   return pairs
