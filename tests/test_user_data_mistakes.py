@@ -98,6 +98,27 @@ def test_manifest_rows_that_would_be_read_wrong_are_one_line(tmp_path, text, mes
     manifest.read_rows(str(path))
 
 
+def test_a_file_listed_again_is_named_with_the_held_out_part_that_holds_it(tmp_path):
+  """A manifest without a split column, every file listed twice (once as ./NAME), part of
+  every class held out: each part names the rows that list its own files again, not every
+  row (was: the test split's report counted the training files' repeated rows too)."""
+  rows = []
+  for k in range(12):
+    _png(tmp_path / f'{k}.png', seed=k)
+    rows.append(f'{k}.png,{"cat" if k % 2 else "dog"}')
+  path = tmp_path / 'labels.csv'
+  path.write_text('\n'.join(rows + [f'./{r}' for r in rows]) + '\n')
+  src = folder_layout.source_of(_data(manifest=str(path), holdout_fraction=0.25,
+                                      validation_fraction=0.25))
+  names = folder_layout.class_names(src)
+  parts = {s: folder_index.index(src, s, names) for s in ('train', 'validation', 'test')}
+  for s, part in parts.items():
+    again = sorted(os.path.normpath(rel) for rel, why in part.skipped if why == 'listed twice')
+    assert again == sorted(os.path.relpath(p, tmp_path) for p in part.paths), s
+  assert sum(len(p.paths) for p in parts.values()) == 12
+  assert all(p.paths for p in parts.values())   # each part holds some files
+
+
 def test_a_file_listed_with_two_labels_is_refused(tmp_path):
   """Was: 'skipped ... (listed twice)', the first label silently kept."""
   for name in ('a', 'b', 'c'):

@@ -14,6 +14,7 @@ training is reported and masked out of its batch (``image_folder.dataset``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import os
@@ -85,6 +86,8 @@ def _candidates(src: Source, split: str, names: tuple[str, ...],
   held = holdout.draw(ids, holdout.strata(labels, src.multilabel), names, src.validation_fraction,
                   src.holdout_seed, salt=1)
   keep = [i for i in range(len(ids)) if (i in held) == (split == VALIDATION)]
+  skipped = _not_of(src, skipped, [ids[i] for i in range(len(ids))
+                                   if (i in held) != (split == VALIDATION)])
   return [ids[i] for i in keep], [labels[i] for i in keep], skipped
 
 
@@ -156,8 +159,20 @@ def _listed(src: Source, split: str, names: tuple[str, ...],
                     src.holdout_seed)
     held_out = split == src.eval_split != src.train_split   # a k-fold's folds both read train
     keep = [i for i in range(len(ids)) if (i in held) == held_out]
+    skipped = _not_of(src, skipped, [ids[i] for i in range(len(ids)) if (i in held) != held_out])
     ids, labels = [ids[i] for i in keep], [labels[i] for i in keep]
   return ids, labels, skipped
+
+
+def _not_of(src: Source, skipped: list[tuple[str, str]], other: list[str]
+            ) -> list[tuple[str, str]]:
+  """``skipped`` less a manifest's rows that list again a file of ``other`` (the part of a
+  drawn split this one is not): such a row goes with its file's split."""
+  if src.kind != 'manifest' or not skipped:
+    return skipped
+  key = functools.partial(manifest.image_key, src.location)
+  theirs = {key(i) for i in other}
+  return [(rel, why) for rel, why in skipped if key(rel) not in theirs]
 
 
 def _same_names(unknown: set[str], names: Sequence[str]) -> dict[str, str]:
