@@ -101,6 +101,13 @@ def runners(clf: Any, runtimes: list[str], workdir: str, threads: int
     out['jax'] = clf.predict_arrays
   if set(runtimes) == {'jax'}:
     return out
+  try:
+    import tensorflow  # noqa: F401  (the exporter writes every other format through it)
+  except ImportError:
+    others = ','.join(r for r in runtimes if r != 'jax')
+    raise SystemExit(f'latency.py: --runtimes {others} need TensorFlow (the exporter writes them '
+                     'through it), which is not installed here; pass --runtimes=jax, or install '
+                     'the project with pip install -e . where TensorFlow installs.')
   saved = os.path.join(workdir, 'saved_model')
   formats.save_saved_model(clf, saved)                 # any batch: TF Serving's model
   if 'saved_model' in runtimes:

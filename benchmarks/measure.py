@@ -57,6 +57,10 @@ def parse_flags(fv: flags.FlagValues, argv: list[str]) -> None:
   """Parses ``argv`` into ``fv``; a bad flag ends the program with one line (exit status 2)."""
   override = ('a --config.KEY=VALUE override names a key the config does not have ({}); see '
               'configs/default.py for the keys.')
+  if any(a in ('--help', '-h', '--helpfull') for a in argv[1:]):
+    doc = sys.modules['__main__'].__doc__ or ''
+    print(f'{doc.strip()}\n\nFlags:\n{fv.get_help()}')
+    raise SystemExit(0)
   try:
     rest = fv(argv)
   except flags.Error as e:

@@ -265,6 +265,25 @@ def test_latency_benchmark_smoke():
   assert all(0 < x['p50_ms'] <= x['p99_ms'] and x['requests_per_s'] > 0 for x in r['load_test'])
 
 
+def test_latency_without_tensorflow_names_the_runtimes_that_need_it():
+  proc = _run_without_tf('benchmarks/latency.py', '--models=digits_cnn',
+                         '--runtimes=jax,tflite,onnx', '--batches=1', '--seconds=0')
+  assert proc.returncode != 0 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+  assert proc.stderr.strip().splitlines()[-1] == (
+      'latency.py: --runtimes tflite,onnx need TensorFlow (the exporter writes them through it), '
+      'which is not installed here; pass --runtimes=jax, or install the project with pip install '
+      '-e . where TensorFlow installs.')
+
+
+@pytest.mark.parametrize('script', ['throughput.py', 'step_pairs.py'])
+def test_help_prints_the_scripts_use_and_its_flags(script):
+  proc = subprocess.run([sys.executable, f'benchmarks/{script}', '--help'], cwd=REPO,
+                        env=subprocess_env(1), capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.startswith(open(f'{REPO}/benchmarks/{script}').read().split('\n')[0][3:])
+  assert '--config:' in proc.stdout and '--steps:' in proc.stdout
+
+
 def test_throughput_of_the_speed_recipes_runs_without_tensorflow():
   """fashion_mnist_quick's step (derandomized flips laid out over epochs, patch whitening, EMA,
   2 CPU devices) builds without TensorFlow: the flip layout read ``read_shards`` from the tf.data

@@ -556,3 +556,16 @@ def test_an_eval_folder_with_a_class_written_nfd_reads_as_the_models_class(tmp_p
   with pytest.raises(UserError, match=r"has classes the model does not know \(Un\); .*\('Un' "
                                       r"differs from the model's 'un' only in case: rename it\)"):
     folder_index.index(folder_layout.source_of(_data(digits_config, folder=cased)), 'all', names)
+
+
+def test_a_file_this_user_may_not_read_is_named_so_not_as_undecodable(tmp_path, monkeypatch):
+  """(Tests run as root, for whom chmod 000 changes nothing: the refusal is simulated.)"""
+  from PIL import Image
+  path = tmp_path / 'a.png'
+  Image.fromarray(np.zeros((4, 4), np.uint8)).save(path)
+  assert file_probe.probe(str(path)) == (4, 4, 1)
+
+  def refuse(*args, **kwargs):
+    raise PermissionError(13, 'Permission denied')
+  monkeypatch.setattr(Image, 'open', refuse)
+  assert file_probe.probe(str(path)) == 'cannot be read (Permission denied)'

@@ -62,6 +62,8 @@ def probe(path: str) -> tuple[int, int, int] | str:
   except Image.DecompressionBombError:   # PIL's limit: the image is there, only huge
     return ("more pixels than PIL's decompression-bomb limit "
             f'({2 * (Image.MAX_IMAGE_PIXELS or 0)}); shrink the image')
+  except PermissionError as e:   # the file is there: this user may not read it
+    return f'cannot be read ({e.strerror or "permission denied"})'
   except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
     return 'cannot be decoded'
   return h, w, bands
