@@ -19,15 +19,13 @@ import hashlib
 import logging
 import os
 import threading
-import unicodedata
 from typing import Sequence
 
 import numpy as np
 
 from imgcls_jax.data import duplicates, file_probe, folder_layout, holdout, manifest
-from imgcls_jax.data.file_walk import walk
 from imgcls_jax.data.folder_layout import (ALL, VALIDATION, Source, check_split_name, loose_files,
-                                           named_splits, split_dir, subdirs)
+                                           named_splits, split_dir)
 from imgcls_jax.data.images import is_image_file, unreadable_summary
 from imgcls_jax.errors import UserError
 
@@ -104,12 +102,12 @@ def _listed(src: Source, split: str, names: tuple[str, ...],
     needs_holdout = not has_split
   elif src.kind == 'flat':
     skipped += [(f, 'outside every class folder') for f in loose_files(src.root)]
-    pairs = _class_folders(src.root, src.root, '', skipped)
+    pairs = folder_layout.class_folders(src.root, src.root, '', skipped)
   else:
     where = split_dir(src, split)
     skipped += [(os.path.join(split, f), 'outside every class folder')
                 for f in loose_files(where)]
-    pairs = _class_folders(src.root, where, split, skipped)
+    pairs = folder_layout.class_folders(src.root, where, split, skipped)
   if not needs_holdout and src.holdout_fraction > 0:
     _warn_holdout_unused(src)
   if src.multilabel:
@@ -117,7 +115,7 @@ def _listed(src: Source, split: str, names: tuple[str, ...],
     found = {t for _, tags in tag_pairs for t in tags}
   else:
     found = {label for _, label in pairs}
-  alias = _same_names(found - set(names), names)
+  alias = folder_layout.same_names(found - set(names), names)
   if alias:   # 'zéro' written NFD (macOS) for the model's NFC 'zéro': the same name
     if src.multilabel:
       tag_pairs = [(rel, tuple(alias.get(t, t) for t in tags)) for rel, tags in tag_pairs]
@@ -173,46 +171,6 @@ def _not_of(src: Source, skipped: list[tuple[str, str]], other: list[str]
   key = functools.partial(manifest.image_key, src.location)
   theirs = {key(i) for i in other}
   return [(rel, why) for rel, why in skipped if key(rel) not in theirs]
-
-
-def _same_names(unknown: set[str], names: Sequence[str]) -> dict[str, str]:
-  """{name read: the model's class} for the names read that equal a class of the model once
-  both are Unicode-normalised (NFC), where exactly one class does: a folder copied from macOS
-  writes 'zéro' as 'e' + U+0301, which prints as the model's 'zéro' and is the same name."""
-  by_nfc: dict[str, list[str]] = {}
-  for n in names:
-    by_nfc.setdefault(unicodedata.normalize('NFC', n), []).append(n)
-  out = {}
-  for u in unknown:
-    same = by_nfc.get(unicodedata.normalize('NFC', u), [])
-    if len(same) == 1:
-      out[u] = same[0]
-  return out
-
-
-def _class_folders(root: str, where: str, prefix: str, skipped: list[tuple[str, str]]
-                   ) -> list[tuple[str, str]]:
-  """(path under ``root``, class) of the files in the class folders of ``where``; a file that two class folders
-  reach (through links) is refused: it would be trained on as both classes."""
-  pairs: list[tuple[str, str]] = []
-  first: dict[str, str] = {}   # real path -> the path it was listed at first
-  twice: list[tuple[str, str]] = []
-  for name in subdirs(where):
-    reals: dict[str, str] = {}
-    pairs.extend((rel, name) for rel in walk(os.path.join(where, name), os.path.join(prefix, name),
-                                             skipped, reals))
-    for real, rel in reals.items():
-      if real in first:
-        twice.append((first[real], rel))
-      else:
-        first[real] = rel
-  if twice:
-    more = f' (and {len(twice) - 1} more)' if len(twice) > 1 else ''
-    raise UserError(f'{os.path.join(root, twice[0][0])} and {os.path.join(root, twice[0][1])} '
-                    f'are one file (through a link) in two class folders{more}: a single-label '
-                    'image has one class; remove the link from the wrong class folder (images '
-                    'with several labels: a manifest with config.data.multilabel=True).')
-  return pairs
 
 
 def _warn_holdout_unused(src: Source) -> None:

@@ -25,11 +25,12 @@ import dataclasses
 import logging
 import os
 import unicodedata
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import ml_collections
 
 from imgcls_jax.data import manifest
+from imgcls_jax.data.file_walk import walk
 from imgcls_jax.errors import UserError
 
 NAME = 'image_folder'  # config.data.name of the user's images (folders or a manifest)
@@ -278,3 +279,43 @@ def named_splits(src: Source) -> set[str]:
   if src.kind == 'manifest':
     return {r[2] for r in manifest.read_rows(src.location, src.multilabel) if r[2] is not None}
   return set()
+
+
+def same_names(unknown: set[str], names: Sequence[str]) -> dict[str, str]:
+  """{name read: the model's class} for the names read that equal a class of the model once
+  both are Unicode-normalised (NFC), where exactly one class does: a folder copied from macOS
+  writes 'zéro' as 'e' + U+0301, which prints as the model's 'zéro' and is the same name."""
+  by_nfc: dict[str, list[str]] = {}
+  for n in names:
+    by_nfc.setdefault(unicodedata.normalize('NFC', n), []).append(n)
+  out = {}
+  for u in unknown:
+    same = by_nfc.get(unicodedata.normalize('NFC', u), [])
+    if len(same) == 1:
+      out[u] = same[0]
+  return out
+
+
+def class_folders(root: str, where: str, prefix: str, skipped: list[tuple[str, str]]
+                  ) -> list[tuple[str, str]]:
+  """(path under ``root``, class) of the files in the class folders of ``where``; a file that
+  two class folders reach (through links) is refused: it would be trained on as both classes."""
+  pairs: list[tuple[str, str]] = []
+  first: dict[str, str] = {}   # real path -> the path it was listed at first
+  twice: list[tuple[str, str]] = []
+  for name in subdirs(where):
+    reals: dict[str, str] = {}
+    pairs.extend((rel, name) for rel in walk(os.path.join(where, name), os.path.join(prefix, name),
+                                             skipped, reals))
+    for real, rel in reals.items():
+      if real in first:
+        twice.append((first[real], rel))
+      else:
+        first[real] = rel
+  if twice:
+    more = f' (and {len(twice) - 1} more)' if len(twice) > 1 else ''
+    raise UserError(f'{os.path.join(root, twice[0][0])} and {os.path.join(root, twice[0][1])} '
+                    f'are one file (through a link) in two class folders{more}: a single-label '
+                    'image has one class; remove the link from the wrong class folder (images '
+                    'with several labels: a manifest with config.data.multilabel=True).')
+  return pairs
