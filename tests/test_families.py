@@ -116,6 +116,13 @@ def test_mobilenet_width_mult_scales_every_width_as_torchvision(name, width_mult
      r'^config.model.drop_path_rate must be in \[0, 1\), got 1.02\.$'),
     ('resnet18', dict(drop_path_rate=1.5, stage_sizes=(1,)),
      r'^config.model.drop_path_rate must be in \[0, 1\), got 1.5\.$'),
+    # a scale of 0 or below would silently drop the blocks or widths
+    ('efficientnet_b0', dict(depth_mult=0.0),
+     r'^config.model.depth_mult must be positive, got 0.0\.$'),
+    ('efficientnet_b0', dict(width_mult=-1.0),
+     r'^config.model.width_mult must be positive, got -1.0\.$'),
+    ('mobilenet_v3_small', dict(width_mult=0.0),
+     r'^config.model.width_mult must be positive, got 0.0\.$'),
 ])
 def test_bad_cnn_config_values_are_user_errors_naming_the_value(name, kw, match):
   """Refused before any parameter is made (so built eagerly: nothing is initialised)."""

@@ -35,6 +35,7 @@ class EfficientNet(nnx.Module):
                width_mult: float = 1.0, depth_mult: float = 1.0, dropout: float = 0.2,
                drop_path_rate: float = 0.2, small_inputs: bool = False, dtype: Any = 'float32'):
     layers.check_drop_path_rate(drop_path_rate)   # as given (each block's is scaled down)
+    layers.check_positive(width_mult=width_mult, depth_mult=depth_mult)
     dtype = layers.as_dtype(dtype)
     ch = lambda c: layers.make_divisible(c * width_mult, 8)  # noqa: E731
     stages = [(e, k, s, ch(cin), ch(cout), int(math.ceil(n * depth_mult)))

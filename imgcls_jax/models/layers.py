@@ -220,6 +220,14 @@ def check_drop_path_rate(rate: float) -> None:
     raise UserError(f'config.model.drop_path_rate must be in [0, 1), got {rate}.')
 
 
+def check_positive(**values: float) -> None:
+  """UserError for a scale (``width_mult=0.0``, ...) that is not positive: the network would
+  silently lose its blocks or widths."""
+  for key, value in values.items():
+    if not value > 0:
+      raise UserError(f'config.model.{key} must be positive, got {value}.')
+
+
 def drop_path_rates(rate: float, num_blocks: int) -> list[float]:
   """Stochastic-depth rate per block, increasing linearly from 0 to ``rate`` (timm's rule);
   ``rate`` is checked first (``check_drop_path_rate``)."""

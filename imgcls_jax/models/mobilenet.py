@@ -57,6 +57,7 @@ class MobileNetV3(nnx.Module):
                small_inputs: bool = False, dtype: Any = 'float32'):
     if arch not in _TABLES:
       raise UserError(f"config.model.arch='{arch}' is not one of {', '.join(_TABLES)}.")
+    layers.check_positive(width_mult=width_mult, last_channel=last_channel)
     dtype = layers.as_dtype(dtype)
     ch = lambda c: scaled(c, width_mult)  # noqa: E731
     table = _TABLES[arch]
