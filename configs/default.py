@@ -260,14 +260,14 @@ def get_config() -> ml_collections.ConfigDict:
                                           # evaluations during training too
   c.evaluate.calibration_bins = 15        # equal-width confidence bins of the ECE / reliability plot
   c.evaluate.top_confused = 10            # most confused class pairs listed in the report
-  # One process, a split the model did not train on (e.g. test): label_issues.csv lists the
+  # A split the model did not train on (e.g. test): label_issues.csv lists the
   # examples whose label looks wrong (cleanlab's confident learning on the model's probabilities;
   # imgcls_jax/label_issues.py; tagging runs: which tags look missing or extra), most likely first.
   c.evaluate.label_issues = True
   c.evaluate.errors = 24                  # errors.csv lists every wrongly predicted example, the
                                           # most confident first (likely label mistakes); errors.png
                                           # shows this many (<= 100) as the model saw them (0 =
-                                          # neither; one process; multi-label: every wrong tag
+                                          # neither; multi-label: every wrong tag
                                           # decision, missed or extra)
   c.evaluate.output_dir = ''              # report files; '' = workdir (a fold: <fold>/evaluate)
   c.evaluate.confidence_level = 0.95      # the report's intervals (imgcls_jax/intervals.py): top-1

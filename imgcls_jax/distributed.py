@@ -81,9 +81,8 @@ def _check(d: ml_collections.ConfigDict) -> None:
     raise UserError(f'config.distributed.process_id={pid} must be smaller than '
                     f'config.distributed.num_processes={n} (ids run 0..{n - 1}).')
   address = d.get('coordinator_address')
-  host, _, port = (address or '').rpartition(':')
-  if address is not None and not (host.strip('[]') and port.isdigit()
-                                  and 1 <= int(port) <= 65535):
+  host, port = _split(address) if address is not None else ('', 0)
+  if address is not None and not (host and 1 <= port <= 65535):
     raise UserError(f"config.distributed.coordinator_address='{address}' must be 'host:port' "
                     "(process 0's address and a free port, 1-65535), e.g. '10.0.0.2:8476'.")
 
@@ -116,8 +115,9 @@ def _lower_first(text: str) -> str:
 
 
 def _split(address: str) -> tuple[str, int]:
-  host, port = address.rsplit(':', 1)
-  return host.strip('[]'), int(port)
+  """('host', port) of 'host:port' ('[::1]:8476': '::1'); port 0 when it is not a number."""
+  host, _, port = address.rpartition(':')
+  return host.strip('[]'), int(port) if port.isdigit() else 0
 
 
 def _is_local(family: int, ip: str) -> bool:

@@ -9,9 +9,9 @@ The model and dataset come from the run in ``--workdir``. Writes to ``config.eva
 stays the cross-validation's) ``report.json``, ``report.md``, ``confusion_matrix.csv``,
 ``confusion_matrix.png``, ``reliability.png``, ``errors.csv`` (every wrongly predicted example,
 the most confident first: likely label mistakes or hard cases; a multi-label run lists every
-wrong tag decision, missed or extra, instead; one process) with ``errors.png`` (the first
+wrong tag decision, missed or extra, instead) with ``errors.png`` (the first
 ``config.evaluate.errors`` examples as the model saw them), ``label_issues.csv`` and
-``label_issues.png`` (one process, a split the model did not train on: the examples whose label
+``label_issues.png`` (a split the model did not train on: the examples whose label
 looks wrong, by cleanlab's confident learning, ``label_issues.py``; for a tagging run, which tags
 look missing or extra) and,
 from the run's ``metrics.jsonl``, ``training_curves.png``; prints a short table.

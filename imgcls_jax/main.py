@@ -133,8 +133,12 @@ def _explain_value_error(argv: list[str], msg: str) -> str:
   return f'Bad config value: {msg}.'
 
 
-def _literal(text: str) -> Any:
-  """A flag's value as a Python literal (``4``, ``(1, 2)``, ``True``), else the string."""
+def _literal(text: str, like: Any = None) -> Any:
+  """A flag's value as a Python literal (``4``, ``(1, 2)``, ``True``), else the string; for a
+  key whose value now is a bool (``like``), also true / false / 1 / 0, as the flag parser takes
+  them."""
+  if isinstance(like, bool) and text.strip().lower() in ('true', 'false', '1', '0'):
+    return text.strip().lower() in ('true', '1')
   try:
     return ast.literal_eval(text)
   except (ValueError, SyntaxError):
@@ -142,29 +146,42 @@ def _literal(text: str) -> Any:
 
 
 def _fold_new_model_keys(argv: list[str]) -> list[str]:
-  """``argv`` with ``--config.model.KEY=VALUE`` flags folded into one ``--config.model={...}``
-  when one of them names a KEY the model group does not hold (a constructor argument the config
-  file leaves at its default, e.g. ``patch_size``): the config parser only overrides keys that
-  exist. The group is the last ``--config.model=`` literal given (then the flags after it are
-  folded), else the config file's (then every ``--config.model.KEY`` flag is, in order); the model
-  table checks each key against the constructor, name and type. The same list when no flag names
-  a new key, or when the group cannot be read (the parser then says what is wrong)."""
+  """``argv`` with ``--config.model.KEY=VALUE`` flags folded into a ``--config.model={...}`` flag
+  where the config parser would refuse them: it overrides only keys the config file's model group
+  holds, so a constructor argument the file leaves at its default (e.g. ``patch_size``) needs the
+  group given whole. After a ``--config.model=`` literal, every such flag joins it; without one,
+  the flags of new keys join the file's group, given whole before the first model flag (the
+  others stay flags, parsed as the file's types). The model table then checks each key against
+  the constructor, name and type. The same list when nothing needs folding, when the group
+  cannot be read (the parser then says what is wrong) and in the modes of a trained run (whose
+  model comes from the run)."""
+  if mode_arg(argv) in TRAINED_RUN_MODES:
+    return argv
   flagged = [i for i, a in enumerate(argv) if re.match(r'--config\.model\.\w+=', a)]
   whole = [i for i, a in enumerate(argv) if a.startswith('--config.model=')]
   if whole:
-    group, flagged = _literal(argv[whole[-1]].split('=', 1)[1]), [i for i in flagged
-                                                                  if i > whole[-1]]
+    group = _literal(argv[whole[-1]].split('=', 1)[1])
+    flagged = [i for i in flagged if i > whole[-1]]
   else:
     config = _argv_config(argv) if flagged else None
     group = config.model.to_dict() if config is not None and 'model' in config else None
   split = {i: argv[i][len('--config.model.'):].split('=', 1) for i in flagged}
-  if not isinstance(group, dict) or all(key in group for key, _ in split.values()):
+  if not isinstance(group, dict) or not split or (
+      not whole and all(key in group for key, _ in split.values())):
     return argv
-  for key, value in split.values():
-    group[key] = _literal(value)
+  folded = {i: kv for i, kv in split.items() if whole or kv[0] not in group}
+  for key, value in folded.values():
+    group[key] = _literal(value, group.get(key))
   at = whole[-1] if whole else flagged[0]
-  return [f'--config.model={group!r}' if i == at else a for i, a in enumerate(argv)
-          if i == at or i not in split]
+  out = []
+  for i, arg in enumerate(argv):
+    if i == at:
+      out.append(f'--config.model={group!r}')
+      if whole:
+        continue
+    if i not in folded:
+      out.append(arg)
+  return out
 
 
 def parse(argv: list[str]):

@@ -188,7 +188,7 @@ def outcomes_pass(r: Restored, tta: str = '', *, keep_images: int = 0,
     take(*pending)
   c = {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in cols.items()}
   if jax.process_count() > 1:
-    c, kept = _gathered(c, kept, int(getattr(r.data, 'examples_read', 0)), keep_images,
+    c, kept = _gathered(c, kept, int(r.data.examples_read), keep_images,
                         None if pending is None else pending[1]['image'][0])
   if not len(c['label']):
     raise UserError(f"The split '{r.split}' is empty; evaluate a split with examples.")

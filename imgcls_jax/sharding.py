@@ -201,12 +201,11 @@ class InFlightGuard:
     self._previous = out
 
 
-
 def gather_rows(columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   """Every process's rows of ``columns`` (arrays of one length within a process, any length
   across processes), concatenated in process order, on every process: the per-example records
   of a split that each process read a contiguous part of. One process: ``columns`` as they are.
-  Bit-exact for every dtype (8-byte ones travel as pairs of 4-byte words: JAX's default arrays
+  Bit-exact for every dtype (8- and 16-byte ones travel as 4-byte words: JAX's default arrays
   have no 64-bit types)."""
   if jax.process_count() == 1:
     return columns
@@ -219,8 +218,9 @@ def gather_rows(columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     v = np.asarray(v)
     padded = np.zeros((most,) + v.shape[1:], v.dtype)
     padded[:length] = v
-    words = padded.view(np.uint32) if v.dtype.itemsize == 8 else padded
+    wide = v.dtype.itemsize > 4 and v.dtype.itemsize % 4 == 0
+    words = padded.view(np.uint32) if wide else padded
     every = np.asarray(multihost_utils.process_allgather(words))
-    every = every.view(v.dtype) if v.dtype.itemsize == 8 else every.astype(v.dtype, copy=False)
+    every = every.view(v.dtype) if wide else every.astype(v.dtype, copy=False)
     out[key] = np.concatenate([every[p, :n] for p, n in enumerate(lengths)])
   return out

@@ -119,7 +119,7 @@ def test_local_refuses_bad_arguments(args, message):
     ('tpu_vm.sh', ['--zone=z', '--worker'], '--worker', '0'),
 ], ids=lambda v: ' '.join(v) if isinstance(v, list) else None)
 def test_an_option_without_its_value_is_named(script, args, option, example):
-  """Not bash's own `line 46: 2: parameter null or not set` (status 1): the option and an example."""
+  """Not bash's own `line 46: 2: parameter null or not set` (status 1): the option, an example."""
   r = _run(script, *args)
   assert r.returncode == 2 and r.stdout == '', r.stdout
   assert r.stderr.strip() == f'{script}: {option} needs a value, e.g. {option} {example}.'

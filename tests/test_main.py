@@ -90,6 +90,25 @@ def test_a_model_group_given_whole_is_type_checked(group, pattern):
     run.setup(c)
 
 
+def test_type_checks_leave_numbers_of_registered_families_and_numpy_scalars_alone():
+  """A family of the user's may write ``dropout=0`` for a float: only its bools and strings
+  are held to their defaults' types; numpy scalars (a sweep's grid) pass as numbers."""
+  import numpy as np
+  from imgcls_jax import models
+  from imgcls_jax.errors import UserError
+
+  def mine(*, num_classes, in_channels, dtype, rngs, dropout=0, fast=False):
+    raise AssertionError('not built')
+  models.register('mine_for_types', mine)
+  try:
+    models.check_types('mine_for_types', {'dropout': 0.1, 'fast': np.bool_(True)})
+    with pytest.raises(UserError, match=r"config.model.fast='no' must be True or False"):
+      models.check_types('mine_for_types', {'fast': 'no'})
+  finally:
+    models.unregister('mine_for_types')
+  models.check_types('cnn', {'convs_per_stage': np.int64(2), 'dropout': np.float32(0.5)})
+
+
 def test_a_model_family_is_switched_by_replacing_the_model_group(tmp_path):
   """--config.model="{...}" replaces the config file's model group (no cnn keys are left)."""
   script = ('import sys; from imgcls_jax import main, models; c, _, _ = main.parse(sys.argv); '
@@ -103,19 +122,28 @@ def test_a_model_family_is_switched_by_replacing_the_model_group(tmp_path):
 
 
 @pytest.mark.parametrize('argv, folded', [
-    # A constructor argument the config file does not set joins the file's model group.
-    (['--config=configs/cifar10_resnet18.py', '--config.model.width=8', '--workdir=w'],
+    # A constructor argument the config file does not set joins the file's model group, given
+    # whole before the first model flag; a flag of a key the group holds stays a flag after it
+    # (parsed as the file's type: 'false' is False).
+    (['--config=configs/cifar10_resnet18.py', '--config.model.small_inputs=false',
+      '--config.model.width=8', '--workdir=w'],
      ['--config=configs/cifar10_resnet18.py',
-      "--config.model={'name': 'resnet18', 'small_inputs': True, 'width': 8}", '--workdir=w']),
-    # ... or the group given whole before it; the flags before that group are replaced by it.
-    (['--config=configs/default.py', '--config.model.dropout=0.5',
-      "--config.model={'name': 'vit_ti16'}", '--config.model.patch_size=4',
-      '--config.model.pool=gap'],
-     ['--config=configs/default.py', '--config.model.dropout=0.5',
-      "--config.model={'name': 'vit_ti16', 'patch_size': 4, 'pool': 'gap'}"]),
-    # Keys the group holds stay flags of their own (the parser checks their types).
+      "--config.model={'name': 'resnet18', 'small_inputs': True, 'width': 8}",
+      '--config.model.small_inputs=false', '--workdir=w']),
+    # After a group given whole, every model flag joins it (its keys' values as their types).
+    (['--config=configs/default.py', "--config.model={'name': 'vit_ti16', 'patch_size': 4}",
+      '--config.model.patch_size=8', '--config.model.pool=gap'],
+     ['--config=configs/default.py', "--config.model={'name': 'vit_ti16', 'patch_size': 8, "
+      "'pool': 'gap'}"]),
+    (['--config=configs/default.py', "--config.model={'name': 'resnet18', 'small_inputs': True}",
+      '--config.model.small_inputs=false'],
+     ['--config=configs/default.py', "--config.model={'name': 'resnet18', 'small_inputs': False}"]),
+    # Keys the file's group holds, alone: the flags as given.
     (['--config=configs/default.py', '--config.model.dropout=0.5'],
      ['--config=configs/default.py', '--config.model.dropout=0.5']),
+    # A trained run's modes take the model from the run: nothing is folded.
+    (['--mode=evaluate', '--config.model.patch_size=8'],
+     ['--mode=evaluate', '--config.model.patch_size=8']),
 ])
 def test_model_keys_the_config_file_does_not_set_join_its_model_group(argv, folded):
   from imgcls_jax import main

@@ -68,7 +68,9 @@ def eval_data(data: ml_collections.ConfigDict, split: str, *, local_batch_size: 
               process_index: int = 0, process_count: int = 1, split_size: int | None = None,
               info: DatasetInfo | None = None, with_head: bool = False) -> Any:
   """``split`` for evaluation: ``batches()`` (every example once, padded, ``mask``ed),
-  ``head_batches(n)``, ``num_batches``, ``split`` (``pipeline.EvalData``'s interface)."""
+  ``head_batches(n)``, ``num_batches``, ``split``, ``examples_read`` (this process's examples in
+  the last ``batches()`` pass: where the next process's part starts) (``pipeline.EvalData``'s
+  interface)."""
   if arrays.is_arrays(data):
     return arrays.EvalData(data, split, local_batch_size=local_batch_size,
                            process_index=process_index, process_count=process_count)

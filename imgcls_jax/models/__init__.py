@@ -20,9 +20,11 @@ import dataclasses
 import difflib
 import functools
 import inspect
+import numbers
 import os
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
+import numpy as np
 from flax import nnx
 
 from imgcls_jax.errors import UserError
@@ -189,16 +191,22 @@ def check_arguments(name: str, keys: Iterable[str]) -> None:
                   + f"; its arguments: {', '.join(own) or 'none'}.")
 
 
-def _kind(default: Any) -> tuple[Callable[[Any], bool], str] | None:
-  """(a test of a value, its words) for the type of a constructor's default; None: any value."""
+def _kind(default: Any, built_in: bool) -> tuple[Callable[[Any], bool], str] | None:
+  """(a test of a value, its words) for the type of a constructor's default; None: any value.
+  A family registered from outside the package is held to bools and strings only (its numeric
+  defaults may be written ``dropout=0`` for a float)."""
   if isinstance(default, bool):
-    return (lambda v: isinstance(v, bool)), 'True or False'
-  if isinstance(default, int):
-    return (lambda v: isinstance(v, int) and not isinstance(v, bool)), 'a whole number'
-  if isinstance(default, float):
-    return (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)), 'a number'
+    return (lambda v: isinstance(v, (bool, np.bool_))), 'True or False'
   if isinstance(default, str):
     return (lambda v: isinstance(v, str)), 'a string'
+  if not built_in:
+    return None
+  if isinstance(default, int):
+    return (lambda v: isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+            ), 'a whole number'
+  if isinstance(default, float):
+    return (lambda v: isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
+            ), 'a number'
   if isinstance(default, tuple):
     return (lambda v: isinstance(v, (tuple, list))), 'a tuple'
   return None
@@ -212,7 +220,7 @@ def check_types(name: str, kwargs: dict[str, Any]) -> None:
   defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
   defaults.update(bound)
   for key, value in kwargs.items():
-    kind = _kind(defaults.get(key))
+    kind = _kind(defaults.get(key), name in _BUILT_IN)
     if kind is not None and value is not None and not kind[0](value):
       raise UserError(f'config.model.{key}={value!r} must be {kind[1]} (model \'{name}\'s '
                       f'default is {defaults[key]!r}).')
