@@ -214,8 +214,8 @@ def _gathered(c: dict[str, np.ndarray], kept: list[tuple[float, int, np.ndarray]
   """Every process's records ``c`` and kept images, in process order, positions made the
   split's: a process's part starts where the parts before it end (``examples_read`` each).
   ``image``: an image of the batches (its shape and dtype, for a process that kept none)."""
-  starts = np.cumsum(sharding.gather_rows({'n': np.asarray([examples_read], np.int64)})['n'])
-  start = int(starts[jax.process_index()]) - examples_read
+  counts = sharding.gather_rows({'n': np.asarray([examples_read], np.int64)})['n']
+  start = int(counts[:jax.process_index()].sum())
   c = sharding.gather_rows({**c, 'position': c['position'].astype(np.int64) + start})
   if not keep_images or image is None:
     return c, kept

@@ -107,13 +107,19 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _main(args: list[str], timeout: int = 120) -> subprocess.CompletedProcess:
+def _no_cluster_env() -> dict[str, str]:
+  """A child's environment with one CPU device and no cluster variables (none may leak into
+  these tests)."""
   env = subprocess_env(1)
   for k in [k for k in env if k.startswith(('SLURM_', 'OMPI_', 'JAX_COORDINATOR'))]:
-    del env[k]  # no cluster environment may leak into these tests
+    del env[k]
+  return env
+
+
+def _main(args: list[str], timeout: int = 120) -> subprocess.CompletedProcess:
   return subprocess.run([sys.executable, '-m', 'imgcls_jax.main', '--config=configs/default.py',
-                         *args], cwd=REPO, env=env, capture_output=True, text=True,
-                        timeout=timeout)
+                         *args], cwd=REPO, env=_no_cluster_env(), capture_output=True,
+                        text=True, timeout=timeout)
 
 
 @pytest.mark.parametrize('flags, message', [
@@ -137,10 +143,7 @@ def test_distributed_start_up_errors_are_one_line(tmp_path, flags, message):
 def test_a_process_given_another_num_processes_than_process_0_refuses_to_start(tmp_path):
   """Process 1 says 3 processes, process 0 (the coordinator) 2: JAX joins them regardless; the
   odd one out ends with one sentence and status 2, before any work (process 0 then loses it)."""
-  port = _free_port()
-  env = subprocess_env(1)
-  for k in [k for k in env if k.startswith(('SLURM_', 'OMPI_', 'JAX_COORDINATOR'))]:
-    del env[k]
+  port, env = _free_port(), _no_cluster_env()
 
   def start(pid: int, n: int) -> subprocess.Popen:
     return subprocess.Popen(
