@@ -1,6 +1,7 @@
-"""The image index: <class>/* with a stratified, seeded hold-out; CSV manifests; the on-disk cache;
-files that fail to decode after indexing are masked rows; per-class counts; another folder read
-with a trained run's classes; k-fold ids from a folder."""
+"""The image index: <class>/* with a stratified, seeded hold-out; CSV manifests; per-class counts;
+another folder read with a trained run's classes; k-fold ids from a folder. The on-disk cache is
+``test_index_cache.py``; what is read of each file (and a file that fails later),
+``test_file_probe.py``."""
 import collections
 import logging
 import os
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgcls_jax.data import (file_probe, folder_index, folder_layout, folds, holdout, image_folder,
+from imgcls_jax.data import (folder_index, folder_layout, folds, holdout, image_folder,
                              info as info_lib, pipeline, sources)
 from imgcls_jax.errors import UserError
 
@@ -162,54 +163,6 @@ def test_manifest_with_and_without_a_split_column(tmp_path, digits_config, caplo
   data = _data(digits_config, manifest=str(bad), train_split='train', eval_split='test')
   with pytest.raises(UserError, match='Line 3 of the manifest .* is not path,label'):
     sources.describe(data)
-
-
-def test_index_is_cached_and_only_changed_files_are_probed_again(tmp_path, digits_config,
-                                                                  monkeypatch):
-  root = _flat(str(tmp_path / 'flat'), {'a': 4, 'b': 4})
-  data = _data(digits_config, folder=root, holdout_fraction=0.25,
-               index_cache=str(tmp_path / 'cache'))
-  probed = []
-  real = file_probe.probe
-  monkeypatch.setattr(file_probe, 'probe', lambda p: probed.append(p) or real(p))
-  first = _split(data, 'all')
-  assert len(probed) == 8 and os.listdir(tmp_path / 'cache')
-  folder_index.clear_memo()
-  probed.clear()
-  assert _split(data, 'all') == first and probed == []     # a restart reads the cache
-  folder_index.clear_memo()
-  _png(f'{root}/a/000.png', 99, size=(8, 5))                 # one file changes
-  assert _split(data, 'all').sizes_found == {(8, 8), (5, 8)}
-  assert probed == [f'{root}/a/000.png']
-  folder_index.clear_memo()
-  probed.clear()
-  data.index_cache = 'off'
-  _split(data, 'all')
-  assert len(probed) == 8
-
-
-def test_a_file_that_fails_to_decode_later_is_a_masked_row_and_the_others_keep_theirs(
-    tmp_path, digits_config, caplog):
-  root = _flat(str(tmp_path / 'flat'), {'a': 8, 'b': 8})
-  data = _data(digits_config, folder=root, holdout_fraction=0.25, cache=False)
-
-  def batches():
-    ds, _ = pipeline.train_dataset(data, seed=0, local_batch_size=4)
-    return [b for _, b in zip(range(3), ds.as_numpy_iterator())]
-  clean = batches()
-  assert all(b['mask'].all() for b in clean)
-  victim = _split(data, 'train').paths[0]
-  with open(victim, 'wb') as f:          # damaged after it was indexed (same process, same index)
-    f.write(b'\x89PNG\r\n\x1a\n' + b'\0' * 64)
-  with caplog.at_level(logging.WARNING):
-    damaged = batches()
-  assert f'{victim} is not a readable image' in caplog.text
-  masked = [(i, r) for i, b in enumerate(damaged) for r in np.flatnonzero(~b['mask'])]
-  assert len(masked) == 1
-  for i, (a, b) in enumerate(zip(clean, damaged)):
-    np.testing.assert_array_equal(a['label'], b['label'])
-    keep = b['mask']
-    np.testing.assert_array_equal(a['image'][keep], b['image'][keep])
 
 
 def test_class_counts_are_logged_and_imbalance_warned(tmp_path, digits_config, caplog):
@@ -549,23 +502,11 @@ def test_an_eval_folder_with_a_class_written_nfd_reads_as_the_models_class(tmp_p
   root = _flat(str(tmp_path / 'mac'), {nfd: 2, 'un': 3})
   split = folder_index.index(folder_layout.source_of(_data(digits_config, folder=root)), 'all',
                              names)
-  assert sorted(zip(split.ids, split.labels)) == sorted([(f'{nfd}/{k:03d}.png', 1) for k in range(2)]
-                                            + [(f'un/{k:03d}.png', 0) for k in range(3)])
+  assert sorted(zip(split.ids, split.labels)) == sorted(
+      [(f'{nfd}/{k:03d}.png', 1) for k in range(2)] + [(f'un/{k:03d}.png', 0) for k in range(3)])
   folder_index.clear_memo()
   cased = _flat(str(tmp_path / 'cased'), {'Un': 2, nfc: 2})
   with pytest.raises(UserError, match=r"has classes the model does not know \(Un\); .*\('Un' "
                                       r"differs from the model's 'un' only in case: rename it\)"):
     folder_index.index(folder_layout.source_of(_data(digits_config, folder=cased)), 'all', names)
 
-
-def test_a_file_this_user_may_not_read_is_named_so_not_as_undecodable(tmp_path, monkeypatch):
-  """(Tests run as root, for whom chmod 000 changes nothing: the refusal is simulated.)"""
-  from PIL import Image
-  path = tmp_path / 'a.png'
-  Image.fromarray(np.zeros((4, 4), np.uint8)).save(path)
-  assert file_probe.probe(str(path)) == (4, 4, 1)
-
-  def refuse(*args, **kwargs):
-    raise PermissionError(13, 'Permission denied')
-  monkeypatch.setattr(Image, 'open', refuse)
-  assert file_probe.probe(str(path)) == 'cannot be read (Permission denied)'
