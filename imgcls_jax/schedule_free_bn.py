@@ -27,8 +27,10 @@ BN_BATCHES_MAX_BYTES = 1 << 30
 
 
 def first_batches(batches: Any, n: int, max_bytes: int) -> list[dict[str, Any]]:
-  """The images of the first ``n`` batches of ``batches`` (host arrays), fewer if they would
-  hold more than ``max_bytes`` (at least one batch; a warning says how many were kept)."""
+  """The images of the first ``n`` batches of ``batches`` (host arrays; with their ``mask``
+  where a batch has one, so an undecodable file's blank row stays out of the statistics), fewer
+  if they would hold more than ``max_bytes`` (at least one batch; a warning says how many were
+  kept)."""
   kept, size = [], 0
   for b in itertools.islice(batches, n):
     if kept and size + b['image'].nbytes > max_bytes:
@@ -36,7 +38,7 @@ def first_batches(batches: Any, n: int, max_bytes: int) -> list[dict[str, Any]]:
                       'config.optim.schedule_free_bn_batches: %.0f MiB of images, at most %.0f '
                       'MiB are held in memory.', len(kept), n, size / 2**20, max_bytes / 2**20)
       break
-    kept.append({'image': b['image']})
+    kept.append({k: b[k] for k in ('image', 'mask') if k in b})
     size += b['image'].nbytes
   return kept
 

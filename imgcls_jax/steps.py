@@ -17,6 +17,7 @@ import optax
 from flax import nnx
 
 from imgcls_jax import device_augment, distill, mixup, weights
+from imgcls_jax.models import layers
 from imgcls_jax.state import ModelDef, TrainState
 
 
@@ -163,9 +164,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], teachers: Any = N
                teacher_defs: tuple[ModelDef, ...] = ()) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on a global batch; BN statistics are taken over the whole global batch
   (over each micro-batch with ``cfg.accumulation`` > 1; a linear probe, ``cfg.probe_head``, keeps
-  the source model's statistics instead). With ``cfg.distill``, ``teachers`` (a tuple of the
-  teachers' variables, graphs ``teacher_defs``) see the same augmented images and add their term
-  to the loss (``distill.py``)."""
+  the source model's statistics instead), over its rows with ``batch['mask']`` True only (as the
+  loss). With ``cfg.distill``, ``teachers`` (a tuple of the teachers' variables, graphs
+  ``teacher_defs``) see the same augmented images and add their term to the loss
+  (``distill.py``)."""
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   images = batch['image']
   if cfg.device_flip:
@@ -183,15 +185,17 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], teachers: Any = N
     return None if cfg.distill is None else distill.teacher_probabilities(
         teacher_defs, teachers, x_mb, cfg.distill, cfg.multilabel)
 
-  # Image folders mark rows whose file failed to decode (mask False): they add nothing to the loss.
-  weights_B = batch['mask'].astype(jnp.float32) if 'mask' in batch else jnp.ones(x.shape[:1])
+  # Image folders mark rows whose file failed to decode (mask False): they add nothing to the loss
+  # and are left out of the BatchNorm statistics (layers.batch_rows; None: no mask traced at all).
+  rows_B = batch.get('mask')
+  weights_B = rows_B.astype(jnp.float32) if rows_B is not None else jnp.ones(x.shape[:1])
   count = jnp.maximum(weights_B.sum(), 1.0)
   plain = cfg.class_weights is None and cfg.focal_gamma == 0 and cfg.logit_offsets is None
   if not plain:  # the loss divides by the summed class weights of the batch's (real) examples
     weights_B = weights_B * weighted_loss_terms(jnp.zeros(y.shape), y, cfg)[1]
     loss_norm = jnp.maximum(weights_B.sum(), 1e-12)
 
-  def loss_fn(params, batch_stats, x, y, w, t, micro):
+  def loss_fn(params, batch_stats, x, y, w, rows, t, micro):
     if cfg.probe_head:  # frozen backbone: no gradient flows into it, so XLA drops its backward
       params = {k: v if k == cfg.probe_head else jax.lax.stop_gradient(v)
                 for k, v in params.items()}
@@ -200,7 +204,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], teachers: Any = N
           lambda n, v: jax.lax.stop_gradient(v) if n in cfg.frozen else v, params)
     dropout_key = key if isinstance(micro, int) else jax.random.fold_in(key, micro)
     model = model_def.merge(params, batch_stats, dropout_key)
-    logits = model(x, train=not cfg.probe_head)
+    with layers.batch_rows(rows):
+      logits = model(x, train=not cfg.probe_head)
     new_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
     if not plain:
       shifted = logits if cfg.logit_offsets is None else (
@@ -223,16 +228,17 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], teachers: Any = N
   if cfg.accumulation == 1:
     t_probs = teach(x)
     (loss, (logits, new_stats)), grads = grad_fn(state.params, state.batch_stats, x, y, weights_B,
-                                                 t_probs, 0)
+                                                 rows_B, t_probs, 0)
   else:  # k micro-batches in sequence: summed gradients, BN statistics carried through
     def micro_step(carry, xs):   # the teachers too see one micro-batch at a time (memory)
       grads, stats, loss = carry
-      x_mb, y_mb, w_mb, j = xs
+      x_mb, y_mb, w_mb, rows_mb, j = xs
       t = teach(x_mb)
-      (l, (logits, stats)), g = grad_fn(state.params, stats, x_mb, y_mb, w_mb, t, j)
+      (l, (logits, stats)), g = grad_fn(state.params, stats, x_mb, y_mb, w_mb, rows_mb, t, j)
       return (jax.tree.map(jnp.add, grads, g), stats, loss + l), (logits, t)
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    micro = (*_micro_batches((x, y, weights_B), cfg.accumulation), jnp.arange(cfg.accumulation))
+    micro = (*_micro_batches((x, y, weights_B, rows_B), cfg.accumulation),
+             jnp.arange(cfg.accumulation))
     (grads, new_stats, loss), (logits_k, t_k) = jax.lax.scan(
         micro_step, (zeros, state.batch_stats, jnp.zeros((), jnp.float32)), micro)
     def batch_order(a_k):   # k x B/k x K -> B x K, rows back in batch order
@@ -282,19 +288,23 @@ def batch_statistics(params: Any, batch_stats: Any, batch: dict[str, jax.Array],
                      model_def: ModelDef, cfg: StepConfig) -> Any:
   """The BatchNorm statistics of one batch at ``params``: the model in training mode with every
   norm layer's momentum set to 0, so its running statistics become this batch's (mean and biased
-  variance of each layer's input, over the global batch; with ``cfg.accumulation`` = k > 1, the
-  mean over the k micro-batches the train step normalises with, one at a time). ``batch_stats``
-  gives the tree's shape only. No loss, no gradient; device augmentation is not applied."""
-  def stats_of(x):
+  variance of each layer's input, over the global batch, its rows with ``batch['mask']`` True
+  only when it has one; with ``cfg.accumulation`` = k > 1, the mean over the k micro-batches the
+  train step normalises with, one at a time). ``batch_stats`` gives the tree's shape only. No
+  loss, no gradient; device augmentation is not applied."""
+  def stats_of(x, rows):
     model = model_def.merge(params, batch_stats)
     for _, module in nnx.iter_modules(model):
       if any(isinstance(v, nnx.BatchStat) for v in vars(module).values()):
         module.momentum = 0.0
-    model(x, train=True)
+    with layers.batch_rows(rows):
+      model(x, train=True)
     return nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
 
   x = normalize(batch['image'], cfg)
+  rows_B = batch.get('mask')
   if cfg.accumulation == 1:
-    return stats_of(x)
-  per_micro = jax.lax.map(stats_of, _micro_batches(x, cfg.accumulation))
+    return stats_of(x, rows_B)
+  per_micro = jax.lax.map(lambda xs: stats_of(*xs),
+                          _micro_batches((x, rows_B), cfg.accumulation))
   return jax.tree.map(lambda a: a.mean(axis=0), per_micro)

@@ -40,7 +40,8 @@ class AffineBatchNorm(nnx.Module):
 
   Parameters and statistics match ``nnx.BatchNorm`` (``scale``, ``bias``; ``mean``, ``var`` with
   ``running = momentum * running + (1 - momentum) * batch``). The variance is
-  ``E[x^2] - E[x]^2`` in float32, as flax's default fast variance.
+  ``E[x^2] - E[x]^2`` in float32, as flax's default fast variance. In training it skips the rows
+  ``layers.batch_rows`` masks out, as ``layers.batch_norm`` does.
   """
 
   def __init__(self, ch: int, *, momentum: float = 0.9, epsilon: float = 1e-5):
@@ -55,13 +56,21 @@ class AffineBatchNorm(nnx.Module):
     if use_running_average:
       mean, var = self.mean[...], self.var[...]
     else:
+      # Within layers.batch_rows, over its valid rows only (the running averages stay when a
+      # batch has none); otherwise over every row, with no ``where`` traced.
+      rows = layers.batch_rows_of(x)
+      where, any_valid = rows if rows is not None else (None, None)
       axes = tuple(range(x.ndim - 1))
       xf = x.astype(jnp.float32)
-      mean = jnp.mean(xf, axes)
-      var = jnp.maximum(jnp.mean(jnp.square(xf), axes) - jnp.square(mean), 0.0)
+      mean = jnp.mean(xf, axes, where=where)
+      var = jnp.maximum(jnp.mean(jnp.square(xf), axes, where=where) - jnp.square(mean), 0.0)
       m = self.momentum
-      self.mean[...] = m * self.mean[...] + (1.0 - m) * jax.lax.stop_gradient(mean)
-      self.var[...] = m * self.var[...] + (1.0 - m) * jax.lax.stop_gradient(var)
+      new_mean = m * self.mean[...] + (1.0 - m) * jax.lax.stop_gradient(mean)
+      new_var = m * self.var[...] + (1.0 - m) * jax.lax.stop_gradient(var)
+      if rows is not None:
+        new_mean = jnp.where(any_valid, new_mean, self.mean[...])
+        new_var = jnp.where(any_valid, new_var, self.var[...])
+      self.mean[...], self.var[...] = new_mean, new_var
     scale = self.scale[...] * jax.lax.rsqrt(var + self.epsilon)
     shift = self.bias[...] - mean * scale
     return x * scale.astype(x.dtype) + shift.astype(x.dtype)

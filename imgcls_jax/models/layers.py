@@ -153,12 +153,65 @@ def conv(in_ch: int, out_ch: int, kernel: int, *, stride: int = 1, dtype: Any, r
                   dtype=dtype, param_dtype=jnp.float32, conv_general_dilated=impl, rngs=rngs)
 
 
+_BATCH_ROWS = contextvars.ContextVar('batch_rows', default=None)
+
+
+@contextlib.contextmanager
+def batch_rows(mask_B: jax.Array | None) -> Iterator[None]:
+  """Within it, BatchNorm layers in training (``batch_norm``'s and fast_cnn's) take their batch
+  statistics, and update their running averages, from the rows where ``mask_B`` is True only (an
+  image folder's undecodable file leaves a blank row, mask False). ``None``: every row, through
+  exactly the code traced outside it."""
+  token = _BATCH_ROWS.set(mask_B)
+  try:
+    yield
+  finally:
+    _BATCH_ROWS.reset(token)
+
+
+def batch_rows_of(x_BxC: jax.Array) -> tuple[jax.Array, jax.Array] | None:
+  """Within ``batch_rows(mask_B)``: (``where``, the rows of ``x_BxC`` (``B x ... x C``) that the
+  statistics take as a ``B x 1 ... x 1`` bool; ``any_valid``); None outside it. With no valid row
+  at all, ``where`` takes every row (finite statistics) and the caller keeps its running
+  averages (``any_valid`` False)."""
+  mask_B = _BATCH_ROWS.get()
+  if mask_B is None:
+    return None
+  mask_B = jnp.asarray(mask_B, bool)
+  if mask_B.shape != x_BxC.shape[:1]:
+    raise ValueError(f'batch_rows mask of shape {mask_B.shape} for a BatchNorm input of shape '
+                     f'{x_BxC.shape}: one entry per row expected.')
+  any_valid = jnp.any(mask_B)
+  where = jnp.logical_or(mask_B, jnp.logical_not(any_valid))
+  return where.reshape(mask_B.shape + (1,) * (x_BxC.ndim - 1)), any_valid
+
+
+class MaskedBatchNorm(nnx.BatchNorm):
+  """``nnx.BatchNorm`` (the same variables, so the same checkpoints and imports) whose training
+  statistics skip the rows masked out by ``batch_rows``; anything else is ``nnx.BatchNorm``'s."""
+
+  def __call__(self, x, use_running_average: bool | None = None, *,
+               mask: jax.Array | None = None) -> jax.Array:
+    running = self.use_running_average if use_running_average is None else use_running_average
+    rows = None if running or mask is not None else batch_rows_of(x)
+    if rows is None:
+      return super().__call__(x, use_running_average, mask=mask)
+    where, any_valid = rows
+    mean, var = self.mean[...], self.var[...]
+    y = super().__call__(x, use_running_average, mask=where)
+    self.mean[...] = jnp.where(any_valid, self.mean[...], mean)
+    self.var[...] = jnp.where(any_valid, self.var[...], var)
+    return y
+
+
 def batch_norm(ch: int, *, dtype: Any, rngs: nnx.Rngs, zero_scale: bool = False,
-               momentum: float = 0.9, epsilon: float = 1e-5) -> nnx.BatchNorm:
-  """BatchNorm with f32 parameters; ``zero_scale`` zero-initialises gamma (residual branch ends)."""
-  return nnx.BatchNorm(ch, momentum=momentum, epsilon=epsilon, dtype=dtype, param_dtype=jnp.float32,
-                       scale_init=nnx.initializers.zeros_init() if zero_scale
-                       else nnx.initializers.ones_init(), rngs=rngs)
+               momentum: float = 0.9, epsilon: float = 1e-5) -> MaskedBatchNorm:
+  """BatchNorm with f32 parameters; ``zero_scale`` zero-initialises gamma (residual branch ends).
+  In training it skips the rows ``batch_rows`` masks out."""
+  return MaskedBatchNorm(ch, momentum=momentum, epsilon=epsilon, dtype=dtype,
+                         param_dtype=jnp.float32,
+                         scale_init=nnx.initializers.zeros_init() if zero_scale
+                         else nnx.initializers.ones_init(), rngs=rngs)
 
 
 def dense(in_f: int, out_f: int, *, dtype: Any, rngs: nnx.Rngs) -> nnx.Linear:
