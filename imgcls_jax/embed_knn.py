@@ -1,7 +1,12 @@
 """The k-NN evaluation and the 2-D projection of ``--mode=embed`` (``embed.py``).
 
 Single-label: a distance-weighted k-NN classifier (scikit-learn) gives class probabilities, and the
-report is ``--mode=evaluate``'s. Tags (multi-label runs, multi-hot labels): each tag is predicted
+report is ``--mode=evaluate``'s. Its top-1 and top-5 rank the classes by probability, ties (equal
+vote shares; every class no neighbour voted for, whether the reference set has it or not) broken
+by class index ascending, as a stable sort gives and as the project's other predictors rank
+(``answers.top_k``, ``report.eval_sums``): the ranking depends on the probabilities alone. Which
+reference examples count when several lie at the k-th distance is scikit-learn's choice, as in its
+own classifier. Tags (multi-label runs, multi-hot labels): each tag is predicted
 when at least half of the k nearest reference examples carry it (an unweighted vote: the score of a
 tag is the fraction of the neighbours that have it), and the report is the multi-label one (F1
 micro / macro and exact match at 0.5, mAP of the vote fractions).
@@ -13,6 +18,8 @@ from typing import Any
 import numpy as np
 
 from imgcls_jax.errors import UserError
+
+_FLOOR = float(np.finfo(np.float32).tiny)   # the probability a class without a vote scores with
 
 
 def knn_metrics() -> list[str]:
@@ -35,6 +42,16 @@ def knn_evaluate(ref_features: np.ndarray, ref_labels: np.ndarray, features_NxD:
                              metric=metric, algorithm='brute')
   knn.fit(ref_features, ref_labels)
   return knn.predict_proba(features_NxD), knn.classes_
+
+
+def knn_probabilities(ref_features: np.ndarray, ref_labels: np.ndarray, features_NxD: np.ndarray,
+                      num_classes: int, *, k: int, metric: str) -> np.ndarray:
+  """``N x num_classes`` float64 probabilities of the distance-weighted k-NN (``knn_evaluate``),
+  0 for the classes the reference set lacks."""
+  probs, classes = knn_evaluate(ref_features, ref_labels, features_NxD, k=k, metric=metric)
+  full = np.zeros((len(features_NxD), num_classes))
+  full[:, classes] = probs
+  return full
 
 
 def knn_tag_votes(ref_features: np.ndarray, ref_tags_NxT: np.ndarray, features_NxD: np.ndarray,
@@ -70,13 +87,13 @@ def knn_report(ref_features: np.ndarray, ref_labels: np.ndarray, features_NxD: n
                                 'examples carry it (vote fraction >= 0.5)')
     return rep
   from imgcls_jax import report as report_lib
-  probs, classes = knn_evaluate(ref_features, ref_labels, features_NxD, k=k, metric=metric)
-  scores = np.full((len(features_NxD), len(class_names)), -1e9, np.float32)
-  scores[:, classes] = np.log(np.maximum(probs, 1e-12))
+  full = knn_probabilities(ref_features, ref_labels, features_NxD, len(class_names), k=k,
+                           metric=metric)
+  # Every class without a vote (in the reference set or not) at one floor: tied, so the top-k
+  # (a stable one) takes them by class index.
+  scores = np.log(np.maximum(full, _FLOOR)).astype(np.float32)
   rep = report_lib.summarize(report_lib.sums_of_scores(scores, labels, calibration_bins),
                              class_names)
-  full = np.zeros((len(features_NxD), len(class_names)))
-  full[:, classes] = probs
   none = int(np.sum(full[np.arange(len(labels)), labels] == 0))
   if none:   # a vote share of 0 for the true class: the log loss is infinite, not a clip's figure
     rep['loss'] = float('inf')

@@ -62,14 +62,10 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str,
                     '--config.evaluate.label_issues=False.')
     issues = False
   ood_files = None
-  if e.get('ood_inputs'):
+  if e.get('ood_inputs'):   # (several processes: each scores its part, outcomes.ood_pass)
     if tagged:
       raise UserError(outcomes_lib.OOD_MULTILABEL)
-    if jax.process_count() > 1:
-      logging.warning('config.evaluate.ood_inputs is read on one host; skipped with %d '
-                      'processes.', jax.process_count())
-    else:
-      ood_files = images.list_inputs(e.ood_inputs, 'evaluate.ood_inputs')
+    ood_files = images.list_inputs(e.ood_inputs, 'evaluate.ood_inputs')
   if e.output_dir and os.path.exists(e.output_dir) and not os.path.isdir(e.output_dir):
     raise UserError(f'config.evaluate.output_dir={e.output_dir} is a file; give a folder for the '
                     'report (it is made if missing).')

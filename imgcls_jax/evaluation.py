@@ -101,12 +101,13 @@ def evaluate_checkpoint(workdir: str, config: ml_collections.ConfigDict | None, 
                         keep_probs: bool = False, step_key: str = '',
                         split_key: str = '', count_copies: bool = False) -> Evaluation:
   """Evaluates one checkpoint of ``workdir`` on ``split`` ('' = the run's eval split), every
-  example exactly once, on the mesh with the run's parameter placement. With ``keep_errors``
-  (one process) the same pass also gathers every example's ``outcomes.Outcomes``, with the
-  images of that many of the most confident errors (``keep_probs``: with every class's
-  probability, e.g. for k-fold's label-issue search; a tagging run's outcomes always have them);
-  with ``ood_files`` (one process, single-label), those images are scored too
-  (``outcomes.ood_pass``), and the split's per-example scores kept to compare with theirs.
+  example exactly once, on the mesh with the run's parameter placement. With ``keep_errors`` the
+  same pass also gathers every example's ``outcomes.Outcomes`` (several processes: in process
+  order), with the images of that many of the most confident errors (``keep_probs``: with every
+  class's probability, e.g. for k-fold's label-issue search; a tagging run's outcomes always have
+  them); with ``ood_files`` (single-label; several processes: each scores its part), those images
+  are scored too (``outcomes.ood_pass``), and the split's per-example scores kept to compare with
+  theirs.
   ``step_key`` / ``split_key``: as ``restored_split.restore_for_split``; ``count_copies``: count the
   split's files that hold a training file's bytes (``restored_split.training_copies``) and its
   examples the run trained on (``restored_split.seen_examples``; also with ``keep_probs``)."""

@@ -1,7 +1,8 @@
 """Out-of-distribution images (``--mode=evaluate --config.evaluate.ood_inputs=PATHS``): how well
 the run's scores tell the evaluated split from images of none of its classes.
 
-Two views of the same pass (``outcomes.ood_pass``; one process, single-label):
+Two views of the same pass (``outcomes.ood_pass``; single-label; several processes each score
+their part of the images, the figures are the whole set's):
 
 * the top-1 probability's histogram (``selective``'s bins, the rule the run's abstention threshold
   uses): its ROC-AUC, and the share of the images still answered where 95% of the split is and at

@@ -29,37 +29,61 @@ def ood_pass(r: Restored, files: list[str], tta: str, num_bins: int) -> dict[str
   """Images of none of the run's classes through the split's forward pass (the same checkpoint,
   test-time augmentation and temperature; read as predict reads files): the histogram of their
   top-1 probabilities (``selective.sums``' bins), per image the scores of ``ood.SCORES`` and the
-  run's gate's (``gate``: ``ood.energy``, no TTA), and the files that could not be read."""
+  run's gate's (``gate``: ``ood.energy``, no TTA), and the files that could not be read. Several
+  processes: each reads a contiguous part of ``files`` (``_file_share``; every process must list
+  the same files), the histogram is summed over the global batches and the per-image scores are
+  gathered in process order, so every process returns what one process would."""
   if r.trained.info.multilabel:
     raise UserError(OOD_MULTILABEL)
-  b = r.setup.local_eval_batch_size
+  b, mesh = r.setup.local_eval_batch_size, r.setup.mesh
+  share, num_batches = _file_share(files, b)
   skipped: list[tuple[str, str]] = []
   step = jax.jit(functools.partial(eval_steps.example_outcomes, model_def=r.setup.model_def,
                                    cfg=r.setup.step_cfg, tta=tta, num_bins=num_bins,
                                    with_scores=True),
-                 in_shardings=(r.shardings, sharding.batch_sharding(r.setup.mesh)),
-                 out_shardings=sharding.replicated(r.setup.mesh))
+                 in_shardings=(r.shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=sharding.replicated(mesh))
   keys = {'msp': 'p_predicted', 'logsumexp': 'logsumexp', 'max_logit': 'max_logit',
           'gate': 'logits'}
-  scores: dict[str, list[np.ndarray]] = {k: [] for k in keys}
+  scores: dict[str, list[np.ndarray]] = {k: [np.zeros((0,), np.float32)] for k in keys}
   totals = None
+  first = jax.process_index() * b   # this process's rows of each global batch
   read = functools.partial(inference.prepare, r.trained)
-  for _, arrays in images.image_batches(files, read, b, skipped):
-    batch = {'image': np.zeros((b, *arrays.shape[1:]), np.uint8),
+  batches = images.image_batches(share, read, b, skipped)
+  for _ in range(num_batches):   # as many on every process (a part read out: masked batches)
+    _, arrays = next(batches, (None, np.zeros((0, *r.trained.image_shape), np.uint8)))
+    batch = {'image': np.zeros((b, *r.trained.image_shape), np.uint8),
              'label': np.zeros((b,), np.int32), 'mask': np.arange(b) < len(arrays)}
     batch['image'][:len(arrays)] = arrays
     out, sums = jax.device_get(step(r.variables, sharding.put_batch(
-        batch, sharding.batch_sharding(r.setup.mesh))))
+        batch, sharding.batch_sharding(mesh))))
     totals = report.add(totals, sums)
     for k, v in keys.items():
-      got = np.asarray(out[v])[:len(arrays)]
+      got = np.asarray(out[v])[first:first + len(arrays)]
       scores[k].append(ood.energy(got) if k == 'gate' else got)
-  if totals is None:   # every file unreadable
+  every = sharding.gather_rows({k: np.concatenate(v) for k, v in scores.items()})
+  unread = int(sharding.gather_rows({'n': np.asarray([len(skipped)], np.int64)})['n'].sum())
+  if totals is None or not len(every['msp']):   # every file unreadable
     raise UserError(f'None of the {len(files)} files of config.evaluate.ood_inputs could be read '
                     f'as an image ({images.unreadable_summary(skipped)}); give image files.')
   stats = report.stats_to_numpy(totals)
   return {'histogram': stats['sel_right'] + stats['sel_wrong'], 'inputs': len(files),
-          'skipped': len(skipped), 'scores': {k: np.concatenate(v) for k, v in scores.items()}}
+          'skipped': unread, 'scores': every}
+
+
+def _file_share(files: list[str], batch_size: int) -> tuple[list[str], int]:
+  """(this process's contiguous part of ``files``, in process order; how many batches of
+  ``batch_size`` every process runs: the largest part's). A UserError when the processes list
+  different numbers of files (each reads its part of its own list)."""
+  counts = sharding.gather_rows({'n': np.asarray([len(files)], np.int64)})['n']
+  if len(set(counts.tolist())) > 1:
+    p = int(np.flatnonzero(counts != counts[0])[0])
+    raise UserError(f'config.evaluate.ood_inputs lists {counts[0]} files on process 0 but '
+                    f'{counts[p]} on process {p}; put them where every process reads the same '
+                    'files (shared storage).')
+  per = -(-len(files) // jax.process_count())
+  start = jax.process_index() * per
+  return files[start:start + per], -(-per // batch_size)
 
 
 @dataclasses.dataclass
