@@ -285,3 +285,33 @@ def test_a_vits_pooling_with_a_class_token_is_assumed_with_a_warning(caplog):
     torch_import.convert({k: v.numpy() for k, v in no_token.state_dict().items()},
                          origin='vit_gap.pt', model={'name': 'vit_ti16', 'num_heads': 2})
   assert not caplog.records
+
+
+def test_a_vit_without_a_class_token_is_refused_for_pool_token_saying_to_set_pool_gap(tmp_path):
+  """timm's class_token=False, global_pool='avg' ViT has no class token: into a pool='token'
+  model (the default) its import says so in one sentence and names --config.model.pool=gap (not
+  'match config.model to the run that wrote them'); with pool='gap' it gives timm's logits."""
+  from imgcls_jax import transfer
+  ref = _randomized(_timm('vit_tiny_patch16_224', img_size=32, embed_dim=32, depth=1, num_heads=2,
+                          class_token=False, global_pool='avg', fc_norm=False))
+  path = str(tmp_path / 'vit_gap.safetensors')
+  from safetensors.torch import save_file
+  save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, path)
+  arch = dict(width=32, depth=1, num_heads=2, mlp_dim=128, image_size=32)
+  weights = torch_import.load(path, model={'name': 'vit_ti16', **arch})
+  token_model = lambda rngs: models.get('vit_ti16', num_classes=1000, in_channels=3,  # noqa: E731
+                                        rngs=rngs, pool='token', **arch)
+  with pytest.raises(UserError) as info:
+    transfer.fitted(weights, state_lib.abstract_variables(token_model).params)
+  assert str(info.value) == (
+      "vit_gap.safetensors holds a ViT without a class token (its head reads the mean of the "
+      "patch tokens, as timm's class_token=False, global_pool='avg'), but "
+      "config.model.pool='token' reads a class token; set --config.model.pool=gap (the mean of "
+      'the tokens, no class token).')
+  x_NCHW = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+  with torch.no_grad():
+    want = ref(x_NCHW).numpy()
+  got = _jit_logits('vit_ti16', weights, x_NCHW.permute(0, 2, 3, 1).numpy(), fit=True,
+                    pool='gap', **arch)
+  rel = np.abs(got - want).max() / np.abs(want).max()
+  assert np.ptp(want) > 0.1 and rel < 1e-5, rel

@@ -14,7 +14,9 @@ with a class token recorded: it imports as ``pool='token'`` (the class token's o
 head), and one trained with timm's ``global_pool='avg'`` (the mean of the patch tokens next to a
 class token, without ``fc_norm``) imports without an error and answers wrongly; this project's
 ViT has no such pooling (its ``pool='gap'`` has no class token). ``convert`` says so in one warning,
-unless ``config.model`` sets ``pool``.
+unless ``config.model`` sets ``pool``. A ViT without a class token (timm's ``class_token=False,
+global_pool='avg'``) fits ``pool='gap'`` only: ``fit_positions`` refuses it for ``pool='token'``,
+saying so.
 
 Weights from another image size (``fit_positions``): the patch position embeddings are resampled to
 the model's patch grid as timm's ``resample_abs_pos_embed`` does when it loads weights at another
@@ -30,6 +32,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from imgcls_jax.errors import UserError
 from imgcls_jax.models.vit import SIZES, ViT
 from imgcls_jax.torch_import._layout import Builder, count, registered_name, split
 from imgcls_jax.weights import Weights
@@ -179,14 +182,27 @@ def _square_side(n: int) -> int | None:
   return side if side > 0 and side * side == n else None
 
 
+def _check_class_token(weights: Weights, target: Mapping[str, Any]) -> None:
+  """UserError when ``weights`` (a ViT's) have no class token but the model of ``target`` (built
+  with ``pool='token'``) reads one: weights pooled by the mean of the patch tokens (timm's
+  ``class_token=False, global_pool='avg'``) fit this project's ``pool='gap'``."""
+  if 'class_token' in target and 'class_token' not in weights.params:
+    raise UserError(f"{weights.origin} holds a ViT without a class token (its head reads the mean "
+                    "of the patch tokens, as timm's class_token=False, global_pool='avg'), but "
+                    "config.model.pool='token' reads a class token; set --config.model.pool=gap "
+                    '(the mean of the tokens, no class token).')
+
+
 def fit_positions(weights: Weights, target: Mapping[str, Any]) -> Weights:
   """``weights`` with ``pos_embedding`` resampled to the patch grid of the model whose parameter
   shapes are ``target`` (``{name: array or shape struct}``) when only the grid differs (a ViT
   fine-tuned at another image size); otherwise ``weights`` unchanged (``weights.merge`` then names
-  any mismatch)."""
+  any mismatch). A UserError when the weights have no class token and the model reads one
+  (``_check_class_token``)."""
   name = 'pos_embedding'
   if name not in weights.params or name not in target:
     return weights
+  _check_class_token(weights, target)
   have, want = np.shape(weights.params[name]), tuple(target[name].shape)
   prefix = int('class_token' in weights.params)
   if (have == want or len(have) != 3 or len(want) != 3 or have[2] != want[2]
