@@ -363,3 +363,35 @@ def test_trivial_augment_wide_applies_one_op_and_uses_them_all():
   assert _image(seed=13).tobytes() in outs  # identity (or magnitude 0) among them
   with pytest.raises(UserError, match=r"trivial_augment_wide\(ops='blur'\): .*\(unknown: blur\)"):
     pp.parse("trivial_augment_wide(ops='blur')")
+
+
+def test_the_random_ops_are_the_seed_dependent_ones():
+  """This file's RANDOM is exactly the ops whose output changes with the seed (``seed_dependent``,
+  which the trainer's exact-resume and the eval warning use): a new random op left out of RANDOM
+  would silently skip the different-seeds check above."""
+  from imgcls_jax.data.pp import registry
+  assert {n for n in SPECS if registry.seed_dependent(SPECS[n], 3)} == RANDOM
+
+
+def test_a_random_op_in_eval_preprocess_is_warned_about(caplog):
+  """Evaluation, predict and serve run eval_preprocess at one fixed seed: a random op there is a
+  fixed distortion, so the check before training says so (and nothing for deterministic ops)."""
+  import logging
+
+  import ml_collections
+
+  from imgcls_jax.data import reader
+  from imgcls_jax.data.info import DatasetInfo
+  info = DatasetInfo(name='fashion_mnist', num_classes=2, class_names=('a', 'b'),
+                     image_shape=(28, 28, 1), num_examples={'train': 10, 'test': 10})
+  for spec, warned in (('resize(size=20)', False), ('rotate(degrees=30)|resize(size=20)', True)):
+    data = ml_collections.ConfigDict({'name': 'fashion_mnist', 'train_preprocess': '',
+                                      'eval_preprocess': spec})
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+      reader.check_preprocess(data, info)
+    said = [r.getMessage() for r in caplog.records if 'eval_preprocess has random ops' in
+            r.getMessage()]
+    assert said == (["config.data.eval_preprocess has random ops (rotate): evaluation, predict "
+                     "and serve apply them at one fixed seed, the same distortion for every run "
+                     "of an image; move them to config.data.train_preprocess."] if warned else [])

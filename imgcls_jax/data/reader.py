@@ -5,6 +5,7 @@ is not installed, for arrays files.
 """
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any, Iterator
 
@@ -30,7 +31,8 @@ def check_preprocess(data: ml_collections.ConfigDict, info: DatasetInfo | None =
   """Raises a UserError for a ``data.train_preprocess`` / ``eval_preprocess`` spec that does not
   parse or has bad arguments, before any work (the streams build their ops later); with the
   dataset's ``info`` and a fixed image size, also for one those images rule out (e.g. a mirror
-  pad wider than the image), by running the ops once on a blank image of that size."""
+  pad wider than the image), by running the ops once on a blank image of that size, and a
+  warning for random ops in ``eval_preprocess``."""
   if arrays.is_arrays(data):
     arrays.check(data)
     return
@@ -44,6 +46,13 @@ def check_preprocess(data: ml_collections.ConfigDict, info: DatasetInfo | None =
         pp.output_shape(spec, (h, w), c)
     except UserError as e:
       raise UserError(f'config.data.{key}: {e}') from None
+  if data.get('eval_preprocess') and c:
+    from imgcls_jax.data.pp import registry
+    random = registry.seed_dependent(data.eval_preprocess, c)
+    if random:
+      logging.warning('config.data.eval_preprocess has random ops (%s): evaluation, predict and '
+                      'serve apply them at one fixed seed, the same distortion for every run of '
+                      'an image; move them to config.data.train_preprocess.', ', '.join(random))
 
 
 def random_host_ops(data: ml_collections.ConfigDict, info: DatasetInfo) -> list[str]:
