@@ -122,3 +122,40 @@ def test_a_file_this_user_may_not_read_is_named_so_not_as_undecodable(tmp_path, 
     raise PermissionError(13, 'Permission denied')
   monkeypatch.setattr(Image, 'open', refuse)
   assert file_probe.probe(str(path)) == 'cannot be read (Permission denied)'
+
+
+def test_the_probe_turns_and_reads_a_file_as_decode_does(tmp_path):
+  """The header probe's (height, width) is the shape ``images.decode`` gives, for the files whose
+  orientation is not a plain EXIF tag: XMP's tiff:Orientation only (JPEG, PNG), an EXIF block PIL
+  cannot parse (ignored by decode, which reads the pixels; XMP then decides) and a TIFF's own
+  orientation tag; a plain EXIF 6 JPEG and an unturned PNG are the controls."""
+  from imgcls_jax.data import images
+  xmp = ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-'
+         'rdf-syntax-ns#"><rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" '
+         'tiff:Orientation="{}"/></rdf:RDF></x:xmpmeta>')
+  from PIL import PngImagePlugin
+  def png_xmp(o):
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt('XML:com.adobe.xmp', xmp.format(o))
+    return info
+  exif6 = Image.Exif()
+  exif6[0x0112] = 6
+  junk = b'Exif\x00\x00not a TIFF block'
+  img = Image.fromarray(np.arange(4 * 10 * 3, dtype=np.uint8).reshape(4, 10, 3))
+  made = {'xmp 6.jpg': dict(quality=95, xmp=xmp.format(6).encode()),
+          'xmp 8.png': dict(pnginfo=png_xmp(8)),
+          'damaged exif.png': dict(exif=junk),
+          'damaged exif xmp 6.png': dict(exif=junk, pnginfo=png_xmp(6)),
+          'damaged exif.jpg': dict(quality=95, dpi=(72, 72), exif=junk),
+          'exif 6.tif': dict(exif=exif6),
+          'exif 6.jpg': dict(quality=95, exif=exif6),
+          'plain.png': {}}
+  for name, save in made.items():
+    img.save(tmp_path / name, **save)
+  for name in made:
+    path = str(tmp_path / name)
+    h, w, _ = images.decode(path, channels=3).shape
+    assert file_probe.probe(path) == (h, w, 3), name
+  turned = {n for n in made if file_probe.probe(str(tmp_path / n))[:2] == (10, 4)}
+  assert turned == {'xmp 6.jpg', 'xmp 8.png', 'damaged exif xmp 6.png', 'exif 6.tif',
+                    'exif 6.jpg'}

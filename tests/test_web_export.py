@@ -41,6 +41,8 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from tests.test_web import screenshot_on_failure  # noqa: E402
 
 NOT_DECODED = 'This file could not be decoded: it is damaged or not an image.'
+DAMAGED_NOTE = ('Its EXIF block is damaged and is ignored, as --mode=predict ignores it: if the '
+                'image is on its side, turn the file upright.')
 
 
 @pytest.fixture(scope='module')
@@ -102,8 +104,10 @@ def test_export_writes_a_self_contained_page(page):
   web_dir = os.path.join(config.export.output_dir, 'web')
   assert record['web']['runtime'] == 'onnxruntime-web ' + json.load(
       open(os.path.join(RUNTIME, os.pardir, 'package.json')))['version']
-  assert record['web']['files'] == ['classify.js', 'index.html', 'model.json', 'model.onnx',
-                                    'ort/ort-wasm-simd-threaded.wasm', 'ort/ort.bundle.js']
+  assert record['web']['files'] == ['bytes.js', 'classify.js', 'decode.js', 'index.html',
+                                    'model.json', 'model.onnx', 'orientation.js',
+                                    'ort/ort-wasm-simd-threaded.wasm', 'ort/ort.bundle.js',
+                                    'pillow.js', 'png.js']
   assert sorted(os.listdir(config.export.output_dir)) == sorted(record['files'] + ['export.json',
                                                                                    'labels.txt'])
   assert 'web' in record['files'] and 'model.onnx' not in record['files']   # onnx was not asked
@@ -112,8 +116,8 @@ def test_export_writes_a_self_contained_page(page):
   meta = json.load(open(os.path.join(web_dir, 'model.json')))
   assert meta['class_names'] == [str(i) for i in range(10)] and meta['input_shape'] == [8, 8, 1]
   assert meta['task'] == 'single_label' and meta['checkpoint_step'] == record['checkpoint_step']
-  page_text = open(os.path.join(web_dir, 'index.html')).read() + open(
-      os.path.join(web_dir, 'classify.js')).read()
+  page_text = ''.join(open(os.path.join(web_dir, n)).read() for n in export.web.PAGE_FILES)
+  page_text = page_text.replace('http://ns.adobe.com/xap/1.0/', '')   # XMP's name, not a host
   assert 'http://' not in page_text and 'https://' not in page_text, 'another host is named'
 
 
@@ -181,25 +185,33 @@ def test_page_makes_predicts_pixels_from_images_of_any_size(page, browser, tmp_p
 
 
 def test_page_says_which_images_it_cannot_read_as_predict_does(page, browser, tmp_path):
-  """A transparent pixel's stored colour (PIL keeps it; a canvas keeps colours premultiplied by
-  alpha) and a 16-bit PNG's reduction to 8 bits (predict: v // 257) differ in the browser: the
-  answer says so. An opaque image, even with an alpha channel, and an 8-bit one get no note."""
+  """Where the browser decodes: a transparent pixel's stored colour (PIL keeps it; a canvas keeps
+  colours premultiplied by alpha: a WebP) and a 16-bit PNG's reduction to 8 bits (predict: v //
+  257; an animated PNG, which the page leaves to the browser) differ: the answer says so. The page
+  decodes other PNGs itself, as PIL does: a transparent or 16-bit one is predict's and gets no
+  note; nor does an opaque image, even with an alpha channel, nor an 8-bit one."""
   _, _, _, url = page
   x, _ = digits.load_arrays('test')
   grey = x[5, :, :, 0]
   alpha = np.full(grey.shape, 255, np.uint8)
   alpha[:2] = 0                                  # two transparent rows, stored white
-  rgba = np.dstack([np.maximum(grey, 255 * (alpha == 0))] * 3 + [alpha]).astype(np.uint8)
-  Image.fromarray(rgba, 'RGBA').save(tmp_path / 'transparent.png')
+  rgba = Image.fromarray(np.dstack([np.maximum(grey, 255 * (alpha == 0))] * 3 + [alpha])
+                         .astype(np.uint8), 'RGBA')
+  rgba.save(tmp_path / 'transparent.webp', lossless=True, exact=True)   # exact: keeps them white
+  rgba.save(tmp_path / 'transparent.png')
   Image.fromarray(np.dstack([grey] * 3 + [np.full_like(grey, 255)]), 'RGBA').save(
       tmp_path / 'opaque_rgba.png')
   wide = (grey.astype(np.uint16) * 257 + np.arange(grey.size, dtype=np.uint16).reshape(
       grey.shape) % 257).astype(np.uint16)        # 16-bit values that are not 8-bit ones x 257
+  Image.fromarray(wide).save(tmp_path / 'deep animated.png', save_all=True,
+                             append_images=[Image.fromarray(wide[::-1].copy())])
   Image.fromarray(wide).save(tmp_path / 'deep.png')
   Image.fromarray(grey).save(tmp_path / 'plain.png')
-  files = [tmp_path / n for n in ('transparent.png', 'opaque_rgba.png', 'deep.png', 'plain.png')]
-  with Image.open(files[2]) as im:
-    assert im.mode == 'I;16'                       # (PIL wrote a 16-bit PNG)
+  files = [tmp_path / n for n in ('transparent.webp', 'transparent.png', 'opaque_rgba.png',
+                                  'deep animated.png', 'deep.png', 'plain.png')]
+  for f in files[3:5]:
+    with Image.open(f) as im:
+      assert im.mode == 'I;16'                     # (PIL wrote a 16-bit PNG)
   with screenshot_on_failure(browser, tmp_path):
     results = _classify(browser, url, files)
     notes = [[n.text for n in row.find_elements(By.CSS_SELECTOR, '.note')]
@@ -213,12 +225,12 @@ def test_page_says_which_images_it_cannot_read_as_predict_does(page, browser, tm
   same = [np.array_equal(np.asarray(g, np.uint8).reshape(8, 8, 1),
                          images.decode(str(f), channels=1, size_hw=(8, 8)))
           for f, g in zip(files, got)]
-  assert same == [False, True, False, True]      # the notes are true: those two differ
+  assert same == [False, True, True, False, True, True]   # the notes are true: those two differ
   assert said == [
       ["It has transparent pixels, whose stored colour the browser does not give: the answer can "
-       "differ from --mode=predict's."], [],
+       "differ from --mode=predict's."], [], [],
       ["It is a 16-bit PNG, which the browser reduces to 8 bits its own way: the answer can differ "
-       "slightly from --mode=predict's."], []]
+       "slightly from --mode=predict's."], [], []]
 
 
 @pytest.fixture(scope='module')
@@ -240,7 +252,7 @@ def test_page_turns_a_webp_upright_as_predict_does(page, browser, predictor, tmp
   WebP itself as PIL's exif_transpose does (8 orientations, grey and colour, not square; XMP's
   when there is no EXIF; a chunk only where the VP8X header flags it, as libwebp reads it), and
   not a JPEG or PNG a second time. Its model input is predict's byte for byte, its probabilities
-  and answers predict's; a WebP whose EXIF block PIL cannot read (predict skips it) gets a note."""
+  and answers predict's; a WebP whose EXIF block PIL cannot read (both ignore it) gets a note."""
   _, _, _, url = page
   x, _ = digits.load_arrays('test')
   rng = np.random.default_rng(1)
@@ -278,8 +290,9 @@ def test_page_turns_a_webp_upright_as_predict_does(page, browser, predictor, tmp
   upright += [image, upright[5].transpose(_STORED_AS[6]), image, None]
   image.save(tmp_path / 'damaged exif.webp', exif=b'not a TIFF block', lossless=True)
   files.append(tmp_path / 'damaged exif.webp')
+  upright.append(image)
   results, got = _classify_with_pixels(browser, url, files, tmp_path)
-  want = [images.decode(str(f), channels=1, size_hw=(8, 8)) for f in files[:-1]]
+  want = [images.decode(str(f), channels=1, size_hw=(8, 8)) for f in files]
   for f, w, u in zip(files, want, upright):
     if u is not None:   # (the file holds what its name says)
       png = io.BytesIO()
@@ -287,17 +300,16 @@ def test_page_turns_a_webp_upright_as_predict_does(page, browser, predictor, tmp
       np.testing.assert_array_equal(images.decode(png.getvalue(), channels=1, size_hw=(8, 8)),
                                     w, err_msg=f.name)
   answers, skipped = predict.predict_files(predictor, [str(f) for f in files], top=10)
-  assert [s for s, _ in skipped] == [str(files[-1])]
+  assert skipped == []
   # Per file: (name, model input equal to predict's, answer, notes), all at once on failure.
   assert [(r['file'], np.array_equal(np.asarray(g, np.uint8).reshape(8, 8, 1), w), r['answer'],
            r['notes']) for r, g, w in zip(results, got, want)] == [
-      (f.name, True, a['predictions'][0]['class'], []) for f, a in zip(files, answers)]
+      (f.name, True, a['predictions'][0]['class'], [DAMAGED_NOTE] if f == files[-1] else [])
+      for f, a in zip(files, answers)]
   for r, a in zip(results, answers):
     by_index = sorted(a['predictions'], key=lambda p: p['index'])
     np.testing.assert_allclose(r['probabilities'], [p['probability'] for p in by_index],
                                atol=1e-5, err_msg=r['file'])
-  assert results[-1]['notes'] == ['Its EXIF block is damaged, so which way is up is not known: '
-                                  '--mode=predict refuses the file.']
 
 
 def test_page_says_why_it_cannot_decode_a_file(page, browser, predictor, tmp_path):

@@ -1,7 +1,7 @@
 """Image file headers: what PIL says about a file without decoding it, cached on disk.
 
-``probe`` reads size, mode and EXIF orientation from the header (a JPEG / PNG without its end
-marker is decoded once to tell); ``probe_all`` probes many files, in one process per core past
+``probe`` reads size, mode and orientation (``images.orientation``) from the header (a JPEG / PNG
+without its end marker is decoded once to tell); ``probe_all`` probes many files, in one process per core past
 ``_PARALLEL_FROM`` (header parsing holds the GIL: threads were slower than one loop), and keeps
 the results per folder or manifest in one JSON file keyed by each file's size and mtime, less the
 files that are gone.
@@ -23,6 +23,7 @@ import threading
 from typing import Any
 
 from imgcls_jax import atomic
+from imgcls_jax.data import images
 
 _PARALLEL_FROM = 20_000     # files to probe before it pays to start worker processes (~0.5 s)
 _MAX_PROBE_PROCESSES = 16
@@ -62,11 +63,9 @@ def probe(path: str) -> tuple[int, int, int] | str:
     with Image.open(path) as img:
       w, h = img.size
       bands = _band_count(img.mode)
-      raw = img.info.get('exif') if img.format == 'PNG' else None
-      exif = Image.Exif() if img.format == 'PNG' else img.getexif()
-      if raw:
-        exif.load(raw)
-      if exif.get(0x0112) in (5, 6, 7, 8):  # rotated by 90 degrees: height and width swap
+      # EXIF's orientation, else XMP's, a damaged EXIF block ignored: as images.decode turns it
+      # (from the header's chunks: a PNG's eXIf after its pixels is not read here)
+      if images.orientation(img) in (5, 6, 7, 8):  # turned by 90 degrees: h and w swap
         h, w = w, h
       if not _complete(path, img.format):
         img.load()  # decodes it: raises when it really is truncated

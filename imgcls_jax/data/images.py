@@ -13,6 +13,7 @@ import io
 import logging
 import os
 import re
+import struct
 import threading
 from typing import Any, Callable, Iterator
 
@@ -43,7 +44,8 @@ _LIFT_PIL_LIMIT = threading.Lock()   # held while PIL's global limit is lifted (
 
 def decode(data: bytes | str, *, channels: int, size_hw: tuple[int, int] | None = None,
            max_pixels: int | None = None) -> np.ndarray:
-  """Image bytes or a file path -> uint8 HxWx``channels``, upright (EXIF orientation applied).
+  """Image bytes or a file path -> uint8 HxWx``channels``, upright (EXIF orientation applied, else
+  XMP's; an EXIF block PIL cannot parse is ignored with a warning, ``_upright``).
 
   Any mode (grey, RGB, RGBA, palette) is converted: grey is replicated for 3 channels, alpha is
   dropped. With ``size_hw`` the image is resized to it (area-average when shrinking,
@@ -51,7 +53,7 @@ def decode(data: bytes | str, *, channels: int, size_hw: tuple[int, int] | None 
   decoding) for an image of more than ``max_pixels`` (width x height; 0 = no limit, None = the
   size PIL refuses as a decompression bomb, twice ``PIL.Image.MAX_IMAGE_PIXELS``).
   """
-  from PIL import Image, ImageOps
+  from PIL import Image
   if max_pixels is None:
     with _LIFT_PIL_LIMIT:   # not None for a moment while another thread's _open lifts it
       limit, whose = 2 * (Image.MAX_IMAGE_PIXELS or 0), "PIL's decompression-bomb limit"
@@ -62,7 +64,7 @@ def decode(data: bytes | str, *, channels: int, size_hw: tuple[int, int] | None 
       if limit and img.width * img.height > limit:
         raise ImageTooLarge(f'an image of {img.width}x{img.height} pixels, more than {whose} '
                             f'of {limit}')
-      img = ImageOps.exif_transpose(img)
+      img = _upright(img, data if isinstance(data, str) else None)
       if img.mode.startswith('I;16'):  # 16-bit grey (scans, medical): full range to 8 bits
         img = Image.fromarray((np.asarray(img, np.uint32) // 257).astype(np.uint8))
       elif img.mode == 'I':   # 32-bit integer grey: 0-255 as 8-bit values, else 16-bit ones
@@ -100,12 +102,69 @@ def decode(data: bytes | str, *, channels: int, size_hw: tuple[int, int] | None 
   return array[..., None] if array.ndim == 2 else array
 
 
+# Where PIL keeps a JPEG's, PNG's or WebP's EXIF block (``Image.getexif`` reads it from there).
+_EXIF_KEYS = ('exif', 'Raw profile type exif')
+_WARNED_DAMAGED_EXIF: set[str] = set()   # files warned about (training reads each every epoch)
+
+
+def _upright(img: Any, path: str | None) -> Any:
+  """``ImageOps.exif_transpose(img)``, except that an EXIF block PIL cannot parse counts as absent
+  (a warning, once per file; XMP's tiff:Orientation, which PIL reads where EXIF gives none, then
+  decides) instead of refusing the file: its pixels are there, and a browser shows it so."""
+  from PIL import Image, ImageOps
+  img.load()   # (a PNG's chunks after the image data, an eXIf among them, are read now)
+  if any(k in img.info for k in _EXIF_KEYS):
+    probe = Image.new('1', (0, 0))   # PIL's parse afresh: a JPEG's open swallows its failure
+    probe.info = {k: img.info[k] for k in _EXIF_KEYS if k in img.info}
+    try:
+      probe.getexif()
+    except (SyntaxError, ValueError, TypeError, struct.error) as e:
+      if path is None or path not in _WARNED_DAMAGED_EXIF:
+        if path is not None:
+          _WARNED_DAMAGED_EXIF.add(path)
+        logging.warning('%s: its EXIF block is damaged (%s) and is ignored; if the image is on '
+                        'its side, turn the file upright.', path or 'An upload',
+                        (str(e).splitlines() or [''])[0][:120] or type(e).__name__)
+      img = img.copy()   # a plain image, which forgets PIL's parse of the block
+      for k in _EXIF_KEYS:
+        img.info.pop(k, None)
+  return ImageOps.exif_transpose(img)
+
+
+def orientation(img: Any) -> int:
+  """The orientation (1-8) ``decode`` applies to the opened PIL image ``img`` beyond its size, from
+  its header: EXIF's tag, else XMP's tiff:Orientation (as PIL reads them); a damaged EXIF block
+  counts as absent, as ``_upright`` ignores it. For header-only readers (``file_probe.probe``; a PNG's eXIf
+  after its pixels is not read without decoding them)."""
+  from PIL import Image
+  errors = (SyntaxError, ValueError, TypeError, struct.error)
+  if hasattr(img, 'tag_v2'):   # TIFF: its tags are the EXIF
+    try:
+      got = img.getexif().get(0x0112, 1)
+    except errors:
+      got = 1
+    if img.size != (img.tag_v2.get(256), img.tag_v2.get(257)):
+      got = 1   # PIL's own TIFF reader turned it already (newer Pillow: its size is upright)
+  else:
+    probe = Image.new('1', (0, 0))
+    probe.info = dict(img.info)
+    try:
+      got = probe.getexif().get(0x0112, 1)
+    except errors:
+      probe = Image.new('1', (0, 0))
+      probe.info = {k: v for k, v in img.info.items() if k not in _EXIF_KEYS}
+      got = probe.getexif().get(0x0112, 1)
+  return int(got) if isinstance(got, int) else 1
+
+
 def decode_recipe(channels: int, size_hw: tuple[int, int] | None) -> dict[str, Any]:
   """What ``decode`` does, in words, for a client that must make the same pixels elsewhere (a
   resize with another filter changes them: bilinear for box moved 2% of the digits test images'
   top-1)."""
   return {
-      'decode': ('Pillow; the first frame; EXIF orientation applied (ImageOps.exif_transpose); '
+      'decode': ('Pillow; the first frame; EXIF orientation applied (ImageOps.exif_transpose: '
+                 "XMP's tiff:Orientation where EXIF gives none; an EXIF block Pillow cannot "
+                 'parse is ignored); '
                  '16-bit grey floor-divided by 257 (32-bit integer grey too when above 255), '
                  'float grey in [0, 1] times 255, rounded; alpha dropped, not composited (the '
                  'colour stored under transparent pixels is kept)'),

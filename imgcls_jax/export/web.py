@@ -5,9 +5,12 @@ no cross-origin isolation headers are needed). ``<export>/web/`` is self-contain
 on any static host (or previewed with ``python -m http.server -d <export>/web``; browsers load
 WebAssembly and modules only over HTTP, not from ``file://``):
 
-  * ``index.html``, ``classify.js``: the page; the browser decodes each chosen image and turns it
-    upright (EXIF); the page converts it to grey (ITU-R 601 luma) and resizes it with Pillow's
-    arithmetic, so the model gets ``--mode=predict``'s bytes (``images.decode``) at any size.
+  * ``index.html``, ``classify.js`` (the page) and the ES modules it imports: ``decode.js``,
+    ``png.js``, ``orientation.js``, ``pillow.js``, ``bytes.js``. It decodes each chosen image
+    (still PNGs itself, as PIL does; JPEG, WebP, GIF through the browser) and turns it upright
+    as PIL does (EXIF, else XMP; a damaged EXIF block ignored), converts it to grey (ITU-R 601
+    luma) and resizes it with Pillow's arithmetic, so the model gets ``--mode=predict``'s bytes
+    (``images.decode``) at any size.
   * ``model.onnx`` (the model traced at one image per call, verified against JAX like every
     other format; not the export's any-batch ``model.onnx``), ``model.json`` (class names, input
     shape, task and the run's decision rules: multi-label thresholds, ``min_confidence``,
@@ -28,7 +31,8 @@ from imgcls_jax.errors import UserError
 
 BUNDLE = 'ort.wasm.bundle.min.mjs'       # the ES module with the WebAssembly glue inside
 WASM = 'ort-wasm-simd-threaded.wasm'     # the one file the bundle fetches
-PAGE_FILES = ('index.html', 'classify.js')
+PAGE_FILES = ('index.html', 'classify.js', 'decode.js', 'png.js', 'orientation.js', 'pillow.js',
+              'bytes.js')
 
 
 def _candidates(spec: str) -> list[str]:
