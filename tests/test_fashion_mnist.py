@@ -1,5 +1,5 @@
 """Offline Fashion-MNIST through the standard tfds builder (Debian's dataset-fashion-mnist files),
-and every config of configs/ (documented command, expected figure, the default schema)."""
+and the quick recipe and transfer on it (the configs' own checks: tests/test_configs.py)."""
 import gzip
 import hashlib
 import os
