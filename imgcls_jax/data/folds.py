@@ -8,11 +8,15 @@ Examples are named by their tfds id (``ReadConfig(add_tfds_id=True)``), sorted, 
 folds by ``sklearn.model_selection.StratifiedKFold(k, shuffle=True, random_state=seed)`` on their
 labels: the same split, ``k`` and seed always give the same folds, however the files are read.
 A fold is handed to the input pipeline as the split ``'SPLIT@IDS_FILE'`` (see
-``sources.read``): the examples of SPLIT whose ids the file lists, one per line.
+``sources.read``): the examples of SPLIT whose ids the file lists, one per line. Listed ids that
+SPLIT lacks are left out with a warning (``check_listed``): e.g. a cross-validation's
+``cv_kept_ids.txt`` read with another split than the one it was written from.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import os
 
 import ml_collections
@@ -123,6 +127,77 @@ def _check_pool(src: folder_layout.Source, split: str) -> None:
 def subset_split(split: str, ids_file: str) -> str:
   """The split spec that reads only the examples of ``split`` listed in ``ids_file``."""
   return f'{split}@{ids_file}'
+
+
+_SPLIT_IDS: dict[tuple[str, str, str], frozenset[str]] = {}   # (dataset, data_dir, split) -> ids
+_CHECKED: set[tuple[str, str, float, int]] = set()   # (dataset, spec, file mtime, size) checked
+
+
+def _split_ids(data: ml_collections.ConfigDict, split: str,
+               names: tuple[str, ...] | None) -> frozenset[str]:
+  """The ids of every example of ``split``: an image folder's listed files (unreadable ones
+  too), a tfds split's ids (one pass over its records, once per process)."""
+  if image_folder.is_folder(data):
+    src = folder_layout.source_of(data)
+    return frozenset(folder_index.listed(src, split, names or folder_layout.class_names(src))[0])
+  key = (str(data.name), str(data.get('data_dir') or ''), split)
+  if key not in _SPLIT_IDS:
+    _SPLIT_IDS[key] = frozenset(sources.example_ids(data, split))
+  return _SPLIT_IDS[key]
+
+
+def _written_from(ids_file: str) -> tuple[str, str]:
+  """(the split a cross-validation's id file was cut from, its cv_report.json), from the report
+  beside the file or one folder up (a fold's id lists); ('', '') when none says."""
+  here = os.path.dirname(os.path.abspath(ids_file))
+  for folder in (here, os.path.dirname(here)):
+    path = os.path.join(folder, 'cv_report.json')
+    try:
+      with open(path) as f:
+        split = json.load(f).get('split')
+    except (OSError, ValueError, AttributeError):
+      continue
+    if isinstance(split, str) and split:
+      return split, path
+  return '', ''
+
+
+def check_listed(data: ml_collections.ConfigDict, spec: str, key: str = '',
+                 names: tuple[str, ...] | None = None) -> int:
+  """For an id-listed split ``'SPLIT@IDS_FILE'`` (``key``: the config key that gave it, named in
+  the message; ``names``: a trained run's classes, for an image folder), warns once per process
+  when the file lists ids that SPLIT lacks, which are left out of it; returns how many (0 for
+  other splits, an arrays file, or a file the reader will name as missing)."""
+  base, sep, ids_file = str(spec).partition('@')
+  if not sep or arrays.is_arrays(data):
+    return 0
+  try:
+    stat = os.stat(ids_file)
+    with open(ids_file) as f:
+      listed = {line.strip() for line in f if line.strip()}
+  except OSError:
+    return 0
+  where = sources.dataset_name(data)
+  checked = (where, str(spec), stat.st_mtime, stat.st_size)
+  if checked in _CHECKED or not listed:
+    return 0
+  _CHECKED.add(checked)
+  missing = len(listed - _split_ids(data, base, names))
+  if not missing:
+    return 0
+  given = f"config.{key}='{spec}'" if key else f"Split '{spec}'"
+  written, report = _written_from(ids_file)
+  if written and written != base:
+    fix = (f"the file was written from split '{written}' ({report}): set "
+           f"{f'config.{key}' if key else 'the split'}='{written}@{ids_file}' to read them all, "
+           f"or keep '{base}' if leaving them out is meant")
+  else:
+    fix = (f"name the split the file was written from before its '@' to read them all, or list "
+           f"only ids of '{base}' in it")
+  logging.warning("%s: %d of the %d ids %s lists are not in split '%s' of %s and are left out "
+                  '(the other %d are read); %s.', given, missing, len(listed), ids_file, base,
+                  where, len(listed) - missing, fix)
+  return missing
 
 
 def write_ids(path: str, ids: list[str]) -> None:

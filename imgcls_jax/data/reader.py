@@ -20,11 +20,15 @@ Batch = dict[str, np.ndarray]
 
 
 def describe(data: ml_collections.ConfigDict) -> DatasetInfo:
-  """Classes, decoded image shape, split sizes and flip safety of ``config.data``."""
+  """Classes, decoded image shape, split sizes and flip safety of ``config.data`` (an id-listed
+  split whose file lists ids the split lacks: warned of, ``folds.check_listed``)."""
   if arrays.is_arrays(data):
     return arrays.describe(data)
-  from imgcls_jax.data import sources
-  return sources.describe(data)
+  from imgcls_jax.data import folds, sources
+  info = sources.describe(data)
+  for key in ('train_split', 'eval_split'):
+    folds.check_listed(data, data[key], f'data.{key}', info.class_names)
+  return info
 
 
 def check_preprocess(data: ml_collections.ConfigDict, info: DatasetInfo | None = None) -> None:
