@@ -1,4 +1,4 @@
-"""Wall-clock time to a test accuracy, start-up included: runs one training command and times it.
+r"""Wall-clock time to a test accuracy, start-up included: runs one training command and times it.
 
   python benchmarks/time_to_accuracy.py --target=0.93 -- \
       --config=configs/fashion_mnist_quick.py --workdir=/tmp/fmnist_quick
@@ -6,8 +6,10 @@
 Everything after ``--`` goes to ``python -m imgcls_jax.main`` (run as a child process, so Python,
 JAX and TensorFlow start-up, dataset loading and compilation all count). Each evaluation line the
 run prints is stamped with the seconds since the child started; at the end it prints the time of
-the first evaluation at or above ``--target`` (top-1; for a multi-label run, mAP), the best accuracy within ``--budget`` seconds, and
-the whole run's wall time and CPU time. Use a fresh ``--workdir`` (an existing one resumes).
+the first evaluation at or above ``--target`` (top-1; for a multi-label run, mAP), the best
+accuracy within ``--budget`` seconds, and the whole run's wall time and CPU time. Use a fresh
+``--workdir`` (an existing one resumes). ``--help`` (without ``--``, or before it) lists this
+script's own flags.
 Only evaluations of the whole split count: those on fewer examples than the run's largest one
 (``config.eval_subset``'s cheaper intermediate ones; the last evaluation always reads the whole
 split) are listed in ``--json``'s record but never reach the target.
@@ -22,29 +24,51 @@ import subprocess
 import sys
 import time
 
+from absl import flags
+
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _EVAL = re.compile(r'step (\d+): eval loss [\d.]+, top-1 ([\d.]+)%')
 _EVAL_MAP = re.compile(r'step (\d+): eval loss [\d.]+, mAP ([\d.]+)')   # multi-label runs
 _COUNT = re.compile(r' on (\d+) examples')
 
 
+def _flags() -> flags.FlagValues:
+  """This script's own flags (those before ``--``)."""
+  fv = flags.FlagValues()
+  flags.DEFINE_float('target', 0.93, 'The test accuracy to time: top-1 (a multi-label run: mAP), '
+                     'as a fraction.', flag_values=fv)
+  flags.DEFINE_float('budget', 300.0, 'Seconds after the start within which the best accuracy is '
+                     'reported.', flag_values=fv)
+  flags.DEFINE_bool('json', False, 'Print one JSON record at the end instead of the summary line.',
+                    flag_values=fv)
+  return fv
+
+
 def main(argv: list[str]) -> int:
-  target, budget, as_json, args = 0.93, 300.0, False, []
   rest = argv[1:]
   if '--' in rest:
     own, args = rest[:rest.index('--')], rest[rest.index('--') + 1:]
   else:
     own, args = [], rest
-  for a in own:
-    if a.startswith('--target='):
-      target = float(a.split('=', 1)[1])
-    elif a.startswith('--budget='):
-      budget = float(a.split('=', 1)[1])
-    elif a == '--json':
-      as_json = True
-    else:
-      print(f'unknown option {a}; usage: {__doc__}', file=sys.stderr)
-      return 2
+  fv = _flags()
+  if any(a in ('--help', '-h', '--helpfull') for a in (own if '--' in rest else rest)):
+    print(f"{(__doc__ or '').strip()}\n\nFlags:\n{fv.get_help(prefix='  ')}")
+    return 0
+  prog, own_flags = os.path.basename(argv[0]), ', '.join(f'--{f}' for f in sorted(fv))
+  try:
+    unparsed = fv([argv[0], *own])
+  except flags.UnrecognizedFlagError as e:
+    print(f'error: {prog} has no flag --{e.flagname}; its own are {own_flags} (the training '
+          "command's go after --).", file=sys.stderr)
+    return 2
+  except flags.Error as e:
+    print(f'error: {str(e).splitlines()[0]}; see {prog} --help.', file=sys.stderr)
+    return 2
+  if len(unparsed) > 1:
+    print(f'error: {prog} takes no argument {unparsed[1]!r}; put the training command after --.',
+          file=sys.stderr)
+    return 2
+  target, budget, as_json = fv.target, fv.budget, fv.json
   env = dict(os.environ, PYTHONUNBUFFERED='1')
   env['PYTHONPATH'] = _REPO + os.pathsep + env.get('PYTHONPATH', '')
   t0 = time.perf_counter()

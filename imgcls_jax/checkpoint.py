@@ -35,7 +35,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from imgcls_jax import configlib, failed_reads
+from imgcls_jax import configlib, failed_reads, resume_diff
 from imgcls_jax import state as state_lib
 from imgcls_jax.errors import UserError, first_line
 
@@ -272,8 +272,17 @@ class Checkpointer:
     restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     return dict(restored['meta'] or {})
 
-  def _check_fits(self, step: int, target: Any) -> None:
+  def _check_fits(self, step: int, target: Any, saved_config: Mapping[str, Any] | None = None,
+                  config: ml_collections.ConfigDict | None = None) -> None:
+    """A UserError unless checkpoint ``step``'s tree fits ``target``: it names the keys of
+    ``config`` that differ from ``saved_config`` (the checkpoint's) and shape the state, else the
+    first differing tree path."""
     diffs = structure_differences(self._manager.metadata(step).item_metadata['state'].tree, target)
+    if diffs and config is not None:
+      message = resume_diff.changed_keys_message(diffs, saved_config, config,
+                                                 f'checkpoint {step} in {self.directory}')
+      if message:
+        raise UserError(message)
     if diffs:
       more = f' (and {len(diffs) - 1} more differences)' if len(diffs) > 1 else ''
       raise UserError(f'Checkpoint {step} in {self.directory} does not fit this model/config: '
@@ -315,10 +324,12 @@ class Checkpointer:
     ``<workdir>/corrupt_checkpoints`` with a warning, and the previous one is tried. A readable
     checkpoint written by a different model/dataset (``config``'s state-defining keys, then
     ``check_meta(meta, 'checkpoint <step> in <directory>')``, e.g. its classes, then the state's
-    tree) raises UserError, before any array is read.
+    tree, a mismatch named by the changed ``config`` keys that shape it) raises UserError, before
+    any array is read. A changed training trajectory is warned of once, for the checkpoint resumed
+    from, after the warnings about the unreadable ones.
     """
     moved: list[tuple[int, str, str]] = []   # (step, why it is unreadable, where it went)
-    resumed: list[int] = []
+    resumed: list[Restored] = []
     failed_reads.install()  # a damaged checkpoint: one warning, not tensorstore's leftovers
     try:
       for step in sorted(self._manager.all_steps(), reverse=True):
@@ -333,9 +344,7 @@ class Checkpointer:
           configlib.check_config(meta.get('config'), config, where, warn=False)
         if check_meta is not None:
           check_meta(meta, where)
-        self._check_fits(step, abstract_state)
-        if config is not None:   # it fits: only now is a changed trajectory worth a warning
-          configlib.warn_trajectory(meta.get('config'), config, where)
+        self._check_fits(step, abstract_state, meta.get('config'), config)
         try:
           state = self._manager.restore(step, args=ocp.args.Composite(
               state=ocp.args.StandardRestore(abstract_state)))['state']
@@ -345,13 +354,18 @@ class Checkpointer:
         if not bool(state_lib.is_finite(state)):   # damaged bytes that decode; saved after a NaN
           moved.append(self._quarantine(step, 'its arrays hold NaN or infinite values'))
           continue
-        resumed.append(step)
-        return Restored(step=step, state=state, meta=meta, skipped=[m[0] for m in moved])
+        resumed.append(Restored(step=step, state=state, meta=meta, skipped=[m[0] for m in moved]))
+        break
     finally:   # once the step resumed from is known; before an older checkpoint's error too
       for step, why, dest in moved:
         logging.warning('Checkpoint %d in %s is unreadable (%s); moved it to %s%s.', step,
                         self.directory, why, dest, f' and resuming from the previous good '
-                        f'checkpoint, step {resumed[0]}' if resumed else '')
+                        f'checkpoint, step {resumed[0].step}' if resumed else '')
+    if resumed:   # only the checkpoint resumed from, once its state is read: a changed trajectory
+      if config is not None:
+        configlib.warn_trajectory(resumed[0].meta.get('config'), config,
+                                  f'checkpoint {resumed[0].step} in {self.directory}')
+      return resumed[0]
     if moved:
       raise UserError(f'No readable checkpoint in {self.directory}: steps '
                       f'{", ".join(str(m[0]) for m in moved)} were damaged and moved to '

@@ -210,6 +210,9 @@ def main(argv: list[str]) -> int:
   seed = flags.DEFINE_integer('seed', 0, 'Random seed of the placement.', flag_values=fv)
   data_dir = flags.DEFINE_string('data_dir', None, 'tfds data_dir (default: tfds default).',
                                  flag_values=fv)
+  if any(a in ('--help', '-h', '--helpfull') for a in argv[1:]):
+    print(f"{(__doc__ or '').strip()}\n\nFlags:\n{fv.get_help(prefix='  ')}")
+    return 0
   start = time.time()
   try:
     fv(argv)

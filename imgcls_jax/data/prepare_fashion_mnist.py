@@ -1,9 +1,9 @@
-"""Prepares the standard tfds ``fashion_mnist`` dataset offline, from Debian's dataset-fashion-mnist.
+"""Prepares the standard tfds ``fashion_mnist`` dataset offline, from Debian's Fashion-MNIST.
 
-Debian's package (``apt-get install -y dataset-fashion-mnist``) ships the real Fashion-MNIST files as
-``/usr/share/datasets/fashion-mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz`` but with each
-gzip header rewritten (stored file name dropped, mtime reset); the deflate data is unchanged. This
-module puts the upstream header back (FNAME flag, the upstream mtime, the original name), which
+Debian's package (``apt-get install -y dataset-fashion-mnist``) ships the real Fashion-MNIST files
+as ``/usr/share/datasets/fashion-mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz`` but with
+each gzip header rewritten (stored file name dropped, mtime reset); the deflate data is unchanged.
+This module puts the upstream header back (FNAME flag, the upstream mtime, the original name), which
 reproduces the upstream files byte for byte, checks them against the sha256 sums that tfds itself
 registers for ``fashion_mnist``, and runs the standard tfds builder with them as ``manual_dir``.
 
@@ -72,7 +72,8 @@ def write_manual_dir(source_dir: str, manual_dir: str) -> list[str]:
     digest = hashlib.sha256(data).hexdigest()
     if sums.get(name) and digest != sums[name]:
       raise UserError(f'{name} from {source_dir} does not reproduce the upstream file (sha256 '
-                      f'{digest[:12]}... != {sums[name][:12]}...); reinstall dataset-fashion-mnist.')
+                      f'{digest[:12]}... != {sums[name][:12]}...); reinstall '
+                      'dataset-fashion-mnist.')
     path = os.path.join(manual_dir, name)
     with open(path, 'wb') as f:
       f.write(data)
@@ -105,6 +106,9 @@ def main(argv: list[str]) -> int:
   manual_dir = flags.DEFINE_string('manual_dir', None, 'Where to write the upstream files '
                                    '(default: <data_dir>/downloads/manual/fashion_mnist).',
                                    flag_values=fv)
+  if any(a in ('--help', '-h', '--helpfull') for a in argv[1:]):
+    print(f"{(__doc__ or '').strip()}\n\nFlags:\n{fv.get_help(prefix='  ')}")
+    return 0
   try:
     fv(argv)
     path = prepare(data_dir.value, source_dir.value, manual_dir.value)
