@@ -135,7 +135,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim = ml_collections.ConfigDict()
   # 'sgd', 'adamw', 'lamb' / 'lars' (large batches), 'muon' (Newton-Schulz-orthogonalised momentum
   # for kernels, Adam for the rest) or 'schedule_free_adamw' (use schedule='constant'; evaluated
-  # and loaded at its averaged iterate x). Weight decay acts on kernels only in all of them.
+  # and loaded at its averaged iterate x). Weight decay acts on kernels only in all of them. The
+  # keys below marked with optimizers are read by those only (one set on the command line for
+  # another optimizer is warned about); adding an optimizer or schedule: optim.OPTIMIZERS / README.
   c.optim.name = 'sgd'
   c.optim.learning_rate = 0.1             # peak learning rate ...
   c.optim.lr_batch_reference = 0          # ... times batch_size / this, when > 0 (e.g. 256)

@@ -23,12 +23,16 @@ Ops act on the uint8 batch before normalisation, are joined by ``'|'`` and run i
 Everything is per example and element-wise over the batch, so the result does not depend on how
 the batch is split over devices. No TensorFlow, no config objects: specs are parsed to hashable
 tuples that ``steps.StepConfig`` carries.
+
+Adding an op is one ``OPS`` entry (``DeviceOp``: its function, its arguments and their check)
+and its function; the parser, ``apply`` and the error message's list of ops all read the table.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,20 +44,48 @@ FLIP_STREAM = 0x0F11
 TRANSLATE_STREAM = 0x7A45
 ALTERNATE_STREAM = 0xA17E            # folded into the run key (not the step key): fixed per run
 ERASE_STREAM = 0xE7A5
-OPS = ('flip_lr', 'flip_alternate', 'translate', 'erase')
 PAD_MODES = ('constant', 'reflect')
 ERASE_FILLS = ('noise', 'zero')
 ERASE_RATIO = (0.3, 1 / 0.3)         # aspect ratio range (height / width), log-uniform
 TTA_MODES = ('', 'flip', 'flip_translate')
-Op = tuple  # ('flip_lr',) | ('flip_alternate',) | ('translate', pad, mode)
+Op = tuple  # (name, *parameters): ('flip_lr',) | ('flip_alternate',) | ('translate', pad, mode)
 #             | ('erase', prob, area_min, area_max, fill)
 
 
+class Context(NamedTuple):
+  """What an op may draw on besides the batch (``apply``'s arguments)."""
+  step_key: jax.Array          # fold_in(run key, step): fold in the op's own stream
+  run_key: jax.Array
+  step: jax.Array
+  epoch_chunk: int             # ``epoch_layout``: which epoch each row comes from
+  epoch_examples: int
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceOp:
+  """One op of the ``OPS`` table.
+
+  ``run(ctx, images_BxHxWxC, *parameters) -> images`` (uint8 in and out, traced in the step);
+  ``args``: its argument names -> default values as written in a spec; ``check(**values)`` turns
+  them into the parameters (a tuple), or None when one is bad, and then ``needs`` says what it
+  takes; ``usage`` shows its arguments in the list of ops. Ops sharing an ``exclusive`` tag
+  appear at most once in all. ``shift(*parameters)``, for an op that moves the image content,
+  names how far (the warning when the host shifts them too); ``mirrors``: it flips images.
+  """
+  run: Callable[..., jax.Array]
+  args: dict[str, str] = dataclasses.field(default_factory=dict)
+  check: Callable[..., tuple | None] | None = None
+  needs: str = ''
+  usage: str = ''
+  exclusive: str = ''
+  shift: Callable[..., str] | None = None
+  mirrors: bool = False
+
+
 def _bad(spec: str, why: str) -> UserError:
+  listed = ', '.join(n + (f'({op.usage})' if op.usage else '') for n, op in OPS.items())
   return UserError(f"config.data.device_preprocess='{spec}' is not a device-side op spec ({why}); "
-                   "use '' or ops among flip_lr, flip_alternate, translate(pad=N, "
-                   "mode=constant|reflect), erase(prob=P, area_min=A, area_max=B, "
-                   "fill=noise|zero) joined by '|' (other augmentations go in "
+                   f"use '' or ops among {listed} joined by '|' (other augmentations go in "
                    'config.data.train_preprocess).')
 
 
@@ -63,6 +95,10 @@ def _fraction(text: str) -> float | None:
   except ValueError:
     return None
   return v if 0.0 <= v <= 1.0 else None
+
+
+def _together(names: list[str]) -> str:
+  return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
 
 
 def parse(spec: str) -> tuple[Op, ...]:
@@ -77,33 +113,29 @@ def parse(spec: str) -> tuple[Op, ...]:
     for arg in [a.strip() for a in (m.group(2) or '').split(',') if a.strip()]:
       key, _, value = arg.partition('=')
       args[key.strip()] = value.strip().strip('\'"')
-    if name == 'translate':
-      unknown = set(args) - {'pad', 'mode'}
-      pad, mode = args.get('pad', '2'), args.get('mode', 'constant')
-      if unknown or not pad.isdigit() or not 1 <= int(pad) <= 64 or mode not in PAD_MODES:
-        raise _bad(spec, 'translate takes pad (1..64 pixels) and mode (constant or reflect)')
-      ops.append(('translate', int(pad), mode))
-    elif name == 'erase':
-      unknown = set(args) - {'prob', 'area_min', 'area_max', 'fill'}
-      prob, lo, hi = (_fraction(args.get(k, d)) for k, d in
-                      (('prob', '0.5'), ('area_min', '0.02'), ('area_max', '0.33')))
-      fill = args.get('fill', 'noise')
-      if (unknown or prob is None or lo is None or hi is None or not 0 < lo <= hi
-          or fill not in ERASE_FILLS):
-        raise _bad(spec, 'erase takes prob (0..1), 0 < area_min <= area_max <= 1 and fill '
-                   '(noise or zero)')
-      ops.append(('erase', prob, lo, hi, fill))
-    elif args:
-      raise _bad(spec, f'{name} takes no arguments')
-    else:
+    entry = OPS[name]
+    if not entry.args:
+      if args:
+        raise _bad(spec, f'{name} takes no arguments')
       ops.append((name,))
+      continue
+    values = None if set(args) - set(entry.args) else entry.check(
+        **{k: args.get(k, default) for k, default in entry.args.items()})
+    if values is None:
+      raise _bad(spec, f'{name} takes {entry.needs}')
+    ops.append((name, *values))
   names = [op[0] for op in ops]
-  if names.count('flip_lr') + names.count('flip_alternate') > 1:
-    raise _bad(spec, 'at most one of flip_lr and flip_alternate')
-  for once in ('translate', 'erase'):
-    if names.count(once) > 1:
-      raise _bad(spec, f'{once} at most once')
+  for tag in dict.fromkeys(op.exclusive for op in OPS.values() if op.exclusive):
+    members = [n for n, op in OPS.items() if op.exclusive == tag]
+    if sum(names.count(n) for n in members) > 1:
+      raise _bad(spec, f'{members[0]} at most once' if len(members) == 1 else
+                 f'at most one of {_together(members)}')
   return tuple(ops)
+
+
+def mirroring(ops: tuple[Op, ...]) -> str:
+  """The name of the first op of ``ops`` that flips images ('' when none does)."""
+  return next((op[0] for op in ops if OPS[op[0]].mirrors), '')
 
 
 # Host ops (config.data.train_preprocess, data/pp/) that move the image content as translate does.
@@ -141,11 +173,12 @@ def twice_shifted(train_preprocess: str, ops: tuple[Op, ...]) -> str | None:
   ``train_preprocess`` unless ``device_preprocess`` is set too."""
   host = [m.group(1) for part in (train_preprocess or '').split('|')
           if (m := re.match(r'\s*(\w+)', part)) and m.group(1) in HOST_SHIFTS]
-  device = next((op for op in ops if op[0] == 'translate'), None)
+  device = next((op for op in ops if OPS[op[0]].shift is not None), None)
   if not host or device is None:
     return None
   return (f"config.data.train_preprocess shifts the images on the host ({', '.join(host)}) and "
-          f'config.data.device_preprocess translates them again on the device (pad={device[1]}); '
+          'config.data.device_preprocess translates them again on the device '
+          f'({OPS[device[0]].shift(*device[1:])}); '
           "set --config.data.device_preprocess='' unless you want both (configs/default.py's "
           'one-pixel device shift is for its digits).')
 
@@ -265,25 +298,55 @@ def epoch_layout(batch_size: int, read_shards: int, epoch_examples: int) -> dict
           'epoch_examples': max(1, epoch_examples // read_shards)}
 
 
+def _flip_alternate(c: Context, x: jax.Array) -> jax.Array:
+  if c.epoch_chunk <= 0 or c.epoch_examples <= 0:
+    raise ValueError('flip_alternate needs epoch_chunk and epoch_examples (run.setup).')
+  return alternate_flip(c.run_key, x, c.step, chunk=c.epoch_chunk, examples=c.epoch_examples)
+
+
+def _translate_args(pad: str, mode: str) -> tuple | None:
+  return (int(pad), mode) if pad.isdigit() and 1 <= int(pad) <= 64 and mode in PAD_MODES else None
+
+
+def _erase_args(prob: str, area_min: str, area_max: str, fill: str) -> tuple | None:
+  p, lo, hi = _fraction(prob), _fraction(area_min), _fraction(area_max)
+  ok = p is not None and lo is not None and hi is not None and 0 < lo <= hi
+  return (p, lo, hi, fill) if ok and fill in ERASE_FILLS else None
+
+
+# The device ops by name, in the order the error message lists them.
+OPS: dict[str, DeviceOp] = {
+    'flip_lr': DeviceOp(
+        lambda c, x: random_flip(jax.random.fold_in(c.step_key, FLIP_STREAM), x),
+        exclusive='flip', mirrors=True),
+    'flip_alternate': DeviceOp(_flip_alternate, exclusive='flip', mirrors=True),
+    'translate': DeviceOp(
+        lambda c, x, pad, mode: translate(jax.random.fold_in(c.step_key, TRANSLATE_STREAM), x,
+                                          pad, mode),
+        args={'pad': '2', 'mode': 'constant'}, check=_translate_args,
+        needs='pad (1..64 pixels) and mode (constant or reflect)',
+        usage='pad=N, mode=constant|reflect', exclusive='translate',
+        shift=lambda pad, mode: f'pad={pad}'),
+    'erase': DeviceOp(
+        lambda c, x, *params: erase(jax.random.fold_in(c.step_key, ERASE_STREAM), x, *params),
+        args={'prob': '0.5', 'area_min': '0.02', 'area_max': '0.33', 'fill': 'noise'},
+        check=_erase_args,
+        needs='prob (0..1), 0 < area_min <= area_max <= 1 and fill (noise or zero)',
+        usage='prob=P, area_min=A, area_max=B, fill=noise|zero', exclusive='erase'),
+}
+
+
 def apply(ops: tuple[Op, ...], images_BxHxWxC: jax.Array, *, step_key: jax.Array,
           run_key: jax.Array, step: jax.Array, epoch_chunk: int = 0,
           epoch_examples: int = 0) -> jax.Array:
   """``ops`` in order on a uint8 batch. ``step_key`` = fold_in(run key, step); ``epoch_chunk``
   and ``epoch_examples`` place rows in epochs (``flip_alternate``)."""
+  ctx = Context(step_key, run_key, step, epoch_chunk, epoch_examples)
   x = images_BxHxWxC
   for op in ops:
-    if op[0] == 'flip_lr':
-      x = random_flip(jax.random.fold_in(step_key, FLIP_STREAM), x)
-    elif op[0] == 'flip_alternate':
-      if epoch_chunk <= 0 or epoch_examples <= 0:
-        raise ValueError('flip_alternate needs epoch_chunk and epoch_examples (run.setup).')
-      x = alternate_flip(run_key, x, step, chunk=epoch_chunk, examples=epoch_examples)
-    elif op[0] == 'translate':
-      x = translate(jax.random.fold_in(step_key, TRANSLATE_STREAM), x, op[1], op[2])
-    elif op[0] == 'erase':
-      x = erase(jax.random.fold_in(step_key, ERASE_STREAM), x, *op[1:])
-    else:
+    if op[0] not in OPS:
       raise ValueError(f'unknown device op {op!r}')
+    x = OPS[op[0]].run(ctx, x, *op[1:])
   return x
 
 

@@ -32,9 +32,9 @@ from imgcls_jax.errors import UserError
 MODE_SECTIONS = ('evaluate', 'predict', 'export', 'serve', 'embed', 'compare')
 # Keys that say where the evaluation data lives now (the run's may have moved), or how to lay the
 # work out on this machine: they may differ from the run's without changing the model.
-LOCATION_KEYS = ('ema.inference', 'data.data_dir', 'data.manual_dir', 'data.folder', 'data.eval_split',
-                 'data.holdout_fraction', 'data.holdout_seed', 'data.manifest', 'data.index_cache',
-                 'eval_batch_size', 'mesh.', 'distributed.')
+LOCATION_KEYS = ('ema.inference', 'data.data_dir', 'data.manual_dir', 'data.folder',
+                 'data.eval_split', 'data.holdout_fraction', 'data.holdout_seed', 'data.manifest',
+                 'data.index_cache', 'eval_batch_size', 'mesh.', 'distributed.')
 
 
 def effective_config(saved: dict[str, Any] | None, given: ml_collections.ConfigDict | None,
@@ -125,9 +125,7 @@ def _same(a: Any, b: Any) -> bool:
 def _get(config: Any, dotted: str) -> Any:
   node = config
   for part in dotted.split('.'):
-    if node is None or not hasattr(node, 'keys') or part not in node:
-      return None
-    node = node[part]
+    node = node[part] if hasattr(node, 'keys') and part in node else None
   return node
 
 
@@ -162,15 +160,16 @@ def input_spec(data: ml_collections.ConfigDict, info: DatasetInfo
 
 def inference_meta(data: ml_collections.ConfigDict, info: DatasetInfo,
                    model_name: str = '') -> dict[str, Any]:
-  """What a checkpoint's meta carries for inference (saved by the trainer with every checkpoint);
-  for a model family registered outside the package, where (``model_origin``: ``load`` imports
-  it, so --workdir alone serves the run)."""
+  """What a checkpoint's meta carries for inference (saved with every checkpoint); for a model
+  family or eval ops registered outside the package, ``registration.code_origin`` of each
+  (``model_origin``, ``op_origins``), which ``load`` names when this process lacks them."""
   native, shape = input_spec(data, info)
   where = models.origin(model_name) if model_name else None
+  ops = _ops(data.eval_preprocess).origins(data.eval_preprocess) if data.eval_preprocess else {}
   return {'dataset_info': info.to_json(), 'input_shape': list(shape),
           'native_hw': list(native) if native else None,
           'eval_preprocess': data.eval_preprocess or '',
-          **({'model_origin': where} if where else {})}
+          **({'model_origin': where} if where else {}), **({'op_origins': ops} if ops else {})}
 
 
 @dataclasses.dataclass
@@ -218,7 +217,7 @@ def load(workdir: str, config: ml_collections.ConfigDict | None = None, *, step:
   run_directory.require_checkpoint(workdir)
   source = checkpoint_files.read_weights(workdir, step, step_key=step_key)
   meta = source.meta
-  saved = meta.get('config') if isinstance(meta.get('config'), dict) else run_directory.read_config(
+  saved = meta['config'] if isinstance(meta.get('config'), dict) else run_directory.read_config(
       workdir)
   run = effective_config(relocate_id_lists(saved, workdir), config, overrides)
   if steps.uses_ema(run):  # the averaged weights
@@ -248,6 +247,8 @@ def load(workdir: str, config: ml_collections.ConfigDict | None = None, *, step:
                       f"where the model reads {shape[0]}x{shape[1]}; give one that makes that, "
                       f"e.g. 'resize(size={shape[0]})'.")
   models.ensure_registered(run.model.name, meta.get('model_origin'))
+  if meta.get('op_origins'):
+    _ops(meta['eval_preprocess']).ensure_registered(meta['op_origins'])
   model_fn = models.from_config(run, info.num_classes, shape[2])
   abstract = state_lib.abstract_variables(model_fn)
   params, _ = weights_lib.merge(abstract.params, source.params, origin=source.origin)
@@ -255,16 +256,14 @@ def load(workdir: str, config: ml_collections.ConfigDict | None = None, *, step:
                                kind='Batch statistic')
   logging.debug('Loaded %s: %s on %s (%d classes), input %s.', source.origin, run.model.name,
                info.name, info.num_classes, 'x'.join(map(str, shape)))
-  chosen = (meta.get('thresholds') or {}).get('values')
+  chosen, cal = (meta.get('thresholds') or {}).get('values'), meta.get('temperature') or {}
   return Trained(run=run, info=info, image_shape=shape, native_hw=native,
                  variables=state_lib.InferenceState(params=params, batch_stats=stats),
                  step=int(meta['step']), origin=source.origin,
                  thresholds=tuple(float(t) for t in chosen) if chosen else None,
-                 temperature=float((meta.get('temperature') or {}).get('value', 1.0)),
-                 abstain=(meta.get('temperature') or {}).get('abstain'),
-                 abstain_target=(meta.get('temperature') or {}).get('abstain_accuracy'),
-                 unknown=(meta.get('temperature') or {}).get('unknown'),
-                 unknown_keep=(meta.get('temperature') or {}).get('unknown_keep'))
+                 temperature=float(cal.get('value', 1.0)), abstain=cal.get('abstain'),
+                 abstain_target=cal.get('abstain_accuracy'), unknown=cal.get('unknown'),
+                 unknown_keep=cal.get('unknown_keep'))
 
 
 @dataclasses.dataclass
@@ -292,8 +291,7 @@ class Classifier:
   def run(self) -> ml_collections.ConfigDict:
     return self.trained.run
 
-  def apply(self, variables: state_lib.InferenceState, images_BxHxWxC: jax.Array
-            ) -> dict[str, jax.Array]:
+  def apply(self, variables: state_lib.InferenceState, images_BxHxWxC: jax.Array) -> dict:
     """Pure inference: uint8 images -> ``{'probabilities', 'logits'}`` (BxK float32)."""
     return eval_steps.probabilities(variables, images_BxHxWxC, model_def=self.model_def,
                                     cfg=self.step_cfg)
@@ -332,15 +330,18 @@ class Classifier:
 def _eval_op(spec: str) -> Any:
   """The eval preprocessing as a numpy function; None (and no TensorFlow import, 3-6 s of a
   predict or serve start-up) when the run has none."""
-  if not spec:
-    return None
+  return _ops(spec).numpy_op(spec) if spec else None
+
+
+def _ops(spec: str) -> Any:
+  """The preprocessing ops package (a UserError naming ``spec`` without TensorFlow)."""
   try:
     from imgcls_jax.data import pp
   except ModuleNotFoundError as e:
     raise e if (e.name or '').split('.')[0] != 'tensorflow' else UserError(
         f"This run's images are made by the ops '{spec}', which run on TensorFlow (not installed "
         'here); install it (pip install tensorflow-cpu) to predict or serve.') from None
-  return pp.numpy_op(spec)
+  return pp
 
 
 def pixel_ops(trained: Trained) -> str:

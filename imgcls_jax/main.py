@@ -24,7 +24,7 @@ os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')  # quieter, and deterministi
 from absl import flags
 from ml_collections import config_flags
 
-from imgcls_jax import configlib, startup
+from imgcls_jax import configlib, registration, startup
 from imgcls_jax.errors import UserError, first_line
 
 # --mode name -> (module, function). 'train' runs a hyperparameter sweep when config.sweep.grid
@@ -185,21 +185,39 @@ def _fold_new_model_keys(argv: list[str]) -> list[str]:
 
 
 def parse(argv: list[str]):
-  """Parses flags; returns (config, workdir, mode) or raises _CliError with one clear line.
+  """Parses flags (``argv`` only: no value of an earlier call stays); returns (config, workdir,
+  mode) or raises _CliError with one clear line.
 
   A mode of a trained run without ``--config`` parses its ``--config.*`` flags against the schema
-  (configs/default.py); the run's own config comes from its checkpoint.
+  (configs/default.py); the run's own config comes from its checkpoint. Model families and
+  preprocessing ops that the config file registers are recorded as registered by it (a run
+  trained with them names it to a later mode given --workdir alone).
   """
+  path = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), '')
+  saved = sys.argv   # config_flags reads the override flags' names from it: set, then restored
+  try:
+    with registration.loading_config(path):
+      return _parse(argv)
+  finally:
+    sys.argv = saved
+
+
+def _parse(argv: list[str]):
   if mode_arg(argv) in TRAINED_RUN_MODES and not any(a.startswith('--config=') for a in argv):
     argv = [argv[0], f'--config={configlib.default_config_path()}', *argv[1:]]
-    sys.argv = argv  # config_flags reads the override flags' names from sys.argv
-  folded = _fold_new_model_keys(argv)
-  if folded is not argv:
-    argv = sys.argv = folded
+  argv = _fold_new_model_keys(argv)
   given = [a.split('=')[0] for a in argv[1:] if a.startswith('--config.')]
   if given and not any(a == '--config' or a.startswith('--config=') for a in argv):
     raise _CliError(f'{given[0]} sets a key of a config file, and none was given: add '
                     f'--config=configs/default.py (or another file in configs/) before it.')
+  # Nothing of an earlier call in this process stays: its --mode or --workdir, the flags it
+  # defined for its --config.* overrides (a second definition is refused).
+  for name in list(FLAGS):
+    if name.startswith('config.'):
+      delattr(FLAGS, name)
+    else:
+      FLAGS[name].unparse()
+  sys.argv = argv
   try:
     FLAGS(argv)
   except Exception as e:  # a config file that does not load fails here when overrides are given
@@ -304,6 +322,9 @@ def run(argv: list[str] | None = None) -> int:
         raise UserError('--mode=classical fits one model and does not sweep: config.sweep.grid is '
                         'for trained runs; drop it, or run one --mode=classical per value (each '
                         'with its own --workdir).')
+    if mode in ('train', 'cross_validation', 'sweep'):   # settings the optimizer does not read
+      from imgcls_jax import optim
+      optim.check(config.optim, given=optim.command_line_keys(argv))
     if mode not in TRAINED_RUN_MODES:   # the run's config.json must name them from anywhere
       _absolute_data_paths(config)
     module_name, fn_name = MODES[mode]

@@ -6,12 +6,21 @@
   * ``layer_decay`` < 1 trains a parameter at depth ``d`` at ``layer_decay ** (L - d)`` x the rate
     (stem 0, each block +1, head ``L``); each model family gives its depths
     (``imgcls_jax.models.layer_depths``).
-Also per-group learning rates (normalisation parameters, biases), frozen parameters by name and
-Lookahead (``config.optim.lookahead``).
+Also per-group learning rates (normalisation parameters, biases), frozen parameters by name (which
+parameters train and at which rate: ``param_groups.py``) and Lookahead
+(``config.optim.lookahead``).
+
+Optimizers and schedules are tables: adding one is one ``OPTIMIZERS`` / ``SCHEDULES`` entry (or a
+``register_optimizer`` / ``register_schedule`` call from one's own config file) naming its builder
+and the config.optim keys it reads; ``check`` warns about a key set on the command line that the
+chosen one does not read.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, NamedTuple
+import ast
+import dataclasses
+import logging
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,15 +28,33 @@ import ml_collections
 import optax
 import optax.contrib
 
-from imgcls_jax import weights
+from imgcls_jax import param_groups
 from imgcls_jax.errors import UserError
 from imgcls_jax.models import LayerDepths
 
-OPTIMIZERS = ('sgd', 'adamw', 'lamb', 'lars', 'muon', 'schedule_free_adamw')
-SCHEDULES = ('cosine', 'constant', 'linear')
-TRANSFER_MODES = ('finetune', 'linear_probe')
-# Top-level attribute names that hold a model's classifier head, in order of preference.
-HEAD_NAMES = ('fc', 'head', 'classifier')
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimizer:
+  """A registered optimizer. ``build(cfg, lr)`` (config.optim, the schedule) -> the optax
+  transformations to chain after gradient clipping (a list: their states stay flat in
+  checkpoints); ``keys``: the config.optim keys it reads besides the ones every optimizer reads
+  (learning rate, schedule, clipping, ...), ``decay_rates`` those that must lie in [0, 1);
+  ``linear_in_lr``: its update is linear in the learning rate (per-group rates and layer decay
+  scale its updates); ``averaged``: it evaluates an average of its iterates (no Lookahead)."""
+  build: Callable[[ml_collections.ConfigDict, optax.Schedule], list[optax.GradientTransformation]]
+  keys: tuple[str, ...] = ()
+  decay_rates: tuple[str, ...] = ()
+  linear_in_lr: bool = True
+  averaged: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class LrSchedule:
+  """A registered schedule after warmup: ``build(cfg, peak, decay_steps) -> optax.Schedule``;
+  ``keys``: the config.optim keys it reads besides the peak and warmup ones."""
+  build: Callable[[ml_collections.ConfigDict, float, int], optax.Schedule]
+  keys: tuple[str, ...] = ()
 
 
 def peak_learning_rate(cfg: ml_collections.ConfigDict, batch_size: int) -> float:
@@ -36,22 +63,26 @@ def peak_learning_rate(cfg: ml_collections.ConfigDict, batch_size: int) -> float
   return cfg.learning_rate * (batch_size / ref if ref else 1.0)
 
 
+SCHEDULES: dict[str, LrSchedule] = {
+    'cosine': LrSchedule(lambda cfg, peak, steps: optax.cosine_decay_schedule(
+        peak, steps, alpha=cfg.end_lr_factor), keys=('end_lr_factor',)),
+    'constant': LrSchedule(lambda cfg, peak, steps: optax.constant_schedule(peak)),
+    'linear': LrSchedule(lambda cfg, peak, steps: optax.linear_schedule(
+        peak, peak * cfg.end_lr_factor, steps), keys=('end_lr_factor',)),
+}
+
+
 def schedule(cfg: ml_collections.ConfigDict, *, batch_size: int, total_steps: int,
              warmup_steps: int) -> optax.Schedule:
-  """Linear warmup from 0, then cosine / linear decay to ``end_lr_factor`` x peak, or constant."""
+  """Linear warmup from 0, then ``SCHEDULES[cfg.schedule]``: cosine / linear decay to
+  ``end_lr_factor`` x peak, or constant."""
   peak = peak_learning_rate(cfg, batch_size)
   warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
   decay_steps = max(total_steps - warmup_steps, 1)
-  end = peak * cfg.end_lr_factor
-  if cfg.schedule == 'cosine':
-    after = optax.cosine_decay_schedule(peak, decay_steps, alpha=cfg.end_lr_factor)
-  elif cfg.schedule == 'linear':
-    after = optax.linear_schedule(peak, end, decay_steps)
-  elif cfg.schedule == 'constant':
-    after = optax.constant_schedule(peak)
-  else:
+  if cfg.schedule not in SCHEDULES:
     raise UserError(f"Unknown config.optim.schedule '{cfg.schedule}'; use one of "
                     f"{', '.join(SCHEDULES)}.")
+  after = SCHEDULES[cfg.schedule].build(cfg, peak, decay_steps)
   if warmup_steps <= 0:
     return after
   return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup_steps), after],
@@ -82,19 +113,20 @@ def build(cfg: ml_collections.ConfigDict, lr: optax.Schedule,
     if not (norm_f >= 0 and bias_f >= 0):
       raise UserError(f'config.optim.norm_lr_factor={norm_f} and bias_lr_factor={bias_f} must be '
                       '>= 0 (1.0 = the base learning rate).')
-    if cfg.name == 'schedule_free_adamw':
+    if not OPTIMIZERS[cfg.name].linear_in_lr:
       raise UserError('config.optim.norm_lr_factor / bias_lr_factor cannot be combined with '
-                      'schedule_free_adamw (its update is not linear in the learning rate); set '
+                      f'{cfg.name} (its update is not linear in the learning rate); set '
                       'them to 1.0.')
     # As for layer decay: scaling a leaf's final update = training it at a scaled learning rate.
-    tx = optax.chain(tx, scale_by_tree(lambda t: group_factors(t, norm_names, norm_f, bias_f)))
+    tx = optax.chain(tx, param_groups.scale_by_tree(
+        lambda t: param_groups.group_factors(t, norm_names, norm_f, bias_f)))
   probe = False
   if transfer is not None:
-    validate_transfer(transfer)
+    param_groups.validate_transfer(transfer)
     probe = transfer.mode == 'linear_probe'
     if transfer.layer_decay != 1.0:
-      if cfg.name == 'schedule_free_adamw':
-        raise UserError('config.transfer.layer_decay cannot be combined with schedule_free_adamw '
+      if not OPTIMIZERS[cfg.name].linear_in_lr:
+        raise UserError(f'config.transfer.layer_decay cannot be combined with {cfg.name} '
                         '(its update is not linear in the learning rate); set layer_decay=1.0.')
       if layer_depths is None:
         raise UserError('config.transfer.layer_decay needs the model family\'s layer-depth rule; '
@@ -102,25 +134,27 @@ def build(cfg: ml_collections.ConfigDict, lr: optax.Schedule,
       # The update is linear in the learning rate (all but schedule-free), so scaling the final
       # update of a leaf is exactly training that leaf at a scaled learning rate.
       decay = float(transfer.layer_decay)
-      tx = optax.chain(tx, scale_by_tree(lambda t: lr_factors(t, decay, layer_depths)))
+      tx = optax.chain(tx, param_groups.scale_by_tree(
+          lambda t: param_groups.lr_factors(t, decay, layer_depths)))
   if probe or frozen:
     tx = optax.partition({'trainable': tx, 'frozen': optax.set_to_zero()},
-                         lambda t: trainable_labels(t, transfer if probe else None, frozen))
+                         lambda t: param_groups.trainable_labels(t, transfer if probe else None,
+                                                                 frozen))
   la = cfg.get('lookahead')
   if la is not None and int(la.get('sync_period', 0) or 0) > 0:
     period, alpha = int(la.sync_period), float(la.alpha)
     if not 0.0 < alpha <= 1.0:
       raise UserError(f'config.optim.lookahead.alpha={alpha} must be in (0, 1] (the slow weights '
                       'move this fraction of the way to the fast ones at every sync; e.g. 0.5).')
-    if cfg.name == 'schedule_free_adamw':
-      raise UserError('config.optim.lookahead cannot be combined with schedule_free_adamw (its '
+    if OPTIMIZERS[cfg.name].averaged:
+      raise UserError(f'config.optim.lookahead cannot be combined with {cfg.name} (its '
                       'weights are already an average); set lookahead.sync_period=0.')
     tx = optax.chain(tx, lookahead(period, alpha))
   return tx
 
 
 def _base(cfg: ml_collections.ConfigDict, lr: optax.Schedule) -> optax.GradientTransformation:
-  """Global-norm clipping (when set), then the optimizer:
+  """Global-norm clipping (when set), then the optimizer ``OPTIMIZERS[cfg.name]``:
 
   * ``sgd``: (Nesterov) momentum, L2 decay added to the gradient of kernels;
   * ``adamw``: Adam with decoupled weight decay;
@@ -135,50 +169,126 @@ def _base(cfg: ml_collections.ConfigDict, lr: optax.Schedule) -> optax.GradientT
 
   Weight decay goes to kernels only (``decay_mask``) in every case.
   """
+  if cfg.name not in OPTIMIZERS:
+    check(cfg)
   parts = []
   if cfg.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
-  if cfg.name == 'sgd':
-    if cfg.weight_decay > 0:
-      parts.append(optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask))
-    parts.append(optax.sgd(lr, momentum=cfg.momentum or None, nesterov=cfg.nesterov))
-  elif cfg.name == 'adamw':
-    parts.append(optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                             weight_decay=cfg.weight_decay, mask=decay_mask))
-  elif cfg.name == 'lamb':
-    parts.append(optax.lamb(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                            weight_decay=cfg.weight_decay, mask=decay_mask))
-  elif cfg.name == 'lars':
-    parts.append(optax.lars(lr, weight_decay=cfg.weight_decay, weight_decay_mask=decay_mask,
-                            trust_coefficient=cfg.trust_coefficient,
-                            trust_ratio_mask=decay_mask, momentum=cfg.momentum,
-                            nesterov=cfg.nesterov))
-  elif cfg.name == 'muon':
-    parts.append(optax.contrib.muon(
-        lr, beta=cfg.muon_beta, weight_decay=cfg.weight_decay,
-        weight_decay_mask=decay_mask, adam_b1=cfg.b1, adam_b2=cfg.b2, eps=cfg.eps,
-        muon_weight_dimension_numbers=muon_dimensions))
-  elif cfg.name == 'schedule_free_adamw':
-    adam = optax.chain(optax.scale_by_rms(decay=cfg.b2, eps=cfg.eps, eps_in_sqrt=False,
-                                          bias_correction=True),
-                       optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
-                       optax.scale_by_learning_rate(lr))
-    parts.append(optax.contrib.schedule_free(adam, lr, b1=cfg.b1))
-  else:
-    check(cfg)
-  return optax.chain(*parts)
+  return optax.chain(*parts, *OPTIMIZERS[cfg.name].build(cfg, lr))
 
 
-def check(cfg: ml_collections.ConfigDict) -> None:
-  """UserError unless ``config.optim.name`` is one of ``OPTIMIZERS`` and its momentum and Adam
-  betas are decay rates in [0, 1) (2 would make every update grow without bound)."""
+def _sgd(cfg: ml_collections.ConfigDict, lr: optax.Schedule) -> list[Any]:
+  decay = ([optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask)]
+           if cfg.weight_decay > 0 else [])
+  return decay + [optax.sgd(lr, momentum=cfg.momentum or None, nesterov=cfg.nesterov)]
+
+
+def _schedule_free_adamw(cfg: ml_collections.ConfigDict, lr: optax.Schedule) -> list[Any]:
+  adam = optax.chain(optax.scale_by_rms(decay=cfg.b2, eps=cfg.eps, eps_in_sqrt=False,
+                                        bias_correction=True),
+                     optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
+                     optax.scale_by_learning_rate(lr))
+  return [optax.contrib.schedule_free(adam, lr, b1=cfg.b1)]
+
+
+_ADAM = ('b1', 'b2', 'eps', 'weight_decay')
+OPTIMIZERS: dict[str, Optimizer] = {
+    'sgd': Optimizer(_sgd, keys=('momentum', 'nesterov', 'weight_decay'),
+                     decay_rates=('momentum',)),
+    'adamw': Optimizer(lambda cfg, lr: [optax.adamw(
+        lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask)],
+        keys=_ADAM, decay_rates=('b1', 'b2')),
+    'lamb': Optimizer(lambda cfg, lr: [optax.lamb(
+        lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask)],
+        keys=_ADAM, decay_rates=('b1', 'b2')),
+    'lars': Optimizer(lambda cfg, lr: [optax.lars(
+        lr, weight_decay=cfg.weight_decay, weight_decay_mask=decay_mask,
+        trust_coefficient=cfg.trust_coefficient, trust_ratio_mask=decay_mask,
+        momentum=cfg.momentum, nesterov=cfg.nesterov)],
+        keys=('momentum', 'nesterov', 'weight_decay', 'trust_coefficient'),
+        decay_rates=('momentum',)),
+    'muon': Optimizer(lambda cfg, lr: [optax.contrib.muon(
+        lr, beta=cfg.muon_beta, weight_decay=cfg.weight_decay, weight_decay_mask=decay_mask,
+        adam_b1=cfg.b1, adam_b2=cfg.b2, eps=cfg.eps,
+        muon_weight_dimension_numbers=muon_dimensions)],
+        keys=('muon_beta', *_ADAM), decay_rates=('muon_beta', 'b1', 'b2')),
+    'schedule_free_adamw': Optimizer(
+        _schedule_free_adamw, keys=(*_ADAM, 'schedule_free_bn_batches'),
+        decay_rates=('b1', 'b2'), linear_in_lr=False, averaged=True),
+}
+
+
+def register_optimizer(name: str, build: Callable[..., list[optax.GradientTransformation]], *,
+                       keys: tuple[str, ...] = (), decay_rates: tuple[str, ...] = (),
+                       linear_in_lr: bool = True, averaged: bool = False,
+                       replace: bool = False) -> None:
+  """Adds an optimizer defined outside this module (``Optimizer`` says what each argument is)."""
+  _register(OPTIMIZERS, 'Optimizer', name, replace)
+  OPTIMIZERS[name] = Optimizer(build, tuple(keys), tuple(decay_rates), linear_in_lr, averaged)
+
+
+def register_schedule(name: str, build: Callable[..., optax.Schedule], *,
+                      keys: tuple[str, ...] = (), replace: bool = False) -> None:
+  """Adds a schedule defined outside this module (``LrSchedule`` says what each argument is)."""
+  _register(SCHEDULES, 'Schedule', name, replace)
+  SCHEDULES[name] = LrSchedule(build, tuple(keys))
+
+
+def _register(table: dict[str, Any], what: str, name: str, replace: bool) -> None:
+  if name in table and not replace:
+    raise UserError(f"{what} '{name}' is already registered; pick another name or pass "
+                    'replace=True.')
+
+
+def check(cfg: ml_collections.ConfigDict, given: Iterable[str] = ()) -> None:
+  """UserError unless ``config.optim.name`` is one of ``OPTIMIZERS`` and its decay rates
+  (every optimizer's ``decay_rates``: momentum, Adam betas) are in [0, 1) (2 would make every
+  update grow without bound). Logs a warning for each config.optim key in ``given`` (main gives
+  those set on the command line, ``command_line_keys``) that the chosen optimizer or schedule
+  does not read while another one does."""
   if cfg.name not in OPTIMIZERS:
     raise UserError(f"Unknown config.optim.name '{cfg.name}'; use one of {', '.join(OPTIMIZERS)}.")
-  for key in ('momentum', 'b1', 'b2', 'muon_beta'):
+  for key in dict.fromkeys(k for o in OPTIMIZERS.values() for k in o.decay_rates):
     value = cfg.get(key)
     if value is not None and not 0 <= float(value) < 1:
       raise UserError(f'config.optim.{key}={value} must be in [0, 1): it is the share of the '
                       'previous average kept at each step (e.g. 0.9).')
+  for message in unread_keys(cfg, given):
+    logging.warning(message)
+
+
+def unread_keys(cfg: ml_collections.ConfigDict, given: Iterable[str]) -> list[str]:
+  """A warning for each key of ``given`` that the optimizer ``cfg.name`` (or the schedule
+  ``cfg.schedule``) does not read while another registered one does."""
+  messages = []
+  for table, field, what in ((OPTIMIZERS, 'name', 'optimizer'), (SCHEDULES, 'schedule',
+                                                                  'schedule')):
+    chosen = table.get(cfg.get(field))
+    for key in [k for k in dict.fromkeys(given) if chosen is not None and k not in chosen.keys]:
+      readers = [n for n, entry in table.items() if key in entry.keys]
+      if readers:
+        messages.append(f"--config.optim.{key} has no effect: the {what} "
+                        f"config.optim.{field}='{cfg.get(field)}' does not read it (only "
+                        f"{', '.join(readers)} do); drop it, or choose one of those.")
+  return messages
+
+
+def command_line_keys(argv: list[str]) -> list[str]:
+  """The config.optim keys that ``argv`` sets (``--config.optim.KEY=...``, a boolean's
+  ``--[no]config.optim.KEY``, or the keys of a ``--config.optim={...}`` literal), read as
+  ml_collections' config flags read their overrides from ``sys.argv``."""
+  keys = []
+  for arg in argv:
+    flag, _, value = arg.partition('=')
+    for prefix in ('--config.optim.', '--noconfig.optim.'):
+      if flag.startswith(prefix) and '.' not in flag[len(prefix):]:
+        keys.append(flag[len(prefix):])
+    if flag == '--config.optim':
+      try:
+        keys += [str(k) for k in ast.literal_eval(value)]
+      except (ValueError, SyntaxError, TypeError):
+        pass   # the config parser refuses it in its own words
+  return keys
 
 
 def muon_dimensions(params: Any) -> Any:
@@ -225,106 +335,6 @@ def _masked(x: Any) -> bool:
 def _is_schedule_free(x: Any) -> bool:
   return (isinstance(x, optax.contrib.ScheduleFreeState)
           or (isinstance(x, Mapping) and 'b1' in x and 'z' in x))
-
-
-# ------------------------------------------------------------------------ transfer masks
-
-def validate_transfer(cfg: ml_collections.ConfigDict) -> None:
-  """Raises UserError for a bad ``config.transfer`` value."""
-  if cfg.mode not in TRANSFER_MODES:
-    raise UserError(f"Unknown config.transfer.mode '{cfg.mode}'; use one of "
-                    f"{', '.join(TRANSFER_MODES)}.")
-  if not 0.0 < cfg.layer_decay <= 1.0:
-    raise UserError(f'config.transfer.layer_decay must be in (0, 1] (1.0 = off), got '
-                    f'{cfg.layer_decay}.')
-  if cfg.mode == 'linear_probe' and cfg.layer_decay != 1.0:
-    raise UserError('config.transfer.layer_decay applies to fine-tuning; a linear probe trains only '
-                    'the head, so set layer_decay=1.0 (or mode=finetune).')
-  if cfg.mode == 'linear_probe' and not cfg.init_from:
-    raise UserError("config.transfer.mode='linear_probe' trains only the head on a frozen "
-                    'backbone, which is random without weights; set config.transfer.init_from.')
-
-
-def head_name(names: Any, cfg: ml_collections.ConfigDict | None = None) -> str:
-  """The top-level attribute holding the head: ``cfg.head`` if set, else fc / head / classifier."""
-  tops = {n.split('.')[0] for n in names}
-  wanted = (cfg.get('head') if cfg is not None else '') or ''
-  if wanted:
-    if wanted not in tops:
-      raise UserError(f"config.transfer.head='{wanted}' is not a top-level parameter group of this "
-                      f"model ({', '.join(sorted(tops))}); set it to the head's attribute name.")
-    return wanted
-  for name in HEAD_NAMES:
-    if name in tops:
-      return name
-  raise UserError(f"Cannot tell which parameters form this model's head (none of "
-                  f"{', '.join(HEAD_NAMES)} among {', '.join(sorted(tops))}); set "
-                  'config.transfer.head.')
-
-
-def in_head(name: str, head: str) -> bool:
-  """Whether the dotted parameter ``name`` belongs to the top-level group ``head``."""
-  return name == head or name.startswith(head + '.')
-
-
-def frozen_by_name(cfg: ml_collections.ConfigDict, param_names: list[str]) -> frozenset[str]:
-  """The parameters ``cfg.freeze`` names: a comma-separated list of dotted prefixes (a parameter
-  ``norms.0.scale`` matches ``norms.0`` and ``norms``, not ``norm``); UserError for a prefix that
-  matches no parameter."""
-  spec = str(cfg.get('freeze', '') or '')
-  prefixes = [p.strip() for p in spec.split(',') if p.strip()]
-  frozen: set[str] = set()
-  for prefix in prefixes:
-    hits = {n for n in param_names if in_head(n, prefix)}
-    if not hits:
-      groups = sorted({n.rsplit('.', 1)[0] for n in param_names})
-      raise UserError(f"config.optim.freeze names '{prefix}', which matches no parameter of this "
-                      f"model; use dotted prefixes of its parameter names, e.g. "
-                      f"{', '.join(repr(g) for g in groups[:6])}.")
-    frozen |= hits
-  return frozenset(frozen)
-
-
-def trainable_labels(tree: Any, cfg: ml_collections.ConfigDict | None,
-                     frozen: frozenset[str] = frozenset()) -> Any:
-  """``'trainable'`` / ``'frozen'`` per leaf: in linear_probe (``cfg``) only the head trains; the
-  leaves named in ``frozen`` never do."""
-  probe = cfg is not None and cfg.mode == 'linear_probe'
-  head = head_name(weights.flatten(tree), cfg) if probe else ''
-  return weights.map_named(
-      lambda n, _: 'frozen' if n in frozen or (probe and not in_head(n, head)) else 'trainable',
-      tree)
-
-
-def group_factors(tree: Any, norm_names: frozenset[str], norm_factor: float,
-                  bias_factor: float) -> Any:
-  """Per-leaf learning-rate multipliers: ``norm_factor`` for normalisation-layer parameters,
-  ``bias_factor`` for the other biases, 1 elsewhere."""
-  def factor(name: str, _: Any) -> float:
-    if name in norm_names:
-      return norm_factor
-    return bias_factor if name.rsplit('.', 1)[-1] == 'bias' else 1.0
-  return weights.map_named(factor, tree)
-
-
-def lr_factors(tree: Any, decay: float, layer_depths: LayerDepths) -> Any:
-  """Per-leaf learning-rate multipliers ``decay ** (L - depth)``."""
-  depths, top = layer_depths(list(weights.flatten(tree)))
-  return weights.map_named(lambda n, _: decay ** (top - depths[n]), tree)
-
-
-def scale_by_tree(factors_fn: Callable[[Any], Any]) -> optax.GradientTransformation:
-  """Multiplies each update by a per-leaf constant computed from the tree's names (stateless)."""
-  def init(params):
-    del params
-    return optax.EmptyState()
-
-  def update(updates, state, params=None):
-    del params
-    factors = factors_fn(updates)
-    return jax.tree.map(lambda u, f: u * f, updates, factors), state
-
-  return optax.GradientTransformation(init, update)
 
 
 # ------------------------------------------------------------------------------- lookahead

@@ -22,7 +22,8 @@ import ml_collections
 import numpy as np
 
 from imgcls_jax import (checkpoint, configlib, device_augment, dispatch, eval_steps, held_out,
-                        loss_weights, models, optim, report, sharding, steps, whitening)
+                        loss_weights, models, optim, param_groups, report, sharding, steps,
+                        whitening)
 from imgcls_jax import state as state_lib
 from imgcls_jax.data import reader
 from imgcls_jax.data.info import DatasetInfo, check_flips, read_shards
@@ -94,7 +95,7 @@ def setup(config: ml_collections.ConfigDict, info: DatasetInfo | None = None, *,
   local_eval_bs = sharding.local_batch_size(config.eval_batch_size, mesh, 'config.eval_batch_size')
   model_fn = models.from_config(config, info.num_classes, info.channels)
   frozen = whitening.frozen_names(config) | (
-      optim.frozen_by_name(config.optim, state_lib.param_names(model_fn))
+      param_groups.frozen_by_name(config.optim, state_lib.param_names(model_fn))
       if config.optim.get('freeze') else frozenset())
   if info.multilabel:
     loss_weights.check_multilabel(config)
@@ -160,7 +161,7 @@ def _probe_head(config: ml_collections.ConfigDict, model_fn: state_lib.ModelFn) 
   """The head's parameter group when ``config.transfer.mode`` is a linear probe, else ''."""
   if not (config.get('transfer') and config.transfer.mode == 'linear_probe'):
     return ''
-  return optim.head_name(state_lib.param_names(model_fn), config.transfer)
+  return param_groups.head_name(state_lib.param_names(model_fn), config.transfer)
 
 
 def _with_teacher(s: Setup, step: Any, state_shardings: Any, batch_sharding: Any) -> Any:

@@ -24,7 +24,7 @@ import ml_collections
 import optax
 
 from imgcls_jax import state as state_lib
-from imgcls_jax import checkpoint_files, optim, steps
+from imgcls_jax import checkpoint_files, param_groups, steps
 from imgcls_jax import weights as weights_lib
 from imgcls_jax.data.info import DatasetInfo
 from imgcls_jax.errors import UserError
@@ -74,7 +74,7 @@ def init_state(state: Any, shardings: Any, config: ml_collections.ConfigDict,
   cfg, model_name = config.transfer, config.model.name
   source = fitted(load_weights(cfg.init_from, cfg.get('init_step', -1), config.model),
                   state.params)
-  head = optim.head_name(weights_lib.flatten(state.params), cfg)
+  head = param_groups.head_name(weights_lib.flatten(state.params), cfg)
   keep = bool(cfg.get('keep_head', False))
   if keep and info is not None:
     _check_same_classes(source, info)
@@ -82,10 +82,10 @@ def init_state(state: Any, shardings: Any, config: ml_collections.ConfigDict,
 
   def hint(name: str) -> str:   # a kept head of another shape: another class count
     return (', or train a new head (config.transfer.keep_head=False)'
-            if keep and optim.in_head(name, head) else '')
+            if keep and param_groups.in_head(name, head) else '')
 
   def skip(name: str) -> bool:
-    return not keep and optim.in_head(name, head)
+    return not keep and param_groups.in_head(name, head)
 
   name = source.meta.get('model')   # the architecture a run recorded, or a torch file's layout fits
   if name and name != model_name:

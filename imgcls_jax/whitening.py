@@ -11,7 +11,9 @@ initialisation. ``config.init.freeze_whitening`` keeps the layer fixed (zero upd
 ``optim.py``). Only a fresh run is initialised so (a resumed run has its own weights).
 
 The patches are those the conv sees: normalised images (``config.data.mean`` / ``std``), after
-fast_cnn's space-to-depth stem when it has one; the covariance is centred, in float64.
+the family's parameter-free stem when it has one (fast_cnn's space-to-depth); the covariance is
+centred, in float64. A family opts in with a ``models.FirstConv`` on its table entry (or given to
+``models.register``): which kernel to set, and that stem.
 """
 from __future__ import annotations
 
@@ -21,11 +23,8 @@ from typing import Any, Callable
 import ml_collections
 import numpy as np
 
+from imgcls_jax import models
 from imgcls_jax.errors import UserError
-
-# Model family -> the first convolution's kernel (families whose first layer is a plain conv on
-# the normalised image, or on fast_cnn's parameter-free space-to-depth stem of it).
-FIRST_CONV = {'cnn': 'convs.0.kernel', 'fast_cnn': 'convs.0.kernel'}
 
 
 def enabled(config: ml_collections.ConfigDict) -> bool:
@@ -34,15 +33,17 @@ def enabled(config: ml_collections.ConfigDict) -> bool:
 
 
 def first_conv(config: ml_collections.ConfigDict) -> str:
-  """The dotted name of the kernel patch whitening sets; UserError for other model families."""
+  """The dotted name of the kernel patch whitening sets; UserError for a model family without a
+  ``models.FirstConv``."""
   name = config.model.name
-  if name not in FIRST_CONV:
+  if models.family(name).first_conv is None:
+    able = [n for n in models.names() if models.family(n).first_conv is not None]
     raise UserError(f"config.init.patch_whitening is available for the model families "
-                    f"{', '.join(sorted(FIRST_CONV))}, not '{name}'; set it to False.")
+                    f"{', '.join(able)}, not '{name}'; set it to False.")
   if config.get('transfer') and config.transfer.init_from:
     raise UserError('config.init.patch_whitening and config.transfer.init_from both set the first '
                     'convolution; use one of them.')
-  return FIRST_CONV[name]
+  return models.family(name).first_conv.kernel
 
 
 def frozen_names(config: ml_collections.ConfigDict) -> frozenset[str]:
@@ -55,15 +56,12 @@ def frozen_names(config: ml_collections.ConfigDict) -> frozenset[str]:
 
 
 def conv_inputs(images_NxHxWxC: np.ndarray, config: ml_collections.ConfigDict) -> np.ndarray:
-  """uint8 images -> what the first conv sees (float64): normalised, then fast_cnn's
-  space-to-depth stem (2x2 pixel blocks to channels) when ``config.model.stem == 's2d'``."""
+  """uint8 images -> what the first conv sees (float64): normalised, then the family's stem
+  (``models.FirstConv.stem``, e.g. fast_cnn's 2x2 pixel blocks to channels) when it has one."""
   x = images_NxHxWxC.astype(np.float64) / 255.0
   x = (x - np.asarray(config.data.mean, np.float64)) / np.asarray(config.data.std, np.float64)
-  if config.model.name == 'fast_cnn' and config.model.get('stem', 's2d') == 's2d':
-    n, h, w, c = x.shape
-    x = x[:, :h // 2 * 2, :w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c)
-    x = x.transpose(0, 1, 3, 2, 4, 5).reshape(n, h // 2, w // 2, 4 * c)
-  return x
+  conv = models.family(config.model.name).first_conv
+  return np.asarray(conv.stem(x, config.model)) if conv and conv.stem else x
 
 
 def patch_moments(x_NxHxWxC: np.ndarray, kh: int, kw: int,

@@ -35,12 +35,9 @@ TRAIN_FLAGS = ('--config.num_train_steps=20', '--config.checkpoint_every_steps=1
                '--config.model.widths=(16,32)')
 
 
-def _run(capsys, monkeypatch, *args, mode='train'):
-  """``main.run`` in-process: (exit status, its one ``error:`` line, everything on stderr). (The
-  flags are the module's own: --mode keeps an earlier call's value unless given.)"""
-  argv = ['main.py', f'--mode={mode}', '--config=configs/default.py', *args]
-  monkeypatch.setattr(sys, 'argv', argv)   # config_flags takes the override names from it
-  status = main.run(argv)
+def _run(capsys, *args, mode='train'):
+  """``main.run`` in-process: (exit status, its one ``error:`` line, everything on stderr)."""
+  status = main.run(['main.py', f'--mode={mode}', '--config=configs/default.py', *args])
   err = capsys.readouterr().err
   lines = [line for line in err.splitlines() if line.startswith('error:')]
   return status, (lines[0] if len(lines) == 1 else lines), err
@@ -70,7 +67,7 @@ def test_an_orbax_save_on_a_full_disk_is_one_line(tmp_path, tfds_dir, capsys, mo
                                       exc_info=True)
     raise error
   monkeypatch.setattr(checkpoint.Checkpointer, 'save', full_at_20)
-  status, line, err = _run(capsys, monkeypatch, f'--workdir={workdir}',
+  status, line, err = _run(capsys, f'--workdir={workdir}',
                            f'--config.data.data_dir={tfds_dir}', *TRAIN_FLAGS)
   assert status == 2 and 'Traceback' not in err, err[-3000:]
   assert line == (f'error: No space left on the device of --workdir={workdir} (while writing '
@@ -108,14 +105,14 @@ def test_a_full_disk_anywhere_is_one_line_and_a_bug_stays_a_traceback(tmp_path, 
     raise raised
   monkeypatch.setattr(train, 'train_and_evaluate', fails)
   raised = OSError(errno.ENOSPC, ENOSPC)   # no file named, and --workdir's disk has room
-  status, line, err = _run(capsys, monkeypatch, f'--workdir={tmp_path}/run')
+  status, line, err = _run(capsys, f'--workdir={tmp_path}/run')
   assert status == 2 and line.startswith(
       f'error: No space left on a device this command writes to (the error names no file, and '
       f'--workdir={tmp_path}/run has '), line
   assert 'perhaps the temporary folder' in line
   monkeypatch.setattr(write_problems, '_free_bytes', lambda folder: 0)   # its disk is full
   for raised in _full_disk_errors():
-    status, line, err = _run(capsys, monkeypatch, f'--workdir={tmp_path}/run')
+    status, line, err = _run(capsys, f'--workdir={tmp_path}/run')
     assert status == 2 and 'Traceback' not in err, (raised, err[-3000:])
     what = 'Disk quota exceeded' if 'quota' in str(raised) else 'No space left'
     assert line == (f'error: {what} on the device of --workdir={tmp_path}/run; free space there '
@@ -125,7 +122,7 @@ def test_a_full_disk_anywhere_is_one_line_and_a_bug_stays_a_traceback(tmp_path, 
                                                    'trying to allocate 1.2GiB'),
                  PermissionError(errno.EACCES, 'Permission denied')):   # names no file: a bug's
     with pytest.raises(type(raised)):
-      _run(capsys, monkeypatch, f'--workdir={tmp_path}/run')
+      _run(capsys, f'--workdir={tmp_path}/run')
 
 
 @pytest.mark.parametrize('mode, key, module, fn', [
@@ -155,7 +152,7 @@ def test_a_read_only_run_names_the_modes_output_key(tmp_path, capsys, monkeypatc
     def fails(*args, **kwargs):
       raise raised
     monkeypatch.setattr(sys.modules[module], fn, fails)
-    status, line, err = _run(capsys, monkeypatch, f'--workdir={run}', mode=mode)
+    status, line, err = _run(capsys, f'--workdir={run}', mode=mode)
     assert status == 2 and 'Traceback' not in err, err[-3000:]
     assert line == expected
 
@@ -165,11 +162,11 @@ def test_a_workdir_that_is_a_file_says_so(tmp_path, capsys, monkeypatch, in_repo
   a_file = tmp_path / 'a_file'
   a_file.write_text('')
   monkeypatch.setattr(train, 'train_and_evaluate', lambda config, workdir: os.makedirs(workdir))
-  status, line, _ = _run(capsys, monkeypatch, f'--workdir={a_file}')
+  status, line, _ = _run(capsys, f'--workdir={a_file}')
   assert status == 2
   assert line == (f'error: Cannot use {a_file}: it is a file, and a folder is needed; check '
                   f'--workdir={a_file}: it must be a folder this user can create and write.')
-  status, line, _ = _run(capsys, monkeypatch, f'--workdir={a_file}/run')
+  status, line, _ = _run(capsys, f'--workdir={a_file}/run')
   assert line.startswith(f'error: Cannot use {a_file}/run: {a_file} is a file, and a folder is '
                          'needed there; check'), line
 

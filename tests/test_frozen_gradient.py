@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from imgcls_jax import models, optim, run, sharding, steps
+from imgcls_jax import models, param_groups, run, sharding, steps
 from imgcls_jax import state as state_lib
 from imgcls_jax import weights as weights_lib
 from imgcls_jax.errors import UserError
@@ -67,14 +67,15 @@ def test_optim_freeze_selects_by_dotted_prefix_and_rejects_a_prefix_that_matches
   names = ['convs.0.kernel', 'convs.1.kernel', 'norms.0.scale', 'norms.0.bias', 'norms.1.scale',
            'fc.kernel', 'fc.bias']
   cfg = ml_collections.ConfigDict({'freeze': 'norms.0, fc.bias'})
-  assert optim.frozen_by_name(cfg, names) == {'norms.0.scale', 'norms.0.bias', 'fc.bias'}
+  assert param_groups.frozen_by_name(cfg, names) == {'norms.0.scale', 'norms.0.bias', 'fc.bias'}
   cfg.freeze = 'norms'
-  assert optim.frozen_by_name(cfg, names) == {'norms.0.scale', 'norms.0.bias', 'norms.1.scale'}
+  assert param_groups.frozen_by_name(cfg, names) == {'norms.0.scale', 'norms.0.bias',
+                                                     'norms.1.scale'}
   cfg.freeze = ''
-  assert optim.frozen_by_name(cfg, names) == frozenset()
+  assert param_groups.frozen_by_name(cfg, names) == frozenset()
   cfg.freeze = 'norm'                      # a prefix of names, not of dotted components
   with pytest.raises(UserError, match="config.optim.freeze names 'norm', which matches no"):
-    optim.frozen_by_name(cfg, names)
+    param_groups.frozen_by_name(cfg, names)
 
 
 def test_optim_freeze_keeps_the_named_parameters_and_drops_the_backward_pass_only_they_needed():

@@ -123,8 +123,7 @@ def check_flips(data: ml_collections.ConfigDict, tta: str = '', mirror_safe: boo
   marked = ' (config.data.mirror_safe=False)' if data.get('mirror_safe', True) is False else ''
   from imgcls_jax import device_augment  # TensorFlow-free: parses specs only
   device = data.get('device_preprocess', '') or ''
-  device_flip = next((op[0] for op in device_augment.parse(device)
-                      if op[0] in ('flip_lr', 'flip_alternate')), '')
+  device_flip = device_augment.mirroring(device_augment.parse(device))
   train_flip = 'flip_lr' if 'flip_lr' in (data.train_preprocess or '') else ''
   for key, flip in (('train_preprocess', train_flip), ('device_preprocess', device_flip)):
     if no_flip and flip:

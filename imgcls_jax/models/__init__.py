@@ -1,4 +1,4 @@
-"""The model table: name -> ``Family(constructor, layer_depths)``.
+"""The model table: name -> ``Family(constructor, layer_depths, first_conv)``.
 
 Adding a model family is one new file in this package and one line per name in ``_TABLE`` (or one
 ``register`` call, for a family defined outside the package). Every constructor takes
@@ -13,6 +13,14 @@ layer-wise learning-rate decay (``config.transfer.layer_decay``: depth ``d`` tra
 ``decay ** (L - d)`` x the rate): the stem at 0, each block or layer one deeper, the head at ``L``.
 Names are dotted parameter paths (``layer1.0.conv1.kernel``, see ``imgcls_jax.state.param_names``);
 ``layers.block_depths`` builds such a rule from "which block holds this parameter".
+
+A family whose first layer is a convolution on the normalised image (after a parameter-free stem,
+if any) opts in to patch whitening (``config.init.patch_whitening``, ``whitening.py``) with a
+``FirstConv``: the kernel's dotted name and the stem as a numpy function.
+
+A family registered from outside the package is recorded with ``registration.code_origin`` (where
+it was defined, which --config file loaded it), so that a run trained with it names that file to a
+later mode given ``--workdir`` alone.
 """
 from __future__ import annotations
 
@@ -21,12 +29,12 @@ import difflib
 import functools
 import inspect
 import numbers
-import os
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import numpy as np
 from flax import nnx
 
+from imgcls_jax import registration
 from imgcls_jax.errors import UserError
 from imgcls_jax.models import (cnn, convnext, efficientnet, fast_cnn, mobilenet, resnet, vit,
                                wide_resnet)
@@ -39,10 +47,21 @@ LayerDepths = Callable[[list[str]], tuple[dict[str, int], int]]
 
 
 @dataclasses.dataclass(frozen=True)
+class FirstConv:
+  """What patch whitening needs of a family: its first conv's kernel (a dotted parameter name)
+  and ``stem(x_NxHxWxC, config.model) -> x``, the parameter-free layers before that conv as a
+  numpy function of the normalised images (None: the conv reads them as they are)."""
+  kernel: str
+  stem: Callable[[np.ndarray, Mapping[str, Any]], np.ndarray] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class Family:
-  """A registered model: its constructor and its layer-depth rule (None: no layer decay)."""
+  """A registered model: its constructor, its layer-depth rule (None: no layer decay) and its
+  first convolution (None: no patch whitening)."""
   constructor: Callable[..., nnx.Module]
   layer_depths: LayerDepths | None = None
+  first_conv: FirstConv | None = None
 
 
 def _resnet(stage_sizes: tuple[int, ...], block: str) -> Family:
@@ -56,8 +75,9 @@ def _sized(constructor: Callable[..., nnx.Module], rule: LayerDepths, **size: An
 
 
 _TABLE: dict[str, Family] = {
-    'cnn': Family(cnn.CNN, cnn.layer_depths),
-    'fast_cnn': Family(fast_cnn.FastCNN, fast_cnn.layer_depths),
+    'cnn': Family(cnn.CNN, cnn.layer_depths, FirstConv('convs.0.kernel')),
+    'fast_cnn': Family(fast_cnn.FastCNN, fast_cnn.layer_depths,
+                       FirstConv('convs.0.kernel', fast_cnn.whitening_stem)),
     'resnet18': _resnet((2, 2, 2, 2), 'basic'),
     'resnet34': _resnet((3, 4, 6, 3), 'basic'),
     'resnet50': _resnet((3, 4, 6, 3), 'bottleneck'),
@@ -86,36 +106,31 @@ def names() -> list[str]:
 
 
 def register(name: str, constructor: Callable[..., nnx.Module], *,
-             layer_depths: LayerDepths | None = None, replace: bool = False) -> None:
+             layer_depths: LayerDepths | None = None, first_conv: FirstConv | None = None,
+             replace: bool = False) -> None:
   """Adds a model family defined outside this package (same constructor contract as the table)."""
   if name in _TABLE and not replace:
     raise UserError(f"Model '{name}' is already registered; pick another name or pass "
                     'replace=True.')
-  _TABLE[name] = Family(constructor, layer_depths)
+  _TABLE[name] = Family(constructor, layer_depths, first_conv)
+  _ORIGINS[name] = registration.code_origin(constructor)
 
 
 def unregister(name: str) -> None:
   """Removes ``name`` from the table (nothing happens when it is not there)."""
   _TABLE.pop(name, None)
+  _ORIGINS.pop(name, None)
+
+
+# ---- code registered from outside the package: where it came from ----
+
+_ORIGINS: dict[str, dict[str, str]] = {}   # a registered family's registration.code_origin
 
 
 def origin(name: str) -> dict[str, str] | None:
-  """Where a family registered from outside this package was defined (``{'module', 'file'}`` of
-  its constructor), for a run directory to record; None for a built-in or unknown name."""
-  if name in _BUILT_IN or name not in _TABLE:
-    return None
-  fn = _TABLE[name].constructor
-  while isinstance(fn, functools.partial):
-    fn = fn.func
-  try:
-    file = inspect.getfile(fn)
-  except (TypeError, OSError):
-    # A config file's module ('_imgcls_config') is not in sys.modules: a class's file is then
-    # read from the code of a function it defines.
-    funcs = list(vars(fn).values()) if inspect.isclass(fn) else [fn]
-    file = next((f.__code__.co_filename for f in funcs if hasattr(f, '__code__')), '')
-  file = os.path.abspath(file) if file else ''
-  return {'module': str(getattr(fn, '__module__', '') or ''), 'file': file}
+  """``registration.code_origin`` of a family registered from outside this package, for a run directory to
+  record; None for a built-in or unknown name."""
+  return None if name in _BUILT_IN else _ORIGINS.get(name)
 
 
 def ensure_registered(name: str, where: dict[str, str] | None) -> None:
@@ -125,12 +140,8 @@ def ensure_registered(name: str, where: dict[str, str] | None) -> None:
   else's, would then run any file it names; the user passes it as --config (or imports it)."""
   if name in _TABLE or not where:
     return
-  file, module = where.get('file') or '', where.get('module') or ''
-  gone = '' if not file or os.path.isfile(file) else ' (no longer there: restore it first)'
-  fix = (f'pass --config={file}{gone}, which registers it' if file else
-         f'import {module}, which registers it, before loading the run')
-  raise UserError(f"Model '{name}' of this run is a family registered by your own code "
-                  f'({file or module}), not one of imgcls_jax.models; {fix}.')
+  raise registration.unregistered(f"Model '{name}' of this run is a family", 'imgcls_jax.models',
+                                  where)
 
 
 def family(name: str) -> Family:

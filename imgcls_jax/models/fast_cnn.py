@@ -25,10 +25,11 @@ and third stages.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from imgcls_jax.errors import UserError
@@ -96,6 +97,12 @@ def space_to_depth(x_BxHxWxC: jax.Array) -> jax.Array:
   b, h, w, c = x_BxHxWxC.shape
   x = x_BxHxWxC.reshape(b, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 2, 4, 5)
   return x.reshape(b, h // 2, w // 2, 4 * c)
+
+
+def whitening_stem(x_NxHxWxC: np.ndarray, model: Mapping[str, Any]) -> np.ndarray:
+  """The stem patch whitening sees the images through (``models.FirstConv``): space-to-depth
+  when ``config.model.stem`` is 's2d' (the default), in numpy (float64 stays float64)."""
+  return space_to_depth(x_NxHxWxC) if model.get('stem', 's2d') == 's2d' else x_NxHxWxC
 
 
 class FastCNN(nnx.Module):

@@ -7,9 +7,10 @@ Importing this package registers every op. Callers write ``from imgcls_jax.data 
 from imgcls_jax.data.pp import ops_image, randaugment  # noqa: F401  (register the ops)
 from imgcls_jax.data.pp.ops_image import rotate_image
 from imgcls_jax.data.pp.randaugment import RANDAUGMENT_OPS, TRIVIAL_AUGMENT_WIDE_OPS
-from imgcls_jax.data.pp.registry import (compose, decode_image, fuses_with_decoding, names,
-                                         numpy_op, output_shape, parse, register)
+from imgcls_jax.data.pp.registry import (compose, decode_image, ensure_registered,
+                                         fuses_with_decoding, names, numpy_op, origins,
+                                         output_shape, parse, register)
 
 __all__ = ['RANDAUGMENT_OPS', 'TRIVIAL_AUGMENT_WIDE_OPS', 'compose', 'decode_image',
-           'fuses_with_decoding', 'names', 'numpy_op', 'output_shape', 'parse', 'register',
-           'rotate_image']
+           'ensure_registered', 'fuses_with_decoding', 'names', 'numpy_op', 'origins',
+           'output_shape', 'parse', 'register', 'rotate_image']

@@ -8,29 +8,52 @@ happens on the accelerator (see ``steps.normalize``), so the host ships uint8.
 
 Add an op with ``@register('name')`` on a factory ``(**kwargs) -> op``; the factory checks its
 arguments (``check_number``, ``check_order``, ``check_choice``, ``bad_args``) so that a bad spec is
-one sentence when it is parsed, before any work.
+one sentence when it is parsed, before any work. An op registered from outside the package (e.g.
+in the --config file) is recorded with ``registration.code_origin``, so that a run that used it names
+the file that registers it to a later mode given ``--workdir`` alone (``ensure_registered``).
 """
 from __future__ import annotations
 
 import ast
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from imgcls_jax import registration
 from imgcls_jax.data.tf_import import tf
 from imgcls_jax.errors import UserError
 
 Op = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
 _OPS: dict[str, Callable[..., Op]] = {}
+_ORIGINS: dict[str, dict[str, str]] = {}   # an op registered from outside: registration.code_origin
 
 
 def register(name: str) -> Callable[[Callable[..., Op]], Callable[..., Op]]:
   """Decorator registering an op factory under ``name``."""
   def wrap(factory):
     _OPS[name] = factory
+    _ORIGINS.pop(name, None)
+    if not str(getattr(factory, '__module__', '')).startswith('imgcls_jax.'):
+      _ORIGINS[name] = registration.code_origin(factory)
     return factory
   return wrap
+
+
+def origins(spec: str) -> dict[str, dict[str, str]]:
+  """``{op name: where it was registered}`` of the ops of ``spec`` registered from outside the
+  package, for a run directory to record."""
+  used = {_parse_one(p)[0] for p in (spec or '').split('|') if p.strip()}
+  return {name: _ORIGINS[name] for name in sorted(used) if name in _ORIGINS}
+
+
+def ensure_registered(recorded: Mapping[str, Mapping[str, str]]) -> None:
+  """Refuses, naming the code to load (never loading it), an op of a trained run that this
+  process does not know (``recorded``: ``origins`` at training)."""
+  missing = sorted(name for name in recorded if name not in _OPS)
+  if missing:
+    raise registration.unregistered(f"Preprocessing op '{missing[0]}' of this run is an op",
+                              "the ops of imgcls_jax/data/pp", recorded[missing[0]])
 
 
 def names() -> list[str]:
