@@ -124,6 +124,17 @@ def checkpointed_digits_run(tmp_path_factory, tfds_dir: str, steps: int, every: 
   return c, workdir
 
 
+def copy_of_run(run: tuple, tmp_path) -> tuple:
+  """(a copy of its config, a copy of its workdir) of a ``checkpointed_digits_run``, for a test
+  that damages or resumes it."""
+  import copy
+  import shutil
+  c, original = run
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(original, workdir)
+  return copy.deepcopy(c), workdir
+
+
 @pytest.fixture
 def browser():
   """Headless Chromium driven by selenium (the web page tests; they skip without Chromium)."""

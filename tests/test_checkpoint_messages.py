@@ -2,7 +2,6 @@
 emptied): resuming says in one sentence which step, why, where it was moved and the step it goes on
 from; a reader (evaluate, predict, export) that cannot use a step says so in the same words, naming
 its config key and the other steps."""
-import copy
 import glob
 import logging
 import os
@@ -13,7 +12,7 @@ import pytest
 
 from imgcls_jax import evaluate, export, predict, train
 from imgcls_jax.errors import UserError
-from tests.conftest import checkpointed_digits_run
+from tests.conftest import checkpointed_digits_run, copy_of_run
 
 JSON_ERROR = 'meta/metadata: JSONDecodeError: Expecting value: line 1 column 1 (char 0)'
 
@@ -26,10 +25,7 @@ def digits_run(tmp_path_factory, tfds_dir):
 
 @pytest.fixture
 def run_copy(digits_run, tmp_path):
-  c, original = digits_run
-  workdir = str(tmp_path / 'run')
-  shutil.copytree(original, workdir)
-  return copy.deepcopy(c), workdir
+  return copy_of_run(digits_run, tmp_path)
 
 
 def _garble_meta(step_dir):

@@ -1,19 +1,17 @@
 """Resuming with a config that changes the train state's tree names the changed keys (not a tree
 path such as ``opt_state/1/0/trace/...``), and a changed trajectory is warned of once, for the
 checkpoint resumed from, after the notice about a damaged newer one."""
-import copy
 import glob
 import logging
 import os
 import re
-import shutil
 
 import jax.numpy as jnp
 import pytest
 
 from imgcls_jax import checkpoint, configlib, train
 from imgcls_jax.errors import UserError
-from tests.conftest import checkpointed_digits_run
+from tests.conftest import checkpointed_digits_run, copy_of_run
 from tests.test_checkpoint import _target
 
 FIX = ("resume it with the checkpoint's values (config.json in the workdir) or start the new run "
@@ -28,10 +26,7 @@ def digits_run(tmp_path_factory, tfds_dir):
 
 @pytest.fixture
 def run_copy(digits_run, tmp_path):
-  c, original = digits_run
-  workdir = str(tmp_path / 'run')
-  shutil.copytree(original, workdir)
-  return copy.deepcopy(c), workdir
+  return copy_of_run(digits_run, tmp_path)
 
 
 def _truncate_the_largest_array_file(step_dir):
