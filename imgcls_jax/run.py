@@ -70,9 +70,9 @@ def setup(config: ml_collections.ConfigDict, info: DatasetInfo | None = None, *,
   # TensorFlow, seconds): a misspelt model, model argument, optimizer or device op is one line now.
   models.check_arguments(config.model.name, config.model.keys())
   models.check_types(config.model.name, {k: v for k, v in config.model.items() if k != 'name'})
-  optim.check(config.optim)
   device_ops = device_augment.parse(config.data.get('device_preprocess', '') or '')
-  if training:   # a run saved with them restores as it trained: without them
+  if training:   # a run saved with them restores as it trained: without them (nor an optimizer)
+    optim.check(config.optim)
     held_out.check_folder_only_keys(config.data)
     warning = device_augment.twice_shifted(config.data.get('train_preprocess', ''), device_ops)
     if warning:

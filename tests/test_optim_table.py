@@ -146,3 +146,15 @@ def test_the_readmes_example_registers_an_optimizer_and_a_schedule(tables, caplo
   with caplog.at_level(logging.WARNING):   # it reads no weight decay: every built-in one does
     optim.check(cfg, given=['weight_decay'])
   assert "only sgd, adamw, lamb, lars, muon, schedule_free_adamw do" in caplog.text
+
+
+def test_a_run_is_evaluated_without_its_optimizer_registered():
+  """A run trained with an optimizer its config file registered reads back in a process that
+  lacks it (--mode=evaluate with --workdir alone: the setup builds no optimizer), and training
+  with that name there is still refused in one sentence."""
+  from imgcls_jax import run
+  c = default.get_config()
+  c.optim.name = 'sign_descent'   # registered by the training run's config file, not here
+  assert run.setup(c, training=False).tx is None
+  with pytest.raises(UserError, match="^Unknown config.optim.name 'sign_descent'; use one of"):
+    run.setup(c)
