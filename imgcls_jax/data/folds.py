@@ -129,21 +129,28 @@ def subset_split(split: str, ids_file: str) -> str:
   return f'{split}@{ids_file}'
 
 
-_SPLIT_IDS: dict[tuple[str, str, str], frozenset[str]] = {}   # (dataset, data_dir, split) -> ids
 _CHECKED: set[tuple[str, str, float, int]] = set()   # (dataset, spec, file mtime, size) checked
 
 
-def _split_ids(data: ml_collections.ConfigDict, split: str,
-               names: tuple[str, ...] | None) -> frozenset[str]:
-  """The ids of every example of ``split``: an image folder's listed files (unreadable ones
-  too), a tfds split's ids (one pass over its records, once per process)."""
+def _not_in_split(data: ml_collections.ConfigDict, split: str, names: tuple[str, ...] | None,
+                  listed: set[str]) -> int | None:
+  """How many of ``listed`` are not ids of ``split``: an image folder's listed files (unreadable
+  ones too); a tfds split's from its shard files' names and lengths, reading no record (a tfds id
+  is ``<shard file>__<index>``); None for a sliced tfds split (``train[:80%]``), whose ids take a
+  pass over the records to tell (the pipeline's own filter leaves them out anyway)."""
   if image_folder.is_folder(data):
     src = folder_layout.source_of(data)
-    return frozenset(folder_index.listed(src, split, names or folder_layout.class_names(src))[0])
-  key = (str(data.name), str(data.get('data_dir') or ''), split)
-  if key not in _SPLIT_IDS:
-    _SPLIT_IDS[key] = frozenset(sources.example_ids(data, split))
-  return _SPLIT_IDS[key]
+    ids = folder_index.listed(src, split, names or folder_layout.class_names(src))[0]
+    return len(listed - set(ids))
+  if '[' in split:
+    return None
+  splits = sources.builder(data).info.splits
+  shards = {f: n for part in split.split('+') if part in splits
+            for f, n in zip(splits[part].filenames, splits[part].shard_lengths)}
+  def known(i: str) -> bool:
+    shard, _, index = i.rpartition('__')
+    return index.isdigit() and int(index) < shards.get(shard, 0)
+  return sum(not known(i) for i in listed)
 
 
 def _written_from(ids_file: str) -> tuple[str, str]:
@@ -182,7 +189,7 @@ def check_listed(data: ml_collections.ConfigDict, spec: str, key: str = '',
   if checked in _CHECKED or not listed:
     return 0
   _CHECKED.add(checked)
-  missing = len(listed - _split_ids(data, base, names))
+  missing = _not_in_split(data, base, names, listed)
   if not missing:
     return 0
   given = f"config.{key}='{spec}'" if key else f"Split '{spec}'"
