@@ -384,7 +384,11 @@ def test_a_random_op_in_eval_preprocess_is_warned_about(caplog):
   from imgcls_jax.data.info import DatasetInfo
   info = DatasetInfo(name='fashion_mnist', num_classes=2, class_names=('a', 'b'),
                      image_shape=(28, 28, 1), num_examples={'train': 10, 'test': 10})
-  for spec, warned in (('resize(size=20)', False), ('rotate(degrees=30)|resize(size=20)', True)):
+  for spec, warned in (('resize(size=20)', False), ('rotate(degrees=30)|resize(size=20)', True),
+                       # each op probed on what the ops before it make (a 45-pixel mirror pad
+                       # of a 28x28 image is refused; of the 96x96 the resize makes, not)
+                       ("resize(size=96)|rotate(degrees=30)|pad_crop(pad=45, mode='reflect')",
+                        True)):
     data = ml_collections.ConfigDict({'name': 'fashion_mnist', 'train_preprocess': '',
                                       'eval_preprocess': spec})
     caplog.clear()
@@ -392,6 +396,7 @@ def test_a_random_op_in_eval_preprocess_is_warned_about(caplog):
       reader.check_preprocess(data, info)
     said = [r.getMessage() for r in caplog.records if 'eval_preprocess has random ops' in
             r.getMessage()]
-    assert said == (["config.data.eval_preprocess has random ops (rotate): evaluation, predict "
+    ops = 'rotate, pad_crop' if 'pad_crop' in spec else 'rotate'
+    assert said == ([f"config.data.eval_preprocess has random ops ({ops}): evaluation, predict "
                      "and serve apply them at one fixed seed, the same distortion for every run "
                      "of an image; move them to config.data.train_preprocess."] if warned else [])

@@ -52,7 +52,7 @@ def check_preprocess(data: ml_collections.ConfigDict, info: DatasetInfo | None =
       raise UserError(f'config.data.{key}: {e}') from None
   if data.get('eval_preprocess') and c:
     from imgcls_jax.data.pp import registry
-    random = registry.seed_dependent(data.eval_preprocess, c)
+    random = registry.seed_dependent(data.eval_preprocess, c, (h, w))
     if random:
       logging.warning('config.data.eval_preprocess has random ops (%s): evaluation, predict and '
                       'serve apply them at one fixed seed, the same distortion for every run of '
@@ -65,7 +65,7 @@ def random_host_ops(data: ml_collections.ConfigDict, info: DatasetInfo) -> list[
   if arrays.is_arrays(data) or not data.get('train_preprocess'):
     return []
   from imgcls_jax.data.pp import registry
-  return registry.seed_dependent(data.train_preprocess, info.channels)
+  return registry.seed_dependent(data.train_preprocess, info.channels, info.image_shape[:2])
 
 
 def examples_per_process(data: ml_collections.ConfigDict, split: str, process_index: int,

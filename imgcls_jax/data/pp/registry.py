@@ -9,8 +9,9 @@ happens on the accelerator (see ``steps.normalize``), so the host ships uint8.
 Add an op with ``@register('name')`` on a factory ``(**kwargs) -> op``; the factory checks its
 arguments (``check_number``, ``check_order``, ``check_choice``, ``bad_args``) so that a bad spec is
 one sentence when it is parsed, before any work. An op registered from outside the package (e.g.
-in the --config file) is recorded with ``registration.code_origin``, so that a run that used it names
-the file that registers it to a later mode given ``--workdir`` alone (``ensure_registered``).
+in the --config file) is recorded with ``registration.code_origin``, so that a run that used it
+names the file that registers it to a later mode given ``--workdir`` alone
+(``ensure_registered``).
 """
 from __future__ import annotations
 
@@ -227,16 +228,24 @@ def numpy_op(spec: str) -> Callable[[np.ndarray], np.ndarray] | None:
   return lambda image: op(tf.convert_to_tensor(image), tf.zeros([2], tf.int64)).numpy()
 
 
-def seed_dependent(spec: str, channels: int) -> list[str]:
+def seed_dependent(spec: str, channels: int,
+                   hw: tuple[int | None, int | None] | None = None) -> list[str]:
   """The ops of ``spec`` whose output changes with the seed (random ones, at these arguments:
-  ``pad_crop(pad=0)`` is not), each run alone on one fixed noise image under 16 seeds (a coin
-  flip looks fixed under all of them with probability 2^-15)."""
-  image = tf.constant(np.random.default_rng(0).integers(0, 256, (48, 40, channels)), tf.uint8)
+  ``pad_crop(pad=0)`` is not), each run under 16 seeds on what the ops before it make of one fixed
+  noise image of size ``hw`` (48x40 when unknown; a coin flip looks fixed under all of them with
+  probability 2^-15). An op that cannot run on that image is left out (the spec's own checks
+  name it)."""
+  h, w = hw if hw and hw[0] and hw[1] else (48, 40)
+  image = tf.constant(np.random.default_rng(0).integers(0, 256, (h, w, channels)), tf.uint8)
   found = []
   for name, op in parse(spec):
-    outs = [op(image, tf.constant([s, 7], tf.int64)).numpy() for s in range(16)]
+    try:
+      outs = [op(image, tf.constant([s, 7], tf.int64)).numpy() for s in range(16)]
+    except (tf.errors.OpError, ValueError, UserError):
+      break   # (the ops after it would not see what they see in the pipeline)
     if any(o.shape != outs[0].shape or not np.array_equal(o, outs[0]) for o in outs[1:]):
       found.append(name)
+    image = tf.constant(outs[0])
   return found
 
 
