@@ -17,8 +17,12 @@ from imgcls_jax import configlib
 # The config keys that can shape each part of the train state (state.TrainState) that a resumed run
 # may change, and the part's name; keys ending in '.' are prefixes. The other parts (parameters,
 # batch statistics) follow the model, whose keys (configlib.MUST_MATCH) are refused before this.
+# Not the values alone (a learning rate, betas, the schedule): blamed, they would mislead.
 _SHAPED_BY = {
-    'opt_state': ('optimizer state', ('optim.', 'transfer.', 'init.freeze_whitening')),
+    'opt_state': ('optimizer state', (
+        'optim.name', 'optim.grad_clip_norm', 'optim.weight_decay', 'optim.momentum',
+        'optim.freeze', 'optim.lookahead.', 'optim.norm_lr_factor', 'optim.bias_lr_factor',
+        'transfer.', 'init.freeze_whitening')),
     'ema': ('weight EMA', ('ema.',)),
 }
 

@@ -61,13 +61,15 @@ def test_a_change_that_reshapes_the_optimizer_state_is_named_by_its_key(run_copy
 
 @pytest.mark.parametrize('part, changed', [
     ('opt_state', {}), ('opt_state', {'num_train_steps': 80, 'seed': 3}),
+    ('opt_state', {'optim.learning_rate': 0.2, 'optim.b2': 0.98}),   # values, not the structure
     ('params', {'optim.learning_rate': 0.2}),
 ])
 def test_a_mismatch_no_config_key_explains_still_names_the_first_tree_path(tmp_path, part,
                                                                            changed):
   """The tree detail stays where the saved config and this one agree on every key that shapes the
-  differing part (the optimizer state: on all keys, or on all but a longer run with another seed;
-  the parameters: no key a resumed run may change shapes them)."""
+  differing part (the optimizer state: on all keys, on all but a longer run with another seed, or
+  on all but a learning rate and a beta, values that shape no state; the parameters: no key a
+  resumed run may change shapes them)."""
   c = configlib.load_config_file(configlib.default_config_path())
   saved = configlib.config_dict(c)
   for key, value in changed.items():
