@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import heapq
+import zlib
 from typing import Any
 
 import jax
@@ -74,13 +75,14 @@ def ood_pass(r: Restored, files: list[str], tta: str, num_bins: int) -> dict[str
 def _file_share(files: list[str], batch_size: int) -> tuple[list[str], int]:
   """(this process's contiguous part of ``files``, in process order; how many batches of
   ``batch_size`` every process runs: the largest part's). A UserError when the processes list
-  different numbers of files (each reads its part of its own list)."""
-  counts = sharding.gather_rows({'n': np.asarray([len(files)], np.int64)})['n']
-  if len(set(counts.tolist())) > 1:
-    p = int(np.flatnonzero(counts != counts[0])[0])
-    raise UserError(f'config.evaluate.ood_inputs lists {counts[0]} files on process 0 but '
-                    f'{counts[p]} on process {p}; put them where every process reads the same '
-                    'files (shared storage).')
+  other files (each reads its part of its own list: the count and a CRC-32 of the list compared)."""
+  mine = np.asarray([len(files), zlib.crc32('\n'.join(files).encode())], np.int64)
+  lists = sharding.gather_rows({'n': mine[None]})['n']
+  if (lists != lists[0]).any():
+    p = int(np.flatnonzero((lists != lists[0]).any(axis=1))[0])
+    raise UserError(f'config.evaluate.ood_inputs lists {lists[0][0]} files on process 0 but '
+                    f'{"other" if lists[p][0] == lists[0][0] else lists[p][0]} files on process '
+                    f'{p}; put them where every process reads the same files (shared storage).')
   per = -(-len(files) // jax.process_count())
   start = jax.process_index() * per
   return files[start:start + per], -(-per // batch_size)

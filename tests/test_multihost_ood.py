@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -84,10 +85,16 @@ def test_each_process_reads_a_contiguous_part_and_all_run_the_largest_parts_batc
     assert outcomes._file_share(files, 8) == (files[a:b], 2 if count == 31 else 1)
 
 
-def test_processes_listing_other_files_are_told_in_one_sentence(monkeypatch):
-  monkeypatch.setattr(outcomes.sharding, 'gather_rows', lambda cols: {'n': np.asarray([31, 29])})
+@pytest.mark.parametrize('other, said', [(['a.png'] * 29, '29 files'),
+                                         (['b.png'] + ['a.png'] * 30, 'other files')])
+def test_processes_listing_other_files_are_told_in_one_sentence(monkeypatch, other, said):
+  """Another count, or as many files but others (each process would score a part of its own)."""
+  def gather(cols):   # process 0 lists 31 a.png, process 1 ``other``
+    theirs = np.asarray([[len(other), zlib.crc32('\n'.join(other).encode())]], np.int64)
+    return {'n': np.concatenate([cols['n'], theirs])}
+  monkeypatch.setattr(outcomes.sharding, 'gather_rows', gather)
   with pytest.raises(UserError) as info:
     outcomes._file_share(['a.png'] * 31, 8)
-  assert str(info.value) == ('config.evaluate.ood_inputs lists 31 files on process 0 but 29 on '
-                             'process 1; put them where every process reads the same files '
+  assert str(info.value) == (f'config.evaluate.ood_inputs lists 31 files on process 0 but {said} '
+                             'on process 1; put them where every process reads the same files '
                              '(shared storage).')
