@@ -193,6 +193,8 @@ def parse(argv: list[str]):
   preprocessing ops that the config file registers are recorded as registered by it (a run
   trained with them names it to a later mode given --workdir alone).
   """
+  at = argv.index('--config') if '--config' in argv[1:-1] else -1   # absl's '--config PATH'
+  argv = argv[:at] + [f'--config={argv[at + 1]}'] + argv[at + 2:] if at > 0 else argv
   path = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), '')
   saved = sys.argv   # config_flags reads the override flags' names from it: set, then restored
   try:

@@ -99,10 +99,12 @@ def _a_new_process(ops: bool = False) -> None:
   sys.modules.pop(HELPER)
 
 
-def test_a_family_from_a_module_the_config_imports_names_that_config(user_code, tmp_path):
+@pytest.mark.parametrize('spaced', [False, True])   # --config=PATH, or absl's --config PATH
+def test_a_family_from_a_module_the_config_imports_names_that_config(user_code, tmp_path, spaced):
   config = user_code()
   workdir = str(tmp_path / 'run')
-  assert main.run(['main', f'--config={config}', f'--workdir={workdir}']) == 0
+  given = ['--config', config] if spaced else [f'--config={config}']
+  assert main.run(['main', *given, f'--workdir={workdir}']) == 0
   _a_new_process()
   helper = str(tmp_path / f'{HELPER}.py')
   with pytest.raises(UserError) as e:
