@@ -160,3 +160,28 @@ def test_every_family_normalises_with_a_masked_batch_norm(name):
   holders = [m for _, m in nnx.iter_modules(model)
              if any(isinstance(v, nnx.BatchStat) for v in vars(m).values())]
   assert all(isinstance(m, (layers.MaskedBatchNorm, fast_cnn.AffineBatchNorm)) for m in holders)
+
+
+def test_without_a_mask_the_batch_norm_traces_nnx_s_own_program():
+  """Outside ``batch_rows`` (every batch of an arrays file or tfds dataset) the masked BatchNorm
+  lowers to exactly ``nnx.BatchNorm``'s program, so those runs' speed cannot change; inside it,
+  to another one (the masked statistics)."""
+  import re
+
+  import jax.numpy as jnp
+
+  def lowered(norm, mask=None):
+    graph, state = nnx.split(norm)
+    def step(state, x):
+      m = nnx.merge(graph, state)
+      with layers.batch_rows(mask):
+        y = m(x, use_running_average=False)
+      return y, nnx.state(m)
+    text = jax.jit(step).lower(state, jnp.ones((6, 3, 3, 5))).as_text()
+    return re.sub(r'loc\([^)]*\)', '', text)
+  plain = nnx.BatchNorm(5, momentum=0.9, epsilon=1e-5, dtype=jnp.float32,
+                        param_dtype=jnp.float32, rngs=nnx.Rngs(0))   # (batch_norm's settings)
+  ours = layers.batch_norm(5, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  assert type(ours) is not nnx.BatchNorm
+  assert lowered(ours) == lowered(plain)
+  assert lowered(ours, jnp.arange(6) < 4) != lowered(plain)
