@@ -6,7 +6,8 @@ import os
 import shutil
 
 from imgcls_jax.data import file_probe, folder_index
-from tests.test_folder_index import _data, _flat, _fresh, _png, _split  # noqa: F401  (_fresh: autouse)
+from tests.test_folder_index import (_data, _flat, _fresh, _png,  # noqa: F401  (_fresh: autouse)
+                                     _split)
 
 
 def _count_probes(monkeypatch):

@@ -1,10 +1,10 @@
 """Image file headers: what PIL says about a file without decoding it, cached on disk.
 
 ``probe`` reads size, mode and orientation (``images.orientation``) from the header (a JPEG / PNG
-without its end marker is decoded once to tell); ``probe_all`` probes many files, in one process per core past
-``_PARALLEL_FROM`` (header parsing holds the GIL: threads were slower than one loop), and keeps
-the results per folder or manifest in one JSON file keyed by each file's size and mtime, less the
-files that are gone.
+without its end marker is decoded once to tell); ``probe_all`` probes many files, in one process
+per core past ``_PARALLEL_FROM`` (header parsing holds the GIL: threads were slower than one
+loop), and keeps the results per folder or manifest in one JSON file keyed by each file's size and
+mtime, less the files that are gone.
 
 The worker processes are ``python -c _WORKER``, fed paths and answering results over pipes: they
 never import the caller's ``__main__`` (multiprocessing's 'spawn' ran a script without an

@@ -134,8 +134,8 @@ def _upright(img: Any, path: str | None) -> Any:
 def orientation(img: Any) -> int:
   """The orientation (1-8) ``decode`` applies to the opened PIL image ``img`` beyond its size, from
   its header: EXIF's tag, else XMP's tiff:Orientation (as PIL reads them); a damaged EXIF block
-  counts as absent, as ``_upright`` ignores it. For header-only readers (``file_probe.probe``; a PNG's eXIf
-  after its pixels is not read without decoding them)."""
+  counts as absent, as ``_upright`` ignores it. For header-only readers (``file_probe.probe``;
+  a PNG's eXIf after its pixels is not read without decoding them)."""
   from PIL import Image
   errors = (SyntaxError, ValueError, TypeError, struct.error)
   if hasattr(img, 'tag_v2'):   # TIFF: its tags are the EXIF

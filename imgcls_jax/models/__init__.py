@@ -128,8 +128,8 @@ _ORIGINS: dict[str, dict[str, str]] = {}   # a registered family's registration.
 
 
 def origin(name: str) -> dict[str, str] | None:
-  """``registration.code_origin`` of a family registered from outside this package, for a run directory to
-  record; None for a built-in or unknown name."""
+  """``registration.code_origin`` of a family registered from outside this package, for a run
+  directory to record; None for a built-in or unknown name."""
   return None if name in _BUILT_IN else _ORIGINS.get(name)
 
 
