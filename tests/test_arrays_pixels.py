@@ -138,3 +138,31 @@ def test_serving_such_a_run_without_tensorflow_stops_at_start_up_in_one_line(run
   assert len(errors) == 1 and "made by the ops 'resize(size=16)', which run on TensorFlow" in \
       errors[0], proc.stderr[-2000:]
   assert 'Serving' not in proc.stdout + proc.stderr
+
+
+def test_a_palette_image_with_transparency_decodes_without_pils_warning():
+  """A palette PNG whose transparency is bytes (one alpha per entry): PIL's direct palette -> grey
+  conversion warns "Palette images with Transparency expressed in bytes should be converted to
+  RGBA images" on every decode (predict, every epoch of an image folder); decode goes through
+  RGBA, which gives the same bytes (PIL's luma of the palette colour, alpha dropped) silently."""
+  import io
+  import warnings
+
+  from PIL import Image
+
+  from imgcls_jax.data import images
+  rng = np.random.default_rng(0)
+  img = Image.fromarray(rng.integers(0, 256, (9, 7)).astype(np.uint8), 'P')
+  img.putpalette(rng.integers(0, 256, 768).astype(np.uint8).tobytes())
+  png = io.BytesIO()
+  img.save(png, 'PNG', transparency=bytes(rng.integers(0, 256, 256).astype(np.uint8)))
+  with Image.open(io.BytesIO(png.getvalue())) as stored:
+    assert stored.mode == 'P' and isinstance(stored.info['transparency'], bytes)
+    with warnings.catch_warnings():
+      warnings.simplefilter('ignore')
+      want = {1: np.asarray(stored.convert('L'))[..., None], 3: np.asarray(stored.convert('RGB'))}
+  for channels in (1, 3):
+    with warnings.catch_warnings():
+      warnings.simplefilter('error')
+      np.testing.assert_array_equal(images.decode(png.getvalue(), channels=channels),
+                                    want[channels])

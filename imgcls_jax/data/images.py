@@ -80,8 +80,8 @@ def decode(data: bytes | str, *, channels: int, size_hw: tuple[int, int] | None 
                                 'is not known); save it with values in [0, 1] or as 8-bit')
         img = Image.fromarray(np.rint(a * 255).astype(np.uint8))
       mode = 'L' if channels == 1 else 'RGB'
-      if img.mode in ('P', 'PA', 'LA') and mode == 'RGB':
-        img = img.convert('RGBA')
+      if img.mode == 'P' or (img.mode in ('PA', 'LA') and mode == 'RGB'):
+        img = img.convert('RGBA')   # (a palette straight to grey: the same bytes, and a warning)
       img = img.convert(mode)
       if size_hw and (img.height, img.width) != tuple(size_hw):
         h, w = size_hw
