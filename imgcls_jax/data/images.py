@@ -105,29 +105,42 @@ def decode(data: bytes | str, *, channels: int, size_hw: tuple[int, int] | None 
 # Where PIL keeps a JPEG's, PNG's or WebP's EXIF block (``Image.getexif`` reads it from there).
 _EXIF_KEYS = ('exif', 'Raw profile type exif')
 _WARNED_DAMAGED_EXIF: set[str] = set()   # files warned about (training reads each every epoch)
+_EXIF_ERRORS = (SyntaxError, ValueError, TypeError, struct.error)   # PIL's for a damaged block
+
+
+def _exif_of(info: dict[str, Any]) -> tuple[Any, Exception | None]:
+  """(PIL's ``Exif`` of an image whose ``info`` this is, parsed afresh: its EXIF block, XMP's
+  tiff:Orientation where the block has none; the error a damaged block raised, which is then
+  left out). Parsed afresh because a JPEG's open swallows that error."""
+  from PIL import Image
+  probe = Image.new('1', (0, 0))
+  probe.info = dict(info)
+  try:
+    return probe.getexif(), None
+  except _EXIF_ERRORS as e:
+    probe = Image.new('1', (0, 0))
+    probe.info = {k: v for k, v in info.items() if k not in _EXIF_KEYS}
+    return probe.getexif(), e
 
 
 def _upright(img: Any, path: str | None) -> Any:
   """``ImageOps.exif_transpose(img)``, except that an EXIF block PIL cannot parse counts as absent
   (a warning, once per file; XMP's tiff:Orientation, which PIL reads where EXIF gives none, then
   decides) instead of refusing the file: its pixels are there, and a browser shows it so."""
-  from PIL import Image, ImageOps
+  from PIL import ImageOps
   img.load()   # (a PNG's chunks after the image data, an eXIf among them, are read now)
-  if any(k in img.info for k in _EXIF_KEYS):
-    probe = Image.new('1', (0, 0))   # PIL's parse afresh: a JPEG's open swallows its failure
-    probe.info = {k: img.info[k] for k in _EXIF_KEYS if k in img.info}
-    try:
-      probe.getexif()
-    except (SyntaxError, ValueError, TypeError, struct.error) as e:
-      if path is None or path not in _WARNED_DAMAGED_EXIF:
-        if path is not None:
-          _WARNED_DAMAGED_EXIF.add(path)
-        logging.warning('%s: its EXIF block is damaged (%s) and is ignored; if the image is on '
-                        'its side, turn the file upright.', path or 'An upload',
-                        (str(e).splitlines() or [''])[0][:120] or type(e).__name__)
-      img = img.copy()   # a plain image, which forgets PIL's parse of the block
-      for k in _EXIF_KEYS:
-        img.info.pop(k, None)
+  block = {k: img.info[k] for k in _EXIF_KEYS if k in img.info}
+  e = _exif_of(block)[1] if block else None   # (most files have none: nothing parsed)
+  if e is not None:
+    if path is None or path not in _WARNED_DAMAGED_EXIF:
+      if path is not None:
+        _WARNED_DAMAGED_EXIF.add(path)
+      logging.warning('%s: its EXIF block is damaged (%s) and is ignored; if the image is on '
+                      'its side, turn the file upright.', path or 'An upload',
+                      (str(e).splitlines() or [''])[0][:120] or type(e).__name__)
+    img = img.copy()   # a plain image, which forgets PIL's parse of the block
+    for k in _EXIF_KEYS:
+      img.info.pop(k, None)
   return ImageOps.exif_transpose(img)
 
 
@@ -136,24 +149,15 @@ def orientation(img: Any) -> int:
   its header: EXIF's tag, else XMP's tiff:Orientation (as PIL reads them); a damaged EXIF block
   counts as absent, as ``_upright`` ignores it. For header-only readers (``file_probe.probe``;
   a PNG's eXIf after its pixels is not read without decoding them)."""
-  from PIL import Image
-  errors = (SyntaxError, ValueError, TypeError, struct.error)
   if hasattr(img, 'tag_v2'):   # TIFF: its tags are the EXIF
     try:
       got = img.getexif().get(0x0112, 1)
-    except errors:
+    except _EXIF_ERRORS:
       got = 1
     if img.size != (img.tag_v2.get(256), img.tag_v2.get(257)):
       got = 1   # PIL's own TIFF reader turned it already (newer Pillow: its size is upright)
   else:
-    probe = Image.new('1', (0, 0))
-    probe.info = dict(img.info)
-    try:
-      got = probe.getexif().get(0x0112, 1)
-    except errors:
-      probe = Image.new('1', (0, 0))
-      probe.info = {k: v for k, v in img.info.items() if k not in _EXIF_KEYS}
-      got = probe.getexif().get(0x0112, 1)
+    got = _exif_of(img.info)[0].get(0x0112, 1)
   return int(got) if isinstance(got, int) else 1
 
 
