@@ -293,6 +293,16 @@ def usage() -> str:
       "key is refused with the valid keys at its level. README.md has each mode's options."])
 
 
+def given_keys(section: str) -> list[str]:
+  """The keys of ``config.<section>`` the last ``parse`` set on the command line (as
+  ``--config.<section>.KEY=...``, a boolean's ``--noconfig.<section>.KEY``, or in a
+  ``--config.<section>={...}`` literal), in the order given; not those of nested groups."""
+  overrides = config_flags.get_override_values(FLAGS['config'])
+  keys = [k[len(section) + 1:] for k in overrides if k.startswith(section + '.')]
+  keys += [str(k) for k in (overrides.get(section) or {})]
+  return [k for k in dict.fromkeys(keys) if '.' not in k]
+
+
 def run(argv: list[str] | None = None) -> int:
   """Entry point; returns the process exit status."""
   argv_given, argv = argv, list(sys.argv if argv is None else argv)
@@ -326,7 +336,7 @@ def run(argv: list[str] | None = None) -> int:
                         'with its own --workdir).')
     if mode in ('train', 'cross_validation', 'sweep'):   # settings the optimizer does not read
       from imgcls_jax import optim
-      optim.check(config.optim, given=optim.command_line_keys(argv))
+      optim.check(config.optim, given=given_keys('optim'))
     if mode not in TRAINED_RUN_MODES:   # the run's config.json must name them from anywhere
       _absolute_data_paths(config)
     module_name, fn_name = MODES[mode]

@@ -17,7 +17,6 @@ chosen one does not read.
 """
 from __future__ import annotations
 
-import ast
 import dataclasses
 import logging
 from typing import Any, Callable, Iterable, Mapping, NamedTuple
@@ -244,7 +243,7 @@ def check(cfg: ml_collections.ConfigDict, given: Iterable[str] = ()) -> None:
   """UserError unless ``config.optim.name`` is one of ``OPTIMIZERS`` and its decay rates
   (every optimizer's ``decay_rates``: momentum, Adam betas) are in [0, 1) (2 would make every
   update grow without bound). Logs a warning for each config.optim key in ``given`` (main gives
-  those set on the command line, ``command_line_keys``) that the chosen optimizer or schedule
+  those set on the command line, ``main.given_keys``) that the chosen optimizer or schedule
   does not read while another one does."""
   if cfg.name not in OPTIMIZERS:
     raise UserError(f"Unknown config.optim.name '{cfg.name}'; use one of {', '.join(OPTIMIZERS)}.")
@@ -272,23 +271,6 @@ def unread_keys(cfg: ml_collections.ConfigDict, given: Iterable[str]) -> list[st
                         f"{', '.join(readers)} do); drop it, or choose one of those.")
   return messages
 
-
-def command_line_keys(argv: list[str]) -> list[str]:
-  """The config.optim keys that ``argv`` sets (``--config.optim.KEY=...``, a boolean's
-  ``--[no]config.optim.KEY``, or the keys of a ``--config.optim={...}`` literal), read as
-  ml_collections' config flags read their overrides from ``sys.argv``."""
-  keys = []
-  for arg in argv:
-    flag, _, value = arg.partition('=')
-    for prefix in ('--config.optim.', '--noconfig.optim.'):
-      if flag.startswith(prefix) and '.' not in flag[len(prefix):]:
-        keys.append(flag[len(prefix):])
-    if flag == '--config.optim':
-      try:
-        keys += [str(k) for k in ast.literal_eval(value)]
-      except (ValueError, SyntaxError, TypeError):
-        pass   # the config parser refuses it in its own words
-  return keys
 
 
 def muon_dimensions(params: Any) -> Any:

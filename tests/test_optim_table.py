@@ -104,11 +104,14 @@ def test_a_key_the_chosen_schedule_does_not_read_is_warned_about(caplog):
 
 
 def test_command_line_keys_are_read_as_the_config_flags_read_them():
+  from imgcls_jax import main
   argv = ['imgcls_jax.main', '--config=configs/default.py', '--config.optim.name=adamw',
           '--config.optim.momentum=0.5', '--noconfig.optim.nesterov',
-          '--config.optim.lookahead.alpha=1', '--config.model.width=8',
-          "--config.optim={'b1': 0.8}", '--workdir=w']
-  assert optim.command_line_keys(argv) == ['name', 'momentum', 'nesterov', 'b1']
+          '--config.optim.lookahead.alpha=1', '--config.model.width=8', '--workdir=w']
+  main.parse(argv)
+  assert main.given_keys('optim') == ['name', 'momentum', 'nesterov']
+  main.parse(argv[:2] + ["--config.optim={'b1': 0.8, 'name': 'adamw'}", '--workdir=w'])
+  assert main.given_keys('optim') == ['b1', 'name']   # (a literal's keys; nothing of before)
 
 
 @pytest.mark.parametrize('config_file, flags, warned', [
