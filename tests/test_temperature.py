@@ -279,7 +279,11 @@ def test_calibrate_mode_saves_the_temperature_training_would_have_fitted(calibra
   _, want = _meta(calibrated[1])
   got_step, after = _meta(uncalibrated)
   assert got_step == step
-  assert after['temperature']['value'] == pytest.approx(want['temperature']['value'], rel=1e-6)
+  # The two fits read the same float32 logits through other batchings (8 devices in the
+  # trainer, 1 in the child), so the grid's NLL sums differ in the last bits; the parabola's
+  # offset, (a - c) / (a - 2b + c) of neighbouring sums, magnifies that: 2.7e-6 relative on an
+  # Intel Xeon (Ice Lake), exact on Zen 4/5. Another split or other weights move T by >1e-2.
+  assert after['temperature']['value'] == pytest.approx(want['temperature']['value'], rel=2e-5)
   for key in ('nll', 'ece'):
     np.testing.assert_allclose(after['temperature'][key], want['temperature'][key], rtol=1e-5)
   assert after['temperature']['split'] == 'train[80%:]'
