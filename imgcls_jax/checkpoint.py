@@ -35,7 +35,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from imgcls_jax import configlib, failed_reads, resume_diff
+from imgcls_jax import configlib, failed_reads, model_defaults, resume_diff
 from imgcls_jax import state as state_lib
 from imgcls_jax.errors import UserError, first_line
 
@@ -340,8 +340,10 @@ class Checkpointer:
           moved.append(self._quarantine(step, e))
           continue
         where = f'checkpoint {step} in {self.directory}'
-        if config is not None:
-          configlib.check_config(meta.get('config'), config, where, warn=False)
+        if config is not None:   # (a constructor default changed since: named first)
+          model_defaults.check_resume(meta, config, where)
+          configlib.check_config(model_defaults.completed(meta.get('config'), meta), config,
+                                 where, warn=False)
         if check_meta is not None:
           check_meta(meta, where)
         self._check_fits(step, abstract_state, meta.get('config'), config)

@@ -14,7 +14,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from imgcls_jax import features, inference, report, run_directory
+from imgcls_jax import configlib, features, inference, report, run_directory
 from imgcls_jax.data.info import DatasetInfo
 from imgcls_jax.errors import UserError
 
@@ -159,9 +159,9 @@ def run_config(meta: dict[str, Any], overrides: dict[str, Any] | None,
                workdir: str) -> ml_collections.ConfigDict:
   """The fit's config (``classical.json``'s, of the fit in ``workdir``) with the data locations
   of the command line's keys (``overrides``) applied, as a network run's
-  (``inference.effective_config``; a moved fold's id lists: ``inference.relocate_id_lists``)."""
+  (``inference.effective_config``; a moved fold's id lists: ``configlib.relocate_id_lists``)."""
   return inference.effective_config(
-      inference.relocate_id_lists(meta['config'], os.path.abspath(workdir)), None,
+      configlib.relocate_id_lists(meta['config'], os.path.abspath(workdir)), None,
       {k: v for k, v in (overrides or {}).items() if not k.startswith(inference.MODE_SECTIONS)})
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import inspect
 import json
 import logging
 import math
@@ -119,20 +118,35 @@ def complete(config: ml_collections.ConfigDict, source: str) -> ml_collections.C
 
 
 def _model_defaults(name: Any) -> dict[str, Any]:
-  """``model.<arg>`` -> the keyword default of model ``name``'s constructor (JSON types)."""
+  """``model.<arg>`` -> the default of model ``name``'s constructor now (``models.defaults``)."""
   from imgcls_jax import models  # here: the model table imports flax
   try:
-    params, bound, _ = models.arguments(str(name))
+    return {f'model.{k}': v for k, v in models.defaults(str(name)).items()}
   except (UserError, TypeError, ValueError):
     return {}
-  values = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
-  return {f'model.{k}': json.loads(json.dumps(v, default=str))
-          for k, v in {**values, **bound}.items()}
 
 
 # The id lists a cross-validation fold's splits name, in its folder (cross_validation.py and
-# classical.py write them; inference.relocate_id_lists reads a moved fold's)
+# classical.py write them; relocate_id_lists reads a moved fold's)
 FOLD_ID_FILES = ('train_ids.txt', 'eval_ids.txt')
+
+
+def relocate_id_lists(saved: dict[str, Any] | None, workdir: str) -> dict[str, Any] | None:
+  """A run's saved config (``saved``) whose splits name a cross-validation fold's id lists by
+  absolute path (``NAME@/runs/cv/fold_0/eval_ids.txt``), reading them from the fold's own folder
+  (``workdir``) once the cross-validation was moved or copied (they were read from the old place:
+  gone, or another run's). The saved values only: a split given on the command line stays."""
+  data = (saved or {}).get('data')
+  if not isinstance(data, dict):
+    return saved
+  moved = {}
+  for key in ('train_split', 'eval_split'):
+    base, sep, path = str(data.get(key) or '').partition('@')
+    here = os.path.join(workdir, os.path.basename(path))
+    if (sep and os.path.basename(path) in FOLD_ID_FILES
+        and os.path.dirname(path) != workdir and os.path.isfile(here)):
+      moved[key] = f'{base}@{here}'
+  return {**saved, 'data': {**data, **moved}} if moved else saved
 
 
 def _same_fold_list(a: Any, b: Any) -> bool:
@@ -153,7 +167,8 @@ def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
   A key the checkpoint's config lacks (one added to the project after the checkpoint was written)
   is unchanged when its value now is its default: configs/default.py's, or for ``model.*`` keys
   the model constructor's. Keys are added with the default that keeps the earlier behaviour, so
-  such a run continues as it would have.
+  such a run continues as it would have. Likewise a ``model.*`` key only the checkpoint's config
+  sets is unchanged when it is the constructor's default now.
   """
   a, b = _flatten(saved), _flatten(current)
   def selected(k: str) -> bool:
@@ -163,12 +178,15 @@ def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
   diffs = []
   for k in sorted(set(a) | set(b)):
     va, vb = a.get(k, missing), b.get(k, missing)
-    if selected(k) and va is missing and vb is not missing:
+    # One side lacks the key: a model argument left to its constructor's default now (a
+    # checkpoint's recorded defaults: ``model_defaults.completed``), else a key added since.
+    one = vb if va is missing else va if vb is missing and k.startswith('model.') else missing
+    if selected(k) and one is not missing:
       if defaults is None:
         model = _model_defaults(b['model.name']) if 'model.name' in b else {}
         defaults = {**{d: v for d, v in _schema_defaults().items() if not d.startswith('model.')},
                     **model}
-      if k in defaults and defaults[k] == vb:
+      if k in defaults and defaults[k] == one:
         continue
     if selected(k) and va != vb and not _same_fold_list(va, vb):
       show = lambda v: 'unset' if v is missing else json.dumps(v)

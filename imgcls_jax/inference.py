@@ -21,7 +21,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from imgcls_jax import checkpoint_files, configlib, eval_steps, models, run_directory, steps
+from imgcls_jax import (checkpoint_files, configlib, eval_steps, model_defaults, models,
+                        run_directory, steps)
 from imgcls_jax import state as state_lib
 from imgcls_jax import weights as weights_lib
 from imgcls_jax.data import arrays, folder_layout, images
@@ -80,24 +81,6 @@ def effective_config(saved: dict[str, Any] | None, given: ml_collections.ConfigD
   if new_images:
     _set(run, 'data.name', folder_layout.NAME)
   return run
-
-
-def relocate_id_lists(saved: dict[str, Any] | None, workdir: str) -> dict[str, Any] | None:
-  """A run's saved config (``saved``) whose splits name a cross-validation fold's id lists by
-  absolute path (``NAME@/runs/cv/fold_0/eval_ids.txt``), reading them from the fold's own folder
-  (``workdir``) once the cross-validation was moved or copied (they were read from the old place:
-  gone, or another run's). The saved values only: a split given on the command line stays."""
-  data = (saved or {}).get('data')
-  if not isinstance(data, dict):
-    return saved
-  moved = {}
-  for key in ('train_split', 'eval_split'):
-    base, sep, path = str(data.get(key) or '').partition('@')
-    here = os.path.join(workdir, os.path.basename(path))
-    if (sep and os.path.basename(path) in configlib.FOLD_ID_FILES
-        and os.path.dirname(path) != workdir and os.path.isfile(here)):
-      moved[key] = f'{base}@{here}'
-  return {**saved, 'data': {**data, **moved}} if moved else saved
 
 
 def mode_settings(workdir: str, config: ml_collections.ConfigDict | None,
@@ -159,16 +142,18 @@ def input_spec(data: ml_collections.ConfigDict, info: DatasetInfo
 
 
 def inference_meta(data: ml_collections.ConfigDict, info: DatasetInfo,
-                   model_name: str = '') -> dict[str, Any]:
-  """What a checkpoint's meta carries for inference (saved with every checkpoint); for a model
-  family or eval ops registered outside the package, ``registration.code_origin`` of each
+                   model: ml_collections.ConfigDict | None = None) -> dict[str, Any]:
+  """What a checkpoint's meta carries for inference (saved with every checkpoint): with the
+  ``model`` config, the constructor defaults it builds with (``model_defaults.record``); for a
+  model family or eval ops registered outside the package, ``registration.code_origin`` of each
   (``model_origin``, ``op_origins``), which ``load`` names when this process lacks them."""
   native, shape = input_spec(data, info)
-  where = models.origin(model_name) if model_name else None
+  where = models.origin(model.name) if model is not None else None
+  built = {model_defaults.META_KEY: model_defaults.record(model)} if model is not None else {}
   ops = _ops(data.eval_preprocess).origins(data.eval_preprocess) if data.eval_preprocess else {}
   return {'dataset_info': info.to_json(), 'input_shape': list(shape),
           'native_hw': list(native) if native else None,
-          'eval_preprocess': data.eval_preprocess or '',
+          'eval_preprocess': data.eval_preprocess or '', **built,
           **({'model_origin': where} if where else {}), **({'op_origins': ops} if ops else {})}
 
 
@@ -219,7 +204,7 @@ def load(workdir: str, config: ml_collections.ConfigDict | None = None, *, step:
   meta = source.meta
   saved = meta['config'] if isinstance(meta.get('config'), dict) else run_directory.read_config(
       workdir)
-  run = effective_config(relocate_id_lists(saved, workdir), config, overrides)
+  run = effective_config(configlib.relocate_id_lists(saved, workdir), config, overrides)
   if steps.uses_ema(run):  # the averaged weights
     source = checkpoint_files.ema_weights(source, workdir, step_key)
   if meta.get('dataset_info'):
@@ -247,6 +232,7 @@ def load(workdir: str, config: ml_collections.ConfigDict | None = None, *, step:
                       f"where the model reads {shape[0]}x{shape[1]}; give one that makes that, "
                       f"e.g. 'resize(size={shape[0]})'.")
   models.ensure_registered(run.model.name, meta.get('model_origin'))
+  model_defaults.apply(run, meta)   # a default changed since training: the one trained with
   if meta.get('op_origins'):
     _ops(meta['eval_preprocess']).ensure_registered(meta['op_origins'])
   model_fn = models.from_config(run, info.num_classes, shape[2])

@@ -74,8 +74,7 @@ class _Trainer:
                            if self.threshold_split else None)
     self.temperature_data = (held_out_fits.held_out_data(s, 'temperature_split')
                              if self.temperature_split else None)
-    self.inference_meta = inference.inference_meta(s.config.data, s.info,
-                                                 s.config.model.name)
+    self.inference_meta = inference.inference_meta(s.config.data, s.info, s.config.model)
     self.state_sh = state_sh
     self.x_statistics = schedule_free_bn.XStatistics.build(s, state, state_sh)
     # config.data.device_resident: the training split as arrays, and the stream's order

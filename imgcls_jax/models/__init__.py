@@ -28,6 +28,7 @@ import dataclasses
 import difflib
 import functools
 import inspect
+import json
 import numbers
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
@@ -221,6 +222,23 @@ def _kind(default: Any, built_in: bool) -> tuple[Callable[[Any], bool], str] | N
   if isinstance(default, tuple):
     return (lambda v: isinstance(v, (tuple, list))), 'a tuple'
   return None
+
+
+def defaults(name: str) -> dict[str, Any]:
+  """model ``name``'s constructor arguments that a config may set (not ``_COMMON``) -> their
+  default now, a sized name's bound keywords included, as JSON values (tuples as lists); an
+  argument whose default JSON cannot hold (a function, a dtype object) is left out."""
+  params, bound, _ = arguments(name)
+  values = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+  out = {}
+  for key, value in {**values, **bound}.items():
+    if key in _COMMON:
+      continue
+    try:
+      out[key] = json.loads(json.dumps(value))
+    except (TypeError, ValueError):
+      continue
+  return out
 
 
 def check_types(name: str, kwargs: dict[str, Any]) -> None:
