@@ -254,27 +254,13 @@ def _parse(argv: list[str]):
 
 
 def _configure_logging() -> None:
+  from imgcls_jax import write_problems   # (standard library only)
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s',
                       datefmt='%H:%M:%S', force=True)
   for noisy in ('absl', 'jax._src', 'orbax', 'tensorflow', 'tensorflow_datasets', 'etils'):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   for handler in logging.getLogger().handlers:
-    handler.addFilter(_not_a_library_write_failure)
-
-
-def _not_a_library_write_failure(record: logging.LogRecord) -> bool:
-  """False for a library's ERROR record (with its traceback) about a full or read-only disk:
-  Orbax logs one from each of its saving threads, and the main thread gets the same error (at
-  ``wait_until_finished``), which ``run`` reports in one line."""
-  if record.levelno < logging.ERROR or not record.name.startswith(('absl', 'orbax')):
-    return True   # (every record passes here: the cheap test first)
-  from imgcls_jax import write_problems   # (imported by run already: standard library only)
-  exc = record.exc_info[1] if record.exc_info else None
-  try:
-    return not (write_problems.write_failure(exc) or
-                write_problems.write_failure(Exception(record.getMessage())))
-  except Exception:  # noqa: BLE001  (a record that cannot be formatted: logging says so)
-    return True
+    handler.addFilter(write_problems.not_a_library_write_failure)
 
 
 HELP_FLAGS = ('-h', '-?', '--help', '--helpfull', '--helpshort')
@@ -290,7 +276,19 @@ def usage() -> str:
                     width=98), '',
       'Flags:', FLAGS.get_help(), '',
       'Config keys (--config.KEY=VALUE): the documented schema is configs/default.py; an unknown',
-      "key is refused with the valid keys at its level. README.md has each mode's options."])
+      "key is refused with the valid keys at its level. README.md has each mode's options.", '',
+      *_names()])
+
+
+def _names() -> list[str]:
+  """The names the built-in tables offer, one paragraph each."""
+  from imgcls_jax import device_augment, models, optim   # (the model table imports flax)
+  tables = {'Models (config.model.name)': models.names(),
+            'Optimizers (config.optim.name)': optim.OPTIMIZERS,
+            'Schedules (config.optim.schedule)': optim.SCHEDULES,
+            'Device ops (config.data.device_preprocess)': device_augment.OPS}
+  return [textwrap.fill(f'{k}: {", ".join(v)}.', width=98, subsequent_indent='  ')
+          for k, v in tables.items()]
 
 
 def given_keys(section: str) -> list[str]:
@@ -354,7 +352,7 @@ def run(argv: list[str] | None = None) -> int:
       raise
     print(f'error: {problem}', file=sys.stderr, flush=True)
     if argv_given is None:   # the command line, which exits next
-      _no_oserror_tracebacks_at_exit()
+      write_problems.no_oserror_tracebacks_at_exit()
     return 2
   except KeyboardInterrupt:   # Ctrl-C outside training, or a second one during it
     resume = (f'; the same command resumes from what {workdir} holds (its newest checkpoints, '
@@ -364,16 +362,6 @@ def run(argv: list[str] | None = None) -> int:
           flush=True)
     return 130
   return 0
-
-
-def _no_oserror_tracebacks_at_exit() -> None:
-  """After the one line for a file that cannot be written: the exit handlers of writers left
-  open meet the same disk again (tensorboardX flushes its events file at exit, and its thread
-  then finds its queue closed); their OSErrors are not printed after that line."""
-  import threading
-  unraisable, in_thread = sys.unraisablehook, threading.excepthook
-  sys.unraisablehook = lambda u: None if isinstance(u.exc_value, OSError) else unraisable(u)
-  threading.excepthook = lambda a: None if isinstance(a.exc_value, OSError) else in_thread(a)
 
 
 def mode_arg(argv: list[str]) -> str:

@@ -9,8 +9,10 @@ any work, and its log filter uses it.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import re
+import sys
 
 # The modes of a trained run that write into --workdir unless told otherwise: the key that says
 # where instead (the fix when the run is on a full or read-only disk, or someone else's).
@@ -212,3 +214,26 @@ def _path_source(filename: str, config, workdir: str | None) -> str | None:
     return None
   _, key, value = found[-1]   # the longest path: the most specific key
   return f'{key}={value}'
+
+
+def not_a_library_write_failure(record: logging.LogRecord) -> bool:
+  """False for a library's ERROR record (with its traceback) about a full or read-only disk:
+  Orbax logs one from each of its saving threads, and the main thread gets the same error (at
+  ``wait_until_finished``), which ``run`` reports in one line."""
+  if record.levelno < logging.ERROR or not record.name.startswith(('absl', 'orbax')):
+    return True   # (every record passes here: the cheap test first)
+  exc = record.exc_info[1] if record.exc_info else None
+  try:
+    return not (write_failure(exc) or write_failure(Exception(record.getMessage())))
+  except Exception:  # noqa: BLE001  (a record that cannot be formatted: logging says so)
+    return True
+
+
+def no_oserror_tracebacks_at_exit() -> None:
+  """After the one line for a file that cannot be written: the exit handlers of writers left
+  open meet the same disk again (tensorboardX flushes its events file at exit, and its thread
+  then finds its queue closed); their OSErrors are not printed after that line."""
+  import threading
+  unraisable, in_thread = sys.unraisablehook, threading.excepthook
+  sys.unraisablehook = lambda u: None if isinstance(u.exc_value, OSError) else unraisable(u)
+  threading.excepthook = lambda a: None if isinstance(a.exc_value, OSError) else in_thread(a)
