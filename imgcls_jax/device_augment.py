@@ -138,10 +138,6 @@ def mirroring(ops: tuple[Op, ...]) -> str:
   return next((op[0] for op in ops if OPS[op[0]].mirrors), '')
 
 
-# Host ops (config.data.train_preprocess, data/pp/) that move the image content as translate does.
-HOST_SHIFTS = ('pad_crop', 'random_resized_crop')
-
-
 def check_alternation(spec: str, ops: tuple[Op, ...], random_host_ops: list[str] = ()) -> None:
   """At training: UserError when ``flip_alternate`` (in ``ops``, parsed from ``spec``) comes after
   another device op, or ``random_host_ops`` (``train_preprocess``'s ops whose output changes with
@@ -167,12 +163,12 @@ def check_alternation(spec: str, ops: tuple[Op, ...], random_host_ops: list[str]
 
 
 def twice_shifted(train_preprocess: str, ops: tuple[Op, ...]) -> str | None:
-  """The warning to log when the host shifts the images (a ``HOST_SHIFTS`` op in
+  """The warning to log when the host shifts the images (an ``op_traits.SHIFTS`` op in
   ``train_preprocess``) and ``ops`` translate them again on the device, else None. A config
   started from configs/default.py keeps its digits' one-pixel device shift under one's own
   ``train_preprocess`` unless ``device_preprocess`` is set too."""
-  host = [m.group(1) for part in (train_preprocess or '').split('|')
-          if (m := re.match(r'\s*(\w+)', part)) and m.group(1) in HOST_SHIFTS]
+  from imgcls_jax.data import op_traits   # (TensorFlow-free)
+  host = op_traits.shifting(train_preprocess or '')
   device = next((op for op in ops if OPS[op[0]].shift is not None), None)
   if not host or device is None:
     return None

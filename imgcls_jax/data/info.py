@@ -122,9 +122,10 @@ def check_flips(data: ml_collections.ConfigDict, tta: str = '', mirror_safe: boo
   no_flip = not flips_allowed(data) or not mirror_safe
   marked = ' (config.data.mirror_safe=False)' if data.get('mirror_safe', True) is False else ''
   from imgcls_jax import device_augment  # TensorFlow-free: parses specs only
+  from imgcls_jax.data import op_traits
   device = data.get('device_preprocess', '') or ''
   device_flip = device_augment.mirroring(device_augment.parse(device))
-  train_flip = 'flip_lr' if 'flip_lr' in (data.train_preprocess or '') else ''
+  train_flip = op_traits.mirroring(data.train_preprocess or '')
   for key, flip in (('train_preprocess', train_flip), ('device_preprocess', device_flip)):
     if no_flip and flip:
       raise UserError(f"Horizontal flips change the meaning of '{data.name}' images{marked}; remove "

@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from imgcls_jax import registration
+from imgcls_jax.data import op_traits
 from imgcls_jax.data.tf_import import tf
 from imgcls_jax.errors import UserError
 
@@ -30,13 +31,17 @@ _OPS: dict[str, Callable[..., Op]] = {}
 _ORIGINS: dict[str, dict[str, str]] = {}   # an op registered from outside: registration.code_origin
 
 
-def register(name: str) -> Callable[[Callable[..., Op]], Callable[..., Op]]:
-  """Decorator registering an op factory under ``name``."""
+def register(name: str, *, mirrors: bool = False,
+             shifts: bool = False) -> Callable[[Callable[..., Op]], Callable[..., Op]]:
+  """Decorator registering an op factory under ``name``; from outside the package, say whether
+  the op flips images (``mirrors``: refused on datasets a flip changes) or shifts their content
+  as a translation does (``shifts``: warned of beside a device translation); ``op_traits``."""
   def wrap(factory):
     _OPS[name] = factory
     _ORIGINS.pop(name, None)
     if not str(getattr(factory, '__module__', '')).startswith('imgcls_jax.'):
       _ORIGINS[name] = registration.code_origin(factory)
+      op_traits.declare(name, mirrors=mirrors, shifts=shifts)
     return factory
   return wrap
 
