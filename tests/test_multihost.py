@@ -3,10 +3,14 @@
 The end-to-end test starts 2 real processes (CPU, 2 fake devices each, joined by jax.distributed
 over gloo) through ``launch/local.sh`` and compares their checkpoints with a single-process run on
 4 devices at the same global batch: within float32 rounding after 1 and 2 steps, and within a
-measured noise floor (the single-process run on 2 devices) after 12 steps and after resuming.
+measured noise floor (the single-process run on 2 devices) after 6 steps and after resuming. The
+2-process run's checkpoint is also evaluated (--mode=evaluate, with out-of-distribution images) in
+2 processes and in this one: the same mistakes, label issues and OOD section. (The parts of the
+OOD images each process reads: tests/test_multihost_ood.py.)
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -22,7 +26,7 @@ from imgcls_jax import checkpoint, distributed, metrics, run, train
 from imgcls_jax import state as state_lib
 from imgcls_jax.data import pipeline
 from imgcls_jax.errors import UserError
-from tests.conftest import REPO, subprocess_env
+from tests.conftest import REPO, small_digits_config, subprocess_env
 
 def _global_batches(data: ml_collections.ConfigDict, global_batch: int, processes: int,
                     start_step: int, steps: int) -> list[dict[str, np.ndarray]]:
@@ -116,13 +120,7 @@ def _no_cluster_env() -> dict[str, str]:
   return env
 
 
-def _main(args: list[str], timeout: int = 120) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, '-m', 'imgcls_jax.main', '--config=configs/default.py',
-                         *args], cwd=REPO, env=_no_cluster_env(), capture_output=True,
-                        text=True, timeout=timeout)
-
-
-@pytest.mark.parametrize('flags, message', [
+START_UP_ERRORS = [
     ([], 'no cluster environment .* was detected; set config.distributed.coordinator_address'),
     (['--config.distributed.num_processes=2', '--config.distributed.process_id=2'],
      'process_id=2 must be smaller than config.distributed.num_processes=2'),
@@ -131,13 +129,48 @@ def _main(args: list[str], timeout: int = 120) -> subprocess.CompletedProcess:
       '--config.distributed.num_processes=2', '--config.distributed.process_id=1',
       '--config.distributed.initialization_timeout=1'], 'No coordinator answers at 127.0.0.1:'),
     (['--config.distributed.heartbeat_timeout=0'], 'heartbeat_timeout=0 must be at least 2'),
-])
-def test_distributed_start_up_errors_are_one_line(tmp_path, flags, message):
-  flags = [f.format(port=_free_port()) for f in flags]
-  r = _main([f'--workdir={tmp_path}', '--config.distributed.enabled=True', *flags])
-  assert r.returncode == 2, r.stderr[-2000:]
-  errors = [line for line in r.stderr.splitlines() if line.startswith('error:')]
-  assert len(errors) == 1 and __import__('re').search(message, errors[0]), r.stderr[-2000:]
+]
+
+# One child process (no cluster environment) runs every case through main.run, each with its own
+# stderr (imports once: ~4 s a child otherwise); the case that waits for a coordinator runs last.
+_RUN_EACH = """
+import contextlib, io, json, sys
+from imgcls_jax import main
+results = []
+for argv in json.loads(sys.argv[2]):
+  err = io.StringIO()
+  with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+    results.append([main.run(['imgcls_jax.main', *argv]), None])
+  results[-1][1] = err.getvalue()
+with open(sys.argv[1], 'w') as f:
+  json.dump(results, f)
+"""
+
+
+@pytest.fixture(scope='module')
+def start_up_errors(tmp_path_factory) -> dict[str, tuple[int, str]]:
+  """json.dumps(flags) -> (exit status, stderr) of ``main --config=configs/default.py
+  --config.distributed.enabled=True FLAGS`` for each case of START_UP_ERRORS."""
+  base = tmp_path_factory.mktemp('start_up_errors')
+  cases = sorted(START_UP_ERRORS, key=lambda case: any('{port}' in f for f in case[0]))
+  port = _free_port()
+  argvs = [['--config=configs/default.py', f'--workdir={base / str(i)}',
+            '--config.distributed.enabled=True', *(f.format(port=port) for f in flags)]
+           for i, (flags, _) in enumerate(cases)]
+  out = str(base / 'results.json')
+  r = subprocess.run([sys.executable, '-c', _RUN_EACH, out, json.dumps(argvs)], cwd=REPO,
+                     env=_no_cluster_env(), capture_output=True, text=True, timeout=120)
+  assert r.returncode == 0, r.stderr[-3000:]
+  with open(out) as f:
+    return {json.dumps(flags): tuple(result) for (flags, _), result in zip(cases, json.load(f))}
+
+
+@pytest.mark.parametrize('flags, message', START_UP_ERRORS)
+def test_distributed_start_up_errors_are_one_line(start_up_errors, flags, message):
+  status, err = start_up_errors[json.dumps(flags)]
+  assert status == 2, err[-2000:]
+  errors = [line for line in err.splitlines() if line.startswith('error:')]
+  assert len(errors) == 1 and __import__('re').search(message, errors[0]), err[-2000:]
 
 
 def test_a_process_given_another_num_processes_than_process_0_refuses_to_start(tmp_path):
@@ -192,20 +225,48 @@ def _setup(config: ml_collections.ConfigDict) -> run.Setup:
   return run.setup(config)
 
 
-def _two_processes_evaluate_like_one(workdir: str, tmp_path) -> None:
+def _ood_images(folder) -> str:
+  """31 inputs: 30 noise and stripe images (none of the digits), then an unreadable file (sorted
+  last: in process 1's part of 2)."""
+  from PIL import Image
+  os.makedirs(folder)
+  rng = np.random.default_rng(0)
+  for i in range(30):
+    if i % 2:
+      pixels = rng.integers(0, 256, (16, 16, 3), np.uint8)
+    else:
+      pixels = np.zeros((16, 16, 3), np.uint8)
+      pixels[:, i % 16::3] = 255
+    Image.fromarray(pixels).save(os.path.join(folder, f'p{i:02d}.png'))
+  with open(os.path.join(folder, 'z_broken.png'), 'wb') as f:
+    f.write(b'not a png')
+  return str(folder)
+
+
+def _evaluate_in_one_and_in_two_processes(workdir: str, tmp_path) -> tuple[Any, Any]:
+  """(output folder of --mode=evaluate in this process on 4 devices, of the same in 2 processes x
+  2 devices), with out-of-distribution images at a global eval batch of 16 (8 per process: 2
+  batches each, the second of process 1 short and holding the unreadable file)."""
+  from imgcls_jax import evaluate
+  one, two = tmp_path / 'eval_one', tmp_path / 'eval_two'
+  flags = {'evaluate.ood_inputs': _ood_images(tmp_path / 'ood'), 'eval_batch_size': 16}
+  evaluate.evaluate(None, workdir, {**flags, 'evaluate.output_dir': str(one),
+                                    'mesh.num_devices': 4})   # (the run's 0: all 8 here)
+  cmd = ['bash', os.path.join(REPO, 'launch', 'local.sh'), '-n', '2', '--cpu-devices', '2',
+         '--port', str(_free_port()), '--timeout', '300', '--python', sys.executable, '--',
+         '--mode=evaluate', f'--workdir={workdir}', f'--config.evaluate.output_dir={two}',
+         *(f'--config.{k}={v}' for k, v in flags.items())]
+  r = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+                     timeout=350)
+  assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+  return one, two
+
+
+def _two_processes_evaluate_like_one(one, two) -> None:
   """--mode=evaluate in 2 processes (2 devices each) lists the same mistakes and label issues
   as in this process (4 devices): every process reads its half of the split, and the per-example
   records are gathered in process order (positions counted from the split's start)."""
   import csv
-  from imgcls_jax import evaluate
-  one, two = tmp_path / 'eval_one', tmp_path / 'eval_two'
-  evaluate.evaluate(None, workdir, {'evaluate.output_dir': str(one)})
-  cmd = ['bash', os.path.join(REPO, 'launch', 'local.sh'), '-n', '2', '--cpu-devices', '2',
-         '--port', str(_free_port()), '--timeout', '300', '--python', sys.executable, '--',
-         '--mode=evaluate', f'--workdir={workdir}', f'--config.evaluate.output_dir={two}']
-  r = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
-                     timeout=350)
-  assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
   # The same examples (by position in the split), labels and answers; the ranks are not
   # compared (another device layout may round two near-equal probabilities into another order).
   for name, exact in (('errors.csv', ('position', 'label', 'predicted')),
@@ -255,63 +316,83 @@ def _max_abs(a: state_lib.TrainState) -> float:
 # steps that is a few float32 ulps of the state's largest magnitude (measured 7e-8 to 1.2e-7 at
 # magnitude ~1: about 1 ulp); EARLY_ULPS ulps still sit far below a real divergence (wrong rows, a
 # wrong reduction, a broken update), which differs by the size of an update (checked > 100x).
-# Training amplifies rounding differences (BatchNorm, momentum): by step 12 they reached 2.45e-3 on
-# an AMD EPYC and stayed < 1e-5 on an Intel Xeon. So later steps are compared with a noise floor
-# measured in the test: the same single-process run on 2 devices instead of 4 (same batches and
-# maths, another reduction order: 32 examples per device instead of 16, then 2 partial sums instead
-# of 4; the 2 processes change only the latter) vs the 4-device run. Both differences start as
-# ~1-ulp perturbations (1.2e-7 and 8e-8 after 1 step) amplified by the same training dynamics, so
-# they usually agree within an order of magnitude: bound = FLOOR_FACTOR x floor + ABS_FLOOR
-# (ABS_FLOOR for machines where the floor is ~0). A last-bit difference can also flip a threshold
-# (a ReLU or max-pool tie) in one run and not in the other, a jump the floor run need not share;
-# such chaotic growth stays a small fraction of how far training moved the state, while a real
-# divergence is caught at steps 1-2 above. So the later bound is at least CHAOS_FRACTION of the
-# state's movement (1e-2 of ~1.0 here; the 2.45e-3 seen on the AVX2 machine fits under it).
+# Training amplifies rounding differences (BatchNorm, momentum): by step 12 (the test ran 12 steps
+# then) they reached 2.45e-3 on an AMD EPYC and stayed < 1e-5 on an Intel Xeon. So later steps are
+# compared with a noise floor measured in the test: the same single-process run on 2 devices
+# instead of 4 (same batches and maths, another reduction order: 32 examples per device instead of
+# 16, then 2 partial sums instead of 4; the 2 processes change only the latter) vs the 4-device
+# run. Both differences start as ~1-ulp perturbations (1.2e-7 and 8e-8 after 1 step) amplified by
+# the same training dynamics, so they usually agree within an order of magnitude: bound =
+# FLOOR_FACTOR x floor + ABS_FLOOR (ABS_FLOOR for machines where the floor is ~0). A last-bit
+# difference can also flip a threshold (a ReLU or max-pool tie) in one run and not in the other, a
+# jump the floor run need not share; such chaotic growth stays a small fraction of how far training
+# moved the state, while a real divergence is caught at steps 1-2 above. So the later bound is at
+# least CHAOS_FRACTION of the state's movement (1e-2 of ~1.0 after 12 steps; the 2.45e-3 seen on
+# the AVX2 machine fits under it).
 EARLY_ULPS = 64
 FLOOR_FACTOR = 10.0
 ABS_FLOOR = 1e-5
 CHAOS_FRACTION = 1e-2
 
 
-@pytest.mark.slow
-def test_two_processes_train_like_one_and_their_checkpoint_resumes_in_one(digits_config,
-                                                                          tmp_path):
-  steps, more = 12, 4
-  digits_config.num_train_steps = steps
-  digits_config.log_every_steps = 4
-  digits_config.checkpoint_every_steps = 1  # steps 1 and 2 are compared too
-  digits_config.keep_checkpoints = steps + more
-  digits_config.mesh.num_devices = 4  # 8 fake devices in this process: use 4, as 2 x 2 do
-  floor_config = digits_config.copy_and_resolve_references()
+STEPS, MORE = 6, 2   # trained by 1 and by 2 processes; then resumed by 1 process
+
+
+@pytest.fixture(scope='module')
+def two_processes(tfds_dir, tmp_path_factory) -> dict[str, Any]:
+  """The run of 1 process x 4 devices, its noise floor (1 x 2: see above) and the same run in 2
+  processes x 2 devices, STEPS steps each; then the 2-process run's checkpoint evaluated in 1
+  and in 2 processes (``_evaluate_in_one_and_in_two_processes``). The tests below share it."""
+  tmp_path = tmp_path_factory.mktemp('two_processes')
+  config = small_digits_config(tfds_dir)
+  config.num_train_steps = STEPS
+  config.log_every_steps = 4
+  config.checkpoint_every_steps = 1  # steps 1 and 2 are compared too
+  config.keep_checkpoints = STEPS + MORE
+  config.mesh.num_devices = 4  # 8 fake devices in this process: use 4, as 2 x 2 do
+  floor_config = config.copy_and_resolve_references()
   floor_config.mesh.num_devices = 2  # the noise floor: same run, another reduction order
-  floor_config.checkpoint_every_steps = -1  # steps 12 and 16 (the ends of its runs) suffice
+  floor_config.checkpoint_every_steps = -1  # steps 6 and 8 (the ends of its runs) suffice
 
   single, multi, floor = (str(tmp_path / name) for name in ('single', 'multi', 'floor'))
-  train.train_and_evaluate(digits_config, single)  # also prepares the dataset for the children
+  train.train_and_evaluate(config, single)  # also prepares the dataset for the children
   train.train_and_evaluate(floor_config, floor)
 
   # The 2-process run also shards parameters and optimizer state over its 4 devices (FSDP, where
   # it matters: the state then spans processes); the maths, and so the result, are the same.
-  flags = [f for f in _overrides(digits_config) if not f.startswith('--config.mesh.num_devices')]
+  flags = [f for f in _overrides(config) if not f.startswith('--config.mesh.num_devices')]
   flags += ['--config.mesh.param_sharding=fsdp', '--config.mesh.fsdp_min_size=256']
   cmd = ['bash', os.path.join(REPO, 'launch', 'local.sh'), '-n', '2', '--cpu-devices', '2',
          '--port', str(_free_port()), '--timeout', '400', '--python', sys.executable, '--',
          '--config=configs/default.py', *flags, f'--workdir={multi}']
-  env = subprocess_env()
-  r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=450)
+  r = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+                     timeout=450)
   assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-  assert '[p0] ' in r.stdout and '[p1] ' in r.stdout
-  assert 'Process 1 of 2: 2 local devices, 4 in all' in r.stdout
-  assert 'fsdp placement over 4 devices' in r.stdout
+  records = metrics.read_jsonl(os.path.join(multi, 'metrics.jsonl'))
+  eval_one, eval_two = _evaluate_in_one_and_in_two_processes(multi, tmp_path)
+  return {'config': config, 'floor_config': floor_config, 'single': single, 'multi': multi,
+          'floor': floor, 'stdout': r.stdout, 'records': records, 'eval_one': eval_one,
+          'eval_two': eval_two}
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_and_their_checkpoint_resumes_in_one(two_processes):
+  steps, more = STEPS, MORE
+  config, floor_config = two_processes['config'], two_processes['floor_config']
+  single, multi, floor = (two_processes[k] for k in ('single', 'multi', 'floor'))
+  out = two_processes['stdout']
+  assert '[p0] ' in out and '[p1] ' in out
+  assert 'Process 1 of 2: 2 local devices, 4 in all' in out
+  assert 'fsdp placement over 4 devices' in out
 
   # Only process 0 wrote metrics: each (step, split) record appears once.
-  records = metrics.read_jsonl(os.path.join(multi, 'metrics.jsonl'))
+  records = two_processes['records']
   keys = [(rec['step'], rec['split']) for rec in records]
   assert len(keys) == len(set(keys)) and (steps, 'eval') in keys
 
-  s = _setup(digits_config)
-  target, _ = state_lib.abstract_state(s.model_fn, s.tx, digits_config.seed, s.mesh)
-  init = jax.device_get(state_lib.create(s.model_fn, s.tx, digits_config.seed, s.mesh)[0])
+  s = _setup(config)
+  target, _ = state_lib.abstract_state(s.model_fn, s.tx, config.seed, s.mesh)
+  init = jax.device_get(state_lib.create(s.model_fn, s.tx, config.seed, s.mesh)[0])
   eps = float(np.finfo(np.float32).eps)
   label = '2 processes x 2 devices (fsdp) vs 1 process x 4 devices'
 
@@ -343,13 +424,13 @@ def test_two_processes_train_like_one_and_their_checkpoint_resumes_in_one(digits
     assert diff <= bound, f'{label} diverge at step {step}: {diff:.2e} > {bound:.2e}'
 
   compare(steps)
-  _two_processes_evaluate_like_one(multi, tmp_path)
+  _two_processes_evaluate_like_one(two_processes['eval_one'], two_processes['eval_two'])
 
   # The 2-process (FSDP) checkpoint resumes in one process (replicated) and continues like the
   # 1-process run (and the noise-floor run, continued the same way).
-  digits_config.num_train_steps = floor_config.num_train_steps = steps + more
-  train.train_and_evaluate(digits_config, multi)
-  train.train_and_evaluate(digits_config, single)
+  config.num_train_steps = floor_config.num_train_steps = steps + more
+  train.train_and_evaluate(config, multi)
+  train.train_and_evaluate(config, single)
   train.train_and_evaluate(floor_config, floor)
   with checkpoint.Checkpointer(multi) as ckpt:
     assert ckpt.all_steps() == list(range(1, steps + more + 1))
@@ -357,3 +438,23 @@ def test_two_processes_train_like_one_and_their_checkpoint_resumes_in_one(digits
       os.path.join(multi, 'metrics.jsonl'))[len(records):] if rec['split'] == 'train']
   assert resumed_train_steps and min(resumed_train_steps) > steps  # resumed, not restarted
   compare(steps + more)
+
+
+@pytest.mark.slow
+def test_two_processes_report_the_ood_section_of_one(two_processes):
+  """--mode=evaluate with config.evaluate.ood_inputs, 2 processes x 2 devices against 1 process x
+  4 devices at the same global eval batch of 16 (8 per process: 2 batches each, the second of
+  process 1 short and holding the unreadable file): each process scores its part of the images,
+  the histogram is summed over the global batches and the per-image scores gathered in process
+  order; the same per-device programs, so the same scores, and the same OOD figures."""
+  one, two = two_processes['eval_one'], two_processes['eval_two']
+  reports = [json.load(open(d / 'report.json')) for d in (one, two)]
+  want, got = (rep.get('out_of_distribution') for rep in reports)
+  assert want is not None and (want['inputs'], want['examples'], want['skipped']) == (31, 30, 1)
+  assert [d['score'] for d in want['detectors']] == ['msp', 'logsumexp', 'max_logit']
+  assert 0 < want['auroc'] < 1 and len({d['auroc'] for d in want['detectors']}) > 1
+  assert reports[0]['num_examples'] == reports[1]['num_examples']   # the split, scored alike
+  assert got == want
+  md = [open(d / 'report.md').read() for d in (one, two)]
+  section = [m[m.index('## Out-of-distribution images'):].split('\n## ')[0] for m in md]
+  assert section[0] == section[1]
