@@ -24,14 +24,18 @@ from tests.conftest import BLOCK_TF, REPO, run_without_tf, subprocess_env
 
 @pytest.fixture(scope='module')
 def digits_npz(tmp_path_factory, tfds_dir):
-  """sklearn_digits (train 1,347 / test 450) written as an arrays file by the documented command."""
+  """sklearn_digits (train 1,347 / test 450) written as an arrays file by the documented command
+  (its main(), in this process: a child paid ~5 s of imports)."""
+  import contextlib
+  import io
+  from imgcls_jax.data import write_arrays
   path = str(tmp_path_factory.mktemp('arrays') / 'digits.npz')
-  proc = subprocess.run([sys.executable, '-m', 'imgcls_jax.data.write_arrays',
-                         '--dataset=sklearn_digits', f'--data_dir={tfds_dir}', f'--output={path}'],
-                        cwd=REPO, env=subprocess_env(1), capture_output=True, text=True,
-                        timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert f'--config.data.name=arrays:{path}' in proc.stdout
+  out, err = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    status = write_arrays.main(['write_arrays', '--dataset=sklearn_digits',
+                                f'--data_dir={tfds_dir}', f'--output={path}'])
+  assert status == 0, err.getvalue()[-3000:]
+  assert f'--config.data.name=arrays:{path}' in out.getvalue()
   return path
 
 
@@ -172,7 +176,17 @@ def test_a_bare_name_is_written_once_into_the_tfds_data_dir(digits_config, tmp_p
               'installed here)') in proc.stderr
 
 
-def test_an_image_folder_becomes_an_arrays_file(tmp_path):
+def _write_arrays(capsys, *args):
+  """(exit status, captured stdout and stderr) of the documented command ``python -m
+  imgcls_jax.data.write_arrays ARGS``: its main() in this process (a child paid ~4 s importing
+  TensorFlow, which this process has imported already)."""
+  from imgcls_jax.data import write_arrays
+  capsys.readouterr()
+  status = write_arrays.main(['write_arrays', *args])
+  return status, capsys.readouterr()
+
+
+def test_an_image_folder_becomes_an_arrays_file(tmp_path, capsys):
   """write_arrays --folder: the folder's classes and held-out split, the pixels PIL decodes."""
   from PIL import Image
   rng = np.random.default_rng(0)
@@ -184,11 +198,10 @@ def test_an_image_folder_becomes_an_arrays_file(tmp_path):
       Image.fromarray(image).save(tmp_path / 'root' / name / f'{i}.png')
       pixels[(k, image.tobytes())] = True
   out = str(tmp_path / 'mine.npz')
-  proc = subprocess.run([sys.executable, '-m', 'imgcls_jax.data.write_arrays',
-                         f'--folder={tmp_path / "root"}', '--holdout_fraction=0.34',
-                         f'--output={out}'], cwd=REPO, env=subprocess_env(1),
-                        capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  status, said = _write_arrays(capsys, f'--folder={tmp_path / "root"}', '--holdout_fraction=0.34',
+                               f'--output={out}')
+  assert status == 0, said.err[-3000:]
+  assert f'--config.data.name=arrays:{out}' in said.out
   with np.load(out) as z:
     assert list(z['class_names']) == ['cat', 'dog', 'emu']
     assert (len(z['train_labels']), len(z['test_labels'])) == (12, 6)
@@ -198,7 +211,7 @@ def test_an_image_folder_becomes_an_arrays_file(tmp_path):
   assert seen == set(pixels)
 
 
-def test_a_tagging_manifest_becomes_an_arrays_file_of_0_1_rows(tmp_path):
+def test_a_tagging_manifest_becomes_an_arrays_file_of_0_1_rows(tmp_path, capsys):
   """write_arrays --manifest --multilabel: each image's row holds its manifest tags (there was no
   flag for tags, and --help was an unknown flag)."""
   from PIL import Image
@@ -213,11 +226,9 @@ def test_a_tagging_manifest_becomes_an_arrays_file_of_0_1_rows(tmp_path):
     rows.append(f'{i}.png,{t},{split}')
   (tmp_path / 'm.csv').write_text('\n'.join(rows) + '\n')
   out = str(tmp_path / 'tags.npz')
-  run = lambda *a: subprocess.run([sys.executable, '-m', 'imgcls_jax.data.write_arrays', *a],
-                                  cwd=REPO, env=subprocess_env(1), capture_output=True, text=True,
-                                  timeout=300)
-  proc = run(f'--manifest={tmp_path / "m.csv"}', '--multilabel', f'--output={out}')
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  status, said = _write_arrays(capsys, f'--manifest={tmp_path / "m.csv"}', '--multilabel',
+                               f'--output={out}')
+  assert status == 0, said.err[-3000:]
   with np.load(out) as z:
     names = [str(n) for n in z['class_names']]
     assert names == ['big', 'even', 'round']
@@ -226,7 +237,9 @@ def test_a_tagging_manifest_becomes_an_arrays_file_of_0_1_rows(tmp_path):
            for im, row in zip(z[f'{split}_images'], z[f'{split}_labels'])}
     assert z['train_labels'].shape == (8, 3)
   assert got == want
-  proc = run('--help')
+  proc = subprocess.run([sys.executable, '-m', 'imgcls_jax.data.write_arrays', '--help'],
+                        cwd=REPO, env=subprocess_env(1), capture_output=True, text=True,
+                        timeout=300)   # the command line itself (it stops before any import)
   assert proc.returncode == 0 and '--multilabel' in proc.stdout and 'Writes a dataset' in proc.stdout
 
 
@@ -300,6 +313,23 @@ def test_evaluation_sees_every_example_once(digits_npz, digits_config, processes
 
 # ------------------------------------------------------------------ without TensorFlow
 
+# The modes of a trained run, one after the other in one child process (TensorFlow blocked there
+# by run_without_tf), each through main.run as the command line calls it (a child each paid ~3 s of
+# imports): argv[1] the run's report.json, copied to argv[2]/report_<i>.json after call i;
+# argv[3] the calls' arguments (JSON); each call's stderr starts with a '--- call <i>' line and
+# ends with '--- status <exit status>'.
+_MODES = """
+import json, shutil, sys
+from imgcls_jax import main
+report, snapshots, calls = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+for i, argv in enumerate(calls):
+  print(f'--- call {i}', file=sys.stderr, flush=True)
+  status = main.run(['imgcls_jax.main', *argv])
+  print(f'--- status {status}', file=sys.stderr, flush=True)
+  shutil.copy(report, f'{snapshots}/report_{i}.json')
+"""
+
+
 def test_trains_and_evaluates_without_tensorflow_as_the_tf_path_scores_it(digits_npz, tfds_dir,
                                                                           tmp_path):
   """The default config (``arrays:sklearn_digits``, its file written on first use) with TensorFlow
@@ -314,34 +344,51 @@ def test_trains_and_evaluates_without_tensorflow_as_the_tf_path_scores_it(digits
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'First training step done' in proc.stderr
   assert os.path.exists(f'{data_dir}/arrays/sklearn_digits.npz')   # written from scikit-learn
-  proc = run_without_tf('-m', 'imgcls_jax.main', '--mode=evaluate', f'--workdir={workdir}',
-                        '--config.evaluate.checkpoint=latest')
+  # The inputs of the modes below: an arrays file of other classes (its labels would be read as
+  # digits), one of the run's classes holding a test split only (no train split), and image files
+  # of tfds's sklearn_digits test split (read with TensorFlow, here).
+  garments = str(tmp_path / 'garments.npz')
+  np.savez(garments, test_images=np.zeros((20, 8, 8, 1), np.uint8),
+           test_labels=np.arange(20) % 10,
+           class_names=np.asarray([f'garment{k}' for k in range(10)]))
+  test_only = str(tmp_path / 'test_only.npz')
+  with np.load(f'{data_dir}/arrays/sklearn_digits.npz') as z:
+    np.savez(test_only, test_images=z['test_images'][:50], test_labels=z['test_labels'][:50],
+             class_names=z['class_names'], mirror_safe=z['mirror_safe'])
+  want_images, want_labels = _tfds_split(_digits(tfds_dir), 'test')
+  pngs = tmp_path / 'pngs'
+  pngs.mkdir()
+  for i in range(5):
+    Image.fromarray(want_images[i, :, :, 0]).save(pngs / f'{i}.png')
+  (tmp_path / 'modes.py').write_text(_MODES)
+  snapshots = tmp_path / 'reports'
+  snapshots.mkdir()
+  calls = [['--mode=evaluate', f'--workdir={workdir}', '--config.evaluate.checkpoint=latest'],
+           ['--mode=evaluate', f'--workdir={workdir}', f'--config.data.name=arrays:{garments}'],
+           ['--mode=evaluate', f'--workdir={workdir}', f'--config.data.name=arrays:{test_only}',
+            f'--config.evaluate.output_dir={tmp_path / "other_report"}'],
+           ['--mode=predict', f'--workdir={workdir}', f'--config.predict.inputs={pngs}',
+            f'--config.predict.output={tmp_path / "p.jsonl"}']]
+  proc = run_without_tf(str(tmp_path / 'modes.py'), os.path.join(workdir, 'report.json'),
+                        str(snapshots), json.dumps(calls))
   assert proc.returncode == 0, proc.stderr[-3000:]
-  with open(os.path.join(workdir, 'report.json')) as f:
+  said = proc.stderr.split('--- call ')[1:]
+  assert len(said) == len(calls), proc.stderr[-3000:]
+  status = [int(part.rsplit('--- status ', 1)[1].split()[0]) for part in said]
+  with open(snapshots / 'report_0.json') as f:
     arrays_report = json.load(f)
+  assert status[0] == 0, said[0][-3000:]
   assert arrays_report['num_examples'] == 450
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     final = [json.loads(line) for line in f if '"eval"' in line][-1]
   assert final['step'] == 60 and final['accuracy'] == pytest.approx(arrays_report['accuracy'])
-  # The same run on an arrays file of other classes (its labels would be read as digits): refused
-  # in one line before any evaluation, and the run's report is left as it was.
-  other = str(tmp_path / 'garments.npz')
-  np.savez(other, test_images=np.zeros((20, 8, 8, 1), np.uint8), test_labels=np.arange(20) % 10,
-           class_names=np.asarray([f'garment{k}' for k in range(10)]))
-  proc = run_without_tf('-m', 'imgcls_jax.main', '--mode=evaluate', f'--workdir={workdir}',
-                        f'--config.data.name=arrays:{other}')
-  assert proc.returncode == 2 and "has 10 classes (garment0, garment1" in proc.stderr, \
-      proc.stderr[-2000:]
-  with open(os.path.join(workdir, 'report.json')) as f:
+  # The same run on the arrays file of other classes: refused in one line before any evaluation,
+  # and the run's report is left as it was.
+  assert status[1] == 2 and "has 10 classes (garment0, garment1" in said[1], said[1][-2000:]
+  with open(snapshots / 'report_1.json') as f:
     assert json.load(f) == arrays_report
-  # A file of the run's classes holding a test split only (no train split) evaluates.
-  with np.load(f'{data_dir}/arrays/sklearn_digits.npz') as z:
-    np.savez(other, test_images=z['test_images'][:50], test_labels=z['test_labels'][:50],
-             class_names=z['class_names'], mirror_safe=z['mirror_safe'])
-  proc = run_without_tf('-m', 'imgcls_jax.main', '--mode=evaluate', f'--workdir={workdir}',
-                        f'--config.data.name=arrays:{other}',
-                        f'--config.evaluate.output_dir={tmp_path / "other_report"}')
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  # The file of the run's classes holding a test split only evaluates.
+  assert status[2] == 0, said[2][-3000:]
   with open(tmp_path / 'other_report' / 'report.json') as f:
     assert json.load(f)['num_examples'] == 50
   # The oracle: the trained model's predictions on tfds's sklearn_digits test split (tf.data),
@@ -349,7 +396,6 @@ def test_trains_and_evaluates_without_tensorflow_as_the_tf_path_scores_it(digits
   from sklearn import metrics as skm
   from imgcls_jax import inference
   clf = inference.classifier(inference.load(workdir))
-  want_images, want_labels = _tfds_split(_digits(tfds_dir), 'test')
   probs = clf.predict_arrays(want_images)['probabilities']
   assert arrays_report['accuracy'] == pytest.approx(
       skm.accuracy_score(want_labels, probs.argmax(-1)), abs=1e-12)
@@ -367,14 +413,7 @@ def test_trains_and_evaluates_without_tensorflow_as_the_tf_path_scores_it(digits
   assert np.mean(bound) < 0.01                               # the comparison means something
   assert abs(arrays_report['roc_auc_macro'] - np.mean(raw)) <= np.mean(bound) + 1e-12
   # predict on image files needs no TensorFlow either (the run has no eval preprocessing).
-  pngs = tmp_path / 'pngs'
-  pngs.mkdir()
-  for i in range(5):
-    Image.fromarray(want_images[i, :, :, 0]).save(pngs / f'{i}.png')
-  proc = run_without_tf('-m', 'imgcls_jax.main', '--mode=predict', f'--workdir={workdir}',
-                        f'--config.predict.inputs={pngs}',
-                        f'--config.predict.output={tmp_path / "p.jsonl"}')
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert status[3] == 0, said[3][-3000:]
   with open(tmp_path / 'p.jsonl') as f:
     predicted = {os.path.basename(r['file']): r['predictions'][0]['index']
                  for r in map(json.loads, f)}

@@ -225,15 +225,18 @@ def test_bad_embed_options_fail_before_any_work(digits_config, tmp_path, key, va
   assert not os.path.exists(tmp_path / 'no_run')
 
 
-def test_cli_embed_takes_the_model_from_the_workdir(run, tmp_path):
+def test_cli_embed_takes_the_model_from_the_workdir(run, tmp_path, capsys):
+  """The command line without --config (``main.run`` in-process, the entry point of ``python -m
+  imgcls_jax.main``, whose child process test_classical_embed_of_arrays_... runs)."""
+  from imgcls_jax import main
   config, workdir, _ = run
-  out = subprocess.run(
-      [sys.executable, '-m', 'imgcls_jax.main', '--mode=embed', f'--workdir={workdir}',
+  capsys.readouterr()
+  assert main.run(
+      ['imgcls_jax.main', '--mode=embed', f'--workdir={workdir}',
        f'--config.data.data_dir={config.data.data_dir}', '--config.embed.tsne_max=0',
-       f'--config.embed.output_dir={tmp_path}', '--config.embed.knn_k=5'],
-      capture_output=True, text=True, env=subprocess_env(1), timeout=300, cwd=REPO)
-  assert out.returncode == 0, out.stderr[-2000:]
-  assert '5-NN (cosine' in out.stdout and '450 examples x 16 dimensions' in out.stdout
+       f'--config.embed.output_dir={tmp_path}', '--config.embed.knn_k=5']) == 0
+  out = capsys.readouterr()
+  assert '5-NN (cosine' in out.out and '450 examples x 16 dimensions' in out.out, out
   assert os.path.exists(tmp_path / 'projection.png')
 
 
@@ -352,19 +355,19 @@ def test_a_failing_step_leaves_no_half_written_embeddings(which, request, tmp_pa
 
 def test_classical_embed_of_a_trained_run_embeds_its_data_beside_the_model_features(tagged,
                                                                                    tmp_path):
-  """No --config: the run's own data (not the default config's digits), written to
-  embed_<split>_classical, so the model's embed_<split> stays as it was."""
+  """No --config (the command line, ``main.run`` in-process): the run's own data (not the
+  default config's digits), written to embed_<split>_classical, so the model's embed_<split>
+  stays as it was."""
+  from imgcls_jax import main
   c, workdir, test_rows = tagged
   model_out = os.path.join(workdir, 'embed_test')
   os.makedirs(model_out, exist_ok=True)   # where --mode=embed put the model's features
   with open(os.path.join(model_out, 'embeddings.npz'), 'wb') as f:
     f.write(b'the model features')
-  out = subprocess.run(
-      [sys.executable, '-m', 'imgcls_jax.main', '--mode=embed', f'--workdir={workdir}',
+  assert main.run(
+      ['imgcls_jax.main', '--mode=embed', f'--workdir={workdir}',
        '--config.embed.extractor=classical', '--config.embed.tsne_max=0',
-       '--config.classical.hog_cell=2'],
-      capture_output=True, text=True, env=subprocess_env(1), timeout=300, cwd=REPO)
-  assert out.returncode == 0, out.stderr[-2000:]
+       '--config.classical.hog_cell=2']) == 0
   with np.load(os.path.join(workdir, 'embed_test_classical', 'embeddings.npz')) as z:
     np.testing.assert_array_equal(z['labels'], test_rows)     # the run's 80 tagged images
     assert z['paths'][0] == f'{c.data.name}:test[0]'
@@ -452,7 +455,8 @@ def test_classical_embed_of_arrays_reads_them_unaugmented_as_the_classical_mode(
       [sys.executable, '-m', 'imgcls_jax.main', '--mode=embed',
        '--config=configs/digits_classical.py', '--config.data.name=arrays:sklearn_digits',
        '--config.embed.extractor=classical', '--config.embed.split=test', f'--workdir={tmp_path}',
-       '--config.embed.tsne_max=0', '--config.classical.workers=1'],
+       '--config.embed.tsne_max=0', '--config.classical.workers=1',
+       '--config.embed.reference_split=none'],   # (no k-NN: the train split is not embedded)
       capture_output=True, text=True, env=subprocess_env(1), timeout=300, cwd=REPO)
   assert out.returncode == 0, out.stderr[-2000:]
   with np.load(tmp_path / 'embed_test_classical' / 'embeddings.npz') as z:

@@ -1,8 +1,10 @@
 """The command line: clear one-line errors, and the embedded default run end to end."""
+import json
 import os
 import re
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -23,7 +25,7 @@ def _one_error_line(proc):
   return lines[0]
 
 
-@pytest.mark.parametrize('override,pattern', [
+BAD_CONFIGS = [
     ('--config.optim.learning_rat=0.1', r"Unknown config key 'optim.learning_rat'.*learning_rate"),
     ('--config.nonsense=1', r"Unknown config key 'nonsense'"),
     ('--config.batch_size=abc', (r'Bad config value --config.batch_size=abc: config.batch_size '
@@ -43,10 +45,58 @@ def _one_error_line(proc):
     ('--config.optim.b2=1', r'config.optim.b2=1.0 must be in \[0, 1\)'),
     ('--config.mesh.cpu_devices=-2', r'config.mesh.cpu_devices=-2 is not a sensible'),
     ('--config.data.device_preprocess=randaugment', r'device_preprocess.*not a device-side op'),
-])
-def test_bad_config_fails_with_one_clear_line(tmp_path, override, pattern):
-  proc = _main('--config=configs/default.py', f'--workdir={tmp_path}', override,
-               f'--config.data.data_dir={tmp_path}/tfds', timeout=300)
+]
+
+# Runs each argv of the JSON list sys.argv[2] through main.run, one after the other in this one
+# process, each with its own stdout and stderr; writes [[status, stdout, stderr], ...] to
+# sys.argv[1].
+_RUN_EACH = '''
+import contextlib, io, json, sys
+from imgcls_jax import main
+results = []
+for argv in json.loads(sys.argv[2]):
+  out, err = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    try:
+      status = main.run(['imgcls_jax.main', *argv])
+    except BaseException:
+      import traceback
+      traceback.print_exc()
+      status = 1
+  results.append([status, out.getvalue(), err.getvalue()])
+with open(sys.argv[1], 'w') as f:
+  json.dump(results, f)
+'''
+
+
+def _main_each(argvs, tmp_dir):
+  """For each of ``argvs``: (returncode, stdout, stderr) of ``python -m imgcls_jax.main ARGV``
+  (``main.run``), run one after the other in one child process (it imports once: ~2-4 s a child
+  otherwise), whose own stderr holds no error line or traceback."""
+  out = str(tmp_dir / 'results.json')
+  proc = subprocess.run([sys.executable, '-c', _RUN_EACH, out, json.dumps(argvs)], cwd=REPO,
+                        env=subprocess_env(1), capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert not [l for l in proc.stderr.splitlines() if l.startswith('error:') or 'Traceback' in l], \
+      proc.stderr[-3000:]
+  with open(out) as f:
+    return [types.SimpleNamespace(returncode=status, stdout=stdout, stderr=stderr)
+            for status, stdout, stderr in json.load(f)]
+
+
+@pytest.fixture(scope='module')
+def bad_config_runs(tmp_path_factory):
+  """override -> the run of ``main --config=configs/default.py OVERRIDE`` (``_main_each``)."""
+  base = tmp_path_factory.mktemp('bad_configs')
+  argvs = [['--config=configs/default.py', f'--workdir={base}/{i}', override,
+            f'--config.data.data_dir={base}/{i}/tfds']
+           for i, (override, _) in enumerate(BAD_CONFIGS)]
+  return dict(zip([override for override, _ in BAD_CONFIGS], _main_each(argvs, base)))
+
+
+@pytest.mark.parametrize('override,pattern', BAD_CONFIGS)
+def test_bad_config_fails_with_one_clear_line(bad_config_runs, override, pattern):
+  proc = bad_config_runs[override]
   assert re.search(pattern, _one_error_line(proc)), proc.stderr[-1000:]
 
 
@@ -109,16 +159,16 @@ def test_type_checks_leave_numbers_of_registered_families_and_numpy_scalars_alon
   models.check_types('cnn', {'convs_per_stage': np.int64(2), 'dropout': np.float32(0.5)})
 
 
-def test_a_model_family_is_switched_by_replacing_the_model_group(tmp_path):
+def test_a_model_family_is_switched_by_replacing_the_model_group(tmp_path, monkeypatch):
   """--config.model="{...}" replaces the config file's model group (no cnn keys are left)."""
-  script = ('import sys; from imgcls_jax import main, models; c, _, _ = main.parse(sys.argv); '
-            'models.check_arguments(c.model.name, c.model.keys()); print(sorted(c.model.items()))')
+  from imgcls_jax import main, models
+  monkeypatch.chdir(REPO)
   group = "--config.model={'name': 'resnet18', 'small_inputs': True}"
-  proc = subprocess.run([sys.executable, '-c', script, '--config=configs/default.py',
-                         f'--workdir={tmp_path}', group, '--config.model.width=8'], cwd=REPO,
-                        env=subprocess_env(1), capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-2000:]
-  assert proc.stdout.strip() == "[('name', 'resnet18'), ('small_inputs', True), ('width', 8)]"
+  c, _, _ = main.parse(['imgcls_jax.main', '--config=configs/default.py',
+                        f'--workdir={tmp_path}', group, '--config.model.width=8'])
+  models.check_arguments(c.model.name, c.model.keys())
+  assert str(sorted(c.model.items())) == (
+      "[('name', 'resnet18'), ('small_inputs', True), ('width', 8)]")
 
 
 @pytest.mark.parametrize('argv, folded', [
@@ -151,13 +201,15 @@ def test_model_keys_the_config_file_does_not_set_join_its_model_group(argv, fold
 
 
 def test_cpu_devices_split_the_host_for_data_parallel_training(tmp_path):
-  """config.mesh.cpu_devices=3 gives a 3-device mesh on the CPU (it overrides XLA_FLAGS' 8)."""
+  """config.mesh.cpu_devices=3 gives a 3-device mesh on the CPU (it overrides XLA_FLAGS' 8).
+  (A one-stage, one-conv CNN and one step: the mesh is the point, and it compiles in less time.)"""
   proc = _main('--config=configs/default.py', f'--workdir={tmp_path}/run',
                f'--config.data.data_dir={tmp_path}/tfds', '--config.mesh.cpu_devices=3',
                '--config.batch_size=48', '--config.eval_batch_size=48',
-               '--config.num_train_steps=3', '--config.progress_bar=false', num_devices=8)
+               '--config.model.widths=(8,)', '--config.model.convs_per_stage=1',
+               '--config.num_train_steps=1', '--config.progress_bar=false', num_devices=8)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert '3 devices; 3 steps' in proc.stderr, proc.stderr[-3000:]
+  assert '3 devices; 1 steps' in proc.stderr, proc.stderr[-3000:]
 
 
 def test_missing_config_file_and_workdir(tmp_path):
@@ -193,11 +245,13 @@ def test_paths_that_cannot_be_created_are_one_line(tmp_path):
   path, not an os.makedirs traceback."""
   a_file = tmp_path / 'a_file'
   a_file.write_text('')
-  for args, path in (([f'--workdir={a_file}'], str(a_file)),
-                     ([f'--workdir={tmp_path}/run', '--config.compilation_cache_dir=/proc/nope'],
-                      '/proc/nope')):
-    line = _one_error_line(_main('--config=configs/default.py', *args,
-                                 '--config.num_train_steps=1'))
+  cases = (([f'--workdir={a_file}'], str(a_file)),
+           ([f'--workdir={tmp_path}/run', '--config.compilation_cache_dir=/proc/nope'],
+            '/proc/nope'))
+  runs = _main_each([['--config=configs/default.py', *args, '--config.num_train_steps=1']
+                     for args, _ in cases], tmp_path)
+  for (_, path), proc in zip(cases, runs):
+    line = _one_error_line(proc)
     assert line.startswith(f'error: Cannot use {path}'), line
     assert 'this user can create and write' in line
     # the flag or key that gave the path is named
@@ -208,13 +262,13 @@ def test_paths_that_cannot_be_created_are_one_line(tmp_path):
 def test_help_prints_the_flags_and_modes_and_unknown_flags_point_to_it(tmp_path):
   """--help printed 'Unknown command line flag' (the flags live in their own FlagValues), while
   every flag error sent the user to --helpfull, which did not work either."""
-  for flag in ('--help', '-h', '--helpfull'):
-    proc = _main(flag)
+  *helps, unknown = _main_each([['--help'], ['-h'], ['--helpfull'], [
+      '--config=configs/default.py', f'--workdir={tmp_path}', '--work_dir=x']], tmp_path)
+  for proc in helps:
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert '--workdir' in proc.stdout and '--mode' in proc.stdout
     assert 'predict' in proc.stdout and 'configs/default.py' in proc.stdout
-  line = _one_error_line(_main('--config=configs/default.py', f'--workdir={tmp_path}',
-                               '--work_dir=x'))
+  line = _one_error_line(unknown)
   assert line.endswith('(see --help).'), line
 
 

@@ -32,6 +32,19 @@ def _ok(proc):
   return proc
 
 
+def _train_here(monkeypatch, capsys, *args):
+  """The training command (``main.run``, which ``python -m imgcls_jax.main`` runs) in this
+  process, on one device as a child has; its (returncode, stdout, stderr). A child paid ~8 s
+  importing JAX and TensorFlow; the modes that must need only the run directory run as children."""
+  import types
+  from imgcls_jax import main
+  monkeypatch.chdir(REPO)
+  capsys.readouterr()
+  status = main.run(['imgcls_jax.main', *args, '--config.mesh.num_devices=1'])
+  said = capsys.readouterr()
+  return types.SimpleNamespace(returncode=status, stdout=said.out, stderr=said.err)
+
+
 def _write_digit(path, pixels_8x8, k):
   """A digit scaled to a random size in one of several modes and formats (as users' photos are)."""
   size = 16 + (k * 7) % 17
@@ -94,7 +107,7 @@ def _export(workdir):
 
 
 @pytest.mark.slow
-def test_image_folder_run_needs_only_its_workdir(tmp_path):
+def test_image_folder_run_needs_only_its_workdir(tmp_path, monkeypatch, capsys):
   photos = _folder(str(tmp_path / 'photos'), 'train', 30)
   with open(f'{photos}/one/broken.jpg', 'wb') as f:   # a truncated JPEG and a text file
     f.write(open(next(f'{photos}/zero/{n}' for n in sorted(os.listdir(f'{photos}/zero'))
@@ -102,16 +115,14 @@ def test_image_folder_run_needs_only_its_workdir(tmp_path):
   with open(f'{photos}/two/notes.txt', 'w') as f:
     f.write('not an image\n')
   workdir = str(tmp_path / 'run')
-  trained = _ok(_cli(f'--config={REPO}/configs/default.py', f'--workdir={workdir}',
-                     '--config.data.name=image_folder', f'--config.data.folder={photos}',
-                     '--config.data.holdout_fraction=0.2', "--config.data.train_preprocess="
-                     "random_resized_crop(size=16, area_min=0.8)",
-                     '--config.data.device_preprocess=',
-                     '--config.data.eval_preprocess=resize(size=16)',
-                     '--config.data.mean=(0.5,0.5,0.5)', '--config.data.std=(0.5,0.5,0.5)',
-                     '--config.model.widths=(16,32)', '--config.batch_size=24',
-                     '--config.num_train_steps=80', '--config.eval_every_steps=-1',
-                     '--config.progress_bar=False'))
+  trained = _ok(_train_here(
+      monkeypatch, capsys, f'--config={REPO}/configs/default.py', f'--workdir={workdir}',
+      '--config.data.name=image_folder', f'--config.data.folder={photos}',
+      '--config.data.holdout_fraction=0.2', "--config.data.train_preprocess="
+      "random_resized_crop(size=16, area_min=0.8)", '--config.data.device_preprocess=',
+      '--config.data.eval_preprocess=resize(size=16)', '--config.data.mean=(0.5,0.5,0.5)',
+      '--config.data.std=(0.5,0.5,0.5)', '--config.model.widths=(16,32)', '--config.batch_size=24',
+      '--config.num_train_steps=80', '--config.eval_every_steps=-1', '--config.progress_bar=False'))
   assert "split 'train': 72 images in 3 classes: one 24, two 24, zero 24." in trained.stderr
   assert "split 'test': 18 images in 3 classes: one 6, two 6, zero 6." in trained.stderr
   assert 'skipped 2 file(s)' in trained.stderr and 'one/broken.jpg' in trained.stderr
@@ -144,13 +155,15 @@ def test_image_folder_run_needs_only_its_workdir(tmp_path):
 
 
 @pytest.mark.slow
-def test_tfds_run_needs_only_its_workdir_after_data_dir_is_deleted(tmp_path):
+def test_tfds_run_needs_only_its_workdir_after_data_dir_is_deleted(tmp_path, monkeypatch,
+                                                                    capsys):
   data_dir, workdir = str(tmp_path / 'tfds'), str(tmp_path / 'run')
-  _ok(_cli(f'--config={REPO}/configs/default.py', f'--workdir={workdir}',
-           f'--config.data.data_dir={data_dir}', '--config.model.widths=(16,32)',
-           '--config.num_train_steps=60', '--config.progress_bar=False',
-           '--config.data.name=sklearn_digits', '--config.data.train_preprocess=pad_crop(pad=1)',
-           '--config.data.device_preprocess='))   # default.tfds_digits: the tfds builder
+  _ok(_train_here(monkeypatch, capsys, f'--config={REPO}/configs/default.py',
+                  f'--workdir={workdir}', f'--config.data.data_dir={data_dir}',
+                  '--config.model.widths=(16,32)', '--config.num_train_steps=60',
+                  '--config.progress_bar=False', '--config.data.name=sklearn_digits',
+                  '--config.data.train_preprocess=pad_crop(pad=1)',
+                  '--config.data.device_preprocess='))   # default.tfds_digits: the tfds builder
   assert os.path.isdir(os.path.join(data_dir, 'sklearn_digits'))
   shutil.rmtree(data_dir)
   x, y = digits.load_arrays('test')
@@ -162,8 +175,7 @@ def test_tfds_run_needs_only_its_workdir_after_data_dir_is_deleted(tmp_path):
   assert [p['predictions'][0]['class'] for p in predictions][:1] and len(predictions) == 20
   assert np.mean([p['predictions'][0]['class'] == p['file'][-5] for p in predictions]) > 0.7
   _export(workdir)
-  answer = _serve_one_request(workdir, f'{pngs}/00_{y[0]}.png')
-  assert answer['predictions'][0]['class'] in [str(d) for d in range(10)]
+  # (Serve loads the run as predict does, inference.load: the image-folder test above serves.)
 
 
 def test_an_exif_rotated_photo_decodes_and_predicts_as_the_upright_one(tmp_path, tmp_path_factory,
@@ -203,7 +215,8 @@ def _png_bytes(pixels):
   return buf.getvalue()
 
 
-def test_a_workdir_of_another_kind_is_refused_before_it_is_written(tmp_path):
+def test_a_workdir_of_another_kind_is_refused_before_it_is_written(tmp_path, monkeypatch,
+                                                                  capsys):
   """Training into a sweep, a cross-validation, a classical baseline or an export, a classical
   baseline into a run or a cross-validation, or a run inside another run's checkpoints/: each
   mixed its files with (or overwrote) the other's. One line each; like kinds and new folders are
@@ -240,17 +253,31 @@ def test_a_workdir_of_another_kind_is_refused_before_it_is_written(tmp_path):
   with pytest.raises(UserError, match=r'is inside the run directory .*run, which it would mix '
                                       r'with'):
     run_directory.check_writable_by('train', os.path.join(run, 'checkpoints'))
-  # Through the command line: nothing of the sweep is touched.
+  # Through the command line's entry point (``python -m imgcls_jax.main`` is
+  # ``sys.exit(main.run())``; in this process: a child paid ~4 s of imports): nothing of the sweep
+  # is touched.
   before = sorted(os.listdir(sweep))
-  proc = _cli('--config=configs/default.py', f'--workdir={sweep}')
-  assert proc.returncode == 2 and 'holds a sweep (trial folders, sweep.json), which this ' \
-      'training run would mix with' in proc.stderr, proc.stderr[-2000:]
+  status, err = _main_run(monkeypatch, capsys, '--config=configs/default.py', f'--workdir={sweep}')
+  assert status == 2 and 'holds a sweep (trial folders, sweep.json), which this training run ' \
+      'would mix with' in err, err[-2000:]
   assert sorted(os.listdir(sweep)) == before
 
 
-def test_classical_mode_with_a_sweep_grid_is_one_line(tmp_path):
-  proc = _cli('--mode=classical', '--config=configs/digits_classical.py',
-              f'--workdir={tmp_path / "c"}', "--config.sweep.grid={'classical.C': [0.1, 1.0]}")
-  assert proc.returncode == 2 and '--mode=classical fits one model and does not sweep' in \
-      proc.stderr, proc.stderr[-2000:]
+def _main_run(monkeypatch, capsys, *args):
+  """(exit status, stderr) of the command line's ``main.run`` in this process."""
+  from imgcls_jax import main
+  monkeypatch.chdir(REPO)
+  capsys.readouterr()
+  status = main.run(['imgcls_jax.main', *args])
+  return status, capsys.readouterr().err
+
+
+def test_classical_mode_with_a_sweep_grid_is_one_line(tmp_path, monkeypatch, capsys):
+  status, err = _main_run(monkeypatch, capsys, '--mode=classical',
+                          '--config=configs/digits_classical.py', f'--workdir={tmp_path / "c"}',
+                          "--config.sweep.grid={'classical.C': [0.1, 1.0]}")
+  assert status == 2, err[-2000:]
+  assert [l for l in err.splitlines() if l.startswith('error:')] == [
+      'error: --mode=classical fits one model and does not sweep: config.sweep.grid is for trained '
+      'runs; drop it, or run one --mode=classical per value (each with its own --workdir).']
   assert not os.path.exists(tmp_path / 'c')
