@@ -284,11 +284,18 @@ def _png(path: str) -> np.ndarray:
     return np.asarray(im).astype(int)
 
 
+_ONE_IMAGE_GRADCAM: dict[int, tuple] = {}   # id(clf) -> (clf, jitted explain.gradcam)
+
+
 def _gradcam_overlay(clf, file: str, target: int) -> np.ndarray:
-  """The overlay of the Grad-CAM of ``target`` for that one image, outside predict's batching."""
+  """The overlay of the Grad-CAM of ``target`` for that one image, outside predict's batching
+  (``explain.gradcam`` jitted for one image: compiled once per classifier, not op by op)."""
+  if id(clf) not in _ONE_IMAGE_GRADCAM:
+    _ONE_IMAGE_GRADCAM[id(clf)] = (clf, jax.jit(functools.partial(
+        explain.gradcam, model_def=clf.model_def, cfg=clf.step_cfg)))
   image = clf.prepare(file)
-  heat = jax.device_get(explain.gradcam(clf.variables, image[None], np.array([target]),
-                                        model_def=clf.model_def, cfg=clf.step_cfg))['heatmap']
+  heat = jax.device_get(_ONE_IMAGE_GRADCAM[id(clf)][1](clf.variables, image[None],
+                                                       np.array([target])))['heatmap']
   return explain.overlay(image, heat[0]).astype(int)
 
 

@@ -109,7 +109,6 @@ def _reference(name, num_classes=1000, seed=0):
 
 def _flax_logits(name, weights, x_NHWC, num_classes=1000):
   model_fn = lambda rngs: models.get(name, num_classes=num_classes, in_channels=3, rngs=rngs)
-  model_def = state_lib.model_def(model_fn)
   abstract = nnx.eval_shape(lambda: model_fn(nnx.Rngs(0)))
   params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
   stats = nnx.to_pure_dict(nnx.state(abstract, nnx.BatchStat))
@@ -117,8 +116,10 @@ def _flax_logits(name, weights, x_NHWC, num_classes=1000):
   params, n = weights_lib.merge(params, weights.params, origin=weights.origin, skip=keep_all)
   stats, _ = weights_lib.merge(stats, weights.batch_stats, origin=weights.origin, skip=keep_all)
   assert n == len(weights.params)
-  model = model_def.merge(jax.tree.map(np.asarray, params), stats)
-  return np.asarray(model(x_NHWC, train=False))
+  model_def = state_lib.model_def(model_fn)  # (after the merges, which the error tests stop)
+  # Jitted, as evaluation runs it (eager, each op of the forward pass compiles on its own).
+  fn = jax.jit(lambda p, s, x: model_def.merge(p, s)(x, train=False))
+  return np.asarray(fn(params, stats, x_NHWC))
 
 
 @pytest.mark.parametrize('name,fmt', [('resnet18', 'pt'), ('resnet50', 'safetensors')])

@@ -74,19 +74,68 @@ def _timm(name, **kw):
   return timm.create_model(name, pretrained=False, **kw)
 
 
-# (our name, our extra model keys, the PyTorch model, file format). Real architectures at 32 px
-# (ViT-B/16 at image_size 32: a 2x2 patch grid); timm's convnext_atto is ConvNeXt at depths
-# (2, 2, 6, 2), widths (40, 80, 160, 320).
+def _shapes_of(make) -> dict[str, np.ndarray]:
+  """``make()``'s state dict as zeros of its names, shapes and dtypes: the model is built on
+  torch's meta device (nothing allocated or initialised). The naming and the refusals below read
+  only names and shapes."""
+  with torch.device('meta'):
+    model = make()
+  return {k: np.zeros(tuple(v.shape), torch.empty((), dtype=v.dtype).numpy().dtype)
+          for k, v in model.state_dict().items()}
+
+
+def _tv_vit_b16(**kw):
+  """torchvision's ViT-B/16 (what ``vit_b_16`` builds: its class at its sizes) with ``kw``
+  (``image_size``, ``num_layers``) set."""
+  tv = torch_reference.torchvision()
+  if tv is None:
+    pytest.skip('torchvision is not installed')
+  return tv.models.VisionTransformer(**{'patch_size': 16, 'num_layers': 12, 'num_heads': 12,
+                                        'hidden_dim': 768, 'mlp_dim': 3072, **kw})
+
+
+def _tv_convnext_tiny(depths):
+  """torchvision's ConvNeXt-T (``convnext_tiny``: its class, widths and stochastic depth) with
+  ``depths`` blocks per stage."""
+  tv = torch_reference.torchvision()
+  if tv is None:
+    pytest.skip('torchvision is not installed')
+  cfg = tv.models.convnext.CNBlockConfig
+  widths = (96, 192, 384, 768, None)
+  return tv.models.ConvNeXt([cfg(widths[i], widths[i + 1], n) for i, n in enumerate(depths)],
+                            stochastic_depth_prob=0.1)
+
+
+def _tv_efficientnet_b0(depth_mult):
+  """torchvision's EfficientNet-B0 (``efficientnet_b0``: its stage table, widths and dropout) at
+  ``depth_mult`` (blocks per stage rounded up, as torchvision scales B1-B7)."""
+  tv = torch_reference.torchvision()
+  if tv is None:
+    pytest.skip('torchvision is not installed')
+  blocks, last_channel = tv.models.efficientnet._efficientnet_conf(
+      'efficientnet_b0', width_mult=1.0, depth_mult=depth_mult)
+  return tv.models.EfficientNet(blocks, 0.2, last_channel=last_channel)
+
+
+# (our name, our extra model keys, the PyTorch model, file format). Real architectures at 32 px,
+# at fewer blocks where both sides take a depth (the import maps every block alike; JAX's compile
+# time grows with the blocks): ViT-B/16 at image_size 32 (a 2x2 patch grid) and 2 blocks, timm's
+# ViT-Ti/16 at 2 blocks, torchvision's ConvNeXt-T and timm's convnext_atto (ConvNeXt at widths
+# (40, 80, 160, 320) with 1x1-conv MLPs) at depths (1, 1, 2, 1), EfficientNet-B0 at depth_mult
+# 0.3 (8 blocks, both kernel sizes and strides); the MobileNetV3 tables are whole.
+SHORT_CONVNEXT = (1, 1, 2, 1)
 IMPORTS = {
-    'torchvision_vit_b16': ('vit_b16', dict(image_size=32),
-                            lambda: _tv('vit_b_16', image_size=32), 'safetensors'),
-    'timm_vit_ti16': ('vit_ti16', dict(image_size=32),
-                      lambda: _timm('vit_tiny_patch16_224', img_size=32), 'pt'),
-    'torchvision_convnext_tiny': ('convnext_tiny', {}, lambda: _tv('convnext_tiny'), 'pt'),
-    'timm_convnext_atto': ('convnext_tiny', dict(depths=(2, 2, 6, 2), widths=(40, 80, 160, 320)),
-                           lambda: _timm('convnext_atto'), 'safetensors'),
-    'torchvision_efficientnet_b0': ('efficientnet_b0', {}, lambda: _tv('efficientnet_b0'),
-                                    'safetensors'),
+    'torchvision_vit_b16': ('vit_b16', dict(image_size=32, depth=2),
+                            lambda: _tv_vit_b16(image_size=32, num_layers=2), 'safetensors'),
+    'timm_vit_ti16': ('vit_ti16', dict(image_size=32, depth=2),
+                      lambda: _timm('vit_tiny_patch16_224', img_size=32, depth=2), 'pt'),
+    'torchvision_convnext_tiny': ('convnext_tiny', dict(depths=SHORT_CONVNEXT),
+                                  lambda: _tv_convnext_tiny(SHORT_CONVNEXT), 'pt'),
+    'timm_convnext_atto': ('convnext_tiny', dict(depths=SHORT_CONVNEXT,
+                                                 widths=(40, 80, 160, 320)),
+                           lambda: _timm('convnext_atto', depths=SHORT_CONVNEXT), 'safetensors'),
+    'torchvision_efficientnet_b0': ('efficientnet_b0', dict(depth_mult=0.3),
+                                    lambda: _tv_efficientnet_b0(0.3), 'safetensors'),
     'torchvision_mobilenet_v3_large': ('mobilenet_v3_large', {}, lambda: _tv('mobilenet_v3_large'),
                                        'pt'),
     # width_mult scales the pre_logits width too, as torchvision's
@@ -118,7 +167,7 @@ def test_imported_family_matches_pytorch_logits(tmp_path, case):
 
 
 def test_imported_layouts_of_the_new_families():
-  vit = _tv('vit_b_16', image_size=32)
+  vit = _tv_vit_b16(image_size=32, num_layers=4)  # ViT-B/16 to its block 3
   w = torch_import.convert({k: v.numpy() for k, v in vit.state_dict().items()})
   qkv = vit.encoder.layers.encoder_layer_3.self_attention.in_proj_weight.detach().numpy()
   np.testing.assert_array_equal(w.params['blocks.3.self_attention.in_proj.kernel'], qkv.T)
@@ -173,7 +222,7 @@ NAMED = {
 def test_imported_weights_name_the_model_they_fit(case):
   """``meta['model']`` (as in a checkpoint's meta) is the config.model.name to train them with."""
   make, want = NAMED[case]
-  w = torch_import.convert({k: v.numpy() for k, v in make().state_dict().items()})
+  w = torch_import.convert(_shapes_of(make))
   assert w.meta.get('model') == want
 
 
@@ -184,8 +233,7 @@ def test_imported_weights_name_the_model_they_fit(case):
 def test_timm_efficientnet_and_mobilenetv3_layouts_are_named_as_not_importable(name, family,
                                                                                 theirs):
   with pytest.raises(UserError) as info:
-    torch_import.convert({k: v.numpy() for k, v in _timm(name).state_dict().items()},
-                         origin=f'{name}.safetensors')
+    torch_import.convert(_shapes_of(lambda: _timm(name)), origin=f'{name}.safetensors')
   assert str(info.value) == (
       f"{name}.safetensors holds {family} in timm's layout (conv_stem, blocks.0.0.conv_dw, ...), "
       "which cannot be imported (only torchvision's EfficientNet and MobileNetV3 layouts can); "
@@ -203,8 +251,7 @@ def test_timm_efficientnet_and_mobilenetv3_layouts_are_named_as_not_importable(n
 def test_timm_convnext_variants_are_refused_saying_which_convnexts_import(name, variant):
   """Not 'match config.model to the run that wrote them' (no config.model fits these)."""
   with pytest.raises(UserError) as info:
-    torch_import.convert({k: v.numpy() for k, v in _timm(name).state_dict().items()},
-                         origin=f'{name}.pt')
+    torch_import.convert(_shapes_of(lambda: _timm(name)), origin=f'{name}.pt')
   assert str(info.value) == (
       f'{name}.pt holds {variant}, which cannot be imported; use the weights of a LayerNorm '
       "ConvNeXt: torchvision's convnext_tiny, _small, _base, _large or timm's convnext_atto to "

@@ -14,7 +14,8 @@ from imgcls_jax import state as state_lib  # noqa: E402
 from imgcls_jax.errors import UserError  # noqa: E402
 from tests import torch_reference  # noqa: E402
 from tests.test_torch_import import _reference  # noqa: E402
-from tests.test_torch_import_families import _jit_logits, _randomized, _timm, _tv  # noqa: E402
+from tests.test_torch_import_families import (  # noqa: E402
+    _jit_logits, _randomized, _shapes_of, _timm, _tv)
 
 
 
@@ -58,7 +59,8 @@ def test_init_state_from_a_torch_file_keeps_backbone_and_makes_a_new_head(tmp_pa
                state.opt_state, shardings.opt_state)
   if placement == 'replicated':   # a model of another depth: the error names the file's model
     model_fn = functools.partial(models.get, 'resnet34', num_classes=10, in_channels=3)
-    other, shardings = state_lib.create(model_fn, tx, 0, mesh, param_sharding)
+    # Its shapes and placement only (no init to compile): the weights are refused by name first.
+    other, shardings = state_lib.abstract_state(model_fn, tx, 0, mesh, param_sharding)
     with pytest.raises(UserError, match=r"not in .*resnet18\.safetensors; the weights are from "
                                         r"another architecture: set config\.model\.name="
                                         r"'resnet18' \(the architecture of "):
@@ -79,16 +81,21 @@ def test_position_resampling_is_torchs_antialiased_bicubic(old, new):
                              rtol=0, atol=1e-12)
 
 
+# timm's ViT-Ti/16 at 2 of its 12 blocks (ours at depth 2): the positions are resampled before
+# the first block; each block more only adds compile time.
+DEPTH = 2
+
+
 @pytest.mark.parametrize('new_size', [32, 96])  # from 64 px (a 4x4 grid): to 2x2 and to 6x6
 def test_vit_weights_from_another_image_size_match_timm_there(tmp_path, caplog, new_size):
   """Fine-tuning at another resolution: our ViT at ``new_size`` with the imported weights answers
   as timm's ViT created at that size with the same weights loaded through timm's own resampling
   (``resample_abs_pos_embed``, the function its pretrained-weight loading uses)."""
   import logging
-  src = _randomized(_timm('vit_tiny_patch16_224', img_size=64))
+  src = _randomized(_timm('vit_tiny_patch16_224', img_size=64, depth=DEPTH))
   path = str(tmp_path / 'vit64.pt')
   torch.save(src.state_dict(), path)
-  ref = _timm('vit_tiny_patch16_224', img_size=new_size).eval()
+  ref = _timm('vit_tiny_patch16_224', img_size=new_size, depth=DEPTH).eval()
   sd = dict(src.state_dict())
   resample_abs_pos_embed = torch_reference.timm().layers.resample_abs_pos_embed
   sd['pos_embed'] = resample_abs_pos_embed(sd['pos_embed'], new_size=ref.patch_embed.grid_size,
@@ -100,7 +107,7 @@ def test_vit_weights_from_another_image_size_match_timm_there(tmp_path, caplog, 
   weights = torch_import.load(path)
   with caplog.at_level(logging.INFO):
     got = _jit_logits('vit_ti16', weights, x_NCHW.permute(0, 2, 3, 1).numpy(), fit=True,
-                      image_size=new_size)
+                      image_size=new_size, depth=DEPTH)
   rel = np.abs(got - want).max() / np.abs(want).max()
   print(f'64 -> {new_size} px: max |logit diff| / max |logit| = {rel:.2e}')
   assert np.ptp(want) > 0.1 and rel < 1e-5, rel
@@ -109,7 +116,8 @@ def test_vit_weights_from_another_image_size_match_timm_there(tmp_path, caplog, 
           f'(image size 64 -> {new_size} at patch 16;') in caplog.text
   with pytest.raises(UserError, match=r"'pos_embedding' has shape \(1, 17, 192\) in vit64\.pt but "
                                       rf'\(1, {grid * grid + 1}, 192\) in this model'):
-    _jit_logits('vit_ti16', weights, x_NCHW.permute(0, 2, 3, 1).numpy(), image_size=new_size)
+    _jit_logits('vit_ti16', weights, x_NCHW.permute(0, 2, 3, 1).numpy(), image_size=new_size,
+                depth=DEPTH)
 
 
 def test_transfer_from_a_vit_file_of_another_image_size_resamples_its_positions(tmp_path):
@@ -120,14 +128,14 @@ def test_transfer_from_a_vit_file_of_another_image_size_resamples_its_positions(
   import optax
   from configs import default
   from imgcls_jax import optim, sharding
-  src = _randomized(_timm('vit_tiny_patch16_224', img_size=64))
+  src = _randomized(_timm('vit_tiny_patch16_224', img_size=64, depth=DEPTH))
   path = str(tmp_path / 'vit64.pt')
   torch.save(src.state_dict(), path)
   cfg = default.get_config()
   cfg.transfer.init_from = path
-  cfg.model = ml_collections.ConfigDict({'name': 'vit_ti16', 'image_size': 32})
+  cfg.model = ml_collections.ConfigDict({'name': 'vit_ti16', 'image_size': 32, 'depth': DEPTH})
   model_fn = functools.partial(models.get, 'vit_ti16', num_classes=10, in_channels=3,
-                               image_size=32)
+                               image_size=32, depth=DEPTH)
   tx = optim.build(cfg.optim, optax.constant_schedule(0.1), cfg.transfer)
   fresh, shardings = state_lib.create(model_fn, tx, 0, sharding.make_mesh(0),
                                       sharding.ParamSharding())
@@ -141,8 +149,8 @@ def test_transfer_from_a_vit_file_of_another_image_size_resamples_its_positions(
 
 
 def test_fit_to_leaves_weights_that_already_fit_alone():
-  vit = torch_import.convert({k: v.numpy() for k, v in _tv('vit_b_16', image_size=32)
-                              .state_dict().items()})
+  # (names and shapes only: torchvision's ViT-B/16 built on the meta device, not initialised)
+  vit = torch_import.convert(_shapes_of(lambda: _tv('vit_b_16', image_size=32)))
   shapes = state_lib.abstract_variables(
       lambda rngs: models.get('vit_b16', num_classes=1000, in_channels=3, rngs=rngs,
                               image_size=32)).params
