@@ -46,9 +46,17 @@ def _noisy_manifest(root: str, seed: int = 0
   return manifest, flipped, label_of
 
 
+@pytest.fixture(scope='module')
+def noisy(tmp_path_factory):
+  """``_noisy_manifest`` written once for the module's two cross-validations (they only read
+  it)."""
+  return _noisy_manifest(str(tmp_path_factory.mktemp('noisy')))
+
+
 @pytest.mark.slow
-def test_cross_validation_flags_the_labels_that_were_changed(digits_config, tmp_path, capsys):
-  manifest, flipped, label_of = _noisy_manifest(str(tmp_path / 'data'))
+def test_cross_validation_flags_the_labels_that_were_changed(digits_config, noisy, tmp_path,
+                                                             capsys):
+  manifest, flipped, label_of = noisy
   c = digits_config
   c.data.name = 'image_folder'
   c.data.manifest = manifest
@@ -58,11 +66,12 @@ def test_cross_validation_flags_the_labels_that_were_changed(digits_config, tmp_
   c.data.eval_preprocess = ''
   c.data.mean = (0.3,)
   c.data.std = (0.4,)
-  c.cross_validation.folds = 3
-  c.num_train_steps = 150
+  c.cross_validation.folds = 2
+  # The run of the evaluate test below (its programs, compiled once): 200 steps, batches of 64.
+  c.num_train_steps = 200
   c.optim.warmup_steps = 10
   c.batch_size = 64
-  c.eval_batch_size = 128
+  c.eval_batch_size = 64
   workdir = str(tmp_path / 'cv')
   summary = cross_validation.cross_validate(c, workdir)
 
@@ -109,14 +118,14 @@ def test_cross_validation_flags_the_labels_that_were_changed(digits_config, tmp_
   assert f'likely label issues: {len(found)}' in capsys.readouterr().out
 
 
-def test_the_classical_baselines_cross_validation_flags_the_changed_labels(digits_config,
+def test_the_classical_baselines_cross_validation_flags_the_changed_labels(digits_config, noisy,
                                                                             tmp_path, capsys):
   """--mode=classical with folds: the same list from the feature classifier's out-of-fold
   probabilities; each row's p_label is the fold's saved classifier's probability of the label."""
   import joblib
   from imgcls_jax import classical, classical_model, features
   from imgcls_jax.data import images
-  manifest, flipped, label_of = _noisy_manifest(str(tmp_path / 'data'))
+  manifest, flipped, label_of = noisy
   c = digits_config
   c.data.name, c.data.manifest = 'image_folder', manifest
   c.data.train_split = c.data.eval_split = 'all'
@@ -274,7 +283,7 @@ def test_evaluate_flags_the_changed_labels_of_a_test_split_and_not_of_the_traini
   c.data.train_split, c.data.eval_split = 'train', 'test'
   c.data.train_preprocess = c.data.eval_preprocess = ''
   c.data.mean, c.data.std = (0.3,), (0.4,)
-  c.num_train_steps = 200
+  c.num_train_steps = 200   # (as the cross-validation test's folds: their compiled programs)
   c.optim.warmup_steps = 10
   workdir = str(tmp_path / 'run')
   train.train_and_evaluate(c, workdir)

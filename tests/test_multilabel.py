@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import pathlib
 import sys
 import types
 
@@ -67,6 +68,7 @@ def _config(manifest):
   c.data.train_preprocess = c.data.device_preprocess = ''
   c.evaluate.threshold_split = 'validation'
   c.label_smoothing = 0.0
+  c.model.widths = (16, 32)   # as good as the default (32, 64, 128) here, half the compiling
   c.batch_size = c.eval_batch_size = 64
   c.num_epochs = 30.0
   c.optim.learning_rate = 0.2
@@ -239,17 +241,16 @@ def test_evaluate_predict_export_and_serve_a_tagged_run(tagged_run, tmp_path, ca
   predict.write(results, out, 'csv')
   assert out.getvalue().splitlines()[0] == 'file,rank,tag,index,probability,threshold'
 
-  export_dir = str(tmp_path / 'export')
-  record = export.export(None, workdir, overrides={'export.output_dir': export_dir,
-                                                   'export.quantize': ''})
-  assert record['task'] == 'multilabel'
-  assert record['thresholds'] == pytest.approx(list(trained.thresholds))
-  assert record['verification']['saved_model']['max_abs_prob_diff'] < 1e-4
-  # int8: the sigmoid must not become 1 / (1 + exp(-x)), whose quantised divisor rounds to its
-  # zero point (LiteRT aborted, 'div.cc data[i] != zero_point'; tf.lite returned garbage).
+  # One export writes (and checks against JAX) the SavedModel, the float TFLite model and an
+  # int8 one. int8: the sigmoid must not become 1 / (1 + exp(-x)), whose quantised divisor rounds
+  # to its zero point (LiteRT aborted, 'div.cc data[i] != zero_point'; tf.lite returned garbage).
   record = export.export(None, workdir, overrides={'export.output_dir': str(tmp_path / 'int8'),
                                                    'export.quantize': 'int8',
                                                    'export.onnx': False})
+  assert record['task'] == 'multilabel'
+  assert record['thresholds'] == pytest.approx(list(trained.thresholds))
+  assert record['verification']['saved_model']['max_abs_prob_diff'] < 1e-4
+  assert record['verification']['tflite']['max_abs_prob_diff'] < 1e-4
   q = record['verification']['quantized']
   assert q['tag_agreement'] >= 0.97, q
   assert q['accuracy_drop'] <= 0.05, q
@@ -523,59 +524,62 @@ def test_balanced_sampling_evens_the_classes_and_resumes_exactly(tmp_path):
   assert not np.array_equal(next(other.as_numpy_iterator())['label'], batches[0]['label'])
 
 
-def test_multilabel_cross_validation_uses_plain_folds_and_reports_map(tmp_path):
-  from sklearn.model_selection import KFold
+@pytest.fixture(scope='module')
+def tagged_cv(tmp_path_factory):
+  """(config, workdir, tiles, summary) of one 2-fold cross-validation of 96 training tiles, each
+  fold's thresholds fitted on a 48-tile validation split, the label-issue search on: the two
+  cross-validation tests below read it."""
   from imgcls_jax import cross_validation
-  from imgcls_jax.data import folds
-  truth = _digit_tiles(str(tmp_path / 'd'), counts=(('train', 96),))
-  c = _config(str(tmp_path / 'd' / 'manifest.csv'))
+  root = tmp_path_factory.mktemp('tagged_cv')
+  truth = _digit_tiles(str(root / 'd'), counts=(('train', 96), ('validation', 48)))
+  c = _config(str(root / 'd' / 'manifest.csv'))
   c.data.eval_split = 'train'
-  c.evaluate.threshold_split = ''
-  c.num_epochs, c.batch_size, c.eval_batch_size = 2.0, 16, 16
+  c.num_epochs, c.batch_size = 2.0, 16   # (evaluated in batches of 64: tagged_run's programs)
   c.cross_validation.folds = 2
+  workdir = str(root / 'cv')
+  return c, workdir, truth, cross_validation.cross_validate(c, workdir)
+
+
+def test_multilabel_cross_validation_uses_plain_folds_and_reports_map(tagged_cv):
+  from sklearn.model_selection import KFold
+  from imgcls_jax.data import folds
+  c, workdir, truth, summary = tagged_cv
+  cv = pathlib.Path(workdir)
   assigned = folds.assign(c.data, 'train', 2, seed=0)
   ids = sorted(rel for rel, _ in truth['train'])
   assert list(assigned.ids) == ids
   for i, (_, held) in enumerate(KFold(2, shuffle=True, random_state=0).split(ids)):
     assert sorted(assigned.held_out(i)) == sorted(ids[j] for j in held)
-  summary = cross_validation.cross_validate(c, str(tmp_path / 'cv'))
   assert summary['pooled_out_of_fold']['num_examples'] == 96
   # The label-issue search on the pooled out-of-fold tag probabilities: rows name the manifest's
   # tags (the quality of the list is test_evaluate_lists_the_tags_changed_in_a_test_split's).
   from imgcls_jax import label_issues
-  with open(tmp_path / 'cv' / label_issues.FILE, newline='') as f:
+  with open(cv / label_issues.FILE, newline='') as f:
     found = list(csv.DictReader(f))
   tags_of = {rel: ';'.join(sorted(tags)) for rel, tags in truth['train']}
   assert all(r['tags'] == tags_of[r['id']] for r in found)
-  assert all(r['id'] in (tmp_path / 'cv' / f"fold_{r['fold']}" / 'eval_ids.txt').read_text()
-             for r in found)
-  kept = (tmp_path / 'cv' / label_issues.KEPT).read_text().split()
+  assert all(r['id'] in (cv / f"fold_{r['fold']}" / 'eval_ids.txt').read_text() for r in found)
+  kept = (cv / label_issues.KEPT).read_text().split()
   assert len(kept) == 96 - len(found) and not set(kept) & {r['id'] for r in found}
   assert summary['label_issues']['task'] == 'multilabel'
   assert summary['label_issues']['count'] == len(found)
   assert 0 < summary['mean']['map'] <= 1
-  assert os.path.getsize(tmp_path / 'cv' / 'cv_pr_curves.png') > 0
-  assert os.path.getsize(tmp_path / 'cv' / 'cv_reliability.png') > 0
+  assert os.path.getsize(cv / 'cv_pr_curves.png') > 0
+  assert os.path.getsize(cv / 'cv_reliability.png') > 0
   pooled = summary['pooled_out_of_fold']      # the folds' calibration sums, pooled
   assert sum(b['count'] for b in pooled['calibration_bins']) == 96 * len(TAGS)
   assert 0 <= pooled['ece'] <= 1 and 0 <= summary['mean']['ece'] <= 1
 
 
-def test_the_pooled_cross_validation_counts_each_folds_tags_at_its_own_thresholds(tmp_path):
+def test_the_pooled_cross_validation_counts_each_folds_tags_at_its_own_thresholds(tagged_cv):
   """Each fold fits its thresholds on the validation split; the pooled 'at thresholds' row gave
   the 0.5 figures beside an exact match at the folds' thresholds (a Hamming loss no exact match
   allows). Oracle: scikit-learn on every held-out example's probabilities, each fold's at its
   own thresholds."""
   from sklearn import metrics as skm
   from imgcls_jax import cross_validation, evaluation
-  _digit_tiles(str(tmp_path / 'd'), counts=(('train', 96), ('validation', 48)))
-  c = _config(str(tmp_path / 'd' / 'manifest.csv'))
-  c.data.eval_split = 'train'
-  c.num_epochs, c.batch_size, c.eval_batch_size = 2.0, 16, 16
-  c.cross_validation.folds = 2
-  c.cross_validation.label_issues = False
-  workdir = str(tmp_path / 'cv')
-  pooled = cross_validation.cross_validate(c, workdir)['pooled_out_of_fold']
+  c, workdir, _, summary = tagged_cv
+  pooled = summary['pooled_out_of_fold']
   truth, decided, thresholds = [], [], []
   for i in range(2):
     fold = os.path.join(workdir, f'fold_{i}')
@@ -599,7 +603,7 @@ def test_the_pooled_cross_validation_counts_each_folds_tags_at_its_own_threshold
   per_tag = skm.f1_score(y, p, average=None, zero_division=0)
   assert [r['at_thresholds']['f1'] for r in pooled['per_class']] == pytest.approx(per_tag)
   assert pooled['fold_thresholds'] == [pytest.approx(t.tolist()) for t in thresholds]
-  md = (tmp_path / 'cv' / 'cv_report.md').read_text()
+  md = open(os.path.join(workdir, 'cv_report.md')).read()
   assert "each fold's tags at that fold's own thresholds" in md
 
 

@@ -39,6 +39,8 @@ def _best(workdir):
 def test_a_run_paused_and_resumed_ends_as_the_same_run_trained_straight(digits_config, tmp_path):
   # A perverse best rule (the lowest accuracy) would pick a paused step, were it ranked.
   digits_config.checkpoint.best_mode = 'min'
+  digits_config.optim.learning_rate = 0.05   # (a setting of the real halving sweep below: the
+                                             # same compiled programs)
   straight = train.train_and_evaluate(digits_config, str(tmp_path / 'straight'))
   paused_dir = str(tmp_path / 'paused')
   first = train.train_and_evaluate(digits_config, paused_dir, pause_at=0.25)
