@@ -43,6 +43,11 @@ same way: the same accuracies bit for bit (94.17 / 94.38 / 94.20%) in 172.4 / 16
 against the script's 15 epochs in 187.3 / 175.5 / 184.9 s (best 93.63 / 93.63 / 93.73%): 0.92 /
 0.96 / 0.93x its wall. Start-up to the first step there: 3.6 s without a compilation cache, 2.0 s
 with a warm one (benchmarks/startup.py).
+On a 2-core Intel Xeon (Ice Lake server, family 6 model 106, AVX-512), 2026-12-07 23:46-00:09
+(session 47), right after three PyTorch runs, nothing else running: 94.31 / 94.09 / 94.16%
+(mean 94.19%) in 405.6 / 521.2 / 473.3 s wall against the script's 15 epochs in 480.3 / 486.2 /
+420.6 s (best 93.62 / 93.76 / 93.66%): **0.84 / 1.07 / 1.13x** its wall (this VM's speed drifted
+by ~30% within the hour: seed 1's epochs took 43 s, seed 0's 33 s).
 History, each with its machine: 94.26 / 94.04 / 94.14% (seeds 0 / 1 / 2; mean 94.15%) at
 the end of epoch 11 (read through tf.data), in 581.0 / 606.6 / 610.0 s, on a 2-core AVX2-only AMD
 EPYC (Zen 3) VM, one run after the other, nothing else running (2026-12-03, 16:54-18:12, session

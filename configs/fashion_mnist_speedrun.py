@@ -39,6 +39,11 @@ On a 2-core Zen 5 AMD EPYC (family 26 model 2, AVX-512), 2026-12-06 17:48-18:08 
 one run after the other beside the PyTorch script, nothing else running: the same accuracies bit
 for bit (93.25 / 93.23 / 93.29%), 93% after **43.3 / 41.9 / 42.3 s** (mean 42.5 s) against the
 script's 151.1 / 141.2 / 150.2 s (mean 147.5 s): **0.29 / 0.30 / 0.28x** (mean 0.29x).
+On a 2-core Intel Xeon (Ice Lake server, family 6 model 106, AVX-512), 2026-12-07 23:17-23:46
+(session 47), seed by seed right after the PyTorch script, nothing else running: 93.45 / 93.08 /
+93.39% (this CPU's own last bits), 93% after **103.6 / 130.2 / 122.3 s** (mean 118.7 s) against
+the script's 366.4 / 343.2 / 308.2 s (mean 339.3 s): **0.28 / 0.38 / 0.40x** (mean 0.35x); first
+step 7.2 / 5.6 / 3.9 s after the start (the compilation cache cold, then warm).
 History (read through tf.data), each with its machine: seeds 0 / 1 / 2 93.25 / 93.43 / 93.44%
 top-1 on the 10k test split at the end of epoch 4 (epoch 2: 92.43 / 92.57 / 92.37%); 93% first reached after 95.5 / 90.9 / 93.6 s wall
 (mean 93.3 s). The PyTorch peer script (../shared/peers/torch_fmnist.py, seeds 0 / 1 / 2), run
