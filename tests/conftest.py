@@ -203,6 +203,48 @@ def run_without_tf(*args: str, timeout: int = 300, num_devices: int = 1
                         timeout=timeout)
 
 
+# Runs each argv of the JSON list sys.argv[2] through main.run, one after the other in this one
+# process, each with its own stdout and stderr; writes [[status, stdout, stderr], ...] to
+# sys.argv[1] (an exception is printed into that call's stderr, status 1).
+_RUN_EACH = '''
+import contextlib, io, json, sys
+from imgcls_jax import main
+results = []
+for argv in json.loads(sys.argv[2]):
+  out, err = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    try:
+      status = main.run(['imgcls_jax.main', *argv])
+    except BaseException:
+      import traceback
+      traceback.print_exc()
+      status = 1
+  results.append([status, out.getvalue(), err.getvalue()])
+with open(sys.argv[1], 'w') as f:
+  json.dump(results, f)
+'''
+
+
+def main_run_each(argvs: list[list[str]], tmp_dir, env: dict[str, str] | None = None,
+                  timeout: int = 600) -> list:
+  """For each of ``argvs``: (returncode, stdout, stderr) of ``python -m imgcls_jax.main ARGV``
+  (``main.run``), run one after the other in one child process (it imports once: ~2-4 s a child
+  otherwise), whose own stderr must hold no error line or traceback. ``env``: the child's
+  environment (default ``subprocess_env(1)``)."""
+  import json
+  import types
+  out = os.path.join(str(tmp_dir), 'main_run_each.json')
+  proc = subprocess.run([sys.executable, '-c', _RUN_EACH, out, json.dumps(argvs)], cwd=REPO,
+                        env=env or subprocess_env(1), capture_output=True, text=True,
+                        timeout=timeout)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert not [l for l in proc.stderr.splitlines() if l.startswith('error:') or 'Traceback' in l], \
+      proc.stderr[-3000:]
+  with open(out) as f:
+    return [types.SimpleNamespace(returncode=status, stdout=stdout, stderr=stderr)
+            for status, stdout, stderr in json.load(f)]
+
+
 def pytest_report_header(config):
   return f'jax {jax.__version__}; fake CPU devices for in-process tests: {NUM_FAKE_DEVICES}'
 

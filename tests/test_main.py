@@ -1,14 +1,12 @@
 """The command line: clear one-line errors, and the embedded default run end to end."""
-import json
 import os
 import re
 import subprocess
 import sys
-import types
 
 import pytest
 
-from tests.conftest import REPO, subprocess_env
+from tests.conftest import REPO, main_run_each, subprocess_env
 
 
 def _main(*args, num_devices=1, timeout=600):
@@ -47,51 +45,14 @@ BAD_CONFIGS = [
     ('--config.data.device_preprocess=randaugment', r'device_preprocess.*not a device-side op'),
 ]
 
-# Runs each argv of the JSON list sys.argv[2] through main.run, one after the other in this one
-# process, each with its own stdout and stderr; writes [[status, stdout, stderr], ...] to
-# sys.argv[1].
-_RUN_EACH = '''
-import contextlib, io, json, sys
-from imgcls_jax import main
-results = []
-for argv in json.loads(sys.argv[2]):
-  out, err = io.StringIO(), io.StringIO()
-  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-    try:
-      status = main.run(['imgcls_jax.main', *argv])
-    except BaseException:
-      import traceback
-      traceback.print_exc()
-      status = 1
-  results.append([status, out.getvalue(), err.getvalue()])
-with open(sys.argv[1], 'w') as f:
-  json.dump(results, f)
-'''
-
-
-def _main_each(argvs, tmp_dir):
-  """For each of ``argvs``: (returncode, stdout, stderr) of ``python -m imgcls_jax.main ARGV``
-  (``main.run``), run one after the other in one child process (it imports once: ~2-4 s a child
-  otherwise), whose own stderr holds no error line or traceback."""
-  out = str(tmp_dir / 'results.json')
-  proc = subprocess.run([sys.executable, '-c', _RUN_EACH, out, json.dumps(argvs)], cwd=REPO,
-                        env=subprocess_env(1), capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert not [l for l in proc.stderr.splitlines() if l.startswith('error:') or 'Traceback' in l], \
-      proc.stderr[-3000:]
-  with open(out) as f:
-    return [types.SimpleNamespace(returncode=status, stdout=stdout, stderr=stderr)
-            for status, stdout, stderr in json.load(f)]
-
-
 @pytest.fixture(scope='module')
 def bad_config_runs(tmp_path_factory):
-  """override -> the run of ``main --config=configs/default.py OVERRIDE`` (``_main_each``)."""
+  """override -> the run of ``main --config=configs/default.py OVERRIDE`` (``main_run_each``)."""
   base = tmp_path_factory.mktemp('bad_configs')
   argvs = [['--config=configs/default.py', f'--workdir={base}/{i}', override,
             f'--config.data.data_dir={base}/{i}/tfds']
            for i, (override, _) in enumerate(BAD_CONFIGS)]
-  return dict(zip([override for override, _ in BAD_CONFIGS], _main_each(argvs, base)))
+  return dict(zip([override for override, _ in BAD_CONFIGS], main_run_each(argvs, base)))
 
 
 @pytest.mark.parametrize('override,pattern', BAD_CONFIGS)
@@ -248,7 +209,7 @@ def test_paths_that_cannot_be_created_are_one_line(tmp_path):
   cases = (([f'--workdir={a_file}'], str(a_file)),
            ([f'--workdir={tmp_path}/run', '--config.compilation_cache_dir=/proc/nope'],
             '/proc/nope'))
-  runs = _main_each([['--config=configs/default.py', *args, '--config.num_train_steps=1']
+  runs = main_run_each([['--config=configs/default.py', *args, '--config.num_train_steps=1']
                      for args, _ in cases], tmp_path)
   for (_, path), proc in zip(cases, runs):
     line = _one_error_line(proc)
@@ -262,7 +223,7 @@ def test_paths_that_cannot_be_created_are_one_line(tmp_path):
 def test_help_prints_the_flags_and_modes_and_unknown_flags_point_to_it(tmp_path):
   """--help printed 'Unknown command line flag' (the flags live in their own FlagValues), while
   every flag error sent the user to --helpfull, which did not work either."""
-  *helps, unknown = _main_each([['--help'], ['-h'], ['--helpfull'], [
+  *helps, unknown = main_run_each([['--help'], ['-h'], ['--helpfull'], [
       '--config=configs/default.py', f'--workdir={tmp_path}', '--work_dir=x']], tmp_path)
   for proc in helps:
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -26,7 +26,7 @@ from imgcls_jax import checkpoint, distributed, metrics, run, train
 from imgcls_jax import state as state_lib
 from imgcls_jax.data import pipeline
 from imgcls_jax.errors import UserError
-from tests.conftest import REPO, small_digits_config, subprocess_env
+from tests.conftest import REPO, main_run_each, small_digits_config, subprocess_env
 
 def _global_batches(data: ml_collections.ConfigDict, global_batch: int, processes: int,
                     start_step: int, steps: int) -> list[dict[str, np.ndarray]]:
@@ -131,22 +131,9 @@ START_UP_ERRORS = [
     (['--config.distributed.heartbeat_timeout=0'], 'heartbeat_timeout=0 must be at least 2'),
 ]
 
-# One child process (no cluster environment) runs every case through main.run, each with its own
-# stderr (imports once: ~4 s a child otherwise); the case that waits for a coordinator runs last.
-_RUN_EACH = """
-import contextlib, io, json, sys
-from imgcls_jax import main
-results = []
-for argv in json.loads(sys.argv[2]):
-  err = io.StringIO()
-  with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-    results.append([main.run(['imgcls_jax.main', *argv]), None])
-  results[-1][1] = err.getvalue()
-with open(sys.argv[1], 'w') as f:
-  json.dump(results, f)
-"""
-
-
+# One child process (no cluster environment) runs every case through main.run (conftest's
+# main_run_each: it imports once, ~4 s a child otherwise); the case that waits for a coordinator
+# runs last.
 @pytest.fixture(scope='module')
 def start_up_errors(tmp_path_factory) -> dict[str, tuple[int, str]]:
   """json.dumps(flags) -> (exit status, stderr) of ``main --config=configs/default.py
@@ -157,12 +144,8 @@ def start_up_errors(tmp_path_factory) -> dict[str, tuple[int, str]]:
   argvs = [['--config=configs/default.py', f'--workdir={base / str(i)}',
             '--config.distributed.enabled=True', *(f.format(port=port) for f in flags)]
            for i, (flags, _) in enumerate(cases)]
-  out = str(base / 'results.json')
-  r = subprocess.run([sys.executable, '-c', _RUN_EACH, out, json.dumps(argvs)], cwd=REPO,
-                     env=_no_cluster_env(), capture_output=True, text=True, timeout=120)
-  assert r.returncode == 0, r.stderr[-3000:]
-  with open(out) as f:
-    return {json.dumps(flags): tuple(result) for (flags, _), result in zip(cases, json.load(f))}
+  runs = main_run_each(argvs, base, env=_no_cluster_env(), timeout=120)
+  return {json.dumps(flags): (r.returncode, r.stderr) for (flags, _), r in zip(cases, runs)}
 
 
 @pytest.mark.parametrize('flags, message', START_UP_ERRORS)
