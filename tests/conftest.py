@@ -245,6 +245,20 @@ def main_run_each(argvs: list[list[str]], tmp_dir, env: dict[str, str] | None = 
             for status, stdout, stderr in json.load(f)]
 
 
+def main_run_here(monkeypatch, capsys, *args: str):
+  """(returncode, stdout, stderr) of the command line ``python -m imgcls_jax.main ARGS`` run in
+  this process through its entry point ``main.run``, from the repository root: for a test that
+  only checks what the command says or writes (a child process paid ~3-8 s of imports). The tests
+  that prove a mode needs nothing but its run directory still run children."""
+  import types
+  from imgcls_jax import main
+  monkeypatch.chdir(REPO)
+  capsys.readouterr()
+  status = main.run(['imgcls_jax.main', *args])
+  said = capsys.readouterr()
+  return types.SimpleNamespace(returncode=status, stdout=said.out, stderr=said.err)
+
+
 def pytest_report_header(config):
   return f'jax {jax.__version__}; fake CPU devices for in-process tests: {NUM_FAKE_DEVICES}'
 

@@ -11,7 +11,7 @@ from PIL import Image
 from imgcls_jax import cross_validation, evaluate, metrics, train
 from imgcls_jax.data import digits, folds, pipeline
 from imgcls_jax.errors import UserError
-from tests.conftest import REPO
+from tests.conftest import main_run_here
 
 
 def test_folds_are_stratified_disjoint_complete_and_fixed_by_the_seed(digits_config):
@@ -66,12 +66,11 @@ def test_a_folder_without_splits_is_cross_validated_as_all(digits_config, tmp_pa
 
 def test_the_train_command_takes_the_fold_count(tmp_path, tfds_dir, monkeypatch, capsys):
   """The command line's entry point (``python -m imgcls_jax.main`` is ``sys.exit(main.run())``),
-  in this process: a child paid ~8 s of imports for this one line."""
-  from imgcls_jax import main
-  monkeypatch.chdir(REPO)
-  status = main.run(['imgcls_jax.main', '--config=configs/default.py', f'--workdir={tmp_path}',
-                     f'--config.data.data_dir={tfds_dir}', '--config.cross_validation.folds=1'])
-  err = capsys.readouterr().err
+  in this process (``main_run_here``): a child paid ~8 s of imports for this one line."""
+  proc = main_run_here(monkeypatch, capsys, '--config=configs/default.py',
+                       f'--workdir={tmp_path}', f'--config.data.data_dir={tfds_dir}',
+                       '--config.cross_validation.folds=1')
+  status, err = proc.returncode, proc.stderr
   assert status == 2, err
   assert err.strip().splitlines() == [
       'error: config.cross_validation.folds=1: use 0 (off) or at least 2 folds.']

@@ -16,7 +16,7 @@ from PIL import Image
 from imgcls_jax import checkpoint_files, embed, features, inference, train
 from imgcls_jax.data import digits
 from imgcls_jax.errors import UserError
-from tests.conftest import REPO, subprocess_env
+from tests.conftest import REPO, main_run_here, subprocess_env
 from tests.test_classical import digits_folder
 from tests.test_predict import trained_run
 
@@ -225,18 +225,15 @@ def test_bad_embed_options_fail_before_any_work(digits_config, tmp_path, key, va
   assert not os.path.exists(tmp_path / 'no_run')
 
 
-def test_cli_embed_takes_the_model_from_the_workdir(run, tmp_path, capsys):
+def test_cli_embed_takes_the_model_from_the_workdir(run, tmp_path, capsys, monkeypatch):
   """The command line without --config (``main.run`` in-process, the entry point of ``python -m
   imgcls_jax.main``, whose child process test_classical_embed_of_arrays_... runs)."""
-  from imgcls_jax import main
   config, workdir, _ = run
-  capsys.readouterr()
-  assert main.run(
-      ['imgcls_jax.main', '--mode=embed', f'--workdir={workdir}',
-       f'--config.data.data_dir={config.data.data_dir}', '--config.embed.tsne_max=0',
-       f'--config.embed.output_dir={tmp_path}', '--config.embed.knn_k=5']) == 0
-  out = capsys.readouterr()
-  assert '5-NN (cosine' in out.out and '450 examples x 16 dimensions' in out.out, out
+  out = main_run_here(monkeypatch, capsys, '--mode=embed', f'--workdir={workdir}',
+                      f'--config.data.data_dir={config.data.data_dir}', '--config.embed.tsne_max=0',
+                      f'--config.embed.output_dir={tmp_path}', '--config.embed.knn_k=5')
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert '5-NN (cosine' in out.stdout and '450 examples x 16 dimensions' in out.stdout, out
   assert os.path.exists(tmp_path / 'projection.png')
 
 
@@ -353,21 +350,20 @@ def test_a_failing_step_leaves_no_half_written_embeddings(which, request, tmp_pa
   assert (tmp_path / 'embeddings.npz').read_bytes() == b'earlier'
 
 
-def test_classical_embed_of_a_trained_run_embeds_its_data_beside_the_model_features(tagged,
-                                                                                   tmp_path):
+def test_classical_embed_of_a_trained_run_embeds_its_data_beside_the_model_features(
+    tagged, tmp_path, monkeypatch, capsys):
   """No --config (the command line, ``main.run`` in-process): the run's own data (not the
   default config's digits), written to embed_<split>_classical, so the model's embed_<split>
   stays as it was."""
-  from imgcls_jax import main
   c, workdir, test_rows = tagged
   model_out = os.path.join(workdir, 'embed_test')
   os.makedirs(model_out, exist_ok=True)   # where --mode=embed put the model's features
   with open(os.path.join(model_out, 'embeddings.npz'), 'wb') as f:
     f.write(b'the model features')
-  assert main.run(
-      ['imgcls_jax.main', '--mode=embed', f'--workdir={workdir}',
-       '--config.embed.extractor=classical', '--config.embed.tsne_max=0',
-       '--config.classical.hog_cell=2']) == 0
+  proc = main_run_here(monkeypatch, capsys, '--mode=embed', f'--workdir={workdir}',
+                       '--config.embed.extractor=classical', '--config.embed.tsne_max=0',
+                       '--config.classical.hog_cell=2')
+  assert proc.returncode == 0, proc.stderr[-2000:]
   with np.load(os.path.join(workdir, 'embed_test_classical', 'embeddings.npz')) as z:
     np.testing.assert_array_equal(z['labels'], test_rows)     # the run's 80 tagged images
     assert z['paths'][0] == f'{c.data.name}:test[0]'

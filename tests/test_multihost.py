@@ -234,7 +234,7 @@ def _evaluate_in_one_and_in_two_processes(workdir: str, tmp_path) -> tuple[Any, 
   one, two = tmp_path / 'eval_one', tmp_path / 'eval_two'
   flags = {'evaluate.ood_inputs': _ood_images(tmp_path / 'ood'), 'eval_batch_size': 16}
   evaluate.evaluate(None, workdir, {**flags, 'evaluate.output_dir': str(one),
-                                    'mesh.num_devices': 4})   # (the run's 0: all 8 here)
+                                    'mesh.num_devices': 4})   # (the run says 0, all: 8 here)
   cmd = ['bash', os.path.join(REPO, 'launch', 'local.sh'), '-n', '2', '--cpu-devices', '2',
          '--port', str(_free_port()), '--timeout', '300', '--python', sys.executable, '--',
          '--mode=evaluate', f'--workdir={workdir}', f'--config.evaluate.output_dir={two}',

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from imgcls_jax.data import digits, images
-from tests.conftest import REPO, subprocess_env
+from tests.conftest import REPO, main_run_here, subprocess_env
 
 NAMES = ('zero', 'one', 'two')
 ORIENTATION = 0x0112
@@ -33,16 +33,8 @@ def _ok(proc):
 
 
 def _train_here(monkeypatch, capsys, *args):
-  """The training command (``main.run``, which ``python -m imgcls_jax.main`` runs) in this
-  process, on one device as a child has; its (returncode, stdout, stderr). A child paid ~8 s
-  importing JAX and TensorFlow; the modes that must need only the run directory run as children."""
-  import types
-  from imgcls_jax import main
-  monkeypatch.chdir(REPO)
-  capsys.readouterr()
-  status = main.run(['imgcls_jax.main', *args, '--config.mesh.num_devices=1'])
-  said = capsys.readouterr()
-  return types.SimpleNamespace(returncode=status, stdout=said.out, stderr=said.err)
+  """The training command in this process (``main_run_here``), on one device as a child has."""
+  return main_run_here(monkeypatch, capsys, *args, '--config.mesh.num_devices=1')
 
 
 def _write_digit(path, pixels_8x8, k):
@@ -257,25 +249,18 @@ def test_a_workdir_of_another_kind_is_refused_before_it_is_written(tmp_path, mon
   # ``sys.exit(main.run())``; in this process: a child paid ~4 s of imports): nothing of the sweep
   # is touched.
   before = sorted(os.listdir(sweep))
-  status, err = _main_run(monkeypatch, capsys, '--config=configs/default.py', f'--workdir={sweep}')
+  proc = main_run_here(monkeypatch, capsys, '--config=configs/default.py', f'--workdir={sweep}')
+  status, err = proc.returncode, proc.stderr
   assert status == 2 and 'holds a sweep (trial folders, sweep.json), which this training run ' \
       'would mix with' in err, err[-2000:]
   assert sorted(os.listdir(sweep)) == before
 
 
-def _main_run(monkeypatch, capsys, *args):
-  """(exit status, stderr) of the command line's ``main.run`` in this process."""
-  from imgcls_jax import main
-  monkeypatch.chdir(REPO)
-  capsys.readouterr()
-  status = main.run(['imgcls_jax.main', *args])
-  return status, capsys.readouterr().err
-
-
 def test_classical_mode_with_a_sweep_grid_is_one_line(tmp_path, monkeypatch, capsys):
-  status, err = _main_run(monkeypatch, capsys, '--mode=classical',
-                          '--config=configs/digits_classical.py', f'--workdir={tmp_path / "c"}',
-                          "--config.sweep.grid={'classical.C': [0.1, 1.0]}")
+  proc = main_run_here(monkeypatch, capsys, '--mode=classical',
+                       '--config=configs/digits_classical.py', f'--workdir={tmp_path / "c"}',
+                       "--config.sweep.grid={'classical.C': [0.1, 1.0]}")
+  status, err = proc.returncode, proc.stderr
   assert status == 2, err[-2000:]
   assert [l for l in err.splitlines() if l.startswith('error:')] == [
       'error: --mode=classical fits one model and does not sweep: config.sweep.grid is for trained '

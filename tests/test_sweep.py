@@ -18,7 +18,7 @@ from imgcls_jax.sweep import report as sweep_report
 from imgcls_jax.sweep import store as sweep_store
 from imgcls_jax.sweep import trial as sweep_trial
 from imgcls_jax.errors import UserError
-from tests.conftest import REPO, subprocess_env, with_grid
+from tests.conftest import REPO, main_run_here, subprocess_env, with_grid
 
 
 def test_the_grid_becomes_one_checked_config_per_trial(digits_config):
@@ -370,7 +370,8 @@ def test_a_sweep_of_cross_validated_trials_ranks_by_the_fold_mean(digits_config,
   assert 'note' in summary and summary['note'] is None   # folds of the training split: no 'test'
 
 
-def test_the_train_command_runs_the_sweep_and_refuses_a_bad_grid_in_one_line(tmp_path, capsys):
+def test_the_train_command_runs_the_sweep_and_refuses_a_bad_grid_in_one_line(tmp_path, capsys,
+                                                                             monkeypatch):
   proc = subprocess.run(
       [sys.executable, '-m', 'imgcls_jax.main', '--config=configs/default.py',
        f'--workdir={tmp_path}/w', "--config.sweep.grid={'optim.learnig_rate': [0.1]}"],
@@ -383,11 +384,11 @@ def test_the_train_command_runs_the_sweep_and_refuses_a_bad_grid_in_one_line(tmp
   run = tmp_path / 'run'   # a plain run's directory (the config it trained with)
   run.mkdir()
   run_directory.write_config(str(run), _sweep_config())
-  from imgcls_jax import main   # the same command line in-process (the child above ran one)
-  capsys.readouterr()
-  assert main.run(['imgcls_jax.main', f'--config={REPO}/configs/default.py', f'--workdir={run}',
-                   "--config.sweep.grid={'optim.learning_rate': [0.1]}"]) == 2
-  assert capsys.readouterr().err.strip().splitlines() == [
+  # The same command line in-process (the child above ran one).
+  proc = main_run_here(monkeypatch, capsys, f'--config={REPO}/configs/default.py',
+                       f'--workdir={run}', "--config.sweep.grid={'optim.learning_rate': [0.1]}")
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines() == [
       f'error: --workdir={run} holds a training run, not a sweep; give the sweep another '
       "--workdir (a new or empty folder, or this sweep's own)."]
   assert os.listdir(run) == ['config.json']
